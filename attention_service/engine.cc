@@ -1,0 +1,198 @@
+#include "attention_service/engine.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/ops.h"
+
+namespace dmoe {
+
+namespace {
+constexpr double kLatentNormEps = 1e-6;  // q_a/kv_a layernorms: upstream's default (MODEL_SPEC.md)
+}  // namespace
+
+Engine::Engine(const ModelConfig& config, const DenseWeights* weights, RoutedExperts* experts,
+               EngineOptions options)
+    : config_(config),
+      w_(weights),
+      experts_(experts),
+      options_(options),
+      rope_(config),
+      gate_(cpu::GateParams::FromConfig(config)) {}
+
+absl::Status Engine::Step(std::vector<SequenceStep>& batch,
+                          std::vector<std::vector<float>>* logits) {
+  const ModelConfig& c = config_;
+  const int64_t d = c.hidden_size;
+  int64_t n = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const SequenceStep& s = batch[i];
+    if (s.cache == nullptr) return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": no cache"));
+    if (s.tokens.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": tokens: empty"));
+    }
+    for (size_t j = 0; j < s.tokens.size(); ++j) {
+      if (s.tokens[j] < 0 || s.tokens[j] >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": tokens[", j, "]: id ",
+                                                       s.tokens[j], " is outside [0, vocab_size ",
+                                                       c.vocab_size, ")"));
+      }
+    }
+    const int64_t len = s.cache->length_ + static_cast<int64_t>(s.tokens.size());
+    if (len > c.max_position_embeddings) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, ": length ", len, " exceeds max_position_embeddings ",
+                       c.max_position_embeddings));
+    }
+    n += static_cast<int64_t>(s.tokens.size());
+  }
+  h_.resize(static_cast<size_t>(n * d));
+  x_.resize(h_.size());
+  tmp_.resize(h_.size());
+  {
+    int64_t row = 0;
+    for (const SequenceStep& s : batch) {
+      for (int32_t tok : s.tokens) {
+        std::memcpy(h_.data() + row * d, w_->embed.data() + static_cast<int64_t>(tok) * d,
+                    sizeof(float) * static_cast<size_t>(d));
+        ++row;
+      }
+    }
+  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+    cpu::RmsNorm(h_.data(), n, d, lw.input_norm.data(), c.rms_norm_eps, x_.data());
+    Attention(l, batch, x_.data(), tmp_.data());
+    for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
+    cpu::RmsNorm(h_.data(), n, d, lw.post_norm.data(), c.rms_norm_eps, x_.data());
+    if (auto st = Ffn(l, x_.data(), n, tmp_.data()); !st.ok()) {
+      // The caches already hold this step's rows of earlier layers: roll them back.
+      for (SequenceStep& s : batch) {
+        for (auto& layer : s.cache->layers_) {
+          layer.resize(static_cast<size_t>(s.cache->length_ * s.cache->row_));
+        }
+      }
+      return st;
+    }
+    for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
+  }
+  logits->assign(batch.size(), {});
+  int64_t row = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    SequenceStep& s = batch[i];
+    const int64_t m = static_cast<int64_t>(s.tokens.size());
+    const int64_t first = s.all_logits ? row : row + m - 1;
+    const int64_t rows = s.all_logits ? m : 1;
+    cpu::RmsNorm(h_.data() + first * d, rows, d, w_->final_norm.data(), c.rms_norm_eps,
+                 x_.data());
+    std::vector<float>& out = (*logits)[i];
+    out.resize(static_cast<size_t>(rows * c.vocab_size));
+    cpu::Linear(x_.data(), rows, d, w_->lm_head.w.data(), c.vocab_size, out.data());
+    s.cache->length_ += m;
+    row += m;
+  }
+  return absl::OkStatus();
+}
+
+void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float* x, float* out) {
+  const ModelConfig& c = config_;
+  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const int64_t d = c.hidden_size, h = c.num_attention_heads, qd = c.q_head_dim();
+  const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim, lc = c.latent_dim();
+  int64_t n = 0;
+  for (const SequenceStep& s : batch) n += static_cast<int64_t>(s.tokens.size());
+
+  q_.resize(static_cast<size_t>(n * h * qd));
+  if (c.q_lora_rank > 0) {
+    qa_.resize(static_cast<size_t>(n * c.q_lora_rank));
+    cpu::Linear(x, n, d, lw.q_a.w.data(), c.q_lora_rank, qa_.data());
+    cpu::RmsNorm(qa_.data(), n, c.q_lora_rank, lw.q_a_norm.data(), kLatentNormEps, qa_.data());
+    cpu::Linear(qa_.data(), n, c.q_lora_rank, lw.q_b.w.data(), h * qd, q_.data());
+  } else {
+    cpu::Linear(x, n, d, lw.q.w.data(), h * qd, q_.data());
+  }
+  kva_.resize(static_cast<size_t>(n * lc));
+  cpu::Linear(x, n, d, lw.kv_a.w.data(), lc, kva_.data());
+
+  attn_.resize(static_cast<size_t>(n * h * c.v_head_dim));
+  cpu::MlaParams p;
+  p.num_heads = h;
+  p.nope_dim = c.qk_nope_head_dim;
+  p.rope_dim = dr;
+  p.v_dim = c.v_head_dim;
+  p.latent_rank = r;
+  p.softmax_scale = static_cast<float>(c.SoftmaxScale());
+  p.kv_b = lw.kv_b.w.data();
+  std::vector<float> rotated(static_cast<size_t>(dr));
+  int64_t row = 0;
+  for (SequenceStep& s : batch) {
+    const int64_t m = static_cast<int64_t>(s.tokens.size());
+    const int64_t pos0 = s.cache->length_;
+    std::vector<float>& cache = s.cache->layers_[static_cast<size_t>(l)];
+    cache.resize(static_cast<size_t>((pos0 + m) * lc));
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t pos = pos0 + i;
+      const float* a = kva_.data() + (row + i) * lc;
+      float* dst = cache.data() + pos * lc;
+      cpu::RmsNorm(a, 1, r, lw.kv_a_norm.data(), kLatentNormEps, dst);
+      rope_.Apply(a + r, pos, dst + r);
+      for (int64_t head = 0; head < h; ++head) {
+        float* qpe = q_.data() + ((row + i) * h + head) * qd + c.qk_nope_head_dim;
+        rope_.Apply(qpe, pos, rotated.data());
+        std::memcpy(qpe, rotated.data(), sizeof(float) * static_cast<size_t>(dr));
+      }
+    }
+    const bool absorbed = options_.attention_form == AttentionForm::kAbsorbed ||
+                          (options_.attention_form == AttentionForm::kAuto && m == 1);
+    float* o = attn_.data() + row * h * c.v_head_dim;
+    const float* q = q_.data() + row * h * qd;
+    if (absorbed) {
+      cpu::MlaAttentionAbsorbed(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+    } else {
+      cpu::MlaAttentionNaive(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+    }
+    row += m;
+  }
+  cpu::Linear(attn_.data(), n, h * c.v_head_dim, lw.o.w.data(), d, out);
+}
+
+absl::Status Engine::Ffn(int64_t l, const float* x, int64_t n, float* out) {
+  const ModelConfig& c = config_;
+  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const int64_t d = c.hidden_size;
+  if (!lw.moe) {
+    cpu::SwiGluMlp(x, n, d, lw.dense.gate.w.data(), lw.dense.up.w.data(), lw.dense.down.w.data(),
+                   c.intermediate_size, out, &scratch_);
+    return absl::OkStatus();
+  }
+  const int64_t e = c.n_routed_experts, k = c.num_experts_per_tok;
+  router_.resize(static_cast<size_t>(n * e));
+  cpu::Linear(x, n, d, lw.gate.w.data(), e, router_.data());
+  gate_ids_.resize(static_cast<size_t>(n * k));
+  gate_w_.resize(static_cast<size_t>(n * k));
+  cpu::SelectExperts(gate_, router_.data(), n, gate_ids_.data(), gate_w_.data());
+  if (auto st = experts_->Compute(l, x, n, gate_ids_.data(), gate_w_.data(), k, out); !st.ok()) {
+    return st;
+  }
+  if (c.n_shared_experts > 0) {
+    shared_.resize(static_cast<size_t>(n * d));
+    cpu::SwiGluMlp(x, n, d, lw.shared.gate.w.data(), lw.shared.up.w.data(),
+                   lw.shared.down.w.data(), c.moe_intermediate_size * c.n_shared_experts,
+                   shared_.data(), &scratch_);
+    for (int64_t i = 0; i < n * d; ++i) out[i] += shared_[static_cast<size_t>(i)];
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> Engine::Forward(const std::vector<int32_t>& tokens) {
+  SequenceKvCache cache(config_);
+  std::vector<SequenceStep> batch(1);
+  batch[0].cache = &cache;
+  batch[0].tokens = tokens;
+  batch[0].all_logits = true;
+  std::vector<std::vector<float>> logits;
+  if (auto st = Step(batch, &logits); !st.ok()) return st;
+  return std::move(logits[0]);
+}
+
+}  // namespace dmoe

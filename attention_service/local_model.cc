@@ -1,0 +1,119 @@
+#include "attention_service/local_model.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace dmoe {
+
+absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& dir,
+                                                             EngineOptions options,
+                                                             bool log_progress) {
+  const auto start = std::chrono::steady_clock::now();
+  auto m = std::unique_ptr<LocalModel>(new LocalModel());
+  ASSIGN_OR_RETURN(m->config_, LoadModelConfig(dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::Open(dir));
+  if (log_progress) {
+    std::fprintf(stderr, "loading %s: %zu tensors in %zu file(s)\n", dir.c_str(), ck->Names().size(),
+                 ck->num_files());
+  }
+  ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_));
+  ASSIGN_OR_RETURN(m->experts_,
+                   ExpertStore::Load(*ck, m->config_, ExpertStore::AllExperts(m->config_)));
+  m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
+  m->engine_ = std::make_unique<Engine>(m->config_, &m->dense_, m->routed_.get(), options);
+  if (log_progress) {
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::fprintf(stderr, "loaded %.1f MiB of weights in %.2f s\n",
+                 static_cast<double>(ck->bytes_read()) / (1 << 20), s);
+  }
+  return m;
+}
+
+uint64_t LocalModel::weight_bytes() const {
+  uint64_t n = dense_.embed.size() + dense_.final_norm.size() + dense_.lm_head.w.size();
+  for (const LayerWeights& l : dense_.layers) {
+    n += l.input_norm.size() + l.post_norm.size() + l.q_a.w.size() + l.q_a_norm.size() +
+         l.q_b.w.size() + l.q.w.size() + l.kv_a.w.size() + l.kv_a_norm.size() + l.kv_b.w.size() +
+         l.o.w.size() + l.dense.gate.w.size() + l.dense.up.w.size() + l.dense.down.w.size() +
+         l.gate.w.size() + l.shared.gate.w.size() + l.shared.up.w.size() + l.shared.down.w.size();
+  }
+  return 4 * n + experts_->bytes();
+}
+
+int32_t ArgMax(const float* logits, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (logits[i] > logits[best]) best = i;
+  }
+  return static_cast<int32_t>(best);
+}
+
+namespace {
+
+int32_t Sample(const float* logits, int64_t n, double temperature, std::mt19937_64* rng) {
+  if (temperature <= 0.0) return ArgMax(logits, n);
+  const float mx = logits[ArgMax(logits, n)];
+  std::vector<double> p(static_cast<size_t>(n));
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    sum += p[static_cast<size_t>(i)] = std::exp((logits[i] - mx) / temperature);
+  }
+  const double u = std::uniform_real_distribution<double>(0.0, sum)(*rng);
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += p[static_cast<size_t>(i)];
+    if (u < acc) return static_cast<int32_t>(i);
+  }
+  return static_cast<int32_t>(n - 1);
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<int32_t>& prompt,
+                                              const GenerateOptions& options) {
+  const ModelConfig& c = engine.config();
+  if (prompt.empty()) return absl::InvalidArgumentError("tokens: empty prompt");
+  if (options.max_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens: must be positive, got ", options.max_tokens));
+  }
+  if (options.temperature < 0 || !std::isfinite(options.temperature)) {
+    return absl::InvalidArgumentError("temperature: must be >= 0");
+  }
+  const int64_t total = static_cast<int64_t>(prompt.size()) + options.max_tokens;
+  if (total > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt (", prompt.size(), " tokens) + max_tokens (", options.max_tokens, ") = ", total,
+        " exceeds max_position_embeddings ", c.max_position_embeddings));
+  }
+  SequenceKvCache cache(c);
+  std::vector<SequenceStep> batch(1);
+  batch[0].cache = &cache;
+  std::vector<std::vector<float>> logits;
+  const size_t chunk = options.prefill_chunk > 0 ? static_cast<size_t>(options.prefill_chunk)
+                                                 : prompt.size();
+  for (size_t at = 0; at < prompt.size(); at += chunk) {
+    const size_t end = std::min(prompt.size(), at + chunk);
+    batch[0].tokens.assign(prompt.begin() + static_cast<long>(at),
+                           prompt.begin() + static_cast<long>(end));
+    RETURN_IF_ERROR(engine.Step(batch, &logits));
+  }
+  std::mt19937_64 rng(options.seed);
+  std::vector<int32_t> out;
+  for (int64_t i = 0; i < options.max_tokens; ++i) {
+    const int32_t next = Sample(logits[0].data(), c.vocab_size, options.temperature, &rng);
+    out.push_back(next);
+    if (next == options.stop_token || i + 1 == options.max_tokens) break;
+    batch[0].tokens.assign(1, next);
+    RETURN_IF_ERROR(engine.Step(batch, &logits));
+  }
+  return out;
+}
+
+}  // namespace dmoe

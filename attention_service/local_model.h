@@ -1,0 +1,58 @@
+// A whole model in one process: checkpoint, dense weights, every routed expert hosted locally and
+// an Engine over them. What `dmoe logits` / `dmoe generate --model` and the tests run.
+#ifndef DMOE_ATTENTION_SERVICE_LOCAL_MODEL_H_
+#define DMOE_ATTENTION_SERVICE_LOCAL_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "attention_service/engine.h"
+#include "expert_service/routed_experts.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+#include "model/weights.h"
+
+namespace dmoe {
+
+class LocalModel {
+ public:
+  // `log_progress`: one line on stderr when loading starts and one when it ends.
+  static absl::StatusOr<std::unique_ptr<LocalModel>> Load(const std::string& dir,
+                                                          EngineOptions options = {},
+                                                          bool log_progress = false);
+  const ModelConfig& config() const { return config_; }
+  Engine& engine() { return *engine_; }
+  const ExpertStore& experts() const { return *experts_; }
+  // Bytes of weights held in memory (fp32).
+  uint64_t weight_bytes() const;
+
+ private:
+  LocalModel() = default;
+  ModelConfig config_;
+  DenseWeights dense_;
+  std::unique_ptr<ExpertStore> experts_;
+  std::unique_ptr<LocalRoutedExperts> routed_;
+  std::unique_ptr<Engine> engine_;
+};
+
+struct GenerateOptions {
+  int64_t max_tokens = 16;
+  double temperature = 0.0;  // 0: greedy (ties go to the lowest id)
+  uint64_t seed = 0;
+  int64_t prefill_chunk = 0;  // 0: the whole prompt in one step
+  int32_t stop_token = -1;    // -1: none
+};
+
+// The id with the largest logit; ties go to the lowest id.
+int32_t ArgMax(const float* logits, int64_t n);
+
+// Prefill (whole or chunked) then token-by-token decode through the cache.
+absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<int32_t>& prompt,
+                                              const GenerateOptions& options);
+
+}  // namespace dmoe
+
+#endif  // DMOE_ATTENTION_SERVICE_LOCAL_MODEL_H_

@@ -1,0 +1,229 @@
+// The `dmoe` command: model tools and (later) clients of a running cluster.
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "attention_service/local_model.h"
+#include "cli/flags.h"
+#include "cli/npy.h"
+#include "model/tiny_model.h"
+
+namespace dmoe::cli {
+namespace {
+
+constexpr char kUsage[] = R"(dmoe — DeepSeek-V2 MoE serving tools
+
+usage: dmoe <command> [flags]      (dmoe <command> --help for its flags)
+
+commands:
+  logits           float32 logits [T, vocab] of one full causal forward, in-process
+  generate         prefill + decode through the latent KV cache, in-process; prints token ids
+  make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, small)
+)";
+
+constexpr char kLogitsHelp[] = R"(usage: dmoe logits --model DIR --tokens 1,2,3 [--out F.npy]
+
+Runs one full causal forward of the token ids through the model in DIR (config.json +
+model.safetensors or a sharded index) in this process, in fp32.
+
+  --model DIR      checkpoint directory (Hugging Face layout)
+  --tokens LIST    comma-separated token ids, each in [0, vocab_size)
+  --out F.npy      write the logits as a float32 .npy of shape [T, vocab_size]; without it,
+                   print the argmax token and its logit for every position
+  --attention FORM auto (default), naive or absorbed: which MLA form to use
+)";
+
+constexpr char kGenerateHelp[] = R"(usage: dmoe generate --model DIR --tokens 1,2,3 --max-tokens N [flags]
+
+Prefills the prompt (whole, or in chunks) and decodes token by token through the latent KV cache,
+in this process. Prints the generated token ids, comma-separated, on one line.
+
+  --model DIR          checkpoint directory (Hugging Face layout)
+  --tokens LIST        comma-separated prompt token ids, each in [0, vocab_size)
+  --max-tokens N       tokens to generate (prompt + N must fit max_position_embeddings)
+  --temperature T      0 (default) is greedy, ties going to the lowest id; > 0 samples
+  --seed S             random seed for sampling (default 0)
+  --prefill-chunk C    prefill C prompt tokens per step (default: all at once)
+  --stop-token ID      stop after generating this id
+  --print-token-ids    print only the ids (no timing line on stderr)
+)";
+
+constexpr char kMakeTinyHelp[] = R"(usage: dmoe make-tiny-model OUT [--preset tiny] [--seed 0] [--dtype f32] [--shards 1]
+
+Writes config.json and random weights (MODEL_SPEC.md presets and weight scales) to OUT, exactly in
+Hugging Face layout: model.safetensors, or model-0000i-of-0000N.safetensors plus
+model.safetensors.index.json when --shards N > 1.
+
+  --preset NAME   tiny (default), tiny-lite or small
+  --seed N        seed of the weight draws (default 0); a tensor depends only on (seed, name)
+  --dtype T       f32 (default) or bf16 (round-to-nearest-even of the same f32 draws)
+  --shards N      number of safetensors files (default 1)
+)";
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+  return 2;
+}
+
+absl::StatusOr<AttentionForm> ParseForm(const std::string& s) {
+  if (s == "auto") return AttentionForm::kAuto;
+  if (s == "naive") return AttentionForm::kNaive;
+  if (s == "absorbed") return AttentionForm::kAbsorbed;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--attention: \"", s, "\" is not auto, naive or absorbed"));
+}
+
+int Logits(int argc, char** argv) {
+  auto flags = Flags::Parse(argc, argv, {"model", "tokens", "out", "attention"}, {});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kLogitsHelp, stdout);
+    return 0;
+  }
+  if (!flags->positional().empty()) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument \"", flags->positional()[0], "\"")));
+  }
+  auto dir = flags->String("model");
+  if (!dir.ok()) return Fail(dir.status());
+  auto tokens_flag = flags->String("tokens");
+  if (!tokens_flag.ok()) return Fail(tokens_flag.status());
+  auto tokens = ParseTokenList("tokens", *tokens_flag);
+  if (!tokens.ok()) return Fail(tokens.status());
+  auto form = ParseForm(flags->StringOr("attention", "auto"));
+  if (!form.ok()) return Fail(form.status());
+  EngineOptions options;
+  options.attention_form = *form;
+  auto model = LocalModel::Load(*dir, options, /*log_progress=*/true);
+  if (!model.ok()) return Fail(model.status());
+  auto logits = (*model)->engine().Forward(*tokens);
+  if (!logits.ok()) return Fail(logits.status());
+  const int64_t v = (*model)->config().vocab_size;
+  const int64_t t = static_cast<int64_t>(tokens->size());
+  if (flags->Has("out")) {
+    const std::string out = flags->StringOr("out", "");
+    if (auto s = WriteNpyFloat32(out, {t, v}, logits->data()); !s.ok()) return Fail(s);
+    std::printf("wrote logits [%lld, %lld] to %s\n", static_cast<long long>(t),
+                static_cast<long long>(v), out.c_str());
+    return 0;
+  }
+  std::printf("position token argmax logit\n");
+  for (int64_t i = 0; i < t; ++i) {
+    const float* row = logits->data() + i * v;
+    const int32_t best = ArgMax(row, v);
+    std::printf("%8lld %5d %6d %.6f\n", static_cast<long long>(i), (*tokens)[static_cast<size_t>(i)],
+                best, row[best]);
+  }
+  return 0;
+}
+
+int GenerateCmd(int argc, char** argv) {
+  auto flags = Flags::Parse(
+      argc, argv, {"model", "tokens", "max-tokens", "temperature", "seed", "prefill-chunk", "stop-token"},
+      {"print-token-ids"});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kGenerateHelp, stdout);
+    return 0;
+  }
+  if (!flags->positional().empty()) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument \"", flags->positional()[0], "\"")));
+  }
+  auto dir = flags->String("model");
+  if (!dir.ok()) return Fail(dir.status());
+  auto tokens_flag = flags->String("tokens");
+  if (!tokens_flag.ok()) return Fail(tokens_flag.status());
+  auto tokens = ParseTokenList("tokens", *tokens_flag);
+  if (!tokens.ok()) return Fail(tokens.status());
+  GenerateOptions g;
+  auto max_tokens = flags->Int("max-tokens", 16);
+  auto temperature = flags->Double("temperature", 0.0);
+  auto seed = flags->Int("seed", 0);
+  auto chunk = flags->Int("prefill-chunk", 0);
+  auto stop = flags->Int("stop-token", -1);
+  for (const absl::Status& s : {max_tokens.status(), temperature.status(), seed.status(),
+                                chunk.status(), stop.status()}) {
+    if (!s.ok()) return Fail(s);
+  }
+  if (*max_tokens <= 0) return Fail(absl::InvalidArgumentError("--max-tokens: must be positive"));
+  if (*temperature < 0) return Fail(absl::InvalidArgumentError("--temperature: must be >= 0"));
+  if (*chunk < 0) return Fail(absl::InvalidArgumentError("--prefill-chunk: must be >= 0"));
+  g.max_tokens = *max_tokens;
+  g.temperature = *temperature;
+  g.seed = static_cast<uint64_t>(*seed);
+  g.prefill_chunk = *chunk;
+  g.stop_token = static_cast<int32_t>(*stop);
+  const bool quiet = flags->Bool("print-token-ids");
+  auto model = LocalModel::Load(*dir, {}, /*log_progress=*/!quiet);
+  if (!model.ok()) return Fail(model.status());
+  const auto start = std::chrono::steady_clock::now();
+  auto out = Generate((*model)->engine(), *tokens, g);
+  if (!out.ok()) return Fail(out.status());
+  std::printf("%s\n", absl::StrJoin(*out, ",").c_str());
+  if (!quiet) {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::fprintf(stderr, "generated %zu tokens in %.3f s\n", out->size(), s);
+  }
+  return 0;
+}
+
+int MakeTinyModel(int argc, char** argv) {
+  auto flags = Flags::Parse(argc, argv, {"preset", "seed", "dtype", "shards"}, {});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kMakeTinyHelp, stdout);
+    return 0;
+  }
+  if (flags->positional().size() != 1) {
+    return Fail(absl::InvalidArgumentError("expected exactly one output directory (OUT)"));
+  }
+  auto config = PresetConfig(flags->StringOr("preset", "tiny"));
+  if (!config.ok()) return Fail(config.status());
+  TinyModelOptions o;
+  auto seed = flags->Int("seed", 0);
+  if (!seed.ok()) return Fail(seed.status());
+  o.seed = static_cast<uint64_t>(*seed);
+  const std::string dtype = flags->StringOr("dtype", "f32");
+  if (dtype == "f32") {
+    o.dtype = DType::kF32;
+  } else if (dtype == "bf16") {
+    o.dtype = DType::kBF16;
+  } else {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--dtype: \"", dtype, "\" is not f32 or bf16")));
+  }
+  auto shards = flags->Int("shards", 1);
+  if (!shards.ok()) return Fail(shards.status());
+  if (*shards < 1 || *shards > 99999) {
+    return Fail(absl::InvalidArgumentError("--shards: must be in [1, 99999]"));
+  }
+  o.shards = static_cast<int>(*shards);
+  const std::string out = flags->positional()[0];
+  if (auto s = WriteTinyModel(out, *config, o); !s.ok()) return Fail(s);
+  std::printf("wrote %s model (%s, seed %llu, %d file(s)) to %s\n",
+              flags->StringOr("preset", "tiny").c_str(), dtype.c_str(),
+              static_cast<unsigned long long>(o.seed), o.shards, out.c_str());
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmoe::cli
+
+int main(int argc, char** argv) {
+  using namespace dmoe::cli;
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ||
+      std::strcmp(argv[1], "help") == 0) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "logits") return Logits(argc - 2, argv + 2);
+  if (cmd == "generate") return GenerateCmd(argc - 2, argv + 2);
+  if (cmd == "make-tiny-model") return MakeTinyModel(argc - 2, argv + 2);
+  std::fprintf(stderr, "error: unknown command \"%s\"\n\n%s", cmd.c_str(), kUsage);
+  return 2;
+}

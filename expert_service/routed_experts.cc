@@ -1,0 +1,76 @@
+#include "expert_service/routed_experts.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/ops.h"
+
+namespace dmoe {
+
+absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
+    const Checkpoint& ck, const ModelConfig& c,
+    const std::vector<std::pair<int64_t, int64_t>>& experts) {
+  auto store = std::make_unique<ExpertStore>();
+  for (const auto& key : experts) {
+    auto m = LoadExpertWeights(ck, c, key.first, key.second);
+    if (!m.ok()) return m.status();
+    store->experts_[key] = std::move(m).value();
+  }
+  return store;
+}
+
+std::vector<std::pair<int64_t, int64_t>> ExpertStore::AllExperts(const ModelConfig& c) {
+  std::vector<std::pair<int64_t, int64_t>> all;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) all.emplace_back(l, e);
+  }
+  return all;
+}
+
+const MlpWeights* ExpertStore::Find(int64_t layer, int64_t expert) const {
+  auto it = experts_.find({layer, expert});
+  return it == experts_.end() ? nullptr : &it->second;
+}
+
+uint64_t ExpertStore::bytes() const {
+  uint64_t n = 0;
+  for (const auto& [_, m] : experts_) {
+    n += 4 * (m.gate.w.size() + m.up.w.size() + m.down.w.size());
+  }
+  return n;
+}
+
+absl::Status LocalRoutedExperts::Compute(int64_t layer, const float* x, int64_t t,
+                                         const int32_t* ids, const float* w, int64_t k,
+                                         float* out) {
+  std::memset(out, 0, sizeof(float) * static_cast<size_t>(t * hidden_));
+  // Group (token, weight) by expert, preserving token order within an expert.
+  std::map<int32_t, std::vector<std::pair<int64_t, float>>> by_expert;
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t j = 0; j < k; ++j) by_expert[ids[i * k + j]].emplace_back(i, w[i * k + j]);
+  }
+  for (const auto& [expert, rows] : by_expert) {
+    const MlpWeights* m = store_->Find(layer, expert);
+    if (m == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert ", expert, " of layer ", layer, " is not hosted here"));
+    }
+    const int64_t n = static_cast<int64_t>(rows.size());
+    gathered_.resize(static_cast<size_t>(n * hidden_));
+    result_.resize(static_cast<size_t>(n * hidden_));
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(gathered_.data() + i * hidden_, x + rows[static_cast<size_t>(i)].first * hidden_,
+                  sizeof(float) * static_cast<size_t>(hidden_));
+    }
+    cpu::SwiGluMlp(gathered_.data(), n, hidden_, m->gate.w.data(), m->up.w.data(),
+                   m->down.w.data(), width_, result_.data(), &scratch_);
+    for (int64_t i = 0; i < n; ++i) {
+      const auto& [token, weight] = rows[static_cast<size_t>(i)];
+      cpu::Axpy(hidden_, weight, result_.data() + i * hidden_, out + token * hidden_);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dmoe

@@ -1,0 +1,82 @@
+#include "kernels/cpu/mla.h"
+
+#include <cblas.h>
+
+#include <limits>
+
+#include "kernels/cpu/ops.h"
+
+namespace dmoe::cpu {
+namespace {
+
+int I(int64_t v) { return static_cast<int>(v); }
+
+// Scales the scores and masks u > q_pos0 + row / rows_per_query.
+void ScaleAndMask(float* s, int64_t rows, int64_t rows_per_query, int64_t ctx, int64_t q_pos0,
+                  float scale) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t row = 0; row < rows; ++row) {
+    float* sr = s + row * ctx;
+    const int64_t last = q_pos0 + row / rows_per_query;
+    for (int64_t u = 0; u < ctx; ++u) sr[u] = u <= last ? sr[u] * scale : ninf;
+  }
+}
+
+}  // namespace
+
+void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const float* cache,
+                       int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch) {
+  const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
+  const int64_t qd = dn + dr, kvd = dn + dv, ld_cache = r + dr;
+  scratch->resize(static_cast<size_t>(ctx * h * kvd + t * ctx));
+  float* kv = scratch->data();       // [ctx, H * (dn + dv)]
+  float* s = kv + ctx * h * kvd;     // [t, ctx]
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(ctx), I(h * kvd), I(r), 1.0f, cache,
+              I(ld_cache), p.kv_b, I(r), 0.0f, kv, I(h * kvd));
+  for (int64_t head = 0; head < h; ++head) {
+    const float* qn = q + head * qd;
+    const float* kn = kv + head * kvd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(ctx), I(dn), 1.0f, qn, I(h * qd),
+                kn, I(h * kvd), 0.0f, s, I(ctx));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(ctx), I(dr), 1.0f, qn + dn,
+                I(h * qd), cache + r, I(ld_cache), 1.0f, s, I(ctx));
+    ScaleAndMask(s, t, 1, ctx, q_pos0, p.softmax_scale);
+    SoftmaxRows(s, t, ctx, ctx);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t), I(dv), I(ctx), 1.0f, s, I(ctx),
+                kn + dn, I(h * kvd), 0.0f, o + head * dv, I(h * dv));
+  }
+}
+
+void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const float* cache,
+                          int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch) {
+  const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
+  const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
+  scratch->resize(static_cast<size_t>(t * h * lc + t * h * ctx + t * h * r));
+  float* qc = scratch->data();          // [t * H, r + dr]: q_lat then q_pe, rows ordered (t, h)
+  float* s = qc + t * h * lc;           // [t * H, ctx]
+  float* olat = s + t * h * ctx;        // [t * H, r]
+  for (int64_t head = 0; head < h; ++head) {
+    // q_lat[t, h] = q_nope[t, h] @ W_UK[h]  ([dn] x [dn, r]).
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t), I(r), I(dn), 1.0f, q + head * qd,
+                I(h * qd), p.kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
+    for (int64_t i = 0; i < t; ++i) {
+      const float* qpe = q + i * h * qd + head * qd + dn;
+      float* dst = qc + (i * h + head) * lc + r;
+      for (int64_t j = 0; j < dr; ++j) dst[j] = qpe[j];
+    }
+  }
+  // One GEMM scores every (query, head) row against [c, k_pe] of every cached token.
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t * h), I(ctx), I(lc), 1.0f, qc, I(lc),
+              cache, I(lc), 0.0f, s, I(ctx));
+  ScaleAndMask(s, t * h, h, ctx, q_pos0, p.softmax_scale);
+  SoftmaxRows(s, t * h, ctx, ctx);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t * h), I(r), I(ctx), 1.0f, s, I(ctx),
+              cache, I(lc), 0.0f, olat, I(r));
+  for (int64_t head = 0; head < h; ++head) {
+    // o[t, h] = o_lat[t, h] @ W_UV[h]^T  ([r] x [r, dv]).
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(dv), I(r), 1.0f, olat + head * r,
+                I(h * r), p.kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
+  }
+}
+
+}  // namespace dmoe::cpu

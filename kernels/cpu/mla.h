@@ -1,0 +1,35 @@
+// Multi-head latent attention over a latent cache, for one sequence.
+//
+// Cache rows are [r + dr]: c (after kv_a_layernorm, r values) then the rotated k_pe (dr values).
+// Queries q[T, H, dn + dr] hold q_nope then the rotated q_pe per head. Query t sits at position
+// q_pos0 + t and attends to cache rows 0..q_pos0 + t (causal). Output o[T, H * dv].
+#ifndef DMOE_KERNELS_CPU_MLA_H_
+#define DMOE_KERNELS_CPU_MLA_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace dmoe::cpu {
+
+struct MlaParams {
+  int64_t num_heads = 0;  // H
+  int64_t nope_dim = 0;   // dn
+  int64_t rope_dim = 0;   // dr
+  int64_t v_dim = 0;      // dv
+  int64_t latent_rank = 0;  // r
+  float softmax_scale = 0;
+  const float* kv_b = nullptr;  // [H * (dn + dv), r]: per head W_UK [dn, r] then W_UV [dv, r]
+};
+
+// Naive form (prefill): expands k_nope and v for every cached row through kv_b.
+void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const float* cache,
+                       int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch);
+
+// Weight-absorbed form (decode): q_lat = W_UK^T q_nope, scores against c directly, and W_UV applied
+// to the latent output. Reads only the cache rows, never expands them.
+void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const float* cache,
+                          int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch);
+
+}  // namespace dmoe::cpu
+
+#endif  // DMOE_KERNELS_CPU_MLA_H_

@@ -1,0 +1,38 @@
+// CPU kernels of the DeepSeek-V2 forward pass. Plain pointers and sizes; row-major; no allocation
+// except where a scratch vector is passed in. Shapes are given as [rows, cols].
+#ifndef DMOE_KERNELS_CPU_OPS_H_
+#define DMOE_KERNELS_CPU_OPS_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace dmoe::cpu {
+
+// y[T, out] = x[T, in] @ w[out, in]^T  (nn.Linear without bias). OpenBLAS sgemv at T == 1.
+// `ldx` / `ldy` are the row strides of x and y (0: packed).
+void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, float* y,
+            int64_t ldx = 0, int64_t ldy = 0);
+// Same, accumulating: y += x @ w^T.
+void LinearAccumulate(const float* x, int64_t t, int64_t in, const float* w, int64_t out,
+                      float* y);
+
+// y[T, n] = w * x / sqrt(mean(x^2) + eps), row by row. x and y may alias. Strides as in Linear.
+void RmsNorm(const float* x, int64_t t, int64_t n, const float* w, double eps, float* y,
+             int64_t ldx = 0, int64_t ldy = 0);
+
+// In-place softmax of each of `rows` rows of length n (stride ld). -inf entries get 0.
+void SoftmaxRows(float* x, int64_t rows, int64_t n, int64_t ld);
+
+// h = silu(g) * u, elementwise over n values.
+void SiluMul(const float* g, const float* u, int64_t n, float* h);
+
+// Dense SwiGLU MLP: y[T, D] = down(silu(gate(x)) * up(x)); scratch is resized as needed.
+void SwiGluMlp(const float* x, int64_t t, int64_t d, const float* gate, const float* up,
+               const float* down, int64_t width, float* y, std::vector<float>* scratch);
+
+// y[i] += a * x[i].
+void Axpy(int64_t n, float a, const float* x, float* y);
+
+}  // namespace dmoe::cpu
+
+#endif  // DMOE_KERNELS_CPU_OPS_H_

@@ -1,0 +1,391 @@
+#include "model/config.h"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+
+namespace dmoe {
+namespace {
+
+using Json = nlohmann::json;
+
+absl::Status FieldError(absl::string_view field, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("config.json: field ", field, ": ", what));
+}
+
+std::string TypeName(const Json& v) { return v.type_name(); }
+
+// Reads an optional integer field. `*present` tells whether it was there and not null.
+absl::Status GetInt(const Json& obj, const char* name, int64_t* out,
+                    const std::string& prefix = "") {
+  const std::string field = prefix + name;
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return absl::OkStatus();
+  if (it->is_number_integer()) {
+    *out = it->get<int64_t>();
+  } else if (it->is_number_float()) {
+    const double d = it->get<double>();
+    if (!(std::floor(d) == d) || std::fabs(d) > 9e15) {
+      return FieldError(field, absl::StrCat("expected an integer, got ", it->dump()));
+    }
+    *out = static_cast<int64_t>(d);
+  } else {
+    return FieldError(field, absl::StrCat("expected an integer, got ", TypeName(*it)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GetDouble(const Json& obj, const char* name, double* out,
+                       const std::string& prefix = "") {
+  const std::string field = prefix + name;
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_number()) {
+    return FieldError(field, absl::StrCat("expected a number, got ", TypeName(*it)));
+  }
+  *out = it->get<double>();
+  if (!std::isfinite(*out)) return FieldError(field, "must be finite");
+  return absl::OkStatus();
+}
+
+absl::Status GetBool(const Json& obj, const char* name, bool* out) {
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_boolean()) {
+    return FieldError(name, absl::StrCat("expected true or false, got ", TypeName(*it)));
+  }
+  *out = it->get<bool>();
+  return absl::OkStatus();
+}
+
+absl::Status GetString(const Json& obj, const char* name, std::string* out, bool* present) {
+  *present = false;
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_string()) {
+    return FieldError(name, absl::StrCat("expected a string, got ", TypeName(*it)));
+  }
+  *out = it->get<std::string>();
+  *present = true;
+  return absl::OkStatus();
+}
+
+// `rope_scaling` (original) or `rope_parameters` (HF >= v5; also carries rope_theta).
+absl::Status ParseRope(const Json& obj, const char* field, ModelConfig* c) {
+  auto it = obj.find(field);
+  if (it == obj.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_object()) {
+    return FieldError(field, absl::StrCat("expected an object or null, got ", TypeName(*it)));
+  }
+  const Json& r = *it;
+  std::string type;
+  bool has_type = false;
+  if (auto s = GetString(r, "type", &type, &has_type); !s.ok()) {
+    return FieldError(absl::StrCat(field, ".type"), "expected a string");
+  }
+  if (!has_type) {
+    if (auto s = GetString(r, "rope_type", &type, &has_type); !s.ok()) {
+      return FieldError(absl::StrCat(field, ".rope_type"), "expected a string");
+    }
+  }
+  const std::string prefix = absl::StrCat(field, ".");
+  if (std::string(field) == "rope_parameters") {
+    if (auto s = GetDouble(r, "rope_theta", &c->rope_theta, prefix); !s.ok()) return s;
+  }
+  if (!has_type || type == "default") {
+    if (std::string(field) == "rope_scaling") {
+      return FieldError(absl::StrCat(field, ".type"), "missing (expected \"yarn\")");
+    }
+    return absl::OkStatus();
+  }
+  if (type != "yarn") {
+    return FieldError(absl::StrCat(field, ".type"),
+                      absl::StrCat("\"", type, "\" is not supported (only \"yarn\")"));
+  }
+  RopeScaling& y = c->rope_scaling;
+  y = RopeScaling();
+  y.yarn = true;
+  if (r.find("factor") == r.end()) return FieldError(absl::StrCat(field, ".factor"), "missing");
+  if (auto s = GetDouble(r, "factor", &y.factor, prefix); !s.ok()) return s;
+  if (auto s = GetInt(r, "original_max_position_embeddings", &y.original_max_position_embeddings, prefix);
+      !s.ok())
+    return s;
+  if (auto s = GetDouble(r, "beta_fast", &y.beta_fast, prefix); !s.ok()) return s;
+  if (auto s = GetDouble(r, "beta_slow", &y.beta_slow, prefix); !s.ok()) return s;
+  if (auto s = GetDouble(r, "mscale", &y.mscale, prefix); !s.ok()) return s;
+  if (auto s = GetDouble(r, "mscale_all_dim", &y.mscale_all_dim, prefix); !s.ok()) return s;
+  return absl::OkStatus();
+}
+
+absl::Status Positive(const char* name, int64_t v) {
+  if (v <= 0) return FieldError(name, absl::StrCat("must be positive, got ", v));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+double YarnGetMscale(double scale, double m) {
+  if (scale <= 1.0) return 1.0;
+  return 0.1 * m * std::log(scale) + 1.0;
+}
+
+double ModelConfig::SoftmaxScale() const {
+  double scale = 1.0 / std::sqrt(static_cast<double>(q_head_dim()));
+  if (rope_scaling.yarn && rope_scaling.mscale_all_dim != 0.0) {
+    const double m = YarnGetMscale(rope_scaling.factor, rope_scaling.mscale_all_dim);
+    scale *= m * m;
+  }
+  return scale;
+}
+
+double ModelConfig::RopeMscale() const {
+  if (!rope_scaling.yarn) return 1.0;
+  return YarnGetMscale(rope_scaling.factor, rope_scaling.mscale) /
+         YarnGetMscale(rope_scaling.factor, rope_scaling.mscale_all_dim);
+}
+
+absl::Status ValidateModelConfig(const ModelConfig& c) {
+  if (auto s = Positive("vocab_size", c.vocab_size); !s.ok()) return s;
+  if (auto s = Positive("hidden_size", c.hidden_size); !s.ok()) return s;
+  if (auto s = Positive("num_hidden_layers", c.num_hidden_layers); !s.ok()) return s;
+  if (auto s = Positive("num_attention_heads", c.num_attention_heads); !s.ok()) return s;
+  if (auto s = Positive("kv_lora_rank", c.kv_lora_rank); !s.ok()) return s;
+  if (auto s = Positive("qk_nope_head_dim", c.qk_nope_head_dim); !s.ok()) return s;
+  if (auto s = Positive("qk_rope_head_dim", c.qk_rope_head_dim); !s.ok()) return s;
+  if (auto s = Positive("v_head_dim", c.v_head_dim); !s.ok()) return s;
+  if (auto s = Positive("max_position_embeddings", c.max_position_embeddings); !s.ok()) return s;
+  if (c.qk_rope_head_dim % 2 != 0) {
+    return FieldError("qk_rope_head_dim", absl::StrCat(c.qk_rope_head_dim, " must be even"));
+  }
+  if (c.q_lora_rank < 0) return FieldError("q_lora_rank", "must be positive or null");
+  if (c.num_key_value_heads != c.num_attention_heads) {
+    return FieldError("num_key_value_heads",
+                      absl::StrCat(c.num_key_value_heads, " must equal num_attention_heads ",
+                                   c.num_attention_heads, " (MLA)"));
+  }
+  if (!(c.rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be positive");
+  if (!(c.rope_theta > 1.0)) return FieldError("rope_theta", "must be greater than 1");
+  if (c.first_k_dense_replace < 0) return FieldError("first_k_dense_replace", "must be >= 0");
+  if (c.moe_layer_freq <= 0) return FieldError("moe_layer_freq", "must be positive");
+  bool any_dense = false;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) any_dense |= !c.IsMoeLayer(i);
+  if (any_dense) {
+    if (auto s = Positive("intermediate_size", c.intermediate_size); !s.ok()) return s;
+  }
+  if (c.n_routed_experts < 0) return FieldError("n_routed_experts", "must be positive or null");
+  if (c.n_routed_experts > 0) {
+    const int64_t e = c.n_routed_experts;
+    if (auto s = Positive("moe_intermediate_size", c.moe_intermediate_size); !s.ok()) return s;
+    if (c.num_experts_per_tok <= 0) {
+      return FieldError("num_experts_per_tok", "must be set and positive when n_routed_experts is");
+    }
+    if (c.num_experts_per_tok > e) {
+      return FieldError("num_experts_per_tok",
+                        absl::StrCat(c.num_experts_per_tok, " exceeds n_routed_experts ", e));
+    }
+    if (c.n_shared_experts < 0) return FieldError("n_shared_experts", "must be >= 0 or null");
+    if (!(c.routed_scaling_factor > 0)) {
+      return FieldError("routed_scaling_factor", "must be positive");
+    }
+    if (c.n_group < 0) return FieldError("n_group", "must be positive or null");
+    if (c.n_group > 0 && e % c.n_group != 0) {
+      return FieldError("n_group", absl::StrCat("n_routed_experts ", e,
+                                                " is not divisible by n_group ", c.n_group));
+    }
+    if (c.topk_method == TopkMethod::kGroupLimitedGreedy) {
+      if (c.n_group <= 0) {
+        return FieldError("n_group", "must be set for topk_method group_limited_greedy");
+      }
+      if (c.topk_group <= 0 || c.topk_group > c.n_group) {
+        return FieldError("topk_group", absl::StrCat(c.topk_group, " must be in [1, n_group ",
+                                                     c.n_group, "]"));
+      }
+      if (c.num_experts_per_tok > c.topk_group * (e / c.n_group)) {
+        return FieldError("num_experts_per_tok",
+                          absl::StrCat(c.num_experts_per_tok, " exceeds the ",
+                                       c.topk_group * (e / c.n_group),
+                                       " experts of topk_group groups"));
+      }
+    }
+  }
+  if (c.rope_scaling.yarn) {
+    const RopeScaling& y = c.rope_scaling;
+    if (!(y.factor > 0)) return FieldError("rope_scaling.factor", "must be positive");
+    if (y.original_max_position_embeddings <= 0) {
+      return FieldError("rope_scaling.original_max_position_embeddings", "must be positive");
+    }
+    if (!(y.beta_fast > 0) || !(y.beta_slow > 0)) {
+      return FieldError("rope_scaling.beta_fast", "beta_fast and beta_slow must be positive");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
+  Json j = Json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError("config.json: not valid JSON");
+  if (!j.is_object()) return absl::InvalidArgumentError("config.json: top level is not an object");
+  ModelConfig c;
+  bool present = false;
+  std::string s;
+  if (auto st = GetString(j, "model_type", &s, &present); !st.ok()) return st;
+  if (present) {
+    if (s == "deepseek_v3") {
+      return FieldError("model_type", "deepseek_v3 is not supported yet (only deepseek_v2)");
+    }
+    if (s != "deepseek_v2") {
+      return FieldError("model_type", absl::StrCat("\"", s, "\" is not deepseek_v2"));
+    }
+    c.model_type = s;
+  }
+  if (auto st = GetString(j, "hidden_act", &s, &present); !st.ok()) return st;
+  if (present && s != "silu") {
+    return FieldError("hidden_act", absl::StrCat("\"", s, "\" is not supported (only silu)"));
+  }
+  bool bias = false;
+  if (auto st = GetBool(j, "attention_bias", &bias); !st.ok()) return st;
+  if (bias) return FieldError("attention_bias", "true is not supported");
+
+  struct IntField {
+    const char* name;
+    int64_t* dst;
+  };
+  const IntField ints[] = {
+      {"vocab_size", &c.vocab_size},
+      {"hidden_size", &c.hidden_size},
+      {"intermediate_size", &c.intermediate_size},
+      {"moe_intermediate_size", &c.moe_intermediate_size},
+      {"num_hidden_layers", &c.num_hidden_layers},
+      {"num_attention_heads", &c.num_attention_heads},
+      {"kv_lora_rank", &c.kv_lora_rank},
+      {"qk_nope_head_dim", &c.qk_nope_head_dim},
+      {"qk_rope_head_dim", &c.qk_rope_head_dim},
+      {"v_head_dim", &c.v_head_dim},
+      {"n_shared_experts", &c.n_shared_experts},
+      {"n_routed_experts", &c.n_routed_experts},
+      {"num_experts_per_tok", &c.num_experts_per_tok},
+      {"n_group", &c.n_group},
+      {"topk_group", &c.topk_group},
+      {"first_k_dense_replace", &c.first_k_dense_replace},
+      {"moe_layer_freq", &c.moe_layer_freq},
+      {"max_position_embeddings", &c.max_position_embeddings},
+      {"bos_token_id", &c.bos_token_id},
+      {"eos_token_id", &c.eos_token_id},
+  };
+  for (const IntField& f : ints) {
+    if (auto st = GetInt(j, f.name, f.dst); !st.ok()) return st;
+  }
+  // q_lora_rank: absent means the default 1536, an explicit null means a plain q_proj.
+  if (auto it = j.find("q_lora_rank"); it != j.end() && it->is_null()) {
+    c.q_lora_rank = 0;
+  } else if (auto st = GetInt(j, "q_lora_rank", &c.q_lora_rank); !st.ok()) {
+    return st;
+  } else if (it != j.end() && c.q_lora_rank == 0) {
+    return FieldError("q_lora_rank", "must be positive or null");
+  }
+  c.num_key_value_heads = c.num_attention_heads;
+  if (auto st = GetInt(j, "num_key_value_heads", &c.num_key_value_heads); !st.ok()) return st;
+
+  if (auto st = GetDouble(j, "routed_scaling_factor", &c.routed_scaling_factor); !st.ok()) {
+    return st;
+  }
+  if (auto st = GetDouble(j, "rms_norm_eps", &c.rms_norm_eps); !st.ok()) return st;
+  if (auto st = GetDouble(j, "rope_theta", &c.rope_theta); !st.ok()) return st;
+  if (auto st = GetBool(j, "norm_topk_prob", &c.norm_topk_prob); !st.ok()) return st;
+  if (auto st = GetBool(j, "tie_word_embeddings", &c.tie_word_embeddings); !st.ok()) return st;
+
+  if (auto st = GetString(j, "topk_method", &s, &present); !st.ok()) return st;
+  if (present) {
+    if (s == "greedy" || s == "gready") {
+      c.topk_method = TopkMethod::kGreedy;
+    } else if (s == "group_limited_greedy") {
+      c.topk_method = TopkMethod::kGroupLimitedGreedy;
+    } else if (s == "noaux_tc") {
+      return FieldError("topk_method", "noaux_tc (DeepSeek-V3) is not supported yet");
+    } else {
+      return FieldError("topk_method", absl::StrCat("unknown method \"", s, "\""));
+    }
+  }
+  if (auto st = GetString(j, "scoring_func", &s, &present); !st.ok()) return st;
+  if (present && s != "softmax") {
+    return FieldError("scoring_func",
+                      absl::StrCat("\"", s, "\" is not supported for deepseek_v2 (only softmax)"));
+  }
+  if (auto st = ParseRope(j, "rope_scaling", &c); !st.ok()) return st;
+  if (j.contains("rope_parameters") && !c.rope_scaling.yarn) {
+    if (auto st = ParseRope(j, "rope_parameters", &c); !st.ok()) return st;
+  }
+  if (auto st = ValidateModelConfig(c); !st.ok()) return st;
+  return c;
+}
+
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
+  const std::string path = model_dir + "/config.json";
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto c = ParseModelConfig(ss.str());
+  if (!c.ok()) {
+    return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
+  }
+  return c;
+}
+
+std::string ModelConfigToJson(const ModelConfig& c) {
+  Json j = Json::object();
+  auto nullable = [](int64_t v) { return v > 0 ? Json(v) : Json(nullptr); };
+  j["architectures"] = Json::array({"DeepseekV2ForCausalLM"});
+  j["model_type"] = c.model_type;
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = c.intermediate_size;
+  j["moe_intermediate_size"] = c.moe_intermediate_size;
+  j["num_hidden_layers"] = c.num_hidden_layers;
+  j["num_attention_heads"] = c.num_attention_heads;
+  j["num_key_value_heads"] = c.num_key_value_heads;
+  j["q_lora_rank"] = nullable(c.q_lora_rank);
+  j["kv_lora_rank"] = c.kv_lora_rank;
+  j["qk_nope_head_dim"] = c.qk_nope_head_dim;
+  j["qk_rope_head_dim"] = c.qk_rope_head_dim;
+  j["v_head_dim"] = c.v_head_dim;
+  j["n_routed_experts"] = nullable(c.n_routed_experts);
+  j["n_shared_experts"] = nullable(c.n_shared_experts);
+  j["num_experts_per_tok"] = nullable(c.num_experts_per_tok);
+  j["topk_method"] =
+      c.topk_method == TopkMethod::kGreedy ? "greedy" : "group_limited_greedy";
+  j["n_group"] = nullable(c.n_group);
+  j["topk_group"] = nullable(c.topk_group);
+  j["routed_scaling_factor"] = c.routed_scaling_factor;
+  j["norm_topk_prob"] = c.norm_topk_prob;
+  j["scoring_func"] = "softmax";
+  j["first_k_dense_replace"] = c.first_k_dense_replace;
+  j["moe_layer_freq"] = c.moe_layer_freq;
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["rope_theta"] = c.rope_theta;
+  if (c.rope_scaling.yarn) {
+    const RopeScaling& y = c.rope_scaling;
+    j["rope_scaling"] = {{"type", "yarn"},
+                         {"factor", y.factor},
+                         {"original_max_position_embeddings", y.original_max_position_embeddings},
+                         {"beta_fast", y.beta_fast},
+                         {"beta_slow", y.beta_slow},
+                         {"mscale", y.mscale},
+                         {"mscale_all_dim", y.mscale_all_dim}};
+  } else {
+    j["rope_scaling"] = nullptr;
+  }
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["hidden_act"] = "silu";
+  j["attention_bias"] = false;
+  j["bos_token_id"] = c.bos_token_id >= 0 ? Json(c.bos_token_id) : Json(nullptr);
+  j["eos_token_id"] = c.eos_token_id >= 0 ? Json(c.eos_token_id) : Json(nullptr);
+  j["torch_dtype"] = "float32";
+  return j.dump(2) + "\n";
+}
+
+}  // namespace dmoe

@@ -1,0 +1,84 @@
+// DeepSeek-V2 `config.json`: every field MODEL_SPEC.md lists, with the defaults of the original
+// `DeepseekV2Config` where a field is absent, validated with errors that name the field.
+#ifndef DMOE_MODEL_CONFIG_H_
+#define DMOE_MODEL_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/statusor.h"
+
+namespace dmoe {
+
+enum class TopkMethod { kGreedy, kGroupLimitedGreedy };
+
+struct RopeScaling {
+  bool yarn = false;  // false: plain RoPE (no `rope_scaling`)
+  double factor = 1.0;
+  int64_t original_max_position_embeddings = 4096;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+};
+
+struct ModelConfig {
+  std::string model_type = "deepseek_v2";
+  int64_t vocab_size = 102400;
+  int64_t hidden_size = 4096;
+  int64_t intermediate_size = 11008;
+  int64_t moe_intermediate_size = 1407;
+  int64_t num_hidden_layers = 30;
+  int64_t num_attention_heads = 32;
+  int64_t num_key_value_heads = 32;
+  int64_t q_lora_rank = 1536;  // 0: `null`, a plain q_proj (V2-Lite)
+  int64_t kv_lora_rank = 512;
+  int64_t qk_nope_head_dim = 128;
+  int64_t qk_rope_head_dim = 64;
+  int64_t v_head_dim = 128;
+  int64_t n_routed_experts = 0;  // 0: `null`, no MoE layers
+  int64_t n_shared_experts = 0;  // 0: `null`, no shared expert
+  int64_t num_experts_per_tok = 0;
+  TopkMethod topk_method = TopkMethod::kGreedy;
+  int64_t n_group = 0;     // 0: `null`
+  int64_t topk_group = 0;  // 0: `null`
+  double routed_scaling_factor = 1.0;
+  bool norm_topk_prob = false;
+  int64_t first_k_dense_replace = 0;
+  int64_t moe_layer_freq = 1;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  int64_t max_position_embeddings = 2048;
+  bool tie_word_embeddings = false;
+  int64_t bos_token_id = -1;  // -1: absent
+  int64_t eos_token_id = -1;
+
+  int64_t q_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  // Values per token per layer in the latent KV cache: c_kv plus the rotated k_pe.
+  int64_t latent_dim() const { return kv_lora_rank + qk_rope_head_dim; }
+  bool IsMoeLayer(int64_t layer) const {
+    return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+  }
+  // Attention softmax scale, including YaRN's mscale(s, mscale_all_dim)^2.
+  double SoftmaxScale() const;
+  // Multiplier of the RoPE cos/sin tables: mscale(s, mscale) / mscale(s, mscale_all_dim).
+  double RopeMscale() const;
+};
+
+// Parses and validates config.json text. INVALID_ARGUMENT naming the field on any problem.
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text);
+// Reads DIR/config.json.
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
+// Checks the cross-field rules (also run by ParseModelConfig).
+absl::Status ValidateModelConfig(const ModelConfig& c);
+// Writes every field (nothing left to defaults), as the tiny-model generator does.
+std::string ModelConfigToJson(const ModelConfig& c);
+
+// YaRN's get_mscale: 1 when scale <= 1, else 0.1 * m * ln(scale) + 1.
+double YarnGetMscale(double scale, double m);
+
+}  // namespace dmoe
+
+#endif  // DMOE_MODEL_CONFIG_H_

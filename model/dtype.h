@@ -1,0 +1,46 @@
+// Element types of checkpoint tensors and exact conversions to float.
+#ifndef DMOE_MODEL_DTYPE_H_
+#define DMOE_MODEL_DTYPE_H_
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include "absl/strings/string_view.h"
+
+namespace dmoe {
+
+enum class DType { kF32, kBF16, kF16 };
+
+// Bytes per element.
+inline size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+// Safetensors spelling ("F32", "BF16", "F16").
+const char* DTypeName(DType t);
+// Returns false for a name this build does not read.
+bool ParseDTypeName(absl::string_view name, DType* out);
+
+inline float Bf16ToFloat(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Round to nearest even; NaN stays NaN.
+inline uint16_t FloatToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+float F16ToFloat(uint16_t v);
+uint16_t FloatToF16(float f);
+
+// Converts `n` elements of type `t` at `src` (any alignment) to float.
+void ConvertToFloat(DType t, const void* src, size_t n, float* dst);
+
+}  // namespace dmoe
+
+#endif  // DMOE_MODEL_DTYPE_H_

@@ -1,0 +1,307 @@
+#include "model/tiny_model.h"
+
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "model/weights.h"
+#include "nlohmann/json.hpp"
+
+namespace dmoe {
+namespace {
+
+using weight_names::Layer;
+
+uint64_t Fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : s) {
+    h ^= ch;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+uint64_t SplitMix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Standard normal draws by Box-Muller from a 64-bit Mersenne Twister: the same on every platform.
+class NormalRng {
+ public:
+  explicit NormalRng(uint64_t seed) : gen_(seed) {}
+  double Next() {
+    if (has_spare_) {
+      has_spare_ = false;
+      return spare_;
+    }
+    double u1 = 0.0;
+    while (u1 <= 0.0) u1 = static_cast<double>(gen_() >> 11) * 0x1.0p-53;
+    const double u2 = static_cast<double>(gen_() >> 11) * 0x1.0p-53;
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    spare_ = r * std::sin(2.0 * M_PI * u2);
+    has_spare_ = true;
+    return r * std::cos(2.0 * M_PI * u2);
+  }
+
+ private:
+  std::mt19937_64 gen_;
+  bool has_spare_ = false;
+  double spare_ = 0.0;
+};
+
+// MODEL_SPEC.md: std = gain / sqrt(fan_in); norms 1 + 0.1 N(0,1); embeddings N(0,1).
+void DrawTensor(const TensorSpec& t, uint64_t seed, std::vector<float>* out) {
+  int64_t n = 1;
+  for (int64_t d : t.shape) n *= d;
+  out->resize(static_cast<size_t>(n));
+  NormalRng rng(SplitMix(seed ^ Fnv1a(t.name)));
+  const std::string& name = t.name;
+  if (absl::StrContains(name, "norm")) {
+    for (float& v : *out) v = static_cast<float>(1.0 + 0.1 * rng.Next());
+    return;
+  }
+  if (name == "model.embed_tokens.weight") {
+    for (float& v : *out) v = static_cast<float>(rng.Next());
+    return;
+  }
+  double gain = 1.0;
+  if (absl::StrContains(name, "q_a_proj") || absl::StrContains(name, "q_b_proj") ||
+      absl::StrContains(name, "q_proj") || name == "lm_head.weight") {
+    gain = 1.5;
+  } else if (absl::EndsWith(name, "mlp.gate.weight")) {
+    gain = 3.0;
+  } else if (absl::StrContains(name, "o_proj") || absl::StrContains(name, "down_proj")) {
+    gain = 0.7;
+  }
+  const double std = gain / std::sqrt(static_cast<double>(t.shape.back()));
+  for (float& v : *out) v = static_cast<float>(std * rng.Next());
+}
+
+absl::Status MakeDir(const std::string& dir) {
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
+  ModelConfig c;
+  c.vocab_size = 512;
+  c.hidden_size = 256;
+  c.num_hidden_layers = 4;
+  c.first_k_dense_replace = 1;
+  c.intermediate_size = 512;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 4;
+  c.q_lora_rank = 96;
+  c.kv_lora_rank = 64;
+  c.qk_nope_head_dim = 32;
+  c.qk_rope_head_dim = 16;
+  c.v_head_dim = 32;
+  c.n_routed_experts = 16;
+  c.n_shared_experts = 2;
+  c.moe_intermediate_size = 64;
+  c.num_experts_per_tok = 4;
+  c.topk_method = TopkMethod::kGroupLimitedGreedy;
+  c.n_group = 4;
+  c.topk_group = 2;
+  c.routed_scaling_factor = 2.5;
+  c.norm_topk_prob = false;
+  c.rope_scaling.yarn = true;
+  c.rope_scaling.factor = 4;
+  c.rope_scaling.original_max_position_embeddings = 128;
+  c.rope_scaling.beta_fast = 32;
+  c.rope_scaling.beta_slow = 1;
+  c.rope_scaling.mscale = 0.707;
+  c.rope_scaling.mscale_all_dim = 0.707;
+  c.max_position_embeddings = 512;
+  c.rms_norm_eps = 1e-6;
+  c.rope_theta = 10000;
+  c.tie_word_embeddings = false;
+  c.bos_token_id = 0;
+  c.eos_token_id = 1;
+  if (preset == "tiny") return c;
+  if (preset == "tiny-lite") {
+    c.q_lora_rank = 0;
+    c.topk_method = TopkMethod::kGreedy;
+    c.n_group = 1;
+    c.topk_group = 1;
+    c.num_experts_per_tok = 6;
+    c.routed_scaling_factor = 1.0;
+    c.rope_scaling = RopeScaling();
+    return c;
+  }
+  if (preset == "small") {
+    c.vocab_size = 32000;
+    c.hidden_size = 1024;
+    c.num_hidden_layers = 8;
+    c.n_routed_experts = 64;
+    c.num_experts_per_tok = 6;
+    c.n_group = 8;
+    c.topk_group = 3;
+    c.moe_intermediate_size = 512;
+    c.intermediate_size = 2816;
+    c.q_lora_rank = 384;
+    c.kv_lora_rank = 256;
+    c.qk_nope_head_dim = 64;
+    c.qk_rope_head_dim = 32;
+    c.v_head_dim = 64;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 8;
+    c.max_position_embeddings = 4096;
+    c.rope_scaling.original_max_position_embeddings = 1024;
+    return c;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--preset: unknown preset \"", preset, "\" (tiny, tiny-lite, small)"));
+}
+
+std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {
+  const int64_t d = c.hidden_size, h = c.num_attention_heads;
+  std::vector<TensorSpec> t;
+  t.push_back({"model.embed_tokens.weight", {c.vocab_size, d}});
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    t.push_back({Layer(i, "input_layernorm.weight"), {d}});
+    t.push_back({Layer(i, "post_attention_layernorm.weight"), {d}});
+    if (c.q_lora_rank > 0) {
+      t.push_back({Layer(i, "self_attn.q_a_proj.weight"), {c.q_lora_rank, d}});
+      t.push_back({Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}});
+      t.push_back({Layer(i, "self_attn.q_b_proj.weight"), {h * c.q_head_dim(), c.q_lora_rank}});
+    } else {
+      t.push_back({Layer(i, "self_attn.q_proj.weight"), {h * c.q_head_dim(), d}});
+    }
+    t.push_back({Layer(i, "self_attn.kv_a_proj_with_mqa.weight"), {c.latent_dim(), d}});
+    t.push_back({Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}});
+    t.push_back({Layer(i, "self_attn.kv_b_proj.weight"),
+                 {h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
+    t.push_back({Layer(i, "self_attn.o_proj.weight"), {d, h * c.v_head_dim}});
+    auto mlp = [&](const std::string& prefix, int64_t width) {
+      t.push_back({prefix + "gate_proj.weight", {width, d}});
+      t.push_back({prefix + "up_proj.weight", {width, d}});
+      t.push_back({prefix + "down_proj.weight", {d, width}});
+    };
+    if (!c.IsMoeLayer(i)) {
+      mlp(Layer(i, "mlp."), c.intermediate_size);
+      continue;
+    }
+    t.push_back({Layer(i, "mlp.gate.weight"), {c.n_routed_experts, d}});
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      mlp(absl::StrCat("model.layers.", i, ".mlp.experts.", e, "."), c.moe_intermediate_size);
+    }
+    if (c.n_shared_experts > 0) {
+      mlp(Layer(i, "mlp.shared_experts."), c.moe_intermediate_size * c.n_shared_experts);
+    }
+  }
+  t.push_back({"model.norm.weight", {d}});
+  if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, d}});
+  return t;
+}
+
+absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& config,
+                            const TinyModelOptions& options) {
+  if (auto s = ValidateModelConfig(config); !s.ok()) return s;
+  if (options.dtype != DType::kF32 && options.dtype != DType::kBF16) {
+    return absl::InvalidArgumentError("--dtype: must be f32 or bf16");
+  }
+  const std::vector<TensorSpec> tensors = CheckpointTensors(config);
+  if (options.shards < 1 || static_cast<size_t>(options.shards) > tensors.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shards: must be in [1, ", tensors.size(), "], got ", options.shards));
+  }
+  if (auto s = MakeDir(out_dir); !s.ok()) return s;
+  const size_t esize = DTypeSize(options.dtype);
+
+  // Split the tensors, in order, into `shards` runs of about equal bytes.
+  std::vector<uint64_t> bytes(tensors.size());
+  uint64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    uint64_t n = esize;
+    for (int64_t dim : tensors[i].shape) n *= static_cast<uint64_t>(dim);
+    bytes[i] = n;
+    total += n;
+  }
+  const int nshards = options.shards;
+  // Shard s takes the tensors whose bytes start in its 1/nshards of the total; steps of at most
+  // one shard per tensor, and the last tensors fill the last shards, so no shard is empty.
+  std::vector<int> shard_of(tensors.size());
+  uint64_t acc = 0;
+  const int ntensors = static_cast<int>(tensors.size());
+  for (int i = 0; i < ntensors; ++i) {
+    int s = static_cast<int>(std::min<uint64_t>(acc * nshards / total, nshards - 1));
+    if (i > 0) s = std::min(s, shard_of[i - 1] + 1);
+    shard_of[i] = std::max(s, nshards - (ntensors - i));
+    acc += bytes[i];
+  }
+  auto file_name = [&](int s) {
+    return nshards == 1 ? std::string("model.safetensors")
+                        : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, nshards);
+  };
+  nlohmann::json weight_map = nlohmann::json::object();
+  std::vector<float> draw;
+  std::vector<uint16_t> half;
+  size_t next = 0;
+  for (int s = 0; s < nshards; ++s) {
+    nlohmann::json header = nlohmann::json::object();
+    header["__metadata__"] = {{"format", "pt"}};
+    uint64_t off = 0;
+    size_t first = next;
+    size_t last = first;
+    while (last < tensors.size() && shard_of[last] == s) {
+      header[tensors[last].name] = {{"dtype", DTypeName(options.dtype)},
+                                    {"shape", tensors[last].shape},
+                                    {"data_offsets", {off, off + bytes[last]}}};
+      weight_map[tensors[last].name] = file_name(s);
+      off += bytes[last];
+      ++last;
+    }
+    next = last;
+    std::string text = header.dump();
+    while (text.size() % 8 != 0) text.push_back(' ');
+    const std::string path = out_dir + "/" + file_name(s);
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    if (f == nullptr) {
+      return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+    }
+    uint8_t len[8];
+    for (int b = 0; b < 8; ++b) len[b] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * b));
+    bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    for (size_t i = first; ok && i < last; ++i) {
+      DrawTensor(tensors[i], options.seed, &draw);
+      if (options.dtype == DType::kF32) {
+        ok = std::fwrite(draw.data(), 4, draw.size(), f) == draw.size();
+      } else {
+        half.resize(draw.size());
+        for (size_t k = 0; k < draw.size(); ++k) half[k] = FloatToBf16(draw[k]);
+        ok = std::fwrite(half.data(), 2, half.size(), f) == half.size();
+      }
+    }
+    if (std::fclose(f) != 0 || !ok) {
+      return absl::InternalError(absl::StrCat("write to ", path, " failed: ", std::strerror(errno)));
+    }
+  }
+  if (nshards > 1) {
+    nlohmann::json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    std::ofstream out(out_dir + "/model.safetensors.index.json");
+    out << index.dump(2) << "\n";
+    if (!out) return absl::InternalError("cannot write model.safetensors.index.json");
+  }
+  std::ofstream cfg(out_dir + "/config.json");
+  cfg << ModelConfigToJson(config);
+  if (!cfg) return absl::InternalError(absl::StrCat("cannot write ", out_dir, "/config.json"));
+  return absl::OkStatus();
+}
+
+}  // namespace dmoe
