@@ -88,7 +88,11 @@ void DrawTensor(const TensorSpec& t, uint64_t seed, std::vector<float>* out) {
   for (float& v : *out) v = static_cast<float>(std * rng.Next());
 }
 
+// mkdir -p.
 absl::Status MakeDir(const std::string& dir) {
+  for (size_t at = dir.find('/', 1); at != std::string::npos; at = dir.find('/', at + 1)) {
+    ::mkdir(dir.substr(0, at).c_str(), 0755);
+  }
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
     return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", std::strerror(errno)));
   }

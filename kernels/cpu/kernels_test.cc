@@ -1,0 +1,153 @@
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/gating.h"
+#include "kernels/cpu/mla.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/rope.h"
+#include "model/tiny_model.h"
+
+namespace dmoe::cpu {
+namespace {
+
+std::vector<float> Random(size_t n, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d;
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+TEST(Linear, MatchesDoubleLoopsAtEveryBatchSize) {
+  const int64_t in = 37, out = 23;
+  const auto w = Random(in * out, 1);
+  for (int64_t t : {1, 2, 9}) {
+    const auto x = Random(t * in, t);
+    std::vector<float> y(t * out);
+    Linear(x.data(), t, in, w.data(), out, y.data());
+    for (int64_t i = 0; i < t; ++i) {
+      for (int64_t o = 0; o < out; ++o) {
+        double s = 0;
+        for (int64_t j = 0; j < in; ++j) s += double(x[i * in + j]) * w[o * in + j];
+        EXPECT_NEAR(y[i * out + o], s, 1e-4);
+      }
+    }
+  }
+}
+
+TEST(RmsNorm, MatchesTheFormula) {
+  const auto x = Random(2 * 8, 3);
+  const auto w = Random(8, 4);
+  std::vector<float> y(16);
+  RmsNorm(x.data(), 2, 8, w.data(), 1e-6, y.data());
+  for (int r = 0; r < 2; ++r) {
+    double ms = 0;
+    for (int i = 0; i < 8; ++i) ms += double(x[r * 8 + i]) * x[r * 8 + i] / 8;
+    for (int i = 0; i < 8; ++i) {
+      EXPECT_NEAR(y[r * 8 + i], w[i] * x[r * 8 + i] / std::sqrt(ms + 1e-6), 1e-5);
+    }
+  }
+}
+
+TEST(Gating, GroupLimitedGreedyDropsTheWeakGroups) {
+  GateParams p;
+  p.n_experts = 8;
+  p.top_k = 3;
+  p.method = TopkMethod::kGroupLimitedGreedy;
+  p.n_group = 4;  // groups {0,1} {2,3} {4,5} {6,7}
+  p.topk_group = 2;
+  p.routed_scaling_factor = 2.0f;
+  // Softmax is monotone, so pick logits whose order we know. Group maxima: g0=5, g1=1, g2=4.5,
+  // g3=4.8 -> keep g0 and g3. Plain greedy would take expert 4 (4.5) as third; group-limited
+  // takes expert 7 (4.8), then expert 6 (4.7) beats expert 1.
+  std::vector<float> logits = {5.0f, 0.0f, 1.0f, 0.5f, 4.5f, 4.4f, 4.7f, 4.8f};
+  std::vector<double> sm(8);
+  double z = 0;
+  for (int i = 0; i < 8; ++i) z += std::exp(double(logits[i]));
+  for (int i = 0; i < 8; ++i) sm[i] = std::exp(double(logits[i])) / z;
+  std::vector<int32_t> ids(3);
+  std::vector<float> w(3);
+  SelectExperts(p, logits.data(), 1, ids.data(), w.data());
+  EXPECT_EQ(ids, (std::vector<int32_t>{0, 7, 6}));
+  EXPECT_NEAR(w[0], 2.0 * sm[0], 1e-6);
+  EXPECT_NEAR(w[1], 2.0 * sm[7], 1e-6);
+  EXPECT_NEAR(w[2], 2.0 * sm[6], 1e-6);
+}
+
+TEST(Gating, TiesGoToTheLowerIndexAndNormTopkNormalizesWithoutScaling) {
+  GateParams p;
+  p.n_experts = 6;
+  p.top_k = 2;
+  p.norm_topk_prob = true;
+  p.routed_scaling_factor = 16.0f;  // must not apply (original V2 rule)
+  std::vector<float> logits = {1.0f, 3.0f, 2.0f, 3.0f, 3.0f, 0.0f};
+  std::vector<int32_t> ids(2);
+  std::vector<float> w(2);
+  SelectExperts(p, logits.data(), 1, ids.data(), w.data());
+  EXPECT_EQ(ids, (std::vector<int32_t>{1, 3}));
+  EXPECT_NEAR(w[0], 0.5, 1e-6);
+  EXPECT_NEAR(w[1], 0.5, 1e-6);
+}
+
+TEST(Rope, YarnFrequenciesOfTheTinyPreset) {
+  // dim 16, theta 1e4, original length 128, factor 4, beta 32/1: low = max(floor(-0.39), 0) = 0,
+  // high = min(ceil(2.62), 15) = 3, so ramp_j = min(j / 3, 1).
+  const ModelConfig c = *PresetConfig("tiny");
+  const std::vector<double> f = RopeInverseFrequencies(c);
+  ASSERT_EQ(f.size(), 8u);
+  for (int j = 0; j < 8; ++j) {
+    const double base = std::pow(10000.0, -2.0 * j / 16);
+    const double ramp = std::min(j / 3.0, 1.0);
+    EXPECT_NEAR(f[j], base / 4 * ramp + base * (1 - ramp), 1e-12) << j;
+  }
+}
+
+TEST(Rope, DeinterleavedRotationKeepsPairwiseDotProducts) {
+  // q.k after RoPE must equal the sum over checkpoint pairs rotated by p * f_j.
+  const ModelConfig c = *PresetConfig("tiny");
+  RopeTable table(c);
+  const std::vector<double> f = RopeInverseFrequencies(c);
+  const auto q = Random(16, 5), k = Random(16, 6);
+  for (int pq : {0, 3, 200}) {
+    for (int pk : {0, 1, 150}) {
+      std::vector<float> rq(16), rk(16);
+      table.Apply(q.data(), pq, rq.data());
+      table.Apply(k.data(), pk, rk.data());
+      double got = 0, want = 0;
+      for (int i = 0; i < 16; ++i) got += double(rq[i]) * rk[i];
+      for (int j = 0; j < 8; ++j) {
+        const double aq = pq * f[j], ak = pk * f[j];
+        const double q0 = q[2 * j] * std::cos(aq) - q[2 * j + 1] * std::sin(aq);
+        const double q1 = q[2 * j + 1] * std::cos(aq) + q[2 * j] * std::sin(aq);
+        const double k0 = k[2 * j] * std::cos(ak) - k[2 * j + 1] * std::sin(ak);
+        const double k1 = k[2 * j + 1] * std::cos(ak) + k[2 * j] * std::sin(ak);
+        want += q0 * k0 + q1 * k1;
+      }
+      EXPECT_NEAR(got, want, 1e-3) << pq << " " << pk;
+    }
+  }
+}
+
+TEST(Mla, AbsorbedEqualsNaiveOnRandomInputs) {
+  MlaParams p;
+  p.num_heads = 3;
+  p.nope_dim = 8;
+  p.rope_dim = 4;
+  p.v_dim = 6;
+  p.latent_rank = 10;
+  p.softmax_scale = 0.3f;
+  const auto kv_b = Random(3 * (8 + 6) * 10, 7);
+  p.kv_b = kv_b.data();
+  const int64_t ctx = 9, t = 4, pos0 = ctx - t;
+  const auto cache = Random(ctx * 14, 8);
+  const auto q = Random(t * 3 * 12, 9);
+  std::vector<float> a(t * 3 * 6), b(t * 3 * 6), scratch;
+  MlaAttentionNaive(p, q.data(), t, cache.data(), ctx, pos0, a.data(), &scratch);
+  MlaAttentionAbsorbed(p, q.data(), t, cache.data(), ctx, pos0, b.data(), &scratch);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-4) << i;
+}
+
+}  // namespace
+}  // namespace dmoe::cpu

@@ -1,0 +1,235 @@
+#include "model/safetensors.h"
+
+#include <sys/stat.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/config.h"
+#include "model/dtype.h"
+#include "model/tiny_model.h"
+#include "model/weights.h"
+
+namespace dmoe {
+namespace {
+
+std::string TmpDir() {
+  const char* d = std::getenv("TEST_TMPDIR");
+  return d ? d : "/tmp";
+}
+
+// A safetensors file from a header text and a data region, written byte by byte.
+std::string FileBytes(const std::string& header, const std::string& data, int64_t len_override = -1) {
+  std::string out(8, '\0');
+  const uint64_t n = len_override >= 0 ? static_cast<uint64_t>(len_override) : header.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + header + data;
+}
+
+absl::StatusOr<std::vector<TensorInfo>> Parse(const std::string& bytes) {
+  return ParseSafetensorsHeader(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+}
+
+std::string ErrorOf(const std::string& bytes) {
+  auto r = Parse(bytes);
+  if (r.ok()) return "";
+  return std::string(r.status().message());
+}
+
+std::string WriteFile(const std::string& name, const std::string& bytes) {
+  const std::string path = TmpDir() + "/" + name;
+  std::ofstream(path, std::ios::binary) << bytes;
+  return path;
+}
+
+TEST(SafetensorsHeader, ParsesAValidHeader) {
+  const std::string data(4 * 6 + 2 * 3, '\x01');
+  auto r = Parse(FileBytes(
+      R"({"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
+      R"("b":{"dtype":"BF16","shape":[3],"data_offsets":[24,30]}})",
+      data));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 2u);
+  const TensorInfo& a = (*r)[0].name == "a" ? (*r)[0] : (*r)[1];
+  EXPECT_EQ(a.shape, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(a.nbytes, 24u);
+}
+
+TEST(SafetensorsHeader, RejectsEveryKindOfBadHeader) {
+  struct Case {
+    std::string bytes;
+    const char* expect;
+  };
+  const std::string ok_entry = R"("t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})";
+  const Case cases[] = {
+      {"", "shorter than the 8-byte length"},
+      {"\x05\x00\x00", "shorter than the 8-byte length"},
+      {FileBytes("{}", "", 1000), "runs past the end of the file"},
+      {FileBytes("{}", "", int64_t{1} << 40), "exceeds the limit"},
+      {FileBytes("{\"t\":", ""), "not valid JSON"},
+      {FileBytes("[1,2]", ""), "not a JSON object"},
+      {FileBytes(R"({"t":5})", ""), "entry is not an object"},
+      {FileBytes(R"({"t":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})", std::string(8, 0)),
+       "unknown or unsupported dtype \"F64\""},
+      {FileBytes(R"({"t":{"shape":[1],"data_offsets":[0,4]}})", std::string(4, 0)),
+       "missing string field dtype"},
+      {FileBytes(R"({"t":{"dtype":"F32","data_offsets":[0,4]}})", std::string(4, 0)),
+       "missing array field shape"},
+      {FileBytes(R"({"t":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", std::string(4, 0)),
+       "not a non-negative integer"},
+      {FileBytes(R"({"t":{"dtype":"F32","shape":[1099511627777],"data_offsets":[0,4]}})",
+                 std::string(4, 0)),
+       "shape is too large"},
+      {FileBytes(R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, 0)),
+       "shape [3] x F32 is 12 bytes but data_offsets span 8"},
+      {FileBytes(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", std::string(4, 0)),
+       "run past the data region of 4 bytes"},
+      {FileBytes(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", std::string(8, 0)),
+       "are reversed"},
+      {FileBytes(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", std::string(8, 0)),
+       "data_offsets must be two"},
+      {FileBytes("{" + ok_entry + R"(,"u":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                 std::string(12, 0)),
+       "overlapping data_offsets"},
+      {FileBytes(R"({"__metadata__":3})", ""), "__metadata__ is not an object"},
+  };
+  for (const Case& c : cases) {
+    const std::string err = ErrorOf(c.bytes);
+    EXPECT_NE(err.find(c.expect), std::string::npos)
+        << "expected \"" << c.expect << "\", got \"" << err << "\"";
+  }
+}
+
+TEST(SafetensorsFile, TruncatedFileIsRejectedWithItsPath) {
+  const std::string good = FileBytes(R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
+                                     std::string(16, 0));
+  const std::string path = WriteFile("truncated.safetensors", good.substr(0, good.size() - 5));
+  auto f = SafetensorsFile::Open(path);
+  ASSERT_FALSE(f.ok());
+  EXPECT_NE(std::string(f.status().message()).find(path), std::string::npos);
+  EXPECT_NE(std::string(f.status().message()).find("run past the data region"), std::string::npos);
+}
+
+TEST(SafetensorsFile, EmptyAndMissingFiles) {
+  EXPECT_FALSE(SafetensorsFile::Open(WriteFile("empty.safetensors", "")).ok());
+  auto missing = SafetensorsFile::Open(TmpDir() + "/nope.safetensors");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(DType, ConversionsAreExact) {
+  EXPECT_EQ(Bf16ToFloat(0x3f80), 1.0f);
+  EXPECT_EQ(FloatToBf16(1.0f), 0x3f80);
+  // Round to nearest even: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 -> 1.
+  EXPECT_EQ(FloatToBf16(1.0f + 1.0f / 256), 0x3f80);
+  EXPECT_EQ(FloatToBf16(1.0f + 3.0f / 256), 0x3f82);
+  EXPECT_EQ(F16ToFloat(0x3c00), 1.0f);
+  EXPECT_EQ(F16ToFloat(0xc000), -2.0f);
+  EXPECT_EQ(F16ToFloat(0x0001), std::ldexp(1.0f, -24));
+  EXPECT_EQ(F16ToFloat(0x7bff), 65504.0f);
+  EXPECT_TRUE(std::isinf(F16ToFloat(0x7c00)));
+  for (uint32_t h = 0; h < 0x7c00; h += 7) {
+    EXPECT_EQ(FloatToF16(F16ToFloat(static_cast<uint16_t>(h))), h);
+  }
+}
+
+class CheckpointTest : public ::testing::Test {
+ protected:
+  static std::string Make(const std::string& name, int shards) {
+    const std::string dir = TmpDir() + "/" + name;
+    TinyModelOptions o;
+    o.seed = 3;
+    o.shards = shards;
+    EXPECT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), o).ok());
+    return dir;
+  }
+};
+
+TEST_F(CheckpointTest, SelectiveLoadingReadsOnlyWhatIsAskedFor) {
+  const std::string dir = Make("selective", 1);
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  EXPECT_EQ((*ck)->bytes_read(), 0u);  // opening reads headers only
+  const ModelConfig c = *PresetConfig("tiny");
+  auto expert = LoadExpertWeights(**ck, c, 2, 5);
+  ASSERT_TRUE(expert.ok()) << expert.status();
+  // Exactly the three projections of one expert: 3 * 64 * 256 floats.
+  EXPECT_EQ((*ck)->bytes_read(), 3u * 64 * 256 * 4);
+  auto dense = LoadDenseWeights(**ck, c);
+  ASSERT_TRUE(dense.ok());
+  uint64_t expert_bytes = 0;
+  for (const std::string& n : (*ck)->Names()) {
+    if (n.find(".mlp.experts.") != std::string::npos) expert_bytes += (*ck)->Info(n)->nbytes;
+  }
+  uint64_t total = 0;
+  for (const std::string& n : (*ck)->Names()) total += (*ck)->Info(n)->nbytes;
+  // Dense loading touched everything except the routed experts (plus the one expert above).
+  EXPECT_EQ((*ck)->bytes_read(), total - expert_bytes + 3u * 64 * 256 * 4);
+}
+
+TEST_F(CheckpointTest, ShardedCheckpointHoldsTheSameTensors) {
+  const std::string one = Make("one", 1);
+  const std::string three = Make("three", 3);
+  auto a = Checkpoint::Open(one);
+  auto b = Checkpoint::Open(three);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ((*b)->num_files(), 3u);
+  EXPECT_EQ((*a)->Names(), (*b)->Names());
+  const std::vector<int64_t> shape = {16, 256};
+  EXPECT_EQ(*(*a)->ReadFloat("model.layers.3.mlp.gate.weight", shape),
+            *(*b)->ReadFloat("model.layers.3.mlp.gate.weight", shape));
+}
+
+TEST_F(CheckpointTest, MissingTensorAndShapeMismatchNameTheTensor) {
+  const std::string dir = Make("errors", 1);
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_TRUE(ck.ok());
+  auto missing = (*ck)->ReadFloat("model.layers.9.mlp.gate.weight", {16, 256});
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(std::string(missing.status().message()).find("missing tensor \"model.layers.9.mlp.gate.weight\""),
+            std::string::npos);
+  auto shape = (*ck)->ReadFloat("model.norm.weight", {255});
+  ASSERT_FALSE(shape.ok());
+  EXPECT_NE(std::string(shape.status().message()).find("has shape [256], expected [255]"),
+            std::string::npos);
+}
+
+TEST_F(CheckpointTest, BadIndexFilesAreRejected) {
+  const std::string dir = Make("badindex", 2);
+  const std::string index = dir + "/model.safetensors.index.json";
+  struct Case {
+    std::string text;
+    const char* expect;
+  };
+  const Case cases[] = {
+      {"{not json", "not valid JSON"},
+      {"{}", "missing object field weight_map"},
+      {R"({"weight_map": {"model.norm.weight": 3}})", "is not a file name"},
+      {R"({"weight_map": {"model.norm.weight": "../x.safetensors"}})", "bad file name"},
+      {R"({"weight_map": {"model.norm.weight": "gone.safetensors"}})", "gone.safetensors"},
+      {R"({"weight_map": {"no.such.tensor": "model-00001-of-00002.safetensors"}})",
+       "does not hold it"},
+  };
+  for (const Case& c : cases) {
+    std::ofstream(index) << c.text;
+    auto ck = Checkpoint::Open(dir);
+    ASSERT_FALSE(ck.ok()) << c.text;
+    EXPECT_NE(std::string(ck.status().message()).find(c.expect), std::string::npos)
+        << c.text << " gave " << ck.status();
+  }
+}
+
+TEST_F(CheckpointTest, DirectoryWithoutWeights) {
+  const std::string dir = TmpDir() + "/noweights";
+  ::mkdir(dir.c_str(), 0755);
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_FALSE(ck.ok());
+  EXPECT_NE(std::string(ck.status().message()).find("no model.safetensors"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace dmoe
