@@ -1,5 +1,6 @@
 #include "attention_service/engine.h"
 
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -8,6 +9,13 @@
 namespace dmoe {
 
 namespace {
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point* t) {
+  const Clock::time_point now = Clock::now();
+  const double s = std::chrono::duration<double>(now - *t).count();
+  *t = now;
+  return s;
+}
 constexpr double kLatentNormEps = 1e-6;  // q_a/kv_a layernorms: upstream's default (MODEL_SPEC.md)
 }  // namespace
 
@@ -27,7 +35,8 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
   int64_t n = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const SequenceStep& s = batch[i];
-    if (s.cache == nullptr) return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": no cache"));
+    if (s.cache == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": no cache"));
     if (s.tokens.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": tokens: empty"));
     }
@@ -40,9 +49,9 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
     }
     const int64_t len = s.cache->length_ + static_cast<int64_t>(s.tokens.size());
     if (len > c.max_position_embeddings) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sequence ", i, ": length ", len, " exceeds max_position_embeddings ",
-                       c.max_position_embeddings));
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": length ", len,
+                                                     " exceeds max_position_embeddings ",
+                                                     c.max_position_embeddings));
     }
     n += static_cast<int64_t>(s.tokens.size());
   }
@@ -61,8 +70,10 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
   }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+    auto t0 = Clock::now();
     cpu::RmsNorm(h_.data(), n, d, lw.input_norm.data(), c.rms_norm_eps, x_.data());
     Attention(l, batch, x_.data(), tmp_.data());
+    timings_.attention += Since(&t0);
     for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
     cpu::RmsNorm(h_.data(), n, d, lw.post_norm.data(), c.rms_norm_eps, x_.data());
     if (auto st = Ffn(l, x_.data(), n, tmp_.data()); !st.ok()) {
@@ -76,21 +87,31 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
     }
     for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
   }
-  logits->assign(batch.size(), {});
-  int64_t row = 0;
-  for (size_t i = 0; i < batch.size(); ++i) {
-    SequenceStep& s = batch[i];
+  // Gather the rows that need logits, then one final norm + lm_head GEMM for all of them.
+  auto t0 = Clock::now();
+  int64_t out_rows = 0, row = 0;
+  for (const SequenceStep& s : batch) {
     const int64_t m = static_cast<int64_t>(s.tokens.size());
     const int64_t first = s.all_logits ? row : row + m - 1;
     const int64_t rows = s.all_logits ? m : 1;
     cpu::RmsNorm(h_.data() + first * d, rows, d, w_->final_norm.data(), c.rms_norm_eps,
-                 x_.data());
-    std::vector<float>& out = (*logits)[i];
-    out.resize(static_cast<size_t>(rows * c.vocab_size));
-    cpu::Linear(x_.data(), rows, d, w_->lm_head.w.data(), c.vocab_size, out.data());
-    s.cache->length_ += m;
+                 x_.data() + out_rows * d);
+    out_rows += rows;
     row += m;
   }
+  lm_out_.resize(static_cast<size_t>(out_rows * c.vocab_size));
+  cpu::Linear(x_.data(), out_rows, d, w_->lm_head.w.data(), c.vocab_size, lm_out_.data());
+  logits->resize(batch.size());
+  out_rows = 0;
+  for (SequenceStep& s : batch) {
+    const int64_t m = static_cast<int64_t>(s.tokens.size());
+    const int64_t rows = s.all_logits ? m : 1;
+    const float* src = lm_out_.data() + out_rows * c.vocab_size;
+    (*logits)[static_cast<size_t>(&s - batch.data())].assign(src, src + rows * c.vocab_size);
+    out_rows += rows;
+    s.cache->length_ += m;
+  }
+  timings_.lm_head += Since(&t0);
   return absl::OkStatus();
 }
 
@@ -124,6 +145,9 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   p.softmax_scale = static_cast<float>(c.SoftmaxScale());
   p.kv_b = lw.kv_b.w.data();
   std::vector<float> rotated(static_cast<size_t>(dr));
+  decode_rows_.clear();
+  decode_caches_.clear();
+  decode_ctx_.clear();
   int64_t row = 0;
   for (SequenceStep& s : batch) {
     const int64_t m = static_cast<int64_t>(s.tokens.size());
@@ -144,14 +168,37 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
     }
     const bool absorbed = options_.attention_form == AttentionForm::kAbsorbed ||
                           (options_.attention_form == AttentionForm::kAuto && m == 1);
-    float* o = attn_.data() + row * h * c.v_head_dim;
-    const float* q = q_.data() + row * h * qd;
-    if (absorbed) {
-      cpu::MlaAttentionAbsorbed(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+    if (absorbed && m == 1) {
+      decode_rows_.push_back(row);
+      decode_caches_.push_back(cache.data());
+      decode_ctx_.push_back(pos0 + 1);
     } else {
-      cpu::MlaAttentionNaive(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+      float* o = attn_.data() + row * h * c.v_head_dim;
+      const float* q = q_.data() + row * h * qd;
+      if (absorbed) {
+        cpu::MlaAttentionAbsorbed(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+      } else {
+        cpu::MlaAttentionNaive(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+      }
     }
     row += m;
+  }
+  // Every single-token (decode) sequence of the step at once.
+  if (!decode_rows_.empty()) {
+    const int64_t nd = static_cast<int64_t>(decode_rows_.size());
+    const int64_t orow = h * c.v_head_dim;
+    decode_q_.resize(static_cast<size_t>(nd * h * qd));
+    decode_o_.resize(static_cast<size_t>(nd * orow));
+    for (int64_t i = 0; i < nd; ++i) {
+      std::memcpy(decode_q_.data() + i * h * qd, q_.data() + decode_rows_[i] * h * qd,
+                  sizeof(float) * static_cast<size_t>(h * qd));
+    }
+    cpu::MlaDecodeAbsorbedBatch(p, decode_q_.data(), nd, decode_caches_.data(), decode_ctx_.data(),
+                                decode_o_.data(), &scratch_);
+    for (int64_t i = 0; i < nd; ++i) {
+      std::memcpy(attn_.data() + decode_rows_[i] * orow, decode_o_.data() + i * orow,
+                  sizeof(float) * static_cast<size_t>(orow));
+    }
   }
   cpu::Linear(attn_.data(), n, h * c.v_head_dim, lw.o.w.data(), d, out);
 }
@@ -160,9 +207,11 @@ absl::Status Engine::Ffn(int64_t l, const float* x, int64_t n, float* out) {
   const ModelConfig& c = config_;
   const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
   const int64_t d = c.hidden_size;
+  auto t0 = Clock::now();
   if (!lw.moe) {
     cpu::SwiGluMlp(x, n, d, lw.dense.gate.w.data(), lw.dense.up.w.data(), lw.dense.down.w.data(),
                    c.intermediate_size, out, &scratch_);
+    timings_.dense_mlp += Since(&t0);
     return absl::OkStatus();
   }
   const int64_t e = c.n_routed_experts, k = c.num_experts_per_tok;
@@ -171,15 +220,17 @@ absl::Status Engine::Ffn(int64_t l, const float* x, int64_t n, float* out) {
   gate_ids_.resize(static_cast<size_t>(n * k));
   gate_w_.resize(static_cast<size_t>(n * k));
   cpu::SelectExperts(gate_, router_.data(), n, gate_ids_.data(), gate_w_.data());
+  timings_.router += Since(&t0);
   if (auto st = experts_->Compute(l, x, n, gate_ids_.data(), gate_w_.data(), k, out); !st.ok()) {
     return st;
   }
+  timings_.routed += Since(&t0);
   if (c.n_shared_experts > 0) {
     shared_.resize(static_cast<size_t>(n * d));
-    cpu::SwiGluMlp(x, n, d, lw.shared.gate.w.data(), lw.shared.up.w.data(),
-                   lw.shared.down.w.data(), c.moe_intermediate_size * c.n_shared_experts,
-                   shared_.data(), &scratch_);
+    cpu::SwiGluMlp(x, n, d, lw.shared.gate.w.data(), lw.shared.up.w.data(), lw.shared.down.w.data(),
+                   c.moe_intermediate_size * c.n_shared_experts, shared_.data(), &scratch_);
     for (int64_t i = 0; i < n * d; ++i) out[i] += shared_[static_cast<size_t>(i)];
+    timings_.shared += Since(&t0);
   }
   return absl::OkStatus();
 }

@@ -54,6 +54,16 @@ struct SequenceStep {
   bool all_logits = false;  // logits for every new token, else only for the last one
 };
 
+// Seconds spent per phase, summed over all steps since the last reset.
+struct EngineTimings {
+  double attention = 0;  // projections, RoPE, MLA, o_proj
+  double dense_mlp = 0;  // first dense layers
+  double router = 0;     // gate logits + expert selection
+  double routed = 0;     // routed experts (local compute or the remote round trip)
+  double shared = 0;     // shared experts
+  double lm_head = 0;    // final norm + lm_head
+};
+
 // Thread-compatible: one Step at a time. The engine does not own weights or experts.
 class Engine {
  public:
@@ -61,6 +71,8 @@ class Engine {
          EngineOptions options = {});
 
   const ModelConfig& config() const { return config_; }
+  const EngineTimings& timings() const { return timings_; }
+  void ResetTimings() { timings_ = EngineTimings(); }
 
   // Runs the new tokens of every sequence through the model, appending their latent KV to each
   // cache. logits->at(i) is [n_i, V] (all_logits) or [1, V]. INVALID_ARGUMENT for an empty
@@ -81,9 +93,13 @@ class Engine {
   EngineOptions options_;
   cpu::RopeTable rope_;
   cpu::GateParams gate_;
+  EngineTimings timings_;
   // Scratch reused across steps.
   std::vector<float> h_, x_, tmp_, q_, qa_, kva_, attn_, ffn_, shared_, router_, gate_w_, scratch_;
   std::vector<int32_t> gate_ids_;
+  std::vector<float> decode_q_, decode_o_, lm_out_;
+  std::vector<int64_t> decode_rows_, decode_ctx_;
+  std::vector<const float*> decode_caches_;
 };
 
 }  // namespace dmoe

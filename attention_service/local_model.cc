@@ -18,8 +18,8 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
   ASSIGN_OR_RETURN(m->config_, LoadModelConfig(dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::Open(dir));
   if (log_progress) {
-    std::fprintf(stderr, "loading %s: %zu tensors in %zu file(s)\n", dir.c_str(), ck->Names().size(),
-                 ck->num_files());
+    std::fprintf(stderr, "loading %s: %zu tensors in %zu file(s)\n", dir.c_str(),
+                 ck->Names().size(), ck->num_files());
   }
   ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_));
   ASSIGN_OR_RETURN(m->experts_,
@@ -96,8 +96,8 @@ absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<
   std::vector<SequenceStep> batch(1);
   batch[0].cache = &cache;
   std::vector<std::vector<float>> logits;
-  const size_t chunk = options.prefill_chunk > 0 ? static_cast<size_t>(options.prefill_chunk)
-                                                 : prompt.size();
+  const size_t chunk =
+      options.prefill_chunk > 0 ? static_cast<size_t>(options.prefill_chunk) : prompt.size();
   for (size_t at = 0; at < prompt.size(); at += chunk) {
     const size_t end = std::min(prompt.size(), at + chunk);
     batch[0].tokens.assign(prompt.begin() + static_cast<long>(at),

@@ -58,13 +58,13 @@ std::string MakeModel(const std::string& name, const std::string& extra = "") {
   return dir;
 }
 
-#define EXPECT_FAILS_WITH(result, text)                                         \
-  do {                                                                         \
-    const Result r_ = (result);                                                \
-    EXPECT_NE(r_.code, 0) << r_.out;                                           \
-    EXPECT_NE(r_.out.find(text), std::string::npos) << "output: " << r_.out;   \
-    EXPECT_EQ(r_.out.find("Segmentation"), std::string::npos);                 \
-    EXPECT_LT(r_.code, 128) << "killed by a signal: " << r_.out;               \
+#define EXPECT_FAILS_WITH(result, text)                                      \
+  do {                                                                       \
+    const Result r_ = (result);                                              \
+    EXPECT_NE(r_.code, 0) << r_.out;                                         \
+    EXPECT_NE(r_.out.find(text), std::string::npos) << "output: " << r_.out; \
+    EXPECT_EQ(r_.out.find("Segmentation"), std::string::npos);               \
+    EXPECT_LT(r_.code, 128) << "killed by a signal: " << r_.out;             \
   } while (0)
 
 TEST(DmoeCli, HelpOnEveryCommand) {
@@ -114,12 +114,13 @@ TEST(DmoeCli, GenerateMatchesTheInProcessEngine) {
   ASSERT_TRUE(want.ok());
   for (const char* chunk : {"", " --prefill-chunk 1", " --prefill-chunk 3"}) {
     const Result r = RunDmoe("generate --model " + dir + " --tokens 5,6,7,8 --max-tokens 12 " +
-                         "--temperature 0 --print-token-ids" + chunk);
+                             "--temperature 0 --print-token-ids" + chunk);
     ASSERT_EQ(r.code, 0) << r.out;
     EXPECT_EQ(r.out, absl::StrJoin(*want, ",") + "\n") << chunk;
   }
   // Seeded sampling is reproducible.
-  const std::string cmd = "generate --model " + dir + " --tokens 5,6 --max-tokens 8 --temperature 1 --seed 9 --print-token-ids";
+  const std::string cmd = "generate --model " + dir +
+                          " --tokens 5,6 --max-tokens 8 --temperature 1 --seed 9 --print-token-ids";
   EXPECT_EQ(RunDmoe(cmd).out, RunDmoe(cmd).out);
 }
 
@@ -127,13 +128,15 @@ TEST(DmoeCli, BadRequestsAreClearErrors) {
   const std::string dir = MakeModel("badreq");
   EXPECT_FAILS_WITH(RunDmoe("logits --model " + dir + " --tokens 1,512"),
                     "tokens[1]: id 512 is outside [0, vocab_size 512)");
-  EXPECT_FAILS_WITH(RunDmoe("logits --model " + dir + " --tokens 1,x"), "--tokens[1]: \"x\" is not a token id");
+  EXPECT_FAILS_WITH(RunDmoe("logits --model " + dir + " --tokens 1,x"),
+                    "--tokens[1]: \"x\" is not a token id");
   EXPECT_FAILS_WITH(RunDmoe("logits --model " + dir + " --tokens 1,-3"), "is negative");
   EXPECT_FAILS_WITH(RunDmoe("logits --model " + dir), "--tokens is required");
   EXPECT_FAILS_WITH(RunDmoe("logits --tokens 1"), "--model is required");
   std::vector<int> long_prompt(513, 3);
-  EXPECT_FAILS_WITH(RunDmoe("logits --model " + dir + " --tokens " + absl::StrJoin(long_prompt, ",")),
-                    "length 513 exceeds max_position_embeddings 512");
+  EXPECT_FAILS_WITH(
+      RunDmoe("logits --model " + dir + " --tokens " + absl::StrJoin(long_prompt, ",")),
+      "length 513 exceeds max_position_embeddings 512");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --max-tokens 511"),
                     "exceeds max_position_embeddings 512");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --max-tokens 0"),
@@ -142,7 +145,8 @@ TEST(DmoeCli, BadRequestsAreClearErrors) {
                     "--temperature: must be >= 0");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --temperature hot"),
                     "--temperature: \"hot\" is not a number");
-  EXPECT_FAILS_WITH(RunDmoe("make-tiny-model " + TmpDir() + "/x --preset huge"), "--preset: unknown preset");
+  EXPECT_FAILS_WITH(RunDmoe("make-tiny-model " + TmpDir() + "/x --preset huge"),
+                    "--preset: unknown preset");
   EXPECT_FAILS_WITH(RunDmoe("make-tiny-model " + TmpDir() + "/x --dtype f64"), "--dtype");
   EXPECT_FAILS_WITH(RunDmoe("make-tiny-model " + TmpDir() + "/x --shards 0"), "--shards");
   EXPECT_FAILS_WITH(RunDmoe("make-tiny-model"), "expected exactly one output directory");
@@ -160,8 +164,10 @@ TEST(DmoeCli, DamagedCheckpointsAreClearErrors) {
     Spit(dir + "/config.json", cfg);
     return RunDmoe("logits --model " + dir + " --tokens 1,2,3");
   };
-  EXPECT_FAILS_WITH(with("trunc", bytes.substr(0, bytes.size() / 2), config), "run past the data region");
-  EXPECT_FAILS_WITH(with("tiny_file", bytes.substr(0, 5), config), "shorter than the 8-byte length");
+  EXPECT_FAILS_WITH(with("trunc", bytes.substr(0, bytes.size() / 2), config),
+                    "run past the data region");
+  EXPECT_FAILS_WITH(with("tiny_file", bytes.substr(0, 5), config),
+                    "shorter than the 8-byte length");
   std::string past_eof = bytes;
   past_eof[5] = '\x7f';  // header length ~ 2^47
   EXPECT_FAILS_WITH(with("past_eof", past_eof, config), "header length");
@@ -173,15 +179,18 @@ TEST(DmoeCli, DamagedCheckpointsAreClearErrors) {
   EXPECT_FAILS_WITH(with("bad_dtype", bad_dtype, config), "unsupported dtype \"I32\"");
   std::string bad_shape = bytes;
   bad_shape.replace(bad_shape.find("[512,256]"), 9, "[256,512]");
-  EXPECT_FAILS_WITH(with("bad_shape", bad_shape, config), "has shape [256, 512], expected [512, 256]");
+  EXPECT_FAILS_WITH(with("bad_shape", bad_shape, config),
+                    "has shape [256, 512], expected [512, 256]");
   std::string bad_offsets = bytes;
   const size_t at = bad_offsets.find("\"data_offsets\":[0,");
   ASSERT_NE(at, std::string::npos);
   bad_offsets.replace(at, 18, "\"data_offsets\":[4,");  // size mismatch / overlap
   EXPECT_FAILS_WITH(with("bad_offsets", bad_offsets, config), "data_offsets");
   std::string inconsistent = config;
-  inconsistent.replace(inconsistent.find("\"n_routed_experts\": 16"), 22, "\"n_routed_experts\": 10");
-  EXPECT_FAILS_WITH(with("inconsistent", bytes, inconsistent), "n_routed_experts 10 is not divisible by n_group 4");
+  inconsistent.replace(inconsistent.find("\"n_routed_experts\": 16"), 22,
+                       "\"n_routed_experts\": 10");
+  EXPECT_FAILS_WITH(with("inconsistent", bytes, inconsistent),
+                    "n_routed_experts 10 is not divisible by n_group 4");
   std::string missing_field = config;
   missing_field.replace(missing_field.find("\"num_experts_per_tok\": 4,"), 25, "");
   EXPECT_FAILS_WITH(with("missing_field", bytes, missing_field), "num_experts_per_tok");

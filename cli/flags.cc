@@ -31,11 +31,13 @@ absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, const std::set<std::st
       name = name.substr(0, eq);
     }
     if (bool_flags.count(name)) {
-      if (inline_value) return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value"));
+      if (inline_value)
+        return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value"));
       f.bools_.insert(name);
     } else if (value_flags.count(name)) {
       if (!inline_value) {
-        if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+        if (i + 1 >= argc)
+          return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
         value = argv[++i];
       }
       f.values_[name] = value;
@@ -88,8 +90,8 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(const std::string& flag, con
   for (absl::string_view part : absl::StrSplit(s, ',')) {
     int32_t v;
     if (!absl::SimpleAtoi(part, &v)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, "[", i, "]: \"", part,
-                                                     "\" is not a token id"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, "[", i, "]: \"", part, "\" is not a token id"));
     }
     if (v < 0) {
       return absl::InvalidArgumentError(absl::StrCat("--", flag, "[", i, "]: ", v, " is negative"));

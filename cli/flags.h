@@ -16,7 +16,8 @@ namespace dmoe::cli {
 class Flags {
  public:
   // `value_flags` take a value; `bool_flags` do not. `--help`/`-h` is always known.
-  static absl::StatusOr<Flags> Parse(int argc, char** argv, const std::set<std::string>& value_flags,
+  static absl::StatusOr<Flags> Parse(int argc, char** argv,
+                                     const std::set<std::string>& value_flags,
                                      const std::set<std::string>& bool_flags);
   bool help() const { return help_; }
   bool Has(const std::string& name) const { return values_.count(name) || bools_.count(name); }

@@ -37,7 +37,8 @@ model.safetensors or a sharded index) in this process, in fp32.
   --attention FORM auto (default), naive or absorbed: which MLA form to use
 )";
 
-constexpr char kGenerateHelp[] = R"(usage: dmoe generate --model DIR --tokens 1,2,3 --max-tokens N [flags]
+constexpr char kGenerateHelp[] =
+    R"(usage: dmoe generate --model DIR --tokens 1,2,3 --max-tokens N [flags]
 
 Prefills the prompt (whole, or in chunks) and decodes token by token through the latent KV cache,
 in this process. Prints the generated token ids, comma-separated, on one line.
@@ -52,7 +53,8 @@ in this process. Prints the generated token ids, comma-separated, on one line.
   --print-token-ids    print only the ids (no timing line on stderr)
 )";
 
-constexpr char kMakeTinyHelp[] = R"(usage: dmoe make-tiny-model OUT [--preset tiny] [--seed 0] [--dtype f32] [--shards 1]
+constexpr char kMakeTinyHelp[] =
+    R"(usage: dmoe make-tiny-model OUT [--preset tiny] [--seed 0] [--dtype f32] [--shards 1]
 
 Writes config.json and random weights (MODEL_SPEC.md presets and weight scales) to OUT, exactly in
 Hugging Face layout: model.safetensors, or model-0000i-of-0000N.safetensors plus
@@ -115,15 +117,16 @@ int Logits(int argc, char** argv) {
   for (int64_t i = 0; i < t; ++i) {
     const float* row = logits->data() + i * v;
     const int32_t best = ArgMax(row, v);
-    std::printf("%8lld %5d %6d %.6f\n", static_cast<long long>(i), (*tokens)[static_cast<size_t>(i)],
-                best, row[best]);
+    std::printf("%8lld %5d %6d %.6f\n", static_cast<long long>(i),
+                (*tokens)[static_cast<size_t>(i)], best, row[best]);
   }
   return 0;
 }
 
 int GenerateCmd(int argc, char** argv) {
   auto flags = Flags::Parse(
-      argc, argv, {"model", "tokens", "max-tokens", "temperature", "seed", "prefill-chunk", "stop-token"},
+      argc, argv,
+      {"model", "tokens", "max-tokens", "temperature", "seed", "prefill-chunk", "stop-token"},
       {"print-token-ids"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -146,8 +149,8 @@ int GenerateCmd(int argc, char** argv) {
   auto seed = flags->Int("seed", 0);
   auto chunk = flags->Int("prefill-chunk", 0);
   auto stop = flags->Int("stop-token", -1);
-  for (const absl::Status& s : {max_tokens.status(), temperature.status(), seed.status(),
-                                chunk.status(), stop.status()}) {
+  for (const absl::Status& s :
+       {max_tokens.status(), temperature.status(), seed.status(), chunk.status(), stop.status()}) {
     if (!s.ok()) return Fail(s);
   }
   if (*max_tokens <= 0) return Fail(absl::InvalidArgumentError("--max-tokens: must be positive"));
@@ -166,7 +169,8 @@ int GenerateCmd(int argc, char** argv) {
   if (!out.ok()) return Fail(out.status());
   std::printf("%s\n", absl::StrJoin(*out, ",").c_str());
   if (!quiet) {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::fprintf(stderr, "generated %zu tokens in %.3f s\n", out->size(), s);
   }
   return 0;
@@ -194,7 +198,8 @@ int MakeTinyModel(int argc, char** argv) {
   } else if (dtype == "bf16") {
     o.dtype = DType::kBF16;
   } else {
-    return Fail(absl::InvalidArgumentError(absl::StrCat("--dtype: \"", dtype, "\" is not f32 or bf16")));
+    return Fail(
+        absl::InvalidArgumentError(absl::StrCat("--dtype: \"", dtype, "\" is not f32 or bf16")));
   }
   auto shards = flags->Int("shards", 1);
   if (!shards.ok()) return Fail(shards.status());

@@ -28,7 +28,14 @@ absl::Status WriteNpyFloat32(const std::string& path, const std::vector<int64_t>
         absl::StrCat("--out: cannot write ", path, ": ", std::strerror(errno)));
   }
   const uint16_t len = static_cast<uint16_t>(header.size());
-  const unsigned char preamble[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0,
+  const unsigned char preamble[10] = {0x93,
+                                      'N',
+                                      'U',
+                                      'M',
+                                      'P',
+                                      'Y',
+                                      1,
+                                      0,
                                       static_cast<unsigned char>(len & 0xff),
                                       static_cast<unsigned char>(len >> 8)};
   bool ok = std::fwrite(preamble, 1, 10, f) == 10 &&

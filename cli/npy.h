@@ -1,4 +1,5 @@
-// Writes a float32 array as a standard NumPy .npy file (format version 1.0, little-endian, C order).
+// Writes a float32 array as a standard NumPy .npy file (format version 1.0, little-endian, C
+// order).
 #ifndef DMOE_CLI_NPY_H_
 #define DMOE_CLI_NPY_H_
 

@@ -9,10 +9,10 @@
 #define DMOE_CONCAT_(a, b) DMOE_CONCAT_INNER_(a, b)
 
 // Returns from the current function with the status of `expr` when it is not OK.
-#define RETURN_IF_ERROR(expr)                      \
-  do {                                             \
-    ::absl::Status dmoe_status_ = (expr);          \
-    if (!dmoe_status_.ok()) return dmoe_status_;   \
+#define RETURN_IF_ERROR(expr)                    \
+  do {                                           \
+    ::absl::Status dmoe_status_ = (expr);        \
+    if (!dmoe_status_.ok()) return dmoe_status_; \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, F())`: declares/assigns x from a StatusOr or returns its error.

@@ -63,8 +63,8 @@ absl::Status LocalRoutedExperts::Compute(int64_t layer, const float* x, int64_t 
       std::memcpy(gathered_.data() + i * hidden_, x + rows[static_cast<size_t>(i)].first * hidden_,
                   sizeof(float) * static_cast<size_t>(hidden_));
     }
-    cpu::SwiGluMlp(gathered_.data(), n, hidden_, m->gate.w.data(), m->up.w.data(),
-                   m->down.w.data(), width_, result_.data(), &scratch_);
+    cpu::SwiGluMlp(gathered_.data(), n, hidden_, m->gate.w.data(), m->up.w.data(), m->down.w.data(),
+                   width_, result_.data(), &scratch_);
     for (int64_t i = 0; i < n; ++i) {
       const auto& [token, weight] = rows[static_cast<size_t>(i)];
       cpu::Axpy(hidden_, weight, result_.data() + i * hidden_, out + token * hidden_);

@@ -52,8 +52,8 @@ class LocalRoutedExperts : public RoutedExperts {
  public:
   LocalRoutedExperts(const ModelConfig& c, const ExpertStore* store)
       : hidden_(c.hidden_size), width_(c.moe_intermediate_size), store_(store) {}
-  absl::Status Compute(int64_t layer, const float* x, int64_t t, const int32_t* ids,
-                       const float* w, int64_t k, float* out) override;
+  absl::Status Compute(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
+                       int64_t k, float* out) override;
 
  private:
   int64_t hidden_;

@@ -110,7 +110,8 @@ absl::Status ParseRope(const Json& obj, const char* field, ModelConfig* c) {
   y.yarn = true;
   if (r.find("factor") == r.end()) return FieldError(absl::StrCat(field, ".factor"), "missing");
   if (auto s = GetDouble(r, "factor", &y.factor, prefix); !s.ok()) return s;
-  if (auto s = GetInt(r, "original_max_position_embeddings", &y.original_max_position_embeddings, prefix);
+  if (auto s = GetInt(r, "original_max_position_embeddings", &y.original_max_position_embeddings,
+                      prefix);
       !s.ok())
     return s;
   if (auto s = GetDouble(r, "beta_fast", &y.beta_fast, prefix); !s.ok()) return s;
@@ -200,14 +201,14 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
         return FieldError("n_group", "must be set for topk_method group_limited_greedy");
       }
       if (c.topk_group <= 0 || c.topk_group > c.n_group) {
-        return FieldError("topk_group", absl::StrCat(c.topk_group, " must be in [1, n_group ",
-                                                     c.n_group, "]"));
+        return FieldError("topk_group",
+                          absl::StrCat(c.topk_group, " must be in [1, n_group ", c.n_group, "]"));
       }
       if (c.num_experts_per_tok > c.topk_group * (e / c.n_group)) {
-        return FieldError("num_experts_per_tok",
-                          absl::StrCat(c.num_experts_per_tok, " exceeds the ",
-                                       c.topk_group * (e / c.n_group),
-                                       " experts of topk_group groups"));
+        return FieldError(
+            "num_experts_per_tok",
+            absl::StrCat(c.num_experts_per_tok, " exceeds the ", c.topk_group * (e / c.n_group),
+                         " experts of topk_group groups"));
       }
     }
   }
@@ -355,8 +356,7 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   j["n_routed_experts"] = nullable(c.n_routed_experts);
   j["n_shared_experts"] = nullable(c.n_shared_experts);
   j["num_experts_per_tok"] = nullable(c.num_experts_per_tok);
-  j["topk_method"] =
-      c.topk_method == TopkMethod::kGreedy ? "greedy" : "group_limited_greedy";
+  j["topk_method"] = c.topk_method == TopkMethod::kGreedy ? "greedy" : "group_limited_greedy";
   j["n_group"] = nullable(c.n_group);
   j["topk_group"] = nullable(c.topk_group);
   j["routed_scaling_factor"] = c.routed_scaling_factor;

@@ -103,9 +103,9 @@ TEST(ModelConfig, HfV5RopeParametersAreAccepted) {
   Json j = TinyJson();
   j.erase("rope_scaling");
   j.erase("rope_theta");
-  j["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 50000.0}, {"factor", 4.0},
-                          {"original_max_position_embeddings", 128}, {"mscale", 0.707},
-                          {"mscale_all_dim", 0.707}};
+  j["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 50000.0},
+                          {"factor", 4.0},       {"original_max_position_embeddings", 128},
+                          {"mscale", 0.707},     {"mscale_all_dim", 0.707}};
   auto c = ParseModelConfig(j.dump());
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_TRUE(c->rope_scaling.yarn);

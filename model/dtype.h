@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+
 #include "absl/strings/string_view.h"
 
 namespace dmoe {

@@ -37,7 +37,9 @@ int64_t TensorInfo::numel() const {
   return n;
 }
 
-std::string TensorInfo::ShapeString() const { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+std::string TensorInfo::ShapeString() const {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(const uint8_t* data, size_t size) {
   if (size < 8) {
@@ -46,12 +48,12 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(const uint8_t* da
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];
   if (n > kMaxSafetensorsHeaderBytes) {
-    return HeaderError(absl::StrCat("header length ", n, " exceeds the limit of ",
-                                    kMaxSafetensorsHeaderBytes));
+    return HeaderError(
+        absl::StrCat("header length ", n, " exceeds the limit of ", kMaxSafetensorsHeaderBytes));
   }
   if (n > size - 8) {
-    return HeaderError(absl::StrCat("header length ", n, " runs past the end of the file (",
-                                    size, " bytes)"));
+    return HeaderError(
+        absl::StrCat("header length ", n, " runs past the end of the file (", size, " bytes)"));
   }
   const char* text = reinterpret_cast<const char*>(data + 8);
   Json j = Json::parse(text, text + n, nullptr, /*allow_exceptions=*/false);
@@ -86,7 +88,8 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(const uint8_t* da
     if (sh->size() > 8) return err(absl::StrCat("rank ", sh->size(), " is above 8"));
     uint64_t numel = 1;
     for (const Json& d : *sh) {
-      if (!d.is_number_unsigned()) return err("shape holds a value that is not a non-negative integer");
+      if (!d.is_number_unsigned())
+        return err("shape holds a value that is not a non-negative integer");
       const uint64_t v = d.get<uint64_t>();
       if (v > (1ull << 40) || MulOverflows(numel, v, &numel) || numel > (1ull << 50)) {
         return err("shape is too large");
@@ -182,8 +185,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     auto f = SafetensorsFile::Open(single_path);
     if (!f.ok()) {
       if (absl::IsNotFound(f.status())) {
-        return absl::NotFoundError(absl::StrCat("no model.safetensors or model.safetensors.index.json in ",
-                                                model_dir));
+        return absl::NotFoundError(
+            absl::StrCat("no model.safetensors or model.safetensors.index.json in ", model_dir));
       }
       return f.status();
     }
@@ -233,7 +236,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
 absl::StatusOr<TensorInfo> Checkpoint::Info(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) {
-    return absl::NotFoundError(absl::StrCat("checkpoint ", dir_, ": missing tensor \"", name, "\""));
+    return absl::NotFoundError(
+        absl::StrCat("checkpoint ", dir_, ": missing tensor \"", name, "\""));
   }
   return *it->second.second;
 }
@@ -248,7 +252,8 @@ std::vector<std::string> Checkpoint::Names() const {
 absl::StatusOr<const uint8_t*> Checkpoint::Raw(const std::string& name, TensorInfo* info) const {
   auto it = where_.find(name);
   if (it == where_.end()) {
-    return absl::NotFoundError(absl::StrCat("checkpoint ", dir_, ": missing tensor \"", name, "\""));
+    return absl::NotFoundError(
+        absl::StrCat("checkpoint ", dir_, ": missing tensor \"", name, "\""));
   }
   *info = *it->second.second;
   bytes_read_ += info->nbytes;

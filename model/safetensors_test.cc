@@ -23,7 +23,8 @@ std::string TmpDir() {
 }
 
 // A safetensors file from a header text and a data region, written byte by byte.
-std::string FileBytes(const std::string& header, const std::string& data, int64_t len_override = -1) {
+std::string FileBytes(const std::string& header, const std::string& data,
+                      int64_t len_override = -1) {
   std::string out(8, '\0');
   const uint64_t n = len_override >= 0 ? static_cast<uint64_t>(len_override) : header.size();
   for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
@@ -105,8 +106,8 @@ TEST(SafetensorsHeader, RejectsEveryKindOfBadHeader) {
 }
 
 TEST(SafetensorsFile, TruncatedFileIsRejectedWithItsPath) {
-  const std::string good = FileBytes(R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
-                                     std::string(16, 0));
+  const std::string good =
+      FileBytes(R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", std::string(16, 0));
   const std::string path = WriteFile("truncated.safetensors", good.substr(0, good.size() - 5));
   auto f = SafetensorsFile::Open(path);
   ASSERT_FALSE(f.ok());
@@ -190,7 +191,8 @@ TEST_F(CheckpointTest, MissingTensorAndShapeMismatchNameTheTensor) {
   ASSERT_TRUE(ck.ok());
   auto missing = (*ck)->ReadFloat("model.layers.9.mlp.gate.weight", {16, 256});
   ASSERT_FALSE(missing.ok());
-  EXPECT_NE(std::string(missing.status().message()).find("missing tensor \"model.layers.9.mlp.gate.weight\""),
+  EXPECT_NE(std::string(missing.status().message())
+                .find("missing tensor \"model.layers.9.mlp.gate.weight\""),
             std::string::npos);
   auto shape = (*ck)->ReadFloat("model.norm.weight", {255});
   ASSERT_FALSE(shape.ok());

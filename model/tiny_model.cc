@@ -280,8 +280,10 @@ absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& confi
       return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
     }
     uint8_t len[8];
-    for (int b = 0; b < 8; ++b) len[b] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * b));
-    bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    for (int b = 0; b < 8; ++b)
+      len[b] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * b));
+    bool ok = std::fwrite(len, 1, 8, f) == 8 &&
+              std::fwrite(text.data(), 1, text.size(), f) == text.size();
     for (size_t i = first; ok && i < last; ++i) {
       DrawTensor(tensors[i], options.seed, &draw);
       if (options.dtype == DType::kF32) {
@@ -293,7 +295,8 @@ absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& confi
       }
     }
     if (std::fclose(f) != 0 || !ok) {
-      return absl::InternalError(absl::StrCat("write to ", path, " failed: ", std::strerror(errno)));
+      return absl::InternalError(
+          absl::StrCat("write to ", path, " failed: ", std::strerror(errno)));
     }
   }
   if (nshards > 1) {

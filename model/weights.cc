@@ -47,16 +47,18 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
     ASSIGN_OR_RETURN(l.input_norm, ck.ReadFloat(Layer(i, "input_layernorm.weight"), {d}));
     ASSIGN_OR_RETURN(l.post_norm, ck.ReadFloat(Layer(i, "post_attention_layernorm.weight"), {d}));
     if (c.q_lora_rank > 0) {
-      ASSIGN_OR_RETURN(l.q_a, ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d));
+      ASSIGN_OR_RETURN(l.q_a,
+                       ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d));
       ASSIGN_OR_RETURN(l.q_a_norm,
                        ck.ReadFloat(Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}));
       ASSIGN_OR_RETURN(l.q_b, ReadLinear(ck, Layer(i, "self_attn.q_b_proj.weight"),
                                          h * c.q_head_dim(), c.q_lora_rank));
     } else {
-      ASSIGN_OR_RETURN(l.q, ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d));
+      ASSIGN_OR_RETURN(l.q,
+                       ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d));
     }
-    ASSIGN_OR_RETURN(l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"),
-                                        c.latent_dim(), d));
+    ASSIGN_OR_RETURN(
+        l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"), c.latent_dim(), d));
     ASSIGN_OR_RETURN(l.kv_a_norm,
                      ck.ReadFloat(Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}));
     ASSIGN_OR_RETURN(l.kv_b, ReadLinear(ck, Layer(i, "self_attn.kv_b_proj.weight"),

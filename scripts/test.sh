@@ -41,7 +41,7 @@ run_tests() {
   rm -f "$log"
 }
 
-run_tests --test_summary=short -- //...
+run_tests --keep_going --test_summary=short -- //...
 if [ "$fuzz" -eq 1 ]; then
   run_tests --config=fuzz --test_summary=short \
     --test_arg=--seconds="$fuzz_seconds" \

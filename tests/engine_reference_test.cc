@@ -34,7 +34,8 @@ std::string MakeModel(const std::string& preset, uint64_t seed, DType dtype, int
   return dir;
 }
 
-std::unique_ptr<LocalModel> Load(const std::string& dir, AttentionForm form = AttentionForm::kAuto) {
+std::unique_ptr<LocalModel> Load(const std::string& dir,
+                                 AttentionForm form = AttentionForm::kAuto) {
   EngineOptions o;
   o.attention_form = form;
   auto m = LocalModel::Load(dir, o);
@@ -51,7 +52,8 @@ std::vector<int32_t> Prompt(int n, int salt, int vocab) {
 double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
   double m = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::fabs(double(a[i]) - b[i]));
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    m = std::max(m, std::fabs(double(a[i]) - b[i]));
   return m;
 }
 
@@ -153,7 +155,8 @@ TEST_P(EngineVsReference, BatchedSequencesMatchSequencesAlone) {
 
 INSTANTIATE_TEST_SUITE_P(Presets, EngineVsReference, ::testing::Values("tiny", "tiny-lite"),
                          [](const auto& info) {
-                           return info.param == "tiny" ? std::string("tiny") : std::string("tiny_lite");
+                           return info.param == "tiny" ? std::string("tiny")
+                                                       : std::string("tiny_lite");
                          });
 
 TEST(Checkpoints, ThreeShardsGiveExactlyTheSingleFileLogits) {

@@ -7,6 +7,7 @@
 #include "kernels/cpu/mla.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/rope.h"
+#include "kernels/cpu/small_gemm.h"
 #include "model/tiny_model.h"
 
 namespace dmoe::cpu {
@@ -147,6 +148,32 @@ TEST(Mla, AbsorbedEqualsNaiveOnRandomInputs) {
   MlaAttentionNaive(p, q.data(), t, cache.data(), ctx, pos0, a.data(), &scratch);
   MlaAttentionAbsorbed(p, q.data(), t, cache.data(), ctx, pos0, b.data(), &scratch);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-4) << i;
+}
+
+}  // namespace
+}  // namespace dmoe::cpu
+
+namespace dmoe::cpu {
+namespace {
+
+TEST(SmallMLinear, MatchesSgemmPathAndDoubleLoops) {
+  for (int64_t m : {1, 2, 3, 8}) {
+    for (int64_t k : {8, 13, 64}) {
+      const int64_t n = 7;  // not a multiple of the 4-row block
+      const auto x = Random(m * k, m * 100 + k), w = Random(n * k, k);
+      std::vector<float> y(m * n, 1.0f), acc(m * n, 1.0f);
+      SmallMLinear(x.data(), m, k, w.data(), n, y.data(), false);
+      SmallMLinear(x.data(), m, k, w.data(), n, acc.data(), true);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t o = 0; o < n; ++o) {
+          double s = 0;
+          for (int64_t j = 0; j < k; ++j) s += double(x[i * k + j]) * w[o * k + j];
+          EXPECT_NEAR(y[i * n + o], s, 1e-4) << m << " " << k;
+          EXPECT_NEAR(acc[i * n + o], s + 1.0, 1e-4) << m << " " << k;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace

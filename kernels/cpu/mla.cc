@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "kernels/cpu/ops.h"
@@ -29,8 +30,8 @@ void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const floa
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, ld_cache = r + dr;
   scratch->resize(static_cast<size_t>(ctx * h * kvd + t * ctx));
-  float* kv = scratch->data();       // [ctx, H * (dn + dv)]
-  float* s = kv + ctx * h * kvd;     // [t, ctx]
+  float* kv = scratch->data();    // [ctx, H * (dn + dv)]
+  float* s = kv + ctx * h * kvd;  // [t, ctx]
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(ctx), I(h * kvd), I(r), 1.0f, cache,
               I(ld_cache), p.kv_b, I(r), 0.0f, kv, I(h * kvd));
   for (int64_t head = 0; head < h; ++head) {
@@ -52,9 +53,9 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const f
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
   scratch->resize(static_cast<size_t>(t * h * lc + t * h * ctx + t * h * r));
-  float* qc = scratch->data();          // [t * H, r + dr]: q_lat then q_pe, rows ordered (t, h)
-  float* s = qc + t * h * lc;           // [t * H, ctx]
-  float* olat = s + t * h * ctx;        // [t * H, r]
+  float* qc = scratch->data();    // [t * H, r + dr]: q_lat then q_pe, rows ordered (t, h)
+  float* s = qc + t * h * lc;     // [t * H, ctx]
+  float* olat = s + t * h * ctx;  // [t * H, r]
   for (int64_t head = 0; head < h; ++head) {
     // q_lat[t, h] = q_nope[t, h] @ W_UK[h]  ([dn] x [dn, r]).
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t), I(r), I(dn), 1.0f, q + head * qd,
@@ -75,6 +76,39 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const f
   for (int64_t head = 0; head < h; ++head) {
     // o[t, h] = o_lat[t, h] @ W_UV[h]^T  ([r] x [r, dv]).
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(dv), I(r), 1.0f, olat + head * r,
+                I(h * r), p.kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
+  }
+}
+
+void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b,
+                            const float* const* caches, const int64_t* ctx, float* o,
+                            std::vector<float>* scratch) {
+  const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
+  const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
+  int64_t max_ctx = 0;
+  for (int64_t i = 0; i < b; ++i) max_ctx = std::max(max_ctx, ctx[i]);
+  scratch->resize(static_cast<size_t>(b * h * lc + h * max_ctx + b * h * r));
+  float* qc = scratch->data();    // [b * H, r + dr], rows ordered (sequence, head)
+  float* s = qc + b * h * lc;     // [H, max_ctx], one sequence at a time
+  float* olat = s + h * max_ctx;  // [b * H, r]
+  for (int64_t head = 0; head < h; ++head) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(b), I(r), I(dn), 1.0f, q + head * qd,
+                I(h * qd), p.kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
+  }
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t head = 0; head < h; ++head) {
+      const float* qpe = q + (i * h + head) * qd + dn;
+      std::copy(qpe, qpe + dr, qc + (i * h + head) * lc + r);
+    }
+    const int64_t n = ctx[i];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(h), I(n), I(lc), p.softmax_scale,
+                qc + i * h * lc, I(lc), caches[i], I(lc), 0.0f, s, I(n));
+    SoftmaxRows(s, h, n, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(h), I(r), I(n), 1.0f, s, I(n),
+                caches[i], I(lc), 0.0f, olat + i * h * r, I(r));
+  }
+  for (int64_t head = 0; head < h; ++head) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(b), I(dv), I(r), 1.0f, olat + head * r,
                 I(h * r), p.kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
   }
 }

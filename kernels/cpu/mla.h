@@ -12,10 +12,10 @@
 namespace dmoe::cpu {
 
 struct MlaParams {
-  int64_t num_heads = 0;  // H
-  int64_t nope_dim = 0;   // dn
-  int64_t rope_dim = 0;   // dr
-  int64_t v_dim = 0;      // dv
+  int64_t num_heads = 0;    // H
+  int64_t nope_dim = 0;     // dn
+  int64_t rope_dim = 0;     // dr
+  int64_t v_dim = 0;        // dv
   int64_t latent_rank = 0;  // r
   float softmax_scale = 0;
   const float* kv_b = nullptr;  // [H * (dn + dv), r]: per head W_UK [dn, r] then W_UV [dv, r]
@@ -29,6 +29,13 @@ void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const floa
 // to the latent output. Reads only the cache rows, never expands them.
 void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const float* cache,
                           int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch);
+
+// Batched decode in the absorbed form: `b` sequences with one query each. q[b, H, dn + dr]; the
+// query of sequence i sits at position ctx[i] - 1 of its cache caches[i] ([ctx[i], r + dr]);
+// o[b, H * dv]. The W_UK / W_UV products run once for the whole batch.
+void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b,
+                            const float* const* caches, const int64_t* ctx, float* o,
+                            std::vector<float>* scratch);
 
 }  // namespace dmoe::cpu
 

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/cpu/small_gemm.h"
+
 namespace dmoe::cpu {
 
 void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, float* y,
@@ -14,6 +16,10 @@ void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, 
   if (t == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f, w,
                 static_cast<int>(in), x, 1, 0.0f, y, 1);
+    return;
+  }
+  if (t <= kSmallMMax && ldx == in && ldy == out) {
+    SmallMLinear(x, t, in, w, out, y, /*accumulate=*/false);
     return;
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(t), static_cast<int>(out),

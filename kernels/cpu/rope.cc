@@ -16,7 +16,8 @@ std::vector<double> RopeInverseFrequencies(const ModelConfig& c) {
   if (!c.rope_scaling.yarn) return f;
   const RopeScaling& y = c.rope_scaling;
   auto corr = [&](double n) {
-    return dim * std::log(static_cast<double>(y.original_max_position_embeddings) / (2 * M_PI * n)) /
+    return dim *
+           std::log(static_cast<double>(y.original_max_position_embeddings) / (2 * M_PI * n)) /
            (2 * std::log(c.rope_theta));
   };
   const double low = std::max(std::floor(corr(y.beta_fast)), 0.0);

@@ -1,6 +1,6 @@
 // Rotary position embedding with YaRN scaling, in DeepSeek's layout: the checkpoint's interleaved
-// pairs (x[2j], x[2j+1]) are de-interleaved to [x0, x2, .., x1, x3, ..] and then rotated NeoX-style,
-// which equals rotating each pair by the angle p * f_j (MODEL_SPEC.md, MLA step 4-5).
+// pairs (x[2j], x[2j+1]) are de-interleaved to [x0, x2, .., x1, x3, ..] and then rotated
+// NeoX-style, which equals rotating each pair by the angle p * f_j (MODEL_SPEC.md, MLA step 4-5).
 #ifndef DMOE_KERNELS_CPU_ROPE_H_
 #define DMOE_KERNELS_CPU_ROPE_H_
 

@@ -79,7 +79,8 @@ Vec MatVecT(const Vec& x, int t, int in, const Vec& w, int out) {
   for (int i = 0; i < t; ++i)
     for (int o = 0; o < out; ++o) {
       double s = 0;
-      for (int j = 0; j < in; ++j) s += x[static_cast<size_t>(i) * in + j] * w[static_cast<size_t>(o) * in + j];
+      for (int j = 0; j < in; ++j)
+        s += x[static_cast<size_t>(i) * in + j] * w[static_cast<size_t>(o) * in + j];
       y[static_cast<size_t>(i) * out + o] = s;
     }
   return y;
@@ -89,9 +90,11 @@ Vec RmsNorm(const Vec& x, int t, int n, const Vec& w, double eps) {
   Vec y(x.size());
   for (int i = 0; i < t; ++i) {
     double ss = 0;
-    for (int j = 0; j < n; ++j) ss += x[static_cast<size_t>(i) * n + j] * x[static_cast<size_t>(i) * n + j];
+    for (int j = 0; j < n; ++j)
+      ss += x[static_cast<size_t>(i) * n + j] * x[static_cast<size_t>(i) * n + j];
     const double inv = 1.0 / std::sqrt(ss / n + eps);
-    for (int j = 0; j < n; ++j) y[static_cast<size_t>(i) * n + j] = w[j] * x[static_cast<size_t>(i) * n + j] * inv;
+    for (int j = 0; j < n; ++j)
+      y[static_cast<size_t>(i) * n + j] = w[j] * x[static_cast<size_t>(i) * n + j] * inv;
   }
   return y;
 }
@@ -110,7 +113,9 @@ double GetMscale(double s, double m) { return s <= 1 ? 1.0 : 0.1 * m * std::log(
 
 ReferenceModel::ReferenceModel(const std::string& dir) {
   const Json c = Json::parse(Slurp(dir + "/config.json"));
-  auto geti = [&](const char* k, int dflt) { return c.contains(k) && !c[k].is_null() ? c[k].get<int>() : dflt; };
+  auto geti = [&](const char* k, int dflt) {
+    return c.contains(k) && !c[k].is_null() ? c[k].get<int>() : dflt;
+  };
   V_ = c["vocab_size"];
   D_ = c["hidden_size"];
   L_ = c["num_hidden_layers"];
@@ -166,14 +171,18 @@ const Vec& ReferenceModel::W(const std::string& name) const {
 std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) const {
   const int T = static_cast<int>(tokens.size());
   const int qd = dn_ + dr_;
-  auto L = [](int i, const std::string& s) { return "model.layers." + std::to_string(i) + "." + s; };
+  auto L = [](int i, const std::string& s) {
+    return "model.layers." + std::to_string(i) + "." + s;
+  };
 
   // Inverse frequencies and YaRN (MODEL_SPEC.md step 5).
   std::vector<double> f(static_cast<size_t>(dr_ / 2));
   for (int j = 0; j < dr_ / 2; ++j) f[j] = std::pow(theta_, -2.0 * j / dr_);
   double cs_scale = 1.0, scale = 1.0 / std::sqrt(static_cast<double>(qd));
   if (yarn_) {
-    auto corr = [&](double n) { return dr_ * std::log(orig_max_ / (2 * M_PI * n)) / (2 * std::log(theta_)); };
+    auto corr = [&](double n) {
+      return dr_ * std::log(orig_max_ / (2 * M_PI * n)) / (2 * std::log(theta_));
+    };
     double low = std::max(std::floor(corr(beta_fast_)), 0.0);
     double high = std::min(std::ceil(corr(beta_slow_)), dr_ - 1.0);
     if (high == low) high += 0.001;
@@ -182,7 +191,8 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
       f[j] = (f[j] / factor_) * ramp + f[j] * (1 - ramp);
     }
     cs_scale = GetMscale(factor_, mscale_) / GetMscale(factor_, mscale_all_);
-    if (mscale_all_ != 0) scale *= GetMscale(factor_, mscale_all_) * GetMscale(factor_, mscale_all_);
+    if (mscale_all_ != 0)
+      scale *= GetMscale(factor_, mscale_all_) * GetMscale(factor_, mscale_all_);
   }
   // Rotates each checkpoint pair (x[2j], x[2j+1]) by the angle p * f_j.
   auto rope = [&](double* x, int p) {
@@ -197,20 +207,23 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
   Vec h(static_cast<size_t>(T) * D_);
   const Vec& emb = W("model.embed_tokens.weight");
   for (int t = 0; t < T; ++t)
-    for (int j = 0; j < D_; ++j) h[static_cast<size_t>(t) * D_ + j] = emb[static_cast<size_t>(tokens[t]) * D_ + j];
+    for (int j = 0; j < D_; ++j)
+      h[static_cast<size_t>(t) * D_ + j] = emb[static_cast<size_t>(tokens[t]) * D_ + j];
 
   for (int i = 0; i < L_; ++i) {
     // Attention.
     Vec x = RmsNorm(h, T, D_, W(L(i, "input_layernorm.weight")), eps_);
-    Vec q = rq_ > 0 ? MatVecT(RmsNorm(MatVecT(x, T, D_, W(L(i, "self_attn.q_a_proj.weight")), rq_), T, rq_,
-                                      W(L(i, "self_attn.q_a_layernorm.weight")), 1e-6),
+    Vec q = rq_ > 0 ? MatVecT(RmsNorm(MatVecT(x, T, D_, W(L(i, "self_attn.q_a_proj.weight")), rq_),
+                                      T, rq_, W(L(i, "self_attn.q_a_layernorm.weight")), 1e-6),
                               T, rq_, W(L(i, "self_attn.q_b_proj.weight")), H_ * qd)
                     : MatVecT(x, T, D_, W(L(i, "self_attn.q_proj.weight")), H_ * qd);
     Vec a = MatVecT(x, T, D_, W(L(i, "self_attn.kv_a_proj_with_mqa.weight")), r_ + dr_);
     Vec c(static_cast<size_t>(T) * r_), kpe(static_cast<size_t>(T) * dr_);
     for (int t = 0; t < T; ++t) {
-      for (int j = 0; j < r_; ++j) c[static_cast<size_t>(t) * r_ + j] = a[static_cast<size_t>(t) * (r_ + dr_) + j];
-      for (int j = 0; j < dr_; ++j) kpe[static_cast<size_t>(t) * dr_ + j] = a[static_cast<size_t>(t) * (r_ + dr_) + r_ + j];
+      for (int j = 0; j < r_; ++j)
+        c[static_cast<size_t>(t) * r_ + j] = a[static_cast<size_t>(t) * (r_ + dr_) + j];
+      for (int j = 0; j < dr_; ++j)
+        kpe[static_cast<size_t>(t) * dr_ + j] = a[static_cast<size_t>(t) * (r_ + dr_) + r_ + j];
       rope(&kpe[static_cast<size_t>(t) * dr_], t);
       for (int hh = 0; hh < H_; ++hh) rope(&q[(static_cast<size_t>(t) * H_ + hh) * qd + dn_], t);
     }
@@ -224,9 +237,11 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
         for (int u = 0; u <= t; ++u) {
           double dot = 0;
           for (int j = 0; j < dn_; ++j)
-            dot += q[(static_cast<size_t>(t) * H_ + hh) * qd + j] * kv[(static_cast<size_t>(u) * H_ + hh) * (dn_ + dv_) + j];
+            dot += q[(static_cast<size_t>(t) * H_ + hh) * qd + j] *
+                   kv[(static_cast<size_t>(u) * H_ + hh) * (dn_ + dv_) + j];
           for (int j = 0; j < dr_; ++j)
-            dot += q[(static_cast<size_t>(t) * H_ + hh) * qd + dn_ + j] * kpe[static_cast<size_t>(u) * dr_ + j];
+            dot += q[(static_cast<size_t>(t) * H_ + hh) * qd + dn_ + j] *
+                   kpe[static_cast<size_t>(u) * dr_ + j];
           s[u] = dot * scale;
           mx = std::max(mx, s[u]);
         }
@@ -252,7 +267,8 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
       y.assign(h.size(), 0.0);
       Vec logits = MatVecT(x, T, D_, W(L(i, "mlp.gate.weight")), E_);
       for (int t = 0; t < T; ++t) {
-        std::vector<double> s(logits.begin() + static_cast<long>(t) * E_, logits.begin() + static_cast<long>(t + 1) * E_);
+        std::vector<double> s(logits.begin() + static_cast<long>(t) * E_,
+                              logits.begin() + static_cast<long>(t + 1) * E_);
         const double mx = *std::max_element(s.begin(), s.end());
         double sum = 0;
         for (double& v : s) sum += (v = std::exp(v - mx));
@@ -261,8 +277,11 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
         if (group_limited_) {
           const int per = E_ / G_;
           std::vector<std::pair<double, int>> g;
-          for (int j = 0; j < G_; ++j) g.push_back({*std::max_element(s.begin() + j * per, s.begin() + (j + 1) * per), j});
-          std::sort(g.begin(), g.end(), [](auto& a, auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+          for (int j = 0; j < G_; ++j)
+            g.push_back({*std::max_element(s.begin() + j * per, s.begin() + (j + 1) * per), j});
+          std::sort(g.begin(), g.end(), [](auto& a, auto& b) {
+            return a.first != b.first ? a.first > b.first : a.second < b.second;
+          });
           std::vector<bool> keep(static_cast<size_t>(G_), false);
           for (int j = 0; j < kg_; ++j) keep[g[j].second] = true;
           for (int e = 0; e < E_; ++e)
@@ -270,21 +289,25 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
         }
         std::vector<int> idx(static_cast<size_t>(E_));
         for (int e = 0; e < E_; ++e) idx[e] = e;
-        std::sort(idx.begin(), idx.end(), [&](int a, int b) { return cand[a] != cand[b] ? cand[a] > cand[b] : a < b; });
+        std::sort(idx.begin(), idx.end(),
+                  [&](int a, int b) { return cand[a] != cand[b] ? cand[a] > cand[b] : a < b; });
         std::vector<double> w(static_cast<size_t>(k_));
         double wsum = 0;
         for (int j = 0; j < k_; ++j) wsum += (w[j] = cand[idx[j]]);
-        for (int j = 0; j < k_; ++j) w[j] = (k_ > 1 && norm_topk_) ? w[j] / (wsum + 1e-20) : w[j] * rsf_;
+        for (int j = 0; j < k_; ++j)
+          w[j] = (k_ > 1 && norm_topk_) ? w[j] / (wsum + 1e-20) : w[j] * rsf_;
         Vec xt(x.begin() + static_cast<long>(t) * D_, x.begin() + static_cast<long>(t + 1) * D_);
         for (int j = 0; j < k_; ++j) {
           const std::string p = L(i, "mlp.experts." + std::to_string(idx[j]) + ".");
-          Vec ye = Mlp(xt, 1, D_, W(p + "gate_proj.weight"), W(p + "up_proj.weight"), W(p + "down_proj.weight"), Im_);
+          Vec ye = Mlp(xt, 1, D_, W(p + "gate_proj.weight"), W(p + "up_proj.weight"),
+                       W(p + "down_proj.weight"), Im_);
           for (int d = 0; d < D_; ++d) y[static_cast<size_t>(t) * D_ + d] += w[j] * ye[d];
         }
       }
       if (S_ > 0) {
         Vec ys = Mlp(x, T, D_, W(L(i, "mlp.shared_experts.gate_proj.weight")),
-                     W(L(i, "mlp.shared_experts.up_proj.weight")), W(L(i, "mlp.shared_experts.down_proj.weight")), Im_ * S_);
+                     W(L(i, "mlp.shared_experts.up_proj.weight")),
+                     W(L(i, "mlp.shared_experts.down_proj.weight")), Im_ * S_);
         for (size_t j = 0; j < y.size(); ++j) y[j] += ys[j];
       }
     }

@@ -1,0 +1,224 @@
+// Engine benchmark: prints figures, passes/fails nothing. Every ratio is measured in this one run.
+//
+//   decode tokens/s and ms/step at batch 1, 16, 64 on the tiny and small presets;
+//   small preset, batch 1: effective weight bytes read per second / memcpy bandwidth;
+//   sgemm GFLOP/s at the expert shapes / sgemm GFLOP/s of a large square.
+#include <cblas.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "attention_service/local_model.h"
+#include "kernels/cpu/small_gemm.h"
+#include "model/tiny_model.h"
+
+namespace dmoe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// Bytes copied per second by memcpy over a buffer far larger than the caches (best of 5).
+double MemcpyBandwidth() {
+  const size_t n = size_t{512} << 20;
+  std::vector<char> a(n, 1), b(n, 2);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = Clock::now();
+    std::memcpy(b.data(), a.data(), n);
+    best = std::min(best, Seconds(t0, Clock::now()));
+    a[static_cast<size_t>(i)] = b[n - 1 - static_cast<size_t>(i)];
+  }
+  return static_cast<double>(n) / best;
+}
+
+// The engine's own small-M kernel at the same shape.
+double SmallMGflops(int m, int n, int k, int reps) {
+  std::vector<float> a(static_cast<size_t>(m) * k, 0.5f), b(static_cast<size_t>(n) * k, 0.25f),
+      c(static_cast<size_t>(m) * n);
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    cpu::SmallMLinear(a.data(), m, k, b.data(), n, c.data(), false);
+    best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return 2.0 * m * n * k / best / 1e9;
+}
+
+double SgemmGflops(int m, int n, int k, int reps) {
+  std::vector<float> a(static_cast<size_t>(m) * k, 0.5f), b(static_cast<size_t>(n) * k, 0.25f),
+      c(static_cast<size_t>(m) * n);
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a.data(), k, b.data(), k,
+                0.0f, c.data(), n);
+    best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return 2.0 * m * n * k / best / 1e9;
+}
+
+struct DecodeResult {
+  double tokens_per_s;
+  double ms_per_step;
+};
+
+DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len) {
+  const ModelConfig& c = engine.config();
+  std::vector<SequenceKvCache> caches;
+  caches.reserve(static_cast<size_t>(batch));
+  for (int i = 0; i < batch; ++i) caches.emplace_back(c);
+  std::vector<SequenceStep> b(static_cast<size_t>(batch));
+  for (int i = 0; i < batch; ++i) {
+    b[static_cast<size_t>(i)].cache = &caches[static_cast<size_t>(i)];
+    for (int j = 0; j < prompt_len; ++j) {
+      b[static_cast<size_t>(i)].tokens.push_back(
+          static_cast<int32_t>((i * 131 + j * 17 + 3) % c.vocab_size));
+    }
+  }
+  std::vector<std::vector<float>> logits;
+  if (!engine.Step(b, &logits).ok()) std::abort();
+  auto next = [&]() {
+    for (int i = 0; i < batch; ++i) {
+      b[static_cast<size_t>(i)].tokens.assign(
+          1, ArgMax(logits[static_cast<size_t>(i)].data(), c.vocab_size));
+    }
+  };
+  next();
+  if (!engine.Step(b, &logits).ok()) std::abort();  // warm-up step
+  engine.ResetTimings();
+  const auto t0 = Clock::now();
+  for (int s = 0; s < steps; ++s) {
+    next();
+    if (!engine.Step(b, &logits).ok()) std::abort();
+  }
+  const double secs = Seconds(t0, Clock::now());
+  return {batch * steps / secs, 1000.0 * secs / steps};
+}
+
+// Bytes of weights one batch-1 decode step reads: everything but the embedding table (one row)
+// and the routed experts, plus top-k experts per MoE layer.
+double BytesPerBatch1Step(const LocalModel& m) {
+  const ModelConfig& c = m.config();
+  const double expert = 4.0 * 3 * c.hidden_size * c.moe_intermediate_size;
+  int moe_layers = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.IsMoeLayer(l);
+  const double routed_all = static_cast<double>(m.experts().bytes());
+  const double embed = 4.0 * c.vocab_size * c.hidden_size;
+  return static_cast<double>(m.weight_bytes()) - routed_all - embed + embed / c.vocab_size +
+         moe_layers * c.num_experts_per_tok * expert;
+}
+
+int Main(int argc, char** argv) {
+  std::string presets = "tiny,small", cache_dir = "/tmp/dmoe-bench";
+  std::vector<int> batches = {1, 16, 64};
+  int steps = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
+    if (a == "--presets") {
+      presets = value();
+    } else if (a == "--model-cache") {
+      cache_dir = value();
+    } else if (a == "--steps") {
+      steps = std::atoi(value().c_str());
+    } else if (a == "--batches") {
+      batches.clear();
+      for (auto s : absl::StrSplit(value(), ',')) {
+        int v;
+        if (absl::SimpleAtoi(s, &v) && v > 0) batches.push_back(v);
+      }
+    } else {
+      std::printf(
+          "usage: engine_bench [--presets tiny,small] [--batches 1,16,64] [--steps N]\n"
+          "                    [--model-cache DIR]\n"
+          "Writes the preset checkpoints into DIR once (small: ~1.6 GB bf16), then prints decode\n"
+          "tokens/s and ms/step per batch size, the batch-1 weight-read bandwidth of the small\n"
+          "preset against memcpy bandwidth, and sgemm GFLOP/s at expert shapes against 2048^3.\n");
+      return a == "--help" || a == "-h" ? 0 : 2;
+    }
+  }
+  const double memcpy_bw = MemcpyBandwidth();
+  std::printf("memcpy bandwidth: %.2f GB/s\n", memcpy_bw / 1e9);
+  for (absl::string_view preset_view : absl::StrSplit(presets, ',')) {
+    const std::string preset(preset_view);
+    auto config = PresetConfig(preset);
+    if (!config.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(config.status().message()).c_str());
+      return 2;
+    }
+    const std::string dir = cache_dir + "/" + preset;
+    struct stat st;
+    if (::stat((dir + "/config.json").c_str(), &st) != 0) {
+      std::printf("writing the %s preset to %s ...\n", preset.c_str(), dir.c_str());
+      std::fflush(stdout);
+      TinyModelOptions o;
+      o.dtype = preset == "small" ? DType::kBF16 : DType::kF32;
+      if (auto s = WriteTinyModel(dir, *config, o); !s.ok()) {
+        std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+        return 1;
+      }
+    }
+    auto model = LocalModel::Load(dir, {}, /*log_progress=*/true);
+    if (!model.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
+      return 1;
+    }
+    std::printf("\n== preset %s: %.1f MiB of fp32 weights in memory\n", preset.c_str(),
+                static_cast<double>((*model)->weight_bytes()) / (1 << 20));
+    std::printf("%8s %12s %10s\n", "batch", "tokens/s", "ms/step");
+    for (int b : batches) {
+      int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
+      n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
+      const DecodeResult r = BenchDecode((*model)->engine(), b, n, 16);
+      const EngineTimings& t = (*model)->engine().timings();
+      const double ms = 1000.0 / n;
+      std::printf(
+          "%8d %12.1f %10.3f   (ms/step: attention %.2f, dense mlp %.2f, router %.2f, "
+          "routed experts %.2f, shared %.2f, lm_head %.2f)\n",
+          b, r.tokens_per_s, r.ms_per_step, t.attention * ms, t.dense_mlp * ms, t.router * ms,
+          t.routed * ms, t.shared * ms, t.lm_head * ms);
+      if (b == 1 && preset == "small") {
+        const double bytes = BytesPerBatch1Step(**model);
+        const double bw = bytes / (r.ms_per_step / 1000.0);
+        std::printf(
+            "  batch-1 weights read per step: %.1f MiB; %.2f GB/s = %.2f x memcpy bandwidth\n",
+            bytes / (1 << 20), bw / 1e9, bw / memcpy_bw);
+      }
+    }
+    if (preset == "small") {
+      const double square = SgemmGflops(2048, 2048, 2048, 3);
+      std::printf("\nsgemm 2048^3: %.1f GFLOP/s\n", square);
+      const int d = static_cast<int>(config->hidden_size),
+                im = static_cast<int>(config->moe_intermediate_size);
+      std::printf("%-26s %14s %10s %16s\n", "expert shape (M x N x K)", "sgemm GFLOP/s",
+                  "vs square", "small-M GFLOP/s");
+      for (int m : {1, 2, 8, 16, 64, 512}) {
+        for (int down = 0; down < 2; ++down) {
+          const int n = down ? d : im, k = down ? im : d;
+          const double g = SgemmGflops(m, n, k, 20);
+          std::printf("%-7s %4d x %4d x %4d %14.1f %9.1f%%", down ? "down" : "gate/up", m, n, k, g,
+                      100 * g / square);
+          if (m <= cpu::kSmallMMax) std::printf(" %16.1f", SmallMGflops(m, n, k, 20));
+          std::printf("\n");
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmoe
+
+int main(int argc, char** argv) { return dmoe::Main(argc, argv); }
