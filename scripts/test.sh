@@ -5,7 +5,7 @@
 # Usage: scripts/test.sh [--fuzz-seconds N] [--no-fuzz]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-fuzz_seconds=20
+fuzz_seconds=15
 fuzz=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -45,7 +45,7 @@ run_tests --keep_going --test_summary=short -- //...
 if [ "$fuzz" -eq 1 ]; then
   run_tests --config=fuzz --test_summary=short \
     --test_arg=--seconds="$fuzz_seconds" \
-    -- //model/fuzz:safetensors_header_fuzz_test //model/fuzz:config_fuzz_test
+    -- //model/fuzz:safetensors_header_fuzz_test //model/fuzz:config_fuzz_test //transport:wire_fuzz_test
 fi
 
 python3 - "$results" <<'PY'

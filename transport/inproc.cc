@@ -1,0 +1,207 @@
+#include "transport/inproc.h"
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "transport/buffer_pool.h"
+
+namespace dmoe::transport {
+namespace {
+
+class InprocClient;
+
+// One pending request as both sides see it.
+struct Exchange {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  absl::Status status;
+  std::vector<uint8_t> reply;
+};
+
+class InprocServer : public ServerTransport {
+ public:
+  ~InprocServer() override { Shutdown(); }
+  absl::StatusOr<std::string> Listen(const std::string& address) override;
+  void Receive(std::chrono::milliseconds timeout, std::vector<ServerRequest>* out) override {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
+    while (!queue_.empty()) {
+      out->push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+  }
+  void Reply(uint64_t token, std::vector<uint8_t> reply) override {
+    std::shared_ptr<Exchange> ex;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = pending_.find(token);
+      if (it == pending_.end()) {
+        ++stats_.dropped_replies;
+        return;
+      }
+      ex = it->second;
+      pending_.erase(it);
+      ++stats_.replies;
+      stats_.bytes_out += reply.size();
+    }
+    std::lock_guard<std::mutex> l(ex->mu);
+    ex->reply = std::move(reply);
+    ex->done = true;
+    ex->cv.notify_all();
+  }
+  std::vector<uint8_t> AcquireBuffer() override { return pool_.Acquire(); }
+  void ReleaseBuffer(std::vector<uint8_t> b) override { pool_.Release(std::move(b)); }
+  ServerStats stats() const override {
+    std::lock_guard<std::mutex> l(mu_);
+    return stats_;
+  }
+  void Shutdown() override;
+
+  // Called by clients: enqueue a request whose reply completes `ex`.
+  bool Submit(std::vector<uint8_t> bytes, std::shared_ptr<Exchange> ex) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (closed_) return false;
+    const uint64_t token = next_token_++;
+    pending_[token] = std::move(ex);
+    ++stats_.requests;
+    stats_.bytes_in += bytes.size();
+    queue_.push_back(ServerRequest{token, std::move(bytes)});
+    cv_.notify_all();
+    return true;
+  }
+
+ private:
+  std::string name_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool closed_ = false;
+  uint64_t next_token_ = 1;
+  std::deque<ServerRequest> queue_;
+  std::map<uint64_t, std::shared_ptr<Exchange>> pending_;
+  ServerStats stats_;
+  BufferPool pool_;
+};
+
+std::mutex& RegistryMu() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<std::string, InprocServer*>& Registry() {
+  static auto* r = new std::map<std::string, InprocServer*>();
+  return *r;
+}
+
+absl::StatusOr<std::string> InprocServer::Listen(const std::string& address) {
+  std::lock_guard<std::mutex> l(RegistryMu());
+  std::string name = address;
+  if (absl::StartsWith(name, "inproc:")) name = name.substr(7);
+  if (name.empty() || name == "0") name = absl::StrCat("server-", Registry().size() + 1);
+  while (Registry().count(name)) name += "+";
+  Registry()[name] = this;
+  name_ = name;
+  return "inproc:" + name;
+}
+
+void InprocServer::Shutdown() {
+  {
+    std::lock_guard<std::mutex> l(RegistryMu());
+    auto it = Registry().find(name_);
+    if (it != Registry().end() && it->second == this) Registry().erase(it);
+  }
+  std::map<uint64_t, std::shared_ptr<Exchange>> pending;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    closed_ = true;
+    queue_.clear();
+    pending.swap(pending_);
+    cv_.notify_all();
+  }
+  for (auto& [_, ex] : pending) {
+    std::lock_guard<std::mutex> l(ex->mu);
+    ex->done = true;
+    ex->status = absl::UnavailableError(absl::StrCat("inproc server ", name_, " shut down"));
+    ex->cv.notify_all();
+  }
+}
+
+class InprocClient : public ClientTransport {
+ public:
+  absl::StatusOr<int> Connect(const std::string& address) override {
+    std::string name = address;
+    if (absl::StartsWith(name, "inproc:")) name = name.substr(7);
+    std::lock_guard<std::mutex> rl(RegistryMu());
+    if (!Registry().count(name)) {
+      return absl::UnavailableError(absl::StrCat("no inproc server named \"", name, "\""));
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    peers_.push_back(name);
+    return static_cast<int>(peers_.size() - 1);
+  }
+  absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
+    std::string name;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (peer < 0 || peer >= static_cast<int>(peers_.size())) {
+        return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
+      }
+      name = peers_[static_cast<size_t>(peer)];
+    }
+    auto ex = std::make_shared<Exchange>();
+    {
+      std::lock_guard<std::mutex> rl(RegistryMu());
+      auto it = Registry().find(name);
+      if (it == Registry().end() || !it->second->Submit(std::move(request), ex)) {
+        return absl::UnavailableError(absl::StrCat("inproc server ", name, " is gone"));
+      }
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    const uint64_t id = next_id_++;
+    inflight_[id] = std::move(ex);
+    return id;
+  }
+  bool Poll(uint64_t id) override {
+    std::shared_ptr<Exchange> ex = Find(id);
+    if (!ex) return true;
+    std::lock_guard<std::mutex> l(ex->mu);
+    return ex->done;
+  }
+  absl::Status Wait(uint64_t id, Clock::time_point deadline,
+                    std::vector<uint8_t>* reply) override {
+    std::shared_ptr<Exchange> ex = Find(id);
+    if (!ex) return absl::InvalidArgumentError(absl::StrCat("unknown request id ", id));
+    std::unique_lock<std::mutex> l(ex->mu);
+    const bool done = ex->cv.wait_until(l, deadline, [&] { return ex->done; });
+    absl::Status st = done ? ex->status : absl::DeadlineExceededError("inproc request timed out");
+    if (done && st.ok()) *reply = std::move(ex->reply);
+    l.unlock();
+    std::lock_guard<std::mutex> g(mu_);
+    inflight_.erase(id);
+    return st;
+  }
+  std::vector<uint8_t> AcquireBuffer() override { return pool_.Acquire(); }
+  void ReleaseBuffer(std::vector<uint8_t> b) override { pool_.Release(std::move(b)); }
+
+ private:
+  std::shared_ptr<Exchange> Find(uint64_t id) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = inflight_.find(id);
+    return it == inflight_.end() ? nullptr : it->second;
+  }
+  std::mutex mu_;
+  std::vector<std::string> peers_;
+  uint64_t next_id_ = 1;
+  std::map<uint64_t, std::shared_ptr<Exchange>> inflight_;
+  BufferPool pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<ServerTransport> NewInprocServer() { return std::make_unique<InprocServer>(); }
+std::unique_ptr<ClientTransport> NewInprocClient() { return std::make_unique<InprocClient>(); }
+
+}  // namespace dmoe::transport

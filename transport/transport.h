@@ -1,0 +1,75 @@
+// The expert data plane: request -> reply exchanges between attention nodes (clients) and expert
+// shards (servers), shaped like NIXL: prepare a buffer, post it, then poll or wait for completion.
+// Implementations: inproc (same process) and ucx (UCP active messages over RDMA, TCP or shm).
+// Transports move bytes; they never look inside messages (transport/wire.h does).
+#ifndef DMOE_TRANSPORT_TRANSPORT_H_
+#define DMOE_TRANSPORT_TRANSPORT_H_
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace dmoe::transport {
+
+using Clock = std::chrono::steady_clock;
+
+// Client side. Thread-safe: any thread may Connect, Post and Wait.
+class ClientTransport {
+ public:
+  virtual ~ClientTransport() = default;
+  // Connects to a server address; returns the peer index used by Post.
+  virtual absl::StatusOr<int> Connect(const std::string& address) = 0;
+  // Hands `request` (moved; its storage returns to the transport's pool) to `peer`. Returns the id
+  // that Poll/Wait complete. UNAVAILABLE when the peer is known to have failed.
+  virtual absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) = 0;
+  // True once `id` has completed (reply, failure or abandonment); Wait then returns at once.
+  virtual bool Poll(uint64_t id) = 0;
+  // Blocks until the reply of `id` arrives (OK, `*reply` holds it), the peer fails (UNAVAILABLE),
+  // or `deadline` passes (DEADLINE_EXCEEDED: the request is abandoned; a late reply is dropped).
+  // Each id is waited for once.
+  virtual absl::Status Wait(uint64_t id, Clock::time_point deadline,
+                            std::vector<uint8_t>* reply) = 0;
+  // A buffer from the pool for building a request (cleared, capacity kept).
+  virtual std::vector<uint8_t> AcquireBuffer() = 0;
+  // Returns a reply buffer to the pool.
+  virtual void ReleaseBuffer(std::vector<uint8_t> buffer) = 0;
+};
+
+struct ServerRequest {
+  uint64_t token = 0;  // pass to Reply
+  std::vector<uint8_t> bytes;
+};
+
+struct ServerStats {
+  uint64_t requests = 0;
+  uint64_t replies = 0;
+  uint64_t bytes_in = 0;
+  uint64_t bytes_out = 0;
+  uint64_t dropped_replies = 0;  // the client had gone
+  uint64_t peer_errors = 0;
+};
+
+// Server side. Receive is for one consumer thread; Reply is thread-safe.
+class ServerTransport {
+ public:
+  virtual ~ServerTransport() = default;
+  // Starts serving; returns the address clients connect to.
+  virtual absl::StatusOr<std::string> Listen(const std::string& address) = 0;
+  // Waits up to `timeout` for requests and moves every one that has arrived into `*out`.
+  virtual void Receive(std::chrono::milliseconds timeout, std::vector<ServerRequest>* out) = 0;
+  // Sends the reply of one request (exactly once per request). Dropped if the client has gone.
+  virtual void Reply(uint64_t token, std::vector<uint8_t> reply) = 0;
+  virtual std::vector<uint8_t> AcquireBuffer() = 0;
+  virtual void ReleaseBuffer(std::vector<uint8_t> buffer) = 0;
+  virtual ServerStats stats() const = 0;
+  // Stops serving; pending requests are dropped and clients see their peer fail.
+  virtual void Shutdown() = 0;
+};
+
+}  // namespace dmoe::transport
+
+#endif  // DMOE_TRANSPORT_TRANSPORT_H_

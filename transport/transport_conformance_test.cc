@@ -1,0 +1,200 @@
+// One suite, run against every transport: inproc, UCX over tcp (listener) and UCX over shared
+// memory (worker address), with UCX_NET_DEVICES=lo.
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "transport/inproc.h"
+#include "transport/transport.h"
+#include "transport/ucx.h"
+
+namespace dmoe::transport {
+namespace {
+
+using std::chrono::milliseconds;
+
+struct Pair {
+  std::unique_ptr<ServerTransport> server;
+  std::string address;
+  std::function<std::unique_ptr<ClientTransport>()> new_client;
+};
+
+Pair MakeInproc() {
+  Pair p;
+  p.server = NewInprocServer();
+  p.address = *p.server->Listen("inproc:0");
+  p.new_client = [] { return NewInprocClient(); };
+  return p;
+}
+
+Pair MakeUcx(const std::string& tls, bool by_worker_address) {
+  setenv("UCX_TLS", tls.c_str(), 1);
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  // Shared memory keeps peer-failure handling only with these (BUILD_NOTES.md).
+  setenv("UCX_MM_ERROR_HANDLING", "y", 1);
+  setenv("UCX_CMA_MEMORY_INVALIDATE", "y", 1);
+  setenv("UCX_KEEPALIVE_INTERVAL", "1s", 1);
+  Pair p;
+  auto server = NewUcxServer();
+  EXPECT_TRUE(server.ok()) << server.status();
+  auto listen = (*server)->Listen("127.0.0.1:0");
+  EXPECT_TRUE(listen.ok()) << listen.status();
+  p.address = by_worker_address ? (*server)->WorkerAddress() : *listen;
+  p.server = std::move(server).value();
+  p.new_client = [] {
+    auto c = NewUcxClient();
+    EXPECT_TRUE(c.ok()) << c.status();
+    return std::move(c).value();
+  };
+  return p;
+}
+
+class TransportConformance : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    const std::string kind = GetParam();
+    if (kind == "inproc") {
+      pair_ = MakeInproc();
+    } else if (kind == "ucx_tcp") {
+      pair_ = MakeUcx("tcp,self", false);
+    } else {
+      pair_ = MakeUcx("sm,self", true);
+    }
+  }
+  void TearDown() override {
+    StopEcho();
+    if (pair_.server) pair_.server->Shutdown();
+  }
+
+  // Serves every request with its bytes reversed, until StopEcho.
+  void StartEcho() {
+    echo_ = std::thread([this] {
+      while (!stop_) {
+        std::vector<ServerRequest> batch;
+        pair_.server->Receive(milliseconds(20), &batch);
+        for (ServerRequest& r : batch) {
+          std::vector<uint8_t> reply(r.bytes.rbegin(), r.bytes.rend());
+          pair_.server->ReleaseBuffer(std::move(r.bytes));
+          pair_.server->Reply(r.token, std::move(reply));
+        }
+      }
+    });
+  }
+  void StopEcho() {
+    stop_ = true;
+    if (echo_.joinable()) echo_.join();
+  }
+
+  Pair pair_;
+  std::thread echo_;
+  std::atomic<bool> stop_{false};
+};
+
+std::vector<uint8_t> Pattern(size_t n, int salt) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(i * 31 + salt);
+  return v;
+}
+
+TEST_P(TransportConformance, RoundTripsOfEverySize) {
+  StartEcho();
+  auto client = pair_.new_client();
+  auto peer = client->Connect(pair_.address);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  for (size_t n : {size_t{1}, size_t{64}, size_t{4096}, size_t{65536}, size_t{1} << 20, size_t{5} << 20}) {
+    const std::vector<uint8_t> msg = Pattern(n, static_cast<int>(n));
+    auto id = client->Post(*peer, msg);
+    ASSERT_TRUE(id.ok()) << id.status();
+    std::vector<uint8_t> reply;
+    const absl::Status st = client->Wait(*id, Clock::now() + std::chrono::seconds(20), &reply);
+    ASSERT_TRUE(st.ok()) << n << ": " << st;
+    ASSERT_EQ(reply.size(), n);
+    EXPECT_TRUE(std::equal(reply.begin(), reply.end(), msg.rbegin())) << n;
+  }
+  EXPECT_GE(pair_.server->stats().requests, 6u);
+}
+
+TEST_P(TransportConformance, ManyClientsManyRequestsInFlight) {
+  StartEcho();
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int c = 0; c < 3; ++c) {
+    threads.emplace_back([&, c] {
+      auto client = pair_.new_client();
+      auto peer = client->Connect(pair_.address);
+      if (!peer.ok()) return;
+      std::vector<uint64_t> ids;
+      std::vector<std::vector<uint8_t>> sent;
+      for (int i = 0; i < 20; ++i) {
+        sent.push_back(Pattern(100 + 997 * i, c * 50 + i));
+        auto id = client->Post(*peer, sent.back());
+        if (!id.ok()) return;
+        ids.push_back(*id);
+      }
+      for (size_t i = 0; i < ids.size(); ++i) {
+        std::vector<uint8_t> reply;
+        if (!client->Wait(ids[i], Clock::now() + std::chrono::seconds(20), &reply).ok()) return;
+        if (std::equal(reply.begin(), reply.end(), sent[i].rbegin()) &&
+            reply.size() == sent[i].size()) {
+          ++ok;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 60);
+}
+
+TEST_P(TransportConformance, DeadlineWithoutReplyThenLateReplyIsDropped) {
+  auto client = pair_.new_client();
+  auto peer = client->Connect(pair_.address);
+  ASSERT_TRUE(peer.ok());
+  auto id = client->Post(*peer, Pattern(128, 1));
+  ASSERT_TRUE(id.ok());
+  std::vector<uint8_t> reply;
+  const auto start = Clock::now();
+  const absl::Status st = client->Wait(*id, start + milliseconds(200), &reply);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded) << st;
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(5));
+  // The server answers late; the client drops it and keeps working.
+  StartEcho();
+  auto id2 = client->Post(*peer, Pattern(300, 2));
+  ASSERT_TRUE(id2.ok());
+  EXPECT_TRUE(client->Wait(*id2, Clock::now() + std::chrono::seconds(20), &reply).ok());
+  EXPECT_EQ(reply.size(), 300u);
+}
+
+TEST_P(TransportConformance, ServerGoneFailsInFlightRequests) {
+  auto client = pair_.new_client();
+  auto peer = client->Connect(pair_.address);
+  ASSERT_TRUE(peer.ok());
+  StartEcho();
+  {  // Establish the connection first.
+    auto id = client->Post(*peer, Pattern(16, 3));
+    std::vector<uint8_t> reply;
+    ASSERT_TRUE(client->Wait(*id, Clock::now() + std::chrono::seconds(20), &reply).ok());
+  }
+  StopEcho();
+  auto id = client->Post(*peer, Pattern(16, 4));
+  ASSERT_TRUE(id.ok());
+  std::this_thread::sleep_for(milliseconds(50));
+  pair_.server->Shutdown();
+  std::vector<uint8_t> reply;
+  const auto start = Clock::now();
+  const absl::Status st = client->Wait(*id, start + std::chrono::seconds(3), &reply);
+  EXPECT_FALSE(st.ok());
+  EXPECT_TRUE(st.code() == absl::StatusCode::kUnavailable ||
+              st.code() == absl::StatusCode::kDeadlineExceeded)
+      << st;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, TransportConformance,
+                         ::testing::Values("inproc", "ucx_tcp", "ucx_sm"),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace dmoe::transport

@@ -1,0 +1,32 @@
+// The UCX transport (UCP active messages). All UCX calls of one transport object happen on its own
+// progress thread, which sleeps on the worker's event fd (UCP_FEATURE_WAKEUP) instead of
+// busy-polling; other threads hand work over through a queue and ucp_worker_signal.
+//
+// Addresses: "HOST:PORT" connects through a UCX listener (needs tcp in UCX_TLS); "ucx-addr:HEX"
+// connects to a worker address (works with any UCX_TLS, e.g. sm,self). A server's Listen returns
+// "HOST:PORT"; WorkerAddress() gives its "ucx-addr:HEX" form.
+// Peer failure (UCP_ERR_HANDLING_MODE_PEER) fails that peer's in-flight requests at once; a hung
+// peer is caught by the caller's deadline.
+#ifndef DMOE_TRANSPORT_UCX_H_
+#define DMOE_TRANSPORT_UCX_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "transport/transport.h"
+
+namespace dmoe::transport {
+
+absl::StatusOr<std::unique_ptr<ClientTransport>> NewUcxClient();
+
+class UcxServer : public ServerTransport {
+ public:
+  // "ucx-addr:HEX" of the worker, valid after Listen.
+  virtual std::string WorkerAddress() const = 0;
+};
+absl::StatusOr<std::unique_ptr<UcxServer>> NewUcxServer();
+
+}  // namespace dmoe::transport
+
+#endif  // DMOE_TRANSPORT_UCX_H_
