@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "kernels/cpu/ops.h"
 
 namespace dmoe {
@@ -221,17 +222,17 @@ absl::Status Engine::Ffn(int64_t l, const float* x, int64_t n, float* out) {
   gate_w_.resize(static_cast<size_t>(n * k));
   cpu::SelectExperts(gate_, router_.data(), n, gate_ids_.data(), gate_w_.data());
   timings_.router += Since(&t0);
-  if (auto st = experts_->Compute(l, x, n, gate_ids_.data(), gate_w_.data(), k, out); !st.ok()) {
-    return st;
-  }
-  timings_.routed += Since(&t0);
+  // Hand the tokens to the routed experts, compute the shared experts meanwhile, then add.
+  RETURN_IF_ERROR(experts_->Begin(l, x, n, gate_ids_.data(), gate_w_.data(), k));
   if (c.n_shared_experts > 0) {
-    shared_.resize(static_cast<size_t>(n * d));
     cpu::SwiGluMlp(x, n, d, lw.shared.gate.w.data(), lw.shared.up.w.data(), lw.shared.down.w.data(),
-                   c.moe_intermediate_size * c.n_shared_experts, shared_.data(), &scratch_);
-    for (int64_t i = 0; i < n * d; ++i) out[i] += shared_[static_cast<size_t>(i)];
-    timings_.shared += Since(&t0);
+                   c.moe_intermediate_size * c.n_shared_experts, out, &scratch_);
+  } else {
+    std::memset(out, 0, sizeof(float) * static_cast<size_t>(n * d));
   }
+  timings_.shared += Since(&t0);
+  RETURN_IF_ERROR(experts_->Finish(out));
+  timings_.routed += Since(&t0);
   return absl::OkStatus();
 }
 

@@ -59,8 +59,8 @@ struct EngineTimings {
   double attention = 0;  // projections, RoPE, MLA, o_proj
   double dense_mlp = 0;  // first dense layers
   double router = 0;     // gate logits + expert selection
-  double routed = 0;     // routed experts (local compute or the remote round trip)
-  double shared = 0;     // shared experts
+  double shared = 0;     // shared experts (overlapping the remote experts' work)
+  double routed = 0;     // waiting for the routed experts after the shared ones
   double lm_head = 0;    // final norm + lm_head
 };
 
@@ -95,7 +95,7 @@ class Engine {
   cpu::GateParams gate_;
   EngineTimings timings_;
   // Scratch reused across steps.
-  std::vector<float> h_, x_, tmp_, q_, qa_, kva_, attn_, ffn_, shared_, router_, gate_w_, scratch_;
+  std::vector<float> h_, x_, tmp_, q_, qa_, kva_, attn_, router_, gate_w_, scratch_;
   std::vector<int32_t> gate_ids_;
   std::vector<float> decode_q_, decode_o_, lm_out_;
   std::vector<int64_t> decode_rows_, decode_ctx_;

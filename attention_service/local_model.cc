@@ -11,26 +11,39 @@
 namespace dmoe {
 
 absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& dir,
-                                                             EngineOptions options,
-                                                             bool log_progress) {
+                                                             const LocalModelOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   auto m = std::unique_ptr<LocalModel>(new LocalModel());
   ASSIGN_OR_RETURN(m->config_, LoadModelConfig(dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::Open(dir));
-  if (log_progress) {
+  if (options.log_progress) {
     std::fprintf(stderr, "loading %s: %zu tensors in %zu file(s)\n", dir.c_str(),
                  ck->Names().size(), ck->num_files());
   }
   ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_));
-  ASSIGN_OR_RETURN(m->experts_,
-                   ExpertStore::Load(*ck, m->config_, ExpertStore::AllExperts(m->config_)));
-  m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
-  m->engine_ = std::make_unique<Engine>(m->config_, &m->dense_, m->routed_.get(), options);
-  if (log_progress) {
+  RoutedExperts* routed = nullptr;
+  if (options.expert_shards.empty()) {
+    ASSIGN_OR_RETURN(m->experts_,
+                     ExpertStore::Load(*ck, m->config_, ExpertStore::AllExperts(m->config_)));
+    m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
+    routed = m->routed_.get();
+  } else {
+    m->experts_ = std::make_unique<ExpertStore>();
+    ASSIGN_OR_RETURN(m->shards_, ExpertShardSet::Connect(m->config_, options.expert_shards,
+                                                         options.shard_client));
+    routed = m->shards_->experts();
+  }
+  m->engine_ = std::make_unique<Engine>(m->config_, &m->dense_, routed, options.engine);
+  if (options.log_progress) {
     const double s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::fprintf(stderr, "loaded %.1f MiB of weights in %.2f s\n",
-                 static_cast<double>(ck->bytes_read()) / (1 << 20), s);
+    std::fprintf(
+        stderr, "loaded %.1f MiB of weights in %.2f s%s\n",
+        static_cast<double>(ck->bytes_read()) / (1 << 20), s,
+        options.expert_shards.empty()
+            ? ""
+            : absl::StrCat("; routed experts on ", options.expert_shards.size(), " shard(s)")
+                  .c_str());
   }
   return m;
 }

@@ -11,18 +11,34 @@
 #include "absl/status/statusor.h"
 #include "attention_service/engine.h"
 #include "expert_service/routed_experts.h"
+#include "expert_service/shard_client.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 
 namespace dmoe {
 
+struct LocalModelOptions {
+  EngineOptions engine;
+  bool log_progress = false;  // one line on stderr when loading starts and one when it ends
+  // Empty: every routed expert in this process. Otherwise the gRPC control addresses of the
+  // expert shards that serve them over UCX; no expert tensor is loaded here then.
+  std::vector<std::string> expert_shards;
+  ShardClientOptions shard_client;
+};
+
 class LocalModel {
  public:
-  // `log_progress`: one line on stderr when loading starts and one when it ends.
+  static absl::StatusOr<std::unique_ptr<LocalModel>> Load(const std::string& dir,
+                                                          const LocalModelOptions& options);
   static absl::StatusOr<std::unique_ptr<LocalModel>> Load(const std::string& dir,
                                                           EngineOptions options = {},
-                                                          bool log_progress = false);
+                                                          bool log_progress = false) {
+    LocalModelOptions o;
+    o.engine = options;
+    o.log_progress = log_progress;
+    return Load(dir, o);
+  }
   const ModelConfig& config() const { return config_; }
   Engine& engine() { return *engine_; }
   const ExpertStore& experts() const { return *experts_; }
@@ -35,6 +51,7 @@ class LocalModel {
   DenseWeights dense_;
   std::unique_ptr<ExpertStore> experts_;
   std::unique_ptr<LocalRoutedExperts> routed_;
+  std::unique_ptr<ExpertShardSet> shards_;
   std::unique_ptr<Engine> engine_;
 };
 

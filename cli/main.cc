@@ -2,11 +2,13 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "attention_service/local_model.h"
 #include "cli/flags.h"
 #include "cli/npy.h"
@@ -35,7 +37,7 @@ model.safetensors or a sharded index) in this process, in fp32.
   --out F.npy      write the logits as a float32 .npy of shape [T, vocab_size]; without it,
                    print the argmax token and its logit for every position
   --attention FORM auto (default), naive or absorbed: which MLA form to use
-)";
+%s)";
 
 constexpr char kGenerateHelp[] =
     R"(usage: dmoe generate --model DIR --tokens 1,2,3 --max-tokens N [flags]
@@ -51,6 +53,16 @@ in this process. Prints the generated token ids, comma-separated, on one line.
   --prefill-chunk C    prefill C prompt tokens per step (default: all at once)
   --stop-token ID      stop after generating this id
   --print-token-ids    print only the ids (no timing line on stderr)
+%s)";
+
+constexpr char kRemoteHelp[] = R"(
+Remote experts (without these flags every routed expert runs in this process):
+  --expert-shards LIST    comma-separated gRPC control addresses of dmoe-expert shards; the
+                          routed experts then run there, reached over UCX
+  --wire-dtype T          bf16 (default) or f32: hidden rows on the wire
+  --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
+  --ucx-connect MODE      listener (default; needs tcp in UCX_TLS) or worker (the shard's worker
+                          address; works with UCX_TLS=sm,self)
 )";
 
 constexpr char kMakeTinyHelp[] =
@@ -79,11 +91,53 @@ absl::StatusOr<AttentionForm> ParseForm(const std::string& s) {
       absl::StrCat("--attention: \"", s, "\" is not auto, naive or absorbed"));
 }
 
+const std::set<std::string> kRemoteFlags = {"expert-shards", "wire-dtype", "expert-deadline-ms",
+                                            "ucx-connect"};
+
+std::set<std::string> WithRemote(std::set<std::string> flags) {
+  flags.insert(kRemoteFlags.begin(), kRemoteFlags.end());
+  return flags;
+}
+
+// Fills the remote-expert part of `o` from the flags.
+absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
+  const std::string shards = flags.StringOr("expert-shards", "");
+  if (!shards.empty()) {
+    for (absl::string_view s : absl::StrSplit(shards, ',')) {
+      if (s.empty()) return absl::InvalidArgumentError("--expert-shards: empty address");
+      o->expert_shards.emplace_back(s);
+    }
+  }
+  const std::string dtype = flags.StringOr("wire-dtype", "bf16");
+  if (dtype == "bf16") {
+    o->shard_client.remote.dtype = wire::WireDType::kBF16;
+  } else if (dtype == "f32") {
+    o->shard_client.remote.dtype = wire::WireDType::kF32;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--wire-dtype: \"", dtype, "\" is not bf16 or f32"));
+  }
+  auto deadline = flags.Int("expert-deadline-ms", 5000);
+  if (!deadline.ok()) return deadline.status();
+  if (*deadline <= 0) return absl::InvalidArgumentError("--expert-deadline-ms: must be positive");
+  o->shard_client.remote.deadline = std::chrono::milliseconds(*deadline);
+  const std::string mode = flags.StringOr("ucx-connect", "listener");
+  if (mode == "listener") {
+    o->shard_client.connect = UcxConnectMode::kListener;
+  } else if (mode == "worker") {
+    o->shard_client.connect = UcxConnectMode::kWorkerAddress;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ucx-connect: \"", mode, "\" is not listener or worker"));
+  }
+  return absl::OkStatus();
+}
+
 int Logits(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv, {"model", "tokens", "out", "attention"}, {});
+  auto flags = Flags::Parse(argc, argv, WithRemote({"model", "tokens", "out", "attention"}), {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::fputs(kLogitsHelp, stdout);
+    std::printf(kLogitsHelp, kRemoteHelp);
     return 0;
   }
   if (!flags->positional().empty()) {
@@ -98,9 +152,11 @@ int Logits(int argc, char** argv) {
   if (!tokens.ok()) return Fail(tokens.status());
   auto form = ParseForm(flags->StringOr("attention", "auto"));
   if (!form.ok()) return Fail(form.status());
-  EngineOptions options;
-  options.attention_form = *form;
-  auto model = LocalModel::Load(*dir, options, /*log_progress=*/true);
+  LocalModelOptions options;
+  options.engine.attention_form = *form;
+  options.log_progress = true;
+  if (auto s = RemoteOptions(*flags, &options); !s.ok()) return Fail(s);
+  auto model = LocalModel::Load(*dir, options);
   if (!model.ok()) return Fail(model.status());
   auto logits = (*model)->engine().Forward(*tokens);
   if (!logits.ok()) return Fail(logits.status());
@@ -124,13 +180,13 @@ int Logits(int argc, char** argv) {
 }
 
 int GenerateCmd(int argc, char** argv) {
-  auto flags = Flags::Parse(
-      argc, argv,
-      {"model", "tokens", "max-tokens", "temperature", "seed", "prefill-chunk", "stop-token"},
-      {"print-token-ids"});
+  auto flags = Flags::Parse(argc, argv,
+                            WithRemote({"model", "tokens", "max-tokens", "temperature", "seed",
+                                        "prefill-chunk", "stop-token"}),
+                            {"print-token-ids"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::fputs(kGenerateHelp, stdout);
+    std::printf(kGenerateHelp, kRemoteHelp);
     return 0;
   }
   if (!flags->positional().empty()) {
@@ -162,7 +218,10 @@ int GenerateCmd(int argc, char** argv) {
   g.prefill_chunk = *chunk;
   g.stop_token = static_cast<int32_t>(*stop);
   const bool quiet = flags->Bool("print-token-ids");
-  auto model = LocalModel::Load(*dir, {}, /*log_progress=*/!quiet);
+  LocalModelOptions options;
+  options.log_progress = !quiet;
+  if (auto s = RemoteOptions(*flags, &options); !s.ok()) return Fail(s);
+  auto model = LocalModel::Load(*dir, options);
   if (!model.ok()) return Fail(model.status());
   const auto start = std::chrono::steady_clock::now();
   auto out = Generate((*model)->engine(), *tokens, g);

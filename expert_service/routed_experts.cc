@@ -41,36 +41,50 @@ uint64_t ExpertStore::bytes() const {
   return n;
 }
 
-absl::Status LocalRoutedExperts::Compute(int64_t layer, const float* x, int64_t t,
-                                         const int32_t* ids, const float* w, int64_t k,
-                                         float* out) {
-  std::memset(out, 0, sizeof(float) * static_cast<size_t>(t * hidden_));
-  // Group (token, weight) by expert, preserving token order within an expert.
-  std::map<int32_t, std::vector<std::pair<int64_t, float>>> by_expert;
-  for (int64_t i = 0; i < t; ++i) {
-    for (int64_t j = 0; j < k; ++j) by_expert[ids[i * k + j]].emplace_back(i, w[i * k + j]);
-  }
-  for (const auto& [expert, rows] : by_expert) {
-    const MlpWeights* m = store_->Find(layer, expert);
-    if (m == nullptr) {
+absl::Status ExpertBatcher::Run(const ExpertStore& store) {
+  for (const auto& [key, items] : groups_) {
+    if (store.Find(key.first, key.second) == nullptr) {
       return absl::FailedPreconditionError(
-          absl::StrCat("expert ", expert, " of layer ", layer, " is not hosted here"));
+          absl::StrCat("expert ", key.second, " of layer ", key.first, " is not hosted here"));
     }
-    const int64_t n = static_cast<int64_t>(rows.size());
+  }
+  for (const auto& [key, items] : groups_) {
+    const MlpWeights* m = store.Find(key.first, key.second);
+    const int64_t n = static_cast<int64_t>(items.size());
     gathered_.resize(static_cast<size_t>(n * hidden_));
     result_.resize(static_cast<size_t>(n * hidden_));
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(gathered_.data() + i * hidden_, x + rows[static_cast<size_t>(i)].first * hidden_,
+      std::memcpy(gathered_.data() + i * hidden_, items[static_cast<size_t>(i)].row,
                   sizeof(float) * static_cast<size_t>(hidden_));
     }
     cpu::SwiGluMlp(gathered_.data(), n, hidden_, m->gate.w.data(), m->up.w.data(), m->down.w.data(),
                    width_, result_.data(), &scratch_);
     for (int64_t i = 0; i < n; ++i) {
-      const auto& [token, weight] = rows[static_cast<size_t>(i)];
-      cpu::Axpy(hidden_, weight, result_.data() + i * hidden_, out + token * hidden_);
+      const Item& it = items[static_cast<size_t>(i)];
+      cpu::Axpy(hidden_, it.weight, result_.data() + i * hidden_, it.out);
     }
+    ++gemms_;
+    rows_ += static_cast<uint64_t>(n);
   }
   return absl::OkStatus();
+}
+
+absl::Status LocalRoutedExperts::Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids,
+                                       const float* w, int64_t k) {
+  call_ = Call{layer, t, k, x, ids, w};
+  return absl::OkStatus();
+}
+
+absl::Status LocalRoutedExperts::Finish(float* out) {
+  const Call& c = call_;
+  batcher_.Clear();
+  for (int64_t i = 0; i < c.t; ++i) {
+    for (int64_t j = 0; j < c.k; ++j) {
+      batcher_.Add(c.layer, c.ids[i * c.k + j], c.x + i * hidden_, c.w[i * c.k + j],
+                   out + i * hidden_);
+    }
+  }
+  return batcher_.Run(*store_);
 }
 
 }  // namespace dmoe

@@ -17,14 +17,17 @@
 
 namespace dmoe {
 
-// Thread-compatible: one caller at a time.
+// Thread-compatible: one caller at a time. A call is split in two so that the caller can work
+// (the shared experts) while remote experts compute: Begin hands the tokens over, Finish waits.
 class RoutedExperts {
  public:
   virtual ~RoutedExperts() = default;
-  // out[t, D] = sum_j w[t, j] * Expert_{ids[t, j]}(x[t]) for the MoE layer `layer`.
-  // x [t, D], ids and w [t, k]; out is overwritten.
-  virtual absl::Status Compute(int64_t layer, const float* x, int64_t t, const int32_t* ids,
-                               const float* w, int64_t k, float* out) = 0;
+  // Starts out[t, D] = sum_j w[t, j] * Expert_{ids[t, j]}(x[t]) for MoE layer `layer`.
+  // x [t, D], ids and w [t, k] must stay valid until Finish.
+  virtual absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids,
+                             const float* w, int64_t k) = 0;
+  // Adds the result of the last Begin into out [t, D] (out += routed output).
+  virtual absl::Status Finish(float* out) = 0;
 };
 
 // The experts one process hosts, in fp32, keyed by (layer, expert).
@@ -46,20 +49,55 @@ class ExpertStore {
   std::map<std::pair<int64_t, int64_t>, MlpWeights> experts_;
 };
 
-// Computes routed experts in this process: all tokens that chose one expert go through it as one
-// GEMM, then each result row is added to its token's output with the gate weight.
+// Groups (input row, weight, output row) triples by (layer, expert), then runs each group through
+// its expert as one GEMM and adds weight * Expert(row) into each output row. Used for one engine
+// step and, on an expert shard, for every request that arrived together. Thread-compatible.
+class ExpertBatcher {
+ public:
+  ExpertBatcher(int64_t hidden, int64_t width) : hidden_(hidden), width_(width) {}
+  void Add(int64_t layer, int64_t expert, const float* row, float weight, float* out_row) {
+    groups_[{layer, expert}].push_back(Item{row, weight, out_row});
+  }
+  // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`.
+  absl::Status Run(const ExpertStore& store);
+  void Clear() { groups_.clear(); }
+  // GEMM calls made and rows pushed through them by Run, since construction.
+  uint64_t gemms() const { return gemms_; }
+  uint64_t rows() const { return rows_; }
+
+ private:
+  struct Item {
+    const float* row;
+    float weight;
+    float* out;
+  };
+  int64_t hidden_;
+  int64_t width_;
+  std::map<std::pair<int64_t, int64_t>, std::vector<Item>> groups_;
+  std::vector<float> gathered_, result_, scratch_;
+  uint64_t gemms_ = 0, rows_ = 0;
+};
+
+// Computes routed experts in this process (all of them hosted in `store`).
 class LocalRoutedExperts : public RoutedExperts {
  public:
   LocalRoutedExperts(const ModelConfig& c, const ExpertStore* store)
-      : hidden_(c.hidden_size), width_(c.moe_intermediate_size), store_(store) {}
-  absl::Status Compute(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
-                       int64_t k, float* out) override;
+      : hidden_(c.hidden_size), store_(store), batcher_(c.hidden_size, c.moe_intermediate_size) {}
+  absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
+                     int64_t k) override;
+  absl::Status Finish(float* out) override;
 
  private:
+  struct Call {
+    int64_t layer = 0, t = 0, k = 0;
+    const float* x = nullptr;
+    const int32_t* ids = nullptr;
+    const float* w = nullptr;
+  };
   int64_t hidden_;
-  int64_t width_;
   const ExpertStore* store_;
-  std::vector<float> gathered_, result_, scratch_;
+  ExpertBatcher batcher_;
+  Call call_;
 };
 
 }  // namespace dmoe

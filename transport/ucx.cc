@@ -63,7 +63,9 @@ class UcxWorker {
     return absl::OkStatus();
   }
 
-  void StartThread() { thread_ = std::thread([this] { Loop(); }); }
+  void StartThread() {
+    thread_ = std::thread([this] { Loop(); });
+  }
 
   // Runs `fn` on the progress thread and waits for it.
   void RunSync(std::function<void()> fn) {
@@ -310,17 +312,16 @@ class UcxClient : public ClientTransport, public UcxWorker {
     return it == inflight_.end() || it->second.done;
   }
 
-  absl::Status Wait(uint64_t id, Clock::time_point deadline,
-                    std::vector<uint8_t>* reply) override {
+  absl::Status Wait(uint64_t id, Clock::time_point deadline, std::vector<uint8_t>* reply) override {
     std::unique_lock<std::mutex> l(mu_);
     auto it = inflight_.find(id);
     if (it == inflight_.end()) return absl::InvalidArgumentError(absl::StrCat("unknown id ", id));
     const bool done = cv_.wait_until(l, deadline, [&] { return it->second.done; });
     absl::Status st;
     if (!done) {
-      st = absl::DeadlineExceededError(absl::StrCat(
-          "no reply from ", peers_[static_cast<size_t>(it->second.peer)].address,
-          " before the deadline"));
+      st = absl::DeadlineExceededError(
+          absl::StrCat("no reply from ", peers_[static_cast<size_t>(it->second.peer)].address,
+                       " before the deadline"));
     } else {
       st = it->second.status;
       if (st.ok()) *reply = std::move(it->second.reply);
@@ -364,7 +365,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
     ucp_ep_h ep;
     {
       std::lock_guard<std::mutex> l(mu_);
-      ep = peers_[static_cast<size_t>(peer)].failed ? nullptr : peers_[static_cast<size_t>(peer)].ep;
+      ep =
+          peers_[static_cast<size_t>(peer)].failed ? nullptr : peers_[static_cast<size_t>(peer)].ep;
     }
     if (ep == nullptr) {
       Complete(send->id, absl::UnavailableError("peer has failed"), nullptr);
@@ -479,8 +481,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
       for (auto& [id, f] : self->inflight_) {
         if (f.peer == static_cast<int>(i) && !f.done) {
           f.done = true;
-          f.status = absl::UnavailableError(absl::StrCat("expert shard ", p.address,
-                                                         " failed: ", ucs_status_string(status)));
+          f.status = absl::UnavailableError(
+              absl::StrCat("expert shard ", p.address, " failed: ", ucs_status_string(status)));
         }
       }
       // Close the endpoint from the progress thread, outside this callback.
@@ -656,7 +658,11 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       std::lock_guard<std::mutex> l(self->mu_);
       ++self->stats_.peer_errors;
       self->live_eps_.erase(ep);
-      self->dead_eps_.insert(ep);
+      // Requests of the dead client can no longer be answered; forget them now, because a later
+      // endpoint may reuse this handle's address.
+      for (auto it = self->pending_.begin(); it != self->pending_.end();) {
+        it = it->second.ep == ep ? self->pending_.erase(it) : std::next(it);
+      }
     }
     self->RunAsync([self, ep] {
       ucp_request_param_t prm;
@@ -686,7 +692,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<UcxServerImpl*>(arg);
-    if (header_length != sizeof(uint64_t) || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
+    if (header_length != sizeof(uint64_t) ||
+        !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
       std::lock_guard<std::mutex> l(self->mu_);
       ++self->stats_.peer_errors;
       return UCS_OK;
@@ -734,7 +741,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     {
       std::lock_guard<std::mutex> l(mu_);
       auto it = pending_.find(token);
-      if (it == pending_.end() || dead_eps_.count(it->second.ep) || closed_) {
+      if (it == pending_.end() || closed_) {
         if (it != pending_.end()) pending_.erase(it);
         ++stats_.dropped_replies;
         pool_.Release(std::move(send->bytes));
@@ -781,7 +788,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   uint64_t next_token_ = 1;
   std::deque<ServerRequest> queue_;
   std::map<uint64_t, Pending> pending_;
-  std::set<ucp_ep_h> live_eps_, dead_eps_;
+  std::set<ucp_ep_h> live_eps_;
   ServerStats stats_;
   BufferPool pool_;
 };

@@ -1,0 +1,86 @@
+#include "expert_service/expert_shard.h"
+
+#include "absl/strings/str_cat.h"
+#include "transport/wire.h"
+
+namespace dmoe {
+
+ExpertShard::ExpertShard(const ModelConfig& config, const ExpertStore* store)
+    : config_(config), store_(store), batcher_(config.hidden_size, config.moe_intermediate_size) {}
+
+ShardStats ExpertShard::stats() const {
+  ShardStats s;
+  s.messages = messages_;
+  s.rejected = rejected_;
+  s.tokens = tokens_;
+  s.pairs = pairs_;
+  s.batches = batches_;
+  s.gemms = gemms_;
+  return s;
+}
+
+void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& requests,
+                          std::vector<std::vector<uint8_t>>* replies) {
+  const size_t n = requests.size();
+  const int64_t d = config_.hidden_size;
+  replies->resize(n);
+  in_.resize(n);
+  out_.resize(n);
+  std::vector<wire::MessageView> views(n);
+  std::vector<bool> valid(n, false);
+  batcher_.Clear();
+  ++batches_;
+  for (size_t i = 0; i < n; ++i) {
+    ++messages_;
+    const std::vector<uint8_t>& bytes = *requests[i];
+    auto v = wire::DecodeMessage(bytes.data(), bytes.size());
+    std::string error;
+    if (!v.ok()) {
+      error = std::string(v.status().message());
+    } else if (v->header.kind != wire::Kind::kDispatch) {
+      error = "expected a dispatch message";
+    } else if (v->header.hidden_size != static_cast<uint32_t>(d)) {
+      error = absl::StrCat("hidden_size ", v->header.hidden_size, " != model hidden_size ", d);
+    } else {
+      for (uint32_t p = 0; p < v->header.pair_count && error.empty(); ++p) {
+        const wire::Pair pr = v->pair(p);
+        if (store_->Find(v->header.layer, pr.expert) == nullptr) {
+          error = absl::StrCat("expert ", pr.expert, " of layer ", v->header.layer,
+                               " is not hosted on this shard");
+        }
+      }
+    }
+    if (!error.empty()) {
+      ++rejected_;
+      wire::Header h = v.ok() ? v->header : wire::Header();
+      wire::EncodeError(h, error, &(*replies)[i]);
+      continue;
+    }
+    valid[i] = true;
+    views[i] = std::move(v).value();
+    const wire::Header& h = views[i].header;
+    in_[i].resize(static_cast<size_t>(h.token_count) * d);
+    out_[i].assign(static_cast<size_t>(h.token_count) * d, 0.0f);
+    for (uint32_t t = 0; t < h.token_count; ++t) views[i].RowToFloat(t, in_[i].data() + t * d);
+    for (uint32_t p = 0; p < h.pair_count; ++p) {
+      const wire::Pair pr = views[i].pair(p);
+      batcher_.Add(h.layer, pr.expert, in_[i].data() + pr.token * d, pr.weight,
+                   out_[i].data() + pr.token * d);
+    }
+    tokens_ += h.token_count;
+    pairs_ += h.pair_count;
+  }
+  const uint64_t gemms_before = batcher_.gemms();
+  const absl::Status st = batcher_.Run(*store_);  // every expert was checked above
+  gemms_ += batcher_.gemms() - gemms_before;
+  for (size_t i = 0; i < n; ++i) {
+    if (!valid[i]) continue;
+    if (!st.ok()) {
+      wire::EncodeError(views[i].header, std::string(st.message()), &(*replies)[i]);
+      continue;
+    }
+    wire::EncodeCombine(views[i].header, out_[i].data(), &(*replies)[i]);
+  }
+}
+
+}  // namespace dmoe

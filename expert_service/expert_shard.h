@@ -1,0 +1,43 @@
+// The request handler of an expert shard: decodes dispatch messages, merges the tokens of every
+// request that arrived together per (layer, expert) into one GEMM, and encodes one combine (or
+// error) reply per request. Knows nothing of the transport. Thread-compatible, except stats().
+#ifndef DMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
+#define DMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "expert_service/routed_experts.h"
+#include "model/config.h"
+
+namespace dmoe {
+
+struct ShardStats {
+  uint64_t messages = 0;  // requests handled
+  uint64_t rejected = 0;  // malformed, wrong kind/size, or naming experts not hosted here
+  uint64_t tokens = 0;
+  uint64_t pairs = 0;
+  uint64_t batches = 0;  // Process calls
+  uint64_t gemms = 0;    // one per (layer, expert) per batch
+};
+
+class ExpertShard {
+ public:
+  ExpertShard(const ModelConfig& config, const ExpertStore* store);
+  // replies[i] answers requests[i]: a combine, or an error message naming the problem.
+  void Process(const std::vector<const std::vector<uint8_t>*>& requests,
+               std::vector<std::vector<uint8_t>>* replies);
+  ShardStats stats() const;
+
+ private:
+  ModelConfig config_;
+  const ExpertStore* store_;
+  ExpertBatcher batcher_;
+  std::vector<std::vector<float>> in_, out_;
+  std::atomic<uint64_t> messages_{0}, rejected_{0}, tokens_{0}, pairs_{0}, batches_{0}, gemms_{0};
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
