@@ -280,7 +280,10 @@ class UcxClient : public ClientTransport, public UcxWorker {
         return;
       }
       std::lock_guard<std::mutex> l(mu_);
-      peers_.push_back(Peer{handle, address, false});
+      // Worker addresses are long; messages show a prefix.
+      peers_.push_back(Peer{
+          handle, absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address,
+          false});
       result = static_cast<int>(peers_.size() - 1);
     });
     return result;
@@ -482,7 +485,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
         if (f.peer == static_cast<int>(i) && !f.done) {
           f.done = true;
           f.status = absl::UnavailableError(
-              absl::StrCat("expert shard ", p.address, " failed: ", ucs_status_string(status)));
+              absl::StrCat("peer ", p.address, " failed: ", ucs_status_string(status)));
         }
       }
       // Close the endpoint from the progress thread, outside this callback.
