@@ -1,5 +1,7 @@
 #include "model/dtype.h"
 
+#include <immintrin.h>
+
 #include <cmath>
 
 namespace dmoe {
@@ -63,6 +65,63 @@ uint16_t FloatToF16(float f) {
   const uint32_t rem = mant & 0x1fffu;
   if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // carries into the exponent correctly
   return sign | static_cast<uint16_t>(h);
+}
+
+namespace {
+
+__attribute__((target("avx2"))) void FloatToBf16Avx2(const float* src, size_t n, uint16_t* dst) {
+  const __m256i lsb_mask = _mm256_set1_epi32(1);
+  const __m256i bias = _mm256_set1_epi32(0x7fff);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i inf = _mm256_set1_epi32(0x7f800000);
+  const __m256i quiet = _mm256_set1_epi32(0x00400000);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, abs_mask), inf);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), lsb_mask);
+    __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(bias, lsb));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(b, quiet), is_nan);
+    r = _mm256_srli_epi32(r, 16);
+    // Pack the low 16 bits of eight 32-bit lanes.
+    const __m128i lo = _mm256_castsi256_si128(r);
+    const __m128i hi = _mm256_extracti128_si256(r, 1);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi32(lo, hi));
+  }
+  for (; i < n; ++i) dst[i] = FloatToBf16(src[i]);
+}
+
+__attribute__((target("avx2"))) void Bf16ToFloatAvx2(const uint16_t* src, size_t n, float* dst) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), w);
+  }
+  for (; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
+}
+
+bool HasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+}  // namespace
+
+void FloatToBf16N(const float* src, size_t n, uint16_t* dst) {
+  if (HasAvx2()) {
+    FloatToBf16Avx2(src, n, dst);
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) dst[i] = FloatToBf16(src[i]);
+}
+
+void Bf16ToFloatN(const uint16_t* src, size_t n, float* dst) {
+  if (HasAvx2()) {
+    Bf16ToFloatAvx2(src, n, dst);
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
 }
 
 void ConvertToFloat(DType t, const void* src, size_t n, float* dst) {

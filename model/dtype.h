@@ -39,6 +39,10 @@ inline uint16_t FloatToBf16(float f) {
 float F16ToFloat(uint16_t v);
 uint16_t FloatToF16(float f);
 
+// Bulk conversions (AVX2 when the CPU has it; same rounding as the scalar forms above).
+void FloatToBf16N(const float* src, size_t n, uint16_t* dst);
+void Bf16ToFloatN(const uint16_t* src, size_t n, float* dst);
+
 // Converts `n` elements of type `t` at `src` (any alignment) to float.
 void ConvertToFloat(DType t, const void* src, size_t n, float* dst);
 

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -136,6 +137,31 @@ TEST(DType, ConversionsAreExact) {
   for (uint32_t h = 0; h < 0x7c00; h += 7) {
     EXPECT_EQ(FloatToF16(F16ToFloat(static_cast<uint16_t>(h))), h);
   }
+}
+
+TEST(DType, BulkBf16ConversionsMatchTheScalarOnes) {
+  // Every bf16 pattern back to float, and floats around rounding ties, NaN, inf and subnormals.
+  std::vector<uint16_t> all(65536);
+  for (uint32_t i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
+  std::vector<float> f(all.size());
+  Bf16ToFloatN(all.data(), all.size(), f.data());
+  for (uint32_t i = 0; i < 65536; ++i) {
+    const float want = Bf16ToFloat(all[i]);
+    ASSERT_EQ(std::memcmp(&f[i], &want, 4), 0) << i;
+  }
+  std::vector<float> src;
+  for (uint32_t i = 0; i < 200000; ++i) {
+    uint32_t bits = i * 2654435761u;
+    if (i % 3 == 0) bits = (bits & 0xffff0000u) | 0x8000u;  // exact ties
+    float v;
+    std::memcpy(&v, &bits, 4);
+    src.push_back(v);
+  }
+  src.push_back(NAN);
+  src.push_back(-INFINITY);
+  std::vector<uint16_t> got(src.size());
+  FloatToBf16N(src.data(), src.size(), got.data());
+  for (size_t i = 0; i < src.size(); ++i) ASSERT_EQ(got[i], FloatToBf16(src[i])) << i;
 }
 
 class CheckpointTest : public ::testing::Test {

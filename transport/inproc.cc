@@ -170,8 +170,7 @@ class InprocClient : public ClientTransport {
     std::lock_guard<std::mutex> l(ex->mu);
     return ex->done;
   }
-  absl::Status Wait(uint64_t id, Clock::time_point deadline,
-                    std::vector<uint8_t>* reply) override {
+  absl::Status Wait(uint64_t id, Clock::time_point deadline, std::vector<uint8_t>* reply) override {
     std::shared_ptr<Exchange> ex = Find(id);
     if (!ex) return absl::InvalidArgumentError(absl::StrCat("unknown request id ", id));
     std::unique_lock<std::mutex> l(ex->mu);

@@ -105,7 +105,8 @@ TEST_P(TransportConformance, RoundTripsOfEverySize) {
   auto client = pair_.new_client();
   auto peer = client->Connect(pair_.address);
   ASSERT_TRUE(peer.ok()) << peer.status();
-  for (size_t n : {size_t{1}, size_t{64}, size_t{4096}, size_t{65536}, size_t{1} << 20, size_t{5} << 20}) {
+  for (size_t n :
+       {size_t{1}, size_t{64}, size_t{4096}, size_t{65536}, size_t{1} << 20, size_t{5} << 20}) {
     const std::vector<uint8_t> msg = Pattern(n, static_cast<int>(n));
     auto id = client->Post(*peer, msg);
     ASSERT_TRUE(id.ok()) << id.status();

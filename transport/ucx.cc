@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -44,13 +45,18 @@ class UcxWorker {
     ucp_config_t* config = nullptr;
     ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) return UcsError("ucp_config_read", s);
+    // Rendezvous over tcp costs extra round trips; below 256 KiB eager copies were faster here
+    // (BUILD_NOTES.md). The environment still wins.
+    if (std::getenv("UCX_RNDV_THRESH") == nullptr) ucp_config_modify(config, "RNDV_THRESH", "256k");
     s = ucp_init(&params, config, &context_);
     ucp_config_release(config);
     if (s != UCS_OK) return UcsError("ucp_init", s);
     ucp_worker_params_t wp;
     std::memset(&wp, 0, sizeof(wp));
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-    wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+    // MULTI: callers send and progress on their own threads (no hand-off on the hot path); the
+    // progress thread covers everything that happens while nobody is waiting.
+    wp.thread_mode = UCS_THREAD_MODE_MULTI;
     s = ucp_worker_create(context_, &wp, &worker_);
     if (s != UCS_OK) return UcsError("ucp_worker_create", s);
     s = ucp_worker_get_efd(worker_, &efd_);
@@ -91,6 +97,7 @@ class UcxWorker {
     {
       std::lock_guard<std::mutex> l(ops_mu_);
       ops_.push_back(std::move(fn));
+      ops_cv_.notify_all();
     }
     ucp_worker_signal(worker_);
   }
@@ -98,6 +105,10 @@ class UcxWorker {
   void StopThread() {
     if (!thread_.joinable()) return;
     stop_ = true;
+    {
+      std::lock_guard<std::mutex> l(ops_mu_);
+      ops_cv_.notify_all();
+    }
     ucp_worker_signal(worker_);
     thread_.join();
   }
@@ -112,6 +123,46 @@ class UcxWorker {
   }
 
  protected:
+  // Progresses the worker on the calling thread until `ready()` or `spin` has passed. For the
+  // short gaps of a decode step this beats waking a sleeping thread; it is bounded so that idle
+  // processes do not burn a core (BUILD_NOTES.md: never busy-poll both sides of a 2-core box).
+  template <typename Ready>
+  bool SpinProgress(std::chrono::microseconds spin, Ready ready) {
+    HoldWorker();
+    const bool done = SpinHeld(spin, ready);
+    ReleaseWorker();
+    return done;
+  }
+
+  // Progresses on the calling thread, which already holds the worker (HoldWorker).
+  template <typename Ready>
+  bool SpinHeld(std::chrono::microseconds spin, Ready ready) {
+    const auto end = Clock::now() + spin;
+    do {
+      if (ready()) return true;
+      ucp_worker_progress(worker_);
+    } while (Clock::now() < end);
+    return ready();
+  }
+
+  // While a caller holds the worker, the progress thread stays off it (it would only contend for
+  // the worker lock and a core).
+  void HoldWorker() { ++spinners_; }
+  void ReleaseWorker() {
+    if (--spinners_ == 0) {
+      std::lock_guard<std::mutex> l(ops_mu_);
+      ops_cv_.notify_all();
+    }
+  }
+
+  static std::chrono::microseconds SpinTime() {
+    static const std::chrono::microseconds spin = [] {
+      const char* env = std::getenv("DMOE_UCX_SPIN_US");
+      return std::chrono::microseconds(env ? std::atoi(env) : 200);
+    }();
+    return spin;
+  }
+
   // Waits for a UCX request started on the progress thread (only while on it).
   ucs_status_t WaitRequest(void* req) {
     if (req == nullptr) return UCS_OK;
@@ -133,7 +184,9 @@ class UcxWorker {
     while (!stop_) {
       std::deque<std::function<void()>> ops;
       {
-        std::lock_guard<std::mutex> l(ops_mu_);
+        std::unique_lock<std::mutex> l(ops_mu_);
+        ops_cv_.wait_for(l, std::chrono::milliseconds(100),
+                         [&] { return spinners_ == 0 || !ops_.empty() || stop_; });
         ops.swap(ops_);
       }
       for (auto& op : ops) op();
@@ -161,6 +214,8 @@ class UcxWorker {
   int epoll_ = -1;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  std::atomic<int> spinners_{0};
+  std::condition_variable ops_cv_;
   std::mutex ops_mu_;
   std::deque<std::function<void()>> ops_;
 };
@@ -305,7 +360,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       f.peer = peer;
     }
     auto* send = new SendState{this, id, std::move(request)};
-    RunAsync([this, peer, send] { DoSend(peer, send); });
+    DoSend(peer, send);
     return id;
   }
 
@@ -316,6 +371,11 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   absl::Status Wait(uint64_t id, Clock::time_point deadline, std::vector<uint8_t>* reply) override {
+    SpinProgress(SpinTime(), [&] {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = inflight_.find(id);
+      return it == inflight_.end() || it->second.done || Clock::now() >= deadline;
+    });
     std::unique_lock<std::mutex> l(mu_);
     auto it = inflight_.find(id);
     if (it == inflight_.end()) return absl::InvalidArgumentError(absl::StrCat("unknown id ", id));
@@ -574,6 +634,20 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   }
 
   void Receive(std::chrono::milliseconds timeout, std::vector<ServerRequest>* out) override {
+    // The serving thread keeps the worker while requests keep coming, and hands it back to the
+    // progress thread once a spin finds nothing.
+    if (!held_) {
+      HoldWorker();
+      held_ = true;
+    }
+    const bool got = SpinHeld(SpinTime(), [&] {
+      std::lock_guard<std::mutex> l(mu_);
+      return !queue_.empty() || closed_;
+    });
+    if (!got) {
+      held_ = false;
+      ReleaseWorker();
+    }
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
     while (!queue_.empty()) {
@@ -584,7 +658,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   void Reply(uint64_t token, std::vector<uint8_t> reply) override {
     auto* send = new ReplyState{this, 0, std::move(reply)};
-    RunAsync([this, token, send] { DoReply(token, send); });
+    DoReply(token, send);
   }
 
   std::vector<uint8_t> AcquireBuffer() override { return pool_.Acquire(); }
@@ -597,6 +671,10 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   void Shutdown() override {
     if (shut_down_.exchange(true)) return;
+    if (held_) {
+      held_ = false;
+      ReleaseWorker();
+    }
     {
       std::lock_guard<std::mutex> l(mu_);
       closed_ = true;
@@ -784,6 +862,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   ucp_listener_h listener_ = nullptr;
   std::string worker_address_;
+  bool held_ = false;  // Receive's thread holds the worker
   std::atomic<bool> shut_down_{false};
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -61,6 +61,10 @@ void WriteRows(WireDType dtype, const float* rows, size_t n, uint8_t* p) {
     std::memcpy(p, rows, n * 4);
     return;
   }
+  if (reinterpret_cast<uintptr_t>(p) % 2 == 0) {
+    FloatToBf16N(rows, n, reinterpret_cast<uint16_t*>(p));
+    return;
+  }
   for (size_t i = 0; i < n; ++i) Store<uint16_t>(p + 2 * i, FloatToBf16(rows[i]));
 }
 
@@ -81,6 +85,10 @@ void MessageView::RowToFloat(uint32_t i, float* out) const {
   if (header.dtype == WireDType::kF32) {
     std::memcpy(out, p, n * 4);
   } else {
+    if (reinterpret_cast<uintptr_t>(p) % 2 == 0) {
+      Bf16ToFloatN(reinterpret_cast<const uint16_t*>(p), n, out);
+      return;
+    }
     for (size_t j = 0; j < n; ++j) out[j] = Bf16ToFloat(Load<uint16_t>(p + 2 * j));
   }
 }
@@ -125,7 +133,8 @@ absl::StatusOr<MessageView> DecodeMessage(const uint8_t* data, size_t size) {
     v.error.assign(reinterpret_cast<const char*>(payload), h.payload_bytes);
     return v;
   }
-  if (h.token_count > kMaxTokens) return Bad(absl::StrCat("token_count ", h.token_count, " too large"));
+  if (h.token_count > kMaxTokens)
+    return Bad(absl::StrCat("token_count ", h.token_count, " too large"));
   if (h.hidden_size == 0 || h.hidden_size > kMaxHidden) {
     return Bad(absl::StrCat("hidden_size ", h.hidden_size, " out of range"));
   }
@@ -135,7 +144,8 @@ absl::StatusOr<MessageView> DecodeMessage(const uint8_t* data, size_t size) {
                              WireDTypeSize(h.dtype);  // < 2^33, no overflow
   const uint64_t expect = row_bytes + static_cast<uint64_t>(h.pair_count) * kPairBytes;
   if (expect != h.payload_bytes) {
-    return Bad(absl::StrCat("sizes give ", expect, " payload bytes, header says ", h.payload_bytes));
+    return Bad(
+        absl::StrCat("sizes give ", expect, " payload bytes, header says ", h.payload_bytes));
   }
   v.rows = payload;
   v.pairs = payload + row_bytes;

@@ -11,7 +11,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!v.ok() || v->header.kind == dmoe::wire::Kind::kError) return 0;
   const auto& h = v->header;
   std::vector<float> rows(static_cast<size_t>(h.token_count) * h.hidden_size);
-  for (uint32_t i = 0; i < h.token_count; ++i) v->RowToFloat(i, rows.data() + size_t{i} * h.hidden_size);
+  for (uint32_t i = 0; i < h.token_count; ++i)
+    v->RowToFloat(i, rows.data() + size_t{i} * h.hidden_size);
   if (h.kind == dmoe::wire::Kind::kDispatch) {
     std::vector<dmoe::wire::Pair> pairs;
     for (uint32_t i = 0; i < h.pair_count; ++i) pairs.push_back(v->pair(i));
