@@ -4,13 +4,20 @@
 //   small preset, batch 1: effective weight bytes read per second / memcpy bandwidth;
 //   sgemm GFLOP/s at the expert shapes / sgemm GFLOP/s of a large square.
 #include <cblas.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -21,6 +28,52 @@
 
 namespace dmoe {
 namespace {
+
+// A dmoe-expert child process, started next to this binary's bazel-bin folder.
+class ShardProcess {
+ public:
+  ShardProcess(const std::string& model, const std::string& spec, const std::string& ready) {
+    char self[4096] = {0};
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    std::string bin = std::string(self, n > 0 ? static_cast<size_t>(n) : 0);
+    bin = bin.substr(0, bin.rfind("/bench/")) + "/expert_service/dmoe-expert";
+    std::remove(ready.c_str());
+    pid_ = fork();
+    if (pid_ == 0) {
+      const int devnull = open("/dev/null", O_WRONLY);
+      dup2(devnull, 2);
+      execl(bin.c_str(), bin.c_str(), "--model", model.c_str(), "--experts", spec.c_str(),
+            "--ready-file", ready.c_str(), nullptr);
+      _exit(127);
+    }
+    for (int i = 0; i < 1200 && grpc_.empty(); ++i) {
+      std::ifstream in(ready);
+      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      const size_t at = text.find("\"grpc\": \"");
+      if (at != std::string::npos) grpc_ = text.substr(at + 9, text.find('"', at + 9) - at - 9);
+      if (grpc_.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  ~ShardProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  const std::string& grpc() const { return grpc_; }
+  double RssMiB() const {
+    std::ifstream in("/proc/" + std::to_string(pid_) + "/status");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    }
+    return -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  std::string grpc_;
+};
 
 using Clock = std::chrono::steady_clock;
 
@@ -123,6 +176,8 @@ int Main(int argc, char** argv) {
   std::string presets = "tiny,small", cache_dir = "/tmp/dmoe-bench";
   std::vector<int> batches = {1, 16, 64};
   int steps = 0;
+  int distributed = 2;
+  bool shard_memory = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
@@ -130,6 +185,10 @@ int Main(int argc, char** argv) {
       presets = value();
     } else if (a == "--model-cache") {
       cache_dir = value();
+    } else if (a == "--distributed") {
+      distributed = std::atoi(value().c_str());
+    } else if (a == "--no-shard-memory") {
+      shard_memory = false;
     } else if (a == "--steps") {
       steps = std::atoi(value().c_str());
     } else if (a == "--batches") {
@@ -141,10 +200,14 @@ int Main(int argc, char** argv) {
     } else {
       std::printf(
           "usage: engine_bench [--presets tiny,small] [--batches 1,16,64] [--steps N]\n"
-          "                    [--model-cache DIR]\n"
+          "                    [--model-cache DIR] [--distributed N] [--no-shard-memory]\n"
           "Writes the preset checkpoints into DIR once (small: ~1.6 GB bf16), then prints decode\n"
           "tokens/s and ms/step per batch size, the batch-1 weight-read bandwidth of the small\n"
-          "preset against memcpy bandwidth, and sgemm GFLOP/s at expert shapes against 2048^3.\n");
+          "preset against memcpy bandwidth, and sgemm GFLOP/s at expert shapes against 2048^3.\n"
+          "With --distributed N (default 2; 0 = off) the same decode runs with the routed experts\n"
+          "on N dmoe-expert processes over UCX (UCX_TLS from the environment, default tcp,self)\n"
+          "and the ratio distributed / in-process is printed; on the small preset it also prints\n"
+          "the resident memory of a shard hosting 1/4 of the experts and of one hosting all.\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -195,6 +258,53 @@ int Main(int argc, char** argv) {
             "  batch-1 weights read per step: %.1f MiB; %.2f GB/s = %.2f x memcpy bandwidth\n",
             bytes / (1 << 20), bw / 1e9, bw / memcpy_bw);
       }
+    }
+    if (distributed > 0) {
+      setenv("UCX_NET_DEVICES", "lo", 0);
+      setenv("UCX_TLS", "tcp,self", 0);
+      std::vector<std::unique_ptr<ShardProcess>> shards;
+      LocalModelOptions o;
+      for (int i = 0; i < distributed; ++i) {
+        shards.push_back(std::make_unique<ShardProcess>(
+            dir, std::to_string(i) + "/" + std::to_string(distributed),
+            cache_dir + "/ready" + std::to_string(i) + ".json"));
+        o.expert_shards.push_back(shards.back()->grpc());
+      }
+      auto remote = LocalModel::Load(dir, o);
+      if (!remote.ok()) {
+        std::fprintf(stderr, "%s\n", std::string(remote.status().message()).c_str());
+        return 1;
+      }
+      std::printf("-- routed experts on %d dmoe-expert processes over UCX (%s, bf16 wire)\n",
+                  distributed, std::getenv("UCX_TLS"));
+      std::printf("%8s %12s %14s %14s %8s\n", "batch", "tokens/s", "ms/step dist", "ms/step local",
+                  "ratio");
+      for (int b : batches) {
+        int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
+        n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
+        const DecodeResult local = BenchDecode((*model)->engine(), b, n, 16);
+        const DecodeResult dist = BenchDecode((*remote)->engine(), b, n, 16);
+        std::printf("%8d %12.1f %14.3f %14.3f %8.2f\n", b, dist.tokens_per_s, dist.ms_per_step,
+                    local.ms_per_step, dist.ms_per_step / local.ms_per_step);
+      }
+    }
+    if (preset == "small" && shard_memory) {
+      uint64_t all_bytes = 0;
+      const ModelConfig& c = *config;
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        if (c.IsMoeLayer(l))
+          all_bytes += 4ull * 3 * c.hidden_size * c.moe_intermediate_size * c.n_routed_experts;
+      }
+      ShardProcess quarter(dir, "0/4", cache_dir + "/ready_q.json");
+      const double q = quarter.RssMiB();
+      ShardProcess all(dir, "*:*", cache_dir + "/ready_a.json");
+      const double a = all.RssMiB();
+      std::printf(
+          "\nshard resident memory: 1/4 of the experts %.1f MiB, all experts %.1f MiB "
+          "(expert bytes: all %.1f MiB, 1/4 %.1f MiB); (all - quarter) / (3/4 of the "
+          "expert bytes) = %.2f\n",
+          q, a, all_bytes / 1048576.0, all_bytes / 4 / 1048576.0,
+          (a - q) / (0.75 * all_bytes / 1048576.0));
     }
     if (preset == "small") {
       const double square = SgemmGflops(2048, 2048, 2048, 3);

@@ -131,9 +131,12 @@ int Main(int argc, char** argv) {
   std::fprintf(stderr, "dmoe-expert: loading %zu experts from %s\n", experts->size(), dir->c_str());
   auto store = ExpertStore::Load(**ck, *config, *experts);
   if (!store.ok()) return Fail(store.status());
+  const uint64_t bytes_read = (*ck)->bytes_read();
   std::fprintf(stderr, "dmoe-expert: loaded %.1f MiB of expert weights in %.2f s\n",
-               static_cast<double>((*ck)->bytes_read()) / (1 << 20),
+               static_cast<double>(bytes_read) / (1 << 20),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  // Unmap the checkpoint: its pages would otherwise stay in this process's resident set.
+  ck->reset();
 
   // Block the stop signals before any thread starts, so that sigwait below receives them.
   sigset_t stop;
@@ -166,7 +169,7 @@ int Main(int argc, char** argv) {
     id->set_layer(static_cast<uint32_t>(l));
     id->set_expert(static_cast<uint32_t>(e));
   }
-  ControlService control(info, &shard, ucx->get(), (*store)->bytes(), (*ck)->bytes_read());
+  ControlService control(info, &shard, ucx->get(), (*store)->bytes(), bytes_read);
   grpc::ServerBuilder builder;
   int grpc_port = 0;
   const std::string grpc_listen = flags->StringOr("grpc-listen", "127.0.0.1:0");

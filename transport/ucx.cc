@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
@@ -140,7 +141,12 @@ class UcxWorker {
     const auto end = Clock::now() + spin;
     do {
       if (ready()) return true;
-      ucp_worker_progress(worker_);
+      if (ucp_worker_progress(worker_) == 0) {
+        // Nothing happened: let another runnable thread have the core (with more spinning
+        // threads than cores, e.g. several shards on one small machine, this is what keeps the
+        // latency at microseconds instead of scheduler slices).
+        sched_yield();
+      }
     } while (Clock::now() < end);
     return ready();
   }
