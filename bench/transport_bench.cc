@@ -190,8 +190,15 @@ int Main(int argc, char** argv) {
       }
       const double half_rtt_us = best / 2 * 1e6;
       const double mbps = (2.0 * bytes) / best / 1e6;  // bytes moved both ways per round trip
-      const auto lat = ParsePerftest(Perftest(perftest, "tag_lat", bytes, n, port++));
-      const auto bw = ParsePerftest(Perftest(perftest, "tag_bw", bytes, n, port++));
+      // Best of three for the reference too: this machine is shared and noisy.
+      std::pair<double, double> lat = {1e30, -1}, bw = {-1, -1};
+      for (int rep = 0; rep < 3; ++rep) {
+        const auto l = ParsePerftest(Perftest(perftest, "tag_lat", bytes, n, port++));
+        const auto b = ParsePerftest(Perftest(perftest, "tag_bw", bytes, n, port++));
+        if (l.first > 0) lat.first = std::min(lat.first, l.first);
+        bw.second = std::max(bw.second, b.second);
+      }
+      if (lat.first > 1e29) lat.first = -1;
       std::printf("%6u %6u %10zu | %10.2fus %10.2fus | %14.1f %14.1f | %9.2f %9.2f\n", hidden,
                   tokens, bytes, half_rtt_us, lat.first, mbps, bw.second,
                   lat.first > 0 ? half_rtt_us / lat.first : -1.0,

@@ -497,6 +497,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
         }
         it->second.receiving = true;
         target = &it->second.reply;
+        // A pooled buffer: a fresh multi-MiB vector would page-fault on every reply.
+        if (target->capacity() < length) *target = self->pool_.Acquire();
       }
       target->resize(length);
       auto* rs = new RecvState{self, id};
