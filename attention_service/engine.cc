@@ -145,7 +145,8 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   p.latent_rank = r;
   p.softmax_scale = static_cast<float>(c.SoftmaxScale());
   p.kv_b = lw.kv_b.w.data();
-  std::vector<float> rotated(static_cast<size_t>(dr));
+  rotated_.resize(static_cast<size_t>(dr));
+  float* rotated = rotated_.data();
   decode_rows_.clear();
   decode_caches_.clear();
   decode_ctx_.clear();
@@ -163,8 +164,8 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
       rope_.Apply(a + r, pos, dst + r);
       for (int64_t head = 0; head < h; ++head) {
         float* qpe = q_.data() + ((row + i) * h + head) * qd + c.qk_nope_head_dim;
-        rope_.Apply(qpe, pos, rotated.data());
-        std::memcpy(qpe, rotated.data(), sizeof(float) * static_cast<size_t>(dr));
+        rope_.Apply(qpe, pos, rotated);
+        std::memcpy(qpe, rotated, sizeof(float) * static_cast<size_t>(dr));
       }
     }
     const bool absorbed = options_.attention_form == AttentionForm::kAbsorbed ||

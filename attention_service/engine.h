@@ -97,7 +97,7 @@ class Engine {
   // Scratch reused across steps.
   std::vector<float> h_, x_, tmp_, q_, qa_, kva_, attn_, router_, gate_w_, scratch_;
   std::vector<int32_t> gate_ids_;
-  std::vector<float> decode_q_, decode_o_, lm_out_;
+  std::vector<float> decode_q_, decode_o_, lm_out_, rotated_;
   std::vector<int64_t> decode_rows_, decode_ctx_;
   std::vector<const float*> decode_caches_;
 };

@@ -26,8 +26,10 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
   replies->resize(n);
   in_.resize(n);
   out_.resize(n);
-  std::vector<wire::MessageView> views(n);
-  std::vector<bool> valid(n, false);
+  views_.resize(n);
+  valid_.assign(n, 0);
+  std::vector<wire::MessageView>& views = views_;
+  std::vector<char>& valid = valid_;
   batcher_.Clear();
   ++batches_;
   for (size_t i = 0; i < n; ++i) {
@@ -56,7 +58,7 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
       wire::EncodeError(h, error, &(*replies)[i]);
       continue;
     }
-    valid[i] = true;
+    valid[i] = 1;
     views[i] = std::move(v).value();
     const wire::Header& h = views[i].header;
     in_[i].resize(static_cast<size_t>(h.token_count) * d);

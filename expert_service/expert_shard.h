@@ -10,6 +10,7 @@
 
 #include "expert_service/routed_experts.h"
 #include "model/config.h"
+#include "transport/wire.h"
 
 namespace dmoe {
 
@@ -34,7 +35,10 @@ class ExpertShard {
   ModelConfig config_;
   const ExpertStore* store_;
   ExpertBatcher batcher_;
+  // Per-batch state, kept between batches so that steady serving allocates nothing.
   std::vector<std::vector<float>> in_, out_;
+  std::vector<wire::MessageView> views_;
+  std::vector<char> valid_;
   std::atomic<uint64_t> messages_{0}, rejected_{0}, tokens_{0}, pairs_{0}, batches_{0}, gemms_{0};
 };
 

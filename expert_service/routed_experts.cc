@@ -1,5 +1,6 @@
 #include "expert_service/routed_experts.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -42,29 +43,43 @@ uint64_t ExpertStore::bytes() const {
 }
 
 absl::Status ExpertBatcher::Run(const ExpertStore& store) {
-  for (const auto& [key, items] : groups_) {
-    if (store.Find(key.first, key.second) == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("expert ", key.second, " of layer ", key.first, " is not hosted here"));
+  // Group by (layer, expert) in place (std::sort allocates nothing).
+  std::sort(items_.begin(), items_.end(), [](const Item& a, const Item& b) {
+    if (a.layer != b.layer) return a.layer < b.layer;
+    if (a.expert != b.expert) return a.expert < b.expert;
+    return a.order < b.order;
+  });
+  for (size_t i = 0; i < items_.size(); ++i) {
+    if ((i == 0 || items_[i].expert != items_[i - 1].expert ||
+         items_[i].layer != items_[i - 1].layer) &&
+        store.Find(items_[i].layer, items_[i].expert) == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("expert ", items_[i].expert, " of layer ",
+                                                        items_[i].layer, " is not hosted here"));
     }
   }
-  for (const auto& [key, items] : groups_) {
-    const MlpWeights* m = store.Find(key.first, key.second);
-    const int64_t n = static_cast<int64_t>(items.size());
+  for (size_t begin = 0; begin < items_.size();) {
+    size_t end = begin + 1;
+    while (end < items_.size() && items_[end].layer == items_[begin].layer &&
+           items_[end].expert == items_[begin].expert) {
+      ++end;
+    }
+    const MlpWeights* m = store.Find(items_[begin].layer, items_[begin].expert);
+    const int64_t n = static_cast<int64_t>(end - begin);
     gathered_.resize(static_cast<size_t>(n * hidden_));
     result_.resize(static_cast<size_t>(n * hidden_));
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(gathered_.data() + i * hidden_, items[static_cast<size_t>(i)].row,
+      std::memcpy(gathered_.data() + i * hidden_, items_[begin + static_cast<size_t>(i)].row,
                   sizeof(float) * static_cast<size_t>(hidden_));
     }
     cpu::SwiGluMlp(gathered_.data(), n, hidden_, m->gate.w.data(), m->up.w.data(), m->down.w.data(),
                    width_, result_.data(), &scratch_);
     for (int64_t i = 0; i < n; ++i) {
-      const Item& it = items[static_cast<size_t>(i)];
+      const Item& it = items_[begin + static_cast<size_t>(i)];
       cpu::Axpy(hidden_, it.weight, result_.data() + i * hidden_, it.out);
     }
     ++gemms_;
     rows_ += static_cast<uint64_t>(n);
+    begin = end;
   }
   return absl::OkStatus();
 }

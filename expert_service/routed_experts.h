@@ -56,24 +56,29 @@ class ExpertBatcher {
  public:
   ExpertBatcher(int64_t hidden, int64_t width) : hidden_(hidden), width_(width) {}
   void Add(int64_t layer, int64_t expert, const float* row, float weight, float* out_row) {
-    groups_[{layer, expert}].push_back(Item{row, weight, out_row});
+    items_.push_back(
+        Item{layer, expert, static_cast<uint32_t>(items_.size()), row, weight, out_row});
   }
   // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`.
   absl::Status Run(const ExpertStore& store);
-  void Clear() { groups_.clear(); }
+  // Keeps capacity: a steady stream of batches allocates nothing.
+  void Clear() { items_.clear(); }
   // GEMM calls made and rows pushed through them by Run, since construction.
   uint64_t gemms() const { return gemms_; }
   uint64_t rows() const { return rows_; }
 
  private:
   struct Item {
+    int64_t layer;
+    int64_t expert;
+    uint32_t order;  // insertion order, so that groups keep their rows' order
     const float* row;
     float weight;
     float* out;
   };
   int64_t hidden_;
   int64_t width_;
-  std::map<std::pair<int64_t, int64_t>, std::vector<Item>> groups_;
+  std::vector<Item> items_;
   std::vector<float> gathered_, result_, scratch_;
   uint64_t gemms_ = 0, rows_ = 0;
 };

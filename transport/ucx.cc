@@ -11,7 +11,6 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -22,6 +21,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "transport/buffer_pool.h"
+#include "transport/slot_table.h"
 
 namespace dmoe::transport {
 namespace {
@@ -187,8 +187,8 @@ class UcxWorker {
 
  private:
   void Loop() {
+    std::vector<std::function<void()>> ops;  // swapped with ops_: both keep their capacity
     while (!stop_) {
-      std::deque<std::function<void()>> ops;
       {
         std::unique_lock<std::mutex> l(ops_mu_);
         ops_cv_.wait_for(l, std::chrono::milliseconds(100),
@@ -196,6 +196,7 @@ class UcxWorker {
         ops.swap(ops_);
       }
       for (auto& op : ops) op();
+      ops.clear();
       while (ucp_worker_progress(worker_) != 0) {
       }
       {
@@ -208,7 +209,6 @@ class UcxWorker {
       epoll_wait(epoll_, &ev, 1, 100);
     }
     // Run what was queued before the stop so that waiters are released.
-    std::deque<std::function<void()>> ops;
     {
       std::lock_guard<std::mutex> l(ops_mu_);
       ops.swap(ops_);
@@ -223,7 +223,7 @@ class UcxWorker {
   std::atomic<int> spinners_{0};
   std::condition_variable ops_cv_;
   std::mutex ops_mu_;
-  std::deque<std::function<void()>> ops_;
+  std::vector<std::function<void()>> ops_;
 };
 
 absl::StatusOr<sockaddr_in> ParseHostPort(const std::string& address) {
@@ -351,55 +351,78 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
-    uint64_t id;
+    Slot* slot;
+    ucp_ep_h ep;
     {
       std::lock_guard<std::mutex> l(mu_);
       if (peer < 0 || peer >= static_cast<int>(peers_.size())) {
         return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
       }
-      if (peers_[static_cast<size_t>(peer)].failed) {
-        return absl::UnavailableError(
-            absl::StrCat("peer ", peers_[static_cast<size_t>(peer)].address, " has failed"));
+      const Peer& p = peers_[static_cast<size_t>(peer)];
+      if (p.failed || p.ep == nullptr) {
+        return absl::UnavailableError(absl::StrCat("peer ", p.address, " has failed"));
       }
-      id = next_id_++;
-      Inflight& f = inflight_[id];
-      f.peer = peer;
+      slot = slots_.Allocate();
+      if (slot == nullptr) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("more than ", kMaxInflight, " requests in flight"));
+      }
+      slot->owner = this;
+      slot->peer = peer;
+      slot->done = slot->waited = slot->receiving = false;
+      slot->sending = true;
+      slot->status = absl::OkStatus();
+      slot->send = std::move(request);
+      ep = p.ep;
     }
-    auto* send = new SendState{this, id, std::move(request)};
-    DoSend(peer, send);
+    const uint64_t id = slot->id;
+    ucp_request_param_t prm;
+    std::memset(&prm, 0, sizeof(prm));
+    prm.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    prm.flags = UCP_AM_SEND_FLAG_REPLY;
+    prm.cb.send = &UcxClient::OnSent;
+    prm.user_data = slot;
+    // Header (the id) and payload must stay valid until the send completes: both live in the
+    // slot, which is not freed before OnSent.
+    void* req = ucp_am_send_nbx(ep, kAmRequest, &slot->id, sizeof(slot->id), slot->send.data(),
+                                slot->send.size(), &prm);
+    if (req == nullptr) {
+      OnSent(nullptr, UCS_OK, slot);
+    } else if (UCS_PTR_IS_ERR(req)) {
+      OnSent(nullptr, UCS_PTR_STATUS(req), slot);
+    }
     return id;
   }
 
   bool Poll(uint64_t id) override {
     std::lock_guard<std::mutex> l(mu_);
-    auto it = inflight_.find(id);
-    return it == inflight_.end() || it->second.done;
+    const Slot* s = slots_.Find(id);
+    return s == nullptr || s->done;
   }
 
   absl::Status Wait(uint64_t id, Clock::time_point deadline, std::vector<uint8_t>* reply) override {
     SpinProgress(SpinTime(), [&] {
       std::lock_guard<std::mutex> l(mu_);
-      auto it = inflight_.find(id);
-      return it == inflight_.end() || it->second.done || Clock::now() >= deadline;
+      const Slot* s = slots_.Find(id);
+      return s == nullptr || s->done || Clock::now() >= deadline;
     });
     std::unique_lock<std::mutex> l(mu_);
-    auto it = inflight_.find(id);
-    if (it == inflight_.end()) return absl::InvalidArgumentError(absl::StrCat("unknown id ", id));
-    const bool done = cv_.wait_until(l, deadline, [&] { return it->second.done; });
+    Slot* s = slots_.Find(id);
+    if (s == nullptr || s->waited) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown request id ", id));
+    }
+    const bool done = cv_.wait_until(l, deadline, [&] { return s->done; });
     absl::Status st;
     if (!done) {
-      st = absl::DeadlineExceededError(
-          absl::StrCat("no reply from ", peers_[static_cast<size_t>(it->second.peer)].address,
-                       " before the deadline"));
+      st = absl::DeadlineExceededError(absl::StrCat(
+          "no reply from ", peers_[static_cast<size_t>(s->peer)].address, " before the deadline"));
     } else {
-      st = it->second.status;
-      if (st.ok()) *reply = std::move(it->second.reply);
+      st = s->status;
+      if (st.ok()) *reply = std::move(s->reply);
     }
-    if (it->second.receiving) {
-      it->second.abandoned = true;  // the rendezvous receive still writes into its buffer
-    } else {
-      inflight_.erase(it);
-    }
+    s->waited = true;
+    MaybeFree(s);
     return st;
   }
 
@@ -412,71 +435,59 @@ class UcxClient : public ClientTransport, public UcxWorker {
     std::string address;
     bool failed;
   };
-  struct Inflight {
+  // One request in flight. Freed once its caller has waited and UCX no longer uses its buffers.
+  struct Slot {
+    uint64_t id = 0;
+    UcxClient* owner = nullptr;
     int peer = -1;
     bool done = false;
-    bool receiving = false;  // a rendezvous receive is writing into `reply`
-    bool abandoned = false;
+    bool waited = false;     // Wait returned: nobody will read the reply
+    bool sending = false;    // UCX still reads `send`
+    bool receiving = false;  // a rendezvous receive still writes into `reply`
     absl::Status status;
+    std::vector<uint8_t> send;
     std::vector<uint8_t> reply;
   };
-  struct SendState {
-    UcxClient* self;
-    uint64_t id;
-    std::vector<uint8_t> bytes;
-  };
-  struct RecvState {
-    UcxClient* self;
-    uint64_t id;
-  };
+  static constexpr uint32_t kMaxInflight = 4096;
 
-  void DoSend(int peer, SendState* send) {
-    ucp_ep_h ep;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      ep =
-          peers_[static_cast<size_t>(peer)].failed ? nullptr : peers_[static_cast<size_t>(peer)].ep;
-    }
-    if (ep == nullptr) {
-      Complete(send->id, absl::UnavailableError("peer has failed"), nullptr);
-      pool_.Release(std::move(send->bytes));
-      delete send;
-      return;
-    }
-    ucp_request_param_t prm;
-    std::memset(&prm, 0, sizeof(prm));
-    prm.op_attr_mask =
-        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-    prm.flags = UCP_AM_SEND_FLAG_REPLY;
-    prm.cb.send = &UcxClient::OnSent;
-    prm.user_data = send;
-    void* req = ucp_am_send_nbx(ep, kAmRequest, &send->id, sizeof(send->id), send->bytes.data(),
-                                send->bytes.size(), &prm);
-    if (req == nullptr) {
-      OnSent(nullptr, UCS_OK, send);
-    } else if (UCS_PTR_IS_ERR(req)) {
-      OnSent(nullptr, UCS_PTR_STATUS(req), send);
-    }
+  // REQUIRES: mu_ held.
+  void MaybeFree(Slot* s) {
+    if (!s->waited || s->sending || s->receiving) return;
+    if (s->reply.capacity() > 0) pool_.Release(std::move(s->reply));
+    s->reply = std::vector<uint8_t>();
+    s->status = absl::OkStatus();
+    slots_.Free(s);
   }
 
   static void OnSent(void* req, ucs_status_t status, void* user) {
-    auto* send = static_cast<SendState*>(user);
-    if (status != UCS_OK) {
-      send->self->Complete(send->id, UcsError("send", status), nullptr);
+    auto* s = static_cast<Slot*>(user);
+    UcxClient* self = s->owner;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      s->sending = false;
+      self->pool_.Release(std::move(s->send));
+      s->send = std::vector<uint8_t>();
+      if (status != UCS_OK && !s->done) {
+        s->done = true;
+        s->status = UcsError("send", status);
+        self->cv_.notify_all();
+      }
+      self->MaybeFree(s);
     }
-    send->self->pool_.Release(std::move(send->bytes));
-    delete send;
     if (req != nullptr) ucp_request_free(req);
   }
 
-  // Marks `id` done. `reply` (may be null) is moved in when OK.
+  // Marks `id` done with `st`; `reply` (may be null) is moved in.
   void Complete(uint64_t id, absl::Status st, std::vector<uint8_t>* reply) {
     std::lock_guard<std::mutex> l(mu_);
-    auto it = inflight_.find(id);
-    if (it == inflight_.end() || it->second.done) return;
-    it->second.done = true;
-    it->second.status = std::move(st);
-    if (reply != nullptr) it->second.reply = std::move(*reply);
+    Slot* s = slots_.Find(id);
+    if (s == nullptr || s->done) {
+      if (reply != nullptr) pool_.Release(std::move(*reply));  // a late reply
+      return;
+    }
+    s->done = true;
+    s->status = std::move(st);
+    if (reply != nullptr) s->reply = std::move(*reply);
     cv_.notify_all();
   }
 
@@ -487,31 +498,29 @@ class UcxClient : public ClientTransport, public UcxWorker {
     uint64_t id;
     std::memcpy(&id, header, sizeof(id));
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
-      std::vector<uint8_t>* target;
+      Slot* s;
       {
         std::lock_guard<std::mutex> l(self->mu_);
-        auto it = self->inflight_.find(id);
-        if (it == self->inflight_.end() || it->second.done) {
+        s = self->slots_.Find(id);
+        if (s == nullptr || s->done) {
           ucp_am_data_release(self->worker_, data);
           return UCS_OK;
         }
-        it->second.receiving = true;
-        target = &it->second.reply;
+        s->receiving = true;
         // A pooled buffer: a fresh multi-MiB vector would page-fault on every reply.
-        if (target->capacity() < length) *target = self->pool_.Acquire();
+        if (s->reply.capacity() < length) s->reply = self->pool_.Acquire();
       }
-      target->resize(length);
-      auto* rs = new RecvState{self, id};
+      s->reply.resize(length);
       ucp_request_param_t prm;
       std::memset(&prm, 0, sizeof(prm));
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       prm.cb.recv_am = &UcxClient::OnRndvDone;
-      prm.user_data = rs;
-      void* req = ucp_am_recv_data_nbx(self->worker_, data, target->data(), length, &prm);
+      prm.user_data = s;
+      void* req = ucp_am_recv_data_nbx(self->worker_, data, s->reply.data(), length, &prm);
       if (req == nullptr) {
-        OnRndvDone(nullptr, UCS_OK, length, rs);
+        OnRndvDone(nullptr, UCS_OK, length, s);
       } else if (UCS_PTR_IS_ERR(req)) {
-        OnRndvDone(nullptr, UCS_PTR_STATUS(req), 0, rs);
+        OnRndvDone(nullptr, UCS_PTR_STATUS(req), 0, s);
       }
       return UCS_OK;
     }
@@ -522,23 +531,18 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   static void OnRndvDone(void* req, ucs_status_t status, size_t, void* user) {
-    auto* rs = static_cast<RecvState*>(user);
-    UcxClient* self = rs->self;
+    auto* s = static_cast<Slot*>(user);
+    UcxClient* self = s->owner;
     {
       std::lock_guard<std::mutex> l(self->mu_);
-      auto it = self->inflight_.find(rs->id);
-      if (it != self->inflight_.end()) {
-        it->second.receiving = false;
-        if (it->second.abandoned) {
-          self->inflight_.erase(it);
-        } else if (!it->second.done) {
-          it->second.done = true;
-          it->second.status = status == UCS_OK ? absl::OkStatus() : UcsError("receive", status);
-          self->cv_.notify_all();
-        }
+      s->receiving = false;
+      if (!s->done) {
+        s->done = true;
+        s->status = status == UCS_OK ? absl::OkStatus() : UcsError("receive", status);
+        self->cv_.notify_all();
       }
+      self->MaybeFree(s);
     }
-    delete rs;
     if (req != nullptr) ucp_request_free(req);
   }
 
@@ -549,8 +553,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
       Peer& p = self->peers_[i];
       if (p.ep != ep) continue;
       p.failed = true;
-      for (auto& [id, f] : self->inflight_) {
-        if (f.peer == static_cast<int>(i) && !f.done) {
+      for (Slot& f : self->slots_.slots()) {
+        if (f.id != 0 && f.peer == static_cast<int>(i) && !f.done) {
           f.done = true;
           f.status = absl::UnavailableError(
               absl::StrCat("peer ", p.address, " failed: ", ucs_status_string(status)));
@@ -573,8 +577,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Peer> peers_;
-  uint64_t next_id_ = 1;
-  std::map<uint64_t, Inflight> inflight_;
+  SlotTable<Slot> slots_{kMaxInflight};
   BufferPool pool_;
 };
 
@@ -658,15 +661,40 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     }
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
-    while (!queue_.empty()) {
-      out->push_back(std::move(queue_.front()));
-      queue_.pop_front();
-    }
+    for (ServerRequest& r : queue_) out->push_back(std::move(r));
+    queue_.clear();  // keeps its capacity
   }
 
   void Reply(uint64_t token, std::vector<uint8_t> reply) override {
-    auto* send = new ReplyState{this, 0, std::move(reply)};
-    DoReply(token, send);
+    Pending* p;
+    ucp_ep_h ep;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      p = pending_.Find(token);
+      if (p == nullptr || p->dead || closed_) {
+        if (p != nullptr) pending_.Free(p);
+        ++stats_.dropped_replies;
+        pool_.Release(std::move(reply));
+        return;
+      }
+      ep = p->ep;
+      p->sending = true;
+      p->buffer = std::move(reply);
+      ++stats_.replies;
+      stats_.bytes_out += p->buffer.size();
+    }
+    ucp_request_param_t prm;
+    std::memset(&prm, 0, sizeof(prm));
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    prm.cb.send = &UcxServerImpl::OnReplySent;
+    prm.user_data = p;
+    void* req = ucp_am_send_nbx(ep, kAmReply, &p->client_id, sizeof(p->client_id), p->buffer.data(),
+                                p->buffer.size(), &prm);
+    if (req == nullptr) {
+      OnReplySent(nullptr, UCS_OK, p);
+    } else if (UCS_PTR_IS_ERR(req)) {
+      OnReplySent(nullptr, UCS_PTR_STATUS(req), p);
+    }
   }
 
   std::vector<uint8_t> AcquireBuffer() override { return pool_.Acquire(); }
@@ -709,20 +737,18 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   }
 
  private:
+  // One request between its arrival and the end of its reply's send. `id` is the token.
   struct Pending {
-    ucp_ep_h ep;
-    uint64_t id;
+    uint64_t id = 0;
+    UcxServerImpl* owner = nullptr;
+    ucp_ep_h ep = nullptr;
+    uint64_t client_id = 0;  // the client's request id, echoed in the reply header
+    bool dead = false;       // the client's endpoint failed: drop the reply
+    bool receiving = false;  // a rendezvous receive still writes into `buffer`
+    bool sending = false;    // UCX still reads `buffer` (the reply)
+    std::vector<uint8_t> buffer;
   };
-  struct ReplyState {
-    UcxServerImpl* self;
-    uint64_t id;
-    std::vector<uint8_t> bytes;
-  };
-  struct RecvState {
-    UcxServerImpl* self;
-    uint64_t token;
-    std::vector<uint8_t> bytes;
-  };
+  static constexpr uint32_t kMaxPending = 4096;
 
   static void OnConnect(ucp_conn_request_h conn, void* arg) {
     auto* self = static_cast<UcxServerImpl*>(arg);
@@ -747,10 +773,10 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       std::lock_guard<std::mutex> l(self->mu_);
       ++self->stats_.peer_errors;
       self->live_eps_.erase(ep);
-      // Requests of the dead client can no longer be answered; forget them now, because a later
+      // Requests of the dead client can no longer be answered; mark them now, because a later
       // endpoint may reuse this handle's address.
-      for (auto it = self->pending_.begin(); it != self->pending_.end();) {
-        it = it->second.ep == ep ? self->pending_.erase(it) : std::next(it);
+      for (Pending& p : self->pending_.slots()) {
+        if (p.id != 0 && p.ep == ep) p.dead = true;
       }
     }
     self->RunAsync([self, ep] {
@@ -763,108 +789,87 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     });
   }
 
-  uint64_t Register(ucp_ep_h ep, uint64_t id) {
-    std::lock_guard<std::mutex> l(mu_);
-    const uint64_t token = next_token_++;
-    pending_[token] = Pending{ep, id};
-    return token;
-  }
-
-  void Enqueue(uint64_t token, std::vector<uint8_t> bytes) {
+  void Enqueue(Pending* p) {
     std::lock_guard<std::mutex> l(mu_);
     ++stats_.requests;
-    stats_.bytes_in += bytes.size();
-    queue_.push_back(ServerRequest{token, std::move(bytes)});
+    stats_.bytes_in += p->buffer.size();
+    queue_.push_back(ServerRequest{p->id, std::move(p->buffer)});
+    p->buffer = std::vector<uint8_t>();
     cv_.notify_all();
   }
 
   static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<UcxServerImpl*>(arg);
-    if (header_length != sizeof(uint64_t) ||
-        !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
+    Pending* p = nullptr;
+    {
       std::lock_guard<std::mutex> l(self->mu_);
-      ++self->stats_.peer_errors;
-      return UCS_OK;
+      if (header_length == sizeof(uint64_t) &&
+          (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
+        p = self->pending_.Allocate();
+      }
+      if (p == nullptr) {  // malformed, or more requests in flight than slots: drop it
+        ++self->stats_.peer_errors;
+        if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ucp_am_data_release(self->worker_, data);
+        return UCS_OK;
+      }
+      p->owner = self;
+      p->ep = param->reply_ep;
+      std::memcpy(&p->client_id, header, sizeof(p->client_id));
+      p->dead = p->sending = false;
+      p->receiving = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+      p->buffer = self->pool_.Acquire();
     }
-    uint64_t id;
-    std::memcpy(&id, header, sizeof(id));
-    const uint64_t token = self->Register(param->reply_ep, id);
-    std::vector<uint8_t> bytes = self->pool_.Acquire();
-    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
-      bytes.resize(length);
-      auto* rs = new RecvState{self, token, std::move(bytes)};
+    if (p->receiving) {
+      p->buffer.resize(length);
       ucp_request_param_t prm;
       std::memset(&prm, 0, sizeof(prm));
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       prm.cb.recv_am = &UcxServerImpl::OnRndvDone;
-      prm.user_data = rs;
-      void* req = ucp_am_recv_data_nbx(self->worker_, data, rs->bytes.data(), length, &prm);
+      prm.user_data = p;
+      void* req = ucp_am_recv_data_nbx(self->worker_, data, p->buffer.data(), length, &prm);
       if (req == nullptr) {
-        OnRndvDone(nullptr, UCS_OK, length, rs);
+        OnRndvDone(nullptr, UCS_OK, length, p);
       } else if (UCS_PTR_IS_ERR(req)) {
-        OnRndvDone(nullptr, UCS_PTR_STATUS(req), 0, rs);
+        OnRndvDone(nullptr, UCS_PTR_STATUS(req), 0, p);
       }
       return UCS_OK;
     }
-    bytes.assign(static_cast<uint8_t*>(data), static_cast<uint8_t*>(data) + length);
-    self->Enqueue(token, std::move(bytes));
+    p->buffer.assign(static_cast<uint8_t*>(data), static_cast<uint8_t*>(data) + length);
+    self->Enqueue(p);
     return UCS_OK;
   }
 
   static void OnRndvDone(void* req, ucs_status_t status, size_t, void* user) {
-    auto* rs = static_cast<RecvState*>(user);
+    auto* p = static_cast<Pending*>(user);
+    UcxServerImpl* self = p->owner;
     if (status == UCS_OK) {
-      rs->self->Enqueue(rs->token, std::move(rs->bytes));
+      {
+        std::lock_guard<std::mutex> l(self->mu_);
+        p->receiving = false;
+      }
+      self->Enqueue(p);
     } else {
-      std::lock_guard<std::mutex> l(rs->self->mu_);
-      rs->self->pending_.erase(rs->token);
-      ++rs->self->stats_.peer_errors;
+      std::lock_guard<std::mutex> l(self->mu_);
+      ++self->stats_.peer_errors;
+      self->pool_.Release(std::move(p->buffer));
+      p->buffer = std::vector<uint8_t>();
+      self->pending_.Free(p);
     }
-    delete rs;
     if (req != nullptr) ucp_request_free(req);
   }
 
-  void DoReply(uint64_t token, ReplyState* send) {
-    ucp_ep_h ep;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      auto it = pending_.find(token);
-      if (it == pending_.end() || closed_) {
-        if (it != pending_.end()) pending_.erase(it);
-        ++stats_.dropped_replies;
-        pool_.Release(std::move(send->bytes));
-        delete send;
-        return;
-      }
-      ep = it->second.ep;
-      send->id = it->second.id;
-      pending_.erase(it);
-      ++stats_.replies;
-      stats_.bytes_out += send->bytes.size();
-    }
-    ucp_request_param_t prm;
-    std::memset(&prm, 0, sizeof(prm));
-    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    prm.cb.send = &UcxServerImpl::OnReplySent;
-    prm.user_data = send;
-    void* req = ucp_am_send_nbx(ep, kAmReply, &send->id, sizeof(send->id), send->bytes.data(),
-                                send->bytes.size(), &prm);
-    if (req == nullptr) {
-      OnReplySent(nullptr, UCS_OK, send);
-    } else if (UCS_PTR_IS_ERR(req)) {
-      OnReplySent(nullptr, UCS_PTR_STATUS(req), send);
-    }
-  }
-
   static void OnReplySent(void* req, ucs_status_t status, void* user) {
-    auto* send = static_cast<ReplyState*>(user);
-    if (status != UCS_OK) {
-      std::lock_guard<std::mutex> l(send->self->mu_);
-      ++send->self->stats_.dropped_replies;
+    auto* p = static_cast<Pending*>(user);
+    UcxServerImpl* self = p->owner;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      if (status != UCS_OK) ++self->stats_.dropped_replies;
+      self->pool_.Release(std::move(p->buffer));
+      p->buffer = std::vector<uint8_t>();
+      p->sending = false;
+      self->pending_.Free(p);
     }
-    send->self->pool_.Release(std::move(send->bytes));
-    delete send;
     if (req != nullptr) ucp_request_free(req);
   }
 
@@ -875,9 +880,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool closed_ = false;
-  uint64_t next_token_ = 1;
-  std::deque<ServerRequest> queue_;
-  std::map<uint64_t, Pending> pending_;
+  std::vector<ServerRequest> queue_;
+  SlotTable<Pending> pending_{kMaxPending};
   std::set<ucp_ep_h> live_eps_;
   ServerStats stats_;
   BufferPool pool_;

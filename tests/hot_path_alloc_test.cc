@@ -1,0 +1,96 @@
+// The data plane's steady state allocates nothing on the C++ heap: after warm-up, dispatch +
+// combine round trips through the real UCX transport, the shard handler and the expert GEMMs make
+// zero calls to operator new, on any thread.
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <random>
+#include <vector>
+
+#include "expert_service/expert_server.h"
+#include "expert_service/expert_shard.h"
+#include "expert_service/remote_experts.h"
+#include "gtest/gtest.h"
+#include "model/safetensors.h"
+#include "model/tiny_model.h"
+#include "transport/ucx.h"
+
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<uint64_t> g_news{0};
+
+void* Counted(size_t n) {
+  if (g_counting.load(std::memory_order_relaxed)) g_news.fetch_add(1, std::memory_order_relaxed);
+  void* p = std::malloc(n == 0 ? 1 : n);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+}  // namespace
+
+void* operator new(size_t n) { return Counted(n); }
+void* operator new[](size_t n) { return Counted(n); }
+void* operator new(size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
+void* operator new[](size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
+void operator delete[](void* p, size_t) noexcept { std::free(p); }
+
+namespace dmoe {
+namespace {
+
+TEST(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  setenv("UCX_TLS", "tcp,self", 1);
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/alloc_model";
+  const ModelConfig c = *PresetConfig("tiny");
+  ASSERT_TRUE(WriteTinyModel(dir, c, TinyModelOptions()).ok());
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_TRUE(ck.ok());
+  auto store = ExpertStore::Load(**ck, c, ExpertStore::AllExperts(c));
+  ASSERT_TRUE(store.ok());
+
+  auto server = transport::NewUcxServer();
+  ASSERT_TRUE(server.ok());
+  auto addr = (*server)->Listen("127.0.0.1:0");
+  ASSERT_TRUE(addr.ok());
+  ExpertShard shard(c, store->get());
+  ExpertServer serving(&shard, server->get());
+  serving.Start();
+
+  auto client = transport::NewUcxClient();
+  ASSERT_TRUE(client.ok());
+  auto peer = (*client)->Connect(*addr);
+  ASSERT_TRUE(peer.ok());
+  ExpertPlacement placement;
+  placement.Add(0, ExpertStore::AllExperts(c));
+  RemoteRoutedExperts remote(c, client->get(), {*peer}, {*addr}, placement, RemoteExpertsOptions());
+
+  const int64_t k = c.num_experts_per_tok, d = c.hidden_size;
+  std::mt19937 rng(3);
+  std::vector<float> x(16 * d), out(16 * d);
+  for (float& v : x) v = std::uniform_real_distribution<float>(-1, 1)(rng);
+  std::vector<int32_t> ids(16 * k);
+  std::vector<float> w(16 * k, 0.25f);
+  auto round = [&](int i) {
+    const int64_t t = 1 + i % 16;
+    for (int64_t j = 0; j < t * k; ++j) ids[j] = static_cast<int32_t>((i * 7 + j * 5) % 16);
+    const int64_t layer = 1 + i % 3;
+    ASSERT_TRUE(remote.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
+    ASSERT_TRUE(remote.Finish(out.data()).ok());
+  };
+  for (int i = 0; i < 300; ++i) round(i);  // warm-up: pools and scratch reach their sizes
+  g_counting = true;
+  for (int i = 0; i < 300; ++i) round(i);
+  g_counting = false;
+  std::printf("operator new calls during 300 round trips after warm-up: %llu\n",
+              static_cast<unsigned long long>(g_news.load()));
+  EXPECT_EQ(g_news.load(), 0u);
+  EXPECT_EQ(remote.round_trips(), 600u);
+  serving.Stop();
+  (*server)->Shutdown();
+}
+
+}  // namespace
+}  // namespace dmoe
