@@ -48,13 +48,18 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
                                                        c.vocab_size, ")"));
       }
     }
-    const int64_t len = s.cache->length_ + static_cast<int64_t>(s.tokens.size());
+    const int64_t len = s.cache->length() + static_cast<int64_t>(s.tokens.size());
     if (len > c.max_position_embeddings) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": length ", len,
                                                      " exceeds max_position_embeddings ",
                                                      c.max_position_embeddings));
     }
     n += static_cast<int64_t>(s.tokens.size());
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (auto st = batch[i].cache->Reserve(static_cast<int64_t>(batch[i].tokens.size())); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("sequence ", i, ": ", st.message()));
+    }
   }
   h_.resize(static_cast<size_t>(n * d));
   x_.resize(h_.size());
@@ -78,13 +83,7 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
     for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
     cpu::RmsNorm(h_.data(), n, d, lw.post_norm.data(), c.rms_norm_eps, x_.data());
     if (auto st = Ffn(l, x_.data(), n, tmp_.data()); !st.ok()) {
-      // The caches already hold this step's rows of earlier layers: roll them back.
-      for (SequenceStep& s : batch) {
-        for (auto& layer : s.cache->layers_) {
-          layer.resize(static_cast<size_t>(s.cache->length_ * s.cache->row_));
-        }
-      }
-      return st;
+      return st;  // lengths are unchanged: the rows written so far are ignored
     }
     for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
   }
@@ -110,7 +109,7 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
     const float* src = lm_out_.data() + out_rows * c.vocab_size;
     (*logits)[static_cast<size_t>(&s - batch.data())].assign(src, src + rows * c.vocab_size);
     out_rows += rows;
-    s.cache->length_ += m;
+    s.cache->Advance(m);
   }
   timings_.lm_head += Since(&t0);
   return absl::OkStatus();
@@ -153,13 +152,11 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   int64_t row = 0;
   for (SequenceStep& s : batch) {
     const int64_t m = static_cast<int64_t>(s.tokens.size());
-    const int64_t pos0 = s.cache->length_;
-    std::vector<float>& cache = s.cache->layers_[static_cast<size_t>(l)];
-    cache.resize(static_cast<size_t>((pos0 + m) * lc));
+    const int64_t pos0 = s.cache->length();
     for (int64_t i = 0; i < m; ++i) {
       const int64_t pos = pos0 + i;
       const float* a = kva_.data() + (row + i) * lc;
-      float* dst = cache.data() + pos * lc;
+      float* dst = s.cache->Row(l, pos);
       cpu::RmsNorm(a, 1, r, lw.kv_a_norm.data(), kLatentNormEps, dst);
       rope_.Apply(a + r, pos, dst + r);
       for (int64_t head = 0; head < h; ++head) {
@@ -172,15 +169,15 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
                           (options_.attention_form == AttentionForm::kAuto && m == 1);
     if (absorbed && m == 1) {
       decode_rows_.push_back(row);
-      decode_caches_.push_back(cache.data());
+      decode_caches_.push_back(s.cache->Rows(l));
       decode_ctx_.push_back(pos0 + 1);
     } else {
       float* o = attn_.data() + row * h * c.v_head_dim;
       const float* q = q_.data() + row * h * qd;
       if (absorbed) {
-        cpu::MlaAttentionAbsorbed(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+        cpu::MlaAttentionAbsorbed(p, q, m, s.cache->Rows(l), pos0 + m, pos0, o, &scratch_);
       } else {
-        cpu::MlaAttentionNaive(p, q, m, cache.data(), pos0 + m, pos0, o, &scratch_);
+        cpu::MlaAttentionNaive(p, q, m, s.cache->Rows(l), pos0 + m, pos0, o, &scratch_);
       }
     }
     row += m;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "attention_service/kv_cache.h"
 #include "expert_service/routed_experts.h"
 #include "kernels/cpu/gating.h"
 #include "kernels/cpu/mla.h"
@@ -17,25 +18,6 @@
 #include "model/weights.h"
 
 namespace dmoe {
-
-// A simple per-sequence latent KV cache: per layer [length, kv_lora_rank + qk_rope_head_dim]
-// (c_kv after kv_a_layernorm, then the rotated k_pe). The paged cache replaces it later.
-class SequenceKvCache {
- public:
-  explicit SequenceKvCache(const ModelConfig& c)
-      : row_(c.latent_dim()), layers_(static_cast<size_t>(c.num_hidden_layers)) {}
-  int64_t length() const { return length_; }
-  int64_t row_size() const { return row_; }
-  const float* layer(int64_t l) const { return layers_[static_cast<size_t>(l)].data(); }
-  // Bytes held (all layers).
-  uint64_t bytes() const { return static_cast<uint64_t>(length_) * row_ * layers_.size() * 4; }
-
- private:
-  friend class Engine;
-  int64_t row_;
-  int64_t length_ = 0;
-  std::vector<std::vector<float>> layers_;
-};
 
 enum class AttentionForm {
   kAuto,      // naive for multi-token chunks (prefill), absorbed for single tokens (decode)
@@ -49,7 +31,7 @@ struct EngineOptions {
 
 // One sequence's part of a step: its cache and the tokens to append.
 struct SequenceStep {
-  SequenceKvCache* cache = nullptr;
+  KvSequence* cache = nullptr;
   std::vector<int32_t> tokens;
   bool all_logits = false;  // logits for every new token, else only for the last one
 };
@@ -77,7 +59,8 @@ class Engine {
   // Runs the new tokens of every sequence through the model, appending their latent KV to each
   // cache. logits->at(i) is [n_i, V] (all_logits) or [1, V]. INVALID_ARGUMENT for an empty
   // token list, a token id outside [0, vocab_size), or a sequence growing past
-  // max_position_embeddings; on error no cache is changed.
+  // max_position_embeddings; RESOURCE_EXHAUSTED when a paged cache has no room. On error no
+  // sequence's length changes (rows may stay reserved).
   absl::Status Step(std::vector<SequenceStep>& batch, std::vector<std::vector<float>>* logits);
 
   // One full causal forward of `tokens` from an empty cache: logits [T, V].
@@ -99,7 +82,7 @@ class Engine {
   std::vector<int32_t> gate_ids_;
   std::vector<float> decode_q_, decode_o_, lm_out_, rotated_;
   std::vector<int64_t> decode_rows_, decode_ctx_;
-  std::vector<const float*> decode_caches_;
+  std::vector<cpu::LatentRows> decode_caches_;
 };
 
 }  // namespace dmoe

@@ -131,7 +131,7 @@ TEST(Rope, DeinterleavedRotationKeepsPairwiseDotProducts) {
   }
 }
 
-TEST(Mla, AbsorbedEqualsNaiveOnRandomInputs) {
+TEST(Mla, AbsorbedEqualsNaiveContiguousAndPaged) {
   MlaParams p;
   p.num_heads = 3;
   p.nope_dim = 8;
@@ -144,10 +144,28 @@ TEST(Mla, AbsorbedEqualsNaiveOnRandomInputs) {
   const int64_t ctx = 9, t = 4, pos0 = ctx - t;
   const auto cache = Random(ctx * 14, 8);
   const auto q = Random(t * 3 * 12, 9);
-  std::vector<float> a(t * 3 * 6), b(t * 3 * 6), scratch;
-  MlaAttentionNaive(p, q.data(), t, cache.data(), ctx, pos0, a.data(), &scratch);
-  MlaAttentionAbsorbed(p, q.data(), t, cache.data(), ctx, pos0, b.data(), &scratch);
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-4) << i;
+  // The same rows contiguous (one block) and paged in blocks of 2 rows scattered in memory.
+  const float* whole = cache.data();
+  const LatentRows contiguous{&whole, 1 << 20};
+  std::vector<std::vector<float>> block_store;
+  std::vector<const float*> block_ptrs;
+  for (int64_t first = 0; first < ctx; first += 2) {
+    block_store.emplace_back(cache.begin() + first * 14,
+                             cache.begin() + std::min(ctx, first + 2) * 14);
+    block_store.back().resize(2 * 14);
+  }
+  for (const auto& b : block_store) block_ptrs.push_back(b.data());
+  const LatentRows paged{block_ptrs.data(), 2};
+  std::vector<float> a(t * 3 * 6), b(t * 3 * 6), c(t * 3 * 6), d(t * 3 * 6), scratch;
+  MlaAttentionNaive(p, q.data(), t, contiguous, ctx, pos0, a.data(), &scratch);
+  MlaAttentionAbsorbed(p, q.data(), t, contiguous, ctx, pos0, b.data(), &scratch);
+  MlaAttentionNaive(p, q.data(), t, paged, ctx, pos0, c.data(), &scratch);
+  MlaAttentionAbsorbed(p, q.data(), t, paged, ctx, pos0, d.data(), &scratch);
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_NEAR(a[i], b[i], 1e-4) << i;
+    EXPECT_NEAR(a[i], c[i], 1e-5) << i;
+    EXPECT_NEAR(a[i], d[i], 1e-4) << i;
+  }
 }
 
 }  // namespace

@@ -23,24 +23,51 @@ void ScaleAndMask(float* s, int64_t rows, int64_t rows_per_query, int64_t ctx, i
   }
 }
 
+// Calls fn(block_rows, first_row, rows) for each block holding rows [0, ctx).
+template <typename Fn>
+void ForEachBlock(const LatentRows& c, int64_t ctx, Fn fn) {
+  for (int64_t first = 0, b = 0; first < ctx; first += c.block_tokens, ++b) {
+    fn(c.blocks[b], first, std::min(c.block_tokens, ctx - first));
+  }
+}
+
+// S[m, ctx] (row stride ld) = alpha * A[m, k] (row stride lda) @ rows[:, offset:offset+k]^T.
+void ScoreRows(const float* a, int64_t m, int64_t lda, const LatentRows& c, int64_t ctx, int64_t lc,
+               int64_t offset, int64_t k, float alpha, float beta, float* s, int64_t ld) {
+  ForEachBlock(c, ctx, [&](const float* rows, int64_t first, int64_t n) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(m), I(n), I(k), alpha, a, I(lda),
+                rows + offset, I(lc), beta, s + first, I(ld));
+  });
+}
+
+// out[m, r] (row stride ldo) = P[m, ctx] (row stride ld) @ rows[:, :r].
+void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t ctx, int64_t lc,
+             int64_t r, float* out, int64_t ldo) {
+  ForEachBlock(c, ctx, [&](const float* rows, int64_t first, int64_t n) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(m), I(r), I(n), 1.0f, p + first, I(ld),
+                rows, I(lc), first == 0 ? 0.0f : 1.0f, out, I(ldo));
+  });
+}
+
 }  // namespace
 
-void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const float* cache,
+void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const LatentRows& cache,
                        int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, ld_cache = r + dr;
   scratch->resize(static_cast<size_t>(ctx * h * kvd + t * ctx));
   float* kv = scratch->data();    // [ctx, H * (dn + dv)]
   float* s = kv + ctx * h * kvd;  // [t, ctx]
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(ctx), I(h * kvd), I(r), 1.0f, cache,
-              I(ld_cache), p.kv_b, I(r), 0.0f, kv, I(h * kvd));
+  ForEachBlock(cache, ctx, [&](const float* rows, int64_t first, int64_t n) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(n), I(h * kvd), I(r), 1.0f, rows,
+                I(ld_cache), p.kv_b, I(r), 0.0f, kv + first * h * kvd, I(h * kvd));
+  });
   for (int64_t head = 0; head < h; ++head) {
     const float* qn = q + head * qd;
     const float* kn = kv + head * kvd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(ctx), I(dn), 1.0f, qn, I(h * qd),
                 kn, I(h * kvd), 0.0f, s, I(ctx));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(ctx), I(dr), 1.0f, qn + dn,
-                I(h * qd), cache + r, I(ld_cache), 1.0f, s, I(ctx));
+    ScoreRows(qn + dn, t, h * qd, cache, ctx, ld_cache, r, dr, 1.0f, 1.0f, s, ctx);
     ScaleAndMask(s, t, 1, ctx, q_pos0, p.softmax_scale);
     SoftmaxRows(s, t, ctx, ctx);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t), I(dv), I(ctx), 1.0f, s, I(ctx),
@@ -48,7 +75,7 @@ void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const floa
   }
 }
 
-void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const float* cache,
+void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const LatentRows& cache,
                           int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
@@ -67,12 +94,10 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const f
     }
   }
   // One GEMM scores every (query, head) row against [c, k_pe] of every cached token.
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t * h), I(ctx), I(lc), 1.0f, qc, I(lc),
-              cache, I(lc), 0.0f, s, I(ctx));
+  ScoreRows(qc, t * h, lc, cache, ctx, lc, 0, lc, 1.0f, 0.0f, s, ctx);
   ScaleAndMask(s, t * h, h, ctx, q_pos0, p.softmax_scale);
   SoftmaxRows(s, t * h, ctx, ctx);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t * h), I(r), I(ctx), 1.0f, s, I(ctx),
-              cache, I(lc), 0.0f, olat, I(r));
+  SumRows(s, t * h, ctx, cache, ctx, lc, r, olat, r);
   for (int64_t head = 0; head < h; ++head) {
     // o[t, h] = o_lat[t, h] @ W_UV[h]^T  ([r] x [r, dv]).
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(dv), I(r), 1.0f, olat + head * r,
@@ -80,9 +105,8 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const f
   }
 }
 
-void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b,
-                            const float* const* caches, const int64_t* ctx, float* o,
-                            std::vector<float>* scratch) {
+void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const LatentRows* caches,
+                            const int64_t* ctx, float* o, std::vector<float>* scratch) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
   int64_t max_ctx = 0;
@@ -101,11 +125,9 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b,
       std::copy(qpe, qpe + dr, qc + (i * h + head) * lc + r);
     }
     const int64_t n = ctx[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(h), I(n), I(lc), p.softmax_scale,
-                qc + i * h * lc, I(lc), caches[i], I(lc), 0.0f, s, I(n));
+    ScoreRows(qc + i * h * lc, h, lc, caches[i], n, lc, 0, lc, p.softmax_scale, 0.0f, s, n);
     SoftmaxRows(s, h, n, n);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(h), I(r), I(n), 1.0f, s, I(n),
-                caches[i], I(lc), 0.0f, olat + i * h * r, I(r));
+    SumRows(s, h, n, caches[i], n, lc, r, olat + i * h * r, r);
   }
   for (int64_t head = 0; head < h; ++head) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(b), I(dv), I(r), 1.0f, olat + head * r,

@@ -1,6 +1,8 @@
 // Multi-head latent attention over a latent cache, for one sequence.
 //
-// Cache rows are [r + dr]: c (after kv_a_layernorm, r values) then the rotated k_pe (dr values).
+// Cache rows are [r + dr]: c (after kv_a_layernorm, r values) then the rotated k_pe (dr values),
+// stored in blocks of `block_tokens` consecutive rows (a paged cache; a contiguous cache is one
+// block).
 // Queries q[T, H, dn + dr] hold q_nope then the rotated q_pe per head. Query t sits at position
 // q_pos0 + t and attends to cache rows 0..q_pos0 + t (causal). Output o[T, H * dv].
 #ifndef DMOE_KERNELS_CPU_MLA_H_
@@ -10,6 +12,13 @@
 #include <vector>
 
 namespace dmoe::cpu {
+
+// The cached rows of one sequence in one layer: row u is blocks[u / block_tokens] + (u %
+// block_tokens) * (r + dr).
+struct LatentRows {
+  const float* const* blocks = nullptr;
+  int64_t block_tokens = 0;
+};
 
 struct MlaParams {
   int64_t num_heads = 0;    // H
@@ -22,20 +31,19 @@ struct MlaParams {
 };
 
 // Naive form (prefill): expands k_nope and v for every cached row through kv_b.
-void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const float* cache,
+void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const LatentRows& cache,
                        int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch);
 
 // Weight-absorbed form (decode): q_lat = W_UK^T q_nope, scores against c directly, and W_UV applied
 // to the latent output. Reads only the cache rows, never expands them.
-void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const float* cache,
+void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const LatentRows& cache,
                           int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch);
 
 // Batched decode in the absorbed form: `b` sequences with one query each. q[b, H, dn + dr]; the
-// query of sequence i sits at position ctx[i] - 1 of its cache caches[i] ([ctx[i], r + dr]);
+// query of sequence i sits at position ctx[i] - 1 of its cache caches[i] (ctx[i] rows);
 // o[b, H * dv]. The W_UK / W_UV products run once for the whole batch.
-void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b,
-                            const float* const* caches, const int64_t* ctx, float* o,
-                            std::vector<float>* scratch);
+void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const LatentRows* caches,
+                            const int64_t* ctx, float* o, std::vector<float>* scratch);
 
 }  // namespace dmoe::cpu
 

@@ -1,0 +1,133 @@
+#include "attention_service/kv_cache.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "attention_service/local_model.h"
+#include "gtest/gtest.h"
+#include "model/tiny_model.h"
+
+namespace dmoe {
+namespace {
+
+TEST(LatentKvCache, ExactAccounting) {
+  const ModelConfig c = *PresetConfig("tiny");
+  LatentKvCache cache(c, 4, 10);
+  EXPECT_EQ(cache.bytes_per_token(), 4u * (64 + 16) * 4);  // layers x (r + dr) floats, nothing else
+  EXPECT_EQ(cache.block_bytes(), 4u * 4 * (64 + 16) * 4);
+  EXPECT_EQ(LatentKvCache::BlocksForBytes(c, 4, 10 * cache.block_bytes() + 7), 10);
+  {
+    PagedKvSequence a(&cache), b(&cache);
+    ASSERT_TRUE(a.Reserve(9).ok());  // 3 blocks
+    EXPECT_EQ(cache.free_blocks(), 7);
+    a.Advance(9);
+    ASSERT_TRUE(a.Reserve(3).ok());  // 12 tokens still fit in 3 blocks
+    EXPECT_EQ(cache.free_blocks(), 7);
+    const absl::Status full = b.Reserve(29);  // 8 blocks > 7 free: nothing taken
+    EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_EQ(cache.free_blocks(), 7);
+    EXPECT_TRUE(b.block_table().empty());
+    ASSERT_TRUE(b.Reserve(28).ok());
+    EXPECT_EQ(cache.free_blocks(), 0);
+    b.Release();
+    EXPECT_EQ(cache.free_blocks(), 7);
+    EXPECT_EQ(b.length(), 0);
+  }
+  EXPECT_EQ(cache.free_blocks(), 10);  // destructors give everything back
+}
+
+std::string TinyModel() {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/paged_model";
+  TinyModelOptions o;
+  o.seed = 8;
+  EXPECT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), o).ok());
+  return dir;
+}
+
+double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(double(a[i]) - b[i]));
+  return m;
+}
+
+// Three sequences share one paged cache (blocks of 4 tokens) and run chunked prefill then decode
+// in one batch; every step's logits equal those of the contiguous cache, run alone.
+TEST(PagedKvSequence, EngineLogitsEqualTheContiguousCache) {
+  auto model = LocalModel::Load(TinyModel());
+  ASSERT_TRUE(model.ok());
+  Engine& engine = (*model)->engine();
+  const ModelConfig& c = engine.config();
+  LatentKvCache cache(c, 4, 64);
+  const int64_t start_free = cache.free_blocks();
+  {
+    std::vector<std::unique_ptr<PagedKvSequence>> paged;
+    std::vector<std::unique_ptr<SequenceKvCache>> plain;
+    const std::vector<std::vector<int32_t>> prompts = {
+        {5, 9, 200, 31, 7, 8, 1}, {44}, {300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310}};
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      paged.push_back(std::make_unique<PagedKvSequence>(&cache));
+      plain.push_back(std::make_unique<SequenceKvCache>(c));
+    }
+    std::vector<size_t> at(prompts.size(), 0);
+    std::vector<int32_t> next(prompts.size(), 0);
+    for (int step = 0; step < 14; ++step) {
+      std::vector<SequenceStep> batch(prompts.size());
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        batch[i].cache = paged[i].get();
+        if (at[i] < prompts[i].size()) {  // prefill in chunks of 3
+          const size_t end = std::min(prompts[i].size(), at[i] + 3);
+          batch[i].tokens.assign(prompts[i].begin() + at[i], prompts[i].begin() + end);
+          at[i] = end;
+        } else {
+          batch[i].tokens = {next[i]};
+        }
+      }
+      std::vector<std::vector<float>> got;
+      ASSERT_TRUE(engine.Step(batch, &got).ok());
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        std::vector<SequenceStep> alone(1);
+        alone[0].cache = plain[i].get();
+        alone[0].tokens = batch[i].tokens;
+        std::vector<std::vector<float>> want;
+        ASSERT_TRUE(engine.Step(alone, &want).ok());
+        EXPECT_LE(MaxDiff(got[i], want[0]), 1e-4) << "step " << step << " sequence " << i;
+        next[i] = ArgMax(got[i].data(), c.vocab_size);
+      }
+    }
+    EXPECT_EQ(paged[2]->length(), 11 + 10);
+    EXPECT_EQ(static_cast<int64_t>(paged[2]->block_table().size()), (21 + 3) / 4);
+    EXPECT_EQ(cache.free_blocks(),
+              start_free - static_cast<int64_t>(paged[0]->block_table().size() +
+                                                paged[1]->block_table().size() +
+                                                paged[2]->block_table().size()));
+  }
+  EXPECT_EQ(cache.free_blocks(), start_free);
+}
+
+TEST(PagedKvSequence, ExhaustionIsAnErrorThatChangesNothing) {
+  auto model = LocalModel::Load(TinyModel());
+  ASSERT_TRUE(model.ok());
+  Engine& engine = (*model)->engine();
+  LatentKvCache cache(engine.config(), 4, 3);  // 12 tokens in all
+  PagedKvSequence a(&cache), b(&cache);
+  std::vector<SequenceStep> batch(1);
+  batch[0].cache = &a;
+  batch[0].tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  std::vector<std::vector<float>> logits;
+  ASSERT_TRUE(engine.Step(batch, &logits).ok());
+  batch[0].cache = &b;
+  batch[0].tokens = {1, 2, 3, 4, 5};
+  const absl::Status st = engine.Step(batch, &logits);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_EQ(b.length(), 0);
+  EXPECT_EQ(cache.free_blocks(), 0);  // a holds all three blocks; b took none
+  a.Release();
+  EXPECT_TRUE(engine.Step(batch, &logits).ok());
+  EXPECT_EQ(b.length(), 5);
+}
+
+}  // namespace
+}  // namespace dmoe
