@@ -67,44 +67,18 @@ int32_t ArgMax(const float* logits, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
-namespace {
-
-int32_t Sample(const float* logits, int64_t n, double temperature, std::mt19937_64* rng) {
-  if (temperature <= 0.0) return ArgMax(logits, n);
-  const float mx = logits[ArgMax(logits, n)];
-  std::vector<double> p(static_cast<size_t>(n));
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    sum += p[static_cast<size_t>(i)] = std::exp((logits[i] - mx) / temperature);
-  }
-  const double u = std::uniform_real_distribution<double>(0.0, sum)(*rng);
-  double acc = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    acc += p[static_cast<size_t>(i)];
-    if (u < acc) return static_cast<int32_t>(i);
-  }
-  return static_cast<int32_t>(n - 1);
-}
-
-}  // namespace
-
 absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<int32_t>& prompt,
                                               const GenerateOptions& options) {
   const ModelConfig& c = engine.config();
-  if (prompt.empty()) return absl::InvalidArgumentError("tokens: empty prompt");
-  if (options.max_tokens <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens: must be positive, got ", options.max_tokens));
-  }
-  if (options.temperature < 0 || !std::isfinite(options.temperature)) {
-    return absl::InvalidArgumentError("temperature: must be >= 0");
-  }
-  const int64_t total = static_cast<int64_t>(prompt.size()) + options.max_tokens;
-  if (total > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt (", prompt.size(), " tokens) + max_tokens (", options.max_tokens, ") = ", total,
-        " exceeds max_position_embeddings ", c.max_position_embeddings));
-  }
+  SamplingParams sp;
+  sp.temperature = options.temperature;
+  sp.top_k = options.top_k;
+  sp.top_p = options.top_p;
+  sp.min_p = options.min_p;
+  sp.seed = options.seed;
+  sp.max_tokens = options.max_tokens;
+  if (options.stop_token >= 0) sp.stop_token_ids.push_back(options.stop_token);
+  RETURN_IF_ERROR(ValidateRequest(prompt, sp, c));
   SequenceKvCache cache(c);
   std::vector<SequenceStep> batch(1);
   batch[0].cache = &cache;
@@ -117,10 +91,10 @@ absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<
                            prompt.begin() + static_cast<long>(end));
     RETURN_IF_ERROR(engine.Step(batch, &logits));
   }
-  std::mt19937_64 rng(options.seed);
+  Sampler sampler(sp);
   std::vector<int32_t> out;
   for (int64_t i = 0; i < options.max_tokens; ++i) {
-    const int32_t next = Sample(logits[0].data(), c.vocab_size, options.temperature, &rng);
+    const int32_t next = sampler.Sample(logits[0].data(), c.vocab_size).token;
     out.push_back(next);
     if (next == options.stop_token || i + 1 == options.max_tokens) break;
     batch[0].tokens.assign(1, next);

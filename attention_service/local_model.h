@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention_service/engine.h"
+#include "attention_service/sampler.h"
 #include "expert_service/routed_experts.h"
 #include "expert_service/shard_client.h"
 #include "model/config.h"
@@ -58,6 +59,9 @@ class LocalModel {
 struct GenerateOptions {
   int64_t max_tokens = 16;
   double temperature = 0.0;  // 0: greedy (ties go to the lowest id)
+  int64_t top_k = 0;         // 0: off
+  double top_p = 1.0;
+  double min_p = 0.0;
   uint64_t seed = 0;
   int64_t prefill_chunk = 0;  // 0: the whole prompt in one step
   int32_t stop_token = -1;    // -1: none

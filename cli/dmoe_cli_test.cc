@@ -143,6 +143,10 @@ TEST(DmoeCli, BadRequestsAreClearErrors) {
                     "--max-tokens: must be positive");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --temperature -1"),
                     "--temperature: must be >= 0");
+  EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --temperature 1 --top-p 0"),
+                    "top_p: 0 is not in (0, 1]");
+  EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --top-k -2"),
+                    "top_k: -2 is negative");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --temperature hot"),
                     "--temperature: \"hot\" is not a number");
   EXPECT_FAILS_WITH(RunDmoe("make-tiny-model " + TmpDir() + "/x --preset huge"),

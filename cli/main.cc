@@ -49,6 +49,9 @@ in this process. Prints the generated token ids, comma-separated, on one line.
   --tokens LIST        comma-separated prompt token ids, each in [0, vocab_size)
   --max-tokens N       tokens to generate (prompt + N must fit max_position_embeddings)
   --temperature T      0 (default) is greedy, ties going to the lowest id; > 0 samples
+  --top-k K            sample among the K most likely tokens (0 = off)
+  --top-p P            sample among the most likely tokens holding probability P, in (0, 1]
+  --min-p P            drop tokens below P times the most likely one's probability
   --seed S             random seed for sampling (default 0)
   --prefill-chunk C    prefill C prompt tokens per step (default: all at once)
   --stop-token ID      stop after generating this id
@@ -182,7 +185,7 @@ int Logits(int argc, char** argv) {
 int GenerateCmd(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
                             WithRemote({"model", "tokens", "max-tokens", "temperature", "seed",
-                                        "prefill-chunk", "stop-token"}),
+                                        "prefill-chunk", "stop-token", "top-k", "top-p", "min-p"}),
                             {"print-token-ids"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -205,8 +208,12 @@ int GenerateCmd(int argc, char** argv) {
   auto seed = flags->Int("seed", 0);
   auto chunk = flags->Int("prefill-chunk", 0);
   auto stop = flags->Int("stop-token", -1);
+  auto top_k = flags->Int("top-k", 0);
+  auto top_p = flags->Double("top-p", 1.0);
+  auto min_p = flags->Double("min-p", 0.0);
   for (const absl::Status& s :
-       {max_tokens.status(), temperature.status(), seed.status(), chunk.status(), stop.status()}) {
+       {max_tokens.status(), temperature.status(), seed.status(), chunk.status(), stop.status(),
+        top_k.status(), top_p.status(), min_p.status()}) {
     if (!s.ok()) return Fail(s);
   }
   if (*max_tokens <= 0) return Fail(absl::InvalidArgumentError("--max-tokens: must be positive"));
@@ -217,6 +224,9 @@ int GenerateCmd(int argc, char** argv) {
   g.seed = static_cast<uint64_t>(*seed);
   g.prefill_chunk = *chunk;
   g.stop_token = static_cast<int32_t>(*stop);
+  g.top_k = *top_k;
+  g.top_p = *top_p;
+  g.min_p = *min_p;
   const bool quiet = flags->Bool("print-token-ids");
   LocalModelOptions options;
   options.log_progress = !quiet;
