@@ -1,0 +1,249 @@
+#include "attention_service/scheduler.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace dmoe {
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kError:
+      return "error";
+  }
+  return "?";
+}
+
+struct Scheduler::Seq {
+  Seq(uint64_t id_in, std::vector<int32_t> prompt, const SamplingParams& p, RequestCallbacks cb,
+      LatentKvCache* cache)
+      : id(id_in),
+        tokens(std::move(prompt)),
+        prompt_len(static_cast<int64_t>(tokens.size())),
+        params(p),
+        sampler(p),
+        callbacks(std::move(cb)),
+        kv(cache) {}
+  uint64_t id;
+  std::vector<int32_t> tokens;  // prompt, then generated tokens
+  int64_t prompt_len;
+  SamplingParams params;
+  Sampler sampler;
+  RequestCallbacks callbacks;
+  PagedKvSequence kv;
+  uint64_t admitted = 0;  // admission counter value: larger = admitted later
+  int64_t generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
+  // Tokens not yet in the cache.
+  int64_t pending() const { return static_cast<int64_t>(tokens.size()) - kv.length(); }
+};
+
+Scheduler::Scheduler(Engine* engine, LatentKvCache* cache, SchedulerOptions options)
+    : engine_(engine), cache_(cache), options_(options), config_(engine->config()) {
+  load_.total_blocks = cache_->total_blocks();
+  load_.free_blocks = cache_->free_blocks();
+}
+
+Scheduler::~Scheduler() = default;
+
+int64_t Scheduler::BlocksFor(int64_t tokens) const {
+  return (tokens + cache_->block_tokens() - 1) / cache_->block_tokens();
+}
+
+absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
+                                           const SamplingParams& params,
+                                           RequestCallbacks callbacks) {
+  if (auto st = ValidateRequest(prompt, params, config_); !st.ok()) return st;
+  const int64_t need = BlocksFor(static_cast<int64_t>(prompt.size()) + params.max_tokens);
+  if (need > cache_->total_blocks()) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens: prompt + max_tokens needs ", need,
+                                                   " KV blocks; the cache has ",
+                                                   cache_->total_blocks()));
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  const uint64_t id = next_id_++;
+  load_.queued_prefill_tokens += static_cast<int64_t>(prompt.size());
+  ++load_.waiting;
+  incoming_.push_back(
+      std::make_unique<Seq>(id, std::move(prompt), params, std::move(callbacks), cache_));
+  return id;
+}
+
+void Scheduler::Cancel(uint64_t id) {
+  std::lock_guard<std::mutex> l(mu_);
+  cancelled_.insert(id);
+}
+
+SchedulerLoad Scheduler::load() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return load_;
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return stats_;
+}
+
+void Scheduler::Finish(Seq* s, FinishReason reason, const absl::Status& st) {
+  s->kv.Release();
+  if (s->callbacks.on_finish) s->callbacks.on_finish(reason, st);
+  std::lock_guard<std::mutex> l(mu_);
+  ++stats_.finished;
+}
+
+void Scheduler::Preempt(Seq* s) {
+  // Free everything; the tokens (prompt + generated so far) are recomputed when readmitted.
+  s->kv.Release();
+  std::lock_guard<std::mutex> l(mu_);
+  ++stats_.preemptions;
+}
+
+absl::StatusOr<bool> Scheduler::Step() {
+  // New requests and cancellations.
+  std::set<uint64_t> cancelled;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    while (!incoming_.empty()) {
+      waiting_.push_back(std::move(incoming_.front()));
+      incoming_.pop_front();
+    }
+    cancelled.swap(cancelled_);
+  }
+  if (!cancelled.empty()) {
+    auto cancel = [&](std::unique_ptr<Seq>& s) {
+      if (s && cancelled.count(s->id)) {
+        Finish(s.get(), FinishReason::kCancelled, absl::OkStatus());
+        s.reset();
+      }
+    };
+    for (auto& s : running_) cancel(s);
+    for (auto& s : waiting_) cancel(s);
+    running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
+  }
+  // Admission: in order, while there is room in the batch and blocks for the whole prompt.
+  int64_t reserved_blocks = 0;
+  for (const auto& s : running_) {
+    reserved_blocks += std::max<int64_t>(0, BlocksFor(static_cast<int64_t>(s->tokens.size()) + 1) -
+                                                static_cast<int64_t>(s->kv.block_table().size()));
+  }
+  while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
+    Seq* s = waiting_.front().get();
+    const int64_t need = BlocksFor(static_cast<int64_t>(s->tokens.size()) + 1);
+    if (need + reserved_blocks > cache_->free_blocks() && !running_.empty()) break;
+    reserved_blocks += need;
+    s->admitted = ++admit_counter_;
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+  if (running_.empty()) {
+    std::lock_guard<std::mutex> l(mu_);
+    load_.running = 0;
+    load_.waiting = static_cast<int64_t>(waiting_.size() + incoming_.size());
+    load_.free_blocks = cache_->free_blocks();
+    return false;
+  }
+  // The batch: every decoding sequence gets one token, then prefill chunks in admission order
+  // within the token budget. Room in the cache is reserved up front; when it runs out, the
+  // latest-admitted sequence is preempted and the plan is made again.
+  std::vector<SequenceStep> batch;
+  std::vector<Seq*> members;
+  for (;;) {
+    batch.clear();
+    members.clear();
+    std::sort(running_.begin(), running_.end(),
+              [](const auto& a, const auto& b) { return a->admitted < b->admitted; });
+    int64_t budget = options_.step_token_budget;
+    for (auto& s : running_) {
+      if (s->pending() == 1) {
+        batch.push_back(SequenceStep{&s->kv, {s->tokens.back()}, false});
+        members.push_back(s.get());
+        --budget;
+      }
+    }
+    for (auto& s : running_) {
+      if (s->pending() <= 1 || budget <= 0) continue;
+      const int64_t n = std::min({s->pending(), options_.prefill_chunk, budget});
+      const int64_t from = s->kv.length();
+      batch.push_back(SequenceStep{
+          &s->kv, std::vector<int32_t>(s->tokens.begin() + from, s->tokens.begin() + from + n),
+          false});
+      members.push_back(s.get());
+      budget -= n;
+    }
+    Seq* victim = nullptr;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (!members[i]->kv.Reserve(static_cast<int64_t>(batch[i].tokens.size())).ok()) {
+        victim = running_.back().get();  // latest admitted
+        break;
+      }
+    }
+    if (victim == nullptr) break;
+    if (running_.size() == 1) {
+      // Alone and still too big: the cache can never hold it.
+      Finish(victim, FinishReason::kError,
+             absl::ResourceExhaustedError("the KV cache cannot hold this request"));
+      running_.clear();
+      return true;
+    }
+    Preempt(victim);
+    waiting_.push_front(std::move(running_.back()));
+    running_.pop_back();
+  }
+  std::vector<std::vector<float>> logits;
+  const absl::Status st = engine_->Step(batch, &logits);
+  if (!st.ok()) {
+    for (Seq* s : members) Finish(s, FinishReason::kError, st);
+    running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                  [&](const auto& s) {
+                                    return std::find(members.begin(), members.end(), s.get()) !=
+                                           members.end();
+                                  }),
+                   running_.end());
+    return st;
+  }
+  uint64_t computed = 0, generated = 0;
+  for (size_t i = 0; i < members.size(); ++i) {
+    Seq* s = members[i];
+    computed += batch[i].tokens.size();
+    if (s->pending() != 0) continue;  // more prompt to prefill
+    const SampledToken t = s->sampler.Sample(logits[i].data(), config_.vocab_size);
+    s->tokens.push_back(t.token);
+    ++generated;
+    if (s->callbacks.on_token) s->callbacks.on_token(t);
+    const bool stop = std::find(s->params.stop_token_ids.begin(), s->params.stop_token_ids.end(),
+                                t.token) != s->params.stop_token_ids.end();
+    if (stop) {
+      Finish(s, FinishReason::kStop, absl::OkStatus());
+    } else if (s->generated() >= s->params.max_tokens ||
+               static_cast<int64_t>(s->tokens.size()) >= config_.max_position_embeddings) {
+      Finish(s, FinishReason::kLength, absl::OkStatus());
+    } else {
+      continue;
+    }
+    for (auto& r : running_) {
+      if (r.get() == s) r.reset();
+    }
+  }
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  std::lock_guard<std::mutex> l(mu_);
+  ++stats_.steps;
+  stats_.prefilled_tokens += computed;
+  stats_.generated_tokens += generated;
+  load_.running = static_cast<int64_t>(running_.size());
+  load_.waiting = static_cast<int64_t>(waiting_.size() + incoming_.size());
+  load_.free_blocks = cache_->free_blocks();
+  int64_t queued = 0;
+  for (const auto& s : waiting_) queued += s->pending();
+  for (const auto& s : running_) queued += std::max<int64_t>(0, s->pending() - 1);
+  for (const auto& s : incoming_) queued += s->pending();
+  load_.queued_prefill_tokens = queued;
+  return true;
+}
+
+}  // namespace dmoe

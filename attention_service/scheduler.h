@@ -1,0 +1,100 @@
+// The attention node's scheduler: continuous batching over a paged latent KV cache. Requests join
+// and leave between steps; prompts are prefilled in chunks under a per-step token budget; requests
+// are admitted while KV blocks are free, preempted (blocks freed, recomputed later) when the cache
+// runs out, and cancelled with their blocks freed before the next step.
+//
+// Thread safety: Submit, Cancel and load() may be called from any thread; Step from one thread.
+#ifndef DMOE_ATTENTION_SERVICE_SCHEDULER_H_
+#define DMOE_ATTENTION_SERVICE_SCHEDULER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "attention_service/engine.h"
+#include "attention_service/kv_cache.h"
+#include "attention_service/sampler.h"
+
+namespace dmoe {
+
+enum class FinishReason { kLength, kStop, kCancelled, kError };
+const char* FinishReasonName(FinishReason r);
+
+struct RequestCallbacks {
+  // Each generated token, in order (on the scheduler's thread).
+  std::function<void(const SampledToken&)> on_token;
+  // Exactly once, last. `status` is OK unless reason is kError.
+  std::function<void(FinishReason, const absl::Status&)> on_finish;
+};
+
+struct SchedulerOptions {
+  int64_t max_running = 64;         // sequences in the running batch
+  int64_t step_token_budget = 512;  // tokens (decode + prefill) per engine step
+  int64_t prefill_chunk = 256;      // most prompt tokens of one sequence per step
+};
+
+struct SchedulerLoad {
+  int64_t free_blocks = 0;
+  int64_t total_blocks = 0;
+  int64_t running = 0;
+  int64_t waiting = 0;
+  int64_t queued_prefill_tokens = 0;  // prompt tokens not yet in the cache
+};
+
+struct SchedulerStats {
+  uint64_t steps = 0;
+  uint64_t prefilled_tokens = 0;  // tokens computed through the model (prompts and recompute)
+  uint64_t generated_tokens = 0;
+  uint64_t preemptions = 0;
+  uint64_t finished = 0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(Engine* engine, LatentKvCache* cache, SchedulerOptions options);
+  ~Scheduler();
+
+  // Validates (INVALID_ARGUMENT naming the field) and queues a request; returns its id.
+  absl::StatusOr<uint64_t> Submit(std::vector<int32_t> prompt, const SamplingParams& params,
+                                  RequestCallbacks callbacks);
+  // Ends a request: its blocks are freed and on_finish(kCancelled) runs at the next Step.
+  void Cancel(uint64_t id);
+  // Runs one engine step over the current batch. Returns false when there was nothing to do.
+  // An engine error fails the requests of that step (kError) and is returned.
+  absl::StatusOr<bool> Step();
+  SchedulerLoad load() const;
+  SchedulerStats stats() const;
+
+ private:
+  struct Seq;
+  void AdmitLocked();
+  void Finish(Seq* s, FinishReason reason, const absl::Status& st);
+  void Preempt(Seq* s);
+  int64_t BlocksFor(int64_t tokens) const;
+
+  Engine* engine_;
+  LatentKvCache* cache_;
+  SchedulerOptions options_;
+  const ModelConfig& config_;
+
+  mutable std::mutex mu_;  // guards incoming_, cancelled_, load counters below, stats_
+  std::deque<std::unique_ptr<Seq>> incoming_;
+  std::set<uint64_t> cancelled_;
+  uint64_t next_id_ = 1;
+  SchedulerLoad load_;
+  SchedulerStats stats_;
+
+  // Scheduler thread only.
+  std::deque<std::unique_ptr<Seq>> waiting_;  // admission order; preempted ones go first
+  std::vector<std::unique_ptr<Seq>> running_;
+  uint64_t admit_counter_ = 0;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_ATTENTION_SERVICE_SCHEDULER_H_

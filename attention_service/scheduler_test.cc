@@ -1,0 +1,196 @@
+#include "attention_service/scheduler.h"
+
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "attention_service/local_model.h"
+#include "gtest/gtest.h"
+#include "model/tiny_model.h"
+
+namespace dmoe {
+namespace {
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    const std::string dir = std::string(tmp ? tmp : "/tmp") + "/sched_model";
+    TinyModelOptions o;
+    o.seed = 12;
+    ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), o).ok());
+    model_ = std::move(LocalModel::Load(dir)).value().release();
+  }
+  static void TearDownTestSuite() { delete model_; }
+
+  struct Result {
+    std::vector<int32_t> tokens;
+    FinishReason reason = FinishReason::kError;
+    bool finished = false;
+  };
+
+  // Submits every request, steps until all finish (bounded), returns the results by index.
+  static std::vector<Result> RunAll(Scheduler& s, const std::vector<std::vector<int32_t>>& prompts,
+                                    const std::vector<SamplingParams>& params) {
+    std::vector<Result> results(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      RequestCallbacks cb;
+      cb.on_token = [&results, i](const SampledToken& t) { results[i].tokens.push_back(t.token); };
+      cb.on_finish = [&results, i](FinishReason r, const absl::Status&) {
+        results[i].reason = r;
+        results[i].finished = true;
+      };
+      EXPECT_TRUE(s.Submit(prompts[i], params[i], cb).ok());
+    }
+    for (int step = 0; step < 20000; ++step) {
+      auto more = s.Step();
+      EXPECT_TRUE(more.ok()) << more.status();
+      if (!more.ok() || !*more) break;
+    }
+    return results;
+  }
+
+  static std::vector<int32_t> Alone(const std::vector<int32_t>& prompt, const SamplingParams& p) {
+    GenerateOptions g;
+    g.max_tokens = p.max_tokens;
+    g.temperature = p.temperature;
+    g.seed = p.seed;
+    g.top_p = p.top_p;
+    auto out = Generate(model_->engine(), prompt, g);
+    EXPECT_TRUE(out.ok());
+    return *out;
+  }
+
+  static LocalModel* model_;
+};
+LocalModel* SchedulerTest::model_ = nullptr;
+
+std::vector<int32_t> RandomPrompt(std::mt19937& rng, int n) {
+  std::vector<int32_t> p;
+  for (int i = 0; i < n; ++i) p.push_back(std::uniform_int_distribution<int>(0, 511)(rng));
+  return p;
+}
+
+TEST_F(SchedulerTest, SixtyFourConcurrentRequestsEachEqualToAlone) {
+  LatentKvCache cache(model_->config(), 16, 2048);
+  SchedulerOptions o;
+  o.max_running = 64;
+  o.step_token_budget = 512;
+  o.prefill_chunk = 128;
+  Scheduler s(&model_->engine(), &cache, o);
+  std::mt19937 rng(4);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SamplingParams> params;
+  for (int i = 0; i < 64; ++i) {
+    prompts.push_back(RandomPrompt(rng, 1 + (i * 37) % 300));
+    SamplingParams p;
+    p.max_tokens = 4 + (i * 11) % 29;
+    params.push_back(p);
+  }
+  const std::vector<Result> got = RunAll(s, prompts, params);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(got[i].finished) << i;
+    EXPECT_EQ(got[i].reason, FinishReason::kLength);
+    EXPECT_EQ(got[i].tokens, Alone(prompts[i], params[i]))
+        << "request " << i << " prompt " << prompts[i].size() << " tokens";
+  }
+  EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
+  std::printf("64 requests: %llu steps, %llu prefilled tokens, %llu generated\n",
+              static_cast<unsigned long long>(s.stats().steps),
+              static_cast<unsigned long long>(s.stats().prefilled_tokens),
+              static_cast<unsigned long long>(s.stats().generated_tokens));
+}
+
+TEST_F(SchedulerTest, SeededSamplingIsReproducibleAcrossBatchCompositions) {
+  SamplingParams p;
+  p.temperature = 0.9;
+  p.top_p = 0.95;
+  p.seed = 77;
+  p.max_tokens = 24;
+  const std::vector<int32_t> prompt = {3, 1, 4, 1, 5, 9, 2, 6};
+  const std::vector<int32_t> alone = Alone(prompt, p);
+  std::mt19937 rng(9);
+  for (int others : {0, 5, 17}) {
+    LatentKvCache cache(model_->config(), 8, 512);
+    Scheduler s(&model_->engine(), &cache, SchedulerOptions());
+    std::vector<std::vector<int32_t>> prompts = {prompt};
+    std::vector<SamplingParams> params = {p};
+    for (int i = 0; i < others; ++i) {
+      prompts.push_back(RandomPrompt(rng, 5 + i * 7));
+      SamplingParams q;
+      q.temperature = 1.0;
+      q.seed = static_cast<uint64_t>(i);
+      q.max_tokens = 10 + i;
+      params.push_back(q);
+    }
+    EXPECT_EQ(RunAll(s, prompts, params)[0].tokens, alone) << others << " other requests";
+  }
+}
+
+TEST_F(SchedulerTest, CacheTooSmallForAllStillCompletesEveryRequest) {
+  // 24 blocks of 4 tokens: room for about two of these requests at a time.
+  LatentKvCache cache(model_->config(), 4, 24);
+  SchedulerOptions o;
+  o.prefill_chunk = 16;
+  Scheduler s(&model_->engine(), &cache, o);
+  std::mt19937 rng(2);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SamplingParams> params;
+  for (int i = 0; i < 8; ++i) {
+    prompts.push_back(RandomPrompt(rng, 20 + 3 * i));
+    SamplingParams p;
+    p.max_tokens = 20;
+    params.push_back(p);
+  }
+  const std::vector<Result> got = RunAll(s, prompts, params);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(got[i].finished) << i;
+    EXPECT_EQ(got[i].tokens, Alone(prompts[i], params[i])) << i;
+  }
+  EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
+  std::printf("cache of 24 blocks, 8 requests: %llu preemptions\n",
+              static_cast<unsigned long long>(s.stats().preemptions));
+}
+
+TEST_F(SchedulerTest, CancellationFreesBlocksWithinOneStep) {
+  LatentKvCache cache(model_->config(), 4, 64);
+  Scheduler s(&model_->engine(), &cache, SchedulerOptions());
+  SamplingParams p;
+  p.max_tokens = 100;
+  int tokens = 0;
+  bool cancelled = false;
+  RequestCallbacks cb;
+  cb.on_token = [&](const SampledToken&) { ++tokens; };
+  cb.on_finish = [&](FinishReason r, const absl::Status&) {
+    cancelled = r == FinishReason::kCancelled;
+  };
+  auto id = s.Submit({1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, p, cb);
+  ASSERT_TRUE(id.ok());
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(*s.Step());
+  EXPECT_EQ(tokens, 5);
+  EXPECT_LT(cache.free_blocks(), cache.total_blocks());
+  s.Cancel(*id);
+  ASSERT_TRUE(s.Step().ok());
+  EXPECT_TRUE(cancelled);
+  EXPECT_EQ(tokens, 5);
+  EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
+  EXPECT_EQ(s.load().running, 0);
+}
+
+TEST_F(SchedulerTest, BadRequestsAreRejectedAtSubmit) {
+  LatentKvCache cache(model_->config(), 4, 8);
+  Scheduler s(&model_->engine(), &cache, SchedulerOptions());
+  SamplingParams p;
+  p.top_k = -1;
+  EXPECT_EQ(s.Submit({1}, p, {}).status().code(), absl::StatusCode::kInvalidArgument);
+  SamplingParams big;
+  big.max_tokens = 100;  // needs 26 blocks of 4; the cache has 8
+  const auto st = s.Submit({1}, big, {}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("KV blocks"), absl::string_view::npos) << st;
+}
+
+}  // namespace
+}  // namespace dmoe
