@@ -1,5 +1,6 @@
 #include "attention_service/kv_cache.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
@@ -27,7 +28,8 @@ LatentKvCache::LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t
       total_(num_blocks),
       block_floats_(c.num_hidden_layers * block_tokens * c.latent_dim()),
       storage_(static_cast<size_t>(num_blocks * block_floats_)),
-      in_use_(static_cast<size_t>(num_blocks), 0) {
+      meta_(static_cast<size_t>(num_blocks)),
+      block_tokens_ids_(static_cast<size_t>(num_blocks * block_tokens)) {
   free_.reserve(static_cast<size_t>(num_blocks));
   // Lowest block ids first out.
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
@@ -39,22 +41,86 @@ int64_t LatentKvCache::BlocksForBytes(const ModelConfig& c, int64_t block_tokens
   return static_cast<int64_t>(bytes / per_block);
 }
 
+namespace {
+[[noreturn]] void Broken(const char* what, int32_t block) {
+  // A refcount error would let two sequences write one block: an invariant broken inside dmoe.
+  std::fprintf(stderr, "LatentKvCache: %s (block %d)\n", what, block);
+  std::abort();
+}
+}  // namespace
+
 int32_t LatentKvCache::Allocate() {
-  if (free_.empty()) return -1;
-  const int32_t b = free_.back();
-  free_.pop_back();
-  in_use_[static_cast<size_t>(b)] = 1;
+  int32_t b;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else if (!lru_.empty()) {
+    b = lru_.front();
+    lru_.pop_front();
+    Unregister(b);
+  } else {
+    return -1;
+  }
+  meta_[static_cast<size_t>(b)].refs = 1;
   return b;
 }
 
-void LatentKvCache::Free(int32_t block) {
-  if (block < 0 || block >= total_ || !in_use_[static_cast<size_t>(block)]) {
-    // A double free would corrupt two sequences' caches: an invariant broken inside dmoe.
-    std::fprintf(stderr, "LatentKvCache: freeing block %d that is not in use\n", block);
-    std::abort();
+void LatentKvCache::Share(int32_t block) {
+  Meta& m = meta_[static_cast<size_t>(block)];
+  if (m.refs == 0) {
+    if (!m.registered) Broken("sharing a free block", block);
+    lru_.erase(m.lru);
   }
-  in_use_[static_cast<size_t>(block)] = 0;
-  free_.push_back(block);
+  ++m.refs;
+}
+
+void LatentKvCache::Free(int32_t block) {
+  if (block < 0 || block >= total_) Broken("freeing a block out of range", block);
+  Meta& m = meta_[static_cast<size_t>(block)];
+  if (m.refs <= 0) Broken("freeing a block that is not in use", block);
+  if (--m.refs > 0) return;
+  if (m.registered) {
+    m.lru = lru_.insert(lru_.end(), block);
+  } else {
+    free_.push_back(block);
+  }
+}
+
+uint64_t LatentKvCache::ChainHash(uint64_t parent, const int32_t* tokens, int64_t n) {
+  uint64_t h = parent ^ 0x9e3779b97f4a7c15ull;
+  for (int64_t i = 0; i < n; ++i) {
+    h ^= static_cast<uint32_t>(tokens[i]);
+    h *= 0x100000001b3ull;
+    h ^= h >> 29;
+  }
+  return h == 0 ? 1 : h;
+}
+
+int32_t LatentKvCache::Lookup(uint64_t key, const int32_t* tokens) const {
+  auto it = by_key_.find(key);
+  if (it == by_key_.end()) return -1;
+  const int32_t* have = block_tokens_ids_.data() + static_cast<int64_t>(it->second) * block_tokens_;
+  for (int64_t i = 0; i < block_tokens_; ++i) {
+    if (have[i] != tokens[i]) return -1;  // a hash collision: treat as a miss
+  }
+  return it->second;
+}
+
+void LatentKvCache::Register(int32_t block, uint64_t key, const int32_t* tokens) {
+  Meta& m = meta_[static_cast<size_t>(block)];
+  if (m.registered || by_key_.count(key)) return;
+  m.registered = true;
+  m.key = key;
+  by_key_[key] = block;
+  std::copy(tokens, tokens + block_tokens_,
+            block_tokens_ids_.begin() + static_cast<int64_t>(block) * block_tokens_);
+}
+
+void LatentKvCache::Unregister(int32_t block) {
+  Meta& m = meta_[static_cast<size_t>(block)];
+  if (!m.registered) return;
+  by_key_.erase(m.key);
+  m.registered = false;
 }
 
 absl::Status PagedKvSequence::Reserve(int64_t n) {
@@ -79,6 +145,38 @@ void PagedKvSequence::Release() {
   for (int32_t b : blocks_) cache_->Free(b);
   blocks_.clear();
   length_ = 0;
+  registered_ = 0;
+  chain_key_ = 0;
+}
+
+int64_t PagedKvSequence::AttachPrefix(const std::vector<int32_t>& tokens) {
+  if (length_ != 0 || !blocks_.empty()) return length_;
+  const int64_t bt = cache_->block_tokens();
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  uint64_t key = 0;
+  while ((static_cast<int64_t>(blocks_.size()) + 1) * bt <= n - 1) {
+    const int32_t* block_tokens = tokens.data() + static_cast<int64_t>(blocks_.size()) * bt;
+    const uint64_t next = LatentKvCache::ChainHash(key, block_tokens, bt);
+    const int32_t b = cache_->Lookup(next, block_tokens);
+    if (b < 0) break;
+    cache_->Share(b);
+    blocks_.push_back(b);
+    key = next;
+  }
+  registered_ = static_cast<int64_t>(blocks_.size());
+  chain_key_ = key;
+  length_ = registered_ * bt;
+  return length_;
+}
+
+void PagedKvSequence::RegisterFullBlocks(const std::vector<int32_t>& tokens) {
+  const int64_t bt = cache_->block_tokens();
+  while ((registered_ + 1) * bt <= length_ && registered_ < static_cast<int64_t>(blocks_.size())) {
+    const int32_t* block_tokens = tokens.data() + registered_ * bt;
+    chain_key_ = LatentKvCache::ChainHash(chain_key_, block_tokens, bt);
+    cache_->Register(blocks_[static_cast<size_t>(registered_)], chain_key_, block_tokens);
+    ++registered_;
+  }
 }
 
 }  // namespace dmoe

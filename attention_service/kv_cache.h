@@ -8,6 +8,8 @@
 #define DMOE_ATTENTION_SERVICE_KV_CACHE_H_
 
 #include <cstdint>
+#include <list>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -58,8 +60,11 @@ class SequenceKvCache : public KvSequence {
 };
 
 // A pool of fixed-size blocks shared by many sequences: block b holds, for every layer,
-// `block_tokens` rows of `latent_dim` floats. A free list hands blocks out; accounting is exact
-// (free + used == total at all times). Thread-compatible.
+// `block_tokens` rows of `latent_dim` floats. Blocks are reference-counted: a full block can be
+// shared by every sequence whose tokens up to and including it are the same (prefix caching;
+// blocks are keyed by a hash chained over all tokens up to them). A block nobody references stays
+// cached (evictable, least recently used first) until its space is needed. Accounting is exact:
+// every block is free, cached (evictable) or referenced. Thread-compatible.
 class LatentKvCache {
  public:
   LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t num_blocks);
@@ -68,14 +73,30 @@ class LatentKvCache {
 
   int64_t block_tokens() const { return block_tokens_; }
   int64_t total_blocks() const { return total_; }
-  int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  // Blocks available to Allocate: free plus cached-but-unreferenced.
+  int64_t free_blocks() const { return static_cast<int64_t>(free_.size() + lru_.size()); }
+  // Unreferenced blocks kept for their prefix.
+  int64_t cached_blocks() const { return static_cast<int64_t>(lru_.size()); }
   uint64_t block_bytes() const { return static_cast<uint64_t>(block_floats_) * 4; }
   // Bytes of cache per token (all layers): layers * latent_dim * 4.
   uint64_t bytes_per_token() const { return static_cast<uint64_t>(layers_) * row_ * 4; }
 
-  // -1 when no block is free.
+  // A block with one reference (evicting the least recently used cached block if no block is
+  // free); -1 when every block is referenced.
   int32_t Allocate();
+  // Adds a reference to a block (found by Lookup).
+  void Share(int32_t block);
+  // Drops a reference; an unreferenced block stays cached if it holds a registered prefix.
   void Free(int32_t block);
+
+  // The key of a full block: hash of its tokens chained onto the key of the block before it
+  // (0 for the first block).
+  static uint64_t ChainHash(uint64_t parent, const int32_t* tokens, int64_t n);
+  // The cached block holding exactly these tokens under this key, or -1.
+  int32_t Lookup(uint64_t key, const int32_t* tokens) const;
+  // Makes a full, computed block findable by Lookup (no-op if the key is already taken).
+  void Register(int32_t block, uint64_t key, const int32_t* tokens);
+
   float* BlockLayer(int32_t block, int64_t layer) {
     return storage_.data() + static_cast<int64_t>(block) * block_floats_ +
            layer * block_tokens_ * row_;
@@ -83,10 +104,21 @@ class LatentKvCache {
   int64_t row() const { return row_; }
 
  private:
+  struct Meta {
+    int32_t refs = 0;
+    bool registered = false;
+    uint64_t key = 0;
+    std::list<int32_t>::iterator lru;  // valid when refs == 0 && registered
+  };
+  void Unregister(int32_t block);
+
   int64_t row_, layers_, block_tokens_, total_, block_floats_;
   std::vector<float> storage_;
   std::vector<int32_t> free_;
-  std::vector<char> in_use_;
+  std::vector<Meta> meta_;
+  std::list<int32_t> lru_;  // unreferenced registered blocks, least recently used first
+  std::unordered_map<uint64_t, int32_t> by_key_;
+  std::vector<int32_t> block_tokens_ids_;  // [total, block_tokens]: the tokens of registered blocks
 };
 
 // A sequence's block table over a LatentKvCache; returns its blocks when destroyed or Released.
@@ -107,10 +139,20 @@ class PagedKvSequence : public KvSequence {
   void Release();
   const std::vector<int32_t>& block_table() const { return blocks_; }
 
+  // On an empty sequence: attaches the cached blocks that hold the longest prefix of `tokens`
+  // in whole blocks, always leaving at least one token to compute. Returns the tokens attached
+  // (the new length).
+  int64_t AttachPrefix(const std::vector<int32_t>& tokens);
+  // Registers every block that is full of committed rows of `tokens` (the sequence's tokens)
+  // for later AttachPrefix calls.
+  void RegisterFullBlocks(const std::vector<int32_t>& tokens);
+
  private:
   LatentKvCache* cache_;
   std::vector<int32_t> blocks_;
   std::vector<const float*> ptrs_;
+  int64_t registered_ = 0;  // leading blocks already registered (or attached)
+  uint64_t chain_key_ = 0;  // key of block registered_ - 1
 };
 
 }  // namespace dmoe

@@ -38,6 +38,43 @@ TEST(LatentKvCache, ExactAccounting) {
   EXPECT_EQ(cache.free_blocks(), 10);  // destructors give everything back
 }
 
+TEST(LatentKvCache, PrefixBlocksAreSharedCachedAndEvicted) {
+  const ModelConfig c = *PresetConfig("tiny");
+  LatentKvCache cache(c, 4, 6);
+  const std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  {
+    PagedKvSequence a(&cache);
+    ASSERT_TRUE(a.Reserve(10).ok());  // 3 blocks
+    a.Advance(10);
+    a.RegisterFullBlocks(tokens);  // blocks 0 and 1 are full
+    PagedKvSequence b(&cache);
+    EXPECT_EQ(b.AttachPrefix(tokens), 8);  // two shared blocks, the rest to compute
+    EXPECT_EQ(b.block_table()[0], a.block_table()[0]);
+    EXPECT_EQ(cache.free_blocks(), 3);
+    std::vector<int32_t> other = tokens;
+    other[5] = 99;  // differs in the second block
+    PagedKvSequence c2(&cache);
+    EXPECT_EQ(c2.AttachPrefix(other), 4);
+    const std::vector<int32_t> exact = {1, 2, 3, 4, 5, 6, 7, 8};
+    PagedKvSequence d(&cache);
+    EXPECT_EQ(d.AttachPrefix(exact), 4);  // leaves at least one token to compute
+  }
+  // Unreferenced registered blocks stay cached and count as available...
+  EXPECT_EQ(cache.free_blocks(), 6);
+  EXPECT_EQ(cache.cached_blocks(), 2);
+  PagedKvSequence e(&cache);
+  EXPECT_EQ(e.AttachPrefix(tokens), 8);
+  e.Release();
+  // ...until their space is needed.
+  PagedKvSequence f(&cache);
+  ASSERT_TRUE(f.Reserve(24).ok());
+  EXPECT_EQ(cache.cached_blocks(), 0);
+  EXPECT_EQ(cache.free_blocks(), 0);
+  f.Release();
+  PagedKvSequence g(&cache);
+  EXPECT_EQ(g.AttachPrefix(tokens), 0);  // evicted
+}
+
 std::string TinyModel() {
   const char* tmp = std::getenv("TEST_TMPDIR");
   const std::string dir = std::string(tmp ? tmp : "/tmp") + "/paged_model";

@@ -138,6 +138,12 @@ absl::StatusOr<bool> Scheduler::Step() {
     if (need + reserved_blocks > cache_->free_blocks() && !running_.empty()) break;
     reserved_blocks += need;
     s->admitted = ++admit_counter_;
+    // Prefix caching: reuse the cached blocks of the longest matching prefix.
+    const int64_t hit = s->kv.AttachPrefix(s->tokens);
+    if (hit > 0) {
+      std::lock_guard<std::mutex> l(mu_);
+      stats_.prefix_hit_tokens += static_cast<uint64_t>(hit);
+    }
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
@@ -211,6 +217,7 @@ absl::StatusOr<bool> Scheduler::Step() {
   for (size_t i = 0; i < members.size(); ++i) {
     Seq* s = members[i];
     computed += batch[i].tokens.size();
+    s->kv.RegisterFullBlocks(s->tokens);
     if (s->pending() != 0) continue;  // more prompt to prefill
     const SampledToken t = s->sampler.Sample(logits[i].data(), config_.vocab_size);
     s->tokens.push_back(t.token);

@@ -1,7 +1,8 @@
 // The attention node's scheduler: continuous batching over a paged latent KV cache. Requests join
 // and leave between steps; prompts are prefilled in chunks under a per-step token budget; requests
 // are admitted while KV blocks are free, preempted (blocks freed, recomputed later) when the cache
-// runs out, and cancelled with their blocks freed before the next step.
+// runs out, and cancelled with their blocks freed before the next step. Full blocks are shared
+// between requests with the same prefix (LatentKvCache's prefix cache).
 //
 // Thread safety: Submit, Cancel and load() may be called from any thread; Step from one thread.
 #ifndef DMOE_ATTENTION_SERVICE_SCHEDULER_H_
@@ -48,7 +49,8 @@ struct SchedulerLoad {
 
 struct SchedulerStats {
   uint64_t steps = 0;
-  uint64_t prefilled_tokens = 0;  // tokens computed through the model (prompts and recompute)
+  uint64_t prefilled_tokens = 0;   // tokens computed through the model (prompts and recompute)
+  uint64_t prefix_hit_tokens = 0;  // prompt tokens found in the prefix cache (not computed)
   uint64_t generated_tokens = 0;
   uint64_t preemptions = 0;
   uint64_t finished = 0;

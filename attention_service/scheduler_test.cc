@@ -179,6 +179,32 @@ TEST_F(SchedulerTest, CancellationFreesBlocksWithinOneStep) {
   EXPECT_EQ(s.load().running, 0);
 }
 
+TEST_F(SchedulerTest, SharedPrefixIsComputedOnce) {
+  LatentKvCache cache(model_->config(), 16, 256);
+  Scheduler s(&model_->engine(), &cache, SchedulerOptions());
+  std::mt19937 rng(21);
+  const std::vector<int32_t> prefix = RandomPrompt(rng, 256);
+  std::vector<int32_t> a = prefix, b = prefix;
+  for (int32_t t : RandomPrompt(rng, 20)) a.push_back(t);
+  for (int32_t t : RandomPrompt(rng, 37)) b.push_back(t);
+  SamplingParams p;
+  p.max_tokens = 12;
+  const Result ra = RunAll(s, {a}, {p})[0];
+  const uint64_t before = s.stats().prefilled_tokens;
+  EXPECT_EQ(before, a.size() + p.max_tokens - 1);
+  const Result rb = RunAll(s, {b}, {p})[0];
+  const uint64_t b_computed = s.stats().prefilled_tokens - before;
+  std::printf("second request: %zu prompt tokens, %llu computed, %llu from the prefix cache\n",
+              b.size(), static_cast<unsigned long long>(b_computed),
+              static_cast<unsigned long long>(s.stats().prefix_hit_tokens));
+  EXPECT_EQ(s.stats().prefix_hit_tokens, 256u);
+  EXPECT_EQ(b_computed, b.size() - 256 + p.max_tokens - 1);
+  EXPECT_EQ(ra.tokens, Alone(a, p));
+  EXPECT_EQ(rb.tokens, Alone(b, p));
+  EXPECT_EQ(cache.free_blocks(), cache.total_blocks());  // cached blocks count as available
+  EXPECT_GT(cache.cached_blocks(), 0);
+}
+
 TEST_F(SchedulerTest, BadRequestsAreRejectedAtSubmit) {
   LatentKvCache cache(model_->config(), 4, 8);
   Scheduler s(&model_->engine(), &cache, SchedulerOptions());
