@@ -1,0 +1,50 @@
+// The gRPC adapter of an attention node: AttentionService (Generate streaming, Cancel, GetLoad)
+// over a Scheduler, and the thread that runs the scheduler's steps.
+#ifndef DMOE_ATTENTION_SERVICE_ATTENTION_SERVER_H_
+#define DMOE_ATTENTION_SERVICE_ATTENTION_SERVER_H_
+
+#include <atomic>
+#include <memory>
+#include <thread>
+
+#include "attention_service/scheduler.h"
+#include "proto/attention.grpc.pb.h"
+
+namespace dmoe {
+
+// Steps the scheduler on its own thread until Stop.
+class SchedulerLoop {
+ public:
+  explicit SchedulerLoop(Scheduler* scheduler) : scheduler_(scheduler) {}
+  ~SchedulerLoop() { Stop(); }
+  void Start();
+  void Stop();
+
+ private:
+  Scheduler* scheduler_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+class AttentionServiceImpl final : public internal::AttentionService::CallbackService {
+ public:
+  explicit AttentionServiceImpl(Scheduler* scheduler) : scheduler_(scheduler) {}
+  grpc::ServerWriteReactor<internal::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* ctx, const internal::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
+                                   const internal::CancelRequest* request,
+                                   internal::CancelReply* reply) override;
+  grpc::ServerUnaryReactor* GetLoad(grpc::CallbackServerContext* ctx,
+                                    const internal::GetLoadRequest* request,
+                                    internal::GetLoadReply* reply) override;
+
+ private:
+  Scheduler* scheduler_;
+};
+
+// Protobuf sampling parameters -> SamplingParams (top_p 0 means off).
+SamplingParams FromProto(const internal::SamplingParams& p);
+
+}  // namespace dmoe
+
+#endif  // DMOE_ATTENTION_SERVICE_ATTENTION_SERVER_H_

@@ -1,0 +1,154 @@
+// dmoe-attention: an attention node. Holds the non-expert weights and the paged latent KV cache,
+// schedules every step (continuous batching, chunked prefill, prefix caching) and serves
+// AttentionService over gRPC; routed experts run in-process or on dmoe-expert shards over UCX.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "attention_service/attention_server.h"
+#include "attention_service/kv_cache.h"
+#include "attention_service/local_model.h"
+#include "attention_service/scheduler.h"
+#include "cli/flags.h"
+
+namespace dmoe {
+namespace {
+
+constexpr char kHelp[] = R"(usage: dmoe-attention --model DIR [flags]
+
+An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
+
+  --model DIR             checkpoint directory (Hugging Face layout)
+  --grpc-listen H:P       gRPC address (default 127.0.0.1:0 = any free port)
+  --ready-file F          once serving, write {"grpc": ..., "pid": ...} to F (atomically)
+  --kv-cache-mib N        KV cache size in MiB (default 256); or --kv-blocks N
+  --block-tokens N        tokens per KV block (default 16)
+  --max-running N         sequences in the running batch (default 64)
+  --token-budget N        tokens per engine step (default 512)
+  --prefill-chunk N       prompt tokens of one sequence per step (default 256)
+  --expert-shards LIST    gRPC control addresses of dmoe-expert shards (default: experts in-process)
+  --wire-dtype T          bf16 (default) or f32
+  --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
+  --ucx-connect MODE      listener (default) or worker
+)";
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "dmoe-attention: error: %s\n", std::string(s.message()).c_str());
+  return 2;
+}
+
+int Main(int argc, char** argv) {
+  auto flags =
+      cli::Flags::Parse(argc - 1, argv + 1,
+                        {"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
+                         "block-tokens", "max-running", "token-budget", "prefill-chunk",
+                         "expert-shards", "wire-dtype", "expert-deadline-ms", "ucx-connect"},
+                        {});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kHelp, stdout);
+    return 0;
+  }
+  auto dir = flags->String("model");
+  if (!dir.ok()) return Fail(dir.status());
+  LocalModelOptions o;
+  o.log_progress = true;
+  const std::string shards = flags->StringOr("expert-shards", "");
+  for (absl::string_view a : absl::StrSplit(shards, ',', absl::SkipEmpty())) {
+    o.expert_shards.emplace_back(a);
+  }
+  const std::string wire = flags->StringOr("wire-dtype", "bf16");
+  if (wire != "bf16" && wire != "f32") {
+    return Fail(absl::InvalidArgumentError("--wire-dtype: must be bf16 or f32"));
+  }
+  o.shard_client.remote.dtype = wire == "f32" ? wire::WireDType::kF32 : wire::WireDType::kBF16;
+  const std::string connect = flags->StringOr("ucx-connect", "listener");
+  if (connect != "listener" && connect != "worker") {
+    return Fail(absl::InvalidArgumentError("--ucx-connect: must be listener or worker"));
+  }
+  o.shard_client.connect =
+      connect == "worker" ? UcxConnectMode::kWorkerAddress : UcxConnectMode::kListener;
+  auto ints = std::vector<std::pair<const char*, int64_t>>{
+      {"kv-cache-mib", 256},       {"kv-blocks", 0},      {"block-tokens", 16},
+      {"max-running", 64},         {"token-budget", 512}, {"prefill-chunk", 256},
+      {"expert-deadline-ms", 5000}};
+  std::map<std::string, int64_t> v;
+  for (const auto& [name, dflt] : ints) {
+    auto x = flags->Int(name, dflt);
+    if (!x.ok()) return Fail(x.status());
+    if (*x < 0 || (*x == 0 && std::string(name) != "kv-blocks")) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--", name, ": must be positive")));
+    }
+    v[name] = *x;
+  }
+  o.shard_client.remote.deadline = std::chrono::milliseconds(v["expert-deadline-ms"]);
+  auto model = LocalModel::Load(*dir, o);
+  if (!model.ok()) return Fail(model.status());
+  const ModelConfig& c = (*model)->config();
+  const int64_t blocks = v["kv-blocks"] > 0 ? v["kv-blocks"]
+                                            : LatentKvCache::BlocksForBytes(
+                                                  c, v["block-tokens"], v["kv-cache-mib"] << 20);
+  if (blocks <= 0)
+    return Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
+  LatentKvCache cache(c, v["block-tokens"], blocks);
+  std::fprintf(stderr,
+               "dmoe-attention: KV cache %lld blocks x %lld tokens, %.1f MiB, %llu bytes/token\n",
+               static_cast<long long>(blocks), static_cast<long long>(v["block-tokens"]),
+               static_cast<double>(blocks * cache.block_bytes()) / (1 << 20),
+               static_cast<unsigned long long>(cache.bytes_per_token()));
+  SchedulerOptions so;
+  so.max_running = v["max-running"];
+  so.step_token_budget = v["token-budget"];
+  so.prefill_chunk = v["prefill-chunk"];
+  Scheduler scheduler(&(*model)->engine(), &cache, so);
+
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+
+  SchedulerLoop loop(&scheduler);
+  loop.Start();
+  AttentionServiceImpl service(&scheduler);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
+  }
+  const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
+  std::fprintf(stderr, "dmoe-attention: serving on %s\n", addr.c_str());
+  if (flags->Has("ready-file")) {
+    const std::string path = flags->StringOr("ready-file", "");
+    {
+      std::ofstream out(path + ".tmp");
+      out << "{\"grpc\": \"" << addr << "\", \"pid\": " << getpid() << "}\n";
+    }
+    if (std::rename((path + ".tmp").c_str(), path.c_str()) != 0) {
+      return Fail(absl::InternalError(absl::StrCat("--ready-file: cannot write ", path)));
+    }
+  }
+  int sig = 0;
+  sigwait(&stop, &sig);
+  std::fprintf(stderr, "dmoe-attention: signal %d, stopping\n", sig);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  loop.Stop();
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmoe
+
+int main(int argc, char** argv) { return dmoe::Main(argc, argv); }
