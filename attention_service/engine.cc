@@ -29,15 +29,14 @@ Engine::Engine(const ModelConfig& config, const DenseWeights* weights, RoutedExp
       rope_(config),
       gate_(cpu::GateParams::FromConfig(config)) {}
 
-absl::Status Engine::Step(std::vector<SequenceStep>& batch,
-                          std::vector<std::vector<float>>* logits) {
+absl::Status Engine::Validate(std::vector<SequenceStep>& batch, int64_t* total) {
   const ModelConfig& c = config_;
-  const int64_t d = c.hidden_size;
   int64_t n = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const SequenceStep& s = batch[i];
-    if (s.cache == nullptr)
+    if (s.cache == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": no cache"));
+    }
     if (s.tokens.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": tokens: empty"));
     }
@@ -61,58 +60,158 @@ absl::Status Engine::Step(std::vector<SequenceStep>& batch,
       return absl::Status(st.code(), absl::StrCat("sequence ", i, ": ", st.message()));
     }
   }
-  h_.resize(static_cast<size_t>(n * d));
-  x_.resize(h_.size());
-  tmp_.resize(h_.size());
-  {
+  *total = n;
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Step(std::vector<SequenceStep>& batch,
+                          std::vector<std::vector<float>>* logits) {
+  MicroBatch& mb = mb_[0];
+  RETURN_IF_ERROR(Validate(batch, &mb.n));
+  mb.batch = &batch;
+  mb.logits = logits;
+  mb.experts = experts_;
+  return Run(1);
+}
+
+absl::Status Engine::StepPingPong(std::vector<SequenceStep>& a, std::vector<SequenceStep>& b,
+                                  RoutedExperts* experts_b,
+                                  std::vector<std::vector<float>>* logits_a,
+                                  std::vector<std::vector<float>>* logits_b) {
+  RETURN_IF_ERROR(Validate(a, &mb_[0].n));
+  RETURN_IF_ERROR(Validate(b, &mb_[1].n));
+  mb_[0].batch = &a;
+  mb_[0].logits = logits_a;
+  mb_[0].experts = experts_;
+  mb_[1].batch = &b;
+  mb_[1].logits = logits_b;
+  mb_[1].experts = experts_b;
+  return Run(2);
+}
+
+absl::Status Engine::Run(int count) {
+  const int64_t d = config_.hidden_size;
+  for (int m = 0; m < count; ++m) {
+    MicroBatch& mb = mb_[m];
+    mb.h.resize(static_cast<size_t>(mb.n * d));
+    mb.x.resize(mb.h.size());
+    mb.tmp.resize(mb.h.size());
     int64_t row = 0;
-    for (const SequenceStep& s : batch) {
+    for (const SequenceStep& s : *mb.batch) {
       for (int32_t tok : s.tokens) {
-        std::memcpy(h_.data() + row * d, w_->embed.data() + static_cast<int64_t>(tok) * d,
+        std::memcpy(mb.h.data() + row * d, w_->embed.data() + static_cast<int64_t>(tok) * d,
                     sizeof(float) * static_cast<size_t>(d));
         ++row;
       }
     }
   }
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
-    auto t0 = Clock::now();
-    cpu::RmsNorm(h_.data(), n, d, lw.input_norm.data(), c.rms_norm_eps, x_.data());
-    Attention(l, batch, x_.data(), tmp_.data());
-    timings_.attention += Since(&t0);
-    for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
-    cpu::RmsNorm(h_.data(), n, d, lw.post_norm.data(), c.rms_norm_eps, x_.data());
-    if (auto st = Ffn(l, x_.data(), n, tmp_.data()); !st.ok()) {
-      return st;  // lengths are unchanged: the rows written so far are ignored
-    }
-    for (int64_t i = 0; i < n * d; ++i) h_[static_cast<size_t>(i)] += tmp_[static_cast<size_t>(i)];
+  absl::Status status;
+  for (int64_t l = 0; l < config_.num_hidden_layers && status.ok(); ++l) {
+    for (int m = 0; m < count && status.ok(); ++m) status = LayerFront(l, mb_[m]);
+    for (int m = 0; m < count && status.ok(); ++m) status = LayerBack(l, mb_[m]);
   }
-  // Gather the rows that need logits, then one final norm + lm_head GEMM for all of them.
+  if (!status.ok()) {
+    // Collect what is still at the experts, so nothing stays in flight; lengths are unchanged
+    // and the rows written so far are ignored.
+    for (int m = 0; m < count; ++m) {
+      if (mb_[m].in_flight) {
+        mb_[m].in_flight = false;
+        mb_[m].experts->Finish(mb_[m].tmp.data()).IgnoreError();
+      }
+    }
+    return status;
+  }
+  for (int m = 0; m < count; ++m) Logits(mb_[m]);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
+  const ModelConfig& c = config_;
+  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const int64_t d = c.hidden_size, n = mb.n;
   auto t0 = Clock::now();
+  cpu::RmsNorm(mb.h.data(), n, d, lw.input_norm.data(), c.rms_norm_eps, mb.x.data());
+  Attention(l, *mb.batch, mb.x.data(), mb.tmp.data());
+  for (int64_t i = 0; i < n * d; ++i)
+    mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+  cpu::RmsNorm(mb.h.data(), n, d, lw.post_norm.data(), c.rms_norm_eps, mb.x.data());
+  timings_.attention += Since(&t0);
+  if (!lw.moe) {
+    cpu::SwiGluMlp(mb.x.data(), n, d, lw.dense.gate.w.data(), lw.dense.up.w.data(),
+                   lw.dense.down.w.data(), c.intermediate_size, mb.tmp.data(), &scratch_);
+    for (int64_t i = 0; i < n * d; ++i)
+      mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+    timings_.dense_mlp += Since(&t0);
+    return absl::OkStatus();
+  }
+  const int64_t e = c.n_routed_experts, k = c.num_experts_per_tok;
+  mb.router.resize(static_cast<size_t>(n * e));
+  cpu::Linear(mb.x.data(), n, d, lw.gate.w.data(), e, mb.router.data());
+  mb.gate_ids.resize(static_cast<size_t>(n * k));
+  mb.gate_w.resize(static_cast<size_t>(n * k));
+  cpu::SelectExperts(gate_, mb.router.data(), n, mb.gate_ids.data(), mb.gate_w.data());
+  timings_.router += Since(&t0);
+  RETURN_IF_ERROR(mb.experts->Begin(l, mb.x.data(), n, mb.gate_ids.data(), mb.gate_w.data(), k));
+  mb.in_flight = true;
+  return absl::OkStatus();
+}
+
+absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
+  if (!mb.in_flight) return absl::OkStatus();  // a dense layer: done in LayerFront
+  const ModelConfig& c = config_;
+  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const int64_t d = c.hidden_size, n = mb.n;
+  auto t0 = Clock::now();
+  // The shared experts run while the routed ones are at work.
+  if (c.n_shared_experts > 0) {
+    cpu::SwiGluMlp(mb.x.data(), n, d, lw.shared.gate.w.data(), lw.shared.up.w.data(),
+                   lw.shared.down.w.data(), c.moe_intermediate_size * c.n_shared_experts,
+                   mb.tmp.data(), &scratch_);
+  } else {
+    std::memset(mb.tmp.data(), 0, sizeof(float) * static_cast<size_t>(n * d));
+  }
+  timings_.shared += Since(&t0);
+  mb.in_flight = false;
+  RETURN_IF_ERROR(mb.experts->Finish(mb.tmp.data()));
+  timings_.routed += Since(&t0);
+  for (int64_t i = 0; i < n * d; ++i)
+    mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+  return absl::OkStatus();
+}
+
+// The rows that need logits, then one final norm + lm_head GEMM for all of them.
+void Engine::Logits(MicroBatch& mb) {
+  const ModelConfig& c = config_;
+  const int64_t d = c.hidden_size;
+  auto t0 = Clock::now();
+  std::vector<SequenceStep>& batch = *mb.batch;
   int64_t out_rows = 0, row = 0;
+  for (const SequenceStep& s : batch) out_rows += s.all_logits ? s.tokens.size() : 1;
+  final_x_.resize(static_cast<size_t>(out_rows * d));
+  out_rows = 0;
   for (const SequenceStep& s : batch) {
     const int64_t m = static_cast<int64_t>(s.tokens.size());
     const int64_t first = s.all_logits ? row : row + m - 1;
     const int64_t rows = s.all_logits ? m : 1;
-    cpu::RmsNorm(h_.data() + first * d, rows, d, w_->final_norm.data(), c.rms_norm_eps,
-                 x_.data() + out_rows * d);
+    cpu::RmsNorm(mb.h.data() + first * d, rows, d, w_->final_norm.data(), c.rms_norm_eps,
+                 final_x_.data() + out_rows * d);
     out_rows += rows;
     row += m;
   }
   lm_out_.resize(static_cast<size_t>(out_rows * c.vocab_size));
-  cpu::Linear(x_.data(), out_rows, d, w_->lm_head.w.data(), c.vocab_size, lm_out_.data());
-  logits->resize(batch.size());
+  cpu::Linear(final_x_.data(), out_rows, d, w_->lm_head.w.data(), c.vocab_size, lm_out_.data());
+  mb.logits->resize(batch.size());
   out_rows = 0;
-  for (SequenceStep& s : batch) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    SequenceStep& s = batch[i];
     const int64_t m = static_cast<int64_t>(s.tokens.size());
     const int64_t rows = s.all_logits ? m : 1;
     const float* src = lm_out_.data() + out_rows * c.vocab_size;
-    (*logits)[static_cast<size_t>(&s - batch.data())].assign(src, src + rows * c.vocab_size);
+    (*mb.logits)[i].assign(src, src + rows * c.vocab_size);
     out_rows += rows;
     s.cache->Advance(m);
   }
   timings_.lm_head += Since(&t0);
-  return absl::OkStatus();
 }
 
 void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float* x, float* out) {
@@ -200,38 +299,6 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
     }
   }
   cpu::Linear(attn_.data(), n, h * c.v_head_dim, lw.o.w.data(), d, out);
-}
-
-absl::Status Engine::Ffn(int64_t l, const float* x, int64_t n, float* out) {
-  const ModelConfig& c = config_;
-  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
-  const int64_t d = c.hidden_size;
-  auto t0 = Clock::now();
-  if (!lw.moe) {
-    cpu::SwiGluMlp(x, n, d, lw.dense.gate.w.data(), lw.dense.up.w.data(), lw.dense.down.w.data(),
-                   c.intermediate_size, out, &scratch_);
-    timings_.dense_mlp += Since(&t0);
-    return absl::OkStatus();
-  }
-  const int64_t e = c.n_routed_experts, k = c.num_experts_per_tok;
-  router_.resize(static_cast<size_t>(n * e));
-  cpu::Linear(x, n, d, lw.gate.w.data(), e, router_.data());
-  gate_ids_.resize(static_cast<size_t>(n * k));
-  gate_w_.resize(static_cast<size_t>(n * k));
-  cpu::SelectExperts(gate_, router_.data(), n, gate_ids_.data(), gate_w_.data());
-  timings_.router += Since(&t0);
-  // Hand the tokens to the routed experts, compute the shared experts meanwhile, then add.
-  RETURN_IF_ERROR(experts_->Begin(l, x, n, gate_ids_.data(), gate_w_.data(), k));
-  if (c.n_shared_experts > 0) {
-    cpu::SwiGluMlp(x, n, d, lw.shared.gate.w.data(), lw.shared.up.w.data(), lw.shared.down.w.data(),
-                   c.moe_intermediate_size * c.n_shared_experts, out, &scratch_);
-  } else {
-    std::memset(out, 0, sizeof(float) * static_cast<size_t>(n * d));
-  }
-  timings_.shared += Since(&t0);
-  RETURN_IF_ERROR(experts_->Finish(out));
-  timings_.routed += Since(&t0);
-  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<float>> Engine::Forward(const std::vector<int32_t>& tokens) {

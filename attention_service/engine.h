@@ -63,12 +63,36 @@ class Engine {
   // sequence's length changes (rows may stay reserved).
   absl::Status Step(std::vector<SequenceStep>& batch, std::vector<std::vector<float>>* logits);
 
+  // Two micro-batches in ping-pong (DESIGN.md §2): per layer, A's attention, A's dispatch, B's
+  // attention while A is at the experts, B's dispatch, then A's and B's combines. `experts_b`
+  // serves B (a second RoutedExperts over the same shards). Results are those of Step(a) and
+  // Step(b) run one after the other.
+  absl::Status StepPingPong(std::vector<SequenceStep>& a, std::vector<SequenceStep>& b,
+                            RoutedExperts* experts_b, std::vector<std::vector<float>>* logits_a,
+                            std::vector<std::vector<float>>* logits_b);
+
   // One full causal forward of `tokens` from an empty cache: logits [T, V].
   absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens);
 
  private:
+  // The state of one micro-batch through the layer loop.
+  struct MicroBatch {
+    std::vector<SequenceStep>* batch = nullptr;
+    std::vector<std::vector<float>>* logits = nullptr;
+    RoutedExperts* experts = nullptr;
+    int64_t n = 0;           // tokens
+    bool in_flight = false;  // routed experts begun, not finished
+    std::vector<float> h, x, tmp, router, gate_w;
+    std::vector<int32_t> gate_ids;
+  };
+  absl::Status Validate(std::vector<SequenceStep>& batch, int64_t* n);
+  absl::Status Run(int count);
+  // Up to the dispatch of layer l's routed experts (or the whole dense FFN).
+  absl::Status LayerFront(int64_t l, MicroBatch& mb);
+  // Shared experts, the combine, the residual.
+  absl::Status LayerBack(int64_t l, MicroBatch& mb);
+  void Logits(MicroBatch& mb);
   void Attention(int64_t layer, std::vector<SequenceStep>& batch, const float* x, float* out);
-  absl::Status Ffn(int64_t layer, const float* x, int64_t n, float* out);
 
   ModelConfig config_;
   const DenseWeights* w_;
@@ -78,8 +102,8 @@ class Engine {
   cpu::GateParams gate_;
   EngineTimings timings_;
   // Scratch reused across steps.
-  std::vector<float> h_, x_, tmp_, q_, qa_, kva_, attn_, router_, gate_w_, scratch_;
-  std::vector<int32_t> gate_ids_;
+  MicroBatch mb_[2];
+  std::vector<float> q_, qa_, kva_, attn_, scratch_, final_x_;
   std::vector<float> decode_q_, decode_o_, lm_out_, rotated_;
   std::vector<int64_t> decode_rows_, decode_ctx_;
   std::vector<cpu::LatentRows> decode_caches_;

@@ -42,6 +42,8 @@ class LocalModel {
   }
   const ModelConfig& config() const { return config_; }
   Engine& engine() { return *engine_; }
+  // With remote experts: a second RoutedExperts for ping-pong micro-batches; else nullptr.
+  RoutedExperts* second_experts() { return shards_ ? shards_->experts_b() : nullptr; }
   const ExpertStore& experts() const { return *experts_; }
   // Bytes of weights held in memory (fp32).
   uint64_t weight_bytes() const;

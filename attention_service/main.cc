@@ -38,6 +38,7 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --wire-dtype T          bf16 (default) or f32
   --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
   --ucx-connect MODE      listener (default) or worker
+  --micro-batches N       1 or 2 (default 2): with remote experts, two micro-batches in ping-pong
 )";
 
 int Fail(const absl::Status& s) {
@@ -77,9 +78,9 @@ int Main(int argc, char** argv) {
   o.shard_client.connect =
       connect == "worker" ? UcxConnectMode::kWorkerAddress : UcxConnectMode::kListener;
   auto ints = std::vector<std::pair<const char*, int64_t>>{
-      {"kv-cache-mib", 256},       {"kv-blocks", 0},      {"block-tokens", 16},
-      {"max-running", 64},         {"token-budget", 512}, {"prefill-chunk", 256},
-      {"expert-deadline-ms", 5000}};
+      {"kv-cache-mib", 256},        {"kv-blocks", 0},      {"block-tokens", 16},
+      {"max-running", 64},          {"token-budget", 512}, {"prefill-chunk", 256},
+      {"expert-deadline-ms", 5000}, {"micro-batches", 2}};
   std::map<std::string, int64_t> v;
   for (const auto& [name, dflt] : ints) {
     auto x = flags->Int(name, dflt);
@@ -108,6 +109,8 @@ int Main(int argc, char** argv) {
   so.max_running = v["max-running"];
   so.step_token_budget = v["token-budget"];
   so.prefill_chunk = v["prefill-chunk"];
+  if (v["micro-batches"] > 2) return Fail(absl::InvalidArgumentError("--micro-batches: 1 or 2"));
+  if (v["micro-batches"] == 2) so.experts_b = (*model)->second_experts();
   Scheduler scheduler(&(*model)->engine(), &cache, so);
 
   sigset_t stop;

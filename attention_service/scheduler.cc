@@ -202,7 +202,31 @@ absl::StatusOr<bool> Scheduler::Step() {
     running_.pop_back();
   }
   std::vector<std::vector<float>> logits;
-  const absl::Status st = engine_->Step(batch, &logits);
+  absl::Status st;
+  if (options_.experts_b != nullptr && batch.size() >= 2) {
+    // Two micro-batches of about equal tokens.
+    std::vector<SequenceStep> half[2];
+    std::vector<size_t> index[2];
+    int64_t tokens[2] = {0, 0};
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const int side = tokens[0] <= tokens[1] ? 0 : 1;
+      tokens[side] += static_cast<int64_t>(batch[i].tokens.size());
+      half[side].push_back(batch[i]);
+      index[side].push_back(i);
+    }
+    std::vector<std::vector<float>> out[2];
+    st = engine_->StepPingPong(half[0], half[1], options_.experts_b, &out[0], &out[1]);
+    if (st.ok()) {
+      logits.resize(batch.size());
+      for (int side = 0; side < 2; ++side) {
+        for (size_t j = 0; j < index[side].size(); ++j) {
+          logits[index[side][j]] = std::move(out[side][j]);
+        }
+      }
+    }
+  } else {
+    st = engine_->Step(batch, &logits);
+  }
   if (!st.ok()) {
     for (Seq* s : members) Finish(s, FinishReason::kError, st);
     running_.erase(std::remove_if(running_.begin(), running_.end(),

@@ -37,6 +37,9 @@ struct SchedulerOptions {
   int64_t max_running = 64;         // sequences in the running batch
   int64_t step_token_budget = 512;  // tokens (decode + prefill) per engine step
   int64_t prefill_chunk = 256;      // most prompt tokens of one sequence per step
+  // When set (remote experts), a step with 2+ sequences runs as two micro-batches in ping-pong:
+  // one micro-batch's attention overlaps the other's round trip to the experts.
+  RoutedExperts* experts_b = nullptr;
 };
 
 struct SchedulerLoad {

@@ -205,6 +205,51 @@ TEST_F(SchedulerTest, SharedPrefixIsComputedOnce) {
   EXPECT_GT(cache.cached_blocks(), 0);
 }
 
+TEST_F(SchedulerTest, PingPongMicroBatchesEqualSequentialSteps) {
+  Engine& engine = model_->engine();
+  LocalRoutedExperts second(model_->config(), &model_->experts());
+  // Prefill then decode, as two micro-batches in ping-pong and as two separate steps.
+  std::vector<std::unique_ptr<SequenceKvCache>> caches;
+  for (int i = 0; i < 6; ++i) caches.push_back(std::make_unique<SequenceKvCache>(model_->config()));
+  std::vector<SequenceStep> a = {{caches[0].get(), {1, 2, 3, 4}, false},
+                                 {caches[1].get(), {9, 8}, false}};
+  std::vector<SequenceStep> b = {{caches[2].get(), {77, 66, 55}, false}};
+  std::vector<SequenceStep> a2 = {{caches[3].get(), {1, 2, 3, 4}, false},
+                                  {caches[4].get(), {9, 8}, false}};
+  std::vector<SequenceStep> b2 = {{caches[5].get(), {77, 66, 55}, false}};
+  for (int step = 0; step < 4; ++step) {
+    std::vector<std::vector<float>> la, lb, la2, lb2;
+    ASSERT_TRUE(engine.StepPingPong(a, b, &second, &la, &lb).ok());
+    ASSERT_TRUE(engine.Step(a2, &la2).ok());
+    ASSERT_TRUE(engine.Step(b2, &lb2).ok());
+    EXPECT_EQ(la, la2) << "step " << step;
+    EXPECT_EQ(lb, lb2) << "step " << step;
+    for (auto* batch : {&a, &a2}) {
+      for (size_t i = 0; i < batch->size(); ++i) {
+        (*batch)[i].tokens = {ArgMax(la[i].data(), model_->config().vocab_size)};
+      }
+    }
+    for (auto* batch : {&b, &b2}) (*batch)[0].tokens = {ArgMax(lb[0].data(), 512)};
+  }
+  // The scheduler with ping-pong gives every request its output run alone.
+  LatentKvCache cache(model_->config(), 16, 512);
+  SchedulerOptions o;
+  o.experts_b = &second;
+  Scheduler s(&engine, &cache, o);
+  std::mt19937 rng(5);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SamplingParams> params;
+  for (int i = 0; i < 12; ++i) {
+    prompts.push_back(RandomPrompt(rng, 3 + i * 13));
+    SamplingParams p;
+    p.max_tokens = 6 + i;
+    params.push_back(p);
+  }
+  const std::vector<Result> got = RunAll(s, prompts, params);
+  for (size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(got[i].tokens, Alone(prompts[i], params[i]));
+}
+
 TEST_F(SchedulerTest, BadRequestsAreRejectedAtSubmit) {
   LatentKvCache cache(model_->config(), 4, 8);
   Scheduler s(&model_->engine(), &cache, SchedulerOptions());

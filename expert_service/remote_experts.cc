@@ -95,6 +95,14 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
     bytes_sent_ += msg.size();
     auto id = client_->Post(peers_[static_cast<size_t>(s)], std::move(msg));
     if (!id.ok()) {
+      // Collect what was already posted, so that no request stays in flight.
+      for (ShardCall& c : calls_) {
+        if (!c.posted) continue;
+        c.posted = false;
+        client_->Wait(c.id, transport::Clock::now(), &reply_).IgnoreError();
+        client_->ReleaseBuffer(std::move(reply_));
+        reply_ = std::vector<uint8_t>();
+      }
       return absl::UnavailableError(absl::StrCat("expert shard ", names_[static_cast<size_t>(s)],
                                                  ": ", id.status().message()));
     }

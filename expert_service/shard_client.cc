@@ -55,6 +55,8 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
     names.push_back(addr);
   }
   if (auto st = placement.CheckCovers(config); !st.ok()) return st;
+  set->experts_b_ = std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), peers, names,
+                                                          placement, options.remote);
   set->experts_ =
       std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), std::move(peers),
                                             std::move(names), std::move(placement), options.remote);

@@ -35,10 +35,12 @@ class ExpertShardSet {
       const ModelConfig& config, const std::vector<std::string>& control_addresses,
       const ShardClientOptions& options);
   RemoteRoutedExperts* experts() { return experts_.get(); }
+  // A second client of the same shards, for the second micro-batch of a ping-pong step.
+  RemoteRoutedExperts* experts_b() { return experts_b_.get(); }
 
  private:
   std::unique_ptr<transport::ClientTransport> client_;
-  std::unique_ptr<RemoteRoutedExperts> experts_;
+  std::unique_ptr<RemoteRoutedExperts> experts_, experts_b_;
 };
 
 }  // namespace dmoe
