@@ -44,8 +44,8 @@ class AttentionServiceTest : public ::testing::Test {
     const std::string ready = TmpDir() + "/attn.json";
     attention_ =
         new ChildProcess({Runfile("attention_service/dmoe-attention"), "--model", *model_dir_,
-                          "--expert-shards", grpc[0] + "," + grpc[1], "--kv-blocks", "128",
-                          "--block-tokens", "8", "--ready-file", ready},
+                          "--expert-shards", grpc[0] + "," + grpc[1], "--kv-blocks", "512",
+                          "--block-tokens", "8", "--wire-dtype", "f32", "--ready-file", ready},
                          TmpDir() + "/attn.log");
     auto info = testing::WaitForReadyFile(ready, std::chrono::seconds(30));
     ASSERT_FALSE(info.empty()) << attention_->Log();
@@ -126,6 +126,47 @@ TEST_F(AttentionServiceTest, GreedyThroughTheServiceEqualsInProcess) {
     EXPECT_EQ(got[i].finish, "length");
     EXPECT_GT(got[i].id, 0u);
   }
+}
+
+TEST_F(AttentionServiceTest, SixtyFourConcurrentStreamsWithMixedLengths) {
+  auto local = LocalModel::Load(*model_dir_);
+  ASSERT_TRUE(local.ok());
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<internal::SamplingParams> params;
+  for (int i = 0; i < 64; ++i) {
+    std::vector<int32_t> p;
+    const int len = 1 + (i * 53) % 300;
+    for (int j = 0; j < len; ++j) p.push_back((i * 131 + j * 29 + 7) % 512);
+    prompts.push_back(p);
+    internal::SamplingParams sp;
+    sp.set_max_tokens(3 + (i * 7) % 17);
+    if (i % 4 == 3) {  // some seeded sampling too
+      sp.set_temperature(0.8);
+      sp.set_seed(1000 + i);
+    }
+    params.push_back(sp);
+  }
+  std::vector<Stream> got(prompts.size());
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    clients.emplace_back([&, i] { got[i] = Generate(prompts[i], params[i]); });
+  }
+  for (auto& t : clients) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
+    GenerateOptions g;
+    g.max_tokens = params[i].max_tokens();
+    g.temperature = params[i].temperature();
+    g.seed = params[i].seed();
+    auto want = dmoe::Generate((*local)->engine(), prompts[i], g);
+    ASSERT_TRUE(want.ok());
+    EXPECT_EQ(got[i].tokens, *want) << "request " << i << ", prompt of " << prompts[i].size();
+  }
+  const internal::GetLoadReply load = Load();
+  std::printf("64 streams: prefilled %llu tokens, %llu from the prefix cache, %llu preemptions\n",
+              static_cast<unsigned long long>(load.prefilled_tokens()),
+              static_cast<unsigned long long>(load.prefix_hit_tokens()),
+              static_cast<unsigned long long>(load.preemptions()));
 }
 
 TEST_F(AttentionServiceTest, InvalidRequestsNameTheField) {
