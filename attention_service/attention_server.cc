@@ -176,6 +176,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetLoad(grpc::CallbackServerCont
   reply->set_prefix_hit_tokens(stats.prefix_hit_tokens);
   reply->set_generated_tokens(stats.generated_tokens);
   reply->set_preemptions(stats.preemptions);
+  reply->set_kv_bytes_per_token(load.kv_bytes_per_token);
+  reply->set_block_tokens(load.block_tokens);
   auto* r = ctx->DefaultReactor();
   r->Finish(grpc::Status::OK);
   return r;

@@ -47,6 +47,8 @@ Scheduler::Scheduler(Engine* engine, LatentKvCache* cache, SchedulerOptions opti
     : engine_(engine), cache_(cache), options_(options), config_(engine->config()) {
   load_.total_blocks = cache_->total_blocks();
   load_.free_blocks = cache_->free_blocks();
+  load_.kv_bytes_per_token = cache_->bytes_per_token();
+  load_.block_tokens = cache_->block_tokens();
 }
 
 Scheduler::~Scheduler() = default;

@@ -43,6 +43,8 @@ struct SchedulerOptions {
 };
 
 struct SchedulerLoad {
+  uint64_t kv_bytes_per_token = 0;
+  int64_t block_tokens = 0;
   int64_t free_blocks = 0;
   int64_t total_blocks = 0;
   int64_t running = 0;

@@ -169,6 +169,16 @@ TEST_F(AttentionServiceTest, SixtyFourConcurrentStreamsWithMixedLengths) {
               static_cast<unsigned long long>(load.preemptions()));
 }
 
+TEST_F(AttentionServiceTest, ReportsLatentCacheBytesPerToken) {
+  const ModelConfig c = *PresetConfig("tiny");
+  const internal::GetLoadReply load = Load();
+  // (kv_lora_rank + qk_rope_head_dim) x fp32 x layers: 80 x 4 x 4.
+  EXPECT_EQ(load.kv_bytes_per_token(),
+            static_cast<uint64_t>((c.kv_lora_rank + c.qk_rope_head_dim) * 4 * c.num_hidden_layers));
+  EXPECT_EQ(load.block_tokens(), 8);
+  EXPECT_EQ(load.total_blocks(), 512);
+}
+
 TEST_F(AttentionServiceTest, InvalidRequestsNameTheField) {
   internal::SamplingParams p;
   p.set_max_tokens(4);
