@@ -2,6 +2,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iostream>
 #include <set>
 #include <string>
 #include <vector>
@@ -13,6 +15,8 @@
 #include "cli/flags.h"
 #include "cli/npy.h"
 #include "model/tiny_model.h"
+#include "model/tokenizer.h"
+#include "nlohmann/json.hpp"
 
 namespace dmoe::cli {
 namespace {
@@ -25,6 +29,15 @@ commands:
   logits           float32 logits [T, vocab] of one full causal forward, in-process
   generate         prefill + decode through the latent KV cache, in-process; prints token ids
   make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, small)
+  tokenize         run a tokenizer.json locally over JSON lines (or --decode the reverse)
+)";
+
+constexpr char kTokenizeHelp[] = R"(usage: dmoe tokenize --tokenizer PATH/tokenizer.json --jsonl FILE [--decode]
+
+Each input line is one JSON string; each output line is the JSON array of its token ids (no special
+tokens added; special tokens written in the text are recognized). With --decode each input line is
+a JSON array of ids and each output line the JSON string of their text. FILE "-" is stdin.
+Bytes that are not valid UTF-8 are tokenized byte by byte; JSON output escapes them as text.
 )";
 
 constexpr char kLogitsHelp[] = R"(usage: dmoe logits --model DIR --tokens 1,2,3 [--out F.npy]
@@ -284,6 +297,55 @@ int MakeTinyModel(int argc, char** argv) {
   return 0;
 }
 
+int Tokenize(int argc, char** argv) {
+  auto flags = Flags::Parse(argc, argv, {"tokenizer", "jsonl"}, {"decode"});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kTokenizeHelp, stdout);
+    return 0;
+  }
+  auto path = flags->String("tokenizer");
+  if (!path.ok()) return Fail(path.status());
+  auto input = flags->String("jsonl");
+  if (!input.ok()) return Fail(input.status());
+  auto tok = Tokenizer::FromFile(*path);
+  if (!tok.ok()) return Fail(tok.status());
+  std::ifstream file;
+  if (*input != "-") {
+    file.open(*input, std::ios::binary);
+    if (!file) return Fail(absl::NotFoundError(absl::StrCat("--jsonl: cannot open ", *input)));
+  }
+  std::istream& in = *input == "-" ? std::cin : file;
+  const bool decode = flags->Bool("decode");
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (decode) {
+      if (j.is_discarded() || !j.is_array()) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat("--jsonl line ", n, ": not a JSON array")));
+      }
+      std::vector<int32_t> ids;
+      for (const auto& v : j) {
+        if (!v.is_number_integer()) {
+          return Fail(absl::InvalidArgumentError(absl::StrCat("--jsonl line ", n, ": not an id")));
+        }
+        ids.push_back(v.get<int32_t>());
+      }
+      const std::string text = (*tok)->Decode(ids);
+      std::printf("%s\n",
+                  nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } else {
+      if (j.is_discarded() || !j.is_string()) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat("--jsonl line ", n, ": not a JSON string")));
+      }
+      std::printf("%s\n", nlohmann::json((*tok)->Encode(j.get<std::string>())).dump().c_str());
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 }  // namespace dmoe::cli
 
@@ -298,6 +360,7 @@ int main(int argc, char** argv) {
   if (cmd == "logits") return Logits(argc - 2, argv + 2);
   if (cmd == "generate") return GenerateCmd(argc - 2, argv + 2);
   if (cmd == "make-tiny-model") return MakeTinyModel(argc - 2, argv + 2);
+  if (cmd == "tokenize") return Tokenize(argc - 2, argv + 2);
   std::fprintf(stderr, "error: unknown command \"%s\"\n\n%s", cmd.c_str(), kUsage);
   return 2;
 }

@@ -1,0 +1,73 @@
+// A Hugging Face `tokenizer.json` tokenizer for byte-level BPE models (the DeepSeek family): added
+// and special tokens, a Sequence of `Split` regex pre-tokenizers (through PCRE2 with Unicode
+// properties) plus ByteLevel, the BPE model with ranked merges, and the ByteLevel decoder.
+// Ground truth is Hugging Face's own `tokenizers` library (BUILD_NOTES.md).
+#ifndef DMOE_MODEL_TOKENIZER_H_
+#define DMOE_MODEL_TOKENIZER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace dmoe {
+
+class Tokenizer {
+ public:
+  // INVALID_ARGUMENT naming what is unsupported or malformed (model type, pre-tokenizer, regex).
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(const std::string& json_text);
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromFile(const std::string& path);
+  ~Tokenizer();
+
+  // Token ids of `text` (bytes; invalid UTF-8 is tokenized byte by byte), without adding special
+  // tokens; added/special tokens written in the text are recognized. Thread-safe.
+  std::vector<int32_t> Encode(const std::string& text) const;
+  // The exact bytes of the tokens (decode(encode(s)) == s). Unknown ids are skipped.
+  std::string Decode(const std::vector<int32_t>& ids) const;
+  // The bytes of one token.
+  std::string TokenBytes(int32_t id) const;
+  int64_t vocab_size() const { return static_cast<int64_t>(id_to_token_.size()); }
+  // The id of an added or model token, or -1.
+  int32_t TokenId(const std::string& token) const;
+
+ private:
+  struct Regex;
+  struct Trie;
+  Tokenizer() = default;
+  void EncodePiece(const std::string& piece, std::vector<int32_t>* out) const;
+  void EncodeText(const std::string& text, std::vector<int32_t>* out) const;
+  void SplitAdded(const std::string& text, const Trie& trie, std::vector<std::string>* pieces,
+                  std::vector<int32_t>* ids) const;
+
+  std::unordered_map<std::string, int32_t> vocab_;              // byte-level strings
+  std::vector<std::string> id_to_token_;                         // as in tokenizer.json
+  std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (a, b) -> (rank, id)
+  std::vector<std::unique_ptr<Regex>> splits_;
+  std::unique_ptr<Trie> added_raw_, added_normalized_;
+  std::vector<std::string> byte_char_;  // byte -> its ByteLevel character (UTF-8)
+  std::unordered_map<std::string, int32_t> char_byte_;
+};
+
+// Turns a stream of token ids into text that never ends in the middle of a UTF-8 sequence:
+// bytes of an incomplete character are held back until it completes (invalid bytes come out as
+// U+FFFD once they cannot start or continue a character).
+class IncrementalDetokenizer {
+ public:
+  explicit IncrementalDetokenizer(const Tokenizer* t) : t_(t) {}
+  // The text that became complete with this token (possibly empty).
+  std::string Add(int32_t id);
+  // Whatever is held back, with incomplete sequences as U+FFFD.
+  std::string Flush();
+
+ private:
+  const Tokenizer* t_;
+  std::string pending_;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_MODEL_TOKENIZER_H_
