@@ -32,7 +32,8 @@ commands:
   tokenize         run a tokenizer.json locally over JSON lines (or --decode the reverse)
 )";
 
-constexpr char kTokenizeHelp[] = R"(usage: dmoe tokenize --tokenizer PATH/tokenizer.json --jsonl FILE [--decode]
+constexpr char kTokenizeHelp[] =
+    R"(usage: dmoe tokenize --tokenizer PATH/tokenizer.json --jsonl FILE [--decode]
 
 Each input line is one JSON string; each output line is the JSON array of its token ids (no special
 tokens added; special tokens written in the text are recognized). With --decode each input line is
@@ -324,7 +325,8 @@ int Tokenize(int argc, char** argv) {
     auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (decode) {
       if (j.is_discarded() || !j.is_array()) {
-        return Fail(absl::InvalidArgumentError(absl::StrCat("--jsonl line ", n, ": not a JSON array")));
+        return Fail(
+            absl::InvalidArgumentError(absl::StrCat("--jsonl line ", n, ": not a JSON array")));
       }
       std::vector<int32_t> ids;
       for (const auto& v : j) {
@@ -334,11 +336,13 @@ int Tokenize(int argc, char** argv) {
         ids.push_back(v.get<int32_t>());
       }
       const std::string text = (*tok)->Decode(ids);
-      std::printf("%s\n",
-                  nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+      std::printf("%s\n", nlohmann::json(text)
+                              .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+                              .c_str());
     } else {
       if (j.is_discarded() || !j.is_string()) {
-        return Fail(absl::InvalidArgumentError(absl::StrCat("--jsonl line ", n, ": not a JSON string")));
+        return Fail(
+            absl::InvalidArgumentError(absl::StrCat("--jsonl line ", n, ": not a JSON string")));
       }
       std::printf("%s\n", nlohmann::json((*tok)->Encode(j.get<std::string>())).dump().c_str());
     }

@@ -87,7 +87,8 @@ struct Tokenizer::Regex {
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
     size_t prev = 0, offset = 0;
     while (offset <= text.size()) {
-      const int rc = pcre2_match(code, subject, text.size(), offset, PCRE2_NO_UTF_CHECK, md, nullptr);
+      const int rc =
+          pcre2_match(code, subject, text.size(), offset, PCRE2_NO_UTF_CHECK, md, nullptr);
       if (rc < 0) break;
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       const size_t start = ov[0], end = ov[1];
@@ -152,7 +153,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string
   std::stringstream ss;
   ss << in.rdbuf();
   auto t = FromJson(ss.str());
-  if (!t.ok()) return absl::Status(t.status().code(), absl::StrCat(path, ": ", t.status().message()));
+  if (!t.ok())
+    return absl::Status(t.status().code(), absl::StrCat(path, ": ", t.status().message()));
   return t;
 }
 
@@ -180,7 +182,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
   if (model == nullptr || !model->is_object()) return Bad("missing model");
   if (model->value("type", "") != "BPE") return Bad("model.type: only BPE is supported");
   if (model->value("byte_fallback", false)) return Bad("model.byte_fallback is not supported");
-  if (!model->contains("vocab") || !(*model)["vocab"].is_object()) return Bad("missing model.vocab");
+  if (!model->contains("vocab") || !(*model)["vocab"].is_object())
+    return Bad("missing model.vocab");
   int32_t max_id = -1;
   for (auto it = (*model)["vocab"].begin(); it != (*model)["vocab"].end(); ++it) {
     if (!it->is_number_integer()) return Bad("model.vocab: ids must be integers");
@@ -219,7 +222,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
     if (merges[rank].is_string()) {
       const std::string m = merges[rank].get<std::string>();
       const size_t sp = m.find(' ');
-      if (sp == std::string::npos) return Bad(absl::StrCat("model.merges[", rank, "] has no space"));
+      if (sp == std::string::npos)
+        return Bad(absl::StrCat("model.merges[", rank, "] has no space"));
       a = m.substr(0, sp);
       b = m.substr(sp + 1);
     } else if (merges[rank].is_array() && merges[rank].size() == 2) {
@@ -232,7 +236,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
     if (ia == t->vocab_.end() || ib == t->vocab_.end() || ic == t->vocab_.end()) {
       return Bad(absl::StrCat("model.merges[", rank, "] names a token not in the vocab"));
     }
-    const uint64_t key = (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint32_t>(ib->second);
+    const uint64_t key =
+        (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint32_t>(ib->second);
     t->merges_.emplace(key, std::make_pair(static_cast<int32_t>(rank), ic->second));
   }
   for (int b = 0; b < 256; ++b) {

@@ -43,8 +43,8 @@ class Tokenizer {
   void SplitAdded(const std::string& text, const Trie& trie, std::vector<std::string>* pieces,
                   std::vector<int32_t>* ids) const;
 
-  std::unordered_map<std::string, int32_t> vocab_;              // byte-level strings
-  std::vector<std::string> id_to_token_;                         // as in tokenizer.json
+  std::unordered_map<std::string, int32_t> vocab_;                    // byte-level strings
+  std::vector<std::string> id_to_token_;                              // as in tokenizer.json
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (a, b) -> (rank, id)
   std::vector<std::unique_ptr<Regex>> splits_;
   std::unique_ptr<Trie> added_raw_, added_normalized_;

