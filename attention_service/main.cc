@@ -18,6 +18,7 @@
 #include "attention_service/local_model.h"
 #include "attention_service/scheduler.h"
 #include "cli/flags.h"
+#include "common/grpc_setup.h"
 
 namespace dmoe {
 namespace {
@@ -122,6 +123,7 @@ int Main(int argc, char** argv) {
   SchedulerLoop loop(&scheduler);
   loop.Start();
   AttentionServiceImpl service(&scheduler);
+  EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   int port = 0;
   const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");

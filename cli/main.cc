@@ -13,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "attention_service/local_model.h"
 #include "cli/flags.h"
+#include "cli/gateway_client.h"
 #include "cli/npy.h"
 #include "model/tiny_model.h"
 #include "model/tokenizer.h"
@@ -30,6 +31,14 @@ commands:
   generate         prefill + decode through the latent KV cache, in-process; prints token ids
   make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, small)
   tokenize         run a tokenizer.json locally over JSON lines (or --decode the reverse)
+  chat             chat with a dmoe-gateway (--target), streaming the answer
+)";
+
+constexpr char kChatHelp[] = R"(usage: dmoe chat --target HOST:PORT [--system TEXT] MESSAGE [flags]
+
+Sends one user MESSAGE (after an optional system prompt) through the DeepSeek chat template of
+the gateway and streams the answer. Flags: --max-tokens N (default 16), --temperature T, --seed S,
+--top-k K, --top-p P, --min-p P, --stop STRING, --api-key KEY (or $DMOE_API_KEY), --timeout-ms N.
 )";
 
 constexpr char kTokenizeHelp[] =
@@ -89,7 +98,8 @@ Writes config.json and random weights (MODEL_SPEC.md presets and weight scales) 
 Hugging Face layout: model.safetensors, or model-0000i-of-0000N.safetensors plus
 model.safetensors.index.json when --shards N > 1.
 
-  --preset NAME   tiny (default), tiny-lite or small
+  --preset NAME   tiny (default), tiny-lite, tiny-demo (vocabulary of the DeepSeek tokenizer) or small
+  --vocab-size N  override the preset's vocabulary size
   --seed N        seed of the weight draws (default 0); a tensor depends only on (seed, name)
   --dtype T       f32 (default) or bf16 (round-to-nearest-even of the same f32 draws)
   --shards N      number of safetensors files (default 1)
@@ -199,12 +209,25 @@ int Logits(int argc, char** argv) {
 int GenerateCmd(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
                             WithRemote({"model", "tokens", "max-tokens", "temperature", "seed",
-                                        "prefill-chunk", "stop-token", "top-k", "top-p", "min-p"}),
+                                        "prefill-chunk", "stop-token", "top-k", "top-p", "min-p",
+                                        "target", "api-key", "timeout-ms", "stop"}),
                             {"print-token-ids"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::printf(kGenerateHelp, kRemoteHelp);
     return 0;
+  }
+  if (flags->Has("target")) {
+    // A client of a dmoe-gateway: TEXT as a positional argument, or --tokens.
+    if (flags->Has("tokens")) {
+      auto ids = ParseTokenList("tokens", flags->StringOr("tokens", ""));
+      if (!ids.ok()) return Fail(ids.status());
+      return GenerateViaGateway(*flags, "", &*ids);
+    }
+    if (flags->positional().size() != 1) {
+      return Fail(absl::InvalidArgumentError("with --target give the prompt TEXT or --tokens"));
+    }
+    return GenerateViaGateway(*flags, flags->positional()[0], nullptr);
   }
   if (!flags->positional().empty()) {
     return Fail(absl::InvalidArgumentError(
@@ -260,7 +283,7 @@ int GenerateCmd(int argc, char** argv) {
 }
 
 int MakeTinyModel(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv, {"preset", "seed", "dtype", "shards"}, {});
+  auto flags = Flags::Parse(argc, argv, {"preset", "seed", "dtype", "shards", "vocab-size"}, {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kMakeTinyHelp, stdout);
@@ -271,6 +294,12 @@ int MakeTinyModel(int argc, char** argv) {
   }
   auto config = PresetConfig(flags->StringOr("preset", "tiny"));
   if (!config.ok()) return Fail(config.status());
+  auto vocab = flags->Int("vocab-size", config->vocab_size);
+  if (!vocab.ok()) return Fail(vocab.status());
+  if (*vocab <= 0 || *vocab > (1 << 24)) {
+    return Fail(absl::InvalidArgumentError("--vocab-size: must be in [1, 16777216]"));
+  }
+  config->vocab_size = *vocab;
   TinyModelOptions o;
   auto seed = flags->Int("seed", 0);
   if (!seed.ok()) return Fail(seed.status());
@@ -296,6 +325,27 @@ int MakeTinyModel(int argc, char** argv) {
               flags->StringOr("preset", "tiny").c_str(), dtype.c_str(),
               static_cast<unsigned long long>(o.seed), o.shards, out.c_str());
   return 0;
+}
+
+int Chat(int argc, char** argv) {
+  auto flags = Flags::Parse(argc, argv,
+                            {"target", "system", "max-tokens", "temperature", "seed", "top-k",
+                             "top-p", "min-p", "stop", "api-key", "timeout-ms"},
+                            {});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kChatHelp, stdout);
+    return 0;
+  }
+  auto target = flags->String("target");
+  if (!target.ok()) return Fail(target.status());
+  if (flags->positional().size() != 1) {
+    return Fail(absl::InvalidArgumentError("expected one MESSAGE"));
+  }
+  std::vector<std::pair<std::string, std::string>> turns;
+  if (flags->Has("system")) turns.emplace_back("system", flags->StringOr("system", ""));
+  turns.emplace_back("user", flags->positional()[0]);
+  return ChatViaGateway(*flags, turns);
 }
 
 int Tokenize(int argc, char** argv) {
@@ -365,6 +415,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return GenerateCmd(argc - 2, argv + 2);
   if (cmd == "make-tiny-model") return MakeTinyModel(argc - 2, argv + 2);
   if (cmd == "tokenize") return Tokenize(argc - 2, argv + 2);
+  if (cmd == "chat") return Chat(argc - 2, argv + 2);
   std::fprintf(stderr, "error: unknown command \"%s\"\n\n%s", cmd.c_str(), kUsage);
   return 2;
 }

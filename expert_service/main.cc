@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/flags.h"
+#include "common/grpc_setup.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
 #include "expert_service/routed_experts.h"
@@ -170,6 +171,7 @@ int Main(int argc, char** argv) {
     id->set_expert(static_cast<uint32_t>(e));
   }
   ControlService control(info, &shard, ucx->get(), (*store)->bytes(), bytes_read);
+  EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   int grpc_port = 0;
   const std::string grpc_listen = flags->StringOr("grpc-listen", "127.0.0.1:0");

@@ -169,8 +169,19 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.rope_scaling.original_max_position_embeddings = 1024;
     return c;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("--preset: unknown preset \"", preset, "\" (tiny, tiny-lite, small)"));
+  if (preset == "tiny-demo") {
+    // The tiny shape with the DeepSeek-V3 tokenizer's vocabulary (128815 tokens, padded to
+    // 129280 as V3 does) and a narrower hidden size, so that text demos stay small.
+    c.vocab_size = 129280;
+    c.hidden_size = 64;
+    c.intermediate_size = 128;
+    c.moe_intermediate_size = 32;
+    c.bos_token_id = 0;
+    c.eos_token_id = 1;
+    return c;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--preset: unknown preset \"", preset, "\" (tiny, tiny-lite, tiny-demo, small)"));
 }
 
 std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {

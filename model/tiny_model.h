@@ -13,7 +13,7 @@
 
 namespace dmoe {
 
-// "tiny", "tiny-lite" or "small".
+// "tiny", "tiny-lite", "tiny-demo" (tiny with the DeepSeek-V3 vocabulary size) or "small".
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset);
 
 struct TinyModelOptions {

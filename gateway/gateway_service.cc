@@ -1,0 +1,322 @@
+#include "gateway/gateway_service.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/queued_writer.h"
+#include "gateway/text_stream.h"
+
+namespace dmoe::gateway {
+
+absl::StatusOr<std::unique_ptr<ApiKeys>> ApiKeys::Load(const std::string& path, int64_t limit) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--api-keys: cannot open ", path));
+  auto keys = std::make_unique<ApiKeys>();
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty() || line[0] == '#') continue;
+    std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipWhitespace());
+    if (parts.empty()) continue;
+    int64_t own = limit;
+    if (parts.size() > 2 ||
+        (parts.size() == 2 && (!absl::SimpleAtoi(parts[1], &own) || own <= 0))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--api-keys ", path, " line ", n, ": expected KEY [LIMIT]"));
+    }
+    keys->limits_[parts[0]] = own;
+  }
+  if (keys->limits_.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--api-keys ", path, ": no keys"));
+  }
+  return keys;
+}
+
+absl::Status ApiKeys::Acquire(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
+                              std::string* key) {
+  if (!enabled()) return absl::OkStatus();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return absl::UnauthenticatedError("missing authorization: Bearer KEY");
+  const std::string value(it->second.data(), it->second.size());
+  if (value.rfind("Bearer ", 0) != 0) {
+    return absl::UnauthenticatedError("authorization must be \"Bearer KEY\"");
+  }
+  const std::string k = value.substr(7);
+  std::lock_guard<std::mutex> l(mu_);
+  auto lim = limits_.find(k);
+  if (lim == limits_.end()) return absl::UnauthenticatedError("unknown API key");
+  if (active_[k] >= lim->second) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this API key already has ", lim->second, " requests in flight"));
+  }
+  ++active_[k];
+  *key = k;
+  return absl::OkStatus();
+}
+
+void ApiKeys::Release(const std::string& key) {
+  if (key.empty()) return;
+  std::lock_guard<std::mutex> l(mu_);
+  --active_[key];
+}
+
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+internal::SamplingParams Forward(const v1::SamplingParams& p) {
+  internal::SamplingParams s;
+  s.set_temperature(p.temperature());
+  s.set_top_k(p.top_k());
+  s.set_top_p(p.top_p());
+  s.set_min_p(p.min_p());
+  s.set_seed(p.seed());
+  s.set_max_tokens(p.max_tokens());
+  for (int32_t id : p.stop_token_ids()) s.add_stop_token_ids(id);
+  s.set_logprobs(p.logprobs());
+  s.set_top_logprobs(p.top_logprobs());
+  return s;
+}
+
+// One Generate/Chat stream: a worker thread relays the attention node's stream.
+class Relay : public QueuedWriter<v1::GenerateResponse> {
+ public:
+  Relay(GatewayService* svc, grpc::CallbackServerContext* ctx, std::vector<int32_t> prompt,
+        const v1::SamplingParams& sampling, std::string key)
+      : svc_(svc),
+        deadline_(ctx->deadline()),
+        prompt_(std::move(prompt)),
+        sampling_(sampling),
+        key_(std::move(key)) {
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> l(mu_);
+    cancelled_ = true;
+    if (upstream_ != nullptr) upstream_->TryCancel();
+  }
+
+ protected:
+  void OnDoneHook() override {
+    thread_.join();
+    svc_->keys()->Release(key_);
+  }
+
+ private:
+  void Run() {
+    internal::GenerateRequest req;
+    for (int32_t t : prompt_) req.add_prompt_token_ids(t);
+    *req.mutable_sampling() = Forward(sampling_);
+    const Tokenizer* tok = svc_->options().tokenizer;
+    std::set<int> tried;
+    grpc::Status status;
+    std::string finish;
+    int64_t completion = 0;
+    std::unique_ptr<IncrementalDetokenizer> detok;
+    StopStrings stops({sampling_.stop().begin(), sampling_.stop().end()});
+    for (int attempt = 0; attempt < svc_->options().max_attempts; ++attempt) {
+      const int node = svc_->pool()->Pick(tried);
+      if (node < 0) {
+        status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention node is available");
+        break;
+      }
+      auto ctx = std::make_unique<grpc::ClientContext>();
+      ctx->set_deadline(deadline_);
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (cancelled_) {
+          status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+          break;
+        }
+        upstream_ = ctx.get();
+      }
+      svc_->pool()->Started(node);
+      auto reader = svc_->pool()->stub(node)->Generate(ctx.get(), req);
+      if (tok != nullptr) detok = std::make_unique<IncrementalDetokenizer>(tok);
+      internal::GenerateResponse r;
+      bool got_token = false;
+      while (reader->Read(&r)) {
+        if (!r.finish_reason().empty()) finish = r.finish_reason();
+        if (r.tokens_size() == 0) continue;
+        got_token = true;
+        v1::GenerateResponse out;
+        std::string text;
+        for (const auto& t : r.tokens()) {
+          out.add_token_ids(t.token_id());
+          if (sampling_.logprobs()) out.add_logprobs(t.logprob());
+          if (detok) text += detok->Add(t.token_id());
+        }
+        completion += r.tokens_size();
+        out.set_text_delta(stops.Add(text));
+        Push(std::move(out));
+        if (stops.stopped()) {
+          finish = "stop";
+          ctx->TryCancel();  // the attention node frees the sequence
+          break;
+        }
+      }
+      status = reader->Finish();
+      svc_->pool()->Ended(node);
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        upstream_ = nullptr;
+      }
+      if (stops.stopped()) status = grpc::Status::OK;
+      // Not started and the node is unreachable: try another one.
+      if (!got_token && status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+        svc_->pool()->MarkFailed(node);
+        tried.insert(node);
+        continue;
+      }
+      break;
+    }
+    if (status.ok()) {
+      v1::GenerateResponse last;
+      std::string rest = detok ? detok->Flush() : std::string();
+      std::string text = stops.Add(rest);
+      text += stops.Flush();
+      last.set_text_delta(text);
+      last.set_finish_reason(finish);
+      last.mutable_usage()->set_prompt_tokens(static_cast<int64_t>(prompt_.size()));
+      last.mutable_usage()->set_completion_tokens(completion);
+      Push(std::move(last));
+    }
+    FinishWith(status);
+  }
+
+  GatewayService* svc_;
+  std::chrono::system_clock::time_point deadline_;
+  std::vector<int32_t> prompt_;
+  v1::SamplingParams sampling_;
+  std::string key_;
+  std::thread thread_;
+  std::mutex mu_;
+  bool cancelled_ = false;
+  grpc::ClientContext* upstream_ = nullptr;
+};
+
+// A stream that fails at once (validation, authentication).
+class Refusal : public QueuedWriter<v1::GenerateResponse> {
+ public:
+  explicit Refusal(grpc::Status st) { FinishWith(std::move(st)); }
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Start(
+    grpc::CallbackServerContext* ctx, absl::StatusOr<std::vector<int32_t>> prompt,
+    const v1::SamplingParams& sampling, const std::string& model) {
+  if (!model.empty() && model != options_.model_id) {
+    return new Refusal(grpc::Status(
+        grpc::StatusCode::NOT_FOUND,
+        absl::StrCat("model: \"", model, "\" is not served here (", options_.model_id, ")")));
+  }
+  if (!prompt.ok()) return new Refusal(ToGrpc(prompt.status()));
+  if (prompt->empty()) {
+    return new Refusal(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt: is empty"));
+  }
+  if (sampling.max_tokens() <= 0) {
+    return new Refusal(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "sampling.max_tokens: must be positive"));
+  }
+  std::string key;
+  if (auto st = keys_->Acquire(ctx->client_metadata(), &key); !st.ok()) {
+    return new Refusal(ToGrpc(st));
+  }
+  return new Relay(this, ctx, std::move(prompt).value(), sampling, key);
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
+    grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
+  absl::StatusOr<std::vector<int32_t>> prompt;
+  if (request->has_token_ids()) {
+    prompt =
+        std::vector<int32_t>(request->token_ids().ids().begin(), request->token_ids().ids().end());
+  } else if (options_.tokenizer == nullptr) {
+    prompt = absl::FailedPreconditionError(
+        "prompt: text needs a tokenizer; this gateway was started without --tokenizer");
+  } else {
+    prompt = options_.tokenizer->Encode(request->text());
+  }
+  return Start(ctx, std::move(prompt), request->sampling(), request->model());
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Chat(
+    grpc::CallbackServerContext* ctx, const v1::ChatRequest* request) {
+  absl::StatusOr<std::vector<int32_t>> prompt;
+  if (options_.tokenizer == nullptr) {
+    prompt = absl::FailedPreconditionError("Chat needs a tokenizer (--tokenizer)");
+  } else {
+    std::vector<ChatTurn> turns;
+    for (const auto& m : request->messages()) turns.push_back({m.role(), m.content()});
+    auto text = RenderDeepseekChat(turns, options_.bos, options_.eos);
+    if (!text.ok()) {
+      prompt = text.status();
+    } else {
+      prompt = options_.tokenizer->Encode(*text);
+    }
+  }
+  return Start(ctx, std::move(prompt), request->sampling(), request->model());
+}
+
+grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* ctx,
+                                                   const v1::TokenizeRequest* request,
+                                                   v1::TokenizeResponse* reply) {
+  auto* r = ctx->DefaultReactor();
+  if (options_.tokenizer == nullptr) {
+    r->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no tokenizer (--tokenizer)"));
+    return r;
+  }
+  for (int32_t id : options_.tokenizer->Encode(request->text())) reply->add_ids(id);
+  r->Finish(grpc::Status::OK);
+  return r;
+}
+
+grpc::ServerUnaryReactor* GatewayService::Detokenize(grpc::CallbackServerContext* ctx,
+                                                     const v1::DetokenizeRequest* request,
+                                                     v1::DetokenizeResponse* reply) {
+  auto* r = ctx->DefaultReactor();
+  if (options_.tokenizer == nullptr) {
+    r->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no tokenizer (--tokenizer)"));
+    return r;
+  }
+  for (int i = 0; i < request->ids_size(); ++i) {
+    if (request->ids(i) < 0 || request->ids(i) >= options_.tokenizer->vocab_size()) {
+      r->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                             absl::StrCat("ids[", i, "]: ", request->ids(i), " is not a token")));
+      return r;
+    }
+  }
+  const std::vector<int32_t> ids(request->ids().begin(), request->ids().end());
+  // proto3 strings must be UTF-8: incomplete characters come out as U+FFFD.
+  IncrementalDetokenizer d(options_.tokenizer);
+  std::string text;
+  for (int32_t id : ids) text += d.Add(id);
+  text += d.Flush();
+  reply->set_text(text);
+  r->Finish(grpc::Status::OK);
+  return r;
+}
+
+grpc::ServerUnaryReactor* GatewayService::ListModels(grpc::CallbackServerContext* ctx,
+                                                     const v1::ListModelsRequest*,
+                                                     v1::ListModelsResponse* reply) {
+  auto* m = reply->add_models();
+  m->set_id(options_.model_id);
+  m->set_vocab_size(options_.vocab_size);
+  m->set_max_position_embeddings(options_.max_position_embeddings);
+  auto* r = ctx->DefaultReactor();
+  r->Finish(grpc::Status::OK);
+  return r;
+}
+
+}  // namespace dmoe::gateway

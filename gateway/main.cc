@@ -1,0 +1,145 @@
+// dmoe-gateway: the public API (dmoe.v1.Dmoe) in front of the attention nodes.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "cli/flags.h"
+#include "common/grpc_setup.h"
+#include "gateway/gateway_service.h"
+#include "gateway/node_pool.h"
+#include "model/config.h"
+#include "model/tokenizer.h"
+
+namespace dmoe::gateway {
+namespace {
+
+constexpr char kHelp[] = R"(usage: dmoe-gateway --attention LIST [flags]
+
+The public gRPC API of dmoe (dmoe.v1.Dmoe: Generate, Chat, Tokenize, Detokenize, ListModels, plus
+grpc.health.v1 and server reflection), balancing over attention nodes by their reported load.
+
+  --attention LIST          comma-separated gRPC addresses of dmoe-attention nodes
+  --model DIR               checkpoint directory: config.json (model limits) and, if present,
+                            tokenizer.json for text prompts and Chat
+  --tokenizer PATH          tokenizer.json (overrides DIR/tokenizer.json)
+  --model-id NAME           the model's name in the API (default: dmoe)
+  --grpc-listen H:P         address (default 127.0.0.1:0)
+  --ready-file F            once serving, write {"grpc": ..., "pid": ...} to F
+  --api-keys FILE           require "authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
+  --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
+  --tls-cert PEM --tls-key PEM  serve TLS instead of plaintext
+)";
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "dmoe-gateway: error: %s\n", std::string(s.message()).c_str());
+  return 2;
+}
+
+absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, ": cannot open ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+int Main(int argc, char** argv) {
+  auto flags =
+      cli::Flags::Parse(argc - 1, argv + 1,
+                        {"attention", "model", "tokenizer", "model-id", "grpc-listen", "ready-file",
+                         "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key"},
+                        {});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kHelp, stdout);
+    return 0;
+  }
+  auto attention = flags->String("attention");
+  if (!attention.ok()) return Fail(attention.status());
+  std::vector<std::string> nodes = absl::StrSplit(*attention, ',', absl::SkipEmpty());
+  GatewayOptions o;
+  o.model_id = flags->StringOr("model-id", "dmoe");
+  std::unique_ptr<Tokenizer> tok;
+  std::string tok_path = flags->StringOr("tokenizer", "");
+  if (flags->Has("model")) {
+    const std::string dir = flags->StringOr("model", "");
+    auto config = LoadModelConfig(dir);
+    if (!config.ok()) return Fail(config.status());
+    o.vocab_size = config->vocab_size;
+    o.max_position_embeddings = config->max_position_embeddings;
+    if (tok_path.empty() && std::ifstream(dir + "/tokenizer.json"))
+      tok_path = dir + "/tokenizer.json";
+  }
+  if (!tok_path.empty()) {
+    auto t = Tokenizer::FromFile(tok_path);
+    if (!t.ok()) return Fail(t.status());
+    tok = std::move(t).value();
+    o.tokenizer = tok.get();
+    std::fprintf(stderr, "dmoe-gateway: tokenizer %s (%lld tokens)\n", tok_path.c_str(),
+                 static_cast<long long>(tok->vocab_size()));
+  }
+  auto limit = flags->Int("max-concurrent-per-key", 64);
+  if (!limit.ok()) return Fail(limit.status());
+  std::unique_ptr<ApiKeys> keys = std::make_unique<ApiKeys>();
+  if (flags->Has("api-keys")) {
+    auto k = ApiKeys::Load(flags->StringOr("api-keys", ""), *limit);
+    if (!k.ok()) return Fail(k.status());
+    keys = std::move(k).value();
+  }
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (flags->Has("tls-cert") || flags->Has("tls-key")) {
+    auto cert = Slurp("tls-cert", flags->StringOr("tls-cert", ""));
+    auto key = Slurp("tls-key", flags->StringOr("tls-key", ""));
+    if (!cert.ok()) return Fail(cert.status());
+    if (!key.ok()) return Fail(key.status());
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({*key, *cert});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+
+  NodePool pool(nodes);
+  GatewayService service(&pool, keys.get(), o);
+  EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
+  builder.AddListeningPort(listen, creds, &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
+  }
+  const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
+  std::fprintf(stderr, "dmoe-gateway: serving on %s over %zu attention node(s)\n", addr.c_str(),
+               nodes.size());
+  if (flags->Has("ready-file")) {
+    const std::string path = flags->StringOr("ready-file", "");
+    {
+      std::ofstream out(path + ".tmp");
+      out << "{\"grpc\": \"" << addr << "\", \"pid\": " << getpid() << "}\n";
+    }
+    std::rename((path + ".tmp").c_str(), path.c_str());
+  }
+  int sig = 0;
+  sigwait(&stop, &sig);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmoe::gateway
+
+int main(int argc, char** argv) { return dmoe::gateway::Main(argc, argv); }

@@ -1,0 +1,94 @@
+#include "gateway/node_pool.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+
+namespace dmoe::gateway {
+
+NodePool::NodePool(const std::vector<std::string>& addresses, std::chrono::milliseconds poll)
+    : poll_(poll) {
+  for (const std::string& a : addresses) {
+    auto n = std::make_unique<Node>();
+    n->address = a;
+    n->stub = internal::AttentionService::NewStub(
+        grpc::CreateChannel(a, grpc::InsecureChannelCredentials()));
+    nodes_.push_back(std::move(n));
+  }
+  Poll();  // a first view before serving
+  poller_ = std::thread([this] {
+    std::unique_lock<std::mutex> l(mu_);
+    while (!stop_) {
+      cv_.wait_for(l, poll_, [&] { return stop_; });
+      if (stop_) break;
+      l.unlock();
+      Poll();
+      l.lock();
+    }
+  });
+}
+
+NodePool::~NodePool() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+  poller_.join();
+}
+
+void NodePool::Poll() {
+  for (auto& n : nodes_) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    internal::GetLoadReply reply;
+    const grpc::Status st = n->stub->GetLoad(&ctx, internal::GetLoadRequest(), &reply);
+    std::lock_guard<std::mutex> l(mu_);
+    n->healthy = st.ok();
+    if (st.ok()) n->load = reply;
+  }
+}
+
+double NodePool::Score(const Node& n) const {
+  // Lower is better: work queued there (prompt tokens, waiting and running sequences, and what we
+  // sent since the last poll), with fewer free KV blocks breaking ties.
+  const auto& l = n.load;
+  const double used =
+      l.total_blocks() > 0 ? 1.0 - static_cast<double>(l.free_blocks()) / l.total_blocks() : 0.0;
+  return static_cast<double>(l.queued_prefill_tokens()) + 256.0 * l.waiting() + 16.0 * l.running() +
+         16.0 * n.inflight + used;
+}
+
+int NodePool::Pick(const std::set<int>& exclude) {
+  std::lock_guard<std::mutex> l(mu_);
+  std::vector<int> ok;
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (nodes_[i]->healthy && !exclude.count(static_cast<int>(i)))
+      ok.push_back(static_cast<int>(i));
+  }
+  if (ok.empty()) return -1;
+  if (ok.size() == 1) return ok[0];
+  // Power of two choices.
+  std::uniform_int_distribution<size_t> d(0, ok.size() - 1);
+  const int a = ok[d(rng_)];
+  int b = ok[d(rng_)];
+  if (b == a) b = ok[(std::find(ok.begin(), ok.end(), a) - ok.begin() + 1) % ok.size()];
+  return Score(*nodes_[static_cast<size_t>(a)]) <= Score(*nodes_[static_cast<size_t>(b)]) ? a : b;
+}
+
+void NodePool::MarkFailed(int i) {
+  std::lock_guard<std::mutex> l(mu_);
+  nodes_[static_cast<size_t>(i)]->healthy = false;
+}
+
+void NodePool::Started(int i) {
+  std::lock_guard<std::mutex> l(mu_);
+  ++nodes_[static_cast<size_t>(i)]->inflight;
+}
+
+void NodePool::Ended(int i) {
+  std::lock_guard<std::mutex> l(mu_);
+  --nodes_[static_cast<size_t>(i)]->inflight;
+}
+
+}  // namespace dmoe::gateway

@@ -1,0 +1,60 @@
+// The attention nodes a gateway balances over: load polled through GetLoad, power-of-two-choices
+// picks by reported load, unhealthy nodes skipped. Thread-safe.
+#ifndef DMOE_GATEWAY_NODE_POOL_H_
+#define DMOE_GATEWAY_NODE_POOL_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "proto/attention.grpc.pb.h"
+
+namespace dmoe::gateway {
+
+class NodePool {
+ public:
+  explicit NodePool(const std::vector<std::string>& addresses,
+                    std::chrono::milliseconds poll = std::chrono::milliseconds(50));
+  ~NodePool();
+  // A node to send a request to, not in `exclude`; -1 when none is healthy.
+  int Pick(const std::set<int>& exclude);
+  internal::AttentionService::Stub* stub(int i) {
+    return nodes_[static_cast<size_t>(i)]->stub.get();
+  }
+  const std::string& address(int i) const { return nodes_[static_cast<size_t>(i)]->address; }
+  size_t size() const { return nodes_.size(); }
+  // Marks a node unhealthy until its next successful poll.
+  void MarkFailed(int i);
+  // Counts a request started on / finished with node i (load between polls).
+  void Started(int i);
+  void Ended(int i);
+
+ private:
+  struct Node {
+    std::string address;
+    std::unique_ptr<internal::AttentionService::Stub> stub;
+    bool healthy = false;
+    internal::GetLoadReply load;
+    int inflight = 0;  // requests this gateway has on it
+  };
+  double Score(const Node& n) const;
+  void Poll();
+
+  std::vector<std::unique_ptr<Node>> nodes_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::mt19937 rng_{12345};
+  std::chrono::milliseconds poll_;
+  std::thread poller_;
+};
+
+}  // namespace dmoe::gateway
+
+#endif  // DMOE_GATEWAY_NODE_POOL_H_
