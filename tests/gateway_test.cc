@@ -1,0 +1,313 @@
+// End to end through real processes: dmoe-gateway -> dmoe-attention -> 2 dmoe-expert (UCX tcp),
+// on the tiny-demo model with the real DeepSeek tokenizer (DMOE_NPM_DIR,
+// scripts/fetch_tokenizer.sh).
+#include <grpcpp/grpcpp.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "attention_service/local_model.h"
+#include "gtest/gtest.h"
+#include "model/tiny_model.h"
+#include "proto/attention.grpc.pb.h"
+#include "proto/dmoe/v1/dmoe.grpc.pb.h"
+#include "tests/process_util.h"
+
+namespace dmoe {
+namespace {
+
+using testing::ChildProcess;
+using testing::Runfile;
+using testing::TmpDir;
+
+std::map<std::string, std::string> Ready(ChildProcess* p, const std::string& file) {
+  auto info = testing::WaitForReadyFile(file, std::chrono::seconds(60));
+  EXPECT_FALSE(info.empty()) << p->Log();
+  return info;
+}
+
+class GatewayTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const char* npm = std::getenv("DMOE_NPM_DIR");
+    ASSERT_NE(npm, nullptr) << "DMOE_NPM_DIR (scripts/fetch_tokenizer.sh) is required";
+    setenv("UCX_NET_DEVICES", "lo", 1);
+    setenv("UCX_TLS", "tcp,self", 1);
+    dir_ = new std::string(TmpDir() + "/demo");
+    TinyModelOptions o;
+    o.seed = 5;
+    ASSERT_TRUE(WriteTinyModel(*dir_, *PresetConfig("tiny-demo"), o).ok());
+    {
+      std::ifstream src(std::string(npm) + "/package/models/tokenizer.json", std::ios::binary);
+      ASSERT_TRUE(src.good());
+      std::ofstream dst(*dir_ + "/tokenizer.json", std::ios::binary);
+      dst << src.rdbuf();
+    }
+    std::string shards;
+    for (int i = 0; i < 2; ++i) {
+      const std::string ready = TmpDir() + "/gw_shard" + std::to_string(i) + ".json";
+      procs_.push_back(
+          new ChildProcess({Runfile("expert_service/dmoe-expert"), "--model", *dir_, "--experts",
+                            std::to_string(i) + "/2", "--ready-file", ready},
+                           TmpDir() + "/gw_shard" + std::to_string(i) + ".log"));
+      shards += (i ? "," : "") + Ready(procs_.back(), ready)["grpc"];
+    }
+    procs_.push_back(
+        new ChildProcess({Runfile("attention_service/dmoe-attention"), "--model", *dir_,
+                          "--expert-shards", shards, "--wire-dtype", "f32", "--kv-blocks", "256",
+                          "--block-tokens", "8", "--ready-file", TmpDir() + "/gw_attn.json"},
+                         TmpDir() + "/gw_attn.log"));
+    const std::string attn = Ready(procs_.back(), TmpDir() + "/gw_attn.json")["grpc"];
+    attention_ = internal::AttentionService::NewStub(
+                     grpc::CreateChannel(attn, grpc::InsecureChannelCredentials()))
+                     .release();
+    procs_.push_back(new ChildProcess({Runfile("gateway/dmoe-gateway"), "--attention", attn,
+                                       "--model", *dir_, "--ready-file", TmpDir() + "/gw.json"},
+                                      TmpDir() + "/gw.log"));
+    gateway_ =
+        v1::Dmoe::NewStub(grpc::CreateChannel(Ready(procs_.back(), TmpDir() + "/gw.json")["grpc"],
+                                              grpc::InsecureChannelCredentials()))
+            .release();
+    std::ofstream(TmpDir() + "/keys.txt") << "# keys\nk1 1\nk2\n";
+    procs_.push_back(new ChildProcess(
+        {Runfile("gateway/dmoe-gateway"), "--attention", attn, "--model", *dir_, "--api-keys",
+         TmpDir() + "/keys.txt", "--ready-file", TmpDir() + "/gw2.json"},
+        TmpDir() + "/gw2.log"));
+    secured_ =
+        v1::Dmoe::NewStub(grpc::CreateChannel(Ready(procs_.back(), TmpDir() + "/gw2.json")["grpc"],
+                                              grpc::InsecureChannelCredentials()))
+            .release();
+  }
+  static void TearDownTestSuite() {
+    delete gateway_;
+    delete secured_;
+    delete attention_;
+    for (auto it = procs_.rbegin(); it != procs_.rend(); ++it) delete *it;
+    delete dir_;
+  }
+
+  struct Stream {
+    std::vector<int32_t> ids;
+    std::string text;
+    std::vector<std::string> deltas;
+    std::string finish;
+    v1::Usage usage;
+    grpc::Status status;
+  };
+
+  static Stream Run(v1::Dmoe::Stub* stub, const v1::GenerateRequest& req,
+                    const std::string& key = "", int deadline_ms = 60000) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+    if (!key.empty()) ctx.AddMetadata("authorization", "Bearer " + key);
+    auto reader = stub->Generate(&ctx, req);
+    Stream s;
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+      s.ids.insert(s.ids.end(), r.token_ids().begin(), r.token_ids().end());
+      s.text += r.text_delta();
+      s.deltas.push_back(r.text_delta());
+      if (!r.finish_reason().empty()) s.finish = r.finish_reason();
+      if (r.has_usage()) s.usage = r.usage();
+    }
+    s.status = reader->Finish();
+    return s;
+  }
+
+  static v1::GenerateRequest Ids(const std::vector<int32_t>& ids, int max_tokens) {
+    v1::GenerateRequest req;
+    for (int32_t id : ids) req.mutable_token_ids()->add_ids(id);
+    req.mutable_sampling()->set_max_tokens(max_tokens);
+    return req;
+  }
+
+  static v1::GenerateRequest Text(const std::string& text, int max_tokens) {
+    v1::GenerateRequest req;
+    req.set_text(text);
+    req.mutable_sampling()->set_max_tokens(max_tokens);
+    return req;
+  }
+
+  static int64_t WaitAllBlocksFree() {
+    int64_t free_blocks = -1, total = 0;
+    for (int i = 0; i < 300; ++i) {
+      grpc::ClientContext ctx;
+      internal::GetLoadReply load;
+      EXPECT_TRUE(attention_->GetLoad(&ctx, internal::GetLoadRequest(), &load).ok());
+      free_blocks = load.free_blocks();
+      total = load.total_blocks();
+      if (free_blocks == total && load.running() == 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return total - free_blocks;
+  }
+
+  static std::string* dir_;
+  static std::vector<ChildProcess*> procs_;
+  static internal::AttentionService::Stub* attention_;
+  static v1::Dmoe::Stub* gateway_;
+  static v1::Dmoe::Stub* secured_;
+};
+std::string* GatewayTest::dir_ = nullptr;
+std::vector<ChildProcess*> GatewayTest::procs_;
+internal::AttentionService::Stub* GatewayTest::attention_ = nullptr;
+v1::Dmoe::Stub* GatewayTest::gateway_ = nullptr;
+v1::Dmoe::Stub* GatewayTest::secured_ = nullptr;
+
+TEST_F(GatewayTest, GreedyTokenIdsEqualTheInProcessEngine) {
+  auto local = LocalModel::Load(*dir_);
+  ASSERT_TRUE(local.ok());
+  for (const std::vector<int32_t>& prompt :
+       {std::vector<int32_t>{0, 19923, 14}, std::vector<int32_t>{5, 6, 7, 8, 9},
+        std::vector<int32_t>{128000}}) {
+    const Stream s = Run(gateway_, Ids(prompt, 12));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    GenerateOptions g;
+    g.max_tokens = 12;
+    EXPECT_EQ(s.ids, *Generate((*local)->engine(), prompt, g));
+    EXPECT_EQ(s.finish, "length");
+    EXPECT_EQ(s.usage.prompt_tokens(), static_cast<int64_t>(prompt.size()));
+    EXPECT_EQ(s.usage.completion_tokens(), 12);
+  }
+}
+
+TEST_F(GatewayTest, TextStreamsAsCompleteCharacters) {
+  const std::string prompt = "Hello, DeepSeek! 你好，世界 🚀";
+  const Stream s = Run(gateway_, Text(prompt, 40));
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  grpc::ClientContext tctx;
+  v1::TokenizeRequest treq;
+  treq.set_text(prompt);
+  v1::TokenizeResponse tok;
+  ASSERT_TRUE(gateway_->Tokenize(&tctx, treq, &tok).ok());
+  EXPECT_EQ(s.usage.prompt_tokens(), tok.ids_size());
+  grpc::ClientContext dctx;
+  v1::DetokenizeRequest dreq;
+  for (int32_t id : s.ids) dreq.add_ids(id);
+  v1::DetokenizeResponse text;
+  ASSERT_TRUE(gateway_->Detokenize(&dctx, dreq, &text).ok());
+  EXPECT_EQ(s.text, text.text());  // the deltas add up to the whole text
+  EXPECT_GT(s.deltas.size(), 2u);
+}
+
+TEST_F(GatewayTest, StopStringEndsTheTextBeforeIt) {
+  const Stream full = Run(gateway_, Text("Once upon a time", 30));
+  ASSERT_TRUE(full.status.ok());
+  ASSERT_GT(full.text.size(), 12u);
+  // A stop string from the middle of the text (on a character boundary).
+  size_t at = full.text.size() / 2;
+  while (at > 0 && (static_cast<uint8_t>(full.text[at]) & 0xc0) == 0x80) --at;
+  size_t end = at + 1;
+  while (end < full.text.size() && (static_cast<uint8_t>(full.text[end]) & 0xc0) == 0x80) ++end;
+  const std::string stop = full.text.substr(at, end - at);
+  v1::GenerateRequest req = Text("Once upon a time", 30);
+  req.mutable_sampling()->add_stop(stop);
+  const Stream s = Run(gateway_, req);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.text, full.text.substr(0, full.text.find(stop)));
+  EXPECT_EQ(s.finish, "stop");
+  EXPECT_EQ(WaitAllBlocksFree(), 0);
+}
+
+TEST_F(GatewayTest, ChatUsesTheTemplate) {
+  v1::ChatRequest req;
+  auto* m = req.add_messages();
+  m->set_role("user");
+  m->set_content("What is MLA?");
+  req.mutable_sampling()->set_max_tokens(6);
+  grpc::ClientContext ctx;
+  auto reader = gateway_->Chat(&ctx, req);
+  v1::GenerateResponse r;
+  int64_t prompt_tokens = 0;
+  while (reader->Read(&r)) {
+    if (r.has_usage()) prompt_tokens = r.usage().prompt_tokens();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  grpc::ClientContext tctx;
+  v1::TokenizeRequest treq;
+  treq.set_text("<｜begin▁of▁sentence｜><｜User｜>What is MLA?<｜Assistant｜>");
+  v1::TokenizeResponse tok;
+  ASSERT_TRUE(gateway_->Tokenize(&tctx, treq, &tok).ok());
+  EXPECT_EQ(prompt_tokens, tok.ids_size());
+  EXPECT_EQ(tok.ids(0), 0);  // bos is one special token
+}
+
+TEST_F(GatewayTest, CancelMidStreamFreesTheBlocks) {
+  grpc::ClientContext ctx;
+  auto reader = gateway_->Generate(&ctx, Ids({1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, 450));
+  v1::GenerateResponse r;
+  int got = 0;
+  while (got < 3 && reader->Read(&r)) got += r.token_ids_size();
+  ctx.TryCancel();
+  while (reader->Read(&r)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(WaitAllBlocksFree(), 0);
+}
+
+TEST_F(GatewayTest, DeadlineShorterThanTheWork) {
+  const Stream s = Run(gateway_, Ids({1, 2, 3}, 480), "", 40);
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.status.error_message();
+  EXPECT_EQ(WaitAllBlocksFree(), 0);
+}
+
+TEST_F(GatewayTest, MalformedRequestsNameTheField) {
+  auto expect = [](const Stream& s, grpc::StatusCode code, const std::string& text) {
+    EXPECT_EQ(s.status.error_code(), code) << s.status.error_message();
+    EXPECT_NE(s.status.error_message().find(text), std::string::npos) << s.status.error_message();
+  };
+  expect(Run(gateway_, Ids({1, 2}, 0)), grpc::StatusCode::INVALID_ARGUMENT, "sampling.max_tokens");
+  expect(Run(gateway_, Ids({1, 200000}, 4)), grpc::StatusCode::INVALID_ARGUMENT, "prompt[1]");
+  expect(Run(gateway_, Ids({}, 4)), grpc::StatusCode::INVALID_ARGUMENT, "prompt: is empty");
+  v1::GenerateRequest bad_p = Ids({1}, 4);
+  bad_p.mutable_sampling()->set_top_p(2);
+  expect(Run(gateway_, bad_p), grpc::StatusCode::INVALID_ARGUMENT, "top_p");
+  v1::GenerateRequest model = Ids({1}, 4);
+  model.set_model("gpt-9");
+  expect(Run(gateway_, model), grpc::StatusCode::NOT_FOUND, "model");
+  v1::ChatRequest chat;
+  auto* m = chat.add_messages();
+  m->set_role("robot");
+  chat.mutable_sampling()->set_max_tokens(3);
+  grpc::ClientContext ctx;
+  auto reader = gateway_->Chat(&ctx, chat);
+  v1::GenerateResponse r;
+  while (reader->Read(&r)) {
+  }
+  const grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("messages[0].role"), std::string::npos);
+}
+
+TEST_F(GatewayTest, ApiKeysAndPerKeyLimits) {
+  EXPECT_EQ(Run(secured_, Ids({1}, 2)).status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(Run(secured_, Ids({1}, 2), "nope").status.error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(Run(secured_, Ids({1}, 2), "k2").status.ok());
+  // k1 may have one request in flight.
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer k1");
+  auto reader = secured_->Generate(&ctx, Ids({1, 2, 3}, 450));
+  v1::GenerateResponse r;
+  ASSERT_TRUE(reader->Read(&r));
+  EXPECT_EQ(Run(secured_, Ids({1}, 2), "k1").status.error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+  ctx.TryCancel();
+  while (reader->Read(&r)) {
+  }
+  reader->Finish();
+  grpc::Status again;
+  for (int i = 0; i < 100; ++i) {  // the slot is released when the stream is done
+    again = Run(secured_, Ids({1}, 2), "k1").status;
+    if (again.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(again.ok()) << again.error_message();
+}
+
+}  // namespace
+}  // namespace dmoe
