@@ -1,5 +1,5 @@
-// A dmoe-expert child process for benchmarks, started from the bazel-bin folder this binary runs
-// from; killed and reaped when destroyed.
+// dmoe service processes for benchmarks, started from the bazel-bin folder this binary runs from
+// and killed and reaped when destroyed.
 #ifndef DMOE_BENCH_SHARD_PROCESS_H_
 #define DMOE_BENCH_SHARD_PROCESS_H_
 
@@ -14,24 +14,32 @@
 #include <iterator>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace dmoe {
 
-// A dmoe-expert child process, started next to this binary's bazel-bin folder.
-class ShardProcess {
+// A service binary (path relative to bazel-bin) started with `args` + "--ready-file READY";
+// grpc() is the address it reports (empty if it did not come up within 2 minutes).
+class ServiceProcess {
  public:
-  ShardProcess(const std::string& model, const std::string& spec, const std::string& ready) {
+  ServiceProcess(const std::string& binary, std::vector<std::string> args,
+                 const std::string& ready) {
     char self[4096] = {0};
     const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
     std::string bin = std::string(self, n > 0 ? static_cast<size_t>(n) : 0);
-    bin = bin.substr(0, bin.rfind("/bench/")) + "/expert_service/dmoe-expert";
+    bin = bin.substr(0, bin.rfind("/bench/")) + "/" + binary;
+    args.insert(args.begin(), bin);
+    args.push_back("--ready-file");
+    args.push_back(ready);
     std::remove(ready.c_str());
     pid_ = fork();
     if (pid_ == 0) {
       const int devnull = open("/dev/null", O_WRONLY);
       dup2(devnull, 2);
-      execl(bin.c_str(), bin.c_str(), "--model", model.c_str(), "--experts", spec.c_str(),
-            "--ready-file", ready.c_str(), nullptr);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(bin.c_str(), argv.data());
       _exit(127);
     }
     for (int i = 0; i < 1200 && grpc_.empty(); ++i) {
@@ -42,7 +50,7 @@ class ShardProcess {
       if (grpc_.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   }
-  ~ShardProcess() {
+  ~ServiceProcess() {
     if (pid_ > 0) {
       kill(pid_, SIGKILL);
       waitpid(pid_, nullptr, 0);
@@ -61,6 +69,14 @@ class ShardProcess {
  private:
   pid_t pid_ = -1;
   std::string grpc_;
+};
+
+// A dmoe-expert hosting `spec` of the model in `model`.
+class ShardProcess : public ServiceProcess {
+ public:
+  ShardProcess(const std::string& model, const std::string& spec, const std::string& ready)
+      : ServiceProcess("expert_service/dmoe-expert", {"--model", model, "--experts", spec}, ready) {
+  }
 };
 
 }  // namespace dmoe

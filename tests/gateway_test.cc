@@ -309,5 +309,33 @@ TEST_F(GatewayTest, ApiKeysAndPerKeyLimits) {
   EXPECT_TRUE(again.ok()) << again.error_message();
 }
 
+// A request that has not started is retried on another node when its node fails.
+TEST_F(GatewayTest, RequestsMoveToALiveNodeWhenOneDies) {
+  // A second attention node and a gateway over both; then the second node dies.
+  const std::string ready = TmpDir() + "/gw_attn_b.json";
+  auto* doomed = new ChildProcess({Runfile("attention_service/dmoe-attention"), "--model", *dir_,
+                                   "--kv-blocks", "64", "--ready-file", ready},
+                                  TmpDir() + "/gw_attn_b.log");
+  const std::string b = Ready(doomed, ready)["grpc"];
+  grpc::ClientContext lctx;
+  internal::GetLoadReply load;
+  ASSERT_TRUE(attention_->GetLoad(&lctx, internal::GetLoadRequest(), &load).ok());
+  std::string a;
+  for (const auto& [k, v] :
+       testing::WaitForReadyFile(TmpDir() + "/gw_attn.json", std::chrono::seconds(1))) {
+    if (k == "grpc") a = v;
+  }
+  auto* gw = new ChildProcess({Runfile("gateway/dmoe-gateway"), "--attention", b + "," + a,
+                               "--model", *dir_, "--ready-file", TmpDir() + "/gw3.json"},
+                              TmpDir() + "/gw3.log");
+  auto stub = v1::Dmoe::NewStub(grpc::CreateChannel(Ready(gw, TmpDir() + "/gw3.json")["grpc"],
+                                                    grpc::InsecureChannelCredentials()));
+  delete doomed;  // SIGKILL
+  int ok = 0;
+  for (int i = 0; i < 10; ++i) ok += Run(stub.get(), Ids({1, 2, 3}, 3)).status.ok();
+  EXPECT_EQ(ok, 10);
+  delete gw;
+}
+
 }  // namespace
 }  // namespace dmoe
