@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "model/tiny_model.h"
 #include "proto/attention.grpc.pb.h"
 #include "proto/dmoe/v1/dmoe.grpc.pb.h"
+#include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "tests/process_util.h"
 
 namespace dmoe {
@@ -307,6 +309,43 @@ TEST_F(GatewayTest, ApiKeysAndPerKeyLimits) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_TRUE(again.ok()) << again.error_message();
+}
+
+TEST_F(GatewayTest, HealthServiceAnswersServing) {
+  for (const char* file : {"/gw.json", "/gw_attn.json", "/gw_shard0.json"}) {
+    const std::string addr =
+        testing::WaitForReadyFile(TmpDir() + file, std::chrono::seconds(1))["grpc"];
+    auto health = grpc::health::v1::Health::NewStub(
+        grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    grpc::health::v1::HealthCheckResponse reply;
+    ASSERT_TRUE(health->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &reply).ok()) << file;
+    EXPECT_EQ(reply.status(), grpc::health::v1::HealthCheckResponse::SERVING) << file;
+  }
+}
+
+TEST_F(GatewayTest, ServesTls) {
+  const std::string key = TmpDir() + "/tls_key.pem", cert = TmpDir() + "/tls_cert.pem";
+  const std::string cmd =
+      "openssl req -x509 -newkey rsa:2048 -nodes -keyout " + key + " -out " + cert +
+      " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost " + "> /dev/null 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::string attn =
+      testing::WaitForReadyFile(TmpDir() + "/gw_attn.json", std::chrono::seconds(1))["grpc"];
+  ChildProcess tls(
+      {Runfile("gateway/dmoe-gateway"), "--attention", attn, "--model", *dir_, "--tls-cert", cert,
+       "--tls-key", key, "--ready-file", TmpDir() + "/gw_tls.json"},
+      TmpDir() + "/gw_tls.log");
+  std::string addr = Ready(&tls, TmpDir() + "/gw_tls.json")["grpc"];
+  addr.replace(0, addr.rfind(':'), "localhost");
+  std::ifstream in(cert);
+  std::string pem((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = pem;
+  auto secure = v1::Dmoe::NewStub(grpc::CreateChannel(addr, grpc::SslCredentials(ssl)));
+  EXPECT_TRUE(Run(secure.get(), Ids({1, 2}, 3)).status.ok());
+  auto plain = v1::Dmoe::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  EXPECT_FALSE(Run(plain.get(), Ids({1, 2}, 3), "", 2000).status.ok());
 }
 
 // A request that has not started is retried on another node when its node fails.
