@@ -1,8 +1,8 @@
 #include "attention_service/attention_server.h"
 
-#include <condition_variable>
-#include <deque>
 #include <mutex>
+
+#include "common/queued_writer.h"
 
 namespace dmoe {
 
@@ -40,10 +40,9 @@ namespace {
 
 grpc::StatusCode ToGrpc(absl::StatusCode c) { return static_cast<grpc::StatusCode>(c); }
 
-// One streaming Generate call. The scheduler's callbacks queue responses; one write is in flight
-// at a time. The reactor deletes itself in OnDone, which gRPC calls after Finish; Finish is only
-// called after the scheduler's on_finish, so no callback outlives the reactor.
-class GenerateReactor : public grpc::ServerWriteReactor<internal::GenerateResponse> {
+// One streaming Generate call: the scheduler's callbacks feed the stream. The reactor is deleted
+// after Finish, which only happens after the scheduler's on_finish, so no callback outlives it.
+class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
  public:
   GenerateReactor(Scheduler* scheduler, const internal::GenerateRequest* request)
       : scheduler_(scheduler) {
@@ -58,21 +57,21 @@ class GenerateReactor : public grpc::ServerWriteReactor<internal::GenerateRespon
         top->set_token_id(id);
         top->set_logprob(lp);
       }
+      std::lock_guard<std::mutex> l(mu_);  // after the first message
       Push(std::move(r));
     };
     cb.on_finish = [this](FinishReason reason, const absl::Status& st) {
       std::lock_guard<std::mutex> l(mu_);
-      finished_ = true;
       if (reason == FinishReason::kError) {
-        final_status_ = grpc::Status(ToGrpc(st.code()), std::string(st.message()));
+        FinishWith(grpc::Status(ToGrpc(st.code()), std::string(st.message())));
       } else if (reason == FinishReason::kCancelled && cancelled_by_client_) {
-        final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+        FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
       } else {
         internal::GenerateResponse r;
         r.set_finish_reason(FinishReasonName(reason));
-        queue_.push_back(std::move(r));
+        Push(std::move(r));
+        FinishWith(grpc::Status::OK);
       }
-      MaybeWriteLocked();
     };
     std::vector<int32_t> prompt(request->prompt_token_ids().begin(),
                                 request->prompt_token_ids().end());
@@ -80,70 +79,27 @@ class GenerateReactor : public grpc::ServerWriteReactor<internal::GenerateRespon
     std::lock_guard<std::mutex> l(mu_);
     auto id = scheduler_->Submit(std::move(prompt), FromProto(request->sampling()), cb);
     if (!id.ok()) {
-      finished_ = true;
-      final_status_ = grpc::Status(ToGrpc(id.status().code()), std::string(id.status().message()));
-      MaybeWriteLocked();
+      FinishWith(grpc::Status(ToGrpc(id.status().code()), std::string(id.status().message())));
       return;
     }
     id_ = *id;
     internal::GenerateResponse first;
     first.set_request_id(id_);
-    queue_.push_front(std::move(first));
-    MaybeWriteLocked();
+    Push(std::move(first));
   }
 
-  void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> l(mu_);
-    writing_ = false;
-    if (!ok) {  // the client went away
-      if (!finished_) scheduler_->Cancel(id_);
-      broken_ = true;
-    }
-    MaybeWriteLocked();
-  }
-
+  // The client cancelled, went away or ran out of time: free the sequence at the next step.
   void OnCancel() override {
     std::lock_guard<std::mutex> l(mu_);
     cancelled_by_client_ = true;
-    if (!finished_ && id_ != 0) scheduler_->Cancel(id_);
+    if (id_ != 0) scheduler_->Cancel(id_);
   }
-
-  void OnDone() override { delete this; }
 
  private:
-  void Push(internal::GenerateResponse r) {
-    std::lock_guard<std::mutex> l(mu_);
-    queue_.push_back(std::move(r));
-    MaybeWriteLocked();
-  }
-
-  // REQUIRES: mu_ held.
-  void MaybeWriteLocked() {
-    if (writing_ || finish_sent_) return;
-    if (!queue_.empty() && !broken_) {
-      current_ = std::move(queue_.front());
-      queue_.pop_front();
-      writing_ = true;
-      StartWrite(&current_);
-      return;
-    }
-    if (finished_ && (queue_.empty() || broken_)) {
-      finish_sent_ = true;
-      Finish(final_status_);
-    }
-  }
-
   Scheduler* scheduler_;
   std::mutex mu_;
   uint64_t id_ = 0;
-  std::deque<internal::GenerateResponse> queue_;
-  internal::GenerateResponse current_;
-  bool writing_ = false;
-  bool finished_ = false;
-  bool finish_sent_ = false;
-  bool broken_ = false;
   bool cancelled_by_client_ = false;
-  grpc::Status final_status_ = grpc::Status::OK;
 };
 
 }  // namespace
