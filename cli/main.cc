@@ -14,6 +14,7 @@
 #include "attention_service/local_model.h"
 #include "cli/flags.h"
 #include "cli/gateway_client.h"
+#include "cli/local_cluster.h"
 #include "cli/npy.h"
 #include "model/tiny_model.h"
 #include "model/tokenizer.h"
@@ -32,6 +33,8 @@ commands:
   make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, small)
   tokenize         run a tokenizer.json locally over JSON lines (or --decode the reverse)
   chat             chat with a dmoe-gateway (--target), streaming the answer
+  up               start a local cluster (experts, attention, gateway) on 127.0.0.1
+  down             stop the cluster `dmoe up` started
 )";
 
 constexpr char kChatHelp[] = R"(usage: dmoe chat --target HOST:PORT [--system TEXT] MESSAGE [flags]
@@ -416,6 +419,8 @@ int main(int argc, char** argv) {
   if (cmd == "make-tiny-model") return MakeTinyModel(argc - 2, argv + 2);
   if (cmd == "tokenize") return Tokenize(argc - 2, argv + 2);
   if (cmd == "chat") return Chat(argc - 2, argv + 2);
+  if (cmd == "up") return Up(argc - 2, argv + 2);
+  if (cmd == "down") return Down(argc - 2, argv + 2);
   std::fprintf(stderr, "error: unknown command \"%s\"\n\n%s", cmd.c_str(), kUsage);
   return 2;
 }
