@@ -16,6 +16,7 @@
 #include "cli/gateway_client.h"
 #include "cli/local_cluster.h"
 #include "cli/npy.h"
+#include "cli/serve.h"
 #include "model/tiny_model.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -33,6 +34,7 @@ commands:
   make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, small)
   tokenize         run a tokenizer.json locally over JSON lines (or --decode the reverse)
   chat             chat with a dmoe-gateway (--target), streaming the answer
+  serve            the whole stack in one process (experts in-process), serving the public API
   up               start a local cluster (experts, attention, gateway) on 127.0.0.1
   down             stop the cluster `dmoe up` started
 )";
@@ -420,6 +422,7 @@ int main(int argc, char** argv) {
   if (cmd == "tokenize") return Tokenize(argc - 2, argv + 2);
   if (cmd == "chat") return Chat(argc - 2, argv + 2);
   if (cmd == "up") return Up(argc - 2, argv + 2);
+  if (cmd == "serve") return Serve(argc - 2, argv + 2);
   if (cmd == "down") return Down(argc - 2, argv + 2);
   std::fprintf(stderr, "error: unknown command \"%s\"\n\n%s", cmd.c_str(), kUsage);
   return 2;

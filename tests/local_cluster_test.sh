@@ -34,3 +34,17 @@ for p in $pids; do
 done
 [ ! -e "$state" ] || { echo "state file left behind"; exit 1; }
 echo "dmoe up / generate / down: OK"
+# dmoe serve: the same answer from one process.
+"$dmoe" serve --model "$work/model" > "$work/serve.out" 2> "$work/serve.err" &
+serve_pid=$!
+trap 'kill $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 200); do grep -q '^gateway: ' "$work/serve.out" && break; sleep 0.05; done
+served=$(sed -n 's/^gateway: //p' "$work/serve.out")
+[ -n "$served" ] || { cat "$work/serve.err"; echo "dmoe serve did not start"; exit 1; }
+one=$("$dmoe" generate --target "$served" --tokens 5,6,7,8 --max-tokens 12 --temperature 0 --print-token-ids)
+echo "dmoe serve:          $one"
+[ "$one" = "$local" ] || { echo "dmoe serve differs"; exit 1; }
+kill "$serve_pid"
+wait "$serve_pid" || true
+trap - EXIT
+echo "dmoe serve: OK"
