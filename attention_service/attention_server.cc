@@ -44,10 +44,18 @@ grpc::StatusCode ToGrpc(absl::StatusCode c) { return static_cast<grpc::StatusCod
 // after Finish, which only happens after the scheduler's on_finish, so no callback outlives it.
 class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
  public:
-  GenerateReactor(Scheduler* scheduler, const internal::GenerateRequest* request)
-      : scheduler_(scheduler) {
+  GenerateReactor(Scheduler* scheduler, AttentionMetrics* metrics,
+                  const internal::GenerateRequest* request)
+      : scheduler_(scheduler), metrics_(metrics), last_(std::chrono::steady_clock::now()) {
     RequestCallbacks cb;
     cb.on_token = [this](const SampledToken& t) {
+      if (metrics_ != nullptr) {
+        const auto now = std::chrono::steady_clock::now();
+        const double s = std::chrono::duration<double>(now - last_).count();
+        first_ ? metrics_->ObserveTimeToFirstToken(s) : metrics_->ObserveTimePerOutputToken(s);
+        first_ = false;
+        last_ = now;
+      }
       internal::GenerateResponse r;
       auto* g = r.add_tokens();
       g->set_token_id(t.token);
@@ -61,6 +69,7 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
       Push(std::move(r));
     };
     cb.on_finish = [this](FinishReason reason, const absl::Status& st) {
+      if (metrics_ != nullptr) metrics_->Finished(reason);
       std::lock_guard<std::mutex> l(mu_);
       if (reason == FinishReason::kError) {
         FinishWith(grpc::Status(ToGrpc(st.code()), std::string(st.message())));
@@ -97,6 +106,9 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
 
  private:
   Scheduler* scheduler_;
+  AttentionMetrics* metrics_;
+  std::chrono::steady_clock::time_point last_;  // arrival, then the last token (scheduler thread)
+  bool first_ = true;
   std::mutex mu_;
   uint64_t id_ = 0;
   bool cancelled_by_client_ = false;
@@ -106,7 +118,7 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
 
 grpc::ServerWriteReactor<internal::GenerateResponse>* AttentionServiceImpl::Generate(
     grpc::CallbackServerContext*, const internal::GenerateRequest* request) {
-  return new GenerateReactor(scheduler_, request);
+  return new GenerateReactor(scheduler_, metrics_, request);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Cancel(grpc::CallbackServerContext* ctx,

@@ -7,6 +7,7 @@
 #include <memory>
 #include <thread>
 
+#include "attention_service/attention_metrics.h"
 #include "attention_service/scheduler.h"
 #include "proto/attention.grpc.pb.h"
 
@@ -28,7 +29,9 @@ class SchedulerLoop {
 
 class AttentionServiceImpl final : public internal::AttentionService::CallbackService {
  public:
-  explicit AttentionServiceImpl(Scheduler* scheduler) : scheduler_(scheduler) {}
+  // `metrics` may be null.
+  explicit AttentionServiceImpl(Scheduler* scheduler, AttentionMetrics* metrics = nullptr)
+      : scheduler_(scheduler), metrics_(metrics) {}
   grpc::ServerWriteReactor<internal::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const internal::GenerateRequest* request) override;
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
@@ -40,6 +43,7 @@ class AttentionServiceImpl final : public internal::AttentionService::CallbackSe
 
  private:
   Scheduler* scheduler_;
+  AttentionMetrics* metrics_;
 };
 
 // Protobuf sampling parameters -> SamplingParams (top_p 0 means off).

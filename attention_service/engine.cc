@@ -1,5 +1,6 @@
 #include "attention_service/engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -27,7 +28,9 @@ Engine::Engine(const ModelConfig& config, const DenseWeights* weights, RoutedExp
       experts_(experts),
       options_(options),
       rope_(config),
-      gate_(cpu::GateParams::FromConfig(config)) {}
+      gate_(cpu::GateParams::FromConfig(config)),
+      expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
+          std::max<int64_t>(1, config.num_hidden_layers * config.n_routed_experts))]()) {}
 
 absl::Status Engine::Validate(std::vector<SequenceStep>& batch, int64_t* total) {
   const ModelConfig& c = config_;
@@ -150,6 +153,9 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   mb.gate_ids.resize(static_cast<size_t>(n * k));
   mb.gate_w.resize(static_cast<size_t>(n * k));
   cpu::SelectExperts(gate_, mb.router.data(), n, mb.gate_ids.data(), mb.gate_w.data());
+  for (int32_t id : mb.gate_ids) {
+    expert_tokens_[static_cast<size_t>(l * e + id)].fetch_add(1, std::memory_order_relaxed);
+  }
   timings_.router += Since(&t0);
   RETURN_IF_ERROR(mb.experts->Begin(l, mb.x.data(), n, mb.gate_ids.data(), mb.gate_w.data(), k));
   mb.in_flight = true;

@@ -4,6 +4,7 @@
 #ifndef DMOE_ATTENTION_SERVICE_ENGINE_H_
 #define DMOE_ATTENTION_SERVICE_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -54,6 +55,12 @@ class Engine {
 
   const ModelConfig& config() const { return config_; }
   const EngineTimings& timings() const { return timings_; }
+  // Tokens routed to (layer, expert) since start (all layers x n_routed_experts; MoE layers only
+  // are ever non-zero). Safe to read from other threads.
+  uint64_t expert_tokens(int64_t layer, int64_t expert) const {
+    return expert_tokens_[static_cast<size_t>(layer * config_.n_routed_experts + expert)].load(
+        std::memory_order_relaxed);
+  }
   void ResetTimings() { timings_ = EngineTimings(); }
 
   // Runs the new tokens of every sequence through the model, appending their latent KV to each
@@ -101,6 +108,7 @@ class Engine {
   cpu::RopeTable rope_;
   cpu::GateParams gate_;
   EngineTimings timings_;
+  std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
   // Scratch reused across steps.
   MicroBatch mb_[2];
   std::vector<float> q_, qa_, kva_, attn_, scratch_, final_x_;

@@ -13,12 +13,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "attention_service/attention_metrics.h"
 #include "attention_service/attention_server.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "attention_service/scheduler.h"
 #include "cli/flags.h"
 #include "common/grpc_setup.h"
+#include "common/metrics.h"
 
 namespace dmoe {
 namespace {
@@ -40,6 +42,7 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
   --ucx-connect MODE      listener (default) or worker
   --micro-batches N       1 or 2 (default 2): with remote experts, two micro-batches in ping-pong
+  --metrics-listen H:P    Prometheus /metrics address (default 127.0.0.1:0)
 )";
 
 int Fail(const absl::Status& s) {
@@ -48,12 +51,12 @@ int Fail(const absl::Status& s) {
 }
 
 int Main(int argc, char** argv) {
-  auto flags =
-      cli::Flags::Parse(argc - 1, argv + 1,
-                        {"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
-                         "block-tokens", "max-running", "token-budget", "prefill-chunk",
-                         "expert-shards", "wire-dtype", "expert-deadline-ms", "ucx-connect"},
-                        {});
+  auto flags = cli::Flags::Parse(
+      argc - 1, argv + 1,
+      {"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks", "block-tokens",
+       "max-running", "token-budget", "prefill-chunk", "expert-shards", "wire-dtype",
+       "expert-deadline-ms", "ucx-connect", "micro-batches", "metrics-listen"},
+      {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kHelp, stdout);
@@ -92,6 +95,13 @@ int Main(int argc, char** argv) {
     v[name] = *x;
   }
   o.shard_client.remote.deadline = std::chrono::milliseconds(v["expert-deadline-ms"]);
+  auto config = LoadModelConfig(*dir);
+  if (!config.ok()) return Fail(config.status());
+  Metrics metrics;
+  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
+  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
+  AttentionMetrics attention_metrics(&metrics, *config, o.expert_shards);
+  o.shard_client.remote.observer = attention_metrics.RoundTrips();
   auto model = LocalModel::Load(*dir, o);
   if (!model.ok()) return Fail(model.status());
   const ModelConfig& c = (*model)->config();
@@ -122,7 +132,8 @@ int Main(int argc, char** argv) {
 
   SchedulerLoop loop(&scheduler);
   loop.Start();
-  AttentionServiceImpl service(&scheduler);
+  attention_metrics.Start(&scheduler, &(*model)->engine());
+  AttentionServiceImpl service(&scheduler, &attention_metrics);
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   int port = 0;
@@ -134,12 +145,14 @@ int Main(int argc, char** argv) {
     return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
   }
   const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
-  std::fprintf(stderr, "dmoe-attention: serving on %s\n", addr.c_str());
+  std::fprintf(stderr, "dmoe-attention: serving on %s, metrics on http://%s/metrics\n",
+               addr.c_str(), metrics_addr->c_str());
   if (flags->Has("ready-file")) {
     const std::string path = flags->StringOr("ready-file", "");
     {
       std::ofstream out(path + ".tmp");
-      out << "{\"grpc\": \"" << addr << "\", \"pid\": " << getpid() << "}\n";
+      out << "{\"grpc\": \"" << addr << "\", \"metrics\": \"" << *metrics_addr
+          << "\", \"pid\": " << getpid() << "}\n";
     }
     if (std::rename((path + ".tmp").c_str(), path.c_str()) != 0) {
       return Fail(absl::InternalError(absl::StrCat("--ready-file: cannot write ", path)));
@@ -150,6 +163,7 @@ int Main(int argc, char** argv) {
   std::fprintf(stderr, "dmoe-attention: signal %d, stopping\n", sig);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   loop.Stop();
+  attention_metrics.Stop();
   return 0;
 }
 

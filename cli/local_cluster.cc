@@ -107,14 +107,18 @@ bool Alive(pid_t pid) {
 }
 
 // Waits for a --ready-file and returns its "grpc" address; "" when the process died or timed out.
-std::string WaitReady(pid_t pid, const std::string& file, int seconds) {
+// *metrics gets its "metrics" address.
+std::string WaitReady(pid_t pid, const std::string& file, int seconds, std::string* metrics) {
   for (int i = 0; i < seconds * 20; ++i) {
     std::ifstream in(file);
     if (in) {
       std::stringstream ss;
       ss << in.rdbuf();
       auto j = nlohmann::json::parse(ss.str(), nullptr, false);
-      if (!j.is_discarded() && j.contains("grpc")) return j["grpc"].get<std::string>();
+      if (!j.is_discarded() && j.contains("grpc")) {
+        *metrics = j.value("metrics", "");
+        return j["grpc"].get<std::string>();
+      }
     }
     if (!Alive(pid)) return "";
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -191,7 +195,7 @@ int Up(int argc, char** argv) {
     return Fail(absl::StrCat(what, " (see ", log, ")"));
   };
   // Expert shards: shard i hosts slices i .. i+R-1 (mod N) of every MoE layer's experts.
-  std::vector<std::string> shard_addrs;
+  std::vector<std::string> shard_addrs, metrics_urls;
   const int64_t n = *experts, e = config->n_routed_experts;
   for (int64_t i = 0; i < n; ++i) {
     std::vector<std::string> ranges;
@@ -207,10 +211,13 @@ int Up(int argc, char** argv) {
                              absl::StrJoin(ranges, ","), "--ready-file", ready},
                             log);
     pids.push_back(pid);
-    const std::string addr = WaitReady(pid, ready, 120);
+    std::string metrics;
+    const std::string addr = WaitReady(pid, ready, 120, &metrics);
     if (addr.empty()) return fail(absl::StrCat("expert shard ", i, " did not start"), log);
     shard_addrs.push_back(addr);
-    record["processes"].push_back({{"role", "expert"}, {"pid", pid}, {"grpc", addr}, {"log", log}});
+    metrics_urls.push_back("http://" + metrics + "/metrics");
+    record["processes"].push_back(
+        {{"role", "expert"}, {"pid", pid}, {"grpc", addr}, {"metrics", metrics}, {"log", log}});
   }
   std::vector<std::string> attention_addrs;
   for (int64_t i = 0; i < *attention; ++i) {
@@ -222,11 +229,13 @@ int Up(int argc, char** argv) {
                              flags->StringOr("wire-dtype", "bf16"), "--ready-file", ready},
                             log);
     pids.push_back(pid);
-    const std::string addr = WaitReady(pid, ready, 120);
+    std::string metrics;
+    const std::string addr = WaitReady(pid, ready, 120, &metrics);
     if (addr.empty()) return fail(absl::StrCat("attention node ", i, " did not start"), log);
     attention_addrs.push_back(addr);
+    metrics_urls.push_back("http://" + metrics + "/metrics");
     record["processes"].push_back(
-        {{"role", "attention"}, {"pid", pid}, {"grpc", addr}, {"log", log}});
+        {{"role", "attention"}, {"pid", pid}, {"grpc", addr}, {"metrics", metrics}, {"log", log}});
   }
   const std::string ready = logs + "/gateway.ready";
   const std::string log = logs + "/gateway.log";
@@ -236,10 +245,15 @@ int Up(int argc, char** argv) {
              "--model", dir, "--ready-file", ready},
             log);
   pids.push_back(pid);
-  const std::string gateway = WaitReady(pid, ready, 60);
+  std::string gateway_metrics;
+  const std::string gateway = WaitReady(pid, ready, 60, &gateway_metrics);
   if (gateway.empty()) return fail("the gateway did not start", log);
-  record["processes"].push_back(
-      {{"role", "gateway"}, {"pid", pid}, {"grpc", gateway}, {"log", log}});
+  metrics_urls.push_back("http://" + gateway_metrics + "/metrics");
+  record["processes"].push_back({{"role", "gateway"},
+                                 {"pid", pid},
+                                 {"grpc", gateway},
+                                 {"metrics", gateway_metrics},
+                                 {"log", log}});
   record["gateway"] = gateway;
   {
     std::ofstream out(state);
@@ -249,9 +263,11 @@ int Up(int argc, char** argv) {
       return Fail(absl::StrCat("--state-file: cannot write ", state));
     }
   }
-  std::printf("experts: %s\nattention: %s\ngateway: %s\nstate: %s (dmoe down --state-file %s)\n",
-              absl::StrJoin(shard_addrs, ",").c_str(), absl::StrJoin(attention_addrs, ",").c_str(),
-              gateway.c_str(), state.c_str(), state.c_str());
+  std::printf(
+      "experts: %s\nattention: %s\ngateway: %s\nmetrics: %s\nstate: %s (dmoe down "
+      "--state-file %s)\n",
+      absl::StrJoin(shard_addrs, ",").c_str(), absl::StrJoin(attention_addrs, ",").c_str(),
+      gateway.c_str(), absl::StrJoin(metrics_urls, " ").c_str(), state.c_str(), state.c_str());
   return 0;
 }
 

@@ -1,12 +1,18 @@
 #include "expert_service/expert_shard.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "transport/wire.h"
 
 namespace dmoe {
 
 ExpertShard::ExpertShard(const ModelConfig& config, const ExpertStore* store)
-    : config_(config), store_(store), batcher_(config.hidden_size, config.moe_intermediate_size) {}
+    : config_(config),
+      store_(store),
+      batcher_(config.hidden_size, config.moe_intermediate_size),
+      expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
+          std::max<int64_t>(1, config.num_hidden_layers * config.n_routed_experts))]()) {}
 
 ShardStats ExpertShard::stats() const {
   ShardStats s;
@@ -68,6 +74,8 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
       const wire::Pair pr = views[i].pair(p);
       batcher_.Add(h.layer, pr.expert, in_[i].data() + pr.token * d, pr.weight,
                    out_[i].data() + pr.token * d);
+      expert_tokens_[static_cast<size_t>(h.layer * config_.n_routed_experts + pr.expert)].fetch_add(
+          1, std::memory_order_relaxed);
     }
     tokens_ += h.token_count;
     pairs_ += h.pair_count;

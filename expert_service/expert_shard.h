@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "expert_service/routed_experts.h"
@@ -30,6 +31,11 @@ class ExpertShard {
   void Process(const std::vector<const std::vector<uint8_t>*>& requests,
                std::vector<std::vector<uint8_t>>* replies);
   ShardStats stats() const;
+  // Token rows computed by (layer, expert) since start. Thread-safe.
+  uint64_t expert_tokens(int64_t layer, int64_t expert) const {
+    return expert_tokens_[static_cast<size_t>(layer * config_.n_routed_experts + expert)].load(
+        std::memory_order_relaxed);
+  }
 
  private:
   ModelConfig config_;
@@ -40,6 +46,7 @@ class ExpertShard {
   std::vector<wire::MessageView> views_;
   std::vector<char> valid_;
   std::atomic<uint64_t> messages_{0}, rejected_{0}, tokens_{0}, pairs_{0}, batches_{0}, gemms_{0};
+  std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
 };
 
 }  // namespace dmoe

@@ -9,10 +9,13 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cli/flags.h"
 #include "common/grpc_setup.h"
+#include "common/metrics.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
 #include "expert_service/routed_experts.h"
@@ -40,6 +43,7 @@ It reads no expert tensor it does not host.
   --ready-file F       once serving, write {"grpc": ..., "ucx": ..., "ucx_worker": ..., "pid": ...}
                        to F (atomically)
   --node-id ID         name reported by GetInfo (default: expert-<pid>)
+  --metrics-listen H:P Prometheus /metrics address (default 127.0.0.1:0)
 
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard.
@@ -53,6 +57,68 @@ uint64_t ResidentBytes() {
   }
   return 0;
 }
+
+// Prometheus metrics of a shard, refreshed from its counters every 500 ms.
+class ExpertMetrics {
+ public:
+  ExpertMetrics(Metrics* m, const std::vector<std::pair<int64_t, int64_t>>& experts,
+                uint64_t weight_bytes)
+      : experts_(experts) {
+    messages_ = &m->Counter("dmoe_expert_messages_total", "Dispatch messages handled");
+    rejected_ = &m->Counter("dmoe_expert_rejected_messages_total",
+                            "Malformed or unservable messages rejected");
+    tokens_ = &m->Counter("dmoe_expert_tokens_total", "Token rows received");
+    gemms_ = &m->Counter("dmoe_expert_gemms_total", "Expert GEMMs (one per expert per batch)");
+    bytes_in_ =
+        &m->Counter("dmoe_expert_transport_bytes_total", "Data-plane bytes", {{"direction", "in"}});
+    bytes_out_ = &m->Counter("dmoe_expert_transport_bytes_total", "Data-plane bytes",
+                             {{"direction", "out"}});
+    peer_errors_ = &m->Counter("dmoe_expert_peer_errors_total", "Client endpoints that failed");
+    m->Gauge("dmoe_expert_weight_bytes", "Resident bytes of the hosted experts")
+        .Set(static_cast<double>(weight_bytes));
+    m->Gauge("dmoe_expert_hosted_experts", "(layer, expert) pairs hosted")
+        .Set(static_cast<double>(experts.size()));
+    for (const auto& [l, e] : experts) {
+      per_expert_.push_back(
+          &m->Counter("dmoe_expert_expert_tokens_total", "Token rows computed, per (layer, expert)",
+                      {{"layer", std::to_string(l)}, {"expert", std::to_string(e)}}));
+    }
+  }
+  ~ExpertMetrics() { Stop(); }
+  void Start(const ExpertShard* shard, const transport::ServerTransport* t) {
+    thread_ = std::thread([this, shard, t] {
+      while (!stop_) {
+        const ShardStats s = shard->stats();
+        const transport::ServerStats ts = t->stats();
+        Metrics::SetTotal(*messages_, static_cast<double>(s.messages));
+        Metrics::SetTotal(*rejected_, static_cast<double>(s.rejected));
+        Metrics::SetTotal(*tokens_, static_cast<double>(s.tokens));
+        Metrics::SetTotal(*gemms_, static_cast<double>(s.gemms));
+        Metrics::SetTotal(*bytes_in_, static_cast<double>(ts.bytes_in));
+        Metrics::SetTotal(*bytes_out_, static_cast<double>(ts.bytes_out));
+        Metrics::SetTotal(*peer_errors_, static_cast<double>(ts.peer_errors));
+        for (size_t i = 0; i < experts_.size(); ++i) {
+          Metrics::SetTotal(*per_expert_[i], static_cast<double>(shard->expert_tokens(
+                                                 experts_[i].first, experts_[i].second)));
+        }
+        for (int i = 0; i < 10 && !stop_; ++i)
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    });
+  }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  std::vector<std::pair<int64_t, int64_t>> experts_;
+  prometheus::Counter *messages_, *rejected_, *tokens_, *gemms_, *bytes_in_, *bytes_out_,
+      *peer_errors_;
+  std::vector<prometheus::Counter*> per_expert_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
 
 class ControlService final : public internal::ExpertControl::CallbackService {
  public:
@@ -112,7 +178,8 @@ int Fail(const absl::Status& s) {
 int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
-      {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id"}, {});
+      {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen"},
+      {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kHelp, stdout);
@@ -158,6 +225,12 @@ int Main(int argc, char** argv) {
   ExpertServer server(&shard, ucx->get());
   server.Start();
 
+  Metrics metrics;
+  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
+  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
+  ExpertMetrics expert_metrics(&metrics, *experts, (*store)->bytes());
+  expert_metrics.Start(&shard, ucx->get());
+
   internal::GetInfoReply info;
   info.set_node_id(flags->StringOr("node-id", absl::StrCat("expert-", getpid())));
   info.set_ucx_address(*ucx_addr);
@@ -191,9 +264,9 @@ int Main(int argc, char** argv) {
     const std::string tmp = path + ".tmp";
     {
       std::ofstream out(tmp);
-      out << "{\"grpc\": \"" << grpc_addr << "\", \"ucx\": \"" << *ucx_addr
-          << "\", \"ucx_worker\": \"" << (*ucx)->WorkerAddress() << "\", \"pid\": " << getpid()
-          << "}\n";
+      out << "{\"grpc\": \"" << grpc_addr << "\", \"metrics\": \"" << *metrics_addr
+          << "\", \"ucx\": \"" << *ucx_addr << "\", \"ucx_worker\": \"" << (*ucx)->WorkerAddress()
+          << "\", \"pid\": " << getpid() << "}\n";
     }
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
       return Fail(absl::InternalError(absl::StrCat("--ready-file: cannot write ", path)));
@@ -203,6 +276,7 @@ int Main(int argc, char** argv) {
   sigwait(&stop, &sig);
   std::fprintf(stderr, "dmoe-expert: signal %d, stopping\n", sig);
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  expert_metrics.Stop();
   server.Stop();
   (*ucx)->Shutdown();
   return 0;

@@ -43,7 +43,8 @@ RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::Client
 absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t,
                                         const int32_t* ids, const float* w, int64_t k) {
   layer_ = layer;
-  deadline_ = transport::Clock::now() + options_.deadline;
+  begun_ = transport::Clock::now();
+  deadline_ = begun_ + options_.deadline;
   const int64_t nshards = static_cast<int64_t>(peers_.size());
   local_index_.assign(static_cast<size_t>(t * nshards), -1);
   for (ShardCall& c : calls_) {
@@ -93,6 +94,7 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
     std::vector<uint8_t> msg = client_->AcquireBuffer();
     wire::EncodeDispatch(h, rows_.data(), pairs_, &msg);
     bytes_sent_ += msg.size();
+    call.bytes_out = msg.size();
     auto id = client_->Post(peers_[static_cast<size_t>(s)], std::move(msg));
     if (!id.ok()) {
       // Collect what was already posted, so that no request stays in flight.
@@ -121,6 +123,12 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
     call.posted = false;
     const absl::Status st = client_->Wait(call.id, deadline_, &reply_);
     ++round_trips_;
+    if (options_.observer) {
+      options_.observer(static_cast<int>(s),
+                        std::chrono::duration<double>(transport::Clock::now() - begun_).count(),
+                        static_cast<int64_t>(call.tokens.size()), call.bytes_out,
+                        st.ok() ? reply_.size() : 0, st.ok());
+    }
     if (!st.ok()) {
       if (first_error.ok()) {
         first_error = absl::Status(

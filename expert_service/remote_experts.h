@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -34,10 +35,16 @@ class ExpertPlacement {
   std::map<std::pair<int64_t, int64_t>, int> shard_;
 };
 
+// One finished round trip to one shard: its index, seconds from dispatch to combine, tokens sent,
+// bytes out and in, and whether it succeeded. Called on the engine's thread; must be cheap.
+using RoundTripObserver = std::function<void(int shard, double seconds, int64_t tokens,
+                                             uint64_t bytes_out, uint64_t bytes_in, bool ok)>;
+
 struct RemoteExpertsOptions {
   wire::WireDType dtype = wire::WireDType::kBF16;
   std::chrono::milliseconds deadline{5000};  // per round trip
   uint32_t sender_id = 0;
+  RoundTripObserver observer;  // optional
 };
 
 class RemoteRoutedExperts : public RoutedExperts {
@@ -59,6 +66,7 @@ class RemoteRoutedExperts : public RoutedExperts {
   struct ShardCall {
     uint64_t id = 0;
     bool posted = false;
+    uint64_t bytes_out = 0;
     std::vector<int64_t> tokens;  // local index -> token of the batch
   };
   int64_t hidden_;
@@ -71,6 +79,7 @@ class RemoteRoutedExperts : public RoutedExperts {
   uint64_t seq_ = 0;
   int64_t layer_ = 0;
   transport::Clock::time_point deadline_;
+  transport::Clock::time_point begun_;
   std::vector<ShardCall> calls_;
   // Scratch reused across layers.
   std::vector<int64_t> local_index_;

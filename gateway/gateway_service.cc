@@ -96,6 +96,7 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
         prompt_(std::move(prompt)),
         sampling_(sampling),
         key_(std::move(key)) {
+    if (svc_->options().metrics.active) svc_->options().metrics.active(+1);
     thread_ = std::thread([this] { Run(); });
   }
 
@@ -109,10 +110,13 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
   void OnDoneHook() override {
     thread_.join();
     svc_->keys()->Release(key_);
+    if (svc_->options().metrics.active) svc_->options().metrics.active(-1);
   }
 
  private:
   void Run() {
+    const auto start = std::chrono::steady_clock::now();
+    bool first_token = true;
     internal::GenerateRequest req;
     for (int32_t t : prompt_) req.add_prompt_token_ids(t);
     *req.mutable_sampling() = Forward(sampling_);
@@ -148,6 +152,11 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
         if (!r.finish_reason().empty()) finish = r.finish_reason();
         if (r.tokens_size() == 0) continue;
         got_token = true;
+        if (first_token && svc_->options().metrics.time_to_first_token) {
+          svc_->options().metrics.time_to_first_token(
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        }
+        first_token = false;
         v1::GenerateResponse out;
         std::string text;
         for (const auto& t : r.tokens()) {
@@ -189,6 +198,27 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
       last.mutable_usage()->set_prompt_tokens(static_cast<int64_t>(prompt_.size()));
       last.mutable_usage()->set_completion_tokens(completion);
       Push(std::move(last));
+    }
+    if (svc_->options().metrics.finished) {
+      static const char* kCodes[] = {"ok",
+                                     "cancelled",
+                                     "unknown",
+                                     "invalid_argument",
+                                     "deadline_exceeded",
+                                     "not_found",
+                                     "already_exists",
+                                     "permission_denied",
+                                     "resource_exhausted",
+                                     "failed_precondition",
+                                     "aborted",
+                                     "out_of_range",
+                                     "unimplemented",
+                                     "internal",
+                                     "unavailable",
+                                     "data_loss",
+                                     "unauthenticated"};
+      const int code = static_cast<int>(status.error_code());
+      svc_->options().metrics.finished(code >= 0 && code <= 16 ? kCodes[code] : "unknown");
     }
     FinishWith(status);
   }

@@ -5,6 +5,7 @@
 #ifndef DMOE_GATEWAY_GATEWAY_SERVICE_H_
 #define DMOE_GATEWAY_GATEWAY_SERVICE_H_
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -36,6 +37,13 @@ class ApiKeys {
   std::map<std::string, int64_t> active_;
 };
 
+// What the gateway counts (all optional).
+struct GatewayMetrics {
+  std::function<void(const std::string& outcome)> finished;  // ok, or the gRPC code's name
+  std::function<void(double seconds)> time_to_first_token;
+  std::function<void(int delta)> active;
+};
+
 struct GatewayOptions {
   std::string model_id = "dmoe";
   const Tokenizer* tokenizer = nullptr;  // null: token-id prompts only
@@ -44,6 +52,7 @@ struct GatewayOptions {
   int max_attempts = 3;  // nodes tried for a request that fails before its first token
   int64_t vocab_size = 0;
   int64_t max_position_embeddings = 0;
+  GatewayMetrics metrics;
 };
 
 class GatewayService final : public v1::Dmoe::CallbackService {

@@ -13,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "cli/flags.h"
 #include "common/grpc_setup.h"
+#include "common/metrics.h"
 #include "gateway/gateway_service.h"
 #include "gateway/node_pool.h"
 #include "model/config.h"
@@ -36,6 +37,7 @@ grpc.health.v1 and server reflection), balancing over attention nodes by their r
   --api-keys FILE           require "authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --tls-cert PEM --tls-key PEM  serve TLS instead of plaintext
+  --metrics-listen H:P      Prometheus /metrics address (default 127.0.0.1:0)
 )";
 
 int Fail(const absl::Status& s) {
@@ -110,6 +112,25 @@ int Main(int argc, char** argv) {
   sigaddset(&stop, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
 
+  Metrics metrics;
+  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
+  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
+  auto& ttft = metrics.Seconds("dmoe_gateway_time_to_first_token_seconds",
+                               "From a request's arrival at the gateway to its first token");
+  auto& active = metrics.Gauge("dmoe_gateway_active_streams", "Generate/Chat streams in flight");
+  o.metrics.time_to_first_token = [&ttft](double s) { ttft.Observe(s); };
+  o.metrics.active = [&active](int d) { active.Increment(d); };
+  o.metrics.finished = [&metrics](const std::string& outcome) {
+    metrics
+        .Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
+                 {{"outcome", outcome}})
+        .Increment();
+  };
+  for (const char* outcome : {"ok", "cancelled", "invalid_argument", "deadline_exceeded",
+                              "unavailable", "unauthenticated", "resource_exhausted"}) {
+    metrics.Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
+                    {{"outcome", outcome}});
+  }
   NodePool pool(nodes);
   GatewayService service(&pool, keys.get(), o);
   EnableHealthAndReflection();
@@ -129,7 +150,8 @@ int Main(int argc, char** argv) {
     const std::string path = flags->StringOr("ready-file", "");
     {
       std::ofstream out(path + ".tmp");
-      out << "{\"grpc\": \"" << addr << "\", \"pid\": " << getpid() << "}\n";
+      out << "{\"grpc\": \"" << addr << "\", \"metrics\": \"" << *metrics_addr
+          << "\", \"pid\": " << getpid() << "}\n";
     }
     std::rename((path + ".tmp").c_str(), path.c_str());
   }

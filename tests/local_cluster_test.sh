@@ -20,6 +20,37 @@ local=$("$dmoe" generate --model "$work/model" --tokens 5,6,7,8 --max-tokens 12 
 echo "through the cluster: $via"
 echo "in-process:          $local"
 [ "$via" = "$local" ] || { echo "outputs differ"; exit 1; }
+# Every service's /metrics answers, and counts what just happened.
+sleep 0.7  # the services refresh their counters every 500 ms
+metric() {  # metric URL NAME: the sum of the samples whose name (and labels) start with NAME
+  curl -sf "$1" | awk -v n="$2" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'
+}
+generated=0 round_trips=0 expert_tokens=0 gateway_ok=0 services=0
+for url in $(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/http:\/\/\1\/metrics/'); do
+  curl -sf "$url" > "$work/scrape" || { echo "cannot scrape $url"; exit 1; }
+  grep -q '^# TYPE dmoe_' "$work/scrape" || { echo "no dmoe metrics at $url"; exit 1; }
+  services=$((services + 1))
+  if grep -q '^dmoe_gateway_' "$work/scrape"; then
+    gateway_ok=$(metric "$url" 'dmoe_gateway_requests_total{outcome="ok"}')
+    [ "$(metric "$url" dmoe_gateway_time_to_first_token_seconds_count)" -ge 1 ]
+  elif grep -q '^dmoe_attention_' "$work/scrape"; then
+    # The request went to one of the attention nodes.
+    generated=$((generated + $(metric "$url" dmoe_attention_generated_tokens_total)))
+    round_trips=$((round_trips + $(metric "$url" dmoe_transport_round_trip_seconds_count)))
+    [ "$(metric "$url" dmoe_attention_kv_blocks_total)" -gt 0 ]
+    grep -q '^dmoe_attention_expert_tokens_total{' "$work/scrape"
+    grep -q '^dmoe_attention_time_to_first_token_seconds_bucket' "$work/scrape"
+  else
+    expert_tokens=$((expert_tokens + $(metric "$url" dmoe_expert_tokens_total)))
+    grep -q '^dmoe_expert_expert_tokens_total{' "$work/scrape"
+  fi
+done
+echo "scraped: gateway ok=$gateway_ok, attention generated=$generated round trips=$round_trips, experts tokens=$expert_tokens"
+if [ "$services" -ne 6 ] || [ "$gateway_ok" -lt 1 ] || [ "$generated" -lt 12 ] ||
+   [ "$round_trips" -le 0 ] || [ "$expert_tokens" -le 0 ]; then
+  echo "metrics do not show the request"; exit 1
+fi
+echo "metrics scraped from $(grep -c '"metrics"' "$state") services"
 # A second `up` on the same state file is refused.
 if "$dmoe" up --model "$work/model" --state-file "$state" --bin-dir "$bin" 2>"$work/err"; then
   echo "second up was not refused"; exit 1

@@ -1,0 +1,107 @@
+#include "attention_service/attention_metrics.h"
+
+#include <chrono>
+
+namespace dmoe {
+
+AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c,
+                                   std::vector<std::string> shards)
+    : m_(m), config_(c), shards_(std::move(shards)) {
+  ttft_ = &m->Seconds("dmoe_attention_time_to_first_token_seconds",
+                      "From a request's arrival to its first generated token");
+  tpot_ = &m->Seconds("dmoe_attention_time_per_output_token_seconds",
+                      "Gap between consecutive generated tokens of a request");
+  running_ = &m->Gauge("dmoe_attention_running_sequences", "Sequences in the running batch");
+  waiting_ = &m->Gauge("dmoe_attention_waiting_sequences", "Requests queued for admission");
+  queued_ = &m->Gauge("dmoe_attention_queued_prefill_tokens", "Prompt tokens not yet in the cache");
+  blocks_used_ = &m->Gauge("dmoe_attention_kv_blocks_used", "KV cache blocks in use");
+  blocks_total_ = &m->Gauge("dmoe_attention_kv_blocks_total", "KV cache blocks");
+  bytes_per_token_ = &m->Gauge("dmoe_attention_kv_bytes_per_token",
+                               "Latent KV cache bytes per cached token (all layers)");
+  prefilled_ = &m->Counter("dmoe_attention_prefilled_tokens_total",
+                           "Tokens computed through the model (prompts and recomputation)");
+  prefix_hits_ = &m->Counter("dmoe_attention_prefix_cache_hit_tokens_total",
+                             "Prompt tokens served from the prefix cache");
+  generated_ = &m->Counter("dmoe_attention_generated_tokens_total", "Tokens generated");
+  preemptions_ = &m->Counter("dmoe_attention_preemptions_total", "Sequences preempted");
+  for (FinishReason r : {FinishReason::kLength, FinishReason::kStop, FinishReason::kCancelled,
+                         FinishReason::kError}) {
+    outcomes_.push_back(&m->Counter("dmoe_attention_requests_total", "Requests by outcome",
+                                    {{"outcome", FinishReasonName(r)}}));
+  }
+  expert_tokens_.resize(static_cast<size_t>(c.num_hidden_layers * c.n_routed_experts), nullptr);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      expert_tokens_[static_cast<size_t>(l * c.n_routed_experts + e)] =
+          &m->Counter("dmoe_attention_expert_tokens_total", "Tokens routed to (layer, expert)",
+                      {{"layer", std::to_string(l)}, {"expert", std::to_string(e)}});
+    }
+  }
+  for (const std::string& s : shards_) {
+    rtt_.push_back(&m->Seconds("dmoe_transport_round_trip_seconds",
+                               "Dispatch to combine, per expert shard", {{"shard", s}}));
+    shard_tokens_.push_back(&m->Counter("dmoe_transport_shard_tokens_total",
+                                        "Token rows dispatched, per expert shard", {{"shard", s}}));
+    shard_errors_.push_back(&m->Counter("dmoe_transport_errors_total",
+                                        "Failed or timed-out round trips, per expert shard",
+                                        {{"shard", s}}));
+  }
+  bytes_out_ =
+      &m->Counter("dmoe_transport_bytes_total", "Data-plane bytes", {{"direction", "out"}});
+  bytes_in_ = &m->Counter("dmoe_transport_bytes_total", "Data-plane bytes", {{"direction", "in"}});
+}
+
+void AttentionMetrics::Finished(FinishReason r) { outcomes_[static_cast<size_t>(r)]->Increment(); }
+
+RoundTripObserver AttentionMetrics::RoundTrips() {
+  return [this](int shard, double seconds, int64_t tokens, uint64_t out, uint64_t in, bool ok) {
+    const size_t s = static_cast<size_t>(shard);
+    if (s >= rtt_.size()) return;
+    rtt_[s]->Observe(seconds);
+    shard_tokens_[s]->Increment(static_cast<double>(tokens));
+    if (!ok) shard_errors_[s]->Increment();
+    bytes_out_->Increment(static_cast<double>(out));
+    bytes_in_->Increment(static_cast<double>(in));
+  };
+}
+
+void AttentionMetrics::Refresh(const Scheduler* s, const Engine* e) {
+  const SchedulerLoad load = s->load();
+  const SchedulerStats stats = s->stats();
+  running_->Set(static_cast<double>(load.running));
+  waiting_->Set(static_cast<double>(load.waiting));
+  queued_->Set(static_cast<double>(load.queued_prefill_tokens));
+  blocks_used_->Set(static_cast<double>(load.total_blocks - load.free_blocks));
+  blocks_total_->Set(static_cast<double>(load.total_blocks));
+  bytes_per_token_->Set(static_cast<double>(load.kv_bytes_per_token));
+  Metrics::SetTotal(*prefilled_, static_cast<double>(stats.prefilled_tokens));
+  Metrics::SetTotal(*prefix_hits_, static_cast<double>(stats.prefix_hit_tokens));
+  Metrics::SetTotal(*generated_, static_cast<double>(stats.generated_tokens));
+  Metrics::SetTotal(*preemptions_, static_cast<double>(stats.preemptions));
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    for (int64_t x = 0; x < config_.n_routed_experts; ++x) {
+      prometheus::Counter* c =
+          expert_tokens_[static_cast<size_t>(l * config_.n_routed_experts + x)];
+      if (c != nullptr) Metrics::SetTotal(*c, static_cast<double>(e->expert_tokens(l, x)));
+    }
+  }
+}
+
+void AttentionMetrics::Start(const Scheduler* s, const Engine* e) {
+  stop_ = false;
+  thread_ = std::thread([this, s, e] {
+    while (!stop_) {
+      Refresh(s, e);
+      for (int i = 0; i < 10 && !stop_; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+}
+
+void AttentionMetrics::Stop() {
+  stop_ = true;
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace dmoe

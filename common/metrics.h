@@ -1,0 +1,46 @@
+// Prometheus metrics of one dmoe process, exposed on /metrics by prometheus-cpp's HTTP exposer.
+// Names follow Prometheus conventions: dmoe_<service>_..., _total for counters, base units.
+#ifndef DMOE_COMMON_METRICS_H_
+#define DMOE_COMMON_METRICS_H_
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace dmoe {
+
+class Metrics {
+ public:
+  Metrics() : registry_(std::make_shared<prometheus::Registry>()) {}
+  // Serves /metrics on `listen` ("127.0.0.1:0" picks a port); returns "HOST:PORT".
+  absl::StatusOr<std::string> Serve(const std::string& listen);
+  prometheus::Registry& registry() { return *registry_; }
+
+  prometheus::Counter& Counter(const std::string& name, const std::string& help,
+                               const prometheus::Labels& labels = {});
+  prometheus::Gauge& Gauge(const std::string& name, const std::string& help,
+                           const prometheus::Labels& labels = {});
+  // Latency buckets from 100 us to 30 s.
+  prometheus::Histogram& Seconds(const std::string& name, const std::string& help,
+                                 const prometheus::Labels& labels = {});
+
+  // Sets a counter to a total kept elsewhere (counters only go up).
+  static void SetTotal(prometheus::Counter& c, double total) {
+    if (total > c.Value()) c.Increment(total - c.Value());
+  }
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_COMMON_METRICS_H_
