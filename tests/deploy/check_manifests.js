@@ -1,0 +1,72 @@
+// Checks rendered Kubernetes objects (kubectl kustomize output on stdin): selectors match the pod
+// labels, every container has probes and resource requests, container ports match the flags the
+// services listen on, Services select existing pods, the HPA targets the expert StatefulSet, and
+// (gpu) expert/attention pods request GPUs, RDMA devices and hugepages.
+// Usage: kubectl kustomize OVERLAY | node check_manifests.js OVERLAY_NAME
+const yaml = require("js-yaml");
+const input = require("fs").readFileSync(0, "utf8");
+const objs = yaml.loadAll(input).filter(Boolean);
+const overlay = process.argv[2];
+const errors = [];
+const fail = (m) => errors.push(m);
+const byKind = (k) => objs.filter((o) => o.kind === k);
+const workloads = [...byKind("Deployment"), ...byKind("StatefulSet")];
+const matches = (sel, labels) => Object.entries(sel || {}).every(([k, v]) => (labels || {})[k] === v);
+for (const w of workloads) {
+  const name = `${w.kind}/${w.metadata.name}`;
+  const tmpl = w.spec.template;
+  if (!matches(w.spec.selector.matchLabels, tmpl.metadata.labels)) fail(`${name}: selector does not match its pod labels`);
+  if (tmpl.metadata.labels["app.kubernetes.io/part-of"] !== "dmoe") fail(`${name}: pods lack app.kubernetes.io/part-of=dmoe (scraping keys on it)`);
+  for (const c of tmpl.spec.containers) {
+    const cn = `${name}/${c.name}`;
+    if (!c.readinessProbe || !c.livenessProbe) fail(`${cn}: missing readiness or liveness probe`);
+    if (!c.resources || !c.resources.requests || !c.resources.requests.cpu || !c.resources.requests.memory) fail(`${cn}: missing cpu/memory requests`);
+    const args = [...(c.command || []), ...(c.args || [])].join(" ");
+    const grpc = (c.ports || []).find((p) => p.name === "grpc");
+    if (!grpc) { fail(`${cn}: no grpc port`); continue; }
+    if (!new RegExp(`--grpc-listen[ =]0\\.0\\.0\\.0:${grpc.containerPort}\\b`).test(args)) fail(`${cn}: --grpc-listen does not match port ${grpc.containerPort}`);
+    for (const probe of [c.readinessProbe, c.livenessProbe]) {
+      if (probe && probe.grpc && probe.grpc.port !== grpc.containerPort) fail(`${cn}: probe port ${probe.grpc.port} != grpc port`);
+    }
+    const metrics = (c.ports || []).find((p) => p.name === "metrics");
+    if (!metrics || !new RegExp(`--metrics-listen[ =]0\\.0\\.0\\.0:${metrics.containerPort}\\b`).test(args)) fail(`${cn}: metrics port/flag mismatch`);
+    if (tmpl.metadata.annotations["prometheus.io/port"] !== String(metrics && metrics.containerPort)) fail(`${name}: prometheus.io/port annotation`);
+    const ucx = (c.ports || []).find((p) => p.name === "ucx");
+    if (ucx && !new RegExp(`--ucx-listen[ =]0\\.0\\.0\\.0:${ucx.containerPort}\\b`).test(args)) fail(`${cn}: --ucx-listen does not match port ${ucx.containerPort}`);
+    if (overlay === "gpu-rdma" && (w.metadata.name === "dmoe-expert" || w.metadata.name === "dmoe-attention")) {
+      for (const r of ["nvidia.com/gpu", "rdma/rdma_shared_device_a", "hugepages-2Mi"]) {
+        if (!c.resources.limits || !c.resources.limits[r]) fail(`${cn}: gpu-rdma needs a ${r} limit`);
+      }
+    }
+  }
+  for (const v of tmpl.spec.volumes || []) {
+    if (v.persistentVolumeClaim && !byKind("PersistentVolumeClaim").some((p) => p.metadata.name === v.persistentVolumeClaim.claimName)) fail(`${name}: PVC ${v.persistentVolumeClaim.claimName} is not defined`);
+    if (v.secret && !byKind("Secret").some((s) => s.metadata.name === v.secret.secretName)) fail(`${name}: secret ${v.secret.secretName} is not defined`);
+  }
+  for (const c of tmpl.spec.containers) {
+    for (const ef of c.envFrom || []) {
+      if (ef.configMapRef && !byKind("ConfigMap").some((m) => m.metadata.name === ef.configMapRef.name)) fail(`${name}: configmap ${ef.configMapRef.name} is not defined`);
+    }
+  }
+}
+for (const s of byKind("Service")) {
+  const pods = workloads.filter((w) => matches(s.spec.selector, w.spec.template.metadata.labels));
+  if (pods.length === 0) fail(`Service/${s.metadata.name}: selects no pods`);
+  for (const p of s.spec.ports) {
+    const named = pods.some((w) => w.spec.template.spec.containers.some((c) => (c.ports || []).some((cp) => cp.name === p.targetPort)));
+    if (!named) fail(`Service/${s.metadata.name}: targetPort ${p.targetPort} is not a container port`);
+  }
+}
+for (const ss of byKind("StatefulSet")) {
+  const svc = byKind("Service").find((s) => s.metadata.name === ss.spec.serviceName);
+  if (!svc || svc.spec.clusterIP !== "None") fail(`StatefulSet/${ss.metadata.name}: needs a headless Service ${ss.spec.serviceName}`);
+}
+const hpa = byKind("HorizontalPodAutoscaler");
+if (hpa.length !== 1 || hpa[0].spec.scaleTargetRef.kind !== "StatefulSet" || hpa[0].spec.scaleTargetRef.name !== "dmoe-expert") fail("the HPA must target the dmoe-expert StatefulSet");
+const pdb = byKind("PodDisruptionBudget");
+if (pdb.length !== 1 || !matches(pdb[0].spec.selector.matchLabels, (workloads.find((w) => w.metadata.name === "dmoe-expert") || {spec: {template: {metadata: {}}}}).spec.template.metadata.labels)) fail("the PDB must select the expert shards");
+if (errors.length) {
+  console.log(errors.join("\n"));
+  process.exit(1);
+}
+console.log(`${overlay}: ${objs.length} objects, all checks pass`);
