@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -43,6 +44,8 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --ucx-connect MODE      listener (default) or worker
   --micro-batches N       1 or 2 (default 2): with remote experts, two micro-batches in ping-pong
   --metrics-listen H:P    Prometheus /metrics address (default 127.0.0.1:0)
+  --drain-seconds N       on SIGTERM, stop admitting and let running requests finish for up to N
+                          seconds (default 30)
 )";
 
 int Fail(const absl::Status& s) {
@@ -84,7 +87,7 @@ int Main(int argc, char** argv) {
   auto ints = std::vector<std::pair<const char*, int64_t>>{
       {"kv-cache-mib", 256},        {"kv-blocks", 0},      {"block-tokens", 16},
       {"max-running", 64},          {"token-budget", 512}, {"prefill-chunk", 256},
-      {"expert-deadline-ms", 5000}, {"micro-batches", 2}};
+      {"expert-deadline-ms", 5000}, {"micro-batches", 2},  {"drain-seconds", 30}};
   std::map<std::string, int64_t> v;
   for (const auto& [name, dflt] : ints) {
     auto x = flags->Int(name, dflt);
@@ -160,7 +163,17 @@ int Main(int argc, char** argv) {
   }
   int sig = 0;
   sigwait(&stop, &sig);
-  std::fprintf(stderr, "dmoe-attention: signal %d, stopping\n", sig);
+  // Graceful: admit nothing new (new requests get UNAVAILABLE and the gateway retries them on
+  // another node), let the accepted ones finish within the grace period, then stop.
+  std::fprintf(stderr, "dmoe-attention: signal %d, draining\n", sig);
+  scheduler.Drain();
+  const auto grace = std::chrono::steady_clock::now() + std::chrono::seconds(v["drain-seconds"]);
+  while (std::chrono::steady_clock::now() < grace) {
+    const SchedulerLoad load = scheduler.load();
+    if (load.running == 0 && load.waiting == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::fprintf(stderr, "dmoe-attention: stopping\n");
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   loop.Stop();
   attention_metrics.Stop();

@@ -68,12 +68,20 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
                                                    cache_->total_blocks()));
   }
   std::lock_guard<std::mutex> l(mu_);
+  if (draining_) {
+    return absl::UnavailableError("this attention node is shutting down; retry on another");
+  }
   const uint64_t id = next_id_++;
   load_.queued_prefill_tokens += static_cast<int64_t>(prompt.size());
   ++load_.waiting;
   incoming_.push_back(
       std::make_unique<Seq>(id, std::move(prompt), params, std::move(callbacks), cache_));
   return id;
+}
+
+void Scheduler::Drain() {
+  std::lock_guard<std::mutex> l(mu_);
+  draining_ = true;
 }
 
 void Scheduler::Cancel(uint64_t id) {

@@ -71,6 +71,9 @@ class Scheduler {
                                   RequestCallbacks callbacks);
   // Ends a request: its blocks are freed and on_finish(kCancelled) runs at the next Step.
   void Cancel(uint64_t id);
+  // Stops admitting: Submit returns UNAVAILABLE from now on (the gateway retries elsewhere);
+  // requests already accepted run to completion.
+  void Drain();
   // Runs one engine step over the current batch. Returns false when there was nothing to do.
   // An engine error fails the requests of that step (kError) and is returned.
   absl::StatusOr<bool> Step();
@@ -93,6 +96,7 @@ class Scheduler {
   std::deque<std::unique_ptr<Seq>> incoming_;
   std::set<uint64_t> cancelled_;
   uint64_t next_id_ = 1;
+  bool draining_ = false;
   SchedulerLoad load_;
   SchedulerStats stats_;
 

@@ -56,6 +56,17 @@ if "$dmoe" up --model "$work/model" --state-file "$state" --bin-dir "$bin" 2>"$w
   echo "second up was not refused"; exit 1
 fi
 grep -q "exists" "$work/err"
+# Graceful stop: SIGTERM to the attention nodes mid-stream; the stream still completes.
+"$dmoe" generate --target "$gateway" --tokens 9,8,7 --max-tokens 400 --temperature 0 \
+  --print-token-ids > "$work/long.out" &
+long=$!
+sleep 0.15
+for p in $(python3 -c "import json,sys; print(' '.join(str(p['pid']) for p in json.load(open(sys.argv[1]))['processes'] if p['role']=='attention'))" "$state"); do
+  kill -TERM "$p"
+done
+wait "$long" || { echo "the stream failed during the graceful stop"; exit 1; }
+[ "$(tr ',' '\n' < "$work/long.out" | grep -c .)" -eq 400 ] || { echo "the stream was cut short"; exit 1; }
+echo "graceful stop: the running stream completed (400 tokens)"
 "$dmoe" down --state-file "$state"
 trap - EXIT
 for p in $pids; do
