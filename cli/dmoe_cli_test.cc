@@ -68,7 +68,9 @@ std::string MakeModel(const std::string& name, const std::string& extra = "") {
   } while (0)
 
 TEST(DmoeCli, HelpOnEveryCommand) {
-  for (const char* cmd : {"--help", "logits --help", "generate --help", "make-tiny-model --help"}) {
+  for (const char* cmd :
+       {"--help", "logits --help", "generate --help", "make-tiny-model --help", "tokenize --help",
+        "chat --help", "up --help", "down --help", "serve --help"}) {
     const Result r = RunDmoe(cmd);
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("usage:"), std::string::npos) << cmd << ": " << r.out;
@@ -76,6 +78,12 @@ TEST(DmoeCli, HelpOnEveryCommand) {
   EXPECT_FAILS_WITH(RunDmoe(""), "usage:");
   EXPECT_FAILS_WITH(RunDmoe("frobnicate"), "unknown command \"frobnicate\"");
   EXPECT_FAILS_WITH(RunDmoe("logits --modle x"), "unknown flag --modle");
+  EXPECT_FAILS_WITH(RunDmoe("down --state-file " + TmpDir() + "/none.json"), "no cluster recorded");
+  EXPECT_FAILS_WITH(RunDmoe("up --experts 0 --state-file " + TmpDir() + "/s.json"),
+                    "--experts: must be in [1, 64]");
+  EXPECT_FAILS_WITH(RunDmoe("tokenize --jsonl x"), "--tokenizer is required");
+  EXPECT_FAILS_WITH(RunDmoe("chat --target 127.0.0.1:1"), "expected one MESSAGE");
+  EXPECT_FAILS_WITH(RunDmoe("serve"), "--model is required");
 }
 
 TEST(DmoeCli, LogitsNpyHoldsTheEngineLogits) {
