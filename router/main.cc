@@ -1,0 +1,142 @@
+// dmoe-router: membership (leases), the versioned expert placement map, load reports.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "cli/flags.h"
+#include "common/grpc_setup.h"
+#include "common/metrics.h"
+#include "model/config.h"
+#include "router/router_service.h"
+#include "router/router_state.h"
+
+namespace dmoe::router {
+namespace {
+
+constexpr char kHelp[] = R"(usage: dmoe-router --model DIR [flags]
+
+The router: expert shards, attention nodes and gateways register and hold a lease by heartbeat;
+it keeps the versioned placement map of (layer, expert) -> shards (expert groups together, EPLB
+replicas of hot experts from reported load) and streams it to watchers. It is not on the data path.
+
+  --model DIR                config.json of the served model (the MoE shape)
+  --grpc-listen H:P          address (default 127.0.0.1:0)
+  --ready-file F             once serving, write {"grpc": ..., "metrics": ..., "pid": ...} to F
+  --lease-ms N               lease length (default 3000); a node that misses it is removed
+  --cluster-token-file F     require this token in "x-dmoe-cluster-token" on every call
+  --max-extra-replicas N     EPLB replicas to add (default 0)
+  --rebalance-seconds N      recompute the placement from reported load every N s (default 0: never)
+  --metrics-listen H:P       Prometheus /metrics (default 127.0.0.1:0)
+)";
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "dmoe-router: error: %s\n", std::string(s.message()).c_str());
+  return 2;
+}
+
+int Main(int argc, char** argv) {
+  auto flags =
+      cli::Flags::Parse(argc - 1, argv + 1,
+                        {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file",
+                         "max-extra-replicas", "rebalance-seconds", "metrics-listen"},
+                        {});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->help()) {
+    std::fputs(kHelp, stdout);
+    return 0;
+  }
+  auto dir = flags->String("model");
+  if (!dir.ok()) return Fail(dir.status());
+  auto config = LoadModelConfig(*dir);
+  if (!config.ok()) return Fail(config.status());
+  auto lease = flags->Int("lease-ms", 3000);
+  auto extra = flags->Int("max-extra-replicas", 0);
+  auto rebalance = flags->Int("rebalance-seconds", 0);
+  for (const auto* v : {&lease, &extra, &rebalance}) {
+    if (!v->ok()) return Fail(v->status());
+  }
+  if (*lease <= 0) return Fail(absl::InvalidArgumentError("--lease-ms: must be positive"));
+  std::string token;
+  if (flags->Has("cluster-token-file")) {
+    std::ifstream in(flags->StringOr("cluster-token-file", ""));
+    if (!in) return Fail(absl::NotFoundError("--cluster-token-file: cannot open"));
+    std::getline(in, token);
+    if (token.empty()) return Fail(absl::InvalidArgumentError("--cluster-token-file: empty token"));
+  }
+  PlacementOptions po;
+  po.max_extra_replicas = *extra;
+  RouterState state(*config, std::chrono::milliseconds(*lease), po);
+  Metrics metrics;
+  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
+  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
+  auto& version = metrics.Gauge("dmoe_router_placement_version", "Active placement map version");
+  auto& members = metrics.Gauge("dmoe_router_nodes", "Registered nodes");
+  auto& expired =
+      metrics.Counter("dmoe_router_expired_leases_total", "Nodes removed for a lapsed lease");
+
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  std::atomic<bool> done{false};
+  std::thread leases([&] {
+    auto last_rebalance = std::chrono::steady_clock::now();
+    while (!done) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::max<int64_t>(10, *lease / 10)));
+      const auto gone = state.ExpireLeases();
+      for (const auto& id : gone)
+        std::fprintf(stderr, "dmoe-router: lease of %s lapsed\n", id.c_str());
+      expired.Increment(static_cast<double>(gone.size()));
+      if (*rebalance > 0 &&
+          std::chrono::steady_clock::now() - last_rebalance > std::chrono::seconds(*rebalance)) {
+        state.Rebalance();
+        last_rebalance = std::chrono::steady_clock::now();
+      }
+      version.Set(static_cast<double>(state.placement().version));
+      members.Set(static_cast<double>(state.nodes().size()));
+    }
+  });
+  RouterServiceImpl service(&state, token);
+  EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  auto server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    done = true;
+    leases.join();
+    return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
+  }
+  const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
+  std::fprintf(stderr, "dmoe-router: serving on %s\n", addr.c_str());
+  if (flags->Has("ready-file")) {
+    const std::string path = flags->StringOr("ready-file", "");
+    {
+      std::ofstream out(path + ".tmp");
+      out << "{\"grpc\": \"" << addr << "\", \"metrics\": \"" << *metrics_addr
+          << "\", \"pid\": " << getpid() << "}\n";
+    }
+    std::rename((path + ".tmp").c_str(), path.c_str());
+  }
+  int sig = 0;
+  sigwait(&stop, &sig);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  done = true;
+  leases.join();
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmoe::router
+
+int main(int argc, char** argv) { return dmoe::router::Main(argc, argv); }

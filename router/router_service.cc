@@ -1,0 +1,152 @@
+#include "router/router_service.h"
+
+#include <atomic>
+#include <thread>
+
+#include "common/queued_writer.h"
+
+namespace dmoe::router {
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, grpc::Status st) {
+  auto* r = ctx->DefaultReactor();
+  r->Finish(std::move(st));
+  return r;
+}
+
+const grpc::Status kUnauthenticated(grpc::StatusCode::UNAUTHENTICATED,
+                                    "missing or wrong x-dmoe-cluster-token");
+
+// Streams every new placement version until the client goes away.
+class Watch : public QueuedWriter<internal::PlacementUpdate> {
+ public:
+  // A non-OK `refuse` ends the stream at once with it.
+  Watch(RouterState* state, grpc::Status refuse) : state_(state) {
+    if (!refuse.ok()) {
+      FinishWith(std::move(refuse));
+      return;
+    }
+    thread_ = std::thread([this] {
+      uint64_t seen = UINT64_MAX;
+      while (!stop_) {
+        const PlacementMap m = state_->WaitForChange(seen, std::chrono::milliseconds(200));
+        if (m.version == seen) continue;
+        seen = m.version;
+        Push(RouterServiceImpl::ToProto(m, state_->nodes()));
+      }
+      FinishWith(grpc::Status::OK);
+    });
+  }
+  void OnCancel() override { stop_ = true; }
+
+ protected:
+  void OnDoneHook() override {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  RouterState* state_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+}  // namespace
+
+bool RouterServiceImpl::Authorized(grpc::CallbackServerContext* ctx) const {
+  if (token_.empty()) return true;
+  auto it = ctx->client_metadata().find("x-dmoe-cluster-token");
+  return it != ctx->client_metadata().end() &&
+         std::string(it->second.data(), it->second.size()) == token_;
+}
+
+internal::PlacementUpdate RouterServiceImpl::ToProto(const PlacementMap& m,
+                                                     const std::vector<Node>& nodes) {
+  internal::PlacementUpdate u;
+  u.set_version(m.version);
+  for (const auto& [key, rs] : m.replicas) {
+    auto* r = u.add_replicas();
+    r->set_layer(static_cast<uint32_t>(key.first));
+    r->set_expert(static_cast<uint32_t>(key.second));
+    for (int s : rs) r->add_node_ids(m.shards[static_cast<size_t>(s)]);
+  }
+  for (const Node& n : nodes) (*u.mutable_grpc_addresses())[n.id] = n.grpc_address;
+  return u;
+}
+
+grpc::ServerUnaryReactor* RouterServiceImpl::Register(grpc::CallbackServerContext* ctx,
+                                                      const internal::RegisterRequest* req,
+                                                      internal::RegisterReply* reply) {
+  if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
+  Node n;
+  n.id = req->node_id();
+  n.role = req->role() == internal::ATTENTION ? NodeRole::kAttention
+           : req->role() == internal::GATEWAY ? NodeRole::kGateway
+                                              : NodeRole::kExpert;
+  if (req->role() == internal::ROLE_UNSPECIFIED) {
+    return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "role: unspecified"));
+  }
+  n.grpc_address = req->grpc_address();
+  n.ucx_address = req->ucx_address();
+  n.capacity = req->capacity_experts();
+  if (auto st = state_->Register(std::move(n)); !st.ok()) return Done(ctx, ToGrpc(st));
+  reply->set_lease_ms(state_->lease().count());
+  reply->set_placement_version(state_->placement().version);
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* RouterServiceImpl::Heartbeat(grpc::CallbackServerContext* ctx,
+                                                       const internal::HeartbeatRequest* req,
+                                                       internal::HeartbeatReply* reply) {
+  if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
+  if (auto st = state_->Heartbeat(req->node_id()); !st.ok()) return Done(ctx, ToGrpc(st));
+  reply->set_lease_ms(state_->lease().count());
+  reply->set_placement_version(state_->placement().version);
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerWriteReactor<internal::PlacementUpdate>* RouterServiceImpl::WatchPlacement(
+    grpc::CallbackServerContext* ctx, const internal::WatchRequest*) {
+  return new Watch(state_, Authorized(ctx) ? grpc::Status::OK : kUnauthenticated);
+}
+
+grpc::ServerUnaryReactor* RouterServiceImpl::ReportLoad(grpc::CallbackServerContext* ctx,
+                                                        const internal::LoadReport* req,
+                                                        internal::LoadReply*) {
+  if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
+  std::map<ExpertKey, double> tokens;
+  for (const auto& l : req->loads()) {
+    if (!(l.tokens() >= 0)) {
+      return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "loads.tokens: negative"));
+    }
+    tokens[{l.layer(), l.expert()}] += l.tokens();
+  }
+  state_->ReportLoad(tokens);
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* RouterServiceImpl::ListNodes(grpc::CallbackServerContext* ctx,
+                                                       const internal::ListNodesRequest*,
+                                                       internal::ListNodesReply* reply) {
+  if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
+  const auto now = std::chrono::steady_clock::now();
+  for (const Node& n : state_->nodes()) {
+    auto* i = reply->add_nodes();
+    i->set_node_id(n.id);
+    i->set_role(n.role == NodeRole::kAttention ? internal::ATTENTION
+                : n.role == NodeRole::kGateway ? internal::GATEWAY
+                                               : internal::EXPERT);
+    i->set_grpc_address(n.grpc_address);
+    i->set_capacity_experts(n.capacity);
+    i->set_lease_remaining_ms(
+        std::chrono::duration_cast<std::chrono::milliseconds>(n.lease_until - now).count());
+  }
+  reply->set_placement_version(state_->placement().version);
+  return Done(ctx, grpc::Status::OK);
+}
+
+}  // namespace dmoe::router

@@ -1,0 +1,157 @@
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <memory>
+
+#include "gtest/gtest.h"
+#include "model/tiny_model.h"
+#include "router/router_service.h"
+#include "router/router_state.h"
+
+namespace dmoe::router {
+namespace {
+
+using std::chrono::milliseconds;
+
+struct FakeClock {
+  std::chrono::steady_clock::time_point now =
+      std::chrono::steady_clock::time_point() + std::chrono::hours(1);
+};
+
+Node Expert(const std::string& id, int64_t capacity) {
+  Node n;
+  n.id = id;
+  n.grpc_address = "127.0.0.1:1";
+  n.capacity = capacity;
+  return n;
+}
+
+bool Covers(const PlacementMap& m, const ModelConfig& c) {
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      if (!m.replicas.count({l, e})) return false;
+    }
+  }
+  return true;
+}
+
+TEST(RouterState, LeasesMembershipAndVersions) {
+  const ModelConfig c = *PresetConfig("tiny");  // 3 MoE layers x 16 experts = 48 pairs
+  FakeClock clock;
+  RouterState s(c, milliseconds(1000), PlacementOptions(), [&] { return clock.now; });
+  EXPECT_EQ(s.placement().version, 0u);
+  ASSERT_TRUE(s.Register(Expert("a", 30)).ok());
+  EXPECT_EQ(s.placement().version, 0u);  // 30 < 48: cannot cover yet
+  EXPECT_NE(s.problem().find("48 (layer, expert) pairs"), std::string::npos) << s.problem();
+  ASSERT_TRUE(s.Register(Expert("b", 30)).ok());
+  const PlacementMap v1 = s.placement();
+  EXPECT_EQ(v1.version, 1u);
+  EXPECT_TRUE(Covers(v1, c));
+  ASSERT_TRUE(s.Register(Expert("c", 30)).ok());  // scale-out: a new version including c
+  const PlacementMap v2 = s.placement();
+  EXPECT_EQ(v2.version, 2u);
+  EXPECT_EQ(v2.shards.size(), 3u);
+  // a and c keep heartbeating, b stops: after the lease, b is gone and a new map covers without it.
+  clock.now += milliseconds(600);
+  ASSERT_TRUE(s.Heartbeat("a").ok());
+  ASSERT_TRUE(s.Heartbeat("c").ok());
+  clock.now += milliseconds(600);
+  EXPECT_EQ(s.ExpireLeases(), std::vector<std::string>{"b"});
+  const PlacementMap v3 = s.placement();
+  EXPECT_EQ(v3.version, 3u);
+  EXPECT_TRUE(Covers(v3, c));
+  for (const auto& [key, rs] : v3.replicas) {
+    for (int r : rs) EXPECT_NE(v3.shards[static_cast<size_t>(r)], "b");
+  }
+  EXPECT_EQ(s.Heartbeat("b").code(), absl::StatusCode::kNotFound);
+  // Re-registering the same shard unchanged makes no new version.
+  ASSERT_TRUE(s.Register(Expert("a", 30)).ok());
+  EXPECT_EQ(s.placement().version, 3u);
+  // Bad registrations name the field.
+  EXPECT_NE(s.Register(Expert("", 3)).message().find("node_id"), absl::string_view::npos);
+  EXPECT_NE(s.Register(Expert("z", 0)).message().find("capacity_experts"), absl::string_view::npos);
+}
+
+TEST(RouterState, RebalanceAddsReplicasOfHotExperts) {
+  const ModelConfig c = *PresetConfig("tiny");
+  PlacementOptions o;
+  o.max_extra_replicas = 8;
+  RouterState s(c, milliseconds(1000), o);
+  for (const char* id : {"a", "b", "c", "d"}) ASSERT_TRUE(s.Register(Expert(id, 16)).ok());
+  const uint64_t before = s.placement().version;
+  std::map<ExpertKey, double> load;
+  for (int64_t l = 1; l < 4; ++l) {
+    for (int64_t e = 0; e < 16; ++e) load[{l, e}] = e == 0 ? 5000 : 10;
+  }
+  s.ReportLoad(load);
+  s.Rebalance();
+  const PlacementMap m = s.placement();
+  EXPECT_GT(m.version, before);
+  EXPECT_GT(m.replicas.at({1, 0}).size(), 1u);
+}
+
+TEST(RouterService, TokenRegisterAndWatch) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState state(c, milliseconds(5000), PlacementOptions());
+  RouterServiceImpl service(&state, "secret");
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&service);
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto stub = internal::RouterService::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  internal::RegisterRequest req;
+  req.set_node_id("shard-0");
+  req.set_role(internal::EXPERT);
+  req.set_grpc_address("127.0.0.1:7");
+  req.set_capacity_experts(64);
+  internal::RegisterReply reply;
+  {
+    grpc::ClientContext ctx;
+    EXPECT_EQ(stub->Register(&ctx, req, &reply).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  // Watch first, then register: the stream delivers the empty map, then version 1.
+  grpc::ClientContext wctx;
+  wctx.AddMetadata("x-dmoe-cluster-token", "secret");
+  auto watch = stub->WatchPlacement(&wctx, internal::WatchRequest());
+  internal::PlacementUpdate u;
+  ASSERT_TRUE(watch->Read(&u));
+  EXPECT_EQ(u.version(), 0u);
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-dmoe-cluster-token", "secret");
+    ASSERT_TRUE(stub->Register(&ctx, req, &reply).ok());
+  }
+  ASSERT_TRUE(watch->Read(&u));
+  EXPECT_EQ(u.version(), 1u);
+  EXPECT_EQ(u.replicas_size(), 48);
+  EXPECT_EQ(u.replicas(0).node_ids(0), "shard-0");
+  EXPECT_EQ(u.grpc_addresses().at("shard-0"), "127.0.0.1:7");
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-dmoe-cluster-token", "secret");
+    internal::ListNodesReply nodes;
+    ASSERT_TRUE(stub->ListNodes(&ctx, internal::ListNodesRequest(), &nodes).ok());
+    ASSERT_EQ(nodes.nodes_size(), 1);
+    EXPECT_GT(nodes.nodes(0).lease_remaining_ms(), 0);
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-dmoe-cluster-token", "wrong");
+    auto w = stub->WatchPlacement(&ctx, internal::WatchRequest());
+    internal::PlacementUpdate x;
+    EXPECT_FALSE(w->Read(&x));
+    EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  wctx.TryCancel();
+  while (watch->Read(&u)) {
+  }
+  watch->Finish();
+  server->Shutdown();
+}
+
+}  // namespace
+}  // namespace dmoe::router
