@@ -20,6 +20,7 @@
 #include "attention_service/local_model.h"
 #include "attention_service/scheduler.h"
 #include "cli/flags.h"
+#include "cli/remote_flags.h"
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
 
@@ -38,15 +39,11 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --max-running N         sequences in the running batch (default 64)
   --token-budget N        tokens per engine step (default 512)
   --prefill-chunk N       prompt tokens of one sequence per step (default 256)
-  --expert-shards LIST    gRPC control addresses of dmoe-expert shards (default: experts in-process)
-  --wire-dtype T          bf16 (default) or f32
-  --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
-  --ucx-connect MODE      listener (default) or worker
   --micro-batches N       1 or 2 (default 2): with remote experts, two micro-batches in ping-pong
   --metrics-listen H:P    Prometheus /metrics address (default 127.0.0.1:0)
   --drain-seconds N       on SIGTERM, stop admitting and let running requests finish for up to N
                           seconds (default 30)
-)";
+%s)";
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "dmoe-attention: error: %s\n", std::string(s.message()).c_str());
@@ -56,38 +53,23 @@ int Fail(const absl::Status& s) {
 int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
-      {"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks", "block-tokens",
-       "max-running", "token-budget", "prefill-chunk", "expert-shards", "wire-dtype",
-       "expert-deadline-ms", "ucx-connect", "micro-batches", "metrics-listen"},
+      cli::WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
+                       "block-tokens", "max-running", "token-budget", "prefill-chunk",
+                       "micro-batches", "metrics-listen", "drain-seconds"}),
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::fputs(kHelp, stdout);
+    std::printf(kHelp, cli::kRemoteHelp);
     return 0;
   }
   auto dir = flags->String("model");
   if (!dir.ok()) return Fail(dir.status());
   LocalModelOptions o;
   o.log_progress = true;
-  const std::string shards = flags->StringOr("expert-shards", "");
-  for (absl::string_view a : absl::StrSplit(shards, ',', absl::SkipEmpty())) {
-    o.expert_shards.emplace_back(a);
-  }
-  const std::string wire = flags->StringOr("wire-dtype", "bf16");
-  if (wire != "bf16" && wire != "f32") {
-    return Fail(absl::InvalidArgumentError("--wire-dtype: must be bf16 or f32"));
-  }
-  o.shard_client.remote.dtype = wire == "f32" ? wire::WireDType::kF32 : wire::WireDType::kBF16;
-  const std::string connect = flags->StringOr("ucx-connect", "listener");
-  if (connect != "listener" && connect != "worker") {
-    return Fail(absl::InvalidArgumentError("--ucx-connect: must be listener or worker"));
-  }
-  o.shard_client.connect =
-      connect == "worker" ? UcxConnectMode::kWorkerAddress : UcxConnectMode::kListener;
+  if (auto st = cli::RemoteOptions(*flags, &o); !st.ok()) return Fail(st);
   auto ints = std::vector<std::pair<const char*, int64_t>>{
-      {"kv-cache-mib", 256},        {"kv-blocks", 0},      {"block-tokens", 16},
-      {"max-running", 64},          {"token-budget", 512}, {"prefill-chunk", 256},
-      {"expert-deadline-ms", 5000}, {"micro-batches", 2},  {"drain-seconds", 30}};
+      {"kv-cache-mib", 256}, {"kv-blocks", 0},       {"block-tokens", 16}, {"max-running", 64},
+      {"token-budget", 512}, {"prefill-chunk", 256}, {"micro-batches", 2}, {"drain-seconds", 30}};
   std::map<std::string, int64_t> v;
   for (const auto& [name, dflt] : ints) {
     auto x = flags->Int(name, dflt);
@@ -97,7 +79,6 @@ int Main(int argc, char** argv) {
     }
     v[name] = *x;
   }
-  o.shard_client.remote.deadline = std::chrono::milliseconds(v["expert-deadline-ms"]);
   auto config = LoadModelConfig(*dir);
   if (!config.ok()) return Fail(config.status());
   Metrics metrics;

@@ -32,7 +32,6 @@ RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::Client
                                          std::vector<int> peers, std::vector<std::string> names,
                                          ExpertPlacement placement, RemoteExpertsOptions options)
     : hidden_(c.hidden_size),
-      layers_(c.num_hidden_layers),
       client_(client),
       peers_(std::move(peers)),
       names_(std::move(names)),
@@ -93,7 +92,6 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
     h.dtype = options_.dtype;
     std::vector<uint8_t> msg = client_->AcquireBuffer();
     wire::EncodeDispatch(h, rows_.data(), pairs_, &msg);
-    bytes_sent_ += msg.size();
     call.bytes_out = msg.size();
     auto id = client_->Post(peers_[static_cast<size_t>(s)], std::move(msg));
     if (!id.ok()) {
@@ -138,7 +136,6 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
       }
       continue;
     }
-    bytes_received_ += reply_.size();
     auto v = wire::DecodeMessage(reply_.data(), reply_.size());
     absl::Status bad;
     if (!v.ok()) {

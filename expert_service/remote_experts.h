@@ -57,9 +57,7 @@ class RemoteRoutedExperts : public RoutedExperts {
                      int64_t k) override;
   absl::Status Finish(float* out) override;
 
-  // Bytes sent and received on the data plane, and round trips made.
-  uint64_t bytes_sent() const { return bytes_sent_; }
-  uint64_t bytes_received() const { return bytes_received_; }
+  // Round trips made (bytes and latency go to RemoteExpertsOptions::observer).
   uint64_t round_trips() const { return round_trips_; }
 
  private:
@@ -70,7 +68,6 @@ class RemoteRoutedExperts : public RoutedExperts {
     std::vector<int64_t> tokens;  // local index -> token of the batch
   };
   int64_t hidden_;
-  int64_t layers_;
   transport::ClientTransport* client_;
   std::vector<int> peers_;
   std::vector<std::string> names_;
@@ -87,7 +84,7 @@ class RemoteRoutedExperts : public RoutedExperts {
   std::vector<wire::Pair> pairs_;
   std::vector<uint8_t> reply_;
   std::vector<float> row_;
-  uint64_t bytes_sent_ = 0, bytes_received_ = 0, round_trips_ = 0;
+  uint64_t round_trips_ = 0;
 };
 
 }  // namespace dmoe

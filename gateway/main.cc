@@ -54,11 +54,11 @@ absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& pa
 }
 
 int Main(int argc, char** argv) {
-  auto flags =
-      cli::Flags::Parse(argc - 1, argv + 1,
-                        {"attention", "model", "tokenizer", "model-id", "grpc-listen", "ready-file",
-                         "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key"},
-                        {});
+  auto flags = cli::Flags::Parse(
+      argc - 1, argv + 1,
+      {"attention", "model", "tokenizer", "model-id", "grpc-listen", "ready-file", "api-keys",
+       "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen"},
+      {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kHelp, stdout);

@@ -27,18 +27,6 @@ void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, 
               y, static_cast<int>(ldy));
 }
 
-void LinearAccumulate(const float* x, int64_t t, int64_t in, const float* w, int64_t out,
-                      float* y) {
-  if (t == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f, w,
-                static_cast<int>(in), x, 1, 1.0f, y, 1);
-    return;
-  }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(t), static_cast<int>(out),
-              static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 1.0f, y,
-              static_cast<int>(out));
-}
-
 void RmsNorm(const float* x, int64_t t, int64_t n, const float* w, double eps, float* y,
              int64_t ldx, int64_t ldy) {
   if (ldx == 0) ldx = n;

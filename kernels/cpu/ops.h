@@ -12,9 +12,6 @@ namespace dmoe::cpu {
 // `ldx` / `ldy` are the row strides of x and y (0: packed).
 void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, float* y,
             int64_t ldx = 0, int64_t ldy = 0);
-// Same, accumulating: y += x @ w^T.
-void LinearAccumulate(const float* x, int64_t t, int64_t in, const float* w, int64_t out, float* y);
-
 // y[T, n] = w * x / sqrt(mean(x^2) + eps), row by row. x and y may alias. Strides as in Linear.
 void RmsNorm(const float* x, int64_t t, int64_t n, const float* w, double eps, float* y,
              int64_t ldx = 0, int64_t ldy = 0);

@@ -1,0 +1,60 @@
+#include "cli/remote_flags.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace dmoe::cli {
+
+const char kRemoteHelp[] = R"(
+Remote experts (without these flags every routed expert runs in this process):
+  --expert-shards LIST    comma-separated gRPC control addresses of dmoe-expert shards; the
+                          routed experts then run there, reached over UCX
+  --wire-dtype T          bf16 (default) or f32: hidden rows on the wire
+  --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
+  --ucx-connect MODE      listener (default; needs tcp in UCX_TLS) or worker (the shard's worker
+                          address; works with UCX_TLS=sm,self)
+)";
+
+const std::set<std::string> kRemoteFlags = {"expert-shards", "wire-dtype", "expert-deadline-ms",
+                                            "ucx-connect"};
+
+std::set<std::string> WithRemote(std::set<std::string> flags) {
+  flags.insert(kRemoteFlags.begin(), kRemoteFlags.end());
+  return flags;
+}
+
+// Fills the remote-expert part of `o` from the flags.
+absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
+  const std::string shards = flags.StringOr("expert-shards", "");
+  if (!shards.empty()) {
+    for (absl::string_view s : absl::StrSplit(shards, ',')) {
+      if (s.empty()) return absl::InvalidArgumentError("--expert-shards: empty address");
+      o->expert_shards.emplace_back(s);
+    }
+  }
+  const std::string dtype = flags.StringOr("wire-dtype", "bf16");
+  if (dtype == "bf16") {
+    o->shard_client.remote.dtype = wire::WireDType::kBF16;
+  } else if (dtype == "f32") {
+    o->shard_client.remote.dtype = wire::WireDType::kF32;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--wire-dtype: \"", dtype, "\" is not bf16 or f32"));
+  }
+  auto deadline = flags.Int("expert-deadline-ms", 5000);
+  if (!deadline.ok()) return deadline.status();
+  if (*deadline <= 0) return absl::InvalidArgumentError("--expert-deadline-ms: must be positive");
+  o->shard_client.remote.deadline = std::chrono::milliseconds(*deadline);
+  const std::string mode = flags.StringOr("ucx-connect", "listener");
+  if (mode == "listener") {
+    o->shard_client.connect = UcxConnectMode::kListener;
+  } else if (mode == "worker") {
+    o->shard_client.connect = UcxConnectMode::kWorkerAddress;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ucx-connect: \"", mode, "\" is not listener or worker"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dmoe::cli

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every flag a binary's --help documents is accepted by that binary (each is passed with --help,
+# which parses the flags and then prints the help).
+set -euo pipefail
+bin=$TEST_SRCDIR/dmoe
+failures=0 checked=0
+check() {  # check "COMMAND..." : every --flag in its help parses
+  local cmd=$1
+  local flags
+  flags=$($cmd --help | grep -o -- '--[a-z][a-z0-9-]*' | sort -u)
+  for f in $flags; do
+    [ "$f" = "--help" ] && continue
+    checked=$((checked + 1))
+    if ! $cmd "$f" x --help > /dev/null 2>&1 && ! $cmd "$f" --help > /dev/null 2>&1; then
+      echo "$cmd: documented flag $f is rejected"
+      failures=$((failures + 1))
+    fi
+  done
+}
+for sub in logits generate make-tiny-model tokenize chat up down serve; do check "$bin/cli/dmoe $sub"; done
+check "$bin/expert_service/dmoe-expert"
+check "$bin/attention_service/dmoe-attention"
+check "$bin/gateway/dmoe-gateway"
+check "$bin/router/dmoe-router"
+echo "$checked documented flags checked, $failures rejected"
+[ "$failures" -eq 0 ]
