@@ -4,9 +4,7 @@
 
 namespace dmoe {
 
-AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c,
-                                   std::vector<std::string> shards)
-    : m_(m), config_(c), shards_(std::move(shards)) {
+AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), config_(c) {
   ttft_ = &m->Seconds("dmoe_attention_time_to_first_token_seconds",
                       "From a request's arrival to its first generated token");
   tpot_ = &m->Seconds("dmoe_attention_time_per_output_token_seconds",
@@ -38,29 +36,42 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c,
                       {{"layer", std::to_string(l)}, {"expert", std::to_string(e)}});
     }
   }
-  for (const std::string& s : shards_) {
-    rtt_.push_back(&m->Seconds("dmoe_transport_round_trip_seconds",
-                               "Dispatch to combine, per expert shard", {{"shard", s}}));
-    shard_tokens_.push_back(&m->Counter("dmoe_transport_shard_tokens_total",
-                                        "Token rows dispatched, per expert shard", {{"shard", s}}));
-    shard_errors_.push_back(&m->Counter("dmoe_transport_errors_total",
-                                        "Failed or timed-out round trips, per expert shard",
-                                        {{"shard", s}}));
-  }
   bytes_out_ =
       &m->Counter("dmoe_transport_bytes_total", "Data-plane bytes", {{"direction", "out"}});
   bytes_in_ = &m->Counter("dmoe_transport_bytes_total", "Data-plane bytes", {{"direction", "in"}});
+  stalled_steps_ = &m->Counter("dmoe_attention_stalled_steps_total",
+                               "Steps retried because an expert had no reachable replica");
+  longest_stall_ = &m->Gauge("dmoe_attention_longest_stall_seconds",
+                             "Longest time a sequence waited for unreachable experts");
+  rerouted_ = &m->Counter("dmoe_transport_rerouted_pairs_total",
+                          "(token, expert) pairs sent again to another replica after a shard failed");
 }
 
 void AttentionMetrics::Finished(FinishReason r) { outcomes_[static_cast<size_t>(r)]->Increment(); }
 
 RoundTripObserver AttentionMetrics::RoundTrips() {
-  return [this](int shard, double seconds, int64_t tokens, uint64_t out, uint64_t in, bool ok) {
-    const size_t s = static_cast<size_t>(shard);
-    if (s >= rtt_.size()) return;
-    rtt_[s]->Observe(seconds);
-    shard_tokens_[s]->Increment(static_cast<double>(tokens));
-    if (!ok) shard_errors_[s]->Increment();
+  return [this](const std::string& shard, double seconds, int64_t tokens, uint64_t out,
+                uint64_t in, bool ok) {
+    ShardSeries* series;
+    {
+      std::lock_guard<std::mutex> l(shards_mu_);
+      auto it = shards_.find(shard);
+      if (it == shards_.end()) {
+        ShardSeries n;
+        n.rtt = &m_->Seconds("dmoe_transport_round_trip_seconds",
+                             "Dispatch to combine, per expert shard", {{"shard", shard}});
+        n.tokens = &m_->Counter("dmoe_transport_shard_tokens_total",
+                                "Token rows dispatched, per expert shard", {{"shard", shard}});
+        n.errors = &m_->Counter("dmoe_transport_errors_total",
+                                "Failed or timed-out round trips, per expert shard",
+                                {{"shard", shard}});
+        it = shards_.emplace(shard, n).first;
+      }
+      series = &it->second;
+    }
+    series->rtt->Observe(seconds);
+    series->tokens->Increment(static_cast<double>(tokens));
+    if (!ok) series->errors->Increment();
     bytes_out_->Increment(static_cast<double>(out));
     bytes_in_->Increment(static_cast<double>(in));
   };
@@ -79,6 +90,20 @@ void AttentionMetrics::Refresh(const Scheduler* s, const Engine* e) {
   Metrics::SetTotal(*prefix_hits_, static_cast<double>(stats.prefix_hit_tokens));
   Metrics::SetTotal(*generated_, static_cast<double>(stats.generated_tokens));
   Metrics::SetTotal(*preemptions_, static_cast<double>(stats.preemptions));
+  Metrics::SetTotal(*stalled_steps_, static_cast<double>(stats.stalled_steps));
+  longest_stall_->Set(stats.longest_stall_seconds);
+  if (set_ != nullptr) {
+    if (placement_version_ == nullptr) {
+      placement_version_ =
+          &m_->Gauge("dmoe_attention_placement_version", "Expert placement version in use");
+      heartbeat_age_ = &m_->Gauge("dmoe_attention_heartbeat_age_seconds",
+                                  "Time since the last heartbeat the router answered");
+    }
+    placement_version_->Set(static_cast<double>(set_->version()));
+    if (set_->member() != nullptr) heartbeat_age_->Set(set_->member()->heartbeat_age_seconds());
+    Metrics::SetTotal(*rerouted_, static_cast<double>(set_->experts()->rerouted_pairs() +
+                                                      set_->experts_b()->rerouted_pairs()));
+  }
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     for (int64_t x = 0; x < config_.n_routed_experts; ++x) {
       prometheus::Counter* c =

@@ -5,6 +5,9 @@
 #define DMOE_ATTENTION_SERVICE_ATTENTION_METRICS_H_
 
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -12,18 +15,21 @@
 #include "attention_service/scheduler.h"
 #include "common/metrics.h"
 #include "expert_service/remote_experts.h"
+#include "expert_service/shard_client.h"
 
 namespace dmoe {
 
 class AttentionMetrics {
  public:
-  // `shards`: the expert shard names (empty with in-process experts).
-  AttentionMetrics(Metrics* m, const ModelConfig& c, std::vector<std::string> shards);
+  AttentionMetrics(Metrics* m, const ModelConfig& c);
   ~AttentionMetrics() { Stop(); }
   void ObserveTimeToFirstToken(double seconds) { ttft_->Observe(seconds); }
   void ObserveTimePerOutputToken(double seconds) { tpot_->Observe(seconds); }
   void Finished(FinishReason r);
   RoundTripObserver RoundTrips();
+  // With a router: the active placement version, heartbeat age and stalls are exported too.
+  // Call before Start.
+  void SetShardSet(ExpertShardSet* set) { set_ = set; }
   // Copies the scheduler's load and the engine's counters into the metrics every 500 ms.
   void Start(const Scheduler* s, const Engine* e);
   void Stop();
@@ -31,8 +37,11 @@ class AttentionMetrics {
  private:
   void Refresh(const Scheduler* s, const Engine* e);
   Metrics* m_;
+  ExpertShardSet* set_ = nullptr;
+  prometheus::Gauge *placement_version_ = nullptr, *heartbeat_age_ = nullptr,
+                    *longest_stall_ = nullptr;
+  prometheus::Counter *stalled_steps_ = nullptr, *rerouted_ = nullptr;
   ModelConfig config_;
-  std::vector<std::string> shards_;
   prometheus::Histogram* ttft_;
   prometheus::Histogram* tpot_;
   prometheus::Gauge *running_, *waiting_, *queued_, *blocks_used_, *blocks_total_,
@@ -40,8 +49,12 @@ class AttentionMetrics {
   prometheus::Counter *prefilled_, *prefix_hits_, *generated_, *preemptions_;
   std::vector<prometheus::Counter*> outcomes_;
   std::vector<prometheus::Counter*> expert_tokens_;  // [layer * E + expert], MoE layers only
-  std::vector<prometheus::Histogram*> rtt_;
-  std::vector<prometheus::Counter*> shard_tokens_, shard_errors_;
+  struct ShardSeries {
+    prometheus::Histogram* rtt;
+    prometheus::Counter *tokens, *errors;
+  };
+  std::mutex shards_mu_;
+  std::map<std::string, ShardSeries> shards_;  // by shard name, created on first use
   prometheus::Counter *bytes_out_, *bytes_in_;
   std::atomic<bool> stop_{false};
   std::thread thread_;

@@ -12,7 +12,11 @@ void SchedulerLoop::Start() {
     while (!stop_) {
       auto more = scheduler_->Step();
       // Idle (or an engine error, already reported to its requests): wait a little.
-      if (!more.ok() || !*more) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      if (!more.ok()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));  // e.g. experts unreachable
+      } else if (!*more) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
     }
   });
 }

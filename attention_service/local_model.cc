@@ -22,15 +22,20 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
   }
   ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_));
   RoutedExperts* routed = nullptr;
-  if (options.expert_shards.empty()) {
+  const bool remote = !options.expert_shards.empty() || !options.shard_client.router.empty();
+  if (!remote) {
     ASSIGN_OR_RETURN(m->experts_,
                      ExpertStore::Load(*ck, m->config_, ExpertStore::AllExperts(m->config_)));
     m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
     routed = m->routed_.get();
   } else {
     m->experts_ = std::make_unique<ExpertStore>();
-    ASSIGN_OR_RETURN(m->shards_, ExpertShardSet::Connect(m->config_, options.expert_shards,
-                                                         options.shard_client));
+    if (!options.shard_client.router.empty()) {
+      ASSIGN_OR_RETURN(m->shards_, ExpertShardSet::ConnectRouter(m->config_, options.shard_client));
+    } else {
+      ASSIGN_OR_RETURN(m->shards_, ExpertShardSet::Connect(m->config_, options.expert_shards,
+                                                           options.shard_client));
+    }
     routed = m->shards_->experts();
   }
   m->engine_ = std::make_unique<Engine>(m->config_, &m->dense_, routed, options.engine);
@@ -40,8 +45,11 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
     std::fprintf(
         stderr, "loaded %.1f MiB of weights in %.2f s%s\n",
         static_cast<double>(ck->bytes_read()) / (1 << 20), s,
-        options.expert_shards.empty()
-            ? ""
+        !remote ? ""
+        : m->shards_->member() != nullptr
+            ? absl::StrCat("; routed experts on the shards of placement ", m->shards_->version(),
+                           " from router ", options.shard_client.router)
+                  .c_str()
             : absl::StrCat("; routed experts on ", options.expert_shards.size(), " shard(s)")
                   .c_str());
   }

@@ -22,8 +22,9 @@ namespace dmoe {
 struct LocalModelOptions {
   EngineOptions engine;
   bool log_progress = false;  // one line on stderr when loading starts and one when it ends
-  // Empty: every routed expert in this process. Otherwise the gRPC control addresses of the
-  // expert shards that serve them over UCX; no expert tensor is loaded here then.
+  // Empty (and no shard_client.router): every routed expert in this process. Otherwise the gRPC
+  // control addresses of the expert shards that serve them over UCX; no expert tensor is loaded
+  // here then. With shard_client.router set, the shards come from the router's placement.
   std::vector<std::string> expert_shards;
   ShardClientOptions shard_client;
 };
@@ -44,6 +45,8 @@ class LocalModel {
   Engine& engine() { return *engine_; }
   // With remote experts: a second RoutedExperts for ping-pong micro-batches; else nullptr.
   RoutedExperts* second_experts() { return shards_ ? shards_->experts_b() : nullptr; }
+  // With remote experts: the shard set (to switch placements between steps); else nullptr.
+  ExpertShardSet* shard_set() { return shards_.get(); }
   const ExpertStore& experts() const { return *experts_; }
   // Bytes of weights held in memory (fp32).
   uint64_t weight_bytes() const;

@@ -43,6 +43,9 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --metrics-listen H:P    Prometheus /metrics address (default 127.0.0.1:0)
   --drain-seconds N       on SIGTERM, stop admitting and let running requests finish for up to N
                           seconds (default 30)
+  --expert-wait-ms N      when an expert has no reachable replica, pause the affected sequences
+                          (KV kept) and retry for up to N ms, then end them UNAVAILABLE
+                          (default 10000 with --router, 0 otherwise)
 %s)";
 
 int Fail(const absl::Status& s) {
@@ -55,7 +58,7 @@ int Main(int argc, char** argv) {
       argc - 1, argv + 1,
       cli::WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
                        "block-tokens", "max-running", "token-budget", "prefill-chunk",
-                       "micro-batches", "metrics-listen", "drain-seconds"}),
+                       "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms"}),
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -84,7 +87,7 @@ int Main(int argc, char** argv) {
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return Fail(metrics_addr.status());
-  AttentionMetrics attention_metrics(&metrics, *config, o.expert_shards);
+  AttentionMetrics attention_metrics(&metrics, *config);
   o.shard_client.remote.observer = attention_metrics.RoundTrips();
   auto model = LocalModel::Load(*dir, o);
   if (!model.ok()) return Fail(model.status());
@@ -106,6 +109,16 @@ int Main(int argc, char** argv) {
   so.prefill_chunk = v["prefill-chunk"];
   if (v["micro-batches"] > 2) return Fail(absl::InvalidArgumentError("--micro-batches: 1 or 2"));
   if (v["micro-batches"] == 2) so.experts_b = (*model)->second_experts();
+  ExpertShardSet* shard_set = (*model)->shard_set();
+  const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
+  auto expert_wait = flags->Int("expert-wait-ms", routed ? 10000 : 0);
+  if (!expert_wait.ok()) return Fail(expert_wait.status());
+  if (*expert_wait < 0) return Fail(absl::InvalidArgumentError("--expert-wait-ms: negative"));
+  so.expert_wait = std::chrono::milliseconds(*expert_wait);
+  if (routed) {
+    so.between_steps = [shard_set] { shard_set->SwitchIfChanged(); };
+    attention_metrics.SetShardSet(shard_set);
+  }
   Scheduler scheduler(&(*model)->engine(), &cache, so);
 
   sigset_t stop;
@@ -141,6 +154,13 @@ int Main(int argc, char** argv) {
     if (std::rename((path + ".tmp").c_str(), path.c_str()) != 0) {
       return Fail(absl::InternalError(absl::StrCat("--ready-file: cannot write ", path)));
     }
+  }
+  if (routed) {
+    internal::RegisterRequest reg;
+    reg.set_node_id(absl::StrCat("attention-", getpid()));
+    reg.set_role(internal::ATTENTION);
+    reg.set_grpc_address(addr);
+    shard_set->member()->StartMembership(reg, nullptr);
   }
   int sig = 0;
   sigwait(&stop, &sig);

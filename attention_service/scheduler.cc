@@ -38,6 +38,8 @@ struct Scheduler::Seq {
   RequestCallbacks callbacks;
   PagedKvSequence kv;
   uint64_t admitted = 0;  // admission counter value: larger = admitted later
+  // Since when its steps have failed for unreachable experts (epoch: not stalled).
+  std::chrono::steady_clock::time_point stalled_since{};
   int64_t generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
   // Tokens not yet in the cache.
   int64_t pending() const { return static_cast<int64_t>(tokens.size()) - kv.length(); }
@@ -114,6 +116,7 @@ void Scheduler::Preempt(Seq* s) {
 }
 
 absl::StatusOr<bool> Scheduler::Step() {
+  if (options_.between_steps) options_.between_steps();
   // New requests and cancellations.
   std::set<uint64_t> cancelled;
   {
@@ -237,6 +240,35 @@ absl::StatusOr<bool> Scheduler::Step() {
   } else {
     st = engine_->Step(batch, &logits);
   }
+  const bool experts_down = st.code() == absl::StatusCode::kUnavailable ||
+                            st.code() == absl::StatusCode::kDeadlineExceeded;
+  if (!st.ok() && experts_down && options_.expert_wait.count() > 0) {
+    // Pause: nothing was committed (KV lengths and samplers are unchanged), so the step is
+    // simply retried until the experts are reachable again or the wait runs out.
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<Seq*> expired;
+    double longest = 0;
+    for (Seq* s : members) {
+      if (s->stalled_since == std::chrono::steady_clock::time_point{}) s->stalled_since = now;
+      const auto waited = now - s->stalled_since;
+      longest = std::max(longest, std::chrono::duration<double>(waited).count());
+      if (waited > options_.expert_wait) expired.push_back(s);
+    }
+    for (Seq* s : expired) {
+      Finish(s, FinishReason::kError,
+             absl::UnavailableError(absl::StrCat(
+                 "experts unreachable for ", options_.expert_wait.count(), " ms: ", st.message())));
+      for (auto& r : running_) {
+        if (r.get() == s) r.reset();
+      }
+    }
+    running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+    std::lock_guard<std::mutex> l(mu_);
+    ++stats_.stalled_steps;
+    stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, longest);
+    load_.running = static_cast<int64_t>(running_.size());
+    return st;
+  }
   if (!st.ok()) {
     for (Seq* s : members) Finish(s, FinishReason::kError, st);
     running_.erase(std::remove_if(running_.begin(), running_.end(),
@@ -248,8 +280,15 @@ absl::StatusOr<bool> Scheduler::Step() {
     return st;
   }
   uint64_t computed = 0, generated = 0;
+  double resumed_after = 0;
   for (size_t i = 0; i < members.size(); ++i) {
     Seq* s = members[i];
+    if (s->stalled_since != std::chrono::steady_clock::time_point{}) {
+      resumed_after = std::max(resumed_after, std::chrono::duration<double>(
+                                                  std::chrono::steady_clock::now() - s->stalled_since)
+                                                  .count());
+      s->stalled_since = {};
+    }
     computed += batch[i].tokens.size();
     s->kv.RegisterFullBlocks(s->tokens);
     if (s->pending() != 0) continue;  // more prompt to prefill
@@ -273,6 +312,7 @@ absl::StatusOr<bool> Scheduler::Step() {
   }
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
   std::lock_guard<std::mutex> l(mu_);
+  stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, resumed_after);
   ++stats_.steps;
   stats_.prefilled_tokens += computed;
   stats_.generated_tokens += generated;

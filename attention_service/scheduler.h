@@ -8,6 +8,7 @@
 #ifndef DMOE_ATTENTION_SERVICE_SCHEDULER_H_
 #define DMOE_ATTENTION_SERVICE_SCHEDULER_H_
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -40,6 +41,13 @@ struct SchedulerOptions {
   // When set (remote experts), a step with 2+ sequences runs as two micro-batches in ping-pong:
   // one micro-batch's attention overlaps the other's round trip to the experts.
   RoutedExperts* experts_b = nullptr;
+  // Called at the start of every step, before the batch is formed (e.g. to switch to a new
+  // expert placement between steps).
+  std::function<void()> between_steps;
+  // When a step fails because experts are unreachable (UNAVAILABLE / DEADLINE_EXCEEDED), its
+  // sequences pause with their KV intact and the step is retried, for at most this long per
+  // sequence; then they end with UNAVAILABLE. 0: they fail at once.
+  std::chrono::milliseconds expert_wait{0};
 };
 
 struct SchedulerLoad {
@@ -59,6 +67,8 @@ struct SchedulerStats {
   uint64_t generated_tokens = 0;
   uint64_t preemptions = 0;
   uint64_t finished = 0;
+  uint64_t stalled_steps = 0;     // steps retried because experts were unreachable
+  double longest_stall_seconds = 0;  // longest time a sequence waited for experts
 };
 
 class Scheduler {

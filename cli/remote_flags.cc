@@ -1,5 +1,7 @@
 #include "cli/remote_flags.h"
 
+#include <fstream>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 
@@ -13,10 +15,13 @@ Remote experts (without these flags every routed expert runs in this process):
   --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
   --ucx-connect MODE      listener (default; needs tcp in UCX_TLS) or worker (the shard's worker
                           address; works with UCX_TLS=sm,self)
+  --router H:P            take the shards from dmoe-router's placement instead of --expert-shards
+                          (waits up to 30 s for a first active map; follows later maps)
+  --cluster-token-file F  the router's cluster token
 )";
 
 const std::set<std::string> kRemoteFlags = {"expert-shards", "wire-dtype", "expert-deadline-ms",
-                                            "ucx-connect"};
+                                            "ucx-connect", "router", "cluster-token-file"};
 
 std::set<std::string> WithRemote(std::set<std::string> flags) {
   flags.insert(kRemoteFlags.begin(), kRemoteFlags.end());
@@ -31,6 +36,18 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
       if (s.empty()) return absl::InvalidArgumentError("--expert-shards: empty address");
       o->expert_shards.emplace_back(s);
     }
+  }
+  o->shard_client.router = flags.StringOr("router", "");
+  if (flags.Has("router") && o->shard_client.router.empty()) {
+    return absl::InvalidArgumentError("--router: empty address");
+  }
+  if (!o->expert_shards.empty() && !o->shard_client.router.empty()) {
+    return absl::InvalidArgumentError("--expert-shards and --router: give one of them");
+  }
+  if (flags.Has("cluster-token-file")) {
+    std::ifstream in(flags.StringOr("cluster-token-file", ""));
+    if (!in) return absl::NotFoundError("--cluster-token-file: cannot open");
+    std::getline(in, o->shard_client.cluster_token);
   }
   const std::string dtype = flags.StringOr("wire-dtype", "bf16");
   if (dtype == "bf16") {

@@ -7,12 +7,22 @@
 
 namespace dmoe {
 
-ExpertShard::ExpertShard(const ModelConfig& config, const ExpertStore* store)
+ExpertShard::ExpertShard(const ModelConfig& config, std::shared_ptr<const ExpertStore> store)
     : config_(config),
-      store_(store),
+      store_(std::move(store)),
       batcher_(config.hidden_size, config.moe_intermediate_size),
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
           std::max<int64_t>(1, config.num_hidden_layers * config.n_routed_experts))]()) {}
+
+void ExpertShard::SetStore(std::shared_ptr<const ExpertStore> store) {
+  std::lock_guard<std::mutex> l(store_mu_);
+  store_ = std::move(store);
+}
+
+std::shared_ptr<const ExpertStore> ExpertShard::store() const {
+  std::lock_guard<std::mutex> l(store_mu_);
+  return store_;
+}
 
 ShardStats ExpertShard::stats() const {
   ShardStats s;
@@ -38,6 +48,7 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
   std::vector<char>& valid = valid_;
   batcher_.Clear();
   ++batches_;
+  const std::shared_ptr<const ExpertStore> store = this->store();
   for (size_t i = 0; i < n; ++i) {
     ++messages_;
     const std::vector<uint8_t>& bytes = *requests[i];
@@ -52,7 +63,7 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
     } else {
       for (uint32_t p = 0; p < v->header.pair_count && error.empty(); ++p) {
         const wire::Pair pr = v->pair(p);
-        if (store_->Find(v->header.layer, pr.expert) == nullptr) {
+        if (store->Find(v->header.layer, pr.expert) == nullptr) {
           error = absl::StrCat("expert ", pr.expert, " of layer ", v->header.layer,
                                " is not hosted on this shard");
         }
@@ -81,7 +92,7 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
     pairs_ += h.pair_count;
   }
   const uint64_t gemms_before = batcher_.gemms();
-  const absl::Status st = batcher_.Run(*store_);  // every expert was checked above
+  const absl::Status st = batcher_.Run(*store);  // every expert was checked above
   gemms_ += batcher_.gemms() - gemms_before;
   for (size_t i = 0; i < n; ++i) {
     if (!valid[i]) continue;

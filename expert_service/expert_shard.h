@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "expert_service/routed_experts.h"
@@ -26,7 +27,11 @@ struct ShardStats {
 
 class ExpertShard {
  public:
-  ExpertShard(const ModelConfig& config, const ExpertStore* store);
+  ExpertShard(const ModelConfig& config, std::shared_ptr<const ExpertStore> store);
+  // Serves from `store` from the next Process call on (the current call keeps the old one).
+  // Thread-safe.
+  void SetStore(std::shared_ptr<const ExpertStore> store);
+  std::shared_ptr<const ExpertStore> store() const;
   // replies[i] answers requests[i]: a combine, or an error message naming the problem.
   void Process(const std::vector<const std::vector<uint8_t>*>& requests,
                std::vector<std::vector<uint8_t>>* replies);
@@ -39,7 +44,8 @@ class ExpertShard {
 
  private:
   ModelConfig config_;
-  const ExpertStore* store_;
+  mutable std::mutex store_mu_;
+  std::shared_ptr<const ExpertStore> store_;
   ExpertBatcher batcher_;
   // Per-batch state, kept between batches so that steady serving allocates nothing.
   std::vector<std::vector<float>> in_, out_;

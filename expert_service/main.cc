@@ -7,6 +7,9 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -18,20 +21,24 @@
 #include "common/metrics.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
+#include "expert_service/hosting.h"
 #include "expert_service/routed_experts.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "proto/expert_control.grpc.pb.h"
+#include "router/member.h"
 #include "transport/ucx.h"
 
 namespace dmoe {
 namespace {
 
-constexpr char kHelp[] = R"(usage: dmoe-expert --model DIR --experts SPEC [flags]
+constexpr char kHelp[] = R"(usage: dmoe-expert --model DIR (--experts SPEC | --router H:P --capacity N) [flags]
 
 An expert shard: hosts a subset of the routed experts of the model in DIR and serves them to
 attention nodes over UCX (dispatch -> combine), with a gRPC control API (GetInfo, GetStats).
-It reads no expert tensor it does not host.
+It reads no expert tensor it does not host. What it hosts is fixed by --experts, or kept by the
+router (dmoe-router): the shard registers, loads what each new placement gives it, reports it
+ready, and drops what it lost once a map without it has been active for --drain-ms.
 
   --model DIR          checkpoint directory (Hugging Face layout)
   --experts SPEC       experts to host: comma-separated LAYERS:EXPERTS items, each side "*", "N"
@@ -44,9 +51,15 @@ It reads no expert tensor it does not host.
                        to F (atomically)
   --node-id ID         name reported by GetInfo (default: expert-<pid>)
   --metrics-listen H:P Prometheus /metrics address (default 127.0.0.1:0)
+  --router H:P         the router's gRPC address (instead of --experts)
+  --capacity N         (layer, expert) pairs this shard may host (with --router)
+  --cluster-token-file F  the router's cluster token
+  --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
+                       them is active (default 2000)
 
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
-stops the shard.
+stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without
+it is active, so that no request in flight is refused.
 )";
 
 uint64_t ResidentBytes() {
@@ -61,9 +74,7 @@ uint64_t ResidentBytes() {
 // Prometheus metrics of a shard, refreshed from its counters every 500 ms.
 class ExpertMetrics {
  public:
-  ExpertMetrics(Metrics* m, const std::vector<std::pair<int64_t, int64_t>>& experts,
-                uint64_t weight_bytes)
-      : experts_(experts) {
+  explicit ExpertMetrics(Metrics* m) : m_(m) {
     messages_ = &m->Counter("dmoe_expert_messages_total", "Dispatch messages handled");
     rejected_ = &m->Counter("dmoe_expert_rejected_messages_total",
                             "Malformed or unservable messages rejected");
@@ -74,17 +85,19 @@ class ExpertMetrics {
     bytes_out_ = &m->Counter("dmoe_expert_transport_bytes_total", "Data-plane bytes",
                              {{"direction", "out"}});
     peer_errors_ = &m->Counter("dmoe_expert_peer_errors_total", "Client endpoints that failed");
-    m->Gauge("dmoe_expert_weight_bytes", "Resident bytes of the hosted experts")
-        .Set(static_cast<double>(weight_bytes));
-    m->Gauge("dmoe_expert_hosted_experts", "(layer, expert) pairs hosted")
-        .Set(static_cast<double>(experts.size()));
-    for (const auto& [l, e] : experts) {
-      per_expert_.push_back(
-          &m->Counter("dmoe_expert_expert_tokens_total", "Token rows computed, per (layer, expert)",
-                      {{"layer", std::to_string(l)}, {"expert", std::to_string(e)}}));
-    }
+    weight_bytes_ = &m->Gauge("dmoe_expert_weight_bytes", "Resident bytes of the hosted experts");
+    hosted_ = &m->Gauge("dmoe_expert_hosted_experts", "(layer, expert) pairs hosted");
   }
   ~ExpertMetrics() { Stop(); }
+  // With a router: heartbeat age and the active placement version.
+  void SetRouterSources(std::function<double()> heartbeat_age, std::function<double()> version) {
+    std::lock_guard<std::mutex> l(mu_);
+    heartbeat_age_fn_ = std::move(heartbeat_age);
+    version_fn_ = std::move(version);
+    heartbeat_age_ = &m_->Gauge("dmoe_expert_heartbeat_age_seconds",
+                                "Time since the last heartbeat the router answered");
+    version_ = &m_->Gauge("dmoe_expert_placement_version", "Active placement version");
+  }
   void Start(const ExpertShard* shard, const transport::ServerTransport* t) {
     thread_ = std::thread([this, shard, t] {
       while (!stop_) {
@@ -97,9 +110,23 @@ class ExpertMetrics {
         Metrics::SetTotal(*bytes_in_, static_cast<double>(ts.bytes_in));
         Metrics::SetTotal(*bytes_out_, static_cast<double>(ts.bytes_out));
         Metrics::SetTotal(*peer_errors_, static_cast<double>(ts.peer_errors));
-        for (size_t i = 0; i < experts_.size(); ++i) {
-          Metrics::SetTotal(*per_expert_[i], static_cast<double>(shard->expert_tokens(
-                                                 experts_[i].first, experts_[i].second)));
+        const std::shared_ptr<const ExpertStore> store = shard->store();
+        weight_bytes_->Set(static_cast<double>(store->bytes()));
+        hosted_->Set(static_cast<double>(store->size()));
+        // Per-expert series for every expert hosted now or before (counters never vanish).
+        for (const auto& k : store->Keys()) {
+          if (per_expert_.count(k)) continue;
+          per_expert_[k] = &m_->Counter(
+              "dmoe_expert_expert_tokens_total", "Token rows computed, per (layer, expert)",
+              {{"layer", std::to_string(k.first)}, {"expert", std::to_string(k.second)}});
+        }
+        for (auto& [k, c] : per_expert_) {
+          Metrics::SetTotal(*c, static_cast<double>(shard->expert_tokens(k.first, k.second)));
+        }
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          if (heartbeat_age_fn_) heartbeat_age_->Set(heartbeat_age_fn_());
+          if (version_fn_) version_->Set(version_fn_());
         }
         for (int i = 0; i < 10 && !stop_; ++i)
           std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -112,10 +139,13 @@ class ExpertMetrics {
   }
 
  private:
-  std::vector<std::pair<int64_t, int64_t>> experts_;
+  Metrics* m_;
   prometheus::Counter *messages_, *rejected_, *tokens_, *gemms_, *bytes_in_, *bytes_out_,
       *peer_errors_;
-  std::vector<prometheus::Counter*> per_expert_;
+  prometheus::Gauge *weight_bytes_, *hosted_, *heartbeat_age_ = nullptr, *version_ = nullptr;
+  std::map<std::pair<int64_t, int64_t>, prometheus::Counter*> per_expert_;
+  std::mutex mu_;
+  std::function<double()> heartbeat_age_fn_, version_fn_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };
@@ -123,18 +153,18 @@ class ExpertMetrics {
 class ControlService final : public internal::ExpertControl::CallbackService {
  public:
   ControlService(internal::GetInfoReply info, const ExpertShard* shard,
-                 const transport::ServerTransport* transport, uint64_t weight_bytes,
-                 uint64_t read_bytes)
-      : info_(std::move(info)),
-        shard_(shard),
-        transport_(transport),
-        weight_bytes_(weight_bytes),
-        read_bytes_(read_bytes) {}
+                 const transport::ServerTransport* transport, uint64_t read_bytes)
+      : info_(std::move(info)), shard_(shard), transport_(transport), read_bytes_(read_bytes) {}
 
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* ctx,
                                     const internal::GetInfoRequest*,
                                     internal::GetInfoReply* reply) override {
     *reply = info_;
+    for (const auto& [l, e] : shard_->store()->Keys()) {
+      auto* id = reply->add_experts();
+      id->set_layer(static_cast<uint32_t>(l));
+      id->set_expert(static_cast<uint32_t>(e));
+    }
     auto* r = ctx->DefaultReactor();
     r->Finish(grpc::Status::OK);
     return r;
@@ -155,7 +185,7 @@ class ControlService final : public internal::ExpertControl::CallbackService {
     reply->set_bytes_out(t.bytes_out);
     reply->set_dropped_replies(t.dropped_replies);
     reply->set_peer_errors(t.peer_errors);
-    reply->set_expert_weight_bytes(weight_bytes_);
+    reply->set_expert_weight_bytes(shard_->store()->bytes());
     reply->set_checkpoint_bytes_read(read_bytes_);
     reply->set_resident_set_bytes(ResidentBytes());
     auto* r = ctx->DefaultReactor();
@@ -167,7 +197,7 @@ class ControlService final : public internal::ExpertControl::CallbackService {
   internal::GetInfoReply info_;
   const ExpertShard* shard_;
   const transport::ServerTransport* transport_;
-  uint64_t weight_bytes_, read_bytes_;
+  uint64_t read_bytes_;
 };
 
 int Fail(const absl::Status& s) {
@@ -178,7 +208,8 @@ int Fail(const absl::Status& s) {
 int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
-      {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen"},
+      {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
+       "router", "capacity", "cluster-token-file", "drain-ms"},
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -187,22 +218,45 @@ int Main(int argc, char** argv) {
   }
   auto dir = flags->String("model");
   if (!dir.ok()) return Fail(dir.status());
-  auto spec = flags->String("experts");
-  if (!spec.ok()) return Fail(spec.status());
+  const bool routed = flags->Has("router");
+  if (routed == flags->Has("experts")) {
+    return Fail(absl::InvalidArgumentError("give exactly one of --experts and --router"));
+  }
+  auto capacity = flags->Int("capacity", 0);
+  if (!capacity.ok()) return Fail(capacity.status());
+  if (routed && *capacity <= 0) {
+    return Fail(absl::InvalidArgumentError("--capacity: a positive number is needed with --router"));
+  }
+  auto drain_ms = flags->Int("drain-ms", 2000);
+  if (!drain_ms.ok()) return Fail(drain_ms.status());
+  if (*drain_ms < 0) return Fail(absl::InvalidArgumentError("--drain-ms: negative"));
+  std::string token;
+  if (flags->Has("cluster-token-file")) {
+    std::ifstream in(flags->StringOr("cluster-token-file", ""));
+    if (!in) return Fail(absl::NotFoundError("--cluster-token-file: cannot open"));
+    std::getline(in, token);
+  }
   auto config = LoadModelConfig(*dir);
   if (!config.ok()) return Fail(config.status());
-  auto experts = ParseExpertSpec(*spec, *config);
+  absl::StatusOr<std::vector<std::pair<int64_t, int64_t>>> experts =
+      std::vector<std::pair<int64_t, int64_t>>();
+  if (!routed) experts = ParseExpertSpec(flags->StringOr("experts", ""), *config);
   if (!experts.ok()) return Fail(experts.status());
   auto ck = Checkpoint::Open(*dir);
   if (!ck.ok()) return Fail(ck.status());
   const auto t0 = std::chrono::steady_clock::now();
-  std::fprintf(stderr, "dmoe-expert: loading %zu experts from %s\n", experts->size(), dir->c_str());
+  if (!routed) {
+    std::fprintf(stderr, "dmoe-expert: loading %zu experts from %s\n", experts->size(),
+                 dir->c_str());
+  }
   auto store = ExpertStore::Load(**ck, *config, *experts);
   if (!store.ok()) return Fail(store.status());
   const uint64_t bytes_read = (*ck)->bytes_read();
-  std::fprintf(stderr, "dmoe-expert: loaded %.1f MiB of expert weights in %.2f s\n",
-               static_cast<double>(bytes_read) / (1 << 20),
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  if (!routed) {
+    std::fprintf(stderr, "dmoe-expert: loaded %.1f MiB of expert weights in %.2f s\n",
+                 static_cast<double>(bytes_read) / (1 << 20),
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
   // Unmap the checkpoint: its pages would otherwise stay in this process's resident set.
   ck->reset();
 
@@ -221,29 +275,25 @@ int Main(int argc, char** argv) {
     ucx_addr = (*ucx)->Listen(ucx_listen);
     if (!ucx_addr.ok()) return Fail(ucx_addr.status());
   }
-  ExpertShard shard(*config, store->get());
+  ExpertShard shard(*config, std::shared_ptr<const ExpertStore>(std::move(*store)));
   ExpertServer server(&shard, ucx->get());
   server.Start();
 
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return Fail(metrics_addr.status());
-  ExpertMetrics expert_metrics(&metrics, *experts, (*store)->bytes());
+  ExpertMetrics expert_metrics(&metrics);
   expert_metrics.Start(&shard, ucx->get());
 
   internal::GetInfoReply info;
-  info.set_node_id(flags->StringOr("node-id", absl::StrCat("expert-", getpid())));
+  const std::string node_id = flags->StringOr("node-id", absl::StrCat("expert-", getpid()));
+  info.set_node_id(node_id);
   info.set_ucx_address(*ucx_addr);
   info.set_ucx_worker_address((*ucx)->WorkerAddress());
   info.set_hidden_size(static_cast<uint32_t>(config->hidden_size));
   info.set_num_hidden_layers(static_cast<uint32_t>(config->num_hidden_layers));
   info.set_n_routed_experts(static_cast<uint32_t>(config->n_routed_experts));
-  for (const auto& [l, e] : *experts) {
-    auto* id = info.add_experts();
-    id->set_layer(static_cast<uint32_t>(l));
-    id->set_expert(static_cast<uint32_t>(e));
-  }
-  ControlService control(info, &shard, ucx->get(), (*store)->bytes(), bytes_read);
+  ControlService control(info, &shard, ucx->get(), bytes_read);
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   int grpc_port = 0;
@@ -257,7 +307,7 @@ int Main(int argc, char** argv) {
   }
   const std::string grpc_addr =
       absl::StrCat(grpc_listen.substr(0, grpc_listen.rfind(':')), ":", grpc_port);
-  std::fprintf(stderr, "dmoe-expert: serving %zu experts; grpc %s, ucx %s\n", experts->size(),
+  std::fprintf(stderr, "dmoe-expert: serving %zu experts; grpc %s, ucx %s\n", shard.store()->size(),
                grpc_addr.c_str(), ucx_addr->c_str());
   if (flags->Has("ready-file")) {
     const std::string path = flags->StringOr("ready-file", "");
@@ -272,9 +322,57 @@ int Main(int argc, char** argv) {
       return Fail(absl::InternalError(absl::StrCat("--ready-file: cannot write ", path)));
     }
   }
+  std::unique_ptr<HostingAgent> hosting;
+  std::unique_ptr<router::RouterMember> member;
+  if (routed) {
+    hosting = std::make_unique<HostingAgent>(*config, *dir, node_id, &shard,
+                                             std::chrono::milliseconds(*drain_ms));
+    router::MemberOptions mo;
+    mo.router_address = flags->StringOr("router", "");
+    mo.cluster_token = token;
+    member = std::make_unique<router::RouterMember>(mo);
+    hosting->on_ready = [&member](uint64_t) { member->HeartbeatNow(); };
+    hosting->Start();
+    member->StartWatch(/*targets=*/true,
+                       [&hosting](const internal::PlacementUpdate& u) { hosting->OnUpdate(u); });
+    internal::RegisterRequest reg;
+    reg.set_node_id(node_id);
+    reg.set_role(internal::EXPERT);
+    reg.set_grpc_address(grpc_addr);
+    reg.set_ucx_address(*ucx_addr);
+    reg.set_ucx_worker_address((*ucx)->WorkerAddress());
+    reg.set_capacity_experts(*capacity);
+    member->StartMembership(reg, [&hosting] { return hosting->ready_version(); });
+    expert_metrics.SetRouterSources(
+        [&member] { return member->heartbeat_age_seconds(); },
+        [&hosting] { return static_cast<double>(hosting->active_version()); });
+  }
   int sig = 0;
   sigwait(&stop, &sig);
   std::fprintf(stderr, "dmoe-expert: signal %d, stopping\n", sig);
+  if (member != nullptr) {
+    // Leave without refusing anything: deregister, wait for a map without this shard to be
+    // active, then give attention nodes --drain-ms to switch to it.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    absl::Status st = member->Deregister();
+    while (!st.ok() && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      st = member->Deregister();
+    }
+    while (st.ok() && !hosting->ActiveWithoutMe() && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (!st.ok() || !hosting->ActiveWithoutMe()) {
+      std::fprintf(stderr, "dmoe-expert: no map without this shard became active (%s); leaving\n",
+                   std::string(st.message()).c_str());
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(*drain_ms));
+      std::fprintf(stderr, "dmoe-expert: placement %llu is active without this shard; leaving\n",
+                   static_cast<unsigned long long>(hosting->active_version()));
+    }
+    member->Stop();
+    hosting->Stop();
+  }
   grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   expert_metrics.Stop();
   server.Stop();

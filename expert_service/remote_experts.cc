@@ -1,5 +1,6 @@
 #include "expert_service/remote_experts.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -7,19 +8,29 @@
 namespace dmoe {
 
 void ExpertPlacement::Add(int shard, const std::vector<std::pair<int64_t, int64_t>>& experts) {
-  for (const auto& e : experts) shard_.emplace(e, shard);
+  for (const auto& [l, e] : experts) {
+    if (e < 0 || e >= experts_ || l < 0 ||
+        static_cast<size_t>(l * experts_ + e) >= replicas_.size()) {
+      continue;
+    }
+    std::vector<int>& rs = replicas_[static_cast<size_t>(l * experts_ + e)];
+    if (std::find(rs.begin(), rs.end(), shard) == rs.end()) rs.push_back(shard);
+  }
 }
 
-int ExpertPlacement::ShardOf(int64_t layer, int64_t expert) const {
-  auto it = shard_.find({layer, expert});
-  return it == shard_.end() ? -1 : it->second;
+const std::vector<int>& ExpertPlacement::Replicas(int64_t layer, int64_t expert) const {
+  if (expert < 0 || expert >= experts_ || layer < 0 ||
+      static_cast<size_t>(layer * experts_ + expert) >= replicas_.size()) {
+    return none_;
+  }
+  return replicas_[static_cast<size_t>(layer * experts_ + expert)];
 }
 
 absl::Status ExpertPlacement::CheckCovers(const ModelConfig& c) const {
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     if (!c.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-      if (ShardOf(l, e) < 0) {
+      if (Replicas(l, e).empty()) {
         return absl::InvalidArgumentError(
             absl::StrCat("no expert shard hosts expert ", e, " of layer ", l));
       }
@@ -28,83 +39,165 @@ absl::Status ExpertPlacement::CheckCovers(const ModelConfig& c) const {
   return absl::OkStatus();
 }
 
+void PeerHealth::MarkDead(int peer) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (peer < 0) return;
+  if (static_cast<size_t>(peer) >= dead_.size()) dead_.resize(static_cast<size_t>(peer) + 1, 0);
+  dead_[static_cast<size_t>(peer)] = 1;
+}
+
+bool PeerHealth::Dead(int peer) const {
+  std::lock_guard<std::mutex> l(mu_);
+  return peer >= 0 && static_cast<size_t>(peer) < dead_.size() && dead_[static_cast<size_t>(peer)];
+}
+
+void PeerHealth::Snapshot(const std::vector<int>& peers, std::vector<char>* dead) const {
+  std::lock_guard<std::mutex> l(mu_);
+  dead->resize(peers.size());
+  for (size_t i = 0; i < peers.size(); ++i) {
+    const int p = peers[i];
+    (*dead)[i] = p >= 0 && static_cast<size_t>(p) < dead_.size() && dead_[static_cast<size_t>(p)];
+  }
+}
+
+RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::ClientTransport* client,
+                                         std::shared_ptr<const ExpertRouting> routing,
+                                         std::shared_ptr<PeerHealth> health,
+                                         RemoteExpertsOptions options)
+    : hidden_(c.hidden_size),
+      n_experts_(c.n_routed_experts),
+      client_(client),
+      routing_(std::move(routing)),
+      health_(std::move(health)),
+      options_(std::move(options)),
+      calls_(routing_->peers.size()),
+      expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
+          std::max<int64_t>(1, c.num_hidden_layers * c.n_routed_experts))]()) {}
+
+namespace {
+
+std::shared_ptr<const ExpertRouting> StaticRouting(std::vector<int> peers,
+                                                   std::vector<std::string> names,
+                                                   ExpertPlacement placement) {
+  auto r = std::make_shared<ExpertRouting>();
+  r->peers = std::move(peers);
+  r->names = std::move(names);
+  r->placement = std::move(placement);
+  return r;
+}
+
+}  // namespace
+
 RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::ClientTransport* client,
                                          std::vector<int> peers, std::vector<std::string> names,
                                          ExpertPlacement placement, RemoteExpertsOptions options)
-    : hidden_(c.hidden_size),
-      client_(client),
-      peers_(std::move(peers)),
-      names_(std::move(names)),
-      placement_(std::move(placement)),
-      options_(options),
-      calls_(peers_.size()) {}
+    : RemoteRoutedExperts(c, client,
+                          StaticRouting(std::move(peers), std::move(names), std::move(placement)),
+                          std::make_shared<PeerHealth>(), std::move(options)) {}
+
+void RemoteRoutedExperts::SetRouting(std::shared_ptr<const ExpertRouting> routing) {
+  routing_ = std::move(routing);
+  calls_.clear();
+  calls_.resize(routing_->peers.size());
+}
 
 absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t,
                                         const int32_t* ids, const float* w, int64_t k) {
   layer_ = layer;
+  x_ = x;
+  ids_ = ids;
+  w_ = w;
+  t_ = t;
+  k_ = k;
   begun_ = transport::Clock::now();
   deadline_ = begun_ + options_.deadline;
-  const int64_t nshards = static_cast<int64_t>(peers_.size());
-  local_index_.assign(static_cast<size_t>(t * nshards), -1);
-  for (ShardCall& c : calls_) {
-    c.posted = false;
-    c.tokens.clear();
+  all_pairs_.resize(static_cast<size_t>(t * k));
+  for (int64_t p = 0; p < t * k; ++p) {
+    all_pairs_[static_cast<size_t>(p)] = p;
+    if (ids[p] >= 0 && ids[p] < n_experts_) {
+      expert_tokens_[static_cast<size_t>(layer * n_experts_ + ids[p])].fetch_add(
+          1, std::memory_order_relaxed);
+    }
   }
-  // Plan: unique tokens per destination shard.
-  for (int64_t i = 0; i < t; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      const int s = placement_.ShardOf(layer, ids[i * k + j]);
-      if (s < 0) {
-        return absl::UnavailableError(absl::StrCat("no live expert shard hosts expert ",
-                                                   ids[i * k + j], " of layer ", layer));
+  choice_.assign(static_cast<size_t>(t * k), -1);
+  avoid_.assign(routing_->peers.size(), 0);
+  failed_.clear();
+  first_failure_ = absl::OkStatus();
+  return Dispatch(all_pairs_, avoid_);
+}
+
+absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo,
+                                           const std::vector<char>& avoid) {
+  const ExpertRouting& r = *routing_;
+  const int64_t ns = static_cast<int64_t>(r.peers.size());
+  health_->Snapshot(r.peers, &dead_);
+  for (ShardCall& c : calls_) c.tokens.clear();
+  local_index_.assign(static_cast<size_t>(t_ * ns), -1);
+  assigned_.assign(static_cast<size_t>(ns), 0);
+  // Plan: a live replica per pair, unique tokens per destination shard.
+  for (int64_t p : todo) {
+    const int64_t i = p / k_;
+    const std::vector<int>& reps = r.placement.Replicas(layer_, ids_[p]);
+    int best = -1;
+    for (int s : reps) {
+      if (dead_[static_cast<size_t>(s)] || avoid[static_cast<size_t>(s)]) continue;
+      if (local_index_[static_cast<size_t>(i * ns + s)] >= 0) {
+        best = s;
+        break;
       }
-      int64_t& li = local_index_[static_cast<size_t>(i * nshards + s)];
-      if (li < 0) {
-        li = static_cast<int64_t>(calls_[static_cast<size_t>(s)].tokens.size());
-        calls_[static_cast<size_t>(s)].tokens.push_back(i);
+      if (best < 0 || assigned_[static_cast<size_t>(s)] < assigned_[static_cast<size_t>(best)]) {
+        best = s;
       }
+    }
+    if (best < 0) {
+      return absl::UnavailableError(absl::StrCat("no live expert shard serves expert ", ids_[p],
+                                                 " of layer ", layer_));
+    }
+    choice_[static_cast<size_t>(p)] = best;
+    int64_t& li = local_index_[static_cast<size_t>(i * ns + best)];
+    if (li < 0) {
+      li = static_cast<int64_t>(calls_[static_cast<size_t>(best)].tokens.size());
+      calls_[static_cast<size_t>(best)].tokens.push_back(i);
+      ++assigned_[static_cast<size_t>(best)];
     }
   }
   ++seq_;
-  for (int s = 0; s < nshards; ++s) {
+  for (int s = 0; s < ns; ++s) {
     ShardCall& call = calls_[static_cast<size_t>(s)];
     if (call.tokens.empty()) continue;
     const int64_t n = static_cast<int64_t>(call.tokens.size());
     rows_.resize(static_cast<size_t>(n * hidden_));
     pairs_.clear();
     for (int64_t li = 0; li < n; ++li) {
-      const int64_t i = call.tokens[static_cast<size_t>(li)];
-      std::memcpy(rows_.data() + li * hidden_, x + i * hidden_,
+      std::memcpy(rows_.data() + li * hidden_, x_ + call.tokens[static_cast<size_t>(li)] * hidden_,
                   sizeof(float) * static_cast<size_t>(hidden_));
-      for (int64_t j = 0; j < k; ++j) {
-        if (placement_.ShardOf(layer, ids[i * k + j]) == s) {
-          pairs_.push_back(wire::Pair{static_cast<uint32_t>(li),
-                                      static_cast<uint32_t>(ids[i * k + j]), w[i * k + j]});
-        }
-      }
+    }
+    for (int64_t p : todo) {
+      if (choice_[static_cast<size_t>(p)] != s) continue;
+      const int64_t li = local_index_[static_cast<size_t>((p / k_) * ns + s)];
+      pairs_.push_back(
+          wire::Pair{static_cast<uint32_t>(li), static_cast<uint32_t>(ids_[p]), w_[p]});
     }
     wire::Header h;
     h.sender_id = options_.sender_id;
     h.step_seq = seq_;
-    h.layer = static_cast<uint32_t>(layer);
+    h.layer = static_cast<uint32_t>(layer_);
     h.token_count = static_cast<uint32_t>(n);
     h.hidden_size = static_cast<uint32_t>(hidden_);
     h.dtype = options_.dtype;
     std::vector<uint8_t> msg = client_->AcquireBuffer();
     wire::EncodeDispatch(h, rows_.data(), pairs_, &msg);
     call.bytes_out = msg.size();
-    auto id = client_->Post(peers_[static_cast<size_t>(s)], std::move(msg));
+    auto id = client_->Post(r.peers[static_cast<size_t>(s)], std::move(msg));
     if (!id.ok()) {
-      // Collect what was already posted, so that no request stays in flight.
-      for (ShardCall& c : calls_) {
-        if (!c.posted) continue;
-        c.posted = false;
-        client_->Wait(c.id, transport::Clock::now(), &reply_).IgnoreError();
-        client_->ReleaseBuffer(std::move(reply_));
-        reply_ = std::vector<uint8_t>();
+      // The peer is known to have failed: Finish sends its pairs elsewhere.
+      health_->MarkDead(r.peers[static_cast<size_t>(s)]);
+      failed_.push_back(s);
+      if (first_failure_.ok()) {
+        first_failure_ = absl::UnavailableError(absl::StrCat(
+            "expert shard ", r.names[static_cast<size_t>(s)], ": ", id.status().message()));
       }
-      return absl::UnavailableError(absl::StrCat("expert shard ", names_[static_cast<size_t>(s)],
-                                                 ": ", id.status().message()));
+      continue;
     }
     call.id = *id;
     call.posted = true;
@@ -112,8 +205,8 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
   return absl::OkStatus();
 }
 
-absl::Status RemoteRoutedExperts::Finish(float* out) {
-  absl::Status first_error;
+absl::Status RemoteRoutedExperts::Collect(float* out, std::vector<int>* failed) {
+  const ExpertRouting& r = *routing_;
   row_.resize(static_cast<size_t>(hidden_));
   for (size_t s = 0; s < calls_.size(); ++s) {
     ShardCall& call = calls_[s];
@@ -122,17 +215,19 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
     const absl::Status st = client_->Wait(call.id, deadline_, &reply_);
     ++round_trips_;
     if (options_.observer) {
-      options_.observer(static_cast<int>(s),
+      options_.observer(r.names[s],
                         std::chrono::duration<double>(transport::Clock::now() - begun_).count(),
                         static_cast<int64_t>(call.tokens.size()), call.bytes_out,
                         st.ok() ? reply_.size() : 0, st.ok());
     }
     if (!st.ok()) {
-      if (first_error.ok()) {
-        first_error = absl::Status(
+      health_->MarkDead(r.peers[s]);
+      failed->push_back(static_cast<int>(s));
+      if (first_failure_.ok()) {
+        first_failure_ = absl::Status(
             st.code() == absl::StatusCode::kDeadlineExceeded ? absl::StatusCode::kDeadlineExceeded
                                                              : absl::StatusCode::kUnavailable,
-            absl::StrCat("expert shard ", names_[s], " (layer ", layer_, "): ", st.message()));
+            absl::StrCat("expert shard ", r.names[s], " (layer ", layer_, "): ", st.message()));
       }
       continue;
     }
@@ -149,9 +244,12 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
       bad = absl::InternalError("combine does not match its dispatch");
     }
     if (!bad.ok()) {
-      if (first_error.ok()) {
-        first_error = absl::UnavailableError(
-            absl::StrCat("expert shard ", names_[s], " (layer ", layer_, "): ", bad.message()));
+      // The shard is alive but could not serve this (e.g. it no longer hosts the expert):
+      // try another replica.
+      failed->push_back(static_cast<int>(s));
+      if (first_failure_.ok()) {
+        first_failure_ = absl::UnavailableError(
+            absl::StrCat("expert shard ", r.names[s], " (layer ", layer_, "): ", bad.message()));
       }
     } else {
       for (uint32_t li = 0; li < v->header.token_count; ++li) {
@@ -163,7 +261,44 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
     client_->ReleaseBuffer(std::move(reply_));
     reply_ = std::vector<uint8_t>();
   }
-  return first_error;
+  return absl::OkStatus();
+}
+
+absl::Status RemoteRoutedExperts::Finish(float* out) {
+  // failed_ may already hold shards whose Post failed in Begin.
+  Collect(out, &failed_).IgnoreError();
+  const size_t ns = routing_->peers.size();
+  for (size_t attempt = 0; !failed_.empty(); ++attempt) {
+    if (attempt >= ns) break;
+    for (int s : failed_) avoid_[static_cast<size_t>(s)] = 1;
+    retry_pairs_.clear();
+    for (int64_t p = 0; p < t_ * k_; ++p) {
+      const int c = choice_[static_cast<size_t>(p)];
+      if (c >= 0 && std::find(failed_.begin(), failed_.end(), c) != failed_.end()) {
+        retry_pairs_.push_back(p);
+      }
+    }
+    failed_.clear();
+    rerouted_ += retry_pairs_.size();
+    // Pairs already combined must not be sent again: only the retried ones get a choice.
+    for (int& c : choice_) c = -1;
+    const absl::Status st = Dispatch(retry_pairs_, avoid_);
+    if (!st.ok()) {
+      absl::Status first = first_failure_;
+      first_failure_ = absl::OkStatus();
+      return absl::Status(first.ok() ? st.code() : first.code(),
+                          absl::StrCat(first.ok() ? "" : first.message(),
+                                       first.ok() ? "" : "; ", st.message()));
+    }
+    Collect(out, &failed_).IgnoreError();
+  }
+  const absl::Status first = first_failure_;
+  first_failure_ = absl::OkStatus();
+  if (!failed_.empty()) {
+    failed_.clear();
+    return first;
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace dmoe

@@ -1,15 +1,22 @@
 // Routed experts on other processes: the attention side of dispatch and combine (DESIGN.md §2).
 // Per MoE layer, a plan sends each token's hidden row once per destination shard with the
-// (expert, weight) pairs that shard hosts; every shard works concurrently; Finish waits for all
+// (expert, weight) pairs that shard serves; every shard works concurrently; Finish waits for all
 // combines (each before the deadline) and adds the already-weighted partial rows.
+//
+// Replicas: when an expert has several shards, each token goes to a live replica it already
+// reaches, else to the replica with the fewest tokens so far in this layer (spreading load).
+// A shard that fails (endpoint error or deadline) is marked dead for this routing and its pairs
+// are sent again to other live replicas in the same Finish; only when some expert has no live
+// replica left does the layer fail, with UNAVAILABLE naming it.
 #ifndef DMOE_EXPERT_SERVICE_REMOTE_EXPERTS_H_
 #define DMOE_EXPERT_SERVICE_REMOTE_EXPERTS_H_
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -21,24 +28,51 @@
 
 namespace dmoe {
 
-// Which shard serves each (layer, expert). One replica per expert for now (the router adds more).
+// Which shards serve each (layer, expert) of the MoE layers.
 class ExpertPlacement {
  public:
-  // Adds `shard` as the server of each listed expert (the first one listed wins).
+  ExpertPlacement() = default;
+  ExpertPlacement(int64_t layers, int64_t experts)
+      : experts_(experts), replicas_(static_cast<size_t>(layers * experts)) {}
+  // Adds `shard` as a replica of each listed expert (ignored when out of the model's range).
   void Add(int shard, const std::vector<std::pair<int64_t, int64_t>>& experts);
-  // -1 when no shard serves it.
-  int ShardOf(int64_t layer, int64_t expert) const;
+  // The shards serving it (empty when none).
+  const std::vector<int>& Replicas(int64_t layer, int64_t expert) const;
   // INVALID_ARGUMENT naming the first expert of a MoE layer that no shard serves.
   absl::Status CheckCovers(const ModelConfig& c) const;
 
  private:
-  std::map<std::pair<int64_t, int64_t>, int> shard_;
+  int64_t experts_ = 0;
+  std::vector<std::vector<int>> replicas_;
+  std::vector<int> none_;
 };
 
-// One finished round trip to one shard: its index, seconds from dispatch to combine, tokens sent,
+// A snapshot of where the experts are: shard s is transport peer peers[s], named names[s].
+struct ExpertRouting {
+  uint64_t version = 0;  // placement version (0: static, from --expert-shards)
+  std::vector<int> peers;
+  std::vector<std::string> names;
+  ExpertPlacement placement;
+};
+
+// Transport peers known to have failed. Shared by the RemoteRoutedExperts of one client.
+class PeerHealth {
+ public:
+  void MarkDead(int peer);
+  bool Dead(int peer) const;
+  // Dead flags of `peers`, in order (one lock).
+  void Snapshot(const std::vector<int>& peers, std::vector<char>* dead) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<char> dead_;
+};
+
+// One finished round trip to one shard: its name, seconds from dispatch to combine, tokens sent,
 // bytes out and in, and whether it succeeded. Called on the engine's thread; must be cheap.
-using RoundTripObserver = std::function<void(int shard, double seconds, int64_t tokens,
-                                             uint64_t bytes_out, uint64_t bytes_in, bool ok)>;
+using RoundTripObserver =
+    std::function<void(const std::string& shard, double seconds, int64_t tokens,
+                       uint64_t bytes_out, uint64_t bytes_in, bool ok)>;
 
 struct RemoteExpertsOptions {
   wire::WireDType dtype = wire::WireDType::kBF16;
@@ -49,7 +83,10 @@ struct RemoteExpertsOptions {
 
 class RemoteRoutedExperts : public RoutedExperts {
  public:
-  // `peers[i]` is the transport peer index of shard i; `names[i]` its address for messages.
+  RemoteRoutedExperts(const ModelConfig& c, transport::ClientTransport* client,
+                      std::shared_ptr<const ExpertRouting> routing,
+                      std::shared_ptr<PeerHealth> health, RemoteExpertsOptions options);
+  // One static routing over `peers` (shard i = peers[i], named names[i]).
   RemoteRoutedExperts(const ModelConfig& c, transport::ClientTransport* client,
                       std::vector<int> peers, std::vector<std::string> names,
                       ExpertPlacement placement, RemoteExpertsOptions options);
@@ -57,8 +94,19 @@ class RemoteRoutedExperts : public RoutedExperts {
                      int64_t k) override;
   absl::Status Finish(float* out) override;
 
+  // Used from the next Begin on. Call between steps (not between Begin and Finish).
+  void SetRouting(std::shared_ptr<const ExpertRouting> routing);
+  const ExpertRouting& routing() const { return *routing_; }
+
   // Round trips made (bytes and latency go to RemoteExpertsOptions::observer).
   uint64_t round_trips() const { return round_trips_; }
+  // Pairs sent again to another replica after a shard failed.
+  uint64_t rerouted_pairs() const { return rerouted_; }
+  // Tokens sent per (layer, expert) since start (for load reports). Thread-safe.
+  uint64_t expert_tokens(int64_t layer, int64_t expert) const {
+    return expert_tokens_[static_cast<size_t>(layer * n_experts_ + expert)].load(
+        std::memory_order_relaxed);
+  }
 
  private:
   struct ShardCall {
@@ -67,24 +115,41 @@ class RemoteRoutedExperts : public RoutedExperts {
     uint64_t bytes_out = 0;
     std::vector<int64_t> tokens;  // local index -> token of the batch
   };
+  // Chooses shards for pairs `todo` (indices into ids/w) among live replicas not in `avoid`,
+  // then posts one message per shard. UNAVAILABLE when a pair has no candidate.
+  absl::Status Dispatch(const std::vector<int64_t>& todo, const std::vector<char>& avoid);
+  // Waits for every posted call; adds good replies into out; collects the failed shards.
+  absl::Status Collect(float* out, std::vector<int>* failed);
+
   int64_t hidden_;
+  int64_t n_experts_;
   transport::ClientTransport* client_;
-  std::vector<int> peers_;
-  std::vector<std::string> names_;
-  ExpertPlacement placement_;
+  std::shared_ptr<const ExpertRouting> routing_;
+  std::shared_ptr<PeerHealth> health_;
   RemoteExpertsOptions options_;
   uint64_t seq_ = 0;
-  int64_t layer_ = 0;
+  // The call in progress.
+  int64_t layer_ = 0, t_ = 0, k_ = 0;
+  const float* x_ = nullptr;
+  const int32_t* ids_ = nullptr;
+  const float* w_ = nullptr;
   transport::Clock::time_point deadline_;
   transport::Clock::time_point begun_;
   std::vector<ShardCall> calls_;
+  std::vector<int> choice_;  // shard per pair
   // Scratch reused across layers.
+  std::vector<int64_t> all_pairs_, retry_pairs_;
+  std::vector<char> dead_, avoid_;
+  std::vector<int64_t> assigned_;
   std::vector<int64_t> local_index_;
   std::vector<float> rows_;
   std::vector<wire::Pair> pairs_;
   std::vector<uint8_t> reply_;
   std::vector<float> row_;
-  uint64_t round_trips_ = 0;
+  std::vector<int> failed_;
+  absl::Status first_failure_;
+  uint64_t round_trips_ = 0, rerouted_ = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
 };
 
 }  // namespace dmoe

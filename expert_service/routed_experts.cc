@@ -15,7 +15,7 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
   for (const auto& key : experts) {
     auto m = LoadExpertWeights(ck, c, key.first, key.second);
     if (!m.ok()) return m.status();
-    store->experts_[key] = std::move(m).value();
+    store->experts_[key] = std::make_shared<const MlpWeights>(std::move(m).value());
   }
   return store;
 }
@@ -31,13 +31,31 @@ std::vector<std::pair<int64_t, int64_t>> ExpertStore::AllExperts(const ModelConf
 
 const MlpWeights* ExpertStore::Find(int64_t layer, int64_t expert) const {
   auto it = experts_.find({layer, expert});
-  return it == experts_.end() ? nullptr : &it->second;
+  return it == experts_.end() ? nullptr : it->second.get();
+}
+
+std::vector<std::pair<int64_t, int64_t>> ExpertStore::Keys() const {
+  std::vector<std::pair<int64_t, int64_t>> keys;
+  for (const auto& [key, _] : experts_) keys.push_back(key);
+  return keys;
+}
+
+std::unique_ptr<ExpertStore> ExpertStore::Merge(const std::set<std::pair<int64_t, int64_t>>& keep,
+                                                const ExpertStore* added) const {
+  auto out = std::make_unique<ExpertStore>();
+  for (const auto& [key, w] : experts_) {
+    if (keep.count(key)) out->experts_[key] = w;
+  }
+  if (added != nullptr) {
+    for (const auto& [key, w] : added->experts_) out->experts_[key] = w;
+  }
+  return out;
 }
 
 uint64_t ExpertStore::bytes() const {
   uint64_t n = 0;
   for (const auto& [_, m] : experts_) {
-    n += 4 * (m.gate.w.size() + m.up.w.size() + m.down.w.size());
+    n += 4 * (m->gate.w.size() + m->up.w.size() + m->down.w.size());
   }
   return n;
 }

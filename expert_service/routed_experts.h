@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -44,9 +45,14 @@ class ExpertStore {
   size_t size() const { return experts_.size(); }
   // Bytes of expert weights held.
   uint64_t bytes() const;
+  std::vector<std::pair<int64_t, int64_t>> Keys() const;
+  // A store of the experts of `this` listed in `keep` plus every expert of `added`, sharing
+  // their weights (nothing is copied). For changing what a shard hosts while it serves.
+  std::unique_ptr<ExpertStore> Merge(const std::set<std::pair<int64_t, int64_t>>& keep,
+                                     const ExpertStore* added) const;
 
  private:
-  std::map<std::pair<int64_t, int64_t>, MlpWeights> experts_;
+  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const MlpWeights>> experts_;
 };
 
 // Groups (input row, weight, output row) triples by (layer, expert), then runs each group through

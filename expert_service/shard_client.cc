@@ -2,23 +2,33 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <cstdio>
+#include <set>
+
 #include "absl/strings/str_cat.h"
 #include "proto/expert_control.grpc.pb.h"
 #include "transport/ucx.h"
 
 namespace dmoe {
 
+ExpertShardSet::~ExpertShardSet() {
+  stop_ = true;
+  if (member_) member_->Stop();
+  if (reporter_.joinable()) reporter_.join();
+}
+
 absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
     const ModelConfig& config, const std::vector<std::string>& control_addresses,
     const ShardClientOptions& options) {
   if (control_addresses.empty()) return absl::InvalidArgumentError("no expert shard addresses");
   auto set = std::unique_ptr<ExpertShardSet>(new ExpertShardSet());
+  set->config_ = config;
+  set->options_ = options;
   auto client = transport::NewUcxClient();
   if (!client.ok()) return client.status();
   set->client_ = std::move(client).value();
-  ExpertPlacement placement;
-  std::vector<int> peers;
-  std::vector<std::string> names;
+  auto routing = std::make_shared<ExpertRouting>();
+  routing->placement = ExpertPlacement(config.num_hidden_layers, config.n_routed_experts);
   for (size_t i = 0; i < control_addresses.size(); ++i) {
     const std::string& addr = control_addresses[i];
     auto channel = grpc::CreateChannel(addr, grpc::InsecureChannelCredentials());
@@ -50,17 +60,157 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
     }
     std::vector<std::pair<int64_t, int64_t>> experts;
     for (const auto& e : info.experts()) experts.emplace_back(e.layer(), e.expert());
-    placement.Add(static_cast<int>(i), experts);
-    peers.push_back(*peer);
-    names.push_back(addr);
+    routing->placement.Add(static_cast<int>(i), experts);
+    routing->peers.push_back(*peer);
+    routing->names.push_back(addr);
   }
-  if (auto st = placement.CheckCovers(config); !st.ok()) return st;
-  set->experts_b_ = std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), peers, names,
-                                                          placement, options.remote);
-  set->experts_ =
-      std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), std::move(peers),
-                                            std::move(names), std::move(placement), options.remote);
+  if (auto st = routing->placement.CheckCovers(config); !st.ok()) return st;
+  set->experts_b_ = std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), routing,
+                                                          set->health_, options.remote);
+  set->experts_ = std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), routing,
+                                                        set->health_, options.remote);
   return set;
+}
+
+absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
+    const ModelConfig& config, const ShardClientOptions& options) {
+  auto set = std::unique_ptr<ExpertShardSet>(new ExpertShardSet());
+  set->config_ = config;
+  set->options_ = options;
+  auto client = transport::NewUcxClient();
+  if (!client.ok()) return client.status();
+  set->client_ = std::move(client).value();
+  router::MemberOptions mo;
+  mo.router_address = options.router;
+  mo.cluster_token = options.cluster_token;
+  set->member_ = std::make_unique<router::RouterMember>(mo);
+  ExpertShardSet* raw = set.get();
+  set->member_->StartWatch(/*targets=*/false, [raw](const internal::PlacementUpdate& u) {
+    if (u.version() == 0) return;  // no active map yet
+    std::lock_guard<std::mutex> l(raw->mu_);
+    raw->pending_ = u;
+  });
+  // The first map.
+  const auto until = std::chrono::steady_clock::now() + options.first_map_timeout;
+  while (std::chrono::steady_clock::now() < until) {
+    {
+      std::lock_guard<std::mutex> l(set->mu_);
+      if (set->pending_.has_value()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::optional<internal::PlacementUpdate> first;
+  {
+    std::lock_guard<std::mutex> l(set->mu_);
+    first.swap(set->pending_);
+  }
+  if (!first.has_value()) {
+    return absl::UnavailableError(absl::StrCat(
+        "router ", options.router, ": no active placement map within ",
+        options.first_map_timeout.count(), " ms (are enough expert shards registered?)"));
+  }
+  if (auto st = set->Apply(*first); !st.ok()) return st;
+  // Load reports for EPLB: tokens per (layer, expert) sent since the last report.
+  set->reporter_ = std::thread([raw] {
+    const ModelConfig& c = raw->config_;
+    std::vector<uint64_t> last(static_cast<size_t>(c.num_hidden_layers * c.n_routed_experts), 0);
+    auto next = std::chrono::steady_clock::now();
+    while (!raw->stop_) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (std::chrono::steady_clock::now() < next) continue;
+      next = std::chrono::steady_clock::now() + raw->options_.load_report_interval;
+      internal::LoadReport report;
+      report.set_node_id(raw->member_->node_id());
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        if (!c.IsMoeLayer(l)) continue;
+        for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+          const uint64_t now =
+              raw->experts_->expert_tokens(l, e) + raw->experts_b_->expert_tokens(l, e);
+          uint64_t& prev = last[static_cast<size_t>(l * c.n_routed_experts + e)];
+          if (now == prev) continue;
+          auto* x = report.add_loads();
+          x->set_layer(static_cast<uint32_t>(l));
+          x->set_expert(static_cast<uint32_t>(e));
+          x->set_tokens(static_cast<double>(now - prev));
+          prev = now;
+        }
+      }
+      if (report.loads_size() > 0) raw->member_->ReportLoad(report).IgnoreError();
+    }
+  });
+  return set;
+}
+
+absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
+  auto routing = std::make_shared<ExpertRouting>();
+  routing->version = u.version();
+  routing->placement = ExpertPlacement(config_.num_hidden_layers, config_.n_routed_experts);
+  std::map<std::string, int> shard_of;  // node id -> shard index (-1: unreachable)
+  for (const auto& r : u.replicas()) {
+    for (const std::string& id : r.node_ids()) {
+      if (shard_of.count(id)) continue;
+      const auto& addresses = options_.connect == UcxConnectMode::kListener
+                                  ? u.ucx_addresses()
+                                  : u.ucx_worker_addresses();
+      auto it = addresses.find(id);
+      int peer = -1;
+      if (it != addresses.end() && !it->second.empty()) {
+        auto known = peer_of_address_.find(it->second);
+        if (known != peer_of_address_.end()) {
+          peer = known->second;
+        } else {
+          auto p = client_->Connect(it->second);
+          if (p.ok()) {
+            peer = *p;
+            peer_of_address_[it->second] = peer;
+          } else {
+            std::fprintf(stderr, "placement %llu: cannot reach expert shard %s at %s: %s\n",
+                         static_cast<unsigned long long>(u.version()), id.c_str(),
+                         it->second.c_str(), std::string(p.status().message()).c_str());
+          }
+        }
+      }
+      if (peer < 0) {
+        shard_of[id] = -1;
+        continue;
+      }
+      shard_of[id] = static_cast<int>(routing->peers.size());
+      routing->peers.push_back(peer);
+      auto g = u.grpc_addresses().find(id);
+      routing->names.push_back(
+          g == u.grpc_addresses().end() ? id : absl::StrCat(id, " (", g->second, ")"));
+    }
+    std::vector<std::pair<int64_t, int64_t>> one = {{r.layer(), r.expert()}};
+    for (const std::string& id : r.node_ids()) {
+      if (shard_of[id] >= 0) routing->placement.Add(shard_of[id], one);
+    }
+  }
+  if (experts_ == nullptr) {
+    experts_b_ =
+        std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_, options_.remote);
+    experts_ =
+        std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_, options_.remote);
+  } else {
+    experts_->SetRouting(routing);
+    experts_b_->SetRouting(routing);
+  }
+  version_ = u.version();
+  return absl::OkStatus();
+}
+
+bool ExpertShardSet::SwitchIfChanged() {
+  if (member_ == nullptr) return false;
+  std::optional<internal::PlacementUpdate> u;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    u.swap(pending_);
+  }
+  if (!u.has_value() || u->version() == version_) return false;
+  if (!Apply(*u).ok()) return false;
+  ++switches_;
+  std::fprintf(stderr, "switched to placement %llu\n",
+               static_cast<unsigned long long>(u->version()));
+  return true;
 }
 
 }  // namespace dmoe

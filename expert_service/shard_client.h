@@ -1,15 +1,24 @@
-// Connects an attention node to its expert shards: asks each shard's control API (gRPC) what it
-// hosts and where its data plane listens, connects the UCX client, and builds the placement.
+// Connects an attention node to its expert shards. Static: asks each listed shard's control API
+// (gRPC) what it hosts and where its data plane listens. With a router: watches the router's
+// active placement maps, connects to the shards they name, and switches to each new map between
+// engine steps (SwitchIfChanged); reports expert load to the router for EPLB.
 #ifndef DMOE_EXPERT_SERVICE_SHARD_CLIENT_H_
 #define DMOE_EXPERT_SERVICE_SHARD_CLIENT_H_
 
+#include <atomic>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "expert_service/remote_experts.h"
 #include "model/config.h"
+#include "proto/router.pb.h"
+#include "router/member.h"
 #include "transport/transport.h"
 
 namespace dmoe {
@@ -23,24 +32,55 @@ struct ShardClientOptions {
   RemoteExpertsOptions remote;
   UcxConnectMode connect = UcxConnectMode::kListener;
   std::chrono::milliseconds control_deadline{5000};
+  // Router mode (ConnectRouter).
+  std::string router;  // "HOST:PORT"
+  std::string cluster_token;
+  std::chrono::milliseconds first_map_timeout{30000};
+  std::chrono::milliseconds load_report_interval{1000};
 };
 
 // Owns the UCX client and the RemoteRoutedExperts over it.
 class ExpertShardSet {
  public:
+  ~ExpertShardSet();
   // `control_addresses`: the gRPC "HOST:PORT" of each shard. Fails with a message naming the
   // shard when one cannot be reached, serves another model shape, or when some expert of a MoE
-  // layer has no shard.
+  // layer has no shard. Shards hosting the same expert are replicas of it.
   static absl::StatusOr<std::unique_ptr<ExpertShardSet>> Connect(
       const ModelConfig& config, const std::vector<std::string>& control_addresses,
       const ShardClientOptions& options);
+  // Waits (at most first_map_timeout) for the router's first active map and connects to it.
+  static absl::StatusOr<std::unique_ptr<ExpertShardSet>> ConnectRouter(
+      const ModelConfig& config, const ShardClientOptions& options);
+
   RemoteRoutedExperts* experts() { return experts_.get(); }
   // A second client of the same shards, for the second micro-batch of a ping-pong step.
   RemoteRoutedExperts* experts_b() { return experts_b_.get(); }
+  // Router mode: switches both clients to the newest active map if one arrived since the last
+  // call. Call between engine steps, on the engine's thread. Returns whether it switched.
+  bool SwitchIfChanged();
+  uint64_t version() const { return version_; }
+  uint64_t switches() const { return switches_; }
+  // Null in static mode.
+  router::RouterMember* member() { return member_.get(); }
 
  private:
+  ExpertShardSet() = default;
+  // Builds a routing from a map (connecting to new shards) and hands it to both clients.
+  absl::Status Apply(const internal::PlacementUpdate& u);
+
+  ModelConfig config_;
+  ShardClientOptions options_;
   std::unique_ptr<transport::ClientTransport> client_;
+  std::shared_ptr<PeerHealth> health_ = std::make_shared<PeerHealth>();
   std::unique_ptr<RemoteRoutedExperts> experts_, experts_b_;
+  std::map<std::string, int> peer_of_address_;
+  std::atomic<uint64_t> version_{0}, switches_{0};
+  std::unique_ptr<router::RouterMember> member_;
+  std::mutex mu_;
+  std::optional<internal::PlacementUpdate> pending_;
+  std::atomic<bool> stop_{false};
+  std::thread reporter_;
 };
 
 }  // namespace dmoe

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <fstream>
@@ -31,7 +32,11 @@ replicas of hot experts from reported load) and streams it to watchers. It is no
   --ready-file F             once serving, write {"grpc": ..., "metrics": ..., "pid": ...} to F
   --lease-ms N               lease length (default 3000); a node that misses it is removed
   --cluster-token-file F     require this token in "x-dmoe-cluster-token" on every call
-  --max-extra-replicas N     EPLB replicas to add (default 0)
+  --replication R            copies of every expert on distinct shards, as capacity allows
+                             (default 1); with R >= 2 losing a shard stalls no request
+  --max-extra-replicas N     EPLB replicas of hot experts to add (default 0)
+  --startup-grace-ms N       plan no map for N ms after start, so that after a restart every
+                             live node registers again first (default: the lease)
   --rebalance-seconds N      recompute the placement from reported load every N s (default 0: never)
   --metrics-listen H:P       Prometheus /metrics (default 127.0.0.1:0)
 )";
@@ -45,7 +50,8 @@ int Main(int argc, char** argv) {
   auto flags =
       cli::Flags::Parse(argc - 1, argv + 1,
                         {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file",
-                         "max-extra-replicas", "rebalance-seconds", "metrics-listen"},
+                         "max-extra-replicas", "rebalance-seconds", "metrics-listen", "replication",
+                         "startup-grace-ms"},
                         {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -59,10 +65,15 @@ int Main(int argc, char** argv) {
   auto lease = flags->Int("lease-ms", 3000);
   auto extra = flags->Int("max-extra-replicas", 0);
   auto rebalance = flags->Int("rebalance-seconds", 0);
-  for (const auto* v : {&lease, &extra, &rebalance}) {
+  auto replication = flags->Int("replication", 1);
+  auto grace = flags->Int("startup-grace-ms", lease.ok() ? *lease : 0);
+  for (const auto* v : {&lease, &extra, &rebalance, &replication, &grace}) {
     if (!v->ok()) return Fail(v->status());
   }
   if (*lease <= 0) return Fail(absl::InvalidArgumentError("--lease-ms: must be positive"));
+  if (*replication < 1) return Fail(absl::InvalidArgumentError("--replication: must be >= 1"));
+  if (*extra < 0) return Fail(absl::InvalidArgumentError("--max-extra-replicas: negative"));
+  if (*grace < 0) return Fail(absl::InvalidArgumentError("--startup-grace-ms: negative"));
   std::string token;
   if (flags->Has("cluster-token-file")) {
     std::ifstream in(flags->StringOr("cluster-token-file", ""));
@@ -72,12 +83,19 @@ int Main(int argc, char** argv) {
   }
   PlacementOptions po;
   po.max_extra_replicas = *extra;
-  RouterState state(*config, std::chrono::milliseconds(*lease), po);
+  po.replication = *replication;
+  RouterState state(
+      *config, std::chrono::milliseconds(*lease), po, [] { return std::chrono::steady_clock::now(); },
+      std::chrono::milliseconds(*grace));
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return Fail(metrics_addr.status());
   auto& version = metrics.Gauge("dmoe_router_placement_version", "Active placement map version");
+  auto& target = metrics.Gauge("dmoe_router_target_placement_version",
+                               "Planned placement version (active once every shard is ready)");
   auto& members = metrics.Gauge("dmoe_router_nodes", "Registered nodes");
+  auto& heartbeat_age = metrics.Gauge("dmoe_router_oldest_heartbeat_age_seconds",
+                                      "Time since the least recent heartbeat of any node");
   auto& expired =
       metrics.Counter("dmoe_router_expired_leases_total", "Nodes removed for a lapsed lease");
 
@@ -100,8 +118,18 @@ int Main(int argc, char** argv) {
         state.Rebalance();
         last_rebalance = std::chrono::steady_clock::now();
       }
-      version.Set(static_cast<double>(state.placement().version));
-      members.Set(static_cast<double>(state.nodes().size()));
+      const PlacementState maps = state.state();
+      version.Set(static_cast<double>(maps.active.version));
+      target.Set(static_cast<double>(maps.target.version));
+      const auto nodes = state.nodes();
+      members.Set(static_cast<double>(nodes.size()));
+      double oldest = 0;
+      const auto now = std::chrono::steady_clock::now();
+      for (const Node& n : nodes) {
+        oldest = std::max(
+            oldest, std::chrono::duration<double>(now - (n.lease_until - state.lease())).count());
+      }
+      heartbeat_age.Set(oldest);
     }
   });
   RouterServiceImpl service(&state, token);

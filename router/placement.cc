@@ -92,6 +92,42 @@ absl::StatusOr<PlacementMap> ComputePlacement(const ModelConfig& c,
       }
     }
   }
+  // Further copies: each unit again on the shard with the most room that hosts none of it.
+  for (int64_t r = 1; r < options.replication && r < static_cast<int64_t>(shards.size()); ++r) {
+    for (int64_t l : moe_layers) {
+      for (int64_t first = 0; first < e; first += unit) {
+        const int64_t n = std::min(unit, e - first);
+        auto hosts = [&](size_t s, int64_t x) {
+          const std::vector<int>& rs = m.replicas[{l, x}];
+          return std::find(rs.begin(), rs.end(), static_cast<int>(s)) != rs.end();
+        };
+        int best = -1;
+        for (size_t s = 0; s < shards.size(); ++s) {
+          bool any = false;
+          for (int64_t x = first; x < first + n && !any; ++x) any = hosts(s, x);
+          if (!any && free[s] >= n && (best < 0 || free[s] > free[static_cast<size_t>(best)])) {
+            best = static_cast<int>(s);
+          }
+        }
+        if (best >= 0) {
+          for (int64_t x = first; x < first + n; ++x) m.replicas[{l, x}].push_back(best);
+          free[static_cast<size_t>(best)] -= n;
+          continue;
+        }
+        for (int64_t x = first; x < first + n; ++x) {  // split, as room allows
+          int b = -1;
+          for (size_t s = 0; s < shards.size(); ++s) {
+            if (!hosts(s, x) && free[s] > 0 && (b < 0 || free[s] > free[static_cast<size_t>(b)])) {
+              b = static_cast<int>(s);
+            }
+          }
+          if (b < 0) continue;
+          m.replicas[{l, x}].push_back(b);
+          --free[static_cast<size_t>(b)];
+        }
+      }
+    }
+  }
   // EPLB: take load off the most loaded shard by replicating its heaviest expert (per replica)
   // onto the least-loaded shard that has room and does not host it yet, while that lowers the
   // maximum shard load.

@@ -36,6 +36,10 @@ struct PlacementMap {
 };
 
 struct PlacementOptions {
+  // Copies of every (layer, expert) on distinct shards, as far as shards and capacity allow (the
+  // first copy is always placed; further ones only within capacity). Survives the loss of
+  // replication - 1 shards without waiting for re-hosting.
+  int64_t replication = 1;
   // Replicas EPLB may add in all (0: none). Replicas are only added within capacity.
   int64_t max_extra_replicas = 0;
 };

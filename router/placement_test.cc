@@ -119,6 +119,50 @@ TEST(Placement, RandomCasesHoldEveryInvariant) {
   EXPECT_GT(improved, skewed / 2);
 }
 
+TEST(Placement, ReplicationPlacesDistinctCopiesWithinCapacity) {
+  std::mt19937 rng(7);
+  int full = 0;
+  for (int i = 0; i < 200; ++i) {
+    Case k = RandomCase(rng, true);
+    int64_t needed = 0;
+    for (int64_t l = 0; l < k.config.num_hidden_layers; ++l)
+      needed += k.config.IsMoeLayer(l) ? k.config.n_routed_experts : 0;
+    // Half the cases: every shard could hold a whole copy, so 2 copies must always fit.
+    const bool room = i % 2 == 0;
+    if (room) {
+      for (auto& sh : k.shards) sh.capacity = needed + static_cast<int64_t>(rng() % 8);
+    }
+    PlacementOptions o;
+    o.replication = 2;
+    auto m = ComputePlacement(k.config, k.shards, k.load, o, 1);
+    ASSERT_TRUE(m.ok()) << m.status();
+    CheckInvariants(k, *m);
+    if (room && k.shards.size() >= 2) {
+      ++full;
+      for (const auto& [key, rs] : m->replicas) EXPECT_EQ(rs.size(), 2u) << "case " << i;
+    }
+  }
+  EXPECT_GT(full, 20);
+  // The tiny shape on 3 shards with room for 2 copies: losing any one shard leaves every expert.
+  ModelConfig c;
+  c.num_hidden_layers = 4;
+  c.first_k_dense_replace = 1;
+  c.n_routed_experts = 16;
+  c.n_group = 4;
+  c.topk_group = 2;
+  PlacementOptions o;
+  o.replication = 2;
+  auto m = ComputePlacement(c, {{"a", 32}, {"b", 32}, {"c", 32}}, {}, o, 1);
+  ASSERT_TRUE(m.ok());
+  for (int dead = 0; dead < 3; ++dead) {
+    for (const auto& [key, rs] : m->replicas) {
+      bool alive = false;
+      for (int r : rs) alive |= r != dead;
+      EXPECT_TRUE(alive) << "expert " << key.second << " of layer " << key.first;
+    }
+  }
+}
+
 TEST(Placement, TooLittleCapacityIsAClearError) {
   ModelConfig c;
   c.num_hidden_layers = 2;

@@ -21,22 +21,26 @@ grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, grpc::Status st
 const grpc::Status kUnauthenticated(grpc::StatusCode::UNAUTHENTICATED,
                                     "missing or wrong x-dmoe-cluster-token");
 
-// Streams every new placement version until the client goes away.
+// Streams the current map, then every change, until the client goes away: active maps, or (for
+// expert shards) targets with the active version.
 class Watch : public QueuedWriter<internal::PlacementUpdate> {
  public:
   // A non-OK `refuse` ends the stream at once with it.
-  Watch(RouterState* state, grpc::Status refuse) : state_(state) {
+  Watch(RouterState* state, bool targets, grpc::Status refuse) : state_(state) {
     if (!refuse.ok()) {
       FinishWith(std::move(refuse));
       return;
     }
-    thread_ = std::thread([this] {
-      uint64_t seen = UINT64_MAX;
+    thread_ = std::thread([this, targets] {
+      uint64_t generation = UINT64_MAX, sent = UINT64_MAX, sent_active = UINT64_MAX;
       while (!stop_) {
-        const PlacementMap m = state_->WaitForChange(seen, std::chrono::milliseconds(200));
-        if (m.version == seen) continue;
-        seen = m.version;
-        Push(RouterServiceImpl::ToProto(m, state_->nodes()));
+        const PlacementState m = state_->WaitForChange(generation, std::chrono::milliseconds(200));
+        generation = m.generation;
+        const PlacementMap& map = targets ? m.target : m.active;
+        if (map.version == sent && m.active.version == sent_active) continue;
+        sent = map.version;
+        sent_active = m.active.version;
+        Push(RouterServiceImpl::ToProto(map, state_->nodes(), m.active.version));
       }
       FinishWith(grpc::Status::OK);
     });
@@ -65,16 +69,23 @@ bool RouterServiceImpl::Authorized(grpc::CallbackServerContext* ctx) const {
 }
 
 internal::PlacementUpdate RouterServiceImpl::ToProto(const PlacementMap& m,
-                                                     const std::vector<Node>& nodes) {
+                                                     const std::vector<Node>& nodes,
+                                                     uint64_t active_version) {
   internal::PlacementUpdate u;
   u.set_version(m.version);
+  u.set_active_version(active_version);
   for (const auto& [key, rs] : m.replicas) {
     auto* r = u.add_replicas();
     r->set_layer(static_cast<uint32_t>(key.first));
     r->set_expert(static_cast<uint32_t>(key.second));
     for (int s : rs) r->add_node_ids(m.shards[static_cast<size_t>(s)]);
   }
-  for (const Node& n : nodes) (*u.mutable_grpc_addresses())[n.id] = n.grpc_address;
+  for (const Node& n : nodes) {
+    if (n.role != NodeRole::kExpert) continue;
+    (*u.mutable_grpc_addresses())[n.id] = n.grpc_address;
+    (*u.mutable_ucx_addresses())[n.id] = n.ucx_address;
+    (*u.mutable_ucx_worker_addresses())[n.id] = n.ucx_worker_address;
+  }
   return u;
 }
 
@@ -92,8 +103,11 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Register(grpc::CallbackServerContex
   }
   n.grpc_address = req->grpc_address();
   n.ucx_address = req->ucx_address();
+  n.ucx_worker_address = req->ucx_worker_address();
   n.capacity = req->capacity_experts();
-  if (auto st = state_->Register(std::move(n)); !st.ok()) return Done(ctx, ToGrpc(st));
+  if (auto st = state_->Register(std::move(n), req->placement_version()); !st.ok()) {
+    return Done(ctx, ToGrpc(st));
+  }
   reply->set_lease_ms(state_->lease().count());
   reply->set_placement_version(state_->placement().version);
   return Done(ctx, grpc::Status::OK);
@@ -103,15 +117,24 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Heartbeat(grpc::CallbackServerConte
                                                        const internal::HeartbeatRequest* req,
                                                        internal::HeartbeatReply* reply) {
   if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
-  if (auto st = state_->Heartbeat(req->node_id()); !st.ok()) return Done(ctx, ToGrpc(st));
+  if (auto st = state_->Heartbeat(req->node_id(), req->ready_version()); !st.ok()) {
+    return Done(ctx, ToGrpc(st));
+  }
   reply->set_lease_ms(state_->lease().count());
   reply->set_placement_version(state_->placement().version);
   return Done(ctx, grpc::Status::OK);
 }
 
+grpc::ServerUnaryReactor* RouterServiceImpl::Deregister(grpc::CallbackServerContext* ctx,
+                                                        const internal::DeregisterRequest* req,
+                                                        internal::DeregisterReply*) {
+  if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
+  return Done(ctx, ToGrpc(state_->Deregister(req->node_id())));
+}
+
 grpc::ServerWriteReactor<internal::PlacementUpdate>* RouterServiceImpl::WatchPlacement(
-    grpc::CallbackServerContext* ctx, const internal::WatchRequest*) {
-  return new Watch(state_, Authorized(ctx) ? grpc::Status::OK : kUnauthenticated);
+    grpc::CallbackServerContext* ctx, const internal::WatchRequest* req) {
+  return new Watch(state_, req->targets(), Authorized(ctx) ? grpc::Status::OK : kUnauthenticated);
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::ReportLoad(grpc::CallbackServerContext* ctx,
@@ -144,8 +167,12 @@ grpc::ServerUnaryReactor* RouterServiceImpl::ListNodes(grpc::CallbackServerConte
     i->set_capacity_experts(n.capacity);
     i->set_lease_remaining_ms(
         std::chrono::duration_cast<std::chrono::milliseconds>(n.lease_until - now).count());
+    i->set_ready_version(n.ready_version);
+    i->set_draining(n.draining);
   }
-  reply->set_placement_version(state_->placement().version);
+  const PlacementState maps = state_->state();
+  reply->set_placement_version(maps.active.version);
+  reply->set_target_version(maps.target.version);
   return Done(ctx, grpc::Status::OK);
 }
 

@@ -22,6 +22,9 @@ class RouterServiceImpl final : public internal::RouterService::CallbackService 
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
                                       const internal::HeartbeatRequest* req,
                                       internal::HeartbeatReply* reply) override;
+  grpc::ServerUnaryReactor* Deregister(grpc::CallbackServerContext* ctx,
+                                       const internal::DeregisterRequest* req,
+                                       internal::DeregisterReply* reply) override;
   grpc::ServerWriteReactor<internal::PlacementUpdate>* WatchPlacement(
       grpc::CallbackServerContext* ctx, const internal::WatchRequest* req) override;
   grpc::ServerUnaryReactor* ReportLoad(grpc::CallbackServerContext* ctx,
@@ -32,7 +35,8 @@ class RouterServiceImpl final : public internal::RouterService::CallbackService 
                                       internal::ListNodesReply* reply) override;
 
   // The wire form of a placement map.
-  static internal::PlacementUpdate ToProto(const PlacementMap& m, const std::vector<Node>& nodes);
+  static internal::PlacementUpdate ToProto(const PlacementMap& m, const std::vector<Node>& nodes,
+                                           uint64_t active_version);
 
  private:
   bool Authorized(grpc::CallbackServerContext* ctx) const;

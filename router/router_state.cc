@@ -1,16 +1,26 @@
 #include "router/router_state.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace dmoe::router {
 
 RouterState::RouterState(ModelConfig config, std::chrono::milliseconds lease,
-                         PlacementOptions options, Clock clock)
-    : config_(std::move(config)), lease_(lease), options_(options), clock_(std::move(clock)) {
-  problem_ = "no expert shard has registered";
+                         PlacementOptions options, Clock clock,
+                         std::chrono::milliseconds startup_grace)
+    : config_(std::move(config)),
+      lease_(lease),
+      options_(options),
+      clock_(std::move(clock)),
+      started_at_(clock_()),
+      grace_(startup_grace),
+      planning_(startup_grace.count() <= 0) {
+  problem_ = planning_ ? "no expert shard has registered"
+                       : "waiting for nodes to register (startup grace)";
 }
 
-absl::Status RouterState::Register(Node node) {
+absl::Status RouterState::Register(Node node, uint64_t known_version) {
   if (node.id.empty()) return absl::InvalidArgumentError("node_id: empty");
   if (node.grpc_address.empty()) return absl::InvalidArgumentError("grpc_address: empty");
   if (node.role == NodeRole::kExpert && node.capacity <= 0) {
@@ -18,23 +28,40 @@ absl::Status RouterState::Register(Node node) {
         absl::StrCat("capacity_experts: ", node.capacity, " must be positive for an expert shard"));
   }
   std::lock_guard<std::mutex> l(mu_);
+  next_version_ = std::max(next_version_, known_version + 1);
   node.lease_until = clock_() + lease_;
   auto it = nodes_.find(node.id);
-  const bool expert_change = node.role == NodeRole::kExpert &&
-                             (it == nodes_.end() || it->second.capacity != node.capacity ||
-                              it->second.role != NodeRole::kExpert);
+  const bool expert_change =
+      node.role == NodeRole::kExpert &&
+      (it == nodes_.end() || it->second.capacity != node.capacity ||
+       it->second.role != NodeRole::kExpert || it->second.draining);
+  if (it != nodes_.end()) node.ready_version = it->second.ready_version;
   nodes_[node.id] = std::move(node);
   if (expert_change) ReplanLocked();
   return absl::OkStatus();
 }
 
-absl::Status RouterState::Heartbeat(const std::string& id) {
+absl::Status RouterState::Heartbeat(const std::string& id, uint64_t ready_version) {
   std::lock_guard<std::mutex> l(mu_);
   auto it = nodes_.find(id);
   if (it == nodes_.end()) {
     return absl::NotFoundError(absl::StrCat("node ", id, " is not registered (lease lapsed?)"));
   }
   it->second.lease_until = clock_() + lease_;
+  if (ready_version > it->second.ready_version) {
+    it->second.ready_version = ready_version;
+    TryActivateLocked();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RouterState::Deregister(const std::string& id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = nodes_.find(id);
+  if (it == nodes_.end()) return absl::NotFoundError(absl::StrCat("node ", id, " is not registered"));
+  if (it->second.draining) return absl::OkStatus();
+  it->second.draining = true;
+  if (it->second.role == NodeRole::kExpert) ReplanLocked();
   return absl::OkStatus();
 }
 
@@ -46,13 +73,21 @@ std::vector<std::string> RouterState::ExpireLeases() {
   for (auto it = nodes_.begin(); it != nodes_.end();) {
     if (it->second.lease_until <= now) {
       gone.push_back(it->first);
-      expert_gone |= it->second.role == NodeRole::kExpert;
+      expert_gone |= it->second.role == NodeRole::kExpert && !it->second.draining;
       it = nodes_.erase(it);
     } else {
       ++it;
     }
   }
-  if (expert_gone) ReplanLocked();
+  if (!planning_ && now - started_at_ >= grace_) {
+    planning_ = true;
+    ReplanLocked();
+  } else if (expert_gone) {
+    ReplanLocked();
+  }
+  // A target waiting for a shard that is gone now may be superseded above; one whose shards are
+  // all ready (a departed shard no longer blocks it) activates here.
+  TryActivateLocked();
   return gone;
 }
 
@@ -67,9 +102,10 @@ void RouterState::Rebalance() {
 }
 
 void RouterState::ReplanLocked() {
+  if (!planning_) return;
   std::vector<ShardSlot> shards;
   for (const auto& [id, n] : nodes_) {
-    if (n.role == NodeRole::kExpert) shards.push_back({id, n.capacity});
+    if (n.role == NodeRole::kExpert && !n.draining) shards.push_back({id, n.capacity});
   }
   PlacementMap next;
   if (shards.empty()) {
@@ -83,15 +119,40 @@ void RouterState::ReplanLocked() {
       problem_.clear();
     }
   }
-  if (next.replicas == map_.replicas && next.shards == map_.shards) return;
-  next.version = next.replicas.empty() ? 0 : next_version_++;
-  map_ = std::move(next);
+  // Nothing to change, or no map that covers every expert: keep what is planned.
+  if (next.replicas.empty()) return;
+  if (next.replicas == maps_.target.replicas && next.shards == maps_.target.shards) return;
+  next.version = next_version_++;
+  maps_.target = std::move(next);
+  ++maps_.generation;
+  TryActivateLocked();
+  changed_.notify_all();
+}
+
+void RouterState::TryActivateLocked() {
+  if (maps_.target.version == 0 || maps_.target.version == maps_.active.version) return;
+  for (const std::string& id : maps_.target.shards) {
+    auto it = nodes_.find(id);
+    if (it == nodes_.end() || it->second.ready_version < maps_.target.version) return;
+  }
+  maps_.active = maps_.target;
+  ++maps_.generation;
   changed_.notify_all();
 }
 
 PlacementMap RouterState::placement() const {
   std::lock_guard<std::mutex> l(mu_);
-  return map_;
+  return maps_.active;
+}
+
+PlacementMap RouterState::target() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return maps_.target;
+}
+
+PlacementState RouterState::state() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return maps_;
 }
 
 std::vector<Node> RouterState::nodes() const {
@@ -101,10 +162,15 @@ std::vector<Node> RouterState::nodes() const {
   return out;
 }
 
-PlacementMap RouterState::WaitForChange(uint64_t seen, std::chrono::milliseconds timeout) const {
+std::map<ExpertKey, double> RouterState::load() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return load_;
+}
+
+PlacementState RouterState::WaitForChange(uint64_t seen, std::chrono::milliseconds timeout) const {
   std::unique_lock<std::mutex> l(mu_);
-  changed_.wait_for(l, timeout, [&] { return map_.version != seen; });
-  return map_;
+  changed_.wait_for(l, timeout, [&] { return maps_.generation != seen; });
+  return maps_;
 }
 
 std::string RouterState::problem() const {

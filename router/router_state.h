@@ -1,6 +1,10 @@
 // The router's state, free of RPC: members with leases, reported expert load, and the versioned
-// placement map recomputed when the set of expert shards changes (or on Rebalance). Time comes
-// from an injected clock. Thread-safe.
+// placement map. Time comes from an injected clock. Thread-safe.
+//
+// Activation (DESIGN.md §4): a change to the expert shards (or Rebalance) plans a new *target*
+// map; shards watch targets, load what they gained and report the version as ready in their
+// heartbeats. When every shard of the target is ready, the target becomes the *active* map that
+// attention nodes use. Shards drop what they lost only after the active map no longer needs it.
 #ifndef DMOE_ROUTER_ROUTER_STATE_H_
 #define DMOE_ROUTER_ROUTER_STATE_H_
 
@@ -25,49 +29,72 @@ struct Node {
   NodeRole role = NodeRole::kExpert;
   std::string grpc_address;
   std::string ucx_address;
+  std::string ucx_worker_address;
   int64_t capacity = 0;
   std::chrono::steady_clock::time_point lease_until;
+  uint64_t ready_version = 0;  // expert shards: newest target fully loaded
+  bool draining = false;       // deregistered: planned out, still serving until it exits
+};
+
+struct PlacementState {
+  uint64_t generation = 0;  // bumps on every change of either map
+  PlacementMap active;
+  PlacementMap target;
 };
 
 class RouterState {
  public:
   using Clock = std::function<std::chrono::steady_clock::time_point()>;
+  // No placement is planned during `startup_grace` after construction, so that after a router
+  // restart every live node can register again before the first map.
   RouterState(
       ModelConfig config, std::chrono::milliseconds lease, PlacementOptions options,
-      Clock clock = [] { return std::chrono::steady_clock::now(); });
+      Clock clock = [] { return std::chrono::steady_clock::now(); },
+      std::chrono::milliseconds startup_grace = std::chrono::milliseconds(0));
 
   // Adds or refreshes a node (INVALID_ARGUMENT naming the field for an empty id or address, or an
-  // expert shard without capacity). Changes to the expert shards make a new placement version.
-  absl::Status Register(Node node);
+  // expert shard without capacity). Changes to the expert shards plan a new target.
+  // `known_version`: the newest version the node has seen; later versions are numbered above it.
+  absl::Status Register(Node node, uint64_t known_version = 0);
   // NOT_FOUND when the node is unknown (its lease lapsed: it must register again).
-  absl::Status Heartbeat(const std::string& id);
-  // Removes nodes whose lease lapsed; returns their ids.
+  // `ready_version` (expert shards): the newest target it has fully loaded.
+  absl::Status Heartbeat(const std::string& id, uint64_t ready_version = 0);
+  // The node leaves: planned out at once (NOT_FOUND when unknown).
+  absl::Status Deregister(const std::string& id);
+  // Removes nodes whose lease lapsed (returns their ids); ends the startup grace when it is over.
   std::vector<std::string> ExpireLeases();
   void ReportLoad(const std::map<ExpertKey, double>& tokens);
-  // A new placement from the current load (EPLB), if it differs.
+  // A new target from the current load (EPLB), if it differs.
   void Rebalance();
 
-  // The current map (version 0 and no replicas while it cannot cover every expert).
+  // The active map (version 0 and no replicas until a first map is active).
   PlacementMap placement() const;
+  PlacementMap target() const;
+  PlacementState state() const;
   std::vector<Node> nodes() const;
-  // Waits until the version differs from `seen` or `timeout` passes; returns the current map.
-  PlacementMap WaitForChange(uint64_t seen, std::chrono::milliseconds timeout) const;
+  std::map<ExpertKey, double> load() const;
+  // Waits until the generation differs from `seen` or `timeout` passes.
+  PlacementState WaitForChange(uint64_t seen, std::chrono::milliseconds timeout) const;
   std::chrono::milliseconds lease() const { return lease_; }
-  // Why the current map is empty, if it is.
+  // Why the target map is empty, if it is.
   std::string problem() const;
 
  private:
   void ReplanLocked();
+  void TryActivateLocked();
 
   ModelConfig config_;
   std::chrono::milliseconds lease_;
   PlacementOptions options_;
   Clock clock_;
+  std::chrono::steady_clock::time_point started_at_;
+  std::chrono::milliseconds grace_;
+  bool planning_ = false;  // false during the startup grace
   mutable std::mutex mu_;
   mutable std::condition_variable changed_;
   std::map<std::string, Node> nodes_;
   std::map<ExpertKey, double> load_;
-  PlacementMap map_;
+  PlacementState maps_;
   uint64_t next_version_ = 1;
   std::string problem_;
 };

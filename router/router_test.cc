@@ -42,35 +42,75 @@ TEST(RouterState, LeasesMembershipAndVersions) {
   RouterState s(c, milliseconds(1000), PlacementOptions(), [&] { return clock.now; });
   EXPECT_EQ(s.placement().version, 0u);
   ASSERT_TRUE(s.Register(Expert("a", 30)).ok());
-  EXPECT_EQ(s.placement().version, 0u);  // 30 < 48: cannot cover yet
+  EXPECT_EQ(s.target().version, 0u);  // 30 < 48: cannot cover yet
   EXPECT_NE(s.problem().find("48 (layer, expert) pairs"), std::string::npos) << s.problem();
   ASSERT_TRUE(s.Register(Expert("b", 30)).ok());
-  const PlacementMap v1 = s.placement();
+  const PlacementMap v1 = s.target();
   EXPECT_EQ(v1.version, 1u);
   EXPECT_TRUE(Covers(v1, c));
-  ASSERT_TRUE(s.Register(Expert("c", 30)).ok());  // scale-out: a new version including c
-  const PlacementMap v2 = s.placement();
+  // Not active until both shards are ready.
+  EXPECT_EQ(s.placement().version, 0u);
+  ASSERT_TRUE(s.Heartbeat("a", 1).ok());
+  EXPECT_EQ(s.placement().version, 0u);
+  ASSERT_TRUE(s.Heartbeat("b", 1).ok());
+  EXPECT_EQ(s.placement().version, 1u);
+  ASSERT_TRUE(s.Register(Expert("c", 30)).ok());  // scale-out: a new target including c
+  const PlacementMap v2 = s.target();
   EXPECT_EQ(v2.version, 2u);
   EXPECT_EQ(v2.shards.size(), 3u);
+  ASSERT_TRUE(s.Heartbeat("a", 2).ok());
+  ASSERT_TRUE(s.Heartbeat("b", 2).ok());
+  EXPECT_EQ(s.placement().version, 1u);  // c has not loaded yet
+  ASSERT_TRUE(s.Heartbeat("c", 2).ok());
+  EXPECT_EQ(s.placement().version, 2u);
   // a and c keep heartbeating, b stops: after the lease, b is gone and a new map covers without it.
   clock.now += milliseconds(600);
   ASSERT_TRUE(s.Heartbeat("a").ok());
   ASSERT_TRUE(s.Heartbeat("c").ok());
   clock.now += milliseconds(600);
   EXPECT_EQ(s.ExpireLeases(), std::vector<std::string>{"b"});
-  const PlacementMap v3 = s.placement();
+  const PlacementMap v3 = s.target();
   EXPECT_EQ(v3.version, 3u);
   EXPECT_TRUE(Covers(v3, c));
   for (const auto& [key, rs] : v3.replicas) {
     for (int r : rs) EXPECT_NE(v3.shards[static_cast<size_t>(r)], "b");
   }
   EXPECT_EQ(s.Heartbeat("b").code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(s.Heartbeat("a", 3).ok());
+  ASSERT_TRUE(s.Heartbeat("c", 3).ok());
+  EXPECT_EQ(s.placement().version, 3u);
   // Re-registering the same shard unchanged makes no new version.
   ASSERT_TRUE(s.Register(Expert("a", 30)).ok());
-  EXPECT_EQ(s.placement().version, 3u);
+  EXPECT_EQ(s.target().version, 3u);
+  // Deregistering plans the shard out: the next target has only c (capacity allowing: 30 < 48,
+  // so nothing changes and a stays in).
+  ASSERT_TRUE(s.Register(Expert("d", 64)).ok());
+  ASSERT_TRUE(s.Deregister("a").ok());
+  const PlacementMap v5 = s.target();
+  EXPECT_EQ(v5.version, 5u);
+  EXPECT_EQ(v5.shards, (std::vector<std::string>{"c", "d"}));
+  EXPECT_EQ(s.Deregister("nobody").code(), absl::StatusCode::kNotFound);
   // Bad registrations name the field.
   EXPECT_NE(s.Register(Expert("", 3)).message().find("node_id"), absl::string_view::npos);
   EXPECT_NE(s.Register(Expert("z", 0)).message().find("capacity_experts"), absl::string_view::npos);
+}
+
+TEST(RouterState, RestartGraceAndVersionsAboveWhatNodesKnow) {
+  const ModelConfig c = *PresetConfig("tiny");
+  FakeClock clock;
+  RouterState s(
+      c, milliseconds(1000), PlacementOptions(), [&] { return clock.now; }, milliseconds(500));
+  ASSERT_TRUE(s.Register(Expert("a", 48), 7).ok());
+  EXPECT_EQ(s.target().version, 0u);  // grace: b may still come back
+  ASSERT_TRUE(s.Register(Expert("b", 48), 7).ok());
+  clock.now += milliseconds(300);
+  s.ExpireLeases();
+  EXPECT_EQ(s.target().version, 0u);
+  clock.now += milliseconds(300);
+  s.ExpireLeases();
+  const PlacementMap m = s.target();
+  EXPECT_EQ(m.version, 8u);  // above the 7 the nodes knew
+  EXPECT_EQ(m.shards.size(), 2u);
 }
 
 TEST(RouterState, RebalanceAddsReplicasOfHotExperts) {
@@ -86,7 +126,7 @@ TEST(RouterState, RebalanceAddsReplicasOfHotExperts) {
   }
   s.ReportLoad(load);
   s.Rebalance();
-  const PlacementMap m = s.placement();
+  const PlacementMap m = s.target();
   EXPECT_GT(m.version, before);
   EXPECT_GT(m.replicas.at({1, 0}).size(), 1u);
 }
@@ -108,6 +148,7 @@ TEST(RouterService, TokenRegisterAndWatch) {
   req.set_role(internal::EXPERT);
   req.set_grpc_address("127.0.0.1:7");
   req.set_capacity_experts(64);
+  req.set_ucx_address("127.0.0.1:8");
   internal::RegisterReply reply;
   {
     grpc::ClientContext ctx;
@@ -125,11 +166,23 @@ TEST(RouterService, TokenRegisterAndWatch) {
     ctx.AddMetadata("x-dmoe-cluster-token", "secret");
     ASSERT_TRUE(stub->Register(&ctx, req, &reply).ok());
   }
+  // Active once the shard reports the version ready.
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-dmoe-cluster-token", "secret");
+    internal::HeartbeatRequest hb;
+    hb.set_node_id("shard-0");
+    hb.set_ready_version(1);
+    internal::HeartbeatReply hr;
+    ASSERT_TRUE(stub->Heartbeat(&ctx, hb, &hr).ok());
+  }
   ASSERT_TRUE(watch->Read(&u));
   EXPECT_EQ(u.version(), 1u);
+  EXPECT_EQ(u.active_version(), 1u);
   EXPECT_EQ(u.replicas_size(), 48);
   EXPECT_EQ(u.replicas(0).node_ids(0), "shard-0");
   EXPECT_EQ(u.grpc_addresses().at("shard-0"), "127.0.0.1:7");
+  EXPECT_EQ(u.ucx_addresses().at("shard-0"), "127.0.0.1:8");
   {
     grpc::ClientContext ctx;
     ctx.AddMetadata("x-dmoe-cluster-token", "secret");

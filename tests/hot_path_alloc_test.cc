@@ -55,7 +55,7 @@ TEST(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
   ASSERT_TRUE(server.ok());
   auto addr = (*server)->Listen("127.0.0.1:0");
   ASSERT_TRUE(addr.ok());
-  ExpertShard shard(c, store->get());
+  ExpertShard shard(c, std::shared_ptr<const ExpertStore>(std::move(*store)));
   ExpertServer serving(&shard, server->get());
   serving.Start();
 
@@ -63,7 +63,7 @@ TEST(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
   ASSERT_TRUE(client.ok());
   auto peer = (*client)->Connect(*addr);
   ASSERT_TRUE(peer.ok());
-  ExpertPlacement placement;
+  ExpertPlacement placement(c.num_hidden_layers, c.n_routed_experts);
   placement.Add(0, ExpertStore::AllExperts(c));
   RemoteRoutedExperts remote(c, client->get(), {*peer}, {*addr}, placement, RemoteExpertsOptions());
 

@@ -1,0 +1,178 @@
+#include "router/member.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <cstdio>
+
+namespace dmoe::router {
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+RouterMember::RouterMember(MemberOptions options) : options_(std::move(options)) {
+  grpc::ChannelArguments args;
+  // Reconnect quickly after a router restart.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
+  channel_ = grpc::CreateCustomChannel(options_.router_address, grpc::InsecureChannelCredentials(),
+                                       args);
+  stub_ = internal::RouterService::NewStub(channel_);
+}
+
+RouterMember::~RouterMember() { Stop(); }
+
+void RouterMember::Authorize(grpc::ClientContext* ctx) const {
+  if (!options_.cluster_token.empty()) ctx->AddMetadata("x-dmoe-cluster-token", options_.cluster_token);
+  ctx->set_deadline(std::chrono::system_clock::now() + options_.rpc_deadline);
+}
+
+void RouterMember::StartWatch(bool targets,
+                              std::function<void(const internal::PlacementUpdate&)> on_update) {
+  watch_thread_ = std::thread([this, targets, on_update = std::move(on_update)] {
+    bool warned = false;
+    while (!stop_) {
+      grpc::ClientContext ctx;
+      if (!options_.cluster_token.empty()) {
+        ctx.AddMetadata("x-dmoe-cluster-token", options_.cluster_token);
+      }
+      {
+        std::lock_guard<std::mutex> l(watch_mu_);
+        if (stop_) break;
+        watch_ctx_ = &ctx;
+      }
+      internal::WatchRequest req;
+      req.set_targets(targets);
+      auto stream = stub_->WatchPlacement(&ctx, req);
+      internal::PlacementUpdate u;
+      while (stream->Read(&u)) {
+        warned = false;
+        if (u.active_version() > known_version_) known_version_ = u.active_version();
+        on_update(u);
+      }
+      const grpc::Status st = stream->Finish();
+      {
+        std::lock_guard<std::mutex> l(watch_mu_);
+        watch_ctx_ = nullptr;
+      }
+      if (stop_) break;
+      if (!warned) {
+        std::fprintf(stderr, "router watch: %s (keeping the last map; retrying)\n",
+                     st.error_message().c_str());
+        warned = true;
+      }
+      for (int i = 0; i < 5 && !stop_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(40));
+    }
+  });
+}
+
+bool RouterMember::RegisterOnce() {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  internal::RegisterRequest req = registration_;
+  req.set_placement_version(known_version_);
+  internal::RegisterReply reply;
+  const grpc::Status st = stub_->Register(&ctx, req, &reply);
+  if (!st.ok()) return false;
+  lease_ms_ = std::max<int64_t>(30, reply.lease_ms());
+  last_ok_ns_ = NowNs();
+  return true;
+}
+
+bool RouterMember::HeartbeatOnce() {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  internal::HeartbeatRequest req;
+  req.set_node_id(registration_.node_id());
+  if (ready_version_) req.set_ready_version(ready_version_());
+  internal::HeartbeatReply reply;
+  const grpc::Status st = stub_->Heartbeat(&ctx, req, &reply);
+  if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
+    // The router forgot us (restart, or our lease lapsed): register again, then report.
+    return RegisterOnce() && HeartbeatOnce();
+  }
+  if (!st.ok()) return false;
+  lease_ms_ = std::max<int64_t>(30, reply.lease_ms());
+  if (reply.placement_version() > known_version_) known_version_ = reply.placement_version();
+  last_ok_ns_ = NowNs();
+  return true;
+}
+
+void RouterMember::StartMembership(internal::RegisterRequest registration,
+                                   std::function<uint64_t()> ready_version) {
+  registration_ = std::move(registration);
+  ready_version_ = std::move(ready_version);
+  beat_thread_ = std::thread([this] {
+    bool warned = false;
+    while (!stop_) {
+      const bool ok = registered_ ? HeartbeatOnce() : (registered_ = RegisterOnce()) && HeartbeatOnce();
+      if (!ok && !warned) {
+        std::fprintf(stderr, "router %s: unreachable (serving on; retrying)\n",
+                     options_.router_address.c_str());
+      }
+      warned = !ok;
+      std::unique_lock<std::mutex> l(mu_);
+      wake_.wait_for(l, std::chrono::milliseconds(ok ? lease_ms_ / 3 : 100),
+                     [&] { return stop_ || beat_now_; });
+      beat_now_ = false;
+    }
+  });
+}
+
+void RouterMember::HeartbeatNow() {
+  std::lock_guard<std::mutex> l(mu_);
+  beat_now_ = true;
+  wake_.notify_all();
+}
+
+absl::Status RouterMember::Deregister() {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  internal::DeregisterRequest req;
+  req.set_node_id(registration_.node_id());
+  internal::DeregisterReply reply;
+  const grpc::Status st = stub_->Deregister(&ctx, req, &reply);
+  if (!st.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RouterMember::ReportLoad(const internal::LoadReport& report) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  internal::LoadReply reply;
+  const grpc::Status st = stub_->ReportLoad(&ctx, report, &reply);
+  if (!st.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  }
+  return absl::OkStatus();
+}
+
+void RouterMember::Stop() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+    wake_.notify_all();
+  }
+  {
+    std::lock_guard<std::mutex> l(watch_mu_);
+    if (watch_ctx_ != nullptr) watch_ctx_->TryCancel();
+  }
+  if (watch_thread_.joinable()) watch_thread_.join();
+  if (beat_thread_.joinable()) beat_thread_.join();
+}
+
+double RouterMember::heartbeat_age_seconds() const {
+  const int64_t last = last_ok_ns_;
+  if (last == 0) return -1;
+  return static_cast<double>(NowNs() - last) * 1e-9;
+}
+
+}  // namespace dmoe::router
