@@ -28,23 +28,27 @@ namespace {
 constexpr char kUpHelp[] =
     R"(usage: dmoe up [--model DIR] [--experts N] [--attention M] [--expert-replicas R] [flags]
 
-Starts a local cluster as separate processes on 127.0.0.1: N dmoe-expert shards (UCX), M
-dmoe-attention nodes and a dmoe-gateway; writes the tiny model first when DIR has none; waits until
-every service answers; prints "gateway: HOST:PORT"; records the processes in the state file and
-returns, leaving them running. `dmoe down` stops them.
+Starts a local cluster as separate processes on 127.0.0.1: a dmoe-router, N dmoe-expert shards
+(UCX) that take their experts from the router's placement, M dmoe-attention nodes that follow it,
+and a dmoe-gateway; writes the tiny model first when DIR has none; waits until every service
+answers and a placement is active; prints "gateway: HOST:PORT" and the metrics URLs; records the
+processes in the state file and returns, leaving them running. `dmoe down` stops them.
 
   --model DIR            checkpoint directory (default .cache/tiny-model; created with --preset)
   --preset NAME          preset written when DIR has no config.json (default tiny)
   --experts N            expert shards (default 2)
   --attention M          attention nodes (default 1)
-  --expert-replicas R    each slice of the experts is hosted by R shards (default 1; until the router
-                         lands, attention nodes use the first shard listed for each expert)
+  --expert-replicas R    copies of every expert on distinct shards (default 1); with R >= 2 a dead
+                         shard stalls no request
+  --expert-capacity C    (layer, expert) pairs one shard may host (default: all of them, so that
+                         survivors can take over a dead shard's experts)
+  --lease-ms N           router lease (default 3000): how soon a dead shard is replaced
   --ucx-tls TLS          UCX_TLS for the cluster (default tcp,self; UCX_NET_DEVICES is lo)
   --wire-dtype T         hidden rows between attention and experts: bf16 (default) or f32
   --state-file F         where the cluster is recorded (default .cache/dmoe-up.json)
   --log-dir D            one log file per process (default .cache/dmoe-up-logs)
-  --bin-dir D            where dmoe-expert, dmoe-attention and dmoe-gateway live (default: next
-                         to this dmoe, in Bazel's bazel-bin layout)
+  --bin-dir D            where dmoe-router, dmoe-expert, dmoe-attention and dmoe-gateway live
+                         (default: next to this dmoe, in Bazel's bazel-bin layout)
 )";
 
 constexpr char kDownHelp[] = R"(usage: dmoe down [--state-file F]
@@ -150,7 +154,8 @@ void StopAll(const std::vector<pid_t>& pids) {
 int Up(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
                             {"model", "preset", "experts", "attention", "expert-replicas",
-                             "ucx-tls", "state-file", "log-dir", "bin-dir", "wire-dtype"},
+                             "ucx-tls", "state-file", "log-dir", "bin-dir", "wire-dtype",
+                             "expert-capacity", "lease-ms"},
                             {});
   if (!flags.ok()) return Fail(std::string(flags.status().message()));
   if (flags->help()) {
@@ -164,13 +169,17 @@ int Up(int argc, char** argv) {
   auto experts = flags->Int("experts", 2);
   auto attention = flags->Int("attention", 1);
   auto replicas = flags->Int("expert-replicas", 1);
-  for (const auto* v : {&experts, &attention, &replicas}) {
+  auto capacity = flags->Int("expert-capacity", 0);
+  auto lease = flags->Int("lease-ms", 3000);
+  for (const auto* v : {&experts, &attention, &replicas, &capacity, &lease}) {
     if (!v->ok()) return Fail(std::string(v->status().message()));
   }
   if (*experts < 1 || *experts > 64) return Fail("--experts: must be in [1, 64]");
   if (*attention < 1 || *attention > 16) return Fail("--attention: must be in [1, 16]");
   if (*replicas < 1 || *replicas > *experts)
     return Fail("--expert-replicas: must be in [1, --experts]");
+  if (*capacity < 0) return Fail("--expert-capacity: negative");
+  if (*lease < 100) return Fail("--lease-ms: must be at least 100");
   if (std::ifstream(state)) {
     return Fail(absl::StrCat("--state-file ", state, " exists: a cluster is up (dmoe down first)"));
   }
@@ -194,22 +203,40 @@ int Up(int argc, char** argv) {
     StopAll(pids);
     return Fail(absl::StrCat(what, " (see ", log, ")"));
   };
-  // Expert shards: shard i hosts slices i .. i+R-1 (mod N) of every MoE layer's experts.
+  // The router first: shards register with it and it plans the placement.
   std::vector<std::string> shard_addrs, metrics_urls;
-  const int64_t n = *experts, e = config->n_routed_experts;
+  std::string router;
+  {
+    const std::string ready = logs + "/router.ready";
+    const std::string log = logs + "/router.log";
+    std::remove(ready.c_str());
+    const pid_t pid = Spawn({bin + "/router/dmoe-router", "--model", dir, "--replication",
+                             std::to_string(*replicas), "--lease-ms", std::to_string(*lease),
+                             "--startup-grace-ms", "0", "--ready-file", ready},
+                            log);
+    pids.push_back(pid);
+    std::string metrics;
+    router = WaitReady(pid, ready, 60, &metrics);
+    if (router.empty()) return fail("the router did not start", log);
+    metrics_urls.push_back("http://" + metrics + "/metrics");
+    record["processes"].push_back(
+        {{"role", "router"}, {"pid", pid}, {"grpc", router}, {"metrics", metrics}, {"log", log}});
+    record["router"] = router;
+  }
+  int64_t pairs = 0;
+  for (int64_t l = 0; l < config->num_hidden_layers; ++l) {
+    if (config->IsMoeLayer(l)) pairs += config->n_routed_experts;
+  }
+  const int64_t n = *experts;
   for (int64_t i = 0; i < n; ++i) {
-    std::vector<std::string> ranges;
-    for (int64_t r = 0; r < *replicas; ++r) {
-      const int64_t slice = (i + r) % n;
-      const int64_t lo = slice * e / n, hi = (slice + 1) * e / n - 1;
-      if (hi >= lo) ranges.push_back(absl::StrCat("*:", lo, "-", hi));
-    }
     const std::string ready = absl::StrCat(logs, "/expert", i, ".ready");
     const std::string log = absl::StrCat(logs, "/expert", i, ".log");
     std::remove(ready.c_str());
-    const pid_t pid = Spawn({bin + "/expert_service/dmoe-expert", "--model", dir, "--experts",
-                             absl::StrJoin(ranges, ","), "--ready-file", ready},
-                            log);
+    const pid_t pid = Spawn(
+        {bin + "/expert_service/dmoe-expert", "--model", dir, "--router", router, "--capacity",
+         std::to_string(*capacity > 0 ? *capacity : pairs), "--node-id",
+         absl::StrCat("expert-", i), "--ready-file", ready},
+        log);
     pids.push_back(pid);
     std::string metrics;
     const std::string addr = WaitReady(pid, ready, 120, &metrics);
@@ -224,8 +251,9 @@ int Up(int argc, char** argv) {
     const std::string ready = absl::StrCat(logs, "/attention", i, ".ready");
     const std::string log = absl::StrCat(logs, "/attention", i, ".log");
     std::remove(ready.c_str());
+    // The attention node waits (up to 30 s) for the router's first active placement.
     const pid_t pid = Spawn({bin + "/attention_service/dmoe-attention", "--model", dir,
-                             "--expert-shards", absl::StrJoin(shard_addrs, ","), "--wire-dtype",
+                             "--router", router, "--wire-dtype",
                              flags->StringOr("wire-dtype", "bf16"), "--ready-file", ready},
                             log);
     pids.push_back(pid);
@@ -264,9 +292,9 @@ int Up(int argc, char** argv) {
     }
   }
   std::printf(
-      "experts: %s\nattention: %s\ngateway: %s\nmetrics: %s\nstate: %s (dmoe down "
+      "router: %s\nexperts: %s\nattention: %s\ngateway: %s\nmetrics: %s\nstate: %s (dmoe down "
       "--state-file %s)\n",
-      absl::StrJoin(shard_addrs, ",").c_str(), absl::StrJoin(attention_addrs, ",").c_str(),
+      router.c_str(), absl::StrJoin(shard_addrs, ",").c_str(), absl::StrJoin(attention_addrs, ",").c_str(),
       gateway.c_str(), absl::StrJoin(metrics_urls, " ").c_str(), state.c_str(), state.c_str());
   return 0;
 }
@@ -286,13 +314,20 @@ int Down(int argc, char** argv) {
   auto j = nlohmann::json::parse(ss.str(), nullptr, false);
   if (j.is_discarded() || !j.contains("processes"))
     return Fail(absl::StrCat(state, ": not a state file"));
-  std::vector<pid_t> pids;
-  for (const auto& p : j["processes"]) pids.push_back(p["pid"].get<pid_t>());
-  // Gateway first, shards last.
-  std::reverse(pids.begin(), pids.end());
-  StopAll(pids);
+  // Gateway and attention nodes first (they drain), then the router, then the shards (which,
+  // finding no router to plan them out, leave at once).
+  std::vector<pid_t> front, router, shards;
+  for (const auto& p : j["processes"]) {
+    const std::string role = p.value("role", "");
+    (role == "expert" ? shards : role == "router" ? router : front)
+        .push_back(p["pid"].get<pid_t>());
+  }
+  std::reverse(front.begin(), front.end());
+  StopAll(front);
+  StopAll(router);
+  StopAll(shards);
   std::remove(state.c_str());
-  std::printf("stopped %zu processes\n", pids.size());
+  std::printf("stopped %zu processes\n", front.size() + router.size() + shards.size());
   return 0;
 }
 

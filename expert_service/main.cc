@@ -352,23 +352,28 @@ int Main(int argc, char** argv) {
   std::fprintf(stderr, "dmoe-expert: signal %d, stopping\n", sig);
   if (member != nullptr) {
     // Leave without refusing anything: deregister, wait for a map without this shard to be
-    // active, then give attention nodes --drain-ms to switch to it.
+    // active, then give attention nodes --drain-ms to switch to it. Leave at once when the router
+    // cannot be reached or cannot plan without this shard (nothing to wait for then).
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    absl::Status st = member->Deregister();
-    while (!st.ok() && std::chrono::steady_clock::now() < give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      st = member->Deregister();
-    }
-    while (st.ok() && !hosting->ActiveWithoutMe() && std::chrono::steady_clock::now() < give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    if (!st.ok() || !hosting->ActiveWithoutMe()) {
-      std::fprintf(stderr, "dmoe-expert: no map without this shard became active (%s); leaving\n",
-                   std::string(st.message()).c_str());
+    const absl::StatusOr<bool> planned_out = member->Deregister();
+    if (!planned_out.ok()) {
+      std::fprintf(stderr, "dmoe-expert: cannot deregister (%s); leaving\n",
+                   std::string(planned_out.status().message()).c_str());
+    } else if (!*planned_out) {
+      std::fprintf(stderr,
+                   "dmoe-expert: the other shards cannot host this shard's experts; leaving\n");
     } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(*drain_ms));
-      std::fprintf(stderr, "dmoe-expert: placement %llu is active without this shard; leaving\n",
-                   static_cast<unsigned long long>(hosting->active_version()));
+      while (!hosting->ActiveWithoutMe() && std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      if (!hosting->ActiveWithoutMe()) {
+        std::fprintf(stderr, "dmoe-expert: no map without this shard became active in 30 s; "
+                             "leaving\n");
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(*drain_ms));
+        std::fprintf(stderr, "dmoe-expert: placement %llu is active without this shard; leaving\n",
+                     static_cast<unsigned long long>(hosting->active_version()));
+      }
     }
     member->Stop();
     hosting->Stop();

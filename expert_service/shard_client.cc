@@ -178,7 +178,7 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
       routing->peers.push_back(peer);
       auto g = u.grpc_addresses().find(id);
       routing->names.push_back(
-          g == u.grpc_addresses().end() ? id : absl::StrCat(id, " (", g->second, ")"));
+          g == u.grpc_addresses().end() ? id : absl::StrCat(id, "@", g->second));
     }
     std::vector<std::pair<int64_t, int64_t>> one = {{r.layer(), r.expert()}};
     for (const std::string& id : r.node_ids()) {

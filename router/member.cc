@@ -131,7 +131,7 @@ void RouterMember::HeartbeatNow() {
   wake_.notify_all();
 }
 
-absl::Status RouterMember::Deregister() {
+absl::StatusOr<bool> RouterMember::Deregister() {
   grpc::ClientContext ctx;
   Authorize(&ctx);
   internal::DeregisterRequest req;
@@ -141,7 +141,7 @@ absl::Status RouterMember::Deregister() {
   if (!st.ok()) {
     return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
   }
-  return absl::OkStatus();
+  return reply.planned_out();
 }
 
 absl::Status RouterMember::ReportLoad(const internal::LoadReport& report) {

@@ -14,7 +14,7 @@
 #include <string>
 #include <thread>
 
-#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "proto/router.grpc.pb.h"
 
 namespace dmoe::router {
@@ -40,7 +40,8 @@ class RouterMember {
   // Sends a heartbeat now (after loading, so that activation does not wait for the period).
   void HeartbeatNow();
   // Tells the router the node leaves; the node should serve on until a map without it is active.
-  absl::Status Deregister();
+  // Returns whether a map without it is planned (false: it is still needed).
+  absl::StatusOr<bool> Deregister();
   // Reports expert load (tokens per (layer, expert) since the last report).
   absl::Status ReportLoad(const internal::LoadReport& report);
   void Stop();

@@ -127,9 +127,12 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Heartbeat(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* RouterServiceImpl::Deregister(grpc::CallbackServerContext* ctx,
                                                         const internal::DeregisterRequest* req,
-                                                        internal::DeregisterReply*) {
+                                                        internal::DeregisterReply* reply) {
   if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
-  return Done(ctx, ToGrpc(state_->Deregister(req->node_id())));
+  auto out = state_->Deregister(req->node_id());
+  if (!out.ok()) return Done(ctx, ToGrpc(out.status()));
+  reply->set_planned_out(*out);
+  return Done(ctx, grpc::Status::OK);
 }
 
 grpc::ServerWriteReactor<internal::PlacementUpdate>* RouterServiceImpl::WatchPlacement(

@@ -55,14 +55,16 @@ absl::Status RouterState::Heartbeat(const std::string& id, uint64_t ready_versio
   return absl::OkStatus();
 }
 
-absl::Status RouterState::Deregister(const std::string& id) {
+absl::StatusOr<bool> RouterState::Deregister(const std::string& id) {
   std::lock_guard<std::mutex> l(mu_);
   auto it = nodes_.find(id);
   if (it == nodes_.end()) return absl::NotFoundError(absl::StrCat("node ", id, " is not registered"));
-  if (it->second.draining) return absl::OkStatus();
-  it->second.draining = true;
-  if (it->second.role == NodeRole::kExpert) ReplanLocked();
-  return absl::OkStatus();
+  if (!it->second.draining) {
+    it->second.draining = true;
+    if (it->second.role == NodeRole::kExpert) ReplanLocked();
+  }
+  const auto& shards = maps_.target.shards;
+  return std::find(shards.begin(), shards.end(), id) == shards.end();
 }
 
 std::vector<std::string> RouterState::ExpireLeases() {

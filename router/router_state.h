@@ -59,8 +59,9 @@ class RouterState {
   // NOT_FOUND when the node is unknown (its lease lapsed: it must register again).
   // `ready_version` (expert shards): the newest target it has fully loaded.
   absl::Status Heartbeat(const std::string& id, uint64_t ready_version = 0);
-  // The node leaves: planned out at once (NOT_FOUND when unknown).
-  absl::Status Deregister(const std::string& id);
+  // The node leaves: planned out at once (NOT_FOUND when unknown). Returns whether the newest
+  // target does without it.
+  absl::StatusOr<bool> Deregister(const std::string& id);
   // Removes nodes whose lease lapsed (returns their ids); ends the startup grace when it is over.
   std::vector<std::string> ExpireLeases();
   void ReportLoad(const std::map<ExpertKey, double>& tokens);

@@ -85,11 +85,17 @@ TEST(RouterState, LeasesMembershipAndVersions) {
   // Deregistering plans the shard out: the next target has only c (capacity allowing: 30 < 48,
   // so nothing changes and a stays in).
   ASSERT_TRUE(s.Register(Expert("d", 64)).ok());
-  ASSERT_TRUE(s.Deregister("a").ok());
+  auto out = s.Deregister("a");
+  ASSERT_TRUE(out.ok());
+  EXPECT_TRUE(*out);
   const PlacementMap v5 = s.target();
   EXPECT_EQ(v5.version, 5u);
   EXPECT_EQ(v5.shards, (std::vector<std::string>{"c", "d"}));
-  EXPECT_EQ(s.Deregister("nobody").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(s.Deregister("nobody").status().code(), absl::StatusCode::kNotFound);
+  // d alone cannot be planned out (c's 30 < 48): the answer says so.
+  out = s.Deregister("d");
+  ASSERT_TRUE(out.ok());
+  EXPECT_FALSE(*out);
   // Bad registrations name the field.
   EXPECT_NE(s.Register(Expert("", 3)).message().find("node_id"), absl::string_view::npos);
   EXPECT_NE(s.Register(Expert("z", 0)).message().find("capacity_experts"), absl::string_view::npos);

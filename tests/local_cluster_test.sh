@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dmoe up brings up experts + attention + gateway as separate processes; dmoe generate --target
+# dmoe up brings up router + experts + attention + gateway as separate processes; dmoe generate --target
 # through it equals the in-process engine; dmoe down leaves none of those processes running.
 set -euo pipefail
 bin=$TEST_SRCDIR/dmoe
@@ -12,7 +12,7 @@ cat "$work/up.out"
 gateway=$(sed -n 's/^gateway: //p' "$work/up.out")
 [ -n "$gateway" ] || { echo "no gateway line"; exit 1; }
 pids=$(grep -o '"pid": [0-9]*' "$state" | grep -o '[0-9]*')
-[ "$(echo "$pids" | wc -w)" -eq 6 ] || { echo "expected 6 processes"; exit 1; }
+[ "$(echo "$pids" | wc -w)" -eq 7 ] || { echo "expected 7 processes"; exit 1; }
 cleanup() { "$dmoe" down --state-file "$state" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 via=$("$dmoe" generate --target "$gateway" --tokens 5,6,7,8 --max-tokens 12 --temperature 0 --print-token-ids)
@@ -25,12 +25,15 @@ sleep 0.7  # the services refresh their counters every 500 ms
 metric() {  # metric URL NAME: the sum of the samples whose name (and labels) start with NAME
   curl -sf "$1" | awk -v n="$2" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'
 }
-generated=0 round_trips=0 expert_tokens=0 gateway_ok=0 services=0
+generated=0 round_trips=0 expert_tokens=0 gateway_ok=0 services=0 router_version=0
 for url in $(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/http:\/\/\1\/metrics/'); do
   curl -sf "$url" > "$work/scrape" || { echo "cannot scrape $url"; exit 1; }
   grep -q '^# TYPE dmoe_' "$work/scrape" || { echo "no dmoe metrics at $url"; exit 1; }
   services=$((services + 1))
-  if grep -q '^dmoe_gateway_' "$work/scrape"; then
+  if grep -q '^dmoe_router_' "$work/scrape"; then
+    router_version=$(metric "$url" dmoe_router_placement_version)
+    grep -q '^dmoe_router_oldest_heartbeat_age_seconds' "$work/scrape"
+  elif grep -q '^dmoe_gateway_' "$work/scrape"; then
     gateway_ok=$(metric "$url" 'dmoe_gateway_requests_total{outcome="ok"}')
     [ "$(metric "$url" dmoe_gateway_time_to_first_token_seconds_count)" -ge 1 ]
   elif grep -q '^dmoe_attention_' "$work/scrape"; then
@@ -40,13 +43,17 @@ for url in $(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/
     [ "$(metric "$url" dmoe_attention_kv_blocks_total)" -gt 0 ]
     grep -q '^dmoe_attention_expert_tokens_total{' "$work/scrape"
     grep -q '^dmoe_attention_time_to_first_token_seconds_bucket' "$work/scrape"
+    [ "$(metric "$url" dmoe_attention_placement_version)" -ge 1 ]
+    grep -q '^dmoe_attention_heartbeat_age_seconds' "$work/scrape"
   else
     expert_tokens=$((expert_tokens + $(metric "$url" dmoe_expert_tokens_total)))
     grep -q '^dmoe_expert_expert_tokens_total{' "$work/scrape"
+    [ "$(metric "$url" dmoe_expert_placement_version)" -ge 1 ]
+    grep -q '^dmoe_expert_heartbeat_age_seconds' "$work/scrape"
   fi
 done
-echo "scraped: gateway ok=$gateway_ok, attention generated=$generated round trips=$round_trips, experts tokens=$expert_tokens"
-if [ "$services" -ne 6 ] || [ "$gateway_ok" -lt 1 ] || [ "$generated" -lt 12 ] ||
+echo "scraped: router placement version=$router_version, gateway ok=$gateway_ok, attention generated=$generated round trips=$round_trips, experts tokens=$expert_tokens"
+if [ "$services" -ne 7 ] || [ "$router_version" -lt 1 ] || [ "$gateway_ok" -lt 1 ] || [ "$generated" -lt 12 ] ||
    [ "$round_trips" -le 0 ] || [ "$expert_tokens" -le 0 ]; then
   echo "metrics do not show the request"; exit 1
 fi
