@@ -54,6 +54,8 @@ ready, and drops what it lost once a map without it has been active for --drain-
   --router H:P         the router's gRPC address (instead of --experts)
   --capacity N         (layer, expert) pairs this shard may host (with --router)
   --cluster-token-file F  the router's cluster token
+  --advertise-host H   host other nodes reach this shard at (registered with the router in
+                       place of the listen host, e.g. the pod IP; default: the listen host)
   --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
                        them is active (default 2000)
 
@@ -209,7 +211,7 @@ int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
       {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
-       "router", "capacity", "cluster-token-file", "drain-ms"},
+       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host"},
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -338,8 +340,14 @@ int Main(int argc, char** argv) {
     internal::RegisterRequest reg;
     reg.set_node_id(node_id);
     reg.set_role(internal::EXPERT);
-    reg.set_grpc_address(grpc_addr);
-    reg.set_ucx_address(*ucx_addr);
+    // Listening on 0.0.0.0 says nothing to others: register the advertised host instead.
+    auto advertise = [&](const std::string& addr) {
+      const std::string host = flags->StringOr("advertise-host", "");
+      if (host.empty() || addr.empty()) return addr;
+      return absl::StrCat(host, addr.substr(addr.rfind(':')));
+    };
+    reg.set_grpc_address(advertise(grpc_addr));
+    reg.set_ucx_address(advertise(*ucx_addr));
     reg.set_ucx_worker_address((*ucx)->WorkerAddress());
     reg.set_capacity_experts(*capacity);
     member->StartMembership(reg, [&hosting] { return hosting->ready_version(); });

@@ -61,6 +61,17 @@ for (const ss of byKind("StatefulSet")) {
   const svc = byKind("Service").find((s) => s.metadata.name === ss.spec.serviceName);
   if (!svc || svc.spec.clusterIP !== "None") fail(`StatefulSet/${ss.metadata.name}: needs a headless Service ${ss.spec.serviceName}`);
 }
+// Expert shards and attention nodes reach the router through its Service, with the cluster token.
+const routerSvc = byKind("Service").find((s) => s.metadata.name === "dmoe-router");
+for (const w of workloads.filter((w) => ["dmoe-expert", "dmoe-attention"].includes(w.metadata.name))) {
+  for (const c of w.spec.template.spec.containers) {
+    const args = [...(c.command || []), ...(c.args || [])].join(" ");
+    const m = args.match(/--router[ =]([a-z0-9-]+):(\d+)/);
+    if (!m) { fail(`${w.metadata.name}: no --router`); continue; }
+    if (!routerSvc || m[1] !== "dmoe-router" || !routerSvc.spec.ports.some((p) => p.port === Number(m[2]))) fail(`${w.metadata.name}: --router ${m[1]}:${m[2]} is not the router Service`);
+    if (!/--cluster-token-file[ =]\/secrets\/cluster-token/.test(args)) fail(`${w.metadata.name}: no cluster token`);
+  }
+}
 const hpa = byKind("HorizontalPodAutoscaler");
 if (hpa.length !== 1 || hpa[0].spec.scaleTargetRef.kind !== "StatefulSet" || hpa[0].spec.scaleTargetRef.name !== "dmoe-expert") fail("the HPA must target the dmoe-expert StatefulSet");
 const pdb = byKind("PodDisruptionBudget");
