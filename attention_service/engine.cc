@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/qlinear.h"
 
 namespace dmoe {
 
@@ -140,8 +141,8 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   cpu::RmsNorm(mb.h.data(), n, d, lw.post_norm.data(), c.rms_norm_eps, mb.x.data());
   timings_.attention += Since(&t0);
   if (!lw.moe) {
-    cpu::SwiGluMlp(mb.x.data(), n, d, lw.dense.gate.w.data(), lw.dense.up.w.data(),
-                   lw.dense.down.w.data(), c.intermediate_size, mb.tmp.data(), &scratch_);
+    cpu::SwiGluMlpW(mb.x.data(), n, lw.dense.gate.ref(), lw.dense.up.ref(), lw.dense.down.ref(),
+                    mb.tmp.data(), &scratch_);
     for (int64_t i = 0; i < n * d; ++i)
       mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
     timings_.dense_mlp += Since(&t0);
@@ -170,8 +171,8 @@ absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
   auto t0 = Clock::now();
   // The shared experts run while the routed ones are at work.
   if (c.n_shared_experts > 0) {
-    cpu::SwiGluMlp(mb.x.data(), n, d, lw.shared.gate.w.data(), lw.shared.up.w.data(),
-                   lw.shared.down.w.data(), c.moe_intermediate_size * c.n_shared_experts,
+    cpu::SwiGluMlpW(mb.x.data(), n, lw.shared.gate.ref(), lw.shared.up.ref(),
+                    lw.shared.down.ref(),
                    mb.tmp.data(), &scratch_);
   } else {
     std::memset(mb.tmp.data(), 0, sizeof(float) * static_cast<size_t>(n * d));
@@ -223,7 +224,7 @@ void Engine::Logits(MicroBatch& mb) {
 void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float* x, float* out) {
   const ModelConfig& c = config_;
   const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
-  const int64_t d = c.hidden_size, h = c.num_attention_heads, qd = c.q_head_dim();
+  const int64_t h = c.num_attention_heads, qd = c.q_head_dim();
   const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim, lc = c.latent_dim();
   int64_t n = 0;
   for (const SequenceStep& s : batch) n += static_cast<int64_t>(s.tokens.size());
@@ -231,14 +232,14 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   q_.resize(static_cast<size_t>(n * h * qd));
   if (c.q_lora_rank > 0) {
     qa_.resize(static_cast<size_t>(n * c.q_lora_rank));
-    cpu::Linear(x, n, d, lw.q_a.w.data(), c.q_lora_rank, qa_.data());
+    cpu::LinearW(x, n, lw.q_a.ref(), qa_.data());
     cpu::RmsNorm(qa_.data(), n, c.q_lora_rank, lw.q_a_norm.data(), kLatentNormEps, qa_.data());
-    cpu::Linear(qa_.data(), n, c.q_lora_rank, lw.q_b.w.data(), h * qd, q_.data());
+    cpu::LinearW(qa_.data(), n, lw.q_b.ref(), q_.data());
   } else {
-    cpu::Linear(x, n, d, lw.q.w.data(), h * qd, q_.data());
+    cpu::LinearW(x, n, lw.q.ref(), q_.data());
   }
   kva_.resize(static_cast<size_t>(n * lc));
-  cpu::Linear(x, n, d, lw.kv_a.w.data(), lc, kva_.data());
+  cpu::LinearW(x, n, lw.kv_a.ref(), kva_.data());
 
   attn_.resize(static_cast<size_t>(n * h * c.v_head_dim));
   cpu::MlaParams p;
@@ -304,7 +305,7 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
                   sizeof(float) * static_cast<size_t>(orow));
     }
   }
-  cpu::Linear(attn_.data(), n, h * c.v_head_dim, lw.o.w.data(), d, out);
+  cpu::LinearW(attn_.data(), n, lw.o.ref(), out);
 }
 
 absl::StatusOr<std::vector<float>> Engine::Forward(const std::vector<int32_t>& tokens) {

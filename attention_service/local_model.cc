@@ -20,12 +20,13 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
     std::fprintf(stderr, "loading %s: %zu tensors in %zu file(s)\n", dir.c_str(),
                  ck->Names().size(), ck->num_files());
   }
-  ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_));
+  ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_, options.weight_dtype));
   RoutedExperts* routed = nullptr;
   const bool remote = !options.expert_shards.empty() || !options.shard_client.router.empty();
   if (!remote) {
-    ASSIGN_OR_RETURN(m->experts_,
-                     ExpertStore::Load(*ck, m->config_, ExpertStore::AllExperts(m->config_)));
+    ASSIGN_OR_RETURN(m->experts_, ExpertStore::Load(*ck, m->config_,
+                                                    ExpertStore::AllExperts(m->config_),
+                                                    options.expert_dtype));
     m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
     routed = m->routed_.get();
   } else {
@@ -57,14 +58,16 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
 }
 
 uint64_t LocalModel::weight_bytes() const {
-  uint64_t n = dense_.embed.size() + dense_.final_norm.size() + dense_.lm_head.w.size();
+  uint64_t n = 4 * (dense_.embed.size() + dense_.final_norm.size()) + dense_.lm_head.bytes();
   for (const LayerWeights& l : dense_.layers) {
-    n += l.input_norm.size() + l.post_norm.size() + l.q_a.w.size() + l.q_a_norm.size() +
-         l.q_b.w.size() + l.q.w.size() + l.kv_a.w.size() + l.kv_a_norm.size() + l.kv_b.w.size() +
-         l.o.w.size() + l.dense.gate.w.size() + l.dense.up.w.size() + l.dense.down.w.size() +
-         l.gate.w.size() + l.shared.gate.w.size() + l.shared.up.w.size() + l.shared.down.w.size();
+    n += 4 * (l.input_norm.size() + l.post_norm.size() + l.q_a_norm.size() + l.kv_a_norm.size());
+    for (const LinearWeight* w : {&l.q_a, &l.q_b, &l.q, &l.kv_a, &l.kv_b, &l.o, &l.dense.gate,
+                                  &l.dense.up, &l.dense.down, &l.gate, &l.shared.gate,
+                                  &l.shared.up, &l.shared.down}) {
+      n += w->bytes();
+    }
   }
-  return 4 * n + experts_->bytes();
+  return n + experts_->bytes();
 }
 
 int32_t ArgMax(const float* logits, int64_t n) {

@@ -22,6 +22,9 @@ namespace dmoe {
 struct LocalModelOptions {
   EngineOptions engine;
   bool log_progress = false;  // one line on stderr when loading starts and one when it ends
+  // How the dense projections and the (local) routed experts are held: fp32, int8, fp8.
+  WeightDType weight_dtype = WeightDType::kAuto;
+  WeightDType expert_dtype = WeightDType::kAuto;
   // Empty (and no shard_client.router): every routed expert in this process. Otherwise the gRPC
   // control addresses of the expert shards that serve them over UCX; no expert tensor is loaded
   // here then. With shard_client.router set, the shards come from the router's placement.
@@ -48,7 +51,7 @@ class LocalModel {
   // With remote experts: the shard set (to switch placements between steps); else nullptr.
   ExpertShardSet* shard_set() { return shards_.get(); }
   const ExpertStore& experts() const { return *experts_; }
-  // Bytes of weights held in memory (fp32).
+  // Bytes of weights held in memory.
   uint64_t weight_bytes() const;
 
  private:

@@ -5,15 +5,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/qlinear.h"
 
 namespace dmoe {
 
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
     const Checkpoint& ck, const ModelConfig& c,
-    const std::vector<std::pair<int64_t, int64_t>>& experts) {
+    const std::vector<std::pair<int64_t, int64_t>>& experts, WeightDType dtype) {
   auto store = std::make_unique<ExpertStore>();
   for (const auto& key : experts) {
-    auto m = LoadExpertWeights(ck, c, key.first, key.second);
+    auto m = LoadExpertWeights(ck, c, key.first, key.second, dtype);
     if (!m.ok()) return m.status();
     store->experts_[key] = std::make_shared<const MlpWeights>(std::move(m).value());
   }
@@ -55,7 +56,7 @@ std::unique_ptr<ExpertStore> ExpertStore::Merge(const std::set<std::pair<int64_t
 uint64_t ExpertStore::bytes() const {
   uint64_t n = 0;
   for (const auto& [_, m] : experts_) {
-    n += 4 * (m->gate.w.size() + m->up.w.size() + m->down.w.size());
+    n += m->gate.bytes() + m->up.bytes() + m->down.bytes();
   }
   return n;
 }
@@ -89,8 +90,8 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store) {
       std::memcpy(gathered_.data() + i * hidden_, items_[begin + static_cast<size_t>(i)].row,
                   sizeof(float) * static_cast<size_t>(hidden_));
     }
-    cpu::SwiGluMlp(gathered_.data(), n, hidden_, m->gate.w.data(), m->up.w.data(), m->down.w.data(),
-                   width_, result_.data(), &scratch_);
+    cpu::SwiGluMlpW(gathered_.data(), n, m->gate.ref(), m->up.ref(), m->down.ref(), result_.data(),
+                    &scratch_);
     for (int64_t i = 0; i < n; ++i) {
       const Item& it = items_[begin + static_cast<size_t>(i)];
       cpu::Axpy(hidden_, it.weight, result_.data() + i * hidden_, it.out);

@@ -31,13 +31,15 @@ class RoutedExperts {
   virtual absl::Status Finish(float* out) = 0;
 };
 
-// The experts one process hosts, in fp32, keyed by (layer, expert).
+// The experts one process hosts (fp32 or 8-bit), keyed by (layer, expert).
 class ExpertStore {
  public:
-  // Loads exactly the listed (layer, expert) pairs from the checkpoint (no other expert tensor).
+  // Loads exactly the listed (layer, expert) pairs from the checkpoint (no other expert tensor),
+  // held as `dtype` (int8 / fp8: quantized at load unless the checkpoint already is).
   static absl::StatusOr<std::unique_ptr<ExpertStore>> Load(
       const Checkpoint& ck, const ModelConfig& c,
-      const std::vector<std::pair<int64_t, int64_t>>& experts);
+      const std::vector<std::pair<int64_t, int64_t>>& experts,
+      WeightDType dtype = WeightDType::kAuto);
   // Every routed expert of every MoE layer.
   static std::vector<std::pair<int64_t, int64_t>> AllExperts(const ModelConfig& c);
 

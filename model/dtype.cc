@@ -14,6 +14,8 @@ const char* DTypeName(DType t) {
       return "BF16";
     case DType::kF16:
       return "F16";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
@@ -25,10 +27,45 @@ bool ParseDTypeName(absl::string_view name, DType* out) {
     *out = DType::kBF16;
   } else if (name == "F16") {
     *out = DType::kF16;
+  } else if (name == "F8_E4M3") {
+    *out = DType::kF8E4M3;
   } else {
     return false;
   }
   return true;
+}
+
+float Fp8E4M3ToFloat(uint8_t v) {
+  const int exp = (v >> 3) & 0xf;
+  const int mant = v & 7;
+  float mag;
+  if (exp == 15 && mant == 7) {
+    mag = NAN;
+  } else if (exp == 0) {
+    mag = std::ldexp(static_cast<float>(mant), -9);
+  } else {
+    mag = std::ldexp(static_cast<float>(8 + mant), exp - 10);
+  }
+  return (v & 0x80) ? -mag : mag;
+}
+
+uint8_t FloatToFp8E4M3(float f) {
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+  if (std::isnan(f)) return sign | 0x7f;
+  const float a = std::fabs(f);
+  if (a >= 448.0f) return sign | 0x7e;  // saturate (448 is the largest finite value)
+  if (a < 0.015625f) {                  // below 2^-6: subnormal steps of 2^-9
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));  // 8 -> 0x08 = 2^-6
+  }
+  int e;
+  std::frexp(a, &e);  // a = fr * 2^e, fr in [0.5, 1)
+  int e2 = e - 1;     // a = 1.m * 2^e2, e2 in [-6, 8]
+  int m = static_cast<int>(std::nearbyint((std::ldexp(a, -e2) - 1.0f) * 8.0f));
+  if (m == 8) {
+    m = 0;
+    ++e2;
+  }
+  return sign | static_cast<uint8_t>(((e2 + 7) << 3) | m);
 }
 
 float F16ToFloat(uint16_t v) {
@@ -143,6 +180,9 @@ void ConvertToFloat(DType t, const void* src, size_t n, float* dst) {
         std::memcpy(&v, bytes + 2 * i, 2);
         dst[i] = F16ToFloat(v);
       }
+      return;
+    case DType::kF8E4M3:
+      for (size_t i = 0; i < n; ++i) dst[i] = Fp8E4M3ToFloat(bytes[i]);
       return;
   }
 }

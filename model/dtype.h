@@ -10,12 +10,16 @@
 
 namespace dmoe {
 
-enum class DType { kF32, kBF16, kF16 };
+// kF8E4M3: OCP fp8 e4m3 ("e4m3fn": no infinities, max 448), as DeepSeek-V3 checkpoints ship it,
+// with a "<name>_scale_inv" tensor of 128x128 block scales beside each such weight.
+enum class DType { kF32, kBF16, kF16, kF8E4M3 };
 
 // Bytes per element.
-inline size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
+inline size_t DTypeSize(DType t) {
+  return t == DType::kF32 ? 4 : t == DType::kF8E4M3 ? 1 : 2;
+}
 
-// Safetensors spelling ("F32", "BF16", "F16").
+// Safetensors spelling ("F32", "BF16", "F16", "F8_E4M3").
 const char* DTypeName(DType t);
 // Returns false for a name this build does not read.
 bool ParseDTypeName(absl::string_view name, DType* out);
@@ -36,6 +40,10 @@ inline uint16_t FloatToBf16(float f) {
   return static_cast<uint16_t>((bits + rounding) >> 16);
 }
 
+// fp8 e4m3: exact decode; encode rounds to nearest even and saturates to +-448 (NaN -> NaN).
+float Fp8E4M3ToFloat(uint8_t v);
+uint8_t FloatToFp8E4M3(float f);
+
 float F16ToFloat(uint16_t v);
 uint16_t FloatToF16(float f);
 
@@ -43,7 +51,7 @@ uint16_t FloatToF16(float f);
 void FloatToBf16N(const float* src, size_t n, uint16_t* dst);
 void Bf16ToFloatN(const uint16_t* src, size_t n, float* dst);
 
-// Converts `n` elements of type `t` at `src` (any alignment) to float.
+// Converts `n` elements of type `t` at `src` (any alignment) to float (fp8 without its scales).
 void ConvertToFloat(DType t, const void* src, size_t n, float* dst);
 
 }  // namespace dmoe

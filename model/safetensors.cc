@@ -271,6 +271,11 @@ absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat(const std::string& name
                                                    "\" has shape ", info->ShapeString(),
                                                    ", expected ", want.ShapeString()));
   }
+  if (info->dtype == DType::kF8E4M3) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint ", dir_, ": tensor \"", name,
+                     "\" is F8_E4M3, which is read only as a linear weight with its block scales"));
+  }
   TensorInfo t;
   auto data = Raw(name, &t);
   if (!data.ok()) return data.status();

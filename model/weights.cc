@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
@@ -14,29 +16,111 @@ std::string Expert(int64_t layer, int64_t expert, const std::string& proj) {
 }
 }  // namespace weight_names
 
-namespace {
+cpu::WeightRef LinearWeight::ref() const {
+  cpu::WeightRef r;
+  r.format = format;
+  r.f32 = w.data();
+  r.q = q.data();
+  r.scales = scales.data();
+  r.out = out;
+  r.in = in;
+  return r;
+}
+
+void LinearWeight::ConvertTo(cpu::WeightFormat f) {
+  if (f == format) return;
+  if (format != cpu::WeightFormat::kF32) {
+    w.resize(static_cast<size_t>(out * in));
+    cpu::Dequantize(ref(), 0, out, w.data());
+    q = {};
+    scales = {};
+    format = cpu::WeightFormat::kF32;
+  }
+  if (f == cpu::WeightFormat::kInt8) {
+    cpu::QuantizeInt8PerChannel(w.data(), out, in, &q, &scales);
+  } else if (f == cpu::WeightFormat::kFp8) {
+    cpu::QuantizeFp8Blocks(w.data(), out, in, &q, &scales);
+  } else {
+    return;
+  }
+  w = {};
+  format = f;
+}
+
+bool ParseWeightDType(const std::string& s, WeightDType* out) {
+  if (s == "auto") {
+    *out = WeightDType::kAuto;
+  } else if (s == "f32") {
+    *out = WeightDType::kF32;
+  } else if (s == "int8") {
+    *out = WeightDType::kInt8;
+  } else if (s == "fp8") {
+    *out = WeightDType::kFp8;
+  } else {
+    return false;
+  }
+  return true;
+}
 
 absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string& name, int64_t out,
-                                        int64_t in) {
+                                        int64_t in, WeightDType dtype) {
   LinearWeight l;
-  ASSIGN_OR_RETURN(l.w, ck.ReadFloat(name, {out, in}));
   l.out = out;
   l.in = in;
+  ASSIGN_OR_RETURN(TensorInfo info, ck.Info(name));
+  if (info.dtype == DType::kF8E4M3) {
+    if (info.shape != std::vector<int64_t>{out, in}) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" has shape ",
+                                                     info.ShapeString(), ", expected [", out, ", ",
+                                                     in, "]"));
+    }
+    const std::string scale_name = name + "_scale_inv";
+    if (!ck.Info(scale_name).ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor \"", scale_name, "\": missing (the F8_E4M3 weight \"", name,
+                       "\" needs its 128x128 block scales)"));
+    }
+    const int64_t bo = (out + cpu::kFp8Block - 1) / cpu::kFp8Block;
+    const int64_t bi = (in + cpu::kFp8Block - 1) / cpu::kFp8Block;
+    ASSIGN_OR_RETURN(l.scales, ck.ReadFloat(scale_name, {bo, bi}));
+    for (float s : l.scales) {
+      if (!(s > 0) || !std::isfinite(s)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor \"", scale_name, "\": block scales must be finite and positive, found ", s));
+      }
+    }
+    TensorInfo t;
+    ASSIGN_OR_RETURN(const uint8_t* raw, ck.Raw(name, &t));
+    l.q.assign(raw, raw + out * in);
+    l.format = cpu::WeightFormat::kFp8;
+    if (dtype == WeightDType::kF32) l.ConvertTo(cpu::WeightFormat::kF32);
+    if (dtype == WeightDType::kInt8) l.ConvertTo(cpu::WeightFormat::kInt8);
+    return l;
+  }
+  ASSIGN_OR_RETURN(l.w, ck.ReadFloat(name, {out, in}));
+  if (dtype == WeightDType::kInt8) l.ConvertTo(cpu::WeightFormat::kInt8);
+  if (dtype == WeightDType::kFp8) l.ConvertTo(cpu::WeightFormat::kFp8);
   return l;
 }
 
+namespace {
+
 absl::StatusOr<MlpWeights> ReadMlp(const Checkpoint& ck, const std::string& prefix, int64_t d,
-                                   int64_t width) {
+                                   int64_t width, WeightDType dtype) {
   MlpWeights m;
-  ASSIGN_OR_RETURN(m.gate, ReadLinear(ck, prefix + "gate_proj.weight", width, d));
-  ASSIGN_OR_RETURN(m.up, ReadLinear(ck, prefix + "up_proj.weight", width, d));
-  ASSIGN_OR_RETURN(m.down, ReadLinear(ck, prefix + "down_proj.weight", d, width));
+  ASSIGN_OR_RETURN(m.gate, ReadLinear(ck, prefix + "gate_proj.weight", width, d, dtype));
+  ASSIGN_OR_RETURN(m.up, ReadLinear(ck, prefix + "up_proj.weight", width, d, dtype));
+  ASSIGN_OR_RETURN(m.down, ReadLinear(ck, prefix + "down_proj.weight", d, width, dtype));
   return m;
 }
 
 }  // namespace
 
-absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c) {
+absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
+                                              WeightDType dtype) {
+  // Held in fp32 whatever the flag: kv_b is used inside the attention (absorbed), the router gate
+  // decides routing (kept exact), and embeddings / lm_head are read per token / per vocabulary.
+  const WeightDType exact = WeightDType::kF32;
   using weight_names::Layer;
   const int64_t d = c.hidden_size, h = c.num_attention_heads;
   DenseWeights w;
@@ -48,31 +132,33 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
     ASSIGN_OR_RETURN(l.post_norm, ck.ReadFloat(Layer(i, "post_attention_layernorm.weight"), {d}));
     if (c.q_lora_rank > 0) {
       ASSIGN_OR_RETURN(l.q_a,
-                       ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d));
+                       ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d, dtype));
       ASSIGN_OR_RETURN(l.q_a_norm,
                        ck.ReadFloat(Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}));
       ASSIGN_OR_RETURN(l.q_b, ReadLinear(ck, Layer(i, "self_attn.q_b_proj.weight"),
-                                         h * c.q_head_dim(), c.q_lora_rank));
+                                         h * c.q_head_dim(), c.q_lora_rank, dtype));
     } else {
       ASSIGN_OR_RETURN(l.q,
-                       ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d));
+                       ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d, dtype));
     }
     ASSIGN_OR_RETURN(
-        l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"), c.latent_dim(), d));
+        l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"), c.latent_dim(), d,
+                         dtype));
     ASSIGN_OR_RETURN(l.kv_a_norm,
                      ck.ReadFloat(Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}));
     ASSIGN_OR_RETURN(l.kv_b, ReadLinear(ck, Layer(i, "self_attn.kv_b_proj.weight"),
-                                        h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank));
-    ASSIGN_OR_RETURN(l.o, ReadLinear(ck, Layer(i, "self_attn.o_proj.weight"), d, h * c.v_head_dim));
+                                        h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank,
+                                        exact));
+    ASSIGN_OR_RETURN(l.o, ReadLinear(ck, Layer(i, "self_attn.o_proj.weight"), d, h * c.v_head_dim, dtype));
     l.moe = c.IsMoeLayer(i);
     if (!l.moe) {
-      ASSIGN_OR_RETURN(l.dense, ReadMlp(ck, Layer(i, "mlp."), d, c.intermediate_size));
+      ASSIGN_OR_RETURN(l.dense, ReadMlp(ck, Layer(i, "mlp."), d, c.intermediate_size, dtype));
       continue;
     }
-    ASSIGN_OR_RETURN(l.gate, ReadLinear(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d));
+    ASSIGN_OR_RETURN(l.gate, ReadLinear(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d, exact));
     if (c.n_shared_experts > 0) {
       ASSIGN_OR_RETURN(l.shared, ReadMlp(ck, Layer(i, "mlp.shared_experts."), d,
-                                         c.moe_intermediate_size * c.n_shared_experts));
+                                         c.moe_intermediate_size * c.n_shared_experts, dtype));
     }
   }
   ASSIGN_OR_RETURN(w.final_norm, ck.ReadFloat("model.norm.weight", {d}));
@@ -87,13 +173,13 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
 }
 
 absl::StatusOr<MlpWeights> LoadExpertWeights(const Checkpoint& ck, const ModelConfig& c,
-                                             int64_t layer, int64_t expert) {
+                                             int64_t layer, int64_t expert, WeightDType dtype) {
   if (!c.IsMoeLayer(layer) || expert < 0 || expert >= c.n_routed_experts) {
     return absl::InvalidArgumentError(
         absl::StrCat("no routed expert ", expert, " in layer ", layer));
   }
   return ReadMlp(ck, absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, "."),
-                 c.hidden_size, c.moe_intermediate_size);
+                 c.hidden_size, c.moe_intermediate_size, dtype);
 }
 
 }  // namespace dmoe

@@ -9,18 +9,34 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/cpu/qlinear.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 
 namespace dmoe {
 
-// Row-major [out, in], as nn.Linear stores it.
+// Row-major [out, in], as nn.Linear stores it: fp32 (w), or 8-bit (q) with scales — int8 with one
+// scale per output channel, or fp8 e4m3 with 128x128 block scales (cpu::WeightRef).
 struct LinearWeight {
-  std::vector<float> w;
+  cpu::WeightFormat format = cpu::WeightFormat::kF32;
+  std::vector<float> w;       // kF32
+  std::vector<uint8_t> q;     // kInt8 / kFp8
+  std::vector<float> scales;  // kInt8: [out]; kFp8: [ceil(out/128), ceil(in/128)]
   int64_t out = 0;
   int64_t in = 0;
-  bool empty() const { return w.empty(); }
+  bool empty() const { return w.empty() && q.empty(); }
+  cpu::WeightRef ref() const;
+  // Bytes held (weights and scales).
+  uint64_t bytes() const { return 4 * w.size() + q.size() + 4 * scales.size(); }
+  // Converts in place (through fp32 when both are 8-bit).
+  void ConvertTo(cpu::WeightFormat f);
 };
+
+// What to hold a linear weight as: kAuto keeps an fp8 checkpoint's fp8 and reads anything else as
+// fp32; the others convert at load (quantizing 16/32-bit weights, or dequantizing fp8).
+enum class WeightDType { kAuto, kF32, kInt8, kFp8 };
+// "auto", "f32", "int8", "fp8"; false for anything else.
+bool ParseWeightDType(const std::string& s, WeightDType* out);
 
 struct MlpWeights {
   LinearWeight gate;  // [I, D]
@@ -58,10 +74,18 @@ std::string Layer(int64_t layer, const std::string& suffix);
 std::string Expert(int64_t layer, int64_t expert, const std::string& proj);  // proj: gate_proj, ...
 }  // namespace weight_names
 
-absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c);
+// `dtype` applies to the projections where 8 bits pay: q/q_a/q_b, kv_a, o, the dense and shared
+// MLPs. kv_b (absorbed into the attention), the router gate, embeddings and lm_head stay fp32.
+absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
+                                              WeightDType dtype = WeightDType::kAuto);
 // One routed expert of one MoE layer.
 absl::StatusOr<MlpWeights> LoadExpertWeights(const Checkpoint& ck, const ModelConfig& c,
-                                             int64_t layer, int64_t expert);
+                                             int64_t layer, int64_t expert,
+                                             WeightDType dtype = WeightDType::kAuto);
+// A linear weight: fp8 tensors need "<name>_scale_inv" (F32/BF16, [ceil(out/128), ceil(in/128)],
+// finite and positive); a missing or mis-shaped one is an error naming it.
+absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string& name, int64_t out,
+                                        int64_t in, WeightDType dtype = WeightDType::kAuto);
 
 }  // namespace dmoe
 

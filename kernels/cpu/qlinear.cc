@@ -1,0 +1,324 @@
+#include "kernels/cpu/qlinear.h"
+
+#include <cblas.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/small_gemm.h"
+#include "model/dtype.h"
+
+namespace dmoe::cpu {
+namespace {
+
+// A small pool that runs fn(chunk) for chunks [0, n) on all cores (the caller takes chunk 0).
+// A call made while another runs (another thread) runs inline.
+class Pool {
+ public:
+  Pool() {
+    const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    for (unsigned i = 1; i < hw; ++i) threads_.emplace_back([this, i] { Work(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    for (auto& t : threads_) t.join();
+  }
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+  void Run(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || n <= 1 || threads_.empty()) {
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      fn_ = &fn;
+      chunks_ = n;
+      next_ = 1;
+      pending_ = n - 1;
+      ++generation_;
+      cv_.notify_all();
+    }
+    fn(0);
+    for (;;) {  // help with what is left, then wait for the workers
+      int c;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (next_ >= chunks_) break;
+        c = next_++;
+      }
+      fn(c);
+      std::lock_guard<std::mutex> l(mu_);
+      if (--pending_ == 0) done_.notify_all();
+    }
+    std::unique_lock<std::mutex> l(mu_);
+    done_.wait(l, [&] { return pending_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void Work(unsigned) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      cv_.wait(l, [&] { return stop_ || (generation_ != seen && next_ < chunks_); });
+      if (stop_) return;
+      while (next_ < chunks_) {
+        const int c = next_++;
+        const std::function<void(int)>* fn = fn_;
+        l.unlock();
+        (*fn)(c);
+        l.lock();
+        if (--pending_ == 0) done_.notify_all();
+      }
+      seen = generation_;
+    }
+  }
+  std::mutex busy_, mu_;
+  std::condition_variable cv_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int chunks_ = 0, next_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+Pool& ThePool() {
+  static Pool* pool = new Pool();  // never destroyed: used until exit
+  return *pool;
+}
+
+__attribute__((target("avx2,fma"))) inline float HSum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  lo = _mm_add_ps(lo, _mm256_extractf128_ps(v, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+// 8 weights as floats (without their scale).
+__attribute__((target("avx2,fma"))) inline __m256 LoadInt8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx2,fma"))) inline __m256 LoadFp8(const uint8_t* p) {
+  // e4m3 -> fp32 bits: magnitude bits at 20..26, sign at 31, then x 2^120 re-biases the exponent
+  // (subnormals land on fp32 subnormals and come out exact).
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7f)), 20);
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sign)),
+                       _mm256_set1_ps(1.329227995784916e36f));  // 2^120
+}
+
+float ScalarWeight(const WeightRef& w, int64_t o, int64_t i) {
+  const uint8_t b = w.q[o * w.in + i];
+  return w.format == WeightFormat::kInt8 ? static_cast<float>(static_cast<int8_t>(b))
+                                         : Fp8E4M3ToFloat(b);
+}
+
+// y[m, o] for o in [o0, o1), T = t rows of x (compile-time for register allocation).
+template <int T, bool kFp8>
+__attribute__((target("avx2,fma"))) void RowsAvx2(const float* x, int64_t ldx, const WeightRef& w,
+                                                  float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  const int64_t in = w.in;
+  const int64_t span = kFp8 ? kFp8Block : in;  // one scale per span
+  const int64_t nb = (in + kFp8Block - 1) / kFp8Block;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* row = w.q + o * in;
+    float total[T] = {};
+    for (int64_t k0 = 0; k0 < in; k0 += span) {
+      const int64_t k1 = std::min(in, k0 + span);
+      __m256 acc[T];
+      for (int m = 0; m < T; ++m) acc[m] = _mm256_setzero_ps();
+      int64_t i = k0;
+      for (; i + 8 <= k1; i += 8) {
+        const __m256 wv = kFp8 ? LoadFp8(row + i) : LoadInt8(row + i);
+        for (int m = 0; m < T; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + i), acc[m]);
+      }
+      float part[T];
+      for (int m = 0; m < T; ++m) part[m] = HSum(acc[m]);
+      for (; i < k1; ++i) {
+        const float wi = ScalarWeight(w, o, i);
+        for (int m = 0; m < T; ++m) part[m] += wi * x[m * ldx + i];
+      }
+      const float s = kFp8 ? w.scales[(o / kFp8Block) * nb + k0 / kFp8Block] : 1.0f;
+      for (int m = 0; m < T; ++m) total[m] += part[m] * s;
+    }
+    const float s = kFp8 ? 1.0f : w.scales[o];
+    for (int m = 0; m < T; ++m) y[m * ldy + o] = total[m] * s;
+  }
+}
+
+void RowsScalar(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y, int64_t ldy,
+                int64_t o0, int64_t o1) {
+  const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t m = 0; m < t; ++m) {
+      double acc = 0;
+      for (int64_t i = 0; i < w.in; ++i) {
+        const float s = w.format == WeightFormat::kInt8
+                            ? w.scales[o]
+                            : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
+        acc += static_cast<double>(ScalarWeight(w, o, i)) * s * x[m * ldx + i];
+      }
+      y[m * ldy + o] = static_cast<float>(acc);
+    }
+  }
+}
+
+template <bool kFp8>
+void Dispatch(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y, int64_t ldy,
+              int64_t o0, int64_t o1) {
+  switch (t) {
+#define DMOE_CASE(T) \
+  case T:            \
+    return RowsAvx2<T, kFp8>(x, ldx, w, y, ldy, o0, o1);
+    DMOE_CASE(1)
+    DMOE_CASE(2)
+    DMOE_CASE(3)
+    DMOE_CASE(4)
+    DMOE_CASE(5)
+    DMOE_CASE(6)
+    DMOE_CASE(7)
+    DMOE_CASE(8)
+#undef DMOE_CASE
+  }
+}
+
+// Output rows per chunk: a multiple of the fp8 block so chunks never split a scale row.
+int64_t Chunks(int64_t out, int64_t* per) {
+  const int64_t n = std::min<int64_t>(ThePool().size() * 2, std::max<int64_t>(1, out / 64));
+  *per = ((out + n - 1) / n + 7) / 8 * 8;
+  return (out + *per - 1) / *per;
+}
+
+}  // namespace
+
+const char* WeightFormatName(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::kF32:
+      return "f32";
+    case WeightFormat::kInt8:
+      return "int8";
+    case WeightFormat::kFp8:
+      return "fp8";
+  }
+  return "?";
+}
+
+void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
+  const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
+  for (int64_t o = o0; o < o1; ++o) {
+    float* d = dst + (o - o0) * w.in;
+    if (w.format == WeightFormat::kF32) {
+      std::copy(w.f32 + o * w.in, w.f32 + (o + 1) * w.in, d);
+    } else if (w.format == WeightFormat::kInt8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(w.q) + o * w.in;
+      for (int64_t i = 0; i < w.in; ++i) d[i] = static_cast<float>(q[i]) * w.scales[o];
+    } else {
+      for (int64_t i = 0; i < w.in; ++i) {
+        d[i] = Fp8E4M3ToFloat(w.q[o * w.in + i]) * w.scales[(o / kFp8Block) * nb + i / kFp8Block];
+      }
+    }
+  }
+}
+
+void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ldx, int64_t ldy) {
+  if (w.format == WeightFormat::kF32) {
+    Linear(x, t, w.in, w.f32, w.out, y, ldx, ldy);
+    return;
+  }
+  if (ldx == 0) ldx = w.in;
+  if (ldy == 0) ldy = w.out;
+  int64_t per = 0;
+  const int64_t chunks = Chunks(w.out, &per);
+  if (t <= 8) {
+    const bool avx2 = CpuHasAvx2Fma();
+    const bool fp8 = w.format == WeightFormat::kFp8;
+    ThePool().Run(static_cast<int>(chunks), [&](int c) {
+      const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+      if (!avx2) {
+        RowsScalar(x, t, ldx, w, y, ldy, o0, o1);
+      } else if (fp8) {
+        Dispatch<true>(x, t, ldx, w, y, ldy, o0, o1);
+      } else {
+        Dispatch<false>(x, t, ldx, w, y, ldy, o0, o1);
+      }
+    });
+    return;
+  }
+  // Many rows: compute-bound, so dequantize once and use the fp32 GEMM.
+  thread_local std::vector<float> full;
+  full.resize(static_cast<size_t>(w.out * w.in));
+  float* dst = full.data();  // (a thread_local named inside the lambda would be the worker's)
+  ThePool().Run(static_cast<int>(chunks), [&](int c) {
+    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+    Dequantize(w, o0, o1, dst + o0 * w.in);
+  });
+  Linear(x, t, w.in, dst, w.out, y, ldx, ldy);
+}
+
+void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
+                const WeightRef& down, float* y, std::vector<float>* scratch) {
+  const int64_t width = gate.out;
+  scratch->resize(static_cast<size_t>(2 * t * width));
+  float* g = scratch->data();
+  float* u = g + t * width;
+  LinearW(x, t, gate, g);
+  LinearW(x, t, up, u);
+  SiluMul(g, u, t * width, g);
+  LinearW(g, t, down, y);
+}
+
+void QuantizeInt8PerChannel(const float* w, int64_t out, int64_t in, std::vector<uint8_t>* q,
+                            std::vector<float>* scales) {
+  q->resize(static_cast<size_t>(out * in));
+  scales->resize(static_cast<size_t>(out));
+  for (int64_t o = 0; o < out; ++o) {
+    float amax = 0;
+    for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(w[o * in + i]));
+    const float s = amax > 0 ? amax / 127.0f : 1.0f;
+    (*scales)[static_cast<size_t>(o)] = s;
+    for (int64_t i = 0; i < in; ++i) {
+      const float v = std::nearbyint(w[o * in + i] / s);
+      (*q)[static_cast<size_t>(o * in + i)] =
+          static_cast<uint8_t>(static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, v))));
+    }
+  }
+}
+
+void QuantizeFp8Blocks(const float* w, int64_t out, int64_t in, std::vector<uint8_t>* q,
+                       std::vector<float>* scale_inv) {
+  const int64_t bo = (out + kFp8Block - 1) / kFp8Block, bi = (in + kFp8Block - 1) / kFp8Block;
+  q->resize(static_cast<size_t>(out * in));
+  scale_inv->resize(static_cast<size_t>(bo * bi));
+  for (int64_t a = 0; a < bo; ++a) {
+    for (int64_t b = 0; b < bi; ++b) {
+      const int64_t o1 = std::min(out, (a + 1) * kFp8Block), i1 = std::min(in, (b + 1) * kFp8Block);
+      float amax = 0;
+      for (int64_t o = a * kFp8Block; o < o1; ++o) {
+        for (int64_t i = b * kFp8Block; i < i1; ++i) amax = std::max(amax, std::fabs(w[o * in + i]));
+      }
+      const float s = amax > 0 ? amax / 448.0f : 1.0f;
+      (*scale_inv)[static_cast<size_t>(a * bi + b)] = s;
+      for (int64_t o = a * kFp8Block; o < o1; ++o) {
+        for (int64_t i = b * kFp8Block; i < i1; ++i) {
+          (*q)[static_cast<size_t>(o * in + i)] = FloatToFp8E4M3(w[o * in + i] / s);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace dmoe::cpu

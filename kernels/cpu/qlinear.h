@@ -1,0 +1,49 @@
+// Linear layers over 8-bit weights (weight-only quantization; activations stay fp32):
+//   int8 with one fp32 scale per output channel  (w[o, i] = q[o, i] * scale[o]), and
+//   fp8 e4m3 with 128x128 block scales as DeepSeek-V3 ships them
+//                                           (w[o, i] = fp8(q[o, i]) * scale_inv[o / 128, i / 128]).
+// Few rows (decode, t <= 8): AVX2 kernels read each 8-bit weight once and convert it in registers,
+// so memory traffic is a quarter of fp32's; more rows: dequantize (in parallel) into fp32 and sgemm.
+#ifndef DMOE_KERNELS_CPU_QLINEAR_H_
+#define DMOE_KERNELS_CPU_QLINEAR_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace dmoe::cpu {
+
+enum class WeightFormat { kF32, kInt8, kFp8 };
+const char* WeightFormatName(WeightFormat f);
+
+constexpr int64_t kFp8Block = 128;
+
+// A weight matrix [out, in] in one of the formats (pointers owned elsewhere).
+struct WeightRef {
+  WeightFormat format = WeightFormat::kF32;
+  const float* f32 = nullptr;     // kF32
+  const uint8_t* q = nullptr;     // kInt8 (as int8_t) / kFp8 (e4m3 bytes)
+  const float* scales = nullptr;  // kInt8: [out]; kFp8: [ceil(out/128), ceil(in/128)]
+  int64_t out = 0;
+  int64_t in = 0;
+};
+
+// y[t, out] = x[t, in] @ W^T. Row strides ldx / ldy (0: packed).
+void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ldx = 0,
+             int64_t ldy = 0);
+// Dense SwiGLU MLP over WeightRefs: y[t, d] = down(silu(gate(x)) * up(x)).
+void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
+                const WeightRef& down, float* y, std::vector<float>* scratch);
+
+// Quantizers (for loading 16/32-bit checkpoints into 8 bits, and the tiny-model writer).
+// int8: scale = max|w[o, :]| / 127, q = round(w / scale).
+void QuantizeInt8PerChannel(const float* w, int64_t out, int64_t in, std::vector<uint8_t>* q,
+                            std::vector<float>* scales);
+// fp8: per 128x128 block, scale_inv = max|block| / 448, q = fp8(w / scale_inv).
+void QuantizeFp8Blocks(const float* w, int64_t out, int64_t in, std::vector<uint8_t>* q,
+                       std::vector<float>* scale_inv);
+// The fp32 matrix a WeightRef stands for, rows [o0, o1).
+void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst);
+
+}  // namespace dmoe::cpu
+
+#endif  // DMOE_KERNELS_CPU_QLINEAR_H_

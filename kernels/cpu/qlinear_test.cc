@@ -1,0 +1,122 @@
+// 8-bit weights: fp8 e4m3 encoding against its definition, quantizer error bounds, and the int8 /
+// fp8 linear kernels (every row count 1-12, odd sizes, AVX2 tails, chunking) against a float64
+// computation written here from the stored bytes and scales.
+#include "kernels/cpu/qlinear.h"
+
+#include <cmath>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "model/dtype.h"
+
+namespace dmoe::cpu {
+namespace {
+
+// e4m3 by its definition: sign, 4-bit exponent (bias 7), 3-bit mantissa, no infinities.
+double Fp8Definition(uint8_t v) {
+  const int e = (v >> 3) & 15, m = v & 7;
+  const double mag = e == 0 ? m * std::pow(2.0, -9) : (1 + m / 8.0) * std::pow(2.0, e - 7);
+  return (v & 0x80) ? -mag : mag;
+}
+
+TEST(Fp8, EveryCodeDecodesAndRoundTrips) {
+  for (int c = 0; c < 256; ++c) {
+    const uint8_t v = static_cast<uint8_t>(c);
+    if ((v & 0x7f) == 0x7f) {
+      EXPECT_TRUE(std::isnan(Fp8E4M3ToFloat(v)));
+      continue;
+    }
+    EXPECT_EQ(Fp8E4M3ToFloat(v), static_cast<float>(Fp8Definition(v))) << c;
+    EXPECT_EQ(FloatToFp8E4M3(Fp8E4M3ToFloat(v)), v) << c;
+  }
+  EXPECT_EQ(Fp8E4M3ToFloat(0x7e), 448.0f);
+  EXPECT_EQ(FloatToFp8E4M3(1e6f), 0x7e);     // saturates
+  EXPECT_EQ(FloatToFp8E4M3(-1e6f), 0xfe);
+  EXPECT_EQ(FloatToFp8E4M3(1.0625f), 0x38);  // a tie between 1 and 1.125: to even (1)
+  EXPECT_EQ(FloatToFp8E4M3(1.1875f), 0x3a);  // a tie between 1.125 and 1.25: to even (1.25)
+  EXPECT_EQ(FloatToFp8E4M3(std::ldexp(3.0f, -10)), 0x02);  // 1.5 subnormal steps: to even (2)
+}
+
+TEST(Quantizers, ErrorsStayWithinHalfAStep) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0, 0.05f);
+  const int64_t out = 200, in = 300;
+  std::vector<float> w(out * in);
+  for (float& v : w) v = nd(rng);
+  std::vector<uint8_t> q;
+  std::vector<float> s;
+  QuantizeInt8PerChannel(w.data(), out, in, &q, &s);
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t i = 0; i < in; ++i) {
+      const double deq = static_cast<int8_t>(q[o * in + i]) * static_cast<double>(s[o]);
+      EXPECT_LE(std::fabs(deq - w[o * in + i]), s[o] * 0.5 + 1e-9);
+    }
+  }
+  QuantizeFp8Blocks(w.data(), out, in, &q, &s);
+  ASSERT_EQ(s.size(), 2u * 3u);  // ceil(200/128) x ceil(300/128)
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t i = 0; i < in; ++i) {
+      const double sc = s[(o / 128) * 3 + i / 128];
+      const double deq = Fp8Definition(q[o * in + i]) * sc;
+      const double x = w[o * in + i];
+      // Relative 2^-4 for normals; absolute half a subnormal step (2^-10 * scale) below them.
+      EXPECT_LE(std::fabs(deq - x), std::max(std::fabs(x) / 16, sc * std::ldexp(1.0, -10)) + 1e-12);
+    }
+  }
+}
+
+void CheckLinear(WeightFormat f, int64_t out, int64_t in) {
+  std::mt19937 rng(static_cast<unsigned>(out * 7 + in));
+  std::normal_distribution<float> nd(0, 0.1f);
+  std::vector<float> w(out * in);
+  for (float& v : w) v = nd(rng);
+  std::vector<uint8_t> q;
+  std::vector<float> s;
+  if (f == WeightFormat::kInt8) {
+    QuantizeInt8PerChannel(w.data(), out, in, &q, &s);
+  } else {
+    QuantizeFp8Blocks(w.data(), out, in, &q, &s);
+  }
+  WeightRef ref;
+  ref.format = f;
+  ref.q = q.data();
+  ref.scales = s.data();
+  ref.out = out;
+  ref.in = in;
+  const int64_t nb = (in + 127) / 128;
+  for (int64_t t = 1; t <= 12; ++t) {
+    std::vector<float> x(t * in), y(t * out);
+    for (float& v : x) v = nd(rng);
+    LinearW(x.data(), t, ref, y.data());
+    for (int64_t m = 0; m < t; ++m) {
+      for (int64_t o = 0; o < out; ++o) {
+        double want = 0, mag = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          const double wd = f == WeightFormat::kInt8
+                                ? static_cast<int8_t>(q[o * in + i]) * static_cast<double>(s[o])
+                                : Fp8Definition(q[o * in + i]) * s[(o / 128) * nb + i / 128];
+          want += wd * x[m * in + i];
+          mag += std::fabs(wd * x[m * in + i]);
+        }
+        ASSERT_NEAR(y[m * out + o], want, 1e-5 * mag + 1e-7)
+            << WeightFormatName(f) << " t=" << t << " out=" << out << " in=" << in << " row " << m
+            << " col " << o;
+      }
+    }
+  }
+}
+
+TEST(QLinear, Int8MatchesFloat64) {
+  for (auto [out, in] : {std::pair<int64_t, int64_t>{1, 8}, {7, 13}, {64, 256}, {300, 260}}) {
+    CheckLinear(WeightFormat::kInt8, out, in);
+  }
+}
+
+TEST(QLinear, Fp8BlocksMatchFloat64) {
+  for (auto [out, in] : {std::pair<int64_t, int64_t>{1, 8}, {7, 13}, {130, 256}, {300, 260}}) {
+    CheckLinear(WeightFormat::kFp8, out, in);
+  }
+}
+
+}  // namespace
+}  // namespace dmoe::cpu
