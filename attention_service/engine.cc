@@ -251,6 +251,7 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   p.softmax_scale = static_cast<float>(c.SoftmaxScale());
   p.kv_b = lw.kv_b.w.data();
   rotated_.resize(static_cast<size_t>(dr));
+  kv_row_.resize(static_cast<size_t>(lc));
   float* rotated = rotated_.data();
   decode_rows_.clear();
   decode_caches_.clear();
@@ -262,9 +263,10 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
     for (int64_t i = 0; i < m; ++i) {
       const int64_t pos = pos0 + i;
       const float* a = kva_.data() + (row + i) * lc;
-      float* dst = s.cache->Row(l, pos);
+      float* dst = kv_row_.data();
       cpu::RmsNorm(a, 1, r, lw.kv_a_norm.data(), kLatentNormEps, dst);
       rope_.Apply(a + r, pos, dst + r);
+      s.cache->WriteRow(l, pos, dst);
       for (int64_t head = 0; head < h; ++head) {
         float* qpe = q_.data() + ((row + i) * h + head) * qd + c.qk_nope_head_dim;
         rope_.Apply(qpe, pos, rotated);

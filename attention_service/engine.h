@@ -112,7 +112,7 @@ class Engine {
   // Scratch reused across steps.
   MicroBatch mb_[2];
   std::vector<float> q_, qa_, kva_, attn_, scratch_, final_x_;
-  std::vector<float> decode_q_, decode_o_, lm_out_, rotated_;
+  std::vector<float> decode_q_, decode_o_, lm_out_, rotated_, kv_row_;
   std::vector<int64_t> decode_rows_, decode_ctx_;
   std::vector<cpu::LatentRows> decode_caches_;
 };

@@ -8,6 +8,19 @@
 
 namespace dmoe {
 
+bool ParseKvDType(const std::string& s, cpu::KvDType* out) {
+  if (s == "f32") {
+    *out = cpu::KvDType::kF32;
+  } else if (s == "int8") {
+    *out = cpu::KvDType::kInt8;
+  } else if (s == "fp8_e4m3" || s == "fp8") {
+    *out = cpu::KvDType::kFp8;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 absl::Status SequenceKvCache::Reserve(int64_t n) {
   for (auto& layer : layers_) {
     const size_t need = static_cast<size_t>((length_ + n) * row_);
@@ -21,13 +34,17 @@ cpu::LatentRows SequenceKvCache::Rows(int64_t layer) {
   return cpu::LatentRows{&ptrs_[static_cast<size_t>(layer)], INT64_MAX / 2};
 }
 
-LatentKvCache::LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t num_blocks)
+LatentKvCache::LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t num_blocks,
+                             cpu::KvDType dtype)
     : row_(c.latent_dim()),
+      r_(c.kv_lora_rank),
       layers_(c.num_hidden_layers),
       block_tokens_(block_tokens),
       total_(num_blocks),
-      block_floats_(c.num_hidden_layers * block_tokens * c.latent_dim()),
-      storage_(static_cast<size_t>(num_blocks * block_floats_)),
+      dtype_(dtype),
+      row_bytes_(cpu::KvRowBytes(dtype, c.kv_lora_rank, c.qk_rope_head_dim)),
+      block_bytes_(c.num_hidden_layers * block_tokens * row_bytes_),
+      storage_(static_cast<size_t>(num_blocks * block_bytes_)),
       meta_(static_cast<size_t>(num_blocks)),
       block_tokens_ids_(static_cast<size_t>(num_blocks * block_tokens)) {
   free_.reserve(static_cast<size_t>(num_blocks));
@@ -35,9 +52,10 @@ LatentKvCache::LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
 }
 
-int64_t LatentKvCache::BlocksForBytes(const ModelConfig& c, int64_t block_tokens, uint64_t bytes) {
-  const uint64_t per_block =
-      static_cast<uint64_t>(c.num_hidden_layers) * block_tokens * c.latent_dim() * 4;
+int64_t LatentKvCache::BlocksForBytes(const ModelConfig& c, int64_t block_tokens, uint64_t bytes,
+                                      cpu::KvDType dtype) {
+  const uint64_t per_block = static_cast<uint64_t>(c.num_hidden_layers) * block_tokens *
+                             cpu::KvRowBytes(dtype, c.kv_lora_rank, c.qk_rope_head_dim);
   return static_cast<int64_t>(bytes / per_block);
 }
 
@@ -136,9 +154,23 @@ absl::Status PagedKvSequence::Reserve(int64_t n) {
 }
 
 cpu::LatentRows PagedKvSequence::Rows(int64_t layer) {
-  ptrs_.resize(blocks_.size());
-  for (size_t i = 0; i < blocks_.size(); ++i) ptrs_[i] = cache_->BlockLayer(blocks_[i], layer);
-  return cpu::LatentRows{ptrs_.data(), cache_->block_tokens()};
+  cpu::LatentRows rows;
+  rows.block_tokens = cache_->block_tokens();
+  if (cache_->dtype() == cpu::KvDType::kF32) {
+    ptrs_.resize(blocks_.size());
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      ptrs_[i] = reinterpret_cast<const float*>(cache_->BlockLayer(blocks_[i], layer));
+    }
+    rows.blocks = ptrs_.data();
+    return rows;
+  }
+  qptrs_.resize(blocks_.size());
+  for (size_t i = 0; i < blocks_.size(); ++i) qptrs_[i] = cache_->BlockLayer(blocks_[i], layer);
+  rows.qblocks = qptrs_.data();
+  rows.dtype = cache_->dtype();
+  rows.r = cache_->latent_rank();
+  rows.dr = cache_->row() - cache_->latent_rank();
+  return rows;
 }
 
 void PagedKvSequence::Release() {

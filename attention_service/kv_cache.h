@@ -1,5 +1,6 @@
-// The latent KV cache: per layer and token, kv_lora_rank + qk_rope_head_dim floats (c_kv after
-// kv_a_layernorm, then the rotated k_pe) and nothing else (576 values for DeepSeek-V2).
+// The latent KV cache: per layer and token, kv_lora_rank + qk_rope_head_dim values (c_kv after
+// kv_a_layernorm, then the rotated k_pe) and nothing else (576 values for DeepSeek-V2); in fp32,
+// or 8-bit (cpu::KvDType: c_kv in int8 / fp8 with a scale per 128 values, k_pe in bf16).
 //
 // KvSequence is what the engine writes to and attends over. Two implementations:
 // SequenceKvCache (one growable buffer per layer; tests and tools) and PagedKvSequence (fixed-size
@@ -7,8 +8,10 @@
 #ifndef DMOE_ATTENTION_SERVICE_KV_CACHE_H_
 #define DMOE_ATTENTION_SERVICE_KV_CACHE_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <list>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -17,6 +20,9 @@
 #include "model/config.h"
 
 namespace dmoe {
+
+// "f32", "int8", "fp8_e4m3" (or "fp8"); false for anything else.
+bool ParseKvDType(const std::string& s, cpu::KvDType* out);
 
 // The rows of one sequence, all layers. Thread-compatible.
 class KvSequence {
@@ -27,8 +33,9 @@ class KvSequence {
   // Makes room for rows [length, length + n). RESOURCE_EXHAUSTED (nothing changed) when the
   // cache cannot.
   virtual absl::Status Reserve(int64_t n) = 0;
-  // The row of (layer, pos) for pos < length + reserved.
-  virtual float* Row(int64_t layer, int64_t pos) = 0;
+  // Stores the row of (layer, pos) for pos < length + reserved (quantizing it if the cache is
+  // 8-bit).
+  virtual void WriteRow(int64_t layer, int64_t pos, const float* row) = 0;
   // The rows of `layer` for the attention kernels (valid until the next Reserve).
   virtual cpu::LatentRows Rows(int64_t layer) = 0;
   // Commits n reserved rows (after a step succeeded).
@@ -46,8 +53,11 @@ class SequenceKvCache : public KvSequence {
         layers_(static_cast<size_t>(c.num_hidden_layers)),
         ptrs_(layers_.size()) {}
   absl::Status Reserve(int64_t n) override;
-  float* Row(int64_t layer, int64_t pos) override {
+  float* Row(int64_t layer, int64_t pos) {
     return layers_[static_cast<size_t>(layer)].data() + pos * row_;
+  }
+  void WriteRow(int64_t layer, int64_t pos, const float* row) override {
+    std::copy(row, row + row_, Row(layer, pos));
   }
   cpu::LatentRows Rows(int64_t layer) override;
   // Bytes of committed rows (all layers).
@@ -67,9 +77,11 @@ class SequenceKvCache : public KvSequence {
 // every block is free, cached (evictable) or referenced. Thread-compatible.
 class LatentKvCache {
  public:
-  LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t num_blocks);
+  LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t num_blocks,
+                cpu::KvDType dtype = cpu::KvDType::kF32);
   // Blocks that fit in `bytes`.
-  static int64_t BlocksForBytes(const ModelConfig& c, int64_t block_tokens, uint64_t bytes);
+  static int64_t BlocksForBytes(const ModelConfig& c, int64_t block_tokens, uint64_t bytes,
+                                cpu::KvDType dtype = cpu::KvDType::kF32);
 
   int64_t block_tokens() const { return block_tokens_; }
   int64_t total_blocks() const { return total_; }
@@ -77,9 +89,10 @@ class LatentKvCache {
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size() + lru_.size()); }
   // Unreferenced blocks kept for their prefix.
   int64_t cached_blocks() const { return static_cast<int64_t>(lru_.size()); }
-  uint64_t block_bytes() const { return static_cast<uint64_t>(block_floats_) * 4; }
-  // Bytes of cache per token (all layers): layers * latent_dim * 4.
-  uint64_t bytes_per_token() const { return static_cast<uint64_t>(layers_) * row_ * 4; }
+  uint64_t block_bytes() const { return static_cast<uint64_t>(block_bytes_); }
+  // Bytes of cache per token (all layers): layers * cpu::KvRowBytes (fp32: latent_dim * 4).
+  uint64_t bytes_per_token() const { return static_cast<uint64_t>(layers_) * row_bytes_; }
+  cpu::KvDType dtype() const { return dtype_; }
 
   // A block with one reference (evicting the least recently used cached block if no block is
   // free); -1 when every block is referenced.
@@ -97,11 +110,14 @@ class LatentKvCache {
   // Makes a full, computed block findable by Lookup (no-op if the key is already taken).
   void Register(int32_t block, uint64_t key, const int32_t* tokens);
 
-  float* BlockLayer(int32_t block, int64_t layer) {
-    return storage_.data() + static_cast<int64_t>(block) * block_floats_ +
-           layer * block_tokens_ * row_;
+  // The rows of (block, layer): block_tokens rows of row_bytes() each.
+  uint8_t* BlockLayer(int32_t block, int64_t layer) {
+    return storage_.data() + static_cast<int64_t>(block) * block_bytes_ +
+           layer * block_tokens_ * row_bytes_;
   }
-  int64_t row() const { return row_; }
+  int64_t row() const { return row_; }  // values per row (r + dr)
+  int64_t latent_rank() const { return r_; }
+  int64_t row_bytes() const { return row_bytes_; }
 
  private:
   struct Meta {
@@ -112,8 +128,10 @@ class LatentKvCache {
   };
   void Unregister(int32_t block);
 
-  int64_t row_, layers_, block_tokens_, total_, block_floats_;
-  std::vector<float> storage_;
+  int64_t row_, r_, layers_, block_tokens_, total_;
+  cpu::KvDType dtype_;
+  int64_t row_bytes_, block_bytes_;
+  std::vector<uint8_t> storage_;
   std::vector<int32_t> free_;
   std::vector<Meta> meta_;
   std::list<int32_t> lru_;  // unreferenced registered blocks, least recently used first
@@ -130,9 +148,12 @@ class PagedKvSequence : public KvSequence {
   PagedKvSequence& operator=(const PagedKvSequence&) = delete;
 
   absl::Status Reserve(int64_t n) override;
-  float* Row(int64_t layer, int64_t pos) override {
-    return cache_->BlockLayer(blocks_[static_cast<size_t>(pos / cache_->block_tokens())], layer) +
-           (pos % cache_->block_tokens()) * cache_->row();
+  void WriteRow(int64_t layer, int64_t pos, const float* row) override {
+    uint8_t* dst =
+        cache_->BlockLayer(blocks_[static_cast<size_t>(pos / cache_->block_tokens())], layer) +
+        (pos % cache_->block_tokens()) * cache_->row_bytes();
+    cpu::QuantizeKvRow(cache_->dtype(), row, cache_->latent_rank(),
+                       cache_->row() - cache_->latent_rank(), dst);
   }
   cpu::LatentRows Rows(int64_t layer) override;
   // Returns every block to the cache; the sequence is empty afterwards.
@@ -151,6 +172,7 @@ class PagedKvSequence : public KvSequence {
   LatentKvCache* cache_;
   std::vector<int32_t> blocks_;
   std::vector<const float*> ptrs_;
+  std::vector<const uint8_t*> qptrs_;
   int64_t registered_ = 0;  // leading blocks already registered (or attached)
   uint64_t chain_key_ = 0;  // key of block registered_ - 1
 };

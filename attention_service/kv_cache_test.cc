@@ -1,6 +1,8 @@
 #include "attention_service/kv_cache.h"
 
 #include <cmath>
+#include <cstring>
+#include <random>
 #include <cstdlib>
 #include <memory>
 #include <vector>
@@ -164,6 +166,126 @@ TEST(PagedKvSequence, ExhaustionIsAnErrorThatChangesNothing) {
   a.Release();
   EXPECT_TRUE(engine.Step(batch, &logits).ok());
   EXPECT_EQ(b.length(), 5);
+}
+
+}  // namespace
+}  // namespace dmoe
+
+namespace dmoe {
+namespace {
+
+// The stored 8-bit row decoded from its bytes by the layout's definition (written here, not the
+// code under test): r codes, one fp32 scale per 128, then dr bf16 values.
+std::vector<float> DecodeRow(cpu::KvDType t, const uint8_t* p, int64_t r, int64_t dr) {
+  std::vector<float> out(static_cast<size_t>(r + dr));
+  const int64_t ns = (r + 127) / 128;
+  for (int64_t i = 0; i < r; ++i) {
+    float scale;
+    std::memcpy(&scale, p + r + 4 * (i / 128), 4);
+    const uint8_t q = p[i];
+    double v;
+    if (t == cpu::KvDType::kInt8) {
+      v = static_cast<int8_t>(q);
+    } else {
+      const int e = (q >> 3) & 15, m = q & 7;
+      v = (e == 0 ? m * std::pow(2.0, -9) : (1 + m / 8.0) * std::pow(2.0, e - 7)) *
+          ((q & 0x80) ? -1 : 1);
+    }
+    out[static_cast<size_t>(i)] = static_cast<float>(v * scale);
+  }
+  for (int64_t j = 0; j < dr; ++j) {
+    uint16_t h;
+    std::memcpy(&h, p + r + 4 * ns + 2 * j, 2);
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    std::memcpy(&out[static_cast<size_t>(r + j)], &bits, 4);
+  }
+  return out;
+}
+
+TEST(LatentKvCache8Bit, LayoutBytesAndQuantizationError) {
+  // DeepSeek-V2: r = 512, dr = 64 -> 512 + 4 x 4 + 64 x 2 = 656 bytes (FlashMLA's layout).
+  EXPECT_EQ(cpu::KvRowBytes(cpu::KvDType::kFp8, 512, 64), 656);
+  EXPECT_EQ(cpu::KvRowBytes(cpu::KvDType::kInt8, 512, 64), 656);
+  EXPECT_EQ(cpu::KvRowBytes(cpu::KvDType::kF32, 512, 64), 2304);
+  const ModelConfig c = *PresetConfig("tiny");  // r = 64, dr = 16: 64 + 4 + 32 = 100 bytes
+  LatentKvCache cache(c, 4, 10, cpu::KvDType::kFp8);
+  EXPECT_EQ(cache.bytes_per_token(), static_cast<uint64_t>(c.num_hidden_layers * 100));
+  EXPECT_EQ(cache.block_bytes(), static_cast<uint64_t>(4 * c.num_hidden_layers * 100));
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0, 1);
+  for (cpu::KvDType t : {cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+    std::vector<float> row(80);
+    for (float& v : row) v = nd(rng);
+    std::vector<uint8_t> bytes(static_cast<size_t>(cpu::KvRowBytes(t, 64, 16)));
+    cpu::QuantizeKvRow(t, row.data(), 64, 16, bytes.data());
+    const std::vector<float> back = DecodeRow(t, bytes.data(), 64, 16);
+    float amax = 0;
+    for (int i = 0; i < 64; ++i) amax = std::max(amax, std::fabs(row[i]));
+    for (int i = 0; i < 64; ++i) {
+      const double bound = t == cpu::KvDType::kInt8 ? amax / 127 / 2 : std::fabs(row[i]) / 16 + amax / 448 / 1024;
+      EXPECT_LE(std::fabs(back[i] - row[i]), bound + 1e-7) << cpu::KvDTypeName(t) << " " << i;
+    }
+    for (int j = 64; j < 80; ++j) EXPECT_EQ(back[j], Bf16ToFloat(FloatToBf16(row[j])));
+  }
+}
+
+// Attention over an 8-bit paged cache equals attention over the same rows decoded (by the
+// definition above) into a contiguous fp32 cache: dequantization inside the kernel is exact.
+TEST(LatentKvCache8Bit, KernelsReadTheStoredRowsExactly) {
+  const ModelConfig c = *PresetConfig("tiny");
+  const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim, lc = r + dr;
+  const int64_t h = c.num_attention_heads, dn = c.qk_nope_head_dim, dv = c.v_head_dim;
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<float> kv_b(static_cast<size_t>(h * (dn + dv) * r));
+  for (float& v : kv_b) v = nd(rng) * 0.1f;
+  cpu::MlaParams p;
+  p.num_heads = h;
+  p.nope_dim = dn;
+  p.rope_dim = dr;
+  p.v_dim = dv;
+  p.latent_rank = r;
+  p.softmax_scale = 0.1f;
+  p.kv_b = kv_b.data();
+  for (cpu::KvDType t : {cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+    LatentKvCache cache(c, 4, 16, t);
+    PagedKvSequence paged(&cache);
+    SequenceKvCache plain(c);
+    const int64_t n = 23;
+    ASSERT_TRUE(paged.Reserve(n).ok());
+    ASSERT_TRUE(plain.Reserve(n).ok());
+    std::vector<float> row(static_cast<size_t>(lc));
+    for (int64_t pos = 0; pos < n; ++pos) {
+      for (float& v : row) v = nd(rng);
+      paged.WriteRow(1, pos, row.data());
+      const int64_t bt = cache.block_tokens();
+      const uint8_t* stored = cache.BlockLayer(paged.block_table()[static_cast<size_t>(pos / bt)], 1) +
+                              (pos % bt) * cache.row_bytes();
+      const std::vector<float> decoded = DecodeRow(t, stored, r, dr);
+      plain.WriteRow(1, pos, decoded.data());
+    }
+    paged.Advance(n);
+    plain.Advance(n);
+    const int64_t q_rows = 3;
+    std::vector<float> q(static_cast<size_t>(q_rows * h * (dn + dr)));
+    for (float& v : q) v = nd(rng);
+    std::vector<float> a(static_cast<size_t>(q_rows * h * dv)), b(a.size()), scratch;
+    cpu::MlaAttentionNaive(p, q.data(), q_rows, paged.Rows(1), n, n - q_rows, a.data(), &scratch);
+    cpu::MlaAttentionNaive(p, q.data(), q_rows, plain.Rows(1), n, n - q_rows, b.data(), &scratch);
+    EXPECT_LE(MaxDiff(a, b), 1e-5) << cpu::KvDTypeName(t) << " naive";
+    cpu::MlaAttentionAbsorbed(p, q.data(), q_rows, paged.Rows(1), n, n - q_rows, a.data(),
+                              &scratch);
+    cpu::MlaAttentionAbsorbed(p, q.data(), q_rows, plain.Rows(1), n, n - q_rows, b.data(),
+                              &scratch);
+    EXPECT_LE(MaxDiff(a, b), 1e-5) << cpu::KvDTypeName(t) << " absorbed";
+    const cpu::LatentRows pr = paged.Rows(1), sr = plain.Rows(1);
+    const int64_t ctx = n;
+    cpu::MlaDecodeAbsorbedBatch(p, q.data(), 1, &pr, &ctx, a.data(), &scratch);
+    cpu::MlaDecodeAbsorbedBatch(p, q.data(), 1, &sr, &ctx, b.data(), &scratch);
+    a.resize(static_cast<size_t>(h * dv));
+    b.resize(a.size());
+    EXPECT_LE(MaxDiff(a, b), 1e-5) << cpu::KvDTypeName(t) << " batched decode";
+  }
 }
 
 }  // namespace

@@ -35,6 +35,9 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --grpc-listen H:P       gRPC address (default 127.0.0.1:0 = any free port)
   --ready-file F          once serving, write {"grpc": ..., "pid": ...} to F (atomically)
   --kv-cache-mib N        KV cache size in MiB (default 256); or --kv-blocks N
+  --kv-cache-dtype T      f32 (default), int8 or fp8_e4m3: the latent part in 8 bits with a scale
+                          per 128 values, the rope part in bf16 (656 instead of 2304 bytes per token
+                          and layer for DeepSeek-V2), dequantized inside the attention kernel
   --block-tokens N        tokens per KV block (default 16)
   --max-running N         sequences in the running batch (default 64)
   --token-budget N        tokens per engine step (default 512)
@@ -58,7 +61,8 @@ int Main(int argc, char** argv) {
       argc - 1, argv + 1,
       cli::WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
                        "block-tokens", "max-running", "token-budget", "prefill-chunk",
-                       "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms"}),
+                       "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
+                       "kv-cache-dtype"}),
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -92,14 +96,22 @@ int Main(int argc, char** argv) {
   auto model = LocalModel::Load(*dir, o);
   if (!model.ok()) return Fail(model.status());
   const ModelConfig& c = (*model)->config();
-  const int64_t blocks = v["kv-blocks"] > 0 ? v["kv-blocks"]
-                                            : LatentKvCache::BlocksForBytes(
-                                                  c, v["block-tokens"], v["kv-cache-mib"] << 20);
+  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
+  if (!ParseKvDType(flags->StringOr("kv-cache-dtype", "f32"), &kv_dtype)) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--kv-cache-dtype: \"", flags->StringOr("kv-cache-dtype", ""),
+                     "\" is not f32, int8 or fp8_e4m3")));
+  }
+  const int64_t blocks =
+      v["kv-blocks"] > 0
+          ? v["kv-blocks"]
+          : LatentKvCache::BlocksForBytes(c, v["block-tokens"], v["kv-cache-mib"] << 20, kv_dtype);
   if (blocks <= 0)
     return Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
-  LatentKvCache cache(c, v["block-tokens"], blocks);
+  LatentKvCache cache(c, v["block-tokens"], blocks, kv_dtype);
   std::fprintf(stderr,
-               "dmoe-attention: KV cache %lld blocks x %lld tokens, %.1f MiB, %llu bytes/token\n",
+               "dmoe-attention: KV cache (%s) %lld blocks x %lld tokens, %.1f MiB, %llu bytes/token\n",
+               cpu::KvDTypeName(kv_dtype),
                static_cast<long long>(blocks), static_cast<long long>(v["block-tokens"]),
                static_cast<double>(blocks * cache.block_bytes()) / (1 << 20),
                static_cast<unsigned long long>(cache.bytes_per_token()));

@@ -97,7 +97,9 @@ model.safetensors.index.json when --shards N > 1.
   --preset NAME   tiny (default), tiny-lite, tiny-demo (vocabulary of the DeepSeek tokenizer) or small
   --vocab-size N  override the preset's vocabulary size
   --seed N        seed of the weight draws (default 0); a tensor depends only on (seed, name)
-  --dtype T       f32 (default) or bf16 (round-to-nearest-even of the same f32 draws)
+  --dtype T       f32 (default), bf16 (round-to-nearest-even of the same f32 draws) or fp8
+                  (every *_proj.weight in fp8 e4m3 with 128x128 "_scale_inv" block scales, as
+                  DeepSeek-V3 checkpoints ship; the rest bf16)
   --shards N      number of safetensors files (default 1)
 )";
 
@@ -263,9 +265,11 @@ int MakeTinyModel(int argc, char** argv) {
     o.dtype = DType::kF32;
   } else if (dtype == "bf16") {
     o.dtype = DType::kBF16;
+  } else if (dtype == "fp8") {
+    o.dtype = DType::kF8E4M3;
   } else {
     return Fail(
-        absl::InvalidArgumentError(absl::StrCat("--dtype: \"", dtype, "\" is not f32 or bf16")));
+        absl::InvalidArgumentError(absl::StrCat("--dtype: \"", dtype, "\" is not f32, bf16 or fp8")));
   }
   auto shards = flags->Int("shards", 1);
   if (!shards.ok()) return Fail(shards.status());

@@ -18,10 +18,17 @@ Remote experts (without these flags every routed expert runs in this process):
   --router H:P            take the shards from dmoe-router's placement instead of --expert-shards
                           (waits up to 30 s for a first active map; follows later maps)
   --cluster-token-file F  the router's cluster token
+
+Weight formats (8-bit weights are weight-only quantization: activations stay fp32):
+  --weight-dtype T        auto (default), f32, int8 or fp8: the attention/dense/shared-expert
+                          projections (int8: per-channel scales; fp8: e4m3 with 128x128 block
+                          scales). auto keeps an fp8 checkpoint's fp8 and reads the rest as f32.
+  --expert-dtype T        the same for the routed experts held in this process
 )";
 
 const std::set<std::string> kRemoteFlags = {"expert-shards", "wire-dtype", "expert-deadline-ms",
-                                            "ucx-connect", "router", "cluster-token-file"};
+                                            "ucx-connect", "router", "cluster-token-file",
+                                            "weight-dtype", "expert-dtype"};
 
 std::set<std::string> WithRemote(std::set<std::string> flags) {
   flags.insert(kRemoteFlags.begin(), kRemoteFlags.end());
@@ -35,6 +42,14 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
     for (absl::string_view s : absl::StrSplit(shards, ',')) {
       if (s.empty()) return absl::InvalidArgumentError("--expert-shards: empty address");
       o->expert_shards.emplace_back(s);
+    }
+  }
+  for (auto [name, field] : {std::pair<const char*, WeightDType*>{"weight-dtype", &o->weight_dtype},
+                              {"expert-dtype", &o->expert_dtype}}) {
+    const std::string v = flags.StringOr(name, "auto");
+    if (!ParseWeightDType(v, field)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, ": \"", v, "\" is not auto, f32, int8 or fp8"));
     }
   }
   o->shard_client.router = flags.StringOr("router", "");

@@ -32,6 +32,9 @@ DIR/tokenizer.json, when present, enables text prompts and Chat.
   --grpc-listen H:P    public address (default 127.0.0.1:0; the chosen one is printed)
   --kv-cache-mib N     KV cache size (default 256)
   --block-tokens N     tokens per KV block (default 16)
+  --kv-cache-dtype T   f32 (default), int8 or fp8_e4m3 (see dmoe-attention --help)
+  --weight-dtype T     auto (default), f32, int8 or fp8: dense/attention projections
+  --expert-dtype T     auto (default), f32, int8 or fp8: routed experts
 )";
 
 int Fail(const absl::Status& s) {
@@ -43,7 +46,10 @@ int Fail(const absl::Status& s) {
 
 int Serve(int argc, char** argv) {
   auto flags =
-      Flags::Parse(argc, argv, {"model", "grpc-listen", "kv-cache-mib", "block-tokens"}, {});
+      Flags::Parse(argc, argv,
+                   {"model", "grpc-listen", "kv-cache-mib", "block-tokens", "kv-cache-dtype",
+                    "weight-dtype", "expert-dtype"},
+                   {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kServeHelp, stdout);
@@ -57,14 +63,26 @@ int Serve(int argc, char** argv) {
   if (!block.ok()) return Fail(block.status());
   if (*mib <= 0 || *block <= 0)
     return Fail(absl::InvalidArgumentError("--kv-cache-mib and --block-tokens must be positive"));
-  auto model = LocalModel::Load(*dir, {}, /*log_progress=*/true);
+  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
+  if (!ParseKvDType(flags->StringOr("kv-cache-dtype", "f32"), &kv_dtype)) {
+    return Fail(absl::InvalidArgumentError("--kv-cache-dtype: not f32, int8 or fp8_e4m3"));
+  }
+  LocalModelOptions lo;
+  lo.log_progress = true;
+  if (!ParseWeightDType(flags->StringOr("weight-dtype", "auto"), &lo.weight_dtype)) {
+    return Fail(absl::InvalidArgumentError("--weight-dtype: not auto, f32, int8 or fp8"));
+  }
+  if (!ParseWeightDType(flags->StringOr("expert-dtype", "auto"), &lo.expert_dtype)) {
+    return Fail(absl::InvalidArgumentError("--expert-dtype: not auto, f32, int8 or fp8"));
+  }
+  auto model = LocalModel::Load(*dir, lo);
   if (!model.ok()) return Fail(model.status());
   const ModelConfig& c = (*model)->config();
   const int64_t blocks =
-      LatentKvCache::BlocksForBytes(c, *block, static_cast<uint64_t>(*mib) << 20);
+      LatentKvCache::BlocksForBytes(c, *block, static_cast<uint64_t>(*mib) << 20, kv_dtype);
   if (blocks <= 0)
     return Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
-  LatentKvCache cache(c, *block, blocks);
+  LatentKvCache cache(c, *block, blocks, kv_dtype);
   Scheduler scheduler(&(*model)->engine(), &cache, SchedulerOptions());
   std::unique_ptr<Tokenizer> tok;
   if (std::ifstream(*dir + "/tokenizer.json")) {

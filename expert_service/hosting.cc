@@ -7,12 +7,14 @@
 namespace dmoe {
 
 HostingAgent::HostingAgent(const ModelConfig& config, std::string model_dir, std::string node_id,
-                           ExpertShard* shard, std::chrono::milliseconds drain)
+                           ExpertShard* shard, std::chrono::milliseconds drain,
+                           WeightDType dtype)
     : config_(config),
       dir_(std::move(model_dir)),
       node_id_(std::move(node_id)),
       shard_(shard),
-      drain_(drain) {}
+      drain_(drain),
+      dtype_(dtype) {}
 
 HostingAgent::~HostingAgent() { Stop(); }
 
@@ -89,7 +91,7 @@ void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
       if (!ck.ok()) {
         st = ck.status();
       } else {
-        auto s = ExpertStore::Load(**ck, config_, gained);
+        auto s = ExpertStore::Load(**ck, config_, gained, dtype_);
         if (!s.ok()) {
           st = s.status();
         } else {

@@ -28,7 +28,8 @@ class HostingAgent {
  public:
   using Key = std::pair<int64_t, int64_t>;
   HostingAgent(const ModelConfig& config, std::string model_dir, std::string node_id,
-               ExpertShard* shard, std::chrono::milliseconds drain);
+               ExpertShard* shard, std::chrono::milliseconds drain,
+               WeightDType dtype = WeightDType::kAuto);
   ~HostingAgent();
 
   // Called after a version is loaded and served (e.g. to heartbeat at once). Set before Start.
@@ -56,6 +57,7 @@ class HostingAgent {
   std::string node_id_;
   ExpertShard* shard_;
   std::chrono::milliseconds drain_;
+  WeightDType dtype_;
   mutable std::mutex mu_;
   std::condition_variable wake_;
   std::optional<internal::PlacementUpdate> pending_;

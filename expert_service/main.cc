@@ -56,6 +56,8 @@ ready, and drops what it lost once a map without it has been active for --drain-
   --cluster-token-file F  the router's cluster token
   --advertise-host H   host other nodes reach this shard at (registered with the router in
                        place of the listen host, e.g. the pod IP; default: the listen host)
+  --expert-dtype T     auto (default: fp8 checkpoints stay fp8, the rest f32), f32, int8 (per-channel
+                       scales) or fp8 (e4m3, 128x128 block scales): how the experts are held
   --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
                        them is active (default 2000)
 
@@ -211,7 +213,8 @@ int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
       {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
-       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host"},
+       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host",
+       "expert-dtype"},
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -238,6 +241,12 @@ int Main(int argc, char** argv) {
     if (!in) return Fail(absl::NotFoundError("--cluster-token-file: cannot open"));
     std::getline(in, token);
   }
+  WeightDType expert_dtype = WeightDType::kAuto;
+  if (!ParseWeightDType(flags->StringOr("expert-dtype", "auto"), &expert_dtype)) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--expert-dtype: \"", flags->StringOr("expert-dtype", ""),
+                     "\" is not auto, f32, int8 or fp8")));
+  }
   auto config = LoadModelConfig(*dir);
   if (!config.ok()) return Fail(config.status());
   absl::StatusOr<std::vector<std::pair<int64_t, int64_t>>> experts =
@@ -251,7 +260,7 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "dmoe-expert: loading %zu experts from %s\n", experts->size(),
                  dir->c_str());
   }
-  auto store = ExpertStore::Load(**ck, *config, *experts);
+  auto store = ExpertStore::Load(**ck, *config, *experts, expert_dtype);
   if (!store.ok()) return Fail(store.status());
   const uint64_t bytes_read = (*ck)->bytes_read();
   if (!routed) {
@@ -328,7 +337,7 @@ int Main(int argc, char** argv) {
   std::unique_ptr<router::RouterMember> member;
   if (routed) {
     hosting = std::make_unique<HostingAgent>(*config, *dir, node_id, &shard,
-                                             std::chrono::milliseconds(*drain_ms));
+                                             std::chrono::milliseconds(*drain_ms), expert_dtype);
     router::MemberOptions mo;
     mo.router_address = flags->StringOr("router", "");
     mo.cluster_token = token;

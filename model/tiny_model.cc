@@ -10,6 +10,7 @@
 #include <random>
 
 #include "absl/strings/match.h"
+#include "kernels/cpu/qlinear.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/weights.h"
@@ -228,22 +229,48 @@ std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {
 absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& config,
                             const TinyModelOptions& options) {
   if (auto s = ValidateModelConfig(config); !s.ok()) return s;
-  if (options.dtype != DType::kF32 && options.dtype != DType::kBF16) {
-    return absl::InvalidArgumentError("--dtype: must be f32 or bf16");
+  if (options.dtype != DType::kF32 && options.dtype != DType::kBF16 &&
+      options.dtype != DType::kF8E4M3) {
+    return absl::InvalidArgumentError("--dtype: must be f32, bf16 or fp8");
   }
-  const std::vector<TensorSpec> tensors = CheckpointTensors(config);
+  const std::vector<TensorSpec> specs = CheckpointTensors(config);
+  // What goes into the files. fp8 (like DeepSeek-V3): every *_proj.weight as F8_E4M3 with its
+  // 128x128 block scales in "<name>_scale_inv" (F32) right after it; everything else BF16.
+  struct OutTensor {
+    std::string name;
+    DType dtype;
+    std::vector<int64_t> shape;
+    size_t spec;
+    bool scale;
+  };
+  std::vector<OutTensor> tensors;
+  const bool fp8 = options.dtype == DType::kF8E4M3;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const std::string& name = specs[i].name;
+    const bool proj = name.size() > 12 && name.compare(name.size() - 12, 12, "_proj.weight") == 0;
+    if (fp8 && proj && specs[i].shape.size() == 2) {
+      tensors.push_back({name, DType::kF8E4M3, specs[i].shape, i, false});
+      tensors.push_back({name + "_scale_inv",
+                         DType::kF32,
+                         {(specs[i].shape[0] + cpu::kFp8Block - 1) / cpu::kFp8Block,
+                          (specs[i].shape[1] + cpu::kFp8Block - 1) / cpu::kFp8Block},
+                         i,
+                         true});
+    } else {
+      tensors.push_back({name, fp8 ? DType::kBF16 : options.dtype, specs[i].shape, i, false});
+    }
+  }
   if (options.shards < 1 || static_cast<size_t>(options.shards) > tensors.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--shards: must be in [1, ", tensors.size(), "], got ", options.shards));
   }
   if (auto s = MakeDir(out_dir); !s.ok()) return s;
-  const size_t esize = DTypeSize(options.dtype);
 
   // Split the tensors, in order, into `shards` runs of about equal bytes.
   std::vector<uint64_t> bytes(tensors.size());
   uint64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    uint64_t n = esize;
+    uint64_t n = DTypeSize(tensors[i].dtype);
     for (int64_t dim : tensors[i].shape) n *= static_cast<uint64_t>(dim);
     bytes[i] = n;
     total += n;
@@ -267,6 +294,8 @@ absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& confi
   nlohmann::json weight_map = nlohmann::json::object();
   std::vector<float> draw;
   std::vector<uint16_t> half;
+  std::vector<uint8_t> q;
+  std::vector<float> scales;  // of the last fp8 tensor written
   size_t next = 0;
   for (int s = 0; s < nshards; ++s) {
     nlohmann::json header = nlohmann::json::object();
@@ -275,7 +304,7 @@ absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& confi
     size_t first = next;
     size_t last = first;
     while (last < tensors.size() && shard_of[last] == s) {
-      header[tensors[last].name] = {{"dtype", DTypeName(options.dtype)},
+      header[tensors[last].name] = {{"dtype", DTypeName(tensors[last].dtype)},
                                     {"shape", tensors[last].shape},
                                     {"data_offsets", {off, off + bytes[last]}}};
       weight_map[tensors[last].name] = file_name(s);
@@ -296,9 +325,17 @@ absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& confi
     bool ok = std::fwrite(len, 1, 8, f) == 8 &&
               std::fwrite(text.data(), 1, text.size(), f) == text.size();
     for (size_t i = first; ok && i < last; ++i) {
-      DrawTensor(tensors[i], options.seed, &draw);
-      if (options.dtype == DType::kF32) {
+      const OutTensor& t = tensors[i];
+      if (t.scale) {  // the scales of the fp8 tensor just before it
+        ok = std::fwrite(scales.data(), 4, scales.size(), f) == scales.size();
+        continue;
+      }
+      DrawTensor(specs[t.spec], options.seed, &draw);
+      if (t.dtype == DType::kF32) {
         ok = std::fwrite(draw.data(), 4, draw.size(), f) == draw.size();
+      } else if (t.dtype == DType::kF8E4M3) {
+        cpu::QuantizeFp8Blocks(draw.data(), t.shape[0], t.shape[1], &q, &scales);
+        ok = std::fwrite(q.data(), 1, q.size(), f) == q.size();
       } else {
         half.resize(draw.size());
         for (size_t k = 0; k < draw.size(); ++k) half[k] = FloatToBf16(draw[k]);

@@ -18,7 +18,9 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset);
 
 struct TinyModelOptions {
   uint64_t seed = 0;
-  DType dtype = DType::kF32;  // kF32 or kBF16
+  // kF32, kBF16, or kF8E4M3: *_proj.weight tensors in fp8 with 128x128 block scales
+  // ("<name>_scale_inv", F32) as DeepSeek-V3 ships them, the other tensors in BF16.
+  DType dtype = DType::kF32;
   int shards = 1;             // > 1 writes model-0000i-of-0000N.safetensors + index
 };
 

@@ -3,9 +3,12 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "kernels/cpu/ops.h"
+#include "model/dtype.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -23,11 +26,22 @@ void ScaleAndMask(float* s, int64_t rows, int64_t rows_per_query, int64_t ctx, i
   }
 }
 
-// Calls fn(block_rows, first_row, rows) for each block holding rows [0, ctx).
+// Calls fn(block_rows, first_row, rows) for each block holding rows [0, ctx), with 8-bit blocks
+// dequantized into a one-block fp32 tile first.
 template <typename Fn>
 void ForEachBlock(const LatentRows& c, int64_t ctx, Fn fn) {
+  if (c.qblocks == nullptr) {
+    for (int64_t first = 0, b = 0; first < ctx; first += c.block_tokens, ++b) {
+      fn(c.blocks[b], first, std::min(c.block_tokens, ctx - first));
+    }
+    return;
+  }
+  thread_local std::vector<float> tile;
+  tile.resize(static_cast<size_t>(c.block_tokens * (c.r + c.dr)));
   for (int64_t first = 0, b = 0; first < ctx; first += c.block_tokens, ++b) {
-    fn(c.blocks[b], first, std::min(c.block_tokens, ctx - first));
+    const int64_t n = std::min(c.block_tokens, ctx - first);
+    DequantizeKvRows(c.dtype, c.qblocks[b], n, c.r, c.dr, tile.data());
+    fn(static_cast<const float*>(tile.data()), first, n);
   }
 }
 
@@ -50,6 +64,87 @@ void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t
 }
 
 }  // namespace
+
+const char* KvDTypeName(KvDType t) {
+  switch (t) {
+    case KvDType::kF32:
+      return "f32";
+    case KvDType::kInt8:
+      return "int8";
+    case KvDType::kFp8:
+      return "fp8_e4m3";
+  }
+  return "?";
+}
+
+int64_t KvRowBytes(KvDType t, int64_t r, int64_t dr) {
+  if (t == KvDType::kF32) return 4 * (r + dr);
+  return r + 4 * ((r + 127) / 128) + 2 * dr;
+}
+
+void QuantizeKvRow(KvDType t, const float* row, int64_t r, int64_t dr, uint8_t* dst) {
+  if (t == KvDType::kF32) {
+    std::memcpy(dst, row, sizeof(float) * static_cast<size_t>(r + dr));
+    return;
+  }
+  const int64_t ns = (r + 127) / 128;
+  uint8_t* q = dst;
+  uint8_t* scales = dst + r;
+  uint8_t* pe = scales + 4 * ns;
+  for (int64_t g = 0; g < ns; ++g) {
+    const int64_t a = g * 128, b = std::min(r, a + 128);
+    float amax = 0;
+    for (int64_t i = a; i < b; ++i) amax = std::max(amax, std::fabs(row[i]));
+    const float scale = amax > 0 ? amax / (t == KvDType::kInt8 ? 127.0f : 448.0f) : 1.0f;
+    std::memcpy(scales + 4 * g, &scale, 4);
+    for (int64_t i = a; i < b; ++i) {
+      const float v = row[i] / scale;
+      q[i] = t == KvDType::kInt8 ? static_cast<uint8_t>(static_cast<int8_t>(
+                                       std::max(-127.0f, std::min(127.0f, std::nearbyint(v)))))
+                                 : FloatToFp8E4M3(v);
+    }
+  }
+  for (int64_t j = 0; j < dr; ++j) {
+    const uint16_t h = FloatToBf16(row[r + j]);
+    std::memcpy(pe + 2 * j, &h, 2);
+  }
+}
+
+void DequantizeKvRows(KvDType t, const uint8_t* src, int64_t n, int64_t r, int64_t dr, float* dst) {
+  const int64_t rb = KvRowBytes(t, r, dr), lc = r + dr;
+  if (t == KvDType::kF32) {
+    std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n * lc));
+    return;
+  }
+  const int64_t ns = (r + 127) / 128;
+  // fp8 codes -> float, once.
+  static const std::vector<float> fp8 = [] {
+    std::vector<float> v(256);
+    for (int i = 0; i < 256; ++i) v[static_cast<size_t>(i)] = Fp8E4M3ToFloat(static_cast<uint8_t>(i));
+    return v;
+  }();
+  for (int64_t row = 0; row < n; ++row) {
+    const uint8_t* q = src + row * rb;
+    const uint8_t* scales = q + r;
+    const uint8_t* pe = scales + 4 * ns;
+    float* out = dst + row * lc;
+    for (int64_t g = 0; g < ns; ++g) {
+      float scale;
+      std::memcpy(&scale, scales + 4 * g, 4);
+      const int64_t a = g * 128, b = std::min(r, a + 128);
+      if (t == KvDType::kInt8) {
+        for (int64_t i = a; i < b; ++i) out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
+      } else {
+        for (int64_t i = a; i < b; ++i) out[i] = fp8[q[i]] * scale;
+      }
+    }
+    for (int64_t j = 0; j < dr; ++j) {
+      uint16_t h;
+      std::memcpy(&h, pe + 2 * j, 2);
+      out[r + j] = Bf16ToFloat(h);
+    }
+  }
+}
 
 void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const LatentRows& cache,
                        int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch) {
