@@ -196,6 +196,10 @@ void Dispatch(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float*
   }
 }
 
+// Up to this many rows of x, the register kernel (weights converted on the fly, in groups of 8
+// rows); beyond, dequantize once and sgemm.
+constexpr int64_t kDirectRows = 32;
+
 // Output rows per chunk: a multiple of the fp8 block so chunks never split a scale row.
 int64_t Chunks(int64_t out, int64_t* per) {
   const int64_t n = std::min<int64_t>(ThePool().size() * 2, std::max<int64_t>(1, out / 64));
@@ -217,12 +221,37 @@ const char* WeightFormatName(WeightFormat f) {
   return "?";
 }
 
+namespace {
+
+__attribute__((target("avx2,fma"))) void DequantizeRowAvx2(const WeightRef& w, int64_t o,
+                                                           float* d) {
+  const uint8_t* q = w.q + o * w.in;
+  const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
+  int64_t i = 0;
+  for (; i + 8 <= w.in; i += 8) {
+    const float s = w.format == WeightFormat::kInt8 ? w.scales[o]
+                                                    : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
+    const __m256 v = w.format == WeightFormat::kInt8 ? LoadInt8(q + i) : LoadFp8(q + i);
+    _mm256_storeu_ps(d + i, _mm256_mul_ps(v, _mm256_set1_ps(s)));
+  }
+  for (; i < w.in; ++i) {
+    const float s = w.format == WeightFormat::kInt8 ? w.scales[o]
+                                                    : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
+    d[i] = ScalarWeight(w, o, i) * s;
+  }
+}
+
+}  // namespace
+
 void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
   const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
+  const bool avx2 = CpuHasAvx2Fma();
   for (int64_t o = o0; o < o1; ++o) {
     float* d = dst + (o - o0) * w.in;
     if (w.format == WeightFormat::kF32) {
       std::copy(w.f32 + o * w.in, w.f32 + (o + 1) * w.in, d);
+    } else if (avx2) {
+      DequantizeRowAvx2(w, o, d);
     } else if (w.format == WeightFormat::kInt8) {
       const int8_t* q = reinterpret_cast<const int8_t*>(w.q) + o * w.in;
       for (int64_t i = 0; i < w.in; ++i) d[i] = static_cast<float>(q[i]) * w.scales[o];
@@ -243,17 +272,24 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   if (ldy == 0) ldy = w.out;
   int64_t per = 0;
   const int64_t chunks = Chunks(w.out, &per);
-  if (t <= 8) {
+  if (t <= kDirectRows) {
+    // Groups of up to 8 rows through the register kernel; a chunk of weight rows stays in cache
+    // from one group to the next.
     const bool avx2 = CpuHasAvx2Fma();
     const bool fp8 = w.format == WeightFormat::kFp8;
     ThePool().Run(static_cast<int>(chunks), [&](int c) {
       const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
-      if (!avx2) {
-        RowsScalar(x, t, ldx, w, y, ldy, o0, o1);
-      } else if (fp8) {
-        Dispatch<true>(x, t, ldx, w, y, ldy, o0, o1);
-      } else {
-        Dispatch<false>(x, t, ldx, w, y, ldy, o0, o1);
+      for (int64_t m0 = 0; m0 < t; m0 += 8) {
+        const int64_t mt = std::min<int64_t>(8, t - m0);
+        const float* xm = x + m0 * ldx;
+        float* ym = y + m0 * ldy;
+        if (!avx2) {
+          RowsScalar(xm, mt, ldx, w, ym, ldy, o0, o1);
+        } else if (fp8) {
+          Dispatch<true>(xm, mt, ldx, w, ym, ldy, o0, o1);
+        } else {
+          Dispatch<false>(xm, mt, ldx, w, ym, ldy, o0, o1);
+        }
       }
     });
     return;

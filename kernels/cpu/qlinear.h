@@ -2,8 +2,9 @@
 //   int8 with one fp32 scale per output channel  (w[o, i] = q[o, i] * scale[o]), and
 //   fp8 e4m3 with 128x128 block scales as DeepSeek-V3 ships them
 //                                           (w[o, i] = fp8(q[o, i]) * scale_inv[o / 128, i / 128]).
-// Few rows (decode, t <= 8): AVX2 kernels read each 8-bit weight once and convert it in registers,
-// so memory traffic is a quarter of fp32's; more rows: dequantize (in parallel) into fp32 and sgemm.
+// Few rows (decode, t <= 32): AVX2 kernels convert the 8-bit weights in registers (groups of 8
+// rows per pass), so memory traffic is a quarter of fp32's; more rows (prefill): dequantize (in
+// parallel) into fp32 and sgemm.
 #ifndef DMOE_KERNELS_CPU_QLINEAR_H_
 #define DMOE_KERNELS_CPU_QLINEAR_H_
 
