@@ -206,7 +206,7 @@ void Engine::Logits(MicroBatch& mb) {
     row += m;
   }
   lm_out_.resize(static_cast<size_t>(out_rows * c.vocab_size));
-  cpu::Linear(final_x_.data(), out_rows, d, w_->lm_head.w.data(), c.vocab_size, lm_out_.data());
+  cpu::LinearW(final_x_.data(), out_rows, w_->lm_head.ref(), lm_out_.data());
   mb.logits->resize(batch.size());
   out_rows = 0;
   for (size_t i = 0; i < batch.size(); ++i) {

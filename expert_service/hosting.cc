@@ -1,5 +1,7 @@
 #include "expert_service/hosting.h"
 
+#include <malloc.h>
+
 #include <cstdio>
 
 #include "model/safetensors.h"
@@ -110,6 +112,7 @@ void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
     std::set<Key> keep;
     for (const Key& k : shard_->store()->Keys()) keep.insert(k);
     shard_->SetStore(shard_->store()->Merge(keep, added.get()));
+    malloc_trim(0);  // conversion scratch and the checkpoint's pages go back to the system
     std::fprintf(stderr, "dmoe-expert: placement %llu: loaded %zu experts (%.1f MiB) in %.2f s\n",
                  static_cast<unsigned long long>(version), gained.size(),
                  static_cast<double>(bytes) / (1 << 20),
@@ -136,6 +139,7 @@ void HostingAgent::DropIfDrainedLocked() {
   for (const Key& k : current->Keys()) extra += needed.count(k) == 0;
   if (extra == 0) return;
   shard_->SetStore(current->Merge(needed, nullptr));
+  malloc_trim(0);  // (freed once the last batch using the old store lets go of it)
   std::fprintf(stderr, "dmoe-expert: placement %llu active: dropped %zu experts\n",
                static_cast<unsigned long long>(active_version_.load()), extra);
 }

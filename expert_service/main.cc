@@ -1,6 +1,7 @@
 // dmoe-expert: an expert shard. Loads only the routed experts it is told to host, serves them on
 // the UCX data plane and answers its gRPC control API.
 #include <grpcpp/grpcpp.h>
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -268,8 +269,10 @@ int Main(int argc, char** argv) {
                  static_cast<double>(bytes_read) / (1 << 20),
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  // Unmap the checkpoint: its pages would otherwise stay in this process's resident set.
+  // Unmap the checkpoint: its pages would otherwise stay in this process's resident set; and give
+  // the heap's free pages (conversion scratch) back to the system.
   ck->reset();
+  malloc_trim(0);
 
   // Block the stop signals before any thread starts, so that sigwait below receives them.
   sigset_t stop;

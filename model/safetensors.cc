@@ -262,6 +262,13 @@ absl::StatusOr<const uint8_t*> Checkpoint::Raw(const std::string& name, TensorIn
 
 absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat(const std::string& name,
                                                          const std::vector<int64_t>& shape) const {
+  std::vector<float> out;
+  if (auto st = ReadFloatInto(name, shape, &out); !st.ok()) return st;
+  return out;
+}
+
+absl::Status Checkpoint::ReadFloatInto(const std::string& name, const std::vector<int64_t>& shape,
+                                       std::vector<float>* out) const {
   auto info = Info(name);
   if (!info.ok()) return info.status();
   if (info->shape != shape) {
@@ -279,9 +286,9 @@ absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat(const std::string& name
   TensorInfo t;
   auto data = Raw(name, &t);
   if (!data.ok()) return data.status();
-  std::vector<float> out(static_cast<size_t>(t.numel()));
-  ConvertToFloat(t.dtype, *data, out.size(), out.data());
-  return out;
+  out->resize(static_cast<size_t>(t.numel()));
+  ConvertToFloat(t.dtype, *data, out->size(), out->data());
+  return absl::OkStatus();
 }
 
 }  // namespace dmoe

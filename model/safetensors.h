@@ -74,6 +74,9 @@ class Checkpoint {
   std::vector<std::string> Names() const;
 
   // The tensor as floats, after checking that its shape is exactly `shape`.
+  // ReadFloat into `out` (resized; its capacity is reused, so a loop allocates once).
+  absl::Status ReadFloatInto(const std::string& name, const std::vector<int64_t>& shape,
+                             std::vector<float>* out) const;
   absl::StatusOr<std::vector<float>> ReadFloat(const std::string& name,
                                                const std::vector<int64_t>& shape) const;
   // The tensor's raw bytes in the mapping (counted as read).

@@ -94,12 +94,31 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
     l.q.assign(raw, raw + out * in);
     l.format = cpu::WeightFormat::kFp8;
     if (dtype == WeightDType::kF32) l.ConvertTo(cpu::WeightFormat::kF32);
-    if (dtype == WeightDType::kInt8) l.ConvertTo(cpu::WeightFormat::kInt8);
+    if (dtype == WeightDType::kInt8) {
+      // Through a reused fp32 scratch: no full-size fp32 matrix is allocated per weight.
+      thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<size_t>(out * in));
+      cpu::Dequantize(l.ref(), 0, out, scratch.data());
+      cpu::QuantizeInt8PerChannel(scratch.data(), out, in, &l.q, &l.scales);
+      l.format = cpu::WeightFormat::kInt8;
+    }
+    return l;
+  }
+  if (dtype == WeightDType::kInt8 || dtype == WeightDType::kFp8) {
+    // Quantized at load through a reused fp32 scratch, so that a shard's resident set holds the
+    // 8-bit weights, not freed fp32 copies of them.
+    thread_local std::vector<float> scratch;
+    RETURN_IF_ERROR(ck.ReadFloatInto(name, {out, in}, &scratch));
+    if (dtype == WeightDType::kInt8) {
+      cpu::QuantizeInt8PerChannel(scratch.data(), out, in, &l.q, &l.scales);
+      l.format = cpu::WeightFormat::kInt8;
+    } else {
+      cpu::QuantizeFp8Blocks(scratch.data(), out, in, &l.q, &l.scales);
+      l.format = cpu::WeightFormat::kFp8;
+    }
     return l;
   }
   ASSIGN_OR_RETURN(l.w, ck.ReadFloat(name, {out, in}));
-  if (dtype == WeightDType::kInt8) l.ConvertTo(cpu::WeightFormat::kInt8);
-  if (dtype == WeightDType::kFp8) l.ConvertTo(cpu::WeightFormat::kFp8);
   return l;
 }
 
@@ -119,7 +138,7 @@ absl::StatusOr<MlpWeights> ReadMlp(const Checkpoint& ck, const std::string& pref
 absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
                                               WeightDType dtype) {
   // Held in fp32 whatever the flag: kv_b is used inside the attention (absorbed), the router gate
-  // decides routing (kept exact), and embeddings / lm_head are read per token / per vocabulary.
+  // decides routing (kept exact), and the embedding table is read one row per token.
   const WeightDType exact = WeightDType::kF32;
   using weight_names::Layer;
   const int64_t d = c.hidden_size, h = c.num_attention_heads;
@@ -164,11 +183,14 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
   ASSIGN_OR_RETURN(w.final_norm, ck.ReadFloat("model.norm.weight", {d}));
   if (c.tie_word_embeddings) {
     w.lm_head.w = w.embed;
+    w.lm_head.out = c.vocab_size;
+    w.lm_head.in = d;
   } else {
-    ASSIGN_OR_RETURN(w.lm_head.w, ck.ReadFloat("lm_head.weight", {c.vocab_size, d}));
+    ASSIGN_OR_RETURN(w.lm_head, ReadLinear(ck, "lm_head.weight", c.vocab_size, d, exact));
   }
-  w.lm_head.out = c.vocab_size;
-  w.lm_head.in = d;
+  // lm_head is read whole every step (V x D): in 8 bits when asked, like the projections.
+  if (dtype == WeightDType::kInt8) w.lm_head.ConvertTo(cpu::WeightFormat::kInt8);
+  if (dtype == WeightDType::kFp8) w.lm_head.ConvertTo(cpu::WeightFormat::kFp8);
   return w;
 }
 

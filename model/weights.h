@@ -75,7 +75,7 @@ std::string Expert(int64_t layer, int64_t expert, const std::string& proj);  // 
 }  // namespace weight_names
 
 // `dtype` applies to the projections where 8 bits pay: q/q_a/q_b, kv_a, o, the dense and shared
-// MLPs. kv_b (absorbed into the attention), the router gate, embeddings and lm_head stay fp32.
+// MLPs, lm_head. kv_b (absorbed into the attention), the router gate and embeddings stay fp32.
 absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
                                               WeightDType dtype = WeightDType::kAuto);
 // One routed expert of one MoE layer.

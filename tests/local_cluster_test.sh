@@ -97,3 +97,18 @@ kill "$serve_pid"
 wait "$serve_pid" || true
 trap - EXIT
 echo "dmoe serve: OK"
+# 8-bit weights and an 8-bit KV cache serve through the same path (accuracy: bench/quant_bench).
+"$dmoe" serve --model "$work/model" --kv-cache-dtype fp8_e4m3 --weight-dtype int8 \
+  --expert-dtype fp8 > "$work/serve8.out" 2> "$work/serve8.err" &
+serve_pid=$!
+trap 'kill $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 200); do grep -q '^gateway: ' "$work/serve8.out" && break; sleep 0.05; done
+served=$(sed -n 's/^gateway: //p' "$work/serve8.out")
+[ -n "$served" ] || { cat "$work/serve8.err"; echo "dmoe serve (8-bit) did not start"; exit 1; }
+eight=$("$dmoe" generate --target "$served" --tokens 5,6,7,8 --max-tokens 12 --temperature 0 --print-token-ids)
+echo "dmoe serve, 8-bit:   $eight"
+[ "$(echo "$eight" | tr ',' '\n' | grep -c .)" -eq 12 ] || { echo "8-bit serving returned no 12 tokens"; exit 1; }
+kill "$serve_pid"
+wait "$serve_pid" || true
+trap - EXIT
+echo "dmoe serve 8-bit: OK"

@@ -127,36 +127,56 @@ float ScalarWeight(const WeightRef& w, int64_t o, int64_t i) {
                                          : Fp8E4M3ToFloat(b);
 }
 
-// y[m, o] for o in [o0, o1), T = t rows of x (compile-time for register allocation).
-template <int T, bool kFp8>
+// y[m, o] for o in [o0, o1): T rows of x and R weight rows at a time (compile-time, so the R x T
+// accumulators live in registers and give the FMA units independent chains).
+template <int T, int R, bool kFp8>
 __attribute__((target("avx2,fma"))) void RowsAvx2(const float* x, int64_t ldx, const WeightRef& w,
                                                   float* y, int64_t ldy, int64_t o0, int64_t o1) {
   const int64_t in = w.in;
   const int64_t span = kFp8 ? kFp8Block : in;  // one scale per span
   const int64_t nb = (in + kFp8Block - 1) / kFp8Block;
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* row = w.q + o * in;
-    float total[T] = {};
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    float total[R][T] = {};
     for (int64_t k0 = 0; k0 < in; k0 += span) {
       const int64_t k1 = std::min(in, k0 + span);
-      __m256 acc[T];
-      for (int m = 0; m < T; ++m) acc[m] = _mm256_setzero_ps();
+      __m256 acc[R][T];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int m = 0; m < T; ++m) acc[r][m] = _mm256_setzero_ps();
       int64_t i = k0;
       for (; i + 8 <= k1; i += 8) {
-        const __m256 wv = kFp8 ? LoadFp8(row + i) : LoadInt8(row + i);
-        for (int m = 0; m < T; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + i), acc[m]);
+        __m256 wv[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          wv[r] = kFp8 ? LoadFp8(w.q + (o + r) * in + i) : LoadInt8(w.q + (o + r) * in + i);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < T; ++m) {
+          const __m256 xv = _mm256_loadu_ps(x + m * ldx + i);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
       }
-      float part[T];
-      for (int m = 0; m < T; ++m) part[m] = HSum(acc[m]);
-      for (; i < k1; ++i) {
-        const float wi = ScalarWeight(w, o, i);
-        for (int m = 0; m < T; ++m) part[m] += wi * x[m * ldx + i];
+      for (int r = 0; r < R; ++r) {
+        float part[T];
+        for (int m = 0; m < T; ++m) part[m] = HSum(acc[r][m]);
+        for (int64_t j = i; j < k1; ++j) {
+          const float wi = ScalarWeight(w, o + r, j);
+          for (int m = 0; m < T; ++m) part[m] += wi * x[m * ldx + j];
+        }
+        const float sc = kFp8 ? w.scales[((o + r) / kFp8Block) * nb + k0 / kFp8Block] : 1.0f;
+        for (int m = 0; m < T; ++m) total[r][m] += part[m] * sc;
       }
-      const float s = kFp8 ? w.scales[(o / kFp8Block) * nb + k0 / kFp8Block] : 1.0f;
-      for (int m = 0; m < T; ++m) total[m] += part[m] * s;
     }
-    const float s = kFp8 ? 1.0f : w.scales[o];
-    for (int m = 0; m < T; ++m) y[m * ldy + o] = total[m] * s;
+    for (int r = 0; r < R; ++r) {
+      const float sc = kFp8 ? 1.0f : w.scales[o + r];
+      for (int m = 0; m < T; ++m) y[m * ldy + o + r] = total[r][m] * sc;
+    }
+  }
+  if constexpr (R > 1) {
+    if (o < o1) RowsAvx2<T, 1, kFp8>(x, ldx, w, y, ldy, o, o1);
   }
 }
 
@@ -183,7 +203,7 @@ void Dispatch(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float*
   switch (t) {
 #define DMOE_CASE(T) \
   case T:            \
-    return RowsAvx2<T, kFp8>(x, ldx, w, y, ldy, o0, o1);
+    return RowsAvx2<T, (T <= 2 ? 4 : T <= 4 ? 2 : 1), kFp8>(x, ldx, w, y, ldy, o0, o1);
     DMOE_CASE(1)
     DMOE_CASE(2)
     DMOE_CASE(3)
@@ -198,11 +218,14 @@ void Dispatch(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float*
 
 // Up to this many rows of x, the register kernel (weights converted on the fly, in groups of 8
 // rows); beyond, dequantize once and sgemm.
-constexpr int64_t kDirectRows = 32;
+constexpr int64_t kDirectRows = 16;
 
 // Output rows per chunk: a multiple of the fp8 block so chunks never split a scale row.
-int64_t Chunks(int64_t out, int64_t* per) {
-  const int64_t n = std::min<int64_t>(ThePool().size() * 2, std::max<int64_t>(1, out / 64));
+int64_t Chunks(int64_t out, int64_t in, int64_t* per) {
+  // Small matrices run on the calling thread: waking the pool would cost more than the work.
+  const int64_t n = out * in < (int64_t{1} << 18)
+                        ? 1
+                        : std::min<int64_t>(ThePool().size() * 2, std::max<int64_t>(1, out / 64));
   *per = ((out + n - 1) / n + 7) / 8 * 8;
   return (out + *per - 1) / *per;
 }
@@ -271,7 +294,7 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   if (ldx == 0) ldx = w.in;
   if (ldy == 0) ldy = w.out;
   int64_t per = 0;
-  const int64_t chunks = Chunks(w.out, &per);
+  const int64_t chunks = Chunks(w.out, w.in, &per);
   if (t <= kDirectRows) {
     // Groups of up to 8 rows through the register kernel; a chunk of weight rows stays in cache
     // from one group to the next.

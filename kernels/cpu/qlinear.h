@@ -2,7 +2,7 @@
 //   int8 with one fp32 scale per output channel  (w[o, i] = q[o, i] * scale[o]), and
 //   fp8 e4m3 with 128x128 block scales as DeepSeek-V3 ships them
 //                                           (w[o, i] = fp8(q[o, i]) * scale_inv[o / 128, i / 128]).
-// Few rows (decode, t <= 32): AVX2 kernels convert the 8-bit weights in registers (groups of 8
+// Few rows (decode, t <= 16): AVX2 kernels convert the 8-bit weights in registers (groups of 8
 // rows per pass), so memory traffic is a quarter of fp32's; more rows (prefill): dequantize (in
 // parallel) into fp32 and sgemm.
 #ifndef DMOE_KERNELS_CPU_QLINEAR_H_
