@@ -156,7 +156,9 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
       int peer = -1;
       if (it != addresses.end() && !it->second.empty()) {
         auto known = peer_of_address_.find(it->second);
-        if (known != peer_of_address_.end()) {
+        // A peer that failed is connected again when a map (or a revival) names it: the shard
+        // may have been only slow, or paused, and the router says it is alive.
+        if (known != peer_of_address_.end() && !health_->Dead(known->second)) {
           peer = known->second;
         } else {
           auto p = client_->Connect(it->second);
@@ -195,6 +197,7 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
     experts_b_->SetRouting(routing);
   }
   version_ = u.version();
+  applied_ = u;
   return absl::OkStatus();
 }
 
@@ -205,7 +208,20 @@ bool ExpertShardSet::SwitchIfChanged() {
     std::lock_guard<std::mutex> l(mu_);
     u.swap(pending_);
   }
-  if (!u.has_value() || u->version() == version_) return false;
+  if (!u.has_value() || u->version() == version_) {
+    // Now and then, try again the shards of the current map that failed.
+    const auto now = std::chrono::steady_clock::now();
+    if (applied_.has_value() && now - last_revival_ > options_.revive_interval) {
+      last_revival_ = now;
+      bool dead = false;
+      for (int p : experts_->routing().peers) dead |= health_->Dead(p);
+      if (dead && Apply(*applied_).ok()) {
+        ++revivals_;
+        return true;
+      }
+    }
+    return false;
+  }
   if (!Apply(*u).ok()) return false;
   ++switches_;
   std::fprintf(stderr, "switched to placement %llu\n",

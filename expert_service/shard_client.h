@@ -37,6 +37,8 @@ struct ShardClientOptions {
   std::string cluster_token;
   std::chrono::milliseconds first_map_timeout{30000};
   std::chrono::milliseconds load_report_interval{1000};
+  // How often shards of the current map that failed are connected again (router mode).
+  std::chrono::milliseconds revive_interval{2000};
 };
 
 // Owns the UCX client and the RemoteRoutedExperts over it.
@@ -57,10 +59,13 @@ class ExpertShardSet {
   // A second client of the same shards, for the second micro-batch of a ping-pong step.
   RemoteRoutedExperts* experts_b() { return experts_b_.get(); }
   // Router mode: switches both clients to the newest active map if one arrived since the last
-  // call. Call between engine steps, on the engine's thread. Returns whether it switched.
+  // call; every revive_interval, connects again to the shards of the current map that failed.
+  // Call between engine steps, on the engine's thread. Returns whether the routing changed.
   bool SwitchIfChanged();
   uint64_t version() const { return version_; }
   uint64_t switches() const { return switches_; }
+  // Times failed shards of the current map were connected again.
+  uint64_t revivals() const { return revivals_; }
   // Null in static mode.
   router::RouterMember* member() { return member_.get(); }
 
@@ -75,7 +80,9 @@ class ExpertShardSet {
   std::shared_ptr<PeerHealth> health_ = std::make_shared<PeerHealth>();
   std::unique_ptr<RemoteRoutedExperts> experts_, experts_b_;
   std::map<std::string, int> peer_of_address_;
-  std::atomic<uint64_t> version_{0}, switches_{0};
+  std::atomic<uint64_t> version_{0}, switches_{0}, revivals_{0};
+  std::optional<internal::PlacementUpdate> applied_;  // the map in use
+  std::chrono::steady_clock::time_point last_revival_{};
   std::unique_ptr<router::RouterMember> member_;
   std::mutex mu_;
   std::optional<internal::PlacementUpdate> pending_;

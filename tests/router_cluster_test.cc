@@ -279,6 +279,35 @@ TEST(RouterCluster, KillOneOfThreeShardsWithReplicas) {
   EXPECT_EQ(s.identical, kRequests);
 }
 
+// A shard that stops answering (SIGSTOP) is routed around; when it comes back (SIGCONT) it
+// registers again and, once a map with it is active, serves again over a fresh connection.
+TEST(RouterCluster, PausedShardIsRoutedAroundAndComesBackIntoUse) {
+  Cluster c("paused");
+  c.StartRouter({"--replication", "2"});
+  for (int i = 0; i < 3; ++i) c.AddShard(48);
+  ASSERT_GT(c.WaitForActive(0), 0u);
+  c.StartAttention();
+  auto results = c.Run(kRequests * 4, [&] { ::kill(c.shard(1).pid(), SIGSTOP); });
+  Summary s = Summarize(results);
+  std::printf(
+      "SIGSTOP of 1 of 3 shards (2 replicas, expert deadline 2 s): %d/%d ok, %d identical, longest "
+      "stall %.3f s\n",
+      s.ok, kRequests, s.identical, s.longest_gap);
+  EXPECT_EQ(s.identical, kRequests);
+  const uint64_t without = c.WaitForActive(0);
+  ::kill(c.shard(1).pid(), SIGCONT);
+  // It re-registers; a map with it again becomes active.
+  const uint64_t with = c.WaitForActive(without);
+  ASSERT_GT(with, without);
+  const auto before = c.ShardTokens();
+  s = Summarize(c.Run(0, nullptr));
+  const auto after = Delta(c.ShardTokens(), before);
+  std::printf("after SIGCONT (placement %llu): pairs per shard %.0f %.0f %.0f, %d identical\n",
+              static_cast<unsigned long long>(with), after[0], after[1], after[2], s.identical);
+  EXPECT_EQ(s.identical, kRequests);
+  EXPECT_GT(after[1], 0) << "the resumed shard got no traffic";
+}
+
 TEST(RouterCluster, KillOneOfThreeShardsWithoutReplicas) {
   Cluster c("noreplicas");
   c.StartRouter({});
