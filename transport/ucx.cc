@@ -507,8 +507,12 @@ class UcxClient : public ClientTransport, public UcxWorker {
           return UCS_OK;
         }
         s->receiving = true;
-        // A pooled buffer: a fresh multi-MiB vector would page-fault on every reply.
-        if (s->reply.capacity() < length) s->reply = self->pool_.Acquire();
+        // A pooled buffer: a fresh multi-MiB vector would page-fault on every reply (and a
+        // cleared one would be zero-filled before the transfer overwrites it).
+        if (s->reply.capacity() < length) {
+          self->pool_.Release(std::move(s->reply));
+          s->reply = self->pool_.AcquireSized(length);
+        }
       }
       s->reply.resize(length);
       ucp_request_param_t prm;
@@ -818,10 +822,9 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       std::memcpy(&p->client_id, header, sizeof(p->client_id));
       p->dead = p->sending = false;
       p->receiving = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
-      p->buffer = self->pool_.Acquire();
+      p->buffer = p->receiving ? self->pool_.AcquireSized(length) : self->pool_.Acquire();
     }
     if (p->receiving) {
-      p->buffer.resize(length);
       ucp_request_param_t prm;
       std::memset(&prm, 0, sizeof(prm));
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
