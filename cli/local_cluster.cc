@@ -212,7 +212,8 @@ int Up(int argc, char** argv) {
     std::remove(ready.c_str());
     const pid_t pid = Spawn({bin + "/router/dmoe-router", "--model", dir, "--replication",
                              std::to_string(*replicas), "--lease-ms", std::to_string(*lease),
-                             "--startup-grace-ms", "0", "--ready-file", ready},
+                             "--startup-grace-ms", "0", "--min-shards", std::to_string(*experts),
+                             "--ready-file", ready},
                             log);
     pids.push_back(pid);
     std::string metrics;

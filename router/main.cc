@@ -35,6 +35,8 @@ replicas of hot experts from reported load) and streams it to watchers. It is no
   --replication R            copies of every expert on distinct shards, as capacity allows
                              (default 1); with R >= 2 losing a shard stalls no request
   --max-extra-replicas N     EPLB replicas of hot experts to add (default 0)
+  --min-shards N             plan the first map only once N expert shards have registered
+                             (default 1); later maps may use fewer (failover)
   --startup-grace-ms N       plan no map for N ms after start, so that after a restart every
                              live node registers again first (default: the lease)
   --rebalance-seconds N      recompute the placement from reported load every N s (default 0: never)
@@ -51,7 +53,7 @@ int Main(int argc, char** argv) {
       cli::Flags::Parse(argc - 1, argv + 1,
                         {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file",
                          "max-extra-replicas", "rebalance-seconds", "metrics-listen", "replication",
-                         "startup-grace-ms"},
+                         "startup-grace-ms", "min-shards"},
                         {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -67,13 +69,15 @@ int Main(int argc, char** argv) {
   auto rebalance = flags->Int("rebalance-seconds", 0);
   auto replication = flags->Int("replication", 1);
   auto grace = flags->Int("startup-grace-ms", lease.ok() ? *lease : 0);
-  for (const auto* v : {&lease, &extra, &rebalance, &replication, &grace}) {
+  auto min_shards = flags->Int("min-shards", 1);
+  for (const auto* v : {&lease, &extra, &rebalance, &replication, &grace, &min_shards}) {
     if (!v->ok()) return Fail(v->status());
   }
   if (*lease <= 0) return Fail(absl::InvalidArgumentError("--lease-ms: must be positive"));
   if (*replication < 1) return Fail(absl::InvalidArgumentError("--replication: must be >= 1"));
   if (*extra < 0) return Fail(absl::InvalidArgumentError("--max-extra-replicas: negative"));
   if (*grace < 0) return Fail(absl::InvalidArgumentError("--startup-grace-ms: negative"));
+  if (*min_shards < 1) return Fail(absl::InvalidArgumentError("--min-shards: must be >= 1"));
   std::string token;
   if (flags->Has("cluster-token-file")) {
     std::ifstream in(flags->StringOr("cluster-token-file", ""));
@@ -87,6 +91,7 @@ int Main(int argc, char** argv) {
   RouterState state(
       *config, std::chrono::milliseconds(*lease), po, [] { return std::chrono::steady_clock::now(); },
       std::chrono::milliseconds(*grace));
+  state.set_min_shards(*min_shards);
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return Fail(metrics_addr.status());

@@ -109,6 +109,11 @@ void RouterState::ReplanLocked() {
   for (const auto& [id, n] : nodes_) {
     if (n.role == NodeRole::kExpert && !n.draining) shards.push_back({id, n.capacity});
   }
+  if (!planned_once_ && static_cast<int64_t>(shards.size()) < min_shards_) {
+    problem_ = absl::StrCat("waiting for ", min_shards_, " expert shards (", shards.size(),
+                            " registered)");
+    return;
+  }
   PlacementMap next;
   if (shards.empty()) {
     problem_ = "no expert shard is alive";
@@ -125,6 +130,7 @@ void RouterState::ReplanLocked() {
   if (next.replicas.empty()) return;
   if (next.replicas == maps_.target.replicas && next.shards == maps_.target.shards) return;
   next.version = next_version_++;
+  planned_once_ = true;
   maps_.target = std::move(next);
   ++maps_.generation;
   TryActivateLocked();

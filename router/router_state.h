@@ -79,6 +79,10 @@ class RouterState {
   std::chrono::milliseconds lease() const { return lease_; }
   // Why the target map is empty, if it is.
   std::string problem() const;
+  // No first map until this many expert shards have registered (default 1), so that a cluster
+  // coming up does not put every expert on the first shard and move them again as the others
+  // arrive. Later maps (failover) may use fewer. Call before nodes register.
+  void set_min_shards(int64_t n) { min_shards_ = n; }
 
  private:
   void ReplanLocked();
@@ -91,6 +95,8 @@ class RouterState {
   std::chrono::steady_clock::time_point started_at_;
   std::chrono::milliseconds grace_;
   bool planning_ = false;  // false during the startup grace
+  bool planned_once_ = false;
+  int64_t min_shards_ = 1;
   mutable std::mutex mu_;
   mutable std::condition_variable changed_;
   std::map<std::string, Node> nodes_;

@@ -119,6 +119,22 @@ TEST(RouterState, RestartGraceAndVersionsAboveWhatNodesKnow) {
   EXPECT_EQ(m.shards.size(), 2u);
 }
 
+TEST(RouterState, FirstMapWaitsForTheExpectedShards) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState s(c, milliseconds(1000), PlacementOptions());
+  s.set_min_shards(3);
+  ASSERT_TRUE(s.Register(Expert("a", 48)).ok());  // a alone could hold everything
+  ASSERT_TRUE(s.Register(Expert("b", 48)).ok());
+  EXPECT_EQ(s.target().version, 0u);
+  EXPECT_NE(s.problem().find("waiting for 3 expert shards (2 registered)"), std::string::npos);
+  ASSERT_TRUE(s.Register(Expert("c", 48)).ok());
+  EXPECT_EQ(s.target().version, 1u);
+  EXPECT_EQ(s.target().shards.size(), 3u);
+  // Later maps may have fewer (failover).
+  ASSERT_TRUE(s.Deregister("c").ok());
+  EXPECT_EQ(s.target().shards.size(), 2u);
+}
+
 TEST(RouterState, RebalanceAddsReplicasOfHotExperts) {
   const ModelConfig c = *PresetConfig("tiny");
   PlacementOptions o;
