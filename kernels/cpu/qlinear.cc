@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <functional>
@@ -92,6 +93,10 @@ class Pool {
   uint64_t generation_ = 0;
   bool stop_ = false;
 };
+
+std::atomic<bool> g_portable{false};
+
+bool UseAvx2() { return CpuHasAvx2Fma() && !g_portable.load(std::memory_order_relaxed); }
 
 Pool& ThePool() {
   static Pool* pool = new Pool();  // never destroyed: used until exit
@@ -232,6 +237,8 @@ int64_t Chunks(int64_t out, int64_t in, int64_t* per) {
 
 }  // namespace
 
+void ForcePortableKernelsForTesting(bool on) { g_portable = on; }
+
 const char* WeightFormatName(WeightFormat f) {
   switch (f) {
     case WeightFormat::kF32:
@@ -268,7 +275,7 @@ __attribute__((target("avx2,fma"))) void DequantizeRowAvx2(const WeightRef& w, i
 
 void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
   const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
-  const bool avx2 = CpuHasAvx2Fma();
+  const bool avx2 = UseAvx2();
   for (int64_t o = o0; o < o1; ++o) {
     float* d = dst + (o - o0) * w.in;
     if (w.format == WeightFormat::kF32) {
@@ -298,7 +305,7 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   if (t <= kDirectRows) {
     // Groups of up to 8 rows through the register kernel; a chunk of weight rows stays in cache
     // from one group to the next.
-    const bool avx2 = CpuHasAvx2Fma();
+    const bool avx2 = UseAvx2();
     const bool fp8 = w.format == WeightFormat::kFp8;
     ThePool().Run(static_cast<int>(chunks), [&](int c) {
       const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);

@@ -42,6 +42,9 @@ void QuantizeInt8PerChannel(const float* w, int64_t out, int64_t in, std::vector
 // fp8: per 128x128 block, scale_inv = max|block| / 448, q = fp8(w / scale_inv).
 void QuantizeFp8Blocks(const float* w, int64_t out, int64_t in, std::vector<uint8_t>* q,
                        std::vector<float>* scale_inv);
+// Tests: run the portable (non-AVX2) paths even where the CPU has AVX2.
+void ForcePortableKernelsForTesting(bool on);
+
 // The fp32 matrix a WeightRef stands for, rows [o0, o1).
 void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst);
 

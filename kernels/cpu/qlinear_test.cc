@@ -118,5 +118,12 @@ TEST(QLinear, Fp8BlocksMatchFloat64) {
   }
 }
 
+TEST(QLinear, PortablePathsMatchFloat64Too) {
+  ForcePortableKernelsForTesting(true);
+  CheckLinear(WeightFormat::kInt8, 7, 13);
+  CheckLinear(WeightFormat::kFp8, 130, 260);
+  ForcePortableKernelsForTesting(false);
+}
+
 }  // namespace
 }  // namespace dmoe::cpu
