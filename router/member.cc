@@ -53,7 +53,8 @@ void RouterMember::StartWatch(bool targets,
       internal::PlacementUpdate u;
       while (stream->Read(&u)) {
         warned = false;
-        if (u.active_version() > known_version_) known_version_ = u.active_version();
+        const uint64_t seen = std::max(u.version(), u.active_version());
+        if (seen > known_version_) known_version_ = seen;
         on_update(u);
       }
       const grpc::Status st = stream->Finish();
@@ -76,7 +77,11 @@ bool RouterMember::RegisterOnce() {
   grpc::ClientContext ctx;
   Authorize(&ctx);
   internal::RegisterRequest req = registration_;
-  req.set_placement_version(known_version_);
+  // Everything this node has seen, ready targets included: a restarted router must number its
+  // next target above them, or a stale "ready" could activate a map the node has not loaded.
+  uint64_t known = known_version_;
+  if (ready_version_) known = std::max(known, ready_version_());
+  req.set_placement_version(known);
   internal::RegisterReply reply;
   const grpc::Status st = stub_->Register(&ctx, req, &reply);
   if (!st.ok()) return false;

@@ -48,7 +48,7 @@ class RouterMember {
 
   // Seconds since the last successful heartbeat (or registration); -1 before the first.
   double heartbeat_age_seconds() const;
-  // The newest active version seen on the watch or in heartbeat replies.
+  // The newest version seen (active or target) on the watch or in heartbeat replies.
   uint64_t known_version() const { return known_version_; }
   const std::string& node_id() const { return registration_.node_id(); }
 
