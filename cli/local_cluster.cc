@@ -270,8 +270,9 @@ int Up(int argc, char** argv) {
   const std::string log = logs + "/gateway.log";
   std::remove(ready.c_str());
   const pid_t pid =
-      Spawn({bin + "/gateway/dmoe-gateway", "--attention", absl::StrJoin(attention_addrs, ","),
-             "--model", dir, "--ready-file", ready},
+      // The gateway finds the attention nodes through the router (they register there).
+      Spawn({bin + "/gateway/dmoe-gateway", "--router", router, "--model", dir, "--ready-file",
+             ready},
             log);
   pids.push_back(pid);
   std::string gateway_metrics;

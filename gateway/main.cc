@@ -3,11 +3,14 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -18,16 +21,20 @@
 #include "gateway/node_pool.h"
 #include "model/config.h"
 #include "model/tokenizer.h"
+#include "router/member.h"
 
 namespace dmoe::gateway {
 namespace {
 
-constexpr char kHelp[] = R"(usage: dmoe-gateway --attention LIST [flags]
+constexpr char kHelp[] = R"(usage: dmoe-gateway (--attention LIST | --router H:P) [flags]
 
 The public gRPC API of dmoe (dmoe.v1.Dmoe: Generate, Chat, Tokenize, Detokenize, ListModels, plus
 grpc.health.v1 and server reflection), balancing over attention nodes by their reported load.
 
   --attention LIST          comma-separated gRPC addresses of dmoe-attention nodes
+  --router H:P              also (or only) the attention nodes registered with dmoe-router, looked
+                            up every second (at start, waits up to 10 s for the first one)
+  --cluster-token-file F    the router's cluster token
   --model DIR               checkpoint directory: config.json (model limits) and, if present,
                             tokenizer.json for text prompts and Chat
   --tokenizer PATH          tokenizer.json (overrides DIR/tokenizer.json)
@@ -56,7 +63,8 @@ absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& pa
 int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
-      {"attention", "model", "tokenizer", "model-id", "grpc-listen", "ready-file", "api-keys",
+      {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id", "grpc-listen",
+       "ready-file", "api-keys",
        "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen"},
       {});
   if (!flags.ok()) return Fail(flags.status());
@@ -64,9 +72,20 @@ int Main(int argc, char** argv) {
     std::fputs(kHelp, stdout);
     return 0;
   }
-  auto attention = flags->String("attention");
-  if (!attention.ok()) return Fail(attention.status());
-  std::vector<std::string> nodes = absl::StrSplit(*attention, ',', absl::SkipEmpty());
+  if (!flags->Has("attention") && !flags->Has("router")) {
+    return Fail(absl::InvalidArgumentError("--attention or --router: give at least one"));
+  }
+  std::vector<std::string> nodes =
+      absl::StrSplit(flags->StringOr("attention", ""), ',', absl::SkipEmpty());
+  if (flags->Has("attention") && nodes.empty()) {
+    return Fail(absl::InvalidArgumentError("--attention: no address"));
+  }
+  std::string cluster_token;
+  if (flags->Has("cluster-token-file")) {
+    std::ifstream in(flags->StringOr("cluster-token-file", ""));
+    if (!in) return Fail(absl::NotFoundError("--cluster-token-file: cannot open"));
+    std::getline(in, cluster_token);
+  }
   GatewayOptions o;
   o.model_id = flags->StringOr("model-id", "dmoe");
   std::unique_ptr<Tokenizer> tok;
@@ -132,6 +151,45 @@ int Main(int argc, char** argv) {
                     {{"outcome", outcome}});
   }
   NodePool pool(nodes);
+  auto& known_nodes =
+      metrics.Gauge("dmoe_gateway_attention_nodes", "Attention nodes known", {{"state", "known"}});
+  auto& healthy_nodes = metrics.Gauge("dmoe_gateway_attention_nodes", "Attention nodes known",
+                                      {{"state", "healthy"}});
+  std::unique_ptr<router::RouterMember> member;
+  auto discover = [&] {
+    auto listed = member->ListNodes();
+    if (!listed.ok()) return;
+    for (const auto& n : listed->nodes()) {
+      if (n.role() == internal::ATTENTION && pool.Add(n.grpc_address())) {
+        std::fprintf(stderr, "dmoe-gateway: attention node %s at %s (from the router)\n",
+                     n.node_id().c_str(), n.grpc_address().c_str());
+      }
+    }
+  };
+  if (flags->Has("router")) {
+    router::MemberOptions mo;
+    mo.router_address = flags->StringOr("router", "");
+    mo.cluster_token = cluster_token;
+    member = std::make_unique<router::RouterMember>(mo);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    do {
+      discover();
+      if (pool.size() > 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    } while (std::chrono::steady_clock::now() < until);
+    if (pool.size() == 0) {
+      std::fprintf(stderr, "dmoe-gateway: no attention node registered yet; serving anyway\n");
+    }
+  }
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {
+    for (int tick = 0; !done; ++tick) {
+      if (member != nullptr && tick % 10 == 0) discover();
+      known_nodes.Set(static_cast<double>(pool.size()));
+      healthy_nodes.Set(static_cast<double>(pool.healthy()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
   GatewayService service(&pool, keys.get(), o);
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
@@ -145,7 +203,7 @@ int Main(int argc, char** argv) {
   }
   const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
   std::fprintf(stderr, "dmoe-gateway: serving on %s over %zu attention node(s)\n", addr.c_str(),
-               nodes.size());
+               pool.size());
   if (flags->Has("ready-file")) {
     const std::string path = flags->StringOr("ready-file", "");
     {
@@ -158,6 +216,8 @@ int Main(int argc, char** argv) {
   int sig = 0;
   sigwait(&stop, &sig);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  done = true;
+  watcher.join();
   return 0;
 }
 

@@ -8,13 +8,8 @@ namespace dmoe::gateway {
 
 NodePool::NodePool(const std::vector<std::string>& addresses, std::chrono::milliseconds poll)
     : poll_(poll) {
-  for (const std::string& a : addresses) {
-    auto n = std::make_unique<Node>();
-    n->address = a;
-    n->stub = internal::AttentionService::NewStub(
-        grpc::CreateChannel(a, grpc::InsecureChannelCredentials()));
-    nodes_.push_back(std::move(n));
-  }
+  nodes_.reserve(kMaxNodes);
+  for (const std::string& a : addresses) Add(a);
   Poll();  // a first view before serving
   poller_ = std::thread([this] {
     std::unique_lock<std::mutex> l(mu_);
@@ -37,8 +32,35 @@ NodePool::~NodePool() {
   poller_.join();
 }
 
+bool NodePool::Add(const std::string& address) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (nodes_.size() >= kMaxNodes) return false;
+  for (const auto& n : nodes_) {
+    if (n->address == address) return false;
+  }
+  auto n = std::make_unique<Node>();
+  n->address = address;
+  n->stub = internal::AttentionService::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  nodes_.push_back(std::move(n));
+  cv_.notify_all();  // poll it soon
+  return true;
+}
+
+size_t NodePool::healthy() const {
+  std::lock_guard<std::mutex> l(mu_);
+  size_t n = 0;
+  for (const auto& x : nodes_) n += x->healthy;
+  return n;
+}
+
 void NodePool::Poll() {
-  for (auto& n : nodes_) {
+  std::vector<Node*> nodes;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& n : nodes_) nodes.push_back(n.get());
+  }
+  for (Node* n : nodes) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
     internal::GetLoadReply reply;

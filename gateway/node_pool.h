@@ -28,7 +28,15 @@ class NodePool {
     return nodes_[static_cast<size_t>(i)]->stub.get();
   }
   const std::string& address(int i) const { return nodes_[static_cast<size_t>(i)]->address; }
-  size_t size() const { return nodes_.size(); }
+  size_t size() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return nodes_.size();
+  }
+  // Adds a node (e.g. one the router lists); false if it is known already or the pool is full.
+  // Nodes are never removed: one that goes away stays unhealthy and is not picked.
+  bool Add(const std::string& address);
+  // Nodes whose last poll succeeded.
+  size_t healthy() const;
   // Marks a node unhealthy until its next successful poll.
   void MarkFailed(int i);
   // Counts a request started on / finished with node i (load between polls).
@@ -46,8 +54,10 @@ class NodePool {
   double Score(const Node& n) const;
   void Poll();
 
+  static constexpr size_t kMaxNodes = 1024;
+  // Reserved to kMaxNodes and only appended to: nodes_[i] stays valid without the lock.
   std::vector<std::unique_ptr<Node>> nodes_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
   std::mt19937 rng_{12345};

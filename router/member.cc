@@ -149,6 +149,17 @@ absl::StatusOr<bool> RouterMember::Deregister() {
   return reply.planned_out();
 }
 
+absl::StatusOr<internal::ListNodesReply> RouterMember::ListNodes() {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  internal::ListNodesReply reply;
+  const grpc::Status st = stub_->ListNodes(&ctx, internal::ListNodesRequest(), &reply);
+  if (!st.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  }
+  return reply;
+}
+
 absl::Status RouterMember::ReportLoad(const internal::LoadReport& report) {
   grpc::ClientContext ctx;
   Authorize(&ctx);

@@ -42,6 +42,8 @@ class RouterMember {
   // Tells the router the node leaves; the node should serve on until a map without it is active.
   // Returns whether a map without it is planned (false: it is still needed).
   absl::StatusOr<bool> Deregister();
+  // The router's members (gateways use it to find attention nodes).
+  absl::StatusOr<internal::ListNodesReply> ListNodes();
   // Reports expert load (tokens per (layer, expert) since the last report).
   absl::Status ReportLoad(const internal::LoadReport& report);
   void Stop();

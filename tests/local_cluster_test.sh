@@ -35,6 +35,8 @@ for url in $(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/
     grep -q '^dmoe_router_oldest_heartbeat_age_seconds' "$work/scrape"
   elif grep -q '^dmoe_gateway_' "$work/scrape"; then
     gateway_ok=$(metric "$url" 'dmoe_gateway_requests_total{outcome="ok"}')
+    # It found both attention nodes through the router (dmoe up gives it no --attention list).
+    [ "$(metric "$url" 'dmoe_gateway_attention_nodes{state="healthy"}')" -eq 2 ]
     [ "$(metric "$url" dmoe_gateway_time_to_first_token_seconds_count)" -ge 1 ]
   elif grep -q '^dmoe_attention_' "$work/scrape"; then
     # The request went to one of the attention nodes.
