@@ -46,6 +46,8 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --metrics-listen H:P    Prometheus /metrics address (default 127.0.0.1:0)
   --drain-seconds N       on SIGTERM, stop admitting and let running requests finish for up to N
                           seconds (default 30)
+  --advertise-host H      host others reach this node at, registered with the router in place of
+                          the listen host (e.g. the pod IP; default: the listen host)
   --expert-wait-ms N      when an expert has no reachable replica, pause the affected sequences
                           (KV kept) and retry for up to N ms, then end them UNAVAILABLE
                           (default 10000 with --router, 0 otherwise)
@@ -62,7 +64,7 @@ int Main(int argc, char** argv) {
       cli::WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
                        "block-tokens", "max-running", "token-budget", "prefill-chunk",
                        "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
-                       "kv-cache-dtype"}),
+                       "kv-cache-dtype", "advertise-host"}),
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -171,7 +173,8 @@ int Main(int argc, char** argv) {
     internal::RegisterRequest reg;
     reg.set_node_id(absl::StrCat("attention-", getpid()));
     reg.set_role(internal::ATTENTION);
-    reg.set_grpc_address(addr);
+    const std::string host = flags->StringOr("advertise-host", "");
+    reg.set_grpc_address(host.empty() ? addr : absl::StrCat(host, addr.substr(addr.rfind(':'))));
     shard_set->member()->StartMembership(reg, nullptr);
   }
   int sig = 0;

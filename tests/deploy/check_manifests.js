@@ -61,9 +61,10 @@ for (const ss of byKind("StatefulSet")) {
   const svc = byKind("Service").find((s) => s.metadata.name === ss.spec.serviceName);
   if (!svc || svc.spec.clusterIP !== "None") fail(`StatefulSet/${ss.metadata.name}: needs a headless Service ${ss.spec.serviceName}`);
 }
-// Expert shards and attention nodes reach the router through its Service, with the cluster token.
+// Expert shards, attention nodes and gateways reach the router through its Service, with the
+// cluster token.
 const routerSvc = byKind("Service").find((s) => s.metadata.name === "dmoe-router");
-for (const w of workloads.filter((w) => ["dmoe-expert", "dmoe-attention"].includes(w.metadata.name))) {
+for (const w of workloads.filter((w) => ["dmoe-expert", "dmoe-attention", "dmoe-gateway"].includes(w.metadata.name))) {
   for (const c of w.spec.template.spec.containers) {
     const args = [...(c.command || []), ...(c.args || [])].join(" ");
     const m = args.match(/--router[ =]([a-z0-9-]+):(\d+)/);
