@@ -33,7 +33,7 @@ grpc.health.v1 and server reflection), balancing over attention nodes by their r
 
   --attention LIST          comma-separated gRPC addresses of dmoe-attention nodes
   --router H:P              also (or only) the attention nodes registered with dmoe-router, looked
-                            up every second (at start, waits up to 10 s for the first one)
+                            up every second (at start, waits up to 10 s for one that answers)
   --cluster-token-file F    the router's cluster token
   --model DIR               checkpoint directory: config.json (model limits) and, if present,
                             tokenizer.json for text prompts and Chat
@@ -172,13 +172,15 @@ int Main(int argc, char** argv) {
     mo.cluster_token = cluster_token;
     member = std::make_unique<router::RouterMember>(mo);
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    // Serve once an attention node answers (it is polled every 50 ms once known), so that the
+    // first request does not find an empty pool.
     do {
       discover();
-      if (pool.size() > 0) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (pool.healthy() > 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     } while (std::chrono::steady_clock::now() < until);
-    if (pool.size() == 0) {
-      std::fprintf(stderr, "dmoe-gateway: no attention node registered yet; serving anyway\n");
+    if (pool.healthy() == 0) {
+      std::fprintf(stderr, "dmoe-gateway: no attention node answers yet; serving anyway\n");
     }
   }
   std::atomic<bool> done{false};
