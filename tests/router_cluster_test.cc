@@ -297,14 +297,21 @@ TEST(RouterCluster, PausedShardIsRoutedAroundAndComesBackIntoUse) {
   const uint64_t without = c.WaitForActive(0);
   ::kill(c.shard(1).pid(), SIGCONT);
   // It re-registers; a map with it again becomes active.
-  const uint64_t with = c.WaitForActive(without);
+  uint64_t with = c.WaitForActive(without);
   ASSERT_GT(with, without);
-  const auto before = c.ShardTokens();
-  s = Summarize(c.Run(0, nullptr));
-  const auto after = Delta(c.ShardTokens(), before);
+  // Within a few workloads (the map without it may still have been the one becoming active), the
+  // resumed shard serves again.
+  std::vector<double> after;
+  for (int round = 0; round < 5; ++round) {
+    const auto before = c.ShardTokens();
+    s = Summarize(c.Run(0, nullptr));
+    after = Delta(c.ShardTokens(), before);
+    EXPECT_EQ(s.identical, kRequests);
+    if (after[1] > 0) break;
+    with = c.WaitForActive(with, std::chrono::seconds(5));
+  }
   std::printf("after SIGCONT (placement %llu): pairs per shard %.0f %.0f %.0f, %d identical\n",
               static_cast<unsigned long long>(with), after[0], after[1], after[2], s.identical);
-  EXPECT_EQ(s.identical, kRequests);
   EXPECT_GT(after[1], 0) << "the resumed shard got no traffic";
 }
 
