@@ -23,6 +23,7 @@
 #include "cli/remote_flags.h"
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
+#include "router/member.h"
 
 namespace dmoe {
 namespace {
@@ -100,9 +101,9 @@ int Main(int argc, char** argv) {
   const ModelConfig& c = (*model)->config();
   cpu::KvDType kv_dtype = cpu::KvDType::kF32;
   if (!ParseKvDType(flags->StringOr("kv-cache-dtype", "f32"), &kv_dtype)) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--kv-cache-dtype: \"", flags->StringOr("kv-cache-dtype", ""),
-                     "\" is not f32, int8 or fp8_e4m3")));
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--kv-cache-dtype: \"",
+                                                        flags->StringOr("kv-cache-dtype", ""),
+                                                        "\" is not f32, int8 or fp8_e4m3")));
   }
   const int64_t blocks =
       v["kv-blocks"] > 0
@@ -111,12 +112,13 @@ int Main(int argc, char** argv) {
   if (blocks <= 0)
     return Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
   LatentKvCache cache(c, v["block-tokens"], blocks, kv_dtype);
-  std::fprintf(stderr,
-               "dmoe-attention: KV cache (%s) %lld blocks x %lld tokens, %.1f MiB, %llu bytes/token\n",
-               cpu::KvDTypeName(kv_dtype),
-               static_cast<long long>(blocks), static_cast<long long>(v["block-tokens"]),
-               static_cast<double>(blocks * cache.block_bytes()) / (1 << 20),
-               static_cast<unsigned long long>(cache.bytes_per_token()));
+  std::fprintf(
+      stderr,
+      "dmoe-attention: KV cache (%s) %lld blocks x %lld tokens, %.1f MiB, %llu bytes/token\n",
+      cpu::KvDTypeName(kv_dtype), static_cast<long long>(blocks),
+      static_cast<long long>(v["block-tokens"]),
+      static_cast<double>(blocks * cache.block_bytes()) / (1 << 20),
+      static_cast<unsigned long long>(cache.bytes_per_token()));
   SchedulerOptions so;
   so.max_running = v["max-running"];
   so.step_token_budget = v["token-budget"];
@@ -173,8 +175,7 @@ int Main(int argc, char** argv) {
     internal::RegisterRequest reg;
     reg.set_node_id(absl::StrCat("attention-", getpid()));
     reg.set_role(internal::ATTENTION);
-    const std::string host = flags->StringOr("advertise-host", "");
-    reg.set_grpc_address(host.empty() ? addr : absl::StrCat(host, addr.substr(addr.rfind(':'))));
+    reg.set_grpc_address(router::AdvertisedAddress(addr, flags->StringOr("advertise-host", "")));
     shard_set->member()->StartMembership(reg, nullptr);
   }
   int sig = 0;

@@ -1,9 +1,8 @@
 #include "cli/remote_flags.h"
 
-#include <fstream>
-
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "router/member.h"
 
 namespace dmoe::cli {
 
@@ -26,9 +25,9 @@ Weight formats (8-bit weights are weight-only quantization: activations stay fp3
   --expert-dtype T        the same for the routed experts held in this process
 )";
 
-const std::set<std::string> kRemoteFlags = {"expert-shards", "wire-dtype", "expert-deadline-ms",
-                                            "ucx-connect", "router", "cluster-token-file",
-                                            "weight-dtype", "expert-dtype"};
+const std::set<std::string> kRemoteFlags = {"expert-shards", "wire-dtype",  "expert-deadline-ms",
+                                            "ucx-connect",   "router",      "cluster-token-file",
+                                            "weight-dtype",  "expert-dtype"};
 
 std::set<std::string> WithRemote(std::set<std::string> flags) {
   flags.insert(kRemoteFlags.begin(), kRemoteFlags.end());
@@ -45,7 +44,7 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
     }
   }
   for (auto [name, field] : {std::pair<const char*, WeightDType*>{"weight-dtype", &o->weight_dtype},
-                              {"expert-dtype", &o->expert_dtype}}) {
+                             {"expert-dtype", &o->expert_dtype}}) {
     const std::string v = flags.StringOr(name, "auto");
     if (!ParseWeightDType(v, field)) {
       return absl::InvalidArgumentError(
@@ -60,9 +59,9 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
     return absl::InvalidArgumentError("--expert-shards and --router: give one of them");
   }
   if (flags.Has("cluster-token-file")) {
-    std::ifstream in(flags.StringOr("cluster-token-file", ""));
-    if (!in) return absl::NotFoundError("--cluster-token-file: cannot open");
-    std::getline(in, o->shard_client.cluster_token);
+    auto t = router::ReadClusterTokenFile(flags.StringOr("cluster-token-file", ""));
+    if (!t.ok()) return t.status();
+    o->shard_client.cluster_token = *t;
   }
   const std::string dtype = flags.StringOr("wire-dtype", "bf16");
   if (dtype == "bf16") {

@@ -10,8 +10,8 @@
 #include <fstream>
 #include <functional>
 #include <map>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,7 +33,8 @@
 namespace dmoe {
 namespace {
 
-constexpr char kHelp[] = R"(usage: dmoe-expert --model DIR (--experts SPEC | --router H:P --capacity N) [flags]
+constexpr char kHelp[] =
+    R"(usage: dmoe-expert --model DIR (--experts SPEC | --router H:P --capacity N) [flags]
 
 An expert shard: hosts a subset of the routed experts of the model in DIR and serves them to
 attention nodes over UCX (dispatch -> combine), with a gRPC control API (GetInfo, GetStats).
@@ -214,8 +215,7 @@ int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
       {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
-       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host",
-       "expert-dtype"},
+       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype"},
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -231,22 +231,23 @@ int Main(int argc, char** argv) {
   auto capacity = flags->Int("capacity", 0);
   if (!capacity.ok()) return Fail(capacity.status());
   if (routed && *capacity <= 0) {
-    return Fail(absl::InvalidArgumentError("--capacity: a positive number is needed with --router"));
+    return Fail(
+        absl::InvalidArgumentError("--capacity: a positive number is needed with --router"));
   }
   auto drain_ms = flags->Int("drain-ms", 2000);
   if (!drain_ms.ok()) return Fail(drain_ms.status());
   if (*drain_ms < 0) return Fail(absl::InvalidArgumentError("--drain-ms: negative"));
   std::string token;
   if (flags->Has("cluster-token-file")) {
-    std::ifstream in(flags->StringOr("cluster-token-file", ""));
-    if (!in) return Fail(absl::NotFoundError("--cluster-token-file: cannot open"));
-    std::getline(in, token);
+    auto t = router::ReadClusterTokenFile(flags->StringOr("cluster-token-file", ""));
+    if (!t.ok()) return Fail(t.status());
+    token = *t;
   }
   WeightDType expert_dtype = WeightDType::kAuto;
   if (!ParseWeightDType(flags->StringOr("expert-dtype", "auto"), &expert_dtype)) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--expert-dtype: \"", flags->StringOr("expert-dtype", ""),
-                     "\" is not auto, f32, int8 or fp8")));
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--expert-dtype: \"",
+                                                        flags->StringOr("expert-dtype", ""),
+                                                        "\" is not auto, f32, int8 or fp8")));
   }
   auto config = LoadModelConfig(*dir);
   if (!config.ok()) return Fail(config.status());
@@ -353,13 +354,9 @@ int Main(int argc, char** argv) {
     reg.set_node_id(node_id);
     reg.set_role(internal::EXPERT);
     // Listening on 0.0.0.0 says nothing to others: register the advertised host instead.
-    auto advertise = [&](const std::string& addr) {
-      const std::string host = flags->StringOr("advertise-host", "");
-      if (host.empty() || addr.empty()) return addr;
-      return absl::StrCat(host, addr.substr(addr.rfind(':')));
-    };
-    reg.set_grpc_address(advertise(grpc_addr));
-    reg.set_ucx_address(advertise(*ucx_addr));
+    const std::string host = flags->StringOr("advertise-host", "");
+    reg.set_grpc_address(router::AdvertisedAddress(grpc_addr, host));
+    reg.set_ucx_address(router::AdvertisedAddress(*ucx_addr, host));
     reg.set_ucx_worker_address((*ucx)->WorkerAddress());
     reg.set_capacity_experts(*capacity);
     member->StartMembership(reg, [&hosting] { return hosting->ready_version(); });
@@ -387,8 +384,9 @@ int Main(int argc, char** argv) {
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
       if (!hosting->ActiveWithoutMe()) {
-        std::fprintf(stderr, "dmoe-expert: no map without this shard became active in 30 s; "
-                             "leaving\n");
+        std::fprintf(stderr,
+                     "dmoe-expert: no map without this shard became active in 30 s; "
+                     "leaving\n");
       } else {
         std::this_thread::sleep_for(std::chrono::milliseconds(*drain_ms));
         std::fprintf(stderr, "dmoe-expert: placement %llu is active without this shard; leaving\n",

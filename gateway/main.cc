@@ -64,8 +64,7 @@ int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
       {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id", "grpc-listen",
-       "ready-file", "api-keys",
-       "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen"},
+       "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen"},
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -82,9 +81,9 @@ int Main(int argc, char** argv) {
   }
   std::string cluster_token;
   if (flags->Has("cluster-token-file")) {
-    std::ifstream in(flags->StringOr("cluster-token-file", ""));
-    if (!in) return Fail(absl::NotFoundError("--cluster-token-file: cannot open"));
-    std::getline(in, cluster_token);
+    auto t = router::ReadClusterTokenFile(flags->StringOr("cluster-token-file", ""));
+    if (!t.ok()) return Fail(t.status());
+    cluster_token = *t;
   }
   GatewayOptions o;
   o.model_id = flags->StringOr("model-id", "dmoe");

@@ -36,12 +36,16 @@ void LinearWeight::ConvertTo(cpu::WeightFormat f) {
     scales = {};
     format = cpu::WeightFormat::kF32;
   }
+  if (f == cpu::WeightFormat::kF32) return;
+  std::vector<float> src = std::move(w);
+  QuantizeFrom(src.data(), f);
+}
+
+void LinearWeight::QuantizeFrom(const float* src, cpu::WeightFormat f) {
   if (f == cpu::WeightFormat::kInt8) {
-    cpu::QuantizeInt8PerChannel(w.data(), out, in, &q, &scales);
-  } else if (f == cpu::WeightFormat::kFp8) {
-    cpu::QuantizeFp8Blocks(w.data(), out, in, &q, &scales);
+    cpu::QuantizeInt8PerChannel(src, out, in, &q, &scales);
   } else {
-    return;
+    cpu::QuantizeFp8Blocks(src, out, in, &q, &scales);
   }
   w = {};
   format = f;
@@ -76,9 +80,9 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
     }
     const std::string scale_name = name + "_scale_inv";
     if (!ck.Info(scale_name).ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor \"", scale_name, "\": missing (the F8_E4M3 weight \"", name,
-                       "\" needs its 128x128 block scales)"));
+      return absl::InvalidArgumentError(absl::StrCat("tensor \"", scale_name,
+                                                     "\": missing (the F8_E4M3 weight \"", name,
+                                                     "\" needs its 128x128 block scales)"));
     }
     const int64_t bo = (out + cpu::kFp8Block - 1) / cpu::kFp8Block;
     const int64_t bi = (in + cpu::kFp8Block - 1) / cpu::kFp8Block;
@@ -99,8 +103,7 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
       thread_local std::vector<float> scratch;
       scratch.resize(static_cast<size_t>(out * in));
       cpu::Dequantize(l.ref(), 0, out, scratch.data());
-      cpu::QuantizeInt8PerChannel(scratch.data(), out, in, &l.q, &l.scales);
-      l.format = cpu::WeightFormat::kInt8;
+      l.QuantizeFrom(scratch.data(), cpu::WeightFormat::kInt8);
     }
     return l;
   }
@@ -109,13 +112,8 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
     // 8-bit weights, not freed fp32 copies of them.
     thread_local std::vector<float> scratch;
     RETURN_IF_ERROR(ck.ReadFloatInto(name, {out, in}, &scratch));
-    if (dtype == WeightDType::kInt8) {
-      cpu::QuantizeInt8PerChannel(scratch.data(), out, in, &l.q, &l.scales);
-      l.format = cpu::WeightFormat::kInt8;
-    } else {
-      cpu::QuantizeFp8Blocks(scratch.data(), out, in, &l.q, &l.scales);
-      l.format = cpu::WeightFormat::kFp8;
-    }
+    l.QuantizeFrom(scratch.data(), dtype == WeightDType::kInt8 ? cpu::WeightFormat::kInt8
+                                                               : cpu::WeightFormat::kFp8);
     return l;
   }
   ASSIGN_OR_RETURN(l.w, ck.ReadFloat(name, {out, in}));
@@ -150,31 +148,32 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
     ASSIGN_OR_RETURN(l.input_norm, ck.ReadFloat(Layer(i, "input_layernorm.weight"), {d}));
     ASSIGN_OR_RETURN(l.post_norm, ck.ReadFloat(Layer(i, "post_attention_layernorm.weight"), {d}));
     if (c.q_lora_rank > 0) {
-      ASSIGN_OR_RETURN(l.q_a,
-                       ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d, dtype));
+      ASSIGN_OR_RETURN(
+          l.q_a, ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d, dtype));
       ASSIGN_OR_RETURN(l.q_a_norm,
                        ck.ReadFloat(Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}));
       ASSIGN_OR_RETURN(l.q_b, ReadLinear(ck, Layer(i, "self_attn.q_b_proj.weight"),
                                          h * c.q_head_dim(), c.q_lora_rank, dtype));
     } else {
-      ASSIGN_OR_RETURN(l.q,
-                       ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d, dtype));
+      ASSIGN_OR_RETURN(
+          l.q, ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d, dtype));
     }
-    ASSIGN_OR_RETURN(
-        l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"), c.latent_dim(), d,
-                         dtype));
+    ASSIGN_OR_RETURN(l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"),
+                                        c.latent_dim(), d, dtype));
     ASSIGN_OR_RETURN(l.kv_a_norm,
                      ck.ReadFloat(Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}));
-    ASSIGN_OR_RETURN(l.kv_b, ReadLinear(ck, Layer(i, "self_attn.kv_b_proj.weight"),
-                                        h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank,
-                                        exact));
-    ASSIGN_OR_RETURN(l.o, ReadLinear(ck, Layer(i, "self_attn.o_proj.weight"), d, h * c.v_head_dim, dtype));
+    ASSIGN_OR_RETURN(l.kv_b,
+                     ReadLinear(ck, Layer(i, "self_attn.kv_b_proj.weight"),
+                                h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, exact));
+    ASSIGN_OR_RETURN(
+        l.o, ReadLinear(ck, Layer(i, "self_attn.o_proj.weight"), d, h * c.v_head_dim, dtype));
     l.moe = c.IsMoeLayer(i);
     if (!l.moe) {
       ASSIGN_OR_RETURN(l.dense, ReadMlp(ck, Layer(i, "mlp."), d, c.intermediate_size, dtype));
       continue;
     }
-    ASSIGN_OR_RETURN(l.gate, ReadLinear(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d, exact));
+    ASSIGN_OR_RETURN(l.gate,
+                     ReadLinear(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d, exact));
     if (c.n_shared_experts > 0) {
       ASSIGN_OR_RETURN(l.shared, ReadMlp(ck, Layer(i, "mlp.shared_experts."), d,
                                          c.moe_intermediate_size * c.n_shared_experts, dtype));

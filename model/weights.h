@@ -30,6 +30,8 @@ struct LinearWeight {
   uint64_t bytes() const { return 4 * w.size() + q.size() + 4 * scales.size(); }
   // Converts in place (through fp32 when both are 8-bit).
   void ConvertTo(cpu::WeightFormat f);
+  // Becomes `f` (int8 or fp8) quantized from the fp32 matrix `src` [out, in]; `w` is dropped.
+  void QuantizeFrom(const float* src, cpu::WeightFormat f);
 };
 
 // What to hold a linear weight as: kAuto keeps an fp8 checkpoint's fp8 and reads anything else as

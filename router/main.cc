@@ -15,6 +15,7 @@
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
 #include "model/config.h"
+#include "router/member.h"
 #include "router/router_service.h"
 #include "router/router_state.h"
 
@@ -49,12 +50,11 @@ int Fail(const absl::Status& s) {
 }
 
 int Main(int argc, char** argv) {
-  auto flags =
-      cli::Flags::Parse(argc - 1, argv + 1,
-                        {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file",
-                         "max-extra-replicas", "rebalance-seconds", "metrics-listen", "replication",
-                         "startup-grace-ms", "min-shards"},
-                        {});
+  auto flags = cli::Flags::Parse(
+      argc - 1, argv + 1,
+      {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file", "max-extra-replicas",
+       "rebalance-seconds", "metrics-listen", "replication", "startup-grace-ms", "min-shards"},
+      {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kHelp, stdout);
@@ -80,17 +80,17 @@ int Main(int argc, char** argv) {
   if (*min_shards < 1) return Fail(absl::InvalidArgumentError("--min-shards: must be >= 1"));
   std::string token;
   if (flags->Has("cluster-token-file")) {
-    std::ifstream in(flags->StringOr("cluster-token-file", ""));
-    if (!in) return Fail(absl::NotFoundError("--cluster-token-file: cannot open"));
-    std::getline(in, token);
-    if (token.empty()) return Fail(absl::InvalidArgumentError("--cluster-token-file: empty token"));
+    auto t = ReadClusterTokenFile(flags->StringOr("cluster-token-file", ""));
+    if (!t.ok()) return Fail(t.status());
+    if (t->empty()) return Fail(absl::InvalidArgumentError("--cluster-token-file: empty token"));
+    token = *t;
   }
   PlacementOptions po;
   po.max_extra_replicas = *extra;
   po.replication = *replication;
   RouterState state(
-      *config, std::chrono::milliseconds(*lease), po, [] { return std::chrono::steady_clock::now(); },
-      std::chrono::milliseconds(*grace));
+      *config, std::chrono::milliseconds(*lease), po,
+      [] { return std::chrono::steady_clock::now(); }, std::chrono::milliseconds(*grace));
   state.set_min_shards(*min_shards);
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));

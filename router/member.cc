@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
 
 namespace dmoe::router {
 namespace {
@@ -16,20 +17,35 @@ int64_t NowNs() {
 
 }  // namespace
 
+absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError("--cluster-token-file: cannot open");
+  std::string token;
+  std::getline(in, token);
+  return token;
+}
+
+std::string AdvertisedAddress(const std::string& listen_address, const std::string& host) {
+  const size_t colon = listen_address.rfind(':');
+  if (host.empty() || colon == std::string::npos) return listen_address;
+  return host + listen_address.substr(colon);
+}
+
 RouterMember::RouterMember(MemberOptions options) : options_(std::move(options)) {
   grpc::ChannelArguments args;
   // Reconnect quickly after a router restart.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
-  channel_ = grpc::CreateCustomChannel(options_.router_address, grpc::InsecureChannelCredentials(),
-                                       args);
+  channel_ =
+      grpc::CreateCustomChannel(options_.router_address, grpc::InsecureChannelCredentials(), args);
   stub_ = internal::RouterService::NewStub(channel_);
 }
 
 RouterMember::~RouterMember() { Stop(); }
 
 void RouterMember::Authorize(grpc::ClientContext* ctx) const {
-  if (!options_.cluster_token.empty()) ctx->AddMetadata("x-dmoe-cluster-token", options_.cluster_token);
+  if (!options_.cluster_token.empty())
+    ctx->AddMetadata("x-dmoe-cluster-token", options_.cluster_token);
   ctx->set_deadline(std::chrono::system_clock::now() + options_.rpc_deadline);
 }
 
@@ -68,7 +84,8 @@ void RouterMember::StartWatch(bool targets,
                      st.error_message().c_str());
         warned = true;
       }
-      for (int i = 0; i < 5 && !stop_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(40));
+      for (int i = 0; i < 5 && !stop_; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(40));
     }
   });
 }
@@ -116,7 +133,8 @@ void RouterMember::StartMembership(internal::RegisterRequest registration,
   beat_thread_ = std::thread([this] {
     bool warned = false;
     while (!stop_) {
-      const bool ok = registered_ ? HeartbeatOnce() : (registered_ = RegisterOnce()) && HeartbeatOnce();
+      const bool ok =
+          registered_ ? HeartbeatOnce() : (registered_ = RegisterOnce()) && HeartbeatOnce();
       if (!ok && !warned) {
         std::fprintf(stderr, "router %s: unreachable (serving on; retrying)\n",
                      options_.router_address.c_str());

@@ -19,6 +19,13 @@
 
 namespace dmoe::router {
 
+// The cluster token in the first line of `path` (--cluster-token-file); NOT_FOUND naming the flag
+// when it cannot be read.
+absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path);
+// `listen_address` ("HOST:PORT", e.g. 0.0.0.0:50051) with HOST replaced by `host` when it is not
+// empty: what other nodes should dial (--advertise-host).
+std::string AdvertisedAddress(const std::string& listen_address, const std::string& host);
+
 struct MemberOptions {
   std::string router_address;  // "HOST:PORT"
   std::string cluster_token;   // sent as x-dmoe-cluster-token when not empty
