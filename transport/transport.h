@@ -33,7 +33,8 @@ class ClientTransport {
   // Each id is waited for once.
   virtual absl::Status Wait(uint64_t id, Clock::time_point deadline,
                             std::vector<uint8_t>* reply) = 0;
-  // A buffer from the pool for building a request (cleared, capacity kept).
+  // A buffer from the pool for building a request: its size and contents are left over from an
+  // earlier message (wire encoders resize it; do not append to it).
   virtual std::vector<uint8_t> AcquireBuffer() = 0;
   // Returns a reply buffer to the pool.
   virtual void ReleaseBuffer(std::vector<uint8_t> buffer) = 0;

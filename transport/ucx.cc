@@ -7,6 +7,7 @@
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -49,6 +50,11 @@ class UcxWorker {
     // Rendezvous over tcp costs extra round trips; below 256 KiB eager copies were faster here
     // (BUILD_NOTES.md). The environment still wins.
     if (std::getenv("UCX_RNDV_THRESH") == nullptr) ucp_config_modify(config, "RNDV_THRESH", "256k");
+    // The worker lock: a caller's thread and the progress thread may share a CPU (a pinned
+    // process, a 2-core box); with UCX's default spinlock a preempted holder makes the other
+    // spin out its whole time slice (measured: 2/3 of a pinned client's time in
+    // pthread_spin_lock, 2.5 MB/s instead of ~70 for 600-byte round trips 8 in flight).
+    if (std::getenv("UCX_USE_MT_MUTEX") == nullptr) ucp_config_modify(config, "USE_MT_MUTEX", "y");
     s = ucp_init(&params, config, &context_);
     ucp_config_release(config);
     if (s != UCS_OK) return UcsError("ucp_init", s);
@@ -131,35 +137,89 @@ class UcxWorker {
   bool SpinProgress(std::chrono::microseconds spin, Ready ready) {
     HoldWorker();
     const bool done = SpinHeld(spin, ready);
-    ReleaseWorker();
+    // Done: the caller is likely back soon (the next round trip), so the progress thread is not
+    // woken now; it takes over within kLazyHandoff if nobody does. Not done: the caller is about
+    // to sleep, so progress must go on without it at once.
+    ReleaseWorker(/*handoff_now=*/!done);
     return done;
   }
 
   // Progresses on the calling thread, which already holds the worker (HoldWorker).
+  // `spin` bounds the time without any event, not the whole wait: while a large message is
+  // streaming in (every progress call moves bytes) the caller keeps the worker instead of
+  // handing a half-done transfer to the progress thread and sleeping (which cost a wake-up per
+  // socket read and doubled the time of multi-MiB round trips).
   template <typename Ready>
   bool SpinHeld(std::chrono::microseconds spin, Ready ready) {
-    const auto end = Clock::now() + spin;
-    do {
+    auto last_event = Clock::now();
+    for (;;) {
       if (ready()) return true;
-      if (ucp_worker_progress(worker_) == 0) {
-        // Nothing happened: let another runnable thread have the core (with more spinning
+      const bool busy = ucp_worker_progress(worker_) != 0;
+      const auto now = Clock::now();
+      if (busy) {
+        last_event = now;
+      } else if (now - last_event >= spin + ExpectedSilence()) {
+        break;
+      } else if (now - last_event >= kYieldAfter) {
+        // Nothing for a while: let another runnable thread have the core (with more spinning
         // threads than cores, e.g. several shards on one small machine, this is what keeps the
-        // latency at microseconds instead of scheduler slices).
+        // latency at microseconds instead of scheduler slices). Not at once: a sched_yield is a
+        // system call, and a reply that lands during one is seen a syscall later (the first
+        // microseconds of a wait are where small round trips complete).
         sched_yield();
       }
-    } while (Clock::now() < end);
+    }
     return ready();
+  }
+
+  // Bytes of sends that have not completed. While a peer takes in a large message no event
+  // reaches this side (over sm it copies the message straight out of our memory), so about 1 us
+  // per 4 KiB of them is the transfer, not idleness: without this a 2.5 MiB round trip over sm
+  // spun out, slept, and took 3x ucx_perftest's time.
+  void SendPending(size_t bytes) {
+    sending_bytes_.fetch_add(static_cast<int64_t>(bytes), std::memory_order_relaxed);
+  }
+  void SendDone(size_t bytes) {
+    sending_bytes_.fetch_sub(static_cast<int64_t>(bytes), std::memory_order_relaxed);
+  }
+  // Extra spin for an exchange of about `bytes` each way (see Wait and Receive).
+  static std::chrono::microseconds ExchangeSpin(size_t bytes) {
+    return std::min(std::chrono::microseconds(bytes / 1024), kMaxExchangeSpin);
+  }
+  static constexpr std::chrono::microseconds kMaxExchangeSpin{5000};
+  // Capped: sends to a hung peer never complete, and must not keep a waiter spinning.
+  std::chrono::microseconds ExpectedSilence() const {
+    const int64_t b = sending_bytes_.load(std::memory_order_relaxed);
+    return std::chrono::microseconds(std::clamp<int64_t>(b / 4096, 0, 2000));
   }
 
   // While a caller holds the worker, the progress thread stays off it (it would only contend for
   // the worker lock and a core).
   void HoldWorker() { ++spinners_; }
-  void ReleaseWorker() {
-    if (--spinners_ == 0) {
+  // Waking the progress thread after every round trip costs two context switches per message
+  // and, on a shared CPU, contention for the worker lock with the caller's next Post; worse, an
+  // armed progress thread makes every peer signal its event fd for each message (a system call
+  // on the sender, a wake-up here). When the caller will be back within microseconds it keeps
+  // the worker in all but name: the progress thread takes over only after kLazyHandoff without
+  // any caller activity, or at once when a caller is about to sleep (`handoff_now`).
+  void ReleaseWorker(bool handoff_now) {
+    MarkActive();
+    if (--spinners_ == 0 && handoff_now) {
       std::lock_guard<std::mutex> l(ops_mu_);
+      handoff_ = true;
       ops_cv_.notify_all();
     }
   }
+  // A caller used the worker (sent, or stopped spinning) just now.
+  void MarkActive() { last_active_ns_.store(NowNs(), std::memory_order_relaxed); }
+  static int64_t NowNs() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+        .count();
+  }
+  // How long SpinHeld polls without events before it starts yielding the core between polls.
+  static constexpr std::chrono::microseconds kYieldAfter{20};
+  // How long after the last caller activity the progress thread takes over the worker.
+  static constexpr std::chrono::microseconds kLazyHandoff{1000};
 
   static std::chrono::microseconds SpinTime() {
     static const std::chrono::microseconds spin = [] {
@@ -191,8 +251,17 @@ class UcxWorker {
     while (!stop_) {
       {
         std::unique_lock<std::mutex> l(ops_mu_);
-        ops_cv_.wait_for(l, std::chrono::milliseconds(100),
-                         [&] { return spinners_ == 0 || !ops_.empty() || stop_; });
+        // Re-checked every kLazyHandoff: a lazy release does not notify.
+        for (;;) {
+          if (stop_ || !ops_.empty()) break;
+          if (spinners_ == 0 &&
+              (handoff_ || NowNs() - last_active_ns_.load(std::memory_order_relaxed) >=
+                               std::chrono::nanoseconds(kLazyHandoff).count())) {
+            break;
+          }
+          ops_cv_.wait_for(l, kLazyHandoff);
+        }
+        handoff_ = false;
         ops.swap(ops_);
       }
       for (auto& op : ops) op();
@@ -221,6 +290,9 @@ class UcxWorker {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   std::atomic<int> spinners_{0};
+  std::atomic<int64_t> last_active_ns_{0};
+  std::atomic<int64_t> sending_bytes_{0};
+  bool handoff_ = false;  // guarded by ops_mu_
   std::condition_variable ops_cv_;
   std::mutex ops_mu_;
   std::vector<std::function<void()>> ops_;
@@ -372,10 +444,12 @@ class UcxClient : public ClientTransport, public UcxWorker {
       slot->done = slot->waited = slot->receiving = false;
       slot->sending = true;
       slot->status = absl::OkStatus();
+      slot->request_bytes = request.size();
       slot->send = std::move(request);
       ep = p.ep;
     }
     const uint64_t id = slot->id;
+    MarkActive();
     ucp_request_param_t prm;
     std::memset(&prm, 0, sizeof(prm));
     prm.op_attr_mask =
@@ -391,6 +465,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
       OnSent(nullptr, UCS_OK, slot);
     } else if (UCS_PTR_IS_ERR(req)) {
       OnSent(nullptr, UCS_PTR_STATUS(req), slot);
+    } else {
+      SendPending(slot->request_bytes);  // OnSent with a request undoes it
     }
     return id;
   }
@@ -402,7 +478,16 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   absl::Status Wait(uint64_t id, Clock::time_point deadline, std::vector<uint8_t>* reply) override {
-    SpinProgress(SpinTime(), [&] {
+    // The reply of a large request takes a while even when nothing is wrong (the peer takes the
+    // request in, computes, sends about as many bytes back); sleeping through it and being woken
+    // cost a 2.5 MiB round trip over sm more than a millisecond. So the spin grows with the
+    // request: 1 us per KiB, up to kMaxExchangeSpin.
+    std::chrono::microseconds spin = SpinTime();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (const Slot* s = slots_.Find(id)) spin += ExchangeSpin(s->request_bytes);
+    }
+    SpinProgress(spin, [&] {
       std::lock_guard<std::mutex> l(mu_);
       const Slot* s = slots_.Find(id);
       return s == nullptr || s->done || Clock::now() >= deadline;
@@ -445,6 +530,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     bool sending = false;    // UCX still reads `send`
     bool receiving = false;  // a rendezvous receive still writes into `reply`
     absl::Status status;
+    size_t request_bytes = 0;
     std::vector<uint8_t> send;
     std::vector<uint8_t> reply;
   };
@@ -462,6 +548,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   static void OnSent(void* req, ucs_status_t status, void* user) {
     auto* s = static_cast<Slot*>(user);
     UcxClient* self = s->owner;
+    if (req != nullptr) self->SendDone(s->request_bytes);
     {
       std::lock_guard<std::mutex> l(self->mu_);
       s->sending = false;
@@ -528,8 +615,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
       }
       return UCS_OK;
     }
-    std::vector<uint8_t> bytes = self->pool_.Acquire();
-    bytes.assign(static_cast<uint8_t*>(data), static_cast<uint8_t*>(data) + length);
+    std::vector<uint8_t> bytes = self->pool_.AcquireSized(length);
+    if (length > 0) std::memcpy(bytes.data(), data, length);
     self->Complete(id, absl::OkStatus(), &bytes);
     return UCS_OK;
   }
@@ -649,20 +736,16 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   }
 
   void Receive(std::chrono::milliseconds timeout, std::vector<ServerRequest>* out) override {
-    // The serving thread keeps the worker while requests keep coming, and hands it back to the
-    // progress thread once a spin finds nothing.
-    if (!held_) {
-      HoldWorker();
-      held_ = true;
-    }
-    const bool got = SpinHeld(SpinTime(), [&] {
-      std::lock_guard<std::mutex> l(mu_);
-      return !queue_.empty() || closed_;
-    });
-    if (!got) {
-      held_ = false;
-      ReleaseWorker();
-    }
+    // The serving thread progresses the worker itself while it waits here. It lets go lazily when
+    // requests came (it is back after processing them; if that takes longer than kLazyHandoff,
+    // the progress thread moves transfers meanwhile) and at once when a spin finds nothing.
+    // Likewise the next request of a client that sent a large one comes after it has taken in
+    // the reply and prepared the next: the spin grows with the last request's size.
+    SpinProgress(SpinTime() + ExchangeSpin(last_request_bytes_.load(std::memory_order_relaxed)),
+                 [&] {
+                   std::lock_guard<std::mutex> l(mu_);
+                   return !queue_.empty() || closed_;
+                 });
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
     for (ServerRequest& r : queue_) out->push_back(std::move(r));
@@ -683,6 +766,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       }
       ep = p->ep;
       p->sending = true;
+      p->reply_bytes = reply.size();
       p->buffer = std::move(reply);
       ++stats_.replies;
       stats_.bytes_out += p->buffer.size();
@@ -692,12 +776,15 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     prm.cb.send = &UcxServerImpl::OnReplySent;
     prm.user_data = p;
+    MarkActive();
     void* req = ucp_am_send_nbx(ep, kAmReply, &p->client_id, sizeof(p->client_id), p->buffer.data(),
                                 p->buffer.size(), &prm);
     if (req == nullptr) {
       OnReplySent(nullptr, UCS_OK, p);
     } else if (UCS_PTR_IS_ERR(req)) {
       OnReplySent(nullptr, UCS_PTR_STATUS(req), p);
+    } else {
+      SendPending(p->reply_bytes);  // OnReplySent with a request undoes it
     }
   }
 
@@ -711,10 +798,6 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   void Shutdown() override {
     if (shut_down_.exchange(true)) return;
-    if (held_) {
-      held_ = false;
-      ReleaseWorker();
-    }
     {
       std::lock_guard<std::mutex> l(mu_);
       closed_ = true;
@@ -750,6 +833,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     bool dead = false;       // the client's endpoint failed: drop the reply
     bool receiving = false;  // a rendezvous receive still writes into `buffer`
     bool sending = false;    // UCX still reads `buffer` (the reply)
+    size_t reply_bytes = 0;
     std::vector<uint8_t> buffer;
   };
   static constexpr uint32_t kMaxPending = 4096;
@@ -794,6 +878,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   }
 
   void Enqueue(Pending* p) {
+    last_request_bytes_.store(p->buffer.size(), std::memory_order_relaxed);
     std::lock_guard<std::mutex> l(mu_);
     ++stats_.requests;
     stats_.bytes_in += p->buffer.size();
@@ -822,7 +907,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       std::memcpy(&p->client_id, header, sizeof(p->client_id));
       p->dead = p->sending = false;
       p->receiving = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
-      p->buffer = p->receiving ? self->pool_.AcquireSized(length) : self->pool_.Acquire();
+      p->buffer = self->pool_.AcquireSized(length);
     }
     if (p->receiving) {
       ucp_request_param_t prm;
@@ -838,7 +923,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       }
       return UCS_OK;
     }
-    p->buffer.assign(static_cast<uint8_t*>(data), static_cast<uint8_t*>(data) + length);
+    if (length > 0) std::memcpy(p->buffer.data(), data, length);
     self->Enqueue(p);
     return UCS_OK;
   }
@@ -865,6 +950,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   static void OnReplySent(void* req, ucs_status_t status, void* user) {
     auto* p = static_cast<Pending*>(user);
     UcxServerImpl* self = p->owner;
+    if (req != nullptr) self->SendDone(p->reply_bytes);
     {
       std::lock_guard<std::mutex> l(self->mu_);
       if (status != UCS_OK) ++self->stats_.dropped_replies;
@@ -878,8 +964,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   ucp_listener_h listener_ = nullptr;
   std::string worker_address_;
-  bool held_ = false;  // Receive's thread holds the worker
   std::atomic<bool> shut_down_{false};
+  std::atomic<size_t> last_request_bytes_{0};
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool closed_ = false;
