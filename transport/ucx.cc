@@ -134,9 +134,10 @@ class UcxWorker {
   // short gaps of a decode step this beats waking a sleeping thread; it is bounded so that idle
   // processes do not burn a core (BUILD_NOTES.md: never busy-poll both sides of a 2-core box).
   template <typename Ready>
-  bool SpinProgress(std::chrono::microseconds spin, Ready ready) {
+  bool SpinProgress(std::chrono::microseconds spin, Ready ready,
+                    Clock::time_point deadline = Clock::time_point::max()) {
     HoldWorker();
-    const bool done = SpinHeld(spin, ready);
+    const bool done = SpinHeld(spin, ready, deadline);
     // Done: the caller is likely back soon (the next round trip), so the progress thread is not
     // woken now; it takes over within kLazyHandoff if nobody does. Not done: the caller is about
     // to sleep, so progress must go on without it at once.
@@ -150,17 +151,26 @@ class UcxWorker {
   // handing a half-done transfer to the progress thread and sleeping (which cost a wake-up per
   // socket read and doubled the time of multi-MiB round trips).
   template <typename Ready>
-  bool SpinHeld(std::chrono::microseconds spin, Ready ready) {
+  bool SpinHeld(std::chrono::microseconds spin, Ready ready,
+                Clock::time_point deadline = Clock::time_point::max()) {
     auto last_event = Clock::now();
-    for (;;) {
+    bool event = false;
+    for (unsigned i = 1;; ++i) {
       if (ready()) return true;
-      const bool busy = ucp_worker_progress(worker_) != 0;
+      if (ucp_worker_progress(worker_) != 0) event = true;
+      // Reading the clock costs about as much as an empty poll (a quarter of a small round
+      // trip's time over sm went to clock_gettime when it was read on every poll): every 8th.
+      if (i % 8 != 0) continue;
       const auto now = Clock::now();
-      if (busy) {
+      if (now >= deadline) break;
+      if (event) {
         last_event = now;
-      } else if (now - last_event >= spin + ExpectedSilence()) {
-        break;
-      } else if (now - last_event >= kYieldAfter) {
+        event = false;
+        continue;
+      }
+      const auto quiet = now - last_event;
+      if (quiet >= spin + ExpectedSilence()) break;
+      if (quiet >= kYieldAfter) {
         // Nothing for a while: let another runnable thread have the core (with more spinning
         // threads than cores, e.g. several shards on one small machine, this is what keeps the
         // latency at microseconds instead of scheduler slices). Not at once: a sched_yield is a
@@ -211,14 +221,15 @@ class UcxWorker {
     }
   }
   // A caller used the worker (sent, or stopped spinning) just now.
-  void MarkActive() { last_active_ns_.store(NowNs(), std::memory_order_relaxed); }
+  void MarkActive() { activity_.fetch_add(1, std::memory_order_relaxed); }
   static int64_t NowNs() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
         .count();
   }
   // How long SpinHeld polls without events before it starts yielding the core between polls.
   static constexpr std::chrono::microseconds kYieldAfter{20};
-  // How long after the last caller activity the progress thread takes over the worker.
+  // After how long without caller activity (between one and two of these) the progress thread
+  // takes over the worker.
   static constexpr std::chrono::microseconds kLazyHandoff{1000};
 
   static std::chrono::microseconds SpinTime() {
@@ -248,20 +259,29 @@ class UcxWorker {
  private:
   void Loop() {
     std::vector<std::function<void()>> ops;  // swapped with ops_: both keep their capacity
+    bool owner = true;  // this thread progresses the worker (no caller has used it since)
+    uint64_t seen = activity_.load(std::memory_order_relaxed);
     while (!stop_) {
       {
         std::unique_lock<std::mutex> l(ops_mu_);
-        // Re-checked every kLazyHandoff: a lazy release does not notify.
+        // This thread keeps the worker while no caller uses it. Once a caller does, it waits
+        // until one hands off (about to sleep) or no caller has been active for a whole
+        // kLazyHandoff period (a lazy release does not notify; activity is a counter, not a
+        // clock, so that callers pay one relaxed increment).
         for (;;) {
           if (stop_ || !ops_.empty()) break;
-          if (spinners_ == 0 &&
-              (handoff_ || NowNs() - last_active_ns_.load(std::memory_order_relaxed) >=
-                               std::chrono::nanoseconds(kLazyHandoff).count())) {
-            break;
+          uint64_t now = activity_.load(std::memory_order_relaxed);
+          if (spinners_ == 0 && (handoff_ || (owner && now == seen))) break;
+          owner = false;
+          seen = now;
+          if (ops_cv_.wait_for(l, kLazyHandoff) == std::cv_status::timeout) {
+            now = activity_.load(std::memory_order_relaxed);
+            if (spinners_ == 0 && now == seen) break;
           }
-          ops_cv_.wait_for(l, kLazyHandoff);
         }
         handoff_ = false;
+        owner = true;
+        seen = activity_.load(std::memory_order_relaxed);
         ops.swap(ops_);
       }
       for (auto& op : ops) op();
@@ -290,7 +310,7 @@ class UcxWorker {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   std::atomic<int> spinners_{0};
-  std::atomic<int64_t> last_active_ns_{0};
+  std::atomic<uint64_t> activity_{0};
   std::atomic<int64_t> sending_bytes_{0};
   bool handoff_ = false;  // guarded by ops_mu_
   std::condition_variable ops_cv_;
@@ -442,6 +462,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       slot->owner = this;
       slot->peer = peer;
       slot->done = slot->waited = slot->receiving = false;
+      slot->finished.store(false, std::memory_order_relaxed);
       slot->sending = true;
       slot->status = absl::OkStatus();
       slot->request_bytes = request.size();
@@ -483,15 +504,15 @@ class UcxClient : public ClientTransport, public UcxWorker {
     // cost a 2.5 MiB round trip over sm more than a millisecond. So the spin grows with the
     // request: 1 us per KiB, up to kMaxExchangeSpin.
     std::chrono::microseconds spin = SpinTime();
+    const Slot* slot;  // stays this request's until Wait marks it waited
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (const Slot* s = slots_.Find(id)) spin += ExchangeSpin(s->request_bytes);
+      slot = slots_.Find(id);
+      if (slot != nullptr) spin += ExchangeSpin(slot->request_bytes);
     }
-    SpinProgress(spin, [&] {
-      std::lock_guard<std::mutex> l(mu_);
-      const Slot* s = slots_.Find(id);
-      return s == nullptr || s->done || Clock::now() >= deadline;
-    });
+    SpinProgress(
+        spin, [&] { return slot == nullptr || slot->finished.load(std::memory_order_acquire); },
+        deadline);
     std::unique_lock<std::mutex> l(mu_);
     Slot* s = slots_.Find(id);
     if (s == nullptr || s->waited) {
@@ -526,9 +547,10 @@ class UcxClient : public ClientTransport, public UcxWorker {
     UcxClient* owner = nullptr;
     int peer = -1;
     bool done = false;
-    bool waited = false;     // Wait returned: nobody will read the reply
-    bool sending = false;    // UCX still reads `send`
-    bool receiving = false;  // a rendezvous receive still writes into `reply`
+    std::atomic<bool> finished{false};  // == done, for Wait's spin to read without mu_
+    bool waited = false;                // Wait returned: nobody will read the reply
+    bool sending = false;               // UCX still reads `send`
+    bool receiving = false;             // a rendezvous receive still writes into `reply`
     absl::Status status;
     size_t request_bytes = 0;
     std::vector<uint8_t> send;
@@ -556,6 +578,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       s->send = std::vector<uint8_t>();
       if (status != UCS_OK && !s->done) {
         s->done = true;
+        s->finished.store(true, std::memory_order_release);
         s->status = UcsError("send", status);
         self->cv_.notify_all();
       }
@@ -573,6 +596,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       return;
     }
     s->done = true;
+    s->finished.store(true, std::memory_order_release);
     s->status = std::move(st);
     if (reply != nullptr) s->reply = std::move(*reply);
     cv_.notify_all();
@@ -629,6 +653,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       s->receiving = false;
       if (!s->done) {
         s->done = true;
+        s->finished.store(true, std::memory_order_release);
         s->status = status == UCS_OK ? absl::OkStatus() : UcsError("receive", status);
         self->cv_.notify_all();
       }
@@ -647,6 +672,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       for (Slot& f : self->slots_.slots()) {
         if (f.id != 0 && f.peer == static_cast<int>(i) && !f.done) {
           f.done = true;
+          f.finished.store(true, std::memory_order_release);
           f.status = absl::UnavailableError(
               absl::StrCat("peer ", p.address, " failed: ", ucs_status_string(status)));
         }
@@ -740,16 +766,19 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     // requests came (it is back after processing them; if that takes longer than kLazyHandoff,
     // the progress thread moves transfers meanwhile) and at once when a spin finds nothing.
     // Likewise the next request of a client that sent a large one comes after it has taken in
-    // the reply and prepared the next: the spin grows with the last request's size.
-    SpinProgress(SpinTime() + ExchangeSpin(last_request_bytes_.load(std::memory_order_relaxed)),
-                 [&] {
-                   std::lock_guard<std::mutex> l(mu_);
-                   return !queue_.empty() || closed_;
-                 });
+    // the reply and prepared the next: while requests flow (one came in the last kFlowGap) the
+    // spin grows with the last request's size; an idle shard only spins SpinTime per call.
+    std::chrono::microseconds spin = SpinTime();
+    if (NowNs() - last_request_ns_.load(std::memory_order_relaxed) <
+        std::chrono::nanoseconds(kFlowGap).count()) {
+      spin += ExchangeSpin(last_request_bytes_.load(std::memory_order_relaxed));
+    }
+    SpinProgress(spin, [&] { return has_work_.load(std::memory_order_acquire); });
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
     for (ServerRequest& r : queue_) out->push_back(std::move(r));
     queue_.clear();  // keeps its capacity
+    if (!closed_) has_work_.store(false, std::memory_order_relaxed);
   }
 
   void Reply(uint64_t token, std::vector<uint8_t> reply) override {
@@ -801,6 +830,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     {
       std::lock_guard<std::mutex> l(mu_);
       closed_ = true;
+      has_work_.store(true, std::memory_order_release);  // nothing more to wait for
       cv_.notify_all();
     }
     RunSync([this] {
@@ -879,10 +909,12 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   void Enqueue(Pending* p) {
     last_request_bytes_.store(p->buffer.size(), std::memory_order_relaxed);
+    last_request_ns_.store(NowNs(), std::memory_order_relaxed);
     std::lock_guard<std::mutex> l(mu_);
     ++stats_.requests;
     stats_.bytes_in += p->buffer.size();
     queue_.push_back(ServerRequest{p->id, std::move(p->buffer)});
+    has_work_.store(true, std::memory_order_release);
     p->buffer = std::vector<uint8_t>();
     cv_.notify_all();
   }
@@ -965,7 +997,10 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   ucp_listener_h listener_ = nullptr;
   std::string worker_address_;
   std::atomic<bool> shut_down_{false};
+  static constexpr std::chrono::milliseconds kFlowGap{10};
   std::atomic<size_t> last_request_bytes_{0};
+  std::atomic<bool> has_work_{false};  // queue_ not empty, or closed_ (set under mu_)
+  std::atomic<int64_t> last_request_ns_{0};
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool closed_ = false;
