@@ -2,6 +2,7 @@
 // memory (worker address), with UCX_NET_DEVICES=lo.
 #include <cstdlib>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -117,6 +118,56 @@ TEST_P(TransportConformance, RoundTripsOfEverySize) {
     EXPECT_TRUE(std::equal(reply.begin(), reply.end(), msg.rbegin())) << n;
   }
   EXPECT_GE(pair_.server->stats().requests, 6u);
+}
+
+// Buffers are recycled with their old contents (not cleared): every size after every other,
+// small after large and large after small, must come back exactly.
+TEST_P(TransportConformance, MixedSizesReuseBuffersWithoutStaleBytes) {
+  StartEcho();
+  auto client = pair_.new_client();
+  auto peer = client->Connect(pair_.address);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  const size_t sizes[] = {size_t{3} << 20, 17, size_t{300} << 10, 4096, 1, size_t{1} << 20, 65};
+  for (int round = 0; round < 3; ++round) {
+    for (size_t k = 0; k < std::size(sizes); ++k) {
+      const size_t n = sizes[(k * 3 + static_cast<size_t>(round)) % std::size(sizes)];
+      std::vector<uint8_t> msg = client->AcquireBuffer();
+      const std::vector<uint8_t> want = Pattern(n, round * 7 + static_cast<int>(k));
+      msg.assign(want.begin(), want.end());
+      auto id = client->Post(*peer, std::move(msg));
+      ASSERT_TRUE(id.ok()) << id.status();
+      std::vector<uint8_t> reply;
+      const absl::Status st = client->Wait(*id, Clock::now() + std::chrono::seconds(20), &reply);
+      ASSERT_TRUE(st.ok()) << n << ": " << st;
+      ASSERT_EQ(reply.size(), n);
+      EXPECT_TRUE(std::equal(reply.begin(), reply.end(), want.rbegin())) << n;
+      client->ReleaseBuffer(std::move(reply));
+    }
+  }
+}
+
+// Nobody waits: the transport's own progress must still move requests and replies (small and
+// rendezvous-sized) to completion, which Poll then reports.
+TEST_P(TransportConformance, RequestsCompleteWithoutAWaiter) {
+  StartEcho();
+  auto client = pair_.new_client();
+  auto peer = client->Connect(pair_.address);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  const std::vector<uint8_t> small = Pattern(64, 5), large = Pattern(size_t{2} << 20, 6);
+  auto a = client->Post(*peer, small);
+  auto b = client->Post(*peer, large);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const auto give_up = Clock::now() + std::chrono::seconds(20);
+  while (!(client->Poll(*a) && client->Poll(*b)) && Clock::now() < give_up) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  ASSERT_TRUE(client->Poll(*a) && client->Poll(*b)) << "no progress without a waiter";
+  std::vector<uint8_t> reply;
+  ASSERT_TRUE(client->Wait(*a, Clock::now(), &reply).ok());
+  EXPECT_TRUE(std::equal(reply.begin(), reply.end(), small.rbegin()));
+  ASSERT_TRUE(client->Wait(*b, Clock::now(), &reply).ok());
+  ASSERT_EQ(reply.size(), large.size());
+  EXPECT_TRUE(std::equal(reply.begin(), reply.end(), large.rbegin()));
 }
 
 TEST_P(TransportConformance, ManyClientsManyRequestsInFlight) {
