@@ -15,7 +15,9 @@ void SchedulerLoop::Start() {
       if (!more.ok()) {
         std::this_thread::sleep_for(std::chrono::milliseconds(10));  // e.g. experts unreachable
       } else if (!*more) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        // Idle: woken by the next Submit/Cancel (a 1 ms poll here cost an idle node ~3.6 % of a
+        // core and up to 1 ms of time to first token).
+        scheduler_->WaitForWork(std::chrono::milliseconds(20));
       }
     }
   });

@@ -78,6 +78,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
   ++load_.waiting;
   incoming_.push_back(
       std::make_unique<Seq>(id, std::move(prompt), params, std::move(callbacks), cache_));
+  work_cv_.notify_one();
   return id;
 }
 
@@ -89,6 +90,12 @@ void Scheduler::Drain() {
 void Scheduler::Cancel(uint64_t id) {
   std::lock_guard<std::mutex> l(mu_);
   cancelled_.insert(id);
+  work_cv_.notify_one();
+}
+
+void Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> l(mu_);
+  work_cv_.wait_for(l, timeout, [&] { return !incoming_.empty() || !cancelled_.empty(); });
 }
 
 SchedulerLoad Scheduler::load() const {
@@ -284,9 +291,10 @@ absl::StatusOr<bool> Scheduler::Step() {
   for (size_t i = 0; i < members.size(); ++i) {
     Seq* s = members[i];
     if (s->stalled_since != std::chrono::steady_clock::time_point{}) {
-      resumed_after = std::max(resumed_after, std::chrono::duration<double>(
-                                                  std::chrono::steady_clock::now() - s->stalled_since)
-                                                  .count());
+      resumed_after = std::max(
+          resumed_after,
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - s->stalled_since)
+              .count());
       s->stalled_since = {};
     }
     computed += batch[i].tokens.size();

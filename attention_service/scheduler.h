@@ -9,6 +9,7 @@
 #define DMOE_ATTENTION_SERVICE_SCHEDULER_H_
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -67,7 +68,7 @@ struct SchedulerStats {
   uint64_t generated_tokens = 0;
   uint64_t preemptions = 0;
   uint64_t finished = 0;
-  uint64_t stalled_steps = 0;     // steps retried because experts were unreachable
+  uint64_t stalled_steps = 0;        // steps retried because experts were unreachable
   double longest_stall_seconds = 0;  // longest time a sequence waited for experts
 };
 
@@ -87,6 +88,9 @@ class Scheduler {
   // Runs one engine step over the current batch. Returns false when there was nothing to do.
   // An engine error fails the requests of that step (kError) and is returned.
   absl::StatusOr<bool> Step();
+  // For the scheduler thread after a Step that found nothing to do: returns as soon as a request
+  // is submitted or cancelled, or after `timeout` (so that between_steps still runs now and then).
+  void WaitForWork(std::chrono::milliseconds timeout);
   SchedulerLoad load() const;
   SchedulerStats stats() const;
 
@@ -102,7 +106,8 @@ class Scheduler {
   SchedulerOptions options_;
   const ModelConfig& config_;
 
-  mutable std::mutex mu_;  // guards incoming_, cancelled_, load counters below, stats_
+  mutable std::mutex mu_;            // guards incoming_, cancelled_, load counters below, stats_
+  std::condition_variable work_cv_;  // incoming_ or cancelled_ gained an entry
   std::deque<std::unique_ptr<Seq>> incoming_;
   std::set<uint64_t> cancelled_;
   uint64_t next_id_ = 1;

@@ -1,9 +1,12 @@
 #include "attention_service/scheduler.h"
 
+#include <chrono>
 #include <cstdlib>
+#include <future>
 #include <map>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "attention_service/local_model.h"
@@ -177,6 +180,33 @@ TEST_F(SchedulerTest, CancellationFreesBlocksWithinOneStep) {
   EXPECT_EQ(tokens, 5);
   EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
   EXPECT_EQ(s.load().running, 0);
+}
+
+// The idle scheduler thread sleeps in WaitForWork; a Submit (or Cancel) from another thread
+// must end that wait at once, not at its timeout.
+TEST_F(SchedulerTest, SubmitAndCancelWakeTheIdleWait) {
+  LatentKvCache cache(model_->config(), 4, 64);
+  Scheduler s(&model_->engine(), &cache, SchedulerOptions());
+  ASSERT_FALSE(*s.Step());  // nothing to do
+  for (int round = 0; round < 2; ++round) {
+    auto waited =
+        std::async(std::launch::async, [&] { s.WaitForWork(std::chrono::milliseconds(60000)); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it start waiting
+    if (round == 0) {
+      SamplingParams p;
+      p.max_tokens = 1;
+      ASSERT_TRUE(s.Submit({1, 2, 3}, p, RequestCallbacks()).ok());
+    } else {
+      s.Cancel(12345);
+    }
+    EXPECT_EQ(waited.wait_for(std::chrono::seconds(30)), std::future_status::ready) << round;
+    waited.wait();
+    while (*s.Step()) {
+    }
+  }
+  // With work queued it does not wait at all.
+  s.Cancel(777);
+  s.WaitForWork(std::chrono::milliseconds(60000));
 }
 
 TEST_F(SchedulerTest, SharedPrefixIsComputedOnce) {
