@@ -139,8 +139,8 @@ class UcxWorker {
     HoldWorker();
     const bool done = SpinHeld(spin, ready, deadline);
     // Done: the caller is likely back soon (the next round trip), so the progress thread is not
-    // woken now; it takes over within kLazyHandoff if nobody does. Not done: the caller is about
-    // to sleep, so progress must go on without it at once.
+    // woken now; it takes over after one to two kLazyHandoff periods without caller activity.
+    // Not done: the caller is about to sleep, so progress must go on without it at once.
     ReleaseWorker(/*handoff_now=*/!done);
     return done;
   }
@@ -210,8 +210,8 @@ class UcxWorker {
   // and, on a shared CPU, contention for the worker lock with the caller's next Post; worse, an
   // armed progress thread makes every peer signal its event fd for each message (a system call
   // on the sender, a wake-up here). When the caller will be back within microseconds it keeps
-  // the worker in all but name: the progress thread takes over only after kLazyHandoff without
-  // any caller activity, or at once when a caller is about to sleep (`handoff_now`).
+  // the worker in all but name: the progress thread takes over only after a whole kLazyHandoff
+  // period without caller activity, or at once when a caller is about to sleep (`handoff_now`).
   void ReleaseWorker(bool handoff_now) {
     MarkActive();
     if (--spinners_ == 0 && handoff_now) {
