@@ -2,6 +2,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace dmoe {
@@ -138,27 +140,93 @@ __attribute__((target("avx2"))) void Bf16ToFloatAvx2(const uint16_t* src, size_t
   for (; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
 }
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wmaybe-uninitialized
+// reports as a use of an uninitialized value (a known false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The AVX2 rounding, 16 lanes wide (the same integer arithmetic, so the same results as the
+// scalar form for every input, NaN and subnormals included — unlike vcvtneps2bf16, which
+// flushes subnormals). The wire codec is memory-bound; this cuts a 1.3 M-value conversion from
+// ~140 to ~100 us here.
+__attribute__((target("avx512f"))) void FloatToBf16Avx512(const float* src, size_t n,
+                                                          uint16_t* dst) {
+  const __m512i lsb_mask = _mm512_set1_epi32(1);
+  const __m512i bias = _mm512_set1_epi32(0x7fff);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i quiet = _mm512_set1_epi32(0x00400000);
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i b = _mm512_loadu_si512(src + i);
+    const __mmask16 is_nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(b, abs_mask), inf);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), lsb_mask);
+    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(bias, lsb));
+    r = _mm512_mask_mov_epi32(r, is_nan, _mm512_or_si512(b, quiet));
+    r = _mm512_srli_epi32(r, 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < n; ++i) dst[i] = FloatToBf16(src[i]);
+}
+
+__attribute__((target("avx512f"))) void Bf16ToFloatAvx512(const uint16_t* src, size_t n,
+                                                          float* dst) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  for (; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
+}
+
+#pragma GCC diagnostic pop
+
+// 2 = AVX-512F, 1 = AVX2, 0 = portable; the best this CPU has unless a test chose lower.
+std::atomic<int> bf16_simd{-1};
+
+int BestBf16Simd() {
+  static const int best = __builtin_cpu_supports("avx512f") ? 2
+                          : __builtin_cpu_supports("avx2")  ? 1
+                                                            : 0;
+  return best;
+}
+
+int Bf16Simd() {
+  const int forced = bf16_simd.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced : BestBf16Simd();
 }
 
 }  // namespace
 
+int SetBf16SimdForTesting(int level) {
+  const int used = level < 0 ? BestBf16Simd() : std::min(level, BestBf16Simd());
+  bf16_simd.store(level < 0 ? -1 : used, std::memory_order_relaxed);
+  return used;
+}
+
 void FloatToBf16N(const float* src, size_t n, uint16_t* dst) {
-  if (HasAvx2()) {
-    FloatToBf16Avx2(src, n, dst);
-    return;
+  switch (Bf16Simd()) {
+    case 2:
+      FloatToBf16Avx512(src, n, dst);
+      return;
+    case 1:
+      FloatToBf16Avx2(src, n, dst);
+      return;
+    default:
+      for (size_t i = 0; i < n; ++i) dst[i] = FloatToBf16(src[i]);
   }
-  for (size_t i = 0; i < n; ++i) dst[i] = FloatToBf16(src[i]);
 }
 
 void Bf16ToFloatN(const uint16_t* src, size_t n, float* dst) {
-  if (HasAvx2()) {
-    Bf16ToFloatAvx2(src, n, dst);
-    return;
+  switch (Bf16Simd()) {
+    case 2:
+      Bf16ToFloatAvx512(src, n, dst);
+      return;
+    case 1:
+      Bf16ToFloatAvx2(src, n, dst);
+      return;
+    default:
+      for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
   }
-  for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
 }
 
 void ConvertToFloat(DType t, const void* src, size_t n, float* dst) {
