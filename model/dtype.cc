@@ -142,8 +142,10 @@ __attribute__((target("avx2"))) void Bf16ToFloatAvx2(const uint16_t* src, size_t
 
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wmaybe-uninitialized
 // reports as a use of an uninitialized value (a known false positive).
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // The AVX2 rounding, 16 lanes wide (the same integer arithmetic, so the same results as the
 // scalar form for every input, NaN and subnormals included — unlike vcvtneps2bf16, which
 // flushes subnormals). The wire codec is memory-bound; this cuts a 1.3 M-value conversion from
@@ -178,7 +180,9 @@ __attribute__((target("avx512f"))) void Bf16ToFloatAvx512(const uint16_t* src, s
   for (; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 
 // 2 = AVX-512F, 1 = AVX2, 0 = portable; the best this CPU has unless a test chose lower.
 std::atomic<int> bf16_simd{-1};
