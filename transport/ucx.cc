@@ -784,6 +784,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   void Reply(uint64_t token, std::vector<uint8_t> reply) override {
     Pending* p;
     ucp_ep_h ep;
+    size_t bytes;  // read before the send: once it is posted, another thread may complete it
+                   // and free `p`
     {
       std::lock_guard<std::mutex> l(mu_);
       p = pending_.Find(token);
@@ -795,7 +797,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       }
       ep = p->ep;
       p->sending = true;
-      p->reply_bytes = reply.size();
+      bytes = p->reply_bytes = reply.size();
       p->buffer = std::move(reply);
       ++stats_.replies;
       stats_.bytes_out += p->buffer.size();
@@ -813,7 +815,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     } else if (UCS_PTR_IS_ERR(req)) {
       OnReplySent(nullptr, UCS_PTR_STATUS(req), p);
     } else {
-      SendPending(p->reply_bytes);  // OnReplySent with a request undoes it
+      SendPending(bytes);  // OnReplySent with a request undoes it
     }
   }
 
