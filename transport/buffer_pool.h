@@ -25,8 +25,9 @@ class BufferPool {
       AddSpare();
       return {};
     }
-    size_t pick = 0;
-    for (size_t i = 1; i < free_.size(); ++i) {
+    // From the back: among equals the most recently released, whose bytes are still in cache.
+    size_t pick = free_.size() - 1;
+    for (size_t i = pick; i-- > 0;) {
       if (free_[i].capacity() > free_[pick].capacity()) pick = i;
     }
     return Take(pick);
@@ -44,8 +45,8 @@ class BufferPool {
     {
       std::lock_guard<std::mutex> l(mu_);
       if (!free_.empty()) {
-        size_t fit = free_.size(), largest = 0;
-        for (size_t i = 0; i < free_.size(); ++i) {
+        size_t fit = free_.size(), largest = free_.size() - 1;
+        for (size_t i = free_.size(); i-- > 0;) {  // ties: the most recently released
           const size_t c = free_[i].capacity();
           if (c >= n && (fit == free_.size() || c < free_[fit].capacity())) fit = i;
           if (c > free_[largest].capacity()) largest = i;
@@ -79,10 +80,13 @@ class BufferPool {
     spare.reserve(largest_);
     free_.push_back(std::move(spare));
   }
+  // Keeps the others in release order (the back is the most recent), so that the data plane
+  // reuses the buffers it just used, whose bytes are still in cache, instead of rotating through
+  // every buffer the pool ever grew to (as swap-with-last did): a working set of a few buffers,
+  // not all of them.
   std::vector<uint8_t> Take(size_t i) {  // with mu_ held
     std::vector<uint8_t> b = std::move(free_[i]);
-    free_[i] = std::move(free_.back());
-    free_.pop_back();
+    free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
     return b;
   }
 

@@ -53,6 +53,31 @@ TEST(BufferPool, AcquireSizedTakesTheSmallestThatFitsWithoutReallocating) {
   EXPECT_LT(left.capacity(), 8000u);
 }
 
+TEST(BufferPool, AmongEqualBuffersTheMostRecentlyReleasedComesBack) {
+  // Cache-warm reuse: with equal buffers the one just released is handed out again, and the
+  // others stay put, so a steady exchange touches a few buffers, not every one the pool holds.
+  BufferPool pool;
+  std::vector<uint8_t> a = Buffer(4096, 4096), b = Buffer(4096, 4096), c = Buffer(4096, 4096);
+  const uint8_t* a_data = a.data();
+  const uint8_t* c_data = c.data();
+  pool.Release(std::move(a));
+  pool.Release(std::move(b));
+  pool.Release(std::move(c));
+  for (int i = 0; i < 3; ++i) {
+    std::vector<uint8_t> x = pool.Acquire();
+    EXPECT_EQ(x.data(), c_data);
+    pool.Release(std::move(x));
+    std::vector<uint8_t> y = pool.AcquireSized(100);
+    EXPECT_EQ(y.data(), c_data);
+    pool.Release(std::move(y));
+  }
+  std::vector<uint8_t> first = pool.AcquireSized(100);
+  std::vector<uint8_t> second = pool.AcquireSized(100);
+  std::vector<uint8_t> third = pool.AcquireSized(100);
+  EXPECT_EQ(first.data(), c_data);
+  EXPECT_EQ(third.data(), a_data);  // the oldest comes last
+}
+
 TEST(BufferPool, KeepsAtMostMaxBuffersAndDropsEmptyOnes) {
   BufferPool pool(2);
   pool.Release(std::vector<uint8_t>());  // no storage: not kept
