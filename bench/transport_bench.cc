@@ -29,6 +29,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Round trips (and perftest iterations: its -w) before the measured ones.
+constexpr int kWarmup = 100;
+
 // Pins the calling process (all its threads, present and future) to one CPU; no-op if cpu < 0.
 void PinTo(int cpu) {
   if (cpu < 0) return;
@@ -105,7 +108,7 @@ std::string Perftest(const std::string& bin, const std::string& test, size_t siz
       client_cpu >= 0 ? "taskset -c " + std::to_string(client_cpu) + " " : std::string();
   const std::string cmd = "timeout 60 " + pin + bin + " 127.0.0.1 -p " + std::to_string(port) +
                           " -t " + test + " -s " + std::to_string(size) + " -n " +
-                          std::to_string(iters) + " -w 100 -f 2>&1";
+                          std::to_string(iters) + " -w " + std::to_string(kWarmup) + " -f 2>&1";
   std::string out;
   if (FILE* p = popen(cmd.c_str(), "r")) {
     std::array<char, 4096> buf;
@@ -145,10 +148,223 @@ double Median(std::vector<double> v) {
 struct Round {
   double dmoe_lat_us = -1;     // p50 of RTT/2 over the round's round trips
   double perf_lat_us = -1;     // ucx_perftest tag_lat p50
-  double dmoe_mbps = -1;       // dispatch + combine bytes per second, 8 round trips in flight
+  double dmoe_mbps = -1;       // dispatch + combine bytes per second, `window` round trips in flight
   double dmoe_disp_mbps = -1;  // dispatch bytes only
   double perf_mbps = -1;       // ucx_perftest tag_bw (one direction)
 };
+
+// What one size's measurement needs; the same for our client and for perftest.
+struct Case {
+  uint32_t hidden = 0, tokens = 0;
+  size_t bytes = 0;  // the dispatch message
+  int n = 0;         // round trips (latency) / messages (perftest)
+  int window = 8;
+  bool transport_only = false;
+};
+
+// The client process of one round: connects to the server at `addr`, measures latency (ping-pong
+// p50) and bandwidth (`window` round trips in flight), and writes {lat, mbps, disp_mbps} to
+// `out_fd`. Returns the process exit code.
+int Client(const std::string& addr, const Case& c, int out_fd) {
+  auto client = transport::NewUcxClient();
+  if (!client.ok()) {
+    std::fprintf(stderr, "client: %s\n", client.status().ToString().c_str());
+    return 1;
+  }
+  auto peer = (*client)->Connect(addr);
+  if (!peer.ok()) {
+    std::fprintf(stderr, "connect: %s\n", peer.status().ToString().c_str());
+    return 1;
+  }
+  const uint32_t tokens = c.tokens, hidden = c.hidden;
+  std::vector<float> rows(size_t{tokens} * hidden);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = 0.25f + 1e-3f * static_cast<float>(i % 97);
+  std::vector<wire::Pair> pairs;
+  for (uint32_t t = 0; t < tokens; ++t) {
+    pairs.push_back({t, 0, 0.5f});
+    pairs.push_back({t, 1, 0.5f});
+  }
+  wire::Header h;
+  h.token_count = tokens;
+  h.hidden_size = hidden;
+  h.dtype = wire::WireDType::kBF16;
+  std::vector<uint8_t> msg;
+  wire::EncodeDispatch(h, rows.data(), pairs, &msg);
+  std::vector<uint8_t> reply;
+  std::vector<float> out(hidden);
+  auto encode = [&](std::vector<uint8_t>* m) {
+    if (c.transport_only) {
+      m->assign(msg.begin(), msg.end());
+    } else {
+      wire::EncodeDispatch(h, rows.data(), pairs, m);
+    }
+  };
+  // The client's share of one round trip: encode the dispatch, decode the combine and read its
+  // rows back to fp32 (as the engine does).
+  auto round_trip = [&]() -> bool {
+    std::vector<uint8_t> m = (*client)->AcquireBuffer();
+    encode(&m);
+    auto id = (*client)->Post(*peer, std::move(m));
+    if (!id.ok() ||
+        !(*client)->Wait(*id, Clock::now() + std::chrono::seconds(10), &reply).ok()) {
+      return false;
+    }
+    if (c.transport_only) {
+      if (reply.size() != c.bytes) return false;
+    } else {
+      auto v = wire::DecodeMessage(reply.data(), reply.size());
+      if (!v.ok() || v->header.token_count != tokens) return false;
+      v->RowToFloat(tokens - 1, out.data());
+    }
+    (*client)->ReleaseBuffer(std::move(reply));
+    reply = std::vector<uint8_t>();
+    return true;
+  };
+  for (int i = 0; i < kWarmup; ++i) {
+    if (!round_trip()) {
+      std::fprintf(stderr, "warm-up round trip failed\n");
+      return 1;
+    }
+  }
+  std::vector<double> times;
+  times.reserve(static_cast<size_t>(c.n));
+  for (int i = 0; i < c.n; ++i) {
+    const auto t0 = Clock::now();
+    if (!round_trip()) {
+      std::fprintf(stderr, "round trip failed\n");
+      return 1;
+    }
+    times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  double result[3];
+  result[0] = Median(times) / 2 * 1e6;
+  // Bandwidth: `window` round trips kept in flight (a sliding window, as perftest's tag_bw keeps
+  // its sends outstanding): each reply taken in is followed at once by a new request.
+  const int total = std::max(4 * c.window, c.n);
+  std::vector<uint64_t> ids(static_cast<size_t>(c.window));
+  auto post = [&](int k) -> bool {
+    std::vector<uint8_t> m = (*client)->AcquireBuffer();
+    encode(&m);
+    auto id = (*client)->Post(*peer, std::move(m));
+    if (!id.ok()) {
+      std::fprintf(stderr, "post: %s\n", id.status().ToString().c_str());
+      return false;
+    }
+    ids[static_cast<size_t>(k % c.window)] = *id;
+    return true;
+  };
+  const auto t0 = Clock::now();
+  for (int k = 0; k < c.window; ++k) {
+    if (!post(k)) return 1;
+  }
+  for (int k = 0; k < total; ++k) {
+    const absl::Status st = (*client)->Wait(ids[static_cast<size_t>(k % c.window)],
+                                            Clock::now() + std::chrono::seconds(10), &reply);
+    if (!st.ok() ||
+        (!c.transport_only && !wire::DecodeMessage(reply.data(), reply.size()).ok())) {
+      std::fprintf(stderr, "windowed round trip failed: %s\n", st.ToString().c_str());
+      return 1;
+    }
+    (*client)->ReleaseBuffer(std::move(reply));
+    reply = std::vector<uint8_t>();
+    if (k + c.window < total && !post(k + c.window)) return 1;
+  }
+  const double per = std::chrono::duration<double>(Clock::now() - t0).count() / total;
+  const size_t reply_bytes =
+      c.transport_only ? c.bytes : wire::kHeaderBytes + size_t{tokens} * hidden * 2;
+  result[1] = (c.bytes + reply_bytes) / per / 1e6;
+  result[2] = c.bytes / per / 1e6;
+  return write(out_fd, result, sizeof(result)) == sizeof(result) ? 0 : 1;
+}
+
+// Waits up to `limit` for `pid`; kills it if it is still running then. Returns its exit code,
+// or -1 if it was killed or did not exit normally.
+int WaitFor(pid_t pid, std::chrono::seconds limit) {
+  const auto until = Clock::now() + limit;
+  for (;;) {
+    int status = 0;
+    const pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    if (r < 0) return -1;
+    if (Clock::now() >= until) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+// Our side of one round, in a fresh server process and a fresh client process (as perftest's
+// are: a process's memory placement on this VM decides its speed for its lifetime, and one
+// process pair for every round would weigh one draw against perftest's fresh ones).
+// Returns false (with a message) if it failed.
+bool RunOurs(const Case& c, int server_cpu, int client_cpu, Round* r) {
+  int ready[2], result[2];
+  if (pipe(ready) != 0) return false;
+  if (pipe(result) != 0) {
+    close(ready[0]);
+    close(ready[1]);
+    return false;
+  }
+  const pid_t server = fork();
+  if (server == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    close(ready[0]);
+    close(result[0]);
+    close(result[1]);
+    PinTo(server_cpu);
+    _exit(Serve(ready[1], c.transport_only));
+  }
+  close(ready[1]);
+  struct Reaper {  // the server is stopped on every way out of here
+    pid_t pid;
+    ~Reaper() {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  } reaper{server};
+  // One line: HOST:PORT, or a worker address (over a kilobyte of hex over sm).
+  std::string addr;
+  char buf[4096];
+  ssize_t got;
+  while (addr.find('\n') == std::string::npos && (got = read(ready[0], buf, sizeof(buf))) > 0) {
+    addr.append(buf, static_cast<size_t>(got));
+  }
+  close(ready[0]);
+  if (addr.find('\n') == std::string::npos) {
+    std::fprintf(stderr, "server did not start\n");
+    close(result[0]);
+    close(result[1]);
+    return false;
+  }
+  addr.erase(addr.find('\n'));
+  const pid_t client = fork();
+  if (client == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    close(result[0]);
+    PinTo(client_cpu);
+    _exit(Client(addr, c, result[1]));
+  }
+  close(result[1]);
+  double v[3] = {-1, -1, -1};
+  size_t have = 0;
+  while (have < sizeof(v)) {
+    const ssize_t k = read(result[0], reinterpret_cast<char*>(v) + have, sizeof(v) - have);
+    if (k <= 0) break;
+    have += static_cast<size_t>(k);
+  }
+  close(result[0]);
+  const int rc = WaitFor(client, std::chrono::seconds(120));
+  if (have != sizeof(v) || rc != 0) {
+    std::fprintf(stderr, "client failed (exit %d)\n", rc);
+    return false;
+  }
+  r->dmoe_lat_us = v[0];
+  r->dmoe_mbps = v[1];
+  r->dmoe_disp_mbps = v[2];
+  return true;
+}
 
 int Main(int argc, char** argv) {
   int iters = 2000;
@@ -181,7 +397,8 @@ int Main(int argc, char** argv) {
           "usage: transport_bench [--iters N] [--rounds R] [--no-pin] [--hidden H] [--tokens T]\n"
           "                       [--transport-only] [--window W] [--perftest PATH]\n"
           "Dispatch+combine round trips between two processes next to ucx_perftest, R rounds per\n"
-          "size, each round measuring both back to back. Uses UCX_TLS from the environment\n"
+          "size; each round starts fresh processes for both (ours: a server and a client) and\n"
+          "measures them back to back, in alternating order. Uses UCX_TLS from the environment\n"
           "(default here: tcp,self; UCX_NET_DEVICES=lo). With 2+ CPUs the server side (ours and\n"
           "perftest's) runs on CPU 0 and the client side on CPU 1 unless --no-pin.\n"
           "--transport-only: the dispatch is encoded once and copied into each request, and the\n"
@@ -198,52 +415,14 @@ int Main(int argc, char** argv) {
   setenv("UCX_CMA_MEMORY_INVALIDATE", "y", 0);
   const bool pinning = pin && std::thread::hardware_concurrency() >= 2;
   const int server_cpu = pinning ? 0 : -1, client_cpu = pinning ? 1 : -1;
-  int fds[2];
-  if (pipe(fds) != 0) return 1;
-  const pid_t server = fork();
-  if (server == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    close(fds[0]);
-    PinTo(server_cpu);
-    _exit(Serve(fds[1], transport_only));
-  }
-  close(fds[1]);
-  // The server is stopped on every way out of here.
-  struct Reaper {
-    pid_t pid;
-    ~Reaper() {
-      kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
-    }
-  } reaper{server};
+  // This process starts no UCX (no threads): every round forks fresh ones.
   PinTo(client_cpu);
-  // One line: HOST:PORT, or a worker address (over a kilobyte of hex over sm).
-  std::string addr;
-  char buf[4096];
-  ssize_t got;
-  while (addr.find('\n') == std::string::npos && (got = read(fds[0], buf, sizeof(buf))) > 0) {
-    addr.append(buf, static_cast<size_t>(got));
-  }
-  close(fds[0]);
-  if (addr.find('\n') == std::string::npos) {
-    std::fprintf(stderr, "server did not start\n");
-    return 1;
-  }
-  addr.erase(addr.find('\n'));
-  auto client = transport::NewUcxClient();
-  if (!client.ok()) {
-    std::fprintf(stderr, "client: %s\n", client.status().ToString().c_str());
-    return 1;
-  }
-  auto peer = (*client)->Connect(addr);
-  if (!peer.ok()) {
-    std::fprintf(stderr, "connect: %s\n", peer.status().ToString().c_str());
-    return 1;
-  }
   std::printf(
       "UCX_TLS=%s, %s; round trip = dispatch (bf16 rows + 2 pairs/token, encoded from fp32 each\n"
-      "time) + combine (bf16 rows), decoded and validated on both sides. %d rounds per size;\n"
-      "figures are medians over rounds, ratios the median of each round's ratio.\n"
+      "time) + combine (bf16 rows), decoded and validated on both sides. %d rounds per size,\n"
+      "each in fresh processes for both sides; figures are medians over rounds, ratios the\n"
+      "median of each round's ratio; 'best' is the best round of ours over perftest's best round\n"
+      "(each process draws its speed on this VM: the best rounds compare like with like).\n"
       "latency: dmoe RTT/2 p50 vs ucx_perftest tag_lat p50 (both ping-pong, one-way time)\n"
       "bandwidth: dmoe bytes/s with %d round trips in flight, both directions (one direction in\n"
       "brackets) vs tag_bw (one direction, one reused buffer). Without a NIC both directions'\n"
@@ -254,8 +433,9 @@ int Main(int argc, char** argv) {
       transport_only ? "TRANSPORT ONLY: requests pre-encoded, echoed undecoded (codec not in the "
                        "round trips).\n"
                      : "");
-  std::printf("%6s %6s %9s | %9s %9s %6s | %9s %9s %9s %6s | %7s\n", "hidden", "tokens", "bytes",
-              "dmoe us", "perf us", "ratio", "dmoe MB/s", "(1 dir)", "perf MB/s", "ratio", "codec");
+  std::printf("%6s %6s %9s | %9s %9s %6s %6s | %9s %9s %9s %6s %6s | %7s\n", "hidden", "tokens",
+              "bytes", "dmoe us", "perf us", "ratio", "best", "dmoe MB/s", "(1 dir)", "perf MB/s",
+              "ratio", "best", "codec");
   int port = 20000 + static_cast<int>(getpid() % 20000);
   for (uint32_t hidden : {256u, 5120u}) {
     for (uint32_t tokens : {1u, 16u, 64u, 256u}) {
@@ -276,43 +456,19 @@ int Main(int argc, char** argv) {
       h.dtype = wire::WireDType::kBF16;
       std::vector<uint8_t> msg;
       wire::EncodeDispatch(h, rows.data(), pairs, &msg);
-      const size_t bytes = msg.size();
-      const int n = std::max(50, static_cast<int>(iters / (1 + bytes / 65536)));
-      std::vector<uint8_t> reply;
-      std::vector<float> out(hidden);
-      auto encode = [&](std::vector<uint8_t>* m) {
-        if (transport_only) {
-          m->assign(msg.begin(), msg.end());
-        } else {
-          wire::EncodeDispatch(h, rows.data(), pairs, m);
-        }
-      };
-      // The client's share of one round trip: encode the dispatch, decode the combine and read
-      // its rows back to fp32 (as the engine does).
-      auto round_trip = [&]() -> bool {
-        std::vector<uint8_t> m = (*client)->AcquireBuffer();
-        encode(&m);
-        auto id = (*client)->Post(*peer, std::move(m));
-        if (!id.ok() ||
-            !(*client)->Wait(*id, Clock::now() + std::chrono::seconds(10), &reply).ok()) {
-          return false;
-        }
-        if (transport_only) {
-          if (reply.size() != bytes) return false;
-        } else {
-          auto v = wire::DecodeMessage(reply.data(), reply.size());
-          if (!v.ok() || v->header.token_count != tokens) return false;
-          v->RowToFloat(tokens - 1, out.data());
-        }
-        (*client)->ReleaseBuffer(std::move(reply));
-        reply = std::vector<uint8_t>();
-        return true;
-      };
+      Case c;
+      c.hidden = hidden;
+      c.tokens = tokens;
+      c.bytes = msg.size();
+      c.n = std::max(50, static_cast<int>(iters / (1 + c.bytes / 65536)));
+      c.window = window;
+      c.transport_only = transport_only;
       // Codec cost alone: the client's encode/decode plus the server's decode and reply build.
       double codec_us;
       {
+        std::vector<float> out(hidden);
         std::vector<uint8_t> m, r;
-        const int k = std::max(20, n / 4);
+        const int k = std::max(20, c.n / 4);
         const auto t0 = Clock::now();
         for (int i = 0; i < k; ++i) {
           wire::EncodeDispatch(h, rows.data(), pairs, &m);
@@ -329,64 +485,18 @@ int Main(int argc, char** argv) {
       std::vector<Round> results;
       for (int rep = 0; rep < rounds; ++rep) {
         Round r;
-        for (int i = 0; i < 10; ++i) {  // warm-up
-          if (!round_trip()) {
-            std::fprintf(stderr, "warm-up round trip failed\n");
-            return 1;
-          }
-        }
-        std::vector<double> times;
-        times.reserve(n);
-        for (int i = 0; i < n; ++i) {
-          const auto t0 = Clock::now();
-          if (!round_trip()) {
-            std::fprintf(stderr, "round trip failed\n");
-            return 1;
-          }
-          times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-        }
-        r.dmoe_lat_us = Median(times) / 2 * 1e6;
-        r.perf_lat_us =
-            ParsePerftest(Perftest(perftest, "tag_lat", bytes, n, port++, server_cpu, client_cpu))
-                .first;
-        // Bandwidth with a window of 8 round trips in flight (as many shards / micro-batches give
-        // in a real step).
-        const int kWindow = window;
-        const int windows = std::max(4, n / kWindow);
-        const auto t0 = Clock::now();
-        std::vector<uint64_t> ids(static_cast<size_t>(kWindow));
-        for (int w0 = 0; w0 < windows; ++w0) {
-          for (int w = 0; w < kWindow; ++w) {
-            std::vector<uint8_t> m = (*client)->AcquireBuffer();
-            encode(&m);
-            auto id = (*client)->Post(*peer, std::move(m));
-            if (!id.ok()) {
-              std::fprintf(stderr, "post: %s\n", id.status().ToString().c_str());
-              return 1;
-            }
-            ids[w] = *id;
-          }
-          for (int w = 0; w < kWindow; ++w) {
-            const absl::Status st =
-                (*client)->Wait(ids[w], Clock::now() + std::chrono::seconds(10), &reply);
-            if (!st.ok() ||
-                (!transport_only && !wire::DecodeMessage(reply.data(), reply.size()).ok())) {
-              std::fprintf(stderr, "windowed round trip failed: %s\n", st.ToString().c_str());
-              return 1;
-            }
-            (*client)->ReleaseBuffer(std::move(reply));
-            reply = std::vector<uint8_t>();
-          }
-        }
-        const double per =
-            std::chrono::duration<double>(Clock::now() - t0).count() / (windows * kWindow);
-        const size_t reply_bytes =
-            transport_only ? bytes : wire::kHeaderBytes + size_t{tokens} * hidden * 2;
-        r.dmoe_mbps = (bytes + reply_bytes) / per / 1e6;
-        r.dmoe_disp_mbps = bytes / per / 1e6;
-        r.perf_mbps =
-            ParsePerftest(Perftest(perftest, "tag_bw", bytes, n, port++, server_cpu, client_cpu))
-                .second;
+        auto perf = [&] {
+          r.perf_lat_us = ParsePerftest(Perftest(perftest, "tag_lat", c.bytes, c.n, port++,
+                                                 server_cpu, client_cpu))
+                              .first;
+          r.perf_mbps = ParsePerftest(Perftest(perftest, "tag_bw", c.bytes, c.n, port++,
+                                               server_cpu, client_cpu))
+                            .second;
+        };
+        // Alternating which goes first cancels a steady drift of the machine's speed.
+        if (rep % 2 == 1) perf();
+        if (!RunOurs(c, server_cpu, client_cpu, &r)) return 1;
+        if (rep % 2 == 0) perf();
         results.push_back(r);
       }
       std::vector<double> dl, pl, lr, dm, dd, pm, br;
@@ -403,9 +513,16 @@ int Main(int argc, char** argv) {
           br.push_back(r.dmoe_mbps / r.perf_mbps);
         }
       }
-      std::printf("%6u %6u %9zu | %9.2f %9.2f %6.2f | %9.1f %9.1f %9.1f %6.2f | %7.2f\n", hidden,
-                  tokens, bytes, Median(dl), Median(pl), Median(lr), Median(dm), Median(dd),
-                  Median(pm), Median(br), codec_us);
+      auto best = [](const std::vector<double>& v, bool low) {
+        if (v.empty()) return -1.0;
+        return low ? *std::min_element(v.begin(), v.end()) : *std::max_element(v.begin(), v.end());
+      };
+      const double best_lat = pl.empty() ? -1 : best(dl, true) / best(pl, true);
+      const double best_bw = pm.empty() ? -1 : best(dm, false) / best(pm, false);
+      std::printf(
+          "%6u %6u %9zu | %9.2f %9.2f %6.2f %6.2f | %9.1f %9.1f %9.1f %6.2f %6.2f | %7.2f\n",
+          hidden, tokens, c.bytes, Median(dl), Median(pl), Median(lr), best_lat, Median(dm),
+          Median(dd), Median(pm), Median(br), best_bw, codec_us);
       std::fflush(stdout);
     }
   }

@@ -153,17 +153,18 @@ class UcxWorker {
   template <typename Ready>
   bool SpinHeld(std::chrono::microseconds spin, Ready ready,
                 Clock::time_point deadline = Clock::time_point::max()) {
-    auto last_event = Clock::now();
+    // Reading the clock costs about as much as an empty poll (a quarter of a small round trip's
+    // time over sm went to clock_gettime when it was read on every poll): every 8th poll, and
+    // not before the first 8, where small round trips complete. The quiet time starts there.
+    Clock::time_point last_event;
     bool event = false;
     for (unsigned i = 1;; ++i) {
       if (ready()) return true;
       if (ucp_worker_progress(worker_) != 0) event = true;
-      // Reading the clock costs about as much as an empty poll (a quarter of a small round
-      // trip's time over sm went to clock_gettime when it was read on every poll): every 8th.
       if (i % 8 != 0) continue;
       const auto now = Clock::now();
       if (now >= deadline) break;
-      if (event) {
+      if (event || i == 8) {
         last_event = now;
         event = false;
         continue;
@@ -221,7 +222,11 @@ class UcxWorker {
     }
   }
   // A caller used the worker (sent, or stopped spinning) just now.
-  void MarkActive() { activity_.fetch_add(1, std::memory_order_relaxed); }
+  // Any change tells the progress thread a caller was here, so two callers racing may lose an
+  // increment: a plain load and store, not a locked read-modify-write, on every message.
+  void MarkActive() {
+    activity_.store(activity_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
   static int64_t NowNs() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
         .count();
@@ -483,7 +488,12 @@ class UcxClient : public ClientTransport, public UcxWorker {
     void* req = ucp_am_send_nbx(ep, kAmRequest, &slot->id, sizeof(slot->id), slot->send.data(),
                                 slot->send.size(), &prm);
     if (req == nullptr) {
-      OnSent(nullptr, UCS_OK, slot);
+      // Sent already (the common case for small messages). Without mu_: until Wait marks the
+      // slot waited (after this returns the id) nobody else reads `send` or `sending`
+      // (MaybeFree stops at !waited), and Wait takes mu_ after this.
+      slot->sending = false;
+      pool_.Release(std::move(slot->send));
+      slot->send = std::vector<uint8_t>();
     } else if (UCS_PTR_IS_ERR(req)) {
       OnSent(nullptr, UCS_PTR_STATUS(req), slot);
     } else {
@@ -769,13 +779,17 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     // the reply and prepared the next: while requests flow (one came in the last kFlowGap) the
     // spin grows with the last request's size; an idle shard only spins SpinTime per call.
     std::chrono::microseconds spin = SpinTime();
-    if (NowNs() - last_request_ns_.load(std::memory_order_relaxed) <
-        std::chrono::nanoseconds(kFlowGap).count()) {
-      spin += ExchangeSpin(last_request_bytes_.load(std::memory_order_relaxed));
+    const size_t last_bytes = last_request_bytes_.load(std::memory_order_relaxed);
+    if (last_bytes >= kFlowBytes && NowNs() - last_request_ns_.load(std::memory_order_relaxed) <
+                                        std::chrono::nanoseconds(kFlowGap).count()) {
+      spin += ExchangeSpin(last_bytes);
     }
     SpinProgress(spin, [&] { return has_work_.load(std::memory_order_acquire); });
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
+    // wait_for reads the clock even when there is work already: not on every request.
+    if (queue_.empty() && !closed_) {
+      cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
+    }
     for (ServerRequest& r : queue_) out->push_back(std::move(r));
     queue_.clear();  // keeps its capacity
     if (!closed_) has_work_.store(false, std::memory_order_relaxed);
@@ -909,10 +923,9 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     });
   }
 
-  void Enqueue(Pending* p) {
-    last_request_bytes_.store(p->buffer.size(), std::memory_order_relaxed);
-    last_request_ns_.store(NowNs(), std::memory_order_relaxed);
-    std::lock_guard<std::mutex> l(mu_);
+  // REQUIRES: mu_ held.
+  void EnqueueLocked(Pending* p) {
+    NoteRequest(p->buffer.size());
     ++stats_.requests;
     stats_.bytes_in += p->buffer.size();
     queue_.push_back(ServerRequest{p->id, std::move(p->buffer)});
@@ -920,45 +933,59 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     p->buffer = std::vector<uint8_t>();
     cv_.notify_all();
   }
+  // For Receive's spin: the size of the last request, and when it came (only for those large
+  // enough to lengthen the spin: a clock read per small request is a tenth of its round trip).
+  void NoteRequest(size_t bytes) {
+    last_request_bytes_.store(bytes, std::memory_order_relaxed);
+    if (bytes >= kFlowBytes) last_request_ns_.store(NowNs(), std::memory_order_relaxed);
+  }
 
   static ucs_status_t OnRequest(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<UcxServerImpl*>(arg);
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    const bool valid = header_length == sizeof(uint64_t) &&
+                       (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) != 0;
+    // An eager message is copied out before the lock is taken, and queued under the same lock
+    // that allocates its slot: one lock per request.
+    std::vector<uint8_t> bytes;
+    if (valid && !rndv) {
+      bytes = self->pool_.AcquireSized(length);
+      if (length > 0) std::memcpy(bytes.data(), data, length);
+    }
     Pending* p = nullptr;
     {
       std::lock_guard<std::mutex> l(self->mu_);
-      if (header_length == sizeof(uint64_t) &&
-          (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
-        p = self->pending_.Allocate();
-      }
+      if (valid) p = self->pending_.Allocate();
       if (p == nullptr) {  // malformed, or more requests in flight than slots: drop it
         ++self->stats_.peer_errors;
-        if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ucp_am_data_release(self->worker_, data);
+        if (rndv) ucp_am_data_release(self->worker_, data);
+        if (bytes.capacity() > 0) self->pool_.Release(std::move(bytes));
         return UCS_OK;
       }
       p->owner = self;
       p->ep = param->reply_ep;
       std::memcpy(&p->client_id, header, sizeof(p->client_id));
       p->dead = p->sending = false;
-      p->receiving = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+      p->receiving = rndv;
+      if (!rndv) {
+        p->buffer = std::move(bytes);
+        self->EnqueueLocked(p);
+        return UCS_OK;
+      }
       p->buffer = self->pool_.AcquireSized(length);
     }
-    if (p->receiving) {
-      ucp_request_param_t prm;
-      std::memset(&prm, 0, sizeof(prm));
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-      prm.cb.recv_am = &UcxServerImpl::OnRndvDone;
-      prm.user_data = p;
-      void* req = ucp_am_recv_data_nbx(self->worker_, data, p->buffer.data(), length, &prm);
-      if (req == nullptr) {
-        OnRndvDone(nullptr, UCS_OK, length, p);
-      } else if (UCS_PTR_IS_ERR(req)) {
-        OnRndvDone(nullptr, UCS_PTR_STATUS(req), 0, p);
-      }
-      return UCS_OK;
+    ucp_request_param_t prm;
+    std::memset(&prm, 0, sizeof(prm));
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    prm.cb.recv_am = &UcxServerImpl::OnRndvDone;
+    prm.user_data = p;
+    void* req = ucp_am_recv_data_nbx(self->worker_, data, p->buffer.data(), length, &prm);
+    if (req == nullptr) {
+      OnRndvDone(nullptr, UCS_OK, length, p);
+    } else if (UCS_PTR_IS_ERR(req)) {
+      OnRndvDone(nullptr, UCS_PTR_STATUS(req), 0, p);
     }
-    if (length > 0) std::memcpy(p->buffer.data(), data, length);
-    self->Enqueue(p);
     return UCS_OK;
   }
 
@@ -966,11 +993,9 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     auto* p = static_cast<Pending*>(user);
     UcxServerImpl* self = p->owner;
     if (status == UCS_OK) {
-      {
-        std::lock_guard<std::mutex> l(self->mu_);
-        p->receiving = false;
-      }
-      self->Enqueue(p);
+      std::lock_guard<std::mutex> l(self->mu_);
+      p->receiving = false;
+      self->EnqueueLocked(p);
     } else {
       std::lock_guard<std::mutex> l(self->mu_);
       ++self->stats_.peer_errors;
@@ -1000,6 +1025,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   std::string worker_address_;
   std::atomic<bool> shut_down_{false};
   static constexpr std::chrono::milliseconds kFlowGap{10};
+  static constexpr size_t kFlowBytes = 1024;  // ExchangeSpin is 0 below this
   std::atomic<size_t> last_request_bytes_{0};
   std::atomic<bool> has_work_{false};  // queue_ not empty, or closed_ (set under mu_)
   std::atomic<int64_t> last_request_ns_{0};
