@@ -371,6 +371,7 @@ int Main(int argc, char** argv) {
   int rounds = 5;
   bool pin = true;
   bool transport_only = false;
+  bool per_round = false;
   int window = 8;
   uint32_t only_hidden = 0, only_tokens = 0;
   std::string perftest = "/usr/bin/ucx_perftest";
@@ -388,6 +389,8 @@ int Main(int argc, char** argv) {
       window = std::clamp(std::atoi(argv[++i]), 1, 256);
     } else if (a == "--transport-only") {
       transport_only = true;
+    } else if (a == "--per-round") {
+      per_round = true;
     } else if (a == "--no-pin") {
       pin = false;
     } else if (a == "--perftest" && i + 1 < argc) {
@@ -395,7 +398,7 @@ int Main(int argc, char** argv) {
     } else {
       std::printf(
           "usage: transport_bench [--iters N] [--rounds R] [--no-pin] [--hidden H] [--tokens T]\n"
-          "                       [--transport-only] [--window W] [--perftest PATH]\n"
+          "                       [--transport-only] [--window W] [--per-round] [--perftest PATH]\n"
           "Dispatch+combine round trips between two processes next to ucx_perftest, R rounds per\n"
           "size; each round starts fresh processes for both (ours: a server and a client) and\n"
           "measures them back to back, in alternating order. Uses UCX_TLS from the environment\n"
@@ -404,7 +407,8 @@ int Main(int argc, char** argv) {
           "--transport-only: the dispatch is encoded once and copied into each request, and the\n"
           "server echoes requests without decoding them: the transport's own cost, as perftest\n"
           "measures UCX's.\n"
-          "--window W: round trips in flight in the bandwidth test (default 8).\n");
+          "--window W: round trips in flight in the bandwidth test (default 8).\n"
+          "--per-round: also print every round's figures (to stderr).\n");
       return a == "--help" ? 0 : 2;
     }
   }
@@ -497,6 +501,10 @@ int Main(int argc, char** argv) {
         if (rep % 2 == 1) perf();
         if (!RunOurs(c, server_cpu, client_cpu, &r)) return 1;
         if (rep % 2 == 0) perf();
+        if (per_round) {
+          std::fprintf(stderr, "  round %d: latency %.2f vs %.2f us, bandwidth %.1f vs %.1f MB/s\n",
+                       rep, r.dmoe_lat_us, r.perf_lat_us, r.dmoe_mbps, r.perf_mbps);
+        }
         results.push_back(r);
       }
       std::vector<double> dl, pl, lr, dm, dd, pm, br;

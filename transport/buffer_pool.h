@@ -8,19 +8,26 @@
 
 namespace dmoe::transport {
 
-// Thread-safe.
-class BufferPool {
+// For a pool its owner guards with a lock of its own (one lock per message instead of two).
+struct NoLock {
+  void lock() {}
+  void unlock() {}
+};
+
+// Thread-safe with Mutex = std::mutex (BufferPool); with NoLock the caller serializes all calls.
+template <typename Mutex>
+class BasicBufferPool {
  public:
   // The free list's own storage is reserved up front, so that holding more buffers than ever
   // before does not allocate on the data path.
-  explicit BufferPool(size_t max_buffers = 256) : max_(max_buffers) { free_.reserve(max_); }
+  explicit BasicBufferPool(size_t max_buffers = 256) : max_(max_buffers) { free_.reserve(max_); }
   // The largest recycled buffer, with its old size and contents (empty if none): writers resize
   // or assign over it. The largest, because the message it will hold is not known yet and a
   // buffer that has to grow is a fresh allocation (a multi-MiB one page-faults on every page:
   // with mixed message sizes that cost 2.6 MiB round trips 2-3x their time). Not cleared,
   // because a clear() + resize(n) would zero-fill all n bytes before the encoder overwrites them.
   std::vector<uint8_t> Acquire() {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<Mutex> l(mu_);
     if (free_.empty()) {
       AddSpare();
       return {};
@@ -43,7 +50,7 @@ class BufferPool {
     std::vector<uint8_t> b;
     size_t grow_to;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      std::lock_guard<Mutex> l(mu_);
       if (!free_.empty()) {
         size_t fit = free_.size(), largest = free_.size() - 1;
         for (size_t i = free_.size(); i-- > 0;) {  // ties: the most recently released
@@ -64,7 +71,7 @@ class BufferPool {
   }
   void Release(std::vector<uint8_t> b) {
     if (b.capacity() == 0) return;
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<Mutex> l(mu_);
     if (b.size() > largest_) largest_ = b.size();
     if (free_.size() < max_) free_.push_back(std::move(b));
   }
@@ -92,9 +99,12 @@ class BufferPool {
 
   const size_t max_;
   size_t largest_ = 0;  // the largest message size seen (guarded by mu_)
-  std::mutex mu_;
+  Mutex mu_;
   std::vector<std::vector<uint8_t>> free_;
 };
+
+using BufferPool = BasicBufferPool<std::mutex>;
+using UnlockedBufferPool = BasicBufferPool<NoLock>;
 
 }  // namespace dmoe::transport
 

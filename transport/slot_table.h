@@ -32,6 +32,9 @@ class SlotTable {
     T& s = slots_[id % slots_.size()];
     return s.id == id ? &s : nullptr;
   }
+  // The slot `id` maps to, whoever holds it now (nullptr for 0): for a lock-free look at
+  // fields the caller made atomic; Find, under the caller's lock, says whether it is still id's.
+  const T* At(uint64_t id) const { return id == 0 ? nullptr : &slots_[id % slots_.size()]; }
   void Free(T* s) {
     const uint32_t index = static_cast<uint32_t>(s->id % slots_.size());
     s->id = 0;

@@ -470,8 +470,9 @@ class UcxClient : public ClientTransport, public UcxWorker {
       slot->finished.store(false, std::memory_order_relaxed);
       slot->sending = true;
       slot->status = absl::OkStatus();
-      slot->request_bytes = request.size();
+      slot->request_bytes.store(request.size(), std::memory_order_relaxed);
       slot->send = std::move(request);
+      slot->live.store(slot->id, std::memory_order_release);
       ep = p.ep;
     }
     const uint64_t id = slot->id;
@@ -489,15 +490,13 @@ class UcxClient : public ClientTransport, public UcxWorker {
                                 slot->send.size(), &prm);
     if (req == nullptr) {
       // Sent already (the common case for small messages). Without mu_: until Wait marks the
-      // slot waited (after this returns the id) nobody else reads `send` or `sending`
-      // (MaybeFree stops at !waited), and Wait takes mu_ after this.
+      // slot waited (after this returns the id) nobody else reads `sending` (MaybeFree stops at
+      // !waited), and Wait takes mu_ after this. The buffer goes back to the pool there.
       slot->sending = false;
-      pool_.Release(std::move(slot->send));
-      slot->send = std::vector<uint8_t>();
     } else if (UCS_PTR_IS_ERR(req)) {
       OnSent(nullptr, UCS_PTR_STATUS(req), slot);
     } else {
-      SendPending(slot->request_bytes);  // OnSent with a request undoes it
+      SendPending(slot->request_bytes.load(std::memory_order_relaxed));  // OnSent undoes it
     }
     return id;
   }
@@ -513,16 +512,16 @@ class UcxClient : public ClientTransport, public UcxWorker {
     // request in, computes, sends about as many bytes back); sleeping through it and being woken
     // cost a 2.5 MiB round trip over sm more than a millisecond. So the spin grows with the
     // request: 1 us per KiB, up to kMaxExchangeSpin.
-    std::chrono::microseconds spin = SpinTime();
-    const Slot* slot;  // stays this request's until Wait marks it waited
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      slot = slots_.Find(id);
-      if (slot != nullptr) spin += ExchangeSpin(slot->request_bytes);
+    // No lock before the spin: the slot an id names is found by index, and `live` tells
+    // whether it still holds this request (it does until this Wait marks it waited; a stale or
+    // made-up id skips the spin and is refused below, under mu_).
+    const Slot* probe = slots_.At(id);
+    if (probe != nullptr && probe->live.load(std::memory_order_acquire) == id) {
+      const std::chrono::microseconds spin =
+          SpinTime() + ExchangeSpin(probe->request_bytes.load(std::memory_order_relaxed));
+      SpinProgress(
+          spin, [&] { return probe->finished.load(std::memory_order_acquire); }, deadline);
     }
-    SpinProgress(
-        spin, [&] { return slot == nullptr || slot->finished.load(std::memory_order_acquire); },
-        deadline);
     std::unique_lock<std::mutex> l(mu_);
     Slot* s = slots_.Find(id);
     if (s == nullptr || s->waited) {
@@ -538,12 +537,20 @@ class UcxClient : public ClientTransport, public UcxWorker {
       if (st.ok()) *reply = std::move(s->reply);
     }
     s->waited = true;
+    s->live.store(0, std::memory_order_relaxed);
     MaybeFree(s);
     return st;
   }
 
-  std::vector<uint8_t> AcquireBuffer() override { return pool_.Acquire(); }
-  void ReleaseBuffer(std::vector<uint8_t> b) override { pool_.Release(std::move(b)); }
+  std::vector<uint8_t> AcquireBuffer() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return pool_.Acquire();
+  }
+  void ReleaseBuffer(std::vector<uint8_t> b) override {
+    if (b.capacity() == 0) return;
+    std::lock_guard<std::mutex> l(mu_);
+    pool_.Release(std::move(b));
+  }
 
  private:
   struct Peer {
@@ -562,15 +569,20 @@ class UcxClient : public ClientTransport, public UcxWorker {
     bool sending = false;               // UCX still reads `send`
     bool receiving = false;             // a rendezvous receive still writes into `reply`
     absl::Status status;
-    size_t request_bytes = 0;
-    std::vector<uint8_t> send;
+    std::atomic<size_t> request_bytes{0};  // read by Wait's spin without mu_
+    std::atomic<uint64_t> live{0};         // == id from Post until Wait marks it waited
+    std::vector<uint8_t> send;             // until sent, then until freed (back to the pool)
     std::vector<uint8_t> reply;
   };
   static constexpr uint32_t kMaxInflight = 4096;
+  // Eager replies up to this size are copied out under the same lock that completes them.
+  static constexpr size_t kCopyUnderLock = 64 * 1024;
 
   // REQUIRES: mu_ held.
   void MaybeFree(Slot* s) {
     if (!s->waited || s->sending || s->receiving) return;
+    if (s->send.capacity() > 0) pool_.Release(std::move(s->send));
+    s->send = std::vector<uint8_t>();
     if (s->reply.capacity() > 0) pool_.Release(std::move(s->reply));
     s->reply = std::vector<uint8_t>();
     s->status = absl::OkStatus();
@@ -580,7 +592,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   static void OnSent(void* req, ucs_status_t status, void* user) {
     auto* s = static_cast<Slot*>(user);
     UcxClient* self = s->owner;
-    if (req != nullptr) self->SendDone(s->request_bytes);
+    if (req != nullptr) self->SendDone(s->request_bytes.load(std::memory_order_relaxed));
     {
       std::lock_guard<std::mutex> l(self->mu_);
       s->sending = false;
@@ -649,8 +661,25 @@ class UcxClient : public ClientTransport, public UcxWorker {
       }
       return UCS_OK;
     }
-    std::vector<uint8_t> bytes = self->pool_.AcquireSized(length);
-    if (length > 0) std::memcpy(bytes.data(), data, length);
+    if (length <= kCopyUnderLock) {  // one lock: find, copy out, complete
+      std::lock_guard<std::mutex> l(self->mu_);
+      Slot* s = self->slots_.Find(id);
+      if (s == nullptr || s->done) return UCS_OK;  // a late reply: nothing to keep
+      if (s->reply.capacity() > 0) self->pool_.Release(std::move(s->reply));
+      s->reply = self->pool_.AcquireSized(length);
+      if (length > 0) std::memcpy(s->reply.data(), data, length);
+      s->done = true;
+      s->finished.store(true, std::memory_order_release);
+      s->status = absl::OkStatus();
+      self->cv_.notify_all();
+      return UCS_OK;
+    }
+    std::vector<uint8_t> bytes;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      bytes = self->pool_.AcquireSized(length);
+    }
+    std::memcpy(bytes.data(), data, length);
     self->Complete(id, absl::OkStatus(), &bytes);
     return UCS_OK;
   }
@@ -705,7 +734,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   std::condition_variable cv_;
   std::vector<Peer> peers_;
   SlotTable<Slot> slots_{kMaxInflight};
-  BufferPool pool_;
+  UnlockedBufferPool pool_;  // guarded by mu_
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -833,8 +862,15 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     }
   }
 
-  std::vector<uint8_t> AcquireBuffer() override { return pool_.Acquire(); }
-  void ReleaseBuffer(std::vector<uint8_t> b) override { pool_.Release(std::move(b)); }
+  std::vector<uint8_t> AcquireBuffer() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return pool_.Acquire();
+  }
+  void ReleaseBuffer(std::vector<uint8_t> b) override {
+    if (b.capacity() == 0) return;
+    std::lock_guard<std::mutex> l(mu_);
+    pool_.Release(std::move(b));
+  }
 
   ServerStats stats() const override {
     std::lock_guard<std::mutex> l(mu_);
@@ -883,6 +919,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     std::vector<uint8_t> buffer;
   };
   static constexpr uint32_t kMaxPending = 4096;
+  static constexpr size_t kCopyUnderLock = 64 * 1024;
 
   static void OnConnect(ucp_conn_request_h conn, void* arg) {
     auto* self = static_cast<UcxServerImpl*>(arg);
@@ -946,12 +983,15 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
     const bool valid = header_length == sizeof(uint64_t) &&
                        (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) != 0;
-    // An eager message is copied out before the lock is taken, and queued under the same lock
-    // that allocates its slot: one lock per request.
+    // A small eager message is copied out and queued under the one lock that allocates its slot
+    // and buffer; a large one is copied between two (the lock is not held for a long copy).
     std::vector<uint8_t> bytes;
-    if (valid && !rndv) {
-      bytes = self->pool_.AcquireSized(length);
-      if (length > 0) std::memcpy(bytes.data(), data, length);
+    if (valid && !rndv && length > kCopyUnderLock) {
+      {
+        std::lock_guard<std::mutex> l(self->mu_);
+        bytes = self->pool_.AcquireSized(length);
+      }
+      std::memcpy(bytes.data(), data, length);
     }
     Pending* p = nullptr;
     {
@@ -969,6 +1009,10 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       p->dead = p->sending = false;
       p->receiving = rndv;
       if (!rndv) {
+        if (length <= kCopyUnderLock) {
+          bytes = self->pool_.AcquireSized(length);
+          if (length > 0) std::memcpy(bytes.data(), data, length);
+        }
         p->buffer = std::move(bytes);
         self->EnqueueLocked(p);
         return UCS_OK;
@@ -1036,7 +1080,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   SlotTable<Pending> pending_{kMaxPending};
   std::set<ucp_ep_h> live_eps_;
   ServerStats stats_;
-  BufferPool pool_;
+  UnlockedBufferPool pool_;  // guarded by mu_
 };
 
 }  // namespace
