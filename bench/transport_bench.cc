@@ -104,8 +104,8 @@ int Serve(int ready_fd, bool echo) {
 // Runs ucx_perftest (server + client on 127.0.0.1) and returns the client's output.
 std::string Perftest(const std::string& bin, const std::string& test, size_t size, int iters,
                      int port, int server_cpu, int client_cpu) {
-  // Everything the child needs is made before fork: this process has UCX threads, and a child
-  // that allocated could block forever on a malloc lock one of them held.
+  // Everything the child needs is made before fork (a habit worth keeping: a child of a process
+  // with other threads that allocated could block forever on a malloc lock one of them held).
   const std::string port_arg = std::to_string(port);
   const pid_t server = fork();
   if (server == 0) {
@@ -162,7 +162,7 @@ double Median(std::vector<double> v) {
 struct Round {
   double dmoe_lat_us = -1;     // p50 of RTT/2 over the round's round trips
   double perf_lat_us = -1;     // ucx_perftest tag_lat p50
-  double dmoe_mbps = -1;       // dispatch + combine bytes per second, `window` round trips in flight
+  double dmoe_mbps = -1;       // dispatch + combine bytes/s, `window` round trips in flight
   double dmoe_disp_mbps = -1;  // dispatch bytes only
   double perf_mbps = -1;       // ucx_perftest tag_bw (one direction)
 };
@@ -172,7 +172,7 @@ struct Case {
   uint32_t hidden = 0, tokens = 0;
   size_t bytes = 0;  // the dispatch message
   int n = 0;         // round trips (latency) / messages (perftest)
-  int window = 8;
+  int window = 2;
   bool transport_only = false;
 };
 
@@ -396,7 +396,7 @@ int Main(int argc, char** argv) {
   bool pin = true;
   bool transport_only = false;
   bool per_round = false;
-  int window = 8;
+  int window = 2;
   uint32_t only_hidden = 0, only_tokens = 0;
   std::string perftest = "/usr/bin/ucx_perftest";
   for (int i = 1; i < argc; ++i) {
@@ -431,7 +431,7 @@ int Main(int argc, char** argv) {
           "--transport-only: the dispatch is encoded once and copied into each request, and the\n"
           "server echoes requests without decoding them: the transport's own cost, as perftest\n"
           "measures UCX's.\n"
-          "--window W: round trips in flight in the bandwidth test (default 8).\n"
+          "--window W: round trips kept in flight in the bandwidth test (default 2).\n"
           "--per-round: also print every round's figures (to stderr).\n");
       return a == "--help" ? 0 : 2;
     }
