@@ -23,6 +23,7 @@
 #include "cli/remote_flags.h"
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
+#include "kernels/cpu/blas_threads.h"
 #include "router/member.h"
 
 namespace dmoe {
@@ -52,6 +53,10 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --expert-wait-ms N      when an expert has no reachable replica, pause the affected sequences
                           (KV kept) and retry for up to N ms, then end them UNAVAILABLE
                           (default 10000 with --router, 0 otherwise)
+  --blas-threads N        OpenBLAS threads (default 0 = OpenBLAS's default, one per CPU). When
+                          other dmoe processes share this machine, give each its share of the CPUs
+                          (`dmoe up` does): OpenBLAS's idle threads spin ~0.1 s after each call
+                          and take the CPUs the others need
 %s)";
 
 int Fail(const absl::Status& s) {
@@ -65,7 +70,7 @@ int Main(int argc, char** argv) {
       cli::WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
                        "block-tokens", "max-running", "token-budget", "prefill-chunk",
                        "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
-                       "kv-cache-dtype", "advertise-host"}),
+                       "kv-cache-dtype", "advertise-host", "blas-threads"}),
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -74,6 +79,9 @@ int Main(int argc, char** argv) {
   }
   auto dir = flags->String("model");
   if (!dir.ok()) return Fail(dir.status());
+  auto blas = flags->Int("blas-threads", 0);
+  if (!blas.ok()) return Fail(blas.status());
+  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return Fail(st);
   LocalModelOptions o;
   o.log_progress = true;
   if (auto st = cli::RemoteOptions(*flags, &o); !st.ok()) return Fail(st);

@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "attention_service/local_model.h"
 #include "bench/shard_process.h"
+#include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/small_gemm.h"
 #include "model/tiny_model.h"
 
@@ -132,6 +133,7 @@ int Main(int argc, char** argv) {
   std::vector<int> batches = {1, 16, 64};
   int steps = 0;
   int distributed = 2;
+  int blas_threads = -1;  // -1: each process's share of the CPUs in the distributed run
   bool shard_memory = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -142,6 +144,8 @@ int Main(int argc, char** argv) {
       cache_dir = value();
     } else if (a == "--distributed") {
       distributed = std::atoi(value().c_str());
+    } else if (a == "--blas-threads") {
+      blas_threads = std::max(0, std::atoi(value().c_str()));
     } else if (a == "--no-shard-memory") {
       shard_memory = false;
     } else if (a == "--steps") {
@@ -156,13 +160,17 @@ int Main(int argc, char** argv) {
       std::printf(
           "usage: engine_bench [--presets tiny,small] [--batches 1,16,64] [--steps N]\n"
           "                    [--model-cache DIR] [--distributed N] [--no-shard-memory]\n"
+          "                    [--blas-threads T]\n"
           "Writes the preset checkpoints into DIR once (small: ~1.6 GB bf16), then prints decode\n"
           "tokens/s and ms/step per batch size, the batch-1 weight-read bandwidth of the small\n"
           "preset against memcpy bandwidth, and sgemm GFLOP/s at expert shapes against 2048^3.\n"
           "With --distributed N (default 2; 0 = off) the same decode runs with the routed experts\n"
           "on N dmoe-expert processes over UCX (UCX_TLS from the environment, default tcp,self)\n"
           "and the ratio distributed / in-process is printed; on the small preset it also prints\n"
-          "the resident memory of a shard hosting 1/4 of the experts and of one hosting all.\n");
+          "the resident memory of a shard hosting 1/4 of the experts and of one hosting all.\n"
+          "In-process runs use OpenBLAS's default threads (one per CPU); in the distributed run the\n"
+          "bench process and every shard use CPUs / (N + 1) (as `dmoe up` gives each process its\n"
+          "share), unless --blas-threads T sets T for all (0 = OpenBLAS's default).\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -219,10 +227,12 @@ int Main(int argc, char** argv) {
       setenv("UCX_TLS", "tcp,self", 0);
       std::vector<std::unique_ptr<ShardProcess>> shards;
       LocalModelOptions o;
+      const int dist_threads =
+          blas_threads >= 0 ? blas_threads : cpu::BlasThreadsShare(distributed + 1);
       for (int i = 0; i < distributed; ++i) {
         shards.push_back(std::make_unique<ShardProcess>(
             dir, std::to_string(i) + "/" + std::to_string(distributed),
-            cache_dir + "/ready" + std::to_string(i) + ".json"));
+            cache_dir + "/ready" + std::to_string(i) + ".json", dist_threads));
         o.expert_shards.push_back(shards.back()->grpc());
       }
       auto remote = LocalModel::Load(dir, o);
@@ -230,15 +240,25 @@ int Main(int argc, char** argv) {
         std::fprintf(stderr, "%s\n", std::string(remote.status().message()).c_str());
         return 1;
       }
-      std::printf("-- routed experts on %d dmoe-expert processes over UCX (%s, bf16 wire)\n",
-                  distributed, std::getenv("UCX_TLS"));
+      const int local_threads = cpu::BlasThreads();
+      const int remote_threads = dist_threads > 0 ? dist_threads : local_threads;
+      std::printf(
+          "-- routed experts on %d dmoe-expert processes over UCX (%s, bf16 wire); OpenBLAS "
+          "threads: %d in-process, %d per process distributed\n",
+          distributed, std::getenv("UCX_TLS"), local_threads, remote_threads);
       std::printf("%8s %12s %14s %14s %8s\n", "batch", "tokens/s", "ms/step dist", "ms/step local",
                   "ratio");
       for (int b : batches) {
         int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
         n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
+        cpu::SetBlasThreads(local_threads).IgnoreError();
         const DecodeResult local = BenchDecode((*model)->engine(), b, n, 16);
+        // OpenBLAS's idle workers of the in-process run spin on for ~0.1 s (2^28 cycles) after
+        // its last call: let them go to sleep before the distributed run shares the CPUs.
+        cpu::SetBlasThreads(remote_threads).IgnoreError();
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
         const DecodeResult dist = BenchDecode((*remote)->engine(), b, n, 16);
+        cpu::SetBlasThreads(local_threads).IgnoreError();
         std::printf("%8d %12.1f %14.3f %14.3f %8.2f\n", b, dist.tokens_per_s, dist.ms_per_step,
                     local.ms_per_step, dist.ms_per_step / local.ms_per_step);
       }

@@ -71,12 +71,15 @@ class ServiceProcess {
   std::string grpc_;
 };
 
-// A dmoe-expert hosting `spec` of the model in `model`.
+// A dmoe-expert hosting `spec` of the model in `model` (with --blas-threads when > 0).
 class ShardProcess : public ServiceProcess {
  public:
-  ShardProcess(const std::string& model, const std::string& spec, const std::string& ready)
-      : ServiceProcess("expert_service/dmoe-expert", {"--model", model, "--experts", spec}, ready) {
-  }
+  ShardProcess(const std::string& model, const std::string& spec, const std::string& ready,
+               int blas_threads = 0)
+      : ServiceProcess("expert_service/dmoe-expert",
+                       {"--model", model, "--experts", spec, "--blas-threads",
+                        std::to_string(blas_threads)},
+                       ready) {}
 };
 
 }  // namespace dmoe

@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cli/flags.h"
+#include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
 #include "model/tiny_model.h"
 #include "nlohmann/json.hpp"
@@ -45,6 +46,9 @@ processes in the state file and returns, leaving them running. `dmoe down` stops
   --lease-ms N           router lease (default 3000): how soon a dead shard is replaced
   --ucx-tls TLS          UCX_TLS for the cluster (default tcp,self; UCX_NET_DEVICES is lo)
   --wire-dtype T         hidden rows between attention and experts: bf16 (default) or f32
+  --blas-threads N       OpenBLAS threads of each attention node and shard (default: this
+                         machine's CPUs / (N + M), at least 1: the processes share the machine,
+                         and OpenBLAS's idle threads spin and take the others' CPUs)
   --state-file F         where the cluster is recorded (default .cache/dmoe-up.json)
   --log-dir D            one log file per process (default .cache/dmoe-up-logs)
   --bin-dir D            where dmoe-router, dmoe-expert, dmoe-attention and dmoe-gateway live
@@ -155,7 +159,7 @@ int Up(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
                             {"model", "preset", "experts", "attention", "expert-replicas",
                              "ucx-tls", "state-file", "log-dir", "bin-dir", "wire-dtype",
-                             "expert-capacity", "lease-ms"},
+                             "expert-capacity", "lease-ms", "blas-threads"},
                             {});
   if (!flags.ok()) return Fail(std::string(flags.status().message()));
   if (flags->help()) {
@@ -171,7 +175,8 @@ int Up(int argc, char** argv) {
   auto replicas = flags->Int("expert-replicas", 1);
   auto capacity = flags->Int("expert-capacity", 0);
   auto lease = flags->Int("lease-ms", 3000);
-  for (const auto* v : {&experts, &attention, &replicas, &capacity, &lease}) {
+  auto blas = flags->Int("blas-threads", 0);
+  for (const auto* v : {&experts, &attention, &replicas, &capacity, &lease, &blas}) {
     if (!v->ok()) return Fail(std::string(v->status().message()));
   }
   if (*experts < 1 || *experts > 64) return Fail("--experts: must be in [1, 64]");
@@ -180,6 +185,9 @@ int Up(int argc, char** argv) {
     return Fail("--expert-replicas: must be in [1, --experts]");
   if (*capacity < 0) return Fail("--expert-capacity: negative");
   if (*lease < 100) return Fail("--lease-ms: must be at least 100");
+  if (*blas < 0) return Fail("--blas-threads: negative");
+  const std::string blas_threads = std::to_string(
+      *blas > 0 ? *blas : cpu::BlasThreadsShare(static_cast<int>(*experts + *attention)));
   if (std::ifstream(state)) {
     return Fail(absl::StrCat("--state-file ", state, " exists: a cluster is up (dmoe down first)"));
   }
@@ -236,7 +244,7 @@ int Up(int argc, char** argv) {
     const pid_t pid = Spawn(
         {bin + "/expert_service/dmoe-expert", "--model", dir, "--router", router, "--capacity",
          std::to_string(*capacity > 0 ? *capacity : pairs), "--node-id",
-         absl::StrCat("expert-", i), "--ready-file", ready},
+         absl::StrCat("expert-", i), "--blas-threads", blas_threads, "--ready-file", ready},
         log);
     pids.push_back(pid);
     std::string metrics;
@@ -255,7 +263,8 @@ int Up(int argc, char** argv) {
     // The attention node waits (up to 30 s) for the router's first active placement.
     const pid_t pid = Spawn({bin + "/attention_service/dmoe-attention", "--model", dir,
                              "--router", router, "--wire-dtype",
-                             flags->StringOr("wire-dtype", "bf16"), "--ready-file", ready},
+                             flags->StringOr("wire-dtype", "bf16"), "--blas-threads",
+                             blas_threads, "--ready-file", ready},
                             log);
     pids.push_back(pid);
     std::string metrics;

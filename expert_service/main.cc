@@ -24,6 +24,7 @@
 #include "expert_service/expert_shard.h"
 #include "expert_service/hosting.h"
 #include "expert_service/routed_experts.h"
+#include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "proto/expert_control.grpc.pb.h"
@@ -62,6 +63,10 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        scales) or fp8 (e4m3, 128x128 block scales): how the experts are held
   --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
                        them is active (default 2000)
+  --blas-threads N     OpenBLAS threads (default 0 = OpenBLAS's default, one per CPU). When other
+                       dmoe processes share this machine, give each its share of the CPUs (`dmoe
+                       up` does): OpenBLAS's idle threads spin ~0.1 s after each call and take the
+                       CPUs the others need
 
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without
@@ -215,7 +220,8 @@ int Main(int argc, char** argv) {
   auto flags = cli::Flags::Parse(
       argc - 1, argv + 1,
       {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
-       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype"},
+       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype",
+       "blas-threads"},
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
@@ -224,6 +230,9 @@ int Main(int argc, char** argv) {
   }
   auto dir = flags->String("model");
   if (!dir.ok()) return Fail(dir.status());
+  auto blas = flags->Int("blas-threads", 0);
+  if (!blas.ok()) return Fail(blas.status());
+  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return Fail(st);
   const bool routed = flags->Has("router");
   if (routed == flags->Has("experts")) {
     return Fail(absl::InvalidArgumentError("give exactly one of --experts and --router"));
