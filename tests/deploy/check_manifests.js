@@ -1,7 +1,8 @@
 // Checks rendered Kubernetes objects (kubectl kustomize output on stdin): selectors match the pod
 // labels, every container has probes and resource requests, container ports match the flags the
 // services listen on, Services select existing pods, the HPA targets the expert StatefulSet, and
-// (gpu) expert/attention pods request GPUs, RDMA devices and hugepages.
+// (gpu) expert/attention pods request GPUs, RDMA devices and hugepages; expert/attention pods give
+// OpenBLAS as many threads as CPUs they request.
 // Usage: kubectl kustomize OVERLAY | node check_manifests.js OVERLAY_NAME
 const yaml = require("js-yaml");
 const input = require("fs").readFileSync(0, "utf8");
@@ -33,6 +34,13 @@ for (const w of workloads) {
     if (tmpl.metadata.annotations["prometheus.io/port"] !== String(metrics && metrics.containerPort)) fail(`${name}: prometheus.io/port annotation`);
     const ucx = (c.ports || []).find((p) => p.name === "ucx");
     if (ucx && !new RegExp(`--ucx-listen[ =]0\\.0\\.0\\.0:${ucx.containerPort}\\b`).test(args)) fail(`${cn}: --ucx-listen does not match port ${ucx.containerPort}`);
+    if (w.metadata.name === "dmoe-expert" || w.metadata.name === "dmoe-attention") {
+      // OpenBLAS threads = the pod's CPU request (else one per node CPU, spinning on the others').
+      const env = (c.env || []).find((e) => e.name === "BLAS_THREADS");
+      const ref = env && env.valueFrom && env.valueFrom.resourceFieldRef;
+      if (!ref || ref.resource !== "requests.cpu") fail(`${cn}: BLAS_THREADS is not the pod's requests.cpu`);
+      if (!/--blas-threads[ =]"?\$BLAS_THREADS"?/.test(args)) fail(`${cn}: no --blas-threads "$BLAS_THREADS"`);
+    }
     if (overlay === "gpu-rdma" && (w.metadata.name === "dmoe-expert" || w.metadata.name === "dmoe-attention")) {
       for (const r of ["nvidia.com/gpu", "rdma/rdma_shared_device_a", "hugepages-2Mi"]) {
         if (!c.resources.limits || !c.resources.limits[r]) fail(`${cn}: gpu-rdma needs a ${r} limit`);
