@@ -170,6 +170,35 @@ __attribute__((target("avx512f"))) void FloatToBf16Avx512(const float* src, size
   for (; i < n; ++i) dst[i] = FloatToBf16(src[i]);
 }
 
+// With AVX512_BF16: vcvtne2ps2bf16 rounds 32 values to nearest-even in one instruction, and
+// gives the same bits as the scalar form for every input except subnormals, which it flushes to
+// zero: a block of 32 with a subnormal in it (rare in hidden states) takes the integer path.
+// 1.3 M values: ~170 -> ~100 us here (the AVX-512F path is bound by its ~10 operations per 16
+// values while the data is in cache).
+__attribute__((target("avx512f,avx512bf16"))) void FloatToBf16Avx512Bf16(const float* src,
+                                                                         size_t n,
+                                                                         uint16_t* dst) {
+  const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
+  const __m512i mant_mask = _mm512_set1_epi32(0x007fffff);
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 a = _mm512_loadu_ps(src + i);
+    const __m512 b = _mm512_loadu_ps(src + i + 16);
+    const __m512i ai = _mm512_castps_si512(a), bi = _mm512_castps_si512(b);
+    // Lanes with a zero exponent and a nonzero mantissa.
+    const __mmask16 sub_a = _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(ai, exp_mask), ai,
+                                                        mant_mask);
+    const __mmask16 sub_b = _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(bi, exp_mask), bi,
+                                                        mant_mask);
+    if (__builtin_expect((sub_a | sub_b) != 0, 0)) {
+      FloatToBf16Avx512(src + i, 32, dst + i);
+      continue;
+    }
+    _mm512_storeu_si512(dst + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+  }
+  FloatToBf16Avx512(src + i, n - i, dst + i);
+}
+
 __attribute__((target("avx512f"))) void Bf16ToFloatAvx512(const uint16_t* src, size_t n,
                                                           float* dst) {
   size_t i = 0;
@@ -184,13 +213,16 @@ __attribute__((target("avx512f"))) void Bf16ToFloatAvx512(const uint16_t* src, s
 #pragma GCC diagnostic pop
 #endif
 
-// 2 = AVX-512F, 1 = AVX2, 0 = portable; the best this CPU has unless a test chose lower.
+// 3 = AVX512_BF16 (float -> bf16 only), 2 = AVX-512F, 1 = AVX2, 0 = portable; the best this
+// CPU has unless a test chose lower.
 std::atomic<int> bf16_simd{-1};
 
 int BestBf16Simd() {
-  static const int best = __builtin_cpu_supports("avx512f") ? 2
-                          : __builtin_cpu_supports("avx2")  ? 1
-                                                            : 0;
+  static const int best =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") ? 3
+      : __builtin_cpu_supports("avx512f")                                       ? 2
+      : __builtin_cpu_supports("avx2")                                          ? 1
+                                                                                : 0;
   return best;
 }
 
@@ -209,6 +241,9 @@ int SetBf16SimdForTesting(int level) {
 
 void FloatToBf16N(const float* src, size_t n, uint16_t* dst) {
   switch (Bf16Simd()) {
+    case 3:
+      FloatToBf16Avx512Bf16(src, n, dst);
+      return;
     case 2:
       FloatToBf16Avx512(src, n, dst);
       return;
@@ -222,6 +257,7 @@ void FloatToBf16N(const float* src, size_t n, uint16_t* dst) {
 
 void Bf16ToFloatN(const uint16_t* src, size_t n, float* dst) {
   switch (Bf16Simd()) {
+    case 3:  // nothing to gain from AVX512_BF16 here: bf16 -> float is a shift
     case 2:
       Bf16ToFloatAvx512(src, n, dst);
       return;

@@ -45,12 +45,12 @@ uint8_t FloatToFp8E4M3(float f);
 float F16ToFloat(uint16_t v);
 uint16_t FloatToF16(float f);
 
-// Bulk conversions (AVX-512F or AVX2 when the CPU has them; same results as the scalar forms
-// above for every input).
+// Bulk conversions (AVX512_BF16, AVX-512F or AVX2 when the CPU has them; same results as the
+// scalar forms above for every input).
 void FloatToBf16N(const float* src, size_t n, uint16_t* dst);
 void Bf16ToFloatN(const uint16_t* src, size_t n, float* dst);
-// Tests: use at most `level` (2 AVX-512F, 1 AVX2, 0 portable; -1 = the best again). Returns the
-// level the bulk conversions now use (capped by what the CPU has).
+// Tests: use at most `level` (3 AVX512_BF16, 2 AVX-512F, 1 AVX2, 0 portable; -1 = the best
+// again). Returns the level the bulk conversions now use (capped by what the CPU has).
 int SetBf16SimdForTesting(int level);
 
 // Converts `n` elements of type `t` at `src` (any alignment) to float (fp8 without its scales).

@@ -150,8 +150,11 @@ class BulkBf16 : public ::testing::TestWithParam<int> {
   void TearDown() override { SetBf16SimdForTesting(-1); }
 };
 
-INSTANTIATE_TEST_SUITE_P(Levels, BulkBf16, ::testing::Values(0, 1, 2), [](const auto& info) {
-  return std::string(info.param == 2 ? "avx512" : info.param == 1 ? "avx2" : "portable");
+INSTANTIATE_TEST_SUITE_P(Levels, BulkBf16, ::testing::Values(0, 1, 2, 3), [](const auto& info) {
+  return std::string(info.param == 3   ? "avx512bf16"
+                     : info.param == 2 ? "avx512"
+                     : info.param == 1 ? "avx2"
+                                       : "portable");
 });
 
 TEST_P(BulkBf16, ConversionsMatchTheScalarOnes) {
