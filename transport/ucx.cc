@@ -29,6 +29,9 @@ namespace {
 
 constexpr unsigned kAmRequest = 17;
 constexpr unsigned kAmReply = 18;
+// Eager messages up to this size are copied out of UCX's buffer under the same lock that queues
+// (server) or completes (client) them; larger ones are copied outside the lock.
+constexpr size_t kCopyUnderLock = 64 * 1024;
 
 absl::Status UcsError(const char* what, ucs_status_t s) {
   return absl::UnavailableError(absl::StrCat(what, ": ", ucs_status_string(s)));
@@ -575,8 +578,6 @@ class UcxClient : public ClientTransport, public UcxWorker {
     std::vector<uint8_t> reply;
   };
   static constexpr uint32_t kMaxInflight = 4096;
-  // Eager replies up to this size are copied out under the same lock that completes them.
-  static constexpr size_t kCopyUnderLock = 64 * 1024;
 
   // REQUIRES: mu_ held.
   void MaybeFree(Slot* s) {
@@ -919,7 +920,6 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     std::vector<uint8_t> buffer;
   };
   static constexpr uint32_t kMaxPending = 4096;
-  static constexpr size_t kCopyUnderLock = 64 * 1024;
 
   static void OnConnect(ucp_conn_request_h conn, void* arg) {
     auto* self = static_cast<UcxServerImpl*>(arg);
