@@ -170,7 +170,7 @@ int Main(int argc, char** argv) {
           "the resident memory of a shard hosting 1/4 of the experts and of one hosting all.\n"
           "In-process runs use OpenBLAS's default threads (one per CPU); in the distributed run the\n"
           "bench process and every shard use CPUs / (N + 1) (as `dmoe up` gives each process its\n"
-          "share), unless --blas-threads T sets T for all (0 = OpenBLAS's default).\n");
+          "share), unless --blas-threads T sets T for them (0 = OpenBLAS's default).\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
