@@ -201,6 +201,55 @@ TEST_P(TransportConformance, ManyClientsManyRequestsInFlight) {
   EXPECT_EQ(ok.load(), 60);
 }
 
+TEST_P(TransportConformance, OneClientSharedByThreadsAndStaleIdsRefused) {
+  // Posts and waits from several threads on one client at once, while another thread waits on
+  // ids that are spent or were never given (Wait looks at a slot without a lock before it spins).
+  StartEcho();
+  auto client = pair_.new_client();
+  auto peer = client->Connect(pair_.address);
+  ASSERT_TRUE(peer.ok());
+  std::atomic<int> ok{0}, refused{0};
+  std::atomic<bool> done{false};
+  std::vector<uint64_t> spent;
+  for (int i = 0; i < 4; ++i) {
+    auto id = client->Post(*peer, Pattern(64, 90 + i));
+    ASSERT_TRUE(id.ok());
+    std::vector<uint8_t> reply;
+    ASSERT_TRUE(client->Wait(*id, Clock::now() + std::chrono::seconds(20), &reply).ok());
+    spent.push_back(*id);
+  }
+  std::thread stale([&] {
+    while (!done.load()) {
+      for (uint64_t id : {spent[0], spent[3], uint64_t{12345}, uint64_t{0}}) {
+        std::vector<uint8_t> reply;
+        const absl::Status st = client->Wait(id, Clock::now() + milliseconds(50), &reply);
+        if (st.code() == absl::StatusCode::kInvalidArgument) ++refused;
+      }
+    }
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 30; ++i) {
+        const std::vector<uint8_t> sent = Pattern(50 + 700 * ((i + t) % 5), t * 100 + i);
+        auto id = client->Post(*peer, sent);
+        if (!id.ok()) return;
+        std::vector<uint8_t> reply;
+        if (!client->Wait(*id, Clock::now() + std::chrono::seconds(20), &reply).ok()) return;
+        if (reply.size() == sent.size() && std::equal(reply.begin(), reply.end(), sent.rbegin())) {
+          ++ok;
+        }
+        client->ReleaseBuffer(std::move(reply));
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  done = true;
+  stale.join();
+  EXPECT_EQ(ok.load(), 90);
+  EXPECT_GT(refused.load(), 0);
+}
+
 TEST_P(TransportConformance, DeadlineWithoutReplyThenLateReplyIsDropped) {
   auto client = pair_.new_client();
   auto peer = client->Connect(pair_.address);
