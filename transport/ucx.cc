@@ -599,12 +599,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       s->sending = false;
       self->pool_.Release(std::move(s->send));
       s->send = std::vector<uint8_t>();
-      if (status != UCS_OK && !s->done) {
-        s->done = true;
-        s->finished.store(true, std::memory_order_release);
-        s->status = UcsError("send", status);
-        self->cv_.notify_all();
-      }
+      if (status != UCS_OK && !s->done) self->FinishLocked(s, UcsError("send", status));
       self->MaybeFree(s);
     }
     if (req != nullptr) ucp_request_free(req);
@@ -618,10 +613,16 @@ class UcxClient : public ClientTransport, public UcxWorker {
       if (reply != nullptr) pool_.Release(std::move(*reply));  // a late reply
       return;
     }
-    s->done = true;
-    s->finished.store(true, std::memory_order_release);
-    s->status = std::move(st);
     if (reply != nullptr) s->reply = std::move(*reply);
+    FinishLocked(s, std::move(st));
+  }
+
+  // Marks `s` done with `st` and wakes its waiter (spinning on `finished`, or on cv_).
+  // REQUIRES: mu_ held, !s->done.
+  void FinishLocked(Slot* s, absl::Status st) {
+    s->done = true;
+    s->status = std::move(st);
+    s->finished.store(true, std::memory_order_release);
     cv_.notify_all();
   }
 
@@ -669,10 +670,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       if (s->reply.capacity() > 0) self->pool_.Release(std::move(s->reply));
       s->reply = self->pool_.AcquireSized(length);
       if (length > 0) std::memcpy(s->reply.data(), data, length);
-      s->done = true;
-      s->finished.store(true, std::memory_order_release);
-      s->status = absl::OkStatus();
-      self->cv_.notify_all();
+      self->FinishLocked(s, absl::OkStatus());
       return UCS_OK;
     }
     std::vector<uint8_t> bytes;
@@ -692,10 +690,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       std::lock_guard<std::mutex> l(self->mu_);
       s->receiving = false;
       if (!s->done) {
-        s->done = true;
-        s->finished.store(true, std::memory_order_release);
-        s->status = status == UCS_OK ? absl::OkStatus() : UcsError("receive", status);
-        self->cv_.notify_all();
+        self->FinishLocked(s, status == UCS_OK ? absl::OkStatus() : UcsError("receive", status));
       }
       self->MaybeFree(s);
     }
@@ -711,10 +706,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
       p.failed = true;
       for (Slot& f : self->slots_.slots()) {
         if (f.id != 0 && f.peer == static_cast<int>(i) && !f.done) {
-          f.done = true;
-          f.finished.store(true, std::memory_order_release);
-          f.status = absl::UnavailableError(
-              absl::StrCat("peer ", p.address, " failed: ", ucs_status_string(status)));
+          self->FinishLocked(&f, absl::UnavailableError(absl::StrCat(
+                                     "peer ", p.address, " failed: ", ucs_status_string(status))));
         }
       }
       // Close the endpoint from the progress thread, outside this callback.
