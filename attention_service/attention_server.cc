@@ -37,6 +37,7 @@ SamplingParams FromProto(const internal::SamplingParams& p) {
   s.seed = p.seed();
   s.max_tokens = p.max_tokens();
   s.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
+  s.ignore_eos = p.ignore_eos();
   s.logprobs = p.logprobs();
   s.top_logprobs = p.top_logprobs();
   return s;

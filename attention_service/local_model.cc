@@ -89,6 +89,7 @@ absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<
   sp.seed = options.seed;
   sp.max_tokens = options.max_tokens;
   if (options.stop_token >= 0) sp.stop_token_ids.push_back(options.stop_token);
+  sp.ignore_eos = options.ignore_eos;
   RETURN_IF_ERROR(ValidateRequest(prompt, sp, c));
   SequenceKvCache cache(c);
   std::vector<SequenceStep> batch(1);
@@ -107,7 +108,7 @@ absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<
   for (int64_t i = 0; i < options.max_tokens; ++i) {
     const int32_t next = sampler.Sample(logits[0].data(), c.vocab_size).token;
     out.push_back(next);
-    if (next == options.stop_token || i + 1 == options.max_tokens) break;
+    if (IsStopToken(sp, c, next) || i + 1 == options.max_tokens) break;
     batch[0].tokens.assign(1, next);
     RETURN_IF_ERROR(engine.Step(batch, &logits));
   }

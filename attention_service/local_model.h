@@ -73,6 +73,7 @@ struct GenerateOptions {
   uint64_t seed = 0;
   int64_t prefill_chunk = 0;  // 0: the whole prompt in one step
   int32_t stop_token = -1;    // -1: none
+  bool ignore_eos = false;    // else generation also stops at the model's eos_token_ids
 };
 
 // The id with the largest logit; ties go to the lowest id.

@@ -7,6 +7,15 @@
 
 namespace dmoe {
 
+bool IsStopToken(const SamplingParams& p, const ModelConfig& c, int32_t token) {
+  if (std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) !=
+      p.stop_token_ids.end()) {
+    return true;
+  }
+  return !p.ignore_eos &&
+         std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) != c.eos_token_ids.end();
+}
+
 absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingParams& p,
                              const ModelConfig& c) {
   auto bad = [](absl::string_view field, absl::string_view what) {
@@ -34,8 +43,9 @@ absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingP
   if (p.top_k < 0) return bad("top_k", absl::StrCat(p.top_k, " is negative"));
   if (!(p.min_p >= 0 && p.min_p <= 1))
     return bad("min_p", absl::StrCat(p.min_p, " is not in [0, 1]"));
-  if (p.top_logprobs < 0 || p.top_logprobs > c.vocab_size) {
-    return bad("top_logprobs", absl::StrCat(p.top_logprobs, " is not in [0, vocab_size]"));
+  if (p.top_logprobs < 0 || p.top_logprobs > std::min<int64_t>(kMaxTopLogprobs, c.vocab_size)) {
+    return bad("top_logprobs", absl::StrCat(p.top_logprobs, " is not in [0, ",
+                                            std::min<int64_t>(kMaxTopLogprobs, c.vocab_size), "]"));
   }
   for (size_t i = 0; i < p.stop_token_ids.size(); ++i) {
     if (p.stop_token_ids[i] < 0 || p.stop_token_ids[i] >= c.vocab_size) {

@@ -14,6 +14,9 @@
 
 namespace dmoe {
 
+// The most top logprobs a request may ask for per token (OpenAI's limit).
+inline constexpr int64_t kMaxTopLogprobs = 20;
+
 struct SamplingParams {
   double temperature = 0.0;  // 0: greedy (ties to the lowest id)
   int64_t top_k = 0;         // 0: off
@@ -22,15 +25,20 @@ struct SamplingParams {
   uint64_t seed = 0;
   int64_t max_tokens = 16;
   std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;   // don't stop at the model's eos_token_ids
   bool logprobs = false;     // logprob of the chosen token
   int64_t top_logprobs = 0;  // and of the n most likely tokens
 };
 
 // INVALID_ARGUMENT naming the field: empty prompt, token id >= vocab_size, prompt + max_tokens >
 // max_position_embeddings, temperature < 0, top_p outside (0, 1], top_k < 0, min_p outside
-// [0, 1], max_tokens <= 0, top_logprobs < 0, stop token ids outside the vocabulary.
+// [0, 1], max_tokens <= 0, top_logprobs outside [0, 20], stop token ids outside the vocabulary.
 absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingParams& p,
                              const ModelConfig& c);
+
+// True when `token` ends the request: one of its stop_token_ids or, unless ignore_eos, one of
+// the model's eos_token_ids.
+bool IsStopToken(const SamplingParams& p, const ModelConfig& c, int32_t token);
 
 struct SampledToken {
   int32_t token = 0;

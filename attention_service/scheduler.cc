@@ -304,9 +304,7 @@ absl::StatusOr<bool> Scheduler::Step() {
     s->tokens.push_back(t.token);
     ++generated;
     if (s->callbacks.on_token) s->callbacks.on_token(t);
-    const bool stop = std::find(s->params.stop_token_ids.begin(), s->params.stop_token_ids.end(),
-                                t.token) != s->params.stop_token_ids.end();
-    if (stop) {
+    if (IsStopToken(s->params, config_, t.token)) {
       Finish(s, FinishReason::kStop, absl::OkStatus());
     } else if (s->generated() >= s->params.max_tokens ||
                static_cast<int64_t>(s->tokens.size()) >= config_.max_position_embeddings) {

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 
 #include "absl/strings/numbers.h"
@@ -43,6 +44,13 @@ absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, const std::set<std::st
       f.values_[name] = value;
     } else {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name, " (see --help)"));
+    }
+  }
+  // For tests/help_flags_test.sh: with --help and DMOE_HELP_LIST_FLAGS set, the accepted flags go
+  // to stderr, so the test can check that the help documents every one of them.
+  if (f.help_ && std::getenv("DMOE_HELP_LIST_FLAGS") != nullptr) {
+    for (const auto* set : {&value_flags, &bool_flags}) {
+      for (const std::string& name : *set) std::fprintf(stderr, "accepted flag: --%s\n", name.c_str());
     }
   }
   return f;

@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 
 namespace dmoe::cli {
@@ -28,6 +30,20 @@ absl::Status SamplingFromFlags(const Flags& f, v1::SamplingParams* p) {
   p->set_top_p(*top_p);
   p->set_min_p(*min_p);
   if (f.Has("stop")) p->add_stop(f.StringOr("stop", ""));
+  if (f.Has("stop-token")) {
+    auto stop_token = f.Int("stop-token", -1);
+    if (!stop_token.ok()) return stop_token.status();
+    p->add_stop_token_ids(static_cast<int32_t>(*stop_token));
+  }
+  auto logprobs = f.Int("logprobs", -1);
+  if (!logprobs.ok()) return logprobs.status();
+  if (*logprobs > 20) return absl::InvalidArgumentError("--logprobs: at most 20");
+  if (f.Has("logprobs") && *logprobs < 0) return absl::InvalidArgumentError("--logprobs: negative");
+  if (*logprobs >= 0) {
+    p->set_logprobs(true);
+    p->set_top_logprobs(*logprobs);
+  }
+  p->set_ignore_eos(f.Bool("ignore-eos"));
   return absl::OkStatus();
 }
 
@@ -52,7 +68,19 @@ int Stream(const Flags& f, const Request& req,
   v1::GenerateResponse r;
   std::vector<int32_t> ids;
   std::string finish;
+  std::vector<std::string> logprob_lines;  // --logprobs: printed after the text
   while (reader->Read(&r)) {
+    for (int i = 0; i < r.logprobs_size() && i < r.token_ids_size(); ++i) {
+      std::string line = absl::StrFormat("%5zu %7d %10.5f", ids.size() + static_cast<size_t>(i),
+                                         r.token_ids(i), r.logprobs(i));
+      if (i < r.top_logprobs_size()) {
+        for (const auto& t : r.top_logprobs(i).top()) {
+          absl::StrAppend(&line, absl::StrFormat("  %d:%s:%.5f", t.token_id(),
+                                                 absl::CEscape(t.token()), t.logprob()));
+        }
+      }
+      logprob_lines.push_back(std::move(line));
+    }
     ids.insert(ids.end(), r.token_ids().begin(), r.token_ids().end());
     if (!ids_only && !r.text_delta().empty()) {
       std::fwrite(r.text_delta().data(), 1, r.text_delta().size(), stdout);
@@ -69,6 +97,10 @@ int Stream(const Flags& f, const Request& req,
   if (ids_only) {
     std::printf("%s\n", absl::StrJoin(ids, ",").c_str());
   } else {
+    if (!logprob_lines.empty()) {
+      std::printf("\n  pos token_id    logprob  top: id:token:logprob ...\n%s",
+                  absl::StrJoin(logprob_lines, "\n").c_str());
+    }
     std::printf("\n");
     std::fprintf(stderr, "[%zu tokens, finish: %s]\n", ids.size(), finish.c_str());
   }

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -95,6 +97,7 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     execv(args[0], args.data());
+    std::fprintf(stderr, "dmoe up: cannot run %s: %s\n", args[0], std::strerror(errno));
     _exit(127);
   }
   return pid;
@@ -198,6 +201,24 @@ int Up(int argc, char** argv) {
                  dir.c_str());
     if (auto s = WriteTinyModel(dir, *preset, TinyModelOptions()); !s.ok()) {
       return Fail(std::string(s.message()));
+    }
+  }
+  // Every binary before any process starts: a missing one is named with the command that builds it.
+  {
+    std::vector<std::string> missing, targets;
+    for (const char* target : {"router:dmoe-router", "expert_service:dmoe-expert",
+                               "attention_service:dmoe-attention", "gateway:dmoe-gateway"}) {
+      const std::string t(target);
+      const std::string path = bin + "/" + t.substr(0, t.find(':')) + "/" + t.substr(t.find(':') + 1);
+      if (access(path.c_str(), X_OK) != 0) {
+        missing.push_back(path);
+        targets.push_back("//" + t);
+      }
+    }
+    if (!missing.empty()) {
+      return Fail(absl::StrCat("not built: ", absl::StrJoin(missing, ", "),
+                               " (build with: bazel build ", absl::StrJoin(targets, " "),
+                               "; or point --bin-dir at bazel-bin)"));
     }
   }
   auto config = LoadModelConfig(dir);

@@ -42,9 +42,20 @@ commands:
 
 constexpr char kChatHelp[] = R"(usage: dmoe chat --target HOST:PORT [--system TEXT] MESSAGE [flags]
 
-Sends one user MESSAGE (after an optional system prompt) through the DeepSeek chat template of
-the gateway and streams the answer. Flags: --max-tokens N (default 16), --temperature T, --seed S,
---top-k K, --top-p P, --min-p P, --stop STRING, --api-key KEY (or $DMOE_API_KEY), --timeout-ms N.
+Sends one user MESSAGE (after an optional system prompt) through the gateway, which renders the
+model's chat template, and streams the answer.
+
+  --target HOST:PORT   the dmoe-gateway
+  --system TEXT        a system prompt before the message
+  --max-tokens N       tokens to generate (default 16)
+  --temperature T      0 (default) is greedy; > 0 samples
+  --top-k K, --top-p P, --min-p P, --seed S   sampling, as in dmoe generate
+  --stop STRING        the text ends before the first STRING
+  --stop-token ID      stop after generating this id
+  --ignore-eos         don't stop at the model's end-of-sequence token
+  --logprobs N         after the text, each token's logprob and its N most likely alternatives
+  --api-key KEY        the gateway's API key (default $DMOE_API_KEY)
+  --timeout-ms N       deadline of the whole request
 )";
 
 constexpr char kTokenizeHelp[] =
@@ -70,11 +81,16 @@ model.safetensors or a sharded index) in this process, in fp32.
 
 constexpr char kGenerateHelp[] =
     R"(usage: dmoe generate --model DIR --tokens 1,2,3 --max-tokens N [flags]
+       dmoe generate --target HOST:PORT (TEXT | --tokens 1,2,3) --max-tokens N [flags]
 
-Prefills the prompt (whole, or in chunks) and decodes token by token through the latent KV cache,
-in this process. Prints the generated token ids, comma-separated, on one line.
+With --model: prefills the prompt (whole, or in chunks) and decodes token by token through the
+latent KV cache, in this process, and prints the generated token ids, comma-separated, on one line.
+With --target: a client of a dmoe-gateway; streams the text (or prints the ids at the end with
+--print-token-ids). Generation stops at the model's eos_token_id (config.json, or
+generation_config.json when present) with finish reason "stop", unless --ignore-eos.
 
   --model DIR          checkpoint directory (Hugging Face layout)
+  --target HOST:PORT   a dmoe-gateway instead of --model; the prompt is TEXT or --tokens
   --tokens LIST        comma-separated prompt token ids, each in [0, vocab_size)
   --max-tokens N       tokens to generate (prompt + N must fit max_position_embeddings)
   --temperature T      0 (default) is greedy, ties going to the lowest id; > 0 samples
@@ -82,9 +98,15 @@ in this process. Prints the generated token ids, comma-separated, on one line.
   --top-p P            sample among the most likely tokens holding probability P, in (0, 1]
   --min-p P            drop tokens below P times the most likely one's probability
   --seed S             random seed for sampling (default 0)
-  --prefill-chunk C    prefill C prompt tokens per step (default: all at once)
+  --prefill-chunk C    prefill C prompt tokens per step (default: all at once; --model only)
   --stop-token ID      stop after generating this id
+  --ignore-eos         don't stop at the model's end-of-sequence token
   --print-token-ids    print only the ids (no timing line on stderr)
+  --stop STRING        (--target) the text ends before the first STRING
+  --logprobs N         (--target) after the text, each token's logprob and its N most likely
+                       alternatives (0..20)
+  --api-key KEY        (--target) the gateway's API key (default $DMOE_API_KEY)
+  --timeout-ms N       (--target) deadline of the whole request
 %s)";
 
 constexpr char kMakeTinyHelp[] =
@@ -166,8 +188,8 @@ int GenerateCmd(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
                             WithRemote({"model", "tokens", "max-tokens", "temperature", "seed",
                                         "prefill-chunk", "stop-token", "top-k", "top-p", "min-p",
-                                        "target", "api-key", "timeout-ms", "stop"}),
-                            {"print-token-ids"});
+                                        "target", "api-key", "timeout-ms", "stop", "logprobs"}),
+                            {"print-token-ids", "ignore-eos"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::printf(kGenerateHelp, kRemoteHelp);
@@ -220,6 +242,12 @@ int GenerateCmd(int argc, char** argv) {
   g.top_k = *top_k;
   g.top_p = *top_p;
   g.min_p = *min_p;
+  g.ignore_eos = flags->Bool("ignore-eos");
+  if (flags->Has("logprobs") || flags->Has("stop") || flags->Has("api-key") ||
+      flags->Has("timeout-ms")) {
+    return Fail(absl::InvalidArgumentError(
+        "--logprobs, --stop, --api-key and --timeout-ms need --target (a gateway)"));
+  }
   const bool quiet = flags->Bool("print-token-ids");
   LocalModelOptions options;
   options.log_progress = !quiet;
@@ -288,8 +316,9 @@ int MakeTinyModel(int argc, char** argv) {
 int Chat(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
                             {"target", "system", "max-tokens", "temperature", "seed", "top-k",
-                             "top-p", "min-p", "stop", "api-key", "timeout-ms"},
-                            {});
+                             "top-p", "min-p", "stop", "stop-token", "api-key", "timeout-ms",
+                             "logprobs"},
+                            {"ignore-eos"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kChatHelp, stdout);

@@ -83,6 +83,7 @@ internal::SamplingParams Forward(const v1::SamplingParams& p) {
   for (int32_t id : p.stop_token_ids()) s.add_stop_token_ids(id);
   s.set_logprobs(p.logprobs());
   s.set_top_logprobs(p.top_logprobs());
+  s.set_ignore_eos(p.ignore_eos());
   return s;
 }
 
@@ -162,6 +163,15 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
         for (const auto& t : r.tokens()) {
           out.add_token_ids(t.token_id());
           if (sampling_.logprobs()) out.add_logprobs(t.logprob());
+          if (sampling_.top_logprobs() > 0) {
+            v1::TopLogprobs* top = out.add_top_logprobs();
+            for (const auto& e : t.top()) {
+              v1::TokenLogprob* l = top->add_top();
+              l->set_token_id(e.token_id());
+              l->set_logprob(e.logprob());
+              if (tok != nullptr) l->set_token(tok->TokenBytes(e.token_id()));
+            }
+          }
           if (detok) text += detok->Add(t.token_id());
         }
         completion += r.tokens_size();

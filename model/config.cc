@@ -38,6 +38,30 @@ absl::Status GetInt(const Json& obj, const char* name, int64_t* out,
   return absl::OkStatus();
 }
 
+// A token id or a list of them (eos_token_id); absent or null leaves *out unchanged.
+absl::Status GetIdList(const Json& obj, const char* name, std::vector<int64_t>* out) {
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return absl::OkStatus();
+  std::vector<int64_t> ids;
+  if (it->is_array()) {
+    for (size_t i = 0; i < it->size(); ++i) {
+      const Json& v = (*it)[i];
+      if (!v.is_number_integer() || v.get<int64_t>() < 0) {
+        return FieldError(absl::StrCat(name, "[", i, "]"),
+                          absl::StrCat("expected a token id, got ", v.dump()));
+      }
+      ids.push_back(v.get<int64_t>());
+    }
+  } else if (it->is_number_integer() && it->get<int64_t>() >= 0) {
+    ids.push_back(it->get<int64_t>());
+  } else {
+    return FieldError(name, absl::StrCat("expected a token id or a list of them, got ",
+                                         it->dump()));
+  }
+  *out = std::move(ids);
+  return absl::OkStatus();
+}
+
 absl::Status GetDouble(const Json& obj, const char* name, double* out,
                        const std::string& prefix = "") {
   const std::string field = prefix + name;
@@ -274,11 +298,11 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
       {"moe_layer_freq", &c.moe_layer_freq},
       {"max_position_embeddings", &c.max_position_embeddings},
       {"bos_token_id", &c.bos_token_id},
-      {"eos_token_id", &c.eos_token_id},
   };
   for (const IntField& f : ints) {
     if (auto st = GetInt(j, f.name, f.dst); !st.ok()) return st;
   }
+  if (auto st = GetIdList(j, "eos_token_id", &c.eos_token_ids); !st.ok()) return st;
   // q_lora_rank: absent means the default 1536, an explicit null means a plain q_proj.
   if (auto it = j.find("q_lora_rank"); it != j.end() && it->is_null()) {
     c.q_lora_rank = 0;
@@ -333,6 +357,25 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   if (!c.ok()) {
     return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
   }
+  const std::string gen_path = model_dir + "/generation_config.json";
+  if (std::ifstream gen(gen_path, std::ios::binary); gen) {
+    std::stringstream gs;
+    gs << gen.rdbuf();
+    const Json g = Json::parse(gs.str(), nullptr, /*allow_exceptions=*/false);
+    if (g.is_discarded() || !g.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(gen_path, ": not a JSON object"));
+    }
+    if (auto st = GetIdList(g, "eos_token_id", &c->eos_token_ids); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat(gen_path, ": ", st.message()));
+    }
+  }
+  for (size_t i = 0; i < c->eos_token_ids.size(); ++i) {
+    if (c->eos_token_ids[i] >= c->vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          model_dir, ": eos_token_id ", c->eos_token_ids[i], " is outside the vocabulary (",
+          c->vocab_size, ")"));
+    }
+  }
   return c;
 }
 
@@ -383,7 +426,13 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   j["hidden_act"] = "silu";
   j["attention_bias"] = false;
   j["bos_token_id"] = c.bos_token_id >= 0 ? Json(c.bos_token_id) : Json(nullptr);
-  j["eos_token_id"] = c.eos_token_id >= 0 ? Json(c.eos_token_id) : Json(nullptr);
+  if (c.eos_token_ids.empty()) {
+    j["eos_token_id"] = nullptr;
+  } else if (c.eos_token_ids.size() == 1) {
+    j["eos_token_id"] = c.eos_token_ids[0];
+  } else {
+    j["eos_token_id"] = c.eos_token_ids;
+  }
   j["torch_dtype"] = "float32";
   return j.dump(2) + "\n";
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -53,7 +54,10 @@ struct ModelConfig {
   int64_t max_position_embeddings = 2048;
   bool tie_word_embeddings = false;
   int64_t bos_token_id = -1;  // -1: absent
-  int64_t eos_token_id = -1;
+  // End of sequence: config.json's `eos_token_id` (an int or a list), replaced by
+  // generation_config.json's when that file names one (as Hugging Face's generate() does).
+  // Generation stops at any of them unless a request sets ignore_eos.
+  std::vector<int64_t> eos_token_ids;
 
   int64_t q_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   // Values per token per layer in the latent KV cache: c_kv plus the rotated k_pe.

@@ -137,7 +137,7 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
   c.rope_theta = 10000;
   c.tie_word_embeddings = false;
   c.bos_token_id = 0;
-  c.eos_token_id = 1;
+  c.eos_token_ids = {1};
   if (preset == "tiny") return c;
   if (preset == "tiny-lite") {
     c.q_lora_rank = 0;
@@ -178,7 +178,7 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.intermediate_size = 128;
     c.moe_intermediate_size = 32;
     c.bos_token_id = 0;
-    c.eos_token_id = 1;
+    c.eos_token_ids = {1};
     return c;
   }
   return absl::InvalidArgumentError(absl::StrCat(

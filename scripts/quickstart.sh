@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bazel build //cli:dmoe //expert_service:dmoe-expert //attention_service:dmoe-attention \
+bazel build //cli:dmoe //router:dmoe-router //expert_service:dmoe-expert //attention_service:dmoe-attention \
   //gateway:dmoe-gateway
 dmoe=bazel-bin/cli/dmoe
 model=.cache/tiny-demo
@@ -28,10 +28,13 @@ fi
 gateway=$(sed -n 's/^gateway: //p' .cache/dmoe-up.out)
 echo
 echo "sample request through the gateway at $gateway:"
+# The sample's text also goes to .cache/quickstart-sample.txt (.ci/run checks that some came back).
 if [ "$text" -eq 1 ]; then
-  "$dmoe" generate --target "$gateway" "Hello, DeepSeek! 你好" --max-tokens 24 --temperature 0
+  "$dmoe" generate --target "$gateway" "Hello, DeepSeek! 你好" --max-tokens 24 --temperature 0 \
+    --ignore-eos | tee .cache/quickstart-sample.txt
 else
-  "$dmoe" generate --target "$gateway" --tokens 1,2,3,4 --max-tokens 16 --temperature 0 --print-token-ids
+  "$dmoe" generate --target "$gateway" --tokens 1,2,3,4 --max-tokens 16 --temperature 0 \
+    --ignore-eos --print-token-ids | tee .cache/quickstart-sample.txt
 fi
 echo
 echo "the cluster is up (random weights, so the text is gibberish): bazel-bin/cli/dmoe down stops it"

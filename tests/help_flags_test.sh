@@ -4,10 +4,20 @@
 set -euo pipefail
 bin=$TEST_SRCDIR/dmoe
 failures=0 checked=0
-check() {  # check "COMMAND..." : every --flag in its help parses
+undocumented=0
+check() {  # check "COMMAND..." : every --flag in its help parses, and every accepted flag is in its help
   local cmd=$1
-  local flags
-  flags=$($cmd --help | grep -o -- '--[a-z][a-z0-9-]*' | sort -u)
+  local flags help accepted
+  help=$(DMOE_HELP_LIST_FLAGS=1 $cmd --help 2>"$TEST_TMPDIR/accepted")
+  flags=$(echo "$help" | grep -o -- '--[a-z][a-z0-9-]*' | sort -u)
+  accepted=$(sed -n 's/^accepted flag: //p' "$TEST_TMPDIR/accepted")
+  [ -n "$accepted" ] || { echo "$cmd: no accepted flags listed"; failures=$((failures + 1)); }
+  for f in $accepted; do
+    if ! echo "$flags" | grep -qx -- "$f"; then
+      echo "$cmd: accepts $f but its --help does not document it"
+      undocumented=$((undocumented + 1))
+    fi
+  done
   for f in $flags; do
     [ "$f" = "--help" ] && continue
     checked=$((checked + 1))
@@ -22,5 +32,5 @@ check "$bin/expert_service/dmoe-expert"
 check "$bin/attention_service/dmoe-attention"
 check "$bin/gateway/dmoe-gateway"
 check "$bin/router/dmoe-router"
-echo "$checked documented flags checked, $failures rejected"
-[ "$failures" -eq 0 ]
+echo "$checked documented flags checked, $failures rejected, $undocumented accepted but undocumented"
+[ "$failures" -eq 0 ] && [ "$undocumented" -eq 0 ]
