@@ -1,0 +1,237 @@
+// What a client of the public API sees of generation, through real dmoe-attention and dmoe-gateway
+// processes (and in process where dmoe generate has the same path):
+// - Generation stops at the model's end-of-sequence token: a checkpoint whose generation_config.json
+//   names as eos the token the model emits at step k ends at step k with finish reason "stop";
+//   ignore_eos runs on to max_tokens. The token at step k comes from a run of the unmodified model.
+// - Top logprobs reach the client: N per token, most likely first, equal to a float64 log-softmax
+//   of the model's logits computed here.
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention_service/kv_cache.h"
+#include "attention_service/local_model.h"
+#include "gtest/gtest.h"
+#include "model/config.h"
+#include "model/tiny_model.h"
+#include "proto/dmoe/v1/dmoe.grpc.pb.h"
+#include "tests/process_util.h"
+
+namespace dmoe {
+namespace {
+
+using testing::ChildProcess;
+using testing::Runfile;
+using testing::TmpDir;
+
+constexpr int64_t kMaxTokens = 12;
+const std::vector<int32_t> kPrompt = {5, 6, 7, 8};
+
+std::vector<int32_t> GenerateInProcess(const std::string& dir, bool ignore_eos) {
+  auto model = LocalModel::Load(dir, LocalModelOptions());
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (!model.ok()) return {};
+  GenerateOptions g;
+  g.max_tokens = kMaxTokens;
+  g.ignore_eos = ignore_eos;
+  auto out = Generate((*model)->engine(), kPrompt, g);
+  EXPECT_TRUE(out.ok()) << out.status();
+  return out.ok() ? *out : std::vector<int32_t>{};
+}
+
+struct Streamed {
+  std::vector<int32_t> ids;
+  std::string finish;
+  grpc::Status status;
+};
+
+Streamed ViaGateway(v1::Dmoe::Stub* gateway, bool ignore_eos) {
+  v1::GenerateRequest req;
+  for (int32_t t : kPrompt) req.mutable_token_ids()->add_ids(t);
+  req.mutable_sampling()->set_max_tokens(kMaxTokens);
+  req.mutable_sampling()->set_ignore_eos(ignore_eos);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto reader = gateway->Generate(&ctx, req);
+  Streamed s;
+  v1::GenerateResponse r;
+  while (reader->Read(&r)) {
+    s.ids.insert(s.ids.end(), r.token_ids().begin(), r.token_ids().end());
+    if (!r.finish_reason().empty()) s.finish = r.finish_reason();
+  }
+  s.status = reader->Finish();
+  return s;
+}
+
+// A dmoe-attention (experts in process) and a dmoe-gateway over it, on `dir`.
+class Serving {
+ public:
+  explicit Serving(const std::string& dir) {
+    const std::string tag = std::to_string(++count_);
+    attention_ = ChildProcess({Runfile("attention_service/dmoe-attention"), "--model", dir,
+                               "--kv-blocks", "64", "--block-tokens", "8", "--blas-threads", "1",
+                               "--ready-file", TmpDir() + "/attn" + tag + ".json"},
+                              TmpDir() + "/attn" + tag + ".log");
+    auto attn =
+        testing::WaitForReadyFile(TmpDir() + "/attn" + tag + ".json", std::chrono::seconds(60));
+    EXPECT_FALSE(attn.empty()) << attention_.Log();
+    if (attn.empty()) return;
+    gateway_ = ChildProcess({Runfile("gateway/dmoe-gateway"), "--attention", attn["grpc"],
+                             "--model", dir, "--ready-file", TmpDir() + "/gw" + tag + ".json"},
+                            TmpDir() + "/gw" + tag + ".log");
+    auto gw = testing::WaitForReadyFile(TmpDir() + "/gw" + tag + ".json", std::chrono::seconds(60));
+    EXPECT_FALSE(gw.empty()) << gateway_.Log();
+    if (gw.empty()) return;
+    stub_ = v1::Dmoe::NewStub(grpc::CreateChannel(gw["grpc"], grpc::InsecureChannelCredentials()));
+  }
+  v1::Dmoe::Stub* stub() { return stub_.get(); }
+
+ private:
+  static inline int count_ = 0;
+  ChildProcess attention_, gateway_;
+  std::unique_ptr<v1::Dmoe::Stub> stub_;
+};
+
+TEST(EosTest, StopsAtEosInProcessAndThroughTheGateway) {
+  const std::string plain = TmpDir() + "/plain";
+  ASSERT_TRUE(WriteTinyModel(plain, *PresetConfig("tiny"), TinyModelOptions()).ok());
+  // config.json's eos (1) must not occur in the plain run, or it would already stop there.
+  const std::vector<int32_t> full = GenerateInProcess(plain, /*ignore_eos=*/true);
+  ASSERT_EQ(full.size(), static_cast<size_t>(kMaxTokens));
+  ASSERT_EQ(GenerateInProcess(plain, /*ignore_eos=*/false), full)
+      << "the tiny model emits its config eos (1); pick another prompt";
+  // Step k: the first position >= 3 whose token did not occur before it.
+  size_t k = 3;
+  while (k < full.size() &&
+         std::find(full.begin(), full.begin() + static_cast<long>(k), full[k]) !=
+             full.begin() + static_cast<long>(k)) {
+    ++k;
+  }
+  ASSERT_LT(k, full.size() - 1) << "no fresh token to use as eos";
+  const int32_t eos = full[k];
+
+  // The same weights; generation_config.json names [eos, 2] (a list, overriding config.json's 1).
+  const std::string dir = TmpDir() + "/eos";
+  std::filesystem::create_directories(dir);
+  for (const char* f : {"config.json", "model.safetensors"}) {
+    std::filesystem::copy_file(plain + "/" + f, dir + "/" + f,
+                               std::filesystem::copy_options::overwrite_existing);
+  }
+  std::ofstream(dir + "/generation_config.json")
+      << "{\"bos_token_id\": 0, \"eos_token_id\": [" << eos << ", 2]}";
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->eos_token_ids, (std::vector<int64_t>{eos, 2}));
+
+  const std::vector<int32_t> expected(full.begin(), full.begin() + static_cast<long>(k) + 1);
+  EXPECT_EQ(GenerateInProcess(dir, /*ignore_eos=*/false), expected);
+  EXPECT_EQ(GenerateInProcess(dir, /*ignore_eos=*/true), full);
+
+  Serving serving(dir);
+  ASSERT_NE(serving.stub(), nullptr);
+  v1::Dmoe::Stub* stub = serving.stub();
+  const Streamed stopped = ViaGateway(stub, /*ignore_eos=*/false);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.ids, expected);
+  EXPECT_EQ(stopped.finish, "stop");
+  const Streamed ignored = ViaGateway(stub, /*ignore_eos=*/true);
+  ASSERT_TRUE(ignored.status.ok()) << ignored.status.error_message();
+  EXPECT_EQ(ignored.ids, full);
+  EXPECT_EQ(ignored.finish, "length");
+}
+
+TEST(EosTest, BadEosTokenIdNamesTheField) {
+  const std::string dir = TmpDir() + "/bad";
+  ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
+  for (const std::string& bad : {std::string("\"x\""), std::string("[1, -3]"),
+                                 std::string("1000000")}) {
+    std::ofstream(dir + "/generation_config.json") << "{\"eos_token_id\": " << bad << "}";
+    auto config = LoadModelConfig(dir);
+    ASSERT_FALSE(config.ok()) << bad;
+    EXPECT_NE(std::string(config.status().message()).find("eos_token_id"), std::string::npos)
+        << config.status();
+  }
+  std::ofstream(dir + "/generation_config.json") << "{not json";
+  EXPECT_FALSE(LoadModelConfig(dir).ok());
+}
+
+TEST(TopLogprobsTest, EachTokenHasItsMostLikelyAlternativesFromTheModelsLogits) {
+  const std::string dir = TmpDir() + "/logprobs";
+  ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
+  Serving serving(dir);
+  ASSERT_NE(serving.stub(), nullptr);
+  constexpr int kTop = 5;
+  v1::GenerateRequest req;
+  for (int32_t t : kPrompt) req.mutable_token_ids()->add_ids(t);
+  req.mutable_sampling()->set_max_tokens(6);
+  req.mutable_sampling()->set_logprobs(true);
+  req.mutable_sampling()->set_top_logprobs(kTop);
+  req.mutable_sampling()->set_ignore_eos(true);
+  std::vector<int32_t> ids;
+  std::vector<float> chosen;
+  std::vector<v1::TopLogprobs> tops;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = serving.stub()->Generate(&ctx, req);
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+      ASSERT_EQ(r.logprobs_size(), r.token_ids_size());
+      ASSERT_EQ(r.top_logprobs_size(), r.token_ids_size());
+      ids.insert(ids.end(), r.token_ids().begin(), r.token_ids().end());
+      chosen.insert(chosen.end(), r.logprobs().begin(), r.logprobs().end());
+      tops.insert(tops.end(), r.top_logprobs().begin(), r.top_logprobs().end());
+    }
+    const grpc::Status st = reader->Finish();
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  ASSERT_EQ(ids.size(), 6u);
+  // The model's logits at every generated position, and their log-softmax in float64.
+  auto model = LocalModel::Load(dir, LocalModelOptions());
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& c = (*model)->engine().config();
+  SequenceKvCache cache(c);
+  std::vector<SequenceStep> batch(1);
+  batch[0].cache = &cache;
+  batch[0].tokens = kPrompt;
+  std::vector<std::vector<float>> logits;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ASSERT_TRUE((*model)->engine().Step(batch, &logits).ok());
+    const std::vector<float>& row = logits[0];
+    double mx = -INFINITY;
+    for (float v : row) mx = std::max(mx, static_cast<double>(v));
+    double sum = 0;
+    for (float v : row) sum += std::exp(static_cast<double>(v) - mx);
+    auto logprob = [&](int32_t id) { return static_cast<double>(row[id]) - mx - std::log(sum); };
+    std::vector<int32_t> order(row.size());
+    for (size_t j = 0; j < order.size(); ++j) order[j] = static_cast<int32_t>(j);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+    EXPECT_EQ(ids[i], order[0]) << "greedy picks the most likely token at " << i;
+    EXPECT_NEAR(chosen[i], logprob(ids[i]), 1e-4) << i;
+    ASSERT_EQ(tops[i].top_size(), kTop) << i;
+    for (int j = 0; j < kTop; ++j) {
+      EXPECT_EQ(tops[i].top(j).token_id(), order[static_cast<size_t>(j)]) << i << " " << j;
+      EXPECT_NEAR(tops[i].top(j).logprob(), logprob(order[static_cast<size_t>(j)]), 1e-4);
+    }
+    batch[0].tokens = {ids[i]};
+  }
+  // More than 20 is refused, naming the field.
+  req.mutable_sampling()->set_top_logprobs(21);
+  grpc::ClientContext ctx;
+  auto reader = serving.stub()->Generate(&ctx, req);
+  v1::GenerateResponse r;
+  while (reader->Read(&r)) {
+  }
+  const grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("top_logprobs"), std::string::npos) << st.error_message();
+}
+
+}  // namespace
+}  // namespace dmoe
