@@ -165,6 +165,7 @@ int Main(int argc, char** argv) {
   if (server == nullptr || port == 0) {
     return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
   }
+  SetReadiness(server.get(), "dmoe.internal.AttentionService", true);
   const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
   std::fprintf(stderr, "dmoe-attention: serving on %s, metrics on http://%s/metrics\n",
                addr.c_str(), metrics_addr->c_str());
@@ -191,6 +192,7 @@ int Main(int argc, char** argv) {
   // Graceful: admit nothing new (new requests get UNAVAILABLE and the gateway retries them on
   // another node), let the accepted ones finish within the grace period, then stop.
   std::fprintf(stderr, "dmoe-attention: signal %d, draining\n", sig);
+  SetReadiness(server.get(), "dmoe.internal.AttentionService", false);
   scheduler.Drain();
   const auto grace = std::chrono::steady_clock::now() + std::chrono::seconds(v["drain-seconds"]);
   while (std::chrono::steady_clock::now() < grace) {

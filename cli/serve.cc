@@ -124,6 +124,7 @@ int Serve(int argc, char** argv) {
   if (server == nullptr || port == 0) {
     return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
   }
+  SetReadiness(server.get(), "dmoe.v1.Dmoe", true);
   std::printf("gateway: %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
   std::fflush(stdout);
   int sig = 0;

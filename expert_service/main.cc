@@ -329,6 +329,7 @@ int Main(int argc, char** argv) {
     return Fail(
         absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", grpc_listen)));
   }
+  SetReadiness(grpc_server.get(), "dmoe.internal.ExpertControl", true);
   const std::string grpc_addr =
       absl::StrCat(grpc_listen.substr(0, grpc_listen.rfind(':')), ":", grpc_port);
   std::fprintf(stderr, "dmoe-expert: serving %zu experts; grpc %s, ucx %s\n", shard.store()->size(),
@@ -376,6 +377,7 @@ int Main(int argc, char** argv) {
   int sig = 0;
   sigwait(&stop, &sig);
   std::fprintf(stderr, "dmoe-expert: signal %d, stopping\n", sig);
+  SetReadiness(grpc_server.get(), "dmoe.internal.ExpertControl", false);
   if (member != nullptr) {
     // Leave without refusing anything: deregister, wait for a map without this shard to be
     // active, then give attention nodes --drain-ms to switch to it. Leave at once when the router

@@ -183,11 +183,18 @@ int Main(int argc, char** argv) {
     }
   }
   std::atomic<bool> done{false};
+  std::atomic<grpc::Server*> server_ready{nullptr};
   std::thread watcher([&] {
+    int last_ready = -1;
     for (int tick = 0; !done; ++tick) {
       if (member != nullptr && tick % 10 == 0) discover();
       known_nodes.Set(static_cast<double>(pool.size()));
       healthy_nodes.Set(static_cast<double>(pool.healthy()));
+      const int ready = pool.healthy() > 0 ? 1 : 0;
+      if (grpc::Server* s = server_ready.load(); s != nullptr && ready != last_ready) {
+        SetReadiness(s, "dmoe.v1.Dmoe", ready == 1);
+        last_ready = ready;
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   });
@@ -202,6 +209,9 @@ int Main(int argc, char** argv) {
   if (server == nullptr || port == 0) {
     return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
   }
+  // Ready while at least one attention node is healthy (the watcher keeps it current).
+  SetReadiness(server.get(), "dmoe.v1.Dmoe", pool.healthy() > 0);
+  server_ready = server.get();
   const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
   std::fprintf(stderr, "dmoe-gateway: serving on %s over %zu attention node(s)\n", addr.c_str(),
                pool.size());
@@ -216,9 +226,9 @@ int Main(int argc, char** argv) {
   }
   int sig = 0;
   sigwait(&stop, &sig);
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   done = true;
   watcher.join();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }
 

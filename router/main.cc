@@ -150,6 +150,7 @@ int Main(int argc, char** argv) {
     leases.join();
     return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
   }
+  SetReadiness(server.get(), "dmoe.internal.RouterService", true);
   const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
   std::fprintf(stderr, "dmoe-router: serving on %s\n", addr.c_str());
   if (flags->Has("ready-file")) {

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attention_service/kv_cache.h"
@@ -21,6 +22,7 @@
 #include "model/config.h"
 #include "model/tiny_model.h"
 #include "proto/dmoe/v1/dmoe.grpc.pb.h"
+#include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "tests/process_util.h"
 
 namespace dmoe {
@@ -82,21 +84,41 @@ class Serving {
         testing::WaitForReadyFile(TmpDir() + "/attn" + tag + ".json", std::chrono::seconds(60));
     EXPECT_FALSE(attn.empty()) << attention_.Log();
     if (attn.empty()) return;
+    attention_address_ = attn["grpc"];
     gateway_ = ChildProcess({Runfile("gateway/dmoe-gateway"), "--attention", attn["grpc"],
                              "--model", dir, "--ready-file", TmpDir() + "/gw" + tag + ".json"},
                             TmpDir() + "/gw" + tag + ".log");
     auto gw = testing::WaitForReadyFile(TmpDir() + "/gw" + tag + ".json", std::chrono::seconds(60));
     EXPECT_FALSE(gw.empty()) << gateway_.Log();
     if (gw.empty()) return;
+    gateway_address_ = gw["grpc"];
     stub_ = v1::Dmoe::NewStub(grpc::CreateChannel(gw["grpc"], grpc::InsecureChannelCredentials()));
   }
   v1::Dmoe::Stub* stub() { return stub_.get(); }
+  ChildProcess& attention() { return attention_; }
+  const std::string& attention_address() const { return attention_address_; }
+  const std::string& gateway_address() const { return gateway_address_; }
 
  private:
   static inline int count_ = 0;
   ChildProcess attention_, gateway_;
   std::unique_ptr<v1::Dmoe::Stub> stub_;
+  std::string attention_address_, gateway_address_;
 };
+
+// grpc.health.v1 Check of `service` at `address`; UNKNOWN when the call fails.
+grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& address,
+                                                            const std::string& service) {
+  auto stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  grpc::health::v1::HealthCheckResponse reply;
+  if (!stub->Check(&ctx, req, &reply).ok()) return grpc::health::v1::HealthCheckResponse::UNKNOWN;
+  return reply.status();
+}
 
 TEST(EosTest, StopsAtEosInProcessAndThroughTheGateway) {
   const std::string plain = TmpDir() + "/plain";
@@ -231,6 +253,62 @@ TEST(TopLogprobsTest, EachTokenHasItsMostLikelyAlternativesFromTheModelsLogits) 
   const grpc::Status st = reader->Finish();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st.error_message().find("top_logprobs"), std::string::npos) << st.error_message();
+}
+
+// Readiness ("") is NOT_SERVING on a draining attention node and on a gateway whose attention
+// nodes are gone; liveness ("dmoe.liveness") stays SERVING while the process answers.
+TEST(HealthTest, ReadinessFollowsDrainAndAttentionNodes) {
+  using grpc::health::v1::HealthCheckResponse;
+  const std::string dir = TmpDir() + "/health";
+  ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
+  Serving serving(dir);
+  ASSERT_NE(serving.stub(), nullptr);
+  for (const std::string& addr : {serving.attention_address(), serving.gateway_address()}) {
+    EXPECT_EQ(Health(addr, ""), HealthCheckResponse::SERVING) << addr;
+    EXPECT_EQ(Health(addr, "dmoe.liveness"), HealthCheckResponse::SERVING) << addr;
+  }
+  EXPECT_EQ(Health(serving.gateway_address(), "dmoe.v1.Dmoe"), HealthCheckResponse::SERVING);
+  // Long requests keep the attention node draining after SIGTERM.
+  constexpr int kStreams = 6;
+  std::vector<std::unique_ptr<grpc::ClientContext>> ctxs;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  v1::GenerateRequest req;
+  for (int32_t t : kPrompt) req.mutable_token_ids()->add_ids(t);
+  req.mutable_sampling()->set_max_tokens(500);
+  req.mutable_sampling()->set_ignore_eos(true);
+  for (int i = 0; i < kStreams; ++i) {
+    ctxs.push_back(std::make_unique<grpc::ClientContext>());
+    readers.push_back(serving.stub()->Generate(ctxs.back().get(), req));
+    v1::GenerateResponse first;
+    ASSERT_TRUE(readers.back()->Read(&first));
+  }
+  kill(serving.attention().pid(), SIGTERM);
+  HealthCheckResponse::ServingStatus draining = HealthCheckResponse::SERVING;
+  for (int i = 0; i < 200 && draining == HealthCheckResponse::SERVING; ++i) {
+    draining = Health(serving.attention_address(), "");
+    if (draining == HealthCheckResponse::SERVING) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  EXPECT_EQ(draining, HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(serving.attention_address(), "dmoe.liveness"), HealthCheckResponse::SERVING)
+      << "a draining node is alive (requests still running)";
+  // The drained node exits once its requests finished; then the gateway has no healthy node.
+  for (auto& r : readers) {
+    v1::GenerateResponse resp;
+    while (r->Read(&resp)) {
+    }
+    EXPECT_TRUE(r->Finish().ok());
+  }
+  EXPECT_GE(serving.attention().Wait(std::chrono::seconds(30)), 0) << "drained node did not exit";
+  HealthCheckResponse::ServingStatus gw = HealthCheckResponse::SERVING;
+  for (int i = 0; i < 300 && gw == HealthCheckResponse::SERVING; ++i) {
+    gw = Health(serving.gateway_address(), "");
+    if (gw == HealthCheckResponse::SERVING) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(gw, HealthCheckResponse::NOT_SERVING) << "gateway without attention nodes";
+  EXPECT_EQ(Health(serving.gateway_address(), "dmoe.v1.Dmoe"), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(serving.gateway_address(), "dmoe.liveness"), HealthCheckResponse::SERVING);
 }
 
 }  // namespace

@@ -21,6 +21,13 @@ for (const w of workloads) {
   for (const c of tmpl.spec.containers) {
     const cn = `${name}/${c.name}`;
     if (!c.readinessProbe || !c.livenessProbe) fail(`${cn}: missing readiness or liveness probe`);
+    // Liveness asks whether the process answers (grpc.health.v1 service "dmoe.liveness"),
+    // readiness whether it can serve (service "": NOT_SERVING while draining or, on a gateway,
+    // while no attention node is healthy). The same check for both would restart draining pods.
+    for (const [kind, probe] of [["livenessProbe", c.livenessProbe], ["startupProbe", c.startupProbe]]) {
+      if (probe && (!probe.grpc || probe.grpc.service !== "dmoe.liveness")) fail(`${cn}: ${kind} must be grpc service dmoe.liveness`);
+    }
+    if (c.readinessProbe && (!c.readinessProbe.grpc || (c.readinessProbe.grpc.service || "") !== "")) fail(`${cn}: readinessProbe must be grpc service ""`);
     if (!c.resources || !c.resources.requests || !c.resources.requests.cpu || !c.resources.requests.memory) fail(`${cn}: missing cpu/memory requests`);
     const args = [...(c.command || []), ...(c.args || [])].join(" ");
     const grpc = (c.ports || []).find((p) => p.name === "grpc");
