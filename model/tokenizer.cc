@@ -147,6 +147,53 @@ struct Tokenizer::Trie {
 
 Tokenizer::~Tokenizer() = default;
 
+absl::StatusOr<std::string> OnigurumaRegexToPcre2(const std::string& pattern) {
+  std::string out;
+  out.reserve(pattern.size() + 32);
+  bool in_class = false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char ch = pattern[i];
+    if (ch == '\\' && i + 1 < pattern.size()) {
+      const char e = pattern[++i];
+      switch (e) {
+        case 's': out += "\\p{White_Space}"; break;
+        case 'S': out += "\\P{White_Space}"; break;
+        case 'h': out += in_class ? "0-9a-fA-F" : "[0-9a-fA-F]"; break;
+        case 'H':
+          if (in_class) {
+            return absl::InvalidArgumentError("\\H inside a character class is not supported");
+          }
+          out += "[^0-9a-fA-F]";
+          break;
+        case 'v': out += "\\x{0B}"; break;
+        default:
+          out += ch;
+          out += e;
+      }
+      continue;
+    }
+    if (!in_class && ch == '[') {
+      in_class = true;
+      out += ch;
+      // A ']' right after '[' or '[^' is a literal member, not the end of the class.
+      if (i + 1 < pattern.size() && pattern[i + 1] == '^') out += pattern[++i];
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') out += pattern[++i];
+      continue;
+    }
+    if (in_class && ch == '[' && i + 1 < pattern.size() && pattern[i + 1] == ':') {
+      const size_t end = pattern.find(":]", i + 2);  // a POSIX class such as [:alpha:]
+      if (end != std::string::npos) {
+        out.append(pattern, i, end + 2 - i);
+        i = end + 1;
+        continue;
+      }
+    }
+    if (in_class && ch == ']') in_class = false;
+    out += ch;
+  }
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
@@ -269,7 +316,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
     if (!p.contains("pattern") || !p["pattern"].contains("Regex")) {
       return Bad("pre_tokenizer Split: only Regex patterns");
     }
-    const std::string pattern = p["pattern"]["Regex"].get<std::string>();
+    const std::string onig = p["pattern"]["Regex"].get<std::string>();
+    auto translated = OnigurumaRegexToPcre2(onig);
+    if (!translated.ok()) {
+      return Bad(absl::StrCat("pre_tokenizer regex \"", onig, "\": ", translated.status().message()));
+    }
+    const std::string& pattern = *translated;
     auto re = std::make_unique<Regex>();
     int err = 0;
     PCRE2_SIZE at = 0;

@@ -52,6 +52,15 @@ class Tokenizer {
   std::unordered_map<std::string, int32_t> char_byte_;
 };
 
+// Rewrites a tokenizer.json regex (Oniguruma syntax, as Hugging Face's `tokenizers` compiles it) for
+// PCRE2 with PCRE2_UTF | PCRE2_UCP, where the two disagree on a character class:
+// - `\s` / `\S`: Oniguruma's is Unicode's White_Space property (25 code points); PCRE2's also
+//   holds U+180E MONGOLIAN VOWEL SEPARATOR (White_Space until Unicode 6.3) -> \p{White_Space}.
+// - `\h` / `\H`: Oniguruma's is a hexadecimal digit [0-9a-fA-F]; PCRE2's horizontal space.
+// - `\v`: Oniguruma's is the character U+000B; PCRE2's vertical space (7 code points).
+// INVALID_ARGUMENT for `\H` inside a character class (no PCRE2 equivalent without nesting).
+absl::StatusOr<std::string> OnigurumaRegexToPcre2(const std::string& pattern);
+
 // Turns a stream of token ids into text that never ends in the middle of a UTF-8 sequence:
 // bytes of an incomplete character are held back until it completes (invalid bytes come out as
 // U+FFFD once they cannot start or continue a character).

@@ -114,4 +114,47 @@ TEST(Tokenizer, UnsupportedFilesAreClearErrors) {
 }
 
 }  // namespace
+TEST(OnigurumaRegexToPcre2, RewritesTheClassesWherePcre2Differs) {
+  EXPECT_EQ(*OnigurumaRegexToPcre2(R"(\s+(?!\S)|\s+)"),
+            R"(\p{White_Space}+(?!\P{White_Space})|\p{White_Space}+)");
+  EXPECT_EQ(*OnigurumaRegexToPcre2(R"([^\s\p{L}]\h\v[\h])"),
+            R"([^\p{White_Space}\p{L}][0-9a-fA-F]\x{0B}[0-9a-fA-F])");
+  // Escaped backslashes and brackets, literal ']' first in a class, POSIX classes are kept.
+  EXPECT_EQ(*OnigurumaRegexToPcre2(R"(\\s[]s][[:alpha:]\s]\[\s)"),
+            R"(\\s[]s][[:alpha:]\p{White_Space}]\[\p{White_Space})");
+  EXPECT_FALSE(OnigurumaRegexToPcre2(R"([\H])").ok());
+}
+
+// Unicode's White_Space property (PropList.txt, unchanged since Unicode 6.3), which Hugging Face's
+// Oniguruma uses for \s: a space-split pre-tokenizer must cut at these and only these.
+TEST(Tokenizer, WhitespaceIsUnicodesWhiteSpaceProperty) {
+  const std::vector<uint32_t> white_space = {0x9,    0xA,    0xB,    0xC,    0xD,    0x20,   0x85,
+                                             0xA0,   0x1680, 0x2000, 0x2001, 0x2002, 0x2003, 0x2004,
+                                             0x2005, 0x2006, 0x2007, 0x2008, 0x2009, 0x200A, 0x2028,
+                                             0x2029, 0x202F, 0x205F, 0x3000};
+  // With the split regex \s\S|\S+, X + "ab" is one piece (ending in the merged "ab" = 256) when X
+  // is not white space, and "Xa" + "b" (ending in 'b' = 98) when it is.
+  auto tok = Make(R"(\s\S|\S+)");
+  auto is_space = [&](uint32_t cp) {
+    std::string text;
+    if (cp < 0x80) {
+      text.push_back(static_cast<char>(cp));
+    } else if (cp < 0x800) {
+      text += {static_cast<char>(0xC0 | (cp >> 6)), static_cast<char>(0x80 | (cp & 0x3F))};
+    } else {
+      text += {static_cast<char>(0xE0 | (cp >> 12)), static_cast<char>(0x80 | ((cp >> 6) & 0x3F)),
+               static_cast<char>(0x80 | (cp & 0x3F))};
+    }
+    const Ids ids = tok->Encode(text + "ab");
+    EXPECT_TRUE(ids.back() == 98 || ids.back() == 256) << std::hex << cp;
+    return ids.back() == 98;
+  };
+  // Every code point where PCRE2's \s, \h or \v disagree with White_Space (PCRE2 10.42: \s and
+  // \h hold U+180E; \h lacks the vertical ones, \v the horizontal ones), and a few others.
+  for (uint32_t cp : {0x180Eu, 0xFEFFu, 0x200Bu, 0x1Fu, 0x41u}) {
+    EXPECT_FALSE(is_space(cp)) << std::hex << cp;
+  }
+  for (uint32_t cp : white_space) EXPECT_TRUE(is_space(cp)) << std::hex << cp;
+}
+
 }  // namespace dmoe

@@ -21,3 +21,19 @@ if [ "$mismatch" -ne 0 ] || [ "$roundtrip" -ne 0 ]; then
   exit 1
 fi
 [ "$n" -ge 2000 ]
+# The same strings through a variant of the tokenizer whose split regex uses every class escape on
+# which Oniguruma (HF) and PCRE2 differ: \s \S \h \H \v, outside and inside a class.
+variant=$work/variant.json
+node -e '
+const fs = require("fs");
+const t = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
+t.pre_tokenizer.pretokenizers[2].pattern.Regex = "\\h+|\\H\\v|\\v|[\\s\\h]\\S|\\s+(?!\\S)|\\s+|\\S";
+fs.writeFileSync(process.argv[2], JSON.stringify(t));' "$tok" "$variant"
+NODE_PATH=$npm_dir/node_modules node "$hf_js" "$variant" < "$work/strings.jsonl" > "$work/hf_variant.jsonl"
+"$dmoe" tokenize --tokenizer "$variant" --jsonl "$work/strings.jsonl" > "$work/ours_variant.jsonl"
+vmismatch=$(paste -d '\n' "$work/hf_variant.jsonl" "$work/ours_variant.jsonl" | awk 'NR % 2 == 1 {a = $0} NR % 2 == 0 && $0 != a {m++} END {print m + 0}')
+echo "$n strings through a regex with \\s \\S \\h \\H \\v: $vmismatch id mismatches against Hugging Face tokenizers"
+if [ "$vmismatch" -ne 0 ]; then
+  paste -d '\n' "$work/strings.jsonl" "$work/hf_variant.jsonl" "$work/ours_variant.jsonl" | head -30
+  exit 1
+fi

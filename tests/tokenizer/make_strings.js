@@ -22,6 +22,19 @@ const words = {
             "<｜fim▁hole｜>", "<think>", "</think>"],
   misc: ["é", "ñ", "ü", "ß", "Ω", "π", "∑", "→", "©", "®", "™", "•", "…", "—", "«", "»", "¿", "¡"],
 };
+// Every code point where PCRE2 10.42's \s, \h or \v (with PCRE2_UCP) and Unicode's White_Space
+// property (which Hugging Face's Oniguruma uses) can disagree: the union of those four sets, plus
+// zero-width characters that are not White_Space, and hex digits (Oniguruma's \h), in contexts.
+const disputed = [0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, 0x180E, 0x2000, 0x2001,
+                  0x2002, 0x2003, 0x2004, 0x2005, 0x2006, 0x2007, 0x2008, 0x2009, 0x200A, 0x2028,
+                  0x2029, 0x202F, 0x205F, 0x3000, 0x200B, 0xFEFF, 0x30, 0x61, 0x46, 0x67];
+for (const cp of disputed) {
+  const c = String.fromCodePoint(cp);
+  for (const s of ["a" + c + "b", "a " + c, c + c + "x", "x " + c + " y", "\n" + c + "\n", c,
+                   c + "Hello", "你" + c + "好", "12" + c + "34"]) {
+    console.log(JSON.stringify(s));
+  }
+}
 const kinds = Object.keys(words);
 const n = Number(process.argv[2] || 2200);
 for (let i = 0; i < n; ++i) {
