@@ -16,20 +16,36 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
   auto m = std::unique_ptr<LocalModel>(new LocalModel());
   ASSIGN_OR_RETURN(m->config_, LoadModelConfig(dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::Open(dir));
+  const bool remote = !options.expert_shards.empty() || !options.shard_client.router.empty();
+  std::unique_ptr<LoadProgress> progress;
   if (options.log_progress) {
-    std::fprintf(stderr, "loading %s: %zu tensors in %zu file(s)\n", dir.c_str(),
-                 ck->Names().size(), ck->num_files());
+    // Everything but the routed experts when they are remote (MTP layers are not read: the
+    // totals may stay above what is read; the last line says what was).
+    uint64_t tensors = 0;
+    const uint64_t bytes = ck->BytesOf(
+        [remote](const std::string& name) {
+          return !remote || name.find(".mlp.experts.") == std::string::npos;
+        },
+        &tensors);
+    progress = std::make_unique<LoadProgress>(
+        absl::StrCat("loading ", dir, remote ? " (without the routed experts)" : ""), tensors,
+        bytes);
+    ck->set_progress(progress.get());
   }
   ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_, options.weight_dtype));
   RoutedExperts* routed = nullptr;
-  const bool remote = !options.expert_shards.empty() || !options.shard_client.router.empty();
   if (!remote) {
     ASSIGN_OR_RETURN(m->experts_, ExpertStore::Load(*ck, m->config_,
                                                     ExpertStore::AllExperts(m->config_),
                                                     options.expert_dtype));
     m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
     routed = m->routed_.get();
-  } else {
+  }
+  if (progress != nullptr) {
+    progress->Done();
+    ck->set_progress(nullptr);
+  }
+  if (remote) {
     m->experts_ = std::make_unique<ExpertStore>();
     if (!options.shard_client.router.empty()) {
       ASSIGN_OR_RETURN(m->shards_, ExpertShardSet::ConnectRouter(m->config_, options.shard_client));
@@ -44,7 +60,7 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
     const double s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::fprintf(
-        stderr, "loaded %.1f MiB of weights in %.2f s%s\n",
+        stderr, "model ready: %.1f MiB of weights, %.2f s%s\n",
         static_cast<double>(ck->bytes_read()) / (1 << 20), s,
         !remote ? ""
         : m->shards_->member() != nullptr

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 
+#include "absl/strings/str_cat.h"
 #include "model/safetensors.h"
 
 namespace dmoe {
@@ -93,7 +94,15 @@ void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
       if (!ck.ok()) {
         st = ck.status();
       } else {
+        uint64_t tensors = 0;
+        const uint64_t total = (*ck)->BytesOf(ExpertStore::TensorSelector(gained), &tensors);
+        LoadProgress progress(absl::StrCat("dmoe-expert: placement ", version, ", ",
+                                           gained.size(), " experts gained"),
+                              tensors, total);
+        (*ck)->set_progress(&progress);
         auto s = ExpertStore::Load(**ck, config_, gained, dtype_);
+        progress.Done();
+        (*ck)->set_progress(nullptr);
         if (!s.ok()) {
           st = s.status();
         } else {

@@ -266,19 +266,19 @@ int Main(int argc, char** argv) {
   if (!experts.ok()) return Fail(experts.status());
   auto ck = Checkpoint::Open(*dir);
   if (!ck.ok()) return Fail(ck.status());
-  const auto t0 = std::chrono::steady_clock::now();
+  std::unique_ptr<LoadProgress> progress;
   if (!routed) {
-    std::fprintf(stderr, "dmoe-expert: loading %zu experts from %s\n", experts->size(),
-                 dir->c_str());
+    uint64_t tensors = 0;
+    const uint64_t bytes = (*ck)->BytesOf(ExpertStore::TensorSelector(*experts), &tensors);
+    progress = std::make_unique<LoadProgress>(
+        absl::StrCat("dmoe-expert: ", experts->size(), " experts from ", *dir), tensors, bytes);
+    (*ck)->set_progress(progress.get());
   }
   auto store = ExpertStore::Load(**ck, *config, *experts, expert_dtype);
   if (!store.ok()) return Fail(store.status());
+  if (progress != nullptr) progress->Done();
+  (*ck)->set_progress(nullptr);
   const uint64_t bytes_read = (*ck)->bytes_read();
-  if (!routed) {
-    std::fprintf(stderr, "dmoe-expert: loaded %.1f MiB of expert weights in %.2f s\n",
-                 static_cast<double>(bytes_read) / (1 << 20),
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
   // Unmap the checkpoint: its pages would otherwise stay in this process's resident set; and give
   // the heap's free pages (conversion scratch) back to the system.
   ck->reset();

@@ -21,6 +21,20 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
   return store;
 }
 
+std::function<bool(const std::string&)> ExpertStore::TensorSelector(
+    const std::vector<std::pair<int64_t, int64_t>>& experts) {
+  std::set<std::string> prefixes;
+  for (const auto& [layer, expert] : experts) {
+    prefixes.insert(absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, "."));
+  }
+  return [prefixes = std::move(prefixes)](const std::string& name) {
+    const size_t at = name.find(".mlp.experts.");
+    if (at == std::string::npos) return false;
+    const size_t end = name.find('.', at + 13);
+    return end != std::string::npos && prefixes.count(name.substr(0, end + 1)) != 0;
+  };
+}
+
 std::vector<std::pair<int64_t, int64_t>> ExpertStore::AllExperts(const ModelConfig& c) {
   std::vector<std::pair<int64_t, int64_t>> all;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {

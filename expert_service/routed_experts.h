@@ -5,9 +5,11 @@
 #define DMOE_EXPERT_SERVICE_ROUTED_EXPERTS_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -42,6 +44,10 @@ class ExpertStore {
       WeightDType dtype = WeightDType::kAuto);
   // Every routed expert of every MoE layer.
   static std::vector<std::pair<int64_t, int64_t>> AllExperts(const ModelConfig& c);
+  // Accepts the checkpoint tensor names of the listed experts
+  // ("model.layers.L.mlp.experts.E.*"), for the totals of a LoadProgress.
+  static std::function<bool(const std::string&)> TensorSelector(
+      const std::vector<std::pair<int64_t, int64_t>>& experts);
 
   const MlpWeights* Find(int64_t layer, int64_t expert) const;
   size_t size() const { return experts_.size(); }

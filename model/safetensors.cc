@@ -242,6 +242,18 @@ absl::StatusOr<TensorInfo> Checkpoint::Info(const std::string& name) const {
   return *it->second.second;
 }
 
+uint64_t Checkpoint::BytesOf(const std::function<bool(const std::string&)>& select,
+                             uint64_t* tensors) const {
+  uint64_t bytes = 0;
+  *tensors = 0;
+  for (const auto& [name, where] : where_) {
+    if (!select(name)) continue;
+    ++*tensors;
+    bytes += where.second->nbytes;
+  }
+  return bytes;
+}
+
 std::vector<std::string> Checkpoint::Names() const {
   std::vector<std::string> names;
   names.reserve(where_.size());
@@ -257,6 +269,7 @@ absl::StatusOr<const uint8_t*> Checkpoint::Raw(const std::string& name, TensorIn
   }
   *info = *it->second.second;
   bytes_read_ += info->nbytes;
+  if (progress_ != nullptr) progress_->Add(info->nbytes);
   return it->second.first->Data(*it->second.second);
 }
 

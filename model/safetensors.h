@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -16,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/dtype.h"
+#include "model/load_progress.h"
 
 namespace dmoe {
 
@@ -84,6 +86,12 @@ class Checkpoint {
 
   // Total bytes of tensor data handed out so far.
   uint64_t bytes_read() const { return bytes_read_.load(); }
+  // Tensors whose name `select` accepts: their count in *tensors and their bytes (the totals of a
+  // LoadProgress).
+  uint64_t BytesOf(const std::function<bool(const std::string&)>& select, uint64_t* tensors) const;
+  // Every tensor handed out from now on is reported to `progress` (not owned; nullptr: none).
+  // Not thread-safe against concurrent reads; set it before loading.
+  void set_progress(LoadProgress* progress) { progress_ = progress; }
   size_t num_files() const { return files_.size(); }
 
  private:
@@ -92,6 +100,7 @@ class Checkpoint {
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, std::pair<const SafetensorsFile*, const TensorInfo*>> where_;
   mutable std::atomic<uint64_t> bytes_read_{0};
+  LoadProgress* progress_ = nullptr;
 };
 
 }  // namespace dmoe
