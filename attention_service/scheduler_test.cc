@@ -58,6 +58,7 @@ class SchedulerTest : public ::testing::Test {
   static std::vector<int32_t> Alone(const std::vector<int32_t>& prompt, const SamplingParams& p) {
     GenerateOptions g;
     g.max_tokens = p.max_tokens;
+    g.ignore_eos = p.ignore_eos;
     g.temperature = p.temperature;
     g.seed = p.seed;
     g.top_p = p.top_p;
@@ -89,6 +90,7 @@ TEST_F(SchedulerTest, SixtyFourConcurrentRequestsEachEqualToAlone) {
   for (int i = 0; i < 64; ++i) {
     prompts.push_back(RandomPrompt(rng, 1 + (i * 37) % 300));
     SamplingParams p;
+    p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
     p.max_tokens = 4 + (i * 11) % 29;
     params.push_back(p);
   }
@@ -108,6 +110,7 @@ TEST_F(SchedulerTest, SixtyFourConcurrentRequestsEachEqualToAlone) {
 
 TEST_F(SchedulerTest, SeededSamplingIsReproducibleAcrossBatchCompositions) {
   SamplingParams p;
+  p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
   p.temperature = 0.9;
   p.top_p = 0.95;
   p.seed = 77;
@@ -123,6 +126,7 @@ TEST_F(SchedulerTest, SeededSamplingIsReproducibleAcrossBatchCompositions) {
     for (int i = 0; i < others; ++i) {
       prompts.push_back(RandomPrompt(rng, 5 + i * 7));
       SamplingParams q;
+      q.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
       q.temperature = 1.0;
       q.seed = static_cast<uint64_t>(i);
       q.max_tokens = 10 + i;
@@ -144,6 +148,7 @@ TEST_F(SchedulerTest, CacheTooSmallForAllStillCompletesEveryRequest) {
   for (int i = 0; i < 8; ++i) {
     prompts.push_back(RandomPrompt(rng, 20 + 3 * i));
     SamplingParams p;
+    p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
     p.max_tokens = 20;
     params.push_back(p);
   }
@@ -161,6 +166,7 @@ TEST_F(SchedulerTest, CancellationFreesBlocksWithinOneStep) {
   LatentKvCache cache(model_->config(), 4, 64);
   Scheduler s(&model_->engine(), &cache, SchedulerOptions());
   SamplingParams p;
+  p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
   p.max_tokens = 100;
   int tokens = 0;
   bool cancelled = false;
@@ -194,6 +200,7 @@ TEST_F(SchedulerTest, SubmitAndCancelWakeTheIdleWait) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it start waiting
     if (round == 0) {
       SamplingParams p;
+      p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
       p.max_tokens = 1;
       ASSERT_TRUE(s.Submit({1, 2, 3}, p, RequestCallbacks()).ok());
     } else {
@@ -218,6 +225,7 @@ TEST_F(SchedulerTest, SharedPrefixIsComputedOnce) {
   for (int32_t t : RandomPrompt(rng, 20)) a.push_back(t);
   for (int32_t t : RandomPrompt(rng, 37)) b.push_back(t);
   SamplingParams p;
+  p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
   p.max_tokens = 12;
   const Result ra = RunAll(s, {a}, {p})[0];
   const uint64_t before = s.stats().prefilled_tokens;
@@ -272,6 +280,7 @@ TEST_F(SchedulerTest, PingPongMicroBatchesEqualSequentialSteps) {
   for (int i = 0; i < 12; ++i) {
     prompts.push_back(RandomPrompt(rng, 3 + i * 13));
     SamplingParams p;
+    p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
     p.max_tokens = 6 + i;
     params.push_back(p);
   }
@@ -284,6 +293,7 @@ TEST_F(SchedulerTest, BadRequestsAreRejectedAtSubmit) {
   LatentKvCache cache(model_->config(), 4, 8);
   Scheduler s(&model_->engine(), &cache, SchedulerOptions());
   SamplingParams p;
+  p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
   p.top_k = -1;
   EXPECT_EQ(s.Submit({1}, p, {}).status().code(), absl::StatusCode::kInvalidArgument);
   SamplingParams big;
