@@ -1,9 +1,12 @@
 #include "transport/ucx.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sched.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
@@ -29,6 +32,9 @@ namespace {
 
 constexpr unsigned kAmRequest = 17;
 constexpr unsigned kAmReply = 18;
+constexpr unsigned kAmHello =
+    19;  // client -> server, once per endpoint: the client's worker address
+constexpr size_t kMaxHello = 64 * 1024;
 // Eager messages up to this size are copied out of UCX's buffer under the same lock that queues
 // (server) or completes (client) them; larger ones are copied outside the lock.
 constexpr size_t kCopyUnderLock = 64 * 1024;
@@ -58,6 +64,18 @@ class UcxWorker {
     // spin out its whole time slice (measured: 2/3 of a pinned client's time in
     // pthread_spin_lock, 2.5 MB/s instead of ~70 for 600-byte round trips 8 in flight).
     if (std::getenv("UCX_USE_MT_MUTEX") == nullptr) ucp_config_modify(config, "USE_MT_MUTEX", "y");
+    // A peer process that vanishes without closing (SIGKILL, a dead host) is seen only by UCX's
+    // keepalive on transports without a socket (sm, and rc without rdmacm); its default of 20 s
+    // left requests to wait out their deadlines. 1 s costs a few small messages per peer.
+    if (std::getenv("UCX_KEEPALIVE_INTERVAL") == nullptr) {
+      ucp_config_modify(config, "KEEPALIVE_INTERVAL", "1s");
+    }
+    // A peer that vanishes without closing (SIGKILL, a server's forced close, a dead host) is seen
+    // only by UCX's keepalive on transports without a socket (sm, and rc without rdmacm); its
+    // default of 20 s left requests to wait out their deadlines. 1 s costs a few small messages.
+    if (std::getenv("UCX_KEEPALIVE_INTERVAL") == nullptr) {
+      ucp_config_modify(config, "KEEPALIVE_INTERVAL", "1s");
+    }
     s = ucp_init(&params, config, &context_);
     ucp_config_release(config);
     if (s != UCS_OK) return UcsError("ucp_init", s);
@@ -372,6 +390,73 @@ bool FromHex(const std::string& s, std::vector<uint8_t>* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// "HOST:PORT" addresses. A server's Listen opens no UCX listener: UCX's sockaddr connection
+// manager trusts whoever connects, and Debian's UCX 1.13 aborts the whole process on a connection
+// whose first 8 bytes (a length) disagree with what follows (tcp_sockcm_ep.c:825 "Assertion
+// `cep->comm_ctx.offset <= cep->comm_ctx.length' failed: 2080 > 16" for a run of zero bytes), and
+// on a well-framed message with one garbage byte of private data (address.c:1051 "Assertion
+// `*addr_version == UCP_OBJECT_VERSION_V2' failed"): any stray TCP client could kill a shard.
+// Instead the port answers every connection with the worker's address, "ucx-addr:HEX\n", and closes
+// it, reading nothing; the client then connects to that worker address. No byte from that port's
+// clients reaches UCX.
+//
+// Every client endpoint (either kind of address) first sends kAmHello with the client's own worker
+// address; the server creates its endpoint to it, which UCX pairs with the one it made for the
+// client's connection (the reply_ep of its requests). That makes the reply endpoint the
+// server's own, with an error callback: without it UCX destroys a failed client's endpoint by
+// itself, and a reply still queued for it would be sent through freed memory.
+constexpr int kAddressTimeoutMs = 1000;  // for the TCP connect, and again for the answer
+constexpr size_t kMaxAddressAnswer = 64 * 1024;
+
+// Asks the server at `sa` for its "ucx-addr:HEX". Blocks at most 2 * kAddressTimeoutMs.
+absl::StatusOr<std::string> FetchWorkerAddress(const sockaddr_in& sa, const std::string& address) {
+  const auto fail = [&](const std::string& what) {
+    return absl::UnavailableError(absl::StrCat("connect to ", address, ": ", what));
+  };
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return fail(absl::StrCat("socket: ", std::strerror(errno)));
+  struct Closer {
+    int fd;
+    ~Closer() { close(fd); }
+  } closer{fd};
+  pollfd pfd{fd, POLLOUT, 0};
+  if (connect(fd, reinterpret_cast<const sockaddr*>(&sa), sizeof(sa)) != 0) {
+    if (errno != EINPROGRESS) return fail(std::strerror(errno));
+    if (poll(&pfd, 1, kAddressTimeoutMs) != 1) return fail("timed out");
+    int err = 0;
+    socklen_t len = sizeof(err);
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) return fail(std::strerror(err));
+  }
+  std::string answer;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(kAddressTimeoutMs);
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n == 0) break;
+    if (n > 0) {
+      answer.append(buf, static_cast<size_t>(n));
+      if (answer.size() > kMaxAddressAnswer) return fail("answer too long: not a dmoe UCX port");
+      continue;
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return fail(std::strerror(errno));
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    pfd.events = POLLIN;
+    if (left.count() <= 0 || poll(&pfd, 1, static_cast<int>(left.count())) != 1) {
+      return fail("no worker address in time");
+    }
+  }
+  if (!absl::StartsWith(answer, "ucx-addr:") || !absl::EndsWith(answer, "\n")) {
+    return fail("not a dmoe UCX port (no \"ucx-addr:\" answer)");
+  }
+  answer.pop_back();
+  return answer;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Client.
 
 class UcxClient : public ClientTransport, public UcxWorker {
@@ -404,6 +489,13 @@ class UcxClient : public ClientTransport, public UcxWorker {
     hp.arg = this;
     const ucs_status_t s = ucp_worker_set_am_recv_handler(worker_, &hp);
     if (s != UCS_OK) return UcsError("ucp_worker_set_am_recv_handler", s);
+    ucp_address_t* addr = nullptr;
+    size_t len = 0;
+    const ucs_status_t a = ucp_worker_get_address(worker_, &addr, &len);
+    if (a != UCS_OK) return UcsError("ucp_worker_get_address", a);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(addr);
+    hello_.assign(bytes, bytes + len);
+    ucp_worker_release_address(worker_, addr);
     StartThread();
     return absl::OkStatus();
   }
@@ -411,23 +503,20 @@ class UcxClient : public ClientTransport, public UcxWorker {
   absl::StatusOr<int> Connect(const std::string& address) override {
     ucp_ep_params_t ep;
     std::memset(&ep, 0, sizeof(ep));
-    sockaddr_in sa;
     std::vector<uint8_t> worker_addr;
-    if (absl::StartsWith(address, "ucx-addr:")) {
-      if (!FromHex(address.substr(9), &worker_addr) || worker_addr.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat("bad worker address \"", address, "\""));
-      }
-      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
-      ep.address = reinterpret_cast<const ucp_address_t*>(worker_addr.data());
-    } else {
+    std::string by_worker = address;
+    if (!absl::StartsWith(address, "ucx-addr:")) {  // HOST:PORT: ask it for the worker address
       auto parsed = ParseHostPort(address);
       if (!parsed.ok()) return parsed.status();
-      sa = *parsed;
-      ep.field_mask = UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_FLAGS;
-      ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
-      ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
-      ep.sockaddr.addrlen = sizeof(sa);
+      auto fetched = FetchWorkerAddress(*parsed, address);
+      if (!fetched.ok()) return fetched.status();
+      by_worker = *std::move(fetched);
     }
+    if (!FromHex(by_worker.substr(9), &worker_addr) || worker_addr.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("bad worker address \"", by_worker, "\""));
+    }
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.address = reinterpret_cast<const ucp_address_t*>(worker_addr.data());
     ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
     ep.err_handler.cb = &UcxClient::OnPeerError;
@@ -440,6 +529,13 @@ class UcxClient : public ClientTransport, public UcxWorker {
         result = UcsError(("connect to " + address).c_str(), s);
         return;
       }
+      // The hello goes first on this endpoint (see kAmHello); a failure shows on the requests.
+      ucp_request_param_t prm;
+      std::memset(&prm, 0, sizeof(prm));
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      prm.flags = UCP_AM_SEND_FLAG_REPLY;
+      void* req = ucp_am_send_nbx(handle, kAmHello, nullptr, 0, hello_.data(), hello_.size(), &prm);
+      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);  // released once sent; hello_ outlives it
       std::lock_guard<std::mutex> l(mu_);
       // Worker addresses are long; messages show a prefix.
       peers_.push_back(Peer{
@@ -724,6 +820,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     self->cv_.notify_all();
   }
 
+  std::vector<uint8_t> hello_;  // this worker's address, sent as kAmHello
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Peer> peers_;
@@ -747,7 +844,11 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     hp.id = kAmRequest;
     hp.cb = &UcxServerImpl::OnRequest;
     hp.arg = this;
-    const ucs_status_t s = ucp_worker_set_am_recv_handler(worker_, &hp);
+    ucs_status_t s = ucp_worker_set_am_recv_handler(worker_, &hp);
+    if (s != UCS_OK) return UcsError("ucp_worker_set_am_recv_handler", s);
+    hp.id = kAmHello;
+    hp.cb = &UcxServerImpl::OnHello;
+    s = ucp_worker_set_am_recv_handler(worker_, &hp);
     if (s != UCS_OK) return UcsError("ucp_worker_set_am_recv_handler", s);
     ucp_address_t* addr = nullptr;
     size_t len = 0;
@@ -761,37 +862,35 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   std::string WorkerAddress() const override { return worker_address_; }
 
+  // Answers "ucx-addr:HEX\n" on `address` (see FetchWorkerAddress). Once per server.
   absl::StatusOr<std::string> Listen(const std::string& address) override {
     auto sa = ParseHostPort(address);
     if (!sa.ok()) return sa.status();
-    absl::StatusOr<std::string> result = absl::InternalError("not run");
-    RunSync([&] {
-      ucp_listener_params_t lp;
-      std::memset(&lp, 0, sizeof(lp));
-      lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-      lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*sa);
-      lp.sockaddr.addrlen = sizeof(*sa);
-      lp.conn_handler.cb = &UcxServerImpl::OnConnect;
-      lp.conn_handler.arg = this;
-      ucs_status_t s = ucp_listener_create(worker_, &lp, &listener_);
-      if (s != UCS_OK) {
-        result = UcsError(("listen on " + address).c_str(), s);
-        return;
-      }
-      ucp_listener_attr_t attr;
-      std::memset(&attr, 0, sizeof(attr));
-      attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-      s = ucp_listener_query(listener_, &attr);
-      if (s != UCS_OK) {
-        result = UcsError("ucp_listener_query", s);
-        return;
-      }
-      const auto* bound = reinterpret_cast<const sockaddr_in*>(&attr.sockaddr);
-      char host[INET_ADDRSTRLEN];
-      inet_ntop(AF_INET, &bound->sin_addr, host, sizeof(host));
-      result = absl::StrCat(host, ":", ntohs(bound->sin_port));
-    });
-    return result;
+    if (address_fd_ >= 0) return absl::FailedPreconditionError("Listen: already listening");
+    const auto fail = [&](const char* what) {
+      const absl::Status st = absl::UnavailableError(
+          absl::StrCat("listen on ", address, ": ", what, ": ", std::strerror(errno)));
+      close(address_fd_);
+      address_fd_ = -1;
+      return st;
+    };
+    address_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (address_fd_ < 0) return fail("socket");
+    const int one = 1;
+    setsockopt(address_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(address_fd_, reinterpret_cast<const sockaddr*>(&*sa), sizeof(*sa)) != 0) {
+      return fail("bind");
+    }
+    if (listen(address_fd_, 128) != 0) return fail("listen");
+    sockaddr_in bound;
+    socklen_t len = sizeof(bound);
+    if (getsockname(address_fd_, reinterpret_cast<sockaddr*>(&bound), &len) != 0) {
+      return fail("getsockname");
+    }
+    address_thread_ = std::thread([this] { ServeWorkerAddress(); });
+    char host[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &bound.sin_addr, host, sizeof(host));
+    return absl::StrCat(host, ":", ntohs(bound.sin_port));
   }
 
   void Receive(std::chrono::milliseconds timeout, std::vector<ServerRequest>* out) override {
@@ -879,9 +978,13 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       has_work_.store(true, std::memory_order_release);  // nothing more to wait for
       cv_.notify_all();
     }
+    if (address_fd_ >= 0) {
+      ::shutdown(address_fd_, SHUT_RDWR);  // wakes accept() with EINVAL
+      address_thread_.join();
+      close(address_fd_);
+      address_fd_ = -1;
+    }
     RunSync([this] {
-      if (listener_ != nullptr) ucp_listener_destroy(listener_);
-      listener_ = nullptr;
       std::set<ucp_ep_h> eps;
       {
         std::lock_guard<std::mutex> l(mu_);
@@ -914,21 +1017,67 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   };
   static constexpr uint32_t kMaxPending = 4096;
 
-  static void OnConnect(ucp_conn_request_h conn, void* arg) {
-    auto* self = static_cast<UcxServerImpl*>(arg);
-    ucp_ep_params_t ep;
-    std::memset(&ep, 0, sizeof(ep));
-    ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    ep.conn_request = conn;
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    ep.err_handler.cb = &UcxServerImpl::OnPeerError;
-    ep.err_handler.arg = self;
-    ucp_ep_h handle = nullptr;
-    if (ucp_ep_create(self->worker_, &ep, &handle) == UCS_OK) {
-      std::lock_guard<std::mutex> l(self->mu_);
-      self->live_eps_.insert(handle);
+  // The address port's thread: every connection gets worker_address_ + "\n" and is closed at
+  // once. It reads nothing, so garbage, slow or silent clients hold nothing; the answer (a few
+  // hundred bytes) fits a fresh socket's send buffer, so the non-blocking send does not wait.
+  void ServeWorkerAddress() {
+    const std::string answer = worker_address_ + "\n";
+    for (;;) {
+      const int c = accept4(address_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (c < 0) {
+        if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN) continue;
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));  // out of fds: back off
+          continue;
+        }
+        return;  // EINVAL: Shutdown
+      }
+      (void)send(c, answer.data(), answer.size(), MSG_NOSIGNAL);
+      close(c);
     }
+  }
+
+  // kAmHello: the client's worker address. Our endpoint to it is made on the progress thread
+  // (not inside this callback) and kept only if UCX paired it with `reply_ep`, the endpoint this
+  // client's requests arrive on; an unpaired one (the pairing counters of the two workers
+  // disagree, e.g. a hello lost with a failed endpoint) is closed, and that client's replies go
+  // through reply_ep as UCX made it.
+  static ucs_status_t OnHello(void* arg, const void*, size_t, void* data, size_t length,
+                              const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<UcxServerImpl*>(arg);
+    const ucp_ep_h reply_ep = param->reply_ep;
+    if (reply_ep == nullptr || length == 0 || length > kMaxHello ||
+        (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+      std::lock_guard<std::mutex> l(self->mu_);
+      ++self->stats_.peer_errors;
+      return UCS_OK;
+    }
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    self->RunAsync([self, reply_ep, address = std::vector<uint8_t>(bytes, bytes + length)] {
+      if (self->shut_down_) return;
+      ucp_ep_params_t ep;
+      std::memset(&ep, 0, sizeof(ep));
+      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
+      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep.err_handler.cb = &UcxServerImpl::OnPeerError;
+      ep.err_handler.arg = self;
+      ucp_ep_h handle = nullptr;
+      if (ucp_ep_create(self->worker_, &ep, &handle) != UCS_OK) return;
+      if (handle == reply_ep) {
+        std::lock_guard<std::mutex> l(self->mu_);
+        self->live_eps_.insert(handle);
+        return;
+      }
+      ucp_request_param_t prm;
+      std::memset(&prm, 0, sizeof(prm));
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      void* req = ucp_ep_close_nbx(handle, &prm);
+      if (req != nullptr && !UCS_PTR_IS_ERR(req)) ucp_request_free(req);
+    });
+    return UCS_OK;
   }
 
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t) {
@@ -1058,7 +1207,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     if (req != nullptr) ucp_request_free(req);
   }
 
-  ucp_listener_h listener_ = nullptr;
+  int address_fd_ = -1;  // Listen's socket
+  std::thread address_thread_;
   std::string worker_address_;
   std::atomic<bool> shut_down_{false};
   static constexpr std::chrono::milliseconds kFlowGap{10};
