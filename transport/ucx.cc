@@ -70,12 +70,6 @@ class UcxWorker {
     if (std::getenv("UCX_KEEPALIVE_INTERVAL") == nullptr) {
       ucp_config_modify(config, "KEEPALIVE_INTERVAL", "1s");
     }
-    // A peer that vanishes without closing (SIGKILL, a server's forced close, a dead host) is seen
-    // only by UCX's keepalive on transports without a socket (sm, and rc without rdmacm); its
-    // default of 20 s left requests to wait out their deadlines. 1 s costs a few small messages.
-    if (std::getenv("UCX_KEEPALIVE_INTERVAL") == nullptr) {
-      ucp_config_modify(config, "KEEPALIVE_INTERVAL", "1s");
-    }
     s = ucp_init(&params, config, &context_);
     ucp_config_release(config);
     if (s != UCS_OK) return UcsError("ucp_init", s);
