@@ -38,32 +38,44 @@ std::string* g_model = nullptr;
 std::vector<std::vector<int32_t>>* g_prompts = nullptr;
 std::vector<std::vector<int32_t>>* g_expected = nullptr;
 
-class Env : public ::testing::Environment {
- public:
-  void SetUp() override {
-    setenv("UCX_NET_DEVICES", "lo", 1);
-    setenv("UCX_TLS", "tcp,self", 1);
-    g_model = new std::string(TmpDir() + "/router_model");
-    TinyModelOptions o;
-    o.seed = 57;
-    ASSERT_TRUE(WriteTinyModel(*g_model, *PresetConfig("tiny"), o).ok());
-    g_prompts = new std::vector<std::vector<int32_t>>();
-    g_expected = new std::vector<std::vector<int32_t>>();
-    auto local = LocalModel::Load(*g_model);
-    ASSERT_TRUE(local.ok());
-    for (int i = 0; i < kRequests; ++i) {
-      std::vector<int32_t> p;
-      const int len = 2 + (i * 37) % 60;
-      for (int j = 0; j < len; ++j) p.push_back((i * 97 + j * 13 + 5) % 512);
-      GenerateOptions g;
-      g.max_tokens = kMaxTokens;
-      auto want = Generate((*local)->engine(), p, g);  // the in-process engine, alone
-      ASSERT_TRUE(want.ok());
-      g_prompts->push_back(p);
-      g_expected->push_back(*want);
-    }
+// The model and the expected outputs (the in-process engine, each request alone), made once for
+// all tests. Returns what failed, "" when ready. No ASSERT here: a failure must fail every test
+// (a failing global gtest Environment would list the tests as passed without running them).
+std::string SharedSetUp() {
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  setenv("UCX_TLS", "tcp,self", 1);
+  g_model = new std::string(TmpDir() + "/router_model");
+  TinyModelOptions o;
+  o.seed = 57;
+  if (auto st = WriteTinyModel(*g_model, *PresetConfig("tiny"), o); !st.ok()) {
+    return std::string(st.message());
   }
+  g_prompts = new std::vector<std::vector<int32_t>>();
+  g_expected = new std::vector<std::vector<int32_t>>();
+  auto local = LocalModel::Load(*g_model);
+  if (!local.ok()) return std::string(local.status().message());
+  for (int i = 0; i < kRequests; ++i) {
+    std::vector<int32_t> p;
+    const int len = 2 + (i * 37) % 60;
+    for (int j = 0; j < len; ++j) p.push_back((i * 97 + j * 13 + 5) % 512);
+    GenerateOptions g;
+    g.max_tokens = kMaxTokens;
+    g.ignore_eos = true;
+    auto want = Generate((*local)->engine(), p, g);  // the in-process engine, alone
+    if (!want.ok()) return std::string(want.status().message());
+    g_prompts->push_back(p);
+    g_expected->push_back(*want);
+  }
+  return "";
+}
+
+class RouterCluster : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { setup_error_ = new std::string(SharedSetUp()); }
+  void SetUp() override { ASSERT_EQ(*setup_error_, "") << "shared set-up failed"; }
+  static std::string* setup_error_;
 };
+std::string* RouterCluster::setup_error_ = nullptr;
 
 struct Result {
   std::vector<int32_t> tokens;
@@ -80,7 +92,7 @@ class Cluster {
     const std::string ready = Path("router" + std::to_string(router_starts_) + ".json");
     std::vector<std::string> argv = {Runfile("router/dmoe-router"), "--model", *g_model,
                                      "--grpc-listen", listen, "--ready-file", ready,
-                                     "--lease-ms", "600"};
+                                     "--lease-ms", "1500"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     router_extra_ = extra;
     router_ = ChildProcess(argv, Path("router" + std::to_string(router_starts_++) + ".log"));
@@ -169,13 +181,14 @@ class Cluster {
                           const std::vector<std::vector<int32_t>>& prompts = *g_prompts,
                           int max_tokens = kMaxTokens) {
     std::vector<Result> results(prompts.size());
-    std::atomic<int> streamed{0};
+    std::atomic<int> streamed{0}, finished{0};
     std::vector<std::thread> clients;
     for (size_t i = 0; i < prompts.size(); ++i) {
       clients.emplace_back([&, i] {
         internal::GenerateRequest req;
         for (int32_t t : prompts[i]) req.add_prompt_token_ids(t);
         req.mutable_sampling()->set_max_tokens(max_tokens);
+        req.mutable_sampling()->set_ignore_eos(true);
         grpc::ClientContext ctx;
         ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(90));
         auto reader = stub_->Generate(&ctx, req);
@@ -191,13 +204,21 @@ class Cluster {
           streamed += r.tokens_size();
         }
         results[i].status = reader->Finish();
+        ++finished;
       });
     }
     if (during) {
       const auto until = Clock::now() + std::chrono::seconds(60);
-      while (streamed < trigger_tokens && Clock::now() < until) {
+      while (streamed < trigger_tokens && finished < static_cast<int>(prompts.size()) &&
+             Clock::now() < until) {
         std::this_thread::sleep_for(std::chrono::milliseconds(2));
       }
+      // The fault must land mid-flight: after the trigger and with requests still streaming.
+      const int in_flight = static_cast<int>(prompts.size()) - finished.load();
+      EXPECT_GE(streamed.load(), trigger_tokens) << "the trigger was never reached";
+      EXPECT_GT(in_flight, 0) << "the fault came after every request had finished";
+      std::printf("fault after %d streamed tokens, %d of %zu requests in flight\n",
+                  streamed.load(), in_flight, prompts.size());
       during();
     }
     for (auto& t : clients) t.join();
@@ -263,7 +284,7 @@ std::vector<double> Delta(const std::vector<double>& after, const std::vector<do
 }
 
 // tiny: 3 MoE layers x 16 experts = 48 (layer, expert) pairs.
-TEST(RouterCluster, KillOneOfThreeShardsWithReplicas) {
+TEST_F(RouterCluster, KillOneOfThreeShardsWithReplicas) {
   Cluster c("replicas");
   c.StartRouter({"--replication", "2"});
   for (int i = 0; i < 3; ++i) c.AddShard(48);
@@ -281,7 +302,7 @@ TEST(RouterCluster, KillOneOfThreeShardsWithReplicas) {
 
 // A shard that stops answering (SIGSTOP) is routed around; when it comes back (SIGCONT) it
 // registers again and, once a map with it is active, serves again over a fresh connection.
-TEST(RouterCluster, PausedShardIsRoutedAroundAndComesBackIntoUse) {
+TEST_F(RouterCluster, PausedShardIsRoutedAroundAndComesBackIntoUse) {
   Cluster c("paused");
   c.StartRouter({"--replication", "2"});
   for (int i = 0; i < 3; ++i) c.AddShard(48);
@@ -315,7 +336,7 @@ TEST(RouterCluster, PausedShardIsRoutedAroundAndComesBackIntoUse) {
   EXPECT_GT(after[1], 0) << "the resumed shard got no traffic";
 }
 
-TEST(RouterCluster, KillOneOfThreeShardsWithoutReplicas) {
+TEST_F(RouterCluster, KillOneOfThreeShardsWithoutReplicas) {
   Cluster c("noreplicas");
   c.StartRouter({});
   for (int i = 0; i < 3; ++i) c.AddShard(48);
@@ -337,7 +358,7 @@ TEST(RouterCluster, KillOneOfThreeShardsWithoutReplicas) {
   EXPECT_GT(c.WaitForActive(v), v);
 }
 
-TEST(RouterCluster, ScaleOutToAFourthShardUnderLoad) {
+TEST_F(RouterCluster, ScaleOutToAFourthShardUnderLoad) {
   Cluster c("scaleout");
   c.StartRouter({});
   for (int i = 0; i < 3; ++i) c.AddShard(48);
@@ -395,7 +416,7 @@ TEST(RouterCluster, ScaleOutToAFourthShardUnderLoad) {
   EXPECT_LT(share(after), share(before3));
 }
 
-TEST(RouterCluster, SigtermToAShardUnderLoadFailsNothing) {
+TEST_F(RouterCluster, SigtermToAShardUnderLoadFailsNothing) {
   Cluster c("sigterm");
   c.StartRouter({});
   for (int i = 0; i < 3; ++i) c.AddShard(48);
@@ -426,7 +447,7 @@ TEST(RouterCluster, SigtermToAShardUnderLoadFailsNothing) {
       << c.shard(2).Log();
 }
 
-TEST(RouterCluster, RouterKilledAndRestartedUnderLoad) {
+TEST_F(RouterCluster, RouterKilledAndRestartedUnderLoad) {
   Cluster c("restart");
   c.StartRouter({});
   for (int i = 0; i < 3; ++i) c.AddShard(48);
@@ -449,7 +470,7 @@ TEST(RouterCluster, RouterKilledAndRestartedUnderLoad) {
   EXPECT_GT(v2, v) << "versions must not go back after a restart";
 }
 
-TEST(RouterCluster, EplbReplicasEvenASkewedLoad) {
+TEST_F(RouterCluster, EplbReplicasEvenASkewedLoad) {
   Cluster c("eplb");
   // 3 shards x 24 = 72 slots for 48 pairs: room for 24 replicas of hot experts.
   c.StartRouter({"--max-extra-replicas", "24", "--rebalance-seconds", "1"});
@@ -484,6 +505,5 @@ TEST(RouterCluster, EplbReplicasEvenASkewedLoad) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new dmoe::Env());
   return RUN_ALL_TESTS();
 }
