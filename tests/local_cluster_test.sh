@@ -20,45 +20,53 @@ local=$("$dmoe" generate --model "$work/model" --tokens 5,6,7,8 --max-tokens 12 
 echo "through the cluster: $via"
 echo "in-process:          $local"
 [ "$via" = "$local" ] || { echo "outputs differ"; exit 1; }
-# Every service's /metrics answers, and counts what just happened.
-sleep 0.7  # the services refresh their counters every 500 ms
+# Every service's /metrics answers, and counts what just happened (the services refresh their
+# counters every 500 ms: scrape until they show the request, for at most 30 s).
 metric() {  # metric URL NAME: the sum of the samples whose name (and labels) start with NAME
   curl -sf "$1" | awk -v n="$2" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'
 }
-generated=0 round_trips=0 expert_tokens=0 gateway_ok=0 services=0 router_version=0
-for url in $(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/http:\/\/\1\/metrics/'); do
-  curl -sf "$url" > "$work/scrape" || { echo "cannot scrape $url"; exit 1; }
-  grep -q '^# TYPE dmoe_' "$work/scrape" || { echo "no dmoe metrics at $url"; exit 1; }
-  services=$((services + 1))
-  if grep -q '^dmoe_router_' "$work/scrape"; then
-    router_version=$(metric "$url" dmoe_router_placement_version)
-    grep -q '^dmoe_router_oldest_heartbeat_age_seconds' "$work/scrape"
-  elif grep -q '^dmoe_gateway_' "$work/scrape"; then
-    gateway_ok=$(metric "$url" 'dmoe_gateway_requests_total{outcome="ok"}')
-    # It found both attention nodes through the router (dmoe up gives it no --attention list).
-    [ "$(metric "$url" 'dmoe_gateway_attention_nodes{state="healthy"}')" -eq 2 ]
-    [ "$(metric "$url" dmoe_gateway_time_to_first_token_seconds_count)" -ge 1 ]
-  elif grep -q '^dmoe_attention_' "$work/scrape"; then
-    # The request went to one of the attention nodes.
-    generated=$((generated + $(metric "$url" dmoe_attention_generated_tokens_total)))
-    round_trips=$((round_trips + $(metric "$url" dmoe_transport_round_trip_seconds_count)))
-    [ "$(metric "$url" dmoe_attention_kv_blocks_total)" -gt 0 ]
-    grep -q '^dmoe_attention_expert_tokens_total{' "$work/scrape"
-    grep -q '^dmoe_attention_time_to_first_token_seconds_bucket' "$work/scrape"
-    [ "$(metric "$url" dmoe_attention_placement_version)" -ge 1 ]
-    grep -q '^dmoe_attention_heartbeat_age_seconds' "$work/scrape"
-  else
-    expert_tokens=$((expert_tokens + $(metric "$url" dmoe_expert_tokens_total)))
-    grep -q '^dmoe_expert_expert_tokens_total{' "$work/scrape"
-    [ "$(metric "$url" dmoe_expert_placement_version)" -ge 1 ]
-    grep -q '^dmoe_expert_heartbeat_age_seconds' "$work/scrape"
-  fi
+scrape_all() {
+  generated=0 round_trips=0 expert_tokens=0 gateway_ok=0 services=0 router_version=0
+  for url in $(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/http:\/\/\1\/metrics/'); do
+    curl -sf "$url" > "$work/scrape" || { echo "cannot scrape $url"; exit 1; }
+    grep -q '^# TYPE dmoe_' "$work/scrape" || { echo "no dmoe metrics at $url"; exit 1; }
+    services=$((services + 1))
+    if grep -q '^dmoe_router_' "$work/scrape"; then
+      router_version=$(metric "$url" dmoe_router_placement_version)
+      grep -q '^dmoe_router_oldest_heartbeat_age_seconds' "$work/scrape"
+    elif grep -q '^dmoe_gateway_' "$work/scrape"; then
+      gateway_ok=$(metric "$url" 'dmoe_gateway_requests_total{outcome="ok"}')
+      # It found both attention nodes through the router (dmoe up gives it no --attention list).
+      [ "$(metric "$url" 'dmoe_gateway_attention_nodes{state="healthy"}')" -eq 2 ]
+      [ "$(metric "$url" dmoe_gateway_time_to_first_token_seconds_count)" -ge 1 ]
+    elif grep -q '^dmoe_attention_' "$work/scrape"; then
+      # The request went to one of the attention nodes.
+      generated=$((generated + $(metric "$url" dmoe_attention_generated_tokens_total)))
+      round_trips=$((round_trips + $(metric "$url" dmoe_transport_round_trip_seconds_count)))
+      [ "$(metric "$url" dmoe_attention_kv_blocks_total)" -gt 0 ]
+      grep -q '^dmoe_attention_expert_tokens_total{' "$work/scrape"
+      grep -q '^dmoe_attention_time_to_first_token_seconds_bucket' "$work/scrape"
+      [ "$(metric "$url" dmoe_attention_placement_version)" -ge 1 ]
+      grep -q '^dmoe_attention_heartbeat_age_seconds' "$work/scrape"
+    else
+      expert_tokens=$((expert_tokens + $(metric "$url" dmoe_expert_tokens_total)))
+      grep -q '^dmoe_expert_expert_tokens_total{' "$work/scrape"
+      [ "$(metric "$url" dmoe_expert_placement_version)" -ge 1 ]
+      grep -q '^dmoe_expert_heartbeat_age_seconds' "$work/scrape"
+    fi
+  done
+}
+shown() {
+  [ "$services" -eq 7 ] && [ "$router_version" -ge 1 ] && [ "$gateway_ok" -ge 1 ] && [ "$generated" -ge 12 ] &&
+    [ "$round_trips" -gt 0 ] && [ "$expert_tokens" -gt 0 ]
+}
+for _ in $(seq 1 150); do
+  scrape_all
+  shown && break
+  sleep 0.2
 done
 echo "scraped: router placement version=$router_version, gateway ok=$gateway_ok, attention generated=$generated round trips=$round_trips, experts tokens=$expert_tokens"
-if [ "$services" -ne 7 ] || [ "$router_version" -lt 1 ] || [ "$gateway_ok" -lt 1 ] || [ "$generated" -lt 12 ] ||
-   [ "$round_trips" -le 0 ] || [ "$expert_tokens" -le 0 ]; then
-  echo "metrics do not show the request"; exit 1
-fi
+shown || { echo "metrics do not show the request (30 s)"; exit 1; }
 echo "metrics scraped from $(grep -c '"metrics"' "$state") services"
 # A second `up` on the same state file is refused.
 if "$dmoe" up --model "$work/model" --state-file "$state" --bin-dir "$bin" 2>"$work/err"; then
@@ -66,10 +74,20 @@ if "$dmoe" up --model "$work/model" --state-file "$state" --bin-dir "$bin" 2>"$w
 fi
 grep -q "exists" "$work/err"
 # Graceful stop: SIGTERM to the attention nodes mid-stream; the stream still completes.
-"$dmoe" generate --target "$gateway" --tokens 9,8,7 --max-tokens 400 --temperature 0 \
+# The stream is running once the gateway has seen its first token (its time-to-first-token count
+# grows at once, unlike the counters refreshed every 500 ms).
+gw_metrics=$(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/http:\/\/\1\/metrics/' |
+  while read -r url; do curl -sf "$url" | grep -q '^dmoe_gateway_' && echo "$url"; done)
+first_tokens=$(metric "$gw_metrics" dmoe_gateway_time_to_first_token_seconds_count)
+"$dmoe" generate --target "$gateway" --tokens 9,8,7 --max-tokens 400 --temperature 0 --ignore-eos \
   --print-token-ids > "$work/long.out" &
 long=$!
-sleep 0.15
+for _ in $(seq 1 3000); do
+  [ "$(metric "$gw_metrics" dmoe_gateway_time_to_first_token_seconds_count)" -gt "$first_tokens" ] && break
+  sleep 0.01
+done
+[ "$(metric "$gw_metrics" dmoe_gateway_time_to_first_token_seconds_count)" -gt "$first_tokens" ] ||
+  { echo "the long stream did not start in 30 s"; exit 1; }
 for p in $(python3 -c "import json,sys; print(' '.join(str(p['pid']) for p in json.load(open(sys.argv[1]))['processes'] if p['role']=='attention'))" "$state"); do
   kill -TERM "$p"
 done
@@ -89,7 +107,7 @@ echo "dmoe up / generate / down: OK"
 "$dmoe" serve --model "$work/model" > "$work/serve.out" 2> "$work/serve.err" &
 serve_pid=$!
 trap 'kill $serve_pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 200); do grep -q '^gateway: ' "$work/serve.out" && break; sleep 0.05; done
+for _ in $(seq 1 1200); do grep -q '^gateway: ' "$work/serve.out" && break; sleep 0.05; done
 served=$(sed -n 's/^gateway: //p' "$work/serve.out")
 [ -n "$served" ] || { cat "$work/serve.err"; echo "dmoe serve did not start"; exit 1; }
 one=$("$dmoe" generate --target "$served" --tokens 5,6,7,8 --max-tokens 12 --temperature 0 --print-token-ids)
