@@ -134,18 +134,38 @@ class GatewayTest : public ::testing::Test {
     return req;
   }
 
+  // Blocks still in use once the attention node has no running sequence and every block is
+  // free, or after 30 s (a generous bound: the cancel/finish is asynchronous).
   static int64_t WaitAllBlocksFree() {
-    int64_t free_blocks = -1, total = 0;
-    for (int i = 0; i < 300; ++i) {
+    int64_t free_blocks = -1, total = 0, running = -1;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < until) {
       grpc::ClientContext ctx;
       internal::GetLoadReply load;
       EXPECT_TRUE(attention_->GetLoad(&ctx, internal::GetLoadRequest(), &load).ok());
       free_blocks = load.free_blocks();
       total = load.total_blocks();
-      if (free_blocks == total && load.running() == 0) break;
+      running = load.running();
+      if (free_blocks == total && running == 0) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
+    EXPECT_EQ(running, 0) << "sequences still running after 30 s";
     return total - free_blocks;
+  }
+
+  // True when `s` is well-formed UTF-8 (no partial or invalid sequence).
+  static bool ValidUtf8(const std::string& s) {
+    size_t i = 0;
+    while (i < s.size()) {
+      const uint8_t c = static_cast<uint8_t>(s[i]);
+      const int n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+      if (n == 0 || i + static_cast<size_t>(n) > s.size()) return false;
+      for (int k = 1; k < n; ++k) {
+        if ((static_cast<uint8_t>(s[i + static_cast<size_t>(k)]) & 0xc0) != 0x80) return false;
+      }
+      i += static_cast<size_t>(n);
+    }
+    return true;
   }
 
   static std::string* dir_;
@@ -194,6 +214,9 @@ TEST_F(GatewayTest, TextStreamsAsCompleteCharacters) {
   ASSERT_TRUE(gateway_->Detokenize(&dctx, dreq, &text).ok());
   EXPECT_EQ(s.text, text.text());  // the deltas add up to the whole text
   EXPECT_GT(s.deltas.size(), 2u);
+  for (size_t i = 0; i < s.deltas.size(); ++i) {
+    EXPECT_TRUE(ValidUtf8(s.deltas[i])) << "delta " << i << " splits a character";
+  }
 }
 
 TEST_F(GatewayTest, StopStringEndsTheTextBeforeIt) {
@@ -212,6 +235,33 @@ TEST_F(GatewayTest, StopStringEndsTheTextBeforeIt) {
   ASSERT_TRUE(s.status.ok()) << s.status.error_message();
   EXPECT_EQ(s.text, full.text.substr(0, full.text.find(stop)));
   EXPECT_EQ(s.finish, "stop");
+  EXPECT_EQ(WaitAllBlocksFree(), 0);
+}
+
+TEST_F(GatewayTest, StopStringSpanningDeltasEndsTheText) {
+  const Stream full = Run(gateway_, Text("Once upon a time", 30));
+  ASSERT_TRUE(full.status.ok());
+  // The last character of one non-empty delta and the first of the next: the stop string is
+  // never whole inside one delta.
+  std::string stop;
+  for (size_t i = 0; i + 1 < full.deltas.size() && stop.empty(); ++i) {
+    const std::string& a = full.deltas[i];
+    const std::string& b = full.deltas[i + 1];
+    if (i < 2 || a.empty() || b.empty()) continue;
+    size_t at = a.size() - 1;
+    while (at > 0 && (static_cast<uint8_t>(a[at]) & 0xc0) == 0x80) --at;
+    size_t end = 1;
+    while (end < b.size() && (static_cast<uint8_t>(b[end]) & 0xc0) == 0x80) ++end;
+    stop = a.substr(at) + b.substr(0, end);
+  }
+  ASSERT_FALSE(stop.empty()) << "no two adjacent non-empty deltas";
+  v1::GenerateRequest req = Text("Once upon a time", 30);
+  req.mutable_sampling()->add_stop(stop);
+  const Stream s = Run(gateway_, req);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.text, full.text.substr(0, full.text.find(stop))) << "stop \"" << stop << "\"";
+  EXPECT_EQ(s.finish, "stop");
+  for (const std::string& d : s.deltas) EXPECT_EQ(d.find(stop), std::string::npos);
   EXPECT_EQ(WaitAllBlocksFree(), 0);
 }
 
