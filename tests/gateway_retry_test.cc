@@ -1,0 +1,97 @@
+// The gateway's retry of a request that fails before its first token, shown deterministically: two
+// attention nodes behind a real GatewayService over real gRPC servers on 127.0.0.1. The "sick" node
+// answers GetLoad with the lowest load (so the pool picks it first) but fails every Generate with
+// UNAVAILABLE, as a node whose scheduler is gone would; the healthy node streams fixed tokens.
+// (A fake in addition to the real-process test in gateway_test: that one cannot tell "retried"
+// from "never picked the dead node".)
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "gateway/gateway_service.h"
+#include "gateway/node_pool.h"
+#include "gtest/gtest.h"
+#include "proto/attention.grpc.pb.h"
+#include "proto/dmoe/v1/dmoe.grpc.pb.h"
+
+namespace dmoe::gateway {
+namespace {
+
+class FakeAttention final : public internal::AttentionService::Service {
+ public:
+  FakeAttention(bool sick, int64_t queued) : sick_(sick), queued_(queued) {}
+  grpc::Status Generate(grpc::ServerContext*, const internal::GenerateRequest*,
+                        grpc::ServerWriter<internal::GenerateResponse>* w) override {
+    ++generate_calls;
+    if (sick_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler stopped");
+    internal::GenerateResponse r;
+    for (int32_t t : {7, 8, 9}) r.add_tokens()->set_token_id(t);
+    r.set_finish_reason("length");
+    w->Write(r);
+    return grpc::Status::OK;
+  }
+  grpc::Status GetLoad(grpc::ServerContext*, const internal::GetLoadRequest*,
+                       internal::GetLoadReply* reply) override {
+    reply->set_total_blocks(100);
+    reply->set_free_blocks(100);
+    reply->set_queued_prefill_tokens(queued_);
+    return grpc::Status::OK;
+  }
+  std::atomic<int> generate_calls{0};
+
+ private:
+  const bool sick_;
+  const int64_t queued_;
+};
+
+std::unique_ptr<grpc::Server> Serve(grpc::Service* service, std::string* address) {
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(service);
+  auto server = b.BuildAndStart();
+  *address = "127.0.0.1:" + std::to_string(port);
+  return server;
+}
+
+TEST(GatewayRetry, ARequestFailingBeforeItsFirstTokenMovesToAnotherNode) {
+  FakeAttention sick(/*sick=*/true, /*queued=*/0), healthy(/*sick=*/false, /*queued=*/1000);
+  std::string sick_addr, healthy_addr;
+  auto s1 = Serve(&sick, &sick_addr);
+  auto s2 = Serve(&healthy, &healthy_addr);
+  NodePool pool({sick_addr, healthy_addr}, std::chrono::milliseconds(50));
+  for (int i = 0; i < 3000 && pool.healthy() < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(pool.healthy(), 2u) << "both nodes polled";
+  ApiKeys keys;
+
+  GatewayService service(&pool, &keys, GatewayOptions());
+  std::string gw_addr;
+  auto gw = Serve(&service, &gw_addr);
+  auto stub = v1::Dmoe::NewStub(grpc::CreateChannel(gw_addr, grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest req;
+  req.mutable_token_ids()->add_ids(1);
+  req.mutable_sampling()->set_max_tokens(3);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto reader = stub->Generate(&ctx, req);
+  std::vector<int32_t> ids;
+  v1::GenerateResponse r;
+  while (reader->Read(&r)) ids.insert(ids.end(), r.token_ids().begin(), r.token_ids().end());
+  const grpc::Status st = reader->Finish();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(ids, (std::vector<int32_t>{7, 8, 9}));
+  // Both nodes are healthy and the sick one reports less load: two-node power-of-two choices
+  // always compares both, so the first attempt went to the sick node, the retry to the other.
+  EXPECT_EQ(sick.generate_calls.load(), 1);
+  EXPECT_EQ(healthy.generate_calls.load(), 1);
+  gw->Shutdown();
+}
+
+}  // namespace
+}  // namespace dmoe::gateway
