@@ -93,9 +93,19 @@ void Scheduler::Cancel(uint64_t id) {
   work_cv_.notify_one();
 }
 
-void Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
+bool Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> l(mu_);
-  work_cv_.wait_for(l, timeout, [&] { return !incoming_.empty() || !cancelled_.empty(); });
+  auto has_work = [&] { return !incoming_.empty() || !cancelled_.empty(); };
+  if (has_work()) return true;
+  ++idle_waiters_;
+  const bool woken = work_cv_.wait_for(l, timeout, has_work);
+  --idle_waiters_;
+  return woken;
+}
+
+int Scheduler::idle_waiters() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return idle_waiters_;
 }
 
 SchedulerLoad Scheduler::load() const {

@@ -90,7 +90,10 @@ class Scheduler {
   absl::StatusOr<bool> Step();
   // For the scheduler thread after a Step that found nothing to do: returns as soon as a request
   // is submitted or cancelled, or after `timeout` (so that between_steps still runs now and then).
-  void WaitForWork(std::chrono::milliseconds timeout);
+  // Returns true when there is work (at once if there was already), false after the timeout.
+  bool WaitForWork(std::chrono::milliseconds timeout);
+  // Threads blocked in WaitForWork now (tests: to submit only once the waiter sleeps).
+  int idle_waiters() const;
   SchedulerLoad load() const;
   SchedulerStats stats() const;
 
@@ -108,6 +111,7 @@ class Scheduler {
 
   mutable std::mutex mu_;            // guards incoming_, cancelled_, load counters below, stats_
   std::condition_variable work_cv_;  // incoming_ or cancelled_ gained an entry
+  int idle_waiters_ = 0;             // guarded by mu_: threads in WaitForWork
   std::deque<std::unique_ptr<Seq>> incoming_;
   std::set<uint64_t> cancelled_;
   uint64_t next_id_ = 1;

@@ -196,8 +196,12 @@ TEST_F(SchedulerTest, SubmitAndCancelWakeTheIdleWait) {
   ASSERT_FALSE(*s.Step());  // nothing to do
   for (int round = 0; round < 2; ++round) {
     auto waited =
-        std::async(std::launch::async, [&] { s.WaitForWork(std::chrono::milliseconds(60000)); });
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it start waiting
+        std::async(std::launch::async, [&] { return s.WaitForWork(std::chrono::milliseconds(60000)); });
+    // Submit/Cancel only once the waiter sleeps, so that it must be woken (not find work queued).
+    for (int i = 0; i < 30000 && s.idle_waiters() == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_EQ(s.idle_waiters(), 1) << round;
     if (round == 0) {
       SamplingParams p;
       p.ignore_eos = true;  // the tiny model may emit its eos (1); these tests count tokens
@@ -206,14 +210,19 @@ TEST_F(SchedulerTest, SubmitAndCancelWakeTheIdleWait) {
     } else {
       s.Cancel(12345);
     }
-    EXPECT_EQ(waited.wait_for(std::chrono::seconds(30)), std::future_status::ready) << round;
-    waited.wait();
+    ASSERT_EQ(waited.wait_for(std::chrono::seconds(30)), std::future_status::ready) << round;
+    EXPECT_TRUE(waited.get()) << "woken by work, not by the timeout";
     while (*s.Step()) {
     }
   }
-  // With work queued it does not wait at all.
+  // With work queued it does not wait at all: it never becomes an idle waiter.
   s.Cancel(777);
-  s.WaitForWork(std::chrono::milliseconds(60000));
+  EXPECT_TRUE(s.WaitForWork(std::chrono::milliseconds(60000)));
+  EXPECT_EQ(s.idle_waiters(), 0);
+  // Without work it returns false at the timeout.
+  while (*s.Step()) {
+  }
+  EXPECT_FALSE(s.WaitForWork(std::chrono::milliseconds(1)));
 }
 
 TEST_F(SchedulerTest, SharedPrefixIsComputedOnce) {
