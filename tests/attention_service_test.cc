@@ -224,13 +224,16 @@ TEST_F(AttentionServiceTest, CancelMidStreamFreesTheBlocks) {
   }
   EXPECT_TRUE(reader->Finish().ok());
   EXPECT_EQ(finish, "cancelled");
-  // The scheduler frees the blocks in the step that sees the cancellation.
+  // The scheduler frees the blocks in the step that sees the cancellation (asynchronous to this
+  // thread: wait for it, bounded generously at 30 s).
   int64_t free_blocks = -1;
-  for (int i = 0; i < 200 && free_blocks != total; ++i) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < until) {
     free_blocks = Load().free_blocks();
+    if (free_blocks == total) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  EXPECT_EQ(free_blocks, total);
+  EXPECT_EQ(free_blocks, total) << "blocks still in use 30 s after the cancel";
 }
 
 }  // namespace
