@@ -123,6 +123,64 @@ TEST(SafetensorsFile, EmptyAndMissingFiles) {
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
 }
 
+// An independent bf16 rounding: of the two bf16 neighbours of x (truncated toward zero, and the
+// next one away from zero), the nearer in exact (double) arithmetic; on a tie the one with an even
+// last bit. NaN: any NaN with x's sign. It is the golden for the scalar FloatToBf16, which is the
+// golden for the SIMD paths.
+uint16_t NearestBf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint32_t lo = bits & 0xffff0000u;
+  if (std::isinf(x) || (bits & 0xffffu) == 0) return static_cast<uint16_t>(lo >> 16);
+  const uint32_t hi = lo + 0x10000u;  // the next bf16 away from zero (may be +-inf)
+  float lo_f, hi_f;
+  std::memcpy(&lo_f, &lo, 4);
+  std::memcpy(&hi_f, &hi, 4);
+  // Beyond the largest finite value the upper neighbour is infinity: its "distance" is measured to
+  // where it would be (2^128), as IEEE rounding does.
+  const double hi_d = std::isinf(hi_f) ? std::copysign(std::ldexp(1.0, 128), x) : hi_f;
+  const double dl = std::fabs(static_cast<double>(x) - lo_f), dh = std::fabs(hi_d - x);
+  if (dl < dh) return static_cast<uint16_t>(lo >> 16);
+  if (dh < dl) return static_cast<uint16_t>(hi >> 16);
+  return static_cast<uint16_t>(((lo >> 16) & 1) == 0 ? lo >> 16 : hi >> 16);
+}
+
+TEST(DType, FloatToBf16MatchesAnIndependentRoundingEverywhere) {
+  auto check = [](uint32_t bits) {
+    float x;
+    std::memcpy(&x, &bits, 4);
+    const uint16_t got = FloatToBf16(x);
+    if (std::isnan(x)) {
+      ASSERT_TRUE(std::isnan(Bf16ToFloat(got))) << std::hex << bits;
+      ASSERT_EQ(got >> 15, bits >> 31) << std::hex << bits;
+      return;
+    }
+    ASSERT_EQ(got, NearestBf16(x)) << std::hex << bits;
+  };
+  // Every sign, exponent (zero, subnormal, normal, the largest, inf/NaN) and the mantissa patterns
+  // that decide rounding: below, at and above the half, with even and odd last kept bits.
+  for (uint32_t sign : {0u, 1u}) {
+    for (uint32_t exp = 0; exp <= 0xff; ++exp) {
+      for (uint32_t kept : {0u, 1u, 2u, 0x3fu, 0x7eu, 0x7fu}) {
+        for (uint32_t low : {0u, 1u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu}) {
+          check(sign << 31 | exp << 23 | kept << 16 | low);
+        }
+      }
+    }
+  }
+  // And a dense sweep of pseudo-random bit patterns.
+  uint64_t s = 88172645463325252ull;
+  for (int i = 0; i < 2000000; ++i) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    check(static_cast<uint32_t>(s));
+  }
+  EXPECT_EQ(FloatToBf16(3.4028235e38f), 0x7f80);   // the largest float rounds up to infinity
+  EXPECT_EQ(FloatToBf16(-0.0f), 0x8000);
+  EXPECT_EQ(FloatToBf16(std::ldexp(1.0f, -149)), 0x0000);  // the smallest subnormal: to zero
+}
+
 TEST(DType, ConversionsAreExact) {
   EXPECT_EQ(Bf16ToFloat(0x3f80), 1.0f);
   EXPECT_EQ(FloatToBf16(1.0f), 0x3f80);
