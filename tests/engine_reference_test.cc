@@ -172,6 +172,28 @@ TEST(Checkpoints, ThreeShardsGiveExactlyTheSingleFileLogits) {
   for (size_t i = 0; i < la->size(); ++i) ASSERT_EQ((*la)[i], (*lb)[i]) << "logit " << i;
 }
 
+// A bf16 checkpoint against the float64 reference reading the same bf16 file: the engine's fp32
+// math on exactly-converted bf16 weights must be as close as on an fp32 checkpoint.
+TEST(Checkpoints, Bf16CheckpointLogitsWithin1e3OfFloat64) {
+  for (const std::string preset : {"tiny", "tiny-lite"}) {
+    const std::string dir = MakeModel(preset, 5, DType::kBF16, 1);
+    auto model = Load(dir);
+    reference::ReferenceModel ref(dir);
+    const std::vector<int32_t> prompt = Prompt(30, 3, 512);
+    auto logits = model->engine().Forward(prompt);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    const std::vector<double> want = ref.Forward(std::vector<int>(prompt.begin(), prompt.end()));
+    ASSERT_EQ(want.size(), logits->size());
+    double max_diff = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      max_diff = std::max(max_diff, std::fabs(want[i] - (*logits)[i]));
+    }
+    std::printf("[%s] bf16 checkpoint: max |dlogit| vs float64 on the same file = %.3g\n",
+                preset.c_str(), max_diff);
+    EXPECT_LE(max_diff, 1e-3);
+  }
+}
+
 // bf16 weights move logits by ~1% of their spread, so a greedy token can legitimately differ where
 // the fp32 top-1 margin is tiny, or where a router near-tie flips an expert (MODEL_SPEC.md). The
 // checks: free-running greedy equality on tiny-lite (plain greedy routing), and on both presets
