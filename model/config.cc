@@ -195,12 +195,25 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
   if (!(c.rope_theta > 1.0)) return FieldError("rope_theta", "must be greater than 1");
   if (c.first_k_dense_replace < 0) return FieldError("first_k_dense_replace", "must be >= 0");
   if (c.moe_layer_freq <= 0) return FieldError("moe_layer_freq", "must be positive");
-  bool any_dense = false;
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) any_dense |= !c.IsMoeLayer(i);
+  // Some layer is dense (not IsMoeLayer) iff there are no routed experts, layer 0 is dense, or
+  // layer 1 exists and moe_layer_freq skips it. Closed form: num_hidden_layers is untrusted (a loop
+  // over 10^13 layers hangs).
+  const bool any_dense = c.n_routed_experts <= 0 || c.first_k_dense_replace > 0 ||
+                         (c.moe_layer_freq > 1 && c.num_hidden_layers > 1);
   if (any_dense) {
     if (auto s = Positive("intermediate_size", c.intermediate_size); !s.ok()) return s;
   }
   if (c.n_routed_experts < 0) return FieldError("n_routed_experts", "must be positive or null");
+  // ModelConfigToJson writes these as null unless positive, so a negative value would not survive a
+  // round trip: reject it even where the field is unused (no routed experts, greedy routing).
+  if (c.n_shared_experts < 0) return FieldError("n_shared_experts", "must be >= 0 or null");
+  if (c.num_experts_per_tok < 0) {
+    return FieldError("num_experts_per_tok", "must be positive or null");
+  }
+  if (c.n_group < 0) return FieldError("n_group", "must be positive or null");
+  if (c.topk_group < 0) return FieldError("topk_group", "must be positive or null");
+  // -1 stands for absent (written as null).
+  if (c.bos_token_id < -1) return FieldError("bos_token_id", "must be a token id (>= 0) or null");
   if (c.n_routed_experts > 0) {
     const int64_t e = c.n_routed_experts;
     if (auto s = Positive("moe_intermediate_size", c.moe_intermediate_size); !s.ok()) return s;
@@ -211,11 +224,9 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
       return FieldError("num_experts_per_tok",
                         absl::StrCat(c.num_experts_per_tok, " exceeds n_routed_experts ", e));
     }
-    if (c.n_shared_experts < 0) return FieldError("n_shared_experts", "must be >= 0 or null");
     if (!(c.routed_scaling_factor > 0)) {
       return FieldError("routed_scaling_factor", "must be positive");
     }
-    if (c.n_group < 0) return FieldError("n_group", "must be positive or null");
     if (c.n_group > 0 && e % c.n_group != 0) {
       return FieldError("n_group", absl::StrCat("n_routed_experts ", e,
                                                 " is not divisible by n_group ", c.n_group));

@@ -25,7 +25,7 @@ LoadProgress::LoadProgress(std::string what, uint64_t total_tensors, uint64_t to
       out_(out),
       terminal_(terminal < 0 ? isatty(fileno(out)) != 0 : terminal != 0),
       start_(std::chrono::steady_clock::now()) {
-  std::lock_guard<std::mutex> l(mu_);
+  absl::MutexLock l(&mu_);
   std::fprintf(out_, "%s: loading %llu tensors, %s\n", what_.c_str(),
                static_cast<unsigned long long>(total_tensors_),
                Bytes(static_cast<double>(total_bytes_)).c_str());
@@ -47,7 +47,7 @@ std::string LoadProgress::Line(double seconds) const {
 }
 
 void LoadProgress::Add(uint64_t bytes) {
-  std::lock_guard<std::mutex> l(mu_);
+  absl::MutexLock l(&mu_);
   if (done_) return;
   ++tensors_;
   bytes_ += bytes;
@@ -70,7 +70,7 @@ void LoadProgress::Add(uint64_t bytes) {
 }
 
 void LoadProgress::Done() {
-  std::lock_guard<std::mutex> l(mu_);
+  absl::MutexLock l(&mu_);
   if (done_) return;
   done_ = true;
   const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();

@@ -7,10 +7,10 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <mutex>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace dmoe {
 
@@ -37,7 +37,7 @@ class LoadProgress {
   std::FILE* const out_;
   const bool terminal_;
   const std::chrono::steady_clock::time_point start_;
-  std::mutex mu_;
+  absl::Mutex mu_;
   uint64_t tensors_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int logged_tenths_ ABSL_GUARDED_BY(mu_) = 0;
