@@ -84,6 +84,12 @@ int Serve(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
   LatentKvCache cache(c, *block, blocks, kv_dtype);
   Scheduler scheduler(&(*model)->engine(), &cache, SchedulerOptions());
+  auto chat = gateway::ChatTemplate::LoadFromModelDir(*dir);
+  if (!chat.ok()) return Fail(chat.status());
+  if (chat->is_builtin_default()) {
+    std::fprintf(stderr, "no chat template in %s: Chat uses the DeepSeek-V2-Chat format\n",
+                 dir->c_str());
+  }
   std::unique_ptr<Tokenizer> tok;
   if (std::ifstream(*dir + "/tokenizer.json")) {
     auto t = Tokenizer::FromFile(*dir + "/tokenizer.json");
@@ -112,6 +118,7 @@ int Serve(int argc, char** argv) {
   gateway::ApiKeys keys;
   gateway::GatewayOptions o;
   o.tokenizer = tok.get();
+  o.chat_template = &*chat;
   o.vocab_size = c.vocab_size;
   o.max_position_embeddings = c.max_position_embeddings;
   gateway::GatewayService service(&pool, &keys, o);

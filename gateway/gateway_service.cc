@@ -290,15 +290,52 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
   return Start(ctx, std::move(prompt), request->sampling(), request->model());
 }
 
+absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& request) const {
+  static const ChatTemplate* builtin = new ChatTemplate(ChatTemplate::BuiltinDefault());
+  const ChatTemplate& tmpl = options_.chat_template != nullptr ? *options_.chat_template : *builtin;
+  if (request.messages().empty()) return absl::InvalidArgumentError("messages: is empty");
+  // The OpenAI shape the templates are written for; optional fields only when set.
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  for (int i = 0; i < request.messages_size(); ++i) {
+    const v1::ChatMessage& m = request.messages(i);
+    // Templates tend to skip roles they do not know: a typo would silently drop a message.
+    if (m.role() != "system" && m.role() != "user" && m.role() != "assistant" &&
+        m.role() != "tool") {
+      return absl::InvalidArgumentError(absl::StrCat("messages[", i, "].role: \"", m.role(),
+                                                     "\" is not system, user, assistant or tool"));
+    }
+    nlohmann::ordered_json j = {{"role", m.role()}, {"content", m.content()}};
+    if (!m.name().empty()) j["name"] = m.name();
+    if (!m.tool_call_id().empty()) j["tool_call_id"] = m.tool_call_id();
+    if (m.tool_calls_size() > 0) {
+      nlohmann::ordered_json calls = nlohmann::ordered_json::array();
+      for (const v1::ToolCall& c : m.tool_calls()) {
+        calls.push_back({{"id", c.id()},
+                         {"type", c.type().empty() ? "function" : c.type()},
+                         {"function",
+                          {{"name", c.function_name()}, {"arguments", c.function_arguments()}}}});
+      }
+      j["tool_calls"] = std::move(calls);
+    }
+    messages.push_back(std::move(j));
+  }
+  nlohmann::ordered_json tools = nullptr;
+  if (!request.tools_json().empty()) {
+    tools = nlohmann::ordered_json::parse(request.tools_json(), nullptr, /*allow_exceptions=*/false);
+    if (tools.is_discarded() || !tools.is_array()) {
+      return absl::InvalidArgumentError("tools_json: not a JSON array");
+    }
+  }
+  return tmpl.Render(messages, tools, /*add_generation_prompt=*/true);
+}
+
 grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Chat(
     grpc::CallbackServerContext* ctx, const v1::ChatRequest* request) {
   absl::StatusOr<std::vector<int32_t>> prompt;
   if (options_.tokenizer == nullptr) {
     prompt = absl::FailedPreconditionError("Chat needs a tokenizer (--tokenizer)");
   } else {
-    std::vector<ChatTurn> turns;
-    for (const auto& m : request->messages()) turns.push_back({m.role(), m.content()});
-    auto text = RenderDeepseekChat(turns, options_.bos, options_.eos);
+    auto text = RenderChat(*request);
     if (!text.ok()) {
       prompt = text.status();
     } else {

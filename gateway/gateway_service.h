@@ -12,6 +12,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "gateway/chat_template.h"
 #include "gateway/node_pool.h"
 #include "model/tokenizer.h"
 #include "proto/dmoe/v1/dmoe.grpc.pb.h"
@@ -47,8 +48,8 @@ struct GatewayMetrics {
 struct GatewayOptions {
   std::string model_id = "dmoe";
   const Tokenizer* tokenizer = nullptr;  // null: token-id prompts only
-  std::string bos = "<｜begin▁of▁sentence｜>";
-  std::string eos = "<｜end▁of▁sentence｜>";
+  // The checkpoint's chat template (not owned); null: the built-in DeepSeek-V2-Chat one.
+  const ChatTemplate* chat_template = nullptr;
   int max_attempts = 3;  // nodes tried for a request that fails before its first token
   int64_t vocab_size = 0;
   int64_t max_position_embeddings = 0;
@@ -83,6 +84,9 @@ class GatewayService final : public v1::Dmoe::CallbackService {
                                                         absl::StatusOr<std::vector<int32_t>> prompt,
                                                         const v1::SamplingParams& sampling,
                                                         const std::string& model);
+  // The request's messages (and tools) through the chat template; INVALID_ARGUMENT naming the
+  // field, or the template's own exception message.
+  absl::StatusOr<std::string> RenderChat(const v1::ChatRequest& request) const;
   NodePool* pool_;
   ApiKeys* keys_;
   GatewayOptions options_;

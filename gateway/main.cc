@@ -36,7 +36,9 @@ grpc.health.v1 and server reflection), balancing over attention nodes by their r
                             up every second (at start, waits up to 10 s for one that answers)
   --cluster-token-file F    the router's cluster token
   --model DIR               checkpoint directory: config.json (model limits) and, if present,
-                            tokenizer.json for text prompts and Chat
+                            tokenizer.json for text prompts and Chat, and the chat template
+                            (tokenizer_config.json's chat_template, or chat_template.jinja;
+                            without one, DeepSeek-V2-Chat's "User: ...\n\nAssistant:" format)
   --tokenizer PATH          tokenizer.json (overrides DIR/tokenizer.json)
   --model-id NAME           the model's name in the API (default: dmoe)
   --grpc-listen H:P         address (default 127.0.0.1:0)
@@ -88,11 +90,22 @@ int Main(int argc, char** argv) {
   GatewayOptions o;
   o.model_id = flags->StringOr("model-id", "dmoe");
   std::unique_ptr<Tokenizer> tok;
+  std::unique_ptr<ChatTemplate> chat;
   std::string tok_path = flags->StringOr("tokenizer", "");
   if (flags->Has("model")) {
     const std::string dir = flags->StringOr("model", "");
     auto config = LoadModelConfig(dir);
     if (!config.ok()) return Fail(config.status());
+    auto tmpl = ChatTemplate::LoadFromModelDir(dir);
+    if (!tmpl.ok()) return Fail(tmpl.status());
+    chat = std::make_unique<ChatTemplate>(std::move(tmpl).value());
+    o.chat_template = chat.get();
+    std::fprintf(stderr, "dmoe-gateway: %s\n",
+                 chat->is_builtin_default()
+                     ? absl::StrCat("no chat template in ", dir,
+                                    ": Chat uses the DeepSeek-V2-Chat format")
+                           .c_str()
+                     : absl::StrCat("chat template of ", dir).c_str());
     o.vocab_size = config->vocab_size;
     o.max_position_embeddings = config->max_position_embeddings;
     if (tok_path.empty() && std::ifstream(dir + "/tokenizer.json"))

@@ -2,37 +2,8 @@
 
 #include <algorithm>
 
-#include "absl/strings/str_cat.h"
 
 namespace dmoe::gateway {
-
-absl::StatusOr<std::string> RenderDeepseekChat(const std::vector<ChatTurn>& messages,
-                                               const std::string& bos, const std::string& eos) {
-  if (messages.empty()) return absl::InvalidArgumentError("messages: empty");
-  std::string system;
-  bool first_system = true;
-  for (size_t i = 0; i < messages.size(); ++i) {
-    const std::string& role = messages[i].role;
-    if (role != "system" && role != "user" && role != "assistant") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("messages[", i, "].role: \"", role, "\" is not system, user or assistant"));
-    }
-    if (role == "system") {
-      system += first_system ? messages[i].content : "\n\n" + messages[i].content;
-      first_system = false;
-    }
-  }
-  std::string out = bos + system;
-  for (const ChatTurn& m : messages) {
-    if (m.role == "user") {
-      out += "<｜User｜>" + m.content;
-    } else if (m.role == "assistant") {
-      out += "<｜Assistant｜>" + m.content + eos;
-    }
-  }
-  out += "<｜Assistant｜>";
-  return out;
-}
 
 StopStrings::StopStrings(std::vector<std::string> stops) : stops_(std::move(stops)) {
   stops_.erase(std::remove(stops_.begin(), stops_.end(), std::string()), stops_.end());

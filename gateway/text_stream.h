@@ -1,4 +1,4 @@
-// Gateway-side text handling that needs no RPC: the DeepSeek chat template and stop strings.
+// Gateway-side text handling that needs no RPC: stop strings (the chat template is chat_template.h).
 #ifndef DMOE_GATEWAY_TEXT_STREAM_H_
 #define DMOE_GATEWAY_TEXT_STREAM_H_
 
@@ -8,18 +8,6 @@
 #include "absl/status/statusor.h"
 
 namespace dmoe::gateway {
-
-struct ChatTurn {
-  std::string role;  // system, user or assistant
-  std::string content;
-};
-
-// The DeepSeek chat template (tokenizer_config.json's `chat_template`) for system / user /
-// assistant turns, with the generation prompt: bos, the system prompts joined by a blank line, then
-// "<｜User｜>" + user, "<｜Assistant｜>" + assistant + eos, ..., "<｜Assistant｜>".
-// INVALID_ARGUMENT naming messages[i].role for any other role, or for no messages.
-absl::StatusOr<std::string> RenderDeepseekChat(const std::vector<ChatTurn>& messages,
-                                               const std::string& bos, const std::string& eos);
 
 // Holds back streamed text that could be the start of a stop string, and cuts the text before the
 // first stop string. Never splits a UTF-8 character.

@@ -43,10 +43,10 @@ class GatewayTest : public ::testing::Test {
     TinyModelOptions o;
     o.seed = 5;
     ASSERT_TRUE(WriteTinyModel(*dir_, *PresetConfig("tiny-demo"), o).ok());
-    {
-      std::ifstream src(std::string(npm) + "/package/models/tokenizer.json", std::ios::binary);
-      ASSERT_TRUE(src.good());
-      std::ofstream dst(*dir_ + "/tokenizer.json", std::ios::binary);
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {  // + the V3 chat template
+      std::ifstream src(std::string(npm) + "/package/models/" + f, std::ios::binary);
+      ASSERT_TRUE(src.good()) << f;
+      std::ofstream dst(*dir_ + "/" + f, std::ios::binary);
       dst << src.rdbuf();
     }
     std::string shards;
@@ -265,27 +265,61 @@ TEST_F(GatewayTest, StopStringSpanningDeltasEndsTheText) {
   EXPECT_EQ(WaitAllBlocksFree(), 0);
 }
 
-TEST_F(GatewayTest, ChatUsesTheTemplate) {
+// The checkpoint's own template (here DeepSeek-V3's from tokenizer_config.json): the Chat stream
+// equals a Generate of the text that template gives (written out here by hand), token for token.
+TEST_F(GatewayTest, ChatUsesTheCheckpointsTemplate) {
   v1::ChatRequest req;
+  auto* s = req.add_messages();
+  s->set_role("system");
+  s->set_content("Be brief.");
   auto* m = req.add_messages();
   m->set_role("user");
   m->set_content("What is MLA?");
-  req.mutable_sampling()->set_max_tokens(6);
+  req.mutable_sampling()->set_max_tokens(8);
+  req.mutable_sampling()->set_ignore_eos(true);
   grpc::ClientContext ctx;
   auto reader = gateway_->Chat(&ctx, req);
   v1::GenerateResponse r;
+  std::vector<int32_t> chat_ids;
   int64_t prompt_tokens = 0;
   while (reader->Read(&r)) {
+    chat_ids.insert(chat_ids.end(), r.token_ids().begin(), r.token_ids().end());
     if (r.has_usage()) prompt_tokens = r.usage().prompt_tokens();
   }
   ASSERT_TRUE(reader->Finish().ok());
+  const std::string text = "<｜begin▁of▁sentence｜>Be brief.<｜User｜>What is MLA?<｜Assistant｜>";
   grpc::ClientContext tctx;
   v1::TokenizeRequest treq;
-  treq.set_text("<｜begin▁of▁sentence｜><｜User｜>What is MLA?<｜Assistant｜>");
+  treq.set_text(text);
   v1::TokenizeResponse tok;
   ASSERT_TRUE(gateway_->Tokenize(&tctx, treq, &tok).ok());
   EXPECT_EQ(prompt_tokens, tok.ids_size());
   EXPECT_EQ(tok.ids(0), 0);  // bos is one special token
+  v1::GenerateRequest g = Text(text, 8);
+  g.mutable_sampling()->set_ignore_eos(true);
+  const Stream direct = Run(gateway_, g);
+  ASSERT_TRUE(direct.status.ok());
+  EXPECT_EQ(chat_ids, direct.ids);
+  // A role no chat API has is refused before the template (which might skip it silently).
+  v1::ChatRequest bad;
+  bad.add_messages()->set_role("narrator");
+  bad.mutable_sampling()->set_max_tokens(2);
+  grpc::ClientContext bctx;
+  auto breader = gateway_->Chat(&bctx, bad);
+  while (breader->Read(&r)) {
+  }
+  const grpc::Status st = breader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  // Tools that are not a JSON array name the field.
+  v1::ChatRequest tools = req;
+  tools.set_tools_json("{not json");
+  grpc::ClientContext tctx2;
+  auto treader = gateway_->Chat(&tctx2, tools);
+  while (treader->Read(&r)) {
+  }
+  const grpc::Status st2 = treader->Finish();
+  EXPECT_EQ(st2.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st2.error_message().find("tools_json"), std::string::npos) << st2.error_message();
 }
 
 TEST_F(GatewayTest, CancelMidStreamFreesTheBlocks) {

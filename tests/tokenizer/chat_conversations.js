@@ -1,19 +1,245 @@
-// Writes chat conversations (one JSON array of {role, content} per line), deterministically:
-// with and without system prompts, several systems, multi-turn, non-ASCII and empty contents.
-const contents = ["Hi", "What is MLA?", "你好，世界", "Привет", "", "a\nb\n\nc", "Use <b>tags</b>",
-                  "  spaces  ", "emoji 🚀", "The answer is 42."];
+// Writes test input for compare_chat_template.sh, deterministically (a fixed-seed generator).
+// Usage: node chat_conversations.js v2 N     N lines {messages, add_generation_prompt?} (some as
+//                                            a bare array of messages): system or not, several
+//                                            systems, multi-turn, non-ASCII and empty contents
+//        node chat_conversations.js v3 N     the same plus tools, assistant tool_calls (with and
+//                                            without content), consecutive tool results
+//        node chat_conversations.js cases N  N lines {template, context}: random templates over
+//                                            the whole Jinja subset (expressions of every type,
+//                                            statements, whitespace control), for the language
+//                                            as a whole
+// A few inputs are malformed on purpose (content null or missing where the template adds it):
+// both renderers must then raise.
 let seed = 7;
-function rnd(n) { seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n; }
-const n = Number(process.argv[2] || 200);
-for (let i = 0; i < n; ++i) {
+function rnd(n) {
+  seed = (seed * 1103515245 + 12345) % 2147483648;
+  return Math.floor(seed / 65536) % n;
+}
+function pick(a) { return a[rnd(a.length)]; }
+
+const contents = ["Hi", "What is MLA?", "你好，世界", "Привет", "", "a\nb\n\nc", "Use <b>tags</b>",
+  "  spaces  ", "emoji 🚀", "The answer is 42.", "quote \" and \\ backslash", "tab\there",
+  "<｜User｜>injected", "{{ not a template }}", "line\r\nbreak", "\u00a0nbsp\u2028sep"];
+
+// Content of an ordinary message: usually text, sometimes another JSON type the template must
+// stringify (or fail on, like null).
+function content() {
+  switch (rnd(60)) {
+    case 0: return rnd(2) === 0 ? null : 7;
+    case 1: return 42;
+    case 2: return 1.5;
+    case 3: return [{ type: "text", text: pick(contents) }];
+    default: return pick(contents);
+  }
+}
+
+function v2Conversation() {
   const msgs = [];
   const systems = rnd(3);
-  for (let s = 0; s < systems; ++s) msgs.push({ role: "system", content: contents[rnd(contents.length)] });
-  const turns = 1 + rnd(4);
+  for (let s = 0; s < systems; ++s) msgs.push({ role: "system", content: content() });
+  const turns = 1 + rnd(5);
   for (let t = 0; t < turns; ++t) {
-    msgs.push({ role: "user", content: contents[rnd(contents.length)] });
-    if (t + 1 < turns || rnd(4) === 0) msgs.push({ role: "assistant", content: contents[rnd(contents.length)] });
+    msgs.push({ role: "user", content: content() });
+    if (t + 1 < turns || rnd(4) === 0) msgs.push({ role: "assistant", content: content() });
   }
   if (rnd(5) === 0 && systems > 0) msgs.push({ role: "system", content: "late system" });
-  console.log(JSON.stringify(msgs));
+  if (rnd(15) === 0) msgs.splice(rnd(msgs.length + 1), 0, { role: "tool", content: "ignored" });
+  return msgs;
 }
+
+const tools = [
+  { type: "function", function: { name: "get_weather", description: "Current weather",
+    parameters: { type: "object", properties: { city: { type: "string" }, unit: { enum: ["C", "F"] } },
+      required: ["city"] } } },
+  { type: "function", function: { name: "search", description: "Web search",
+    parameters: { type: "object", properties: { q: { type: "string" } } } } },
+  { type: "function", function: { name: "计算", description: "算术", parameters: {} } },
+];
+
+function toolCall(i) {
+  const args = pick([JSON.stringify({ city: "Paris" }), JSON.stringify({ q: "héllo \"x\"", n: 2 }),
+    "{}", JSON.stringify({ expr: "1+1" }, null, 2)]);
+  return { id: `call_${i}`, type: "function",
+    function: { name: pick(["get_weather", "search", "计算"]),
+      arguments: rnd(25) === 0 ? { city: "Rome" } : args } };
+}
+
+function v3Conversation() {
+  const msgs = [];
+  const systems = rnd(3);
+  for (let s = 0; s < systems; ++s) msgs.push({ role: "system", content: content() });
+  const turns = 1 + rnd(4);
+  let calls = 0;
+  for (let t = 0; t < turns; ++t) {
+    msgs.push({ role: "user", content: content() });
+    const kind = rnd(6);
+    if (kind <= 2) {  // tool calls, their results, maybe a final answer
+      const n = 1 + rnd(3);
+      const assistant = { role: "assistant", tool_calls: Array.from({ length: n }, () => toolCall(calls++)) };
+      const c = rnd(40);
+      if (c < 30) assistant.content = null;
+      else if (c < 39) assistant.content = pick(["Let me check.", "", "好的"]);  // tool_calls ignored
+      // else: no content key at all (the V3 template then fails on `+ undefined`)
+      msgs.push(assistant);
+      const results = rnd(4) === 0 ? 0 : 1 + rnd(3);
+      for (let r = 0; r < results; ++r) {
+        msgs.push({ role: "tool", tool_call_id: `call_${calls - 1}`, content: pick(contents) });
+      }
+      if (rnd(3) !== 0) msgs.push({ role: "assistant", content: content() });
+    } else if (kind === 3 && t + 1 === turns) {
+      // ends with the user turn
+    } else {
+      msgs.push({ role: "assistant", content: content() });
+    }
+    if (rnd(80) === 0) msgs.push({ role: "assistant", content: null });  // no tool_calls: raises
+  }
+  if (rnd(6) === 0 && systems > 0) msgs.push({ role: "system", content: "late system" });
+  return msgs;
+}
+
+// ---- Random templates (mode "cases"): expressions generated by type so that most render.
+const D = 3;
+function S(d) {
+  if (d > D) return pick(["s", "'lit'", "''", "'héllo wörld'", "'🚀x'", "m.role", "m.content", "'  pad  '", "'A,B,c'", "'x\\ny'"]);
+  switch (rnd(16)) {
+    case 0: return S(d + 1) + " ~ " + pick([S(d + 1), N(d + 1), L(d + 1), B(d + 1)]);
+    case 1: return S(d + 1) + " + " + pick([S(d + 1), N(d + 1)]);
+    case 2: return "(" + S(d + 1) + ")|" + pick(["upper", "lower", "title", "capitalize", "trim", "string", "safe", "indent", "join", "indent(1, true)", "replace('l', 'L')", "default('d')"]);
+    case 3: return "(" + S(d + 1) + ")." + pick(["upper()", "lower()", "strip()", "lstrip()", "rstrip()", "title()", "capitalize()", "replace('o', '0', 1)", "replace('', '|')"]);
+    case 4: return "(" + S(d + 1) + ")" + pick(["[1:]", "[::-1]", "[:3]", "[-2:]", "[0]", "[-1]", "[::2]", "[1:-1]"]);
+    case 5: return "(" + L(d + 1) + ")|join(" + S(d + 1) + ")";
+    case 6: return "(" + X(d + 1) + ")|tojson" + pick(["", "(indent=2)", "(indent=1, sort_keys=true)", "(ensure_ascii=true)", "(separators=(',', ':'))"]);
+    case 7: return "(" + N(d + 1) + ")|string";
+    case 8: return S(d + 1) + " if " + B(d + 1) + " else " + S(d + 1);
+    case 9: return "'' ~ (" + X(d + 1) + ")";
+    case 10: return "(" + L(d + 1) + ")|first|string";
+    case 11: return "(" + S(d + 1) + ")|join('-')";
+    case 12: return "d.get(" + S(d + 1) + ", 'dflt')|string";
+    case 13: return "(" + O(d + 1) + ")|tojson";
+    default: return S(D + 1);
+  }
+}
+function N(d) {
+  if (d > D) return pick(["n", "f", "neg", "0", "1", "2.5", "7", "-3", "10.0", "0.1", "big", "tiny", "huge", "frac", "n / 7", "f * 1000000", "2 ** 60", "1 / 3 * 0.000001"]);
+  switch (rnd(12)) {
+    case 0: return N(d + 1) + " " + pick(["+", "-", "*", "/", "//", "%"]) + " " + N(d + 1);
+    case 1: return "(" + pick(["1", "2", "3", "0.5", "-2"]) + ") ** " + pick(["2", "3", "0", "-1", "0.5"]);
+    case 2: return "(" + S(d + 1) + ")|length";
+    case 3: return "(" + L(d + 1) + ")|length";
+    case 4: return "(" + N(d + 1) + ")|" + pick(["abs", "int", "float", "int(3)"]);
+    case 5: return "(" + S(d + 1) + ")|" + pick(["int", "float", "int(5)", "float(0.5)"]);
+    case 6: return pick(["-", "+"]) + "(" + N(d + 1) + ")";
+    case 7: return "(" + O(d + 1) + ")|length";
+    case 8: return "(" + B(d + 1) + ")|int";
+    default: return N(D + 1);
+  }
+}
+function B(d) {
+  if (d > D) return pick(["b", "true", "false", "x is defined", "m.content is none"]);
+  switch (rnd(10)) {
+    case 0: return N(d + 1) + " " + pick(["<", ">", "<=", ">=", "==", "!="]) + " " + N(d + 1);
+    case 1: return X(d + 1) + " " + pick(["==", "!="]) + " " + X(d + 1);
+    case 2: return S(d + 1) + " " + pick(["in", "not in"]) + " " + pick([S(d + 1), L(d + 1), O(d + 1)]);
+    case 3: return pick(["not ", ""]) + "(" + X(d + 1) + ")";
+    case 4: return "(" + X(d + 1) + ") is " + pick(["", "not "]) + pick(["defined", "none", "string", "number", "integer", "mapping", "iterable", "sequence", "true", "false", "boolean", "lower", "upper", "callable"]);
+    case 5: return B(d + 1) + " " + pick(["and", "or"]) + " " + B(d + 1);
+    case 6: return "(" + S(d + 1) + ").startswith(" + pick([S(d + 1), "('a', 'h')"]) + ")";
+    case 7: return "(" + N(d + 1) + ") is " + pick(["odd", "even"]);
+    default: return B(D + 1);
+  }
+}
+function L(d) {
+  if (d > D) return pick(["l", "el", "[1, 2, 3]", "['b', 'a', 'C']", "msgs", "nested", "range(4)", "[none, 1.5, 'x']"]);
+  switch (rnd(12)) {
+    case 0: return "[" + Array.from({ length: rnd(4) }, () => X(d + 1)).join(", ") + "]";
+    case 1: return L(d + 1) + " + " + L(d + 1);
+    case 2: return "(" + L(d + 1) + ")|" + pick(["reverse", "list", "unique", "sort"]);
+    case 3: return "(" + L(d + 1) + ")" + pick(["[1:]", "[::-1]", "[:2]", "[-2:]"]);
+    case 4: return "(" + S(d + 1) + ").split(" + pick(["", "','", "' '", "none, 1", "',', 1"]) + ")";
+    case 5: return "(" + O(d + 1) + ")." + pick(["keys()", "values()", "items()"]);
+    case 6: return "nested|" + pick(["selectattr('k')", "rejectattr('k')", "selectattr('k', 'equalto', 1)", "map(attribute='k')", "map(attribute='a.k', default='dd')", "sort(attribute='k')", "selectattr('a', 'defined')", "map(attribute='a.0')"]) + "|list";
+    case 7: return "range(" + pick(["3", "0", "2, 6", "6, 0, -2", "n"]) + ")";
+    case 8: return "(" + O(d + 1) + ")|" + pick(["items", "dictsort", "dictsort(true)", "dictsort(by='key', reverse=true)"]);
+    default: return L(D + 1);
+  }
+}
+function O(d) {
+  if (d > D || rnd(4) !== 0) return pick(["d", "ed", "{'b': 1, 'a': 2}", "m", "{'1': 'x', 'z': 'y'}"]);
+  return "{" + Array.from({ length: rnd(4) }, () => pick(["'k'", "'a'", "'b'", "'10'", "'2'"]) + ": " + X(d + 1)).join(", ") + "}";
+}
+function X(d) { return pick([S, N, B, L, O])(d); }
+function stmt(d) {
+  if (d > 2) return "{{ " + X(1) + " }}";
+  switch (rnd(10)) {
+    case 0: return "{% if " + B(1) + " %}" + body(d + 1) + (rnd(2) ? "{% elif " + B(1) + " %}" + body(d + 1) : "") + (rnd(2) ? "{% else %}" + body(d + 1) : "") + "{% endif %}";
+    case 1: return "{% for m in " + pick(["msgs", "nested", "[d, m]"]) + (rnd(3) ? "" : " if " + B(2)) + " %}" + body(d + 1) + (rnd(4) ? "" : "{% else %}E") + "{% endfor %}";
+    case 2: return "{% for k, v in " + O(2) + ".items() %}{{ k }}={{ v }}" + body(d + 1) + "{% endfor %}";
+    case 3: return "{% set s = " + S(1) + " %}";
+    case 4: return "{% set ns.acc = ns.acc ~ " + S(2) + " %}";
+    case 5: return pick(["{%- if loop is defined and loop.first %}F{{ loop.length }}{% endif -%}", "{% if loop is defined and loop.index > 1 %}{% break %}{% endif %}", "{% if loop is defined and loop.last %}{% continue %}{% endif %}L"]);
+    case 6: return pick([" t ", "\n", "\n  ", " ", "  {# c #}\n", "é", "{%- set z = 1 -%}\n  "]);
+    case 7: return "{% set n = " + N(2) + " %}";
+    case 8: return "{% macro mm(a, b='B') %}<{{ a }}{{ b }}{{ varargs }}>{% endmacro %}{{ mm(" + X(2) + ") }}{{ mm(" + S(2) + ", b=" + S(2) + ") }}";
+    default: return "{{ " + X(1) + " }}";
+  }
+}
+function body(d) { return Array.from({ length: 1 + rnd(3) }, () => stmt(d)).join(""); }
+
+// Text and tags with every kind of surrounding whitespace and `-` marker.
+const ws = ["", " ", "  ", "\n", "\t", "\n  ", " \n", "\r\n", "\u00a0", "\u2028", "\u3000", "\n\n"];
+const text = ["a", "b c", "{", "}", "}}", "%}", "#}", "-", "é", "🚀", "x{y", "%", "#"];
+function tag() {
+  const l = pick(["", "-"]), r = pick(["", "-"]);
+  switch (rnd(9)) {
+    case 0: return `{%${l} if ${pick(["true", "false", "x"])} ${r}%}` + layout(1) + `{%${pick(["", "-"])} endif ${pick(["", "-"])}%}`;
+    case 1: return `{%${l} for i in ${pick(["[1,2]", "[]", "range(3)"])} ${r}%}` + layout(1) + `{%${pick(["", "-"])} endfor ${pick(["", "-"])}%}`;
+    case 2: return `{{${l} ${pick(["'v'", "1", "x", "' s '", "{'a': {'b': 1}}", "'}}'", "'%}'", "{'a':1}['a']"])} ${r}}}`;
+    case 3: return `{#${l} ${pick(["c", "", "}", "#", "-"])} ${r}#}`;
+    case 4: return `{%${l} set y = ${pick(["1", "'%}\n'", "'-}\n'"])} ${r}%}`;
+    case 5: return `{%${l} ${pick(["", "end"])}generation ${r}%}`;
+    case 6: return `{%${l}if true${r}%}` + pick(ws) + `{%${pick(["", "-"])}endif${pick(["", "-"])}%}`;
+    case 7: return `{{${l}-1${r}}}`;
+    default: return `{{${l}x${r}}}`;
+  }
+}
+function layout(d) {
+  let s = "";
+  for (let i = 0, n = 1 + rnd(5); i < n; ++i) {
+    s += pick(ws);
+    if (rnd(3) === 0) s += pick(text);
+    if (d < 2 && rnd(2)) s += tag();
+    s += pick(ws);
+  }
+  return s;
+}
+const caseContext = { s: "abc", n: 3, f: 1.5, b: true, l: [3, 1, 2], d: { k: 1, a: "x", "2": [1] }, z: null,
+  e: "", ed: {}, el: [], neg: -4, big: 123456789012, tiny: 1.5e-7, huge: 1e21, frac: 123.456, x: "X",
+  m: { role: "user", content: "hi" }, msgs: [{ role: "user", content: "hi", k: 2 }, { role: "assistant", content: null, k: 1 }],
+  nested: [{ k: 1, a: [1, 2] }, { k: 0 }, { a: { k: "v" } }] };
+function randomCase() {
+  const r = rnd(4);
+  if (r === 0) return { template: "{{ " + X(0) + " }}", context: caseContext };
+  if (r === 1) return { template: layout(0) + pick(["", "\n", " \n"]), context: caseContext };
+  return { template: "{% set ns = namespace(acc='') %}" + body(0) + "{{ ns.acc }}", context: caseContext };
+}
+
+const mode = process.argv[2] || "v2";
+const n = Number(process.argv[3] || 300);
+const lines = [];
+for (let i = 0; i < n; ++i) {
+  if (mode === "cases") {
+    lines.push(JSON.stringify(randomCase()));
+    continue;
+  }
+  const messages = mode === "v3" ? v3Conversation() : v2Conversation();
+  const form = rnd(5);
+  if (form === 0) {
+    lines.push(JSON.stringify(messages));  // add_generation_prompt = true
+  } else {
+    const line = { messages };
+    if (mode === "v3" && rnd(3) !== 0) line.tools = tools.slice(0, 1 + rnd(tools.length));
+    if (form !== 1) line.add_generation_prompt = rnd(2) === 0;  // form 1: absent (false)
+    lines.push(JSON.stringify(line));
+  }
+}
+process.stdout.write(lines.map((l) => l + "\n").join(""));

