@@ -1,0 +1,104 @@
+// NodePool against real gRPC servers on 127.0.0.1 that answer GetLoad with a chosen load: health
+// follows the polls, Pick takes the less loaded of two, skips excluded and failed nodes, and
+// returns -1 when none is healthy; Add refuses duplicates.
+#include "gateway/node_pool.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "gtest/gtest.h"
+
+namespace dmoe::gateway {
+namespace {
+
+class LoadServer final : public internal::AttentionService::Service {
+ public:
+  explicit LoadServer(int64_t queued) : queued_(queued) {
+    grpc::ServerBuilder b;
+    int port = 0;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(this);
+    server_ = b.BuildAndStart();
+    address_ = "127.0.0.1:" + std::to_string(port);
+  }
+  ~LoadServer() override { Stop(); }
+  grpc::Status GetLoad(grpc::ServerContext*, const internal::GetLoadRequest*,
+                       internal::GetLoadReply* reply) override {
+    reply->set_total_blocks(10);
+    reply->set_free_blocks(10);
+    reply->set_queued_prefill_tokens(queued_.load());
+    return grpc::Status::OK;
+  }
+  void Stop() {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now());
+    server_.reset();
+  }
+  const std::string& address() const { return address_; }
+  std::atomic<int64_t> queued_;
+
+ private:
+  std::unique_ptr<grpc::Server> server_;
+  std::string address_;
+};
+
+// Waits (bounded) until the pool reports `n` healthy nodes.
+bool WaitHealthy(const NodePool& pool, size_t n) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < until) {
+    if (pool.healthy() == n) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
+TEST(NodePool, PicksTheLessLoadedHealthyNode) {
+  LoadServer busy(500), idle(0);
+  NodePool pool({busy.address(), idle.address()}, std::chrono::milliseconds(20));
+  ASSERT_TRUE(WaitHealthy(pool, 2));
+  // Two nodes: power-of-two choices compares both every time.
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(pool.Pick({}), 1);
+  EXPECT_EQ(pool.Pick({1}), 0);  // excluded: the other one
+  EXPECT_EQ(pool.Pick({0, 1}), -1);
+  // Requests this gateway started count as load between polls (16 each).
+  for (int i = 0; i < 40; ++i) pool.Started(1);
+  EXPECT_EQ(pool.Pick({}), 0);
+  for (int i = 0; i < 40; ++i) pool.Ended(1);
+  EXPECT_EQ(pool.Pick({}), 1);
+  // Failed: skipped until a poll succeeds again.
+  pool.MarkFailed(1);
+  EXPECT_EQ(pool.Pick({}), 0);
+  ASSERT_TRUE(WaitHealthy(pool, 2));
+  EXPECT_EQ(pool.Pick({}), 1);
+}
+
+TEST(NodePool, ANodeThatStopsAnsweringIsNotPicked) {
+  LoadServer a(0), b(100);
+  NodePool pool({a.address(), b.address()}, std::chrono::milliseconds(20));
+  ASSERT_TRUE(WaitHealthy(pool, 2));
+  a.Stop();
+  ASSERT_TRUE(WaitHealthy(pool, 1));
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(pool.Pick({}), 1);
+  b.Stop();
+  ASSERT_TRUE(WaitHealthy(pool, 0));
+  EXPECT_EQ(pool.Pick({}), -1);
+}
+
+TEST(NodePool, AddRefusesDuplicatesAndPollsNewNodes) {
+  LoadServer a(0);
+  NodePool pool({}, std::chrono::milliseconds(20));
+  EXPECT_EQ(pool.Pick({}), -1);
+  EXPECT_TRUE(pool.Add(a.address()));
+  EXPECT_FALSE(pool.Add(a.address()));
+  EXPECT_EQ(pool.size(), 1u);
+  ASSERT_TRUE(WaitHealthy(pool, 1));
+  EXPECT_EQ(pool.Pick({}), 0);
+}
+
+}  // namespace
+}  // namespace dmoe::gateway
