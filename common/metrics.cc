@@ -1,12 +1,26 @@
 #include "common/metrics.h"
 
+#include <utility>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
 
 namespace dmoe {
 
 absl::StatusOr<std::string> Metrics::Serve(const std::string& listen) {
+  // civetweb options. prometheus-cpp's defaults (2 workers, civetweb's 30 s request timeout) let
+  // two idle or slowloris connections hold /metrics for 30 s each, one after the other. Each worker
+  // serves one connection at a time, so: more workers, and every request (read and write) is cut
+  // after kRequestTimeoutMs; one request per connection, so an idle keep-alive holds no worker.
+  constexpr char kWorkers[] = "8";
+  constexpr char kRequestTimeoutMs[] = "2000";
+  std::vector<std::string> options = {"listening_ports",    listen,
+                                      "num_threads",        kWorkers,
+                                      "request_timeout_ms", kRequestTimeoutMs,
+                                      "enable_keep_alive",  "no",
+                                      "max_request_size",   "16384"};
   try {  // prometheus-cpp reports bind errors by throwing
-    exposer_ = std::make_unique<prometheus::Exposer>(listen);
+    exposer_ = std::make_unique<prometheus::Exposer>(std::move(options));
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("--metrics-listen ", listen, ": ", e.what()));
   }

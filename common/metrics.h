@@ -19,7 +19,9 @@ namespace dmoe {
 class Metrics {
  public:
   Metrics() : registry_(std::make_shared<prometheus::Registry>()) {}
-  // Serves /metrics on `listen` ("127.0.0.1:0" picks a port); returns "HOST:PORT".
+  // Serves /metrics on `listen` ("127.0.0.1:0" picks a port); returns "HOST:PORT". Any other path
+  // or method gets an HTTP error. 8 workers, one request per connection, each cut after 2 s: N
+  // idle or slow clients delay a scrape by at most about 2 s per 8 of them.
   absl::StatusOr<std::string> Serve(const std::string& listen);
   prometheus::Registry& registry() { return *registry_; }
 

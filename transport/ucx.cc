@@ -32,8 +32,8 @@ namespace {
 
 constexpr unsigned kAmRequest = 17;
 constexpr unsigned kAmReply = 18;
-constexpr unsigned kAmHello =
-    19;  // client -> server, once per endpoint: the client's worker address
+// Client -> server, first on every endpoint: the client's worker address (see FetchWorkerAddress).
+constexpr unsigned kAmHello = 19;
 constexpr size_t kMaxHello = 64 * 1024;
 // Eager messages up to this size are copied out of UCX's buffer under the same lock that queues
 // (server) or completes (client) them; larger ones are copied outside the lock.
@@ -1085,8 +1085,29 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       for (Pending& p : self->pending_.slots()) {
         if (p.id != 0 && p.ep == ep) p.dead = true;
       }
+      // A Reply that found its request alive just before the marks above sends outside mu_;
+      // closing the endpoint under it would free what that send uses (seen: SIGSEGV in
+      // ucp_am_send_nbx with clients killed mid-stream). Then OnReplySent closes it, once the
+      // last such send is done (sends on a failed endpoint complete, with an error, soon).
+      if (self->SendingOnLocked(ep)) {
+        self->closing_.insert(ep);
+        return;
+      }
     }
-    self->RunAsync([self, ep] {
+    self->CloseFailed(ep);
+  }
+
+  // REQUIRES: mu_ held.
+  bool SendingOnLocked(ucp_ep_h ep) {
+    for (const Pending& p : pending_.slots()) {
+      if (p.id != 0 && p.ep == ep && p.sending) return true;
+    }
+    return false;
+  }
+
+  // Closes a failed endpoint, on the progress thread.
+  void CloseFailed(ucp_ep_h ep) {
+    RunAsync([this, ep] {
       ucp_request_param_t prm;
       std::memset(&prm, 0, sizeof(prm));
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -1190,15 +1211,22 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     auto* p = static_cast<Pending*>(user);
     UcxServerImpl* self = p->owner;
     if (req != nullptr) self->SendDone(p->reply_bytes);
+    const ucp_ep_h ep = p->ep;
+    bool close = false;
     {
       std::lock_guard<std::mutex> l(self->mu_);
       if (status != UCS_OK) ++self->stats_.dropped_replies;
       self->pool_.Release(std::move(p->buffer));
       p->buffer = std::vector<uint8_t>();
       p->sending = false;
+      const bool dead = p->dead;
       self->pending_.Free(p);
+      // The last send on an endpoint that failed meanwhile (see OnPeerError).
+      close = dead && self->closing_.count(ep) > 0 && !self->SendingOnLocked(ep);
+      if (close) self->closing_.erase(ep);
     }
     if (req != nullptr) ucp_request_free(req);
+    if (close) self->CloseFailed(ep);
   }
 
   int address_fd_ = -1;  // Listen's socket
@@ -1216,6 +1244,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   std::vector<ServerRequest> queue_;
   SlotTable<Pending> pending_{kMaxPending};
   std::set<ucp_ep_h> live_eps_;
+  std::set<ucp_ep_h> closing_;  // failed, closed once their last reply send is done
   ServerStats stats_;
   UnlockedBufferPool pool_;  // guarded by mu_
 };
