@@ -2,8 +2,10 @@
 // progress thread, which sleeps on the worker's event fd (UCP_FEATURE_WAKEUP) instead of
 // busy-polling; other threads hand work over through a queue and ucp_worker_signal.
 //
-// Addresses: "HOST:PORT" connects through a UCX listener (needs tcp in UCX_TLS); "ucx-addr:HEX"
-// connects to a worker address (works with any UCX_TLS, e.g. sm,self). A server's Listen returns
+// Addresses: "ucx-addr:HEX" connects to a worker address; "HOST:PORT" is a plain TCP port where
+// the server answers every connection with that "ucx-addr:HEX\n" and closes it (reading nothing:
+// UCX's own sockaddr listener aborts the process on malformed input), and the client then connects
+// by worker address. Both work with any UCX_TLS (e.g. sm,self). A server's Listen returns
 // "HOST:PORT"; WorkerAddress() gives its "ucx-addr:HEX" form.
 // Peer failure (UCP_ERR_HANDLING_MODE_PEER) fails that peer's in-flight requests at once; a hung
 // peer is caught by the caller's deadline.
