@@ -280,6 +280,9 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
     }
     failed_.clear();
     rerouted_ += retry_pairs_.size();
+    // The retry is a new round trip with its own deadline: reusing the first one (already passed
+    // when the failure was a deadline) failed the healthy replica at once and marked it dead.
+    deadline_ = transport::Clock::now() + options_.deadline;
     // Pairs already combined must not be sent again: only the retried ones get a choice.
     for (int& c : choice_) c = -1;
     const absl::Status st = Dispatch(retry_pairs_, avoid_);

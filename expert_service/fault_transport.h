@@ -1,0 +1,190 @@
+// Test only: a ClientTransport that forwards every call to a real one and injects faults per peer
+// (leveldb's fault_injection_test pattern: wrap the real implementation, do not fake it). It also
+// counts, per peer, the dispatch messages handed to the real transport and the tokens and pairs
+// in them (decoded with wire::DecodeMessage), so that tests can see where a client sent its work.
+//
+// Thread-safe (like the transport it wraps).
+#ifndef DMOE_EXPERT_SERVICE_FAULT_TRANSPORT_H_
+#define DMOE_EXPERT_SERVICE_FAULT_TRANSPORT_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "transport/transport.h"
+#include "transport/wire.h"
+
+namespace dmoe::testing {
+
+class FaultInjectingClient : public transport::ClientTransport {
+ public:
+  enum class Fault {
+    kNone,
+    // Post fails with UNAVAILABLE ("peer known to have failed"); nothing reaches the peer.
+    kRefusePost,
+    // The request reaches the peer, but Wait reports UNAVAILABLE, as when the peer dies mid-call.
+    kFailWait,
+    // The request reaches the peer (which computes it) but the reply never comes back: Wait
+    // returns DEADLINE_EXCEEDED at the caller's deadline, not before.
+    kWithholdReply,
+    // The real reply comes back with its first byte (the magic) flipped.
+    kCorruptReply,
+    // The real reply comes back cut to half its length.
+    kTruncateReply,
+    // The real reply comes back well-formed but answering another dispatch: its step_seq is one
+    // less (re-encoded with wire::EncodeCombine; an error reply is left as it is).
+    kStaleReply,
+  };
+
+  // Does not own `real`, which must outlive this.
+  explicit FaultInjectingClient(transport::ClientTransport* real) : real_(real) {}
+  ~FaultInjectingClient() override { ReleaseWithheld(); }
+
+  // Applies to requests posted from now on.
+  void SetFault(int peer, Fault f) {
+    std::lock_guard<std::mutex> l(mu_);
+    faults_[peer] = f;
+  }
+  // Ends every Wait that is withholding a reply (they return DEADLINE_EXCEEDED at once).
+  void ReleaseWithheld() {
+    std::lock_guard<std::mutex> l(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+  // Dispatch messages handed to the real transport for `peer` (refused posts are not counted),
+  // and the tokens / (token, expert) pairs they carried.
+  uint64_t posts(int peer) const { return Count(peer).posts; }
+  uint64_t tokens(int peer) const { return Count(peer).tokens; }
+  uint64_t pairs(int peer) const { return Count(peer).pairs; }
+  // Post calls refused by kRefusePost.
+  uint64_t refused(int peer) const { return Count(peer).refused; }
+  void ResetCounts() {
+    std::lock_guard<std::mutex> l(mu_);
+    counts_.clear();
+  }
+
+  absl::StatusOr<int> Connect(const std::string& address) override {
+    return real_->Connect(address);
+  }
+
+  absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
+    Fault f;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = faults_.find(peer);
+      f = it == faults_.end() ? Fault::kNone : it->second;
+      if (f == Fault::kRefusePost) {
+        ++counts_[peer].refused;
+      } else {
+        PerPeer& c = counts_[peer];
+        ++c.posts;
+        auto v = wire::DecodeMessage(request.data(), request.size());
+        if (v.ok()) {
+          c.tokens += v->header.token_count;
+          c.pairs += v->header.pair_count;
+        }
+      }
+    }
+    if (f == Fault::kRefusePost) {
+      real_->ReleaseBuffer(std::move(request));
+      return absl::UnavailableError(absl::StrCat("injected: peer ", peer, " refused the post"));
+    }
+    auto id = real_->Post(peer, std::move(request));
+    if (id.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      fault_of_id_[*id] = f;
+    }
+    return id;
+  }
+
+  bool Poll(uint64_t id) override { return real_->Poll(id); }
+
+  absl::Status Wait(uint64_t id, transport::Clock::time_point deadline,
+                    std::vector<uint8_t>* reply) override {
+    Fault f = Fault::kNone;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = fault_of_id_.find(id);
+      if (it != fault_of_id_.end()) {
+        f = it->second;
+        fault_of_id_.erase(it);
+      }
+    }
+    absl::Status st = real_->Wait(id, deadline, reply);
+    switch (f) {
+      case Fault::kNone:
+      case Fault::kRefusePost:
+        return st;
+      case Fault::kFailWait:
+        if (st.ok()) real_->ReleaseBuffer(std::move(*reply));
+        return absl::UnavailableError("injected: peer failed during the call");
+      case Fault::kWithholdReply: {
+        if (st.ok()) real_->ReleaseBuffer(std::move(*reply));
+        // The real reply (if any) is dropped; the caller sees a peer that never answered, so its
+        // wait ends at its own deadline (bounded), or earlier on ReleaseWithheld.
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait_until(l, deadline, [&] { return released_; });
+        return absl::DeadlineExceededError("injected: no reply before the deadline");
+      }
+      case Fault::kCorruptReply:
+        if (st.ok() && !reply->empty()) (*reply)[0] ^= 0xff;
+        return st;
+      case Fault::kTruncateReply:
+        if (st.ok()) reply->resize(reply->size() / 2);
+        return st;
+      case Fault::kStaleReply:
+        if (st.ok()) Restamp(reply);
+        return st;
+    }
+    return st;
+  }
+
+  std::vector<uint8_t> AcquireBuffer() override { return real_->AcquireBuffer(); }
+  void ReleaseBuffer(std::vector<uint8_t> buffer) override {
+    real_->ReleaseBuffer(std::move(buffer));
+  }
+
+ private:
+  static void Restamp(std::vector<uint8_t>* reply) {
+    auto v = wire::DecodeMessage(reply->data(), reply->size());
+    if (!v.ok() || v->header.kind != wire::Kind::kCombine) return;
+    wire::Header h = v->header;
+    h.step_seq -= 1;
+    std::vector<float> rows(static_cast<size_t>(h.token_count) * h.hidden_size);
+    for (uint32_t i = 0; i < h.token_count; ++i) {
+      v->RowToFloat(i, rows.data() + static_cast<size_t>(i) * h.hidden_size);
+    }
+    std::vector<uint8_t> out;
+    wire::EncodeCombine(h, rows.data(), &out);
+    *reply = std::move(out);
+  }
+
+  struct PerPeer {
+    uint64_t posts = 0, tokens = 0, pairs = 0, refused = 0;
+  };
+  PerPeer Count(int peer) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = counts_.find(peer);
+    return it == counts_.end() ? PerPeer() : it->second;
+  }
+
+  transport::ClientTransport* real_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool released_ = false;
+  std::map<int, Fault> faults_;
+  std::map<uint64_t, Fault> fault_of_id_;
+  std::map<int, PerPeer> counts_;
+};
+
+}  // namespace dmoe::testing
+
+#endif  // DMOE_EXPERT_SERVICE_FAULT_TRANSPORT_H_
