@@ -308,8 +308,6 @@ TEST(ExpertShardSetStatic, UnreachableControlApiNamesTheShard) {
   }
   ShardClientOptions o = F32Options();
   o.control_deadline = milliseconds(1000);
-  // The unreachable shard first: a client torn down right after connecting a data plane can
-  // crash that shard's UCX server (see DISABLED_ExpertWithoutShardIsInvalidArgumentNamingIt).
   auto set = ExpertShardSet::Connect(Config(), {dead, a->control_address()}, o);
   EXPECT_EQ(set.status().code(), absl::StatusCode::kUnavailable) << set.status();
   EXPECT_TRUE(absl::StartsWith(set.status().message(),
@@ -349,16 +347,11 @@ TEST(ExpertShardSetStatic, UnreachableDataPlaneNamesTheShard) {
       << set.status();
 }
 
-// DISABLED: aborts the test process in about half of the runs, which is itself the finding.
-// Connect reaches CheckCovers only after it has connected every data plane; on failure it
-// destroys its UCX client at once (FORCE close while the endpoint's wireup is still in flight).
-// The shard's UCX server then tries to answer the wireup, its connect() back to the gone client
-// is refused, and UCX 1.13.1 aborts the shard's process in its progress thread:
-//   ucp_request.c:684 Assertion `... UCP_WIREUP_MSG_ACK' failed: ... got REP message
-//   (ucp_ep_set_failed -> ucp_worker_discard_uct_ep -> uct_tcp_ep_pending_purge).
-// Run: bazel-bin/expert_service/shard_client_test --gtest_also_run_disabled_tests
-//        --gtest_filter='*ExpertWithoutShard*' --gtest_repeat=10
-TEST(ExpertShardSetStatic, DISABLED_ExpertWithoutShardIsInvalidArgumentNamingIt) {
+// Connect reaches CheckCovers only after it has connected every data plane, and on failure
+// destroys its UCX client at once. Found by this test: a force-close while the endpoint's wireup
+// was in flight made the shard's UCX 1.13.1 server abort its process (ucp_request.c:684 "got REP
+// message", in about half of the runs); the client now flushes (bounded) before it closes.
+TEST(ExpertShardSetStatic, ExpertWithoutShardIsInvalidArgumentNamingIt) {
   UcxOnLoopback();
   auto a = StartShard(ExpertsWhere(Low));
   auto set = ExpertShardSet::Connect(Config(), {a->control_address()}, F32Options());

@@ -459,6 +459,28 @@ class UcxClient : public ClientTransport, public UcxWorker {
     RunSync([this] {
       for (Peer& p : peers_) {
         if (p.ep != nullptr) {
+          // Flush first (bounded): a connection whose wireup is still in flight, force-closed,
+          // made Debian's UCX 1.13 on the *server* abort (ucp_request.c:684 "got REP message"
+          // on the refused wireup reply) -- a client that connected and left at once killed a
+          // shard.
+          if (!p.failed) {
+            ucp_request_param_t fprm;
+            std::memset(&fprm, 0, sizeof(fprm));
+            void* flush = ucp_ep_flush_nbx(p.ep, &fprm);
+            if (flush != nullptr && !UCS_PTR_IS_ERR(flush)) {
+              const auto until = Clock::now() + std::chrono::milliseconds(500);
+              while (ucp_request_check_status(flush) == UCS_INPROGRESS && Clock::now() < until) {
+                ucp_worker_progress(worker_);
+              }
+              if (ucp_request_check_status(flush) == UCS_INPROGRESS) {
+                ucp_request_cancel(worker_, flush);
+                while (ucp_request_check_status(flush) == UCS_INPROGRESS) {
+                  ucp_worker_progress(worker_);
+                }
+              }
+              ucp_request_free(flush);
+            }
+          }
           ucp_request_param_t prm;
           std::memset(&prm, 0, sizeof(prm));
           prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
