@@ -214,13 +214,16 @@ absl::Status RemoteRoutedExperts::Collect(float* out, std::vector<int>* failed) 
     call.posted = false;
     const absl::Status st = client_->Wait(call.id, deadline_, &reply_);
     ++round_trips_;
-    if (options_.observer) {
+    // Reported once its reply is judged: a corrupt or error reply is a failed round trip too.
+    auto observe = [&](bool ok) {
+      if (!options_.observer) return;
       options_.observer(r.names[s],
                         std::chrono::duration<double>(transport::Clock::now() - begun_).count(),
                         static_cast<int64_t>(call.tokens.size()), call.bytes_out,
-                        st.ok() ? reply_.size() : 0, st.ok());
-    }
+                        st.ok() ? reply_.size() : 0, ok);
+    };
     if (!st.ok()) {
+      observe(false);
       health_->MarkDead(r.peers[s]);
       failed->push_back(static_cast<int>(s));
       if (first_failure_.ok()) {
@@ -243,6 +246,7 @@ absl::Status RemoteRoutedExperts::Collect(float* out, std::vector<int>* failed) 
                v->header.hidden_size != static_cast<uint32_t>(hidden_)) {
       bad = absl::InternalError("combine does not match its dispatch");
     }
+    observe(bad.ok());
     if (!bad.ok()) {
       // The shard is alive but could not serve this (e.g. it no longer hosts the expert):
       // try another replica.
