@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "absl/strings/escaping.h"
+#include "attention_service/sampler.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -37,7 +38,9 @@ absl::Status SamplingFromFlags(const Flags& f, v1::SamplingParams* p) {
   }
   auto logprobs = f.Int("logprobs", -1);
   if (!logprobs.ok()) return logprobs.status();
-  if (*logprobs > 20) return absl::InvalidArgumentError("--logprobs: at most 20");
+  if (*logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("--logprobs: at most ", kMaxTopLogprobs));
+  }
   if (f.Has("logprobs") && *logprobs < 0) return absl::InvalidArgumentError("--logprobs: negative");
   if (*logprobs >= 0) {
     p->set_logprobs(true);

@@ -101,7 +101,7 @@ void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
                               tensors, total);
         (*ck)->set_progress(&progress);
         auto s = ExpertStore::Load(**ck, config_, gained, dtype_);
-        progress.Done();
+        if (s.ok()) progress.Done();
         (*ck)->set_progress(nullptr);
         if (!s.ok()) {
           st = s.status();

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-
 namespace dmoe::gateway {
 
 StopStrings::StopStrings(std::vector<std::string> stops) : stops_(std::move(stops)) {

@@ -5,8 +5,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/status/statusor.h"
-
 namespace dmoe::gateway {
 
 // Holds back streamed text that could be the start of a stop string, and cuts the text before the

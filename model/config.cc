@@ -174,6 +174,12 @@ double ModelConfig::RopeMscale() const {
 
 absl::Status ValidateModelConfig(const ModelConfig& c) {
   if (auto s = Positive("vocab_size", c.vocab_size); !s.ok()) return s;
+  for (int64_t id : c.eos_token_ids) {
+    if (id >= c.vocab_size) {
+      return FieldError("eos_token_id",
+                        absl::StrCat(id, " is outside the vocabulary (", c.vocab_size, ")"));
+    }
+  }
   if (auto s = Positive("hidden_size", c.hidden_size); !s.ok()) return s;
   if (auto s = Positive("num_hidden_layers", c.num_hidden_layers); !s.ok()) return s;
   if (auto s = Positive("num_attention_heads", c.num_attention_heads); !s.ok()) return s;

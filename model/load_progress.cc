@@ -69,6 +69,14 @@ void LoadProgress::Add(uint64_t bytes) {
   }
 }
 
+LoadProgress::~LoadProgress() {
+  absl::MutexLock l(&mu_);
+  if (done_) return;
+  std::fprintf(out_, "%s%s: loading stopped after %llu tensors\n", terminal_ ? "\r\033[K" : "",
+               what_.c_str(), static_cast<unsigned long long>(tensors_));
+  std::fflush(out_);
+}
+
 void LoadProgress::Done() {
   absl::MutexLock l(&mu_);
   if (done_) return;

@@ -25,9 +25,10 @@ class LoadProgress {
 
   // One tensor of `bytes` was read. Thread-safe.
   void Add(uint64_t bytes);
-  // The last line (totals, time, rate). Called by the destructor if not before.
+  // The last line (totals, time, rate): call it when the load succeeded.
   void Done();
-  ~LoadProgress() { Done(); }
+  // Without Done() (the load failed), says where it stopped.
+  ~LoadProgress();
 
  private:
   std::string Line(double seconds) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -23,6 +23,7 @@ TEST(LoadProgress, LogFileGetsOneLinePerTenthAndAFinalLine) {
   {
     LoadProgress p("test", 100, 100 * 1024 * 1024, f, /*terminal=*/0);
     for (int i = 0; i < 100; ++i) p.Add(1024 * 1024);
+    p.Done();
   }
   const auto lines = Lines(f);
   // The start line, 10 %..90 % (100 % is the final line), the final line.
@@ -43,6 +44,7 @@ TEST(LoadProgress, TerminalRedrawsOneLine) {
   {
     LoadProgress p("t", 2, 2048, f, /*terminal=*/1);
     for (int i = 0; i < 5; ++i) p.Add(1024);  // more than announced; redrawn at most every 0.2 s
+    p.Done();
   }
   const auto lines = Lines(f);
   ASSERT_EQ(lines.size(), 2u);  // the start line; the redraws and the final line share one line
@@ -62,6 +64,20 @@ TEST(LoadProgress, NeverShowsMoreThanTheTotals) {
     EXPECT_EQ(line.find("3/2"), std::string::npos) << line;
     EXPECT_EQ(line.find("250%"), std::string::npos) << line;
   }
+  std::fclose(f);
+}
+
+TEST(LoadProgress, AFailedLoadIsNotReportedAsLoaded) {
+  std::FILE* f = std::tmpfile();
+  ASSERT_NE(f, nullptr);
+  {
+    LoadProgress p("y", 10, 10240, f, /*terminal=*/0);
+    for (int i = 0; i < 3; ++i) p.Add(1024);
+  }  // no Done(): the load failed
+  const auto lines = Lines(f);
+  ASSERT_FALSE(lines.empty());
+  EXPECT_EQ(lines.back(), "y: loading stopped after 3 tensors\n");
+  for (const std::string& line : lines) EXPECT_EQ(line.find("loaded"), std::string::npos) << line;
   std::fclose(f);
 }
 

@@ -36,6 +36,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
+#include "tests/process_util.h"
 
 namespace dmoe {
 namespace {
@@ -46,15 +47,8 @@ using std::chrono::milliseconds;
 // ---------------------------------------------------------------------------------------------
 // Processes.
 
-std::string Runfile(const std::string& path) {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  return std::string(srcdir ? srcdir : ".") + "/dmoe/" + path;
-}
-
-std::string TmpDir() {
-  const char* d = std::getenv("TEST_TMPDIR");
-  return d ? d : "/tmp";
-}
+using testing::Runfile;
+using testing::TmpDir;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path);
