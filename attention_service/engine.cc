@@ -274,7 +274,8 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
       }
     }
     const bool absorbed = options_.attention_form == AttentionForm::kAbsorbed ||
-                          (options_.attention_form == AttentionForm::kAuto && m == 1);
+                          (options_.attention_form == AttentionForm::kAuto &&
+                           (m == 1 || cpu::GetKernelMode() == cpu::KernelMode::kInvariant));
     if (absorbed && m == 1) {
       decode_rows_.push_back(row);
       decode_caches_.push_back(s.cache->Rows(l));

@@ -21,8 +21,10 @@
 namespace dmoe {
 
 enum class AttentionForm {
-  kAuto,      // naive for multi-token chunks (prefill), absorbed for single tokens (decode)
-  kNaive,     // always the naive form
+  kAuto,      // absorbed everywhere with the invariant kernels (a position's result does not
+              // depend on the chunk it is computed in); with cpu::KernelMode::kBlas, naive for
+              // multi-token chunks (prefill) and absorbed for single tokens (decode)
+  kNaive,     // always the naive form (not chunk-invariant: prefill and decode round differently)
   kAbsorbed,  // always the weight-absorbed form
 };
 

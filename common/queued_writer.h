@@ -32,6 +32,9 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
     MaybeWriteLocked();
   }
   void OnDone() override {
+    // Wait out a Push/OnWriteDone still inside the lock (and order their reads of the queued
+    // messages before the deletes below: gRPC's own ordering is invisible to ThreadSanitizer).
+    { std::lock_guard<std::mutex> l(mu_); }
     OnDoneHook();
     delete this;
   }

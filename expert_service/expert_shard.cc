@@ -79,12 +79,11 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
     views[i] = std::move(v).value();
     const wire::Header& h = views[i].header;
     in_[i].resize(static_cast<size_t>(h.token_count) * d);
-    out_[i].assign(static_cast<size_t>(h.token_count) * d, 0.0f);
+    out_[i].resize(static_cast<size_t>(h.pair_count) * d);  // one unweighted row per pair
     for (uint32_t t = 0; t < h.token_count; ++t) views[i].RowToFloat(t, in_[i].data() + t * d);
     for (uint32_t p = 0; p < h.pair_count; ++p) {
       const wire::Pair pr = views[i].pair(p);
-      batcher_.Add(h.layer, pr.expert, in_[i].data() + pr.token * d, pr.weight,
-                   out_[i].data() + pr.token * d);
+      batcher_.Add(h.layer, pr.expert, in_[i].data() + pr.token * d, out_[i].data() + p * d);
       expert_tokens_[static_cast<size_t>(h.layer * config_.n_routed_experts + pr.expert)].fetch_add(
           1, std::memory_order_relaxed);
     }
@@ -100,7 +99,9 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
       wire::EncodeError(views[i].header, std::string(st.message()), &(*replies)[i]);
       continue;
     }
-    wire::EncodeCombine(views[i].header, out_[i].data(), &(*replies)[i]);
+    wire::Header reply = views[i].header;
+    reply.token_count = reply.pair_count;  // a combine carries one row per dispatched pair
+    wire::EncodeCombine(reply, out_[i].data(), &(*replies)[i]);
   }
 }
 

@@ -131,7 +131,10 @@ absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo,
   const ExpertRouting& r = *routing_;
   const int64_t ns = static_cast<int64_t>(r.peers.size());
   health_->Snapshot(r.peers, &dead_);
-  for (ShardCall& c : calls_) c.tokens.clear();
+  for (ShardCall& c : calls_) {
+    c.tokens.clear();
+    c.pairs.clear();
+  }
   local_index_.assign(static_cast<size_t>(t_ * ns), -1);
   assigned_.assign(static_cast<size_t>(ns), 0);
   // Plan: a live replica per pair, unique tokens per destination shard.
@@ -177,6 +180,7 @@ absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo,
       const int64_t li = local_index_[static_cast<size_t>((p / k_) * ns + s)];
       pairs_.push_back(
           wire::Pair{static_cast<uint32_t>(li), static_cast<uint32_t>(ids_[p]), w_[p]});
+      call.pairs.push_back(p);
     }
     wire::Header h;
     h.sender_id = options_.sender_id;
@@ -205,9 +209,8 @@ absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo,
   return absl::OkStatus();
 }
 
-absl::Status RemoteRoutedExperts::Collect(float* out, std::vector<int>* failed) {
+absl::Status RemoteRoutedExperts::Collect(std::vector<int>* failed) {
   const ExpertRouting& r = *routing_;
-  row_.resize(static_cast<size_t>(hidden_));
   for (size_t s = 0; s < calls_.size(); ++s) {
     ShardCall& call = calls_[s];
     if (!call.posted) continue;
@@ -242,7 +245,7 @@ absl::Status RemoteRoutedExperts::Collect(float* out, std::vector<int>* failed) 
       bad = absl::InternalError(v->error);
     } else if (v->header.kind != wire::Kind::kCombine || v->header.step_seq != seq_ ||
                v->header.layer != static_cast<uint32_t>(layer_) ||
-               v->header.token_count != call.tokens.size() ||
+               v->header.token_count != call.pairs.size() ||
                v->header.hidden_size != static_cast<uint32_t>(hidden_)) {
       bad = absl::InternalError("combine does not match its dispatch");
     }
@@ -257,9 +260,7 @@ absl::Status RemoteRoutedExperts::Collect(float* out, std::vector<int>* failed) 
       }
     } else {
       for (uint32_t li = 0; li < v->header.token_count; ++li) {
-        v->RowToFloat(li, row_.data());
-        float* dst = out + call.tokens[li] * hidden_;
-        for (int64_t j = 0; j < hidden_; ++j) dst[j] += row_[static_cast<size_t>(j)];
+        v->RowToFloat(li, pair_rows_.data() + call.pairs[li] * hidden_);
       }
     }
     client_->ReleaseBuffer(std::move(reply_));
@@ -270,7 +271,8 @@ absl::Status RemoteRoutedExperts::Collect(float* out, std::vector<int>* failed) 
 
 absl::Status RemoteRoutedExperts::Finish(float* out) {
   // failed_ may already hold shards whose Post failed in Begin.
-  Collect(out, &failed_).IgnoreError();
+  pair_rows_.resize(static_cast<size_t>(t_ * k_ * hidden_));
+  Collect(&failed_).IgnoreError();
   const size_t ns = routing_->peers.size();
   for (size_t attempt = 0; !failed_.empty(); ++attempt) {
     if (attempt >= ns) break;
@@ -297,7 +299,7 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
                           absl::StrCat(first.ok() ? "" : first.message(),
                                        first.ok() ? "" : "; ", st.message()));
     }
-    Collect(out, &failed_).IgnoreError();
+    Collect(&failed_).IgnoreError();
   }
   const absl::Status first = first_failure_;
   first_failure_ = absl::OkStatus();
@@ -305,6 +307,7 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
     failed_.clear();
     return first;
   }
+  CombineRanked(pair_rows_.data(), w_, t_, k_, hidden_, out);
   return absl::OkStatus();
 }
 

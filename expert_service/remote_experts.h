@@ -114,12 +114,14 @@ class RemoteRoutedExperts : public RoutedExperts {
     bool posted = false;
     uint64_t bytes_out = 0;
     std::vector<int64_t> tokens;  // local index -> token of the batch
+    std::vector<int64_t> pairs;   // the dispatched pairs (indices into ids/w), in wire order
   };
   // Chooses shards for pairs `todo` (indices into ids/w) among live replicas not in `avoid`,
   // then posts one message per shard. UNAVAILABLE when a pair has no candidate.
   absl::Status Dispatch(const std::vector<int64_t>& todo, const std::vector<char>& avoid);
-  // Waits for every posted call; adds good replies into out; collects the failed shards.
-  absl::Status Collect(float* out, std::vector<int>* failed);
+  // Waits for every posted call; stores good replies' rows in pair_rows_; collects the failed
+  // shards.
+  absl::Status Collect(std::vector<int>* failed);
 
   int64_t hidden_;
   int64_t n_experts_;
@@ -145,7 +147,7 @@ class RemoteRoutedExperts : public RoutedExperts {
   std::vector<float> rows_;
   std::vector<wire::Pair> pairs_;
   std::vector<uint8_t> reply_;
-  std::vector<float> row_;
+  std::vector<float> pair_rows_;  // [t, k, D]: the unweighted output of each pair
   std::vector<int> failed_;
   absl::Status first_failure_;
   uint64_t round_trips_ = 0, rerouted_ = 0;

@@ -393,127 +393,94 @@ TEST(RemoteRoutedExperts, F32WireTwoShardsDisjointTokensEqualLocalBitwise) {
   }
 }
 
-// f32 wire, a token's experts on both shards: out = P_low + P_high, where each partial is a
-// float sum of that shard's terms p_j = w_j * Expert_j(x). LocalRoutedExperts sums the same k
-// terms in one chain. Two f32 summations of the same k terms each lie within (k-1)u sum|p_j| of
-// the exact sum (u = 2^-24), so they differ by at most 2(k-1)u sum|p_j|: with k = 4, 6u sum|p_j|
-// (the bound is checked with sum|p_j| from the float64 reference, plus 1% slack).
-TEST(RemoteRoutedExperts, F32WireSplitTokensWithinSummationOrderBound) {
+// Each pair's unweighted expert output, rows [t * k, D]: LocalRoutedExperts on one pair per
+// token with weight 1 (fma(1, e, 0) == e).
+std::vector<float> PairRows(const Batch& b, int64_t layer, const std::vector<float>& x) {
+  const int64_t d = Config().hidden_size;
+  Batch single;
+  single.t = b.t * b.k;
+  single.k = 1;
+  for (int64_t p = 0; p < b.t * b.k; ++p) {
+    single.ids.push_back(b.ids[static_cast<size_t>(p)]);
+    single.w.push_back(1.0f);
+    single.x.insert(single.x.end(), x.begin() + (p / b.k) * d, x.begin() + (p / b.k + 1) * d);
+  }
+  return RunLocal(single, layer);
+}
+
+// The combine's definition written out independently: start from `init`, then for each rank j in
+// order acc = fma(w_j, row_j, acc).
+std::vector<float> RankedGolden(const Batch& b, const std::vector<float>& rows, float init) {
+  const int64_t d = Config().hidden_size;
+  std::vector<float> out(static_cast<size_t>(b.t * d), init);
+  for (int64_t i = 0; i < b.t; ++i) {
+    for (int64_t j = 0; j < b.k; ++j) {
+      const float w = b.w[static_cast<size_t>(i * b.k + j)];
+      for (int64_t c = 0; c < d; ++c) {
+        float& o = out[static_cast<size_t>(i * d + c)];
+        o = std::fma(w, rows[static_cast<size_t>((i * b.k + j) * d + c)], o);
+      }
+    }
+  }
+  return out;
+}
+
+// f32 wire, a token's experts on both shards: each shard returns one unweighted row per pair and
+// the client sums them in top-k rank order, so the result is the local one bit for bit however
+// the pairs are split (the old per-shard partial sums differed in the last bits).
+TEST(RemoteRoutedExperts, F32WireSplitTokensEqualLocalBitwise) {
   Cluster cluster({ExpertsWhere(Low), ExpertsWhere(High)});
   auto remote = cluster.Client(F32Options());
   auto mixed = [](int64_t, int32_t e) { return e % 4 == 0 || e % 4 == 3; };  // both halves
-  const int64_t d = Config().hidden_size;
-  const double u = std::ldexp(1.0, -24);
   for (int64_t layer : MoeLayers()) {
     const Batch b = RandomBatch(6, static_cast<uint32_t>(300 + layer), mixed);
     std::vector<float> out;
     ASSERT_TRUE(RunRemote(remote.get(), b, layer, &out).ok());
-    const std::vector<float> local = RunLocal(b, layer);
-    for (int64_t i = 0; i < b.t; ++i) {
-      std::vector<double> abs_sum(static_cast<size_t>(d), 0.0);
-      for (int64_t j = 0; j < b.k; ++j) {
-        const auto y =
-            NaiveExpert(layer, b.ids[static_cast<size_t>(i * b.k + j)], b.x.data() + i * d);
-        for (int64_t o = 0; o < d; ++o) {
-          abs_sum[static_cast<size_t>(o)] +=
-              std::fabs(b.w[static_cast<size_t>(i * b.k + j)] * y[static_cast<size_t>(o)]);
-        }
-      }
-      for (int64_t o = 0; o < d; ++o) {
-        const size_t at = static_cast<size_t>(i * d + o);
-        ASSERT_LE(std::fabs(static_cast<double>(out[at]) - local[at]),
-                  1.01 * 2 * (b.k - 1) * u * abs_sum[static_cast<size_t>(o)])
-            << "layer " << layer << " token " << i << " column " << o;
-      }
-    }
+    EXPECT_TRUE(SameBits(out, RunLocal(b, layer))) << "layer " << layer;
+    EXPECT_TRUE(SameBits(out, RankedGolden(b, PairRows(b, layer, b.x), 0.0f))) << layer;
   }
 }
 
-// bf16 wire (the default): the client rounds x to bf16 (x~ = bf16(x)), the shard computes on x~
-// and rounds its partial row to bf16 once. With every token on one shard the result is therefore
-// exactly bf16(Local(x~)) -- both roundings done here by an independent round-to-nearest-even.
-// Relative to Local(x~) that is within half a bf16 ulp, <= 2^-8 |value| (8 significant bits:
-// unit roundoff 2^-8); relative to Local(x) there is no a-priori bound tighter than the expert's
-// Lipschitz constant times 2^-8 |x|, so the input rounding is taken out of the comparison by
-// rounding x here too.
-TEST(RemoteRoutedExperts, Bf16WireEqualsRoundedLocalOfRoundedInputs) {
-  Cluster cluster({ExpertsWhere(Any)});
+// bf16 wire (the default): the client rounds x to bf16 (x~ = bf16(x)), the shard computes each
+// pair's row on x~ and rounds it to bf16, the client sums the rows in rank order. Golden: that
+// definition with an independent round-to-nearest-even. The same bits with one shard or with the
+// pairs of every token split over two (which shard computed a row never matters).
+TEST(RemoteRoutedExperts, Bf16WireEqualsRankedSumOfRoundedRowsOnAnySplit) {
+  Cluster one({ExpertsWhere(Any)});
+  Cluster two({ExpertsWhere(Low), ExpertsWhere(High)});
   RemoteExpertsOptions o = F32Options();
   o.dtype = wire::WireDType::kBF16;
-  auto remote = cluster.Client(o);
+  auto remote_one = one.Client(o);
+  auto remote_two = two.Client(o);
+  auto mixed = [](int64_t, int32_t e) { return e % 4 == 1 || e % 4 == 2; };
   for (int64_t layer : MoeLayers()) {
-    const Batch b = RandomBatch(10, static_cast<uint32_t>(400 + layer));
+    const Batch b = RandomBatch(10, static_cast<uint32_t>(400 + layer), mixed);
     std::vector<float> x_rounded = b.x;
     for (float& v : x_rounded) v = RoundToBf16(v);
     ASSERT_NE(0, std::memcmp(x_rounded.data(), b.x.data(), sizeof(float) * b.x.size()));
-    std::vector<float> want = RunLocal(b, layer, &x_rounded);
-    std::vector<float> unrounded = want;
-    for (float& v : want) v = RoundToBf16(v);
+    std::vector<float> rows = PairRows(b, layer, x_rounded);
+    for (float& v : rows) v = RoundToBf16(v);
+    const std::vector<float> want = RankedGolden(b, rows, 0.0f);
+    EXPECT_FALSE(SameBits(want, RunLocal(b, layer, &x_rounded))) << "rounding should show";
     std::vector<float> out;
-    ASSERT_TRUE(RunRemote(remote.get(), b, layer, &out).ok());
-    EXPECT_TRUE(SameBits(out, want)) << "layer " << layer;
-    for (size_t i = 0; i < out.size(); ++i) {
-      ASSERT_LE(std::fabs(out[i] - unrounded[i]), std::ldexp(std::fabs(unrounded[i]), -8));
-    }
+    ASSERT_TRUE(RunRemote(remote_one.get(), b, layer, &out).ok());
+    EXPECT_TRUE(SameBits(out, want)) << "one shard, layer " << layer;
+    ASSERT_TRUE(RunRemote(remote_two.get(), b, layer, &out).ok());
+    EXPECT_TRUE(SameBits(out, want)) << "two shards, layer " << layer;
   }
 }
 
-// bf16 wire with a token's experts on two shards: out = bf16(P_low~) + bf16(P_high~) in f32,
-// where P~ are the shards' partials on x~. Against Local(x~): each bf16 rounding moves a partial
-// by at most 2^-8 |P| <= 2^-8 sum_{j in shard}|p_j| (plus f32 rounding); the partial sums, the
-// final f32 add and local's own chain add at most 2(k-1)u sum|p_j| (u = 2^-24), so
-// |out - Local(x~)| <= (2^-8 + 2(k-1)u) sum_j |p_j|  (checked with 1% slack; sum|p_j| from the
-// float64 reference).
-TEST(RemoteRoutedExperts, Bf16WireSplitTokensWithinDerivedBound) {
-  Cluster cluster({ExpertsWhere(Low), ExpertsWhere(High)});
-  RemoteExpertsOptions o = F32Options();
-  o.dtype = wire::WireDType::kBF16;
-  auto remote = cluster.Client(o);
-  auto mixed = [](int64_t, int32_t e) { return e % 4 == 1 || e % 4 == 2; };
-  const int64_t d = Config().hidden_size;
-  const double u = std::ldexp(1.0, -24);
-  for (int64_t layer : MoeLayers()) {
-    const Batch b = RandomBatch(6, static_cast<uint32_t>(500 + layer), mixed);
-    std::vector<float> x_rounded = b.x;
-    for (float& v : x_rounded) v = RoundToBf16(v);
-    const std::vector<float> local = RunLocal(b, layer, &x_rounded);
-    std::vector<float> out;
-    ASSERT_TRUE(RunRemote(remote.get(), b, layer, &out).ok());
-    double worst = 0;
-    for (int64_t i = 0; i < b.t; ++i) {
-      std::vector<double> abs_sum(static_cast<size_t>(d), 0.0);
-      for (int64_t j = 0; j < b.k; ++j) {
-        const auto y =
-            NaiveExpert(layer, b.ids[static_cast<size_t>(i * b.k + j)], x_rounded.data() + i * d);
-        for (int64_t c = 0; c < d; ++c) {
-          abs_sum[static_cast<size_t>(c)] +=
-              std::fabs(b.w[static_cast<size_t>(i * b.k + j)] * y[static_cast<size_t>(c)]);
-        }
-      }
-      for (int64_t c = 0; c < d; ++c) {
-        const size_t at = static_cast<size_t>(i * d + c);
-        const double bound =
-            1.01 * (std::ldexp(1.0, -8) + 2 * (b.k - 1) * u) * abs_sum[static_cast<size_t>(c)];
-        ASSERT_LE(std::fabs(static_cast<double>(out[at]) - local[at]), bound)
-            << "layer " << layer << " token " << i << " column " << c;
-        worst = std::max(worst, std::fabs(static_cast<double>(out[at]) - local[at]));
-      }
-    }
-    EXPECT_GT(worst, 0.0) << "bf16 rounding should be visible";
-  }
-}
-
-// out is accumulated into, not overwritten (RoutedExperts::Finish: out += routed output).
+// out is accumulated into, not overwritten (RoutedExperts::Finish: out += routed output): the
+// ranked chain starts from out's values.
 TEST(RemoteRoutedExperts, FinishAddsIntoOut) {
   Cluster cluster({ExpertsWhere(Any)});
   auto remote = cluster.Client(F32Options());
   const Batch b = RandomBatch(4, 7);
   const int64_t layer = MoeLayers()[0];
-  const std::vector<float> local = RunLocal(b, layer);
-  std::vector<float> out(local.size(), 1.0f);
+  std::vector<float> out(static_cast<size_t>(b.t * Config().hidden_size), 1.0f);
   ASSERT_TRUE(remote->Begin(layer, b.x.data(), b.t, b.ids.data(), b.w.data(), b.k).ok());
   ASSERT_TRUE(remote->Finish(out.data()).ok());
-  for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], 1.0f + local[i]) << i;
+  EXPECT_TRUE(SameBits(out, RankedGolden(b, PairRows(b, layer, b.x), 1.0f)));
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store) {
     cpu::SwiGluMlpW(gathered_.data(), n, m->gate.ref(), m->up.ref(), m->down.ref(), result_.data(),
                     &scratch_);
     for (int64_t i = 0; i < n; ++i) {
-      const Item& it = items_[begin + static_cast<size_t>(i)];
-      cpu::Axpy(hidden_, it.weight, result_.data() + i * hidden_, it.out);
+      std::memcpy(items_[begin + static_cast<size_t>(i)].out, result_.data() + i * hidden_,
+                  sizeof(float) * static_cast<size_t>(hidden_));
     }
     ++gemms_;
     rows_ += static_cast<uint64_t>(n);
@@ -126,13 +126,22 @@ absl::Status LocalRoutedExperts::Begin(int64_t layer, const float* x, int64_t t,
 absl::Status LocalRoutedExperts::Finish(float* out) {
   const Call& c = call_;
   batcher_.Clear();
-  for (int64_t i = 0; i < c.t; ++i) {
-    for (int64_t j = 0; j < c.k; ++j) {
-      batcher_.Add(c.layer, c.ids[i * c.k + j], c.x + i * hidden_, c.w[i * c.k + j],
-                   out + i * hidden_);
+  rows_.resize(static_cast<size_t>(c.t * c.k * hidden_));
+  for (int64_t p = 0; p < c.t * c.k; ++p) {
+    batcher_.Add(c.layer, c.ids[p], c.x + (p / c.k) * hidden_, rows_.data() + p * hidden_);
+  }
+  if (absl::Status st = batcher_.Run(*store_); !st.ok()) return st;
+  CombineRanked(rows_.data(), c.w, c.t, c.k, hidden_, out);
+  return absl::OkStatus();
+}
+
+void CombineRanked(const float* rows, const float* w, int64_t t, int64_t k, int64_t d,
+                   float* out) {
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      cpu::Axpy(d, w[i * k + j], rows + (i * k + j) * d, out + i * d);
     }
   }
-  return batcher_.Run(*store_);
 }
 
 }  // namespace dmoe

@@ -29,9 +29,17 @@ class RoutedExperts {
   // x [t, D], ids and w [t, k] must stay valid until Finish.
   virtual absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids,
                              const float* w, int64_t k) = 0;
-  // Adds the result of the last Begin into out [t, D] (out += routed output).
+  // Adds the result of the last Begin into out [t, D] (out += routed output), through
+  // CombineRanked. On error out is unchanged.
   virtual absl::Status Finish(float* out) = 0;
 };
+
+// out[i] = fma(w[i, k-1], rows[i, k-1], ... fma(w[i, 0], rows[i, 0], out[i])): the routed experts'
+// unweighted outputs rows[t, k, D] summed in top-k rank order onto out[t, D]. The one place
+// routed outputs are combined, in-process and remote alike, so the sum never depends on which
+// shard or replica computed a row or when it arrived (batch invariance, DESIGN §6).
+void CombineRanked(const float* rows, const float* w, int64_t t, int64_t k, int64_t d,
+                   float* out);
 
 // The experts one process hosts (fp32 or 8-bit), keyed by (layer, expert).
 class ExpertStore {
@@ -69,9 +77,9 @@ class ExpertStore {
 class ExpertBatcher {
  public:
   ExpertBatcher(int64_t hidden, int64_t width) : hidden_(hidden), width_(width) {}
-  void Add(int64_t layer, int64_t expert, const float* row, float weight, float* out_row) {
-    items_.push_back(
-        Item{layer, expert, static_cast<uint32_t>(items_.size()), row, weight, out_row});
+  // Queues out_row[D] = Expert_{layer, expert}(row[D]) (unweighted; overwritten by Run).
+  void Add(int64_t layer, int64_t expert, const float* row, float* out_row) {
+    items_.push_back(Item{layer, expert, static_cast<uint32_t>(items_.size()), row, out_row});
   }
   // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`.
   absl::Status Run(const ExpertStore& store);
@@ -87,7 +95,6 @@ class ExpertBatcher {
     int64_t expert;
     uint32_t order;  // insertion order, so that groups keep their rows' order
     const float* row;
-    float weight;
     float* out;
   };
   int64_t hidden_;
@@ -117,6 +124,7 @@ class LocalRoutedExperts : public RoutedExperts {
   const ExpertStore* store_;
   ExpertBatcher batcher_;
   Call call_;
+  std::vector<float> rows_;  // [t, k, D] unweighted expert outputs
 };
 
 }  // namespace dmoe

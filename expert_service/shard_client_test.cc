@@ -17,6 +17,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -93,10 +94,15 @@ bool Any(int64_t) { return true; }
 // Answers GetInfo with a fixed reply (GetStats is not used by ExpertShardSet).
 class InfoService final : public internal::ExpertControl::CallbackService {
  public:
-  explicit InfoService(internal::GetInfoReply info) : info_(std::move(info)) {}
+  explicit InfoService(internal::GetInfoReply info) {
+    std::lock_guard<std::mutex> l(mu_);
+    info_ = std::move(info);
+  }
+  ~InfoService() override { std::lock_guard<std::mutex> l(mu_); }
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* ctx,
                                     const internal::GetInfoRequest*,
                                     internal::GetInfoReply* reply) override {
+    std::lock_guard<std::mutex> l(mu_);  // orders the read after the constructor for TSan (gRPC's is unseen)
     *reply = info_;
     auto* r = ctx->DefaultReactor();
     r->Finish(grpc::Status::OK);
@@ -104,6 +110,7 @@ class InfoService final : public internal::ExpertControl::CallbackService {
   }
 
  private:
+  std::mutex mu_;  // std::mutex, not absl::Mutex: TSan sees pthread locks, not uninstrumented absl's
   internal::GetInfoReply info_;
 };
 

@@ -3,8 +3,11 @@
 //
 //   dispatch: token rows [token_count, hidden_size] in `dtype`, then pair_count pairs
 //             {u32 token_index, u32 expert, f32 weight} (12 bytes each)
-//   combine:  partial rows [token_count, hidden_size] in `dtype`: row i is
-//             sum over the dispatch's pairs of token i of weight * Expert(x_i); pair_count = 0
+//   combine:  rows [token_count, hidden_size] in `dtype`, token_count = the dispatch's pair_count:
+//             row p is Expert_{pair p}(x_{token of pair p}), unweighted, in the dispatch's pair
+//             order; pair_count = 0. The attention node sums them in top-k rank order
+//             (CombineRanked): never a partial sum whose rounding would depend on the shard split.
+//             (Version 2; version 1 sent per-token weighted partial sums.)
 //   error:    a UTF-8 message of payload_bytes; token_count = pair_count = 0
 #ifndef DMOE_TRANSPORT_WIRE_H_
 #define DMOE_TRANSPORT_WIRE_H_
@@ -19,7 +22,7 @@
 namespace dmoe::wire {
 
 inline constexpr uint32_t kMagic = 0x454f4d44;  // "DMOE"
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;
 inline constexpr size_t kHeaderBytes = 64;
 inline constexpr size_t kPairBytes = 12;
 // Limits a receiver enforces before allocating anything.

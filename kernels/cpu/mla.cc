@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
 #include "model/dtype.h"
 
@@ -63,6 +64,84 @@ void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t
   });
 }
 
+
+// ---- the batch-invariant form (KernelMode::kInvariant) ----
+// Every query row is computed the same way whatever the other queries of the call: q_lat and
+// the output projection through the invariant products, scores against each cached row, the
+// softmax and the weighted sum over exactly the rows 0..pos of the query's own position (never a
+// masked tail), in row order. So a position gives the same bits in a prefill chunk of any size,
+// in decode, after a prefix-cache hit, and inside any batch.
+
+// q[nq, H, dn + dr] -> qc[nq * H, r + dr] (q_lat = q_nope @ W_UK per head, then q_pe).
+void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
+  const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, r = p.latent_rank;
+  const int64_t qd = dn + dr, kvd = dn + p.v_dim, lc = r + dr;
+  for (int64_t head = 0; head < h; ++head) {
+    AxpyRows(q + head * qd, nq, h * qd, p.kv_b + head * kvd * r, dn, r, r, qc + head * lc, h * lc,
+             /*accumulate=*/false);
+  }
+  for (int64_t i = 0; i < nq * h; ++i) {
+    const float* qpe = q + i * qd + dn;
+    std::copy(qpe, qpe + dr, qc + i * lc + r);
+  }
+}
+
+// olat[nq * H, r] -> o[nq, H * dv] (o_lat @ W_UV^T per head).
+void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o) {
+  const int64_t h = p.num_heads, dn = p.nope_dim, dv = p.v_dim, r = p.latent_rank;
+  const int64_t kvd = dn + dv;
+  for (int64_t head = 0; head < h; ++head) {
+    DotRows(olat + head * r, nq, h * r, p.kv_b + (head * kvd + dn) * r, dv, r, r, o + head * dv,
+            h * dv);
+  }
+}
+
+// t consecutive queries of one sequence at positions pos0 .. pos0 + t - 1: qc[t * H, lc] ->
+// olat[t * H, r]. s: scratch of t * H * (pos0 + t) floats.
+void AttendInvariant(const MlaParams& p, const float* qc, int64_t t, const LatentRows& cache,
+                     int64_t pos0, float* s, float* olat) {
+  const int64_t h = p.num_heads, r = p.latent_rank, lc = r + p.rope_dim;
+  const int64_t ctx = pos0 + t;
+  ForEachBlock(cache, ctx, [&](const float* rows, int64_t first, int64_t n) {
+    DotRows(qc, t * h, lc, rows, n, lc, lc, s + first, ctx);
+  });
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t limit = pos0 + i + 1;
+    float* si = s + i * h * ctx;
+    for (int64_t row = 0; row < h; ++row) {
+      for (int64_t u = 0; u < limit; ++u) si[row * ctx + u] *= p.softmax_scale;
+    }
+    SoftmaxRows(si, h, limit, ctx);
+  }
+  ForEachBlock(cache, ctx, [&](const float* rows, int64_t first, int64_t n) {
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t limit = pos0 + i + 1;
+      if (limit <= first) continue;
+      AxpyRows(s + i * h * ctx + first, h, ctx, rows, std::min(n, limit - first), lc, r,
+               olat + i * h * r, r, /*accumulate=*/first > 0);
+    }
+  });
+}
+
+void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_t* t,
+                  const LatentRows* caches, const int64_t* pos0, float* o,
+                  std::vector<float>* scratch) {
+  const int64_t h = p.num_heads, r = p.latent_rank, lc = r + p.rope_dim;
+  int64_t nq = 0, s_max = 0;
+  for (int64_t i = 0; i < nseq; ++i) {
+    nq += t[i];
+    s_max = std::max(s_max, t[i] * h * (pos0[i] + t[i]));
+  }
+  scratch->resize(static_cast<size_t>(nq * h * lc + nq * h * r + s_max));
+  float* qc = scratch->data();
+  float* olat = qc + nq * h * lc;
+  float* s = olat + nq * h * r;
+  AbsorbQueries(p, q, nq, qc);
+  for (int64_t i = 0, row = 0; i < nseq; row += t[i], ++i) {
+    AttendInvariant(p, qc + row * h * lc, t[i], caches[i], pos0[i], s, olat + row * h * r);
+  }
+  ProjectOutputs(p, olat, nq, o);
+}
 }  // namespace
 
 const char* KvDTypeName(KvDType t) {
@@ -172,6 +251,10 @@ void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const Late
 
 void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const LatentRows& cache,
                           int64_t ctx, int64_t q_pos0, float* o, std::vector<float>* scratch) {
+  if (GetKernelMode() == KernelMode::kInvariant && ctx == q_pos0 + t) {
+    MlaInvariant(p, q, 1, &t, &cache, &q_pos0, o, scratch);
+    return;
+  }
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
   scratch->resize(static_cast<size_t>(t * h * lc + t * h * ctx + t * h * r));
@@ -202,6 +285,14 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const L
 
 void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const LatentRows* caches,
                             const int64_t* ctx, float* o, std::vector<float>* scratch) {
+  if (GetKernelMode() == KernelMode::kInvariant) {
+    thread_local std::vector<int64_t> ones, pos;
+    ones.assign(static_cast<size_t>(b), 1);
+    pos.resize(static_cast<size_t>(b));
+    for (int64_t i = 0; i < b; ++i) pos[static_cast<size_t>(i)] = ctx[i] - 1;
+    MlaInvariant(p, q, b, ones.data(), caches, pos.data(), o, scratch);
+    return;
+  }
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
   int64_t max_ctx = 0;

@@ -2,17 +2,32 @@
 
 #include <cblas.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 
+#include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/small_gemm.h"
 
 namespace dmoe::cpu {
+namespace {
+std::atomic<KernelMode> g_mode{KernelMode::kInvariant};
+}  // namespace
+
+void SetKernelMode(KernelMode m) { g_mode = m; }
+KernelMode GetKernelMode() { return g_mode.load(std::memory_order_relaxed); }
+const char* KernelModeName(KernelMode m) {
+  return m == KernelMode::kInvariant ? "invariant" : "blas";
+}
 
 void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, float* y,
             int64_t ldx, int64_t ldy) {
   if (ldx == 0) ldx = in;
   if (ldy == 0) ldy = out;
+  if (GetKernelMode() == KernelMode::kInvariant) {
+    DotRows(x, t, ldx, w, out, in, in, y, ldy);
+    return;
+  }
   if (t == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f, w,
                 static_cast<int>(in), x, 1, 0.0f, y, 1);
@@ -72,8 +87,6 @@ void SwiGluMlp(const float* x, int64_t t, int64_t d, const float* gate, const fl
   Linear(g, t, width, down, d, y);
 }
 
-void Axpy(int64_t n, float a, const float* x, float* y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
+void Axpy(int64_t n, float a, const float* x, float* y) { FmaRow(n, a, x, y); }
 
 }  // namespace dmoe::cpu

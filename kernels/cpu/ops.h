@@ -8,7 +8,17 @@
 
 namespace dmoe::cpu {
 
-// y[T, out] = x[T, in] @ w[out, in]^T  (nn.Linear without bias). OpenBLAS sgemv at T == 1.
+// Which kernels the products use. kInvariant (the default): every row's result is the same bits
+// whatever the batch around it and the thread count (kernels/cpu/invariant_gemm.h). kBlas: the
+// previous kernels (OpenBLAS sgemv at one row, the small-M kernel up to 8, sgemm beyond; MLA
+// prefill in the naive form), whose rounding depends on M and threads: kept for benchmarks
+// (bench/engine_bench --kernels blas) and as an opt-in where they are faster.
+enum class KernelMode { kInvariant, kBlas };
+void SetKernelMode(KernelMode m);
+KernelMode GetKernelMode();
+const char* KernelModeName(KernelMode m);
+
+// y[T, out] = x[T, in] @ w[out, in]^T  (nn.Linear without bias).
 // `ldx` / `ldy` are the row strides of x and y (0: packed).
 void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, float* y,
             int64_t ldx = 0, int64_t ldy = 0);
@@ -26,7 +36,7 @@ void SiluMul(const float* g, const float* u, int64_t n, float* h);
 void SwiGluMlp(const float* x, int64_t t, int64_t d, const float* gate, const float* up,
                const float* down, int64_t width, float* y, std::vector<float>* scratch);
 
-// y[i] += a * x[i].
+// y[i] = fma(a, x[i], y[i]).
 void Axpy(int64_t n, float a, const float* x, float* y);
 
 }  // namespace dmoe::cpu

@@ -6,102 +6,19 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <functional>
-#include <mutex>
-#include <thread>
 
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
+#include "kernels/cpu/thread_pool.h"
 #include "model/dtype.h"
 
 namespace dmoe::cpu {
 namespace {
 
-// A small pool that runs fn(chunk) for chunks [0, n) on all cores (the caller takes chunk 0).
-// A call made while another runs (another thread) runs inline.
-class Pool {
- public:
-  Pool() {
-    const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-    for (unsigned i = 1; i < hw; ++i) threads_.emplace_back([this, i] { Work(i); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      stop_ = true;
-      cv_.notify_all();
-    }
-    for (auto& t : threads_) t.join();
-  }
-  int size() const { return static_cast<int>(threads_.size()) + 1; }
-  void Run(int n, const std::function<void(int)>& fn) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || n <= 1 || threads_.empty()) {
-      for (int i = 0; i < n; ++i) fn(i);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      fn_ = &fn;
-      chunks_ = n;
-      next_ = 1;
-      pending_ = n - 1;
-      ++generation_;
-      cv_.notify_all();
-    }
-    fn(0);
-    for (;;) {  // help with what is left, then wait for the workers
-      int c;
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        if (next_ >= chunks_) break;
-        c = next_++;
-      }
-      fn(c);
-      std::lock_guard<std::mutex> l(mu_);
-      if (--pending_ == 0) done_.notify_all();
-    }
-    std::unique_lock<std::mutex> l(mu_);
-    done_.wait(l, [&] { return pending_ == 0; });
-    fn_ = nullptr;
-  }
-
- private:
-  void Work(unsigned) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> l(mu_);
-    for (;;) {
-      cv_.wait(l, [&] { return stop_ || (generation_ != seen && next_ < chunks_); });
-      if (stop_) return;
-      while (next_ < chunks_) {
-        const int c = next_++;
-        const std::function<void(int)>* fn = fn_;
-        l.unlock();
-        (*fn)(c);
-        l.lock();
-        if (--pending_ == 0) done_.notify_all();
-      }
-      seen = generation_;
-    }
-  }
-  std::mutex busy_, mu_;
-  std::condition_variable cv_, done_;
-  std::vector<std::thread> threads_;
-  const std::function<void(int)>* fn_ = nullptr;
-  int chunks_ = 0, next_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-};
-
 std::atomic<bool> g_portable{false};
 
 bool UseAvx2() { return CpuHasAvx2Fma() && !g_portable.load(std::memory_order_relaxed); }
-
-Pool& ThePool() {
-  static Pool* pool = new Pool();  // never destroyed: used until exit
-  return *pool;
-}
 
 __attribute__((target("avx2,fma"))) inline float HSum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v);
@@ -302,7 +219,9 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   if (ldy == 0) ldy = w.out;
   int64_t per = 0;
   const int64_t chunks = Chunks(w.out, w.in, &per);
-  if (t <= kDirectRows) {
+  // The invariant mode always takes the register kernel (its rows never interact); the BLAS
+  // mode dequantizes for sgemm beyond kDirectRows rows.
+  if (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant) {
     // Groups of up to 8 rows through the register kernel; a chunk of weight rows stays in cache
     // from one group to the next.
     const bool avx2 = UseAvx2();

@@ -1,0 +1,245 @@
+#include "kernels/cpu/invariant_gemm.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+#include "kernels/cpu/small_gemm.h"
+#include "kernels/cpu/thread_pool.h"
+
+// This file must be compiled with -ffp-contract=off (kernels/cpu/BUILD): every fused
+// multiply-add is written out, and nothing else may be fused behind our back.
+
+namespace dmoe::cpu {
+namespace {
+
+std::atomic<bool> g_portable{false};
+
+bool Avx2() { return CpuHasAvx2Fma() && !g_portable.load(std::memory_order_relaxed); }
+
+// The canonical reduction of 8 lanes.
+inline float Lanes8(const float* l) {
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
+// ---- portable: the same orders with std::fma ----
+
+void DotRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n0,
+                     int64_t n1, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+  const int64_t k8 = k & ~int64_t{7};
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx;
+    for (int64_t o = n0; o < n1; ++o) {
+      const float* wo = w + o * ldw;
+      float lane[8] = {};
+      for (int64_t j = 0; j < k8; j += 8) {
+        for (int l = 0; l < 8; ++l) lane[l] = std::fma(xi[j + l], wo[j + l], lane[l]);
+      }
+      float s = Lanes8(lane);
+      for (int64_t j = k8; j < k; ++j) s = std::fma(xi[j], wo[j], s);
+      y[i * ldy + o] = s;
+    }
+  }
+}
+
+void AxpyRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k,
+                      int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy,
+                      bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* yi = y + i * ldy;
+    if (!accumulate) std::fill(yi + n0, yi + n1, 0.0f);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float a = x[i * ldx + kk];
+      const float* wk = w + kk * ldw;
+      for (int64_t o = n0; o < n1; ++o) yi[o] = std::fma(a, wk[o], yi[o]);
+    }
+  }
+}
+
+// ---- AVX2 ----
+
+__attribute__((target("avx2,fma"))) inline float HSum(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return Lanes8(l);
+}
+
+// T rows of x against R rows of w; each of the T x R outputs is one 8-lane chain.
+template <int T, int R>
+__attribute__((target("avx2,fma"))) void DotTile(const float* x, int64_t ldx, const float* w,
+                                                 int64_t ldw, int64_t k, float* y, int64_t ldy) {
+  __m256 acc[T][R];
+#pragma GCC unroll 4
+  for (int m = 0; m < T; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t k8 = k & ~int64_t{7};
+  for (int64_t j = 0; j < k8; j += 8) {
+    __m256 xv[T];
+#pragma GCC unroll 4
+    for (int m = 0; m < T; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + j);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w + r * ldw + j);
+#pragma GCC unroll 4
+      for (int m = 0; m < T; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < T; ++m) {
+    for (int r = 0; r < R; ++r) {
+      float s = HSum(acc[m][r]);
+      for (int64_t j = k8; j < k; ++j) s = __builtin_fmaf(x[m * ldx + j], w[r * ldw + j], s);
+      y[m * ldy + r] = s;
+    }
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void DotRowsOfW(const float* x, int64_t m, int64_t ldx,
+                                                    const float* w, int64_t ldw, int64_t k,
+                                                    float* y, int64_t ldy) {
+  int64_t i = 0;
+  for (; i + 3 <= m; i += 3) DotTile<3, R>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  if (m - i == 2) DotTile<2, R>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  if (m - i == 1) DotTile<1, R>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+}
+
+void DotRowsAvx2(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n0, int64_t n1,
+                 int64_t ldw, int64_t k, float* y, int64_t ldy) {
+  int64_t o = n0;
+  for (; o + 4 <= n1; o += 4) DotRowsOfW<4>(x, m, ldx, w + o * ldw, ldw, k, y + o, ldy);
+  for (; o < n1; ++o) DotRowsOfW<1>(x, m, ldx, w + o * ldw, ldw, k, y + o, ldy);
+}
+
+// T rows of y, V vectors of 8 columns: acc[m][v] = fma(x[m, kk], w[kk, cols], acc) over kk.
+template <int T, int V>
+__attribute__((target("avx2,fma"))) void AxpyTile(const float* x, int64_t ldx, const float* w,
+                                                  int64_t k, int64_t ldw, float* y, int64_t ldy,
+                                                  bool accumulate) {
+  __m256 acc[T][V];
+#pragma GCC unroll 4
+  for (int m = 0; m < T; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      acc[m][v] = accumulate ? _mm256_loadu_ps(y + m * ldy + 8 * v) : _mm256_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m256 wv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(w + kk * ldw + 8 * v);
+#pragma GCC unroll 4
+    for (int m = 0; m < T; ++m) {
+      const __m256 a = _mm256_broadcast_ss(x + m * ldx + kk);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[m][v] = _mm256_fmadd_ps(a, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < T; ++m)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + m * ldy + 8 * v, acc[m][v]);
+}
+
+template <int V>
+__attribute__((target("avx2,fma"))) void AxpyRowsOfCols(const float* x, int64_t m, int64_t ldx,
+                                                        const float* w, int64_t k, int64_t ldw,
+                                                        float* y, int64_t ldy, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 3 <= m; i += 3) AxpyTile<3, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
+  if (m - i == 2) AxpyTile<2, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
+  if (m - i == 1) AxpyTile<1, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
+}
+
+__attribute__((target("avx2,fma"))) void AxpyRowsAvx2(const float* x, int64_t m, int64_t ldx,
+                                                      const float* w, int64_t k, int64_t ldw,
+                                                      int64_t n0, int64_t n1, float* y,
+                                                      int64_t ldy, bool accumulate) {
+  int64_t o = n0;
+  for (; o + 32 <= n1; o += 32) AxpyRowsOfCols<4>(x, m, ldx, w + o, k, ldw, y + o, ldy, accumulate);
+  for (; o + 8 <= n1; o += 8) AxpyRowsOfCols<1>(x, m, ldx, w + o, k, ldw, y + o, ldy, accumulate);
+  if (o < n1) {  // < 8 columns: the same chains, one scalar fma at a time
+    for (int64_t i = 0; i < m; ++i) {
+      float* yi = y + i * ldy;
+      for (int64_t c = o; c < n1; ++c) {
+        float acc = accumulate ? yi[c] : 0.0f;
+        for (int64_t kk = 0; kk < k; ++kk) acc = __builtin_fmaf(x[i * ldx + kk], w[kk * ldw + c], acc);
+        yi[c] = acc;
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void FmaRowAvx2(int64_t n, float a, const float* x, float* y) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) y[i] = __builtin_fmaf(a, x[i], y[i]);
+}
+
+// Chunks of output columns, a multiple of `align`: one chunk when the work is small (waking the
+// pool costs more), else about two per core.
+int64_t Split(int64_t n, int64_t work, int64_t align, int64_t* per) {
+  const int64_t chunks = work < (int64_t{1} << 17)
+                             ? 1
+                             : std::min<int64_t>(ThePool().size() * 2,
+                                                 std::max<int64_t>(1, n / (2 * align)));
+  *per = ((n + chunks - 1) / chunks + align - 1) / align * align;
+  return (n + *per - 1) / *per;
+}
+
+}  // namespace
+
+void ForcePortableInvariantForTesting(bool on) { g_portable = on; }
+
+void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, int64_t ldw,
+             int64_t k, float* y, int64_t ldy) {
+  if (m <= 0 || n <= 0) return;
+  const bool avx2 = Avx2();
+  int64_t per = 0;
+  const int64_t chunks = Split(n, m * n * k, 4, &per);
+  auto run = [&](int c) {
+    const int64_t n0 = c * per, n1 = std::min(n, n0 + per);
+    if (avx2) {
+      DotRowsAvx2(x, m, ldx, w, n0, n1, ldw, k, y, ldy);
+    } else {
+      DotRowsPortable(x, m, ldx, w, n0, n1, ldw, k, y, ldy);
+    }
+  };
+  if (chunks == 1) {
+    run(0);
+  } else {
+    ThePool().Run(static_cast<int>(chunks), run);
+  }
+}
+
+void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,
+              int64_t n, float* y, int64_t ldy, bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  const bool avx2 = Avx2();
+  int64_t per = 0;
+  const int64_t chunks = Split(n, m * n * k, 32, &per);
+  auto run = [&](int c) {
+    const int64_t n0 = c * per, n1 = std::min(n, n0 + per);
+    if (avx2) {
+      AxpyRowsAvx2(x, m, ldx, w, k, ldw, n0, n1, y, ldy, accumulate);
+    } else {
+      AxpyRowsPortable(x, m, ldx, w, k, ldw, n0, n1, y, ldy, accumulate);
+    }
+  };
+  if (chunks == 1) {
+    run(0);
+  } else {
+    ThePool().Run(static_cast<int>(chunks), run);
+  }
+}
+
+void FmaRow(int64_t n, float a, const float* x, float* y) {
+  if (Avx2()) {
+    FmaRowAvx2(n, a, x, y);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+
+}  // namespace dmoe::cpu

@@ -1,0 +1,39 @@
+// Batch-invariant matrix products (DESIGN §6, "a request's output never depends on its company").
+//
+// Every output element is computed by one fixed sequence of floating-point operations that depends
+// only on its own row of x, its own weight row (or column) and K: never on M, on the tile a row
+// lands in, on how the work is split over threads, or on whether the CPU has AVX2 (the portable
+// path follows the same order with std::fma, bit for bit; it is only slower). The orders:
+//
+//   DotRows   y[m, n] = x[m, :] . w[n, :]      (w [N, K] row-major: nn.Linear, scores vs cache)
+//     8 lanes: lane l accumulates fma(x[k], w[k], acc) for k = l, l + 8, ... below K8 = K & ~7;
+//     then ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)); then fma for k = K8 .. K-1 in order.
+//   AxpyRows  y[m, n] (+)= sum_k x[m, k] * w[k, n]   (w [K, N] row-major: P @ V, q @ W_UK)
+//     one chain per element: acc = fma(x[m, k], w[k, n], acc) for k = 0 .. K-1 in order, starting
+//     from 0 or from y[m, n] (accumulate), so a K split into consecutive calls gives the same bits.
+//
+// Work is split over output columns only (n), never inside a reduction.
+#ifndef DMOE_KERNELS_CPU_INVARIANT_GEMM_H_
+#define DMOE_KERNELS_CPU_INVARIANT_GEMM_H_
+
+#include <cstdint>
+
+namespace dmoe::cpu {
+
+// y[m, n] = sum_k x[m, k] * w[n, k]. Strides in floats. Uses the kernel pool when large.
+void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, int64_t ldw,
+             int64_t k, float* y, int64_t ldy);
+
+// y[m, n] = (accumulate ? y[m, n] : 0) + sum_k x[m, k] * w[k, n]. Strides in floats.
+void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,
+              int64_t n, float* y, int64_t ldy, bool accumulate);
+
+// y[i] = fma(a, x[i], y[i]) for i < n (the fixed combine step of routed expert outputs).
+void FmaRow(int64_t n, float a, const float* x, float* y);
+
+// Tests: run the portable (no AVX2) code even where the CPU has AVX2.
+void ForcePortableInvariantForTesting(bool on);
+
+}  // namespace dmoe::cpu
+
+#endif  // DMOE_KERNELS_CPU_INVARIANT_GEMM_H_

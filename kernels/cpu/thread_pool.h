@@ -1,0 +1,24 @@
+// The kernels' one thread pool: runs fn(chunk) for chunks [0, n) on every core (the caller takes
+// chunk 0 and helps with the rest). A call made while another runs (from another thread) runs
+// inline. Kernels split work only over independent outputs, never inside one output's reduction,
+// so the pool's size and the chunking never change a result (batch invariance, DESIGN §6).
+#ifndef DMOE_KERNELS_CPU_THREAD_POOL_H_
+#define DMOE_KERNELS_CPU_THREAD_POOL_H_
+
+#include <functional>
+
+namespace dmoe::cpu {
+
+class KernelPool {
+ public:
+  virtual ~KernelPool() = default;
+  virtual int size() const = 0;
+  virtual void Run(int n, const std::function<void(int)>& fn) = 0;
+};
+
+// The process-wide pool (hardware_concurrency threads, created on first use, never destroyed).
+KernelPool& ThePool();
+
+}  // namespace dmoe::cpu
+
+#endif  // DMOE_KERNELS_CPU_THREAD_POOL_H_
