@@ -25,6 +25,8 @@
 #include "attention_service/local_model.h"
 #include "bench/shard_process.h"
 #include "kernels/cpu/blas_threads.h"
+#include "kernels/cpu/invariant_gemm.h"
+#include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
 #include "model/tiny_model.h"
 
@@ -59,6 +61,19 @@ double SmallMGflops(int m, int n, int k, int reps) {
   for (int r = 0; r < reps; ++r) {
     const auto t0 = Clock::now();
     cpu::SmallMLinear(a.data(), m, k, b.data(), n, c.data(), false);
+    best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return 2.0 * m * n * k / best / 1e9;
+}
+
+// The batch-invariant kernel (the default for every linear layer) at the same shape.
+double InvariantGflops(int m, int n, int k, int reps) {
+  std::vector<float> a(static_cast<size_t>(m) * k, 0.5f), b(static_cast<size_t>(n) * k, 0.25f),
+      c(static_cast<size_t>(m) * n);
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    cpu::DotRows(a.data(), m, k, b.data(), n, k, k, c.data(), n);
     best = std::min(best, Seconds(t0, Clock::now()));
   }
   return 2.0 * m * n * k / best / 1e9;
@@ -135,6 +150,7 @@ int Main(int argc, char** argv) {
   int distributed = 2;
   int blas_threads = -1;  // -1: each process's share of the CPUs in the distributed run
   bool shard_memory = true;
+  int kernel_rounds = 3;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
@@ -148,6 +164,8 @@ int Main(int argc, char** argv) {
       blas_threads = std::max(0, std::atoi(value().c_str()));
     } else if (a == "--no-shard-memory") {
       shard_memory = false;
+    } else if (a == "--kernel-rounds") {
+      if (!absl::SimpleAtoi(value(), &kernel_rounds) || kernel_rounds < 0) return 2;
     } else if (a == "--steps") {
       steps = std::atoi(value().c_str());
     } else if (a == "--batches") {
@@ -160,7 +178,7 @@ int Main(int argc, char** argv) {
       std::printf(
           "usage: engine_bench [--presets tiny,small] [--batches 1,16,64] [--steps N]\n"
           "                    [--model-cache DIR] [--distributed N] [--no-shard-memory]\n"
-          "                    [--blas-threads T]\n"
+          "                    [--blas-threads T] [--kernel-rounds R]\n"
           "Writes the preset checkpoints into DIR once (small: ~1.6 GB bf16), then prints decode\n"
           "tokens/s and ms/step per batch size, the batch-1 weight-read bandwidth of the small\n"
           "preset against memcpy bandwidth, and sgemm GFLOP/s at expert shapes against 2048^3.\n"
@@ -170,7 +188,10 @@ int Main(int argc, char** argv) {
           "the resident memory of a shard hosting 1/4 of the experts and of one hosting all.\n"
           "In-process runs use OpenBLAS's default threads (one per CPU); in the distributed run the\n"
           "bench process and every shard use CPUs / (N + 1) (as `dmoe up` gives each process its\n"
-          "share), unless --blas-threads T sets T for them (0 = OpenBLAS's default).\n");
+          "share), unless --blas-threads T sets T for them (0 = OpenBLAS's default).\n"
+          "--kernel-rounds R (default 3; 0 = off): decode with the batch-invariant kernels (the\n"
+          "default) and with the previous BLAS kernels (cpu::KernelMode::kBlas) in R alternating\n"
+          "rounds per batch size; prints the medians and invariant / blas.\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -220,6 +241,30 @@ int Main(int argc, char** argv) {
         std::printf(
             "  batch-1 weights read per step: %.1f MiB; %.2f GB/s = %.2f x memcpy bandwidth\n",
             bytes / (1 << 20), bw / 1e9, bw / memcpy_bw);
+      }
+    }
+    if (kernel_rounds > 0) {
+      std::printf("-- kernels: batch-invariant (default) vs BLAS (opt-in), medians of %d "
+                  "alternating rounds\n", kernel_rounds);
+      std::printf("%8s %16s %16s %10s\n", "batch", "invariant tok/s", "blas tok/s", "inv/blas");
+      for (int b : batches) {
+        int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
+        n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
+        std::vector<double> inv, blas;
+        for (int round = 0; round < kernel_rounds; ++round) {
+          for (cpu::KernelMode m : {cpu::KernelMode::kInvariant, cpu::KernelMode::kBlas}) {
+            cpu::SetKernelMode(m);
+            const DecodeResult r = BenchDecode((*model)->engine(), b, n, 16);
+            (m == cpu::KernelMode::kInvariant ? inv : blas).push_back(r.tokens_per_s);
+          }
+        }
+        cpu::SetKernelMode(cpu::KernelMode::kInvariant);
+        auto median = [](std::vector<double> v) {
+          std::sort(v.begin(), v.end());
+          return v[v.size() / 2];
+        };
+        std::printf("%8d %16.1f %16.1f %10.3f\n", b, median(inv), median(blas),
+                    median(inv) / median(blas));
       }
     }
     if (distributed > 0) {
@@ -286,14 +331,15 @@ int Main(int argc, char** argv) {
       std::printf("\nsgemm 2048^3: %.1f GFLOP/s\n", square);
       const int d = static_cast<int>(config->hidden_size),
                 im = static_cast<int>(config->moe_intermediate_size);
-      std::printf("%-26s %14s %10s %16s\n", "expert shape (M x N x K)", "sgemm GFLOP/s",
-                  "vs square", "small-M GFLOP/s");
+      std::printf("%-26s %14s %10s %16s %16s\n", "expert shape (M x N x K)", "sgemm GFLOP/s",
+                  "vs square", "invariant GFLOP/s", "small-M GFLOP/s");
       for (int m : {1, 2, 8, 16, 64, 512}) {
         for (int down = 0; down < 2; ++down) {
           const int n = down ? d : im, k = down ? im : d;
           const double g = SgemmGflops(m, n, k, 20);
           std::printf("%-7s %4d x %4d x %4d %14.1f %9.1f%%", down ? "down" : "gate/up", m, n, k, g,
                       100 * g / square);
+          std::printf(" %16.1f", InvariantGflops(m, n, k, 20));
           if (m <= cpu::kSmallMMax) std::printf(" %16.1f", SmallMGflops(m, n, k, 20));
           std::printf("\n");
         }

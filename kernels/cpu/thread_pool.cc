@@ -1,6 +1,10 @@
 #include "kernels/cpu/thread_pool.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -10,80 +14,96 @@
 namespace dmoe::cpu {
 namespace {
 
-// A small pool that runs fn(chunk) for chunks [0, n) on all cores (the caller takes chunk 0).
-// A call made while another runs (another thread) runs inline.
+// Workers spin for a short while after their last chunk before they sleep: a decode step makes
+// hundreds of small calls, and waking a sleeping thread (a futex round trip) costs as much as one
+// of them. A chunk is claimed with a compare-and-swap on a ticket that carries the call's
+// generation, so a worker late from one call can never claim (or miscount) a chunk of the next.
 class Pool final : public KernelPool {
  public:
   Pool() {
     const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-    for (unsigned i = 1; i < hw; ++i) threads_.emplace_back([this, i] { Work(i); });
+    for (unsigned i = 1; i < hw; ++i) threads_.emplace_back([this] { Work(); });
   }
   ~Pool() override {
     {
       std::lock_guard<std::mutex> l(mu_);
-      stop_ = true;
+      stop_.store(true);
       cv_.notify_all();
     }
     for (auto& t : threads_) t.join();
   }
   int size() const override { return static_cast<int>(threads_.size()) + 1; }
+
   void Run(int n, const std::function<void(int)>& fn) override {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || n <= 1 || threads_.empty()) {
+    if (!busy.owns_lock() || n <= 1 || threads_.empty() || n > 0xffff) {
       for (int i = 0; i < n; ++i) fn(i);
       return;
     }
-    {
+    const uint64_t gen = ++generation_;  // only Run writes it, under busy_
+    fn_ = &fn;
+    pending_.store(n);
+    ticket_.store(Ticket(gen, static_cast<uint64_t>(n), 0));
+    if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> l(mu_);
-      fn_ = &fn;
-      chunks_ = n;
-      next_ = 1;
-      pending_ = n - 1;
-      ++generation_;
       cv_.notify_all();
     }
-    fn(0);
-    for (;;) {  // help with what is left, then wait for the workers
-      int c;
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        if (next_ >= chunks_) break;
-        c = next_++;
+    Drain(gen);
+    for (uint64_t spins = 0; pending_.load() != 0; ++spins) {
+      if (spins < 4096) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
       }
-      fn(c);
-      std::lock_guard<std::mutex> l(mu_);
-      if (--pending_ == 0) done_.notify_all();
     }
-    std::unique_lock<std::mutex> l(mu_);
-    done_.wait(l, [&] { return pending_ == 0; });
-    fn_ = nullptr;
   }
 
  private:
-  void Work(unsigned) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> l(mu_);
+  static uint64_t Ticket(uint64_t gen, uint64_t n, uint64_t idx) {
+    return (gen << 32) | (n << 16) | idx;
+  }
+  // Claims and runs chunks of call `gen` until none is left.
+  void Drain(uint64_t gen) {
+    uint64_t t = ticket_.load();
     for (;;) {
-      cv_.wait(l, [&] { return stop_ || (generation_ != seen && next_ < chunks_); });
-      if (stop_) return;
-      while (next_ < chunks_) {
-        const int c = next_++;
-        const std::function<void(int)>* fn = fn_;
-        l.unlock();
-        (*fn)(c);
-        l.lock();
-        if (--pending_ == 0) done_.notify_all();
-      }
-      seen = generation_;
+      const uint64_t idx = t & 0xffff, n = (t >> 16) & 0xffff;
+      if ((t >> 32) != (gen & 0xffffffff) || idx >= n) return;
+      if (!ticket_.compare_exchange_weak(t, t + 1)) continue;  // t reloaded
+      (*fn_)(static_cast<int>(idx));
+      pending_.fetch_sub(1);
+      t = ticket_.load();
     }
   }
+  void Work() {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t gen = ticket_.load() >> 32;
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      for (uint32_t i = 0; gen == seen; ++i) {
+        if (stop_.load()) return;
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) {
+          std::unique_lock<std::mutex> l(mu_);
+          ++sleepers_;
+          cv_.wait(l, [&] { return stop_.load() || (ticket_.load() >> 32) != seen; });
+          --sleepers_;
+        }
+        _mm_pause();
+        gen = ticket_.load() >> 32;
+      }
+      seen = gen;
+      Drain(gen);
+    }
+  }
+
   std::mutex busy_, mu_;
-  std::condition_variable cv_, done_;
+  std::condition_variable cv_;
   std::vector<std::thread> threads_;
   const std::function<void(int)>* fn_ = nullptr;
-  int chunks_ = 0, next_ = 0, pending_ = 0;
   uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace
