@@ -470,6 +470,45 @@ TEST(RemoteRoutedExperts, Bf16WireEqualsRankedSumOfRoundedRowsOnAnySplit) {
   }
 }
 
+// 1, 2 and 4 shards, with replicas (every expert on two of the four), and a failover mid-layer
+// (shard 1 failing its wait, shard 3 refusing the post -- never both replicas of one expert --:
+// their pairs go to the other replica):
+// the same bits every time, f32 wire equal to in-process, bf16 wire equal to its one-shard run.
+TEST(RemoteRoutedExperts, SameBitsForAnyShardCountReplicaChoiceAndFailover) {
+  auto replica = [](int s) {
+    return ExpertsWhere([s](int64_t e) { return e % 4 == s || (e + 1) % 4 == s; });
+  };
+  Cluster one({ExpertsWhere(Any)});
+  Cluster two({ExpertsWhere(Low), ExpertsWhere(High)});
+  Cluster four({replica(0), replica(1), replica(2), replica(3)});
+  for (wire::WireDType dt : {wire::WireDType::kF32, wire::WireDType::kBF16}) {
+    RemoteExpertsOptions o = F32Options();
+    o.dtype = dt;
+    for (int64_t t : {1, 7, 33}) {
+      for (int64_t layer : MoeLayers()) {
+        const Batch b = RandomBatch(t, static_cast<uint32_t>(600 + t + layer));
+        std::vector<float> base;
+        ASSERT_TRUE(RunRemote(one.Client(o).get(), b, layer, &base).ok());
+        if (dt == wire::WireDType::kF32) {
+          EXPECT_TRUE(SameBits(base, RunLocal(b, layer))) << "in-process, t " << t;
+        }
+        std::vector<float> out;
+        ASSERT_TRUE(RunRemote(two.Client(o).get(), b, layer, &out).ok());
+        EXPECT_TRUE(SameBits(out, base)) << "two shards, t " << t << " layer " << layer;
+        ASSERT_TRUE(RunRemote(four.Client(o).get(), b, layer, &out).ok());
+        EXPECT_TRUE(SameBits(out, base)) << "four shards, t " << t << " layer " << layer;
+        four.client().SetFault(four.peer(1), testing::FaultInjectingClient::Fault::kFailWait);
+        four.client().SetFault(four.peer(3), testing::FaultInjectingClient::Fault::kRefusePost);
+        const absl::Status st = RunRemote(four.Client(o).get(), b, layer, &out);
+        four.client().SetFault(four.peer(1), testing::FaultInjectingClient::Fault::kNone);
+        four.client().SetFault(four.peer(3), testing::FaultInjectingClient::Fault::kNone);
+        ASSERT_TRUE(st.ok()) << st;
+        EXPECT_TRUE(SameBits(out, base)) << "failover, t " << t << " layer " << layer;
+      }
+    }
+  }
+}
+
 // out is accumulated into, not overwritten (RoutedExperts::Finish: out += routed output): the
 // ranked chain starts from out's values.
 TEST(RemoteRoutedExperts, FinishAddsIntoOut) {
