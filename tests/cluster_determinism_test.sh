@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# A request's output never depends on its company, its replicas or a failover (DESIGN §6), on a
+# real local cluster (router, 3 expert shards with 2 replicas of every expert, bf16 wire, one
+# attention node, gateway; separate processes over UCX): 8 greedy streams of $TOKENS tokens, run
+# alone one by one, then all together, then together with 8 sampled companions, then together
+# with an expert shard SIGKILLed while all 8 stream. Every output equals its alone run, token for
+# token. (DMOE_DETERMINISM_TOKENS=N changes the stream length, 300 by default.)
+set -euo pipefail
+bin=$TEST_SRCDIR/dmoe
+dmoe=$bin/cli/dmoe
+work=$TEST_TMPDIR
+state=$work/up.json
+TOKENS=${DMOE_DETERMINISM_TOKENS:-300}
+"$dmoe" up --model "$work/model" --experts 3 --attention 1 --expert-replicas 2 \
+  --state-file "$state" --log-dir "$work/logs" --bin-dir "$bin" > "$work/up.out"
+cleanup() { "$dmoe" down --state-file "$state" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+gateway=$(sed -n 's/^gateway: //p' "$work/up.out")
+[ -n "$gateway" ] || { echo "no gateway line"; cat "$work/up.out"; exit 1; }
+# Each process of the state file is a flat JSON object: pick them by role.
+process() { tr -d ' \n' < "$state" | grep -o "{[^{}]*\"role\":\"$1\"[^{}]*}" || true; }
+field() { sed -n "s/.*\"$1\":\"\{0,1\}\([^\",}]*\).*/\1/p"; }
+attention_metrics=$(process attention | field metrics)
+[ -n "$attention_metrics" ] || { echo "no attention metrics address in $state"; cat "$state"; exit 1; }
+metric() { curl -s --max-time 5 "http://$attention_metrics/metrics" | awk -v n="$1" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'; }
+
+prompt() { local i=$1 n=$2 out=""; for j in $(seq 1 "$n"); do out="$out$(( (i * 131 + j * 17 + 3) % 250 + 2 )),"; done; echo "${out%,}"; }
+run() {  # run NAME I: stream I's greedy output into $work/NAME.I
+  "$dmoe" generate --target "$gateway" --tokens "$(prompt "$2" $((5 + 3 * $2)))" --max-tokens "$TOKENS" \
+    --temperature 0 --ignore-eos --print-token-ids --timeout-ms 120000 > "$work/$1.$2"
+}
+companion() {
+  "$dmoe" generate --target "$gateway" --tokens "$(prompt $((100 + $1)) $((1 + 7 * $1)))" \
+    --max-tokens $((20 + 13 * $1)) --temperature 0.9 --seed "$1" --ignore-eos --print-token-ids \
+    --timeout-ms 120000 > "$work/companion.$1"
+}
+compare() {
+  for i in 0 1 2 3 4 5 6 7; do
+    [ -s "$work/alone.$i" ] || { echo "alone.$i is empty"; exit 1; }
+    cmp -s "$work/alone.$i" "$work/$1.$i" || {
+      echo "$1: stream $i differs from its alone run"; echo " alone: $(cat "$work/alone.$i")"
+      echo " $1: $(cat "$work/$1.$i")"; exit 1; }
+  done
+  echo "$1: 8 of 8 streams identical to their alone runs"
+}
+wait_all() { local rc=0; for p in "$@"; do wait "$p" || rc=1; done; return $rc; }
+
+for i in 0 1 2 3 4 5 6 7; do run alone "$i"; done
+echo "alone: 8 streams of $TOKENS tokens"
+
+pids=(); for i in 0 1 2 3 4 5 6 7; do run together "$i" & pids+=($!); done
+wait_all "${pids[@]}"; compare together
+
+pids=(); for i in 0 1 2 3 4 5 6 7; do run crowd "$i" & pids+=($!); companion "$i" & pids+=($!); done
+wait_all "${pids[@]}"; compare crowd
+
+rerouted_before=$(metric dmoe_transport_rerouted_pairs_total)
+pids=(); for i in 0 1 2 3 4 5 6 7; do run failover "$i" & pids+=($!); done
+# The fault lands mid-stream: once the attention node has generated 20 tokens per stream of this
+# round (its counters refresh every 500 ms; bounded wait) and every client is still streaming,
+# SIGKILL one expert shard (every expert has another replica).
+generated_before=$(metric dmoe_attention_generated_tokens_total)
+for _ in $(seq 1 600); do
+  [ $(( $(metric dmoe_attention_generated_tokens_total) - generated_before )) -ge 160 ] && break
+  sleep 0.05
+done
+victim=$(process expert | head -1 | field pid)
+[ -n "$victim" ] || { echo "no expert pid in $state"; exit 1; }
+for p in "${pids[@]}"; do
+  kill -0 "$p" 2>/dev/null || { echo "a stream ended before the kill (generated: $(metric dmoe_attention_generated_tokens_total))"; exit 1; }
+done
+kill -KILL "$victim"
+echo "killed expert shard pid $victim with all 8 streams running"
+wait_all "${pids[@]}"; compare failover
+for _ in $(seq 1 40); do [ "$(metric dmoe_transport_rerouted_pairs_total)" -gt "$rerouted_before" ] && break; sleep 0.1; done
+rerouted=$(( $(metric dmoe_transport_rerouted_pairs_total) - rerouted_before ))
+echo "pairs re-routed to replicas after the kill: $rerouted"
+[ "$rerouted" -gt 0 ] || { echo "the kill did not land mid-flight (nothing re-routed)"; exit 1; }
