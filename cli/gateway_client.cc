@@ -84,6 +84,10 @@ int Stream(const Flags& f, const Request& req,
       }
       logprob_lines.push_back(std::move(line));
     }
+    if (ids_only && r.token_ids_size() > 0) {  // streamed as they arrive: a watcher sees progress
+      std::printf("%s%s", ids.empty() ? "" : ",", absl::StrJoin(r.token_ids(), ",").c_str());
+      std::fflush(stdout);
+    }
     ids.insert(ids.end(), r.token_ids().begin(), r.token_ids().end());
     if (!ids_only && !r.text_delta().empty()) {
       std::fwrite(r.text_delta().data(), 1, r.text_delta().size(), stdout);
@@ -93,12 +97,13 @@ int Stream(const Flags& f, const Request& req,
   }
   const grpc::Status st = reader->Finish();
   if (!st.ok()) {
+    if (ids_only && !ids.empty()) std::printf("\n");  // the ids that arrived before the error
     std::fprintf(stderr, "%serror: %s (%s)\n", ids_only ? "" : "\n", st.error_message().c_str(),
                  absl::StrCat("gRPC code ", static_cast<int>(st.error_code())).c_str());
     return 2;
   }
   if (ids_only) {
-    std::printf("%s\n", absl::StrJoin(ids, ",").c_str());
+    std::printf("\n");
   } else {
     if (!logprob_lines.empty()) {
       std::printf("\n  pos token_id    logprob  top: id:token:logprob ...\n%s",

@@ -101,7 +101,8 @@ generation_config.json when present) with finish reason "stop", unless --ignore-
   --prefill-chunk C    prefill C prompt tokens per step (default: all at once; --model only)
   --stop-token ID      stop after generating this id
   --ignore-eos         don't stop at the model's end-of-sequence token
-  --print-token-ids    print only the ids (no timing line on stderr)
+  --print-token-ids    print only the ids, comma-separated (no timing line on stderr);
+                       with --target they are printed as they arrive
   --stop STRING        (--target) the text ends before the first STRING
   --logprobs N         (--target) after the text, each token's logprob and its N most likely
                        alternatives (0..20)

@@ -4,16 +4,23 @@
 # attention node, gateway; separate processes over UCX): 8 greedy streams of $TOKENS tokens, run
 # alone one by one, then all together, then together with 8 sampled companions, then together
 # with an expert shard SIGKILLed while all 8 stream. Every output equals its alone run, token for
-# token. (DMOE_DETERMINISM_TOKENS=N changes the stream length, 300 by default.)
+# token. (DMOE_DETERMINISM_TOKENS=N changes the stream length, 240 by default.)
 set -euo pipefail
 bin=$TEST_SRCDIR/dmoe
 dmoe=$bin/cli/dmoe
 work=$TEST_TMPDIR
 state=$work/up.json
-TOKENS=${DMOE_DETERMINISM_TOKENS:-300}
+TOKENS=${DMOE_DETERMINISM_TOKENS:-240}  # the failover streams run 2x: 26 + 480 <= 512 positions
 "$dmoe" up --model "$work/model" --experts 3 --attention 1 --expert-replicas 2 \
   --state-file "$state" --log-dir "$work/logs" --bin-dir "$bin" > "$work/up.out"
-cleanup() { "$dmoe" down --state-file "$state" >/dev/null 2>&1 || true; }
+cleanup() {
+  local rc=$?
+  "$dmoe" down --state-file "$state" >/dev/null 2>&1 || true
+  # On failure keep the processes' logs (bazel-testlogs/.../test.outputs/outputs.zip).
+  if [ "$rc" -ne 0 ] && [ -n "${TEST_UNDECLARED_OUTPUTS_DIR:-}" ]; then
+    cp -r "$work/logs" "$TEST_UNDECLARED_OUTPUTS_DIR/" 2>/dev/null || true
+  fi
+}
 trap cleanup EXIT
 gateway=$(sed -n 's/^gateway: //p' "$work/up.out")
 [ -n "$gateway" ] || { echo "no gateway line"; cat "$work/up.out"; exit 1; }
@@ -25,8 +32,8 @@ attention_metrics=$(process attention | field metrics)
 metric() { curl -s --max-time 5 "http://$attention_metrics/metrics" | awk -v n="$1" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'; }
 
 prompt() { local i=$1 n=$2 out=""; for j in $(seq 1 "$n"); do out="$out$(( (i * 131 + j * 17 + 3) % 250 + 2 )),"; done; echo "${out%,}"; }
-run() {  # run NAME I: stream I's greedy output into $work/NAME.I
-  "$dmoe" generate --target "$gateway" --tokens "$(prompt "$2" $((5 + 3 * $2)))" --max-tokens "$TOKENS" \
+run() {  # run NAME I [N]: stream I's greedy output (N tokens, default $TOKENS) into $work/NAME.I
+  "$dmoe" generate --target "$gateway" --tokens "$(prompt "$2" $((5 + 3 * $2)))" --max-tokens "${3:-$TOKENS}" \
     --temperature 0 --ignore-eos --print-token-ids --timeout-ms 120000 > "$work/$1.$2"
 }
 companion() {
@@ -55,23 +62,34 @@ pids=(); for i in 0 1 2 3 4 5 6 7; do run crowd "$i" & pids+=($!); companion "$i
 wait_all "${pids[@]}"; compare crowd
 
 rerouted_before=$(metric dmoe_transport_rerouted_pairs_total)
-pids=(); for i in 0 1 2 3 4 5 6 7; do run failover "$i" & pids+=($!); done
-# The fault lands mid-stream: once the attention node has generated 20 tokens per stream of this
-# round (its counters refresh every 500 ms; bounded wait) and every client is still streaming,
-# SIGKILL one expert shard (every expert has another replica).
-generated_before=$(metric dmoe_attention_generated_tokens_total)
-for _ in $(seq 1 600); do
-  [ $(( $(metric dmoe_attention_generated_tokens_total) - generated_before )) -ge 160 ] && break
-  sleep 0.05
+# These streams are twice as long (greedy: their first $TOKENS ids are compared), so that on a
+# loaded machine the first client started cannot finish before the last has begun.
+pids=(); for i in 0 1 2 3 4 5 6 7; do run failover "$i" $((2 * TOKENS)) & pids+=($!); done
+# The fault lands mid-stream: once every client has received 20 tokens (the CLI prints ids as they
+# arrive; bounded wait) and every client is still streaming, SIGKILL one expert shard (every
+# expert has another replica).
+received() { tr ',' '\n' 2>/dev/null < "$work/failover.$1" | grep -c . || true; }
+for _ in $(seq 1 3000); do
+  ready=0; for i in 0 1 2 3 4 5 6 7; do [ "$(received "$i")" -ge 20 ] && ready=$((ready + 1)); done
+  [ "$ready" -eq 8 ] && break
+  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || break 2; done  # one ended: reported below
+  sleep 0.01
 done
 victim=$(process expert | head -1 | field pid)
 [ -n "$victim" ] || { echo "no expert pid in $state"; exit 1; }
-for p in "${pids[@]}"; do
-  kill -0 "$p" 2>/dev/null || { echo "a stream ended before the kill (generated: $(metric dmoe_attention_generated_tokens_total))"; exit 1; }
+for i in 0 1 2 3 4 5 6 7; do
+  kill -0 "${pids[$i]}" 2>/dev/null ||
+    { echo "stream $i ended before the kill ($(received "$i") tokens received)"; exit 1; }
 done
+[ "$ready" -eq 8 ] || { echo "only $ready of 8 streams reached 20 tokens in time"; exit 1; }
 kill -KILL "$victim"
 echo "killed expert shard pid $victim with all 8 streams running"
-wait_all "${pids[@]}"; compare failover
+wait_all "${pids[@]}"
+for i in 0 1 2 3 4 5 6 7; do
+  [ "$(received "$i")" -eq $((2 * TOKENS)) ] || { echo "failover.$i: $(received "$i") tokens"; exit 1; }
+  tr ',' '\n' < "$work/failover.$i" | head -n "$TOKENS" | paste -sd, > "$work/failover_head.$i"
+done
+compare failover_head
 for _ in $(seq 1 40); do [ "$(metric dmoe_transport_rerouted_pairs_total)" -gt "$rerouted_before" ] && break; sleep 0.1; done
 rerouted=$(( $(metric dmoe_transport_rerouted_pairs_total) - rerouted_before ))
 echo "pairs re-routed to replicas after the kill: $rerouted"
