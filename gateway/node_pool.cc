@@ -66,8 +66,16 @@ void NodePool::Poll() {
     internal::GetLoadReply reply;
     const grpc::Status st = n->stub->GetLoad(&ctx, internal::GetLoadRequest(), &reply);
     std::lock_guard<std::mutex> l(mu_);
-    n->healthy = st.ok();
-    if (st.ok()) n->load = reply;
+    if (st.ok()) {
+      n->healthy = true;
+      n->missed = 0;
+      n->load = reply;
+    } else if (st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
+               ++n->missed < kMaxMissedPolls) {
+      // A late answer is a busy node (a loaded machine), not yet a dead one: it keeps its state.
+    } else {
+      n->healthy = false;  // refused, reset, or late kMaxMissedPolls times in a row
+    }
   }
 }
 

@@ -1,5 +1,7 @@
 // The attention nodes a gateway balances over: load polled through GetLoad, power-of-two-choices
-// picks by reported load, unhealthy nodes skipped. Thread-safe.
+// picks by reported load, unhealthy nodes skipped. A node is unhealthy once a poll is refused (or
+// the connection fails) or kMaxMissedPolls polls in a row are late; a single late poll (a busy
+// node on a loaded machine) leaves it as it was. Thread-safe.
 #ifndef DMOE_GATEWAY_NODE_POOL_H_
 #define DMOE_GATEWAY_NODE_POOL_H_
 
@@ -35,7 +37,7 @@ class NodePool {
   // Adds a node (e.g. one the router lists); false if it is known already or the pool is full.
   // Nodes are never removed: one that goes away stays unhealthy and is not picked.
   bool Add(const std::string& address);
-  // Nodes whose last poll succeeded.
+  // Nodes picked from: their last poll succeeded, or was late fewer than kMaxMissedPolls times.
   size_t healthy() const;
   // Marks a node unhealthy until its next successful poll.
   void MarkFailed(int i);
@@ -50,11 +52,13 @@ class NodePool {
     bool healthy = false;
     internal::GetLoadReply load;
     int inflight = 0;  // requests this gateway has on it
+    int missed = 0;    // polls late in a row
   };
   double Score(const Node& n) const;
   void Poll();
 
   static constexpr size_t kMaxNodes = 1024;
+  static constexpr int kMaxMissedPolls = 3;  // x 500 ms poll deadline
   // Reserved to kMaxNodes and only appended to: nodes_[i] stays valid without the lock.
   std::vector<std::unique_ptr<Node>> nodes_;
   mutable std::mutex mu_;

@@ -1,6 +1,6 @@
 // NodePool against real gRPC servers on 127.0.0.1 that answer GetLoad with a chosen load: health
 // follows the polls, Pick takes the less loaded of two, skips excluded and failed nodes, and
-// returns -1 when none is healthy; Add refuses duplicates.
+// returns -1 when none is healthy; a late poll is not a dead node; Add refuses duplicates.
 #include "gateway/node_pool.h"
 
 #include <grpcpp/grpcpp.h>
@@ -30,6 +30,10 @@ class LoadServer final : public internal::AttentionService::Service {
   ~LoadServer() override { Stop(); }
   grpc::Status GetLoad(grpc::ServerContext*, const internal::GetLoadRequest*,
                        internal::GetLoadReply* reply) override {
+    if (const int ms = delay_ms.load(); ms > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    }
+    ++polls;
     reply->set_total_blocks(10);
     reply->set_free_blocks(10);
     reply->set_queued_prefill_tokens(queued_.load());
@@ -41,6 +45,8 @@ class LoadServer final : public internal::AttentionService::Service {
   }
   const std::string& address() const { return address_; }
   std::atomic<int64_t> queued_;
+  std::atomic<int> delay_ms{0};  // answers GetLoad this late
+  std::atomic<int> polls{0};
 
  private:
   std::unique_ptr<grpc::Server> server_;
@@ -87,6 +93,30 @@ TEST(NodePool, ANodeThatStopsAnsweringIsNotPicked) {
   b.Stop();
   ASSERT_TRUE(WaitHealthy(pool, 0));
   EXPECT_EQ(pool.Pick({}), -1);
+}
+
+// A busy node answers a poll after its 500 ms deadline: one late poll keeps it in the pool (the
+// gateway's only node on a loaded machine must not refuse requests); three in a row take it out,
+// and a timely answer brings it back.
+TEST(NodePool, ALatePollIsNotADeadNode) {
+  LoadServer a(0);
+  NodePool pool({a.address()}, std::chrono::milliseconds(20));
+  ASSERT_TRUE(WaitHealthy(pool, 1));
+  a.delay_ms = 700;
+  const int before = a.polls.load();
+  // Watch the pool until the server has answered (late) two polls: it stays healthy throughout.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (a.polls.load() < before + 2 && std::chrono::steady_clock::now() < until) {
+    ASSERT_EQ(pool.healthy(), 1u);
+    ASSERT_EQ(pool.Pick({}), 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_GE(a.polls.load(), before + 2);
+  ASSERT_TRUE(WaitHealthy(pool, 0));  // late on and on: out
+  EXPECT_EQ(pool.Pick({}), -1);
+  a.delay_ms = 0;
+  ASSERT_TRUE(WaitHealthy(pool, 1));
+  EXPECT_EQ(pool.Pick({}), 0);
 }
 
 TEST(NodePool, AddRefusesDuplicatesAndPollsNewNodes) {
