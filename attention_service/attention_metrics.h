@@ -14,8 +14,8 @@
 #include "attention_service/engine.h"
 #include "attention_service/scheduler.h"
 #include "common/metrics.h"
-#include "expert_service/remote_experts.h"
-#include "expert_service/shard_client.h"
+#include "attention_service/remote_experts.h"
+#include "attention_service/shard_client.h"
 
 namespace dmoe {
 

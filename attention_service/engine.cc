@@ -8,6 +8,7 @@
 #include "common/status_macros.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qlinear.h"
+#include "model/kernel_params.h"
 
 namespace dmoe {
 
@@ -28,8 +29,8 @@ Engine::Engine(const ModelConfig& config, const DenseWeights* weights, RoutedExp
       w_(weights),
       experts_(experts),
       options_(options),
-      rope_(config),
-      gate_(cpu::GateParams::FromConfig(config)),
+      rope_(RopeParamsOf(config)),
+      gate_(GateParamsOf(config)),
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
           std::max<int64_t>(1, config.num_hidden_layers * config.n_routed_experts))]()) {}
 

@@ -11,7 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention_service/kv_cache.h"
-#include "expert_service/routed_experts.h"
+#include "model/routed_experts.h"
 #include "kernels/cpu/gating.h"
 #include "kernels/cpu/mla.h"
 #include "kernels/cpu/rope.h"

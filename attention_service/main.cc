@@ -19,8 +19,8 @@
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "attention_service/scheduler.h"
-#include "cli/flags.h"
-#include "cli/remote_flags.h"
+#include "common/flags.h"
+#include "attention_service/remote_flags.h"
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
 #include "kernels/cpu/blas_threads.h"
@@ -65,16 +65,16 @@ int Fail(const absl::Status& s) {
 }
 
 int Main(int argc, char** argv) {
-  auto flags = cli::Flags::Parse(
+  auto flags = Flags::Parse(
       argc - 1, argv + 1,
-      cli::WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
+      WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
                        "block-tokens", "max-running", "token-budget", "prefill-chunk",
                        "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
                        "kv-cache-dtype", "advertise-host", "blas-threads"}),
       {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, cli::kRemoteHelp);
+    std::printf(kHelp, kRemoteHelp);
     return 0;
   }
   auto dir = flags->String("model");
@@ -84,7 +84,7 @@ int Main(int argc, char** argv) {
   if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return Fail(st);
   LocalModelOptions o;
   o.log_progress = true;
-  if (auto st = cli::RemoteOptions(*flags, &o); !st.ok()) return Fail(st);
+  if (auto st = RemoteOptions(*flags, &o); !st.ok()) return Fail(st);
   auto ints = std::vector<std::pair<const char*, int64_t>>{
       {"kv-cache-mib", 256}, {"kv-blocks", 0},       {"block-tokens", 16}, {"max-running", 64},
       {"token-budget", 512}, {"prefill-chunk", 256}, {"micro-batches", 2}, {"drain-seconds", 30}};

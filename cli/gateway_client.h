@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "cli/flags.h"
+#include "common/flags.h"
 #include "proto/dmoe/v1/dmoe.grpc.pb.h"
 
 namespace dmoe::cli {

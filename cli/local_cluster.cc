@@ -19,7 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "cli/flags.h"
+#include "common/flags.h"
 #include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
 #include "model/tiny_model.h"

@@ -12,7 +12,7 @@
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "attention_service/scheduler.h"
-#include "cli/flags.h"
+#include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "gateway/gateway_service.h"
 #include "gateway/node_pool.h"

@@ -10,7 +10,7 @@
 #include <mutex>
 #include <vector>
 
-#include "expert_service/routed_experts.h"
+#include "model/routed_experts.h"
 #include "model/config.h"
 #include "transport/wire.h"
 

@@ -17,13 +17,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "cli/flags.h"
+#include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
 #include "expert_service/hosting.h"
-#include "expert_service/routed_experts.h"
+#include "model/routed_experts.h"
 #include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
 #include "model/safetensors.h"
@@ -217,7 +217,7 @@ int Fail(const absl::Status& s) {
 }
 
 int Main(int argc, char** argv) {
-  auto flags = cli::Flags::Parse(
+  auto flags = Flags::Parse(
       argc - 1, argv + 1,
       {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
        "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype",

@@ -14,7 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "cli/flags.h"
+#include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
 #include "gateway/gateway_service.h"
@@ -63,7 +63,7 @@ absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& pa
 }
 
 int Main(int argc, char** argv) {
-  auto flags = cli::Flags::Parse(
+  auto flags = Flags::Parse(
       argc - 1, argv + 1,
       {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id", "grpc-listen",
        "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen"},

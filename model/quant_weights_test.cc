@@ -8,7 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/qlinear.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
 #include "model/weights.h"

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 #include "model/load_progress.h"
 
 namespace dmoe {

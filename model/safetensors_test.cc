@@ -11,7 +11,7 @@
 
 #include "gtest/gtest.h"
 #include "model/config.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 #include "model/tiny_model.h"
 #include "model/weights.h"
 

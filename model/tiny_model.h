@@ -9,7 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/config.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 
 namespace dmoe {
 

@@ -11,7 +11,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "cli/flags.h"
+#include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/metrics.h"
 #include "model/config.h"
@@ -50,7 +50,7 @@ int Fail(const absl::Status& s) {
 }
 
 int Main(int argc, char** argv) {
-  auto flags = cli::Flags::Parse(
+  auto flags = Flags::Parse(
       argc - 1, argv + 1,
       {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file", "max-extra-replicas",
        "rebalance-seconds", "metrics-listen", "replication", "startup-grace-ms", "min-shards"},

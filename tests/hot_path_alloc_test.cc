@@ -9,7 +9,7 @@
 
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
-#include "expert_service/remote_experts.h"
+#include "attention_service/remote_experts.h"
 #include "gtest/gtest.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"

@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 
 namespace dmoe::wire {
 namespace {

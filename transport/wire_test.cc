@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 
 namespace dmoe::wire {
 namespace {

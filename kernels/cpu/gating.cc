@@ -7,18 +7,6 @@
 
 namespace dmoe::cpu {
 
-GateParams GateParams::FromConfig(const ModelConfig& c) {
-  GateParams p;
-  p.n_experts = c.n_routed_experts;
-  p.top_k = c.num_experts_per_tok;
-  p.method = c.topk_method;
-  p.n_group = c.n_group > 0 ? c.n_group : 1;
-  p.topk_group = c.topk_group > 0 ? c.topk_group : 1;
-  p.norm_topk_prob = c.norm_topk_prob;
-  p.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
-  return p;
-}
-
 void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, float* w) {
   const int64_t e = p.n_experts;
   SoftmaxRows(logits, t, e, e);
@@ -27,7 +15,7 @@ void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, 
   for (int64_t r = 0; r < t; ++r) {
     const float* s = logits + r * e;
     std::copy(s, s + e, cand.begin());
-    if (p.method == TopkMethod::kGroupLimitedGreedy) {
+    if (p.method == GateMethod::kGroupLimitedGreedy) {
       const int64_t per = e / p.n_group;
       std::vector<float> g(static_cast<size_t>(p.n_group));
       for (int64_t j = 0; j < p.n_group; ++j) {

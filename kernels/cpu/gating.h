@@ -5,20 +5,19 @@
 #include <cstdint>
 #include <vector>
 
-#include "model/config.h"
-
 namespace dmoe::cpu {
+
+// DeepSeek-V2 `topk_method`: greedy, or group_limited_greedy (top `topk_group` groups first).
+enum class GateMethod { kGreedy, kGroupLimitedGreedy };
 
 struct GateParams {
   int64_t n_experts = 0;
   int64_t top_k = 0;
-  TopkMethod method = TopkMethod::kGreedy;
+  GateMethod method = GateMethod::kGreedy;
   int64_t n_group = 1;
   int64_t topk_group = 1;
   bool norm_topk_prob = false;
   float routed_scaling_factor = 1.0f;
-
-  static GateParams FromConfig(const ModelConfig& c);
 };
 
 // For each of `t` rows of router logits [t, E] (modified in place into softmax scores), writes

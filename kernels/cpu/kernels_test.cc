@@ -8,7 +8,6 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/cpu/small_gemm.h"
-#include "model/tiny_model.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -56,7 +55,7 @@ TEST(Gating, GroupLimitedGreedyDropsTheWeakGroups) {
   GateParams p;
   p.n_experts = 8;
   p.top_k = 3;
-  p.method = TopkMethod::kGroupLimitedGreedy;
+  p.method = GateMethod::kGroupLimitedGreedy;
   p.n_group = 4;  // groups {0,1} {2,3} {4,5} {6,7}
   p.topk_group = 2;
   p.routed_scaling_factor = 2.0f;
@@ -92,10 +91,25 @@ TEST(Gating, TiesGoToTheLowerIndexAndNormTopkNormalizesWithoutScaling) {
   EXPECT_NEAR(w[1], 0.5, 1e-6);
 }
 
+// The tiny preset's RoPE (model/tiny_model.cc): dim 16, theta 1e4, YaRN factor 4 over an original
+// 128 positions, beta 32/1.
+RopeParams TinyRope() {
+  RopeParams p;
+  p.dim = 16;
+  p.max_positions = 512;
+  p.theta = 10000.0;
+  p.yarn = true;
+  p.factor = 4.0;
+  p.original_max_positions = 128;
+  p.beta_fast = 32.0;
+  p.beta_slow = 1.0;
+  return p;
+}
+
 TEST(Rope, YarnFrequenciesOfTheTinyPreset) {
   // dim 16, theta 1e4, original length 128, factor 4, beta 32/1: low = max(floor(-0.39), 0) = 0,
   // high = min(ceil(2.62), 15) = 3, so ramp_j = min(j / 3, 1).
-  const ModelConfig c = *PresetConfig("tiny");
+  const RopeParams c = TinyRope();
   const std::vector<double> f = RopeInverseFrequencies(c);
   ASSERT_EQ(f.size(), 8u);
   for (int j = 0; j < 8; ++j) {
@@ -107,7 +121,7 @@ TEST(Rope, YarnFrequenciesOfTheTinyPreset) {
 
 TEST(Rope, DeinterleavedRotationKeepsPairwiseDotProducts) {
   // q.k after RoPE must equal the sum over checkpoint pairs rotated by p * f_j.
-  const ModelConfig c = *PresetConfig("tiny");
+  const RopeParams c = TinyRope();
   RopeTable table(c);
   const std::vector<double> f = RopeInverseFrequencies(c);
   const auto q = Random(16, 5), k = Random(16, 6);

@@ -9,7 +9,7 @@
 
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 
 namespace dmoe::cpu {
 namespace {

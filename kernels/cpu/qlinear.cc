@@ -11,7 +11,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 
 namespace dmoe::cpu {
 namespace {

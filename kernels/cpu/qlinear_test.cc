@@ -7,7 +7,7 @@
 #include <random>
 
 #include "gtest/gtest.h"
-#include "model/dtype.h"
+#include "common/dtype.h"
 
 namespace dmoe::cpu {
 namespace {

@@ -5,36 +5,33 @@
 
 namespace dmoe::cpu {
 
-std::vector<double> RopeInverseFrequencies(const ModelConfig& c) {
-  const int64_t dim = c.qk_rope_head_dim;
+std::vector<double> RopeInverseFrequencies(const RopeParams& p) {
+  const int64_t dim = p.dim;
   const int64_t half = dim / 2;
   std::vector<double> f(static_cast<size_t>(half));
   for (int64_t j = 0; j < half; ++j) {
     // Upstream: 1 / base ** (arange(0, dim, 2) / dim) in fp32.
-    f[static_cast<size_t>(j)] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * j) / dim);
+    f[static_cast<size_t>(j)] = 1.0 / std::pow(p.theta, static_cast<double>(2 * j) / dim);
   }
-  if (!c.rope_scaling.yarn) return f;
-  const RopeScaling& y = c.rope_scaling;
+  if (!p.yarn) return f;
   auto corr = [&](double n) {
-    return dim *
-           std::log(static_cast<double>(y.original_max_position_embeddings) / (2 * M_PI * n)) /
-           (2 * std::log(c.rope_theta));
+    return dim * std::log(static_cast<double>(p.original_max_positions) / (2 * M_PI * n)) /
+           (2 * std::log(p.theta));
   };
-  const double low = std::max(std::floor(corr(y.beta_fast)), 0.0);
-  double high = std::min(std::ceil(corr(y.beta_slow)), static_cast<double>(dim - 1));
+  const double low = std::max(std::floor(corr(p.beta_fast)), 0.0);
+  double high = std::min(std::ceil(corr(p.beta_slow)), static_cast<double>(dim - 1));
   if (high == low) high += 0.001;
   for (int64_t j = 0; j < half; ++j) {
     const double ramp = std::clamp((j - low) / (high - low), 0.0, 1.0);
     double& fj = f[static_cast<size_t>(j)];
-    fj = (fj / y.factor) * ramp + fj * (1.0 - ramp);
+    fj = (fj / p.factor) * ramp + fj * (1.0 - ramp);
   }
   return f;
 }
 
-RopeTable::RopeTable(const ModelConfig& c)
-    : dim_(c.qk_rope_head_dim), max_pos_(c.max_position_embeddings) {
-  const std::vector<double> f = RopeInverseFrequencies(c);
-  const double mscale = c.RopeMscale();
+RopeTable::RopeTable(const RopeParams& p) : dim_(p.dim), max_pos_(p.max_positions) {
+  const std::vector<double> f = RopeInverseFrequencies(p);
+  const double mscale = p.mscale;
   const int64_t half = dim_ / 2;
   cos_.resize(static_cast<size_t>(max_pos_ * half));
   sin_.resize(cos_.size());

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "model/dtype.h"
+#include "common/dtype.h"
 #include "transport/wire.h"
 
 namespace {

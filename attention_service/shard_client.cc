@@ -1,4 +1,4 @@
-#include "expert_service/shard_client.h"
+#include "attention_service/shard_client.h"
 
 #include <grpcpp/grpcpp.h>
 

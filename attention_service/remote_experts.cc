@@ -1,4 +1,4 @@
-#include "expert_service/remote_experts.h"
+#include "attention_service/remote_experts.h"
 
 #include <algorithm>
 #include <cstring>

@@ -8,7 +8,7 @@
 // RouterState + RouterServiceImpl on 127.0.0.1:0 (no dmoe-router process). The fault wrapper of
 // remote_experts_test cannot be put under ExpertShardSet's UCX client, so failures here are real
 // ones (a shard's data plane shut down).
-#include "expert_service/shard_client.h"
+#include "attention_service/shard_client.h"
 
 #include <grpcpp/grpcpp.h>
 
@@ -27,7 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
-#include "expert_service/routed_experts.h"
+#include "model/routed_experts.h"
 #include "gtest/gtest.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"

@@ -1,4 +1,4 @@
-#include "cli/flags.h"
+#include "common/flags.h"
 
 #include <cerrno>
 #include <cmath>
@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 
-namespace dmoe::cli {
+namespace dmoe {
 
 absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, const std::set<std::string>& value_flags,
                                    const std::set<std::string>& bool_flags) {
@@ -110,4 +110,4 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(const std::string& flag, con
   return out;
 }
 
-}  // namespace dmoe::cli
+}  // namespace dmoe

@@ -7,7 +7,7 @@
 // with RemoteRoutedExperts), a float64 SwiGLU written here from the raw checkpoint tensors, and
 // a bf16 rounding written here; counts and messages are derived by hand from the documented rules
 // in remote_experts.h.
-#include "expert_service/remote_experts.h"
+#include "attention_service/remote_experts.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,8 +23,8 @@
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
-#include "expert_service/fault_transport.h"
-#include "expert_service/routed_experts.h"
+#include "transport/fault_transport.h"
+#include "model/routed_experts.h"
 #include "gtest/gtest.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "expert_service/remote_experts.h"
+#include "attention_service/remote_experts.h"
 #include "model/config.h"
 #include "proto/router.pb.h"
 #include "router/member.h"

@@ -11,7 +11,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace dmoe::cli {
+namespace dmoe {
 
 class Flags {
  public:
@@ -38,6 +38,6 @@ class Flags {
 // "1,2,3" -> {1, 2, 3}; errors name `flag` and the bad element.
 absl::StatusOr<std::vector<int32_t>> ParseTokenList(const std::string& flag, const std::string& s);
 
-}  // namespace dmoe::cli
+}  // namespace dmoe
 
 #endif  // DMOE_CLI_FLAGS_H_

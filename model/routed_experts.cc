@@ -1,4 +1,4 @@
-#include "expert_service/routed_experts.h"
+#include "model/routed_experts.h"
 
 #include <algorithm>
 #include <cstring>

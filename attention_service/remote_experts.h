@@ -21,7 +21,7 @@
 #include <utility>
 #include <vector>
 
-#include "expert_service/routed_experts.h"
+#include "model/routed_experts.h"
 #include "model/config.h"
 #include "transport/transport.h"
 #include "transport/wire.h"

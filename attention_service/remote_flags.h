@@ -7,9 +7,9 @@
 #include <string>
 
 #include "attention_service/local_model.h"
-#include "cli/flags.h"
+#include "common/flags.h"
 
-namespace dmoe::cli {
+namespace dmoe {
 
 // Help text for the flags (one block).
 extern const char kRemoteHelp[];
@@ -18,6 +18,6 @@ std::set<std::string> WithRemote(std::set<std::string> flags);
 // Fills the remote-expert part of `o`; INVALID_ARGUMENT naming the flag on a bad value.
 absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o);
 
-}  // namespace dmoe::cli
+}  // namespace dmoe
 
 #endif  // DMOE_CLI_REMOTE_FLAGS_H_

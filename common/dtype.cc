@@ -1,4 +1,4 @@
-#include "model/dtype.h"
+#include "common/dtype.h"
 
 #include <immintrin.h>
 

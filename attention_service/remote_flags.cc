@@ -1,10 +1,10 @@
-#include "cli/remote_flags.h"
+#include "attention_service/remote_flags.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "router/member.h"
 
-namespace dmoe::cli {
+namespace dmoe {
 
 const char kRemoteHelp[] = R"(
 Remote experts (without these flags every routed expert runs in this process):
@@ -88,4 +88,4 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
   return absl::OkStatus();
 }
 
-}  // namespace dmoe::cli
+}  // namespace dmoe
