@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
@@ -22,7 +21,10 @@
 #include "common/flags.h"
 #include "attention_service/remote_flags.h"
 #include "common/grpc_setup.h"
+#include "common/logging.h"
 #include "common/metrics.h"
+#include "common/service.h"
+#include "common/status_macros.h"
 #include "kernels/cpu/blas_threads.h"
 #include "router/member.h"
 
@@ -57,154 +59,157 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
                           other dmoe processes share this machine, give each its share of the CPUs
                           (`dmoe up` does): OpenBLAS's idle threads spin ~0.1 s after each call
                           and take the CPUs the others need
-%s)";
+%s%s)";
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "dmoe-attention: error: %s\n", std::string(s.message()).c_str());
-  return 2;
+struct Options {
+  std::string model;
+  std::map<std::string, int64_t> v;  // the integer flags
+  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
+};
+
+absl::StatusOr<Options> ParseOptions(const Flags& f) {
+  Options o;
+  ASSIGN_OR_RETURN(o.model, f.String("model"));
+  const std::vector<std::pair<const char*, int64_t>> ints = {
+      {"kv-cache-mib", 256}, {"kv-blocks", 0},       {"block-tokens", 16}, {"max-running", 64},
+      {"token-budget", 512}, {"prefill-chunk", 256}, {"micro-batches", 2}, {"drain-seconds", 30}};
+  for (const auto& [name, dflt] : ints) {
+    ASSIGN_OR_RETURN(int64_t x, f.Int(name, dflt));
+    if (x < 0 || (x == 0 && std::string(name) != "kv-blocks")) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be positive"));
+    }
+    o.v[name] = x;
+  }
+  if (o.v["micro-batches"] > 2) return absl::InvalidArgumentError("--micro-batches: 1 or 2");
+  const std::string kv = f.StringOr("kv-cache-dtype", "f32");
+  if (!ParseKvDType(kv, &o.kv_dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-cache-dtype: \"", kv, "\" is not f32, int8 or fp8_e4m3"));
+  }
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeCache(const Options& o, const ModelConfig& c) {
+  const int64_t block_tokens = o.v.at("block-tokens");
+  const int64_t blocks =
+      o.v.at("kv-blocks") > 0
+          ? o.v.at("kv-blocks")
+          : LatentKvCache::BlocksForBytes(c, block_tokens, o.v.at("kv-cache-mib") << 20,
+                                          o.kv_dtype);
+  if (blocks <= 0) return absl::InvalidArgumentError("--kv-cache-mib: too small for one block");
+  auto cache = std::make_unique<LatentKvCache>(c, block_tokens, blocks, o.kv_dtype);
+  spdlog::info("KV cache ({}) {} blocks x {} tokens, {:.1f} MiB, {} bytes/token",
+               cpu::KvDTypeName(o.kv_dtype), blocks, block_tokens,
+               static_cast<double>(blocks * cache->block_bytes()) / (1 << 20),
+               cache->bytes_per_token());
+  return cache;
+}
+
+absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Options& o,
+                                                      LocalModel* model) {
+  SchedulerOptions so;
+  so.max_running = o.v.at("max-running");
+  so.step_token_budget = o.v.at("token-budget");
+  so.prefill_chunk = o.v.at("prefill-chunk");
+  if (o.v.at("micro-batches") == 2) so.experts_b = model->second_experts();
+  ExpertShardSet* shard_set = model->shard_set();
+  const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
+  ASSIGN_OR_RETURN(int64_t expert_wait, f.Int("expert-wait-ms", routed ? 10000 : 0));
+  if (expert_wait < 0) return absl::InvalidArgumentError("--expert-wait-ms: negative");
+  so.expert_wait = std::chrono::milliseconds(expert_wait);
+  if (routed) so.between_steps = [shard_set] { shard_set->SwitchIfChanged(); };
+  return so;
+}
+
+// Graceful stop: admit nothing new (new requests get UNAVAILABLE and the gateway retries them on
+// another node), let the accepted ones finish within `grace`.
+void Drain(ServiceMain* svc, Scheduler* scheduler, std::chrono::seconds grace) {
+  SetReadiness(svc->server(), "dmoe.internal.AttentionService", false);
+  scheduler->Drain();
+  const auto until = std::chrono::steady_clock::now() + grace;
+  while (std::chrono::steady_clock::now() < until) {
+    const SchedulerLoad load = scheduler->load();
+    if (load.running == 0 && load.waiting == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr) {
+  internal::RegisterRequest reg;
+  reg.set_node_id(absl::StrCat("attention-", getpid()));
+  reg.set_role(internal::ATTENTION);
+  reg.set_grpc_address(router::AdvertisedAddress(addr, f.StringOr("advertise-host", "")));
+  shard_set->member()->StartMembership(reg, nullptr);
 }
 
 int Main(int argc, char** argv) {
+  ServiceMain svc("dmoe-attention");
   auto flags = Flags::Parse(
       argc - 1, argv + 1,
       WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
-                       "block-tokens", "max-running", "token-budget", "prefill-chunk",
-                       "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
-                       "kv-cache-dtype", "advertise-host", "blas-threads"}),
+                  "block-tokens", "max-running", "token-budget", "prefill-chunk", "micro-batches",
+                  "metrics-listen", "drain-seconds", "expert-wait-ms", "kv-cache-dtype",
+                  "advertise-host", "blas-threads", "log-level"}),
       {});
-  if (!flags.ok()) return Fail(flags.status());
+  if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, kRemoteHelp);
+    std::printf(kHelp, kLogLevelHelp, kRemoteHelp);
     return 0;
   }
-  auto dir = flags->String("model");
-  if (!dir.ok()) return Fail(dir.status());
+  if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
+  auto o = ParseOptions(*flags);
+  if (!o.ok()) return svc.Fail(o.status());
   auto blas = flags->Int("blas-threads", 0);
-  if (!blas.ok()) return Fail(blas.status());
-  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return Fail(st);
-  LocalModelOptions o;
-  o.log_progress = true;
-  if (auto st = RemoteOptions(*flags, &o); !st.ok()) return Fail(st);
-  auto ints = std::vector<std::pair<const char*, int64_t>>{
-      {"kv-cache-mib", 256}, {"kv-blocks", 0},       {"block-tokens", 16}, {"max-running", 64},
-      {"token-budget", 512}, {"prefill-chunk", 256}, {"micro-batches", 2}, {"drain-seconds", 30}};
-  std::map<std::string, int64_t> v;
-  for (const auto& [name, dflt] : ints) {
-    auto x = flags->Int(name, dflt);
-    if (!x.ok()) return Fail(x.status());
-    if (*x < 0 || (*x == 0 && std::string(name) != "kv-blocks")) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat("--", name, ": must be positive")));
-    }
-    v[name] = *x;
-  }
-  auto config = LoadModelConfig(*dir);
-  if (!config.ok()) return Fail(config.status());
+  if (!blas.ok()) return svc.Fail(blas.status());
+  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return svc.Fail(st);
+  LocalModelOptions lo;
+  lo.log_progress = true;
+  if (auto st = RemoteOptions(*flags, &lo); !st.ok()) return svc.Fail(st);
+  auto config = LoadModelConfig(o->model);
+  if (!config.ok()) return svc.Fail(config.status());
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
-  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
+  if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   AttentionMetrics attention_metrics(&metrics, *config);
-  o.shard_client.remote.observer = attention_metrics.RoundTrips();
-  auto model = LocalModel::Load(*dir, o);
-  if (!model.ok()) return Fail(model.status());
-  const ModelConfig& c = (*model)->config();
-  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
-  if (!ParseKvDType(flags->StringOr("kv-cache-dtype", "f32"), &kv_dtype)) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat("--kv-cache-dtype: \"",
-                                                        flags->StringOr("kv-cache-dtype", ""),
-                                                        "\" is not f32, int8 or fp8_e4m3")));
-  }
-  const int64_t blocks =
-      v["kv-blocks"] > 0
-          ? v["kv-blocks"]
-          : LatentKvCache::BlocksForBytes(c, v["block-tokens"], v["kv-cache-mib"] << 20, kv_dtype);
-  if (blocks <= 0)
-    return Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
-  LatentKvCache cache(c, v["block-tokens"], blocks, kv_dtype);
-  std::fprintf(
-      stderr,
-      "dmoe-attention: KV cache (%s) %lld blocks x %lld tokens, %.1f MiB, %llu bytes/token\n",
-      cpu::KvDTypeName(kv_dtype), static_cast<long long>(blocks),
-      static_cast<long long>(v["block-tokens"]),
-      static_cast<double>(blocks * cache.block_bytes()) / (1 << 20),
-      static_cast<unsigned long long>(cache.bytes_per_token()));
-  SchedulerOptions so;
-  so.max_running = v["max-running"];
-  so.step_token_budget = v["token-budget"];
-  so.prefill_chunk = v["prefill-chunk"];
-  if (v["micro-batches"] > 2) return Fail(absl::InvalidArgumentError("--micro-batches: 1 or 2"));
-  if (v["micro-batches"] == 2) so.experts_b = (*model)->second_experts();
+  lo.shard_client.remote.observer = attention_metrics.RoundTrips();
+  auto model = LocalModel::Load(o->model, lo);
+  if (!model.ok()) return svc.Fail(model.status());
+  auto cache = MakeCache(*o, (*model)->config());
+  if (!cache.ok()) return svc.Fail(cache.status());
+  auto so = MakeSchedulerOptions(*flags, *o, model->get());
+  if (!so.ok()) return svc.Fail(so.status());
   ExpertShardSet* shard_set = (*model)->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
-  auto expert_wait = flags->Int("expert-wait-ms", routed ? 10000 : 0);
-  if (!expert_wait.ok()) return Fail(expert_wait.status());
-  if (*expert_wait < 0) return Fail(absl::InvalidArgumentError("--expert-wait-ms: negative"));
-  so.expert_wait = std::chrono::milliseconds(*expert_wait);
-  if (routed) {
-    so.between_steps = [shard_set] { shard_set->SwitchIfChanged(); };
-    attention_metrics.SetShardSet(shard_set);
-  }
-  Scheduler scheduler(&(*model)->engine(), &cache, so);
+  if (routed) attention_metrics.SetShardSet(shard_set);
+  Scheduler scheduler(&(*model)->engine(), cache->get(), *so);
 
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGTERM);
-  sigaddset(&stop, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
-
+  svc.BlockStopSignals();
   SchedulerLoop loop(&scheduler);
   loop.Start();
   attention_metrics.Start(&scheduler, &(*model)->engine());
   AttentionServiceImpl service(&scheduler, &attention_metrics);
-  EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
-  }
-  SetReadiness(server.get(), "dmoe.internal.AttentionService", true);
-  const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
-  std::fprintf(stderr, "dmoe-attention: serving on %s, metrics on http://%s/metrics\n",
-               addr.c_str(), metrics_addr->c_str());
-  if (flags->Has("ready-file")) {
-    const std::string path = flags->StringOr("ready-file", "");
-    {
-      std::ofstream out(path + ".tmp");
-      out << "{\"grpc\": \"" << addr << "\", \"metrics\": \"" << *metrics_addr
-          << "\", \"pid\": " << getpid() << "}\n";
-    }
-    if (std::rename((path + ".tmp").c_str(), path.c_str()) != 0) {
-      return Fail(absl::InternalError(absl::StrCat("--ready-file: cannot write ", path)));
+  auto addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
+                            {&service});
+  absl::Status st = addr.status();
+  if (st.ok()) {
+    SetReadiness(svc.server(), "dmoe.internal.AttentionService", true);
+    spdlog::info("serving on {}, metrics on http://{}/metrics", *addr, *metrics_addr);
+    if (flags->Has("ready-file")) {
+      st = WriteReadyFile(flags->StringOr("ready-file", ""),
+                          {{"grpc", *addr}, {"metrics", *metrics_addr}});
     }
   }
-  if (routed) {
-    internal::RegisterRequest reg;
-    reg.set_node_id(absl::StrCat("attention-", getpid()));
-    reg.set_role(internal::ATTENTION);
-    reg.set_grpc_address(router::AdvertisedAddress(addr, flags->StringOr("advertise-host", "")));
-    shard_set->member()->StartMembership(reg, nullptr);
+  if (st.ok()) {
+    if (routed) Register(*flags, shard_set, *addr);
+    const int sig = svc.WaitForStop();
+    spdlog::info("signal {}, draining", sig);
+    Drain(&svc, &scheduler, std::chrono::seconds(o->v.at("drain-seconds")));
+    spdlog::info("stopping");
   }
-  int sig = 0;
-  sigwait(&stop, &sig);
-  // Graceful: admit nothing new (new requests get UNAVAILABLE and the gateway retries them on
-  // another node), let the accepted ones finish within the grace period, then stop.
-  std::fprintf(stderr, "dmoe-attention: signal %d, draining\n", sig);
-  SetReadiness(server.get(), "dmoe.internal.AttentionService", false);
-  scheduler.Drain();
-  const auto grace = std::chrono::steady_clock::now() + std::chrono::seconds(v["drain-seconds"]);
-  while (std::chrono::steady_clock::now() < grace) {
-    const SchedulerLoad load = scheduler.load();
-    if (load.running == 0 && load.waiting == 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  std::fprintf(stderr, "dmoe-attention: stopping\n");
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  svc.StopGrpc();
   loop.Stop();
   attention_metrics.Stop();
-  return 0;
+  return st.ok() ? 0 : svc.Fail(st);
 }
 
 }  // namespace

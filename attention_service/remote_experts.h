@@ -8,8 +8,8 @@
 // A shard that fails (endpoint error or deadline) is marked dead for this routing and its pairs
 // are sent again to other live replicas in the same Finish; only when some expert has no live
 // replica left does the layer fail, with UNAVAILABLE naming it.
-#ifndef DMOE_EXPERT_SERVICE_REMOTE_EXPERTS_H_
-#define DMOE_EXPERT_SERVICE_REMOTE_EXPERTS_H_
+#ifndef DMOE_ATTENTION_SERVICE_REMOTE_EXPERTS_H_
+#define DMOE_ATTENTION_SERVICE_REMOTE_EXPERTS_H_
 
 #include <atomic>
 #include <chrono>
@@ -156,4 +156,4 @@ class RemoteRoutedExperts : public RoutedExperts {
 
 }  // namespace dmoe
 
-#endif  // DMOE_EXPERT_SERVICE_REMOTE_EXPERTS_H_
+#endif  // DMOE_ATTENTION_SERVICE_REMOTE_EXPERTS_H_

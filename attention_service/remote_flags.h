@@ -1,7 +1,7 @@
 // The flags that put routed experts on dmoe-expert shards, shared by `dmoe generate/logits` and
 // dmoe-attention: --expert-shards, --wire-dtype, --expert-deadline-ms, --ucx-connect.
-#ifndef DMOE_CLI_REMOTE_FLAGS_H_
-#define DMOE_CLI_REMOTE_FLAGS_H_
+#ifndef DMOE_ATTENTION_SERVICE_REMOTE_FLAGS_H_
+#define DMOE_ATTENTION_SERVICE_REMOTE_FLAGS_H_
 
 #include <set>
 #include <string>
@@ -20,4 +20,4 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o);
 
 }  // namespace dmoe
 
-#endif  // DMOE_CLI_REMOTE_FLAGS_H_
+#endif  // DMOE_ATTENTION_SERVICE_REMOTE_FLAGS_H_

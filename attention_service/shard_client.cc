@@ -6,6 +6,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "proto/expert_control.grpc.pb.h"
 #include "transport/ucx.h"
 
@@ -166,9 +167,8 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
             peer = *p;
             peer_of_address_[it->second] = peer;
           } else {
-            std::fprintf(stderr, "placement %llu: cannot reach expert shard %s at %s: %s\n",
-                         static_cast<unsigned long long>(u.version()), id.c_str(),
-                         it->second.c_str(), std::string(p.status().message()).c_str());
+            spdlog::warn("placement {}: cannot reach expert shard {} at {}: {}", u.version(), id,
+                         it->second, std::string(p.status().message()));
           }
         }
       }
@@ -224,8 +224,7 @@ bool ExpertShardSet::SwitchIfChanged() {
   }
   if (!Apply(*u).ok()) return false;
   ++switches_;
-  std::fprintf(stderr, "switched to placement %llu\n",
-               static_cast<unsigned long long>(u->version()));
+  spdlog::info("switched to placement {}", u->version());
   return true;
 }
 

@@ -2,8 +2,8 @@
 // (gRPC) what it hosts and where its data plane listens. With a router: watches the router's
 // active placement maps, connects to the shards they name, and switches to each new map between
 // engine steps (SwitchIfChanged); reports expert load to the router for EPLB.
-#ifndef DMOE_EXPERT_SERVICE_SHARD_CLIENT_H_
-#define DMOE_EXPERT_SERVICE_SHARD_CLIENT_H_
+#ifndef DMOE_ATTENTION_SERVICE_SHARD_CLIENT_H_
+#define DMOE_ATTENTION_SERVICE_SHARD_CLIENT_H_
 
 #include <atomic>
 #include <map>
@@ -92,4 +92,4 @@ class ExpertShardSet {
 
 }  // namespace dmoe
 
-#endif  // DMOE_EXPERT_SERVICE_SHARD_CLIENT_H_
+#endif  // DMOE_ATTENTION_SERVICE_SHARD_CLIENT_H_

@@ -20,6 +20,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/flags.h"
+#include "common/process.h"
+#include "common/status_macros.h"
 #include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
 #include "model/tiny_model.h"
@@ -74,89 +76,148 @@ void MakeDirs(const std::string& dir) {
   ::mkdir(dir.c_str(), 0755);
 }
 
-std::string BinDir() {
-  char self[4096] = {0};
-  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-  std::string exe(self, n > 0 ? static_cast<size_t>(n) : 0);
-  // bazel-bin/cli/dmoe -> bazel-bin
-  exe = exe.substr(0, exe.rfind('/'));
-  return exe.substr(0, exe.rfind('/'));
-}
-
-// Starts a detached service (its own session, so it outlives this command); returns its pid.
-pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    setsid();
-    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int null_in = open("/dev/null", O_RDONLY);
-    dup2(null_in, 0);
-    dup2(fd, 1);
-    dup2(fd, 2);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    std::fprintf(stderr, "dmoe up: cannot run %s: %s\n", args[0], std::strerror(errno));
-    _exit(127);
-  }
-  return pid;
-}
-
-// True while `pid` runs: reaps it if it is our child; otherwise looks at /proc (an orphan that
-// has exited may linger as a zombie until init reaps it).
-bool Alive(pid_t pid) {
-  int status;
-  const pid_t r = waitpid(pid, &status, WNOHANG);
-  if (r == pid) return false;
-  if (kill(pid, 0) != 0) return false;
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  std::getline(stat, line);
-  const size_t paren = line.rfind(')');
-  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] != 'Z';
-}
-
-// Waits for a --ready-file and returns its "grpc" address; "" when the process died or timed out.
-// *metrics gets its "metrics" address.
-std::string WaitReady(pid_t pid, const std::string& file, int seconds, std::string* metrics) {
-  for (int i = 0; i < seconds * 20; ++i) {
-    std::ifstream in(file);
-    if (in) {
-      std::stringstream ss;
-      ss << in.rdbuf();
-      auto j = nlohmann::json::parse(ss.str(), nullptr, false);
-      if (!j.is_discarded() && j.contains("grpc")) {
-        *metrics = j.value("metrics", "");
-        return j["grpc"].get<std::string>();
-      }
-    }
-    if (!Alive(pid)) return "";
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return "";
-}
-
-void StopAll(const std::vector<pid_t>& pids) {
-  for (pid_t p : pids) kill(p, SIGTERM);
-  auto any_alive = [&] {
-    for (pid_t p : pids) {
-      if (Alive(p)) return true;
-    }
-    return false;
-  };
-  for (int i = 0; i < 100 && any_alive(); ++i) {  // 5 s to shut down cleanly
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  for (pid_t p : pids) {
-    if (Alive(p)) kill(p, SIGKILL);
-  }
-  for (int i = 0; i < 100 && any_alive(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-}
-
 }  // namespace
+
+struct UpOptions {
+  std::string dir, state, logs, bin, preset, ucx_tls, wire_dtype;
+  int64_t experts = 2, attention = 1, replicas = 1, capacity = 0, lease_ms = 3000, blas = 0;
+};
+
+absl::StatusOr<UpOptions> ParseUp(const Flags& f) {
+  UpOptions o;
+  o.dir = f.StringOr("model", ".cache/tiny-model");
+  o.state = f.StringOr("state-file", ".cache/dmoe-up.json");
+  o.logs = f.StringOr("log-dir", ".cache/dmoe-up-logs");
+  o.bin = f.StringOr("bin-dir", BinDirOfThisExecutable());
+  o.preset = f.StringOr("preset", "tiny");
+  o.ucx_tls = f.StringOr("ucx-tls", "tcp,self");
+  o.wire_dtype = f.StringOr("wire-dtype", "bf16");
+  for (auto [name, value] : std::vector<std::pair<const char*, int64_t*>>{
+           {"experts", &o.experts}, {"attention", &o.attention}, {"expert-replicas", &o.replicas},
+           {"expert-capacity", &o.capacity}, {"lease-ms", &o.lease_ms},
+           {"blas-threads", &o.blas}}) {
+    auto v = f.Int(name, *value);
+    if (!v.ok()) return v.status();
+    *value = *v;
+  }
+  auto bad = [](const char* what) { return absl::InvalidArgumentError(what); };
+  if (o.experts < 1 || o.experts > 64) return bad("--experts: must be in [1, 64]");
+  if (o.attention < 1 || o.attention > 16) return bad("--attention: must be in [1, 16]");
+  if (o.replicas < 1 || o.replicas > o.experts) {
+    return bad("--expert-replicas: must be in [1, --experts]");
+  }
+  if (o.capacity < 0) return bad("--expert-capacity: negative");
+  if (o.lease_ms < 100) return bad("--lease-ms: must be at least 100");
+  if (o.blas < 0) return bad("--blas-threads: negative");
+  return o;
+}
+
+// Every binary before any process starts: a missing one is named with the command that builds it.
+absl::Status CheckBinaries(const std::string& bin) {
+  std::vector<std::string> missing, targets;
+  for (const char* target : {"router:dmoe-router", "expert_service:dmoe-expert",
+                             "attention_service:dmoe-attention", "gateway:dmoe-gateway"}) {
+    const std::string t(target);
+    const std::string path = bin + "/" + t.substr(0, t.find(':')) + "/" + t.substr(t.find(':') + 1);
+    if (access(path.c_str(), X_OK) != 0) {
+      missing.push_back(path);
+      targets.push_back("//" + t);
+    }
+  }
+  if (missing.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("not built: ", absl::StrJoin(missing, ", "), " (build with: bazel build ",
+                   absl::StrJoin(targets, " "), "; or point --bin-dir at bazel-bin)"));
+}
+
+// Starts the cluster's processes one by one, each detached, and records them; stops all it
+// started when one does not come up.
+class Launcher {
+ public:
+  explicit Launcher(std::string logs) : logs_(std::move(logs)) {}
+  ~Launcher() {
+    if (!kept_) StopProcesses(pids_);
+  }
+  // Starts `argv` + --ready-file as `name` (its log and ready file in the log folder); waits up to
+  // `timeout` for its ready file; returns its gRPC address.
+  absl::StatusOr<std::string> Start(const std::string& role, const std::string& name,
+                                    std::vector<std::string> argv, std::chrono::seconds timeout) {
+    const std::string ready = absl::StrCat(logs_, "/", name, ".ready");
+    const std::string log = absl::StrCat(logs_, "/", name, ".log");
+    std::remove(ready.c_str());
+    argv.push_back("--ready-file");
+    argv.push_back(ready);
+    const pid_t pid = ChildProcess(argv, log, /*detach=*/true).Release();
+    pids_.push_back(pid);
+    auto j = WaitForReady(ready, timeout, pid);
+    if (!j.ok() || !j->contains("grpc")) {
+      return absl::UnavailableError(absl::StrCat(name, " did not start (see ", log, ")"));
+    }
+    const std::string grpc = j->value("grpc", ""), metrics = j->value("metrics", "");
+    metrics_urls_.push_back("http://" + metrics + "/metrics");
+    processes_.push_back(
+        {{"role", role}, {"pid", pid}, {"grpc", grpc}, {"metrics", metrics}, {"log", log}});
+    return grpc;
+  }
+  const nlohmann::json& processes() const { return processes_; }
+  const std::vector<std::string>& metrics_urls() const { return metrics_urls_; }
+  void Keep() { kept_ = true; }  // leave them running
+
+ private:
+  std::string logs_;
+  std::vector<pid_t> pids_;
+  nlohmann::json processes_ = nlohmann::json::array();
+  std::vector<std::string> metrics_urls_;
+  bool kept_ = false;
+};
+
+struct Cluster {
+  std::string router, gateway;
+  std::vector<std::string> shards, attention;
+};
+
+absl::Status LaunchAll(const UpOptions& o, const ModelConfig& config, Launcher* l, Cluster* c) {
+  const std::string blas_threads = std::to_string(
+      o.blas > 0 ? o.blas : cpu::BlasThreadsShare(static_cast<int>(o.experts + o.attention)));
+  // The router first: shards register with it and it plans the placement.
+  ASSIGN_OR_RETURN(
+      c->router,
+      l->Start("router", "router",
+               {o.bin + "/router/dmoe-router", "--model", o.dir, "--replication",
+                std::to_string(o.replicas), "--lease-ms", std::to_string(o.lease_ms),
+                "--startup-grace-ms", "0", "--min-shards", std::to_string(o.experts)},
+               std::chrono::seconds(60)));
+  int64_t pairs = 0;
+  for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+    if (config.IsMoeLayer(layer)) pairs += config.n_routed_experts;
+  }
+  for (int64_t i = 0; i < o.experts; ++i) {
+    ASSIGN_OR_RETURN(
+        std::string addr,
+        l->Start("expert", absl::StrCat("expert", i),
+                 {o.bin + "/expert_service/dmoe-expert", "--model", o.dir, "--router", c->router,
+                  "--capacity", std::to_string(o.capacity > 0 ? o.capacity : pairs), "--node-id",
+                  absl::StrCat("expert-", i), "--blas-threads", blas_threads},
+                 std::chrono::seconds(120)));
+    c->shards.push_back(addr);
+  }
+  for (int64_t i = 0; i < o.attention; ++i) {
+    // The attention node waits (up to 30 s) for the router's first active placement.
+    ASSIGN_OR_RETURN(
+        std::string addr,
+        l->Start("attention", absl::StrCat("attention", i),
+                 {o.bin + "/attention_service/dmoe-attention", "--model", o.dir, "--router",
+                  c->router, "--wire-dtype", o.wire_dtype, "--blas-threads", blas_threads},
+                 std::chrono::seconds(120)));
+    c->attention.push_back(addr);
+  }
+  // The gateway finds the attention nodes through the router (they register there).
+  ASSIGN_OR_RETURN(c->gateway, l->Start("gateway", "gateway",
+                                             {o.bin + "/gateway/dmoe-gateway", "--router",
+                                              c->router, "--model", o.dir},
+                                             std::chrono::seconds(60)));
+  return absl::OkStatus();
+}
 
 int Up(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
@@ -169,165 +230,47 @@ int Up(int argc, char** argv) {
     std::fputs(kUpHelp, stdout);
     return 0;
   }
-  const std::string dir = flags->StringOr("model", ".cache/tiny-model");
-  const std::string state = flags->StringOr("state-file", ".cache/dmoe-up.json");
-  const std::string logs = flags->StringOr("log-dir", ".cache/dmoe-up-logs");
-  const std::string bin = flags->StringOr("bin-dir", BinDir());
-  auto experts = flags->Int("experts", 2);
-  auto attention = flags->Int("attention", 1);
-  auto replicas = flags->Int("expert-replicas", 1);
-  auto capacity = flags->Int("expert-capacity", 0);
-  auto lease = flags->Int("lease-ms", 3000);
-  auto blas = flags->Int("blas-threads", 0);
-  for (const auto* v : {&experts, &attention, &replicas, &capacity, &lease, &blas}) {
-    if (!v->ok()) return Fail(std::string(v->status().message()));
+  auto o = ParseUp(*flags);
+  if (!o.ok()) return Fail(std::string(o.status().message()));
+  if (std::ifstream(o->state)) {
+    return Fail(
+        absl::StrCat("--state-file ", o->state, " exists: a cluster is up (dmoe down first)"));
   }
-  if (*experts < 1 || *experts > 64) return Fail("--experts: must be in [1, 64]");
-  if (*attention < 1 || *attention > 16) return Fail("--attention: must be in [1, 16]");
-  if (*replicas < 1 || *replicas > *experts)
-    return Fail("--expert-replicas: must be in [1, --experts]");
-  if (*capacity < 0) return Fail("--expert-capacity: negative");
-  if (*lease < 100) return Fail("--lease-ms: must be at least 100");
-  if (*blas < 0) return Fail("--blas-threads: negative");
-  const std::string blas_threads = std::to_string(
-      *blas > 0 ? *blas : cpu::BlasThreadsShare(static_cast<int>(*experts + *attention)));
-  if (std::ifstream(state)) {
-    return Fail(absl::StrCat("--state-file ", state, " exists: a cluster is up (dmoe down first)"));
-  }
-  if (!std::ifstream(dir + "/config.json")) {
-    auto preset = PresetConfig(flags->StringOr("preset", "tiny"));
+  if (!std::ifstream(o->dir + "/config.json")) {
+    auto preset = PresetConfig(o->preset);
     if (!preset.ok()) return Fail(std::string(preset.status().message()));
-    std::fprintf(stderr, "writing the %s model to %s\n", flags->StringOr("preset", "tiny").c_str(),
-                 dir.c_str());
-    if (auto s = WriteTinyModel(dir, *preset, TinyModelOptions()); !s.ok()) {
+    std::fprintf(stderr, "writing the %s model to %s\n", o->preset.c_str(), o->dir.c_str());
+    if (auto s = WriteTinyModel(o->dir, *preset, TinyModelOptions()); !s.ok()) {
       return Fail(std::string(s.message()));
     }
   }
-  // Every binary before any process starts: a missing one is named with the command that builds it.
-  {
-    std::vector<std::string> missing, targets;
-    for (const char* target : {"router:dmoe-router", "expert_service:dmoe-expert",
-                               "attention_service:dmoe-attention", "gateway:dmoe-gateway"}) {
-      const std::string t(target);
-      const std::string path = bin + "/" + t.substr(0, t.find(':')) + "/" + t.substr(t.find(':') + 1);
-      if (access(path.c_str(), X_OK) != 0) {
-        missing.push_back(path);
-        targets.push_back("//" + t);
-      }
-    }
-    if (!missing.empty()) {
-      return Fail(absl::StrCat("not built: ", absl::StrJoin(missing, ", "),
-                               " (build with: bazel build ", absl::StrJoin(targets, " "),
-                               "; or point --bin-dir at bazel-bin)"));
-    }
-  }
-  auto config = LoadModelConfig(dir);
+  if (auto s = CheckBinaries(o->bin); !s.ok()) return Fail(std::string(s.message()));
+  auto config = LoadModelConfig(o->dir);
   if (!config.ok()) return Fail(std::string(config.status().message()));
-  MakeDirs(logs);
+  MakeDirs(o->logs);
   setenv("UCX_NET_DEVICES", "lo", 1);
-  setenv("UCX_TLS", flags->StringOr("ucx-tls", "tcp,self").c_str(), 1);
-  std::vector<pid_t> pids;
-  nlohmann::json record = {{"model", dir}, {"processes", nlohmann::json::array()}};
-  auto fail = [&](const std::string& what, const std::string& log) {
-    StopAll(pids);
-    return Fail(absl::StrCat(what, " (see ", log, ")"));
-  };
-  // The router first: shards register with it and it plans the placement.
-  std::vector<std::string> shard_addrs, metrics_urls;
-  std::string router;
+  setenv("UCX_TLS", o->ucx_tls.c_str(), 1);
+  Launcher launcher(o->logs);
+  Cluster c;
+  if (auto s = LaunchAll(*o, *config, &launcher, &c); !s.ok()) {
+    return Fail(std::string(s.message()));
+  }
+  const nlohmann::json record = {{"model", o->dir},
+                                 {"router", c.router},
+                                 {"gateway", c.gateway},
+                                 {"processes", launcher.processes()}};
   {
-    const std::string ready = logs + "/router.ready";
-    const std::string log = logs + "/router.log";
-    std::remove(ready.c_str());
-    const pid_t pid = Spawn({bin + "/router/dmoe-router", "--model", dir, "--replication",
-                             std::to_string(*replicas), "--lease-ms", std::to_string(*lease),
-                             "--startup-grace-ms", "0", "--min-shards", std::to_string(*experts),
-                             "--ready-file", ready},
-                            log);
-    pids.push_back(pid);
-    std::string metrics;
-    router = WaitReady(pid, ready, 60, &metrics);
-    if (router.empty()) return fail("the router did not start", log);
-    metrics_urls.push_back("http://" + metrics + "/metrics");
-    record["processes"].push_back(
-        {{"role", "router"}, {"pid", pid}, {"grpc", router}, {"metrics", metrics}, {"log", log}});
-    record["router"] = router;
-  }
-  int64_t pairs = 0;
-  for (int64_t l = 0; l < config->num_hidden_layers; ++l) {
-    if (config->IsMoeLayer(l)) pairs += config->n_routed_experts;
-  }
-  const int64_t n = *experts;
-  for (int64_t i = 0; i < n; ++i) {
-    const std::string ready = absl::StrCat(logs, "/expert", i, ".ready");
-    const std::string log = absl::StrCat(logs, "/expert", i, ".log");
-    std::remove(ready.c_str());
-    const pid_t pid = Spawn(
-        {bin + "/expert_service/dmoe-expert", "--model", dir, "--router", router, "--capacity",
-         std::to_string(*capacity > 0 ? *capacity : pairs), "--node-id",
-         absl::StrCat("expert-", i), "--blas-threads", blas_threads, "--ready-file", ready},
-        log);
-    pids.push_back(pid);
-    std::string metrics;
-    const std::string addr = WaitReady(pid, ready, 120, &metrics);
-    if (addr.empty()) return fail(absl::StrCat("expert shard ", i, " did not start"), log);
-    shard_addrs.push_back(addr);
-    metrics_urls.push_back("http://" + metrics + "/metrics");
-    record["processes"].push_back(
-        {{"role", "expert"}, {"pid", pid}, {"grpc", addr}, {"metrics", metrics}, {"log", log}});
-  }
-  std::vector<std::string> attention_addrs;
-  for (int64_t i = 0; i < *attention; ++i) {
-    const std::string ready = absl::StrCat(logs, "/attention", i, ".ready");
-    const std::string log = absl::StrCat(logs, "/attention", i, ".log");
-    std::remove(ready.c_str());
-    // The attention node waits (up to 30 s) for the router's first active placement.
-    const pid_t pid = Spawn({bin + "/attention_service/dmoe-attention", "--model", dir,
-                             "--router", router, "--wire-dtype",
-                             flags->StringOr("wire-dtype", "bf16"), "--blas-threads",
-                             blas_threads, "--ready-file", ready},
-                            log);
-    pids.push_back(pid);
-    std::string metrics;
-    const std::string addr = WaitReady(pid, ready, 120, &metrics);
-    if (addr.empty()) return fail(absl::StrCat("attention node ", i, " did not start"), log);
-    attention_addrs.push_back(addr);
-    metrics_urls.push_back("http://" + metrics + "/metrics");
-    record["processes"].push_back(
-        {{"role", "attention"}, {"pid", pid}, {"grpc", addr}, {"metrics", metrics}, {"log", log}});
-  }
-  const std::string ready = logs + "/gateway.ready";
-  const std::string log = logs + "/gateway.log";
-  std::remove(ready.c_str());
-  const pid_t pid =
-      // The gateway finds the attention nodes through the router (they register there).
-      Spawn({bin + "/gateway/dmoe-gateway", "--router", router, "--model", dir, "--ready-file",
-             ready},
-            log);
-  pids.push_back(pid);
-  std::string gateway_metrics;
-  const std::string gateway = WaitReady(pid, ready, 60, &gateway_metrics);
-  if (gateway.empty()) return fail("the gateway did not start", log);
-  metrics_urls.push_back("http://" + gateway_metrics + "/metrics");
-  record["processes"].push_back({{"role", "gateway"},
-                                 {"pid", pid},
-                                 {"grpc", gateway},
-                                 {"metrics", gateway_metrics},
-                                 {"log", log}});
-  record["gateway"] = gateway;
-  {
-    std::ofstream out(state);
+    std::ofstream out(o->state);
     out << record.dump(2) << "\n";
-    if (!out) {
-      StopAll(pids);
-      return Fail(absl::StrCat("--state-file: cannot write ", state));
-    }
+    if (!out) return Fail(absl::StrCat("--state-file: cannot write ", o->state));
   }
+  launcher.Keep();
   std::printf(
       "router: %s\nexperts: %s\nattention: %s\ngateway: %s\nmetrics: %s\nstate: %s (dmoe down "
       "--state-file %s)\n",
-      router.c_str(), absl::StrJoin(shard_addrs, ",").c_str(), absl::StrJoin(attention_addrs, ",").c_str(),
-      gateway.c_str(), absl::StrJoin(metrics_urls, " ").c_str(), state.c_str(), state.c_str());
+      c.router.c_str(), absl::StrJoin(c.shards, ",").c_str(),
+      absl::StrJoin(c.attention, ",").c_str(), c.gateway.c_str(),
+      absl::StrJoin(launcher.metrics_urls(), " ").c_str(), o->state.c_str(), o->state.c_str());
   return 0;
 }
 
@@ -355,9 +298,9 @@ int Down(int argc, char** argv) {
         .push_back(p["pid"].get<pid_t>());
   }
   std::reverse(front.begin(), front.end());
-  StopAll(front);
-  StopAll(router);
-  StopAll(shards);
+  StopProcesses(front);
+  StopProcesses(router);
+  StopProcesses(shards);
   std::remove(state.c_str());
   std::printf("stopped %zu processes\n", front.size() + router.size() + shards.size());
   return 0;

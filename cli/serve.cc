@@ -14,6 +14,9 @@
 #include "attention_service/scheduler.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/logging.h"
+#include "common/service.h"
+#include "common/status_macros.h"
 #include "gateway/gateway_service.h"
 #include "gateway/node_pool.h"
 #include "model/tokenizer.h"
@@ -37,109 +40,111 @@ DIR/tokenizer.json, when present, enables text prompts and Chat.
   --expert-dtype T     auto (default), f32, int8 or fp8: routed experts
 )";
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
-  return 2;
+struct ServeOptions {
+  std::string dir;
+  int64_t mib = 256, block = 16;
+  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
+  LocalModelOptions model;
+};
+
+absl::StatusOr<ServeOptions> ParseServe(const Flags& f) {
+  ServeOptions o;
+  ASSIGN_OR_RETURN(o.dir, f.String("model"));
+  ASSIGN_OR_RETURN(o.mib, f.Int("kv-cache-mib", 256));
+  ASSIGN_OR_RETURN(o.block, f.Int("block-tokens", 16));
+  if (o.mib <= 0 || o.block <= 0) {
+    return absl::InvalidArgumentError("--kv-cache-mib and --block-tokens must be positive");
+  }
+  if (!ParseKvDType(f.StringOr("kv-cache-dtype", "f32"), &o.kv_dtype)) {
+    return absl::InvalidArgumentError("--kv-cache-dtype: not f32, int8 or fp8_e4m3");
+  }
+  o.model.log_progress = true;
+  if (!ParseWeightDType(f.StringOr("weight-dtype", "auto"), &o.model.weight_dtype)) {
+    return absl::InvalidArgumentError("--weight-dtype: not auto, f32, int8 or fp8");
+  }
+  if (!ParseWeightDType(f.StringOr("expert-dtype", "auto"), &o.model.expert_dtype)) {
+    return absl::InvalidArgumentError("--expert-dtype: not auto, f32, int8 or fp8");
+  }
+  return o;
+}
+
+// The public API's text side: DIR's chat template and tokenizer.json (when present).
+struct TextParts {
+  std::unique_ptr<gateway::ChatTemplate> chat;
+  std::unique_ptr<Tokenizer> tok;
+};
+
+absl::StatusOr<TextParts> LoadTextParts(const std::string& dir) {
+  TextParts t;
+  ASSIGN_OR_RETURN(gateway::ChatTemplate chat, gateway::ChatTemplate::LoadFromModelDir(dir));
+  t.chat = std::make_unique<gateway::ChatTemplate>(std::move(chat));
+  if (t.chat->is_builtin_default()) {
+    spdlog::info("no chat template in {}: Chat uses the DeepSeek-V2-Chat format", dir);
+  }
+  if (std::ifstream(dir + "/tokenizer.json")) {
+    ASSIGN_OR_RETURN(t.tok, Tokenizer::FromFile(dir + "/tokenizer.json"));
+  }
+  return t;
 }
 
 }  // namespace
 
 int Serve(int argc, char** argv) {
+  ServiceMain inner("dmoe serve"), outer("dmoe serve");
   auto flags =
       Flags::Parse(argc, argv,
                    {"model", "grpc-listen", "kv-cache-mib", "block-tokens", "kv-cache-dtype",
                     "weight-dtype", "expert-dtype"},
                    {});
-  if (!flags.ok()) return Fail(flags.status());
+  if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {
     std::fputs(kServeHelp, stdout);
     return 0;
   }
-  auto dir = flags->String("model");
-  if (!dir.ok()) return Fail(dir.status());
-  auto mib = flags->Int("kv-cache-mib", 256);
-  auto block = flags->Int("block-tokens", 16);
-  if (!mib.ok()) return Fail(mib.status());
-  if (!block.ok()) return Fail(block.status());
-  if (*mib <= 0 || *block <= 0)
-    return Fail(absl::InvalidArgumentError("--kv-cache-mib and --block-tokens must be positive"));
-  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
-  if (!ParseKvDType(flags->StringOr("kv-cache-dtype", "f32"), &kv_dtype)) {
-    return Fail(absl::InvalidArgumentError("--kv-cache-dtype: not f32, int8 or fp8_e4m3"));
-  }
-  LocalModelOptions lo;
-  lo.log_progress = true;
-  if (!ParseWeightDType(flags->StringOr("weight-dtype", "auto"), &lo.weight_dtype)) {
-    return Fail(absl::InvalidArgumentError("--weight-dtype: not auto, f32, int8 or fp8"));
-  }
-  if (!ParseWeightDType(flags->StringOr("expert-dtype", "auto"), &lo.expert_dtype)) {
-    return Fail(absl::InvalidArgumentError("--expert-dtype: not auto, f32, int8 or fp8"));
-  }
-  auto model = LocalModel::Load(*dir, lo);
-  if (!model.ok()) return Fail(model.status());
+  auto o = ParseServe(*flags);
+  if (!o.ok()) return outer.Fail(o.status());
+  auto model = LocalModel::Load(o->dir, o->model);
+  if (!model.ok()) return outer.Fail(model.status());
   const ModelConfig& c = (*model)->config();
-  const int64_t blocks =
-      LatentKvCache::BlocksForBytes(c, *block, static_cast<uint64_t>(*mib) << 20, kv_dtype);
-  if (blocks <= 0)
-    return Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
-  LatentKvCache cache(c, *block, blocks, kv_dtype);
+  const int64_t blocks = LatentKvCache::BlocksForBytes(
+      c, o->block, static_cast<uint64_t>(o->mib) << 20, o->kv_dtype);
+  if (blocks <= 0) {
+    return outer.Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
+  }
+  LatentKvCache cache(c, o->block, blocks, o->kv_dtype);
   Scheduler scheduler(&(*model)->engine(), &cache, SchedulerOptions());
-  auto chat = gateway::ChatTemplate::LoadFromModelDir(*dir);
-  if (!chat.ok()) return Fail(chat.status());
-  if (chat->is_builtin_default()) {
-    std::fprintf(stderr, "no chat template in %s: Chat uses the DeepSeek-V2-Chat format\n",
-                 dir->c_str());
-  }
-  std::unique_ptr<Tokenizer> tok;
-  if (std::ifstream(*dir + "/tokenizer.json")) {
-    auto t = Tokenizer::FromFile(*dir + "/tokenizer.json");
-    if (!t.ok()) return Fail(t.status());
-    tok = std::move(t).value();
-  }
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGTERM);
-  sigaddset(&stop, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
-
+  auto text = LoadTextParts(o->dir);
+  if (!text.ok()) return outer.Fail(text.status());
+  outer.BlockStopSignals();
   SchedulerLoop loop(&scheduler);
   loop.Start();
   // The attention service on a private loopback port; the public API in front of it.
-  EnableHealthAndReflection();
   AttentionServiceImpl attention(&scheduler);
-  grpc::ServerBuilder inner;
-  int inner_port = 0;
-  inner.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &inner_port);
-  inner.RegisterService(&attention);
-  auto inner_server = inner.BuildAndStart();
-  if (inner_server == nullptr)
-    return Fail(absl::UnavailableError("cannot start the attention service"));
-  gateway::NodePool pool({absl::StrCat("127.0.0.1:", inner_port)});
-  gateway::ApiKeys keys;
-  gateway::GatewayOptions o;
-  o.tokenizer = tok.get();
-  o.chat_template = &*chat;
-  o.vocab_size = c.vocab_size;
-  o.max_position_embeddings = c.max_position_embeddings;
-  gateway::GatewayService service(&pool, &keys, o);
-  grpc::ServerBuilder outer;
-  int port = 0;
-  const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
-  outer.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
-  outer.RegisterService(&service);
-  auto server = outer.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
+  auto inner_addr = inner.StartGrpc("grpc-listen", "127.0.0.1:0", {&attention});
+  absl::Status st = inner_addr.status();
+  if (st.ok()) {
+    gateway::NodePool pool({*inner_addr});
+    gateway::ApiKeys keys;
+    gateway::GatewayOptions go;
+    go.tokenizer = text->tok.get();
+    go.chat_template = text->chat.get();
+    go.vocab_size = c.vocab_size;
+    go.max_position_embeddings = c.max_position_embeddings;
+    gateway::GatewayService service(&pool, &keys, go);
+    auto addr =
+        outer.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&service});
+    st = addr.status();
+    if (st.ok()) {
+      SetReadiness(outer.server(), "dmoe.v1.Dmoe", true);
+      std::printf("gateway: %s\n", addr->c_str());
+      std::fflush(stdout);
+      outer.WaitForStop();
+    }
+    outer.StopGrpc();
   }
-  SetReadiness(server.get(), "dmoe.v1.Dmoe", true);
-  std::printf("gateway: %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
-  std::fflush(stdout);
-  int sig = 0;
-  sigwait(&stop, &sig);
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  inner_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  inner.StopGrpc();
   loop.Stop();
-  return 0;
+  return st.ok() ? 0 : outer.Fail(st);
 }
 
 }  // namespace dmoe::cli

@@ -1,6 +1,6 @@
 // Element types of checkpoint tensors and exact conversions to float.
-#ifndef DMOE_MODEL_DTYPE_H_
-#define DMOE_MODEL_DTYPE_H_
+#ifndef DMOE_COMMON_DTYPE_H_
+#define DMOE_COMMON_DTYPE_H_
 
 #include <cstdint>
 #include <cstring>
@@ -58,4 +58,4 @@ void ConvertToFloat(DType t, const void* src, size_t n, float* dst);
 
 }  // namespace dmoe
 
-#endif  // DMOE_MODEL_DTYPE_H_
+#endif  // DMOE_COMMON_DTYPE_H_

@@ -1,7 +1,7 @@
 // A small flag parser for subcommands: `--name value`, `--name=value`, boolean `--name`, and
 // positional arguments. Unknown flags are errors that name the flag.
-#ifndef DMOE_CLI_FLAGS_H_
-#define DMOE_CLI_FLAGS_H_
+#ifndef DMOE_COMMON_FLAGS_H_
+#define DMOE_COMMON_FLAGS_H_
 
 #include <cstdint>
 #include <map>
@@ -40,4 +40,4 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(const std::string& flag, con
 
 }  // namespace dmoe
 
-#endif  // DMOE_CLI_FLAGS_H_
+#endif  // DMOE_COMMON_FLAGS_H_

@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "model/safetensors.h"
 
 namespace dmoe {
@@ -114,17 +115,16 @@ void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
     l.lock();
     if (!st.ok()) {
       ++load_errors_;
-      std::fprintf(stderr, "dmoe-expert: cannot load the experts of placement %llu: %s\n",
-                   static_cast<unsigned long long>(version), std::string(st.message()).c_str());
+      spdlog::error("cannot load the experts of placement {}: {}", version,
+                    std::string(st.message()));
       return;
     }
     std::set<Key> keep;
     for (const Key& k : shard_->store()->Keys()) keep.insert(k);
     shard_->SetStore(shard_->store()->Merge(keep, added.get()));
     malloc_trim(0);  // conversion scratch and the checkpoint's pages go back to the system
-    std::fprintf(stderr, "dmoe-expert: placement %llu: loaded %zu experts (%.1f MiB) in %.2f s\n",
-                 static_cast<unsigned long long>(version), gained.size(),
-                 static_cast<double>(bytes) / (1 << 20),
+    spdlog::info("placement {}: loaded {} experts ({:.1f} MiB) in {:.2f} s", version,
+                 gained.size(), static_cast<double>(bytes) / (1 << 20),
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   ready_version_ = version;
@@ -149,8 +149,7 @@ void HostingAgent::DropIfDrainedLocked() {
   if (extra == 0) return;
   shard_->SetStore(current->Merge(needed, nullptr));
   malloc_trim(0);  // (freed once the last batch using the old store lets go of it)
-  std::fprintf(stderr, "dmoe-expert: placement %llu active: dropped %zu experts\n",
-               static_cast<unsigned long long>(active_version_.load()), extra);
+  spdlog::info("placement {} active: dropped {} experts", active_version_.load(), extra);
 }
 
 }  // namespace dmoe

@@ -19,7 +19,10 @@
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/logging.h"
 #include "common/metrics.h"
+#include "common/service.h"
+#include "common/status_macros.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
 #include "expert_service/hosting.h"
@@ -67,7 +70,7 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        dmoe processes share this machine, give each its share of the CPUs (`dmoe
                        up` does): OpenBLAS's idle threads spin ~0.1 s after each call and take the
                        CPUs the others need
-
+%s
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without
 it is active, so that no request in flight is refused.
@@ -211,207 +214,214 @@ class ControlService final : public internal::ExpertControl::CallbackService {
   uint64_t read_bytes_;
 };
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "dmoe-expert: error: %s\n", std::string(s.message()).c_str());
-  return 2;
+struct Options {
+  std::string dir, token;
+  bool routed = false;
+  int64_t capacity = 0, drain_ms = 2000;
+  WeightDType expert_dtype = WeightDType::kAuto;
+};
+
+absl::StatusOr<Options> ParseOptions(const Flags& f) {
+  Options o;
+  ASSIGN_OR_RETURN(o.dir, f.String("model"));
+  o.routed = f.Has("router");
+  if (o.routed == f.Has("experts")) {
+    return absl::InvalidArgumentError("give exactly one of --experts and --router");
+  }
+  ASSIGN_OR_RETURN(o.capacity, f.Int("capacity", 0));
+  if (o.routed && o.capacity <= 0) {
+    return absl::InvalidArgumentError("--capacity: a positive number is needed with --router");
+  }
+  ASSIGN_OR_RETURN(o.drain_ms, f.Int("drain-ms", 2000));
+  if (o.drain_ms < 0) return absl::InvalidArgumentError("--drain-ms: negative");
+  if (f.Has("cluster-token-file")) {
+    ASSIGN_OR_RETURN(o.token, router::ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
+  }
+  if (!ParseWeightDType(f.StringOr("expert-dtype", "auto"), &o.expert_dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--expert-dtype: \"", f.StringOr("expert-dtype", ""), "\" is not auto, f32, int8 or fp8"));
+  }
+  return o;
 }
 
+// The experts of --experts (none with --router: the router's placement brings them); the
+// checkpoint bytes read go to *bytes_read.
+absl::StatusOr<std::unique_ptr<ExpertStore>> LoadExperts(const Flags& f, const Options& o,
+                                                         const ModelConfig& config,
+                                                         uint64_t* bytes_read) {
+  std::vector<std::pair<int64_t, int64_t>> experts;
+  if (!o.routed) {
+    ASSIGN_OR_RETURN(experts, ParseExpertSpec(f.StringOr("experts", ""), config));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::Open(o.dir));
+  std::unique_ptr<LoadProgress> progress;
+  if (!o.routed) {
+    uint64_t tensors = 0;
+    const uint64_t bytes = ck->BytesOf(ExpertStore::TensorSelector(experts), &tensors);
+    progress = std::make_unique<LoadProgress>(
+        absl::StrCat("dmoe-expert: ", experts.size(), " experts from ", o.dir), tensors, bytes);
+    ck->set_progress(progress.get());
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<ExpertStore> store,
+                   ExpertStore::Load(*ck, config, experts, o.expert_dtype));
+  if (progress != nullptr) progress->Done();
+  *bytes_read = ck->bytes_read();
+  // Unmap the checkpoint (its pages would otherwise stay in this process's resident set) and give
+  // the heap's free pages (conversion scratch) back to the system.
+  ck.reset();
+  malloc_trim(0);
+  return store;
+}
+
+// With --router: hosts what the placement says and holds a lease; on stop, leaves without
+// refusing anything.
+class RouterLink {
+ public:
+  struct Addresses {
+    std::string node_id, grpc, ucx, ucx_worker;
+  };
+  RouterLink(const Flags& f, const Options& o, const ModelConfig& config, ExpertShard* shard,
+             const Addresses& a, ExpertMetrics* metrics)
+      : drain_(o.drain_ms) {
+    hosting_ = std::make_unique<HostingAgent>(config, o.dir, a.node_id, shard, drain_,
+                                              o.expert_dtype);
+    router::MemberOptions mo;
+    mo.router_address = f.StringOr("router", "");
+    mo.cluster_token = o.token;
+    member_ = std::make_unique<router::RouterMember>(mo);
+    hosting_->on_ready = [this](uint64_t) { member_->HeartbeatNow(); };
+    hosting_->Start();
+    member_->StartWatch(/*targets=*/true,
+                        [this](const internal::PlacementUpdate& u) { hosting_->OnUpdate(u); });
+    internal::RegisterRequest reg;
+    reg.set_node_id(a.node_id);
+    reg.set_role(internal::EXPERT);
+    // Listening on 0.0.0.0 says nothing to others: register the advertised host instead.
+    const std::string host = f.StringOr("advertise-host", "");
+    reg.set_grpc_address(router::AdvertisedAddress(a.grpc, host));
+    reg.set_ucx_address(router::AdvertisedAddress(a.ucx, host));
+    reg.set_ucx_worker_address(a.ucx_worker);
+    reg.set_capacity_experts(o.capacity);
+    member_->StartMembership(reg, [this] { return hosting_->ready_version(); });
+    metrics->SetRouterSources(
+        [this] { return member_->heartbeat_age_seconds(); },
+        [this] { return static_cast<double>(hosting_->active_version()); });
+  }
+
+  // Deregisters, waits for a map without this shard to be active, then gives attention nodes
+  // --drain-ms to switch to it. Leaves at once when the router cannot be reached or cannot plan
+  // without this shard (nothing to wait for then).
+  void Leave() {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    const absl::StatusOr<bool> planned_out = member_->Deregister();
+    if (!planned_out.ok()) {
+      spdlog::warn("cannot deregister ({}); leaving", std::string(planned_out.status().message()));
+    } else if (!*planned_out) {
+      spdlog::warn("the other shards cannot host this shard's experts; leaving");
+    } else {
+      while (!hosting_->ActiveWithoutMe() && std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      if (!hosting_->ActiveWithoutMe()) {
+        spdlog::warn("no map without this shard became active in 30 s; leaving");
+      } else {
+        std::this_thread::sleep_for(drain_);
+        spdlog::info("placement {} is active without this shard; leaving",
+                     hosting_->active_version());
+      }
+    }
+    member_->Stop();
+    hosting_->Stop();
+  }
+
+ private:
+  std::chrono::milliseconds drain_;
+  std::unique_ptr<HostingAgent> hosting_;
+  std::unique_ptr<router::RouterMember> member_;
+};
+
 int Main(int argc, char** argv) {
+  ServiceMain svc("dmoe-expert");
   auto flags = Flags::Parse(
       argc - 1, argv + 1,
       {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
        "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype",
-       "blas-threads"},
+       "blas-threads", "log-level"},
       {});
-  if (!flags.ok()) return Fail(flags.status());
+  if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::fputs(kHelp, stdout);
+    std::printf(kHelp, kLogLevelHelp);
     return 0;
   }
-  auto dir = flags->String("model");
-  if (!dir.ok()) return Fail(dir.status());
+  if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
   auto blas = flags->Int("blas-threads", 0);
-  if (!blas.ok()) return Fail(blas.status());
-  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return Fail(st);
-  const bool routed = flags->Has("router");
-  if (routed == flags->Has("experts")) {
-    return Fail(absl::InvalidArgumentError("give exactly one of --experts and --router"));
-  }
-  auto capacity = flags->Int("capacity", 0);
-  if (!capacity.ok()) return Fail(capacity.status());
-  if (routed && *capacity <= 0) {
-    return Fail(
-        absl::InvalidArgumentError("--capacity: a positive number is needed with --router"));
-  }
-  auto drain_ms = flags->Int("drain-ms", 2000);
-  if (!drain_ms.ok()) return Fail(drain_ms.status());
-  if (*drain_ms < 0) return Fail(absl::InvalidArgumentError("--drain-ms: negative"));
-  std::string token;
-  if (flags->Has("cluster-token-file")) {
-    auto t = router::ReadClusterTokenFile(flags->StringOr("cluster-token-file", ""));
-    if (!t.ok()) return Fail(t.status());
-    token = *t;
-  }
-  WeightDType expert_dtype = WeightDType::kAuto;
-  if (!ParseWeightDType(flags->StringOr("expert-dtype", "auto"), &expert_dtype)) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat("--expert-dtype: \"",
-                                                        flags->StringOr("expert-dtype", ""),
-                                                        "\" is not auto, f32, int8 or fp8")));
-  }
-  auto config = LoadModelConfig(*dir);
-  if (!config.ok()) return Fail(config.status());
-  absl::StatusOr<std::vector<std::pair<int64_t, int64_t>>> experts =
-      std::vector<std::pair<int64_t, int64_t>>();
-  if (!routed) experts = ParseExpertSpec(flags->StringOr("experts", ""), *config);
-  if (!experts.ok()) return Fail(experts.status());
-  auto ck = Checkpoint::Open(*dir);
-  if (!ck.ok()) return Fail(ck.status());
-  std::unique_ptr<LoadProgress> progress;
-  if (!routed) {
-    uint64_t tensors = 0;
-    const uint64_t bytes = (*ck)->BytesOf(ExpertStore::TensorSelector(*experts), &tensors);
-    progress = std::make_unique<LoadProgress>(
-        absl::StrCat("dmoe-expert: ", experts->size(), " experts from ", *dir), tensors, bytes);
-    (*ck)->set_progress(progress.get());
-  }
-  auto store = ExpertStore::Load(**ck, *config, *experts, expert_dtype);
-  if (!store.ok()) return Fail(store.status());
-  if (progress != nullptr) progress->Done();
-  (*ck)->set_progress(nullptr);
-  const uint64_t bytes_read = (*ck)->bytes_read();
-  // Unmap the checkpoint: its pages would otherwise stay in this process's resident set; and give
-  // the heap's free pages (conversion scratch) back to the system.
-  ck->reset();
-  malloc_trim(0);
+  if (!blas.ok()) return svc.Fail(blas.status());
+  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return svc.Fail(st);
+  auto o = ParseOptions(*flags);
+  if (!o.ok()) return svc.Fail(o.status());
+  auto config = LoadModelConfig(o->dir);
+  if (!config.ok()) return svc.Fail(config.status());
+  uint64_t bytes_read = 0;
+  auto store = LoadExperts(*flags, *o, *config, &bytes_read);
+  if (!store.ok()) return svc.Fail(store.status());
 
-  // Block the stop signals before any thread starts, so that sigwait below receives them.
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGTERM);
-  sigaddset(&stop, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
-
+  svc.BlockStopSignals();  // before any thread starts
   auto ucx = transport::NewUcxServer();
-  if (!ucx.ok()) return Fail(ucx.status());
+  if (!ucx.ok()) return svc.Fail(ucx.status());
   absl::StatusOr<std::string> ucx_addr = std::string();
   const std::string ucx_listen = flags->StringOr("ucx-listen", "127.0.0.1:0");
-  if (ucx_listen != "none") {
-    ucx_addr = (*ucx)->Listen(ucx_listen);
-    if (!ucx_addr.ok()) return Fail(ucx_addr.status());
-  }
+  if (ucx_listen != "none") ucx_addr = (*ucx)->Listen(ucx_listen);
+  if (!ucx_addr.ok()) return svc.Fail(ucx_addr.status());
   ExpertShard shard(*config, std::shared_ptr<const ExpertStore>(std::move(*store)));
   ExpertServer server(&shard, ucx->get());
   server.Start();
-
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
-  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
+  if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   ExpertMetrics expert_metrics(&metrics);
   expert_metrics.Start(&shard, ucx->get());
 
+  RouterLink::Addresses a;
+  a.node_id = flags->StringOr("node-id", absl::StrCat("expert-", getpid()));
+  a.ucx = *ucx_addr;
+  a.ucx_worker = (*ucx)->WorkerAddress();
   internal::GetInfoReply info;
-  const std::string node_id = flags->StringOr("node-id", absl::StrCat("expert-", getpid()));
-  info.set_node_id(node_id);
-  info.set_ucx_address(*ucx_addr);
-  info.set_ucx_worker_address((*ucx)->WorkerAddress());
+  info.set_node_id(a.node_id);
+  info.set_ucx_address(a.ucx);
+  info.set_ucx_worker_address(a.ucx_worker);
   info.set_hidden_size(static_cast<uint32_t>(config->hidden_size));
   info.set_num_hidden_layers(static_cast<uint32_t>(config->num_hidden_layers));
   info.set_n_routed_experts(static_cast<uint32_t>(config->n_routed_experts));
   ControlService control(info, &shard, ucx->get(), bytes_read);
-  EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  int grpc_port = 0;
-  const std::string grpc_listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
-  builder.AddListeningPort(grpc_listen, grpc::InsecureServerCredentials(), &grpc_port);
-  builder.RegisterService(&control);
-  std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
-  if (grpc_server == nullptr || grpc_port == 0) {
-    return Fail(
-        absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", grpc_listen)));
-  }
-  SetReadiness(grpc_server.get(), "dmoe.internal.ExpertControl", true);
-  const std::string grpc_addr =
-      absl::StrCat(grpc_listen.substr(0, grpc_listen.rfind(':')), ":", grpc_port);
-  std::fprintf(stderr, "dmoe-expert: serving %zu experts; grpc %s, ucx %s\n", shard.store()->size(),
-               grpc_addr.c_str(), ucx_addr->c_str());
-  if (flags->Has("ready-file")) {
-    const std::string path = flags->StringOr("ready-file", "");
-    const std::string tmp = path + ".tmp";
-    {
-      std::ofstream out(tmp);
-      out << "{\"grpc\": \"" << grpc_addr << "\", \"metrics\": \"" << *metrics_addr
-          << "\", \"ucx\": \"" << *ucx_addr << "\", \"ucx_worker\": \"" << (*ucx)->WorkerAddress()
-          << "\", \"pid\": " << getpid() << "}\n";
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-      return Fail(absl::InternalError(absl::StrCat("--ready-file: cannot write ", path)));
+  auto grpc_addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
+                                 {&control});
+  absl::Status st = grpc_addr.status();
+  if (st.ok()) {
+    a.grpc = *grpc_addr;
+    SetReadiness(svc.server(), "dmoe.internal.ExpertControl", true);
+    spdlog::info("serving {} experts; grpc {}, ucx {}", shard.store()->size(), a.grpc, a.ucx);
+    if (flags->Has("ready-file")) {
+      st = WriteReadyFile(flags->StringOr("ready-file", ""), {{"grpc", a.grpc},
+                                                              {"metrics", *metrics_addr},
+                                                              {"ucx", a.ucx},
+                                                              {"ucx_worker", a.ucx_worker}});
     }
   }
-  std::unique_ptr<HostingAgent> hosting;
-  std::unique_ptr<router::RouterMember> member;
-  if (routed) {
-    hosting = std::make_unique<HostingAgent>(*config, *dir, node_id, &shard,
-                                             std::chrono::milliseconds(*drain_ms), expert_dtype);
-    router::MemberOptions mo;
-    mo.router_address = flags->StringOr("router", "");
-    mo.cluster_token = token;
-    member = std::make_unique<router::RouterMember>(mo);
-    hosting->on_ready = [&member](uint64_t) { member->HeartbeatNow(); };
-    hosting->Start();
-    member->StartWatch(/*targets=*/true,
-                       [&hosting](const internal::PlacementUpdate& u) { hosting->OnUpdate(u); });
-    internal::RegisterRequest reg;
-    reg.set_node_id(node_id);
-    reg.set_role(internal::EXPERT);
-    // Listening on 0.0.0.0 says nothing to others: register the advertised host instead.
-    const std::string host = flags->StringOr("advertise-host", "");
-    reg.set_grpc_address(router::AdvertisedAddress(grpc_addr, host));
-    reg.set_ucx_address(router::AdvertisedAddress(*ucx_addr, host));
-    reg.set_ucx_worker_address((*ucx)->WorkerAddress());
-    reg.set_capacity_experts(*capacity);
-    member->StartMembership(reg, [&hosting] { return hosting->ready_version(); });
-    expert_metrics.SetRouterSources(
-        [&member] { return member->heartbeat_age_seconds(); },
-        [&hosting] { return static_cast<double>(hosting->active_version()); });
-  }
-  int sig = 0;
-  sigwait(&stop, &sig);
-  std::fprintf(stderr, "dmoe-expert: signal %d, stopping\n", sig);
-  SetReadiness(grpc_server.get(), "dmoe.internal.ExpertControl", false);
-  if (member != nullptr) {
-    // Leave without refusing anything: deregister, wait for a map without this shard to be
-    // active, then give attention nodes --drain-ms to switch to it. Leave at once when the router
-    // cannot be reached or cannot plan without this shard (nothing to wait for then).
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    const absl::StatusOr<bool> planned_out = member->Deregister();
-    if (!planned_out.ok()) {
-      std::fprintf(stderr, "dmoe-expert: cannot deregister (%s); leaving\n",
-                   std::string(planned_out.status().message()).c_str());
-    } else if (!*planned_out) {
-      std::fprintf(stderr,
-                   "dmoe-expert: the other shards cannot host this shard's experts; leaving\n");
-    } else {
-      while (!hosting->ActiveWithoutMe() && std::chrono::steady_clock::now() < give_up) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
-      if (!hosting->ActiveWithoutMe()) {
-        std::fprintf(stderr,
-                     "dmoe-expert: no map without this shard became active in 30 s; "
-                     "leaving\n");
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(*drain_ms));
-        std::fprintf(stderr, "dmoe-expert: placement %llu is active without this shard; leaving\n",
-                     static_cast<unsigned long long>(hosting->active_version()));
-      }
+  if (st.ok()) {
+    std::unique_ptr<RouterLink> link;
+    if (o->routed) {
+      link = std::make_unique<RouterLink>(*flags, *o, *config, &shard, a, &expert_metrics);
     }
-    member->Stop();
-    hosting->Stop();
+    const int sig = svc.WaitForStop();
+    spdlog::info("signal {}, stopping", sig);
+    SetReadiness(svc.server(), "dmoe.internal.ExpertControl", false);
+    if (link != nullptr) link->Leave();
   }
-  grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  svc.StopGrpc();
   expert_metrics.Stop();
   server.Stop();
   (*ucx)->Shutdown();
-  return 0;
+  return st.ok() ? 0 : svc.Fail(st);
 }
 
 }  // namespace

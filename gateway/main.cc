@@ -16,7 +16,10 @@
 #include "absl/strings/str_split.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/logging.h"
 #include "common/metrics.h"
+#include "common/service.h"
+#include "common/status_macros.h"
 #include "gateway/gateway_service.h"
 #include "gateway/node_pool.h"
 #include "model/config.h"
@@ -47,12 +50,7 @@ grpc.health.v1 and server reflection), balancing over attention nodes by their r
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --tls-cert PEM --tls-key PEM  serve TLS instead of plaintext
   --metrics-listen H:P      Prometheus /metrics address (default 127.0.0.1:0)
-)";
-
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "dmoe-gateway: error: %s\n", std::string(s.message()).c_str());
-  return 2;
-}
+%s)";
 
 absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& path) {
   std::ifstream in(path);
@@ -62,187 +60,202 @@ absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& pa
   return ss.str();
 }
 
-int Main(int argc, char** argv) {
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id", "grpc-listen",
-       "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen"},
-      {});
-  if (!flags.ok()) return Fail(flags.status());
-  if (flags->help()) {
-    std::fputs(kHelp, stdout);
-    return 0;
-  }
-  if (!flags->Has("attention") && !flags->Has("router")) {
-    return Fail(absl::InvalidArgumentError("--attention or --router: give at least one"));
-  }
-  std::vector<std::string> nodes =
-      absl::StrSplit(flags->StringOr("attention", ""), ',', absl::SkipEmpty());
-  if (flags->Has("attention") && nodes.empty()) {
-    return Fail(absl::InvalidArgumentError("--attention: no address"));
-  }
-  std::string cluster_token;
-  if (flags->Has("cluster-token-file")) {
-    auto t = router::ReadClusterTokenFile(flags->StringOr("cluster-token-file", ""));
-    if (!t.ok()) return Fail(t.status());
-    cluster_token = *t;
-  }
+// What the gateway serves with, loaded from its flags before it starts.
+struct Setup {
   GatewayOptions o;
-  o.model_id = flags->StringOr("model-id", "dmoe");
+  std::vector<std::string> nodes;  // --attention
+  std::string cluster_token;
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<ChatTemplate> chat;
-  std::string tok_path = flags->StringOr("tokenizer", "");
-  if (flags->Has("model")) {
-    const std::string dir = flags->StringOr("model", "");
-    auto config = LoadModelConfig(dir);
-    if (!config.ok()) return Fail(config.status());
-    auto tmpl = ChatTemplate::LoadFromModelDir(dir);
-    if (!tmpl.ok()) return Fail(tmpl.status());
-    chat = std::make_unique<ChatTemplate>(std::move(tmpl).value());
-    o.chat_template = chat.get();
-    std::fprintf(stderr, "dmoe-gateway: %s\n",
-                 chat->is_builtin_default()
-                     ? absl::StrCat("no chat template in ", dir,
-                                    ": Chat uses the DeepSeek-V2-Chat format")
-                           .c_str()
-                     : absl::StrCat("chat template of ", dir).c_str());
-    o.vocab_size = config->vocab_size;
-    o.max_position_embeddings = config->max_position_embeddings;
-    if (tok_path.empty() && std::ifstream(dir + "/tokenizer.json"))
+  std::unique_ptr<ApiKeys> keys = std::make_unique<ApiKeys>();
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+};
+
+// --model (limits, chat template) and --tokenizer.
+absl::Status LoadModelParts(const Flags& f, Setup* s) {
+  std::string tok_path = f.StringOr("tokenizer", "");
+  if (f.Has("model")) {
+    const std::string dir = f.StringOr("model", "");
+    ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
+    ASSIGN_OR_RETURN(ChatTemplate tmpl, ChatTemplate::LoadFromModelDir(dir));
+    s->chat = std::make_unique<ChatTemplate>(std::move(tmpl));
+    s->o.chat_template = s->chat.get();
+    if (s->chat->is_builtin_default()) {
+      spdlog::info("no chat template in {}: Chat uses the DeepSeek-V2-Chat format", dir);
+    } else {
+      spdlog::info("chat template of {}", dir);
+    }
+    s->o.vocab_size = config.vocab_size;
+    s->o.max_position_embeddings = config.max_position_embeddings;
+    if (tok_path.empty() && std::ifstream(dir + "/tokenizer.json")) {
       tok_path = dir + "/tokenizer.json";
+    }
   }
   if (!tok_path.empty()) {
-    auto t = Tokenizer::FromFile(tok_path);
-    if (!t.ok()) return Fail(t.status());
-    tok = std::move(t).value();
-    o.tokenizer = tok.get();
-    std::fprintf(stderr, "dmoe-gateway: tokenizer %s (%lld tokens)\n", tok_path.c_str(),
-                 static_cast<long long>(tok->vocab_size()));
+    ASSIGN_OR_RETURN(s->tok, Tokenizer::FromFile(tok_path));
+    s->o.tokenizer = s->tok.get();
+    spdlog::info("tokenizer {} ({} tokens)", tok_path, s->tok->vocab_size());
   }
-  auto limit = flags->Int("max-concurrent-per-key", 64);
-  if (!limit.ok()) return Fail(limit.status());
-  std::unique_ptr<ApiKeys> keys = std::make_unique<ApiKeys>();
-  if (flags->Has("api-keys")) {
-    auto k = ApiKeys::Load(flags->StringOr("api-keys", ""), *limit);
-    if (!k.ok()) return Fail(k.status());
-    keys = std::move(k).value();
-  }
-  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-  if (flags->Has("tls-cert") || flags->Has("tls-key")) {
-    auto cert = Slurp("tls-cert", flags->StringOr("tls-cert", ""));
-    auto key = Slurp("tls-key", flags->StringOr("tls-key", ""));
-    if (!cert.ok()) return Fail(cert.status());
-    if (!key.ok()) return Fail(key.status());
-    grpc::SslServerCredentialsOptions ssl;
-    ssl.pem_key_cert_pairs.push_back({*key, *cert});
-    creds = grpc::SslServerCredentials(ssl);
-  }
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGTERM);
-  sigaddset(&stop, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  return absl::OkStatus();
+}
 
-  Metrics metrics;
-  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
-  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
-  auto& ttft = metrics.Seconds("dmoe_gateway_time_to_first_token_seconds",
-                               "From a request's arrival at the gateway to its first token");
-  auto& active = metrics.Gauge("dmoe_gateway_active_streams", "Generate/Chat streams in flight");
-  o.metrics.time_to_first_token = [&ttft](double s) { ttft.Observe(s); };
-  o.metrics.active = [&active](int d) { active.Increment(d); };
-  o.metrics.finished = [&metrics](const std::string& outcome) {
+absl::StatusOr<Setup> LoadSetup(const Flags& f) {
+  Setup s;
+  if (!f.Has("attention") && !f.Has("router")) {
+    return absl::InvalidArgumentError("--attention or --router: give at least one");
+  }
+  s.nodes = absl::StrSplit(f.StringOr("attention", ""), ',', absl::SkipEmpty());
+  if (f.Has("attention") && s.nodes.empty()) {
+    return absl::InvalidArgumentError("--attention: no address");
+  }
+  if (f.Has("cluster-token-file")) {
+    ASSIGN_OR_RETURN(s.cluster_token,
+                     router::ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
+  }
+  s.o.model_id = f.StringOr("model-id", "dmoe");
+  RETURN_IF_ERROR(LoadModelParts(f, &s));
+  ASSIGN_OR_RETURN(int64_t limit, f.Int("max-concurrent-per-key", 64));
+  if (f.Has("api-keys")) {
+    ASSIGN_OR_RETURN(s.keys, ApiKeys::Load(f.StringOr("api-keys", ""), limit));
+  }
+  if (f.Has("tls-cert") || f.Has("tls-key")) {
+    ASSIGN_OR_RETURN(std::string cert, Slurp("tls-cert", f.StringOr("tls-cert", "")));
+    ASSIGN_OR_RETURN(std::string key, Slurp("tls-key", f.StringOr("tls-key", "")));
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    s.creds = grpc::SslServerCredentials(ssl);
+  }
+  return s;
+}
+
+// Request outcomes and time to first token, into the gateway's options.
+void WireMetrics(Metrics* metrics, GatewayOptions* o) {
+  auto& ttft = metrics->Seconds("dmoe_gateway_time_to_first_token_seconds",
+                                "From a request's arrival at the gateway to its first token");
+  auto& active = metrics->Gauge("dmoe_gateway_active_streams", "Generate/Chat streams in flight");
+  o->metrics.time_to_first_token = [&ttft](double s) { ttft.Observe(s); };
+  o->metrics.active = [&active](int d) { active.Increment(d); };
+  o->metrics.finished = [metrics](const std::string& outcome) {
     metrics
-        .Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
-                 {{"outcome", outcome}})
+        ->Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
+                  {{"outcome", outcome}})
         .Increment();
   };
   for (const char* outcome : {"ok", "cancelled", "invalid_argument", "deadline_exceeded",
                               "unavailable", "unauthenticated", "resource_exhausted"}) {
-    metrics.Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
-                    {{"outcome", outcome}});
+    metrics->Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
+                     {{"outcome", outcome}});
   }
-  NodePool pool(nodes);
-  auto& known_nodes =
-      metrics.Gauge("dmoe_gateway_attention_nodes", "Attention nodes known", {{"state", "known"}});
-  auto& healthy_nodes = metrics.Gauge("dmoe_gateway_attention_nodes", "Attention nodes known",
-                                      {{"state", "healthy"}});
-  std::unique_ptr<router::RouterMember> member;
-  auto discover = [&] {
-    auto listed = member->ListNodes();
-    if (!listed.ok()) return;
-    for (const auto& n : listed->nodes()) {
-      if (n.role() == internal::ATTENTION && pool.Add(n.grpc_address())) {
-        std::fprintf(stderr, "dmoe-gateway: attention node %s at %s (from the router)\n",
-                     n.node_id().c_str(), n.grpc_address().c_str());
-      }
-    }
-  };
-  if (flags->Has("router")) {
+}
+
+// Keeps the pool's node list (from the router, every second), the node gauges and the server's
+// readiness (ready while an attention node is healthy) current, on its own thread.
+class PoolWatcher {
+ public:
+  PoolWatcher(NodePool* pool, Metrics* metrics, const Flags& f, const std::string& cluster_token)
+      : pool_(pool),
+        known_(metrics->Gauge("dmoe_gateway_attention_nodes", "Attention nodes known",
+                              {{"state", "known"}})),
+        healthy_(metrics->Gauge("dmoe_gateway_attention_nodes", "Attention nodes known",
+                                {{"state", "healthy"}})) {
+    if (!f.Has("router")) return;
     router::MemberOptions mo;
-    mo.router_address = flags->StringOr("router", "");
+    mo.router_address = f.StringOr("router", "");
     mo.cluster_token = cluster_token;
-    member = std::make_unique<router::RouterMember>(mo);
-    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    member_ = std::make_unique<router::RouterMember>(mo);
     // Serve once an attention node answers (it is polled every 50 ms once known), so that the
     // first request does not find an empty pool.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     do {
-      discover();
-      if (pool.healthy() > 0) break;
+      Discover();
+      if (pool_->healthy() > 0) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     } while (std::chrono::steady_clock::now() < until);
-    if (pool.healthy() == 0) {
-      std::fprintf(stderr, "dmoe-gateway: no attention node answers yet; serving anyway\n");
+    if (pool_->healthy() == 0) spdlog::warn("no attention node answers yet; serving anyway");
+  }
+  ~PoolWatcher() {
+    done_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  void Start() { thread_ = std::thread([this] { Run(); }); }
+  void SetServer(grpc::Server* s) { server_ = s; }
+
+ private:
+  void Discover() {
+    auto listed = member_->ListNodes();
+    if (!listed.ok()) return;
+    for (const auto& n : listed->nodes()) {
+      if (n.role() == internal::ATTENTION && pool_->Add(n.grpc_address())) {
+        spdlog::info("attention node {} at {} (from the router)", n.node_id(), n.grpc_address());
+      }
     }
   }
-  std::atomic<bool> done{false};
-  std::atomic<grpc::Server*> server_ready{nullptr};
-  std::thread watcher([&] {
+  void Run() {
     int last_ready = -1;
-    for (int tick = 0; !done; ++tick) {
-      if (member != nullptr && tick % 10 == 0) discover();
-      known_nodes.Set(static_cast<double>(pool.size()));
-      healthy_nodes.Set(static_cast<double>(pool.healthy()));
-      const int ready = pool.healthy() > 0 ? 1 : 0;
-      if (grpc::Server* s = server_ready.load(); s != nullptr && ready != last_ready) {
+    for (int tick = 0; !done_; ++tick) {
+      if (member_ != nullptr && tick % 10 == 0) Discover();
+      known_.Set(static_cast<double>(pool_->size()));
+      healthy_.Set(static_cast<double>(pool_->healthy()));
+      const int ready = pool_->healthy() > 0 ? 1 : 0;
+      if (grpc::Server* s = server_.load(); s != nullptr && ready != last_ready) {
         SetReadiness(s, "dmoe.v1.Dmoe", ready == 1);
         last_ready = ready;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-  });
-  GatewayService service(&pool, keys.get(), o);
-  EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
-  builder.AddListeningPort(listen, creds, &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
   }
-  // Ready while at least one attention node is healthy (the watcher keeps it current).
-  SetReadiness(server.get(), "dmoe.v1.Dmoe", pool.healthy() > 0);
-  server_ready = server.get();
-  const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
-  std::fprintf(stderr, "dmoe-gateway: serving on %s over %zu attention node(s)\n", addr.c_str(),
-               pool.size());
-  if (flags->Has("ready-file")) {
-    const std::string path = flags->StringOr("ready-file", "");
-    {
-      std::ofstream out(path + ".tmp");
-      out << "{\"grpc\": \"" << addr << "\", \"metrics\": \"" << *metrics_addr
-          << "\", \"pid\": " << getpid() << "}\n";
+
+  NodePool* pool_;
+  prometheus::Gauge& known_;
+  prometheus::Gauge& healthy_;
+  std::unique_ptr<router::RouterMember> member_;
+  std::atomic<bool> done_{false};
+  std::atomic<grpc::Server*> server_{nullptr};
+  std::thread thread_;
+};
+
+int Main(int argc, char** argv) {
+  ServiceMain svc("dmoe-gateway");
+  auto flags = Flags::Parse(
+      argc - 1, argv + 1,
+      {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id", "grpc-listen",
+       "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen",
+       "log-level"},
+      {});
+  if (!flags.ok()) return svc.Fail(flags.status());
+  if (flags->help()) {
+    std::printf(kHelp, kLogLevelHelp);
+    return 0;
+  }
+  if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
+  auto setup = LoadSetup(*flags);
+  if (!setup.ok()) return svc.Fail(setup.status());
+  svc.BlockStopSignals();
+  Metrics metrics;
+  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
+  if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
+  WireMetrics(&metrics, &setup->o);
+  NodePool pool(setup->nodes);
+  PoolWatcher watcher(&pool, &metrics, *flags, setup->cluster_token);
+  watcher.Start();
+  GatewayService service(&pool, setup->keys.get(), setup->o);
+  auto addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
+                            {&service}, setup->creds);
+  absl::Status st = addr.status();
+  if (st.ok()) {
+    // Ready while at least one attention node is healthy (the watcher keeps it current).
+    SetReadiness(svc.server(), "dmoe.v1.Dmoe", pool.healthy() > 0);
+    watcher.SetServer(svc.server());
+    spdlog::info("serving on {} over {} attention node(s)", *addr, pool.size());
+    if (flags->Has("ready-file")) {
+      st = WriteReadyFile(flags->StringOr("ready-file", ""),
+                          {{"grpc", *addr}, {"metrics", *metrics_addr}});
     }
-    std::rename((path + ".tmp").c_str(), path.c_str());
   }
-  int sig = 0;
-  sigwait(&stop, &sig);
-  done = true;
-  watcher.join();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  return 0;
+  if (st.ok()) svc.WaitForStop();
+  watcher.SetServer(nullptr);
+  svc.StopGrpc();
+  return st.ok() ? 0 : svc.Fail(st);
 }
 
 }  // namespace

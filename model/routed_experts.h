@@ -1,8 +1,8 @@
 // Computing the routed experts of one MoE layer for a batch of tokens. The engine calls this
 // interface; the in-process implementation here computes locally, and remote implementations
 // (dispatch/combine over a transport) plug in behind the same interface.
-#ifndef DMOE_EXPERT_SERVICE_ROUTED_EXPERTS_H_
-#define DMOE_EXPERT_SERVICE_ROUTED_EXPERTS_H_
+#ifndef DMOE_MODEL_ROUTED_EXPERTS_H_
+#define DMOE_MODEL_ROUTED_EXPERTS_H_
 
 #include <cstdint>
 #include <functional>
@@ -129,4 +129,4 @@ class LocalRoutedExperts : public RoutedExperts {
 
 }  // namespace dmoe
 
-#endif  // DMOE_EXPERT_SERVICE_ROUTED_EXPERTS_H_
+#endif  // DMOE_MODEL_ROUTED_EXPERTS_H_

@@ -6,14 +6,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/logging.h"
 #include "common/metrics.h"
+#include "common/service.h"
+#include "common/status_macros.h"
 #include "model/config.h"
 #include "router/member.h"
 #include "router/router_service.h"
@@ -42,132 +43,139 @@ replicas of hot experts from reported load) and streams it to watchers. It is no
                              live node registers again first (default: the lease)
   --rebalance-seconds N      recompute the placement from reported load every N s (default 0: never)
   --metrics-listen H:P       Prometheus /metrics (default 127.0.0.1:0)
-)";
+%s)";
 
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "dmoe-router: error: %s\n", std::string(s.message()).c_str());
-  return 2;
+struct Options {
+  std::string model, token;
+  int64_t lease_ms = 3000, extra = 0, rebalance_s = 0, replication = 1, grace_ms = 0,
+          min_shards = 1;
+};
+
+absl::StatusOr<Options> ParseOptions(const Flags& f) {
+  Options o;
+  ASSIGN_OR_RETURN(o.model, f.String("model"));
+  ASSIGN_OR_RETURN(o.lease_ms, f.Int("lease-ms", 3000));
+  ASSIGN_OR_RETURN(o.extra, f.Int("max-extra-replicas", 0));
+  ASSIGN_OR_RETURN(o.rebalance_s, f.Int("rebalance-seconds", 0));
+  ASSIGN_OR_RETURN(o.replication, f.Int("replication", 1));
+  ASSIGN_OR_RETURN(o.grace_ms, f.Int("startup-grace-ms", o.lease_ms));
+  ASSIGN_OR_RETURN(o.min_shards, f.Int("min-shards", 1));
+  auto bad = [](const char* what) { return absl::InvalidArgumentError(what); };
+  if (o.lease_ms <= 0) return bad("--lease-ms: must be positive");
+  if (o.replication < 1) return bad("--replication: must be >= 1");
+  if (o.extra < 0) return bad("--max-extra-replicas: negative");
+  if (o.grace_ms < 0) return bad("--startup-grace-ms: negative");
+  if (o.min_shards < 1) return bad("--min-shards: must be >= 1");
+  if (f.Has("cluster-token-file")) {
+    ASSIGN_OR_RETURN(o.token, ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
+    if (o.token.empty()) return bad("--cluster-token-file: empty token");
+  }
+  return o;
+}
+
+// What an operator watches on a router, refreshed by the lease loop.
+class RouterGauges {
+ public:
+  explicit RouterGauges(Metrics* m)
+      : version_(m->Gauge("dmoe_router_placement_version", "Active placement map version")),
+        target_(m->Gauge("dmoe_router_target_placement_version",
+                         "Planned placement version (active once every shard is ready)")),
+        members_(m->Gauge("dmoe_router_nodes", "Registered nodes")),
+        heartbeat_age_(m->Gauge("dmoe_router_oldest_heartbeat_age_seconds",
+                                "Time since the least recent heartbeat of any node")),
+        expired_(m->Counter("dmoe_router_expired_leases_total",
+                            "Nodes removed for a lapsed lease")) {}
+  void Expired(size_t n) { expired_.Increment(static_cast<double>(n)); }
+  void Update(const RouterState& state) {
+    const PlacementState maps = state.state();
+    version_.Set(static_cast<double>(maps.active.version));
+    target_.Set(static_cast<double>(maps.target.version));
+    const auto nodes = state.nodes();
+    members_.Set(static_cast<double>(nodes.size()));
+    double oldest = 0;
+    const auto now = std::chrono::steady_clock::now();
+    for (const Node& n : nodes) {
+      oldest = std::max(
+          oldest, std::chrono::duration<double>(now - (n.lease_until - state.lease())).count());
+    }
+    heartbeat_age_.Set(oldest);
+  }
+
+ private:
+  prometheus::Gauge& version_;
+  prometheus::Gauge& target_;
+  prometheus::Gauge& members_;
+  prometheus::Gauge& heartbeat_age_;
+  prometheus::Counter& expired_;
+};
+
+// Expires leases (and rebalances every rebalance_s) until `done`.
+void LeaseLoop(const Options& o, RouterState* state, RouterGauges* gauges,
+               const std::atomic<bool>* done) {
+  auto last_rebalance = std::chrono::steady_clock::now();
+  while (!*done) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::max<int64_t>(10, o.lease_ms / 10)));
+    const auto gone = state->ExpireLeases();
+    for (const auto& id : gone) spdlog::warn("lease of {} lapsed", id);
+    gauges->Expired(gone.size());
+    if (o.rebalance_s > 0 &&
+        std::chrono::steady_clock::now() - last_rebalance > std::chrono::seconds(o.rebalance_s)) {
+      state->Rebalance();
+      last_rebalance = std::chrono::steady_clock::now();
+    }
+    gauges->Update(*state);
+  }
 }
 
 int Main(int argc, char** argv) {
+  ServiceMain svc("dmoe-router");
   auto flags = Flags::Parse(
       argc - 1, argv + 1,
       {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file", "max-extra-replicas",
-       "rebalance-seconds", "metrics-listen", "replication", "startup-grace-ms", "min-shards"},
+       "rebalance-seconds", "metrics-listen", "replication", "startup-grace-ms", "min-shards",
+       "log-level"},
       {});
-  if (!flags.ok()) return Fail(flags.status());
+  if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::fputs(kHelp, stdout);
+    std::printf(kHelp, kLogLevelHelp);
     return 0;
   }
-  auto dir = flags->String("model");
-  if (!dir.ok()) return Fail(dir.status());
-  auto config = LoadModelConfig(*dir);
-  if (!config.ok()) return Fail(config.status());
-  auto lease = flags->Int("lease-ms", 3000);
-  auto extra = flags->Int("max-extra-replicas", 0);
-  auto rebalance = flags->Int("rebalance-seconds", 0);
-  auto replication = flags->Int("replication", 1);
-  auto grace = flags->Int("startup-grace-ms", lease.ok() ? *lease : 0);
-  auto min_shards = flags->Int("min-shards", 1);
-  for (const auto* v : {&lease, &extra, &rebalance, &replication, &grace, &min_shards}) {
-    if (!v->ok()) return Fail(v->status());
-  }
-  if (*lease <= 0) return Fail(absl::InvalidArgumentError("--lease-ms: must be positive"));
-  if (*replication < 1) return Fail(absl::InvalidArgumentError("--replication: must be >= 1"));
-  if (*extra < 0) return Fail(absl::InvalidArgumentError("--max-extra-replicas: negative"));
-  if (*grace < 0) return Fail(absl::InvalidArgumentError("--startup-grace-ms: negative"));
-  if (*min_shards < 1) return Fail(absl::InvalidArgumentError("--min-shards: must be >= 1"));
-  std::string token;
-  if (flags->Has("cluster-token-file")) {
-    auto t = ReadClusterTokenFile(flags->StringOr("cluster-token-file", ""));
-    if (!t.ok()) return Fail(t.status());
-    if (t->empty()) return Fail(absl::InvalidArgumentError("--cluster-token-file: empty token"));
-    token = *t;
-  }
+  if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
+  auto o = ParseOptions(*flags);
+  if (!o.ok()) return svc.Fail(o.status());
+  auto config = LoadModelConfig(o->model);
+  if (!config.ok()) return svc.Fail(config.status());
   PlacementOptions po;
-  po.max_extra_replicas = *extra;
-  po.replication = *replication;
+  po.max_extra_replicas = o->extra;
+  po.replication = o->replication;
   RouterState state(
-      *config, std::chrono::milliseconds(*lease), po,
-      [] { return std::chrono::steady_clock::now(); }, std::chrono::milliseconds(*grace));
-  state.set_min_shards(*min_shards);
+      *config, std::chrono::milliseconds(o->lease_ms), po,
+      [] { return std::chrono::steady_clock::now(); }, std::chrono::milliseconds(o->grace_ms));
+  state.set_min_shards(o->min_shards);
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
-  if (!metrics_addr.ok()) return Fail(metrics_addr.status());
-  auto& version = metrics.Gauge("dmoe_router_placement_version", "Active placement map version");
-  auto& target = metrics.Gauge("dmoe_router_target_placement_version",
-                               "Planned placement version (active once every shard is ready)");
-  auto& members = metrics.Gauge("dmoe_router_nodes", "Registered nodes");
-  auto& heartbeat_age = metrics.Gauge("dmoe_router_oldest_heartbeat_age_seconds",
-                                      "Time since the least recent heartbeat of any node");
-  auto& expired =
-      metrics.Counter("dmoe_router_expired_leases_total", "Nodes removed for a lapsed lease");
-
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGTERM);
-  sigaddset(&stop, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
+  RouterGauges gauges(&metrics);
+  svc.BlockStopSignals();
   std::atomic<bool> done{false};
-  std::thread leases([&] {
-    auto last_rebalance = std::chrono::steady_clock::now();
-    while (!done) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(std::max<int64_t>(10, *lease / 10)));
-      const auto gone = state.ExpireLeases();
-      for (const auto& id : gone)
-        std::fprintf(stderr, "dmoe-router: lease of %s lapsed\n", id.c_str());
-      expired.Increment(static_cast<double>(gone.size()));
-      if (*rebalance > 0 &&
-          std::chrono::steady_clock::now() - last_rebalance > std::chrono::seconds(*rebalance)) {
-        state.Rebalance();
-        last_rebalance = std::chrono::steady_clock::now();
-      }
-      const PlacementState maps = state.state();
-      version.Set(static_cast<double>(maps.active.version));
-      target.Set(static_cast<double>(maps.target.version));
-      const auto nodes = state.nodes();
-      members.Set(static_cast<double>(nodes.size()));
-      double oldest = 0;
-      const auto now = std::chrono::steady_clock::now();
-      for (const Node& n : nodes) {
-        oldest = std::max(
-            oldest, std::chrono::duration<double>(now - (n.lease_until - state.lease())).count());
-      }
-      heartbeat_age.Set(oldest);
+  std::thread leases([&] { LeaseLoop(*o, &state, &gauges, &done); });
+  RouterServiceImpl service(&state, o->token);
+  auto addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
+                            {&service});
+  absl::Status st = addr.status();
+  if (st.ok()) {
+    SetReadiness(svc.server(), "dmoe.internal.RouterService", true);
+    spdlog::info("serving on {}", *addr);
+    if (flags->Has("ready-file")) {
+      st = WriteReadyFile(flags->StringOr("ready-file", ""),
+                          {{"grpc", *addr}, {"metrics", *metrics_addr}});
     }
-  });
-  RouterServiceImpl service(&state, token);
-  EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  const std::string listen = flags->StringOr("grpc-listen", "127.0.0.1:0");
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  auto server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    done = true;
-    leases.join();
-    return Fail(absl::UnavailableError(absl::StrCat("--grpc-listen: cannot listen on ", listen)));
   }
-  SetReadiness(server.get(), "dmoe.internal.RouterService", true);
-  const std::string addr = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
-  std::fprintf(stderr, "dmoe-router: serving on %s\n", addr.c_str());
-  if (flags->Has("ready-file")) {
-    const std::string path = flags->StringOr("ready-file", "");
-    {
-      std::ofstream out(path + ".tmp");
-      out << "{\"grpc\": \"" << addr << "\", \"metrics\": \"" << *metrics_addr
-          << "\", \"pid\": " << getpid() << "}\n";
-    }
-    std::rename((path + ".tmp").c_str(), path.c_str());
-  }
-  int sig = 0;
-  sigwait(&stop, &sig);
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  if (st.ok()) svc.WaitForStop();
+  svc.StopGrpc(std::chrono::seconds(1));
   done = true;
   leases.join();
-  return 0;
+  return st.ok() ? 0 : svc.Fail(st);
 }
 
 }  // namespace

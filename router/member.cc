@@ -1,4 +1,5 @@
 #include "router/member.h"
+#include "common/logging.h"
 
 #include <grpcpp/grpcpp.h>
 
@@ -80,8 +81,7 @@ void RouterMember::StartWatch(bool targets,
       }
       if (stop_) break;
       if (!warned) {
-        std::fprintf(stderr, "router watch: %s (keeping the last map; retrying)\n",
-                     st.error_message().c_str());
+        spdlog::warn("router watch: {} (keeping the last map; retrying)", st.error_message());
         warned = true;
       }
       for (int i = 0; i < 5 && !stop_; ++i)
@@ -136,8 +136,7 @@ void RouterMember::StartMembership(internal::RegisterRequest registration,
       const bool ok =
           registered_ ? HeartbeatOnce() : (registered_ = RegisterOnce()) && HeartbeatOnce();
       if (!ok && !warned) {
-        std::fprintf(stderr, "router %s: unreachable (serving on; retrying)\n",
-                     options_.router_address.c_str());
+        spdlog::warn("router {}: unreachable (serving on; retrying)", options_.router_address);
       }
       warned = !ok;
       std::unique_lock<std::mutex> l(mu_);

@@ -4,8 +4,8 @@
 // in them (decoded with wire::DecodeMessage), so that tests can see where a client sent its work.
 //
 // Thread-safe (like the transport it wraps).
-#ifndef DMOE_EXPERT_SERVICE_FAULT_TRANSPORT_H_
-#define DMOE_EXPERT_SERVICE_FAULT_TRANSPORT_H_
+#ifndef DMOE_TRANSPORT_FAULT_TRANSPORT_H_
+#define DMOE_TRANSPORT_FAULT_TRANSPORT_H_
 
 #include <condition_variable>
 #include <cstdint>
@@ -187,4 +187,4 @@ class FaultInjectingClient : public transport::ClientTransport {
 
 }  // namespace dmoe::testing
 
-#endif  // DMOE_EXPERT_SERVICE_FAULT_TRANSPORT_H_
+#endif  // DMOE_TRANSPORT_FAULT_TRANSPORT_H_
