@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace dmoe {
 
@@ -132,9 +133,7 @@ void Scheduler::Preempt(Seq* s) {
   ++stats_.preemptions;
 }
 
-absl::StatusOr<bool> Scheduler::Step() {
-  if (options_.between_steps) options_.between_steps();
-  // New requests and cancellations.
+void Scheduler::TakeIncomingAndCancel() {
   std::set<uint64_t> cancelled;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -144,19 +143,21 @@ absl::StatusOr<bool> Scheduler::Step() {
     }
     cancelled.swap(cancelled_);
   }
-  if (!cancelled.empty()) {
-    auto cancel = [&](std::unique_ptr<Seq>& s) {
-      if (s && cancelled.count(s->id)) {
-        Finish(s.get(), FinishReason::kCancelled, absl::OkStatus());
-        s.reset();
-      }
-    };
-    for (auto& s : running_) cancel(s);
-    for (auto& s : waiting_) cancel(s);
-    running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
-    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
-  }
-  // Admission: in order, while there is room in the batch and blocks for the whole prompt.
+  if (cancelled.empty()) return;
+  auto cancel = [&](std::unique_ptr<Seq>& s) {
+    if (s && cancelled.count(s->id)) {
+      Finish(s.get(), FinishReason::kCancelled, absl::OkStatus());
+      s.reset();
+    }
+  };
+  for (auto& s : running_) cancel(s);
+  for (auto& s : waiting_) cancel(s);
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
+}
+
+void Scheduler::Admit() {
+  // In order, while there is room in the batch and blocks for the whole prompt.
   int64_t reserved_blocks = 0;
   for (const auto& s : running_) {
     reserved_blocks += std::max<int64_t>(0, BlocksFor(static_cast<int64_t>(s->tokens.size()) + 1) -
@@ -177,142 +178,144 @@ absl::StatusOr<bool> Scheduler::Step() {
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
-  if (running_.empty()) {
-    std::lock_guard<std::mutex> l(mu_);
-    load_.running = 0;
-    load_.waiting = static_cast<int64_t>(waiting_.size() + incoming_.size());
-    load_.free_blocks = cache_->free_blocks();
-    return false;
+}
+
+void Scheduler::ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>* members) {
+  batch->clear();
+  members->clear();
+  std::sort(running_.begin(), running_.end(),
+            [](const auto& a, const auto& b) { return a->admitted < b->admitted; });
+  int64_t budget = options_.step_token_budget;
+  for (auto& s : running_) {
+    if (s->pending() == 1) {
+      batch->push_back(SequenceStep{&s->kv, {s->tokens.back()}, false});
+      members->push_back(s.get());
+      --budget;
+    }
   }
-  // The batch: every decoding sequence gets one token, then prefill chunks in admission order
-  // within the token budget. Room in the cache is reserved up front; when it runs out, the
-  // latest-admitted sequence is preempted and the plan is made again.
-  std::vector<SequenceStep> batch;
-  std::vector<Seq*> members;
+  for (auto& s : running_) {
+    if (s->pending() <= 1 || budget <= 0) continue;
+    const int64_t n = std::min({s->pending(), options_.prefill_chunk, budget});
+    const int64_t from = s->kv.length();
+    batch->push_back(SequenceStep{
+        &s->kv, std::vector<int32_t>(s->tokens.begin() + from, s->tokens.begin() + from + n),
+        false});
+    members->push_back(s.get());
+    budget -= n;
+  }
+}
+
+bool Scheduler::PlanBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>* members) {
+  // Every decoding sequence gets one token, then prefill chunks in admission order within the
+  // token budget. Room in the cache is reserved up front; when it runs out, the latest-admitted
+  // sequence is preempted and the plan is made again.
   for (;;) {
-    batch.clear();
-    members.clear();
-    std::sort(running_.begin(), running_.end(),
-              [](const auto& a, const auto& b) { return a->admitted < b->admitted; });
-    int64_t budget = options_.step_token_budget;
-    for (auto& s : running_) {
-      if (s->pending() == 1) {
-        batch.push_back(SequenceStep{&s->kv, {s->tokens.back()}, false});
-        members.push_back(s.get());
-        --budget;
-      }
-    }
-    for (auto& s : running_) {
-      if (s->pending() <= 1 || budget <= 0) continue;
-      const int64_t n = std::min({s->pending(), options_.prefill_chunk, budget});
-      const int64_t from = s->kv.length();
-      batch.push_back(SequenceStep{
-          &s->kv, std::vector<int32_t>(s->tokens.begin() + from, s->tokens.begin() + from + n),
-          false});
-      members.push_back(s.get());
-      budget -= n;
-    }
+    ComposeBatch(batch, members);
     Seq* victim = nullptr;
-    for (size_t i = 0; i < batch.size(); ++i) {
-      if (!members[i]->kv.Reserve(static_cast<int64_t>(batch[i].tokens.size())).ok()) {
+    for (size_t i = 0; i < batch->size(); ++i) {
+      if (!(*members)[i]->kv.Reserve(static_cast<int64_t>((*batch)[i].tokens.size())).ok()) {
         victim = running_.back().get();  // latest admitted
         break;
       }
     }
-    if (victim == nullptr) break;
+    if (victim == nullptr) return true;
     if (running_.size() == 1) {
       // Alone and still too big: the cache can never hold it.
       Finish(victim, FinishReason::kError,
              absl::ResourceExhaustedError("the KV cache cannot hold this request"));
       running_.clear();
-      return true;
+      return false;
     }
     Preempt(victim);
     waiting_.push_front(std::move(running_.back()));
     running_.pop_back();
   }
-  std::vector<std::vector<float>> logits;
-  absl::Status st;
-  if (options_.experts_b != nullptr && batch.size() >= 2) {
-    // Two micro-batches of about equal tokens.
-    std::vector<SequenceStep> half[2];
-    std::vector<size_t> index[2];
-    int64_t tokens[2] = {0, 0};
-    for (size_t i = 0; i < batch.size(); ++i) {
-      const int side = tokens[0] <= tokens[1] ? 0 : 1;
-      tokens[side] += static_cast<int64_t>(batch[i].tokens.size());
-      half[side].push_back(batch[i]);
-      index[side].push_back(i);
-    }
-    std::vector<std::vector<float>> out[2];
-    st = engine_->StepPingPong(half[0], half[1], options_.experts_b, &out[0], &out[1]);
-    if (st.ok()) {
-      logits.resize(batch.size());
-      for (int side = 0; side < 2; ++side) {
-        for (size_t j = 0; j < index[side].size(); ++j) {
-          logits[index[side][j]] = std::move(out[side][j]);
-        }
-      }
-    }
-  } else {
-    st = engine_->Step(batch, &logits);
+}
+
+absl::Status Scheduler::RunEngine(std::vector<SequenceStep>* steps,
+                                  std::vector<std::vector<float>>* logits) {
+  if (options_.experts_b == nullptr || steps->size() < 2) return engine_->Step(*steps, logits);
+  const std::vector<SequenceStep>& batch = *steps;
+  // Two micro-batches of about equal tokens.
+  std::vector<SequenceStep> half[2];
+  std::vector<size_t> index[2];
+  int64_t tokens[2] = {0, 0};
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const int side = tokens[0] <= tokens[1] ? 0 : 1;
+    tokens[side] += static_cast<int64_t>(batch[i].tokens.size());
+    half[side].push_back(batch[i]);
+    index[side].push_back(i);
   }
-  const bool experts_down = st.code() == absl::StatusCode::kUnavailable ||
-                            st.code() == absl::StatusCode::kDeadlineExceeded;
-  if (!st.ok() && experts_down && options_.expert_wait.count() > 0) {
-    // Pause: nothing was committed (KV lengths and samplers are unchanged), so the step is
-    // simply retried until the experts are reachable again or the wait runs out.
-    const auto now = std::chrono::steady_clock::now();
-    std::vector<Seq*> expired;
-    double longest = 0;
-    for (Seq* s : members) {
-      if (s->stalled_since == std::chrono::steady_clock::time_point{}) s->stalled_since = now;
-      const auto waited = now - s->stalled_since;
-      longest = std::max(longest, std::chrono::duration<double>(waited).count());
-      if (waited > options_.expert_wait) expired.push_back(s);
+  std::vector<std::vector<float>> out[2];
+  RETURN_IF_ERROR(
+      engine_->StepPingPong(half[0], half[1], options_.experts_b, &out[0], &out[1]));
+  logits->resize(batch.size());
+  for (int side = 0; side < 2; ++side) {
+    for (size_t j = 0; j < index[side].size(); ++j) {
+      (*logits)[index[side][j]] = std::move(out[side][j]);
     }
-    for (Seq* s : expired) {
-      Finish(s, FinishReason::kError,
-             absl::UnavailableError(absl::StrCat(
-                 "experts unreachable for ", options_.expert_wait.count(), " ms: ", st.message())));
-      for (auto& r : running_) {
-        if (r.get() == s) r.reset();
-      }
+  }
+  return absl::OkStatus();
+}
+
+void Scheduler::Stall(const std::vector<Seq*>& members, const absl::Status& st) {
+  // Nothing was committed (KV lengths and samplers are unchanged), so the step is simply retried
+  // until the experts are reachable again or the wait runs out.
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<Seq*> expired;
+  double longest = 0;
+  for (Seq* s : members) {
+    if (s->stalled_since == std::chrono::steady_clock::time_point{}) s->stalled_since = now;
+    const auto waited = now - s->stalled_since;
+    longest = std::max(longest, std::chrono::duration<double>(waited).count());
+    if (waited > options_.expert_wait) expired.push_back(s);
+  }
+  for (Seq* s : expired) {
+    Finish(s, FinishReason::kError,
+           absl::UnavailableError(absl::StrCat("experts unreachable for ",
+                                               options_.expert_wait.count(), " ms: ", st.message())));
+    for (auto& r : running_) {
+      if (r.get() == s) r.reset();
     }
-    running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
-    std::lock_guard<std::mutex> l(mu_);
-    ++stats_.stalled_steps;
-    stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, longest);
-    load_.running = static_cast<int64_t>(running_.size());
-    return st;
   }
-  if (!st.ok()) {
-    for (Seq* s : members) Finish(s, FinishReason::kError, st);
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [&](const auto& s) {
-                                    return std::find(members.begin(), members.end(), s.get()) !=
-                                           members.end();
-                                  }),
-                   running_.end());
-    return st;
-  }
-  uint64_t computed = 0, generated = 0;
-  double resumed_after = 0;
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  std::lock_guard<std::mutex> l(mu_);
+  ++stats_.stalled_steps;
+  stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, longest);
+  load_.running = static_cast<int64_t>(running_.size());
+}
+
+void Scheduler::FailAll(const std::vector<Seq*>& members, const absl::Status& st) {
+  for (Seq* s : members) Finish(s, FinishReason::kError, st);
+  running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                [&](const auto& s) {
+                                  return std::find(members.begin(), members.end(), s.get()) !=
+                                         members.end();
+                                }),
+                 running_.end());
+}
+
+// Samples the next token of every sequence whose prompt is complete; finishes the ones that
+// stop or reach their length.
+Scheduler::Committed Scheduler::Commit(const std::vector<SequenceStep>& batch,
+                                       const std::vector<Seq*>& members,
+                                       const std::vector<std::vector<float>>& logits) {
+  Committed c;
   for (size_t i = 0; i < members.size(); ++i) {
     Seq* s = members[i];
     if (s->stalled_since != std::chrono::steady_clock::time_point{}) {
-      resumed_after = std::max(
-          resumed_after,
+      c.resumed_after = std::max(
+          c.resumed_after,
           std::chrono::duration<double>(std::chrono::steady_clock::now() - s->stalled_since)
               .count());
       s->stalled_since = {};
     }
-    computed += batch[i].tokens.size();
+    c.computed += batch[i].tokens.size();
     s->kv.RegisterFullBlocks(s->tokens);
     if (s->pending() != 0) continue;  // more prompt to prefill
     const SampledToken t = s->sampler.Sample(logits[i].data(), config_.vocab_size);
     s->tokens.push_back(t.token);
-    ++generated;
+    ++c.generated;
     if (s->callbacks.on_token) s->callbacks.on_token(t);
     if (IsStopToken(s->params, config_, t.token)) {
       Finish(s, FinishReason::kStop, absl::OkStatus());
@@ -327,19 +330,53 @@ absl::StatusOr<bool> Scheduler::Step() {
     }
   }
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  return c;
+}
+
+void Scheduler::PublishLoad(const Committed* c) {
   std::lock_guard<std::mutex> l(mu_);
-  stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, resumed_after);
-  ++stats_.steps;
-  stats_.prefilled_tokens += computed;
-  stats_.generated_tokens += generated;
+  if (c != nullptr) {
+    stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, c->resumed_after);
+    ++stats_.steps;
+    stats_.prefilled_tokens += c->computed;
+    stats_.generated_tokens += c->generated;
+  }
   load_.running = static_cast<int64_t>(running_.size());
   load_.waiting = static_cast<int64_t>(waiting_.size() + incoming_.size());
   load_.free_blocks = cache_->free_blocks();
+  if (c == nullptr) return;  // idle: the queued count is as it was
   int64_t queued = 0;
   for (const auto& s : waiting_) queued += s->pending();
   for (const auto& s : running_) queued += std::max<int64_t>(0, s->pending() - 1);
   for (const auto& s : incoming_) queued += s->pending();
   load_.queued_prefill_tokens = queued;
+}
+
+absl::StatusOr<bool> Scheduler::Step() {
+  if (options_.between_steps) options_.between_steps();
+  TakeIncomingAndCancel();
+  Admit();
+  if (running_.empty()) {
+    PublishLoad(nullptr);
+    return false;
+  }
+  std::vector<SequenceStep> batch;
+  std::vector<Seq*> members;
+  if (!PlanBatch(&batch, &members)) return true;
+  std::vector<std::vector<float>> logits;
+  const absl::Status st = RunEngine(&batch, &logits);
+  const bool experts_down = st.code() == absl::StatusCode::kUnavailable ||
+                            st.code() == absl::StatusCode::kDeadlineExceeded;
+  if (!st.ok() && experts_down && options_.expert_wait.count() > 0) {
+    Stall(members, st);
+    return st;
+  }
+  if (!st.ok()) {
+    FailAll(members, st);
+    return st;
+  }
+  const Committed c = Commit(batch, members, logits);
+  PublishLoad(&c);
   return true;
 }
 

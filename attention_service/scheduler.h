@@ -100,6 +100,24 @@ class Scheduler {
  private:
   struct Seq;
   void AdmitLocked();
+  // The phases of Step, in order.
+  struct Committed {
+    uint64_t computed = 0, generated = 0;
+    double resumed_after = 0;  // longest stall that ended with this step
+  };
+  void TakeIncomingAndCancel();
+  void Admit();
+  void ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>* members);
+  // False when the batch's only sequence can never fit the cache (it was ended).
+  bool PlanBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>* members);
+  absl::Status RunEngine(std::vector<SequenceStep>* batch, std::vector<std::vector<float>>* logits);
+  void Stall(const std::vector<Seq*>& members, const absl::Status& st);
+  void FailAll(const std::vector<Seq*>& members, const absl::Status& st);
+  Committed Commit(const std::vector<SequenceStep>& batch, const std::vector<Seq*>& members,
+                   const std::vector<std::vector<float>>& logits);
+  // Load and counters for GetLoad and metrics; `c` null for an idle step.
+  void PublishLoad(const Committed* c);
+
   void Finish(Seq* s, FinishReason reason, const absl::Status& st);
   void Preempt(Seq* s);
   int64_t BlocksFor(int64_t tokens) const;
