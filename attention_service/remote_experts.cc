@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace dmoe {
 
@@ -128,15 +129,26 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
 
 absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo,
                                            const std::vector<char>& avoid) {
-  const ExpertRouting& r = *routing_;
-  const int64_t ns = static_cast<int64_t>(r.peers.size());
-  health_->Snapshot(r.peers, &dead_);
+  const int64_t ns = static_cast<int64_t>(routing_->peers.size());
+  health_->Snapshot(routing_->peers, &dead_);
   for (ShardCall& c : calls_) {
     c.tokens.clear();
     c.pairs.clear();
   }
   local_index_.assign(static_cast<size_t>(t_ * ns), -1);
   assigned_.assign(static_cast<size_t>(ns), 0);
+  RETURN_IF_ERROR(PlanReplicas(todo, avoid));
+  ++seq_;
+  for (int s = 0; s < ns; ++s) {
+    if (!calls_[static_cast<size_t>(s)].tokens.empty()) Post(s, todo);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo,
+                                               const std::vector<char>& avoid) {
+  const ExpertRouting& r = *routing_;
+  const int64_t ns = static_cast<int64_t>(r.peers.size());
   // Plan: a live replica per pair, unique tokens per destination shard.
   for (int64_t p : todo) {
     const int64_t i = p / k_;
@@ -164,49 +176,50 @@ absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo,
       ++assigned_[static_cast<size_t>(best)];
     }
   }
-  ++seq_;
-  for (int s = 0; s < ns; ++s) {
-    ShardCall& call = calls_[static_cast<size_t>(s)];
-    if (call.tokens.empty()) continue;
-    const int64_t n = static_cast<int64_t>(call.tokens.size());
-    rows_.resize(static_cast<size_t>(n * hidden_));
-    pairs_.clear();
-    for (int64_t li = 0; li < n; ++li) {
-      std::memcpy(rows_.data() + li * hidden_, x_ + call.tokens[static_cast<size_t>(li)] * hidden_,
-                  sizeof(float) * static_cast<size_t>(hidden_));
-    }
-    for (int64_t p : todo) {
-      if (choice_[static_cast<size_t>(p)] != s) continue;
-      const int64_t li = local_index_[static_cast<size_t>((p / k_) * ns + s)];
-      pairs_.push_back(
-          wire::Pair{static_cast<uint32_t>(li), static_cast<uint32_t>(ids_[p]), w_[p]});
-      call.pairs.push_back(p);
-    }
-    wire::Header h;
-    h.sender_id = options_.sender_id;
-    h.step_seq = seq_;
-    h.layer = static_cast<uint32_t>(layer_);
-    h.token_count = static_cast<uint32_t>(n);
-    h.hidden_size = static_cast<uint32_t>(hidden_);
-    h.dtype = options_.dtype;
-    std::vector<uint8_t> msg = client_->AcquireBuffer();
-    wire::EncodeDispatch(h, rows_.data(), pairs_, &msg);
-    call.bytes_out = msg.size();
-    auto id = client_->Post(r.peers[static_cast<size_t>(s)], std::move(msg));
-    if (!id.ok()) {
-      // The peer is known to have failed: Finish sends its pairs elsewhere.
-      health_->MarkDead(r.peers[static_cast<size_t>(s)]);
-      failed_.push_back(s);
-      if (first_failure_.ok()) {
-        first_failure_ = absl::UnavailableError(absl::StrCat(
-            "expert shard ", r.names[static_cast<size_t>(s)], ": ", id.status().message()));
-      }
-      continue;
-    }
-    call.id = *id;
-    call.posted = true;
-  }
   return absl::OkStatus();
+}
+
+void RemoteRoutedExperts::Post(int s, const std::vector<int64_t>& todo) {
+  const ExpertRouting& r = *routing_;
+  const int64_t ns = static_cast<int64_t>(r.peers.size());
+  ShardCall& call = calls_[static_cast<size_t>(s)];
+  const int64_t n = static_cast<int64_t>(call.tokens.size());
+  rows_.resize(static_cast<size_t>(n * hidden_));
+  pairs_.clear();
+  for (int64_t li = 0; li < n; ++li) {
+    std::memcpy(rows_.data() + li * hidden_, x_ + call.tokens[static_cast<size_t>(li)] * hidden_,
+                sizeof(float) * static_cast<size_t>(hidden_));
+  }
+  for (int64_t p : todo) {
+    if (choice_[static_cast<size_t>(p)] != s) continue;
+    const int64_t li = local_index_[static_cast<size_t>((p / k_) * ns + s)];
+    pairs_.push_back(
+        wire::Pair{static_cast<uint32_t>(li), static_cast<uint32_t>(ids_[p]), w_[p]});
+    call.pairs.push_back(p);
+  }
+  wire::Header h;
+  h.sender_id = options_.sender_id;
+  h.step_seq = seq_;
+  h.layer = static_cast<uint32_t>(layer_);
+  h.token_count = static_cast<uint32_t>(n);
+  h.hidden_size = static_cast<uint32_t>(hidden_);
+  h.dtype = options_.dtype;
+  std::vector<uint8_t> msg = client_->AcquireBuffer();
+  wire::EncodeDispatch(h, rows_.data(), pairs_, &msg);
+  call.bytes_out = msg.size();
+  auto id = client_->Post(r.peers[static_cast<size_t>(s)], std::move(msg));
+  if (!id.ok()) {
+    // The peer is known to have failed: Finish sends its pairs elsewhere.
+    health_->MarkDead(r.peers[static_cast<size_t>(s)]);
+    failed_.push_back(s);
+    if (first_failure_.ok()) {
+      first_failure_ = absl::UnavailableError(absl::StrCat(
+          "expert shard ", r.names[static_cast<size_t>(s)], ": ", id.status().message()));
+    }
+    return;
+  }
+  call.id = *id;
+  call.posted = true;
 }
 
 absl::Status RemoteRoutedExperts::Collect(std::vector<int>* failed) {

@@ -119,6 +119,10 @@ class RemoteRoutedExperts : public RoutedExperts {
   // Chooses shards for pairs `todo` (indices into ids/w) among live replicas not in `avoid`,
   // then posts one message per shard. UNAVAILABLE when a pair has no candidate.
   absl::Status Dispatch(const std::vector<int64_t>& todo, const std::vector<char>& avoid);
+  // Dispatch's parts: a live replica per pair, not on an `avoid` shard (unique tokens per
+  // destination shard); then one message to shard s with its tokens and pairs.
+  absl::Status PlanReplicas(const std::vector<int64_t>& todo, const std::vector<char>& avoid);
+  void Post(int s, const std::vector<int64_t>& todo);
   // Waits for every posted call; stores good replies' rows in pair_rows_; collects the failed
   // shards.
   absl::Status Collect(std::vector<int>* failed);
