@@ -222,15 +222,11 @@ void Engine::Logits(MicroBatch& mb) {
   timings_.lm_head += Since(&t0);
 }
 
-void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float* x, float* out) {
+// q_ [n, heads, q_head_dim] (through the q LoRA when the model has one) and kva_ [n, latent_dim]
+// for the n rows of x.
+void Engine::ProjectQueriesAndLatents(const LayerWeights& lw, const float* x, int64_t n) {
   const ModelConfig& c = config_;
-  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
-  const int64_t h = c.num_attention_heads, qd = c.q_head_dim();
-  const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim, lc = c.latent_dim();
-  int64_t n = 0;
-  for (const SequenceStep& s : batch) n += static_cast<int64_t>(s.tokens.size());
-
-  q_.resize(static_cast<size_t>(n * h * qd));
+  q_.resize(static_cast<size_t>(n * c.num_attention_heads * c.q_head_dim()));
   if (c.q_lora_rank > 0) {
     qa_.resize(static_cast<size_t>(n * c.q_lora_rank));
     cpu::LinearW(x, n, lw.q_a.ref(), qa_.data());
@@ -239,8 +235,38 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   } else {
     cpu::LinearW(x, n, lw.q.ref(), q_.data());
   }
-  kva_.resize(static_cast<size_t>(n * lc));
+  kva_.resize(static_cast<size_t>(n * c.latent_dim()));
   cpu::LinearW(x, n, lw.kv_a.ref(), kva_.data());
+}
+
+// Every single-token (decode) sequence of the step at once (decode_rows_/caches_/ctx_), into attn_.
+void Engine::AttendDecodes(const cpu::MlaParams& p) {
+  const int64_t h = config_.num_attention_heads, qd = config_.q_head_dim();
+  const int64_t nd = static_cast<int64_t>(decode_rows_.size());
+  const int64_t orow = h * config_.v_head_dim;
+  decode_q_.resize(static_cast<size_t>(nd * h * qd));
+  decode_o_.resize(static_cast<size_t>(nd * orow));
+  for (int64_t i = 0; i < nd; ++i) {
+    std::memcpy(decode_q_.data() + i * h * qd, q_.data() + decode_rows_[i] * h * qd,
+                sizeof(float) * static_cast<size_t>(h * qd));
+  }
+  cpu::MlaDecodeAbsorbedBatch(p, decode_q_.data(), nd, decode_caches_.data(), decode_ctx_.data(),
+                              decode_o_.data(), &scratch_);
+  for (int64_t i = 0; i < nd; ++i) {
+    std::memcpy(attn_.data() + decode_rows_[i] * orow, decode_o_.data() + i * orow,
+                sizeof(float) * static_cast<size_t>(orow));
+  }
+}
+
+void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float* x, float* out) {
+  const ModelConfig& c = config_;
+  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const int64_t h = c.num_attention_heads, qd = c.q_head_dim();
+  const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim, lc = c.latent_dim();
+  int64_t n = 0;
+  for (const SequenceStep& s : batch) n += static_cast<int64_t>(s.tokens.size());
+
+  ProjectQueriesAndLatents(lw, x, n);
 
   attn_.resize(static_cast<size_t>(n * h * c.v_head_dim));
   cpu::MlaParams p;
@@ -292,23 +318,7 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
     }
     row += m;
   }
-  // Every single-token (decode) sequence of the step at once.
-  if (!decode_rows_.empty()) {
-    const int64_t nd = static_cast<int64_t>(decode_rows_.size());
-    const int64_t orow = h * c.v_head_dim;
-    decode_q_.resize(static_cast<size_t>(nd * h * qd));
-    decode_o_.resize(static_cast<size_t>(nd * orow));
-    for (int64_t i = 0; i < nd; ++i) {
-      std::memcpy(decode_q_.data() + i * h * qd, q_.data() + decode_rows_[i] * h * qd,
-                  sizeof(float) * static_cast<size_t>(h * qd));
-    }
-    cpu::MlaDecodeAbsorbedBatch(p, decode_q_.data(), nd, decode_caches_.data(), decode_ctx_.data(),
-                                decode_o_.data(), &scratch_);
-    for (int64_t i = 0; i < nd; ++i) {
-      std::memcpy(attn_.data() + decode_rows_[i] * orow, decode_o_.data() + i * orow,
-                  sizeof(float) * static_cast<size_t>(orow));
-    }
-  }
+  if (!decode_rows_.empty()) AttendDecodes(p);
   cpu::LinearW(attn_.data(), n, lw.o.ref(), out);
 }
 

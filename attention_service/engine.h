@@ -102,6 +102,8 @@ class Engine {
   absl::Status LayerBack(int64_t l, MicroBatch& mb);
   void Logits(MicroBatch& mb);
   void Attention(int64_t layer, std::vector<SequenceStep>& batch, const float* x, float* out);
+  void ProjectQueriesAndLatents(const LayerWeights& lw, const float* x, int64_t n);
+  void AttendDecodes(const cpu::MlaParams& p);
 
   ModelConfig config_;
   const DenseWeights* w_;
