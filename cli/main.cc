@@ -13,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "attention_service/local_model.h"
 #include "common/flags.h"
+#include "common/status_macros.h"
 #include "cli/gateway_client.h"
 #include "cli/local_cluster.h"
 #include "cli/npy.h"
@@ -185,6 +186,26 @@ int Logits(int argc, char** argv) {
   return 0;
 }
 
+// The sampling and length flags of `dmoe generate --model`.
+absl::StatusOr<GenerateOptions> ParseGenerateOptions(const Flags& f) {
+  GenerateOptions g;
+  ASSIGN_OR_RETURN(g.max_tokens, f.Int("max-tokens", 16));
+  ASSIGN_OR_RETURN(g.temperature, f.Double("temperature", 0.0));
+  ASSIGN_OR_RETURN(int64_t seed, f.Int("seed", 0));
+  ASSIGN_OR_RETURN(g.prefill_chunk, f.Int("prefill-chunk", 0));
+  ASSIGN_OR_RETURN(int64_t stop, f.Int("stop-token", -1));
+  ASSIGN_OR_RETURN(g.top_k, f.Int("top-k", 0));
+  ASSIGN_OR_RETURN(g.top_p, f.Double("top-p", 1.0));
+  ASSIGN_OR_RETURN(g.min_p, f.Double("min-p", 0.0));
+  if (g.max_tokens <= 0) return absl::InvalidArgumentError("--max-tokens: must be positive");
+  if (g.temperature < 0) return absl::InvalidArgumentError("--temperature: must be >= 0");
+  if (g.prefill_chunk < 0) return absl::InvalidArgumentError("--prefill-chunk: must be >= 0");
+  g.seed = static_cast<uint64_t>(seed);
+  g.stop_token = static_cast<int32_t>(stop);
+  g.ignore_eos = f.Bool("ignore-eos");
+  return g;
+}
+
 int GenerateCmd(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv,
                             WithRemote({"model", "tokens", "max-tokens", "temperature", "seed",
@@ -218,32 +239,8 @@ int GenerateCmd(int argc, char** argv) {
   if (!tokens_flag.ok()) return Fail(tokens_flag.status());
   auto tokens = ParseTokenList("tokens", *tokens_flag);
   if (!tokens.ok()) return Fail(tokens.status());
-  GenerateOptions g;
-  auto max_tokens = flags->Int("max-tokens", 16);
-  auto temperature = flags->Double("temperature", 0.0);
-  auto seed = flags->Int("seed", 0);
-  auto chunk = flags->Int("prefill-chunk", 0);
-  auto stop = flags->Int("stop-token", -1);
-  auto top_k = flags->Int("top-k", 0);
-  auto top_p = flags->Double("top-p", 1.0);
-  auto min_p = flags->Double("min-p", 0.0);
-  for (const absl::Status& s :
-       {max_tokens.status(), temperature.status(), seed.status(), chunk.status(), stop.status(),
-        top_k.status(), top_p.status(), min_p.status()}) {
-    if (!s.ok()) return Fail(s);
-  }
-  if (*max_tokens <= 0) return Fail(absl::InvalidArgumentError("--max-tokens: must be positive"));
-  if (*temperature < 0) return Fail(absl::InvalidArgumentError("--temperature: must be >= 0"));
-  if (*chunk < 0) return Fail(absl::InvalidArgumentError("--prefill-chunk: must be >= 0"));
-  g.max_tokens = *max_tokens;
-  g.temperature = *temperature;
-  g.seed = static_cast<uint64_t>(*seed);
-  g.prefill_chunk = *chunk;
-  g.stop_token = static_cast<int32_t>(*stop);
-  g.top_k = *top_k;
-  g.top_p = *top_p;
-  g.min_p = *min_p;
-  g.ignore_eos = flags->Bool("ignore-eos");
+  auto g = ParseGenerateOptions(*flags);
+  if (!g.ok()) return Fail(g.status());
   if (flags->Has("logprobs") || flags->Has("stop") || flags->Has("api-key") ||
       flags->Has("timeout-ms")) {
     return Fail(absl::InvalidArgumentError(
@@ -256,7 +253,7 @@ int GenerateCmd(int argc, char** argv) {
   auto model = LocalModel::Load(*dir, options);
   if (!model.ok()) return Fail(model.status());
   const auto start = std::chrono::steady_clock::now();
-  auto out = Generate((*model)->engine(), *tokens, g);
+  auto out = Generate((*model)->engine(), *tokens, *g);
   if (!out.ok()) return Fail(out.status());
   std::printf("%s\n", absl::StrJoin(*out, ",").c_str());
   if (!quiet) {

@@ -340,6 +340,18 @@ class RouterLink {
   std::unique_ptr<router::RouterMember> member_;
 };
 
+// What GetInfo answers besides the hosted experts.
+internal::GetInfoReply Info(const RouterLink::Addresses& a, const ModelConfig& c) {
+  internal::GetInfoReply info;
+  info.set_node_id(a.node_id);
+  info.set_ucx_address(a.ucx);
+  info.set_ucx_worker_address(a.ucx_worker);
+  info.set_hidden_size(static_cast<uint32_t>(c.hidden_size));
+  info.set_num_hidden_layers(static_cast<uint32_t>(c.num_hidden_layers));
+  info.set_n_routed_experts(static_cast<uint32_t>(c.n_routed_experts));
+  return info;
+}
+
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-expert");
   auto flags = Flags::Parse(
@@ -385,14 +397,7 @@ int Main(int argc, char** argv) {
   a.node_id = flags->StringOr("node-id", absl::StrCat("expert-", getpid()));
   a.ucx = *ucx_addr;
   a.ucx_worker = (*ucx)->WorkerAddress();
-  internal::GetInfoReply info;
-  info.set_node_id(a.node_id);
-  info.set_ucx_address(a.ucx);
-  info.set_ucx_worker_address(a.ucx_worker);
-  info.set_hidden_size(static_cast<uint32_t>(config->hidden_size));
-  info.set_num_hidden_layers(static_cast<uint32_t>(config->num_hidden_layers));
-  info.set_n_routed_experts(static_cast<uint32_t>(config->n_routed_experts));
-  ControlService control(info, &shard, ucx->get(), bytes_read);
+  ControlService control(Info(a, *config), &shard, ucx->get(), bytes_read);
   auto grpc_addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
                                  {&control});
   absl::Status st = grpc_addr.status();

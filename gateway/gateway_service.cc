@@ -115,122 +115,149 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
   }
 
  private:
-  void Run() {
-    const auto start = std::chrono::steady_clock::now();
+  // What the attempts of one request share. Only an attempt that got no token is retried, so the
+  // decoder and the stop strings simply carry on in the attempt that streams.
+  struct Progress {
+    explicit Progress(const v1::SamplingParams& sampling)
+        : start(std::chrono::steady_clock::now()),
+          stops({sampling.stop().begin(), sampling.stop().end()}) {}
+    std::chrono::steady_clock::time_point start;
     bool first_token = true;
-    internal::GenerateRequest req;
-    for (int32_t t : prompt_) req.add_prompt_token_ids(t);
-    *req.mutable_sampling() = Forward(sampling_);
-    const Tokenizer* tok = svc_->options().tokenizer;
-    std::set<int> tried;
-    grpc::Status status;
     std::string finish;
     int64_t completion = 0;
     std::unique_ptr<IncrementalDetokenizer> detok;
-    StopStrings stops({sampling_.stop().begin(), sampling_.stop().end()});
+    StopStrings stops;
+  };
+
+  void Run() {
+    Progress p(sampling_);
+    internal::GenerateRequest req;
+    for (int32_t t : prompt_) req.add_prompt_token_ids(t);
+    *req.mutable_sampling() = Forward(sampling_);
+    std::set<int> tried;
+    grpc::Status status;
     for (int attempt = 0; attempt < svc_->options().max_attempts; ++attempt) {
       const int node = svc_->pool()->Pick(tried);
       if (node < 0) {
         status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention node is available");
         break;
       }
-      auto ctx = std::make_unique<grpc::ClientContext>();
-      ctx->set_deadline(deadline_);
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        if (cancelled_) {
-          status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
-          break;
-        }
-        upstream_ = ctx.get();
-      }
-      svc_->pool()->Started(node);
-      auto reader = svc_->pool()->stub(node)->Generate(ctx.get(), req);
-      if (tok != nullptr) detok = std::make_unique<IncrementalDetokenizer>(tok);
-      internal::GenerateResponse r;
-      bool got_token = false;
-      while (reader->Read(&r)) {
-        if (!r.finish_reason().empty()) finish = r.finish_reason();
-        if (r.tokens_size() == 0) continue;
-        got_token = true;
-        if (first_token && svc_->options().metrics.time_to_first_token) {
-          svc_->options().metrics.time_to_first_token(
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-        }
-        first_token = false;
-        v1::GenerateResponse out;
-        std::string text;
-        for (const auto& t : r.tokens()) {
-          out.add_token_ids(t.token_id());
-          if (sampling_.logprobs()) out.add_logprobs(t.logprob());
-          if (sampling_.top_logprobs() > 0) {
-            v1::TopLogprobs* top = out.add_top_logprobs();
-            for (const auto& e : t.top()) {
-              v1::TokenLogprob* l = top->add_top();
-              l->set_token_id(e.token_id());
-              l->set_logprob(e.logprob());
-              if (tok != nullptr) l->set_token(tok->TokenBytes(e.token_id()));
-            }
-          }
-          if (detok) text += detok->Add(t.token_id());
-        }
-        completion += r.tokens_size();
-        out.set_text_delta(stops.Add(text));
-        Push(std::move(out));
-        if (stops.stopped()) {
-          finish = "stop";
-          ctx->TryCancel();  // the attention node frees the sequence
-          break;
-        }
-      }
-      status = reader->Finish();
-      svc_->pool()->Ended(node);
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        upstream_ = nullptr;
-      }
-      if (stops.stopped()) status = grpc::Status::OK;
+      bool retry = false;
+      status = Attempt(node, req, &p, &retry);
+      if (!retry) break;
       // Not started and the node is unreachable: try another one.
-      if (!got_token && status.error_code() == grpc::StatusCode::UNAVAILABLE) {
-        svc_->pool()->MarkFailed(node);
-        tried.insert(node);
-        continue;
-      }
-      break;
+      svc_->pool()->MarkFailed(node);
+      tried.insert(node);
     }
-    if (status.ok()) {
-      v1::GenerateResponse last;
-      std::string rest = detok ? detok->Flush() : std::string();
-      std::string text = stops.Add(rest);
-      text += stops.Flush();
-      last.set_text_delta(text);
-      last.set_finish_reason(finish);
-      last.mutable_usage()->set_prompt_tokens(static_cast<int64_t>(prompt_.size()));
-      last.mutable_usage()->set_completion_tokens(completion);
-      Push(std::move(last));
-    }
-    if (svc_->options().metrics.finished) {
-      static const char* kCodes[] = {"ok",
-                                     "cancelled",
-                                     "unknown",
-                                     "invalid_argument",
-                                     "deadline_exceeded",
-                                     "not_found",
-                                     "already_exists",
-                                     "permission_denied",
-                                     "resource_exhausted",
-                                     "failed_precondition",
-                                     "aborted",
-                                     "out_of_range",
-                                     "unimplemented",
-                                     "internal",
-                                     "unavailable",
-                                     "data_loss",
-                                     "unauthenticated"};
-      const int code = static_cast<int>(status.error_code());
-      svc_->options().metrics.finished(code >= 0 && code <= 16 ? kCodes[code] : "unknown");
-    }
+    if (status.ok()) Push(LastResponse(&p));
+    CountOutcome(status);
     FinishWith(status);
+  }
+
+  // One try of the request on `node`. *retry: it failed before its first token because the node
+  // is unreachable, so another one may take it.
+  grpc::Status Attempt(int node, const internal::GenerateRequest& req, Progress* p, bool* retry) {
+    *retry = false;
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    ctx->set_deadline(deadline_);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+      upstream_ = ctx.get();
+    }
+    svc_->pool()->Started(node);
+    auto reader = svc_->pool()->stub(node)->Generate(ctx.get(), req);
+    if (const Tokenizer* tok = svc_->options().tokenizer; tok != nullptr) {
+      p->detok = std::make_unique<IncrementalDetokenizer>(tok);
+    }
+    internal::GenerateResponse r;
+    bool got_token = false;
+    while (reader->Read(&r)) {
+      if (!r.finish_reason().empty()) p->finish = r.finish_reason();
+      if (r.tokens_size() == 0) continue;
+      got_token = true;
+      ForwardTokens(r, p);
+      if (p->stops.stopped()) {
+        p->finish = "stop";
+        ctx->TryCancel();  // the attention node frees the sequence
+        break;
+      }
+    }
+    grpc::Status status = reader->Finish();
+    svc_->pool()->Ended(node);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      upstream_ = nullptr;
+    }
+    if (p->stops.stopped()) status = grpc::Status::OK;
+    *retry = !got_token && status.error_code() == grpc::StatusCode::UNAVAILABLE;
+    return status;
+  }
+
+  // Streams one upstream response with tokens to the client: ids, log-probabilities and the
+  // text decoded so far, up to any stop string.
+  void ForwardTokens(const internal::GenerateResponse& r, Progress* p) {
+    if (p->first_token && svc_->options().metrics.time_to_first_token) {
+      svc_->options().metrics.time_to_first_token(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - p->start).count());
+    }
+    p->first_token = false;
+    const Tokenizer* tok = svc_->options().tokenizer;
+    v1::GenerateResponse out;
+    std::string text;
+    for (const auto& t : r.tokens()) {
+      out.add_token_ids(t.token_id());
+      if (sampling_.logprobs()) out.add_logprobs(t.logprob());
+      if (sampling_.top_logprobs() > 0) {
+        v1::TopLogprobs* top = out.add_top_logprobs();
+        for (const auto& e : t.top()) {
+          v1::TokenLogprob* l = top->add_top();
+          l->set_token_id(e.token_id());
+          l->set_logprob(e.logprob());
+          if (tok != nullptr) l->set_token(tok->TokenBytes(e.token_id()));
+        }
+      }
+      if (p->detok) text += p->detok->Add(t.token_id());
+    }
+    p->completion += r.tokens_size();
+    out.set_text_delta(p->stops.Add(text));
+    Push(std::move(out));
+  }
+
+  // The closing response of a successful stream: the text held back, the finish reason, usage.
+  v1::GenerateResponse LastResponse(Progress* p) {
+    v1::GenerateResponse last;
+    std::string rest = p->detok ? p->detok->Flush() : std::string();
+    std::string text = p->stops.Add(rest);
+    text += p->stops.Flush();
+    last.set_text_delta(text);
+    last.set_finish_reason(p->finish);
+    last.mutable_usage()->set_prompt_tokens(static_cast<int64_t>(prompt_.size()));
+    last.mutable_usage()->set_completion_tokens(p->completion);
+    return last;
+  }
+
+  void CountOutcome(const grpc::Status& status) {
+    if (!svc_->options().metrics.finished) return;
+    static const char* kCodes[] = {"ok",
+                                   "cancelled",
+                                   "unknown",
+                                   "invalid_argument",
+                                   "deadline_exceeded",
+                                   "not_found",
+                                   "already_exists",
+                                   "permission_denied",
+                                   "resource_exhausted",
+                                   "failed_precondition",
+                                   "aborted",
+                                   "out_of_range",
+                                   "unimplemented",
+                                   "internal",
+                                   "unavailable",
+                                   "data_loss",
+                                   "unauthenticated"};
+    const int code = static_cast<int>(status.error_code());
+    svc_->options().metrics.finished(code >= 0 && code <= 16 ? kCodes[code] : "unknown");
   }
 
   GatewayService* svc_;

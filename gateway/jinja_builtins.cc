@@ -98,6 +98,101 @@ Value ItemsOf(const Object& o) {
   return Arr(std::move(items));
 }
 
+// A JSON string literal; with `ascii`, every code point from U+007F on as \uXXXX UTF-16 escapes.
+std::string JsonString(std::string_view s, bool ascii) {
+  std::string q = JsonQuote(s);
+  if (!ascii) return q;
+  std::string r;
+  for (size_t i = 0, n; i < q.size(); i += n) {
+    const uint32_t cp = DecodeAt(q, i, &n);
+    if (cp < 0x7f) {
+      r.push_back(q[i]);
+      continue;
+    }
+    for (const uint16_t u : ToUtf16(q.substr(i, n))) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", u);
+      r += buf;
+    }
+  }
+  return r;
+}
+
+// str.title(): /\b\w/g, so ASCII words only.
+std::string TitleCase(const std::string& s) {
+  std::string r = s;
+  for (size_t i = 0; i < r.size(); ++i) {
+    if (IsWordByte(r[i]) && (i == 0 || !IsWordByte(s[i - 1])) && r[i] >= 'a' && r[i] <= 'z') {
+      r[i] = static_cast<char>(r[i] - 32);
+    }
+  }
+  return r;
+}
+
+// str.split() without a separator: runs of JS whitespace separate, leading ones are dropped; past
+// `max` parts (unless it is -1) the rest of the text is the last part as it is.
+std::vector<std::string> SplitOnSpace(const std::string& s, double max) {
+  std::vector<std::string> parts;
+  const std::string_view text = TrimJs(s, true, false);
+  for (size_t i = 0; i < text.size();) {
+    if (size_t n = SpaceLen(text, i)) {
+      i += n;
+      continue;
+    }
+    if (max != -1 && static_cast<double>(parts.size()) >= max) {
+      parts.emplace_back(text.substr(i));
+      break;
+    }
+    size_t j = i;
+    while (j < text.size() && SpaceLen(text, j) == 0) {
+      size_t n;
+      DecodeAt(text, j, &n);
+      j += n;
+    }
+    parts.emplace_back(text.substr(i, j - i));
+    i = j;
+  }
+  return parts;
+}
+
+// str.split(d, max) for a non-empty `d`, as the library does it: split on every `d`, then join
+// the parts past `max` back together (a negative `max` counts from the end, as splice does).
+std::vector<std::string> SplitOn(const std::string& s, const std::string& d, double max) {
+  std::vector<std::string> parts;
+  for (size_t i = 0;;) {
+    const size_t j = s.find(d, i);
+    parts.push_back(s.substr(i, j == std::string::npos ? j : j - i));
+    if (j == std::string::npos) break;
+    i = j + d.size();
+  }
+  const double len = static_cast<double>(parts.size());
+  if (max != -1 && len > max) {  // result.push(result.splice(maxsplit).join(sep))
+    const auto from = static_cast<size_t>(max < 0 ? std::max(len + std::trunc(max), 0.0)
+                                                  : std::min(std::trunc(max), len));
+    std::string rest;
+    for (size_t i = from; i < parts.size(); ++i) rest += (i > from ? d : "") + parts[i];
+    parts.resize(from);
+    parts.push_back(std::move(rest));
+  }
+  return parts;
+}
+
+// A filter's keyword argument, or `def`.
+Value KwArg(const Object& kwargs, const char* key, Value def) {
+  const Value* v = kwargs.Find(key);
+  return v ? *v : def;
+}
+
+// A filter's argument: the i-th positional one, else the keyword one, else `def`.
+Value FilterArg(const std::pair<Args, Object>& args, size_t i, const char* key, Value def) {
+  if (i < args.first.size()) return args.first[i];
+  return KwArg(args.second, key, std::move(def));
+}
+
+Status CannotApplyFilter(const Interp& in, const Node& f, const std::string& name, const Value& x) {
+  return in.Err(f, absl::StrCat("Cannot apply filter \"", name, "\" to type: ", TypeName(x)));
+}
+
 std::string StrftimeNow(const std::string& format) {
   const std::time_t now = std::time(nullptr);
   std::tm t{};
@@ -266,31 +361,6 @@ Status Interp::ToJson(const Value& v, const JsonOpts& o, int depth, bool undef_n
                       std::string* out, const Node& at) {
   RETURN_IF_ERROR(CheckDepth(depth, at));
   RETURN_IF_ERROR(CheckOutput(*out));
-  std::string item_sep = ", ", key_sep = ": ";
-  if (o.separators) {
-    item_sep = o.separators->first;
-    key_sep = o.separators->second;
-  } else if (o.indent != 0 && !std::isnan(o.indent)) {
-    item_sep = ",";
-  }
-  const auto quote = [&](std::string_view s) {
-    std::string q = JsonQuote(s);
-    if (!o.ascii) return q;
-    std::string r;
-    for (size_t i = 0, n; i < q.size(); i += n) {
-      const uint32_t cp = DecodeAt(q, i, &n);
-      if (cp < 0x7f) {
-        r.push_back(q[i]);
-        continue;
-      }
-      for (const uint16_t u : ToUtf16(q.substr(i, n))) {
-        char buf[8];
-        std::snprintf(buf, sizeof buf, "\\u%04x", u);
-        r += buf;
-      }
-    }
-    return r;
-  };
   switch (v.k) {
     case K::kNull:
       *out += "null";
@@ -306,14 +376,26 @@ Status Interp::ToJson(const Value& v, const JsonOpts& o, int depth, bool undef_n
       *out += v.n != 0 ? "true" : "false";
       return absl::OkStatus();
     case K::kStr:
-      *out += quote(v.str());
+      *out += JsonString(v.str(), o.ascii);
       return absl::OkStatus();
     case K::kArr:
     case K::kObj:
     case K::kNs:
-      break;
+      return ToJsonContainer(v, o, depth, undef_null, out, at);
     default:
       return Err(at, absl::StrCat("Cannot convert to JSON: ", TypeName(v)));
+  }
+}
+
+// The `[...]` / `{...}` layout of toJSON(): items on their own lines only with an indent.
+Status Interp::ToJsonContainer(const Value& v, const JsonOpts& o, int depth, bool undef_null,
+                               std::string* out, const Node& at) {
+  std::string item_sep = ", ", key_sep = ": ";
+  if (o.separators) {
+    item_sep = o.separators->first;
+    key_sep = o.separators->second;
+  } else if (o.indent != 0 && !std::isnan(o.indent)) {
+    item_sep = ",";
   }
   const bool indent = o.indent != 0 && !std::isnan(o.indent);
   if (indent && o.indent < 0) return Err(at, "tojson: Invalid count value (negative indent)");
@@ -341,7 +423,7 @@ Status Interp::ToJson(const Value& v, const JsonOpts& o, int depth, bool undef_n
       RETURN_IF_ERROR(ToJson((*v.a)[i], o, depth + 1, undef_null, out, at));
     } else {
       const auto& [key, val] = v.o->items[order[i]];
-      *out += quote(key);
+      *out += JsonString(key, o.ascii);
       *out += key_sep;
       RETURN_IF_ERROR(ToJson(val, o, depth + 1, undef_null, out, at));
     }
@@ -463,133 +545,101 @@ StatusOr<Value> Interp::StrMethod(const std::string& s, const std::string& name,
   if (name == "strip" || name == "lstrip" || name == "rstrip") {  // arguments are ignored
     return Str(std::string(TrimJs(s, name != "rstrip", name != "lstrip")));
   }
-  if (name == "title") {  // /\b\w/g: ASCII words only
-    std::string r = s;
-    for (size_t i = 0; i < r.size(); ++i) {
-      if (IsWordByte(r[i]) && (i == 0 || !IsWordByte(s[i - 1])) && r[i] >= 'a' && r[i] <= 'z') {
-        r[i] = static_cast<char>(r[i] - 32);
-      }
-    }
-    return Str(std::move(r));
-  }
+  if (name == "title") return Str(TitleCase(s));
   if (name == "capitalize") {  // charAt(0).toUpperCase() + slice(1): the rest is unchanged
     if (s.empty()) return Str(s);
     size_t n;
     if (DecodeAt(s, 0, &n) >= 0x10000) return Str(s);
     return Built(CaseMap(s.substr(0, n), true) + s.substr(n));
   }
-  if (name == "startswith" || name == "endswith") {
-    if (args.empty()) return Err(at, absl::StrCat(name, "() requires at least one argument"));
-    const auto test = [&](const std::string& p) {
-      return s.size() >= p.size() &&
-             s.compare(name == "startswith" ? 0 : s.size() - p.size(), p.size(), p) == 0;
-    };
-    if (args[0].k == K::kStr) return Bool(test(args[0].str()));
-    if (!IsArr(args[0])) {
-      return Err(at, absl::StrCat(name, "() argument must be a string or tuple of strings"));
-    }
-    for (const Value& p : *args[0].a) {
-      if (p.k != K::kStr) return Err(at, absl::StrCat(name, "() tuple elements must be strings"));
-      if (test(p.str())) return Bool(true);
-    }
-    return Bool(false);
-  }
-  if (name == "split") {  // Python's str.split(sep=None, maxsplit=-1)
-    const Value sep = args.size() > 0 ? args[0] : Make(K::kNull);
-    if (sep.k != K::kStr && sep.k != K::kNull)
-      return Err(at, "sep argument must be a string or null");
-    const Value maxv = args.size() > 1 ? args[1] : Int(-1);
-    if (maxv.k != K::kInt) return Err(at, "maxsplit argument must be a number");
-    const double max = maxv.n;
-    std::vector<std::string> parts;
-    if (sep.k == K::kNull) {
-      const std::string_view text = TrimJs(s, true, false);
-      for (size_t i = 0; i < text.size();) {
-        if (size_t n = SpaceLen(text, i)) {
-          i += n;
-          continue;
-        }
-        if (max != -1 && static_cast<double>(parts.size()) >= max) {
-          parts.emplace_back(text.substr(i));
-          break;
-        }
-        size_t j = i;
-        while (j < text.size() && SpaceLen(text, j) == 0) {
-          size_t n;
-          DecodeAt(text, j, &n);
-          j += n;
-        }
-        parts.emplace_back(text.substr(i, j - i));
-        i = j;
-      }
-    } else {
-      const std::string& d = sep.str();
-      if (d.empty()) return Err(at, "empty separator");
-      for (size_t i = 0;;) {
-        const size_t j = s.find(d, i);
-        parts.push_back(s.substr(i, j == std::string::npos ? j : j - i));
-        if (j == std::string::npos) break;
-        i = j + d.size();
-      }
-      const double len = static_cast<double>(parts.size());
-      if (max != -1 && len > max) {  // result.push(result.splice(maxsplit).join(sep))
-        const auto from = static_cast<size_t>(max < 0 ? std::max(len + std::trunc(max), 0.0)
-                                                      : std::min(std::trunc(max), len));
-        std::string rest;
-        for (size_t i = from; i < parts.size(); ++i) rest += (i > from ? d : "") + parts[i];
-        parts.resize(from);
-        parts.push_back(std::move(rest));
-      }
-    }
-    RETURN_IF_ERROR(Step(static_cast<int64_t>(parts.size())));
-    std::vector<Value> items;
-    for (std::string& p : parts) items.push_back(Str(std::move(p)));
-    return Arr(std::move(items));
-  }
-  if (name == "replace") {
-    if (args.size() < 2) return Err(at, "replace() requires at least two arguments");
-    if (args[0].k != K::kStr || args[1].k != K::kStr)
-      return Err(at, "replace() arguments must be strings");
-    Value count = Make(K::kNull);
-    if (args.size() > 2) {
-      if (args[2].k == K::kKw) {
-        const Value* c = args[2].o->Find("count");
-        if (c) count = *c;
-      } else {
-        count = args[2];
-      }
-    }
-    if (count.k != K::kInt && count.k != K::kNull) {
-      return Err(at, "replace() count argument must be a number or null");
-    }
-    if (count.k == K::kInt && count.n == 0) return Str(s);
-    double left = count.k == K::kNull || count.n < 0 ? HUGE_VAL : count.n;
-    const std::string &from = args[0].str(), &to = args[1].str();
-    std::string out;
-    if (from.empty()) {  // /(?=)/gu: before every code point and at the end
-      for (size_t i = 0, n;; i += n) {
-        if (left > 0) {
-          out += to;
-          --left;
-        }
-        if (i >= s.size()) break;
-        DecodeAt(s, i, &n);
-        out.append(s, i, n);
-        RETURN_IF_ERROR(Charge(to.size()));
-      }
-    } else {
-      size_t i = 0;
-      for (size_t j; left > 0 && (j = s.find(from, i)) != std::string::npos; --left) {
-        out.append(s, i, j - i);
-        out += to;
-        i = j + from.size();
-        RETURN_IF_ERROR(Charge(to.size()));
-      }
-      out.append(s, i, std::string::npos);
-    }
-    return Built(std::move(out));
-  }
+  if (name == "startswith" || name == "endswith") return StrAffix(s, name, args, at);
+  if (name == "split") return StrSplit(s, args, at);
+  if (name == "replace") return StrReplace(s, args, at);
   return Err(at, absl::StrCat("Unknown StringValue method: ", name));
+}
+
+// startswith / endswith: a string, or a tuple of strings any of which may match.
+StatusOr<Value> Interp::StrAffix(const std::string& s, const std::string& name, const Args& args,
+                                 const Node& at) const {
+  if (args.empty()) return Err(at, absl::StrCat(name, "() requires at least one argument"));
+  const auto test = [&](const std::string& p) {
+    return s.size() >= p.size() &&
+           s.compare(name == "startswith" ? 0 : s.size() - p.size(), p.size(), p) == 0;
+  };
+  if (args[0].k == K::kStr) return Bool(test(args[0].str()));
+  if (!IsArr(args[0])) {
+    return Err(at, absl::StrCat(name, "() argument must be a string or tuple of strings"));
+  }
+  for (const Value& p : *args[0].a) {
+    if (p.k != K::kStr) return Err(at, absl::StrCat(name, "() tuple elements must be strings"));
+    if (test(p.str())) return Bool(true);
+  }
+  return Bool(false);
+}
+
+// Python's str.split(sep=None, maxsplit=-1).
+StatusOr<Value> Interp::StrSplit(const std::string& s, const Args& args, const Node& at) {
+  const Value sep = args.size() > 0 ? args[0] : Make(K::kNull);
+  if (sep.k != K::kStr && sep.k != K::kNull)
+    return Err(at, "sep argument must be a string or null");
+  const Value maxv = args.size() > 1 ? args[1] : Int(-1);
+  if (maxv.k != K::kInt) return Err(at, "maxsplit argument must be a number");
+  std::vector<std::string> parts;
+  if (sep.k == K::kNull) {
+    parts = SplitOnSpace(s, maxv.n);
+  } else {
+    if (sep.str().empty()) return Err(at, "empty separator");
+    parts = SplitOn(s, sep.str(), maxv.n);
+  }
+  RETURN_IF_ERROR(Step(static_cast<int64_t>(parts.size())));
+  std::vector<Value> items;
+  for (std::string& p : parts) items.push_back(Str(std::move(p)));
+  return Arr(std::move(items));
+}
+
+// replace(old, new, count=null): `count` may come as a keyword argument (the filter's call).
+StatusOr<Value> Interp::StrReplace(const std::string& s, const Args& args, const Node& at) {
+  if (args.size() < 2) return Err(at, "replace() requires at least two arguments");
+  if (args[0].k != K::kStr || args[1].k != K::kStr)
+    return Err(at, "replace() arguments must be strings");
+  Value count = Make(K::kNull);
+  if (args.size() > 2) {
+    if (args[2].k == K::kKw) {
+      const Value* c = args[2].o->Find("count");
+      if (c) count = *c;
+    } else {
+      count = args[2];
+    }
+  }
+  if (count.k != K::kInt && count.k != K::kNull) {
+    return Err(at, "replace() count argument must be a number or null");
+  }
+  if (count.k == K::kInt && count.n == 0) return Str(s);
+  double left = count.k == K::kNull || count.n < 0 ? HUGE_VAL : count.n;
+  const std::string &from = args[0].str(), &to = args[1].str();
+  std::string out;
+  if (from.empty()) {  // /(?=)/gu: before every code point and at the end
+    for (size_t i = 0, n;; i += n) {
+      if (left > 0) {
+        out += to;
+        --left;
+      }
+      if (i >= s.size()) break;
+      DecodeAt(s, i, &n);
+      out.append(s, i, n);
+      RETURN_IF_ERROR(Charge(to.size()));
+    }
+  } else {
+    size_t i = 0;
+    for (size_t j; left > 0 && (j = s.find(from, i)) != std::string::npos; --left) {
+      out.append(s, i, j - i);
+      out += to;
+      i = j + from.size();
+      RETURN_IF_ERROR(Charge(to.size()));
+    }
+    out.append(s, i, std::string::npos);
+  }
+  return Built(std::move(out));
 }
 
 StatusOr<Value> Interp::ObjMethod(const Value& recv, const std::string& name, const Args& args,
@@ -651,73 +701,8 @@ StatusOr<Value> Interp::ApplyFilter(const Value& x, const Node& f, const EnvP& e
     RETURN_IF_ERROR(ToJson(x, JsonOpts{}, 0, true, &out, f));
     return Built(std::move(out));
   }
-  if (IsArr(x)) {
-    const std::vector<Value>& a = *x.a;
-    if (name == "list") return x;
-    if (name == "first" || name == "last") {
-      if (a.empty()) return Make(K::kHole);
-      return name == "first" ? a.front() : a.back();
-    }
-    if (name == "length") return Int(static_cast<double>(a.size()));
-    if (name == "reverse") return Arr(std::vector<Value>(a.rbegin(), a.rend()));
-    if (name == "sort")
-      return Sort(
-          a, false, false, [](const Value& v) { return v; }, f);
-    if (name == "join") {
-      ASSIGN_OR_RETURN(std::string s, JoinValues(*this, a, "", f));
-      return Str(std::move(s));
-    }
-    if (name == "string") {
-      std::string out;
-      RETURN_IF_ERROR(ToJson(x, JsonOpts{}, 0, false, &out, f));
-      return Built(std::move(out));
-    }
-    if (name == "unique") {
-      std::vector<Value> out;
-      for (const Value& v : a) {
-        RETURN_IF_ERROR(Step(static_cast<int64_t>(out.size())));
-        if (std::none_of(out.begin(), out.end(), [&](const Value& u) {
-              return StrictEq(u, v, /*same_value_zero=*/true);
-            })) {
-          out.push_back(v);
-        }
-      }
-      return Arr(std::move(out));
-    }
-    return unknown("ArrayValue");
-  }
-  if (x.k == K::kStr) {
-    const std::string& s = x.str();
-    if (name == "length" || name == "upper" || name == "lower" || name == "title" ||
-        name == "capitalize") {
-      return StrMethod(s, name, {}, f);
-    }
-    if (name == "trim") return Str(std::string(TrimJs(s, true, true)));
-    if (name == "indent") {
-      std::string out;
-      for (size_t i = 0, line = 0;; ++line) {
-        const size_t j = s.find('\n', i);
-        const std::string_view l =
-            std::string_view(s).substr(i, j == std::string::npos ? j : j - i);
-        if (line > 0 && !l.empty()) out += "    ";
-        out.append(l);
-        if (j == std::string::npos) break;
-        out += '\n';
-        i = j + 1;
-      }
-      return Built(std::move(out));
-    }
-    if (name == "join" || name == "string") return x;
-    if (name == "int") {
-      const double v = JsParseInt(s);
-      return Int(std::isnan(v) ? 0 : v);
-    }
-    if (name == "float") {
-      const double v = JsParseFloat(s);
-      return Float(std::isnan(v) ? 0 : v);
-    }
-    return unknown("StringValue");
-  }
+  if (IsArr(x)) return ArrayFilter(x, name, f);
+  if (x.k == K::kStr) return StringFilter(x, name, f);
   if (IsNum(x)) {
     if (name == "abs") return Num(std::fabs(x.n), x.k == K::kFloat);
     if (name == "int") return Int(std::floor(x.n));
@@ -739,184 +724,264 @@ StatusOr<Value> Interp::ApplyFilter(const Value& x, const Node& f, const EnvP& e
     if (name == "string") return Str(x.n != 0 ? "true" : "false");
     return unknown("BooleanValue");
   }
-  return Err(f, absl::StrCat("Cannot apply filter \"", name, "\" to type: ", TypeName(x)));
+  return CannotApplyFilter(*this, f, name, x);
+}
+
+// `x | name` without arguments on an array or a tuple.
+StatusOr<Value> Interp::ArrayFilter(const Value& x, const std::string& name, const Node& f) {
+  const std::vector<Value>& a = *x.a;
+  if (name == "list") return x;
+  if (name == "first" || name == "last") {
+    if (a.empty()) return Make(K::kHole);
+    return name == "first" ? a.front() : a.back();
+  }
+  if (name == "length") return Int(static_cast<double>(a.size()));
+  if (name == "reverse") return Arr(std::vector<Value>(a.rbegin(), a.rend()));
+  if (name == "sort")
+    return Sort(
+        a, false, false, [](const Value& v) { return v; }, f);
+  if (name == "join") {
+    ASSIGN_OR_RETURN(std::string s, JoinValues(*this, a, "", f));
+    return Str(std::move(s));
+  }
+  if (name == "string") {
+    std::string out;
+    RETURN_IF_ERROR(ToJson(x, JsonOpts{}, 0, false, &out, f));
+    return Built(std::move(out));
+  }
+  if (name == "unique") {
+    std::vector<Value> out;
+    for (const Value& v : a) {
+      RETURN_IF_ERROR(Step(static_cast<int64_t>(out.size())));
+      if (std::none_of(out.begin(), out.end(),
+                       [&](const Value& u) { return StrictEq(u, v, /*same_value_zero=*/true); })) {
+        out.push_back(v);
+      }
+    }
+    return Arr(std::move(out));
+  }
+  return Err(f, absl::StrCat("Unknown ArrayValue filter: ", name));
+}
+
+// `x | name` without arguments on a string.
+StatusOr<Value> Interp::StringFilter(const Value& x, const std::string& name, const Node& f) {
+  const std::string& s = x.str();
+  if (name == "length" || name == "upper" || name == "lower" || name == "title" ||
+      name == "capitalize") {
+    return StrMethod(s, name, {}, f);
+  }
+  if (name == "trim") return Str(std::string(TrimJs(s, true, true)));
+  if (name == "indent") {
+    std::string out;
+    for (size_t i = 0, line = 0;; ++line) {
+      const size_t j = s.find('\n', i);
+      const std::string_view l = std::string_view(s).substr(i, j == std::string::npos ? j : j - i);
+      if (line > 0 && !l.empty()) out += "    ";
+      out.append(l);
+      if (j == std::string::npos) break;
+      out += '\n';
+      i = j + 1;
+    }
+    return Built(std::move(out));
+  }
+  if (name == "join" || name == "string") return x;
+  if (name == "int") {
+    const double v = JsParseInt(s);
+    return Int(std::isnan(v) ? 0 : v);
+  }
+  if (name == "float") {
+    const double v = JsParseFloat(s);
+    return Float(std::isnan(v) ? 0 : v);
+  }
+  return Err(f, absl::StrCat("Unknown StringValue filter: ", name));
 }
 
 StatusOr<Value> Interp::ApplyCallFilter(const Value& x, const Node& f, const EnvP& env) {
   const std::string& name = f.a[0]->str;
-  const auto cannot = [&]() {
-    return Err(f, absl::StrCat("Cannot apply filter \"", name, "\" to type: ", TypeName(x)));
-  };
-  const auto arg = [](const std::pair<Args, Object>& args, size_t i, const char* key,
-                      Value def) -> Value {
-    if (i < args.first.size()) return args.first[i];
-    const Value* v = key ? args.second.Find(key) : nullptr;
-    return v ? *v : def;
-  };
   if (name == "tojson") {  // keyword arguments only
     ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
-    JsonOpts o;
-    const Value indent = arg({{}, args.second}, 0, "indent", Make(K::kNull));
-    if (indent.k != K::kInt && indent.k != K::kNull)
-      return Err(f, "If set, indent must be a number");
-    o.indent = indent.k == K::kInt ? indent.n : 0;
-    const Value ascii = arg({{}, args.second}, 0, "ensure_ascii", Bool(false));
-    if (ascii.k != K::kBool) return Err(f, "If set, ensure_ascii must be a boolean");
-    o.ascii = ascii.n != 0;
-    const Value sort = arg({{}, args.second}, 0, "sort_keys", Bool(false));
-    if (sort.k != K::kBool) return Err(f, "If set, sort_keys must be a boolean");
-    o.sort_keys = sort.n != 0;
-    const Value seps = arg({{}, args.second}, 0, "separators", Make(K::kNull));
-    if (IsArr(seps)) {
-      if (seps.a->size() != 2 || (*seps.a)[0].k != K::kStr || (*seps.a)[1].k != K::kStr) {
-        return Err(f, "separators must be a tuple of two strings");
-      }
-      o.separators = std::make_pair((*seps.a)[0].str(), (*seps.a)[1].str());
-    } else if (seps.k != K::kNull) {
-      return Err(f, "If set, separators must be a tuple of two strings");
-    }
+    ASSIGN_OR_RETURN(const JsonOpts o, JsonOptions(args.second, f));
     std::string out;
     RETURN_IF_ERROR(ToJson(x, o, 0, true, &out, f));
     return Built(std::move(out));
   }
-  if (name == "join") {
-    if (x.k != K::kStr && !IsArr(x)) return cannot();
-    ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
-    const Value sep = arg(args, 0, "separator", Str(""));
-    if (sep.k != K::kStr) return Err(f, "separator must be a string");
-    if (IsArr(x)) {
-      ASSIGN_OR_RETURN(std::string s, JoinValues(*this, *x.a, sep.str(), f));
-      return Str(std::move(s));
-    }
-    std::string out;
-    const std::vector<std::string_view> cps = CodePoints(x.str());
-    for (size_t i = 0; i < cps.size(); ++i) {
-      if (i > 0) out += sep.str();
-      out.append(cps[i]);
-      RETURN_IF_ERROR(Charge(cps[i].size() + sep.str().size()));
-    }
-    return Str(std::move(out));
-  }
+  if (name == "join") return JoinFilter(x, f, env);
   if (name == "int" || name == "float") {
     ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
     const bool is_int = name == "int";
-    const Value def = arg(args, 0, "default", is_int ? Int(0) : Float(0));
+    const Value def = FilterArg(args, 0, "default", is_int ? Int(0) : Float(0));
     if (x.k == K::kStr) {
       const double v = is_int ? JsParseInt(x.str()) : JsParseFloat(x.str());
       return std::isnan(v) ? def : Num(v, !is_int);
     }
     if (IsNum(x)) return x;
     if (x.k == K::kBool) return Num(x.n, !is_int);
-    return cannot();
+    return CannotApplyFilter(*this, f, name, x);
   }
   if (name == "default") {
     ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
     const Value def = args.first.empty() ? Str("") : args.first[0];
-    const Value boolean = arg(args, 1, "boolean", Bool(false));
+    const Value boolean = FilterArg(args, 1, "boolean", Bool(false));
     if (boolean.k != K::kBool) return Err(f, "`default` filter flag must be a boolean");
     return x.k == K::kUndef || (boolean.n != 0 && !Truthy(x)) ? def : x;
   }
-  if (IsArr(x)) {
-    const std::vector<Value>& a = *x.a;
-    if (name == "sort") {
-      ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
-      const Value rev = arg(args, 0, "reverse", Bool(false));
-      if (rev.k != K::kBool) return Err(f, "reverse must be a boolean");
-      const Value cs = arg(args, 1, "case_sensitive", Bool(false));
-      if (cs.k != K::kBool) return Err(f, "case_sensitive must be a boolean");
-      const Value attr = arg(args, 2, "attribute", Make(K::kNull));
-      if (attr.k != K::kStr && attr.k != K::kInt && attr.k != K::kNull) {
-        return Err(f, "attribute must be a string, integer, or null");
-      }
-      const std::string path = attr.k == K::kInt   ? JsNumber(attr.n)
-                               : attr.k == K::kStr ? attr.str()
-                                                   : "";
-      return Sort(
-          a, rev.n != 0, cs.n != 0,
-          [&](const Value& v) { return attr.k == K::kNull ? v : GetAttribute(v, path); }, f);
-    }
-    if (name == "selectattr" || name == "rejectattr") {
-      if (!std::all_of(a.begin(), a.end(), IsContainer)) {
-        return Err(f, absl::StrCat("`", name, "` can only be applied to array of objects"));
-      }
-      std::vector<Value> vals;
-      for (size_t i = 1; i < f.a.size(); ++i) {
-        if (f.a[i]->kind != NK::kStr)
-          return Err(f, absl::StrCat("arguments of `", name, "` must be strings"));
-        vals.push_back(Str(f.a[i]->str));
-      }
-      std::vector<Value> out;
-      for (const Value& item : a) {
-        RETURN_IF_ERROR(Step());
-        const Value* v = vals.empty() ? nullptr : item.o->Find(vals[0].str());
-        bool r = false;
-        if (v != nullptr && vals.size() > 1) {
-          ASSIGN_OR_RETURN(r, Test(vals[1].str(), *v, vals.size() > 2 ? &vals[2] : nullptr, f));
-        } else if (v != nullptr) {
-          r = Truthy(*v);
-        }
-        if (r == (name == "selectattr")) out.push_back(item);
-      }
-      return Arr(std::move(out));
-    }
-    if (name == "map") {
-      ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
-      const Value* attr = args.second.Find("attribute");
-      if (attr == nullptr) {
-        return Err(f, "`map` expressions without `attribute` set are not currently supported.");
-      }
-      if (attr->k != K::kStr) return Err(f, "attribute must be a string");
-      const Value* def = args.second.Find("default");
-      std::vector<Value> out;
-      for (const Value& item : a) {
-        RETURN_IF_ERROR(Step());
-        if (!IsContainer(item)) return Err(f, "items in map must be an object");
-        Value v = GetAttribute(item, attr->str());
-        out.push_back(v.k == K::kUndef && def ? *def : v);
-      }
-      return Arr(std::move(out));
-    }
-    return Err(f, absl::StrCat("Unknown ArrayValue filter: ", name));
-  }
-  if (x.k == K::kStr) {
-    ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
-    if (name == "indent") {
-      const Value width = arg(args, 0, "width", Int(4));
-      if (width.k != K::kInt) return Err(f, "width must be a number");
-      if (width.n < 0 || width.n > static_cast<double>(lim_.max_output_bytes)) {
-        return Err(f, "indent: Invalid count value");
-      }
-      const bool first = TruthyRaw(arg(args, 1, "first", Bool(false)));
-      const bool blank = TruthyRaw(arg(args, 2, "blank", Bool(false)));
-      const std::string pad(static_cast<size_t>(width.n), ' ');
-      const std::string& s = x.str();
-      std::string out;
-      for (size_t i = 0, line = 0;; ++line) {
-        const size_t j = s.find('\n', i);
-        const std::string_view l =
-            std::string_view(s).substr(i, j == std::string::npos ? j : j - i);
-        if ((first || line > 0) && (blank || !l.empty())) out += pad;
-        out.append(l);
-        RETURN_IF_ERROR(Charge(pad.size() + l.size()));
-        if (j == std::string::npos) break;
-        out += '\n';
-        i = j + 1;
-      }
-      return Str(std::move(out));
-    }
-    if (name == "replace") {
-      args.first.push_back(Obj(std::move(args.second), K::kKw));
-      return StrMethod(x.str(), "replace", args.first, f);
-    }
-    return Err(f, absl::StrCat("Unknown StringValue filter: ", name));
-  }
+  if (IsArr(x)) return ArrayCallFilter(x, f, env);
+  if (x.k == K::kStr) return StringCallFilter(x, f, env);
   if (IsMap(x) && Method(x, name).k == K::kFn) {
     ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
     if (!args.second.items.empty()) args.first.push_back(Obj(std::move(args.second), K::kKw));
     return ObjMethod(x, name, args.first, f);
   }
   if (IsMap(x)) return Err(f, absl::StrCat("Unknown ObjectValue filter: ", name));
-  return cannot();
+  return CannotApplyFilter(*this, f, name, x);
+}
+
+// tojson(indent=none, ensure_ascii=false, sort_keys=false, separators=none).
+StatusOr<JsonOpts> Interp::JsonOptions(const Object& kwargs, const Node& f) const {
+  JsonOpts o;
+  const Value indent = KwArg(kwargs, "indent", Make(K::kNull));
+  if (indent.k != K::kInt && indent.k != K::kNull) return Err(f, "If set, indent must be a number");
+  o.indent = indent.k == K::kInt ? indent.n : 0;
+  const Value ascii = KwArg(kwargs, "ensure_ascii", Bool(false));
+  if (ascii.k != K::kBool) return Err(f, "If set, ensure_ascii must be a boolean");
+  o.ascii = ascii.n != 0;
+  const Value sort = KwArg(kwargs, "sort_keys", Bool(false));
+  if (sort.k != K::kBool) return Err(f, "If set, sort_keys must be a boolean");
+  o.sort_keys = sort.n != 0;
+  const Value seps = KwArg(kwargs, "separators", Make(K::kNull));
+  if (IsArr(seps)) {
+    if (seps.a->size() != 2 || (*seps.a)[0].k != K::kStr || (*seps.a)[1].k != K::kStr) {
+      return Err(f, "separators must be a tuple of two strings");
+    }
+    o.separators = std::make_pair((*seps.a)[0].str(), (*seps.a)[1].str());
+  } else if (seps.k != K::kNull) {
+    return Err(f, "If set, separators must be a tuple of two strings");
+  }
+  return o;
+}
+
+// join(separator=""): an array's items, or a string's code points.
+StatusOr<Value> Interp::JoinFilter(const Value& x, const Node& f, const EnvP& env) {
+  if (x.k != K::kStr && !IsArr(x)) return CannotApplyFilter(*this, f, f.a[0]->str, x);
+  ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
+  const Value sep = FilterArg(args, 0, "separator", Str(""));
+  if (sep.k != K::kStr) return Err(f, "separator must be a string");
+  if (IsArr(x)) {
+    ASSIGN_OR_RETURN(std::string s, JoinValues(*this, *x.a, sep.str(), f));
+    return Str(std::move(s));
+  }
+  std::string out;
+  const std::vector<std::string_view> cps = CodePoints(x.str());
+  for (size_t i = 0; i < cps.size(); ++i) {
+    if (i > 0) out += sep.str();
+    out.append(cps[i]);
+    RETURN_IF_ERROR(Charge(cps[i].size() + sep.str().size()));
+  }
+  return Str(std::move(out));
+}
+
+// `x | name(...)` on an array or a tuple: sort, selectattr / rejectattr, map.
+StatusOr<Value> Interp::ArrayCallFilter(const Value& x, const Node& f, const EnvP& env) {
+  const std::string& name = f.a[0]->str;
+  const std::vector<Value>& a = *x.a;
+  if (name == "sort") {
+    ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
+    const Value rev = FilterArg(args, 0, "reverse", Bool(false));
+    if (rev.k != K::kBool) return Err(f, "reverse must be a boolean");
+    const Value cs = FilterArg(args, 1, "case_sensitive", Bool(false));
+    if (cs.k != K::kBool) return Err(f, "case_sensitive must be a boolean");
+    const Value attr = FilterArg(args, 2, "attribute", Make(K::kNull));
+    if (attr.k != K::kStr && attr.k != K::kInt && attr.k != K::kNull) {
+      return Err(f, "attribute must be a string, integer, or null");
+    }
+    const std::string path = attr.k == K::kInt   ? JsNumber(attr.n)
+                             : attr.k == K::kStr ? attr.str()
+                                                 : "";
+    return Sort(
+        a, rev.n != 0, cs.n != 0,
+        [&](const Value& v) { return attr.k == K::kNull ? v : GetAttribute(v, path); }, f);
+  }
+  if (name == "selectattr" || name == "rejectattr") return SelectAttr(a, f);
+  if (name == "map") {
+    ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
+    const Value* attr = args.second.Find("attribute");
+    if (attr == nullptr) {
+      return Err(f, "`map` expressions without `attribute` set are not currently supported.");
+    }
+    if (attr->k != K::kStr) return Err(f, "attribute must be a string");
+    const Value* def = args.second.Find("default");
+    std::vector<Value> out;
+    for (const Value& item : a) {
+      RETURN_IF_ERROR(Step());
+      if (!IsContainer(item)) return Err(f, "items in map must be an object");
+      Value v = GetAttribute(item, attr->str());
+      out.push_back(v.k == K::kUndef && def ? *def : v);
+    }
+    return Arr(std::move(out));
+  }
+  return Err(f, absl::StrCat("Unknown ArrayValue filter: ", name));
+}
+
+// selectattr / rejectattr(attribute, test?, value?): the arguments are string literals, taken as
+// written rather than evaluated.
+StatusOr<Value> Interp::SelectAttr(const std::vector<Value>& a, const Node& f) {
+  const std::string& name = f.a[0]->str;
+  if (!std::all_of(a.begin(), a.end(), IsContainer)) {
+    return Err(f, absl::StrCat("`", name, "` can only be applied to array of objects"));
+  }
+  std::vector<Value> vals;
+  for (size_t i = 1; i < f.a.size(); ++i) {
+    if (f.a[i]->kind != NK::kStr)
+      return Err(f, absl::StrCat("arguments of `", name, "` must be strings"));
+    vals.push_back(Str(f.a[i]->str));
+  }
+  std::vector<Value> out;
+  for (const Value& item : a) {
+    RETURN_IF_ERROR(Step());
+    const Value* v = vals.empty() ? nullptr : item.o->Find(vals[0].str());
+    bool r = false;
+    if (v != nullptr && vals.size() > 1) {
+      ASSIGN_OR_RETURN(r, Test(vals[1].str(), *v, vals.size() > 2 ? &vals[2] : nullptr, f));
+    } else if (v != nullptr) {
+      r = Truthy(*v);
+    }
+    if (r == (name == "selectattr")) out.push_back(item);
+  }
+  return Arr(std::move(out));
+}
+
+// `x | name(...)` on a string: indent, replace.
+StatusOr<Value> Interp::StringCallFilter(const Value& x, const Node& f, const EnvP& env) {
+  const std::string& name = f.a[0]->str;
+  ASSIGN_OR_RETURN(auto args, EvalArgs(f.a, 1, env));
+  if (name == "indent") {
+    const Value width = FilterArg(args, 0, "width", Int(4));
+    if (width.k != K::kInt) return Err(f, "width must be a number");
+    if (width.n < 0 || width.n > static_cast<double>(lim_.max_output_bytes)) {
+      return Err(f, "indent: Invalid count value");
+    }
+    const bool first = TruthyRaw(FilterArg(args, 1, "first", Bool(false)));
+    const bool blank = TruthyRaw(FilterArg(args, 2, "blank", Bool(false)));
+    const std::string pad(static_cast<size_t>(width.n), ' ');
+    const std::string& s = x.str();
+    std::string out;
+    for (size_t i = 0, line = 0;; ++line) {
+      const size_t j = s.find('\n', i);
+      const std::string_view l = std::string_view(s).substr(i, j == std::string::npos ? j : j - i);
+      if ((first || line > 0) && (blank || !l.empty())) out += pad;
+      out.append(l);
+      RETURN_IF_ERROR(Charge(pad.size() + l.size()));
+      if (j == std::string::npos) break;
+      out += '\n';
+      i = j + 1;
+    }
+    return Str(std::move(out));
+  }
+  if (name == "replace") {
+    args.first.push_back(Obj(std::move(args.second), K::kKw));
+    return StrMethod(x.str(), "replace", args.first, f);
+  }
+  return Err(f, absl::StrCat("Unknown StringValue filter: ", name));
 }
 
 // ---- Globals: namespace(), range(), raise_exception(), strftime_now().

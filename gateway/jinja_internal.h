@@ -331,8 +331,17 @@ class Interp {
   absl::StatusOr<Value> EvalBinary(const Node& n, const EnvP& env);
   absl::StatusOr<Value> EvalUnary(const Node& n, const EnvP& env);
   absl::StatusOr<Value> EvalCallBlock(const Node& n, const EnvP& env);
+  absl::Status ToJsonContainer(const Value& v, const JsonOpts& o, int depth, bool undef_null,
+                               std::string* out, const Node& at);  // arrays, objects, namespaces
   absl::StatusOr<Value> ApplyFilter(const Value& x, const Node& f, const EnvP& env);
+  absl::StatusOr<Value> ArrayFilter(const Value& x, const std::string& name, const Node& f);
+  absl::StatusOr<Value> StringFilter(const Value& x, const std::string& name, const Node& f);
   absl::StatusOr<Value> ApplyCallFilter(const Value& x, const Node& f, const EnvP& env);
+  absl::StatusOr<JsonOpts> JsonOptions(const Object& kwargs, const Node& f) const;
+  absl::StatusOr<Value> JoinFilter(const Value& x, const Node& f, const EnvP& env);
+  absl::StatusOr<Value> ArrayCallFilter(const Value& x, const Node& f, const EnvP& env);
+  absl::StatusOr<Value> SelectAttr(const std::vector<Value>& a, const Node& f);
+  absl::StatusOr<Value> StringCallFilter(const Value& x, const Node& f, const EnvP& env);
   absl::StatusOr<bool> Test(const std::string& name, const Value& a, const Value* b,
                             const Node& at);
   Value Method(const Value& recv, std::string name);
@@ -340,6 +349,10 @@ class Interp {
                                    const Node& at);
   absl::StatusOr<Value> StrMethod(const std::string& s, const std::string& name, const Args& args,
                                   const Node& at);
+  absl::StatusOr<Value> StrAffix(const std::string& s, const std::string& name, const Args& args,
+                                 const Node& at) const;
+  absl::StatusOr<Value> StrSplit(const std::string& s, const Args& args, const Node& at);
+  absl::StatusOr<Value> StrReplace(const std::string& s, const Args& args, const Node& at);
   absl::StatusOr<Value> ObjMethod(const Value& recv, const std::string& name, const Args& args,
                                   const Node& at);
   absl::StatusOr<Value> Sort(const std::vector<Value>& items, bool reverse, bool case_sensitive,

@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -481,14 +480,7 @@ class Lexer {
     while (i_ < s_.size()) {
       const std::optional<TT> last = Last();
       if (!last || *last == TT::kCloseStmt || *last == TT::kCloseExpr || *last == TT::kComment) {
-        const size_t start = i_;
-        while (i_ < s_.size() && !(s_[i_] == '{' && OneOf(At(i_ + 1), "%{#"))) {
-          ++i_;
-        }
-        if (i_ > start) {
-          Push(TT::kText, s_.substr(start, i_ - start), start);
-          continue;
-        }
+        if (Text()) continue;
       }
       if (HasAt(s_, i_, "{#")) {
         RETURN_IF_ERROR(Comment());
@@ -519,15 +511,7 @@ class Lexer {
           return Error(i_, absl::StrCat("unexpected character ", std::string(1, c)));
         if (*last != TT::kIdent && *last != TT::kNum && *last != TT::kStr && *last != TT::kRParen &&
             *last != TT::kRBracket) {
-          const size_t start = i_++;  // a unary sign, possibly part of a number
-          std::string num;
-          RETURN_IF_ERROR(Digits(&num));
-          if (!num.empty() && At(i_) == '.' && IsDigit(At(i_ + 1))) {
-            ++i_;
-            num += '.';
-            RETURN_IF_ERROR(Digits(&num));
-          }
-          Push(num.empty() ? TT::kUnary : TT::kNum, std::string(1, c) + num, start);
+          RETURN_IF_ERROR(Signed(c));
           continue;
         }
       }
@@ -536,23 +520,12 @@ class Lexer {
         RETURN_IF_ERROR(StringLiteral(c));
         continue;
       }
-      const size_t start = i_;
       if (IsDigit(c)) {
-        std::string num;
-        RETURN_IF_ERROR(Digits(&num));
-        if (Last() != TT::kDot && At(i_) == '.' && IsDigit(At(i_ + 1))) {
-          ++i_;
-          num += '.';
-          RETURN_IF_ERROR(Digits(&num));
-        }
-        Push(TT::kNum, num, start);
+        RETURN_IF_ERROR(Number());
         continue;
       }
       if (IsWordByte(c)) {
-        while (IsWordByte(At(i_))) {
-          if (++i_ >= s_.size()) return Error(i_, "unexpected end of template");
-        }
-        Push(TT::kIdent, s_.substr(start, i_ - start), start);
+        RETURN_IF_ERROR(Identifier());
         continue;
       }
       size_t n;
@@ -579,6 +552,50 @@ class Lexer {
     std::string& v = tokens_.back().value;
     v.resize(TrimJs(v, false, true).size());
     if (v.empty()) tokens_.pop_back();
+  }
+  // The text up to the next `{%`, `{{` or `{#`, if any (false: a tag starts here).
+  bool Text() {
+    const size_t start = i_;
+    while (i_ < s_.size() && !(s_[i_] == '{' && OneOf(At(i_ + 1), "%{#"))) {
+      ++i_;
+    }
+    if (i_ == start) return false;
+    Push(TT::kText, s_.substr(start, i_ - start), start);
+    return true;
+  }
+  // A `-` or `+` where an operand is expected: a signed number, or else a unary operator.
+  Status Signed(char c) {
+    const size_t start = i_++;
+    std::string num;
+    RETURN_IF_ERROR(Digits(&num));
+    if (!num.empty() && At(i_) == '.' && IsDigit(At(i_ + 1))) {
+      ++i_;
+      num += '.';
+      RETURN_IF_ERROR(Digits(&num));
+    }
+    Push(num.empty() ? TT::kUnary : TT::kNum, std::string(1, c) + num, start);
+    return absl::OkStatus();
+  }
+  // An unsigned number; after a `.` only its integer part (`x.0.1` is two member accesses).
+  Status Number() {
+    const size_t start = i_;
+    std::string num;
+    RETURN_IF_ERROR(Digits(&num));
+    if (Last() != TT::kDot && At(i_) == '.' && IsDigit(At(i_ + 1))) {
+      ++i_;
+      num += '.';
+      RETURN_IF_ERROR(Digits(&num));
+    }
+    Push(TT::kNum, num, start);
+    return absl::OkStatus();
+  }
+  Status Identifier() {
+    const size_t start = i_;
+    while (IsWordByte(At(i_))) {
+      if (++i_ >= s_.size()) return Error(i_, "unexpected end of template");
+    }
+    Push(TT::kIdent, s_.substr(start, i_ - start), start);
+    return absl::OkStatus();
   }
   // consumeWhile(isInteger): reaching the end of the template inside a token is an error there.
   Status Digits(std::string* out) {
@@ -723,6 +740,102 @@ bool Contains(const std::string_view (&list)[N], std::string_view s) {
 // Limits::max_stack_bytes does for rendering).
 constexpr int kMaxParseDepth = 200;
 constexpr size_t kMaxParseStack = size_t{256} << 10;
+
+// The walk of SpecialArgs() below: names declared so far (parameters, loop and set targets) and
+// the special ones read before their declaration, as bits (1 = varargs, 2 = kwargs).
+class SpecialArgsFinder {
+ public:
+  int accessed() const { return accessed_; }
+
+  void Declare(const Node* t) {
+    if (!t) return;
+    if (t->kind == NK::kIdent || t->kind == NK::kKwarg) declared_ |= Bit(t->str);
+    if (t->kind == NK::kTuple) {
+      for (const NodeP& e : t->a) Declare(e.get());
+    }
+  }
+
+  void VisitAll(const std::vector<NodeP>& v, size_t from = 0) {
+    for (size_t i = from; i < v.size(); ++i) Visit(v[i].get());
+  }
+
+  void Visit(const Node* n) {
+    if (!n) return;
+    switch (n->kind) {
+      case NK::kFor:
+        Declare(n->a[0].get());
+        if (n->a[1]->kind == NK::kSelect) {
+          Visit(n->a[1]->a[0].get());
+          VisitAll(n->body);
+          VisitAll(n->alt);
+          Visit(n->a[1]->a[1].get());
+        } else {
+          Visit(n->a[1].get());
+          VisitAll(n->body);
+          VisitAll(n->alt);
+        }
+        return;
+      case NK::kSet:
+        Declare(n->a[0].get());
+        Visit(n->a[1].get());
+        VisitAll(n->body);
+        return;
+      case NK::kMacro:
+        for (const NodeP& p : n->a) Declare(p.get());
+        Defaults(n->a, 0);
+        VisitAll(n->body);
+        return;
+      case NK::kCallBlock:
+        Visit(n->a[0].get());
+        for (size_t i = 1; i < n->a.size(); ++i) Declare(n->a[i].get());
+        Defaults(n->a, 1);
+        VisitAll(n->body);
+        return;
+      case NK::kFilterBlock:
+        VisitAll(n->body);
+        VisitFilter(n->a[0].get());
+        return;
+      case NK::kIdent:
+        accessed_ |= Bit(n->str) & ~declared_;
+        return;
+      case NK::kMember:
+        Visit(n->a[0].get());
+        if (n->flag) Visit(n->a[1].get());
+        return;
+      case NK::kFilter:
+        Visit(n->a[0].get());
+        VisitFilter(n->a[1].get());
+        return;
+      case NK::kTest:
+        Visit(n->a[0].get());
+        return;
+      case NK::kSelect:
+        Visit(n->a[1].get());
+        Visit(n->a[0].get());
+        return;
+      default:
+        VisitAll(n->a);
+        VisitAll(n->body);
+        VisitAll(n->alt);
+    }
+  }
+
+ private:
+  static int Bit(const std::string& s) { return s == "varargs" ? 1 : s == "kwargs" ? 2 : 0; }
+  // The default values of keyword parameters.
+  void Defaults(const std::vector<NodeP>& ps, size_t from) {
+    for (size_t i = from; i < ps.size(); ++i) {
+      if (ps[i]->kind == NK::kKwarg) Visit(ps[i]->a[0].get());
+    }
+  }
+  // A filter's arguments (an Ident filter has none).
+  void VisitFilter(const Node* f) {
+    if (f->kind == NK::kCall) VisitAll(f->a, 1);
+  }
+
+  int declared_ = 0;
+  int accessed_ = 0;
+};
 
 class Parser {
  public:
@@ -1271,92 +1384,10 @@ class Parser {
   // findAccessedSpecialMacroArguments: whether the body reads `varargs` / `kwargs` before
   // declaring them, in Jinja's visiting order.
   static int SpecialArgs(const std::vector<NodeP>& params, const std::vector<NodeP>& body) {
-    int declared = 0, accessed = 0;
-    const auto bit = [](const std::string& s) {
-      return s == "varargs" ? 1 : s == "kwargs" ? 2 : 0;
-    };
-    std::function<void(const Node*)> visit, declare;
-    declare = [&](const Node* t) {
-      if (!t) return;
-      if (t->kind == NK::kIdent || t->kind == NK::kKwarg) declared |= bit(t->str);
-      if (t->kind == NK::kTuple) {
-        for (const NodeP& e : t->a) declare(e.get());
-      }
-    };
-    const auto visit_all = [&](const std::vector<NodeP>& v, size_t from = 0) {
-      for (size_t i = from; i < v.size(); ++i) visit(v[i].get());
-    };
-    const auto defaults = [&](const std::vector<NodeP>& ps, size_t from) {
-      for (size_t i = from; i < ps.size(); ++i) {
-        if (ps[i]->kind == NK::kKwarg) visit(ps[i]->a[0].get());
-      }
-    };
-    const auto visit_filter = [&](const Node* f) {
-      if (f->kind == NK::kCall) visit_all(f->a, 1);
-    };
-    visit = [&](const Node* n) {
-      if (!n) return;
-      switch (n->kind) {
-        case NK::kFor:
-          declare(n->a[0].get());
-          if (n->a[1]->kind == NK::kSelect) {
-            visit(n->a[1]->a[0].get());
-            visit_all(n->body);
-            visit_all(n->alt);
-            visit(n->a[1]->a[1].get());
-          } else {
-            visit(n->a[1].get());
-            visit_all(n->body);
-            visit_all(n->alt);
-          }
-          return;
-        case NK::kSet:
-          declare(n->a[0].get());
-          visit(n->a[1].get());
-          visit_all(n->body);
-          return;
-        case NK::kMacro:
-          for (const NodeP& p : n->a) declare(p.get());
-          defaults(n->a, 0);
-          visit_all(n->body);
-          return;
-        case NK::kCallBlock:
-          visit(n->a[0].get());
-          for (size_t i = 1; i < n->a.size(); ++i) declare(n->a[i].get());
-          defaults(n->a, 1);
-          visit_all(n->body);
-          return;
-        case NK::kFilterBlock:
-          visit_all(n->body);
-          visit_filter(n->a[0].get());
-          return;
-        case NK::kIdent:
-          accessed |= bit(n->str) & ~declared;
-          return;
-        case NK::kMember:
-          visit(n->a[0].get());
-          if (n->flag) visit(n->a[1].get());
-          return;
-        case NK::kFilter:
-          visit(n->a[0].get());
-          visit_filter(n->a[1].get());
-          return;
-        case NK::kTest:
-          visit(n->a[0].get());
-          return;
-        case NK::kSelect:
-          visit(n->a[1].get());
-          visit(n->a[0].get());
-          return;
-        default:
-          visit_all(n->a);
-          visit_all(n->body);
-          visit_all(n->alt);
-      }
-    };
-    for (const NodeP& p : params) declare(p.get());
-    visit_all(body);
-    return accessed;
+    SpecialArgsFinder finder;
+    for (const NodeP& p : params) finder.Declare(p.get());
+    finder.VisitAll(body);
+    return finder.accessed();
   }
 #undef PARSE_DEPTH_GUARD
 

@@ -172,7 +172,10 @@ double ModelConfig::RopeMscale() const {
          YarnGetMscale(rope_scaling.factor, rope_scaling.mscale_all_dim);
 }
 
-absl::Status ValidateModelConfig(const ModelConfig& c) {
+namespace {
+
+// The attention and layer shape: dimensions, MLA's constraints, norms, dense layers.
+absl::Status ValidateShape(const ModelConfig& c) {
   if (auto s = Positive("vocab_size", c.vocab_size); !s.ok()) return s;
   for (int64_t id : c.eos_token_ids) {
     if (id >= c.vocab_size) {
@@ -209,6 +212,13 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
   if (any_dense) {
     if (auto s = Positive("intermediate_size", c.intermediate_size); !s.ok()) return s;
   }
+  // -1 stands for absent (written as null).
+  if (c.bos_token_id < -1) return FieldError("bos_token_id", "must be a token id (>= 0) or null");
+  return absl::OkStatus();
+}
+
+// The routed experts and their gate.
+absl::Status ValidateMoe(const ModelConfig& c) {
   if (c.n_routed_experts < 0) return FieldError("n_routed_experts", "must be positive or null");
   // ModelConfigToJson writes these as null unless positive, so a negative value would not survive a
   // round trip: reject it even where the field is unused (no routed experts, greedy routing).
@@ -218,9 +228,8 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
   }
   if (c.n_group < 0) return FieldError("n_group", "must be positive or null");
   if (c.topk_group < 0) return FieldError("topk_group", "must be positive or null");
-  // -1 stands for absent (written as null).
-  if (c.bos_token_id < -1) return FieldError("bos_token_id", "must be a token id (>= 0) or null");
-  if (c.n_routed_experts > 0) {
+  if (c.n_routed_experts <= 0) return absl::OkStatus();
+  {
     const int64_t e = c.n_routed_experts;
     if (auto s = Positive("moe_intermediate_size", c.moe_intermediate_size); !s.ok()) return s;
     if (c.num_experts_per_tok <= 0) {
@@ -253,6 +262,10 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
       }
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateYarn(const ModelConfig& c) {
   if (c.rope_scaling.yarn) {
     const RopeScaling& y = c.rope_scaling;
     if (!(y.factor > 0)) return FieldError("rope_scaling.factor", "must be positive");
@@ -266,11 +279,19 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
-  Json j = Json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError("config.json: not valid JSON");
-  if (!j.is_object()) return absl::InvalidArgumentError("config.json: top level is not an object");
-  ModelConfig c;
+}  // namespace
+
+absl::Status ValidateModelConfig(const ModelConfig& c) {
+  if (auto s = ValidateShape(c); !s.ok()) return s;
+  if (auto s = ValidateMoe(c); !s.ok()) return s;
+  return ValidateYarn(c);
+}
+
+namespace {
+
+// model_type, hidden_act, attention_bias: what this implementation can run at all.
+absl::Status ParseKind(const Json& j, ModelConfig* out) {
+  ModelConfig& c = *out;
   bool present = false;
   std::string s;
   if (auto st = GetString(j, "model_type", &s, &present); !st.ok()) return st;
@@ -290,7 +311,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
   bool bias = false;
   if (auto st = GetBool(j, "attention_bias", &bias); !st.ok()) return st;
   if (bias) return FieldError("attention_bias", "true is not supported");
+  return absl::OkStatus();
+}
 
+// The integer, float and boolean fields.
+absl::Status ParseNumbers(const Json& j, ModelConfig* out) {
+  ModelConfig& c = *out;
   struct IntField {
     const char* name;
     int64_t* dst;
@@ -338,7 +364,14 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
   if (auto st = GetDouble(j, "rope_theta", &c.rope_theta); !st.ok()) return st;
   if (auto st = GetBool(j, "norm_topk_prob", &c.norm_topk_prob); !st.ok()) return st;
   if (auto st = GetBool(j, "tie_word_embeddings", &c.tie_word_embeddings); !st.ok()) return st;
+  return absl::OkStatus();
+}
 
+// topk_method and scoring_func.
+absl::Status ParseGate(const Json& j, ModelConfig* out) {
+  ModelConfig& c = *out;
+  bool present = false;
+  std::string s;
   if (auto st = GetString(j, "topk_method", &s, &present); !st.ok()) return st;
   if (present) {
     if (s == "greedy" || s == "gready") {
@@ -356,6 +389,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
     return FieldError("scoring_func",
                       absl::StrCat("\"", s, "\" is not supported for deepseek_v2 (only softmax)"));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
+  Json j = Json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError("config.json: not valid JSON");
+  if (!j.is_object()) return absl::InvalidArgumentError("config.json: top level is not an object");
+  ModelConfig c;
+  if (auto st = ParseKind(j, &c); !st.ok()) return st;
+  if (auto st = ParseNumbers(j, &c); !st.ok()) return st;
+  if (auto st = ParseGate(j, &c); !st.ok()) return st;
   if (auto st = ParseRope(j, "rope_scaling", &c); !st.ok()) return st;
   if (j.contains("rope_parameters") && !c.rope_scaling.yarn) {
     if (auto st = ParseRope(j, "rope_parameters", &c); !st.ok()) return st;

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace dmoe {
@@ -40,6 +41,78 @@ int64_t TensorInfo::numel() const {
 std::string TensorInfo::ShapeString() const {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
+
+namespace {
+
+// One tensor's entry: dtype, shape, data_offsets inside the data region.
+absl::StatusOr<TensorInfo> ParseEntry(const std::string& name, const Json& e, uint64_t data_start,
+                                      uint64_t data_size) {
+  auto err = [&](absl::string_view what) {
+    return HeaderError(absl::StrCat("tensor \"", name, "\": ", what));
+  };
+  if (!e.is_object()) return err("entry is not an object");
+  TensorInfo t;
+  t.name = name;
+  auto dt = e.find("dtype");
+  if (dt == e.end() || !dt->is_string()) return err("missing string field dtype");
+  const std::string& dts = dt->get_ref<const std::string&>();
+  if (!ParseDTypeName(dts, &t.dtype)) {
+    return err(absl::StrCat("unknown or unsupported dtype \"", dts, "\" (F32, BF16, F16)"));
+  }
+  auto sh = e.find("shape");
+  if (sh == e.end() || !sh->is_array()) return err("missing array field shape");
+  if (sh->size() > 8) return err(absl::StrCat("rank ", sh->size(), " is above 8"));
+  uint64_t numel = 1;
+  for (const Json& d : *sh) {
+    if (!d.is_number_unsigned())
+      return err("shape holds a value that is not a non-negative integer");
+    const uint64_t v = d.get<uint64_t>();
+    if (v > (1ull << 40) || MulOverflows(numel, v, &numel) || numel > (1ull << 50)) {
+      return err("shape is too large");
+    }
+    t.shape.push_back(static_cast<int64_t>(v));
+  }
+  auto off = e.find("data_offsets");
+  if (off == e.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
+      !(*off)[1].is_number_unsigned()) {
+    return err("data_offsets must be two non-negative integers");
+  }
+  const uint64_t begin = (*off)[0].get<uint64_t>();
+  const uint64_t end = (*off)[1].get<uint64_t>();
+  if (begin > end) return err(absl::StrCat("data_offsets [", begin, ", ", end, "] are reversed"));
+  if (end > data_size) {
+    return err(absl::StrCat("data_offsets [", begin, ", ", end, "] run past the data region of ",
+                            data_size, " bytes"));
+  }
+  uint64_t expect = 0;
+  if (MulOverflows(numel, DTypeSize(t.dtype), &expect) || expect != end - begin) {
+    return err(absl::StrCat("shape ", t.ShapeString(), " x ", dts, " is ", expect,
+                            " bytes but data_offsets span ", end - begin));
+  }
+  t.offset = data_start + begin;
+  t.nbytes = end - begin;
+  return t;
+}
+
+absl::Status CheckNoOverlap(const std::vector<TensorInfo>& out) {
+  std::vector<const TensorInfo*> sorted;
+  sorted.reserve(out.size());
+  for (const TensorInfo& t : out) sorted.push_back(&t);
+  std::sort(sorted.begin(), sorted.end(), [](const TensorInfo* a, const TensorInfo* b) {
+    return a->offset != b->offset ? a->offset < b->offset : a->nbytes < b->nbytes;
+  });
+  for (size_t i = 1; i < sorted.size(); ++i) {
+    const TensorInfo* a = sorted[i - 1];
+    const TensorInfo* b = sorted[i];
+    if (b->offset < a->offset + a->nbytes) {
+      return HeaderError(absl::StrCat("tensors \"", a->name, "\" and \"", b->name,
+                                      "\" have overlapping data_offsets"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(const uint8_t* data, size_t size) {
   if (size < 8) {
@@ -70,67 +143,10 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(const uint8_t* da
       if (!it->is_object()) return HeaderError("__metadata__ is not an object");
       continue;
     }
-    const Json& e = it.value();
-    auto err = [&](absl::string_view what) {
-      return HeaderError(absl::StrCat("tensor \"", name, "\": ", what));
-    };
-    if (!e.is_object()) return err("entry is not an object");
-    TensorInfo t;
-    t.name = name;
-    auto dt = e.find("dtype");
-    if (dt == e.end() || !dt->is_string()) return err("missing string field dtype");
-    const std::string& dts = dt->get_ref<const std::string&>();
-    if (!ParseDTypeName(dts, &t.dtype)) {
-      return err(absl::StrCat("unknown or unsupported dtype \"", dts, "\" (F32, BF16, F16)"));
-    }
-    auto sh = e.find("shape");
-    if (sh == e.end() || !sh->is_array()) return err("missing array field shape");
-    if (sh->size() > 8) return err(absl::StrCat("rank ", sh->size(), " is above 8"));
-    uint64_t numel = 1;
-    for (const Json& d : *sh) {
-      if (!d.is_number_unsigned())
-        return err("shape holds a value that is not a non-negative integer");
-      const uint64_t v = d.get<uint64_t>();
-      if (v > (1ull << 40) || MulOverflows(numel, v, &numel) || numel > (1ull << 50)) {
-        return err("shape is too large");
-      }
-      t.shape.push_back(static_cast<int64_t>(v));
-    }
-    auto off = e.find("data_offsets");
-    if (off == e.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
-        !(*off)[1].is_number_unsigned()) {
-      return err("data_offsets must be two non-negative integers");
-    }
-    const uint64_t begin = (*off)[0].get<uint64_t>();
-    const uint64_t end = (*off)[1].get<uint64_t>();
-    if (begin > end) return err(absl::StrCat("data_offsets [", begin, ", ", end, "] are reversed"));
-    if (end > data_size) {
-      return err(absl::StrCat("data_offsets [", begin, ", ", end, "] run past the data region of ",
-                              data_size, " bytes"));
-    }
-    uint64_t expect = 0;
-    if (MulOverflows(numel, DTypeSize(t.dtype), &expect) || expect != end - begin) {
-      return err(absl::StrCat("shape ", t.ShapeString(), " x ", dts, " is ", expect,
-                              " bytes but data_offsets span ", end - begin));
-    }
-    t.offset = data_start + begin;
-    t.nbytes = end - begin;
+    ASSIGN_OR_RETURN(TensorInfo t, ParseEntry(name, it.value(), data_start, data_size));
     out.push_back(std::move(t));
   }
-  std::vector<const TensorInfo*> sorted;
-  sorted.reserve(out.size());
-  for (const TensorInfo& t : out) sorted.push_back(&t);
-  std::sort(sorted.begin(), sorted.end(), [](const TensorInfo* a, const TensorInfo* b) {
-    return a->offset != b->offset ? a->offset < b->offset : a->nbytes < b->nbytes;
-  });
-  for (size_t i = 1; i < sorted.size(); ++i) {
-    const TensorInfo* a = sorted[i - 1];
-    const TensorInfo* b = sorted[i];
-    if (b->offset < a->offset + a->nbytes) {
-      return HeaderError(absl::StrCat("tensors \"", a->name, "\" and \"", b->name,
-                                      "\" have overlapping data_offsets"));
-    }
-  }
+  RETURN_IF_ERROR(CheckNoOverlap(out));
   return out;
 }
 

@@ -102,7 +102,11 @@ absl::Status MakeDir(const std::string& dir) {
 
 }  // namespace
 
-absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
+namespace {
+
+// The "tiny" preset: every feature of DeepSeek-V2 (q LoRA, group-limited routing, YaRN) at a size
+// that runs in milliseconds.
+ModelConfig TinyConfig() {
   ModelConfig c;
   c.vocab_size = 512;
   c.hidden_size = 256;
@@ -138,6 +142,13 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
   c.tie_word_embeddings = false;
   c.bos_token_id = 0;
   c.eos_token_ids = {1};
+  return c;
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
+  ModelConfig c = TinyConfig();
   if (preset == "tiny") return c;
   if (preset == "tiny-lite") {
     c.q_lora_rank = 0;
@@ -226,25 +237,22 @@ std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {
   return t;
 }
 
-absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& config,
-                            const TinyModelOptions& options) {
-  if (auto s = ValidateModelConfig(config); !s.ok()) return s;
-  if (options.dtype != DType::kF32 && options.dtype != DType::kBF16 &&
-      options.dtype != DType::kF8E4M3) {
-    return absl::InvalidArgumentError("--dtype: must be f32, bf16 or fp8");
-  }
-  const std::vector<TensorSpec> specs = CheckpointTensors(config);
-  // What goes into the files. fp8 (like DeepSeek-V3): every *_proj.weight as F8_E4M3 with its
-  // 128x128 block scales in "<name>_scale_inv" (F32) right after it; everything else BF16.
-  struct OutTensor {
-    std::string name;
-    DType dtype;
-    std::vector<int64_t> shape;
-    size_t spec;
-    bool scale;
-  };
+namespace {
+
+// What goes into the files. fp8 (like DeepSeek-V3): every *_proj.weight as F8_E4M3 with its
+// 128x128 block scales in "<name>_scale_inv" (F32) right after it; everything else BF16.
+struct OutTensor {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  size_t spec;
+  bool scale;
+  uint64_t bytes = 0;
+};
+
+std::vector<OutTensor> PlanTensors(const std::vector<TensorSpec>& specs, DType dtype) {
   std::vector<OutTensor> tensors;
-  const bool fp8 = options.dtype == DType::kF8E4M3;
+  const bool fp8 = dtype == DType::kF8E4M3;
   for (size_t i = 0; i < specs.size(); ++i) {
     const std::string& name = specs[i].name;
     const bool proj = name.size() > 12 && name.compare(name.size() - 12, 12, "_proj.weight") == 0;
@@ -257,27 +265,22 @@ absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& confi
                          i,
                          true});
     } else {
-      tensors.push_back({name, fp8 ? DType::kBF16 : options.dtype, specs[i].shape, i, false});
+      tensors.push_back({name, fp8 ? DType::kBF16 : dtype, specs[i].shape, i, false});
     }
   }
-  if (options.shards < 1 || static_cast<size_t>(options.shards) > tensors.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--shards: must be in [1, ", tensors.size(), "], got ", options.shards));
+  for (OutTensor& t : tensors) {
+    t.bytes = DTypeSize(t.dtype);
+    for (int64_t dim : t.shape) t.bytes *= static_cast<uint64_t>(dim);
   }
-  if (auto s = MakeDir(out_dir); !s.ok()) return s;
+  return tensors;
+}
 
-  // Split the tensors, in order, into `shards` runs of about equal bytes.
-  std::vector<uint64_t> bytes(tensors.size());
+// Splits the tensors, in order, into `nshards` runs of about equal bytes: shard s takes the
+// tensors whose bytes start in its 1/nshards of the total; steps of at most one shard per tensor,
+// and the last tensors fill the last shards, so no shard is empty.
+std::vector<int> AssignShards(const std::vector<OutTensor>& tensors, int nshards) {
   uint64_t total = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    uint64_t n = DTypeSize(tensors[i].dtype);
-    for (int64_t dim : tensors[i].shape) n *= static_cast<uint64_t>(dim);
-    bytes[i] = n;
-    total += n;
-  }
-  const int nshards = options.shards;
-  // Shard s takes the tensors whose bytes start in its 1/nshards of the total; steps of at most
-  // one shard per tensor, and the last tensors fill the last shards, so no shard is empty.
+  for (const OutTensor& t : tensors) total += t.bytes;
   std::vector<int> shard_of(tensors.size());
   uint64_t acc = 0;
   const int ntensors = static_cast<int>(tensors.size());
@@ -285,66 +288,104 @@ absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& confi
     int s = static_cast<int>(std::min<uint64_t>(acc * nshards / total, nshards - 1));
     if (i > 0) s = std::min(s, shard_of[i - 1] + 1);
     shard_of[i] = std::max(s, nshards - (ntensors - i));
-    acc += bytes[i];
+    acc += tensors[i].bytes;
   }
-  auto file_name = [&](int s) {
-    return nshards == 1 ? std::string("model.safetensors")
-                        : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, nshards);
-  };
-  nlohmann::json weight_map = nlohmann::json::object();
-  std::vector<float> draw;
-  std::vector<uint16_t> half;
-  std::vector<uint8_t> q;
-  std::vector<float> scales;  // of the last fp8 tensor written
-  size_t next = 0;
-  for (int s = 0; s < nshards; ++s) {
+  return shard_of;
+}
+
+// Writes tensors [first, last) with their drawn values into one safetensors file at `path`.
+class ShardWriter {
+ public:
+  ShardWriter(const std::vector<TensorSpec>& specs, uint64_t seed) : specs_(specs), seed_(seed) {}
+  absl::Status Write(const std::string& path, const std::vector<OutTensor>& tensors, size_t first,
+                     size_t last) {
     nlohmann::json header = nlohmann::json::object();
     header["__metadata__"] = {{"format", "pt"}};
     uint64_t off = 0;
-    size_t first = next;
-    size_t last = first;
-    while (last < tensors.size() && shard_of[last] == s) {
-      header[tensors[last].name] = {{"dtype", DTypeName(tensors[last].dtype)},
-                                    {"shape", tensors[last].shape},
-                                    {"data_offsets", {off, off + bytes[last]}}};
-      weight_map[tensors[last].name] = file_name(s);
-      off += bytes[last];
-      ++last;
+    for (size_t i = first; i < last; ++i) {
+      header[tensors[i].name] = {{"dtype", DTypeName(tensors[i].dtype)},
+                                 {"shape", tensors[i].shape},
+                                 {"data_offsets", {off, off + tensors[i].bytes}}};
+      off += tensors[i].bytes;
     }
-    next = last;
     std::string text = header.dump();
     while (text.size() % 8 != 0) text.push_back(' ');
-    const std::string path = out_dir + "/" + file_name(s);
     std::FILE* f = std::fopen(path.c_str(), "wb");
     if (f == nullptr) {
       return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
     }
     uint8_t len[8];
-    for (int b = 0; b < 8; ++b)
+    for (int b = 0; b < 8; ++b) {
       len[b] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * b));
+    }
     bool ok = std::fwrite(len, 1, 8, f) == 8 &&
               std::fwrite(text.data(), 1, text.size(), f) == text.size();
-    for (size_t i = first; ok && i < last; ++i) {
-      const OutTensor& t = tensors[i];
-      if (t.scale) {  // the scales of the fp8 tensor just before it
-        ok = std::fwrite(scales.data(), 4, scales.size(), f) == scales.size();
-        continue;
-      }
-      DrawTensor(specs[t.spec], options.seed, &draw);
-      if (t.dtype == DType::kF32) {
-        ok = std::fwrite(draw.data(), 4, draw.size(), f) == draw.size();
-      } else if (t.dtype == DType::kF8E4M3) {
-        cpu::QuantizeFp8Blocks(draw.data(), t.shape[0], t.shape[1], &q, &scales);
-        ok = std::fwrite(q.data(), 1, q.size(), f) == q.size();
-      } else {
-        half.resize(draw.size());
-        for (size_t k = 0; k < draw.size(); ++k) half[k] = FloatToBf16(draw[k]);
-        ok = std::fwrite(half.data(), 2, half.size(), f) == half.size();
-      }
-    }
+    for (size_t i = first; ok && i < last; ++i) ok = WriteTensor(tensors[i], f);
     if (std::fclose(f) != 0 || !ok) {
       return absl::InternalError(
           absl::StrCat("write to ", path, " failed: ", std::strerror(errno)));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  bool WriteTensor(const OutTensor& t, std::FILE* f) {
+    if (t.scale) {  // the scales of the fp8 tensor just before it
+      return std::fwrite(scales_.data(), 4, scales_.size(), f) == scales_.size();
+    }
+    DrawTensor(specs_[t.spec], seed_, &draw_);
+    if (t.dtype == DType::kF32) return std::fwrite(draw_.data(), 4, draw_.size(), f) == draw_.size();
+    if (t.dtype == DType::kF8E4M3) {
+      cpu::QuantizeFp8Blocks(draw_.data(), t.shape[0], t.shape[1], &q_, &scales_);
+      return std::fwrite(q_.data(), 1, q_.size(), f) == q_.size();
+    }
+    half_.resize(draw_.size());
+    for (size_t k = 0; k < draw_.size(); ++k) half_[k] = FloatToBf16(draw_[k]);
+    return std::fwrite(half_.data(), 2, half_.size(), f) == half_.size();
+  }
+
+  const std::vector<TensorSpec>& specs_;
+  uint64_t seed_;
+  std::vector<float> draw_;
+  std::vector<uint16_t> half_;
+  std::vector<uint8_t> q_;
+  std::vector<float> scales_;  // of the last fp8 tensor written
+};
+
+}  // namespace
+
+absl::Status WriteTinyModel(const std::string& out_dir, const ModelConfig& config,
+                            const TinyModelOptions& options) {
+  if (auto s = ValidateModelConfig(config); !s.ok()) return s;
+  if (options.dtype != DType::kF32 && options.dtype != DType::kBF16 &&
+      options.dtype != DType::kF8E4M3) {
+    return absl::InvalidArgumentError("--dtype: must be f32, bf16 or fp8");
+  }
+  const std::vector<TensorSpec> specs = CheckpointTensors(config);
+  const std::vector<OutTensor> tensors = PlanTensors(specs, options.dtype);
+  if (options.shards < 1 || static_cast<size_t>(options.shards) > tensors.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shards: must be in [1, ", tensors.size(), "], got ", options.shards));
+  }
+  if (auto s = MakeDir(out_dir); !s.ok()) return s;
+  const int nshards = options.shards;
+  const std::vector<int> shard_of = AssignShards(tensors, nshards);
+  auto file_name = [&](int s) {
+    return nshards == 1 ? std::string("model.safetensors")
+                        : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, nshards);
+  };
+  nlohmann::json weight_map = nlohmann::json::object();
+  uint64_t total = 0;
+  ShardWriter writer(specs, options.seed);
+  for (size_t first = 0, last = 0; first < tensors.size(); first = last) {
+    const int s = shard_of[first];
+    while (last < tensors.size() && shard_of[last] == s) {
+      weight_map[tensors[last].name] = file_name(s);
+      total += tensors[last].bytes;
+      ++last;
+    }
+    if (auto st = writer.Write(out_dir + "/" + file_name(s), tensors, first, last); !st.ok()) {
+      return st;
     }
   }
   if (nshards > 1) {

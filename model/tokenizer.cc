@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace dmoe {
@@ -205,13 +206,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string
   return t;
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string& json_text) {
-  Json j = Json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return Bad("not a JSON object");
-  auto t = std::unique_ptr<Tokenizer>(new Tokenizer());
+struct Tokenizer::Loader {
   // ByteLevel's byte <-> character table (GPT-2's bytes_to_unicode).
-  t->byte_char_.resize(256);
-  {
+  static void ByteTable(Tokenizer* t) {
+    t->byte_char_.resize(256);
     std::vector<int> printable;
     for (int b = '!'; b <= '~'; ++b) printable.push_back(b);
     for (int b = 0xa1; b <= 0xac; ++b) printable.push_back(b);
@@ -225,91 +223,74 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
       t->char_byte_[t->byte_char_[static_cast<size_t>(b)]] = b;
     }
   }
-  const Json* model = j.contains("model") ? &j["model"] : nullptr;
-  if (model == nullptr || !model->is_object()) return Bad("missing model");
-  if (model->value("type", "") != "BPE") return Bad("model.type: only BPE is supported");
-  if (model->value("byte_fallback", false)) return Bad("model.byte_fallback is not supported");
-  if (!model->contains("vocab") || !(*model)["vocab"].is_object())
-    return Bad("missing model.vocab");
-  int32_t max_id = -1;
-  for (auto it = (*model)["vocab"].begin(); it != (*model)["vocab"].end(); ++it) {
-    if (!it->is_number_integer()) return Bad("model.vocab: ids must be integers");
-    const int32_t id = it->get<int32_t>();
-    if (id < 0) return Bad("model.vocab: negative id");
-    t->vocab_[it.key()] = id;
-    max_id = std::max(max_id, id);
-  }
-  const Json& added = j.contains("added_tokens") ? j["added_tokens"] : Json::array();
-  for (const Json& a : added) {
-    if (!a.is_object() || !a.contains("id") || !a.contains("content")) {
-      return Bad("added_tokens: entries need id and content");
+
+  // model.vocab and added_tokens.
+  static absl::Status Vocab(const Json& model, const Json& added, Tokenizer* t) {
+    if (!model.contains("vocab") || !model["vocab"].is_object()) return Bad("missing model.vocab");
+    int32_t max_id = -1;
+    for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
+      if (!it->is_number_integer()) return Bad("model.vocab: ids must be integers");
+      const int32_t id = it->get<int32_t>();
+      if (id < 0) return Bad("model.vocab: negative id");
+      t->vocab_[it.key()] = id;
+      max_id = std::max(max_id, id);
     }
-    max_id = std::max(max_id, a["id"].get<int32_t>());
-  }
-  t->id_to_token_.resize(static_cast<size_t>(max_id + 1));
-  for (const auto& [tok, id] : t->vocab_) t->id_to_token_[static_cast<size_t>(id)] = tok;
-  t->added_raw_ = std::make_unique<Trie>();
-  t->added_normalized_ = std::make_unique<Trie>();
-  std::vector<bool> is_added(static_cast<size_t>(max_id + 1), false);
-  for (const Json& a : added) {
-    const int32_t id = a["id"].get<int32_t>();
-    const std::string content = a["content"].get<std::string>();
-    if (a.value("lstrip", false) || a.value("rstrip", false) || a.value("single_word", false)) {
-      return Bad(absl::StrCat("added token ", content, ": lstrip/rstrip/single_word unsupported"));
-    }
-    t->id_to_token_[static_cast<size_t>(id)] = content;
-    is_added[static_cast<size_t>(id)] = true;
-    (a.value("normalized", false) ? t->added_normalized_ : t->added_raw_)->Add(content, id);
-  }
-  // Merges: "a b" strings (or [a, b] pairs in newer files), ranked by position.
-  const Json& merges = (*model)["merges"];
-  if (!merges.is_array()) return Bad("missing model.merges");
-  for (size_t rank = 0; rank < merges.size(); ++rank) {
-    std::string a, b;
-    if (merges[rank].is_string()) {
-      const std::string m = merges[rank].get<std::string>();
-      const size_t sp = m.find(' ');
-      if (sp == std::string::npos)
-        return Bad(absl::StrCat("model.merges[", rank, "] has no space"));
-      a = m.substr(0, sp);
-      b = m.substr(sp + 1);
-    } else if (merges[rank].is_array() && merges[rank].size() == 2) {
-      a = merges[rank][0].get<std::string>();
-      b = merges[rank][1].get<std::string>();
-    } else {
-      return Bad(absl::StrCat("model.merges[", rank, "] is malformed"));
-    }
-    auto ia = t->vocab_.find(a), ib = t->vocab_.find(b), ic = t->vocab_.find(a + b);
-    if (ia == t->vocab_.end() || ib == t->vocab_.end() || ic == t->vocab_.end()) {
-      return Bad(absl::StrCat("model.merges[", rank, "] names a token not in the vocab"));
-    }
-    const uint64_t key =
-        (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint32_t>(ib->second);
-    t->merges_.emplace(key, std::make_pair(static_cast<int32_t>(rank), ic->second));
-  }
-  for (int b = 0; b < 256; ++b) {
-    if (!t->vocab_.count(t->byte_char_[static_cast<size_t>(b)])) {
-      return Bad(absl::StrCat("model.vocab lacks the ByteLevel character of byte ", b));
-    }
-  }
-  // Pre-tokenizer: Sequence of Split (Isolated, not inverted) regexes, then ByteLevel without
-  // its own regex.
-  const Json& pre = j["pre_tokenizer"];
-  std::vector<Json> steps;
-  if (pre.is_object() && pre.value("type", "") == "Sequence") {
-    for (const Json& p : pre["pretokenizers"]) steps.push_back(p);
-  } else if (pre.is_object()) {
-    steps.push_back(pre);
-  }
-  for (const Json& p : steps) {
-    const std::string type = p.value("type", "");
-    if (type == "ByteLevel") {
-      if (p.value("add_prefix_space", false) || p.value("use_regex", true)) {
-        return Bad("pre_tokenizer ByteLevel: only add_prefix_space=false, use_regex=false");
+    for (const Json& a : added) {
+      if (!a.is_object() || !a.contains("id") || !a.contains("content")) {
+        return Bad("added_tokens: entries need id and content");
       }
-      continue;
+      max_id = std::max(max_id, a["id"].get<int32_t>());
     }
-    if (type != "Split") return Bad(absl::StrCat("pre_tokenizer ", type, " is not supported"));
+    t->id_to_token_.resize(static_cast<size_t>(max_id + 1));
+    for (const auto& [tok, id] : t->vocab_) t->id_to_token_[static_cast<size_t>(id)] = tok;
+    t->added_raw_ = std::make_unique<Trie>();
+    t->added_normalized_ = std::make_unique<Trie>();
+    for (const Json& a : added) {
+      const int32_t id = a["id"].get<int32_t>();
+      const std::string content = a["content"].get<std::string>();
+      if (a.value("lstrip", false) || a.value("rstrip", false) || a.value("single_word", false)) {
+        return Bad(
+            absl::StrCat("added token ", content, ": lstrip/rstrip/single_word unsupported"));
+      }
+      t->id_to_token_[static_cast<size_t>(id)] = content;
+      (a.value("normalized", false) ? t->added_normalized_ : t->added_raw_)->Add(content, id);
+    }
+    return absl::OkStatus();
+  }
+
+  // Merges: "a b" strings (or [a, b] pairs in newer files), ranked by position.
+  static absl::Status Merges(const Json& model, Tokenizer* t) {
+    const Json& merges = model["merges"];
+    if (!merges.is_array()) return Bad("missing model.merges");
+    for (size_t rank = 0; rank < merges.size(); ++rank) {
+      std::string a, b;
+      if (merges[rank].is_string()) {
+        const std::string m = merges[rank].get<std::string>();
+        const size_t sp = m.find(' ');
+        if (sp == std::string::npos) {
+          return Bad(absl::StrCat("model.merges[", rank, "] has no space"));
+        }
+        a = m.substr(0, sp);
+        b = m.substr(sp + 1);
+      } else if (merges[rank].is_array() && merges[rank].size() == 2) {
+        a = merges[rank][0].get<std::string>();
+        b = merges[rank][1].get<std::string>();
+      } else {
+        return Bad(absl::StrCat("model.merges[", rank, "] is malformed"));
+      }
+      auto ia = t->vocab_.find(a), ib = t->vocab_.find(b), ic = t->vocab_.find(a + b);
+      if (ia == t->vocab_.end() || ib == t->vocab_.end() || ic == t->vocab_.end()) {
+        return Bad(absl::StrCat("model.merges[", rank, "] names a token not in the vocab"));
+      }
+      const uint64_t key =
+          (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint32_t>(ib->second);
+      t->merges_.emplace(key, std::make_pair(static_cast<int32_t>(rank), ic->second));
+    }
+    return absl::OkStatus();
+  }
+
+  // One Split step's regex, translated to PCRE2 and compiled.
+  static absl::StatusOr<std::unique_ptr<Regex>> SplitRegex(const Json& p) {
     if (p.value("behavior", "") != "Isolated" || p.value("invert", false)) {
       return Bad("pre_tokenizer Split: only behavior Isolated without invert");
     }
@@ -319,7 +300,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
     const std::string onig = p["pattern"]["Regex"].get<std::string>();
     auto translated = OnigurumaRegexToPcre2(onig);
     if (!translated.ok()) {
-      return Bad(absl::StrCat("pre_tokenizer regex \"", onig, "\": ", translated.status().message()));
+      return Bad(
+          absl::StrCat("pre_tokenizer regex \"", onig, "\": ", translated.status().message()));
     }
     const std::string& pattern = *translated;
     auto re = std::make_unique<Regex>();
@@ -334,8 +316,52 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
                               reinterpret_cast<const char*>(msg)));
     }
     pcre2_jit_compile(re->code, PCRE2_JIT_COMPLETE);  // optional speed-up
-    t->splits_.push_back(std::move(re));
+    return re;
   }
+
+  // Pre-tokenizer: Sequence of Split (Isolated, not inverted) regexes, then ByteLevel without
+  // its own regex.
+  static absl::Status PreTokenizer(const Json& pre, Tokenizer* t) {
+    std::vector<Json> steps;
+    if (pre.is_object() && pre.value("type", "") == "Sequence") {
+      for (const Json& p : pre["pretokenizers"]) steps.push_back(p);
+    } else if (pre.is_object()) {
+      steps.push_back(pre);
+    }
+    for (const Json& p : steps) {
+      const std::string type = p.value("type", "");
+      if (type == "ByteLevel") {
+        if (p.value("add_prefix_space", false) || p.value("use_regex", true)) {
+          return Bad("pre_tokenizer ByteLevel: only add_prefix_space=false, use_regex=false");
+        }
+        continue;
+      }
+      if (type != "Split") return Bad(absl::StrCat("pre_tokenizer ", type, " is not supported"));
+      ASSIGN_OR_RETURN(std::unique_ptr<Regex> re, SplitRegex(p));
+      t->splits_.push_back(std::move(re));
+    }
+    return absl::OkStatus();
+  }
+};
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string& json_text) {
+  Json j = Json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return Bad("not a JSON object");
+  auto t = std::unique_ptr<Tokenizer>(new Tokenizer());
+  Loader::ByteTable(t.get());
+  const Json* model = j.contains("model") ? &j["model"] : nullptr;
+  if (model == nullptr || !model->is_object()) return Bad("missing model");
+  if (model->value("type", "") != "BPE") return Bad("model.type: only BPE is supported");
+  if (model->value("byte_fallback", false)) return Bad("model.byte_fallback is not supported");
+  const Json& added = j.contains("added_tokens") ? j["added_tokens"] : Json::array();
+  RETURN_IF_ERROR(Loader::Vocab(*model, added, t.get()));
+  RETURN_IF_ERROR(Loader::Merges(*model, t.get()));
+  for (int b = 0; b < 256; ++b) {
+    if (!t->vocab_.count(t->byte_char_[static_cast<size_t>(b)])) {
+      return Bad(absl::StrCat("model.vocab lacks the ByteLevel character of byte ", b));
+    }
+  }
+  RETURN_IF_ERROR(Loader::PreTokenizer(j["pre_tokenizer"], t.get()));
   const Json& norm = j["normalizer"];
   if (norm.is_object() && !(norm.value("type", "") == "Sequence" && norm["normalizers"].empty())) {
     return Bad("normalizer: only none or an empty Sequence is supported");

@@ -37,6 +37,8 @@ class Tokenizer {
  private:
   struct Regex;
   struct Trie;
+  struct Loader;  // FromJson's parts (tokenizer.cc)
+  friend struct Loader;
   Tokenizer() = default;
   void EncodePiece(const std::string& piece, std::vector<int32_t>* out) const;
   void EncodeText(const std::string& text, std::vector<int32_t>* out) const;
