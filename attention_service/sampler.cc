@@ -56,90 +56,101 @@ absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingP
   return absl::OkStatus();
 }
 
+namespace {
+
+// Descending logit; ties keep the lower id first.
+bool ByLogit(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+  return a.first != b.first ? a.first > b.first : a.second < b.second;
+}
+
+}  // namespace
+
+int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
+  // Temperature, then the truncations, on probabilities in descending order. Tokens more than
+  // 30 temperature-units below the best have relative probability < e^-30 (below what a double
+  // draw resolves); they are left out instead of sorting the whole vocabulary every token.
+  const double t = p_.temperature;
+  float mx = logits[0];
+  for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, logits[i]);
+  const double cutoff = mx - 30.0 * t;
+  const auto mid =
+      std::partition(order_.begin(), order_.end(),
+                     [&](const std::pair<float, int32_t>& a) { return a.first >= cutoff; });
+  int64_t keep = mid - order_.begin();
+  if (p_.top_k > 0 && p_.top_k < keep) {
+    std::partial_sort(order_.begin(), order_.begin() + p_.top_k, mid, ByLogit);
+    keep = p_.top_k;
+  } else {
+    std::sort(order_.begin(), mid, ByLogit);
+  }
+  probs_.resize(static_cast<size_t>(keep));
+  double sum = 0;
+  for (int64_t i = 0; i < keep; ++i) {
+    sum += probs_[static_cast<size_t>(i)] =
+        std::exp((order_[static_cast<size_t>(i)].first - mx) / t);
+  }
+  // Probabilities relative to the full (top-k truncated) distribution.
+  if (p_.top_p < 1.0) {
+    double acc = 0;
+    int64_t n = 0;
+    while (n < keep) {
+      acc += probs_[static_cast<size_t>(n)] / sum;
+      ++n;
+      if (acc >= p_.top_p) break;
+    }
+    keep = n;
+  }
+  if (p_.min_p > 0) {
+    const double floor = p_.min_p * probs_[0];
+    int64_t n = 1;
+    while (n < keep && probs_[static_cast<size_t>(n)] >= floor) ++n;
+    keep = n;
+  }
+  double kept = 0;
+  for (int64_t i = 0; i < keep; ++i) kept += probs_[static_cast<size_t>(i)];
+  const double u = std::uniform_real_distribution<double>(0.0, kept)(rng_);
+  double acc = 0;
+  for (int64_t i = 0; i < keep; ++i) {
+    acc += probs_[static_cast<size_t>(i)];
+    if (u < acc) return order_[static_cast<size_t>(i)].second;
+  }
+  return order_[static_cast<size_t>(keep - 1)].second;
+}
+
+void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top,
+                          SampledToken* out) {
+  // log-softmax of the raw logits (temperature 1), in double.
+  double mx = logits[0];
+  for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+  double z = 0;
+  for (int64_t i = 0; i < vocab; ++i) z += std::exp(logits[i] - mx);
+  const double lz = mx + std::log(z);
+  out->logprob = static_cast<float>(logits[out->token] - lz);
+  if (!sorted_top && p_.top_logprobs > 0) {  // the kept range may be shorter than top_logprobs
+    std::partial_sort(order_.begin(), order_.begin() + p_.top_logprobs, order_.end(), ByLogit);
+  }
+  for (int64_t i = 0; i < p_.top_logprobs; ++i) {
+    const auto& [logit, id] = order_[static_cast<size_t>(i)];
+    out->top.emplace_back(id, static_cast<float>(logit - lz));
+  }
+}
+
 SampledToken Sampler::Sample(const float* logits, int64_t vocab) {
   SampledToken out;
   // Candidates sorted by logit, descending; ties keep the lower id first.
   order_.resize(static_cast<size_t>(vocab));
-  for (int64_t i = 0; i < vocab; ++i)
+  for (int64_t i = 0; i < vocab; ++i) {
     order_[static_cast<size_t>(i)] = {logits[i], static_cast<int32_t>(i)};
-  const auto by_logit = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-    return a.first != b.first ? a.first > b.first : a.second < b.second;
-  };
+  }
   const bool greedy = p_.temperature == 0.0 || p_.top_k == 1;
   if (greedy) {
     std::partial_sort(order_.begin(), order_.begin() + std::max<int64_t>(1, p_.top_logprobs),
-                      order_.end(), by_logit);
+                      order_.end(), ByLogit);
     out.token = order_[0].second;
   } else {
-    // Temperature, then the truncations, on probabilities in descending order. Tokens more than
-    // 30 temperature-units below the best have relative probability < e^-30 (below what a double
-    // draw resolves); they are left out instead of sorting the whole vocabulary every token.
-    const double t = p_.temperature;
-    float mx = logits[0];
-    for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, logits[i]);
-    const double cutoff = mx - 30.0 * t;
-    const auto mid =
-        std::partition(order_.begin(), order_.end(),
-                       [&](const std::pair<float, int32_t>& a) { return a.first >= cutoff; });
-    int64_t keep = mid - order_.begin();
-    if (p_.top_k > 0 && p_.top_k < keep) {
-      std::partial_sort(order_.begin(), order_.begin() + p_.top_k, mid, by_logit);
-      keep = p_.top_k;
-    } else {
-      std::sort(order_.begin(), mid, by_logit);
-    }
-    probs_.resize(static_cast<size_t>(keep));
-    double sum = 0;
-    for (int64_t i = 0; i < keep; ++i) {
-      sum += probs_[static_cast<size_t>(i)] =
-          std::exp((order_[static_cast<size_t>(i)].first - mx) / t);
-    }
-    // Probabilities relative to the full (top-k truncated) distribution.
-    if (p_.top_p < 1.0) {
-      double acc = 0;
-      int64_t n = 0;
-      while (n < keep) {
-        acc += probs_[static_cast<size_t>(n)] / sum;
-        ++n;
-        if (acc >= p_.top_p) break;
-      }
-      keep = n;
-    }
-    if (p_.min_p > 0) {
-      const double floor = p_.min_p * probs_[0];
-      int64_t n = 1;
-      while (n < keep && probs_[static_cast<size_t>(n)] >= floor) ++n;
-      keep = n;
-    }
-    double kept = 0;
-    for (int64_t i = 0; i < keep; ++i) kept += probs_[static_cast<size_t>(i)];
-    const double u = std::uniform_real_distribution<double>(0.0, kept)(rng_);
-    double acc = 0;
-    out.token = order_[static_cast<size_t>(keep - 1)].second;
-    for (int64_t i = 0; i < keep; ++i) {
-      acc += probs_[static_cast<size_t>(i)];
-      if (u < acc) {
-        out.token = order_[static_cast<size_t>(i)].second;
-        break;
-      }
-    }
+    out.token = SampleTruncated(logits, vocab);
   }
-  if (p_.logprobs || p_.top_logprobs > 0) {
-    // log-softmax of the raw logits (temperature 1), in double.
-    double mx = logits[0];
-    for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
-    double z = 0;
-    for (int64_t i = 0; i < vocab; ++i) z += std::exp(logits[i] - mx);
-    const double lz = mx + std::log(z);
-    out.logprob = static_cast<float>(logits[out.token] - lz);
-    if (!greedy && p_.top_logprobs > 0) {  // the kept range may be shorter than top_logprobs
-      std::partial_sort(order_.begin(), order_.begin() + p_.top_logprobs, order_.end(), by_logit);
-    }
-    for (int64_t i = 0; i < p_.top_logprobs; ++i) {
-      const auto& [logit, id] = order_[static_cast<size_t>(i)];
-      out.top.emplace_back(id, static_cast<float>(logit - lz));
-    }
-  }
+  if (p_.logprobs || p_.top_logprobs > 0) AddLogprobs(logits, vocab, greedy, &out);
   return out;
 }
 

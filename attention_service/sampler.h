@@ -53,6 +53,10 @@ class Sampler {
   SampledToken Sample(const float* logits, int64_t vocab);
 
  private:
+  // Sample's parts: a draw from the temperature/top-k/top-p/min-p truncated distribution; the
+  // chosen token's logprob and the top alternatives (order_ already sorted when `sorted_top`).
+  int32_t SampleTruncated(const float* logits, int64_t vocab);
+  void AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out);
   SamplingParams p_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> order_;
