@@ -27,6 +27,32 @@ __attribute__((target("avx2,fma"))) inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// One token row against the 4 weight rows starting at w0 (k apart): y[0..3] (+)= x . w_r.
+__attribute__((target("avx2,fma"), always_inline)) inline void OneRowFourOutputs(
+    const float* xi, int64_t k, const float* w0, float* yi, bool accumulate) {
+  const int64_t k8 = k & ~int64_t{7};
+  const float* w1 = w0 + k;
+  const float* w2 = w1 + k;
+  const float* w3 = w2 + k;
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (int64_t j = 0; j < k8; j += 8) {
+    const __m256 xv = _mm256_loadu_ps(xi + j);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
+  }
+  float s[kRows] = {HorizontalSum(a0), HorizontalSum(a1), HorizontalSum(a2), HorizontalSum(a3)};
+  for (int64_t j = k8; j < k; ++j) {
+    s[0] += xi[j] * w0[j];
+    s[1] += xi[j] * w1[j];
+    s[2] += xi[j] * w2[j];
+    s[3] += xi[j] * w3[j];
+  }
+  for (int64_t r = 0; r < kRows; ++r) yi[r] = accumulate ? yi[r] + s[r] : s[r];
+}
+
 __attribute__((target("avx2,fma"))) void SmallMLinearAvx2(const float* x, int64_t m, int64_t k,
                                                           const float* w, int64_t n, float* y,
                                                           bool accumulate) {
@@ -83,27 +109,7 @@ __attribute__((target("avx2,fma"))) void SmallMLinearAvx2(const float* x, int64_
         yb[r] = accumulate ? yb[r] + sb[r] : sb[r];
       }
     }
-    for (; i < m; ++i) {
-      const float* xi = x + i * k;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      for (int64_t j = 0; j < k8; j += 8) {
-        const __m256 xv = _mm256_loadu_ps(xi + j);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
-      }
-      float s[kRows] = {HorizontalSum(a0), HorizontalSum(a1), HorizontalSum(a2), HorizontalSum(a3)};
-      for (int64_t j = k8; j < k; ++j) {
-        s[0] += xi[j] * w0[j];
-        s[1] += xi[j] * w1[j];
-        s[2] += xi[j] * w2[j];
-        s[3] += xi[j] * w3[j];
-      }
-      float* yi = y + i * n + o;
-      for (int64_t r = 0; r < kRows; ++r) yi[r] = accumulate ? yi[r] + s[r] : s[r];
-    }
+    for (; i < m; ++i) OneRowFourOutputs(x + i * k, k, w0, y + i * n + o, accumulate);
   }
   if (o < n) {
     // Remaining rows: scalar on the [o, n) slice.
