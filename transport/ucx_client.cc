@@ -1,0 +1,420 @@
+#include "transport/ucx.h"
+
+#include <ucp/api/ucp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "transport/buffer_pool.h"
+#include "transport/slot_table.h"
+#include "transport/ucx_worker.h"
+
+namespace dmoe::transport {
+namespace ucx_internal {
+namespace {
+
+
+class UcxClient : public ClientTransport, public UcxWorker {
+ public:
+  ~UcxClient() override {
+    RunSync([this] {
+      // One bound for all the flushes below, however many peers.
+      const auto until = Clock::now() + std::chrono::milliseconds(500);
+      for (Peer& p : peers_) {
+        if (p.ep != nullptr) {
+          // Flush first (bounded): a connection whose wireup is still in flight, force-closed,
+          // made Debian's UCX 1.13 on the *server* abort (ucp_request.c:684 "got REP message"
+          // on the refused wireup reply) -- a client that connected and left at once killed a
+          // shard.
+          if (!p.failed) {
+            ucp_request_param_t fprm;
+            std::memset(&fprm, 0, sizeof(fprm));
+            void* flush = ucp_ep_flush_nbx(p.ep, &fprm);
+            if (flush != nullptr && !UCS_PTR_IS_ERR(flush)) {
+              while (ucp_request_check_status(flush) == UCS_INPROGRESS && Clock::now() < until) {
+                ucp_worker_progress(worker_);
+              }
+              // Unfinished (a hung peer): UCX releases it when the forced close below ends it
+              // (flushes cannot be cancelled).
+              ucp_request_free(flush);
+            }
+          }
+          // The flush progressed the worker: OnPeerError may have failed this endpoint meanwhile
+          // (it clears p.ep and closes it itself). Closing it again crashed (seen: SIGSEGV in
+          // ucp_ep_close_nbx, 1 run in 20 of hot_path_alloc_test under load).
+          if (p.ep == nullptr) continue;
+          ucp_request_param_t prm;
+          std::memset(&prm, 0, sizeof(prm));
+          prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+          prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+          WaitRequest(ucp_ep_close_nbx(p.ep, &prm));
+          p.ep = nullptr;
+        }
+      }
+    });
+    StopThread();
+    Destroy();
+  }
+
+  absl::Status Start() {
+    if (auto s = Init(); !s.ok()) return s;
+    ucp_am_handler_param_t hp;
+    std::memset(&hp, 0, sizeof(hp));
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    hp.id = kAmReply;
+    hp.cb = &UcxClient::OnReply;
+    hp.arg = this;
+    const ucs_status_t s = ucp_worker_set_am_recv_handler(worker_, &hp);
+    if (s != UCS_OK) return UcsError("ucp_worker_set_am_recv_handler", s);
+    ucp_address_t* addr = nullptr;
+    size_t len = 0;
+    const ucs_status_t a = ucp_worker_get_address(worker_, &addr, &len);
+    if (a != UCS_OK) return UcsError("ucp_worker_get_address", a);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(addr);
+    hello_.assign(bytes, bytes + len);
+    ucp_worker_release_address(worker_, addr);
+    StartThread();
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<int> Connect(const std::string& address) override {
+    ucp_ep_params_t ep;
+    std::memset(&ep, 0, sizeof(ep));
+    std::vector<uint8_t> worker_addr;
+    std::string by_worker = address;
+    if (!absl::StartsWith(address, "ucx-addr:")) {  // HOST:PORT: ask it for the worker address
+      auto parsed = ParseHostPort(address);
+      if (!parsed.ok()) return parsed.status();
+      auto fetched = FetchWorkerAddress(*parsed, address);
+      if (!fetched.ok()) return fetched.status();
+      by_worker = *std::move(fetched);
+    }
+    if (!FromHex(by_worker.substr(9), &worker_addr) || worker_addr.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("bad worker address \"", by_worker, "\""));
+    }
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.address = reinterpret_cast<const ucp_address_t*>(worker_addr.data());
+    ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = &UcxClient::OnPeerError;
+    ep.err_handler.arg = this;
+    absl::StatusOr<int> result = absl::InternalError("not run");
+    RunSync([&] {
+      ucp_ep_h handle = nullptr;
+      const ucs_status_t s = ucp_ep_create(worker_, &ep, &handle);
+      if (s != UCS_OK) {
+        result = UcsError(("connect to " + address).c_str(), s);
+        return;
+      }
+      // The hello goes first on this endpoint (see kAmHello); a failure shows on the requests.
+      ucp_request_param_t prm;
+      std::memset(&prm, 0, sizeof(prm));
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      prm.flags = UCP_AM_SEND_FLAG_REPLY;
+      void* req = ucp_am_send_nbx(handle, kAmHello, nullptr, 0, hello_.data(), hello_.size(), &prm);
+      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);  // released once sent; hello_ outlives it
+      std::lock_guard<std::mutex> l(mu_);
+      // Worker addresses are long; messages show a prefix.
+      peers_.push_back(Peer{
+          handle, absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address,
+          false});
+      result = static_cast<int>(peers_.size() - 1);
+    });
+    return result;
+  }
+
+  absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
+    Slot* slot;
+    ucp_ep_h ep;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (peer < 0 || peer >= static_cast<int>(peers_.size())) {
+        return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
+      }
+      const Peer& p = peers_[static_cast<size_t>(peer)];
+      if (p.failed || p.ep == nullptr) {
+        return absl::UnavailableError(absl::StrCat("peer ", p.address, " has failed"));
+      }
+      slot = slots_.Allocate();
+      if (slot == nullptr) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("more than ", kMaxInflight, " requests in flight"));
+      }
+      slot->owner = this;
+      slot->peer = peer;
+      slot->done = slot->waited = slot->receiving = false;
+      slot->finished.store(false, std::memory_order_relaxed);
+      slot->sending = true;
+      slot->status = absl::OkStatus();
+      slot->request_bytes.store(request.size(), std::memory_order_relaxed);
+      slot->send = std::move(request);
+      slot->live.store(slot->id, std::memory_order_release);
+      ep = p.ep;
+    }
+    const uint64_t id = slot->id;
+    MarkActive();
+    ucp_request_param_t prm;
+    std::memset(&prm, 0, sizeof(prm));
+    prm.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    prm.flags = UCP_AM_SEND_FLAG_REPLY;
+    prm.cb.send = &UcxClient::OnSent;
+    prm.user_data = slot;
+    // Header (the id) and payload must stay valid until the send completes: both live in the
+    // slot, which is not freed before OnSent.
+    void* req = ucp_am_send_nbx(ep, kAmRequest, &slot->id, sizeof(slot->id), slot->send.data(),
+                                slot->send.size(), &prm);
+    if (req == nullptr) {
+      // Sent already (the common case for small messages). Without mu_: until Wait marks the
+      // slot waited (after this returns the id) nobody else reads `sending` (MaybeFree stops at
+      // !waited), and Wait takes mu_ after this. The buffer goes back to the pool there.
+      slot->sending = false;
+    } else if (UCS_PTR_IS_ERR(req)) {
+      OnSent(nullptr, UCS_PTR_STATUS(req), slot);
+    } else {
+      SendPending(slot->request_bytes.load(std::memory_order_relaxed));  // OnSent undoes it
+    }
+    return id;
+  }
+
+  bool Poll(uint64_t id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    const Slot* s = slots_.Find(id);
+    return s == nullptr || s->done;
+  }
+
+  absl::Status Wait(uint64_t id, Clock::time_point deadline, std::vector<uint8_t>* reply) override {
+    // The reply of a large request takes a while even when nothing is wrong (the peer takes the
+    // request in, computes, sends about as many bytes back); sleeping through it and being woken
+    // cost a 2.5 MiB round trip over sm more than a millisecond. So the spin grows with the
+    // request: 1 us per KiB, up to kMaxExchangeSpin.
+    // No lock before the spin: the slot an id names is found by index, and `live` tells
+    // whether it still holds this request (it does until this Wait marks it waited; a stale or
+    // made-up id skips the spin and is refused below, under mu_).
+    const Slot* probe = slots_.At(id);
+    if (probe != nullptr && probe->live.load(std::memory_order_acquire) == id) {
+      const std::chrono::microseconds spin =
+          SpinTime() + ExchangeSpin(probe->request_bytes.load(std::memory_order_relaxed));
+      SpinProgress(
+          spin, [&] { return probe->finished.load(std::memory_order_acquire); }, deadline);
+    }
+    std::unique_lock<std::mutex> l(mu_);
+    Slot* s = slots_.Find(id);
+    if (s == nullptr || s->waited) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown request id ", id));
+    }
+    const bool done = cv_.wait_until(l, deadline, [&] { return s->done; });
+    absl::Status st;
+    if (!done) {
+      st = absl::DeadlineExceededError(absl::StrCat(
+          "no reply from ", peers_[static_cast<size_t>(s->peer)].address, " before the deadline"));
+    } else {
+      st = s->status;
+      if (st.ok()) *reply = std::move(s->reply);
+    }
+    s->waited = true;
+    s->live.store(0, std::memory_order_relaxed);
+    MaybeFree(s);
+    return st;
+  }
+
+  std::vector<uint8_t> AcquireBuffer() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return pool_.Acquire();
+  }
+  void ReleaseBuffer(std::vector<uint8_t> b) override {
+    if (b.capacity() == 0) return;
+    std::lock_guard<std::mutex> l(mu_);
+    pool_.Release(std::move(b));
+  }
+
+ private:
+  struct Peer {
+    ucp_ep_h ep;
+    std::string address;
+    bool failed;
+  };
+  // One request in flight. Freed once its caller has waited and UCX no longer uses its buffers.
+  struct Slot {
+    uint64_t id = 0;
+    UcxClient* owner = nullptr;
+    int peer = -1;
+    bool done = false;
+    std::atomic<bool> finished{false};  // == done, for Wait's spin to read without mu_
+    bool waited = false;                // Wait returned: nobody will read the reply
+    bool sending = false;               // UCX still reads `send`
+    bool receiving = false;             // a rendezvous receive still writes into `reply`
+    absl::Status status;
+    std::atomic<size_t> request_bytes{0};  // read by Wait's spin without mu_
+    std::atomic<uint64_t> live{0};         // == id from Post until Wait marks it waited
+    std::vector<uint8_t> send;             // until sent, then until freed (back to the pool)
+    std::vector<uint8_t> reply;
+  };
+  static constexpr uint32_t kMaxInflight = 4096;
+
+  // REQUIRES: mu_ held.
+  void MaybeFree(Slot* s) {
+    if (!s->waited || s->sending || s->receiving) return;
+    if (s->send.capacity() > 0) pool_.Release(std::move(s->send));
+    s->send = std::vector<uint8_t>();
+    if (s->reply.capacity() > 0) pool_.Release(std::move(s->reply));
+    s->reply = std::vector<uint8_t>();
+    s->status = absl::OkStatus();
+    slots_.Free(s);
+  }
+
+  static void OnSent(void* req, ucs_status_t status, void* user) {
+    auto* s = static_cast<Slot*>(user);
+    UcxClient* self = s->owner;
+    if (req != nullptr) self->SendDone(s->request_bytes.load(std::memory_order_relaxed));
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      s->sending = false;
+      self->pool_.Release(std::move(s->send));
+      s->send = std::vector<uint8_t>();
+      if (status != UCS_OK && !s->done) self->FinishLocked(s, UcsError("send", status));
+      self->MaybeFree(s);
+    }
+    if (req != nullptr) ucp_request_free(req);
+  }
+
+  // Marks `id` done with `st`; `reply` (may be null) is moved in.
+  void Complete(uint64_t id, absl::Status st, std::vector<uint8_t>* reply) {
+    std::lock_guard<std::mutex> l(mu_);
+    Slot* s = slots_.Find(id);
+    if (s == nullptr || s->done) {
+      if (reply != nullptr) pool_.Release(std::move(*reply));  // a late reply
+      return;
+    }
+    if (reply != nullptr) s->reply = std::move(*reply);
+    FinishLocked(s, std::move(st));
+  }
+
+  // Marks `s` done with `st` and wakes its waiter (spinning on `finished`, or on cv_).
+  // REQUIRES: mu_ held, !s->done.
+  void FinishLocked(Slot* s, absl::Status st) {
+    s->done = true;
+    s->status = std::move(st);
+    s->finished.store(true, std::memory_order_release);
+    cv_.notify_all();
+  }
+
+  static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data,
+                              size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<UcxClient*>(arg);
+    if (header_length != sizeof(uint64_t)) return UCS_OK;
+    uint64_t id;
+    std::memcpy(&id, header, sizeof(id));
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+      Slot* s;
+      {
+        std::lock_guard<std::mutex> l(self->mu_);
+        s = self->slots_.Find(id);
+        if (s == nullptr || s->done) {
+          ucp_am_data_release(self->worker_, data);
+          return UCS_OK;
+        }
+        s->receiving = true;
+        // A pooled buffer: a fresh multi-MiB vector would page-fault on every reply (and a
+        // cleared one would be zero-filled before the transfer overwrites it).
+        if (s->reply.capacity() < length) {
+          self->pool_.Release(std::move(s->reply));
+          s->reply = self->pool_.AcquireSized(length);
+        }
+      }
+      s->reply.resize(length);
+      self->ReceiveRendezvous(data, s->reply.data(), length, &UcxClient::OnRndvDone, s);
+      return UCS_OK;
+    }
+    if (length <= kCopyUnderLock) {  // one lock: find, copy out, complete
+      std::lock_guard<std::mutex> l(self->mu_);
+      Slot* s = self->slots_.Find(id);
+      if (s == nullptr || s->done) return UCS_OK;  // a late reply: nothing to keep
+      if (s->reply.capacity() > 0) self->pool_.Release(std::move(s->reply));
+      s->reply = self->pool_.AcquireSized(length);
+      if (length > 0) std::memcpy(s->reply.data(), data, length);
+      self->FinishLocked(s, absl::OkStatus());
+      return UCS_OK;
+    }
+    std::vector<uint8_t> bytes;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      bytes = self->pool_.AcquireSized(length);
+    }
+    std::memcpy(bytes.data(), data, length);
+    self->Complete(id, absl::OkStatus(), &bytes);
+    return UCS_OK;
+  }
+
+  static void OnRndvDone(void* req, ucs_status_t status, size_t, void* user) {
+    auto* s = static_cast<Slot*>(user);
+    UcxClient* self = s->owner;
+    {
+      std::lock_guard<std::mutex> l(self->mu_);
+      s->receiving = false;
+      if (!s->done) {
+        self->FinishLocked(s, status == UCS_OK ? absl::OkStatus() : UcsError("receive", status));
+      }
+      self->MaybeFree(s);
+    }
+    if (req != nullptr) ucp_request_free(req);
+  }
+
+  static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    auto* self = static_cast<UcxClient*>(arg);
+    std::lock_guard<std::mutex> l(self->mu_);
+    for (size_t i = 0; i < self->peers_.size(); ++i) {
+      Peer& p = self->peers_[i];
+      if (p.ep != ep) continue;
+      p.failed = true;
+      for (Slot& f : self->slots_.slots()) {
+        if (f.id != 0 && f.peer == static_cast<int>(i) && !f.done) {
+          self->FinishLocked(&f, absl::UnavailableError(absl::StrCat(
+                                     "peer ", p.address, " failed: ", ucs_status_string(status))));
+        }
+      }
+      // Close the endpoint from the progress thread, outside this callback.
+      p.ep = nullptr;
+      self->RunAsync([self, ep] {
+        ucp_request_param_t prm;
+        std::memset(&prm, 0, sizeof(prm));
+        prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+        prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+        void* req = ucp_ep_close_nbx(ep, &prm);
+        if (req != nullptr && !UCS_PTR_IS_ERR(req)) ucp_request_free(req);
+      });
+    }
+    self->cv_.notify_all();
+  }
+
+  std::vector<uint8_t> hello_;  // this worker's address, sent as kAmHello
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Peer> peers_;
+  SlotTable<Slot> slots_{kMaxInflight};
+  UnlockedBufferPool pool_;  // guarded by mu_
+};
+
+// ---------------------------------------------------------------------------------------------
+// Server.
+
+}  // namespace
+}  // namespace ucx_internal
+
+absl::StatusOr<std::unique_ptr<ClientTransport>> NewUcxClient() {
+  auto c = std::make_unique<ucx_internal::UcxClient>();
+  if (auto s = c->Start(); !s.ok()) return s;
+  return std::unique_ptr<ClientTransport>(std::move(c));
+}
+
+}  // namespace dmoe::transport
