@@ -1,4 +1,5 @@
 #include "attention_service/attention_metrics.h"
+#include "common/mutex.h"
 
 #include <chrono>
 
@@ -54,7 +55,7 @@ RoundTripObserver AttentionMetrics::RoundTrips() {
                 uint64_t in, bool ok) {
     ShardSeries* series;
     {
-      std::lock_guard<std::mutex> l(shards_mu_);
+      MutexLock l(&shards_mu_);
       auto it = shards_.find(shard);
       if (it == shards_.end()) {
         ShardSeries n;

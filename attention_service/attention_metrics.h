@@ -16,6 +16,7 @@
 #include "common/metrics.h"
 #include "attention_service/remote_experts.h"
 #include "attention_service/shard_client.h"
+#include "common/mutex.h"
 
 namespace dmoe {
 
@@ -53,8 +54,8 @@ class AttentionMetrics {
     prometheus::Histogram* rtt;
     prometheus::Counter *tokens, *errors;
   };
-  std::mutex shards_mu_;
-  std::map<std::string, ShardSeries> shards_;  // by shard name, created on first use
+  Mutex shards_mu_;
+  std::map<std::string, ShardSeries> shards_ ABSL_GUARDED_BY(shards_mu_);  // by name, on first use
   prometheus::Counter *bytes_out_, *bytes_in_;
   std::atomic<bool> stop_{false};
   std::thread thread_;

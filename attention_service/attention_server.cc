@@ -2,6 +2,7 @@
 
 #include <mutex>
 
+#include "common/mutex.h"
 #include "common/queued_writer.h"
 
 namespace dmoe {
@@ -72,12 +73,12 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
         top->set_token_id(id);
         top->set_logprob(lp);
       }
-      std::lock_guard<std::mutex> l(mu_);  // after the first message
+      MutexLock l(&mu_);  // after the first message
       Push(std::move(r));
     };
     cb.on_finish = [this](FinishReason reason, const absl::Status& st) {
       if (metrics_ != nullptr) metrics_->Finished(reason);
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       if (reason == FinishReason::kError) {
         FinishWith(grpc::Status(ToGrpc(st.code()), std::string(st.message())));
       } else if (reason == FinishReason::kCancelled && cancelled_by_client_) {
@@ -92,7 +93,7 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
     std::vector<int32_t> prompt(request->prompt_token_ids().begin(),
                                 request->prompt_token_ids().end());
     // Held across Submit: the scheduler's callbacks wait until the first message is queued.
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     auto id = scheduler_->Submit(std::move(prompt), FromProto(request->sampling()), cb);
     if (!id.ok()) {
       FinishWith(grpc::Status(ToGrpc(id.status().code()), std::string(id.status().message())));
@@ -106,7 +107,7 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
 
   // The client cancelled, went away or ran out of time: free the sequence at the next step.
   void OnCancel() override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     cancelled_by_client_ = true;
     if (id_ != 0) scheduler_->Cancel(id_);
   }
@@ -116,9 +117,9 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
   AttentionMetrics* metrics_;
   std::chrono::steady_clock::time_point last_;  // arrival, then the last token (scheduler thread)
   bool first_ = true;
-  std::mutex mu_;
-  uint64_t id_ = 0;
-  bool cancelled_by_client_ = false;
+  Mutex mu_;
+  uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;
+  bool cancelled_by_client_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace

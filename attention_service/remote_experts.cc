@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "common/status_macros.h"
 
 namespace dmoe {
@@ -41,19 +42,19 @@ absl::Status ExpertPlacement::CheckCovers(const ModelConfig& c) const {
 }
 
 void PeerHealth::MarkDead(int peer) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   if (peer < 0) return;
   if (static_cast<size_t>(peer) >= dead_.size()) dead_.resize(static_cast<size_t>(peer) + 1, 0);
   dead_[static_cast<size_t>(peer)] = 1;
 }
 
 bool PeerHealth::Dead(int peer) const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return peer >= 0 && static_cast<size_t>(peer) < dead_.size() && dead_[static_cast<size_t>(peer)];
 }
 
 void PeerHealth::Snapshot(const std::vector<int>& peers, std::vector<char>* dead) const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   dead->resize(peers.size());
   for (size_t i = 0; i < peers.size(); ++i) {
     const int p = peers[i];

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "model/routed_experts.h"
 #include "model/config.h"
 #include "transport/transport.h"
@@ -64,8 +65,8 @@ class PeerHealth {
   void Snapshot(const std::vector<int>& peers, std::vector<char>* dead) const;
 
  private:
-  mutable std::mutex mu_;
-  std::vector<char> dead_;
+  mutable Mutex mu_;
+  std::vector<char> dead_ ABSL_GUARDED_BY(mu_);
 };
 
 // One finished round trip to one shard: its name, seconds from dispatch to combine, tokens sent,

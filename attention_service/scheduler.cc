@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "common/status_macros.h"
 
 namespace dmoe {
@@ -70,7 +71,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
                                                    " KV blocks; the cache has ",
                                                    cache_->total_blocks()));
   }
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   if (draining_) {
     return absl::UnavailableError("this attention node is shutting down; retry on another");
   }
@@ -79,64 +80,68 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
   ++load_.waiting;
   incoming_.push_back(
       std::make_unique<Seq>(id, std::move(prompt), params, std::move(callbacks), cache_));
-  work_cv_.notify_one();
+  work_cv_.Signal();
   return id;
 }
 
 void Scheduler::Drain() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   draining_ = true;
 }
 
 void Scheduler::Cancel(uint64_t id) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   cancelled_.insert(id);
-  work_cv_.notify_one();
+  work_cv_.Signal();
 }
 
 bool Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> l(mu_);
-  auto has_work = [&] { return !incoming_.empty() || !cancelled_.empty(); };
+  MutexLock l(&mu_);
+  auto has_work = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !incoming_.empty() || !cancelled_.empty();
+  };
   if (has_work()) return true;
   ++idle_waiters_;
-  const bool woken = work_cv_.wait_for(l, timeout, has_work);
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (!has_work() && work_cv_.WaitUntil(&mu_, until)) {
+  }
   --idle_waiters_;
-  return woken;
+  return has_work();
 }
 
 int Scheduler::idle_waiters() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return idle_waiters_;
 }
 
 SchedulerLoad Scheduler::load() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return load_;
 }
 
 SchedulerStats Scheduler::stats() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return stats_;
 }
 
 void Scheduler::Finish(Seq* s, FinishReason reason, const absl::Status& st) {
   s->kv.Release();
   if (s->callbacks.on_finish) s->callbacks.on_finish(reason, st);
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   ++stats_.finished;
 }
 
 void Scheduler::Preempt(Seq* s) {
   // Free everything; the tokens (prompt + generated so far) are recomputed when readmitted.
   s->kv.Release();
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   ++stats_.preemptions;
 }
 
 void Scheduler::TakeIncomingAndCancel() {
   std::set<uint64_t> cancelled;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     while (!incoming_.empty()) {
       waiting_.push_back(std::move(incoming_.front()));
       incoming_.pop_front();
@@ -172,7 +177,7 @@ void Scheduler::Admit() {
     // Prefix caching: reuse the cached blocks of the longest matching prefix.
     const int64_t hit = s->kv.AttachPrefix(s->tokens);
     if (hit > 0) {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       stats_.prefix_hit_tokens += static_cast<uint64_t>(hit);
     }
     running_.push_back(std::move(waiting_.front()));
@@ -279,7 +284,7 @@ void Scheduler::Stall(const std::vector<Seq*>& members, const absl::Status& st) 
     }
   }
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   ++stats_.stalled_steps;
   stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, longest);
   load_.running = static_cast<int64_t>(running_.size());
@@ -334,7 +339,7 @@ Scheduler::Committed Scheduler::Commit(const std::vector<SequenceStep>& batch,
 }
 
 void Scheduler::PublishLoad(const Committed* c) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   if (c != nullptr) {
     stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, c->resumed_after);
     ++stats_.steps;

@@ -22,6 +22,7 @@
 #include "attention_service/engine.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/sampler.h"
+#include "common/mutex.h"
 
 namespace dmoe {
 
@@ -116,7 +117,7 @@ class Scheduler {
   Committed Commit(const std::vector<SequenceStep>& batch, const std::vector<Seq*>& members,
                    const std::vector<std::vector<float>>& logits);
   // Load and counters for GetLoad and metrics; `c` null for an idle step.
-  void PublishLoad(const Committed* c);
+  void PublishLoad(const Committed* c) ABSL_LOCKS_EXCLUDED(mu_);
 
   void Finish(Seq* s, FinishReason reason, const absl::Status& st);
   void Preempt(Seq* s);
@@ -127,15 +128,15 @@ class Scheduler {
   SchedulerOptions options_;
   const ModelConfig& config_;
 
-  mutable std::mutex mu_;            // guards incoming_, cancelled_, load counters below, stats_
-  std::condition_variable work_cv_;  // incoming_ or cancelled_ gained an entry
-  int idle_waiters_ = 0;             // guarded by mu_: threads in WaitForWork
-  std::deque<std::unique_ptr<Seq>> incoming_;
-  std::set<uint64_t> cancelled_;
-  uint64_t next_id_ = 1;
-  bool draining_ = false;
-  SchedulerLoad load_;
-  SchedulerStats stats_;
+  mutable Mutex mu_;
+  CondVar work_cv_;                                // incoming_ or cancelled_ gained an entry
+  int idle_waiters_ ABSL_GUARDED_BY(mu_) = 0;      // threads in WaitForWork
+  std::deque<std::unique_ptr<Seq>> incoming_ ABSL_GUARDED_BY(mu_);
+  std::set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  SchedulerLoad load_ ABSL_GUARDED_BY(mu_);
+  SchedulerStats stats_ ABSL_GUARDED_BY(mu_);
 
   // Scheduler thread only.
   std::deque<std::unique_ptr<Seq>> waiting_;  // admission order; preempted ones go first

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/mutex.h"
 #include "proto/expert_control.grpc.pb.h"
 #include "transport/ucx.h"
 
@@ -88,21 +89,21 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
   ExpertShardSet* raw = set.get();
   set->member_->StartWatch(/*targets=*/false, [raw](const internal::PlacementUpdate& u) {
     if (u.version() == 0) return;  // no active map yet
-    std::lock_guard<std::mutex> l(raw->mu_);
+    MutexLock l(&raw->mu_);
     raw->pending_ = u;
   });
   // The first map.
   const auto until = std::chrono::steady_clock::now() + options.first_map_timeout;
   while (std::chrono::steady_clock::now() < until) {
     {
-      std::lock_guard<std::mutex> l(set->mu_);
+      MutexLock l(&set->mu_);
       if (set->pending_.has_value()) break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   std::optional<internal::PlacementUpdate> first;
   {
-    std::lock_guard<std::mutex> l(set->mu_);
+    MutexLock l(&set->mu_);
     first.swap(set->pending_);
   }
   if (!first.has_value()) {
@@ -205,7 +206,7 @@ bool ExpertShardSet::SwitchIfChanged() {
   if (member_ == nullptr) return false;
   std::optional<internal::PlacementUpdate> u;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     u.swap(pending_);
   }
   if (!u.has_value() || u->version() == version_) {

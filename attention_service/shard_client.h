@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention_service/remote_experts.h"
+#include "common/mutex.h"
 #include "model/config.h"
 #include "proto/router.pb.h"
 #include "router/member.h"
@@ -84,8 +85,8 @@ class ExpertShardSet {
   std::optional<internal::PlacementUpdate> applied_;  // the map in use
   std::chrono::steady_clock::time_point last_revival_{};
   std::unique_ptr<router::RouterMember> member_;
-  std::mutex mu_;
-  std::optional<internal::PlacementUpdate> pending_;
+  Mutex mu_;
+  std::optional<internal::PlacementUpdate> pending_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
   std::thread reporter_;
 };

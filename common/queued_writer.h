@@ -7,7 +7,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <deque>
-#include <mutex>
+
+#include "common/mutex.h"
 
 namespace dmoe {
 
@@ -15,18 +16,18 @@ template <typename Response>
 class QueuedWriter : public grpc::ServerWriteReactor<Response> {
  public:
   void Push(Response r) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     queue_.push_back(std::move(r));
     MaybeWriteLocked();
   }
   void FinishWith(grpc::Status status) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     finished_ = true;
     status_ = std::move(status);
     MaybeWriteLocked();
   }
   void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     writing_ = false;
     if (!ok) broken_ = true;  // the client is gone: drop the rest
     MaybeWriteLocked();
@@ -34,7 +35,7 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
   void OnDone() override {
     // Wait out a Push/OnWriteDone still inside the lock (and order their reads of the queued
     // messages before the deletes below: gRPC's own ordering is invisible to ThreadSanitizer).
-    { std::lock_guard<std::mutex> l(mu_); }
+    { MutexLock l(&mu_); }
     OnDoneHook();
     delete this;
   }
@@ -44,8 +45,7 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
   virtual void OnDoneHook() {}
 
  private:
-  // REQUIRES: mu_ held.
-  void MaybeWriteLocked() {
+  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (writing_ || finish_sent_) return;
     if (!queue_.empty() && !broken_) {
       current_ = std::move(queue_.front());
@@ -60,14 +60,14 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
     }
   }
 
-  std::mutex mu_;
-  std::deque<Response> queue_;
-  Response current_;
-  bool writing_ = false;
-  bool finished_ = false;
-  bool finish_sent_ = false;
-  bool broken_ = false;
-  grpc::Status status_;
+  Mutex mu_;
+  std::deque<Response> queue_ ABSL_GUARDED_BY(mu_);
+  Response current_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_sent_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dmoe

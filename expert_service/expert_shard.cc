@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "transport/wire.h"
 
 namespace dmoe {
@@ -15,12 +16,12 @@ ExpertShard::ExpertShard(const ModelConfig& config, std::shared_ptr<const Expert
           std::max<int64_t>(1, config.num_hidden_layers * config.n_routed_experts))]()) {}
 
 void ExpertShard::SetStore(std::shared_ptr<const ExpertStore> store) {
-  std::lock_guard<std::mutex> l(store_mu_);
+  MutexLock l(&store_mu_);
   store_ = std::move(store);
 }
 
 std::shared_ptr<const ExpertStore> ExpertShard::store() const {
-  std::lock_guard<std::mutex> l(store_mu_);
+  MutexLock l(&store_mu_);
   return store_;
 }
 

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/mutex.h"
 #include "model/routed_experts.h"
 #include "model/config.h"
 #include "transport/wire.h"
@@ -44,8 +45,8 @@ class ExpertShard {
 
  private:
   ModelConfig config_;
-  mutable std::mutex store_mu_;
-  std::shared_ptr<const ExpertStore> store_;
+  mutable Mutex store_mu_;
+  std::shared_ptr<const ExpertStore> store_ ABSL_GUARDED_BY(store_mu_);
   ExpertBatcher batcher_;
   // Per-batch state, kept between batches so that steady serving allocates nothing.
   std::vector<std::vector<float>> in_, out_;

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/mutex.h"
 #include "model/safetensors.h"
 
 namespace dmoe {
@@ -28,21 +29,21 @@ void HostingAgent::Start() {
 
 void HostingAgent::Stop() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     stop_ = true;
-    wake_.notify_all();
+    wake_.SignalAll();
   }
   if (thread_.joinable()) thread_.join();
 }
 
 void HostingAgent::OnUpdate(const internal::PlacementUpdate& u) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   pending_ = u;
-  wake_.notify_all();
+  wake_.SignalAll();
 }
 
 bool HostingAgent::ActiveWithoutMe() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   const uint64_t active = active_version_;
   if (active == 0) return false;
   auto it = assigned_.find(active);
@@ -50,9 +51,11 @@ bool HostingAgent::ActiveWithoutMe() const {
 }
 
 void HostingAgent::Run() {
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   while (!stop_) {
-    wake_.wait_for(l, std::chrono::milliseconds(100), [&] { return stop_ || pending_.has_value(); });
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    while (!stop_ && !pending_.has_value() && wake_.WaitUntil(&mu_, until)) {
+    }
     if (stop_) break;
     if (pending_.has_value()) {
       const internal::PlacementUpdate u = std::move(*pending_);
@@ -68,7 +71,7 @@ void HostingAgent::Run() {
         active_version_ = u.active_version();
         active_since_ = std::chrono::steady_clock::now();
       }
-      if (u.version() > ready_version_) LoadLocked(l, u.version(), mine);
+      if (u.version() > ready_version_) LoadLocked(u.version(), mine);
     }
     DropIfDrainedLocked();
     // Forget versions older than both the active and the ready one.
@@ -77,15 +80,14 @@ void HostingAgent::Run() {
   }
 }
 
-void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
-                              const std::set<Key>& want) {
+void HostingAgent::LoadLocked(uint64_t version, const std::set<Key>& want) {
   const std::shared_ptr<const ExpertStore> current = shard_->store();
   std::vector<Key> gained;
   for (const Key& k : want) {
     if (current->Find(k.first, k.second) == nullptr) gained.push_back(k);
   }
   if (!gained.empty()) {
-    l.unlock();  // loading may take long; updates keep queuing meanwhile
+    mu_.Unlock();  // loading may take long; updates keep queuing meanwhile
     const auto t0 = std::chrono::steady_clock::now();
     std::unique_ptr<ExpertStore> added;
     uint64_t bytes = 0;
@@ -112,7 +114,7 @@ void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
         }
       }  // the checkpoint is unmapped here
     }
-    l.lock();
+    mu_.Lock();
     if (!st.ok()) {
       ++load_errors_;
       spdlog::error("cannot load the experts of placement {}: {}", version,
@@ -129,9 +131,9 @@ void HostingAgent::LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version,
   }
   ready_version_ = version;
   if (on_ready) {
-    l.unlock();
+    mu_.Unlock();
     on_ready(version);
-    l.lock();
+    mu_.Lock();
   }
 }
 

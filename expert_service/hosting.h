@@ -18,6 +18,7 @@
 #include <thread>
 #include <utility>
 
+#include "common/mutex.h"
 #include "expert_service/expert_shard.h"
 #include "model/config.h"
 #include "proto/router.pb.h"
@@ -49,8 +50,10 @@ class HostingAgent {
 
  private:
   void Run();
-  void LoadLocked(std::unique_lock<std::mutex>& l, uint64_t version, const std::set<Key>& want);
-  void DropIfDrainedLocked();
+  // Drops and retakes mu_ while reading the checkpoint and around on_ready.
+  void LoadLocked(uint64_t version, const std::set<Key>& want)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropIfDrainedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   ModelConfig config_;
   std::string dir_;
@@ -58,13 +61,14 @@ class HostingAgent {
   ExpertShard* shard_;
   std::chrono::milliseconds drain_;
   WeightDType dtype_;
-  mutable std::mutex mu_;
-  std::condition_variable wake_;
-  std::optional<internal::PlacementUpdate> pending_;
-  std::map<uint64_t, std::set<Key>> assigned_;  // this shard's experts in each version seen
+  mutable Mutex mu_;
+  CondVar wake_;
+  std::optional<internal::PlacementUpdate> pending_ ABSL_GUARDED_BY(mu_);
+  // This shard's experts in each version seen.
+  std::map<uint64_t, std::set<Key>> assigned_ ABSL_GUARDED_BY(mu_);
   std::atomic<uint64_t> ready_version_{0}, active_version_{0}, load_errors_{0};
-  std::chrono::steady_clock::time_point active_since_;
-  bool stop_ = false;
+  std::chrono::steady_clock::time_point active_since_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
 

@@ -21,6 +21,7 @@
 #include "common/grpc_setup.h"
 #include "common/logging.h"
 #include "common/metrics.h"
+#include "common/mutex.h"
 #include "common/service.h"
 #include "common/status_macros.h"
 #include "expert_service/expert_server.h"
@@ -105,7 +106,7 @@ class ExpertMetrics {
   ~ExpertMetrics() { Stop(); }
   // With a router: heartbeat age and the active placement version.
   void SetRouterSources(std::function<double()> heartbeat_age, std::function<double()> version) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     heartbeat_age_fn_ = std::move(heartbeat_age);
     version_fn_ = std::move(version);
     heartbeat_age_ = &m_->Gauge("dmoe_expert_heartbeat_age_seconds",
@@ -138,7 +139,7 @@ class ExpertMetrics {
           Metrics::SetTotal(*c, static_cast<double>(shard->expert_tokens(k.first, k.second)));
         }
         {
-          std::lock_guard<std::mutex> l(mu_);
+          MutexLock l(&mu_);
           if (heartbeat_age_fn_) heartbeat_age_->Set(heartbeat_age_fn_());
           if (version_fn_) version_->Set(version_fn_());
         }
@@ -158,8 +159,8 @@ class ExpertMetrics {
       *peer_errors_;
   prometheus::Gauge *weight_bytes_, *hosted_, *heartbeat_age_ = nullptr, *version_ = nullptr;
   std::map<std::pair<int64_t, int64_t>, prometheus::Counter*> per_expert_;
-  std::mutex mu_;
-  std::function<double()> heartbeat_age_fn_, version_fn_;
+  Mutex mu_;
+  std::function<double()> heartbeat_age_fn_ ABSL_GUARDED_BY(mu_), version_fn_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

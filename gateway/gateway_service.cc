@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/mutex.h"
 #include "common/queued_writer.h"
 #include "gateway/text_stream.h"
 
@@ -48,7 +49,7 @@ absl::Status ApiKeys::Acquire(const std::multimap<grpc::string_ref, grpc::string
     return absl::UnauthenticatedError("authorization must be \"Bearer KEY\"");
   }
   const std::string k = value.substr(7);
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   auto lim = limits_.find(k);
   if (lim == limits_.end()) return absl::UnauthenticatedError("unknown API key");
   if (active_[k] >= lim->second) {
@@ -62,7 +63,7 @@ absl::Status ApiKeys::Acquire(const std::multimap<grpc::string_ref, grpc::string
 
 void ApiKeys::Release(const std::string& key) {
   if (key.empty()) return;
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   --active_[key];
 }
 
@@ -102,7 +103,7 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
   }
 
   void OnCancel() override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     cancelled_ = true;
     if (upstream_ != nullptr) upstream_->TryCancel();
   }
@@ -161,7 +162,7 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
     auto ctx = std::make_unique<grpc::ClientContext>();
     ctx->set_deadline(deadline_);
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
       upstream_ = ctx.get();
     }
@@ -186,7 +187,7 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
     grpc::Status status = reader->Finish();
     svc_->pool()->Ended(node);
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       upstream_ = nullptr;
     }
     if (p->stops.stopped()) status = grpc::Status::OK;
@@ -266,9 +267,9 @@ class Relay : public QueuedWriter<v1::GenerateResponse> {
   v1::SamplingParams sampling_;
   std::string key_;
   std::thread thread_;
-  std::mutex mu_;
-  bool cancelled_ = false;
-  grpc::ClientContext* upstream_ = nullptr;
+  Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::ClientContext* upstream_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
 // A stream that fails at once (validation, authentication).

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/mutex.h"
 #include "gateway/chat_template.h"
 #include "gateway/node_pool.h"
 #include "model/tokenizer.h"
@@ -33,9 +34,9 @@ class ApiKeys {
   void Release(const std::string& key);
 
  private:
-  std::mutex mu_;
-  std::map<std::string, int64_t> limits_;
-  std::map<std::string, int64_t> active_;
+  Mutex mu_;
+  std::map<std::string, int64_t> limits_;  // fixed after Load
+  std::map<std::string, int64_t> active_ ABSL_GUARDED_BY(mu_);
 };
 
 // What the gateway counts (all optional).

@@ -1,4 +1,5 @@
 #include "gateway/node_pool.h"
+#include "common/mutex.h"
 
 #include <grpcpp/grpcpp.h>
 
@@ -12,28 +13,30 @@ NodePool::NodePool(const std::vector<std::string>& addresses, std::chrono::milli
   for (const std::string& a : addresses) Add(a);
   Poll();  // a first view before serving
   poller_ = std::thread([this] {
-    std::unique_lock<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     while (!stop_) {
-      cv_.wait_for(l, poll_, [&] { return stop_; });
+      const auto until = std::chrono::steady_clock::now() + poll_;
+      while (!stop_ && cv_.WaitUntil(&mu_, until)) {
+      }
       if (stop_) break;
-      l.unlock();
+      l.Unlock();
       Poll();
-      l.lock();
+      l.Lock();
     }
   });
 }
 
 NodePool::~NodePool() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     stop_ = true;
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   poller_.join();
 }
 
 bool NodePool::Add(const std::string& address) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   if (nodes_.size() >= kMaxNodes) return false;
   for (const auto& n : nodes_) {
     if (n->address == address) return false;
@@ -43,12 +46,12 @@ bool NodePool::Add(const std::string& address) {
   n->stub = internal::AttentionService::NewStub(
       grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
   nodes_.push_back(std::move(n));
-  cv_.notify_all();  // poll it soon
+  cv_.SignalAll();  // poll it soon
   return true;
 }
 
 size_t NodePool::healthy() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   size_t n = 0;
   for (const auto& x : nodes_) n += x->healthy;
   return n;
@@ -57,7 +60,7 @@ size_t NodePool::healthy() const {
 void NodePool::Poll() {
   std::vector<Node*> nodes;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     for (auto& n : nodes_) nodes.push_back(n.get());
   }
   for (Node* n : nodes) {
@@ -65,7 +68,7 @@ void NodePool::Poll() {
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
     internal::GetLoadReply reply;
     const grpc::Status st = n->stub->GetLoad(&ctx, internal::GetLoadRequest(), &reply);
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     if (st.ok()) {
       n->healthy = true;
       n->missed = 0;
@@ -90,7 +93,7 @@ double NodePool::Score(const Node& n) const {
 }
 
 int NodePool::Pick(const std::set<int>& exclude) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   std::vector<int> ok;
   for (size_t i = 0; i < nodes_.size(); ++i) {
     if (nodes_[i]->healthy && !exclude.count(static_cast<int>(i)))
@@ -107,17 +110,17 @@ int NodePool::Pick(const std::set<int>& exclude) {
 }
 
 void NodePool::MarkFailed(int i) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   nodes_[static_cast<size_t>(i)]->healthy = false;
 }
 
 void NodePool::Started(int i) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   ++nodes_[static_cast<size_t>(i)]->inflight;
 }
 
 void NodePool::Ended(int i) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   --nodes_[static_cast<size_t>(i)]->inflight;
 }
 

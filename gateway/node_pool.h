@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
 #include "proto/attention.grpc.pb.h"
 
 namespace dmoe::gateway {
@@ -31,7 +32,7 @@ class NodePool {
   }
   const std::string& address(int i) const { return nodes_[static_cast<size_t>(i)]->address; }
   size_t size() const {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     return nodes_.size();
   }
   // Adds a node (e.g. one the router lists); false if it is known already or the pool is full.
@@ -46,6 +47,7 @@ class NodePool {
   void Ended(int i);
 
  private:
+  // Fields other than address and stub are guarded by mu_ (not annotatable from a nested type).
   struct Node {
     std::string address;
     std::unique_ptr<internal::AttentionService::Stub> stub;
@@ -54,17 +56,17 @@ class NodePool {
     int inflight = 0;  // requests this gateway has on it
     int missed = 0;    // polls late in a row
   };
-  double Score(const Node& n) const;
+  double Score(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Poll();
 
   static constexpr size_t kMaxNodes = 1024;
   static constexpr int kMaxMissedPolls = 3;  // x 500 ms poll deadline
   // Reserved to kMaxNodes and only appended to: nodes_[i] stays valid without the lock.
   std::vector<std::unique_ptr<Node>> nodes_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::mt19937 rng_{12345};
+  mutable Mutex mu_;
+  CondVar cv_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::mt19937 rng_ ABSL_GUARDED_BY(mu_){12345};
   std::chrono::milliseconds poll_;
   std::thread poller_;
 };

@@ -72,11 +72,12 @@ class ExpertStore {
 };
 
 // Groups (input row, weight, output row) triples by (layer, expert), then runs each group through
-// its expert as one GEMM and adds weight * Expert(row) into each output row. Used for one engine
+// its expert as one GEMM and writes Expert(row), unweighted, to each output row. Used for one engine
 // step and, on an expert shard, for every request that arrived together. Thread-compatible.
 class ExpertBatcher {
  public:
-  ExpertBatcher(int64_t hidden, int64_t width) : hidden_(hidden), width_(width) {}
+  // `width` (moe_intermediate_size) is taken from each expert's weights.
+  ExpertBatcher(int64_t hidden, int64_t /*width*/) : hidden_(hidden) {}
   // Queues out_row[D] = Expert_{layer, expert}(row[D]) (unweighted; overwritten by Run).
   void Add(int64_t layer, int64_t expert, const float* row, float* out_row) {
     items_.push_back(Item{layer, expert, static_cast<uint32_t>(items_.size()), row, out_row});
@@ -98,7 +99,6 @@ class ExpertBatcher {
     float* out;
   };
   int64_t hidden_;
-  int64_t width_;
   std::vector<Item> items_;
   std::vector<float> gathered_, result_, scratch_;
   uint64_t gemms_ = 0, rows_ = 0;

@@ -1,5 +1,6 @@
 #include "router/member.h"
 #include "common/logging.h"
+#include "common/mutex.h"
 
 #include <grpcpp/grpcpp.h>
 
@@ -60,7 +61,7 @@ void RouterMember::StartWatch(bool targets,
         ctx.AddMetadata("x-dmoe-cluster-token", options_.cluster_token);
       }
       {
-        std::lock_guard<std::mutex> l(watch_mu_);
+        MutexLock l(&watch_mu_);
         if (stop_) break;
         watch_ctx_ = &ctx;
       }
@@ -76,7 +77,7 @@ void RouterMember::StartWatch(bool targets,
       }
       const grpc::Status st = stream->Finish();
       {
-        std::lock_guard<std::mutex> l(watch_mu_);
+        MutexLock l(&watch_mu_);
         watch_ctx_ = nullptr;
       }
       if (stop_) break;
@@ -139,18 +140,20 @@ void RouterMember::StartMembership(internal::RegisterRequest registration,
         spdlog::warn("router {}: unreachable (serving on; retrying)", options_.router_address);
       }
       warned = !ok;
-      std::unique_lock<std::mutex> l(mu_);
-      wake_.wait_for(l, std::chrono::milliseconds(ok ? lease_ms_ / 3 : 100),
-                     [&] { return stop_ || beat_now_; });
+      MutexLock l(&mu_);
+      const auto until = std::chrono::steady_clock::now() +
+                         std::chrono::milliseconds(ok ? lease_ms_ / 3 : 100);
+      while (!stop_ && !beat_now_ && wake_.WaitUntil(&mu_, until)) {
+      }
       beat_now_ = false;
     }
   });
 }
 
 void RouterMember::HeartbeatNow() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   beat_now_ = true;
-  wake_.notify_all();
+  wake_.SignalAll();
 }
 
 absl::StatusOr<bool> RouterMember::Deregister() {
@@ -190,12 +193,12 @@ absl::Status RouterMember::ReportLoad(const internal::LoadReport& report) {
 
 void RouterMember::Stop() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     stop_ = true;
-    wake_.notify_all();
+    wake_.SignalAll();
   }
   {
-    std::lock_guard<std::mutex> l(watch_mu_);
+    MutexLock l(&watch_mu_);
     if (watch_ctx_ != nullptr) watch_ctx_->TryCancel();
   }
   if (watch_thread_.joinable()) watch_thread_.join();

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "common/mutex.h"
 #include "proto/router.grpc.pb.h"
 
 namespace dmoe::router {
@@ -75,12 +76,12 @@ class RouterMember {
   std::atomic<uint64_t> known_version_{0};
   std::atomic<int64_t> last_ok_ns_{0};
   std::atomic<int64_t> lease_ms_{3000};
-  std::mutex mu_;
-  std::condition_variable wake_;
-  bool beat_now_ = false;
+  Mutex mu_;
+  CondVar wake_;
+  bool beat_now_ ABSL_GUARDED_BY(mu_) = false;
   bool registered_ = false;
-  std::mutex watch_mu_;
-  grpc::ClientContext* watch_ctx_ = nullptr;
+  Mutex watch_mu_;
+  grpc::ClientContext* watch_ctx_ ABSL_GUARDED_BY(watch_mu_) = nullptr;
   std::thread watch_thread_, beat_thread_;
 };
 

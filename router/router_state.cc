@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 
 namespace dmoe::router {
 
@@ -27,7 +28,7 @@ absl::Status RouterState::Register(Node node, uint64_t known_version) {
     return absl::InvalidArgumentError(
         absl::StrCat("capacity_experts: ", node.capacity, " must be positive for an expert shard"));
   }
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   next_version_ = std::max(next_version_, known_version + 1);
   node.lease_until = clock_() + lease_;
   auto it = nodes_.find(node.id);
@@ -42,7 +43,7 @@ absl::Status RouterState::Register(Node node, uint64_t known_version) {
 }
 
 absl::Status RouterState::Heartbeat(const std::string& id, uint64_t ready_version) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   auto it = nodes_.find(id);
   if (it == nodes_.end()) {
     return absl::NotFoundError(absl::StrCat("node ", id, " is not registered (lease lapsed?)"));
@@ -56,7 +57,7 @@ absl::Status RouterState::Heartbeat(const std::string& id, uint64_t ready_versio
 }
 
 absl::StatusOr<bool> RouterState::Deregister(const std::string& id) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   auto it = nodes_.find(id);
   if (it == nodes_.end()) return absl::NotFoundError(absl::StrCat("node ", id, " is not registered"));
   if (!it->second.draining) {
@@ -68,7 +69,7 @@ absl::StatusOr<bool> RouterState::Deregister(const std::string& id) {
 }
 
 std::vector<std::string> RouterState::ExpireLeases() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   const auto now = clock_();
   std::vector<std::string> gone;
   bool expert_gone = false;
@@ -94,12 +95,12 @@ std::vector<std::string> RouterState::ExpireLeases() {
 }
 
 void RouterState::ReportLoad(const std::map<ExpertKey, double>& tokens) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   for (const auto& [key, t] : tokens) load_[key] += t;
 }
 
 void RouterState::Rebalance() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   ReplanLocked();
 }
 
@@ -134,7 +135,7 @@ void RouterState::ReplanLocked() {
   maps_.target = std::move(next);
   ++maps_.generation;
   TryActivateLocked();
-  changed_.notify_all();
+  changed_.SignalAll();
 }
 
 void RouterState::TryActivateLocked() {
@@ -145,44 +146,46 @@ void RouterState::TryActivateLocked() {
   }
   maps_.active = maps_.target;
   ++maps_.generation;
-  changed_.notify_all();
+  changed_.SignalAll();
 }
 
 PlacementMap RouterState::placement() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return maps_.active;
 }
 
 PlacementMap RouterState::target() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return maps_.target;
 }
 
 PlacementState RouterState::state() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return maps_;
 }
 
 std::vector<Node> RouterState::nodes() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   std::vector<Node> out;
   for (const auto& [id, n] : nodes_) out.push_back(n);
   return out;
 }
 
 std::map<ExpertKey, double> RouterState::load() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return load_;
 }
 
 PlacementState RouterState::WaitForChange(uint64_t seen, std::chrono::milliseconds timeout) const {
-  std::unique_lock<std::mutex> l(mu_);
-  changed_.wait_for(l, timeout, [&] { return maps_.generation != seen; });
+  MutexLock l(&mu_);
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (maps_.generation == seen && changed_.WaitUntil(&mu_, until)) {
+  }
   return maps_;
 }
 
 std::string RouterState::problem() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(&mu_);
   return problem_;
 }
 

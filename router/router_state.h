@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/mutex.h"
 #include "model/config.h"
 #include "router/placement.h"
 
@@ -85,8 +86,8 @@ class RouterState {
   void set_min_shards(int64_t n) { min_shards_ = n; }
 
  private:
-  void ReplanLocked();
-  void TryActivateLocked();
+  void ReplanLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TryActivateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   ModelConfig config_;
   std::chrono::milliseconds lease_;
@@ -94,16 +95,16 @@ class RouterState {
   Clock clock_;
   std::chrono::steady_clock::time_point started_at_;
   std::chrono::milliseconds grace_;
-  bool planning_ = false;  // false during the startup grace
-  bool planned_once_ = false;
+  bool planning_ ABSL_GUARDED_BY(mu_) = false;  // false during the startup grace
+  bool planned_once_ ABSL_GUARDED_BY(mu_) = false;
   int64_t min_shards_ = 1;
-  mutable std::mutex mu_;
-  mutable std::condition_variable changed_;
-  std::map<std::string, Node> nodes_;
-  std::map<ExpertKey, double> load_;
-  PlacementState maps_;
-  uint64_t next_version_ = 1;
-  std::string problem_;
+  mutable Mutex mu_;
+  mutable CondVar changed_;
+  std::map<std::string, Node> nodes_ ABSL_GUARDED_BY(mu_);
+  std::map<ExpertKey, double> load_ ABSL_GUARDED_BY(mu_);
+  PlacementState maps_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_version_ ABSL_GUARDED_BY(mu_) = 1;
+  std::string problem_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dmoe::router

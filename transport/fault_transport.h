@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "transport/transport.h"
 #include "transport/wire.h"
 
@@ -49,14 +50,14 @@ class FaultInjectingClient : public transport::ClientTransport {
 
   // Applies to requests posted from now on.
   void SetFault(int peer, Fault f) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     faults_[peer] = f;
   }
   // Ends every Wait that is withholding a reply (they return DEADLINE_EXCEEDED at once).
   void ReleaseWithheld() {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     released_ = true;
-    cv_.notify_all();
+    cv_.SignalAll();
   }
 
   // Dispatch messages handed to the real transport for `peer` (refused posts are not counted),
@@ -67,7 +68,7 @@ class FaultInjectingClient : public transport::ClientTransport {
   // Post calls refused by kRefusePost.
   uint64_t refused(int peer) const { return Count(peer).refused; }
   void ResetCounts() {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     counts_.clear();
   }
 
@@ -78,7 +79,7 @@ class FaultInjectingClient : public transport::ClientTransport {
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
     Fault f;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       auto it = faults_.find(peer);
       f = it == faults_.end() ? Fault::kNone : it->second;
       if (f == Fault::kRefusePost) {
@@ -99,7 +100,7 @@ class FaultInjectingClient : public transport::ClientTransport {
     }
     auto id = real_->Post(peer, std::move(request));
     if (id.ok()) {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       fault_of_id_[*id] = f;
     }
     return id;
@@ -111,7 +112,7 @@ class FaultInjectingClient : public transport::ClientTransport {
                     std::vector<uint8_t>* reply) override {
     Fault f = Fault::kNone;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       auto it = fault_of_id_.find(id);
       if (it != fault_of_id_.end()) {
         f = it->second;
@@ -130,8 +131,9 @@ class FaultInjectingClient : public transport::ClientTransport {
         if (st.ok()) real_->ReleaseBuffer(std::move(*reply));
         // The real reply (if any) is dropped; the caller sees a peer that never answered, so its
         // wait ends at its own deadline (bounded), or earlier on ReleaseWithheld.
-        std::unique_lock<std::mutex> l(mu_);
-        cv_.wait_until(l, deadline, [&] { return released_; });
+        MutexLock l(&mu_);
+        while (!released_ && cv_.WaitUntil(&mu_, deadline)) {
+        }
         return absl::DeadlineExceededError("injected: no reply before the deadline");
       }
       case Fault::kCorruptReply:
@@ -171,18 +173,18 @@ class FaultInjectingClient : public transport::ClientTransport {
     uint64_t posts = 0, tokens = 0, pairs = 0, refused = 0;
   };
   PerPeer Count(int peer) const {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     auto it = counts_.find(peer);
     return it == counts_.end() ? PerPeer() : it->second;
   }
 
   transport::ClientTransport* real_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool released_ = false;
-  std::map<int, Fault> faults_;
-  std::map<uint64_t, Fault> fault_of_id_;
-  std::map<int, PerPeer> counts_;
+  mutable Mutex mu_;
+  CondVar cv_;
+  bool released_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<int, Fault> faults_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, Fault> fault_of_id_ ABSL_GUARDED_BY(mu_);
+  std::map<int, PerPeer> counts_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace dmoe::testing

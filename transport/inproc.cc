@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "transport/buffer_pool.h"
 
 namespace dmoe::transport {
@@ -16,11 +17,11 @@ class InprocClient;
 
 // One pending request as both sides see it.
 struct Exchange {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  absl::Status status;
-  std::vector<uint8_t> reply;
+  Mutex mu;
+  CondVar cv;
+  bool done ABSL_GUARDED_BY(mu) = false;
+  absl::Status status ABSL_GUARDED_BY(mu);
+  std::vector<uint8_t> reply ABSL_GUARDED_BY(mu);
 };
 
 class InprocServer : public ServerTransport {
@@ -28,8 +29,10 @@ class InprocServer : public ServerTransport {
   ~InprocServer() override { Shutdown(); }
   absl::StatusOr<std::string> Listen(const std::string& address) override;
   void Receive(std::chrono::milliseconds timeout, std::vector<ServerRequest>* out) override {
-    std::unique_lock<std::mutex> l(mu_);
-    cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
+    MutexLock l(&mu_);
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (queue_.empty() && !closed_ && cv_.WaitUntil(&mu_, until)) {
+    }
     while (!queue_.empty()) {
       out->push_back(std::move(queue_.front()));
       queue_.pop_front();
@@ -38,7 +41,7 @@ class InprocServer : public ServerTransport {
   void Reply(uint64_t token, std::vector<uint8_t> reply) override {
     std::shared_ptr<Exchange> ex;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       auto it = pending_.find(token);
       if (it == pending_.end()) {
         ++stats_.dropped_replies;
@@ -49,46 +52,46 @@ class InprocServer : public ServerTransport {
       ++stats_.replies;
       stats_.bytes_out += reply.size();
     }
-    std::lock_guard<std::mutex> l(ex->mu);
+    MutexLock l(&ex->mu);
     ex->reply = std::move(reply);
     ex->done = true;
-    ex->cv.notify_all();
+    ex->cv.SignalAll();
   }
   std::vector<uint8_t> AcquireBuffer() override { return pool_.Acquire(); }
   void ReleaseBuffer(std::vector<uint8_t> b) override { pool_.Release(std::move(b)); }
   ServerStats stats() const override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     return stats_;
   }
   void Shutdown() override;
 
   // Called by clients: enqueue a request whose reply completes `ex`.
   bool Submit(std::vector<uint8_t> bytes, std::shared_ptr<Exchange> ex) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     if (closed_) return false;
     const uint64_t token = next_token_++;
     pending_[token] = std::move(ex);
     ++stats_.requests;
     stats_.bytes_in += bytes.size();
     queue_.push_back(ServerRequest{token, std::move(bytes)});
-    cv_.notify_all();
+    cv_.SignalAll();
     return true;
   }
 
  private:
   std::string name_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool closed_ = false;
-  uint64_t next_token_ = 1;
-  std::deque<ServerRequest> queue_;
-  std::map<uint64_t, std::shared_ptr<Exchange>> pending_;
-  ServerStats stats_;
+  mutable Mutex mu_;
+  CondVar cv_;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_token_ ABSL_GUARDED_BY(mu_) = 1;
+  std::deque<ServerRequest> queue_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<Exchange>> pending_ ABSL_GUARDED_BY(mu_);
+  ServerStats stats_ ABSL_GUARDED_BY(mu_);
   BufferPool pool_;
 };
 
-std::mutex& RegistryMu() {
-  static std::mutex mu;
+Mutex& RegistryMu() {
+  static Mutex mu;
   return mu;
 }
 std::map<std::string, InprocServer*>& Registry() {
@@ -97,7 +100,7 @@ std::map<std::string, InprocServer*>& Registry() {
 }
 
 absl::StatusOr<std::string> InprocServer::Listen(const std::string& address) {
-  std::lock_guard<std::mutex> l(RegistryMu());
+  MutexLock l(&RegistryMu());
   std::string name = address;
   if (absl::StartsWith(name, "inproc:")) name = name.substr(7);
   if (name.empty() || name == "0") name = absl::StrCat("server-", Registry().size() + 1);
@@ -109,23 +112,23 @@ absl::StatusOr<std::string> InprocServer::Listen(const std::string& address) {
 
 void InprocServer::Shutdown() {
   {
-    std::lock_guard<std::mutex> l(RegistryMu());
+    MutexLock l(&RegistryMu());
     auto it = Registry().find(name_);
     if (it != Registry().end() && it->second == this) Registry().erase(it);
   }
   std::map<uint64_t, std::shared_ptr<Exchange>> pending;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     closed_ = true;
     queue_.clear();
     pending.swap(pending_);
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   for (auto& [_, ex] : pending) {
-    std::lock_guard<std::mutex> l(ex->mu);
+    MutexLock l(&ex->mu);
     ex->done = true;
     ex->status = absl::UnavailableError(absl::StrCat("inproc server ", name_, " shut down"));
-    ex->cv.notify_all();
+    ex->cv.SignalAll();
   }
 }
 
@@ -134,18 +137,18 @@ class InprocClient : public ClientTransport {
   absl::StatusOr<int> Connect(const std::string& address) override {
     std::string name = address;
     if (absl::StartsWith(name, "inproc:")) name = name.substr(7);
-    std::lock_guard<std::mutex> rl(RegistryMu());
+    MutexLock rl(&RegistryMu());
     if (!Registry().count(name)) {
       return absl::UnavailableError(absl::StrCat("no inproc server named \"", name, "\""));
     }
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     peers_.push_back(name);
     return static_cast<int>(peers_.size() - 1);
   }
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
     std::string name;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       if (peer < 0 || peer >= static_cast<int>(peers_.size())) {
         return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
       }
@@ -153,13 +156,13 @@ class InprocClient : public ClientTransport {
     }
     auto ex = std::make_shared<Exchange>();
     {
-      std::lock_guard<std::mutex> rl(RegistryMu());
+      MutexLock rl(&RegistryMu());
       auto it = Registry().find(name);
       if (it == Registry().end() || !it->second->Submit(std::move(request), ex)) {
         return absl::UnavailableError(absl::StrCat("inproc server ", name, " is gone"));
       }
     }
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     const uint64_t id = next_id_++;
     inflight_[id] = std::move(ex);
     return id;
@@ -167,18 +170,20 @@ class InprocClient : public ClientTransport {
   bool Poll(uint64_t id) override {
     std::shared_ptr<Exchange> ex = Find(id);
     if (!ex) return true;
-    std::lock_guard<std::mutex> l(ex->mu);
+    MutexLock l(&ex->mu);
     return ex->done;
   }
   absl::Status Wait(uint64_t id, Clock::time_point deadline, std::vector<uint8_t>* reply) override {
     std::shared_ptr<Exchange> ex = Find(id);
     if (!ex) return absl::InvalidArgumentError(absl::StrCat("unknown request id ", id));
-    std::unique_lock<std::mutex> l(ex->mu);
-    const bool done = ex->cv.wait_until(l, deadline, [&] { return ex->done; });
+    MutexLock l(&ex->mu);
+    while (!ex->done && ex->cv.WaitUntil(&ex->mu, deadline)) {
+    }
+    const bool done = ex->done;
     absl::Status st = done ? ex->status : absl::DeadlineExceededError("inproc request timed out");
     if (done && st.ok()) *reply = std::move(ex->reply);
-    l.unlock();
-    std::lock_guard<std::mutex> g(mu_);
+    l.Unlock();
+    MutexLock g(&mu_);
     inflight_.erase(id);
     return st;
   }
@@ -187,11 +192,11 @@ class InprocClient : public ClientTransport {
 
  private:
   std::shared_ptr<Exchange> Find(uint64_t id) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     auto it = inflight_.find(id);
     return it == inflight_.end() ? nullptr : it->second;
   }
-  std::mutex mu_;
+  Mutex mu_;
   std::vector<std::string> peers_;
   uint64_t next_id_ = 1;
   std::map<uint64_t, std::shared_ptr<Exchange>> inflight_;

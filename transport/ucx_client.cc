@@ -14,6 +14,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "transport/buffer_pool.h"
 #include "transport/slot_table.h"
 #include "transport/ucx_worker.h"
@@ -26,7 +27,9 @@ namespace {
 class UcxClient : public ClientTransport, public UcxWorker {
  public:
   ~UcxClient() override {
-    RunSync([this] {
+    // Destruction: no other thread uses the peers any more (and the UCX calls below run the
+    // callbacks that take mu_, so it cannot be held here).
+    RunSync([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
       // One bound for all the flushes below, however many peers.
       const auto until = Clock::now() + std::chrono::milliseconds(500);
       for (Peer& p : peers_) {
@@ -123,7 +126,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       prm.flags = UCP_AM_SEND_FLAG_REPLY;
       void* req = ucp_am_send_nbx(handle, kAmHello, nullptr, 0, hello_.data(), hello_.size(), &prm);
       if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);  // released once sent; hello_ outlives it
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       // Worker addresses are long; messages show a prefix.
       peers_.push_back(Peer{
           handle, absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address,
@@ -137,7 +140,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     Slot* slot;
     ucp_ep_h ep;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       if (peer < 0 || peer >= static_cast<int>(peers_.size())) {
         return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
       }
@@ -188,7 +191,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   bool Poll(uint64_t id) override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     const Slot* s = slots_.Find(id);
     return s == nullptr || s->done;
   }
@@ -208,12 +211,14 @@ class UcxClient : public ClientTransport, public UcxWorker {
       SpinProgress(
           spin, [&] { return probe->finished.load(std::memory_order_acquire); }, deadline);
     }
-    std::unique_lock<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     Slot* s = slots_.Find(id);
     if (s == nullptr || s->waited) {
       return absl::InvalidArgumentError(absl::StrCat("unknown request id ", id));
     }
-    const bool done = cv_.wait_until(l, deadline, [&] { return s->done; });
+    while (!s->done && cv_.WaitUntil(&mu_, deadline)) {
+    }
+    const bool done = s->done;
     absl::Status st;
     if (!done) {
       st = absl::DeadlineExceededError(absl::StrCat(
@@ -229,12 +234,12 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   std::vector<uint8_t> AcquireBuffer() override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     return pool_.Acquire();
   }
   void ReleaseBuffer(std::vector<uint8_t> b) override {
     if (b.capacity() == 0) return;
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     pool_.Release(std::move(b));
   }
 
@@ -262,8 +267,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   };
   static constexpr uint32_t kMaxInflight = 4096;
 
-  // REQUIRES: mu_ held.
-  void MaybeFree(Slot* s) {
+  void MaybeFree(Slot* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!s->waited || s->sending || s->receiving) return;
     if (s->send.capacity() > 0) pool_.Release(std::move(s->send));
     s->send = std::vector<uint8_t>();
@@ -278,7 +282,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     UcxClient* self = s->owner;
     if (req != nullptr) self->SendDone(s->request_bytes.load(std::memory_order_relaxed));
     {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       s->sending = false;
       self->pool_.Release(std::move(s->send));
       s->send = std::vector<uint8_t>();
@@ -290,7 +294,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
 
   // Marks `id` done with `st`; `reply` (may be null) is moved in.
   void Complete(uint64_t id, absl::Status st, std::vector<uint8_t>* reply) {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     Slot* s = slots_.Find(id);
     if (s == nullptr || s->done) {
       if (reply != nullptr) pool_.Release(std::move(*reply));  // a late reply
@@ -301,12 +305,12 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   // Marks `s` done with `st` and wakes its waiter (spinning on `finished`, or on cv_).
-  // REQUIRES: mu_ held, !s->done.
-  void FinishLocked(Slot* s, absl::Status st) {
+  // REQUIRES: !s->done.
+  void FinishLocked(Slot* s, absl::Status st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     s->done = true;
     s->status = std::move(st);
     s->finished.store(true, std::memory_order_release);
-    cv_.notify_all();
+    cv_.SignalAll();
   }
 
   static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data,
@@ -318,7 +322,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
       Slot* s;
       {
-        std::lock_guard<std::mutex> l(self->mu_);
+        MutexLock l(&self->mu_);
         s = self->slots_.Find(id);
         if (s == nullptr || s->done) {
           ucp_am_data_release(self->worker_, data);
@@ -337,7 +341,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       return UCS_OK;
     }
     if (length <= kCopyUnderLock) {  // one lock: find, copy out, complete
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       Slot* s = self->slots_.Find(id);
       if (s == nullptr || s->done) return UCS_OK;  // a late reply: nothing to keep
       if (s->reply.capacity() > 0) self->pool_.Release(std::move(s->reply));
@@ -348,7 +352,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     }
     std::vector<uint8_t> bytes;
     {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       bytes = self->pool_.AcquireSized(length);
     }
     std::memcpy(bytes.data(), data, length);
@@ -360,7 +364,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     auto* s = static_cast<Slot*>(user);
     UcxClient* self = s->owner;
     {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       s->receiving = false;
       if (!s->done) {
         self->FinishLocked(s, status == UCS_OK ? absl::OkStatus() : UcsError("receive", status));
@@ -372,7 +376,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
 
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* self = static_cast<UcxClient*>(arg);
-    std::lock_guard<std::mutex> l(self->mu_);
+    MutexLock l(&self->mu_);
     for (size_t i = 0; i < self->peers_.size(); ++i) {
       Peer& p = self->peers_[i];
       if (p.ep != ep) continue;
@@ -385,7 +389,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       }
       // Close the endpoint from the progress thread, outside this callback.
       p.ep = nullptr;
-      self->RunAsync([self, ep] {
+      self->RunAsync([ep] {
         ucp_request_param_t prm;
         std::memset(&prm, 0, sizeof(prm));
         prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -394,15 +398,15 @@ class UcxClient : public ClientTransport, public UcxWorker {
         if (req != nullptr && !UCS_PTR_IS_ERR(req)) ucp_request_free(req);
       });
     }
-    self->cv_.notify_all();
+    self->cv_.SignalAll();
   }
 
   std::vector<uint8_t> hello_;  // this worker's address, sent as kAmHello
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Peer> peers_;
-  SlotTable<Slot> slots_{kMaxInflight};
-  UnlockedBufferPool pool_;  // guarded by mu_
+  Mutex mu_;
+  CondVar cv_;
+  std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
+  SlotTable<Slot> slots_{kMaxInflight};  // At() is read without mu_ (a probe); the rest under it
+  UnlockedBufferPool pool_ ABSL_GUARDED_BY(mu_);
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "transport/buffer_pool.h"
 #include "transport/slot_table.h"
 #include "transport/ucx_worker.h"
@@ -102,10 +103,12 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       spin += ExchangeSpin(last_bytes);
     }
     SpinProgress(spin, [&] { return has_work_.load(std::memory_order_acquire); });
-    std::unique_lock<std::mutex> l(mu_);
-    // wait_for reads the clock even when there is work already: not on every request.
+    MutexLock l(&mu_);
+    // The deadline reads the clock: not when there is work already (on every request).
     if (queue_.empty() && !closed_) {
-      cv_.wait_for(l, timeout, [&] { return !queue_.empty() || closed_; });
+      const auto until = std::chrono::steady_clock::now() + timeout;
+      while (queue_.empty() && !closed_ && cv_.WaitUntil(&mu_, until)) {
+      }
     }
     for (ServerRequest& r : queue_) out->push_back(std::move(r));
     queue_.clear();  // keeps its capacity
@@ -118,7 +121,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     size_t bytes;  // read before the send: once it is posted, another thread may complete it
                    // and free `p`
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       p = pending_.Find(token);
       if (p == nullptr || p->dead || closed_) {
         if (p != nullptr) pending_.Free(p);
@@ -151,27 +154,27 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   }
 
   std::vector<uint8_t> AcquireBuffer() override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     return pool_.Acquire();
   }
   void ReleaseBuffer(std::vector<uint8_t> b) override {
     if (b.capacity() == 0) return;
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     pool_.Release(std::move(b));
   }
 
   ServerStats stats() const override {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     return stats_;
   }
 
   void Shutdown() override {
     if (shut_down_.exchange(true)) return;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(&mu_);
       closed_ = true;
       has_work_.store(true, std::memory_order_release);  // nothing more to wait for
-      cv_.notify_all();
+      cv_.SignalAll();
     }
     if (address_fd_ >= 0) {
       ::shutdown(address_fd_, SHUT_RDWR);  // wakes accept() with EINVAL
@@ -182,7 +185,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     RunSync([this] {
       std::set<ucp_ep_h> eps;
       {
-        std::lock_guard<std::mutex> l(mu_);
+        MutexLock l(&mu_);
         eps.swap(live_eps_);
       }
       for (ucp_ep_h ep : eps) {
@@ -243,7 +246,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     const ucp_ep_h reply_ep = param->reply_ep;
     if (reply_ep == nullptr || length == 0 || length > kMaxHello ||
         (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       ++self->stats_.peer_errors;
       return UCS_OK;
     }
@@ -261,7 +264,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       ucp_ep_h handle = nullptr;
       if (ucp_ep_create(self->worker_, &ep, &handle) != UCS_OK) return;
       if (handle == reply_ep) {
-        std::lock_guard<std::mutex> l(self->mu_);
+        MutexLock l(&self->mu_);
         self->live_eps_.insert(handle);
         return;
       }
@@ -278,7 +281,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t) {
     auto* self = static_cast<UcxServerImpl*>(arg);
     {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       ++self->stats_.peer_errors;
       self->live_eps_.erase(ep);
       // Requests of the dead client can no longer be answered; mark them now, because a later
@@ -298,8 +301,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     self->CloseFailed(ep);
   }
 
-  // REQUIRES: mu_ held.
-  bool SendingOnLocked(ucp_ep_h ep) {
+  bool SendingOnLocked(ucp_ep_h ep) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (const Pending& p : pending_.slots()) {
       if (p.id != 0 && p.ep == ep && p.sending) return true;
     }
@@ -308,7 +310,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   // Closes a failed endpoint, on the progress thread.
   void CloseFailed(ucp_ep_h ep) {
-    RunAsync([this, ep] {
+    RunAsync([ep] {
       ucp_request_param_t prm;
       std::memset(&prm, 0, sizeof(prm));
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -318,15 +320,14 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     });
   }
 
-  // REQUIRES: mu_ held.
-  void EnqueueLocked(Pending* p) {
+  void EnqueueLocked(Pending* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     NoteRequest(p->buffer.size());
     ++stats_.requests;
     stats_.bytes_in += p->buffer.size();
     queue_.push_back(ServerRequest{p->id, std::move(p->buffer)});
     has_work_.store(true, std::memory_order_release);
     p->buffer = std::vector<uint8_t>();
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   // For Receive's spin: the size of the last request, and when it came (only for those large
   // enough to lengthen the spin: a clock read per small request is a tenth of its round trip).
@@ -346,14 +347,14 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     std::vector<uint8_t> bytes;
     if (valid && !rndv && length > kCopyUnderLock) {
       {
-        std::lock_guard<std::mutex> l(self->mu_);
+        MutexLock l(&self->mu_);
         bytes = self->pool_.AcquireSized(length);
       }
       std::memcpy(bytes.data(), data, length);
     }
     Pending* p = nullptr;
     {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       if (valid) p = self->pending_.Allocate();
       if (p == nullptr) {  // malformed, or more requests in flight than slots: drop it
         ++self->stats_.peer_errors;
@@ -385,11 +386,11 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     auto* p = static_cast<Pending*>(user);
     UcxServerImpl* self = p->owner;
     if (status == UCS_OK) {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       p->receiving = false;
       self->EnqueueLocked(p);
     } else {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       ++self->stats_.peer_errors;
       self->pool_.Release(std::move(p->buffer));
       p->buffer = std::vector<uint8_t>();
@@ -405,7 +406,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     const ucp_ep_h ep = p->ep;
     bool close = false;
     {
-      std::lock_guard<std::mutex> l(self->mu_);
+      MutexLock l(&self->mu_);
       if (status != UCS_OK) ++self->stats_.dropped_replies;
       self->pool_.Release(std::move(p->buffer));
       p->buffer = std::vector<uint8_t>();
@@ -429,15 +430,16 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   std::atomic<size_t> last_request_bytes_{0};
   std::atomic<bool> has_work_{false};  // queue_ not empty, or closed_ (set under mu_)
   std::atomic<int64_t> last_request_ns_{0};
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool closed_ = false;
-  std::vector<ServerRequest> queue_;
+  mutable Mutex mu_;
+  CondVar cv_;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<ServerRequest> queue_ ABSL_GUARDED_BY(mu_);
   SlotTable<Pending> pending_{kMaxPending};
-  std::set<ucp_ep_h> live_eps_;
-  std::set<ucp_ep_h> closing_;  // failed, closed once their last reply send is done
-  ServerStats stats_;
-  UnlockedBufferPool pool_;  // guarded by mu_
+  std::set<ucp_ep_h> live_eps_ ABSL_GUARDED_BY(mu_);
+  // Failed, closed once their last reply send is done.
+  std::set<ucp_ep_h> closing_ ABSL_GUARDED_BY(mu_);
+  ServerStats stats_ ABSL_GUARDED_BY(mu_);
+  UnlockedBufferPool pool_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace

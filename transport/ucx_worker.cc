@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 
 namespace dmoe::transport::ucx_internal {
 
@@ -67,24 +68,24 @@ void UcxWorker::RunSync(std::function<void()> fn) {
     fn();
     return;
   }
-  std::mutex m;
-  std::condition_variable cv;
+  Mutex m;
+  CondVar cv;
   bool done = false;
   RunAsync([&] {
     fn();
-    std::lock_guard<std::mutex> l(m);
+    MutexLock l(&m);
     done = true;
-    cv.notify_all();
+    cv.SignalAll();
   });
-  std::unique_lock<std::mutex> l(m);
-  cv.wait(l, [&] { return done; });
+  MutexLock l(&m);
+  while (!done) cv.Wait(&m);
 }
 
 void UcxWorker::RunAsync(std::function<void()> fn) {
   {
-    std::lock_guard<std::mutex> l(ops_mu_);
+    MutexLock l(&ops_mu_);
     ops_.push_back(std::move(fn));
-    ops_cv_.notify_all();
+    ops_cv_.SignalAll();
   }
   ucp_worker_signal(worker_);
 }
@@ -93,8 +94,8 @@ void UcxWorker::StopThread() {
   if (!thread_.joinable()) return;
   stop_ = true;
   {
-    std::lock_guard<std::mutex> l(ops_mu_);
-    ops_cv_.notify_all();
+    MutexLock l(&ops_mu_);
+    ops_cv_.SignalAll();
   }
   ucp_worker_signal(worker_);
   thread_.join();
@@ -127,7 +128,7 @@ void UcxWorker::Loop() {
   uint64_t seen = activity_.load(std::memory_order_relaxed);
   while (!stop_) {
     {
-      std::unique_lock<std::mutex> l(ops_mu_);
+      MutexLock l(&ops_mu_);
       // This thread keeps the worker while no caller uses it. Once a caller does, it waits
       // until one hands off (about to sleep) or no caller has been active for a whole
       // kLazyHandoff period (a lazy release does not notify; activity is a counter, not a
@@ -138,7 +139,7 @@ void UcxWorker::Loop() {
         if (spinners_ == 0 && (handoff_ || (owner && now == seen))) break;
         owner = false;
         seen = now;
-        if (ops_cv_.wait_for(l, kLazyHandoff) == std::cv_status::timeout) {
+        if (!ops_cv_.WaitFor(&ops_mu_, kLazyHandoff)) {
           now = activity_.load(std::memory_order_relaxed);
           if (spinners_ == 0 && now == seen) break;
         }
@@ -153,7 +154,7 @@ void UcxWorker::Loop() {
     while (ucp_worker_progress(worker_) != 0) {
     }
     {
-      std::lock_guard<std::mutex> l(ops_mu_);
+      MutexLock l(&ops_mu_);
       if (!ops_.empty() || stop_) continue;
     }
     const ucs_status_t s = ucp_worker_arm(worker_);
@@ -163,7 +164,7 @@ void UcxWorker::Loop() {
   }
   // Run what was queued before the stop so that waiters are released.
   {
-    std::lock_guard<std::mutex> l(ops_mu_);
+    MutexLock l(&ops_mu_);
     ops.swap(ops_);
   }
   for (auto& op : ops) op();

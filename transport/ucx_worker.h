@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/mutex.h"
 #include "transport/transport.h"
 
 namespace dmoe::transport::ucx_internal {
@@ -144,9 +145,9 @@ class UcxWorker {
   void ReleaseWorker(bool handoff_now) {
     MarkActive();
     if (--spinners_ == 0 && handoff_now) {
-      std::lock_guard<std::mutex> l(ops_mu_);
+      MutexLock l(&ops_mu_);
       handoff_ = true;
-      ops_cv_.notify_all();
+      ops_cv_.SignalAll();
     }
   }
   // A caller used the worker (sent, or stopped spinning) just now.
@@ -195,10 +196,10 @@ class UcxWorker {
   std::atomic<int> spinners_{0};
   std::atomic<uint64_t> activity_{0};
   std::atomic<int64_t> sending_bytes_{0};
-  bool handoff_ = false;  // guarded by ops_mu_
-  std::condition_variable ops_cv_;
-  std::mutex ops_mu_;
-  std::vector<std::function<void()>> ops_;
+  Mutex ops_mu_;
+  CondVar ops_cv_;
+  bool handoff_ ABSL_GUARDED_BY(ops_mu_) = false;
+  std::vector<std::function<void()>> ops_ ABSL_GUARDED_BY(ops_mu_);
 };
 
 // "HOST:PORT" -> IPv4 socket address ("localhost" allowed).
