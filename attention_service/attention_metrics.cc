@@ -1,7 +1,8 @@
 #include "attention_service/attention_metrics.h"
-#include "common/mutex.h"
 
 #include <chrono>
+
+#include "common/mutex.h"
 
 namespace dmoe {
 
@@ -44,15 +45,16 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), co
                                "Steps retried because an expert had no reachable replica");
   longest_stall_ = &m->Gauge("dmoe_attention_longest_stall_seconds",
                              "Longest time a sequence waited for unreachable experts");
-  rerouted_ = &m->Counter("dmoe_transport_rerouted_pairs_total",
-                          "(token, expert) pairs sent again to another replica after a shard failed");
+  rerouted_ =
+      &m->Counter("dmoe_transport_rerouted_pairs_total",
+                  "(token, expert) pairs sent again to another replica after a shard failed");
 }
 
 void AttentionMetrics::Finished(FinishReason r) { outcomes_[static_cast<size_t>(r)]->Increment(); }
 
 RoundTripObserver AttentionMetrics::RoundTrips() {
-  return [this](const std::string& shard, double seconds, int64_t tokens, uint64_t out,
-                uint64_t in, bool ok) {
+  return [this](const std::string& shard, double seconds, int64_t tokens, uint64_t out, uint64_t in,
+                bool ok) {
     ShardSeries* series;
     {
       MutexLock l(&shards_mu_);
@@ -63,9 +65,9 @@ RoundTripObserver AttentionMetrics::RoundTrips() {
                              "Dispatch to combine, per expert shard", {{"shard", shard}});
         n.tokens = &m_->Counter("dmoe_transport_shard_tokens_total",
                                 "Token rows dispatched, per expert shard", {{"shard", shard}});
-        n.errors = &m_->Counter("dmoe_transport_errors_total",
-                                "Failed or timed-out round trips, per expert shard",
-                                {{"shard", shard}});
+        n.errors =
+            &m_->Counter("dmoe_transport_errors_total",
+                         "Failed or timed-out round trips, per expert shard", {{"shard", shard}});
         it = shards_.emplace(shard, n).first;
       }
       series = &it->second;

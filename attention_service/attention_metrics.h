@@ -12,10 +12,10 @@
 #include <vector>
 
 #include "attention_service/engine.h"
-#include "attention_service/scheduler.h"
-#include "common/metrics.h"
 #include "attention_service/remote_experts.h"
+#include "attention_service/scheduler.h"
 #include "attention_service/shard_client.h"
+#include "common/metrics.h"
 #include "common/mutex.h"
 
 namespace dmoe {

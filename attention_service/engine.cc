@@ -172,9 +172,8 @@ absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
   auto t0 = Clock::now();
   // The shared experts run while the routed ones are at work.
   if (c.n_shared_experts > 0) {
-    cpu::SwiGluMlpW(mb.x.data(), n, lw.shared.gate.ref(), lw.shared.up.ref(),
-                    lw.shared.down.ref(),
-                   mb.tmp.data(), &scratch_);
+    cpu::SwiGluMlpW(mb.x.data(), n, lw.shared.gate.ref(), lw.shared.up.ref(), lw.shared.down.ref(),
+                    mb.tmp.data(), &scratch_);
   } else {
     std::memset(mb.tmp.data(), 0, sizeof(float) * static_cast<size_t>(n * d));
   }

@@ -11,11 +11,11 @@
 
 #include "absl/status/statusor.h"
 #include "attention_service/kv_cache.h"
-#include "model/routed_experts.h"
 #include "kernels/cpu/gating.h"
 #include "kernels/cpu/mla.h"
 #include "kernels/cpu/rope.h"
 #include "model/config.h"
+#include "model/routed_experts.h"
 #include "model/weights.h"
 
 namespace dmoe {

@@ -1,10 +1,10 @@
 #include "attention_service/kv_cache.h"
 
 #include <cmath>
-#include <cstring>
-#include <random>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "attention_service/local_model.h"
@@ -222,7 +222,8 @@ TEST(LatentKvCache8Bit, LayoutBytesAndQuantizationError) {
     float amax = 0;
     for (int i = 0; i < 64; ++i) amax = std::max(amax, std::fabs(row[i]));
     for (int i = 0; i < 64; ++i) {
-      const double bound = t == cpu::KvDType::kInt8 ? amax / 127 / 2 : std::fabs(row[i]) / 16 + amax / 448 / 1024;
+      const double bound =
+          t == cpu::KvDType::kInt8 ? amax / 127 / 2 : std::fabs(row[i]) / 16 + amax / 448 / 1024;
       EXPECT_LE(std::fabs(back[i] - row[i]), bound + 1e-7) << cpu::KvDTypeName(t) << " " << i;
     }
     for (int j = 64; j < 80; ++j) EXPECT_EQ(back[j], Bf16ToFloat(FloatToBf16(row[j])));
@@ -259,8 +260,9 @@ TEST(LatentKvCache8Bit, KernelsReadTheStoredRowsExactly) {
       for (float& v : row) v = nd(rng);
       paged.WriteRow(1, pos, row.data());
       const int64_t bt = cache.block_tokens();
-      const uint8_t* stored = cache.BlockLayer(paged.block_table()[static_cast<size_t>(pos / bt)], 1) +
-                              (pos % bt) * cache.row_bytes();
+      const uint8_t* stored =
+          cache.BlockLayer(paged.block_table()[static_cast<size_t>(pos / bt)], 1) +
+          (pos % bt) * cache.row_bytes();
       const std::vector<float> decoded = DecodeRow(t, stored, r, dr);
       plain.WriteRow(1, pos, decoded.data());
     }

@@ -35,9 +35,9 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
   ASSIGN_OR_RETURN(m->dense_, LoadDenseWeights(*ck, m->config_, options.weight_dtype));
   RoutedExperts* routed = nullptr;
   if (!remote) {
-    ASSIGN_OR_RETURN(m->experts_, ExpertStore::Load(*ck, m->config_,
-                                                    ExpertStore::AllExperts(m->config_),
-                                                    options.expert_dtype));
+    ASSIGN_OR_RETURN(m->experts_,
+                     ExpertStore::Load(*ck, m->config_, ExpertStore::AllExperts(m->config_),
+                                       options.expert_dtype));
     m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
     routed = m->routed_.get();
   }
@@ -77,9 +77,9 @@ uint64_t LocalModel::weight_bytes() const {
   uint64_t n = 4 * (dense_.embed.size() + dense_.final_norm.size()) + dense_.lm_head.bytes();
   for (const LayerWeights& l : dense_.layers) {
     n += 4 * (l.input_norm.size() + l.post_norm.size() + l.q_a_norm.size() + l.kv_a_norm.size());
-    for (const LinearWeight* w : {&l.q_a, &l.q_b, &l.q, &l.kv_a, &l.kv_b, &l.o, &l.dense.gate,
-                                  &l.dense.up, &l.dense.down, &l.gate, &l.shared.gate,
-                                  &l.shared.up, &l.shared.down}) {
+    for (const LinearWeight* w :
+         {&l.q_a, &l.q_b, &l.q, &l.kv_a, &l.kv_b, &l.o, &l.dense.gate, &l.dense.up, &l.dense.down,
+          &l.gate, &l.shared.gate, &l.shared.up, &l.shared.down}) {
       n += w->bytes();
     }
   }

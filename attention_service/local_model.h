@@ -11,9 +11,9 @@
 #include "absl/status/statusor.h"
 #include "attention_service/engine.h"
 #include "attention_service/sampler.h"
-#include "model/routed_experts.h"
 #include "attention_service/shard_client.h"
 #include "model/config.h"
+#include "model/routed_experts.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 

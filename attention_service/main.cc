@@ -17,9 +17,9 @@
 #include "attention_service/attention_server.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
+#include "attention_service/remote_flags.h"
 #include "attention_service/scheduler.h"
 #include "common/flags.h"
-#include "attention_service/remote_flags.h"
 #include "common/grpc_setup.h"
 #include "common/logging.h"
 #include "common/metrics.h"
@@ -91,11 +91,10 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
 
 absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeCache(const Options& o, const ModelConfig& c) {
   const int64_t block_tokens = o.v.at("block-tokens");
-  const int64_t blocks =
-      o.v.at("kv-blocks") > 0
-          ? o.v.at("kv-blocks")
-          : LatentKvCache::BlocksForBytes(c, block_tokens, o.v.at("kv-cache-mib") << 20,
-                                          o.kv_dtype);
+  const int64_t blocks = o.v.at("kv-blocks") > 0
+                             ? o.v.at("kv-blocks")
+                             : LatentKvCache::BlocksForBytes(
+                                   c, block_tokens, o.v.at("kv-cache-mib") << 20, o.kv_dtype);
   if (blocks <= 0) return absl::InvalidArgumentError("--kv-cache-mib: too small for one block");
   auto cache = std::make_unique<LatentKvCache>(c, block_tokens, blocks, o.kv_dtype);
   spdlog::info("KV cache ({}) {} blocks x {} tokens, {:.1f} MiB, {} bytes/token",
@@ -144,13 +143,13 @@ void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-attention");
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
-                  "block-tokens", "max-running", "token-budget", "prefill-chunk", "micro-batches",
-                  "metrics-listen", "drain-seconds", "expert-wait-ms", "kv-cache-dtype",
-                  "advertise-host", "blas-threads", "log-level"}),
-      {});
+  auto flags =
+      Flags::Parse(argc - 1, argv + 1,
+                   WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
+                               "block-tokens", "max-running", "token-budget", "prefill-chunk",
+                               "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
+                               "kv-cache-dtype", "advertise-host", "blas-threads", "log-level"}),
+                   {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp, kRemoteHelp);
@@ -188,8 +187,8 @@ int Main(int argc, char** argv) {
   loop.Start();
   attention_metrics.Start(&scheduler, &(*model)->engine());
   AttentionServiceImpl service(&scheduler, &attention_metrics);
-  auto addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
-                            {&service});
+  auto addr =
+      svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&service});
   absl::Status st = addr.status();
   if (st.ok()) {
     SetReadiness(svc.server(), "dmoe.internal.AttentionService", true);

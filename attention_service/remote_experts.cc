@@ -166,8 +166,8 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo,
       }
     }
     if (best < 0) {
-      return absl::UnavailableError(absl::StrCat("no live expert shard serves expert ", ids_[p],
-                                                 " of layer ", layer_));
+      return absl::UnavailableError(
+          absl::StrCat("no live expert shard serves expert ", ids_[p], " of layer ", layer_));
     }
     choice_[static_cast<size_t>(p)] = best;
     int64_t& li = local_index_[static_cast<size_t>(i * ns + best)];
@@ -194,8 +194,7 @@ void RemoteRoutedExperts::Post(int s, const std::vector<int64_t>& todo) {
   for (int64_t p : todo) {
     if (choice_[static_cast<size_t>(p)] != s) continue;
     const int64_t li = local_index_[static_cast<size_t>((p / k_) * ns + s)];
-    pairs_.push_back(
-        wire::Pair{static_cast<uint32_t>(li), static_cast<uint32_t>(ids_[p]), w_[p]});
+    pairs_.push_back(wire::Pair{static_cast<uint32_t>(li), static_cast<uint32_t>(ids_[p]), w_[p]});
     call.pairs.push_back(p);
   }
   wire::Header h;
@@ -309,9 +308,9 @@ absl::Status RemoteRoutedExperts::Finish(float* out) {
     if (!st.ok()) {
       absl::Status first = first_failure_;
       first_failure_ = absl::OkStatus();
-      return absl::Status(first.ok() ? st.code() : first.code(),
-                          absl::StrCat(first.ok() ? "" : first.message(),
-                                       first.ok() ? "" : "; ", st.message()));
+      return absl::Status(
+          first.ok() ? st.code() : first.code(),
+          absl::StrCat(first.ok() ? "" : first.message(), first.ok() ? "" : "; ", st.message()));
     }
     Collect(&failed_).IgnoreError();
   }

@@ -22,8 +22,8 @@
 #include <vector>
 
 #include "common/mutex.h"
-#include "model/routed_experts.h"
 #include "model/config.h"
+#include "model/routed_experts.h"
 #include "transport/transport.h"
 #include "transport/wire.h"
 
@@ -72,8 +72,8 @@ class PeerHealth {
 // One finished round trip to one shard: its name, seconds from dispatch to combine, tokens sent,
 // bytes out and in, and whether it succeeded. Called on the engine's thread; must be cheap.
 using RoundTripObserver =
-    std::function<void(const std::string& shard, double seconds, int64_t tokens,
-                       uint64_t bytes_out, uint64_t bytes_in, bool ok)>;
+    std::function<void(const std::string& shard, double seconds, int64_t tokens, uint64_t bytes_out,
+                       uint64_t bytes_in, bool ok)>;
 
 struct RemoteExpertsOptions {
   wire::WireDType dtype = wire::WireDType::kBF16;

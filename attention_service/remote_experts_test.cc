@@ -23,11 +23,11 @@
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
-#include "transport/fault_transport.h"
-#include "model/routed_experts.h"
 #include "gtest/gtest.h"
+#include "model/routed_experts.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
+#include "transport/fault_transport.h"
 #include "transport/inproc.h"
 
 namespace dmoe {

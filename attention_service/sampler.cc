@@ -117,8 +117,7 @@ int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
   return order_[static_cast<size_t>(keep - 1)].second;
 }
 
-void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top,
-                          SampledToken* out) {
+void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out) {
   // log-softmax of the raw logits (temperature 1), in double.
   double mx = logits[0];
   for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));

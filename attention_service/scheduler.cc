@@ -252,8 +252,7 @@ absl::Status Scheduler::RunEngine(std::vector<SequenceStep>* steps,
     index[side].push_back(i);
   }
   std::vector<std::vector<float>> out[2];
-  RETURN_IF_ERROR(
-      engine_->StepPingPong(half[0], half[1], options_.experts_b, &out[0], &out[1]));
+  RETURN_IF_ERROR(engine_->StepPingPong(half[0], half[1], options_.experts_b, &out[0], &out[1]));
   logits->resize(batch.size());
   for (int side = 0; side < 2; ++side) {
     for (size_t j = 0; j < index[side].size(); ++j) {
@@ -277,8 +276,8 @@ void Scheduler::Stall(const std::vector<Seq*>& members, const absl::Status& st) 
   }
   for (Seq* s : expired) {
     Finish(s, FinishReason::kError,
-           absl::UnavailableError(absl::StrCat("experts unreachable for ",
-                                               options_.expert_wait.count(), " ms: ", st.message())));
+           absl::UnavailableError(absl::StrCat(
+               "experts unreachable for ", options_.expert_wait.count(), " ms: ", st.message())));
     for (auto& r : running_) {
       if (r.get() == s) r.reset();
     }

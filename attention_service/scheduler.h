@@ -129,8 +129,8 @@ class Scheduler {
   const ModelConfig& config_;
 
   mutable Mutex mu_;
-  CondVar work_cv_;                                // incoming_ or cancelled_ gained an entry
-  int idle_waiters_ ABSL_GUARDED_BY(mu_) = 0;      // threads in WaitForWork
+  CondVar work_cv_;                            // incoming_ or cancelled_ gained an entry
+  int idle_waiters_ ABSL_GUARDED_BY(mu_) = 0;  // threads in WaitForWork
   std::deque<std::unique_ptr<Seq>> incoming_ ABSL_GUARDED_BY(mu_);
   std::set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;

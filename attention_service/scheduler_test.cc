@@ -195,8 +195,8 @@ TEST_F(SchedulerTest, SubmitAndCancelWakeTheIdleWait) {
   Scheduler s(&model_->engine(), &cache, SchedulerOptions());
   ASSERT_FALSE(*s.Step());  // nothing to do
   for (int round = 0; round < 2; ++round) {
-    auto waited =
-        std::async(std::launch::async, [&] { return s.WaitForWork(std::chrono::milliseconds(60000)); });
+    auto waited = std::async(std::launch::async,
+                             [&] { return s.WaitForWork(std::chrono::milliseconds(60000)); });
     // Submit/Cancel only once the waiter sleeps, so that it must be woken (not find work queued).
     for (int i = 0; i < 30000 && s.idle_waiters() == 0; ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));

@@ -180,8 +180,8 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
       shard_of[id] = static_cast<int>(routing->peers.size());
       routing->peers.push_back(peer);
       auto g = u.grpc_addresses().find(id);
-      routing->names.push_back(
-          g == u.grpc_addresses().end() ? id : absl::StrCat(id, "@", g->second));
+      routing->names.push_back(g == u.grpc_addresses().end() ? id
+                                                             : absl::StrCat(id, "@", g->second));
     }
     std::vector<std::pair<int64_t, int64_t>> one = {{r.layer(), r.expert()}};
     for (const std::string& id : r.node_ids()) {
@@ -189,10 +189,10 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
     }
   }
   if (experts_ == nullptr) {
-    experts_b_ =
-        std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_, options_.remote);
-    experts_ =
-        std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_, options_.remote);
+    experts_b_ = std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_,
+                                                       options_.remote);
+    experts_ = std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_,
+                                                     options_.remote);
   } else {
     experts_->SetRouting(routing);
     experts_b_->SetRouting(routing);

@@ -27,8 +27,8 @@
 #include "absl/strings/str_cat.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
-#include "model/routed_experts.h"
 #include "gtest/gtest.h"
+#include "model/routed_experts.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
 #include "proto/expert_control.grpc.pb.h"
@@ -102,7 +102,8 @@ class InfoService final : public internal::ExpertControl::CallbackService {
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* ctx,
                                     const internal::GetInfoRequest*,
                                     internal::GetInfoReply* reply) override {
-    std::lock_guard<std::mutex> l(mu_);  // orders the read after the constructor for TSan (gRPC's is unseen)
+    std::lock_guard<std::mutex> l(
+        mu_);  // orders the read after the constructor for TSan (gRPC's is unseen)
     *reply = info_;
     auto* r = ctx->DefaultReactor();
     r->Finish(grpc::Status::OK);
@@ -110,7 +111,8 @@ class InfoService final : public internal::ExpertControl::CallbackService {
   }
 
  private:
-  std::mutex mu_;  // std::mutex, not absl::Mutex: TSan sees pthread locks, not uninstrumented absl's
+  std::mutex
+      mu_;  // std::mutex, not absl::Mutex: TSan sees pthread locks, not uninstrumented absl's
   internal::GetInfoReply info_;
 };
 

@@ -186,7 +186,8 @@ int Main(int argc, char** argv) {
           "on N dmoe-expert processes over UCX (UCX_TLS from the environment, default tcp,self)\n"
           "and the ratio distributed / in-process is printed; on the small preset it also prints\n"
           "the resident memory of a shard hosting 1/4 of the experts and of one hosting all.\n"
-          "In-process runs use OpenBLAS's default threads (one per CPU); in the distributed run the\n"
+          "In-process runs use OpenBLAS's default threads (one per CPU); in the distributed run "
+          "the\n"
           "bench process and every shard use CPUs / (N + 1) (as `dmoe up` gives each process its\n"
           "share), unless --blas-threads T sets T for them (0 = OpenBLAS's default).\n"
           "--kernel-rounds R (default 3; 0 = off): decode with the batch-invariant kernels (the\n"
@@ -244,8 +245,10 @@ int Main(int argc, char** argv) {
       }
     }
     if (kernel_rounds > 0) {
-      std::printf("-- kernels: batch-invariant (default) vs BLAS (opt-in), medians of %d "
-                  "alternating rounds\n", kernel_rounds);
+      std::printf(
+          "-- kernels: batch-invariant (default) vs BLAS (opt-in), medians of %d "
+          "alternating rounds\n",
+          kernel_rounds);
       std::printf("%8s %16s %16s %10s\n", "batch", "invariant tok/s", "blas tok/s", "inv/blas");
       for (int b : batches) {
         int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);

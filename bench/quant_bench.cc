@@ -47,8 +47,8 @@ const Config kConfigs[] = {
 // Greedy generation of `n` tokens for every prompt at once (one batch), through a paged cache of
 // `kv`. With `forced`, the tokens fed back are forced[i] instead of the argmax (teacher forcing).
 struct Run {
-  std::vector<std::vector<int32_t>> tokens;              // [prompt][n]
-  std::vector<std::vector<std::vector<float>>> logits;   // [prompt][n][V]
+  std::vector<std::vector<int32_t>> tokens;             // [prompt][n]
+  std::vector<std::vector<std::vector<float>>> logits;  // [prompt][n][V]
 };
 
 Run Generate(Engine& engine, cpu::KvDType kv, const std::vector<std::vector<int32_t>>& prompts,
@@ -228,7 +228,8 @@ int Main(int argc, char** argv) {
               mx = std::max(mx, std::fabs(d));
               ++n;
             }
-            agree += forced.tokens[p][static_cast<size_t>(t)] == base.tokens[p][static_cast<size_t>(t)];
+            agree +=
+                forced.tokens[p][static_cast<size_t>(t)] == base.tokens[p][static_cast<size_t>(t)];
             ++positions;
           }
         }
@@ -238,7 +239,8 @@ int Main(int argc, char** argv) {
         for (size_t p = 0; p < prompts.size(); ++p) {
           int same = 0, first = tokens;
           for (int t = 0; t < tokens; ++t) {
-            const bool e = free.tokens[p][static_cast<size_t>(t)] == base.tokens[p][static_cast<size_t>(t)];
+            const bool e =
+                free.tokens[p][static_cast<size_t>(t)] == base.tokens[p][static_cast<size_t>(t)];
             same += e;
             if (!e && first == tokens) first = t;
           }
@@ -270,7 +272,8 @@ int Main(int argc, char** argv) {
     }
     if (shards) {
       std::printf("expert shard hosting every expert (dmoe-expert --experts 0/1):\n");
-      for (auto [w, name] : {std::pair{WeightDType::kF32, "f32"}, {WeightDType::kInt8, "int8"},
+      for (auto [w, name] : {std::pair{WeightDType::kF32, "f32"},
+                             {WeightDType::kInt8, "int8"},
                              {WeightDType::kFp8, "fp8"}}) {
         ServiceProcess shard("expert_service/dmoe-expert",
                              {"--model", dir, "--experts", "0/1", "--expert-dtype", name},

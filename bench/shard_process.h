@@ -45,10 +45,10 @@ class ShardProcess : public ServiceProcess {
  public:
   ShardProcess(const std::string& model, const std::string& spec, const std::string& ready,
                int blas_threads = 0)
-      : ServiceProcess("expert_service/dmoe-expert",
-                       {"--model", model, "--experts", spec, "--blas-threads",
-                        std::to_string(blas_threads)},
-                       ready) {}
+      : ServiceProcess(
+            "expert_service/dmoe-expert",
+            {"--model", model, "--experts", spec, "--blas-threads", std::to_string(blas_threads)},
+            ready) {}
 };
 
 }  // namespace dmoe

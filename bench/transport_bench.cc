@@ -279,9 +279,8 @@ int Client(const std::string& addr, const Case& c, int out_fd) {
     times.push_back(static_cast<double>(now - prev));
     prev = now;
   }
-  const double seconds_per_tick =
-      std::chrono::duration<double>(Clock::now() - wall0).count() /
-      static_cast<double>(std::max<uint64_t>(1, prev - tick0));
+  const double seconds_per_tick = std::chrono::duration<double>(Clock::now() - wall0).count() /
+                                  static_cast<double>(std::max<uint64_t>(1, prev - tick0));
   double result[3];
   result[0] = Median(times) * seconds_per_tick / 2 * 1e6;
   // Bandwidth: `window` round trips kept in flight (a sliding window, as perftest's tag_bw keeps
@@ -535,8 +534,8 @@ int Main(int argc, char** argv) {
           r.perf_lat_us = ParsePerftest(Perftest(perftest, "tag_lat", c.bytes, c.n, port++,
                                                  server_cpu, client_cpu))
                               .first;
-          r.perf_mbps = ParsePerftest(Perftest(perftest, "tag_bw", c.bytes, c.n, port++,
-                                               server_cpu, client_cpu))
+          r.perf_mbps = ParsePerftest(Perftest(perftest, "tag_bw", c.bytes, c.n, port++, server_cpu,
+                                               client_cpu))
                             .second;
         };
         // Alternating which goes first cancels a steady drift of the machine's speed.

@@ -6,10 +6,10 @@
 #include <cstdlib>
 
 #include "absl/strings/escaping.h"
-#include "attention_service/sampler.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "attention_service/sampler.h"
 
 namespace dmoe::cli {
 

@@ -8,9 +8,9 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstring>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -92,10 +92,13 @@ absl::StatusOr<UpOptions> ParseUp(const Flags& f) {
   o.preset = f.StringOr("preset", "tiny");
   o.ucx_tls = f.StringOr("ucx-tls", "tcp,self");
   o.wire_dtype = f.StringOr("wire-dtype", "bf16");
-  for (auto [name, value] : std::vector<std::pair<const char*, int64_t*>>{
-           {"experts", &o.experts}, {"attention", &o.attention}, {"expert-replicas", &o.replicas},
-           {"expert-capacity", &o.capacity}, {"lease-ms", &o.lease_ms},
-           {"blas-threads", &o.blas}}) {
+  for (auto [name, value] :
+       std::vector<std::pair<const char*, int64_t*>>{{"experts", &o.experts},
+                                                     {"attention", &o.attention},
+                                                     {"expert-replicas", &o.replicas},
+                                                     {"expert-capacity", &o.capacity},
+                                                     {"lease-ms", &o.lease_ms},
+                                                     {"blas-threads", &o.blas}}) {
     auto v = f.Int(name, *value);
     if (!v.ok()) return v.status();
     *value = *v;
@@ -180,13 +183,12 @@ absl::Status LaunchAll(const UpOptions& o, const ModelConfig& config, Launcher* 
   const std::string blas_threads = std::to_string(
       o.blas > 0 ? o.blas : cpu::BlasThreadsShare(static_cast<int>(o.experts + o.attention)));
   // The router first: shards register with it and it plans the placement.
-  ASSIGN_OR_RETURN(
-      c->router,
-      l->Start("router", "router",
-               {o.bin + "/router/dmoe-router", "--model", o.dir, "--replication",
-                std::to_string(o.replicas), "--lease-ms", std::to_string(o.lease_ms),
-                "--startup-grace-ms", "0", "--min-shards", std::to_string(o.experts)},
-               std::chrono::seconds(60)));
+  ASSIGN_OR_RETURN(c->router,
+                   l->Start("router", "router",
+                            {o.bin + "/router/dmoe-router", "--model", o.dir, "--replication",
+                             std::to_string(o.replicas), "--lease-ms", std::to_string(o.lease_ms),
+                             "--startup-grace-ms", "0", "--min-shards", std::to_string(o.experts)},
+                            std::chrono::seconds(60)));
   int64_t pairs = 0;
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
     if (config.IsMoeLayer(layer)) pairs += config.n_routed_experts;
@@ -213,18 +215,18 @@ absl::Status LaunchAll(const UpOptions& o, const ModelConfig& config, Launcher* 
   }
   // The gateway finds the attention nodes through the router (they register there).
   ASSIGN_OR_RETURN(c->gateway, l->Start("gateway", "gateway",
-                                             {o.bin + "/gateway/dmoe-gateway", "--router",
-                                              c->router, "--model", o.dir},
-                                             std::chrono::seconds(60)));
+                                        {o.bin + "/gateway/dmoe-gateway", "--router", c->router,
+                                         "--model", o.dir},
+                                        std::chrono::seconds(60)));
   return absl::OkStatus();
 }
 
 int Up(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv,
-                            {"model", "preset", "experts", "attention", "expert-replicas",
-                             "ucx-tls", "state-file", "log-dir", "bin-dir", "wire-dtype",
-                             "expert-capacity", "lease-ms", "blas-threads"},
-                            {});
+  auto flags = Flags::Parse(
+      argc, argv,
+      {"model", "preset", "experts", "attention", "expert-replicas", "ucx-tls", "state-file",
+       "log-dir", "bin-dir", "wire-dtype", "expert-capacity", "lease-ms", "blas-threads"},
+      {});
   if (!flags.ok()) return Fail(std::string(flags.status().message()));
   if (flags->help()) {
     std::fputs(kUpHelp, stdout);
@@ -294,7 +296,9 @@ int Down(int argc, char** argv) {
   std::vector<pid_t> front, router, shards;
   for (const auto& p : j["processes"]) {
     const std::string role = p.value("role", "");
-    (role == "expert" ? shards : role == "router" ? router : front)
+    (role == "expert"   ? shards
+     : role == "router" ? router
+                        : front)
         .push_back(p["pid"].get<pid_t>());
   }
   std::reverse(front.begin(), front.end());

@@ -12,13 +12,13 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "attention_service/local_model.h"
-#include "common/flags.h"
-#include "common/status_macros.h"
+#include "attention_service/remote_flags.h"
 #include "cli/gateway_client.h"
 #include "cli/local_cluster.h"
 #include "cli/npy.h"
-#include "attention_service/remote_flags.h"
 #include "cli/serve.h"
+#include "common/flags.h"
+#include "common/status_macros.h"
 #include "model/tiny_model.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -294,8 +294,8 @@ int MakeTinyModel(int argc, char** argv) {
   } else if (dtype == "fp8") {
     o.dtype = DType::kF8E4M3;
   } else {
-    return Fail(
-        absl::InvalidArgumentError(absl::StrCat("--dtype: \"", dtype, "\" is not f32, bf16 or fp8")));
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--dtype: \"", dtype, "\" is not f32, bf16 or fp8")));
   }
   auto shards = flags->Int("shards", 1);
   if (!shards.ok()) return Fail(shards.status());
@@ -312,11 +312,11 @@ int MakeTinyModel(int argc, char** argv) {
 }
 
 int Chat(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv,
-                            {"target", "system", "max-tokens", "temperature", "seed", "top-k",
-                             "top-p", "min-p", "stop", "stop-token", "api-key", "timeout-ms",
-                             "logprobs"},
-                            {"ignore-eos"});
+  auto flags =
+      Flags::Parse(argc, argv,
+                   {"target", "system", "max-tokens", "temperature", "seed", "top-k", "top-p",
+                    "min-p", "stop", "stop-token", "api-key", "timeout-ms", "logprobs"},
+                   {"ignore-eos"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
     std::fputs(kChatHelp, stdout);

@@ -91,11 +91,10 @@ absl::StatusOr<TextParts> LoadTextParts(const std::string& dir) {
 
 int Serve(int argc, char** argv) {
   ServiceMain inner("dmoe serve"), outer("dmoe serve");
-  auto flags =
-      Flags::Parse(argc, argv,
-                   {"model", "grpc-listen", "kv-cache-mib", "block-tokens", "kv-cache-dtype",
-                    "weight-dtype", "expert-dtype"},
-                   {});
+  auto flags = Flags::Parse(argc, argv,
+                            {"model", "grpc-listen", "kv-cache-mib", "block-tokens",
+                             "kv-cache-dtype", "weight-dtype", "expert-dtype"},
+                            {});
   if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {
     std::fputs(kServeHelp, stdout);
@@ -106,8 +105,8 @@ int Serve(int argc, char** argv) {
   auto model = LocalModel::Load(o->dir, o->model);
   if (!model.ok()) return outer.Fail(model.status());
   const ModelConfig& c = (*model)->config();
-  const int64_t blocks = LatentKvCache::BlocksForBytes(
-      c, o->block, static_cast<uint64_t>(o->mib) << 20, o->kv_dtype);
+  const int64_t blocks =
+      LatentKvCache::BlocksForBytes(c, o->block, static_cast<uint64_t>(o->mib) << 20, o->kv_dtype);
   if (blocks <= 0) {
     return outer.Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
   }

@@ -175,8 +175,7 @@ __attribute__((target("avx512f"))) void FloatToBf16Avx512(const float* src, size
 // zero: a block of 32 with a subnormal in it (rare in hidden states) takes the integer path.
 // 1.3 M values: ~170 -> ~100 us here (the AVX-512F path is bound by its ~10 operations per 16
 // values while the data is in cache).
-__attribute__((target("avx512f,avx512bf16"))) void FloatToBf16Avx512Bf16(const float* src,
-                                                                         size_t n,
+__attribute__((target("avx512f,avx512bf16"))) void FloatToBf16Avx512Bf16(const float* src, size_t n,
                                                                          uint16_t* dst) {
   const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
   const __m512i mant_mask = _mm512_set1_epi32(0x007fffff);
@@ -186,10 +185,10 @@ __attribute__((target("avx512f,avx512bf16"))) void FloatToBf16Avx512Bf16(const f
     const __m512 b = _mm512_loadu_ps(src + i + 16);
     const __m512i ai = _mm512_castps_si512(a), bi = _mm512_castps_si512(b);
     // Lanes with a zero exponent and a nonzero mantissa.
-    const __mmask16 sub_a = _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(ai, exp_mask), ai,
-                                                        mant_mask);
-    const __mmask16 sub_b = _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(bi, exp_mask), bi,
-                                                        mant_mask);
+    const __mmask16 sub_a =
+        _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(ai, exp_mask), ai, mant_mask);
+    const __mmask16 sub_b =
+        _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(bi, exp_mask), bi, mant_mask);
     if (__builtin_expect((sub_a | sub_b) != 0, 0)) {
       FloatToBf16Avx512(src + i, 32, dst + i);
       continue;
@@ -218,11 +217,11 @@ __attribute__((target("avx512f"))) void Bf16ToFloatAvx512(const uint16_t* src, s
 std::atomic<int> bf16_simd{-1};
 
 int BestBf16Simd() {
-  static const int best =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") ? 3
-      : __builtin_cpu_supports("avx512f")                                       ? 2
-      : __builtin_cpu_supports("avx2")                                          ? 1
-                                                                                : 0;
+  static const int best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16")
+                              ? 3
+                          : __builtin_cpu_supports("avx512f") ? 2
+                          : __builtin_cpu_supports("avx2")    ? 1
+                                                              : 0;
   return best;
 }
 

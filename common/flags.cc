@@ -50,7 +50,8 @@ absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, const std::set<std::st
   // to stderr, so the test can check that the help documents every one of them.
   if (f.help_ && std::getenv("DMOE_HELP_LIST_FLAGS") != nullptr) {
     for (const auto* set : {&value_flags, &bool_flags}) {
-      for (const std::string& name : *set) std::fprintf(stderr, "accepted flag: --%s\n", name.c_str());
+      for (const std::string& name : *set)
+        std::fprintf(stderr, "accepted flag: --%s\n", name.c_str());
     }
   }
   return f;

@@ -9,8 +9,8 @@
 namespace dmoe {
 
 absl::Status InitLogging(const std::string& component, const std::string& level) {
-  auto logger = std::make_shared<spdlog::logger>(
-      component, std::make_shared<spdlog::sinks::stderr_sink_mt>());
+  auto logger = std::make_shared<spdlog::logger>(component,
+                                                 std::make_shared<spdlog::sinks::stderr_sink_mt>());
   logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %L %n: %v");
   logger->flush_on(spdlog::level::trace);  // every line reaches the log at once (crash, SIGKILL)
   spdlog::set_default_logger(logger);

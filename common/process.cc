@@ -104,8 +104,7 @@ absl::StatusOr<nlohmann::json> WaitForReady(const std::string& path,
     auto j = ReadReadyFile(path);
     if (j.ok()) return j;
     if (pid > 0 && !ProcessAlive(pid)) {
-      return absl::UnavailableError(
-          absl::StrCat("process ", pid, " exited before writing ", path));
+      return absl::UnavailableError(absl::StrCat("process ", pid, " exited before writing ", path));
     }
     if (std::chrono::steady_clock::now() >= end) {
       return absl::DeadlineExceededError(absl::StrCat(

@@ -32,9 +32,9 @@ int ServiceMain::Fail(const absl::Status& s) const {
 
 void ServiceMain::BlockStopSignals() { pthread_sigmask(SIG_BLOCK, &stop_, nullptr); }
 
-absl::StatusOr<std::string> ServiceMain::StartGrpc(
-    const char* flag, const std::string& listen, const std::vector<grpc::Service*>& services,
-    std::shared_ptr<grpc::ServerCredentials> creds) {
+absl::StatusOr<std::string> ServiceMain::StartGrpc(const char* flag, const std::string& listen,
+                                                   const std::vector<grpc::Service*>& services,
+                                                   std::shared_ptr<grpc::ServerCredentials> creds) {
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   int port = 0;

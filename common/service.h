@@ -46,9 +46,9 @@ class ServiceMain {
   void BlockStopSignals();
   // Starts a gRPC server with `services` on `listen` (the value of --`flag`), grpc.health.v1 and
   // reflection enabled; returns the address with the chosen port ("127.0.0.1:0" picks a free one).
-  absl::StatusOr<std::string> StartGrpc(
-      const char* flag, const std::string& listen, const std::vector<grpc::Service*>& services,
-      std::shared_ptr<grpc::ServerCredentials> creds = nullptr);
+  absl::StatusOr<std::string> StartGrpc(const char* flag, const std::string& listen,
+                                        const std::vector<grpc::Service*>& services,
+                                        std::shared_ptr<grpc::ServerCredentials> creds = nullptr);
   grpc::Server* server() const { return server_.get(); }
   // Blocks until SIGTERM or SIGINT arrives; returns it.
   int WaitForStop();

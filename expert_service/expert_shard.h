@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "common/mutex.h"
-#include "model/routed_experts.h"
 #include "model/config.h"
+#include "model/routed_experts.h"
 #include "transport/wire.h"
 
 namespace dmoe {

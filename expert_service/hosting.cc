@@ -12,8 +12,7 @@
 namespace dmoe {
 
 HostingAgent::HostingAgent(const ModelConfig& config, std::string model_dir, std::string node_id,
-                           ExpertShard* shard, std::chrono::milliseconds drain,
-                           WeightDType dtype)
+                           ExpertShard* shard, std::chrono::milliseconds drain, WeightDType dtype)
     : config_(config),
       dir_(std::move(model_dir)),
       node_id_(std::move(node_id)),
@@ -76,7 +75,8 @@ void HostingAgent::Run() {
     DropIfDrainedLocked();
     // Forget versions older than both the active and the ready one.
     const uint64_t keep = std::min<uint64_t>(active_version_, ready_version_);
-    while (!assigned_.empty() && assigned_.begin()->first < keep) assigned_.erase(assigned_.begin());
+    while (!assigned_.empty() && assigned_.begin()->first < keep)
+      assigned_.erase(assigned_.begin());
   }
 }
 
@@ -99,8 +99,8 @@ void HostingAgent::LoadLocked(uint64_t version, const std::set<Key>& want) {
       } else {
         uint64_t tensors = 0;
         const uint64_t total = (*ck)->BytesOf(ExpertStore::TensorSelector(gained), &tensors);
-        LoadProgress progress(absl::StrCat("dmoe-expert: placement ", version, ", ",
-                                           gained.size(), " experts gained"),
+        LoadProgress progress(absl::StrCat("dmoe-expert: placement ", version, ", ", gained.size(),
+                                           " experts gained"),
                               tensors, total);
         (*ck)->set_progress(&progress);
         auto s = ExpertStore::Load(**ck, config_, gained, dtype_);
@@ -125,8 +125,8 @@ void HostingAgent::LoadLocked(uint64_t version, const std::set<Key>& want) {
     for (const Key& k : shard_->store()->Keys()) keep.insert(k);
     shard_->SetStore(shard_->store()->Merge(keep, added.get()));
     malloc_trim(0);  // conversion scratch and the checkpoint's pages go back to the system
-    spdlog::info("placement {}: loaded {} experts ({:.1f} MiB) in {:.2f} s", version,
-                 gained.size(), static_cast<double>(bytes) / (1 << 20),
+    spdlog::info("placement {}: loaded {} experts ({:.1f} MiB) in {:.2f} s", version, gained.size(),
+                 static_cast<double>(bytes) / (1 << 20),
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   ready_version_ = version;

@@ -51,8 +51,7 @@ class HostingAgent {
  private:
   void Run();
   // Drops and retakes mu_ while reading the checkpoint and around on_ready.
-  void LoadLocked(uint64_t version, const std::set<Key>& want)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LoadLocked(uint64_t version, const std::set<Key>& want) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropIfDrainedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   ModelConfig config_;

@@ -27,9 +27,9 @@
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
 #include "expert_service/hosting.h"
-#include "model/routed_experts.h"
 #include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
+#include "model/routed_experts.h"
 #include "model/safetensors.h"
 #include "proto/expert_control.grpc.pb.h"
 #include "router/member.h"
@@ -284,8 +284,8 @@ class RouterLink {
   RouterLink(const Flags& f, const Options& o, const ModelConfig& config, ExpertShard* shard,
              const Addresses& a, ExpertMetrics* metrics)
       : drain_(o.drain_ms) {
-    hosting_ = std::make_unique<HostingAgent>(config, o.dir, a.node_id, shard, drain_,
-                                              o.expert_dtype);
+    hosting_ =
+        std::make_unique<HostingAgent>(config, o.dir, a.node_id, shard, drain_, o.expert_dtype);
     router::MemberOptions mo;
     mo.router_address = f.StringOr("router", "");
     mo.cluster_token = o.token;
@@ -304,9 +304,8 @@ class RouterLink {
     reg.set_ucx_worker_address(a.ucx_worker);
     reg.set_capacity_experts(o.capacity);
     member_->StartMembership(reg, [this] { return hosting_->ready_version(); });
-    metrics->SetRouterSources(
-        [this] { return member_->heartbeat_age_seconds(); },
-        [this] { return static_cast<double>(hosting_->active_version()); });
+    metrics->SetRouterSources([this] { return member_->heartbeat_age_seconds(); },
+                              [this] { return static_cast<double>(hosting_->active_version()); });
   }
 
   // Deregisters, waits for a map without this shard to be active, then gives attention nodes
@@ -355,12 +354,12 @@ internal::GetInfoReply Info(const RouterLink::Addresses& a, const ModelConfig& c
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-expert");
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
-       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype",
-       "blas-threads", "log-level"},
-      {});
+  auto flags =
+      Flags::Parse(argc - 1, argv + 1,
+                   {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
+                    "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
+                    "advertise-host", "expert-dtype", "blas-threads", "log-level"},
+                   {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp);
@@ -399,8 +398,8 @@ int Main(int argc, char** argv) {
   a.ucx = *ucx_addr;
   a.ucx_worker = (*ucx)->WorkerAddress();
   ControlService control(Info(a, *config), &shard, ucx->get(), bytes_read);
-  auto grpc_addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
-                                 {&control});
+  auto grpc_addr =
+      svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&control});
   absl::Status st = grpc_addr.status();
   if (st.ok()) {
     a.grpc = *grpc_addr;

@@ -338,10 +338,10 @@ absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& re
     if (m.tool_calls_size() > 0) {
       nlohmann::ordered_json calls = nlohmann::ordered_json::array();
       for (const v1::ToolCall& c : m.tool_calls()) {
-        calls.push_back({{"id", c.id()},
-                         {"type", c.type().empty() ? "function" : c.type()},
-                         {"function",
-                          {{"name", c.function_name()}, {"arguments", c.function_arguments()}}}});
+        calls.push_back(
+            {{"id", c.id()},
+             {"type", c.type().empty() ? "function" : c.type()},
+             {"function", {{"name", c.function_name()}, {"arguments", c.function_arguments()}}}});
       }
       j["tool_calls"] = std::move(calls);
     }
@@ -349,7 +349,8 @@ absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& re
   }
   nlohmann::ordered_json tools = nullptr;
   if (!request.tools_json().empty()) {
-    tools = nlohmann::ordered_json::parse(request.tools_json(), nullptr, /*allow_exceptions=*/false);
+    tools =
+        nlohmann::ordered_json::parse(request.tools_json(), nullptr, /*allow_exceptions=*/false);
     if (tools.is_discarded() || !tools.is_array()) {
       return absl::InvalidArgumentError("tools_json: not a JSON array");
     }

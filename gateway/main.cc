@@ -177,7 +177,9 @@ class PoolWatcher {
     done_ = true;
     if (thread_.joinable()) thread_.join();
   }
-  void Start() { thread_ = std::thread([this] { Run(); }); }
+  void Start() {
+    thread_ = std::thread([this] { Run(); });
+  }
   void SetServer(grpc::Server* s) { server_ = s; }
 
  private:
@@ -216,12 +218,12 @@ class PoolWatcher {
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-gateway");
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id", "grpc-listen",
-       "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen",
-       "log-level"},
-      {});
+  auto flags =
+      Flags::Parse(argc - 1, argv + 1,
+                   {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id",
+                    "grpc-listen", "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert",
+                    "tls-key", "metrics-listen", "log-level"},
+                   {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp);

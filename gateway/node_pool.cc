@@ -1,9 +1,10 @@
 #include "gateway/node_pool.h"
-#include "common/mutex.h"
 
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+
+#include "common/mutex.h"
 
 namespace dmoe::gateway {
 

@@ -1,4 +1,5 @@
-// Gateway-side text handling that needs no RPC: stop strings (the chat template is chat_template.h).
+// Gateway-side text handling that needs no RPC: stop strings (the chat template is
+// chat_template.h).
 #ifndef DMOE_GATEWAY_TEXT_STREAM_H_
 #define DMOE_GATEWAY_TEXT_STREAM_H_
 

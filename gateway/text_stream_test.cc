@@ -4,11 +4,12 @@
 // string occurs (generation ends there, so later text never comes: with stops "aé " and "é", deltas
 // "ca" + "é" end at "ca", deltas "caé " at "c"); no chunk splits a character; nothing is held back
 // longer than a stop string could need.
+#include "gateway/text_stream.h"
+
 #include <random>
 #include <string>
 #include <vector>
 
-#include "gateway/text_stream.h"
 #include "gtest/gtest.h"
 
 namespace dmoe::gateway {

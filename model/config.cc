@@ -55,8 +55,8 @@ absl::Status GetIdList(const Json& obj, const char* name, std::vector<int64_t>* 
   } else if (it->is_number_integer() && it->get<int64_t>() >= 0) {
     ids.push_back(it->get<int64_t>());
   } else {
-    return FieldError(name, absl::StrCat("expected a token id or a list of them, got ",
-                                         it->dump()));
+    return FieldError(name,
+                      absl::StrCat("expected a token id or a list of them, got ", it->dump()));
   }
   *out = std::move(ids);
   return absl::OkStatus();
@@ -434,9 +434,9 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   }
   for (size_t i = 0; i < c->eos_token_ids.size(); ++i) {
     if (c->eos_token_ids[i] >= c->vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          model_dir, ": eos_token_id ", c->eos_token_ids[i], " is outside the vocabulary (",
-          c->vocab_size, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(model_dir, ": eos_token_id ", c->eos_token_ids[i],
+                       " is outside the vocabulary (", c->vocab_size, ")"));
     }
   }
   return c;

@@ -1,4 +1,5 @@
-// The kernels' plain parameter structs, filled from a model config (kernels/ never see ModelConfig).
+// The kernels' plain parameter structs, filled from a model config (kernels/ never see
+// ModelConfig).
 #ifndef DMOE_MODEL_KERNEL_PARAMS_H_
 #define DMOE_MODEL_KERNEL_PARAMS_H_
 

@@ -59,9 +59,10 @@ void LoadProgress::Add(uint64_t bytes) {
     std::fflush(out_);
     return;
   }
-  const int tenths = total_bytes_ == 0 ? 10
-                                       : static_cast<int>(std::min<uint64_t>(bytes_, total_bytes_) *
-                                                          10 / total_bytes_);
+  const int tenths =
+      total_bytes_ == 0
+          ? 10
+          : static_cast<int>(std::min<uint64_t>(bytes_, total_bytes_) * 10 / total_bytes_);
   if (tenths > logged_tenths_ && tenths < 10) {
     logged_tenths_ = tenths;
     std::fprintf(out_, "%s\n", Line(t).c_str());
@@ -82,8 +83,9 @@ void LoadProgress::Done() {
   if (done_) return;
   done_ = true;
   const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  std::fprintf(out_, "%s%s: loaded %llu tensors, %s in %.2f s (%s/s)\n", terminal_ ? "\r\033[K" : "",
-               what_.c_str(), static_cast<unsigned long long>(tensors_),
+  std::fprintf(out_, "%s%s: loaded %llu tensors, %s in %.2f s (%s/s)\n",
+               terminal_ ? "\r\033[K" : "", what_.c_str(),
+               static_cast<unsigned long long>(tensors_),
                Bytes(static_cast<double>(bytes_)).c_str(), t,
                Bytes(t > 0 ? static_cast<double>(bytes_) / t : 0).c_str());
   std::fflush(out_);

@@ -6,9 +6,9 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/qlinear.h"
-#include "common/dtype.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
 #include "model/weights.h"
@@ -74,8 +74,8 @@ TEST(QuantWeights, Fp8CheckpointHoldsTheFp32WeightsWithinFp8Precision) {
   auto m8 = LoadExpertWeights(**ck8, c, 1, 3);  // auto: stays fp8
   ASSERT_TRUE(m32.ok() && m8.ok()) << m8.status();
   EXPECT_EQ(m8->down.format, cpu::WeightFormat::kFp8);
-  for (const auto& [a, b] : {std::pair{&m32->gate, &m8->gate}, {&m32->up, &m8->up},
-                             {&m32->down, &m8->down}}) {
+  for (const auto& [a, b] :
+       {std::pair{&m32->gate, &m8->gate}, {&m32->up, &m8->up}, {&m32->down, &m8->down}}) {
     std::vector<float> deq(static_cast<size_t>(b->out * b->in));
     cpu::Dequantize(b->ref(), 0, b->out, deq.data());
     float amax = 0;
@@ -109,10 +109,9 @@ TEST(QuantWeights, BytesHeldFollowTheFormulas) {
   const auto blocks = [](int64_t out, int64_t in) {
     return static_cast<uint64_t>((out + 127) / 128 * ((in + 127) / 128));
   };
-  for (auto [dtype, want] :
-       {std::pair{WeightDType::kF32, 4 * params},
-        {WeightDType::kInt8, params + 4 * static_cast<uint64_t>(w + w + d)},
-        {WeightDType::kFp8, params + 4 * (blocks(w, d) * 2 + blocks(d, w))}}) {
+  for (auto [dtype, want] : {std::pair{WeightDType::kF32, 4 * params},
+                             {WeightDType::kInt8, params + 4 * static_cast<uint64_t>(w + w + d)},
+                             {WeightDType::kFp8, params + 4 * (blocks(w, d) * 2 + blocks(d, w))}}) {
     auto m = LoadExpertWeights(**ck, c, 2, 5, dtype);
     ASSERT_TRUE(m.ok());
     EXPECT_EQ(m->gate.bytes() + m->up.bytes() + m->down.bytes(), want);
@@ -150,7 +149,8 @@ TEST(QuantWeights, BadScalesAreRejectedNamingTheTensor) {
   EXPECT_EQ(l->w[0], 0.5f);
   EXPECT_EQ(l->w[129], 2.0f);
   // fp8 anywhere but a linear weight (no scales to apply) is refused, not misread.
-  auto bad = Checkpoint::Open(WriteCheckpoint("fp8norm", {{"n", "F8_E4M3", {4}, "\x38\x38\x38\x38"}}));
+  auto bad =
+      Checkpoint::Open(WriteCheckpoint("fp8norm", {{"n", "F8_E4M3", {4}, "\x38\x38\x38\x38"}}));
   ASSERT_TRUE(bad.ok());
   auto n = (*bad)->ReadFloat("n", {4});
   ASSERT_FALSE(n.ok());

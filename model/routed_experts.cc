@@ -135,8 +135,7 @@ absl::Status LocalRoutedExperts::Finish(float* out) {
   return absl::OkStatus();
 }
 
-void CombineRanked(const float* rows, const float* w, int64_t t, int64_t k, int64_t d,
-                   float* out) {
+void CombineRanked(const float* rows, const float* w, int64_t t, int64_t k, int64_t d, float* out) {
   for (int64_t i = 0; i < t; ++i) {
     for (int64_t j = 0; j < k; ++j) {
       cpu::Axpy(d, w[i * k + j], rows + (i * k + j) * d, out + i * d);

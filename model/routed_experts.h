@@ -38,8 +38,7 @@ class RoutedExperts {
 // unweighted outputs rows[t, k, D] summed in top-k rank order onto out[t, D]. The one place
 // routed outputs are combined, in-process and remote alike, so the sum never depends on which
 // shard or replica computed a row or when it arrived (batch invariance, DESIGN §6).
-void CombineRanked(const float* rows, const float* w, int64_t t, int64_t k, int64_t d,
-                   float* out);
+void CombineRanked(const float* rows, const float* w, int64_t t, int64_t k, int64_t d, float* out);
 
 // The experts one process hosts (fp32 or 8-bit), keyed by (layer, expert).
 class ExpertStore {
@@ -72,8 +71,8 @@ class ExpertStore {
 };
 
 // Groups (input row, weight, output row) triples by (layer, expert), then runs each group through
-// its expert as one GEMM and writes Expert(row), unweighted, to each output row. Used for one engine
-// step and, on an expert shard, for every request that arrived together. Thread-compatible.
+// its expert as one GEMM and writes Expert(row), unweighted, to each output row. Used for one
+// engine step and, on an expert shard, for every request that arrived together. Thread-compatible.
 class ExpertBatcher {
  public:
   // `width` (moe_intermediate_size) is taken from each expert's weights.

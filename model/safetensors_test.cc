@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "model/config.h"
-#include "common/dtype.h"
 #include "model/tiny_model.h"
 #include "model/weights.h"
 
@@ -176,7 +176,7 @@ TEST(DType, FloatToBf16MatchesAnIndependentRoundingEverywhere) {
     s ^= s << 17;
     check(static_cast<uint32_t>(s));
   }
-  EXPECT_EQ(FloatToBf16(3.4028235e38f), 0x7f80);   // the largest float rounds up to infinity
+  EXPECT_EQ(FloatToBf16(3.4028235e38f), 0x7f80);  // the largest float rounds up to infinity
   EXPECT_EQ(FloatToBf16(-0.0f), 0x8000);
   EXPECT_EQ(FloatToBf16(std::ldexp(1.0f, -149)), 0x0000);  // the smallest subnormal: to zero
 }

@@ -10,9 +10,9 @@
 #include <random>
 
 #include "absl/strings/match.h"
-#include "kernels/cpu/qlinear.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kernels/cpu/qlinear.h"
 #include "model/weights.h"
 #include "nlohmann/json.hpp"
 
@@ -192,8 +192,8 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.eos_token_ids = {1};
     return c;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--preset: unknown preset \"", preset, "\" (tiny, tiny-lite, tiny-demo, small)"));
+  return absl::InvalidArgumentError(absl::StrCat("--preset: unknown preset \"", preset,
+                                                 "\" (tiny, tiny-lite, tiny-demo, small)"));
 }
 
 std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {
@@ -334,7 +334,8 @@ class ShardWriter {
       return std::fwrite(scales_.data(), 4, scales_.size(), f) == scales_.size();
     }
     DrawTensor(specs_[t.spec], seed_, &draw_);
-    if (t.dtype == DType::kF32) return std::fwrite(draw_.data(), 4, draw_.size(), f) == draw_.size();
+    if (t.dtype == DType::kF32)
+      return std::fwrite(draw_.data(), 4, draw_.size(), f) == draw_.size();
     if (t.dtype == DType::kF8E4M3) {
       cpu::QuantizeFp8Blocks(draw_.data(), t.shape[0], t.shape[1], &q_, &scales_);
       return std::fwrite(q_.data(), 1, q_.size(), f) == q_.size();

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/config.h"
 #include "common/dtype.h"
+#include "model/config.h"
 
 namespace dmoe {
 
@@ -21,7 +21,7 @@ struct TinyModelOptions {
   // kF32, kBF16, or kF8E4M3: *_proj.weight tensors in fp8 with 128x128 block scales
   // ("<name>_scale_inv", F32) as DeepSeek-V3 ships them, the other tensors in BF16.
   DType dtype = DType::kF32;
-  int shards = 1;             // > 1 writes model-0000i-of-0000N.safetensors + index
+  int shards = 1;  // > 1 writes model-0000i-of-0000N.safetensors + index
 };
 
 // Writes config.json and the safetensors file(s) into `out_dir` (created if missing). Each tensor's

@@ -157,16 +157,24 @@ absl::StatusOr<std::string> OnigurumaRegexToPcre2(const std::string& pattern) {
     if (ch == '\\' && i + 1 < pattern.size()) {
       const char e = pattern[++i];
       switch (e) {
-        case 's': out += "\\p{White_Space}"; break;
-        case 'S': out += "\\P{White_Space}"; break;
-        case 'h': out += in_class ? "0-9a-fA-F" : "[0-9a-fA-F]"; break;
+        case 's':
+          out += "\\p{White_Space}";
+          break;
+        case 'S':
+          out += "\\P{White_Space}";
+          break;
+        case 'h':
+          out += in_class ? "0-9a-fA-F" : "[0-9a-fA-F]";
+          break;
         case 'H':
           if (in_class) {
             return absl::InvalidArgumentError("\\H inside a character class is not supported");
           }
           out += "[^0-9a-fA-F]";
           break;
-        case 'v': out += "\\x{0B}"; break;
+        case 'v':
+          out += "\\x{0B}";
+          break;
         default:
           out += ch;
           out += e;

@@ -54,8 +54,8 @@ class Tokenizer {
   std::unordered_map<std::string, int32_t> char_byte_;
 };
 
-// Rewrites a tokenizer.json regex (Oniguruma syntax, as Hugging Face's `tokenizers` compiles it) for
-// PCRE2 with PCRE2_UTF | PCRE2_UCP, where the two disagree on a character class:
+// Rewrites a tokenizer.json regex (Oniguruma syntax, as Hugging Face's `tokenizers` compiles it)
+// for PCRE2 with PCRE2_UTF | PCRE2_UCP, where the two disagree on a character class:
 // - `\s` / `\S`: Oniguruma's is Unicode's White_Space property (25 code points); PCRE2's also
 //   holds U+180E MONGOLIAN VOWEL SEPARATOR (White_Space until Unicode 6.3) -> \p{White_Space}.
 // - `\h` / `\H`: Oniguruma's is a hexadecimal digit [0-9a-fA-F]; PCRE2's horizontal space.

@@ -83,8 +83,8 @@ class RouterGauges {
         members_(m->Gauge("dmoe_router_nodes", "Registered nodes")),
         heartbeat_age_(m->Gauge("dmoe_router_oldest_heartbeat_age_seconds",
                                 "Time since the least recent heartbeat of any node")),
-        expired_(m->Counter("dmoe_router_expired_leases_total",
-                            "Nodes removed for a lapsed lease")) {}
+        expired_(
+            m->Counter("dmoe_router_expired_leases_total", "Nodes removed for a lapsed lease")) {}
   void Expired(size_t n) { expired_.Increment(static_cast<double>(n)); }
   void Update(const RouterState& state) {
     const PlacementState maps = state.state();
@@ -129,12 +129,11 @@ void LeaseLoop(const Options& o, RouterState* state, RouterGauges* gauges,
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-router");
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file", "max-extra-replicas",
-       "rebalance-seconds", "metrics-listen", "replication", "startup-grace-ms", "min-shards",
-       "log-level"},
-      {});
+  auto flags = Flags::Parse(argc - 1, argv + 1,
+                            {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file",
+                             "max-extra-replicas", "rebalance-seconds", "metrics-listen",
+                             "replication", "startup-grace-ms", "min-shards", "log-level"},
+                            {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp);
@@ -160,8 +159,8 @@ int Main(int argc, char** argv) {
   std::atomic<bool> done{false};
   std::thread leases([&] { LeaseLoop(*o, &state, &gauges, &done); });
   RouterServiceImpl service(&state, o->token);
-  auto addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
-                            {&service});
+  auto addr =
+      svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&service});
   absl::Status st = addr.status();
   if (st.ok()) {
     SetReadiness(svc.server(), "dmoe.internal.RouterService", true);

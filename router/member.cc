@@ -1,12 +1,13 @@
 #include "router/member.h"
-#include "common/logging.h"
-#include "common/mutex.h"
 
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+
+#include "common/logging.h"
+#include "common/mutex.h"
 
 namespace dmoe::router {
 namespace {
@@ -141,8 +142,8 @@ void RouterMember::StartMembership(internal::RegisterRequest registration,
       }
       warned = !ok;
       MutexLock l(&mu_);
-      const auto until = std::chrono::steady_clock::now() +
-                         std::chrono::milliseconds(ok ? lease_ms_ / 3 : 100);
+      const auto until =
+          std::chrono::steady_clock::now() + std::chrono::milliseconds(ok ? lease_ms_ / 3 : 100);
       while (!stop_ && !beat_now_ && wake_.WaitUntil(&mu_, until)) {
       }
       beat_now_ = false;

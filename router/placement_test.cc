@@ -133,7 +133,8 @@ TEST(Placement, RandomCasesHoldEveryInvariant) {
     }
     if (k.config.n_group > 1 && together) ++grouped;
     // EPLB never makes the balance worse, and helps when there is room.
-    const double before = ExpectedImbalance(*base, k.load), after = ExpectedImbalance(*eplb, k.load);
+    const double before = ExpectedImbalance(*base, k.load),
+                 after = ExpectedImbalance(*eplb, k.load);
     EXPECT_NEAR(Imbalance(*base, k.load), before, 1e-9);
     EXPECT_NEAR(Imbalance(*eplb, k.load), after, 1e-9);
     EXPECT_LE(after, before + 1e-9);

@@ -32,10 +32,9 @@ absl::Status RouterState::Register(Node node, uint64_t known_version) {
   next_version_ = std::max(next_version_, known_version + 1);
   node.lease_until = clock_() + lease_;
   auto it = nodes_.find(node.id);
-  const bool expert_change =
-      node.role == NodeRole::kExpert &&
-      (it == nodes_.end() || it->second.capacity != node.capacity ||
-       it->second.role != NodeRole::kExpert || it->second.draining);
+  const bool expert_change = node.role == NodeRole::kExpert &&
+                             (it == nodes_.end() || it->second.capacity != node.capacity ||
+                              it->second.role != NodeRole::kExpert || it->second.draining);
   if (it != nodes_.end()) node.ready_version = it->second.ready_version;
   nodes_[node.id] = std::move(node);
   if (expert_change) ReplanLocked();
@@ -59,7 +58,8 @@ absl::Status RouterState::Heartbeat(const std::string& id, uint64_t ready_versio
 absl::StatusOr<bool> RouterState::Deregister(const std::string& id) {
   MutexLock l(&mu_);
   auto it = nodes_.find(id);
-  if (it == nodes_.end()) return absl::NotFoundError(absl::StrCat("node ", id, " is not registered"));
+  if (it == nodes_.end())
+    return absl::NotFoundError(absl::StrCat("node ", id, " is not registered"));
   if (!it->second.draining) {
     it->second.draining = true;
     if (it->second.role == NodeRole::kExpert) ReplanLocked();

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: `bazel test //...`, then the fuzzers for a bounded time under clang + ASan/UBSan.
+# Runs every test: `bazel test //...`, then the fuzzers for a bounded time under clang + ASan/UBSan,
+# then two checks that are builds (clang -Wthread-safety, clang-format), one case each.
 # Ends with one line `N passed, N failed, N skipped` counted from the test cases in each target's
 # test.xml; a target that did not pass counts none of its cases as passed and at least one failure.
 # Usage: scripts/test.sh [--fuzz-seconds N] [--no-fuzz]
@@ -60,11 +61,30 @@ if [ "$fuzz" -eq 1 ]; then
     -- //model/fuzz:safetensors_header_fuzz_test //model/fuzz:config_fuzz_test //transport:wire_fuzz_test
 fi
 
+# Checks that are builds, not tests (each counts as one case): clang's thread-safety analysis over
+# the ABSL_GUARDED_BY annotations, and clang-format.
+check() {  # check NAME COMMAND...
+  local name=$1
+  shift
+  if "$@"; then
+    echo "check:$name PASSED none" >>"$results"
+  else
+    echo "check:$name FAILED none" >>"$results"
+    rc=1
+  fi
+}
+check thread_safety bazel build --config=tsa --keep_going -- //...
+check clang_format bash scripts/lint/format.sh --check
+
 python3 - "$results" <<'PY'
 import os, sys, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
 for line in open(sys.argv[1]):
     label, status, logs = line.split()
+    if label.startswith("check:"):
+        passed += status == "PASSED"
+        failed += status != "PASSED"
+        continue
     pkg, name = label[2:].split(":")
     xml = os.path.join(logs, pkg, name, "test.xml")
     p = f = s = 0

@@ -70,7 +70,8 @@ class Determinism : public ::testing::TestWithParam<Variant> {
   }
 
   std::vector<int32_t> Tokens(std::mt19937& rng, int n) {
-    std::uniform_int_distribution<int32_t> d(2, static_cast<int32_t>(model_->config().vocab_size) - 1);
+    std::uniform_int_distribution<int32_t> d(2,
+                                             static_cast<int32_t>(model_->config().vocab_size) - 1);
     std::vector<int32_t> t(static_cast<size_t>(n));
     for (int32_t& x : t) x = d(rng);
     return t;
@@ -121,7 +122,8 @@ class Determinism : public ::testing::TestWithParam<Variant> {
       drain();
     }
     Output target;
-    const int before = companions == 0 ? 0 : static_cast<int>(rng() % static_cast<uint32_t>(companions + 1));
+    const int before =
+        companions == 0 ? 0 : static_cast<int>(rng() % static_cast<uint32_t>(companions + 1));
     for (int i = 0; i < companions; ++i) {
       if (i == before) submit(prompt_, Params(), &target);
       SamplingParams p = Params();

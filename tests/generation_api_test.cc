@@ -1,6 +1,7 @@
 // What a client of the public API sees of generation, through real dmoe-attention and dmoe-gateway
 // processes (and in process where dmoe generate has the same path):
-// - Generation stops at the model's end-of-sequence token: a checkpoint whose generation_config.json
+// - Generation stops at the model's end-of-sequence token: a checkpoint whose
+// generation_config.json
 //   names as eos the token the model emits at step k ends at step k with finish reason "stop";
 //   ignore_eos runs on to max_tokens. The token at step k comes from a run of the unmodified model.
 // - Top logprobs reach the client: N per token, most likely first, equal to a float64 log-softmax
@@ -130,9 +131,8 @@ TEST(EosTest, StopsAtEosInProcessAndThroughTheGateway) {
       << "the tiny model emits its config eos (1); pick another prompt";
   // Step k: the first position >= 3 whose token did not occur before it.
   size_t k = 3;
-  while (k < full.size() &&
-         std::find(full.begin(), full.begin() + static_cast<long>(k), full[k]) !=
-             full.begin() + static_cast<long>(k)) {
+  while (k < full.size() && std::find(full.begin(), full.begin() + static_cast<long>(k), full[k]) !=
+                                full.begin() + static_cast<long>(k)) {
     ++k;
   }
   ASSERT_LT(k, full.size() - 1) << "no fresh token to use as eos";
@@ -171,8 +171,8 @@ TEST(EosTest, StopsAtEosInProcessAndThroughTheGateway) {
 TEST(EosTest, BadEosTokenIdNamesTheField) {
   const std::string dir = TmpDir() + "/bad";
   ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
-  for (const std::string& bad : {std::string("\"x\""), std::string("[1, -3]"),
-                                 std::string("1000000")}) {
+  for (const std::string& bad :
+       {std::string("\"x\""), std::string("[1, -3]"), std::string("1000000")}) {
     std::ofstream(dir + "/generation_config.json") << "{\"eos_token_id\": " << bad << "}";
     auto config = LoadModelConfig(dir);
     ASSERT_FALSE(config.ok()) << bad;
@@ -233,7 +233,8 @@ TEST(TopLogprobsTest, EachTokenHasItsMostLikelyAlternativesFromTheModelsLogits) 
     auto logprob = [&](int32_t id) { return static_cast<double>(row[id]) - mx - std::log(sum); };
     std::vector<int32_t> order(row.size());
     for (size_t j = 0; j < order.size(); ++j) order[j] = static_cast<int32_t>(j);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return row[a] > row[b]; });
     EXPECT_EQ(ids[i], order[0]) << "greedy picks the most likely token at " << i;
     EXPECT_NEAR(chosen[i], logprob(ids[i]), 1e-4) << i;
     ASSERT_EQ(tops[i].top_size(), kTop) << i;
@@ -304,7 +305,8 @@ TEST(HealthTest, ReadinessFollowsDrainAndAttentionNodes) {
   HealthCheckResponse::ServingStatus gw = HealthCheckResponse::SERVING;
   for (int i = 0; i < 300 && gw == HealthCheckResponse::SERVING; ++i) {
     gw = Health(serving.gateway_address(), "");
-    if (gw == HealthCheckResponse::SERVING) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (gw == HealthCheckResponse::SERVING)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(gw, HealthCheckResponse::NOT_SERVING) << "gateway without attention nodes";
   EXPECT_EQ(Health(serving.gateway_address(), "dmoe.v1.Dmoe"), HealthCheckResponse::NOT_SERVING);

@@ -7,9 +7,9 @@
 #include <random>
 #include <vector>
 
+#include "attention_service/remote_experts.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
-#include "attention_service/remote_experts.h"
 #include "gtest/gtest.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"

@@ -90,9 +90,15 @@ class Cluster {
 
   void StartRouter(std::vector<std::string> extra, const std::string& listen = "127.0.0.1:0") {
     const std::string ready = Path("router" + std::to_string(router_starts_) + ".json");
-    std::vector<std::string> argv = {Runfile("router/dmoe-router"), "--model", *g_model,
-                                     "--grpc-listen", listen, "--ready-file", ready,
-                                     "--lease-ms", "1500"};
+    std::vector<std::string> argv = {Runfile("router/dmoe-router"),
+                                     "--model",
+                                     *g_model,
+                                     "--grpc-listen",
+                                     listen,
+                                     "--ready-file",
+                                     ready,
+                                     "--lease-ms",
+                                     "1500"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     router_extra_ = extra;
     router_ = ChildProcess(argv, Path("router" + std::to_string(router_starts_++) + ".log"));
@@ -136,8 +142,8 @@ class Cluster {
   void StartAttention() {
     const std::string ready = Path("attention.json");
     attention_ = ChildProcess(
-        {Runfile("attention_service/dmoe-attention"), "--model", *g_model, "--router",
-         router_addr_, "--kv-blocks", "1024", "--block-tokens", "8", "--wire-dtype", "f32",
+        {Runfile("attention_service/dmoe-attention"), "--model", *g_model, "--router", router_addr_,
+         "--kv-blocks", "1024", "--block-tokens", "8", "--wire-dtype", "f32",
          "--expert-deadline-ms", "2000", "--expert-wait-ms", "15000", "--ready-file", ready},
         Path("attention.log"));
     auto info = testing::WaitForReadyFile(ready, std::chrono::seconds(60));
@@ -197,8 +203,8 @@ class Cluster {
         while (reader->Read(&r)) {
           if (r.tokens_size() == 0) continue;
           const auto now = Clock::now();
-          results[i].longest_gap = std::max(
-              results[i].longest_gap, std::chrono::duration<double>(now - last).count());
+          results[i].longest_gap =
+              std::max(results[i].longest_gap, std::chrono::duration<double>(now - last).count());
           last = now;
           for (const auto& t : r.tokens()) results[i].tokens.push_back(t.token_id());
           streamed += r.tokens_size();
@@ -217,8 +223,8 @@ class Cluster {
       const int in_flight = static_cast<int>(prompts.size()) - finished.load();
       EXPECT_GE(streamed.load(), trigger_tokens) << "the trigger was never reached";
       EXPECT_GT(in_flight, 0) << "the fault came after every request had finished";
-      std::printf("fault after %d streamed tokens, %d of %zu requests in flight\n",
-                  streamed.load(), in_flight, prompts.size());
+      std::printf("fault after %d streamed tokens, %d of %zu requests in flight\n", streamed.load(),
+                  in_flight, prompts.size());
       during();
     }
     for (auto& t : clients) t.join();
@@ -409,9 +415,8 @@ TEST_F(RouterCluster, ScaleOutToAFourthShardUnderLoad) {
       "  (token, expert) pairs per shard, one workload before: %.0f %.0f %.0f (max/mean %.2f, "
       "busiest shard %.1f%% of all)\n",
       before[0], before[1], before[2], MaxOverMean(before3), 100 * share(before3));
-  std::printf(
-      "  after: %.0f %.0f %.0f %.0f (max/mean %.2f, busiest shard %.1f%% of all)\n", after[0],
-      after[1], after[2], after[3], MaxOverMean(after), 100 * share(after));
+  std::printf("  after: %.0f %.0f %.0f %.0f (max/mean %.2f, busiest shard %.1f%% of all)\n",
+              after[0], after[1], after[2], after[3], MaxOverMean(after), 100 * share(after));
   EXPECT_GT(after[3], 0);
   EXPECT_LT(share(after), share(before3));
 }

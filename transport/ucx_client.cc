@@ -1,5 +1,3 @@
-#include "transport/ucx.h"
-
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
@@ -17,12 +15,12 @@
 #include "common/mutex.h"
 #include "transport/buffer_pool.h"
 #include "transport/slot_table.h"
+#include "transport/ucx.h"
 #include "transport/ucx_worker.h"
 
 namespace dmoe::transport {
 namespace ucx_internal {
 namespace {
-
 
 class UcxClient : public ClientTransport, public UcxWorker {
  public:

@@ -1,5 +1,3 @@
-#include "transport/ucx.h"
-
 #include <arpa/inet.h>
 #include <errno.h>
 #include <poll.h>
@@ -21,6 +19,7 @@
 #include "common/mutex.h"
 #include "transport/buffer_pool.h"
 #include "transport/slot_table.h"
+#include "transport/ucx.h"
 #include "transport/ucx_worker.h"
 
 namespace dmoe::transport {

@@ -180,8 +180,8 @@ class UcxWorker {
   // Receives a rendezvous active message (`data` from the AM handler) into dst[length]; `done`
   // runs with `user` once it has landed or failed (at once when UCX completes it inline), on the
   // thread that progresses the worker.
-  void ReceiveRendezvous(void* data, void* dst, size_t length,
-                         ucp_am_recv_data_nbx_callback_t done, void* user);
+  void ReceiveRendezvous(void* data, void* dst, size_t length, ucp_am_recv_data_nbx_callback_t done,
+                         void* user);
 
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;

@@ -3,8 +3,8 @@
 #include <cstring>
 #include <vector>
 
-#include "gtest/gtest.h"
 #include "common/dtype.h"
+#include "gtest/gtest.h"
 
 namespace dmoe::wire {
 namespace {

@@ -34,7 +34,8 @@ float DotRowsGolden(const float* x, const float* w, int64_t k) {
   float lane[8] = {};
   const int64_t k8 = k / 8 * 8;
   for (int64_t j = 0; j < k8; ++j) lane[j % 8] = std::fma(x[j], w[j], lane[j % 8]);
-  float s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+  float s =
+      ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
   for (int64_t j = k8; j < k; ++j) s = std::fma(x[j], w[j], s);
   return s;
 }
@@ -90,7 +91,8 @@ TEST(Invariance, AxpyRowsRowAloneEqualsRowInAnyBatchAndKSplits) {
   AxpyRows(target.data(), 1, k, w.data(), k, n, n, alone.data(), n, false);
   for (int64_t c = 0; c < n; ++c) {
     float acc = 0;
-    for (int64_t j = 0; j < k; ++j) acc = std::fma(target[static_cast<size_t>(j)], w[static_cast<size_t>(j * n + c)], acc);
+    for (int64_t j = 0; j < k; ++j)
+      acc = std::fma(target[static_cast<size_t>(j)], w[static_cast<size_t>(j * n + c)], acc);
     ASSERT_EQ(0, std::memcmp(&acc, &alone[static_cast<size_t>(c)], 4)) << c;
   }
   for (int64_t m : {2, 3, 4, 16, 64}) {

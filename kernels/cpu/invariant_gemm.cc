@@ -26,8 +26,8 @@ inline float Lanes8(const float* l) {
 
 // ---- portable: the same orders with std::fma ----
 
-void DotRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n0,
-                     int64_t n1, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+void DotRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n0, int64_t n1,
+                     int64_t ldw, int64_t k, float* y, int64_t ldy) {
   const int64_t k8 = k & ~int64_t{7};
   for (int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * ldx;
@@ -45,8 +45,7 @@ void DotRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int
 }
 
 void AxpyRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k,
-                      int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy,
-                      bool accumulate) {
+                      int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy, bool accumulate) {
   for (int64_t i = 0; i < m; ++i) {
     float* yi = y + i * ldy;
     if (!accumulate) std::fill(yi + n0, yi + n1, 0.0f);
@@ -144,15 +143,16 @@ __attribute__((target("avx2,fma"))) void AxpyRowsOfCols(const float* x, int64_t 
                                                         const float* w, int64_t k, int64_t ldw,
                                                         float* y, int64_t ldy, bool accumulate) {
   int64_t i = 0;
-  for (; i + 3 <= m; i += 3) AxpyTile<3, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
+  for (; i + 3 <= m; i += 3)
+    AxpyTile<3, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
   if (m - i == 2) AxpyTile<2, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
   if (m - i == 1) AxpyTile<1, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
 }
 
 __attribute__((target("avx2,fma"))) void AxpyRowsAvx2(const float* x, int64_t m, int64_t ldx,
                                                       const float* w, int64_t k, int64_t ldw,
-                                                      int64_t n0, int64_t n1, float* y,
-                                                      int64_t ldy, bool accumulate) {
+                                                      int64_t n0, int64_t n1, float* y, int64_t ldy,
+                                                      bool accumulate) {
   int64_t o = n0;
   for (; o + 32 <= n1; o += 32) AxpyRowsOfCols<4>(x, m, ldx, w + o, k, ldw, y + o, ldy, accumulate);
   for (; o + 8 <= n1; o += 8) AxpyRowsOfCols<1>(x, m, ldx, w + o, k, ldw, y + o, ldy, accumulate);
@@ -161,7 +161,8 @@ __attribute__((target("avx2,fma"))) void AxpyRowsAvx2(const float* x, int64_t m,
       float* yi = y + i * ldy;
       for (int64_t c = o; c < n1; ++c) {
         float acc = accumulate ? yi[c] : 0.0f;
-        for (int64_t kk = 0; kk < k; ++kk) acc = __builtin_fmaf(x[i * ldx + kk], w[kk * ldw + c], acc);
+        for (int64_t kk = 0; kk < k; ++kk)
+          acc = __builtin_fmaf(x[i * ldx + kk], w[kk * ldw + c], acc);
         yi[c] = acc;
       }
     }
@@ -180,10 +181,10 @@ __attribute__((target("avx2,fma"))) void FmaRowAvx2(int64_t n, float a, const fl
 // Chunks of output columns, a multiple of `align`: one chunk when the work is small (waking the
 // pool costs more), else about two per core.
 int64_t Split(int64_t n, int64_t work, int64_t align, int64_t* per) {
-  const int64_t chunks = work < (int64_t{1} << 17)
-                             ? 1
-                             : std::min<int64_t>(ThePool().size() * 2,
-                                                 std::max<int64_t>(1, n / (2 * align)));
+  const int64_t chunks =
+      work < (int64_t{1} << 17)
+          ? 1
+          : std::min<int64_t>(ThePool().size() * 2, std::max<int64_t>(1, n / (2 * align)));
   *per = ((n + chunks - 1) / chunks + align - 1) / align * align;
   return (n + *per - 1) / *per;
 }

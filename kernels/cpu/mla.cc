@@ -7,9 +7,9 @@
 #include <cstring>
 #include <limits>
 
+#include "common/dtype.h"
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
-#include "common/dtype.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -63,7 +63,6 @@ void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t
                 rows, I(lc), first == 0 ? 0.0f : 1.0f, out, I(ldo));
   });
 }
-
 
 // ---- the batch-invariant form (KernelMode::kInvariant) ----
 // Every query row is computed the same way whatever the other queries of the call: q_lat and
@@ -199,7 +198,8 @@ void DequantizeKvRows(KvDType t, const uint8_t* src, int64_t n, int64_t r, int64
   // fp8 codes -> float, once.
   static const std::vector<float> fp8 = [] {
     std::vector<float> v(256);
-    for (int i = 0; i < 256; ++i) v[static_cast<size_t>(i)] = Fp8E4M3ToFloat(static_cast<uint8_t>(i));
+    for (int i = 0; i < 256; ++i)
+      v[static_cast<size_t>(i)] = Fp8E4M3ToFloat(static_cast<uint8_t>(i));
     return v;
   }();
   for (int64_t row = 0; row < n; ++row) {
@@ -212,7 +212,8 @@ void DequantizeKvRows(KvDType t, const uint8_t* src, int64_t n, int64_t r, int64
       std::memcpy(&scale, scales + 4 * g, 4);
       const int64_t a = g * 128, b = std::min(r, a + 128);
       if (t == KvDType::kInt8) {
-        for (int64_t i = a; i < b; ++i) out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
+        for (int64_t i = a; i < b; ++i)
+          out[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
       } else {
         for (int64_t i = a; i < b; ++i) out[i] = fp8[q[i]] * scale;
       }

@@ -8,10 +8,10 @@
 #include <cmath>
 #include <functional>
 
+#include "common/dtype.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
-#include "common/dtype.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -176,14 +176,16 @@ __attribute__((target("avx2,fma"))) void DequantizeRowAvx2(const WeightRef& w, i
   const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
   int64_t i = 0;
   for (; i + 8 <= w.in; i += 8) {
-    const float s = w.format == WeightFormat::kInt8 ? w.scales[o]
-                                                    : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
+    const float s = w.format == WeightFormat::kInt8
+                        ? w.scales[o]
+                        : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
     const __m256 v = w.format == WeightFormat::kInt8 ? LoadInt8(q + i) : LoadFp8(q + i);
     _mm256_storeu_ps(d + i, _mm256_mul_ps(v, _mm256_set1_ps(s)));
   }
   for (; i < w.in; ++i) {
-    const float s = w.format == WeightFormat::kInt8 ? w.scales[o]
-                                                    : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
+    const float s = w.format == WeightFormat::kInt8
+                        ? w.scales[o]
+                        : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
     d[i] = ScalarWeight(w, o, i) * s;
   }
 }
@@ -293,7 +295,8 @@ void QuantizeFp8Blocks(const float* w, int64_t out, int64_t in, std::vector<uint
       const int64_t o1 = std::min(out, (a + 1) * kFp8Block), i1 = std::min(in, (b + 1) * kFp8Block);
       float amax = 0;
       for (int64_t o = a * kFp8Block; o < o1; ++o) {
-        for (int64_t i = b * kFp8Block; i < i1; ++i) amax = std::max(amax, std::fabs(w[o * in + i]));
+        for (int64_t i = b * kFp8Block; i < i1; ++i)
+          amax = std::max(amax, std::fabs(w[o * in + i]));
       }
       const float s = amax > 0 ? amax / 448.0f : 1.0f;
       (*scale_inv)[static_cast<size_t>(a * bi + b)] = s;

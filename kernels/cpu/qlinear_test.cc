@@ -1,13 +1,13 @@
 // 8-bit weights: fp8 e4m3 encoding against its definition, quantizer error bounds, and the int8 /
-// fp8 linear kernels (row counts 1-9 and the group / dequantize boundaries, odd sizes, AVX2 tails, chunking) against a float64
-// computation written here from the stored bytes and scales.
+// fp8 linear kernels (row counts 1-9 and the group / dequantize boundaries, odd sizes, AVX2 tails,
+// chunking) against a float64 computation written here from the stored bytes and scales.
 #include "kernels/cpu/qlinear.h"
 
 #include <cmath>
 #include <random>
 
-#include "gtest/gtest.h"
 #include "common/dtype.h"
+#include "gtest/gtest.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -30,7 +30,7 @@ TEST(Fp8, EveryCodeDecodesAndRoundTrips) {
     EXPECT_EQ(FloatToFp8E4M3(Fp8E4M3ToFloat(v)), v) << c;
   }
   EXPECT_EQ(Fp8E4M3ToFloat(0x7e), 448.0f);
-  EXPECT_EQ(FloatToFp8E4M3(1e6f), 0x7e);     // saturates
+  EXPECT_EQ(FloatToFp8E4M3(1e6f), 0x7e);  // saturates
   EXPECT_EQ(FloatToFp8E4M3(-1e6f), 0xfe);
   EXPECT_EQ(FloatToFp8E4M3(1.0625f), 0x38);  // a tie between 1 and 1.125: to even (1)
   EXPECT_EQ(FloatToFp8E4M3(1.1875f), 0x3a);  // a tie between 1.125 and 1.25: to even (1.25)
