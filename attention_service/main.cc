@@ -187,17 +187,8 @@ int Main(int argc, char** argv) {
   loop.Start();
   attention_metrics.Start(&scheduler, &(*model)->engine());
   AttentionServiceImpl service(&scheduler, &attention_metrics);
-  auto addr =
-      svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&service});
-  absl::Status st = addr.status();
-  if (st.ok()) {
-    SetReadiness(svc.server(), "dmoe.internal.AttentionService", true);
-    spdlog::info("serving on {}, metrics on http://{}/metrics", *addr, *metrics_addr);
-    if (flags->Has("ready-file")) {
-      st = WriteReadyFile(flags->StringOr("ready-file", ""),
-                          {{"grpc", *addr}, {"metrics", *metrics_addr}});
-    }
-  }
+  auto addr = svc.Serve(*flags, {&service}, "dmoe.internal.AttentionService", *metrics_addr);
+  const absl::Status st = addr.status();
   if (st.ok()) {
     if (routed) Register(*flags, shard_set, *addr);
     const int sig = svc.WaitForStop();

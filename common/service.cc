@@ -48,6 +48,25 @@ absl::StatusOr<std::string> ServiceMain::StartGrpc(const char* flag, const std::
   return absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
 }
 
+absl::StatusOr<std::string> ServiceMain::Serve(const Flags& flags,
+                                               const std::vector<grpc::Service*>& services,
+                                               const char* service,
+                                               const std::string& metrics_address,
+                                               nlohmann::json extra, bool ready,
+                                               std::shared_ptr<grpc::ServerCredentials> creds) {
+  auto addr =
+      StartGrpc("grpc-listen", flags.StringOr("grpc-listen", "127.0.0.1:0"), services, creds);
+  if (!addr.ok()) return addr.status();
+  SetReadiness(server(), service, ready);
+  spdlog::info("serving on {}, metrics on http://{}/metrics", *addr, metrics_address);
+  if (flags.Has("ready-file")) {
+    extra["grpc"] = *addr;
+    extra["metrics"] = metrics_address;
+    if (auto s = WriteReadyFile(flags.StringOr("ready-file", ""), extra); !s.ok()) return s;
+  }
+  return addr;
+}
+
 int ServiceMain::WaitForStop() {
   int sig = 0;
   sigwait(&stop_, &sig);

@@ -49,6 +49,14 @@ class ServiceMain {
   absl::StatusOr<std::string> StartGrpc(const char* flag, const std::string& listen,
                                         const std::vector<grpc::Service*>& services,
                                         std::shared_ptr<grpc::ServerCredentials> creds = nullptr);
+  // The usual start of a service: StartGrpc on --grpc-listen (default 127.0.0.1:0), readiness of
+  // `service` (its full gRPC name) set to `ready`, "serving on ..." logged, and --ready-file (if
+  // given) written with "grpc", "metrics" and the `extra` fields. Returns the gRPC address.
+  absl::StatusOr<std::string> Serve(const Flags& flags, const std::vector<grpc::Service*>& services,
+                                    const char* service, const std::string& metrics_address,
+                                    nlohmann::json extra = nlohmann::json::object(),
+                                    bool ready = true,
+                                    std::shared_ptr<grpc::ServerCredentials> creds = nullptr);
   grpc::Server* server() const { return server_.get(); }
   // Blocks until SIGTERM or SIGINT arrives; returns it.
   int WaitForStop();

@@ -398,21 +398,12 @@ int Main(int argc, char** argv) {
   a.ucx = *ucx_addr;
   a.ucx_worker = (*ucx)->WorkerAddress();
   ControlService control(Info(a, *config), &shard, ucx->get(), bytes_read);
-  auto grpc_addr =
-      svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&control});
-  absl::Status st = grpc_addr.status();
+  spdlog::info("serving {} experts; ucx {}", shard.store()->size(), a.ucx);
+  auto grpc_addr = svc.Serve(*flags, {&control}, "dmoe.internal.ExpertControl", *metrics_addr,
+                             {{"ucx", a.ucx}, {"ucx_worker", a.ucx_worker}});
+  const absl::Status st = grpc_addr.status();
   if (st.ok()) {
     a.grpc = *grpc_addr;
-    SetReadiness(svc.server(), "dmoe.internal.ExpertControl", true);
-    spdlog::info("serving {} experts; grpc {}, ucx {}", shard.store()->size(), a.grpc, a.ucx);
-    if (flags->Has("ready-file")) {
-      st = WriteReadyFile(flags->StringOr("ready-file", ""), {{"grpc", a.grpc},
-                                                              {"metrics", *metrics_addr},
-                                                              {"ucx", a.ucx},
-                                                              {"ucx_worker", a.ucx_worker}});
-    }
-  }
-  if (st.ok()) {
     std::unique_ptr<RouterLink> link;
     if (o->routed) {
       link = std::make_unique<RouterLink>(*flags, *o, *config, &shard, a, &expert_metrics);

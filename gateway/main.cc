@@ -241,20 +241,15 @@ int Main(int argc, char** argv) {
   PoolWatcher watcher(&pool, &metrics, *flags, setup->cluster_token);
   watcher.Start();
   GatewayService service(&pool, setup->keys.get(), setup->o);
-  auto addr = svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"),
-                            {&service}, setup->creds);
-  absl::Status st = addr.status();
+  // Ready while at least one attention node is healthy (the watcher keeps it current).
+  auto addr = svc.Serve(*flags, {&service}, "dmoe.v1.Dmoe", *metrics_addr, nlohmann::json::object(),
+                        pool.healthy() > 0, setup->creds);
+  const absl::Status st = addr.status();
   if (st.ok()) {
-    // Ready while at least one attention node is healthy (the watcher keeps it current).
-    SetReadiness(svc.server(), "dmoe.v1.Dmoe", pool.healthy() > 0);
     watcher.SetServer(svc.server());
-    spdlog::info("serving on {} over {} attention node(s)", *addr, pool.size());
-    if (flags->Has("ready-file")) {
-      st = WriteReadyFile(flags->StringOr("ready-file", ""),
-                          {{"grpc", *addr}, {"metrics", *metrics_addr}});
-    }
+    spdlog::info("over {} attention node(s)", pool.size());
+    svc.WaitForStop();
   }
-  if (st.ok()) svc.WaitForStop();
   watcher.SetServer(nullptr);
   svc.StopGrpc();
   return st.ok() ? 0 : svc.Fail(st);

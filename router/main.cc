@@ -159,17 +159,8 @@ int Main(int argc, char** argv) {
   std::atomic<bool> done{false};
   std::thread leases([&] { LeaseLoop(*o, &state, &gauges, &done); });
   RouterServiceImpl service(&state, o->token);
-  auto addr =
-      svc.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&service});
-  absl::Status st = addr.status();
-  if (st.ok()) {
-    SetReadiness(svc.server(), "dmoe.internal.RouterService", true);
-    spdlog::info("serving on {}", *addr);
-    if (flags->Has("ready-file")) {
-      st = WriteReadyFile(flags->StringOr("ready-file", ""),
-                          {{"grpc", *addr}, {"metrics", *metrics_addr}});
-    }
-  }
+  auto addr = svc.Serve(*flags, {&service}, "dmoe.internal.RouterService", *metrics_addr);
+  const absl::Status st = addr.status();
   if (st.ok()) svc.WaitForStop();
   svc.StopGrpc(std::chrono::seconds(1));
   done = true;
