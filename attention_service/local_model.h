@@ -51,6 +51,7 @@ class LocalModel {
   // With remote experts: the shard set (to switch placements between steps); else nullptr.
   ExpertShardSet* shard_set() { return shards_.get(); }
   const ExpertStore& experts() const { return *experts_; }
+  const DenseWeights& dense() const { return dense_; }
   // Bytes of weights held in memory.
   uint64_t weight_bytes() const;
 

@@ -265,7 +265,7 @@ absl::Status Scheduler::RunEngine(std::vector<SequenceStep>* steps,
 void Scheduler::Stall(const std::vector<Seq*>& members, const absl::Status& st) {
   // Nothing was committed (KV lengths and samplers are unchanged), so the step is simply retried
   // until the experts are reachable again or the wait runs out.
-  const auto now = std::chrono::steady_clock::now();
+  const auto now = options_.clock->Now();
   std::vector<Seq*> expired;
   double longest = 0;
   for (Seq* s : members) {
@@ -308,10 +308,9 @@ Scheduler::Committed Scheduler::Commit(const std::vector<SequenceStep>& batch,
   for (size_t i = 0; i < members.size(); ++i) {
     Seq* s = members[i];
     if (s->stalled_since != std::chrono::steady_clock::time_point{}) {
-      c.resumed_after = std::max(
-          c.resumed_after,
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - s->stalled_since)
-              .count());
+      c.resumed_after =
+          std::max(c.resumed_after,
+                   std::chrono::duration<double>(options_.clock->Now() - s->stalled_since).count());
       s->stalled_since = {};
     }
     c.computed += batch[i].tokens.size();

@@ -22,6 +22,7 @@
 #include "attention_service/engine.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/sampler.h"
+#include "common/clock.h"
 #include "common/mutex.h"
 
 namespace dmoe {
@@ -50,6 +51,8 @@ struct SchedulerOptions {
   // sequences pause with their KV intact and the step is retried, for at most this long per
   // sequence; then they end with UNAVAILABLE. 0: they fail at once.
   std::chrono::milliseconds expert_wait{0};
+  // Measures those stalls (a ManualClock in tests).
+  const Clock* clock = Clock::Real();
 };
 
 struct SchedulerLoad {

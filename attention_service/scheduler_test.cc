@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention_service/local_model.h"
+#include "common/clock.h"
 #include "gtest/gtest.h"
 #include "model/tiny_model.h"
 
@@ -310,6 +311,85 @@ TEST_F(SchedulerTest, BadRequestsAreRejectedAtSubmit) {
   const auto st = s.Submit({1}, big, {}).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("KV blocks"), absl::string_view::npos) << st;
+}
+
+// The real in-process experts, made unreachable on demand (as a dead shard answers UNAVAILABLE).
+class SwitchableExperts : public RoutedExperts {
+ public:
+  explicit SwitchableExperts(RoutedExperts* real) : real_(real) {}
+  absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
+                     int64_t k) override {
+    if (down) return absl::UnavailableError("expert shard down (test)");
+    return real_->Begin(layer, x, t, ids, w, k);
+  }
+  absl::Status Finish(float* out) override { return real_->Finish(out); }
+  bool down = false;
+
+ private:
+  RoutedExperts* real_;
+};
+
+// Stalls are measured on the scheduler's clock: with a ManualClock the test steps time instead of
+// sleeping. A sequence whose experts are down keeps its KV and resumes with the same tokens when
+// they return within expert_wait; past expert_wait (by the clock) it ends UNAVAILABLE.
+TEST_F(SchedulerTest, ExpertStallsAreTimedByTheInjectedClock) {
+  const ModelConfig& c = model_->config();
+  LocalRoutedExperts local(c, &model_->experts());
+  SwitchableExperts experts(&local);
+  Engine engine(c, &model_->dense(), &experts);
+  LatentKvCache cache(c, 16, 64);
+  ManualClock clock;
+  SchedulerOptions o;
+  o.expert_wait = std::chrono::milliseconds(1000);
+  o.clock = &clock;
+  Scheduler s(&engine, &cache, o);
+  SamplingParams p;
+  p.ignore_eos = true;
+  p.max_tokens = 12;
+  const std::vector<int32_t> prompt = {5, 6, 7, 8};
+  std::vector<int32_t> got;
+  FinishReason reason = FinishReason::kError;
+  absl::Status final_status;
+  bool finished = false;
+  RequestCallbacks cb;
+  cb.on_token = [&](const SampledToken& t) { got.push_back(t.token); };
+  cb.on_finish = [&](FinishReason r, const absl::Status& st) {
+    reason = r;
+    final_status = st;
+    finished = true;
+  };
+  ASSERT_TRUE(s.Submit(prompt, p, cb).ok());
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(*s.Step());  // prefill + 3 tokens
+  ASSERT_EQ(got.size(), 4u);
+  // Down for 999 ms of clock time over many failed steps: still waiting.
+  experts.down = true;
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_EQ(s.Step().status().code(), absl::StatusCode::kUnavailable);
+    clock.Advance(std::chrono::microseconds(99900));
+  }
+  EXPECT_FALSE(finished);
+  EXPECT_EQ(got.size(), 4u);
+  // Back: the stream resumes and equals the same request alone.
+  experts.down = false;
+  while (!finished) ASSERT_TRUE(s.Step().ok());
+  EXPECT_EQ(reason, FinishReason::kLength);
+  EXPECT_EQ(got, Alone(prompt, p));
+  EXPECT_GE(s.stats().longest_stall_seconds, 0.999 - 1e-6);
+  // Down again, past expert_wait: the sequence ends UNAVAILABLE, by the clock alone.
+  got.clear();
+  finished = false;
+  ASSERT_TRUE(s.Submit(prompt, p, cb).ok());
+  ASSERT_TRUE(*s.Step());
+  experts.down = true;
+  EXPECT_EQ(s.Step().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(finished);
+  clock.Advance(std::chrono::milliseconds(1001));
+  EXPECT_EQ(s.Step().status().code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(finished);
+  EXPECT_EQ(reason, FinishReason::kError);
+  EXPECT_EQ(final_status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(final_status.message().find("experts unreachable for 1000 ms"), std::string::npos)
+      << final_status;
 }
 
 }  // namespace
