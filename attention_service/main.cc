@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "attention_service/attention_metrics.h"
+#include "attention_service/attention_node.h"
 #include "attention_service/attention_server.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
@@ -89,19 +90,13 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
   return o;
 }
 
-absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeCache(const Options& o, const ModelConfig& c) {
-  const int64_t block_tokens = o.v.at("block-tokens");
-  const int64_t blocks = o.v.at("kv-blocks") > 0
-                             ? o.v.at("kv-blocks")
-                             : LatentKvCache::BlocksForBytes(
-                                   c, block_tokens, o.v.at("kv-cache-mib") << 20, o.kv_dtype);
-  if (blocks <= 0) return absl::InvalidArgumentError("--kv-cache-mib: too small for one block");
-  auto cache = std::make_unique<LatentKvCache>(c, block_tokens, blocks, o.kv_dtype);
-  spdlog::info("KV cache ({}) {} blocks x {} tokens, {:.1f} MiB, {} bytes/token",
-               cpu::KvDTypeName(o.kv_dtype), blocks, block_tokens,
-               static_cast<double>(blocks * cache->block_bytes()) / (1 << 20),
-               cache->bytes_per_token());
-  return cache;
+KvCacheOptions CacheOptions(const Options& o) {
+  KvCacheOptions k;
+  k.mib = o.v.at("kv-cache-mib");
+  k.blocks = o.v.at("kv-blocks");
+  k.block_tokens = o.v.at("block-tokens");
+  k.dtype = o.kv_dtype;
+  return k;
 }
 
 absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Options& o,
@@ -118,19 +113,6 @@ absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Opti
   so.expert_wait = std::chrono::milliseconds(expert_wait);
   if (routed) so.between_steps = [shard_set] { shard_set->SwitchIfChanged(); };
   return so;
-}
-
-// Graceful stop: admit nothing new (new requests get UNAVAILABLE and the gateway retries them on
-// another node), let the accepted ones finish within `grace`.
-void Drain(ServiceMain* svc, Scheduler* scheduler, std::chrono::seconds grace) {
-  SetReadiness(svc->server(), "dmoe.internal.AttentionService", false);
-  scheduler->Drain();
-  const auto until = std::chrono::steady_clock::now() + grace;
-  while (std::chrono::steady_clock::now() < until) {
-    const SchedulerLoad load = scheduler->load();
-    if (load.running == 0 && load.waiting == 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
 }
 
 void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr) {
@@ -173,32 +155,27 @@ int Main(int argc, char** argv) {
   lo.shard_client.remote.observer = attention_metrics.RoundTrips();
   auto model = LocalModel::Load(o->model, lo);
   if (!model.ok()) return svc.Fail(model.status());
-  auto cache = MakeCache(*o, (*model)->config());
+  auto cache = MakeKvCache((*model)->config(), CacheOptions(*o));
   if (!cache.ok()) return svc.Fail(cache.status());
   auto so = MakeSchedulerOptions(*flags, *o, model->get());
   if (!so.ok()) return svc.Fail(so.status());
   ExpertShardSet* shard_set = (*model)->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
   if (routed) attention_metrics.SetShardSet(shard_set);
-  Scheduler scheduler(&(*model)->engine(), cache->get(), *so);
-
-  svc.BlockStopSignals();
-  SchedulerLoop loop(&scheduler);
-  loop.Start();
-  attention_metrics.Start(&scheduler, &(*model)->engine());
-  AttentionServiceImpl service(&scheduler, &attention_metrics);
-  auto addr = svc.Serve(*flags, {&service}, "dmoe.internal.AttentionService", *metrics_addr);
+  AttentionNode node(model->get(), std::move(*cache), *so, &attention_metrics);
+  node.Start();
+  auto addr = svc.Serve(*flags, {node.service()}, "dmoe.internal.AttentionService", *metrics_addr);
   const absl::Status st = addr.status();
   if (st.ok()) {
     if (routed) Register(*flags, shard_set, *addr);
     const int sig = svc.WaitForStop();
     spdlog::info("signal {}, draining", sig);
-    Drain(&svc, &scheduler, std::chrono::seconds(o->v.at("drain-seconds")));
+    SetReadiness(svc.server(), "dmoe.internal.AttentionService", false);
+    node.Drain(std::chrono::seconds(o->v.at("drain-seconds")));
     spdlog::info("stopping");
   }
   svc.StopGrpc();
-  loop.Stop();
-  attention_metrics.Stop();
+  node.Stop();
   return st.ok() ? 0 : svc.Fail(st);
 }
 

@@ -151,6 +151,7 @@ class Launcher {
     argv.push_back("--ready-file");
     argv.push_back(ready);
     const pid_t pid = ChildProcess(argv, log, /*detach=*/true).Release();
+    if (pid <= 0) return absl::ResourceExhaustedError(absl::StrCat("cannot start ", name));
     pids_.push_back(pid);
     auto j = WaitForReady(ready, timeout, pid);
     if (!j.ok() || !j->contains("grpc")) {

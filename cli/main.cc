@@ -140,6 +140,18 @@ absl::StatusOr<AttentionForm> ParseForm(const std::string& s) {
       absl::StrCat("--attention: \"", s, "\" is not auto, naive or absorbed"));
 }
 
+// --model DIR and --tokens LIST of a local run (no positional arguments).
+absl::Status ModelAndTokens(const Flags& f, std::string* dir, std::vector<int32_t>* tokens) {
+  if (!f.positional().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument \"", f.positional()[0], "\""));
+  }
+  ASSIGN_OR_RETURN(*dir, f.String("model"));
+  ASSIGN_OR_RETURN(std::string list, f.String("tokens"));
+  ASSIGN_OR_RETURN(*tokens, ParseTokenList("tokens", list));
+  return absl::OkStatus();
+}
+
 int Logits(int argc, char** argv) {
   auto flags = Flags::Parse(argc, argv, WithRemote({"model", "tokens", "out", "attention"}), {});
   if (!flags.ok()) return Fail(flags.status());
@@ -147,28 +159,21 @@ int Logits(int argc, char** argv) {
     std::printf(kLogitsHelp, kRemoteHelp);
     return 0;
   }
-  if (!flags->positional().empty()) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument \"", flags->positional()[0], "\"")));
-  }
-  auto dir = flags->String("model");
-  if (!dir.ok()) return Fail(dir.status());
-  auto tokens_flag = flags->String("tokens");
-  if (!tokens_flag.ok()) return Fail(tokens_flag.status());
-  auto tokens = ParseTokenList("tokens", *tokens_flag);
-  if (!tokens.ok()) return Fail(tokens.status());
+  std::string dir;
+  std::vector<int32_t> tokens;
+  if (auto st = ModelAndTokens(*flags, &dir, &tokens); !st.ok()) return Fail(st);
   auto form = ParseForm(flags->StringOr("attention", "auto"));
   if (!form.ok()) return Fail(form.status());
   LocalModelOptions options;
   options.engine.attention_form = *form;
   options.log_progress = true;
   if (auto s = RemoteOptions(*flags, &options); !s.ok()) return Fail(s);
-  auto model = LocalModel::Load(*dir, options);
+  auto model = LocalModel::Load(dir, options);
   if (!model.ok()) return Fail(model.status());
-  auto logits = (*model)->engine().Forward(*tokens);
+  auto logits = (*model)->engine().Forward(tokens);
   if (!logits.ok()) return Fail(logits.status());
   const int64_t v = (*model)->config().vocab_size;
-  const int64_t t = static_cast<int64_t>(tokens->size());
+  const int64_t t = static_cast<int64_t>(tokens.size());
   if (flags->Has("out")) {
     const std::string out = flags->StringOr("out", "");
     if (auto s = WriteNpyFloat32(out, {t, v}, logits->data()); !s.ok()) return Fail(s);
@@ -180,8 +185,8 @@ int Logits(int argc, char** argv) {
   for (int64_t i = 0; i < t; ++i) {
     const float* row = logits->data() + i * v;
     const int32_t best = ArgMax(row, v);
-    std::printf("%8lld %5d %6d %.6f\n", static_cast<long long>(i),
-                (*tokens)[static_cast<size_t>(i)], best, row[best]);
+    std::printf("%8lld %5d %6d %.6f\n", static_cast<long long>(i), tokens[static_cast<size_t>(i)],
+                best, row[best]);
   }
   return 0;
 }
@@ -229,16 +234,9 @@ int GenerateCmd(int argc, char** argv) {
     }
     return GenerateViaGateway(*flags, flags->positional()[0], nullptr);
   }
-  if (!flags->positional().empty()) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument \"", flags->positional()[0], "\"")));
-  }
-  auto dir = flags->String("model");
-  if (!dir.ok()) return Fail(dir.status());
-  auto tokens_flag = flags->String("tokens");
-  if (!tokens_flag.ok()) return Fail(tokens_flag.status());
-  auto tokens = ParseTokenList("tokens", *tokens_flag);
-  if (!tokens.ok()) return Fail(tokens.status());
+  std::string dir;
+  std::vector<int32_t> tokens;
+  if (auto st = ModelAndTokens(*flags, &dir, &tokens); !st.ok()) return Fail(st);
   auto g = ParseGenerateOptions(*flags);
   if (!g.ok()) return Fail(g.status());
   if (flags->Has("logprobs") || flags->Has("stop") || flags->Has("api-key") ||
@@ -250,10 +248,10 @@ int GenerateCmd(int argc, char** argv) {
   LocalModelOptions options;
   options.log_progress = !quiet;
   if (auto s = RemoteOptions(*flags, &options); !s.ok()) return Fail(s);
-  auto model = LocalModel::Load(*dir, options);
+  auto model = LocalModel::Load(dir, options);
   if (!model.ok()) return Fail(model.status());
   const auto start = std::chrono::steady_clock::now();
-  auto out = Generate((*model)->engine(), *tokens, *g);
+  auto out = Generate((*model)->engine(), tokens, *g);
   if (!out.ok()) return Fail(out.status());
   std::printf("%s\n", absl::StrJoin(*out, ",").c_str());
   if (!quiet) {

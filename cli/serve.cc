@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "attention_service/attention_node.h"
 #include "attention_service/attention_server.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
@@ -90,7 +91,7 @@ absl::StatusOr<TextParts> LoadTextParts(const std::string& dir) {
 }  // namespace
 
 int Serve(int argc, char** argv) {
-  ServiceMain inner("dmoe serve"), outer("dmoe serve");
+  ServiceMain outer("dmoe serve");
   auto flags = Flags::Parse(argc, argv,
                             {"model", "grpc-listen", "kv-cache-mib", "block-tokens",
                              "kv-cache-dtype", "weight-dtype", "expert-dtype"},
@@ -105,21 +106,20 @@ int Serve(int argc, char** argv) {
   auto model = LocalModel::Load(o->dir, o->model);
   if (!model.ok()) return outer.Fail(model.status());
   const ModelConfig& c = (*model)->config();
-  const int64_t blocks =
-      LatentKvCache::BlocksForBytes(c, o->block, static_cast<uint64_t>(o->mib) << 20, o->kv_dtype);
-  if (blocks <= 0) {
-    return outer.Fail(absl::InvalidArgumentError("--kv-cache-mib: too small for one block"));
-  }
-  LatentKvCache cache(c, o->block, blocks, o->kv_dtype);
-  Scheduler scheduler(&(*model)->engine(), &cache, SchedulerOptions());
+  KvCacheOptions ko;
+  ko.mib = o->mib;
+  ko.block_tokens = o->block;
+  ko.dtype = o->kv_dtype;
+  auto cache = MakeKvCache(c, ko);
+  if (!cache.ok()) return outer.Fail(cache.status());
   auto text = LoadTextParts(o->dir);
   if (!text.ok()) return outer.Fail(text.status());
-  outer.BlockStopSignals();
-  SchedulerLoop loop(&scheduler);
-  loop.Start();
+  AttentionNode node(model->get(), std::move(*cache), SchedulerOptions());
+  node.Start();
   // The attention service on a private loopback port; the public API in front of it.
-  AttentionServiceImpl attention(&scheduler);
-  auto inner_addr = inner.StartGrpc("grpc-listen", "127.0.0.1:0", {&attention});
+  std::unique_ptr<grpc::Server> inner;
+  auto inner_addr = StartGrpcServer("the private attention port", "127.0.0.1:0", {node.service()},
+                                    nullptr, &inner);
   absl::Status st = inner_addr.status();
   if (st.ok()) {
     gateway::NodePool pool({*inner_addr});
@@ -141,8 +141,8 @@ int Serve(int argc, char** argv) {
     }
     outer.StopGrpc();
   }
-  inner.StopGrpc();
-  loop.Stop();
+  if (inner != nullptr) inner->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  node.Stop();
   return st.ok() ? 0 : outer.Fail(st);
 }
 

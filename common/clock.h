@@ -22,7 +22,11 @@ class Clock {
 class ManualClock : public Clock {
  public:
   time_point Now() const override { return now_.load(); }
-  void Advance(std::chrono::nanoseconds d) { now_.store(now_.load() + d); }
+  void Advance(std::chrono::nanoseconds d) {
+    time_point t = now_.load();
+    while (!now_.compare_exchange_weak(t, t + d)) {
+    }
+  }
 
  private:
   // Not the epoch: code may subtract a duration from Now() or treat time_point{} as "unset".

@@ -23,6 +23,11 @@ ChildProcess::ChildProcess(const std::vector<std::string>& argv, const std::stri
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   pid_ = fork();
+  if (pid_ < 0) {
+    std::fprintf(stderr, "cannot start %s: fork: %s\n", args[0], std::strerror(errno));
+    pid_ = -1;
+    return;
+  }
   if (pid_ == 0) {
     if (detach) setsid();
     const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -114,7 +119,11 @@ absl::StatusOr<nlohmann::json> WaitForReady(const std::string& path,
   }
 }
 
-void StopProcesses(const std::vector<pid_t>& pids, std::chrono::milliseconds grace) {
+void StopProcesses(const std::vector<pid_t>& all, std::chrono::milliseconds grace) {
+  std::vector<pid_t> pids;  // never kill(-1) or kill(0): those signal every process we may
+  for (pid_t p : all) {
+    if (p > 0) pids.push_back(p);
+  }
   for (pid_t p : pids) kill(p, SIGTERM);
   auto any_alive = [&] {
     for (pid_t p : pids) {

@@ -19,6 +19,7 @@ class ChildProcess {
  public:
   ChildProcess() = default;
   // Starts argv[0] with argv; stdout and stderr go to `log_path` (truncated), stdin is /dev/null.
+  // pid() is -1 when the process could not be forked.
   // `detach`: in its own session, so that it outlives the launcher once Release()d.
   ChildProcess(const std::vector<std::string>& argv, const std::string& log_path,
                bool detach = false);

@@ -1,8 +1,13 @@
 #include "common/service.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -12,40 +17,107 @@
 
 namespace dmoe {
 
-ServiceMain::ServiceMain(std::string name) : name_(std::move(name)) {
-  sigemptyset(&stop_);
-  sigaddset(&stop_, SIGTERM);
-  sigaddset(&stop_, SIGINT);
-  (void)InitLogging(name_, "info");
+namespace {
+
+// SIGTERM/SIGINT -> one byte on this pipe (write is async-signal-safe); 0 wakes the watcher to end.
+int g_signal_pipe[2] = {-1, -1};
+
+void OnStopSignal(int sig) {
+  const int saved = errno;
+  const unsigned char b = static_cast<unsigned char>(sig);
+  if (write(g_signal_pipe[1], &b, 1) < 0) {
+  }
+  errno = saved;
 }
 
-ServiceMain::~ServiceMain() { StopGrpc(std::chrono::milliseconds(0)); }
+}  // namespace
+
+ServiceMain::ServiceMain(std::string name) : name_(std::move(name)) {
+  (void)InitLogging(name_, "info");
+  if (pipe2(g_signal_pipe, O_CLOEXEC) != 0) {
+    std::fprintf(stderr, "%s: pipe: %s\n", name_.c_str(), std::strerror(errno));
+    std::_Exit(2);
+  }
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  signal_thread_ = std::thread([this] { WatchSignals(); });
+}
+
+ServiceMain::~ServiceMain() {
+  StopGrpc(std::chrono::milliseconds(0));
+  const unsigned char end = 0;
+  if (write(g_signal_pipe[1], &end, 1) < 0) {
+  }
+  signal_thread_.join();
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
+  close(g_signal_pipe[0]);
+  close(g_signal_pipe[1]);
+  g_signal_pipe[0] = g_signal_pipe[1] = -1;
+}
+
+void ServiceMain::WatchSignals() {
+  for (;;) {
+    unsigned char b = 0;
+    const ssize_t n = read(g_signal_pipe[0], &b, 1);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0 || b == 0) return;
+    const int sig = b;
+    MutexLock l(&mu_);
+    if (!serving_ || signal_ != 0) {  // starting up, or a second signal while draining
+      std::fprintf(stderr, "%s: signal %d %s: exiting now\n", name_.c_str(), sig,
+                   serving_ ? "again while stopping" : "during start-up");
+      std::_Exit(128 + sig);
+    }
+    signal_ = sig;
+    signalled_.SignalAll();
+  }
+}
 
 absl::Status ServiceMain::SetLogLevel(const Flags& flags) {
   return InitLogging(name_, flags.StringOr("log-level", "info"));
 }
 
 int ServiceMain::Fail(const absl::Status& s) const {
-  spdlog::error("error: {}", std::string(s.message()));
+  if (spdlog::should_log(spdlog::level::err)) {
+    spdlog::error("error: {}", std::string(s.message()));
+  } else {  // a refused start is always said, whatever --log-level
+    std::fprintf(stderr, "%s: error: %s\n", name_.c_str(), std::string(s.message()).c_str());
+  }
   return 2;
 }
 
-void ServiceMain::BlockStopSignals() { pthread_sigmask(SIG_BLOCK, &stop_, nullptr); }
-
-absl::StatusOr<std::string> ServiceMain::StartGrpc(const char* flag, const std::string& listen,
-                                                   const std::vector<grpc::Service*>& services,
-                                                   std::shared_ptr<grpc::ServerCredentials> creds) {
+absl::StatusOr<std::string> StartGrpcServer(const char* flag, const std::string& listen,
+                                            const std::vector<grpc::Service*>& services,
+                                            std::shared_ptr<grpc::ServerCredentials> creds,
+                                            std::unique_ptr<grpc::Server>* server) {
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, creds ? creds : grpc::InsecureServerCredentials(), &port);
   for (grpc::Service* s : services) builder.RegisterService(s);
-  server_ = builder.BuildAndStart();
-  if (server_ == nullptr || port == 0) {
-    server_.reset();
-    return absl::UnavailableError(absl::StrCat("--", flag, ": cannot listen on ", listen));
+  *server = builder.BuildAndStart();
+  if (*server == nullptr || port == 0) {
+    server->reset();
+    return absl::UnavailableError(absl::StrCat(flag, ": cannot listen on ", listen));
   }
   return absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
+}
+
+absl::StatusOr<std::string> ServiceMain::StartGrpc(const char* flag, const std::string& listen,
+                                                   const std::vector<grpc::Service*>& services,
+                                                   std::shared_ptr<grpc::ServerCredentials> creds) {
+  auto addr = StartGrpcServer(absl::StrCat("--", flag).c_str(), listen, services, creds, &server_);
+  if (addr.ok()) {
+    MutexLock l(&mu_);
+    serving_ = true;
+  }
+  return addr;
 }
 
 absl::StatusOr<std::string> ServiceMain::Serve(const Flags& flags,
@@ -68,9 +140,10 @@ absl::StatusOr<std::string> ServiceMain::Serve(const Flags& flags,
 }
 
 int ServiceMain::WaitForStop() {
-  int sig = 0;
-  sigwait(&stop_, &sig);
-  return sig;
+  MutexLock l(&mu_);
+  serving_ = true;
+  while (signal_ == 0) signalled_.Wait(&mu_);
+  return signal_;
 }
 
 void ServiceMain::StopGrpc(std::chrono::milliseconds grace) {

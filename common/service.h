@@ -1,6 +1,13 @@
 // What every dmoe service main does around its own work: one error exit, the stop signals, its
 // gRPC server on a flag's address, the ready file, serving until SIGTERM/SIGINT.
 //
+// Signals: the constructor installs handlers for SIGTERM and SIGINT that hand the signal to a
+// thread of its own (through a pipe: whichever thread the kernel picks, libraries' threads
+// included). Before the gRPC server is up (loading weights, say) a signal ends the process at
+// once (exit 128 + signal: nothing to drain); once it serves, the first signal returns from
+// WaitForStop (the service drains), and a second one ends the process at once. One ServiceMain
+// per process.
+//
 //   ServiceMain svc("dmoe-router");       // also: logging with this component (--log-level)
 //   svc.BlockStopSignals();               // before any thread starts
 //   auto addr = svc.StartGrpc("grpc-listen", listen, {&service});
@@ -15,11 +22,13 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/flags.h"
+#include "common/mutex.h"
 #include "nlohmann/json.hpp"
 
 namespace dmoe {
@@ -41,9 +50,6 @@ class ServiceMain {
   absl::Status SetLogLevel(const Flags& flags);
   // Logs "error: <message>" and returns 2, the exit status of a refused start.
   int Fail(const absl::Status& s) const;
-  // Blocks SIGTERM and SIGINT in this thread and in every thread started after it, so that
-  // WaitForStop receives them. Call before starting any thread.
-  void BlockStopSignals();
   // Starts a gRPC server with `services` on `listen` (the value of --`flag`), grpc.health.v1 and
   // reflection enabled; returns the address with the chosen port ("127.0.0.1:0" picks a free one).
   absl::StatusOr<std::string> StartGrpc(const char* flag, const std::string& listen,
@@ -58,16 +64,29 @@ class ServiceMain {
                                     bool ready = true,
                                     std::shared_ptr<grpc::ServerCredentials> creds = nullptr);
   grpc::Server* server() const { return server_.get(); }
-  // Blocks until SIGTERM or SIGINT arrives; returns it.
+  // Blocks until SIGTERM or SIGINT arrives (or has arrived since the server started); returns it.
   int WaitForStop();
   // Stops the gRPC server, letting calls in flight finish for up to `grace`.
   void StopGrpc(std::chrono::milliseconds grace = std::chrono::seconds(2));
 
  private:
+  void WatchSignals();
+
   std::string name_;
-  sigset_t stop_;
   std::unique_ptr<grpc::Server> server_;
+  Mutex mu_;
+  CondVar signalled_;
+  bool serving_ ABSL_GUARDED_BY(mu_) = false;  // a signal now means "drain", not "exit"
+  int signal_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread signal_thread_;
 };
+
+// Starts a gRPC server with `services` on `listen` (the value of --`flag`), grpc.health.v1 and
+// reflection enabled, into *server; returns the address with the chosen port.
+absl::StatusOr<std::string> StartGrpcServer(const char* flag, const std::string& listen,
+                                            const std::vector<grpc::Service*>& services,
+                                            std::shared_ptr<grpc::ServerCredentials> creds,
+                                            std::unique_ptr<grpc::Server>* server);
 
 // Writes `fields` and "pid" as one JSON object to `path`, atomically (written aside, then
 // renamed): a reader sees all of it or nothing. Errors name --ready-file.

@@ -377,7 +377,6 @@ int Main(int argc, char** argv) {
   auto store = LoadExperts(*flags, *o, *config, &bytes_read);
   if (!store.ok()) return svc.Fail(store.status());
 
-  svc.BlockStopSignals();  // before any thread starts
   auto ucx = transport::NewUcxServer();
   if (!ucx.ok()) return svc.Fail(ucx.status());
   absl::StatusOr<std::string> ucx_addr = std::string();
@@ -402,9 +401,9 @@ int Main(int argc, char** argv) {
   auto grpc_addr = svc.Serve(*flags, {&control}, "dmoe.internal.ExpertControl", *metrics_addr,
                              {{"ucx", a.ucx}, {"ucx_worker", a.ucx_worker}});
   const absl::Status st = grpc_addr.status();
+  std::unique_ptr<RouterLink> link;  // the metrics thread reads it: stopped first, below
   if (st.ok()) {
     a.grpc = *grpc_addr;
-    std::unique_ptr<RouterLink> link;
     if (o->routed) {
       link = std::make_unique<RouterLink>(*flags, *o, *config, &shard, a, &expert_metrics);
     }
@@ -413,8 +412,9 @@ int Main(int argc, char** argv) {
     SetReadiness(svc.server(), "dmoe.internal.ExpertControl", false);
     if (link != nullptr) link->Leave();
   }
-  svc.StopGrpc();
   expert_metrics.Stop();
+  link.reset();
+  svc.StopGrpc();
   server.Stop();
   (*ucx)->Shutdown();
   return st.ok() ? 0 : svc.Fail(st);

@@ -173,7 +173,8 @@ class PoolWatcher {
     } while (std::chrono::steady_clock::now() < until);
     if (pool_->healthy() == 0) spdlog::warn("no attention node answers yet; serving anyway");
   }
-  ~PoolWatcher() {
+  ~PoolWatcher() { Stop(); }
+  void Stop() {
     done_ = true;
     if (thread_.joinable()) thread_.join();
   }
@@ -232,7 +233,6 @@ int Main(int argc, char** argv) {
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
   auto setup = LoadSetup(*flags);
   if (!setup.ok()) return svc.Fail(setup.status());
-  svc.BlockStopSignals();
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
@@ -250,7 +250,7 @@ int Main(int argc, char** argv) {
     spdlog::info("over {} attention node(s)", pool.size());
     svc.WaitForStop();
   }
-  watcher.SetServer(nullptr);
+  watcher.Stop();  // its thread sets the server's readiness: gone before the server
   svc.StopGrpc();
   return st.ok() ? 0 : svc.Fail(st);
 }

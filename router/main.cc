@@ -155,7 +155,6 @@ int Main(int argc, char** argv) {
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   RouterGauges gauges(&metrics);
-  svc.BlockStopSignals();
   std::atomic<bool> done{false};
   std::thread leases([&] { LeaseLoop(*o, &state, &gauges, &done); });
   RouterServiceImpl service(&state, o->token);

@@ -11,7 +11,7 @@ dmoe=$bin/cli/dmoe
 work=$TEST_TMPDIR
 state=$work/up.json
 TOKENS=${DMOE_DETERMINISM_TOKENS:-200}
-LONG=480  # the failover streams: prompts of up to 26 tokens + 480 <= 512 positions
+LONG=$(( TOKENS > 480 ? TOKENS : 480 ))  # the failover streams: prompts of up to 26 tokens + 480 <= 512 positions
 "$dmoe" up --model "$work/model" --experts 3 --attention 1 --expert-replicas 2 \
   --state-file "$state" --log-dir "$work/logs" --bin-dir "$bin" > "$work/up.out"
 cleanup() {

@@ -407,9 +407,6 @@ class UcxClient : public ClientTransport, public UcxWorker {
   UnlockedBufferPool pool_ ABSL_GUARDED_BY(mu_);
 };
 
-// ---------------------------------------------------------------------------------------------
-// Server.
-
 }  // namespace
 }  // namespace ucx_internal
 

@@ -277,5 +277,4 @@ absl::StatusOr<std::string> FetchWorkerAddress(const sockaddr_in& sa, const std:
   return answer;
 }
 
-// ---------------------------------------------------------------------------------------------
 }  // namespace dmoe::transport::ucx_internal
