@@ -8,10 +8,10 @@ namespace dmoe {
 
 absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeKvCache(const ModelConfig& c,
                                                            const KvCacheOptions& o) {
-  const int64_t blocks =
-      o.blocks > 0 ? o.blocks
-                   : LatentKvCache::BlocksForBytes(c, o.block_tokens,
-                                                   static_cast<uint64_t>(o.mib) << 20, o.dtype);
+  const int64_t blocks = o.blocks > 0
+                             ? o.blocks
+                             : LatentKvCache::BlocksForBytes(
+                                   c, o.block_tokens, static_cast<uint64_t>(o.mib) << 20, o.dtype);
   if (blocks <= 0) return absl::InvalidArgumentError("--kv-cache-mib: too small for one block");
   auto cache = std::make_unique<LatentKvCache>(c, o.block_tokens, blocks, o.dtype);
   spdlog::info("KV cache ({}) {} blocks x {} tokens, {:.1f} MiB, {} bytes/token",

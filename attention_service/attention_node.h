@@ -18,8 +18,8 @@
 namespace dmoe {
 
 struct KvCacheOptions {
-  int64_t mib = 256;    // size, unless `blocks` is set
-  int64_t blocks = 0;   // 0: as many as fit in `mib`
+  int64_t mib = 256;   // size, unless `blocks` is set
+  int64_t blocks = 0;  // 0: as many as fit in `mib`
   int64_t block_tokens = 16;
   cpu::KvDType dtype = cpu::KvDType::kF32;
 };

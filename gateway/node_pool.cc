@@ -72,13 +72,15 @@ void NodePool::Poll() {
     MutexLock l(&mu_);
     if (st.ok()) {
       n->healthy = true;
+      n->refused = false;
       n->missed = 0;
       n->load = reply;
-    } else if (st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
-               ++n->missed < kMaxMissedPolls) {
-      // A late answer is a busy node (a loaded machine), not yet a dead one: it keeps its state.
+    } else if (st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+      // A late answer is a busy node (a loaded machine), not yet a dead one.
+      if (++n->missed >= kMaxMissedPolls) n->healthy = false;
     } else {
-      n->healthy = false;  // refused, reset, or late kMaxMissedPolls times in a row
+      n->healthy = false;  // refused or reset: down
+      n->refused = true;
     }
   }
 }
@@ -100,6 +102,15 @@ int NodePool::Pick(const std::set<int>& exclude) {
     if (nodes_[i]->healthy && !exclude.count(static_cast<int>(i)))
       ok.push_back(static_cast<int>(i));
   }
+  if (ok.empty()) {
+    // Panic mode (as load balancers do when too few hosts look healthy): rather than refuse, try a
+    // node that is only late, not refused; a dead one fails fast and the caller excludes it.
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      if (!nodes_[i]->refused && !exclude.count(static_cast<int>(i))) {
+        ok.push_back(static_cast<int>(i));
+      }
+    }
+  }
   if (ok.empty()) return -1;
   if (ok.size() == 1) return ok[0];
   // Power of two choices.
@@ -113,6 +124,7 @@ int NodePool::Pick(const std::set<int>& exclude) {
 void NodePool::MarkFailed(int i) {
   MutexLock l(&mu_);
   nodes_[static_cast<size_t>(i)]->healthy = false;
+  nodes_[static_cast<size_t>(i)]->refused = true;
 }
 
 void NodePool::Started(int i) {

@@ -25,7 +25,8 @@ class NodePool {
   explicit NodePool(const std::vector<std::string>& addresses,
                     std::chrono::milliseconds poll = std::chrono::milliseconds(50));
   ~NodePool();
-  // A node to send a request to, not in `exclude`; -1 when none is healthy.
+  // A node to send a request to, not in `exclude`: a healthy one; when none is, one that is only
+  // late (panic mode); -1 when every node is excluded or refused.
   int Pick(const std::set<int>& exclude);
   internal::AttentionService::Stub* stub(int i) {
     return nodes_[static_cast<size_t>(i)]->stub.get();
@@ -40,7 +41,7 @@ class NodePool {
   bool Add(const std::string& address);
   // Nodes picked from: their last poll succeeded, or was late fewer than kMaxMissedPolls times.
   size_t healthy() const;
-  // Marks a node unhealthy until its next successful poll.
+  // Marks a node down (not even tried in panic mode) until its next successful poll.
   void MarkFailed(int i);
   // Counts a request started on / finished with node i (load between polls).
   void Started(int i);
@@ -53,8 +54,9 @@ class NodePool {
     std::unique_ptr<internal::AttentionService::Stub> stub;
     bool healthy = false;
     internal::GetLoadReply load;
-    int inflight = 0;  // requests this gateway has on it
-    int missed = 0;    // polls late in a row
+    int inflight = 0;      // requests this gateway has on it
+    int missed = 0;        // polls late in a row
+    bool refused = false;  // the last poll or request failed fast (refused, reset): down
   };
   double Score(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Poll();

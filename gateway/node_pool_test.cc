@@ -96,8 +96,9 @@ TEST(NodePool, ANodeThatStopsAnsweringIsNotPicked) {
 }
 
 // A busy node answers a poll after its 500 ms deadline: one late poll keeps it in the pool (the
-// gateway's only node on a loaded machine must not refuse requests); three in a row take it out,
-// and a timely answer brings it back.
+// gateway's only node on a loaded machine must not refuse requests); three in a row make it
+// unhealthy, yet with no healthy node left it is still tried (a refused node is not); a timely
+// answer brings it back.
 TEST(NodePool, ALatePollIsNotADeadNode) {
   LoadServer a(0);
   NodePool pool({a.address()}, std::chrono::milliseconds(20));
@@ -113,7 +114,10 @@ TEST(NodePool, ALatePollIsNotADeadNode) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   ASSERT_GE(a.polls.load(), before + 2);
-  ASSERT_TRUE(WaitHealthy(pool, 0));  // late on and on: out
+  ASSERT_TRUE(WaitHealthy(pool, 0));  // late on and on: not healthy...
+  EXPECT_EQ(pool.Pick({}), 0);        // ...but, the only node left, still tried (panic mode)
+  EXPECT_EQ(pool.Pick({0}), -1);
+  pool.MarkFailed(0);  // a request to it failed fast: down, not even tried
   EXPECT_EQ(pool.Pick({}), -1);
   a.delay_ms = 0;
   ASSERT_TRUE(WaitHealthy(pool, 1));
