@@ -1,5 +1,6 @@
 // Data-plane benchmark (prints figures): dispatch + combine round trips through the UCX transport
-// between two processes, with the real wire codec (bf16 rows, 2 pairs per token), at 1/16/64/256
+// between two processes, with the real wire codec (bf16 rows, 2 pairs per token; the combine
+// carries a row per pair, wire v2), at 1/16/64/256
 // tokens and hidden sizes 256 and 5120, next to ucx_perftest's UCP tag latency and bandwidth for
 // the same message sizes, measured in the same run over the same UCX_TLS.
 //
@@ -84,14 +85,19 @@ int Serve(int ready_fd, bool echo) {
       if (!v.ok()) {
         wire::EncodeError(wire::Header(), "bad", &reply);
       } else {
-        // A combine header and the request's row bytes as they are.
-        const size_t row_bytes = size_t{v->header.token_count} * v->header.hidden_size * 2;
+        // A wire-v2 combine: one row per dispatched pair (its token's row bytes as they are).
+        const size_t row_bytes = size_t{v->header.hidden_size} * 2;
+        const uint32_t pair_count = v->header.pair_count;
         wire::Header h = v->header;
         h.token_count = 0;
+        h.pair_count = 0;
         wire::EncodeCombine(h, nullptr, &reply);
-        reply.insert(reply.end(), v->rows, v->rows + row_bytes);
-        uint32_t tokens = v->header.token_count;
-        uint64_t payload = row_bytes;
+        for (uint32_t p = 0; p < pair_count; ++p) {
+          const uint8_t* row = v->rows + size_t{v->pair(p).token} * row_bytes;
+          reply.insert(reply.end(), row, row + row_bytes);
+        }
+        uint32_t tokens = pair_count;
+        uint64_t payload = size_t{pair_count} * row_bytes;
         std::memcpy(reply.data() + 28, &tokens, 4);
         std::memcpy(reply.data() + 44, &payload, 8);
       }
@@ -235,8 +241,8 @@ int Client(const std::string& addr, const Case& c, int out_fd) {
       echoes.push_back(std::move(reply));
     } else {
       auto v = wire::DecodeMessage(reply.data(), reply.size());
-      if (!v.ok() || v->header.token_count != tokens) return false;
-      if (read_row) v->RowToFloat(tokens - 1, out.data());
+      if (!v.ok() || v->header.token_count != pairs.size()) return false;  // a row per pair
+      if (read_row) v->RowToFloat(static_cast<uint32_t>(pairs.size()) - 1, out.data());
       (*client)->ReleaseBuffer(std::move(reply));
     }
     reply = std::vector<uint8_t>();
@@ -312,7 +318,7 @@ int Client(const std::string& addr, const Case& c, int out_fd) {
   }
   const double per = std::chrono::duration<double>(Clock::now() - t0).count() / total;
   const size_t reply_bytes =
-      c.transport_only ? c.bytes : wire::kHeaderBytes + size_t{tokens} * hidden * 2;
+      c.transport_only ? c.bytes : wire::kHeaderBytes + pairs.size() * hidden * 2;
   result[1] = (c.bytes + reply_bytes) / per / 1e6;
   result[2] = c.bytes / per / 1e6;
   return write(out_fd, result, sizeof(result)) == sizeof(result) ? 0 : 1;
@@ -464,7 +470,8 @@ int Main(int argc, char** argv) {
   PinTo(client_cpu);
   std::printf(
       "UCX_TLS=%s, %s; round trip = dispatch (bf16 rows + 2 pairs/token, encoded from fp32 each\n"
-      "time) + combine (bf16 rows), decoded and validated on both sides. %d rounds per size,\n"
+      "time) + combine (bf16, a row per pair: wire v2), decoded and validated on both sides. %d "
+      "rounds per size,\n"
       "each in fresh processes for both sides; figures are medians over rounds, ratios the\n"
       "median of each round's ratio; 'best' is the best round of ours over perftest's best round\n"
       "(each process draws its speed on this VM: the best rounds compare like with like).\n"
@@ -513,6 +520,11 @@ int Main(int argc, char** argv) {
       {
         std::vector<float> out(hidden);
         std::vector<uint8_t> m, r;
+        std::vector<float> pair_rows;  // the combine: a row per pair (wire v2)
+        for (const wire::Pair& p : pairs) {
+          pair_rows.insert(pair_rows.end(), rows.begin() + size_t{p.token} * hidden,
+                           rows.begin() + size_t{p.token + 1} * hidden);
+        }
         const int k = std::max(20, c.n / 4);
         const auto t0 = Clock::now();
         for (int i = 0; i < k; ++i) {
@@ -520,10 +532,11 @@ int Main(int argc, char** argv) {
           auto v = wire::DecodeMessage(m.data(), m.size());
           wire::Header rh = v->header;
           rh.kind = wire::Kind::kCombine;
+          rh.token_count = rh.pair_count;
           rh.pair_count = 0;
-          wire::EncodeCombine(rh, rows.data(), &r);
+          wire::EncodeCombine(rh, pair_rows.data(), &r);
           auto rv = wire::DecodeMessage(r.data(), r.size());
-          rv->RowToFloat(tokens - 1, out.data());
+          rv->RowToFloat(rh.token_count - 1, out.data());
         }
         codec_us = std::chrono::duration<double>(Clock::now() - t0).count() / k * 1e6;
       }
