@@ -68,10 +68,7 @@ class CondVar {
   template <typename Rep, typename Period>
   bool WaitFor(Mutex* mu, std::chrono::duration<Rep, Period> timeout)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    std::unique_lock<std::mutex> l(mu->mu_, std::adopt_lock);
-    const bool notified = cv_.wait_for(l, timeout) == std::cv_status::no_timeout;
-    l.release();
-    return notified;
+    return WaitUntil(mu, std::chrono::steady_clock::now() + timeout);
   }
   // False when `deadline` passed without a notification.
   template <typename Clock, typename Duration>

@@ -53,11 +53,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
           // (it clears p.ep and closes it itself). Closing it again crashed (seen: SIGSEGV in
           // ucp_ep_close_nbx, 1 run in 20 of hot_path_alloc_test under load).
           if (p.ep == nullptr) continue;
-          ucp_request_param_t prm;
-          std::memset(&prm, 0, sizeof(prm));
-          prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-          prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-          WaitRequest(ucp_ep_close_nbx(p.ep, &prm));
+          WaitRequest(ForceClose(p.ep));
           p.ep = nullptr;
         }
       }
@@ -387,14 +383,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       }
       // Close the endpoint from the progress thread, outside this callback.
       p.ep = nullptr;
-      self->RunAsync([ep] {
-        ucp_request_param_t prm;
-        std::memset(&prm, 0, sizeof(prm));
-        prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-        prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-        void* req = ucp_ep_close_nbx(ep, &prm);
-        if (req != nullptr && !UCS_PTR_IS_ERR(req)) ucp_request_free(req);
-      });
+      self->RunAsync([ep] { ForceCloseNoWait(ep); });
     }
     self->cv_.SignalAll();
   }

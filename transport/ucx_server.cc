@@ -188,11 +188,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
         eps.swap(live_eps_);
       }
       for (ucp_ep_h ep : eps) {
-        ucp_request_param_t prm;
-        std::memset(&prm, 0, sizeof(prm));
-        prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-        prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-        WaitRequest(ucp_ep_close_nbx(ep, &prm));
+        WaitRequest(ForceClose(ep));
       }
     });
     StopThread();
@@ -267,12 +263,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
         self->live_eps_.insert(handle);
         return;
       }
-      ucp_request_param_t prm;
-      std::memset(&prm, 0, sizeof(prm));
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      void* req = ucp_ep_close_nbx(handle, &prm);
-      if (req != nullptr && !UCS_PTR_IS_ERR(req)) ucp_request_free(req);
+      ForceCloseNoWait(handle);
     });
     return UCS_OK;
   }
@@ -309,14 +300,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 
   // Closes a failed endpoint, on the progress thread.
   void CloseFailed(ucp_ep_h ep) {
-    RunAsync([ep] {
-      ucp_request_param_t prm;
-      std::memset(&prm, 0, sizeof(prm));
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      void* req = ucp_ep_close_nbx(ep, &prm);
-      if (req != nullptr && !UCS_PTR_IS_ERR(req)) ucp_request_free(req);
-    });
+    RunAsync([ep] { ForceCloseNoWait(ep); });
   }
 
   void EnqueueLocked(Pending* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -172,6 +173,20 @@ class UcxWorker {
       return std::chrono::microseconds(env ? std::atoi(env) : 200);
     }();
     return spin;
+  }
+
+  // Starts a forced close of `ep` (no flush); returns the request, for WaitRequest.
+  static void* ForceClose(ucp_ep_h ep) {
+    ucp_request_param_t prm;
+    std::memset(&prm, 0, sizeof(prm));
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    return ucp_ep_close_nbx(ep, &prm);
+  }
+  // A forced close nobody waits for (on the progress thread).
+  static void ForceCloseNoWait(ucp_ep_h ep) {
+    void* req = ForceClose(ep);
+    if (req != nullptr && !UCS_PTR_IS_ERR(req)) ucp_request_free(req);
   }
 
   // Waits for a UCX request started on the progress thread (only while on it).
