@@ -56,15 +56,24 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
                   const internal::GenerateRequest* request)
       : scheduler_(scheduler), metrics_(metrics), last_(std::chrono::steady_clock::now()) {
     RequestCallbacks cb;
+    cb.on_admit = [this](int64_t hit) {
+      cached_ = hit;
+      queue_seconds_ =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - last_).count();
+    };
     cb.on_token = [this](const SampledToken& t) {
+      internal::GenerateResponse r;
+      if (first_) {
+        r.set_cached_prompt_tokens(cached_);
+        r.set_queue_seconds(queue_seconds_);
+      }
       if (metrics_ != nullptr) {
         const auto now = std::chrono::steady_clock::now();
         const double s = std::chrono::duration<double>(now - last_).count();
         first_ ? metrics_->ObserveTimeToFirstToken(s) : metrics_->ObserveTimePerOutputToken(s);
-        first_ = false;
         last_ = now;
       }
-      internal::GenerateResponse r;
+      first_ = false;
       auto* g = r.add_tokens();
       g->set_token_id(t.token);
       g->set_logprob(t.logprob);
@@ -117,6 +126,8 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
   AttentionMetrics* metrics_;
   std::chrono::steady_clock::time_point last_;  // arrival, then the last token (scheduler thread)
   bool first_ = true;
+  int64_t cached_ = 0;        // scheduler thread
+  double queue_seconds_ = 0;  // scheduler thread
   Mutex mu_;
   uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;
   bool cancelled_by_client_ ABSL_GUARDED_BY(mu_) = false;

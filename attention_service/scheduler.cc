@@ -173,6 +173,7 @@ void Scheduler::Admit() {
     const int64_t need = BlocksFor(static_cast<int64_t>(s->tokens.size()) + 1);
     if (need + reserved_blocks > cache_->free_blocks() && !running_.empty()) break;
     reserved_blocks += need;
+    const bool first_admission = s->admitted == 0;
     s->admitted = ++admit_counter_;
     // Prefix caching: reuse the cached blocks of the longest matching prefix.
     const int64_t hit = s->kv.AttachPrefix(s->tokens);
@@ -180,6 +181,7 @@ void Scheduler::Admit() {
       MutexLock l(&mu_);
       stats_.prefix_hit_tokens += static_cast<uint64_t>(hit);
     }
+    if (first_admission && s->callbacks.on_admit) s->callbacks.on_admit(hit);
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }

@@ -33,6 +33,9 @@ const char* FinishReasonName(FinishReason r);
 struct RequestCallbacks {
   // Each generated token, in order (on the scheduler's thread).
   std::function<void(const SampledToken&)> on_token;
+  // Once, when the request is first admitted to the running batch (on the scheduler's thread):
+  // how many of its prompt tokens were found in the prefix cache.
+  std::function<void(int64_t prefix_hit_tokens)> on_admit;
   // Exactly once, last. `status` is OK unless reason is kError.
   std::function<void(FinishReason, const absl::Status&)> on_finish;
 };

@@ -1,0 +1,75 @@
+#include "gateway/api_keys.h"
+
+#include <fstream>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace dmoe::gateway {
+
+absl::StatusOr<std::unique_ptr<ApiKeys>> ApiKeys::Load(const std::string& path, int64_t limit) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--api-keys: cannot open ", path));
+  auto keys = std::make_unique<ApiKeys>();
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty() || line[0] == '#') continue;
+    std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipWhitespace());
+    if (parts.empty()) continue;
+    int64_t own = limit;
+    if (parts.size() > 2 ||
+        (parts.size() == 2 && (!absl::SimpleAtoi(parts[1], &own) || own <= 0))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--api-keys ", path, " line ", n, ": expected KEY [LIMIT]"));
+    }
+    keys->limits_[parts[0]] = own;
+  }
+  if (keys->limits_.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--api-keys ", path, ": no keys"));
+  }
+  return keys;
+}
+
+absl::StatusOr<std::string> ApiKeys::KeyOf(std::string_view authorization) const {
+  if (authorization.empty()) {
+    return absl::UnauthenticatedError("missing authorization: Bearer KEY");
+  }
+  if (authorization.substr(0, 7) != "Bearer ") {
+    return absl::UnauthenticatedError("authorization must be \"Bearer KEY\"");
+  }
+  std::string k(authorization.substr(7));
+  if (limits_.count(k) == 0) return absl::UnauthenticatedError("unknown API key");
+  return k;
+}
+
+absl::Status ApiKeys::Check(std::string_view authorization) const {
+  if (!enabled()) return absl::OkStatus();
+  return KeyOf(authorization).status();
+}
+
+absl::Status ApiKeys::Acquire(std::string_view authorization, std::string* key) {
+  if (!enabled()) return absl::OkStatus();
+  auto k = KeyOf(authorization);
+  if (!k.ok()) return k.status();
+  const int64_t limit = limits_.at(*k);
+  MutexLock l(&mu_);
+  if (active_[*k] >= limit) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this API key already has ", limit, " requests in flight"));
+  }
+  ++active_[*k];
+  *key = *k;
+  return absl::OkStatus();
+}
+
+void ApiKeys::Release(const std::string& key) {
+  if (key.empty()) return;
+  MutexLock l(&mu_);
+  --active_[key];
+}
+
+}  // namespace dmoe::gateway
