@@ -41,6 +41,10 @@ SamplingParams FromProto(const internal::SamplingParams& p) {
   s.ignore_eos = p.ignore_eos();
   s.logprobs = p.logprobs();
   s.top_logprobs = p.top_logprobs();
+  s.presence_penalty = p.presence_penalty();
+  s.frequency_penalty = p.frequency_penalty();
+  s.repetition_penalty = p.repetition_penalty() == 0 ? 1.0 : p.repetition_penalty();
+  s.logit_bias.insert(p.logit_bias().begin(), p.logit_bias().end());
   return s;
 }
 

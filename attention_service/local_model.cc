@@ -119,7 +119,7 @@ absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<
                            prompt.begin() + static_cast<long>(end));
     RETURN_IF_ERROR(engine.Step(batch, &logits));
   }
-  Sampler sampler(sp);
+  Sampler sampler(sp, prompt);
   std::vector<int32_t> out;
   for (int64_t i = 0; i < options.max_tokens; ++i) {
     const int32_t next = sampler.Sample(logits[0].data(), c.vocab_size).token;

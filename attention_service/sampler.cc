@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 
@@ -15,6 +17,37 @@ bool IsStopToken(const SamplingParams& p, const ModelConfig& c, int32_t token) {
   return !p.ignore_eos &&
          std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) != c.eos_token_ids.end();
 }
+
+namespace {
+
+absl::Status ValidatePenalties(const SamplingParams& p, const ModelConfig& c) {
+  auto bad = [](absl::string_view field, absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+  };
+  // Written so that NaN fails; infinities are outside the ranges.
+  if (!(p.presence_penalty >= -2 && p.presence_penalty <= 2)) {
+    return bad("presence_penalty", absl::StrCat(p.presence_penalty, " is not in [-2, 2]"));
+  }
+  if (!(p.frequency_penalty >= -2 && p.frequency_penalty <= 2)) {
+    return bad("frequency_penalty", absl::StrCat(p.frequency_penalty, " is not in [-2, 2]"));
+  }
+  if (!(p.repetition_penalty > 0) || !std::isfinite(p.repetition_penalty)) {
+    return bad("repetition_penalty",
+               absl::StrCat(p.repetition_penalty, " is not positive or not finite"));
+  }
+  for (const auto& [id, bias] : p.logit_bias) {
+    if (id < 0 || id >= c.vocab_size) {
+      return bad("logit_bias", absl::StrCat("token id ", id, " is outside the vocabulary"));
+    }
+    if (!(bias >= -100 && bias <= 100)) {
+      return bad(absl::StrCat("logit_bias[", id, "]"),
+                 absl::StrCat(bias, " is not in [-100, 100]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingParams& p,
                              const ModelConfig& c) {
@@ -53,7 +86,7 @@ absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingP
                  absl::StrCat(p.stop_token_ids[i], " is outside the vocabulary"));
     }
   }
-  return absl::OkStatus();
+  return ValidatePenalties(p, c);
 }
 
 namespace {
@@ -64,6 +97,42 @@ bool ByLogit(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>
 }
 
 }  // namespace
+
+Sampler::Sampler(const SamplingParams& p, const std::vector<int32_t>& prompt)
+    : p_(p),
+      rng_(p.seed),
+      biased_(!p.logit_bias.empty()),
+      penalized_(p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 ||
+                 p.presence_penalty != 0.0) {
+  if (p.repetition_penalty != 1.0) {
+    for (int32_t id : prompt) seen_.emplace(id, 0);
+  }
+}
+
+const float* Sampler::Process(const float* logits, int64_t vocab) {
+  processed_.assign(logits, logits + vocab);
+  auto at = [&](int32_t id) -> float& {
+    if (id < 0 || id >= vocab) {  // ValidateRequest checked the ids against this vocabulary
+      std::fprintf(stderr, "Sampler: token id %d is outside the vocabulary (%lld)\n", id,
+                   static_cast<long long>(vocab));
+      std::abort();
+    }
+    return processed_[static_cast<size_t>(id)];
+  };
+  for (const auto& [id, bias] : p_.logit_bias) at(id) += bias;
+  const float r = static_cast<float>(p_.repetition_penalty);
+  const float f = static_cast<float>(p_.frequency_penalty);
+  const float pp = static_cast<float>(p_.presence_penalty);
+  for (const auto& [id, n] : seen_) {
+    float& x = at(id);
+    if (p_.repetition_penalty != 1.0) x = x > 0 ? x / r : x * r;
+    if (n > 0) {  // in vLLM's order and precision (float)
+      x -= f * static_cast<float>(n);
+      x -= pp;
+    }
+  }
+  return processed_.data();
+}
 
 int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
   // Temperature, then the truncations, on probabilities in descending order. Tokens more than
@@ -118,7 +187,7 @@ int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
 }
 
 void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out) {
-  // log-softmax of the raw logits (temperature 1), in double.
+  // log-softmax of the (processed) logits at temperature 1, in double.
   double mx = logits[0];
   for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
   double z = 0;
@@ -134,8 +203,10 @@ void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, S
   }
 }
 
-SampledToken Sampler::Sample(const float* logits, int64_t vocab) {
+SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {
   SampledToken out;
+  // Without bias or penalties the model's logits are used as they are (no copy).
+  const float* logits = biased_ || penalized_ ? Process(model_logits, vocab) : model_logits;
   // Candidates sorted by logit, descending; ties keep the lower id first.
   order_.resize(static_cast<size_t>(vocab));
   for (int64_t i = 0; i < vocab; ++i) {
@@ -150,6 +221,7 @@ SampledToken Sampler::Sample(const float* logits, int64_t vocab) {
     out.token = SampleTruncated(logits, vocab);
   }
   if (p_.logprobs || p_.top_logprobs > 0) AddLogprobs(logits, vocab, greedy, &out);
+  if (penalized_) ++seen_[out.token];
   return out;
 }
 

@@ -1,11 +1,14 @@
-// Token sampling on the attention node: greedy, temperature, top-k, top-p, min-p, per-request
-// seeds, logprobs. Each request owns its Sampler (its own random stream), so a seeded request
-// draws the same tokens whatever else shares its batch.
+// Token sampling on the attention node: logit_bias, repetition/frequency/presence penalties,
+// greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs. Each request owns its
+// Sampler (its own random stream and token counts), so a seeded request draws the same tokens
+// whatever else shares its batch. The penalties follow vLLM's (and OpenAI's) definitions.
 #ifndef DMOE_ATTENTION_SERVICE_SAMPLER_H_
 #define DMOE_ATTENTION_SERVICE_SAMPLER_H_
 
 #include <cstdint>
+#include <map>
 #include <random>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -28,11 +31,23 @@ struct SamplingParams {
   bool ignore_eos = false;   // don't stop at the model's eos_token_ids
   bool logprobs = false;     // logprob of the chosen token
   int64_t top_logprobs = 0;  // and of the n most likely tokens
+  // Applied to the model's logits in this order, before temperature and the truncations:
+  //  1. logit_bias: bias[id] in [-100, 100] is added to logit[id] (-100 all but bans a token).
+  //  2. repetition_penalty r > 0 (1: off): every id in the prompt or generated so far has
+  //     logit > 0 ? logit / r : logit * r (r > 1 discourages repeats).
+  //  3. frequency_penalty f, presence_penalty p in [-2, 2] (0: off), over generated tokens only:
+  //     logit[id] -= f * (times id was generated) + p * (1 if it was generated at all).
+  std::map<int32_t, float> logit_bias;
+  double repetition_penalty = 1.0;
+  double frequency_penalty = 0.0;
+  double presence_penalty = 0.0;
 };
 
 // INVALID_ARGUMENT naming the field: empty prompt, token id >= vocab_size, prompt + max_tokens >
 // max_position_embeddings, temperature < 0, top_p outside (0, 1], top_k < 0, min_p outside
-// [0, 1], max_tokens <= 0, top_logprobs outside [0, 20], stop token ids outside the vocabulary.
+// [0, 1], max_tokens <= 0, top_logprobs outside [0, 20], stop token ids outside the vocabulary,
+// presence_penalty or frequency_penalty outside [-2, 2], repetition_penalty not positive and
+// finite, logit_bias keys outside the vocabulary or values outside [-100, 100] (NaN fails all).
 absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingParams& p,
                              const ModelConfig& c);
 
@@ -42,17 +57,29 @@ bool IsStopToken(const SamplingParams& p, const ModelConfig& c, int32_t token);
 
 struct SampledToken {
   int32_t token = 0;
-  float logprob = 0;  // log-softmax of the model's logits (temperature 1), when asked for
+  // log-softmax (temperature 1) of the processed logits: after logit_bias and the penalties,
+  // before temperature and truncation. When none of those is set, the model's logits.
+  float logprob = 0;                           // when asked for
   std::vector<std::pair<int32_t, float>> top;  // (id, logprob), most likely first
 };
 
 // Thread-compatible.
 class Sampler {
  public:
-  explicit Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {}
+  // `prompt` feeds repetition_penalty (read only in the constructor). REQUIRES: `p` passed
+  // ValidateRequest with this prompt.
+  Sampler(const SamplingParams& p, const std::vector<int32_t>& prompt);
+  // No prompt: repetition_penalty then sees only the generated tokens. For callers that set no
+  // penalties (local_model.cc's offline loop).
+  explicit Sampler(const SamplingParams& p) : Sampler(p, {}) {}
+
+  // Picks the next token from `logits` [vocab] and counts it as generated, so call it exactly
+  // once per generated token (recomputing a sequence's KV must not call it again).
   SampledToken Sample(const float* logits, int64_t vocab);
 
  private:
+  // logit_bias and the penalties applied to a copy of `logits` in processed_; returns it.
+  const float* Process(const float* logits, int64_t vocab);
   // Sample's parts: a draw from the temperature/top-k/top-p/min-p truncated distribution; the
   // chosen token's logprob and the top alternatives (order_ already sorted when `sorted_top`).
   int32_t SampleTruncated(const float* logits, int64_t vocab);
@@ -61,6 +88,12 @@ class Sampler {
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> order_;
   std::vector<double> probs_;
+  bool biased_ = false;     // any logit_bias: Process copies the logits
+  bool penalized_ = false;  // any penalty: seen_ is kept, Process copies the logits
+  // Ids in the prompt (count 0, only when repetition_penalty is on) or generated (times
+  // generated). Empty unless penalized_.
+  std::unordered_map<int32_t, int32_t> seen_;
+  std::vector<float> processed_;
 };
 
 }  // namespace dmoe

@@ -1,7 +1,9 @@
 #include "attention_service/sampler.h"
 
 #include <cmath>
+#include <limits>
 #include <map>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -12,7 +14,7 @@ namespace {
 
 // Draws n tokens; returns their frequencies.
 std::vector<double> Frequencies(SamplingParams p, const std::vector<float>& logits, int n) {
-  Sampler s(p);
+  Sampler s(p, {});
   std::vector<double> f(logits.size(), 0);
   for (int i = 0; i < n; ++i) f[s.Sample(logits.data(), logits.size()).token] += 1.0 / n;
   return f;
@@ -39,13 +41,13 @@ const std::vector<float> kLogits = {std::log(0.5f), std::log(0.3f), std::log(0.1
                                     std::log(0.05f)};
 
 TEST(Sampler, GreedyTakesTheLowestIdAmongTies) {
-  Sampler s(SamplingParams{});
+  Sampler s(SamplingParams{}, {});
   const std::vector<float> l = {1.0f, 3.0f, 2.0f, 3.0f};
   EXPECT_EQ(s.Sample(l.data(), 4).token, 1);
   SamplingParams k1;
   k1.temperature = 5;
   k1.top_k = 1;
-  EXPECT_EQ(Sampler(k1).Sample(l.data(), 4).token, 1);
+  EXPECT_EQ(Sampler(k1, {}).Sample(l.data(), 4).token, 1);
 }
 
 TEST(Sampler, TemperatureFollowsTheSoftmax) {
@@ -82,7 +84,7 @@ TEST(Sampler, SeedsAreReproducible) {
     p.temperature = 1.0;
     p.top_p = 0.95;
     p.seed = seed;
-    Sampler s(p);
+    Sampler s(p, {});
     std::vector<int32_t> out;
     for (int i = 0; i < 64; ++i) out.push_back(s.Sample(logits.data(), 512).token);
     return out;
@@ -98,7 +100,7 @@ TEST(Sampler, LogprobsAreTheLogSoftmaxOfTheLogits) {
   SamplingParams p;
   p.logprobs = true;
   p.top_logprobs = 3;
-  const SampledToken t = Sampler(p).Sample(l.data(), 5);
+  const SampledToken t = Sampler(p, {}).Sample(l.data(), 5);
   EXPECT_EQ(t.token, 2);
   EXPECT_NEAR(t.logprob, 2.0 - std::log(z), 1e-6);
   ASSERT_EQ(t.top.size(), 3u);
@@ -110,6 +112,8 @@ TEST(Sampler, LogprobsAreTheLogSoftmaxOfTheLogits) {
 
 TEST(ValidateRequest, NamesTheField) {
   const ModelConfig c = *PresetConfig("tiny");
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  constexpr double kInf = std::numeric_limits<double>::infinity();
   struct Case {
     std::vector<int32_t> prompt;
     SamplingParams p;
@@ -137,6 +141,35 @@ TEST(ValidateRequest, NamesTheField) {
          p.stop_token_ids = {3, 900};
        }),
        "stop_token_ids[1]"},
+      {{1},
+       with([](SamplingParams& p) { p.presence_penalty = 2.5; }),
+       "presence_penalty: 2.5 is not in [-2, 2]"},
+      {{1}, with([](SamplingParams& p) { p.frequency_penalty = -3; }), "frequency_penalty: -3"},
+      {{1}, with([](SamplingParams& p) { p.frequency_penalty = kNaN; }), "frequency_penalty:"},
+      {{1}, with([](SamplingParams& p) { p.presence_penalty = kInf; }), "presence_penalty:"},
+      {{1}, with([](SamplingParams& p) { p.repetition_penalty = 0; }), "repetition_penalty: 0"},
+      {{1}, with([](SamplingParams& p) { p.repetition_penalty = kInf; }), "repetition_penalty:"},
+      {{1}, with([](SamplingParams& p) { p.repetition_penalty = kNaN; }), "repetition_penalty:"},
+      {{1},
+       with([](SamplingParams& p) {
+         p.logit_bias = {{3, 1.0f}, {512, 1.0f}};
+       }),
+       "logit_bias: token id 512 is outside the vocabulary"},
+      {{1},
+       with([](SamplingParams& p) {
+         p.logit_bias = {{-1, 1.0f}};
+       }),
+       "logit_bias: token id -1 is outside the vocabulary"},
+      {{1},
+       with([](SamplingParams& p) {
+         p.logit_bias = {{3, 100.5f}};
+       }),
+       "logit_bias[3]: 100.5 is not in [-100, 100]"},
+      {{1},
+       with([](SamplingParams& p) {
+         p.logit_bias = {{3, float(kNaN)}};
+       }),
+       "logit_bias[3]"},
   };
   for (const Case& k : cases) {
     const absl::Status st = ValidateRequest(k.prompt, k.p, c);
@@ -144,6 +177,128 @@ TEST(ValidateRequest, NamesTheField) {
     EXPECT_NE(st.message().find(k.field), absl::string_view::npos) << st;
   }
   EXPECT_TRUE(ValidateRequest({1, 2, 3}, SamplingParams{}, c).ok());
+  SamplingParams edges;
+  edges.presence_penalty = -2;
+  edges.frequency_penalty = 2;
+  edges.repetition_penalty = 0.5;
+  edges.logit_bias = {{0, -100.0f}, {511, 100.0f}};
+  EXPECT_TRUE(ValidateRequest({1, 2, 3}, edges, c).ok());
+}
+
+// log-softmax of `x` at `id`, in double: the golden logprob of processed logits.
+double LogSoftmax(const std::vector<double>& x, int id) {
+  double z = 0;
+  for (double v : x) z += std::exp(v);
+  return x[static_cast<size_t>(id)] - std::log(z);
+}
+
+SamplingParams Greedy() {
+  SamplingParams p;
+  p.logprobs = true;
+  p.top_logprobs = 4;
+  return p;
+}
+
+// Every top logprob (all 4 tokens) matches the log-softmax of `want`.
+void ExpectProcessed(const SampledToken& t, const std::vector<double>& want) {
+  ASSERT_EQ(t.top.size(), want.size());
+  EXPECT_NEAR(t.logprob, LogSoftmax(want, t.token), 1e-5);
+  for (const auto& [id, lp] : t.top) EXPECT_NEAR(lp, LogSoftmax(want, id), 1e-5) << "token " << id;
+}
+
+TEST(Sampler, LogitBiasForcesAndExcludesTokens) {
+  const std::vector<float> l = {1.0f, 3.0f, 2.0f, 0.5f};
+  SamplingParams force = Greedy();
+  force.logit_bias = {{0, 2.5f}};  // 1 + 2.5 = 3.5 > 3
+  const SampledToken forced = Sampler(force, {}).Sample(l.data(), 4);
+  EXPECT_EQ(forced.token, 0);
+  ExpectProcessed(forced, {3.5, 3.0, 2.0, 0.5});
+
+  SamplingParams ban = Greedy();
+  ban.logit_bias = {{1, -100.0f}};
+  const SampledToken banned = Sampler(ban, {}).Sample(l.data(), 4);
+  EXPECT_EQ(banned.token, 2);
+  ExpectProcessed(banned, {1.0, -97.0, 2.0, 0.5});
+
+  // Sampled: a -100 bias leaves the token a probability of about e^-100.
+  SamplingParams t;
+  t.temperature = 1;
+  t.seed = 5;
+  t.logit_bias = {{0, -100.0f}};
+  const std::vector<double> f = Frequencies(t, kLogits, 20000);
+  EXPECT_EQ(f[0], 0.0);
+  ExpectClose(f, Expected(kLogits, 1, {false, true, true, true}), 20000);
+}
+
+TEST(Sampler, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
+  // Prompt tokens 0 (positive logit) and 2 (negative), r = 2.
+  const std::vector<float> l = {2.0f, 1.5f, -1.0f, -0.5f};
+  SamplingParams p = Greedy();
+  p.repetition_penalty = 2;
+  Sampler s(p, {0, 2, 0});
+  const SampledToken first = s.Sample(l.data(), 4);
+  EXPECT_EQ(first.token, 1);  // 2 / 2 = 1 < 1.5: the unpenalized greedy choice (0) flips
+  ExpectProcessed(first, {1.0, 1.5, -2.0, -0.5});
+  const SampledToken second = s.Sample(l.data(), 4);  // 1 was generated: penalized too
+  EXPECT_EQ(second.token, 0);
+  ExpectProcessed(second, {1.0, 0.75, -2.0, -0.5});
+
+  // Negative logits move away from zero: -1 * 2 = -2 < -1.2.
+  const std::vector<float> neg = {-1.0f, -1.2f, -3.0f, -4.0f};
+  const SampledToken t = Sampler(p, {0}).Sample(neg.data(), 4);
+  EXPECT_EQ(t.token, 1);
+  ExpectProcessed(t, {-2.0, -1.2, -3.0, -4.0});
+}
+
+TEST(Sampler, FrequencyCountsRepeatsAndPresenceCountsOnce) {
+  // f = 1, p = 0.5: a token generated n > 0 times loses n * f + p. The prompt (all token 0)
+  // does not count.
+  const std::vector<float> l = {5.0f, 4.0f, 0.0f, 0.0f};
+  SamplingParams p = Greedy();
+  p.frequency_penalty = 1;
+  p.presence_penalty = 0.5;
+  Sampler s(p, {0, 0, 0});
+  const std::vector<std::pair<int32_t, std::vector<double>>> steps = {
+      {0, {5.0, 4.0, 0, 0}}, {1, {3.5, 4.0, 0, 0}},  // 0 once: 5 - 1 - 0.5
+      {0, {3.5, 2.5, 0, 0}},                         // 1 once
+      {0, {2.5, 2.5, 0, 0}},  // 0 twice: 5 - 2 - 0.5; a tie goes to the lower id
+      {1, {1.5, 2.5, 0, 0}},  // 0 three times
+  };
+  for (size_t i = 0; i < steps.size(); ++i) {
+    SCOPED_TRACE(i);
+    const SampledToken t = s.Sample(l.data(), 4);
+    EXPECT_EQ(t.token, steps[i].first);
+    ExpectProcessed(t, steps[i].second);
+  }
+}
+
+TEST(Sampler, PenaltiesOffChangeNothing) {
+  std::vector<float> logits(512);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = std::sin(i * 0.37f) * 3;
+  SamplingParams base;
+  base.temperature = 1.0;
+  base.seed = 11;
+  base.logprobs = true;
+  base.top_logprobs = 5;
+  SamplingParams off = base;  // every penalty at its "off" value, with a prompt to repeat
+  off.repetition_penalty = 1;
+  off.frequency_penalty = 0;
+  off.presence_penalty = 0;
+  SamplingParams zero_bias = base;  // takes the copying path; adding 0 changes no logit
+  zero_bias.logit_bias = {{7, 0.0f}, {300, 0.0f}};
+  Sampler want(base, {});
+  Sampler got_off(off, {1, 2, 3, 1});
+  Sampler got_bias(zero_bias, {});
+  for (int i = 0; i < 300; ++i) {
+    SCOPED_TRACE(i);
+    const SampledToken w = want.Sample(logits.data(), 512);
+    for (Sampler* s : {&got_off, &got_bias}) {
+      const SampledToken g = s->Sample(logits.data(), 512);
+      EXPECT_EQ(g.token, w.token);
+      EXPECT_EQ(g.logprob, w.logprob);
+      EXPECT_EQ(g.top, w.top);
+    }
+  }
 }
 
 }  // namespace

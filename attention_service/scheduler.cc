@@ -29,7 +29,7 @@ struct Scheduler::Seq {
         tokens(std::move(prompt)),
         prompt_len(static_cast<int64_t>(tokens.size())),
         params(p),
-        sampler(p),
+        sampler(p, tokens),
         callbacks(std::move(cb)),
         kv(cache) {}
   uint64_t id;

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -36,8 +37,9 @@ constexpr char kUpHelp[] =
 Starts a local cluster as separate processes on 127.0.0.1: a dmoe-router, N dmoe-expert shards
 (UCX) that take their experts from the router's placement, M dmoe-attention nodes that follow it,
 and a dmoe-gateway; writes the tiny model first when DIR has none; waits until every service
-answers and a placement is active; prints "gateway: HOST:PORT" and the metrics URLs; records the
-processes in the state file and returns, leaving them running. `dmoe down` stops them.
+answers and a placement is active; prints "gateway: HOST:PORT" (gRPC), "openai:
+http://HOST:PORT/v1" (the OpenAI-compatible HTTP API) and the metrics URLs; records the processes in
+the state file and returns, leaving them running. `dmoe down` stops them.
 
   --model DIR            checkpoint directory (default .cache/tiny-model; created with --preset)
   --preset NAME          preset written when DIR has no config.json (default tiny)
@@ -53,6 +55,7 @@ processes in the state file and returns, leaving them running. `dmoe down` stops
   --blas-threads N       OpenBLAS threads of each attention node and shard (default: this
                          machine's CPUs / (N + M), at least 1: the processes share the machine,
                          and OpenBLAS's idle threads spin and take the others' CPUs)
+  --http-listen H:P      the gateway's OpenAI-compatible HTTP address (default 127.0.0.1:0)
   --state-file F         where the cluster is recorded (default .cache/dmoe-up.json)
   --log-dir D            one log file per process (default .cache/dmoe-up-logs)
   --bin-dir D            where dmoe-router, dmoe-expert, dmoe-attention and dmoe-gateway live
@@ -79,7 +82,7 @@ void MakeDirs(const std::string& dir) {
 }  // namespace
 
 struct UpOptions {
-  std::string dir, state, logs, bin, preset, ucx_tls, wire_dtype;
+  std::string dir, state, logs, bin, preset, ucx_tls, wire_dtype, http_listen;
   int64_t experts = 2, attention = 1, replicas = 1, capacity = 0, lease_ms = 3000, blas = 0;
 };
 
@@ -92,6 +95,7 @@ absl::StatusOr<UpOptions> ParseUp(const Flags& f) {
   o.preset = f.StringOr("preset", "tiny");
   o.ucx_tls = f.StringOr("ucx-tls", "tcp,self");
   o.wire_dtype = f.StringOr("wire-dtype", "bf16");
+  o.http_listen = f.StringOr("http-listen", "127.0.0.1:0");
   for (auto [name, value] :
        std::vector<std::pair<const char*, int64_t*>>{{"experts", &o.experts},
                                                      {"attention", &o.attention},
@@ -159,11 +163,17 @@ class Launcher {
     }
     const std::string grpc = j->value("grpc", ""), metrics = j->value("metrics", "");
     metrics_urls_.push_back("http://" + metrics + "/metrics");
+    ready_[name] = *j;
     processes_.push_back(
         {{"role", role}, {"pid", pid}, {"grpc", grpc}, {"metrics", metrics}, {"log", log}});
     return grpc;
   }
   const nlohmann::json& processes() const { return processes_; }
+  // What `name` wrote to its ready file (null before it started).
+  nlohmann::json ready(const std::string& name) const {
+    auto it = ready_.find(name);
+    return it == ready_.end() ? nlohmann::json() : it->second;
+  }
   const std::vector<std::string>& metrics_urls() const { return metrics_urls_; }
   void Keep() { kept_ = true; }  // leave them running
 
@@ -172,6 +182,7 @@ class Launcher {
   std::vector<pid_t> pids_;
   nlohmann::json processes_ = nlohmann::json::array();
   std::vector<std::string> metrics_urls_;
+  std::map<std::string, nlohmann::json> ready_;
   bool kept_ = false;
 };
 
@@ -217,17 +228,17 @@ absl::Status LaunchAll(const UpOptions& o, const ModelConfig& config, Launcher* 
   // The gateway finds the attention nodes through the router (they register there).
   ASSIGN_OR_RETURN(c->gateway, l->Start("gateway", "gateway",
                                         {o.bin + "/gateway/dmoe-gateway", "--router", c->router,
-                                         "--model", o.dir},
+                                         "--model", o.dir, "--http-listen", o.http_listen},
                                         std::chrono::seconds(60)));
   return absl::OkStatus();
 }
 
 int Up(int argc, char** argv) {
-  auto flags = Flags::Parse(
-      argc, argv,
-      {"model", "preset", "experts", "attention", "expert-replicas", "ucx-tls", "state-file",
-       "log-dir", "bin-dir", "wire-dtype", "expert-capacity", "lease-ms", "blas-threads"},
-      {});
+  auto flags = Flags::Parse(argc, argv,
+                            {"model", "preset", "experts", "attention", "expert-replicas",
+                             "ucx-tls", "state-file", "log-dir", "bin-dir", "wire-dtype",
+                             "expert-capacity", "lease-ms", "blas-threads", "http-listen"},
+                            {});
   if (!flags.ok()) return Fail(std::string(flags.status().message()));
   if (flags->help()) {
     std::fputs(kUpHelp, stdout);
@@ -258,9 +269,12 @@ int Up(int argc, char** argv) {
   if (auto s = LaunchAll(*o, *config, &launcher, &c); !s.ok()) {
     return Fail(std::string(s.message()));
   }
+  const std::string openai =
+      absl::StrCat("http://", launcher.ready("gateway").value("http", "?"), "/v1");
   const nlohmann::json record = {{"model", o->dir},
                                  {"router", c.router},
                                  {"gateway", c.gateway},
+                                 {"openai", openai},
                                  {"processes", launcher.processes()}};
   {
     std::ofstream out(o->state);
@@ -269,10 +283,10 @@ int Up(int argc, char** argv) {
   }
   launcher.Keep();
   std::printf(
-      "router: %s\nexperts: %s\nattention: %s\ngateway: %s\nmetrics: %s\nstate: %s (dmoe down "
-      "--state-file %s)\n",
+      "router: %s\nexperts: %s\nattention: %s\ngateway: %s\nopenai: %s\nmetrics: %s\nstate: %s "
+      "(dmoe down --state-file %s)\n",
       c.router.c_str(), absl::StrJoin(c.shards, ",").c_str(),
-      absl::StrJoin(c.attention, ",").c_str(), c.gateway.c_str(),
+      absl::StrJoin(c.attention, ",").c_str(), c.gateway.c_str(), openai.c_str(),
       absl::StrJoin(launcher.metrics_urls(), " ").c_str(), o->state.c_str(), o->state.c_str());
   return 0;
 }

@@ -48,7 +48,7 @@ succeeded, 1 when none did, 2 for a bad flag.
 
 Prompts (random unless --dataset):
   --num-prompts N      requests to measure (default 100; with --dataset: every line)
-  --input-len N        prompt length in tokens (default 1024)
+  --input-len N        prompt length in tokens (default 256)
   --output-len N       tokens to generate per request (default 128)
   --range-ratio R      lengths uniform in [N*(1-R), N*(1+R)], R in [0, 1) (default 0: fixed)
   --vocab-size V       prompt ids uniform in [0, V) (default: the vocab_size the server lists
@@ -75,7 +75,7 @@ Output:
 struct BenchConfig {
   std::string backend = "openai";
   std::string url, target, endpoint = "completions", model, api_key, dataset, json_path;
-  int64_t num_prompts = 100, input_len = 1024, output_len = 128, vocab_size = 0;
+  int64_t num_prompts = 100, input_len = 256, output_len = 128, vocab_size = 0;
   int64_t seed = 0, max_concurrency = 1, warmup = 2;
   double range_ratio = 0, request_rate = std::numeric_limits<double>::infinity();
   double timeout_s = 600;
@@ -125,7 +125,7 @@ absl::Status ParseTarget(const Flags& f, BenchConfig* c) {
 absl::Status ParsePrompts(const Flags& f, BenchConfig* c) {
   c->num_prompts_set = f.Has("num-prompts");
   ASSIGN_OR_RETURN(c->num_prompts, f.Int("num-prompts", 100));
-  ASSIGN_OR_RETURN(c->input_len, f.Int("input-len", 1024));
+  ASSIGN_OR_RETURN(c->input_len, f.Int("input-len", 256));
   ASSIGN_OR_RETURN(c->output_len, f.Int("output-len", 128));
   ASSIGN_OR_RETURN(c->vocab_size, f.Int("vocab-size", 0));
   ASSIGN_OR_RETURN(c->range_ratio, f.Double("range-ratio", 0));

@@ -62,9 +62,11 @@ class SseParser {
 
 // What one SSE data payload of a streamed /v1/completions or /v1/chat/completions says.
 struct StreamChunk {
-  bool done = false;        // "[DONE]"
-  bool has_choice = false;  // `choices[0]` exists: one output event (even with empty text)
-  bool has_usage = false;   // a `usage` object: the token counts below are set
+  bool done = false;  // "[DONE]"
+  // `choices[0]` exists: one output event (even with an empty text or content delta), except a
+  // chat delta that carries only the assistant's role.
+  bool has_choice = false;
+  bool has_usage = false;  // a `usage` object: the token counts below are set
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
 };

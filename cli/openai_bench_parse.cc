@@ -12,6 +12,12 @@
 #include "cli/openai_bench_internal.h"
 
 namespace dmoe::cli::bench {
+namespace {
+
+// Debian's Abseil has its own string_view class, not std::string_view.
+absl::string_view A(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
+}  // namespace
 
 double Percentile(const std::vector<double>& sorted, double q) {
   if (sorted.empty()) return 0;
@@ -82,18 +88,30 @@ int64_t UsageField(const nlohmann::json& usage, const char* name) {
   return it->get<int64_t>();
 }
 
+// A chat chunk that only announces the assistant's role (OpenAI sends one before the first
+// token) is not a generated step.
+bool RoleOnly(const nlohmann::json& choice) {
+  if (!choice.is_object()) return false;
+  auto d = choice.find("delta");
+  if (d == choice.end() || !d->is_object() || !d->contains("role")) return false;
+  for (const char* k : {"content", "reasoning_content", "tool_calls", "refusal"}) {
+    if (d->contains(k) && !(*d)[k].is_null()) return false;
+  }
+  return !choice.contains("finish_reason") || choice["finish_reason"].is_null();
+}
+
 }  // namespace
 
 absl::StatusOr<StreamChunk> ParseStreamChunk(std::string_view data) {
   StreamChunk c;
-  if (absl::StripAsciiWhitespace(data) == "[DONE]") {
+  if (absl::StripAsciiWhitespace(A(data)) == "[DONE]") {
     c.done = true;
     return c;
   }
   const nlohmann::json j = nlohmann::json::parse(data, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("stream data is not a JSON object: ", data.substr(0, 200)));
+        absl::StrCat("stream data is not a JSON object: ", A(data.substr(0, 200))));
   }
   if (auto e = j.find("error"); e != j.end() && !e->is_null()) {
     std::string message = e->dump();
@@ -103,7 +121,7 @@ absl::StatusOr<StreamChunk> ParseStreamChunk(std::string_view data) {
     return absl::FailedPreconditionError(absl::StrCat("error in stream: ", message));
   }
   if (auto ch = j.find("choices"); ch != j.end() && ch->is_array() && !ch->empty()) {
-    c.has_choice = true;
+    c.has_choice = !RoleOnly((*ch)[0]);
   }
   if (auto u = j.find("usage"); u != j.end() && u->is_object()) {
     c.has_usage = true;
@@ -115,21 +133,21 @@ absl::StatusOr<StreamChunk> ParseStreamChunk(std::string_view data) {
 
 namespace {
 
-absl::Status UrlError(std::string_view url, std::string_view why) {
+absl::Status UrlError(absl::string_view url, absl::string_view why) {
   return absl::InvalidArgumentError(absl::StrCat("--url: \"", url, "\": ", why));
 }
 
 // Splits "HOST[:PORT]" or "[V6]:PORT" into host and port ("80" when absent).
-absl::Status SplitHostPort(std::string_view url, std::string_view authority, HttpTarget* t) {
-  std::string_view host = authority, port;
+absl::Status SplitHostPort(absl::string_view url, absl::string_view authority, HttpTarget* t) {
+  absl::string_view host = authority, port;
   if (absl::StartsWith(authority, "[")) {
     const size_t close = authority.find(']');
-    if (close == std::string_view::npos) return UrlError(url, "unclosed [ in the host");
+    if (close == absl::string_view::npos) return UrlError(url, "unclosed [ in the host");
     host = authority.substr(1, close - 1);
-    std::string_view rest = authority.substr(close + 1);
+    absl::string_view rest = authority.substr(close + 1);
     if (!rest.empty() && rest[0] != ':') return UrlError(url, "bad text after ]");
     if (!rest.empty()) port = rest.substr(1);
-  } else if (const size_t colon = authority.rfind(':'); colon != std::string_view::npos) {
+  } else if (const size_t colon = authority.rfind(':'); colon != absl::string_view::npos) {
     host = authority.substr(0, colon);
     port = authority.substr(colon + 1);
     if (port.empty()) return UrlError(url, "empty port");
@@ -146,18 +164,19 @@ absl::Status SplitHostPort(std::string_view url, std::string_view authority, Htt
 
 }  // namespace
 
-absl::StatusOr<HttpTarget> ParseUrl(std::string_view url) {
+absl::StatusOr<HttpTarget> ParseUrl(std::string_view url_in) {
+  const absl::string_view url = A(url_in);
   if (absl::StartsWithIgnoreCase(url, "https://")) {
     return UrlError(url, "https is not supported yet (use http://, e.g. behind a local proxy)");
   }
   if (!absl::StartsWithIgnoreCase(url, "http://")) {
     return UrlError(url, "expected http://HOST:PORT");
   }
-  std::string_view rest = url.substr(7);
+  absl::string_view rest = url.substr(7);
   const size_t slash = rest.find('/');
-  const std::string_view authority = rest.substr(0, slash);
-  std::string_view path = slash == std::string_view::npos ? "" : rest.substr(slash);
-  if (path.find_first_of("?#") != std::string_view::npos) {
+  const absl::string_view authority = rest.substr(0, slash);
+  absl::string_view path = slash == absl::string_view::npos ? "" : rest.substr(slash);
+  if (path.find_first_of("?#") != absl::string_view::npos) {
     return UrlError(url, "a query or fragment is not allowed");
   }
   HttpTarget t;
@@ -171,7 +190,7 @@ absl::StatusOr<HttpTarget> ParseUrl(std::string_view url) {
 
 namespace {
 
-absl::Status LineError(int64_t line_no, std::string_view why) {
+absl::Status LineError(int64_t line_no, absl::string_view why) {
   return absl::InvalidArgumentError(absl::StrCat("--dataset line ", line_no, ": ", why));
 }
 

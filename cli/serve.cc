@@ -19,6 +19,7 @@
 #include "common/service.h"
 #include "common/status_macros.h"
 #include "gateway/gateway_service.h"
+#include "gateway/http_front.h"
 #include "gateway/node_pool.h"
 #include "model/tokenizer.h"
 
@@ -29,11 +30,13 @@ constexpr char kServeHelp[] =
     R"(usage: dmoe serve --model DIR [--grpc-listen H:P] [--kv-cache-mib N]
 
 Everything in one process for the simplest use: the engine with every routed expert in-process,
-the paged KV cache and scheduler, and the public API (dmoe.v1.Dmoe, as dmoe-gateway serves it).
-DIR/tokenizer.json, when present, enables text prompts and Chat.
+the paged KV cache and scheduler, and the public APIs as dmoe-gateway serves them: gRPC
+(dmoe.v1.Dmoe) and the OpenAI-compatible HTTP API. DIR/tokenizer.json, when present, enables text
+prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
 
   --model DIR          checkpoint directory (Hugging Face layout)
   --grpc-listen H:P    public address (default 127.0.0.1:0; the chosen one is printed)
+  --http-listen H:P    the OpenAI-compatible HTTP API (default 127.0.0.1:0; "off": none)
   --kv-cache-mib N     KV cache size (default 256)
   --block-tokens N     tokens per KV block (default 16)
   --kv-cache-dtype T   f32 (default), int8 or fp8_e4m3 (see dmoe-attention --help)
@@ -88,12 +91,46 @@ absl::StatusOr<TextParts> LoadTextParts(const std::string& dir) {
   return t;
 }
 
+// The gateway's two public APIs over the private attention port, until SIGTERM/SIGINT.
+absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, const ModelConfig& c,
+                         const TextParts& text, ServiceMain* outer) {
+  gateway::NodePool pool({inner_addr});
+  gateway::ApiKeys keys;
+  gateway::GatewayOptions go;
+  go.tokenizer = text.tok.get();
+  go.chat_template = text.chat.get();
+  go.vocab_size = c.vocab_size;
+  go.max_position_embeddings = c.max_position_embeddings;
+  gateway::GatewayService service(&pool, &keys, go);
+  gateway::HttpFrontOptions ho;
+  ho.listen = flags.StringOr("http-listen", "127.0.0.1:0");
+  ho.version = "dmoe serve (OpenAI-compatible API v1)";
+  gateway::HttpFront front(&service, ho);
+  std::string http = "off";
+  if (ho.listen != "off") {
+    auto a = front.Start();
+    if (!a.ok()) return a.status();
+    http = absl::StrCat("http://", *a, "/v1");
+  }
+  auto addr =
+      outer->StartGrpc("grpc-listen", flags.StringOr("grpc-listen", "127.0.0.1:0"), {&service});
+  if (addr.ok()) {
+    SetReadiness(outer->server(), "dmoe.v1.Dmoe", true);
+    std::printf("gateway: %s\nopenai: %s\n", addr->c_str(), http.c_str());
+    std::fflush(stdout);
+    outer->WaitForStop();
+  }
+  front.Stop();
+  outer->StopGrpc();
+  return addr.status();
+}
+
 }  // namespace
 
 int Serve(int argc, char** argv) {
   ServiceMain outer("dmoe serve");
   auto flags = Flags::Parse(argc, argv,
-                            {"model", "grpc-listen", "kv-cache-mib", "block-tokens",
+                            {"model", "grpc-listen", "http-listen", "kv-cache-mib", "block-tokens",
                              "kv-cache-dtype", "weight-dtype", "expert-dtype"},
                             {});
   if (!flags.ok()) return outer.Fail(flags.status());
@@ -121,26 +158,7 @@ int Serve(int argc, char** argv) {
   auto inner_addr = StartGrpcServer("the private attention port", "127.0.0.1:0", {node.service()},
                                     nullptr, &inner);
   absl::Status st = inner_addr.status();
-  if (st.ok()) {
-    gateway::NodePool pool({*inner_addr});
-    gateway::ApiKeys keys;
-    gateway::GatewayOptions go;
-    go.tokenizer = text->tok.get();
-    go.chat_template = text->chat.get();
-    go.vocab_size = c.vocab_size;
-    go.max_position_embeddings = c.max_position_embeddings;
-    gateway::GatewayService service(&pool, &keys, go);
-    auto addr =
-        outer.StartGrpc("grpc-listen", flags->StringOr("grpc-listen", "127.0.0.1:0"), {&service});
-    st = addr.status();
-    if (st.ok()) {
-      SetReadiness(outer.server(), "dmoe.v1.Dmoe", true);
-      std::printf("gateway: %s\n", addr->c_str());
-      std::fflush(stdout);
-      outer.WaitForStop();
-    }
-    outer.StopGrpc();
-  }
+  if (st.ok()) st = ServeFronts(*flags, *inner_addr, c, *text, &outer);
   if (inner != nullptr) inner->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   node.Stop();
   return st.ok() ? 0 : outer.Fail(st);

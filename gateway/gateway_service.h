@@ -41,6 +41,10 @@ class GatewayService final : public v1::Dmoe::CallbackService {
                                        const v1::ListModelsRequest* request,
                                        v1::ListModelsResponse* reply) override;
 
+  // The request's messages (and tools) through the chat template; INVALID_ARGUMENT naming the
+  // field, or the template's own exception message.
+  absl::StatusOr<std::string> RenderChat(const v1::ChatRequest& request) const;
+
   NodePool* pool() { return pool_; }
   ApiKeys* keys() { return keys_; }
   const GatewayOptions& options() const { return options_; }
@@ -50,9 +54,6 @@ class GatewayService final : public v1::Dmoe::CallbackService {
                                                         absl::StatusOr<std::vector<int32_t>> prompt,
                                                         const v1::SamplingParams& sampling,
                                                         const std::string& model);
-  // The request's messages (and tools) through the chat template; INVALID_ARGUMENT naming the
-  // field, or the template's own exception message.
-  absl::StatusOr<std::string> RenderChat(const v1::ChatRequest& request) const;
   NodePool* pool_;
   ApiKeys* keys_;
   GatewayOptions options_;

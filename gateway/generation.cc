@@ -18,6 +18,10 @@ internal::SamplingParams Forward(const v1::SamplingParams& p) {
   s.set_logprobs(p.logprobs());
   s.set_top_logprobs(p.top_logprobs());
   s.set_ignore_eos(p.ignore_eos());
+  s.set_presence_penalty(p.presence_penalty());
+  s.set_frequency_penalty(p.frequency_penalty());
+  s.set_repetition_penalty(p.repetition_penalty());
+  s.mutable_logit_bias()->insert(p.logit_bias().begin(), p.logit_bias().end());
   return s;
 }
 

@@ -31,7 +31,7 @@ struct GatewayMetrics {
   std::function<void(double seconds)> time_to_first_token;   // arrival to the first token
   std::function<void(double seconds)> inter_token;           // between streamed responses
   std::function<void(double seconds)> end_to_end;            // arrival to the end (OK only)
-  std::function<void(double seconds)> queue_time;  // waiting for admission on the node
+  std::function<void(double seconds)> queue_time;            // waiting for admission on the node
   std::function<void(int delta)> active;
 };
 

@@ -20,7 +20,9 @@
 #include "common/metrics.h"
 #include "common/service.h"
 #include "common/status_macros.h"
+#include "gateway/gateway_metrics.h"
 #include "gateway/gateway_service.h"
+#include "gateway/http_front.h"
 #include "gateway/node_pool.h"
 #include "model/config.h"
 #include "model/tokenizer.h"
@@ -32,7 +34,9 @@ namespace {
 constexpr char kHelp[] = R"(usage: dmoe-gateway (--attention LIST | --router H:P) [flags]
 
 The public gRPC API of dmoe (dmoe.v1.Dmoe: Generate, Chat, Tokenize, Detokenize, ListModels, plus
-grpc.health.v1 and server reflection), balancing over attention nodes by their reported load.
+grpc.health.v1 and server reflection) and an OpenAI-compatible HTTP API (POST /v1/chat/completions,
+/v1/completions; GET /v1/models, /health, /version), balancing over attention nodes by their
+reported load. Both take the same API keys, limits and retries.
 
   --attention LIST          comma-separated gRPC addresses of dmoe-attention nodes
   --router H:P              also (or only) the attention nodes registered with dmoe-router, looked
@@ -45,10 +49,13 @@ grpc.health.v1 and server reflection), balancing over attention nodes by their r
   --tokenizer PATH          tokenizer.json (overrides DIR/tokenizer.json)
   --model-id NAME           the model's name in the API (default: dmoe)
   --grpc-listen H:P         address (default 127.0.0.1:0)
-  --ready-file F            once serving, write {"grpc": ..., "pid": ...} to F
+  --http-listen H:P         the OpenAI-compatible HTTP API's address (default 127.0.0.1:0; "off":
+                            none)
+  --http-threads N          HTTP event-loop threads (default 1; each serves many connections)
+  --ready-file F            once serving, write {"grpc": ..., "http": ..., "pid": ...} to F
   --api-keys FILE           require "authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
-  --tls-cert PEM --tls-key PEM  serve TLS instead of plaintext
+  --tls-cert PEM --tls-key PEM  serve TLS instead of plaintext (gRPC and HTTPS)
   --metrics-listen H:P      Prometheus /metrics address (default 127.0.0.1:0)
 %s)";
 
@@ -69,6 +76,7 @@ struct Setup {
   std::unique_ptr<ChatTemplate> chat;
   std::unique_ptr<ApiKeys> keys = std::make_unique<ApiKeys>();
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  HttpFrontOptions http;
 };
 
 // --model (limits, chat template) and --tokenizer.
@@ -124,36 +132,27 @@ absl::StatusOr<Setup> LoadSetup(const Flags& f) {
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({key, cert});
     s.creds = grpc::SslServerCredentials(ssl);
+    s.http.tls_cert_pem = cert;
+    s.http.tls_key_pem = key;
   }
+  s.http.listen = f.StringOr("http-listen", "127.0.0.1:0");
+  ASSIGN_OR_RETURN(int64_t threads, f.Int("http-threads", 1));
+  if (threads < 1 || threads > 64) {
+    return absl::InvalidArgumentError("--http-threads: must be in [1, 64]");
+  }
+  s.http.threads = static_cast<int>(threads);
+  s.http.version = "dmoe-gateway (OpenAI-compatible API v1)";
   return s;
-}
-
-// Request outcomes and time to first token, into the gateway's options.
-void WireMetrics(Metrics* metrics, GatewayOptions* o) {
-  auto& ttft = metrics->Seconds("dmoe_gateway_time_to_first_token_seconds",
-                                "From a request's arrival at the gateway to its first token");
-  auto& active = metrics->Gauge("dmoe_gateway_active_streams", "Generate/Chat streams in flight");
-  o->metrics.time_to_first_token = [&ttft](double s) { ttft.Observe(s); };
-  o->metrics.active = [&active](int d) { active.Increment(d); };
-  o->metrics.finished = [metrics](const std::string& outcome) {
-    metrics
-        ->Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
-                  {{"outcome", outcome}})
-        .Increment();
-  };
-  for (const char* outcome : {"ok", "cancelled", "invalid_argument", "deadline_exceeded",
-                              "unavailable", "unauthenticated", "resource_exhausted"}) {
-    metrics->Counter("dmoe_gateway_requests_total", "Generate/Chat requests by outcome",
-                     {{"outcome", outcome}});
-  }
 }
 
 // Keeps the pool's node list (from the router, every second), the node gauges and the server's
 // readiness (ready while an attention node is healthy) current, on its own thread.
 class PoolWatcher {
  public:
-  PoolWatcher(NodePool* pool, Metrics* metrics, const Flags& f, const std::string& cluster_token)
+  PoolWatcher(NodePool* pool, Metrics* metrics, GatewayMetricSet* set, const Flags& f,
+              const std::string& cluster_token)
       : pool_(pool),
+        set_(set),
         known_(metrics->Gauge("dmoe_gateway_attention_nodes", "Attention nodes known",
                               {{"state", "known"}})),
         healthy_(metrics->Gauge("dmoe_gateway_attention_nodes", "Attention nodes known",
@@ -199,6 +198,7 @@ class PoolWatcher {
       if (member_ != nullptr && tick % 10 == 0) Discover();
       known_.Set(static_cast<double>(pool_->size()));
       healthy_.Set(static_cast<double>(pool_->healthy()));
+      set_->Refresh(*pool_);
       const int ready = pool_->healthy() > 0 ? 1 : 0;
       if (grpc::Server* s = server_.load(); s != nullptr && ready != last_ready) {
         SetReadiness(s, "dmoe.v1.Dmoe", ready == 1);
@@ -209,6 +209,7 @@ class PoolWatcher {
   }
 
   NodePool* pool_;
+  GatewayMetricSet* set_;
   prometheus::Gauge& known_;
   prometheus::Gauge& healthy_;
   std::unique_ptr<router::RouterMember> member_;
@@ -223,7 +224,7 @@ int Main(int argc, char** argv) {
       Flags::Parse(argc - 1, argv + 1,
                    {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id",
                     "grpc-listen", "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert",
-                    "tls-key", "metrics-listen", "log-level"},
+                    "tls-key", "metrics-listen", "log-level", "http-listen", "http-threads"},
                    {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
@@ -236,20 +237,38 @@ int Main(int argc, char** argv) {
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
-  WireMetrics(&metrics, &setup->o);
+  HttpFrontOptions http = setup->http;
+  GatewayMetricSet metric_set(&metrics, setup->o.model_id, &setup->o, &http.metrics);
   NodePool pool(setup->nodes);
-  PoolWatcher watcher(&pool, &metrics, *flags, setup->cluster_token);
+  PoolWatcher watcher(&pool, &metrics, &metric_set, *flags, setup->cluster_token);
   watcher.Start();
   GatewayService service(&pool, setup->keys.get(), setup->o);
+  http.ready = [&pool] { return pool.healthy() > 0; };
+  HttpFront front(&service, http);
+  nlohmann::json extra = nlohmann::json::object();
+  absl::Status st;
+  if (http.listen != "off") {
+    auto http_addr = front.Start();
+    st = http_addr.status();
+    if (st.ok()) {
+      extra["http"] = *http_addr;
+      spdlog::info("OpenAI-compatible API on http{}://{}/v1", http.tls_cert_pem.empty() ? "" : "s",
+                   *http_addr);
+    }
+  }
   // Ready while at least one attention node is healthy (the watcher keeps it current).
-  auto addr = svc.Serve(*flags, {&service}, "dmoe.v1.Dmoe", *metrics_addr, nlohmann::json::object(),
-                        pool.healthy() > 0, setup->creds);
-  const absl::Status st = addr.status();
+  absl::StatusOr<std::string> addr = st;
+  if (st.ok()) {
+    addr = svc.Serve(*flags, {&service}, "dmoe.v1.Dmoe", *metrics_addr, extra, pool.healthy() > 0,
+                     setup->creds);
+    st = addr.status();
+  }
   if (st.ok()) {
     watcher.SetServer(svc.server());
     spdlog::info("over {} attention node(s)", pool.size());
     svc.WaitForStop();
   }
+  front.Stop();    // cancels its requests: before the nodes' pool goes
   watcher.Stop();  // its thread sets the server's readiness: gone before the server
   svc.StopGrpc();
   return st.ok() ? 0 : svc.Fail(st);

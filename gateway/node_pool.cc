@@ -58,6 +58,20 @@ size_t NodePool::healthy() const {
   return n;
 }
 
+NodePool::Totals NodePool::totals() const {
+  MutexLock l(&mu_);
+  Totals t;
+  for (const auto& x : nodes_) {
+    if (!x->healthy) continue;
+    t.running += x->load.running();
+    t.waiting += x->load.waiting();
+    t.free_blocks += x->load.free_blocks();
+    t.total_blocks += x->load.total_blocks();
+    t.block_tokens = std::max(t.block_tokens, x->load.block_tokens());
+  }
+  return t;
+}
+
 void NodePool::Poll() {
   std::vector<Node*> nodes;
   {

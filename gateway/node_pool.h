@@ -41,6 +41,11 @@ class NodePool {
   bool Add(const std::string& address);
   // Nodes picked from: their last poll succeeded, or was late fewer than kMaxMissedPolls times.
   size_t healthy() const;
+  // The last reported load of the healthy nodes, summed (block_tokens: the largest).
+  struct Totals {
+    int64_t running = 0, waiting = 0, free_blocks = 0, total_blocks = 0, block_tokens = 0;
+  };
+  Totals totals() const;
   // Marks a node down (not even tried in panic mode) until its next successful poll.
   void MarkFailed(int i);
   // Counts a request started on / finished with node i (load between polls).

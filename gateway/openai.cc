@@ -1,0 +1,578 @@
+#include "gateway/openai.h"
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace dmoe::gateway::openai {
+
+using json = nlohmann::json;
+
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+std::string ApiError::Json() const {
+  json e = {{"message", message},
+            {"type", type},
+            {"param", param.empty() ? json(nullptr) : json(param)},
+            {"code", code.empty() ? json(nullptr) : json(code)}};
+  return Dump(json{{"error", std::move(e)}});
+}
+
+ApiError ErrorFromStatus(const absl::Status& status) {
+  ApiError e;
+  e.message = std::string(status.message());
+  const size_t colon = e.message.find(": ");
+  const std::string field = colon == std::string::npos ? "" : e.message.substr(0, colon);
+  // A field name has no spaces ("messages[2].role", "max_tokens").
+  const bool names_field = !field.empty() && field.find(' ') == std::string::npos;
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kFailedPrecondition:
+      e.http_status = 400;
+      if (names_field) e.param = field;
+      break;
+    case absl::StatusCode::kOutOfRange:  // the prompt and max_tokens do not fit the context
+      e = {400, e.message, "invalid_request_error", names_field ? field : "",
+           "context_length_exceeded"};
+      break;
+    case absl::StatusCode::kUnauthenticated:
+      e = {401, e.message, "authentication_error", "", "invalid_api_key"};
+      break;
+    case absl::StatusCode::kPermissionDenied:
+      e = {403, e.message, "permission_error", "", ""};
+      break;
+    case absl::StatusCode::kNotFound:
+      e = {404, e.message, "invalid_request_error", names_field ? field : "", "model_not_found"};
+      break;
+    case absl::StatusCode::kResourceExhausted:
+      e = {429, e.message, "rate_limit_error", "", "rate_limit_exceeded"};
+      break;
+    case absl::StatusCode::kUnavailable:
+      e = {503, e.message, "service_unavailable", "", ""};
+      break;
+    case absl::StatusCode::kDeadlineExceeded:
+      e = {504, e.message, "timeout", "", ""};
+      break;
+    default:
+      e = {500, e.message, "server_error", "", ""};
+  }
+  return e;
+}
+
+namespace {
+
+absl::Status Bad(const std::string& field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+}
+
+// Typed access to the optional fields of a JSON object (null reads as absent).
+class Fields {
+ public:
+  explicit Fields(const json& o) : o_(o) {}
+  const json* Get(const char* name) const {
+    auto it = o_.find(name);
+    return it == o_.end() || it->is_null() ? nullptr : &*it;
+  }
+  absl::Status Bool(const char* name, bool* out) const {
+    const json* v = Get(name);
+    if (v == nullptr) return absl::OkStatus();
+    if (!v->is_boolean()) return Bad(name, "must be true or false");
+    *out = v->get<bool>();
+    return absl::OkStatus();
+  }
+  absl::Status Number(const char* name, double lo, double hi, double* out) const {
+    const json* v = Get(name);
+    if (v == nullptr) return absl::OkStatus();
+    if (!v->is_number()) return Bad(name, "must be a number");
+    const double d = v->get<double>();
+    if (!std::isfinite(d) || d < lo || d > hi) {
+      return Bad(name, absl::StrCat(d, " is not in [", lo, ", ", hi, "]"));
+    }
+    *out = d;
+    return absl::OkStatus();
+  }
+  absl::Status Int(const char* name, int64_t lo, int64_t hi, int64_t* out) const {
+    const json* v = Get(name);
+    if (v == nullptr) return absl::OkStatus();
+    if (!v->is_number_integer()) return Bad(name, "must be an integer");
+    const int64_t i = v->is_number_unsigned() && v->get<uint64_t>() > INT64_MAX
+                          ? std::numeric_limits<int64_t>::max()
+                          : v->get<int64_t>();
+    if (i < lo || i > hi) return Bad(name, absl::StrCat(i, " is not in [", lo, ", ", hi, "]"));
+    *out = i;
+    return absl::OkStatus();
+  }
+  absl::Status String(const char* name, std::string* out) const {
+    const json* v = Get(name);
+    if (v == nullptr) return absl::OkStatus();
+    if (!v->is_string()) return Bad(name, "must be a string");
+    *out = v->get<std::string>();
+    return absl::OkStatus();
+  }
+
+ private:
+  const json& o_;
+};
+
+#define DMOE_RETURN(expr)                   \
+  do {                                      \
+    if (absl::Status s_ = (expr); !s_.ok()) \
+      return s_;                            \
+  } while (0)
+
+absl::StatusOr<std::vector<int32_t>> TokenIds(const json& a, const std::string& field) {
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!a[i].is_number_integer() || a[i].get<int64_t>() < 0 ||
+        a[i].get<int64_t>() > std::numeric_limits<int32_t>::max()) {
+      return Bad(absl::StrCat(field, "[", i, "]"), "must be a token id (a non-negative integer)");
+    }
+    ids.push_back(static_cast<int32_t>(a[i].get<int64_t>()));
+  }
+  return ids;
+}
+
+// A string, a list of strings, a list of token ids or a list of lists of token ids.
+absl::Status ParsePrompts(const json* p, Request* r) {
+  if (p == nullptr) return Bad("prompt", "is required");
+  if (p->is_string()) {
+    r->prompts.push_back(p->get<std::string>());
+  } else if (p->is_array() && !p->empty() && (*p)[0].is_number()) {
+    auto ids = TokenIds(*p, "prompt");
+    if (!ids.ok()) return ids.status();
+    r->prompts.push_back(std::move(*ids));
+  } else if (p->is_array()) {
+    for (size_t i = 0; i < p->size(); ++i) {
+      const json& e = (*p)[i];
+      const std::string field = absl::StrCat("prompt[", i, "]");
+      if (e.is_string()) {
+        r->prompts.push_back(e.get<std::string>());
+      } else if (e.is_array()) {
+        auto ids = TokenIds(e, field);
+        if (!ids.ok()) return ids.status();
+        r->prompts.push_back(std::move(*ids));
+      } else {
+        return Bad(field, "must be a string or a list of token ids");
+      }
+    }
+  } else {
+    return Bad("prompt", "must be a string, a list of strings or a list of token ids");
+  }
+  if (r->prompts.empty()) return Bad("prompt", "is empty");
+  for (size_t i = 0; i < r->prompts.size(); ++i) {
+    const Prompt& q = r->prompts[i];
+    const bool empty = q.index() == 0 ? std::get<0>(q).empty() : std::get<1>(q).empty();
+    if (empty) return Bad(r->prompts.size() == 1 ? "prompt" : absl::StrCat("prompt[", i, "]"),
+                          "is empty");
+  }
+  return absl::OkStatus();
+}
+
+// A message's content: a string, or a list of {"type": "text", "text": ...} parts.
+absl::StatusOr<std::string> Content(const json& c, const std::string& field) {
+  if (c.is_null()) return std::string();
+  if (c.is_string()) return c.get<std::string>();
+  if (!c.is_array()) return Bad(field, "must be a string or a list of content parts");
+  std::string text;
+  for (size_t i = 0; i < c.size(); ++i) {
+    const std::string f = absl::StrCat(field, "[", i, "]");
+    if (!c[i].is_object()) return Bad(f, "must be an object");
+    auto type = c[i].find("type");
+    if (type == c[i].end() || *type != "text") {
+      return Bad(absl::StrCat(f, ".type"), "only \"text\" parts are served by this model");
+    }
+    auto t = c[i].find("text");
+    if (t == c[i].end() || !t->is_string()) return Bad(absl::StrCat(f, ".text"), "must be a string");
+    text += t->get<std::string>();
+  }
+  return text;
+}
+
+absl::Status ParseToolCalls(const json& calls, const std::string& field, v1::ChatMessage* m) {
+  if (!calls.is_array()) return Bad(field, "must be a list");
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const std::string f = absl::StrCat(field, "[", i, "]");
+    const json& c = calls[i];
+    if (!c.is_object()) return Bad(f, "must be an object");
+    v1::ToolCall* t = m->add_tool_calls();
+    Fields cf(c);
+    DMOE_RETURN(cf.String("id", t->mutable_id()));
+    DMOE_RETURN(cf.String("type", t->mutable_type()));
+    const json* fn = cf.Get("function");
+    if (fn == nullptr || !fn->is_object()) return Bad(f + ".function", "must be an object");
+    Fields ff(*fn);
+    DMOE_RETURN(ff.String("name", t->mutable_function_name()));
+    DMOE_RETURN(ff.String("arguments", t->mutable_function_arguments()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseMessages(const Fields& f, Request* r) {
+  const json* ms = f.Get("messages");
+  if (ms == nullptr) return Bad("messages", "is required");
+  if (!ms->is_array()) return Bad("messages", "must be a list of messages");
+  if (ms->empty()) return Bad("messages", "is empty");
+  if (ms->size() > static_cast<size_t>(kMaxMessages)) {
+    return Bad("messages", absl::StrCat(ms->size(), " messages; at most ", kMaxMessages));
+  }
+  for (size_t i = 0; i < ms->size(); ++i) {
+    const std::string field = absl::StrCat("messages[", i, "]");
+    const json& m = (*ms)[i];
+    if (!m.is_object()) return Bad(field, "must be an object");
+    Fields mf(m);
+    v1::ChatMessage* out = r->chat.add_messages();
+    DMOE_RETURN(mf.String("role", out->mutable_role()));
+    if (out->role().empty()) return Bad(field + ".role", "is required");
+    if (out->role() == "developer") out->set_role("system");
+    auto content = Content(m.value("content", json()), field + ".content");
+    if (!content.ok()) return content.status();
+    out->set_content(std::move(*content));
+    DMOE_RETURN(mf.String("name", out->mutable_name()));
+    DMOE_RETURN(mf.String("tool_call_id", out->mutable_tool_call_id()));
+    if (const json* calls = mf.Get("tool_calls")) {
+      DMOE_RETURN(ParseToolCalls(*calls, field + ".tool_calls", out));
+    }
+  }
+  if (const json* tools = f.Get("tools")) {
+    if (!tools->is_array()) return Bad("tools", "must be a list");
+    r->chat.set_tools_json(Dump(*tools));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseStop(const Fields& f, v1::SamplingParams* s) {
+  const json* stop = f.Get("stop");
+  if (stop == nullptr) return absl::OkStatus();
+  std::vector<std::string> stops;
+  if (stop->is_string()) {
+    stops.push_back(stop->get<std::string>());
+  } else if (stop->is_array()) {
+    for (size_t i = 0; i < stop->size(); ++i) {
+      if (!(*stop)[i].is_string()) {
+        return Bad(absl::StrCat("stop[", i, "]"), "must be a string");
+      }
+      stops.push_back((*stop)[i].get<std::string>());
+    }
+  } else {
+    return Bad("stop", "must be a string or a list of strings");
+  }
+  if (stops.size() > static_cast<size_t>(kMaxStops)) {
+    return Bad("stop", absl::StrCat("at most ", kMaxStops, " stop strings"));
+  }
+  for (size_t i = 0; i < stops.size(); ++i) {
+    if (stops[i].empty()) return Bad(absl::StrCat("stop[", i, "]"), "is empty");
+    s->add_stop(stops[i]);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseLogitBias(const Fields& f, v1::SamplingParams* s) {
+  const json* bias = f.Get("logit_bias");
+  if (bias == nullptr) return absl::OkStatus();
+  if (!bias->is_object()) return Bad("logit_bias", "must be an object of token id: bias");
+  for (auto it = bias->begin(); it != bias->end(); ++it) {
+    const std::string field = absl::StrCat("logit_bias[\"", it.key(), "\"]");
+    char* end = nullptr;
+    const long id = std::strtol(it.key().c_str(), &end, 10);
+    if (it.key().empty() || *end != '\0' || id < 0 || id > std::numeric_limits<int32_t>::max()) {
+      return Bad(field, "the key must be a token id");
+    }
+    if (!it.value().is_number() || !(std::fabs(it.value().get<double>()) <= 100)) {
+      return Bad(field, "must be a number in [-100, 100]");
+    }
+    (*s->mutable_logit_bias())[static_cast<int32_t>(id)] = it.value().get<float>();
+  }
+  return absl::OkStatus();
+}
+
+// The sampling fields both endpoints share.
+absl::Status ParseSampling(const Fields& f, Request* r) {
+  v1::SamplingParams* s = &r->sampling;
+  double temperature = 1.0, top_p = 1.0, min_p = 0, presence = 0, frequency = 0, repetition = 1;
+  int64_t top_k = 0, seed = 0, max_tokens = 0, n = 1;
+  DMOE_RETURN(f.Number("temperature", 0, 2, &temperature));
+  DMOE_RETURN(f.Number("top_p", 0, 1, &top_p));
+  if (top_p <= 0) return Bad("top_p", "must be greater than 0");
+  DMOE_RETURN(f.Int("top_k", -1, std::numeric_limits<int32_t>::max(), &top_k));
+  DMOE_RETURN(f.Number("min_p", 0, 1, &min_p));
+  DMOE_RETURN(f.Int("seed", std::numeric_limits<int64_t>::min(),
+                    std::numeric_limits<int64_t>::max(), &seed));
+  DMOE_RETURN(f.Number("presence_penalty", -2, 2, &presence));
+  DMOE_RETURN(f.Number("frequency_penalty", -2, 2, &frequency));
+  DMOE_RETURN(f.Number("repetition_penalty", 1e-6, 1e6, &repetition));
+  DMOE_RETURN(f.Int("max_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
+  DMOE_RETURN(
+      f.Int("max_completion_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
+  r->max_tokens_given = f.Get("max_tokens") != nullptr || f.Get("max_completion_tokens") != nullptr;
+  DMOE_RETURN(f.Int("n", 1, kMaxChoices, &n));
+  r->n = static_cast<int>(n);
+  bool ignore_eos = false;
+  DMOE_RETURN(f.Bool("ignore_eos", &ignore_eos));
+  s->set_temperature(temperature);
+  s->set_top_p(top_p);
+  s->set_top_k(top_k < 0 ? 0 : top_k);
+  s->set_min_p(min_p);
+  s->set_seed(static_cast<uint64_t>(seed));
+  s->set_max_tokens(max_tokens);
+  s->set_ignore_eos(ignore_eos);
+  s->set_presence_penalty(presence);
+  s->set_frequency_penalty(frequency);
+  s->set_repetition_penalty(repetition);
+  DMOE_RETURN(ParseStop(f, s));
+  return ParseLogitBias(f, s);
+}
+
+absl::Status ParseLogprobs(const Fields& f, Request* r) {
+  if (r->endpoint == Endpoint::kChat) {
+    int64_t top = 0;
+    DMOE_RETURN(f.Bool("logprobs", &r->logprobs));
+    DMOE_RETURN(f.Int("top_logprobs", 0, 20, &top));
+    if (top > 0 && !r->logprobs) return Bad("top_logprobs", "needs \"logprobs\": true");
+    r->sampling.set_logprobs(r->logprobs);
+    r->sampling.set_top_logprobs(top);
+    return absl::OkStatus();
+  }
+  int64_t k = -1;
+  DMOE_RETURN(f.Int("logprobs", 0, 20, &k));
+  r->logprobs = k >= 0;
+  r->sampling.set_logprobs(r->logprobs);
+  r->sampling.set_top_logprobs(k > 0 ? k : 0);
+  return absl::OkStatus();
+}
+
+// Fields of the API this server does not serve: an error rather than a silent difference.
+absl::Status Unserved(const Fields& f) {
+  bool echo = false;
+  DMOE_RETURN(f.Bool("echo", &echo));
+  if (echo) return Bad("echo", "is not supported");
+  int64_t best_of = 1;
+  DMOE_RETURN(f.Int("best_of", 1, kMaxChoices, &best_of));
+  if (best_of != 1) return Bad("best_of", "is not supported");
+  std::string suffix;
+  DMOE_RETURN(f.String("suffix", &suffix));
+  if (!suffix.empty()) return Bad("suffix", "is not supported");
+  return absl::OkStatus();
+}
+
+absl::Status ParseStreamOptions(const Fields& f, Request* r) {
+  DMOE_RETURN(f.Bool("stream", &r->stream));
+  const json* so = f.Get("stream_options");
+  if (so == nullptr) return absl::OkStatus();
+  if (!so->is_object()) return Bad("stream_options", "must be an object");
+  if (!r->stream) return Bad("stream_options", "only with \"stream\": true");
+  const json* iu = Fields(*so).Get("include_usage");
+  if (iu != nullptr && !iu->is_boolean()) {
+    return Bad("stream_options.include_usage", "must be true or false");
+  }
+  r->include_usage = iu != nullptr && iu->get<bool>();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
+  json j = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Bad("body", "is not valid JSON (or not UTF-8)");
+  if (!j.is_object()) return Bad("body", "must be a JSON object");
+  Request r;
+  r.endpoint = endpoint;
+  Fields f(j);
+  DMOE_RETURN(f.String("model", &r.model));
+  DMOE_RETURN(f.String("user", &r.user));
+  if (endpoint == Endpoint::kChat) {
+    DMOE_RETURN(ParseMessages(f, &r));
+  } else {
+    DMOE_RETURN(ParsePrompts(f.Get("prompt"), &r));
+    DMOE_RETURN(Unserved(f));
+  }
+  DMOE_RETURN(ParseSampling(f, &r));
+  DMOE_RETURN(ParseLogprobs(f, &r));
+  DMOE_RETURN(ParseStreamOptions(f, &r));
+  const size_t prompts = endpoint == Endpoint::kChat ? 1 : r.prompts.size();
+  if (prompts * static_cast<size_t>(r.n) > static_cast<size_t>(kMaxChoices)) {
+    return Bad("n", absl::StrCat(r.n, " x ", prompts, " prompts is more than ", kMaxChoices,
+                                 " choices"));
+  }
+  return r;
+}
+
+}  // namespace dmoe::gateway::openai
+
+namespace dmoe::gateway::openai {
+
+ResponseWriter::ResponseWriter(const Request& request, std::string id, int64_t created,
+                               std::string model, const Tokenizer* tokenizer, int n_choices)
+    : request_(request),
+      id_(std::move(id)),
+      created_(created),
+      model_(std::move(model)),
+      tokenizer_(tokenizer),
+      choices_(static_cast<size_t>(n_choices)) {}
+
+std::string ResponseWriter::TokenText(int32_t id, const std::string& bytes) const {
+  if (!bytes.empty()) return bytes;
+  if (tokenizer_ != nullptr && id >= 0 && id < tokenizer_->vocab_size()) {
+    return tokenizer_->TokenBytes(id);
+  }
+  return absl::StrCat("token_id:", id);
+}
+
+namespace {
+
+json Bytes(const std::string& s) {
+  json b = json::array();
+  for (unsigned char c : s) b.push_back(static_cast<int>(c));
+  return b;
+}
+
+}  // namespace
+
+// The logprobs of one response's tokens, in the endpoint's shape; null when not asked for.
+json ResponseWriter::LogprobsOf(Choice* c, const v1::GenerateResponse& r) const {
+  if (!request_.logprobs) return nullptr;
+  const bool chat = request_.endpoint == Endpoint::kChat;
+  json content = json::array();
+  json tokens = json::array(), token_lps = json::array(), tops = json::array(),
+       offsets = json::array();
+  for (int i = 0; i < r.token_ids_size(); ++i) {
+    const std::string tok = TokenText(r.token_ids(i), "");
+    const double lp = i < r.logprobs_size() ? r.logprobs(i) : 0.0;
+    json top = chat ? json::array() : json::object();
+    if (i < r.top_logprobs_size()) {
+      for (const v1::TokenLogprob& t : r.top_logprobs(i).top()) {
+        const std::string s = TokenText(t.token_id(), t.token());
+        if (chat) {
+          top.push_back({{"token", s}, {"logprob", t.logprob()}, {"bytes", Bytes(s)}});
+        } else {
+          top[s] = t.logprob();
+        }
+      }
+    }
+    if (chat) {
+      content.push_back({{"token", tok}, {"logprob", lp}, {"bytes", Bytes(tok)}, {"top_logprobs", top}});
+    } else {
+      tokens.push_back(tok);
+      token_lps.push_back(lp);
+      tops.push_back(request_.sampling.top_logprobs() > 0 ? top : json(nullptr));
+      offsets.push_back(c->text_offset);
+      c->text_offset += static_cast<int64_t>(tok.size());
+    }
+  }
+  if (chat) return {{"content", std::move(content)}};
+  return {{"tokens", std::move(tokens)},
+          {"token_logprobs", std::move(token_lps)},
+          {"top_logprobs", std::move(tops)},
+          {"text_offset", std::move(offsets)}};
+}
+
+void ResponseWriter::AppendLogprobs(Choice* c, const json& lp) const {
+  if (lp.is_null()) return;
+  if (c->logprobs.is_null()) {
+    c->logprobs = lp;
+    return;
+  }
+  for (auto& [key, value] : lp.items()) {
+    for (const auto& e : value) c->logprobs[key].push_back(e);
+  }
+}
+
+void ResponseWriter::AddUsage(int index, const v1::Usage& u) {
+  // Each prompt's n choices share it: counted once.
+  if (index % request_.n == 0) {
+    prompt_tokens_ += u.prompt_tokens();
+    cached_tokens_ += u.cached_prompt_tokens();
+  }
+  completion_tokens_ += u.completion_tokens();
+}
+
+json ResponseWriter::UsageJson() const {
+  return {{"prompt_tokens", prompt_tokens_},
+          {"completion_tokens", completion_tokens_},
+          {"total_tokens", prompt_tokens_ + completion_tokens_},
+          {"prompt_tokens_details", {{"cached_tokens", cached_tokens_}}}};
+}
+
+json ResponseWriter::ChunkJson(int index, const std::string& text, const json& lp,
+                               const std::string& finish) {
+  Choice& c = choices_[static_cast<size_t>(index)];
+  const bool chat = request_.endpoint == Endpoint::kChat;
+  json choice = {{"index", index}};
+  if (chat) {
+    json delta = json::object();
+    if (!c.role_sent) delta["role"] = "assistant";
+    if (!text.empty() || !c.role_sent) delta["content"] = text;
+    c.role_sent = true;
+    choice["delta"] = std::move(delta);
+  } else {
+    choice["text"] = text;
+  }
+  choice["logprobs"] = lp;
+  choice["finish_reason"] = finish.empty() ? json(nullptr) : json(finish);
+  json chunk = {{"id", id_},
+                {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                {"created", created_},
+                {"model", model_},
+                {"choices", json::array({std::move(choice)})}};
+  if (request_.include_usage) chunk["usage"] = nullptr;
+  return chunk;
+}
+
+std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
+  Choice& c = choices_[static_cast<size_t>(index)];
+  if (r.has_usage()) AddUsage(index, r.usage());
+  const std::string finish = r.finish_reason().empty() ? "" : r.finish_reason() == "length"
+                                                                  ? "length"
+                                                                  : "stop";
+  json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
+  if (!request_.stream) {
+    c.text += r.text_delta();
+    AppendLogprobs(&c, lp);
+    if (!finish.empty()) c.finish_reason = finish;
+    if (request_.logprobs && c.logprobs.is_null() && !finish.empty()) {
+      c.logprobs = LogprobsOf(&c, v1::GenerateResponse());  // no tokens: empty lists
+    }
+    return "";
+  }
+  return absl::StrCat("data: ", Dump(ChunkJson(index, r.text_delta(), lp, finish)), "\n\n");
+}
+
+std::string ResponseWriter::End() {
+  std::string out;
+  if (request_.stream && request_.include_usage) {
+    json u = {{"id", id_},
+              {"object", request_.endpoint == Endpoint::kChat ? "chat.completion.chunk"
+                                                              : "text_completion"},
+              {"created", created_},
+              {"model", model_},
+              {"choices", json::array()},
+              {"usage", UsageJson()}};
+    out = absl::StrCat("data: ", Dump(u), "\n\n");
+  }
+  return out + "data: [DONE]\n\n";
+}
+
+std::string ResponseWriter::Body() const {
+  const bool chat = request_.endpoint == Endpoint::kChat;
+  json choices = json::array();
+  for (size_t i = 0; i < choices_.size(); ++i) {
+    const Choice& c = choices_[i];
+    json choice = {{"index", i}};
+    if (chat) {
+      choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+    } else {
+      choice["text"] = c.text;
+    }
+    choice["logprobs"] = c.logprobs;
+    choice["finish_reason"] = c.finish_reason;
+    choices.push_back(std::move(choice));
+  }
+  return Dump({{"id", id_},
+               {"object", chat ? "chat.completion" : "text_completion"},
+               {"created", created_},
+               {"model", model_},
+               {"choices", std::move(choices)},
+               {"usage", UsageJson()}});
+}
+
+}  // namespace dmoe::gateway::openai

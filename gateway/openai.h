@@ -1,0 +1,107 @@
+// The OpenAI API's JSON, without any I/O: request bodies of /v1/chat/completions and
+// /v1/completions parsed and checked (every error names its field), and the responses and
+// server-sent-event chunks written from the gateway's GenerateResponse stream.
+#ifndef DMOE_GATEWAY_OPENAI_H_
+#define DMOE_GATEWAY_OPENAI_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "model/tokenizer.h"
+#include "nlohmann/json.hpp"
+#include "proto/dmoe/v1/dmoe.pb.h"
+
+namespace dmoe::gateway::openai {
+
+enum class Endpoint { kChat, kCompletions };
+
+// Limits on a request, beyond the model's context.
+inline constexpr int kMaxMessages = 2048;
+inline constexpr int kMaxChoices = 64;  // n x prompts
+inline constexpr int kMaxStops = 16;
+
+// An error response: {"error": {"message", "type", "param", "code"}}.
+struct ApiError {
+  int http_status = 400;
+  std::string message;
+  std::string type = "invalid_request_error";
+  std::string param;  // empty: null
+  std::string code;   // empty: null
+  std::string Json() const;
+};
+// From a status whose message reads "field: what" (the gateway's convention): INVALID_ARGUMENT
+// and FAILED_PRECONDITION 400, OUT_OF_RANGE 400 "context_length_exceeded", UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404,
+// RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, others 500.
+ApiError ErrorFromStatus(const absl::Status& status);
+
+using Prompt = std::variant<std::string, std::vector<int32_t>>;
+
+struct Request {
+  Endpoint endpoint = Endpoint::kCompletions;
+  std::string model;
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+  int n = 1;
+  bool max_tokens_given = false;  // else the rest of the context
+  // Completions: the prompts (each answered n times). Chat: `chat` holds the messages.
+  std::vector<Prompt> prompts;
+  v1::ChatRequest chat;
+  v1::SamplingParams sampling;  // max_tokens 0 when not given
+  bool logprobs = false;        // chat: logprobs; completions: logprobs given
+  std::string user;
+};
+
+// Parses a request body. INVALID_ARGUMENT "field: what" for malformed JSON, a wrong type, a value
+// out of range or a feature not served (echo, best_of, suffix, images).
+absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body);
+
+// Writes the responses of one request: `n_choices` choices, each fed its stream in order.
+class ResponseWriter {
+ public:
+  ResponseWriter(const Request& request, std::string id, int64_t created, std::string model,
+                 const Tokenizer* tokenizer, int n_choices);
+  // Streaming: the SSE event ("data: {...}\n\n", possibly empty) for one response of choice
+  // `index`; the last one (finish_reason set) also ends the choice.
+  std::string Chunk(int index, const v1::GenerateResponse& r);
+  // Streaming: the usage event (when asked for) and "data: [DONE]".
+  std::string End();
+  // Not streaming: the whole response, once every choice has ended.
+  std::string Body() const;
+  // Usage so far (summed over choices; the prompt counted once per prompt).
+  void AddUsage(int index, const v1::Usage& u);
+
+ private:
+  struct Choice {
+    std::string text;
+    std::string finish_reason;
+    nlohmann::json logprobs;  // null, or the endpoint's logprobs object
+    bool role_sent = false;
+    int64_t text_offset = 0;  // completions' text_offset
+  };
+  nlohmann::json LogprobsOf(Choice* c, const v1::GenerateResponse& r) const;
+  void AppendLogprobs(Choice* c, const nlohmann::json& lp) const;
+  nlohmann::json ChunkJson(int index, const std::string& text, const nlohmann::json& lp,
+                           const std::string& finish);
+  nlohmann::json UsageJson() const;
+  std::string TokenText(int32_t id, const std::string& bytes) const;
+
+  const Request& request_;
+  const std::string id_;
+  const int64_t created_;
+  const std::string model_;
+  const Tokenizer* tokenizer_;
+  std::vector<Choice> choices_;
+  int64_t prompt_tokens_ = 0, completion_tokens_ = 0, cached_tokens_ = 0;
+};
+
+// JSON as the API sends it: bytes that are not UTF-8 replaced by U+FFFD.
+std::string Dump(const nlohmann::json& j);
+
+}  // namespace dmoe::gateway::openai
+
+#endif  // DMOE_GATEWAY_OPENAI_H_
