@@ -16,6 +16,7 @@
 #include "cli/gateway_client.h"
 #include "cli/local_cluster.h"
 #include "cli/npy.h"
+#include "cli/openai_bench.h"
 #include "cli/serve.h"
 #include "common/flags.h"
 #include "common/status_macros.h"
@@ -38,6 +39,7 @@ commands:
   chat             chat with a dmoe-gateway (--target), streaming the answer
   serve            the whole stack in one process (experts in-process), serving the public API
   up               start a local cluster (experts, attention, gateway) on 127.0.0.1
+  bench            load generator against the OpenAI-compatible API (or gRPC): TTFT, TPOT, ITL
   down             stop the cluster `dmoe up` started
 )";
 
@@ -401,6 +403,7 @@ int main(int argc, char** argv) {
   if (cmd == "chat") return Chat(argc - 2, argv + 2);
   if (cmd == "up") return Up(argc - 2, argv + 2);
   if (cmd == "serve") return Serve(argc - 2, argv + 2);
+  if (cmd == "bench") return Bench(argc - 2, argv + 2);
   if (cmd == "down") return Down(argc - 2, argv + 2);
   std::fprintf(stderr, "error: unknown command \"%s\"\n\n%s", cmd.c_str(), kUsage);
   return 2;

@@ -3,9 +3,11 @@
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "attention_service/attention_node.h"
@@ -16,8 +18,10 @@
 #include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/logging.h"
+#include "common/metrics.h"
 #include "common/service.h"
 #include "common/status_macros.h"
+#include "gateway/gateway_metrics.h"
 #include "gateway/gateway_service.h"
 #include "gateway/http_front.h"
 #include "gateway/node_pool.h"
@@ -37,6 +41,10 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --model DIR          checkpoint directory (Hugging Face layout)
   --grpc-listen H:P    public address (default 127.0.0.1:0; the chosen one is printed)
   --http-listen H:P    the OpenAI-compatible HTTP API (default 127.0.0.1:0; "off": none)
+  --metrics-listen H:P Prometheus /metrics (default 127.0.0.1:0): the gateway's series
+  --model-id NAME      the model's name in the APIs (default dmoe)
+  --api-keys FILE      require "Authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
+  --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --kv-cache-mib N     KV cache size (default 256)
   --block-tokens N     tokens per KV block (default 16)
   --kv-cache-dtype T   f32 (default), int8 or fp8_e4m3 (see dmoe-attention --help)
@@ -95,30 +103,48 @@ absl::StatusOr<TextParts> LoadTextParts(const std::string& dir) {
 absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, const ModelConfig& c,
                          const TextParts& text, ServiceMain* outer) {
   gateway::NodePool pool({inner_addr});
-  gateway::ApiKeys keys;
+  auto keys = std::make_unique<gateway::ApiKeys>();
+  if (flags.Has("api-keys")) {
+    ASSIGN_OR_RETURN(int64_t limit, flags.Int("max-concurrent-per-key", 64));
+    ASSIGN_OR_RETURN(keys, gateway::ApiKeys::Load(flags.StringOr("api-keys", ""), limit));
+  }
   gateway::GatewayOptions go;
   go.tokenizer = text.tok.get();
   go.chat_template = text.chat.get();
   go.vocab_size = c.vocab_size;
   go.max_position_embeddings = c.max_position_embeddings;
-  gateway::GatewayService service(&pool, &keys, go);
+  go.model_id = flags.StringOr("model-id", "dmoe");
   gateway::HttpFrontOptions ho;
   ho.listen = flags.StringOr("http-listen", "127.0.0.1:0");
   ho.version = "dmoe serve (OpenAI-compatible API v1)";
+  Metrics metrics;
+  ASSIGN_OR_RETURN(std::string metrics_addr,
+                   metrics.Serve(flags.StringOr("metrics-listen", "127.0.0.1:0")));
+  gateway::GatewayMetricSet set(&metrics, go.model_id, &go, &ho.metrics);
+  gateway::GatewayService service(&pool, keys.get(), go);
   gateway::HttpFront front(&service, ho);
   std::string http = "off";
   if (ho.listen != "off") {
-    auto a = front.Start();
-    if (!a.ok()) return a.status();
-    http = absl::StrCat("http://", *a, "/v1");
+    ASSIGN_OR_RETURN(std::string a, front.Start());
+    http = absl::StrCat("http://", a, "/v1");
   }
   auto addr =
       outer->StartGrpc("grpc-listen", flags.StringOr("grpc-listen", "127.0.0.1:0"), {&service});
   if (addr.ok()) {
     SetReadiness(outer->server(), "dmoe.v1.Dmoe", true);
-    std::printf("gateway: %s\nopenai: %s\n", addr->c_str(), http.c_str());
+    std::printf("gateway: %s\nopenai: %s\nmetrics: http://%s/metrics\n", addr->c_str(),
+                http.c_str(), metrics_addr.c_str());
     std::fflush(stdout);
+    std::atomic<bool> done{false};
+    std::thread refresh([&] {  // the Inference Extension gauges, from the node's load
+      while (!done) {
+        set.Refresh(pool);
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
     outer->WaitForStop();
+    done = true;
+    refresh.join();
   }
   front.Stop();
   outer->StopGrpc();
@@ -131,6 +157,7 @@ int Serve(int argc, char** argv) {
   ServiceMain outer("dmoe serve");
   auto flags = Flags::Parse(argc, argv,
                             {"model", "grpc-listen", "http-listen", "kv-cache-mib", "block-tokens",
+                             "metrics-listen", "model-id", "api-keys", "max-concurrent-per-key",
                              "kv-cache-dtype", "weight-dtype", "expert-dtype"},
                             {});
   if (!flags.ok()) return outer.Fail(flags.status());

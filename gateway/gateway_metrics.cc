@@ -72,18 +72,21 @@ void GatewayMetricSet::Refresh(const NodePool& pool) {
       t.total_blocks > 0 ? 1.0 - static_cast<double>(t.free_blocks) / t.total_blocks : 0.0;
   kv_usage_.Set(used);
   kv_usage_old_.Set(used);
-  if (t.total_blocks > 0 && (t.total_blocks != cache_blocks_ || t.block_tokens != cache_block_tokens_)) {
+  if (t.total_blocks > 0 &&
+      (t.total_blocks != cache_blocks_ || t.block_tokens != cache_block_tokens_)) {
     if (cache_blocks_ >= 0) {
       m_->Gauge("vllm:cache_config_info", "KV cache configuration (labels)",
                 {{"block_size", std::to_string(cache_block_tokens_)},
-                 {"num_gpu_blocks", std::to_string(cache_blocks_)}, {"model_name", model_.at("model_name")}})
+                 {"num_gpu_blocks", std::to_string(cache_blocks_)},
+                 {"model_name", model_.at("model_name")}})
           .Set(0);
     }
     cache_blocks_ = t.total_blocks;
     cache_block_tokens_ = t.block_tokens;
     m_->Gauge("vllm:cache_config_info", "KV cache configuration (labels)",
               {{"block_size", std::to_string(t.block_tokens)},
-               {"num_gpu_blocks", std::to_string(t.total_blocks)}, {"model_name", model_.at("model_name")}})
+               {"num_gpu_blocks", std::to_string(t.total_blocks)},
+               {"model_name", model_.at("model_name")}})
         .Set(1);
   }
 }

@@ -82,8 +82,8 @@ absl::Status FromGrpc(const grpc::Status& s) {
 
 // The route a request is counted under (a fixed set: no label per unknown path).
 std::string RouteOf(std::string_view target) {
-  for (const char* r : {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                        "/version"}) {
+  for (const char* r :
+       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version"}) {
     if (target == r) return r;
   }
   if (target.substr(0, 11) == "/v1/models/") return "/v1/models";
@@ -218,10 +218,9 @@ void Session<Stream>::ReadRequest() {
   parser_->body_limit(front_->options.max_body_bytes);
   parser_->header_limit(64 << 10);
   lowest().expires_after(front_->options.read_timeout);
-  http::async_read(stream_, buffer_, *parser_,
-                   [self = this->shared_from_this()](beast::error_code ec, size_t) {
-                     self->OnRead(ec);
-                   });
+  http::async_read(
+      stream_, buffer_, *parser_,
+      [self = this->shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
 }
 
 template <class Stream>
@@ -262,8 +261,8 @@ void Session<Stream>::Handle(const http::request<http::string_body>& req) {
   const bool get = req.method() == http::verb::get || req.method() == http::verb::head;
   if (target == "/v1/chat/completions" || target == "/v1/completions") {
     if (!post) return RespondError({405, "use POST", "invalid_request_error", "", ""});
-    const auto endpoint = target == "/v1/chat/completions" ? openai::Endpoint::kChat
-                                                           : openai::Endpoint::kCompletions;
+    const auto endpoint =
+        target == "/v1/chat/completions" ? openai::Endpoint::kChat : openai::Endpoint::kCompletions;
     return StartGenerations(endpoint, req.body(), authorization);
   }
   if (route_ != "other" && !get) {
@@ -289,9 +288,12 @@ void Session<Stream>::HandleGet(const std::string& target, const std::string& au
   if (auto st = front_->service->keys()->Check(authorization); !st.ok()) {
     return RespondError(openai::ErrorFromStatus(st));
   }
-  json model = {{"id", o.model_id},   {"object", "model"},
-                {"created", 0},       {"owned_by", "dmoe"},
-                {"root", o.model_id}, {"max_model_len", o.max_position_embeddings},
+  json model = {{"id", o.model_id},
+                {"object", "model"},
+                {"created", 0},
+                {"owned_by", "dmoe"},
+                {"root", o.model_id},
+                {"max_model_len", o.max_position_embeddings},
                 {"vocab_size", o.vocab_size}};
   if (target == "/v1/models") {
     return Respond(200, openai::Dump({{"object", "list"}, {"data", json::array({model})}}));
@@ -365,9 +367,9 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> Session<Stream>::Prompts(opena
     r->sampling.set_max_tokens(ctx > 0 ? ctx - static_cast<int64_t>(longest) : 16);
   }
   if (ctx > 0 && static_cast<int64_t>(longest) + r->sampling.max_tokens() > ctx) {
-    return absl::OutOfRangeError(absl::StrCat(
-        field, ": this model's context is ", ctx, " tokens; the prompt has ", longest,
-        " and max_tokens asks for ", r->sampling.max_tokens(), " more"));
+    return absl::OutOfRangeError(
+        absl::StrCat(field, ": this model's context is ", ctx, " tokens; the prompt has ", longest,
+                     " and max_tokens asks for ", r->sampling.max_tokens(), " more"));
   }
   return prompts;
 }
@@ -379,10 +381,9 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
   if (!parsed.ok()) return RespondError(openai::ErrorFromStatus(parsed.status()));
   const GatewayOptions& o = front_->service->options();
   if (!parsed->model.empty() && parsed->model != o.model_id) {
-    return RespondError({404,
-                         absl::StrCat("model: \"", parsed->model, "\" is not served here (",
-                                      o.model_id, ")"),
-                         "invalid_request_error", "model", "model_not_found"});
+    return RespondError(
+        {404, absl::StrCat("model: \"", parsed->model, "\" is not served here (", o.model_id, ")"),
+         "invalid_request_error", "model", "model_not_found"});
   }
   request_ = std::make_unique<openai::Request>(std::move(*parsed));
   auto prompts = Prompts(request_.get());
@@ -403,9 +404,9 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
     g.sampling = request_->sampling;
     g.sampling.set_seed(g.sampling.seed() + static_cast<uint64_t>(i % n));  // n differ
     ++front_->generations;
-    gens_.push_back(Generation::Start(front_->service->context(), std::move(g),
-                                      std::make_shared<ChoiceSink<Stream>>(
-                                          this->shared_from_this(), i)));
+    gens_.push_back(
+        Generation::Start(front_->service->context(), std::move(g),
+                          std::make_shared<ChoiceSink<Stream>>(this->shared_from_this(), i)));
   }
 }
 
@@ -460,10 +461,10 @@ void Session<Stream>::SendEvent(const std::string& event) {
   if (event.empty()) return;
   if (!headers_sent_) {
     headers_sent_ = true;
-    Enqueue(absl::StrCat(
-        "HTTP/1.1 200 OK\r\nServer: dmoe\r\nContent-Type: text/event-stream\r\n"
-        "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: ",
-        keep_alive_ ? "keep-alive" : "close", "\r\n\r\n"));
+    Enqueue(
+        absl::StrCat("HTTP/1.1 200 OK\r\nServer: dmoe\r\nContent-Type: text/event-stream\r\n"
+                     "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: ",
+                     keep_alive_ ? "keep-alive" : "close", "\r\n\r\n"));
   }
   Enqueue(ChunkFrame(event));
   if (!paused_ && queued_bytes_ > front_->options.stream_buffer_bytes) {
@@ -487,10 +488,9 @@ void Session<Stream>::WriteNext() {
   out_.pop_front();
   write_in_flight_ = true;
   lowest().expires_after(front_->options.write_timeout);
-  net::async_write(stream_, net::buffer(writing_),
-                   [self = this->shared_from_this()](beast::error_code ec, size_t) {
-                     self->OnWrite(ec);
-                   });
+  net::async_write(
+      stream_, net::buffer(writing_),
+      [self = this->shared_from_this()](beast::error_code ec, size_t) { self->OnWrite(ec); });
 }
 
 template <class Stream>
@@ -525,10 +525,9 @@ void Session<Stream>::AfterResponse() {
 template <class Stream>
 void Session<Stream>::Watch() {
   watching_ = true;
-  lowest().socket().async_wait(tcp::socket::wait_read,
-                               [self = this->shared_from_this()](beast::error_code ec) {
-                                 self->OnWatch(ec);
-                               });
+  lowest().socket().async_wait(
+      tcp::socket::wait_read,
+      [self = this->shared_from_this()](beast::error_code ec) { self->OnWatch(ec); });
 }
 
 template <class Stream>
@@ -569,7 +568,8 @@ void HttpFront::Impl::OnAccept(tcp::socket socket) {
     Register(s);
     s->Start();
   } else {
-    auto s = std::make_shared<Session<beast::tcp_stream>>(this, beast::tcp_stream(std::move(socket)));
+    auto s =
+        std::make_shared<Session<beast::tcp_stream>>(this, beast::tcp_stream(std::move(socket)));
     Register(s);
     s->Start();
   }
@@ -594,7 +594,8 @@ void RaiseFileLimit() {
 absl::StatusOr<tcp::endpoint> Resolve(net::io_context& ioc, const std::string& listen) {
   const size_t colon = listen.rfind(':');
   if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("--http-listen: \"", listen, "\" is not HOST:PORT"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--http-listen: \"", listen, "\" is not HOST:PORT"));
   }
   std::string host = listen.substr(0, colon);
   if (host.size() > 1 && host.front() == '[') host = host.substr(1, host.size() - 2);

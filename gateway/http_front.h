@@ -36,8 +36,8 @@ struct HttpFrontOptions {
   std::chrono::milliseconds write_timeout{60000};
   // Bytes of events waiting for a slow client before its generation pauses.
   size_t stream_buffer_bytes = 256 << 10;
-  std::string version;               // GET /version
-  std::function<bool()> ready;       // GET /health: 200 while it returns true
+  std::string version;          // GET /version
+  std::function<bool()> ready;  // GET /health: 200 while it returns true
   HttpMetrics metrics;
 };
 

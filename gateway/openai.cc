@@ -115,10 +115,9 @@ class Fields {
   const json& o_;
 };
 
-#define DMOE_RETURN(expr)                   \
-  do {                                      \
-    if (absl::Status s_ = (expr); !s_.ok()) \
-      return s_;                            \
+#define DMOE_RETURN(expr)                              \
+  do {                                                 \
+    if (absl::Status s_ = (expr); !s_.ok()) return s_; \
   } while (0)
 
 absl::StatusOr<std::vector<int32_t>> TokenIds(const json& a, const std::string& field) {
@@ -163,8 +162,8 @@ absl::Status ParsePrompts(const json* p, Request* r) {
   for (size_t i = 0; i < r->prompts.size(); ++i) {
     const Prompt& q = r->prompts[i];
     const bool empty = q.index() == 0 ? std::get<0>(q).empty() : std::get<1>(q).empty();
-    if (empty) return Bad(r->prompts.size() == 1 ? "prompt" : absl::StrCat("prompt[", i, "]"),
-                          "is empty");
+    if (empty)
+      return Bad(r->prompts.size() == 1 ? "prompt" : absl::StrCat("prompt[", i, "]"), "is empty");
   }
   return absl::OkStatus();
 }
@@ -183,7 +182,8 @@ absl::StatusOr<std::string> Content(const json& c, const std::string& field) {
       return Bad(absl::StrCat(f, ".type"), "only \"text\" parts are served by this model");
     }
     auto t = c[i].find("text");
-    if (t == c[i].end() || !t->is_string()) return Bad(absl::StrCat(f, ".text"), "must be a string");
+    if (t == c[i].end() || !t->is_string())
+      return Bad(absl::StrCat(f, ".text"), "must be a string");
     text += t->get<std::string>();
   }
   return text;
@@ -302,8 +302,7 @@ absl::Status ParseSampling(const Fields& f, Request* r) {
   DMOE_RETURN(f.Number("frequency_penalty", -2, 2, &frequency));
   DMOE_RETURN(f.Number("repetition_penalty", 1e-6, 1e6, &repetition));
   DMOE_RETURN(f.Int("max_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
-  DMOE_RETURN(
-      f.Int("max_completion_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
+  DMOE_RETURN(f.Int("max_completion_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
   r->max_tokens_given = f.Get("max_tokens") != nullptr || f.Get("max_completion_tokens") != nullptr;
   DMOE_RETURN(f.Int("n", 1, kMaxChoices, &n));
   r->n = static_cast<int>(n);
@@ -391,8 +390,8 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   DMOE_RETURN(ParseStreamOptions(f, &r));
   const size_t prompts = endpoint == Endpoint::kChat ? 1 : r.prompts.size();
   if (prompts * static_cast<size_t>(r.n) > static_cast<size_t>(kMaxChoices)) {
-    return Bad("n", absl::StrCat(r.n, " x ", prompts, " prompts is more than ", kMaxChoices,
-                                 " choices"));
+    return Bad(
+        "n", absl::StrCat(r.n, " x ", prompts, " prompts is more than ", kMaxChoices, " choices"));
   }
   return r;
 }
@@ -450,7 +449,8 @@ json ResponseWriter::LogprobsOf(Choice* c, const v1::GenerateResponse& r) const 
       }
     }
     if (chat) {
-      content.push_back({{"token", tok}, {"logprob", lp}, {"bytes", Bytes(tok)}, {"top_logprobs", top}});
+      content.push_back(
+          {{"token", tok}, {"logprob", lp}, {"bytes", Bytes(tok)}, {"top_logprobs", top}});
     } else {
       tokens.push_back(tok);
       token_lps.push_back(lp);
@@ -521,9 +521,9 @@ json ResponseWriter::ChunkJson(int index, const std::string& text, const json& l
 std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   Choice& c = choices_[static_cast<size_t>(index)];
   if (r.has_usage()) AddUsage(index, r.usage());
-  const std::string finish = r.finish_reason().empty() ? "" : r.finish_reason() == "length"
-                                                                  ? "length"
-                                                                  : "stop";
+  const std::string finish = r.finish_reason().empty()       ? ""
+                             : r.finish_reason() == "length" ? "length"
+                                                             : "stop";
   json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
   if (!request_.stream) {
     c.text += r.text_delta();
@@ -541,8 +541,8 @@ std::string ResponseWriter::End() {
   std::string out;
   if (request_.stream && request_.include_usage) {
     json u = {{"id", id_},
-              {"object", request_.endpoint == Endpoint::kChat ? "chat.completion.chunk"
-                                                              : "text_completion"},
+              {"object",
+               request_.endpoint == Endpoint::kChat ? "chat.completion.chunk" : "text_completion"},
               {"created", created_},
               {"model", model_},
               {"choices", json::array()},

@@ -35,8 +35,9 @@ struct ApiError {
   std::string Json() const;
 };
 // From a status whose message reads "field: what" (the gateway's convention): INVALID_ARGUMENT
-// and FAILED_PRECONDITION 400, OUT_OF_RANGE 400 "context_length_exceeded", UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404,
-// RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, others 500.
+// and FAILED_PRECONDITION 400, OUT_OF_RANGE 400 "context_length_exceeded", UNAUTHENTICATED 401,
+// PERMISSION_DENIED 403, NOT_FOUND 404, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED
+// 504, others 500.
 ApiError ErrorFromStatus(const absl::Status& status);
 
 using Prompt = std::variant<std::string, std::vector<int32_t>>;

@@ -27,7 +27,7 @@ check() {  # check "COMMAND..." : every --flag in its help parses, and every acc
     fi
   done
 }
-for sub in logits generate make-tiny-model tokenize chat up down serve; do check "$bin/cli/dmoe $sub"; done
+for sub in logits generate make-tiny-model tokenize chat up down serve bench; do check "$bin/cli/dmoe $sub"; done
 check "$bin/expert_service/dmoe-expert"
 check "$bin/attention_service/dmoe-attention"
 check "$bin/gateway/dmoe-gateway"
