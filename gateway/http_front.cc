@@ -58,8 +58,8 @@ struct HttpFront::Impl {
 
   GatewayService* service;
   HttpFrontOptions options;
+  std::unique_ptr<ssl::context> tls;  // outlives the connections the io_context may still hold
   net::io_context ioc;
-  std::unique_ptr<ssl::context> tls;
   tcp::acceptor acceptor;
   std::vector<std::thread> threads;
   std::atomic<size_t> connections{0};

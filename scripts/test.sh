@@ -58,7 +58,8 @@ fi
 if [ "$fuzz" -eq 1 ]; then
   run_tests --config=fuzz --test_summary=short \
     --test_arg=--seconds="$fuzz_seconds" \
-    -- //model/fuzz:safetensors_header_fuzz_test //model/fuzz:config_fuzz_test //transport:wire_fuzz_test
+    -- //model/fuzz:safetensors_header_fuzz_test //model/fuzz:config_fuzz_test //transport:wire_fuzz_test \
+    //gateway/fuzz:openai_request_fuzz_test
 fi
 
 # Checks that are builds, not tests (each counts as one case): clang's thread-safety analysis over

@@ -39,6 +39,8 @@ for (const w of workloads) {
     const metrics = (c.ports || []).find((p) => p.name === "metrics");
     if (!metrics || !new RegExp(`--metrics-listen[ =]0\\.0\\.0\\.0:${metrics.containerPort}\\b`).test(args)) fail(`${cn}: metrics port/flag mismatch`);
     if (tmpl.metadata.annotations["prometheus.io/port"] !== String(metrics && metrics.containerPort)) fail(`${name}: prometheus.io/port annotation`);
+    const httpPort = (c.ports || []).find((p) => p.name === "http");
+    if (httpPort && !new RegExp(`--http-listen[ =]0\\.0\\.0\\.0:${httpPort.containerPort}\\b`).test(args)) fail(`${cn}: --http-listen does not match port ${httpPort.containerPort}`);
     const ucx = (c.ports || []).find((p) => p.name === "ucx");
     if (ucx && !new RegExp(`--ucx-listen[ =]0\\.0\\.0\\.0:${ucx.containerPort}\\b`).test(args)) fail(`${cn}: --ucx-listen does not match port ${ucx.containerPort}`);
     if (w.metadata.name === "dmoe-expert" || w.metadata.name === "dmoe-attention") {

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The OpenAI-compatible HTTP API of `dmoe serve` on the tiny-demo model with the real DeepSeek
+# tokenizer: the official `openai` npm client (openai_client_test.mjs), then raw HTTP: SSE framing,
+# /health and /v1/models with API keys, bodies that are not UTF-8, not JSON, too large or with too
+# many messages, a slowloris client that must not block anyone; afterwards the server still answers.
+# Last, a gateway whose only attention node is dead answers 503 with an error object.
+# Needs DMOE_NPM_DIR (scripts/fetch_tokenizer.sh: the tokenizer and node_modules/openai) and node.
+set -euo pipefail
+npm_dir=${DMOE_NPM_DIR:?set DMOE_NPM_DIR to the output of scripts/fetch_tokenizer.sh (tokenizer, openai npm package)}
+bin=$TEST_SRCDIR/dmoe
+dmoe=$bin/cli/dmoe
+work=$TEST_TMPDIR
+t_start=$(date +%s)
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+fail() {
+  echo "FAILED: $*"
+  for f in "$work"/*.err; do [ -e "$f" ] && { echo "--- $f (last 20 lines)"; tail -20 "$f"; }; done
+  exit 1
+}
+
+"$dmoe" make-tiny-model "$work/model" --preset tiny-demo --seed 0 > /dev/null
+cp "$npm_dir/package/models/tokenizer.json" "$npm_dir/package/models/tokenizer_config.json" "$work/model/"
+printf '# key limit\nk1 1\nk2\n' > "$work/keys"
+
+"$dmoe" serve --model "$work/model" --api-keys "$work/keys" > "$work/serve.out" 2> "$work/serve.err" &
+pids+=($!)
+for _ in $(seq 1 600); do grep -q '^openai: ' "$work/serve.out" && break; sleep 0.1; done
+base=$(sed -n 's/^openai: //p' "$work/serve.out")
+metrics=$(sed -n 's/^metrics: //p' "$work/serve.out")
+[ -n "$base" ] || fail "dmoe serve printed no openai: line in 60 s"
+echo "dmoe serve: $base, $metrics"
+
+# 1. The official client.
+node "$TEST_SRCDIR/dmoe/tests/openai_client_test.mjs" --npm-dir "$npm_dir" --base-url "$base" \
+  --metrics-url "$metrics" --key k2 --limited-key k1 || fail "the openai client checks"
+
+# 2. Raw HTTP.
+auth=(-H 'Authorization: Bearer k2')
+status() {  # status CURL_ARGS...: the HTTP status; the body in $work/body
+  curl -s -o "$work/body" -w '%{http_code}' --max-time 30 "$@"
+}
+json() {  # json EXPR: EXPR of the JSON body in $work/body (python: b is the parsed body)
+  python3 -c "import json,sys; b=json.load(open(sys.argv[1])); print($1)" "$work/body"
+}
+expect() {  # expect WHAT WANT GOT
+  [ "$2" = "$3" ] || fail "$1: expected $2, got $3 ($(head -c 400 "$work/body" 2>/dev/null))"
+  echo "ok $1"
+}
+chat='{"model": "dmoe", "messages": [{"role": "user", "content": "Tell me about Paris."}],
+  "temperature": 0, "max_tokens": 20, "ignore_eos": true'
+
+expect "chat JSON" 200 "$(status "${auth[@]}" -H 'Content-Type: application/json' -d "$chat}" "$base/chat/completions")"
+whole=$(json 'b["choices"][0]["message"]["content"]')
+curl -sN --max-time 30 "${auth[@]}" -d "$chat, \"stream\": true}" "$base/chat/completions" > "$work/sse"
+[ "$(grep -v '^$' "$work/sse" | tail -1)" = "data: [DONE]" ] || fail "the stream does not end with data: [DONE]: $(tail -3 "$work/sse")"
+streamed=$(python3 -c '
+import json, sys
+text = ""
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.rstrip("\n")
+    if not line:
+        continue
+    assert line.startswith("data: "), "not an SSE data line: %r" % line
+    if line == "data: [DONE]":
+        break
+    for c in json.loads(line[6:])["choices"]:
+        text += c["delta"].get("content") or ""
+print(text)' "$work/sse")
+expect "SSE text equals the JSON text" "$whole" "$streamed"
+
+expect "GET /health without a key" 200 "$(status "$base/../health")"
+expect "GET /version" 200 "$(status "$base/../version")"
+expect "GET /v1/models without a key" 401 "$(status "$base/models")"
+expect "401 error type" authentication_error "$(json 'b["error"]["type"]')"
+expect "GET /v1/models with a key" 200 "$(status "${auth[@]}" "$base/models")"
+expect "the one model" dmoe "$(json '",".join(m["id"] for m in b["data"])')"
+expect "GET on a generation route" 405 "$(status "${auth[@]}" "$base/chat/completions")"
+expect "unknown route" 404 "$(status "${auth[@]}" "$base/nope")"
+
+printf '{"model": "dmoe", "prompt": "caf\xe9 \xff\xfe", "max_tokens": 2}' > "$work/latin1.json"
+expect "a body that is not UTF-8" 400 "$(status "${auth[@]}" --data-binary "@$work/latin1.json" "$base/completions")"
+expect "  its param" body "$(json 'b["error"]["param"]')"
+expect "malformed JSON" 400 "$(status "${auth[@]}" -d '{"model": "dmoe", "messages": [' "$base/chat/completions")"
+expect "  its param" body "$(json 'b["error"]["param"]')"
+expect "  its type" invalid_request_error "$(json 'b["error"]["type"]')"
+expect "a JSON array body" 400 "$(status "${auth[@]}" -d '[1, 2]' "$base/completions")"
+
+python3 -c "
+import sys
+pad = 'x' * (9 << 20)
+sys.stdout.write('{\"model\": \"dmoe\", \"prompt\": \"' + pad + '\", \"max_tokens\": 1}')" > "$work/big.json"
+expect "a 9 MiB body" 413 "$(status "${auth[@]}" --data-binary "@$work/big.json" "$base/completions")"
+expect "  an error object" str "$(json 'type(b["error"]["message"]).__name__')"
+python3 -c "
+import json
+print(json.dumps({'model': 'dmoe', 'max_tokens': 1,
+                  'messages': [{'role': 'user', 'content': 'hi'}] * 10000}))" > "$work/many.json"
+expect "10,000 messages" 400 "$(status "${auth[@]}" --data-binary "@$work/many.json" "$base/chat/completions")"
+expect "  its param" messages "$(json 'b["error"]["param"]')"
+
+# A slowloris client (one header byte a second) holds a connection; others are still answered at
+# once, and it is cut off without a reply or with 408.
+host_port=${base#http://}
+host_port=${host_port%/v1}
+python3 - "$host_port" > "$work/slowloris.out" 2> "$work/slowloris.err" <<'PY' &
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k2\r\nX-Slow: " + b"a" * 200
+try:
+    for b in head:
+        s.sendall(bytes([b]))
+        time.sleep(1)
+    print("sent everything")
+except OSError as e:
+    print("cut off while sending:", e)
+PY
+slow_pid=$!
+pids+=("$slow_pid")
+sleep 3
+for i in 1 2 3; do
+  t0=$(date +%s.%N)
+  code=$(status "${auth[@]}" --max-time 5 -d "$chat}" "$base/chat/completions")
+  t1=$(date +%s.%N)
+  expect "a request during the slowloris ($i, $(python3 -c "print('%.2f s' % ($t1 - $t0))"))" 200 "$code"
+  sleep 1
+done
+kill -0 "$slow_pid" 2>/dev/null || fail "the slowloris client ended early: $(cat "$work/slowloris.out" "$work/slowloris.err")"
+kill "$slow_pid" 2>/dev/null || true
+
+# Still serving after all of it (and the JSON answer has not changed).
+expect "a chat request afterwards" 200 "$(status "${auth[@]}" -d "$chat}" "$base/chat/completions")"
+expect "  the same text" "$whole" "$(json 'b["choices"][0]["message"]["content"]')"
+curl -s --max-time 10 "$metrics" > "$work/metrics.txt"
+grep -q '^dmoe_gateway_http_requests_total{code="413"' "$work/metrics.txt" || fail "no 413 counted in the metrics"
+grep -q '^dmoe_gateway_http_requests_total{code="200",route="/v1/chat/completions"}' "$work/metrics.txt" ||
+  fail "no 200 chat counted in the metrics"
+echo "ok metrics count the HTTP requests"
+
+# 3. A gateway whose only attention node is dead: 503, with an error object.
+"$bin/gateway/dmoe-gateway" --attention 127.0.0.1:1 --model "$work/model" --ready-file "$work/dead.json" \
+  > "$work/dead.out" 2> "$work/dead.err" &
+pids+=($!)
+for _ in $(seq 1 600); do [ -s "$work/dead.json" ] && break; sleep 0.1; done
+[ -s "$work/dead.json" ] || fail "dmoe-gateway wrote no ready file in 60 s"
+dead=http://$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$work/dead.json")
+expect "dead node: GET /health" 503 "$(status "$dead/health")"
+expect "dead node: chat" 503 "$(status -d "$chat}" "$dead/v1/chat/completions")"
+expect "  its error type" service_unavailable "$(json 'b["error"]["type"]')"
+expect "  its message" True "$(json 'len(b["error"]["message"]) > 0')"
+
+echo "openai_api_test: all checks passed in $(($(date +%s) - t_start)) s"
