@@ -257,10 +257,9 @@ int Main(int argc, char** argv) {
     }
   }
   // Ready while at least one attention node is healthy (the watcher keeps it current).
-  absl::StatusOr<std::string> addr = st;
   if (st.ok()) {
-    addr = svc.Serve(*flags, {&service}, "dmoe.v1.Dmoe", *metrics_addr, extra, pool.healthy() > 0,
-                     setup->creds);
+    auto addr = svc.Serve(*flags, {&service}, "dmoe.v1.Dmoe", *metrics_addr, extra,
+                          pool.healthy() > 0, setup->creds);
     st = addr.status();
   }
   if (st.ok()) {

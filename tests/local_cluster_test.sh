@@ -20,6 +20,13 @@ local=$("$dmoe" generate --model "$work/model" --tokens 5,6,7,8 --max-tokens 12 
 echo "through the cluster: $via"
 echo "in-process:          $local"
 [ "$via" = "$local" ] || { echo "outputs differ"; exit 1; }
+# The same through the OpenAI-compatible HTTP API (no tokenizer here: logprobs name the ids).
+openai=$(sed -n 's/^openai: //p' "$work/up.out")
+curl -sf "$openai/completions" -H 'Content-Type: application/json' \
+  -d '{"prompt":[5,6,7,8],"max_tokens":12,"temperature":0,"logprobs":0}' > "$work/openai.json"
+http_ids=$(python3 -c "import json,sys; print(','.join(t.split(':')[1] for t in json.load(open(sys.argv[1]))['choices'][0]['logprobs']['tokens']))" "$work/openai.json")
+echo "through HTTP:        $http_ids"
+[ "$http_ids" = "$local" ] || { echo "the OpenAI API differs"; exit 1; }
 # Every service's /metrics answers, and counts what just happened (the services refresh their
 # counters every 500 ms: scrape until they show the request, for at most 30 s).
 metric() {  # metric URL NAME: the sum of the samples whose name (and labels) start with NAME
@@ -77,7 +84,7 @@ grep -q "exists" "$work/err"
 # The stream is running once the gateway has seen its first token (its time-to-first-token count
 # grows at once, unlike the counters refreshed every 500 ms).
 gw_metrics=$(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/http:\/\/\1\/metrics/' |
-  while read -r url; do curl -sf "$url" | grep -q '^dmoe_gateway_' && echo "$url"; done)
+  while read -r url; do curl -sf "$url" | grep '^dmoe_gateway_' >/dev/null && echo "$url"; done)
 first_tokens=$(metric "$gw_metrics" dmoe_gateway_time_to_first_token_seconds_count)
 "$dmoe" generate --target "$gateway" --tokens 9,8,7 --max-tokens 400 --temperature 0 --ignore-eos \
   --print-token-ids > "$work/long.out" &

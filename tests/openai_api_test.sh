@@ -30,7 +30,12 @@ printf '# key limit\nk1 1\nk2\n' > "$work/keys"
 
 "$dmoe" serve --model "$work/model" --api-keys "$work/keys" > "$work/serve.out" 2> "$work/serve.err" &
 pids+=($!)
-for _ in $(seq 1 600); do grep -q '^openai: ' "$work/serve.out" && break; sleep 0.1; done
+serve_pid=$!
+for _ in $(seq 1 600); do
+  grep -q '^openai: ' "$work/serve.out" && break
+  kill -0 "$serve_pid" 2>/dev/null || fail "dmoe serve exited before it was serving"
+  sleep 0.1
+done
 base=$(sed -n 's/^openai: //p' "$work/serve.out")
 metrics=$(sed -n 's/^metrics: //p' "$work/serve.out")
 [ -n "$base" ] || fail "dmoe serve printed no openai: line in 60 s"
@@ -146,8 +151,13 @@ echo "ok metrics count the HTTP requests"
 # 3. A gateway whose only attention node is dead: 503, with an error object.
 "$bin/gateway/dmoe-gateway" --attention 127.0.0.1:1 --model "$work/model" --ready-file "$work/dead.json" \
   > "$work/dead.out" 2> "$work/dead.err" &
-pids+=($!)
-for _ in $(seq 1 600); do [ -s "$work/dead.json" ] && break; sleep 0.1; done
+gw_pid=$!
+pids+=("$gw_pid")
+for _ in $(seq 1 600); do
+  [ -s "$work/dead.json" ] && break
+  kill -0 "$gw_pid" 2>/dev/null || { wait "$gw_pid" && rc=0 || rc=$?; fail "dmoe-gateway exited ($rc) before it was ready"; }
+  sleep 0.1
+done
 [ -s "$work/dead.json" ] || fail "dmoe-gateway wrote no ready file in 60 s"
 dead=http://$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$work/dead.json")
 expect "dead node: GET /health" 503 "$(status "$dead/health")"

@@ -224,6 +224,7 @@ await check("stop_string", async () => {
   const s = await drain(await api.chat.completions.create({ ...greedy, stop, stream: true }), true);
   assert.equal(s.finish[0], "stop");
   assert.equal(s.text[0], greedyText.slice(0, at), "streamed: the text must end before the stop string");
+  console.log(`  stop ${JSON.stringify(stop)} at character ${at} of ${greedyText.length}`);
 });
 
 await check("error_wrong_type", async () => {

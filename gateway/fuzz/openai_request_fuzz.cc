@@ -15,8 +15,8 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 
 void ParseBody(std::string_view body) {
-  for (auto e : {dmoe::gateway::openai::Endpoint::kChat,
-                 dmoe::gateway::openai::Endpoint::kCompletions}) {
+  for (auto e :
+       {dmoe::gateway::openai::Endpoint::kChat, dmoe::gateway::openai::Endpoint::kCompletions}) {
     auto r = dmoe::gateway::openai::ParseRequest(e, body);
     if (!r.ok()) {
       (void)dmoe::gateway::openai::ErrorFromStatus(r.status()).Json();
