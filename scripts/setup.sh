@@ -3,7 +3,7 @@
 set -euo pipefail
 PKGS=(bazel-bootstrap libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libucx-dev ucx-utils prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev
-  libopenblas-dev libpcre2-dev nlohmann-json3-dev libspdlog-dev libboost1.74-dev libssl-dev pkg-config curl clang lld libclang-rt-14-dev)
+  libopenblas-dev libpcre2-dev nlohmann-json3-dev libspdlog-dev libboost1.74-dev libssl-dev openssl pkg-config curl clang lld libclang-rt-14-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -165,4 +165,18 @@ expect "dead node: chat" 503 "$(status -d "$chat}" "$dead/v1/chat/completions")"
 expect "  its error type" service_unavailable "$(json 'b["error"]["type"]')"
 expect "  its message" True "$(json 'len(b["error"]["message"]) > 0')"
 
+# 4. HTTPS: --tls-cert/--tls-key serve TLS on the HTTP port too (and only TLS).
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/key.pem" -out "$work/cert.pem" -days 1 \
+  -subj "/CN=localhost" -addext "subjectAltName=IP:127.0.0.1" > /dev/null 2>&1 ||
+  fail "openssl could not make a test certificate"
+"$bin/gateway/dmoe-gateway" --attention 127.0.0.1:1 --model "$work/model" --ready-file "$work/tls.json" \
+  --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" > "$work/tls.out" 2> "$work/tls.err" &
+pids+=("$!")
+for _ in $(seq 1 600); do [ -s "$work/tls.json" ] && break; sleep 0.1; done
+[ -s "$work/tls.json" ] || fail "the TLS gateway wrote no ready file in 60 s"
+tls=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$work/tls.json")
+expect "https: GET /v1/models" 200 "$(status --cacert "$work/cert.pem" "https://$tls/v1/models")"
+expect "  names the model" dmoe "$(json 'b["data"][0]["id"]')"
+expect "https: plaintext is refused" 000 "$(status "http://$tls/v1/models")"
+
 echo "openai_api_test: all checks passed in $(($(date +%s) - t_start)) s"
