@@ -200,6 +200,8 @@ bool Generation::OnResponse(const internal::GenerateResponse& r) {
     if (p->stops.stopped()) {
       p->finish = "stop";
       stop = attempt_;
+    } else if (cancelled_) {
+      return false;  // no parking: OnDone must follow the cancel
     } else if (paused_) {
       attempt_->Park();
       read_parked_ = true;

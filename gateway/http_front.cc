@@ -38,10 +38,14 @@ class SessionBase {
 };
 
 struct HttpFront::Impl {
-  Impl(GatewayService* s, HttpFrontOptions o) : service(s), options(std::move(o)), acceptor(ioc) {
+  Impl(GatewayService* s, HttpFrontOptions o)
+      : service(s), options(std::move(o)), acceptor(net::make_strand(ioc)) {
     std::random_device rd;
     next_id = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+    seed_base = (static_cast<uint64_t>(rd()) << 32) ^ rd();
   }
+  // A seed for a request that gave none: different for every request.
+  uint64_t NewSeed() { return seed_base ^ (next_seed.fetch_add(1) * 0x9E3779B97F4A7C15ull); }
   void Accept();
   void OnAccept(tcp::socket socket);
   void Register(const std::shared_ptr<SessionBase>& s) {
@@ -58,16 +62,19 @@ struct HttpFront::Impl {
 
   GatewayService* service;
   HttpFrontOptions options;
-  std::unique_ptr<ssl::context> tls;  // outlives the connections the io_context may still hold
-  net::io_context ioc;
-  tcp::acceptor acceptor;
-  std::vector<std::thread> threads;
+  // Declared before ioc: the connections ioc may still hold when it is destroyed use them.
+  std::unique_ptr<ssl::context> tls;
   std::atomic<size_t> connections{0};
   std::atomic<int64_t> generations{0};  // in flight, for Stop
   std::atomic<uint64_t> next_id{0};
+  uint64_t seed_base = 0;  // set once at construction
+  std::atomic<uint64_t> next_seed{0};
   std::atomic<bool> stopping{false};
   Mutex mu;
   std::vector<std::weak_ptr<SessionBase>> sessions ABSL_GUARDED_BY(mu);
+  std::vector<std::thread> threads;
+  net::io_context ioc;
+  tcp::acceptor acceptor;  // on its own strand (several loop threads)
 };
 
 namespace {
@@ -135,7 +142,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   void OnWrite(beast::error_code ec);
   void AfterResponse();
   void Watch();
-  void OnWatch(beast::error_code ec);
+  void OnWatch(beast::error_code ec, size_t n);
   void Count(int status) {
     if (front_->options.metrics.request) front_->options.metrics.request(route_, status);
   }
@@ -147,6 +154,8 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   std::optional<http::request_parser<http::string_body>> parser_;
   bool closed_ = false;
   bool keep_alive_ = true;
+  bool head_ = false;    // HEAD: headers only
+  bool chunked_ = true;  // HTTP/1.1: SSE in chunks; 1.0: until the connection closes
   std::string route_ = "other";
   // The generation request in progress.
   std::unique_ptr<openai::Request> request_;
@@ -253,6 +262,9 @@ void Session<Stream>::OnRead(beast::error_code ec) {
 template <class Stream>
 void Session<Stream>::Handle(const http::request<http::string_body>& req) {
   keep_alive_ = req.keep_alive();
+  head_ = req.method() == http::verb::head;
+  chunked_ = req.version() >= 11;
+  if (!chunked_) keep_alive_ = false;
   std::string target(req.target());
   if (auto q = target.find('?'); q != std::string::npos) target.resize(q);
   route_ = RouteOf(target);
@@ -314,7 +326,11 @@ void Session<Stream>::Respond(int status, const std::string& body, bool close) {
   res.prepare_payload();
   close_after_ = close || !keep_alive_;
   std::ostringstream os;
-  os << res;
+  if (head_) {
+    os << res.base();  // Content-Length of the body, no body
+  } else {
+    os << res;
+  }
   Count(status);
   response_complete_ = true;
   Enqueue(os.str());
@@ -363,8 +379,13 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> Session<Stream>::Prompts(opena
   const int64_t ctx = o.max_position_embeddings;
   size_t longest = 0;
   for (const auto& p : prompts) longest = std::max(longest, p.size());
-  if (!r->max_tokens_given) {
-    r->sampling.set_max_tokens(ctx > 0 ? ctx - static_cast<int64_t>(longest) : 16);
+  if (ctx > 0 && static_cast<int64_t>(longest) >= ctx) {
+    return absl::OutOfRangeError(absl::StrCat(field, ": this model's context is ", ctx,
+                                              " tokens; the prompt has ", longest));
+  }
+  if (!r->max_tokens_given) {  // as OpenAI: 16 for completions, the rest of the context for chat
+    const bool chat = r->endpoint == openai::Endpoint::kChat;
+    r->sampling.set_max_tokens(chat && ctx > 0 ? ctx - static_cast<int64_t>(longest) : 16);
   }
   if (ctx > 0 && static_cast<int64_t>(longest) + r->sampling.max_tokens() > ctx) {
     return absl::OutOfRangeError(
@@ -397,12 +418,13 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
       *request_, front_->NewId(endpoint), static_cast<int64_t>(std::time(nullptr)),
       request_->model.empty() ? o.model_id : request_->model, o.tokenizer, remaining_);
   error_ = grpc::Status::OK;
+  const uint64_t base_seed = request_->seed_given ? request_->sampling.seed() : front_->NewSeed();
   Watch();
   for (int i = 0; i < remaining_; ++i) {
     GenerationRequest g;
     g.prompt = (*prompts)[static_cast<size_t>(i / n)];
     g.sampling = request_->sampling;
-    g.sampling.set_seed(g.sampling.seed() + static_cast<uint64_t>(i % n));  // n differ
+    g.sampling.set_seed(base_seed + static_cast<uint64_t>(i % n));  // n differ
     ++front_->generations;
     gens_.push_back(
         Generation::Start(front_->service->context(), std::move(g),
@@ -444,7 +466,7 @@ void Session<Stream>::Complete() {
     // Streaming already: the error as an event, then the end of the stream.
     SendEvent(absl::StrCat("data: ", e.Json(), "\n\n"));
     SendEvent("data: [DONE]\n\n");
-    Count(e.http_status);
+    Count(200);  // the status line said 200; the error went in the stream
   } else if (request_->stream) {
     SendEvent(writer_->End());
     Count(200);
@@ -453,7 +475,7 @@ void Session<Stream>::Complete() {
   }
   close_after_ = !keep_alive_;
   response_complete_ = true;
-  Enqueue("0\r\n\r\n");  // the last chunk
+  Enqueue(chunked_ ? "0\r\n\r\n" : "");  // the last chunk (1.0: nothing; the close ends it)
 }
 
 template <class Stream>
@@ -461,12 +483,13 @@ void Session<Stream>::SendEvent(const std::string& event) {
   if (event.empty()) return;
   if (!headers_sent_) {
     headers_sent_ = true;
-    Enqueue(
-        absl::StrCat("HTTP/1.1 200 OK\r\nServer: dmoe\r\nContent-Type: text/event-stream\r\n"
-                     "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: ",
-                     keep_alive_ ? "keep-alive" : "close", "\r\n\r\n"));
+    Enqueue(absl::StrCat("HTTP/1.", chunked_ ? "1" : "0",
+                         " 200 OK\r\nServer: dmoe\r\nContent-Type: text/event-stream\r\n"
+                         "Cache-Control: no-cache\r\n",
+                         chunked_ ? "Transfer-Encoding: chunked\r\n" : "",
+                         "Connection: ", keep_alive_ ? "keep-alive" : "close", "\r\n\r\n"));
   }
-  Enqueue(ChunkFrame(event));
+  Enqueue(chunked_ ? ChunkFrame(event) : event);
   if (!paused_ && queued_bytes_ > front_->options.stream_buffer_bytes) {
     paused_ = true;  // the client reads slower than the model writes: hold the node back
     for (auto& g : gens_) g->Pause();
@@ -515,34 +538,31 @@ void Session<Stream>::AfterResponse() {
   paused_ = false;
   if (close_after_) return Close();
   if (!watching_) return ReadRequest();
-  resume_after_watch_ = true;  // the next request is read once the watch is cancelled
-  beast::error_code ec;
-  lowest().socket().cancel(ec);
+  resume_after_watch_ = true;  // the pending read goes on as the next request's
 }
 
-// While a request generates, the socket turning readable means the client went away (EOF or a
-// reset) or sent its next request early (kept for later).
+// While a request generates, a read stays pending: it fails when the client goes away (EOF, a
+// reset, a TLS close_notify), which cancels the request; bytes of an early next request are kept
+// in buffer_ for it. One read beside one write is allowed on tcp_stream and ssl_stream alike.
 template <class Stream>
 void Session<Stream>::Watch() {
   watching_ = true;
-  lowest().socket().async_wait(
-      tcp::socket::wait_read,
-      [self = this->shared_from_this()](beast::error_code ec) { self->OnWatch(ec); });
+  stream_.async_read_some(
+      buffer_.prepare(4096),
+      [self = this->shared_from_this()](beast::error_code ec, size_t n) { self->OnWatch(ec, n); });
 }
 
 template <class Stream>
-void Session<Stream>::OnWatch(beast::error_code ec) {
+void Session<Stream>::OnWatch(beast::error_code ec, size_t n) {
   watching_ = false;
   if (closed_) return;
-  if (resume_after_watch_) {
+  if (ec) return Close();  // gone: cancel its generations
+  buffer_.commit(n);
+  if (resume_after_watch_) {  // the response is out: the next request has begun
     resume_after_watch_ = false;
     return ReadRequest();
   }
-  if (ec == net::error::operation_aborted) return;
-  char c;
-  beast::error_code peek;
-  const size_t n = lowest().socket().receive(net::buffer(&c, 1), tcp::socket::message_peek, peek);
-  if (ec || peek || n == 0) Close();  // gone: cancel its generations
+  if (buffer_.size() < (64 << 10)) Watch();  // else stop reading until the response is out
 }
 
 }  // namespace
@@ -646,7 +666,7 @@ absl::StatusOr<std::string> HttpFront::Start() {
 void HttpFront::Stop() {
   Impl& m = *impl_;
   if (m.threads.empty() || m.stopping.exchange(true)) return;
-  net::post(m.ioc, [&m] {
+  net::post(m.acceptor.get_executor(), [&m] {
     beast::error_code ec;
     m.acceptor.close(ec);
   });
@@ -657,7 +677,7 @@ void HttpFront::Stop() {
     }
   }
   // Cancelled generations report back through the loop: wait for them (bounded).
-  for (int i = 0; i < 500 && m.generations > 0; ++i) {
+  for (int i = 0; i < 3000 && m.generations > 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   m.ioc.stop();

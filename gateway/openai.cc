@@ -304,6 +304,7 @@ absl::Status ParseSampling(const Fields& f, Request* r) {
   DMOE_RETURN(f.Int("max_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
   DMOE_RETURN(f.Int("max_completion_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
   r->max_tokens_given = f.Get("max_tokens") != nullptr || f.Get("max_completion_tokens") != nullptr;
+  r->seed_given = f.Get("seed") != nullptr;
   DMOE_RETURN(f.Int("n", 1, kMaxChoices, &n));
   r->n = static_cast<int>(n);
   bool ignore_eos = false;
@@ -521,9 +522,8 @@ json ResponseWriter::ChunkJson(int index, const std::string& text, const json& l
 std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   Choice& c = choices_[static_cast<size_t>(index)];
   if (r.has_usage()) AddUsage(index, r.usage());
-  const std::string finish = r.finish_reason().empty()       ? ""
-                             : r.finish_reason() == "length" ? "length"
-                                                             : "stop";
+  // "stop" (a stop token or string) and "length" as OpenAI's; anything else as the node said it.
+  const std::string finish = r.finish_reason();
   json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
   if (!request_.stream) {
     c.text += r.text_delta();
@@ -564,7 +564,7 @@ std::string ResponseWriter::Body() const {
       choice["text"] = c.text;
     }
     choice["logprobs"] = c.logprobs;
-    choice["finish_reason"] = c.finish_reason;
+    choice["finish_reason"] = c.finish_reason.empty() ? json(nullptr) : json(c.finish_reason);
     choices.push_back(std::move(choice));
   }
   return Dump({{"id", id_},

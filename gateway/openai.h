@@ -48,7 +48,8 @@ struct Request {
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   int n = 1;
-  bool max_tokens_given = false;  // else the rest of the context
+  bool max_tokens_given = false;  // else 16 (completions) or the rest of the context (chat)
+  bool seed_given = false;        // else each request draws its own (as OpenAI's API)
   // Completions: the prompts (each answered n times). Chat: `chat` holds the messages.
   std::vector<Prompt> prompts;
   v1::ChatRequest chat;

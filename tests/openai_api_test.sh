@@ -80,6 +80,16 @@ print(text)' "$work/sse")
 expect "SSE text equals the JSON text" "$whole" "$streamed"
 
 expect "GET /health without a key" 200 "$(status "$base/../health")"
+# HEAD answers headers only: the next response on the same connection is not desynchronized.
+codes=$(curl -s -o /dev/null -w '%{http_code} %{num_connects}\n' -I --max-time 10 "${base%/v1}/health" \
+  --next -s -o /dev/null -w '%{http_code} %{num_connects}\n' --max-time 10 "${base%/v1}/version" | tr '\n' ' ')
+expect "HEAD then GET on one connection" "200 1 200 0 " "$codes"
+# An HTTP/1.0 client gets its stream unchunked, until the connection closes.
+curl -s -0 -N --max-time 30 "${auth[@]}" -H 'Content-Type: application/json' \
+  -d '{"prompt":[1,2,3],"max_tokens":3,"stream":true}' "$base/completions" > "$work/http10.txt"
+expect "HTTP/1.0 stream ends with [DONE]" "data: [DONE]" "$(grep -a '^data: \[DONE\]' "$work/http10.txt")"
+expect "  3 token events, the finish event and [DONE]" 5 "$(grep -ac '^data: ' "$work/http10.txt")"
+expect "  no chunk-size lines" 0 "$(grep -acE $'^[0-9a-fA-F]+\r?$' "$work/http10.txt" || true)"
 expect "GET /version" 200 "$(status "$base/../version")"
 expect "GET /v1/models without a key" 401 "$(status "$base/models")"
 expect "401 error type" authentication_error "$(json 'b["error"]["type"]')"
