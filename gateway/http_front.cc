@@ -481,15 +481,17 @@ void Session<Stream>::Complete() {
 template <class Stream>
 void Session<Stream>::SendEvent(const std::string& event) {
   if (event.empty()) return;
-  if (!headers_sent_) {
+  std::string bytes;
+  if (!headers_sent_) {  // the headers and the first event in one write
     headers_sent_ = true;
-    Enqueue(absl::StrCat("HTTP/1.", chunked_ ? "1" : "0",
+    bytes = absl::StrCat("HTTP/1.", chunked_ ? "1" : "0",
                          " 200 OK\r\nServer: dmoe\r\nContent-Type: text/event-stream\r\n"
                          "Cache-Control: no-cache\r\n",
                          chunked_ ? "Transfer-Encoding: chunked\r\n" : "",
-                         "Connection: ", keep_alive_ ? "keep-alive" : "close", "\r\n\r\n"));
+                         "Connection: ", keep_alive_ ? "keep-alive" : "close", "\r\n\r\n");
   }
-  Enqueue(chunked_ ? ChunkFrame(event) : event);
+  bytes += chunked_ ? ChunkFrame(event) : event;
+  Enqueue(std::move(bytes));
   if (!paused_ && queued_bytes_ > front_->options.stream_buffer_bytes) {
     paused_ = true;  // the client reads slower than the model writes: hold the node back
     for (auto& g : gens_) g->Pause();
