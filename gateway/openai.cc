@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace dmoe::gateway::openai {
 
@@ -115,11 +116,6 @@ class Fields {
   const json& o_;
 };
 
-#define DMOE_RETURN(expr)                              \
-  do {                                                 \
-    if (absl::Status s_ = (expr); !s_.ok()) return s_; \
-  } while (0)
-
 absl::StatusOr<std::vector<int32_t>> TokenIds(const json& a, const std::string& field) {
   std::vector<int32_t> ids;
   for (size_t i = 0; i < a.size(); ++i) {
@@ -138,9 +134,8 @@ absl::Status ParsePrompts(const json* p, Request* r) {
   if (p->is_string()) {
     r->prompts.push_back(p->get<std::string>());
   } else if (p->is_array() && !p->empty() && (*p)[0].is_number()) {
-    auto ids = TokenIds(*p, "prompt");
-    if (!ids.ok()) return ids.status();
-    r->prompts.push_back(std::move(*ids));
+    ASSIGN_OR_RETURN(std::vector<int32_t> ids, TokenIds(*p, "prompt"));
+    r->prompts.push_back(std::move(ids));
   } else if (p->is_array()) {
     for (size_t i = 0; i < p->size(); ++i) {
       const json& e = (*p)[i];
@@ -148,9 +143,8 @@ absl::Status ParsePrompts(const json* p, Request* r) {
       if (e.is_string()) {
         r->prompts.push_back(e.get<std::string>());
       } else if (e.is_array()) {
-        auto ids = TokenIds(e, field);
-        if (!ids.ok()) return ids.status();
-        r->prompts.push_back(std::move(*ids));
+        ASSIGN_OR_RETURN(std::vector<int32_t> ids, TokenIds(e, field));
+        r->prompts.push_back(std::move(ids));
       } else {
         return Bad(field, "must be a string or a list of token ids");
       }
@@ -197,13 +191,13 @@ absl::Status ParseToolCalls(const json& calls, const std::string& field, v1::Cha
     if (!c.is_object()) return Bad(f, "must be an object");
     v1::ToolCall* t = m->add_tool_calls();
     Fields cf(c);
-    DMOE_RETURN(cf.String("id", t->mutable_id()));
-    DMOE_RETURN(cf.String("type", t->mutable_type()));
+    RETURN_IF_ERROR(cf.String("id", t->mutable_id()));
+    RETURN_IF_ERROR(cf.String("type", t->mutable_type()));
     const json* fn = cf.Get("function");
     if (fn == nullptr || !fn->is_object()) return Bad(f + ".function", "must be an object");
     Fields ff(*fn);
-    DMOE_RETURN(ff.String("name", t->mutable_function_name()));
-    DMOE_RETURN(ff.String("arguments", t->mutable_function_arguments()));
+    RETURN_IF_ERROR(ff.String("name", t->mutable_function_name()));
+    RETURN_IF_ERROR(ff.String("arguments", t->mutable_function_arguments()));
   }
   return absl::OkStatus();
 }
@@ -222,16 +216,15 @@ absl::Status ParseMessages(const Fields& f, Request* r) {
     if (!m.is_object()) return Bad(field, "must be an object");
     Fields mf(m);
     v1::ChatMessage* out = r->chat.add_messages();
-    DMOE_RETURN(mf.String("role", out->mutable_role()));
+    RETURN_IF_ERROR(mf.String("role", out->mutable_role()));
     if (out->role().empty()) return Bad(field + ".role", "is required");
     if (out->role() == "developer") out->set_role("system");
-    auto content = Content(m.value("content", json()), field + ".content");
-    if (!content.ok()) return content.status();
-    out->set_content(std::move(*content));
-    DMOE_RETURN(mf.String("name", out->mutable_name()));
-    DMOE_RETURN(mf.String("tool_call_id", out->mutable_tool_call_id()));
+    ASSIGN_OR_RETURN(std::string content, Content(m.value("content", json()), field + ".content"));
+    out->set_content(std::move(content));
+    RETURN_IF_ERROR(mf.String("name", out->mutable_name()));
+    RETURN_IF_ERROR(mf.String("tool_call_id", out->mutable_tool_call_id()));
     if (const json* calls = mf.Get("tool_calls")) {
-      DMOE_RETURN(ParseToolCalls(*calls, field + ".tool_calls", out));
+      RETURN_IF_ERROR(ParseToolCalls(*calls, field + ".tool_calls", out));
     }
   }
   if (const json* tools = f.Get("tools")) {
@@ -291,24 +284,25 @@ absl::Status ParseSampling(const Fields& f, Request* r) {
   v1::SamplingParams* s = &r->sampling;
   double temperature = 1.0, top_p = 1.0, min_p = 0, presence = 0, frequency = 0, repetition = 1;
   int64_t top_k = 0, seed = 0, max_tokens = 0, n = 1;
-  DMOE_RETURN(f.Number("temperature", 0, 2, &temperature));
-  DMOE_RETURN(f.Number("top_p", 0, 1, &top_p));
+  RETURN_IF_ERROR(f.Number("temperature", 0, 2, &temperature));
+  RETURN_IF_ERROR(f.Number("top_p", 0, 1, &top_p));
   if (top_p <= 0) return Bad("top_p", "must be greater than 0");
-  DMOE_RETURN(f.Int("top_k", -1, std::numeric_limits<int32_t>::max(), &top_k));
-  DMOE_RETURN(f.Number("min_p", 0, 1, &min_p));
-  DMOE_RETURN(f.Int("seed", std::numeric_limits<int64_t>::min(),
-                    std::numeric_limits<int64_t>::max(), &seed));
-  DMOE_RETURN(f.Number("presence_penalty", -2, 2, &presence));
-  DMOE_RETURN(f.Number("frequency_penalty", -2, 2, &frequency));
-  DMOE_RETURN(f.Number("repetition_penalty", 1e-6, 1e6, &repetition));
-  DMOE_RETURN(f.Int("max_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
-  DMOE_RETURN(f.Int("max_completion_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
+  RETURN_IF_ERROR(f.Int("top_k", -1, std::numeric_limits<int32_t>::max(), &top_k));
+  RETURN_IF_ERROR(f.Number("min_p", 0, 1, &min_p));
+  RETURN_IF_ERROR(f.Int("seed", std::numeric_limits<int64_t>::min(),
+                        std::numeric_limits<int64_t>::max(), &seed));
+  RETURN_IF_ERROR(f.Number("presence_penalty", -2, 2, &presence));
+  RETURN_IF_ERROR(f.Number("frequency_penalty", -2, 2, &frequency));
+  RETURN_IF_ERROR(f.Number("repetition_penalty", 1e-6, 1e6, &repetition));
+  RETURN_IF_ERROR(f.Int("max_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
+  RETURN_IF_ERROR(
+      f.Int("max_completion_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
   r->max_tokens_given = f.Get("max_tokens") != nullptr || f.Get("max_completion_tokens") != nullptr;
   r->seed_given = f.Get("seed") != nullptr;
-  DMOE_RETURN(f.Int("n", 1, kMaxChoices, &n));
+  RETURN_IF_ERROR(f.Int("n", 1, kMaxChoices, &n));
   r->n = static_cast<int>(n);
   bool ignore_eos = false;
-  DMOE_RETURN(f.Bool("ignore_eos", &ignore_eos));
+  RETURN_IF_ERROR(f.Bool("ignore_eos", &ignore_eos));
   s->set_temperature(temperature);
   s->set_top_p(top_p);
   s->set_top_k(top_k < 0 ? 0 : top_k);
@@ -319,22 +313,22 @@ absl::Status ParseSampling(const Fields& f, Request* r) {
   s->set_presence_penalty(presence);
   s->set_frequency_penalty(frequency);
   s->set_repetition_penalty(repetition);
-  DMOE_RETURN(ParseStop(f, s));
+  RETURN_IF_ERROR(ParseStop(f, s));
   return ParseLogitBias(f, s);
 }
 
 absl::Status ParseLogprobs(const Fields& f, Request* r) {
   if (r->endpoint == Endpoint::kChat) {
     int64_t top = 0;
-    DMOE_RETURN(f.Bool("logprobs", &r->logprobs));
-    DMOE_RETURN(f.Int("top_logprobs", 0, 20, &top));
+    RETURN_IF_ERROR(f.Bool("logprobs", &r->logprobs));
+    RETURN_IF_ERROR(f.Int("top_logprobs", 0, 20, &top));
     if (top > 0 && !r->logprobs) return Bad("top_logprobs", "needs \"logprobs\": true");
     r->sampling.set_logprobs(r->logprobs);
     r->sampling.set_top_logprobs(top);
     return absl::OkStatus();
   }
   int64_t k = -1;
-  DMOE_RETURN(f.Int("logprobs", 0, 20, &k));
+  RETURN_IF_ERROR(f.Int("logprobs", 0, 20, &k));
   r->logprobs = k >= 0;
   r->sampling.set_logprobs(r->logprobs);
   r->sampling.set_top_logprobs(k > 0 ? k : 0);
@@ -344,19 +338,19 @@ absl::Status ParseLogprobs(const Fields& f, Request* r) {
 // Fields of the API this server does not serve: an error rather than a silent difference.
 absl::Status Unserved(const Fields& f) {
   bool echo = false;
-  DMOE_RETURN(f.Bool("echo", &echo));
+  RETURN_IF_ERROR(f.Bool("echo", &echo));
   if (echo) return Bad("echo", "is not supported");
   int64_t best_of = 1;
-  DMOE_RETURN(f.Int("best_of", 1, kMaxChoices, &best_of));
+  RETURN_IF_ERROR(f.Int("best_of", 1, kMaxChoices, &best_of));
   if (best_of != 1) return Bad("best_of", "is not supported");
   std::string suffix;
-  DMOE_RETURN(f.String("suffix", &suffix));
+  RETURN_IF_ERROR(f.String("suffix", &suffix));
   if (!suffix.empty()) return Bad("suffix", "is not supported");
   return absl::OkStatus();
 }
 
 absl::Status ParseStreamOptions(const Fields& f, Request* r) {
-  DMOE_RETURN(f.Bool("stream", &r->stream));
+  RETURN_IF_ERROR(f.Bool("stream", &r->stream));
   const json* so = f.Get("stream_options");
   if (so == nullptr) return absl::OkStatus();
   if (!so->is_object()) return Bad("stream_options", "must be an object");
@@ -378,17 +372,17 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   Request r;
   r.endpoint = endpoint;
   Fields f(j);
-  DMOE_RETURN(f.String("model", &r.model));
-  DMOE_RETURN(f.String("user", &r.user));
+  RETURN_IF_ERROR(f.String("model", &r.model));
+  RETURN_IF_ERROR(f.String("user", &r.user));
   if (endpoint == Endpoint::kChat) {
-    DMOE_RETURN(ParseMessages(f, &r));
+    RETURN_IF_ERROR(ParseMessages(f, &r));
   } else {
-    DMOE_RETURN(ParsePrompts(f.Get("prompt"), &r));
-    DMOE_RETURN(Unserved(f));
+    RETURN_IF_ERROR(ParsePrompts(f.Get("prompt"), &r));
+    RETURN_IF_ERROR(Unserved(f));
   }
-  DMOE_RETURN(ParseSampling(f, &r));
-  DMOE_RETURN(ParseLogprobs(f, &r));
-  DMOE_RETURN(ParseStreamOptions(f, &r));
+  RETURN_IF_ERROR(ParseSampling(f, &r));
+  RETURN_IF_ERROR(ParseLogprobs(f, &r));
+  RETURN_IF_ERROR(ParseStreamOptions(f, &r));
   const size_t prompts = endpoint == Endpoint::kChat ? 1 : r.prompts.size();
   if (prompts * static_cast<size_t>(r.n) > static_cast<size_t>(kMaxChoices)) {
     return Bad(
