@@ -2,6 +2,9 @@
 
 #include <utility>
 
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+
 namespace dmoe::gateway {
 
 namespace {
@@ -25,30 +28,15 @@ internal::SamplingParams Forward(const v1::SamplingParams& p) {
   return s;
 }
 
-const char* OutcomeName(grpc::StatusCode code) {
-  static const char* kCodes[] = {"ok",
-                                 "cancelled",
-                                 "unknown",
-                                 "invalid_argument",
-                                 "deadline_exceeded",
-                                 "not_found",
-                                 "already_exists",
-                                 "permission_denied",
-                                 "resource_exhausted",
-                                 "failed_precondition",
-                                 "aborted",
-                                 "out_of_range",
-                                 "unimplemented",
-                                 "internal",
-                                 "unavailable",
-                                 "data_loss",
-                                 "unauthenticated"};
-  const int c = static_cast<int>(code);
-  return c >= 0 && c <= 16 ? kCodes[c] : "unknown";
+// The metric label of an outcome: "ok", "cancelled", "invalid_argument", ... (absl's and gRPC's
+// codes are the same numbers).
+std::string OutcomeName(grpc::StatusCode code) {
+  return absl::AsciiStrToLower(absl::StatusCodeToString(static_cast<absl::StatusCode>(code)));
 }
 
-double SecondsSince(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+double SecondsSince(std::chrono::steady_clock::time_point t,
+                    std::chrono::steady_clock::time_point now = std::chrono::steady_clock::now()) {
+  return std::chrono::duration<double>(now - t).count();
 }
 
 }  // namespace
@@ -255,15 +243,16 @@ void Generation::Finish(grpc::Status status) {
 v1::GenerateResponse Generation::TokensChunk(const internal::GenerateResponse& r) {
   Progress* p = progress_.get();
   const GatewayMetrics& m = ctx_.options->metrics;
+  const auto now = std::chrono::steady_clock::now();
   if (p->first_token) {
-    if (m.time_to_first_token) m.time_to_first_token(SecondsSince(request_.arrival));
+    if (m.time_to_first_token) m.time_to_first_token(SecondsSince(request_.arrival, now));
     p->cached = r.cached_prompt_tokens();
     if (m.queue_time) m.queue_time(r.queue_seconds());
   } else if (m.inter_token) {
-    m.inter_token(SecondsSince(p->last_event));
+    m.inter_token(SecondsSince(p->last_event, now));
   }
   p->first_token = false;
-  p->last_event = std::chrono::steady_clock::now();
+  p->last_event = now;
   const Tokenizer* tok = ctx_.options->tokenizer;
   const v1::SamplingParams& sampling = request_.sampling;
   v1::GenerateResponse out;

@@ -517,7 +517,7 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   Choice& c = choices_[static_cast<size_t>(index)];
   if (r.has_usage()) AddUsage(index, r.usage());
   // "stop" (a stop token or string) and "length" as OpenAI's; anything else as the node said it.
-  const std::string finish = r.finish_reason();
+  const std::string& finish = r.finish_reason();
   json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
   if (!request_.stream) {
     c.text += r.text_delta();
