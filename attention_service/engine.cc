@@ -104,8 +104,7 @@ absl::Status Engine::Run(int count) {
     int64_t row = 0;
     for (const SequenceStep& s : *mb.batch) {
       for (int32_t tok : s.tokens) {
-        std::memcpy(mb.h.data() + row * d, w_->embed.data() + static_cast<int64_t>(tok) * d,
-                    sizeof(float) * static_cast<size_t>(d));
+        w_->embed.Row(tok, mb.h.data() + row * d);
         ++row;
       }
     }

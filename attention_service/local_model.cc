@@ -74,7 +74,7 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
 }
 
 uint64_t LocalModel::weight_bytes() const {
-  uint64_t n = 4 * (dense_.embed.size() + dense_.final_norm.size()) + dense_.lm_head.bytes();
+  uint64_t n = dense_.embed.bytes() + 4 * dense_.final_norm.size() + dense_.lm_head.bytes();
   for (const LayerWeights& l : dense_.layers) {
     n += 4 * (l.input_norm.size() + l.post_norm.size() + l.q_a_norm.size() + l.kv_a_norm.size());
     for (const LinearWeight* w :

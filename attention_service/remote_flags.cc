@@ -19,9 +19,10 @@ Remote experts (without these flags every routed expert runs in this process):
   --cluster-token-file F  the router's cluster token
 
 Weight formats (8-bit weights are weight-only quantization: activations stay fp32):
-  --weight-dtype T        auto (default), f32, int8 or fp8: the attention/dense/shared-expert
-                          projections (int8: per-channel scales; fp8: e4m3 with 128x128 block
-                          scales). auto keeps an fp8 checkpoint's fp8 and reads the rest as f32.
+  --weight-dtype T        auto (default), f32, bf16, int8 or fp8: the attention/dense/shared-
+                          expert projections (int8: per-channel scales; fp8: e4m3 with 128x128
+                          block scales). auto keeps a bf16 checkpoint's bf16 (same results as
+                          f32, half the memory) and an fp8 one's fp8, and reads the rest as f32.
   --expert-dtype T        the same for the routed experts held in this process
 )";
 
@@ -48,7 +49,7 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
     const std::string v = flags.StringOr(name, "auto");
     if (!ParseWeightDType(v, field)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("--", name, ": \"", v, "\" is not auto, f32, int8 or fp8"));
+          absl::StrCat("--", name, ": \"", v, "\" is not auto, f32, bf16, int8 or fp8"));
     }
   }
   o->shard_client.router = flags.StringOr("router", "");

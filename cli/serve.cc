@@ -48,8 +48,9 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --kv-cache-mib N     KV cache size (default 256)
   --block-tokens N     tokens per KV block (default 16)
   --kv-cache-dtype T   f32 (default), int8 or fp8_e4m3 (see dmoe-attention --help)
-  --weight-dtype T     auto (default), f32, int8 or fp8: dense/attention projections
-  --expert-dtype T     auto (default), f32, int8 or fp8: routed experts
+  --weight-dtype T     auto (default: as stored; f16 as f32), f32, bf16, int8 or fp8: dense/attention
+                       projections
+  --expert-dtype T     the same for the routed experts
 )";
 
 struct ServeOptions {
@@ -72,10 +73,10 @@ absl::StatusOr<ServeOptions> ParseServe(const Flags& f) {
   }
   o.model.log_progress = true;
   if (!ParseWeightDType(f.StringOr("weight-dtype", "auto"), &o.model.weight_dtype)) {
-    return absl::InvalidArgumentError("--weight-dtype: not auto, f32, int8 or fp8");
+    return absl::InvalidArgumentError("--weight-dtype: not auto, f32, bf16, int8 or fp8");
   }
   if (!ParseWeightDType(f.StringOr("expert-dtype", "auto"), &o.model.expert_dtype)) {
-    return absl::InvalidArgumentError("--expert-dtype: not auto, f32, int8 or fp8");
+    return absl::InvalidArgumentError("--expert-dtype: not auto, f32, bf16, int8 or fp8");
   }
   return o;
 }

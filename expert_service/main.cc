@@ -63,8 +63,9 @@ ready, and drops what it lost once a map without it has been active for --drain-
   --cluster-token-file F  the router's cluster token
   --advertise-host H   host other nodes reach this shard at (registered with the router in
                        place of the listen host, e.g. the pod IP; default: the listen host)
-  --expert-dtype T     auto (default: fp8 checkpoints stay fp8, the rest f32), f32, int8 (per-channel
-                       scales) or fp8 (e4m3, 128x128 block scales): how the experts are held
+  --expert-dtype T     auto (default: bf16 and fp8 checkpoints stay as stored, the rest f32), f32,
+                       bf16, int8 (per-channel scales) or fp8 (e4m3, 128x128 block scales): how
+                       the experts are held
   --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
                        them is active (default 2000)
   --blas-threads N     OpenBLAS threads (default 0 = OpenBLAS's default, one per CPU). When other
@@ -239,8 +240,9 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
     ASSIGN_OR_RETURN(o.token, router::ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
   }
   if (!ParseWeightDType(f.StringOr("expert-dtype", "auto"), &o.expert_dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--expert-dtype: \"", f.StringOr("expert-dtype", ""), "\" is not auto, f32, int8 or fp8"));
+    return absl::InvalidArgumentError(absl::StrCat("--expert-dtype: \"",
+                                                   f.StringOr("expert-dtype", ""),
+                                                   "\" is not auto, f32, bf16, int8 or fp8"));
   }
   return o;
 }

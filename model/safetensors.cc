@@ -186,6 +186,16 @@ SafetensorsFile::~SafetensorsFile() {
   if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
 }
 
+void SafetensorsFile::DropPages(const TensorInfo& t) const {
+  if (base_ == nullptr || t.nbytes == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(base_ + t.offset) & ~(page - 1);
+  const uintptr_t end = std::min(reinterpret_cast<uintptr_t>(base_ + size_),
+                                 reinterpret_cast<uintptr_t>(base_ + t.offset + t.nbytes));
+  // A page shared with a neighbouring tensor is dropped too: its next read faults it back in.
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 const TensorInfo* SafetensorsFile::Find(const std::string& name) const {
   auto it = by_name_.find(name);
   return it == by_name_.end() ? nullptr : &tensors_[it->second];
@@ -296,8 +306,13 @@ absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat(const std::string& name
   return out;
 }
 
-absl::Status Checkpoint::ReadFloatInto(const std::string& name, const std::vector<int64_t>& shape,
-                                       std::vector<float>* out) const {
+void Checkpoint::DropPages(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it != where_.end()) it->second.first->DropPages(*it->second.second);
+}
+
+absl::StatusOr<TensorInfo> Checkpoint::InfoWithShape(const std::string& name,
+                                                     const std::vector<int64_t>& shape) const {
   auto info = Info(name);
   if (!info.ok()) return info.status();
   if (info->shape != shape) {
@@ -307,6 +322,13 @@ absl::Status Checkpoint::ReadFloatInto(const std::string& name, const std::vecto
                                                    "\" has shape ", info->ShapeString(),
                                                    ", expected ", want.ShapeString()));
   }
+  return info;
+}
+
+absl::Status Checkpoint::ReadFloatInto(const std::string& name, const std::vector<int64_t>& shape,
+                                       std::vector<float>* out) const {
+  auto info = InfoWithShape(name, shape);
+  if (!info.ok()) return info.status();
   if (info->dtype == DType::kF8E4M3) {
     return absl::InvalidArgumentError(
         absl::StrCat("checkpoint ", dir_, ": tensor \"", name,
@@ -317,6 +339,24 @@ absl::Status Checkpoint::ReadFloatInto(const std::string& name, const std::vecto
   if (!data.ok()) return data.status();
   out->resize(static_cast<size_t>(t.numel()));
   ConvertToFloat(t.dtype, *data, out->size(), out->data());
+  DropPages(name);
+  return absl::OkStatus();
+}
+
+absl::Status Checkpoint::ReadBf16Into(const std::string& name, const std::vector<int64_t>& shape,
+                                      std::vector<uint16_t>* out) const {
+  auto info = InfoWithShape(name, shape);
+  if (!info.ok()) return info.status();
+  if (info->dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", dir_, ": tensor \"", name,
+                                                   "\" is ", DTypeName(info->dtype), ", not BF16"));
+  }
+  TensorInfo t;
+  auto data = Raw(name, &t);
+  if (!data.ok()) return data.status();
+  out->resize(static_cast<size_t>(t.numel()));
+  std::memcpy(out->data(), *data, 2 * out->size());
+  DropPages(name);
   return absl::OkStatus();
 }
 

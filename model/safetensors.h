@@ -54,6 +54,10 @@ class SafetensorsFile {
   const TensorInfo* Find(const std::string& name) const;
   // Pointer to the tensor's bytes inside the mapping (no alignment guarantee).
   const uint8_t* Data(const TensorInfo& t) const { return base_ + t.offset; }
+  // Drops the mapping's pages under the tensor from this process's resident set (the file is
+  // read-only: a later read faults them back in). Loading copies each tensor once, then drops it,
+  // so the peak resident memory is the weights held plus one tensor, not twice the weights.
+  void DropPages(const TensorInfo& t) const;
 
  private:
   SafetensorsFile() = default;
@@ -81,8 +85,13 @@ class Checkpoint {
                              std::vector<float>* out) const;
   absl::StatusOr<std::vector<float>> ReadFloat(const std::string& name,
                                                const std::vector<int64_t>& shape) const;
-  // The tensor's raw bytes in the mapping (counted as read).
+  // A BF16 tensor's elements as bits (no conversion), after checking its shape and dtype.
+  absl::Status ReadBf16Into(const std::string& name, const std::vector<int64_t>& shape,
+                            std::vector<uint16_t>* out) const;
+  // The tensor's raw bytes in the mapping (counted as read). Call DropPages(name) once copied.
   absl::StatusOr<const uint8_t*> Raw(const std::string& name, TensorInfo* info) const;
+  // SafetensorsFile::DropPages of the named tensor (no-op for an unknown name). Read* call it.
+  void DropPages(const std::string& name) const;
 
   // Total bytes of tensor data handed out so far.
   uint64_t bytes_read() const { return bytes_read_.load(); }
@@ -96,6 +105,8 @@ class Checkpoint {
 
  private:
   Checkpoint() = default;
+  absl::StatusOr<TensorInfo> InfoWithShape(const std::string& name,
+                                           const std::vector<int64_t>& shape) const;
   std::string dir_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, std::pair<const SafetensorsFile*, const TensorInfo*>> where_;

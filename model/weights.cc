@@ -20,6 +20,7 @@ cpu::WeightRef LinearWeight::ref() const {
   cpu::WeightRef r;
   r.format = format;
   r.f32 = w.data();
+  r.bf16 = h.data();
   r.q = q.data();
   r.scales = scales.data();
   r.out = out;
@@ -32,6 +33,7 @@ void LinearWeight::ConvertTo(cpu::WeightFormat f) {
   if (format != cpu::WeightFormat::kF32) {
     w.resize(static_cast<size_t>(out * in));
     cpu::Dequantize(ref(), 0, out, w.data());
+    h = {};
     q = {};
     scales = {};
     format = cpu::WeightFormat::kF32;
@@ -42,7 +44,10 @@ void LinearWeight::ConvertTo(cpu::WeightFormat f) {
 }
 
 void LinearWeight::QuantizeFrom(const float* src, cpu::WeightFormat f) {
-  if (f == cpu::WeightFormat::kInt8) {
+  if (f == cpu::WeightFormat::kBf16) {
+    h.resize(static_cast<size_t>(out * in));
+    FloatToBf16N(src, h.size(), h.data());
+  } else if (f == cpu::WeightFormat::kInt8) {
     cpu::QuantizeInt8PerChannel(src, out, in, &q, &scales);
   } else {
     cpu::QuantizeFp8Blocks(src, out, in, &q, &scales);
@@ -51,11 +56,15 @@ void LinearWeight::QuantizeFrom(const float* src, cpu::WeightFormat f) {
   format = f;
 }
 
+void LinearWeight::Row(int64_t r, float* dst) const { cpu::Dequantize(ref(), r, r + 1, dst); }
+
 bool ParseWeightDType(const std::string& s, WeightDType* out) {
   if (s == "auto") {
     *out = WeightDType::kAuto;
   } else if (s == "f32") {
     *out = WeightDType::kF32;
+  } else if (s == "bf16") {
+    *out = WeightDType::kBf16;
   } else if (s == "int8") {
     *out = WeightDType::kInt8;
   } else if (s == "fp8") {
@@ -96,8 +105,10 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
     TensorInfo t;
     ASSIGN_OR_RETURN(const uint8_t* raw, ck.Raw(name, &t));
     l.q.assign(raw, raw + out * in);
+    ck.DropPages(name);
     l.format = cpu::WeightFormat::kFp8;
     if (dtype == WeightDType::kF32) l.ConvertTo(cpu::WeightFormat::kF32);
+    if (dtype == WeightDType::kBf16) l.ConvertTo(cpu::WeightFormat::kBf16);
     if (dtype == WeightDType::kInt8) {
       // Through a reused fp32 scratch: no full-size fp32 matrix is allocated per weight.
       thread_local std::vector<float> scratch;
@@ -107,13 +118,19 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
     }
     return l;
   }
-  if (dtype == WeightDType::kInt8 || dtype == WeightDType::kFp8) {
-    // Quantized at load through a reused fp32 scratch, so that a shard's resident set holds the
-    // 8-bit weights, not freed fp32 copies of them.
+  if (info.dtype == DType::kBF16 && (dtype == WeightDType::kAuto || dtype == WeightDType::kBf16)) {
+    RETURN_IF_ERROR(ck.ReadBf16Into(name, {out, in}, &l.h));
+    l.format = cpu::WeightFormat::kBf16;
+    return l;
+  }
+  if (dtype == WeightDType::kInt8 || dtype == WeightDType::kFp8 || dtype == WeightDType::kBf16) {
+    // Converted at load through a reused fp32 scratch, so that a shard's resident set holds the
+    // 8/16-bit weights, not freed fp32 copies of them.
     thread_local std::vector<float> scratch;
     RETURN_IF_ERROR(ck.ReadFloatInto(name, {out, in}, &scratch));
-    l.QuantizeFrom(scratch.data(), dtype == WeightDType::kInt8 ? cpu::WeightFormat::kInt8
-                                                               : cpu::WeightFormat::kFp8);
+    l.QuantizeFrom(scratch.data(), dtype == WeightDType::kInt8  ? cpu::WeightFormat::kInt8
+                                   : dtype == WeightDType::kFp8 ? cpu::WeightFormat::kFp8
+                                                                : cpu::WeightFormat::kBf16);
     return l;
   }
   ASSIGN_OR_RETURN(l.w, ck.ReadFloat(name, {out, in}));
@@ -141,7 +158,14 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
   using weight_names::Layer;
   const int64_t d = c.hidden_size, h = c.num_attention_heads;
   DenseWeights w;
-  ASSIGN_OR_RETURN(w.embed, ck.ReadFloat("model.embed_tokens.weight", {c.vocab_size, d}));
+  // The embedding table is read one row per token: 16/32-bit as stored (or as asked), never 8.
+  const WeightDType embed_dtype =
+      dtype == WeightDType::kF32 || dtype == WeightDType::kBf16 ? dtype : WeightDType::kAuto;
+  ASSIGN_OR_RETURN(w.embed,
+                   ReadLinear(ck, "model.embed_tokens.weight", c.vocab_size, d, embed_dtype));
+  if (w.embed.format != cpu::WeightFormat::kF32 && w.embed.format != cpu::WeightFormat::kBf16) {
+    w.embed.ConvertTo(cpu::WeightFormat::kBf16);
+  }
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     LayerWeights& l = w.layers[static_cast<size_t>(i)];
@@ -180,16 +204,14 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
     }
   }
   ASSIGN_OR_RETURN(w.final_norm, ck.ReadFloat("model.norm.weight", {d}));
+  // lm_head is read whole every step (V x D): held like the projections.
   if (c.tie_word_embeddings) {
-    w.lm_head.w = w.embed;
-    w.lm_head.out = c.vocab_size;
-    w.lm_head.in = d;
+    w.lm_head = w.embed;
+    if (dtype == WeightDType::kInt8) w.lm_head.ConvertTo(cpu::WeightFormat::kInt8);
+    if (dtype == WeightDType::kFp8) w.lm_head.ConvertTo(cpu::WeightFormat::kFp8);
   } else {
-    ASSIGN_OR_RETURN(w.lm_head, ReadLinear(ck, "lm_head.weight", c.vocab_size, d, exact));
+    ASSIGN_OR_RETURN(w.lm_head, ReadLinear(ck, "lm_head.weight", c.vocab_size, d, dtype));
   }
-  // lm_head is read whole every step (V x D): in 8 bits when asked, like the projections.
-  if (dtype == WeightDType::kInt8) w.lm_head.ConvertTo(cpu::WeightFormat::kInt8);
-  if (dtype == WeightDType::kFp8) w.lm_head.ConvertTo(cpu::WeightFormat::kFp8);
   return w;
 }
 

@@ -15,29 +15,33 @@
 
 namespace dmoe {
 
-// Row-major [out, in], as nn.Linear stores it: fp32 (w), or 8-bit (q) with scales — int8 with one
-// scale per output channel, or fp8 e4m3 with 128x128 block scales (cpu::WeightRef).
+// Row-major [out, in], as nn.Linear stores it: fp32 (w), bf16 (h), or 8-bit (q) with scales —
+// int8 with one scale per output channel, or fp8 e4m3 with 128x128 block scales (cpu::WeightRef).
 struct LinearWeight {
   cpu::WeightFormat format = cpu::WeightFormat::kF32;
   std::vector<float> w;       // kF32
+  std::vector<uint16_t> h;    // kBf16 (bits)
   std::vector<uint8_t> q;     // kInt8 / kFp8
   std::vector<float> scales;  // kInt8: [out]; kFp8: [ceil(out/128), ceil(in/128)]
   int64_t out = 0;
   int64_t in = 0;
-  bool empty() const { return w.empty() && q.empty(); }
+  bool empty() const { return w.empty() && h.empty() && q.empty(); }
   cpu::WeightRef ref() const;
   // Bytes held (weights and scales).
-  uint64_t bytes() const { return 4 * w.size() + q.size() + 4 * scales.size(); }
-  // Converts in place (through fp32 when both are 8-bit).
+  uint64_t bytes() const { return 4 * w.size() + 2 * h.size() + q.size() + 4 * scales.size(); }
+  // Converts in place (through fp32 when neither side is fp32).
   void ConvertTo(cpu::WeightFormat f);
-  // Becomes `f` (int8 or fp8) quantized from the fp32 matrix `src` [out, in]; `w` is dropped.
+  // Becomes `f` (bf16, int8 or fp8) made from the fp32 matrix `src` [out, in]; `w` is dropped.
   void QuantizeFrom(const float* src, cpu::WeightFormat f);
+  // Row r as fp32 (the embedding lookup).
+  void Row(int64_t r, float* dst) const;
 };
 
-// What to hold a linear weight as: kAuto keeps an fp8 checkpoint's fp8 and reads anything else as
-// fp32; the others convert at load (quantizing 16/32-bit weights, or dequantizing fp8).
-enum class WeightDType { kAuto, kF32, kInt8, kFp8 };
-// "auto", "f32", "int8", "fp8"; false for anything else.
+// What to hold a linear weight as: kAuto keeps a checkpoint's bf16 as bf16 and its fp8 as fp8 and
+// reads anything else (f32, f16) as fp32; the others convert at load (rounding to bf16,
+// quantizing to 8 bits, or dequantizing). bf16 held as bf16 gives the same bits as its fp32 upcast.
+enum class WeightDType { kAuto, kF32, kBf16, kInt8, kFp8 };
+// "auto", "f32", "bf16", "int8", "fp8"; false for anything else.
 bool ParseWeightDType(const std::string& s, WeightDType* out);
 
 struct MlpWeights {
@@ -65,7 +69,7 @@ struct LayerWeights {
 
 // Everything except the routed experts.
 struct DenseWeights {
-  std::vector<float> embed;  // [V, D]
+  LinearWeight embed;  // [V, D], fp32 or bf16 (read one row per token)
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;  // [D]
   LinearWeight lm_head;           // [V, D]; a copy of embed when tied
@@ -76,8 +80,9 @@ std::string Layer(int64_t layer, const std::string& suffix);
 std::string Expert(int64_t layer, int64_t expert, const std::string& proj);  // proj: gate_proj, ...
 }  // namespace weight_names
 
-// `dtype` applies to the projections where 8 bits pay: q/q_a/q_b, kv_a, o, the dense and shared
-// MLPs, lm_head. kv_b (absorbed into the attention), the router gate and embeddings stay fp32.
+// `dtype` applies to the projections: q/q_a/q_b, kv_a, o, the dense and shared MLPs, lm_head
+// (and, when bf16 or auto, the embedding table). kv_b (absorbed into the attention) and the
+// router gate stay fp32; the embeddings stay 16/32-bit.
 absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
                                               WeightDType dtype = WeightDType::kAuto);
 // One routed expert of one MoE layer.

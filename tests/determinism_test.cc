@@ -2,8 +2,8 @@
 // logprob bits (memcmp, never a tolerance) alone, beside 1..63 random companions under a small
 // step budget (so its prefill chunks and decodes share steps with others' prefills and decodes),
 // with prefill chunks of 1, 3, 16 and 64 tokens, and after a prefix-cache hit; for fp32 weights
-// and cache, and for int8 / fp8 weights with the 8-bit KV cache. The control test shows the
-// property is not free: the BLAS kernels (opt-in) fail it.
+// and cache, bf16 weights, and for int8 / fp8 weights with the 8-bit KV cache. The control test
+// shows the property is not free: the BLAS kernels (opt-in) fail it.
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -180,6 +180,7 @@ TEST_P(Determinism, SameBitsAfterAPrefixCacheHit) {
 INSTANTIATE_TEST_SUITE_P(
     All, Determinism,
     ::testing::Values(Variant{"f32", WeightDType::kF32, cpu::KvDType::kF32},
+                      Variant{"bf16", WeightDType::kBf16, cpu::KvDType::kF32},
                       Variant{"int8_kv8", WeightDType::kInt8, cpu::KvDType::kInt8},
                       Variant{"fp8_kvfp8", WeightDType::kFp8, cpu::KvDType::kFp8}),
     [](const ::testing::TestParamInfo<Variant>& i) { return std::string(i.param.name); });

@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/mla.h"
@@ -109,7 +110,42 @@ TEST(Invariance, AxpyRowsRowAloneEqualsRowInAnyBatchAndKSplits) {
   EXPECT_TRUE(SameBits(split.data(), alone.data(), static_cast<size_t>(n)));
 }
 
-// Linear (fp32) and LinearW (int8, fp8): a row alone == the same row in batches of 2..40 rows
+// bf16 weights held as bf16 give exactly the bits of their fp32 upcast through DotRows (the
+// kernel widens them in registers): every shape class (tails of k, of n, tiles of 1..3 rows),
+// M from 1 to 512, AVX2 and portable, in the invariant mode and through LinearW.
+TEST(Invariance, Bf16WeightsEqualTheirFp32UpcastBitForBit) {
+  for (bool portable : {false, true}) {
+    ForcePortableInvariantForTesting(portable);
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{37, 29},
+                        {64, 512},
+                        {512, 1024},
+                        {5, 8},
+                        {1024, 512},
+                        {288, 1024}}) {
+      const auto wf = Random(static_cast<size_t>(n * k), 11);
+      std::vector<uint16_t> h(wf.size());
+      FloatToBf16N(wf.data(), wf.size(), h.data());
+      std::vector<float> up(wf.size());
+      Bf16ToFloatN(h.data(), h.size(), up.data());
+      const WeightRef ref{WeightFormat::kBf16, nullptr, nullptr, nullptr, n, k, h.data()};
+      for (int64_t m : {1, 2, 3, 4, 7, 16, 64, 512}) {
+        if (portable && m * n * k > (int64_t{1} << 26)) continue;  // the slow path: fewer
+        const auto x = Random(static_cast<size_t>(m * k), static_cast<uint32_t>(100 + m));
+        std::vector<float> want(static_cast<size_t>(m * n)), got(want.size()), via(want.size());
+        DotRows(x.data(), m, k, up.data(), n, k, k, want.data(), n);
+        DotRowsBf16(x.data(), m, k, h.data(), n, k, k, got.data(), n);
+        LinearW(x.data(), m, ref, via.data());
+        ASSERT_TRUE(SameBits(want.data(), got.data(), want.size()))
+            << "n " << n << " k " << k << " m " << m << " portable " << portable;
+        ASSERT_TRUE(SameBits(want.data(), via.data(), want.size()))
+            << "n " << n << " k " << k << " m " << m << " portable " << portable;
+      }
+    }
+  }
+  ForcePortableInvariantForTesting(false);
+}
+
+// Linear (fp32) and LinearW (int8, fp8, bf16): a row alone == the same row in batches of 2..40 rows
 // (crossing the register kernel's 8-row groups and the old 16-row BLAS switch).
 TEST(Invariance, LinearWEveryFormatRowAloneEqualsRowInAnyBatch) {
   const int64_t out = 300, in = 260;
@@ -118,10 +154,13 @@ TEST(Invariance, LinearWEveryFormatRowAloneEqualsRowInAnyBatch) {
   std::vector<float> s8, sf8;
   QuantizeInt8PerChannel(wf.data(), out, in, &q8, &s8);
   QuantizeFp8Blocks(wf.data(), out, in, &qf8, &sf8);
-  WeightRef refs[3];
+  std::vector<uint16_t> h(wf.size());
+  FloatToBf16N(wf.data(), wf.size(), h.data());
+  WeightRef refs[4];
   refs[0] = {WeightFormat::kF32, wf.data(), nullptr, nullptr, out, in};
   refs[1] = {WeightFormat::kInt8, nullptr, q8.data(), s8.data(), out, in};
   refs[2] = {WeightFormat::kFp8, nullptr, qf8.data(), sf8.data(), out, in};
+  refs[3] = {WeightFormat::kBf16, nullptr, nullptr, nullptr, out, in, h.data()};
   const auto target = Random(static_cast<size_t>(in), 8);
   for (const WeightRef& w : refs) {
     std::vector<float> alone(static_cast<size_t>(out));

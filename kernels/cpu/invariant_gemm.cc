@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 
+#include "common/dtype.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -26,19 +27,31 @@ inline float Lanes8(const float* l) {
 
 // ---- portable: the same orders with std::fma ----
 
-void DotRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n0, int64_t n1,
-                     int64_t ldw, int64_t k, float* y, int64_t ldy) {
+// Weight element types of DotRows: fp32, or bf16 bits widened exactly to fp32 (so a bf16 matrix
+// gives the same bits as its fp32 upcast).
+struct F32W {
+  using T = float;
+  static float At(const float* p) { return *p; }
+};
+struct Bf16W {
+  using T = uint16_t;
+  static float At(const uint16_t* p) { return Bf16ToFloat(*p); }
+};
+
+template <typename W>
+void DotRowsPortable(const float* x, int64_t m, int64_t ldx, const typename W::T* w, int64_t n0,
+                     int64_t n1, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   const int64_t k8 = k & ~int64_t{7};
   for (int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * ldx;
     for (int64_t o = n0; o < n1; ++o) {
-      const float* wo = w + o * ldw;
+      const typename W::T* wo = w + o * ldw;
       float lane[8] = {};
       for (int64_t j = 0; j < k8; j += 8) {
-        for (int l = 0; l < 8; ++l) lane[l] = std::fma(xi[j + l], wo[j + l], lane[l]);
+        for (int l = 0; l < 8; ++l) lane[l] = std::fma(xi[j + l], W::At(wo + j + l), lane[l]);
       }
       float s = Lanes8(lane);
-      for (int64_t j = k8; j < k; ++j) s = std::fma(xi[j], wo[j], s);
+      for (int64_t j = k8; j < k; ++j) s = std::fma(xi[j], W::At(wo + j), s);
       y[i * ldy + o] = s;
     }
   }
@@ -65,10 +78,19 @@ __attribute__((target("avx2,fma"))) inline float HSum(__m256 v) {
   return Lanes8(l);
 }
 
+__attribute__((target("avx2,fma"))) inline __m256 Load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2,fma"))) inline __m256 Load8(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
 // T rows of x against R rows of w; each of the T x R outputs is one 8-lane chain.
-template <int T, int R>
-__attribute__((target("avx2,fma"))) void DotTile(const float* x, int64_t ldx, const float* w,
-                                                 int64_t ldw, int64_t k, float* y, int64_t ldy) {
+template <int T, int R, typename W>
+__attribute__((target("avx2,fma"))) void DotTile(const float* x, int64_t ldx,
+                                                 const typename W::T* w, int64_t ldw, int64_t k,
+                                                 float* y, int64_t ldy) {
   __m256 acc[T][R];
 #pragma GCC unroll 4
   for (int m = 0; m < T; ++m)
@@ -81,7 +103,7 @@ __attribute__((target("avx2,fma"))) void DotTile(const float* x, int64_t ldx, co
     for (int m = 0; m < T; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + j);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + r * ldw + j);
+      const __m256 wv = Load8(w + r * ldw + j);
 #pragma GCC unroll 4
       for (int m = 0; m < T; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
     }
@@ -89,27 +111,29 @@ __attribute__((target("avx2,fma"))) void DotTile(const float* x, int64_t ldx, co
   for (int m = 0; m < T; ++m) {
     for (int r = 0; r < R; ++r) {
       float s = HSum(acc[m][r]);
-      for (int64_t j = k8; j < k; ++j) s = __builtin_fmaf(x[m * ldx + j], w[r * ldw + j], s);
+      for (int64_t j = k8; j < k; ++j)
+        s = __builtin_fmaf(x[m * ldx + j], W::At(w + r * ldw + j), s);
       y[m * ldy + r] = s;
     }
   }
 }
 
-template <int R>
+template <int R, typename W>
 __attribute__((target("avx2,fma"))) void DotRowsOfW(const float* x, int64_t m, int64_t ldx,
-                                                    const float* w, int64_t ldw, int64_t k,
+                                                    const typename W::T* w, int64_t ldw, int64_t k,
                                                     float* y, int64_t ldy) {
   int64_t i = 0;
-  for (; i + 3 <= m; i += 3) DotTile<3, R>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
-  if (m - i == 2) DotTile<2, R>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
-  if (m - i == 1) DotTile<1, R>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  for (; i + 3 <= m; i += 3) DotTile<3, R, W>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  if (m - i == 2) DotTile<2, R, W>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  if (m - i == 1) DotTile<1, R, W>(x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
 }
 
-void DotRowsAvx2(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n0, int64_t n1,
-                 int64_t ldw, int64_t k, float* y, int64_t ldy) {
+template <typename W>
+void DotRowsAvx2(const float* x, int64_t m, int64_t ldx, const typename W::T* w, int64_t n0,
+                 int64_t n1, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   int64_t o = n0;
-  for (; o + 4 <= n1; o += 4) DotRowsOfW<4>(x, m, ldx, w + o * ldw, ldw, k, y + o, ldy);
-  for (; o < n1; ++o) DotRowsOfW<1>(x, m, ldx, w + o * ldw, ldw, k, y + o, ldy);
+  for (; o + 4 <= n1; o += 4) DotRowsOfW<4, W>(x, m, ldx, w + o * ldw, ldw, k, y + o, ldy);
+  for (; o < n1; ++o) DotRowsOfW<1, W>(x, m, ldx, w + o * ldw, ldw, k, y + o, ldy);
 }
 
 // T rows of y, V vectors of 8 columns: acc[m][v] = fma(x[m, kk], w[kk, cols], acc) over kk.
@@ -193,18 +217,22 @@ int64_t Split(int64_t n, int64_t work, int64_t align, int64_t* per) {
 
 void ForcePortableInvariantForTesting(bool on) { g_portable = on; }
 
-void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, int64_t ldw,
-             int64_t k, float* y, int64_t ldy) {
+namespace {
+
+template <typename W>
+void DotRowsT(const float* x, int64_t m, int64_t ldx, const typename W::T* w, int64_t n,
+              int64_t ldw, int64_t k, float* y, int64_t ldy) {
   if (m <= 0 || n <= 0) return;
   const bool avx2 = Avx2();
   int64_t per = 0;
+  // Work in weight bytes read: a bf16 matrix is split like an fp32 one of the same shape.
   const int64_t chunks = Split(n, m * n * k, 4, &per);
   auto run = [&](int c) {
     const int64_t n0 = c * per, n1 = std::min(n, n0 + per);
     if (avx2) {
-      DotRowsAvx2(x, m, ldx, w, n0, n1, ldw, k, y, ldy);
+      DotRowsAvx2<W>(x, m, ldx, w, n0, n1, ldw, k, y, ldy);
     } else {
-      DotRowsPortable(x, m, ldx, w, n0, n1, ldw, k, y, ldy);
+      DotRowsPortable<W>(x, m, ldx, w, n0, n1, ldw, k, y, ldy);
     }
   };
   if (chunks == 1) {
@@ -212,6 +240,18 @@ void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, 
   } else {
     ThePool().Run(static_cast<int>(chunks), run);
   }
+}
+
+}  // namespace
+
+void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, int64_t ldw,
+             int64_t k, float* y, int64_t ldy) {
+  DotRowsT<F32W>(x, m, ldx, w, n, ldw, k, y, ldy);
+}
+
+void DotRowsBf16(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n, int64_t ldw,
+                 int64_t k, float* y, int64_t ldy) {
+  DotRowsT<Bf16W>(x, m, ldx, w, n, ldw, k, y, ldy);
 }
 
 void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,

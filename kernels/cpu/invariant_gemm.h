@@ -24,6 +24,12 @@ namespace dmoe::cpu {
 void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, int64_t ldw,
              int64_t k, float* y, int64_t ldy);
 
+// DotRows over bf16 weights (w: bf16 bits, [N, K] row-major, ldw in elements): each weight is
+// widened exactly to fp32 in registers and the chains are DotRows', so y is bit-identical to
+// DotRows on the fp32 upcast of w while half the bytes are read.
+void DotRowsBf16(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n, int64_t ldw,
+                 int64_t k, float* y, int64_t ldy);
+
 // y[m, n] = (accumulate ? y[m, n] : 0) + sum_k x[m, k] * w[k, n]. Strides in floats.
 void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,
               int64_t n, float* y, int64_t ldy, bool accumulate);

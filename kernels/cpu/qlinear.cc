@@ -9,6 +9,7 @@
 #include <functional>
 
 #include "common/dtype.h"
+#include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
@@ -164,6 +165,8 @@ const char* WeightFormatName(WeightFormat f) {
       return "int8";
     case WeightFormat::kFp8:
       return "fp8";
+    case WeightFormat::kBf16:
+      return "bf16";
   }
   return "?";
 }
@@ -199,6 +202,8 @@ void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
     float* d = dst + (o - o0) * w.in;
     if (w.format == WeightFormat::kF32) {
       std::copy(w.f32 + o * w.in, w.f32 + (o + 1) * w.in, d);
+    } else if (w.format == WeightFormat::kBf16) {
+      Bf16ToFloatN(w.bf16 + o * w.in, static_cast<size_t>(w.in), d);
     } else if (avx2) {
       DequantizeRowAvx2(w, o, d);
     } else if (w.format == WeightFormat::kInt8) {
@@ -219,6 +224,11 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   }
   if (ldx == 0) ldx = w.in;
   if (ldy == 0) ldy = w.out;
+  if (w.format == WeightFormat::kBf16 &&
+      (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
+    DotRowsBf16(x, t, ldx, w.bf16, w.out, w.in, w.in, y, ldy);
+    return;
+  }
   int64_t per = 0;
   const int64_t chunks = Chunks(w.out, w.in, &per);
   // The invariant mode always takes the register kernel (its rows never interact); the BLAS

@@ -1,4 +1,5 @@
-// Linear layers over 8-bit weights (weight-only quantization; activations stay fp32):
+// Linear layers over bf16 weights (DotRowsBf16) and 8-bit weights (weight-only quantization;
+// activations stay fp32):
 //   int8 with one fp32 scale per output channel  (w[o, i] = q[o, i] * scale[o]), and
 //   fp8 e4m3 with 128x128 block scales as DeepSeek-V3 ships them
 //                                           (w[o, i] = fp8(q[o, i]) * scale_inv[o / 128, i / 128]).
@@ -13,7 +14,9 @@
 
 namespace dmoe::cpu {
 
-enum class WeightFormat { kF32, kInt8, kFp8 };
+// kBf16: bf16 bits, widened exactly to fp32 in registers (DotRowsBf16): the same results as the
+// fp32 upcast, half its bytes.
+enum class WeightFormat { kF32, kInt8, kFp8, kBf16 };
 const char* WeightFormatName(WeightFormat f);
 
 constexpr int64_t kFp8Block = 128;
@@ -26,6 +29,7 @@ struct WeightRef {
   const float* scales = nullptr;  // kInt8: [out]; kFp8: [ceil(out/128), ceil(in/128)]
   int64_t out = 0;
   int64_t in = 0;
+  const uint16_t* bf16 = nullptr;  // kBf16 (last: the fields above keep their positions)
 };
 
 // y[t, out] = x[t, in] @ W^T. Row strides ldx / ldy (0: packed).
