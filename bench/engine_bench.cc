@@ -1,10 +1,14 @@
 // Engine benchmark: prints figures, passes/fails nothing. Every ratio is measured in this one run.
 //
-//   decode tokens/s and ms/step at batch 1, 16, 64 on the tiny and small presets;
-//   small preset, batch 1: effective weight bytes read per second / memcpy bandwidth;
-//   sgemm GFLOP/s at the expert shapes / sgemm GFLOP/s of a large square.
+//   per weight dtype (f32 / bf16 / int8 / fp8, or as stored): resident and peak memory of the
+//   load; decode tokens/s and ms/step per batch size, at a context depth; prefill of N tokens;
+//   weight + cache bytes read per step / the machine's multi-threaded read bandwidth (the
+//   fraction of the memory-bandwidth limit a step reaches); --json: one object per measurement.
+//   Opt-in: batch-invariant vs BLAS kernels, routed experts over UCX vs in-process, shard
+//   memory, sgemm GFLOP/s at the expert shapes.
 #include <cblas.h>
 #include <fcntl.h>
+#include <immintrin.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -21,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "attention_service/local_model.h"
 #include "bench/shard_process.h"
@@ -28,6 +33,7 @@
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
+#include "kernels/cpu/thread_pool.h"
 #include "model/tiny_model.h"
 
 namespace dmoe {
@@ -37,20 +43,6 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
-}
-
-// Bytes copied per second by memcpy over a buffer far larger than the caches (best of 5).
-double MemcpyBandwidth() {
-  const size_t n = size_t{512} << 20;
-  std::vector<char> a(n, 1), b(n, 2);
-  double best = 1e30;
-  for (int i = 0; i < 5; ++i) {
-    const auto t0 = Clock::now();
-    std::memcpy(b.data(), a.data(), n);
-    best = std::min(best, Seconds(t0, Clock::now()));
-    a[static_cast<size_t>(i)] = b[n - 1 - static_cast<size_t>(i)];
-  }
-  return static_cast<double>(n) / best;
 }
 
 // The engine's own small-M kernel at the same shape.
@@ -66,14 +58,20 @@ double SmallMGflops(int m, int n, int k, int reps) {
   return 2.0 * m * n * k / best / 1e9;
 }
 
-// The batch-invariant kernel (the default for every linear layer) at the same shape.
-double InvariantGflops(int m, int n, int k, int reps) {
+// The batch-invariant kernel (the default for every linear layer) at the same shape, over fp32
+// or bf16 weights.
+double InvariantGflops(int m, int n, int k, int reps, bool bf16 = false) {
   std::vector<float> a(static_cast<size_t>(m) * k, 0.5f), b(static_cast<size_t>(n) * k, 0.25f),
       c(static_cast<size_t>(m) * n);
+  std::vector<uint16_t> h(b.size(), 0x3e80);
   double best = 1e30;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = Clock::now();
-    cpu::DotRows(a.data(), m, k, b.data(), n, k, k, c.data(), n);
+    if (bf16) {
+      cpu::DotRowsBf16(a.data(), m, k, h.data(), n, k, k, c.data(), n);
+    } else {
+      cpu::DotRows(a.data(), m, k, b.data(), n, k, k, c.data(), n);
+    }
     best = std::min(best, Seconds(t0, Clock::now()));
   }
   return 2.0 * m * n * k / best / 1e9;
@@ -130,222 +128,521 @@ DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len) {
   return {batch * steps / secs, 1000.0 * secs / steps};
 }
 
+// Bytes read per second by every core of the kernel pool at once, each summing its own slice of a
+// buffer far larger than the caches (best of 5): the bandwidth a memory-bound decode step can
+// reach on this machine.
+__attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes) {
+  const auto* v = reinterpret_cast<const __m256i*>(p);
+  __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+  for (size_t i = 0; i + 4 <= bytes / 32; i += 4) {
+    a = _mm256_add_epi64(a, _mm256_loadu_si256(v + i));
+    b = _mm256_add_epi64(b, _mm256_loadu_si256(v + i + 1));
+    c = _mm256_add_epi64(c, _mm256_loadu_si256(v + i + 2));
+    d = _mm256_add_epi64(d, _mm256_loadu_si256(v + i + 3));
+  }
+  a = _mm256_add_epi64(_mm256_add_epi64(a, b), _mm256_add_epi64(c, d));
+  return _mm256_extract_epi64(a, 0);
+}
+
+double ReadBandwidth() {
+  const size_t n = size_t{1} << 30;
+  std::vector<uint8_t> buf(n, 1);
+  const int parts = cpu::ThePool().size();
+  const size_t per = n / static_cast<size_t>(parts) / 128 * 128;
+  std::vector<int64_t> sink(static_cast<size_t>(parts));
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = Clock::now();
+    cpu::ThePool().Run(parts, [&](int p) {
+      sink[static_cast<size_t>(p)] = SumSlice(buf.data() + per * static_cast<size_t>(p), per);
+    });
+    best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  int64_t total = 0;
+  for (int64_t v : sink) total += v;
+  if (total == 42) std::printf(" ");  // keeps the sums alive
+  return static_cast<double>(per * static_cast<size_t>(parts)) / best;
+}
+
+// VmRSS / VmHWM of this process in bytes; ResetPeakRss() restarts VmHWM from the current RSS.
+uint64_t StatusBytes(const char* key) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind(key, 0) == 0)
+      return std::strtoull(line.c_str() + std::strlen(key), nullptr, 10) << 10;
+  }
+  return 0;
+}
+void ResetPeakRss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+// One measurement, as printed and as one JSON object (--json).
+struct Measurement {
+  std::string model, weight_dtype, expert_dtype, kv_dtype = "f32", phase;
+  int batch = 1;
+  int64_t context = 0;
+  double tokens_per_s = 0, ms_per_step = 0;
+  double read_bw_gbs = 0;      // the machine's multi-threaded read bandwidth
+  double limit_fraction = -1;  // bytes read per step / read_bw / step time; < 0: not memory-bound
+};
+
+void Emit(const Measurement& m, bool json) {
+  if (json) {
+    std::printf(
+        "{\"model\": \"%s\", \"weight_dtype\": \"%s\", \"expert_dtype\": \"%s\", \"kv_dtype\": "
+        "\"%s\", \"phase\": \"%s\", \"batch\": %d, \"context\": %lld, \"tokens_per_s\": %.3f, "
+        "\"ms_per_step\": %.4f, \"read_bw_gbs\": %.3f, \"limit_fraction\": %s}\n",
+        m.model.c_str(), m.weight_dtype.c_str(), m.expert_dtype.c_str(), m.kv_dtype.c_str(),
+        m.phase.c_str(), m.batch, static_cast<long long>(m.context), m.tokens_per_s, m.ms_per_step,
+        m.read_bw_gbs,
+        m.limit_fraction < 0 ? "null" : absl::StrFormat("%.4f", m.limit_fraction).c_str());
+  } else {
+    std::printf(
+        "%-8s %-6s %-6s %7s %6d %8lld %11.1f %10.3f %9s\n", m.model.c_str(), m.weight_dtype.c_str(),
+        m.expert_dtype.c_str(), m.phase.c_str(), m.batch, static_cast<long long>(m.context),
+        m.tokens_per_s, m.ms_per_step,
+        m.limit_fraction < 0 ? "-" : absl::StrFormat("%.1f%%", 100 * m.limit_fraction).c_str());
+  }
+  std::fflush(stdout);
+}
+
+// Prefill of n tokens of one fresh sequence as one step (best of 2: the first warms up).
+DecodeResult BenchPrefill(Engine& engine, int64_t n) {
+  const ModelConfig& c = engine.config();
+  double best = 1e30;
+  for (int rep = 0; rep < 2; ++rep) {
+    SequenceKvCache cache(c);
+    std::vector<SequenceStep> b(1);
+    b[0].cache = &cache;
+    for (int64_t j = 0; j < n; ++j) {
+      b[0].tokens.push_back(static_cast<int32_t>((j * 17 + 3) % c.vocab_size));
+    }
+    std::vector<std::vector<float>> logits;
+    const auto t0 = Clock::now();
+    if (!engine.Step(b, &logits).ok()) std::abort();
+    best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return {static_cast<double>(n) / best, 1000.0 * best};
+}
+
 // Bytes of weights one batch-1 decode step reads: everything but the embedding table (one row)
-// and the routed experts, plus top-k experts per MoE layer.
+// and the routed experts, plus top-k experts per MoE layer, as held (f32, bf16 or 8-bit).
 double BytesPerBatch1Step(const LocalModel& m) {
   const ModelConfig& c = m.config();
-  const double expert = 4.0 * 3 * c.hidden_size * c.moe_intermediate_size;
   int moe_layers = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.IsMoeLayer(l);
   const double routed_all = static_cast<double>(m.experts().bytes());
-  const double embed = 4.0 * c.vocab_size * c.hidden_size;
+  const double expert = m.experts().size() ? routed_all / m.experts().size() : 0.0;
+  const double embed = static_cast<double>(m.dense().embed.bytes());
   return static_cast<double>(m.weight_bytes()) - routed_all - embed + embed / c.vocab_size +
          moe_layers * c.num_experts_per_tok * expert;
 }
 
-int Main(int argc, char** argv) {
-  std::string presets = "tiny,small", cache_dir = "/tmp/dmoe-bench";
+struct Options {
+  std::string presets = "tiny,small", model_dir, cache_dir = "/tmp/dmoe-bench";
+  std::vector<std::string> dtypes = {"auto"};
+  std::string expert_dtype;  // empty: the weight dtype of the row
   std::vector<int> batches = {1, 16, 64};
-  int steps = 0;
-  int distributed = 2;
-  int blas_threads = -1;  // -1: each process's share of the CPUs in the distributed run
-  bool shard_memory = true;
-  int kernel_rounds = 3;
+  std::vector<int64_t> depths;  // extra batch-1 decode rows at these contexts
+  int64_t context = 16, prefill = 512;
+  int steps = 0, rounds = 1;
+  bool json = false;
+  // Opt-in sections.
+  int distributed = 0, blas_threads = -1, kernel_rounds = 0;
+  bool shard_memory = false, gemm_shapes = false;
+};
+
+constexpr char kUsage[] = R"(usage: engine_bench [options]
+Measures the in-process engine per weight dtype; prints figures, passes/fails nothing.
+  --presets LIST        tiny,small (default); written once into --model-cache DIR (small: ~1.6 GB
+                        bf16)
+  --model DIR           a checkpoint directory instead of the presets (HF layout)
+  --weight-dtype LIST   auto (default: as stored), f32, bf16, int8, fp8; one set of rows each
+  --expert-dtype T      the routed experts' dtype (default: the row's weight dtype)
+  --batches LIST        decode batch sizes (default 1,16,64), each sequence at --context tokens
+  --context N           tokens in each sequence's cache before decoding (default 16)
+  --depth LIST          extra batch-1 decode rows at these contexts (e.g. 1024)
+  --prefill N           prefill of N tokens of one sequence in one step (default 512; 0: off)
+  --steps N             decode steps per measurement (default: 20 at batch 1, 8 beyond; 32 tiny)
+  --rounds R            repeat every measurement R times, report medians (default 1)
+  --json                one JSON object per measurement on stdout (model, weight_dtype,
+                        expert_dtype, kv_dtype, phase decode|prefill, batch, context,
+                        tokens_per_s, ms_per_step, read_bw_gbs, limit_fraction); the rest on stderr
+The memory-bandwidth limit of a batch-1 decode step: the weight bytes it reads (everything but
+the embedding table and the routed experts, plus top-k experts per MoE layer, as held) and its KV
+cache bytes, over the read bandwidth of all cores measured in the same run; limit_fraction is the
+step's speed / that limit. Load memory: resident bytes added by the load and its peak (VmHWM).
+Opt-in sections (the small preset / the model loaded as stored):
+  --kernel-rounds R     batch-invariant vs BLAS kernels, R alternating rounds per batch size
+  --distributed N       routed experts on N dmoe-expert processes over UCX vs in-process
+                        (UCX_TLS from the environment, default tcp,self); --blas-threads T for
+                        the processes of that run (default CPUs / (N + 1); 0: OpenBLAS default)
+  --shard-memory        resident memory of a shard hosting 1/4 of the experts and all of them
+  --gemm-shapes         sgemm / invariant / small-M GFLOP/s at the expert shapes vs 2048^3
+)";
+
+template <typename T>
+bool ParseList(const std::string& v, std::vector<T>* out) {
+  out->clear();
+  for (auto s : absl::StrSplit(v, ',')) {
+    T x;
+    if (!absl::SimpleAtoi(s, &x) || x <= 0) return false;
+    out->push_back(x);
+  }
+  return !out->empty();
+}
+
+// 0: parsed; 1: --help printed; 2: a bad flag (reported).
+int ParseOptions(int argc, char** argv, Options* o) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
+    bool ok = true;
     if (a == "--presets") {
-      presets = value();
+      o->presets = value();
+    } else if (a == "--model") {
+      o->model_dir = value();
     } else if (a == "--model-cache") {
-      cache_dir = value();
-    } else if (a == "--distributed") {
-      distributed = std::atoi(value().c_str());
-    } else if (a == "--blas-threads") {
-      blas_threads = std::max(0, std::atoi(value().c_str()));
-    } else if (a == "--no-shard-memory") {
-      shard_memory = false;
-    } else if (a == "--kernel-rounds") {
-      if (!absl::SimpleAtoi(value(), &kernel_rounds) || kernel_rounds < 0) return 2;
-    } else if (a == "--steps") {
-      steps = std::atoi(value().c_str());
+      o->cache_dir = value();
+    } else if (a == "--weight-dtype") {
+      o->dtypes = absl::StrSplit(value(), ',');
+    } else if (a == "--expert-dtype") {
+      o->expert_dtype = value();
     } else if (a == "--batches") {
-      batches.clear();
-      for (auto s : absl::StrSplit(value(), ',')) {
-        int v;
-        if (absl::SimpleAtoi(s, &v) && v > 0) batches.push_back(v);
-      }
+      ok = ParseList(value(), &o->batches);
+    } else if (a == "--depth") {
+      ok = ParseList(value(), &o->depths);
+    } else if (a == "--context") {
+      ok = absl::SimpleAtoi(value(), &o->context) && o->context > 0;
+    } else if (a == "--prefill") {
+      ok = absl::SimpleAtoi(value(), &o->prefill) && o->prefill >= 0;
+    } else if (a == "--steps") {
+      ok = absl::SimpleAtoi(value(), &o->steps) && o->steps > 0;
+    } else if (a == "--rounds") {
+      ok = absl::SimpleAtoi(value(), &o->rounds) && o->rounds > 0;
+    } else if (a == "--json") {
+      o->json = true;
+    } else if (a == "--distributed") {
+      ok = absl::SimpleAtoi(value(), &o->distributed) && o->distributed >= 0;
+    } else if (a == "--blas-threads") {
+      ok = absl::SimpleAtoi(value(), &o->blas_threads) && o->blas_threads >= 0;
+    } else if (a == "--kernel-rounds") {
+      ok = absl::SimpleAtoi(value(), &o->kernel_rounds) && o->kernel_rounds >= 0;
+    } else if (a == "--shard-memory") {
+      o->shard_memory = true;
+    } else if (a == "--gemm-shapes") {
+      o->gemm_shapes = true;
+    } else if (a == "--help" || a == "-h") {
+      std::printf("%s", kUsage);
+      return 1;
     } else {
-      std::printf(
-          "usage: engine_bench [--presets tiny,small] [--batches 1,16,64] [--steps N]\n"
-          "                    [--model-cache DIR] [--distributed N] [--no-shard-memory]\n"
-          "                    [--blas-threads T] [--kernel-rounds R]\n"
-          "Writes the preset checkpoints into DIR once (small: ~1.6 GB bf16), then prints decode\n"
-          "tokens/s and ms/step per batch size, the batch-1 weight-read bandwidth of the small\n"
-          "preset against memcpy bandwidth, and sgemm GFLOP/s at expert shapes against 2048^3.\n"
-          "With --distributed N (default 2; 0 = off) the same decode runs with the routed experts\n"
-          "on N dmoe-expert processes over UCX (UCX_TLS from the environment, default tcp,self)\n"
-          "and the ratio distributed / in-process is printed; on the small preset it also prints\n"
-          "the resident memory of a shard hosting 1/4 of the experts and of one hosting all.\n"
-          "In-process runs use OpenBLAS's default threads (one per CPU); in the distributed run "
-          "the\n"
-          "bench process and every shard use CPUs / (N + 1) (as `dmoe up` gives each process its\n"
-          "share), unless --blas-threads T sets T for them (0 = OpenBLAS's default).\n"
-          "--kernel-rounds R (default 3; 0 = off): decode with the batch-invariant kernels (the\n"
-          "default) and with the previous BLAS kernels (cpu::KernelMode::kBlas) in R alternating\n"
-          "rounds per batch size; prints the medians and invariant / blas.\n");
-      return a == "--help" || a == "-h" ? 0 : 2;
-    }
-  }
-  const double memcpy_bw = MemcpyBandwidth();
-  std::printf("memcpy bandwidth: %.2f GB/s\n", memcpy_bw / 1e9);
-  for (absl::string_view preset_view : absl::StrSplit(presets, ',')) {
-    const std::string preset(preset_view);
-    auto config = PresetConfig(preset);
-    if (!config.ok()) {
-      std::fprintf(stderr, "%s\n", std::string(config.status().message()).c_str());
+      std::fprintf(stderr, "engine_bench: unknown flag %s\n%s", a.c_str(), kUsage);
       return 2;
     }
-    const std::string dir = cache_dir + "/" + preset;
-    struct stat st;
-    if (::stat((dir + "/config.json").c_str(), &st) != 0) {
-      std::printf("writing the %s preset to %s ...\n", preset.c_str(), dir.c_str());
-      std::fflush(stdout);
-      TinyModelOptions o;
-      o.dtype = preset == "small" ? DType::kBF16 : DType::kF32;
-      if (auto s = WriteTinyModel(dir, *config, o); !s.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-        return 1;
-      }
+    if (!ok) {
+      std::fprintf(stderr, "engine_bench: %s: bad value\n", a.c_str());
+      return 2;
     }
-    auto model = LocalModel::Load(dir, {}, /*log_progress=*/true);
+  }
+  for (const std::string& d : o->dtypes) {
+    WeightDType t;
+    if (!ParseWeightDType(d, &t)) {
+      std::fprintf(stderr,
+                   "engine_bench: --weight-dtype: \"%s\" is not auto, f32, bf16, int8 or fp8\n",
+                   d.c_str());
+      return 2;
+    }
+  }
+  WeightDType t;
+  if (!o->expert_dtype.empty() && !ParseWeightDType(o->expert_dtype, &t)) {
+    std::fprintf(stderr, "engine_bench: --expert-dtype: bad value\n");
+    return 2;
+  }
+  return 0;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+uint64_t CheckpointFileBytes(const std::string& dir) {
+  uint64_t n = 0;
+  for (const std::string name : {"/model.safetensors"}) {
+    struct stat st;
+    if (::stat((dir + name).c_str(), &st) == 0) n += static_cast<uint64_t>(st.st_size);
+  }
+  return n;
+}
+
+// The rows of one model held one way: decode per batch size, batch-1 decode at each depth, prefill.
+void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read_bw) {
+  const ModelConfig& c = m.config();
+  const double weight_bytes = BytesPerBatch1Step(m);
+  const double kv_bytes_per_token = 4.0 * static_cast<double>(c.latent_dim() * c.num_hidden_layers);
+  auto steps_for = [&](int b) {
+    int n = o.steps > 0 ? o.steps : (c.hidden_size >= 512 ? (b == 1 ? 20 : 8) : 32);
+    return n;
+  };
+  std::vector<std::pair<int, int64_t>> decodes;
+  for (int b : o.batches) decodes.emplace_back(b, o.context);
+  for (int64_t d : o.depths) decodes.emplace_back(1, d);
+  for (auto [b, ctx] : decodes) {
+    const int n =
+        static_cast<int>(std::min<int64_t>(steps_for(b), c.max_position_embeddings - ctx - 2));
+    if (n <= 0) continue;
+    std::vector<double> tps, ms;
+    for (int r = 0; r < o.rounds; ++r) {
+      const DecodeResult d = BenchDecode(m.engine(), b, n, static_cast<int>(ctx));
+      tps.push_back(d.tokens_per_s);
+      ms.push_back(d.ms_per_step);
+    }
+    Measurement row = base;
+    row.phase = "decode";
+    row.batch = b;
+    row.context = ctx;
+    row.tokens_per_s = Median(tps);
+    row.ms_per_step = Median(ms);
+    if (b == 1) {
+      const double bytes = weight_bytes + kv_bytes_per_token * static_cast<double>(ctx + n / 2);
+      row.limit_fraction = bytes / read_bw / (row.ms_per_step / 1000.0);
+    }
+    Emit(row, o.json);
+    if (!o.json) {
+      const EngineTimings& t = m.engine().timings();
+      const double per = 1000.0 / n;
+      std::printf(
+          "    ms/step: attention %.2f, dense mlp %.2f, router %.2f, routed experts %.2f, shared "
+          "%.2f, lm_head %.2f\n",
+          t.attention * per, t.dense_mlp * per, t.router * per, t.routed * per, t.shared * per,
+          t.lm_head * per);
+    }
+  }
+  if (o.prefill > 0 && o.prefill < c.max_position_embeddings) {
+    std::vector<double> tps, ms;
+    for (int r = 0; r < o.rounds; ++r) {
+      const DecodeResult d = BenchPrefill(m.engine(), o.prefill);
+      tps.push_back(d.tokens_per_s);
+      ms.push_back(d.ms_per_step);
+    }
+    Measurement row = base;
+    row.phase = "prefill";
+    row.batch = 1;
+    row.context = o.prefill;
+    row.tokens_per_s = Median(tps);
+    row.ms_per_step = Median(ms);
+    Emit(row, o.json);
+  }
+}
+
+// Writes a preset's checkpoint once; returns its directory ("" on error, reported).
+std::string PresetDir(const std::string& preset, const std::string& cache_dir) {
+  auto config = PresetConfig(preset);
+  if (!config.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(config.status().message()).c_str());
+    return "";
+  }
+  const std::string dir = cache_dir + "/" + preset;
+  struct stat st;
+  if (::stat((dir + "/config.json").c_str(), &st) != 0) {
+    std::fprintf(stderr, "writing the %s preset to %s ...\n", preset.c_str(), dir.c_str());
+    TinyModelOptions t;
+    t.dtype = preset == "small" ? DType::kBF16 : DType::kF32;
+    if (auto s = WriteTinyModel(dir, *config, t); !s.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+      return "";
+    }
+  }
+  return dir;
+}
+
+// Every dtype row of one model: its load memory, then MeasureModel.
+int MeasureDtypes(const std::string& name, const std::string& dir, const Options& o,
+                  double read_bw) {
+  FILE* info = o.json ? stderr : stdout;
+  std::fprintf(info, "\n== %s (%s): checkpoint %.1f MiB\n", name.c_str(), dir.c_str(),
+               CheckpointFileBytes(dir) / 1048576.0);
+  for (const std::string& dt : o.dtypes) {
+    LocalModelOptions lo;
+    ParseWeightDType(dt, &lo.weight_dtype);
+    ParseWeightDType(o.expert_dtype.empty() ? dt : o.expert_dtype, &lo.expert_dtype);
+    ResetPeakRss();
+    const uint64_t before = StatusBytes("VmRSS:");
+    auto model = LocalModel::Load(dir, lo);
     if (!model.ok()) {
       std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
       return 1;
     }
-    std::printf("\n== preset %s: %.1f MiB of fp32 weights in memory\n", preset.c_str(),
-                static_cast<double>((*model)->weight_bytes()) / (1 << 20));
-    std::printf("%8s %12s %10s\n", "batch", "tokens/s", "ms/step");
+    const uint64_t rss = StatusBytes("VmRSS:"), peak = StatusBytes("VmHWM:");
+    Measurement base;
+    base.model = name;
+    base.read_bw_gbs = read_bw / 1e9;
+    const LocalModel& m = **model;
+    base.weight_dtype = cpu::WeightFormatName(m.dense().layers.back().o.format);
+    const auto keys = m.experts().Keys();
+    base.expert_dtype =
+        keys.empty()
+            ? "-"
+            : cpu::WeightFormatName(m.experts().Find(keys[0].first, keys[0].second)->gate.format);
+    std::fprintf(
+        info,
+        "-- --weight-dtype %s: held %s / experts %s; weights %.1f MiB; load added %.1f MiB "
+        "resident, peak %.1f MiB (peak / resident %.3f)\n",
+        dt.c_str(), base.weight_dtype.c_str(), base.expert_dtype.c_str(),
+        m.weight_bytes() / 1048576.0, (rss - before) / 1048576.0, (peak - before) / 1048576.0,
+        static_cast<double>(peak - before) / std::max<double>(1, rss - before));
+    if (!o.json) {
+      std::printf("%-8s %-6s %-6s %7s %6s %8s %11s %10s %9s\n", "model", "dtype", "expert", "phase",
+                  "batch", "context", "tokens/s", "ms/step", "of limit");
+    }
+    MeasureModel(**model, o, base, read_bw);
+  }
+  return 0;
+}
+
+int OptInSections(const std::string& preset, const std::string& dir, const Options& opt);
+
+int Main(int argc, char** argv) {
+  Options opt;
+  if (const int rc = ParseOptions(argc, argv, &opt); rc != 0) return rc == 1 ? 0 : 2;
+  const double read_bw = ReadBandwidth();
+  std::fprintf(opt.json ? stderr : stdout, "read bandwidth (%d threads): %.2f GB/s\n",
+               cpu::ThePool().size(), read_bw / 1e9);
+  if (!opt.model_dir.empty()) {
+    std::string name = opt.model_dir;
+    while (!name.empty() && name.back() == '/') name.pop_back();
+    name = name.substr(name.find_last_of('/') + 1);
+    return MeasureDtypes(name, opt.model_dir, opt, read_bw);
+  }
+  for (absl::string_view preset_view : absl::StrSplit(opt.presets, ',')) {
+    const std::string preset(preset_view);
+    const std::string dir = PresetDir(preset, opt.cache_dir);
+    if (dir.empty()) return 1;
+    if (int rc = MeasureDtypes(preset, dir, opt, read_bw); rc != 0) return rc;
+    if (opt.kernel_rounds + opt.distributed == 0 && !opt.shard_memory && !opt.gemm_shapes) continue;
+    if (int rc = OptInSections(preset, dir, opt); rc != 0) return rc;
+  }
+  return 0;
+}
+
+// The opt-in sections, on the model loaded as stored.
+int OptInSections(const std::string& preset, const std::string& dir, const Options& opt) {
+  const int kernel_rounds = opt.kernel_rounds, distributed = opt.distributed,
+            blas_threads = opt.blas_threads;
+  const bool shard_memory = opt.shard_memory;
+  const std::string& cache_dir = opt.cache_dir;
+  const std::vector<int>& batches = opt.batches;
+  const int steps = opt.steps;
+  auto config = PresetConfig(preset);
+  auto model = LocalModel::Load(dir, LocalModelOptions());
+  if (!model.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
+    return 1;
+  }
+  if (kernel_rounds > 0) {
+    std::printf(
+        "-- kernels: batch-invariant (default) vs BLAS (opt-in), medians of %d "
+        "alternating rounds\n",
+        kernel_rounds);
+    std::printf("%8s %16s %16s %10s\n", "batch", "invariant tok/s", "blas tok/s", "inv/blas");
     for (int b : batches) {
       int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
       n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
-      const DecodeResult r = BenchDecode((*model)->engine(), b, n, 16);
-      const EngineTimings& t = (*model)->engine().timings();
-      const double ms = 1000.0 / n;
-      std::printf(
-          "%8d %12.1f %10.3f   (ms/step: attention %.2f, dense mlp %.2f, router %.2f, "
-          "routed experts %.2f, shared %.2f, lm_head %.2f)\n",
-          b, r.tokens_per_s, r.ms_per_step, t.attention * ms, t.dense_mlp * ms, t.router * ms,
-          t.routed * ms, t.shared * ms, t.lm_head * ms);
-      if (b == 1 && preset == "small") {
-        const double bytes = BytesPerBatch1Step(**model);
-        const double bw = bytes / (r.ms_per_step / 1000.0);
-        std::printf(
-            "  batch-1 weights read per step: %.1f MiB; %.2f GB/s = %.2f x memcpy bandwidth\n",
-            bytes / (1 << 20), bw / 1e9, bw / memcpy_bw);
-      }
-    }
-    if (kernel_rounds > 0) {
-      std::printf(
-          "-- kernels: batch-invariant (default) vs BLAS (opt-in), medians of %d "
-          "alternating rounds\n",
-          kernel_rounds);
-      std::printf("%8s %16s %16s %10s\n", "batch", "invariant tok/s", "blas tok/s", "inv/blas");
-      for (int b : batches) {
-        int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
-        n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
-        std::vector<double> inv, blas;
-        for (int round = 0; round < kernel_rounds; ++round) {
-          for (cpu::KernelMode m : {cpu::KernelMode::kInvariant, cpu::KernelMode::kBlas}) {
-            cpu::SetKernelMode(m);
-            const DecodeResult r = BenchDecode((*model)->engine(), b, n, 16);
-            (m == cpu::KernelMode::kInvariant ? inv : blas).push_back(r.tokens_per_s);
-          }
+      std::vector<double> inv, blas;
+      for (int round = 0; round < kernel_rounds; ++round) {
+        for (cpu::KernelMode m : {cpu::KernelMode::kInvariant, cpu::KernelMode::kBlas}) {
+          cpu::SetKernelMode(m);
+          const DecodeResult r = BenchDecode((*model)->engine(), b, n, 16);
+          (m == cpu::KernelMode::kInvariant ? inv : blas).push_back(r.tokens_per_s);
         }
-        cpu::SetKernelMode(cpu::KernelMode::kInvariant);
-        auto median = [](std::vector<double> v) {
-          std::sort(v.begin(), v.end());
-          return v[v.size() / 2];
-        };
-        std::printf("%8d %16.1f %16.1f %10.3f\n", b, median(inv), median(blas),
-                    median(inv) / median(blas));
       }
+      cpu::SetKernelMode(cpu::KernelMode::kInvariant);
+      auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+      };
+      std::printf("%8d %16.1f %16.1f %10.3f\n", b, median(inv), median(blas),
+                  median(inv) / median(blas));
     }
-    if (distributed > 0) {
-      setenv("UCX_NET_DEVICES", "lo", 0);
-      setenv("UCX_TLS", "tcp,self", 0);
-      std::vector<std::unique_ptr<ShardProcess>> shards;
-      LocalModelOptions o;
-      const int dist_threads =
-          blas_threads >= 0 ? blas_threads : cpu::BlasThreadsShare(distributed + 1);
-      for (int i = 0; i < distributed; ++i) {
-        shards.push_back(std::make_unique<ShardProcess>(
-            dir, std::to_string(i) + "/" + std::to_string(distributed),
-            cache_dir + "/ready" + std::to_string(i) + ".json", dist_threads));
-        o.expert_shards.push_back(shards.back()->grpc());
-      }
-      auto remote = LocalModel::Load(dir, o);
-      if (!remote.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(remote.status().message()).c_str());
-        return 1;
-      }
-      const int local_threads = cpu::BlasThreads();
-      const int remote_threads = dist_threads > 0 ? dist_threads : local_threads;
-      std::printf(
-          "-- routed experts on %d dmoe-expert processes over UCX (%s, bf16 wire); OpenBLAS "
-          "threads: %d in-process, %d per process distributed\n",
-          distributed, std::getenv("UCX_TLS"), local_threads, remote_threads);
-      std::printf("%8s %12s %14s %14s %8s\n", "batch", "tokens/s", "ms/step dist", "ms/step local",
-                  "ratio");
-      for (int b : batches) {
-        int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
-        n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
-        cpu::SetBlasThreads(local_threads).IgnoreError();
-        const DecodeResult local = BenchDecode((*model)->engine(), b, n, 16);
-        // OpenBLAS's idle workers of the in-process run spin on for ~0.1 s (2^28 cycles) after
-        // its last call: let them go to sleep before the distributed run shares the CPUs.
-        cpu::SetBlasThreads(remote_threads).IgnoreError();
-        std::this_thread::sleep_for(std::chrono::milliseconds(300));
-        const DecodeResult dist = BenchDecode((*remote)->engine(), b, n, 16);
-        cpu::SetBlasThreads(local_threads).IgnoreError();
-        std::printf("%8d %12.1f %14.3f %14.3f %8.2f\n", b, dist.tokens_per_s, dist.ms_per_step,
-                    local.ms_per_step, dist.ms_per_step / local.ms_per_step);
-      }
+  }
+  if (distributed > 0) {
+    setenv("UCX_NET_DEVICES", "lo", 0);
+    setenv("UCX_TLS", "tcp,self", 0);
+    std::vector<std::unique_ptr<ShardProcess>> shards;
+    LocalModelOptions o;
+    const int dist_threads =
+        blas_threads >= 0 ? blas_threads : cpu::BlasThreadsShare(distributed + 1);
+    for (int i = 0; i < distributed; ++i) {
+      shards.push_back(std::make_unique<ShardProcess>(
+          dir, std::to_string(i) + "/" + std::to_string(distributed),
+          cache_dir + "/ready" + std::to_string(i) + ".json", dist_threads));
+      o.expert_shards.push_back(shards.back()->grpc());
     }
-    if (preset == "small" && shard_memory) {
-      uint64_t all_bytes = 0;
-      const ModelConfig& c = *config;
-      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-        if (c.IsMoeLayer(l))
-          all_bytes += 4ull * 3 * c.hidden_size * c.moe_intermediate_size * c.n_routed_experts;
-      }
-      ShardProcess quarter(dir, "0/4", cache_dir + "/ready_q.json");
-      const double q = quarter.RssMiB();
-      ShardProcess all(dir, "*:*", cache_dir + "/ready_a.json");
-      const double a = all.RssMiB();
-      std::printf(
-          "\nshard resident memory: 1/4 of the experts %.1f MiB, all experts %.1f MiB "
-          "(expert bytes: all %.1f MiB, 1/4 %.1f MiB); (all - quarter) / (3/4 of the "
-          "expert bytes) = %.2f\n",
-          q, a, all_bytes / 1048576.0, all_bytes / 4 / 1048576.0,
-          (a - q) / (0.75 * all_bytes / 1048576.0));
+    auto remote = LocalModel::Load(dir, o);
+    if (!remote.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(remote.status().message()).c_str());
+      return 1;
     }
-    if (preset == "small") {
-      const double square = SgemmGflops(2048, 2048, 2048, 3);
-      std::printf("\nsgemm 2048^3: %.1f GFLOP/s\n", square);
-      const int d = static_cast<int>(config->hidden_size),
-                im = static_cast<int>(config->moe_intermediate_size);
-      std::printf("%-26s %14s %10s %16s %16s\n", "expert shape (M x N x K)", "sgemm GFLOP/s",
-                  "vs square", "invariant GFLOP/s", "small-M GFLOP/s");
-      for (int m : {1, 2, 8, 16, 64, 512}) {
-        for (int down = 0; down < 2; ++down) {
-          const int n = down ? d : im, k = down ? im : d;
-          const double g = SgemmGflops(m, n, k, 20);
-          std::printf("%-7s %4d x %4d x %4d %14.1f %9.1f%%", down ? "down" : "gate/up", m, n, k, g,
-                      100 * g / square);
-          std::printf(" %16.1f", InvariantGflops(m, n, k, 20));
-          if (m <= cpu::kSmallMMax) std::printf(" %16.1f", SmallMGflops(m, n, k, 20));
-          std::printf("\n");
-        }
+    const int local_threads = cpu::BlasThreads();
+    const int remote_threads = dist_threads > 0 ? dist_threads : local_threads;
+    std::printf(
+        "-- routed experts on %d dmoe-expert processes over UCX (%s, bf16 wire); OpenBLAS "
+        "threads: %d in-process, %d per process distributed\n",
+        distributed, std::getenv("UCX_TLS"), local_threads, remote_threads);
+    std::printf("%8s %12s %14s %14s %8s\n", "batch", "tokens/s", "ms/step dist", "ms/step local",
+                "ratio");
+    for (int b : batches) {
+      int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
+      n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
+      cpu::SetBlasThreads(local_threads).IgnoreError();
+      const DecodeResult local = BenchDecode((*model)->engine(), b, n, 16);
+      // OpenBLAS's idle workers of the in-process run spin on for ~0.1 s (2^28 cycles) after
+      // its last call: let them go to sleep before the distributed run shares the CPUs.
+      cpu::SetBlasThreads(remote_threads).IgnoreError();
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      const DecodeResult dist = BenchDecode((*remote)->engine(), b, n, 16);
+      cpu::SetBlasThreads(local_threads).IgnoreError();
+      std::printf("%8d %12.1f %14.3f %14.3f %8.2f\n", b, dist.tokens_per_s, dist.ms_per_step,
+                  local.ms_per_step, dist.ms_per_step / local.ms_per_step);
+    }
+  }
+  if (preset == "small" && shard_memory) {
+    const uint64_t all_bytes = (*model)->experts().bytes();
+    ShardProcess quarter(dir, "0/4", cache_dir + "/ready_q.json");
+    const double q = quarter.RssMiB();
+    ShardProcess all(dir, "*:*", cache_dir + "/ready_a.json");
+    const double a = all.RssMiB();
+    std::printf(
+        "\nshard resident memory: 1/4 of the experts %.1f MiB, all experts %.1f MiB "
+        "(expert bytes: all %.1f MiB, 1/4 %.1f MiB); (all - quarter) / (3/4 of the "
+        "expert bytes) = %.2f\n",
+        q, a, all_bytes / 1048576.0, all_bytes / 4 / 1048576.0,
+        (a - q) / (0.75 * all_bytes / 1048576.0));
+  }
+  if (opt.gemm_shapes) {
+    const double square = SgemmGflops(2048, 2048, 2048, 3);
+    std::printf("\nsgemm 2048^3: %.1f GFLOP/s\n", square);
+    const int d = static_cast<int>(config->hidden_size),
+              im = static_cast<int>(config->moe_intermediate_size);
+    std::printf("%-26s %14s %10s %16s %17s %16s\n", "shape (M x N x K)", "sgemm GFLOP/s",
+                "vs square", "invariant GFLOP/s", "inv. bf16 GFLOP/s", "small-M GFLOP/s");
+    for (int m : {1, 2, 8, 16, 64, 512}) {
+      for (int down = 0; down < 3; ++down) {
+        // Row 3: lm_head (V x D), the largest matrix a decode step reads.
+        const int n = down == 2 ? static_cast<int>(config->vocab_size)
+                      : down    ? d
+                                : im,
+                  k = down == 1 ? im : d;
+        const double g = SgemmGflops(m, n, k, 20);
+        std::printf("%-7s %4d x %5d x %4d %14.1f %9.1f%%",
+                    down == 2 ? "lm_head"
+                    : down    ? "down"
+                              : "gate/up",
+                    m, n, k, g, 100 * g / square);
+        std::printf(" %16.1f %17.1f", InvariantGflops(m, n, k, 20),
+                    InvariantGflops(m, n, k, 20, /*bf16=*/true));
+        if (m <= cpu::kSmallMMax) std::printf(" %16.1f", SmallMGflops(m, n, k, 20));
+        std::printf("\n");
       }
     }
   }

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qlinear.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace dmoe {
 
@@ -90,30 +91,43 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store) {
                                                         items_[i].layer, " is not hosted here"));
     }
   }
+  groups_.clear();
+  const size_t cap =
+      std::max<size_t>(16, items_.size() / (4 * static_cast<size_t>(cpu::ThePool().size())) + 1);
   for (size_t begin = 0; begin < items_.size();) {
     size_t end = begin + 1;
     while (end < items_.size() && items_[end].layer == items_[begin].layer &&
            items_[end].expert == items_[begin].expert) {
       ++end;
     }
-    const MlpWeights* m = store.Find(items_[begin].layer, items_[begin].expert);
-    const int64_t n = static_cast<int64_t>(end - begin);
-    gathered_.resize(static_cast<size_t>(n * hidden_));
-    result_.resize(static_cast<size_t>(n * hidden_));
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(gathered_.data() + i * hidden_, items_[begin + static_cast<size_t>(i)].row,
-                  sizeof(float) * static_cast<size_t>(hidden_));
-    }
-    cpu::SwiGluMlpW(gathered_.data(), n, m->gate.ref(), m->up.ref(), m->down.ref(), result_.data(),
-                    &scratch_);
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(items_[begin + static_cast<size_t>(i)].out, result_.data() + i * hidden_,
-                  sizeof(float) * static_cast<size_t>(hidden_));
-    }
+    // A large group is cut into row blocks (rows never interact, so any cut gives the same bits)
+    // so that one busy expert does not leave the other cores idle.
+    for (size_t b = begin; b < end; b += cap) groups_.emplace_back(b, std::min(end, b + cap));
     ++gemms_;
-    rows_ += static_cast<uint64_t>(n);
+    rows_ += static_cast<uint64_t>(end - begin);
     begin = end;
   }
+  // One expert (or row block) per task over every core of the kernel pool (its products run inline
+  // on the thread that took it): the outputs of different experts are different rows, and an
+  // expert's rows come out the same whichever thread computes them (batch invariance, DESIGN §6).
+  cpu::ThePool().Run(static_cast<int>(groups_.size()), [&](int g) {
+    const auto [begin, end] = groups_[static_cast<size_t>(g)];
+    const MlpWeights* m = store.Find(items_[begin].layer, items_[begin].expert);
+    const int64_t n = static_cast<int64_t>(end - begin);
+    thread_local std::vector<float> gathered, result, scratch;
+    gathered.resize(static_cast<size_t>(n * hidden_));
+    result.resize(static_cast<size_t>(n * hidden_));
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(gathered.data() + i * hidden_, items_[begin + static_cast<size_t>(i)].row,
+                  sizeof(float) * static_cast<size_t>(hidden_));
+    }
+    cpu::SwiGluMlpW(gathered.data(), n, m->gate.ref(), m->up.ref(), m->down.ref(), result.data(),
+                    &scratch);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(items_[begin + static_cast<size_t>(i)].out, result.data() + i * hidden_,
+                  sizeof(float) * static_cast<size_t>(hidden_));
+    }
+  });
   return absl::OkStatus();
 }
 

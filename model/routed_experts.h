@@ -71,8 +71,9 @@ class ExpertStore {
 };
 
 // Groups (input row, weight, output row) triples by (layer, expert), then runs each group through
-// its expert as one GEMM and writes Expert(row), unweighted, to each output row. Used for one
-// engine step and, on an expert shard, for every request that arrived together. Thread-compatible.
+// its expert as one GEMM (the groups spread over the kernel pool's threads) and writes Expert(row),
+// unweighted, to each output row. Used for one engine step and, on an expert shard, for every
+// request that arrived together. Thread-compatible.
 class ExpertBatcher {
  public:
   // `width` (moe_intermediate_size) is taken from each expert's weights.
@@ -99,7 +100,7 @@ class ExpertBatcher {
   };
   int64_t hidden_;
   std::vector<Item> items_;
-  std::vector<float> gathered_, result_, scratch_;
+  std::vector<std::pair<size_t, size_t>> groups_;  // [begin, end) of items_ per task
   uint64_t gemms_ = 0, rows_ = 0;
 };
 

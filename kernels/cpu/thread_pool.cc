@@ -14,6 +14,8 @@
 namespace dmoe::cpu {
 namespace {
 
+thread_local bool t_in_chunk = false;
+
 // Workers spin for a short while after their last chunk before they sleep: a decode step makes
 // hundreds of small calls, and waking a sleeping thread (a futex round trip) costs as much as one
 // of them. A chunk is claimed with a compare-and-swap on a ticket that carries the call's
@@ -35,8 +37,14 @@ class Pool final : public KernelPool {
   int size() const override { return static_cast<int>(threads_.size()) + 1; }
 
   void Run(int n, const std::function<void(int)>& fn) override {
+    // A chunk that calls Run again (an expert's products inside the expert loop) runs that call
+    // inline: its thread already holds busy_ or is a worker of this call.
+    if (t_in_chunk || n <= 1 || threads_.empty() || n > 0xffff) {
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || n <= 1 || threads_.empty() || n > 0xffff) {
+    if (!busy.owns_lock()) {
       for (int i = 0; i < n; ++i) fn(i);
       return;
     }
@@ -69,7 +77,9 @@ class Pool final : public KernelPool {
       const uint64_t idx = t & 0xffff, n = (t >> 16) & 0xffff;
       if ((t >> 32) != (gen & 0xffffffff) || idx >= n) return;
       if (!ticket_.compare_exchange_weak(t, t + 1)) continue;  // t reloaded
+      t_in_chunk = true;
       (*fn_)(static_cast<int>(idx));
+      t_in_chunk = false;
       pending_.fetch_sub(1);
       t = ticket_.load();
     }

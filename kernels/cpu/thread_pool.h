@@ -1,7 +1,8 @@
 // The kernels' one thread pool: runs fn(chunk) for chunks [0, n) on every core (the caller takes
-// chunk 0 and helps with the rest). A call made while another runs (from another thread) runs
-// inline. Kernels split work only over independent outputs, never inside one output's reduction,
-// so the pool's size and the chunking never change a result (batch invariance, DESIGN §6).
+// chunk 0 and helps with the rest). A call made while another runs (from another thread, or from
+// inside a chunk of a running call) runs inline. Kernels split work only over independent outputs,
+// never inside one output's reduction, so the pool's size and the chunking never change a result
+// (batch invariance, DESIGN §6).
 #ifndef DMOE_KERNELS_CPU_THREAD_POOL_H_
 #define DMOE_KERNELS_CPU_THREAD_POOL_H_
 
