@@ -110,7 +110,9 @@ TEST(QuantWeights, BytesHeldFollowTheFormulas) {
     return static_cast<uint64_t>((out + 127) / 128 * ((in + 127) / 128));
   };
   for (auto [dtype, want] : {std::pair{WeightDType::kF32, 4 * params},
-                             {WeightDType::kInt8, params + 4 * static_cast<uint64_t>(w + w + d)},
+                             // int8: a scale and a row sum (W8A8's correction) per row
+                             {WeightDType::kInt8, params + 8 * static_cast<uint64_t>(w + w + d)},
+                             {WeightDType::kBf16, 2 * params},
                              {WeightDType::kFp8, params + 4 * (blocks(w, d) * 2 + blocks(d, w))}}) {
     auto m = LoadExpertWeights(**ck, c, 2, 5, dtype);
     ASSERT_TRUE(m.ok());

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/cpu/w8a8.h"
 
 namespace dmoe {
 
@@ -21,6 +22,7 @@ cpu::WeightRef LinearWeight::ref() const {
   r.format = format;
   r.f32 = w.data();
   r.bf16 = h.data();
+  r.sums = sums.empty() ? nullptr : sums.data();
   r.q = q.data();
   r.scales = scales.data();
   r.out = out;
@@ -36,6 +38,7 @@ void LinearWeight::ConvertTo(cpu::WeightFormat f) {
     h = {};
     q = {};
     scales = {};
+    sums = {};
     format = cpu::WeightFormat::kF32;
   }
   if (f == cpu::WeightFormat::kF32) return;
@@ -49,6 +52,8 @@ void LinearWeight::QuantizeFrom(const float* src, cpu::WeightFormat f) {
     FloatToBf16N(src, h.size(), h.data());
   } else if (f == cpu::WeightFormat::kInt8) {
     cpu::QuantizeInt8PerChannel(src, out, in, &q, &scales);
+    sums.resize(static_cast<size_t>(out));
+    cpu::Int8RowSums(reinterpret_cast<const int8_t*>(q.data()), out, in, sums.data());
   } else {
     cpu::QuantizeFp8Blocks(src, out, in, &q, &scales);
   }

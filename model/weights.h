@@ -23,12 +23,15 @@ struct LinearWeight {
   std::vector<uint16_t> h;    // kBf16 (bits)
   std::vector<uint8_t> q;     // kInt8 / kFp8
   std::vector<float> scales;  // kInt8: [out]; kFp8: [ceil(out/128), ceil(in/128)]
+  std::vector<int32_t> sums;  // kInt8: sum of each row's int8 (the W8A8 kernel's correction)
   int64_t out = 0;
   int64_t in = 0;
   bool empty() const { return w.empty() && h.empty() && q.empty(); }
   cpu::WeightRef ref() const;
   // Bytes held (weights and scales).
-  uint64_t bytes() const { return 4 * w.size() + 2 * h.size() + q.size() + 4 * scales.size(); }
+  uint64_t bytes() const {
+    return 4 * w.size() + 2 * h.size() + q.size() + 4 * (scales.size() + sums.size());
+  }
   // Converts in place (through fp32 when neither side is fp32).
   void ConvertTo(cpu::WeightFormat f);
   // Becomes `f` (bf16, int8 or fp8) made from the fp32 matrix `src` [out, in]; `w` is dropped.

@@ -13,11 +13,13 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/cpu/w8a8.h"
 
 namespace dmoe::cpu {
 namespace {
 
 std::atomic<bool> g_portable{false};
+std::atomic<bool> g_w8a8{true};
 
 bool UseAvx2() { return CpuHasAvx2Fma() && !g_portable.load(std::memory_order_relaxed); }
 
@@ -156,6 +158,43 @@ int64_t Chunks(int64_t out, int64_t in, int64_t* per) {
 }  // namespace
 
 void ForcePortableKernelsForTesting(bool on) { g_portable = on; }
+void SetInt8Activations(bool w8a8) { g_w8a8 = w8a8; }
+bool Int8ActivationsW8A8() { return g_w8a8.load(std::memory_order_relaxed); }
+
+namespace {
+
+// W8A8: the rows of x quantized once, then groups of 4 rows through the int8 kernel over chunks
+// of output rows.
+void LinearW8A8(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y, int64_t ldy) {
+  const int64_t ldq = (w.in + 63) / 64 * 64;
+  thread_local std::vector<int8_t> qx;
+  thread_local std::vector<float> sx;
+  thread_local std::vector<int32_t> sums_here;
+  qx.resize(static_cast<size_t>(t * ldq));
+  sx.resize(static_cast<size_t>(t));
+  QuantizeRowsInt8(x, t, w.in, ldx, qx.data(), ldq, sx.data());
+  const int32_t* sums = w.sums;
+  if (sums == nullptr) {
+    sums_here.resize(static_cast<size_t>(w.out));
+    Int8RowSums(reinterpret_cast<const int8_t*>(w.q), w.out, w.in, sums_here.data());
+    sums = sums_here.data();
+  }
+  // (thread_locals named inside the lambda would be the worker's)
+  const int8_t* q = qx.data();
+  const float* s = sx.data();
+  const int8_t* wq = reinterpret_cast<const int8_t*>(w.q);
+  int64_t per = 0;
+  const int64_t chunks = Chunks(w.out, w.in, &per);
+  ThePool().Run(static_cast<int>(chunks), [&](int c) {
+    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+    for (int64_t m0 = 0; m0 < t; m0 += 4) {
+      Int8DotRows(q + m0 * ldq, std::min<int64_t>(4, t - m0), ldq, s + m0, wq, w.in, w.scales, sums,
+                  y + m0 * ldy, ldy, o0, o1);
+    }
+  });
+}
+
+}  // namespace
 
 const char* WeightFormatName(WeightFormat f) {
   switch (f) {
@@ -224,6 +263,11 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   }
   if (ldx == 0) ldx = w.in;
   if (ldy == 0) ldy = w.out;
+  if (w.format == WeightFormat::kInt8 && Int8ActivationsW8A8() &&
+      (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
+    LinearW8A8(x, t, ldx, w, y, ldy);
+    return;
+  }
   if (w.format == WeightFormat::kBf16 &&
       (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
     DotRowsBf16(x, t, ldx, w.bf16, w.out, w.in, w.in, y, ldy);

@@ -30,7 +30,13 @@ struct WeightRef {
   int64_t out = 0;
   int64_t in = 0;
   const uint16_t* bf16 = nullptr;  // kBf16 (last: the fields above keep their positions)
+  const int32_t* sums = nullptr;   // kInt8: sum of each row's int8 (nullptr: computed per call)
 };
+
+// int8 weights multiply int8-quantized activations (W8A8, kernels/cpu/w8a8.h: the default) or
+// fp32 ones (W8A16, as before: slower, for comparing accuracy).
+void SetInt8Activations(bool w8a8);
+bool Int8ActivationsW8A8();
 
 // y[t, out] = x[t, in] @ W^T. Row strides ldx / ldy (0: packed).
 void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ldx = 0,

@@ -4,10 +4,13 @@
 #include "kernels/cpu/qlinear.h"
 
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <random>
 
 #include "common/dtype.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/w8a8.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -65,7 +68,23 @@ TEST(Quantizers, ErrorsStayWithinHalfAStep) {
   }
 }
 
+// The W8A8 definition, written out: each row of x to int8 with its own scale, exact integer sums.
+void QuantizeRowGolden(const float* x, int64_t k, std::vector<int>* q, float* scale) {
+  float amax = 0;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+  *scale = amax / 127.0f;
+  q->resize(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) {
+    (*q)[static_cast<size_t>(i)] =
+        static_cast<int>(std::max(-127.0f, std::min(127.0f, std::nearbyint(x[i] * inv))));
+  }
+}
+
+// With W8A8 (the default for int8 weights) the int8 case checks the definition above; with
+// W8A16 (SetInt8Activations(false)) the fp32 activations.
 void CheckLinear(WeightFormat f, int64_t out, int64_t in) {
+  const bool w8a8 = f == WeightFormat::kInt8 && Int8ActivationsW8A8();
   std::mt19937 rng(static_cast<unsigned>(out * 7 + in));
   std::normal_distribution<float> nd(0, 0.1f);
   std::vector<float> w(out * in);
@@ -89,7 +108,20 @@ void CheckLinear(WeightFormat f, int64_t out, int64_t in) {
     for (float& v : x) v = nd(rng);
     LinearW(x.data(), t, ref, y.data());
     for (int64_t m = 0; m < t; ++m) {
+      std::vector<int> qx;
+      float sx = 0;
+      QuantizeRowGolden(x.data() + m * in, in, &qx, &sx);
       for (int64_t o = 0; o < out; ++o) {
+        if (w8a8) {
+          int64_t dot = 0;
+          for (int64_t i = 0; i < in; ++i) {
+            dot += int64_t{qx[static_cast<size_t>(i)]} * static_cast<int8_t>(q[o * in + i]);
+          }
+          const double want = static_cast<double>(dot) * sx * s[o];
+          ASSERT_NEAR(y[m * out + o], want, 1e-6 * std::fabs(want) + 1e-30)
+              << "w8a8 t=" << t << " out=" << out << " in=" << in << " row " << m << " col " << o;
+          continue;
+        }
         double want = 0, mag = 0;
         for (int64_t i = 0; i < in; ++i) {
           const double wd = f == WeightFormat::kInt8
@@ -107,9 +139,76 @@ void CheckLinear(WeightFormat f, int64_t out, int64_t in) {
 }
 
 TEST(QLinear, Int8MatchesFloat64) {
+  SetInt8Activations(false);
   for (auto [out, in] : {std::pair<int64_t, int64_t>{1, 8}, {7, 13}, {64, 256}, {300, 260}}) {
     CheckLinear(WeightFormat::kInt8, out, in);
   }
+  SetInt8Activations(true);
+}
+
+// W8A8 against its definition at every instruction-set level this CPU has (forced), and the
+// levels against each other bit for bit (integer sums: the order cannot matter).
+TEST(QLinear, W8A8MatchesItsDefinitionAtEveryIsaLevel) {
+  for (int level = 0; level <= Int8IsaLevel(); ++level) {
+    SetInt8IsaForTesting(level);
+    for (auto [out, in] :
+         {std::pair<int64_t, int64_t>{1, 8}, {7, 13}, {64, 256}, {300, 260}, {37, 1000}}) {
+      CheckLinear(WeightFormat::kInt8, out, in);
+    }
+  }
+  const int64_t out = 300, in = 1030, t = 37;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<float> w(out * in), x(t * in);
+  for (float& v : w) v = nd(rng);
+  for (float& v : x) v = nd(rng);
+  std::vector<uint8_t> q;
+  std::vector<float> s;
+  QuantizeInt8PerChannel(w.data(), out, in, &q, &s);
+  const WeightRef ref{WeightFormat::kInt8, nullptr, q.data(), s.data(), out, in};
+  std::vector<std::vector<float>> ys;
+  for (int level = 0; level <= Int8IsaLevel(); ++level) {
+    SetInt8IsaForTesting(level);
+    ys.emplace_back(t * out);
+    LinearW(x.data(), t, ref, ys.back().data());
+    EXPECT_EQ(0, std::memcmp(ys[0].data(), ys.back().data(), 4 * ys[0].size())) << level;
+  }
+  SetInt8IsaForTesting(-1);
+  std::printf("int8 kernel levels checked: 0..%d (2 = AVX512-VNNI, 1 = AVX2)\n", Int8IsaLevel());
+}
+
+// What quantizing the activations costs: W8A8's error against float64 stays within a small
+// multiple of W8A16's (weights quantized alike) on Gaussian data, reported.
+TEST(QLinear, W8A8ErrorStaysNearW8A16) {
+  const int64_t out = 512, in = 1024, t = 16;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<float> w(out * in), x(t * in);
+  for (float& v : w) v = nd(rng) * 0.05f;
+  for (float& v : x) v = nd(rng);
+  std::vector<uint8_t> q;
+  std::vector<float> s;
+  QuantizeInt8PerChannel(w.data(), out, in, &q, &s);
+  const WeightRef ref{WeightFormat::kInt8, nullptr, q.data(), s.data(), out, in};
+  std::vector<float> a8(t * out), a16(t * out);
+  LinearW(x.data(), t, ref, a8.data());
+  SetInt8Activations(false);
+  LinearW(x.data(), t, ref, a16.data());
+  SetInt8Activations(true);
+  double e8 = 0, e16 = 0, norm = 0;
+  for (int64_t m = 0; m < t; ++m) {
+    for (int64_t o = 0; o < out; ++o) {
+      double want = 0;
+      for (int64_t i = 0; i < in; ++i) want += double{w[o * in + i]} * x[m * in + i];
+      e8 += (a8[m * out + o] - want) * (a8[m * out + o] - want);
+      e16 += (a16[m * out + o] - want) * (a16[m * out + o] - want);
+      norm += want * want;
+    }
+  }
+  const double r8 = std::sqrt(e8 / norm), r16 = std::sqrt(e16 / norm);
+  std::printf("relative RMS error vs float64: W8A8 %.5f, W8A16 %.5f\n", r8, r16);
+  EXPECT_LT(r8, 0.02);
+  EXPECT_LT(r8, 3 * r16);
 }
 
 TEST(QLinear, Fp8BlocksMatchFloat64) {

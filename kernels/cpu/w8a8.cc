@@ -1,0 +1,227 @@
+#include "kernels/cpu/w8a8.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+namespace dmoe::cpu {
+namespace {
+
+int CpuLevel() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw")) {
+      return 2;
+    }
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+  }();
+  return level;
+}
+
+std::atomic<int> g_level{-1};
+
+int Level() {
+  const int forced = g_level.load(std::memory_order_relaxed);
+  return forced < 0 ? CpuLevel() : std::min(forced, CpuLevel());
+}
+
+inline float Output(int32_t dot, float sx, float sw) {
+  return static_cast<float>(dot) * (sx * sw);
+}
+
+void RowsPortable(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
+                  int64_t in, const float* sw, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const int8_t* wo = w + o * in;
+    for (int64_t m = 0; m < t; ++m) {
+      int32_t acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += int32_t{qx[m * ldq + i]} * int32_t{wo[i]};
+      y[m * ldy + o] = Output(acc, sx[m], sw[o]);
+    }
+  }
+}
+
+__attribute__((target("avx2"))) inline int32_t HSum32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// AVX2: 16 int8 at a time widened to int16, pairs multiplied and summed into int32 (vpmaddwd).
+template <int T, int R>
+__attribute__((target("avx2"))) void TileAvx2(const int8_t* qx, int64_t ldq, const float* sx,
+                                              const int8_t* w, int64_t in, const float* sw,
+                                              float* y, int64_t ldy, int64_t o) {
+  __m256i acc[T][R];
+  for (int m = 0; m < T; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
+  const int64_t k16 = in & ~int64_t{15};
+  for (int64_t j = 0; j < k16; j += 16) {
+    __m256i xv[T];
+    for (int m = 0; m < T; ++m)
+      xv[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qx + m * ldq + j)));
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (o + r + R) * in + j), _MM_HINT_T0);
+      const __m256i wv = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (o + r) * in + j)));
+      for (int m = 0; m < T; ++m) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xv[m], wv));
+    }
+  }
+  for (int m = 0; m < T; ++m) {
+    for (int r = 0; r < R; ++r) {
+      int32_t s = HSum32(acc[m][r]);
+      for (int64_t j = k16; j < in; ++j) s += int32_t{qx[m * ldq + j]} * int32_t{w[(o + r) * in + j]};
+      y[m * ldy + o + r] = Output(s, sx[m], sw[o + r]);
+    }
+  }
+}
+
+// AVX512-VNNI (256-bit EVEX): vpdpbusd multiplies unsigned by signed bytes, 4 per int32 lane, so
+// the activations go in as qx + 128 (a flip of the top bit) and 128 * sum(w[o, :]) comes off.
+template <int T, int R>
+__attribute__((target("avx512vnni,avx512vl,avx512bw,avx2"))) void TileVnni(
+    const int8_t* qx, int64_t ldq, const float* sx, const int8_t* w, int64_t in, const float* sw,
+    const int32_t* sums, float* y, int64_t ldy, int64_t o) {
+  __m256i acc[T][R];
+  for (int m = 0; m < T; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t j = 0; j < in; j += 32) {
+    // The tail: masked loads (nothing read past a row), zero activations beyond it.
+    const __mmask32 mask = in - j >= 32 ? ~__mmask32{0} : (__mmask32{1} << (in - j)) - 1;
+    __m256i xv[T];
+    for (int m = 0; m < T; ++m) {
+      xv[m] = _mm256_maskz_mov_epi8(
+          mask, _mm256_xor_si256(_mm256_maskz_loadu_epi8(mask, qx + m * ldq + j), flip));
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (o + r + R) * in + j), _MM_HINT_T0);
+      const __m256i wv = _mm256_maskz_loadu_epi8(mask, w + (o + r) * in + j);
+      for (int m = 0; m < T; ++m) acc[m][r] = _mm256_dpbusd_epi32(acc[m][r], xv[m], wv);
+    }
+  }
+  for (int m = 0; m < T; ++m) {
+    for (int r = 0; r < R; ++r) {
+      const int32_t s = HSum32(acc[m][r]) - 128 * sums[o + r];
+      y[m * ldy + o + r] = Output(s, sx[m], sw[o + r]);
+    }
+  }
+}
+
+template <int T>
+void RowsSimd(bool vnni, const int8_t* qx, int64_t ldq, const float* sx, const int8_t* w,
+              int64_t in, const float* sw, const int32_t* sums, float* y, int64_t ldy, int64_t o0,
+              int64_t o1) {
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) {
+    if (vnni) {
+      TileVnni<T, 4>(qx, ldq, sx, w, in, sw, sums, y, ldy, o);
+    } else {
+      TileAvx2<T, 4>(qx, ldq, sx, w, in, sw, y, ldy, o);
+    }
+  }
+  for (; o < o1; ++o) {
+    if (vnni) {
+      TileVnni<T, 1>(qx, ldq, sx, w, in, sw, sums, y, ldy, o);
+    } else {
+      TileAvx2<T, 1>(qx, ldq, sx, w, in, sw, y, ldy, o);
+    }
+  }
+}
+
+}  // namespace
+
+int SetInt8IsaForTesting(int level) {
+  g_level = level;
+  return Level();
+}
+int Int8IsaLevel() { return CpuLevel(); }
+
+namespace {
+
+// One row, the definition's operations in vector form: max of |x| (exact in any order), x * inv
+// rounded to nearest even (vroundps, as nearbyint in the default rounding mode), clamped.
+__attribute__((target("avx2"))) void QuantizeRowAvx2(const float* x, int64_t k, int8_t* q,
+                                                     float* s) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  alignas(32) float l[8];
+  _mm256_store_ps(l, mx);
+  float amax = 0;
+  for (float v : l) amax = std::max(amax, v);
+  for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+  *s = amax / 127.0f;
+  const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_max_ps(lo, _mm256_min_ps(hi, v));
+    const __m256i n = _mm256_cvtps_epi32(v);  // exact: v is an integer in [-127, 127]
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(w16, w16));
+  }
+  for (; i < k; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    q[i] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, v)));
+  }
+}
+
+}  // namespace
+
+void QuantizeRowsInt8(const float* x, int64_t t, int64_t k, int64_t ldx, int8_t* q, int64_t ldq,
+                      float* s) {
+  if (Level() >= 1) {
+    for (int64_t m = 0; m < t; ++m) QuantizeRowAvx2(x + m * ldx, k, q + m * ldq, s + m);
+    return;
+  }
+  for (int64_t m = 0; m < t; ++m) {
+    const float* xm = x + m * ldx;
+    float amax = 0;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xm[i]));
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    s[m] = amax / 127.0f;
+    for (int64_t i = 0; i < k; ++i) {
+      const float v = std::nearbyint(xm[i] * inv);
+      q[m * ldq + i] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, v)));
+    }
+  }
+}
+
+void Int8RowSums(const int8_t* w, int64_t out, int64_t in, int32_t* sums) {
+  for (int64_t o = 0; o < out; ++o) {
+    int32_t s = 0;
+    for (int64_t i = 0; i < in; ++i) s += w[o * in + i];
+    sums[o] = s;
+  }
+}
+
+void Int8DotRows(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
+                 int64_t in, const float* sw, const int32_t* sums, float* y, int64_t ldy,
+                 int64_t o0, int64_t o1) {
+  const int level = Level();
+  if (level == 0) {
+    RowsPortable(qx, t, ldq, sx, w, in, sw, y, ldy, o0, o1);
+    return;
+  }
+  const bool vnni = level == 2;
+  switch (t) {
+    case 1:
+      return RowsSimd<1>(vnni, qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+    case 2:
+      return RowsSimd<2>(vnni, qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+    case 3:
+      return RowsSimd<3>(vnni, qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+    default:
+      return RowsSimd<4>(vnni, qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+  }
+}
+
+}  // namespace dmoe::cpu
