@@ -19,7 +19,7 @@
 #   THREADS       llama.cpp threads (default 2). dmoe's engine uses every core (its thread pool is
 #                 hardware_concurrency wide), so keep THREADS = nproc for a like-for-like comparison.
 #   ENGINE_BENCH  dmoe's bench binary (default <repo>/bazel-bin/bench/engine_bench;
-#                 build: bazel build -c opt //bench:engine_bench)
+#                 build: bazel build //bench:engine_bench; the default build is -O2)
 #   OUT           folder for raw outputs and summary.json (default: a new mktemp -d folder; kept)
 #   QUICK=1       smoke test: engine_bench --batches 1 --prefill 64 (no --depth); llama-bench -p 64
 #                 -n 16 (no depth run); llama-batched-bench -npp 64 -ntg 16 -npl 16.
