@@ -28,9 +28,7 @@ int Level() {
   return forced < 0 ? CpuLevel() : std::min(forced, CpuLevel());
 }
 
-inline float Output(int32_t dot, float sx, float sw) {
-  return static_cast<float>(dot) * (sx * sw);
-}
+inline float Output(int32_t dot, float sx, float sw) { return static_cast<float>(dot) * (sx * sw); }
 
 void RowsPortable(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
                   int64_t in, const float* sw, float* y, int64_t ldy, int64_t o0, int64_t o1) {
@@ -63,18 +61,21 @@ __attribute__((target("avx2"))) void TileAvx2(const int8_t* qx, int64_t ldq, con
   for (int64_t j = 0; j < k16; j += 16) {
     __m256i xv[T];
     for (int m = 0; m < T; ++m)
-      xv[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qx + m * ldq + j)));
+      xv[m] =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qx + m * ldq + j)));
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (o + r + R) * in + j), _MM_HINT_T0);
       const __m256i wv = _mm256_cvtepi8_epi16(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (o + r) * in + j)));
-      for (int m = 0; m < T; ++m) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xv[m], wv));
+      for (int m = 0; m < T; ++m)
+        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xv[m], wv));
     }
   }
   for (int m = 0; m < T; ++m) {
     for (int r = 0; r < R; ++r) {
       int32_t s = HSum32(acc[m][r]);
-      for (int64_t j = k16; j < in; ++j) s += int32_t{qx[m * ldq + j]} * int32_t{w[(o + r) * in + j]};
+      for (int64_t j = k16; j < in; ++j)
+        s += int32_t{qx[m * ldq + j]} * int32_t{w[(o + r) * in + j]};
       y[m * ldy + o + r] = Output(s, sx[m], sw[o + r]);
     }
   }
@@ -150,7 +151,8 @@ __attribute__((target("avx2"))) void QuantizeRowAvx2(const float* x, int64_t k, 
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 mx = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= k; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  for (; i + 8 <= k; i += 8)
+    mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
   alignas(32) float l[8];
   _mm256_store_ps(l, mx);
   float amax = 0;
@@ -158,7 +160,8 @@ __attribute__((target("avx2"))) void QuantizeRowAvx2(const float* x, int64_t k, 
   for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float inv = amax > 0 ? 127.0f / amax : 0.0f;
   *s = amax / 127.0f;
-  const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f),
+               lo = _mm256_set1_ps(-127.0f);
   i = 0;
   for (; i + 8 <= k; i += 8) {
     __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv),
