@@ -27,6 +27,7 @@ cpu::WeightRef LinearWeight::ref() const {
   r.scales = scales.data();
   r.out = out;
   r.in = in;
+  r.packed = packed;
   return r;
 }
 
@@ -39,6 +40,7 @@ void LinearWeight::ConvertTo(cpu::WeightFormat f) {
     q = {};
     scales = {};
     sums = {};
+    packed = false;
     format = cpu::WeightFormat::kF32;
   }
   if (f == cpu::WeightFormat::kF32) return;
@@ -59,6 +61,22 @@ void LinearWeight::QuantizeFrom(const float* src, cpu::WeightFormat f) {
   }
   w = {};
   format = f;
+  packed = false;
+  Pack();
+}
+
+void LinearWeight::Pack() {
+  if (packed || !cpu::Packable(format, out, in)) return;
+  if (format == cpu::WeightFormat::kBf16) {
+    std::vector<uint16_t> p(h.size());
+    cpu::PackRows(format, h.data(), out, in, p.data());
+    h = std::move(p);
+  } else {
+    std::vector<uint8_t> p(q.size());
+    cpu::PackRows(format, q.data(), out, in, p.data());
+    q = std::move(p);
+  }
+  packed = true;
 }
 
 void LinearWeight::Row(int64_t r, float* dst) const { cpu::Dequantize(ref(), r, r + 1, dst); }
@@ -124,8 +142,18 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
     return l;
   }
   if (info.dtype == DType::kBF16 && (dtype == WeightDType::kAuto || dtype == WeightDType::kBf16)) {
-    RETURN_IF_ERROR(ck.ReadBf16Into(name, {out, in}, &l.h));
     l.format = cpu::WeightFormat::kBf16;
+    if (info.shape == std::vector<int64_t>{out, in} && cpu::Packable(l.format, out, in)) {
+      // Packed straight from the mapped file: no row-major copy is ever held.
+      TensorInfo t;
+      ASSIGN_OR_RETURN(const uint8_t* raw, ck.Raw(name, &t));
+      l.h.resize(static_cast<size_t>(out * in));
+      cpu::PackRows(l.format, raw, out, in, l.h.data());
+      ck.DropPages(name);
+      l.packed = true;
+      return l;
+    }
+    RETURN_IF_ERROR(ck.ReadBf16Into(name, {out, in}, &l.h));
     return l;
   }
   if (dtype == WeightDType::kInt8 || dtype == WeightDType::kFp8 || dtype == WeightDType::kBf16) {

@@ -26,6 +26,10 @@ struct LinearWeight {
   std::vector<int32_t> sums;  // kInt8: sum of each row's int8 (the W8A8 kernel's correction)
   int64_t out = 0;
   int64_t in = 0;
+  // h / q hold rows interleaved in groups of 8 (cpu::PackRows: the decode kernels' layout). Every
+  // bf16 and int8 matrix whose shape allows it is packed at load; Row() and ConvertTo() read
+  // either.
+  bool packed = false;
   bool empty() const { return w.empty() && h.empty() && q.empty(); }
   cpu::WeightRef ref() const;
   // Bytes held (weights and scales).
@@ -36,6 +40,8 @@ struct LinearWeight {
   void ConvertTo(cpu::WeightFormat f);
   // Becomes `f` (bf16, int8 or fp8) made from the fp32 matrix `src` [out, in]; `w` is dropped.
   void QuantizeFrom(const float* src, cpu::WeightFormat f);
+  // Packs h / q in place where the format and shape allow (a no-op otherwise).
+  void Pack();
   // Row r as fp32 (the embedding lookup).
   void Row(int64_t r, float* dst) const;
 };

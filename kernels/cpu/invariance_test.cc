@@ -3,6 +3,7 @@
 // path. Every comparison is memcmp, never a tolerance. The goldens for the canonical orders are
 // written out here (DotRowsGolden, AxpyRowsGolden), independently of the kernels' code.
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -143,6 +144,52 @@ TEST(Invariance, Bf16WeightsEqualTheirFp32UpcastBitForBit) {
     }
   }
   ForcePortableInvariantForTesting(false);
+}
+
+// Packed bf16 (the layout models load into) gives the bits of the fp32 upcast through DotRows at
+// every ISA level this CPU has (forced: portable, AVX2, AVX-512), M from 1 to 512, through
+// DotRowsBf16Packed and LinearW; Dequantize reads its rows back exactly.
+TEST(Invariance, PackedBf16EqualsFp32UpcastAtEveryIsaLevel) {
+  const int top = SetGemmIsaForTesting(-1);
+  std::printf("gemm ISA levels checked: 0..%d (2 = AVX-512, 1 = AVX2)\n", top);
+  for (auto [n, k] : {std::pair<int64_t, int64_t>{8, 8},
+                      {64, 512},
+                      {512, 1024},
+                      {1024, 512},
+                      {288, 1024},
+                      {768, 384},
+                      {4000, 256}}) {
+    ASSERT_TRUE(Bf16Packable(n, k));
+    const auto wf = Random(static_cast<size_t>(n * k), 12);
+    std::vector<uint16_t> h(wf.size()), packed(wf.size());
+    FloatToBf16N(wf.data(), wf.size(), h.data());
+    PackBf16Rows(h.data(), n, k, packed.data());
+    std::vector<float> up(wf.size());
+    Bf16ToFloatN(h.data(), h.size(), up.data());
+    WeightRef ref{WeightFormat::kBf16, nullptr, nullptr, nullptr, n, k, packed.data()};
+    ref.packed = true;
+    std::vector<float> back(up.size());
+    Dequantize(ref, 0, n, back.data());
+    ASSERT_TRUE(SameBits(up.data(), back.data(), up.size()));
+    for (int level = 0; level <= top; ++level) {
+      SetGemmIsaForTesting(level);
+      for (int64_t m : {1, 2, 3, 4, 7, 16, 64, 512}) {
+        if (level == 0 && m * n * k > (int64_t{1} << 26)) continue;  // the slow path: fewer
+        const auto x = Random(static_cast<size_t>(m * k), static_cast<uint32_t>(200 + m));
+        std::vector<float> want(static_cast<size_t>(m * n)), got(want.size()), via(want.size());
+        SetGemmIsaForTesting(-1);
+        DotRows(x.data(), m, k, up.data(), n, k, k, want.data(), n);
+        SetGemmIsaForTesting(level);
+        DotRowsBf16Packed(x.data(), m, k, packed.data(), n, k, got.data(), n);
+        LinearW(x.data(), m, ref, via.data());
+        ASSERT_TRUE(SameBits(want.data(), got.data(), want.size()))
+            << "n " << n << " k " << k << " m " << m << " level " << level;
+        ASSERT_TRUE(SameBits(want.data(), via.data(), want.size()))
+            << "n " << n << " k " << k << " m " << m << " level " << level;
+      }
+    }
+    SetGemmIsaForTesting(-1);
+  }
 }
 
 // Linear (fp32) and LinearW (int8, fp8, bf16): a row alone == the same row in batches of 2..40 rows

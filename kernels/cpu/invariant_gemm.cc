@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 
 #include "common/dtype.h"
 #include "kernels/cpu/small_gemm.h"
@@ -16,9 +17,24 @@
 namespace dmoe::cpu {
 namespace {
 
-std::atomic<bool> g_portable{false};
+// 0 portable, 1 AVX2+FMA, 2 AVX-512 (F+BW); g_forced caps it (tests), -1: the CPU's.
+int CpuGemmLevel() {
+  static const int level = [] {
+    if (!CpuHasAvx2Fma()) return 0;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 2 : 1;
+  }();
+  return level;
+}
 
-bool Avx2() { return CpuHasAvx2Fma() && !g_portable.load(std::memory_order_relaxed); }
+std::atomic<int> g_forced{-1};
+
+int GemmLevel() {
+  const int forced = g_forced.load(std::memory_order_relaxed);
+  return forced < 0 ? CpuGemmLevel() : std::min(forced, CpuGemmLevel());
+}
+
+bool Avx2() { return GemmLevel() >= 1; }
 
 // The canonical reduction of 8 lanes.
 inline float Lanes8(const float* l) {
@@ -216,9 +232,123 @@ int64_t Split(int64_t n, int64_t work, int64_t align, int64_t* per) {
   return (n + *per - 1) / *per;
 }
 
+// ---- packed bf16 (kPackRows rows interleaved per 8 columns; invariant_gemm.h) ----
+
+inline int64_t PackedAt(int64_t o, int64_t j, int64_t k) {
+  return (o / kPackRows) * kPackRows * k + (j / 8) * kPackRows * 8 + (o % kPackRows) * 8 + j % 8;
+}
+
+void DotPackedPortable(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n0,
+                       int64_t n1, int64_t k, float* y, int64_t ldy) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx;
+    for (int64_t o = n0; o < n1; ++o) {
+      float lane[8] = {};
+      for (int64_t j = 0; j < k; j += 8) {
+        const uint16_t* b = w + PackedAt(o, j, k);
+        for (int l = 0; l < 8; ++l) lane[l] = std::fma(xi[j + l], Bf16ToFloat(b[l]), lane[l]);
+      }
+      y[i * ldy + o] = Lanes8(lane);
+    }
+  }
+}
+
+// T rows of x against one group of 8 weight rows, read as one stream: 8 chains of 8 lanes.
+template <int T>
+__attribute__((target("avx2,fma"))) void PackedTileAvx2(const float* x, int64_t ldx,
+                                                        const uint16_t* w, int64_t k, float* y,
+                                                        int64_t ldy) {
+  __m256 acc[T][kPackRows];
+#pragma GCC unroll 4
+  for (int m = 0; m < T; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < kPackRows; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < k; j += 8, w += kPackRows * 8) {
+    __m256 xv[T];
+#pragma GCC unroll 4
+    for (int m = 0; m < T; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + j);
+#pragma GCC unroll 8
+    for (int r = 0; r < kPackRows; ++r) {
+      const __m256 wv = Load8(w + 8 * r);
+#pragma GCC unroll 4
+      for (int m = 0; m < T; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < T; ++m)
+    for (int r = 0; r < kPackRows; ++r) y[m * ldy + r] = HSum(acc[m][r]);
+}
+
+// GCC 12 reports the intrinsics' own _mm512_undefined_* as uninitialized (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// AVX-512: one register holds two weight rows' 8 columns (lanes 0-7 and 8-15) against the same
+// 8 columns of x in both halves, so each lane still follows its row's chain.
+template <int T>
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void PackedTileAvx512(
+    const float* x, int64_t ldx, const uint16_t* w, int64_t k, float* y, int64_t ldy) {
+  constexpr int kV = kPackRows / 2;
+  __m512 acc[T][kV];
+#pragma GCC unroll 4
+  for (int m = 0; m < T; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < kV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j += 8, w += kPackRows * 8) {
+    __m512 xv[T];
+#pragma GCC unroll 4
+    for (int m = 0; m < T; ++m) {
+      xv[m] = _mm512_castpd_ps(
+          _mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(x + m * ldx + j))));
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < kV; ++v) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * v));
+      const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+#pragma GCC unroll 4
+      for (int m = 0; m < T; ++m) acc[m][v] = _mm512_fmadd_ps(xv[m], wv, acc[m][v]);
+    }
+  }
+  for (int m = 0; m < T; ++m) {
+    for (int v = 0; v < kV; ++v) {
+      alignas(64) float l[16];
+      _mm512_store_ps(l, acc[m][v]);
+      y[m * ldy + 2 * v] = Lanes8(l);
+      y[m * ldy + 2 * v + 1] = Lanes8(l + 8);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+template <int T>
+void PackedTile(int level, const float* x, int64_t ldx, const uint16_t* w, int64_t k, float* y,
+                int64_t ldy) {
+  if (level >= 2) {
+    PackedTileAvx512<T>(x, ldx, w, k, y, ldy);
+  } else {
+    PackedTileAvx2<T>(x, ldx, w, k, y, ldy);
+  }
+}
+
+void DotPackedSimd(int level, const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n0,
+                   int64_t n1, int64_t k, float* y, int64_t ldy) {
+  for (int64_t o = n0; o < n1; o += kPackRows) {
+    const uint16_t* wg = w + o * k;
+    int64_t i = 0;
+    for (; i + 3 <= m; i += 3) PackedTile<3>(level, x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+    if (m - i == 2) PackedTile<2>(level, x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+    if (m - i == 1) PackedTile<1>(level, x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+  }
+}
+
 }  // namespace
 
-void ForcePortableInvariantForTesting(bool on) { g_portable = on; }
+void ForcePortableInvariantForTesting(bool on) { g_forced = on ? 0 : -1; }
+
+int SetGemmIsaForTesting(int level) {
+  g_forced = level;
+  return GemmLevel();
+}
 
 namespace {
 
@@ -255,6 +385,41 @@ void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, 
 void DotRowsBf16(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n, int64_t ldw,
                  int64_t k, float* y, int64_t ldy) {
   DotRowsT<Bf16W>(x, m, ldx, w, n, ldw, k, y, ldy);
+}
+
+bool Bf16Packable(int64_t n, int64_t k) {
+  return n > 0 && k > 0 && n % kPackRows == 0 && k % 8 == 0;
+}
+
+void PackBf16Rows(const uint16_t* src, int64_t n, int64_t k, uint16_t* dst) {
+  for (int64_t o = 0; o < n; ++o) {
+    for (int64_t j = 0; j < k; j += 8) std::memcpy(dst + PackedAt(o, j, k), src + o * k + j, 16);
+  }
+}
+
+void UnpackBf16Row(const uint16_t* w, int64_t k, int64_t o, uint16_t* dst) {
+  for (int64_t j = 0; j < k; j += 8) std::memcpy(dst + j, w + PackedAt(o, j, k), 16);
+}
+
+void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n,
+                       int64_t k, float* y, int64_t ldy) {
+  if (m <= 0 || n <= 0) return;
+  const int level = GemmLevel();
+  int64_t per = 0;
+  const int64_t chunks = Split(n, m * n * k, kPackRows, &per);
+  auto run = [&](int c) {
+    const int64_t n0 = c * per, n1 = std::min(n, n0 + per);
+    if (level >= 1) {
+      DotPackedSimd(level, x, m, ldx, w, n0, n1, k, y, ldy);
+    } else {
+      DotPackedPortable(x, m, ldx, w, n0, n1, k, y, ldy);
+    }
+  };
+  if (chunks == 1) {
+    run(0);
+  } else {
+    ThePool().Run(static_cast<int>(chunks), run);
+  }
 }
 
 void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,

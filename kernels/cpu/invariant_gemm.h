@@ -30,6 +30,22 @@ void DotRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t n, 
 void DotRowsBf16(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n, int64_t ldw,
                  int64_t k, float* y, int64_t ldy);
 
+// Packed bf16 matrices: groups of kPackRows rows, each group stored as K/8 blocks of
+// kPackRows x 8 (row r's columns j..j+7 at block offset 8r), so that a group's rows are read as one
+// contiguous stream (rows of a few KiB read side by side are separate streams, and the hardware
+// prefetchers lose most of the bandwidth on them). Element (o, j) is at
+//   (o / 8) * 8K + (j / 8) * 64 + (o % 8) * 8 + j % 8.
+// The layout changes where weights are read from, not the chains: DotRowsBf16Packed gives
+// DotRowsBf16's bits (AVX-512: two rows per register, one per half).
+constexpr int64_t kPackRows = 8;
+// Whether [n, k] can be packed (n a multiple of kPackRows, k of 8).
+bool Bf16Packable(int64_t n, int64_t k);
+void PackBf16Rows(const uint16_t* src, int64_t n, int64_t k, uint16_t* dst);
+// Row o of a packed [n, k] matrix, row-major into dst[k].
+void UnpackBf16Row(const uint16_t* w, int64_t k, int64_t o, uint16_t* dst);
+void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n,
+                       int64_t k, float* y, int64_t ldy);
+
 // y[m, n] = (accumulate ? y[m, n] : 0) + sum_k x[m, k] * w[k, n]. Strides in floats.
 void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,
               int64_t n, float* y, int64_t ldy, bool accumulate);
@@ -39,6 +55,9 @@ void FmaRow(int64_t n, float a, const float* x, float* y);
 
 // Tests: run the portable (no AVX2) code even where the CPU has AVX2.
 void ForcePortableInvariantForTesting(bool on);
+// Tests: cap the ISA these kernels use (0 portable, 1 AVX2, 2 AVX-512; -1 the CPU's); returns
+// the level in effect (never above the CPU's).
+int SetGemmIsaForTesting(int level);
 
 }  // namespace dmoe::cpu
 

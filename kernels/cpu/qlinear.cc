@@ -176,7 +176,15 @@ void LinearW8A8(const float* x, int64_t t, int64_t ldx, const WeightRef& w, floa
   const int32_t* sums = w.sums;
   if (sums == nullptr) {
     sums_here.resize(static_cast<size_t>(w.out));
-    Int8RowSums(reinterpret_cast<const int8_t*>(w.q), w.out, w.in, sums_here.data());
+    if (w.packed) {
+      std::vector<int8_t> row(static_cast<size_t>(w.in));
+      for (int64_t o = 0; o < w.out; ++o) {
+        UnpackInt8Row(reinterpret_cast<const int8_t*>(w.q), w.in, o, row.data());
+        Int8RowSums(row.data(), 1, w.in, sums_here.data() + o);
+      }
+    } else {
+      Int8RowSums(reinterpret_cast<const int8_t*>(w.q), w.out, w.in, sums_here.data());
+    }
     sums = sums_here.data();
   }
   // (thread_locals named inside the lambda would be the worker's)
@@ -188,8 +196,14 @@ void LinearW8A8(const float* x, int64_t t, int64_t ldx, const WeightRef& w, floa
   ThePool().Run(static_cast<int>(chunks), [&](int c) {
     const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
     for (int64_t m0 = 0; m0 < t; m0 += 4) {
-      Int8DotRows(q + m0 * ldq, std::min<int64_t>(4, t - m0), ldq, s + m0, wq, w.in, w.scales, sums,
-                  y + m0 * ldy, ldy, o0, o1);
+      const int64_t mt = std::min<int64_t>(4, t - m0);
+      if (w.packed) {
+        Int8DotRowsPacked(q + m0 * ldq, mt, ldq, s + m0, wq, w.in, w.scales, sums, y + m0 * ldy,
+                          ldy, o0, o1);
+      } else {
+        Int8DotRows(q + m0 * ldq, mt, ldq, s + m0, wq, w.in, w.scales, sums, y + m0 * ldy, ldy, o0,
+                    o1);
+      }
     }
   });
 }
@@ -241,8 +255,18 @@ void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
     float* d = dst + (o - o0) * w.in;
     if (w.format == WeightFormat::kF32) {
       std::copy(w.f32 + o * w.in, w.f32 + (o + 1) * w.in, d);
+    } else if (w.format == WeightFormat::kBf16 && w.packed) {
+      thread_local std::vector<uint16_t> row;
+      row.resize(static_cast<size_t>(w.in));
+      UnpackBf16Row(w.bf16, w.in, o, row.data());
+      Bf16ToFloatN(row.data(), static_cast<size_t>(w.in), d);
     } else if (w.format == WeightFormat::kBf16) {
       Bf16ToFloatN(w.bf16 + o * w.in, static_cast<size_t>(w.in), d);
+    } else if (w.packed) {  // int8
+      thread_local std::vector<int8_t> row;
+      row.resize(static_cast<size_t>(w.in));
+      UnpackInt8Row(reinterpret_cast<const int8_t*>(w.q), w.in, o, row.data());
+      for (int64_t i = 0; i < w.in; ++i) d[i] = static_cast<float>(row[i]) * w.scales[o];
     } else if (avx2) {
       DequantizeRowAvx2(w, o, d);
     } else if (w.format == WeightFormat::kInt8) {
@@ -253,6 +277,20 @@ void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
         d[i] = Fp8E4M3ToFloat(w.q[o * w.in + i]) * w.scales[(o / kFp8Block) * nb + i / kFp8Block];
       }
     }
+  }
+}
+
+bool Packable(WeightFormat f, int64_t out, int64_t in) {
+  if (f == WeightFormat::kBf16) return Bf16Packable(out, in);
+  if (f == WeightFormat::kInt8) return Int8Packable(out, in);
+  return false;
+}
+
+void PackRows(WeightFormat f, const void* src, int64_t out, int64_t in, void* dst) {
+  if (f == WeightFormat::kBf16) {
+    PackBf16Rows(static_cast<const uint16_t*>(src), out, in, static_cast<uint16_t*>(dst));
+  } else {
+    PackInt8Rows(static_cast<const int8_t*>(src), out, in, static_cast<int8_t*>(dst));
   }
 }
 
@@ -270,14 +308,19 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   }
   if (w.format == WeightFormat::kBf16 &&
       (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
-    DotRowsBf16(x, t, ldx, w.bf16, w.out, w.in, w.in, y, ldy);
+    if (w.packed) {
+      DotRowsBf16Packed(x, t, ldx, w.bf16, w.out, w.in, y, ldy);
+    } else {
+      DotRowsBf16(x, t, ldx, w.bf16, w.out, w.in, w.in, y, ldy);
+    }
     return;
   }
   int64_t per = 0;
   const int64_t chunks = Chunks(w.out, w.in, &per);
   // The invariant mode always takes the register kernel (its rows never interact); the BLAS
   // mode dequantizes for sgemm beyond kDirectRows rows.
-  if (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant) {
+  // (Packed int8 under W8A16, a comparison mode: dequantized below; its kernel reads row-major.)
+  if ((t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant) && !w.packed) {
     // Groups of up to 8 rows through the register kernel; a chunk of weight rows stays in cache
     // from one group to the next.
     const bool avx2 = UseAvx2();

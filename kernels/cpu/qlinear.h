@@ -31,7 +31,15 @@ struct WeightRef {
   int64_t in = 0;
   const uint16_t* bf16 = nullptr;  // kBf16 (last: the fields above keep their positions)
   const int32_t* sums = nullptr;   // kInt8: sum of each row's int8 (nullptr: computed per call)
+  // kBf16 / kInt8: rows interleaved in groups of 8 (PackBf16Rows, PackInt8Rows: the layout the
+  // decode kernels read as one stream); scales and sums stay in row order.
+  bool packed = false;
 };
+
+// Whether a [out, in] matrix of format f can be packed (kBf16 and kInt8 only).
+bool Packable(WeightFormat f, int64_t out, int64_t in);
+// Packs the row-major bf16 bits / int8 bytes of a packable matrix into dst (out * in elements).
+void PackRows(WeightFormat f, const void* src, int64_t out, int64_t in, void* dst);
 
 // int8 weights multiply int8-quantized activations (W8A8, kernels/cpu/w8a8.h: the default) or
 // fp32 ones (W8A16, as before: slower, for comparing accuracy).

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 
 namespace dmoe::cpu {
 namespace {
@@ -134,6 +135,105 @@ void RowsSimd(bool vnni, const int8_t* qx, int64_t ldq, const float* sx, const i
   }
 }
 
+// ---- packed int8 (w8a8.h): groups of 8 rows, 32 columns per row per block ----
+
+constexpr int64_t kGroup = 8, kCols = 32;
+
+inline int64_t PackedAt(int64_t o, int64_t j, int64_t k) {
+  return (o / kGroup) * kGroup * k + (j / kCols) * kGroup * kCols + (o % kGroup) * kCols +
+         j % kCols;
+}
+
+void PackedPortable(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
+                    int64_t in, const float* sw, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t m = 0; m < t; ++m) {
+      int32_t acc = 0;
+      for (int64_t i = 0; i < in; ++i)
+        acc += int32_t{qx[m * ldq + i]} * int32_t{w[PackedAt(o, i, in)]};
+      y[m * ldy + o] = Output(acc, sx[m], sw[o]);
+    }
+  }
+}
+
+// AVX2: T (<= 2) rows of x against one group of 8 rows, 32 columns per step.
+template <int T>
+__attribute__((target("avx2"))) void PackedTileAvx2(const int8_t* qx, int64_t ldq, const float* sx,
+                                                    const int8_t* w, int64_t in, const float* sw,
+                                                    float* y, int64_t ldy) {
+  __m256i acc[T][kGroup];
+  for (int m = 0; m < T; ++m)
+    for (int r = 0; r < kGroup; ++r) acc[m][r] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < in; j += kCols, w += kGroup * kCols) {
+    __m256i xlo[T], xhi[T];
+    for (int m = 0; m < T; ++m) {
+      const int8_t* xm = qx + m * ldq + j;
+      xlo[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xm)));
+      xhi[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + 16)));
+    }
+    for (int r = 0; r < kGroup; ++r) {
+      const int8_t* wr = w + r * kCols;
+      const __m256i lo =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr)));
+      const __m256i hi =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16)));
+      for (int m = 0; m < T; ++m) {
+        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xlo[m], lo));
+        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xhi[m], hi));
+      }
+    }
+  }
+  for (int m = 0; m < T; ++m)
+    for (int r = 0; r < kGroup; ++r) y[m * ldy + r] = Output(HSum32(acc[m][r]), sx[m], sw[r]);
+}
+
+// GCC 12 reports the intrinsics' own _mm512_undefined_* as uninitialized (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// AVX512-VNNI: one 512-bit register holds two rows' 32 columns (one per half) against the same
+// 32 columns of x (offset by 128) in both halves.
+template <int T>
+__attribute__((target("avx512vnni,avx512f,avx512bw,avx2"))) void PackedTileVnni(
+    const int8_t* qx, int64_t ldq, const float* sx, const int8_t* w, int64_t in, const float* sw,
+    const int32_t* sums, float* y, int64_t ldy) {
+  constexpr int kV = kGroup / 2;
+  __m512i acc[T][kV];
+  for (int m = 0; m < T; ++m)
+    for (int v = 0; v < kV; ++v) acc[m][v] = _mm512_setzero_si512();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t j = 0; j < in; j += kCols, w += kGroup * kCols) {
+    __m512i xv[T];
+    for (int m = 0; m < T; ++m) {
+      const __m256i x8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * ldq + j));
+      xv[m] = _mm512_broadcast_i64x4(_mm256_xor_si256(x8, flip));
+    }
+    for (int v = 0; v < kV; ++v) {
+      const __m512i wv = _mm512_loadu_si512(w + 64 * v);
+      for (int m = 0; m < T; ++m) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], xv[m], wv);
+    }
+  }
+  for (int m = 0; m < T; ++m) {
+    for (int v = 0; v < kV; ++v) {
+      const int32_t a = HSum32(_mm512_castsi512_si256(acc[m][v])) - 128 * sums[2 * v];
+      const int32_t b = HSum32(_mm512_extracti64x4_epi64(acc[m][v], 1)) - 128 * sums[2 * v + 1];
+      y[m * ldy + 2 * v] = Output(a, sx[m], sw[2 * v]);
+      y[m * ldy + 2 * v + 1] = Output(b, sx[m], sw[2 * v + 1]);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+template <int T>
+void PackedRowsVnni(const int8_t* qx, int64_t ldq, const float* sx, const int8_t* w, int64_t in,
+                    const float* sw, const int32_t* sums, float* y, int64_t ldy, int64_t o0,
+                    int64_t o1) {
+  for (int64_t o = o0; o < o1; o += kGroup) {
+    PackedTileVnni<T>(qx, ldq, sx, w + o * in, in, sw + o, sums + o, y + o, ldy);
+  }
+}
+
 }  // namespace
 
 int SetInt8IsaForTesting(int level) {
@@ -224,6 +324,60 @@ void Int8DotRows(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, cons
       return RowsSimd<3>(vnni, qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
     default:
       return RowsSimd<4>(vnni, qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+  }
+}
+
+}  // namespace dmoe::cpu
+
+namespace dmoe::cpu {
+
+bool Int8Packable(int64_t out, int64_t in) {
+  return out > 0 && in > 0 && out % kGroup == 0 && in % kCols == 0;
+}
+
+void PackInt8Rows(const int8_t* src, int64_t out, int64_t in, int8_t* dst) {
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t j = 0; j < in; j += kCols) {
+      std::memcpy(dst + PackedAt(o, j, in), src + o * in + j, kCols);
+    }
+  }
+}
+
+void UnpackInt8Row(const int8_t* w, int64_t in, int64_t o, int8_t* dst) {
+  for (int64_t j = 0; j < in; j += kCols) std::memcpy(dst + j, w + PackedAt(o, j, in), kCols);
+}
+
+void Int8DotRowsPacked(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
+                       int64_t in, const float* sw, const int32_t* sums, float* y, int64_t ldy,
+                       int64_t o0, int64_t o1) {
+  const int level = Level();
+  if (level == 0) {
+    PackedPortable(qx, t, ldq, sx, w, in, sw, y, ldy, o0, o1);
+    return;
+  }
+  if (level == 1) {
+    for (int64_t m = 0; m < t; m += 2) {
+      for (int64_t o = o0; o < o1; o += kGroup) {
+        if (t - m >= 2) {
+          PackedTileAvx2<2>(qx + m * ldq, ldq, sx + m, w + o * in, in, sw + o, y + m * ldy + o,
+                            ldy);
+        } else {
+          PackedTileAvx2<1>(qx + m * ldq, ldq, sx + m, w + o * in, in, sw + o, y + m * ldy + o,
+                            ldy);
+        }
+      }
+    }
+    return;
+  }
+  switch (t) {
+    case 1:
+      return PackedRowsVnni<1>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+    case 2:
+      return PackedRowsVnni<2>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+    case 3:
+      return PackedRowsVnni<3>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
+    default:
+      return PackedRowsVnni<4>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
   }
 }
 
