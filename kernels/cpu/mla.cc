@@ -10,6 +10,7 @@
 #include "common/dtype.h"
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -75,10 +76,12 @@ void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t
 void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + p.v_dim, lc = r + dr;
-  for (int64_t head = 0; head < h; ++head) {
+  // One head per task: at decode each head's product is too small to split, and the heads are
+  // independent outputs (the products inside run inline, with the same chains).
+  ThePool().Run(static_cast<int>(h), [&](int head) {
     AxpyRows(q + head * qd, nq, h * qd, p.kv_b + head * kvd * r, dn, r, r, qc + head * lc, h * lc,
              /*accumulate=*/false);
-  }
+  });
   for (int64_t i = 0; i < nq * h; ++i) {
     const float* qpe = q + i * qd + dn;
     std::copy(qpe, qpe + dr, qc + i * lc + r);
@@ -89,10 +92,10 @@ void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
 void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t kvd = dn + dv;
-  for (int64_t head = 0; head < h; ++head) {
+  ThePool().Run(static_cast<int>(h), [&](int head) {
     DotRows(olat + head * r, nq, h * r, p.kv_b + (head * kvd + dn) * r, dv, r, r, o + head * dv,
             h * dv);
-  }
+  });
 }
 
 // t consecutive queries of one sequence at positions pos0 .. pos0 + t - 1: qc[t * H, lc] ->
