@@ -147,6 +147,7 @@ __attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes)
 double ReadBandwidth() {
   const size_t n = size_t{1} << 30;
   std::vector<uint8_t> buf(n, 1);
+  UseHugePages(buf.data(), n);  // as the weights are (model/weights.h): the machine's best
   const int parts = cpu::ThePool().size();
   const size_t per = n / static_cast<size_t>(parts) / 128 * 128;
   std::vector<int64_t> sink(static_cast<size_t>(parts));
@@ -270,7 +271,8 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
                         tokens_per_s, ms_per_step, read_bw_gbs, limit_fraction); the rest on stderr
 The memory-bandwidth limit of a batch-1 decode step: the weight bytes it reads (everything but
 the embedding table and the routed experts, plus top-k experts per MoE layer, as held) and its KV
-cache bytes, over the read bandwidth of all cores measured in the same run; limit_fraction is the
+cache bytes, over the read bandwidth of all cores measured in the same run (1 GiB in 2 MiB pages,
+as the weights are held: DMOE_HUGE_PAGES=0 turns both off); limit_fraction is the
 step's speed / that limit. Load memory: resident bytes added by the load and its peak (VmHWM).
 Opt-in sections (the small preset / the model loaded as stored):
   --kernel-rounds R     batch-invariant vs BLAS kernels, R alternating rounds per batch size

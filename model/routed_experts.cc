@@ -19,6 +19,11 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
     if (!m.ok()) return m.status();
     store->experts_[key] = std::make_shared<const MlpWeights>(std::move(m).value());
   }
+  // After the whole load: the experts' matrices lie side by side on the heap, so the 2 MiB
+  // extents around each are (mostly) other experts' weights.
+  for (const auto& [_, m] : store->experts_) {
+    for (const LinearWeight* w : {&m->gate, &m->up, &m->down}) w->UseHugePages();
+  }
   return store;
 }
 

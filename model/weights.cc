@@ -1,6 +1,10 @@
 #include "model/weights.h"
 
+#include <sys/mman.h>
+
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -77,6 +81,41 @@ void LinearWeight::Pack() {
     q = std::move(p);
   }
   packed = true;
+}
+
+void UseHugePages(const void* p, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  static const bool enabled = [] {
+    const char* e = std::getenv("DMOE_HUGE_PAGES");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  if (!enabled || p == nullptr || bytes < (size_t{256} << 10)) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(kHuge - 1);
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + bytes + kHuge - 1) & ~(kHuge - 1);
+  void* start = reinterpret_cast<void*>(a);
+  (void)madvise(start, b - a, MADV_HUGEPAGE);
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+  (void)madvise(start, b - a, MADV_COLLAPSE);
+}
+
+void LinearWeight::UseHugePages() const {
+  dmoe::UseHugePages(w.data(), 4 * w.size());
+  dmoe::UseHugePages(h.data(), 2 * h.size());
+  dmoe::UseHugePages(q.data(), q.size());
+}
+
+void UseHugePages(const DenseWeights& w) {
+  w.embed.UseHugePages();
+  w.lm_head.UseHugePages();
+  for (const LayerWeights& l : w.layers) {
+    for (const LinearWeight* m :
+         {&l.q_a, &l.q_b, &l.q, &l.kv_a, &l.kv_b, &l.o, &l.dense.gate, &l.dense.up, &l.dense.down,
+          &l.gate, &l.shared.gate, &l.shared.up, &l.shared.down}) {
+      m->UseHugePages();
+    }
+  }
 }
 
 void LinearWeight::Row(int64_t r, float* dst) const { cpu::Dequantize(ref(), r, r + 1, dst); }
@@ -245,6 +284,7 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
   } else {
     ASSIGN_OR_RETURN(w.lm_head, ReadLinear(ck, "lm_head.weight", c.vocab_size, d, dtype));
   }
+  UseHugePages(w);
   return w;
 }
 

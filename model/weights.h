@@ -42,6 +42,8 @@ struct LinearWeight {
   void QuantizeFrom(const float* src, cpu::WeightFormat f);
   // Packs h / q in place where the format and shape allow (a no-op otherwise).
   void Pack();
+  // Backs the buffers with transparent huge pages (UseHugePages).
+  void UseHugePages() const;
   // Row r as fp32 (the embedding lookup).
   void Row(int64_t r, float* dst) const;
 };
@@ -88,6 +90,17 @@ namespace weight_names {
 std::string Layer(int64_t layer, const std::string& suffix);
 std::string Expert(int64_t layer, int64_t expert, const std::string& proj);  // proj: gate_proj, ...
 }  // namespace weight_names
+
+// Backs [p, p + bytes), widened to whole 2 MiB extents (heap neighbours included: the weights are
+// allocated one after another while loading), with transparent huge pages: madvise MADV_HUGEPAGE,
+// then MADV_COLLAPSE (Linux >= 6.1) so that pages already written are collapsed now rather than
+// whenever khugepaged gets to them. Decode reads every weight once per step and 4 KiB pages cost
+// it about a quarter of the read bandwidth (a TLB miss and a prefetcher restart every 4 KiB).
+// Buffers under 256 KiB are left alone; DMOE_HUGE_PAGES=0 turns it off; errors are ignored
+// (an older kernel or THP "never" only loses the speed).
+void UseHugePages(const void* p, size_t bytes);
+// Every weight matrix of the dense part.
+void UseHugePages(const DenseWeights& w);
 
 // `dtype` applies to the projections: q/q_a/q_b, kv_a, o, the dense and shared MLPs, lm_head
 // (and, when bf16 or auto, the embedding table). kv_b (absorbed into the attention) and the
