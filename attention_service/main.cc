@@ -56,10 +56,10 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --expert-wait-ms N      when an expert has no reachable replica, pause the affected sequences
                           (KV kept) and retry for up to N ms, then end them UNAVAILABLE
                           (default 10000 with --router, 0 otherwise)
-  --blas-threads N        OpenBLAS threads (default 0 = OpenBLAS's default, one per CPU). When
-                          other dmoe processes share this machine, give each its share of the CPUs
-                          (`dmoe up` does): OpenBLAS's idle threads spin ~0.1 s after each call
-                          and take the CPUs the others need
+  --blas-threads N        compute threads: the kernel pool's and OpenBLAS's (default 0 = one per
+                          CPU). When other dmoe processes share this machine, give each its share
+                          of the CPUs (`dmoe up` does): idle pool threads spin briefly after each
+                          call and OpenBLAS's ~0.1 s, taking the CPUs the others need
 %s%s)";
 
 struct Options {

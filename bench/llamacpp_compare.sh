@@ -18,8 +18,8 @@
 #   PRECISIONS    dmoe weight dtypes (default "bf16 int8 f32"); int8 <-> Q8_0, bf16 <-> BF16, f32 <-> F32
 #   THREADS       llama.cpp threads (default 2). dmoe's engine uses every core (its thread pool is
 #                 hardware_concurrency wide), so keep THREADS = nproc for a like-for-like comparison.
-#   ENGINE_BENCH  dmoe's bench binary (default <repo>/bazel-bin/bench/engine_bench;
-#                 build: bazel build //bench:engine_bench; the default build is -O2)
+#   ENGINE_BENCH  dmoe's bench binary (default: built from the working tree first with
+#                 `bazel build //bench:engine_bench`, the default -O2 build, then bazel-bin's)
 #   OUT           folder for raw outputs and summary.json (default: a new mktemp -d folder; kept)
 #   QUICK=1       smoke test: engine_bench --batches 1 --prefill 64 (no --depth); llama-bench -p 64
 #                 -n 16 (no depth run); llama-batched-bench -npp 64 -ntg 16 -npl 16.
@@ -55,7 +55,13 @@ PEER_TOOLS=${PEER_TOOLS:-$repo/../shared/tools/peer}
 ROUNDS=${ROUNDS:-3}
 PRECISIONS=${PRECISIONS:-bf16 int8 f32}
 THREADS=${THREADS:-2}
-ENGINE_BENCH=${ENGINE_BENCH:-$repo/bazel-bin/bench/engine_bench}
+if [ -z "${ENGINE_BENCH:-}" ]; then
+  # Built here, from the working tree: bazel-bin follows the configuration of the last bazel
+  # command, so a binary found there may be another configuration's, from older sources.
+  (cd "$repo" && bazel build //bench:engine_bench) >"${TMPDIR:-/tmp}/llamacpp_compare.build.log" 2>&1 ||
+    { echo "llamacpp_compare.sh: bazel build //bench:engine_bench failed (${TMPDIR:-/tmp}/llamacpp_compare.build.log)" >&2; exit 1; }
+  ENGINE_BENCH=$repo/bazel-bin/bench/engine_bench
+fi
 QUICK=${QUICK:-0}
 OUT=${OUT:-$(mktemp -d -t llamacpp_compare.XXXXXX)}
 mkdir -p "$OUT" "$GGUF_DIR"

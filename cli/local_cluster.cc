@@ -52,9 +52,10 @@ the state file and returns, leaving them running. `dmoe down` stops them.
   --lease-ms N           router lease (default 3000): how soon a dead shard is replaced
   --ucx-tls TLS          UCX_TLS for the cluster (default tcp,self; UCX_NET_DEVICES is lo)
   --wire-dtype T         hidden rows between attention and experts: bf16 (default) or f32
-  --blas-threads N       OpenBLAS threads of each attention node and shard (default: this
-                         machine's CPUs / (N + M), at least 1: the processes share the machine,
-                         and OpenBLAS's idle threads spin and take the others' CPUs)
+  --blas-threads N       compute threads (kernel pool and OpenBLAS) of each attention node and
+                         shard (default: this machine's CPUs / (N + M), at least 1: the processes
+                         share the machine, and idle compute threads spin and take the others'
+                         CPUs)
   --http-listen H:P      the gateway's OpenAI-compatible HTTP address (default 127.0.0.1:0)
   --state-file F         where the cluster is recorded (default .cache/dmoe-up.json)
   --log-dir D            one log file per process (default .cache/dmoe-up-logs)

@@ -68,10 +68,10 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        the experts are held
   --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
                        them is active (default 2000)
-  --blas-threads N     OpenBLAS threads (default 0 = OpenBLAS's default, one per CPU). When other
-                       dmoe processes share this machine, give each its share of the CPUs (`dmoe
-                       up` does): OpenBLAS's idle threads spin ~0.1 s after each call and take the
-                       CPUs the others need
+  --blas-threads N     compute threads: the kernel pool's and OpenBLAS's (default 0 = one per
+                       CPU). When other dmoe processes share this machine, give each its share of
+                       the CPUs (`dmoe up` does): idle pool threads spin briefly after each call
+                       and OpenBLAS's ~0.1 s, taking the CPUs the others need
 %s
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without

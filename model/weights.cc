@@ -71,15 +71,9 @@ void LinearWeight::QuantizeFrom(const float* src, cpu::WeightFormat f) {
 
 void LinearWeight::Pack() {
   if (packed || !cpu::Packable(format, out, in)) return;
-  if (format == cpu::WeightFormat::kBf16) {
-    std::vector<uint16_t> p(h.size());
-    cpu::PackRows(format, h.data(), out, in, p.data());
-    h = std::move(p);
-  } else {
-    std::vector<uint8_t> p(q.size());
-    cpu::PackRows(format, q.data(), out, in, p.data());
-    q = std::move(p);
-  }
+  // In place, one group of 8 rows at a time: never a second copy of the matrix.
+  void* data = format == cpu::WeightFormat::kBf16 ? static_cast<void*>(h.data()) : q.data();
+  cpu::PackRows(format, data, out, in, data);
   packed = true;
 }
 

@@ -15,7 +15,8 @@
 
 namespace dmoe {
 
-// Row-major [out, in], as nn.Linear stores it: fp32 (w), bf16 (h), or 8-bit (q) with scales —
+// [out, in], as nn.Linear stores it (row-major, or rows interleaved in groups of 8 when `packed`):
+// fp32 (w), bf16 (h), or 8-bit (q) with scales —
 // int8 with one scale per output channel, or fp8 e4m3 with 128x128 block scales (cpu::WeightRef).
 struct LinearWeight {
   cpu::WeightFormat format = cpu::WeightFormat::kF32;

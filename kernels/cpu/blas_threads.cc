@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace dmoe::cpu {
 
@@ -14,7 +15,13 @@ absl::Status SetBlasThreads(int64_t n, const std::string& flag) {
     return absl::InvalidArgumentError(
         absl::StrCat(flag, ": ", n, " is negative (0 = OpenBLAS's default)"));
   }
-  if (n > 0) openblas_set_num_threads(static_cast<int>(std::min<int64_t>(n, 1024)));
+  if (n > 0) {
+    openblas_set_num_threads(static_cast<int>(std::min<int64_t>(n, 1024)));
+    if (!SetKernelThreads(static_cast<int>(std::min<int64_t>(n, 1024)))) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          flag, ": the kernel thread pool already runs with ", ThePool().size(), " threads"));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -16,8 +16,10 @@
 
 namespace dmoe::cpu {
 
-// n > 0: OpenBLAS uses at most n threads from now on; n == 0: leaves its default (one per CPU,
-// or OPENBLAS_NUM_THREADS). Negative: INVALID_ARGUMENT naming `flag`.
+// n > 0: OpenBLAS uses at most n threads from now on, and the kernel pool (thread_pool.h) has n
+// threads: one count for all of this process's compute (FAILED_PRECONDITION if the pool already
+// runs with another size); n == 0: leaves both defaults (one per CPU, or OPENBLAS_NUM_THREADS).
+// Negative: INVALID_ARGUMENT naming `flag`.
 absl::Status SetBlasThreads(int64_t n, const std::string& flag = "--blas-threads");
 
 // The number OpenBLAS uses now.

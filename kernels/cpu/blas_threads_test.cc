@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "gtest/gtest.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -18,6 +19,22 @@ TEST(BlasThreads, SetsTheCountAndRefusesNegatives) {
   const absl::Status bad = SetBlasThreads(-2, "--blas-threads");
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.message().find("--blas-threads"), absl::string_view::npos) << bad.message();
+}
+
+// The same count sizes the kernel pool (one count for all of a process's compute); once the pool
+// runs, another size is refused with a clear error and the pool keeps its size.
+TEST(BlasThreads, SizesTheKernelPoolBeforeItsFirstUse) {
+  ASSERT_TRUE(SetBlasThreads(1).ok());
+  EXPECT_EQ(ThePool().size(), 1);
+  int ran = 0;
+  ThePool().Run(3, [&](int) { ++ran; });  // one thread: no race on `ran`
+  EXPECT_EQ(ran, 3);
+  EXPECT_TRUE(SetKernelThreads(1));
+  EXPECT_FALSE(SetKernelThreads(2));
+  const absl::Status late = SetBlasThreads(2, "--blas-threads");
+  EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(late.message().find("already runs with 1"), absl::string_view::npos) << late.message();
+  EXPECT_EQ(ThePool().size(), 1);
 }
 
 TEST(BlasThreads, ShareDividesTheCpusThisProcessMayUse) {

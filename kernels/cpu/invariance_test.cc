@@ -163,7 +163,10 @@ TEST(Invariance, PackedBf16EqualsFp32UpcastAtEveryIsaLevel) {
     const auto wf = Random(static_cast<size_t>(n * k), 12);
     std::vector<uint16_t> h(wf.size()), packed(wf.size());
     FloatToBf16N(wf.data(), wf.size(), h.data());
-    PackBf16Rows(h.data(), n, k, packed.data());
+    PackRows(WeightFormat::kBf16, h.data(), n, k, packed.data());
+    std::vector<uint16_t> in_place = h;
+    PackRows(WeightFormat::kBf16, in_place.data(), n, k, in_place.data());
+    ASSERT_EQ(in_place, packed);
     std::vector<float> up(wf.size());
     Bf16ToFloatN(h.data(), h.size(), up.data());
     WeightRef ref{WeightFormat::kBf16, nullptr, nullptr, nullptr, n, k, packed.data()};

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 
@@ -320,24 +321,31 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void PackedTileAvx512(
 
 #pragma GCC diagnostic pop
 
-template <int T>
-void PackedTile(int level, const float* x, int64_t ldx, const uint16_t* w, int64_t k, float* y,
-                int64_t ldy) {
-  if (level >= 2) {
-    PackedTileAvx512<T>(x, ldx, w, k, y, ldy);
-  } else {
-    PackedTileAvx2<T>(x, ldx, w, k, y, ldy);
+// x rows [i0, i1) against the groups of [n0, n1): AVX2 one x row per tile (8 accumulators of
+// its 16 registers), AVX-512 four (16 of 32).
+void PackedRows(int level, const float* x, int64_t i0, int64_t i1, int64_t ldx, const uint16_t* w,
+                int64_t n0, int64_t n1, int64_t k, float* y, int64_t ldy) {
+  for (int64_t o = n0; o < n1; o += kPackRows) {
+    const uint16_t* wg = w + o * k;
+    int64_t i = i0;
+    if (level < 2) {
+      for (; i < i1; ++i) PackedTileAvx2<1>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+      continue;
+    }
+    for (; i + 4 <= i1; i += 4) PackedTileAvx512<4>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+    if (i1 - i == 3) PackedTileAvx512<3>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+    if (i1 - i == 2) PackedTileAvx512<2>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+    if (i1 - i == 1) PackedTileAvx512<1>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
   }
 }
 
+// Blocks of x rows small enough (~256 KiB) to stay in L2 while every weight group of the chunk
+// passes by; the weight chunk is read once per block. (Row tiles never change a row's chains.)
 void DotPackedSimd(int level, const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n0,
                    int64_t n1, int64_t k, float* y, int64_t ldy) {
-  for (int64_t o = n0; o < n1; o += kPackRows) {
-    const uint16_t* wg = w + o * k;
-    int64_t i = 0;
-    for (; i + 3 <= m; i += 3) PackedTile<3>(level, x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
-    if (m - i == 2) PackedTile<2>(level, x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
-    if (m - i == 1) PackedTile<1>(level, x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+  const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / k / 4 * 4);
+  for (int64_t i0 = 0; i0 < m; i0 += block) {
+    PackedRows(level, x, i0, std::min(m, i0 + block), ldx, w, n0, n1, k, y, ldy);
   }
 }
 
@@ -391,19 +399,10 @@ bool Bf16Packable(int64_t n, int64_t k) {
   return n > 0 && k > 0 && n % kPackRows == 0 && k % 8 == 0;
 }
 
-void PackBf16Rows(const uint16_t* src, int64_t n, int64_t k, uint16_t* dst) {
-  for (int64_t o = 0; o < n; ++o) {
-    for (int64_t j = 0; j < k; j += 8) std::memcpy(dst + PackedAt(o, j, k), src + o * k + j, 16);
-  }
-}
-
-void UnpackBf16Row(const uint16_t* w, int64_t k, int64_t o, uint16_t* dst) {
-  for (int64_t j = 0; j < k; j += 8) std::memcpy(dst + j, w + PackedAt(o, j, k), 16);
-}
-
 void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n,
                        int64_t k, float* y, int64_t ldy) {
   if (m <= 0 || n <= 0) return;
+  assert(Bf16Packable(n, k));
   const int level = GemmLevel();
   int64_t per = 0;
   const int64_t chunks = Split(n, m * n * k, kPackRows, &per);

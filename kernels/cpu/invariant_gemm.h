@@ -38,11 +38,10 @@ void DotRowsBf16(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int6
 // The layout changes where weights are read from, not the chains: DotRowsBf16Packed gives
 // DotRowsBf16's bits (AVX-512: two rows per register, one per half).
 constexpr int64_t kPackRows = 8;
-// Whether [n, k] can be packed (n a multiple of kPackRows, k of 8).
+// Whether [n, k] can be packed (n a multiple of kPackRows, k of 8). Packing: cpu::PackRows
+// (qlinear.h).
 bool Bf16Packable(int64_t n, int64_t k);
-void PackBf16Rows(const uint16_t* src, int64_t n, int64_t k, uint16_t* dst);
-// Row o of a packed [n, k] matrix, row-major into dst[k].
-void UnpackBf16Row(const uint16_t* w, int64_t k, int64_t o, uint16_t* dst);
+// DotRowsBf16 over a packed w (Bf16Packable(n, k) must hold).
 void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n,
                        int64_t k, float* y, int64_t ldy);
 

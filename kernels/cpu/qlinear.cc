@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 
 #include "common/dtype.h"
@@ -179,7 +180,7 @@ void LinearW8A8(const float* x, int64_t t, int64_t ldx, const WeightRef& w, floa
     if (w.packed) {
       std::vector<int8_t> row(static_cast<size_t>(w.in));
       for (int64_t o = 0; o < w.out; ++o) {
-        UnpackInt8Row(reinterpret_cast<const int8_t*>(w.q), w.in, o, row.data());
+        UnpackRow(w.format, w.q, w.in, o, row.data());
         Int8RowSums(row.data(), 1, w.in, sums_here.data() + o);
       }
     } else {
@@ -258,14 +259,14 @@ void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
     } else if (w.format == WeightFormat::kBf16 && w.packed) {
       thread_local std::vector<uint16_t> row;
       row.resize(static_cast<size_t>(w.in));
-      UnpackBf16Row(w.bf16, w.in, o, row.data());
+      UnpackRow(w.format, w.bf16, w.in, o, row.data());
       Bf16ToFloatN(row.data(), static_cast<size_t>(w.in), d);
     } else if (w.format == WeightFormat::kBf16) {
       Bf16ToFloatN(w.bf16 + o * w.in, static_cast<size_t>(w.in), d);
-    } else if (w.packed) {  // int8
+    } else if (w.format == WeightFormat::kInt8 && w.packed) {
       thread_local std::vector<int8_t> row;
       row.resize(static_cast<size_t>(w.in));
-      UnpackInt8Row(reinterpret_cast<const int8_t*>(w.q), w.in, o, row.data());
+      UnpackRow(w.format, w.q, w.in, o, row.data());
       for (int64_t i = 0; i < w.in; ++i) d[i] = static_cast<float>(row[i]) * w.scales[o];
     } else if (avx2) {
       DequantizeRowAvx2(w, o, d);
@@ -286,11 +287,44 @@ bool Packable(WeightFormat f, int64_t out, int64_t in) {
   return false;
 }
 
+namespace {
+// Element size and columns per block of a packed format.
+void PackShape(WeightFormat f, int64_t* elem, int64_t* cols) {
+  *elem = f == WeightFormat::kBf16 ? 2 : 1;
+  *cols = f == WeightFormat::kBf16 ? 8 : 32;
+}
+}  // namespace
+
 void PackRows(WeightFormat f, const void* src, int64_t out, int64_t in, void* dst) {
-  if (f == WeightFormat::kBf16) {
-    PackBf16Rows(static_cast<const uint16_t*>(src), out, in, static_cast<uint16_t*>(dst));
-  } else {
-    PackInt8Rows(static_cast<const int8_t*>(src), out, in, static_cast<int8_t*>(dst));
+  int64_t elem = 0, cols = 0;
+  PackShape(f, &elem, &cols);
+  const int64_t row = in * elem, block = cols * elem, group = 8 * row;
+  const auto* s = static_cast<const uint8_t*>(src);
+  auto* d = static_cast<uint8_t*>(dst);
+  std::vector<uint8_t> scratch(static_cast<size_t>(group));
+  for (int64_t g = 0; g < out / 8; ++g) {
+    const uint8_t* from = s + g * group;
+    if (s == d) {  // in place: the group's rows to scratch first
+      std::memcpy(scratch.data(), from, static_cast<size_t>(group));
+      from = scratch.data();
+    }
+    uint8_t* to = d + g * group;
+    for (int64_t r = 0; r < 8; ++r) {
+      for (int64_t j = 0; j < row; j += block) {
+        std::memcpy(to + j * 8 + r * block, from + r * row + j, static_cast<size_t>(block));
+      }
+    }
+  }
+}
+
+void UnpackRow(WeightFormat f, const void* w, int64_t in, int64_t o, void* dst) {
+  int64_t elem = 0, cols = 0;
+  PackShape(f, &elem, &cols);
+  const int64_t row = in * elem, block = cols * elem;
+  const uint8_t* g = static_cast<const uint8_t*>(w) + (o / 8) * 8 * row;
+  for (int64_t j = 0; j < row; j += block) {
+    std::memcpy(static_cast<uint8_t*>(dst) + j, g + j * 8 + (o % 8) * block,
+                static_cast<size_t>(block));
   }
 }
 

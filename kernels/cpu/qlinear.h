@@ -31,18 +31,25 @@ struct WeightRef {
   int64_t in = 0;
   const uint16_t* bf16 = nullptr;  // kBf16 (last: the fields above keep their positions)
   const int32_t* sums = nullptr;   // kInt8: sum of each row's int8 (nullptr: computed per call)
-  // kBf16 / kInt8: rows interleaved in groups of 8 (PackBf16Rows, PackInt8Rows: the layout the
-  // decode kernels read as one stream); scales and sums stay in row order.
+  // kBf16 / kInt8: rows interleaved in groups of 8 (PackRows: the layout the decode kernels read
+  // as one stream); scales and sums stay in row order.
   bool packed = false;
 };
 
 // Whether a [out, in] matrix of format f can be packed (kBf16 and kInt8 only).
 bool Packable(WeightFormat f, int64_t out, int64_t in);
-// Packs the row-major bf16 bits / int8 bytes of a packable matrix into dst (out * in elements).
+// Packed layouts (invariant_gemm.h, w8a8.h): each group of 8 rows occupies the bytes of those rows
+// (so a matrix can be packed group by group in place), as in/C blocks of 8 x C elements, row r's
+// C columns at block offset r * C; C = 8 for bf16, 32 for int8.
+// Packs the row-major bf16 bits / int8 bytes of a packable matrix into dst (out * in elements;
+// any alignment). dst == src packs in place (one group of scratch).
 void PackRows(WeightFormat f, const void* src, int64_t out, int64_t in, void* dst);
+// Row o of a packed matrix, row-major into dst (in elements).
+void UnpackRow(WeightFormat f, const void* w, int64_t in, int64_t o, void* dst);
 
 // int8 weights multiply int8-quantized activations (W8A8, kernels/cpu/w8a8.h: the default) or
-// fp32 ones (W8A16, as before: slower, for comparing accuracy).
+// fp32 ones (W8A16: slower, for comparing accuracy; a packed matrix is dequantized per call and
+// multiplied in fp32, so W8A16 on packed weights is slower still).
 void SetInt8Activations(bool w8a8);
 bool Int8ActivationsW8A8();
 

@@ -196,6 +196,9 @@ TEST(QLinear, PackedInt8EqualsRowMajorAtEveryIsaLevel) {
     if (in > 32) {
       ASSERT_NE(0, std::memcmp(q.data(), packed.data(), q.size())) << "nothing was moved";
     }
+    std::vector<uint8_t> in_place = q;  // packing in place (how models load) gives the same bytes
+    PackRows(WeightFormat::kInt8, in_place.data(), out, in, in_place.data());
+    ASSERT_EQ(0, std::memcmp(in_place.data(), packed.data(), q.size()));
     const WeightRef plain{WeightFormat::kInt8, nullptr, q.data(), s.data(), out, in};
     WeightRef pref = plain;
     pref.q = packed.data();
@@ -218,6 +221,19 @@ TEST(QLinear, PackedInt8EqualsRowMajorAtEveryIsaLevel) {
       }
     }
     SetInt8IsaForTesting(-1);
+    // W8A16 on a packed matrix (dequantized, then fp32 products): the row-major W8A16 result up to
+    // fp32 rounding (the scale is applied before the sum there, after it here).
+    SetInt8Activations(false);
+    for (int64_t t : {1, 5, 17}) {
+      std::vector<float> x(t * in), want(t * out), got(t * out);
+      for (float& v : x) v = nd(rng);
+      LinearW(x.data(), t, plain, want.data());
+      LinearW(x.data(), t, pref, got.data());
+      for (size_t i = 0; i < want.size(); ++i) {
+        ASSERT_NEAR(got[i], want[i], 1e-4f * (1 + std::fabs(want[i]))) << "w8a16 t " << t;
+      }
+    }
+    SetInt8Activations(true);
   }
 }
 

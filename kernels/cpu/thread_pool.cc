@@ -1,6 +1,7 @@
 #include "kernels/cpu/thread_pool.h"
 
 #include <immintrin.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -22,9 +23,8 @@ thread_local bool t_in_chunk = false;
 // generation, so a worker late from one call can never claim (or miscount) a chunk of the next.
 class Pool final : public KernelPool {
  public:
-  Pool() {
-    const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-    for (unsigned i = 1; i < hw; ++i) threads_.emplace_back([this] { Work(); });
+  explicit Pool(int n) {
+    for (int i = 1; i < n; ++i) threads_.emplace_back([this] { Work(); });
   }
   ~Pool() override {
     {
@@ -116,11 +116,36 @@ class Pool final : public KernelPool {
   std::atomic<bool> stop_{false};
 };
 
+std::atomic<int> g_threads{0};
+std::atomic<Pool*> g_pool{nullptr};
+
+int UsableCpuCount() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) {
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
+  return std::max(1, CPU_COUNT(&set));
+}
+
 }  // namespace
 
 KernelPool& ThePool() {
-  static Pool* pool = new Pool();  // never destroyed: used until exit
+  static Pool* pool = [] {  // never destroyed: used until exit
+    const int n = g_threads.load();
+    auto* p = new Pool(n > 0 ? n : UsableCpuCount());
+    g_pool.store(p);
+    return p;
+  }();
   return *pool;
+}
+
+bool SetKernelThreads(int n) {
+  if (n < 1) return false;
+  Pool* p = g_pool.load();
+  if (p != nullptr) return p->size() == n;
+  g_threads.store(n);
+  return true;
 }
 
 }  // namespace dmoe::cpu

@@ -17,8 +17,13 @@ class KernelPool {
   virtual void Run(int n, const std::function<void(int)>& fn) = 0;
 };
 
-// The process-wide pool (hardware_concurrency threads, created on first use, never destroyed).
+// The process-wide pool, created on first use and never destroyed: SetKernelThreads' count, else
+// one thread per usable CPU (the affinity mask, as a container's CPU set restricts it).
 KernelPool& ThePool();
+
+// Sizes the pool (n >= 1, the calling thread included). Only before its first use: false (and no
+// change) once it exists with another size. Services call it with --threads.
+bool SetKernelThreads(int n);
 
 }  // namespace dmoe::cpu
 

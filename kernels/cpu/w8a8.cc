@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 
@@ -335,36 +336,19 @@ bool Int8Packable(int64_t out, int64_t in) {
   return out > 0 && in > 0 && out % kGroup == 0 && in % kCols == 0;
 }
 
-void PackInt8Rows(const int8_t* src, int64_t out, int64_t in, int8_t* dst) {
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t j = 0; j < in; j += kCols) {
-      std::memcpy(dst + PackedAt(o, j, in), src + o * in + j, kCols);
-    }
-  }
-}
-
-void UnpackInt8Row(const int8_t* w, int64_t in, int64_t o, int8_t* dst) {
-  for (int64_t j = 0; j < in; j += kCols) std::memcpy(dst + j, w + PackedAt(o, j, in), kCols);
-}
-
 void Int8DotRowsPacked(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
                        int64_t in, const float* sw, const int32_t* sums, float* y, int64_t ldy,
                        int64_t o0, int64_t o1) {
+  assert(Int8Packable(o1 - o0, in) && o0 % kGroup == 0);
   const int level = Level();
   if (level == 0) {
     PackedPortable(qx, t, ldq, sx, w, in, sw, y, ldy, o0, o1);
     return;
   }
-  if (level == 1) {
-    for (int64_t m = 0; m < t; m += 2) {
+  if (level == 1) {  // one x row per tile: 8 accumulators of the 16 ymm registers
+    for (int64_t m = 0; m < t; ++m) {
       for (int64_t o = o0; o < o1; o += kGroup) {
-        if (t - m >= 2) {
-          PackedTileAvx2<2>(qx + m * ldq, ldq, sx + m, w + o * in, in, sw + o, y + m * ldy + o,
-                            ldy);
-        } else {
-          PackedTileAvx2<1>(qx + m * ldq, ldq, sx + m, w + o * in, in, sw + o, y + m * ldy + o,
-                            ldy);
-        }
+        PackedTileAvx2<1>(qx + m * ldq, ldq, sx + m, w + o * in, in, sw + o, y + m * ldy + o, ldy);
       }
     }
     return;

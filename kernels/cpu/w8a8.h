@@ -31,9 +31,8 @@ void Int8DotRows(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, cons
 //   (o / 8) * 8 * in + (j / 32) * 256 + (o % 8) * 32 + j % 32.
 // Integer sums: the same results as Int8DotRows on the row-major matrix, at every ISA level.
 bool Int8Packable(int64_t out, int64_t in);  // out a multiple of 8, in of 32
-void PackInt8Rows(const int8_t* src, int64_t out, int64_t in, int8_t* dst);
-void UnpackInt8Row(const int8_t* w, int64_t in, int64_t o, int8_t* dst);
-// Int8DotRows over a packed w; o0 and o1 multiples of 8 (or o1 == out).
+// Packing: cpu::PackRows (qlinear.h).
+// Int8DotRows over a packed w; o0 and o1 multiples of 8.
 void Int8DotRowsPacked(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
                        int64_t in, const float* sw, const int32_t* sums, float* y, int64_t ldy,
                        int64_t o0, int64_t o1);
