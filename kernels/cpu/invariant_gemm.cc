@@ -282,7 +282,9 @@ __attribute__((target("avx2,fma"))) void PackedTileAvx2(const float* x, int64_t 
 // GCC 12 reports the intrinsics' own _mm512_undefined_* as uninitialized (a false positive).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // AVX-512: one register holds two weight rows' 8 columns (lanes 0-7 and 8-15) against the same
 // 8 columns of x in both halves, so each lane still follows its row's chain.
 template <int T>

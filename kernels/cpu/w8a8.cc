@@ -191,7 +191,9 @@ __attribute__((target("avx2"))) void PackedTileAvx2(const int8_t* qx, int64_t ld
 // GCC 12 reports the intrinsics' own _mm512_undefined_* as uninitialized (a false positive).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // AVX512-VNNI: one 512-bit register holds two rows' 32 columns (one per half) against the same
 // 32 columns of x (offset by 128) in both halves.
 template <int T>
