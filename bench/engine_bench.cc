@@ -29,6 +29,7 @@
 #include "absl/strings/str_split.h"
 #include "attention_service/local_model.h"
 #include "bench/shard_process.h"
+#include "kernels/cpu/bf16dot.h"
 #include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
@@ -251,6 +252,7 @@ struct Options {
   // Opt-in sections.
   int distributed = 0, blas_threads = -1, kernel_rounds = 0;
   bool shard_memory = false, gemm_shapes = false;
+  bool bf16_activations = false;
 };
 
 constexpr char kUsage[] = R"(usage: engine_bench [options]
@@ -266,6 +268,8 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
   --prefill N           prefill of N tokens of one sequence in one step (default 512; 0: off)
   --steps N             decode steps per measurement (default: 20 at batch 1, 8 beyond; 32 tiny)
   --rounds R            repeat every measurement R times, report medians (default 1)
+  --bf16-activations    bf16 weights multiply bf16-rounded activations (A16, vdpbf16ps where the
+                        CPU has AVX512-BF16; kernels/cpu/bf16dot.h); their rows say bf16a16
   --json                one JSON object per measurement on stdout (model, weight_dtype,
                         expert_dtype, kv_dtype, phase decode|prefill, batch, context,
                         tokens_per_s, ms_per_step, read_bw_gbs, limit_fraction); the rest on stderr
@@ -324,6 +328,8 @@ int ParseOptions(int argc, char** argv, Options* o) {
       ok = absl::SimpleAtoi(value(), &o->rounds) && o->rounds > 0;
     } else if (a == "--json") {
       o->json = true;
+    } else if (a == "--bf16-activations") {
+      o->bf16_activations = true;
     } else if (a == "--distributed") {
       ok = absl::SimpleAtoi(value(), &o->distributed) && o->distributed >= 0;
     } else if (a == "--blas-threads") {
@@ -481,6 +487,9 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
     base.read_bw_gbs = read_bw / 1e9;
     const LocalModel& m = **model;
     base.weight_dtype = cpu::WeightFormatName(m.dense().layers.back().o.format);
+    if (base.weight_dtype == std::string("bf16") && cpu::Bf16ActivationsA16()) {
+      base.weight_dtype = "bf16a16";
+    }
     const auto keys = m.experts().Keys();
     base.expert_dtype =
         keys.empty()
@@ -507,6 +516,7 @@ int OptInSections(const std::string& preset, const std::string& dir, const Optio
 int Main(int argc, char** argv) {
   Options opt;
   if (const int rc = ParseOptions(argc, argv, &opt); rc != 0) return rc == 1 ? 0 : 2;
+  cpu::SetBf16Activations(opt.bf16_activations);
   const double read_bw = ReadBandwidth();
   std::fprintf(opt.json ? stderr : stdout, "read bandwidth (%d threads): %.2f GB/s\n",
                cpu::ThePool().size(), read_bw / 1e9);

@@ -15,7 +15,8 @@
 #                 (default <repo>/../shared/tools/peer) using CONVERT_PYTHON (default /usr/bin/python3
 #                 when it has numpy, else python3)
 #   ROUNDS        rounds (default 3); figures are medians over rounds
-#   PRECISIONS    dmoe weight dtypes (default "bf16 int8 f32"); int8 <-> Q8_0, bf16 <-> BF16, f32 <-> F32
+#   PRECISIONS    dmoe weight dtypes (default "bf16 int8 f32"); int8 <-> Q8_0, bf16 <-> BF16, f32 <-> F32;
+#                 bf16a16: bf16 weights with bf16 activations (engine_bench --bf16-activations) <-> BF16
 #   THREADS       llama.cpp threads (default 2). dmoe's engine uses every core (its thread pool is
 #                 hardware_concurrency wide), so keep THREADS = nproc for a like-for-like comparison.
 #   ENGINE_BENCH  dmoe's bench binary (default: built from the working tree first with
@@ -86,7 +87,7 @@ fi
 
 gguf_type() {
   case "$1" in
-    bf16) echo bf16 ;;
+    bf16|bf16a16) echo bf16 ;;
     int8) echo q8_0 ;;
     f32) echo f32 ;;
     *) echo "llamacpp_compare.sh: precision '$1' has no llama.cpp counterpart (bf16 int8 f32)" >&2
@@ -132,9 +133,11 @@ run() {
   fi
 }
 
-run_dmoe() {  # round precision
-  run "r$1-$2-dmoe" "$ENGINE_BENCH" --model "$MODEL_DIR" --weight-dtype "$2" "${dmoe_args[@]}" \
-    --rounds 1 --json
+run_dmoe() {  # round precision (bf16a16: bf16 weights with --bf16-activations)
+  local dtype=$2 extra=()
+  if [ "$2" = bf16a16 ]; then dtype=bf16 extra=(--bf16-activations); fi
+  run "r$1-$2-dmoe" "$ENGINE_BENCH" --model "$MODEL_DIR" --weight-dtype "$dtype" "${dmoe_args[@]}" \
+    "${extra[@]}" --rounds 1 --json
 }
 
 run_llama() {  # round precision

@@ -27,6 +27,7 @@
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
 #include "expert_service/hosting.h"
+#include "kernels/cpu/bf16dot.h"
 #include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
 #include "model/routed_experts.h"
@@ -68,6 +69,9 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        the experts are held
   --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
                        them is active (default 2000)
+  --bf16-activations   bf16 experts multiply bf16-rounded activations (A16: vdpbf16ps where the CPU
+                       has AVX512-BF16; kernels/cpu/bf16dot.h). Replicas of an expert must agree:
+                       start every shard with the same setting
   --blas-threads N     compute threads: the kernel pool's and OpenBLAS's (default 0 = one per
                        CPU). When other dmoe processes share this machine, give each its share of
                        the CPUs (`dmoe up` does): idle pool threads spin briefly after each call
@@ -361,7 +365,7 @@ int Main(int argc, char** argv) {
                    {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
                     "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
                     "advertise-host", "expert-dtype", "blas-threads", "log-level"},
-                   {});
+                   {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp);
@@ -371,6 +375,7 @@ int Main(int argc, char** argv) {
   auto blas = flags->Int("blas-threads", 0);
   if (!blas.ok()) return svc.Fail(blas.status());
   if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return svc.Fail(st);
+  cpu::SetBf16Activations(flags->Bool("bf16-activations"));
   auto o = ParseOptions(*flags);
   if (!o.ok()) return svc.Fail(o.status());
   auto config = LoadModelConfig(o->dir);

@@ -10,6 +10,7 @@
 #include <functional>
 
 #include "common/dtype.h"
+#include "kernels/cpu/bf16dot.h"
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
@@ -342,7 +343,9 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   }
   if (w.format == WeightFormat::kBf16 &&
       (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
-    if (w.packed) {
+    if (w.packed && Bf16ActivationsA16()) {
+      LinearBf16A16(x, t, ldx, w.bf16, w.out, w.in, y, ldy);
+    } else if (w.packed) {
       DotRowsBf16Packed(x, t, ldx, w.bf16, w.out, w.in, y, ldy);
     } else {
       DotRowsBf16(x, t, ldx, w.bf16, w.out, w.in, w.in, y, ldy);
