@@ -124,11 +124,8 @@ __attribute__((noinline)) void RowsAvx2(const uint16_t* xb, int64_t t, int64_t l
 // against the same 8 columns of x in each 128-bit quarter ----
 
 template <int T>
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) void TileBf16(const uint16_t* xb,
-                                                                          int64_t ldb,
-                                                                          const uint16_t* g,
-                                                                          int64_t k, float* y,
-                                                                          int64_t ldy) {
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) void TileBf16(
+    const uint16_t* xb, int64_t ldb, const uint16_t* g, int64_t k, float* y, int64_t ldy) {
   __m512 acc[T][2];
 #pragma GCC unroll 4
   for (int m = 0; m < T; ++m) {
@@ -250,7 +247,8 @@ void LinearBf16A16(const float* x, int64_t t, int64_t ldx, const uint16_t* w, in
   for (int64_t m = 0; m < t; ++m) {
     FloatToBf16N(x + m * ldx, static_cast<size_t>(k), rounded.data() + m * k);
   }
-  const uint16_t* xb = rounded.data();  // (a thread_local named in the lambda would be the worker's)
+  const uint16_t* xb =
+      rounded.data();  // (a thread_local named in the lambda would be the worker's)
   const int64_t work = t * n * k;
   const int64_t chunks =
       work < (int64_t{1} << 17)

@@ -34,8 +34,8 @@ float Widen(uint16_t h) {
 
 // The definition over row-major bf16 weights w [n, k]; the data here never underflows, so the
 // flush modes cannot matter (the test is compiled with -ffp-contract=off: nothing is fused).
-std::vector<float> Definition(const std::vector<float>& x, int64_t m, const std::vector<uint16_t>& w,
-                              int64_t n, int64_t k) {
+std::vector<float> Definition(const std::vector<float>& x, int64_t m,
+                              const std::vector<uint16_t>& w, int64_t n, int64_t k) {
   std::vector<float> y(static_cast<size_t>(m * n));
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t o = 0; o < n; ++o) {

@@ -197,15 +197,17 @@ void LinearW8A8(const float* x, int64_t t, int64_t ldx, const WeightRef& w, floa
   const int64_t chunks = Chunks(w.out, w.in, &per);
   ThePool().Run(static_cast<int>(chunks), [&](int c) {
     const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
-    for (int64_t m0 = 0; m0 < t; m0 += 4) {
-      const int64_t mt = std::min<int64_t>(4, t - m0);
-      if (w.packed) {
-        Int8DotRowsPacked(q + m0 * ldq, mt, ldq, s + m0, wq, w.in, w.scales, sums, y + m0 * ldy,
-                          ldy, o0, o1);
-      } else {
-        Int8DotRows(q + m0 * ldq, mt, ldq, s + m0, wq, w.in, w.scales, sums, y + m0 * ldy, ldy, o0,
-                    o1);
+    if (w.packed) {  // blocks of x rows (~64 KiB) pass by each weight group in L1
+      const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / ldq / 4 * 4);
+      for (int64_t m0 = 0; m0 < t; m0 += block) {
+        Int8DotRowsPacked(q + m0 * ldq, std::min(block, t - m0), ldq, s + m0, wq, w.in, w.scales,
+                          sums, y + m0 * ldy, ldy, o0, o1);
       }
+      return;
+    }
+    for (int64_t m0 = 0; m0 < t; m0 += 4) {
+      Int8DotRows(q + m0 * ldq, std::min<int64_t>(4, t - m0), ldq, s + m0, wq, w.in, w.scales, sums,
+                  y + m0 * ldy, ldy, o0, o1);
     }
   });
 }

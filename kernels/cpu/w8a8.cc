@@ -57,23 +57,30 @@ __attribute__((target("avx2"))) void TileAvx2(const int8_t* qx, int64_t ldq, con
                                               const int8_t* w, int64_t in, const float* sw,
                                               float* y, int64_t ldy, int64_t o) {
   __m256i acc[T][R];
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m)
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
   const int64_t k16 = in & ~int64_t{15};
   for (int64_t j = 0; j < k16; j += 16) {
     __m256i xv[T];
+#pragma GCC unroll 8
     for (int m = 0; m < T; ++m)
       xv[m] =
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qx + m * ldq + j)));
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (o + r + R) * in + j), _MM_HINT_T0);
       const __m256i wv = _mm256_cvtepi8_epi16(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (o + r) * in + j)));
+#pragma GCC unroll 8
       for (int m = 0; m < T; ++m)
         acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xv[m], wv));
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m) {
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t s = HSum32(acc[m][r]);
       for (int64_t j = k16; j < in; ++j)
@@ -90,24 +97,31 @@ __attribute__((target("avx512vnni,avx512vl,avx512bw,avx2"))) void TileVnni(
     const int8_t* qx, int64_t ldq, const float* sx, const int8_t* w, int64_t in, const float* sw,
     const int32_t* sums, float* y, int64_t ldy, int64_t o) {
   __m256i acc[T][R];
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m)
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t j = 0; j < in; j += 32) {
     // The tail: masked loads (nothing read past a row), zero activations beyond it.
     const __mmask32 mask = in - j >= 32 ? ~__mmask32{0} : (__mmask32{1} << (in - j)) - 1;
     __m256i xv[T];
+#pragma GCC unroll 8
     for (int m = 0; m < T; ++m) {
       xv[m] = _mm256_maskz_mov_epi8(
           mask, _mm256_xor_si256(_mm256_maskz_loadu_epi8(mask, qx + m * ldq + j), flip));
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (o + r + R) * in + j), _MM_HINT_T0);
       const __m256i wv = _mm256_maskz_loadu_epi8(mask, w + (o + r) * in + j);
+#pragma GCC unroll 8
       for (int m = 0; m < T; ++m) acc[m][r] = _mm256_dpbusd_epi32(acc[m][r], xv[m], wv);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m) {
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int32_t s = HSum32(acc[m][r]) - 128 * sums[o + r];
       y[m * ldy + o + r] = Output(s, sx[m], sw[o + r]);
@@ -163,28 +177,35 @@ __attribute__((target("avx2"))) void PackedTileAvx2(const int8_t* qx, int64_t ld
                                                     const int8_t* w, int64_t in, const float* sw,
                                                     float* y, int64_t ldy) {
   __m256i acc[T][kGroup];
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m)
+#pragma GCC unroll 8
     for (int r = 0; r < kGroup; ++r) acc[m][r] = _mm256_setzero_si256();
   for (int64_t j = 0; j < in; j += kCols, w += kGroup * kCols) {
     __m256i xlo[T], xhi[T];
+#pragma GCC unroll 8
     for (int m = 0; m < T; ++m) {
       const int8_t* xm = qx + m * ldq + j;
       xlo[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xm)));
       xhi[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + 16)));
     }
+#pragma GCC unroll 8
     for (int r = 0; r < kGroup; ++r) {
       const int8_t* wr = w + r * kCols;
       const __m256i lo =
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr)));
       const __m256i hi =
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16)));
+#pragma GCC unroll 8
       for (int m = 0; m < T; ++m) {
         acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xlo[m], lo));
         acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xhi[m], hi));
       }
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m)
+#pragma GCC unroll 8
     for (int r = 0; r < kGroup; ++r) y[m * ldy + r] = Output(HSum32(acc[m][r]), sx[m], sw[r]);
 }
 
@@ -202,21 +223,28 @@ __attribute__((target("avx512vnni,avx512f,avx512bw,avx2"))) void PackedTileVnni(
     const int32_t* sums, float* y, int64_t ldy) {
   constexpr int kV = kGroup / 2;
   __m512i acc[T][kV];
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m)
+#pragma GCC unroll 8
     for (int v = 0; v < kV; ++v) acc[m][v] = _mm512_setzero_si512();
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t j = 0; j < in; j += kCols, w += kGroup * kCols) {
     __m512i xv[T];
+#pragma GCC unroll 8
     for (int m = 0; m < T; ++m) {
       const __m256i x8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * ldq + j));
       xv[m] = _mm512_broadcast_i64x4(_mm256_xor_si256(x8, flip));
     }
+#pragma GCC unroll 8
     for (int v = 0; v < kV; ++v) {
       const __m512i wv = _mm512_loadu_si512(w + 64 * v);
+#pragma GCC unroll 8
       for (int m = 0; m < T; ++m) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], xv[m], wv);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m) {
+#pragma GCC unroll 8
     for (int v = 0; v < kV; ++v) {
       const int32_t a = HSum32(_mm512_castsi512_si256(acc[m][v])) - 128 * sums[2 * v];
       const int32_t b = HSum32(_mm512_extracti64x4_epi64(acc[m][v], 1)) - 128 * sums[2 * v + 1];
@@ -228,12 +256,22 @@ __attribute__((target("avx512vnni,avx512f,avx512bw,avx2"))) void PackedTileVnni(
 
 #pragma GCC diagnostic pop
 
-template <int T>
-void PackedRowsVnni(const int8_t* qx, int64_t ldq, const float* sx, const int8_t* w, int64_t in,
-                    const float* sw, const int32_t* sums, float* y, int64_t ldy, int64_t o0,
-                    int64_t o1) {
+// Every row of x against each group in turn (the group stays in L1 while the x rows pass by).
+void PackedRowsVnni(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
+                    int64_t in, const float* sw, const int32_t* sums, float* y, int64_t ldy,
+                    int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; o += kGroup) {
-    PackedTileVnni<T>(qx, ldq, sx, w + o * in, in, sw + o, sums + o, y + o, ldy);
+    const int8_t* g = w + o * in;
+    int64_t m = 0;
+    for (; m + 4 <= t; m += 4) {
+      PackedTileVnni<4>(qx + m * ldq, ldq, sx + m, g, in, sw + o, sums + o, y + m * ldy + o, ldy);
+    }
+    const int64_t r = t - m;
+    const int8_t* xm = qx + m * ldq;
+    float* ym = y + m * ldy + o;
+    if (r == 3) PackedTileVnni<3>(xm, ldq, sx + m, g, in, sw + o, sums + o, ym, ldy);
+    if (r == 2) PackedTileVnni<2>(xm, ldq, sx + m, g, in, sw + o, sums + o, ym, ldy);
+    if (r == 1) PackedTileVnni<1>(xm, ldq, sx + m, g, in, sw + o, sums + o, ym, ldy);
   }
 }
 
@@ -355,16 +393,7 @@ void Int8DotRowsPacked(const int8_t* qx, int64_t t, int64_t ldq, const float* sx
     }
     return;
   }
-  switch (t) {
-    case 1:
-      return PackedRowsVnni<1>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
-    case 2:
-      return PackedRowsVnni<2>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
-    case 3:
-      return PackedRowsVnni<3>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
-    default:
-      return PackedRowsVnni<4>(qx, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
-  }
+  PackedRowsVnni(qx, t, ldq, sx, w, in, sw, sums, y, ldy, o0, o1);
 }
 
 }  // namespace dmoe::cpu

@@ -32,7 +32,7 @@ void Int8DotRows(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, cons
 // Integer sums: the same results as Int8DotRows on the row-major matrix, at every ISA level.
 bool Int8Packable(int64_t out, int64_t in);  // out a multiple of 8, in of 32
 // Packing: cpu::PackRows (qlinear.h).
-// Int8DotRows over a packed w; o0 and o1 multiples of 8.
+// Int8DotRows over a packed w, for any number of rows t; o0 and o1 multiples of 8.
 void Int8DotRowsPacked(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, const int8_t* w,
                        int64_t in, const float* sw, const int32_t* sums, float* y, int64_t ldy,
                        int64_t o0, int64_t o1);
