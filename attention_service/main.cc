@@ -60,10 +60,11 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --bf16-activations      bf16 weights multiply bf16-rounded activations (A16: vdpbf16ps where the
                           CPU has AVX512-BF16, about twice the batched/prefill speed; slightly less
                           exact). Every shard serving the same experts must use the same setting
-  --blas-threads N        compute threads: the kernel pool's and OpenBLAS's (default 0 = one per
+  --threads N             compute threads: the kernel pool's and OpenBLAS's (default 0 = one per
                           CPU). When other dmoe processes share this machine, give each its share
                           of the CPUs (`dmoe up` does): idle pool threads spin briefly after each
                           call and OpenBLAS's ~0.1 s, taking the CPUs the others need
+                          (--blas-threads N: the same, its former name)
 %s%s)";
 
 struct Options {
@@ -129,13 +130,13 @@ void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-attention");
-  auto flags =
-      Flags::Parse(argc - 1, argv + 1,
-                   WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
-                               "block-tokens", "max-running", "token-budget", "prefill-chunk",
-                               "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
-                               "kv-cache-dtype", "advertise-host", "blas-threads", "log-level"}),
-                   {"bf16-activations"});
+  auto flags = Flags::Parse(
+      argc - 1, argv + 1,
+      WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks", "block-tokens",
+                  "max-running", "token-budget", "prefill-chunk", "micro-batches", "metrics-listen",
+                  "drain-seconds", "expert-wait-ms", "kv-cache-dtype", "advertise-host", "threads",
+                  "blas-threads", "log-level"}),
+      {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp, kRemoteHelp);
@@ -144,9 +145,12 @@ int Main(int argc, char** argv) {
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
   auto o = ParseOptions(*flags);
   if (!o.ok()) return svc.Fail(o.status());
-  auto blas = flags->Int("blas-threads", 0);
+  auto blas = ComputeThreads(*flags);
   if (!blas.ok()) return svc.Fail(blas.status());
-  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return svc.Fail(st);
+  if (auto st = cpu::SetBlasThreads(*blas, flags->Has("threads") ? "--threads" : "--blas-threads");
+      !st.ok()) {
+    return svc.Fail(st);
+  }
   cpu::SetBf16Activations(flags->Bool("bf16-activations"));
   LocalModelOptions lo;
   lo.log_progress = true;

@@ -111,4 +111,12 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(const std::string& flag, con
   return out;
 }
 
+absl::StatusOr<int64_t> ComputeThreads(const Flags& f) {
+  if (f.Has("threads") && f.Has("blas-threads")) {
+    return absl::InvalidArgumentError(
+        "--threads and --blas-threads are the same count (its former name): give one");
+  }
+  return f.Int(f.Has("threads") ? "threads" : "blas-threads", 0);
+}
+
 }  // namespace dmoe

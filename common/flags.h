@@ -38,6 +38,10 @@ class Flags {
 // "1,2,3" -> {1, 2, 3}; errors name `flag` and the bad element.
 absl::StatusOr<std::vector<int32_t>> ParseTokenList(const std::string& flag, const std::string& s);
 
+// The compute-thread count of a service: --threads N, or its former name --blas-threads N (not
+// both); 0 when neither is given (the default: one per CPU).
+absl::StatusOr<int64_t> ComputeThreads(const Flags& f);
+
 }  // namespace dmoe
 
 #endif  // DMOE_COMMON_FLAGS_H_

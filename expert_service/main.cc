@@ -72,10 +72,11 @@ ready, and drops what it lost once a map without it has been active for --drain-
   --bf16-activations   bf16 experts multiply bf16-rounded activations (A16: vdpbf16ps where the CPU
                        has AVX512-BF16; kernels/cpu/bf16dot.h). Replicas of an expert must agree:
                        start every shard with the same setting
-  --blas-threads N     compute threads: the kernel pool's and OpenBLAS's (default 0 = one per
+  --threads N          compute threads: the kernel pool's and OpenBLAS's (default 0 = one per
                        CPU). When other dmoe processes share this machine, give each its share of
                        the CPUs (`dmoe up` does): idle pool threads spin briefly after each call
                        and OpenBLAS's ~0.1 s, taking the CPUs the others need
+                       (--blas-threads N: the same, its former name)
 %s
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without
@@ -364,7 +365,7 @@ int Main(int argc, char** argv) {
       Flags::Parse(argc - 1, argv + 1,
                    {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
                     "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
-                    "advertise-host", "expert-dtype", "blas-threads", "log-level"},
+                    "advertise-host", "expert-dtype", "threads", "blas-threads", "log-level"},
                    {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
@@ -372,9 +373,12 @@ int Main(int argc, char** argv) {
     return 0;
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
-  auto blas = flags->Int("blas-threads", 0);
+  auto blas = ComputeThreads(*flags);
   if (!blas.ok()) return svc.Fail(blas.status());
-  if (auto st = cpu::SetBlasThreads(*blas); !st.ok()) return svc.Fail(st);
+  if (auto st = cpu::SetBlasThreads(*blas, flags->Has("threads") ? "--threads" : "--blas-threads");
+      !st.ok()) {
+    return svc.Fail(st);
+  }
   cpu::SetBf16Activations(flags->Bool("bf16-activations"));
   auto o = ParseOptions(*flags);
   if (!o.ok()) return svc.Fail(o.status());
