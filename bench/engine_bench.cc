@@ -145,15 +145,20 @@ __attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes)
   return _mm256_extract_epi64(a, 0);
 }
 
-double ReadBandwidth() {
+// The best of `reps` reads of 1 GiB by every core (the buffer is made once and kept).
+double ReadBandwidth(int reps = 5) {
   const size_t n = size_t{1} << 30;
-  std::vector<uint8_t> buf(n, 1);
-  UseHugePages(buf.data(), n);  // as the weights are (model/weights.h): the machine's best
+  static std::vector<uint8_t>* const kept = [n] {
+    auto* b = new std::vector<uint8_t>(n, 1);
+    UseHugePages(b->data(), n);  // as the weights are (model/weights.h): the machine's best
+    return b;
+  }();
+  const std::vector<uint8_t>& buf = *kept;
   const int parts = cpu::ThePool().size();
   const size_t per = n / static_cast<size_t>(parts) / 128 * 128;
   std::vector<int64_t> sink(static_cast<size_t>(parts));
   double best = 1e30;
-  for (int rep = 0; rep < 5; ++rep) {
+  for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
     cpu::ThePool().Run(parts, [&](int p) {
       sink[static_cast<size_t>(p)] = SumSlice(buf.data() + per * static_cast<size_t>(p), per);
@@ -275,8 +280,9 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
                         tokens_per_s, ms_per_step, read_bw_gbs, limit_fraction); the rest on stderr
 The memory-bandwidth limit of a batch-1 decode step: the weight bytes it reads (everything but
 the embedding table and the routed experts, plus top-k experts per MoE layer, as held) and its KV
-cache bytes, over the read bandwidth of all cores measured in the same run (1 GiB in 2 MiB pages,
-as the weights are held: DMOE_HUGE_PAGES=0 turns both off); limit_fraction is the
+cache bytes, over the read bandwidth of all cores measured right before and after each batch-1
+measurement (1 GiB in 2 MiB pages, as the weights are held: DMOE_HUGE_PAGES=0 turns both off;
+read_bw_gbs is that figure on batch-1 rows, the run's first one elsewhere); limit_fraction is the
 step's speed / that limit. Load memory: resident bytes added by the load and its peak (VmHWM).
 Opt-in sections (the small preset / the model loaded as stored):
   --kernel-rounds R     batch-invariant vs BLAS kernels, R alternating rounds per batch size
@@ -399,11 +405,18 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read
     const int n =
         static_cast<int>(std::min<int64_t>(steps_for(b), c.max_position_embeddings - ctx - 2));
     if (n <= 0) continue;
-    std::vector<double> tps, ms;
+    // Batch 1 is compared with the read bandwidth measured right before and after it (this
+    // machine's bandwidth drifts with its neighbours' load).
+    const double bytes = weight_bytes + kv_bytes_per_token * static_cast<double>(ctx + n / 2);
+    std::vector<double> tps, ms, bws, fractions;
     for (int r = 0; r < o.rounds; ++r) {
+      const double bw0 = b == 1 ? ReadBandwidth(3) : read_bw;
       const DecodeResult d = BenchDecode(m.engine(), b, n, static_cast<int>(ctx));
+      const double bw = b == 1 ? (bw0 + ReadBandwidth(3)) / 2 : read_bw;
       tps.push_back(d.tokens_per_s);
       ms.push_back(d.ms_per_step);
+      bws.push_back(bw);
+      fractions.push_back(bytes / bw / (d.ms_per_step / 1000.0));
     }
     Measurement row = base;
     row.phase = "decode";
@@ -412,8 +425,8 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read
     row.tokens_per_s = Median(tps);
     row.ms_per_step = Median(ms);
     if (b == 1) {
-      const double bytes = weight_bytes + kv_bytes_per_token * static_cast<double>(ctx + n / 2);
-      row.limit_fraction = bytes / read_bw / (row.ms_per_step / 1000.0);
+      row.read_bw_gbs = Median(bws) / 1e9;
+      row.limit_fraction = Median(fractions);
     }
     Emit(row, o.json);
     if (!o.json) {
