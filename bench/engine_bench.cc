@@ -147,8 +147,8 @@ __attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes)
 
 // The best of `reps` reads of 1 GiB by every core (the buffer is made once and kept).
 double ReadBandwidth(int reps = 5) {
-  const size_t n = size_t{1} << 30;
-  static std::vector<uint8_t>* const kept = [n] {
+  constexpr size_t n = size_t{1} << 30;
+  static std::vector<uint8_t>* const kept = [] {
     auto* b = new std::vector<uint8_t>(n, 1);
     UseHugePages(b->data(), n);  // as the weights are (model/weights.h): the machine's best
     return b;
