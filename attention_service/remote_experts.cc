@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/mutex.h"
@@ -41,24 +42,117 @@ absl::Status ExpertPlacement::CheckCovers(const ModelConfig& c) const {
   return absl::OkStatus();
 }
 
+PeerHealth::Peer& PeerHealth::At(int peer) {
+  if (static_cast<size_t>(peer) >= peers_.size()) peers_.resize(static_cast<size_t>(peer) + 1);
+  return peers_[static_cast<size_t>(peer)];
+}
+
 void PeerHealth::MarkDead(int peer) {
-  MutexLock l(&mu_);
   if (peer < 0) return;
-  if (static_cast<size_t>(peer) >= dead_.size()) dead_.resize(static_cast<size_t>(peer) + 1, 0);
-  dead_[static_cast<size_t>(peer)] = 1;
+  MutexLock l(&mu_);
+  Peer& p = At(peer);
+  if (p.state == kSetAside) probes_.fetch_sub(1, std::memory_order_relaxed);
+  // A probe still out is left to the transport (its reply, if any, is dropped with the peer).
+  p.state = kDead;
 }
 
 bool PeerHealth::Dead(int peer) const {
   MutexLock l(&mu_);
-  return peer >= 0 && static_cast<size_t>(peer) < dead_.size() && dead_[static_cast<size_t>(peer)];
+  return peer >= 0 && static_cast<size_t>(peer) < peers_.size() &&
+         peers_[static_cast<size_t>(peer)].state == kDead;
 }
 
-void PeerHealth::Snapshot(const std::vector<int>& peers, std::vector<char>* dead) const {
+bool PeerHealth::SetAside(int peer) const {
   MutexLock l(&mu_);
-  dead->resize(peers.size());
+  return peer >= 0 && static_cast<size_t>(peer) < peers_.size() &&
+         peers_[static_cast<size_t>(peer)].state == kSetAside;
+}
+
+void PeerHealth::Snapshot(const std::vector<int>& peers, std::vector<char>* state) const {
+  MutexLock l(&mu_);
+  state->resize(peers.size());
   for (size_t i = 0; i < peers.size(); ++i) {
     const int p = peers[i];
-    (*dead)[i] = p >= 0 && static_cast<size_t>(p) < dead_.size() && dead_[static_cast<size_t>(p)];
+    (*state)[i] = p >= 0 && static_cast<size_t>(p) < peers_.size()
+                      ? peers_[static_cast<size_t>(p)].state
+                      : kLive;
+  }
+}
+
+void PeerHealth::RecordRoundTrip(int peer, std::chrono::nanoseconds rtt) {
+  if (peer < 0) return;
+  MutexLock l(&mu_);
+  Peer& p = At(peer);
+  p.misses = 0;
+  if (p.ring.empty()) p.ring.assign(kRing, 0);
+  p.ring[static_cast<size_t>(p.next)] = rtt.count();
+  p.next = (p.next + 1) % kRing;
+  p.samples = std::min(p.samples + 1, kRing);
+  int64_t first = 0, second = 0;
+  for (int i = 0; i < p.samples; ++i) {
+    const int64_t v = p.ring[static_cast<size_t>(i)];
+    if (v > first) {
+      second = first;
+      first = v;
+    } else if (v > second) {
+      second = v;
+    }
+  }
+  p.p99_ns = second;
+}
+
+transport::Clock::duration PeerHealth::HedgeAfter(int peer, const HedgeOptions& o) const {
+  if (o.factor <= 0) return transport::Clock::duration::max();
+  int64_t p99 = -1;
+  {
+    MutexLock l(&mu_);
+    if (peer >= 0 && static_cast<size_t>(peer) < peers_.size() &&
+        peers_[static_cast<size_t>(peer)].samples >= 16) {
+      p99 = peers_[static_cast<size_t>(peer)].p99_ns;
+    }
+  }
+  if (p99 < 0) return o.initial;
+  const auto after = std::chrono::nanoseconds(static_cast<int64_t>(o.factor * p99));
+  return std::max<transport::Clock::duration>(after, o.floor);
+}
+
+bool PeerHealth::LostRace(int peer, uint64_t id, const HedgeOptions& o) {
+  if (peer < 0) return false;
+  MutexLock l(&mu_);
+  Peer& p = At(peer);
+  if (p.state != kLive) return false;
+  if (++p.misses < o.set_aside_after) return false;
+  p.state = kSetAside;
+  p.probe = id;
+  probes_.fetch_add(1, std::memory_order_relaxed);
+  set_aside_total_.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+void PeerHealth::CheckProbes(transport::ClientTransport* client) {
+  if (probes_.load(std::memory_order_relaxed) == 0) return;
+  std::vector<std::pair<int, uint64_t>> done;
+  {
+    MutexLock l(&mu_);
+    for (size_t i = 0; i < peers_.size(); ++i) {
+      Peer& p = peers_[i];
+      if (p.state != kSetAside || !client->Poll(p.probe)) continue;
+      done.emplace_back(static_cast<int>(i), p.probe);
+      p.probe = 0;
+    }
+  }
+  for (const auto& [peer, id] : done) {
+    std::vector<uint8_t> reply;
+    const absl::Status st = client->Wait(id, transport::Clock::now(), &reply);
+    if (st.ok()) client->ReleaseBuffer(std::move(reply));
+    MutexLock l(&mu_);
+    Peer& p = At(peer);
+    if (p.state != kSetAside) continue;
+    probes_.fetch_sub(1, std::memory_order_relaxed);
+    p.misses = 0;
+    // Any answer, even an error reply, shows the shard serving again; a failed endpoint does not.
+    p.state = st.ok() ? kLive : kDead;
+    if (st.ok()) revived_total_.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -72,7 +166,6 @@ RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::Client
       routing_(std::move(routing)),
       health_(std::move(health)),
       options_(std::move(options)),
-      calls_(routing_->peers.size()),
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
           std::max<int64_t>(1, c.num_hidden_layers * c.n_routed_experts))]()) {}
 
@@ -99,8 +192,6 @@ RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::Client
 
 void RemoteRoutedExperts::SetRouting(std::shared_ptr<const ExpertRouting> routing) {
   routing_ = std::move(routing);
-  calls_.clear();
-  calls_.resize(routing_->peers.size());
 }
 
 absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t,
@@ -111,9 +202,8 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
   w_ = w;
   t_ = t;
   k_ = k;
-  begun_ = transport::Clock::now();
-  deadline_ = begun_ + options_.deadline;
-  all_pairs_.resize(static_cast<size_t>(t * k));
+  const size_t np = static_cast<size_t>(t * k);
+  all_pairs_.resize(np);
   for (int64_t p = 0; p < t * k; ++p) {
     all_pairs_[static_cast<size_t>(p)] = p;
     if (ids[p] >= 0 && ids[p] < n_experts_) {
@@ -121,48 +211,59 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
           1, std::memory_order_relaxed);
     }
   }
-  choice_.assign(static_cast<size_t>(t * k), -1);
+  choice_.assign(np, -1);
+  pair_done_.assign(np, 0);
+  pair_open_.assign(np, 0);
+  pairs_left_ = t * k;
   avoid_.assign(routing_->peers.size(), 0);
-  failed_.clear();
+  n_calls_ = 0;
+  post_failed_.clear();
   first_failure_ = absl::OkStatus();
-  return Dispatch(all_pairs_, avoid_);
+  fatal_ = absl::OkStatus();
+  health_->CheckProbes(client_);
+  return Dispatch(all_pairs_);
 }
 
-absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo,
-                                           const std::vector<char>& avoid) {
-  const int64_t ns = static_cast<int64_t>(routing_->peers.size());
-  health_->Snapshot(routing_->peers, &dead_);
-  for (ShardCall& c : calls_) {
-    c.tokens.clear();
-    c.pairs.clear();
+absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo) {
+  const size_t ns = routing_->peers.size();
+  health_->Snapshot(routing_->peers, &state_);
+  round_call_.assign(ns, -1);
+  local_index_.assign(static_cast<size_t>(t_) * ns, -1);
+  assigned_.assign(ns, 0);
+  const size_t first = n_calls_;
+  const absl::Status st = PlanReplicas(todo);
+  if (!st.ok()) {
+    n_calls_ = first;
+    return st;
   }
-  local_index_.assign(static_cast<size_t>(t_ * ns), -1);
-  assigned_.assign(static_cast<size_t>(ns), 0);
-  RETURN_IF_ERROR(PlanReplicas(todo, avoid));
   ++seq_;
-  for (int s = 0; s < ns; ++s) {
-    if (!calls_[static_cast<size_t>(s)].tokens.empty()) Post(s, todo);
-  }
+  for (size_t c = first; c < n_calls_; ++c) Post(c, todo);
   return absl::OkStatus();
 }
 
-absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo,
-                                               const std::vector<char>& avoid) {
+absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo) {
   const ExpertRouting& r = *routing_;
   const int64_t ns = static_cast<int64_t>(r.peers.size());
-  // Plan: a live replica per pair, unique tokens per destination shard.
+  // A replica per pair: a live one the token already goes to, else the live one with the fewest
+  // tokens so far; set-aside shards only where no live replica is left.
   for (int64_t p : todo) {
     const int64_t i = p / k_;
     const std::vector<int>& reps = r.placement.Replicas(layer_, ids_[p]);
     int best = -1;
+    bool best_live = false;
     for (int s : reps) {
-      if (dead_[static_cast<size_t>(s)] || avoid[static_cast<size_t>(s)]) continue;
-      if (local_index_[static_cast<size_t>(i * ns + s)] >= 0) {
+      const char st = state_[static_cast<size_t>(s)];
+      if (st == PeerHealth::kDead || avoid_[static_cast<size_t>(s)]) continue;
+      const bool live = st == PeerHealth::kLive;
+      if (live && local_index_[static_cast<size_t>(i * ns + s)] >= 0) {
         best = s;
         break;
       }
-      if (best < 0 || assigned_[static_cast<size_t>(s)] < assigned_[static_cast<size_t>(best)]) {
+      if (best < 0 || (live && !best_live) ||
+          (live == best_live &&
+           assigned_[static_cast<size_t>(s)] < assigned_[static_cast<size_t>(best)])) {
         best = s;
+        best_live = live;
       }
     }
     if (best < 0) {
@@ -172,18 +273,34 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo,
     choice_[static_cast<size_t>(p)] = best;
     int64_t& li = local_index_[static_cast<size_t>(i * ns + best)];
     if (li < 0) {
-      li = static_cast<int64_t>(calls_[static_cast<size_t>(best)].tokens.size());
-      calls_[static_cast<size_t>(best)].tokens.push_back(i);
+      ShardCall& call = calls_[RoundCall(best)];
+      li = static_cast<int64_t>(call.tokens.size());
+      call.tokens.push_back(i);
       ++assigned_[static_cast<size_t>(best)];
     }
   }
   return absl::OkStatus();
 }
 
-void RemoteRoutedExperts::Post(int s, const std::vector<int64_t>& todo) {
+size_t RemoteRoutedExperts::RoundCall(int s) {
+  int& c = round_call_[static_cast<size_t>(s)];
+  if (c >= 0) return static_cast<size_t>(c);
+  if (n_calls_ == calls_.size()) calls_.emplace_back();
+  ShardCall& call = calls_[n_calls_];
+  call.shard = s;
+  call.open = call.hedged = false;
+  call.tokens.clear();
+  call.pairs.clear();
+  c = static_cast<int>(n_calls_++);
+  return static_cast<size_t>(c);
+}
+
+void RemoteRoutedExperts::Post(size_t c, const std::vector<int64_t>& todo) {
   const ExpertRouting& r = *routing_;
   const int64_t ns = static_cast<int64_t>(r.peers.size());
-  ShardCall& call = calls_[static_cast<size_t>(s)];
+  ShardCall& call = calls_[c];
+  const int s = call.shard;
+  const int peer = r.peers[static_cast<size_t>(s)];
   const int64_t n = static_cast<int64_t>(call.tokens.size());
   rows_.resize(static_cast<size_t>(n * hidden_));
   pairs_.clear();
@@ -207,118 +324,197 @@ void RemoteRoutedExperts::Post(int s, const std::vector<int64_t>& todo) {
   std::vector<uint8_t> msg = client_->AcquireBuffer();
   wire::EncodeDispatch(h, rows_.data(), pairs_, &msg);
   call.bytes_out = msg.size();
-  auto id = client_->Post(r.peers[static_cast<size_t>(s)], std::move(msg));
+  call.seq = seq_;
+  auto id = client_->Post(peer, std::move(msg));
   if (!id.ok()) {
-    // The peer is known to have failed: Finish sends its pairs elsewhere.
-    health_->MarkDead(r.peers[static_cast<size_t>(s)]);
-    failed_.push_back(s);
-    if (first_failure_.ok()) {
-      first_failure_ = absl::UnavailableError(absl::StrCat(
-          "expert shard ", r.names[static_cast<size_t>(s)], ": ", id.status().message()));
-    }
+    // The peer is known to have failed: Finish sends these pairs elsewhere.
+    health_->MarkDead(peer);
+    avoid_[static_cast<size_t>(s)] = 1;
+    RecordFailure(absl::UnavailableError(absl::StrCat(
+        "expert shard ", r.names[static_cast<size_t>(s)], ": ", id.status().message())));
+    post_failed_.push_back(c);
     return;
   }
   call.id = *id;
-  call.posted = true;
+  call.open = true;
+  call.posted = transport::Clock::now();
+  call.deadline = call.posted + options_.deadline;
+  // A set-aside shard is used only where no live replica is left: nowhere to hedge to.
+  const transport::Clock::duration after =
+      state_[static_cast<size_t>(s)] == PeerHealth::kLive
+          ? health_->HedgeAfter(peer, options_.hedge)
+          : transport::Clock::duration::max();
+  call.hedge_at = after >= options_.deadline ? call.deadline : call.posted + after;
+  for (int64_t p : call.pairs) ++pair_open_[static_cast<size_t>(p)];
 }
 
-absl::Status RemoteRoutedExperts::Collect(std::vector<int>* failed) {
-  const ExpertRouting& r = *routing_;
-  for (size_t s = 0; s < calls_.size(); ++s) {
-    ShardCall& call = calls_[s];
-    if (!call.posted) continue;
-    call.posted = false;
-    const absl::Status st = client_->Wait(call.id, deadline_, &reply_);
-    ++round_trips_;
-    // Reported once its reply is judged: a corrupt or error reply is a failed round trip too.
-    auto observe = [&](bool ok) {
-      if (!options_.observer) return;
-      options_.observer(r.names[s],
-                        std::chrono::duration<double>(transport::Clock::now() - begun_).count(),
-                        static_cast<int64_t>(call.tokens.size()), call.bytes_out,
-                        st.ok() ? reply_.size() : 0, ok);
-    };
-    if (!st.ok()) {
-      observe(false);
-      health_->MarkDead(r.peers[s]);
-      failed->push_back(static_cast<int>(s));
-      if (first_failure_.ok()) {
-        first_failure_ = absl::Status(
-            st.code() == absl::StatusCode::kDeadlineExceeded ? absl::StatusCode::kDeadlineExceeded
-                                                             : absl::StatusCode::kUnavailable,
-            absl::StrCat("expert shard ", r.names[s], " (layer ", layer_, "): ", st.message()));
-      }
-      continue;
+void RemoteRoutedExperts::RecordFailure(absl::Status st) {
+  if (first_failure_.ok()) first_failure_ = std::move(st);
+}
+
+void RemoteRoutedExperts::Resend(const std::vector<int64_t>& pairs) {
+  if (pairs.empty()) return;
+  rerouted_ += pairs.size();
+  const absl::Status st = Dispatch(pairs);
+  if (st.ok()) return;
+  const absl::Status& first = first_failure_;
+  fatal_ = absl::Status(
+      first.ok() ? st.code() : first.code(),
+      absl::StrCat(first.ok() ? "" : first.message(), first.ok() ? "" : "; ", st.message()));
+}
+
+void RemoteRoutedExperts::ResendOrphans(size_t c) {
+  // Pairs another open call carries (the original of a hedge, a hedge of it) are left to it.
+  retry_pairs_.clear();
+  for (int64_t p : calls_[c].pairs) {
+    if (!pair_done_[static_cast<size_t>(p)] && pair_open_[static_cast<size_t>(p)] == 0) {
+      retry_pairs_.push_back(p);
     }
+  }
+  Resend(retry_pairs_);
+}
+
+void RemoteRoutedExperts::Complete(size_t c) {
+  const ExpertRouting& r = *routing_;
+  const size_t s = static_cast<size_t>(calls_[c].shard);
+  calls_[c].open = false;
+  for (int64_t p : calls_[c].pairs) --pair_open_[static_cast<size_t>(p)];
+  const absl::Status st = client_->Wait(calls_[c].id, calls_[c].deadline, &reply_);
+  const transport::Clock::time_point now = transport::Clock::now();
+  ++round_trips_;
+  const ShardCall& call = calls_[c];
+  // Reported once its reply is judged: a corrupt or error reply is a failed round trip too.
+  auto observe = [&](bool ok) {
+    if (!options_.observer) return;
+    options_.observer(r.names[s], std::chrono::duration<double>(now - call.posted).count(),
+                      static_cast<int64_t>(call.tokens.size()), call.bytes_out,
+                      st.ok() ? reply_.size() : 0, ok);
+  };
+  absl::Status bad;
+  if (!st.ok()) {
+    observe(false);
+    health_->MarkDead(r.peers[s]);
+    RecordFailure(absl::Status(
+        st.code() == absl::StatusCode::kDeadlineExceeded ? absl::StatusCode::kDeadlineExceeded
+                                                         : absl::StatusCode::kUnavailable,
+        absl::StrCat("expert shard ", r.names[s], " (layer ", layer_, "): ", st.message())));
+  } else {
     auto v = wire::DecodeMessage(reply_.data(), reply_.size());
-    absl::Status bad;
     if (!v.ok()) {
       bad = v.status();
     } else if (v->header.kind == wire::Kind::kError) {
       bad = absl::InternalError(v->error);
-    } else if (v->header.kind != wire::Kind::kCombine || v->header.step_seq != seq_ ||
+    } else if (v->header.kind != wire::Kind::kCombine || v->header.step_seq != call.seq ||
                v->header.layer != static_cast<uint32_t>(layer_) ||
                v->header.token_count != call.pairs.size() ||
                v->header.hidden_size != static_cast<uint32_t>(hidden_)) {
       bad = absl::InternalError("combine does not match its dispatch");
     }
     observe(bad.ok());
-    if (!bad.ok()) {
-      // The shard is alive but could not serve this (e.g. it no longer hosts the expert):
-      // try another replica.
-      failed->push_back(static_cast<int>(s));
-      if (first_failure_.ok()) {
-        first_failure_ = absl::UnavailableError(
-            absl::StrCat("expert shard ", r.names[s], " (layer ", layer_, "): ", bad.message()));
+    if (bad.ok()) {
+      health_->RecordRoundTrip(r.peers[s], now - call.posted);
+      for (uint32_t li = 0; li < v->header.token_count; ++li) {
+        const int64_t p = call.pairs[li];
+        if (pair_done_[static_cast<size_t>(p)]) continue;  // a faster replica answered it
+        v->RowToFloat(li, pair_rows_.data() + p * hidden_);
+        pair_done_[static_cast<size_t>(p)] = 1;
+        --pairs_left_;
       }
     } else {
-      for (uint32_t li = 0; li < v->header.token_count; ++li) {
-        v->RowToFloat(li, pair_rows_.data() + call.pairs[li] * hidden_);
-      }
+      // The shard is alive but could not serve this (e.g. it no longer hosts the expert): try
+      // another replica.
+      RecordFailure(absl::UnavailableError(
+          absl::StrCat("expert shard ", r.names[s], " (layer ", layer_, "): ", bad.message())));
     }
     client_->ReleaseBuffer(std::move(reply_));
     reply_ = std::vector<uint8_t>();
   }
-  return absl::OkStatus();
+  if (st.ok() && bad.ok()) return;
+  avoid_[s] = 1;
+  ResendOrphans(c);
+}
+
+void RemoteRoutedExperts::Hedge(size_t c) {
+  calls_[c].hedged = true;
+  hedged_.fetch_add(1, std::memory_order_relaxed);
+  const size_t s = static_cast<size_t>(calls_[c].shard);
+  avoid_[s] = 1;
+  // Only pairs that some other usable replica serves: the rest stay with this call.
+  health_->Snapshot(routing_->peers, &state_);
+  retry_pairs_.clear();
+  for (int64_t p : calls_[c].pairs) {
+    if (pair_done_[static_cast<size_t>(p)]) continue;
+    for (int o : routing_->placement.Replicas(layer_, ids_[p])) {
+      if (state_[static_cast<size_t>(o)] != PeerHealth::kDead && !avoid_[static_cast<size_t>(o)]) {
+        retry_pairs_.push_back(p);
+        break;
+      }
+    }
+  }
+  if (!retry_pairs_.empty()) Dispatch(retry_pairs_).IgnoreError();
+}
+
+void RemoteRoutedExperts::DropLate() {
+  const transport::Clock::time_point now = transport::Clock::now();
+  for (size_t c = 0; c < n_calls_; ++c) {
+    ShardCall& call = calls_[c];
+    if (!call.open) continue;
+    call.open = false;
+    for (int64_t p : call.pairs) --pair_open_[static_cast<size_t>(p)];
+    late_dropped_.fetch_add(1, std::memory_order_relaxed);
+    // A hedged call outrun by its hedge lost a race; its reply may become the shard's probe.
+    const int peer = routing_->peers[static_cast<size_t>(call.shard)];
+    if (call.hedged && health_->LostRace(peer, call.id, options_.hedge)) continue;
+    if (client_->Wait(call.id, now, &reply_).ok()) {
+      client_->ReleaseBuffer(std::move(reply_));
+      reply_ = std::vector<uint8_t>();
+    }
+  }
 }
 
 absl::Status RemoteRoutedExperts::Finish(float* out) {
-  // failed_ may already hold shards whose Post failed in Begin.
   pair_rows_.resize(static_cast<size_t>(t_ * k_ * hidden_));
-  Collect(&failed_).IgnoreError();
-  const size_t ns = routing_->peers.size();
-  for (size_t attempt = 0; !failed_.empty(); ++attempt) {
-    if (attempt >= ns) break;
-    for (int s : failed_) avoid_[static_cast<size_t>(s)] = 1;
-    retry_pairs_.clear();
-    for (int64_t p = 0; p < t_ * k_; ++p) {
-      const int c = choice_[static_cast<size_t>(p)];
-      if (c >= 0 && std::find(failed_.begin(), failed_.end(), c) != failed_.end()) {
-        retry_pairs_.push_back(p);
+  // Bounded: every failure or hedge adds a shard to avoid_, so there are at most as many calls as
+  // shards per pair, and each ends by its deadline.
+  while (pairs_left_ > 0 && fatal_.ok()) {
+    if (!post_failed_.empty()) {
+      const size_t c = post_failed_.back();
+      post_failed_.pop_back();
+      ResendOrphans(c);
+      continue;
+    }
+    wait_ids_.clear();
+    wait_calls_.clear();
+    transport::Clock::time_point next = transport::Clock::time_point::max();
+    for (size_t c = 0; c < n_calls_; ++c) {
+      const ShardCall& call = calls_[c];
+      if (!call.open) continue;
+      wait_ids_.push_back(call.id);
+      wait_calls_.push_back(c);
+      next = std::min(next, call.hedged ? call.deadline : std::min(call.hedge_at, call.deadline));
+    }
+    if (wait_ids_.empty()) break;
+    const int i = client_->WaitAny(wait_ids_.data(), wait_ids_.size(), next);
+    if (i >= 0) {
+      Complete(wait_calls_[static_cast<size_t>(i)]);
+      continue;
+    }
+    const transport::Clock::time_point now = transport::Clock::now();
+    for (size_t c : wait_calls_) {
+      if (!calls_[c].open) continue;
+      if (now >= calls_[c].deadline) {
+        Complete(c);
+      } else if (!calls_[c].hedged && now >= calls_[c].hedge_at) {
+        Hedge(c);
       }
     }
-    failed_.clear();
-    rerouted_ += retry_pairs_.size();
-    // The retry is a new round trip with its own deadline: reusing the first one (already passed
-    // when the failure was a deadline) failed the healthy replica at once and marked it dead.
-    deadline_ = transport::Clock::now() + options_.deadline;
-    // Pairs already combined must not be sent again: only the retried ones get a choice.
-    for (int& c : choice_) c = -1;
-    const absl::Status st = Dispatch(retry_pairs_, avoid_);
-    if (!st.ok()) {
-      absl::Status first = first_failure_;
-      first_failure_ = absl::OkStatus();
-      return absl::Status(
-          first.ok() ? st.code() : first.code(),
-          absl::StrCat(first.ok() ? "" : first.message(), first.ok() ? "" : "; ", st.message()));
-    }
-    Collect(&failed_).IgnoreError();
   }
-  const absl::Status first = first_failure_;
+  DropLate();
+  absl::Status first = std::move(first_failure_);
   first_failure_ = absl::OkStatus();
-  if (!failed_.empty()) {
-    failed_.clear();
-    return first;
+  if (!fatal_.ok()) return std::exchange(fatal_, absl::OkStatus());
+  if (pairs_left_ > 0) {
+    return first.ok() ? absl::InternalError("expert pairs left unanswered") : first;
   }
   CombineRanked(pair_rows_.data(), w_, t_, k_, hidden_, out);
   return absl::OkStatus();

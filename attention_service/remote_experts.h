@@ -8,6 +8,12 @@
 // A shard that fails (endpoint error or deadline) is marked dead for this routing and its pairs
 // are sent again to other live replicas in the same Finish; only when some expert has no live
 // replica left does the layer fail, with UNAVAILABLE naming it.
+//
+// Hedging: a call still unanswered HedgeOptions::factor x its shard's recent p99 round trip after
+// dispatch (a stopped or slow shard) has its pairs sent to another live replica as well; the first
+// good answer per pair wins and the late one is dropped. Replicas compute bitwise the same rows
+// (batch-invariant kernels), so hedging never changes a result. A shard that keeps losing these
+// races is set aside (PeerHealth) until its late reply arrives.
 #ifndef DMOE_ATTENTION_SERVICE_REMOTE_EXPERTS_H_
 #define DMOE_ATTENTION_SERVICE_REMOTE_EXPERTS_H_
 
@@ -56,17 +62,64 @@ struct ExpertRouting {
   ExpertPlacement placement;
 };
 
-// Transport peers known to have failed. Shared by the RemoteRoutedExperts of one client.
+// When a round trip is late enough to send its pairs to another replica as well (hedging).
+struct HedgeOptions {
+  // Hedge a call after `factor` x its shard's recent p99 round trip (the second longest of its
+  // last 128); 0 never hedges.
+  double factor = 3.0;
+  std::chrono::microseconds floor{2000};     // never sooner than this
+  std::chrono::microseconds initial{50000};  // before a shard has 16 round trips on record
+  // A shard that loses this many races in a row (a hedge answered first) is set aside: it gets
+  // work only where no other replica is live, until its late reply (the probe) arrives.
+  int set_aside_after = 2;
+};
+
+// What is known about each transport peer: failed (dead), set aside (slow), and its recent round
+// trips. Shared by the RemoteRoutedExperts of one client; thread-safe.
 class PeerHealth {
  public:
+  enum State : char { kLive = 0, kSetAside = 1, kDead = 2 };
+
   void MarkDead(int peer);
   bool Dead(int peer) const;
-  // Dead flags of `peers`, in order (one lock).
-  void Snapshot(const std::vector<int>& peers, std::vector<char>* dead) const;
+  bool SetAside(int peer) const;
+  // States of `peers`, in order (one lock).
+  void Snapshot(const std::vector<int>& peers, std::vector<char>* state) const;
+
+  // A reply from `peer` came `rtt` after its dispatch: kept for HedgeAfter, and ends a run of
+  // lost races.
+  void RecordRoundTrip(int peer, std::chrono::nanoseconds rtt);
+  // How long after its dispatch a call to `peer` is hedged (Clock::duration::max() when never).
+  transport::Clock::duration HedgeAfter(int peer, const HedgeOptions& o) const;
+  // A hedge answered before `peer`'s call `id`. Returns true when the peer is now set aside and
+  // `id` became its probe: the caller must not Wait it (CheckProbes does). False: Wait it.
+  bool LostRace(int peer, uint64_t id, const HedgeOptions& o);
+  // Looks at the probes of set-aside peers: a probe that completed makes its peer live again (a
+  // reply) or dead (a failure). Cheap when no peer is set aside.
+  void CheckProbes(transport::ClientTransport* client);
+
+  uint64_t set_aside_total() const { return set_aside_total_.load(std::memory_order_relaxed); }
+  uint64_t revived_total() const { return revived_total_.load(std::memory_order_relaxed); }
+  // Peers set aside now.
+  int set_aside_now() const { return probes_.load(std::memory_order_relaxed); }
 
  private:
+  static constexpr int kRing = 128;
+  struct Peer {
+    State state = kLive;
+    int misses = 0;
+    uint64_t probe = 0;  // set aside: the late call whose completion revives the peer
+    int samples = 0;     // round trips on record (at most kRing)
+    int next = 0;
+    int64_t p99_ns = 0;  // second longest of the ring
+    std::vector<int64_t> ring;
+  };
+  Peer& At(int peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   mutable Mutex mu_;
-  std::vector<char> dead_ ABSL_GUARDED_BY(mu_);
+  std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> probes_{0};
+  std::atomic<uint64_t> set_aside_total_{0}, revived_total_{0};
 };
 
 // One finished round trip to one shard: its name, seconds from dispatch to combine, tokens sent,
@@ -78,6 +131,7 @@ using RoundTripObserver =
 struct RemoteExpertsOptions {
   wire::WireDType dtype = wire::WireDType::kBF16;
   std::chrono::milliseconds deadline{5000};  // per round trip
+  HedgeOptions hedge;
   uint32_t sender_id = 0;
   RoundTripObserver observer;  // optional
 };
@@ -103,6 +157,10 @@ class RemoteRoutedExperts : public RoutedExperts {
   uint64_t round_trips() const { return round_trips_; }
   // Pairs sent again to another replica after a shard failed.
   uint64_t rerouted_pairs() const { return rerouted_; }
+  // Calls that were late enough to be hedged, and late replies dropped because another replica
+  // answered first (hedge or original). Thread-safe.
+  uint64_t hedged_calls() const { return hedged_.load(std::memory_order_relaxed); }
+  uint64_t late_replies_dropped() const { return late_dropped_.load(std::memory_order_relaxed); }
   // Tokens sent per (layer, expert) since start (for load reports). Thread-safe.
   uint64_t expert_tokens(int64_t layer, int64_t expert) const {
     return expert_tokens_[static_cast<size_t>(layer * n_experts_ + expert)].load(
@@ -110,23 +168,42 @@ class RemoteRoutedExperts : public RoutedExperts {
   }
 
  private:
+  // One message to one shard. A layer may send several to one shard (a hedge or retry of another
+  // shard's pairs while its own call is out); a pair may be in two calls (original and hedge):
+  // the first good answer for it wins.
   struct ShardCall {
+    int shard = -1;
     uint64_t id = 0;
-    bool posted = false;
+    uint64_t seq = 0;
+    bool open = false;    // posted, not yet waited
+    bool hedged = false;  // its pairs went to another replica too
+    transport::Clock::time_point posted, hedge_at, deadline;
     uint64_t bytes_out = 0;
     std::vector<int64_t> tokens;  // local index -> token of the batch
     std::vector<int64_t> pairs;   // the dispatched pairs (indices into ids/w), in wire order
   };
-  // Chooses shards for pairs `todo` (indices into ids/w) among live replicas not in `avoid`,
-  // then posts one message per shard. UNAVAILABLE when a pair has no candidate.
-  absl::Status Dispatch(const std::vector<int64_t>& todo, const std::vector<char>& avoid);
-  // Dispatch's parts: a live replica per pair, not on an `avoid` shard (unique tokens per
-  // destination shard); then one message to shard s with its tokens and pairs.
-  absl::Status PlanReplicas(const std::vector<int64_t>& todo, const std::vector<char>& avoid);
-  void Post(int s, const std::vector<int64_t>& todo);
-  // Waits for every posted call; stores good replies' rows in pair_rows_; collects the failed
-  // shards.
-  absl::Status Collect(std::vector<int>* failed);
+  // Chooses shards for pairs `todo` (indices into ids/w) among live replicas not in avoid_
+  // (set-aside ones only where no live one is left), then posts one message per shard.
+  // UNAVAILABLE when a pair has no candidate.
+  absl::Status Dispatch(const std::vector<int64_t>& todo);
+  absl::Status PlanReplicas(const std::vector<int64_t>& todo);
+  // The call posted to shard s in this round (new when none yet).
+  size_t RoundCall(int s);
+  void Post(size_t c, const std::vector<int64_t>& todo);
+  // Waits for the call: a good reply fills its pairs' rows; a failure marks the shard dead or
+  // unusable for this layer and sends its pairs that no other open call carries elsewhere.
+  void Complete(size_t c);
+  // The call is late: its pairs not yet answered go to another replica too.
+  void Hedge(size_t c);
+  // Sends `pairs` again, away from the shards in avoid_; fatal_ when some pair has no replica
+  // left.
+  void Resend(const std::vector<int64_t>& pairs);
+  // Resends the pairs of call c that are unanswered and in no other open call.
+  void ResendOrphans(size_t c);
+  void RecordFailure(absl::Status st);
+  // Closes the open calls once every pair is answered (late replies are dropped or become
+  // probes).
+  void DropLate();
 
   int64_t hidden_;
   int64_t n_experts_;
@@ -140,22 +217,28 @@ class RemoteRoutedExperts : public RoutedExperts {
   const float* x_ = nullptr;
   const int32_t* ids_ = nullptr;
   const float* w_ = nullptr;
-  transport::Clock::time_point deadline_;
-  transport::Clock::time_point begun_;
-  std::vector<ShardCall> calls_;
-  std::vector<int> choice_;  // shard per pair
+  std::vector<ShardCall> calls_;  // [0, n_calls_) are this layer's
+  size_t n_calls_ = 0;
+  std::vector<int> choice_;      // shard per pair, in the current round
+  std::vector<int> round_call_;  // call per shard, in the current round
+  std::vector<char> pair_done_;  // per pair: its row is in pair_rows_
+  std::vector<int> pair_open_;   // per pair: open calls carrying it
+  int64_t pairs_left_ = 0;
+  std::vector<size_t> post_failed_;  // calls whose Post failed: their pairs go elsewhere
+  absl::Status first_failure_, fatal_;
   // Scratch reused across layers.
   std::vector<int64_t> all_pairs_, retry_pairs_;
-  std::vector<char> dead_, avoid_;
+  std::vector<char> state_, avoid_;
   std::vector<int64_t> assigned_;
   std::vector<int64_t> local_index_;
   std::vector<float> rows_;
   std::vector<wire::Pair> pairs_;
   std::vector<uint8_t> reply_;
   std::vector<float> pair_rows_;  // [t, k, D]: the unweighted output of each pair
-  std::vector<int> failed_;
-  absl::Status first_failure_;
+  std::vector<uint64_t> wait_ids_;
+  std::vector<size_t> wait_calls_;
   uint64_t round_trips_ = 0, rerouted_ = 0;
+  std::atomic<uint64_t> hedged_{0}, late_dropped_{0};
   std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
 };
 

@@ -17,6 +17,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -829,6 +830,119 @@ TEST(RemoteRoutedExperts, DeadlineOnOneReplicaIsRetriedOnTheOther) {
   cluster.client().SetFault(cluster.peer(0), Fault::kNone);
   const absl::Status next = RunRemote(remote.get(), b, layer, &out);
   EXPECT_TRUE(next.ok()) << next;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Hedging: a late shard's pairs also go to another replica; the first answer wins.
+
+// The threshold is factor x the second longest of the last 128 round trips (hand-computed).
+TEST(PeerHealth, HedgeAfterIsFactorTimesRecentP99WithFloorAndInitial) {
+  using std::chrono::microseconds;
+  PeerHealth h;
+  HedgeOptions o;
+  o.factor = 3;
+  o.floor = microseconds(2000);
+  o.initial = microseconds(50000);
+  EXPECT_EQ(h.HedgeAfter(4, o), microseconds(50000));  // nothing on record
+  for (int i = 0; i < 15; ++i) h.RecordRoundTrip(4, microseconds(1000));
+  EXPECT_EQ(h.HedgeAfter(4, o), microseconds(50000));  // 15 < 16 round trips
+  h.RecordRoundTrip(4, microseconds(10000));
+  h.RecordRoundTrip(4, microseconds(5000));
+  EXPECT_EQ(h.HedgeAfter(4, o), microseconds(15000));  // 3 x 5 ms (10 ms is the longest)
+  // 128 more round trips push both out of the ring: 3 x 1 ms is under the floor.
+  for (int i = 0; i < 128; ++i) h.RecordRoundTrip(4, microseconds(1000));
+  EXPECT_EQ(h.HedgeAfter(4, o), microseconds(3000));
+  for (int i = 0; i < 128; ++i) h.RecordRoundTrip(4, microseconds(100));
+  EXPECT_EQ(h.HedgeAfter(4, o), microseconds(2000));
+  o.factor = 0;
+  EXPECT_EQ(h.HedgeAfter(4, o), transport::Clock::duration::max());
+  EXPECT_EQ(h.HedgeAfter(5, HedgeOptions()), HedgeOptions().initial);  // another peer
+}
+
+RemoteExpertsOptions HedgingOptions() {
+  RemoteExpertsOptions o = F32Options();  // 10 s deadline: far beyond any hedge below
+  o.hedge.initial = std::chrono::milliseconds(20);
+  o.hedge.set_aside_after = 2;
+  return o;
+}
+
+// A stopped replica (its replies held back, as by SIGSTOP): each call to it is hedged to the other
+// replica after HedgeOptions::initial, the result is local's bit for bit, and nothing waits for
+// the 10 s deadline. After two lost races it is set aside (no more posts); once its held reply
+// arrives (SIGCONT) it is live again and gets work.
+TEST(RemoteRoutedExperts, StoppedReplicaIsHedgedSetAsideAndRevivedByItsLateReply) {
+  Cluster cluster({ExpertsWhere(Any), ExpertsWhere(Any)});
+  auto health = std::make_shared<PeerHealth>();
+  auto remote = cluster.Client(HedgingOptions(), health);
+  cluster.client().SetFault(cluster.peer(0), Fault::kHoldReply);
+  const int64_t layer = MoeLayers()[1];
+  auto run = [&](uint32_t seed) {
+    const Batch b = RandomBatch(16, seed);
+    std::vector<float> out;
+    const auto start = transport::Clock::now();
+    const absl::Status st = RunRemote(remote.get(), b, layer, &out);
+    EXPECT_TRUE(st.ok()) << st;
+    EXPECT_LT(transport::Clock::now() - start, std::chrono::seconds(5)) << "waited for a deadline";
+    EXPECT_TRUE(SameBits(out, RunLocal(b, layer)));
+  };
+  run(2000);
+  EXPECT_EQ(remote->hedged_calls(), 1u);
+  EXPECT_EQ(remote->late_replies_dropped(), 1u);
+  EXPECT_FALSE(health->SetAside(cluster.peer(0)));  // one lost race
+  EXPECT_FALSE(health->Dead(cluster.peer(0)));
+  run(2001);
+  EXPECT_EQ(remote->hedged_calls(), 2u);
+  EXPECT_TRUE(health->SetAside(cluster.peer(0)));
+  EXPECT_EQ(health->set_aside_total(), 1u);
+  EXPECT_EQ(health->set_aside_now(), 1);
+
+  // Set aside: every token goes to the live replica; nothing is hedged.
+  cluster.client().ResetCounts();
+  run(2002);
+  EXPECT_EQ(cluster.client().posts(cluster.peer(0)), 0u);
+  EXPECT_EQ(cluster.client().tokens(cluster.peer(1)), 16u);
+  EXPECT_EQ(remote->hedged_calls(), 2u);
+
+  // SIGCONT: the probe (the second late call) completes; the next Begin revives the shard.
+  cluster.client().SetFault(cluster.peer(0), Fault::kNone);
+  cluster.client().ReleaseHeld();
+  const auto give_up = transport::Clock::now() + std::chrono::seconds(20);
+  while (health->SetAside(cluster.peer(0)) && transport::Clock::now() < give_up) {
+    health->CheckProbes(&cluster.client());
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_FALSE(health->SetAside(cluster.peer(0)));
+  EXPECT_FALSE(health->Dead(cluster.peer(0)));
+  EXPECT_EQ(health->revived_total(), 1u);
+  EXPECT_EQ(health->set_aside_now(), 0);
+  cluster.client().ResetCounts();
+  run(2003);
+  EXPECT_EQ(cluster.client().tokens(cluster.peer(0)), 8u);
+  EXPECT_EQ(cluster.client().tokens(cluster.peer(1)), 8u);
+}
+
+// Every call hedged at once (threshold 0): each pair's row comes from whichever replica answers
+// first, and the result is the same bits as without hedging (replicas run the same
+// batch-invariant kernels on different batches of tokens).
+TEST(RemoteRoutedExperts, HedgedOrNotTheResultIsTheSameBits) {
+  Cluster cluster({ExpertsWhere(Any), ExpertsWhere(Any), ExpertsWhere(Any)});
+  RemoteExpertsOptions o = HedgingOptions();
+  o.hedge.initial = std::chrono::microseconds(0);  // hedge every call at once
+  o.hedge.floor = std::chrono::microseconds(0);
+  auto hedging = cluster.Client(o);
+  o.hedge.factor = 0;  // never hedge
+  auto plain = cluster.Client(o);
+  for (uint32_t seed = 2100; seed < 2106; ++seed) {
+    const Batch b = RandomBatch(24, seed);
+    const int64_t layer = MoeLayers()[seed % MoeLayers().size()];
+    std::vector<float> a, c;
+    ASSERT_TRUE(RunRemote(hedging.get(), b, layer, &a).ok());
+    ASSERT_TRUE(RunRemote(plain.get(), b, layer, &c).ok());
+    EXPECT_TRUE(SameBits(a, c));
+    EXPECT_TRUE(SameBits(a, RunLocal(b, layer)));
+  }
+  EXPECT_GT(hedging->hedged_calls(), 0u);
+  EXPECT_EQ(plain->hedged_calls(), 0u);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class FaultInjectingClient : public transport::ClientTransport {
     // The request reaches the peer (which computes it) but the reply never comes back: Wait
     // returns DEADLINE_EXCEEDED at the caller's deadline, not before.
     kWithholdReply,
+    // The reply is held back, as by a stopped (SIGSTOP) peer, until ReleaseHeld (SIGCONT): then
+    // Poll, WaitAny and Wait see the real reply. A Wait whose deadline passes first abandons it.
+    kHoldReply,
     // The real reply comes back with its first byte (the magic) flipped.
     kCorruptReply,
     // The real reply comes back cut to half its length.
@@ -57,6 +60,13 @@ class FaultInjectingClient : public transport::ClientTransport {
   void ReleaseWithheld() {
     MutexLock l(&mu_);
     released_ = true;
+    cv_.SignalAll();
+  }
+
+  // Lets every held reply through (kHoldReply), now and from now on.
+  void ReleaseHeld() {
+    MutexLock l(&mu_);
+    hold_released_ = true;
     cv_.SignalAll();
   }
 
@@ -106,7 +116,26 @@ class FaultInjectingClient : public transport::ClientTransport {
     return id;
   }
 
-  bool Poll(uint64_t id) override { return real_->Poll(id); }
+  bool Poll(uint64_t id) override { return !Held(id) && real_->Poll(id); }
+
+  int WaitAny(const uint64_t* ids, size_t n, transport::Clock::time_point until) override {
+    std::vector<uint64_t> open;
+    std::vector<int> index;
+    for (size_t i = 0; i < n; ++i) {
+      if (Held(ids[i])) continue;
+      open.push_back(ids[i]);
+      index.push_back(static_cast<int>(i));
+    }
+    if (open.empty()) {
+      // Only held (or withheld) replies: nothing completes before a release or `until`.
+      MutexLock l(&mu_);
+      while (!released_ && !hold_released_ && cv_.WaitUntil(&mu_, until)) {
+      }
+      return -1;
+    }
+    const int i = real_->WaitAny(open.data(), open.size(), until);
+    return i < 0 ? -1 : index[static_cast<size_t>(i)];
+  }
 
   absl::Status Wait(uint64_t id, transport::Clock::time_point deadline,
                     std::vector<uint8_t>* reply) override {
@@ -117,6 +146,20 @@ class FaultInjectingClient : public transport::ClientTransport {
       if (it != fault_of_id_.end()) {
         f = it->second;
         fault_of_id_.erase(it);
+      }
+    }
+    if (f == Fault::kHoldReply) {
+      MutexLock l(&mu_);
+      while (!hold_released_ && cv_.WaitUntil(&mu_, deadline)) {
+      }
+      if (!hold_released_) {
+        // Still held at the deadline: the request is abandoned, as a late one would be.
+        l.Unlock();
+        std::vector<uint8_t> dropped;
+        if (real_->Wait(id, transport::Clock::now(), &dropped).ok()) {
+          real_->ReleaseBuffer(std::move(dropped));
+        }
+        return absl::DeadlineExceededError("injected: reply held past the deadline");
       }
     }
     absl::Status st = real_->Wait(id, deadline, reply);
@@ -136,6 +179,8 @@ class FaultInjectingClient : public transport::ClientTransport {
         }
         return absl::DeadlineExceededError("injected: no reply before the deadline");
       }
+      case Fault::kHoldReply:
+        return st;
       case Fault::kCorruptReply:
         if (st.ok() && !reply->empty()) (*reply)[0] ^= 0xff;
         return st;
@@ -169,6 +214,15 @@ class FaultInjectingClient : public transport::ClientTransport {
     *reply = std::move(out);
   }
 
+  // Whether `id`'s reply is being kept from the caller (withheld, or held and not released).
+  bool Held(uint64_t id) const {
+    MutexLock l(&mu_);
+    auto it = fault_of_id_.find(id);
+    if (it == fault_of_id_.end()) return false;
+    if (it->second == Fault::kWithholdReply) return !released_;
+    return it->second == Fault::kHoldReply && !hold_released_;
+  }
+
   struct PerPeer {
     uint64_t posts = 0, tokens = 0, pairs = 0, refused = 0;
   };
@@ -182,6 +236,7 @@ class FaultInjectingClient : public transport::ClientTransport {
   mutable Mutex mu_;
   CondVar cv_;
   bool released_ ABSL_GUARDED_BY(mu_) = false;
+  bool hold_released_ ABSL_GUARDED_BY(mu_) = false;
   std::map<int, Fault> faults_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Fault> fault_of_id_ ABSL_GUARDED_BY(mu_);
   std::map<int, PerPeer> counts_ ABSL_GUARDED_BY(mu_);

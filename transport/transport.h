@@ -5,10 +5,12 @@
 #ifndef DMOE_TRANSPORT_TRANSPORT_H_
 #define DMOE_TRANSPORT_TRANSPORT_H_
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,6 +35,22 @@ class ClientTransport {
   // Each id is waited for once.
   virtual absl::Status Wait(uint64_t id, Clock::time_point deadline,
                             std::vector<uint8_t>* reply) = 0;
+  // Blocks until one of ids[0..n) has completed (Poll would say true) or `until` passes; returns
+  // the index of a completed one, or -1. Abandons nothing: each id still gets its one Wait.
+  // This version polls with sleeps growing to 200 us; transports with a completion signal
+  // override it.
+  virtual int WaitAny(const uint64_t* ids, size_t n, Clock::time_point until) {
+    std::chrono::microseconds nap(10);
+    for (;;) {
+      for (size_t i = 0; i < n; ++i) {
+        if (Poll(ids[i])) return static_cast<int>(i);
+      }
+      const Clock::time_point now = Clock::now();
+      if (now >= until) return -1;
+      std::this_thread::sleep_for(std::min<Clock::duration>(nap, until - now));
+      nap = std::min(nap * 2, std::chrono::microseconds(200));
+    }
+  }
   // A buffer from the pool for building a request: its size and contents are left over from an
   // earlier message (wire encoders resize it; do not append to it).
   virtual std::vector<uint8_t> AcquireBuffer() = 0;

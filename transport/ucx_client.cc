@@ -227,6 +227,35 @@ class UcxClient : public ClientTransport, public UcxWorker {
     return st;
   }
 
+  int WaitAny(const uint64_t* ids, size_t n, Clock::time_point until) override {
+    // As Wait: progress on this thread for a short while (replies of a decode step come within
+    // microseconds), then sleep on the completion signal.
+    auto finished = [&]() -> bool {
+      for (size_t i = 0; i < n; ++i) {
+        const Slot* probe = slots_.At(ids[i]);
+        if (probe == nullptr || probe->live.load(std::memory_order_acquire) != ids[i] ||
+            probe->finished.load(std::memory_order_acquire)) {
+          return true;
+        }
+      }
+      return false;
+    };
+    SpinProgress(SpinTime(), finished, until);
+    MutexLock l(&mu_);
+    for (;;) {
+      for (size_t i = 0; i < n; ++i) {
+        const Slot* s = slots_.Find(ids[i]);
+        if (s == nullptr || s->done) return static_cast<int>(i);
+      }
+      if (!cv_.WaitUntil(&mu_, until)) break;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const Slot* s = slots_.Find(ids[i]);
+      if (s == nullptr || s->done) return static_cast<int>(i);
+    }
+    return -1;
+  }
+
   std::vector<uint8_t> AcquireBuffer() override {
     MutexLock l(&mu_);
     return pool_.Acquire();
