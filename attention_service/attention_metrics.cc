@@ -106,6 +106,7 @@ void AttentionMetrics::Refresh(const Scheduler* s, const Engine* e) {
     if (set_->member() != nullptr) heartbeat_age_->Set(set_->member()->heartbeat_age_seconds());
     Metrics::SetTotal(*rerouted_, static_cast<double>(set_->experts()->rerouted_pairs() +
                                                       set_->experts_b()->rerouted_pairs()));
+    RefreshHedging();
   }
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     for (int64_t x = 0; x < config_.n_routed_experts; ++x) {
@@ -114,6 +115,26 @@ void AttentionMetrics::Refresh(const Scheduler* s, const Engine* e) {
       if (c != nullptr) Metrics::SetTotal(*c, static_cast<double>(e->expert_tokens(l, x)));
     }
   }
+}
+
+void AttentionMetrics::RefreshHedging() {
+  if (hedged_ == nullptr) {
+    hedged_ = &m_->Counter("dmoe_transport_hedged_calls_total",
+                           "Round trips late enough that their pairs went to another replica too");
+    late_dropped_ = &m_->Counter("dmoe_transport_late_replies_dropped_total",
+                                 "Replies not waited for because another replica answered first");
+    set_aside_ = &m_->Gauge("dmoe_transport_shards_set_aside",
+                            "Expert shards set aside for losing hedge races, awaiting their probe");
+    revivals_ = &m_->Counter("dmoe_transport_shard_revivals_total",
+                             "Set-aside expert shards used again after their probe answered");
+  }
+  const RemoteRoutedExperts* a = set_->experts();
+  const RemoteRoutedExperts* b = set_->experts_b();
+  Metrics::SetTotal(*hedged_, static_cast<double>(a->hedged_calls() + b->hedged_calls()));
+  Metrics::SetTotal(*late_dropped_,
+                    static_cast<double>(a->late_replies_dropped() + b->late_replies_dropped()));
+  set_aside_->Set(static_cast<double>(set_->health().set_aside_now()));
+  Metrics::SetTotal(*revivals_, static_cast<double>(set_->health().revived_total()));
 }
 
 void AttentionMetrics::Start(const Scheduler* s, const Engine* e) {

@@ -37,11 +37,15 @@ class AttentionMetrics {
 
  private:
   void Refresh(const Scheduler* s, const Engine* e);
+  void RefreshHedging();
   Metrics* m_;
   ExpertShardSet* set_ = nullptr;
   prometheus::Gauge *placement_version_ = nullptr, *heartbeat_age_ = nullptr,
                     *longest_stall_ = nullptr;
   prometheus::Counter *stalled_steps_ = nullptr, *rerouted_ = nullptr;
+  // Hedged dispatch (registered with the first Refresh that has shards).
+  prometheus::Counter *hedged_ = nullptr, *late_dropped_ = nullptr, *revivals_ = nullptr;
+  prometheus::Gauge* set_aside_ = nullptr;
   ModelConfig config_;
   prometheus::Histogram* ttft_;
   prometheus::Histogram* tpot_;

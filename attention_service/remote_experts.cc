@@ -340,10 +340,9 @@ void RemoteRoutedExperts::Post(size_t c, const std::vector<int64_t>& todo) {
   call.posted = transport::Clock::now();
   call.deadline = call.posted + options_.deadline;
   // A set-aside shard is used only where no live replica is left: nowhere to hedge to.
-  const transport::Clock::duration after =
-      state_[static_cast<size_t>(s)] == PeerHealth::kLive
-          ? health_->HedgeAfter(peer, options_.hedge)
-          : transport::Clock::duration::max();
+  const transport::Clock::duration after = state_[static_cast<size_t>(s)] == PeerHealth::kLive
+                                               ? health_->HedgeAfter(peer, options_.hedge)
+                                               : transport::Clock::duration::max();
   call.hedge_at = after >= options_.deadline ? call.deadline : call.posted + after;
   for (int64_t p : call.pairs) ++pair_open_[static_cast<size_t>(p)];
 }

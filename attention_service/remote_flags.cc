@@ -12,6 +12,13 @@ Remote experts (without these flags every routed expert runs in this process):
                           routed experts then run there, reached over UCX
   --wire-dtype T          bf16 (default) or f32: hidden rows on the wire
   --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
+  --hedge-factor X        where an expert has another replica, a round trip still unanswered
+                          X times its shard's recent p99 round trip after dispatch also goes to
+                          that replica; the first answer wins (the same bits either way). A shard
+                          that loses twice in a row is set aside until its late reply comes.
+                          Default 3; 0 turns hedging off
+  --hedge-min-ms N        never hedge sooner than N ms after dispatch (default 2; a shard with
+                          fewer than 16 round trips on record is hedged after 50 ms)
   --ucx-connect MODE      listener (default; needs tcp in UCX_TLS) or worker (the shard's worker
                           address; works with UCX_TLS=sm,self)
   --router H:P            take the shards from dmoe-router's placement instead of --expert-shards
@@ -26,14 +33,37 @@ Weight formats (8-bit weights are weight-only quantization: activations stay fp3
   --expert-dtype T        the same for the routed experts held in this process
 )";
 
-const std::set<std::string> kRemoteFlags = {"expert-shards", "wire-dtype",  "expert-deadline-ms",
-                                            "ucx-connect",   "router",      "cluster-token-file",
-                                            "weight-dtype",  "expert-dtype"};
+const std::set<std::string> kRemoteFlags = {
+    "expert-shards", "wire-dtype", "expert-deadline-ms", "hedge-factor", "hedge-min-ms",
+    "ucx-connect",   "router",     "cluster-token-file", "weight-dtype", "expert-dtype"};
 
 std::set<std::string> WithRemote(std::set<std::string> flags) {
   flags.insert(kRemoteFlags.begin(), kRemoteFlags.end());
   return flags;
 }
+
+namespace {
+
+// --expert-deadline-ms, --hedge-factor, --hedge-min-ms.
+absl::Status TimingOptions(const Flags& flags, RemoteExpertsOptions* o) {
+  auto deadline = flags.Int("expert-deadline-ms", 5000);
+  if (!deadline.ok()) return deadline.status();
+  if (*deadline <= 0) return absl::InvalidArgumentError("--expert-deadline-ms: must be positive");
+  o->deadline = std::chrono::milliseconds(*deadline);
+  auto factor = flags.Double("hedge-factor", 3.0);
+  if (!factor.ok()) return factor.status();
+  if (!(*factor >= 0) || *factor > 1000) {
+    return absl::InvalidArgumentError("--hedge-factor: must be 0 (off) or a positive factor");
+  }
+  o->hedge.factor = *factor;
+  auto floor = flags.Int("hedge-min-ms", 2);
+  if (!floor.ok()) return floor.status();
+  if (*floor < 0) return absl::InvalidArgumentError("--hedge-min-ms: must not be negative");
+  o->hedge.floor = std::chrono::milliseconds(*floor);
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 // Fills the remote-expert part of `o` from the flags.
 absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
@@ -73,10 +103,7 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
     return absl::InvalidArgumentError(
         absl::StrCat("--wire-dtype: \"", dtype, "\" is not bf16 or f32"));
   }
-  auto deadline = flags.Int("expert-deadline-ms", 5000);
-  if (!deadline.ok()) return deadline.status();
-  if (*deadline <= 0) return absl::InvalidArgumentError("--expert-deadline-ms: must be positive");
-  o->shard_client.remote.deadline = std::chrono::milliseconds(*deadline);
+  if (auto st = TimingOptions(flags, &o->shard_client.remote); !st.ok()) return st;
   const std::string mode = flags.StringOr("ucx-connect", "listener");
   if (mode == "listener") {
     o->shard_client.connect = UcxConnectMode::kListener;

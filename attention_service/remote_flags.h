@@ -1,5 +1,5 @@
 // The flags that put routed experts on dmoe-expert shards, shared by `dmoe generate/logits` and
-// dmoe-attention: --expert-shards, --wire-dtype, --expert-deadline-ms, --ucx-connect.
+// dmoe-attention: --expert-shards, --wire-dtype, --expert-deadline-ms, --hedge-*, --ucx-connect.
 #ifndef DMOE_ATTENTION_SERVICE_REMOTE_FLAGS_H_
 #define DMOE_ATTENTION_SERVICE_REMOTE_FLAGS_H_
 

@@ -67,6 +67,8 @@ class ExpertShardSet {
   uint64_t switches() const { return switches_; }
   // Times failed shards of the current map were connected again.
   uint64_t revivals() const { return revivals_; }
+  // Dead and set-aside shards, round-trip history (shared by both clients).
+  const PeerHealth& health() const { return *health_; }
   // Null in static mode.
   router::RouterMember* member() { return member_.get(); }
 

@@ -26,6 +26,7 @@ void ExpertServer::Loop() {
     batch.clear();
     transport_->Receive(std::chrono::milliseconds(50), &batch);
     if (batch.empty()) continue;
+    if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
     views.clear();
     for (const auto& r : batch) views.push_back(&r.bytes);
     replies.resize(batch.size());

@@ -4,6 +4,7 @@
 #define DMOE_EXPERT_SERVICE_EXPERT_SERVER_H_
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 
 #include "expert_service/expert_shard.h"
@@ -17,6 +18,9 @@ class ExpertServer {
   ExpertServer(ExpertShard* shard, transport::ServerTransport* transport)
       : shard_(shard), transport_(transport) {}
   ~ExpertServer() { Stop(); }
+  // Test only (fault-injection scenarios): wait `delay` before processing each batch, as a slow
+  // shard would. Call before Start.
+  void SetInjectedDelay(std::chrono::milliseconds delay) { delay_ = delay; }
   void Start();
   void Stop();
 
@@ -25,6 +29,7 @@ class ExpertServer {
   ExpertShard* shard_;
   transport::ServerTransport* transport_;
   std::atomic<bool> stop_{false};
+  std::chrono::milliseconds delay_{0};
   std::thread thread_;
 };
 

@@ -77,6 +77,8 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        the CPUs (`dmoe up` does): idle pool threads spin briefly after each call
                        and OpenBLAS's ~0.1 s, taking the CPUs the others need
                        (--blas-threads N: the same, its former name)
+  --inject-delay-ms N  fault injection, for tests only: wait N ms before serving each batch of
+                       requests (a slow shard)
 %s
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without
@@ -224,7 +226,7 @@ class ControlService final : public internal::ExpertControl::CallbackService {
 struct Options {
   std::string dir, token;
   bool routed = false;
-  int64_t capacity = 0, drain_ms = 2000;
+  int64_t capacity = 0, drain_ms = 2000, inject_delay_ms = 0;
   WeightDType expert_dtype = WeightDType::kAuto;
 };
 
@@ -241,6 +243,8 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
   }
   ASSIGN_OR_RETURN(o.drain_ms, f.Int("drain-ms", 2000));
   if (o.drain_ms < 0) return absl::InvalidArgumentError("--drain-ms: negative");
+  ASSIGN_OR_RETURN(o.inject_delay_ms, f.Int("inject-delay-ms", 0));
+  if (o.inject_delay_ms < 0) return absl::InvalidArgumentError("--inject-delay-ms: negative");
   if (f.Has("cluster-token-file")) {
     ASSIGN_OR_RETURN(o.token, router::ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
   }
@@ -361,12 +365,12 @@ internal::GetInfoReply Info(const RouterLink::Addresses& a, const ModelConfig& c
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-expert");
-  auto flags =
-      Flags::Parse(argc - 1, argv + 1,
-                   {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
-                    "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
-                    "advertise-host", "expert-dtype", "threads", "blas-threads", "log-level"},
-                   {"bf16-activations"});
+  auto flags = Flags::Parse(
+      argc - 1, argv + 1,
+      {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
+       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype",
+       "threads", "blas-threads", "log-level", "inject-delay-ms"},
+      {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp);
@@ -396,6 +400,10 @@ int Main(int argc, char** argv) {
   if (!ucx_addr.ok()) return svc.Fail(ucx_addr.status());
   ExpertShard shard(*config, std::shared_ptr<const ExpertStore>(std::move(*store)));
   ExpertServer server(&shard, ucx->get());
+  if (o->inject_delay_ms > 0) {
+    spdlog::warn("--inject-delay-ms {}: every batch waits (a test-only fault)", o->inject_delay_ms);
+    server.SetInjectedDelay(std::chrono::milliseconds(o->inject_delay_ms));
+  }
   server.Start();
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));

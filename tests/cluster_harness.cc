@@ -1,0 +1,246 @@
+#include "tests/cluster_harness.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+
+#include "attention_service/local_model.h"
+#include "gtest/gtest.h"
+#include "model/tiny_model.h"
+
+namespace dmoe::testing {
+
+using Clock = std::chrono::steady_clock;
+
+absl::Status PrepareWorkload(const std::string& dir, uint64_t seed, const Prompts& prompts,
+                             int max_tokens, Prompts* expected) {
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  setenv("UCX_TLS", "tcp,self", 1);
+  TinyModelOptions o;
+  o.seed = seed;
+  if (auto st = WriteTinyModel(dir, *PresetConfig("tiny"), o); !st.ok()) return st;
+  auto local = LocalModel::Load(dir);
+  if (!local.ok()) return local.status();
+  expected->clear();
+  for (const auto& p : prompts) {
+    GenerateOptions g;
+    g.max_tokens = max_tokens;
+    g.ignore_eos = true;
+    auto want = Generate((*local)->engine(), p, g);  // the in-process engine, alone
+    if (!want.ok()) return want.status();
+    expected->push_back(*want);
+  }
+  return absl::OkStatus();
+}
+
+Summary Summarize(const std::vector<Result>& results, const Prompts& expected) {
+  Summary s;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const Result& r = results[i];
+    s.longest_gap = std::max(s.longest_gap, r.longest_gap);
+    if (r.hung) {
+      ++s.hung;
+    } else if (r.status.ok()) {
+      ++s.ok;
+      s.identical += i < expected.size() && r.tokens == expected[i];
+    } else if (r.status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+      ++s.unavailable;
+    } else {
+      ++s.other;
+      std::printf("request %zu: %d %s\n", i, r.status.error_code(),
+                  r.status.error_message().c_str());
+    }
+  }
+  return s;
+}
+
+std::string Cluster::Path(const std::string& f) const { return TmpDir() + "/" + name_ + "_" + f; }
+
+void Cluster::StartRouter(std::vector<std::string> extra, const std::string& listen) {
+  const std::string ready = Path("router" + std::to_string(router_starts_) + ".json");
+  std::vector<std::string> argv = {Runfile("router/dmoe-router"),
+                                   "--model",
+                                   model_,
+                                   "--grpc-listen",
+                                   listen,
+                                   "--ready-file",
+                                   ready,
+                                   "--lease-ms",
+                                   "1500"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  router_extra_ = extra;
+  router_ = ChildProcess(argv, Path("router" + std::to_string(router_starts_++) + ".log"));
+  auto info = WaitForReadyFile(ready, std::chrono::seconds(30));
+  ASSERT_FALSE(info.empty()) << router_.Log();
+  router_addr_ = info["grpc"];
+  router_stub_ = internal::RouterService::NewStub(
+      grpc::CreateChannel(router_addr_, grpc::InsecureChannelCredentials()));
+}
+
+void Cluster::RestartRouter() {
+  router_.Kill(SIGKILL);
+  std::vector<std::string> extra = router_extra_;
+  StartRouter(extra, router_addr_);
+}
+
+void Cluster::AddShard(int capacity, std::vector<std::string> extra) {
+  const int i = static_cast<int>(shards_.size());
+  const std::string ready = Path("shard" + std::to_string(i) + ".json");
+  std::vector<std::string> argv = {Runfile("expert_service/dmoe-expert"),
+                                   "--model",
+                                   model_,
+                                   "--router",
+                                   router_addr_,
+                                   "--capacity",
+                                   std::to_string(capacity),
+                                   "--node-id",
+                                   "shard-" + std::to_string(i),
+                                   "--drain-ms",
+                                   "500",
+                                   "--ready-file",
+                                   ready};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  shards_.emplace_back(argv, Path("shard" + std::to_string(i) + ".log"));
+  auto info = WaitForReadyFile(ready, std::chrono::seconds(30));
+  ASSERT_FALSE(info.empty()) << shards_.back().Log();
+  shard_stubs_.push_back(internal::ExpertControl::NewStub(
+      grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials())));
+}
+
+void Cluster::StartAttention(std::vector<std::string> extra) {
+  const std::string ready = Path("attention.json");
+  std::vector<std::string> argv = {Runfile("attention_service/dmoe-attention"),
+                                   "--model",
+                                   model_,
+                                   "--router",
+                                   router_addr_,
+                                   "--kv-blocks",
+                                   "1024",
+                                   "--block-tokens",
+                                   "8",
+                                   "--wire-dtype",
+                                   "f32",
+                                   "--expert-deadline-ms",
+                                   "2000",
+                                   "--expert-wait-ms",
+                                   "15000",
+                                   "--ready-file",
+                                   ready};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  attention_ = ChildProcess(argv, Path("attention.log"));
+  auto info = WaitForReadyFile(ready, std::chrono::seconds(60));
+  ASSERT_FALSE(info.empty()) << attention_.Log();
+  stub_ = internal::AttentionService::NewStub(
+      grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials()));
+}
+
+uint64_t Cluster::WaitForActive(uint64_t above, std::chrono::seconds timeout) {
+  const auto until = Clock::now() + timeout;
+  while (Clock::now() < until) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    internal::ListNodesReply reply;
+    if (router_stub_->ListNodes(&ctx, internal::ListNodesRequest(), &reply).ok() &&
+        reply.placement_version() > above) {
+      return reply.placement_version();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return 0;
+}
+
+std::vector<double> Cluster::ShardTokens() {
+  std::vector<double> out;
+  for (auto& stub : shard_stubs_) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    internal::GetStatsReply s;
+    out.push_back(stub->GetStats(&ctx, internal::GetStatsRequest(), &s).ok()
+                      ? static_cast<double>(s.pairs())
+                      : 0.0);
+  }
+  return out;
+}
+
+namespace {
+
+void Stream(internal::AttentionService::Stub* stub, const std::vector<int32_t>& prompt,
+            int max_tokens, std::chrono::seconds deadline, std::atomic<int>* streamed,
+            Result* result) {
+  internal::GenerateRequest req;
+  for (int32_t t : prompt) req.add_prompt_token_ids(t);
+  req.mutable_sampling()->set_max_tokens(max_tokens);
+  req.mutable_sampling()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+  auto reader = stub->Generate(&ctx, req);
+  internal::GenerateResponse r;
+  auto last = Clock::now();
+  while (reader->Read(&r)) {
+    if (r.tokens_size() == 0) continue;
+    const auto now = Clock::now();
+    result->longest_gap =
+        std::max(result->longest_gap, std::chrono::duration<double>(now - last).count());
+    last = now;
+    for (const auto& t : r.tokens()) result->tokens.push_back(t.token_id());
+    *streamed += r.tokens_size();
+  }
+  result->status = reader->Finish();
+  // The client's own deadline ended it: the server neither finished nor failed it in time.
+  result->hung = result->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+}
+
+}  // namespace
+
+std::vector<Result> Cluster::Run(const Prompts& prompts, int max_tokens, int trigger_tokens,
+                                 const std::function<void()>& during,
+                                 std::chrono::seconds request_deadline) {
+  std::vector<Result> results(prompts.size());
+  std::atomic<int> streamed{0}, finished{0};
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    clients.emplace_back([&, i] {
+      Stream(stub_.get(), prompts[i], max_tokens, request_deadline, &streamed, &results[i]);
+      ++finished;
+    });
+  }
+  if (during) {
+    const auto until = Clock::now() + std::chrono::seconds(60);
+    while (streamed < trigger_tokens && finished < static_cast<int>(prompts.size()) &&
+           Clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    // The fault must land mid-flight: after the trigger and with requests still streaming.
+    const int in_flight = static_cast<int>(prompts.size()) - finished.load();
+    EXPECT_GE(streamed.load(), trigger_tokens) << "the trigger was never reached";
+    EXPECT_GT(in_flight, 0) << "the fault came after every request had finished";
+    std::printf("fault after %d streamed tokens, %d of %zu requests in flight\n", streamed.load(),
+                in_flight, prompts.size());
+    during();
+  }
+  for (auto& t : clients) t.join();
+  return results;
+}
+
+double MaxOverMean(const std::vector<double>& v) {
+  double sum = 0, mx = 0;
+  for (double x : v) {
+    sum += x;
+    mx = std::max(mx, x);
+  }
+  return sum > 0 ? mx / (sum / static_cast<double>(v.size())) : 0;
+}
+
+std::vector<double> Delta(const std::vector<double>& after, const std::vector<double>& before) {
+  std::vector<double> d(after.size());
+  for (size_t i = 0; i < after.size(); ++i) {
+    d[i] = after[i] - (i < before.size() ? before[i] : 0.0);
+  }
+  return d;
+}
+
+}  // namespace dmoe::testing

@@ -1,0 +1,92 @@
+// A local cluster of real processes for multi-process tests: dmoe-router, dmoe-expert shards that
+// take their experts from it, and a dmoe-attention node that follows its placement maps, over
+// real gRPC and real UCX (tcp on loopback); and a streaming workload with per-request results
+// (tokens, status, longest gap between streamed tokens). Used by tests/router_cluster_test and
+// the fault scenarios in tests/faults/.
+#ifndef DMOE_TESTS_CLUSTER_HARNESS_H_
+#define DMOE_TESTS_CLUSTER_HARNESS_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "proto/attention.grpc.pb.h"
+#include "proto/expert_control.grpc.pb.h"
+#include "proto/router.grpc.pb.h"
+#include "tests/process_util.h"
+
+namespace dmoe::testing {
+
+using Prompts = std::vector<std::vector<int32_t>>;
+
+// Writes the tiny model (seed `seed`) to `dir` and computes each prompt's greedy output with the
+// in-process engine, alone (the fault-free reference). Sets UCX to tcp on loopback.
+absl::Status PrepareWorkload(const std::string& dir, uint64_t seed, const Prompts& prompts,
+                             int max_tokens, Prompts* expected);
+
+struct Result {
+  std::vector<int32_t> tokens;
+  grpc::Status status;
+  bool hung = false;       // still streaming when the client's deadline passed
+  double longest_gap = 0;  // seconds between consecutive streamed tokens (or start -> first)
+};
+
+struct Summary {
+  int ok = 0, identical = 0, unavailable = 0, hung = 0, other = 0;
+  double longest_gap = 0;
+};
+// Counts outcomes; identical: ok and equal to expected[i]. Prints each "other" failure.
+Summary Summarize(const std::vector<Result>& results, const Prompts& expected);
+
+class Cluster {
+ public:
+  Cluster(std::string name, std::string model) : name_(std::move(name)), model_(std::move(model)) {}
+
+  // Each Start/Add fails the test (with the process's log) when the process does not come up.
+  void StartRouter(std::vector<std::string> extra, const std::string& listen = "127.0.0.1:0");
+  // Kills the router (SIGKILL) and starts it again on the same address.
+  void RestartRouter();
+  void AddShard(int capacity, std::vector<std::string> extra = {});
+  void StartAttention(std::vector<std::string> extra = {});
+
+  // Waits until the router's active map has a version > `above`; 0 on timeout.
+  uint64_t WaitForActive(uint64_t above, std::chrono::seconds timeout = std::chrono::seconds(20));
+  // (token, expert) pairs each shard has computed so far (0 for one that does not answer).
+  std::vector<double> ShardTokens();
+
+  // Runs `prompts` concurrently (greedy, ignore_eos, `max_tokens` each, each with a deadline of
+  // `request_deadline`); `during` runs once `trigger_tokens` tokens have streamed.
+  std::vector<Result> Run(const Prompts& prompts, int max_tokens, int trigger_tokens,
+                          const std::function<void()>& during,
+                          std::chrono::seconds request_deadline = std::chrono::seconds(90));
+
+  ChildProcess& shard(int i) { return shards_[static_cast<size_t>(i)]; }
+  ChildProcess& attention() { return attention_; }
+  std::string Path(const std::string& f) const;
+
+ private:
+  std::string name_;
+  std::string model_;
+  ChildProcess router_;
+  int router_starts_ = 0;
+  std::vector<std::string> router_extra_;
+  std::string router_addr_;
+  std::unique_ptr<internal::RouterService::Stub> router_stub_;
+  std::vector<ChildProcess> shards_;
+  std::vector<std::unique_ptr<internal::ExpertControl::Stub>> shard_stubs_;
+  ChildProcess attention_;
+  std::unique_ptr<internal::AttentionService::Stub> stub_;
+};
+
+double MaxOverMean(const std::vector<double>& v);
+std::vector<double> Delta(const std::vector<double>& after, const std::vector<double>& before);
+
+}  // namespace dmoe::testing
+
+#endif  // DMOE_TESTS_CLUSTER_HARNESS_H_

@@ -1,0 +1,178 @@
+// Fault scenarios on a local cluster of real processes (dmoe-router, three dmoe-expert shards
+// with two replicas of every expert, a dmoe-attention node; real gRPC, real UCX over tcp on
+// loopback) under a streaming load. Each scenario prints a row of one table: requests completed /
+// failed / hung, the longest stall of any stream (the longest gap between two streamed tokens),
+// and how many outputs equal the fault-free output (the in-process engine, each request alone).
+// docs/RELIABILITY.md has the table of a run and the command for each scenario.
+//
+// What is asserted is behaviour, not speed: every output equal, nothing failed or hung, and --
+// where a replica could answer -- no stream waited out the expert deadline (4 s here), which is
+// what every stall did before hedged dispatch.
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/cluster_harness.h"
+
+namespace dmoe {
+namespace {
+
+using testing::Cluster;
+using testing::Delta;
+using testing::Summary;
+
+constexpr int kStreams = 8;
+constexpr int kTokens = 300;
+constexpr char kDeadlineMs[] = "4000";
+
+std::string* g_model = nullptr;
+testing::Prompts* g_prompts = nullptr;
+testing::Prompts* g_expected = nullptr;
+
+struct Row {
+  std::string scenario;
+  Summary s;
+  int requests = 0;
+};
+std::vector<Row>* g_rows = nullptr;
+
+std::string SharedSetUp() {
+  g_model = new std::string(testing::TmpDir() + "/faults_model");
+  g_prompts = new testing::Prompts();
+  g_expected = new testing::Prompts();
+  g_rows = new std::vector<Row>();
+  for (int i = 0; i < kStreams; ++i) {
+    std::vector<int32_t> p;
+    const int len = 3 + (i * 29) % 40;
+    for (int j = 0; j < len; ++j) p.push_back((i * 101 + j * 17 + 3) % 512);
+    g_prompts->push_back(p);
+  }
+  const absl::Status st = testing::PrepareWorkload(*g_model, 91, *g_prompts, kTokens, g_expected);
+  return st.ok() ? "" : std::string(st.message());
+}
+
+// Prints the rows of every scenario that ran as one table (and writes it to the test's outputs).
+class Table : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    if (g_rows == nullptr || g_rows->empty()) return;
+    std::string t =
+        "| scenario | requests | completed | failed | hung | longest stall | equal to fault-free "
+        "|\n|---|---|---|---|---|---|---|\n";
+    for (const Row& r : *g_rows) {
+      char line[512];
+      std::snprintf(line, sizeof(line), "| %s | %d | %d | %d | %d | %.3f s | %d |\n",
+                    r.scenario.c_str(), r.requests, r.s.ok, r.requests - r.s.ok - r.s.hung,
+                    r.s.hung, r.s.longest_gap, r.s.identical);
+      t += line;
+    }
+    std::printf("\n%s\n", t.c_str());
+    if (const char* dir = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR")) {
+      std::ofstream(std::string(dir) + "/faults_table.md") << t;
+    }
+  }
+};
+
+class Faults : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (setup_error_ == nullptr) setup_error_ = new std::string(SharedSetUp());
+  }
+  void SetUp() override { ASSERT_EQ(*setup_error_, "") << "shared set-up failed"; }
+  static std::string* setup_error_;
+
+  // Router with 2 replicas of every expert, 3 shards (`slow` adds --inject-delay-ms to shard 1),
+  // one attention node (`attention` flags added).
+  static void Start(Cluster* c, std::vector<std::string> attention = {},
+                    std::vector<std::string> slow = {}) {
+    c->StartRouter({"--replication", "2"});
+    for (int i = 0; i < 3; ++i) c->AddShard(48, i == 1 ? slow : std::vector<std::string>());
+    ASSERT_GT(c->WaitForActive(0), 0u);
+    attention.insert(attention.begin(), {"--expert-deadline-ms", kDeadlineMs});
+    c->StartAttention(attention);
+  }
+
+  static Summary Record(const std::string& scenario, const std::vector<testing::Result>& r) {
+    const Summary s = testing::Summarize(r, *g_expected);
+    g_rows->push_back(Row{scenario, s, static_cast<int>(r.size())});
+    std::printf("%s: %d/%zu completed, %d hung, longest stall %.3f s, %d equal to fault-free\n",
+                scenario.c_str(), s.ok, r.size(), s.hung, s.longest_gap, s.identical);
+    return s;
+  }
+};
+std::string* Faults::setup_error_ = nullptr;
+
+TEST_F(Faults, NoFault) {
+  Cluster c("nofault", *g_model);
+  Start(&c);
+  const Summary s = Record("none (baseline)", c.Run(*g_prompts, kTokens, 0, nullptr));
+  EXPECT_EQ(s.identical, kStreams);
+}
+
+// SIGSTOP of one of 3 shards mid-stream: its calls are hedged to the other replica, it is set
+// aside, and after SIGCONT it serves again.
+TEST_F(Faults, SigstopOneShardWithReplicas) {
+  Cluster c("sigstop", *g_model);
+  Start(&c);
+  const pid_t pid = c.shard(1).pid();
+  const Summary s =
+      Record("SIGSTOP 1 of 3 shards (2 replicas)",
+             c.Run(*g_prompts, kTokens, kStreams * 40, [&] { ::kill(pid, SIGSTOP); }));
+  EXPECT_EQ(s.ok, kStreams);
+  EXPECT_EQ(s.identical, kStreams);
+  EXPECT_EQ(s.hung, 0);
+  EXPECT_LT(s.longest_gap, 2.0) << "a stream waited out the expert deadline";
+  ::kill(pid, SIGCONT);
+  std::vector<double> after;
+  for (int round = 0; round < 10; ++round) {
+    const auto before = c.ShardTokens();
+    const Summary again = testing::Summarize(c.Run(*g_prompts, 16, 0, nullptr), {});
+    EXPECT_EQ(again.ok, kStreams);
+    after = Delta(c.ShardTokens(), before);
+    if (after[1] > 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  std::printf("after SIGCONT: pairs per shard %.0f %.0f %.0f\n", after[0], after[1], after[2]);
+  EXPECT_GT(after[1], 0) << "the resumed shard got no traffic";
+}
+
+// The same without hedging (--hedge-factor 0): each call to the stopped shard waits out its
+// deadline before going to the other replica. The comparison row of the table.
+TEST_F(Faults, SigstopOneShardWithReplicasWithoutHedging) {
+  Cluster c("sigstop_nohedge", *g_model);
+  Start(&c, {"--hedge-factor", "0"});
+  const pid_t pid = c.shard(1).pid();
+  const Summary s =
+      Record("SIGSTOP 1 of 3 shards (2 replicas), hedging off",
+             c.Run(*g_prompts, kTokens, kStreams * 40, [&] { ::kill(pid, SIGSTOP); }));
+  ::kill(pid, SIGCONT);
+  EXPECT_EQ(s.identical, kStreams);
+  EXPECT_EQ(s.hung, 0);
+}
+
+// A shard that answers every batch 300 ms late (--inject-delay-ms): hedging takes its work to the
+// replicas; it is set aside, comes back with each late reply, and loses again.
+TEST_F(Faults, SlowShardWithReplicas) {
+  Cluster c("slow", *g_model);
+  Start(&c, {}, {"--inject-delay-ms", "300"});
+  const Summary s =
+      Record("1 of 3 shards 300 ms slow (2 replicas)", c.Run(*g_prompts, kTokens, 0, nullptr));
+  EXPECT_EQ(s.ok, kStreams);
+  EXPECT_EQ(s.identical, kStreams);
+  EXPECT_LT(s.longest_gap, 2.0) << "a stream waited out the expert deadline";
+}
+
+}  // namespace
+}  // namespace dmoe
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  ::testing::AddGlobalTestEnvironment(new dmoe::Table());
+  return RUN_ALL_TESTS();
+}
