@@ -2,6 +2,7 @@
 
 #include <mutex>
 
+#include "common/cluster_token.h"
 #include "common/mutex.h"
 #include "common/queued_writer.h"
 
@@ -140,13 +141,21 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
 }  // namespace
 
 grpc::ServerWriteReactor<internal::GenerateResponse>* AttentionServiceImpl::Generate(
-    grpc::CallbackServerContext*, const internal::GenerateRequest* request) {
+    grpc::CallbackServerContext* ctx, const internal::GenerateRequest* request) {
+  if (!CallAuthorized(*ctx, token_)) {
+    return new RefusedStream<internal::GenerateResponse>(Unauthenticated());
+  }
   return new GenerateReactor(scheduler_, metrics_, request);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Cancel(grpc::CallbackServerContext* ctx,
                                                        const internal::CancelRequest* request,
                                                        internal::CancelReply*) {
+  if (!CallAuthorized(*ctx, token_)) {
+    auto* r = ctx->DefaultReactor();
+    r->Finish(Unauthenticated());
+    return r;
+  }
   scheduler_->Cancel(request->request_id());
   auto* r = ctx->DefaultReactor();
   r->Finish(grpc::Status::OK);
@@ -156,6 +165,11 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Cancel(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetLoad(grpc::CallbackServerContext* ctx,
                                                         const internal::GetLoadRequest*,
                                                         internal::GetLoadReply* reply) {
+  if (!CallAuthorized(*ctx, token_)) {
+    auto* r = ctx->DefaultReactor();
+    r->Finish(Unauthenticated());
+    return r;
+  }
   const SchedulerLoad load = scheduler_->load();
   const SchedulerStats stats = scheduler_->stats();
   reply->set_free_blocks(load.free_blocks);

@@ -32,6 +32,9 @@ class AttentionServiceImpl final : public internal::AttentionService::CallbackSe
   // `metrics` may be null.
   explicit AttentionServiceImpl(Scheduler* scheduler, AttentionMetrics* metrics = nullptr)
       : scheduler_(scheduler), metrics_(metrics) {}
+  // Calls without this token (common/cluster_token.h) get UNAUTHENTICATED; empty: no check.
+  // Call before serving.
+  void SetClusterToken(std::string token) { token_ = std::move(token); }
   grpc::ServerWriteReactor<internal::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const internal::GenerateRequest* request) override;
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
@@ -44,6 +47,7 @@ class AttentionServiceImpl final : public internal::AttentionService::CallbackSe
  private:
   Scheduler* scheduler_;
   AttentionMetrics* metrics_;
+  std::string token_;
 };
 
 // Protobuf sampling parameters -> SamplingParams (top_p 0 means off).

@@ -170,8 +170,9 @@ int Main(int argc, char** argv) {
   if (!so.ok()) return svc.Fail(so.status());
   ExpertShardSet* shard_set = (*model)->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
-  if (routed) attention_metrics.SetShardSet(shard_set);
+  if (shard_set != nullptr) attention_metrics.SetShardSet(shard_set);
   AttentionNode node(model->get(), std::move(*cache), *so, &attention_metrics);
+  node.service()->SetClusterToken(lo.shard_client.cluster_token);
   node.Start();
   auto addr = svc.Serve(*flags, {node.service()}, "dmoe.internal.AttentionService", *metrics_addr);
   const absl::Status st = addr.status();

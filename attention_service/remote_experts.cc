@@ -51,8 +51,15 @@ void PeerHealth::MarkDead(int peer) {
   if (peer < 0) return;
   MutexLock l(&mu_);
   Peer& p = At(peer);
-  if (p.state == kSetAside) probes_.fetch_sub(1, std::memory_order_relaxed);
-  // A probe still out is left to the transport (its reply, if any, is dropped with the peer).
+  if (p.state == kSetAside) {
+    probes_.fetch_sub(1, std::memory_order_relaxed);
+    // Its probe (if not being looked at now) still needs its one Wait: CheckProbes abandons it.
+    if (p.probe != 0) {
+      orphans_.push_back(p.probe);
+      orphan_count_.fetch_add(1, std::memory_order_relaxed);
+    }
+    p.probe = 0;
+  }
   p.state = kDead;
 }
 
@@ -130,24 +137,36 @@ bool PeerHealth::LostRace(int peer, uint64_t id, const HedgeOptions& o) {
 }
 
 void PeerHealth::CheckProbes(transport::ClientTransport* client) {
-  if (probes_.load(std::memory_order_relaxed) == 0) return;
+  if (probes_.load(std::memory_order_relaxed) == 0 &&
+      orphan_count_.load(std::memory_order_relaxed) == 0) {
+    return;
+  }
   std::vector<std::pair<int, uint64_t>> done;
+  std::vector<uint64_t> orphans;
   {
     MutexLock l(&mu_);
+    // Claimed here (probe = 0) so that no other caller Waits it too.
     for (size_t i = 0; i < peers_.size(); ++i) {
       Peer& p = peers_[i];
-      if (p.state != kSetAside || !client->Poll(p.probe)) continue;
+      if (p.state != kSetAside || p.probe == 0 || !client->Poll(p.probe)) continue;
       done.emplace_back(static_cast<int>(i), p.probe);
       p.probe = 0;
     }
+    orphans.swap(orphans_);
+    orphan_count_.store(0, std::memory_order_relaxed);
+  }
+  std::vector<uint8_t> reply;
+  for (uint64_t id : orphans) {
+    if (client->Wait(id, transport::Clock::now(), &reply).ok()) {
+      client->ReleaseBuffer(std::move(reply));
+    }
   }
   for (const auto& [peer, id] : done) {
-    std::vector<uint8_t> reply;
     const absl::Status st = client->Wait(id, transport::Clock::now(), &reply);
     if (st.ok()) client->ReleaseBuffer(std::move(reply));
     MutexLock l(&mu_);
     Peer& p = At(peer);
-    if (p.state != kSetAside) continue;
+    if (p.state != kSetAside) continue;  // marked dead meanwhile
     probes_.fetch_sub(1, std::memory_order_relaxed);
     p.misses = 0;
     // Any answer, even an error reply, shows the shard serving again; a failed endpoint does not.
@@ -245,7 +264,8 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
   const ExpertRouting& r = *routing_;
   const int64_t ns = static_cast<int64_t>(r.peers.size());
   // A replica per pair: a live one the token already goes to, else the live one with the fewest
-  // tokens so far; set-aside shards only where no live replica is left.
+  // tokens so far; set-aside shards and shards hedged away from in this layer only where no live
+  // replica is left; failed ones never.
   for (int64_t p : todo) {
     const int64_t i = p / k_;
     const std::vector<int>& reps = r.placement.Replicas(layer_, ids_[p]);
@@ -253,8 +273,9 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
     bool best_live = false;
     for (int s : reps) {
       const char st = state_[static_cast<size_t>(s)];
-      if (st == PeerHealth::kDead || avoid_[static_cast<size_t>(s)]) continue;
-      const bool live = st == PeerHealth::kLive;
+      const char avoid = avoid_[static_cast<size_t>(s)];
+      if (st == PeerHealth::kDead || avoid == kFailed) continue;
+      const bool live = st == PeerHealth::kLive && avoid == kUsable;
       if (live && local_index_[static_cast<size_t>(i * ns + s)] >= 0) {
         best = s;
         break;
@@ -329,7 +350,7 @@ void RemoteRoutedExperts::Post(size_t c, const std::vector<int64_t>& todo) {
   if (!id.ok()) {
     // The peer is known to have failed: Finish sends these pairs elsewhere.
     health_->MarkDead(peer);
-    avoid_[static_cast<size_t>(s)] = 1;
+    avoid_[static_cast<size_t>(s)] = kFailed;
     RecordFailure(absl::UnavailableError(absl::StrCat(
         "expert shard ", r.names[static_cast<size_t>(s)], ": ", id.status().message())));
     post_failed_.push_back(c);
@@ -429,41 +450,49 @@ void RemoteRoutedExperts::Complete(size_t c) {
     reply_ = std::vector<uint8_t>();
   }
   if (st.ok() && bad.ok()) return;
-  avoid_[s] = 1;
+  avoid_[s] = kFailed;
   ResendOrphans(c);
 }
 
 void RemoteRoutedExperts::Hedge(size_t c) {
-  calls_[c].hedged = true;
-  hedged_.fetch_add(1, std::memory_order_relaxed);
-  const size_t s = static_cast<size_t>(calls_[c].shard);
-  avoid_[s] = 1;
-  // Only pairs that some other usable replica serves: the rest stay with this call.
+  // Only pairs that another live replica serves, not yet answered, go: the rest stay with this
+  // call. With none, the call just waits for its deadline.
   health_->Snapshot(routing_->peers, &state_);
   retry_pairs_.clear();
   for (int64_t p : calls_[c].pairs) {
     if (pair_done_[static_cast<size_t>(p)]) continue;
     for (int o : routing_->placement.Replicas(layer_, ids_[p])) {
-      if (state_[static_cast<size_t>(o)] != PeerHealth::kDead && !avoid_[static_cast<size_t>(o)]) {
+      if (state_[static_cast<size_t>(o)] == PeerHealth::kLive &&
+          avoid_[static_cast<size_t>(o)] == kUsable && o != calls_[c].shard) {
         retry_pairs_.push_back(p);
         break;
       }
     }
   }
-  if (!retry_pairs_.empty()) Dispatch(retry_pairs_).IgnoreError();
+  if (retry_pairs_.empty()) {
+    calls_[c].hedge_at = calls_[c].deadline;
+    return;
+  }
+  calls_[c].hedged = true;
+  hedged_.fetch_add(1, std::memory_order_relaxed);
+  const size_t s = static_cast<size_t>(calls_[c].shard);
+  if (avoid_[s] == kUsable) avoid_[s] = kHedgedAway;
+  Dispatch(retry_pairs_).IgnoreError();
 }
 
 void RemoteRoutedExperts::DropLate() {
   const transport::Clock::time_point now = transport::Clock::now();
+  const bool answered = pairs_left_ == 0;
   for (size_t c = 0; c < n_calls_; ++c) {
     ShardCall& call = calls_[c];
     if (!call.open) continue;
     call.open = false;
     for (int64_t p : call.pairs) --pair_open_[static_cast<size_t>(p)];
     late_dropped_.fetch_add(1, std::memory_order_relaxed);
-    // A hedged call outrun by its hedge lost a race; its reply may become the shard's probe.
+    // A hedged call outrun by its hedge (the layer was answered without it) lost a race; its
+    // reply may become the shard's probe.
     const int peer = routing_->peers[static_cast<size_t>(call.shard)];
-    if (call.hedged && health_->LostRace(peer, call.id, options_.hedge)) continue;
+    if (answered && call.hedged && health_->LostRace(peer, call.id, options_.hedge)) continue;
     if (client_->Wait(call.id, now, &reply_).ok()) {
       client_->ReleaseBuffer(std::move(reply_));
       reply_ = std::vector<uint8_t>();

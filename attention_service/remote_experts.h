@@ -1,13 +1,14 @@
 // Routed experts on other processes: the attention side of dispatch and combine (DESIGN.md §2).
 // Per MoE layer, a plan sends each token's hidden row once per destination shard with the
-// (expert, weight) pairs that shard serves; every shard works concurrently; Finish waits for all
-// combines (each before the deadline) and adds the already-weighted partial rows.
+// (expert, weight) pairs that shard serves; every shard works concurrently; Finish waits until
+// every pair has an answer (each call at most until its deadline) and adds the weighted rows.
 //
 // Replicas: when an expert has several shards, each token goes to a live replica it already
 // reaches, else to the replica with the fewest tokens so far in this layer (spreading load).
 // A shard that fails (endpoint error or deadline) is marked dead for this routing and its pairs
-// are sent again to other live replicas in the same Finish; only when some expert has no live
-// replica left does the layer fail, with UNAVAILABLE naming it.
+// are sent again to other replicas in the same Finish (one that was only late is used when no
+// other is left); only when some expert has no usable replica left does the layer fail, with
+// UNAVAILABLE naming it.
 //
 // Hedging: a call still unanswered HedgeOptions::factor x its shard's recent p99 round trip after
 // dispatch (a stopped or slow shard) has its pairs sent to another live replica as well; the first
@@ -95,7 +96,8 @@ class PeerHealth {
   // `id` became its probe: the caller must not Wait it (CheckProbes does). False: Wait it.
   bool LostRace(int peer, uint64_t id, const HedgeOptions& o);
   // Looks at the probes of set-aside peers: a probe that completed makes its peer live again (a
-  // reply) or dead (a failure). Cheap when no peer is set aside.
+  // reply) or dead (a failure); abandons the probes of peers marked dead since. Cheap when no
+  // peer is set aside.
   void CheckProbes(transport::ClientTransport* client);
 
   uint64_t set_aside_total() const { return set_aside_total_.load(std::memory_order_relaxed); }
@@ -118,7 +120,9 @@ class PeerHealth {
 
   mutable Mutex mu_;
   std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> orphans_ ABSL_GUARDED_BY(mu_);  // probes of peers marked dead: to abandon
   std::atomic<int> probes_{0};
+  std::atomic<int> orphan_count_{0};
   std::atomic<uint64_t> set_aside_total_{0}, revived_total_{0};
 };
 
@@ -228,6 +232,10 @@ class RemoteRoutedExperts : public RoutedExperts {
   absl::Status first_failure_, fatal_;
   // Scratch reused across layers.
   std::vector<int64_t> all_pairs_, retry_pairs_;
+  // avoid_ per shard, for the layer in progress.
+  static constexpr char kUsable = 0;
+  static constexpr char kHedgedAway = 1;  // late: used again only where nothing else is left
+  static constexpr char kFailed = 2;      // never again in this layer
   std::vector<char> state_, avoid_;
   std::vector<int64_t> assigned_;
   std::vector<int64_t> local_index_;

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/cluster_token.h"
 #include "router/member.h"
 
 namespace dmoe {
@@ -23,7 +24,9 @@ Remote experts (without these flags every routed expert runs in this process):
                           address; works with UCX_TLS=sm,self)
   --router H:P            take the shards from dmoe-router's placement instead of --expert-shards
                           (waits up to 30 s for a first active map; follows later maps)
-  --cluster-token-file F  the router's cluster token
+  --cluster-token-file F  the cluster token (first line of F): sent to the router and the expert
+                          shards; this node's own API then refuses calls without it
+                          (UNAUTHENTICATED)
 
 Weight formats (8-bit weights are weight-only quantization: activations stay fp32):
   --weight-dtype T        auto (default), f32, bf16, int8 or fp8: the attention/dense/shared-
@@ -90,7 +93,7 @@ absl::Status RemoteOptions(const Flags& flags, LocalModelOptions* o) {
     return absl::InvalidArgumentError("--expert-shards and --router: give one of them");
   }
   if (flags.Has("cluster-token-file")) {
-    auto t = router::ReadClusterTokenFile(flags.StringOr("cluster-token-file", ""));
+    auto t = ReadClusterTokenFile(flags.StringOr("cluster-token-file", ""));
     if (!t.ok()) return t.status();
     o->shard_client.cluster_token = *t;
   }

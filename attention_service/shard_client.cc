@@ -6,6 +6,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/cluster_token.h"
 #include "common/logging.h"
 #include "common/mutex.h"
 #include "proto/expert_control.grpc.pb.h"
@@ -26,7 +27,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
   auto set = std::unique_ptr<ExpertShardSet>(new ExpertShardSet());
   set->config_ = config;
   set->options_ = options;
-  auto client = transport::NewUcxClient();
+  auto client = transport::NewUcxClient(options.cluster_token);
   if (!client.ok()) return client.status();
   set->client_ = std::move(client).value();
   auto routing = std::make_shared<ExpertRouting>();
@@ -37,6 +38,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
     auto stub = internal::ExpertControl::NewStub(channel);
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + options.control_deadline);
+    AddClusterToken(&ctx, options.cluster_token);
     internal::GetInfoRequest req;
     internal::GetInfoReply info;
     const grpc::Status st = stub->GetInfo(&ctx, req, &info);
@@ -79,7 +81,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
   auto set = std::unique_ptr<ExpertShardSet>(new ExpertShardSet());
   set->config_ = config;
   set->options_ = options;
-  auto client = transport::NewUcxClient();
+  auto client = transport::NewUcxClient(options.cluster_token);
   if (!client.ok()) return client.status();
   set->client_ = std::move(client).value();
   router::MemberOptions mo;

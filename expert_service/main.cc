@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/cluster_token.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/logging.h"
@@ -61,7 +62,8 @@ ready, and drops what it lost once a map without it has been active for --drain-
   --metrics-listen H:P Prometheus /metrics address (default 127.0.0.1:0)
   --router H:P         the router's gRPC address (instead of --experts)
   --capacity N         (layer, expert) pairs this shard may host (with --router)
-  --cluster-token-file F  the router's cluster token
+  --cluster-token-file F  the cluster token (first line of F): sent to the router; the control
+                          API then refuses calls without it (UNAUTHENTICATED)
   --advertise-host H   host other nodes reach this shard at (registered with the router in
                        place of the listen host, e.g. the pod IP; default: the listen host)
   --expert-dtype T     auto (default: bf16 and fp8 checkpoints stay as stored, the rest f32), f32,
@@ -108,6 +110,12 @@ class ExpertMetrics {
     bytes_out_ = &m->Counter("dmoe_expert_transport_bytes_total", "Data-plane bytes",
                              {{"direction", "out"}});
     peer_errors_ = &m->Counter("dmoe_expert_peer_errors_total", "Client endpoints that failed");
+    refused_peers_ =
+        &m->Counter("dmoe_expert_refused_peers_total",
+                    "UCX client endpoints refused: their hello lacked the cluster token");
+    refused_requests_ =
+        &m->Counter("dmoe_expert_refused_requests_total",
+                    "Requests dropped unanswered: their endpoint had not presented the token");
     weight_bytes_ = &m->Gauge("dmoe_expert_weight_bytes", "Resident bytes of the hosted experts");
     hosted_ = &m->Gauge("dmoe_expert_hosted_experts", "(layer, expert) pairs hosted");
   }
@@ -133,6 +141,8 @@ class ExpertMetrics {
         Metrics::SetTotal(*bytes_in_, static_cast<double>(ts.bytes_in));
         Metrics::SetTotal(*bytes_out_, static_cast<double>(ts.bytes_out));
         Metrics::SetTotal(*peer_errors_, static_cast<double>(ts.peer_errors));
+        Metrics::SetTotal(*refused_peers_, static_cast<double>(ts.refused_peers));
+        Metrics::SetTotal(*refused_requests_, static_cast<double>(ts.refused_requests));
         const std::shared_ptr<const ExpertStore> store = shard->store();
         weight_bytes_->Set(static_cast<double>(store->bytes()));
         hosted_->Set(static_cast<double>(store->size()));
@@ -164,7 +174,7 @@ class ExpertMetrics {
  private:
   Metrics* m_;
   prometheus::Counter *messages_, *rejected_, *tokens_, *gemms_, *bytes_in_, *bytes_out_,
-      *peer_errors_;
+      *peer_errors_, *refused_peers_, *refused_requests_;
   prometheus::Gauge *weight_bytes_, *hosted_, *heartbeat_age_ = nullptr, *version_ = nullptr;
   std::map<std::pair<int64_t, int64_t>, prometheus::Counter*> per_expert_;
   Mutex mu_;
@@ -175,13 +185,20 @@ class ExpertMetrics {
 
 class ControlService final : public internal::ExpertControl::CallbackService {
  public:
+  // Calls without `token` (when not empty) get UNAUTHENTICATED.
   ControlService(internal::GetInfoReply info, const ExpertShard* shard,
-                 const transport::ServerTransport* transport, uint64_t read_bytes)
-      : info_(std::move(info)), shard_(shard), transport_(transport), read_bytes_(read_bytes) {}
+                 const transport::ServerTransport* transport, uint64_t read_bytes,
+                 std::string token)
+      : info_(std::move(info)),
+        shard_(shard),
+        transport_(transport),
+        read_bytes_(read_bytes),
+        token_(std::move(token)) {}
 
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* ctx,
                                     const internal::GetInfoRequest*,
                                     internal::GetInfoReply* reply) override {
+    if (!CallAuthorized(*ctx, token_)) return Refuse(ctx);
     *reply = info_;
     for (const auto& [l, e] : shard_->store()->Keys()) {
       auto* id = reply->add_experts();
@@ -196,6 +213,7 @@ class ControlService final : public internal::ExpertControl::CallbackService {
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* ctx,
                                      const internal::GetStatsRequest*,
                                      internal::GetStatsReply* reply) override {
+    if (!CallAuthorized(*ctx, token_)) return Refuse(ctx);
     const ShardStats s = shard_->stats();
     const transport::ServerStats t = transport_->stats();
     reply->set_messages(s.messages);
@@ -208,6 +226,8 @@ class ControlService final : public internal::ExpertControl::CallbackService {
     reply->set_bytes_out(t.bytes_out);
     reply->set_dropped_replies(t.dropped_replies);
     reply->set_peer_errors(t.peer_errors);
+    reply->set_refused_peers(t.refused_peers);
+    reply->set_refused_requests(t.refused_requests);
     reply->set_expert_weight_bytes(shard_->store()->bytes());
     reply->set_checkpoint_bytes_read(read_bytes_);
     reply->set_resident_set_bytes(ResidentBytes());
@@ -221,6 +241,13 @@ class ControlService final : public internal::ExpertControl::CallbackService {
   const ExpertShard* shard_;
   const transport::ServerTransport* transport_;
   uint64_t read_bytes_;
+  std::string token_;
+
+  static grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* ctx) {
+    auto* r = ctx->DefaultReactor();
+    r->Finish(Unauthenticated());
+    return r;
+  }
 };
 
 struct Options {
@@ -246,7 +273,7 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
   ASSIGN_OR_RETURN(o.inject_delay_ms, f.Int("inject-delay-ms", 0));
   if (o.inject_delay_ms < 0) return absl::InvalidArgumentError("--inject-delay-ms: negative");
   if (f.Has("cluster-token-file")) {
-    ASSIGN_OR_RETURN(o.token, router::ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
+    ASSIGN_OR_RETURN(o.token, ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
   }
   if (!ParseWeightDType(f.StringOr("expert-dtype", "auto"), &o.expert_dtype)) {
     return absl::InvalidArgumentError(absl::StrCat("--expert-dtype: \"",
@@ -392,7 +419,7 @@ int Main(int argc, char** argv) {
   auto store = LoadExperts(*flags, *o, *config, &bytes_read);
   if (!store.ok()) return svc.Fail(store.status());
 
-  auto ucx = transport::NewUcxServer();
+  auto ucx = transport::NewUcxServer(o->token);
   if (!ucx.ok()) return svc.Fail(ucx.status());
   absl::StatusOr<std::string> ucx_addr = std::string();
   const std::string ucx_listen = flags->StringOr("ucx-listen", "127.0.0.1:0");
@@ -415,7 +442,7 @@ int Main(int argc, char** argv) {
   a.node_id = flags->StringOr("node-id", absl::StrCat("expert-", getpid()));
   a.ucx = *ucx_addr;
   a.ucx_worker = (*ucx)->WorkerAddress();
-  ControlService control(Info(a, *config), &shard, ucx->get(), bytes_read);
+  ControlService control(Info(a, *config), &shard, ucx->get(), bytes_read, o->token);
   spdlog::info("serving {} experts; ucx {}", shard.store()->size(), a.ucx);
   auto grpc_addr = svc.Serve(*flags, {&control}, "dmoe.internal.ExpertControl", *metrics_addr,
                              {{"ucx", a.ucx}, {"ucx_worker", a.ucx_worker}});

@@ -4,6 +4,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "common/cluster_token.h"
 
 namespace dmoe::gateway {
 
@@ -63,6 +64,7 @@ class Generation::Attempt : public grpc::ClientReadReactor<internal::GenerateRes
   void Begin(std::shared_ptr<Attempt> self) {
     self_ = std::move(self);
     ctx_.set_deadline(g_->request_.deadline);
+    AddClusterToken(&ctx_, g_->ctx_.pool->cluster_token());
     g_->ctx_.pool->stub(node_)->async()->Generate(&ctx_, &g_->upstream_request_, this);
     StartRead(&r_);
     StartCall();

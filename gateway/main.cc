@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/cluster_token.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/logging.h"
@@ -41,7 +42,8 @@ reported load. Both take the same API keys, limits and retries.
   --attention LIST          comma-separated gRPC addresses of dmoe-attention nodes
   --router H:P              also (or only) the attention nodes registered with dmoe-router, looked
                             up every second (at start, waits up to 10 s for one that answers)
-  --cluster-token-file F    the router's cluster token
+  --cluster-token-file F    the cluster token (first line of F): sent to the router and with
+                            every call to the attention nodes, which refuse calls without it
   --model DIR               checkpoint directory: config.json (model limits) and, if present,
                             tokenizer.json for text prompts and Chat, and the chat template
                             (tokenizer_config.json's chat_template, or chat_template.jinja;
@@ -117,8 +119,7 @@ absl::StatusOr<Setup> LoadSetup(const Flags& f) {
     return absl::InvalidArgumentError("--attention: no address");
   }
   if (f.Has("cluster-token-file")) {
-    ASSIGN_OR_RETURN(s.cluster_token,
-                     router::ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
+    ASSIGN_OR_RETURN(s.cluster_token, ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
   }
   s.o.model_id = f.StringOr("model-id", "dmoe");
   RETURN_IF_ERROR(LoadModelParts(f, &s));
@@ -239,7 +240,7 @@ int Main(int argc, char** argv) {
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   HttpFrontOptions http = setup->http;
   GatewayMetricSet metric_set(&metrics, setup->o.model_id, &setup->o, &http.metrics);
-  NodePool pool(setup->nodes);
+  NodePool pool(setup->nodes, std::chrono::milliseconds(50), setup->cluster_token);
   PoolWatcher watcher(&pool, &metrics, &metric_set, *flags, setup->cluster_token);
   watcher.Start();
   GatewayService service(&pool, setup->keys.get(), setup->o);

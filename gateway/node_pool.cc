@@ -4,12 +4,14 @@
 
 #include <algorithm>
 
+#include "common/cluster_token.h"
 #include "common/mutex.h"
 
 namespace dmoe::gateway {
 
-NodePool::NodePool(const std::vector<std::string>& addresses, std::chrono::milliseconds poll)
-    : poll_(poll) {
+NodePool::NodePool(const std::vector<std::string>& addresses, std::chrono::milliseconds poll,
+                   std::string cluster_token)
+    : poll_(poll), cluster_token_(std::move(cluster_token)) {
   nodes_.reserve(kMaxNodes);
   for (const std::string& a : addresses) Add(a);
   Poll();  // a first view before serving
@@ -81,6 +83,7 @@ void NodePool::Poll() {
   for (Node* n : nodes) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    AddClusterToken(&ctx, cluster_token_);
     internal::GetLoadReply reply;
     const grpc::Status st = n->stub->GetLoad(&ctx, internal::GetLoadRequest(), &reply);
     MutexLock l(&mu_);

@@ -22,8 +22,10 @@ namespace dmoe::gateway {
 
 class NodePool {
  public:
+  // `cluster_token` (common/cluster_token.h) goes with every call to a node; empty: none.
   explicit NodePool(const std::vector<std::string>& addresses,
-                    std::chrono::milliseconds poll = std::chrono::milliseconds(50));
+                    std::chrono::milliseconds poll = std::chrono::milliseconds(50),
+                    std::string cluster_token = "");
   ~NodePool();
   // A node to send a request to, not in `exclude`: a healthy one; when none is, one that is only
   // late (panic mode); -1 when every node is excluded or refused.
@@ -32,6 +34,7 @@ class NodePool {
     return nodes_[static_cast<size_t>(i)]->stub.get();
   }
   const std::string& address(int i) const { return nodes_[static_cast<size_t>(i)]->address; }
+  const std::string& cluster_token() const { return cluster_token_; }
   size_t size() const {
     MutexLock l(&mu_);
     return nodes_.size();
@@ -75,6 +78,7 @@ class NodePool {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::mt19937 rng_ ABSL_GUARDED_BY(mu_){12345};
   std::chrono::milliseconds poll_;
+  const std::string cluster_token_;
   std::thread poller_;
 };
 

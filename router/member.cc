@@ -20,14 +20,6 @@ int64_t NowNs() {
 
 }  // namespace
 
-absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError("--cluster-token-file: cannot open");
-  std::string token;
-  std::getline(in, token);
-  return token;
-}
-
 std::string AdvertisedAddress(const std::string& listen_address, const std::string& host) {
   const size_t colon = listen_address.rfind(':');
   if (host.empty() || colon == std::string::npos) return listen_address;
@@ -47,8 +39,7 @@ RouterMember::RouterMember(MemberOptions options) : options_(std::move(options))
 RouterMember::~RouterMember() { Stop(); }
 
 void RouterMember::Authorize(grpc::ClientContext* ctx) const {
-  if (!options_.cluster_token.empty())
-    ctx->AddMetadata("x-dmoe-cluster-token", options_.cluster_token);
+  AddClusterToken(ctx, options_.cluster_token);
   ctx->set_deadline(std::chrono::system_clock::now() + options_.rpc_deadline);
 }
 
@@ -58,9 +49,7 @@ void RouterMember::StartWatch(bool targets,
     bool warned = false;
     while (!stop_) {
       grpc::ClientContext ctx;
-      if (!options_.cluster_token.empty()) {
-        ctx.AddMetadata("x-dmoe-cluster-token", options_.cluster_token);
-      }
+      AddClusterToken(&ctx, options_.cluster_token);
       {
         MutexLock l(&watch_mu_);
         if (stop_) break;

@@ -15,14 +15,12 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "common/cluster_token.h"
 #include "common/mutex.h"
 #include "proto/router.grpc.pb.h"
 
 namespace dmoe::router {
 
-// The cluster token in the first line of `path` (--cluster-token-file); NOT_FOUND naming the flag
-// when it cannot be read.
-absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path);
 // `listen_address` ("HOST:PORT", e.g. 0.0.0.0:50051) with HOST replaced by `host` when it is not
 // empty: what other nodes should dial (--advertise-host).
 std::string AdvertisedAddress(const std::string& listen_address, const std::string& host);

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <thread>
 
+#include "common/cluster_token.h"
 #include "common/queued_writer.h"
 
 namespace dmoe::router {
@@ -18,8 +19,7 @@ grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, grpc::Status st
   return r;
 }
 
-const grpc::Status kUnauthenticated(grpc::StatusCode::UNAUTHENTICATED,
-                                    "missing or wrong x-dmoe-cluster-token");
+const grpc::Status kUnauthenticated = Unauthenticated();
 
 // Streams the current map, then every change, until the client goes away: active maps, or (for
 // expert shards) targets with the active version.
@@ -62,10 +62,7 @@ class Watch : public QueuedWriter<internal::PlacementUpdate> {
 }  // namespace
 
 bool RouterServiceImpl::Authorized(grpc::CallbackServerContext* ctx) const {
-  if (token_.empty()) return true;
-  auto it = ctx->client_metadata().find("x-dmoe-cluster-token");
-  return it != ctx->client_metadata().end() &&
-         std::string(it->second.data(), it->second.size()) == token_;
+  return CallAuthorized(*ctx, token_);
 }
 
 internal::PlacementUpdate RouterServiceImpl::ToProto(const PlacementMap& m,

@@ -6,9 +6,11 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <thread>
 
 #include "attention_service/local_model.h"
+#include "common/cluster_token.h"
 #include "gtest/gtest.h"
 #include "model/tiny_model.h"
 
@@ -60,6 +62,17 @@ Summary Summarize(const std::vector<Result>& results, const Prompts& expected) {
 
 std::string Cluster::Path(const std::string& f) const { return TmpDir() + "/" + name_ + "_" + f; }
 
+void Cluster::UseClusterToken(const std::string& token) {
+  token_ = token;
+  token_file_ = Path("cluster_token");
+  std::ofstream(token_file_) << token << "\n";
+}
+
+std::vector<std::string> Cluster::TokenFlags() const {
+  if (token_.empty()) return {};
+  return {"--cluster-token-file", token_file_};
+}
+
 void Cluster::StartRouter(std::vector<std::string> extra, const std::string& listen) {
   const std::string ready = Path("router" + std::to_string(router_starts_) + ".json");
   std::vector<std::string> argv = {Runfile("router/dmoe-router"),
@@ -73,6 +86,7 @@ void Cluster::StartRouter(std::vector<std::string> extra, const std::string& lis
                                    "1500"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   router_extra_ = extra;
+  for (const std::string& a : TokenFlags()) argv.push_back(a);
   router_ = ChildProcess(argv, Path("router" + std::to_string(router_starts_++) + ".log"));
   auto info = WaitForReadyFile(ready, std::chrono::seconds(30));
   ASSERT_FALSE(info.empty()) << router_.Log();
@@ -104,9 +118,11 @@ void Cluster::AddShard(int capacity, std::vector<std::string> extra) {
                                    "--ready-file",
                                    ready};
   argv.insert(argv.end(), extra.begin(), extra.end());
+  for (const std::string& a : TokenFlags()) argv.push_back(a);
   shards_.emplace_back(argv, Path("shard" + std::to_string(i) + ".log"));
   auto info = WaitForReadyFile(ready, std::chrono::seconds(30));
   ASSERT_FALSE(info.empty()) << shards_.back().Log();
+  shard_info_.push_back(info);
   shard_stubs_.push_back(internal::ExpertControl::NewStub(
       grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials())));
 }
@@ -131,9 +147,11 @@ void Cluster::StartAttention(std::vector<std::string> extra) {
                                    "--ready-file",
                                    ready};
   argv.insert(argv.end(), extra.begin(), extra.end());
+  for (const std::string& a : TokenFlags()) argv.push_back(a);
   attention_ = ChildProcess(argv, Path("attention.log"));
   auto info = WaitForReadyFile(ready, std::chrono::seconds(60));
   ASSERT_FALSE(info.empty()) << attention_.Log();
+  attention_address_ = info["grpc"];
   stub_ = internal::AttentionService::NewStub(
       grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials()));
 }
@@ -143,6 +161,7 @@ uint64_t Cluster::WaitForActive(uint64_t above, std::chrono::seconds timeout) {
   while (Clock::now() < until) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    AddClusterToken(&ctx, token_);
     internal::ListNodesReply reply;
     if (router_stub_->ListNodes(&ctx, internal::ListNodesRequest(), &reply).ok() &&
         reply.placement_version() > above) {
@@ -158,6 +177,7 @@ std::vector<double> Cluster::ShardTokens() {
   for (auto& stub : shard_stubs_) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    AddClusterToken(&ctx, token_);
     internal::GetStatsReply s;
     out.push_back(stub->GetStats(&ctx, internal::GetStatsRequest(), &s).ok()
                       ? static_cast<double>(s.pairs())
@@ -168,15 +188,16 @@ std::vector<double> Cluster::ShardTokens() {
 
 namespace {
 
-void Stream(internal::AttentionService::Stub* stub, const std::vector<int32_t>& prompt,
-            int max_tokens, std::chrono::seconds deadline, std::atomic<int>* streamed,
-            Result* result) {
+void Stream(internal::AttentionService::Stub* stub, const std::string& token,
+            const std::vector<int32_t>& prompt, int max_tokens, std::chrono::seconds deadline,
+            std::atomic<int>* streamed, Result* result) {
   internal::GenerateRequest req;
   for (int32_t t : prompt) req.add_prompt_token_ids(t);
   req.mutable_sampling()->set_max_tokens(max_tokens);
   req.mutable_sampling()->set_ignore_eos(true);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+  AddClusterToken(&ctx, token);
   auto reader = stub->Generate(&ctx, req);
   internal::GenerateResponse r;
   auto last = Clock::now();
@@ -204,7 +225,7 @@ std::vector<Result> Cluster::Run(const Prompts& prompts, int max_tokens, int tri
   std::vector<std::thread> clients;
   for (size_t i = 0; i < prompts.size(); ++i) {
     clients.emplace_back([&, i] {
-      Stream(stub_.get(), prompts[i], max_tokens, request_deadline, &streamed, &results[i]);
+      Stream(stub_.get(), token_, prompts[i], max_tokens, request_deadline, &streamed, &results[i]);
       ++finished;
     });
   }

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -48,6 +49,9 @@ class Cluster {
  public:
   Cluster(std::string name, std::string model) : name_(std::move(name)), model_(std::move(model)) {}
 
+  // Every process started from now on gets --cluster-token-file with `token`, and the harness's
+  // own calls carry it.
+  void UseClusterToken(const std::string& token);
   // Each Start/Add fails the test (with the process's log) when the process does not come up.
   void StartRouter(std::vector<std::string> extra, const std::string& listen = "127.0.0.1:0");
   // Kills the router (SIGKILL) and starts it again on the same address.
@@ -67,12 +71,22 @@ class Cluster {
                           std::chrono::seconds request_deadline = std::chrono::seconds(90));
 
   ChildProcess& shard(int i) { return shards_[static_cast<size_t>(i)]; }
+  // A shard's ready-file fields ("grpc", "ucx", "ucx_worker", "pid"), the attention node's gRPC.
+  const std::map<std::string, std::string>& shard_info(int i) const {
+    return shard_info_[static_cast<size_t>(i)];
+  }
+  const std::string& attention_address() const { return attention_address_; }
   ChildProcess& attention() { return attention_; }
   std::string Path(const std::string& f) const;
 
  private:
+  // --cluster-token-file F when a token is in use.
+  std::vector<std::string> TokenFlags() const;
   std::string name_;
   std::string model_;
+  std::string token_, token_file_;
+  std::vector<std::map<std::string, std::string>> shard_info_;
+  std::string attention_address_;
   ChildProcess router_;
   int router_starts_ = 0;
   std::vector<std::string> router_extra_;

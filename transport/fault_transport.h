@@ -128,10 +128,15 @@ class FaultInjectingClient : public transport::ClientTransport {
     }
     if (open.empty()) {
       // Only held (or withheld) replies: nothing completes before a release or `until`.
-      MutexLock l(&mu_);
-      while (!released_ && !hold_released_ && cv_.WaitUntil(&mu_, until)) {
+      {
+        MutexLock l(&mu_);
+        while (cv_.WaitUntil(&mu_, until)) {
+          bool all_held = true;
+          for (size_t i = 0; i < n && all_held; ++i) all_held = HeldLocked(ids[i]);
+          if (!all_held) break;
+        }
       }
-      return -1;
+      return transport::Clock::now() >= until ? -1 : WaitAny(ids, n, until);
     }
     const int i = real_->WaitAny(open.data(), open.size(), until);
     return i < 0 ? -1 : index[static_cast<size_t>(i)];
@@ -217,6 +222,9 @@ class FaultInjectingClient : public transport::ClientTransport {
   // Whether `id`'s reply is being kept from the caller (withheld, or held and not released).
   bool Held(uint64_t id) const {
     MutexLock l(&mu_);
+    return HeldLocked(id);
+  }
+  bool HeldLocked(uint64_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto it = fault_of_id_.find(id);
     if (it == fault_of_id_.end()) return false;
     if (it->second == Fault::kWithholdReply) return !released_;

@@ -70,6 +70,10 @@ struct ServerStats {
   uint64_t bytes_out = 0;
   uint64_t dropped_replies = 0;  // the client had gone
   uint64_t peer_errors = 0;
+  // With a cluster token: client endpoints whose hello did not carry it, and the requests that
+  // came on endpoints that had not presented it (dropped unanswered).
+  uint64_t refused_peers = 0;
+  uint64_t refused_requests = 0;
 };
 
 // Server side. Receive is for one consumer thread; Reply is thread-safe.

@@ -7,6 +7,8 @@
 // UCX's own sockaddr listener aborts the process on malformed input), and the client then connects
 // by worker address. Both work with any UCX_TLS (e.g. sm,self). A server's Listen returns
 // "HOST:PORT"; WorkerAddress() gives its "ucx-addr:HEX" form.
+// Every client endpoint opens with a hello (kAmHello: the client's worker address, with the
+// cluster token as its header).
 // Peer failure (UCP_ERR_HANDLING_MODE_PEER) fails that peer's in-flight requests at once; a hung
 // peer is caught by the caller's deadline.
 #ifndef DMOE_TRANSPORT_UCX_H_
@@ -20,14 +22,17 @@
 
 namespace dmoe::transport {
 
-absl::StatusOr<std::unique_ptr<ClientTransport>> NewUcxClient();
+// `cluster_token` (common/cluster_token.h) goes with the hello of every endpoint it opens.
+absl::StatusOr<std::unique_ptr<ClientTransport>> NewUcxClient(std::string cluster_token = "");
 
 class UcxServer : public ServerTransport {
  public:
   // "ucx-addr:HEX" of the worker, valid after Listen.
   virtual std::string WorkerAddress() const = 0;
 };
-absl::StatusOr<std::unique_ptr<UcxServer>> NewUcxServer();
+// With a `cluster_token`, a client endpoint is served only once its hello carried that token;
+// requests on any other endpoint are dropped unanswered and counted (ServerStats::refused_*).
+absl::StatusOr<std::unique_ptr<UcxServer>> NewUcxServer(std::string cluster_token = "");
 
 }  // namespace dmoe::transport
 

@@ -24,6 +24,7 @@ namespace {
 
 class UcxClient : public ClientTransport, public UcxWorker {
  public:
+  explicit UcxClient(std::string token) : token_(std::move(token)) {}
   ~UcxClient() override {
     // Destruction: no other thread uses the peers any more (and the UCX calls below run the
     // callbacks that take mu_, so it cannot be held here).
@@ -118,8 +119,10 @@ class UcxClient : public ClientTransport, public UcxWorker {
       std::memset(&prm, 0, sizeof(prm));
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       prm.flags = UCP_AM_SEND_FLAG_REPLY;
-      void* req = ucp_am_send_nbx(handle, kAmHello, nullptr, 0, hello_.data(), hello_.size(), &prm);
-      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);  // released once sent; hello_ outlives it
+      void* req = ucp_am_send_nbx(handle, kAmHello, token_.data(), token_.size(), hello_.data(),
+                                  hello_.size(), &prm);
+      // Released once sent; hello_ and token_ outlive it.
+      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
       MutexLock l(&mu_);
       // Worker addresses are long; messages show a prefix.
       peers_.push_back(Peer{
@@ -228,8 +231,16 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   int WaitAny(const uint64_t* ids, size_t n, Clock::time_point until) override {
-    // As Wait: progress on this thread for a short while (replies of a decode step come within
-    // microseconds), then sleep on the completion signal.
+    // As Wait: progress on this thread for a while (replies of a decode step come within
+    // microseconds; a large exchange takes about 1 us per KiB), then sleep on the completion
+    // signal.
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const Slot* probe = slots_.At(ids[i]);
+      if (probe != nullptr && probe->live.load(std::memory_order_acquire) == ids[i]) {
+        bytes = std::max(bytes, probe->request_bytes.load(std::memory_order_relaxed));
+      }
+    }
     auto finished = [&]() -> bool {
       for (size_t i = 0; i < n; ++i) {
         const Slot* probe = slots_.At(ids[i]);
@@ -240,7 +251,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       }
       return false;
     };
-    SpinProgress(SpinTime(), finished, until);
+    SpinProgress(SpinTime() + ExchangeSpin(bytes), finished, until);
     MutexLock l(&mu_);
     for (;;) {
       for (size_t i = 0; i < n; ++i) {
@@ -418,6 +429,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   std::vector<uint8_t> hello_;  // this worker's address, sent as kAmHello
+  std::string token_;           // the cluster token: the hello's header
   Mutex mu_;
   CondVar cv_;
   std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
@@ -428,8 +440,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
 }  // namespace
 }  // namespace ucx_internal
 
-absl::StatusOr<std::unique_ptr<ClientTransport>> NewUcxClient() {
-  auto c = std::make_unique<ucx_internal::UcxClient>();
+absl::StatusOr<std::unique_ptr<ClientTransport>> NewUcxClient(std::string cluster_token) {
+  auto c = std::make_unique<ucx_internal::UcxClient>(std::move(cluster_token));
   if (auto s = c->Start(); !s.ok()) return s;
   return std::unique_ptr<ClientTransport>(std::move(c));
 }

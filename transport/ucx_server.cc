@@ -17,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/mutex.h"
+#include "common/secret_compare.h"
 #include "transport/buffer_pool.h"
 #include "transport/slot_table.h"
 #include "transport/ucx.h"
@@ -28,6 +29,7 @@ namespace {
 
 class UcxServerImpl : public UcxServer, public UcxWorker {
  public:
+  explicit UcxServerImpl(std::string token) : token_(std::move(token)) {}
   ~UcxServerImpl() override { Shutdown(); }
 
   absl::Status Start() {
@@ -235,8 +237,10 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   // client's requests arrive on; an unpaired one (the pairing counters of the two workers
   // disagree, e.g. a hello lost with a failed endpoint) is closed, and that client's replies go
   // through reply_ep as UCX made it.
-  static ucs_status_t OnHello(void* arg, const void*, size_t, void* data, size_t length,
-                              const ucp_am_recv_param_t* param) {
+  // With a cluster token, the hello's header must be it: then (and only then) the endpoint's
+  // requests are served (authorized_).
+  static ucs_status_t OnHello(void* arg, const void* header, size_t header_length, void* data,
+                              size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<UcxServerImpl*>(arg);
     const ucp_ep_h reply_ep = param->reply_ep;
     if (reply_ep == nullptr || length == 0 || length > kMaxHello ||
@@ -244,6 +248,15 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       MutexLock l(&self->mu_);
       ++self->stats_.peer_errors;
       return UCS_OK;
+    }
+    if (!self->token_.empty()) {
+      const std::string presented(static_cast<const char*>(header), header_length);
+      MutexLock l(&self->mu_);
+      if (!ConstantTimeEquals(self->token_, presented)) {
+        ++self->stats_.refused_peers;
+        return UCS_OK;
+      }
+      self->authorized_.insert(reply_ep);
     }
     const auto* bytes = static_cast<const uint8_t*>(data);
     self->RunAsync([self, reply_ep, address = std::vector<uint8_t>(bytes, bytes + length)] {
@@ -274,6 +287,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       MutexLock l(&self->mu_);
       ++self->stats_.peer_errors;
       self->live_eps_.erase(ep);
+      self->authorized_.erase(ep);
       // Requests of the dead client can no longer be answered; mark them now, because a later
       // endpoint may reuse this handle's address.
       for (Pending& p : self->pending_.slots()) {
@@ -338,9 +352,11 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     Pending* p = nullptr;
     {
       MutexLock l(&self->mu_);
-      if (valid) p = self->pending_.Allocate();
-      if (p == nullptr) {  // malformed, or more requests in flight than slots: drop it
-        ++self->stats_.peer_errors;
+      const bool refused =
+          valid && !self->token_.empty() && self->authorized_.count(param->reply_ep) == 0;
+      if (valid && !refused) p = self->pending_.Allocate();
+      if (p == nullptr) {  // malformed, unauthorized, or more in flight than slots: drop it
+        ++(refused ? self->stats_.refused_requests : self->stats_.peer_errors);
         if (rndv) ucp_am_data_release(self->worker_, data);
         if (bytes.capacity() > 0) self->pool_.Release(std::move(bytes));
         return UCS_OK;
@@ -419,6 +435,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   std::vector<ServerRequest> queue_ ABSL_GUARDED_BY(mu_);
   SlotTable<Pending> pending_{kMaxPending};
   std::set<ucp_ep_h> live_eps_ ABSL_GUARDED_BY(mu_);
+  const std::string token_;  // the cluster token ("": every client is served)
+  std::set<ucp_ep_h> authorized_ ABSL_GUARDED_BY(mu_);  // endpoints whose hello had the token
   // Failed, closed once their last reply send is done.
   std::set<ucp_ep_h> closing_ ABSL_GUARDED_BY(mu_);
   ServerStats stats_ ABSL_GUARDED_BY(mu_);
@@ -428,8 +446,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
 }  // namespace
 }  // namespace ucx_internal
 
-absl::StatusOr<std::unique_ptr<UcxServer>> NewUcxServer() {
-  auto s = std::make_unique<ucx_internal::UcxServerImpl>();
+absl::StatusOr<std::unique_ptr<UcxServer>> NewUcxServer(std::string cluster_token) {
+  auto s = std::make_unique<ucx_internal::UcxServerImpl>(std::move(cluster_token));
   if (auto st = s->Start(); !st.ok()) return st;
   return std::unique_ptr<UcxServer>(std::move(s));
 }

@@ -18,7 +18,10 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "proto/attention.grpc.pb.h"
+#include "proto/expert_control.grpc.pb.h"
 #include "tests/cluster_harness.h"
+#include "transport/ucx.h"
 
 namespace dmoe {
 namespace {
@@ -166,6 +169,81 @@ TEST_F(Faults, SlowShardWithReplicas) {
   EXPECT_EQ(s.ok, kStreams);
   EXPECT_EQ(s.identical, kStreams);
   EXPECT_LT(s.longest_gap, 2.0) << "a stream waited out the expert deadline";
+}
+
+// The inner doors: with a cluster token, the attention node's API and the shards' control API
+// refuse callers without it (UNAUTHENTICATED), a UCX peer without it is refused and counted, and
+// the cluster still serves.
+TEST_F(Faults, InnerDoorsRefuseCallersWithoutTheToken) {
+  Cluster c("doors", *g_model);
+  c.UseClusterToken("doors-7f3a91c2e4b5");
+  Start(&c);
+  auto attention = internal::AttentionService::NewStub(
+      grpc::CreateChannel(c.attention_address(), grpc::InsecureChannelCredentials()));
+  auto shard = internal::ExpertControl::NewStub(
+      grpc::CreateChannel(c.shard_info(0).at("grpc"), grpc::InsecureChannelCredentials()));
+  int refused = 0;
+  for (const std::string token : {"", "doors-7f3a91c2e4b6"}) {
+    auto call = [&](auto&& f) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+      if (!token.empty()) ctx.AddMetadata("x-dmoe-cluster-token", token);
+      const grpc::Status st = f(&ctx);
+      EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED) << st.error_message();
+      refused += st.error_code() == grpc::StatusCode::UNAUTHENTICATED;
+    };
+    call([&](grpc::ClientContext* ctx) {
+      internal::GetLoadReply r;
+      return attention->GetLoad(ctx, internal::GetLoadRequest(), &r);
+    });
+    call([&](grpc::ClientContext* ctx) {
+      internal::CancelReply r;
+      return attention->Cancel(ctx, internal::CancelRequest(), &r);
+    });
+    call([&](grpc::ClientContext* ctx) {
+      internal::GenerateRequest req;
+      req.add_prompt_token_ids(5);
+      req.mutable_sampling()->set_max_tokens(4);
+      auto reader = attention->Generate(ctx, req);
+      internal::GenerateResponse r;
+      while (reader->Read(&r)) {
+      }
+      return reader->Finish();
+    });
+    call([&](grpc::ClientContext* ctx) {
+      internal::GetInfoReply r;
+      return shard->GetInfo(ctx, internal::GetInfoRequest(), &r);
+    });
+    call([&](grpc::ClientContext* ctx) {
+      internal::GetStatsReply r;
+      return shard->GetStats(ctx, internal::GetStatsRequest(), &r);
+    });
+  }
+  // A UCX peer without the token: its request is dropped unanswered.
+  auto ucx = transport::NewUcxClient();
+  ASSERT_TRUE(ucx.ok()) << ucx.status();
+  auto peer = (*ucx)->Connect(c.shard_info(0).at("ucx"));
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  auto id = (*ucx)->Post(*peer, std::vector<uint8_t>(64, 0));
+  ASSERT_TRUE(id.ok()) << id.status();
+  std::vector<uint8_t> reply;
+  EXPECT_EQ(
+      (*ucx)->Wait(*id, transport::Clock::now() + std::chrono::milliseconds(500), &reply).code(),
+      absl::StatusCode::kDeadlineExceeded);
+  // The cluster, whose own calls carry the token, still serves.
+  const Summary s = Record("cluster token on (10 refused gRPC calls, 1 refused UCX peer)",
+                           c.Run(*g_prompts, kTokens, 0, nullptr));
+  EXPECT_EQ(refused, 10);
+  EXPECT_EQ(s.identical, kStreams);
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("x-dmoe-cluster-token", "doors-7f3a91c2e4b5");
+  internal::GetStatsReply stats;
+  ASSERT_TRUE(shard->GetStats(&ctx, internal::GetStatsRequest(), &stats).ok());
+  std::printf("shard 0: %llu refused UCX peers, %llu refused requests\n",
+              static_cast<unsigned long long>(stats.refused_peers()),
+              static_cast<unsigned long long>(stats.refused_requests()));
+  EXPECT_EQ(stats.refused_peers(), 1u);
+  EXPECT_EQ(stats.refused_requests(), 1u);
 }
 
 }  // namespace

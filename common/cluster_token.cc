@@ -1,0 +1,44 @@
+#include "common/cluster_token.h"
+
+#include <fstream>
+
+#include "common/secret_compare.h"
+
+namespace dmoe {
+
+absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError("--cluster-token-file: cannot open " + path);
+  std::string token;
+  std::getline(in, token);
+  while (!token.empty() && (token.back() == '\r' || token.back() == ' ' || token.back() == '\t')) {
+    token.pop_back();
+  }
+  if (token.empty()) {
+    return absl::InvalidArgumentError("--cluster-token-file: the first line of " + path +
+                                      " is empty");
+  }
+  return token;
+}
+
+bool TokenMatches(const std::string& token, const std::string& presented) {
+  return token.empty() || ConstantTimeEquals(token, presented);
+}
+
+bool CallAuthorized(const grpc::ServerContextBase& ctx, const std::string& token) {
+  if (token.empty()) return true;
+  auto it = ctx.client_metadata().find(kClusterTokenHeader);
+  if (it == ctx.client_metadata().end()) return false;
+  return TokenMatches(token, std::string(it->second.data(), it->second.size()));
+}
+
+grpc::Status Unauthenticated() {
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      std::string("missing or wrong ") + kClusterTokenHeader);
+}
+
+void AddClusterToken(grpc::ClientContext* ctx, const std::string& token) {
+  if (!token.empty()) ctx->AddMetadata(kClusterTokenHeader, token);
+}
+
+}  // namespace dmoe
