@@ -2,8 +2,12 @@
 // labels, every container has probes and resource requests, container ports match the flags the
 // services listen on, Services select existing pods, the HPA targets the expert StatefulSet, and
 // (gpu) expert/attention pods request GPUs, RDMA devices and hugepages; expert/attention pods give
-// OpenBLAS as many threads as CPUs they request.
-// Usage: kubectl kustomize OVERLAY | node check_manifests.js OVERLAY_NAME
+// OpenBLAS as many threads as CPUs they request; every pod and container is locked down (non-root,
+// read-only root filesystem, no privilege escalation, capabilities dropped, seccomp
+// RuntimeDefault); NetworkPolicies let only the gateway reach attention nodes and only attention
+// nodes reach shards; UCX's TCP port range is set and declared; the HPA's metric is the one the
+// prometheus-adapter rule serves.
+// Usage: kubectl kustomize OVERLAY | node check_manifests.js OVERLAY_NAME ADAPTER_VALUES_YAML
 const yaml = require("js-yaml");
 const input = require("fs").readFileSync(0, "utf8");
 const objs = yaml.loadAll(input).filter(Boolean);
@@ -90,8 +94,62 @@ for (const w of workloads.filter((w) => ["dmoe-expert", "dmoe-attention", "dmoe-
     if (!/--cluster-token-file[ =]\/secrets\/cluster-token/.test(args)) fail(`${w.metadata.name}: no cluster token`);
   }
 }
+// Lock-down of every pod and container (init containers too).
+for (const w of workloads) {
+  const name = `${w.kind}/${w.metadata.name}`;
+  const pod = w.spec.template.spec;
+  const psc = pod.securityContext || {};
+  if (psc.runAsNonRoot !== true || !(psc.runAsUser > 0)) fail(`${name}: pods must run as a non-root user`);
+  if (!psc.seccompProfile || psc.seccompProfile.type !== "RuntimeDefault") fail(`${name}: seccomp RuntimeDefault`);
+  for (const c of [...(pod.initContainers || []), ...pod.containers]) {
+    const sc = c.securityContext || {};
+    if (sc.allowPrivilegeEscalation !== false) fail(`${name}/${c.name}: allowPrivilegeEscalation must be false`);
+    if (sc.readOnlyRootFilesystem !== true) fail(`${name}/${c.name}: readOnlyRootFilesystem must be true`);
+    if (!sc.capabilities || !(sc.capabilities.drop || []).includes("ALL")) fail(`${name}/${c.name}: capabilities must drop ALL`);
+    const extra = (sc.capabilities && sc.capabilities.add) || [];
+    if (extra.some((x) => x !== "IPC_LOCK") || (extra.length && overlay !== "gpu-rdma")) fail(`${name}/${c.name}: capabilities added: ${extra}`);
+    if (sc.privileged) fail(`${name}/${c.name}: privileged`);
+  }
+}
+// NetworkPolicies: default deny, then who reaches whom.
+const policies = byKind("NetworkPolicy");
+const policyFor = (app) => policies.filter((p) => matches(p.spec.podSelector.matchLabels, {app, "app.kubernetes.io/part-of": "dmoe"}));
+if (!policies.some((p) => (p.spec.podSelector.matchLabels || {})["app.kubernetes.io/part-of"] === "dmoe" && !p.spec.ingress)) fail("no default-deny NetworkPolicy over the dmoe pods");
+const allowedFrom = (app, port) => policyFor(app).flatMap((p) => (p.spec.ingress || []).filter((r) => (r.ports || []).some((x) => x.port === port)).flatMap((r) => (r.from || [{any: true}])));
+const onlyFrom = (app, port, from) => {
+  const peers = allowedFrom(app, port);
+  if (peers.length === 0) fail(`${app}: nothing may reach port ${port}`);
+  for (const p of peers) {
+    if (p.any || !p.podSelector || p.namespaceSelector || (p.podSelector.matchLabels || {}).app !== from) fail(`${app}: port ${port} is open to more than ${from}`);
+  }
+};
+onlyFrom("dmoe-attention", "grpc", "dmoe-gateway");
+onlyFrom("dmoe-expert", "grpc", "dmoe-attention");
+onlyFrom("dmoe-expert", "ucx", "dmoe-attention");
+// UCX's TCP ports: a fixed range, declared on the shards' Service.
+const cfg = byKind("ConfigMap").find((m) => m.metadata.name.startsWith("dmoe-config"));
+const range = cfg && cfg.data && cfg.data.UCX_TCP_PORT_RANGE;
+const rm = (range || "").match(/^(\d+)-(\d+)$/);
+if (!rm) fail("dmoe-config: UCX_TCP_PORT_RANGE must be LO-HI");
+const expertSvc = byKind("Service").find((s) => s.metadata.name === "dmoe-expert");
+for (let p = rm ? Number(rm[1]) : 0; rm && p <= Number(rm[2]); ++p) {
+  if (!expertSvc || !expertSvc.spec.ports.some((x) => x.port === p)) fail(`Service/dmoe-expert: UCX port ${p} is not declared`);
+}
+// The secret holds both files.
+const secret = byKind("Secret").find((s) => s.metadata.name.startsWith("dmoe-secrets"));
+for (const k of ["api-keys", "cluster-token"]) {
+  if (!secret || !secret.data || !secret.data[k]) fail(`Secret dmoe-secrets: no ${k}`);
+}
 const hpa = byKind("HorizontalPodAutoscaler");
 if (hpa.length !== 1 || hpa[0].spec.scaleTargetRef.kind !== "StatefulSet" || hpa[0].spec.scaleTargetRef.name !== "dmoe-expert") fail("the HPA must target the dmoe-expert StatefulSet");
+// The HPA scales on the metric the adapter rule serves, from a series the shards export.
+const adapter = yaml.load(require("fs").readFileSync(process.argv[3], "utf8"));
+const served = ((adapter.rules || {}).custom || []).map((r) => r.name && r.name.as);
+for (const h of hpa) {
+  for (const m of h.spec.metrics || []) {
+    if (m.type === "Pods" && !served.includes(m.pods.metric.name)) fail(`HPA metric ${m.pods.metric.name} is not served by the prometheus-adapter rule`);
+  }
+}
 const pdb = byKind("PodDisruptionBudget");
 if (pdb.length !== 1 || !matches(pdb[0].spec.selector.matchLabels, (workloads.find((w) => w.metadata.name === "dmoe-expert") || {spec: {template: {metadata: {}}}}).spec.template.metadata.labels)) fail("the PDB must select the expert shards");
 if (errors.length) {
