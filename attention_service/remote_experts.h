@@ -71,8 +71,10 @@ struct HedgeOptions {
   std::chrono::microseconds floor{2000};     // never sooner than this
   std::chrono::microseconds initial{50000};  // before a shard has 16 round trips on record
   // A shard that loses this many races in a row (a hedge answered first) is set aside: it gets
-  // work only where no other replica is live, until its late reply (the probe) arrives.
-  int set_aside_after = 2;
+  // work only where no other replica is live, until its late reply (the probe) arrives. One: a
+  // shard that was merely slow once is back as soon as that reply comes (milliseconds), while a
+  // stopped one costs each stream a single hedge delay.
+  int set_aside_after = 1;
 };
 
 // What is known about each transport peer: failed (dead), set aside (slow), and its recent round

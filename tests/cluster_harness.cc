@@ -101,10 +101,12 @@ void Cluster::RestartRouter() {
   StartRouter(extra, router_addr_);
 }
 
-void Cluster::AddShard(int capacity, std::vector<std::string> extra) {
+void Cluster::AddShard(int capacity, std::vector<std::string> extra,
+                       std::vector<std::string> prefix) {
   const int i = static_cast<int>(shards_.size());
   const std::string ready = Path("shard" + std::to_string(i) + ".json");
-  std::vector<std::string> argv = {Runfile("expert_service/dmoe-expert"),
+  std::vector<std::string> argv = std::move(prefix);
+  const std::vector<std::string> own = {Runfile("expert_service/dmoe-expert"),
                                    "--model",
                                    model_,
                                    "--router",
@@ -117,6 +119,7 @@ void Cluster::AddShard(int capacity, std::vector<std::string> extra) {
                                    "500",
                                    "--ready-file",
                                    ready};
+  argv.insert(argv.end(), own.begin(), own.end());
   argv.insert(argv.end(), extra.begin(), extra.end());
   for (const std::string& a : TokenFlags()) argv.push_back(a);
   shards_.emplace_back(argv, Path("shard" + std::to_string(i) + ".log"));

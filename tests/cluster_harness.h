@@ -56,7 +56,10 @@ class Cluster {
   void StartRouter(std::vector<std::string> extra, const std::string& listen = "127.0.0.1:0");
   // Kills the router (SIGKILL) and starts it again on the same address.
   void RestartRouter();
-  void AddShard(int capacity, std::vector<std::string> extra = {});
+  // `prefix`: argv before the binary (e.g. {"/usr/sbin/ip", "netns", "exec", NS, "env", ...}),
+  // which must exec it (the child's PID stays the shard's).
+  void AddShard(int capacity, std::vector<std::string> extra = {},
+                std::vector<std::string> prefix = {});
   void StartAttention(std::vector<std::string> extra = {});
 
   // Waits until the router's active map has a version > `above`; 0 on timeout.

@@ -9,6 +9,7 @@
 // where a replica could answer -- no stream waited out the expert deadline (4 s here), which is
 // what every stall did before hedged dispatch.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -111,6 +112,73 @@ class Faults : public ::testing::Test {
 };
 std::string* Faults::setup_error_ = nullptr;
 
+// A network namespace joined to this one by a veth pair: this side host_ip (.1), the other ns_ip
+// (.2). Cut() partitions the two (blackhole routes both ways: this sandbox has neither netem nor
+// netfilter, and a link taken down sends the packets to the default route instead); Heal() undoes
+// it. error() says why the machine does not allow it (not root, no `ip`, no namespaces).
+class NetNs {
+ public:
+  NetNs() {
+    for (const char* p : {"/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"}) {
+      if (access(p, X_OK) == 0) ip_ = p;
+    }
+    if (ip_.empty()) {
+      error_ = "no ip(8) on this machine";
+      return;
+    }
+    const std::string id = std::to_string(getpid());
+    name_ = "dmoe-f" + id;
+    host_if_ = "dmr" + id;
+    ns_if_ = "dms" + id;
+    const std::string net = "10.213." + std::to_string(20 + getpid() % 200);
+    host_ip_ = net + ".1";
+    ns_ip_ = net + ".2";
+    for (const std::string& c :
+         {"netns add " + name_, "link add " + host_if_ + " type veth peer name " + ns_if_,
+          "link set " + ns_if_ + " netns " + name_, "addr add " + host_ip_ + "/24 dev " + host_if_,
+          "link set " + host_if_ + " up", "-n " + name_ + " addr add " + ns_ip_ + "/24 dev " + ns_if_,
+          "-n " + name_ + " link set " + ns_if_ + " up", "-n " + name_ + " link set lo up"}) {
+      if (!Ip(c)) {
+        error_ = "`ip " + c + "` failed (network namespaces need root)";
+        return;
+      }
+    }
+  }
+  ~NetNs() {
+    Ip("netns del " + name_);
+    Ip("link del " + host_if_);
+  }
+  bool Cut() {
+    return Ip("route add blackhole " + ns_ip_ + "/32") &&
+           Ip("-n " + name_ + " route add blackhole " + host_ip_ + "/32");
+  }
+  bool Heal() {
+    return Ip("route del blackhole " + ns_ip_ + "/32") &&
+           Ip("-n " + name_ + " route del blackhole " + host_ip_ + "/32");
+  }
+  // Whether tc netem (delay, loss) works here.
+  bool HasNetem() {
+    const bool ok = std::system(("tc qdisc add dev " + host_if_ +
+                                 " root netem delay 1ms > /dev/null 2>&1").c_str()) == 0;
+    if (ok) std::system(("tc qdisc del dev " + host_if_ + " root > /dev/null 2>&1").c_str());
+    return ok;
+  }
+  // argv that runs a binary inside the namespace with UCX on its side of the pair.
+  std::vector<std::string> Exec() const {
+    return {ip_, "netns", "exec", name_, "/usr/bin/env", "UCX_NET_DEVICES=" + ns_if_};
+  }
+  const std::string& error() const { return error_; }
+  const std::string& host_if() const { return host_if_; }
+  const std::string& host_ip() const { return host_ip_; }
+  const std::string& ns_ip() const { return ns_ip_; }
+
+ private:
+  bool Ip(const std::string& args) {
+    return std::system((ip_ + " " + args + " > /dev/null 2>&1").c_str()) == 0;
+  }
+  std::string ip_, name_, host_if_, ns_if_, host_ip_, ns_ip_, error_;
+};
+
 TEST_F(Faults, NoFault) {
   Cluster c("nofault", *g_model);
   Start(&c);
@@ -169,6 +237,49 @@ TEST_F(Faults, SlowShardWithReplicas) {
   EXPECT_EQ(s.ok, kStreams);
   EXPECT_EQ(s.identical, kStreams);
   EXPECT_LT(s.longest_gap, 2.0) << "a stream waited out the expert deadline";
+}
+
+// A network partition between hosts: shard 2 runs in its own network namespace, reached over a
+// veth pair (UCX over tcp, gRPC), every other process on this side. The pair is cut mid-stream:
+// the streams go on (its experts have replicas on this side); healed, the shard serves again
+// without a restart.
+TEST_F(Faults, PartitionOfAShardOnAnotherHostAndItsHealing) {
+  NetNs ns;
+  if (!ns.error().empty()) GTEST_SKIP() << "no network namespaces here: " << ns.error();
+  if (!ns.HasNetem()) {
+    std::printf("tc netem is not available on this kernel: the delay and loss variants are not run\n");
+  }
+  setenv("UCX_NET_DEVICES", ns.host_if().c_str(), 1);  // this side's processes use the pair too
+  Cluster c("partition", *g_model);
+  c.StartRouter({"--replication", "2"}, ns.host_ip() + ":0");
+  c.AddShard(48);
+  c.AddShard(48);
+  c.AddShard(48, {"--grpc-listen", ns.ns_ip() + ":0", "--ucx-listen", ns.ns_ip() + ":0"},
+             ns.Exec());
+  ASSERT_GT(c.WaitForActive(0), 0u);
+  c.StartAttention({"--expert-deadline-ms", kDeadlineMs});
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  bool cut = false;
+  const Summary s = Record("network partition of 1 of 3 shards (own netns, 2 replicas)",
+                           c.Run(*g_prompts, kTokens, kStreams * 40, [&] { cut = ns.Cut(); }));
+  ASSERT_TRUE(cut) << "could not cut the pair";
+  EXPECT_EQ(s.ok, kStreams);
+  EXPECT_EQ(s.identical, kStreams);
+  EXPECT_EQ(s.hung, 0);
+  // The cut is real: the shard's control API cannot be reached (ShardTokens reads 0 then).
+  EXPECT_EQ(c.ShardTokens()[2], 0.0) << "shard 2 still answers across the cut";
+  ASSERT_TRUE(ns.Heal());
+  std::vector<double> after = {0, 0, 0};
+  for (int round = 0; round < 20; ++round) {
+    const auto before = c.ShardTokens();
+    const Summary again = testing::Summarize(c.Run(*g_prompts, 16, 0, nullptr), {});
+    EXPECT_EQ(again.ok, kStreams);
+    after = Delta(c.ShardTokens(), before);
+    if (after[2] > 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  std::printf("after healing: pairs per shard %.0f %.0f %.0f\n", after[0], after[1], after[2]);
+  EXPECT_GT(after[2], 0) << "the healed shard got no traffic";
 }
 
 // The inner doors: with a cluster token, the attention node's API and the shards' control API
