@@ -60,6 +60,43 @@ Summary Summarize(const std::vector<Result>& results, const Prompts& expected) {
   return s;
 }
 
+Cluster::~Cluster() {
+  // In waves, each stopped together: the front, the router, the shards (which then leave at once:
+  // with the router up, each would wait for a map without it, and together they wait out 30 s).
+  std::vector<std::vector<ChildProcess*>> waves(3);
+  waves[0].push_back(&gateway_);
+  for (auto& a : attentions_) waves[0].push_back(&a);
+  waves[1].push_back(&router_);
+  for (auto& s : shards_) waves[2].push_back(&s);
+  std::vector<ChildProcess*> order;
+  for (const auto& wave : waves) {
+    for (ChildProcess* p : wave) {
+      if (p->pid() > 0) ::kill(p->pid(), SIGTERM);
+    }
+    const auto t0 = Clock::now();
+    for (ChildProcess* p : wave) {
+      if (p->pid() > 0 && p->Wait(std::chrono::seconds(15)) == -1) {
+        std::printf("%s: no exit 15 s after SIGTERM; SIGKILL\n", p->log_path().c_str());
+        p->Kill(SIGKILL);
+      }
+      order.push_back(p);
+    }
+    std::printf("stopped %zu processes in %.2f s\n", wave.size(),
+                std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  for (ChildProcess* p : order) {
+    if (p->log_path().empty()) continue;
+    const std::string log = p->Log();
+    for (const char* report :
+         {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"}) {
+      const size_t at = log.find(report);
+      if (at != std::string::npos) {
+        ADD_FAILURE() << p->log_path() << ": " << log.substr(at, 2000);
+      }
+    }
+  }
+}
+
 std::string Cluster::Path(const std::string& f) const { return TmpDir() + "/" + name_ + "_" + f; }
 
 void Cluster::UseClusterToken(const std::string& token) {
@@ -107,18 +144,18 @@ void Cluster::AddShard(int capacity, std::vector<std::string> extra,
   const std::string ready = Path("shard" + std::to_string(i) + ".json");
   std::vector<std::string> argv = std::move(prefix);
   const std::vector<std::string> own = {Runfile("expert_service/dmoe-expert"),
-                                   "--model",
-                                   model_,
-                                   "--router",
-                                   router_addr_,
-                                   "--capacity",
-                                   std::to_string(capacity),
-                                   "--node-id",
-                                   "shard-" + std::to_string(i),
-                                   "--drain-ms",
-                                   "500",
-                                   "--ready-file",
-                                   ready};
+                                        "--model",
+                                        model_,
+                                        "--router",
+                                        router_addr_,
+                                        "--capacity",
+                                        std::to_string(capacity),
+                                        "--node-id",
+                                        "shard-" + std::to_string(i),
+                                        "--drain-ms",
+                                        "500",
+                                        "--ready-file",
+                                        ready};
   argv.insert(argv.end(), own.begin(), own.end());
   argv.insert(argv.end(), extra.begin(), extra.end());
   for (const std::string& a : TokenFlags()) argv.push_back(a);
@@ -130,8 +167,9 @@ void Cluster::AddShard(int capacity, std::vector<std::string> extra,
       grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials())));
 }
 
-void Cluster::StartAttention(std::vector<std::string> extra) {
-  const std::string ready = Path("attention.json");
+void Cluster::AddAttention(std::vector<std::string> extra) {
+  const std::string n = std::to_string(attentions_.size());
+  const std::string ready = Path("attention" + n + ".json");
   std::vector<std::string> argv = {Runfile("attention_service/dmoe-attention"),
                                    "--model",
                                    model_,
@@ -151,12 +189,34 @@ void Cluster::StartAttention(std::vector<std::string> extra) {
                                    ready};
   argv.insert(argv.end(), extra.begin(), extra.end());
   for (const std::string& a : TokenFlags()) argv.push_back(a);
-  attention_ = ChildProcess(argv, Path("attention.log"));
+  attentions_.emplace_back(argv, Path("attention" + n + ".log"));
   auto info = WaitForReadyFile(ready, std::chrono::seconds(60));
-  ASSERT_FALSE(info.empty()) << attention_.Log();
+  ASSERT_FALSE(info.empty()) << attentions_.back().Log();
+  if (attentions_.size() > 1) return;
   attention_address_ = info["grpc"];
   stub_ = internal::AttentionService::NewStub(
       grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials()));
+}
+
+void Cluster::StartGateway(std::vector<std::string> extra) {
+  const std::string n = std::to_string(gateway_starts_++);
+  const std::string ready = Path("gateway" + n + ".json");
+  std::vector<std::string> argv = {Runfile("gateway/dmoe-gateway"),
+                                   "--router",
+                                   router_addr_,
+                                   "--model",
+                                   model_,
+                                   "--http-listen",
+                                   "off",
+                                   "--ready-file",
+                                   ready};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  for (const std::string& a : TokenFlags()) argv.push_back(a);
+  gateway_ = ChildProcess(argv, Path("gateway" + n + ".log"));
+  auto info = WaitForReadyFile(ready, std::chrono::seconds(30));
+  ASSERT_FALSE(info.empty()) << gateway_.Log();
+  gateway_stub_ =
+      v1::Dmoe::NewStub(grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials()));
 }
 
 uint64_t Cluster::WaitForActive(uint64_t above, std::chrono::seconds timeout) {
@@ -218,6 +278,31 @@ void Stream(internal::AttentionService::Stub* stub, const std::string& token,
   result->hung = result->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
 }
 
+// The same through the gateway's public API.
+void StreamViaGateway(v1::Dmoe::Stub* stub, const std::vector<int32_t>& prompt, int max_tokens,
+                      std::chrono::seconds deadline, std::atomic<int>* streamed, Result* result) {
+  v1::GenerateRequest req;
+  for (int32_t t : prompt) req.mutable_token_ids()->add_ids(t);
+  req.mutable_sampling()->set_max_tokens(max_tokens);
+  req.mutable_sampling()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse r;
+  auto last = Clock::now();
+  while (reader->Read(&r)) {
+    if (r.token_ids_size() == 0) continue;
+    const auto now = Clock::now();
+    result->longest_gap =
+        std::max(result->longest_gap, std::chrono::duration<double>(now - last).count());
+    last = now;
+    for (int32_t t : r.token_ids()) result->tokens.push_back(t);
+    *streamed += r.token_ids_size();
+  }
+  result->status = reader->Finish();
+  result->hung = result->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+}
+
 }  // namespace
 
 std::vector<Result> Cluster::Run(const Prompts& prompts, int max_tokens, int trigger_tokens,
@@ -228,7 +313,13 @@ std::vector<Result> Cluster::Run(const Prompts& prompts, int max_tokens, int tri
   std::vector<std::thread> clients;
   for (size_t i = 0; i < prompts.size(); ++i) {
     clients.emplace_back([&, i] {
-      Stream(stub_.get(), token_, prompts[i], max_tokens, request_deadline, &streamed, &results[i]);
+      if (gateway_stub_) {
+        StreamViaGateway(gateway_stub_.get(), prompts[i], max_tokens, request_deadline, &streamed,
+                         &results[i]);
+      } else {
+        Stream(stub_.get(), token_, prompts[i], max_tokens, request_deadline, &streamed,
+               &results[i]);
+      }
       ++finished;
     });
   }

@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "proto/attention.grpc.pb.h"
+#include "proto/dmoe/v1/dmoe.grpc.pb.h"
 #include "proto/expert_control.grpc.pb.h"
 #include "proto/router.grpc.pb.h"
 #include "tests/process_util.h"
@@ -48,6 +49,10 @@ Summary Summarize(const std::vector<Result>& results, const Prompts& expected);
 class Cluster {
  public:
   Cluster(std::string name, std::string model) : name_(std::move(name)), model_(std::move(model)) {}
+  // Stops every process still running with SIGTERM (gateway, attention nodes, shards, router; a
+  // process that has not exited 15 s later gets SIGKILL), then fails the test if a process's log
+  // holds a sanitizer report (the services built with --config=asan: leaks, memory errors, UB).
+  ~Cluster();
 
   // Every process started from now on gets --cluster-token-file with `token`, and the harness's
   // own calls carry it.
@@ -60,7 +65,13 @@ class Cluster {
   // which must exec it (the child's PID stays the shard's).
   void AddShard(int capacity, std::vector<std::string> extra = {},
                 std::vector<std::string> prefix = {});
-  void StartAttention(std::vector<std::string> extra = {});
+  // Attention nodes (each registers with the router); the harness's Run talks to the first, or
+  // to the gateway after UseGateway.
+  void StartAttention(std::vector<std::string> extra = {}) { AddAttention(std::move(extra)); }
+  void AddAttention(std::vector<std::string> extra = {});
+  // A dmoe-gateway over the router's attention nodes (a new one each call: the old one must be
+  // gone). From now on Run goes through it (dmoe.v1.Dmoe/Generate, token ids).
+  void StartGateway(std::vector<std::string> extra = {});
 
   // Waits until the router's active map has a version > `above`; 0 on timeout.
   uint64_t WaitForActive(uint64_t above, std::chrono::seconds timeout = std::chrono::seconds(20));
@@ -79,7 +90,9 @@ class Cluster {
     return shard_info_[static_cast<size_t>(i)];
   }
   const std::string& attention_address() const { return attention_address_; }
-  ChildProcess& attention() { return attention_; }
+  ChildProcess& attention(int i = 0) { return attentions_[static_cast<size_t>(i)]; }
+  ChildProcess& gateway() { return gateway_; }
+  ChildProcess& router() { return router_; }
   std::string Path(const std::string& f) const;
 
  private:
@@ -97,8 +110,11 @@ class Cluster {
   std::unique_ptr<internal::RouterService::Stub> router_stub_;
   std::vector<ChildProcess> shards_;
   std::vector<std::unique_ptr<internal::ExpertControl::Stub>> shard_stubs_;
-  ChildProcess attention_;
+  std::vector<ChildProcess> attentions_;
   std::unique_ptr<internal::AttentionService::Stub> stub_;
+  ChildProcess gateway_;
+  int gateway_starts_ = 0;
+  std::unique_ptr<v1::Dmoe::Stub> gateway_stub_;
 };
 
 double MaxOverMean(const std::vector<double>& v);

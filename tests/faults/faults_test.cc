@@ -91,19 +91,38 @@ class Faults : public ::testing::Test {
   void SetUp() override { ASSERT_EQ(*setup_error_, "") << "shared set-up failed"; }
   static std::string* setup_error_;
 
-  // Router with 2 replicas of every expert, 3 shards (`slow` adds --inject-delay-ms to shard 1),
-  // one attention node (`attention` flags added).
+  // Router with `replicas` of every expert, 3 shards (`slow` adds --inject-delay-ms to shard 1),
+  // `nodes` attention nodes (`attention` flags added).
   static void Start(Cluster* c, std::vector<std::string> attention = {},
-                    std::vector<std::string> slow = {}) {
-    c->StartRouter({"--replication", "2"});
+                    std::vector<std::string> slow = {}, int replicas = 2, int nodes = 1) {
+    c->StartRouter({"--replication", std::to_string(replicas)});
     for (int i = 0; i < 3; ++i) c->AddShard(48, i == 1 ? slow : std::vector<std::string>());
     ASSERT_GT(c->WaitForActive(0), 0u);
     attention.insert(attention.begin(), {"--expert-deadline-ms", kDeadlineMs});
-    c->StartAttention(attention);
+    for (int i = 0; i < nodes; ++i) c->AddAttention(attention);
+  }
+
+  // The prompts twice over (16 streams), and their expected outputs.
+  static const testing::Prompts& Twice(const testing::Prompts& p) {
+    static testing::Prompts* twice = nullptr;
+    static testing::Prompts* expected = nullptr;
+    if (&p == g_expected) {
+      if (expected == nullptr) {
+        expected = new testing::Prompts(*g_expected);
+        expected->insert(expected->end(), g_expected->begin(), g_expected->end());
+      }
+      return *expected;
+    }
+    if (twice == nullptr) {
+      twice = new testing::Prompts(*g_prompts);
+      twice->insert(twice->end(), g_prompts->begin(), g_prompts->end());
+    }
+    return *twice;
   }
 
   static Summary Record(const std::string& scenario, const std::vector<testing::Result>& r) {
-    const Summary s = testing::Summarize(r, *g_expected);
+    const Summary s =
+        testing::Summarize(r, r.size() > g_expected->size() ? Twice(*g_expected) : *g_expected);
     g_rows->push_back(Row{scenario, s, static_cast<int>(r.size())});
     std::printf("%s: %d/%zu completed, %d hung, longest stall %.3f s, %d equal to fault-free\n",
                 scenario.c_str(), s.ok, r.size(), s.hung, s.longest_gap, s.identical);
@@ -136,7 +155,8 @@ class NetNs {
     for (const std::string& c :
          {"netns add " + name_, "link add " + host_if_ + " type veth peer name " + ns_if_,
           "link set " + ns_if_ + " netns " + name_, "addr add " + host_ip_ + "/24 dev " + host_if_,
-          "link set " + host_if_ + " up", "-n " + name_ + " addr add " + ns_ip_ + "/24 dev " + ns_if_,
+          "link set " + host_if_ + " up",
+          "-n " + name_ + " addr add " + ns_ip_ + "/24 dev " + ns_if_,
           "-n " + name_ + " link set " + ns_if_ + " up", "-n " + name_ + " link set lo up"}) {
       if (!Ip(c)) {
         error_ = "`ip " + c + "` failed (network namespaces need root)";
@@ -158,8 +178,10 @@ class NetNs {
   }
   // Whether tc netem (delay, loss) works here.
   bool HasNetem() {
-    const bool ok = std::system(("tc qdisc add dev " + host_if_ +
-                                 " root netem delay 1ms > /dev/null 2>&1").c_str()) == 0;
+    const bool ok =
+        std::system(
+            ("tc qdisc add dev " + host_if_ + " root netem delay 1ms > /dev/null 2>&1").c_str()) ==
+        0;
     if (ok) std::system(("tc qdisc del dev " + host_if_ + " root > /dev/null 2>&1").c_str());
     return ok;
   }
@@ -239,6 +261,87 @@ TEST_F(Faults, SlowShardWithReplicas) {
   EXPECT_LT(s.longest_gap, 2.0) << "a stream waited out the expert deadline";
 }
 
+TEST_F(Faults, SigkillOneShardWithReplicas) {
+  Cluster c("kill_replicas", *g_model);
+  Start(&c);
+  const Summary s =
+      Record("SIGKILL 1 of 3 shards (2 replicas)",
+             c.Run(*g_prompts, kTokens, kStreams * 40, [&] { c.shard(1).Kill(SIGKILL); }));
+  EXPECT_EQ(s.ok, kStreams);
+  EXPECT_EQ(s.identical, kStreams);
+}
+
+// Without replicas the router moves the dead shard's experts to the survivors (lease 1.5 s):
+// streams wait (bounded) or fail with UNAVAILABLE; none hangs, every completed one is right.
+TEST_F(Faults, SigkillOneShardWithoutReplicas) {
+  Cluster c("kill_noreplicas", *g_model);
+  Start(&c, {}, {}, /*replicas=*/1);
+  const Summary s =
+      Record("SIGKILL 1 of 3 shards (no replicas)",
+             c.Run(*g_prompts, kTokens, kStreams * 40, [&] { c.shard(1).Kill(SIGKILL); }));
+  EXPECT_EQ(s.hung, 0);
+  EXPECT_EQ(s.other, 0);
+  EXPECT_EQ(s.ok + s.unavailable, kStreams);
+  EXPECT_EQ(s.identical, s.ok);
+}
+
+// The router is off the data path: killed mid-stream (and not restarted), nothing fails.
+TEST_F(Faults, SigkillRouter) {
+  Cluster c("kill_router", *g_model);
+  Start(&c);
+  const Summary s =
+      Record("SIGKILL the router (not restarted)",
+             c.Run(*g_prompts, kTokens, kStreams * 40, [&] { c.router().Kill(SIGKILL); }));
+  EXPECT_EQ(s.ok, kStreams);
+  EXPECT_EQ(s.identical, kStreams);
+}
+
+// Two attention nodes behind a gateway; one is killed before its requests' first token: the
+// gateway retries them on the other, nothing fails.
+TEST_F(Faults, AttentionNodeKilledBeforeTheFirstToken) {
+  Cluster c("kill_attention_early", *g_model);
+  Start(&c, {}, {}, 2, /*nodes=*/2);
+  c.StartGateway();
+  ASSERT_EQ(testing::Summarize(c.Run(*g_prompts, 4, 0, nullptr), {}).ok, kStreams);  // warm
+  c.attention(1).Kill(SIGKILL);
+  const Summary s = Record("SIGKILL 1 of 2 attention nodes, before the first token (gateway)",
+                           c.Run(Twice(*g_prompts), kTokens, 0, nullptr));
+  EXPECT_EQ(s.ok, 2 * kStreams);
+  EXPECT_EQ(s.identical, 2 * kStreams);
+}
+
+// Killed mid-stream: what it was streaming fails at once with UNAVAILABLE (the gateway cannot
+// replay a stream the client has partly seen); the other node's streams complete; none hangs.
+TEST_F(Faults, AttentionNodeKilledMidStream) {
+  Cluster c("kill_attention", *g_model);
+  Start(&c, {}, {}, 2, /*nodes=*/2);
+  c.StartGateway();
+  const Summary s = Record(
+      "SIGKILL 1 of 2 attention nodes, mid-stream (gateway)",
+      c.Run(Twice(*g_prompts), kTokens, 2 * kStreams * 40, [&] { c.attention(1).Kill(SIGKILL); }));
+  EXPECT_EQ(s.hung, 0);
+  EXPECT_EQ(s.other, 0);
+  EXPECT_EQ(s.ok + s.unavailable, 2 * kStreams);
+  EXPECT_GT(s.unavailable, 0) << "no stream was on the killed node";
+  EXPECT_EQ(s.identical, s.ok);
+}
+
+// The gateway killed mid-stream: its clients' streams end at once (UNAVAILABLE, none hangs); a
+// new gateway serves at once.
+TEST_F(Faults, GatewayKilledMidStream) {
+  Cluster c("kill_gateway", *g_model);
+  Start(&c);
+  c.StartGateway();
+  const Summary s =
+      Record("SIGKILL the gateway, mid-stream",
+             c.Run(*g_prompts, kTokens, kStreams * 40, [&] { c.gateway().Kill(SIGKILL); }));
+  EXPECT_EQ(s.hung, 0);
+  EXPECT_EQ(s.unavailable, kStreams);
+  c.StartGateway();
+  const Summary again = Record("  then a new gateway", c.Run(*g_prompts, kTokens, 0, nullptr));
+  EXPECT_EQ(again.identical, kStreams);
+}
+
 // A network partition between hosts: shard 2 runs in its own network namespace, reached over a
 // veth pair (UCX over tcp, gRPC), every other process on this side. The pair is cut mid-stream:
 // the streams go on (its experts have replicas on this side); healed, the shard serves again
@@ -247,7 +350,8 @@ TEST_F(Faults, PartitionOfAShardOnAnotherHostAndItsHealing) {
   NetNs ns;
   if (!ns.error().empty()) GTEST_SKIP() << "no network namespaces here: " << ns.error();
   if (!ns.HasNetem()) {
-    std::printf("tc netem is not available on this kernel: the delay and loss variants are not run\n");
+    std::printf(
+        "tc netem is not available on this kernel: the delay and loss variants are not run\n");
   }
   setenv("UCX_NET_DEVICES", ns.host_if().c_str(), 1);  // this side's processes use the pair too
   Cluster c("partition", *g_model);
