@@ -388,7 +388,7 @@ TEST_F(Faults, PartitionOfAShardOnAnotherHostAndItsHealing) {
 
 // The inner doors: with a cluster token, the attention node's API and the shards' control API
 // refuse callers without it (UNAUTHENTICATED), a UCX peer without it is refused and counted, and
-// the cluster still serves.
+// the cluster still serves (through a gateway that has the token).
 TEST_F(Faults, InnerDoorsRefuseCallersWithoutTheToken) {
   Cluster c("doors", *g_model);
   c.UseClusterToken("doors-7f3a91c2e4b5");
@@ -445,8 +445,10 @@ TEST_F(Faults, InnerDoorsRefuseCallersWithoutTheToken) {
   EXPECT_EQ(
       (*ucx)->Wait(*id, transport::Clock::now() + std::chrono::milliseconds(500), &reply).code(),
       absl::StatusCode::kDeadlineExceeded);
-  // The cluster, whose own calls carry the token, still serves.
-  const Summary s = Record("cluster token on (10 refused gRPC calls, 1 refused UCX peer)",
+  // The cluster, whose own calls carry the token, still serves: through a gateway, which sends
+  // the token to the attention node.
+  c.StartGateway();
+  const Summary s = Record("cluster token on (10 refused gRPC calls, 1 refused UCX peer; gateway)",
                            c.Run(*g_prompts, kTokens, 0, nullptr));
   EXPECT_EQ(refused, 10);
   EXPECT_EQ(s.identical, kStreams);
