@@ -116,7 +116,7 @@ absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Opti
   ASSIGN_OR_RETURN(int64_t expert_wait, f.Int("expert-wait-ms", routed ? 10000 : 0));
   if (expert_wait < 0) return absl::InvalidArgumentError("--expert-wait-ms: negative");
   so.expert_wait = std::chrono::milliseconds(expert_wait);
-  if (routed) so.between_steps = [shard_set] { shard_set->SwitchIfChanged(); };
+  if (shard_set != nullptr) so.between_steps = [shard_set] { shard_set->SwitchIfChanged(); };
   return so;
 }
 

@@ -287,10 +287,7 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
         best_live = live;
       }
     }
-    if (best < 0) {
-      return absl::UnavailableError(
-          absl::StrCat("no live expert shard serves expert ", ids_[p], " of layer ", layer_));
-    }
+    if (best < 0) return NoReplica(p);
     choice_[static_cast<size_t>(p)] = best;
     int64_t& li = local_index_[static_cast<size_t>(i * ns + best)];
     if (li < 0) {
@@ -301,6 +298,21 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status RemoteRoutedExperts::NoReplica(int64_t p) const {
+  // Names the shards that host it and why each is out, for the operator.
+  std::string why;
+  for (int s : routing_->placement.Replicas(layer_, ids_[p])) {
+    const char* state = state_[static_cast<size_t>(s)] == PeerHealth::kDead ? "failed"
+                        : avoid_[static_cast<size_t>(s)] == kFailed         ? "failed in this step"
+                                                                            : "set aside";
+    absl::StrAppend(&why, why.empty() ? " (" : ", ", routing_->names[static_cast<size_t>(s)], ": ",
+                    state);
+  }
+  if (!why.empty()) why += ")";
+  return absl::UnavailableError(
+      absl::StrCat("no live expert shard serves expert ", ids_[p], " of layer ", layer_, why));
 }
 
 size_t RemoteRoutedExperts::RoundCall(int s) {
@@ -414,9 +426,9 @@ void RemoteRoutedExperts::Complete(size_t c) {
   if (!st.ok()) {
     observe(false);
     health_->MarkDead(r.peers[s]);
-    RecordFailure(absl::Status(
-        st.code() == absl::StatusCode::kDeadlineExceeded ? absl::StatusCode::kDeadlineExceeded
-                                                         : absl::StatusCode::kUnavailable,
+    // UNAVAILABLE for a shard's deadline too: the client's own deadline has not passed, and the
+    // message says what happened.
+    RecordFailure(absl::UnavailableError(
         absl::StrCat("expert shard ", r.names[s], " (layer ", layer_, "): ", st.message())));
   } else {
     auto v = wire::DecodeMessage(reply_.data(), reply_.size());

@@ -193,6 +193,8 @@ class RemoteRoutedExperts : public RoutedExperts {
   // UNAVAILABLE when a pair has no candidate.
   absl::Status Dispatch(const std::vector<int64_t>& todo);
   absl::Status PlanReplicas(const std::vector<int64_t>& todo);
+  // UNAVAILABLE for pair p: no usable replica, naming the shards that host it.
+  absl::Status NoReplica(int64_t p) const;
   // The call posted to shard s in this round (new when none yet).
   size_t RoundCall(int s);
   void Post(size_t c, const std::vector<int64_t>& todo);

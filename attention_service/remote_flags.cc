@@ -10,7 +10,8 @@ namespace dmoe {
 const char kRemoteHelp[] = R"(
 Remote experts (without these flags every routed expert runs in this process):
   --expert-shards LIST    comma-separated gRPC control addresses of dmoe-expert shards; the
-                          routed experts then run there, reached over UCX
+                          routed experts then run there, reached over UCX. A shard that failed
+                          is connected again once its control API answers (asked every 2 s)
   --wire-dtype T          bf16 (default) or f32: hidden rows on the wire
   --expert-deadline-ms N  deadline of one dispatch/combine round trip (default 5000)
   --hedge-factor X        where an expert has another replica, a round trip still unanswered

@@ -18,6 +18,7 @@ ExpertShardSet::~ExpertShardSet() {
   stop_ = true;
   if (member_) member_->Stop();
   if (reporter_.joinable()) reporter_.join();
+  if (reviver_.joinable()) reviver_.join();
 }
 
 absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
@@ -34,36 +35,9 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
   routing->placement = ExpertPlacement(config.num_hidden_layers, config.n_routed_experts);
   for (size_t i = 0; i < control_addresses.size(); ++i) {
     const std::string& addr = control_addresses[i];
-    auto channel = grpc::CreateChannel(addr, grpc::InsecureChannelCredentials());
-    auto stub = internal::ExpertControl::NewStub(channel);
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + options.control_deadline);
-    AddClusterToken(&ctx, options.cluster_token);
-    internal::GetInfoRequest req;
-    internal::GetInfoReply info;
-    const grpc::Status st = stub->GetInfo(&ctx, req, &info);
-    if (!st.ok()) {
-      return absl::UnavailableError(
-          absl::StrCat("expert shard ", addr, ": control API: ", st.error_message()));
-    }
-    if (info.hidden_size() != config.hidden_size ||
-        info.num_hidden_layers() != config.num_hidden_layers ||
-        info.n_routed_experts() != config.n_routed_experts) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("expert shard ", addr, " serves a different model shape (hidden_size ",
-                       info.hidden_size(), ", layers ", info.num_hidden_layers(), ", experts ",
-                       info.n_routed_experts(), ")"));
-    }
-    const std::string data = options.connect == UcxConnectMode::kListener
-                                 ? info.ucx_address()
-                                 : info.ucx_worker_address();
-    auto peer = set->client_->Connect(data);
-    if (!peer.ok()) {
-      return absl::UnavailableError(absl::StrCat("expert shard ", addr, ": data plane ", data, ": ",
-                                                 peer.status().message()));
-    }
     std::vector<std::pair<int64_t, int64_t>> experts;
-    for (const auto& e : info.experts()) experts.emplace_back(e.layer(), e.expert());
+    auto peer = set->ConnectStatic(addr, options.control_deadline, &experts);
+    if (!peer.ok()) return peer.status();
     routing->placement.Add(static_cast<int>(i), experts);
     routing->peers.push_back(*peer);
     routing->names.push_back(addr);
@@ -73,7 +47,76 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
                                                           set->health_, options.remote);
   set->experts_ = std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), routing,
                                                         set->health_, options.remote);
+  {
+    MutexLock l(&set->mu_);
+    set->static_routing_ = routing;
+  }
+  ExpertShardSet* raw = set.get();
+  set->reviver_ = std::thread([raw] { raw->ReviveStatic(); });
   return set;
+}
+
+absl::StatusOr<int> ExpertShardSet::ConnectStatic(
+    const std::string& addr, std::chrono::milliseconds deadline,
+    std::vector<std::pair<int64_t, int64_t>>* experts) {
+  auto channel = grpc::CreateChannel(addr, grpc::InsecureChannelCredentials());
+  auto stub = internal::ExpertControl::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+  AddClusterToken(&ctx, options_.cluster_token);
+  internal::GetInfoReply info;
+  const grpc::Status st = stub->GetInfo(&ctx, internal::GetInfoRequest(), &info);
+  if (!st.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("expert shard ", addr, ": control API: ", st.error_message()));
+  }
+  if (info.hidden_size() != config_.hidden_size ||
+      info.num_hidden_layers() != config_.num_hidden_layers ||
+      info.n_routed_experts() != config_.n_routed_experts) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expert shard ", addr, " serves a different model shape (hidden_size ", info.hidden_size(),
+        ", layers ", info.num_hidden_layers(), ", experts ", info.n_routed_experts(), ")"));
+  }
+  const std::string data = options_.connect == UcxConnectMode::kListener
+                               ? info.ucx_address()
+                               : info.ucx_worker_address();
+  auto peer = client_->Connect(data);
+  if (!peer.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("expert shard ", addr, ": data plane ", data, ": ", peer.status().message()));
+  }
+  experts->clear();
+  for (const auto& e : info.experts()) experts->emplace_back(e.layer(), e.expert());
+  return *peer;
+}
+
+void ExpertShardSet::ReviveStatic() {
+  // Off the engine's thread: asking an unreachable shard waits out a deadline.
+  while (!stop_) {
+    for (int i = 0; i < 10 && !stop_; ++i) {
+      std::this_thread::sleep_for(options_.revive_interval / 10);
+    }
+    std::shared_ptr<const ExpertRouting> current;
+    {
+      MutexLock l(&mu_);
+      current = static_routing_;
+    }
+    std::shared_ptr<ExpertRouting> next;
+    for (size_t s = 0; s < current->peers.size() && !stop_; ++s) {
+      if (!health_->Dead(current->peers[s])) continue;
+      std::vector<std::pair<int64_t, int64_t>> experts;
+      auto peer = ConnectStatic(current->names[s], std::chrono::milliseconds(1000), &experts);
+      if (!peer.ok()) continue;
+      if (!next) next = std::make_shared<ExpertRouting>(*current);
+      // What it hosts is fixed (--experts): only its connection is new.
+      next->peers[s] = *peer;
+      spdlog::info("expert shard {} answers again", current->names[s]);
+    }
+    if (!next) continue;
+    MutexLock l(&mu_);
+    static_routing_ = next;
+    pending_static_ = next;
+  }
 }
 
 absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
@@ -205,7 +248,19 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
 }
 
 bool ExpertShardSet::SwitchIfChanged() {
-  if (member_ == nullptr) return false;
+  if (member_ == nullptr) {
+    // Static: shards that failed and answer again, connected anew by ReviveStatic.
+    std::shared_ptr<const ExpertRouting> r;
+    {
+      MutexLock l(&mu_);
+      r.swap(pending_static_);
+    }
+    if (!r) return false;
+    experts_->SetRouting(r);
+    experts_b_->SetRouting(r);
+    ++revivals_;
+    return true;
+  }
   std::optional<internal::PlacementUpdate> u;
   {
     MutexLock l(&mu_);

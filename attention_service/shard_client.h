@@ -38,7 +38,7 @@ struct ShardClientOptions {
   std::string cluster_token;
   std::chrono::milliseconds first_map_timeout{30000};
   std::chrono::milliseconds load_report_interval{1000};
-  // How often shards of the current map that failed are connected again (router mode).
+  // How often shards that failed are connected again (both modes).
   std::chrono::milliseconds revive_interval{2000};
 };
 
@@ -61,6 +61,8 @@ class ExpertShardSet {
   RemoteRoutedExperts* experts_b() { return experts_b_.get(); }
   // Router mode: switches both clients to the newest active map if one arrived since the last
   // call; every revive_interval, connects again to the shards of the current map that failed.
+  // Static mode: switches to the routing a background thread made when failed shards answered
+  // their control API again (asked every revive_interval) and were connected anew.
   // Call between engine steps, on the engine's thread. Returns whether the routing changed.
   bool SwitchIfChanged();
   uint64_t version() const { return version_; }
@@ -76,6 +78,12 @@ class ExpertShardSet {
   ExpertShardSet() = default;
   // Builds a routing from a map (connecting to new shards) and hands it to both clients.
   absl::Status Apply(const internal::PlacementUpdate& u);
+  // Static mode: asks the shard at control address `addr` what it hosts and connects to its data
+  // plane; returns the transport peer.
+  absl::StatusOr<int> ConnectStatic(const std::string& addr, std::chrono::milliseconds deadline,
+                                    std::vector<std::pair<int64_t, int64_t>>* experts);
+  // Static mode's background thread: reconnects failed shards (see SwitchIfChanged).
+  void ReviveStatic();
 
   ModelConfig config_;
   ShardClientOptions options_;
@@ -89,8 +97,11 @@ class ExpertShardSet {
   std::unique_ptr<router::RouterMember> member_;
   Mutex mu_;
   std::optional<internal::PlacementUpdate> pending_ ABSL_GUARDED_BY(mu_);
+  // Static mode: the newest routing, and one the engine has not taken yet.
+  std::shared_ptr<const ExpertRouting> static_routing_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const ExpertRouting> pending_static_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
-  std::thread reporter_;
+  std::thread reporter_, reviver_;
 };
 
 }  // namespace dmoe

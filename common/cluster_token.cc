@@ -18,6 +18,11 @@ absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path) {
     return absl::InvalidArgumentError("--cluster-token-file: the first line of " + path +
                                       " is empty");
   }
+  // It travels as the header of every UCX hello, which must fit one small message.
+  if (token.size() > kMaxClusterTokenBytes) {
+    return absl::InvalidArgumentError("--cluster-token-file: the token in " + path + " is over " +
+                                      std::to_string(kMaxClusterTokenBytes) + " bytes");
+  }
   return token;
 }
 

@@ -7,6 +7,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <cstddef>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -14,9 +15,11 @@
 namespace dmoe {
 
 inline constexpr char kClusterTokenHeader[] = "x-dmoe-cluster-token";
+inline constexpr size_t kMaxClusterTokenBytes = 512;
 
 // The token on the first line of `path` (trailing spaces and CR removed). NOT_FOUND naming the
-// flag when the file cannot be read; INVALID_ARGUMENT when the token is empty.
+// flag when the file cannot be read; INVALID_ARGUMENT when the token is empty or longer than
+// kMaxClusterTokenBytes.
 absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path);
 
 // True when `token` is empty or equal to `presented` (compared in constant time).

@@ -143,19 +143,18 @@ void Cluster::AddShard(int capacity, std::vector<std::string> extra,
   const int i = static_cast<int>(shards_.size());
   const std::string ready = Path("shard" + std::to_string(i) + ".json");
   std::vector<std::string> argv = std::move(prefix);
-  const std::vector<std::string> own = {Runfile("expert_service/dmoe-expert"),
-                                        "--model",
-                                        model_,
-                                        "--router",
-                                        router_addr_,
-                                        "--capacity",
-                                        std::to_string(capacity),
-                                        "--node-id",
-                                        "shard-" + std::to_string(i),
-                                        "--drain-ms",
-                                        "500",
-                                        "--ready-file",
-                                        ready};
+  std::vector<std::string> own = {Runfile("expert_service/dmoe-expert"),
+                                  "--model",
+                                  model_,
+                                  "--node-id",
+                                  "shard-" + std::to_string(i),
+                                  "--drain-ms",
+                                  "500",
+                                  "--ready-file",
+                                  ready};
+  if (!router_addr_.empty()) {
+    own.insert(own.end(), {"--router", router_addr_, "--capacity", std::to_string(capacity)});
+  }
   argv.insert(argv.end(), own.begin(), own.end());
   argv.insert(argv.end(), extra.begin(), extra.end());
   for (const std::string& a : TokenFlags()) argv.push_back(a);
@@ -173,8 +172,6 @@ void Cluster::AddAttention(std::vector<std::string> extra) {
   std::vector<std::string> argv = {Runfile("attention_service/dmoe-attention"),
                                    "--model",
                                    model_,
-                                   "--router",
-                                   router_addr_,
                                    "--kv-blocks",
                                    "1024",
                                    "--block-tokens",
@@ -183,10 +180,12 @@ void Cluster::AddAttention(std::vector<std::string> extra) {
                                    "f32",
                                    "--expert-deadline-ms",
                                    "2000",
-                                   "--expert-wait-ms",
-                                   "15000",
                                    "--ready-file",
                                    ready};
+  // With a router, streams wait up to 15 s for experts to move; static, they fail at once.
+  if (!router_addr_.empty()) {
+    argv.insert(argv.end(), {"--router", router_addr_, "--expert-wait-ms", "15000"});
+  }
   argv.insert(argv.end(), extra.begin(), extra.end());
   for (const std::string& a : TokenFlags()) argv.push_back(a);
   attentions_.emplace_back(argv, Path("attention" + n + ".log"));
@@ -258,6 +257,7 @@ void Stream(internal::AttentionService::Stub* stub, const std::string& token,
   for (int32_t t : prompt) req.add_prompt_token_ids(t);
   req.mutable_sampling()->set_max_tokens(max_tokens);
   req.mutable_sampling()->set_ignore_eos(true);
+  const auto start = Clock::now();
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + deadline);
   AddClusterToken(&ctx, token);
@@ -274,8 +274,10 @@ void Stream(internal::AttentionService::Stub* stub, const std::string& token,
     *streamed += r.tokens_size();
   }
   result->status = reader->Finish();
-  // The client's own deadline ended it: the server neither finished nor failed it in time.
-  result->hung = result->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+  result->ended = Clock::now();
+  // The client's own deadline ended it (a server's DEADLINE_EXCEEDED comes sooner).
+  result->hung = result->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
+                 result->ended - start >= deadline - std::chrono::seconds(1);
 }
 
 // The same through the gateway's public API.
@@ -285,6 +287,7 @@ void StreamViaGateway(v1::Dmoe::Stub* stub, const std::vector<int32_t>& prompt, 
   for (int32_t t : prompt) req.mutable_token_ids()->add_ids(t);
   req.mutable_sampling()->set_max_tokens(max_tokens);
   req.mutable_sampling()->set_ignore_eos(true);
+  const auto start = Clock::now();
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + deadline);
   auto reader = stub->Generate(&ctx, req);
@@ -300,7 +303,10 @@ void StreamViaGateway(v1::Dmoe::Stub* stub, const std::vector<int32_t>& prompt, 
     *streamed += r.token_ids_size();
   }
   result->status = reader->Finish();
-  result->hung = result->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+  result->ended = Clock::now();
+  // The client's own deadline ended it (a server's DEADLINE_EXCEEDED comes sooner).
+  result->hung = result->status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
+                 result->ended - start >= deadline - std::chrono::seconds(1);
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
-// A local cluster of real processes for multi-process tests: dmoe-router, dmoe-expert shards that
-// take their experts from it, and a dmoe-attention node that follows its placement maps, over
-// real gRPC and real UCX (tcp on loopback); and a streaming workload with per-request results
-// (tokens, status, longest gap between streamed tokens). Used by tests/router_cluster_test and
-// the fault scenarios in tests/faults/.
+// A local cluster of real processes for multi-process tests: dmoe-router (or none: static
+// shards), dmoe-expert shards that take their experts from it, dmoe-attention nodes that follow
+// its placement maps, a dmoe-gateway, over real gRPC and real UCX (tcp); and a streaming workload
+// with per-request results (tokens, status, longest gap between streamed tokens, end time). Used by
+// tests/router_cluster_test and the fault scenarios in tests/faults/.
 #ifndef DMOE_TESTS_CLUSTER_HARNESS_H_
 #define DMOE_TESTS_CLUSTER_HARNESS_H_
 
@@ -35,7 +35,8 @@ absl::Status PrepareWorkload(const std::string& dir, uint64_t seed, const Prompt
 struct Result {
   std::vector<int32_t> tokens;
   grpc::Status status;
-  bool hung = false;       // still streaming when the client's deadline passed
+  bool hung = false;                            // still open when the client's own deadline passed
+  std::chrono::steady_clock::time_point ended;  // when the call ended
   double longest_gap = 0;  // seconds between consecutive streamed tokens (or start -> first)
 };
 
@@ -61,12 +62,15 @@ class Cluster {
   void StartRouter(std::vector<std::string> extra, const std::string& listen = "127.0.0.1:0");
   // Kills the router (SIGKILL) and starts it again on the same address.
   void RestartRouter();
+  // With a router: the shard takes what the router gives it (up to `capacity`). Without one
+  // (StartRouter not called): static, `extra` must say --experts SPEC.
   // `prefix`: argv before the binary (e.g. {"/usr/sbin/ip", "netns", "exec", NS, "env", ...}),
   // which must exec it (the child's PID stays the shard's).
   void AddShard(int capacity, std::vector<std::string> extra = {},
                 std::vector<std::string> prefix = {});
-  // Attention nodes (each registers with the router); the harness's Run talks to the first, or
-  // to the gateway after UseGateway.
+  // Attention nodes (each registers with the router; without one `extra` must name the shards,
+  // --expert-shards LIST); the harness's Run talks to the first, or to the gateway after
+  // StartGateway.
   void StartAttention(std::vector<std::string> extra = {}) { AddAttention(std::move(extra)); }
   void AddAttention(std::vector<std::string> extra = {});
   // A dmoe-gateway over the router's attention nodes (a new one each call: the old one must be

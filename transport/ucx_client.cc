@@ -121,6 +121,11 @@ class UcxClient : public ClientTransport, public UcxWorker {
       prm.flags = UCP_AM_SEND_FLAG_REPLY;
       void* req = ucp_am_send_nbx(handle, kAmHello, token_.data(), token_.size(), hello_.data(),
                                   hello_.size(), &prm);
+      if (UCS_PTR_IS_ERR(req)) {
+        result = UcsError(("hello to " + address).c_str(), UCS_PTR_STATUS(req));
+        ForceCloseNoWait(handle);
+        return;
+      }
       // Released once sent; hello_ and token_ outlive it.
       if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
       MutexLock l(&mu_);
@@ -359,7 +364,8 @@ class UcxClient : public ClientTransport, public UcxWorker {
         MutexLock l(&self->mu_);
         s = self->slots_.Find(id);
         if (s == nullptr || s->done) {
-          ucp_am_data_release(self->worker_, data);
+          // A late reply: UCX cancels a rendezvous the callback neither receives nor keeps
+          // (UCS_OK); releasing it here as well would free its descriptor twice.
           return UCS_OK;
         }
         s->receiving = true;

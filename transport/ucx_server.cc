@@ -254,6 +254,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       MutexLock l(&self->mu_);
       if (!ConstantTimeEquals(self->token_, presented)) {
         ++self->stats_.refused_peers;
+        // An endpoint address UCX reuses keeps no authorization from its previous owner.
+        self->authorized_.erase(reply_ep);
         return UCS_OK;
       }
       self->authorized_.insert(reply_ep);
@@ -357,7 +359,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       if (valid && !refused) p = self->pending_.Allocate();
       if (p == nullptr) {  // malformed, unauthorized, or more in flight than slots: drop it
         ++(refused ? self->stats_.refused_requests : self->stats_.peer_errors);
-        if (rndv) ucp_am_data_release(self->worker_, data);
+        // A rendezvous not received: returning UCS_OK without ucp_am_recv_data_nbx makes UCX
+        // cancel it and free its descriptor (ucp_am_data_release here as well freed it twice).
         if (bytes.capacity() > 0) self->pool_.Release(std::move(bytes));
         return UCS_OK;
       }

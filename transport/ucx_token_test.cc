@@ -45,11 +45,13 @@ class UcxToken : public ::testing::TestWithParam<std::string> {
     if (server_) server_->Shutdown();
   }
 
-  // One round trip from a client with `token`; the status of its Wait.
-  absl::Status RoundTrip(ClientTransport* client, milliseconds deadline) {
+  // One round trip from a client with `token` (a message of `bytes`: large ones go by
+  // rendezvous); the status of its Wait.
+  absl::Status RoundTrip(ClientTransport* client, milliseconds deadline, size_t bytes = 5) {
     auto peer = client->Connect(address_);
     if (!peer.ok()) return peer.status();
-    const std::vector<uint8_t> msg = {1, 2, 3, 4, 5};
+    std::vector<uint8_t> msg(bytes);
+    for (size_t i = 0; i < bytes; ++i) msg[i] = static_cast<uint8_t>(i * 7 + 1);
     auto id = client->Post(*peer, msg);
     if (!id.ok()) return id.status();
     std::vector<uint8_t> reply;
@@ -72,13 +74,17 @@ TEST_P(UcxToken, OnlyClientsWithTheTokenAreServed) {
   EXPECT_TRUE(RoundTrip(good->get(), milliseconds(20000)).ok());
   EXPECT_EQ(RoundTrip(wrong->get(), milliseconds(500)).code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(RoundTrip(none->get(), milliseconds(500)).code(), absl::StatusCode::kDeadlineExceeded);
-  // The server goes on serving the client that has it.
+  // A large request (rendezvous) refused: UCX cancels it (it once freed its descriptor twice).
+  EXPECT_EQ(RoundTrip(none->get(), milliseconds(500), 1 << 20).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  // The server goes on serving the client that has it, small and large.
   EXPECT_TRUE(RoundTrip(good->get(), milliseconds(20000)).ok());
+  EXPECT_TRUE(RoundTrip(good->get(), milliseconds(20000), 1 << 20).ok());
   const ServerStats s = server_->stats();
-  EXPECT_EQ(s.refused_peers, 2u);     // the wrong token and the empty one
-  EXPECT_EQ(s.refused_requests, 2u);  // one request each
-  EXPECT_EQ(s.requests, 2u);          // only the good client's reached the server's queue
-  EXPECT_EQ(s.replies, 2u);
+  EXPECT_EQ(s.refused_peers, 3u);     // each RoundTrip connects anew: wrong token once, none twice
+  EXPECT_EQ(s.refused_requests, 3u);  // one request each, and the large one
+  EXPECT_EQ(s.requests, 3u);          // only the good client's reached the server's queue
+  EXPECT_EQ(s.replies, 3u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Tls, UcxToken, ::testing::Values("tcp", "sm"));

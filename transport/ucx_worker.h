@@ -30,7 +30,7 @@ namespace dmoe::transport::ucx_internal {
 constexpr unsigned kAmRequest = 17;
 constexpr unsigned kAmReply = 18;
 // Client -> server, first on every endpoint: the client's worker address (see FetchWorkerAddress).
-constexpr unsigned kAmHello = 19;
+constexpr unsigned kAmHello = 19;  // header: the cluster token (may be empty)
 constexpr size_t kMaxHello = 64 * 1024;
 // Eager messages up to this size are copied out of UCX's buffer under the same lock that queues
 // (server) or completes (client) them; larger ones are copied outside the lock.

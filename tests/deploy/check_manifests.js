@@ -115,7 +115,7 @@ for (const w of workloads) {
 const policies = byKind("NetworkPolicy");
 const policyFor = (app) => policies.filter((p) => matches(p.spec.podSelector.matchLabels, {app, "app.kubernetes.io/part-of": "dmoe"}));
 if (!policies.some((p) => (p.spec.podSelector.matchLabels || {})["app.kubernetes.io/part-of"] === "dmoe" && !p.spec.ingress)) fail("no default-deny NetworkPolicy over the dmoe pods");
-const allowedFrom = (app, port) => policyFor(app).flatMap((p) => (p.spec.ingress || []).filter((r) => (r.ports || []).some((x) => x.port === port)).flatMap((r) => (r.from || [{any: true}])));
+const allowedFrom = (app, port) => policyFor(app).flatMap((p) => (p.spec.ingress || []).filter((r) => !r.ports || r.ports.some((x) => x.port === port)).flatMap((r) => (r.from || [{any: true}])));
 const onlyFrom = (app, port, from) => {
   const peers = allowedFrom(app, port);
   if (peers.length === 0) fail(`${app}: nothing may reach port ${port}`);
@@ -126,6 +126,7 @@ const onlyFrom = (app, port, from) => {
 onlyFrom("dmoe-attention", "grpc", "dmoe-gateway");
 onlyFrom("dmoe-expert", "grpc", "dmoe-attention");
 onlyFrom("dmoe-expert", "ucx", "dmoe-attention");
+onlyFrom("dmoe-expert", 13340, "dmoe-attention");
 // UCX's TCP ports: a fixed range, declared on the shards' Service.
 const cfg = byKind("ConfigMap").find((m) => m.metadata.name.startsWith("dmoe-config"));
 const range = cfg && cfg.data && cfg.data.UCX_TCP_PORT_RANGE;

@@ -1,9 +1,10 @@
 // Fault scenarios on a local cluster of real processes (dmoe-router, three dmoe-expert shards
-// with two replicas of every expert, a dmoe-attention node; real gRPC, real UCX over tcp on
-// loopback) under a streaming load. Each scenario prints a row of one table: requests completed /
-// failed / hung, the longest stall of any stream (the longest gap between two streamed tokens),
-// and how many outputs equal the fault-free output (the in-process engine, each request alone).
-// docs/RELIABILITY.md has the table of a run and the command for each scenario.
+// with two replicas of every expert unless a scenario says otherwise, one or two dmoe-attention
+// nodes, a dmoe-gateway where named; real gRPC, real UCX over tcp on loopback or across a veth
+// pair into a network namespace) under a streaming load. Each scenario prints a row of one table:
+// requests completed / failed / hung, the longest stall of any stream (the longest gap between two
+// streamed tokens), and how many outputs equal the fault-free output (the in-process engine, each
+// request alone). docs/RELIABILITY.md has the table of a run and the command for each scenario.
 //
 // What is asserted is behaviour, not speed: every output equal, nothing failed or hung, and --
 // where a replica could answer -- no stream waited out the expert deadline (4 s here), which is
@@ -11,6 +12,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -165,8 +167,11 @@ class NetNs {
     }
   }
   ~NetNs() {
+    if (!error_.empty() && name_.empty()) return;
+    Heal();  // a route left behind would cut a later run that draws the same subnet
     Ip("netns del " + name_);
     Ip("link del " + host_if_);
+    setenv("UCX_NET_DEVICES", "lo", 1);  // in case the test stopped while this side used the pair
   }
   bool Cut() {
     return Ip("route add blackhole " + ns_ip_ + "/32") &&
@@ -351,7 +356,7 @@ TEST_F(Faults, PartitionOfAShardOnAnotherHostAndItsHealing) {
   if (!ns.error().empty()) GTEST_SKIP() << "no network namespaces here: " << ns.error();
   if (!ns.HasNetem()) {
     std::printf(
-        "tc netem is not available on this kernel: the delay and loss variants are not run\n");
+        "tc netem is not available on this kernel: no delay or loss can be injected here\n");
   }
   setenv("UCX_NET_DEVICES", ns.host_if().c_str(), 1);  // this side's processes use the pair too
   Cluster c("partition", *g_model);
@@ -384,6 +389,63 @@ TEST_F(Faults, PartitionOfAShardOnAnotherHostAndItsHealing) {
   }
   std::printf("after healing: pairs per shard %.0f %.0f %.0f\n", after[0], after[1], after[2]);
   EXPECT_GT(after[2], 0) << "the healed shard got no traffic";
+}
+
+// The same cut without replicas, and without a router to move experts (static: --experts slices,
+// --expert-shards): every stream uses the cut shard's experts, so each fails -- with UNAVAILABLE
+// naming the shard, within the expert deadline of the cut, none hangs. Healed, the node serves
+// again without a restart (it connects to the shard anew once its control API answers).
+TEST_F(Faults, PartitionWithoutReplicasFailsTheCutPathThenHeals) {
+  NetNs ns;
+  if (!ns.error().empty()) GTEST_SKIP() << "no network namespaces here: " << ns.error();
+  setenv("UCX_NET_DEVICES", ns.host_if().c_str(), 1);
+  Cluster c("partition_static", *g_model);
+  c.AddShard(0, {"--experts", "0/3"});
+  c.AddShard(0, {"--experts", "1/3"});
+  c.AddShard(
+      0,
+      {"--experts", "2/3", "--grpc-listen", ns.ns_ip() + ":0", "--ucx-listen", ns.ns_ip() + ":0"},
+      ns.Exec());
+  const std::string cut_shard = c.shard_info(2).at("grpc");
+  c.AddAttention({"--expert-shards",
+                  c.shard_info(0).at("grpc") + "," + c.shard_info(1).at("grpc") + "," + cut_shard,
+                  "--expert-deadline-ms", kDeadlineMs});
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  bool cut = false;
+  auto cut_at = std::chrono::steady_clock::now();
+  const auto results = c.Run(*g_prompts, kTokens, kStreams * 40, [&] {
+    cut_at = std::chrono::steady_clock::now();
+    cut = ns.Cut();
+  });
+  ASSERT_TRUE(cut) << "could not cut the pair";
+  const Summary s =
+      Record("network partition of 1 of 3 shards (own netns, no replicas, static)", results);
+  EXPECT_EQ(s.hung, 0);
+  EXPECT_EQ(s.other, 0);
+  double slowest = 0;
+  for (const auto& r : results) {
+    if (r.status.ok()) continue;
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find(cut_shard), std::string::npos)
+        << "does not name the cut shard: " << r.status.error_message();
+    slowest = std::max(slowest, std::chrono::duration<double>(r.ended - cut_at).count());
+  }
+  std::printf("cut path: %d failed, the last %.3f s after the cut (expert deadline %s ms)\n",
+              s.unavailable, slowest, kDeadlineMs);
+  EXPECT_LE(slowest, std::atof(kDeadlineMs) / 1000 + 1.0);
+  ASSERT_TRUE(ns.Heal());
+  Summary after;
+  int rounds = 0;
+  for (; rounds < 30; ++rounds) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    testing::Prompts want;
+    for (const auto& e : *g_expected) want.emplace_back(e.begin(), e.begin() + 16);
+    after = testing::Summarize(c.Run(*g_prompts, 16, 0, nullptr), want);
+    if (after.identical == kStreams) break;
+  }
+  std::printf("healed: %d/%d equal to fault-free after %d rounds of 0.5 s\n", after.identical,
+              kStreams, rounds + 1);
+  EXPECT_EQ(after.identical, kStreams) << "the node did not serve again after healing";
 }
 
 // The inner doors: with a cluster token, the attention node's API and the shards' control API
