@@ -22,6 +22,7 @@
 #include "attention_service/scheduler.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/service.h"
@@ -65,7 +66,7 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
                           of the CPUs (`dmoe up` does): idle pool threads spin briefly after each
                           call and OpenBLAS's ~0.1 s, taking the CPUs the others need
                           (--blas-threads N: the same, its former name)
-%s%s)";
+%s%s%s)";
 
 struct Options {
   std::string model;
@@ -132,17 +133,19 @@ int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-attention");
   auto flags = Flags::Parse(
       argc - 1, argv + 1,
-      WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks", "block-tokens",
-                  "max-running", "token-budget", "prefill-chunk", "micro-batches", "metrics-listen",
-                  "drain-seconds", "expert-wait-ms", "kv-cache-dtype", "advertise-host", "threads",
-                  "blas-threads", "log-level"}),
+      WithInternalTls(
+          WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
+                      "block-tokens", "max-running", "token-budget", "prefill-chunk",
+                      "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
+                      "kv-cache-dtype", "advertise-host", "threads", "blas-threads", "log-level"})),
       {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, kLogLevelHelp, kRemoteHelp);
+    std::printf(kHelp, kLogLevelHelp, kRemoteHelp, kInternalTlsHelp);
     return 0;
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
+  if (auto s = SetInternalTlsFromFlags(*flags); !s.ok()) return svc.Fail(s);
   auto o = ParseOptions(*flags);
   if (!o.ok()) return svc.Fail(o.status());
   auto blas = ComputeThreads(*flags);
@@ -174,7 +177,8 @@ int Main(int argc, char** argv) {
   AttentionNode node(model->get(), std::move(*cache), *so, &attention_metrics);
   node.service()->SetClusterToken(lo.shard_client.cluster_token);
   node.Start();
-  auto addr = svc.Serve(*flags, {node.service()}, "dmoe.internal.AttentionService", *metrics_addr);
+  auto addr = svc.Serve(*flags, {node.service()}, "dmoe.internal.AttentionService", *metrics_addr,
+                        nlohmann::json::object(), true, InternalServerCredentials());
   const absl::Status st = addr.status();
   if (st.ok()) {
     if (routed) Register(*flags, shard_set, *addr);

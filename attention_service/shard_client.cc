@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/cluster_token.h"
+#include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/mutex.h"
 #include "proto/expert_control.grpc.pb.h"
@@ -59,7 +60,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
 absl::StatusOr<int> ExpertShardSet::ConnectStatic(
     const std::string& addr, std::chrono::milliseconds deadline,
     std::vector<std::pair<int64_t, int64_t>>* experts) {
-  auto channel = grpc::CreateChannel(addr, grpc::InsecureChannelCredentials());
+  auto channel = InternalChannel(addr);
   auto stub = internal::ExpertControl::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + deadline);

@@ -20,6 +20,7 @@
 #include "common/cluster_token.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/mutex.h"
@@ -81,7 +82,7 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        (--blas-threads N: the same, its former name)
   --inject-delay-ms N  fault injection, for tests only: wait N ms before serving each batch of
                        requests (a slow shard)
-%s
+%s%s
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without
 it is active, so that no request in flight is refused.
@@ -394,16 +395,18 @@ int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-expert");
   auto flags = Flags::Parse(
       argc - 1, argv + 1,
-      {"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id", "metrics-listen",
-       "router", "capacity", "cluster-token-file", "drain-ms", "advertise-host", "expert-dtype",
-       "threads", "blas-threads", "log-level", "inject-delay-ms"},
+      WithInternalTls({"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
+                       "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
+                       "advertise-host", "expert-dtype", "threads", "blas-threads", "log-level",
+                       "inject-delay-ms"}),
       {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, kLogLevelHelp);
+    std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);
     return 0;
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
+  if (auto s = SetInternalTlsFromFlags(*flags); !s.ok()) return svc.Fail(s);
   auto blas = ComputeThreads(*flags);
   if (!blas.ok()) return svc.Fail(blas.status());
   if (auto st = cpu::SetBlasThreads(*blas, flags->Has("threads") ? "--threads" : "--blas-threads");
@@ -444,8 +447,9 @@ int Main(int argc, char** argv) {
   a.ucx_worker = (*ucx)->WorkerAddress();
   ControlService control(Info(a, *config), &shard, ucx->get(), bytes_read, o->token);
   spdlog::info("serving {} experts; ucx {}", shard.store()->size(), a.ucx);
-  auto grpc_addr = svc.Serve(*flags, {&control}, "dmoe.internal.ExpertControl", *metrics_addr,
-                             {{"ucx", a.ucx}, {"ucx_worker", a.ucx_worker}});
+  auto grpc_addr =
+      svc.Serve(*flags, {&control}, "dmoe.internal.ExpertControl", *metrics_addr,
+                {{"ucx", a.ucx}, {"ucx_worker", a.ucx_worker}}, true, InternalServerCredentials());
   const absl::Status st = grpc_addr.status();
   std::unique_ptr<RouterLink> link;  // the metrics thread reads it: stopped first, below
   if (st.ok()) {

@@ -17,6 +17,7 @@
 #include "common/cluster_token.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/service.h"
@@ -59,7 +60,7 @@ reported load. Both take the same API keys, limits and retries.
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --tls-cert PEM --tls-key PEM  serve TLS instead of plaintext (gRPC and HTTPS)
   --metrics-listen H:P      Prometheus /metrics address (default 127.0.0.1:0)
-%s)";
+%s%s)";
 
 absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& path) {
   std::ifstream in(path);
@@ -223,16 +224,18 @@ int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-gateway");
   auto flags =
       Flags::Parse(argc - 1, argv + 1,
-                   {"attention", "router", "cluster-token-file", "model", "tokenizer", "model-id",
-                    "grpc-listen", "ready-file", "api-keys", "max-concurrent-per-key", "tls-cert",
-                    "tls-key", "metrics-listen", "log-level", "http-listen", "http-threads"},
+                   WithInternalTls({"attention", "router", "cluster-token-file", "model",
+                                    "tokenizer", "model-id", "grpc-listen", "ready-file",
+                                    "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key",
+                                    "metrics-listen", "log-level", "http-listen", "http-threads"}),
                    {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, kLogLevelHelp);
+    std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);
     return 0;
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
+  if (auto s = SetInternalTlsFromFlags(*flags); !s.ok()) return svc.Fail(s);
   auto setup = LoadSetup(*flags);
   if (!setup.ok()) return svc.Fail(setup.status());
   Metrics metrics;

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "common/cluster_token.h"
+#include "common/internal_tls.h"
 #include "common/mutex.h"
 
 namespace dmoe::gateway {
@@ -46,8 +47,7 @@ bool NodePool::Add(const std::string& address) {
   }
   auto n = std::make_unique<Node>();
   n->address = address;
-  n->stub = internal::AttentionService::NewStub(
-      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  n->stub = internal::AttentionService::NewStub(InternalChannel(address));
   nodes_.push_back(std::move(n));
   cv_.SignalAll();  // poll it soon
   return true;

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/service.h"
@@ -43,7 +44,7 @@ replicas of hot experts from reported load) and streams it to watchers. It is no
                              live node registers again first (default: the lease)
   --rebalance-seconds N      recompute the placement from reported load every N s (default 0: never)
   --metrics-listen H:P       Prometheus /metrics (default 127.0.0.1:0)
-%s)";
+%s%s)";
 
 struct Options {
   std::string model, token;
@@ -129,17 +130,19 @@ void LeaseLoop(const Options& o, RouterState* state, RouterGauges* gauges,
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-router");
-  auto flags = Flags::Parse(argc - 1, argv + 1,
-                            {"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file",
-                             "max-extra-replicas", "rebalance-seconds", "metrics-listen",
-                             "replication", "startup-grace-ms", "min-shards", "log-level"},
-                            {});
+  auto flags = Flags::Parse(
+      argc - 1, argv + 1,
+      WithInternalTls({"model", "grpc-listen", "ready-file", "lease-ms", "cluster-token-file",
+                       "max-extra-replicas", "rebalance-seconds", "metrics-listen", "replication",
+                       "startup-grace-ms", "min-shards", "log-level"}),
+      {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, kLogLevelHelp);
+    std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);
     return 0;
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
+  if (auto s = SetInternalTlsFromFlags(*flags); !s.ok()) return svc.Fail(s);
   auto o = ParseOptions(*flags);
   if (!o.ok()) return svc.Fail(o.status());
   auto config = LoadModelConfig(o->model);
@@ -158,7 +161,8 @@ int Main(int argc, char** argv) {
   std::atomic<bool> done{false};
   std::thread leases([&] { LeaseLoop(*o, &state, &gauges, &done); });
   RouterServiceImpl service(&state, o->token);
-  auto addr = svc.Serve(*flags, {&service}, "dmoe.internal.RouterService", *metrics_addr);
+  auto addr = svc.Serve(*flags, {&service}, "dmoe.internal.RouterService", *metrics_addr,
+                        nlohmann::json::object(), true, InternalServerCredentials());
   const absl::Status st = addr.status();
   if (st.ok()) svc.WaitForStop();
   svc.StopGrpc(std::chrono::seconds(1));

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <fstream>
 
+#include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/mutex.h"
 
@@ -31,8 +32,7 @@ RouterMember::RouterMember(MemberOptions options) : options_(std::move(options))
   // Reconnect quickly after a router restart.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
-  channel_ =
-      grpc::CreateCustomChannel(options_.router_address, grpc::InsecureChannelCredentials(), args);
+  channel_ = InternalChannel(options_.router_address, args);
   stub_ = internal::RouterService::NewStub(channel_);
 }
 

@@ -11,6 +11,7 @@
 
 #include "attention_service/local_model.h"
 #include "common/cluster_token.h"
+#include "common/internal_tls.h"
 #include "gtest/gtest.h"
 #include "model/tiny_model.h"
 
@@ -106,8 +107,14 @@ void Cluster::UseClusterToken(const std::string& token) {
 }
 
 std::vector<std::string> Cluster::TokenFlags() const {
-  if (token_.empty()) return {};
-  return {"--cluster-token-file", token_file_};
+  std::vector<std::string> f = tls_flags_;
+  if (!token_.empty()) f.insert(f.end(), {"--cluster-token-file", token_file_});
+  return f;
+}
+
+void Cluster::UseInternalTls(const std::string& dir) {
+  tls_flags_ = {"--internal-tls-ca", dir + "/ca.pem",      "--internal-tls-cert",
+                dir + "/cert.pem",   "--internal-tls-key", dir + "/key.pem"};
 }
 
 void Cluster::StartRouter(std::vector<std::string> extra, const std::string& listen) {
@@ -128,8 +135,7 @@ void Cluster::StartRouter(std::vector<std::string> extra, const std::string& lis
   auto info = WaitForReadyFile(ready, std::chrono::seconds(30));
   ASSERT_FALSE(info.empty()) << router_.Log();
   router_addr_ = info["grpc"];
-  router_stub_ = internal::RouterService::NewStub(
-      grpc::CreateChannel(router_addr_, grpc::InsecureChannelCredentials()));
+  router_stub_ = internal::RouterService::NewStub(InternalChannel(router_addr_));
 }
 
 void Cluster::RestartRouter() {
@@ -162,8 +168,7 @@ void Cluster::AddShard(int capacity, std::vector<std::string> extra,
   auto info = WaitForReadyFile(ready, std::chrono::seconds(30));
   ASSERT_FALSE(info.empty()) << shards_.back().Log();
   shard_info_.push_back(info);
-  shard_stubs_.push_back(internal::ExpertControl::NewStub(
-      grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials())));
+  shard_stubs_.push_back(internal::ExpertControl::NewStub(InternalChannel(info["grpc"])));
 }
 
 void Cluster::AddAttention(std::vector<std::string> extra) {
@@ -193,8 +198,7 @@ void Cluster::AddAttention(std::vector<std::string> extra) {
   ASSERT_FALSE(info.empty()) << attentions_.back().Log();
   if (attentions_.size() > 1) return;
   attention_address_ = info["grpc"];
-  stub_ = internal::AttentionService::NewStub(
-      grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials()));
+  stub_ = internal::AttentionService::NewStub(InternalChannel(info["grpc"]));
 }
 
 void Cluster::StartGateway(std::vector<std::string> extra) {

@@ -58,6 +58,10 @@ class Cluster {
   // Every process started from now on gets --cluster-token-file with `token`, and the harness's
   // own calls carry it.
   void UseClusterToken(const std::string& token);
+  // Every process started from now on serves and calls the internal APIs over mutual TLS with
+  // DIR/ca.pem, DIR/cert.pem, DIR/key.pem (common/internal_tls.h). The harness's own internal
+  // calls follow the process's SetInternalTls.
+  void UseInternalTls(const std::string& dir);
   // Each Start/Add fails the test (with the process's log) when the process does not come up.
   void StartRouter(std::vector<std::string> extra, const std::string& listen = "127.0.0.1:0");
   // Kills the router (SIGKILL) and starts it again on the same address.
@@ -100,11 +104,12 @@ class Cluster {
   std::string Path(const std::string& f) const;
 
  private:
-  // --cluster-token-file F when a token is in use.
+  // --cluster-token-file F when a token is in use, and the TLS flags.
   std::vector<std::string> TokenFlags() const;
   std::string name_;
   std::string model_;
   std::string token_, token_file_;
+  std::vector<std::string> tls_flags_;
   std::vector<std::map<std::string, std::string>> shard_info_;
   std::string attention_address_;
   ChildProcess router_;

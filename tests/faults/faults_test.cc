@@ -16,10 +16,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "common/internal_tls.h"
 #include "gtest/gtest.h"
 #include "proto/attention.grpc.pb.h"
 #include "proto/expert_control.grpc.pb.h"
@@ -523,6 +525,55 @@ TEST_F(Faults, InnerDoorsRefuseCallersWithoutTheToken) {
               static_cast<unsigned long long>(stats.refused_requests()));
   EXPECT_EQ(stats.refused_peers(), 1u);
   EXPECT_EQ(stats.refused_requests(), 1u);
+}
+
+// Internal mTLS: every process serves its internal API over TLS that requires a client
+// certificate from the cluster's CA; the cluster serves (through a gateway, whose public API stays
+// plaintext here); a plaintext client and a TLS client without a certificate are refused.
+TEST_F(Faults, InternalMtlsRefusesClientsWithoutACertificate) {
+  const std::string dir = testing::TmpDir() + "/mtls";
+  const std::string make =
+      "mkdir -p " + dir + " && cd " + dir +
+      " && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2"
+      " -subj /CN=dmoe-test-ca"
+      " && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out req.csr -subj /CN=dmoe"
+      " && printf 'subjectAltName=DNS:dmoe-internal\\n' > ext.cnf"
+      " && openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem"
+      " -days 2 -extfile ext.cnf";
+  ASSERT_EQ(std::system((make + " > /dev/null 2>&1").c_str()), 0) << "openssl failed: " << make;
+  auto slurp = [&](const char* f) {
+    std::ifstream in(dir + "/" + f);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  SetInternalTls({slurp("ca.pem"), slurp("cert.pem"), slurp("key.pem")});
+  struct Plain {
+    ~Plain() { SetInternalTls({}); }
+  } plain_again;
+  Cluster c("mtls", *g_model);
+  c.UseInternalTls(dir);
+  Start(&c);
+  c.StartGateway();
+  const Summary s = Record("internal mTLS on (gateway)", c.Run(*g_prompts, kTokens, 0, nullptr));
+  EXPECT_EQ(s.identical, kStreams);
+  auto load = [&](std::shared_ptr<grpc::Channel> ch) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    internal::GetLoadReply r;
+    return internal::AttentionService::NewStub(ch)->GetLoad(&ctx, internal::GetLoadRequest(), &r);
+  };
+  EXPECT_TRUE(load(InternalChannel(c.attention_address())).ok());
+  const grpc::Status plaintext =
+      load(grpc::CreateChannel(c.attention_address(), grpc::InsecureChannelCredentials()));
+  EXPECT_EQ(plaintext.error_code(), grpc::StatusCode::UNAVAILABLE) << plaintext.error_message();
+  grpc::SslCredentialsOptions no_cert;
+  no_cert.pem_root_certs = slurp("ca.pem");
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride(kInternalTlsName);
+  const grpc::Status anonymous =
+      load(grpc::CreateCustomChannel(c.attention_address(), grpc::SslCredentials(no_cert), args));
+  EXPECT_EQ(anonymous.error_code(), grpc::StatusCode::UNAVAILABLE) << anonymous.error_message();
+  std::printf("internal mTLS: plaintext client: %s; TLS client without a certificate: %s\n",
+              plaintext.error_message().c_str(), anonymous.error_message().c_str());
 }
 
 }  // namespace
