@@ -29,8 +29,8 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), co
     outcomes_.push_back(&m->Counter("dmoe_attention_requests_total", "Requests by outcome",
                                     {{"outcome", FinishReasonName(r)}}));
   }
-  expert_tokens_.resize(static_cast<size_t>(c.num_hidden_layers * c.n_routed_experts), nullptr);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  expert_tokens_.resize(static_cast<size_t>(c.num_expert_layers() * c.n_routed_experts), nullptr);
+  for (int64_t l = 0; l < c.num_expert_layers(); ++l) {
     if (!c.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
       expert_tokens_[static_cast<size_t>(l * c.n_routed_experts + e)] =
@@ -108,7 +108,7 @@ void AttentionMetrics::Refresh(const Scheduler* s, const Engine* e) {
                                                       set_->experts_b()->rerouted_pairs()));
     RefreshHedging();
   }
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+  for (int64_t l = 0; l < config_.num_expert_layers(); ++l) {
     for (int64_t x = 0; x < config_.n_routed_experts; ++x) {
       prometheus::Counter* c =
           expert_tokens_[static_cast<size_t>(l * config_.n_routed_experts + x)];

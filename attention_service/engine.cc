@@ -32,7 +32,7 @@ Engine::Engine(const ModelConfig& config, const DenseWeights* weights, RoutedExp
       rope_(RopeParamsOf(config)),
       gate_(GateParamsOf(config)),
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
-          std::max<int64_t>(1, config.num_hidden_layers * config.n_routed_experts))]()) {}
+          std::max<int64_t>(1, config.num_expert_layers() * config.n_routed_experts))]()) {}
 
 absl::Status Engine::Validate(std::vector<SequenceStep>& batch, int64_t* total) {
   const ModelConfig& c = config_;
@@ -109,8 +109,14 @@ absl::Status Engine::Run(int count) {
       }
     }
   }
+  RETURN_IF_ERROR(Layers(count, 0, config_.num_hidden_layers));
+  for (int m = 0; m < count; ++m) Logits(mb_[m], w_->final_norm);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Layers(int count, int64_t first, int64_t last) {
   absl::Status status;
-  for (int64_t l = 0; l < config_.num_hidden_layers && status.ok(); ++l) {
+  for (int64_t l = first; l < last && status.ok(); ++l) {
     for (int m = 0; m < count && status.ok(); ++m) status = LayerFront(l, mb_[m]);
     for (int m = 0; m < count && status.ok(); ++m) status = LayerBack(l, mb_[m]);
   }
@@ -123,15 +129,59 @@ absl::Status Engine::Run(int count) {
         mb_[m].experts->Finish(mb_[m].tmp.data()).IgnoreError();
       }
     }
-    return status;
   }
-  for (int m = 0; m < count; ++m) Logits(mb_[m]);
+  return status;
+}
+
+const LayerWeights& Engine::LayerAt(int64_t l) const {
+  return l == config_.num_hidden_layers ? w_->mtp->layer : w_->layers[static_cast<size_t>(l)];
+}
+
+ModelConfig Engine::MtpCacheConfig(const ModelConfig& c) {
+  ModelConfig m = c;
+  m.num_hidden_layers = 1;
+  m.num_nextn_predict_layers = 0;
+  return m;
+}
+
+absl::Status Engine::StepMtp(std::vector<SequenceStep>& batch, const float* hidden,
+                             std::vector<std::vector<float>>* logits) {
+  if (w_->mtp == nullptr) {
+    return absl::FailedPreconditionError("the model has no MTP layer (num_nextn_predict_layers)");
+  }
+  const MtpWeights& mtp = *w_->mtp;
+  MicroBatch& mb = mb_[0];
+  RETURN_IF_ERROR(Validate(batch, &mb.n));
+  mb.batch = &batch;
+  mb.logits = logits;
+  mb.experts = experts_;
+  const ModelConfig& c = config_;
+  const int64_t d = c.hidden_size, n = mb.n;
+  // [enorm(e_{p+1}) | hnorm(h_p)], e = 0 at position 0 (MODEL_SPEC.md "MTP").
+  mtp_in_.assign(static_cast<size_t>(n * 2 * d), 0.0f);
+  int64_t row = 0;
+  for (const SequenceStep& s : batch) {
+    for (size_t i = 0; i < s.tokens.size(); ++i, ++row) {
+      float* in = mtp_in_.data() + row * 2 * d;
+      if (s.cache->length() + static_cast<int64_t>(i) > 0) {
+        w_->embed.Row(s.tokens[i], in);
+        cpu::RmsNorm(in, 1, d, mtp.enorm.data(), c.rms_norm_eps, in);
+      }
+      cpu::RmsNorm(hidden + row * d, 1, d, mtp.hnorm.data(), c.rms_norm_eps, in + d);
+    }
+  }
+  mb.h.resize(static_cast<size_t>(n * d));
+  mb.x.resize(mb.h.size());
+  mb.tmp.resize(mb.h.size());
+  cpu::LinearW(mtp_in_.data(), n, mtp.eh_proj.ref(), mb.h.data());
+  RETURN_IF_ERROR(Layers(1, c.num_hidden_layers, c.num_hidden_layers + 1));
+  Logits(mb, mtp.head_norm);
   return absl::OkStatus();
 }
 
 absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   const ModelConfig& c = config_;
-  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const LayerWeights& lw = LayerAt(l);
   const int64_t d = c.hidden_size, n = mb.n;
   auto t0 = Clock::now();
   cpu::RmsNorm(mb.h.data(), n, d, lw.input_norm.data(), c.rms_norm_eps, mb.x.data());
@@ -153,7 +203,8 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   cpu::Linear(mb.x.data(), n, d, lw.gate.w.data(), e, mb.router.data());
   mb.gate_ids.resize(static_cast<size_t>(n * k));
   mb.gate_w.resize(static_cast<size_t>(n * k));
-  cpu::SelectExperts(gate_, mb.router.data(), n, mb.gate_ids.data(), mb.gate_w.data());
+  cpu::SelectExperts(gate_, mb.router.data(), n, mb.gate_ids.data(), mb.gate_w.data(),
+                     lw.gate_bias.empty() ? nullptr : lw.gate_bias.data());
   for (int32_t id : mb.gate_ids) {
     expert_tokens_[static_cast<size_t>(l * e + id)].fetch_add(1, std::memory_order_relaxed);
   }
@@ -166,7 +217,7 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
 absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
   if (!mb.in_flight) return absl::OkStatus();  // a dense layer: done in LayerFront
   const ModelConfig& c = config_;
-  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const LayerWeights& lw = LayerAt(l);
   const int64_t d = c.hidden_size, n = mb.n;
   auto t0 = Clock::now();
   // The shared experts run while the routed ones are at work.
@@ -186,7 +237,7 @@ absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
 }
 
 // The rows that need logits, then one final norm + lm_head GEMM for all of them.
-void Engine::Logits(MicroBatch& mb) {
+void Engine::Logits(MicroBatch& mb, const std::vector<float>& norm) {
   const ModelConfig& c = config_;
   const int64_t d = c.hidden_size;
   auto t0 = Clock::now();
@@ -199,8 +250,12 @@ void Engine::Logits(MicroBatch& mb) {
     const int64_t m = static_cast<int64_t>(s.tokens.size());
     const int64_t first = s.all_logits ? row : row + m - 1;
     const int64_t rows = s.all_logits ? m : 1;
-    cpu::RmsNorm(mb.h.data() + first * d, rows, d, w_->final_norm.data(), c.rms_norm_eps,
+    cpu::RmsNorm(mb.h.data() + first * d, rows, d, norm.data(), c.rms_norm_eps,
                  final_x_.data() + out_rows * d);
+    if (s.hidden != nullptr) {
+      s.hidden->resize(static_cast<size_t>(m * d));
+      cpu::RmsNorm(mb.h.data() + row * d, m, d, norm.data(), c.rms_norm_eps, s.hidden->data());
+    }
     out_rows += rows;
     row += m;
   }
@@ -258,7 +313,8 @@ void Engine::AttendDecodes(const cpu::MlaParams& p) {
 
 void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float* x, float* out) {
   const ModelConfig& c = config_;
-  const LayerWeights& lw = w_->layers[static_cast<size_t>(l)];
+  const LayerWeights& lw = LayerAt(l);
+  const int64_t cl = CacheLayer(l);
   const int64_t h = c.num_attention_heads, qd = c.q_head_dim();
   const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim, lc = c.latent_dim();
   int64_t n = 0;
@@ -291,7 +347,7 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
       float* dst = kv_row_.data();
       cpu::RmsNorm(a, 1, r, lw.kv_a_norm.data(), kLatentNormEps, dst);
       rope_.Apply(a + r, pos, dst + r);
-      s.cache->WriteRow(l, pos, dst);
+      s.cache->WriteRow(cl, pos, dst);
       for (int64_t head = 0; head < h; ++head) {
         float* qpe = q_.data() + ((row + i) * h + head) * qd + c.qk_nope_head_dim;
         rope_.Apply(qpe, pos, rotated);
@@ -303,15 +359,15 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
                            (m == 1 || cpu::GetKernelMode() == cpu::KernelMode::kInvariant));
     if (absorbed && m == 1) {
       decode_rows_.push_back(row);
-      decode_caches_.push_back(s.cache->Rows(l));
+      decode_caches_.push_back(s.cache->Rows(cl));
       decode_ctx_.push_back(pos0 + 1);
     } else {
       float* o = attn_.data() + row * h * c.v_head_dim;
       const float* q = q_.data() + row * h * qd;
       if (absorbed) {
-        cpu::MlaAttentionAbsorbed(p, q, m, s.cache->Rows(l), pos0 + m, pos0, o, &scratch_);
+        cpu::MlaAttentionAbsorbed(p, q, m, s.cache->Rows(cl), pos0 + m, pos0, o, &scratch_);
       } else {
-        cpu::MlaAttentionNaive(p, q, m, s.cache->Rows(l), pos0 + m, pos0, o, &scratch_);
+        cpu::MlaAttentionNaive(p, q, m, s.cache->Rows(cl), pos0 + m, pos0, o, &scratch_);
       }
     }
     row += m;

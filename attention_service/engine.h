@@ -37,6 +37,9 @@ struct SequenceStep {
   KvSequence* cache = nullptr;
   std::vector<int32_t> tokens;
   bool all_logits = false;  // logits for every new token, else only for the last one
+  // If set, receives the final-normed hidden state of every new token [n, D] (what the MTP
+  // layer drafts from).
+  std::vector<float>* hidden = nullptr;
 };
 
 // Seconds spent per phase, summed over all steps since the last reset.
@@ -83,6 +86,19 @@ class Engine {
   // One full causal forward of `tokens` from an empty cache: logits [T, V].
   absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens);
 
+  // True when the model has an MTP layer (DeepSeek-V3 num_nextn_predict_layers = 1).
+  bool has_mtp() const { return w_->mtp != nullptr; }
+  // The config of the caches that hold the MTP layer's rows: one layer (cache layer 0).
+  static ModelConfig MtpCacheConfig(const ModelConfig& c);
+  // The MTP layer over positions p = cache->length() ... of each sequence's MTP cache (made with
+  // MtpCacheConfig): tokens[i] is t_{p+1}, the token that follows position p, and `hidden` holds
+  // the main model's final-normed hidden states h_p of those positions, [total tokens, D] in
+  // batch order (SequenceStep::hidden of the main step). logits->at(i) are the draft logits of
+  // t_{p+2} (every position with all_logits, else the last). Errors as Step;
+  // FAILED_PRECONDITION without an MTP layer.
+  absl::Status StepMtp(std::vector<SequenceStep>& batch, const float* hidden,
+                       std::vector<std::vector<float>>* logits);
+
  private:
   // The state of one micro-batch through the layer loop.
   struct MicroBatch {
@@ -96,11 +112,18 @@ class Engine {
   };
   absl::Status Validate(std::vector<SequenceStep>& batch, int64_t* n);
   absl::Status Run(int count);
+  // Layers [first, last) for `count` micro-batches; on error nothing stays at the experts.
+  absl::Status Layers(int count, int64_t first, int64_t last);
+  // Layer l's weights: the decoder layers, then the MTP layer (l == num_hidden_layers, whose rows
+  // are cache layer 0 of the MTP caches).
+  const LayerWeights& LayerAt(int64_t l) const;
+  int64_t CacheLayer(int64_t l) const { return l == config_.num_hidden_layers ? 0 : l; }
   // Up to the dispatch of layer l's routed experts (or the whole dense FFN).
   absl::Status LayerFront(int64_t l, MicroBatch& mb);
   // Shared experts, the combine, the residual.
   absl::Status LayerBack(int64_t l, MicroBatch& mb);
-  void Logits(MicroBatch& mb);
+  // `norm`: the final norm (model.norm, or the MTP layer's shared_head.norm) before lm_head.
+  void Logits(MicroBatch& mb, const std::vector<float>& norm);
   void Attention(int64_t layer, std::vector<SequenceStep>& batch, const float* x, float* out);
   void ProjectQueriesAndLatents(const LayerWeights& lw, const float* x, int64_t n);
   void AttendDecodes(const cpu::MlaParams& p);
@@ -116,7 +139,7 @@ class Engine {
   // Scratch reused across steps.
   MicroBatch mb_[2];
   std::vector<float> q_, qa_, kva_, attn_, scratch_, final_x_;
-  std::vector<float> decode_q_, decode_o_, lm_out_, rotated_, kv_row_;
+  std::vector<float> decode_q_, decode_o_, lm_out_, rotated_, kv_row_, mtp_in_;
   std::vector<int64_t> decode_rows_, decode_ctx_;
   std::vector<cpu::LatentRows> decode_caches_;
 };

@@ -30,7 +30,7 @@ const std::vector<int>& ExpertPlacement::Replicas(int64_t layer, int64_t expert)
 }
 
 absl::Status ExpertPlacement::CheckCovers(const ModelConfig& c) const {
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  for (int64_t l = 0; l < c.num_expert_layers(); ++l) {
     if (!c.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
       if (Replicas(l, e).empty()) {
@@ -186,7 +186,7 @@ RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::Client
       health_(std::move(health)),
       options_(std::move(options)),
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
-          std::max<int64_t>(1, c.num_hidden_layers * c.n_routed_experts))]()) {}
+          std::max<int64_t>(1, c.num_expert_layers() * c.n_routed_experts))]()) {}
 
 namespace {
 

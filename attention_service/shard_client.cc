@@ -33,7 +33,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::Connect(
   if (!client.ok()) return client.status();
   set->client_ = std::move(client).value();
   auto routing = std::make_shared<ExpertRouting>();
-  routing->placement = ExpertPlacement(config.num_hidden_layers, config.n_routed_experts);
+  routing->placement = ExpertPlacement(config.num_expert_layers(), config.n_routed_experts);
   for (size_t i = 0; i < control_addresses.size(); ++i) {
     const std::string& addr = control_addresses[i];
     std::vector<std::pair<int64_t, int64_t>> experts;
@@ -161,7 +161,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
   // Load reports for EPLB: tokens per (layer, expert) sent since the last report.
   set->reporter_ = std::thread([raw] {
     const ModelConfig& c = raw->config_;
-    std::vector<uint64_t> last(static_cast<size_t>(c.num_hidden_layers * c.n_routed_experts), 0);
+    std::vector<uint64_t> last(static_cast<size_t>(c.num_expert_layers() * c.n_routed_experts), 0);
     auto next = std::chrono::steady_clock::now();
     while (!raw->stop_) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -169,7 +169,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
       next = std::chrono::steady_clock::now() + raw->options_.load_report_interval;
       internal::LoadReport report;
       report.set_node_id(raw->member_->node_id());
-      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      for (int64_t l = 0; l < c.num_expert_layers(); ++l) {
         if (!c.IsMoeLayer(l)) continue;
         for (int64_t e = 0; e < c.n_routed_experts; ++e) {
           const uint64_t now =
@@ -192,7 +192,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
 absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
   auto routing = std::make_shared<ExpertRouting>();
   routing->version = u.version();
-  routing->placement = ExpertPlacement(config_.num_hidden_layers, config_.n_routed_experts);
+  routing->placement = ExpertPlacement(config_.num_expert_layers(), config_.n_routed_experts);
   std::map<std::string, int> shard_of;  // node id -> shard index (-1: unreachable)
   for (const auto& r : u.replicas()) {
     for (const std::string& id : r.node_ids()) {

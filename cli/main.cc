@@ -34,7 +34,7 @@ usage: dmoe <command> [flags]      (dmoe <command> --help for its flags)
 commands:
   logits           float32 logits [T, vocab] of one full causal forward, in-process
   generate         prefill + decode through the latent KV cache, in-process; prints token ids
-  make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, small)
+  make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, tiny-v3, small)
   tokenize         run a tokenizer.json locally over JSON lines (or --decode the reverse)
   chat             chat with a dmoe-gateway (--target), streaming the answer
   serve            the whole stack in one process (experts in-process), serving the public API
@@ -120,7 +120,8 @@ Writes config.json and random weights (MODEL_SPEC.md presets and weight scales) 
 Hugging Face layout: model.safetensors, or model-0000i-of-0000N.safetensors plus
 model.safetensors.index.json when --shards N > 1.
 
-  --preset NAME   tiny (default), tiny-lite, tiny-demo (vocabulary of the DeepSeek tokenizer) or small
+  --preset NAME   tiny (default), tiny-lite, tiny-v3 (DeepSeek-V3 gating and an MTP layer),
+                  tiny-demo (vocabulary of the DeepSeek tokenizer) or small
   --vocab-size N  override the preset's vocabulary size
   --seed N        seed of the weight draws (default 0); a tensor depends only on (seed, name)
   --dtype T       f32 (default), bf16 (round-to-nearest-even of the same f32 draws) or fp8

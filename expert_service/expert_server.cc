@@ -80,7 +80,7 @@ absl::StatusOr<std::vector<std::pair<int64_t, int64_t>>> ParseExpertSpec(const s
                                     c.n_routed_experts));
     }
     const int64_t e = c.n_routed_experts;
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (int64_t l = 0; l < c.num_expert_layers(); ++l) {
       if (!c.IsMoeLayer(l)) continue;
       for (int64_t x = i * e / n; x < (i + 1) * e / n; ++x) out.insert({l, x});
     }
@@ -90,9 +90,9 @@ absl::StatusOr<std::vector<std::pair<int64_t, int64_t>>> ParseExpertSpec(const s
     std::vector<absl::string_view> le = absl::StrSplit(item, ':');
     int64_t l0, l1, e0, e1;
     if (le.size() != 2) return Bad(spec, absl::StrCat("item \"", item, "\" is not LAYERS:EXPERTS"));
-    if (!ParseRange(le[0], c.num_hidden_layers, &l0, &l1)) {
+    if (!ParseRange(le[0], c.num_expert_layers(), &l0, &l1)) {
       return Bad(spec, absl::StrCat("layers \"", le[0], "\" are not *, N or A-B below ",
-                                    c.num_hidden_layers));
+                                    c.num_expert_layers()));
     }
     if (!ParseRange(le[1], c.n_routed_experts, &e0, &e1)) {
       return Bad(spec, absl::StrCat("experts \"", le[1], "\" are not *, N or A-B below ",

@@ -13,7 +13,7 @@ ExpertShard::ExpertShard(const ModelConfig& config, std::shared_ptr<const Expert
       store_(std::move(store)),
       batcher_(config.hidden_size, config.moe_intermediate_size),
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
-          std::max<int64_t>(1, config.num_hidden_layers * config.n_routed_experts))]()) {}
+          std::max<int64_t>(1, config.num_expert_layers() * config.n_routed_experts))]()) {}
 
 void ExpertShard::SetStore(std::shared_ptr<const ExpertStore> store) {
   MutexLock l(&store_mu_);

@@ -212,8 +212,42 @@ absl::Status ValidateShape(const ModelConfig& c) {
   if (any_dense) {
     if (auto s = Positive("intermediate_size", c.intermediate_size); !s.ok()) return s;
   }
+  if (c.num_nextn_predict_layers < 0 || c.num_nextn_predict_layers > 1) {
+    return FieldError("num_nextn_predict_layers",
+                      absl::StrCat(c.num_nextn_predict_layers, " is not supported (0 or 1)"));
+  }
   // -1 stands for absent (written as null).
   if (c.bos_token_id < -1) return FieldError("bos_token_id", "must be a token id (>= 0) or null");
+  return absl::OkStatus();
+}
+
+const char* TopkMethodName(TopkMethod m) {
+  switch (m) {
+    case TopkMethod::kGreedy:
+      return "greedy";
+    case TopkMethod::kGroupLimitedGreedy:
+      return "group_limited_greedy";
+    case TopkMethod::kNoauxTc:
+      return "noaux_tc";
+  }
+  return "?";
+}
+
+// Which scoring goes with which selection, in which model, and the MTP layer count.
+absl::Status ValidateGateKind(const ModelConfig& c) {
+  const bool noaux = c.topk_method == TopkMethod::kNoauxTc;
+  if (noaux != (c.scoring_func == ScoringFunc::kSigmoid)) {
+    return FieldError("scoring_func", noaux ? "must be sigmoid with topk_method noaux_tc"
+                                            : "sigmoid needs topk_method noaux_tc");
+  }
+  if (noaux && !c.is_v3()) {
+    return FieldError("topk_method", "noaux_tc needs model_type deepseek_v3");
+  }
+  if (noaux && c.n_group > 0 && c.n_routed_experts / c.n_group < 2) {
+    return FieldError("n_group",
+                      "noaux_tc ranks groups by their two best experts: each group "
+                      "needs at least 2");
+  }
   return absl::OkStatus();
 }
 
@@ -246,9 +280,11 @@ absl::Status ValidateMoe(const ModelConfig& c) {
       return FieldError("n_group", absl::StrCat("n_routed_experts ", e,
                                                 " is not divisible by n_group ", c.n_group));
     }
-    if (c.topk_method == TopkMethod::kGroupLimitedGreedy) {
+    if (auto s = ValidateGateKind(c); !s.ok()) return s;
+    if (c.topk_method != TopkMethod::kGreedy) {
       if (c.n_group <= 0) {
-        return FieldError("n_group", "must be set for topk_method group_limited_greedy");
+        return FieldError(
+            "n_group", absl::StrCat("must be set for topk_method ", TopkMethodName(c.topk_method)));
       }
       if (c.topk_group <= 0 || c.topk_group > c.n_group) {
         return FieldError("topk_group",
@@ -296,11 +332,9 @@ absl::Status ParseKind(const Json& j, ModelConfig* out) {
   std::string s;
   if (auto st = GetString(j, "model_type", &s, &present); !st.ok()) return st;
   if (present) {
-    if (s == "deepseek_v3") {
-      return FieldError("model_type", "deepseek_v3 is not supported yet (only deepseek_v2)");
-    }
-    if (s != "deepseek_v2") {
-      return FieldError("model_type", absl::StrCat("\"", s, "\" is not deepseek_v2"));
+    if (s != "deepseek_v2" && s != "deepseek_v3") {
+      return FieldError("model_type",
+                        absl::StrCat("\"", s, "\" is not deepseek_v2 or deepseek_v3"));
     }
     c.model_type = s;
   }
@@ -341,6 +375,7 @@ absl::Status ParseNumbers(const Json& j, ModelConfig* out) {
       {"moe_layer_freq", &c.moe_layer_freq},
       {"max_position_embeddings", &c.max_position_embeddings},
       {"bos_token_id", &c.bos_token_id},
+      {"num_nextn_predict_layers", &c.num_nextn_predict_layers},
   };
   for (const IntField& f : ints) {
     if (auto st = GetInt(j, f.name, f.dst); !st.ok()) return st;
@@ -379,15 +414,21 @@ absl::Status ParseGate(const Json& j, ModelConfig* out) {
     } else if (s == "group_limited_greedy") {
       c.topk_method = TopkMethod::kGroupLimitedGreedy;
     } else if (s == "noaux_tc") {
-      return FieldError("topk_method", "noaux_tc (DeepSeek-V3) is not supported yet");
+      c.topk_method = TopkMethod::kNoauxTc;
     } else {
       return FieldError("topk_method", absl::StrCat("unknown method \"", s, "\""));
     }
   }
   if (auto st = GetString(j, "scoring_func", &s, &present); !st.ok()) return st;
-  if (present && s != "softmax") {
-    return FieldError("scoring_func",
-                      absl::StrCat("\"", s, "\" is not supported for deepseek_v2 (only softmax)"));
+  if (present) {
+    if (s == "softmax") {
+      c.scoring_func = ScoringFunc::kSoftmax;
+    } else if (s == "sigmoid") {
+      c.scoring_func = ScoringFunc::kSigmoid;
+    } else {
+      return FieldError("scoring_func",
+                        absl::StrCat("\"", s, "\" is not supported (softmax or sigmoid)"));
+    }
   }
   return absl::OkStatus();
 }
@@ -445,7 +486,7 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
 std::string ModelConfigToJson(const ModelConfig& c) {
   Json j = Json::object();
   auto nullable = [](int64_t v) { return v > 0 ? Json(v) : Json(nullptr); };
-  j["architectures"] = Json::array({"DeepseekV2ForCausalLM"});
+  j["architectures"] = Json::array({c.is_v3() ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM"});
   j["model_type"] = c.model_type;
   j["vocab_size"] = c.vocab_size;
   j["hidden_size"] = c.hidden_size;
@@ -462,14 +503,15 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   j["n_routed_experts"] = nullable(c.n_routed_experts);
   j["n_shared_experts"] = nullable(c.n_shared_experts);
   j["num_experts_per_tok"] = nullable(c.num_experts_per_tok);
-  j["topk_method"] = c.topk_method == TopkMethod::kGreedy ? "greedy" : "group_limited_greedy";
+  j["topk_method"] = TopkMethodName(c.topk_method);
   j["n_group"] = nullable(c.n_group);
   j["topk_group"] = nullable(c.topk_group);
   j["routed_scaling_factor"] = c.routed_scaling_factor;
   j["norm_topk_prob"] = c.norm_topk_prob;
-  j["scoring_func"] = "softmax";
+  j["scoring_func"] = c.scoring_func == ScoringFunc::kSigmoid ? "sigmoid" : "softmax";
   j["first_k_dense_replace"] = c.first_k_dense_replace;
   j["moe_layer_freq"] = c.moe_layer_freq;
+  if (c.num_nextn_predict_layers > 0) j["num_nextn_predict_layers"] = c.num_nextn_predict_layers;
   j["rms_norm_eps"] = c.rms_norm_eps;
   j["rope_theta"] = c.rope_theta;
   if (c.rope_scaling.yarn) {

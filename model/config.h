@@ -1,5 +1,5 @@
-// DeepSeek-V2 `config.json`: every field MODEL_SPEC.md lists, with the defaults of the original
-// `DeepseekV2Config` where a field is absent, validated with errors that name the field.
+// DeepSeek-V2 / V3 `config.json`: every field MODEL_SPEC.md lists, with the defaults of the
+// original `DeepseekV2Config` where a field is absent, validated with errors that name the field.
 #ifndef DMOE_MODEL_CONFIG_H_
 #define DMOE_MODEL_CONFIG_H_
 
@@ -12,7 +12,10 @@
 
 namespace dmoe {
 
-enum class TopkMethod { kGreedy, kGroupLimitedGreedy };
+// V2: greedy / group_limited_greedy over softmax scores. V3: noaux_tc (sigmoid scores, a
+// selection bias, groups ranked by the sum of their two largest biased scores).
+enum class TopkMethod { kGreedy, kGroupLimitedGreedy, kNoauxTc };
+enum class ScoringFunc { kSoftmax, kSigmoid };
 
 struct RopeScaling {
   bool yarn = false;  // false: plain RoPE (no `rope_scaling`)
@@ -25,7 +28,7 @@ struct RopeScaling {
 };
 
 struct ModelConfig {
-  std::string model_type = "deepseek_v2";
+  std::string model_type = "deepseek_v2";  // or "deepseek_v3"
   int64_t vocab_size = 102400;
   int64_t hidden_size = 4096;
   int64_t intermediate_size = 11008;
@@ -42,12 +45,15 @@ struct ModelConfig {
   int64_t n_shared_experts = 0;  // 0: `null`, no shared expert
   int64_t num_experts_per_tok = 0;
   TopkMethod topk_method = TopkMethod::kGreedy;
+  ScoringFunc scoring_func = ScoringFunc::kSoftmax;
   int64_t n_group = 0;     // 0: `null`
   int64_t topk_group = 0;  // 0: `null`
   double routed_scaling_factor = 1.0;
   bool norm_topk_prob = false;
   int64_t first_k_dense_replace = 0;
   int64_t moe_layer_freq = 1;
+  // V3's multi-token-prediction layers (0 or 1), stored as layer index num_hidden_layers.
+  int64_t num_nextn_predict_layers = 0;
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
@@ -62,8 +68,17 @@ struct ModelConfig {
   int64_t q_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   // Values per token per layer in the latent KV cache: c_kv plus the rotated k_pe.
   int64_t latent_dim() const { return kv_lora_rank + qk_rope_head_dim; }
+  bool is_v3() const { return model_type == "deepseek_v3"; }
+  // MoE gating: V3 normalizes the top-k weights and then scales them; V2 normalizes or scales.
+  bool ScaleAfterNorm() const { return is_v3(); }
+  // Layers whose routed experts exist: the decoder layers plus the MTP layer.
+  int64_t num_expert_layers() const { return num_hidden_layers + num_nextn_predict_layers; }
   bool IsMoeLayer(int64_t layer) const {
     return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+  }
+  // A MoE layer whose routed experts exist: a decoder layer's or the MTP layer's.
+  bool IsExpertLayer(int64_t layer) const {
+    return layer >= 0 && layer < num_expert_layers() && IsMoeLayer(layer);
   }
   // Attention softmax scale, including YaRN's mscale(s, mscale_all_dim)^2.
   double SoftmaxScale() const;

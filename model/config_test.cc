@@ -83,6 +83,61 @@ TEST(ModelConfig, PublishedV2LiteConfigParses) {
   EXPECT_DOUBLE_EQ(c->RopeMscale(), 1.0);
 }
 
+// DeepSeek-V3's published config.json (R1's differs only in nothing this parser reads), unmodified.
+TEST(ModelConfig, PublishedV3ConfigParses) {
+  const char* text = R"({
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": false,
+    "attention_dropout": 0.0, "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+      "AutoModel": "modeling_deepseek.DeepseekV3Model",
+      "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1,
+    "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
+    "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": true, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "pretraining_tp": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+      "quant_method": "fp8", "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40,
+      "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+      "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+    "seq_aux": true, "tie_word_embeddings": false, "topk_group": 4, "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": true,
+    "v_head_dim": 128, "vocab_size": 129280})";
+  auto c = ParseModelConfig(text);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->is_v3());
+  EXPECT_EQ(c->topk_method, TopkMethod::kNoauxTc);
+  EXPECT_EQ(c->scoring_func, ScoringFunc::kSigmoid);
+  EXPECT_TRUE(c->ScaleAfterNorm());
+  EXPECT_EQ(c->num_nextn_predict_layers, 1);
+  EXPECT_EQ(c->num_expert_layers(), 62);
+  EXPECT_FALSE(c->IsMoeLayer(2));
+  EXPECT_TRUE(c->IsExpertLayer(61));  // the MTP layer's experts
+  EXPECT_FALSE(c->IsExpertLayer(62));
+  // MODEL_SPEC.md: mscale(40, 1.0)^2 ~= 1.87 on top of 192^-0.5.
+  EXPECT_NEAR(c->SoftmaxScale() * std::sqrt(192.0), 1.3689 * 1.3689, 1e-3);
+  auto back = ParseModelConfig(ModelConfigToJson(*c));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(ModelConfigToJson(*back), ModelConfigToJson(*c));
+}
+
+TEST(ModelConfig, NoauxTcNeedsV3AndGroupsOfTwo) {
+  Json j = Json::parse(ModelConfigToJson(*PresetConfig("tiny-v3")));
+  j["model_type"] = "deepseek_v2";
+  EXPECT_NE(ErrorOf(j).find("field topk_method: noaux_tc needs model_type deepseek_v3"),
+            std::string::npos);
+  j = Json::parse(ModelConfigToJson(*PresetConfig("tiny-v3")));
+  j["n_group"] = 16;
+  j["topk_group"] = 8;
+  EXPECT_NE(ErrorOf(j).find("field n_group: noaux_tc ranks groups by their two best experts"),
+            std::string::npos);
+}
+
 TEST(ModelConfig, TinyPresetSoftmaxScaleMatchesTheSpec) {
   auto c = PresetConfig("tiny");
   ASSERT_TRUE(c.ok());
@@ -90,7 +145,7 @@ TEST(ModelConfig, TinyPresetSoftmaxScaleMatchesTheSpec) {
 }
 
 TEST(ModelConfig, GeneratedJsonRoundTrips) {
-  for (const char* preset : {"tiny", "tiny-lite", "small"}) {
+  for (const char* preset : {"tiny", "tiny-lite", "tiny-v3", "small"}) {
     auto c = PresetConfig(preset);
     ASSERT_TRUE(c.ok());
     auto back = ParseModelConfig(ModelConfigToJson(*c));
@@ -134,14 +189,15 @@ TEST(ModelConfig, ErrorsNameTheField) {
       {"vocab_size", -5, "field vocab_size: must be positive"},
       {"num_key_value_heads", 2, "field num_key_value_heads: 2 must equal num_attention_heads"},
       {"qk_rope_head_dim", 15, "field qk_rope_head_dim: 15 must be even"},
-      {"topk_method", "noaux_tc", "field topk_method: noaux_tc"},
+      {"topk_method", "noaux_tc", "field scoring_func: must be sigmoid with topk_method noaux_tc"},
       {"topk_method", "random", "field topk_method: unknown method"},
-      {"scoring_func", "sigmoid", "field scoring_func"},
+      {"scoring_func", "sigmoid", "field scoring_func: sigmoid needs topk_method noaux_tc"},
+      {"scoring_func", "tanh", "field scoring_func: \"tanh\" is not supported"},
+      {"num_nextn_predict_layers", 2, "field num_nextn_predict_layers: 2 is not supported"},
       {"topk_group", 5, "field topk_group: 5 must be in [1, n_group 4]"},
       {"num_experts_per_tok", 17, "field num_experts_per_tok: 17 exceeds n_routed_experts 16"},
       {"num_experts_per_tok", 9, "field num_experts_per_tok: 9 exceeds the 8 experts"},
       {"model_type", "llama", "field model_type"},
-      {"model_type", "deepseek_v3", "deepseek_v3 is not supported yet"},
       {"rms_norm_eps", "tiny", "field rms_norm_eps: expected a number"},
       {"norm_topk_prob", 1, "field norm_topk_prob: expected true or false"},
       {"rope_scaling", Json{{"type", "linear"}, {"factor", 2}}, "field rope_scaling.type"},

@@ -6,8 +6,20 @@ cpu::GateParams GateParamsOf(const ModelConfig& c) {
   cpu::GateParams p;
   p.n_experts = c.n_routed_experts;
   p.top_k = c.num_experts_per_tok;
-  p.method = c.topk_method == TopkMethod::kGroupLimitedGreedy ? cpu::GateMethod::kGroupLimitedGreedy
-                                                              : cpu::GateMethod::kGreedy;
+  switch (c.topk_method) {
+    case TopkMethod::kGreedy:
+      p.method = cpu::GateMethod::kGreedy;
+      break;
+    case TopkMethod::kGroupLimitedGreedy:
+      p.method = cpu::GateMethod::kGroupLimitedGreedy;
+      break;
+    case TopkMethod::kNoauxTc:
+      p.method = cpu::GateMethod::kNoauxTc;
+      break;
+  }
+  p.scoring = c.scoring_func == ScoringFunc::kSigmoid ? cpu::GateScoring::kSigmoid
+                                                      : cpu::GateScoring::kSoftmax;
+  p.scale_after_norm = c.ScaleAfterNorm();
   p.n_group = c.n_group > 0 ? c.n_group : 1;
   p.topk_group = c.topk_group > 0 ? c.topk_group : 1;
   p.norm_topk_prob = c.norm_topk_prob;

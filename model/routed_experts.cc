@@ -43,7 +43,7 @@ std::function<bool(const std::string&)> ExpertStore::TensorSelector(
 
 std::vector<std::pair<int64_t, int64_t>> ExpertStore::AllExperts(const ModelConfig& c) {
   std::vector<std::pair<int64_t, int64_t>> all;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  for (int64_t l = 0; l < c.num_expert_layers(); ++l) {
     if (!c.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < c.n_routed_experts; ++e) all.emplace_back(l, e);
   }

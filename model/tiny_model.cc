@@ -62,12 +62,23 @@ class NormalRng {
 };
 
 // MODEL_SPEC.md: std = gain / sqrt(fan_in); norms 1 + 0.1 N(0,1); embeddings N(0,1).
+// The MTP layer's embed_tokens / shared_head.head are drawn as the main embedding / lm_head
+// (bit-identical copies, as in the released V3 weights); e_score_correction_bias 0.1 N(0,1).
 void DrawTensor(const TensorSpec& t, uint64_t seed, std::vector<float>* out) {
   int64_t n = 1;
   for (int64_t d : t.shape) n *= d;
   out->resize(static_cast<size_t>(n));
-  NormalRng rng(SplitMix(seed ^ Fnv1a(t.name)));
-  const std::string& name = t.name;
+  std::string name = t.name;
+  if (absl::StartsWith(name, "model.layers.") && absl::EndsWith(name, ".embed_tokens.weight")) {
+    name = "model.embed_tokens.weight";
+  } else if (absl::EndsWith(name, ".shared_head.head.weight")) {
+    name = "lm_head.weight";
+  }
+  NormalRng rng(SplitMix(seed ^ Fnv1a(name)));
+  if (absl::EndsWith(name, "e_score_correction_bias")) {
+    for (float& v : *out) v = static_cast<float>(0.1 * rng.Next());
+    return;
+  }
   if (absl::StrContains(name, "norm")) {
     for (float& v : *out) v = static_cast<float>(1.0 + 0.1 * rng.Next());
     return;
@@ -160,6 +171,18 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.rope_scaling = RopeScaling();
     return c;
   }
+  if (preset == "tiny-v3") {
+    // MODEL_SPEC.md: tiny with V3 gating and one MTP layer.
+    c.model_type = "deepseek_v3";
+    c.topk_method = TopkMethod::kNoauxTc;
+    c.scoring_func = ScoringFunc::kSigmoid;
+    c.norm_topk_prob = true;
+    c.n_shared_experts = 1;
+    c.rope_scaling.mscale = 1.0;
+    c.rope_scaling.mscale_all_dim = 1.0;
+    c.num_nextn_predict_layers = 1;
+    return c;
+  }
   if (preset == "small") {
     c.vocab_size = 32000;
     c.hidden_size = 1024;
@@ -192,48 +215,72 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.eos_token_ids = {1};
     return c;
   }
-  return absl::InvalidArgumentError(absl::StrCat("--preset: unknown preset \"", preset,
-                                                 "\" (tiny, tiny-lite, tiny-demo, small)"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--preset: unknown preset \"", preset, "\" (tiny, tiny-lite, tiny-v3, tiny-demo, small)"));
 }
 
-std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {
+namespace {
+
+// Decoder layer i's tensors (the MTP layer's too).
+void AddLayerTensors(const ModelConfig& c, int64_t i, std::vector<TensorSpec>* out) {
+  std::vector<TensorSpec>& t = *out;
   const int64_t d = c.hidden_size, h = c.num_attention_heads;
+  t.push_back({Layer(i, "input_layernorm.weight"), {d}});
+  t.push_back({Layer(i, "post_attention_layernorm.weight"), {d}});
+  if (c.q_lora_rank > 0) {
+    t.push_back({Layer(i, "self_attn.q_a_proj.weight"), {c.q_lora_rank, d}});
+    t.push_back({Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}});
+    t.push_back({Layer(i, "self_attn.q_b_proj.weight"), {h * c.q_head_dim(), c.q_lora_rank}});
+  } else {
+    t.push_back({Layer(i, "self_attn.q_proj.weight"), {h * c.q_head_dim(), d}});
+  }
+  t.push_back({Layer(i, "self_attn.kv_a_proj_with_mqa.weight"), {c.latent_dim(), d}});
+  t.push_back({Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}});
+  t.push_back({Layer(i, "self_attn.kv_b_proj.weight"),
+               {h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
+  t.push_back({Layer(i, "self_attn.o_proj.weight"), {d, h * c.v_head_dim}});
+  auto mlp = [&](const std::string& prefix, int64_t width) {
+    t.push_back({prefix + "gate_proj.weight", {width, d}});
+    t.push_back({prefix + "up_proj.weight", {width, d}});
+    t.push_back({prefix + "down_proj.weight", {d, width}});
+  };
+  if (!c.IsMoeLayer(i)) {
+    mlp(Layer(i, "mlp."), c.intermediate_size);
+    return;
+  }
+  t.push_back({Layer(i, "mlp.gate.weight"), {c.n_routed_experts, d}});
+  if (c.topk_method == TopkMethod::kNoauxTc) {
+    t.push_back({Layer(i, "mlp.gate.e_score_correction_bias"), {c.n_routed_experts}});
+  }
+  for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+    mlp(absl::StrCat("model.layers.", i, ".mlp.experts.", e, "."), c.moe_intermediate_size);
+  }
+  if (c.n_shared_experts > 0) {
+    mlp(Layer(i, "mlp.shared_experts."), c.moe_intermediate_size * c.n_shared_experts);
+  }
+}
+
+}  // namespace
+
+std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {
+  const int64_t d = c.hidden_size;
   std::vector<TensorSpec> t;
   t.push_back({"model.embed_tokens.weight", {c.vocab_size, d}});
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    t.push_back({Layer(i, "input_layernorm.weight"), {d}});
-    t.push_back({Layer(i, "post_attention_layernorm.weight"), {d}});
-    if (c.q_lora_rank > 0) {
-      t.push_back({Layer(i, "self_attn.q_a_proj.weight"), {c.q_lora_rank, d}});
-      t.push_back({Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}});
-      t.push_back({Layer(i, "self_attn.q_b_proj.weight"), {h * c.q_head_dim(), c.q_lora_rank}});
-    } else {
-      t.push_back({Layer(i, "self_attn.q_proj.weight"), {h * c.q_head_dim(), d}});
-    }
-    t.push_back({Layer(i, "self_attn.kv_a_proj_with_mqa.weight"), {c.latent_dim(), d}});
-    t.push_back({Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}});
-    t.push_back({Layer(i, "self_attn.kv_b_proj.weight"),
-                 {h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
-    t.push_back({Layer(i, "self_attn.o_proj.weight"), {d, h * c.v_head_dim}});
-    auto mlp = [&](const std::string& prefix, int64_t width) {
-      t.push_back({prefix + "gate_proj.weight", {width, d}});
-      t.push_back({prefix + "up_proj.weight", {width, d}});
-      t.push_back({prefix + "down_proj.weight", {d, width}});
-    };
-    if (!c.IsMoeLayer(i)) {
-      mlp(Layer(i, "mlp."), c.intermediate_size);
-      continue;
-    }
-    t.push_back({Layer(i, "mlp.gate.weight"), {c.n_routed_experts, d}});
-    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-      mlp(absl::StrCat("model.layers.", i, ".mlp.experts.", e, "."), c.moe_intermediate_size);
-    }
-    if (c.n_shared_experts > 0) {
-      mlp(Layer(i, "mlp.shared_experts."), c.moe_intermediate_size * c.n_shared_experts);
-    }
-  }
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) AddLayerTensors(c, i, &t);
   t.push_back({"model.norm.weight", {d}});
   if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, d}});
+  if (c.num_nextn_predict_layers > 0) {
+    // The MTP layer as DeepSeek-V3 ships it: its embed_tokens and shared_head.head are copies of
+    // the main embedding and lm_head (DrawTensor draws them under the main names).
+    const int64_t l = c.num_hidden_layers;
+    t.push_back({Layer(l, "embed_tokens.weight"), {c.vocab_size, d}});
+    t.push_back({Layer(l, "enorm.weight"), {d}});
+    t.push_back({Layer(l, "hnorm.weight"), {d}});
+    t.push_back({Layer(l, "eh_proj.weight"), {d, 2 * d}});
+    AddLayerTensors(c, l, &t);
+    t.push_back({Layer(l, "shared_head.norm.weight"), {d}});
+    t.push_back({Layer(l, "shared_head.head.weight"), {c.vocab_size, d}});
+  }
   return t;
 }
 

@@ -13,7 +13,8 @@
 
 namespace dmoe {
 
-// "tiny", "tiny-lite", "tiny-demo" (tiny with the DeepSeek-V3 vocabulary size) or "small".
+// "tiny", "tiny-lite", "tiny-v3" (V3 gating and an MTP layer), "tiny-demo" (tiny with the
+// DeepSeek-V3 vocabulary size) or "small".
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset);
 
 struct TinyModelOptions {

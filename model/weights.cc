@@ -216,13 +216,74 @@ absl::StatusOr<MlpWeights> ReadMlp(const Checkpoint& ck, const std::string& pref
 
 }  // namespace
 
-absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
-                                              WeightDType dtype) {
-  // Held in fp32 whatever the flag: kv_b is used inside the attention (absorbed), the router gate
-  // decides routing (kept exact), and the embedding table is read one row per token.
+namespace {
+
+// Decoder layer `i` (the MTP layer too: i == num_hidden_layers). `exact`: kv_b and the router.
+absl::StatusOr<LayerWeights> LoadLayer(const Checkpoint& ck, const ModelConfig& c, int64_t i,
+                                       WeightDType dtype) {
   const WeightDType exact = WeightDType::kF32;
   using weight_names::Layer;
   const int64_t d = c.hidden_size, h = c.num_attention_heads;
+  LayerWeights l;
+  ASSIGN_OR_RETURN(l.input_norm, ck.ReadFloat(Layer(i, "input_layernorm.weight"), {d}));
+  ASSIGN_OR_RETURN(l.post_norm, ck.ReadFloat(Layer(i, "post_attention_layernorm.weight"), {d}));
+  if (c.q_lora_rank > 0) {
+    ASSIGN_OR_RETURN(
+        l.q_a, ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d, dtype));
+    ASSIGN_OR_RETURN(l.q_a_norm,
+                     ck.ReadFloat(Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}));
+    ASSIGN_OR_RETURN(l.q_b, ReadLinear(ck, Layer(i, "self_attn.q_b_proj.weight"),
+                                       h * c.q_head_dim(), c.q_lora_rank, dtype));
+  } else {
+    ASSIGN_OR_RETURN(
+        l.q, ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d, dtype));
+  }
+  ASSIGN_OR_RETURN(l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"),
+                                      c.latent_dim(), d, dtype));
+  ASSIGN_OR_RETURN(l.kv_a_norm,
+                   ck.ReadFloat(Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}));
+  ASSIGN_OR_RETURN(l.kv_b,
+                   ReadLinear(ck, Layer(i, "self_attn.kv_b_proj.weight"),
+                              h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, exact));
+  ASSIGN_OR_RETURN(l.o,
+                   ReadLinear(ck, Layer(i, "self_attn.o_proj.weight"), d, h * c.v_head_dim, dtype));
+  l.moe = c.IsMoeLayer(i);
+  if (!l.moe) {
+    ASSIGN_OR_RETURN(l.dense, ReadMlp(ck, Layer(i, "mlp."), d, c.intermediate_size, dtype));
+    return l;
+  }
+  ASSIGN_OR_RETURN(l.gate,
+                   ReadLinear(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d, exact));
+  if (c.topk_method == TopkMethod::kNoauxTc) {
+    ASSIGN_OR_RETURN(l.gate_bias, ck.ReadFloat(Layer(i, "mlp.gate.e_score_correction_bias"),
+                                               {c.n_routed_experts}));
+  }
+  if (c.n_shared_experts > 0) {
+    ASSIGN_OR_RETURN(l.shared, ReadMlp(ck, Layer(i, "mlp.shared_experts."), d,
+                                       c.moe_intermediate_size * c.n_shared_experts, dtype));
+  }
+  return l;
+}
+
+// The MTP layer (index num_hidden_layers): its projections, norms and decoder layer. Its
+// embed_tokens and shared_head.head are copies of the main ones (MODEL_SPEC.md) and are not read.
+absl::StatusOr<MtpWeights> LoadMtp(const Checkpoint& ck, const ModelConfig& c, WeightDType dtype) {
+  using weight_names::Layer;
+  const int64_t d = c.hidden_size, l = c.num_hidden_layers;
+  MtpWeights m;
+  ASSIGN_OR_RETURN(m.enorm, ck.ReadFloat(Layer(l, "enorm.weight"), {d}));
+  ASSIGN_OR_RETURN(m.hnorm, ck.ReadFloat(Layer(l, "hnorm.weight"), {d}));
+  ASSIGN_OR_RETURN(m.eh_proj, ReadLinear(ck, Layer(l, "eh_proj.weight"), d, 2 * d, dtype));
+  ASSIGN_OR_RETURN(m.head_norm, ck.ReadFloat(Layer(l, "shared_head.norm.weight"), {d}));
+  ASSIGN_OR_RETURN(m.layer, LoadLayer(ck, c, l, dtype));
+  return m;
+}
+
+}  // namespace
+
+absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
+                                              WeightDType dtype) {
+  const int64_t d = c.hidden_size;
   DenseWeights w;
   // The embedding table is read one row per token: 16/32-bit as stored (or as asked), never 8.
   const WeightDType embed_dtype =
@@ -234,40 +295,7 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
   }
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    LayerWeights& l = w.layers[static_cast<size_t>(i)];
-    ASSIGN_OR_RETURN(l.input_norm, ck.ReadFloat(Layer(i, "input_layernorm.weight"), {d}));
-    ASSIGN_OR_RETURN(l.post_norm, ck.ReadFloat(Layer(i, "post_attention_layernorm.weight"), {d}));
-    if (c.q_lora_rank > 0) {
-      ASSIGN_OR_RETURN(
-          l.q_a, ReadLinear(ck, Layer(i, "self_attn.q_a_proj.weight"), c.q_lora_rank, d, dtype));
-      ASSIGN_OR_RETURN(l.q_a_norm,
-                       ck.ReadFloat(Layer(i, "self_attn.q_a_layernorm.weight"), {c.q_lora_rank}));
-      ASSIGN_OR_RETURN(l.q_b, ReadLinear(ck, Layer(i, "self_attn.q_b_proj.weight"),
-                                         h * c.q_head_dim(), c.q_lora_rank, dtype));
-    } else {
-      ASSIGN_OR_RETURN(
-          l.q, ReadLinear(ck, Layer(i, "self_attn.q_proj.weight"), h * c.q_head_dim(), d, dtype));
-    }
-    ASSIGN_OR_RETURN(l.kv_a, ReadLinear(ck, Layer(i, "self_attn.kv_a_proj_with_mqa.weight"),
-                                        c.latent_dim(), d, dtype));
-    ASSIGN_OR_RETURN(l.kv_a_norm,
-                     ck.ReadFloat(Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}));
-    ASSIGN_OR_RETURN(l.kv_b,
-                     ReadLinear(ck, Layer(i, "self_attn.kv_b_proj.weight"),
-                                h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, exact));
-    ASSIGN_OR_RETURN(
-        l.o, ReadLinear(ck, Layer(i, "self_attn.o_proj.weight"), d, h * c.v_head_dim, dtype));
-    l.moe = c.IsMoeLayer(i);
-    if (!l.moe) {
-      ASSIGN_OR_RETURN(l.dense, ReadMlp(ck, Layer(i, "mlp."), d, c.intermediate_size, dtype));
-      continue;
-    }
-    ASSIGN_OR_RETURN(l.gate,
-                     ReadLinear(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d, exact));
-    if (c.n_shared_experts > 0) {
-      ASSIGN_OR_RETURN(l.shared, ReadMlp(ck, Layer(i, "mlp.shared_experts."), d,
-                                         c.moe_intermediate_size * c.n_shared_experts, dtype));
-    }
+    ASSIGN_OR_RETURN(w.layers[static_cast<size_t>(i)], LoadLayer(ck, c, i, dtype));
   }
   ASSIGN_OR_RETURN(w.final_norm, ck.ReadFloat("model.norm.weight", {d}));
   // lm_head is read whole every step (V x D): held like the projections.
@@ -278,13 +306,17 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
   } else {
     ASSIGN_OR_RETURN(w.lm_head, ReadLinear(ck, "lm_head.weight", c.vocab_size, d, dtype));
   }
+  if (c.num_nextn_predict_layers > 0) {
+    ASSIGN_OR_RETURN(MtpWeights m, LoadMtp(ck, c, dtype));
+    w.mtp = std::make_unique<MtpWeights>(std::move(m));
+  }
   UseHugePages(w);
   return w;
 }
 
 absl::StatusOr<MlpWeights> LoadExpertWeights(const Checkpoint& ck, const ModelConfig& c,
                                              int64_t layer, int64_t expert, WeightDType dtype) {
-  if (!c.IsMoeLayer(layer) || expert < 0 || expert >= c.n_routed_experts) {
+  if (!c.IsExpertLayer(layer) || expert < 0 || expert >= c.n_routed_experts) {
     return absl::InvalidArgumentError(
         absl::StrCat("no routed expert ", expert, " in layer ", layer));
   }

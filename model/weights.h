@@ -5,6 +5,7 @@
 #define DMOE_MODEL_WEIGHTS_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -74,17 +75,30 @@ struct LayerWeights {
   LinearWeight kv_b;              // [H*(dn+dv), r]
   LinearWeight o;                 // [D, H*dv]
   bool moe = false;
-  MlpWeights dense;   // !moe
-  LinearWeight gate;  // moe: router [E, D]
-  MlpWeights shared;  // moe && n_shared_experts > 0: width moe_intermediate_size * S
+  MlpWeights dense;              // !moe
+  LinearWeight gate;             // moe: router [E, D]
+  std::vector<float> gate_bias;  // moe && noaux_tc: e_score_correction_bias [E]
+  MlpWeights shared;             // moe && n_shared_experts > 0: width moe_intermediate_size * S
+};
+
+// V3's multi-token-prediction layer (MODEL_SPEC.md "MTP"): for position i,
+// x_i = eh_proj([enorm(embed(t_{i+1})), hnorm(h_i)]), y_i = layer(x_i), and the draft logits of
+// t_{i+2} = lm_head(head_norm(y_i)) (embed and lm_head: the main model's).
+struct MtpWeights {
+  std::vector<float> enorm;      // [D]
+  std::vector<float> hnorm;      // [D]
+  LinearWeight eh_proj;          // [D, 2D]
+  LayerWeights layer;            // a full decoder layer (index num_hidden_layers)
+  std::vector<float> head_norm;  // [D] shared_head.norm
 };
 
 // Everything except the routed experts.
 struct DenseWeights {
   LinearWeight embed;  // [V, D], fp32 or bf16 (read one row per token)
   std::vector<LayerWeights> layers;
-  std::vector<float> final_norm;  // [D]
-  LinearWeight lm_head;           // [V, D]; a copy of embed when tied
+  std::vector<float> final_norm;          // [D]
+  LinearWeight lm_head;                   // [V, D]; a copy of embed when tied
+  std::shared_ptr<const MtpWeights> mtp;  // num_nextn_predict_layers > 0; else null
 };
 
 namespace weight_names {

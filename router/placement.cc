@@ -170,7 +170,7 @@ absl::StatusOr<PlacementMap> ComputePlacement(const ModelConfig& c,
     total_capacity += shards[i].capacity;
   }
   Planner p(shards);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  for (int64_t l = 0; l < c.num_expert_layers(); ++l) {
     if (c.IsMoeLayer(l)) p.moe_layers.push_back(l);
   }
   p.e = c.n_routed_experts;

@@ -153,11 +153,72 @@ TEST_P(EngineVsReference, BatchedSequencesMatchSequencesAlone) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Presets, EngineVsReference, ::testing::Values("tiny", "tiny-lite"),
-                         [](const auto& info) {
-                           return info.param == "tiny" ? std::string("tiny")
-                                                       : std::string("tiny_lite");
+INSTANTIATE_TEST_SUITE_P(Presets, EngineVsReference,
+                         ::testing::Values("tiny", "tiny-lite", "tiny-v3"), [](const auto& info) {
+                           std::string name = info.param;
+                           for (char& ch : name) ch = ch == '-' ? '_' : ch;
+                           return name;
                          });
+
+// V3's MTP layer: the draft logits of t_{i+2} from (h_i, t_{i+1}) against the float64 reference,
+// which reads the MTP layer's own copies of the embedding and lm_head (the engine uses the main
+// ones). The MTP cache is filled in two chunks and then one position at a time, as speculative
+// decoding will: every chunking gives the reference's values.
+TEST(Mtp, DraftLogitsWithin1e3OfFloat64) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    const std::string dir = MakeModel("tiny-v3", 9, dtype, 2);
+    auto model = Load(dir);
+    ASSERT_TRUE(model->engine().has_mtp());
+    reference::ReferenceModel ref(dir);
+    const std::vector<int32_t> tokens = Prompt(29, 4, 512);
+    const std::vector<double> want = ref.MtpDraft(std::vector<int>(tokens.begin(), tokens.end()));
+    const int64_t v = 512, t = static_cast<int64_t>(tokens.size()) - 1;
+    ASSERT_EQ(want.size(), static_cast<size_t>(t * v));
+    // The main model's hidden states at positions 0..t-1.
+    SequenceKvCache main_cache(model->config());
+    std::vector<SequenceStep> step(1);
+    std::vector<float> hidden;
+    step[0].cache = &main_cache;
+    step[0].tokens.assign(tokens.begin(), tokens.end() - 1);
+    step[0].hidden = &hidden;
+    std::vector<std::vector<float>> logits;
+    ASSERT_TRUE(model->engine().Step(step, &logits).ok());
+    ASSERT_EQ(hidden.size(), static_cast<size_t>(t * model->config().hidden_size));
+    SequenceKvCache mtp_cache(Engine::MtpCacheConfig(model->config()));
+    std::vector<float> got;
+    const int64_t d = model->config().hidden_size;
+    for (int64_t p = 0; p < t;) {
+      const int64_t n = p == 0 ? 11 : p < 20 ? 20 - p : 1;  // 11, 9, then 1 at a time
+      std::vector<SequenceStep> m(1);
+      m[0].cache = &mtp_cache;
+      m[0].tokens.assign(tokens.begin() + p + 1, tokens.begin() + p + 1 + n);
+      m[0].all_logits = true;
+      ASSERT_TRUE(model->engine().StepMtp(m, hidden.data() + p * d, &logits).ok());
+      got.insert(got.end(), logits[0].begin(), logits[0].end());
+      p += n;
+    }
+    ASSERT_EQ(got.size(), want.size());
+    double max_diff = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+      max_diff = std::max(max_diff, std::fabs(want[i] - got[i]));
+    std::printf("[tiny-v3 %s] MTP draft logits, %lld positions: max |dlogit| vs float64 = %.3g\n",
+                DTypeName(dtype), static_cast<long long>(t), max_diff);
+    EXPECT_LE(max_diff, 1e-3);
+  }
+}
+
+TEST(Mtp, WithoutAnMtpLayerStepMtpIsAnError) {
+  auto model = Load(MakeModel("tiny", 9, DType::kF32, 1));
+  EXPECT_FALSE(model->engine().has_mtp());
+  SequenceKvCache cache(Engine::MtpCacheConfig(model->config()));
+  std::vector<SequenceStep> m(1);
+  m[0].cache = &cache;
+  m[0].tokens = {3};
+  std::vector<float> hidden(static_cast<size_t>(model->config().hidden_size), 0.5f);
+  std::vector<std::vector<float>> logits;
+  const absl::Status st = model->engine().StepMtp(m, hidden.data(), &logits);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+}
 
 TEST(Checkpoints, ThreeShardsGiveExactlyTheSingleFileLogits) {
   const std::string one = MakeModel("tiny", 21, DType::kF32, 1);
@@ -175,7 +236,7 @@ TEST(Checkpoints, ThreeShardsGiveExactlyTheSingleFileLogits) {
 // A bf16 checkpoint against the float64 reference reading the same bf16 file: the engine's fp32
 // math on exactly-converted bf16 weights must be as close as on an fp32 checkpoint.
 TEST(Checkpoints, Bf16CheckpointLogitsWithin1e3OfFloat64) {
-  for (const std::string preset : {"tiny", "tiny-lite"}) {
+  for (const std::string preset : {"tiny", "tiny-lite", "tiny-v3"}) {
     const std::string dir = MakeModel(preset, 5, DType::kBF16, 1);
     auto model = Load(dir);
     reference::ReferenceModel ref(dir);

@@ -1,36 +1,76 @@
 #include "kernels/cpu/gating.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "kernels/cpu/ops.h"
 
 namespace dmoe::cpu {
+namespace {
 
-void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, float* w) {
+// Keeps the `keep` groups with the largest g (ties: lower group); sets every expert of the other
+// groups to `masked` in cand.
+void MaskGroups(const std::vector<float>& g, int64_t keep, int64_t per, float masked,
+                std::vector<int32_t>* order, std::vector<float>* cand) {
+  const int64_t groups = static_cast<int64_t>(g.size());
+  std::iota(order->begin(), order->begin() + groups, 0);
+  std::stable_sort(order->begin(), order->begin() + groups, [&](int32_t a, int32_t b) {
+    return g[static_cast<size_t>(a)] > g[static_cast<size_t>(b)];
+  });
+  std::vector<char> kept(static_cast<size_t>(groups), 0);
+  for (int64_t j = 0; j < keep; ++j)
+    kept[static_cast<size_t>((*order)[static_cast<size_t>(j)])] = 1;
+  for (size_t i = 0; i < cand->size(); ++i) {
+    if (!kept[i / static_cast<size_t>(per)]) (*cand)[i] = masked;
+  }
+}
+
+// g[j] = the sum of the two largest values of group j (noaux_tc).
+void TopTwoSums(const std::vector<float>& cand, int64_t per, std::vector<float>* g) {
+  for (size_t j = 0; j < g->size(); ++j) {
+    float a = -std::numeric_limits<float>::infinity(), b = a;
+    for (int64_t i = 0; i < per; ++i) {
+      const float v = cand[j * static_cast<size_t>(per) + static_cast<size_t>(i)];
+      if (v > a) {
+        b = a;
+        a = v;
+      } else if (v > b) {
+        b = v;
+      }
+    }
+    (*g)[j] = a + b;
+  }
+}
+
+}  // namespace
+
+void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, float* w,
+                   const float* bias) {
   const int64_t e = p.n_experts;
-  SoftmaxRows(logits, t, e, e);
+  const bool noaux = p.method == GateMethod::kNoauxTc;
+  if (p.scoring == GateScoring::kSigmoid) {
+    for (int64_t i = 0; i < t * e; ++i) logits[i] = 1.0f / (1.0f + std::exp(-logits[i]));
+  } else {
+    SoftmaxRows(logits, t, e, e);
+  }
   std::vector<float> cand(static_cast<size_t>(e));
+  std::vector<float> g(static_cast<size_t>(p.n_group));
   std::vector<int32_t> order(static_cast<size_t>(std::max(e, p.n_group)));
+  const int64_t per = e / p.n_group;
   for (int64_t r = 0; r < t; ++r) {
     const float* s = logits + r * e;
     std::copy(s, s + e, cand.begin());
-    if (p.method == GateMethod::kGroupLimitedGreedy) {
-      const int64_t per = e / p.n_group;
-      std::vector<float> g(static_cast<size_t>(p.n_group));
+    if (noaux) {
+      for (int64_t i = 0; i < e; ++i) cand[static_cast<size_t>(i)] += bias[i];
+      TopTwoSums(cand, per, &g);
+      MaskGroups(g, p.topk_group, per, -std::numeric_limits<float>::infinity(), &order, &cand);
+    } else if (p.method == GateMethod::kGroupLimitedGreedy) {
       for (int64_t j = 0; j < p.n_group; ++j) {
         g[static_cast<size_t>(j)] = *std::max_element(s + j * per, s + (j + 1) * per);
       }
-      std::iota(order.begin(), order.begin() + p.n_group, 0);
-      std::stable_sort(order.begin(), order.begin() + p.n_group, [&](int32_t a, int32_t b) {
-        return g[static_cast<size_t>(a)] > g[static_cast<size_t>(b)];
-      });
-      std::vector<char> keep(static_cast<size_t>(p.n_group), 0);
-      for (int64_t j = 0; j < p.topk_group; ++j)
-        keep[static_cast<size_t>(order[static_cast<size_t>(j)])] = 1;
-      for (int64_t i = 0; i < e; ++i) {
-        if (!keep[static_cast<size_t>(i / per)]) cand[static_cast<size_t>(i)] = 0.0f;
-      }
+      MaskGroups(g, p.topk_group, per, 0.0f, &order, &cand);
     }
     std::iota(order.begin(), order.begin() + e, 0);
     std::partial_sort(
@@ -43,12 +83,14 @@ void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, 
     double sum = 0.0;
     for (int64_t j = 0; j < p.top_k; ++j) {
       ri[j] = order[static_cast<size_t>(j)];
-      rw[j] = cand[static_cast<size_t>(ri[j])];
+      rw[j] = noaux ? s[ri[j]] : cand[static_cast<size_t>(ri[j])];  // noaux: the unbiased score
       sum += rw[j];
     }
-    if (p.top_k > 1 && p.norm_topk_prob) {
+    const bool normalize = p.top_k > 1 && p.norm_topk_prob;
+    if (normalize) {
       for (int64_t j = 0; j < p.top_k; ++j) rw[j] = static_cast<float>(rw[j] / (sum + 1e-20));
-    } else {
+    }
+    if (!normalize || p.scale_after_norm) {
       for (int64_t j = 0; j < p.top_k; ++j) rw[j] *= p.routed_scaling_factor;
     }
   }

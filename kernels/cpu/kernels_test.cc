@@ -91,6 +91,48 @@ TEST(Gating, TiesGoToTheLowerIndexAndNormTopkNormalizesWithoutScaling) {
   EXPECT_NEAR(w[1], 0.5, 1e-6);
 }
 
+// DeepSeek-V3 noaux_tc (MODEL_SPEC.md): groups {0,1} {2,3} {4,5} {6,7} ranked by the sum of
+// their two best biased sigmoid scores. Expert 0 has the best score, but its group's sum (0.95 +
+// 0.05) loses: a max-per-group rule would keep it. The bias lifts expert 6 (0.27 + 0.5) so that
+// group 3 wins and 6 is chosen; its weight is its unbiased score. Weights: normalized, then
+// scaled by rsf.
+TEST(Gating, NoauxTcRanksGroupsByTopTwoSumsAndWeighsByUnbiasedScores) {
+  GateParams p;
+  p.n_experts = 8;
+  p.top_k = 2;
+  p.method = GateMethod::kNoauxTc;
+  p.scoring = GateScoring::kSigmoid;
+  p.n_group = 4;
+  p.topk_group = 2;
+  p.norm_topk_prob = true;
+  p.routed_scaling_factor = 2.5f;
+  p.scale_after_norm = true;
+  const std::vector<float> logits0 = {3.0f, -3.0f, 1.0f, 1.0f, 0.5f, 0.4f, -1.0f, 2.0f};
+  auto sig = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
+  std::vector<int32_t> ids(2);
+  std::vector<float> w(2);
+  std::vector<float> bias = {0, 0, 0, 0, 0, 0, 0.5f, 0};
+  std::vector<float> logits = logits0;
+  SelectExperts(p, logits.data(), 1, ids.data(), w.data(), bias.data());
+  EXPECT_EQ(ids, (std::vector<int32_t>{7, 6}));
+  const double z = sig(2.0) + sig(-1.0);
+  EXPECT_NEAR(w[0], 2.5 * sig(2.0) / z, 1e-6);
+  EXPECT_NEAR(w[1], 2.5 * sig(-1.0) / z, 1e-6);
+  EXPECT_NEAR(logits[0], sig(3.0), 1e-6);  // the scores replace the logits
+  // Without the bias group 3 sums 1.15 and loses to groups 1 (1.46) and 2 (1.22); the tie
+  // between experts 2 and 3 goes to the lower index first.
+  std::fill(bias.begin(), bias.end(), 0.0f);
+  logits = logits0;
+  SelectExperts(p, logits.data(), 1, ids.data(), w.data(), bias.data());
+  EXPECT_EQ(ids, (std::vector<int32_t>{2, 3}));
+  EXPECT_NEAR(w[0], 1.25, 1e-6);
+  // Without norm_topk_prob the weights are the scaled scores.
+  p.norm_topk_prob = false;
+  logits = logits0;
+  SelectExperts(p, logits.data(), 1, ids.data(), w.data(), bias.data());
+  EXPECT_NEAR(w[0], 2.5 * sig(1.0), 1e-6);
+}
+
 // The tiny preset's RoPE (model/tiny_model.cc): dim 16, theta 1e4, YaRN factor 4 over an original
 // 128 positions, beta 32/1.
 RopeParams TinyRope() {

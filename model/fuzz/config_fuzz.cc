@@ -17,7 +17,7 @@ using dmoe::ModelConfig;
 
 // The helper below compares each field by name; a field added to ModelConfig (or RopeScaling)
 // changes the size and stops this build until it is compared too (then update the size).
-static_assert(sizeof(ModelConfig) == 328 && sizeof(dmoe::RopeScaling) == 56,
+static_assert(sizeof(ModelConfig) == 336 && sizeof(dmoe::RopeScaling) == 56,
               "ModelConfig changed: compare the new field in FirstDifference, then fix the sizes");
 
 bool SameBits(double a, double b) { return std::memcmp(&a, &b, sizeof(double)) == 0; }
@@ -45,12 +45,14 @@ const char* FirstDifference(const ModelConfig& a, const ModelConfig& b) {
   CMP(n_shared_experts);
   CMP(num_experts_per_tok);
   CMP(topk_method);
+  CMP(scoring_func);
   CMP(n_group);
   CMP(topk_group);
   CMP_DOUBLE(routed_scaling_factor);
   CMP(norm_topk_prob);
   CMP(first_k_dense_replace);
   CMP(moe_layer_freq);
+  CMP(num_nextn_predict_layers);
   CMP_DOUBLE(rms_norm_eps);
   CMP_DOUBLE(rope_theta);
   CMP(rope_scaling.yarn);
@@ -96,12 +98,14 @@ void SelfTestFirstDifference() {
       [](ModelConfig* c) { ++c->n_shared_experts; },
       [](ModelConfig* c) { ++c->num_experts_per_tok; },
       [](ModelConfig* c) { c->topk_method = dmoe::TopkMethod::kGroupLimitedGreedy; },
+      [](ModelConfig* c) { c->scoring_func = dmoe::ScoringFunc::kSigmoid; },
       [](ModelConfig* c) { ++c->n_group; },
       [](ModelConfig* c) { ++c->topk_group; },
       [](ModelConfig* c) { c->routed_scaling_factor = -c->routed_scaling_factor; },
       [](ModelConfig* c) { c->norm_topk_prob = !c->norm_topk_prob; },
       [](ModelConfig* c) { ++c->first_k_dense_replace; },
       [](ModelConfig* c) { ++c->moe_layer_freq; },
+      [](ModelConfig* c) { ++c->num_nextn_predict_layers; },
       [](ModelConfig* c) { c->rms_norm_eps = -c->rms_norm_eps; },
       [](ModelConfig* c) { c->rope_theta = -c->rope_theta; },
       [](ModelConfig* c) { c->rope_scaling.yarn = !c->rope_scaling.yarn; },

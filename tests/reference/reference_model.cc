@@ -135,6 +135,10 @@ ReferenceModel::ReferenceModel(const std::string& dir) {
   first_dense_ = c["first_k_dense_replace"];
   freq_ = c["moe_layer_freq"];
   group_limited_ = c["topk_method"] == "group_limited_greedy";
+  noaux_ = c["topk_method"] == "noaux_tc";
+  sigmoid_ = c.contains("scoring_func") && c["scoring_func"] == "sigmoid";
+  v3_ = c["model_type"] == "deepseek_v3";
+  mtp_ = geti("num_nextn_predict_layers", 0);
   norm_topk_ = c["norm_topk_prob"];
   rsf_ = c["routed_scaling_factor"];
   eps_ = c["rms_norm_eps"];
@@ -168,49 +172,91 @@ const Vec& ReferenceModel::W(const std::string& name) const {
   return it->second;
 }
 
-std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) const {
-  const int T = static_cast<int>(tokens.size());
+void ReferenceModel::Rope(double* x, int p) const {
+  // Inverse frequencies and YaRN (MODEL_SPEC.md step 5); rotates each checkpoint pair
+  // (x[2j], x[2j+1]) by the angle p * f_j.
+  double cs_scale = 1.0;
+  for (int j = 0; j < dr_ / 2; ++j) {
+    double f = std::pow(theta_, -2.0 * j / dr_);
+    if (yarn_) {
+      auto corr = [&](double n) {
+        return dr_ * std::log(orig_max_ / (2 * M_PI * n)) / (2 * std::log(theta_));
+      };
+      double low = std::max(std::floor(corr(beta_fast_)), 0.0);
+      double high = std::min(std::ceil(corr(beta_slow_)), dr_ - 1.0);
+      if (high == low) high += 0.001;
+      const double ramp = std::min(1.0, std::max(0.0, (j - low) / (high - low)));
+      f = (f / factor_) * ramp + f * (1 - ramp);
+      cs_scale = GetMscale(factor_, mscale_) / GetMscale(factor_, mscale_all_);
+    }
+    const double c = std::cos(p * f) * cs_scale, s = std::sin(p * f) * cs_scale;
+    const double a = x[2 * j], b = x[2 * j + 1];
+    x[2 * j] = a * c - b * s;
+    x[2 * j + 1] = b * c + a * s;
+  }
+}
+
+// MODEL_SPEC.md "MoE": the chosen experts and their weights for one token's router logits.
+void ReferenceModel::Gate(int i, const double* logits, std::vector<int>* ids,
+                          std::vector<double>* w) const {
+  auto L = [](int i, const std::string& s) {
+    return "model.layers." + std::to_string(i) + "." + s;
+  };
+  std::vector<double> s(logits, logits + E_);
+  if (sigmoid_) {
+    for (double& v : s) v = 1.0 / (1.0 + std::exp(-v));
+  } else {
+    const double mx = *std::max_element(s.begin(), s.end());
+    double sum = 0;
+    for (double& v : s) sum += (v = std::exp(v - mx));
+    for (double& v : s) v /= sum;
+  }
+  std::vector<double> cand = s;
+  if (noaux_) {
+    const Vec& bias = W(L(i, "mlp.gate.e_score_correction_bias"));
+    for (int e = 0; e < E_; ++e) cand[e] += bias[e];
+  }
+  if (group_limited_ || noaux_) {
+    const int per = E_ / G_;
+    std::vector<std::pair<double, int>> g;
+    for (int j = 0; j < G_; ++j) {
+      std::vector<double> grp(cand.begin() + j * per, cand.begin() + (j + 1) * per);
+      std::sort(grp.rbegin(), grp.rend());
+      g.push_back({noaux_ ? grp[0] + grp[1] : grp[0], j});
+    }
+    std::sort(g.begin(), g.end(), [](auto& a, auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    std::vector<bool> keep(static_cast<size_t>(G_), false);
+    for (int j = 0; j < kg_; ++j) keep[g[j].second] = true;
+    for (int e = 0; e < E_; ++e)
+      if (!keep[e / per]) cand[e] = noaux_ ? -std::numeric_limits<double>::infinity() : 0.0;
+  }
+  std::vector<int> idx(static_cast<size_t>(E_));
+  for (int e = 0; e < E_; ++e) idx[e] = e;
+  std::sort(idx.begin(), idx.end(),
+            [&](int a, int b) { return cand[a] != cand[b] ? cand[a] > cand[b] : a < b; });
+  ids->assign(idx.begin(), idx.begin() + k_);
+  w->assign(static_cast<size_t>(k_), 0.0);
+  double wsum = 0;
+  for (int j = 0; j < k_; ++j) wsum += ((*w)[j] = noaux_ ? s[idx[j]] : cand[idx[j]]);
+  const bool normalize = k_ > 1 && norm_topk_;
+  for (int j = 0; j < k_; ++j) {
+    if (normalize) (*w)[j] /= wsum + 1e-20;
+    if (!normalize || v3_) (*w)[j] *= rsf_;
+  }
+}
+
+// Decoder layer i over h [T, D] at positions 0..T-1 (in place).
+void ReferenceModel::Layer(int i, Vec& h, int T) const {
   const int qd = dn_ + dr_;
   auto L = [](int i, const std::string& s) {
     return "model.layers." + std::to_string(i) + "." + s;
   };
-
-  // Inverse frequencies and YaRN (MODEL_SPEC.md step 5).
-  std::vector<double> f(static_cast<size_t>(dr_ / 2));
-  for (int j = 0; j < dr_ / 2; ++j) f[j] = std::pow(theta_, -2.0 * j / dr_);
-  double cs_scale = 1.0, scale = 1.0 / std::sqrt(static_cast<double>(qd));
-  if (yarn_) {
-    auto corr = [&](double n) {
-      return dr_ * std::log(orig_max_ / (2 * M_PI * n)) / (2 * std::log(theta_));
-    };
-    double low = std::max(std::floor(corr(beta_fast_)), 0.0);
-    double high = std::min(std::ceil(corr(beta_slow_)), dr_ - 1.0);
-    if (high == low) high += 0.001;
-    for (int j = 0; j < dr_ / 2; ++j) {
-      const double ramp = std::min(1.0, std::max(0.0, (j - low) / (high - low)));
-      f[j] = (f[j] / factor_) * ramp + f[j] * (1 - ramp);
-    }
-    cs_scale = GetMscale(factor_, mscale_) / GetMscale(factor_, mscale_all_);
-    if (mscale_all_ != 0)
-      scale *= GetMscale(factor_, mscale_all_) * GetMscale(factor_, mscale_all_);
-  }
-  // Rotates each checkpoint pair (x[2j], x[2j+1]) by the angle p * f_j.
-  auto rope = [&](double* x, int p) {
-    for (int j = 0; j < dr_ / 2; ++j) {
-      const double c = std::cos(p * f[j]) * cs_scale, s = std::sin(p * f[j]) * cs_scale;
-      const double a = x[2 * j], b = x[2 * j + 1];
-      x[2 * j] = a * c - b * s;
-      x[2 * j + 1] = b * c + a * s;
-    }
-  };
-
-  Vec h(static_cast<size_t>(T) * D_);
-  const Vec& emb = W("model.embed_tokens.weight");
-  for (int t = 0; t < T; ++t)
-    for (int j = 0; j < D_; ++j)
-      h[static_cast<size_t>(t) * D_ + j] = emb[static_cast<size_t>(tokens[t]) * D_ + j];
-
-  for (int i = 0; i < L_; ++i) {
+  double scale = 1.0 / std::sqrt(static_cast<double>(qd));
+  if (yarn_ && mscale_all_ != 0)
+    scale *= GetMscale(factor_, mscale_all_) * GetMscale(factor_, mscale_all_);
+  {
     // Attention.
     Vec x = RmsNorm(h, T, D_, W(L(i, "input_layernorm.weight")), eps_);
     Vec q = rq_ > 0 ? MatVecT(RmsNorm(MatVecT(x, T, D_, W(L(i, "self_attn.q_a_proj.weight")), rq_),
@@ -224,8 +270,8 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
         c[static_cast<size_t>(t) * r_ + j] = a[static_cast<size_t>(t) * (r_ + dr_) + j];
       for (int j = 0; j < dr_; ++j)
         kpe[static_cast<size_t>(t) * dr_ + j] = a[static_cast<size_t>(t) * (r_ + dr_) + r_ + j];
-      rope(&kpe[static_cast<size_t>(t) * dr_], t);
-      for (int hh = 0; hh < H_; ++hh) rope(&q[(static_cast<size_t>(t) * H_ + hh) * qd + dn_], t);
+      Rope(&kpe[static_cast<size_t>(t) * dr_], t);
+      for (int hh = 0; hh < H_; ++hh) Rope(&q[(static_cast<size_t>(t) * H_ + hh) * qd + dn_], t);
     }
     c = RmsNorm(c, T, r_, W(L(i, "self_attn.kv_a_layernorm.weight")), 1e-6);
     Vec kv = MatVecT(c, T, r_, W(L(i, "self_attn.kv_b_proj.weight")), H_ * (dn_ + dv_));
@@ -267,35 +313,9 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
       y.assign(h.size(), 0.0);
       Vec logits = MatVecT(x, T, D_, W(L(i, "mlp.gate.weight")), E_);
       for (int t = 0; t < T; ++t) {
-        std::vector<double> s(logits.begin() + static_cast<long>(t) * E_,
-                              logits.begin() + static_cast<long>(t + 1) * E_);
-        const double mx = *std::max_element(s.begin(), s.end());
-        double sum = 0;
-        for (double& v : s) sum += (v = std::exp(v - mx));
-        for (double& v : s) v /= sum;
-        std::vector<double> cand = s;
-        if (group_limited_) {
-          const int per = E_ / G_;
-          std::vector<std::pair<double, int>> g;
-          for (int j = 0; j < G_; ++j)
-            g.push_back({*std::max_element(s.begin() + j * per, s.begin() + (j + 1) * per), j});
-          std::sort(g.begin(), g.end(), [](auto& a, auto& b) {
-            return a.first != b.first ? a.first > b.first : a.second < b.second;
-          });
-          std::vector<bool> keep(static_cast<size_t>(G_), false);
-          for (int j = 0; j < kg_; ++j) keep[g[j].second] = true;
-          for (int e = 0; e < E_; ++e)
-            if (!keep[e / per]) cand[e] = 0.0;
-        }
-        std::vector<int> idx(static_cast<size_t>(E_));
-        for (int e = 0; e < E_; ++e) idx[e] = e;
-        std::sort(idx.begin(), idx.end(),
-                  [&](int a, int b) { return cand[a] != cand[b] ? cand[a] > cand[b] : a < b; });
-        std::vector<double> w(static_cast<size_t>(k_));
-        double wsum = 0;
-        for (int j = 0; j < k_; ++j) wsum += (w[j] = cand[idx[j]]);
-        for (int j = 0; j < k_; ++j)
-          w[j] = (k_ > 1 && norm_topk_) ? w[j] / (wsum + 1e-20) : w[j] * rsf_;
+        std::vector<int> idx;
+        std::vector<double> w;
+        Gate(i, &logits[static_cast<size_t>(t) * E_], &idx, &w);
         Vec xt(x.begin() + static_cast<long>(t) * D_, x.begin() + static_cast<long>(t + 1) * D_);
         for (int j = 0; j < k_; ++j) {
           const std::string p = L(i, "mlp.experts." + std::to_string(idx[j]) + ".");
@@ -313,9 +333,48 @@ std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens) cons
     }
     for (size_t j = 0; j < h.size(); ++j) h[j] += y[j];
   }
+}
+
+std::vector<double> ReferenceModel::Forward(const std::vector<int>& tokens, Vec* hidden) const {
+  const int T = static_cast<int>(tokens.size());
+  Vec h(static_cast<size_t>(T) * D_);
+  const Vec& emb = W("model.embed_tokens.weight");
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < D_; ++j)
+      h[static_cast<size_t>(t) * D_ + j] = emb[static_cast<size_t>(tokens[t]) * D_ + j];
+  for (int i = 0; i < L_; ++i) Layer(i, h, T);
   Vec x = RmsNorm(h, T, D_, W("model.norm.weight"), eps_);
+  if (hidden != nullptr) *hidden = x;
   const bool tied = t_.count("lm_head.weight") == 0;
   return MatVecT(x, T, D_, tied ? W("model.embed_tokens.weight") : W("lm_head.weight"), V_);
+}
+
+// MODEL_SPEC.md "MTP", with the MTP layer's own copies of embed_tokens and shared_head.head.
+std::vector<double> ReferenceModel::MtpDraft(const std::vector<int>& tokens) const {
+  if (mtp_ == 0) Die("the model has no MTP layer");
+  const int T = static_cast<int>(tokens.size()) - 1;
+  if (T < 1) Die("MtpDraft needs at least 2 tokens");
+  Vec hidden;
+  Forward(tokens, &hidden);
+  const std::string m = "model.layers." + std::to_string(L_) + ".";
+  const Vec& emb = W(m + "embed_tokens.weight");
+  Vec e(static_cast<size_t>(T) * D_, 0.0);
+  for (int t = 1; t < T; ++t)  // position 0's embedding is masked to 0
+    for (int j = 0; j < D_; ++j)
+      e[static_cast<size_t>(t) * D_ + j] = emb[static_cast<size_t>(tokens[t + 1]) * D_ + j];
+  e = RmsNorm(e, T, D_, W(m + "enorm.weight"), eps_);
+  hidden.resize(static_cast<size_t>(T) * D_);
+  Vec hn = RmsNorm(hidden, T, D_, W(m + "hnorm.weight"), eps_);
+  Vec cat(static_cast<size_t>(T) * 2 * D_);
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < D_; ++j) {
+      cat[static_cast<size_t>(t) * 2 * D_ + j] = e[static_cast<size_t>(t) * D_ + j];
+      cat[static_cast<size_t>(t) * 2 * D_ + D_ + j] = hn[static_cast<size_t>(t) * D_ + j];
+    }
+  Vec y = MatVecT(cat, T, 2 * D_, W(m + "eh_proj.weight"), D_);
+  Layer(L_, y, T);
+  Vec x = RmsNorm(y, T, D_, W(m + "shared_head.norm.weight"), eps_);
+  return MatVecT(x, T, D_, W(m + "shared_head.head.weight"), V_);
 }
 
 }  // namespace dmoe::reference
