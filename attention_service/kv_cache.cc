@@ -178,16 +178,28 @@ void PagedKvSequence::Release() {
   blocks_.clear();
   length_ = 0;
   registered_ = 0;
-  chain_key_ = 0;
+  chain_key_ = chain_seed_;
 }
 
-int64_t PagedKvSequence::AttachPrefix(const std::vector<int32_t>& tokens) {
+void PagedKvSequence::Truncate(int64_t n) {
+  if (n >= length_) return;
+  length_ = std::max<int64_t>(n, 0);
+  // Registered blocks hold committed rows only, and rows are only dropped past the last full
+  // registered block: they stay.
+  const int64_t bt = cache_->block_tokens();
+  const size_t keep = static_cast<size_t>(std::max((length_ + bt - 1) / bt, registered_));
+  while (blocks_.size() > keep) {
+    cache_->Free(blocks_.back());
+    blocks_.pop_back();
+  }
+}
+
+int64_t PagedKvSequence::AttachPrefix(const int32_t* tokens, int64_t n, int64_t max_tokens) {
   if (length_ != 0 || !blocks_.empty()) return length_;
   const int64_t bt = cache_->block_tokens();
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  uint64_t key = 0;
-  while ((static_cast<int64_t>(blocks_.size()) + 1) * bt <= n - 1) {
-    const int32_t* block_tokens = tokens.data() + static_cast<int64_t>(blocks_.size()) * bt;
+  uint64_t key = chain_seed_;
+  while ((static_cast<int64_t>(blocks_.size()) + 1) * bt <= std::min(n - 1, max_tokens)) {
+    const int32_t* block_tokens = tokens + static_cast<int64_t>(blocks_.size()) * bt;
     const uint64_t next = LatentKvCache::ChainHash(key, block_tokens, bt);
     const int32_t b = cache_->Lookup(next, block_tokens);
     if (b < 0) break;
@@ -201,10 +213,10 @@ int64_t PagedKvSequence::AttachPrefix(const std::vector<int32_t>& tokens) {
   return length_;
 }
 
-void PagedKvSequence::RegisterFullBlocks(const std::vector<int32_t>& tokens) {
+void PagedKvSequence::RegisterFullBlocks(const int32_t* tokens) {
   const int64_t bt = cache_->block_tokens();
   while ((registered_ + 1) * bt <= length_ && registered_ < static_cast<int64_t>(blocks_.size())) {
-    const int32_t* block_tokens = tokens.data() + registered_ * bt;
+    const int32_t* block_tokens = tokens + registered_ * bt;
     chain_key_ = LatentKvCache::ChainHash(chain_key_, block_tokens, bt);
     cache_->Register(blocks_[static_cast<size_t>(registered_)], chain_key_, block_tokens);
     ++registered_;

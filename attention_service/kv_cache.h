@@ -40,6 +40,9 @@ class KvSequence {
   virtual cpu::LatentRows Rows(int64_t layer) = 0;
   // Commits n reserved rows (after a step succeeded).
   void Advance(int64_t n) { length_ += n; }
+  // Drops the committed rows from position n on (speculative decoding: the rows of rejected
+  // drafts). n <= length(). Paged: whole blocks past n go back to the cache.
+  virtual void Truncate(int64_t n) { length_ = std::min(length_, n); }
 
  protected:
   int64_t length_ = 0;
@@ -148,6 +151,7 @@ class PagedKvSequence : public KvSequence {
   PagedKvSequence& operator=(const PagedKvSequence&) = delete;
 
   absl::Status Reserve(int64_t n) override;
+  void Truncate(int64_t n) override;
   void WriteRow(int64_t layer, int64_t pos, const float* row) override {
     uint8_t* dst =
         cache_->BlockLayer(blocks_[static_cast<size_t>(pos / cache_->block_tokens())], layer) +
@@ -161,12 +165,20 @@ class PagedKvSequence : public KvSequence {
   const std::vector<int32_t>& block_table() const { return blocks_; }
 
   // On an empty sequence: attaches the cached blocks that hold the longest prefix of `tokens`
-  // in whole blocks, always leaving at least one token to compute. Returns the tokens attached
-  // (the new length).
-  int64_t AttachPrefix(const std::vector<int32_t>& tokens);
-  // Registers every block that is full of committed rows of `tokens` (the sequence's tokens)
-  // for later AttachPrefix calls.
-  void RegisterFullBlocks(const std::vector<int32_t>& tokens);
+  // in whole blocks, always leaving at least one token to compute, and at most `max_tokens`.
+  // Returns the tokens attached (the new length).
+  int64_t AttachPrefix(const int32_t* tokens, int64_t n, int64_t max_tokens = INT64_MAX);
+  int64_t AttachPrefix(const std::vector<int32_t>& tokens) {
+    return AttachPrefix(tokens.data(), static_cast<int64_t>(tokens.size()));
+  }
+  // Registers every block that is full of committed rows of `tokens` (the sequence's tokens;
+  // at least length() of them) for later AttachPrefix calls.
+  void RegisterFullBlocks(const int32_t* tokens);
+  void RegisterFullBlocks(const std::vector<int32_t>& tokens) { RegisterFullBlocks(tokens.data()); }
+  // The key the block chain starts from (default 0). A cache whose rows depend on more than the
+  // tokens the blocks are keyed by (the MTP layer's: the token before them) seeds it with that.
+  // Only on an empty sequence; Release keeps it.
+  void set_chain_seed(uint64_t seed) { chain_key_ = chain_seed_ = seed; }
 
  private:
   LatentKvCache* cache_;
@@ -175,6 +187,7 @@ class PagedKvSequence : public KvSequence {
   std::vector<const uint8_t*> qptrs_;
   int64_t registered_ = 0;  // leading blocks already registered (or attached)
   uint64_t chain_key_ = 0;  // key of block registered_ - 1
+  uint64_t chain_seed_ = 0;
 };
 
 }  // namespace dmoe

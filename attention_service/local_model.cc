@@ -86,14 +86,6 @@ uint64_t LocalModel::weight_bytes() const {
   return n + experts_->bytes();
 }
 
-int32_t ArgMax(const float* logits, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (logits[i] > logits[best]) best = i;
-  }
-  return static_cast<int32_t>(best);
-}
-
 absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<int32_t>& prompt,
                                               const GenerateOptions& options) {
   const ModelConfig& c = engine.config();

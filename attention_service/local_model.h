@@ -77,9 +77,6 @@ struct GenerateOptions {
   bool ignore_eos = false;    // else generation also stops at the model's eos_token_ids
 };
 
-// The id with the largest logit; ties go to the lowest id.
-int32_t ArgMax(const float* logits, int64_t n);
-
 // Prefill (whole or chunked) then token-by-token decode through the cache.
 absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<int32_t>& prompt,
                                               const GenerateOptions& options);

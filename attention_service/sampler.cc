@@ -98,6 +98,14 @@ bool ByLogit(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>
 
 }  // namespace
 
+int32_t ArgMax(const float* logits, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (logits[i] > logits[best]) best = i;
+  }
+  return static_cast<int32_t>(best);
+}
+
 Sampler::Sampler(const SamplingParams& p, const std::vector<int32_t>& prompt)
     : p_(p),
       rng_(p.seed),
@@ -134,7 +142,7 @@ const float* Sampler::Process(const float* logits, int64_t vocab) {
   return processed_.data();
 }
 
-int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
+int64_t Sampler::Distribution(const float* logits, int64_t vocab) {
   // Temperature, then the truncations, on probabilities in descending order. Tokens more than
   // 30 temperature-units below the best have relative probability < e^-30 (below what a double
   // draw resolves); they are left out instead of sorting the whole vocabulary every token.
@@ -175,6 +183,11 @@ int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
     while (n < keep && probs_[static_cast<size_t>(n)] >= floor) ++n;
     keep = n;
   }
+  return keep;
+}
+
+int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
+  const int64_t keep = Distribution(logits, vocab);
   double kept = 0;
   for (int64_t i = 0; i < keep; ++i) kept += probs_[static_cast<size_t>(i)];
   const double u = std::uniform_real_distribution<double>(0.0, kept)(rng_);
@@ -184,6 +197,33 @@ int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
     if (u < acc) return order_[static_cast<size_t>(i)].second;
   }
   return order_[static_cast<size_t>(keep - 1)].second;
+}
+
+int32_t Sampler::VerifyTruncated(const float* logits, int64_t vocab, int32_t draft,
+                                 bool* accepted) {
+  const int64_t keep = Distribution(logits, vocab);
+  double kept = 0, pd = 0;
+  int64_t last_other = -1;
+  for (int64_t i = 0; i < keep; ++i) {
+    kept += probs_[static_cast<size_t>(i)];
+    if (order_[static_cast<size_t>(i)].second == draft) {
+      pd = probs_[static_cast<size_t>(i)];
+    } else {
+      last_other = i;
+    }
+  }
+  // u < 1, so a draft that holds all the mass (pd == kept) is always accepted.
+  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+  *accepted = u * kept < pd || last_other < 0;
+  if (*accepted) return draft;
+  const double v = std::uniform_real_distribution<double>(0.0, kept - pd)(rng_);
+  double acc = 0;
+  for (int64_t i = 0; i < keep; ++i) {
+    if (order_[static_cast<size_t>(i)].second == draft) continue;
+    acc += probs_[static_cast<size_t>(i)];
+    if (v < acc) return order_[static_cast<size_t>(i)].second;
+  }
+  return order_[static_cast<size_t>(last_other)].second;
 }
 
 void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out) {
@@ -203,8 +243,7 @@ void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, S
   }
 }
 
-SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {
-  SampledToken out;
+const float* Sampler::Candidates(const float* model_logits, int64_t vocab) {
   // Without bias or penalties the model's logits are used as they are (no copy).
   const float* logits = biased_ || penalized_ ? Process(model_logits, vocab) : model_logits;
   // Candidates sorted by logit, descending; ties keep the lower id first.
@@ -212,6 +251,12 @@ SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {
   for (int64_t i = 0; i < vocab; ++i) {
     order_[static_cast<size_t>(i)] = {logits[i], static_cast<int32_t>(i)};
   }
+  return logits;
+}
+
+SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {
+  SampledToken out;
+  const float* logits = Candidates(model_logits, vocab);
   const bool greedy = p_.temperature == 0.0 || p_.top_k == 1;
   if (greedy) {
     std::partial_sort(order_.begin(), order_.begin() + std::max<int64_t>(1, p_.top_logprobs),
@@ -221,6 +266,31 @@ SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {
     out.token = SampleTruncated(logits, vocab);
   }
   if (p_.logprobs || p_.top_logprobs > 0) AddLogprobs(logits, vocab, greedy, &out);
+  if (penalized_) ++seen_[out.token];
+  return out;
+}
+
+SampledToken Sampler::Verify(const float* model_logits, int64_t vocab, int32_t draft,
+                             bool* accepted, int force) {
+  if (force < 0) {
+    *accepted = false;
+    return Sample(model_logits, vocab);
+  }
+  SampledToken out;
+  const float* logits = Candidates(model_logits, vocab);
+  const bool greedy = p_.temperature == 0.0 || p_.top_k == 1;
+  if (force > 0) {
+    *accepted = true;
+    out.token = draft;
+  } else if (greedy) {
+    std::partial_sort(order_.begin(), order_.begin() + std::max<int64_t>(1, p_.top_logprobs),
+                      order_.end(), ByLogit);
+    out.token = order_[0].second;
+    *accepted = out.token == draft;
+  } else {
+    out.token = VerifyTruncated(logits, vocab, draft, accepted);
+  }
+  if (p_.logprobs || p_.top_logprobs > 0) AddLogprobs(logits, vocab, greedy && force == 0, &out);
   if (penalized_) ++seen_[out.token];
   return out;
 }

@@ -55,6 +55,9 @@ absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingP
 // the model's eos_token_ids.
 bool IsStopToken(const SamplingParams& p, const ModelConfig& c, int32_t token);
 
+// The id with the largest logit; ties go to the lowest id.
+int32_t ArgMax(const float* logits, int64_t n);
+
 struct SampledToken {
   int32_t token = 0;
   // log-softmax (temperature 1) of the processed logits: after logit_bias and the penalties,
@@ -77,12 +80,29 @@ class Sampler {
   // once per generated token (recomputing a sequence's KV must not call it again).
   SampledToken Sample(const float* logits, int64_t vocab);
 
+  // Speculative decoding: the next token given the target `logits` and a `draft` token chosen
+  // deterministically (the draft distribution is a point mass on it). Greedy: the argmax;
+  // accepted when it is the draft. Sampling: the draft is accepted with probability p(draft)
+  // under the same temperature / top-k / top-p / min-p distribution Sample draws from, else the
+  // token is drawn from p with the draft removed (renormalized) — the standard rejection rule,
+  // so the token's distribution is exactly p. Counts the token as Sample does.
+  // `force` (benchmarks only): +1 accepts the draft whatever p says, -1 rejects it (the token
+  // is then what Sample would draw).
+  SampledToken Verify(const float* logits, int64_t vocab, int32_t draft, bool* accepted,
+                      int force = 0);
+
  private:
   // logit_bias and the penalties applied to a copy of `logits` in processed_; returns it.
   const float* Process(const float* logits, int64_t vocab);
   // Sample's parts: a draw from the temperature/top-k/top-p/min-p truncated distribution; the
   // chosen token's logprob and the top alternatives (order_ already sorted when `sorted_top`).
   int32_t SampleTruncated(const float* logits, int64_t vocab);
+  // The truncated distribution: order_[0, keep) sorted, with unnormalized probs_; returns keep.
+  int64_t Distribution(const float* logits, int64_t vocab);
+  // Verify's draw: the draft with probability p(draft), else one from p without the draft.
+  int32_t VerifyTruncated(const float* logits, int64_t vocab, int32_t draft, bool* accepted);
+  // order_ = (logit, id) of every token; logits (processed) returned.
+  const float* Candidates(const float* model_logits, int64_t vocab);
   void AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out);
   SamplingParams p_;
   std::mt19937_64 rng_;

@@ -24,14 +24,22 @@ const char* FinishReasonName(FinishReason r) {
 
 struct Scheduler::Seq {
   Seq(uint64_t id_in, std::vector<int32_t> prompt, const SamplingParams& p, RequestCallbacks cb,
-      LatentKvCache* cache)
+      LatentKvCache* cache, LatentKvCache* mtp_cache)
       : id(id_in),
         tokens(std::move(prompt)),
         prompt_len(static_cast<int64_t>(tokens.size())),
         params(p),
         sampler(p, tokens),
         callbacks(std::move(cb)),
-        kv(cache) {}
+        kv(cache) {
+    if (mtp_cache != nullptr) {
+      mtp = std::make_unique<PagedKvSequence>(mtp_cache);
+      // An MTP row at position i depends on tokens 0..i+1: its blocks are keyed by the tokens
+      // from 1 on, chained onto token 0.
+      mtp->set_chain_seed(LatentKvCache::ChainHash(kMtpChainSalt, tokens.data(), 1));
+    }
+  }
+  static constexpr uint64_t kMtpChainSalt = 0x6d74702d6b657973ull;
   uint64_t id;
   std::vector<int32_t> tokens;  // prompt, then generated tokens
   int64_t prompt_len;
@@ -45,10 +53,39 @@ struct Scheduler::Seq {
   int64_t generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
   // Tokens not yet in the cache.
   int64_t pending() const { return static_cast<int64_t>(tokens.size()) - kv.length(); }
+
+  // Speculative decoding (null / empty when off).
+  std::unique_ptr<PagedKvSequence> mtp;  // the MTP layer's rows, positions [0, mtp->length())
+  std::vector<int32_t> draft;            // drafted tokens, verified by the next main step
+  int64_t step_drafts = 0;               // drafts in the main step being run
+  std::vector<float> hidden;             // the main step's final-normed hidden states
+  std::vector<float> mtp_hidden;         // those of positions [mtp->length(), kv.length())
+  std::vector<float> mtp_out;            // the MTP step's (the next drafting round's input)
+  // How many drafts the next step may verify: it emits up to that + 1 tokens, within max_tokens
+  // and max_position_embeddings.
+  int64_t draft_room(int64_t max_positions) const {
+    return std::min(params.max_tokens - generated(), max_positions - kv.length()) - 1;
+  }
+  // The MTP layer has not yet seen every position of the main cache: no main step until it has.
+  bool mtp_behind() const { return mtp != nullptr && mtp->length() < kv.length(); }
+  void ReleaseKv() {
+    kv.Release();
+    if (mtp == nullptr) return;
+    mtp->Release();
+    draft.clear();
+    mtp_hidden.clear();
+  }
 };
+
+int64_t MtpCacheBlocks(int64_t main_blocks, int64_t block_tokens, const SchedulerOptions& o) {
+  return main_blocks +
+         o.max_running * (2 + (o.speculative_tokens + block_tokens - 1) / block_tokens);
+}
 
 Scheduler::Scheduler(Engine* engine, LatentKvCache* cache, SchedulerOptions options)
     : engine_(engine), cache_(cache), options_(options), config_(engine->config()) {
+  speculative_ =
+      options_.speculative_tokens > 0 && options_.mtp_cache != nullptr && engine_->has_mtp();
   load_.total_blocks = cache_->total_blocks();
   load_.free_blocks = cache_->free_blocks();
   load_.kv_bytes_per_token = cache_->bytes_per_token();
@@ -78,8 +115,8 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
   const uint64_t id = next_id_++;
   load_.queued_prefill_tokens += static_cast<int64_t>(prompt.size());
   ++load_.waiting;
-  incoming_.push_back(
-      std::make_unique<Seq>(id, std::move(prompt), params, std::move(callbacks), cache_));
+  incoming_.push_back(std::make_unique<Seq>(id, std::move(prompt), params, std::move(callbacks),
+                                            cache_, speculative_ ? options_.mtp_cache : nullptr));
   work_cv_.Signal();
   return id;
 }
@@ -125,15 +162,16 @@ SchedulerStats Scheduler::stats() const {
 }
 
 void Scheduler::Finish(Seq* s, FinishReason reason, const absl::Status& st) {
-  s->kv.Release();
+  s->ReleaseKv();
   if (s->callbacks.on_finish) s->callbacks.on_finish(reason, st);
   MutexLock l(&mu_);
   ++stats_.finished;
 }
 
 void Scheduler::Preempt(Seq* s) {
-  // Free everything; the tokens (prompt + generated so far) are recomputed when readmitted.
-  s->kv.Release();
+  // Free everything; the tokens (prompt + generated so far) are recomputed when readmitted (and
+  // the MTP rows and drafts with them, to the same values).
+  s->ReleaseKv();
   MutexLock l(&mu_);
   ++stats_.preemptions;
 }
@@ -175,8 +213,18 @@ void Scheduler::Admit() {
     reserved_blocks += need;
     const bool first_admission = s->admitted == 0;
     s->admitted = ++admit_counter_;
-    // Prefix caching: reuse the cached blocks of the longest matching prefix.
-    const int64_t hit = s->kv.AttachPrefix(s->tokens);
+    // Prefix caching: reuse the cached blocks of the longest matching prefix (with speculative
+    // decoding, no longer than the MTP layer's cached rows: positions attached have no hidden
+    // states to compute MTP rows from).
+    int64_t hit = s->kv.AttachPrefix(s->tokens);
+    if (s->mtp != nullptr) {
+      const int64_t n = static_cast<int64_t>(s->tokens.size());
+      const int64_t mtp_hit = s->mtp->AttachPrefix(s->tokens.data() + 1, n - 1, hit);
+      if (mtp_hit < hit) {
+        s->kv.Release();
+        hit = s->kv.AttachPrefix(s->tokens.data(), n, mtp_hit);
+      }
+    }
     if (hit > 0) {
       MutexLock l(&mu_);
       stats_.prefix_hit_tokens += static_cast<uint64_t>(hit);
@@ -194,19 +242,27 @@ void Scheduler::ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>
             [](const auto& a, const auto& b) { return a->admitted < b->admitted; });
   int64_t budget = options_.step_token_budget;
   for (auto& s : running_) {
-    if (s->pending() == 1) {
-      batch->push_back(SequenceStep{&s->kv, {s->tokens.back()}, false});
+    if (s->pending() == 1 && !s->mtp_behind()) {
+      // With drafts: the last token and the drafts, logits at every position to verify them.
+      SequenceStep step{&s->kv, {s->tokens.back()}, !s->draft.empty()};
+      step.tokens.insert(step.tokens.end(), s->draft.begin(), s->draft.end());
+      step.hidden = s->mtp != nullptr ? &s->hidden : nullptr;
+      s->step_drafts = static_cast<int64_t>(s->draft.size());
+      budget -= static_cast<int64_t>(step.tokens.size());
+      batch->push_back(std::move(step));
       members->push_back(s.get());
-      --budget;
     }
   }
   for (auto& s : running_) {
-    if (s->pending() <= 1 || budget <= 0) continue;
+    if (s->pending() <= 1 || budget <= 0 || s->mtp_behind()) continue;
     const int64_t n = std::min({s->pending(), options_.prefill_chunk, budget});
     const int64_t from = s->kv.length();
-    batch->push_back(SequenceStep{
-        &s->kv, std::vector<int32_t>(s->tokens.begin() + from, s->tokens.begin() + from + n),
-        false});
+    SequenceStep step{&s->kv,
+                      std::vector<int32_t>(s->tokens.begin() + from, s->tokens.begin() + from + n),
+                      false};
+    step.hidden = s->mtp != nullptr ? &s->hidden : nullptr;
+    s->step_drafts = 0;
+    batch->push_back(std::move(step));
     members->push_back(s.get());
     budget -= n;
   }
@@ -301,8 +357,63 @@ void Scheduler::FailAll(const std::vector<Seq*>& members, const absl::Status& st
                  running_.end());
 }
 
-// Samples the next token of every sequence whose prompt is complete; finishes the ones that
-// stop or reach their length.
+int Scheduler::ForcedVerdict() {
+  if (options_.force_accept < 0) return 0;
+  // A fixed low-discrepancy sequence: exactly the asked fraction over any long run.
+  const double x = static_cast<double>(force_counter_++) * 0.6180339887498949;
+  return x - static_cast<double>(static_cast<uint64_t>(x)) < options_.force_accept ? 1 : -1;
+}
+
+bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vector<float>& logits,
+                               Committed* c) {
+  const int64_t m = static_cast<int64_t>(step.tokens.size());
+  const int64_t k = s->step_drafts;
+  const int64_t first = s->kv.length() - m;  // position of the step's first token
+  s->step_drafts = 0;
+  int64_t accepted = 0;
+  if (s->pending() <= 0) {  // the prompt is complete: the next token (and the drafts' verdicts)
+    const int64_t v = config_.vocab_size;
+    const float* row0 = logits.data() + (static_cast<int64_t>(logits.size()) / v - 1 - k) * v;
+    for (int64_t j = 0; j <= k; ++j) {
+      bool ok = false;
+      const SampledToken t =
+          j < k ? s->sampler.Verify(row0 + j * v, v, s->draft[static_cast<size_t>(j)], &ok,
+                                    ForcedVerdict())
+                : s->sampler.Sample(row0 + j * v, v);
+      s->tokens.push_back(t.token);
+      ++c->generated;
+      if (s->callbacks.on_token) s->callbacks.on_token(t);
+      if (IsStopToken(s->params, config_, t.token)) {
+        Finish(s, FinishReason::kStop, absl::OkStatus());
+        return true;
+      }
+      if (s->generated() >= s->params.max_tokens ||
+          static_cast<int64_t>(s->tokens.size()) >= config_.max_position_embeddings) {
+        Finish(s, FinishReason::kLength, absl::OkStatus());
+        return true;
+      }
+      if (!ok) break;
+      ++accepted;
+    }
+    s->draft.clear();
+    if (k > 0) {
+      c->drafted += static_cast<uint64_t>(k);
+      c->accepted += static_cast<uint64_t>(accepted);
+      ++c->speculative;
+      s->kv.Truncate(first + 1 + accepted);  // the rows of rejected drafts
+    }
+  }
+  s->kv.RegisterFullBlocks(s->tokens);
+  if (s->mtp != nullptr) {
+    const size_t d = static_cast<size_t>(config_.hidden_size);
+    s->mtp_hidden.insert(s->mtp_hidden.end(), s->hidden.begin(),
+                         s->hidden.begin() + static_cast<ptrdiff_t>(d * (m - (k - accepted))));
+  }
+  return false;
+}
+
+// Samples the next token of every sequence whose prompt is complete (verifying drafts);
+// finishes the ones that stop or reach their length.
 Scheduler::Committed Scheduler::Commit(const std::vector<SequenceStep>& batch,
                                        const std::vector<Seq*>& members,
                                        const std::vector<std::vector<float>>& logits) {
@@ -316,26 +427,106 @@ Scheduler::Committed Scheduler::Commit(const std::vector<SequenceStep>& batch,
       s->stalled_since = {};
     }
     c.computed += batch[i].tokens.size();
-    s->kv.RegisterFullBlocks(s->tokens);
-    if (s->pending() != 0) continue;  // more prompt to prefill
-    const SampledToken t = s->sampler.Sample(logits[i].data(), config_.vocab_size);
-    s->tokens.push_back(t.token);
-    ++c.generated;
-    if (s->callbacks.on_token) s->callbacks.on_token(t);
-    if (IsStopToken(s->params, config_, t.token)) {
-      Finish(s, FinishReason::kStop, absl::OkStatus());
-    } else if (s->generated() >= s->params.max_tokens ||
-               static_cast<int64_t>(s->tokens.size()) >= config_.max_position_embeddings) {
-      Finish(s, FinishReason::kLength, absl::OkStatus());
-    } else {
-      continue;
-    }
+    if (!CommitSequence(batch[i], s, logits[i], &c)) continue;
     for (auto& r : running_) {
       if (r.get() == s) r.reset();
     }
   }
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
   return c;
+}
+
+absl::Status Scheduler::RunMtp() {
+  std::vector<SequenceStep> batch;
+  std::vector<Seq*> members;
+  mtp_in_.clear();
+  for (auto& s : running_) {
+    if (!s->mtp_behind()) continue;
+    const int64_t from = s->mtp->length(), to = s->kv.length();
+    if (auto st = s->mtp->Reserve(to - from); !st.ok()) {
+      return absl::InternalError(absl::StrCat("MTP cache: ", st.message()));  // sized not to
+    }
+    // Position p takes token p + 1 (always known: the pending token or more prompt).
+    SequenceStep step{
+        s->mtp.get(),
+        std::vector<int32_t>(s->tokens.begin() + from + 1, s->tokens.begin() + to + 1), false};
+    step.hidden = &s->mtp_out;
+    batch.push_back(std::move(step));
+    members.push_back(s.get());
+    mtp_in_.insert(mtp_in_.end(), s->mtp_hidden.begin(), s->mtp_hidden.end());
+  }
+  if (batch.empty()) return absl::OkStatus();
+  std::vector<int64_t> before(members.size());
+  for (size_t i = 0; i < members.size(); ++i) before[i] = members[i]->mtp->length();
+  std::vector<std::vector<float>> logits;
+  absl::Status st = engine_->StepMtp(batch, mtp_in_.data(), &logits);
+  // Drafts for the sequences that decode next: the argmax of the MTP logits, then more rounds.
+  for (size_t i = 0; st.ok() && i < members.size(); ++i) {
+    Seq* s = members[i];
+    if (s->pending() == 1 && s->draft_room(config_.max_position_embeddings) > 0) {
+      s->draft.assign(1, ArgMax(logits[i].data(), config_.vocab_size));
+    }
+  }
+  for (int64_t round = 1; st.ok() && round < options_.speculative_tokens; ++round) {
+    st = DraftMore(members, round);
+  }
+  for (size_t i = 0; i < members.size(); ++i) {
+    Seq* s = members[i];
+    if (!st.ok()) {  // all or nothing
+      s->mtp->Truncate(before[i]);
+      s->draft.clear();
+      continue;
+    }
+    s->mtp->Truncate(s->kv.length());  // the drafting rounds' rows
+    s->mtp->RegisterFullBlocks(s->tokens.data() + 1);
+    if (options_.draft_hook && !s->draft.empty()) {
+      options_.draft_hook(s->id, s->kv.length() + 1, &s->draft);
+      const int64_t room = std::max<int64_t>(0, s->draft_room(config_.max_position_embeddings));
+      if (static_cast<int64_t>(s->draft.size()) > room) s->draft.resize(static_cast<size_t>(room));
+    }
+    s->mtp_hidden.clear();
+    s->stalled_since = {};
+  }
+  if (!st.ok()) AfterStepError(members, st);
+  return st;
+}
+
+absl::Status Scheduler::DraftMore(const std::vector<Seq*>& members, int64_t round) {
+  // Round r drafts token r + 1 from the MTP layer's own output at the previous position (the
+  // main model's hidden state there is not known yet).
+  std::vector<SequenceStep> batch;
+  std::vector<Seq*> drafting;
+  mtp_in_.clear();
+  const size_t d = static_cast<size_t>(config_.hidden_size);
+  for (Seq* s : members) {
+    if (static_cast<int64_t>(s->draft.size()) != round ||
+        s->draft_room(config_.max_position_embeddings) <= round) {
+      continue;
+    }
+    if (!s->mtp->Reserve(1).ok()) continue;  // sized not to happen; fewer drafts are still exact
+    SequenceStep step{s->mtp.get(), {s->draft.back()}, false};
+    mtp_in_.insert(mtp_in_.end(), s->mtp_out.end() - static_cast<ptrdiff_t>(d), s->mtp_out.end());
+    step.hidden = &s->mtp_out;
+    batch.push_back(std::move(step));
+    drafting.push_back(s);
+  }
+  if (batch.empty()) return absl::OkStatus();
+  std::vector<std::vector<float>> logits;
+  RETURN_IF_ERROR(engine_->StepMtp(batch, mtp_in_.data(), &logits));
+  for (size_t i = 0; i < drafting.size(); ++i) {
+    drafting[i]->draft.push_back(ArgMax(logits[i].data(), config_.vocab_size));
+  }
+  return absl::OkStatus();
+}
+
+void Scheduler::AfterStepError(const std::vector<Seq*>& members, const absl::Status& st) {
+  const bool experts_down = st.code() == absl::StatusCode::kUnavailable ||
+                            st.code() == absl::StatusCode::kDeadlineExceeded;
+  if (experts_down && options_.expert_wait.count() > 0) {
+    Stall(members, st);
+  } else {
+    FailAll(members, st);
+  }
 }
 
 void Scheduler::PublishLoad(const Committed* c) {
@@ -345,6 +536,9 @@ void Scheduler::PublishLoad(const Committed* c) {
     ++stats_.steps;
     stats_.prefilled_tokens += c->computed;
     stats_.generated_tokens += c->generated;
+    stats_.drafted_tokens += c->drafted;
+    stats_.accepted_tokens += c->accepted;
+    stats_.speculative_steps += c->speculative;
   }
   load_.running = static_cast<int64_t>(running_.size());
   load_.waiting = static_cast<int64_t>(waiting_.size() + incoming_.size());
@@ -368,19 +562,23 @@ absl::StatusOr<bool> Scheduler::Step() {
   std::vector<SequenceStep> batch;
   std::vector<Seq*> members;
   if (!PlanBatch(&batch, &members)) return true;
-  std::vector<std::vector<float>> logits;
-  const absl::Status st = RunEngine(&batch, &logits);
-  const bool experts_down = st.code() == absl::StatusCode::kUnavailable ||
-                            st.code() == absl::StatusCode::kDeadlineExceeded;
-  if (!st.ok() && experts_down && options_.expert_wait.count() > 0) {
-    Stall(members, st);
-    return st;
+  Committed c;
+  if (!batch.empty()) {  // empty when every sequence waits for its MTP rows
+    std::vector<std::vector<float>> logits;
+    const absl::Status st = RunEngine(&batch, &logits);
+    if (!st.ok()) {
+      AfterStepError(members, st);
+      return st;
+    }
+    c = Commit(batch, members, logits);
   }
-  if (!st.ok()) {
-    FailAll(members, st);
-    return st;
+  if (speculative_) {
+    const absl::Status st = RunMtp();
+    if (!st.ok()) {
+      PublishLoad(&c);
+      return st;
+    }
   }
-  const Committed c = Commit(batch, members, logits);
   PublishLoad(&c);
   return true;
 }

@@ -56,7 +56,25 @@ struct SchedulerOptions {
   std::chrono::milliseconds expert_wait{0};
   // Measures those stalls (a ManualClock in tests).
   const Clock* clock = Clock::Real();
+  // Speculative decoding with the model's MTP layer (DeepSeek-V3): up to this many tokens
+  // drafted per decoding sequence and step, verified by the main model in the next step (0:
+  // off). Needs an engine with an MTP layer and `mtp_cache`; otherwise it stays off.
+  int64_t speculative_tokens = 0;
+  // The MTP layer's latent cache: one layer (Engine::MtpCacheConfig), the main cache's block
+  // size, MtpCacheBlocks() blocks (enough that it never runs out before the main cache).
+  LatentKvCache* mtp_cache = nullptr;
+  // Benchmarks only: accept this fraction of drafts whatever the model says (the rest are
+  // rejected); < 0: the verification rule. Outputs are then wrong by design.
+  double force_accept = -1;
+  // Tests only: replaces a sequence's drafts after the MTP layer made them (request id, the
+  // position of its first draft, the drafts); the output must not change whatever it does.
+  std::function<void(uint64_t, int64_t, std::vector<int32_t>*)> draft_hook;
 };
+
+// Blocks for SchedulerOptions::mtp_cache given the main cache's: MTP blocks are shared by
+// prefix like the main ones, except each sequence's last one (keyed by one more token), and
+// drafting writes up to speculative_tokens rows past the main length.
+int64_t MtpCacheBlocks(int64_t main_blocks, int64_t block_tokens, const SchedulerOptions& o);
 
 struct SchedulerLoad {
   uint64_t kv_bytes_per_token = 0;
@@ -77,6 +95,11 @@ struct SchedulerStats {
   uint64_t finished = 0;
   uint64_t stalled_steps = 0;        // steps retried because experts were unreachable
   double longest_stall_seconds = 0;  // longest time a sequence waited for experts
+  // Speculative decoding: tokens drafted by the MTP layer, drafts the main model accepted, and
+  // the sequence-steps that verified drafts (tokens per such step: 1 + accepted / steps).
+  uint64_t drafted_tokens = 0;
+  uint64_t accepted_tokens = 0;
+  uint64_t speculative_steps = 0;
 };
 
 class Scheduler {
@@ -110,6 +133,7 @@ class Scheduler {
   // The phases of Step, in order.
   struct Committed {
     uint64_t computed = 0, generated = 0;
+    uint64_t drafted = 0, accepted = 0, speculative = 0;
     double resumed_after = 0;  // longest stall that ended with this step
   };
   void TakeIncomingAndCancel();
@@ -122,6 +146,19 @@ class Scheduler {
   void FailAll(const std::vector<Seq*>& members, const absl::Status& st);
   Committed Commit(const std::vector<SequenceStep>& batch, const std::vector<Seq*>& members,
                    const std::vector<std::vector<float>>& logits);
+  // One sequence's part of Commit: verifies its drafts, samples, truncates rejected rows, keeps
+  // the hidden states the MTP layer needs. True when the sequence finished.
+  bool CommitSequence(const SequenceStep& step, Seq* s, const std::vector<float>& logits,
+                      Committed* c);
+  // Speculative decoding, after the main step: the MTP layer over every position the main
+  // model computed (its rows, and the next drafts of decoding sequences). All or nothing: on
+  // error no MTP row or draft changed, and those sequences wait (skip main steps) until it
+  // succeeds.
+  absl::Status RunMtp();
+  absl::Status DraftMore(const std::vector<Seq*>& members, int64_t round);
+  void AfterStepError(const std::vector<Seq*>& members, const absl::Status& st);
+  // Benchmarks' forced verdict (+1 accept, -1 reject), 0 for the rule.
+  int ForcedVerdict();
   // Load and counters for GetLoad and metrics; `c` null for an idle step.
   void PublishLoad(const Committed* c) ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -148,6 +185,9 @@ class Scheduler {
   std::deque<std::unique_ptr<Seq>> waiting_;  // admission order; preempted ones go first
   std::vector<std::unique_ptr<Seq>> running_;
   uint64_t admit_counter_ = 0;
+  bool speculative_ = false;
+  uint64_t force_counter_ = 0;
+  std::vector<float> mtp_in_;  // the hidden states of an MTP step, in batch order
 };
 
 }  // namespace dmoe
