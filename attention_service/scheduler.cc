@@ -374,7 +374,9 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
   if (s->pending() <= 0) {  // the prompt is complete: the next token (and the drafts' verdicts)
     const int64_t v = config_.vocab_size;
     const float* row0 = logits.data() + (static_cast<int64_t>(logits.size()) / v - 1 - k) * v;
-    for (int64_t j = 0; j <= k; ++j) {
+    bool finished = false;
+    FinishReason reason = FinishReason::kLength;
+    for (int64_t j = 0; j <= k && !finished; ++j) {
       bool ok = false;
       const SampledToken t =
           j < k ? s->sampler.Verify(row0 + j * v, v, s->draft[static_cast<size_t>(j)], &ok,
@@ -384,13 +386,11 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
       ++c->generated;
       if (s->callbacks.on_token) s->callbacks.on_token(t);
       if (IsStopToken(s->params, config_, t.token)) {
-        Finish(s, FinishReason::kStop, absl::OkStatus());
-        return true;
-      }
-      if (s->generated() >= s->params.max_tokens ||
-          static_cast<int64_t>(s->tokens.size()) >= config_.max_position_embeddings) {
-        Finish(s, FinishReason::kLength, absl::OkStatus());
-        return true;
+        finished = true;
+        reason = FinishReason::kStop;
+      } else if (s->generated() >= s->params.max_tokens ||
+                 static_cast<int64_t>(s->tokens.size()) >= config_.max_position_embeddings) {
+        finished = true;
       }
       if (!ok) break;
       ++accepted;
@@ -401,6 +401,10 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
       c->accepted += static_cast<uint64_t>(accepted);
       ++c->speculative;
       s->kv.Truncate(first + 1 + accepted);  // the rows of rejected drafts
+    }
+    if (finished) {
+      Finish(s, reason, absl::OkStatus());
+      return true;
     }
   }
   s->kv.RegisterFullBlocks(s->tokens);
@@ -480,7 +484,7 @@ absl::Status Scheduler::RunMtp() {
     s->mtp->Truncate(s->kv.length());  // the drafting rounds' rows
     s->mtp->RegisterFullBlocks(s->tokens.data() + 1);
     if (options_.draft_hook && !s->draft.empty()) {
-      options_.draft_hook(s->id, s->kv.length() + 1, &s->draft);
+      options_.draft_hook(s->id, s->tokens, &s->draft);
       const int64_t room = std::max<int64_t>(0, s->draft_room(config_.max_position_embeddings));
       if (static_cast<int64_t>(s->draft.size()) > room) s->draft.resize(static_cast<size_t>(room));
     }

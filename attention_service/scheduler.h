@@ -66,9 +66,10 @@ struct SchedulerOptions {
   // Benchmarks only: accept this fraction of drafts whatever the model says (the rest are
   // rejected); < 0: the verification rule. Outputs are then wrong by design.
   double force_accept = -1;
-  // Tests only: replaces a sequence's drafts after the MTP layer made them (request id, the
-  // position of its first draft, the drafts); the output must not change whatever it does.
-  std::function<void(uint64_t, int64_t, std::vector<int32_t>*)> draft_hook;
+  // Tests only: replaces a sequence's drafts after the MTP layer made them (request id, its
+  // tokens so far — the first draft is for position tokens.size() — and the drafts); greedy
+  // output must not change whatever it does, nor sampling's distribution.
+  std::function<void(uint64_t, const std::vector<int32_t>&, std::vector<int32_t>*)> draft_hook;
 };
 
 // Blocks for SchedulerOptions::mtp_cache given the main cache's: MTP blocks are shared by

@@ -2,6 +2,9 @@
 // with and without speculation, token for token and logprob bit for bit, whatever the drafts
 // are (the MTP layer's own, or a test hook's mix of right and wrong ones), under continuous
 // batching with chunked prefill and prefix caching.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -153,11 +156,13 @@ TEST_F(Speculative, GreedyOutputEqualsPlainGreedyWhateverTheDrafts) {
   for (int64_t n : {1, 3}) {
     SchedulerOptions so = Small();
     so.speculative_tokens = n;
-    // Request ids are 1-based in submission order; `pos` is the first draft's position.
-    so.draft_hook = [&](uint64_t id, int64_t pos, std::vector<int32_t>* draft) {
+    // Request ids are 1-based in submission order.
+    so.draft_hook = [&](uint64_t id, const std::vector<int32_t>& tokens,
+                        std::vector<int32_t>* draft) {
       const Request& r = requests[id - 1];
       const std::vector<int32_t>& out = plain[id - 1].tokens;
-      const int64_t g = pos - static_cast<int64_t>(r.prompt.size());  // index in the output
+      // Index in the output of the first draft's position.
+      const int64_t g = static_cast<int64_t>(tokens.size() - r.prompt.size());
       draft->assign(static_cast<size_t>(n), 7);
       for (int64_t j = 0; j < n && g + j < static_cast<int64_t>(out.size()); ++j) {
         // Position-dependent: right, except every 5th position and (n > 1) every 7th's last.
@@ -179,6 +184,130 @@ TEST_F(Speculative, GreedyOutputEqualsPlainGreedyWhateverTheDrafts) {
     EXPECT_LT(st.accepted_tokens, st.drafted_tokens);
     ExpectSame(spec, plain);
   }
+}
+
+// P(chi-square with `df` degrees of freedom >= x): the regularized upper incomplete gamma
+// Q(df/2, x/2), by its series below a + 1 and its continued fraction above.
+double ChiSquarePValue(double x, int df) {
+  const double a = df / 2.0, z = x / 2.0;
+  if (z <= 0) return 1.0;
+  const double log_front = a * std::log(z) - z - std::lgamma(a);
+  if (z < a + 1) {
+    double term = 1.0 / a, sum = term;
+    for (int n = 1; n < 1000 && term > sum * 1e-15; ++n) sum += term *= z / (a + n);
+    return 1.0 - sum * std::exp(log_front);
+  }
+  // Lentz's method for the continued fraction of Q.
+  double b = z + 1 - a, c = 1e300, d = 1 / b, h = d;
+  for (int i = 1; i < 1000; ++i) {
+    const double an = -i * (i - a);
+    b += 2;
+    d = an * d + b;
+    d = std::fabs(d) < 1e-300 ? 1e-300 : d;
+    c = b + an / c;
+    c = std::fabs(c) < 1e-300 ? 1e-300 : c;
+    d = 1 / d;
+    h *= d * c;
+    if (std::fabs(d * c - 1) < 1e-15) break;
+  }
+  return std::exp(log_front) * h;
+}
+
+TEST(ChiSquare, PValuesOfKnownQuantiles) {
+  EXPECT_NEAR(ChiSquarePValue(3.841, 1), 0.05, 1e-4);
+  EXPECT_NEAR(ChiSquarePValue(18.307, 10), 0.05, 1e-4);
+  EXPECT_NEAR(ChiSquarePValue(37.566, 20), 0.01, 1e-4);
+  EXPECT_NEAR(ChiSquarePValue(0.1148, 3), 0.99, 1e-4);
+}
+
+// Top-4 sampling at temperature 1. The exact joint distribution of the first two generated
+// tokens, p(t1) p(t2 | t1), comes from the engine's logits (5 forward passes); 4000 seeded runs
+// with speculation (a draft for t2, right for some runs and wrong for others) must fit it: a
+// chi-square goodness-of-fit test at significance 0.001. So must plain sampling (the control);
+// accepting every draft (a wrong rule) must not.
+TEST_F(Speculative, SamplingKeepsTheModelsDistribution) {
+  const ModelConfig& c = model_->config();
+  const int64_t v = c.vocab_size;
+  const std::vector<int32_t> prompt = {5, 77, 301, 9, 42, 250, 13, 480, 66, 123, 7, 300};
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.top_k = 4;
+  p.max_tokens = 3;
+  p.ignore_eos = true;
+  // The top 4 of logits and their renormalized probabilities.
+  auto top4 = [&](const float* logits) {
+    std::vector<std::pair<double, int32_t>> o;
+    for (int64_t i = 0; i < v; ++i) o.push_back({logits[i], static_cast<int32_t>(i)});
+    std::partial_sort(o.begin(), o.begin() + 4, o.end(),
+                      [](const auto& a, const auto& b) { return a.first > b.first; });
+    o.resize(4);
+    const double mx = o[0].first;
+    double z = 0;
+    for (auto& [l, id] : o) z += std::exp(l - mx);
+    for (auto& [l, id] : o) l = std::exp(l - mx) / z;
+    return o;
+  };
+  auto last_logits = [&](const std::vector<int32_t>& t) {
+    auto l = model_->engine().Forward(t);
+    EXPECT_TRUE(l.ok());
+    return std::vector<float>(l->end() - v, l->end());
+  };
+  const auto first = top4(last_logits(prompt).data());
+  std::map<std::pair<int32_t, int32_t>, double> expected;
+  std::map<int32_t, std::vector<std::pair<double, int32_t>>> second;
+  for (const auto& [p1, t1] : first) {
+    std::vector<int32_t> t = prompt;
+    t.push_back(t1);
+    second[t1] = top4(last_logits(t).data());
+    for (const auto& [p2, t2] : second[t1]) expected[{t1, t2}] = p1 * p2;
+  }
+  constexpr int kRuns = 4000;
+  std::vector<Request> requests(kRuns);
+  for (int i = 0; i < kRuns; ++i) {
+    requests[static_cast<size_t>(i)].prompt = prompt;
+    requests[static_cast<size_t>(i)].params = p;
+    requests[static_cast<size_t>(i)].params.seed = 1000 + static_cast<uint64_t>(i);
+  }
+  auto fit = [&](const std::vector<Output>& out, const char* what) {
+    std::map<std::pair<int32_t, int32_t>, int> counts;
+    for (const Output& o : out) {
+      EXPECT_EQ(o.tokens.size(), 3u);
+      if (o.tokens.size() >= 2) ++counts[{o.tokens[0], o.tokens[1]}];
+    }
+    double chi2 = 0;
+    for (const auto& [cell, prob] : expected) {
+      const double e = prob * kRuns, d = counts[cell] - e;
+      chi2 += d * d / e;
+    }
+    int outside = 0;
+    for (const auto& [cell, n] : counts) outside += expected.count(cell) ? 0 : n;
+    const double pv =
+        outside > 0 ? 0.0 : ChiSquarePValue(chi2, static_cast<int>(expected.size()) - 1);
+    std::printf("%s: chi2 = %.2f over %zu cells (%d runs outside the top-4 cells), p = %.3g\n",
+                what, chi2, expected.size(), outside, pv);
+    return pv;
+  };
+  SchedulerOptions so;
+  so.max_running = 64;
+  EXPECT_GT(fit(Run(requests, so), "plain sampling"), 0.001);
+  so.speculative_tokens = 1;
+  // Drafts for t2: the most likely token after t1 for even seeds, the 3rd most likely for odd
+  // ones (so drafts are accepted often and rejected often).
+  so.draft_hook = [&](uint64_t id, const std::vector<int32_t>& tokens,
+                      std::vector<int32_t>* draft) {
+    auto it = second.find(tokens.back());
+    if (tokens.size() != prompt.size() + 1 || it == second.end()) return;
+    (*draft)[0] = it->second[id % 2 == 0 ? 0 : 2].second;
+  };
+  SchedulerStats st;
+  const double pv = fit(Run(requests, so, &st), "speculative sampling");
+  std::printf("  %llu drafted, %llu accepted\n", static_cast<unsigned long long>(st.drafted_tokens),
+              static_cast<unsigned long long>(st.accepted_tokens));
+  EXPECT_GT(pv, 0.001);
+  EXPECT_GT(st.accepted_tokens, st.drafted_tokens / 5);
+  EXPECT_LT(st.accepted_tokens, st.drafted_tokens * 4 / 5);
+  so.force_accept = 1.0;  // the wrong rule: every draft accepted
+  EXPECT_LT(fit(Run(requests, so), "accepting every draft (wrong)"), 1e-6);
 }
 
 }  // namespace
