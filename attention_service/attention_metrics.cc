@@ -24,6 +24,18 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), co
                              "Prompt tokens served from the prefix cache");
   generated_ = &m->Counter("dmoe_attention_generated_tokens_total", "Tokens generated");
   preemptions_ = &m->Counter("dmoe_attention_preemptions_total", "Sequences preempted");
+  drafted_ = &m->Counter("dmoe_attention_spec_drafted_tokens_total",
+                         "Speculative decoding: tokens drafted by the MTP layer");
+  accepted_ = &m->Counter("dmoe_attention_spec_accepted_tokens_total",
+                          "Speculative decoding: drafted tokens the main model accepted");
+  spec_steps_ = &m->Counter("dmoe_attention_spec_verify_steps_total",
+                            "Speculative decoding: sequence-steps that verified drafts");
+  acceptance_ = &m->Gauge("dmoe_attention_spec_acceptance_ratio",
+                          "Speculative decoding: accepted / drafted tokens since start");
+  tokens_per_step_ = &m->Gauge(
+      "dmoe_attention_spec_tokens_per_step",
+      "Speculative decoding: tokens generated per verifying sequence-step since start (1 + "
+      "accepted / steps)");
   for (FinishReason r : {FinishReason::kLength, FinishReason::kStop, FinishReason::kCancelled,
                          FinishReason::kError}) {
     outcomes_.push_back(&m->Counter("dmoe_attention_requests_total", "Requests by outcome",
@@ -94,6 +106,14 @@ void AttentionMetrics::Refresh(const Scheduler* s, const Engine* e) {
   Metrics::SetTotal(*generated_, static_cast<double>(stats.generated_tokens));
   Metrics::SetTotal(*preemptions_, static_cast<double>(stats.preemptions));
   Metrics::SetTotal(*stalled_steps_, static_cast<double>(stats.stalled_steps));
+  Metrics::SetTotal(*drafted_, static_cast<double>(stats.drafted_tokens));
+  Metrics::SetTotal(*accepted_, static_cast<double>(stats.accepted_tokens));
+  Metrics::SetTotal(*spec_steps_, static_cast<double>(stats.speculative_steps));
+  if (stats.drafted_tokens > 0) {
+    acceptance_->Set(static_cast<double>(stats.accepted_tokens) / stats.drafted_tokens);
+    tokens_per_step_->Set(1.0 + static_cast<double>(stats.accepted_tokens) /
+                                    static_cast<double>(stats.speculative_steps));
+  }
   longest_stall_->Set(stats.longest_stall_seconds);
   if (set_ != nullptr) {
     if (placement_version_ == nullptr) {

@@ -52,6 +52,9 @@ class AttentionMetrics {
   prometheus::Gauge *running_, *waiting_, *queued_, *blocks_used_, *blocks_total_,
       *bytes_per_token_;
   prometheus::Counter *prefilled_, *prefix_hits_, *generated_, *preemptions_;
+  // Speculative decoding (MTP).
+  prometheus::Counter *drafted_, *accepted_, *spec_steps_;
+  prometheus::Gauge *acceptance_, *tokens_per_step_;
   std::vector<prometheus::Counter*> outcomes_;
   std::vector<prometheus::Counter*> expert_tokens_;  // [layer * E + expert], MoE layers only
   struct ShardSeries {

@@ -2,6 +2,7 @@
 
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "common/logging.h"
 
 namespace dmoe {
@@ -21,12 +22,47 @@ absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeKvCache(const ModelConfig& c,
   return cache;
 }
 
+absl::Status CheckSpeculativeTokens(const ModelConfig& c, int64_t n) {
+  if (n < 0 || n > 16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--speculative-tokens: ", n, " is not in [0, 16]"));
+  }
+  if (n > 0 && c.num_nextn_predict_layers == 0) {
+    return absl::InvalidArgumentError(
+        "--speculative-tokens: the model has no MTP layer (num_nextn_predict_layers is 0)");
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+std::unique_ptr<LatentKvCache> MakeMtpCache(const LocalModel& model, const LatentKvCache& main,
+                                            const SchedulerOptions& o) {
+  if (o.speculative_tokens <= 0 || !model.dense().mtp) return nullptr;
+  const int64_t blocks = MtpCacheBlocks(main.total_blocks(), main.block_tokens(), o);
+  auto cache = std::make_unique<LatentKvCache>(Engine::MtpCacheConfig(model.config()),
+                                               main.block_tokens(), blocks, main.dtype());
+  spdlog::info("MTP cache ({}) {} blocks x {} tokens, {:.1f} MiB; up to {} drafted tokens per step",
+               cpu::KvDTypeName(main.dtype()), blocks, main.block_tokens(),
+               static_cast<double>(blocks * cache->block_bytes()) / (1 << 20),
+               o.speculative_tokens);
+  return cache;
+}
+
+SchedulerOptions WithMtpCache(SchedulerOptions o, LatentKvCache* mtp_cache) {
+  o.mtp_cache = mtp_cache;
+  return o;
+}
+
+}  // namespace
+
 AttentionNode::AttentionNode(LocalModel* model, std::unique_ptr<LatentKvCache> cache,
                              const SchedulerOptions& options, AttentionMetrics* metrics)
     : model_(model),
       cache_(std::move(cache)),
+      mtp_cache_(MakeMtpCache(*model, *cache_, options)),
       metrics_(metrics),
-      scheduler_(&model->engine(), cache_.get(), options),
+      scheduler_(&model->engine(), cache_.get(), WithMtpCache(options, mtp_cache_.get())),
       loop_(&scheduler_),
       service_(&scheduler_, metrics) {}
 

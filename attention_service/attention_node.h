@@ -29,9 +29,14 @@ struct KvCacheOptions {
 absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeKvCache(const ModelConfig& c,
                                                            const KvCacheOptions& o);
 
+// --speculative-tokens N: INVALID_ARGUMENT unless 0, or 1..16 with a model that has an MTP
+// layer (DeepSeek-V3 num_nextn_predict_layers).
+absl::Status CheckSpeculativeTokens(const ModelConfig& c, int64_t n);
+
 class AttentionNode {
  public:
-  // `model` and `metrics` (may be null) outlive the node.
+  // `model` and `metrics` (may be null) outlive the node. With options.speculative_tokens > 0
+  // the node makes the MTP layer's cache (options.mtp_cache) to go with `cache`.
   AttentionNode(LocalModel* model, std::unique_ptr<LatentKvCache> cache,
                 const SchedulerOptions& options, AttentionMetrics* metrics = nullptr);
   ~AttentionNode();
@@ -52,6 +57,7 @@ class AttentionNode {
  private:
   LocalModel* model_;
   std::unique_ptr<LatentKvCache> cache_;
+  std::unique_ptr<LatentKvCache> mtp_cache_;
   AttentionMetrics* metrics_;
   Scheduler scheduler_;
   SchedulerLoop loop_;

@@ -183,6 +183,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetLoad(grpc::CallbackServerCont
   reply->set_preemptions(stats.preemptions);
   reply->set_kv_bytes_per_token(load.kv_bytes_per_token);
   reply->set_block_tokens(load.block_tokens);
+  reply->set_drafted_tokens(stats.drafted_tokens);
+  reply->set_accepted_tokens(stats.accepted_tokens);
+  reply->set_speculative_steps(stats.speculative_steps);
   auto* r = ctx->DefaultReactor();
   r->Finish(grpc::Status::OK);
   return r;

@@ -58,6 +58,10 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --expert-wait-ms N      when an expert has no reachable replica, pause the affected sequences
                           (KV kept) and retry for up to N ms, then end them UNAVAILABLE
                           (default 10000 with --router, 0 otherwise)
+  --speculative-tokens N  DeepSeek-V3 models: draft up to N tokens per step with the model's MTP
+                          layer and verify them in the next step (default 0 = off; 1..16). The
+                          output does not change (greedy: token for token; sampling: the same
+                          distribution); with drafts accepted, each step yields more tokens
   --bf16-activations      bf16 weights multiply bf16-rounded activations (A16: vdpbf16ps where the
                           CPU has AVX512-BF16, about twice the batched/prefill speed; slightly less
                           exact). Every shard serving the same experts must use the same setting
@@ -78,11 +82,14 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
   Options o;
   ASSIGN_OR_RETURN(o.model, f.String("model"));
   const std::vector<std::pair<const char*, int64_t>> ints = {
-      {"kv-cache-mib", 256}, {"kv-blocks", 0},       {"block-tokens", 16}, {"max-running", 64},
-      {"token-budget", 512}, {"prefill-chunk", 256}, {"micro-batches", 2}, {"drain-seconds", 30}};
+      {"kv-cache-mib", 256}, {"kv-blocks", 0},      {"block-tokens", 16},
+      {"max-running", 64},   {"token-budget", 512}, {"prefill-chunk", 256},
+      {"micro-batches", 2},  {"drain-seconds", 30}, {"speculative-tokens", 0}};
   for (const auto& [name, dflt] : ints) {
     ASSIGN_OR_RETURN(int64_t x, f.Int(name, dflt));
-    if (x < 0 || (x == 0 && std::string(name) != "kv-blocks")) {
+    const bool zero_ok =
+        std::string(name) == "kv-blocks" || std::string(name) == "speculative-tokens";
+    if (x < 0 || (x == 0 && !zero_ok)) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be positive"));
     }
     o.v[name] = x;
@@ -111,6 +118,8 @@ absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Opti
   so.max_running = o.v.at("max-running");
   so.step_token_budget = o.v.at("token-budget");
   so.prefill_chunk = o.v.at("prefill-chunk");
+  RETURN_IF_ERROR(CheckSpeculativeTokens(model->config(), o.v.at("speculative-tokens")));
+  so.speculative_tokens = o.v.at("speculative-tokens");
   if (o.v.at("micro-batches") == 2) so.experts_b = model->second_experts();
   ExpertShardSet* shard_set = model->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
@@ -133,11 +142,11 @@ int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-attention");
   auto flags = Flags::Parse(
       argc - 1, argv + 1,
-      WithInternalTls(
-          WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
-                      "block-tokens", "max-running", "token-budget", "prefill-chunk",
-                      "micro-batches", "metrics-listen", "drain-seconds", "expert-wait-ms",
-                      "kv-cache-dtype", "advertise-host", "threads", "blas-threads", "log-level"})),
+      WithInternalTls(WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
+                                  "block-tokens", "max-running", "token-budget", "prefill-chunk",
+                                  "micro-batches", "metrics-listen", "drain-seconds",
+                                  "expert-wait-ms", "kv-cache-dtype", "advertise-host", "threads",
+                                  "blas-threads", "log-level", "speculative-tokens"})),
       {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {

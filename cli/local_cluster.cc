@@ -42,7 +42,10 @@ http://HOST:PORT/v1" (the OpenAI-compatible HTTP API) and the metrics URLs; reco
 the state file and returns, leaving them running. `dmoe down` stops them.
 
   --model DIR            checkpoint directory (default .cache/tiny-model; created with --preset)
-  --preset NAME          preset written when DIR has no config.json (default tiny)
+  --preset NAME          preset written when DIR has no config.json (default tiny; tiny-v3 has
+                         DeepSeek-V3 gating and an MTP layer)
+  --speculative-tokens N the attention nodes draft up to N tokens per step with the model's MTP
+                         layer (default 0 = off; DeepSeek-V3 models)
   --experts N            expert shards (default 2)
   --attention M          attention nodes (default 1)
   --expert-replicas R    copies of every expert on distinct shards (default 1); with R >= 2 a dead
@@ -85,6 +88,7 @@ void MakeDirs(const std::string& dir) {
 struct UpOptions {
   std::string dir, state, logs, bin, preset, ucx_tls, wire_dtype, http_listen;
   int64_t experts = 2, attention = 1, replicas = 1, capacity = 0, lease_ms = 3000, blas = 0;
+  int64_t speculative = 0;
 };
 
 absl::StatusOr<UpOptions> ParseUp(const Flags& f) {
@@ -103,7 +107,8 @@ absl::StatusOr<UpOptions> ParseUp(const Flags& f) {
                                                      {"expert-replicas", &o.replicas},
                                                      {"expert-capacity", &o.capacity},
                                                      {"lease-ms", &o.lease_ms},
-                                                     {"blas-threads", &o.blas}}) {
+                                                     {"blas-threads", &o.blas},
+                                                     {"speculative-tokens", &o.speculative}}) {
     auto v = f.Int(name, *value);
     if (!v.ok()) return v.status();
     *value = *v;
@@ -117,6 +122,7 @@ absl::StatusOr<UpOptions> ParseUp(const Flags& f) {
   if (o.capacity < 0) return bad("--expert-capacity: negative");
   if (o.lease_ms < 100) return bad("--lease-ms: must be at least 100");
   if (o.blas < 0) return bad("--blas-threads: negative");
+  if (o.speculative < 0 || o.speculative > 16) return bad("--speculative-tokens: not in [0, 16]");
   return o;
 }
 
@@ -222,7 +228,8 @@ absl::Status LaunchAll(const UpOptions& o, const ModelConfig& config, Launcher* 
         std::string addr,
         l->Start("attention", absl::StrCat("attention", i),
                  {o.bin + "/attention_service/dmoe-attention", "--model", o.dir, "--router",
-                  c->router, "--wire-dtype", o.wire_dtype, "--blas-threads", blas_threads},
+                  c->router, "--wire-dtype", o.wire_dtype, "--blas-threads", blas_threads,
+                  "--speculative-tokens", absl::StrCat(o.speculative)},
                  std::chrono::seconds(120)));
     c->attention.push_back(addr);
   }
@@ -235,11 +242,12 @@ absl::Status LaunchAll(const UpOptions& o, const ModelConfig& config, Launcher* 
 }
 
 int Up(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv,
-                            {"model", "preset", "experts", "attention", "expert-replicas",
-                             "ucx-tls", "state-file", "log-dir", "bin-dir", "wire-dtype",
-                             "expert-capacity", "lease-ms", "blas-threads", "http-listen"},
-                            {});
+  auto flags =
+      Flags::Parse(argc, argv,
+                   {"model", "preset", "experts", "attention", "expert-replicas", "ucx-tls",
+                    "state-file", "log-dir", "bin-dir", "wire-dtype", "expert-capacity", "lease-ms",
+                    "blas-threads", "http-listen", "speculative-tokens"},
+                   {});
   if (!flags.ok()) return Fail(std::string(flags.status().message()));
   if (flags->help()) {
     std::fputs(kUpHelp, stdout);

@@ -51,11 +51,13 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --weight-dtype T     auto (default: as stored; f16 as f32), f32, bf16, int8 or fp8: dense/attention
                        projections
   --expert-dtype T     the same for the routed experts
+  --speculative-tokens N  DeepSeek-V3 models: draft up to N tokens per step with the MTP layer
+                       (default 0 = off; see dmoe-attention --help)
 )";
 
 struct ServeOptions {
   std::string dir;
-  int64_t mib = 256, block = 16;
+  int64_t mib = 256, block = 16, speculative = 0;
   cpu::KvDType kv_dtype = cpu::KvDType::kF32;
   LocalModelOptions model;
 };
@@ -65,6 +67,7 @@ absl::StatusOr<ServeOptions> ParseServe(const Flags& f) {
   ASSIGN_OR_RETURN(o.dir, f.String("model"));
   ASSIGN_OR_RETURN(o.mib, f.Int("kv-cache-mib", 256));
   ASSIGN_OR_RETURN(o.block, f.Int("block-tokens", 16));
+  ASSIGN_OR_RETURN(o.speculative, f.Int("speculative-tokens", 0));
   if (o.mib <= 0 || o.block <= 0) {
     return absl::InvalidArgumentError("--kv-cache-mib and --block-tokens must be positive");
   }
@@ -156,11 +159,12 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
 
 int Serve(int argc, char** argv) {
   ServiceMain outer("dmoe serve");
-  auto flags = Flags::Parse(argc, argv,
-                            {"model", "grpc-listen", "http-listen", "kv-cache-mib", "block-tokens",
-                             "metrics-listen", "model-id", "api-keys", "max-concurrent-per-key",
-                             "kv-cache-dtype", "weight-dtype", "expert-dtype"},
-                            {});
+  auto flags =
+      Flags::Parse(argc, argv,
+                   {"model", "grpc-listen", "http-listen", "kv-cache-mib", "block-tokens",
+                    "metrics-listen", "model-id", "api-keys", "max-concurrent-per-key",
+                    "kv-cache-dtype", "weight-dtype", "expert-dtype", "speculative-tokens"},
+                   {});
   if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {
     std::fputs(kServeHelp, stdout);
@@ -179,7 +183,10 @@ int Serve(int argc, char** argv) {
   if (!cache.ok()) return outer.Fail(cache.status());
   auto text = LoadTextParts(o->dir);
   if (!text.ok()) return outer.Fail(text.status());
-  AttentionNode node(model->get(), std::move(*cache), SchedulerOptions());
+  if (auto st = CheckSpeculativeTokens(c, o->speculative); !st.ok()) return outer.Fail(st);
+  SchedulerOptions so;
+  so.speculative_tokens = o->speculative;
+  AttentionNode node(model->get(), std::move(*cache), so);
   node.Start();
   // The attention service on a private loopback port; the public API in front of it.
   std::unique_ptr<grpc::Server> inner;

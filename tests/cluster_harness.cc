@@ -20,12 +20,14 @@ namespace dmoe::testing {
 using Clock = std::chrono::steady_clock;
 
 absl::Status PrepareWorkload(const std::string& dir, uint64_t seed, const Prompts& prompts,
-                             int max_tokens, Prompts* expected) {
+                             int max_tokens, Prompts* expected, const std::string& preset) {
   setenv("UCX_NET_DEVICES", "lo", 1);
   setenv("UCX_TLS", "tcp,self", 1);
   TinyModelOptions o;
   o.seed = seed;
-  if (auto st = WriteTinyModel(dir, *PresetConfig("tiny"), o); !st.ok()) return st;
+  auto config = PresetConfig(preset);
+  if (!config.ok()) return config.status();
+  if (auto st = WriteTinyModel(dir, *config, o); !st.ok()) return st;
   auto local = LocalModel::Load(dir);
   if (!local.ok()) return local.status();
   expected->clear();
@@ -236,6 +238,16 @@ uint64_t Cluster::WaitForActive(uint64_t above, std::chrono::seconds timeout) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return 0;
+}
+
+internal::GetLoadReply Cluster::AttentionLoad() {
+  internal::GetLoadReply reply;
+  if (stub_ == nullptr) return reply;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  AddClusterToken(&ctx, token_);
+  if (!stub_->GetLoad(&ctx, internal::GetLoadRequest(), &reply).ok()) reply.Clear();
+  return reply;
 }
 
 std::vector<double> Cluster::ShardTokens() {

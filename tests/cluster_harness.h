@@ -27,10 +27,11 @@ namespace dmoe::testing {
 
 using Prompts = std::vector<std::vector<int32_t>>;
 
-// Writes the tiny model (seed `seed`) to `dir` and computes each prompt's greedy output with the
-// in-process engine, alone (the fault-free reference). Sets UCX to tcp on loopback.
+// Writes the tiny model (seed `seed`; or another preset) to `dir` and computes each prompt's
+// greedy output with the in-process engine, alone (the fault-free reference). Sets UCX to tcp on
+// loopback.
 absl::Status PrepareWorkload(const std::string& dir, uint64_t seed, const Prompts& prompts,
-                             int max_tokens, Prompts* expected);
+                             int max_tokens, Prompts* expected, const std::string& preset = "tiny");
 
 struct Result {
   std::vector<int32_t> tokens;
@@ -81,6 +82,8 @@ class Cluster {
   // gone). From now on Run goes through it (dmoe.v1.Dmoe/Generate, token ids).
   void StartGateway(std::vector<std::string> extra = {});
 
+  // The first attention node's GetLoad (counters of its scheduler); an empty reply on error.
+  internal::GetLoadReply AttentionLoad();
   // Waits until the router's active map has a version > `above`; 0 on timeout.
   uint64_t WaitForActive(uint64_t above, std::chrono::seconds timeout = std::chrono::seconds(20));
   // (token, expert) pairs each shard has computed so far (0 for one that does not answer).
