@@ -156,6 +156,19 @@ ModelConfig TinyConfig() {
   return c;
 }
 
+// MODEL_SPEC.md's tiny-v3 changes: V3 gating (sigmoid, noaux_tc with a selection bias,
+// normalize then scale), one shared expert, YaRN mscale = mscale_all_dim = 1, one MTP layer.
+void MakeV3(ModelConfig* c) {
+  c->model_type = "deepseek_v3";
+  c->topk_method = TopkMethod::kNoauxTc;
+  c->scoring_func = ScoringFunc::kSigmoid;
+  c->norm_topk_prob = true;
+  c->n_shared_experts = 1;
+  c->rope_scaling.mscale = 1.0;
+  c->rope_scaling.mscale_all_dim = 1.0;
+  c->num_nextn_predict_layers = 1;
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
@@ -172,18 +185,10 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     return c;
   }
   if (preset == "tiny-v3") {
-    // MODEL_SPEC.md: tiny with V3 gating and one MTP layer.
-    c.model_type = "deepseek_v3";
-    c.topk_method = TopkMethod::kNoauxTc;
-    c.scoring_func = ScoringFunc::kSigmoid;
-    c.norm_topk_prob = true;
-    c.n_shared_experts = 1;
-    c.rope_scaling.mscale = 1.0;
-    c.rope_scaling.mscale_all_dim = 1.0;
-    c.num_nextn_predict_layers = 1;
+    MakeV3(&c);
     return c;
   }
-  if (preset == "small") {
+  if (preset == "small" || preset == "small-v3") {
     c.vocab_size = 32000;
     c.hidden_size = 1024;
     c.num_hidden_layers = 8;
@@ -202,6 +207,7 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.num_key_value_heads = 8;
     c.max_position_embeddings = 4096;
     c.rope_scaling.original_max_position_embeddings = 1024;
+    if (preset == "small-v3") MakeV3(&c);
     return c;
   }
   if (preset == "tiny-demo") {
@@ -215,8 +221,9 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     c.eos_token_ids = {1};
     return c;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--preset: unknown preset \"", preset, "\" (tiny, tiny-lite, tiny-v3, tiny-demo, small)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("--preset: unknown preset \"", preset,
+                   "\" (tiny, tiny-lite, tiny-v3, tiny-demo, small, small-v3)"));
 }
 
 namespace {

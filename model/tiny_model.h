@@ -14,7 +14,8 @@
 namespace dmoe {
 
 // "tiny", "tiny-lite", "tiny-v3" (V3 gating and an MTP layer), "tiny-demo" (tiny with the
-// DeepSeek-V3 vocabulary size) or "small".
+// DeepSeek-V3 vocabulary size), "small" or "small-v3" (small with tiny-v3's changes: the
+// speculative-decoding benchmark's model).
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset);
 
 struct TinyModelOptions {

@@ -145,6 +145,11 @@ TEST_F(Speculative, GreedyOutputEqualsPlainGreedyWithTheMtpDrafts) {
     EXPECT_GT(st.prefix_hit_tokens, 0u);
     ExpectSame(spec, plain);
   }
+  // Each request alone (one running sequence at a time, whole-prompt prefill): the same again.
+  SchedulerOptions alone;
+  alone.max_running = 1;
+  alone.speculative_tokens = 2;
+  ExpectSame(Run(requests, alone), plain);
 }
 
 // Drafts from a hook that knows the plain output: right at some positions, wrong at others
