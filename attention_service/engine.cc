@@ -110,7 +110,7 @@ absl::Status Engine::Run(int count) {
     }
   }
   RETURN_IF_ERROR(Layers(count, 0, config_.num_hidden_layers));
-  for (int m = 0; m < count; ++m) Logits(mb_[m], w_->final_norm);
+  for (int m = 0; m < count; ++m) Logits(mb_[m], w_->final_norm, true);
   return absl::OkStatus();
 }
 
@@ -175,7 +175,7 @@ absl::Status Engine::StepMtp(std::vector<SequenceStep>& batch, const float* hidd
   mb.tmp.resize(mb.h.size());
   cpu::LinearW(mtp_in_.data(), n, mtp.eh_proj.ref(), mb.h.data());
   RETURN_IF_ERROR(Layers(1, c.num_hidden_layers, c.num_hidden_layers + 1));
-  Logits(mb, mtp.head_norm);
+  Logits(mb, mtp.head_norm, false);
   return absl::OkStatus();
 }
 
@@ -237,7 +237,7 @@ absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
 }
 
 // The rows that need logits, then one final norm + lm_head GEMM for all of them.
-void Engine::Logits(MicroBatch& mb, const std::vector<float>& norm) {
+void Engine::Logits(MicroBatch& mb, const std::vector<float>& norm, bool normed_hidden) {
   const ModelConfig& c = config_;
   const int64_t d = c.hidden_size;
   auto t0 = Clock::now();
@@ -252,9 +252,11 @@ void Engine::Logits(MicroBatch& mb, const std::vector<float>& norm) {
     const int64_t rows = s.all_logits ? m : 1;
     cpu::RmsNorm(mb.h.data() + first * d, rows, d, norm.data(), c.rms_norm_eps,
                  final_x_.data() + out_rows * d);
-    if (s.hidden != nullptr) {
+    if (s.hidden != nullptr && normed_hidden) {
       s.hidden->resize(static_cast<size_t>(m * d));
       cpu::RmsNorm(mb.h.data() + row * d, m, d, norm.data(), c.rms_norm_eps, s.hidden->data());
+    } else if (s.hidden != nullptr) {
+      s.hidden->assign(mb.h.begin() + row * d, mb.h.begin() + (row + m) * d);
     }
     out_rows += rows;
     row += m;

@@ -94,8 +94,10 @@ class Engine {
   // MtpCacheConfig): tokens[i] is t_{p+1}, the token that follows position p, and `hidden` holds
   // the main model's final-normed hidden states h_p of those positions, [total tokens, D] in
   // batch order (SequenceStep::hidden of the main step). logits->at(i) are the draft logits of
-  // t_{p+2} (every position with all_logits, else the last). Errors as Step;
-  // FAILED_PRECONDITION without an MTP layer.
+  // t_{p+2} (every position with all_logits, else the last); SequenceStep::hidden gets the MTP
+  // layer's output before shared_head.norm (what drafting further tokens recursively feeds
+  // back as h, as vLLM's deepseek_mtp does). Errors as Step; FAILED_PRECONDITION without an MTP
+  // layer.
   absl::Status StepMtp(std::vector<SequenceStep>& batch, const float* hidden,
                        std::vector<std::vector<float>>* logits);
 
@@ -123,7 +125,8 @@ class Engine {
   // Shared experts, the combine, the residual.
   absl::Status LayerBack(int64_t l, MicroBatch& mb);
   // `norm`: the final norm (model.norm, or the MTP layer's shared_head.norm) before lm_head.
-  void Logits(MicroBatch& mb, const std::vector<float>& norm);
+  // SequenceStep::hidden gets the normed rows, or (!normed_hidden) the rows before the norm.
+  void Logits(MicroBatch& mb, const std::vector<float>& norm, bool normed_hidden);
   void Attention(int64_t layer, std::vector<SequenceStep>& batch, const float* x, float* out);
   void ProjectQueriesAndLatents(const LayerWeights& lw, const float* x, int64_t n);
   void AttendDecodes(const cpu::MlaParams& p);

@@ -199,33 +199,6 @@ int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
   return order_[static_cast<size_t>(keep - 1)].second;
 }
 
-int32_t Sampler::VerifyTruncated(const float* logits, int64_t vocab, int32_t draft,
-                                 bool* accepted) {
-  const int64_t keep = Distribution(logits, vocab);
-  double kept = 0, pd = 0;
-  int64_t last_other = -1;
-  for (int64_t i = 0; i < keep; ++i) {
-    kept += probs_[static_cast<size_t>(i)];
-    if (order_[static_cast<size_t>(i)].second == draft) {
-      pd = probs_[static_cast<size_t>(i)];
-    } else {
-      last_other = i;
-    }
-  }
-  // u < 1, so a draft that holds all the mass (pd == kept) is always accepted.
-  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
-  *accepted = u * kept < pd || last_other < 0;
-  if (*accepted) return draft;
-  const double v = std::uniform_real_distribution<double>(0.0, kept - pd)(rng_);
-  double acc = 0;
-  for (int64_t i = 0; i < keep; ++i) {
-    if (order_[static_cast<size_t>(i)].second == draft) continue;
-    acc += probs_[static_cast<size_t>(i)];
-    if (v < acc) return order_[static_cast<size_t>(i)].second;
-  }
-  return order_[static_cast<size_t>(last_other)].second;
-}
-
 void Sampler::AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out) {
   // log-softmax of the (processed) logits at temperature 1, in double.
   double mx = logits[0];
@@ -272,25 +245,16 @@ SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {
 
 SampledToken Sampler::Verify(const float* model_logits, int64_t vocab, int32_t draft,
                              bool* accepted, int force) {
-  if (force < 0) {
-    *accepted = false;
-    return Sample(model_logits, vocab);
+  if (force <= 0) {
+    const SampledToken out = Sample(model_logits, vocab);
+    *accepted = force == 0 && out.token == draft;
+    return out;
   }
   SampledToken out;
   const float* logits = Candidates(model_logits, vocab);
-  const bool greedy = p_.temperature == 0.0 || p_.top_k == 1;
-  if (force > 0) {
-    *accepted = true;
-    out.token = draft;
-  } else if (greedy) {
-    std::partial_sort(order_.begin(), order_.begin() + std::max<int64_t>(1, p_.top_logprobs),
-                      order_.end(), ByLogit);
-    out.token = order_[0].second;
-    *accepted = out.token == draft;
-  } else {
-    out.token = VerifyTruncated(logits, vocab, draft, accepted);
-  }
-  if (p_.logprobs || p_.top_logprobs > 0) AddLogprobs(logits, vocab, greedy && force == 0, &out);
+  *accepted = true;
+  out.token = draft;
+  if (p_.logprobs || p_.top_logprobs > 0) AddLogprobs(logits, vocab, false, &out);
   if (penalized_) ++seen_[out.token];
   return out;
 }

@@ -81,13 +81,13 @@ class Sampler {
   SampledToken Sample(const float* logits, int64_t vocab);
 
   // Speculative decoding: the next token given the target `logits` and a `draft` token chosen
-  // deterministically (the draft distribution is a point mass on it). Greedy: the argmax;
-  // accepted when it is the draft. Sampling: the draft is accepted with probability p(draft)
-  // under the same temperature / top-k / top-p / min-p distribution Sample draws from, else the
-  // token is drawn from p with the draft removed (renormalized) — the standard rejection rule,
-  // so the token's distribution is exactly p. Counts the token as Sample does.
-  // `force` (benchmarks only): +1 accepts the draft whatever p says, -1 rejects it (the token
-  // is then what Sample would draw).
+  // deterministically (a point-mass draft distribution q = δ(draft)). The standard rejection rule
+  // — accept the draft with probability min(1, p(draft) / q(draft)) = p(draft), else draw from
+  // p with the draft removed — gives the pair (accepted, token) exactly the distribution of "draw
+  // the token from p; accepted iff it is the draft", and that is how it is computed: with
+  // Sample's own draw. So a request's tokens are the same bits with or without speculation,
+  // whatever its drafts were (greedy: the argmax). Counts the token as Sample does.
+  // `force` (benchmarks only): +1 emits the draft as accepted whatever p says, -1 rejects it.
   SampledToken Verify(const float* logits, int64_t vocab, int32_t draft, bool* accepted,
                       int force = 0);
 
@@ -99,8 +99,6 @@ class Sampler {
   int32_t SampleTruncated(const float* logits, int64_t vocab);
   // The truncated distribution: order_[0, keep) sorted, with unnormalized probs_; returns keep.
   int64_t Distribution(const float* logits, int64_t vocab);
-  // Verify's draw: the draft with probability p(draft), else one from p without the draft.
-  int32_t VerifyTruncated(const float* logits, int64_t vocab, int32_t draft, bool* accepted);
   // order_ = (logit, id) of every token; logits (processed) returned.
   const float* Candidates(const float* model_logits, int64_t vocab);
   void AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out);

@@ -48,6 +48,9 @@ struct Scheduler::Seq {
   RequestCallbacks callbacks;
   PagedKvSequence kv;
   uint64_t admitted = 0;  // admission counter value: larger = admitted later
+  // Finished (on_finish ran). With speculation a sequence stays in running_ so marked until the
+  // end of its last step's MTP phase; no main step includes it.
+  bool done = false;
   // Since when its steps have failed for unreachable experts (epoch: not stalled).
   std::chrono::steady_clock::time_point stalled_since{};
   int64_t generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
@@ -163,6 +166,8 @@ SchedulerStats Scheduler::stats() const {
 
 void Scheduler::Finish(Seq* s, FinishReason reason, const absl::Status& st) {
   s->ReleaseKv();
+  if (s->done) return;  // its on_finish already ran
+  s->done = true;
   if (s->callbacks.on_finish) s->callbacks.on_finish(reason, st);
   MutexLock l(&mu_);
   ++stats_.finished;
@@ -202,9 +207,12 @@ void Scheduler::TakeIncomingAndCancel() {
 void Scheduler::Admit() {
   // In order, while there is room in the batch and blocks for the whole prompt.
   int64_t reserved_blocks = 0;
+  // Room for every running sequence's next step, drafts included.
+  const int64_t ahead = 1 + (speculative_ ? options_.speculative_tokens : 0);
   for (const auto& s : running_) {
-    reserved_blocks += std::max<int64_t>(0, BlocksFor(static_cast<int64_t>(s->tokens.size()) + 1) -
-                                                static_cast<int64_t>(s->kv.block_table().size()));
+    reserved_blocks +=
+        std::max<int64_t>(0, BlocksFor(static_cast<int64_t>(s->tokens.size()) + ahead) -
+                                 static_cast<int64_t>(s->kv.block_table().size()));
   }
   while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
     Seq* s = waiting_.front().get();
@@ -218,8 +226,10 @@ void Scheduler::Admit() {
     // states to compute MTP rows from).
     int64_t hit = s->kv.AttachPrefix(s->tokens);
     if (s->mtp != nullptr) {
+      // MTP rows 0..P-1 are keyed by tokens 1..P; P <= hit <= n - 1, so every key is in range
+      // (AttachPrefix's "leave one to compute" applies to the main cache, not to these).
       const int64_t n = static_cast<int64_t>(s->tokens.size());
-      const int64_t mtp_hit = s->mtp->AttachPrefix(s->tokens.data() + 1, n - 1, hit);
+      const int64_t mtp_hit = s->mtp->AttachPrefix(s->tokens.data() + 1, n, hit);
       if (mtp_hit < hit) {
         s->kv.Release();
         hit = s->kv.AttachPrefix(s->tokens.data(), n, mtp_hit);
@@ -376,7 +386,9 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
     const float* row0 = logits.data() + (static_cast<int64_t>(logits.size()) / v - 1 - k) * v;
     bool finished = false;
     FinishReason reason = FinishReason::kLength;
+    int64_t verified = 0;
     for (int64_t j = 0; j <= k && !finished; ++j) {
+      verified += j < k ? 1 : 0;
       bool ok = false;
       const SampledToken t =
           j < k ? s->sampler.Verify(row0 + j * v, v, s->draft[static_cast<size_t>(j)], &ok,
@@ -397,23 +409,40 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
     }
     s->draft.clear();
     if (k > 0) {
-      c->drafted += static_cast<uint64_t>(k);
+      c->drafted += static_cast<uint64_t>(verified);  // a stop before a draft leaves it unjudged
       c->accepted += static_cast<uint64_t>(accepted);
       ++c->speculative;
       s->kv.Truncate(first + 1 + accepted);  // the rows of rejected drafts
     }
     if (finished) {
-      Finish(s, reason, absl::OkStatus());
-      return true;
+      s->kv.RegisterFullBlocks(s->tokens);  // committed rows: later requests may reuse them
+      if (s->mtp == nullptr) {
+        Finish(s, reason, absl::OkStatus());
+        return true;
+      }
+      // Finished, but its KV stays until the MTP layer has seen this step's positions, so that
+      // its MTP blocks are registered too (else a later request with this prefix could attach
+      // no more main blocks than MTP ones). RunMtp releases it.
+      if (s->callbacks.on_finish) s->callbacks.on_finish(reason, absl::OkStatus());
+      s->done = true;
+      {
+        MutexLock l(&mu_);
+        ++stats_.finished;
+      }
+      KeepHiddenForMtp(s, m - (k - accepted));
+      return false;
     }
   }
   s->kv.RegisterFullBlocks(s->tokens);
-  if (s->mtp != nullptr) {
-    const size_t d = static_cast<size_t>(config_.hidden_size);
-    s->mtp_hidden.insert(s->mtp_hidden.end(), s->hidden.begin(),
-                         s->hidden.begin() + static_cast<ptrdiff_t>(d * (m - (k - accepted))));
-  }
+  KeepHiddenForMtp(s, m - (k - accepted));
   return false;
+}
+
+void Scheduler::KeepHiddenForMtp(Seq* s, int64_t rows) {
+  if (s->mtp == nullptr) return;
+  const size_t d = static_cast<size_t>(config_.hidden_size);
+  s->mtp_hidden.insert(s->mtp_hidden.end(), s->hidden.begin(),
+                       s->hidden.begin() + static_cast<ptrdiff_t>(d * rows));
 }
 
 // Samples the next token of every sequence whose prompt is complete (verifying drafts);
@@ -441,14 +470,36 @@ Scheduler::Committed Scheduler::Commit(const std::vector<SequenceStep>& batch,
 }
 
 absl::Status Scheduler::RunMtp() {
+  const absl::Status st = RunMtpPhase();
+  // Sequences that finished in this step leave now, their MTP rows registered (or not: on error).
+  for (auto& s : running_) {
+    if (s != nullptr && s->done) {
+      s->ReleaseKv();
+      s.reset();
+    }
+  }
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  return st;
+}
+
+absl::Status Scheduler::RunMtpPhase() {
   std::vector<SequenceStep> batch;
   std::vector<Seq*> members;
   mtp_in_.clear();
   for (auto& s : running_) {
     if (!s->mtp_behind()) continue;
     const int64_t from = s->mtp->length(), to = s->kv.length();
-    if (auto st = s->mtp->Reserve(to - from); !st.ok()) {
-      return absl::InternalError(absl::StrCat("MTP cache: ", st.message()));  // sized not to
+    if (!s->mtp->Reserve(to - from).ok()) {
+      // Sized not to happen (MtpCacheBlocks); if it does, the sequence is recomputed later (a
+      // finished one just leaves).
+      if (s->done) {
+        s->ReleaseKv();
+        s.reset();
+        continue;
+      }
+      Preempt(s.get());
+      waiting_.push_front(std::move(s));
+      continue;
     }
     // Position p takes token p + 1 (always known: the pending token or more prompt).
     SequenceStep step{
@@ -459,6 +510,7 @@ absl::Status Scheduler::RunMtp() {
     members.push_back(s.get());
     mtp_in_.insert(mtp_in_.end(), s->mtp_hidden.begin(), s->mtp_hidden.end());
   }
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
   if (batch.empty()) return absl::OkStatus();
   std::vector<int64_t> before(members.size());
   for (size_t i = 0; i < members.size(); ++i) before[i] = members[i]->mtp->length();
@@ -467,7 +519,7 @@ absl::Status Scheduler::RunMtp() {
   // Drafts for the sequences that decode next: the argmax of the MTP logits, then more rounds.
   for (size_t i = 0; st.ok() && i < members.size(); ++i) {
     Seq* s = members[i];
-    if (s->pending() == 1 && s->draft_room(config_.max_position_embeddings) > 0) {
+    if (!s->done && s->pending() == 1 && s->draft_room(config_.max_position_embeddings) > 0) {
       s->draft.assign(1, ArgMax(logits[i].data(), config_.vocab_size));
     }
   }
@@ -489,6 +541,12 @@ absl::Status Scheduler::RunMtp() {
       if (static_cast<int64_t>(s->draft.size()) > room) s->draft.resize(static_cast<size_t>(room));
     }
     s->mtp_hidden.clear();
+    if (s->stalled_since != std::chrono::steady_clock::time_point{}) {
+      const double waited =
+          std::chrono::duration<double>(options_.clock->Now() - s->stalled_since).count();
+      MutexLock l(&mu_);
+      stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, waited);
+    }
     s->stalled_since = {};
   }
   if (!st.ok()) AfterStepError(members, st);
@@ -496,8 +554,8 @@ absl::Status Scheduler::RunMtp() {
 }
 
 absl::Status Scheduler::DraftMore(const std::vector<Seq*>& members, int64_t round) {
-  // Round r drafts token r + 1 from the MTP layer's own output at the previous position (the
-  // main model's hidden state there is not known yet).
+  // Round r drafts token r + 1 from the MTP layer's own output at the previous position (before
+  // its shared_head.norm; the main model's hidden state there is not known yet).
   std::vector<SequenceStep> batch;
   std::vector<Seq*> drafting;
   mtp_in_.clear();

@@ -156,6 +156,9 @@ class Scheduler {
   // error no MTP row or draft changed, and those sequences wait (skip main steps) until it
   // succeeds.
   absl::Status RunMtp();
+  absl::Status RunMtpPhase();
+  // Appends the first `rows` hidden states of the step to what the MTP layer will read.
+  void KeepHiddenForMtp(Seq* s, int64_t rows);
   absl::Status DraftMore(const std::vector<Seq*>& members, int64_t round);
   void AfterStepError(const std::vector<Seq*>& members, const absl::Status& st);
   // Benchmarks' forced verdict (+1 accept, -1 reject), 0 for the rule.

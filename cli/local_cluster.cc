@@ -209,7 +209,7 @@ absl::Status LaunchAll(const UpOptions& o, const ModelConfig& config, Launcher* 
                              "--startup-grace-ms", "0", "--min-shards", std::to_string(o.experts)},
                             std::chrono::seconds(60)));
   int64_t pairs = 0;
-  for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+  for (int64_t layer = 0; layer < config.num_expert_layers(); ++layer) {
     if (config.IsMoeLayer(layer)) pairs += config.n_routed_experts;
   }
   for (int64_t i = 0; i < o.experts; ++i) {

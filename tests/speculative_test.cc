@@ -1,7 +1,8 @@
 // Speculative decoding with DeepSeek-V3's MTP layer (tiny-v3): a request's output is the same
-// with and without speculation, token for token and logprob bit for bit, whatever the drafts
-// are (the MTP layer's own, or a test hook's mix of right and wrong ones), under continuous
-// batching with chunked prefill and prefix caching.
+// with and without speculation, token for token and logprob bit for bit (greedy, and seeded
+// sampling), whatever the drafts are (the MTP layer's own, or a test hook's mix of right and
+// wrong ones), under continuous batching with chunked prefill and prefix caching, and alone.
+// Sampling's distribution is checked against the model's exact one (chi-square).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -48,7 +49,8 @@ class Speculative : public ::testing::Test {
   static void TearDownTestSuite() { delete model_; }
 
   // 64 mixed requests: prompts of 1..90 tokens, a third of them sharing a 40-token prefix
-  // (prefix-cache hits), max_tokens 1..40, some with a stop token, some with top logprobs.
+  // (prefix-cache hits), max_tokens 1..40, some with a stop token, some with top logprobs, a
+  // third sampled (temperature 0.8, top-p 0.9, seeded).
   static std::vector<Request> Mixed(uint32_t seed) {
     std::mt19937 rng(seed);
     std::uniform_int_distribution<int32_t> tok(2, 511);
@@ -67,6 +69,11 @@ class Speculative : public ::testing::Test {
       if (i % 5 == 0) r.params.stop_token_ids = {tok(rng), tok(rng)};
       r.params.logprobs = true;
       r.params.top_logprobs = i % 2 == 0 ? 3 : 0;
+      if (i % 3 == 1) {  // sampled, seeded: the same bits too (Sampler::Verify)
+        r.params.temperature = 0.8;
+        r.params.top_p = 0.9;
+        r.params.seed = 100 + i;
+      }
     }
     return out;
   }
@@ -216,6 +223,105 @@ double ChiSquarePValue(double x, int df) {
     if (std::fabs(d * c - 1) < 1e-15) break;
   }
   return std::exp(log_front) * h;
+}
+
+// The blocks a request fills are registered for later requests even when it finishes in the
+// step that fills them (max_tokens 1), and the MTP layer's prefix cache lets the main cache
+// attach all of them (a prompt of 33 tokens: 32 attached, with or without speculation).
+TEST_F(Speculative, PromptBlocksOfAOneTokenRequestAreReused) {
+  for (int64_t n : {0, 2}) {
+    const ModelConfig& c = model_->config();
+    SchedulerOptions so;
+    so.speculative_tokens = n;
+    LatentKvCache cache(c, 16, 64);
+    LatentKvCache mtp_cache(Engine::MtpCacheConfig(c), 16, MtpCacheBlocks(64, 16, so));
+    so.mtp_cache = &mtp_cache;
+    Scheduler s(&model_->engine(), &cache, so);
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 33; ++i) prompt.push_back(3 + i * 5);
+    SamplingParams p;
+    p.max_tokens = 1;
+    for (int round = 0; round < 2; ++round) {
+      ASSERT_TRUE(s.Submit(prompt, p, RequestCallbacks()).ok());
+      for (int step = 0; step < 100; ++step) {
+        auto more = s.Step();
+        ASSERT_TRUE(more.ok());
+        if (!*more) break;
+      }
+    }
+    EXPECT_EQ(s.stats().prefix_hit_tokens, 32u) << "speculative_tokens " << n;
+  }
+}
+
+// Routed experts that fail (UNAVAILABLE, before any work) on chosen calls: the MTP layer's and
+// the main layers'.
+class FlakyExperts : public RoutedExperts {
+ public:
+  FlakyExperts(const ModelConfig& c, const ExpertStore* store)
+      : inner_(c, store), mtp_(c.num_hidden_layers) {}
+  absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
+                     int64_t k) override {
+    ++calls_;
+    const bool fail = layer == mtp_ ? calls_ % 7 == 3 : calls_ % 53 == 11;
+    if (fail) {
+      ++failures_;
+      return absl::UnavailableError("flaky shard");
+    }
+    return inner_.Begin(layer, x, t, ids, w, k);
+  }
+  absl::Status Finish(float* out) override { return inner_.Finish(out); }
+  int failures() const { return failures_; }
+
+ private:
+  LocalRoutedExperts inner_;
+  int64_t mtp_;
+  int calls_ = 0, failures_ = 0;
+};
+
+// Expert failures in main steps and in MTP steps stall the sequences and retry (KV and drafts
+// kept consistent, all or nothing): the output is still plain greedy's and sampling's.
+TEST_F(Speculative, FailedExpertCallsStallAndChangeNothing) {
+  const std::vector<Request> requests = Mixed(3);
+  const std::vector<Output> plain = Run(requests, Small());
+  FlakyExperts flaky(model_->config(), &model_->experts());
+  Engine engine(model_->config(), &model_->dense(), &flaky);
+  const ModelConfig& c = model_->config();
+  SchedulerOptions so = Small();
+  so.speculative_tokens = 2;
+  so.expert_wait = std::chrono::hours(1);
+  LatentKvCache cache(c, 16, 1024);
+  LatentKvCache mtp_cache(Engine::MtpCacheConfig(c), 16, MtpCacheBlocks(1024, 16, so));
+  so.mtp_cache = &mtp_cache;
+  Scheduler s(&engine, &cache, so);
+  std::vector<Output> out(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    RequestCallbacks cb;
+    Output* o = &out[i];
+    cb.on_token = [o](const SampledToken& t) {
+      o->tokens.push_back(t.token);
+      o->logprobs.push_back(t.logprob);
+      for (const auto& [id, lp] : t.top) {
+        o->logprobs.push_back(static_cast<float>(id));
+        o->logprobs.push_back(lp);
+      }
+    };
+    cb.on_finish = [o](FinishReason, const absl::Status& st) { o->finished = st.ok(); };
+    ASSERT_TRUE(s.Submit(requests[i].prompt, requests[i].params, cb).ok());
+  }
+  int errors = 0;
+  for (int step = 0; step < 100000; ++step) {
+    auto more = s.Step();
+    if (!more.ok()) {
+      EXPECT_EQ(more.status().code(), absl::StatusCode::kUnavailable) << more.status();
+      ++errors;
+      continue;
+    }
+    if (!*more) break;
+  }
+  std::printf("%d expert calls failed, %d steps failed and were retried, %llu stalled steps\n",
+              flaky.failures(), errors, static_cast<unsigned long long>(s.stats().stalled_steps));
+  EXPECT_GT(errors, 5);
+  ExpectSame(out, plain);
 }
 
 TEST(ChiSquare, PValuesOfKnownQuantiles) {
