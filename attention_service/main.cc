@@ -61,7 +61,9 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --speculative-tokens N  DeepSeek-V3 models: draft up to N tokens per step with the model's MTP
                           layer and verify them in the next step (default 0 = off; 1..16). The
                           output does not change (greedy: token for token; sampling: the same
-                          distribution); with drafts accepted, each step yields more tokens
+                          distribution); with drafts accepted, each step yields more tokens.
+                          The MTP layer's own latent cache comes on top of --kv-cache-mib (one
+                          layer's worth: 1/num_hidden_layers of it, plus a few blocks)
   --bf16-activations      bf16 weights multiply bf16-rounded activations (A16: vdpbf16ps where the
                           CPU has AVX512-BF16, about twice the batched/prefill speed; slightly less
                           exact). Every shard serving the same experts must use the same setting
