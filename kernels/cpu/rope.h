@@ -34,6 +34,9 @@ class RopeTable {
   // Rotates x[dim] (checkpoint layout) for position `pos` into out[dim] (de-interleaved layout).
   // x and out must not alias.
   void Apply(const float* x, int64_t pos, float* out) const;
+  // The tables [max_positions, dim/2] (kernels/cuda uploads them).
+  const std::vector<float>& cos_table() const { return cos_; }
+  const std::vector<float>& sin_table() const { return sin_; }
 
  private:
   int64_t dim_;

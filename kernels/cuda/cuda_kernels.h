@@ -1,0 +1,92 @@
+// GPU kernels behind the same plain parameters as kernels/cpu (cpu::GateParams, cpu::RopeTable),
+// with absl::Status errors that name the CUDA call, its file and line (never exit). Pointers are
+// device pointers; `stream` is a cudaStream_t (null: the default stream). This header needs no
+// CUDA headers: without the CUDA toolkit at build time everything returns UNAVAILABLE ("built
+// without the CUDA toolkit"), and without a GPU at run time Probe() says why.
+#ifndef DMOE_KERNELS_CUDA_CUDA_KERNELS_H_
+#define DMOE_KERNELS_CUDA_CUDA_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/cpu/gating.h"
+#include "kernels/cpu/rope.h"
+
+namespace dmoe::cuda {
+
+// What CUDA devices this process can use.
+struct DeviceProbe {
+  int count = 0;       // usable devices
+  std::string name;    // device 0's name and compute capability, when count > 0
+  std::string reason;  // why count is 0 (no toolkit at build time, no driver, no device)
+};
+DeviceProbe Probe();
+
+// Device memory (cudaMalloc), freed on destruction. Movable, not copyable.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  static absl::StatusOr<DeviceBuffer> Alloc(size_t bytes);
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) {
+    o.p_ = nullptr;
+    o.bytes_ = 0;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  void* get() const { return p_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+  size_t bytes() const { return bytes_; }
+  // Synchronous copies of [0, bytes) from / to host memory (bytes <= this->bytes()).
+  absl::Status Upload(const void* src, size_t bytes);
+  absl::Status Download(void* dst, size_t bytes) const;
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Waits for the stream's work; a kernel's asynchronous error surfaces here.
+absl::Status Synchronize(void* stream = nullptr);
+
+// cpu::RmsNorm (rows of n, contiguous).
+absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y,
+                     void* stream = nullptr);
+// cpu::SiluMul.
+absl::Status SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream = nullptr);
+// out[i] = table[ids[i]] (rows of dim; the table fp32, or bf16 bits when `bf16`).
+absl::Status Embedding(const void* table, bool bf16, int64_t dim, const int32_t* ids, int64_t n,
+                       float* out, void* stream = nullptr);
+
+// cpu::RopeTable on the device.
+class RopeTable {
+ public:
+  static absl::StatusOr<RopeTable> Upload(const cpu::RopeTable& host);
+  // For rows r < rows and heads h < heads: the dim values at x + r * row_stride + h * head_stride
+  // rotated by position pos[r] (device int32) into the same place of `out` (x == out allowed),
+  // as cpu::RopeTable::Apply.
+  absl::Status Apply(const float* x, const int32_t* pos, int64_t rows, int64_t heads,
+                     int64_t row_stride, int64_t head_stride, float* out,
+                     void* stream = nullptr) const;
+
+ private:
+  int64_t dim_ = 0;
+  DeviceBuffer cos_, sin_;
+};
+
+// cpu::SelectExperts: logits [t, E] become the scores; ids, w [t, k]; `bias` [E] for noaux_tc;
+// `scratch` [t, E] floats.
+absl::Status SelectExperts(const cpu::GateParams& p, float* logits, int64_t t, const float* bias,
+                           int32_t* ids, float* w, float* scratch, void* stream = nullptr);
+
+}  // namespace dmoe::cuda
+
+#endif  // DMOE_KERNELS_CUDA_CUDA_KERNELS_H_

@@ -1,0 +1,50 @@
+// The launchers of kernels/cuda's .cu files: plain C++ (no CUDA headers), shared by nvcc and the
+// C++ wrappers of cuda_kernels.h. Pointers are device pointers; `stream` is a cudaStream_t (null:
+// the default stream). Each returns the launch's cudaError_t as an int (0: cudaSuccess).
+#ifndef DMOE_KERNELS_CUDA_LAUNCH_H_
+#define DMOE_KERNELS_CUDA_LAUNCH_H_
+
+#include <cstdint>
+
+namespace dmoe::cuda::launch {
+
+// y[r] = w * (x[r] * 1/sqrt(mean(x[r]^2) + eps)) for rows r < rows of n values (the sum of
+// squares in double, as cpu::RmsNorm).
+int RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y,
+            void* stream);
+
+// h[i] = silu(g[i]) * u[i], i < n (the SwiGLU activation).
+int SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream);
+
+// out[i] = table[ids[i]] as fp32, rows of `dim`; the table fp32 or bf16 (bits).
+int Embedding(const void* table, bool bf16, int64_t dim, const int32_t* ids, int64_t n, float* out,
+              void* stream);
+
+// RoPE in DeepSeek's layout (cpu::RopeTable::Apply): for each row r < rows and head h < heads,
+// the `dim` values at x + r * row_stride + h * head_stride (checkpoint layout) rotated by
+// position pos[r] into the same place of `out` (de-interleaved layout); cos/sin are the
+// [max_positions, dim/2] tables. x == out is allowed. dim <= 256.
+int Rope(const float* cos, const float* sin, int64_t dim, const int32_t* pos, const float* x,
+         int64_t rows, int64_t heads, int64_t row_stride, int64_t head_stride, float* out,
+         void* stream);
+
+// cpu::GateParams, as plain values.
+struct Gate {
+  int64_t n_experts = 0;
+  int64_t top_k = 0;
+  int method = 0;   // 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+  int scoring = 0;  // 0 softmax, 1 sigmoid
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  bool norm_topk_prob = false;
+  float routed_scaling_factor = 1.0f;
+  bool scale_after_norm = false;
+};
+// cpu::SelectExperts for t rows of router logits [t, E] (turned into scores in place): ids and w
+// [t, k]. `bias` [E] for noaux_tc (else null); `scratch` [t, E] floats. E <= 1024, n_group <= 64.
+int SelectExperts(const Gate& p, float* logits, int64_t t, const float* bias, int32_t* ids,
+                  float* w, float* scratch, void* stream);
+
+}  // namespace dmoe::cuda::launch
+
+#endif  // DMOE_KERNELS_CUDA_LAUNCH_H_
