@@ -144,6 +144,27 @@ absl::Status SelectExperts(const cpu::GateParams& p, float* logits, int64_t t, c
   return DMOE_CUDA_CHECK(launch::SelectExperts(g, logits, t, bias, ids, w, scratch, stream));
 }
 
+int64_t MlaDecodeScratchFloats(const cpu::MlaParams& p, int64_t b, int64_t max_ctx) {
+  return launch::MlaScratchFloats(b, p.num_heads, p.latent_rank, max_ctx);
+}
+
+absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t b,
+                               const PagedLatentCache& cache, float* o, float* scratch,
+                               void* stream) {
+  launch::Mla m;
+  m.heads = p.num_heads;
+  m.nope = p.nope_dim;
+  m.rope = p.rope_dim;
+  m.v = p.v_dim;
+  m.rank = p.latent_rank;
+  m.softmax_scale = p.softmax_scale;
+  m.block_tokens = cache.block_tokens;
+  m.block_stride = cache.block_stride;
+  m.table_stride = cache.table_stride;
+  return DMOE_CUDA_CHECK(launch::MlaDecode(m, q, b, p.kv_b, cache.pool, cache.table, cache.ctx,
+                                           cache.max_ctx, o, scratch, stream));
+}
+
 #else  // !DMOE_HAVE_CUDA: built without the CUDA toolkit.
 
 namespace {
@@ -179,6 +200,11 @@ absl::Status RopeTable::Apply(const float*, const int32_t*, int64_t, int64_t, in
 }
 absl::Status SelectExperts(const cpu::GateParams&, float*, int64_t, const float*, int32_t*, float*,
                            float*, void*) {
+  return NoToolkit();
+}
+int64_t MlaDecodeScratchFloats(const cpu::MlaParams&, int64_t, int64_t) { return 0; }
+absl::Status MlaDecodeAbsorbed(const cpu::MlaParams&, const float*, int64_t,
+                               const PagedLatentCache&, float*, float*, void*) {
   return NoToolkit();
 }
 

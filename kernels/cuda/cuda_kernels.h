@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/cpu/gating.h"
+#include "kernels/cpu/mla.h"
 #include "kernels/cpu/rope.h"
 
 namespace dmoe::cuda {
@@ -86,6 +87,26 @@ class RopeTable {
 // `scratch` [t, E] floats.
 absl::Status SelectExperts(const cpu::GateParams& p, float* logits, int64_t t, const float* bias,
                            int32_t* ids, float* w, float* scratch, void* stream = nullptr);
+
+// One layer of a paged fp32 latent cache on the device: block k of the pool at
+// pool + k * block_stride floats, rows of (r + dr) floats; sequence i's blocks are
+// table[i * table_stride + j] (any order: non-contiguous block tables), its length ctx[i].
+struct PagedLatentCache {
+  const float* pool = nullptr;
+  int64_t block_tokens = 0;
+  int64_t block_stride = 0;
+  const int32_t* table = nullptr;  // device
+  int64_t table_stride = 0;
+  const int32_t* ctx = nullptr;  // device, [b]
+  int64_t max_ctx = 0;           // >= every ctx[i]
+};
+// Floats of scratch MlaDecodeAbsorbed needs.
+int64_t MlaDecodeScratchFloats(const cpu::MlaParams& p, int64_t b, int64_t max_ctx);
+// cpu::MlaDecodeAbsorbedBatch: q [b, H, dn + dr], o [b, H * dv]; p.kv_b must point to device
+// memory.
+absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t b,
+                               const PagedLatentCache& cache, float* o, float* scratch,
+                               void* stream = nullptr);
 
 }  // namespace dmoe::cuda
 
