@@ -12,6 +12,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cuda/expert_ffn.h"
 #include "model/kernel_params.h"
 #include "model/tiny_model.h"
 
@@ -233,6 +234,48 @@ TEST(CudaKernels, MlaDecodeOverAPagedCacheMatchesTheCpu) {
         MlaDecodeAbsorbed(dp, dq.as<float>(), b, cache, out->as<float>(), scratch->as<float>())
             .ok());
     EXPECT_LE(MaxRelative(ToHost<float>(*out, want.size()), want), 1e-4) << preset;
+  }
+}
+
+// Rows grouped by expert (some groups empty) through cuBLAS, against cpu::SwiGluMlp per group, on
+// the tiny and small experts' shapes.
+TEST(CudaKernels, ExpertFfnMatchesTheCpuPerGroup) {
+  SKIP_WITHOUT_GPU();
+  auto blas = Blas::Create();
+  ASSERT_TRUE(blas.ok()) << blas.status();
+  for (const char* preset : {"tiny", "small"}) {
+    const ModelConfig c = *PresetConfig(preset);
+    const int64_t d = c.hidden_size, width = c.moe_intermediate_size;
+    const std::vector<int64_t> offsets = {0, 3, 3, 40, 41, 105};
+    const size_t groups = offsets.size() - 1;
+    const int64_t rows = offsets.back();
+    const auto x = Random(static_cast<size_t>(rows * d), 12);
+    std::vector<std::vector<float>> w(3 * groups);
+    std::vector<DeviceBuffer> dw;
+    std::vector<ExpertWeights> ew(groups);
+    for (size_t g = 0; g < groups; ++g) {
+      for (int m = 0; m < 3; ++m) {
+        w[3 * g + m] = Random(static_cast<size_t>(d * width), 20 + 3 * static_cast<uint32_t>(g) + m,
+                              1.0f / std::sqrt(static_cast<float>(m == 2 ? width : d)));
+        dw.push_back(ToDevice(w[3 * g + m]));
+      }
+      ew[g] = {dw[3 * g].as<float>(), dw[3 * g + 1].as<float>(), dw[3 * g + 2].as<float>()};
+    }
+    std::vector<float> want(x.size()), cpu_scratch;
+    for (size_t g = 0; g < groups; ++g) {
+      const int64_t n = offsets[g + 1] - offsets[g];
+      if (n == 0) continue;
+      cpu::SwiGluMlp(x.data() + offsets[g] * d, n, d, w[3 * g].data(), w[3 * g + 1].data(),
+                     w[3 * g + 2].data(), width, want.data() + offsets[g] * d, &cpu_scratch);
+    }
+    DeviceBuffer dx = ToDevice(x);
+    auto y = DeviceBuffer::Alloc(x.size() * 4);
+    auto scratch = DeviceBuffer::Alloc(static_cast<size_t>(2 * 64 * width) * 4);
+    ASSERT_TRUE(y.ok() && scratch.ok());
+    ASSERT_TRUE(ExpertFfn(*blas, ew, offsets, d, width, dx.as<float>(), y->as<float>(),
+                          scratch->as<float>())
+                    .ok());
+    EXPECT_LE(MaxRelative(ToHost<float>(*y, x.size()), want), 1e-4) << preset;
   }
 }
 

@@ -1,0 +1,51 @@
+// The routed experts' SwiGLU FFN on the GPU, as one group of rows per expert through cuBLAS
+// (fp32 weights for now): y = down(silu(gate(x)) * up(x)) for the rows routed to each expert,
+// unweighted (the combine weighs them, as on the CPU). No CUDA headers here.
+#ifndef DMOE_KERNELS_CUDA_EXPERT_FFN_H_
+#define DMOE_KERNELS_CUDA_EXPERT_FFN_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace dmoe::cuda {
+
+// A cuBLAS handle bound to a stream. Movable, not copyable.
+class Blas {
+ public:
+  static absl::StatusOr<Blas> Create(void* stream = nullptr);
+  Blas() = default;
+  ~Blas();
+  Blas(Blas&& o) noexcept : handle_(o.handle_), stream_(o.stream_) { o.handle_ = nullptr; }
+  Blas& operator=(Blas&& o) noexcept;
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+  void* handle() const { return handle_; }
+  void* stream() const { return stream_; }
+
+ private:
+  void* handle_ = nullptr;
+  void* stream_ = nullptr;
+};
+
+// One expert's weights on the device, fp32, as nn.Linear stores them: gate and up [I, D],
+// down [D, I].
+struct ExpertWeights {
+  const float* gate = nullptr;
+  const float* up = nullptr;
+  const float* down = nullptr;
+};
+
+// x [rows, D] grouped by expert: the rows of group g are [offsets[g], offsets[g + 1]) (host
+// offsets, groups.size() + 1 of them) and go through groups[g]; y [rows, D]. `scratch`: at least
+// 2 * (largest group) * I floats.
+absl::Status ExpertFfn(const Blas& blas, const std::vector<ExpertWeights>& groups,
+                       const std::vector<int64_t>& offsets, int64_t d, int64_t width,
+                       const float* x, float* y, float* scratch);
+
+}  // namespace dmoe::cuda
+
+#endif  // DMOE_KERNELS_CUDA_EXPERT_FFN_H_
