@@ -159,10 +159,13 @@ absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t 
   m.rank = p.latent_rank;
   m.softmax_scale = p.softmax_scale;
   m.block_tokens = cache.block_tokens;
-  m.block_stride = cache.block_stride;
+  m.block_bytes = cache.block_bytes;
+  m.row_bytes = cpu::KvRowBytes(cache.dtype, p.latent_rank, p.rope_dim);
   m.table_stride = cache.table_stride;
-  return DMOE_CUDA_CHECK(launch::MlaDecode(m, q, b, p.kv_b, cache.pool, cache.table, cache.ctx,
-                                           cache.max_ctx, o, scratch, stream));
+  m.kv_dtype = cache.dtype == cpu::KvDType::kF32 ? 0 : cache.dtype == cpu::KvDType::kInt8 ? 1 : 2;
+  return DMOE_CUDA_CHECK(launch::MlaDecode(m, q, b, p.kv_b, static_cast<const uint8_t*>(cache.pool),
+                                           cache.table, cache.ctx, cache.max_ctx, o, scratch,
+                                           stream));
 }
 
 #else  // !DMOE_HAVE_CUDA: built without the CUDA toolkit.

@@ -88,13 +88,15 @@ class RopeTable {
 absl::Status SelectExperts(const cpu::GateParams& p, float* logits, int64_t t, const float* bias,
                            int32_t* ids, float* w, float* scratch, void* stream = nullptr);
 
-// One layer of a paged fp32 latent cache on the device: block k of the pool at
-// pool + k * block_stride floats, rows of (r + dr) floats; sequence i's blocks are
+// One layer of a paged latent cache on the device: block k of the pool at
+// pool + k * block_bytes, rows of cpu::KvRowBytes(dtype, r, dr) bytes stored as
+// cpu::QuantizeKvRow stores them (fp32, or the 8-bit layout); sequence i's blocks are
 // table[i * table_stride + j] (any order: non-contiguous block tables), its length ctx[i].
 struct PagedLatentCache {
-  const float* pool = nullptr;
+  const void* pool = nullptr;
+  cpu::KvDType dtype = cpu::KvDType::kF32;
   int64_t block_tokens = 0;
-  int64_t block_stride = 0;
+  int64_t block_bytes = 0;
   const int32_t* table = nullptr;  // device
   int64_t table_stride = 0;
   const int32_t* ctx = nullptr;  // device, [b]

@@ -175,65 +175,86 @@ TEST(CudaKernels, GateSelectionMatchesTheCpuForEveryMethod) {
 }
 
 // A paged cache whose block tables are shuffled (non-contiguous), sequences of different lengths,
-// against cpu::MlaDecodeAbsorbedBatch on the tiny and small shapes.
+// fp32 and 8-bit rows, against cpu::MlaDecodeAbsorbedBatch on the tiny and small shapes.
 TEST(CudaKernels, MlaDecodeOverAPagedCacheMatchesTheCpu) {
   SKIP_WITHOUT_GPU();
   for (const char* preset : {"tiny", "small"}) {
-    const ModelConfig c = *PresetConfig(preset);
-    const int64_t h = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
-    const int64_t dv = c.v_head_dim, r = c.kv_lora_rank, row = r + dr, bt = 16;
-    const std::vector<int64_t> ctx = {1, 17, 64, 200, 33};
-    const int64_t b = static_cast<int64_t>(ctx.size()), max_ctx = 200, per_seq = 13;
-    const int64_t blocks = b * per_seq;
-    const auto pool = Random(static_cast<size_t>(blocks * bt * row), 8);
-    const auto kv_b = Random(static_cast<size_t>(h * (dn + dv) * r), 9, 0.1f);
-    const auto q = Random(static_cast<size_t>(b * h * (dn + dr)), 10);
-    std::vector<int32_t> order(static_cast<size_t>(blocks));
-    for (int64_t i = 0; i < blocks; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-    std::shuffle(order.begin(), order.end(), std::mt19937(11));
-    std::vector<std::vector<const float*>> host_blocks(static_cast<size_t>(b));
-    std::vector<cpu::LatentRows> rows(static_cast<size_t>(b));
-    for (int64_t i = 0; i < b; ++i) {
-      for (int64_t j = 0; j < per_seq; ++j) {
-        host_blocks[static_cast<size_t>(i)].push_back(
-            pool.data() + order[static_cast<size_t>(i * per_seq + j)] * bt * row);
+    for (cpu::KvDType kv : {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+      const ModelConfig c = *PresetConfig(preset);
+      const int64_t h = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
+      const int64_t dv = c.v_head_dim, r = c.kv_lora_rank, bt = 16;
+      const int64_t row_bytes = cpu::KvRowBytes(kv, r, dr);
+      const std::vector<int64_t> ctx = {1, 17, 64, 200, 33};
+      const int64_t b = static_cast<int64_t>(ctx.size()), max_ctx = 200, per_seq = 13;
+      const int64_t blocks = b * per_seq;
+      const auto rows_f = Random(static_cast<size_t>(blocks * bt * (r + dr)), 8);
+      std::vector<uint8_t> pool(static_cast<size_t>(blocks * bt * row_bytes));
+      for (int64_t i = 0; i < blocks * bt; ++i) {
+        cpu::QuantizeKvRow(kv, rows_f.data() + i * (r + dr), r, dr, pool.data() + i * row_bytes);
       }
-      rows[static_cast<size_t>(i)].blocks = host_blocks[static_cast<size_t>(i)].data();
-      rows[static_cast<size_t>(i)].block_tokens = bt;
-    }
-    cpu::MlaParams p;
-    p.num_heads = h;
-    p.nope_dim = dn;
-    p.rope_dim = dr;
-    p.v_dim = dv;
-    p.latent_rank = r;
-    p.softmax_scale = static_cast<float>(c.SoftmaxScale());
-    p.kv_b = kv_b.data();
-    std::vector<float> want(static_cast<size_t>(b * h * dv)), cpu_scratch;
-    cpu::MlaDecodeAbsorbedBatch(p, q.data(), b, rows.data(), ctx.data(), want.data(), &cpu_scratch);
+      const auto kv_b = Random(static_cast<size_t>(h * (dn + dv) * r), 9, 0.1f);
+      const auto q = Random(static_cast<size_t>(b * h * (dn + dr)), 10);
+      std::vector<int32_t> order(static_cast<size_t>(blocks));
+      for (int64_t i = 0; i < blocks; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+      std::shuffle(order.begin(), order.end(), std::mt19937(11));
+      std::vector<std::vector<const float*>> fblocks(static_cast<size_t>(b));
+      std::vector<std::vector<const uint8_t*>> qblocks(static_cast<size_t>(b));
+      std::vector<cpu::LatentRows> rows(static_cast<size_t>(b));
+      for (int64_t i = 0; i < b; ++i) {
+        for (int64_t j = 0; j < per_seq; ++j) {
+          const uint8_t* blk =
+              pool.data() + order[static_cast<size_t>(i * per_seq + j)] * bt * row_bytes;
+          fblocks[static_cast<size_t>(i)].push_back(reinterpret_cast<const float*>(blk));
+          qblocks[static_cast<size_t>(i)].push_back(blk);
+        }
+        cpu::LatentRows& lr = rows[static_cast<size_t>(i)];
+        lr.block_tokens = bt;
+        if (kv == cpu::KvDType::kF32) {
+          lr.blocks = fblocks[static_cast<size_t>(i)].data();
+        } else {
+          lr.qblocks = qblocks[static_cast<size_t>(i)].data();
+          lr.dtype = kv;
+          lr.r = r;
+          lr.dr = dr;
+        }
+      }
+      cpu::MlaParams p;
+      p.num_heads = h;
+      p.nope_dim = dn;
+      p.rope_dim = dr;
+      p.v_dim = dv;
+      p.latent_rank = r;
+      p.softmax_scale = static_cast<float>(c.SoftmaxScale());
+      p.kv_b = kv_b.data();
+      std::vector<float> want(static_cast<size_t>(b * h * dv)), cpu_scratch;
+      cpu::MlaDecodeAbsorbedBatch(p, q.data(), b, rows.data(), ctx.data(), want.data(),
+                                  &cpu_scratch);
 
-    DeviceBuffer dpool = ToDevice(pool), dkvb = ToDevice(kv_b), dq = ToDevice(q),
-                 dtable = ToDevice(order);
-    std::vector<int32_t> ctx32(ctx.begin(), ctx.end());
-    DeviceBuffer dctx = ToDevice(ctx32);
-    auto out = DeviceBuffer::Alloc(want.size() * 4);
-    auto scratch =
-        DeviceBuffer::Alloc(static_cast<size_t>(MlaDecodeScratchFloats(p, b, max_ctx)) * 4);
-    ASSERT_TRUE(out.ok() && scratch.ok());
-    PagedLatentCache cache;
-    cache.pool = dpool.as<float>();
-    cache.block_tokens = bt;
-    cache.block_stride = bt * row;
-    cache.table = dtable.as<int32_t>();
-    cache.table_stride = per_seq;
-    cache.ctx = dctx.as<int32_t>();
-    cache.max_ctx = max_ctx;
-    cpu::MlaParams dp = p;
-    dp.kv_b = dkvb.as<float>();
-    ASSERT_TRUE(
-        MlaDecodeAbsorbed(dp, dq.as<float>(), b, cache, out->as<float>(), scratch->as<float>())
-            .ok());
-    EXPECT_LE(MaxRelative(ToHost<float>(*out, want.size()), want), 1e-4) << preset;
+      DeviceBuffer dpool = ToDevice(pool), dkvb = ToDevice(kv_b), dq = ToDevice(q),
+                   dtable = ToDevice(order);
+      std::vector<int32_t> ctx32(ctx.begin(), ctx.end());
+      DeviceBuffer dctx = ToDevice(ctx32);
+      auto out = DeviceBuffer::Alloc(want.size() * 4);
+      auto scratch =
+          DeviceBuffer::Alloc(static_cast<size_t>(MlaDecodeScratchFloats(p, b, max_ctx)) * 4);
+      ASSERT_TRUE(out.ok() && scratch.ok());
+      PagedLatentCache cache;
+      cache.pool = dpool.get();
+      cache.dtype = kv;
+      cache.block_tokens = bt;
+      cache.block_bytes = bt * row_bytes;
+      cache.table = dtable.as<int32_t>();
+      cache.table_stride = per_seq;
+      cache.ctx = dctx.as<int32_t>();
+      cache.max_ctx = max_ctx;
+      cpu::MlaParams dp = p;
+      dp.kv_b = dkvb.as<float>();
+      ASSERT_TRUE(
+          MlaDecodeAbsorbed(dp, dq.as<float>(), b, cache, out->as<float>(), scratch->as<float>())
+              .ok());
+      EXPECT_LE(MaxRelative(ToHost<float>(*out, want.size()), want), 1e-4)
+          << preset << " " << cpu::KvDTypeName(kv);
+    }
   }
 }
 

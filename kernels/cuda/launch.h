@@ -45,19 +45,21 @@ struct Gate {
 int SelectExperts(const Gate& p, float* logits, int64_t t, const float* bias, int32_t* ids,
                   float* w, float* scratch, void* stream);
 
-// MLA decode in the weight-absorbed form over a paged fp32 latent cache
-// (cpu::MlaDecodeAbsorbedBatch): b sequences with one query each, q [b, H, dn + dr]; sequence i
-// attends to its rows 0..ctx[i]-1, row u at pool + table[i * table_stride + u / block_tokens] *
-// block_stride
-// + (u % block_tokens) * (r + dr); o [b, H * dv]. kv_b [H * (dn + dv), r] (W_UK then W_UV per
-// head). `scratch`: MlaScratchFloats(b, H, r, max_ctx) floats.
+// MLA decode in the weight-absorbed form over a paged latent cache (cpu::MlaDecodeAbsorbedBatch):
+// b sequences with one query each, q [b, H, dn + dr]; sequence i attends to its rows 0..ctx[i]-1,
+// row u at pool + table[i * table_stride + u / block_tokens] * block_bytes
+// + (u % block_tokens) * row_bytes; o [b, H * dv]. Rows as cpu::KvDType stores them: kv_dtype 0
+// fp32 (r + dr floats), 1 int8 / 2 fp8 e4m3 (r codes, one fp32 scale per 128, dr bf16: the
+// 656-byte layout). kv_b [H * (dn + dv), r] (W_UK then W_UV per head). `scratch`:
+// MlaScratchFloats(b, H, r, max_ctx) floats.
 struct Mla {
   int64_t heads = 0, nope = 0, rope = 0, v = 0, rank = 0;
   float softmax_scale = 0;
-  int64_t block_tokens = 0, block_stride = 0, table_stride = 0;
+  int64_t block_tokens = 0, block_bytes = 0, row_bytes = 0, table_stride = 0;
+  int kv_dtype = 0;
 };
 int64_t MlaScratchFloats(int64_t b, int64_t heads, int64_t rank, int64_t max_ctx);
-int MlaDecode(const Mla& p, const float* q, int64_t b, const float* kv_b, const float* pool,
+int MlaDecode(const Mla& p, const float* q, int64_t b, const float* kv_b, const uint8_t* pool,
               const int32_t* table, const int32_t* ctx, int64_t max_ctx, float* o, float* scratch,
               void* stream);
 
