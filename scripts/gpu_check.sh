@@ -17,7 +17,7 @@ done
 start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
 tests=(//kernels/cuda:cuda_kernels_test)
-if ! timeout "$limit" bazel build -c opt --config=cuda "${tests[@]}"; then
+if ! timeout "$limit" bazel build -c opt --config=cuda "${tests[@]}" //bench:cuda_bench; then
   echo "gpu_check: the CUDA build failed"; exit 1
 fi
 rc=0
@@ -27,12 +27,19 @@ for t in "${tests[@]}"; do
   [ "$left" -lt 10 ] && { echo "gpu_check: out of time before $t"; rc=1; break; }
   bin=bazel-bin/${t#//}; bin=${bin/://}
   out=$(timeout "$left" "$bin" --gtest_brief=0 2>&1); trc=$?
-  p=$(grep -c '^\[       OK \]' <<<"$out"); f=$(grep -c '^\[  FAILED  \] [A-Za-z]' <<<"$out")
-  s=$(grep -c '^\[  SKIPPED \]' <<<"$out")
+  # One line per test ends with its time; gtest's summary repeats the names without it.
+  p=$(grep -cE '^\[       OK \] .* \([0-9]+ ms\)$' <<<"$out")
+  f=$(grep -cE '^\[  FAILED  \] .* \([0-9]+ ms\)$' <<<"$out")
+  s=$(grep -cE '^\[  SKIPPED \] .* \([0-9]+ ms\)$' <<<"$out")
   res=PASSED; [ $trc -ne 0 ] && res=FAILED; [ "$s" -gt 0 ] && [ $trc -eq 0 ] && res=SKIPPED
   printf '%-44s %-8s %s/%s/%s\n' "$t" "$res" "$p" "$f" "$s"
-  [ "$res" != PASSED ] && { rc=1; grep -E 'Failure|error|SKIPPED|Expected|Which is|no CUDA' <<<"$out" | head -20; }
+  [ "$res" != PASSED ] && { rc=1; grep -E 'Failure|error|Expected|Which is|no CUDA' <<<"$out" | sort | uniq -c | head -20; }
 done
+left=$(( limit - ($(date +%s) - start) ))
+if [ "$left" -gt 30 ]; then
+  echo; echo "benchmarks (bench/cuda_bench):"
+  timeout "$left" bazel-bin/bench/cuda_bench || { echo "gpu_check: cuda_bench failed"; rc=1; }
+fi
 echo "gpu_check: $(( $(date +%s) - start )) s, exit $rc"
 bazel shutdown >/dev/null 2>&1 || true
 exit $rc
