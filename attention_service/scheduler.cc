@@ -412,7 +412,9 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
       c->drafted += static_cast<uint64_t>(verified);  // a stop before a draft leaves it unjudged
       c->accepted += static_cast<uint64_t>(accepted);
       ++c->speculative;
-      s->kv.Truncate(first + 1 + accepted);  // the rows of rejected drafts
+      // The rows of rejected drafts. And when an accepted draft was the request's last token,
+      // its row too: every cached position keeps a known next token (what the MTP layer reads).
+      s->kv.Truncate(std::min(first + 1 + accepted, static_cast<int64_t>(s->tokens.size()) - 1));
     }
     if (finished) {
       s->kv.RegisterFullBlocks(s->tokens);  // committed rows: later requests may reuse them
@@ -429,12 +431,12 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
         MutexLock l(&mu_);
         ++stats_.finished;
       }
-      KeepHiddenForMtp(s, m - (k - accepted));
+      KeepHiddenForMtp(s, s->kv.length() - first);
       return false;
     }
   }
   s->kv.RegisterFullBlocks(s->tokens);
-  KeepHiddenForMtp(s, m - (k - accepted));
+  KeepHiddenForMtp(s, s->kv.length() - first);
   return false;
 }
 
@@ -489,6 +491,11 @@ absl::Status Scheduler::RunMtpPhase() {
   for (auto& s : running_) {
     if (!s->mtp_behind()) continue;
     const int64_t from = s->mtp->length(), to = s->kv.length();
+    if (to >= static_cast<int64_t>(s->tokens.size())) {  // CommitSequence keeps a next token
+      return absl::InternalError(absl::StrCat("request ", s->id, ": ", to,
+                                              " cached positions but only ", s->tokens.size(),
+                                              " tokens: no next token for the MTP layer"));
+    }
     if (!s->mtp->Reserve(to - from).ok()) {
       // Sized not to happen (MtpCacheBlocks); if it does, the sequence is recomputed later (a
       // finished one just leaves).
