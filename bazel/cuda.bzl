@@ -3,7 +3,7 @@
 load("@local_cuda//:defs.bzl", "CUDA_AVAILABLE", "NVCC")
 
 # Hopper and Ampere: native code for both, and PTX for sm_90 (newer GPUs JIT it).
-CUDA_ARCH_FLAGS = ("-gencode arch=compute_90,code=[sm_90,compute_90] " +
+CUDA_ARCH_FLAGS = ("-gencode 'arch=compute_90,code=[sm_90,compute_90]' " +
                    "-gencode arch=compute_80,code=sm_80")
 
 # For the C++ (gcc) side of CUDA code: DMOE_HAVE_CUDA=1 when the toolkit was found.

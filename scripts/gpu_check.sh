@@ -3,7 +3,8 @@
 # (-c opt, --config=cuda), runs every GPU test, and prints a summary table. Meant for the scarce
 # minutes of a GPU machine: run it once, fix, run again; never explore interactively there.
 #   bash scripts/gpu_check.sh [--timeout-s 420]
-# Exit 0 when every GPU test passed (and none was skipped for want of a device).
+# Exit 0 when every GPU test passed (and none was skipped for want of a device). Each test runs in
+# its own process; full outputs go to $OUT (default: a new temporary folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=420
@@ -15,30 +16,48 @@ while [ $# -gt 0 ]; do
   esac
 done
 start=$(date +%s)
+out_dir=${OUT:-$(mktemp -d)}
+echo "gpu_check: full outputs in $out_dir"
+# The CUDA 13 runtime needs driver 580 or newer: with an older one every test would only skip.
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
-tests=(//kernels/cuda:cuda_kernels_test)
-if ! timeout "$limit" bazel build -c opt --config=cuda "${tests[@]}" //bench:cuda_bench; then
-  echo "gpu_check: the CUDA build failed"; exit 1
+# GPU_CHECK_DRY_RUN=1: go on without one (to try this script on a machine without a GPU).
+if [ "${GPU_CHECK_DRY_RUN:-0}" != 1 ] && { [ -z "$driver" ] || [ "${driver%%.*}" -lt 580 ]; }; then
+  echo "gpu_check: no usable GPU driver (found '${driver:-none}'; CUDA 13 needs >= 580): nothing to test"
+  exit 1
 fi
+tests=(//kernels/cuda:cuda_kernels_test)
+if ! timeout "$limit" bazel build -c opt --config=cuda "${tests[@]}"; then
+  echo "gpu_check: the CUDA build of the tests failed"; exit 1
+fi
+timeout "$limit" bazel build -c opt --config=cuda //bench:cuda_bench || echo "gpu_check: cuda_bench did not build"
 rc=0
-printf '%-44s %-8s %s\n' "test" "result" "cases (passed/failed/skipped)"
+printf '%-64s %-8s\n' "test" "result"
 for t in "${tests[@]}"; do
-  left=$(( limit - ($(date +%s) - start) ))
-  [ "$left" -lt 10 ] && { echo "gpu_check: out of time before $t"; rc=1; break; }
   bin=bazel-bin/${t#//}; bin=${bin/://}
-  out=$(timeout "$left" "$bin" --gtest_brief=0 2>&1); trc=$?
-  # One line per test ends with its time; gtest's summary repeats the names without it.
-  p=$(grep -cE '^\[       OK \] .* \([0-9]+ ms\)$' <<<"$out")
-  f=$(grep -cE '^\[  FAILED  \] .* \([0-9]+ ms\)$' <<<"$out")
-  s=$(grep -cE '^\[  SKIPPED \] .* \([0-9]+ ms\)$' <<<"$out")
-  res=PASSED; [ $trc -ne 0 ] && res=FAILED; [ "$s" -gt 0 ] && [ $trc -eq 0 ] && res=SKIPPED
-  printf '%-44s %-8s %s/%s/%s\n' "$t" "$res" "$p" "$f" "$s"
-  [ "$res" != PASSED ] && { rc=1; grep -E 'Failure|error|Expected|Which is|no CUDA' <<<"$out" | sort | uniq -c | head -20; }
+  # Each test in its own process: a CUDA fault (an illegal address) poisons the process's context
+  # and would fail every later test of the binary.
+  for name in $("$bin" --gtest_list_tests | awk '/^[^ ]/ {s=$1} /^  / {print s $1}'); do
+    left=$(( limit - ($(date +%s) - start) ))
+    [ "$left" -lt 10 ] && { echo "gpu_check: out of time before $name"; rc=1; break 2; }
+    log="$out_dir/${name//\//_}.log"
+    timeout "$left" "$bin" --gtest_filter="$name" > "$log" 2>&1; trc=$?
+    if grep -qE '^\[  SKIPPED \] .* \([0-9]+ ms\)$' "$log"; then res=SKIPPED; rc=1
+    elif [ $trc -eq 0 ] && grep -qE '^\[       OK \] .* \([0-9]+ ms\)$' "$log"; then res=PASSED
+    else res=FAILED; rc=1; fi
+    printf '%-64s %-8s\n' "$t $name" "$res"
+    if [ "$res" = SKIPPED ]; then
+      grep -m1 -A1 ': Skipped$' "$log" | tail -1 | sed 's/^/    /'  # the reason
+    elif [ "$res" = FAILED ]; then
+      grep -B2 -A12 -E 'Failure|error|CUDA' "$log" | head -40 | sed 's/^/    /'
+    fi
+  done
 done
 left=$(( limit - ($(date +%s) - start) ))
 if [ "$left" -gt 30 ]; then
   echo; echo "benchmarks (bench/cuda_bench):"
-  timeout "$left" bazel-bin/bench/cuda_bench || { echo "gpu_check: cuda_bench failed"; rc=1; }
+  timeout "$left" bazel-bin/bench/cuda_bench 2>&1 | tee "$out_dir/cuda_bench.txt" ||
+    { echo "gpu_check: cuda_bench failed"; rc=1; }
 fi
 echo "gpu_check: $(( $(date +%s) - start )) s, exit $rc"
 bazel shutdown >/dev/null 2>&1 || true

@@ -13,6 +13,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The launch's own error: Clear() before it drops an error left by an earlier call.
+void Clear() { (void)cudaGetLastError(); }
 int Err() { return static_cast<int>(cudaGetLastError()); }
 
 int64_t Blocks(int64_t n) { return (n + kThreads - 1) / kThreads; }
@@ -157,6 +159,7 @@ __global__ void SelectExpertsKernel(Gate p, float* logits, int64_t t, const floa
 int RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y,
             void* stream) {
   if (rows <= 0) return 0;
+  Clear();
   RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, n, w, eps, y);
   return Err();
@@ -164,6 +167,7 @@ int RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps,
 
 int SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream) {
   if (n <= 0) return 0;
+  Clear();
   SiluMulKernel<<<static_cast<unsigned>(Blocks(n)), kThreads, 0,
                   static_cast<cudaStream_t>(stream)>>>(g, u, n, h);
   return Err();
@@ -172,6 +176,7 @@ int SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream) {
 int Embedding(const void* table, bool bf16, int64_t dim, const int32_t* ids, int64_t n, float* out,
               void* stream) {
   if (n <= 0) return 0;
+  Clear();
   EmbeddingKernel<<<static_cast<unsigned>(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       table, bf16, dim, ids, out);
   return Err();
@@ -182,6 +187,7 @@ int Rope(const float* cos, const float* sin, int64_t dim, const int32_t* pos, co
          void* stream) {
   if (dim > 256 || dim % 2 != 0) return static_cast<int>(cudaErrorInvalidValue);
   if (rows * heads <= 0) return 0;
+  Clear();
   RopeKernel<<<static_cast<unsigned>(Blocks(rows * heads)), kThreads, 0,
                static_cast<cudaStream_t>(stream)>>>(cos, sin, dim, pos, x, rows, heads, row_stride,
                                                     head_stride, out);
@@ -190,11 +196,14 @@ int Rope(const float* cos, const float* sin, int64_t dim, const int32_t* pos, co
 
 int SelectExperts(const Gate& p, float* logits, int64_t t, const float* bias, int32_t* ids,
                   float* w, float* scratch, void* stream) {
-  if (p.n_experts > 1024 || p.n_group > 64 || p.n_group <= 0 || p.top_k > p.n_experts ||
+  if (p.n_experts <= 0 || p.n_experts > 1024 || p.n_group <= 0 || p.n_group > 64 ||
+      p.n_experts % p.n_group != 0 || p.top_k < 1 || p.top_k > p.n_experts ||
+      (p.method != 0 && (p.topk_group < 1 || p.topk_group > p.n_group)) ||
       (p.method == 2 && bias == nullptr)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (t <= 0) return 0;
+  Clear();
   SelectExpertsKernel<<<static_cast<unsigned>((t + 63) / 64), 64, 0,
                         static_cast<cudaStream_t>(stream)>>>(p, logits, t, bias, ids, w, scratch);
   return Err();

@@ -19,6 +19,13 @@
 namespace dmoe::cuda {
 namespace {
 
+// A call that must succeed; its status is printed when it does not.
+#define CUDA_OK(expr)                              \
+  do {                                             \
+    const absl::Status _st = (expr);               \
+    ASSERT_TRUE(_st.ok()) << #expr << ": " << _st; \
+  } while (0)
+
 #define SKIP_WITHOUT_GPU()                              \
   do {                                                  \
     const DeviceProbe probe = Probe();                  \
@@ -37,15 +44,18 @@ template <typename T>
 DeviceBuffer ToDevice(const std::vector<T>& v) {
   auto b = DeviceBuffer::Alloc(v.size() * sizeof(T));
   EXPECT_TRUE(b.ok()) << b.status();
-  EXPECT_TRUE(b->Upload(v.data(), v.size() * sizeof(T)).ok());
+  const absl::Status up = b->Upload(v.data(), v.size() * sizeof(T));
+  EXPECT_TRUE(up.ok()) << up;
   return std::move(*b);
 }
 
 template <typename T>
 std::vector<T> ToHost(const DeviceBuffer& b, size_t n) {
   std::vector<T> v(n);
-  EXPECT_TRUE(Synchronize().ok());
-  EXPECT_TRUE(b.Download(v.data(), n * sizeof(T)).ok());
+  const absl::Status sync = Synchronize();  // a kernel's fault surfaces here
+  EXPECT_TRUE(sync.ok()) << sync;
+  const absl::Status down = b.Download(v.data(), n * sizeof(T));
+  EXPECT_TRUE(down.ok()) << down;
   return v;
 }
 
@@ -76,16 +86,15 @@ TEST(CudaKernels, RmsNormAndSiluMulMatchTheCpu) {
     cpu::RmsNorm(x.data(), rows, n, w.data(), 1e-6, want.data());
     DeviceBuffer dx = ToDevice(x), dw = ToDevice(w);
     auto dy = DeviceBuffer::Alloc(x.size() * 4);
-    ASSERT_TRUE(dy.ok());
-    ASSERT_TRUE(RmsNorm(dx.as<float>(), rows, n, dw.as<float>(), 1e-6, dy->as<float>()).ok());
+    CUDA_OK(dy.status());
+    CUDA_OK(RmsNorm(dx.as<float>(), rows, n, dw.as<float>(), 1e-6, dy->as<float>()));
     EXPECT_LE(MaxRelative(ToHost<float>(*dy, x.size()), want), 1e-5) << "n " << n;
 
     const auto u = Random(x.size(), 3);
     cpu::SiluMul(x.data(), u.data(), static_cast<int64_t>(x.size()), want.data());
     DeviceBuffer du = ToDevice(u);
-    ASSERT_TRUE(
-        SiluMul(dx.as<float>(), du.as<float>(), static_cast<int64_t>(x.size()), dy->as<float>())
-            .ok());
+    CUDA_OK(
+        SiluMul(dx.as<float>(), du.as<float>(), static_cast<int64_t>(x.size()), dy->as<float>()));
     EXPECT_LE(MaxRelative(ToHost<float>(*dy, x.size()), want), 1e-5) << "n " << n;
   }
 }
@@ -103,11 +112,10 @@ TEST(CudaKernels, EmbeddingRowsFp32AndBf16) {
   const std::vector<int32_t> ids = {0, 511, 7, 7, 300};
   DeviceBuffer dt = ToDevice(table), dh = ToDevice(half), di = ToDevice(ids);
   auto out = DeviceBuffer::Alloc(ids.size() * d * 4);
-  ASSERT_TRUE(out.ok());
+  CUDA_OK(out.status());
   for (bool bf16 : {false, true}) {
-    ASSERT_TRUE(Embedding(bf16 ? dh.get() : dt.get(), bf16, d, di.as<int32_t>(),
-                          static_cast<int64_t>(ids.size()), out->as<float>())
-                    .ok());
+    CUDA_OK(Embedding(bf16 ? dh.get() : dt.get(), bf16, d, di.as<int32_t>(),
+                      static_cast<int64_t>(ids.size()), out->as<float>()));
     const std::vector<float> got = ToHost<float>(*out, ids.size() * d);
     for (size_t i = 0; i < ids.size(); ++i) {
       for (int64_t j = 0; j < d; ++j) {
@@ -143,9 +151,8 @@ TEST(CudaKernels, RopeMatchesTheCpuTableForEveryPreset) {
       }
     }
     DeviceBuffer dq = ToDevice(q), dp = ToDevice(pos);
-    ASSERT_TRUE(dev->Apply(dq.as<float>() + nope, dp.as<int32_t>(), rows, heads, heads * qd, qd,
-                           dq.as<float>() + nope)
-                    .ok());
+    CUDA_OK(dev->Apply(dq.as<float>() + nope, dp.as<int32_t>(), rows, heads, heads * qd, qd,
+                       dq.as<float>() + nope));
     EXPECT_LE(MaxRelative(ToHost<float>(dq, q.size()), want), 1e-5) << preset;
     (void)dr;
   }
@@ -166,9 +173,8 @@ TEST(CudaKernels, GateSelectionMatchesTheCpuForEveryMethod) {
     auto ids = DeviceBuffer::Alloc(want_ids.size() * 4), w = DeviceBuffer::Alloc(want_w.size() * 4),
          scratch = DeviceBuffer::Alloc(logits.size() * 4);
     ASSERT_TRUE(ids.ok() && w.ok() && scratch.ok());
-    ASSERT_TRUE(SelectExperts(p, dl.as<float>(), t, db.as<float>(), ids->as<int32_t>(),
-                              w->as<float>(), scratch->as<float>())
-                    .ok());
+    CUDA_OK(SelectExperts(p, dl.as<float>(), t, db.as<float>(), ids->as<int32_t>(), w->as<float>(),
+                          scratch->as<float>()));
     EXPECT_EQ(ToHost<int32_t>(*ids, want_ids.size()), want_ids) << preset;
     EXPECT_LE(MaxRelative(ToHost<float>(*w, want_w.size()), want_w), 1e-5) << preset;
   }
@@ -249,9 +255,8 @@ TEST(CudaKernels, MlaDecodeOverAPagedCacheMatchesTheCpu) {
       cache.max_ctx = max_ctx;
       cpu::MlaParams dp = p;
       dp.kv_b = dkvb.as<float>();
-      ASSERT_TRUE(
-          MlaDecodeAbsorbed(dp, dq.as<float>(), b, cache, out->as<float>(), scratch->as<float>())
-              .ok());
+      CUDA_OK(
+          MlaDecodeAbsorbed(dp, dq.as<float>(), b, cache, out->as<float>(), scratch->as<float>()));
       EXPECT_LE(MaxRelative(ToHost<float>(*out, want.size()), want), 1e-4)
           << preset << " " << cpu::KvDTypeName(kv);
     }
@@ -293,9 +298,8 @@ TEST(CudaKernels, ExpertFfnMatchesTheCpuPerGroup) {
     auto y = DeviceBuffer::Alloc(x.size() * 4);
     auto scratch = DeviceBuffer::Alloc(static_cast<size_t>(2 * 64 * width) * 4);
     ASSERT_TRUE(y.ok() && scratch.ok());
-    ASSERT_TRUE(ExpertFfn(*blas, ew, offsets, d, width, dx.as<float>(), y->as<float>(),
-                          scratch->as<float>())
-                    .ok());
+    CUDA_OK(ExpertFfn(*blas, ew, offsets, d, width, dx.as<float>(), y->as<float>(),
+                      scratch->as<float>()));
     EXPECT_LE(MaxRelative(ToHost<float>(*y, x.size()), want), 1e-4) << preset;
   }
 }

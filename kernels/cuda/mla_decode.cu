@@ -82,7 +82,7 @@ __global__ void AttendKernel(Mla p, const float* q, const float* q_lat, const ui
                              float* scores, float* o_lat) {
   __shared__ float red[kThreads];
   const int64_t s = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
-  const int64_t n = ctx[s];
+  const int64_t n = min(static_cast<int64_t>(ctx[s]), max_ctx);  // the launcher's bound
   const float* ql = q_lat + (s * p.heads + h) * p.rank;
   const float* qpe = q + (s * p.heads + h) * (p.nope + p.rope) + p.nope;
   float* sc = scores + (s * p.heads + h) * max_ctx;
@@ -102,7 +102,7 @@ __global__ void AttendKernel(Mla p, const float* q, const float* q_lat, const ui
     sum += sc[u];
   }
   sum = BlockReduce(sum, false, red);
-  const float inv = 1.0f / sum;
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // ctx 0: a zero output, not NaN
   __syncthreads();  // every score written before any thread reads them all
   float* ol = o_lat + (s * p.heads + h) * p.rank;
   for (int64_t j = threadIdx.x; j < p.rank; j += blockDim.x) {
@@ -134,10 +134,12 @@ int MlaDecode(const Mla& p, const float* q, int64_t b, const float* kv_b, const 
               const int32_t* table, const int32_t* ctx, int64_t max_ctx, float* o, float* scratch,
               void* stream) {
   if (b <= 0) return 0;
+  // 8-bit rows read their fp32 scales in place: rows and blocks must keep them 4-byte aligned.
   if (p.heads <= 0 || p.rank <= 0 || p.block_tokens <= 0 || max_ctx <= 0 || p.kv_dtype < 0 ||
-      p.kv_dtype > 2) {
+      p.kv_dtype > 2 || p.row_bytes % 4 != 0 || p.block_bytes % 4 != 0 || p.rank % 4 != 0) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
+  (void)cudaGetLastError();  // report this launch's error, not an earlier one
   const auto st = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(b * p.heads);
   float* q_lat = scratch;
