@@ -166,6 +166,10 @@ SchedulerStats Scheduler::stats() const {
 
 void Scheduler::Finish(Seq* s, FinishReason reason, const absl::Status& st) {
   s->ReleaseKv();
+  MarkDone(s, reason, st);
+}
+
+void Scheduler::MarkDone(Seq* s, FinishReason reason, const absl::Status& st) {
   if (s->done) return;  // its on_finish already ran
   s->done = true;
   if (s->callbacks.on_finish) s->callbacks.on_finish(reason, st);
@@ -425,12 +429,7 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
       // Finished, but its KV stays until the MTP layer has seen this step's positions, so that
       // its MTP blocks are registered too (else a later request with this prefix could attach
       // no more main blocks than MTP ones). RunMtp releases it.
-      if (s->callbacks.on_finish) s->callbacks.on_finish(reason, absl::OkStatus());
-      s->done = true;
-      {
-        MutexLock l(&mu_);
-        ++stats_.finished;
-      }
+      MarkDone(s, reason, absl::OkStatus());
       KeepHiddenForMtp(s, s->kv.length() - first);
       return false;
     }

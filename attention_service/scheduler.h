@@ -166,7 +166,10 @@ class Scheduler {
   // Load and counters for GetLoad and metrics; `c` null for an idle step.
   void PublishLoad(const Committed* c) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Releases the sequence's KV and runs MarkDone.
   void Finish(Seq* s, FinishReason reason, const absl::Status& st);
+  // Once per sequence: done, on_finish(reason, st), counted as finished.
+  void MarkDone(Seq* s, FinishReason reason, const absl::Status& st);
   void Preempt(Seq* s);
   int64_t BlocksFor(int64_t tokens) const;
 

@@ -78,14 +78,17 @@ class Speculative : public ::testing::Test {
     return out;
   }
 
-  // Runs every request through one scheduler (they share steps), returns their outputs.
+  // Runs every request through one scheduler (they share steps), returns their outputs. `engine`
+  // (default: the model's) and `failed_steps`: when set, steps may fail with UNAVAILABLE (counted;
+  // the scheduler retries them), otherwise every step must succeed.
   static std::vector<Output> Run(const std::vector<Request>& requests, SchedulerOptions so,
-                                 SchedulerStats* stats = nullptr) {
+                                 SchedulerStats* stats = nullptr, Engine* engine = nullptr,
+                                 int* failed_steps = nullptr) {
     const ModelConfig& c = model_->config();
     LatentKvCache cache(c, 16, 1024);
     LatentKvCache mtp_cache(Engine::MtpCacheConfig(c), 16, MtpCacheBlocks(1024, 16, so));
     so.mtp_cache = &mtp_cache;
-    Scheduler s(&model_->engine(), &cache, so);
+    Scheduler s(engine != nullptr ? engine : &model_->engine(), &cache, so);
     std::vector<Output> out(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {
       RequestCallbacks cb;
@@ -103,6 +106,11 @@ class Speculative : public ::testing::Test {
     }
     for (int step = 0; step < 100000; ++step) {
       auto more = s.Step();
+      if (!more.ok() && failed_steps != nullptr) {
+        EXPECT_EQ(more.status().code(), absl::StatusCode::kUnavailable) << more.status();
+        ++*failed_steps;
+        continue;
+      }
       EXPECT_TRUE(more.ok()) << more.status();
       if (!more.ok() || !*more) break;
     }
@@ -285,41 +293,14 @@ TEST_F(Speculative, FailedExpertCallsStallAndChangeNothing) {
   const std::vector<Output> plain = Run(requests, Small());
   FlakyExperts flaky(model_->config(), &model_->experts());
   Engine engine(model_->config(), &model_->dense(), &flaky);
-  const ModelConfig& c = model_->config();
   SchedulerOptions so = Small();
   so.speculative_tokens = 2;
   so.expert_wait = std::chrono::hours(1);
-  LatentKvCache cache(c, 16, 1024);
-  LatentKvCache mtp_cache(Engine::MtpCacheConfig(c), 16, MtpCacheBlocks(1024, 16, so));
-  so.mtp_cache = &mtp_cache;
-  Scheduler s(&engine, &cache, so);
-  std::vector<Output> out(requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) {
-    RequestCallbacks cb;
-    Output* o = &out[i];
-    cb.on_token = [o](const SampledToken& t) {
-      o->tokens.push_back(t.token);
-      o->logprobs.push_back(t.logprob);
-      for (const auto& [id, lp] : t.top) {
-        o->logprobs.push_back(static_cast<float>(id));
-        o->logprobs.push_back(lp);
-      }
-    };
-    cb.on_finish = [o](FinishReason, const absl::Status& st) { o->finished = st.ok(); };
-    ASSERT_TRUE(s.Submit(requests[i].prompt, requests[i].params, cb).ok());
-  }
+  SchedulerStats st;
   int errors = 0;
-  for (int step = 0; step < 100000; ++step) {
-    auto more = s.Step();
-    if (!more.ok()) {
-      EXPECT_EQ(more.status().code(), absl::StatusCode::kUnavailable) << more.status();
-      ++errors;
-      continue;
-    }
-    if (!*more) break;
-  }
+  const std::vector<Output> out = Run(requests, so, &st, &engine, &errors);
   std::printf("%d expert calls failed, %d steps failed and were retried, %llu stalled steps\n",
-              flaky.failures(), errors, static_cast<unsigned long long>(s.stats().stalled_steps));
+              flaky.failures(), errors, static_cast<unsigned long long>(st.stalled_steps));
   EXPECT_GT(errors, 5);
   ExpectSame(out, plain);
 }
