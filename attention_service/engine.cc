@@ -34,8 +34,7 @@ Engine::Engine(const ModelConfig& config, const DenseWeights* weights, RoutedExp
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
           std::max<int64_t>(1, config.num_expert_layers() * config.n_routed_experts))]()) {}
 
-absl::Status Engine::Validate(std::vector<SequenceStep>& batch, int64_t* total) {
-  const ModelConfig& c = config_;
+absl::Status ValidateStep(const ModelConfig& c, std::vector<SequenceStep>& batch, int64_t* total) {
   int64_t n = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const SequenceStep& s = batch[i];
@@ -67,6 +66,16 @@ absl::Status Engine::Validate(std::vector<SequenceStep>& batch, int64_t* total) 
   }
   *total = n;
   return absl::OkStatus();
+}
+
+absl::Status Engine::Validate(std::vector<SequenceStep>& batch, int64_t* n) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (batch[i].cache != nullptr && !batch[i].cache->on_host()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence ", i, ": its cache is in device memory (a GPU engine's pool)"));
+    }
+  }
+  return ValidateStep(config_, batch, n);
 }
 
 absl::Status Engine::Step(std::vector<SequenceStep>& batch,

@@ -42,6 +42,11 @@ struct SequenceStep {
   std::vector<float>* hidden = nullptr;
 };
 
+// The checks every engine makes before a step: a cache per sequence, tokens non-empty and inside
+// the vocabulary, no sequence past max_position_embeddings (INVALID_ARGUMENT naming the sequence
+// and field); then reserves each sequence's rows (RESOURCE_EXHAUSTED). *total: the tokens.
+absl::Status ValidateStep(const ModelConfig& c, std::vector<SequenceStep>& batch, int64_t* total);
+
 // Seconds spent per phase, summed over all steps since the last reset.
 struct EngineTimings {
   double attention = 0;  // projections, RoPE, MLA, o_proj
@@ -112,6 +117,7 @@ class Engine {
     std::vector<float> h, x, tmp, router, gate_w;
     std::vector<int32_t> gate_ids;
   };
+  // ValidateStep, and every cache on the host.
   absl::Status Validate(std::vector<SequenceStep>& batch, int64_t* n);
   absl::Status Run(int count);
   // Layers [first, last) for `count` micro-batches; on error nothing stays at the experts.

@@ -35,7 +35,7 @@ cpu::LatentRows SequenceKvCache::Rows(int64_t layer) {
 }
 
 LatentKvCache::LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t num_blocks,
-                             cpu::KvDType dtype)
+                             cpu::KvDType dtype, bool host_storage)
     : row_(c.latent_dim()),
       r_(c.kv_lora_rank),
       layers_(c.num_hidden_layers),
@@ -44,7 +44,7 @@ LatentKvCache::LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t
       dtype_(dtype),
       row_bytes_(cpu::KvRowBytes(dtype, c.kv_lora_rank, c.qk_rope_head_dim)),
       block_bytes_(c.num_hidden_layers * block_tokens * row_bytes_),
-      storage_(static_cast<size_t>(num_blocks * block_bytes_)),
+      storage_(host_storage ? static_cast<size_t>(num_blocks * block_bytes_) : 0),
       meta_(static_cast<size_t>(num_blocks)),
       block_tokens_ids_(static_cast<size_t>(num_blocks * block_tokens)) {
   free_.reserve(static_cast<size_t>(num_blocks));

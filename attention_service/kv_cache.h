@@ -43,6 +43,9 @@ class KvSequence {
   // Drops the committed rows from position n on (speculative decoding: the rows of rejected
   // drafts). n <= length(). Paged: whole blocks past n go back to the cache.
   virtual void Truncate(int64_t n) { length_ = std::min(length_, n); }
+  // False when the rows live in device memory (a LatentKvCache without host storage, whose rows
+  // only the GPU engine reads and writes): WriteRow and Rows must not be called then.
+  virtual bool on_host() const { return true; }
 
  protected:
   int64_t length_ = 0;
@@ -80,8 +83,10 @@ class SequenceKvCache : public KvSequence {
 // every block is free, cached (evictable) or referenced. Thread-compatible.
 class LatentKvCache {
  public:
+  // host_storage false: only the accounting, for a pool whose rows are elsewhere (the GPU
+  // engine's device memory, laid out as BlockLayer describes); BlockLayer is then null.
   LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t num_blocks,
-                cpu::KvDType dtype = cpu::KvDType::kF32);
+                cpu::KvDType dtype = cpu::KvDType::kF32, bool host_storage = true);
   // Blocks that fit in `bytes`.
   static int64_t BlocksForBytes(const ModelConfig& c, int64_t block_tokens, uint64_t bytes,
                                 cpu::KvDType dtype = cpu::KvDType::kF32);
@@ -113,11 +118,15 @@ class LatentKvCache {
   // Makes a full, computed block findable by Lookup (no-op if the key is already taken).
   void Register(int32_t block, uint64_t key, const int32_t* tokens);
 
-  // The rows of (block, layer): block_tokens rows of row_bytes() each.
-  uint8_t* BlockLayer(int32_t block, int64_t layer) {
-    return storage_.data() + static_cast<int64_t>(block) * block_bytes_ +
-           layer * block_tokens_ * row_bytes_;
+  // The rows of (block, layer): block_tokens rows of row_bytes() each, at this offset of the
+  // storage (block_bytes() per block).
+  int64_t LayerOffset(int32_t block, int64_t layer) const {
+    return static_cast<int64_t>(block) * block_bytes_ + layer * block_tokens_ * row_bytes_;
   }
+  uint8_t* BlockLayer(int32_t block, int64_t layer) {
+    return storage_.empty() ? nullptr : storage_.data() + LayerOffset(block, layer);
+  }
+  bool host_storage() const { return !storage_.empty() || total_ == 0; }
   int64_t row() const { return row_; }  // values per row (r + dr)
   int64_t latent_rank() const { return r_; }
   int64_t row_bytes() const { return row_bytes_; }
@@ -160,6 +169,8 @@ class PagedKvSequence : public KvSequence {
                        cache_->row() - cache_->latent_rank(), dst);
   }
   cpu::LatentRows Rows(int64_t layer) override;
+  bool on_host() const override { return cache_->host_storage(); }
+  LatentKvCache* cache() const { return cache_; }
   // Returns every block to the cache; the sequence is empty afterwards.
   void Release();
   const std::vector<int32_t>& block_table() const { return blocks_; }

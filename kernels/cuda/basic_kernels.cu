@@ -19,9 +19,10 @@ int Err() { return static_cast<int>(cudaGetLastError()); }
 
 int64_t Blocks(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
-__global__ void RmsNormKernel(const float* x, int64_t n, const float* w, double eps, float* y) {
-  const float* xr = x + blockIdx.x * n;
-  float* yr = y + blockIdx.x * n;
+__global__ void RmsNormKernel(const float* x, int64_t n, int64_t x_stride, const float* w,
+                              double eps, float* y, int64_t y_stride) {
+  const float* xr = x + blockIdx.x * x_stride;
+  float* yr = y + blockIdx.x * y_stride;
   __shared__ double part[kThreads];
   double ss = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += static_cast<double>(xr[i]) * xr[i];
@@ -32,6 +33,7 @@ __global__ void RmsNormKernel(const float* x, int64_t n, const float* w, double 
     __syncthreads();
   }
   const float inv = static_cast<float>(1.0 / sqrt(part[0] / static_cast<double>(n) + eps));
+  __syncthreads();  // x == y: every thread has read its part before anyone writes
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
 }
 
@@ -156,12 +158,12 @@ __global__ void SelectExpertsKernel(Gate p, float* logits, int64_t t, const floa
 
 }  // namespace
 
-int RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y,
-            void* stream) {
+int RmsNorm(const float* x, int64_t rows, int64_t n, int64_t x_stride, const float* w, double eps,
+            float* y, int64_t y_stride, void* stream) {
   if (rows <= 0) return 0;
   Clear();
   RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      x, n, w, eps, y);
+      x, n, x_stride, w, eps, y, y_stride);
   return Err();
 }
 

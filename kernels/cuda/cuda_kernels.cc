@@ -87,13 +87,34 @@ absl::Status DeviceBuffer::Download(void* dst, size_t bytes) const {
   return DMOE_CUDA_CHECK(cudaMemcpy(dst, p_, bytes, cudaMemcpyDeviceToHost));
 }
 
+absl::Status SetDevice(int device) { return DMOE_CUDA_CHECK(cudaSetDevice(device)); }
+
+absl::Status CopyToDevice(void* device_dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  return DMOE_CUDA_CHECK(cudaMemcpy(device_dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+absl::Status CopyToHost(void* dst, const void* device_src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  return DMOE_CUDA_CHECK(cudaMemcpy(dst, device_src, bytes, cudaMemcpyDeviceToHost));
+}
+
 absl::Status Synchronize(void* stream) {
   return DMOE_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
 }
 
 absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y,
                      void* stream) {
-  return DMOE_CUDA_CHECK(launch::RmsNorm(x, rows, n, w, eps, y, stream));
+  return DMOE_CUDA_CHECK(launch::RmsNorm(x, rows, n, n, w, eps, y, n, stream));
+}
+
+absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w,
+                     double eps, float* y, int64_t ldy, void* stream) {
+  return DMOE_CUDA_CHECK(launch::RmsNorm(x, rows, n, ldx, w, eps, y, ldy, stream));
+}
+
+absl::Status Add(const float* a, int64_t n, float* y, void* stream) {
+  return DMOE_CUDA_CHECK(launch::Add(a, n, y, stream));
 }
 
 absl::Status SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream) {
@@ -168,6 +189,35 @@ absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t 
                                            stream));
 }
 
+namespace {
+launch::LatentPool PoolParams(const cpu::MlaParams& p, const LatentPool& pool) {
+  launch::LatentPool l;
+  l.rank = p.latent_rank;
+  l.rope = p.rope_dim;
+  l.block_tokens = pool.block_tokens;
+  l.block_bytes = pool.block_bytes;
+  l.kv_dtype = pool.dtype == cpu::KvDType::kF32 ? 0 : pool.dtype == cpu::KvDType::kInt8 ? 1 : 2;
+  return l;
+}
+}  // namespace
+
+absl::Status StoreLatentRows(const cpu::MlaParams& p, const LatentPool& pool, const float* rows,
+                             int64_t n, const int32_t* slots, void* stream) {
+  return DMOE_CUDA_CHECK(launch::StoreLatent(PoolParams(p, pool), rows, n, slots,
+                                             static_cast<uint8_t*>(pool.pool), stream));
+}
+
+absl::Status GatherLatentRows(const cpu::MlaParams& p, const LatentPool& pool, const int32_t* table,
+                              int64_t ctx, float* out, void* stream) {
+  return DMOE_CUDA_CHECK(launch::GatherLatent(
+      PoolParams(p, pool), static_cast<const uint8_t*>(pool.pool), table, ctx, out, stream));
+}
+
+absl::Status CausalSoftmax(float* s, int64_t heads, int64_t m, int64_t ctx, int64_t pos0,
+                           float scale, void* stream) {
+  return DMOE_CUDA_CHECK(launch::CausalSoftmax(s, heads, m, ctx, pos0, scale, stream));
+}
+
 #else  // !DMOE_HAVE_CUDA: built without the CUDA toolkit.
 
 namespace {
@@ -189,7 +239,26 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 absl::Status DeviceBuffer::Upload(const void*, size_t) { return NoToolkit(); }
 absl::Status DeviceBuffer::Download(void*, size_t) const { return NoToolkit(); }
 absl::Status Synchronize(void*) { return NoToolkit(); }
+absl::Status SetDevice(int) { return NoToolkit(); }
+absl::Status CopyToDevice(void*, const void*, size_t) { return NoToolkit(); }
+absl::Status CopyToHost(void*, const void*, size_t) { return NoToolkit(); }
 absl::Status RmsNorm(const float*, int64_t, int64_t, const float*, double, float*, void*) {
+  return NoToolkit();
+}
+absl::Status RmsNorm(const float*, int64_t, int64_t, int64_t, const float*, double, float*, int64_t,
+                     void*) {
+  return NoToolkit();
+}
+absl::Status Add(const float*, int64_t, float*, void*) { return NoToolkit(); }
+absl::Status StoreLatentRows(const cpu::MlaParams&, const LatentPool&, const float*, int64_t,
+                             const int32_t*, void*) {
+  return NoToolkit();
+}
+absl::Status GatherLatentRows(const cpu::MlaParams&, const LatentPool&, const int32_t*, int64_t,
+                              float*, void*) {
+  return NoToolkit();
+}
+absl::Status CausalSoftmax(float*, int64_t, int64_t, int64_t, int64_t, float, void*) {
   return NoToolkit();
 }
 absl::Status SiluMul(const float*, const float*, int64_t, float*, void*) { return NoToolkit(); }

@@ -55,12 +55,23 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Makes `device` (< Probe().count) the calling thread's current device.
+absl::Status SetDevice(int device);
+// Synchronous copies between host memory and device memory at any device address.
+absl::Status CopyToDevice(void* device_dst, const void* src, size_t bytes);
+absl::Status CopyToHost(void* dst, const void* device_src, size_t bytes);
+
 // Waits for the stream's work; a kernel's asynchronous error surfaces here.
 absl::Status Synchronize(void* stream = nullptr);
 
 // cpu::RmsNorm (rows of n, contiguous).
 absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y,
                      void* stream = nullptr);
+// The same with row strides: row r at x + r * ldx and y + r * ldy (x == y allowed).
+absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w,
+                     double eps, float* y, int64_t ldy, void* stream = nullptr);
+// y[i] += a[i], i < n.
+absl::Status Add(const float* a, int64_t n, float* y, void* stream = nullptr);
 // cpu::SiluMul.
 absl::Status SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream = nullptr);
 // out[i] = table[ids[i]] (rows of dim; the table fp32, or bf16 bits when `bf16`).
@@ -109,6 +120,28 @@ int64_t MlaDecodeScratchFloats(const cpu::MlaParams& p, int64_t b, int64_t max_c
 absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t b,
                                const PagedLatentCache& cache, float* o, float* scratch,
                                void* stream = nullptr);
+
+// One layer of a paged latent cache, writable: row u of block k at pool + k * block_bytes
+// + u * cpu::KvRowBytes(dtype, r, dr) (pool already offset to the layer's rows).
+struct LatentPool {
+  void* pool = nullptr;
+  cpu::KvDType dtype = cpu::KvDType::kF32;
+  int64_t block_tokens = 0;
+  int64_t block_bytes = 0;
+};
+// Stores rows [n, r + dr] (c_kv after its norm, then the rotated k_pe) at slots[i] (device,
+// block * block_tokens + offset), quantized as cpu::QuantizeKvRow does. r = p.latent_rank,
+// dr = p.rope_dim.
+absl::Status StoreLatentRows(const cpu::MlaParams& p, const LatentPool& pool, const float* rows,
+                             int64_t n, const int32_t* slots, void* stream = nullptr);
+// The first ctx rows of one sequence (its block table `table`, device) as fp32 rows
+// out [ctx, r + dr] (cpu::DequantizeKvRows).
+absl::Status GatherLatentRows(const cpu::MlaParams& p, const LatentPool& pool, const int32_t* table,
+                              int64_t ctx, float* out, void* stream = nullptr);
+// Scores s [heads * m, ctx]: row i of each head's m rows is the query at position pos0 + i.
+// Entries u > pos0 + i become 0; the rest softmax(scale * s) (the naive MLA's mask and softmax).
+absl::Status CausalSoftmax(float* s, int64_t heads, int64_t m, int64_t ctx, int64_t pos0,
+                           float scale, void* stream = nullptr);
 
 }  // namespace dmoe::cuda
 

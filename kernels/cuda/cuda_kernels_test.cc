@@ -311,7 +311,131 @@ TEST(CudaKernels, BadLaunchesAreErrorsNamingTheCall) {
   p.top_k = 2;
   const absl::Status st = SelectExperts(p, nullptr, 1, nullptr, nullptr, nullptr, nullptr);
   EXPECT_FALSE(st.ok());
-  EXPECT_NE(st.message().find("cuda_kernels.cc:"), absl::string_view::npos) << st;
+  // The file and line of the call (cuda_kernels.cc, or host_kernels.cc in the host build).
+  EXPECT_NE(st.message().find("_kernels.cc:"), absl::string_view::npos) << st;
+  EXPECT_NE(st.message().find("SelectExperts"), absl::string_view::npos) << st;
+}
+
+// The GPU engine's pieces: strided RMSNorm and residual adds, latent rows stored into and
+// gathered from a paged pool (the stored bytes equal cpu::QuantizeKvRow's), the causal softmax,
+// and strided-batched GEMMs in both layouts of b.
+TEST(CudaKernels, StridedRmsNormAndAdd) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 6, n = 512, ld = 576;
+  const auto x = Random(static_cast<size_t>(rows * ld), 31), w = Random(static_cast<size_t>(n), 32);
+  std::vector<float> want = x;
+  cpu::RmsNorm(x.data(), rows, n, w.data(), 1e-6, want.data(), ld, ld);
+  DeviceBuffer dx = ToDevice(x), dw = ToDevice(w);
+  CUDA_OK(RmsNorm(dx.as<float>(), rows, n, ld, dw.as<float>(), 1e-6, dx.as<float>(), ld));
+  EXPECT_LE(MaxRelative(ToHost<float>(dx, x.size()), want), 1e-5);
+  const auto a = Random(x.size(), 33);
+  DeviceBuffer da = ToDevice(a);
+  for (size_t i = 0; i < want.size(); ++i) want[i] += a[i];
+  CUDA_OK(Add(da.as<float>(), static_cast<int64_t>(a.size()), dx.as<float>()));
+  EXPECT_LE(MaxRelative(ToHost<float>(dx, x.size()), want), 1e-5);
+}
+
+TEST(CudaKernels, LatentRowsStoreAndGatherAsTheCpuCache) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = *PresetConfig("small");
+  cpu::MlaParams p;
+  p.latent_rank = c.kv_lora_rank;
+  p.rope_dim = c.qk_rope_head_dim;
+  const int64_t lc = p.latent_rank + p.rope_dim, bt = 4, n = 11;
+  for (cpu::KvDType t : {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+    const int64_t rb = cpu::KvRowBytes(t, p.latent_rank, p.rope_dim), bb = 2 * bt * rb;  // 2 layers
+    const std::vector<int32_t> table = {5, 2, 7};  // non-contiguous blocks
+    std::vector<int32_t> slots(n);
+    for (int64_t u = 0; u < n; ++u) slots[u] = static_cast<int32_t>(table[u / bt] * bt + u % bt);
+    const auto rows = Random(static_cast<size_t>(n * lc), 34, 2.0f);
+    std::vector<uint8_t> want(static_cast<size_t>(8 * bb), 0);
+    for (int64_t u = 0; u < n; ++u) {
+      cpu::QuantizeKvRow(t, rows.data() + u * lc, p.latent_rank, p.rope_dim,
+                         want.data() + table[u / bt] * bb + (u % bt) * rb);
+    }
+    DeviceBuffer pool = ToDevice(std::vector<uint8_t>(want.size(), 0));
+    DeviceBuffer dr = ToDevice(rows), ds = ToDevice(slots), dt = ToDevice(table);
+    LatentPool lp;
+    lp.pool = pool.get();
+    lp.dtype = t;
+    lp.block_tokens = bt;
+    lp.block_bytes = bb;
+    CUDA_OK(StoreLatentRows(p, lp, dr.as<float>(), n, ds.as<int32_t>()));
+    const std::vector<uint8_t> got = ToHost<uint8_t>(pool, want.size());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size()), 0) << cpu::KvDTypeName(t);
+    std::vector<float> back(static_cast<size_t>(n * lc));
+    for (int64_t u = 0; u < n; ++u) {
+      cpu::DequantizeKvRows(t, want.data() + table[u / bt] * bb + (u % bt) * rb, 1, p.latent_rank,
+                            p.rope_dim, back.data() + u * lc);
+    }
+    auto out = DeviceBuffer::Alloc(back.size() * 4);
+    CUDA_OK(out.status());
+    CUDA_OK(GatherLatentRows(p, lp, dt.as<int32_t>(), n, out->as<float>()));
+    EXPECT_EQ(MaxRelative(ToHost<float>(*out, back.size()), back), 0.0) << cpu::KvDTypeName(t);
+  }
+}
+
+TEST(CudaKernels, CausalSoftmaxMasksByPosition) {
+  SKIP_WITHOUT_GPU();
+  const int64_t heads = 3, m = 5, pos0 = 7, ctx = pos0 + m;
+  const auto s = Random(static_cast<size_t>(heads * m * ctx), 35);
+  std::vector<float> want = s;
+  for (int64_t row = 0; row < heads * m; ++row) {
+    float* r = want.data() + row * ctx;
+    for (int64_t u = 0; u < ctx; ++u) {
+      r[u] = u <= pos0 + row % m ? r[u] * 0.125f : -INFINITY;
+    }
+    cpu::SoftmaxRows(r, 1, ctx, ctx);
+  }
+  DeviceBuffer ds = ToDevice(s);
+  CUDA_OK(CausalSoftmax(ds.as<float>(), heads, m, ctx, pos0, 0.125f));
+  EXPECT_LE(MaxRelative(ToHost<float>(ds, s.size()), want), 1e-6);
+}
+
+TEST(CudaKernels, StridedBatchedGemmInBothLayouts) {
+  SKIP_WITHOUT_GPU();
+  auto blas = Blas::Create();
+  ASSERT_TRUE(blas.ok()) << blas.status();
+  const int64_t batch = 3, m = 5, n = 7, k = 9, lda = 3 * k, ldb = 2 * k, ldc = 4 * n;
+  const auto a = Random(static_cast<size_t>(m * lda), 36);
+  const auto b = Random(static_cast<size_t>(batch * n * ldb + batch * k * ldb), 37);
+  for (bool trans : {true, false}) {
+    const auto c0 = Random(static_cast<size_t>(m * ldc), 38);
+    std::vector<float> want = c0;
+    for (int64_t i = 0; i < batch; ++i) {
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j = 0; j < n; ++j) {
+          double acc = 0;
+          for (int64_t t = 0; t < k; ++t) {
+            const float bv = trans ? b[i * k + j * ldb + t] : b[i * k + t * ldb + j];
+            acc += static_cast<double>(a[r * lda + i * k + t]) * bv;
+          }
+          float& cv = want[r * ldc + i * n + j];
+          cv = static_cast<float>(0.5 * acc + 2.0 * cv);
+        }
+      }
+    }
+    DeviceBuffer da = ToDevice(a), db = ToDevice(b), dc = ToDevice(c0);
+    Gemm g;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.a = da.as<float>();
+    g.lda = lda;
+    g.stride_a = k;
+    g.b = db.as<float>();
+    g.ldb = ldb;
+    g.stride_b = k;
+    g.b_trans = trans;
+    g.c = dc.as<float>();
+    g.ldc = ldc;
+    g.stride_c = n;
+    g.batch = batch;
+    g.alpha = 0.5f;
+    g.beta = 2.0f;
+    CUDA_OK(RunGemm(*blas, g));
+    EXPECT_LE(MaxRelative(ToHost<float>(dc, want.size()), want), 1e-5) << "b_trans " << trans;
+  }
 }
 
 }  // namespace

@@ -31,6 +31,26 @@ class Blas {
   void* stream_ = nullptr;
 };
 
+// Row-major c = alpha * a @ op(b) + beta * c for `batch` problems (problem i's matrices at
+// a + i * stride_a, ...): a [m, k] (row stride lda); b [n, k] when b_trans, else [k, n] (ldb);
+// c [m, n] (ldc). Plain fp32 (no TF32).
+struct Gemm {
+  int64_t m = 0, n = 0, k = 0;
+  const float* a = nullptr;
+  int64_t lda = 0, stride_a = 0;
+  const float* b = nullptr;
+  int64_t ldb = 0, stride_b = 0;
+  bool b_trans = true;
+  float* c = nullptr;
+  int64_t ldc = 0, stride_c = 0;
+  int64_t batch = 1;
+  float alpha = 1.0f, beta = 0.0f;
+};
+absl::Status RunGemm(const Blas& blas, const Gemm& g);
+// y[m, out] = x[m, in] @ w[out, in]^T (nn.Linear without bias).
+absl::Status Linear(const Blas& blas, const float* x, int64_t m, const float* w, int64_t out,
+                    int64_t in, float* y);
+
 // One expert's weights on the device, fp32, as nn.Linear stores them: gate and up [I, D],
 // down [D, I].
 struct ExpertWeights {

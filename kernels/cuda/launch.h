@@ -9,9 +9,12 @@
 namespace dmoe::cuda::launch {
 
 // y[r] = w * (x[r] * 1/sqrt(mean(x[r]^2) + eps)) for rows r < rows of n values (the sum of
-// squares in double, as cpu::RmsNorm).
-int RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y,
-            void* stream);
+// squares in double, as cpu::RmsNorm); row r at x + r * x_stride and y + r * y_stride.
+int RmsNorm(const float* x, int64_t rows, int64_t n, int64_t x_stride, const float* w, double eps,
+            float* y, int64_t y_stride, void* stream);
+
+// y[i] += a[i], i < n (the residual adds).
+int Add(const float* a, int64_t n, float* y, void* stream);
 
 // h[i] = silu(g[i]) * u[i], i < n (the SwiGLU activation).
 int SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream);
@@ -62,6 +65,27 @@ int64_t MlaScratchFloats(int64_t b, int64_t heads, int64_t rank, int64_t max_ctx
 int MlaDecode(const Mla& p, const float* q, int64_t b, const float* kv_b, const uint8_t* pool,
               const int32_t* table, const int32_t* ctx, int64_t max_ctx, float* o, float* scratch,
               void* stream);
+
+// One layer of a paged latent cache: row u of block k at pool + k * block_bytes
+// + u * row_bytes(kv_dtype, rank, rope) (`pool` already offset to the layer's rows).
+struct LatentPool {
+  int64_t rank = 0, rope = 0;
+  int64_t block_tokens = 0, block_bytes = 0;
+  int kv_dtype = 0;  // 0 fp32, 1 int8, 2 fp8 e4m3 (as Mla::kv_dtype)
+};
+// Stores the n rows [n, rank + rope] (c_kv then the rotated k_pe) at the slots slots[i]
+// (block * block_tokens + offset), quantized as cpu::QuantizeKvRow does.
+int StoreLatent(const LatentPool& p, const float* rows, int64_t n, const int32_t* slots,
+                uint8_t* pool, void* stream);
+// The first ctx rows of one sequence (block table `table`) as fp32, out [ctx, rank + rope].
+int GatherLatent(const LatentPool& p, const uint8_t* pool, const int32_t* table, int64_t ctx,
+                 float* out, void* stream);
+
+// Causal softmax of scores s [heads * m, ctx] (rows of ctx): row i of each head's m rows is the
+// query at position pos0 + i; its entries u > pos0 + i become 0, the others
+// softmax(scale * s) (as the CPU's ScaleAndMask + SoftmaxRows).
+int CausalSoftmax(float* s, int64_t heads, int64_t m, int64_t ctx, int64_t pos0, float scale,
+                  void* stream);
 
 }  // namespace dmoe::cuda::launch
 

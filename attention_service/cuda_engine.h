@@ -1,0 +1,102 @@
+// The layer loop of Engine (engine.h) on a CUDA device: the dense weights as fp32 in device
+// memory, the latent KV cache as a device block pool with LatentKvCache's accounting (the same
+// block ids, prefix keys and RESOURCE_EXHAUSTED as the CPU cache), decode attention in the
+// absorbed form over the paged pool (cuda::MlaDecodeAbsorbed) and prefill in the naive form
+// through cuBLAS. Routed experts go through a RoutedExperts backend on the host (in-process CPU
+// experts or remote shards: hidden rows cross through host memory), so a GPU attention node
+// works with any expert shard.
+//
+// Built twice: against //kernels/cuda (the GPU) and against //kernels/cuda:host (the same kernel
+// API run on the host), so that its own logic is tested on machines without a GPU.
+#ifndef DMOE_ATTENTION_SERVICE_CUDA_ENGINE_H_
+#define DMOE_ATTENTION_SERVICE_CUDA_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "attention_service/engine.h"
+#include "attention_service/kv_cache.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/expert_ffn.h"
+#include "model/config.h"
+#include "model/routed_experts.h"
+#include "model/weights.h"
+
+namespace dmoe {
+
+struct CudaEngineOptions {
+  int device = 0;             // the CUDA device (--gpu)
+  int64_t block_tokens = 16;  // KV pool: tokens per block
+  int64_t kv_blocks = 256;    // KV pool: blocks (all layers' rows of block_tokens tokens each)
+  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
+};
+
+// Thread-compatible: one Step at a time.
+class CudaEngine {
+ public:
+  // Uploads the weights (any held format: converted to fp32 on the way) and allocates the pool.
+  // UNAVAILABLE without a usable device (the reason from cuda::Probe).
+  static absl::StatusOr<std::unique_ptr<CudaEngine>> Create(const ModelConfig& c,
+                                                            const DenseWeights& w,
+                                                            RoutedExperts* experts,
+                                                            const CudaEngineOptions& options);
+  ~CudaEngine();
+  const ModelConfig& config() const { return config_; }
+  // The pool's accounting: sequences are PagedKvSequence over it.
+  LatentKvCache& cache() { return *cache_; }
+  // Device bytes held by weights and by the KV pool.
+  uint64_t weight_bytes() const { return weight_bytes_; }
+  uint64_t kv_bytes() const { return pool_.bytes(); }
+
+  // As Engine::Step. Every cache must be a PagedKvSequence over cache() (FAILED_PRECONDITION
+  // otherwise); SequenceStep::hidden is not supported (UNIMPLEMENTED).
+  absl::Status Step(std::vector<SequenceStep>& batch, std::vector<std::vector<float>>* logits);
+  // One causal forward of `tokens` from an empty sequence: logits [T, V].
+  absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens);
+
+ private:
+  struct DeviceLayer;
+  struct Plan;
+  CudaEngine() = default;
+  absl::Status Upload(const DenseWeights& w);
+  absl::Status Prepare(std::vector<SequenceStep>& batch, int64_t n, Plan* plan);
+  absl::Status Layer(int64_t l, const Plan& plan);
+  absl::Status Attention(int64_t l, const Plan& plan);
+  absl::Status Prefill(const cpu::MlaParams& p, const cuda::LatentPool& pool, const Plan& plan,
+                       size_t seq);
+  absl::Status Mlp(const DeviceLayer& dl, bool shared, int64_t n, float* out);
+  absl::Status Moe(int64_t l, const Plan& plan);
+  absl::Status Logits(std::vector<SequenceStep>& batch, const Plan& plan,
+                      std::vector<std::vector<float>>* logits);
+  cpu::MlaParams MlaParamsOf(int64_t l) const;
+  cuda::LatentPool PoolOf(int64_t l) const;
+  // A device scratch buffer of at least `floats` floats (grown, never shrunk).
+  absl::StatusOr<float*> Scratch(cuda::DeviceBuffer& b, int64_t floats);
+
+  ModelConfig config_;
+  RoutedExperts* experts_ = nullptr;
+  CudaEngineOptions options_;
+  cpu::GateParams gate_;
+  cuda::Blas blas_;
+  cuda::RopeTable rope_;
+  std::vector<cuda::DeviceBuffer> weights_;  // every uploaded tensor
+  std::vector<DeviceLayer> layers_;
+  const float* embed_ = nullptr;
+  const float* final_norm_ = nullptr;
+  const float* lm_head_ = nullptr;
+  uint64_t weight_bytes_ = 0;
+  std::unique_ptr<LatentKvCache> cache_;
+  cuda::DeviceBuffer pool_;
+  // Per-step device scratch.
+  cuda::DeviceBuffer ints_, h_, x_, tmp_, q_, qa_, kva_, attn_, lat_, kv_, scores_, router_,
+      gate_w_, mlp_, mla_scratch_, final_, logits_;
+  // Per-step host scratch.
+  std::vector<float> host_x_, host_w_, host_out_;
+  std::vector<int32_t> host_ids_;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_ATTENTION_SERVICE_CUDA_ENGINE_H_

@@ -1,0 +1,252 @@
+// The GPU engine against the CPU engine on the tiny preset: whole forwards, mixed batches of
+// chunked prefill and decode over a paged pool with scrambled (non-contiguous) block tables, the
+// 8-bit caches, prefix reuse, and the errors. Built twice (BUILD): as cuda_engine_test against
+// the CUDA kernels (every test skips, with the reason, without a GPU) and as
+// cuda_engine_host_test against //kernels/cuda:host, the same kernel API on the host, which runs
+// here and checks the engine's own logic.
+#include "attention_service/cuda_engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention_service/local_model.h"
+#include "gtest/gtest.h"
+#include "model/tiny_model.h"
+
+namespace dmoe {
+namespace {
+
+class CudaEngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    const std::string dir = std::string(tmp ? tmp : "/tmp") + "/cuda_engine_model";
+    TinyModelOptions o;
+    o.seed = 21;
+    ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), o).ok());
+    model_ = std::move(LocalModel::Load(dir)).value().release();
+    routed_ = new LocalRoutedExperts(model_->config(), &model_->experts());
+  }
+  static void TearDownTestSuite() {
+    delete routed_;
+    delete model_;
+  }
+  void SetUp() override {
+    const cuda::DeviceProbe probe = cuda::Probe();
+    if (probe.count == 0) GTEST_SKIP() << probe.reason;
+  }
+
+  static std::unique_ptr<CudaEngine> Make(int64_t block_tokens, int64_t blocks,
+                                          cpu::KvDType dtype = cpu::KvDType::kF32) {
+    CudaEngineOptions o;
+    o.block_tokens = block_tokens;
+    o.kv_blocks = blocks;
+    o.kv_dtype = dtype;
+    auto e = CudaEngine::Create(model_->config(), model_->dense(), routed_, o);
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? std::move(*e) : nullptr;
+  }
+
+  static LocalModel* model_;
+  static LocalRoutedExperts* routed_;
+};
+LocalModel* CudaEngineTest::model_ = nullptr;
+LocalRoutedExperts* CudaEngineTest::routed_ = nullptr;
+
+// max |a - b| / max |b|; infinite when a value is not finite or the sizes differ.
+double RelDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double d = 0, m = 1e-30;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    d = std::max(d, std::fabs(static_cast<double>(a[i]) - b[i]));
+    m = std::max(m, std::fabs(static_cast<double>(b[i])));
+  }
+  return d / m;
+}
+
+int32_t ArgMaxOf(const float* v, int64_t n) {
+  return static_cast<int32_t>(std::max_element(v, v + n) - v);
+}
+
+TEST_F(CudaEngineTest, ForwardMatchesTheCpuEngine) {
+  auto gpu = Make(16, 16);
+  ASSERT_NE(gpu, nullptr);
+  const int64_t v = model_->config().vocab_size;
+  for (const std::vector<int32_t>& prompt :
+       {std::vector<int32_t>{7}, std::vector<int32_t>{5, 9, 200, 31, 7, 8, 1},
+        std::vector<int32_t>{3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8,
+                             9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4}}) {
+    auto want = model_->engine().Forward(prompt);
+    auto got = gpu->Forward(prompt);
+    ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+    EXPECT_LE(RelDiff(*got, *want), 1e-4) << "prompt of " << prompt.size();
+    for (size_t t = 0; t < prompt.size(); ++t) {
+      EXPECT_EQ(ArgMaxOf(got->data() + t * v, v), ArgMaxOf(want->data() + t * v, v)) << t;
+    }
+    EXPECT_EQ(gpu->cache().free_blocks(), 16);  // Forward's sequence gave its blocks back
+  }
+}
+
+// Five sequences stepped together: prompts in chunks of 5 (a chunk and decodes in one batch),
+// then decode, all in one paged pool of 4-token blocks whose free list was scrambled first. The
+// CPU engine runs the same batches over a CPU pool of the same dtype, and its greedy tokens feed
+// both; every step's logits must agree.
+void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, double tol) {
+  const ModelConfig& c = cpu_engine.config();
+  const int64_t v = c.vocab_size;
+  LatentKvCache cpu_cache(c, 4, 96, dtype);
+  {  // scramble the device pool's free list: blocks come back in a mixed order
+    std::vector<int32_t> taken;
+    for (int i = 0; i < 40; ++i) taken.push_back(gpu.cache().Allocate());
+    for (size_t i = 0; i < taken.size(); i += 3) gpu.cache().Free(taken[i]);
+    for (size_t i = 1; i < taken.size(); i += 3) gpu.cache().Free(taken[i]);
+    for (size_t i = 2; i < taken.size(); i += 3) gpu.cache().Free(taken[i]);
+  }
+  const std::vector<std::vector<int32_t>> prompts = {
+      {5, 9, 200, 31, 7, 8, 1},
+      {44},
+      {300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310},
+      {1, 2},
+      {90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106}};
+  std::vector<std::unique_ptr<PagedKvSequence>> gs, cs;
+  std::vector<std::vector<int32_t>> tokens = prompts;
+  std::vector<size_t> fed(prompts.size(), 0);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    gs.push_back(std::make_unique<PagedKvSequence>(&gpu.cache()));
+    cs.push_back(std::make_unique<PagedKvSequence>(&cpu_cache));
+  }
+  int steps = 0, compared = 0;
+  for (; steps < 40; ++steps) {
+    std::vector<SequenceStep> gb, cb;
+    std::vector<size_t> who;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      if (tokens[i].size() >= prompts[i].size() + 12) continue;
+      const size_t n = std::min<size_t>(5, tokens[i].size() - fed[i]);
+      SequenceStep g, s;
+      g.cache = gs[i].get();
+      s.cache = cs[i].get();
+      g.tokens.assign(tokens[i].begin() + fed[i], tokens[i].begin() + fed[i] + n);
+      s.tokens = g.tokens;
+      g.all_logits = s.all_logits = (steps % 3 == 1);
+      gb.push_back(g);
+      cb.push_back(s);
+      who.push_back(i);
+      fed[i] += n;
+    }
+    if (who.empty()) break;
+    std::vector<std::vector<float>> gl, cl;
+    ASSERT_TRUE(cpu_engine.Step(cb, &cl).ok());
+    const absl::Status st = gpu.Step(gb, &gl);
+    ASSERT_TRUE(st.ok()) << st;
+    for (size_t j = 0; j < who.size(); ++j) {
+      const size_t i = who[j];
+      ASSERT_EQ(gs[i]->length(), cs[i]->length());
+      EXPECT_LE(RelDiff(gl[j], cl[j]), tol) << "step " << steps << " sequence " << i;
+      ++compared;
+      if (fed[i] == tokens[i].size()) {  // the prompt is in: the CPU's greedy token comes next
+        const float* last = cl[j].data() + cl[j].size() - v;
+        tokens[i].push_back(ArgMaxOf(last, v));
+        EXPECT_EQ(ArgMaxOf(gl[j].data() + gl[j].size() - v, v), tokens[i].back())
+            << "step " << steps << " sequence " << i;
+      }
+    }
+  }
+  EXPECT_LT(steps, 40);
+  EXPECT_GT(compared, 60);
+  // The block tables really are non-contiguous.
+  bool scattered = false;
+  for (const auto& s : gs) {
+    const std::vector<int32_t>& t = s->block_table();
+    for (size_t k = 1; k < t.size(); ++k) scattered |= t[k] != t[k - 1] + 1;
+  }
+  EXPECT_TRUE(scattered);
+}
+
+TEST_F(CudaEngineTest, MixedBatchesMatchTheCpuEngine) {
+  auto gpu = Make(4, 96);
+  ASSERT_NE(gpu, nullptr);
+  RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
+}
+
+// 8-bit rows: a latent value that differs by 1e-7 between the engines can round to the next code
+// (a step of max|c| / 127), which moves logits by up to ~3e-3 of their range: the 8-bit
+// tolerance (1e-2) applies.
+TEST_F(CudaEngineTest, Int8CacheMatchesTheCpuEngine) {
+  auto gpu = Make(4, 96, cpu::KvDType::kInt8);
+  ASSERT_NE(gpu, nullptr);
+  RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kInt8, 1e-2);
+}
+
+TEST_F(CudaEngineTest, Fp8CacheMatchesTheCpuEngine) {
+  auto gpu = Make(4, 96, cpu::KvDType::kFp8);
+  ASSERT_NE(gpu, nullptr);
+  RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kFp8, 1e-2);
+}
+
+// A second sequence attaches the first one's registered blocks and computes only the rest.
+TEST_F(CudaEngineTest, PrefixBlocksAreReused) {
+  auto gpu = Make(4, 32);
+  ASSERT_NE(gpu, nullptr);
+  const std::vector<int32_t> prompt = {11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23};
+  auto fresh = gpu->Forward(prompt);
+  ASSERT_TRUE(fresh.ok());
+  {
+    PagedKvSequence first(&gpu->cache());
+    std::vector<SequenceStep> b(1);
+    b[0].cache = &first;
+    b[0].tokens = prompt;
+    std::vector<std::vector<float>> logits;
+    ASSERT_TRUE(gpu->Step(b, &logits).ok());
+    first.RegisterFullBlocks(prompt);
+  }
+  PagedKvSequence second(&gpu->cache());
+  ASSERT_EQ(second.AttachPrefix(prompt), 12);
+  std::vector<SequenceStep> b(1);
+  b[0].cache = &second;
+  b[0].tokens = {prompt.back()};
+  std::vector<std::vector<float>> logits;
+  ASSERT_TRUE(gpu->Step(b, &logits).ok());
+  const int64_t v = model_->config().vocab_size;
+  const std::vector<float> want(fresh->end() - v, fresh->end());
+  EXPECT_LE(RelDiff(logits[0], want), 1e-5);
+}
+
+TEST_F(CudaEngineTest, BadStepsAreRefusedAndChangeNothing) {
+  auto gpu = Make(4, 3);
+  ASSERT_NE(gpu, nullptr);
+  SequenceKvCache host_cache(model_->config());
+  std::vector<SequenceStep> b(1);
+  b[0].cache = &host_cache;
+  b[0].tokens = {1, 2};
+  std::vector<std::vector<float>> logits;
+  EXPECT_EQ(gpu->Step(b, &logits).code(), absl::StatusCode::kFailedPrecondition);
+
+  PagedKvSequence seq(&gpu->cache());
+  b[0].cache = &seq;
+  b[0].tokens = {1, static_cast<int32_t>(model_->config().vocab_size)};
+  const absl::Status bad = gpu->Step(b, &logits);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("tokens[1]"), std::string::npos) << bad;
+
+  b[0].tokens.assign(13, 5);  // 4 blocks of 4 tokens; the pool has 3
+  EXPECT_EQ(gpu->Step(b, &logits).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(seq.length(), 0);
+  b[0].tokens.assign(12, 5);
+  EXPECT_TRUE(gpu->Step(b, &logits).ok());
+  EXPECT_EQ(seq.length(), 12);
+
+  // The CPU engine refuses a sequence whose rows are in device memory.
+  std::vector<SequenceStep> cb(1);
+  PagedKvSequence other(&gpu->cache());
+  cb[0].cache = &other;
+  cb[0].tokens = {3};
+  EXPECT_EQ(model_->engine().Step(cb, &logits).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace dmoe

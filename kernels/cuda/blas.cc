@@ -1,0 +1,89 @@
+// Blas and RunGemm through cuBLAS (or UNAVAILABLE stubs without the toolkit).
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/expert_ffn.h"
+
+#if DMOE_HAVE_CUDA
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace dmoe::cuda {
+
+#if DMOE_HAVE_CUDA
+
+namespace {
+
+absl::Status BlasError(cublasStatus_t st, const char* what, const char* file, int line) {
+  if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(file, ":", line, ": ", what, ": ",
+                                          cublasGetStatusName(st), " (", cublasGetStatusString(st),
+                                          ")"));
+}
+
+#define DMOE_CUBLAS_RETURN_IF_ERROR(expr)                                             \
+  do {                                                                                \
+    if (absl::Status _st = BlasError((expr), #expr, __FILE__, __LINE__); !_st.ok()) { \
+      return _st;                                                                     \
+    }                                                                                 \
+  } while (0)
+
+int I(int64_t v) { return static_cast<int>(v); }
+
+}  // namespace
+
+// Row-major C[m, n] is column-major C^T [n, m], and C^T = op(B)^T A^T: cuBLAS multiplies B's
+// storage (transposed when b is [n, k]) by A's storage.
+absl::Status RunGemm(const Blas& blas, const Gemm& g) {
+  if (g.m <= 0 || g.n <= 0 || g.batch <= 0) return absl::OkStatus();
+  DMOE_CUBLAS_RETURN_IF_ERROR(cublasSgemmStridedBatched(
+      static_cast<cublasHandle_t>(blas.handle()), g.b_trans ? CUBLAS_OP_T : CUBLAS_OP_N,
+      CUBLAS_OP_N, I(g.n), I(g.m), I(g.k), &g.alpha, g.b, I(g.ldb), g.stride_b, g.a, I(g.lda),
+      g.stride_a, &g.beta, g.c, I(g.ldc), g.stride_c, I(g.batch)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Blas> Blas::Create(void* stream) {
+  Blas b;
+  cublasHandle_t h = nullptr;
+  DMOE_CUBLAS_RETURN_IF_ERROR(cublasCreate(&h));
+  b.handle_ = h;
+  b.stream_ = stream;
+  DMOE_CUBLAS_RETURN_IF_ERROR(cublasSetStream(h, static_cast<cudaStream_t>(stream)));
+  // Plain fp32 products (no TF32): the results are compared with the CPU's.
+  DMOE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+  return b;
+}
+
+Blas::~Blas() {
+  if (handle_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(handle_));
+}
+
+Blas& Blas::operator=(Blas&& o) noexcept {
+  if (this != &o) {
+    if (handle_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(handle_));
+    handle_ = std::exchange(o.handle_, nullptr);
+    stream_ = o.stream_;
+  }
+  return *this;
+}
+
+#else  // !DMOE_HAVE_CUDA
+
+absl::StatusOr<Blas> Blas::Create(void*) {
+  return absl::UnavailableError("built without the CUDA toolkit");
+}
+Blas::~Blas() = default;
+Blas& Blas::operator=(Blas&& o) noexcept {
+  handle_ = std::exchange(o.handle_, nullptr);
+  stream_ = o.stream_;
+  return *this;
+}
+absl::Status RunGemm(const Blas&, const Gemm&) {
+  return absl::UnavailableError("built without the CUDA toolkit");
+}
+
+#endif  // DMOE_HAVE_CUDA
+
+}  // namespace dmoe::cuda
