@@ -42,7 +42,10 @@ struct CudaEngine::Plan {
   std::vector<const int32_t*> ptable;     // device, per batch index (multi-token only)
 };
 
-CudaEngine::~CudaEngine() = default;
+CudaEngine::~CudaEngine() {
+  // The current device is per thread: free the buffers on the engine's own.
+  if (!layers_.empty()) cuda::SetDevice(options_.device).IgnoreError();
+}
 
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const ModelConfig& c,
                                                                const DenseWeights& w,
@@ -59,6 +62,14 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const ModelConfig
   }
   if (options.block_tokens <= 0 || options.kv_blocks <= 0) {
     return absl::InvalidArgumentError("block_tokens and kv_blocks must be positive");
+  }
+  if (options.kv_blocks * options.block_tokens > INT32_MAX) {  // slots are int32 on the device
+    return absl::InvalidArgumentError("kv_blocks * block_tokens must stay below 2^31");
+  }
+  bool moe = false;
+  for (const LayerWeights& lw : w.layers) moe |= lw.moe;
+  if (moe && experts == nullptr) {
+    return absl::InvalidArgumentError("the model has MoE layers but no routed experts were given");
   }
   RETURN_IF_ERROR(cuda::SetDevice(options.device));
   std::unique_ptr<CudaEngine> e(new CudaEngine());
@@ -169,6 +180,8 @@ absl::Status CudaEngine::Step(std::vector<SequenceStep>& batch,
           absl::StrCat("sequence ", i, ": hidden states (MTP) are not supported on the GPU yet"));
     }
   }
+  // The current device is per thread, and steps may come from any thread (the scheduler's).
+  RETURN_IF_ERROR(cuda::SetDevice(options_.device));
   Plan plan;
   RETURN_IF_ERROR(ValidateStep(config_, batch, &plan.n));
   RETURN_IF_ERROR(Prepare(batch, plan.n, &plan));
@@ -304,17 +317,17 @@ absl::Status CudaEngine::Attention(int64_t l, const Plan& plan) {
 }
 
 // The naive form for one multi-token sequence: its latent rows expanded through kv_b, scores per
-// head (nope and rope parts), the causal softmax, and P @ V, as strided-batched GEMMs over heads.
+// head (nope and rope parts), the causal softmax, and P @ V, as strided-batched GEMMs over heads
+// (in groups of heads whose scores fit options_.prefill_score_floats).
 absl::Status CudaEngine::Prefill(const cpu::MlaParams& p, const cuda::LatentPool& pool,
                                  const Plan& plan, size_t seq) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim;
   const int64_t r = p.latent_rank, lc = r + dr, qd = dn + dr, kvd = dn + dv;
   const int64_t m = plan.rows[seq], pos0 = plan.pos0[seq], ctx = pos0 + m;
-  const float* q = q_.as<float>() + plan.row0[seq] * h * qd;
-  float* o = attn_.as<float>() + plan.row0[seq] * h * dv;
+  const int64_t hg = std::clamp<int64_t>(options_.prefill_score_floats / (m * ctx), 1, h);
   ASSIGN_OR_RETURN(float* lat, Scratch(lat_, ctx * lc));
   ASSIGN_OR_RETURN(float* kv, Scratch(kv_, ctx * h * kvd));
-  ASSIGN_OR_RETURN(float* s, Scratch(scores_, h * m * ctx));
+  ASSIGN_OR_RETURN(float* s, Scratch(scores_, hg * m * ctx));
   RETURN_IF_ERROR(cuda::GatherLatentRows(p, pool, plan.ptable[seq], ctx, lat));
   cuda::Gemm g;  // kv [ctx, H * kvd] = c [ctx, r] @ kv_b^T
   g.m = ctx;
@@ -327,45 +340,51 @@ absl::Status CudaEngine::Prefill(const cpu::MlaParams& p, const cuda::LatentPool
   g.c = kv;
   g.ldc = h * kvd;
   RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
-  g = cuda::Gemm();  // s[head] [m, ctx] = q_nope[head] @ k_nope[head]^T
-  g.m = m;
-  g.n = ctx;
-  g.k = dn;
-  g.a = q;
-  g.lda = h * qd;
-  g.stride_a = qd;
-  g.b = kv;
-  g.ldb = h * kvd;
-  g.stride_b = kvd;
-  g.c = s;
-  g.ldc = ctx;
-  g.stride_c = m * ctx;
-  g.batch = h;
-  RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
-  g.k = dr;  // s[head] += q_pe[head] @ k_pe^T (k_pe shared by the heads)
-  g.a = q + dn;
-  g.b = lat + r;
-  g.ldb = lc;
-  g.stride_b = 0;
-  g.beta = 1.0f;
-  RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
-  RETURN_IF_ERROR(cuda::CausalSoftmax(s, h, m, ctx, pos0, p.softmax_scale));
-  g = cuda::Gemm();  // o[:, head] [m, dv] = P[head] [m, ctx] @ v[head] [ctx, dv]
-  g.m = m;
-  g.n = dv;
-  g.k = ctx;
-  g.a = s;
-  g.lda = ctx;
-  g.stride_a = m * ctx;
-  g.b = kv + dn;
-  g.ldb = h * kvd;
-  g.stride_b = kvd;
-  g.b_trans = false;
-  g.c = o;
-  g.ldc = h * dv;
-  g.stride_c = dv;
-  g.batch = h;
-  return cuda::RunGemm(blas_, g);
+  for (int64_t h0 = 0; h0 < h; h0 += hg) {
+    const int64_t heads = std::min(hg, h - h0);
+    const float* q = q_.as<float>() + plan.row0[seq] * h * qd + h0 * qd;
+    float* o = attn_.as<float>() + plan.row0[seq] * h * dv + h0 * dv;
+    g = cuda::Gemm();  // s[head] [m, ctx] = q_nope[head] @ k_nope[head]^T
+    g.m = m;
+    g.n = ctx;
+    g.k = dn;
+    g.a = q;
+    g.lda = h * qd;
+    g.stride_a = qd;
+    g.b = kv + h0 * kvd;
+    g.ldb = h * kvd;
+    g.stride_b = kvd;
+    g.c = s;
+    g.ldc = ctx;
+    g.stride_c = m * ctx;
+    g.batch = heads;
+    RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
+    g.k = dr;  // s[head] += q_pe[head] @ k_pe^T (k_pe shared by the heads)
+    g.a = q + dn;
+    g.b = lat + r;
+    g.ldb = lc;
+    g.stride_b = 0;
+    g.beta = 1.0f;
+    RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
+    RETURN_IF_ERROR(cuda::CausalSoftmax(s, heads, m, ctx, pos0, p.softmax_scale));
+    g = cuda::Gemm();  // o[:, head] [m, dv] = P[head] [m, ctx] @ v[head] [ctx, dv]
+    g.m = m;
+    g.n = dv;
+    g.k = ctx;
+    g.a = s;
+    g.lda = ctx;
+    g.stride_a = m * ctx;
+    g.b = kv + h0 * kvd + dn;
+    g.ldb = h * kvd;
+    g.stride_b = kvd;
+    g.b_trans = false;
+    g.c = o;
+    g.ldc = h * dv;
+    g.stride_c = dv;
+    g.batch = heads;
+    RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
+  }
+  return absl::OkStatus();
 }
 
 // out [n, D] = the dense MLP (or the shared experts) of x_.
@@ -451,6 +470,10 @@ absl::Status CudaEngine::Logits(std::vector<SequenceStep>& batch, const Plan& pl
   RETURN_IF_ERROR(cuda::Synchronize());
   for (size_t i = 0; i < batch.size(); ++i) batch[i].cache->Advance(plan.rows[i]);
   return absl::OkStatus();
+}
+
+std::unique_ptr<KvSequence> CudaEngine::NewSequence() {
+  return std::make_unique<PagedKvSequence>(cache_.get());
 }
 
 absl::StatusOr<std::vector<float>> CudaEngine::Forward(const std::vector<int32_t>& tokens) {

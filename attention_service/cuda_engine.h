@@ -31,10 +31,13 @@ struct CudaEngineOptions {
   int64_t block_tokens = 16;  // KV pool: tokens per block
   int64_t kv_blocks = 256;    // KV pool: blocks (all layers' rows of block_tokens tokens each)
   cpu::KvDType kv_dtype = cpu::KvDType::kF32;
+  // Prefill attention computes the scores of as many heads at once as fit in this many floats
+  // (at least one head).
+  int64_t prefill_score_floats = int64_t{1} << 26;  // 256 MiB
 };
 
 // Thread-compatible: one Step at a time.
-class CudaEngine {
+class CudaEngine : public StepEngine {
  public:
   // Uploads the weights (any held format: converted to fp32 on the way) and allocates the pool.
   // UNAVAILABLE without a usable device (the reason from cuda::Probe).
@@ -42,8 +45,8 @@ class CudaEngine {
                                                             const DenseWeights& w,
                                                             RoutedExperts* experts,
                                                             const CudaEngineOptions& options);
-  ~CudaEngine();
-  const ModelConfig& config() const { return config_; }
+  ~CudaEngine() override;
+  const ModelConfig& config() const override { return config_; }
   // The pool's accounting: sequences are PagedKvSequence over it.
   LatentKvCache& cache() { return *cache_; }
   // Device bytes held by weights and by the KV pool.
@@ -52,9 +55,12 @@ class CudaEngine {
 
   // As Engine::Step. Every cache must be a PagedKvSequence over cache() (FAILED_PRECONDITION
   // otherwise); SequenceStep::hidden is not supported (UNIMPLEMENTED).
-  absl::Status Step(std::vector<SequenceStep>& batch, std::vector<std::vector<float>>* logits);
+  absl::Status Step(std::vector<SequenceStep>& batch,
+                    std::vector<std::vector<float>>* logits) override;
   // One causal forward of `tokens` from an empty sequence: logits [T, V].
-  absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens);
+  absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens) override;
+  // A PagedKvSequence over cache().
+  std::unique_ptr<KvSequence> NewSequence() override;
 
  private:
   struct DeviceLayer;

@@ -41,8 +41,10 @@ class CudaEngineTest : public ::testing::Test {
   }
 
   static std::unique_ptr<CudaEngine> Make(int64_t block_tokens, int64_t blocks,
-                                          cpu::KvDType dtype = cpu::KvDType::kF32) {
+                                          cpu::KvDType dtype = cpu::KvDType::kF32,
+                                          int64_t score_floats = int64_t{1} << 26) {
     CudaEngineOptions o;
+    o.prefill_score_floats = score_floats;
     o.block_tokens = block_tokens;
     o.kv_blocks = blocks;
     o.kv_dtype = dtype;
@@ -176,6 +178,13 @@ TEST_F(CudaEngineTest, MixedBatchesMatchTheCpuEngine) {
 // 8-bit rows: a latent value that differs by 1e-7 between the engines can round to the next code
 // (a step of max|c| / 127), which moves logits by up to ~3e-3 of their range: the 8-bit
 // tolerance (1e-2) applies.
+// Prefill scores for one head at a time (a budget below two heads' scores).
+TEST_F(CudaEngineTest, PrefillInHeadGroupsMatchesTheCpuEngine) {
+  auto gpu = Make(4, 96, cpu::KvDType::kF32, /*score_floats=*/30);
+  ASSERT_NE(gpu, nullptr);
+  RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
+}
+
 TEST_F(CudaEngineTest, Int8CacheMatchesTheCpuEngine) {
   auto gpu = Make(4, 96, cpu::KvDType::kInt8);
   ASSERT_NE(gpu, nullptr);

@@ -68,6 +68,29 @@ absl::Status ValidateStep(const ModelConfig& c, std::vector<SequenceStep>& batch
   return absl::OkStatus();
 }
 
+absl::Status StepEngine::StepPingPong(std::vector<SequenceStep>& a, std::vector<SequenceStep>& b,
+                                      RoutedExperts*, std::vector<std::vector<float>>* logits_a,
+                                      std::vector<std::vector<float>>* logits_b) {
+  std::vector<SequenceStep> both = a;
+  both.insert(both.end(), b.begin(), b.end());
+  std::vector<std::vector<float>> all;
+  RETURN_IF_ERROR(Step(both, &all));
+  logits_a->assign(std::make_move_iterator(all.begin()),
+                   std::make_move_iterator(all.begin() + static_cast<long>(a.size())));
+  logits_b->assign(std::make_move_iterator(all.begin() + static_cast<long>(a.size())),
+                   std::make_move_iterator(all.end()));
+  return absl::OkStatus();
+}
+
+absl::Status StepEngine::StepMtp(std::vector<SequenceStep>&, const float*,
+                                 std::vector<std::vector<float>>*) {
+  return absl::UnimplementedError("this engine does not run the MTP layer");
+}
+
+std::unique_ptr<KvSequence> Engine::NewSequence() {
+  return std::make_unique<SequenceKvCache>(config_);
+}
+
 absl::Status Engine::Validate(std::vector<SequenceStep>& batch, int64_t* n) {
   for (size_t i = 0; i < batch.size(); ++i) {
     if (batch[i].cache != nullptr && !batch[i].cache->on_host()) {

@@ -57,13 +57,38 @@ struct EngineTimings {
   double lm_head = 0;    // final norm + lm_head
 };
 
+// What the scheduler, Generate and the CLI need of an engine: the CPU Engine below and the GPU
+// CudaEngine (cuda_engine.h). Thread-compatible: one call at a time.
+class StepEngine {
+ public:
+  virtual ~StepEngine() = default;
+  virtual const ModelConfig& config() const = 0;
+  // Runs the new tokens of every sequence through the model (Engine::Step documents it).
+  virtual absl::Status Step(std::vector<SequenceStep>& batch,
+                            std::vector<std::vector<float>>* logits) = 0;
+  // Two micro-batches whose results are those of Step(a) and Step(b) one after the other; on
+  // error neither changes. This default runs them as one batch (no overlap with the experts).
+  virtual absl::Status StepPingPong(std::vector<SequenceStep>& a, std::vector<SequenceStep>& b,
+                                    RoutedExperts* experts_b,
+                                    std::vector<std::vector<float>>* logits_a,
+                                    std::vector<std::vector<float>>* logits_b);
+  // One full causal forward of `tokens` from an empty sequence: logits [T, V].
+  virtual absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens) = 0;
+  // An empty sequence for Step (a host cache, or one over the engine's own pool).
+  virtual std::unique_ptr<KvSequence> NewSequence() = 0;
+  // The MTP layer (DeepSeek-V3), where the engine runs it.
+  virtual bool has_mtp() const { return false; }
+  virtual absl::Status StepMtp(std::vector<SequenceStep>& batch, const float* hidden,
+                               std::vector<std::vector<float>>* logits);
+};
+
 // Thread-compatible: one Step at a time. The engine does not own weights or experts.
-class Engine {
+class Engine : public StepEngine {
  public:
   Engine(const ModelConfig& config, const DenseWeights* weights, RoutedExperts* experts,
          EngineOptions options = {});
 
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const override { return config_; }
   const EngineTimings& timings() const { return timings_; }
   // Tokens routed to (layer, expert) since start (all layers x n_routed_experts; MoE layers only
   // are ever non-zero). Safe to read from other threads.
@@ -78,7 +103,8 @@ class Engine {
   // token list, a token id outside [0, vocab_size), or a sequence growing past
   // max_position_embeddings; RESOURCE_EXHAUSTED when a paged cache has no room. On error no
   // sequence's length changes (rows may stay reserved).
-  absl::Status Step(std::vector<SequenceStep>& batch, std::vector<std::vector<float>>* logits);
+  absl::Status Step(std::vector<SequenceStep>& batch,
+                    std::vector<std::vector<float>>* logits) override;
 
   // Two micro-batches in ping-pong (DESIGN.md §2): per layer, A's attention, A's dispatch, B's
   // attention while A is at the experts, B's dispatch, then A's and B's combines. `experts_b`
@@ -86,13 +112,15 @@ class Engine {
   // Step(b) run one after the other.
   absl::Status StepPingPong(std::vector<SequenceStep>& a, std::vector<SequenceStep>& b,
                             RoutedExperts* experts_b, std::vector<std::vector<float>>* logits_a,
-                            std::vector<std::vector<float>>* logits_b);
+                            std::vector<std::vector<float>>* logits_b) override;
 
   // One full causal forward of `tokens` from an empty cache: logits [T, V].
-  absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens);
+  absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens) override;
+  // A contiguous host cache (SequenceKvCache).
+  std::unique_ptr<KvSequence> NewSequence() override;
 
   // True when the model has an MTP layer (DeepSeek-V3 num_nextn_predict_layers = 1).
-  bool has_mtp() const { return w_->mtp != nullptr; }
+  bool has_mtp() const override { return w_->mtp != nullptr; }
   // The config of the caches that hold the MTP layer's rows: one layer (cache layer 0).
   static ModelConfig MtpCacheConfig(const ModelConfig& c);
   // The MTP layer over positions p = cache->length() ... of each sequence's MTP cache (made with
@@ -104,7 +132,7 @@ class Engine {
   // back as h, as vLLM's deepseek_mtp does). Errors as Step; FAILED_PRECONDITION without an MTP
   // layer.
   absl::Status StepMtp(std::vector<SequenceStep>& batch, const float* hidden,
-                       std::vector<std::vector<float>>* logits);
+                       std::vector<std::vector<float>>* logits) override;
 
  private:
   // The state of one micro-batch through the layer loop.

@@ -38,7 +38,8 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
     ASSIGN_OR_RETURN(m->experts_,
                      ExpertStore::Load(*ck, m->config_, ExpertStore::AllExperts(m->config_),
                                        options.expert_dtype));
-    m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get());
+    m->routed_ = std::make_unique<LocalRoutedExperts>(m->config_, m->experts_.get(),
+                                                      options.expert_accelerator);
     routed = m->routed_.get();
   }
   if (progress != nullptr) {
@@ -55,6 +56,7 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Load(const std::string& 
     }
     routed = m->shards_->experts();
   }
+  m->routed_experts_ = routed;
   m->engine_ = std::make_unique<Engine>(m->config_, &m->dense_, routed, options.engine);
   if (options.log_progress) {
     const double s =
@@ -86,7 +88,8 @@ uint64_t LocalModel::weight_bytes() const {
   return n + experts_->bytes();
 }
 
-absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<int32_t>& prompt,
+absl::StatusOr<std::vector<int32_t>> Generate(StepEngine& engine,
+                                              const std::vector<int32_t>& prompt,
                                               const GenerateOptions& options) {
   const ModelConfig& c = engine.config();
   SamplingParams sp;
@@ -99,9 +102,9 @@ absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<
   if (options.stop_token >= 0) sp.stop_token_ids.push_back(options.stop_token);
   sp.ignore_eos = options.ignore_eos;
   RETURN_IF_ERROR(ValidateRequest(prompt, sp, c));
-  SequenceKvCache cache(c);
+  std::unique_ptr<KvSequence> cache = engine.NewSequence();
   std::vector<SequenceStep> batch(1);
-  batch[0].cache = &cache;
+  batch[0].cache = cache.get();
   std::vector<std::vector<float>> logits;
   const size_t chunk =
       options.prefill_chunk > 0 ? static_cast<size_t>(options.prefill_chunk) : prompt.size();

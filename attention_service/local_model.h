@@ -30,6 +30,9 @@ struct LocalModelOptions {
   // here then. With shard_client.router set, the shards come from the router's placement.
   std::vector<std::string> expert_shards;
   ShardClientOptions shard_client;
+  // In-process experts compute here instead of the CPU cores (a GPU: model/cuda_experts.h); not
+  // owned, must outlive the model.
+  ExpertAccelerator* expert_accelerator = nullptr;
 };
 
 class LocalModel {
@@ -46,6 +49,9 @@ class LocalModel {
   }
   const ModelConfig& config() const { return config_; }
   Engine& engine() { return *engine_; }
+  // The routed experts the engine uses (in-process or the shards'): for another engine over the
+  // same experts (a GPU engine).
+  RoutedExperts* routed_experts() { return routed_experts_; }
   // With remote experts: a second RoutedExperts for ping-pong micro-batches; else nullptr.
   RoutedExperts* second_experts() { return shards_ ? shards_->experts_b() : nullptr; }
   // With remote experts: the shard set (to switch placements between steps); else nullptr.
@@ -63,6 +69,7 @@ class LocalModel {
   std::unique_ptr<LocalRoutedExperts> routed_;
   std::unique_ptr<ExpertShardSet> shards_;
   std::unique_ptr<Engine> engine_;
+  RoutedExperts* routed_experts_ = nullptr;
 };
 
 struct GenerateOptions {
@@ -78,7 +85,8 @@ struct GenerateOptions {
 };
 
 // Prefill (whole or chunked) then token-by-token decode through the cache.
-absl::StatusOr<std::vector<int32_t>> Generate(Engine& engine, const std::vector<int32_t>& prompt,
+absl::StatusOr<std::vector<int32_t>> Generate(StepEngine& engine,
+                                              const std::vector<int32_t>& prompt,
                                               const GenerateOptions& options);
 
 }  // namespace dmoe

@@ -85,7 +85,7 @@ int64_t MtpCacheBlocks(int64_t main_blocks, int64_t block_tokens, const Schedule
          o.max_running * (2 + (o.speculative_tokens + block_tokens - 1) / block_tokens);
 }
 
-Scheduler::Scheduler(Engine* engine, LatentKvCache* cache, SchedulerOptions options)
+Scheduler::Scheduler(StepEngine* engine, LatentKvCache* cache, SchedulerOptions options)
     : engine_(engine), cache_(cache), options_(options), config_(engine->config()) {
   speculative_ =
       options_.speculative_tokens > 0 && options_.mtp_cache != nullptr && engine_->has_mtp();

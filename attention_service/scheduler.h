@@ -105,7 +105,7 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  Scheduler(Engine* engine, LatentKvCache* cache, SchedulerOptions options);
+  Scheduler(StepEngine* engine, LatentKvCache* cache, SchedulerOptions options);
   ~Scheduler();
 
   // Validates (INVALID_ARGUMENT naming the field) and queues a request; returns its id.
@@ -173,7 +173,7 @@ class Scheduler {
   void Preempt(Seq* s);
   int64_t BlocksFor(int64_t tokens) const;
 
-  Engine* engine_;
+  StepEngine* engine_;
   LatentKvCache* cache_;
   SchedulerOptions options_;
   const ModelConfig& config_;

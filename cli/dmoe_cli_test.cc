@@ -126,6 +126,16 @@ TEST(DmoeCli, GenerateMatchesTheInProcessEngine) {
     ASSERT_EQ(r.code, 0) << r.out;
     EXPECT_EQ(r.out, absl::StrJoin(*want, ",") + "\n") << chunk;
   }
+  // On a GPU (--device cuda) the same greedy tokens; elsewhere a clear refusal with the reason.
+  const Result gpu = RunDmoe("generate --model " + dir +
+                             " --tokens 5,6,7,8 --max-tokens 12 --print-token-ids --device cuda");
+  if (gpu.code == 0) {
+    EXPECT_EQ(gpu.out.substr(gpu.out.rfind('\n', gpu.out.size() - 2) + 1),
+              absl::StrJoin(*want, ",") + "\n");
+  } else {
+    EXPECT_EQ(gpu.code, 2);
+    EXPECT_NE(gpu.out.find("error: --device cuda: no CUDA device"), std::string::npos) << gpu.out;
+  }
   // Seeded sampling is reproducible.
   const std::string cmd = "generate --model " + dir +
                           " --tokens 5,6 --max-tokens 8 --temperature 1 --seed 9 --print-token-ids";
@@ -147,6 +157,10 @@ TEST(DmoeCli, BadRequestsAreClearErrors) {
       "length 513 exceeds max_position_embeddings 512");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --max-tokens 511"),
                     "exceeds max_position_embeddings 512");
+  EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --device tpu"),
+                    "--device: \"tpu\" is not cpu or cuda");
+  EXPECT_FAILS_WITH(RunDmoe("logits --model " + dir + " --tokens 1,2 --gpu 1"),
+                    "--gpu needs --device cuda");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --max-tokens 0"),
                     "--max-tokens: must be positive");
   EXPECT_FAILS_WITH(RunDmoe("generate --model " + dir + " --tokens 1,2 --temperature -1"),

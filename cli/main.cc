@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "attention_service/device_model.h"
 #include "attention_service/local_model.h"
 #include "attention_service/remote_flags.h"
 #include "cli/gateway_client.h"
@@ -18,6 +19,7 @@
 #include "cli/npy.h"
 #include "cli/openai_bench.h"
 #include "cli/serve.h"
+#include "common/device_flags.h"
 #include "common/flags.h"
 #include "common/status_macros.h"
 #include "model/tiny_model.h"
@@ -80,7 +82,7 @@ model.safetensors or a sharded index) in this process, in fp32.
   --out F.npy      write the logits as a float32 .npy of shape [T, vocab_size]; without it,
                    print the argmax token and its logit for every position
   --attention FORM auto (default), naive or absorbed: which MLA form to use
-%s)";
+%s%s)";
 
 constexpr char kGenerateHelp[] =
     R"(usage: dmoe generate --model DIR --tokens 1,2,3 --max-tokens N [flags]
@@ -111,7 +113,7 @@ generation_config.json when present) with finish reason "stop", unless --ignore-
                        alternatives (0..20)
   --api-key KEY        (--target) the gateway's API key (default $DMOE_API_KEY)
   --timeout-ms N       (--target) deadline of the whole request
-%s)";
+%s%s)";
 
 constexpr char kMakeTinyHelp[] =
     R"(usage: dmoe make-tiny-model OUT [--preset tiny] [--seed 0] [--dtype f32] [--shards 1]
@@ -143,6 +145,13 @@ absl::StatusOr<AttentionForm> ParseForm(const std::string& s) {
       absl::StrCat("--attention: \"", s, "\" is not auto, naive or absorbed"));
 }
 
+// A GPU engine's KV pool for one sequence of up to `tokens` tokens.
+CudaEngineOptions PoolFor(size_t tokens) {
+  CudaEngineOptions o;
+  o.kv_blocks = static_cast<int64_t>(tokens) / o.block_tokens + 2;
+  return o;
+}
+
 // --model DIR and --tokens LIST of a local run (no positional arguments).
 absl::Status ModelAndTokens(const Flags& f, std::string* dir, std::vector<int32_t>* tokens) {
   if (!f.positional().empty()) {
@@ -156,10 +165,11 @@ absl::Status ModelAndTokens(const Flags& f, std::string* dir, std::vector<int32_
 }
 
 int Logits(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv, WithRemote({"model", "tokens", "out", "attention"}), {});
+  auto flags = Flags::Parse(
+      argc, argv, WithRemote({"model", "tokens", "out", "attention", "device", "gpu"}), {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::printf(kLogitsHelp, kRemoteHelp);
+    std::printf(kLogitsHelp, kRemoteHelp, kDeviceHelp);
     return 0;
   }
   std::string dir;
@@ -171,11 +181,13 @@ int Logits(int argc, char** argv) {
   options.engine.attention_form = *form;
   options.log_progress = true;
   if (auto s = RemoteOptions(*flags, &options); !s.ok()) return Fail(s);
-  auto model = LocalModel::Load(dir, options);
+  auto device = ParseDevice(*flags);
+  if (!device.ok()) return Fail(device.status());
+  auto model = DeviceModel::Load(dir, options, *device, PoolFor(tokens.size()));
   if (!model.ok()) return Fail(model.status());
   auto logits = (*model)->engine().Forward(tokens);
   if (!logits.ok()) return Fail(logits.status());
-  const int64_t v = (*model)->config().vocab_size;
+  const int64_t v = (*model)->engine().config().vocab_size;
   const int64_t t = static_cast<int64_t>(tokens.size());
   if (flags->Has("out")) {
     const std::string out = flags->StringOr("out", "");
@@ -215,14 +227,15 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(const Flags& f) {
 }
 
 int GenerateCmd(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv,
-                            WithRemote({"model", "tokens", "max-tokens", "temperature", "seed",
-                                        "prefill-chunk", "stop-token", "top-k", "top-p", "min-p",
-                                        "target", "api-key", "timeout-ms", "stop", "logprobs"}),
-                            {"print-token-ids", "ignore-eos"});
+  auto flags =
+      Flags::Parse(argc, argv,
+                   WithRemote({"model", "tokens", "max-tokens", "temperature", "seed",
+                               "prefill-chunk", "stop-token", "top-k", "top-p", "min-p", "target",
+                               "api-key", "timeout-ms", "stop", "logprobs", "device", "gpu"}),
+                   {"print-token-ids", "ignore-eos"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::printf(kGenerateHelp, kRemoteHelp);
+    std::printf(kGenerateHelp, kRemoteHelp, kDeviceHelp);
     return 0;
   }
   if (flags->Has("target")) {
@@ -251,7 +264,10 @@ int GenerateCmd(int argc, char** argv) {
   LocalModelOptions options;
   options.log_progress = !quiet;
   if (auto s = RemoteOptions(*flags, &options); !s.ok()) return Fail(s);
-  auto model = LocalModel::Load(dir, options);
+  auto device = ParseDevice(*flags);
+  if (!device.ok()) return Fail(device.status());
+  auto model = DeviceModel::Load(dir, options, *device,
+                                 PoolFor(tokens.size() + static_cast<size_t>(g->max_tokens)));
   if (!model.ok()) return Fail(model.status());
   const auto start = std::chrono::steady_clock::now();
   auto out = Generate((*model)->engine(), tokens, *g);

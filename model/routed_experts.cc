@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qlinear.h"
 #include "kernels/cpu/thread_pool.h"
@@ -81,7 +82,7 @@ uint64_t ExpertStore::bytes() const {
   return n;
 }
 
-absl::Status ExpertBatcher::Run(const ExpertStore& store) {
+absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* accelerator) {
   // Group by (layer, expert) in place (std::sort allocates nothing).
   std::sort(items_.begin(), items_.end(), [](const Item& a, const Item& b) {
     if (a.layer != b.layer) return a.layer < b.layer;
@@ -96,6 +97,7 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store) {
                                                         items_[i].layer, " is not hosted here"));
     }
   }
+  if (accelerator != nullptr) return RunOn(store, accelerator);
   groups_.clear();
   const size_t cap =
       std::max<size_t>(16, items_.size() / (4 * static_cast<size_t>(cpu::ThePool().size())) + 1);
@@ -136,6 +138,33 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store) {
   return absl::OkStatus();
 }
 
+// The sorted items' rows gathered into one host batch, every (layer, expert) a group, through the
+// accelerator, and scattered back.
+absl::Status ExpertBatcher::RunOn(const ExpertStore& store, ExpertAccelerator* accelerator) {
+  const size_t d = static_cast<size_t>(hidden_);
+  accel_groups_.clear();
+  accel_x_.resize(items_.size() * d);
+  accel_y_.resize(items_.size() * d);
+  for (size_t i = 0; i < items_.size(); ++i) {
+    std::memcpy(accel_x_.data() + i * d, items_[i].row, sizeof(float) * d);
+    if (i == 0 || items_[i].layer != items_[i - 1].layer ||
+        items_[i].expert != items_[i - 1].expert) {
+      accel_groups_.push_back(
+          ExpertGroup{items_[i].layer, items_[i].expert, static_cast<int64_t>(i), 0});
+      ++gemms_;
+    }
+    ++accel_groups_.back().rows;
+  }
+  rows_ += items_.size();
+  if (items_.empty()) return absl::OkStatus();
+  RETURN_IF_ERROR(accelerator->Run(store, accel_groups_, accel_x_.data(),
+                                   static_cast<int64_t>(items_.size()), accel_y_.data()));
+  for (size_t i = 0; i < items_.size(); ++i) {
+    std::memcpy(items_[i].out, accel_y_.data() + i * d, sizeof(float) * d);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status LocalRoutedExperts::Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids,
                                        const float* w, int64_t k) {
   call_ = Call{layer, t, k, x, ids, w};
@@ -149,7 +178,7 @@ absl::Status LocalRoutedExperts::Finish(float* out) {
   for (int64_t p = 0; p < c.t * c.k; ++p) {
     batcher_.Add(c.layer, c.ids[p], c.x + (p / c.k) * hidden_, rows_.data() + p * hidden_);
   }
-  if (absl::Status st = batcher_.Run(*store_); !st.ok()) return st;
+  if (absl::Status st = batcher_.Run(*store_, accelerator_); !st.ok()) return st;
   CombineRanked(rows_.data(), c.w, c.t, c.k, hidden_, out);
   return absl::OkStatus();
 }

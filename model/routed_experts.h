@@ -70,6 +70,26 @@ class ExpertStore {
   std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const MlpWeights>> experts_;
 };
 
+// One group of rows for one expert: rows [first, first + rows) of a gathered batch go through
+// expert `expert` of MoE layer `layer`.
+struct ExpertGroup {
+  int64_t layer = 0, expert = 0, first = 0, rows = 0;
+};
+
+// Computes ExpertBatcher's groups somewhere else than the CPU cores (model/cuda_experts.h: a
+// GPU). Thread-compatible.
+class ExpertAccelerator {
+ public:
+  virtual ~ExpertAccelerator() = default;
+  // y[first .. first + rows) = Expert_{layer, expert}(x[first .. first + rows)), unweighted, for
+  // every group; x and y [total rows, D] in host memory. `store` holds the weights of every
+  // expert named (an accelerator copies those it does not hold yet).
+  virtual absl::Status Run(const ExpertStore& store, const std::vector<ExpertGroup>& groups,
+                           const float* x, int64_t rows, float* y) = 0;
+  // Where it computes, for logs ("cuda:0 (NVIDIA H200 ...)").
+  virtual std::string name() const = 0;
+};
+
 // Groups (input row, weight, output row) triples by (layer, expert), then runs each group through
 // its expert as one GEMM (the groups spread over the kernel pool's threads) and writes Expert(row),
 // unweighted, to each output row. Used for one engine step and, on an expert shard, for every
@@ -82,8 +102,9 @@ class ExpertBatcher {
   void Add(int64_t layer, int64_t expert, const float* row, float* out_row) {
     items_.push_back(Item{layer, expert, static_cast<uint32_t>(items_.size()), row, out_row});
   }
-  // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`.
-  absl::Status Run(const ExpertStore& store);
+  // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`. With an
+  // accelerator every group runs there instead of on the kernel pool.
+  absl::Status Run(const ExpertStore& store, ExpertAccelerator* accelerator = nullptr);
   // Keeps capacity: a steady stream of batches allocates nothing.
   void Clear() { items_.clear(); }
   // GEMM calls made and rows pushed through them by Run, since construction.
@@ -100,15 +121,23 @@ class ExpertBatcher {
   };
   int64_t hidden_;
   std::vector<Item> items_;
+  absl::Status RunOn(const ExpertStore& store, ExpertAccelerator* accelerator);
   std::vector<std::pair<size_t, size_t>> groups_;  // [begin, end) of items_ per task
+  std::vector<ExpertGroup> accel_groups_;
+  std::vector<float> accel_x_, accel_y_;
   uint64_t gemms_ = 0, rows_ = 0;
 };
 
 // Computes routed experts in this process (all of them hosted in `store`).
 class LocalRoutedExperts : public RoutedExperts {
  public:
-  LocalRoutedExperts(const ModelConfig& c, const ExpertStore* store)
-      : hidden_(c.hidden_size), store_(store), batcher_(c.hidden_size, c.moe_intermediate_size) {}
+  // With an accelerator (not owned) the experts compute there (ExpertBatcher::Run).
+  LocalRoutedExperts(const ModelConfig& c, const ExpertStore* store,
+                     ExpertAccelerator* accelerator = nullptr)
+      : hidden_(c.hidden_size),
+        store_(store),
+        accelerator_(accelerator),
+        batcher_(c.hidden_size, c.moe_intermediate_size) {}
   absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
                      int64_t k) override;
   absl::Status Finish(float* out) override;
@@ -122,6 +151,7 @@ class LocalRoutedExperts : public RoutedExperts {
   };
   int64_t hidden_;
   const ExpertStore* store_;
+  ExpertAccelerator* accelerator_;
   ExpertBatcher batcher_;
   Call call_;
   std::vector<float> rows_;  // [t, k, D] unweighted expert outputs

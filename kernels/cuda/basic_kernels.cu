@@ -33,7 +33,6 @@ __global__ void RmsNormKernel(const float* x, int64_t n, int64_t x_stride, const
     __syncthreads();
   }
   const float inv = static_cast<float>(1.0 / sqrt(part[0] / static_cast<double>(n) + eps));
-  __syncthreads();  // x == y: every thread has read its part before anyone writes
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
 }
 

@@ -121,6 +121,18 @@ __global__ void GatherLatentKernel(LatentPool p, const uint8_t* pool, const int3
     o[p.rank + j] = __bfloat162float(pe[j]);
 }
 
+__device__ double ReduceSum(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double r = shared[0];
+  __syncthreads();
+  return r;
+}
+
 __device__ float Reduce(float v, bool max, float* shared) {
   shared[threadIdx.x] = v;
   __syncthreads();
@@ -136,9 +148,10 @@ __device__ float Reduce(float v, bool max, float* shared) {
   return r;
 }
 
-// One block per row (head, i).
+// One block per row (head, i). The sum in double, as cpu::SoftmaxRows.
 __global__ void CausalSoftmaxKernel(float* s, int64_t m, int64_t ctx, int64_t pos0, float scale) {
   __shared__ float red[kThreads];
+  __shared__ double dred[kThreads];
   float* row = s + static_cast<int64_t>(blockIdx.x) * ctx;
   const int64_t limit = min(ctx, pos0 + static_cast<int64_t>(blockIdx.x) % m + 1);
   float mx = -INFINITY;
@@ -147,14 +160,14 @@ __global__ void CausalSoftmaxKernel(float* s, int64_t m, int64_t ctx, int64_t po
     mx = fmaxf(mx, row[u]);
   }
   mx = Reduce(mx, true, red);
-  float sum = 0.0f;
+  double sum = 0.0;
   for (int64_t u = threadIdx.x; u < ctx; u += blockDim.x) {
     const float e = u < limit ? expf(row[u] - mx) : 0.0f;
     row[u] = e;
     sum += e;
   }
-  sum = Reduce(sum, false, red);
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  sum = ReduceSum(sum, dred);
+  const float inv = sum > 0.0 ? static_cast<float>(1.0 / sum) : 0.0f;
   for (int64_t u = threadIdx.x; u < limit; u += blockDim.x) row[u] *= inv;
 }
 

@@ -146,6 +146,7 @@ absl::StatusOr<RopeTable> RopeTable::Upload(const cpu::RopeTable& host) {
 // cpu::RopeTable::Apply's arithmetic over the uploaded tables.
 absl::Status RopeTable::Apply(const float* x, const int32_t* pos, int64_t rows, int64_t heads,
                               int64_t row_stride, int64_t head_stride, float* out, void*) const {
+  if (dim_ > 256 || dim_ % 2 != 0) return absl::InvalidArgumentError("Rope: dim > 256 or odd");
   const int64_t half = dim_ / 2;
   std::vector<float> tmp(static_cast<size_t>(dim_));
   for (int64_t r = 0; r < rows; ++r) {
@@ -179,7 +180,10 @@ absl::Status SelectExperts(const cpu::GateParams& p, float* logits, int64_t t, c
   return absl::OkStatus();
 }
 
-int64_t MlaDecodeScratchFloats(const cpu::MlaParams&, int64_t, int64_t) { return 0; }
+// The CUDA launcher's size (mla_decode.cu's MlaScratchFloats), so that callers allocate the same.
+int64_t MlaDecodeScratchFloats(const cpu::MlaParams& p, int64_t b, int64_t max_ctx) {
+  return b * p.num_heads * (2 * p.latent_rank + max_ctx);
+}
 
 absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t b,
                                const PagedLatentCache& cache, float* o, float*, void*) {
@@ -213,6 +217,17 @@ absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t 
 }
 
 namespace {
+// engine_kernels.cu's checks, so that both builds refuse the same pools.
+absl::Status CheckPool(const cpu::MlaParams& p, const LatentPool& pool) {
+  const int64_t rb = cpu::KvRowBytes(pool.dtype, p.latent_rank, p.rope_dim);
+  if (p.latent_rank <= 0 || p.rope_dim < 0 || pool.block_tokens <= 0 || pool.block_bytes <= 0 ||
+      pool.block_bytes % 4 != 0 || rb % 4 != 0 || pool.block_bytes < pool.block_tokens * rb) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(__FILE__, ":", __LINE__, ": bad latent pool layout"));
+  }
+  return absl::OkStatus();
+}
+
 uint8_t* RowAt(const cpu::MlaParams& p, const LatentPool& pool, int64_t slot) {
   return static_cast<uint8_t*>(pool.pool) + (slot / pool.block_tokens) * pool.block_bytes +
          (slot % pool.block_tokens) * cpu::KvRowBytes(pool.dtype, p.latent_rank, p.rope_dim);
@@ -221,6 +236,7 @@ uint8_t* RowAt(const cpu::MlaParams& p, const LatentPool& pool, int64_t slot) {
 
 absl::Status StoreLatentRows(const cpu::MlaParams& p, const LatentPool& pool, const float* rows,
                              int64_t n, const int32_t* slots, void*) {
+  if (absl::Status st = CheckPool(p, pool); !st.ok()) return st;
   const int64_t lc = p.latent_rank + p.rope_dim;
   for (int64_t i = 0; i < n; ++i) {
     cpu::QuantizeKvRow(pool.dtype, rows + i * lc, p.latent_rank, p.rope_dim,
@@ -243,6 +259,7 @@ absl::Status GatherLatentRows(const cpu::MlaParams& p, const LatentPool& pool, c
 
 absl::Status CausalSoftmax(float* s, int64_t heads, int64_t m, int64_t ctx, int64_t pos0,
                            float scale, void*) {
+  if (pos0 < 0) return absl::InvalidArgumentError("CausalSoftmax: pos0 < 0");
   for (int64_t row = 0; row < heads * m; ++row) {
     float* sr = s + row * ctx;
     const int64_t limit = std::min(ctx, pos0 + row % m + 1);

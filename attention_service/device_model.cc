@@ -1,0 +1,40 @@
+#include "attention_service/device_model.h"
+
+#include <cstdio>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace dmoe {
+
+absl::StatusOr<std::unique_ptr<DeviceModel>> DeviceModel::Load(const std::string& dir,
+                                                               LocalModelOptions options,
+                                                               const DeviceChoice& device,
+                                                               CudaEngineOptions kv) {
+  std::unique_ptr<DeviceModel> m(new DeviceModel());
+  const bool remote = !options.expert_shards.empty() || !options.shard_client.router.empty();
+  if (device.cuda) {
+    // Before loading gigabytes: fail fast without a device.
+    const cuda::DeviceProbe probe = cuda::Probe();
+    if (probe.count == 0)
+      return absl::UnavailableError(absl::StrCat("--device cuda: ", probe.reason));
+    if (!remote) {
+      ASSIGN_OR_RETURN(ModelConfig c, LoadModelConfig(dir));
+      ASSIGN_OR_RETURN(m->gpu_experts_, CudaExperts::Create(c, device.gpu));
+      options.expert_accelerator = m->gpu_experts_.get();
+    }
+  }
+  ASSIGN_OR_RETURN(m->model_, LocalModel::Load(dir, options));
+  if (device.cuda) {
+    kv.device = device.gpu;
+    ASSIGN_OR_RETURN(m->gpu_, CudaEngine::Create(m->model_->config(), m->model_->dense(),
+                                                 m->model_->routed_experts(), kv));
+    std::fprintf(stderr, "device: %s; weights %.1f MiB and KV pool %.1f MiB on it; experts %s\n",
+                 cuda::Probe().name.c_str(), m->gpu_->weight_bytes() / 1048576.0,
+                 m->gpu_->kv_bytes() / 1048576.0, remote ? "on the shards" : "on the same GPU");
+  }
+  return m;
+}
+
+}  // namespace dmoe

@@ -1,0 +1,93 @@
+#include "model/cuda_experts.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace dmoe {
+
+absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(const ModelConfig& c, int device) {
+  const cuda::DeviceProbe probe = cuda::Probe();
+  if (probe.count == 0) return absl::UnavailableError(probe.reason);
+  if (device < 0 || device >= probe.count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gpu ", device, ": ", probe.count, " usable CUDA device(s)"));
+  }
+  RETURN_IF_ERROR(cuda::SetDevice(device));
+  std::unique_ptr<CudaExperts> e(new CudaExperts());
+  e->hidden_ = c.hidden_size;
+  e->width_ = c.moe_intermediate_size;
+  e->device_ = device;
+  e->name_ = absl::StrCat("cuda:", device, " (", probe.name, ")");
+  ASSIGN_OR_RETURN(e->blas_, cuda::Blas::Create(nullptr));
+  return e;
+}
+
+absl::Status CudaExperts::Grow(cuda::DeviceBuffer& b, size_t bytes) {
+  if (b.bytes() >= bytes) return absl::OkStatus();
+  ASSIGN_OR_RETURN(b, cuda::DeviceBuffer::Alloc(std::max(bytes, b.bytes() * 3 / 2)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<cuda::ExpertWeights> CudaExperts::Weights(const ExpertStore& store, int64_t layer,
+                                                         int64_t expert) {
+  auto it = on_device_.find({layer, expert});
+  if (it == on_device_.end()) {
+    const MlpWeights* m = store.Find(layer, expert);
+    if (m == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert ", expert, " of layer ", layer, " is not hosted here"));
+    }
+    Held held;
+    for (auto [src, dst] :
+         {std::pair<const LinearWeight*, cuda::DeviceBuffer*>{&m->gate, &held.gate},
+          {&m->up, &held.up},
+          {&m->down, &held.down}}) {
+      LinearWeight f = *src;  // any held format: fp32 on the device for now
+      f.ConvertTo(cpu::WeightFormat::kF32);
+      ASSIGN_OR_RETURN(*dst, cuda::DeviceBuffer::Alloc(f.w.size() * sizeof(float)));
+      RETURN_IF_ERROR(dst->Upload(f.w.data(), f.w.size() * sizeof(float)));
+      device_bytes_ += dst->bytes();
+    }
+    it = on_device_.emplace(std::make_pair(layer, expert), std::move(held)).first;
+  }
+  cuda::ExpertWeights w;
+  w.gate = it->second.gate.as<float>();
+  w.up = it->second.up.as<float>();
+  w.down = it->second.down.as<float>();
+  return w;
+}
+
+absl::Status CudaExperts::Run(const ExpertStore& store, const std::vector<ExpertGroup>& groups,
+                              const float* x, int64_t rows, float* y) {
+  if (rows <= 0) return absl::OkStatus();
+  RETURN_IF_ERROR(cuda::SetDevice(device_));
+  std::vector<cuda::ExpertWeights> weights;
+  std::vector<int64_t> offsets;
+  int64_t largest = 0;
+  for (const ExpertGroup& g : groups) {
+    if (!offsets.empty() && g.first != offsets.back()) {
+      return absl::InvalidArgumentError("CudaExperts::Run: groups must cover the rows in order");
+    }
+    ASSIGN_OR_RETURN(cuda::ExpertWeights w, Weights(store, g.layer, g.expert));
+    weights.push_back(w);
+    if (offsets.empty()) offsets.push_back(g.first);
+    offsets.push_back(g.first + g.rows);
+    largest = std::max(largest, g.rows);
+  }
+  if (offsets.empty() || offsets.front() != 0 || offsets.back() != rows) {
+    return absl::InvalidArgumentError("CudaExperts::Run: groups must cover the rows in order");
+  }
+  const size_t bytes = static_cast<size_t>(rows * hidden_) * sizeof(float);
+  RETURN_IF_ERROR(Grow(x_, bytes));
+  RETURN_IF_ERROR(Grow(y_, bytes));
+  RETURN_IF_ERROR(Grow(scratch_, static_cast<size_t>(2 * largest * width_) * sizeof(float)));
+  RETURN_IF_ERROR(x_.Upload(x, bytes));
+  RETURN_IF_ERROR(cuda::ExpertFfn(blas_, weights, offsets, hidden_, width_, x_.as<float>(),
+                                  y_.as<float>(), scratch_.as<float>()));
+  RETURN_IF_ERROR(cuda::Synchronize());
+  return y_.Download(y, bytes);
+}
+
+}  // namespace dmoe

@@ -1,0 +1,60 @@
+// Routed experts on a CUDA device: an ExpertAccelerator (routed_experts.h) holding each expert's
+// weights in device memory (fp32), copied from the ExpertStore the first time the expert is used,
+// and computing each group of rows with cuda::ExpertFfn (cuBLAS). Rows cross from and to host
+// memory. Used by LocalRoutedExperts (in-process experts of a GPU run) and by an expert shard's
+// batcher (dmoe-expert --device cuda).
+//
+// Built twice: against //kernels/cuda (the GPU) and //kernels/cuda:host (the same kernel API on
+// the host), so that its logic is tested on machines without a GPU.
+#ifndef DMOE_MODEL_CUDA_EXPERTS_H_
+#define DMOE_MODEL_CUDA_EXPERTS_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/expert_ffn.h"
+#include "model/config.h"
+#include "model/routed_experts.h"
+
+namespace dmoe {
+
+class CudaExperts : public ExpertAccelerator {
+ public:
+  // UNAVAILABLE without a usable device (cuda::Probe's reason); INVALID_ARGUMENT for a device
+  // number it does not have.
+  static absl::StatusOr<std::unique_ptr<CudaExperts>> Create(const ModelConfig& c, int device);
+  absl::Status Run(const ExpertStore& store, const std::vector<ExpertGroup>& groups, const float* x,
+                   int64_t rows, float* y) override;
+  std::string name() const override { return name_; }
+  // Experts held on the device, and their bytes.
+  size_t experts() const { return on_device_.size(); }
+  uint64_t device_bytes() const { return device_bytes_; }
+
+ private:
+  struct Held {
+    cuda::DeviceBuffer gate, up, down;
+  };
+  CudaExperts() = default;
+  // The device copy of (layer, expert), made from the store's weights on first use.
+  absl::StatusOr<cuda::ExpertWeights> Weights(const ExpertStore& store, int64_t layer,
+                                              int64_t expert);
+  absl::Status Grow(cuda::DeviceBuffer& b, size_t bytes);
+
+  int64_t hidden_ = 0, width_ = 0;
+  int device_ = 0;
+  std::string name_;
+  cuda::Blas blas_;
+  std::map<std::pair<int64_t, int64_t>, Held> on_device_;
+  uint64_t device_bytes_ = 0;
+  cuda::DeviceBuffer x_, y_, scratch_;
+};
+
+}  // namespace dmoe
+
+#endif  // DMOE_MODEL_CUDA_EXPERTS_H_
