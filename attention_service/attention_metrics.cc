@@ -92,7 +92,7 @@ RoundTripObserver AttentionMetrics::RoundTrips() {
   };
 }
 
-void AttentionMetrics::Refresh(const Scheduler* s, const Engine* e) {
+void AttentionMetrics::Refresh(const Scheduler* s, const StepEngine* e) {
   const SchedulerLoad load = s->load();
   const SchedulerStats stats = s->stats();
   running_->Set(static_cast<double>(load.running));
@@ -157,7 +157,7 @@ void AttentionMetrics::RefreshHedging() {
   Metrics::SetTotal(*revivals_, static_cast<double>(set_->health().revived_total()));
 }
 
-void AttentionMetrics::Start(const Scheduler* s, const Engine* e) {
+void AttentionMetrics::Start(const Scheduler* s, const StepEngine* e) {
   stop_ = false;
   thread_ = std::thread([this, s, e] {
     while (!stop_) {

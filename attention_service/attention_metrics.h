@@ -32,11 +32,11 @@ class AttentionMetrics {
   // Call before Start.
   void SetShardSet(ExpertShardSet* set) { set_ = set; }
   // Copies the scheduler's load and the engine's counters into the metrics every 500 ms.
-  void Start(const Scheduler* s, const Engine* e);
+  void Start(const Scheduler* s, const StepEngine* e);
   void Stop();
 
  private:
-  void Refresh(const Scheduler* s, const Engine* e);
+  void Refresh(const Scheduler* s, const StepEngine* e);
   void RefreshHedging();
   Metrics* m_;
   ExpertShardSet* set_ = nullptr;

@@ -36,9 +36,9 @@ absl::Status CheckSpeculativeTokens(const ModelConfig& c, int64_t n) {
 
 namespace {
 
-std::unique_ptr<LatentKvCache> MakeMtpCache(const LocalModel& model, const LatentKvCache& main,
-                                            const SchedulerOptions& o) {
-  if (o.speculative_tokens <= 0 || !model.dense().mtp) return nullptr;
+std::unique_ptr<LatentKvCache> MakeMtpCache(const LocalModel& model, const StepEngine& engine,
+                                            const LatentKvCache& main, const SchedulerOptions& o) {
+  if (o.speculative_tokens <= 0 || !model.dense().mtp || !engine.has_mtp()) return nullptr;
   const int64_t blocks = MtpCacheBlocks(main.total_blocks(), main.block_tokens(), o);
   auto cache = std::make_unique<LatentKvCache>(Engine::MtpCacheConfig(model.config()),
                                                main.block_tokens(), blocks, main.dtype());
@@ -58,11 +58,17 @@ SchedulerOptions WithMtpCache(SchedulerOptions o, LatentKvCache* mtp_cache) {
 
 AttentionNode::AttentionNode(LocalModel* model, std::unique_ptr<LatentKvCache> cache,
                              const SchedulerOptions& options, AttentionMetrics* metrics)
-    : model_(model),
-      cache_(std::move(cache)),
-      mtp_cache_(MakeMtpCache(*model, *cache_, options)),
+    : AttentionNode(model, &model->engine(), cache.get(), options, metrics) {
+  owned_cache_ = std::move(cache);
+}
+
+AttentionNode::AttentionNode(LocalModel* model, StepEngine* engine, LatentKvCache* cache,
+                             const SchedulerOptions& options, AttentionMetrics* metrics)
+    : engine_(engine),
+      cache_(cache),
+      mtp_cache_(MakeMtpCache(*model, *engine, *cache_, options)),
       metrics_(metrics),
-      scheduler_(&model->engine(), cache_.get(), WithMtpCache(options, mtp_cache_.get())),
+      scheduler_(engine, cache_, WithMtpCache(options, mtp_cache_.get())),
       loop_(&scheduler_),
       service_(&scheduler_, metrics) {}
 
@@ -70,7 +76,7 @@ AttentionNode::~AttentionNode() { Stop(); }
 
 void AttentionNode::Start() {
   loop_.Start();
-  if (metrics_ != nullptr) metrics_->Start(&scheduler_, &model_->engine());
+  if (metrics_ != nullptr) metrics_->Start(&scheduler_, engine_);
 }
 
 void AttentionNode::Drain(std::chrono::seconds grace) {

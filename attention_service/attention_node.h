@@ -39,6 +39,10 @@ class AttentionNode {
   // the node makes the MTP layer's cache (options.mtp_cache) to go with `cache`.
   AttentionNode(LocalModel* model, std::unique_ptr<LatentKvCache> cache,
                 const SchedulerOptions& options, AttentionMetrics* metrics = nullptr);
+  // The same over another engine and its own cache (a GPU engine's pool; neither owned), e.g.
+  // a CudaEngine made from `model`'s weights and routed experts.
+  AttentionNode(LocalModel* model, StepEngine* engine, LatentKvCache* cache,
+                const SchedulerOptions& options, AttentionMetrics* metrics = nullptr);
   ~AttentionNode();
   AttentionNode(const AttentionNode&) = delete;
   AttentionNode& operator=(const AttentionNode&) = delete;
@@ -55,8 +59,9 @@ class AttentionNode {
   AttentionServiceImpl* service() { return &service_; }
 
  private:
-  LocalModel* model_;
-  std::unique_ptr<LatentKvCache> cache_;
+  StepEngine* engine_;
+  std::unique_ptr<LatentKvCache> owned_cache_;
+  LatentKvCache* cache_;
   std::unique_ptr<LatentKvCache> mtp_cache_;
   AttentionMetrics* metrics_;
   Scheduler scheduler_;

@@ -57,9 +57,6 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const ModelConfig
     return absl::InvalidArgumentError(
         absl::StrCat("--gpu ", options.device, ": ", probe.count, " usable CUDA device(s)"));
   }
-  if (w.mtp != nullptr) {
-    return absl::UnimplementedError("the GPU engine does not run the MTP layer yet");
-  }
   if (options.block_tokens <= 0 || options.kv_blocks <= 0) {
     return absl::InvalidArgumentError("block_tokens and kv_blocks must be positive");
   }
@@ -77,6 +74,8 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const ModelConfig
   e->experts_ = experts;
   e->options_ = options;
   e->gate_ = GateParamsOf(c);
+  e->expert_tokens_.reset(new std::atomic<uint64_t>[static_cast<size_t>(
+      std::max<int64_t>(1, c.num_expert_layers() * c.n_routed_experts))]());
   ASSIGN_OR_RETURN(e->blas_, cuda::Blas::Create(nullptr));
   ASSIGN_OR_RETURN(e->rope_, cuda::RopeTable::Upload(cpu::RopeTable(RopeParamsOf(c))));
   RETURN_IF_ERROR(e->Upload(w));
@@ -421,6 +420,9 @@ absl::Status CudaEngine::Moe(int64_t l, const Plan& plan) {
   RETURN_IF_ERROR(cuda::CopyToHost(host_x_.data(), x_.as<float>(), host_x_.size() * 4));
   RETURN_IF_ERROR(cuda::CopyToHost(host_w_.data(), w, host_w_.size() * 4));
   RETURN_IF_ERROR(cuda::CopyToHost(host_ids_.data(), ids, host_ids_.size() * 4));
+  for (int32_t id : host_ids_) {
+    expert_tokens_[static_cast<size_t>(l * e + id)].fetch_add(1, std::memory_order_relaxed);
+  }
   RETURN_IF_ERROR(experts_->Begin(l, host_x_.data(), n, host_ids_.data(), host_w_.data(), k));
   float* tmp = tmp_.as<float>();
   absl::Status shared;

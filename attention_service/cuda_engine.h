@@ -6,11 +6,15 @@
 // experts or remote shards: hidden rows cross through host memory), so a GPU attention node
 // works with any expert shard.
 //
+// A DeepSeek-V3 checkpoint runs without its MTP layer (has_mtp() is false: no speculative
+// decoding on the GPU yet).
+//
 // Built twice: against //kernels/cuda (the GPU) and against //kernels/cuda:host (the same kernel
 // API run on the host), so that its own logic is tested on machines without a GPU.
 #ifndef DMOE_ATTENTION_SERVICE_CUDA_ENGINE_H_
 #define DMOE_ATTENTION_SERVICE_CUDA_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -61,6 +65,10 @@ class CudaEngine : public StepEngine {
   absl::StatusOr<std::vector<float>> Forward(const std::vector<int32_t>& tokens) override;
   // A PagedKvSequence over cache().
   std::unique_ptr<KvSequence> NewSequence() override;
+  uint64_t expert_tokens(int64_t layer, int64_t expert) const override {
+    return expert_tokens_[static_cast<size_t>(layer * config_.n_routed_experts + expert)].load(
+        std::memory_order_relaxed);
+  }
 
  private:
   struct DeviceLayer;
@@ -93,6 +101,7 @@ class CudaEngine : public StepEngine {
   const float* final_norm_ = nullptr;
   const float* lm_head_ = nullptr;
   uint64_t weight_bytes_ = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
   std::unique_ptr<LatentKvCache> cache_;
   cuda::DeviceBuffer pool_;
   // Per-step device scratch.

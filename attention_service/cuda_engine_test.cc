@@ -15,6 +15,7 @@
 
 #include "attention_service/local_model.h"
 #include "gtest/gtest.h"
+#include "model/cuda_experts.h"
 #include "model/tiny_model.h"
 
 namespace dmoe {
@@ -195,6 +196,20 @@ TEST_F(CudaEngineTest, Fp8CacheMatchesTheCpuEngine) {
   auto gpu = Make(4, 96, cpu::KvDType::kFp8);
   ASSERT_NE(gpu, nullptr);
   RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kFp8, 1e-2);
+}
+
+// The routed experts on the device too (CudaExperts behind LocalRoutedExperts).
+TEST_F(CudaEngineTest, WithTheExpertsOnTheDeviceToo) {
+  auto experts = CudaExperts::Create(model_->config(), 0);
+  ASSERT_TRUE(experts.ok()) << experts.status();
+  LocalRoutedExperts on_device(model_->config(), &model_->experts(), experts->get());
+  CudaEngineOptions o;
+  o.block_tokens = 4;
+  o.kv_blocks = 96;
+  auto gpu = CudaEngine::Create(model_->config(), model_->dense(), &on_device, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  RunMixedBatches(**gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
+  EXPECT_GT((*experts)->experts(), 0u);
 }
 
 // A second sequence attaches the first one's registered blocks and computes only the rest.

@@ -80,6 +80,9 @@ class StepEngine {
   virtual bool has_mtp() const { return false; }
   virtual absl::Status StepMtp(std::vector<SequenceStep>& batch, const float* hidden,
                                std::vector<std::vector<float>>* logits);
+  // Tokens routed to (layer, expert) since start, where the engine counts them (metrics); safe
+  // to read from other threads.
+  virtual uint64_t expert_tokens(int64_t /*layer*/, int64_t /*expert*/) const { return 0; }
 };
 
 // Thread-compatible: one Step at a time. The engine does not own weights or experts.
@@ -92,7 +95,7 @@ class Engine : public StepEngine {
   const EngineTimings& timings() const { return timings_; }
   // Tokens routed to (layer, expert) since start (all layers x n_routed_experts; MoE layers only
   // are ever non-zero). Safe to read from other threads.
-  uint64_t expert_tokens(int64_t layer, int64_t expert) const {
+  uint64_t expert_tokens(int64_t layer, int64_t expert) const override {
     return expert_tokens_[static_cast<size_t>(layer * config_.n_routed_experts + expert)].load(
         std::memory_order_relaxed);
   }

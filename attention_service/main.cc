@@ -16,10 +16,13 @@
 #include "attention_service/attention_metrics.h"
 #include "attention_service/attention_node.h"
 #include "attention_service/attention_server.h"
+#include "attention_service/cuda_engine.h"
+#include "attention_service/device_model.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "attention_service/remote_flags.h"
 #include "attention_service/scheduler.h"
+#include "common/device_flags.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/internal_tls.h"
@@ -72,7 +75,7 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
                           of the CPUs (`dmoe up` does): idle pool threads spin briefly after each
                           call and OpenBLAS's ~0.1 s, taking the CPUs the others need
                           (--blas-threads N: the same, its former name)
-%s%s%s)";
+%s%s%s%s)";
 
 struct Options {
   std::string model;
@@ -115,14 +118,18 @@ KvCacheOptions CacheOptions(const Options& o) {
 }
 
 absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Options& o,
-                                                      LocalModel* model) {
+                                                      LocalModel* model, bool gpu) {
   SchedulerOptions so;
+  if (gpu && o.v.at("speculative-tokens") > 0) {
+    return absl::InvalidArgumentError("--speculative-tokens: not with --device cuda yet");
+  }
   so.max_running = o.v.at("max-running");
   so.step_token_budget = o.v.at("token-budget");
   so.prefill_chunk = o.v.at("prefill-chunk");
   RETURN_IF_ERROR(CheckSpeculativeTokens(model->config(), o.v.at("speculative-tokens")));
   so.speculative_tokens = o.v.at("speculative-tokens");
-  if (o.v.at("micro-batches") == 2) so.experts_b = model->second_experts();
+  // The GPU engine has no ping-pong of its own yet: one batch per step there.
+  if (o.v.at("micro-batches") == 2 && !gpu) so.experts_b = model->second_experts();
   ExpertShardSet* shard_set = model->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
   ASSIGN_OR_RETURN(int64_t expert_wait, f.Int("expert-wait-ms", routed ? 10000 : 0));
@@ -130,6 +137,32 @@ absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Opti
   so.expert_wait = std::chrono::milliseconds(expert_wait);
   if (shard_set != nullptr) so.between_steps = [shard_set] { shard_set->SwitchIfChanged(); };
   return so;
+}
+
+// The node over the CPU engine and a host cache, or over the GPU engine and its device pool
+// (sized by the same flags).
+absl::StatusOr<std::unique_ptr<AttentionNode>> MakeNode(DeviceModel* dm, const Options& o,
+                                                        const SchedulerOptions& so,
+                                                        AttentionMetrics* metrics) {
+  if (CudaEngine* gpu = dm->gpu()) {
+    return std::make_unique<AttentionNode>(&dm->model(), gpu, &gpu->cache(), so, metrics);
+  }
+  ASSIGN_OR_RETURN(auto cache, MakeKvCache(dm->model().config(), CacheOptions(o)));
+  return std::make_unique<AttentionNode>(&dm->model(), std::move(cache), so, metrics);
+}
+
+// The GPU engine's KV pool: --kv-blocks, or as many blocks as fit in --kv-cache-mib.
+absl::StatusOr<CudaEngineOptions> GpuPool(const ModelConfig& c, const Options& o) {
+  CudaEngineOptions g;
+  const KvCacheOptions k = CacheOptions(o);
+  g.block_tokens = k.block_tokens;
+  g.kv_dtype = k.dtype;
+  g.kv_blocks = k.blocks > 0 ? k.blocks
+                             : LatentKvCache::BlocksForBytes(
+                                   c, k.block_tokens, static_cast<uint64_t>(k.mib) << 20, k.dtype);
+  if (g.kv_blocks <= 0)
+    return absl::InvalidArgumentError("--kv-cache-mib: too small for one block");
+  return g;
 }
 
 void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr) {
@@ -142,17 +175,32 @@ void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-attention");
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      WithInternalTls(WithRemote({"model", "grpc-listen", "ready-file", "kv-cache-mib", "kv-blocks",
-                                  "block-tokens", "max-running", "token-budget", "prefill-chunk",
-                                  "micro-batches", "metrics-listen", "drain-seconds",
-                                  "expert-wait-ms", "kv-cache-dtype", "advertise-host", "threads",
-                                  "blas-threads", "log-level", "speculative-tokens"})),
-      {"bf16-activations"});
+  auto flags = Flags::Parse(argc - 1, argv + 1,
+                            WithInternalTls(WithRemote({"model",
+                                                        "grpc-listen",
+                                                        "ready-file",
+                                                        "kv-cache-mib",
+                                                        "kv-blocks",
+                                                        "block-tokens",
+                                                        "max-running",
+                                                        "token-budget",
+                                                        "prefill-chunk",
+                                                        "micro-batches",
+                                                        "metrics-listen",
+                                                        "drain-seconds",
+                                                        "expert-wait-ms",
+                                                        "kv-cache-dtype",
+                                                        "advertise-host",
+                                                        "threads",
+                                                        "blas-threads",
+                                                        "log-level",
+                                                        "speculative-tokens",
+                                                        "device",
+                                                        "gpu"})),
+                            {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, kLogLevelHelp, kRemoteHelp, kInternalTlsHelp);
+    std::printf(kHelp, DeviceHelp(26).c_str(), kLogLevelHelp, kRemoteHelp, kInternalTlsHelp);
     return 0;
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
@@ -171,21 +219,26 @@ int Main(int argc, char** argv) {
   if (auto st = RemoteOptions(*flags, &lo); !st.ok()) return svc.Fail(st);
   auto config = LoadModelConfig(o->model);
   if (!config.ok()) return svc.Fail(config.status());
+  auto device = ParseDevice(*flags);
+  if (!device.ok()) return svc.Fail(device.status());
+  auto pool = GpuPool(*config, *o);
+  if (!pool.ok()) return svc.Fail(pool.status());
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   AttentionMetrics attention_metrics(&metrics, *config);
   lo.shard_client.remote.observer = attention_metrics.RoundTrips();
-  auto model = LocalModel::Load(o->model, lo);
-  if (!model.ok()) return svc.Fail(model.status());
-  auto cache = MakeKvCache((*model)->config(), CacheOptions(*o));
-  if (!cache.ok()) return svc.Fail(cache.status());
-  auto so = MakeSchedulerOptions(*flags, *o, model->get());
+  auto dm = DeviceModel::Load(o->model, lo, *device, *pool);
+  if (!dm.ok()) return svc.Fail(dm.status());
+  LocalModel* model = &(*dm)->model();
+  auto so = MakeSchedulerOptions(*flags, *o, model, device->cuda);
   if (!so.ok()) return svc.Fail(so.status());
-  ExpertShardSet* shard_set = (*model)->shard_set();
+  ExpertShardSet* shard_set = model->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
   if (shard_set != nullptr) attention_metrics.SetShardSet(shard_set);
-  AttentionNode node(model->get(), std::move(*cache), *so, &attention_metrics);
+  auto made = MakeNode(dm->get(), *o, *so, &attention_metrics);
+  if (!made.ok()) return svc.Fail(made.status());
+  AttentionNode& node = **made;
   node.service()->SetClusterToken(lo.shard_client.cluster_token);
   node.Start();
   auto addr = svc.Serve(*flags, {node.service()}, "dmoe.internal.AttentionService", *metrics_addr,

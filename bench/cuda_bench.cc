@@ -7,7 +7,12 @@
 //     shape (128 heads, r 512, dr 64) and the small preset's, fp32 and fp8 caches: the cache
 //     bytes read per second as a fraction of both bandwidths;
 //   the routed experts' FFN as 64 groups through cuBLAS vs one dense GEMM chain of the same rows
-//     and shapes (one weight set): the cost of grouping.
+//     and shapes (one weight set): the cost of grouping;
+//   decode tokens/s of the `small` preset (written once to --model-cache DIR, default
+//     /tmp/dmoe-bench/small) at batch 1, 16 and 64: the GPU engine with the experts on the GPU,
+//     next to the CPU engine in the same run (--no-engine skips it).
+//
+//   cuda_bench [--model-cache DIR] [--no-engine]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -15,9 +20,13 @@
 #include <string>
 #include <vector>
 
+#include "attention_service/cuda_engine.h"
+#include "attention_service/local_model.h"
 #include "kernels/cpu/mla.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_ffn.h"
+#include "model/cuda_experts.h"
+#include "model/tiny_model.h"
 
 #if DMOE_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -189,7 +198,74 @@ void ExpertBench() {
       grouped * 1e3, flops / grouped / 1e12, dense * 1e3, flops / dense / 1e12, grouped / dense);
 }
 
-int Main() {
+// Decode steps per second of `engine` for `batch` sequences of 16 prompt tokens each (prefilled
+// first, not timed), over `steps` steps of one token per sequence.
+double DecodeTokensPerSecond(StepEngine& engine, int64_t batch, int steps) {
+  std::vector<std::unique_ptr<KvSequence>> seqs;
+  std::vector<SequenceStep> b(static_cast<size_t>(batch));
+  for (int64_t i = 0; i < batch; ++i) {
+    seqs.push_back(engine.NewSequence());
+    b[static_cast<size_t>(i)].cache = seqs.back().get();
+    for (int j = 0; j < 16; ++j) b[static_cast<size_t>(i)].tokens.push_back((i * 31 + j) % 1000);
+  }
+  std::vector<std::vector<float>> logits;
+  Check(engine.Step(b, &logits), "prefill");
+  const auto t0 = Clock::now();
+  for (int s = 0; s < steps; ++s) {
+    for (auto& x : b) x.tokens.assign(1, (s * 7 + 1) % 1000);
+    Check(engine.Step(b, &logits), "decode step");
+  }
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  return static_cast<double>(batch * steps) / secs;
+}
+
+void EngineBench(const std::string& cache_dir) {
+  const std::string dir = cache_dir + "/small";
+  if (!LoadModelConfig(dir).ok()) {
+    std::printf("writing the small preset to %s (bf16, ~1.6 GB) ...\n", dir.c_str());
+    TinyModelOptions o;
+    o.dtype = DType::kBF16;
+    Check(WriteTinyModel(dir, *PresetConfig("small"), o), "make the small preset");
+  }
+  auto ck = LoadModelConfig(dir);
+  Check(ck.status(), "config");
+  auto experts = CudaExperts::Create(*ck, 0);
+  Check(experts.status(), "CudaExperts");
+  LocalModelOptions lo;
+  lo.expert_accelerator = experts->get();
+  auto gpu_model = LocalModel::Load(dir, lo);
+  Check(gpu_model.status(), "load");
+  auto cpu_model = LocalModel::Load(dir);
+  Check(cpu_model.status(), "load");
+  CudaEngineOptions g;
+  g.kv_blocks = 64 * 4;  // 64 sequences of up to 64 tokens
+  auto gpu = CudaEngine::Create(*ck, (*gpu_model)->dense(), (*gpu_model)->routed_experts(), g);
+  Check(gpu.status(), "CudaEngine");
+  std::printf("decode tokens/s, small preset (fp32 on the GPU, bf16 weights on the CPU):\n");
+  std::printf("%6s %12s %12s %8s\n", "batch", "gpu", "cpu", "gpu/cpu");
+  for (int64_t batch : {1, 16, 64}) {
+    DecodeTokensPerSecond(**gpu, batch, 2);  // warm-up: experts copied, buffers grown
+    const double on_gpu = DecodeTokensPerSecond(**gpu, batch, 16);
+    const double on_cpu = DecodeTokensPerSecond((*cpu_model)->engine(), batch, batch == 1 ? 8 : 3);
+    std::printf("%6lld %12.1f %12.1f %8.2f\n", static_cast<long long>(batch), on_gpu, on_cpu,
+                on_gpu / on_cpu);
+  }
+}
+
+int Main(int argc, char** argv) {
+  std::string cache_dir = "/tmp/dmoe-bench";
+  bool engine = true;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--model-cache" && i + 1 < argc) {
+      cache_dir = argv[++i];
+    } else if (a == "--no-engine") {
+      engine = false;
+    } else {
+      std::fprintf(stderr, "usage: cuda_bench [--model-cache DIR] [--no-engine]\n");
+      return 2;
+    }
+  }
   const DeviceProbe probe = Probe();
   if (probe.count == 0) {
     std::printf("cuda_bench: %s\n", probe.reason.c_str());
@@ -203,10 +279,11 @@ int Main() {
       bw.peak / 1e9, bw.copied / 1e9);
   MlaDecodeBench(bw);
   ExpertBench();
+  if (engine) EngineBench(cache_dir);
   return 0;
 }
 
 }  // namespace
 }  // namespace dmoe::cuda
 
-int main() { return dmoe::cuda::Main(); }
+int main(int argc, char** argv) { return dmoe::cuda::Main(argc, argv); }

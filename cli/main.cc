@@ -169,7 +169,7 @@ int Logits(int argc, char** argv) {
       argc, argv, WithRemote({"model", "tokens", "out", "attention", "device", "gpu"}), {});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::printf(kLogitsHelp, kRemoteHelp, kDeviceHelp);
+    std::printf(kLogitsHelp, kRemoteHelp, DeviceHelp(19).c_str());
     return 0;
   }
   std::string dir;
@@ -235,7 +235,7 @@ int GenerateCmd(int argc, char** argv) {
                    {"print-token-ids", "ignore-eos"});
   if (!flags.ok()) return Fail(flags.status());
   if (flags->help()) {
-    std::printf(kGenerateHelp, kRemoteHelp, kDeviceHelp);
+    std::printf(kGenerateHelp, kRemoteHelp, DeviceHelp(23).c_str());
     return 0;
   }
   if (flags->Has("target")) {

@@ -1,5 +1,6 @@
 #include "common/device_flags.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -7,12 +8,21 @@
 
 namespace dmoe {
 
-const char kDeviceHelp[] =
-    R"(  --device D           cpu (default) or cuda: with cuda the attention layers (and experts
-                       computed in this process) run on a CUDA GPU; builds without the CUDA
-                       toolkit, or machines without a GPU, refuse it with the reason
-  --gpu N              the CUDA device to use (default 0; with --device cuda)
-)";
+std::string DeviceHelp(int column, bool experts_only) {
+  const std::string pad(static_cast<size_t>(column), ' ');
+  auto flag = [&](const std::string& f) {
+    return "  " + f + pad.substr(std::min(pad.size(), f.size() + 2));
+  };
+  const std::string what = experts_only
+                               ? "cpu (default) or cuda: with cuda the experts run on a CUDA GPU\n"
+                               : "cpu (default) or cuda: with cuda the attention layers (and the "
+                                 "experts\n" +
+                                     pad + "computed in this process) run on a CUDA GPU\n";
+  return flag("--device D") + what + pad +
+         "(fp32 weights); builds without the CUDA toolkit, or machines without a\n" + pad +
+         "GPU, refuse it with the reason\n" + flag("--gpu N") +
+         "the CUDA device to use (default 0; with --device cuda)\n";
+}
 
 absl::StatusOr<DeviceChoice> ParseDevice(const Flags& f) {
   DeviceChoice d;

@@ -2,6 +2,8 @@
 #ifndef DMOE_COMMON_DEVICE_FLAGS_H_
 #define DMOE_COMMON_DEVICE_FLAGS_H_
 
+#include <string>
+
 #include "absl/status/statusor.h"
 #include "common/flags.h"
 
@@ -12,8 +14,9 @@ struct DeviceChoice {
   int gpu = 0;        // --gpu N
 };
 
-// The two flags' --help lines.
-extern const char kDeviceHelp[];
+// The two flags' --help lines, their descriptions starting at `column` (as the other flags');
+// `experts_only`: the process computes only routed experts (dmoe-expert).
+std::string DeviceHelp(int column, bool experts_only = false);
 
 // INVALID_ARGUMENT naming the flag for a device other than cpu or cuda, a negative --gpu, or
 // --gpu without --device cuda.

@@ -8,9 +8,11 @@
 
 namespace dmoe {
 
-ExpertShard::ExpertShard(const ModelConfig& config, std::shared_ptr<const ExpertStore> store)
+ExpertShard::ExpertShard(const ModelConfig& config, std::shared_ptr<const ExpertStore> store,
+                         ExpertAccelerator* accelerator)
     : config_(config),
       store_(std::move(store)),
+      accelerator_(accelerator),
       batcher_(config.hidden_size, config.moe_intermediate_size),
       expert_tokens_(new std::atomic<uint64_t>[static_cast<size_t>(
           std::max<int64_t>(1, config.num_expert_layers() * config.n_routed_experts))]()) {}
@@ -92,7 +94,7 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
     pairs_ += h.pair_count;
   }
   const uint64_t gemms_before = batcher_.gemms();
-  const absl::Status st = batcher_.Run(*store);  // every expert was checked above
+  const absl::Status st = batcher_.Run(*store, accelerator_);  // every expert was checked above
   gemms_ += batcher_.gemms() - gemms_before;
   for (size_t i = 0; i < n; ++i) {
     if (!valid[i]) continue;

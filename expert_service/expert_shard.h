@@ -28,7 +28,9 @@ struct ShardStats {
 
 class ExpertShard {
  public:
-  ExpertShard(const ModelConfig& config, std::shared_ptr<const ExpertStore> store);
+  // With an accelerator (not owned: a GPU, model/cuda_experts.h) the experts compute there.
+  ExpertShard(const ModelConfig& config, std::shared_ptr<const ExpertStore> store,
+              ExpertAccelerator* accelerator = nullptr);
   // Serves from `store` from the next Process call on (the current call keeps the old one).
   // Thread-safe.
   void SetStore(std::shared_ptr<const ExpertStore> store);
@@ -47,6 +49,7 @@ class ExpertShard {
   ModelConfig config_;
   mutable Mutex store_mu_;
   std::shared_ptr<const ExpertStore> store_ ABSL_GUARDED_BY(store_mu_);
+  ExpertAccelerator* accelerator_;
   ExpertBatcher batcher_;
   // Per-batch state, kept between batches so that steady serving allocates nothing.
   std::vector<std::vector<float>> in_, out_;

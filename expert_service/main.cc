@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/cluster_token.h"
+#include "common/device_flags.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/internal_tls.h"
@@ -32,6 +33,7 @@
 #include "kernels/cpu/bf16dot.h"
 #include "kernels/cpu/blas_threads.h"
 #include "model/config.h"
+#include "model/cuda_experts.h"
 #include "model/routed_experts.h"
 #include "model/safetensors.h"
 #include "proto/expert_control.grpc.pb.h"
@@ -82,7 +84,7 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        (--blas-threads N: the same, its former name)
   --inject-delay-ms N  fault injection, for tests only: wait N ms before serving each batch of
                        requests (a slow shard)
-%s%s
+%s%s%s
 UCX is configured through its environment (UCX_TLS, UCX_NET_DEVICES, ...). SIGTERM or SIGINT
 stops the shard; with --router it first deregisters and waits (at most 30 s) until a map without
 it is active, so that no request in flight is refused.
@@ -391,6 +393,19 @@ internal::GetInfoReply Info(const RouterLink::Addresses& a, const ModelConfig& c
   return info;
 }
 
+// --device cuda: the experts compute on GPU --gpu (copied there on first use); else null.
+absl::StatusOr<std::unique_ptr<CudaExperts>> MakeGpuExperts(const Flags& f, const ModelConfig& c) {
+  ASSIGN_OR_RETURN(DeviceChoice d, ParseDevice(f));
+  if (!d.cuda) return std::unique_ptr<CudaExperts>();
+  auto gpu = CudaExperts::Create(c, d.gpu);
+  if (!gpu.ok()) {
+    return absl::Status(gpu.status().code(),
+                        absl::StrCat("--device cuda: ", gpu.status().message()));
+  }
+  spdlog::info("experts compute on {}", (*gpu)->name());
+  return gpu;
+}
+
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-expert");
   auto flags = Flags::Parse(
@@ -398,11 +413,12 @@ int Main(int argc, char** argv) {
       WithInternalTls({"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
                        "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
                        "advertise-host", "expert-dtype", "threads", "blas-threads", "log-level",
-                       "inject-delay-ms"}),
+                       "inject-delay-ms", "device", "gpu"}),
       {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
-    std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);
+    std::printf(kHelp, DeviceHelp(23, /*experts_only=*/true).c_str(), kLogLevelHelp,
+                kInternalTlsHelp);
     return 0;
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
@@ -418,6 +434,8 @@ int Main(int argc, char** argv) {
   if (!o.ok()) return svc.Fail(o.status());
   auto config = LoadModelConfig(o->dir);
   if (!config.ok()) return svc.Fail(config.status());
+  auto gpu = MakeGpuExperts(*flags, *config);  // before loading: fail fast without a GPU
+  if (!gpu.ok()) return svc.Fail(gpu.status());
   uint64_t bytes_read = 0;
   auto store = LoadExperts(*flags, *o, *config, &bytes_read);
   if (!store.ok()) return svc.Fail(store.status());
@@ -428,7 +446,7 @@ int Main(int argc, char** argv) {
   const std::string ucx_listen = flags->StringOr("ucx-listen", "127.0.0.1:0");
   if (ucx_listen != "none") ucx_addr = (*ucx)->Listen(ucx_listen);
   if (!ucx_addr.ok()) return svc.Fail(ucx_addr.status());
-  ExpertShard shard(*config, std::shared_ptr<const ExpertStore>(std::move(*store)));
+  ExpertShard shard(*config, std::shared_ptr<const ExpertStore>(std::move(*store)), gpu->get());
   ExpertServer server(&shard, ucx->get());
   if (o->inject_delay_ms > 0) {
     spdlog::warn("--inject-delay-ms {}: every batch waits (a test-only fault)", o->inject_delay_ms);

@@ -2,12 +2,12 @@
 # The ONE prepared GPU check (issue [cuda]): on a machine with a GPU, builds the CUDA code
 # (-c opt, --config=cuda), runs every GPU test, and prints a summary table. Meant for the scarce
 # minutes of a GPU machine: run it once, fix, run again; never explore interactively there.
-#   bash scripts/gpu_check.sh [--timeout-s 420]
+#   bash scripts/gpu_check.sh [--timeout-s 480]
 # Exit 0 when every GPU test passed (and none was skipped for want of a device). Each test runs in
 # its own process; full outputs go to $OUT (default: a new temporary folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-limit=420
+limit=480
 while [ $# -gt 0 ]; do
   case "$1" in
     --timeout-s) limit=$2; shift 2 ;;
@@ -26,8 +26,11 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" != 1 ] && { [ -z "$driver" ] || [ "${driver%%.*}"
   echo "gpu_check: no usable GPU driver (found '${driver:-none}'; CUDA 13 needs >= 580): nothing to test"
   exit 1
 fi
-tests=(//kernels/cuda:cuda_kernels_test)
-if ! timeout "$limit" bazel build -c opt --config=cuda "${tests[@]}"; then
+# The kernels against the CPU's, the experts on the GPU, the GPU engine against the CPU engine,
+# and the engine / dmoe-attention --device cuda with shards in other processes.
+tests=(//kernels/cuda:cuda_kernels_test //model:cuda_experts_test
+       //attention_service:cuda_engine_test //tests:gpu_cluster_test)
+if ! timeout "$limit" bazel build -c opt --config=cuda "${tests[@]}" //cli:dmoe; then
   echo "gpu_check: the CUDA build of the tests failed"; exit 1
 fi
 timeout "$limit" bazel build -c opt --config=cuda //bench:cuda_bench || echo "gpu_check: cuda_bench did not build"
@@ -41,7 +44,9 @@ for t in "${tests[@]}"; do
     left=$(( limit - ($(date +%s) - start) ))
     [ "$left" -lt 10 ] && { echo "gpu_check: out of time before $name"; rc=1; break 2; }
     log="$out_dir/${name//\//_}.log"
-    timeout "$left" "$bin" --gtest_filter="$name" > "$log" 2>&1; trc=$?
+    mkdir -p "$out_dir/tmp"
+    TEST_SRCDIR="$PWD/$bin.runfiles" TEST_TMPDIR="$out_dir/tmp" \
+      timeout "$left" "$bin" --gtest_filter="$name" > "$log" 2>&1; trc=$?
     if grep -qE '^\[  SKIPPED \] .* \([0-9]+ ms\)$' "$log"; then res=SKIPPED; rc=1
     elif [ $trc -eq 0 ] && grep -qE '^\[       OK \] .* \([0-9]+ ms\)$' "$log"; then res=PASSED
     else res=FAILED; rc=1; fi
@@ -53,6 +58,18 @@ for t in "${tests[@]}"; do
     fi
   done
 done
+# The CLI end to end: the same greedy tokens from --device cuda as from the CPU.
+left=$(( limit - ($(date +%s) - start) ))
+if [ "$left" -gt 30 ]; then
+  m="$out_dir/tmp/cli_model"
+  bazel-bin/cli/dmoe make-tiny-model "$m" --preset tiny --seed 3 > /dev/null 2>&1
+  args=(generate --model "$m" --tokens 5,6,7,8,9 --max-tokens 16 --print-token-ids --prefill-chunk 3)
+  want=$(timeout 60 bazel-bin/cli/dmoe "${args[@]}" 2>&1 | tail -1)
+  got=$(timeout 60 bazel-bin/cli/dmoe "${args[@]}" --device cuda 2> "$out_dir/cli_gpu.log" | tail -1)
+  if [ -n "$want" ] && [ "$want" = "$got" ]; then res=PASSED; else res=FAILED; rc=1; fi
+  printf '%-64s %-8s\n' "dmoe generate --device cuda == --device cpu" "$res"
+  [ "$res" = FAILED ] && { echo "    cpu: $want"; echo "    gpu: $got"; sed 's/^/    /' "$out_dir/cli_gpu.log" | tail -5; }
+fi
 left=$(( limit - ($(date +%s) - start) ))
 if [ "$left" -gt 30 ]; then
   echo; echo "benchmarks (bench/cuda_bench):"
