@@ -413,30 +413,39 @@ absl::Status CudaEngine::Moe(int64_t l, const Plan& plan) {
   auto* ids = reinterpret_cast<int32_t*>(w + n * k);
   RETURN_IF_ERROR(cuda::Linear(blas_, x_.as<float>(), n, dl.gate, e, d, router));
   RETURN_IF_ERROR(cuda::SelectExperts(gate_, router, n, dl.gate_bias, ids, w, router + n * e));
-  host_x_.resize(static_cast<size_t>(n * d));
-  host_w_.resize(static_cast<size_t>(n * k));
-  host_ids_.resize(static_cast<size_t>(n * k));
-  host_out_.assign(static_cast<size_t>(n * d), 0.0f);
-  RETURN_IF_ERROR(cuda::CopyToHost(host_x_.data(), x_.as<float>(), host_x_.size() * 4));
-  RETURN_IF_ERROR(cuda::CopyToHost(host_w_.data(), w, host_w_.size() * 4));
-  RETURN_IF_ERROR(cuda::CopyToHost(host_ids_.data(), ids, host_ids_.size() * 4));
-  for (int32_t id : host_ids_) {
-    expert_tokens_[static_cast<size_t>(l * e + id)].fetch_add(1, std::memory_order_relaxed);
+  // Rows cross to the experts and back through page-locked host memory: x, out [n, D], then
+  // the weights and ids [n, k].
+  const size_t rows = static_cast<size_t>(n * d), picks = static_cast<size_t>(n * k);
+  if (staging_.bytes() < (2 * rows + 2 * picks) * 4) {
+    ASSIGN_OR_RETURN(staging_, cuda::PinnedBuffer::Alloc(
+                                   std::max((2 * rows + 2 * picks) * 4, staging_.bytes() * 3 / 2)));
   }
-  RETURN_IF_ERROR(experts_->Begin(l, host_x_.data(), n, host_ids_.data(), host_w_.data(), k));
+  float* host_x = staging_.as<float>();
+  float* host_out = host_x + rows;
+  float* host_w = host_out + rows;
+  auto* host_ids = reinterpret_cast<int32_t*>(host_w + picks);
+  std::fill(host_out, host_out + rows, 0.0f);
+  RETURN_IF_ERROR(cuda::CopyToHost(host_x, x_.as<float>(), rows * 4));
+  RETURN_IF_ERROR(cuda::CopyToHost(host_w, w, picks * 4));
+  RETURN_IF_ERROR(cuda::CopyToHost(host_ids, ids, picks * 4));
+  for (size_t i = 0; i < picks; ++i) {
+    expert_tokens_[static_cast<size_t>(l * e + host_ids[i])].fetch_add(1,
+                                                                       std::memory_order_relaxed);
+  }
+  RETURN_IF_ERROR(experts_->Begin(l, host_x, n, host_ids, host_w, k));
   float* tmp = tmp_.as<float>();
   absl::Status shared;
   if (c.n_shared_experts > 0) {
     shared = Mlp(dl, /*shared=*/true, n, tmp);
-    if (shared.ok()) shared = cuda::CopyToHost(host_out_.data(), tmp, host_out_.size() * 4);
+    if (shared.ok()) shared = cuda::CopyToHost(host_out, tmp, rows * 4);
   }
   if (!shared.ok()) {
-    std::vector<float> drop(host_out_.size());
+    std::vector<float> drop(rows);
     experts_->Finish(drop.data()).IgnoreError();  // nothing stays at the experts
     return shared;
   }
-  RETURN_IF_ERROR(experts_->Finish(host_out_.data()));
-  RETURN_IF_ERROR(cuda::CopyToDevice(tmp, host_out_.data(), host_out_.size() * 4));
+  RETURN_IF_ERROR(experts_->Finish(host_out));
+  RETURN_IF_ERROR(cuda::CopyToDevice(tmp, host_out, rows * 4));
   return cuda::Add(tmp, n * d, h_.as<float>());
 }
 

@@ -107,9 +107,8 @@ class CudaEngine : public StepEngine {
   // Per-step device scratch.
   cuda::DeviceBuffer ints_, h_, x_, tmp_, q_, qa_, kva_, attn_, lat_, kv_, scores_, router_,
       gate_w_, mlp_, mla_scratch_, final_, logits_;
-  // Per-step host scratch.
-  std::vector<float> host_x_, host_w_, host_out_;
-  std::vector<int32_t> host_ids_;
+  // Per-step page-locked host scratch: the rows to and from the routed experts.
+  cuda::PinnedBuffer staging_;
 };
 
 }  // namespace dmoe

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "transport/ucx.h"
 
 namespace dmoe {
 
@@ -33,6 +34,15 @@ absl::StatusOr<std::unique_ptr<DeviceModel>> DeviceModel::Load(const std::string
     std::fprintf(stderr, "device: %s; weights %.1f MiB and KV pool %.1f MiB on it; experts %s\n",
                  cuda::Probe().name.c_str(), m->gpu_->weight_bytes() / 1048576.0,
                  m->gpu_->kv_bytes() / 1048576.0, remote ? "on the shards" : "on the same GPU");
+    if (remote) {
+      auto cuda_memory = transport::UcxSupportsCudaMemory();
+      std::fprintf(stderr,
+                   "hidden rows to the shards: through page-locked host buffers (UCX CUDA "
+                   "memory: %s)\n",
+                   !cuda_memory.ok() ? std::string(cuda_memory.status().message()).c_str()
+                   : *cuda_memory    ? "supported by this UCX, not used yet"
+                                     : "not supported by this UCX build");
+    }
   }
   return m;
 }

@@ -34,6 +34,11 @@ class UcxServer : public ServerTransport {
 // requests on any other endpoint are dropped unanswered and counted (ServerStats::refused_*).
 absl::StatusOr<std::unique_ptr<UcxServer>> NewUcxServer(std::string cluster_token = "");
 
+// Whether this process's UCX (its build and UCX_TLS) can send from and receive into CUDA device
+// memory (ucp_context_query's memory types): Debian's UCX cannot. OK(false) when it cannot;
+// UNAVAILABLE when UCX does not initialize.
+absl::StatusOr<bool> UcxSupportsCudaMemory();
+
 }  // namespace dmoe::transport
 
 #endif  // DMOE_TRANSPORT_UCX_H_

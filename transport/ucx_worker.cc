@@ -13,6 +13,32 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/mutex.h"
+#include "transport/ucx.h"
+
+namespace dmoe::transport {
+
+absl::StatusOr<bool> UcxSupportsCudaMemory() {
+  ucp_params_t params;
+  std::memset(&params, 0, sizeof(params));
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_AM;
+  ucp_config_t* config = nullptr;
+  ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
+  if (s != UCS_OK) return ucx_internal::UcsError("ucp_config_read", s);
+  ucp_context_h context = nullptr;
+  s = ucp_init(&params, config, &context);
+  ucp_config_release(config);
+  if (s != UCS_OK) return ucx_internal::UcsError("ucp_init", s);
+  ucp_context_attr_t attr;
+  std::memset(&attr, 0, sizeof(attr));
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  s = ucp_context_query(context, &attr);
+  ucp_cleanup(context);
+  if (s != UCS_OK) return ucx_internal::UcsError("ucp_context_query", s);
+  return (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+}
+
+}  // namespace dmoe::transport
 
 namespace dmoe::transport::ucx_internal {
 

@@ -87,6 +87,26 @@ absl::Status DeviceBuffer::Download(void* dst, size_t bytes) const {
   return DMOE_CUDA_CHECK(cudaMemcpy(dst, p_, bytes, cudaMemcpyDeviceToHost));
 }
 
+absl::StatusOr<PinnedBuffer> PinnedBuffer::Alloc(size_t bytes) {
+  PinnedBuffer b;
+  if (bytes > 0) DMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&b.p_, bytes));
+  b.bytes_ = bytes;
+  return b;
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  if (p_ != nullptr) cudaFreeHost(p_);
+}
+
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+  if (this != &o) {
+    if (p_ != nullptr) cudaFreeHost(p_);
+    p_ = std::exchange(o.p_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
 absl::Status SetDevice(int device) { return DMOE_CUDA_CHECK(cudaSetDevice(device)); }
 
 absl::Status CopyToDevice(void* device_dst, const void* src, size_t bytes) {
@@ -239,6 +259,13 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 absl::Status DeviceBuffer::Upload(const void*, size_t) { return NoToolkit(); }
 absl::Status DeviceBuffer::Download(void*, size_t) const { return NoToolkit(); }
 absl::Status Synchronize(void*) { return NoToolkit(); }
+absl::StatusOr<PinnedBuffer> PinnedBuffer::Alloc(size_t) { return NoToolkit(); }
+PinnedBuffer::~PinnedBuffer() = default;
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+  p_ = std::exchange(o.p_, nullptr);
+  bytes_ = std::exchange(o.bytes_, 0);
+  return *this;
+}
 absl::Status SetDevice(int) { return NoToolkit(); }
 absl::Status CopyToDevice(void*, const void*, size_t) { return NoToolkit(); }
 absl::Status CopyToHost(void*, const void*, size_t) { return NoToolkit(); }

@@ -71,6 +71,27 @@ absl::Status DeviceBuffer::Download(void* dst, size_t bytes) const {
 
 absl::Status Synchronize(void*) { return absl::OkStatus(); }
 
+absl::StatusOr<PinnedBuffer> PinnedBuffer::Alloc(size_t bytes) {
+  PinnedBuffer b;
+  if (bytes > 0) {
+    b.p_ = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+    if (b.p_ == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("host emulation: ", bytes, " bytes"));
+    }
+  }
+  b.bytes_ = bytes;
+  return b;
+}
+PinnedBuffer::~PinnedBuffer() { std::free(p_); }
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+  if (this != &o) {
+    std::free(p_);
+    p_ = std::exchange(o.p_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
 absl::Status SetDevice(int device) {
   if (device != 0) {
     return absl::InvalidArgumentError(
