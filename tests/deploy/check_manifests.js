@@ -54,10 +54,15 @@ for (const w of workloads) {
       if (!ref || ref.resource !== "requests.cpu") fail(`${cn}: BLAS_THREADS is not the pod's requests.cpu`);
       if (!/--blas-threads[ =]"?\$BLAS_THREADS"?/.test(args)) fail(`${cn}: no --blas-threads "$BLAS_THREADS"`);
     }
+    if (w.metadata.name === "dmoe-expert" || w.metadata.name === "dmoe-attention") {
+      if (!/--device[ =]"?\$DEVICE"?/.test(args)) fail(`${cn}: no --device "$DEVICE"`);
+    }
     if (overlay === "gpu-rdma" && (w.metadata.name === "dmoe-expert" || w.metadata.name === "dmoe-attention")) {
       for (const r of ["nvidia.com/gpu", "rdma/rdma_shared_device_a", "hugepages-2Mi"]) {
         if (!c.resources.limits || !c.resources.limits[r]) fail(`${cn}: gpu-rdma needs a ${r} limit`);
       }
+      // The GPU code is in the CUDA build only (deploy/docker/gpu.Dockerfile).
+      if (!/^dmoe-gpu(:|$)/.test(c.image)) fail(`${cn}: gpu-rdma runs the dmoe-gpu image, not ${c.image}`);
     }
   }
   for (const v of tmpl.spec.volumes || []) {
@@ -132,6 +137,11 @@ const cfg = byKind("ConfigMap").find((m) => m.metadata.name.startsWith("dmoe-con
 const range = cfg && cfg.data && cfg.data.UCX_TCP_PORT_RANGE;
 const rm = (range || "").match(/^(\d+)-(\d+)$/);
 if (!rm) fail("dmoe-config: UCX_TCP_PORT_RANGE must be LO-HI");
+// Where the shards and attention nodes compute: cuda only in the GPU overlay (and its image).
+const device = cfg && cfg.data && cfg.data.DEVICE;
+if (device !== (overlay === "gpu-rdma" ? "cuda" : "cpu")) fail(`dmoe-config: DEVICE is ${device} in ${overlay}`);
+// Debian's UCX has no CUDA transports, and dmoe gives UCX host memory: none may be named.
+if (/cuda/.test((cfg && cfg.data && cfg.data.UCX_TLS) || "")) fail("dmoe-config: UCX_TLS names a CUDA transport");
 const expertSvc = byKind("Service").find((s) => s.metadata.name === "dmoe-expert");
 for (let p = rm ? Number(rm[1]) : 0; rm && p <= Number(rm[2]); ++p) {
   if (!expertSvc || !expertSvc.spec.ports.some((x) => x.port === p)) fail(`Service/dmoe-expert: UCX port ${p} is not declared`);
