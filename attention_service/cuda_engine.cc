@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "model/cuda_experts.h"
 #include "model/kernel_params.h"
 
 namespace dmoe {
@@ -15,14 +16,16 @@ constexpr double kLatentNormEps = 1e-6;  // as Engine: the q_a / kv_a layernorms
 }  // namespace
 
 // One decoder layer's tensors in device memory (fp32), null where the model has none.
+// The projections fp32, or bf16 where the host holds them as bf16 (CudaEngineOptions::keep_bf16);
+// kv_b (read by the attention kernels) and the router stay fp32, as on the CPU.
 struct CudaEngine::DeviceLayer {
-  const float *input_norm = nullptr, *post_norm = nullptr;
-  const float *q_a = nullptr, *q_a_norm = nullptr, *q_b = nullptr, *q = nullptr;
-  const float *kv_a = nullptr, *kv_a_norm = nullptr, *kv_b = nullptr, *o = nullptr;
+  const float *input_norm = nullptr, *post_norm = nullptr, *q_a_norm = nullptr;
+  cuda::DeviceWeight q_a, q_b, q, kv_a, o;
+  const float *kv_a_norm = nullptr, *kv_b = nullptr;
   bool moe = false;
-  const float *gate = nullptr, *gate_bias = nullptr;                        // moe: the router
-  const float *mlp_gate = nullptr, *mlp_up = nullptr, *mlp_down = nullptr;  // dense MLP
-  const float *shared_gate = nullptr, *shared_up = nullptr, *shared_down = nullptr;
+  const float *gate = nullptr, *gate_bias = nullptr;  // moe: the router
+  cuda::DeviceWeight mlp_gate, mlp_up, mlp_down;      // dense MLP
+  cuda::DeviceWeight shared_gate, shared_up, shared_down;
 };
 
 // Where one step's rows go. Inside the engine the decode sequences' rows come first (one each,
@@ -99,39 +102,49 @@ absl::Status CudaEngine::Upload(const DenseWeights& w) {
     weights_.push_back(std::move(*b));
     return weights_.back().as<float>();
   };
-  auto linear = [&](const LinearWeight& lw) -> const float* {
-    if (lw.empty()) return nullptr;
-    if (lw.format == cpu::WeightFormat::kF32) return vec(lw.w);
-    LinearWeight f = lw;  // bf16 / 8-bit: fp32 on the device for now
-    f.ConvertTo(cpu::WeightFormat::kF32);
-    return vec(f.w);
+  auto linear = [&](const LinearWeight& lw, bool keep_bf16) -> cuda::DeviceWeight {
+    cuda::DeviceWeight d;
+    if (lw.empty() || !status.ok()) return d;
+    auto b = UploadLinear(lw, keep_bf16, &d.bf16);
+    if (!b.ok()) {
+      status = b.status();
+      return d;
+    }
+    weight_bytes_ += b->bytes();
+    weights_.push_back(std::move(*b));
+    d.w = weights_.back().get();
+    return d;
   };
-  embed_ = linear(w.embed);
+  auto fp32 = [&](const LinearWeight& lw) {
+    return static_cast<const float*>(linear(lw, false).w);
+  };
+  const bool bf16 = options_.keep_bf16;
+  embed_ = linear(w.embed, bf16);
   final_norm_ = vec(w.final_norm);
-  lm_head_ = linear(w.lm_head);
+  lm_head_ = linear(w.lm_head, bf16);
   layers_.resize(w.layers.size());
   for (size_t l = 0; l < w.layers.size() && status.ok(); ++l) {
     const LayerWeights& lw = w.layers[l];
     DeviceLayer& d = layers_[l];
     d.input_norm = vec(lw.input_norm);
     d.post_norm = vec(lw.post_norm);
-    d.q_a = linear(lw.q_a);
+    d.q_a = linear(lw.q_a, bf16);
     d.q_a_norm = vec(lw.q_a_norm);
-    d.q_b = linear(lw.q_b);
-    d.q = linear(lw.q);
-    d.kv_a = linear(lw.kv_a);
+    d.q_b = linear(lw.q_b, bf16);
+    d.q = linear(lw.q, bf16);
+    d.kv_a = linear(lw.kv_a, bf16);
     d.kv_a_norm = vec(lw.kv_a_norm);
-    d.kv_b = linear(lw.kv_b);
-    d.o = linear(lw.o);
+    d.kv_b = fp32(lw.kv_b);
+    d.o = linear(lw.o, bf16);
     d.moe = lw.moe;
-    d.gate = linear(lw.gate);
+    d.gate = fp32(lw.gate);
     d.gate_bias = vec(lw.gate_bias);
-    d.mlp_gate = linear(lw.dense.gate);
-    d.mlp_up = linear(lw.dense.up);
-    d.mlp_down = linear(lw.dense.down);
-    d.shared_gate = linear(lw.shared.gate);
-    d.shared_up = linear(lw.shared.up);
-    d.shared_down = linear(lw.shared.down);
+    d.mlp_gate = linear(lw.dense.gate, bf16);
+    d.mlp_up = linear(lw.dense.up, bf16);
+    d.mlp_down = linear(lw.dense.down, bf16);
+    d.shared_gate = linear(lw.shared.gate, bf16);
+    d.shared_up = linear(lw.shared.up, bf16);
+    d.shared_down = linear(lw.shared.down, bf16);
   }
   return status;
 }
@@ -185,7 +198,7 @@ absl::Status CudaEngine::Step(std::vector<SequenceStep>& batch,
   RETURN_IF_ERROR(ValidateStep(config_, batch, &plan.n));
   RETURN_IF_ERROR(Prepare(batch, plan.n, &plan));
   ASSIGN_OR_RETURN(float* h, Scratch(h_, plan.n * config_.hidden_size));
-  RETURN_IF_ERROR(cuda::Embedding(embed_, false, config_.hidden_size, plan.ids, plan.n, h));
+  RETURN_IF_ERROR(cuda::Embedding(embed_.w, embed_.bf16, config_.hidden_size, plan.ids, plan.n, h));
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) RETURN_IF_ERROR(Layer(l, plan));
   return Logits(batch, plan, logits);
 }
@@ -391,9 +404,9 @@ absl::Status CudaEngine::Mlp(const DeviceLayer& dl, bool shared, int64_t n, floa
   const ModelConfig& c = config_;
   const int64_t d = c.hidden_size;
   const int64_t width = shared ? c.moe_intermediate_size * c.n_shared_experts : c.intermediate_size;
-  const float* gate = shared ? dl.shared_gate : dl.mlp_gate;
-  const float* up = shared ? dl.shared_up : dl.mlp_up;
-  const float* down = shared ? dl.shared_down : dl.mlp_down;
+  const cuda::DeviceWeight gate = shared ? dl.shared_gate : dl.mlp_gate;
+  const cuda::DeviceWeight up = shared ? dl.shared_up : dl.mlp_up;
+  const cuda::DeviceWeight down = shared ? dl.shared_down : dl.mlp_down;
   ASSIGN_OR_RETURN(float* g, Scratch(mlp_, 2 * n * width));
   float* u = g + n * width;
   RETURN_IF_ERROR(cuda::Linear(blas_, x_.as<float>(), n, gate, width, d, g));

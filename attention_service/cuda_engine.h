@@ -1,10 +1,10 @@
-// The layer loop of Engine (engine.h) on a CUDA device: the dense weights as fp32 in device
-// memory, the latent KV cache as a device block pool with LatentKvCache's accounting (the same
-// block ids, prefix keys and RESOURCE_EXHAUSTED as the CPU cache), decode attention in the
-// absorbed form over the paged pool (cuda::MlaDecodeAbsorbed) and prefill in the naive form
-// through cuBLAS. Routed experts go through a RoutedExperts backend on the host (in-process CPU
-// experts or remote shards: hidden rows cross through host memory), so a GPU attention node
-// works with any expert shard.
+// The layer loop of Engine (engine.h) on a CUDA device: the dense weights in device memory (fp32,
+// or bf16 as a bf16 checkpoint holds them), the latent KV cache as a device block pool with
+// LatentKvCache's accounting (the same block ids, prefix keys and RESOURCE_EXHAUSTED as the CPU
+// cache), decode attention in the absorbed form over the paged pool (cuda::MlaDecodeAbsorbed) and
+// prefill in the naive form through cuBLAS. Routed experts go through a RoutedExperts backend on
+// the host (in-process CPU experts or remote shards: hidden rows cross through host memory), so a
+// GPU attention node works with any expert shard.
 //
 // A DeepSeek-V3 checkpoint runs without its MTP layer (has_mtp() is false: no speculative
 // decoding on the GPU yet).
@@ -35,6 +35,10 @@ struct CudaEngineOptions {
   int64_t block_tokens = 16;  // KV pool: tokens per block
   int64_t kv_blocks = 256;    // KV pool: blocks (all layers' rows of block_tokens tokens each)
   cpu::KvDType kv_dtype = cpu::KvDType::kF32;
+  // Projections, lm_head and the embedding held as bf16 on the host (a bf16 checkpoint) stay bf16
+  // on the device: half the memory; their products round the activations to bf16 (compare with
+  // the CPU within 1e-2, not 1e-4). false: fp32 everywhere.
+  bool keep_bf16 = true;
   // Prefill attention computes the scores of as many heads at once as fit in this many floats
   // (at least one head).
   int64_t prefill_score_floats = int64_t{1} << 26;  // 256 MiB
@@ -97,9 +101,8 @@ class CudaEngine : public StepEngine {
   cuda::RopeTable rope_;
   std::vector<cuda::DeviceBuffer> weights_;  // every uploaded tensor
   std::vector<DeviceLayer> layers_;
-  const float* embed_ = nullptr;
+  cuda::DeviceWeight embed_, lm_head_;
   const float* final_norm_ = nullptr;
-  const float* lm_head_ = nullptr;
   uint64_t weight_bytes_ = 0;
   std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
   std::unique_ptr<LatentKvCache> cache_;

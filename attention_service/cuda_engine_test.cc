@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "attention_service/local_model.h"
+#include "common/dtype.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/bf16dot.h"
 #include "model/cuda_experts.h"
 #include "model/tiny_model.h"
 
@@ -210,6 +212,41 @@ TEST_F(CudaEngineTest, WithTheExpertsOnTheDeviceToo) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   RunMixedBatches(**gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
   EXPECT_GT((*experts)->experts(), 0u);
+}
+
+// A bf16 checkpoint: its projections stay bf16 on the device (and the experts' with
+// CudaExperts), whose products round the activations to bf16 — what the CPU engine does with
+// --bf16-activations (cpu::SetBf16Activations) for the matrices it packs (not every tiny shape
+// packs: those stay A32 there), so they agree to ~3e-3: the bf16 tolerance, 1e-2. With
+// keep_bf16 off, fp32 on the device against the CPU's exact fp32 upcast: 1e-4.
+TEST_F(CudaEngineTest, Bf16CheckpointStaysBf16OnTheDevice) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/cuda_engine_bf16";
+  TinyModelOptions t;
+  t.seed = 21;
+  t.dtype = DType::kBF16;
+  ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), t).ok());
+  auto cpu_model = LocalModel::Load(dir);
+  ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
+  uint64_t bytes[2] = {0, 0};
+  for (bool keep : {true, false}) {
+    auto experts = CudaExperts::Create(model_->config(), 0, keep);
+    ASSERT_TRUE(experts.ok()) << experts.status();
+    LocalRoutedExperts on_device(model_->config(), &(*cpu_model)->experts(), experts->get());
+    CudaEngineOptions o;
+    o.block_tokens = 4;
+    o.kv_blocks = 96;
+    o.keep_bf16 = keep;
+    auto gpu = CudaEngine::Create((*cpu_model)->config(), (*cpu_model)->dense(), &on_device, o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    bytes[keep ? 0 : 1] = (*gpu)->weight_bytes();
+    cpu::SetBf16Activations(keep);
+    RunMixedBatches(**gpu, (*cpu_model)->engine(), cpu::KvDType::kF32, keep ? 1e-2 : 1e-4);
+    cpu::SetBf16Activations(false);
+  }
+  // kv_b and the router stay fp32: a little over half the fp32 bytes.
+  EXPECT_LT(bytes[0], bytes[1] * 6 / 10);
+  EXPECT_GT(bytes[0], bytes[1] / 2);
 }
 
 // A second sequence attaches the first one's registered blocks and computes only the rest.

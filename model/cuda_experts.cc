@@ -3,11 +3,29 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/status_macros.h"
 
 namespace dmoe {
 
-absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(const ModelConfig& c, int device) {
+absl::StatusOr<cuda::DeviceBuffer> UploadLinear(const LinearWeight& w, bool keep_bf16, bool* bf16) {
+  LinearWeight f = w;  // row-major fp32 (unpacked, dequantized)
+  f.ConvertTo(cpu::WeightFormat::kF32);
+  *bf16 = keep_bf16 && w.format == cpu::WeightFormat::kBf16;
+  if (*bf16) {
+    std::vector<uint16_t> h(f.w.size());
+    FloatToBf16N(f.w.data(), f.w.size(), h.data());  // exact: the values came from bf16
+    ASSIGN_OR_RETURN(cuda::DeviceBuffer b, cuda::DeviceBuffer::Alloc(h.size() * 2));
+    RETURN_IF_ERROR(b.Upload(h.data(), h.size() * 2));
+    return b;
+  }
+  ASSIGN_OR_RETURN(cuda::DeviceBuffer b, cuda::DeviceBuffer::Alloc(f.w.size() * 4));
+  RETURN_IF_ERROR(b.Upload(f.w.data(), f.w.size() * 4));
+  return b;
+}
+
+absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(const ModelConfig& c, int device,
+                                                                 bool keep_bf16) {
   const cuda::DeviceProbe probe = cuda::Probe();
   if (probe.count == 0) return absl::UnavailableError(probe.reason);
   if (device < 0 || device >= probe.count) {
@@ -19,6 +37,7 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(const ModelConf
   e->hidden_ = c.hidden_size;
   e->width_ = c.moe_intermediate_size;
   e->device_ = device;
+  e->keep_bf16_ = keep_bf16;
   e->name_ = absl::StrCat("cuda:", device, " (", probe.name, ")");
   ASSIGN_OR_RETURN(e->blas_, cuda::Blas::Create(nullptr));
   return e;
@@ -44,18 +63,16 @@ absl::StatusOr<cuda::ExpertWeights> CudaExperts::Weights(const ExpertStore& stor
          {std::pair<const LinearWeight*, cuda::DeviceBuffer*>{&m->gate, &held.gate},
           {&m->up, &held.up},
           {&m->down, &held.down}}) {
-      LinearWeight f = *src;  // any held format: fp32 on the device for now
-      f.ConvertTo(cpu::WeightFormat::kF32);
-      ASSIGN_OR_RETURN(*dst, cuda::DeviceBuffer::Alloc(f.w.size() * sizeof(float)));
-      RETURN_IF_ERROR(dst->Upload(f.w.data(), f.w.size() * sizeof(float)));
+      ASSIGN_OR_RETURN(*dst, UploadLinear(*src, keep_bf16_, &held.bf16));
       device_bytes_ += dst->bytes();
     }
     it = on_device_.emplace(std::make_pair(layer, expert), std::move(held)).first;
   }
   cuda::ExpertWeights w;
-  w.gate = it->second.gate.as<float>();
-  w.up = it->second.up.as<float>();
-  w.down = it->second.down.as<float>();
+  w.gate = it->second.gate.get();
+  w.up = it->second.up.get();
+  w.down = it->second.down.get();
+  w.bf16 = it->second.bf16;
   return w;
 }
 

@@ -21,14 +21,22 @@
 #include "kernels/cuda/expert_ffn.h"
 #include "model/config.h"
 #include "model/routed_experts.h"
+#include "model/weights.h"
 
 namespace dmoe {
+
+// A linear weight in device memory, row-major [out, in]: bf16 bits when it is held as bf16 and
+// `keep_bf16` (*bf16 = true), else fp32 (8-bit weights dequantized). Host memory holds one
+// matrix's conversion at a time.
+absl::StatusOr<cuda::DeviceBuffer> UploadLinear(const LinearWeight& w, bool keep_bf16, bool* bf16);
 
 class CudaExperts : public ExpertAccelerator {
  public:
   // UNAVAILABLE without a usable device (cuda::Probe's reason); INVALID_ARGUMENT for a device
-  // number it does not have.
-  static absl::StatusOr<std::unique_ptr<CudaExperts>> Create(const ModelConfig& c, int device);
+  // number it does not have. `keep_bf16`: bf16 experts stay bf16 on the device (half the memory;
+  // their products round the activations to bf16), else everything is fp32 there.
+  static absl::StatusOr<std::unique_ptr<CudaExperts>> Create(const ModelConfig& c, int device,
+                                                             bool keep_bf16 = true);
   absl::Status Run(const ExpertStore& store, const std::vector<ExpertGroup>& groups, const float* x,
                    int64_t rows, float* y) override;
   std::string name() const override { return name_; }
@@ -39,6 +47,7 @@ class CudaExperts : public ExpertAccelerator {
  private:
   struct Held {
     cuda::DeviceBuffer gate, up, down;
+    bool bf16 = false;
   };
   CudaExperts() = default;
   // The device copy of (layer, expert), made from the store's weights on first use.
@@ -48,6 +57,7 @@ class CudaExperts : public ExpertAccelerator {
 
   int64_t hidden_ = 0, width_ = 0;
   int device_ = 0;
+  bool keep_bf16_ = true;
   std::string name_;
   cuda::Blas blas_;
   std::map<std::pair<int64_t, int64_t>, Held> on_device_;

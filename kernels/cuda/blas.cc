@@ -44,6 +44,18 @@ absl::Status RunGemm(const Blas& blas, const Gemm& g) {
   return absl::OkStatus();
 }
 
+// Row-major c [m, n] = a [m, k] @ b [n, k]^T in cuBLAS's column-major view: c^T = b a^T.
+absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+                         const uint16_t* b, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return absl::OkStatus();
+  const float one = 1.0f, zero = 0.0f;
+  DMOE_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(static_cast<cublasHandle_t>(blas.handle()), CUBLAS_OP_T,
+                                           CUBLAS_OP_N, I(n), I(m), I(k), &one, b, CUDA_R_16BF,
+                                           I(k), a, CUDA_R_16BF, I(k), &zero, c, CUDA_R_32F, I(ldc),
+                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Blas> Blas::Create(void* stream) {
   Blas b;
   cublasHandle_t h = nullptr;
@@ -65,6 +77,7 @@ Blas& Blas::operator=(Blas&& o) noexcept {
     if (handle_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(handle_));
     handle_ = std::exchange(o.handle_, nullptr);
     stream_ = o.stream_;
+    bf16_ = std::move(o.bf16_);
   }
   return *this;
 }
@@ -78,9 +91,14 @@ Blas::~Blas() = default;
 Blas& Blas::operator=(Blas&& o) noexcept {
   handle_ = std::exchange(o.handle_, nullptr);
   stream_ = o.stream_;
+  bf16_ = std::move(o.bf16_);
   return *this;
 }
 absl::Status RunGemm(const Blas&, const Gemm&) {
+  return absl::UnavailableError("built without the CUDA toolkit");
+}
+absl::Status RunGemmBf16(const Blas&, int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*,
+                         float*, int64_t) {
   return absl::UnavailableError("built without the CUDA toolkit");
 }
 

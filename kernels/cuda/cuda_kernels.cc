@@ -137,6 +137,10 @@ absl::Status Add(const float* a, int64_t n, float* y, void* stream) {
   return DMOE_CUDA_CHECK(launch::Add(a, n, y, stream));
 }
 
+absl::Status ToBf16(const float* x, int64_t n, uint16_t* y, void* stream) {
+  return DMOE_CUDA_CHECK(launch::ToBf16(x, n, y, stream));
+}
+
 absl::Status SiluMul(const float* g, const float* u, int64_t n, float* h, void* stream) {
   return DMOE_CUDA_CHECK(launch::SiluMul(g, u, n, h, stream));
 }
@@ -277,6 +281,7 @@ absl::Status RmsNorm(const float*, int64_t, int64_t, int64_t, const float*, doub
   return NoToolkit();
 }
 absl::Status Add(const float*, int64_t, float*, void*) { return NoToolkit(); }
+absl::Status ToBf16(const float*, int64_t, uint16_t*, void*) { return NoToolkit(); }
 absl::Status StoreLatentRows(const cpu::MlaParams&, const LatentPool&, const float*, int64_t,
                              const int32_t*, void*) {
   return NoToolkit();

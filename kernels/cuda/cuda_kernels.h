@@ -95,6 +95,8 @@ absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, do
 // The same with row strides: row r at x + r * ldx and y + r * ldy (x == y allowed).
 absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w,
                      double eps, float* y, int64_t ldy, void* stream = nullptr);
+// y[i] = x[i] rounded to bf16 (round to nearest even; the bits), i < n.
+absl::Status ToBf16(const float* x, int64_t n, uint16_t* y, void* stream = nullptr);
 // y[i] += a[i], i < n.
 absl::Status Add(const float* a, int64_t n, float* y, void* stream = nullptr);
 // cpu::SiluMul.

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/expert_ffn.h"
@@ -436,6 +437,40 @@ TEST(CudaKernels, StridedBatchedGemmInBothLayouts) {
     CUDA_OK(RunGemm(*blas, g));
     EXPECT_LE(MaxRelative(ToHost<float>(dc, want.size()), want), 1e-5) << "b_trans " << trans;
   }
+}
+
+// bf16 products: the activations rounded to bf16 (RNE, as FloatToBf16), the products summed in
+// fp32; against the same sums in double over the rounded values.
+TEST(CudaKernels, Bf16LinearRoundsTheActivations) {
+  SKIP_WITHOUT_GPU();
+  auto blas = Blas::Create();
+  ASSERT_TRUE(blas.ok()) << blas.status();
+  const int64_t m = 7, in = 320, out = 96;
+  const auto x = Random(static_cast<size_t>(m * in), 41);
+  const auto wf = Random(static_cast<size_t>(out * in), 42, 0.05f);
+  std::vector<uint16_t> w(wf.size());
+  for (size_t i = 0; i < wf.size(); ++i) w[i] = FloatToBf16(wf[i]);
+  std::vector<float> want(static_cast<size_t>(m * out));
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t k = 0; k < in; ++k) {
+        acc += static_cast<double>(Bf16ToFloat(FloatToBf16(x[r * in + k]))) *
+               Bf16ToFloat(w[o * in + k]);
+      }
+      want[r * out + o] = static_cast<float>(acc);
+    }
+  }
+  DeviceBuffer dx = ToDevice(x), dw = ToDevice(w);
+  auto dy = DeviceBuffer::Alloc(want.size() * 4);
+  CUDA_OK(dy.status());
+  CUDA_OK(Linear(*blas, dx.as<float>(), m, DeviceWeight{dw.get(), true}, out, in, dy->as<float>()));
+  EXPECT_LE(MaxRelative(ToHost<float>(*dy, want.size()), want), 1e-5);
+  auto db = DeviceBuffer::Alloc(x.size() * 2);
+  CUDA_OK(db.status());
+  CUDA_OK(ToBf16(dx.as<float>(), static_cast<int64_t>(x.size()), db->as<uint16_t>()));
+  const std::vector<uint16_t> bits = ToHost<uint16_t>(*db, x.size());
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(bits[i], FloatToBf16(x[i])) << i;
 }
 
 }  // namespace

@@ -171,6 +171,11 @@ __global__ void CausalSoftmaxKernel(float* s, int64_t m, int64_t ctx, int64_t po
   for (int64_t u = threadIdx.x; u < limit; u += blockDim.x) row[u] *= inv;
 }
 
+__global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+}
+
 bool BadPool(const LatentPool& p) {
   return p.rank <= 0 || p.rope < 0 || p.block_tokens <= 0 || p.block_bytes <= 0 || p.kv_dtype < 0 ||
          p.kv_dtype > 2 || p.block_bytes % 4 != 0 || (p.kv_dtype != 0 && p.rank % 4 != 0);
@@ -183,6 +188,14 @@ int Add(const float* a, int64_t n, float* y, void* stream) {
   Clear();
   AddKernel<<<static_cast<unsigned>(Blocks(n)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       a, n, y);
+  return Err();
+}
+
+int ToBf16(const float* x, int64_t n, uint16_t* y, void* stream) {
+  if (n <= 0) return 0;
+  Clear();
+  ToBf16Kernel<<<static_cast<unsigned>(Blocks(n)), kThreads, 0,
+                 static_cast<cudaStream_t>(stream)>>>(x, n, y);
   return Err();
 }
 

@@ -5,6 +5,7 @@
 #define DMOE_KERNELS_CUDA_EXPERT_FFN_H_
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -19,16 +20,21 @@ class Blas {
   static absl::StatusOr<Blas> Create(void* stream = nullptr);
   Blas() = default;
   ~Blas();
-  Blas(Blas&& o) noexcept : handle_(o.handle_), stream_(o.stream_) { o.handle_ = nullptr; }
+  Blas(Blas&& o) noexcept : handle_(o.handle_), stream_(o.stream_), bf16_(std::move(o.bf16_)) {
+    o.handle_ = nullptr;
+  }
   Blas& operator=(Blas&& o) noexcept;
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
   void* handle() const { return handle_; }
   void* stream() const { return stream_; }
+  // Device scratch for `n` bf16 values (the activations of a bf16 product), grown as needed.
+  absl::StatusOr<uint16_t*> Bf16Scratch(int64_t n) const;
 
  private:
   void* handle_ = nullptr;
   void* stream_ = nullptr;
+  mutable DeviceBuffer bf16_;
 };
 
 // Row-major c = alpha * a @ op(b) + beta * c for `batch` problems (problem i's matrices at
@@ -47,16 +53,32 @@ struct Gemm {
   float alpha = 1.0f, beta = 0.0f;
 };
 absl::Status RunGemm(const Blas& blas, const Gemm& g);
-// y[m, out] = x[m, in] @ w[out, in]^T (nn.Linear without bias).
-absl::Status Linear(const Blas& blas, const float* x, int64_t m, const float* w, int64_t out,
-                    int64_t in, float* y);
+// Row-major c [m, n] (ldc, fp32) = a [m, k] (bf16 bits) @ b[n, k]^T (bf16 bits), the products
+// accumulated in fp32 (cublasGemmEx, CUBLAS_COMPUTE_32F).
+absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+                         const uint16_t* b, float* c, int64_t ldc);
 
-// One expert's weights on the device, fp32, as nn.Linear stores them: gate and up [I, D],
+// A weight matrix on the device: fp32, or bf16 bits (then the activations are rounded to bf16,
+// round to nearest even, and the products accumulate in fp32: about 3 significant digits).
+struct DeviceWeight {
+  const void* w = nullptr;
+  bool bf16 = false;
+};
+// y[m, out] = x[m, in] @ w[out, in]^T (nn.Linear without bias).
+absl::Status Linear(const Blas& blas, const float* x, int64_t m, DeviceWeight w, int64_t out,
+                    int64_t in, float* y);
+inline absl::Status Linear(const Blas& blas, const float* x, int64_t m, const float* w, int64_t out,
+                           int64_t in, float* y) {
+  return Linear(blas, x, m, DeviceWeight{w, false}, out, in, y);
+}
+
+// One expert's weights on the device, fp32 or bf16, as nn.Linear stores them: gate and up [I, D],
 // down [D, I].
 struct ExpertWeights {
-  const float* gate = nullptr;
-  const float* up = nullptr;
-  const float* down = nullptr;
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  const void* down = nullptr;
+  bool bf16 = false;  // the three hold bf16 bits (DeviceWeight)
 };
 
 // x [rows, D] grouped by expert: the rows of group g are [offsets[g], offsets[g + 1]) (host

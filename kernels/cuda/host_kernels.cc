@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "kernels/cpu/gating.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -119,6 +120,11 @@ absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, const float* w, do
 absl::Status RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* w,
                      double eps, float* y, int64_t ldy, void*) {
   cpu::RmsNorm(x, rows, n, w, eps, y, ldx, ldy);
+  return absl::OkStatus();
+}
+
+absl::Status ToBf16(const float* x, int64_t n, uint16_t* y, void*) {
+  for (int64_t i = 0; i < n; ++i) y[i] = FloatToBf16(x[i]);
   return absl::OkStatus();
 }
 
@@ -305,7 +311,26 @@ Blas::~Blas() = default;
 Blas& Blas::operator=(Blas&& o) noexcept {
   handle_ = std::exchange(o.handle_, nullptr);
   stream_ = o.stream_;
+  bf16_ = std::move(o.bf16_);
   return *this;
+}
+
+absl::Status RunGemmBf16(const Blas&, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+                         const uint16_t* b, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return absl::OkStatus();
+  auto up = [](const uint16_t* src, int64_t count) {
+    std::vector<float> v(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(&v[static_cast<size_t>(i)], &bits, 4);
+    }
+    return v;
+  };
+  const std::vector<float> af = up(a, m * k), bf = up(b, n * k);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
+              static_cast<int>(k), 1.0f, af.data(), static_cast<int>(k), bf.data(),
+              static_cast<int>(k), 0.0f, c, static_cast<int>(ldc));
+  return absl::OkStatus();
 }
 
 absl::Status RunGemm(const Blas&, const Gemm& g) {

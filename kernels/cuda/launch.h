@@ -13,6 +13,9 @@ namespace dmoe::cuda::launch {
 int RmsNorm(const float* x, int64_t rows, int64_t n, int64_t x_stride, const float* w, double eps,
             float* y, int64_t y_stride, void* stream);
 
+// y[i] = bf16 bits of x[i] (round to nearest even), i < n.
+int ToBf16(const float* x, int64_t n, uint16_t* y, void* stream);
+
 // y[i] += a[i], i < n (the residual adds).
 int Add(const float* a, int64_t n, float* y, void* stream);
 
