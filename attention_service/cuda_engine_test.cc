@@ -178,9 +178,6 @@ TEST_F(CudaEngineTest, MixedBatchesMatchTheCpuEngine) {
   RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
 }
 
-// 8-bit rows: a latent value that differs by 1e-7 between the engines can round to the next code
-// (a step of max|c| / 127), which moves logits by up to ~3e-3 of their range: the 8-bit
-// tolerance (1e-2) applies.
 // Prefill scores for one head at a time (a budget below two heads' scores).
 TEST_F(CudaEngineTest, PrefillInHeadGroupsMatchesTheCpuEngine) {
   auto gpu = Make(4, 96, cpu::KvDType::kF32, /*score_floats=*/30);
@@ -188,6 +185,9 @@ TEST_F(CudaEngineTest, PrefillInHeadGroupsMatchesTheCpuEngine) {
   RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
 }
 
+// 8-bit rows: a latent value that differs by 1e-7 between the engines can round to the next code
+// (a step of max|c| / 127), which moves logits by up to ~3e-3 of their range: the 8-bit
+// tolerance (1e-2) applies.
 TEST_F(CudaEngineTest, Int8CacheMatchesTheCpuEngine) {
   auto gpu = Make(4, 96, cpu::KvDType::kInt8);
   ASSERT_NE(gpu, nullptr);

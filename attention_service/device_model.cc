@@ -31,8 +31,11 @@ absl::StatusOr<std::unique_ptr<DeviceModel>> DeviceModel::Load(const std::string
     kv.device = device.gpu;
     ASSIGN_OR_RETURN(m->gpu_, CudaEngine::Create(m->model_->config(), m->model_->dense(),
                                                  m->model_->routed_experts(), kv));
-    std::fprintf(stderr, "device: %s; weights %.1f MiB and KV pool %.1f MiB on it; experts %s\n",
-                 cuda::Probe().name.c_str(), m->gpu_->weight_bytes() / 1048576.0,
+    // (Probe names device 0.)
+    const std::string name = device.gpu == 0 ? " " + cuda::Probe().name : "";
+    std::fprintf(stderr,
+                 "device: cuda:%d%s; weights %.1f MiB and KV pool %.1f MiB on it; experts %s\n",
+                 device.gpu, name.c_str(), m->gpu_->weight_bytes() / 1048576.0,
                  m->gpu_->kv_bytes() / 1048576.0, remote ? "on the shards" : "on the same GPU");
     if (remote) {
       auto cuda_memory = transport::UcxSupportsCudaMemory();

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -120,9 +121,6 @@ KvCacheOptions CacheOptions(const Options& o) {
 absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Options& o,
                                                       LocalModel* model, bool gpu) {
   SchedulerOptions so;
-  if (gpu && o.v.at("speculative-tokens") > 0) {
-    return absl::InvalidArgumentError("--speculative-tokens: not with --device cuda yet");
-  }
   so.max_running = o.v.at("max-running");
   so.step_token_budget = o.v.at("token-budget");
   so.prefill_chunk = o.v.at("prefill-chunk");
@@ -151,6 +149,18 @@ absl::StatusOr<std::unique_ptr<AttentionNode>> MakeNode(DeviceModel* dm, const O
   return std::make_unique<AttentionNode>(&dm->model(), std::move(cache), so, metrics);
 }
 
+// --device / --gpu, refused with what the GPU engine does not run yet (before anything loads).
+absl::StatusOr<DeviceChoice> ParseDeviceFlags(const Flags& f, const Options& o) {
+  ASSIGN_OR_RETURN(DeviceChoice d, ParseDevice(f));
+  if (d.cuda && o.v.at("speculative-tokens") > 0) {
+    return absl::InvalidArgumentError("--speculative-tokens: not with --device cuda yet");
+  }
+  if (d.cuda && o.v.at("micro-batches") == 2) {
+    spdlog::info("--device cuda: one micro-batch per step (no ping-pong on the GPU yet)");
+  }
+  return d;
+}
+
 // The GPU engine's KV pool: --kv-blocks, or as many blocks as fit in --kv-cache-mib.
 absl::StatusOr<CudaEngineOptions> GpuPool(const ModelConfig& c, const Options& o) {
   CudaEngineOptions g;
@@ -173,31 +183,34 @@ void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr
   shard_set->member()->StartMembership(reg, nullptr);
 }
 
+// The flags that take a value.
+std::set<std::string> FlagNames() {
+  return WithInternalTls(WithRemote({"model",
+                                     "grpc-listen",
+                                     "ready-file",
+                                     "kv-cache-mib",
+                                     "kv-blocks",
+                                     "block-tokens",
+                                     "max-running",
+                                     "token-budget",
+                                     "prefill-chunk",
+                                     "micro-batches",
+                                     "metrics-listen",
+                                     "drain-seconds",
+                                     "expert-wait-ms",
+                                     "kv-cache-dtype",
+                                     "advertise-host",
+                                     "threads",
+                                     "blas-threads",
+                                     "log-level",
+                                     "speculative-tokens",
+                                     "device",
+                                     "gpu"}));
+}
+
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-attention");
-  auto flags = Flags::Parse(argc - 1, argv + 1,
-                            WithInternalTls(WithRemote({"model",
-                                                        "grpc-listen",
-                                                        "ready-file",
-                                                        "kv-cache-mib",
-                                                        "kv-blocks",
-                                                        "block-tokens",
-                                                        "max-running",
-                                                        "token-budget",
-                                                        "prefill-chunk",
-                                                        "micro-batches",
-                                                        "metrics-listen",
-                                                        "drain-seconds",
-                                                        "expert-wait-ms",
-                                                        "kv-cache-dtype",
-                                                        "advertise-host",
-                                                        "threads",
-                                                        "blas-threads",
-                                                        "log-level",
-                                                        "speculative-tokens",
-                                                        "device",
-                                                        "gpu"})),
-                            {"bf16-activations"});
+  auto flags = Flags::Parse(argc - 1, argv + 1, FlagNames(), {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, DeviceHelp(26).c_str(), kLogLevelHelp, kRemoteHelp, kInternalTlsHelp);
@@ -219,10 +232,9 @@ int Main(int argc, char** argv) {
   if (auto st = RemoteOptions(*flags, &lo); !st.ok()) return svc.Fail(st);
   auto config = LoadModelConfig(o->model);
   if (!config.ok()) return svc.Fail(config.status());
-  auto device = ParseDevice(*flags);
-  if (!device.ok()) return svc.Fail(device.status());
+  auto device = ParseDeviceFlags(*flags, *o);
   auto pool = GpuPool(*config, *o);
-  if (!pool.ok()) return svc.Fail(pool.status());
+  if (!device.ok() || !pool.ok()) return svc.Fail(!device.ok() ? device.status() : pool.status());
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());

@@ -241,7 +241,9 @@ void EngineBench(const std::string& cache_dir) {
   g.kv_blocks = 64 * 4;  // 64 sequences of up to 64 tokens
   auto gpu = CudaEngine::Create(*ck, (*gpu_model)->dense(), (*gpu_model)->routed_experts(), g);
   Check(gpu.status(), "CudaEngine");
-  std::printf("decode tokens/s, small preset (fp32 on the GPU, bf16 weights on the CPU):\n");
+  std::printf(
+      "decode tokens/s, small preset (bf16 weights: bf16 activations on the GPU, the fp32 "
+      "upcast's arithmetic on the CPU):\n");
   std::printf("%6s %12s %12s %8s\n", "batch", "gpu", "cpu", "gpu/cpu");
   for (int64_t batch : {1, 16, 64}) {
     DecodeTokensPerSecond(**gpu, batch, 2);  // warm-up: experts copied, buffers grown

@@ -75,7 +75,8 @@ Bytes that are not valid UTF-8 are tokenized byte by byte; JSON output escapes t
 constexpr char kLogitsHelp[] = R"(usage: dmoe logits --model DIR --tokens 1,2,3 [--out F.npy]
 
 Runs one full causal forward of the token ids through the model in DIR (config.json +
-model.safetensors or a sharded index) in this process, in fp32.
+model.safetensors or a sharded index) in this process, in fp32 (on a GPU, --device cuda: a bf16
+checkpoint with bf16 activations).
 
   --model DIR      checkpoint directory (Hugging Face layout)
   --tokens LIST    comma-separated token ids, each in [0, vocab_size)
@@ -183,6 +184,10 @@ int Logits(int argc, char** argv) {
   if (auto s = RemoteOptions(*flags, &options); !s.ok()) return Fail(s);
   auto device = ParseDevice(*flags);
   if (!device.ok()) return Fail(device.status());
+  if (device->cuda && flags->Has("attention")) {
+    return Fail(absl::InvalidArgumentError(
+        "--attention: the GPU engine has one form per phase (absorbed decode, naive prefill)"));
+  }
   auto model = DeviceModel::Load(dir, options, *device, PoolFor(tokens.size()));
   if (!model.ok()) return Fail(model.status());
   auto logits = (*model)->engine().Forward(tokens);
@@ -239,6 +244,9 @@ int GenerateCmd(int argc, char** argv) {
     return 0;
   }
   if (flags->Has("target")) {
+    if (flags->Has("device") || flags->Has("gpu")) {
+      return Fail(absl::InvalidArgumentError("--device and --gpu need --model (a local run)"));
+    }
     // A client of a dmoe-gateway: TEXT as a positional argument, or --tokens.
     if (flags->Has("tokens")) {
       auto ids = ParseTokenList("tokens", flags->StringOr("tokens", ""));

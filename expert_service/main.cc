@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -406,15 +407,17 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> MakeGpuExperts(const Flags& f, cons
   return gpu;
 }
 
+// The flags that take a value.
+std::set<std::string> FlagNames() {
+  return WithInternalTls({"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
+                          "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
+                          "advertise-host", "expert-dtype", "threads", "blas-threads", "log-level",
+                          "inject-delay-ms", "device", "gpu"});
+}
+
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-expert");
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      WithInternalTls({"model", "experts", "ucx-listen", "grpc-listen", "ready-file", "node-id",
-                       "metrics-listen", "router", "capacity", "cluster-token-file", "drain-ms",
-                       "advertise-host", "expert-dtype", "threads", "blas-threads", "log-level",
-                       "inject-delay-ms", "device", "gpu"}),
-      {"bf16-activations"});
+  auto flags = Flags::Parse(argc - 1, argv + 1, FlagNames(), {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, DeviceHelp(23, /*experts_only=*/true).c_str(), kLogLevelHelp,

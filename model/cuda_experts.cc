@@ -38,7 +38,8 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(const ModelConf
   e->width_ = c.moe_intermediate_size;
   e->device_ = device;
   e->keep_bf16_ = keep_bf16;
-  e->name_ = absl::StrCat("cuda:", device, " (", probe.name, ")");
+  e->name_ = device == 0 ? absl::StrCat("cuda:0 (", probe.name, ")")  // Probe names device 0
+                         : absl::StrCat("cuda:", device);
   ASSIGN_OR_RETURN(e->blas_, cuda::Blas::Create(nullptr));
   return e;
 }
@@ -76,10 +77,25 @@ absl::StatusOr<cuda::ExpertWeights> CudaExperts::Weights(const ExpertStore& stor
   return w;
 }
 
+// A shard's store changes with its placement: the device copies of experts it no longer hosts
+// are freed.
+void CudaExperts::Forget(const ExpertStore& store) {
+  for (auto it = on_device_.begin(); it != on_device_.end();) {
+    if (store.Find(it->first.first, it->first.second) != nullptr) {
+      ++it;
+      continue;
+    }
+    device_bytes_ -= it->second.gate.bytes() + it->second.up.bytes() + it->second.down.bytes();
+    it = on_device_.erase(it);
+  }
+  last_store_ = &store;
+}
+
 absl::Status CudaExperts::Run(const ExpertStore& store, const std::vector<ExpertGroup>& groups,
                               const float* x, int64_t rows, float* y) {
   if (rows <= 0) return absl::OkStatus();
   RETURN_IF_ERROR(cuda::SetDevice(device_));
+  if (&store != last_store_) Forget(store);
   std::vector<cuda::ExpertWeights> weights;
   std::vector<int64_t> offsets;
   int64_t largest = 0;

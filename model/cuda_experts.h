@@ -1,5 +1,6 @@
 // Routed experts on a CUDA device: an ExpertAccelerator (routed_experts.h) holding each expert's
-// weights in device memory (fp32), copied from the ExpertStore the first time the expert is used,
+// weights in device memory (bf16 as a bf16 checkpoint holds them, else fp32), copied from the
+// ExpertStore the first time the expert is used (and freed once the store no longer has it),
 // and computing each group of rows with cuda::ExpertFfn (cuBLAS). Rows cross from and to host
 // memory. Used by LocalRoutedExperts (in-process experts of a GPU run) and by an expert shard's
 // batcher (dmoe-expert --device cuda).
@@ -54,6 +55,7 @@ class CudaExperts : public ExpertAccelerator {
   absl::StatusOr<cuda::ExpertWeights> Weights(const ExpertStore& store, int64_t layer,
                                               int64_t expert);
   absl::Status Grow(cuda::DeviceBuffer& b, size_t bytes);
+  void Forget(const ExpertStore& store);
 
   int64_t hidden_ = 0, width_ = 0;
   int device_ = 0;
@@ -61,6 +63,7 @@ class CudaExperts : public ExpertAccelerator {
   std::string name_;
   cuda::Blas blas_;
   std::map<std::pair<int64_t, int64_t>, Held> on_device_;
+  const ExpertStore* last_store_ = nullptr;  // the store on_device_ was checked against
   uint64_t device_bytes_ = 0;
   cuda::DeviceBuffer x_, y_, scratch_;
 };

@@ -61,8 +61,25 @@ TEST(CudaExperts, LayersMatchTheCpuExperts) {
     }
     EXPECT_LE(diff / scale, 1e-5) << "t " << t;
   }
+  // Only the experts used were copied: one layer's, at most n_routed_experts - 1 of them.
   EXPECT_GT((*gpu)->experts(), 0u);
-  EXPECT_LT((*gpu)->experts(), store->get()->size());  // only the experts used were copied
+  EXPECT_LT((*gpu)->experts(), static_cast<size_t>(c.n_routed_experts));
+
+  // A new store without this layer's experts (a shard's placement changed): their device copies
+  // are freed at the next call.
+  std::vector<std::pair<int64_t, int64_t>> other;
+  for (const auto& key : all) {
+    if (key.first != layer) other.push_back(key);
+  }
+  auto smaller = ExpertStore::Load(**ck, c, other);
+  ASSERT_TRUE(smaller.ok());
+  LocalRoutedExperts moved(c, smaller->get(), gpu->get());
+  const std::vector<float> one(static_cast<size_t>(d), 1.0f), w1 = {1.0f};
+  const std::vector<int32_t> id0 = {0};
+  std::vector<float> sink(static_cast<size_t>(d), 0.0f);
+  ASSERT_TRUE(moved.Begin(c.num_hidden_layers - 1, one.data(), 1, id0.data(), w1.data(), 1).ok());
+  ASSERT_TRUE(moved.Finish(sink.data()).ok());
+  EXPECT_EQ((*gpu)->experts(), 1u);  // the old layer's copies went; the new expert came
 
   // The expert the store lacks: FAILED_PRECONDITION, naming it.
   const std::vector<float> x(static_cast<size_t>(d), 1.0f), w = {1.0f};

@@ -7,6 +7,10 @@
 #if DMOE_HAVE_CUDA
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
+
+#include <string>
+#include <type_traits>
 #endif
 
 namespace dmoe::cuda {
@@ -15,11 +19,65 @@ namespace dmoe::cuda {
 
 namespace {
 
+#define DMOE_STR2(x) #x
+#define DMOE_STR(x) DMOE_STR2(x)
+
+// The cuBLAS entry points dmoe uses, from libcublas loaded on first use (see @local_cuda's
+// `cublas` target for why it is not linked).
+struct CublasApi {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasDestroy_v2) destroy = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  decltype(&cublasSetMathMode) set_math_mode = nullptr;
+  decltype(&cublasSgemmStridedBatched) sgemm_strided_batched = nullptr;
+  // cublasGemmEx has a C++ overload (cublasDataType_t): the C one, spelled out.
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                            const void*, const void*, cudaDataType, int, const void*, cudaDataType,
+                            int, const void*, void*, cudaDataType, int, cublasComputeType_t,
+                            cublasGemmAlgo_t) = nullptr;
+  decltype(&cublasGetStatusName) status_name = nullptr;
+  decltype(&cublasGetStatusString) status_string = nullptr;
+  std::string error;  // why it could not be loaded
+};
+
+const CublasApi& Cublas() {
+  static const CublasApi api = [] {
+    CublasApi a;
+    const std::string name = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+#ifdef DMOE_CUDA_LIB_DIR
+    if (lib == nullptr) {
+      lib = dlopen((std::string(DMOE_STR(DMOE_CUDA_LIB_DIR)) + "/" + name).c_str(),
+                   RTLD_NOW | RTLD_LOCAL);
+    }
+#endif
+    if (lib == nullptr) {
+      const char* e = dlerror();
+      a.error = absl::StrCat("cuBLAS: dlopen ", name, ": ", e ? e : "failed");
+      return a;
+    }
+    auto sym = [&](auto& fn, const char* symbol) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, symbol));
+      if (fn == nullptr && a.error.empty()) a.error = absl::StrCat("cuBLAS: no ", symbol);
+    };
+    sym(a.create, "cublasCreate_v2");
+    sym(a.destroy, "cublasDestroy_v2");
+    sym(a.set_stream, "cublasSetStream_v2");
+    sym(a.set_math_mode, "cublasSetMathMode");
+    sym(a.sgemm_strided_batched, "cublasSgemmStridedBatched");
+    sym(a.gemm_ex, "cublasGemmEx");
+    sym(a.status_name, "cublasGetStatusName");
+    sym(a.status_string, "cublasGetStatusString");
+    return a;
+  }();
+  return api;
+}
+
 absl::Status BlasError(cublasStatus_t st, const char* what, const char* file, int line) {
   if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::InternalError(absl::StrCat(file, ":", line, ": ", what, ": ",
-                                          cublasGetStatusName(st), " (", cublasGetStatusString(st),
-                                          ")"));
+                                          Cublas().status_name(st), " (",
+                                          Cublas().status_string(st), ")"));
 }
 
 #define DMOE_CUBLAS_RETURN_IF_ERROR(expr)                                             \
@@ -37,7 +95,7 @@ int I(int64_t v) { return static_cast<int>(v); }
 // storage (transposed when b is [n, k]) by A's storage.
 absl::Status RunGemm(const Blas& blas, const Gemm& g) {
   if (g.m <= 0 || g.n <= 0 || g.batch <= 0) return absl::OkStatus();
-  DMOE_CUBLAS_RETURN_IF_ERROR(cublasSgemmStridedBatched(
+  DMOE_CUBLAS_RETURN_IF_ERROR(Cublas().sgemm_strided_batched(
       static_cast<cublasHandle_t>(blas.handle()), g.b_trans ? CUBLAS_OP_T : CUBLAS_OP_N,
       CUBLAS_OP_N, I(g.n), I(g.m), I(g.k), &g.alpha, g.b, I(g.ldb), g.stride_b, g.a, I(g.lda),
       g.stride_a, &g.beta, g.c, I(g.ldc), g.stride_c, I(g.batch)));
@@ -49,32 +107,33 @@ absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, cons
                          const uint16_t* b, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return absl::OkStatus();
   const float one = 1.0f, zero = 0.0f;
-  DMOE_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(static_cast<cublasHandle_t>(blas.handle()), CUBLAS_OP_T,
-                                           CUBLAS_OP_N, I(n), I(m), I(k), &one, b, CUDA_R_16BF,
-                                           I(k), a, CUDA_R_16BF, I(k), &zero, c, CUDA_R_32F, I(ldc),
-                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  DMOE_CUBLAS_RETURN_IF_ERROR(
+      Cublas().gemm_ex(static_cast<cublasHandle_t>(blas.handle()), CUBLAS_OP_T, CUBLAS_OP_N, I(n),
+                       I(m), I(k), &one, b, CUDA_R_16BF, I(k), a, CUDA_R_16BF, I(k), &zero, c,
+                       CUDA_R_32F, I(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
 }
 
 absl::StatusOr<Blas> Blas::Create(void* stream) {
+  if (!Cublas().error.empty()) return absl::UnavailableError(Cublas().error);
   Blas b;
   cublasHandle_t h = nullptr;
-  DMOE_CUBLAS_RETURN_IF_ERROR(cublasCreate(&h));
+  DMOE_CUBLAS_RETURN_IF_ERROR(Cublas().create(&h));
   b.handle_ = h;
   b.stream_ = stream;
-  DMOE_CUBLAS_RETURN_IF_ERROR(cublasSetStream(h, static_cast<cudaStream_t>(stream)));
+  DMOE_CUBLAS_RETURN_IF_ERROR(Cublas().set_stream(h, static_cast<cudaStream_t>(stream)));
   // Plain fp32 products (no TF32): the results are compared with the CPU's.
-  DMOE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+  DMOE_CUBLAS_RETURN_IF_ERROR(Cublas().set_math_mode(h, CUBLAS_DEFAULT_MATH));
   return b;
 }
 
 Blas::~Blas() {
-  if (handle_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(handle_));
+  if (handle_ != nullptr) Cublas().destroy(static_cast<cublasHandle_t>(handle_));
 }
 
 Blas& Blas::operator=(Blas&& o) noexcept {
   if (this != &o) {
-    if (handle_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(handle_));
+    if (handle_ != nullptr) Cublas().destroy(static_cast<cublasHandle_t>(handle_));
     handle_ = std::exchange(o.handle_, nullptr);
     stream_ = o.stream_;
     bf16_ = std::move(o.bf16_);

@@ -78,6 +78,17 @@ TEST(CudaDevice, ProbeGivesDevicesOrTheReason) {
   }
 }
 
+// cuBLAS is dlopen'ed on first use (blas.cc), not linked: the library must be found then. Without
+// a GPU its handle cannot be made, but the error is cuBLAS's own, not a missing library.
+TEST(CudaDevice, CublasLoadsOnFirstUse) {
+  auto blas = Blas::Create();
+  if (blas.ok()) return;
+  const std::string e(blas.status().message());
+  std::printf("Blas::Create: %s\n", e.c_str());
+  EXPECT_EQ(e.find("dlopen"), std::string::npos) << e;
+  EXPECT_EQ(e.find("cuBLAS: no "), std::string::npos) << e;
+}
+
 TEST(CudaKernels, RmsNormAndSiluMulMatchTheCpu) {
   SKIP_WITHOUT_GPU();
   for (int64_t n : {256, 1024, 7168}) {

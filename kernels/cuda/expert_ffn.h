@@ -1,5 +1,5 @@
 // The routed experts' SwiGLU FFN on the GPU, as one group of rows per expert through cuBLAS
-// (fp32 weights for now): y = down(silu(gate(x)) * up(x)) for the rows routed to each expert,
+// (fp32 or bf16 weights): y = down(silu(gate(x)) * up(x)) for the rows routed to each expert,
 // unweighted (the combine weighs them, as on the CPU). No CUDA headers here.
 #ifndef DMOE_KERNELS_CUDA_EXPERT_FFN_H_
 #define DMOE_KERNELS_CUDA_EXPERT_FFN_H_
