@@ -19,8 +19,8 @@ std::string DeviceHelp(int column, bool experts_only) {
                                  "experts\n" +
                                      pad + "computed in this process) run on a CUDA GPU\n";
   return flag("--device D") + what + pad +
-         "(a bf16 checkpoint stays bf16 there and runs with bf16 activations, as\n" + pad +
-         "--bf16-activations does on the CPU; other weights fp32); builds without the\n" + pad +
+         "(a bf16 checkpoint stays bf16 there and runs with bf16 activations, the\n" + pad +
+         "CPU's A16 arithmetic; other weights fp32); builds without the\n" + pad +
          "CUDA toolkit, or machines without a GPU, refuse it with the reason\n" + flag("--gpu N") +
          "the CUDA device to use (default 0; with --device cuda)\n";
 }
