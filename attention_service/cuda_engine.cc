@@ -329,33 +329,35 @@ absl::Status CudaEngine::Attention(int64_t l, const Plan& plan) {
 }
 
 // The naive form for one multi-token sequence: its latent rows expanded through kv_b, scores per
-// head (nope and rope parts), the causal softmax, and P @ V, as strided-batched GEMMs over heads
-// (in groups of heads whose scores fit options_.prefill_score_floats).
+// head (nope and rope parts), the causal softmax, and P @ V, as strided-batched GEMMs over heads,
+// in groups of heads whose expanded K/V and scores fit options_.prefill_score_floats.
 absl::Status CudaEngine::Prefill(const cpu::MlaParams& p, const cuda::LatentPool& pool,
                                  const Plan& plan, size_t seq) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim;
   const int64_t r = p.latent_rank, lc = r + dr, qd = dn + dr, kvd = dn + dv;
   const int64_t m = plan.rows[seq], pos0 = plan.pos0[seq], ctx = pos0 + m;
-  const int64_t hg = std::clamp<int64_t>(options_.prefill_score_floats / (m * ctx), 1, h);
+  // A group's expanded K/V [ctx, heads * kvd] and scores [heads, m, ctx] fit the budget.
+  const int64_t hg =
+      std::clamp<int64_t>(options_.prefill_score_floats / (m * ctx + ctx * kvd), 1, h);
   ASSIGN_OR_RETURN(float* lat, Scratch(lat_, ctx * lc));
-  ASSIGN_OR_RETURN(float* kv, Scratch(kv_, ctx * h * kvd));
+  ASSIGN_OR_RETURN(float* kv, Scratch(kv_, ctx * hg * kvd));
   ASSIGN_OR_RETURN(float* s, Scratch(scores_, hg * m * ctx));
   RETURN_IF_ERROR(cuda::GatherLatentRows(p, pool, plan.ptable[seq], ctx, lat));
-  cuda::Gemm g;  // kv [ctx, H * kvd] = c [ctx, r] @ kv_b^T
-  g.m = ctx;
-  g.n = h * kvd;
-  g.k = r;
-  g.a = lat;
-  g.lda = lc;
-  g.b = p.kv_b;
-  g.ldb = r;
-  g.c = kv;
-  g.ldc = h * kvd;
-  RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
   for (int64_t h0 = 0; h0 < h; h0 += hg) {
-    const int64_t heads = std::min(hg, h - h0);
+    const int64_t heads = std::min(hg, h - h0), ldkv = heads * kvd;
     const float* q = q_.as<float>() + plan.row0[seq] * h * qd + h0 * qd;
     float* o = attn_.as<float>() + plan.row0[seq] * h * dv + h0 * dv;
+    cuda::Gemm g;  // kv [ctx, heads * kvd] = c [ctx, r] @ kv_b[the group's rows]^T
+    g.m = ctx;
+    g.n = ldkv;
+    g.k = r;
+    g.a = lat;
+    g.lda = lc;
+    g.b = p.kv_b + h0 * kvd * r;
+    g.ldb = r;
+    g.c = kv;
+    g.ldc = ldkv;
+    RETURN_IF_ERROR(cuda::RunGemm(blas_, g));
     g = cuda::Gemm();  // s[head] [m, ctx] = q_nope[head] @ k_nope[head]^T
     g.m = m;
     g.n = ctx;
@@ -363,8 +365,8 @@ absl::Status CudaEngine::Prefill(const cpu::MlaParams& p, const cuda::LatentPool
     g.a = q;
     g.lda = h * qd;
     g.stride_a = qd;
-    g.b = kv + h0 * kvd;
-    g.ldb = h * kvd;
+    g.b = kv;
+    g.ldb = ldkv;
     g.stride_b = kvd;
     g.c = s;
     g.ldc = ctx;
@@ -386,8 +388,8 @@ absl::Status CudaEngine::Prefill(const cpu::MlaParams& p, const cuda::LatentPool
     g.a = s;
     g.lda = ctx;
     g.stride_a = m * ctx;
-    g.b = kv + h0 * kvd + dn;
-    g.ldb = h * kvd;
+    g.b = kv + dn;
+    g.ldb = ldkv;
     g.stride_b = kvd;
     g.b_trans = false;
     g.c = o;

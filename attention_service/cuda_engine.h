@@ -39,8 +39,8 @@ struct CudaEngineOptions {
   // on the device: half the memory; their products round the activations to bf16 (compare with
   // the CPU within 1e-2, not 1e-4). false: fp32 everywhere.
   bool keep_bf16 = true;
-  // Prefill attention computes the scores of as many heads at once as fit in this many floats
-  // (at least one head).
+  // Prefill attention expands K/V and computes the scores of as many heads at once as fit in this
+  // many floats (at least one head).
   int64_t prefill_score_floats = int64_t{1} << 26;  // 256 MiB
 };
 

@@ -178,11 +178,14 @@ TEST_F(CudaEngineTest, MixedBatchesMatchTheCpuEngine) {
   RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
 }
 
-// Prefill scores for one head at a time (a budget below two heads' scores).
+// Prefill K/V and scores one head at a time (a budget below one head's), and in groups whose size
+// varies with the context (2000 floats: from all heads down to 1, with partial last groups).
 TEST_F(CudaEngineTest, PrefillInHeadGroupsMatchesTheCpuEngine) {
-  auto gpu = Make(4, 96, cpu::KvDType::kF32, /*score_floats=*/30);
-  ASSERT_NE(gpu, nullptr);
-  RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
+  for (int64_t budget : {30, 2000}) {
+    auto gpu = Make(4, 96, cpu::KvDType::kF32, budget);
+    ASSERT_NE(gpu, nullptr);
+    RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
+  }
 }
 
 // 8-bit rows: a latent value that differs by 1e-7 between the engines can round to the next code
