@@ -150,10 +150,7 @@ absl::Status CudaEngine::Upload(const DenseWeights& w) {
 }
 
 absl::StatusOr<float*> CudaEngine::Scratch(cuda::DeviceBuffer& b, int64_t floats) {
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float);
-  if (b.bytes() < bytes) {
-    ASSIGN_OR_RETURN(b, cuda::DeviceBuffer::Alloc(std::max(bytes, b.bytes() * 3 / 2)));
-  }
+  RETURN_IF_ERROR(b.Reserve(static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float)));
   return b.as<float>();
 }
 
@@ -431,10 +428,7 @@ absl::Status CudaEngine::Moe(int64_t l, const Plan& plan) {
   // Rows cross to the experts and back through page-locked host memory: x, out [n, D], then
   // the weights and ids [n, k].
   const size_t rows = static_cast<size_t>(n * d), picks = static_cast<size_t>(n * k);
-  if (staging_.bytes() < (2 * rows + 2 * picks) * 4) {
-    ASSIGN_OR_RETURN(staging_, cuda::PinnedBuffer::Alloc(
-                                   std::max((2 * rows + 2 * picks) * 4, staging_.bytes() * 3 / 2)));
-  }
+  RETURN_IF_ERROR(staging_.Reserve((2 * rows + 2 * picks) * 4));
   float* host_x = staging_.as<float>();
   float* host_out = host_x + rows;
   float* host_w = host_out + rows;

@@ -44,12 +44,6 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(const ModelConf
   return e;
 }
 
-absl::Status CudaExperts::Grow(cuda::DeviceBuffer& b, size_t bytes) {
-  if (b.bytes() >= bytes) return absl::OkStatus();
-  ASSIGN_OR_RETURN(b, cuda::DeviceBuffer::Alloc(std::max(bytes, b.bytes() * 3 / 2)));
-  return absl::OkStatus();
-}
-
 absl::StatusOr<cuda::ExpertWeights> CudaExperts::Weights(const ExpertStore& store, int64_t layer,
                                                          int64_t expert) {
   auto it = on_device_.find({layer, expert});
@@ -113,9 +107,9 @@ absl::Status CudaExperts::Run(const ExpertStore& store, const std::vector<Expert
     return absl::InvalidArgumentError("CudaExperts::Run: groups must cover the rows in order");
   }
   const size_t bytes = static_cast<size_t>(rows * hidden_) * sizeof(float);
-  RETURN_IF_ERROR(Grow(x_, bytes));
-  RETURN_IF_ERROR(Grow(y_, bytes));
-  RETURN_IF_ERROR(Grow(scratch_, static_cast<size_t>(2 * largest * width_) * sizeof(float)));
+  RETURN_IF_ERROR(x_.Reserve(bytes));
+  RETURN_IF_ERROR(y_.Reserve(bytes));
+  RETURN_IF_ERROR(scratch_.Reserve(static_cast<size_t>(2 * largest * width_) * sizeof(float)));
   RETURN_IF_ERROR(x_.Upload(x, bytes));
   RETURN_IF_ERROR(cuda::ExpertFfn(blas_, weights, offsets, hidden_, width_, x_.as<float>(),
                                   y_.as<float>(), scratch_.as<float>()));

@@ -54,7 +54,6 @@ class CudaExperts : public ExpertAccelerator {
   // The device copy of (layer, expert), made from the store's weights on first use.
   absl::StatusOr<cuda::ExpertWeights> Weights(const ExpertStore& store, int64_t layer,
                                               int64_t expert);
-  absl::Status Grow(cuda::DeviceBuffer& b, size_t bytes);
   void Forget(const ExpertStore& store);
 
   int64_t hidden_ = 0, width_ = 0;

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -46,6 +47,14 @@ class DeviceBuffer {
     return static_cast<T*>(p_);
   }
   size_t bytes() const { return bytes_; }
+  // At least `bytes` (grown by half again at least; the contents are not kept).
+  absl::Status Reserve(size_t bytes) {
+    if (bytes_ >= bytes) return absl::OkStatus();
+    auto b = Alloc(bytes > bytes_ * 3 / 2 ? bytes : bytes_ * 3 / 2);
+    if (!b.ok()) return b.status();
+    *this = std::move(*b);
+    return absl::OkStatus();
+  }
   // Synchronous copies of [0, bytes) from / to host memory (bytes <= this->bytes()).
   absl::Status Upload(const void* src, size_t bytes);
   absl::Status Download(void* dst, size_t bytes) const;
@@ -74,6 +83,14 @@ class PinnedBuffer {
     return static_cast<T*>(p_);
   }
   size_t bytes() const { return bytes_; }
+  // At least `bytes` (grown by half again at least; the contents are not kept).
+  absl::Status Reserve(size_t bytes) {
+    if (bytes_ >= bytes) return absl::OkStatus();
+    auto b = Alloc(bytes > bytes_ * 3 / 2 ? bytes : bytes_ * 3 / 2);
+    if (!b.ok()) return b.status();
+    *this = std::move(*b);
+    return absl::OkStatus();
+  }
 
  private:
   void* p_ = nullptr;

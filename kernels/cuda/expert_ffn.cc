@@ -10,11 +10,9 @@
 namespace dmoe::cuda {
 
 absl::StatusOr<uint16_t*> Blas::Bf16Scratch(int64_t n) const {
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(uint16_t);
-  if (bf16_.bytes() < bytes) {
-    auto b = DeviceBuffer::Alloc(std::max(bytes, bf16_.bytes() * 3 / 2));
-    if (!b.ok()) return b.status();
-    bf16_ = std::move(*b);
+  if (auto st = bf16_.Reserve(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(uint16_t));
+      !st.ok()) {
+    return st;
   }
   return bf16_.as<uint16_t>();
 }
