@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/dtype.h"
@@ -285,32 +286,50 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
       cache.r = r;
       cache.dr = dr;
     }
-    std::vector<float> scratch;
-    // Whole prompt in one call.
-    std::vector<float> whole(static_cast<size_t>(ctx * ov));
-    MlaAttentionAbsorbed(p, q.data(), ctx, cache, ctx, 0, whole.data(), &scratch);
-    for (int64_t chunk : {1, 3, 16, 64}) {
-      std::vector<float> got(whole.size());
-      for (int64_t pos0 = 0; pos0 < ctx; pos0 += chunk) {
-        const int64_t t = std::min(chunk, ctx - pos0);
-        MlaAttentionAbsorbed(p, q.data() + pos0 * h * qd, t, cache, pos0 + t, pos0,
-                             got.data() + pos0 * ov, &scratch);
+    // Spans of 256 (one span here) and of 16 (5 spans, folded), each with the split chosen by the
+    // call, a task per query and a task per span: one result per span length.
+    for (int64_t span : {256, 16}) {
+      SetMlaSpanForTesting(span);
+      std::vector<float> scratch;
+      std::vector<float> whole(static_cast<size_t>(ctx * ov));
+      SetMlaAttendModeForTesting(0);
+      MlaAttentionAbsorbed(p, q.data(), ctx, cache, ctx, 0, whole.data(), &scratch);
+      for (int mode : {0, 1, 2}) {
+        SetMlaAttendModeForTesting(mode);
+        const std::string what = std::string(KvDTypeName(dt)) + " span " + std::to_string(span) +
+                                 " mode " + std::to_string(mode);
+        for (int64_t chunk : {1, 3, 16, 64, 70}) {
+          std::vector<float> got(whole.size());
+          for (int64_t pos0 = 0; pos0 < ctx; pos0 += chunk) {
+            const int64_t t = std::min(chunk, ctx - pos0);
+            MlaAttentionAbsorbed(p, q.data() + pos0 * h * qd, t, cache, pos0 + t, pos0,
+                                 got.data() + pos0 * ov, &scratch);
+          }
+          EXPECT_TRUE(SameBits(got.data(), whole.data(), whole.size()))
+              << what << " chunk " << chunk;
+        }
+        // Batched decode: position pos of our sequence beside 4 others (other caches, lengths).
+        const auto other_q = Random(static_cast<size_t>(5 * h * qd), 14);
+        for (int64_t pos : {int64_t{0}, int64_t{5}, int64_t{16}, int64_t{40}, ctx - 1}) {
+          std::vector<float> bq(other_q);
+          std::copy(q.begin() + pos * h * qd, q.begin() + (pos + 1) * h * qd,
+                    bq.begin() + 2 * h * qd);
+          const LatentRows caches[5] = {cache, cache, cache, cache, cache};
+          const int64_t lens[5] = {ctx, 3, pos + 1, 1, 37};
+          std::vector<float> o(static_cast<size_t>(5 * ov));
+          MlaDecodeAbsorbedBatch(p, bq.data(), 5, caches, lens, o.data(), &scratch);
+          EXPECT_TRUE(SameBits(o.data() + 2 * ov, whole.data() + pos * ov, static_cast<size_t>(ov)))
+              << what << " pos " << pos;
+          // Alone (batch 1: its spans side by side on every core under mode 0).
+          MlaDecodeAbsorbedBatch(p, bq.data() + 2 * h * qd, 1, caches, lens + 2, o.data(),
+                                 &scratch);
+          EXPECT_TRUE(SameBits(o.data(), whole.data() + pos * ov, static_cast<size_t>(ov)))
+              << what << " alone, pos " << pos;
+        }
       }
-      EXPECT_TRUE(SameBits(got.data(), whole.data(), whole.size()))
-          << KvDTypeName(dt) << " chunk " << chunk;
     }
-    // Batched decode: position pos of our sequence beside 4 others (other caches, other lengths).
-    const auto other_q = Random(static_cast<size_t>(5 * h * qd), 14);
-    for (int64_t pos : {int64_t{0}, int64_t{5}, ctx - 1}) {
-      std::vector<float> bq(other_q);
-      std::copy(q.begin() + pos * h * qd, q.begin() + (pos + 1) * h * qd, bq.begin() + 2 * h * qd);
-      const LatentRows caches[5] = {cache, cache, cache, cache, cache};
-      const int64_t lens[5] = {ctx, 3, pos + 1, 1, 37};
-      std::vector<float> o(static_cast<size_t>(5 * ov));
-      MlaDecodeAbsorbedBatch(p, bq.data(), 5, caches, lens, o.data(), &scratch);
-      EXPECT_TRUE(SameBits(o.data() + 2 * ov, whole.data() + pos * ov, static_cast<size_t>(ov)))
-          << KvDTypeName(dt) << " pos " << pos;
-    }
+    SetMlaSpanForTesting(0);
+    SetMlaAttendModeForTesting(0);
   }
 }
 

@@ -224,6 +224,81 @@ TEST(Mla, AbsorbedEqualsNaiveContiguousAndPaged) {
   }
 }
 
+// The absorbed form against MLA computed in double from its definition (k_nope and v expanded
+// through kv_b, softmax over rows 0..pos), at contexts that cross many spans (span length 256,
+// and 7), paged in blocks of 5 rows, with every split of the work.
+TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
+  MlaParams p;
+  const int64_t h = 4, dn = 16, dr = 8, dv = 12, r = 32, qd = dn + dr, lc = r + dr, bt = 5;
+  p.num_heads = h;
+  p.nope_dim = dn;
+  p.rope_dim = dr;
+  p.v_dim = dv;
+  p.latent_rank = r;
+  p.softmax_scale = 0.25f;
+  const auto kv_b = Random(static_cast<size_t>(h * (dn + dv) * r), 21);
+  p.kv_b = kv_b.data();
+  const int64_t ctx = 600, t = 3, pos0 = ctx - t;
+  const auto rows = Random(static_cast<size_t>(ctx * lc), 22);
+  const auto q = Random(static_cast<size_t>(t * h * qd), 23);
+  std::vector<double> want(static_cast<size_t>(t * h * dv));
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t hd = 0; hd < h; ++hd) {
+      const float* qi = q.data() + (i * h + hd) * qd;
+      const float* wk = kv_b.data() + hd * (dn + dv) * r;
+      const float* wv = wk + dn * r;
+      std::vector<double> s(static_cast<size_t>(pos0 + i + 1));
+      double mx = -1e300;
+      for (int64_t u = 0; u <= pos0 + i; ++u) {
+        const float* c = rows.data() + u * lc;
+        double dot = 0;
+        for (int64_t d = 0; d < dn; ++d) {
+          double k = 0;
+          for (int64_t j = 0; j < r; ++j) k += double(wk[d * r + j]) * c[j];
+          dot += qi[d] * k;
+        }
+        for (int64_t d = 0; d < dr; ++d) dot += double(qi[dn + d]) * c[r + d];
+        s[static_cast<size_t>(u)] = dot * p.softmax_scale;
+        mx = std::max(mx, s[static_cast<size_t>(u)]);
+      }
+      double sum = 0;
+      for (double& v : s) sum += (v = std::exp(v - mx));
+      for (int64_t d = 0; d < dv; ++d) {
+        double o = 0;
+        for (int64_t u = 0; u <= pos0 + i; ++u) {
+          double v = 0;
+          for (int64_t j = 0; j < r; ++j) v += double(wv[d * r + j]) * rows[u * lc + j];
+          o += s[static_cast<size_t>(u)] / sum * v;
+        }
+        want[static_cast<size_t>((i * h + hd) * dv + d)] = o;
+      }
+    }
+  }
+  std::vector<std::vector<float>> store;
+  std::vector<const float*> ptrs;
+  for (int64_t first = 0; first < ctx; first += bt) {
+    store.emplace_back(rows.begin() + first * lc, rows.begin() + (first + bt) * lc);
+  }
+  for (const auto& b : store) ptrs.push_back(b.data());
+  const LatentRows paged{ptrs.data(), bt};
+  double scale = 0;
+  for (double v : want) scale = std::max(scale, std::fabs(v));
+  for (int64_t span : {256, 7}) {
+    SetMlaSpanForTesting(span);
+    for (int mode : {0, 1, 2}) {
+      SetMlaAttendModeForTesting(mode);
+      std::vector<float> got(want.size()), scratch;
+      MlaAttentionAbsorbed(p, q.data(), t, paged, ctx, pos0, got.data(), &scratch);
+      for (size_t i = 0; i < want.size(); ++i) {
+        EXPECT_NEAR(got[i], want[i], 2e-5 * scale)
+            << "span " << span << " mode " << mode << " " << i;
+      }
+    }
+  }
+  SetMlaSpanForTesting(0);
+  SetMlaAttendModeForTesting(0);
+}
+
 }  // namespace
 }  // namespace dmoe::cpu
 

@@ -67,10 +67,10 @@ void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t
 
 // ---- the batch-invariant form (KernelMode::kInvariant) ----
 // Every query row is computed the same way whatever the other queries of the call: q_lat and
-// the output projection through the invariant products, scores against each cached row, the
-// softmax and the weighted sum over exactly the rows 0..pos of the query's own position (never a
-// masked tail), in row order. So a position gives the same bits in a prefill chunk of any size,
-// in decode, after a prefix-cache hit, and inside any batch.
+// the output projection through the invariant products, then attention over exactly the rows
+// 0..pos of the query's own position (never a masked tail), in spans fixed by position (below).
+// So a position gives the same bits in a prefill chunk of any size, in decode, after a
+// prefix-cache hit, inside any batch and with any number of threads.
 
 // q[nq, H, dn + dr] -> qc[nq * H, r + dr] (q_lat = q_nope @ W_UK per head, then q_pe).
 void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
@@ -98,53 +98,219 @@ void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o)
   });
 }
 
-// t consecutive queries of one sequence at positions pos0 .. pos0 + t - 1: qc[t * H, lc] ->
-// olat[t * H, r]. s: scratch of t * H * (pos0 + t) floats.
-void AttendInvariant(const MlaParams& p, const float* qc, int64_t t, const LatentRows& cache,
-                     int64_t pos0, float* s, float* olat) {
-  const int64_t h = p.num_heads, r = p.latent_rank, lc = r + p.rope_dim;
-  const int64_t ctx = pos0 + t;
-  ForEachBlock(cache, ctx, [&](const float* rows, int64_t first, int64_t n) {
-    DotRows(qc, t * h, lc, rows, n, lc, lc, s + first, ctx);
-  });
-  for (int64_t i = 0; i < t; ++i) {
-    const int64_t limit = pos0 + i + 1;
-    float* si = s + i * h * ctx;
-    for (int64_t row = 0; row < h; ++row) {
-      for (int64_t u = 0; u < limit; ++u) si[row * ctx + u] *= p.softmax_scale;
+// ---- attention over spans (one pass over the cache) ----
+// A query at position pos attends to rows 0..pos taken in spans of g_span positions, fixed by
+// position alone ([0, S), [S, 2S), ...; never by the block size, the batch or the threads). Each
+// span's rows are read from memory once: scores for every head, then (while the rows are still in
+// cache) the softmax numerators and their weighted sum, relative to the span's own maximum. The
+// spans are then folded left to right (span 0, then 1, ...), rescaling to the running maximum, as
+// flash-decoding does. One fixed sequence of operations per query: the same bits whether its spans
+// run one after another in one task (many queries: prefill, batched decode) or side by side on
+// every core (few queries: batch-1 decode at a long context).
+int64_t g_span = 256;
+int g_attend_mode = 0;  // 0 auto, 1 a task per query, 2 a task per span
+
+// One query row group (H heads): qc [H, r + dr], its cache of ctx rows, olat [H, r].
+struct Query {
+  const float* qc;
+  const LatentRows* cache;
+  int64_t ctx;
+  float* olat;
+};
+
+// One span's result per head: the maximum score m, l = sum of exp(s - m), and
+// acc[r] = sum of exp(s - m) * c[:r].
+struct SpanResult {
+  float* m;
+  double* l;
+  float* acc;
+};
+
+struct Piece {
+  const float* rows;  // row `first`
+  int64_t first, n;
+};
+
+// Rows [a, b) of a cache (rows of lc floats) as fp32 pieces: pointers into fp32 blocks, or one
+// piece of `tile` where 8-bit rows are dequantized (once per span).
+void SpanPieces(const LatentRows& c, int64_t lc, int64_t a, int64_t b, std::vector<float>* tile,
+                std::vector<Piece>* pieces) {
+  pieces->clear();
+  if (c.qblocks != nullptr) tile->resize(static_cast<size_t>((b - a) * lc));
+  for (int64_t first = a; first < b;) {
+    const int64_t blk = first / c.block_tokens, in = first % c.block_tokens;
+    const int64_t n = std::min(c.block_tokens - in, b - first);
+    if (c.qblocks == nullptr) {
+      pieces->push_back({c.blocks[blk] + in * lc, first, n});
+    } else {
+      DequantizeKvRows(c.dtype, c.qblocks[blk] + in * KvRowBytes(c.dtype, c.r, c.dr), n, c.r, c.dr,
+                       tile->data() + (first - a) * lc);
     }
-    SoftmaxRows(si, h, limit, ctx);
+    first += n;
   }
-  ForEachBlock(cache, ctx, [&](const float* rows, int64_t first, int64_t n) {
-    for (int64_t i = 0; i < t; ++i) {
-      const int64_t limit = pos0 + i + 1;
-      if (limit <= first) continue;
-      AxpyRows(s + i * h * ctx + first, h, ctx, rows, std::min(n, limit - first), lc, r,
-               olat + i * h * r, r, /*accumulate=*/first > 0);
+  if (c.qblocks != nullptr) pieces->push_back({tile->data(), a, b - a});
+}
+
+// The span [a, b) of one query: scores (DotRows' chains, times the softmax scale), per head the
+// maximum, exp(s - m) and their sum in double (in row order), and acc = the AxpyRows chain of
+// exp(s - m) over the rows in order.
+void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const SpanResult& out) {
+  const int64_t h = p.num_heads, r = p.latent_rank, lc = r + p.rope_dim, n = b - a;
+  thread_local std::vector<float> s, tile;
+  thread_local std::vector<Piece> pieces;
+  s.resize(static_cast<size_t>(h * n));
+  SpanPieces(*q.cache, lc, a, b, &tile, &pieces);
+  for (const Piece& pc : pieces)
+    DotRows(q.qc, h, lc, pc.rows, pc.n, lc, lc, s.data() + pc.first - a, n);
+  for (int64_t head = 0; head < h; ++head) {
+    float* row = s.data() + head * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t u = 0; u < n; ++u) {
+      row[u] *= p.softmax_scale;
+      mx = row[u] > mx ? row[u] : mx;
     }
-  });
+    double sum = 0.0;
+    for (int64_t u = 0; u < n; ++u) {
+      row[u] = std::exp(row[u] - mx);
+      sum += row[u];
+    }
+    out.m[head] = mx;
+    out.l[head] = sum;
+  }
+  for (const Piece& pc : pieces) {
+    AxpyRows(s.data() + pc.first - a, h, n, pc.rows, pc.n, lc, r, out.acc, r,
+             /*accumulate=*/pc.first > a);
+  }
+}
+
+// state = state (+) next: both rescaled to the larger maximum (separate multiplies and adds, in
+// this order, for every head).
+void FoldSpan(int64_t h, int64_t r, const SpanResult& state, const SpanResult& next) {
+  for (int64_t head = 0; head < h; ++head) {
+    const float mx = std::max(state.m[head], next.m[head]);
+    const float a = std::exp(state.m[head] - mx), b = std::exp(next.m[head] - mx);
+    state.m[head] = mx;
+    state.l[head] = state.l[head] * a + next.l[head] * b;
+    float* acc = state.acc + head * r;
+    const float* nacc = next.acc + head * r;
+    for (int64_t i = 0; i < r; ++i) acc[i] = acc[i] * a + nacc[i] * b;
+  }
+}
+
+// olat = acc / l per head.
+void FinishQuery(int64_t h, int64_t r, const SpanResult& state, float* olat) {
+  for (int64_t head = 0; head < h; ++head) {
+    const float inv = static_cast<float>(1.0 / state.l[head]);
+    for (int64_t i = 0; i < r; ++i) olat[head * r + i] = state.acc[head * r + i] * inv;
+  }
+}
+
+// Space for `count` span results of H heads (m, l, acc), and result i within it.
+struct SpanResults {
+  std::vector<float> f;  // m [count, H] then acc [count, H, r]
+  std::vector<double> l;
+  int64_t h = 0, r = 0, count = 0;
+  void Resize(int64_t heads, int64_t rank, int64_t n) {
+    h = heads;
+    r = rank;
+    count = n;
+    f.resize(static_cast<size_t>(n * h * (1 + r)));
+    l.resize(static_cast<size_t>(n * h));
+  }
+  SpanResult At(int64_t i) {
+    return {f.data() + i * h, l.data() + i * h, f.data() + count * h + i * h * r};
+  }
+};
+
+int64_t SpanCount(int64_t ctx) { return (ctx + g_span - 1) / g_span; }
+
+// One query, its spans one after another in this task.
+void AttendQuery(const MlaParams& p, const Query& q) {
+  thread_local SpanResults res;
+  res.Resize(p.num_heads, p.latent_rank, 2);
+  const SpanResult state = res.At(0), next = res.At(1);
+  for (int64_t k = 0, a = 0; a < q.ctx; ++k, a += g_span) {
+    AttendSpan(p, q, a, std::min(q.ctx, a + g_span), k == 0 ? state : next);
+    if (k > 0) FoldSpan(p.num_heads, p.latent_rank, state, next);
+  }
+  FinishQuery(p.num_heads, p.latent_rank, state, q.olat);
+}
+
+// Few queries: their spans in waves over the pool (a wave's results held, then folded in order).
+void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
+  const int64_t h = p.num_heads, r = p.latent_rank, nq = static_cast<int64_t>(qs.size());
+  int64_t most = 0;
+  for (const Query& q : qs) most = std::max(most, SpanCount(q.ctx));
+  // At most ~64 MiB of span results in flight, at least one span per query.
+  const int64_t per = h * (r + 3) * 4;
+  const int64_t wave =
+      std::max<int64_t>(1, std::min<int64_t>(most, (int64_t{64} << 20) / (per * nq)));
+  thread_local SpanResults held, state;
+  held.Resize(h, r, nq * wave);
+  state.Resize(h, r, nq);
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (query, span)
+  for (int64_t k0 = 0; k0 < most; k0 += wave) {
+    tasks.clear();
+    for (int64_t i = 0; i < nq; ++i) {
+      for (int64_t k = k0; k < std::min(k0 + wave, SpanCount(qs[i].ctx)); ++k)
+        tasks.push_back({i, k});
+    }
+    SpanResults& hv = held;  // (a thread_local named inside the lambda would be the worker's)
+    ThePool().Run(static_cast<int>(tasks.size()), [&](int t) {
+      const auto [i, k] = tasks[static_cast<size_t>(t)];
+      const Query& q = qs[static_cast<size_t>(i)];
+      const int64_t a = k * g_span;
+      AttendSpan(p, q, a, std::min(q.ctx, a + g_span), hv.At(i * wave + k - k0));
+    });
+    for (const auto& [i, k] : tasks) {
+      const SpanResult got = held.At(i * wave + k - k0), s = state.At(i);
+      if (k == 0) {
+        std::copy(got.m, got.m + h, s.m);
+        std::copy(got.l, got.l + h, s.l);
+        std::copy(got.acc, got.acc + h * r, s.acc);
+      } else {
+        FoldSpan(h, r, s, got);
+      }
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) FinishQuery(h, r, state.At(i), qs[static_cast<size_t>(i)].olat);
+}
+
+void AttendAll(const MlaParams& p, const std::vector<Query>& qs) {
+  const int64_t nq = static_cast<int64_t>(qs.size());
+  const bool per_query = g_attend_mode == 1 ||
+                         (g_attend_mode == 0 && nq >= 2 * static_cast<int64_t>(ThePool().size()));
+  if (per_query) {
+    ThePool().Run(static_cast<int>(nq), [&](int i) { AttendQuery(p, qs[static_cast<size_t>(i)]); });
+  } else {
+    AttendSpansInParallel(p, qs);
+  }
 }
 
 void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_t* t,
                   const LatentRows* caches, const int64_t* pos0, float* o,
                   std::vector<float>* scratch) {
   const int64_t h = p.num_heads, r = p.latent_rank, lc = r + p.rope_dim;
-  int64_t nq = 0, s_max = 0;
-  for (int64_t i = 0; i < nseq; ++i) {
-    nq += t[i];
-    s_max = std::max(s_max, t[i] * h * (pos0[i] + t[i]));
-  }
-  scratch->resize(static_cast<size_t>(nq * h * lc + nq * h * r + s_max));
+  int64_t nq = 0;
+  for (int64_t i = 0; i < nseq; ++i) nq += t[i];
+  scratch->resize(static_cast<size_t>(nq * h * lc + nq * h * r));
   float* qc = scratch->data();
   float* olat = qc + nq * h * lc;
-  float* s = olat + nq * h * r;
   AbsorbQueries(p, q, nq, qc);
-  for (int64_t i = 0, row = 0; i < nseq; row += t[i], ++i) {
-    AttendInvariant(p, qc + row * h * lc, t[i], caches[i], pos0[i], s, olat + row * h * r);
+  thread_local std::vector<Query> qs;
+  qs.clear();
+  for (int64_t i = 0, row = 0; i < nseq; ++i) {
+    for (int64_t j = 0; j < t[i]; ++j, ++row) {
+      qs.push_back({qc + row * h * lc, caches + i, pos0[i] + j + 1, olat + row * h * r});
+    }
   }
+  AttendAll(p, qs);
   ProjectOutputs(p, olat, nq, o);
 }
 }  // namespace
+
+void SetMlaSpanForTesting(int64_t rows) { g_span = rows > 0 ? rows : 256; }
+void SetMlaAttendModeForTesting(int mode) { g_attend_mode = mode; }
 
 const char* KvDTypeName(KvDType t) {
   switch (t) {

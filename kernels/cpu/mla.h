@@ -62,6 +62,14 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const L
 void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const LatentRows* caches,
                             const int64_t* ctx, float* o, std::vector<float>* scratch);
 
+// The invariant form attends to a position's rows in spans of 256 positions ([0, 256), [256, 512),
+// ...), each read from memory once (scores and the weighted sum fused) and folded left to right;
+// a call with few queries (batch-1 decode) runs its spans on every core, one with many runs a
+// query per task: the same bits either way.
+// Tests: the span length (0: 256) and the split (0 auto, 1 a task per query, 2 a task per span).
+void SetMlaSpanForTesting(int64_t rows);
+void SetMlaAttendModeForTesting(int mode);
+
 }  // namespace dmoe::cpu
 
 #endif  // DMOE_KERNELS_CPU_MLA_H_
