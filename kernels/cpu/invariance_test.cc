@@ -85,31 +85,41 @@ TEST(Invariance, DotRowsAvx2EqualsPortable) {
 }
 
 // AxpyRows: one fma chain per element in k order. A row alone == in a batch; K split into two
-// accumulating calls == one call; the written-out chain is the golden.
+// accumulating calls == one call; the written-out chain is the golden; at every ISA level
+// (AVX-512's 64- and 16-column tiles, AVX2's 32 and 8, the scalar tail).
 TEST(Invariance, AxpyRowsRowAloneEqualsRowInAnyBatchAndKSplits) {
-  const int64_t k = 45, n = 77;
-  const auto w = Random(static_cast<size_t>(k * n), 5);
-  const auto target = Random(static_cast<size_t>(k), 6);
-  std::vector<float> alone(static_cast<size_t>(n));
-  AxpyRows(target.data(), 1, k, w.data(), k, n, n, alone.data(), n, false);
-  for (int64_t c = 0; c < n; ++c) {
-    float acc = 0;
-    for (int64_t j = 0; j < k; ++j)
-      acc = std::fma(target[static_cast<size_t>(j)], w[static_cast<size_t>(j * n + c)], acc);
-    ASSERT_EQ(0, std::memcmp(&acc, &alone[static_cast<size_t>(c)], 4)) << c;
+  const int64_t k = 45;
+  for (int level : {0, 1, 2}) {
+    const int used = SetGemmIsaForTesting(level);
+    for (int64_t n : {77, 141, 256}) {
+      const auto w = Random(static_cast<size_t>(k * n), 5);
+      const auto target = Random(static_cast<size_t>(k), 6);
+      std::vector<float> alone(static_cast<size_t>(n));
+      AxpyRows(target.data(), 1, k, w.data(), k, n, n, alone.data(), n, false);
+      for (int64_t c = 0; c < n; ++c) {
+        float acc = 0;
+        for (int64_t j = 0; j < k; ++j)
+          acc = std::fma(target[static_cast<size_t>(j)], w[static_cast<size_t>(j * n + c)], acc);
+        ASSERT_EQ(0, std::memcmp(&acc, &alone[static_cast<size_t>(c)], 4))
+            << "level " << used << " n " << n << " column " << c;
+      }
+      for (int64_t m : {2, 3, 4, 5, 16, 64}) {
+        auto x = Random(static_cast<size_t>(m * k), static_cast<uint32_t>(10 + m));
+        const int64_t at = m / 2;
+        std::copy(target.begin(), target.end(), x.begin() + at * k);
+        std::vector<float> y(static_cast<size_t>(m * n));
+        AxpyRows(x.data(), m, k, w.data(), k, n, n, y.data(), n, false);
+        EXPECT_TRUE(SameBits(y.data() + at * n, alone.data(), static_cast<size_t>(n)))
+            << "level " << used << " n " << n << " m " << m;
+      }
+      std::vector<float> split(static_cast<size_t>(n));
+      AxpyRows(target.data(), 1, k, w.data(), 20, n, n, split.data(), n, false);
+      AxpyRows(target.data() + 20, 1, k, w.data() + 20 * n, k - 20, n, n, split.data(), n, true);
+      EXPECT_TRUE(SameBits(split.data(), alone.data(), static_cast<size_t>(n)))
+          << "level " << used << " n " << n;
+    }
   }
-  for (int64_t m : {2, 3, 4, 16, 64}) {
-    auto x = Random(static_cast<size_t>(m * k), static_cast<uint32_t>(10 + m));
-    const int64_t at = m / 2;
-    std::copy(target.begin(), target.end(), x.begin() + at * k);
-    std::vector<float> y(static_cast<size_t>(m * n));
-    AxpyRows(x.data(), m, k, w.data(), k, n, n, y.data(), n, false);
-    EXPECT_TRUE(SameBits(y.data() + at * n, alone.data(), static_cast<size_t>(n))) << m;
-  }
-  std::vector<float> split(static_cast<size_t>(n));
-  AxpyRows(target.data(), 1, k, w.data(), 20, n, n, split.data(), n, false);
-  AxpyRows(target.data() + 20, 1, k, w.data() + 20 * n, k - 20, n, n, split.data(), n, true);
-  EXPECT_TRUE(SameBits(split.data(), alone.data(), static_cast<size_t>(n)));
+  SetGemmIsaForTesting(-1);
 }
 
 // bf16 weights held as bf16 give exactly the bits of their fp32 upcast through DotRows (the

@@ -1,6 +1,7 @@
 #include "kernels/cpu/mla.h"
 
 #include <cblas.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -131,6 +132,12 @@ struct Piece {
   int64_t first, n;
 };
 
+// Asks for n floats at p to be brought into the caches (prefetches never fault).
+void Prefetch(const float* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * 4; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 // Rows [a, b) of a cache (rows of lc floats) as fp32 pieces: pointers into fp32 blocks, or one
 // piece of `tile` where 8-bit rows are dequantized (once per span).
 void SpanPieces(const LatentRows& c, int64_t lc, int64_t a, int64_t b, std::vector<float>* tile,
@@ -160,8 +167,14 @@ void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const 
   thread_local std::vector<Piece> pieces;
   s.resize(static_cast<size_t>(h * n));
   SpanPieces(*q.cache, lc, a, b, &tile, &pieces);
-  for (const Piece& pc : pieces)
+  // Each piece's rows are fetched while the previous piece is scored: cached rows come from
+  // memory, and a row pass ahead (the products' own prefetch) is too short to hide its latency.
+  Prefetch(pieces[0].rows, pieces[0].n * lc);
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const Piece& pc = pieces[i];
+    if (i + 1 < pieces.size()) Prefetch(pieces[i + 1].rows, pieces[i + 1].n * lc);
     DotRows(q.qc, h, lc, pc.rows, pc.n, lc, lc, s.data() + pc.first - a, n);
+  }
   for (int64_t head = 0; head < h; ++head) {
     float* row = s.data() + head * n;
     float mx = -std::numeric_limits<float>::infinity();
