@@ -296,18 +296,29 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
       cache.r = r;
       cache.dr = dr;
     }
-    // Spans of 256 (one span here) and of 16 (5 spans, folded), each with the split chosen by the
-    // call, a task per query and a task per span: one result per span length.
-    for (int64_t span : {256, 16}) {
+    // Spans of 256 (one span here), 16 (5 spans) and 7 (spans starting inside 16-row blocks),
+    // each run with the split chosen by the call, a task per query, a task per span (also in
+    // waves of one span's results), and at the AVX2 and portable ISA levels: one result per span
+    // length.
+    struct Variant {
+      int mode, isa;
+      int64_t wave_bytes;
+    };
+    const Variant variants[] = {{0, -1, 0}, {1, -1, 0}, {2, -1, 0},
+                                {2, -1, 1}, {0, 1, 0},  {0, 0, 0}};
+    for (int64_t span : {256, 16, 7}) {
       SetMlaSpanForTesting(span);
       std::vector<float> scratch;
       std::vector<float> whole(static_cast<size_t>(ctx * ov));
       SetMlaAttendModeForTesting(0);
       MlaAttentionAbsorbed(p, q.data(), ctx, cache, ctx, 0, whole.data(), &scratch);
-      for (int mode : {0, 1, 2}) {
-        SetMlaAttendModeForTesting(mode);
+      for (const Variant& v : variants) {
+        SetMlaAttendModeForTesting(v.mode);
+        SetMlaWaveBytesForTesting(v.wave_bytes);
+        const int isa = SetGemmIsaForTesting(v.isa);
         const std::string what = std::string(KvDTypeName(dt)) + " span " + std::to_string(span) +
-                                 " mode " + std::to_string(mode);
+                                 " mode " + std::to_string(v.mode) + " isa " + std::to_string(isa) +
+                                 " wave bytes " + std::to_string(v.wave_bytes);
         for (int64_t chunk : {1, 3, 16, 64, 70}) {
           std::vector<float> got(whole.size());
           for (int64_t pos0 = 0; pos0 < ctx; pos0 += chunk) {
@@ -340,6 +351,8 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
     }
     SetMlaSpanForTesting(0);
     SetMlaAttendModeForTesting(0);
+    SetMlaWaveBytesForTesting(0);
+    SetGemmIsaForTesting(-1);
   }
 }
 

@@ -297,6 +297,10 @@ TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
   }
   SetMlaSpanForTesting(0);
   SetMlaAttendModeForTesting(0);
+  // No queries: nothing to do (and no division by the query count).
+  std::vector<float> scratch;
+  MlaDecodeAbsorbedBatch(p, nullptr, 0, nullptr, nullptr, nullptr, &scratch);
+  MlaAttentionAbsorbed(p, nullptr, 0, paged, 0, 0, nullptr, &scratch);
 }
 
 }  // namespace

@@ -109,7 +109,9 @@ void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o)
 // run one after another in one task (many queries: prefill, batched decode) or side by side on
 // every core (few queries: batch-1 decode at a long context).
 int64_t g_span = 256;
-int g_attend_mode = 0;  // 0 auto, 1 a task per query, 2 a task per span
+int g_attend_mode = 0;                     // 0 auto, 1 a task per query, 2 a task per span
+int64_t g_wave_bytes = int64_t{64} << 20;  // span results held at once by AttendSpansInParallel
+constexpr float kNoRows = -std::numeric_limits<float>::infinity();
 
 // One query row group (H heads): qc [H, r + dr], its cache of ctx rows, olat [H, r].
 struct Query {
@@ -184,7 +186,8 @@ void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const 
     }
     double sum = 0.0;
     for (int64_t u = 0; u < n; ++u) {
-      row[u] = std::exp(row[u] - mx);
+      // A span of -inf scores only (overflowed products) weighs nothing, as in SoftmaxRows.
+      row[u] = mx == kNoRows ? 0.0f : std::exp(row[u] - mx);
       sum += row[u];
     }
     out.m[head] = mx;
@@ -201,7 +204,8 @@ void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const 
 void FoldSpan(int64_t h, int64_t r, const SpanResult& state, const SpanResult& next) {
   for (int64_t head = 0; head < h; ++head) {
     const float mx = std::max(state.m[head], next.m[head]);
-    const float a = std::exp(state.m[head] - mx), b = std::exp(next.m[head] - mx);
+    const float a = state.m[head] == kNoRows ? 0.0f : std::exp(state.m[head] - mx);
+    const float b = next.m[head] == kNoRows ? 0.0f : std::exp(next.m[head] - mx);
     state.m[head] = mx;
     state.l[head] = state.l[head] * a + next.l[head] * b;
     float* acc = state.acc + head * r;
@@ -254,10 +258,11 @@ void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
   const int64_t h = p.num_heads, r = p.latent_rank, nq = static_cast<int64_t>(qs.size());
   int64_t most = 0;
   for (const Query& q : qs) most = std::max(most, SpanCount(q.ctx));
-  // At most ~64 MiB of span results in flight, at least one span per query.
+  // At most g_wave_bytes of span results in flight (and at most the pool's 65535 tasks), at
+  // least one span per query.
   const int64_t per = h * (r + 3) * 4;
   const int64_t wave =
-      std::max<int64_t>(1, std::min<int64_t>(most, (int64_t{64} << 20) / (per * nq)));
+      std::max<int64_t>(1, std::min({most, g_wave_bytes / (per * nq), int64_t{0xffff} / nq}));
   thread_local SpanResults held, state;
   held.Resize(h, r, nq * wave);
   state.Resize(h, r, nq);
@@ -306,6 +311,7 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
   const int64_t h = p.num_heads, r = p.latent_rank, lc = r + p.rope_dim;
   int64_t nq = 0;
   for (int64_t i = 0; i < nseq; ++i) nq += t[i];
+  if (nq <= 0) return;
   scratch->resize(static_cast<size_t>(nq * h * lc + nq * h * r));
   float* qc = scratch->data();
   float* olat = qc + nq * h * lc;
@@ -314,7 +320,12 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
   qs.clear();
   for (int64_t i = 0, row = 0; i < nseq; ++i) {
     for (int64_t j = 0; j < t[i]; ++j, ++row) {
-      qs.push_back({qc + row * h * lc, caches + i, pos0[i] + j + 1, olat + row * h * r});
+      const int64_t ctx = pos0[i] + j + 1;
+      if (ctx <= 0) {  // no rows to attend to (not a valid call): zeros, never stale results
+        std::fill(olat + row * h * r, olat + (row + 1) * h * r, 0.0f);
+        continue;
+      }
+      qs.push_back({qc + row * h * lc, caches + i, ctx, olat + row * h * r});
     }
   }
   AttendAll(p, qs);
@@ -324,6 +335,9 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
 
 void SetMlaSpanForTesting(int64_t rows) { g_span = rows > 0 ? rows : 256; }
 void SetMlaAttendModeForTesting(int mode) { g_attend_mode = mode; }
+void SetMlaWaveBytesForTesting(int64_t bytes) {
+  g_wave_bytes = bytes > 0 ? bytes : int64_t{64} << 20;
+}
 
 const char* KvDTypeName(KvDType t) {
   switch (t) {

@@ -66,9 +66,12 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const
 // ...), each read from memory once (scores and the weighted sum fused) and folded left to right;
 // a call with few queries (batch-1 decode) runs its spans on every core, one with many runs a
 // query per task: the same bits either way.
-// Tests: the span length (0: 256) and the split (0 auto, 1 a task per query, 2 a task per span).
+// Tests: the span length (0: 256), the split (0 auto, 1 a task per query, 2 a task per span) and
+// the bytes of span results held at once when spans run side by side (0: 64 MiB; smaller makes
+// more waves).
 void SetMlaSpanForTesting(int64_t rows);
 void SetMlaAttendModeForTesting(int mode);
+void SetMlaWaveBytesForTesting(int64_t bytes);
 
 }  // namespace dmoe::cpu
 
