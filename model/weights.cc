@@ -160,9 +160,15 @@ absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string&
     }
     TensorInfo t;
     ASSIGN_OR_RETURN(const uint8_t* raw, ck.Raw(name, &t));
-    l.q.assign(raw, raw + out * in);
-    ck.DropPages(name);
     l.format = cpu::WeightFormat::kFp8;
+    if (cpu::Packable(l.format, out, in)) {  // packed straight from the mapped file
+      l.q.resize(static_cast<size_t>(out * in));
+      cpu::PackRows(l.format, raw, out, in, l.q.data());
+      l.packed = true;
+    } else {
+      l.q.assign(raw, raw + out * in);
+    }
+    ck.DropPages(name);
     if (dtype == WeightDType::kF32) l.ConvertTo(cpu::WeightFormat::kF32);
     if (dtype == WeightDType::kBf16) l.ConvertTo(cpu::WeightFormat::kBf16);
     if (dtype == WeightDType::kInt8) {

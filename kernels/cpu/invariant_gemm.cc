@@ -413,6 +413,8 @@ int SetGemmIsaForTesting(int level) {
   return GemmLevel();
 }
 
+int GemmIsaLevel() { return GemmLevel(); }
+
 namespace {
 
 template <typename W>

@@ -57,6 +57,9 @@ void ForcePortableInvariantForTesting(bool on);
 // Tests: cap the ISA these kernels use (0 portable, 1 AVX2, 2 AVX-512; -1 the CPU's); returns
 // the level in effect (never above the CPU's).
 int SetGemmIsaForTesting(int level);
+// The level in effect (the CPU's, capped by SetGemmIsaForTesting): also used by the packed fp8
+// products (qlinear.h).
+int GemmIsaLevel();
 
 }  // namespace dmoe::cpu
 

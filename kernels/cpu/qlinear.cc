@@ -157,6 +157,172 @@ int64_t Chunks(int64_t out, int64_t in, int64_t* per) {
   return (out + *per - 1) / *per;
 }
 
+// ---- packed fp8 (8 rows interleaved per 8 columns, as packed bf16) ----
+// The chain of RowsAvx2<T, R, true> for every row of x and weight row o: per 128-column block an
+// 8-lane fma chain of weight * x (weights decoded by LoadFp8's formula), reduced in Lanes8 order,
+// times the block's scale, added to the row's total. The packed kernels below follow it at every
+// ISA level, so packed fp8 gives row-major fp8's AVX2 bits.
+
+// LoadFp8's decoding, one weight: magnitude bits at 20..26, sign at 31, times 2^120.
+float Fp8Weight(uint8_t b) {
+  const uint32_t bits = (uint32_t{b} & 0x7fu) << 20 | (uint32_t{b} & 0x80u) << 24;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f * 1.329227995784916e36f;
+}
+
+inline const uint8_t* Fp8Group(const WeightRef& w, int64_t o) { return w.q + o * w.in; }
+inline float Fp8Scale(const WeightRef& w, int64_t o, int64_t k0) {
+  const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
+  return w.scales[(o / kFp8Block) * nb + k0 / kFp8Block];
+}
+
+void Fp8PackedPortable(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y,
+                       int64_t ldy, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; o += 8) {
+    const uint8_t* g = Fp8Group(w, o);
+    for (int64_t m = 0; m < t; ++m) {
+      float total[8] = {};
+      for (int64_t k0 = 0; k0 < w.in; k0 += kFp8Block) {
+        const int64_t k1 = std::min(w.in, k0 + kFp8Block);
+        float lane[8][8] = {};
+        for (int64_t j = k0; j < k1; j += 8) {
+          for (int r = 0; r < 8; ++r) {
+            for (int l = 0; l < 8; ++l) {
+              lane[r][l] =
+                  std::fma(Fp8Weight(g[j * 8 + r * 8 + l]), x[m * ldx + j + l], lane[r][l]);
+            }
+          }
+        }
+        for (int r = 0; r < 8; ++r) {
+          const float part = ((lane[r][0] + lane[r][4]) + (lane[r][1] + lane[r][5])) +
+                             ((lane[r][2] + lane[r][6]) + (lane[r][3] + lane[r][7]));
+          total[r] += part * Fp8Scale(w, o + r, k0);
+        }
+      }
+      for (int r = 0; r < 8; ++r) y[m * ldy + o + r] = total[r] * 1.0f;
+    }
+  }
+}
+
+// One row of x against a group of 8 weight rows: 8 accumulators.
+__attribute__((target("avx2,fma"))) void Fp8PackedTileAvx2(const float* xm, const WeightRef& w,
+                                                           int64_t o, float* ym) {
+  const uint8_t* g = Fp8Group(w, o);
+  float total[8] = {};
+  for (int64_t k0 = 0; k0 < w.in; k0 += kFp8Block) {
+    const int64_t k1 = std::min(w.in, k0 + kFp8Block);
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t j = k0; j < k1; j += 8) {
+      const __m256 xv = _mm256_loadu_ps(xm + j);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        acc[r] = _mm256_fmadd_ps(LoadFp8(g + j * 8 + r * 8), xv, acc[r]);
+      }
+    }
+    for (int r = 0; r < 8; ++r) total[r] += HSum(acc[r]) * Fp8Scale(w, o + r, k0);
+  }
+  for (int r = 0; r < 8; ++r) ym[o + r] = total[r] * 1.0f;
+}
+
+// GCC 12 reports the intrinsics' own _mm512_undefined_* as uninitialized (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// 16 weights (two rows' 8 columns) decoded as LoadFp8 does.
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 LoadFp8x16(const uint8_t* p) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x7f)), 20);
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mag, sign)),
+                       _mm512_set1_ps(1.329227995784916e36f));
+}
+
+// T rows of x against a group of 8 weight rows: one register holds two rows' 8 columns (lanes 0-7
+// and 8-15) against the same 8 columns of x in both halves, so each lane keeps its row's chain.
+template <int T>
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void Fp8PackedTileAvx512(
+    const float* x, int64_t ldx, const WeightRef& w, int64_t o, float* y, int64_t ldy) {
+  const uint8_t* g = Fp8Group(w, o);
+  float total[T][8] = {};
+  for (int64_t k0 = 0; k0 < w.in; k0 += kFp8Block) {
+    const int64_t k1 = std::min(w.in, k0 + kFp8Block);
+    __m512 acc[T][4];
+#pragma GCC unroll 4
+    for (int m = 0; m < T; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t j = k0; j < k1; j += 8) {
+      __m512 wv[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) wv[v] = LoadFp8x16(g + j * 8 + 16 * v);
+#pragma GCC unroll 4
+      for (int m = 0; m < T; ++m) {
+        const __m512 xv = _mm512_castpd_ps(
+            _mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(x + m * ldx + j))));
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_fmadd_ps(wv[v], xv, acc[m][v]);
+      }
+    }
+    for (int m = 0; m < T; ++m) {
+      for (int v = 0; v < 4; ++v) {
+        alignas(64) float l[16];
+        _mm512_store_ps(l, acc[m][v]);
+        for (int h = 0; h < 2; ++h) {
+          const float* q = l + 8 * h;
+          const float part = ((q[0] + q[4]) + (q[1] + q[5])) + ((q[2] + q[6]) + (q[3] + q[7]));
+          total[m][2 * v + h] += part * Fp8Scale(w, o + 2 * v + h, k0);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < T; ++m)
+    for (int r = 0; r < 8; ++r) y[m * ldy + o + r] = total[m][r] * 1.0f;
+}
+#pragma GCC diagnostic pop
+
+// Rows of x in blocks (~256 KiB, kept in L2 while every weight group of [o0, o1) passes by), each
+// block in tiles of up to 4 rows (AVX-512) or 1 (AVX2) per group.
+void Fp8PackedRows(int level, const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y,
+                   int64_t ldy, int64_t o0, int64_t o1) {
+  if (level == 0) {
+    Fp8PackedPortable(x, t, ldx, w, y, ldy, o0, o1);
+    return;
+  }
+  const int64_t block = std::max<int64_t>(4, (int64_t{256} << 10) / (4 * w.in) / 4 * 4);
+  for (int64_t m0 = 0; m0 < t; m0 += block) {
+    const int64_t m1 = std::min(t, m0 + block);
+    for (int64_t o = o0; o < o1; o += 8) {
+      int64_t m = m0;
+      if (level == 1) {
+        for (; m < m1; ++m) Fp8PackedTileAvx2(x + m * ldx, w, o, y + m * ldy);
+        continue;
+      }
+      for (; m + 4 <= m1; m += 4) Fp8PackedTileAvx512<4>(x + m * ldx, ldx, w, o, y + m * ldy, ldy);
+      const float* xm = x + m * ldx;
+      float* ym = y + m * ldy;
+      if (m1 - m == 3) Fp8PackedTileAvx512<3>(xm, ldx, w, o, ym, ldy);
+      if (m1 - m == 2) Fp8PackedTileAvx512<2>(xm, ldx, w, o, ym, ldy);
+      if (m1 - m == 1) Fp8PackedTileAvx512<1>(xm, ldx, w, o, ym, ldy);
+    }
+  }
+}
+
+void LinearFp8Packed(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y,
+                     int64_t ldy) {
+  const int level = g_portable.load(std::memory_order_relaxed) ? 0 : GemmIsaLevel();
+  int64_t per = 0;
+  const int64_t chunks = Chunks(w.out, w.in, &per);
+  ThePool().Run(static_cast<int>(chunks), [&](int c) {
+    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+    Fp8PackedRows(level, x, t, ldx, w, y, ldy, o0, o1);
+  });
+}
+
 }  // namespace
 
 void ForcePortableKernelsForTesting(bool on) { g_portable = on; }
@@ -271,6 +437,14 @@ void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
       row.resize(static_cast<size_t>(w.in));
       UnpackRow(w.format, w.q, w.in, o, row.data());
       for (int64_t i = 0; i < w.in; ++i) d[i] = static_cast<float>(row[i]) * w.scales[o];
+    } else if (w.format == WeightFormat::kFp8 && w.packed) {
+      thread_local std::vector<uint8_t> row;
+      row.resize(static_cast<size_t>(w.in));
+      UnpackRow(w.format, w.q, w.in, o, row.data());
+      for (int64_t i = 0; i < w.in; ++i) {
+        d[i] = Fp8E4M3ToFloat(row[static_cast<size_t>(i)]) *
+               w.scales[(o / kFp8Block) * nb + i / kFp8Block];
+      }
     } else if (avx2) {
       DequantizeRowAvx2(w, o, d);
     } else if (w.format == WeightFormat::kInt8) {
@@ -287,6 +461,7 @@ void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
 bool Packable(WeightFormat f, int64_t out, int64_t in) {
   if (f == WeightFormat::kBf16) return Bf16Packable(out, in);
   if (f == WeightFormat::kInt8) return Int8Packable(out, in);
+  if (f == WeightFormat::kFp8) return out > 0 && in > 0 && out % 8 == 0 && in % 8 == 0;
   return false;
 }
 
@@ -294,7 +469,7 @@ namespace {
 // Element size and columns per block of a packed format.
 void PackShape(WeightFormat f, int64_t* elem, int64_t* cols) {
   *elem = f == WeightFormat::kBf16 ? 2 : 1;
-  *cols = f == WeightFormat::kBf16 ? 8 : 32;
+  *cols = f == WeightFormat::kInt8 ? 32 : 8;
 }
 }  // namespace
 
@@ -352,6 +527,11 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
     } else {
       DotRowsBf16(x, t, ldx, w.bf16, w.out, w.in, w.in, y, ldy);
     }
+    return;
+  }
+  if (w.format == WeightFormat::kFp8 && w.packed &&
+      (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
+    LinearFp8Packed(x, t, ldx, w, y, ldy);
     return;
   }
   int64_t per = 0;

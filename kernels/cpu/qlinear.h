@@ -31,16 +31,18 @@ struct WeightRef {
   int64_t in = 0;
   const uint16_t* bf16 = nullptr;  // kBf16 (last: the fields above keep their positions)
   const int32_t* sums = nullptr;   // kInt8: sum of each row's int8 (nullptr: computed per call)
-  // kBf16 / kInt8: rows interleaved in groups of 8 (PackRows: the layout the decode kernels read
-  // as one stream); scales and sums stay in row order.
+  // kBf16 / kInt8 / kFp8: rows interleaved in groups of 8 (PackRows: the layout the decode kernels
+  // read as one stream); scales and sums stay in row order.
   bool packed = false;
 };
 
-// Whether a [out, in] matrix of format f can be packed (kBf16 and kInt8 only).
+// Whether a [out, in] matrix of format f can be packed (kBf16, kInt8 and kFp8).
 bool Packable(WeightFormat f, int64_t out, int64_t in);
 // Packed layouts (invariant_gemm.h, w8a8.h): each group of 8 rows occupies the bytes of those rows
 // (so a matrix can be packed group by group in place), as in/C blocks of 8 x C elements, row r's
-// C columns at block offset r * C; C = 8 for bf16, 32 for int8.
+// C columns at block offset r * C; C = 8 for bf16 and fp8, 32 for int8. Packed fp8 gives the bits
+// of row-major fp8 on AVX2 at every ISA level (AVX-512 decodes two rows' 8 weights per register;
+// the portable path follows the same chains).
 // Packs the row-major bf16 bits / int8 bytes of a packable matrix into dst (out * in elements;
 // any alignment). dst == src packs in place (one group of scratch).
 void PackRows(WeightFormat f, const void* src, int64_t out, int64_t in, void* dst);

@@ -10,6 +10,7 @@
 
 #include "common/dtype.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/w8a8.h"
 
 namespace dmoe::cpu {
@@ -274,6 +275,59 @@ TEST(QLinear, W8A8ErrorStaysNearW8A16) {
 TEST(QLinear, Fp8BlocksMatchFloat64) {
   for (auto [out, in] : {std::pair<int64_t, int64_t>{1, 8}, {7, 13}, {130, 256}, {300, 260}}) {
     CheckLinear(WeightFormat::kFp8, out, in);
+  }
+}
+
+// Packed fp8 (the layout models load into): the bits of row-major fp8 on AVX2 (RowsAvx2, the
+// chains of QLinear.Fp8BlocksMatchFloat64) at every ISA level (AVX-512, AVX2, portable), for row
+// counts across the 4-row tiles and shapes whose last 128-column block is partial; Dequantize reads
+// its rows back exactly; packing in place gives the same bytes.
+TEST(QLinear, PackedFp8EqualsRowMajorAtEveryIsaLevel) {
+  EXPECT_FALSE(Packable(WeightFormat::kFp8, 12, 64));
+  EXPECT_FALSE(Packable(WeightFormat::kFp8, 16, 60));
+  for (auto [out, in] : {std::pair<int64_t, int64_t>{8, 8},
+                         {64, 256},
+                         {512, 1024},
+                         {1024, 512},
+                         {296, 96},
+                         {136, 200}}) {
+    ASSERT_TRUE(Packable(WeightFormat::kFp8, out, in));
+    std::mt19937 rng(static_cast<unsigned>(out * 7 + in));
+    std::normal_distribution<float> nd(0, 1);
+    std::vector<float> w(out * in);
+    for (float& v : w) v = nd(rng);
+    std::vector<uint8_t> q, packed(static_cast<size_t>(out * in));
+    std::vector<float> s;
+    QuantizeFp8Blocks(w.data(), out, in, &q, &s);
+    PackRows(WeightFormat::kFp8, q.data(), out, in, packed.data());
+    if (in > 8) {
+      ASSERT_NE(0, std::memcmp(q.data(), packed.data(), q.size())) << "nothing was moved";
+    }
+    std::vector<uint8_t> in_place = q;
+    PackRows(WeightFormat::kFp8, in_place.data(), out, in, in_place.data());
+    ASSERT_EQ(0, std::memcmp(in_place.data(), packed.data(), q.size()));
+    const WeightRef plain{WeightFormat::kFp8, nullptr, q.data(), s.data(), out, in};
+    WeightRef pref = plain;
+    pref.q = packed.data();
+    pref.packed = true;
+    std::vector<float> d0(static_cast<size_t>(out * in)), d1(d0.size());
+    Dequantize(plain, 0, out, d0.data());
+    Dequantize(pref, 0, out, d1.data());
+    ASSERT_EQ(0, std::memcmp(d0.data(), d1.data(), 4 * d0.size()));
+    const int top = SetGemmIsaForTesting(-1);
+    for (int level = 0; level <= top; ++level) {
+      for (int64_t t : {1, 2, 3, 4, 5, 7, 9, 16, 17}) {
+        std::vector<float> x(t * in), want(t * out), got(t * out);
+        for (float& v : x) v = nd(rng);
+        SetGemmIsaForTesting(-1);
+        LinearW(x.data(), t, plain, want.data());
+        SetGemmIsaForTesting(level);
+        LinearW(x.data(), t, pref, got.data());
+        ASSERT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
+            << "out " << out << " in " << in << " t " << t << " level " << level;
+      }
+    }
+    SetGemmIsaForTesting(-1);
   }
 }
 
