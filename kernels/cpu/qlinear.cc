@@ -233,22 +233,59 @@ __attribute__((target("avx2,fma"))) void Fp8PackedTileAvx2(const float* xm, cons
 #if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-// 16 weights (two rows' 8 columns) decoded as LoadFp8 does.
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 LoadFp8x16(const uint8_t* p) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x7f)), 20);
-  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
-  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mag, sign)),
-                       _mm512_set1_ps(1.329227995784916e36f));
+// 64 packed weights (8 rows x 8 columns) -> 4 registers of two rows' 8 columns each, rows
+// (0, 2), (4, 6), (1, 3), (5, 7): every e4m3 byte placed as an fp16 (sign at bit 15, exponent and
+// mantissa at 7..13; never inf or NaN), widened exactly (vcvtph2ps), times 2^8: the value
+// LoadFp8 gives, subnormals and the NaN codes (+-480) included.
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline void DecodeFp8Block(const uint8_t* p,
+                                                                                __m512 out[4]) {
+  const __m512i b = _mm512_loadu_si512(p);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i keep = _mm512_set1_epi16(static_cast<int16_t>(0xBFFF));
+  // unpacklo: bytes 0-7 of each 128-bit lane (row 2L) to the high halves of 16-bit lanes;
+  // unpackhi: bytes 8-15 (row 2L + 1). >> 1 (arithmetic) then clearing bit 14 leaves the sign
+  // at 15.
+  const __m512i lo = _mm512_and_si512(_mm512_srai_epi16(_mm512_unpacklo_epi8(zero, b), 1), keep);
+  const __m512i hi = _mm512_and_si512(_mm512_srai_epi16(_mm512_unpackhi_epi8(zero, b), 1), keep);
+  const __m512 k = _mm512_set1_ps(256.0f);
+  out[0] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(lo)), k);
+  out[1] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1)), k);
+  out[2] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(hi)), k);
+  out[3] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1)), k);
 }
 
-// T rows of x against a group of 8 weight rows: one register holds two rows' 8 columns (lanes 0-7
-// and 8-15) against the same 8 columns of x in both halves, so each lane keeps its row's chain.
-template <int T>
+// Lanes8 of each half, in its order, left in every lane of the half: lanes i + (i + 4), then
+// adjacent pairs, then the two pairs (additions commute bit for bit).
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 HalvesLanes8(__m512 v) {
+  const __m512 t = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  // 128-bit lanes 1,0,3,2
+  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));        // 1,0,3,2 in each lane
+  return _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));                  // 2,3,0,1 in each lane
+}
+
+// A whole group decoded once (for many rows of x): DecodeFp8Block's registers in order, 64 floats
+// per 8 columns.
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void DecodeFp8Group(const uint8_t* g,
+                                                                         int64_t in, float* pre) {
+  for (int64_t j = 0; j < in; j += 8) {
+    __m512 wv[4];
+    DecodeFp8Block(g + j * 8, wv);
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(pre + j * 8 + 16 * v, wv[v]);
+  }
+}
+
+// T rows of x against a group of 8 weight rows: one register holds two rows' 8 columns against
+// the same 8 columns of x in both halves, so each lane keeps its row's chain. The 8 rows share
+// one scale per 128 columns (a group never crosses a 128-row block). kPre: the group comes
+// decoded (DecodeFp8Group), the same values.
+template <int T, bool kPre>
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) void Fp8PackedTileAvx512(
-    const float* x, int64_t ldx, const WeightRef& w, int64_t o, float* y, int64_t ldy) {
+    const float* x, int64_t ldx, const WeightRef& w, int64_t o, const float* pre, float* y,
+    int64_t ldy) {
+  static constexpr int kRow[4][2] = {{0, 2}, {4, 6}, {1, 3}, {5, 7}};
   const uint8_t* g = Fp8Group(w, o);
-  float total[T][8] = {};
+  __m256 total[T];
+#pragma GCC unroll 4
+  for (int m = 0; m < T; ++m) total[m] = _mm256_setzero_ps();
   for (int64_t k0 = 0; k0 < w.in; k0 += kFp8Block) {
     const int64_t k1 = std::min(w.in, k0 + kFp8Block);
     __m512 acc[T][4];
@@ -258,8 +295,12 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void Fp8PackedTileAvx512(
       for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
     for (int64_t j = k0; j < k1; j += 8) {
       __m512 wv[4];
+      if constexpr (kPre) {
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) wv[v] = LoadFp8x16(g + j * 8 + 16 * v);
+        for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_ps(pre + j * 8 + 16 * v);
+      } else {
+        DecodeFp8Block(g + j * 8, wv);
+      }
 #pragma GCC unroll 4
       for (int m = 0; m < T; ++m) {
         const __m512 xv = _mm512_castpd_ps(
@@ -268,46 +309,60 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void Fp8PackedTileAvx512(
         for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_fmadd_ps(wv[v], xv, acc[m][v]);
       }
     }
+    const __m256 sc = _mm256_set1_ps(Fp8Scale(w, o, k0));
     for (int m = 0; m < T; ++m) {
+      alignas(64) float l[4][16];
+      for (int v = 0; v < 4; ++v) _mm512_store_ps(l[v], HalvesLanes8(acc[m][v]));
+      alignas(32) float part[8];
       for (int v = 0; v < 4; ++v) {
-        alignas(64) float l[16];
-        _mm512_store_ps(l, acc[m][v]);
-        for (int h = 0; h < 2; ++h) {
-          const float* q = l + 8 * h;
-          const float part = ((q[0] + q[4]) + (q[1] + q[5])) + ((q[2] + q[6]) + (q[3] + q[7]));
-          total[m][2 * v + h] += part * Fp8Scale(w, o + 2 * v + h, k0);
-        }
+        part[kRow[v][0]] = l[v][0];
+        part[kRow[v][1]] = l[v][8];
       }
+      total[m] = _mm256_add_ps(total[m], _mm256_mul_ps(_mm256_load_ps(part), sc));
     }
   }
-  for (int m = 0; m < T; ++m)
-    for (int r = 0; r < 8; ++r) y[m * ldy + o + r] = total[m][r] * 1.0f;
+  for (int m = 0; m < T; ++m) _mm256_storeu_ps(y + m * ldy + o, total[m]);
 }
 #pragma GCC diagnostic pop
 
+// T rows of x (any T) against group o, in tiles of 4.
+template <bool kPre>
+void Fp8PackedTilesAvx512(const float* x, int64_t t, int64_t ldx, const WeightRef& w, int64_t o,
+                          const float* pre, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= t; m += 4) {
+    Fp8PackedTileAvx512<4, kPre>(x + m * ldx, ldx, w, o, pre, y + m * ldy, ldy);
+  }
+  const float* xm = x + m * ldx;
+  float* ym = y + m * ldy;
+  if (t - m == 3) Fp8PackedTileAvx512<3, kPre>(xm, ldx, w, o, pre, ym, ldy);
+  if (t - m == 2) Fp8PackedTileAvx512<2, kPre>(xm, ldx, w, o, pre, ym, ldy);
+  if (t - m == 1) Fp8PackedTileAvx512<1, kPre>(xm, ldx, w, o, pre, ym, ldy);
+}
+
 // Rows of x in blocks (~256 KiB, kept in L2 while every weight group of [o0, o1) passes by), each
-// block in tiles of up to 4 rows (AVX-512) or 1 (AVX2) per group.
+// block in tiles of up to 4 rows (AVX-512; a group is decoded once per block when the block has
+// more than one tile) or 1 (AVX2) per group.
 void Fp8PackedRows(int level, const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y,
                    int64_t ldy, int64_t o0, int64_t o1) {
   if (level == 0) {
     Fp8PackedPortable(x, t, ldx, w, y, ldy, o0, o1);
     return;
   }
+  thread_local std::vector<float> pre;
   const int64_t block = std::max<int64_t>(4, (int64_t{256} << 10) / (4 * w.in) / 4 * 4);
   for (int64_t m0 = 0; m0 < t; m0 += block) {
     const int64_t m1 = std::min(t, m0 + block);
     for (int64_t o = o0; o < o1; o += 8) {
-      int64_t m = m0;
       if (level == 1) {
-        for (; m < m1; ++m) Fp8PackedTileAvx2(x + m * ldx, w, o, y + m * ldy);
-        continue;
+        for (int64_t m = m0; m < m1; ++m) Fp8PackedTileAvx2(x + m * ldx, w, o, y + m * ldy);
+      } else if (m1 - m0 > 4) {
+        pre.resize(static_cast<size_t>(8 * w.in));
+        DecodeFp8Group(Fp8Group(w, o), w.in, pre.data());
+        Fp8PackedTilesAvx512<true>(x + m0 * ldx, m1 - m0, ldx, w, o, pre.data(), y + m0 * ldy, ldy);
+      } else {
+        Fp8PackedTilesAvx512<false>(x + m0 * ldx, m1 - m0, ldx, w, o, nullptr, y + m0 * ldy, ldy);
       }
-      for (; m + 4 <= m1; m += 4) Fp8PackedTileAvx512<4>(x + m * ldx, ldx, w, o, y + m * ldy, ldy);
-      const float* xm = x + m * ldx;
-      float* ym = y + m * ldy;
-      if (m1 - m == 3) Fp8PackedTileAvx512<3>(xm, ldx, w, o, ym, ldy);
-      if (m1 - m == 2) Fp8PackedTileAvx512<2>(xm, ldx, w, o, ym, ldy);
-      if (m1 - m == 1) Fp8PackedTileAvx512<1>(xm, ldx, w, o, ym, ldy);
     }
   }
 }

@@ -329,6 +329,29 @@ TEST(QLinear, PackedFp8EqualsRowMajorAtEveryIsaLevel) {
     }
     SetGemmIsaForTesting(-1);
   }
+  // Every one of the 256 codes (subnormals, both zeros, the NaN codes 0x7f / 0xff that decode to
+  // +-480 in the row-major kernel), 8 rows x 256 columns, random scales.
+  const int64_t out = 8, in = 256;
+  std::vector<uint8_t> q(static_cast<size_t>(out * in)), packed(q.size());
+  for (int64_t i = 0; i < out * in; ++i) q[static_cast<size_t>(i)] = static_cast<uint8_t>(i * 37);
+  std::vector<float> s = {0.75f, 3.0f};
+  PackRows(WeightFormat::kFp8, q.data(), out, in, packed.data());
+  const WeightRef plain{WeightFormat::kFp8, nullptr, q.data(), s.data(), out, in};
+  WeightRef pref = plain;
+  pref.q = packed.data();
+  pref.packed = true;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0, 1);
+  for (int level = 0; level <= SetGemmIsaForTesting(-1); ++level) {
+    std::vector<float> x(3 * in), want(3 * out), got(3 * out);
+    for (float& v : x) v = nd(rng);
+    SetGemmIsaForTesting(-1);
+    LinearW(x.data(), 3, plain, want.data());
+    SetGemmIsaForTesting(level);
+    LinearW(x.data(), 3, pref, got.data());
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "level " << level;
+  }
+  SetGemmIsaForTesting(-1);
 }
 
 TEST(QLinear, PortablePathsMatchFloat64Too) {
