@@ -147,7 +147,8 @@ void Dispatch(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float*
 // rows); beyond, dequantize once and sgemm.
 constexpr int64_t kDirectRows = 16;
 
-// Output rows per chunk: a multiple of the fp8 block so chunks never split a scale row.
+// Output rows per chunk: a multiple of 8 (a packed group; 8 divides the fp8 block, so a group
+// never spans two scale rows).
 int64_t Chunks(int64_t out, int64_t in, int64_t* per) {
   // Small matrices run on the calling thread: waking the pool would cost more than the work.
   const int64_t n = out * in < (int64_t{1} << 18)
@@ -451,9 +452,9 @@ const char* WeightFormatName(WeightFormat f) {
 
 namespace {
 
+// Row o of w, its bytes at q (row-major, or unpacked from a packed matrix).
 __attribute__((target("avx2,fma"))) void DequantizeRowAvx2(const WeightRef& w, int64_t o,
-                                                           float* d) {
-  const uint8_t* q = w.q + o * w.in;
+                                                           const uint8_t* q, float* d) {
   const int64_t nb = (w.in + kFp8Block - 1) / kFp8Block;
   int64_t i = 0;
   for (; i + 8 <= w.in; i += 8) {
@@ -467,7 +468,9 @@ __attribute__((target("avx2,fma"))) void DequantizeRowAvx2(const WeightRef& w, i
     const float s = w.format == WeightFormat::kInt8
                         ? w.scales[o]
                         : w.scales[(o / kFp8Block) * nb + i / kFp8Block];
-    d[i] = ScalarWeight(w, o, i) * s;
+    d[i] = (w.format == WeightFormat::kInt8 ? static_cast<float>(static_cast<int8_t>(q[i]))
+                                            : Fp8E4M3ToFloat(q[i])) *
+           s;
   }
 }
 
@@ -496,12 +499,16 @@ void Dequantize(const WeightRef& w, int64_t o0, int64_t o1, float* dst) {
       thread_local std::vector<uint8_t> row;
       row.resize(static_cast<size_t>(w.in));
       UnpackRow(w.format, w.q, w.in, o, row.data());
+      if (avx2) {  // the row-major path's decoding (LoadFp8), 8 at a time
+        DequantizeRowAvx2(w, o, row.data(), d);
+        continue;
+      }
       for (int64_t i = 0; i < w.in; ++i) {
         d[i] = Fp8E4M3ToFloat(row[static_cast<size_t>(i)]) *
                w.scales[(o / kFp8Block) * nb + i / kFp8Block];
       }
     } else if (avx2) {
-      DequantizeRowAvx2(w, o, d);
+      DequantizeRowAvx2(w, o, w.q + o * w.in, d);
     } else if (w.format == WeightFormat::kInt8) {
       const int8_t* q = reinterpret_cast<const int8_t*>(w.q) + o * w.in;
       for (int64_t i = 0; i < w.in; ++i) d[i] = static_cast<float>(q[i]) * w.scales[o];

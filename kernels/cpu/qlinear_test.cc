@@ -343,15 +343,22 @@ TEST(QLinear, PackedFp8EqualsRowMajorAtEveryIsaLevel) {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd(0, 1);
   for (int level = 0; level <= SetGemmIsaForTesting(-1); ++level) {
-    std::vector<float> x(3 * in), want(3 * out), got(3 * out);
-    for (float& v : x) v = nd(rng);
-    SetGemmIsaForTesting(-1);
-    LinearW(x.data(), 3, plain, want.data());
-    SetGemmIsaForTesting(level);
-    LinearW(x.data(), 3, pref, got.data());
-    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "level " << level;
+    for (int64_t t : {3, 5}) {  // tiles decoding as they go; a group decoded once
+      std::vector<float> x(t * in), want(t * out), got(t * out);
+      for (float& v : x) v = nd(rng);
+      SetGemmIsaForTesting(-1);
+      LinearW(x.data(), t, plain, want.data());
+      SetGemmIsaForTesting(level);
+      LinearW(x.data(), t, pref, got.data());
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
+          << "level " << level << " t " << t;
+    }
   }
   SetGemmIsaForTesting(-1);
+  std::vector<float> d0(static_cast<size_t>(out * in)), d1(d0.size());
+  Dequantize(plain, 0, out, d0.data());
+  Dequantize(pref, 0, out, d1.data());
+  EXPECT_EQ(0, std::memcmp(d0.data(), d1.data(), 4 * d0.size()));
 }
 
 TEST(QLinear, PortablePathsMatchFloat64Too) {
