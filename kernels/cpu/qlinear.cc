@@ -646,11 +646,52 @@ void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRe
   LinearW(g, t, down, y);
 }
 
+namespace {
+
+// One row of QuantizeInt8PerChannel, the same operations 8 at a time: max |w| (exact in any
+// order; a NaN weight is skipped, as std::max skips it), w / s rounded to nearest even (vroundps,
+// as nearbyint), clamped to [-127, 127] (a NaN quotient to 127, as std::min gives).
+__attribute__((target("avx2"))) void QuantizeWeightRowAvx2(const float* w, int64_t in, uint8_t* q,
+                                                           float* scale) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8)  // maxps returns its second operand when one is NaN
+    mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(w + i), abs_mask), mx);
+  alignas(32) float l[8];
+  _mm256_store_ps(l, mx);
+  float amax = 0;
+  for (float v : l) amax = std::max(amax, v);
+  for (; i < in; ++i) amax = std::max(amax, std::fabs(w[i]));
+  const float s = amax > 0 ? amax / 127.0f : 1.0f;
+  *scale = s;
+  const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  for (i = 0; i + 8 <= in; i += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(w + i), vs),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_max_ps(_mm256_min_ps(v, hi), lo);
+    const __m256i n = _mm256_cvtps_epi32(v);  // exact: an integer in [-127, 127]
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(w16, w16));
+  }
+  for (; i < in; ++i) {
+    const float v = std::nearbyint(w[i] / s);
+    q[i] = static_cast<uint8_t>(static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, v))));
+  }
+}
+
+}  // namespace
+
 void QuantizeInt8PerChannel(const float* w, int64_t out, int64_t in, std::vector<uint8_t>* q,
                             std::vector<float>* scales) {
   q->resize(static_cast<size_t>(out * in));
   scales->resize(static_cast<size_t>(out));
+  const bool avx2 = UseAvx2();
   for (int64_t o = 0; o < out; ++o) {
+    if (avx2) {
+      QuantizeWeightRowAvx2(w + o * in, in, q->data() + o * in, scales->data() + o);
+      continue;
+    }
     float amax = 0;
     for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(w[o * in + i]));
     const float s = amax > 0 ? amax / 127.0f : 1.0f;

@@ -69,6 +69,34 @@ TEST(Quantizers, ErrorsStayWithinHalfAStep) {
   }
 }
 
+// The int8 weight quantizer's AVX2 path gives the portable path's bytes and scales: tails of 1..7
+// columns, an all-zero row, halfway ties (to even), and rows holding a NaN or an infinity.
+TEST(Quantizers, Int8PerChannelAvx2EqualsPortable) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0, 1);
+  for (int64_t in : {8, 13, 64, 301}) {
+    const int64_t out = 6;
+    std::vector<float> w(out * in);
+    for (float& v : w) v = nd(rng);
+    std::fill(w.begin() + in, w.begin() + 2 * in, 0.0f);  // row 1: zeros
+    for (int64_t i = 0; i < in; ++i) {                    // row 2: amax 127, ties at k + 0.5
+      w[static_cast<size_t>(2 * in + i)] = static_cast<float>(i % 2 == 0 ? 127 : (i % 50) - 24.5);
+    }
+    w[static_cast<size_t>(3 * in + in / 2)] = std::nanf("");
+    w[static_cast<size_t>(4 * in + 1)] = -INFINITY;
+    std::vector<uint8_t> q0, q1;
+    std::vector<float> s0, s1;
+    QuantizeInt8PerChannel(w.data(), out, in, &q1, &s1);
+    ForcePortableKernelsForTesting(true);
+    QuantizeInt8PerChannel(w.data(), out, in, &q0, &s0);
+    ForcePortableKernelsForTesting(false);
+    EXPECT_EQ(q0, q1) << "in " << in;
+    ASSERT_EQ(s0.size(), s1.size());
+    EXPECT_EQ(0, std::memcmp(s0.data(), s1.data(), 4 * s0.size())) << "in " << in;
+    EXPECT_EQ(static_cast<int8_t>(q1[static_cast<size_t>(2 * in + 1)]), -24) << "a tie to even";
+  }
+}
+
 // The W8A8 definition, written out: each row of x to int8 with its own scale, exact integer sums.
 void QuantizeRowGolden(const float* x, int64_t k, std::vector<int>* q, float* scale) {
   float amax = 0;
