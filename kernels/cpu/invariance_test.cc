@@ -302,10 +302,10 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
     // length.
     struct Variant {
       int mode, isa;
-      int64_t wave_bytes;
+      int64_t wave_bytes, head_groups;
     };
-    const Variant variants[] = {{0, -1, 0}, {1, -1, 0}, {2, -1, 0},
-                                {2, -1, 1}, {0, 1, 0},  {0, 0, 0}};
+    const Variant variants[] = {{0, -1, 0, 0}, {1, -1, 0, 0}, {2, -1, 0, 0}, {2, -1, 1, 0},
+                                {2, -1, 0, 3}, {2, -1, 1, 4}, {0, 1, 0, 0},  {0, 0, 0, 0}};
     for (int64_t span : {256, 16, 7}) {
       SetMlaSpanForTesting(span);
       std::vector<float> scratch;
@@ -315,10 +315,12 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
       for (const Variant& v : variants) {
         SetMlaAttendModeForTesting(v.mode);
         SetMlaWaveBytesForTesting(v.wave_bytes);
+        SetMlaHeadGroupsForTesting(v.head_groups);
         const int isa = SetGemmIsaForTesting(v.isa);
         const std::string what = std::string(KvDTypeName(dt)) + " span " + std::to_string(span) +
                                  " mode " + std::to_string(v.mode) + " isa " + std::to_string(isa) +
-                                 " wave bytes " + std::to_string(v.wave_bytes);
+                                 " wave bytes " + std::to_string(v.wave_bytes) + " head groups " +
+                                 std::to_string(v.head_groups);
         for (int64_t chunk : {1, 3, 16, 64, 70}) {
           std::vector<float> got(whole.size());
           for (int64_t pos0 = 0; pos0 < ctx; pos0 += chunk) {
@@ -352,6 +354,7 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
     SetMlaSpanForTesting(0);
     SetMlaAttendModeForTesting(0);
     SetMlaWaveBytesForTesting(0);
+    SetMlaHeadGroupsForTesting(0);
     SetGemmIsaForTesting(-1);
   }
 }

@@ -285,8 +285,10 @@ TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
   for (double v : want) scale = std::max(scale, std::fabs(v));
   for (int64_t span : {256, 7}) {
     SetMlaSpanForTesting(span);
-    for (int mode : {0, 1, 2}) {
-      SetMlaAttendModeForTesting(mode);
+    for (int mode :
+         {0, 1, 2, 3}) {  // 3: spans side by side, in head groups (3 asked: 2 of 2 heads)
+      SetMlaAttendModeForTesting(std::min(mode, 2));
+      SetMlaHeadGroupsForTesting(mode == 3 ? 3 : 0);
       std::vector<float> got(want.size()), scratch;
       MlaAttentionAbsorbed(p, q.data(), t, paged, ctx, pos0, got.data(), &scratch);
       for (size_t i = 0; i < want.size(); ++i) {
@@ -297,6 +299,7 @@ TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
   }
   SetMlaSpanForTesting(0);
   SetMlaAttendModeForTesting(0);
+  SetMlaHeadGroupsForTesting(0);
   // No queries: nothing to do (and no division by the query count).
   std::vector<float> scratch;
   MlaDecodeAbsorbedBatch(p, nullptr, 0, nullptr, nullptr, nullptr, &scratch);

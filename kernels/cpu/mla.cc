@@ -111,6 +111,7 @@ void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o)
 int64_t g_span = 256;
 int g_attend_mode = 0;                     // 0 auto, 1 a task per query, 2 a task per span
 int64_t g_wave_bytes = int64_t{64} << 20;  // span results held at once by AttendSpansInParallel
+int64_t g_head_groups = 0;                 // 0: chosen per call
 constexpr float kNoRows = -std::numeric_limits<float>::infinity();
 
 // One query row group (H heads): qc [H, r + dr], its cache of ctx rows, olat [H, r].
@@ -160,11 +161,15 @@ void SpanPieces(const LatentRows& c, int64_t lc, int64_t a, int64_t b, std::vect
   if (c.qblocks != nullptr) pieces->push_back({tile->data(), a, b - a});
 }
 
-// The span [a, b) of one query: scores (DotRows' chains, times the softmax scale), per head the
-// maximum, exp(s - m) and their sum in double (in row order), and acc = the AxpyRows chain of
-// exp(s - m) over the rows in order.
-void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const SpanResult& out) {
-  const int64_t h = p.num_heads, r = p.latent_rank, lc = r + p.rope_dim, n = b - a;
+// The span [a, b) of one query, heads [h0, h1): scores (DotRows' chains, times the softmax
+// scale), per head the maximum, exp(s - m) and their sum in double (in row order), and acc = the
+// AxpyRows chain of exp(s - m) over the rows in order. Heads never interact, so any split of the
+// heads gives the same bits.
+void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const SpanResult& res,
+                int64_t h0, int64_t h1) {
+  const int64_t h = h1 - h0, r = p.latent_rank, lc = r + p.rope_dim, n = b - a;
+  const float* qc = q.qc + h0 * lc;
+  const SpanResult out{res.m + h0, res.l + h0, res.acc + h0 * r};
   thread_local std::vector<float> s, tile;
   thread_local std::vector<Piece> pieces;
   s.resize(static_cast<size_t>(h * n));
@@ -175,7 +180,7 @@ void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const 
   for (size_t i = 0; i < pieces.size(); ++i) {
     const Piece& pc = pieces[i];
     if (i + 1 < pieces.size()) Prefetch(pieces[i + 1].rows, pieces[i + 1].n * lc);
-    DotRows(q.qc, h, lc, pc.rows, pc.n, lc, lc, s.data() + pc.first - a, n);
+    DotRows(qc, h, lc, pc.rows, pc.n, lc, lc, s.data() + pc.first - a, n);
   }
   for (int64_t head = 0; head < h; ++head) {
     float* row = s.data() + head * n;
@@ -247,7 +252,7 @@ void AttendQuery(const MlaParams& p, const Query& q) {
   res.Resize(p.num_heads, p.latent_rank, 2);
   const SpanResult state = res.At(0), next = res.At(1);
   for (int64_t k = 0, a = 0; a < q.ctx; ++k, a += g_span) {
-    AttendSpan(p, q, a, std::min(q.ctx, a + g_span), k == 0 ? state : next);
+    AttendSpan(p, q, a, std::min(q.ctx, a + g_span), k == 0 ? state : next, 0, p.num_heads);
     if (k > 0) FoldSpan(p.num_heads, p.latent_rank, state, next);
   }
   FinishQuery(p.num_heads, p.latent_rank, state, q.olat);
@@ -263,24 +268,39 @@ void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
   const int64_t per = h * (r + 3) * 4;
   const int64_t wave =
       std::max<int64_t>(1, std::min({most, g_wave_bytes / (per * nq), int64_t{0xffff} / nq}));
+  // Heads in groups (of at least 4) when the spans alone give fewer than two tasks per core (a
+  // batch-1 decode at a short context: V2's 128 heads over every core).
+  int64_t spans = 0;
+  for (const Query& q : qs) spans += std::min(wave, SpanCount(q.ctx));
+  const int64_t want = (2 * ThePool().size() + spans - 1) / spans;
+  const int64_t groups =
+      g_head_groups > 0 ? std::min(g_head_groups, h) : std::max<int64_t>(1, std::min(want, h / 4));
+  const int64_t hg = (h + groups - 1) / groups;
   thread_local SpanResults held, state;
   held.Resize(h, r, nq * wave);
   state.Resize(h, r, nq);
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (query, span)
+  struct Task {
+    int64_t query, span, h0;
+  };
+  std::vector<Task> tasks;
   for (int64_t k0 = 0; k0 < most; k0 += wave) {
     tasks.clear();
     for (int64_t i = 0; i < nq; ++i) {
-      for (int64_t k = k0; k < std::min(k0 + wave, SpanCount(qs[i].ctx)); ++k)
-        tasks.push_back({i, k});
+      for (int64_t k = k0; k < std::min(k0 + wave, SpanCount(qs[i].ctx)); ++k) {
+        for (int64_t h0 = 0; h0 < h; h0 += hg) tasks.push_back({i, k, h0});
+      }
     }
     SpanResults& hv = held;  // (a thread_local named inside the lambda would be the worker's)
     ThePool().Run(static_cast<int>(tasks.size()), [&](int t) {
-      const auto [i, k] = tasks[static_cast<size_t>(t)];
-      const Query& q = qs[static_cast<size_t>(i)];
-      const int64_t a = k * g_span;
-      AttendSpan(p, q, a, std::min(q.ctx, a + g_span), hv.At(i * wave + k - k0));
+      const Task& task = tasks[static_cast<size_t>(t)];
+      const Query& q = qs[static_cast<size_t>(task.query)];
+      const int64_t a = task.span * g_span;
+      AttendSpan(p, q, a, std::min(q.ctx, a + g_span), hv.At(task.query * wave + task.span - k0),
+                 task.h0, std::min(h, task.h0 + hg));
     });
-    for (const auto& [i, k] : tasks) {
+    for (const Task& task : tasks) {
+      if (task.h0 != 0) continue;  // one fold per (query, span), every head at once
+      const int64_t i = task.query, k = task.span;
       const SpanResult got = held.At(i * wave + k - k0), s = state.At(i);
       if (k == 0) {
         std::copy(got.m, got.m + h, s.m);
@@ -335,6 +355,7 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
 
 void SetMlaSpanForTesting(int64_t rows) { g_span = rows > 0 ? rows : 256; }
 void SetMlaAttendModeForTesting(int mode) { g_attend_mode = mode; }
+void SetMlaHeadGroupsForTesting(int64_t groups) { g_head_groups = groups; }
 void SetMlaWaveBytesForTesting(int64_t bytes) {
   g_wave_bytes = bytes > 0 ? bytes : int64_t{64} << 20;
 }

@@ -64,14 +64,15 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const
 
 // The invariant form attends to a position's rows in spans of 256 positions ([0, 256), [256, 512),
 // ...), each read from memory once (scores and the weighted sum fused) and folded left to right;
-// a call with few queries (batch-1 decode) runs its spans on every core, one with many runs a
-// query per task: the same bits either way.
-// Tests: the span length (0: 256), the split (0 auto, 1 a task per query, 2 a task per span) and
-// the bytes of span results held at once when spans run side by side (0: 64 MiB; smaller makes
-// more waves).
+// a call with few queries (batch-1 decode) runs its spans (cut into head groups when they are
+// few) on every core, one with many runs a query per task: the same bits either way.
+// Tests: the span length (0: 256), the split (0 auto, 1 a task per query, 2 a task per span), the
+// bytes of span results held at once when spans run side by side (0: 64 MiB; smaller makes more
+// waves) and the head groups each span is cut into there (0: chosen per call).
 void SetMlaSpanForTesting(int64_t rows);
 void SetMlaAttendModeForTesting(int mode);
 void SetMlaWaveBytesForTesting(int64_t bytes);
+void SetMlaHeadGroupsForTesting(int64_t groups);
 
 }  // namespace dmoe::cpu
 
