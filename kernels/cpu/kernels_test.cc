@@ -226,10 +226,11 @@ TEST(Mla, AbsorbedEqualsNaiveContiguousAndPaged) {
 
 // The absorbed form against MLA computed in double from its definition (k_nope and v expanded
 // through kv_b, softmax over rows 0..pos), at contexts that cross many spans (span length 256,
-// and 7), paged in blocks of 5 rows, with every split of the work.
+// and 7), paged in blocks of 5 rows, with every split of the work. 10 heads: with 2 threads the
+// call's own choice cuts 3 spans into 2 head groups, and 3 groups asked are 4 + 4 + 2 heads.
 TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
   MlaParams p;
-  const int64_t h = 4, dn = 16, dr = 8, dv = 12, r = 32, qd = dn + dr, lc = r + dr, bt = 5;
+  const int64_t h = 10, dn = 16, dr = 8, dv = 12, r = 32, qd = dn + dr, lc = r + dr, bt = 5;
   p.num_heads = h;
   p.nope_dim = dn;
   p.rope_dim = dr;
@@ -285,8 +286,7 @@ TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
   for (double v : want) scale = std::max(scale, std::fabs(v));
   for (int64_t span : {256, 7}) {
     SetMlaSpanForTesting(span);
-    for (int mode :
-         {0, 1, 2, 3}) {  // 3: spans side by side, in head groups (3 asked: 2 of 2 heads)
+    for (int mode : {0, 1, 2, 3}) {  // 3: spans side by side, in 3 head groups
       SetMlaAttendModeForTesting(std::min(mode, 2));
       SetMlaHeadGroupsForTesting(mode == 3 ? 3 : 0);
       std::vector<float> got(want.size()), scratch;
@@ -304,6 +304,11 @@ TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
   std::vector<float> scratch;
   MlaDecodeAbsorbedBatch(p, nullptr, 0, nullptr, nullptr, nullptr, &scratch);
   MlaAttentionAbsorbed(p, nullptr, 0, paged, 0, 0, nullptr, &scratch);
+  // A query with no rows (ctx 0; not a valid call): zeros, no crash.
+  const int64_t zero = 0;
+  std::vector<float> o(static_cast<size_t>(h * dv), 1.0f);
+  MlaDecodeAbsorbedBatch(p, q.data(), 1, &paged, &zero, o.data(), &scratch);
+  for (float v : o) EXPECT_EQ(v, 0.0f);
 }
 
 }  // namespace

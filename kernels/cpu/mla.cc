@@ -273,8 +273,9 @@ void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
   int64_t spans = 0;
   for (const Query& q : qs) spans += std::min(wave, SpanCount(q.ctx));
   const int64_t want = (2 * ThePool().size() + spans - 1) / spans;
-  const int64_t groups =
+  const int64_t asked =
       g_head_groups > 0 ? std::min(g_head_groups, h) : std::max<int64_t>(1, std::min(want, h / 4));
+  const int64_t groups = std::min(asked, std::max<int64_t>(1, int64_t{0xffff} / (nq * wave)));
   const int64_t hg = (h + groups - 1) / groups;
   thread_local SpanResults held, state;
   held.Resize(h, r, nq * wave);
@@ -316,6 +317,7 @@ void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
 
 void AttendAll(const MlaParams& p, const std::vector<Query>& qs) {
   const int64_t nq = static_cast<int64_t>(qs.size());
+  if (nq == 0) return;  // (every query had ctx <= 0: its output is zeros)
   const bool per_query = g_attend_mode == 1 ||
                          (g_attend_mode == 0 && nq >= 2 * static_cast<int64_t>(ThePool().size()));
   if (per_query) {

@@ -69,21 +69,27 @@ TEST(Quantizers, ErrorsStayWithinHalfAStep) {
   }
 }
 
-// The int8 weight quantizer's AVX2 path gives the portable path's bytes and scales: tails of 1..7
-// columns, an all-zero row, halfway ties (to even), and rows holding a NaN or an infinity.
+// The int8 weight quantizer's AVX2 path gives the portable path's bytes and scales: tails of 0..7
+// columns, an all-zero row, halfway ties (to even), NaN and infinities in the vector part and in
+// the tail, an all-NaN row and a row whose maximum is subnormal.
 TEST(Quantizers, Int8PerChannelAvx2EqualsPortable) {
   std::mt19937 rng(9);
   std::normal_distribution<float> nd(0, 1);
-  for (int64_t in : {8, 13, 64, 301}) {
-    const int64_t out = 6;
+  for (int64_t in : {8, 9, 10, 11, 12, 13, 14, 15, 64, 301}) {
+    const int64_t out = 9;
     std::vector<float> w(out * in);
     for (float& v : w) v = nd(rng);
-    std::fill(w.begin() + in, w.begin() + 2 * in, 0.0f);  // row 1: zeros
-    for (int64_t i = 0; i < in; ++i) {                    // row 2: amax 127, ties at k + 0.5
-      w[static_cast<size_t>(2 * in + i)] = static_cast<float>(i % 2 == 0 ? 127 : (i % 50) - 24.5);
+    auto at = [&](int64_t o, int64_t i) -> float& { return w[static_cast<size_t>(o * in + i)]; };
+    for (int64_t i = 0; i < in; ++i) {
+      at(1, i) = 0.0f;                                                    // zeros
+      at(2, i) = static_cast<float>(i % 2 == 0 ? 127 : (i % 50) - 24.5);  // ties
+      at(7, i) = std::ldexp(static_cast<float>(i % 7) - 3.0f, -140);      // subnormal max
+      at(8, i) = std::nanf("");                                           // all NaN
     }
-    w[static_cast<size_t>(3 * in + in / 2)] = std::nanf("");
-    w[static_cast<size_t>(4 * in + 1)] = -INFINITY;
+    at(3, in / 2) = std::nanf("");
+    at(4, 1) = -INFINITY;
+    at(5, in - 1) = std::nanf("");
+    at(6, in - 1) = INFINITY;
     std::vector<uint8_t> q0, q1;
     std::vector<float> s0, s1;
     QuantizeInt8PerChannel(w.data(), out, in, &q1, &s1);
