@@ -51,7 +51,14 @@ while [ "$SECONDS" -lt "$end" ]; do
 done
 kill "$sampler" 2>/dev/null || true
 wait "$sampler" 2>/dev/null || true
-python3 - "$work" "$round" "$procs" "$seconds" <<'PY'
+# The end of every process's log, for a failure's reason (a dead process says why there).
+dump_logs() {
+  for f in "$work"/logs/*.log; do
+    echo "== $f (last 40 lines)"
+    tail -n 40 "$f"
+  done
+}
+if ! python3 - "$work" "$round" "$procs" "$seconds" <<'PY'
 import json, sys
 work, rounds, procs, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 done = failed = 0
@@ -81,7 +88,11 @@ if failed or dead or done == 0:
     print("FAIL: %d failed requests, processes gone: %s" % (failed, dead))
     sys.exit(1)
 PY
+then
+  dump_logs
+  exit 1
+fi
 for rp in $procs; do
-  kill -0 "${rp#*:}" 2>/dev/null || { echo "FAIL: ${rp%%:*} (pid ${rp#*:}) died"; exit 1; }
+  kill -0 "${rp#*:}" 2>/dev/null || { echo "FAIL: ${rp%%:*} (pid ${rp#*:}) died"; dump_logs; exit 1; }
 done
 echo PASS
