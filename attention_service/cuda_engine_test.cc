@@ -203,6 +203,14 @@ TEST_F(CudaEngineTest, Fp8CacheMatchesTheCpuEngine) {
   RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kFp8, 1e-2);
 }
 
+// bf16 rows: a value that differs by 1e-7 between the engines can round to the next bf16 (a
+// relative step of 2^-8): the bf16 tolerance (1e-2).
+TEST_F(CudaEngineTest, Bf16CacheMatchesTheCpuEngine) {
+  auto gpu = Make(4, 96, cpu::KvDType::kBf16);
+  ASSERT_NE(gpu, nullptr);
+  RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kBf16, 1e-2);
+}
+
 // The routed experts on the device too (CudaExperts behind LocalRoutedExperts).
 TEST_F(CudaEngineTest, WithTheExpertsOnTheDeviceToo) {
   auto experts = CudaExperts::Create(model_->config(), 0);

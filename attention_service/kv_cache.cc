@@ -15,6 +15,8 @@ bool ParseKvDType(const std::string& s, cpu::KvDType* out) {
     *out = cpu::KvDType::kInt8;
   } else if (s == "fp8_e4m3" || s == "fp8") {
     *out = cpu::KvDType::kFp8;
+  } else if (s == "bf16") {
+    *out = cpu::KvDType::kBf16;
   } else {
     return false;
   }

@@ -1,6 +1,6 @@
 // The latent KV cache: per layer and token, kv_lora_rank + qk_rope_head_dim values (c_kv after
 // kv_a_layernorm, then the rotated k_pe) and nothing else (576 values for DeepSeek-V2); in fp32,
-// or 8-bit (cpu::KvDType: c_kv in int8 / fp8 with a scale per 128 values, k_pe in bf16).
+// bf16, or 8-bit (cpu::KvDType: c_kv in int8 / fp8 with a scale per 128 values, k_pe in bf16).
 //
 // KvSequence is what the engine writes to and attends over. Two implementations:
 // SequenceKvCache (one growable buffer per layer; tests and tools) and PagedKvSequence (fixed-size
@@ -21,7 +21,7 @@
 
 namespace dmoe {
 
-// "f32", "int8", "fp8_e4m3" (or "fp8"); false for anything else.
+// "f32", "bf16", "int8", "fp8_e4m3" (or "fp8"); false for anything else.
 bool ParseKvDType(const std::string& s, cpu::KvDType* out);
 
 // The rows of one sequence, all layers. Thread-compatible.
@@ -33,8 +33,8 @@ class KvSequence {
   // Makes room for rows [length, length + n). RESOURCE_EXHAUSTED (nothing changed) when the
   // cache cannot.
   virtual absl::Status Reserve(int64_t n) = 0;
-  // Stores the row of (layer, pos) for pos < length + reserved (quantizing it if the cache is
-  // 8-bit).
+  // Stores the row of (layer, pos) for pos < length + reserved (rounding it if the cache is bf16
+  // or 8-bit).
   virtual void WriteRow(int64_t layer, int64_t pos, const float* row) = 0;
   // The rows of `layer` for the attention kernels (valid until the next Reserve).
   virtual cpu::LatentRows Rows(int64_t layer) = 0;

@@ -174,10 +174,19 @@ TEST(PagedKvSequence, ExhaustionIsAnErrorThatChangesNothing) {
 namespace dmoe {
 namespace {
 
-// The stored 8-bit row decoded from its bytes by the layout's definition (written here, not the
-// code under test): r codes, one fp32 scale per 128, then dr bf16 values.
+// The stored row decoded from its bytes by the layout's definition (written here, not the code
+// under test): 8-bit, r codes, one fp32 scale per 128, then dr bf16 values; bf16, r + dr values.
 std::vector<float> DecodeRow(cpu::KvDType t, const uint8_t* p, int64_t r, int64_t dr) {
   std::vector<float> out(static_cast<size_t>(r + dr));
+  if (t == cpu::KvDType::kBf16) {  // r + dr bf16 values: the high halves of floats
+    for (int64_t i = 0; i < r + dr; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      const uint32_t bits = static_cast<uint32_t>(h) << 16;
+      std::memcpy(&out[static_cast<size_t>(i)], &bits, 4);
+    }
+    return out;
+  }
   const int64_t ns = (r + 127) / 128;
   for (int64_t i = 0; i < r; ++i) {
     float scale;
@@ -230,6 +239,40 @@ TEST(LatentKvCache8Bit, LayoutBytesAndQuantizationError) {
   }
 }
 
+// bf16 rows: 2 (r + dr) bytes (1152 for DeepSeek-V2), each value the bf16 nearest to it (ties to
+// even), checked by bounds and by hand-picked ties rather than by the conversion under test.
+TEST(LatentKvCacheBf16, LayoutBytesAndRounding) {
+  EXPECT_EQ(cpu::KvRowBytes(cpu::KvDType::kBf16, 512, 64), 1152);
+  const ModelConfig c = *PresetConfig("tiny");  // r = 64, dr = 16: 160 bytes
+  LatentKvCache cache(c, 4, 10, cpu::KvDType::kBf16);
+  EXPECT_EQ(cache.bytes_per_token(), static_cast<uint64_t>(c.num_hidden_layers * 160));
+  EXPECT_EQ(cache.block_bytes(), static_cast<uint64_t>(4 * c.num_hidden_layers * 160));
+  cpu::KvDType parsed = cpu::KvDType::kF32;
+  ASSERT_TRUE(ParseKvDType("bf16", &parsed));
+  EXPECT_EQ(parsed, cpu::KvDType::kBf16);
+  EXPECT_STREQ(cpu::KvDTypeName(cpu::KvDType::kBf16), "bf16");
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<float> row(80);
+  for (float& v : row) v = nd(rng) * 100;
+  // Ties (1 + 2^-8 sits halfway between 1 and 1 + 2^-7: to the even 1; 1 + 3 * 2^-8 to 1 + 2^-6),
+  // a value just past a tie, a negative, a zero and a subnormal (kept, not flushed).
+  const float picked[] = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 1.0f + 0x1p-8f + 0x1p-20f, -2.5f,
+                          0.0f,           0x1p-130f};
+  const float want[] = {1.0f, 1.0f + 0x1p-6f, 1.0f + 0x1p-7f, -2.5f, 0.0f, 0x1p-130f};
+  for (int i = 0; i < 6; ++i) row[static_cast<size_t>(10 * i + 3)] = picked[i];
+  std::vector<uint8_t> bytes(static_cast<size_t>(cpu::KvRowBytes(cpu::KvDType::kBf16, 64, 16)));
+  cpu::QuantizeKvRow(cpu::KvDType::kBf16, row.data(), 64, 16, bytes.data());
+  const std::vector<float> back = DecodeRow(cpu::KvDType::kBf16, bytes.data(), 64, 16);
+  for (int i = 0; i < 80; ++i) {
+    EXPECT_LE(std::fabs(back[i] - row[i]), std::fabs(row[i]) * 0x1p-8f) << i;  // half an ulp
+  }
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(back[static_cast<size_t>(10 * i + 3)], want[i]) << i;
+  std::vector<float> widened(80);
+  cpu::DequantizeKvRows(cpu::KvDType::kBf16, bytes.data(), 1, 64, 16, widened.data());
+  EXPECT_EQ(0, std::memcmp(widened.data(), back.data(), 80 * sizeof(float)));
+}
+
 // Attention over an 8-bit paged cache equals attention over the same rows decoded (by the
 // definition above) into a contiguous fp32 cache: dequantization inside the kernel is exact.
 TEST(LatentKvCache8Bit, KernelsReadTheStoredRowsExactly) {
@@ -248,7 +291,7 @@ TEST(LatentKvCache8Bit, KernelsReadTheStoredRowsExactly) {
   p.latent_rank = r;
   p.softmax_scale = 0.1f;
   p.kv_b = kv_b.data();
-  for (cpu::KvDType t : {cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+  for (cpu::KvDType t : {cpu::KvDType::kInt8, cpu::KvDType::kFp8, cpu::KvDType::kBf16}) {
     LatentKvCache cache(c, 4, 16, t);
     PagedKvSequence paged(&cache);
     SequenceKvCache plain(c);

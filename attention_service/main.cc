@@ -46,9 +46,11 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --grpc-listen H:P       gRPC address (default 127.0.0.1:0 = any free port)
   --ready-file F          once serving, write {"grpc": ..., "pid": ...} to F (atomically)
   --kv-cache-mib N        KV cache size in MiB (default 256); or --kv-blocks N
-  --kv-cache-dtype T      f32 (default), int8 or fp8_e4m3: the latent part in 8 bits with a scale
-                          per 128 values, the rope part in bf16 (656 instead of 2304 bytes per token
-                          and layer for DeepSeek-V2), dequantized inside the attention kernel
+  --kv-cache-dtype T      f32 (default), bf16 (each value rounded to bf16, as the reference model's
+                          bf16 cache: 1152 instead of 2304 bytes per token and layer for
+                          DeepSeek-V2), int8 or fp8_e4m3 (the latent part in 8 bits with a scale per
+                          128 values, the rope part in bf16: 656 bytes); widened to fp32 inside the
+                          attention kernel
   --block-tokens N        tokens per KV block (default 16)
   --max-running N         sequences in the running batch (default 64)
   --token-budget N        tokens per engine step (default 512)
@@ -104,7 +106,7 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
   const std::string kv = f.StringOr("kv-cache-dtype", "f32");
   if (!ParseKvDType(kv, &o.kv_dtype)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--kv-cache-dtype: \"", kv, "\" is not f32, int8 or fp8_e4m3"));
+        absl::StrCat("--kv-cache-dtype: \"", kv, "\" is not f32, bf16, int8 or fp8_e4m3"));
   }
   return o;
 }

@@ -27,6 +27,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "bench/shard_process.h"
 #include "kernels/cpu/bf16dot.h"
@@ -96,14 +97,24 @@ struct DecodeResult {
   double ms_per_step;
 };
 
-DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len) {
+// `n` sequences in a paged cache of `kv` (blocks of 16 tokens, as served) with room for `tokens`
+// tokens each.
+struct PagedCaches {
+  PagedCaches(const ModelConfig& c, cpu::KvDType kv, int n, int64_t tokens)
+      : cache(c, 16, n * ((tokens + 15) / 16), kv) {
+    for (int i = 0; i < n; ++i) seqs.push_back(std::make_unique<PagedKvSequence>(&cache));
+  }
+  LatentKvCache cache;
+  std::vector<std::unique_ptr<PagedKvSequence>> seqs;
+};
+
+DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len,
+                         cpu::KvDType kv = cpu::KvDType::kF32) {
   const ModelConfig& c = engine.config();
-  std::vector<SequenceKvCache> caches;
-  caches.reserve(static_cast<size_t>(batch));
-  for (int i = 0; i < batch; ++i) caches.emplace_back(c);
+  PagedCaches caches(c, kv, batch, prompt_len + steps + 2);
   std::vector<SequenceStep> b(static_cast<size_t>(batch));
   for (int i = 0; i < batch; ++i) {
-    b[static_cast<size_t>(i)].cache = &caches[static_cast<size_t>(i)];
+    b[static_cast<size_t>(i)].cache = caches.seqs[static_cast<size_t>(i)].get();
     for (int j = 0; j < prompt_len; ++j) {
       b[static_cast<size_t>(i)].tokens.push_back(
           static_cast<int32_t>((i * 131 + j * 17 + 3) % c.vocab_size));
@@ -205,22 +216,22 @@ void Emit(const Measurement& m, bool json) {
         m.limit_fraction < 0 ? "null" : absl::StrFormat("%.4f", m.limit_fraction).c_str());
   } else {
     std::printf(
-        "%-8s %-6s %-6s %7s %6d %8lld %11.1f %10.3f %9s\n", m.model.c_str(), m.weight_dtype.c_str(),
-        m.expert_dtype.c_str(), m.phase.c_str(), m.batch, static_cast<long long>(m.context),
-        m.tokens_per_s, m.ms_per_step,
+        "%-8s %-7s %-6s %-8s %7s %6d %8lld %11.1f %10.3f %9s\n", m.model.c_str(),
+        m.weight_dtype.c_str(), m.expert_dtype.c_str(), m.kv_dtype.c_str(), m.phase.c_str(),
+        m.batch, static_cast<long long>(m.context), m.tokens_per_s, m.ms_per_step,
         m.limit_fraction < 0 ? "-" : absl::StrFormat("%.1f%%", 100 * m.limit_fraction).c_str());
   }
   std::fflush(stdout);
 }
 
 // Prefill of n tokens of one fresh sequence as one step (best of 2: the first warms up).
-DecodeResult BenchPrefill(Engine& engine, int64_t n) {
+DecodeResult BenchPrefill(Engine& engine, int64_t n, cpu::KvDType kv) {
   const ModelConfig& c = engine.config();
   double best = 1e30;
   for (int rep = 0; rep < 2; ++rep) {
-    SequenceKvCache cache(c);
+    PagedCaches cache(c, kv, 1, n);
     std::vector<SequenceStep> b(1);
-    b[0].cache = &cache;
+    b[0].cache = cache.seqs[0].get();
     for (int64_t j = 0; j < n; ++j) {
       b[0].tokens.push_back(static_cast<int32_t>((j * 17 + 3) % c.vocab_size));
     }
@@ -251,6 +262,7 @@ struct Options {
   std::string expert_dtype;  // empty: the weight dtype of the row
   std::vector<int> batches = {1, 16, 64};
   std::vector<int64_t> depths;  // extra batch-1 decode rows at these contexts
+  cpu::KvDType kv_dtype = cpu::KvDType::kF32;
   int64_t context = 16, prefill = 512;
   int steps = 0, rounds = 1;
   bool json = false;
@@ -271,6 +283,8 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
   --context N           tokens in each sequence's cache before decoding (default 16)
   --depth LIST          extra batch-1 decode rows at these contexts (e.g. 1024)
   --prefill N           prefill of N tokens of one sequence in one step (default 512; 0: off)
+  --kv-cache-dtype T    the latent KV cache: f32 (default), bf16, int8 or fp8_e4m3 (paged in
+                        blocks of 16 tokens, as dmoe-attention holds it)
   --steps N             decode steps per measurement (default: 20 at batch 1, 8 beyond; 32 tiny)
   --rounds R            repeat every measurement R times, report medians (default 1)
   --bf16-activations    bf16 weights multiply bf16-rounded activations (A16, vdpbf16ps where the
@@ -324,6 +338,8 @@ int ParseOptions(int argc, char** argv, Options* o) {
       ok = ParseList(value(), &o->batches);
     } else if (a == "--depth") {
       ok = ParseList(value(), &o->depths);
+    } else if (a == "--kv-cache-dtype") {
+      ok = ParseKvDType(value(), &o->kv_dtype);
     } else if (a == "--context") {
       ok = absl::SimpleAtoi(value(), &o->context) && o->context > 0;
     } else if (a == "--prefill") {
@@ -393,7 +409,8 @@ uint64_t CheckpointFileBytes(const std::string& dir) {
 void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read_bw) {
   const ModelConfig& c = m.config();
   const double weight_bytes = BytesPerBatch1Step(m);
-  const double kv_bytes_per_token = 4.0 * static_cast<double>(c.latent_dim() * c.num_hidden_layers);
+  const double kv_bytes_per_token = static_cast<double>(
+      cpu::KvRowBytes(o.kv_dtype, c.kv_lora_rank, c.qk_rope_head_dim) * c.num_hidden_layers);
   auto steps_for = [&](int b) {
     int n = o.steps > 0 ? o.steps : (c.hidden_size >= 512 ? (b == 1 ? 20 : 8) : 32);
     return n;
@@ -411,7 +428,7 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read
     std::vector<double> tps, ms, bws, fractions;
     for (int r = 0; r < o.rounds; ++r) {
       const double bw0 = b == 1 ? ReadBandwidth(3) : read_bw;
-      const DecodeResult d = BenchDecode(m.engine(), b, n, static_cast<int>(ctx));
+      const DecodeResult d = BenchDecode(m.engine(), b, n, static_cast<int>(ctx), o.kv_dtype);
       const double bw = b == 1 ? (bw0 + ReadBandwidth(3)) / 2 : read_bw;
       tps.push_back(d.tokens_per_s);
       ms.push_back(d.ms_per_step);
@@ -442,7 +459,7 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read
   if (o.prefill > 0 && o.prefill < c.max_position_embeddings) {
     std::vector<double> tps, ms;
     for (int r = 0; r < o.rounds; ++r) {
-      const DecodeResult d = BenchPrefill(m.engine(), o.prefill);
+      const DecodeResult d = BenchPrefill(m.engine(), o.prefill, o.kv_dtype);
       tps.push_back(d.tokens_per_s);
       ms.push_back(d.ms_per_step);
     }
@@ -497,6 +514,7 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
     const uint64_t rss = StatusBytes("VmRSS:"), peak = StatusBytes("VmHWM:");
     Measurement base;
     base.model = name;
+    base.kv_dtype = cpu::KvDTypeName(o.kv_dtype);
     base.read_bw_gbs = read_bw / 1e9;
     const LocalModel& m = **model;
     base.weight_dtype = cpu::WeightFormatName(m.dense().layers.back().o.format);
@@ -516,8 +534,8 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
         m.weight_bytes() / 1048576.0, (rss - before) / 1048576.0, (peak - before) / 1048576.0,
         static_cast<double>(peak - before) / std::max<double>(1, rss - before));
     if (!o.json) {
-      std::printf("%-8s %-6s %-6s %7s %6s %8s %11s %10s %9s\n", "model", "dtype", "expert", "phase",
-                  "batch", "context", "tokens/s", "ms/step", "of limit");
+      std::printf("%-8s %-7s %-6s %-8s %7s %6s %8s %11s %10s %9s\n", "model", "dtype", "expert",
+                  "kv", "phase", "batch", "context", "tokens/s", "ms/step", "of limit");
     }
     MeasureModel(**model, o, base, read_bw);
   }

@@ -38,6 +38,7 @@ const Config kConfigs[] = {
     {"f32", WeightDType::kF32, cpu::KvDType::kF32},
     {"int8 weights", WeightDType::kInt8, cpu::KvDType::kF32},
     {"fp8 weights", WeightDType::kFp8, cpu::KvDType::kF32},
+    {"bf16 cache", WeightDType::kF32, cpu::KvDType::kBf16},
     {"int8 cache", WeightDType::kF32, cpu::KvDType::kInt8},
     {"fp8 cache", WeightDType::kF32, cpu::KvDType::kFp8},
     {"int8 w + int8 cache", WeightDType::kInt8, cpu::KvDType::kInt8},
@@ -148,7 +149,8 @@ int Main(int argc, char** argv) {
   }
   // KV bytes per token: DeepSeek-V2 by the formula (60 layers, r = 512, dr = 64).
   std::printf("KV cache bytes per token, DeepSeek-V2 (60 layers x (512 + 64)):\n");
-  for (cpu::KvDType t : {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+  for (cpu::KvDType t :
+       {cpu::KvDType::kF32, cpu::KvDType::kBf16, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
     const int64_t row = cpu::KvRowBytes(t, 512, 64);
     std::printf("  %-9s %4lld B/token/layer, %6lld B/token (%.2fx fp32, %.2fx bf16)\n",
                 cpu::KvDTypeName(t), static_cast<long long>(row), static_cast<long long>(60 * row),
@@ -169,12 +171,16 @@ int Main(int argc, char** argv) {
       if (!WriteTinyModel(dir, c, o).ok()) return 1;
     }
     std::printf("\n== preset %s\n", preset.c_str());
-    std::printf("KV bytes per token (allocator / formula layers x (r + 4 ceil(r/128) + 2 dr)):\n");
-    for (cpu::KvDType t : {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+    std::printf(
+        "KV bytes per token (allocator / formula layers x 4 (r + dr), 2 (r + dr), "
+        "(r + 4 ceil(r/128) + 2 dr)):\n");
+    for (cpu::KvDType t :
+         {cpu::KvDType::kF32, cpu::KvDType::kBf16, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
       LatentKvCache cache(c, 16, 1, t);
       const int64_t r = c.kv_lora_rank, dr = c.qk_rope_head_dim;
-      const int64_t formula = t == cpu::KvDType::kF32
-                                  ? c.num_hidden_layers * 4 * (r + dr)
+      const int64_t formula = t == cpu::KvDType::kF32 ? c.num_hidden_layers * 4 * (r + dr)
+                              : t == cpu::KvDType::kBf16
+                                  ? c.num_hidden_layers * 2 * (r + dr)
                                   : c.num_hidden_layers * (r + 4 * ((r + 127) / 128) + 2 * dr);
       std::printf("  %-9s %llu / %lld\n", cpu::KvDTypeName(t),
                   static_cast<unsigned long long>(cache.bytes_per_token()),

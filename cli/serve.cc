@@ -47,7 +47,7 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --kv-cache-mib N     KV cache size (default 256)
   --block-tokens N     tokens per KV block (default 16)
-  --kv-cache-dtype T   f32 (default), int8 or fp8_e4m3 (see dmoe-attention --help)
+  --kv-cache-dtype T   f32 (default), bf16, int8 or fp8_e4m3 (see dmoe-attention --help)
   --weight-dtype T     auto (default: as stored; f16 as f32), f32, bf16, int8 or fp8: dense/attention
                        projections
   --expert-dtype T     the same for the routed experts
@@ -72,7 +72,7 @@ absl::StatusOr<ServeOptions> ParseServe(const Flags& f) {
     return absl::InvalidArgumentError("--kv-cache-mib and --block-tokens must be positive");
   }
   if (!ParseKvDType(f.StringOr("kv-cache-dtype", "f32"), &o.kv_dtype)) {
-    return absl::InvalidArgumentError("--kv-cache-dtype: not f32, int8 or fp8_e4m3");
+    return absl::InvalidArgumentError("--kv-cache-dtype: not f32, bf16, int8 or fp8_e4m3");
   }
   o.model.log_progress = true;
   if (!ParseWeightDType(f.StringOr("weight-dtype", "auto"), &o.model.weight_dtype)) {

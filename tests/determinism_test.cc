@@ -181,6 +181,7 @@ INSTANTIATE_TEST_SUITE_P(
     All, Determinism,
     ::testing::Values(Variant{"f32", WeightDType::kF32, cpu::KvDType::kF32},
                       Variant{"bf16", WeightDType::kBf16, cpu::KvDType::kF32},
+                      Variant{"bf16_kvbf16", WeightDType::kBf16, cpu::KvDType::kBf16},
                       Variant{"int8_kv8", WeightDType::kInt8, cpu::KvDType::kInt8},
                       Variant{"fp8_kvfp8", WeightDType::kFp8, cpu::KvDType::kFp8}),
     [](const ::testing::TestParamInfo<Variant>& i) { return std::string(i.param.name); });

@@ -53,6 +53,7 @@ TEST_P(QuantAccuracy, EightBitWeightsAndCacheStayCloseToFloat64) {
       {"f32", WeightDType::kF32, cpu::KvDType::kF32, 1e-5},
       {"int8 weights", WeightDType::kInt8, cpu::KvDType::kF32, 0.08},
       {"fp8 weights", WeightDType::kFp8, cpu::KvDType::kF32, 0.25},
+      {"bf16 cache", WeightDType::kF32, cpu::KvDType::kBf16, 0.01},
       {"int8 cache", WeightDType::kF32, cpu::KvDType::kInt8, 0.02},
       {"fp8 cache", WeightDType::kF32, cpu::KvDType::kFp8, 0.08},
       {"fp8 checkpoint", WeightDType::kAuto, cpu::KvDType::kF32, 0.25, true},

@@ -268,7 +268,7 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
   p.kv_b = kv_b.data();
   const auto rows = Random(static_cast<size_t>(ctx * lc), 12);
   const auto q = Random(static_cast<size_t>(ctx * h * qd), 13);
-  for (KvDType dt : {KvDType::kF32, KvDType::kInt8, KvDType::kFp8}) {
+  for (KvDType dt : {KvDType::kF32, KvDType::kInt8, KvDType::kFp8, KvDType::kBf16}) {
     // The cache, paged in blocks of bt rows, stored as dt.
     const int64_t rb = KvRowBytes(dt, r, dr);
     std::vector<std::vector<float>> fblocks;

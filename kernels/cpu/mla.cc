@@ -29,8 +29,8 @@ void ScaleAndMask(float* s, int64_t rows, int64_t rows_per_query, int64_t ctx, i
   }
 }
 
-// Calls fn(block_rows, first_row, rows) for each block holding rows [0, ctx), with 8-bit blocks
-// dequantized into a one-block fp32 tile first.
+// Calls fn(block_rows, first_row, rows) for each block holding rows [0, ctx), with bf16 / 8-bit
+// blocks widened into a one-block fp32 tile first.
 template <typename Fn>
 void ForEachBlock(const LatentRows& c, int64_t ctx, Fn fn) {
   if (c.qblocks == nullptr) {
@@ -142,7 +142,7 @@ void Prefetch(const float* p, int64_t n) {
 }
 
 // Rows [a, b) of a cache (rows of lc floats) as fp32 pieces: pointers into fp32 blocks, or one
-// piece of `tile` where 8-bit rows are dequantized (once per span).
+// piece of `tile` where bf16 / 8-bit rows are widened (once per span).
 void SpanPieces(const LatentRows& c, int64_t lc, int64_t a, int64_t b, std::vector<float>* tile,
                 std::vector<Piece>* pieces) {
   pieces->clear();
@@ -370,18 +370,26 @@ const char* KvDTypeName(KvDType t) {
       return "int8";
     case KvDType::kFp8:
       return "fp8_e4m3";
+    case KvDType::kBf16:
+      return "bf16";
   }
   return "?";
 }
 
 int64_t KvRowBytes(KvDType t, int64_t r, int64_t dr) {
   if (t == KvDType::kF32) return 4 * (r + dr);
+  if (t == KvDType::kBf16) return 2 * (r + dr);
   return r + 4 * ((r + 127) / 128) + 2 * dr;
 }
 
 void QuantizeKvRow(KvDType t, const float* row, int64_t r, int64_t dr, uint8_t* dst) {
   if (t == KvDType::kF32) {
     std::memcpy(dst, row, sizeof(float) * static_cast<size_t>(r + dr));
+    return;
+  }
+  if (t == KvDType::kBf16) {
+    uint16_t* h = reinterpret_cast<uint16_t*>(dst);  // KvRowBytes keeps rows 2-byte aligned
+    FloatToBf16N(row, static_cast<size_t>(r + dr), h);
     return;
   }
   const int64_t ns = (r + 127) / 128;
@@ -411,6 +419,10 @@ void DequantizeKvRows(KvDType t, const uint8_t* src, int64_t n, int64_t r, int64
   const int64_t rb = KvRowBytes(t, r, dr), lc = r + dr;
   if (t == KvDType::kF32) {
     std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n * lc));
+    return;
+  }
+  if (t == KvDType::kBf16) {  // exact: the same floats at every ISA level
+    Bf16ToFloatN(reinterpret_cast<const uint16_t*>(src), static_cast<size_t>(n * lc), dst);
     return;
   }
   const int64_t ns = (r + 127) / 128;

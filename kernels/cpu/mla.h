@@ -15,10 +15,12 @@ namespace dmoe::cpu {
 
 // The cached rows of one sequence in one layer: row u is blocks[u / block_tokens] + (u %
 // block_tokens) * (r + dr).
-// How cached rows are stored. kF32: r + dr floats. 8-bit (the FlashMLA layout): r values of c_kv
-// in int8 or fp8 e4m3, then one fp32 scale per 128 of them, then the dr values of k_pe in bf16:
-// 512 + 16 + 128 = 656 bytes per token per layer for DeepSeek-V2 (2304 in fp32).
-enum class KvDType { kF32, kInt8, kFp8 };
+// How cached rows are stored. kF32: r + dr floats. kBf16: r + dr bf16 values (rounded to nearest
+// even, NaN kept), 1152 bytes per token per layer for DeepSeek-V2, as the reference model's bf16
+// cache holds them. 8-bit (the FlashMLA layout): r values of c_kv in int8 or fp8 e4m3, then one
+// fp32 scale per 128 of them, then the dr values of k_pe in bf16: 512 + 16 + 128 = 656 bytes per
+// token per layer for DeepSeek-V2 (2304 in fp32).
+enum class KvDType { kF32, kInt8, kFp8, kBf16 };
 const char* KvDTypeName(KvDType t);
 // Bytes of one stored row of r latent + dr rope values.
 int64_t KvRowBytes(KvDType t, int64_t r, int64_t dr);
@@ -27,12 +29,13 @@ void QuantizeKvRow(KvDType t, const float* row, int64_t r, int64_t dr, uint8_t* 
 // The inverse: n stored rows at src -> n x (r + dr) floats.
 void DequantizeKvRows(KvDType t, const uint8_t* src, int64_t n, int64_t r, int64_t dr, float* dst);
 
-// The cached rows of one layer, block by block: fp32 blocks (`blocks`), or 8-bit ones (`qblocks`,
-// rows of KvRowBytes) that the kernels dequantize one block at a time as they read them.
+// The cached rows of one layer, block by block: fp32 blocks (`blocks`), or bf16 / 8-bit ones
+// (`qblocks`, rows of KvRowBytes) that the kernels widen to fp32 one block (or span) at a time as
+// they read them.
 struct LatentRows {
   const float* const* blocks = nullptr;
   int64_t block_tokens = 0;
-  const uint8_t* const* qblocks = nullptr;  // when the cache is 8-bit
+  const uint8_t* const* qblocks = nullptr;  // when the cache is bf16 or 8-bit
   KvDType dtype = KvDType::kF32;
   int64_t r = 0, dr = 0;  // with qblocks
 };

@@ -23,6 +23,21 @@ absl::Status CudaError(int err, const char* what, const char* file, int line) {
                                           " (", cudaGetErrorString(e), ")"));
 }
 
+// launch.h's kv_dtype codes.
+int LaunchKvDType(cpu::KvDType t) {
+  switch (t) {
+    case cpu::KvDType::kF32:
+      return 0;
+    case cpu::KvDType::kInt8:
+      return 1;
+    case cpu::KvDType::kFp8:
+      return 2;
+    case cpu::KvDType::kBf16:
+      return 3;
+  }
+  return -1;  // refused by the launchers
+}
+
 }  // namespace
 
 #define DMOE_CUDA_CHECK(expr) CudaError(static_cast<int>(expr), #expr, __FILE__, __LINE__)
@@ -207,7 +222,7 @@ absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t 
   m.block_bytes = cache.block_bytes;
   m.row_bytes = cpu::KvRowBytes(cache.dtype, p.latent_rank, p.rope_dim);
   m.table_stride = cache.table_stride;
-  m.kv_dtype = cache.dtype == cpu::KvDType::kF32 ? 0 : cache.dtype == cpu::KvDType::kInt8 ? 1 : 2;
+  m.kv_dtype = LaunchKvDType(cache.dtype);
   return DMOE_CUDA_CHECK(launch::MlaDecode(m, q, b, p.kv_b, static_cast<const uint8_t*>(cache.pool),
                                            cache.table, cache.ctx, cache.max_ctx, o, scratch,
                                            stream));
@@ -220,7 +235,7 @@ launch::LatentPool PoolParams(const cpu::MlaParams& p, const LatentPool& pool) {
   l.rope = p.rope_dim;
   l.block_tokens = pool.block_tokens;
   l.block_bytes = pool.block_bytes;
-  l.kv_dtype = pool.dtype == cpu::KvDType::kF32 ? 0 : pool.dtype == cpu::KvDType::kInt8 ? 1 : 2;
+  l.kv_dtype = LaunchKvDType(pool.dtype);
   return l;
 }
 }  // namespace

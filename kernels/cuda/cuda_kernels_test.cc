@@ -193,11 +193,12 @@ TEST(CudaKernels, GateSelectionMatchesTheCpuForEveryMethod) {
 }
 
 // A paged cache whose block tables are shuffled (non-contiguous), sequences of different lengths,
-// fp32 and 8-bit rows, against cpu::MlaDecodeAbsorbedBatch on the tiny and small shapes.
+// fp32, bf16 and 8-bit rows, against cpu::MlaDecodeAbsorbedBatch on the tiny and small shapes.
 TEST(CudaKernels, MlaDecodeOverAPagedCacheMatchesTheCpu) {
   SKIP_WITHOUT_GPU();
   for (const char* preset : {"tiny", "small"}) {
-    for (cpu::KvDType kv : {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+    for (cpu::KvDType kv :
+         {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8, cpu::KvDType::kBf16}) {
       const ModelConfig c = *PresetConfig(preset);
       const int64_t h = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
       const int64_t dv = c.v_head_dim, r = c.kv_lora_rank, bt = 16;
@@ -354,7 +355,8 @@ TEST(CudaKernels, LatentRowsStoreAndGatherAsTheCpuCache) {
   p.latent_rank = c.kv_lora_rank;
   p.rope_dim = c.qk_rope_head_dim;
   const int64_t lc = p.latent_rank + p.rope_dim, bt = 4, n = 11;
-  for (cpu::KvDType t : {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8}) {
+  for (cpu::KvDType t :
+       {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8, cpu::KvDType::kBf16}) {
     const int64_t rb = cpu::KvRowBytes(t, p.latent_rank, p.rope_dim), bb = 2 * bt * rb;  // 2 layers
     const std::vector<int32_t> table = {5, 2, 7};  // non-contiguous blocks
     std::vector<int32_t> slots(n);

@@ -24,7 +24,9 @@ __global__ void AddKernel(const float* a, int64_t n, float* y) {
 }
 
 __device__ int64_t RowBytes(const LatentPool& p) {
-  return p.kv_dtype == 0 ? 4 * (p.rank + p.rope) : p.rank + 4 * ((p.rank + 127) / 128) + 2 * p.rope;
+  if (p.kv_dtype == 0) return 4 * (p.rank + p.rope);
+  if (p.kv_dtype == 3) return 2 * (p.rank + p.rope);
+  return p.rank + 4 * ((p.rank + 127) / 128) + 2 * p.rope;
 }
 
 __device__ uint8_t* RowAt(const LatentPool& p, uint8_t* pool, int64_t slot) {
@@ -72,6 +74,12 @@ __global__ void StoreLatentKernel(LatentPool p, const float* rows, const int32_t
     for (int64_t i = threadIdx.x; i < p.rank + p.rope; i += blockDim.x) d[i] = src[i];
     return;
   }
+  if (p.kv_dtype == 3) {
+    __nv_bfloat16* d = reinterpret_cast<__nv_bfloat16*>(dst);
+    for (int64_t i = threadIdx.x; i < p.rank + p.rope; i += blockDim.x)
+      d[i] = __float2bfloat16_rn(src[i]);
+    return;
+  }
   const int64_t groups = (p.rank + 127) / 128;
   float* scales = reinterpret_cast<float*>(dst + p.rank);
   __nv_bfloat16* pe = reinterpret_cast<__nv_bfloat16*>(dst + p.rank + 4 * groups);
@@ -107,6 +115,12 @@ __global__ void GatherLatentKernel(LatentPool p, const uint8_t* pool, const int3
   if (p.kv_dtype == 0) {
     const float* r = reinterpret_cast<const float*>(row);
     for (int64_t i = threadIdx.x; i < p.rank + p.rope; i += blockDim.x) o[i] = r[i];
+    return;
+  }
+  if (p.kv_dtype == 3) {
+    const __nv_bfloat16* r = reinterpret_cast<const __nv_bfloat16*>(row);
+    for (int64_t i = threadIdx.x; i < p.rank + p.rope; i += blockDim.x)
+      o[i] = __bfloat162float(r[i]);
     return;
   }
   const int64_t groups = (p.rank + 127) / 128;
@@ -178,7 +192,8 @@ __global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
 
 bool BadPool(const LatentPool& p) {
   return p.rank <= 0 || p.rope < 0 || p.block_tokens <= 0 || p.block_bytes <= 0 || p.kv_dtype < 0 ||
-         p.kv_dtype > 2 || p.block_bytes % 4 != 0 || (p.kv_dtype != 0 && p.rank % 4 != 0);
+         p.kv_dtype > 3 || p.block_bytes % 4 != 0 ||
+         (p.kv_dtype != 0 && (p.rank % 4 != 0 || (p.rank + p.rope) % 2 != 0));
 }
 
 }  // namespace

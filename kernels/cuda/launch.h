@@ -56,8 +56,8 @@ int SelectExperts(const Gate& p, float* logits, int64_t t, const float* bias, in
 // row u at pool + table[i * table_stride + u / block_tokens] * block_bytes
 // + (u % block_tokens) * row_bytes; o [b, H * dv]. Rows as cpu::KvDType stores them: kv_dtype 0
 // fp32 (r + dr floats), 1 int8 / 2 fp8 e4m3 (r codes, one fp32 scale per 128, dr bf16: the
-// 656-byte layout). kv_b [H * (dn + dv), r] (W_UK then W_UV per head). `scratch`:
-// MlaScratchFloats(b, H, r, max_ctx) floats.
+// 656-byte layout), 3 bf16 (r + dr bf16 values). kv_b [H * (dn + dv), r] (W_UK then W_UV per head).
+// `scratch`: MlaScratchFloats(b, H, r, max_ctx) floats.
 struct Mla {
   int64_t heads = 0, nope = 0, rope = 0, v = 0, rank = 0;
   float softmax_scale = 0;
@@ -74,7 +74,7 @@ int MlaDecode(const Mla& p, const float* q, int64_t b, const float* kv_b, const 
 struct LatentPool {
   int64_t rank = 0, rope = 0;
   int64_t block_tokens = 0, block_bytes = 0;
-  int kv_dtype = 0;  // 0 fp32, 1 int8, 2 fp8 e4m3 (as Mla::kv_dtype)
+  int kv_dtype = 0;  // 0 fp32, 1 int8, 2 fp8 e4m3, 3 bf16 (as Mla::kv_dtype)
 };
 // Stores the n rows [n, rank + rope] (c_kv then the rotated k_pe) at the slots slots[i]
 // (block * block_tokens + offset), quantized as cpu::QuantizeKvRow does.

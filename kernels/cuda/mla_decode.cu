@@ -38,12 +38,15 @@ __device__ float Fp8E4M3(uint8_t b) {
 // Element j < r of a row's latent part, and element j < dr of its rope part.
 __device__ float Latent(const Mla& p, const uint8_t* row, int64_t j) {
   if (p.kv_dtype == 0) return reinterpret_cast<const float*>(row)[j];
+  if (p.kv_dtype == 3) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[j]);
   const float scale = reinterpret_cast<const float*>(row + p.rank)[j / 128];
   const uint8_t c = row[j];
   return (p.kv_dtype == 1 ? static_cast<float>(static_cast<int8_t>(c)) : Fp8E4M3(c)) * scale;
 }
 __device__ float RopePart(const Mla& p, const uint8_t* row, int64_t j) {
   if (p.kv_dtype == 0) return reinterpret_cast<const float*>(row)[p.rank + j];
+  if (p.kv_dtype == 3)
+    return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[p.rank + j]);
   const int64_t ns = (p.rank + 127) / 128;
   return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row + p.rank + 4 * ns)[j]);
 }
@@ -136,7 +139,7 @@ int MlaDecode(const Mla& p, const float* q, int64_t b, const float* kv_b, const 
   if (b <= 0) return 0;
   // 8-bit rows read their fp32 scales in place: rows and blocks must keep them 4-byte aligned.
   if (p.heads <= 0 || p.rank <= 0 || p.block_tokens <= 0 || max_ctx <= 0 || p.kv_dtype < 0 ||
-      p.kv_dtype > 2 || p.row_bytes % 4 != 0 || p.block_bytes % 4 != 0 || p.rank % 4 != 0) {
+      p.kv_dtype > 3 || p.row_bytes % 4 != 0 || p.block_bytes % 4 != 0 || p.rank % 4 != 0) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   (void)cudaGetLastError();  // report this launch's error, not an earlier one
