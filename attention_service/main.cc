@@ -177,12 +177,20 @@ absl::StatusOr<CudaEngineOptions> GpuPool(const ModelConfig& c, const Options& o
   return g;
 }
 
-void Register(const Flags& f, ExpertShardSet* shard_set, const std::string& addr) {
+// With the router: registers this node with how it computes (RegisterRequest.numerics), so that
+// the router refuses attention nodes that would give a request other bits than this one.
+void Register(const Flags& f, LocalModel& model, const Options& o, bool cuda,
+              const std::string& addr) {
   internal::RegisterRequest reg;
   reg.set_node_id(absl::StrCat("attention-", getpid()));
   reg.set_role(internal::ATTENTION);
   reg.set_grpc_address(router::AdvertisedAddress(addr, f.StringOr("advertise-host", "")));
-  shard_set->member()->StartMembership(reg, nullptr);
+  reg.set_model_fingerprint(ModelFingerprint(model.config()));
+  const char* held = cpu::WeightFormatName(model.dense().layers.back().o.format);
+  reg.set_numerics(absl::StrCat(
+      NumericsString("weights", held, cpu::Bf16ActivationsA16(), cuda ? "cuda" : "cpu"),
+      " kv=", cpu::KvDTypeName(o.kv_dtype)));
+  model.shard_set()->member()->StartMembership(reg, nullptr, router::ExitOnRefusal);
 }
 
 // The flags that take a value.
@@ -259,7 +267,7 @@ int Main(int argc, char** argv) {
                         nlohmann::json::object(), true, InternalServerCredentials());
   const absl::Status st = addr.status();
   if (st.ok()) {
-    if (routed) Register(*flags, shard_set, *addr);
+    if (routed) Register(*flags, *model, *o, device->cuda, *addr);
     const int sig = svc.WaitForStop();
     spdlog::info("signal {}, draining", sig);
     SetReadiness(svc.server(), "dmoe.internal.AttentionService", false);

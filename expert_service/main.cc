@@ -316,6 +316,21 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> LoadExperts(const Flags& f, const O
   return store;
 }
 
+// How this shard computes, for the router (RegisterRequest.numerics): the routed experts' dtype as
+// held (--expert-dtype resolved against the checkpoint's first routed expert), A16, the device.
+absl::StatusOr<std::string> ShardNumerics(const Options& o, const ModelConfig& c, bool cuda) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::Open(o.dir));
+  DType stored = DType::kF32;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    ASSIGN_OR_RETURN(TensorInfo t, ck->Info(weight_names::Expert(l, 0, "gate_proj")));
+    stored = t.dtype;
+    break;
+  }
+  return NumericsString("experts", WeightDTypeName(HeldWeightDType(o.expert_dtype, stored)),
+                        cpu::Bf16ActivationsA16(), cuda ? "cuda" : "cpu");
+}
+
 // With --router: hosts what the placement says and holds a lease; on stop, leaves without
 // refusing anything.
 class RouterLink {
@@ -324,7 +339,7 @@ class RouterLink {
     std::string node_id, grpc, ucx, ucx_worker;
   };
   RouterLink(const Flags& f, const Options& o, const ModelConfig& config, ExpertShard* shard,
-             const Addresses& a, ExpertMetrics* metrics)
+             const Addresses& a, const std::string& numerics, ExpertMetrics* metrics)
       : drain_(o.drain_ms) {
     hosting_ =
         std::make_unique<HostingAgent>(config, o.dir, a.node_id, shard, drain_, o.expert_dtype);
@@ -345,7 +360,10 @@ class RouterLink {
     reg.set_ucx_address(router::AdvertisedAddress(a.ucx, host));
     reg.set_ucx_worker_address(a.ucx_worker);
     reg.set_capacity_experts(o.capacity);
-    member_->StartMembership(reg, [this] { return hosting_->ready_version(); });
+    reg.set_model_fingerprint(ModelFingerprint(config));
+    reg.set_numerics(numerics);
+    member_->StartMembership(
+        reg, [this] { return hosting_->ready_version(); }, router::ExitOnRefusal);
     metrics->SetRouterSources([this] { return member_->heartbeat_age_seconds(); },
                               [this] { return static_cast<double>(hosting_->active_version()); });
   }
@@ -439,6 +457,8 @@ int Main(int argc, char** argv) {
   if (!config.ok()) return svc.Fail(config.status());
   auto gpu = MakeGpuExperts(*flags, *config);  // before loading: fail fast without a GPU
   if (!gpu.ok()) return svc.Fail(gpu.status());
+  auto numerics = ShardNumerics(*o, *config, gpu->get() != nullptr);
+  if (!numerics.ok()) return svc.Fail(numerics.status());
   uint64_t bytes_read = 0;
   auto store = LoadExperts(*flags, *o, *config, &bytes_read);
   if (!store.ok()) return svc.Fail(store.status());
@@ -476,7 +496,8 @@ int Main(int argc, char** argv) {
   if (st.ok()) {
     a.grpc = *grpc_addr;
     if (o->routed) {
-      link = std::make_unique<RouterLink>(*flags, *o, *config, &shard, a, &expert_metrics);
+      link =
+          std::make_unique<RouterLink>(*flags, *o, *config, &shard, a, *numerics, &expert_metrics);
     }
     const int sig = svc.WaitForStop();
     spdlog::info("signal {}, stopping", sig);

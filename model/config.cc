@@ -1,6 +1,7 @@
 #include "model/config.h"
 
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
@@ -540,6 +541,17 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   }
   j["torch_dtype"] = "float32";
   return j.dump(2) + "\n";
+}
+
+std::string ModelFingerprint(const ModelConfig& c) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
+  for (unsigned char ch : ModelConfigToJson(c)) {
+    h ^= ch;
+    h *= 0x100000001b3ull;
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
+  return buf;
 }
 
 }  // namespace dmoe

@@ -94,6 +94,9 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 absl::Status ValidateModelConfig(const ModelConfig& c);
 // Writes every field (nothing left to defaults), as the tiny-model generator does.
 std::string ModelConfigToJson(const ModelConfig& c);
+// 16 hex digits identifying the model's shape and numerics-relevant settings (a hash of
+// ModelConfigToJson): equal for equal configs. The router refuses nodes whose model differs.
+std::string ModelFingerprint(const ModelConfig& c);
 
 // YaRN's get_mscale: 1 when scale <= 1, else 0.1 * m * ln(scale) + 1.
 double YarnGetMscale(double scale, double m);

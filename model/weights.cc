@@ -131,6 +131,35 @@ bool ParseWeightDType(const std::string& s, WeightDType* out) {
   return true;
 }
 
+const char* WeightDTypeName(WeightDType t) {
+  switch (t) {
+    case WeightDType::kAuto:
+      return "auto";
+    case WeightDType::kF32:
+      return "f32";
+    case WeightDType::kBf16:
+      return "bf16";
+    case WeightDType::kInt8:
+      return "int8";
+    case WeightDType::kFp8:
+      return "fp8";
+  }
+  return "?";
+}
+
+WeightDType HeldWeightDType(WeightDType requested, DType stored) {
+  if (requested != WeightDType::kAuto) return requested;
+  if (stored == DType::kBF16) return WeightDType::kBf16;
+  if (stored == DType::kF8E4M3) return WeightDType::kFp8;
+  return WeightDType::kF32;
+}
+
+std::string NumericsString(const char* what, const std::string& held, bool bf16_activations,
+                           const std::string& device) {
+  return absl::StrCat(what, "=", held, held == "bf16" && bf16_activations ? "+a16" : "",
+                      " device=", device);
+}
+
 absl::StatusOr<LinearWeight> ReadLinear(const Checkpoint& ck, const std::string& name, int64_t out,
                                         int64_t in, WeightDType dtype) {
   LinearWeight l;

@@ -56,6 +56,17 @@ struct LinearWeight {
 enum class WeightDType { kAuto, kF32, kBf16, kInt8, kFp8 };
 // "auto", "f32", "bf16", "int8", "fp8"; false for anything else.
 bool ParseWeightDType(const std::string& s, WeightDType* out);
+// The name ParseWeightDType reads.
+const char* WeightDTypeName(WeightDType t);
+// What a tensor stored as `stored` is held as when `requested` (kAuto: bf16 and fp8 as stored,
+// anything else as f32).
+WeightDType HeldWeightDType(WeightDType requested, DType stored);
+// How a node's products compute, for the router's check that every node of a role computes alike
+// (a request's output must not depend on which of them serves it): `what` ("experts",
+// "weights") = the held dtype's name (+a16 for bf16 with --bf16-activations), then
+// " device=" `device`.
+std::string NumericsString(const char* what, const std::string& held, bool bf16_activations,
+                           const std::string& device);
 
 struct MlpWeights {
   LinearWeight gate;  // [I, D]

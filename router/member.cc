@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 
 #include "common/internal_tls.h"
@@ -20,6 +21,13 @@ int64_t NowNs() {
 }
 
 }  // namespace
+
+void ExitOnRefusal(const std::string& why) {
+  spdlog::error("exiting: the router refused this node ({})", why);
+  spdlog::default_logger()->flush();
+  std::fflush(nullptr);
+  std::_Exit(2);
+}
 
 std::string AdvertisedAddress(const std::string& listen_address, const std::string& host) {
   const size_t colon = listen_address.rfind(':');
@@ -92,6 +100,12 @@ bool RouterMember::RegisterOnce() {
   req.set_placement_version(known);
   internal::RegisterReply reply;
   const grpc::Status st = stub_->Register(&ctx, req, &reply);
+  if (st.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
+    refused_ = true;
+    spdlog::error("the router refused this node: {}", st.error_message());
+    if (on_refused_) on_refused_(st.error_message());
+    return false;
+  }
   if (!st.ok()) return false;
   lease_ms_ = std::max<int64_t>(30, reply.lease_ms());
   last_ok_ns_ = NowNs();
@@ -118,14 +132,17 @@ bool RouterMember::HeartbeatOnce() {
 }
 
 void RouterMember::StartMembership(internal::RegisterRequest registration,
-                                   std::function<uint64_t()> ready_version) {
+                                   std::function<uint64_t()> ready_version,
+                                   std::function<void(const std::string& why)> on_refused) {
   registration_ = std::move(registration);
   ready_version_ = std::move(ready_version);
+  on_refused_ = std::move(on_refused);
   beat_thread_ = std::thread([this] {
     bool warned = false;
     while (!stop_) {
       const bool ok =
           registered_ ? HeartbeatOnce() : (registered_ = RegisterOnce()) && HeartbeatOnce();
+      if (refused_) break;
       if (!ok && !warned) {
         spdlog::warn("router {}: unreachable (serving on; retrying)", options_.router_address);
       }

@@ -31,6 +31,10 @@ struct MemberOptions {
   std::chrono::milliseconds rpc_deadline{2000};
 };
 
+// Logs "the router refused this node: <why>" and ends the process with status 2 at once: a node
+// that cannot join must not serve on unseen.
+void ExitOnRefusal(const std::string& why);
+
 class RouterMember {
  public:
   explicit RouterMember(MemberOptions options);
@@ -41,8 +45,13 @@ class RouterMember {
   void StartWatch(bool targets, std::function<void(const internal::PlacementUpdate&)> on_update);
   // Registers (retrying until the router answers), then heartbeats every lease / 3 with
   // `ready_version()` (may be null). Registers again when the router has forgotten the node.
+  // When the router refuses the registration for good (FAILED_PRECONDITION: another model, or
+  // numerics unlike the other nodes of the role) the member logs it, stops trying and calls
+  // `on_refused` (may be null) on its thread; processes pass ExitOnRefusal.
   void StartMembership(internal::RegisterRequest registration,
-                       std::function<uint64_t()> ready_version);
+                       std::function<uint64_t()> ready_version,
+                       std::function<void(const std::string& why)> on_refused = nullptr);
+  bool refused() const { return refused_; }
   // Sends a heartbeat now (after loading, so that activation does not wait for the period).
   void HeartbeatNow();
   // Tells the router the node leaves; the node should serve on until a map without it is active.
@@ -70,6 +79,7 @@ class RouterMember {
   std::unique_ptr<internal::RouterService::Stub> stub_;
   internal::RegisterRequest registration_;
   std::function<uint64_t()> ready_version_;
+  std::function<void(const std::string&)> on_refused_;
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> known_version_{0};
   std::atomic<int64_t> last_ok_ns_{0};
@@ -78,6 +88,7 @@ class RouterMember {
   CondVar wake_;
   bool beat_now_ ABSL_GUARDED_BY(mu_) = false;
   bool registered_ = false;
+  std::atomic<bool> refused_{false};
   Mutex watch_mu_;
   grpc::ClientContext* watch_ctx_ ABSL_GUARDED_BY(watch_mu_) = nullptr;
   std::thread watch_thread_, beat_thread_;

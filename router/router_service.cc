@@ -102,6 +102,8 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Register(grpc::CallbackServerContex
   n.ucx_address = req->ucx_address();
   n.ucx_worker_address = req->ucx_worker_address();
   n.capacity = req->capacity_experts();
+  n.model = req->model_fingerprint();
+  n.numerics = req->numerics();
   if (auto st = state_->Register(std::move(n), req->placement_version()); !st.ok()) {
     return Done(ctx, ToGrpc(st));
   }

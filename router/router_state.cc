@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/mutex.h"
+#include "common/status_macros.h"
 
 namespace dmoe::router {
 
@@ -11,6 +12,7 @@ RouterState::RouterState(ModelConfig config, std::chrono::milliseconds lease,
                          PlacementOptions options, Clock clock,
                          std::chrono::milliseconds startup_grace)
     : config_(std::move(config)),
+      fingerprint_(ModelFingerprint(config_)),
       lease_(lease),
       options_(options),
       clock_(std::move(clock)),
@@ -29,6 +31,7 @@ absl::Status RouterState::Register(Node node, uint64_t known_version) {
         absl::StrCat("capacity_experts: ", node.capacity, " must be positive for an expert shard"));
   }
   MutexLock l(&mu_);
+  RETURN_IF_ERROR(CheckAlikeLocked(node));
   next_version_ = std::max(next_version_, known_version + 1);
   node.lease_until = clock_() + lease_;
   auto it = nodes_.find(node.id);
@@ -38,6 +41,26 @@ absl::Status RouterState::Register(Node node, uint64_t known_version) {
   if (it != nodes_.end()) node.ready_version = it->second.ready_version;
   nodes_[node.id] = std::move(node);
   if (expert_change) ReplanLocked();
+  return absl::OkStatus();
+}
+
+absl::Status RouterState::CheckAlikeLocked(const Node& node) const {
+  if (!node.model.empty() && node.model != fingerprint_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model_fingerprint: node ", node.id, " serves a model whose config.json differs from the ",
+        "router's --model (fingerprint ", node.model, ", the router's ", fingerprint_, ")"));
+  }
+  if (node.role == NodeRole::kGateway) return absl::OkStatus();
+  const char* role = node.role == NodeRole::kExpert ? "expert shard" : "attention node";
+  for (const auto& [id, other] : nodes_) {
+    if (id == node.id || other.role != node.role || other.numerics == node.numerics) continue;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "numerics: ", role, " ", node.id, " computes as \"", node.numerics, "\" but ", role, " ",
+        id, " computes as \"", other.numerics, "\"; a request's output would depend on which of ",
+        "them serves it. Start every ", role, " with the same ",
+        node.role == NodeRole::kExpert ? "--expert-dtype" : "--weight-dtype, --kv-cache-dtype",
+        ", --bf16-activations and --device"));
+  }
   return absl::OkStatus();
 }
 

@@ -35,6 +35,8 @@ struct Node {
   std::chrono::steady_clock::time_point lease_until;
   uint64_t ready_version = 0;  // expert shards: newest target fully loaded
   bool draining = false;       // deregistered: planned out, still serving until it exits
+  std::string model;           // ModelFingerprint of its config.json ("": not checked)
+  std::string numerics;        // how it computes (RegisterRequest.numerics)
 };
 
 struct PlacementState {
@@ -54,7 +56,9 @@ class RouterState {
       std::chrono::milliseconds startup_grace = std::chrono::milliseconds(0));
 
   // Adds or refreshes a node (INVALID_ARGUMENT naming the field for an empty id or address, or an
-  // expert shard without capacity). Changes to the expert shards plan a new target.
+  // expert shard without capacity). FAILED_PRECONDITION when its model is not the router's, or
+  // its numerics differ from another registered node of its role (expert shards, attention nodes):
+  // replicas must compute alike. Changes to the expert shards plan a new target.
   // `known_version`: the newest version the node has seen; later versions are numbered above it.
   absl::Status Register(Node node, uint64_t known_version = 0);
   // NOT_FOUND when the node is unknown (its lease lapsed: it must register again).
@@ -87,9 +91,11 @@ class RouterState {
 
  private:
   void ReplanLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckAlikeLocked(const Node& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TryActivateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   ModelConfig config_;
+  std::string fingerprint_;  // ModelFingerprint(config_)
   std::chrono::milliseconds lease_;
   PlacementOptions options_;
   Clock clock_;

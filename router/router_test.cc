@@ -2,9 +2,13 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
+#include <thread>
 
+#include "common/mutex.h"
 #include "gtest/gtest.h"
 #include "model/tiny_model.h"
+#include "router/member.h"
 #include "router/router_service.h"
 #include "router/router_state.h"
 
@@ -151,6 +155,103 @@ TEST(RouterState, RebalanceAddsReplicasOfHotExperts) {
   const PlacementMap m = s.target();
   EXPECT_GT(m.version, before);
   EXPECT_GT(m.replicas.at({1, 0}).size(), 1u);
+}
+
+// Replicas must compute alike: a node whose model or numerics differ is refused, naming both; the
+// roles are checked separately, and a node may register again as it was.
+TEST(RouterState, RefusesAnotherModelAndUnlikeNumerics) {
+  const ModelConfig c = *PresetConfig("tiny");
+  FakeClock clock;
+  RouterState s(c, milliseconds(1000), PlacementOptions(), [&] { return clock.now; });
+  auto with = [&](Node n, const std::string& numerics, NodeRole role = NodeRole::kExpert) {
+    n.numerics = numerics;
+    n.role = role;
+    n.model = ModelFingerprint(c);
+    return n;
+  };
+  ASSERT_TRUE(s.Register(with(Expert("a", 30), "experts=int8 device=cpu")).ok());
+  const absl::Status unlike = s.Register(with(Expert("b", 30), "experts=bf16 device=cpu"));
+  EXPECT_EQ(unlike.code(), absl::StatusCode::kFailedPrecondition);
+  for (const char* part : {"numerics", "expert shard b", "experts=bf16 device=cpu",
+                           "expert shard a", "experts=int8 device=cpu", "--expert-dtype"}) {
+    EXPECT_NE(unlike.message().find(part), absl::string_view::npos) << part << ": " << unlike;
+  }
+  EXPECT_EQ(s.nodes().size(), 1u);  // b was not added
+  ASSERT_TRUE(s.Register(with(Expert("c", 30), "experts=int8 device=cpu")).ok());
+  ASSERT_TRUE(s.Register(with(Expert("a", 30), "experts=int8 device=cpu")).ok());  // again
+  // Attention nodes are compared with attention nodes only.
+  ASSERT_TRUE(
+      s.Register(with(Expert("x", 0), "weights=f32 device=cpu kv=f32", NodeRole::kAttention)).ok());
+  const absl::Status attention =
+      s.Register(with(Expert("y", 0), "weights=f32 device=cpu kv=bf16", NodeRole::kAttention));
+  EXPECT_EQ(attention.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(attention.message().find("--kv-cache-dtype"), absl::string_view::npos) << attention;
+  // Another model's config.
+  ModelConfig other = c;
+  other.n_routed_experts = 8;
+  Node d = with(Expert("d", 30), "experts=int8 device=cpu");
+  d.model = ModelFingerprint(other);
+  EXPECT_NE(d.model, ModelFingerprint(c));
+  const absl::Status model = s.Register(d);
+  EXPECT_EQ(model.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(model.message().find("model_fingerprint"), absl::string_view::npos) << model;
+  // Once every int8 shard is gone, a bf16 shard may start the role afresh.
+  clock.now += milliseconds(1500);
+  s.ExpireLeases();
+  EXPECT_TRUE(s.Register(with(Expert("b", 30), "experts=bf16 device=cpu")).ok());
+}
+
+// Over gRPC: a RouterMember whose numerics differ from a registered shard's is refused, stops
+// trying and reports why.
+TEST(RouterService, MemberWithUnlikeNumericsIsRefused) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState state(c, milliseconds(5000), PlacementOptions());
+  RouterServiceImpl service(&state, "");
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&service);
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  MemberOptions mo;
+  mo.router_address = "127.0.0.1:" + std::to_string(port);
+  auto registration = [&](const std::string& id, const std::string& numerics) {
+    internal::RegisterRequest r;
+    r.set_node_id(id);
+    r.set_role(internal::EXPERT);
+    r.set_grpc_address("127.0.0.1:7");
+    r.set_capacity_experts(64);
+    r.set_model_fingerprint(ModelFingerprint(c));
+    r.set_numerics(numerics);
+    return r;
+  };
+  RouterMember first(mo), second(mo);
+  first.StartMembership(registration("s0", "experts=int8 device=cpu"), nullptr);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (state.nodes().empty() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  ASSERT_EQ(state.nodes().size(), 1u);
+  Mutex mu;
+  std::string why;
+  second.StartMembership(registration("s1", "experts=f32 device=cpu"), nullptr,
+                         [&](const std::string& w) {
+                           MutexLock l(&mu);
+                           why = w;
+                         });
+  while (!second.refused() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(second.refused());
+  {
+    MutexLock l(&mu);
+    EXPECT_NE(why.find("experts=f32 device=cpu"), std::string::npos) << why;
+  }
+  EXPECT_FALSE(first.refused());
+  EXPECT_EQ(state.nodes().size(), 1u);
+  first.Stop();
+  second.Stop();
+  server->Shutdown();
 }
 
 TEST(RouterService, TokenRegisterAndWatch) {

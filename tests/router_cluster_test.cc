@@ -255,6 +255,30 @@ TEST_F(RouterCluster, RouterKilledAndRestartedUnderLoad) {
   EXPECT_GT(v2, v) << "versions must not go back after a restart";
 }
 
+// Replicas must compute alike (a request's output must not depend on which serves it): a shard
+// with another --expert-dtype, and an attention node with another --kv-cache-dtype, are refused by
+// the router and exit with status 2 saying why; the cluster serves on with the nodes that agree.
+TEST_F(RouterCluster, NodesThatComputeOtherwiseAreRefusedAndExit) {
+  Cluster c("unlike", *g_model);
+  c.StartRouter({});
+  c.AddShard(48);
+  ASSERT_GT(c.WaitForActive(0), 0u);
+  c.AddShard(48, {"--expert-dtype", "int8"});
+  EXPECT_EQ(c.shard(1).Wait(std::chrono::seconds(20)), 2) << c.shard(1).Log();
+  const std::string shard_log = c.shard(1).Log();
+  EXPECT_NE(shard_log.find("experts=int8 device=cpu"), std::string::npos) << shard_log;
+  EXPECT_NE(shard_log.find("experts=f32 device=cpu"), std::string::npos) << shard_log;
+  c.StartAttention();
+  c.AddAttention({"--kv-cache-dtype", "bf16"});
+  EXPECT_EQ(c.attention(1).Wait(std::chrono::seconds(20)), 2) << c.attention(1).Log();
+  EXPECT_NE(c.attention(1).Log().find("kv=bf16"), std::string::npos) << c.attention(1).Log();
+  EXPECT_TRUE(ProcessAlive(c.shard(0).pid()));
+  EXPECT_TRUE(ProcessAlive(c.attention(0).pid()));
+  const Summary s = Summarize(Workload(c, 0, nullptr));
+  EXPECT_EQ(s.ok, kRequests);
+  EXPECT_EQ(s.identical, kRequests);
+}
+
 TEST_F(RouterCluster, EplbReplicasEvenASkewedLoad) {
   Cluster c("eplb", *g_model);
   // 3 shards x 24 = 72 slots for 48 pairs: room for 24 replicas of hot experts.
