@@ -10,6 +10,7 @@
 #include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/mutex.h"
+#include "common/status_macros.h"
 #include "proto/expert_control.grpc.pb.h"
 #include "transport/ucx.h"
 
@@ -78,6 +79,7 @@ absl::StatusOr<int> ExpertShardSet::ConnectStatic(
         "expert shard ", addr, " serves a different model shape (hidden_size ", info.hidden_size(),
         ", layers ", info.num_hidden_layers(), ", experts ", info.n_routed_experts(), ")"));
   }
+  RETURN_IF_ERROR(CheckAlike(addr, info));
   const std::string data = options_.connect == UcxConnectMode::kListener
                                ? info.ucx_address()
                                : info.ucx_worker_address();
@@ -89,6 +91,27 @@ absl::StatusOr<int> ExpertShardSet::ConnectStatic(
   experts->clear();
   for (const auto& e : info.experts()) experts->emplace_back(e.layer(), e.expert());
   return *peer;
+}
+
+absl::Status ExpertShardSet::CheckAlike(const std::string& addr,
+                                        const internal::GetInfoReply& info) {
+  if (!info.model_fingerprint().empty() && info.model_fingerprint() != ModelFingerprint(config_)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("expert shard ", addr, " serves a model whose config.json differs from this ",
+                     "node's --model (fingerprint ", info.model_fingerprint(), ", this node's ",
+                     ModelFingerprint(config_), ")"));
+  }
+  if (numerics_of_.empty()) {  // the first shard (Connect runs before the reviver starts)
+    numerics_ = info.numerics();
+    numerics_of_ = addr;
+  } else if (info.numerics() != numerics_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expert shard ", addr, " computes as \"", info.numerics(), "\" but expert shard ",
+        numerics_of_, " computes as \"", numerics_, "\"; a request's output would depend on ",
+        "which of them serves it. Start every expert shard with the same --expert-dtype, ",
+        "--bf16-activations and --device"));
+  }
+  return absl::OkStatus();
 }
 
 void ExpertShardSet::ReviveStatic() {

@@ -18,6 +18,7 @@
 #include "attention_service/remote_experts.h"
 #include "common/mutex.h"
 #include "model/config.h"
+#include "proto/expert_control.pb.h"
 #include "proto/router.pb.h"
 #include "router/member.h"
 #include "transport/transport.h"
@@ -82,10 +83,15 @@ class ExpertShardSet {
   // plane; returns the transport peer.
   absl::StatusOr<int> ConnectStatic(const std::string& addr, std::chrono::milliseconds deadline,
                                     std::vector<std::pair<int64_t, int64_t>>* experts);
+  // FAILED_PRECONDITION when a shard serves another model or computes unlike the first shard.
+  absl::Status CheckAlike(const std::string& addr, const internal::GetInfoReply& info);
   // Static mode's background thread: reconnects failed shards (see SwitchIfChanged).
   void ReviveStatic();
 
   ModelConfig config_;
+  // The first shard's numerics (GetInfoReply.numerics): every other shard must compute alike.
+  // Written by Connect before the reviver starts.
+  std::string numerics_, numerics_of_;
   ShardClientOptions options_;
   std::unique_ptr<transport::ClientTransport> client_;
   std::shared_ptr<PeerHealth> health_ = std::make_shared<PeerHealth>();

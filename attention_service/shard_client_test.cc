@@ -123,6 +123,8 @@ class UcxShard {
     Keys hosted;
     int64_t hidden_size = 0;  // 0: the model's (reported by GetInfo)
     std::string ucx_address;  // empty: the real one (reported by GetInfo)
+    std::string numerics = "experts=f32 device=cpu";
+    std::string model_fingerprint;  // reported as is (empty: not checked)
   };
   explicit UcxShard(const Options& o) : shard_(Config(), LoadStore(o.hosted)) {
     auto server = transport::NewUcxServer();
@@ -141,6 +143,8 @@ class UcxShard {
         static_cast<uint32_t>(o.hidden_size ? o.hidden_size : Config().hidden_size));
     info.set_num_hidden_layers(static_cast<uint32_t>(Config().num_hidden_layers));
     info.set_n_routed_experts(static_cast<uint32_t>(Config().n_routed_experts));
+    info.set_numerics(o.numerics);
+    info.set_model_fingerprint(o.model_fingerprint);
     for (const auto& [l, e] : o.hosted) {
       auto* id = info.add_experts();
       id->set_layer(static_cast<uint32_t>(l));
@@ -336,6 +340,47 @@ TEST(ExpertShardSetStatic, OtherModelShapeIsFailedPreconditionNamingTheShard) {
       set.status().message(),
       absl::StrCat("expert shard ", a.control_address(),
                    " serves a different model shape (hidden_size 128, layers 4, experts 16)"));
+}
+
+// Shards that compute otherwise (another --expert-dtype) would make a request's output depend on
+// which replica serves it: refused, naming both shards and both numerics.
+TEST(ExpertShardSetStatic, ShardsThatComputeUnlikeTheFirstAreFailedPrecondition) {
+  UcxOnLoopback();
+  UcxShard::Options o;
+  o.hosted = ExpertsWhere(Any);
+  o.model_fingerprint = ModelFingerprint(Config());
+  UcxShard a(o);
+  o.numerics = "experts=int8 device=cpu";
+  UcxShard b(o);
+  auto set =
+      ExpertShardSet::Connect(Config(), {a.control_address(), b.control_address()}, F32Options());
+  EXPECT_EQ(set.status().code(), absl::StatusCode::kFailedPrecondition);
+  for (const std::string& part :
+       {absl::StrCat("expert shard ", b.control_address(), " computes as \"experts=int8"),
+        absl::StrCat("expert shard ", a.control_address(), " computes as \"experts=f32"),
+        std::string("--expert-dtype")}) {
+    EXPECT_NE(set.status().message().find(part), absl::string_view::npos) << set.status();
+  }
+  // Alike, they connect.
+  o.numerics = "experts=f32 device=cpu";
+  UcxShard c(o);
+  EXPECT_TRUE(
+      ExpertShardSet::Connect(Config(), {a.control_address(), c.control_address()}, F32Options())
+          .ok());
+}
+
+TEST(ExpertShardSetStatic, AnotherModelIsFailedPrecondition) {
+  UcxOnLoopback();
+  ModelConfig other = Config();
+  other.vocab_size += 1;  // the same MoE shape, another model
+  UcxShard::Options o;
+  o.hosted = ExpertsWhere(Any);
+  o.model_fingerprint = ModelFingerprint(other);
+  UcxShard a(o);
+  auto set = ExpertShardSet::Connect(Config(), {a.control_address()}, F32Options());
+  EXPECT_EQ(set.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(set.status().message().find("config.json differs"), absl::string_view::npos)
+      << set.status();
 }
 
 TEST(ExpertShardSetStatic, UnreachableDataPlaneNamesTheShard) {

@@ -401,8 +401,11 @@ class RouterLink {
 };
 
 // What GetInfo answers besides the hosted experts.
-internal::GetInfoReply Info(const RouterLink::Addresses& a, const ModelConfig& c) {
+internal::GetInfoReply Info(const RouterLink::Addresses& a, const ModelConfig& c,
+                            const std::string& numerics) {
   internal::GetInfoReply info;
+  info.set_model_fingerprint(ModelFingerprint(c));
+  info.set_numerics(numerics);
   info.set_node_id(a.node_id);
   info.set_ucx_address(a.ucx);
   info.set_ucx_worker_address(a.ucx_worker);
@@ -486,7 +489,7 @@ int Main(int argc, char** argv) {
   a.node_id = flags->StringOr("node-id", absl::StrCat("expert-", getpid()));
   a.ucx = *ucx_addr;
   a.ucx_worker = (*ucx)->WorkerAddress();
-  ControlService control(Info(a, *config), &shard, ucx->get(), bytes_read, o->token);
+  ControlService control(Info(a, *config, *numerics), &shard, ucx->get(), bytes_read, o->token);
   spdlog::info("serving {} experts; ucx {}", shard.store()->size(), a.ucx);
   auto grpc_addr =
       svc.Serve(*flags, {&control}, "dmoe.internal.ExpertControl", *metrics_addr,
