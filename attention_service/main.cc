@@ -33,7 +33,10 @@
 #include "common/status_macros.h"
 #include "kernels/cpu/bf16dot.h"
 #include "kernels/cpu/blas_threads.h"
+#include "model/safetensors.h"
+#include "model/weights.h"
 #include "router/member.h"
+#include "transport/wire.h"
 
 namespace dmoe {
 namespace {
@@ -177,20 +180,33 @@ absl::StatusOr<CudaEngineOptions> GpuPool(const ModelConfig& c, const Options& o
   return g;
 }
 
-// With the router: registers this node with how it computes (RegisterRequest.numerics), so that
-// the router refuses attention nodes that would give a request other bits than this one.
-void Register(const Flags& f, LocalModel& model, const Options& o, bool cuda,
-              const std::string& addr) {
+// How this node computes (RegisterRequest.numerics): the held weight dtype, A16, the checkpoint's
+// dtype, the device, the KV cache and wire dtypes.
+absl::StatusOr<std::string> NodeNumerics(const LocalModel& model, const Options& o,
+                                         const LocalModelOptions& lo, bool cuda) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::Open(o.model));
+  ASSIGN_OR_RETURN(TensorInfo t, ck->Info(weight_names::Layer(0, "self_attn.o_proj.weight")));
+  const char* held = cpu::WeightFormatName(model.dense().layers.back().o.format);
+  const bool bf16_wire = lo.shard_client.remote.dtype == wire::WireDType::kBF16;
+  return absl::StrCat(
+      NumericsString("weights", held, cpu::Bf16ActivationsA16(), t.dtype, cuda ? "cuda" : "cpu"),
+      " kv=", cpu::KvDTypeName(o.kv_dtype), " wire=", bf16_wire ? "bf16" : "f32");
+}
+
+// With the router: registers this node with how it computes, so that the router refuses attention
+// nodes that would give a request other bits than this one. The id is unique per host and process
+// (in a pod the process is often PID 1).
+void Register(const Flags& f, const LocalModel& model, ExpertShardSet* shard_set,
+              const std::string& numerics, const std::string& addr) {
+  char host[256] = {};
+  if (gethostname(host, sizeof(host) - 1) != 0) host[0] = '\0';
   internal::RegisterRequest reg;
-  reg.set_node_id(absl::StrCat("attention-", getpid()));
+  reg.set_node_id(absl::StrCat("attention-", host[0] ? host : "host", "-", getpid()));
   reg.set_role(internal::ATTENTION);
   reg.set_grpc_address(router::AdvertisedAddress(addr, f.StringOr("advertise-host", "")));
   reg.set_model_fingerprint(ModelFingerprint(model.config()));
-  const char* held = cpu::WeightFormatName(model.dense().layers.back().o.format);
-  reg.set_numerics(absl::StrCat(
-      NumericsString("weights", held, cpu::Bf16ActivationsA16(), cuda ? "cuda" : "cpu"),
-      " kv=", cpu::KvDTypeName(o.kv_dtype)));
-  model.shard_set()->member()->StartMembership(reg, nullptr, router::ExitOnRefusal);
+  reg.set_numerics(numerics);
+  shard_set->member()->StartMembership(reg, nullptr, router::ExitOnRefusal);
 }
 
 // The flags that take a value.
@@ -258,6 +274,8 @@ int Main(int argc, char** argv) {
   ExpertShardSet* shard_set = model->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
   if (shard_set != nullptr) attention_metrics.SetShardSet(shard_set);
+  auto numerics = NodeNumerics(*model, *o, lo, device->cuda);
+  if (!numerics.ok()) return svc.Fail(numerics.status());
   auto made = MakeNode(dm->get(), *o, *so, &attention_metrics);
   if (!made.ok()) return svc.Fail(made.status());
   AttentionNode& node = **made;
@@ -267,7 +285,7 @@ int Main(int argc, char** argv) {
                         nlohmann::json::object(), true, InternalServerCredentials());
   const absl::Status st = addr.status();
   if (st.ok()) {
-    if (routed) Register(*flags, *model, *o, device->cuda, *addr);
+    if (routed) Register(*flags, *model, shard_set, *numerics, *addr);
     const int sig = svc.WaitForStop();
     spdlog::info("signal {}, draining", sig);
     SetReadiness(svc.server(), "dmoe.internal.AttentionService", false);

@@ -328,7 +328,7 @@ absl::StatusOr<std::string> ShardNumerics(const Options& o, const ModelConfig& c
     break;
   }
   return NumericsString("experts", WeightDTypeName(HeldWeightDType(o.expert_dtype, stored)),
-                        cpu::Bf16ActivationsA16(), cuda ? "cuda" : "cpu");
+                        cpu::Bf16ActivationsA16(), stored, cuda ? "cuda" : "cpu");
 }
 
 // With --router: hosts what the placement says and holds a lease; on stop, leaves without

@@ -101,12 +101,20 @@ bool RouterMember::RegisterOnce() {
   internal::RegisterReply reply;
   const grpc::Status st = stub_->Register(&ctx, req, &reply);
   if (st.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
-    refused_ = true;
+    if (ever_registered_) {
+      // It was in the cluster (the router restarted, or its lease lapsed, and an unlike node
+      // registered first): serving on is safer than dying mid-stream; keep trying.
+      spdlog::error("the router refuses this node now: {} (serving on; retrying)",
+                    st.error_message());
+      return false;
+    }
     spdlog::error("the router refused this node: {}", st.error_message());
     if (on_refused_) on_refused_(st.error_message());
+    refused_ = true;
     return false;
   }
   if (!st.ok()) return false;
+  ever_registered_ = true;
   lease_ms_ = std::max<int64_t>(30, reply.lease_ms());
   last_ok_ns_ = NowNs();
   return true;

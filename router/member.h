@@ -45,9 +45,10 @@ class RouterMember {
   void StartWatch(bool targets, std::function<void(const internal::PlacementUpdate&)> on_update);
   // Registers (retrying until the router answers), then heartbeats every lease / 3 with
   // `ready_version()` (may be null). Registers again when the router has forgotten the node.
-  // When the router refuses the registration for good (FAILED_PRECONDITION: another model, or
-  // numerics unlike the other nodes of the role) the member logs it, stops trying and calls
-  // `on_refused` (may be null) on its thread; processes pass ExitOnRefusal.
+  // When the router refuses the first registration (FAILED_PRECONDITION: another model, or
+  // numerics unlike the other nodes of the role) the member logs it, calls `on_refused` (may be
+  // null) on its thread and stops trying; processes pass ExitOnRefusal. A node refused after it
+  // was registered (a router restart where an unlike node came first) logs it and serves on.
   void StartMembership(internal::RegisterRequest registration,
                        std::function<uint64_t()> ready_version,
                        std::function<void(const std::string& why)> on_refused = nullptr);
@@ -89,6 +90,7 @@ class RouterMember {
   bool beat_now_ ABSL_GUARDED_BY(mu_) = false;
   bool registered_ = false;
   std::atomic<bool> refused_{false};
+  bool ever_registered_ = false;  // the membership thread's
   Mutex watch_mu_;
   grpc::ClientContext* watch_ctx_ ABSL_GUARDED_BY(watch_mu_) = nullptr;
   std::thread watch_thread_, beat_thread_;

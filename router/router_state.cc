@@ -53,7 +53,11 @@ absl::Status RouterState::CheckAlikeLocked(const Node& node) const {
   if (node.role == NodeRole::kGateway) return absl::OkStatus();
   const char* role = node.role == NodeRole::kExpert ? "expert shard" : "attention node";
   for (const auto& [id, other] : nodes_) {
-    if (id == node.id || other.role != node.role || other.numerics == node.numerics) continue;
+    // Empty: a node that does not say (an older build); not compared.
+    if (id == node.id || other.role != node.role || other.numerics == node.numerics ||
+        other.numerics.empty() || node.numerics.empty()) {
+      continue;
+    }
     return absl::FailedPreconditionError(absl::StrCat(
         "numerics: ", role, " ", node.id, " computes as \"", node.numerics, "\" but ", role, " ",
         id, " computes as \"", other.numerics, "\"; a request's output would depend on which of ",

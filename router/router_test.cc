@@ -1,5 +1,6 @@
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -195,6 +196,8 @@ TEST(RouterState, RefusesAnotherModelAndUnlikeNumerics) {
   const absl::Status model = s.Register(d);
   EXPECT_EQ(model.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(model.message().find("model_fingerprint"), absl::string_view::npos) << model;
+  // A node that does not say how it computes (an older build) is not compared.
+  ASSERT_TRUE(s.Register(with(Expert("e", 30), "")).ok());
   // Once every int8 shard is gone, a bf16 shard may start the role afresh.
   clock.now += milliseconds(1500);
   s.ExpireLeases();
@@ -251,6 +254,57 @@ TEST(RouterService, MemberWithUnlikeNumericsIsRefused) {
   EXPECT_EQ(state.nodes().size(), 1u);
   first.Stop();
   second.Stop();
+  server->Shutdown();
+}
+
+// A node that was registered and is refused later (its lease lapsed and an unlike node registered
+// meanwhile, as after a router restart) serves on: no on_refused, and it keeps trying.
+TEST(RouterService, MemberRefusedAfterItWasRegisteredServesOn) {
+  const ModelConfig c = *PresetConfig("tiny");
+  FakeClock clock;
+  Mutex clock_mu;
+  RouterState state(c, milliseconds(300), PlacementOptions(), [&] {
+    MutexLock l(&clock_mu);
+    return clock.now;
+  });
+  RouterServiceImpl service(&state, "");
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&service);
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  MemberOptions mo;
+  mo.router_address = "127.0.0.1:" + std::to_string(port);
+  internal::RegisterRequest r;
+  r.set_node_id("s0");
+  r.set_role(internal::EXPERT);
+  r.set_grpc_address("127.0.0.1:7");
+  r.set_capacity_experts(64);
+  r.set_numerics("experts=int8 device=cpu");
+  std::atomic<bool> called{false};
+  RouterMember member(mo);
+  member.StartMembership(r, nullptr, [&](const std::string&) { called = true; });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (state.nodes().empty() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  ASSERT_EQ(state.nodes().size(), 1u);
+  {
+    MutexLock l(&clock_mu);
+    clock.now += milliseconds(1000);
+  }
+  state.ExpireLeases();
+  Node other = Expert("s1", 64);
+  other.numerics = "experts=f32 device=cpu";
+  ASSERT_TRUE(state.Register(other).ok());
+  // s0's next heartbeats find it gone, register again and are refused: give it a few.
+  std::this_thread::sleep_for(milliseconds(600));
+  EXPECT_FALSE(called);
+  EXPECT_FALSE(member.refused());
+  ASSERT_EQ(state.nodes().size(), 1u);
+  EXPECT_EQ(state.nodes()[0].id, "s1");
+  member.Stop();
   server->Shutdown();
 }
 

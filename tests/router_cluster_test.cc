@@ -266,8 +266,8 @@ TEST_F(RouterCluster, NodesThatComputeOtherwiseAreRefusedAndExit) {
   c.AddShard(48, {"--expert-dtype", "int8"});
   EXPECT_EQ(c.shard(1).Wait(std::chrono::seconds(20)), 2) << c.shard(1).Log();
   const std::string shard_log = c.shard(1).Log();
-  EXPECT_NE(shard_log.find("experts=int8 device=cpu"), std::string::npos) << shard_log;
-  EXPECT_NE(shard_log.find("experts=f32 device=cpu"), std::string::npos) << shard_log;
+  EXPECT_NE(shard_log.find("experts=int8 stored=F32 device=cpu"), std::string::npos) << shard_log;
+  EXPECT_NE(shard_log.find("experts=f32 stored=F32 device=cpu"), std::string::npos) << shard_log;
   c.StartAttention();
   c.AddAttention({"--kv-cache-dtype", "bf16"});
   EXPECT_EQ(c.attention(1).Wait(std::chrono::seconds(20)), 2) << c.attention(1).Log();
