@@ -73,7 +73,7 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
                           distribution); with drafts accepted, each step yields more tokens.
                           The MTP layer's own latent cache comes on top of --kv-cache-mib (one
                           layer's worth: 1/num_hidden_layers of it, plus a few blocks)
-  --bf16-activations      bf16 weights multiply bf16-rounded activations (A16: vdpbf16ps where the
+  --bf16-activations      bf16 and fp8 weights multiply bf16-rounded activations (A16: vdpbf16ps where the
                           CPU has AVX512-BF16, about twice the batched/prefill speed; slightly less
                           exact). Every shard serving the same experts must use the same setting
   --threads N             compute threads: the kernel pool's and OpenBLAS's (default 0 = one per

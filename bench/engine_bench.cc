@@ -287,8 +287,9 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
                         blocks of 16 tokens, as dmoe-attention holds it)
   --steps N             decode steps per measurement (default: 20 at batch 1, 8 beyond; 32 tiny)
   --rounds R            repeat every measurement R times, report medians (default 1)
-  --bf16-activations    bf16 weights multiply bf16-rounded activations (A16, vdpbf16ps where the
-                        CPU has AVX512-BF16; kernels/cpu/bf16dot.h); their rows say bf16a16
+  --bf16-activations    bf16 and fp8 weights multiply bf16-rounded activations (A16, vdpbf16ps
+                        where the CPU has AVX512-BF16; kernels/cpu/bf16dot.h); their rows say
+                        bf16a16 / fp8a16
   --json                one JSON object per measurement on stdout (model, weight_dtype,
                         expert_dtype, kv_dtype, phase decode|prefill, batch, context,
                         tokens_per_s, ms_per_step, read_bw_gbs, limit_fraction); the rest on stderr
@@ -518,8 +519,9 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
     base.read_bw_gbs = read_bw / 1e9;
     const LocalModel& m = **model;
     base.weight_dtype = cpu::WeightFormatName(m.dense().layers.back().o.format);
-    if (base.weight_dtype == std::string("bf16") && cpu::Bf16ActivationsA16()) {
-      base.weight_dtype = "bf16a16";
+    if ((base.weight_dtype == std::string("bf16") || base.weight_dtype == std::string("fp8")) &&
+        cpu::Bf16ActivationsA16()) {
+      base.weight_dtype += "a16";
     }
     const auto keys = m.experts().Keys();
     base.expert_dtype =

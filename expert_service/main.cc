@@ -75,7 +75,7 @@ ready, and drops what it lost once a map without it has been active for --drain-
                        the experts are held
   --drain-ms N         keep lost experts, and on SIGTERM keep serving, N ms after a map without
                        them is active (default 2000)
-  --bf16-activations   bf16 experts multiply bf16-rounded activations (A16: vdpbf16ps where the CPU
+  --bf16-activations   bf16 and fp8 experts multiply bf16-rounded activations (A16: vdpbf16ps where the CPU
                        has AVX512-BF16; kernels/cpu/bf16dot.h). Replicas of an expert must agree:
                        start every shard with the same setting
   --threads N          compute threads: the kernel pool's and OpenBLAS's (default 0 = one per

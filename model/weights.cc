@@ -156,7 +156,7 @@ WeightDType HeldWeightDType(WeightDType requested, DType stored) {
 
 std::string NumericsString(const char* what, const std::string& held, bool bf16_activations,
                            DType stored, const std::string& device) {
-  const bool a16 = held == "bf16" && bf16_activations && device == "cpu";
+  const bool a16 = (held == "bf16" || held == "fp8") && bf16_activations && device == "cpu";
   return absl::StrCat(what, "=", held, a16 ? "+a16" : "", " stored=", DTypeName(stored),
                       " device=", device);
 }

@@ -63,8 +63,8 @@ const char* WeightDTypeName(WeightDType t);
 WeightDType HeldWeightDType(WeightDType requested, DType stored);
 // How a node's products compute, for the router's check that every node of a role computes alike
 // (a request's output must not depend on which of them serves it): `what` ("experts",
-// "weights") = the held dtype's name (+a16 for bf16 with --bf16-activations on the CPU; the GPU
-// always rounds bf16 products' activations), " stored=" the checkpoint's dtype (int8 from bf16
+// "weights") = the held dtype's name (+a16 for bf16 / fp8 with --bf16-activations on the CPU; the
+// GPU always rounds bf16 products' activations), " stored=" the checkpoint's dtype (int8 from bf16
 // and int8 from fp8 differ), " device=" `device`.
 std::string NumericsString(const char* what, const std::string& held, bool bf16_activations,
                            DType stored, const std::string& device);

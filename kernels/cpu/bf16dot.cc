@@ -221,6 +221,153 @@ int Level() {
   return forced < 0 ? CpuLevel() : std::min(forced, CpuLevel());
 }
 
+// ---- packed fp8 (e4m3) weights under A16 ----
+
+// The bf16 bits of an e4m3 code (its exact value; 0x7f / 0xff are +-480): normal codes move the
+// exponent (bias 7 -> 127: + 120 << 7), the 7 subnormals are normalised, +-0 stay.
+uint16_t Fp8ToBf16Bits(uint8_t b) {
+  const uint16_t mag = b & 0x7f, sign = static_cast<uint16_t>((b & 0x80) << 8);
+  if (mag >= 8) return static_cast<uint16_t>(sign | ((mag << 4) + 0x3c00));
+  if (mag == 0) return sign;
+  const int p = mag >= 4 ? 2 : mag >= 2 ? 1 : 0;  // m * 2^-9 = 2^(p - 9) * (m / 2^p)
+  return static_cast<uint16_t>(sign | (118 + p) << 7 | (mag - (1 << p)) << (7 - p));
+}
+
+const uint16_t* Fp8Bf16Table() {
+  static const std::vector<uint16_t> lut = [] {
+    std::vector<uint16_t> v(256);
+    for (int c = 0; c < 256; ++c)
+      v[static_cast<size_t>(c)] = Fp8ToBf16Bits(static_cast<uint8_t>(c));
+    return v;
+  }();
+  return lut.data();
+}
+
+void DecodeFp8Avx512(const uint8_t* q, int64_t n, uint16_t* out);
+
+// The group decoded (exactly) to a packed bf16 group, then each block through the level's A16
+// products, times its scale: below AVX512-BF16, and there for many rows (decoded once, not per
+// tile of 4). Inside the caller's FtzDaz.
+__attribute__((noinline)) void Fp8RowsDecoded(int level, const uint16_t* xb, int64_t t, int64_t ldb,
+                                              const uint8_t* q, int64_t k, const float* srow,
+                                              int64_t block, float* y, int64_t ldy, int64_t o) {
+  thread_local std::vector<uint16_t> g16;
+  thread_local std::vector<float> part, total;
+  g16.resize(static_cast<size_t>(8 * k));
+  part.resize(static_cast<size_t>(8 * t));
+  total.assign(part.size(), 0.0f);
+  if (level >= 2) {
+    DecodeFp8Avx512(q, 8 * k, g16.data());
+  } else {
+    const uint16_t* lut = Fp8Bf16Table();
+    for (int64_t i = 0; i < 8 * k; ++i) g16[static_cast<size_t>(i)] = lut[q[i]];
+  }
+  for (int64_t k0 = 0; k0 < k; k0 += block) {
+    const int64_t kb = std::min(block, k - k0);
+    if (level >= 2) {
+      RowsBf16(xb + k0, t, ldb, g16.data() + k0 * 8, kb, part.data(), 8, 0, 8);
+    } else if (level == 1) {
+      RowsAvx2(xb + k0, t, ldb, g16.data() + k0 * 8, kb, part.data(), 8, 0, 8);
+    } else {
+      RowsPortable(xb + k0, t, ldb, g16.data() + k0 * 8, kb, part.data(), 8, 0, 8);
+    }
+    const float scale = srow[k0 / block];
+    for (int64_t i = 0; i < 8 * t; ++i) {
+      const float p = part[static_cast<size_t>(i)] * scale;
+      total[static_cast<size_t>(i)] = total[static_cast<size_t>(i)] + p;
+    }
+  }
+  for (int64_t m = 0; m < t; ++m) {
+    for (int r = 0; r < 8; ++r) y[m * ldy + o + r] = total[static_cast<size_t>(m * 8 + r)];
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// 32 codes -> 32 bf16 (the bits of Fp8ToBf16Bits), in registers.
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) inline __m512i DecodeFp8x32(
+    const uint8_t* q, __m512i subnormals) {
+  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  const __m512i mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
+  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(0x3c00));
+  const __mmask32 sub = _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8));
+  const __m512i v = _mm512_mask_mov_epi16(normal, sub, _mm512_permutexvar_epi16(mag, subnormals));
+  return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8));
+}
+
+// n codes (a multiple of 32) -> bf16 bits.
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) void DecodeFp8Avx512(const uint8_t* q,
+                                                                                 int64_t n,
+                                                                                 uint16_t* out) {
+  alignas(64) uint16_t table[32] = {};
+  for (int m = 0; m < 8; ++m) table[m] = Fp8ToBf16Bits(static_cast<uint8_t>(m));
+  const __m512i subnormals = _mm512_load_si512(table);
+  for (int64_t i = 0; i < n; i += 32) _mm512_storeu_si512(out + i, DecodeFp8x32(q + i, subnormals));
+}
+
+// TileBf16 over a packed fp8 group decoded in registers, reduced and scaled per block of columns:
+// per block the bits of TileBf16 with k = the block's columns, then total + part * scale.
+template <int T>
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) void TileFp8(
+    const uint16_t* xb, int64_t ldb, const uint8_t* g, int64_t k, const float* srow, int64_t block,
+    const uint16_t* table, float* y, int64_t ldy) {
+  const __m512i subnormals = _mm512_loadu_si512(table);
+  float total[T][8] = {};
+  for (int64_t k0 = 0; k0 < k; k0 += block) {
+    const int64_t b1 = std::min(k, k0 + block) / 8;
+    __m512 acc[T][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < T; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t b = k0 / 8; b < b1; ++b) {
+      const __m512i w0 = DecodeFp8x32(g + 64 * b, subnormals);
+      const __m512i w1 = DecodeFp8x32(g + 64 * b + 32, subnormals);
+#pragma GCC unroll 4
+      for (int m = 0; m < T; ++m) {
+        const __m512i xv = _mm512_broadcast_i32x4(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * ldb + 8 * b)));
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)xv, (__m512bh)w0);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)xv, (__m512bh)w1);
+      }
+    }
+    const float scale = srow[k0 / block];
+    for (int m = 0; m < T; ++m) {
+      for (int h = 0; h < 2; ++h) {
+        alignas(64) float l[16];
+        _mm512_store_ps(l, acc[m][h]);
+        for (int q = 0; q < 4; ++q) {
+          const float p = Reduce4(l + 4 * q) * scale;
+          total[m][4 * h + q] = total[m][4 * h + q] + p;
+        }
+      }
+    }
+  }
+  for (int m = 0; m < T; ++m) {
+    for (int r = 0; r < 8; ++r) y[m * ldy + r] = total[m][r];
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+__attribute__((noinline)) void Fp8RowsBf16(const uint16_t* xb, int64_t t, int64_t ldb,
+                                           const uint8_t* g, int64_t k, const float* srow,
+                                           int64_t block, float* y, int64_t ldy) {
+  static const std::vector<uint16_t> table = [] {
+    std::vector<uint16_t> v(32, 0);  // the 8 subnormal codes' bits, then unused
+    for (int m = 0; m < 8; ++m) v[static_cast<size_t>(m)] = Fp8ToBf16Bits(static_cast<uint8_t>(m));
+    return v;
+  }();
+  const uint16_t* tb = table.data();
+  int64_t m = 0;
+  for (; m + 4 <= t; m += 4) TileFp8<4>(xb + m * ldb, ldb, g, k, srow, block, tb, y + m * ldy, ldy);
+  if (t - m == 3) TileFp8<3>(xb + m * ldb, ldb, g, k, srow, block, tb, y + m * ldy, ldy);
+  if (t - m == 2) TileFp8<2>(xb + m * ldb, ldb, g, k, srow, block, tb, y + m * ldy, ldy);
+  if (t - m == 1) TileFp8<1>(xb + m * ldb, ldb, g, k, srow, block, tb, y + m * ldy, ldy);
+}
+
 }  // namespace
 
 void SetBf16Activations(bool a16) { g_a16 = a16; }
@@ -237,6 +384,24 @@ void Bf16DotRowsPacked(const uint16_t* xb, int64_t t, int64_t ldb, const uint16_
   assert(k % 8 == 0 && o0 % kPackRows == 0 && (o1 - o0) % kPackRows == 0);
   if (t <= 0 || o1 <= o0) return;
   RowsAt(Level(), xb, t, ldb, w, k, y, ldy, o0, o1);
+}
+
+void Fp8DotRowsPackedA16(const uint16_t* xb, int64_t t, int64_t ldb, const uint8_t* q, int64_t k,
+                         const float* scales, int64_t block, float* y, int64_t ldy, int64_t o0,
+                         int64_t o1) {
+  assert(k % 8 == 0 && block % 8 == 0 && o0 % kPackRows == 0 && (o1 - o0) % kPackRows == 0);
+  if (t <= 0 || o1 <= o0) return;
+  const int level = Level();
+  const int64_t nb = (k + block - 1) / block;
+  FtzDaz mode;
+  for (int64_t o = o0; o < o1; o += kPackRows) {
+    const float* srow = scales + (o / block) * nb;  // a group's rows share their scale row
+    if (level >= 2 && t < 16) {
+      Fp8RowsBf16(xb, t, ldb, q + o * k, k, srow, block, y + o, ldy);
+    } else {
+      Fp8RowsDecoded(level, xb, t, ldb, q + o * k, k, srow, block, y, ldy, o);
+    }
+  }
 }
 
 void LinearBf16A16(const float* x, int64_t t, int64_t ldx, const uint16_t* w, int64_t n, int64_t k,

@@ -19,7 +19,8 @@
 namespace dmoe::cpu {
 
 // Whether linear layers over packed bf16 weights use A16 (true) or widen the weights to fp32
-// and keep fp32 activations (false, the default: the fp32 upcast's bits). Process-wide.
+// and keep fp32 activations (false, the default: the fp32 upcast's bits). Packed fp8 weights too
+// (qlinear.cc: each 128-column block decoded exactly to bf16, A16, times its scale). Process-wide.
 void SetBf16Activations(bool a16);
 bool Bf16ActivationsA16();
 
@@ -27,6 +28,16 @@ bool Bf16ActivationsA16();
 // (k a multiple of 8).
 void Bf16DotRowsPacked(const uint16_t* xb, int64_t t, int64_t ldb, const uint16_t* w, int64_t k,
                        float* y, int64_t ldy, int64_t o0, int64_t o1);
+
+// Packed fp8 (e4m3, qlinear.h's packed layout: groups of 8 rows, 8 x 8 byte blocks) under A16:
+// y[m, o] for o in [o0, o1) (multiples of 8) = 0, then for each block b of `block` columns in
+// order: y = y + A16(x[m, b], w[o, b]) * scales[(o / block) * nb + b] (the product rounded, then
+// the sum), where w's codes are their exact bf16 values and A16 is Bf16DotRowsPacked over the
+// block; all of it with flush-to-zero and denormals-are-zero. nb = ceil(k / block); block a
+// multiple of 8 (and of 8 rows: a group's rows share a scale row).
+void Fp8DotRowsPackedA16(const uint16_t* xb, int64_t t, int64_t ldb, const uint8_t* q, int64_t k,
+                         const float* scales, int64_t block, float* y, int64_t ldy, int64_t o0,
+                         int64_t o1);
 
 // y[t, n] = A16 product of x [t, k] (row stride ldx) with packed w [n, k], over the kernel pool.
 void LinearBf16A16(const float* x, int64_t t, int64_t ldx, const uint16_t* w, int64_t n, int64_t k,

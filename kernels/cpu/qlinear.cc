@@ -368,6 +368,26 @@ void Fp8PackedRows(int level, const float* x, int64_t t, int64_t ldx, const Weig
   }
 }
 
+// ---- fp8 under A16 (--bf16-activations): bf16dot.h's Fp8DotRowsPackedA16 over 128-column
+// blocks (an e4m3 value is exact in bf16), the rows of x rounded to bf16 once ----
+
+void LinearFp8A16(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y,
+                  int64_t ldy) {
+  thread_local std::vector<uint16_t> rounded;
+  rounded.resize(static_cast<size_t>(t * w.in));
+  for (int64_t m = 0; m < t; ++m) {
+    FloatToBf16N(x + m * ldx, static_cast<size_t>(w.in), rounded.data() + m * w.in);
+  }
+  const uint16_t* xb =
+      rounded.data();  // (a thread_local named in the lambda would be the worker's)
+  int64_t per = 0;
+  const int64_t chunks = Chunks(w.out, w.in, &per);
+  ThePool().Run(static_cast<int>(chunks), [&](int c) {
+    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+    Fp8DotRowsPackedA16(xb, t, w.in, w.q, w.in, w.scales, kFp8Block, y, ldy, o0, o1);
+  });
+}
+
 void LinearFp8Packed(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y,
                      int64_t ldy) {
   const int level = g_portable.load(std::memory_order_relaxed) ? 0 : GemmIsaLevel();
@@ -593,7 +613,11 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   }
   if (w.format == WeightFormat::kFp8 && w.packed &&
       (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
-    LinearFp8Packed(x, t, ldx, w, y, ldy);
+    if (Bf16ActivationsA16()) {
+      LinearFp8A16(x, t, ldx, w, y, ldy);
+    } else {
+      LinearFp8Packed(x, t, ldx, w, y, ldy);
+    }
     return;
   }
   int64_t per = 0;

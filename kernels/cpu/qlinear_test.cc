@@ -10,6 +10,7 @@
 
 #include "common/dtype.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/bf16dot.h"
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/w8a8.h"
 
@@ -393,6 +394,123 @@ TEST(QLinear, PackedFp8EqualsRowMajorAtEveryIsaLevel) {
   Dequantize(plain, 0, out, d0.data());
   Dequantize(pref, 0, out, d1.data());
   EXPECT_EQ(0, std::memcmp(d0.data(), d1.data(), 4 * d0.size()));
+}
+
+// fp8 under A16: each 128-column block through the bf16 A16 products (LinearBf16A16, tested
+// against its definition in bf16dot_test) of x and the block's weights decoded here by e4m3's
+// definition (exact in bf16), times the block's scale, summed in block order. Bit for bit, at
+// every ISA level of the products and of the decoder, a row alone as in any batch.
+struct Fp8Case {
+  int64_t out, in;
+  std::vector<uint8_t> q, packed;
+  std::vector<float> s;
+  WeightRef ref() const {
+    WeightRef w{WeightFormat::kFp8, nullptr, packed.data(), s.data(), out, in};
+    w.packed = true;
+    return w;
+  }
+};
+
+Fp8Case MakeFp8Case(int64_t out, int64_t in, bool every_code) {
+  Fp8Case c{out, in, {}, std::vector<uint8_t>(static_cast<size_t>(out * in)), {}};
+  std::mt19937 rng(static_cast<unsigned>(out * 3 + in));
+  if (every_code) {  // all 256 codes: subnormals, both zeros, 0x7f / 0xff (+-480)
+    c.q.resize(static_cast<size_t>(out * in));
+    for (int64_t i = 0; i < out * in; ++i)
+      c.q[static_cast<size_t>(i)] = static_cast<uint8_t>(i * 37);
+    std::uniform_real_distribution<float> u(0.25f, 4.0f);
+    c.s.resize(static_cast<size_t>(((out + 127) / 128) * ((in + 127) / 128)));
+    for (float& v : c.s) v = u(rng);
+  } else {
+    std::normal_distribution<float> nd(0, 1);
+    std::vector<float> w(static_cast<size_t>(out * in));
+    for (float& v : w) v = nd(rng);
+    QuantizeFp8Blocks(w.data(), out, in, &c.q, &c.s);
+  }
+  PackRows(WeightFormat::kFp8, c.q.data(), out, in, c.packed.data());
+  return c;
+}
+
+std::vector<float> Fp8A16Reference(const Fp8Case& c, const std::vector<float>& x, int64_t t) {
+  const int64_t nb = (c.in + 127) / 128;
+  std::vector<float> want(static_cast<size_t>(t * c.out), 0.0f);
+  for (int64_t k0 = 0; k0 < c.in; k0 += 128) {
+    const int64_t kb = std::min<int64_t>(128, c.in - k0);
+    std::vector<uint16_t> wb(static_cast<size_t>(c.out * kb)), packed(wb.size());
+    for (int64_t o = 0; o < c.out; ++o) {
+      for (int64_t j = 0; j < kb; ++j) {
+        const double v = Fp8Definition(c.q[static_cast<size_t>(o * c.in + k0 + j)]);
+        wb[static_cast<size_t>(o * kb + j)] = FloatToBf16(static_cast<float>(v));
+        EXPECT_EQ(static_cast<double>(Bf16ToFloat(wb[static_cast<size_t>(o * kb + j)])), v)
+            << "not exact in bf16";
+      }
+    }
+    PackRows(WeightFormat::kBf16, wb.data(), c.out, kb, packed.data());
+    std::vector<float> part(static_cast<size_t>(t * c.out));
+    LinearBf16A16(x.data() + k0, t, c.in, packed.data(), c.out, kb, part.data(), c.out);
+    for (int64_t m = 0; m < t; ++m) {
+      for (int64_t o = 0; o < c.out; ++o) {
+        const float p = part[static_cast<size_t>(m * c.out + o)] *
+                        c.s[static_cast<size_t>((o / 128) * nb + k0 / 128)];
+        float& y = want[static_cast<size_t>(m * c.out + o)];
+        y = y + p;
+      }
+    }
+  }
+  return want;
+}
+
+TEST(QLinear, Fp8A16IsTheBf16A16ProductsOfItsBlocks) {
+  std::vector<Fp8Case> cases;
+  for (auto [out, in] :
+       {std::pair<int64_t, int64_t>{8, 8}, {64, 256}, {136, 200}, {296, 96}, {256, 1024}}) {
+    cases.push_back(MakeFp8Case(out, in, false));
+  }
+  cases.push_back(MakeFp8Case(8, 256, true));
+  cases.push_back(MakeFp8Case(16, 136, true));
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0, 1);
+  const int top_dot = SetBf16DotIsaForTesting(-1), top_gemm = SetGemmIsaForTesting(-1);
+  for (const Fp8Case& c : cases) {
+    std::vector<float> x(static_cast<size_t>(17 * c.in));
+    for (float& v : x) v = nd(rng);
+    std::vector<float> alone;
+    for (int dot = 0; dot <= top_dot; ++dot) {
+      for (int gemm = 0; gemm <= top_gemm; ++gemm) {
+        for (int64_t t : {1, 3, 5, 9, 17}) {
+          SetBf16DotIsaForTesting(-1);
+          const std::vector<float> want = Fp8A16Reference(c, x, t);
+          SetBf16DotIsaForTesting(dot);
+          SetGemmIsaForTesting(gemm);
+          SetBf16Activations(true);
+          std::vector<float> got(static_cast<size_t>(t * c.out));
+          LinearW(x.data(), t, c.ref(), got.data());
+          SetBf16Activations(false);
+          ASSERT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
+              << "out " << c.out << " in " << c.in << " t " << t << " levels " << dot << "/"
+              << gemm;
+          if (t == 1 && dot == 0 && gemm == 0) alone = got;
+          ASSERT_EQ(0, std::memcmp(alone.data(), got.data(), 4 * alone.size()))
+              << "row 0 alone differs from row 0 of " << t;
+        }
+      }
+    }
+    SetBf16DotIsaForTesting(-1);
+    SetGemmIsaForTesting(-1);
+    // Close to the fp32-activation (W8A16) product: the activations' bf16 rounding only.
+    std::vector<float> a16(static_cast<size_t>(17 * c.out)), a32(a16.size());
+    SetBf16Activations(true);
+    LinearW(x.data(), 17, c.ref(), a16.data());
+    SetBf16Activations(false);
+    LinearW(x.data(), 17, c.ref(), a32.data());
+    double e2 = 0, r2 = 0;
+    for (size_t i = 0; i < a16.size(); ++i) {
+      e2 += (a16[i] - a32[i]) * (a16[i] - a32[i]);
+      r2 += a32[i] * a32[i];
+    }
+    EXPECT_LE(std::sqrt(e2 / r2), 1e-2) << "out " << c.out << " in " << c.in;
+    EXPECT_GT(std::sqrt(e2 / r2), 0.0) << "A16 was not taken";
+  }
 }
 
 TEST(QLinear, PortablePathsMatchFloat64Too) {
