@@ -124,6 +124,41 @@ TEST(Bf16Weights, Bf16ActivationsStayCloseAndBatchInvariant) {
   }
 }
 
+// fp8 weights under A16 too (each 128-column block's e4m3 values exactly in bf16, bf16dot.h):
+// close to fp8 with fp32 activations, and a sequence's logits the same bits alone and in a batch.
+TEST(Bf16Weights, Fp8WeightsUnderA16StayCloseAndBatchInvariant) {
+  const std::string dir = WriteBf16Tiny();
+  LocalModelOptions fp8;
+  fp8.weight_dtype = WeightDType::kFp8;
+  fp8.expert_dtype = WeightDType::kFp8;
+  auto m = LocalModel::Load(dir, fp8);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const auto want = StepLogits(**m);
+  cpu::SetBf16Activations(true);
+  const auto got = StepLogits(**m);
+  const auto alone = StepLogits(**m, 1);
+  cpu::SetBf16Activations(false);
+  double diff2 = 0, spread2 = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    double mean = 0;
+    for (float v : want[i]) mean += v;
+    mean /= static_cast<double>(want[i].size());
+    for (size_t j = 0; j < got[i].size(); ++j) {
+      diff2 += (got[i][j] - want[i][j]) * static_cast<double>(got[i][j] - want[i][j]);
+      spread2 += (want[i][j] - mean) * (want[i][j] - mean);
+    }
+  }
+  const double rel = std::sqrt(diff2 / spread2);
+  std::printf("fp8 A16 vs fp8 W8A16: rms(delta logit) / std(logit) = %.4f\n", rel);
+  EXPECT_GT(rel, 0.0);  // A16 was in use
+  EXPECT_LT(rel, 0.02);
+  ASSERT_EQ(alone.size(), 3u);
+  for (size_t step = 0; step < alone.size(); ++step) {
+    EXPECT_EQ(0, std::memcmp(alone[step].data(), got[3 * step].data(), 4 * alone[step].size()))
+        << "step " << step;
+  }
+}
+
 // The control: rounding an fp32 checkpoint to bf16 at load (--weight-dtype bf16) changes the
 // logits, so the comparison above can fail.
 TEST(Bf16Weights, RoundingFp32WeightsToBf16ChangesTheLogits) {
