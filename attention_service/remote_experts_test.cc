@@ -921,6 +921,29 @@ TEST(RemoteRoutedExperts, StoppedReplicaIsHedgedSetAsideAndRevivedByItsLateReply
   EXPECT_EQ(cluster.client().tokens(cluster.peer(1)), 8u);
 }
 
+// A hedge delay longer than the deadline (an inflated p99; here the initial delay) is capped at a
+// quarter of the deadline: a stopped replica's calls are still saved by the other replica.
+TEST(RemoteRoutedExperts, HedgeComesWithinAQuarterOfTheDeadline) {
+  Cluster cluster({ExpertsWhere(Any), ExpertsWhere(Any)});
+  RemoteExpertsOptions o = HedgingOptions();
+  o.deadline = std::chrono::milliseconds(2000);
+  o.hedge.initial = std::chrono::seconds(60);
+  auto remote = cluster.Client(o, std::make_shared<PeerHealth>());
+  cluster.client().SetFault(cluster.peer(0), Fault::kHoldReply);
+  const int64_t layer = MoeLayers()[1];
+  const Batch b = RandomBatch(16, 3000);
+  std::vector<float> out;
+  const auto start = transport::Clock::now();
+  const absl::Status st = RunRemote(remote.get(), b, layer, &out);
+  const auto took = transport::Clock::now() - start;
+  EXPECT_TRUE(st.ok()) << st << " (without the hedge the call fails at its deadline)";
+  EXPECT_EQ(remote->hedged_calls(), 1u);
+  EXPECT_GE(took, std::chrono::milliseconds(500));  // not before a quarter of the deadline
+  EXPECT_TRUE(SameBits(out, RunLocal(b, layer)));
+  cluster.client().SetFault(cluster.peer(0), Fault::kNone);
+  cluster.client().ReleaseHeld();
+}
+
 // Every call hedged at once (threshold 0): each pair's row comes from whichever replica answers
 // first, and the result is the same bits as without hedging (replicas run the same
 // batch-invariant kernels on different batches of tokens).

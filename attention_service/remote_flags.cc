@@ -17,8 +17,8 @@ Remote experts (without these flags every routed expert runs in this process):
   --hedge-factor X        where an expert has another replica, a round trip still unanswered
                           X times its shard's recent p99 round trip after dispatch also goes to
                           that replica; the first answer wins (the same bits either way). A shard
-                          that loses is set aside until its late reply comes.
-                          Default 3; 0 turns hedging off
+                          that loses is set aside until its late reply comes. Never later than a
+                          quarter of --expert-deadline-ms. Default 3; 0 turns hedging off
   --hedge-min-ms N        never hedge sooner than N ms after dispatch (default 2; a shard with
                           fewer than 16 round trips on record is hedged after 50 ms)
   --ucx-connect MODE      listener (default; needs tcp in UCX_TLS) or worker (the shard's worker
