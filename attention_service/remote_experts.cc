@@ -373,16 +373,17 @@ void RemoteRoutedExperts::Post(size_t c, const std::vector<int64_t>& todo) {
   call.posted = transport::Clock::now();
   call.deadline = call.posted + options_.deadline;
   // A set-aside shard is used only where no live replica is left: nowhere to hedge to. A hedge
-  // comes no later than a quarter of the deadline: a p99 inflated by a few slow round trips (a
-  // loaded machine, a long prefill chunk) would otherwise put it past the deadline, where it can
-  // no longer save the call.
+  // comes no later than a quarter of the deadline (nor sooner than the floor): a p99 inflated by a
+  // few slow round trips (a loaded machine, a long prefill chunk) would otherwise put it past the
+  // deadline, where it can no longer save the call.
   const transport::Clock::duration after = state_[static_cast<size_t>(s)] == PeerHealth::kLive
                                                ? health_->HedgeAfter(peer, options_.hedge)
                                                : transport::Clock::duration::max();
-  call.hedge_at =
-      after == transport::Clock::duration::max()
-          ? call.deadline
-          : call.posted + std::min<transport::Clock::duration>(after, options_.deadline / 4);
+  call.hedge_at = after == transport::Clock::duration::max()
+                      ? call.deadline
+                      : call.posted + std::min<transport::Clock::duration>(
+                                          after, std::max<transport::Clock::duration>(
+                                                     options_.deadline / 4, options_.hedge.floor));
   for (int64_t p : call.pairs) ++pair_open_[static_cast<size_t>(p)];
 }
 
