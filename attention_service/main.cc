@@ -274,7 +274,9 @@ int Main(int argc, char** argv) {
   ExpertShardSet* shard_set = model->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
   if (shard_set != nullptr) attention_metrics.SetShardSet(shard_set);
-  auto numerics = NodeNumerics(*model, *o, lo, device->cuda);
+  // Only the router compares it.
+  absl::StatusOr<std::string> numerics =
+      routed ? NodeNumerics(*model, *o, lo, device->cuda) : std::string();
   if (!numerics.ok()) return svc.Fail(numerics.status());
   auto made = MakeNode(dm->get(), *o, *so, &attention_metrics);
   if (!made.ok()) return svc.Fail(made.status());

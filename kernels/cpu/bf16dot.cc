@@ -287,7 +287,8 @@ __attribute__((noinline)) void Fp8RowsDecoded(int level, const uint16_t* xb, int
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-// 32 codes -> 32 bf16 (the bits of Fp8ToBf16Bits), in registers.
+// 32 codes -> 32 bf16 (the bits of Fp8ToBf16Bits), in registers. `subnormals`: the bits of codes
+// 0..31 (Fp8Bf16Table's start); only those below 8 are taken from it.
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) inline __m512i DecodeFp8x32(
     const uint8_t* q, __m512i subnormals) {
   const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
@@ -302,9 +303,7 @@ __attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) inline __m512i Decod
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) void DecodeFp8Avx512(const uint8_t* q,
                                                                                  int64_t n,
                                                                                  uint16_t* out) {
-  alignas(64) uint16_t table[32] = {};
-  for (int m = 0; m < 8; ++m) table[m] = Fp8ToBf16Bits(static_cast<uint8_t>(m));
-  const __m512i subnormals = _mm512_load_si512(table);
+  const __m512i subnormals = _mm512_loadu_si512(Fp8Bf16Table());
   for (int64_t i = 0; i < n; i += 32) _mm512_storeu_si512(out + i, DecodeFp8x32(q + i, subnormals));
 }
 
@@ -355,12 +354,7 @@ __attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) void TileFp8(
 __attribute__((noinline)) void Fp8RowsBf16(const uint16_t* xb, int64_t t, int64_t ldb,
                                            const uint8_t* g, int64_t k, const float* srow,
                                            int64_t block, float* y, int64_t ldy) {
-  static const std::vector<uint16_t> table = [] {
-    std::vector<uint16_t> v(32, 0);  // the 8 subnormal codes' bits, then unused
-    for (int m = 0; m < 8; ++m) v[static_cast<size_t>(m)] = Fp8ToBf16Bits(static_cast<uint8_t>(m));
-    return v;
-  }();
-  const uint16_t* tb = table.data();
+  const uint16_t* tb = Fp8Bf16Table();  // its first 32 codes: TileFp8's lookup table
   int64_t m = 0;
   for (; m + 4 <= t; m += 4) TileFp8<4>(xb + m * ldb, ldb, g, k, srow, block, tb, y + m * ldy, ldy);
   if (t - m == 3) TileFp8<3>(xb + m * ldb, ldb, g, k, srow, block, tb, y + m * ldy, ldy);
