@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cassert>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -12,8 +13,10 @@
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 
-// Compiled with -ffp-contract=off (kernels/cpu/BUILD): the emulations' products and sums must stay
-// separate operations, as in the definition.
+// Compiled with -ffp-contract=off (kernels/cpu/BUILD): the emulations fuse exactly where the
+// definition does (each product into its lane's sum: an explicit fma, as vdpbf16ps computes it,
+// so that a product below the smallest normal float is not flushed before it is added) and
+// nowhere else.
 
 namespace dmoe::cpu {
 namespace {
@@ -49,10 +52,8 @@ __attribute__((noinline)) void RowsPortable(const uint16_t* xb, int64_t t, int64
       for (int64_t b = 0; b < k / 8; ++b) {
         const uint16_t* wb = g + b * kPackRows * 8;
         for (int p = 0; p < 4; ++p) {
-          const float odd = Bf16ToFloat(x[8 * b + 2 * p + 1]) * Bf16ToFloat(wb[2 * p + 1]);
-          acc[p] = acc[p] + odd;
-          const float even = Bf16ToFloat(x[8 * b + 2 * p]) * Bf16ToFloat(wb[2 * p]);
-          acc[p] = acc[p] + even;
+          acc[p] = std::fma(Bf16ToFloat(x[8 * b + 2 * p + 1]), Bf16ToFloat(wb[2 * p + 1]), acc[p]);
+          acc[p] = std::fma(Bf16ToFloat(x[8 * b + 2 * p]), Bf16ToFloat(wb[2 * p]), acc[p]);
         }
       }
       y[m * ldy + o] = Reduce4(acc);
@@ -88,8 +89,8 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const uint16_t* xb, int64_t ld
       const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
 #pragma GCC unroll 2
       for (int m = 0; m < T; ++m) {
-        acc[m][v] = _mm256_add_ps(acc[m][v], _mm256_mul_ps(xo[m], wo));
-        acc[m][v] = _mm256_add_ps(acc[m][v], _mm256_mul_ps(xe[m], we));
+        acc[m][v] = _mm256_fmadd_ps(xo[m], wo, acc[m][v]);
+        acc[m][v] = _mm256_fmadd_ps(xe[m], we, acc[m][v]);
       }
     }
   }

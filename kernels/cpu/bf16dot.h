@@ -5,8 +5,8 @@
 // The definition (every ISA level computes exactly this, all of it with flush-to-zero and
 // denormals-are-zero, as vdpbf16ps does): for output y[m, o], four lanes p = 0..3, each
 //   acc_p = 0; for each block b of 8 columns, in order:
-//     acc_p = acc_p + xb[8b + 2p + 1] * w[o, 8b + 2p + 1]     (the product exact, the sum rounded)
-//     acc_p = acc_p + xb[8b + 2p]     * w[o, 8b + 2p]
+//     acc_p = fma(xb[8b + 2p + 1], w[o, 8b + 2p + 1], acc_p)  (the product exact, even below the
+//     acc_p = fma(xb[8b + 2p],     w[o, 8b + 2p],     acc_p)   smallest normal; one rounding)
 //   y[m, o] = (acc_0 + acc_2) + (acc_1 + acc_3)
 // A row's result depends on its own row, its weight row and K only: batch-invariant, and the same
 // on every CPU (AVX512-BF16, or the AVX2 / portable emulation where it is missing or where the
