@@ -95,6 +95,11 @@ double SgemmGflops(int m, int n, int k, int reps) {
 struct DecodeResult {
   double tokens_per_s;
   double ms_per_step;
+  // With `paired`: after the timed steps, as many again in blocks of kBlockSteps, each block
+  // between two read-bandwidth probes of 256 MiB: (seconds of the block, the mean of its two
+  // probes' bytes/s), in order.
+  std::vector<std::pair<double, double>> paired;
+  EngineTimings timings;  // of the timed steps
 };
 
 // `n` sequences in a paged cache of `kv` (blocks of 16 tokens, as served) with room for `tokens`
@@ -108,10 +113,13 @@ struct PagedCaches {
   std::vector<std::unique_ptr<PagedKvSequence>> seqs;
 };
 
+double ReadBandwidth(int reps, size_t bytes, size_t offset);
+constexpr int kBlockSteps = 8;
+
 DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len,
-                         cpu::KvDType kv = cpu::KvDType::kF32) {
+                         cpu::KvDType kv = cpu::KvDType::kF32, bool paired = false) {
   const ModelConfig& c = engine.config();
-  PagedCaches caches(c, kv, batch, prompt_len + steps + 2);
+  PagedCaches caches(c, kv, batch, prompt_len + (paired ? 2 : 1) * steps + 2);
   std::vector<SequenceStep> b(static_cast<size_t>(batch));
   for (int i = 0; i < batch; ++i) {
     b[static_cast<size_t>(i)].cache = caches.seqs[static_cast<size_t>(i)].get();
@@ -137,7 +145,22 @@ DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len,
     if (!engine.Step(b, &logits).ok()) std::abort();
   }
   const double secs = Seconds(t0, Clock::now());
-  return {batch * steps / secs, 1000.0 * secs / steps};
+  DecodeResult r{batch * steps / secs, 1000.0 * secs / steps, {}, engine.timings()};
+  constexpr size_t kProbe = size_t{256} << 20;
+  double bw = paired ? ReadBandwidth(1, kProbe, 0) : 0;
+  for (int s = 0; paired && s + kBlockSteps <= steps; s += kBlockSteps) {
+    const auto s0 = Clock::now();
+    for (int i = 0; i < kBlockSteps; ++i) {
+      next();
+      if (!engine.Step(b, &logits).ok()) std::abort();
+    }
+    const double secs = Seconds(s0, Clock::now());
+    const double after =
+        ReadBandwidth(1, kProbe, kProbe * static_cast<size_t>(s / kBlockSteps % 4));
+    r.paired.emplace_back(secs, (bw + after) / 2);
+    bw = after;
+  }
+  return r;
 }
 
 // Bytes read per second by every core of the kernel pool at once, each summing its own slice of a
@@ -156,23 +179,24 @@ __attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes)
   return _mm256_extract_epi64(a, 0);
 }
 
-// The best of `reps` reads of 1 GiB by every core (the buffer is made once and kept).
-double ReadBandwidth(int reps = 5) {
+// The best of `reps` reads by every core of `bytes` (default 1 GiB) of a 1 GiB buffer, starting at
+// `offset` (the buffer is made once and kept).
+double ReadBandwidth(int reps = 5, size_t bytes = size_t{1} << 30, size_t offset = 0) {
   constexpr size_t n = size_t{1} << 30;
   static std::vector<uint8_t>* const kept = [] {
     auto* b = new std::vector<uint8_t>(n, 1);
     UseHugePages(b->data(), n);  // as the weights are (model/weights.h): the machine's best
     return b;
   }();
-  const std::vector<uint8_t>& buf = *kept;
+  const uint8_t* const buf = kept->data() + std::min(offset, n - std::min(bytes, n));
   const int parts = cpu::ThePool().size();
-  const size_t per = n / static_cast<size_t>(parts) / 128 * 128;
+  const size_t per = std::min(bytes, n) / static_cast<size_t>(parts) / 128 * 128;
   std::vector<int64_t> sink(static_cast<size_t>(parts));
   double best = 1e30;
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
     cpu::ThePool().Run(parts, [&](int p) {
-      sink[static_cast<size_t>(p)] = SumSlice(buf.data() + per * static_cast<size_t>(p), per);
+      sink[static_cast<size_t>(p)] = SumSlice(buf + per * static_cast<size_t>(p), per);
     });
     best = std::min(best, Seconds(t0, Clock::now()));
   }
@@ -193,6 +217,17 @@ uint64_t StatusBytes(const char* key) {
   return 0;
 }
 void ResetPeakRss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+// A "Key:   N kB" line of /proc/self/smaps_rollup in bytes (AnonHugePages:, Anonymous:); 0 when
+// missing.
+uint64_t SmapsBytes(const char* key) {
+  std::ifstream f("/proc/self/smaps_rollup");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind(key, 0) == 0)
+      return std::strtoull(line.c_str() + std::strlen(key), nullptr, 10) << 10;
+  }
+  return 0;
+}
 
 // One measurement, as printed and as one JSON object (--json).
 struct Measurement {
@@ -240,7 +275,7 @@ DecodeResult BenchPrefill(Engine& engine, int64_t n, cpu::KvDType kv) {
     if (!engine.Step(b, &logits).ok()) std::abort();
     best = std::min(best, Seconds(t0, Clock::now()));
   }
-  return {static_cast<double>(n) / best, 1000.0 * best};
+  return {static_cast<double>(n) / best, 1000.0 * best, {}, {}};
 }
 
 // Bytes of weights one batch-1 decode step reads: everything but the embedding table (one row)
@@ -285,7 +320,7 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
   --prefill N           prefill of N tokens of one sequence in one step (default 512; 0: off)
   --kv-cache-dtype T    the latent KV cache: f32 (default), bf16, int8 or fp8_e4m3 (paged in
                         blocks of 16 tokens, as dmoe-attention holds it)
-  --steps N             decode steps per measurement (default: 20 at batch 1, 8 beyond; 32 tiny)
+  --steps N             decode steps per measurement (default: 48 at batch 1, 8 beyond; 32 tiny)
   --rounds R            repeat every measurement R times, report medians (default 1)
   --bf16-activations    bf16 and fp8 weights multiply bf16-rounded activations (A16, vdpbf16ps
                         where the CPU has AVX512-BF16; kernels/cpu/bf16dot.h); their rows say
@@ -295,10 +330,13 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
                         tokens_per_s, ms_per_step, read_bw_gbs, limit_fraction); the rest on stderr
 The memory-bandwidth limit of a batch-1 decode step: the weight bytes it reads (everything but
 the embedding table and the routed experts, plus top-k experts per MoE layer, as held) and its KV
-cache bytes, over the read bandwidth of all cores measured right before and after each batch-1
-measurement (1 GiB in 2 MiB pages, as the weights are held: DMOE_HUGE_PAGES=0 turns both off;
-read_bw_gbs is that figure on batch-1 rows, the run's first one elsewhere); limit_fraction is the
-step's speed / that limit. Load memory: resident bytes added by the load and its peak (VmHWM).
+cache bytes, over the read bandwidth of all cores. The bandwidth drifts within seconds with the
+neighbours' load, so a batch-1 row's timed steps are followed by as many steps again in blocks of
+8, each block between two 256 MiB reads by all cores (in 2 MiB pages, as the weights are held:
+DMOE_HUGE_PAGES=0 turns both off); limit_fraction is the median over the blocks of their speed /
+the limit at the mean of their two reads' bandwidth, read_bw_gbs the reads' median (other rows:
+a 1 GiB read at start). tokens_per_s and ms_per_step come from the timed steps alone. Load memory: resident bytes added by the load and
+its peak (VmHWM); huge pages: how much of the process's anonymous memory is in 2 MiB pages.
 Opt-in sections (the small preset / the model loaded as stored):
   --kernel-rounds R     batch-invariant vs BLAS kernels, R alternating rounds per batch size
   --distributed N       routed experts on N dmoe-expert processes over UCX vs in-process
@@ -407,34 +445,40 @@ uint64_t CheckpointFileBytes(const std::string& dir) {
 }
 
 // The rows of one model held one way: decode per batch size, batch-1 decode at each depth, prefill.
-void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read_bw) {
+void MeasureModel(LocalModel& m, const Options& o, Measurement base) {
   const ModelConfig& c = m.config();
   const double weight_bytes = BytesPerBatch1Step(m);
   const double kv_bytes_per_token = static_cast<double>(
       cpu::KvRowBytes(o.kv_dtype, c.kv_lora_rank, c.qk_rope_head_dim) * c.num_hidden_layers);
   auto steps_for = [&](int b) {
-    int n = o.steps > 0 ? o.steps : (c.hidden_size >= 512 ? (b == 1 ? 20 : 8) : 32);
+    int n = o.steps > 0 ? o.steps : (c.hidden_size >= 512 ? (b == 1 ? 48 : 8) : 32);
     return n;
   };
   std::vector<std::pair<int, int64_t>> decodes;
   for (int b : o.batches) decodes.emplace_back(b, o.context);
   for (int64_t d : o.depths) decodes.emplace_back(1, d);
   for (auto [b, ctx] : decodes) {
-    const int n =
-        static_cast<int>(std::min<int64_t>(steps_for(b), c.max_position_embeddings - ctx - 2));
+    const int n = static_cast<int>(
+        std::min<int64_t>(steps_for(b), (c.max_position_embeddings - ctx - 2) / (b == 1 ? 2 : 1)));
     if (n <= 0) continue;
-    // Batch 1 is compared with the read bandwidth measured right before and after it (this
-    // machine's bandwidth drifts with its neighbours' load).
-    const double bytes = weight_bytes + kv_bytes_per_token * static_cast<double>(ctx + n / 2);
+    // Batch 1 is compared with the read bandwidth measured around each block of 8 steps of a
+    // second pass (this machine's bandwidth drifts with its neighbours' load, within seconds):
+    // the fraction is the median over the blocks of (bytes / bandwidth) / step time.
     std::vector<double> tps, ms, bws, fractions;
+    DecodeResult last;
     for (int r = 0; r < o.rounds; ++r) {
-      const double bw0 = b == 1 ? ReadBandwidth(3) : read_bw;
-      const DecodeResult d = BenchDecode(m.engine(), b, n, static_cast<int>(ctx), o.kv_dtype);
-      const double bw = b == 1 ? (bw0 + ReadBandwidth(3)) / 2 : read_bw;
+      const DecodeResult d =
+          BenchDecode(m.engine(), b, n, static_cast<int>(ctx), o.kv_dtype, b == 1);
       tps.push_back(d.tokens_per_s);
       ms.push_back(d.ms_per_step);
-      bws.push_back(bw);
-      fractions.push_back(bytes / bw / (d.ms_per_step / 1000.0));
+      last = d;
+      for (size_t i = 0; i < d.paired.size(); ++i) {
+        const double bytes =
+            weight_bytes +
+            kv_bytes_per_token * static_cast<double>(ctx + n + kBlockSteps * i + kBlockSteps / 2);
+        bws.push_back(d.paired[i].second);
+        fractions.push_back(kBlockSteps * bytes / d.paired[i].second / d.paired[i].first);
+      }
     }
     Measurement row = base;
     row.phase = "decode";
@@ -448,7 +492,7 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base, double read
     }
     Emit(row, o.json);
     if (!o.json) {
-      const EngineTimings& t = m.engine().timings();
+      const EngineTimings& t = last.timings;
       const double per = 1000.0 / n;
       std::printf(
           "    ms/step: attention %.2f, dense mlp %.2f, router %.2f, routed experts %.2f, shared "
@@ -531,15 +575,16 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
     std::fprintf(
         info,
         "-- --weight-dtype %s: held %s / experts %s; weights %.1f MiB; load added %.1f MiB "
-        "resident, peak %.1f MiB (peak / resident %.3f)\n",
+        "resident, peak %.1f MiB (peak / resident %.3f); huge pages %.0f of %.0f MiB anonymous\n",
         dt.c_str(), base.weight_dtype.c_str(), base.expert_dtype.c_str(),
         m.weight_bytes() / 1048576.0, (rss - before) / 1048576.0, (peak - before) / 1048576.0,
-        static_cast<double>(peak - before) / std::max<double>(1, rss - before));
+        static_cast<double>(peak - before) / std::max<double>(1, rss - before),
+        SmapsBytes("AnonHugePages:") / 1048576.0, SmapsBytes("Anonymous:") / 1048576.0);
     if (!o.json) {
       std::printf("%-8s %-7s %-6s %-8s %7s %6s %8s %11s %10s %9s\n", "model", "dtype", "expert",
                   "kv", "phase", "batch", "context", "tokens/s", "ms/step", "of limit");
     }
-    MeasureModel(**model, o, base, read_bw);
+    MeasureModel(**model, o, base);
   }
   return 0;
 }
