@@ -9,6 +9,7 @@
 #include <cblas.h>
 #include <fcntl.h>
 #include <immintrin.h>
+#include <malloc.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -549,9 +550,12 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
     LocalModelOptions lo;
     ParseWeightDType(dt, &lo.weight_dtype);
     ParseWeightDType(o.expert_dtype.empty() ? dt : o.expert_dtype, &lo.expert_dtype);
+    malloc_trim(0);  // the previous row's model, freed into the heap, is not counted as this one's
     ResetPeakRss();
     const uint64_t before = StatusBytes("VmRSS:");
+    const auto load_start = Clock::now();
     auto model = LocalModel::Load(dir, lo);
+    const double load_secs = Seconds(load_start, Clock::now());
     if (!model.ok()) {
       std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
       return 1;
@@ -574,10 +578,11 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
             : cpu::WeightFormatName(m.experts().Find(keys[0].first, keys[0].second)->gate.format);
     std::fprintf(
         info,
-        "-- --weight-dtype %s: held %s / experts %s; weights %.1f MiB; load added %.1f MiB "
+        "-- --weight-dtype %s: held %s / experts %s; weights %.1f MiB; load %.1f s added %.1f MiB "
         "resident, peak %.1f MiB (peak / resident %.3f); huge pages %.0f of %.0f MiB anonymous\n",
         dt.c_str(), base.weight_dtype.c_str(), base.expert_dtype.c_str(),
-        m.weight_bytes() / 1048576.0, (rss - before) / 1048576.0, (peak - before) / 1048576.0,
+        m.weight_bytes() / 1048576.0, load_secs, (rss - before) / 1048576.0,
+        (peak - before) / 1048576.0,
         static_cast<double>(peak - before) / std::max<double>(1, rss - before),
         SmapsBytes("AnonHugePages:") / 1048576.0, SmapsBytes("Anonymous:") / 1048576.0);
     if (!o.json) {
