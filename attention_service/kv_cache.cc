@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
+#include "common/huge_pages.h"
 
 namespace dmoe {
 
@@ -46,9 +47,13 @@ LatentKvCache::LatentKvCache(const ModelConfig& c, int64_t block_tokens, int64_t
       dtype_(dtype),
       row_bytes_(cpu::KvRowBytes(dtype, c.kv_lora_rank, c.qk_rope_head_dim)),
       block_bytes_(c.num_hidden_layers * block_tokens * row_bytes_),
-      storage_(host_storage ? static_cast<size_t>(num_blocks * block_bytes_) : 0),
       meta_(static_cast<size_t>(num_blocks)),
       block_tokens_ids_(static_cast<size_t>(num_blocks * block_tokens)) {
+  if (host_storage) {  // in 2 MiB pages: a sequence's blocks of one layer lie a block apart
+    const size_t n = static_cast<size_t>(num_blocks * block_bytes_);
+    ReserveHugePages(&storage_, n);
+    storage_.resize(n);
+  }
   free_.reserve(static_cast<size_t>(num_blocks));
   // Lowest block ids first out.
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));

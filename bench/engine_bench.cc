@@ -96,10 +96,14 @@ double SgemmGflops(int m, int n, int k, int reps) {
 struct DecodeResult {
   double tokens_per_s;
   double ms_per_step;
-  // With `paired`: after the timed steps, as many again in blocks of kBlockSteps, each block
-  // between two read-bandwidth probes of 256 MiB: (seconds of the block, the mean of its two
-  // probes' bytes/s), in order.
-  std::vector<std::pair<double, double>> paired;
+  // With `paired`: after the timed steps, as many again in blocks of up to kBlockSteps, each
+  // block between two read-bandwidth probes of 256 MiB, in order.
+  struct Block {
+    int steps;
+    double secs;
+    double bw;  // the higher of its two probes' bytes/s (a neighbour's burst only lowers one)
+  };
+  std::vector<Block> paired;
   EngineTimings timings;  // of the timed steps
 };
 
@@ -147,26 +151,27 @@ DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len,
   }
   const double secs = Seconds(t0, Clock::now());
   DecodeResult r{batch * steps / secs, 1000.0 * secs / steps, {}, engine.timings()};
-  constexpr size_t kProbe = size_t{256} << 20;
-  double bw = paired ? ReadBandwidth(1, kProbe, 0) : 0;
-  for (int s = 0; paired && s + kBlockSteps <= steps; s += kBlockSteps) {
+  constexpr size_t kProbe = size_t{128} << 20;  // best of 2 reads, each of another eighth
+  double bw = paired ? ReadBandwidth(2, kProbe, 0) : 0;
+  for (int s = 0, block = 1; paired && s < steps; s += kBlockSteps, ++block) {
+    const int n = std::min(kBlockSteps, steps - s);
     const auto s0 = Clock::now();
-    for (int i = 0; i < kBlockSteps; ++i) {
+    for (int i = 0; i < n; ++i) {
       next();
       if (!engine.Step(b, &logits).ok()) std::abort();
     }
-    const double secs = Seconds(s0, Clock::now());
-    const double after =
-        ReadBandwidth(1, kProbe, kProbe * static_cast<size_t>(s / kBlockSteps % 4));
-    r.paired.emplace_back(secs, (bw + after) / 2);
+    const double block_secs = Seconds(s0, Clock::now());
+    // Each probe reads another eighth of the buffer than the one before it.
+    const double after = ReadBandwidth(2, kProbe, kProbe * static_cast<size_t>(block % 8));
+    r.paired.push_back({n, block_secs, std::max(bw, after)});
     bw = after;
   }
   return r;
 }
 
 // Bytes read per second by every core of the kernel pool at once, each summing its own slice of a
-// buffer far larger than the caches (best of 5): the bandwidth a memory-bound decode step can
-// reach on this machine.
+// buffer far larger than the caches: the bandwidth a memory-bound decode step can reach on this
+// machine.
 __attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes) {
   const auto* v = reinterpret_cast<const __m256i*>(p);
   __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
@@ -321,7 +326,8 @@ Measures the in-process engine per weight dtype; prints figures, passes/fails no
   --prefill N           prefill of N tokens of one sequence in one step (default 512; 0: off)
   --kv-cache-dtype T    the latent KV cache: f32 (default), bf16, int8 or fp8_e4m3 (paged in
                         blocks of 16 tokens, as dmoe-attention holds it)
-  --steps N             decode steps per measurement (default: 48 at batch 1, 8 beyond; 32 tiny)
+  --steps N             decode steps per measurement (default: 48 at batch 1, 8 beyond; 32 tiny;
+                        the opt-in sections below keep their own)
   --rounds R            repeat every measurement R times, report medians (default 1)
   --bf16-activations    bf16 and fp8 weights multiply bf16-rounded activations (A16, vdpbf16ps
                         where the CPU has AVX512-BF16; kernels/cpu/bf16dot.h); their rows say
@@ -333,11 +339,14 @@ The memory-bandwidth limit of a batch-1 decode step: the weight bytes it reads (
 the embedding table and the routed experts, plus top-k experts per MoE layer, as held) and its KV
 cache bytes, over the read bandwidth of all cores. The bandwidth drifts within seconds with the
 neighbours' load, so a batch-1 row's timed steps are followed by as many steps again in blocks of
-8, each block between two 256 MiB reads by all cores (in 2 MiB pages, as the weights are held:
-DMOE_HUGE_PAGES=0 turns both off); limit_fraction is the median over the blocks of their speed /
-the limit at the mean of their two reads' bandwidth, read_bw_gbs the reads' median (other rows:
-a 1 GiB read at start). tokens_per_s and ms_per_step come from the timed steps alone. Load memory: resident bytes added by the load and
-its peak (VmHWM); huge pages: how much of the process's anonymous memory is in 2 MiB pages.
+up to 8, each block between two probes (the best of two 128 MiB reads by all cores, in 2 MiB
+pages as the weights are held: DMOE_HUGE_PAGES=0 turns both off); limit_fraction is the median
+over the blocks of their speed / the limit at the higher of their two probes (a neighbour's
+burst lowers a probe, never raises it), read_bw_gbs the median of those (other rows: a 1 GiB
+read at start). tokens_per_s and ms_per_step come from the timed steps alone. Near
+max_position_embeddings a batch-1 row takes half the steps that fit. Load line: seconds, resident
+bytes the load added and its peak (VmHWM), and how much of the anonymous memory it added lies in
+2 MiB pages.
 Opt-in sections (the small preset / the model loaded as stored):
   --kernel-rounds R     batch-invariant vs BLAS kernels, R alternating rounds per batch size
   --distributed N       routed experts on N dmoe-expert processes over UCX vs in-process
@@ -473,12 +482,14 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base) {
       tps.push_back(d.tokens_per_s);
       ms.push_back(d.ms_per_step);
       last = d;
-      for (size_t i = 0; i < d.paired.size(); ++i) {
-        const double bytes =
-            weight_bytes +
-            kv_bytes_per_token * static_cast<double>(ctx + n + kBlockSteps * i + kBlockSteps / 2);
-        bws.push_back(d.paired[i].second);
-        fractions.push_back(kBlockSteps * bytes / d.paired[i].second / d.paired[i].first);
+      // Tokens in the cache during a block: the prompt, the warm-up step, the timed steps, the
+      // blocks before it and half of its own.
+      double at = static_cast<double>(ctx + 1 + n);
+      for (const DecodeResult::Block& k : d.paired) {
+        const double bytes = weight_bytes + kv_bytes_per_token * (at + k.steps / 2.0);
+        at += k.steps;
+        bws.push_back(k.bw);
+        fractions.push_back(k.steps * bytes / k.bw / k.secs);
       }
     }
     Measurement row = base;
@@ -487,7 +498,7 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base) {
     row.context = ctx;
     row.tokens_per_s = Median(tps);
     row.ms_per_step = Median(ms);
-    if (b == 1) {
+    if (!fractions.empty()) {
       row.read_bw_gbs = Median(bws) / 1e9;
       row.limit_fraction = Median(fractions);
     }
@@ -553,6 +564,8 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
     malloc_trim(0);  // the previous row's model, freed into the heap, is not counted as this one's
     ResetPeakRss();
     const uint64_t before = StatusBytes("VmRSS:");
+    const uint64_t huge_before = SmapsBytes("AnonHugePages:"),
+                   anon_before = SmapsBytes("Anonymous:");
     const auto load_start = Clock::now();
     auto model = LocalModel::Load(dir, lo);
     const double load_secs = Seconds(load_start, Clock::now());
@@ -579,12 +592,14 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
     std::fprintf(
         info,
         "-- --weight-dtype %s: held %s / experts %s; weights %.1f MiB; load %.1f s added %.1f MiB "
-        "resident, peak %.1f MiB (peak / resident %.3f); huge pages %.0f of %.0f MiB anonymous\n",
+        "resident, peak %.1f MiB (peak / resident %.3f); in 2 MiB pages %.0f of the %.0f MiB of "
+        "anonymous memory it added\n",
         dt.c_str(), base.weight_dtype.c_str(), base.expert_dtype.c_str(),
         m.weight_bytes() / 1048576.0, load_secs, (rss - before) / 1048576.0,
         (peak - before) / 1048576.0,
         static_cast<double>(peak - before) / std::max<double>(1, rss - before),
-        SmapsBytes("AnonHugePages:") / 1048576.0, SmapsBytes("Anonymous:") / 1048576.0);
+        (static_cast<double>(SmapsBytes("AnonHugePages:")) - huge_before) / 1048576.0,
+        (static_cast<double>(SmapsBytes("Anonymous:")) - anon_before) / 1048576.0);
     if (!o.json) {
       std::printf("%-8s %-7s %-6s %-8s %7s %6s %8s %11s %10s %9s\n", "model", "dtype", "expert",
                   "kv", "phase", "batch", "context", "tokens/s", "ms/step", "of limit");

@@ -9,6 +9,7 @@
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/qlinear.h"
+#include "model/routed_experts.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
 #include "model/weights.h"
@@ -118,6 +119,26 @@ TEST(QuantWeights, BytesHeldFollowTheFormulas) {
     ASSERT_TRUE(m.ok());
     EXPECT_EQ(m->gate.bytes() + m->up.bytes() + m->down.bytes(), want);
   }
+}
+
+// Converting at load goes through an fp32 scratch as large as the largest matrix (lm_head: 0.8 GB
+// for V2-Lite); once a load has returned, none of it stays resident.
+TEST(QuantWeights, ConvertingLoadsLeaveNoScratchBehind) {
+  const ModelConfig c = *PresetConfig("tiny");
+  ASSERT_TRUE(WriteTinyModel(Tmp("scratch"), c, TinyModelOptions()).ok());
+  auto ck = Checkpoint::Open(Tmp("scratch"));
+  ASSERT_TRUE(ck.ok());
+  auto one = LoadExpertWeights(**ck, c, 1, 2, WeightDType::kInt8);  // no release of its own
+  ASSERT_TRUE(one.ok());
+  EXPECT_GT(LoadScratchBytesForTesting(), 0u) << "the conversion went through the scratch";
+  auto dense = LoadDenseWeights(**ck, c, WeightDType::kInt8);
+  ASSERT_TRUE(dense.ok());
+  EXPECT_EQ(0u, LoadScratchBytesForTesting());
+  auto one_more = LoadExpertWeights(**ck, c, 1, 2, WeightDType::kBf16);
+  ASSERT_TRUE(one_more.ok());
+  auto experts = ExpertStore::Load(**ck, c, {{1, 0}, {2, 3}}, WeightDType::kFp8);
+  ASSERT_TRUE(experts.ok());
+  EXPECT_EQ(0u, LoadScratchBytesForTesting());
 }
 
 TEST(QuantWeights, BadScalesAreRejectedNamingTheTensor) {

@@ -14,6 +14,7 @@ namespace dmoe {
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
     const Checkpoint& ck, const ModelConfig& c,
     const std::vector<std::pair<int64_t, int64_t>>& experts, WeightDType dtype) {
+  LoadScratchRelease release;
   auto store = std::make_unique<ExpertStore>();
   for (const auto& key : experts) {
     auto m = LoadExpertWeights(ck, c, key.first, key.second, dtype);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/huge_pages.h"
 #include "kernels/cpu/qlinear.h"
 #include "model/config.h"
 #include "model/safetensors.h"
@@ -118,14 +119,6 @@ std::string Layer(int64_t layer, const std::string& suffix);
 std::string Expert(int64_t layer, int64_t expert, const std::string& proj);  // proj: gate_proj, ...
 }  // namespace weight_names
 
-// Backs [p, p + bytes), widened to whole 2 MiB extents (heap neighbours included: the weights are
-// allocated one after another while loading), with transparent huge pages: madvise MADV_HUGEPAGE,
-// then MADV_COLLAPSE (Linux >= 6.1) so that pages already written are collapsed now rather than
-// whenever khugepaged gets to them. Decode reads every weight once per step and 4 KiB pages cost
-// it about a quarter of the read bandwidth (a TLB miss and a prefetcher restart every 4 KiB).
-// Buffers under 256 KiB are left alone; DMOE_HUGE_PAGES=0 turns it off; errors are ignored
-// (an older kernel or THP "never" only loses the speed).
-void UseHugePages(const void* p, size_t bytes);
 // Every weight matrix of the dense part.
 void UseHugePages(const DenseWeights& w);
 
@@ -134,6 +127,16 @@ void UseHugePages(const DenseWeights& w);
 // router gate stay fp32; the embeddings stay 16/32-bit.
 absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
                                               WeightDType dtype = WeightDType::kAuto);
+// Frees this thread's fp32 conversion scratch when it goes out of scope: a load through
+// LoadDenseWeights or ExpertStore::Load (which hold one) leaves no scratch resident after it.
+struct LoadScratchRelease {
+  LoadScratchRelease() = default;
+  LoadScratchRelease(const LoadScratchRelease&) = delete;
+  LoadScratchRelease& operator=(const LoadScratchRelease&) = delete;
+  ~LoadScratchRelease();
+};
+// Bytes this thread's conversion scratch holds (tests).
+size_t LoadScratchBytesForTesting();
 // One routed expert of one MoE layer.
 absl::StatusOr<MlpWeights> LoadExpertWeights(const Checkpoint& ck, const ModelConfig& c,
                                              int64_t layer, int64_t expert,

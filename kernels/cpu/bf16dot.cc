@@ -181,27 +181,35 @@ void RowsAt(int level, const uint16_t* xb, int64_t t, int64_t ldb, const uint16_
 }
 
 // The CPU's vdpbf16ps against the definition (the portable code) on values that exercise rounding
-// and underflow: the instruction is used only where every bit agrees.
+// and underflow: the instruction is used only where every bit agrees. Two sets: exponents spread
+// wide (tiny and huge operands, products flushed or lost in the sum), and every operand near
+// 2^-64, so that products fall on both sides of the smallest normal float while the lane sums
+// stay normal (a CPU that flushed such products before adding them would differ there).
 bool HardwareMatchesDefinition() {
   constexpr int64_t kT = 3, kK = 64, kN = 16;
-  std::vector<uint16_t> xb(kT * kK), w(kN * kK);
   uint32_t s = 12345;
   auto next = [&s] {
     s = s * 1664525u + 1013904223u;
     return s;
   };
-  for (auto* v : {&xb, &w}) {
-    for (uint16_t& h : *v) {
-      const uint32_t r = next();
-      // sign, an exponent in [1, 254] (tiny and huge ones included), 7 random mantissa bits
-      const uint32_t exp = (r >> 8) % 16 == 0 ? 1 + (r >> 12) % 40 : 100 + (r >> 12) % 40;
-      h = static_cast<uint16_t>(((r & 1u) << 15) | (exp << 7) | ((r >> 1) & 0x7fu));
+  for (const bool tiny : {false, true}) {
+    std::vector<uint16_t> xb(kT * kK), w(kN * kK);
+    for (auto* v : {&xb, &w}) {
+      for (uint16_t& h : *v) {
+        const uint32_t r = next();
+        // sign, a biased exponent, 7 random mantissa bits
+        const uint32_t exp = tiny                 ? 62 + (r >> 12) % 4
+                             : (r >> 8) % 16 == 0 ? 1 + (r >> 12) % 40
+                                                  : 100 + (r >> 12) % 40;
+        h = static_cast<uint16_t>(((r & 1u) << 15) | (exp << 7) | ((r >> 1) & 0x7fu));
+      }
     }
+    std::vector<float> a(kT * kN), b(kT * kN);
+    RowsAt(2, xb.data(), kT, kK, w.data(), kK, a.data(), kN, 0, kN);
+    RowsAt(0, xb.data(), kT, kK, w.data(), kK, b.data(), kN, 0, kN);
+    if (std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) != 0) return false;
   }
-  std::vector<float> a(kT * kN), b(kT * kN);
-  RowsAt(2, xb.data(), kT, kK, w.data(), kK, a.data(), kN, 0, kN);
-  RowsAt(0, xb.data(), kT, kK, w.data(), kK, b.data(), kN, 0, kN);
-  return std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+  return true;
 }
 
 int CpuLevel() {

@@ -1,7 +1,9 @@
 // A16 bf16 products (kernels/cpu/bf16dot.h) against their definition written here from the
 // row-major weights (so packing is checked too), at every ISA level this CPU has (forced), for
 // every shape class of the presets and M from 1 to 512; levels against each other where products
-// underflow; a row alone against the same row in batches; and the error against fp32 activations.
+// are far below a sum's last bit, and against a float64 reference where products are subnormal
+// but sums are not; a row alone against the same row in batches; and the error against fp32
+// activations.
 #include "kernels/cpu/bf16dot.h"
 
 #include <immintrin.h>
@@ -102,8 +104,8 @@ TEST(Bf16Dot, MatchesItsDefinitionAtEveryIsaLevel) {
   SetBf16DotIsaForTesting(-1);
 }
 
-// Products that underflow (flushed to zero by every level, as vdpbf16ps does): the levels give
-// the same bits.
+// Products deep below the smallest normal float (~1e-42) beside normal ones: added exactly, they
+// are far below the sum's last bit; the levels give the same bits.
 TEST(Bf16Dot, LevelsAgreeWhereProductsUnderflow) {
   const int64_t n = 64, k = 256, m = 5;
   Packed w = MakeWeights(n, k, 3);
@@ -151,6 +153,25 @@ TEST(Bf16Dot, LevelsAgreeWhereProductsAreSubnormalButSumsAreNot) {
     }
   }
   ASSERT_GT(subnormal, m * n * k / 4) << "the data must put many products below 2^-126";
+  // The data must tell the two semantics apart: most outputs normal, and most of them not what
+  // flushing each product before adding it gives.
+  int normal = 0, flushed_differs = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t o = 0; o < n; ++o) {
+      float acc[4] = {0, 0, 0, 0};
+      for (int64_t c = 0; c < k; ++c) {
+        const int64_t j = (c & ~int64_t{1}) | (1 - (c & 1));
+        const float p = FlushToZero(Widen(Rne(x[i * k + j])) * Widen(w.rows[o * k + j]));
+        acc[(j % 8) / 2] = FlushToZero(acc[(j % 8) / 2] + p);
+      }
+      const float f = FlushToZero(FlushToZero(acc[0] + acc[2]) + FlushToZero(acc[1] + acc[3]));
+      const float y = want[static_cast<size_t>(i * n + o)];
+      normal += std::fabs(y) >= 0x1p-126f;
+      flushed_differs += std::memcmp(&f, &y, 4) != 0;
+    }
+  }
+  ASSERT_GT(normal, m * n / 2);
+  ASSERT_GT(flushed_differs, m * n / 2);
   for (int level = 0; level <= Bf16DotIsaLevel(); ++level) {
     SetBf16DotIsaForTesting(level);
     std::vector<float> got(want.size());
