@@ -26,6 +26,7 @@
 #include "common/device_flags.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/huge_pages.h"
 #include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/metrics.h"
@@ -235,6 +236,7 @@ std::set<std::string> FlagNames() {
 }
 
 int Main(int argc, char** argv) {
+  ReexecForHugePageMalloc(argv);  // common/huge_pages.h: weights and KV pool in 2 MiB pages
   ServiceMain svc("dmoe-attention");
   auto flags = Flags::Parse(argc - 1, argv + 1, FlagNames(), {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());

@@ -31,6 +31,7 @@
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "bench/shard_process.h"
+#include "common/huge_pages.h"
 #include "kernels/cpu/bf16dot.h"
 #include "kernels/cpu/blas_threads.h"
 #include "kernels/cpu/invariant_gemm.h"
@@ -612,6 +613,7 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
 int OptInSections(const std::string& preset, const std::string& dir, const Options& opt);
 
 int Main(int argc, char** argv) {
+  ReexecForHugePageMalloc(argv);  // as dmoe-expert / dmoe-attention load (common/huge_pages.h)
   Options opt;
   if (const int rc = ParseOptions(argc, argv, &opt); rc != 0) return rc == 1 ? 0 : 2;
   cpu::SetBf16Activations(opt.bf16_activations);

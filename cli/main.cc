@@ -21,6 +21,7 @@
 #include "cli/serve.h"
 #include "common/device_flags.h"
 #include "common/flags.h"
+#include "common/huge_pages.h"
 #include "common/status_macros.h"
 #include "model/tiny_model.h"
 #include "model/tokenizer.h"
@@ -414,6 +415,7 @@ int Tokenize(int argc, char** argv) {
 }  // namespace dmoe::cli
 
 int main(int argc, char** argv) {
+  dmoe::ReexecForHugePageMalloc(argv);  // common/huge_pages.h (the cluster's processes inherit it)
   using namespace dmoe::cli;
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ||
       std::strcmp(argv[1], "help") == 0) {

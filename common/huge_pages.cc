@@ -1,9 +1,12 @@
 #include "common/huge_pages.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 namespace dmoe {
@@ -33,5 +36,37 @@ void AdviseExtents(const void* p, size_t bytes, bool collapse) {
 
 void UseHugePages(const void* p, size_t bytes) { AdviseExtents(p, bytes, true); }
 void AdviseHugePages(const void* p, size_t bytes) { AdviseExtents(p, bytes, false); }
+
+std::string HugePageMallocTunables(const char* tunables, const char* dmoe_huge_pages,
+                                   const std::string& thp_mode) {
+  if (dmoe_huge_pages != nullptr && std::string(dmoe_huge_pages) == "0") return "";
+  if (thp_mode != "always" && thp_mode != "madvise") return "";
+  const std::string now = tunables == nullptr ? "" : tunables;
+  if (now.find("glibc.malloc.hugetlb=") != std::string::npos) return "";
+  return now.empty() ? "glibc.malloc.hugetlb=1" : now + ":glibc.malloc.hugetlb=1";
+}
+
+std::string ThpMode() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  const std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const size_t a = all.find('['), b = all.find(']');
+  return a == std::string::npos || b == std::string::npos || b < a ? ""
+                                                                   : all.substr(a + 1, b - a - 1);
+}
+
+void ReexecForHugePageMalloc(char** argv) {
+  const char* before = std::getenv("GLIBC_TUNABLES");
+  const std::string v = HugePageMallocTunables(before, std::getenv("DMOE_HUGE_PAGES"), ThpMode());
+  if (v.empty() || argv == nullptr || argv[0] == nullptr) return;
+  const std::string saved = before == nullptr ? "" : before;
+  if (setenv("GLIBC_TUNABLES", v.c_str(), 1) != 0) return;
+  execv("/proc/self/exe", argv);
+  // exec failed: go on as we are, with the environment as it was.
+  if (before == nullptr) {
+    unsetenv("GLIBC_TUNABLES");
+  } else {
+    setenv("GLIBC_TUNABLES", saved.c_str(), 1);
+  }
+}
 
 }  // namespace dmoe

@@ -1,10 +1,12 @@
 // AdviseHugePages / ReserveHugePages on a buffer not yet written: its aligned 2 MiB extents fault
 // in as huge pages (read back from /proc/self/smaps), where the same buffer without the advice
-// gets 4 KiB pages under THP "madvise" (the mode that makes the advice matter).
+// gets 4 KiB pages under THP "madvise" (the mode that makes the advice matter). The GLIBC_TUNABLES
+// decision, and a real program re-executed with it: its plain malloc'd memory in 2 MiB pages.
 #include "common/huge_pages.h"
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -14,13 +16,6 @@
 
 namespace dmoe {
 namespace {
-
-std::string ThpMode() {  // the bracketed word of .../transparent_hugepage/enabled
-  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
-  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  const size_t a = all.find('['), b = all.find(']');
-  return a == std::string::npos || b == std::string::npos ? "" : all.substr(a + 1, b - a - 1);
-}
 
 uint64_t VmStat(const std::string& key) {
   std::ifstream f("/proc/vmstat");
@@ -71,6 +66,52 @@ TEST(HugePages, WithoutTheAdviceMadviseModeGives4KiBPages) {
   if (ThpMode() != "madvise") GTEST_SKIP() << "THP mode is " << ThpMode() << ", not madvise";
   std::vector<uint8_t> v(kBytes, 1);
   EXPECT_EQ(0u, HugeBytesIn(v.data(), v.size()));
+}
+
+TEST(HugePages, MallocTunablesAreAddedOnlyWhereTheyHelpAndNotChosenAlready) {
+  EXPECT_EQ("glibc.malloc.hugetlb=1", HugePageMallocTunables(nullptr, nullptr, "madvise"));
+  EXPECT_EQ("glibc.malloc.hugetlb=1", HugePageMallocTunables("", "1", "always"));
+  EXPECT_EQ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+            HugePageMallocTunables("glibc.malloc.arena_max=2", nullptr, "madvise"));
+  EXPECT_EQ("", HugePageMallocTunables("glibc.malloc.hugetlb=0", nullptr, "madvise"));
+  EXPECT_EQ("", HugePageMallocTunables(nullptr, "0", "madvise"));
+  EXPECT_EQ("", HugePageMallocTunables(nullptr, nullptr, "never"));
+  EXPECT_EQ("", HugePageMallocTunables(nullptr, nullptr, ""));
+}
+
+// Runs the probe with `env` prepended; returns its one line.
+std::string RunProbe(const std::string& env) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const std::string bin =
+      std::string(srcdir ? srcdir : ".") + "/dmoe/common/huge_page_malloc_probe";
+  std::FILE* p = popen(("env -u GLIBC_TUNABLES " + env + " " + bin).c_str(), "r");
+  if (p == nullptr) return "";
+  char line[512] = {0};
+  const bool got = std::fgets(line, sizeof(line), p) != nullptr;
+  pclose(p);
+  return got ? line : "";
+}
+
+uint64_t Field(const std::string& line, const std::string& key) {
+  const size_t at = line.find(key + "=");
+  return at == std::string::npos ? 0
+                                 : std::strtoull(line.c_str() + at + key.size() + 1, nullptr, 10);
+}
+
+TEST(HugePages, ProgramsReexecuteThemselvesWithHugePageMalloc) {
+  const std::string mode = ThpMode();
+  if (mode != "madvise" && mode != "always") GTEST_SKIP() << "THP mode is " << mode;
+  const std::string on = RunProbe("");
+  EXPECT_NE(on.find("tunables=glibc.malloc.hugetlb=1 "), std::string::npos) << on;
+  // 64 MiB written through plain malloc: all but its unaligned ends in 2 MiB pages.
+  EXPECT_GE(Field(on, "huge_kib"), 60u << 10) << on;
+  const std::string off = RunProbe("DMOE_HUGE_PAGES=0");
+  EXPECT_NE(off.find("tunables=- "), std::string::npos) << off;
+  if (mode == "madvise") {
+    EXPECT_EQ(0u, Field(off, "huge_kib")) << off;
+  }
+  const std::string chosen = RunProbe("GLIBC_TUNABLES=glibc.malloc.hugetlb=0");
+  EXPECT_NE(chosen.find("tunables=glibc.malloc.hugetlb=0 "), std::string::npos) << chosen;
 }
 
 }  // namespace

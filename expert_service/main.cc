@@ -22,6 +22,7 @@
 #include "common/device_flags.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
+#include "common/huge_pages.h"
 #include "common/internal_tls.h"
 #include "common/logging.h"
 #include "common/metrics.h"
@@ -437,6 +438,7 @@ std::set<std::string> FlagNames() {
 }
 
 int Main(int argc, char** argv) {
+  ReexecForHugePageMalloc(argv);  // common/huge_pages.h: the experts load in 2 MiB pages
   ServiceMain svc("dmoe-expert");
   auto flags = Flags::Parse(argc - 1, argv + 1, FlagNames(), {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
