@@ -415,7 +415,6 @@ int Tokenize(int argc, char** argv) {
 }  // namespace dmoe::cli
 
 int main(int argc, char** argv) {
-  dmoe::ReexecForHugePageMalloc(argv);  // common/huge_pages.h (the cluster's processes inherit it)
   using namespace dmoe::cli;
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ||
       std::strcmp(argv[1], "help") == 0) {
@@ -423,6 +422,9 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const std::string cmd = argv[1];
+  // The subcommands that load weights in this process (common/huge_pages.h); `up` / `serve`
+  // start dmoe-expert and dmoe-attention, which do it themselves (router and gateway do not).
+  if (cmd == "logits" || cmd == "generate") dmoe::ReexecForHugePageMalloc(argv);
   if (cmd == "logits") return Logits(argc - 2, argv + 2);
   if (cmd == "generate") return GenerateCmd(argc - 2, argv + 2);
   if (cmd == "make-tiny-model") return MakeTinyModel(argc - 2, argv + 2);

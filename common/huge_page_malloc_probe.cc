@@ -1,6 +1,7 @@
 // Test helper for huge_pages_test: calls ReexecForHugePageMalloc as the weight-loading programs
 // do, then writes one 64 MiB malloc'd buffer (no madvise of its own) and prints
-//   pid=<pid> tunables=<GLIBC_TUNABLES or -> huge_kib=<AnonHugePages over the buffer>
+//   pid=<pid> tunables=<GLIBC_TUNABLES or -> marker=<the re-exec marker or -> comm=<its name>
+//   huge_kib=<AnonHugePages over the buffer>
 #include <unistd.h>
 
 #include <cstdint>
@@ -31,6 +32,10 @@ int main(int argc, char** argv) {
     }
   }
   const char* t = std::getenv("GLIBC_TUNABLES");
-  std::printf("pid=%d tunables=%s huge_kib=%llu\n", static_cast<int>(getpid()), t ? t : "-", kib);
+  const char* marker = std::getenv("DMOE_REEXECUTED_FOR_HUGE_PAGES");
+  std::string comm;
+  std::getline(std::ifstream("/proc/self/comm"), comm);
+  std::printf("pid=%d tunables=%s marker=%s comm=%s huge_kib=%llu\n", static_cast<int>(getpid()),
+              t ? t : "-", marker ? marker : "-", comm.c_str(), kib);
   return buf[12345] == 1 ? 0 : 1;
 }

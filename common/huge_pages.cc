@@ -1,10 +1,13 @@
 #include "common/huge_pages.h"
 
+#include <sys/auxv.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -40,7 +43,8 @@ void AdviseHugePages(const void* p, size_t bytes) { AdviseExtents(p, bytes, fals
 std::string HugePageMallocTunables(const char* tunables, const char* dmoe_huge_pages,
                                    const std::string& thp_mode) {
   if (dmoe_huge_pages != nullptr && std::string(dmoe_huge_pages) == "0") return "";
-  if (thp_mode != "always" && thp_mode != "madvise") return "";
+  // glibc acts on the tunable in `madvise` mode only (`always` gives huge pages anyway).
+  if (thp_mode != "madvise") return "";
   const std::string now = tunables == nullptr ? "" : tunables;
   if (now.find("glibc.malloc.hugetlb=") != std::string::npos) return "";
   return now.empty() ? "glibc.malloc.hugetlb=1" : now + ":glibc.malloc.hugetlb=1";
@@ -55,13 +59,27 @@ std::string ThpMode() {
 }
 
 void ReexecForHugePageMalloc(char** argv) {
+  constexpr char kMarker[] = "DMOE_REEXECUTED_FOR_HUGE_PAGES";
+  if (argv == nullptr || argv[0] == nullptr) return;
+  if (std::getenv(kMarker) != nullptr) {  // this is the re-executed process: once is enough
+    unsetenv(kMarker);
+    // The kernel named the process after the path exec'd (/proc/self/exe: "exe"); ps, pgrep and
+    // core file names go by this name.
+    const char* slash = std::strrchr(argv[0], '/');
+    prctl(PR_SET_NAME, slash == nullptr ? argv[0] : slash + 1, 0, 0, 0);
+    return;
+  }
+  // Not in secure mode (setuid / file capabilities: glibc drops the tunable there), and not when
+  // the dynamic loader itself is the program (ld.so ./dmoe-expert: /proc/self/exe is ld.so).
+  if (getauxval(AT_SECURE) != 0 || getauxval(AT_BASE) == 0) return;
   const char* before = std::getenv("GLIBC_TUNABLES");
   const std::string v = HugePageMallocTunables(before, std::getenv("DMOE_HUGE_PAGES"), ThpMode());
-  if (v.empty() || argv == nullptr || argv[0] == nullptr) return;
+  if (v.empty()) return;
   const std::string saved = before == nullptr ? "" : before;
-  if (setenv("GLIBC_TUNABLES", v.c_str(), 1) != 0) return;
+  if (setenv("GLIBC_TUNABLES", v.c_str(), 1) != 0 || setenv(kMarker, "1", 1) != 0) return;
   execv("/proc/self/exe", argv);
   // exec failed: go on as we are, with the environment as it was.
+  unsetenv(kMarker);
   if (before == nullptr) {
     unsetenv("GLIBC_TUNABLES");
   } else {

@@ -32,19 +32,24 @@ void ReserveHugePages(std::vector<T>* v, size_t n) {
 }
 
 // glibc's malloc backs its heap and its mmap'd chunks with transparent huge pages when
-// GLIBC_TUNABLES holds glibc.malloc.hugetlb=1 (glibc >= 2.35; read once, at process start): the
-// weights then fault in as 2 MiB pages while they load, where otherwise UseHugePages' collapse
-// copies every 4 KiB page after it (`small` on 2 cores: int8 load 3.8 -> 1.2 s, bf16 3.4 ->
-// 1.5 s, the same pages in the end). The GLIBC_TUNABLES value to run with, or "" when nothing
-// is to change: DMOE_HUGE_PAGES=0, THP mode `never` (or unknown), or a hugetlb setting already
-// there (the operator's choice stands). `tunables` / `dmoe_huge_pages` may be null (unset).
+// GLIBC_TUNABLES holds glibc.malloc.hugetlb=1 (glibc >= 2.35, THP mode `madvise`; read once, at
+// process start): the weights then fault in as 2 MiB pages while they load, where otherwise
+// UseHugePages' collapse copies every 4 KiB page after it (`small` on 2 cores: int8 load 3.8 ->
+// 1.2 s, bf16 3.4 -> 1.5 s, the same pages in the end). The GLIBC_TUNABLES value to run with,
+// or "" when nothing is to change: DMOE_HUGE_PAGES=0, a THP mode other than `madvise`, or a
+// hugetlb setting already there (the operator's choice stands). `tunables` / `dmoe_huge_pages`
+// may be null (unset).
 std::string HugePageMallocTunables(const char* tunables, const char* dmoe_huge_pages,
                                    const std::string& thp_mode);
 // The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled ("" if unreadable).
 std::string ThpMode();
-// Called first in main() of the processes that load weights: re-executes the program (same
-// PID, arguments and environment) with HugePageMallocTunables' GLIBC_TUNABLES when there is
-// one; returns (and the program goes on as it is) when there is none or exec fails.
+// Called first in main() of the processes that load weights: re-executes the program once (same
+// PID, arguments, environment and open files; /proc/self/exe, so a replaced binary on disk does
+// not matter) with HugePageMallocTunables' GLIBC_TUNABLES when there is one, and names the new
+// image after argv[0] again. Returns (the program goes on as it is) when there is none, in
+// secure mode (setuid, file capabilities), when the program was started through ld.so, or when
+// exec fails. Its children inherit the tunable. Under valgrind set DMOE_HUGE_PAGES=0 (the
+// re-executed program would run outside it).
 void ReexecForHugePageMalloc(char** argv);
 
 }  // namespace dmoe

@@ -14,12 +14,14 @@ namespace dmoe {
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
     const Checkpoint& ck, const ModelConfig& c,
     const std::vector<std::pair<int64_t, int64_t>>& experts, WeightDType dtype) {
-  LoadScratchRelease release;
   auto store = std::make_unique<ExpertStore>();
-  for (const auto& key : experts) {
-    auto m = LoadExpertWeights(ck, c, key.first, key.second, dtype);
-    if (!m.ok()) return m.status();
-    store->experts_[key] = std::make_shared<const MlpWeights>(std::move(m).value());
+  {
+    LoadScratchRelease release;  // freed before the collapse below (its peak memory)
+    for (const auto& key : experts) {
+      auto m = LoadExpertWeights(ck, c, key.first, key.second, dtype);
+      if (!m.ok()) return m.status();
+      store->experts_[key] = std::make_shared<const MlpWeights>(std::move(m).value());
+    }
   }
   // After the whole load: the experts' matrices lie side by side on the heap, so the 2 MiB
   // extents around each are (mostly) other experts' weights.

@@ -336,6 +336,7 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
     ASSIGN_OR_RETURN(MtpWeights m, LoadMtp(ck, c, dtype));
     w.mtp = std::make_unique<MtpWeights>(std::move(m));
   }
+  std::vector<float>().swap(t_load_scratch);  // before the collapse (its peak memory)
   UseHugePages(w);
   return w;
 }
