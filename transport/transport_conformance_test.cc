@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <functional>
 #include <iterator>
@@ -306,6 +307,80 @@ TEST_P(TransportConformance, ServerShutDownFailsInFlightRequests) {
   // The transport must notice the server is gone, not wait out the deadline.
   const absl::Status st = client->Wait(*id, Clock::now() + std::chrono::seconds(30), &reply);
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+}
+
+// Starts transport/silent_server (answers nothing); returns its pid and address ({-1, ""} on
+// failure).
+std::pair<pid_t, std::string> StartSilentServer(const std::string& transport) {
+  int out[2];
+  if (pipe(out) != 0) return {-1, ""};
+  const std::string bin = std::string(std::getenv("TEST_SRCDIR")) + "/dmoe/transport/silent_server";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    close(out[0]);
+    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);  // UCX's warnings go to stdout
+    execl(bin.c_str(), bin.c_str(), transport == "ucx_sm" ? "--worker-address" : "", nullptr);
+    _exit(127);
+  }
+  close(out[1]);
+  std::string address;
+  char c;
+  while (read(out[0], &c, 1) == 1 && c != '\n') address += c;
+  close(out[0]);
+  return {pid, address};
+}
+
+// Threads posting on one endpoint while its server process is SIGKILLed: the failed endpoint
+// is closed (by the progress thread) only once no Post is still sending on it. Closing it under
+// a send crashed the attention node (SIGSEGV in ucp_am_send_nbx) when a shard was killed with
+// streams running. Every thread ends with UNAVAILABLE; the process survives. 6 kills.
+TEST_P(TransportConformance, PostsRacingAServerKillNeverUseAClosedEndpoint) {
+  if (GetParam() == "inproc") GTEST_SKIP() << "inproc has no other process";
+  for (int round = 0; round < 6; ++round) {
+    auto [pid, address] = StartSilentServer(GetParam());
+    ASSERT_GT(pid, 0);
+    ASSERT_FALSE(address.empty()) << "the server process printed no address";
+    auto client = pair_.new_client();
+    auto peer = client->Connect(address);
+    ASSERT_TRUE(peer.ok()) << peer.status();
+    std::atomic<int> posted{0}, unavailable{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 3; ++t) {
+      threads.emplace_back([&, t] {
+        std::vector<uint64_t> ids;
+        std::vector<uint8_t> reply;
+        bool failed = false;
+        // Bounded: a killed peer is noticed within ~1 s (sm keepalive), well inside the 30 s.
+        for (const auto until = Clock::now() + std::chrono::seconds(30);
+             !failed && Clock::now() < until;) {
+          auto id = client->Post(*peer, Pattern(64, static_cast<uint8_t>(t)));
+          if (!id.ok()) {
+            failed = id.status().code() == absl::StatusCode::kUnavailable;
+            std::this_thread::yield();  // full: the waits below free slots
+          } else {
+            ids.push_back(*id);
+            ++posted;
+          }
+          if (ids.size() >= 8) {  // nothing answers: each wait ends at its deadline or the failure
+            const absl::Status st = client->Wait(ids.front(), Clock::now(), &reply);
+            ids.erase(ids.begin());
+            (void)st;
+          }
+        }
+        for (uint64_t id : ids) (void)client->Wait(id, Clock::now() + milliseconds(100), &reply);
+        if (failed) ++unavailable;
+      });
+    }
+    while (posted.load() < 200) std::this_thread::yield();
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    for (auto& th : threads) th.join();
+    EXPECT_EQ(3, unavailable.load());
+    auto after = client->Post(*peer, Pattern(64, 9));
+    EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << after.status();
+  }
 }
 
 // The server is another process, SIGKILLed with a request in flight: the client must say

@@ -132,7 +132,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       // Worker addresses are long; messages show a prefix.
       peers_.push_back(Peer{
           handle, absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address,
-          false});
+          false, 0, nullptr});
       result = static_cast<int>(peers_.size() - 1);
     });
     return result;
@@ -146,7 +146,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       if (peer < 0 || peer >= static_cast<int>(peers_.size())) {
         return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
       }
-      const Peer& p = peers_[static_cast<size_t>(peer)];
+      Peer& p = peers_[static_cast<size_t>(peer)];
       if (p.failed || p.ep == nullptr) {
         return absl::UnavailableError(absl::StrCat("peer ", p.address, " has failed"));
       }
@@ -165,6 +165,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       slot->send = std::move(request);
       slot->live.store(slot->id, std::memory_order_release);
       ep = p.ep;
+      ++p.senders;  // `ep` stays open until the send below has returned
     }
     const uint64_t id = slot->id;
     MarkActive();
@@ -179,6 +180,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     // slot, which is not freed before OnSent.
     void* req = ucp_am_send_nbx(ep, kAmRequest, &slot->id, sizeof(slot->id), slot->send.data(),
                                 slot->send.size(), &prm);
+    SendReturned(peer);
     if (req == nullptr) {
       // Sent already (the common case for small messages). Without mu_: until Wait marks the
       // slot waited (after this returns the id) nobody else reads `sending` (MaybeFree stops at
@@ -287,6 +289,11 @@ class UcxClient : public ClientTransport, public UcxWorker {
     ucp_ep_h ep;
     std::string address;
     bool failed;
+    // Posts between reading `ep` and their ucp_am_send_nbx returning. While there are any, a
+    // failed endpoint is not closed (that freed it under a send: SIGSEGV in ucp_am_send_nbx on
+    // the attention node when a shard was killed mid-stream); the last of them closes it.
+    int senders = 0;
+    ucp_ep_h close_pending = nullptr;
   };
   // One request in flight. Freed once its caller has waited and UCX no longer uses its buffers.
   struct Slot {
@@ -414,6 +421,16 @@ class UcxClient : public ClientTransport, public UcxWorker {
     if (req != nullptr) ucp_request_free(req);
   }
 
+  // A Post's send on `peer` has returned: the last one closes an endpoint that failed meanwhile.
+  void SendReturned(int peer) {
+    MutexLock l(&mu_);
+    Peer& p = peers_[static_cast<size_t>(peer)];
+    if (--p.senders > 0 || p.close_pending == nullptr) return;
+    ucp_ep_h ep = p.close_pending;
+    p.close_pending = nullptr;
+    RunAsync([ep] { ForceCloseNoWait(ep); });
+  }
+
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* self = static_cast<UcxClient*>(arg);
     MutexLock l(&self->mu_);
@@ -427,9 +444,14 @@ class UcxClient : public ClientTransport, public UcxWorker {
                                      "peer ", p.address, " failed: ", ucs_status_string(status))));
         }
       }
-      // Close the endpoint from the progress thread, outside this callback.
+      // Close the endpoint from the progress thread, outside this callback, once no Post is
+      // sending on it.
       p.ep = nullptr;
-      self->RunAsync([ep] { ForceCloseNoWait(ep); });
+      if (p.senders > 0) {
+        p.close_pending = ep;
+      } else {
+        self->RunAsync([ep] { ForceCloseNoWait(ep); });
+      }
     }
     self->cv_.SignalAll();
   }
