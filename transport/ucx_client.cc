@@ -57,6 +57,9 @@ class UcxClient : public ClientTransport, public UcxWorker {
           WaitRequest(ForceClose(p.ep));
           p.ep = nullptr;
         }
+        // Only if a Post were still sending, which destruction rules out; closed all the same.
+        if (p.close_pending != nullptr) WaitRequest(ForceClose(p.close_pending));
+        p.close_pending = nullptr;
       }
     });
     StopThread();
@@ -423,12 +426,15 @@ class UcxClient : public ClientTransport, public UcxWorker {
 
   // A Post's send on `peer` has returned: the last one closes an endpoint that failed meanwhile.
   void SendReturned(int peer) {
-    MutexLock l(&mu_);
-    Peer& p = peers_[static_cast<size_t>(peer)];
-    if (--p.senders > 0 || p.close_pending == nullptr) return;
-    ucp_ep_h ep = p.close_pending;
-    p.close_pending = nullptr;
-    RunAsync([ep] { ForceCloseNoWait(ep); });
+    ucp_ep_h ep;
+    {
+      MutexLock l(&mu_);
+      Peer& p = peers_[static_cast<size_t>(peer)];
+      if (--p.senders > 0 || p.close_pending == nullptr) return;
+      ep = p.close_pending;
+      p.close_pending = nullptr;
+    }
+    RunAsync([ep] { ForceCloseNoWait(ep); });  // outside mu_ (older UCX signal the worker locked)
   }
 
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
