@@ -98,7 +98,7 @@ struct DecodeResult {
   double tokens_per_s;
   double ms_per_step;
   // With `paired`: after the timed steps, as many again in blocks of up to kBlockSteps, each
-  // block between two read-bandwidth probes of 256 MiB, in order.
+  // block between two read-bandwidth probes (the best of two 128 MiB reads), in order.
   struct Block {
     int steps;
     double secs;
@@ -192,7 +192,7 @@ double ReadBandwidth(int reps = 5, size_t bytes = size_t{1} << 30, size_t offset
   constexpr size_t n = size_t{1} << 30;
   static std::vector<uint8_t>* const kept = [] {
     auto* b = new std::vector<uint8_t>(n, 1);
-    UseHugePages(b->data(), n);  // as the weights are (model/weights.h): the machine's best
+    UseHugePages(b->data(), n);  // as the weights are (common/huge_pages.h): the machine's best
     return b;
   }();
   const uint8_t* const buf = kept->data() + std::min(offset, n - std::min(bytes, n));

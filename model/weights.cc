@@ -303,7 +303,8 @@ absl::StatusOr<MtpWeights> LoadMtp(const Checkpoint& ck, const ModelConfig& c, W
 
 }  // namespace
 
-LoadScratchRelease::~LoadScratchRelease() { std::vector<float>().swap(t_load_scratch); }
+static void FreeLoadScratch() { std::vector<float>().swap(t_load_scratch); }
+LoadScratchRelease::~LoadScratchRelease() { FreeLoadScratch(); }
 size_t LoadScratchBytesForTesting() { return sizeof(float) * t_load_scratch.capacity(); }
 
 absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
@@ -336,7 +337,7 @@ absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelC
     ASSIGN_OR_RETURN(MtpWeights m, LoadMtp(ck, c, dtype));
     w.mtp = std::make_unique<MtpWeights>(std::move(m));
   }
-  std::vector<float>().swap(t_load_scratch);  // before the collapse (its peak memory)
+  FreeLoadScratch();  // before the collapse (its peak memory); `release` finds it empty
   UseHugePages(w);
   return w;
 }
