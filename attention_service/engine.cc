@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qlinear.h"
 #include "model/kernel_params.h"
@@ -232,7 +233,11 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   }
   const int64_t e = c.n_routed_experts, k = c.num_experts_per_tok;
   mb.router.resize(static_cast<size_t>(n * e));
-  cpu::Linear(mb.x.data(), n, d, lw.gate.w.data(), e, mb.router.data());
+  if (lw.gate.format == cpu::WeightFormat::kBf16) {  // widened exactly: the fp32 upcast's bits
+    cpu::DotRowsBf16(mb.x.data(), n, d, lw.gate.h.data(), e, d, d, mb.router.data(), e);
+  } else {
+    cpu::Linear(mb.x.data(), n, d, lw.gate.w.data(), e, mb.router.data());
+  }
   mb.gate_ids.resize(static_cast<size_t>(n * k));
   mb.gate_w.resize(static_cast<size_t>(n * k));
   cpu::SelectExperts(gate_, mb.router.data(), n, mb.gate_ids.data(), mb.gate_w.data(),
@@ -364,7 +369,11 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   p.v_dim = c.v_head_dim;
   p.latent_rank = r;
   p.softmax_scale = static_cast<float>(c.SoftmaxScale());
-  p.kv_b = lw.kv_b.w.data();
+  if (lw.kv_b.format == cpu::WeightFormat::kBf16) {
+    p.kv_b_bf16 = lw.kv_b.h.data();
+  } else {
+    p.kv_b = lw.kv_b.w.data();
+  }
   rotated_.resize(static_cast<size_t>(dr));
   kv_row_.resize(static_cast<size_t>(lc));
   float* rotated = rotated_.data();

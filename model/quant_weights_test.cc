@@ -88,12 +88,13 @@ TEST(QuantWeights, Fp8CheckpointHoldsTheFp32WeightsWithinFp8Precision) {
           << i;
     }
   }
-  // The dense part: projections stay fp8 under auto; kv_b and the router gate are exact fp32.
+  // The dense part: projections stay fp8 under auto; kv_b (fp8 here) is dequantized to fp32 and
+  // the router gate (bf16 here, as in V3's checkpoints) stays bf16, both read by exact products.
   auto d8 = LoadDenseWeights(**ck8, c);
   ASSERT_TRUE(d8.ok()) << d8.status();
   EXPECT_EQ(d8->layers[1].o.format, cpu::WeightFormat::kFp8);
   EXPECT_EQ(d8->layers[1].kv_b.format, cpu::WeightFormat::kF32);
-  EXPECT_EQ(d8->layers[1].gate.format, cpu::WeightFormat::kF32);
+  EXPECT_EQ(d8->layers[1].gate.format, cpu::WeightFormat::kBf16);
   // And an fp8 checkpoint can be read as int8 or f32 too.
   auto as_int8 = LoadExpertWeights(**ck8, c, 1, 3, WeightDType::kInt8);
   ASSERT_TRUE(as_int8.ok());

@@ -240,10 +240,27 @@ absl::StatusOr<MlpWeights> ReadMlp(const Checkpoint& ck, const std::string& pref
 
 namespace {
 
-// Decoder layer `i` (the MTP layer too: i == num_hidden_layers). `exact`: kv_b and the router.
+// kv_b and the router gate, read by fp32 products (the absorbed attention, the router logits):
+// held as the checkpoint's bf16 (row-major, never packed: the products widen each value exactly,
+// so they give the fp32 upcast's bits from half the bytes), else as fp32; fp32 when `dtype` asks
+// for an fp32 model.
+absl::StatusOr<LinearWeight> ReadExact(const Checkpoint& ck, const std::string& name, int64_t out,
+                                       int64_t in, WeightDType dtype) {
+  ASSIGN_OR_RETURN(TensorInfo info, ck.Info(name));
+  if (info.dtype != DType::kBF16 || dtype == WeightDType::kF32) {
+    return ReadLinear(ck, name, out, in, WeightDType::kF32);
+  }
+  LinearWeight l;
+  l.out = out;
+  l.in = in;
+  l.format = cpu::WeightFormat::kBf16;
+  RETURN_IF_ERROR(ck.ReadBf16Into(name, {out, in}, &l.h));
+  return l;
+}
+
+// Decoder layer `i` (the MTP layer too: i == num_hidden_layers).
 absl::StatusOr<LayerWeights> LoadLayer(const Checkpoint& ck, const ModelConfig& c, int64_t i,
                                        WeightDType dtype) {
-  const WeightDType exact = WeightDType::kF32;
   using weight_names::Layer;
   const int64_t d = c.hidden_size, h = c.num_attention_heads;
   LayerWeights l;
@@ -265,8 +282,8 @@ absl::StatusOr<LayerWeights> LoadLayer(const Checkpoint& ck, const ModelConfig& 
   ASSIGN_OR_RETURN(l.kv_a_norm,
                    ck.ReadFloat(Layer(i, "self_attn.kv_a_layernorm.weight"), {c.kv_lora_rank}));
   ASSIGN_OR_RETURN(l.kv_b,
-                   ReadLinear(ck, Layer(i, "self_attn.kv_b_proj.weight"),
-                              h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, exact));
+                   ReadExact(ck, Layer(i, "self_attn.kv_b_proj.weight"),
+                             h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, dtype));
   ASSIGN_OR_RETURN(l.o,
                    ReadLinear(ck, Layer(i, "self_attn.o_proj.weight"), d, h * c.v_head_dim, dtype));
   l.moe = c.IsMoeLayer(i);
@@ -275,7 +292,7 @@ absl::StatusOr<LayerWeights> LoadLayer(const Checkpoint& ck, const ModelConfig& 
     return l;
   }
   ASSIGN_OR_RETURN(l.gate,
-                   ReadLinear(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d, exact));
+                   ReadExact(ck, Layer(i, "mlp.gate.weight"), c.n_routed_experts, d, dtype));
   if (c.topk_method == TopkMethod::kNoauxTc) {
     ASSIGN_OR_RETURN(l.gate_bias, ck.ReadFloat(Layer(i, "mlp.gate.e_score_correction_bias"),
                                                {c.n_routed_experts}));

@@ -124,7 +124,9 @@ void UseHugePages(const DenseWeights& w);
 
 // `dtype` applies to the projections: q/q_a/q_b, kv_a, o, the dense and shared MLPs, lm_head
 // (and, when bf16 or auto, the embedding table). kv_b (absorbed into the attention) and the
-// router gate stay fp32; the embeddings stay 16/32-bit.
+// router gate are read by fp32 products: held as bf16 (row-major) where the checkpoint stores bf16
+// and `dtype` is not f32 (the products widen it exactly: the fp32 upcast's bits), else fp32; the
+// embeddings stay 16/32-bit.
 absl::StatusOr<DenseWeights> LoadDenseWeights(const Checkpoint& ck, const ModelConfig& c,
                                               WeightDType dtype = WeightDType::kAuto);
 // Frees this thread's fp32 conversion scratch when it goes out of scope: a load through

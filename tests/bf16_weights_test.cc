@@ -62,16 +62,19 @@ TEST(Bf16Weights, HeldAsBf16WithTheLogitsOfTheFp32Upcast) {
   auto f = LocalModel::Load(dir, upcast);
   ASSERT_TRUE(a.ok()) << a.status();
   ASSERT_TRUE(f.ok()) << f.status();
-  // What is held: the projections, experts, embeddings and lm_head in bf16; kv_b and the router
-  // gate in fp32 (they are used as plain fp32 matrices).
+  // What is held: the projections, experts, embeddings and lm_head in bf16, kv_b and the router
+  // gate too (row-major: the fp32 products widen them exactly); all fp32 when f32 is asked for.
   const DenseWeights& d = (*a)->dense();
   EXPECT_EQ(d.embed.format, cpu::WeightFormat::kBf16);
   EXPECT_EQ(d.lm_head.format, cpu::WeightFormat::kBf16);
   EXPECT_EQ(d.layers[1].q_a.format, cpu::WeightFormat::kBf16);
   EXPECT_EQ(d.layers[1].shared.down.format, cpu::WeightFormat::kBf16);
-  EXPECT_EQ(d.layers[1].kv_b.format, cpu::WeightFormat::kF32);
-  EXPECT_EQ(d.layers[1].gate.format, cpu::WeightFormat::kF32);
+  EXPECT_EQ(d.layers[1].kv_b.format, cpu::WeightFormat::kBf16);
+  EXPECT_FALSE(d.layers[1].kv_b.packed);
+  EXPECT_EQ(d.layers[1].gate.format, cpu::WeightFormat::kBf16);
   EXPECT_EQ((*f)->dense().lm_head.format, cpu::WeightFormat::kF32);
+  EXPECT_EQ((*f)->dense().layers[1].kv_b.format, cpu::WeightFormat::kF32);
+  EXPECT_EQ((*f)->dense().layers[1].gate.format, cpu::WeightFormat::kF32);
   EXPECT_EQ(2 * (*a)->experts().bytes(), (*f)->experts().bytes());
   EXPECT_LT(static_cast<double>((*a)->weight_bytes()), 0.6 * (*f)->weight_bytes());
 

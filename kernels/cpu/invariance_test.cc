@@ -122,6 +122,34 @@ TEST(Invariance, AxpyRowsRowAloneEqualsRowInAnyBatchAndKSplits) {
   SetGemmIsaForTesting(-1);
 }
 
+// AxpyRowsBf16 (MLA's W_UK held bf16) gives exactly AxpyRows' bits on the fp32 upcast, at
+// every ISA level (the 64- and 16-column AVX-512 tiles, AVX2's 32 and 8, the scalar tail), M from
+// 1 to 64, accumulating or not.
+TEST(Invariance, AxpyRowsBf16EqualsItsFp32UpcastAtEveryIsaLevel) {
+  for (int level : {0, 1, 2}) {
+    const int used = SetGemmIsaForTesting(level);
+    for (auto [k, n] : {std::pair<int64_t, int64_t>{45, 77}, {16, 141}, {128, 512}, {3, 256}}) {
+      const auto wf = Random(static_cast<size_t>(k * n), 21);
+      std::vector<uint16_t> h(wf.size());
+      FloatToBf16N(wf.data(), wf.size(), h.data());
+      std::vector<float> up(wf.size());
+      Bf16ToFloatN(h.data(), h.size(), up.data());
+      for (int64_t m : {1, 2, 3, 5, 64}) {
+        const auto x = Random(static_cast<size_t>(m * k), static_cast<uint32_t>(30 + m));
+        for (bool acc : {false, true}) {
+          auto want = Random(static_cast<size_t>(m * n), 7);
+          auto got = want;
+          AxpyRows(x.data(), m, k, up.data(), k, n, n, want.data(), n, acc);
+          AxpyRowsBf16(x.data(), m, k, h.data(), k, n, n, got.data(), n, acc);
+          ASSERT_TRUE(SameBits(want.data(), got.data(), want.size()))
+              << "level " << used << " k " << k << " n " << n << " m " << m << " acc " << acc;
+        }
+      }
+    }
+  }
+  SetGemmIsaForTesting(-1);
+}
+
 // bf16 weights held as bf16 give exactly the bits of their fp32 upcast through DotRows (the
 // kernel widens them in registers): every shape class (tails of k, of n, tiles of 1..3 rows),
 // M from 1 to 512, AVX2 and portable, in the invariant mode and through LinearW.

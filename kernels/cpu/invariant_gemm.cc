@@ -74,15 +74,20 @@ void DotRowsPortable(const float* x, int64_t m, int64_t ldx, const typename W::T
   }
 }
 
-void AxpyRowsPortable(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k,
-                      int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy, bool accumulate) {
+// A weight element widened exactly to fp32 (AxpyRows' fp32 and bf16 weights).
+inline float WeightAt(const float* p) { return *p; }
+inline float WeightAt(const uint16_t* p) { return Bf16ToFloat(*p); }
+
+template <typename WT>
+void AxpyRowsPortable(const float* x, int64_t m, int64_t ldx, const WT* w, int64_t k, int64_t ldw,
+                      int64_t n0, int64_t n1, float* y, int64_t ldy, bool accumulate) {
   for (int64_t i = 0; i < m; ++i) {
     float* yi = y + i * ldy;
     if (!accumulate) std::fill(yi + n0, yi + n1, 0.0f);
     for (int64_t kk = 0; kk < k; ++kk) {
       const float a = x[i * ldx + kk];
-      const float* wk = w + kk * ldw;
-      for (int64_t o = n0; o < n1; ++o) yi[o] = std::fma(a, wk[o], yi[o]);
+      const WT* wk = w + kk * ldw;
+      for (int64_t o = n0; o < n1; ++o) yi[o] = std::fma(a, WeightAt(wk + o), yi[o]);
     }
   }
 }
@@ -157,8 +162,8 @@ void DotRowsAvx2(const float* x, int64_t m, int64_t ldx, const typename W::T* w,
 }
 
 // T rows of y, V vectors of 8 columns: acc[m][v] = fma(x[m, kk], w[kk, cols], acc) over kk.
-template <int T, int V>
-__attribute__((target("avx2,fma"))) void AxpyTile(const float* x, int64_t ldx, const float* w,
+template <int T, int V, typename WT>
+__attribute__((target("avx2,fma"))) void AxpyTile(const float* x, int64_t ldx, const WT* w,
                                                   int64_t k, int64_t ldw, float* y, int64_t ldy,
                                                   bool accumulate) {
   __m256 acc[T][V];
@@ -170,7 +175,7 @@ __attribute__((target("avx2,fma"))) void AxpyTile(const float* x, int64_t ldx, c
   for (int64_t kk = 0; kk < k; ++kk) {
     __m256 wv[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(w + kk * ldw + 8 * v);
+    for (int v = 0; v < V; ++v) wv[v] = Load8(w + kk * ldw + 8 * v);
 #pragma GCC unroll 4
     for (int m = 0; m < T; ++m) {
       const __m256 a = _mm256_broadcast_ss(x + m * ldx + kk);
@@ -182,9 +187,9 @@ __attribute__((target("avx2,fma"))) void AxpyTile(const float* x, int64_t ldx, c
     for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + m * ldy + 8 * v, acc[m][v]);
 }
 
-template <int V>
+template <int V, typename WT>
 __attribute__((target("avx2,fma"))) void AxpyRowsOfCols(const float* x, int64_t m, int64_t ldx,
-                                                        const float* w, int64_t k, int64_t ldw,
+                                                        const WT* w, int64_t k, int64_t ldw,
                                                         float* y, int64_t ldy, bool accumulate) {
   int64_t i = 0;
   for (; i + 3 <= m; i += 3)
@@ -193,8 +198,9 @@ __attribute__((target("avx2,fma"))) void AxpyRowsOfCols(const float* x, int64_t 
   if (m - i == 1) AxpyTile<1, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
 }
 
+template <typename WT>
 __attribute__((target("avx2,fma"))) void AxpyRowsAvx2(const float* x, int64_t m, int64_t ldx,
-                                                      const float* w, int64_t k, int64_t ldw,
+                                                      const WT* w, int64_t k, int64_t ldw,
                                                       int64_t n0, int64_t n1, float* y, int64_t ldy,
                                                       bool accumulate) {
   int64_t o = n0;
@@ -206,7 +212,7 @@ __attribute__((target("avx2,fma"))) void AxpyRowsAvx2(const float* x, int64_t m,
       for (int64_t c = o; c < n1; ++c) {
         float acc = accumulate ? yi[c] : 0.0f;
         for (int64_t kk = 0; kk < k; ++kk)
-          acc = __builtin_fmaf(x[i * ldx + kk], w[kk * ldw + c], acc);
+          acc = __builtin_fmaf(x[i * ldx + kk], WeightAt(w + kk * ldw + c), acc);
         yi[c] = acc;
       }
     }
@@ -215,8 +221,22 @@ __attribute__((target("avx2,fma"))) void AxpyRowsAvx2(const float* x, int64_t m,
 
 // AVX-512: T rows of y, V vectors of 16 columns, the same per-element chains (AVX2's 3 x 4
 // tile needs 17 registers of 16 and spills; this one keeps 4 x 64 outputs in 16 of 32).
-template <int T, int V>
-__attribute__((target("avx512f,fma"))) void AxpyTile512(const float* x, int64_t ldx, const float* w,
+// GCC 12 reports the intrinsics' own _mm512_undefined_* as uninitialized (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+__attribute__((target("avx512f,fma"))) inline __m512 Load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f,fma"))) inline __m512 Load16(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+template <int T, int V, typename WT>
+__attribute__((target("avx512f,fma"))) void AxpyTile512(const float* x, int64_t ldx, const WT* w,
                                                         int64_t k, int64_t ldw, float* y,
                                                         int64_t ldy, bool accumulate) {
   __m512 acc[T][V];
@@ -228,7 +248,7 @@ __attribute__((target("avx512f,fma"))) void AxpyTile512(const float* x, int64_t 
   for (int64_t kk = 0; kk < k; ++kk) {
     __m512 wv[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(w + kk * ldw + 16 * v);
+    for (int v = 0; v < V; ++v) wv[v] = Load16(w + kk * ldw + 16 * v);
 #pragma GCC unroll 4
     for (int m = 0; m < T; ++m) {
       const __m512 a = _mm512_set1_ps(x[m * ldx + kk]);
@@ -240,11 +260,11 @@ __attribute__((target("avx512f,fma"))) void AxpyTile512(const float* x, int64_t 
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + m * ldy + 16 * v, acc[m][v]);
 }
 
-template <int V>
+template <int V, typename WT>
 __attribute__((target("avx512f,fma"))) void AxpyRowsOfCols512(const float* x, int64_t m,
-                                                              int64_t ldx, const float* w,
-                                                              int64_t k, int64_t ldw, float* y,
-                                                              int64_t ldy, bool accumulate) {
+                                                              int64_t ldx, const WT* w, int64_t k,
+                                                              int64_t ldw, float* y, int64_t ldy,
+                                                              bool accumulate) {
   int64_t i = 0;
   for (; i + 4 <= m; i += 4)
     AxpyTile512<4, V>(x + i * ldx, ldx, w, k, ldw, y + i * ldy, ldy, accumulate);
@@ -254,8 +274,9 @@ __attribute__((target("avx512f,fma"))) void AxpyRowsOfCols512(const float* x, in
 }
 
 // Columns in blocks of 64, then 16; what is left (< 16 columns) through the AVX2 path.
+template <typename WT>
 __attribute__((target("avx512f,fma"))) void AxpyRowsAvx512(const float* x, int64_t m, int64_t ldx,
-                                                           const float* w, int64_t k, int64_t ldw,
+                                                           const WT* w, int64_t k, int64_t ldw,
                                                            int64_t n0, int64_t n1, float* y,
                                                            int64_t ldy, bool accumulate) {
   int64_t o = n0;
@@ -265,6 +286,8 @@ __attribute__((target("avx512f,fma"))) void AxpyRowsAvx512(const float* x, int64
     AxpyRowsOfCols512<1>(x, m, ldx, w + o, k, ldw, y + o, ldy, accumulate);
   if (o < n1) AxpyRowsAvx2(x, m, ldx, w, k, ldw, o, n1, y, ldy, accumulate);
 }
+
+#pragma GCC diagnostic pop
 
 __attribute__((target("avx2,fma"))) void FmaRowAvx2(int64_t n, float a, const float* x, float* y) {
   const __m256 av = _mm256_set1_ps(a);
@@ -478,8 +501,11 @@ void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w
   }
 }
 
-void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,
-              int64_t n, float* y, int64_t ldy, bool accumulate) {
+namespace {
+
+template <typename WT>
+void AxpyRowsT(const float* x, int64_t m, int64_t ldx, const WT* w, int64_t k, int64_t ldw,
+               int64_t n, float* y, int64_t ldy, bool accumulate) {
   if (m <= 0 || n <= 0) return;
   const int level = GemmLevel();
   int64_t per = 0;
@@ -499,6 +525,18 @@ void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k,
   } else {
     ThePool().Run(static_cast<int>(chunks), run);
   }
+}
+
+}  // namespace
+
+void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,
+              int64_t n, float* y, int64_t ldy, bool accumulate) {
+  AxpyRowsT(x, m, ldx, w, k, ldw, n, y, ldy, accumulate);
+}
+
+void AxpyRowsBf16(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t k, int64_t ldw,
+                  int64_t n, float* y, int64_t ldy, bool accumulate) {
+  AxpyRowsT(x, m, ldx, w, k, ldw, n, y, ldy, accumulate);
 }
 
 void FmaRow(int64_t n, float a, const float* x, float* y) {

@@ -49,6 +49,12 @@ void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w
 void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,
               int64_t n, float* y, int64_t ldy, bool accumulate);
 
+// AxpyRows over bf16 weights (w: bf16 bits, [K, N] row-major, ldw in elements): each weight is
+// widened exactly to fp32 and the chains are AxpyRows', so y is bit-identical to AxpyRows on the
+// fp32 upcast of w (MLA's W_UK held as the checkpoint's bf16).
+void AxpyRowsBf16(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t k, int64_t ldw,
+                  int64_t n, float* y, int64_t ldy, bool accumulate);
+
 // y[i] = fma(a, x[i], y[i]) for i < n (the fixed combine step of routed expert outputs).
 void FmaRow(int64_t n, float a, const float* x, float* y);
 

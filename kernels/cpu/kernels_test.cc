@@ -1,7 +1,9 @@
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/gating.h"
 #include "kernels/cpu/mla.h"
@@ -222,6 +224,49 @@ TEST(Mla, AbsorbedEqualsNaiveContiguousAndPaged) {
     EXPECT_NEAR(a[i], c[i], 1e-5) << i;
     EXPECT_NEAR(a[i], d[i], 1e-4) << i;
   }
+}
+
+// kv_b held as bf16 bits (as a bf16 checkpoint stores it) gives exactly the outputs of its fp32
+// upcast in every form: naive, absorbed (invariant spans and BLAS), batched decode.
+TEST(Mla, Bf16KvBGivesTheBitsOfItsFp32Upcast) {
+  MlaParams p;
+  const int64_t h = 4, dn = 16, dr = 8, dv = 16, r = 64, lc = r + dr, ctx = 300, t = 3;
+  p.num_heads = h;
+  p.nope_dim = dn;
+  p.rope_dim = dr;
+  p.v_dim = dv;
+  p.latent_rank = r;
+  p.softmax_scale = 0.2f;
+  const auto wf = Random(h * (dn + dv) * r, 17);
+  std::vector<uint16_t> kv_b_bf16(wf.size());
+  FloatToBf16N(wf.data(), wf.size(), kv_b_bf16.data());
+  std::vector<float> up(wf.size());
+  Bf16ToFloatN(kv_b_bf16.data(), up.size(), up.data());
+  MlaParams pb = p;
+  p.kv_b = up.data();
+  pb.kv_b_bf16 = kv_b_bf16.data();
+  const auto cache = Random(ctx * lc, 18);
+  const auto q = Random(t * h * (dn + dr), 19);
+  const float* whole = cache.data();
+  const LatentRows rows{&whole, 1 << 20};
+  const int64_t ctxs[t] = {ctx, ctx - 100, 1};
+  const LatentRows caches[t] = {rows, rows, rows};
+  for (KernelMode mode : {KernelMode::kInvariant, KernelMode::kBlas}) {
+    SetKernelMode(mode);
+    std::vector<float> want(t * h * dv), got(want.size()), scratch;
+    MlaAttentionNaive(p, q.data(), t, rows, ctx, ctx - t, want.data(), &scratch);
+    MlaAttentionNaive(pb, q.data(), t, rows, ctx, ctx - t, got.data(), &scratch);
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "naive";
+    MlaAttentionAbsorbed(p, q.data(), t, rows, ctx, ctx - t, want.data(), &scratch);
+    MlaAttentionAbsorbed(pb, q.data(), t, rows, ctx, ctx - t, got.data(), &scratch);
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
+        << "absorbed " << KernelModeName(mode);
+    MlaDecodeAbsorbedBatch(p, q.data(), t, caches, ctxs, want.data(), &scratch);
+    MlaDecodeAbsorbedBatch(pb, q.data(), t, caches, ctxs, got.data(), &scratch);
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
+        << "batched decode " << KernelModeName(mode);
+  }
+  SetKernelMode(KernelMode::kInvariant);
 }
 
 // The absorbed form against MLA computed in double from its definition (k_nope and v expanded

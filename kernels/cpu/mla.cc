@@ -18,6 +18,17 @@ namespace {
 
 int I(int64_t v) { return static_cast<int>(v); }
 
+// kv_b as fp32 for the BLAS forms: p.kv_b, or p.kv_b_bf16 widened (exactly) into this thread's
+// scratch, once per call.
+const float* KvBF32(const MlaParams& p) {
+  if (p.kv_b_bf16 == nullptr) return p.kv_b;
+  thread_local std::vector<float> wide;
+  const int64_t n = p.num_heads * (p.nope_dim + p.v_dim) * p.latent_rank;
+  wide.resize(static_cast<size_t>(n));
+  Bf16ToFloatN(p.kv_b_bf16, static_cast<size_t>(n), wide.data());
+  return wide.data();
+}
+
 // Scales the scores and masks u > q_pos0 + row / rows_per_query.
 void ScaleAndMask(float* s, int64_t rows, int64_t rows_per_query, int64_t ctx, int64_t q_pos0,
                   float scale) {
@@ -80,8 +91,13 @@ void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
   // One head per task: at decode each head's product is too small to split, and the heads are
   // independent outputs (the products inside run inline, with the same chains).
   ThePool().Run(static_cast<int>(h), [&](int head) {
-    AxpyRows(q + head * qd, nq, h * qd, p.kv_b + head * kvd * r, dn, r, r, qc + head * lc, h * lc,
-             /*accumulate=*/false);
+    if (p.kv_b_bf16 != nullptr) {
+      AxpyRowsBf16(q + head * qd, nq, h * qd, p.kv_b_bf16 + head * kvd * r, dn, r, r,
+                   qc + head * lc, h * lc, /*accumulate=*/false);
+    } else {
+      AxpyRows(q + head * qd, nq, h * qd, p.kv_b + head * kvd * r, dn, r, r, qc + head * lc, h * lc,
+               /*accumulate=*/false);
+    }
   });
   for (int64_t i = 0; i < nq * h; ++i) {
     const float* qpe = q + i * qd + dn;
@@ -94,8 +110,13 @@ void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o)
   const int64_t h = p.num_heads, dn = p.nope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t kvd = dn + dv;
   ThePool().Run(static_cast<int>(h), [&](int head) {
-    DotRows(olat + head * r, nq, h * r, p.kv_b + (head * kvd + dn) * r, dv, r, r, o + head * dv,
-            h * dv);
+    if (p.kv_b_bf16 != nullptr) {
+      DotRowsBf16(olat + head * r, nq, h * r, p.kv_b_bf16 + (head * kvd + dn) * r, dv, r, r,
+                  o + head * dv, h * dv);
+    } else {
+      DotRows(olat + head * r, nq, h * r, p.kv_b + (head * kvd + dn) * r, dv, r, r, o + head * dv,
+              h * dv);
+    }
   });
 }
 
@@ -464,11 +485,12 @@ void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const Late
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, ld_cache = r + dr;
   scratch->resize(static_cast<size_t>(ctx * h * kvd + t * ctx));
+  const float* kv_b = KvBF32(p);
   float* kv = scratch->data();    // [ctx, H * (dn + dv)]
   float* s = kv + ctx * h * kvd;  // [t, ctx]
   ForEachBlock(cache, ctx, [&](const float* rows, int64_t first, int64_t n) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(n), I(h * kvd), I(r), 1.0f, rows,
-                I(ld_cache), p.kv_b, I(r), 0.0f, kv + first * h * kvd, I(h * kvd));
+                I(ld_cache), kv_b, I(r), 0.0f, kv + first * h * kvd, I(h * kvd));
   });
   for (int64_t head = 0; head < h; ++head) {
     const float* qn = q + head * qd;
@@ -492,13 +514,14 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const L
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
   scratch->resize(static_cast<size_t>(t * h * lc + t * h * ctx + t * h * r));
+  const float* kv_b = KvBF32(p);
   float* qc = scratch->data();    // [t * H, r + dr]: q_lat then q_pe, rows ordered (t, h)
   float* s = qc + t * h * lc;     // [t * H, ctx]
   float* olat = s + t * h * ctx;  // [t * H, r]
   for (int64_t head = 0; head < h; ++head) {
     // q_lat[t, h] = q_nope[t, h] @ W_UK[h]  ([dn] x [dn, r]).
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t), I(r), I(dn), 1.0f, q + head * qd,
-                I(h * qd), p.kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
+                I(h * qd), kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
     for (int64_t i = 0; i < t; ++i) {
       const float* qpe = q + i * h * qd + head * qd + dn;
       float* dst = qc + (i * h + head) * lc + r;
@@ -513,7 +536,7 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const L
   for (int64_t head = 0; head < h; ++head) {
     // o[t, h] = o_lat[t, h] @ W_UV[h]^T  ([r] x [r, dv]).
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(dv), I(r), 1.0f, olat + head * r,
-                I(h * r), p.kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
+                I(h * r), kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
   }
 }
 
@@ -532,12 +555,13 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const
   int64_t max_ctx = 0;
   for (int64_t i = 0; i < b; ++i) max_ctx = std::max(max_ctx, ctx[i]);
   scratch->resize(static_cast<size_t>(b * h * lc + h * max_ctx + b * h * r));
+  const float* kv_b = KvBF32(p);
   float* qc = scratch->data();    // [b * H, r + dr], rows ordered (sequence, head)
   float* s = qc + b * h * lc;     // [H, max_ctx], one sequence at a time
   float* olat = s + h * max_ctx;  // [b * H, r]
   for (int64_t head = 0; head < h; ++head) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(b), I(r), I(dn), 1.0f, q + head * qd,
-                I(h * qd), p.kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
+                I(h * qd), kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
   }
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t head = 0; head < h; ++head) {
@@ -551,7 +575,7 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const
   }
   for (int64_t head = 0; head < h; ++head) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(b), I(dv), I(r), 1.0f, olat + head * r,
-                I(h * r), p.kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
+                I(h * r), kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
   }
 }
 

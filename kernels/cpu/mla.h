@@ -48,6 +48,9 @@ struct MlaParams {
   int64_t latent_rank = 0;  // r
   float softmax_scale = 0;
   const float* kv_b = nullptr;  // [H * (dn + dv), r]: per head W_UK [dn, r] then W_UV [dv, r]
+  // Or (kv_b null) the same matrix as bf16 bits, as a bf16 checkpoint stores it: every product
+  // widens each value exactly, so the outputs are the bits of its fp32 upcast at half the bytes.
+  const uint16_t* kv_b_bf16 = nullptr;
 };
 
 // Naive form (prefill): expands k_nope and v for every cached row through kv_b.
