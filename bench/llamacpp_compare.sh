@@ -102,6 +102,11 @@ for p in $PRECISIONS; do
   [ -s "$g" ] && continue
   conv=$PEER_TOOLS/hf_to_gguf_deepseek2.py
   [ -f "$conv" ] || { echo "llamacpp_compare.sh: converter not found: $conv (set PEER_TOOLS)" >&2; exit 1; }
+  "$CONVERT_PYTHON" -c 'import numpy' 2>/dev/null || {
+    echo "llamacpp_compare.sh: the converter needs numpy in $CONVERT_PYTHON:" \
+      "sudo apt-get install -y python3-numpy" >&2
+    exit 1
+  }
   echo "converting $MODEL_DIR -> $g ($t)" >&2
   start=$(date +%s)
   nice -n 10 "$CONVERT_PYTHON" "$conv" "$MODEL_DIR" "$g.partial" --outtype "$t" --quiet
