@@ -17,7 +17,8 @@ constexpr double kLatentNormEps = 1e-6;  // as Engine: the q_a / kv_a layernorms
 
 // One decoder layer's tensors in device memory (fp32), null where the model has none.
 // The projections fp32, or bf16 where the host holds them as bf16 (CudaEngineOptions::keep_bf16);
-// kv_b (read by the attention kernels) and the router stay fp32, as on the CPU.
+// kv_b (read by the attention kernels) and the router are uploaded as fp32 (the CPU holds them as
+// the checkpoint's bf16 where it is bf16 and reads them through exact fp32 products).
 struct CudaEngine::DeviceLayer {
   const float *input_norm = nullptr, *post_norm = nullptr, *q_a_norm = nullptr;
   cuda::DeviceWeight q_a, q_b, q, kv_a, o;

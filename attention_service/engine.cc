@@ -233,11 +233,8 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   }
   const int64_t e = c.n_routed_experts, k = c.num_experts_per_tok;
   mb.router.resize(static_cast<size_t>(n * e));
-  if (lw.gate.format == cpu::WeightFormat::kBf16) {  // widened exactly: the fp32 upcast's bits
-    cpu::DotRowsBf16(mb.x.data(), n, d, lw.gate.h.data(), e, d, d, mb.router.data(), e);
-  } else {
-    cpu::Linear(mb.x.data(), n, d, lw.gate.w.data(), e, mb.router.data());
-  }
+  // fp32 or row-major bf16 (never packed, so never rounded to A16: the fp32 upcast's bits).
+  cpu::LinearW(mb.x.data(), n, lw.gate.ref(), mb.router.data());
   mb.gate_ids.resize(static_cast<size_t>(n * k));
   mb.gate_w.resize(static_cast<size_t>(n * k));
   cpu::SelectExperts(gate_, mb.router.data(), n, mb.gate_ids.data(), mb.gate_w.data(),
@@ -369,7 +366,7 @@ void Engine::Attention(int64_t l, std::vector<SequenceStep>& batch, const float*
   p.v_dim = c.v_head_dim;
   p.latent_rank = r;
   p.softmax_scale = static_cast<float>(c.SoftmaxScale());
-  if (lw.kv_b.format == cpu::WeightFormat::kBf16) {
+  if (lw.kv_b.format == cpu::WeightFormat::kBf16) {  // row-major: ReadExact never packs it
     p.kv_b_bf16 = lw.kv_b.h.data();
   } else {
     p.kv_b = lw.kv_b.w.data();

@@ -30,7 +30,8 @@ struct LinearWeight {
   int64_t out = 0;
   int64_t in = 0;
   // h / q hold rows interleaved in groups of 8 (cpu::PackRows: the decode kernels' layout). Every
-  // bf16 and int8 matrix whose shape allows it is packed at load; Row() and ConvertTo() read
+  // bf16 and int8 matrix whose shape allows it is packed at load, except kv_b and the router gate
+  // (read row-major by the attention's and the router's fp32 products); Row() and ConvertTo() read
   // either.
   bool packed = false;
   bool empty() const { return w.empty() && h.empty() && q.empty(); }

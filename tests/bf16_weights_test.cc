@@ -75,6 +75,8 @@ TEST(Bf16Weights, HeldAsBf16WithTheLogitsOfTheFp32Upcast) {
   EXPECT_EQ((*f)->dense().lm_head.format, cpu::WeightFormat::kF32);
   EXPECT_EQ((*f)->dense().layers[1].kv_b.format, cpu::WeightFormat::kF32);
   EXPECT_EQ((*f)->dense().layers[1].gate.format, cpu::WeightFormat::kF32);
+  EXPECT_EQ(2 * d.layers[1].kv_b.bytes(), (*f)->dense().layers[1].kv_b.bytes());
+  EXPECT_EQ(2 * d.layers[1].gate.bytes(), (*f)->dense().layers[1].gate.bytes());
   EXPECT_EQ(2 * (*a)->experts().bytes(), (*f)->experts().bytes());
   EXPECT_LT(static_cast<double>((*a)->weight_bytes()), 0.6 * (*f)->weight_bytes());
 

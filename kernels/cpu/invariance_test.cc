@@ -126,6 +126,7 @@ TEST(Invariance, AxpyRowsRowAloneEqualsRowInAnyBatchAndKSplits) {
 // every ISA level (the 64- and 16-column AVX-512 tiles, AVX2's 32 and 8, the scalar tail), M from
 // 1 to 64, accumulating or not.
 TEST(Invariance, AxpyRowsBf16EqualsItsFp32UpcastAtEveryIsaLevel) {
+  std::printf("gemm ISA levels checked: 0..%d (2 = AVX-512, 1 = AVX2)\n", SetGemmIsaForTesting(-1));
   for (int level : {0, 1, 2}) {
     const int used = SetGemmIsaForTesting(level);
     for (auto [k, n] : {std::pair<int64_t, int64_t>{45, 77}, {16, 141}, {128, 512}, {3, 256}}) {

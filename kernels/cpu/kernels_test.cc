@@ -1,11 +1,13 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/gating.h"
+#include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/mla.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/rope.h"
@@ -227,10 +229,11 @@ TEST(Mla, AbsorbedEqualsNaiveContiguousAndPaged) {
 }
 
 // kv_b held as bf16 bits (as a bf16 checkpoint stores it) gives exactly the outputs of its fp32
-// upcast in every form: naive, absorbed (invariant spans and BLAS), batched decode.
+// upcast in every form: naive, absorbed (invariant spans and BLAS), batched decode; at every ISA
+// level of the invariant products, with r and dv off every tile width (the column and row tails).
 TEST(Mla, Bf16KvBGivesTheBitsOfItsFp32Upcast) {
   MlaParams p;
-  const int64_t h = 4, dn = 16, dr = 8, dv = 16, r = 64, lc = r + dr, ctx = 300, t = 3;
+  const int64_t h = 4, dn = 16, dr = 8, dv = 20, r = 70, lc = r + dr, ctx = 300, t = 3;
   p.num_heads = h;
   p.nope_dim = dn;
   p.rope_dim = dr;
@@ -251,20 +254,23 @@ TEST(Mla, Bf16KvBGivesTheBitsOfItsFp32Upcast) {
   const LatentRows rows{&whole, 1 << 20};
   const int64_t ctxs[t] = {ctx, ctx - 100, 1};
   const LatentRows caches[t] = {rows, rows, rows};
-  for (KernelMode mode : {KernelMode::kInvariant, KernelMode::kBlas}) {
-    SetKernelMode(mode);
-    std::vector<float> want(t * h * dv), got(want.size()), scratch;
-    MlaAttentionNaive(p, q.data(), t, rows, ctx, ctx - t, want.data(), &scratch);
-    MlaAttentionNaive(pb, q.data(), t, rows, ctx, ctx - t, got.data(), &scratch);
-    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "naive";
-    MlaAttentionAbsorbed(p, q.data(), t, rows, ctx, ctx - t, want.data(), &scratch);
-    MlaAttentionAbsorbed(pb, q.data(), t, rows, ctx, ctx - t, got.data(), &scratch);
-    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
-        << "absorbed " << KernelModeName(mode);
-    MlaDecodeAbsorbedBatch(p, q.data(), t, caches, ctxs, want.data(), &scratch);
-    MlaDecodeAbsorbedBatch(pb, q.data(), t, caches, ctxs, got.data(), &scratch);
-    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
-        << "batched decode " << KernelModeName(mode);
+  std::vector<float> want(t * h * dv), got(want.size()), scratch;
+  MlaAttentionNaive(p, q.data(), t, rows, ctx, ctx - t, want.data(), &scratch);
+  MlaAttentionNaive(pb, q.data(), t, rows, ctx, ctx - t, got.data(), &scratch);
+  EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "naive";
+  for (int level : {2, 1, 0, -1}) {
+    const int used = SetGemmIsaForTesting(level);
+    for (KernelMode mode : {KernelMode::kInvariant, KernelMode::kBlas}) {
+      SetKernelMode(mode);
+      const std::string what = std::string(KernelModeName(mode)) + " isa " + std::to_string(used);
+      MlaAttentionAbsorbed(p, q.data(), t, rows, ctx, ctx - t, want.data(), &scratch);
+      MlaAttentionAbsorbed(pb, q.data(), t, rows, ctx, ctx - t, got.data(), &scratch);
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "absorbed " << what;
+      MlaDecodeAbsorbedBatch(p, q.data(), t, caches, ctxs, want.data(), &scratch);
+      MlaDecodeAbsorbedBatch(pb, q.data(), t, caches, ctxs, got.data(), &scratch);
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
+          << "batched decode " << what;
+    }
   }
   SetKernelMode(KernelMode::kInvariant);
 }

@@ -18,15 +18,14 @@ namespace {
 
 int I(int64_t v) { return static_cast<int>(v); }
 
-// kv_b as fp32 for the BLAS forms: p.kv_b, or p.kv_b_bf16 widened (exactly) into this thread's
-// scratch, once per call.
-const float* KvBF32(const MlaParams& p) {
-  if (p.kv_b_bf16 == nullptr) return p.kv_b;
-  thread_local std::vector<float> wide;
-  const int64_t n = p.num_heads * (p.nope_dim + p.v_dim) * p.latent_rank;
-  wide.resize(static_cast<size_t>(n));
-  Bf16ToFloatN(p.kv_b_bf16, static_cast<size_t>(n), wide.data());
-  return wide.data();
+// Rows [row0, row0 + rows) of kv_b as fp32, for the BLAS forms: a pointer into p.kv_b, or those
+// rows of p.kv_b_bf16 widened (exactly) into *buf.
+const float* KvBRows(const MlaParams& p, int64_t row0, int64_t rows, std::vector<float>* buf) {
+  const int64_t r = p.latent_rank;
+  if (p.kv_b_bf16 == nullptr) return p.kv_b + row0 * r;
+  buf->resize(static_cast<size_t>(rows * r));
+  Bf16ToFloatN(p.kv_b_bf16 + row0 * r, static_cast<size_t>(rows * r), buf->data());
+  return buf->data();
 }
 
 // Scales the scores and masks u > q_pos0 + row / rows_per_query.
@@ -485,7 +484,8 @@ void MlaAttentionNaive(const MlaParams& p, const float* q, int64_t t, const Late
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, ld_cache = r + dr;
   scratch->resize(static_cast<size_t>(ctx * h * kvd + t * ctx));
-  const float* kv_b = KvBF32(p);
+  std::vector<float> wide;  // (bf16 kv_b: widened once per call, freed with it)
+  const float* kv_b = KvBRows(p, 0, h * kvd, &wide);
   float* kv = scratch->data();    // [ctx, H * (dn + dv)]
   float* s = kv + ctx * h * kvd;  // [t, ctx]
   ForEachBlock(cache, ctx, [&](const float* rows, int64_t first, int64_t n) {
@@ -514,14 +514,15 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const L
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + dv, lc = r + dr;
   scratch->resize(static_cast<size_t>(t * h * lc + t * h * ctx + t * h * r));
-  const float* kv_b = KvBF32(p);
-  float* qc = scratch->data();    // [t * H, r + dr]: q_lat then q_pe, rows ordered (t, h)
-  float* s = qc + t * h * lc;     // [t * H, ctx]
-  float* olat = s + t * h * ctx;  // [t * H, r]
+  thread_local std::vector<float> wide;  // one head's W_UK or W_UV at a time (bf16 kv_b)
+  float* qc = scratch->data();           // [t * H, r + dr]: q_lat then q_pe, rows ordered (t, h)
+  float* s = qc + t * h * lc;            // [t * H, ctx]
+  float* olat = s + t * h * ctx;         // [t * H, r]
   for (int64_t head = 0; head < h; ++head) {
     // q_lat[t, h] = q_nope[t, h] @ W_UK[h]  ([dn] x [dn, r]).
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(t), I(r), I(dn), 1.0f, q + head * qd,
-                I(h * qd), kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
+                I(h * qd), KvBRows(p, head * kvd, dn, &wide), I(r), 0.0f, qc + head * lc,
+                I(h * lc));
     for (int64_t i = 0; i < t; ++i) {
       const float* qpe = q + i * h * qd + head * qd + dn;
       float* dst = qc + (i * h + head) * lc + r;
@@ -536,7 +537,8 @@ void MlaAttentionAbsorbed(const MlaParams& p, const float* q, int64_t t, const L
   for (int64_t head = 0; head < h; ++head) {
     // o[t, h] = o_lat[t, h] @ W_UV[h]^T  ([r] x [r, dv]).
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(t), I(dv), I(r), 1.0f, olat + head * r,
-                I(h * r), kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
+                I(h * r), KvBRows(p, head * kvd + dn, dv, &wide), I(r), 0.0f, o + head * dv,
+                I(h * dv));
   }
 }
 
@@ -555,13 +557,14 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const
   int64_t max_ctx = 0;
   for (int64_t i = 0; i < b; ++i) max_ctx = std::max(max_ctx, ctx[i]);
   scratch->resize(static_cast<size_t>(b * h * lc + h * max_ctx + b * h * r));
-  const float* kv_b = KvBF32(p);
-  float* qc = scratch->data();    // [b * H, r + dr], rows ordered (sequence, head)
-  float* s = qc + b * h * lc;     // [H, max_ctx], one sequence at a time
-  float* olat = s + h * max_ctx;  // [b * H, r]
+  thread_local std::vector<float> wide;  // one head's W_UK or W_UV at a time (bf16 kv_b)
+  float* qc = scratch->data();           // [b * H, r + dr], rows ordered (sequence, head)
+  float* s = qc + b * h * lc;            // [H, max_ctx], one sequence at a time
+  float* olat = s + h * max_ctx;         // [b * H, r]
   for (int64_t head = 0; head < h; ++head) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, I(b), I(r), I(dn), 1.0f, q + head * qd,
-                I(h * qd), kv_b + head * kvd * r, I(r), 0.0f, qc + head * lc, I(h * lc));
+                I(h * qd), KvBRows(p, head * kvd, dn, &wide), I(r), 0.0f, qc + head * lc,
+                I(h * lc));
   }
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t head = 0; head < h; ++head) {
@@ -575,7 +578,8 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const
   }
   for (int64_t head = 0; head < h; ++head) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, I(b), I(dv), I(r), 1.0f, olat + head * r,
-                I(h * r), kv_b + (head * kvd + dn) * r, I(r), 0.0f, o + head * dv, I(h * dv));
+                I(h * r), KvBRows(p, head * kvd + dn, dv, &wide), I(r), 0.0f, o + head * dv,
+                I(h * dv));
   }
 }
 
