@@ -315,16 +315,15 @@ void Engine::Logits(MicroBatch& mb, const std::vector<float>& norm, bool normed_
 void Engine::ProjectQueriesAndLatents(const LayerWeights& lw, const float* x, int64_t n) {
   const ModelConfig& c = config_;
   q_.resize(static_cast<size_t>(n * c.num_attention_heads * c.q_head_dim()));
+  kva_.resize(static_cast<size_t>(n * c.latent_dim()));
   if (c.q_lora_rank > 0) {
     qa_.resize(static_cast<size_t>(n * c.q_lora_rank));
-    cpu::LinearW(x, n, lw.q_a.ref(), qa_.data());
+    cpu::LinearW2(x, n, lw.q_a.ref(), qa_.data(), lw.kv_a.ref(), kva_.data());  // the same x
     cpu::RmsNorm(qa_.data(), n, c.q_lora_rank, lw.q_a_norm.data(), kLatentNormEps, qa_.data());
     cpu::LinearW(qa_.data(), n, lw.q_b.ref(), q_.data());
   } else {
-    cpu::LinearW(x, n, lw.q.ref(), q_.data());
+    cpu::LinearW2(x, n, lw.q.ref(), q_.data(), lw.kv_a.ref(), kva_.data());
   }
-  kva_.resize(static_cast<size_t>(n * c.latent_dim()));
-  cpu::LinearW(x, n, lw.kv_a.ref(), kva_.data());
 }
 
 // Every single-token (decode) sequence of the step at once (decode_rows_/caches_/ctx_), into attn_.

@@ -327,14 +327,15 @@ TEST(Invariance, MlaPositionIsTheSameInEveryChunkAndInBatchedDecode) {
     }
     // Spans of 256 (one span here), 16 (5 spans) and 7 (spans starting inside 16-row blocks),
     // each run with the split chosen by the call, a task per query, a task per span (also in
-    // waves of one span's results), and at the AVX2 and portable ISA levels: one result per span
-    // length.
+    // waves of one span's results), a task per head group in one pass (3 groups too), and at the
+    // AVX2 and portable ISA levels: one result per span length.
     struct Variant {
       int mode, isa;
       int64_t wave_bytes, head_groups;
     };
     const Variant variants[] = {{0, -1, 0, 0}, {1, -1, 0, 0}, {2, -1, 0, 0}, {2, -1, 1, 0},
-                                {2, -1, 0, 3}, {2, -1, 1, 4}, {0, 1, 0, 0},  {0, 0, 0, 0}};
+                                {2, -1, 0, 3}, {2, -1, 1, 4}, {3, -1, 0, 0}, {3, -1, 0, 3},
+                                {3, 1, 0, 0},  {0, 1, 0, 0},  {0, 0, 0, 0}};
     for (int64_t span : {256, 16, 7}) {
       SetMlaSpanForTesting(span);
       std::vector<float> scratch;

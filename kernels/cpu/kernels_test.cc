@@ -337,9 +337,10 @@ TEST(Mla, AbsorbedSpansMatchTheDefinitionInDouble) {
   for (double v : want) scale = std::max(scale, std::fabs(v));
   for (int64_t span : {256, 7}) {
     SetMlaSpanForTesting(span);
-    for (int mode : {0, 1, 2, 3}) {  // 3: spans side by side, in 3 head groups
-      SetMlaAttendModeForTesting(std::min(mode, 2));
-      SetMlaHeadGroupsForTesting(mode == 3 ? 3 : 0);
+    // 3: spans side by side, in 3 head groups; 4: a task per head group in one pass (3 groups)
+    for (int mode : {0, 1, 2, 3, 4}) {
+      SetMlaAttendModeForTesting(mode == 4 ? 3 : std::min(mode, 2));
+      SetMlaHeadGroupsForTesting(mode >= 3 ? 3 : 0);
       std::vector<float> got(want.size()), scratch;
       MlaAttentionAbsorbed(p, q.data(), t, paged, ctx, pos0, got.data(), &scratch);
       for (size_t i = 0; i < want.size(); ++i) {

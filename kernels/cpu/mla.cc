@@ -83,40 +83,47 @@ void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t
 // So a position gives the same bits in a prefill chunk of any size, in decode, after a
 // prefix-cache hit, inside any batch and with any number of threads.
 
-// q[nq, H, dn + dr] -> qc[nq * H, r + dr] (q_lat = q_nope @ W_UK per head, then q_pe).
-void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
+// qc's rows of one head from q[nq, H, dn + dr]: q_lat = q_nope @ W_UK[head], then q_pe.
+void AbsorbHead(const MlaParams& p, const float* q, int64_t nq, int64_t head, float* qc) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + p.v_dim, lc = r + dr;
+  if (p.kv_b_bf16 != nullptr) {
+    AxpyRowsBf16(q + head * qd, nq, h * qd, p.kv_b_bf16 + head * kvd * r, dn, r, r, qc + head * lc,
+                 h * lc, /*accumulate=*/false);
+  } else {
+    AxpyRows(q + head * qd, nq, h * qd, p.kv_b + head * kvd * r, dn, r, r, qc + head * lc, h * lc,
+             /*accumulate=*/false);
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* qpe = q + (i * h + head) * qd + dn;
+    std::copy(qpe, qpe + dr, qc + (i * h + head) * lc + r);
+  }
+}
+
+// q[nq, H, dn + dr] -> qc[nq * H, r + dr] (q_lat = q_nope @ W_UK per head, then q_pe).
+void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
   // One head per task: at decode each head's product is too small to split, and the heads are
   // independent outputs (the products inside run inline, with the same chains).
-  ThePool().Run(static_cast<int>(h), [&](int head) {
-    if (p.kv_b_bf16 != nullptr) {
-      AxpyRowsBf16(q + head * qd, nq, h * qd, p.kv_b_bf16 + head * kvd * r, dn, r, r,
-                   qc + head * lc, h * lc, /*accumulate=*/false);
-    } else {
-      AxpyRows(q + head * qd, nq, h * qd, p.kv_b + head * kvd * r, dn, r, r, qc + head * lc, h * lc,
-               /*accumulate=*/false);
-    }
-  });
-  for (int64_t i = 0; i < nq * h; ++i) {
-    const float* qpe = q + i * qd + dn;
-    std::copy(qpe, qpe + dr, qc + i * lc + r);
+  ThePool().Run(static_cast<int>(p.num_heads), [&](int head) { AbsorbHead(p, q, nq, head, qc); });
+}
+
+// One head's columns of o[nq, H * dv] from olat[nq * H, r]: o_lat @ W_UV[head]^T.
+void ProjectHead(const MlaParams& p, const float* olat, int64_t nq, int64_t head, float* o) {
+  const int64_t h = p.num_heads, dn = p.nope_dim, dv = p.v_dim, r = p.latent_rank;
+  const int64_t kvd = dn + dv;
+  if (p.kv_b_bf16 != nullptr) {
+    DotRowsBf16(olat + head * r, nq, h * r, p.kv_b_bf16 + (head * kvd + dn) * r, dv, r, r,
+                o + head * dv, h * dv);
+  } else {
+    DotRows(olat + head * r, nq, h * r, p.kv_b + (head * kvd + dn) * r, dv, r, r, o + head * dv,
+            h * dv);
   }
 }
 
 // olat[nq * H, r] -> o[nq, H * dv] (o_lat @ W_UV^T per head).
 void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o) {
-  const int64_t h = p.num_heads, dn = p.nope_dim, dv = p.v_dim, r = p.latent_rank;
-  const int64_t kvd = dn + dv;
-  ThePool().Run(static_cast<int>(h), [&](int head) {
-    if (p.kv_b_bf16 != nullptr) {
-      DotRowsBf16(olat + head * r, nq, h * r, p.kv_b_bf16 + (head * kvd + dn) * r, dv, r, r,
-                  o + head * dv, h * dv);
-    } else {
-      DotRows(olat + head * r, nq, h * r, p.kv_b + (head * kvd + dn) * r, dv, r, r, o + head * dv,
-              h * dv);
-    }
-  });
+  ThePool().Run(static_cast<int>(p.num_heads),
+                [&](int head) { ProjectHead(p, olat, nq, head, o); });
 }
 
 // ---- attention over spans (one pass over the cache) ----
@@ -129,7 +136,8 @@ void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o)
 // run one after another in one task (many queries: prefill, batched decode) or side by side on
 // every core (few queries: batch-1 decode at a long context).
 int64_t g_span = 256;
-int g_attend_mode = 0;                     // 0 auto, 1 a task per query, 2 a task per span
+int g_attend_mode = 0;                     // 0 auto, 1 a task per query, 2 a task per span,
+                                           // 3 a task per head group in one pass
 int64_t g_wave_bytes = int64_t{64} << 20;  // span results held at once by AttendSpansInParallel
 int64_t g_head_groups = 0;                 // 0: chosen per call
 constexpr float kNoRows = -std::numeric_limits<float>::infinity();
@@ -268,16 +276,46 @@ struct SpanResults {
 
 int64_t SpanCount(int64_t ctx) { return (ctx + g_span - 1) / g_span; }
 
-// One query, its spans one after another in this task.
-void AttendQuery(const MlaParams& p, const Query& q) {
+// One query's heads [h0, h1), its spans one after another in this task.
+void AttendQueryHeads(const MlaParams& p, const Query& q, int64_t h0, int64_t h1) {
   thread_local SpanResults res;
-  res.Resize(p.num_heads, p.latent_rank, 2);
+  const int64_t r = p.latent_rank;
+  res.Resize(p.num_heads, r, 2);
   const SpanResult state = res.At(0), next = res.At(1);
+  const SpanResult from{state.m + h0, state.l + h0, state.acc + h0 * r};  // heads h0.. of state
+  const SpanResult add{next.m + h0, next.l + h0, next.acc + h0 * r};
   for (int64_t k = 0, a = 0; a < q.ctx; ++k, a += g_span) {
-    AttendSpan(p, q, a, std::min(q.ctx, a + g_span), k == 0 ? state : next, 0, p.num_heads);
-    if (k > 0) FoldSpan(p.num_heads, p.latent_rank, state, next);
+    AttendSpan(p, q, a, std::min(q.ctx, a + g_span), k == 0 ? state : next, h0, h1);
+    if (k > 0) FoldSpan(h1 - h0, r, from, add);
   }
-  FinishQuery(p.num_heads, p.latent_rank, state, q.olat);
+  FinishQuery(h1 - h0, r, from, q.olat + h0 * r);
+}
+
+// One query, its spans one after another in this task.
+void AttendQuery(const MlaParams& p, const Query& q) { AttendQueryHeads(p, q, 0, p.num_heads); }
+
+// Head groups for calls whose spans are few (the result cut so that every core has two tasks).
+int64_t HeadGroups(int64_t h, int64_t spans) {
+  const int64_t want = (2 * ThePool().size() + spans - 1) / spans;
+  return g_head_groups > 0 ? std::min(g_head_groups, h)
+                           : std::max<int64_t>(1, std::min(want, h / 4));
+}
+
+// Few queries of one span each (a batch-1 decode step at a short context): one pass over the pool,
+// a task per head group doing its heads' absorbed queries, attention and output projection — the
+// per-head operations of AbsorbQueries, AttendSpansInParallel and ProjectOutputs, so the same bits,
+// from one hand-off to the pool instead of three.
+void AttendInOnePass(const MlaParams& p, const float* q, int64_t nq, float* qc,
+                     const std::vector<Query>& qs, float* olat, float* o) {
+  const int64_t h = p.num_heads;
+  const int64_t groups = HeadGroups(h, std::max<int64_t>(1, static_cast<int64_t>(qs.size())));
+  const int64_t hg = (h + groups - 1) / groups;
+  ThePool().Run(static_cast<int>((h + hg - 1) / hg), [&](int g) {
+    const int64_t h0 = g * hg, h1 = std::min(h, h0 + hg);
+    for (int64_t head = h0; head < h1; ++head) AbsorbHead(p, q, nq, head, qc);
+    for (const Query& query : qs) AttendQueryHeads(p, query, h0, h1);
+    for (int64_t head = h0; head < h1; ++head) ProjectHead(p, olat, nq, head, o);
+  });
 }
 
 // Few queries: their spans in waves over the pool (a wave's results held, then folded in order).
@@ -294,10 +332,8 @@ void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
   // batch-1 decode at a short context: V2's 128 heads over every core).
   int64_t spans = 0;
   for (const Query& q : qs) spans += std::min(wave, SpanCount(q.ctx));
-  const int64_t want = (2 * ThePool().size() + spans - 1) / spans;
-  const int64_t asked =
-      g_head_groups > 0 ? std::min(g_head_groups, h) : std::max<int64_t>(1, std::min(want, h / 4));
-  const int64_t groups = std::min(asked, std::max<int64_t>(1, int64_t{0xffff} / (nq * wave)));
+  const int64_t groups =
+      std::min(HeadGroups(h, spans), std::max<int64_t>(1, int64_t{0xffff} / (nq * wave)));
   const int64_t hg = (h + groups - 1) / groups;
   thread_local SpanResults held, state;
   held.Resize(h, r, nq * wave);
@@ -359,7 +395,6 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
   scratch->resize(static_cast<size_t>(nq * h * lc + nq * h * r));
   float* qc = scratch->data();
   float* olat = qc + nq * h * lc;
-  AbsorbQueries(p, q, nq, qc);
   thread_local std::vector<Query> qs;
   qs.clear();
   for (int64_t i = 0, row = 0; i < nseq; ++i) {
@@ -372,6 +407,13 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
       qs.push_back({qc + row * h * lc, caches + i, ctx, olat + row * h * r});
     }
   }
+  bool one_span = nq < 2 * static_cast<int64_t>(ThePool().size());
+  for (const Query& query : qs) one_span = one_span && SpanCount(query.ctx) == 1;
+  if (g_attend_mode == 3 || (g_attend_mode == 0 && one_span)) {
+    AttendInOnePass(p, q, nq, qc, qs, olat, o);
+    return;
+  }
+  AbsorbQueries(p, q, nq, qc);
   AttendAll(p, qs);
   ProjectOutputs(p, olat, nq, o);
 }

@@ -71,8 +71,11 @@ void MlaDecodeAbsorbedBatch(const MlaParams& p, const float* q, int64_t b, const
 // The invariant form attends to a position's rows in spans of 256 positions ([0, 256), [256, 512),
 // ...), each read from memory once (scores and the weighted sum fused) and folded left to right;
 // a call with few queries (batch-1 decode) runs its spans (cut into head groups when they are
-// few) on every core, one with many runs a query per task: the same bits either way.
-// Tests: the span length (0: 256), the split (0 auto, 1 a task per query, 2 a task per span), the
+// few) on every core, one with many runs a query per task, and one with few queries of one span
+// each runs a task per head group from the absorbed query to the output projection (one pass over
+// the pool): the same bits every way.
+// Tests: the span length (0: 256), the split (0 auto, 1 a task per query, 2 a task per span, 3 a
+// task per head group doing every span of every query in one pass), the
 // bytes of span results held at once when spans run side by side (0: 64 MiB; smaller makes more
 // waves) and the head groups each span is cut into there (0: chosen per call).
 void SetMlaSpanForTesting(int64_t rows);

@@ -407,51 +407,81 @@ bool Int8ActivationsW8A8() { return g_w8a8.load(std::memory_order_relaxed); }
 
 namespace {
 
+// The row sums of w's int8 values (the kernel's correction for x + 128): the ones stored with it,
+// else computed into *here.
+const int32_t* RowSums(const WeightRef& w, std::vector<int32_t>* here) {
+  if (w.sums != nullptr) return w.sums;
+  here->resize(static_cast<size_t>(w.out));
+  if (w.packed) {
+    std::vector<int8_t> row(static_cast<size_t>(w.in));
+    for (int64_t o = 0; o < w.out; ++o) {
+      UnpackRow(w.format, w.q, w.in, o, row.data());
+      Int8RowSums(row.data(), 1, w.in, here->data() + o);
+    }
+  } else {
+    Int8RowSums(reinterpret_cast<const int8_t*>(w.q), w.out, w.in, here->data());
+  }
+  return here->data();
+}
+
+// One W8A8 product of LinearW8A8: the weights, their row sums, where the outputs go.
+struct W8A8Product {
+  const WeightRef* w;
+  const int32_t* sums;
+  float* y;
+  int64_t ldy;
+};
+
+// Output rows [o0, o1) of product p for the t quantized rows q [t, ldq] (scales s).
+void W8A8Rows(const int8_t* q, const float* s, int64_t t, int64_t ldq, const W8A8Product& p,
+              int64_t o0, int64_t o1) {
+  const WeightRef& w = *p.w;
+  const int8_t* wq = reinterpret_cast<const int8_t*>(w.q);
+  if (w.packed) {  // blocks of x rows (~64 KiB) pass by each weight group in L1
+    const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / ldq / 4 * 4);
+    for (int64_t m0 = 0; m0 < t; m0 += block) {
+      Int8DotRowsPacked(q + m0 * ldq, std::min(block, t - m0), ldq, s + m0, wq, w.in, w.scales,
+                        p.sums, p.y + m0 * p.ldy, p.ldy, o0, o1);
+    }
+    return;
+  }
+  for (int64_t m0 = 0; m0 < t; m0 += 4) {
+    Int8DotRows(q + m0 * ldq, std::min<int64_t>(4, t - m0), ldq, s + m0, wq, w.in, w.scales, p.sums,
+                p.y + m0 * p.ldy, p.ldy, o0, o1);
+  }
+}
+
 // W8A8: the rows of x quantized once, then groups of 4 rows through the int8 kernel over chunks
-// of output rows.
-void LinearW8A8(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y, int64_t ldy) {
-  const int64_t ldq = (w.in + 63) / 64 * 64;
+// of output rows; the chunks of every product (each with the same in) in one pass over the pool.
+void LinearW8A8(const float* x, int64_t t, int64_t ldx, const W8A8Product* products, int count) {
+  const int64_t in = products[0].w->in;
+  const int64_t ldq = (in + 63) / 64 * 64;
   thread_local std::vector<int8_t> qx;
   thread_local std::vector<float> sx;
-  thread_local std::vector<int32_t> sums_here;
+  thread_local std::vector<int32_t> sums_here[2];
   qx.resize(static_cast<size_t>(t * ldq));
   sx.resize(static_cast<size_t>(t));
-  QuantizeRowsInt8(x, t, w.in, ldx, qx.data(), ldq, sx.data());
-  const int32_t* sums = w.sums;
-  if (sums == nullptr) {
-    sums_here.resize(static_cast<size_t>(w.out));
-    if (w.packed) {
-      std::vector<int8_t> row(static_cast<size_t>(w.in));
-      for (int64_t o = 0; o < w.out; ++o) {
-        UnpackRow(w.format, w.q, w.in, o, row.data());
-        Int8RowSums(row.data(), 1, w.in, sums_here.data() + o);
-      }
-    } else {
-      Int8RowSums(reinterpret_cast<const int8_t*>(w.q), w.out, w.in, sums_here.data());
-    }
-    sums = sums_here.data();
+  QuantizeRowsInt8(x, t, in, ldx, qx.data(), ldq, sx.data());
+  W8A8Product ps[2];
+  int64_t per[2] = {0, 0}, first[3] = {0, 0, 0};
+  for (int i = 0; i < count; ++i) {
+    ps[i] = products[i];
+    ps[i].sums = RowSums(*ps[i].w, &sums_here[i]);
+    first[i + 1] = first[i] + Chunks(ps[i].w->out, in, &per[i]);
   }
   // (thread_locals named inside the lambda would be the worker's)
   const int8_t* q = qx.data();
   const float* s = sx.data();
-  const int8_t* wq = reinterpret_cast<const int8_t*>(w.q);
-  int64_t per = 0;
-  const int64_t chunks = Chunks(w.out, w.in, &per);
-  ThePool().Run(static_cast<int>(chunks), [&](int c) {
-    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
-    if (w.packed) {  // blocks of x rows (~64 KiB) pass by each weight group in L1
-      const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / ldq / 4 * 4);
-      for (int64_t m0 = 0; m0 < t; m0 += block) {
-        Int8DotRowsPacked(q + m0 * ldq, std::min(block, t - m0), ldq, s + m0, wq, w.in, w.scales,
-                          sums, y + m0 * ldy, ldy, o0, o1);
-      }
-      return;
-    }
-    for (int64_t m0 = 0; m0 < t; m0 += 4) {
-      Int8DotRows(q + m0 * ldq, std::min<int64_t>(4, t - m0), ldq, s + m0, wq, w.in, w.scales, sums,
-                  y + m0 * ldy, ldy, o0, o1);
-    }
+  ThePool().Run(static_cast<int>(first[count]), [&](int c) {
+    const int i = c < first[1] ? 0 : 1;
+    const int64_t o0 = (c - first[i]) * per[i], o1 = std::min(ps[i].w->out, o0 + per[i]);
+    W8A8Rows(q, s, t, ldq, ps[i], o0, o1);
   });
+}
+
+bool TakesW8A8(const WeightRef& w, int64_t t) {
+  return w.format == WeightFormat::kInt8 && Int8ActivationsW8A8() &&
+         (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant);
 }
 
 }  // namespace
@@ -595,9 +625,9 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   }
   if (ldx == 0) ldx = w.in;
   if (ldy == 0) ldy = w.out;
-  if (w.format == WeightFormat::kInt8 && Int8ActivationsW8A8() &&
-      (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
-    LinearW8A8(x, t, ldx, w, y, ldy);
+  if (TakesW8A8(w, t)) {
+    const W8A8Product p{&w, nullptr, y, ldy};
+    LinearW8A8(x, t, ldx, &p, 1);
     return;
   }
   if (w.format == WeightFormat::kBf16 &&
@@ -658,14 +688,24 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   Linear(x, t, w.in, dst, w.out, y, ldx, ldy);
 }
 
+void LinearW2(const float* x, int64_t t, const WeightRef& w1, float* y1, const WeightRef& w2,
+              float* y2) {
+  if (TakesW8A8(w1, t) && TakesW8A8(w2, t) && w1.in == w2.in) {
+    const W8A8Product ps[2] = {{&w1, nullptr, y1, w1.out}, {&w2, nullptr, y2, w2.out}};
+    LinearW8A8(x, t, w1.in, ps, 2);
+    return;
+  }
+  LinearW(x, t, w1, y1);
+  LinearW(x, t, w2, y2);
+}
+
 void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
                 const WeightRef& down, float* y, std::vector<float>* scratch) {
   const int64_t width = gate.out;
   scratch->resize(static_cast<size_t>(2 * t * width));
   float* g = scratch->data();
   float* u = g + t * width;
-  LinearW(x, t, gate, g);
-  LinearW(x, t, up, u);
+  LinearW2(x, t, gate, g, up, u);
   SiluMul(g, u, t * width, g);
   LinearW(g, t, down, y);
 }

@@ -58,6 +58,12 @@ bool Int8ActivationsW8A8();
 // y[t, out] = x[t, in] @ W^T. Row strides ldx / ldy (0: packed).
 void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ldx = 0,
              int64_t ldy = 0);
+// y1[t, w1.out] = x @ W1^T and y2[t, w2.out] = x @ W2^T for one x [t, in] (w1.in == w2.in; y1, y2
+// packed): the bits of the two LinearW calls. Two 8-bit (W8A8) products share one quantization of
+// x and one pass over the kernel pool (a decode step makes hundreds of small products, and each
+// pass ends waiting for the slowest core).
+void LinearW2(const float* x, int64_t t, const WeightRef& w1, float* y1, const WeightRef& w2,
+              float* y2);
 // Dense SwiGLU MLP over WeightRefs: y[t, d] = down(silu(gate(x)) * up(x)).
 void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
                 const WeightRef& down, float* y, std::vector<float>* scratch);
