@@ -275,6 +275,61 @@ TEST(QLinear, PackedInt8EqualsRowMajorAtEveryIsaLevel) {
   }
 }
 
+// LinearW2 (two products of one x in one pass over the pool) gives the bits of the two LinearW
+// calls: 8-bit pairs packed, row-major and mixed (one quantization of x shared), across the
+// chunking (one matrix small enough to run unsplit, one split) and row counts, at every ISA
+// level; a pair it cannot fuse (fp32, W8A16) falls back to the two calls.
+TEST(QLinear, LinearW2GivesTheBitsOfTwoLinearWCalls) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0, 1);
+  const int64_t in = 1024;
+  struct Held {
+    std::vector<uint8_t> q, packed;
+    std::vector<float> s, f;
+    WeightRef plain, pref, f32;
+  };
+  auto make = [&](int64_t out) {
+    Held h;
+    h.f.resize(static_cast<size_t>(out * in));
+    for (float& v : h.f) v = nd(rng);
+    QuantizeInt8PerChannel(h.f.data(), out, in, &h.q, &h.s);
+    h.packed.resize(h.q.size());
+    PackRows(WeightFormat::kInt8, h.q.data(), out, in, h.packed.data());
+    h.plain = WeightRef{WeightFormat::kInt8, nullptr, h.q.data(), h.s.data(), out, in};
+    h.pref = h.plain;
+    h.pref.q = h.packed.data();
+    h.pref.packed = true;
+    h.f32 = WeightRef{WeightFormat::kF32, h.f.data(), nullptr, nullptr, out, in};
+    return h;
+  };
+  const Held a = make(384), b = make(120);  // 384 x 1024 is split over the pool, 120 x 1024 not
+  auto check = [&](const WeightRef& w1, const WeightRef& w2, const std::string& what) {
+    for (int64_t t : {1, 3, 5, 17}) {
+      std::vector<float> x(static_cast<size_t>(t * in));
+      for (float& v : x) v = nd(rng);
+      std::vector<float> y1(static_cast<size_t>(t * w1.out)), y2(static_cast<size_t>(t * w2.out));
+      std::vector<float> z1(y1.size(), 1.0f), z2(y2.size(), 1.0f);
+      LinearW(x.data(), t, w1, y1.data());
+      LinearW(x.data(), t, w2, y2.data());
+      LinearW2(x.data(), t, w1, z1.data(), w2, z2.data());
+      ASSERT_EQ(0, std::memcmp(y1.data(), z1.data(), 4 * y1.size())) << what << " t " << t;
+      ASSERT_EQ(0, std::memcmp(y2.data(), z2.data(), 4 * y2.size())) << what << " t " << t;
+    }
+  };
+  for (int level = 0; level <= Int8IsaLevel(); ++level) {
+    SetInt8IsaForTesting(level);
+    const std::string at = " level " + std::to_string(level);
+    check(a.pref, b.pref, "packed" + at);
+    check(b.plain, a.plain, "row-major" + at);
+    check(a.plain, b.pref, "mixed" + at);
+  }
+  SetInt8IsaForTesting(-1);
+  check(a.f32, b.pref, "fp32 beside int8");
+  SetInt8Activations(false);
+  check(a.pref, b.plain, "W8A16");
+  SetInt8Activations(true);
+}
+
 // What quantizing the activations costs: W8A8's error against float64 stays within a small
 // multiple of W8A16's (weights quantized alike) on Gaussian data, reported.
 TEST(QLinear, W8A8ErrorStaysNearW8A16) {
