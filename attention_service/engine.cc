@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -247,23 +248,44 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   return absl::OkStatus();
 }
 
+// tmp = the shared experts' output for x (zeros without shared experts); returns its seconds.
+double Engine::SharedExperts(const LayerWeights& lw, MicroBatch& mb) {
+  auto t0 = Clock::now();
+  const int64_t n = mb.n;
+  if (config_.n_shared_experts > 0) {
+    cpu::SwiGluMlpW(mb.x.data(), n, lw.shared.gate.ref(), lw.shared.up.ref(), lw.shared.down.ref(),
+                    mb.tmp.data(), &scratch_);
+  } else {
+    std::memset(mb.tmp.data(), 0, sizeof(float) * static_cast<size_t>(n * config_.hidden_size));
+  }
+  return Since(&t0);
+}
+
 absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
   if (!mb.in_flight) return absl::OkStatus();  // a dense layer: done in LayerFront
   const ModelConfig& c = config_;
   const LayerWeights& lw = LayerAt(l);
   const int64_t d = c.hidden_size, n = mb.n;
   auto t0 = Clock::now();
-  // The shared experts run while the routed ones are at work.
-  if (c.n_shared_experts > 0) {
-    cpu::SwiGluMlpW(mb.x.data(), n, lw.shared.gate.ref(), lw.shared.up.ref(), lw.shared.down.ref(),
-                    mb.tmp.data(), &scratch_);
-  } else {
-    std::memset(mb.tmp.data(), 0, sizeof(float) * static_cast<size_t>(n * d));
-  }
-  timings_.shared += Since(&t0);
+  // The shared experts run while the routed ones are at work (remote experts), or beside them in
+  // one pass over the kernel pool (in-process ones, where that balances). (One pointer captured:
+  // the std::function holds it without allocating.)
+  struct Shared {
+    Engine* engine;
+    const LayerWeights* lw;
+    MicroBatch* mb;
+    double seconds;
+  } job{this, &lw, &mb, 0.0};
+  const std::function<void()> shared = [j = &job] {
+    j->seconds = j->engine->SharedExperts(*j->lw, *j->mb);
+  };
   mb.in_flight = false;
-  RETURN_IF_ERROR(mb.experts->Finish(mb.tmp.data()));
-  timings_.routed += Since(&t0);
+  RETURN_IF_ERROR(
+      mb.experts->FinishAfter(shared, static_cast<double>(c.n_shared_experts), mb.tmp.data()));
+  // (beside the routed experts, their time is the pass's less the shared experts' own)
+  const double all_s = Since(&t0);
+  timings_.shared += job.seconds;
+  timings_.routed += all_s - job.seconds;
   for (int64_t i = 0; i < n * d; ++i)
     mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
   return absl::OkStatus();

@@ -161,6 +161,7 @@ class Engine : public StepEngine {
   absl::Status LayerFront(int64_t l, MicroBatch& mb);
   // Shared experts, the combine, the residual.
   absl::Status LayerBack(int64_t l, MicroBatch& mb);
+  double SharedExperts(const LayerWeights& lw, MicroBatch& mb);
   // `norm`: the final norm (model.norm, or the MTP layer's shared_head.norm) before lm_head.
   // SequenceStep::hidden gets the normed rows, or (!normed_hidden) the rows before the norm.
   void Logits(MicroBatch& mb, const std::vector<float>& norm, bool normed_hidden);

@@ -85,7 +85,8 @@ uint64_t ExpertStore::bytes() const {
   return n;
 }
 
-absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* accelerator) {
+absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* accelerator,
+                                const std::function<void()>* first) {
   // Group by (layer, expert) in place (std::sort allocates nothing).
   std::sort(items_.begin(), items_.end(), [](const Item& a, const Item& b) {
     if (a.layer != b.layer) return a.layer < b.layer;
@@ -100,7 +101,10 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
                                                         items_[i].layer, " is not hosted here"));
     }
   }
-  if (accelerator != nullptr) return RunOn(store, accelerator);
+  if (accelerator != nullptr) {
+    if (first != nullptr) (*first)();
+    return RunOn(store, accelerator);
+  }
   groups_.clear();
   const size_t cap =
       std::max<size_t>(16, items_.size() / (4 * static_cast<size_t>(cpu::ThePool().size())) + 1);
@@ -120,8 +124,17 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
   // One expert (or row block) per task over every core of the kernel pool (its products run inline
   // on the thread that took it): the outputs of different experts are different rows, and an
   // expert's rows come out the same whichever thread computes them (batch invariance, DESIGN §6).
-  cpu::ThePool().Run(static_cast<int>(groups_.size()), [&](int g) {
-    const auto [begin, end] = groups_[static_cast<size_t>(g)];
+  // (first_ a member: a lambda capturing only this and store fits in std::function without
+  // allocating)
+  first_ = first;
+  const int extra = first != nullptr ? 1 : 0;
+  cpu::ThePool().Run(static_cast<int>(groups_.size()) + extra, [this, &store](int g) {
+    const int extra = first_ != nullptr ? 1 : 0;
+    if (g < extra) {
+      (*first_)();
+      return;
+    }
+    const auto [begin, end] = groups_[static_cast<size_t>(g - extra)];
     const MlpWeights* m = store.Find(items_[begin].layer, items_[begin].expert);
     const int64_t n = static_cast<int64_t>(end - begin);
     thread_local std::vector<float> gathered, result, scratch;
@@ -174,16 +187,32 @@ absl::Status LocalRoutedExperts::Begin(int64_t layer, const float* x, int64_t t,
   return absl::OkStatus();
 }
 
-absl::Status LocalRoutedExperts::Finish(float* out) {
+absl::Status LocalRoutedExperts::Finish(float* out) { return Run(nullptr, out); }
+
+absl::Status LocalRoutedExperts::Run(const std::function<void()>* first, float* out) {
   const Call& c = call_;
   batcher_.Clear();
   rows_.resize(static_cast<size_t>(c.t * c.k * hidden_));
   for (int64_t p = 0; p < c.t * c.k; ++p) {
     batcher_.Add(c.layer, c.ids[p], c.x + (p / c.k) * hidden_, rows_.data() + p * hidden_);
   }
-  if (absl::Status st = batcher_.Run(*store_, accelerator_); !st.ok()) return st;
+  if (absl::Status st = batcher_.Run(*store_, accelerator_, first); !st.ok()) return st;
   CombineRanked(rows_.data(), c.w, c.t, c.k, hidden_, out);
   return absl::OkStatus();
+}
+
+absl::Status LocalRoutedExperts::FinishAfter(const std::function<void()>& beside,
+                                             double beside_experts, float* out) {
+  const Call& c = call_;
+  const double cores = cpu::ThePool().size();
+  // Its products run inline on one core: beside the routed ones only when that is no more than a
+  // core's share of the pass (each of the t * k rows an expert's products of its own).
+  if (accelerator_ != nullptr || c.t > cores ||
+      beside_experts * cores > static_cast<double>(c.t * c.k) + beside_experts) {
+    beside();
+    return Finish(out);
+  }
+  return Run(&beside, out);
 }
 
 void CombineRanked(const float* rows, const float* w, int64_t t, int64_t k, int64_t d, float* out) {

@@ -32,6 +32,16 @@ class RoutedExperts {
   // Adds the result of the last Begin into out [t, D] (out += routed output), through
   // CombineRanked. On error out is unchanged.
   virtual absl::Status Finish(float* out) = 0;
+  // Finish after `beside`: the caller's own work that writes the `out` Finish adds to (the shared
+  // experts), worth `beside_experts` routed experts' products. The default runs it, then Finish;
+  // in-process experts may run it as one more task of their pass over the kernel pool (on a small
+  // machine the layer's expert part then hands off to the pool once instead of three times).
+  virtual absl::Status FinishAfter(const std::function<void()>& beside, double beside_experts,
+                                   float* out) {
+    (void)beside_experts;
+    beside();
+    return Finish(out);
+  }
 };
 
 // out[i] = fma(w[i, k-1], rows[i, k-1], ... fma(w[i, 0], rows[i, 0], out[i])): the routed experts'
@@ -104,7 +114,9 @@ class ExpertBatcher {
   }
   // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`. With an
   // accelerator every group runs there instead of on the kernel pool.
-  absl::Status Run(const ExpertStore& store, ExpertAccelerator* accelerator = nullptr);
+  // `first`, when given, runs as one more task of the pass over the kernel pool (the first one).
+  absl::Status Run(const ExpertStore& store, ExpertAccelerator* accelerator = nullptr,
+                   const std::function<void()>* first = nullptr);
   // Keeps capacity: a steady stream of batches allocates nothing.
   void Clear() { items_.clear(); }
   // GEMM calls made and rows pushed through them by Run, since construction.
@@ -123,6 +135,7 @@ class ExpertBatcher {
   std::vector<Item> items_;
   absl::Status RunOn(const ExpertStore& store, ExpertAccelerator* accelerator);
   std::vector<std::pair<size_t, size_t>> groups_;  // [begin, end) of items_ per task
+  const std::function<void()>* first_ = nullptr;   // Run's first task, during Run
   std::vector<ExpertGroup> accel_groups_;
   std::vector<float> accel_x_, accel_y_;
   uint64_t gemms_ = 0, rows_ = 0;
@@ -141,8 +154,14 @@ class LocalRoutedExperts : public RoutedExperts {
   absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
                      int64_t k) override;
   absl::Status Finish(float* out) override;
+  // `beside` as the first task of the experts' pass when it is no more than one core's share of
+  // it (a decode step of at most one row per core); else before them.
+  absl::Status FinishAfter(const std::function<void()>& beside, double beside_experts,
+                           float* out) override;
 
  private:
+  // The experts of the last Begin (after *first, when given, as ExpertBatcher::Run runs it).
+  absl::Status Run(const std::function<void()>* first, float* out);
   struct Call {
     int64_t layer = 0, t = 0, k = 0;
     const float* x = nullptr;

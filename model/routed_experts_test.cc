@@ -1,0 +1,68 @@
+// In-process routed experts: FinishAfter (the caller's shared experts as one more task of the
+// experts' pass over the kernel pool, where that balances) gives the bits of running them first
+// and then Finish, for every row count and weight dtype, and runs the caller's work exactly once.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/thread_pool.h"
+#include "model/routed_experts.h"
+#include "model/safetensors.h"
+#include "model/tiny_model.h"
+
+namespace dmoe {
+namespace {
+
+TEST(LocalRoutedExperts, FinishAfterGivesTheBitsOfBesideThenFinish) {
+  // Two cores: a row or two of the tiny preset (k = 4, 2 shared experts) takes the one-pass path,
+  // more rows the other; both are checked.
+  ASSERT_TRUE(cpu::SetKernelThreads(2));
+  const ModelConfig c = *PresetConfig("tiny");
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/routed_experts_model";
+  ASSERT_TRUE(WriteTinyModel(dir, c, TinyModelOptions()).ok());
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  const int64_t d = c.hidden_size, k = c.num_experts_per_tok, layer = 1;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0, 1);
+  for (WeightDType dtype : {WeightDType::kF32, WeightDType::kInt8, WeightDType::kBf16}) {
+    auto store = ExpertStore::Load(**ck, c, ExpertStore::AllExperts(c), dtype);
+    ASSERT_TRUE(store.ok()) << store.status();
+    LocalRoutedExperts experts(c, store->get());
+    for (int64_t t : {1, 2, 3, 7}) {
+      std::vector<float> x(static_cast<size_t>(t * d)), w(static_cast<size_t>(t * k));
+      std::vector<int32_t> ids(static_cast<size_t>(t * k));
+      for (float& v : x) v = nd(rng);
+      for (float& v : w) v = std::fabs(nd(rng));
+      for (int64_t i = 0; i < t * k; ++i) {
+        ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7 + t) % c.n_routed_experts);
+      }
+      // The caller's work: writes out (what the routed rows are added to).
+      int calls = 0;
+      std::vector<float> want(x.size()), got(x.size(), 0.5f);
+      auto beside = [&](std::vector<float>* out) {
+        ++calls;
+        for (size_t i = 0; i < out->size(); ++i) (*out)[i] = 0.25f * x[i] - 1.0f;
+      };
+      ASSERT_TRUE(experts.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
+      beside(&want);
+      ASSERT_TRUE(experts.Finish(want.data()).ok());
+      ASSERT_TRUE(experts.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
+      const std::function<void()> fn = [&] { beside(&got); };
+      ASSERT_TRUE(experts.FinishAfter(fn, static_cast<double>(c.n_shared_experts), got.data()).ok());
+      EXPECT_EQ(calls, 2);
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
+          << WeightDTypeName(dtype) << " t " << t;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace dmoe
