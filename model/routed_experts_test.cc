@@ -1,6 +1,8 @@
 // In-process routed experts: FinishAfter (the caller's shared experts as one more task of the
 // experts' pass over the kernel pool, where that balances) gives the bits of running them first
 // and then Finish, for every row count and weight dtype, and runs the caller's work exactly once.
+#include "model/routed_experts.h"
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -12,7 +14,6 @@
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/thread_pool.h"
-#include "model/routed_experts.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
 
@@ -56,7 +57,8 @@ TEST(LocalRoutedExperts, FinishAfterGivesTheBitsOfBesideThenFinish) {
       ASSERT_TRUE(experts.Finish(want.data()).ok());
       ASSERT_TRUE(experts.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
       const std::function<void()> fn = [&] { beside(&got); };
-      ASSERT_TRUE(experts.FinishAfter(fn, static_cast<double>(c.n_shared_experts), got.data()).ok());
+      ASSERT_TRUE(
+          experts.FinishAfter(fn, static_cast<double>(c.n_shared_experts), got.data()).ok());
       EXPECT_EQ(calls, 2);
       EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
           << WeightDTypeName(dtype) << " t " << t;
