@@ -100,6 +100,16 @@ __attribute__((target("avx2,fma"))) inline float HSum(__m256 v) {
   return Lanes8(l);
 }
 
+// HSum of 4 chains at once, in Lanes8's order: the halves added (l[i] + l[i + 4]), then
+// neighbours, then pairs, by horizontal adds across the 4 (~10 instructions instead of ~60).
+__attribute__((target("avx2,fma"))) inline __m128 HSum4(const __m256* v) {
+  __m128 p[4];
+  for (int i = 0; i < 4; ++i) {
+    p[i] = _mm_add_ps(_mm256_castps256_ps128(v[i]), _mm256_extractf128_ps(v[i], 1));
+  }
+  return _mm_hadd_ps(_mm_hadd_ps(p[0], p[1]), _mm_hadd_ps(p[2], p[3]));
+}
+
 __attribute__((target("avx2,fma"))) inline __m256 Load8(const float* p) {
   return _mm256_loadu_ps(p);
 }
@@ -134,8 +144,14 @@ __attribute__((target("avx2,fma"))) void DotTile(const float* x, int64_t ldx,
     }
   }
   for (int m = 0; m < T; ++m) {
+    alignas(16) float sums[R];
+    if constexpr (R == 4) {
+      _mm_store_ps(sums, HSum4(acc[m]));
+    } else {
+      for (int r = 0; r < R; ++r) sums[r] = HSum(acc[m][r]);
+    }
     for (int r = 0; r < R; ++r) {
-      float s = HSum(acc[m][r]);
+      float s = sums[r];
       for (int64_t j = k8; j < k; ++j)
         s = __builtin_fmaf(x[m * ldx + j], W::At(w + r * ldw + j), s);
       y[m * ldy + r] = s;
