@@ -97,6 +97,7 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
     if ((i == 0 || items_[i].expert != items_[i - 1].expert ||
          items_[i].layer != items_[i - 1].layer) &&
         store.Find(items_[i].layer, items_[i].expert) == nullptr) {
+      if (first != nullptr) (*first)();  // run whatever the experts' outcome
       return absl::FailedPreconditionError(absl::StrCat("expert ", items_[i].expert, " of layer ",
                                                         items_[i].layer, " is not hosted here"));
     }
@@ -128,13 +129,14 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
   // allocating)
   first_ = first;
   const int extra = first != nullptr ? 1 : 0;
+  if (first != nullptr) ++passes_with_first_;
   cpu::ThePool().Run(static_cast<int>(groups_.size()) + extra, [this, &store](int g) {
-    const int extra = first_ != nullptr ? 1 : 0;
-    if (g < extra) {
+    const int skip = first_ != nullptr ? 1 : 0;
+    if (g < skip) {
       (*first_)();
       return;
     }
-    const auto [begin, end] = groups_[static_cast<size_t>(g - extra)];
+    const auto [begin, end] = groups_[static_cast<size_t>(g - skip)];
     const MlpWeights* m = store.Find(items_[begin].layer, items_[begin].expert);
     const int64_t n = static_cast<int64_t>(end - begin);
     thread_local std::vector<float> gathered, result, scratch;
@@ -151,6 +153,7 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
                   sizeof(float) * static_cast<size_t>(hidden_));
     }
   });
+  first_ = nullptr;
   return absl::OkStatus();
 }
 

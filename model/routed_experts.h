@@ -114,7 +114,8 @@ class ExpertBatcher {
   }
   // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`. With an
   // accelerator every group runs there instead of on the kernel pool.
-  // `first`, when given, runs as one more task of the pass over the kernel pool (the first one).
+  // `first`, when given, runs as one more task of the pass over the kernel pool (the first one),
+  // or before the accelerator; it runs on the error return too.
   absl::Status Run(const ExpertStore& store, ExpertAccelerator* accelerator = nullptr,
                    const std::function<void()>* first = nullptr);
   // Keeps capacity: a steady stream of batches allocates nothing.
@@ -122,6 +123,8 @@ class ExpertBatcher {
   // GEMM calls made and rows pushed through them by Run, since construction.
   uint64_t gemms() const { return gemms_; }
   uint64_t rows() const { return rows_; }
+  // Passes over the kernel pool that ran a `first` task beside the experts.
+  uint64_t passes_with_first() const { return passes_with_first_; }
 
  private:
   struct Item {
@@ -136,6 +139,7 @@ class ExpertBatcher {
   absl::Status RunOn(const ExpertStore& store, ExpertAccelerator* accelerator);
   std::vector<std::pair<size_t, size_t>> groups_;  // [begin, end) of items_ per task
   const std::function<void()>* first_ = nullptr;   // Run's first task, during Run
+  uint64_t passes_with_first_ = 0;
   std::vector<ExpertGroup> accel_groups_;
   std::vector<float> accel_x_, accel_y_;
   uint64_t gemms_ = 0, rows_ = 0;
@@ -154,10 +158,14 @@ class LocalRoutedExperts : public RoutedExperts {
   absl::Status Begin(int64_t layer, const float* x, int64_t t, const int32_t* ids, const float* w,
                      int64_t k) override;
   absl::Status Finish(float* out) override;
-  // `beside` as the first task of the experts' pass when it is no more than one core's share of
-  // it (a decode step of at most one row per core); else before them.
+  // `beside` as the first task of the experts' pass when that balances: at most a row per core
+  // and beside_experts * (cores - 1) <= rows * k (its products run inline on one core: no more
+  // than a core's share of the pass; V2 at batch 1: up to 4 cores); else before them. It runs on
+  // the error return too.
   absl::Status FinishAfter(const std::function<void()>& beside, double beside_experts,
                            float* out) override;
+  // FinishAfter calls that ran `beside` in the experts' pass (tests).
+  uint64_t beside_in_pass() const { return batcher_.passes_with_first(); }
 
  private:
   // The experts of the last Begin (after *first, when given, as ExpertBatcher::Run runs it).

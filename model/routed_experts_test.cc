@@ -22,7 +22,7 @@ namespace {
 
 TEST(LocalRoutedExperts, FinishAfterGivesTheBitsOfBesideThenFinish) {
   // Two cores: a row or two of the tiny preset (k = 4, 2 shared experts) takes the one-pass path,
-  // more rows the other; both are checked.
+  // more rows the other; both are checked, and which one ran.
   ASSERT_TRUE(cpu::SetKernelThreads(2));
   const ModelConfig c = *PresetConfig("tiny");
   const char* tmp = std::getenv("TEST_TMPDIR");
@@ -45,13 +45,21 @@ TEST(LocalRoutedExperts, FinishAfterGivesTheBitsOfBesideThenFinish) {
       for (int64_t i = 0; i < t * k; ++i) {
         ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7 + t) % c.n_routed_experts);
       }
-      // The caller's work: writes out (what the routed rows are added to).
+      // The caller's work: writes out (what the routed rows are added to), through a pool call
+      // of its own (inline inside the experts' pass).
       int calls = 0;
       std::vector<float> want(x.size()), got(x.size(), 0.5f);
       auto beside = [&](std::vector<float>* out) {
         ++calls;
-        for (size_t i = 0; i < out->size(); ++i) (*out)[i] = 0.25f * x[i] - 1.0f;
+        const int64_t half = static_cast<int64_t>(out->size()) / 2;
+        cpu::ThePool().Run(2, [&](int part) {
+          const int64_t i0 = part * half, i1 = part == 0 ? half : static_cast<int64_t>(out->size());
+          for (int64_t i = i0; i < i1; ++i) {
+            (*out)[static_cast<size_t>(i)] = 0.25f * x[static_cast<size_t>(i)] - 1.0f;
+          }
+        });
       };
+      const uint64_t in_pass = experts.beside_in_pass();
       ASSERT_TRUE(experts.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
       beside(&want);
       ASSERT_TRUE(experts.Finish(want.data()).ok());
@@ -60,6 +68,9 @@ TEST(LocalRoutedExperts, FinishAfterGivesTheBitsOfBesideThenFinish) {
       ASSERT_TRUE(
           experts.FinishAfter(fn, static_cast<double>(c.n_shared_experts), got.data()).ok());
       EXPECT_EQ(calls, 2);
+      // In the pass at 1 and 2 rows (2 shared * 2 cores <= t * 4 + 2), before it beyond a row per
+      // core.
+      EXPECT_EQ(experts.beside_in_pass() - in_pass, t <= 2 ? 1u : 0u) << "t " << t;
       EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
           << WeightDTypeName(dtype) << " t " << t;
     }

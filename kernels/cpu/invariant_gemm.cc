@@ -382,6 +382,7 @@ __attribute__((target("avx2,fma"))) void PackedTileAvx2(const float* x, int64_t 
 // (quarters swapped), then neighbours, then pairs; each row's total lands in the first lane of
 // its half, and three permutes gather the 8 totals. ~30 instructions per group instead of a store
 // and 8 scalar reductions (~130), which had held back the next group's loads at batch 1.
+static_assert(kPackRows == 8, "StoreGroupLanes8 gathers 4 registers of 2 rows");
 __attribute__((target("avx512f,avx2"))) inline void StoreGroupLanes8(const __m512* acc, float* y) {
   __m512 r[kPackRows / 2];
 #pragma GCC unroll 4

@@ -302,13 +302,14 @@ int64_t HeadGroups(int64_t h, int64_t spans) {
 }
 
 // Few queries of one span each (a batch-1 decode step at a short context): one pass over the pool,
-// a task per head group doing its heads' absorbed queries, attention and output projection — the
-// per-head operations of AbsorbQueries, AttendSpansInParallel and ProjectOutputs, so the same bits,
-// from one hand-off to the pool instead of three.
+// a task per head group doing its heads' absorbed queries, attention and output projection for
+// every query — the per-head operations of AbsorbQueries, AttendSpansInParallel and
+// ProjectOutputs, so the same bits, from one hand-off to the pool instead of three. Taken when the
+// head groups alone give every core a task (MlaInvariant).
 void AttendInOnePass(const MlaParams& p, const float* q, int64_t nq, float* qc,
                      const std::vector<Query>& qs, float* olat, float* o) {
   const int64_t h = p.num_heads;
-  const int64_t groups = HeadGroups(h, std::max<int64_t>(1, static_cast<int64_t>(qs.size())));
+  const int64_t groups = HeadGroups(h, 1);  // each task covers every query
   const int64_t hg = (h + groups - 1) / groups;
   ThePool().Run(static_cast<int>((h + hg - 1) / hg), [&](int g) {
     const int64_t h0 = g * hg, h1 = std::min(h, h0 + hg);
@@ -407,7 +408,8 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
       qs.push_back({qc + row * h * lc, caches + i, ctx, olat + row * h * r});
     }
   }
-  bool one_span = nq < 2 * static_cast<int64_t>(ThePool().size());
+  const int64_t cores = ThePool().size();
+  bool one_span = nq < 2 * cores && HeadGroups(h, 1) >= cores;
   for (const Query& query : qs) one_span = one_span && SpanCount(query.ctx) == 1;
   if (g_attend_mode == 3 || (g_attend_mode == 0 && one_span)) {
     AttendInOnePass(p, q, nq, qc, qs, olat, o);

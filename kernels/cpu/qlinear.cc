@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -454,29 +455,44 @@ void W8A8Rows(const int8_t* q, const float* s, int64_t t, int64_t ldq, const W8A
 // W8A8: the rows of x quantized once, then groups of 4 rows through the int8 kernel over chunks
 // of output rows; the chunks of every product (each with the same in) in one pass over the pool.
 void LinearW8A8(const float* x, int64_t t, int64_t ldx, const W8A8Product* products, int count) {
+  assert(count >= 1 && count <= 2);
   const int64_t in = products[0].w->in;
-  const int64_t ldq = (in + 63) / 64 * 64;
   thread_local std::vector<int8_t> qx;
   thread_local std::vector<float> sx;
   thread_local std::vector<int32_t> sums_here[2];
-  qx.resize(static_cast<size_t>(t * ldq));
+  // The pass's state in one struct: its lambda captures one pointer, so std::function holds it
+  // without allocating. (thread_locals named inside the lambda would be the worker's.)
+  struct Pass {
+    const int8_t* q;
+    const float* s;
+    int64_t t, ldq;
+    W8A8Product ps[2];
+    int64_t per[2], first[3];
+  } pass{nullptr, nullptr, t, (in + 63) / 64 * 64, {}, {0, 0}, {0, 0, 0}};
+  qx.resize(static_cast<size_t>(t * pass.ldq));
   sx.resize(static_cast<size_t>(t));
-  QuantizeRowsInt8(x, t, in, ldx, qx.data(), ldq, sx.data());
-  W8A8Product ps[2];
-  int64_t per[2] = {0, 0}, first[3] = {0, 0, 0};
+  QuantizeRowsInt8(x, t, in, ldx, qx.data(), pass.ldq, sx.data());
+  pass.q = qx.data();
+  pass.s = sx.data();
+  int64_t weights = 0;
   for (int i = 0; i < count; ++i) {
-    ps[i] = products[i];
-    ps[i].sums = RowSums(*ps[i].w, &sums_here[i]);
-    first[i + 1] = first[i] + Chunks(ps[i].w->out, in, &per[i]);
+    pass.ps[i] = products[i];
+    pass.ps[i].sums = RowSums(*pass.ps[i].w, &sums_here[i]);
+    pass.first[i + 1] = pass.first[i] + Chunks(pass.ps[i].w->out, in, &pass.per[i]);
+    weights += pass.ps[i].w->out * in;
   }
-  // (thread_locals named inside the lambda would be the worker's)
-  const int8_t* q = qx.data();
-  const float* s = sx.data();
-  ThePool().Run(static_cast<int>(first[count]), [&](int c) {
-    const int i = c < first[1] ? 0 : 1;
-    const int64_t o0 = (c - first[i]) * per[i], o1 = std::min(ps[i].w->out, o0 + per[i]);
-    W8A8Rows(q, s, t, ldq, ps[i], o0, o1);
-  });
+  const auto chunk = [p = &pass](int c) {
+    const int i = c < p->first[1] ? 0 : 1;
+    const int64_t o0 = (c - p->first[i]) * p->per[i];
+    const int64_t o1 = std::min(p->ps[i].w->out, o0 + p->per[i]);
+    W8A8Rows(p->q, p->s, p->t, p->ldq, p->ps[i], o0, o1);
+  };
+  const int n = static_cast<int>(pass.first[count]);
+  if (weights < (int64_t{1} << 18)) {  // small products together: on this thread, as Chunks says
+    for (int c = 0; c < n; ++c) chunk(c);
+    return;
+  }
+  ThePool().Run(n, chunk);
 }
 
 bool TakesW8A8(const WeightRef& w, int64_t t) {

@@ -221,6 +221,7 @@ __attribute__((target("avx2"))) void PackedTileAvx2(const int8_t* qx, int64_t ld
 // float operations 8 at a time (float(dot) * (sx * sw), the same roundings). A group of 8 rows
 // ends with ~20 instructions instead of 8 scalar reductions (~80): on rows of 384 or 512 columns
 // (q_b, o, every expert's down) those had held back the loads of the next group.
+static_assert(kGroup == 8, "StoreGroupVnni reduces 4 registers of 2 rows");
 __attribute__((target("avx512f,avx2"))) inline void StoreGroupVnni(const __m512i* acc,
                                                                    const int32_t* sums, float sx,
                                                                    const float* sw, float* y) {
