@@ -86,12 +86,13 @@ TEST(Invariance, DotRowsAvx2EqualsPortable) {
 
 // AxpyRows: one fma chain per element in k order. A row alone == in a batch; K split into two
 // accumulating calls == one call; the written-out chain is the golden; at every ISA level
-// (AVX-512's 64- and 16-column tiles, AVX2's 32 and 8, the scalar tail).
+// (AVX-512's 256-column tile of one row, 64- and 16-column tiles, AVX2's 32 and 8, the scalar
+// tail).
 TEST(Invariance, AxpyRowsRowAloneEqualsRowInAnyBatchAndKSplits) {
   const int64_t k = 45;
   for (int level : {0, 1, 2}) {
     const int used = SetGemmIsaForTesting(level);
-    for (int64_t n : {77, 141, 256}) {
+    for (int64_t n : {77, 141, 256, 333}) {  // 256 and 333: the 256-column tile of one row
       const auto w = Random(static_cast<size_t>(k * n), 5);
       const auto target = Random(static_cast<size_t>(k), 6);
       std::vector<float> alone(static_cast<size_t>(n));

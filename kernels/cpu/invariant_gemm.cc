@@ -258,17 +258,17 @@ __attribute__((target("avx512f,fma"))) void AxpyTile512(const float* x, int64_t 
   __m512 acc[T][V];
 #pragma GCC unroll 4
   for (int m = 0; m < T; ++m)
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v)
       acc[m][v] = accumulate ? _mm512_loadu_ps(y + m * ldy + 16 * v) : _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
     __m512 wv[V];
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) wv[v] = Load16(w + kk * ldw + 16 * v);
 #pragma GCC unroll 4
     for (int m = 0; m < T; ++m) {
       const __m512 a = _mm512_set1_ps(x[m * ldx + kk]);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(a, wv[v], acc[m][v]);
     }
   }
@@ -296,6 +296,11 @@ __attribute__((target("avx512f,fma"))) void AxpyRowsAvx512(const float* x, int64
                                                            int64_t n0, int64_t n1, float* y,
                                                            int64_t ldy, bool accumulate) {
   int64_t o = n0;
+  // One row (a batch-1 decode's absorbed query): 256 columns at a time, so each weight row is read
+  // as one contiguous piece instead of four 64-column ones a row apart. (Columns never share a
+  // chain: the tiling does not change a bit.)
+  for (; m == 1 && o + 256 <= n1; o += 256)
+    AxpyTile512<1, 16>(x, ldx, w + o, k, ldw, y + o, ldy, accumulate);
   for (; o + 64 <= n1; o += 64)
     AxpyRowsOfCols512<4>(x, m, ldx, w + o, k, ldw, y + o, ldy, accumulate);
   for (; o + 16 <= n1; o += 16)
