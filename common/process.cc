@@ -1,6 +1,7 @@
 #include "common/process.h"
 
 #include <fcntl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +16,19 @@
 #include "common/service.h"
 
 namespace dmoe {
+namespace {
+
+// Closes every descriptor >= first (async-signal-safe: between fork and exec).
+void CloseFrom(int first) {
+#ifdef SYS_close_range
+  if (syscall(SYS_close_range, static_cast<unsigned>(first), ~0u, 0u) == 0) return;
+#endif
+  const long max = sysconf(_SC_OPEN_MAX);
+  for (long fd = first; fd < (max > 0 && max < 65536 ? max : 65536); ++fd)
+    close(static_cast<int>(fd));
+}
+
+}  // namespace
 
 ChildProcess::ChildProcess(const std::vector<std::string>& argv, const std::string& log_path,
                            bool detach)
@@ -37,6 +51,9 @@ ChildProcess::ChildProcess(const std::vector<std::string>& argv, const std::stri
       dup2(fd, 1);
       dup2(fd, 2);
     }
+    // Nothing else of the launcher's reaches the child: a listening socket or a pipe held open
+    // by a service would keep its port bound (or its reader waiting) after the launcher is gone.
+    CloseFrom(3);
     execv(args[0], args.data());
     std::fprintf(stderr, "cannot run %s: %s\n", args[0], std::strerror(errno));
     _exit(127);
