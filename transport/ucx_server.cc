@@ -132,6 +132,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       }
       ep = p->ep;
       p->sending = true;
+      // Shutdown waits for this send to be posted before it closes the endpoints and the worker.
+      replies_posting_.fetch_add(1, std::memory_order_relaxed);
       bytes = p->reply_bytes = reply.size();
       p->buffer = std::move(reply);
       ++stats_.replies;
@@ -152,6 +154,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     } else {
       SendPending(bytes);  // OnReplySent with a request undoes it
     }
+    replies_posting_.fetch_sub(1, std::memory_order_release);
   }
 
   std::vector<uint8_t> AcquireBuffer() override {
@@ -177,6 +180,10 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       has_work_.store(true, std::memory_order_release);  // nothing more to wait for
       cv_.SignalAll();
     }
+    // A Reply past its closed_ check posts its send outside mu_: closing the endpoint or
+    // destroying the worker under it would free what ucp_am_send_nbx uses. No Reply starts one
+    // now; those under way end within a call (the send does not block).
+    while (replies_posting_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
     if (address_fd_ >= 0) {
       ::shutdown(address_fd_, SHUT_RDWR);  // wakes accept() with EINVAL
       address_thread_.join();
@@ -442,6 +449,7 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
   std::set<ucp_ep_h> authorized_ ABSL_GUARDED_BY(mu_);  // endpoints whose hello had the token
   // Failed, closed once their last reply send is done.
   std::set<ucp_ep_h> closing_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> replies_posting_{0};  // Replies between their closed_ check and their send
   ServerStats stats_ ABSL_GUARDED_BY(mu_);
   UnlockedBufferPool pool_ ABSL_GUARDED_BY(mu_);
 };
