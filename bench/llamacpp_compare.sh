@@ -66,6 +66,11 @@ fi
 QUICK=${QUICK:-0}
 OUT=${OUT:-$(mktemp -d -t llamacpp_compare.XXXXXX)}
 mkdir -p "$OUT" "$GGUF_DIR"
+# A reused OUT: an earlier run's raw outputs would sit beside this run's (only our own files go).
+if compgen -G "$OUT/*.rc" > /dev/null || [ -e "$OUT/summary.json" ]; then
+  echo "llamacpp_compare.sh: removing an earlier run's outputs from $OUT" >&2
+  rm -f "$OUT"/*.out "$OUT"/*.err "$OUT"/*.rc "$OUT"/*.cmd "$OUT/summary.json"
+fi
 MODEL_DIR=${MODEL_DIR%/}
 model_name=$(basename "$MODEL_DIR")
 
@@ -174,7 +179,7 @@ OUT=$OUT ROUNDS=$ROUNDS PRECISIONS=$PRECISIONS QUICK=$QUICK PP=$pp TG=$tg DEPTH=
 BB_NPP=$bb_npp BB_NTG=$bb_ntg BB_NPL=$bb_npl THREADS=$THREADS MODEL_DIR=$MODEL_DIR \
 DMOE_REV=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown) NCPU=$ncpu \
 python3 - <<'PY'
-import json, os, statistics
+import json, os, statistics, sys
 
 env = os.environ
 out, rounds = env["OUT"], int(env["ROUNDS"])
@@ -200,7 +205,7 @@ def json_lines(text):
             try:
                 rows.append(json.loads(line))
             except ValueError:
-                pass
+                print(f"  an unreadable JSON line, skipped: {line[:120]}", file=sys.stderr)
     return rows
 
 

@@ -310,10 +310,10 @@ TEST_P(TransportConformance, ServerShutDownFailsInFlightRequests) {
 }
 
 // A server shut down while a thread keeps replying: a Reply past its check of the server's state
-// posts its send outside the lock, and Shutdown used to close the endpoints and destroy the worker
-// under it (a use after free in ucp_am_send_nbx, seen as a rare crash when a shard stopped with
-// streams running). Shutdown now waits for those posts; the replies after it are dropped and
-// counted. 8 rounds of 64 requests, shut down after the first few replies.
+// posts its send outside the lock, and Shutdown could close the endpoints and destroy the worker
+// under it (a use after free in ucp_am_send_nbx; found by reading, the window is microseconds).
+// Shutdown now waits for those posts; every request ends and the replies after it are dropped.
+// 8 rounds of 64 requests, shut down after the first few replies.
 TEST_P(TransportConformance, RepliesRacingAShutdownNeverUseAClosedWorker) {
   for (int round = 0; round < 8; ++round) {
     TearDown();
