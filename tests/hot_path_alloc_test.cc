@@ -11,6 +11,7 @@
 #include "expert_service/expert_server.h"
 #include "expert_service/expert_shard.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/bf16dot.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
 #include "transport/ucx.h"
@@ -39,17 +40,38 @@ void operator delete[](void* p, size_t) noexcept { std::free(p); }
 namespace dmoe {
 namespace {
 
-TEST(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
+// Every dtype an expert shard holds: each has its own kernels (the W8A8 pass, packed bf16, fp8),
+// and a kernel that allocates per call (a std::function capturing more than 16 bytes does) would
+// allocate per message.
+// (bf16 and fp8 also with --bf16-activations.)
+struct Held {
+  WeightDType dtype;
+  bool a16;
+};
+class HotPath : public ::testing::TestWithParam<Held> {};
+
+TEST_P(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
   setenv("UCX_NET_DEVICES", "lo", 1);
   setenv("UCX_TLS", "tcp,self", 1);
+  const WeightDType dtype = GetParam().dtype;
+  cpu::SetBf16Activations(GetParam().a16);
   const char* tmp = std::getenv("TEST_TMPDIR");
-  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/alloc_model";
+  const std::string dir =
+      std::string(tmp ? tmp : "/tmp") + "/alloc_model_" + WeightDTypeName(dtype);
   const ModelConfig c = *PresetConfig("tiny");
   ASSERT_TRUE(WriteTinyModel(dir, c, TinyModelOptions()).ok());
   auto ck = Checkpoint::Open(dir);
   ASSERT_TRUE(ck.ok());
-  auto store = ExpertStore::Load(**ck, c, ExpertStore::AllExperts(c));
-  ASSERT_TRUE(store.ok());
+  auto store = ExpertStore::Load(**ck, c, ExpertStore::AllExperts(c), dtype);
+  ASSERT_TRUE(store.ok()) << store.status();
+  if (dtype != WeightDType::kAuto) {  // (the tiny checkpoint is fp32)
+    const MlpWeights* e = (*store)->Find(1, 0);
+    ASSERT_NE(e, nullptr);
+    const cpu::WeightFormat want = dtype == WeightDType::kBf16   ? cpu::WeightFormat::kBf16
+                                   : dtype == WeightDType::kInt8 ? cpu::WeightFormat::kInt8
+                                                                 : cpu::WeightFormat::kFp8;
+    EXPECT_EQ(e->gate.format, want);
+  }
 
   auto server = transport::NewUcxServer();
   ASSERT_TRUE(server.ok());
@@ -103,7 +125,17 @@ TEST(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
   EXPECT_EQ(remote.round_trips(), 300u * static_cast<uint64_t>(windows + 1));
   serving.Stop();
   (*server)->Shutdown();
+  cpu::SetBf16Activations(false);
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, HotPath,
+    ::testing::Values(Held{WeightDType::kAuto, false}, Held{WeightDType::kBf16, false},
+                      Held{WeightDType::kBf16, true}, Held{WeightDType::kInt8, false},
+                      Held{WeightDType::kFp8, false}, Held{WeightDType::kFp8, true}),
+    [](const ::testing::TestParamInfo<Held>& i) {
+      return std::string(WeightDTypeName(i.param.dtype)) + (i.param.a16 ? "a16" : "");
+    });
 
 }  // namespace
 }  // namespace dmoe
