@@ -435,7 +435,7 @@ void LinearBf16A16(const float* x, int64_t t, int64_t ldx, const uint16_t* w, in
   if (used == 1) {
     run(0);
   } else {
-    ThePool().Run(static_cast<int>(used), run);
+    ThePool().RunEach(static_cast<int>(used), run);
   }
 }
 

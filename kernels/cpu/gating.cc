@@ -15,11 +15,20 @@ namespace {
 void MaskGroups(const std::vector<float>& g, int64_t keep, int64_t per, float masked,
                 std::vector<int32_t>* order, std::vector<float>* cand) {
   const int64_t groups = static_cast<int64_t>(g.size());
-  std::iota(order->begin(), order->begin() + groups, 0);
-  std::stable_sort(order->begin(), order->begin() + groups, [&](int32_t a, int32_t b) {
-    return g[static_cast<size_t>(a)] > g[static_cast<size_t>(b)];
-  });
-  std::vector<char> kept(static_cast<size_t>(groups), 0);
+  // Groups by g, largest first, ties in group order: a stable insertion sort (what stable_sort
+  // gives, without its temporary buffer; a few groups).
+  for (int64_t j = 0; j < groups; ++j) {
+    const int32_t cur = static_cast<int32_t>(j);
+    int64_t at = j;
+    for (; at > 0 && g[static_cast<size_t>(cur)] >
+                         g[static_cast<size_t>((*order)[static_cast<size_t>(at - 1)])];
+         --at) {
+      (*order)[static_cast<size_t>(at)] = (*order)[static_cast<size_t>(at - 1)];
+    }
+    (*order)[static_cast<size_t>(at)] = cur;
+  }
+  thread_local std::vector<char> kept;
+  kept.assign(static_cast<size_t>(groups), 0);
   for (int64_t j = 0; j < keep; ++j)
     kept[static_cast<size_t>((*order)[static_cast<size_t>(j)])] = 1;
   for (size_t i = 0; i < cand->size(); ++i) {
@@ -55,9 +64,12 @@ void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, 
   } else {
     SoftmaxRows(logits, t, e, e);
   }
-  std::vector<float> cand(static_cast<size_t>(e));
-  std::vector<float> g(static_cast<size_t>(p.n_group));
-  std::vector<int32_t> order(static_cast<size_t>(std::max(e, p.n_group)));
+  // (scratch kept from call to call: a decode step selects experts once per MoE layer)
+  thread_local std::vector<float> cand, g;
+  thread_local std::vector<int32_t> order;
+  cand.resize(static_cast<size_t>(e));
+  g.resize(static_cast<size_t>(p.n_group));
+  order.resize(static_cast<size_t>(std::max(e, p.n_group)));
   const int64_t per = e / p.n_group;
   for (int64_t r = 0; r < t; ++r) {
     const float* s = logits + r * e;

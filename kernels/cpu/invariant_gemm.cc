@@ -495,7 +495,7 @@ void DotRowsT(const float* x, int64_t m, int64_t ldx, const typename W::T* w, in
   if (chunks == 1) {
     run(0);
   } else {
-    ThePool().Run(static_cast<int>(chunks), run);
+    ThePool().RunEach(static_cast<int>(chunks), run);
   }
 }
 
@@ -533,7 +533,7 @@ void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w
   if (chunks == 1) {
     run(0);
   } else {
-    ThePool().Run(static_cast<int>(chunks), run);
+    ThePool().RunEach(static_cast<int>(chunks), run);
   }
 }
 
@@ -559,7 +559,7 @@ void AxpyRowsT(const float* x, int64_t m, int64_t ldx, const WT* w, int64_t k, i
   if (chunks == 1) {
     run(0);
   } else {
-    ThePool().Run(static_cast<int>(chunks), run);
+    ThePool().RunEach(static_cast<int>(chunks), run);
   }
 }
 

@@ -104,7 +104,8 @@ void AbsorbHead(const MlaParams& p, const float* q, int64_t nq, int64_t head, fl
 void AbsorbQueries(const MlaParams& p, const float* q, int64_t nq, float* qc) {
   // One head per task: at decode each head's product is too small to split, and the heads are
   // independent outputs (the products inside run inline, with the same chains).
-  ThePool().Run(static_cast<int>(p.num_heads), [&](int head) { AbsorbHead(p, q, nq, head, qc); });
+  ThePool().RunEach(static_cast<int>(p.num_heads),
+                    [&](int head) { AbsorbHead(p, q, nq, head, qc); });
 }
 
 // One head's columns of o[nq, H * dv] from olat[nq * H, r]: o_lat @ W_UV[head]^T.
@@ -122,8 +123,8 @@ void ProjectHead(const MlaParams& p, const float* olat, int64_t nq, int64_t head
 
 // olat[nq * H, r] -> o[nq, H * dv] (o_lat @ W_UV^T per head).
 void ProjectOutputs(const MlaParams& p, const float* olat, int64_t nq, float* o) {
-  ThePool().Run(static_cast<int>(p.num_heads),
-                [&](int head) { ProjectHead(p, olat, nq, head, o); });
+  ThePool().RunEach(static_cast<int>(p.num_heads),
+                    [&](int head) { ProjectHead(p, olat, nq, head, o); });
 }
 
 // ---- attention over spans (one pass over the cache) ----
@@ -311,7 +312,7 @@ void AttendInOnePass(const MlaParams& p, const float* q, int64_t nq, float* qc,
   const int64_t h = p.num_heads;
   const int64_t groups = HeadGroups(h, 1);  // each task covers every query
   const int64_t hg = (h + groups - 1) / groups;
-  ThePool().Run(static_cast<int>((h + hg - 1) / hg), [&](int g) {
+  ThePool().RunEach(static_cast<int>((h + hg - 1) / hg), [&](int g) {
     const int64_t h0 = g * hg, h1 = std::min(h, h0 + hg);
     for (int64_t head = h0; head < h1; ++head) AbsorbHead(p, q, nq, head, qc);
     for (const Query& query : qs) AttendQueryHeads(p, query, h0, h1);
@@ -342,7 +343,8 @@ void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
   struct Task {
     int64_t query, span, h0;
   };
-  std::vector<Task> tasks;
+  thread_local std::vector<Task> kept_tasks;  // (its capacity kept from call to call)
+  std::vector<Task>& tasks = kept_tasks;      // (a thread_local named in the lambda: the worker's)
   for (int64_t k0 = 0; k0 < most; k0 += wave) {
     tasks.clear();
     for (int64_t i = 0; i < nq; ++i) {
@@ -351,7 +353,7 @@ void AttendSpansInParallel(const MlaParams& p, const std::vector<Query>& qs) {
       }
     }
     SpanResults& hv = held;  // (a thread_local named inside the lambda would be the worker's)
-    ThePool().Run(static_cast<int>(tasks.size()), [&](int t) {
+    ThePool().RunEach(static_cast<int>(tasks.size()), [&](int t) {
       const Task& task = tasks[static_cast<size_t>(t)];
       const Query& q = qs[static_cast<size_t>(task.query)];
       const int64_t a = task.span * g_span;
@@ -380,7 +382,8 @@ void AttendAll(const MlaParams& p, const std::vector<Query>& qs) {
   const bool per_query = g_attend_mode == 1 ||
                          (g_attend_mode == 0 && nq >= 2 * static_cast<int64_t>(ThePool().size()));
   if (per_query) {
-    ThePool().Run(static_cast<int>(nq), [&](int i) { AttendQuery(p, qs[static_cast<size_t>(i)]); });
+    ThePool().RunEach(static_cast<int>(nq),
+                      [&](int i) { AttendQuery(p, qs[static_cast<size_t>(i)]); });
   } else {
     AttendSpansInParallel(p, qs);
   }

@@ -15,6 +15,13 @@ class KernelPool {
   virtual ~KernelPool() = default;
   virtual int size() const = 0;
   virtual void Run(int n, const std::function<void(int)>& fn) = 0;
+  // Run for a callable of any size without a heap allocation: std::function keeps a lambda of at
+  // most 16 bytes of captures in place and allocates for a larger one (a [&] lambda naming three
+  // locals), once per call; this hands it a lambda holding one pointer to `fn`.
+  template <typename F>
+  void RunEach(int n, const F& fn) {
+    Run(n, [f = &fn](int chunk) { (*f)(chunk); });
+  }
 };
 
 // The process-wide pool, created on first use and never destroyed: SetKernelThreads' count, else
