@@ -369,22 +369,6 @@ void Fp8PackedRows(int level, const float* x, int64_t t, int64_t ldx, const Weig
   }
 }
 
-// A pass over the output rows of one product, in one struct: its lambda captures one pointer,
-// so std::function holds the lambda without allocating (captures of more than 16 bytes go to the
-// heap, once per call: on an expert shard, a few dozen allocations per message).
-struct RowsPass {
-  const float* x;
-  int64_t t, ldx;
-  const WeightRef* w;
-  float* y;
-  int64_t ldy, per;
-  int level;           // LinearFp8Packed: its ISA level; the row-major kernels: 1 = AVX2
-  const uint16_t* xb;  // LinearFp8A16: x rounded to bf16
-  float* dequantized;  // the dequantizing path: W as fp32
-  int64_t o0(int c) const { return c * per; }
-  int64_t o1(int c) const { return std::min(w->out, (c + 1) * per); }
-};
-
 // ---- fp8 under A16 (--bf16-activations): bf16dot.h's Fp8DotRowsPackedA16 over 128-column
 // blocks (an e4m3 value is exact in bf16), the rows of x rounded to bf16 once ----
 
@@ -395,23 +379,24 @@ void LinearFp8A16(const float* x, int64_t t, int64_t ldx, const WeightRef& w, fl
   for (int64_t m = 0; m < t; ++m) {
     FloatToBf16N(x + m * ldx, static_cast<size_t>(w.in), rounded.data() + m * w.in);
   }
-  // (a thread_local named in the lambda would be the worker's)
-  RowsPass pass{x, t, ldx, &w, y, ldy, 0, 0, rounded.data(), nullptr};
-  const int64_t chunks = Chunks(w.out, w.in, &pass.per);
-  ThePool().Run(static_cast<int>(chunks), [p = &pass](int c) {
-    const WeightRef& pw = *p->w;
-    Fp8DotRowsPackedA16(p->xb, p->t, pw.in, pw.q, pw.in, pw.scales, kFp8Block, p->y, p->ldy,
-                        p->o0(c), p->o1(c));
+  const uint16_t* xb =
+      rounded.data();  // (a thread_local named in the lambda would be the worker's)
+  int64_t per = 0;
+  const int64_t chunks = Chunks(w.out, w.in, &per);
+  ThePool().RunEach(static_cast<int>(chunks), [&](int c) {
+    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+    Fp8DotRowsPackedA16(xb, t, w.in, w.q, w.in, w.scales, kFp8Block, y, ldy, o0, o1);
   });
 }
 
 void LinearFp8Packed(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float* y,
                      int64_t ldy) {
   const int level = g_portable.load(std::memory_order_relaxed) ? 0 : GemmIsaLevel();
-  RowsPass pass{x, t, ldx, &w, y, ldy, 0, level, nullptr, nullptr};
-  const int64_t chunks = Chunks(w.out, w.in, &pass.per);
-  ThePool().Run(static_cast<int>(chunks), [p = &pass](int c) {
-    Fp8PackedRows(p->level, p->x, p->t, p->ldx, *p->w, p->y, p->ldy, p->o0(c), p->o1(c));
+  int64_t per = 0;
+  const int64_t chunks = Chunks(w.out, w.in, &per);
+  ThePool().RunEach(static_cast<int>(chunks), [&](int c) {
+    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+    Fp8PackedRows(level, x, t, ldx, w, y, ldy, o0, o1);
   });
 }
 
@@ -681,27 +666,28 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
     }
     return;
   }
-  RowsPass pass{x, t, ldx, &w, y, ldy, 0, UseAvx2() ? 1 : 0, nullptr, nullptr};
-  const int64_t chunks = Chunks(w.out, w.in, &pass.per);
+  int64_t per = 0;
+  const int64_t chunks = Chunks(w.out, w.in, &per);
   // The invariant mode always takes the register kernel (its rows never interact); the BLAS
   // mode dequantizes for sgemm beyond kDirectRows rows.
   // (Packed int8 under W8A16, a comparison mode: dequantized below; its kernel reads row-major.)
   if ((t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant) && !w.packed) {
     // Groups of up to 8 rows through the register kernel; a chunk of weight rows stays in cache
     // from one group to the next.
-    ThePool().Run(static_cast<int>(chunks), [p = &pass](int c) {
-      const WeightRef& pw = *p->w;
-      const int64_t o0 = p->o0(c), o1 = p->o1(c);
-      for (int64_t m0 = 0; m0 < p->t; m0 += 8) {
-        const int64_t mt = std::min<int64_t>(8, p->t - m0);
-        const float* xm = p->x + m0 * p->ldx;
-        float* ym = p->y + m0 * p->ldy;
-        if (p->level == 0) {
-          RowsScalar(xm, mt, p->ldx, pw, ym, p->ldy, o0, o1);
-        } else if (pw.format == WeightFormat::kFp8) {
-          Dispatch<true>(xm, mt, p->ldx, pw, ym, p->ldy, o0, o1);
+    const bool avx2 = UseAvx2();
+    const bool fp8 = w.format == WeightFormat::kFp8;
+    ThePool().RunEach(static_cast<int>(chunks), [&](int c) {
+      const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+      for (int64_t m0 = 0; m0 < t; m0 += 8) {
+        const int64_t mt = std::min<int64_t>(8, t - m0);
+        const float* xm = x + m0 * ldx;
+        float* ym = y + m0 * ldy;
+        if (!avx2) {
+          RowsScalar(xm, mt, ldx, w, ym, ldy, o0, o1);
+        } else if (fp8) {
+          Dispatch<true>(xm, mt, ldx, w, ym, ldy, o0, o1);
         } else {
-          Dispatch<false>(xm, mt, p->ldx, pw, ym, p->ldy, o0, o1);
+          Dispatch<false>(xm, mt, ldx, w, ym, ldy, o0, o1);
         }
       }
     });
@@ -710,11 +696,12 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   // Many rows: compute-bound, so dequantize once and use the fp32 GEMM.
   thread_local std::vector<float> full;
   full.resize(static_cast<size_t>(w.out * w.in));
-  pass.dequantized = full.data();  // (a thread_local named in the lambda would be the worker's)
-  ThePool().Run(static_cast<int>(chunks), [p = &pass](int c) {
-    Dequantize(*p->w, p->o0(c), p->o1(c), p->dequantized + p->o0(c) * p->w->in);
+  float* dst = full.data();  // (a thread_local named inside the lambda would be the worker's)
+  ThePool().RunEach(static_cast<int>(chunks), [&](int c) {
+    const int64_t o0 = c * per, o1 = std::min(w.out, o0 + per);
+    Dequantize(w, o0, o1, dst + o0 * w.in);
   });
-  Linear(x, t, w.in, pass.dequantized, w.out, y, ldx, ldy);
+  Linear(x, t, w.in, dst, w.out, y, ldx, ldy);
 }
 
 void LinearW2(const float* x, int64_t t, const WeightRef& w1, float* y1, const WeightRef& w2,
