@@ -67,9 +67,9 @@ QUICK=${QUICK:-0}
 OUT=${OUT:-$(mktemp -d -t llamacpp_compare.XXXXXX)}
 mkdir -p "$OUT" "$GGUF_DIR"
 # A reused OUT: an earlier run's raw outputs would sit beside this run's (only our own files go).
-if compgen -G "$OUT/*.rc" > /dev/null || [ -e "$OUT/summary.json" ]; then
+if compgen -G "$OUT/r[0-9]*-*.rc" > /dev/null || [ -e "$OUT/summary.json" ]; then
   echo "llamacpp_compare.sh: removing an earlier run's outputs from $OUT" >&2
-  rm -f "$OUT"/*.out "$OUT"/*.err "$OUT"/*.rc "$OUT"/*.cmd "$OUT/summary.json"
+  rm -f "$OUT"/r[0-9]*-*.{out,err,rc,cmd} "$OUT/summary.json"
 fi
 MODEL_DIR=${MODEL_DIR%/}
 model_name=$(basename "$MODEL_DIR")

@@ -18,7 +18,8 @@
 namespace dmoe {
 namespace {
 
-// Closes every descriptor >= first (async-signal-safe: between fork and exec).
+// Closes every descriptor >= first (between fork and exec). Without close_range (Linux < 5.9) it
+// closes up to sysconf's limit, at most 65536.
 void CloseFrom(int first) {
 #ifdef SYS_close_range
   if (syscall(SYS_close_range, static_cast<unsigned>(first), ~0u, 0u) == 0) return;
@@ -55,7 +56,12 @@ ChildProcess::ChildProcess(const std::vector<std::string>& argv, const std::stri
     // by a service would keep its port bound (or its reader waiting) after the launcher is gone.
     CloseFrom(3);
     execv(args[0], args.data());
-    std::fprintf(stderr, "cannot run %s: %s\n", args[0], std::strerror(errno));
+    // (write, not stdio: another thread may have held stderr's lock at the fork)
+    const char* what = std::strerror(errno);
+    const char* parts[] = {"cannot run ", args[0], ": ", what, "\n"};
+    for (const char* part : parts) {
+      if (write(2, part, std::strlen(part)) < 0) break;
+    }
     _exit(127);
   }
 }

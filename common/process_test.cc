@@ -36,5 +36,14 @@ TEST(ChildProcess, InheritsNoDescriptorButTheStandardThree) {
   EXPECT_EQ(log, "0\n1\n2\nend\n");
 }
 
+// A program that cannot be executed: the child says why in its log and exits 127.
+TEST(ChildProcess, AProgramThatCannotRunExits127WithTheReason) {
+  ChildProcess child({"/nonexistent/dmoe-no-such-program"}, TempPath("missing.log"));
+  ASSERT_GT(child.pid(), 0);
+  EXPECT_EQ(child.Wait(std::chrono::seconds(20)), 127);
+  EXPECT_EQ(child.Log(),
+            "cannot run /nonexistent/dmoe-no-such-program: No such file or directory\n");
+}
+
 }  // namespace
 }  // namespace dmoe

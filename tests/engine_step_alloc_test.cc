@@ -46,7 +46,10 @@ struct Case {
   WeightDType dtype;
   int attend_mode;
 };
-class EngineStep : public ::testing::TestWithParam<Case> {};
+class EngineStep : public ::testing::TestWithParam<Case> {
+ protected:
+  void TearDown() override { cpu::SetMlaAttendModeForTesting(0); }  // (also after a failed ASSERT)
+};
 
 TEST_P(EngineStep, DecodeStepsAllocateNothingAfterWarmUp) {
   const char* tmp = std::getenv("TEST_TMPDIR");
@@ -93,7 +96,6 @@ TEST_P(EngineStep, DecodeStepsAllocateNothingAfterWarmUp) {
     std::printf("operator new calls during 9 decode steps of 2 sequences (window %d): %llu\n",
                 window + 1, static_cast<unsigned long long>(last));
   }
-  cpu::SetMlaAttendModeForTesting(0);
   EXPECT_EQ(last, 0u);
   EXPECT_LE(total, 4u);
 }

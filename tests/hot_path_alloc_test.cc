@@ -48,7 +48,10 @@ struct Held {
   WeightDType dtype;
   bool a16;
 };
-class HotPath : public ::testing::TestWithParam<Held> {};
+class HotPath : public ::testing::TestWithParam<Held> {
+ protected:
+  void TearDown() override { cpu::SetBf16Activations(false); }  // (also after a failed ASSERT)
+};
 
 TEST_P(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
   setenv("UCX_NET_DEVICES", "lo", 1);
@@ -125,7 +128,6 @@ TEST_P(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
   EXPECT_EQ(remote.round_trips(), 300u * static_cast<uint64_t>(windows + 1));
   serving.Stop();
   (*server)->Shutdown();
-  cpu::SetBf16Activations(false);
 }
 
 INSTANTIATE_TEST_SUITE_P(
