@@ -106,6 +106,7 @@ struct DecodeResult {
   };
   std::vector<Block> paired;
   EngineTimings timings;  // of the timed steps
+  cpu::PoolStats pool;    // of the timed steps
 };
 
 // `n` sequences in a paged cache of `kv` (blocks of 16 tokens, as served) with room for `tokens`
@@ -145,13 +146,16 @@ DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len,
   next();
   if (!engine.Step(b, &logits).ok()) std::abort();  // warm-up step
   engine.ResetTimings();
+  cpu::ThePool().CountStats(true);
   const auto t0 = Clock::now();
   for (int s = 0; s < steps; ++s) {
     next();
     if (!engine.Step(b, &logits).ok()) std::abort();
   }
   const double secs = Seconds(t0, Clock::now());
-  DecodeResult r{batch * steps / secs, 1000.0 * secs / steps, {}, engine.timings()};
+  const cpu::PoolStats pool = cpu::ThePool().stats();
+  cpu::ThePool().CountStats(false);
+  DecodeResult r{batch * steps / secs, 1000.0 * secs / steps, {}, engine.timings(), pool};
   constexpr size_t kProbe = size_t{128} << 20;  // best of 2 reads, each of another eighth
   double bw = paired ? ReadBandwidth(2, kProbe, 0) : 0;
   for (int s = 0, block = 1; paired && s < steps; s += kBlockSteps, ++block) {
@@ -282,7 +286,7 @@ DecodeResult BenchPrefill(Engine& engine, int64_t n, cpu::KvDType kv) {
     if (!engine.Step(b, &logits).ok()) std::abort();
     best = std::min(best, Seconds(t0, Clock::now()));
   }
-  return {static_cast<double>(n) / best, 1000.0 * best, {}, {}};
+  return {static_cast<double>(n) / best, 1000.0 * best, {}, {}, {}};
 }
 
 // Bytes of weights one batch-1 decode step reads: everything but the embedding table (one row)
@@ -347,7 +351,9 @@ burst lowers a probe, never raises it), read_bw_gbs the median of those (other r
 read at start). tokens_per_s and ms_per_step come from the timed steps alone. Near
 max_position_embeddings a batch-1 row takes half the steps that fit. Load line: seconds, resident
 bytes the load added and its peak (VmHWM), and how much of the anonymous memory it added lies in
-2 MiB pages.
+2 MiB pages. Under each decode row (text output): ms per step by part, and the kernel pool's passes
+per step with its idle time (the caller waiting at the ends of passes for the workers' last chunk,
+and running alone between passes while the workers wait: what keeps batch 1 from the limit).
 Opt-in sections (the small preset / the model loaded as stored):
   --kernel-rounds R     batch-invariant vs BLAS kernels, R alternating rounds per batch size
   --distributed N       routed experts on N dmoe-expert processes over UCX vs in-process
@@ -512,6 +518,15 @@ void MeasureModel(LocalModel& m, const Options& o, Measurement base) {
           "%.2f, lm_head %.2f\n",
           t.attention * per, t.dense_mlp * per, t.router * per, t.routed * per, t.shared * per,
           t.lm_head * per);
+      // The kernel pool's idle time: the caller waiting for the workers' last chunk, and the
+      // caller working alone between passes (the workers idle then).
+      const cpu::PoolStats& ps = last.pool;
+      std::printf(
+          "    kernel pool per step: %.1f passes (%.0f chunks); the caller waited %.0f us at the "
+          "ends of passes and ran %.0f us alone between them\n",
+          static_cast<double>(ps.passes) / n, static_cast<double>(ps.chunks) / n,
+          static_cast<double>(ps.caller_wait_ns) / 1e3 / n,
+          static_cast<double>(ps.caller_alone_ns) / 1e3 / n);
     }
   }
   if (o.prefill > 0 && o.prefill < c.max_position_embeddings) {

@@ -1,3 +1,4 @@
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -12,6 +13,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/cpu/small_gemm.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace dmoe::cpu {
 namespace {
@@ -387,6 +389,31 @@ TEST(SmallMLinear, MatchesSgemmPathAndDoubleLoops) {
       }
     }
   }
+}
+
+}  // namespace
+}  // namespace dmoe::cpu
+
+namespace dmoe::cpu {
+namespace {
+
+// The pool's counters (engine_bench's "kernel pool per step" line): passes and chunks of the calls
+// that ran over the workers, none while off; a call with one chunk runs inline, uncounted.
+TEST(KernelPool, CountsPassesAndChunksOnlyWhileAsked) {
+  KernelPool& pool = ThePool();
+  std::atomic<int> ran{0};
+  pool.RunEach(4, [&](int) { ran.fetch_add(1); });  // not counting yet
+  pool.CountStats(true);
+  for (int i = 0; i < 3; ++i) pool.RunEach(4, [&](int) { ran.fetch_add(1); });
+  pool.RunEach(1, [&](int) { ran.fetch_add(1); });
+  const PoolStats s = pool.stats();
+  pool.CountStats(false);
+  EXPECT_EQ(ran.load(), 17);
+  const uint64_t pooled = pool.size() > 1 ? 3 : 0;  // one thread: every call runs inline
+  EXPECT_EQ(s.passes, pooled);
+  EXPECT_EQ(s.chunks, 4 * pooled);
+  pool.RunEach(4, [&](int) { ran.fetch_add(1); });
+  EXPECT_EQ(pool.stats().passes, 0u);  // zeroed by CountStats(false), and nothing counted since
 }
 
 }  // namespace

@@ -36,6 +36,17 @@ class Pool final : public KernelPool {
   }
   int size() const override { return static_cast<int>(threads_.size()) + 1; }
 
+  void CountStats(bool on) override {
+    std::lock_guard<std::mutex> l(busy_);
+    stats_ = PoolStats();
+    last_end_ = {};
+    counting_.store(on, std::memory_order_relaxed);
+  }
+  PoolStats stats() const override {
+    std::lock_guard<std::mutex> l(busy_);
+    return stats_;
+  }
+
   void Run(int n, const std::function<void(int)>& fn) override {
     // A chunk that calls Run again (an expert's products inside the expert loop) runs that call
     // inline: its thread already holds busy_ or is a worker of this call.
@@ -48,6 +59,12 @@ class Pool final : public KernelPool {
       for (int i = 0; i < n; ++i) fn(i);
       return;
     }
+    const bool counting = counting_.load(std::memory_order_relaxed);
+    Clock::time_point start;
+    if (counting) {
+      start = Clock::now();
+      if (last_end_ != Clock::time_point()) stats_.caller_alone_ns += Nanos(last_end_, start);
+    }
     const uint64_t gen = ++generation_;  // only Run writes it, under busy_
     fn_ = &fn;
     pending_.store(n);
@@ -57,6 +74,7 @@ class Pool final : public KernelPool {
       cv_.notify_all();
     }
     Drain(gen);
+    const Clock::time_point drained = counting ? Clock::now() : Clock::time_point();
     for (uint64_t spins = 0; pending_.load() != 0; ++spins) {
       if (spins < 4096) {
         _mm_pause();
@@ -64,9 +82,20 @@ class Pool final : public KernelPool {
         std::this_thread::yield();
       }
     }
+    if (counting) {
+      last_end_ = Clock::now();
+      ++stats_.passes;
+      stats_.chunks += static_cast<uint64_t>(n);
+      stats_.caller_wait_ns += Nanos(drained, last_end_);
+    }
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+  static uint64_t Nanos(Clock::time_point a, Clock::time_point b) {
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count());
+  }
   static uint64_t Ticket(uint64_t gen, uint64_t n, uint64_t idx) {
     return (gen << 32) | (n << 16) | idx;
   }
@@ -105,7 +134,11 @@ class Pool final : public KernelPool {
     }
   }
 
-  std::mutex busy_, mu_;
+  mutable std::mutex busy_;
+  std::mutex mu_;
+  std::atomic<bool> counting_{false};
+  PoolStats stats_;             // under busy_ (Run holds it)
+  Clock::time_point last_end_;  // the end of the last counted pass (under busy_)
   std::condition_variable cv_;
   std::vector<std::thread> threads_;
   const std::function<void(int)>* fn_ = nullptr;

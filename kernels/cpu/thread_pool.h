@@ -6,9 +6,20 @@
 #ifndef DMOE_KERNELS_CPU_THREAD_POOL_H_
 #define DMOE_KERNELS_CPU_THREAD_POOL_H_
 
+#include <cstdint>
 #include <functional>
 
 namespace dmoe::cpu {
+
+// Where a pooled call's time goes (KernelPool::CountStats): for finding the idle time of a
+// batch-1 decode step, which makes dozens of small passes.
+struct PoolStats {
+  uint64_t passes = 0;           // calls that ran over the workers
+  uint64_t chunks = 0;           // their chunks
+  uint64_t caller_wait_ns = 0;   // the caller, its chunks done, waiting for the workers' last
+  uint64_t caller_alone_ns = 0;  // from the end of one pass to the start of the next: the caller
+                                 // alone (norms, routing, the step's ends), the workers idle
+};
 
 class KernelPool {
  public:
@@ -18,6 +29,9 @@ class KernelPool {
   // Run for a callable of any size without a heap allocation: std::function keeps a lambda of at
   // most 16 bytes of captures in place and allocates for a larger one (a [&] lambda naming three
   // locals), once per call; this hands it a lambda holding one pointer to `fn`.
+  // Zeroes the PoolStats and counts them from now on while on; off (the default) times nothing.
+  virtual void CountStats(bool on) = 0;
+  virtual PoolStats stats() const = 0;
   template <typename F>
   void RunEach(int n, const F& fn) {
     Run(n, [f = &fn](int chunk) { (*f)(chunk); });
