@@ -140,6 +140,13 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
     const MlpWeights* m = store.Find(items_[begin].layer, items_[begin].expert);
     const int64_t n = static_cast<int64_t>(end - begin);
     thread_local std::vector<float> gathered, result, scratch;
+    // Room for 16 rows from the start: a thread meeting a larger group for the first time late in
+    // a stream would allocate then (groups take whichever thread is free).
+    if (gathered.capacity() < static_cast<size_t>(16 * hidden_)) {
+      gathered.reserve(static_cast<size_t>(16 * hidden_));
+      result.reserve(static_cast<size_t>(16 * hidden_));
+      scratch.reserve(static_cast<size_t>(32 * m->gate.out));
+    }
     gathered.resize(static_cast<size_t>(n * hidden_));
     result.resize(static_cast<size_t>(n * hidden_));
     for (int64_t i = 0; i < n; ++i) {

@@ -203,6 +203,14 @@ void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const 
   const SpanResult out{res.m + h0, res.l + h0, res.acc + h0 * r};
   thread_local std::vector<float> s, tile;
   thread_local std::vector<Piece> pieces;
+  // Room for a whole span at once: these grow with the context otherwise, each thread on its own
+  // history (an allocation in whichever later step a worker first meets a longer span).
+  const size_t span_rows = static_cast<size_t>(std::max(g_span, n));
+  if (s.capacity() < static_cast<size_t>(p.num_heads) * span_rows) {
+    s.reserve(static_cast<size_t>(p.num_heads) * span_rows);
+    pieces.reserve(span_rows + 1);
+    if (q.cache->qblocks != nullptr) tile.reserve(span_rows * static_cast<size_t>(lc));
+  }
   s.resize(static_cast<size_t>(h * n));
   SpanPieces(*q.cache, lc, a, b, &tile, &pieces);
   // Each piece's rows are fetched while the previous piece is scored: cached rows come from
