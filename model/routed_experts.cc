@@ -125,27 +125,22 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
   // One expert (or row block) per task over every core of the kernel pool (its products run inline
   // on the thread that took it): the outputs of different experts are different rows, and an
   // expert's rows come out the same whichever thread computes them (batch invariance, DESIGN §6).
-  // (first_ a member: a lambda capturing only this and store fits in std::function without
-  // allocating)
-  first_ = first;
   const int extra = first != nullptr ? 1 : 0;
   if (first != nullptr) ++passes_with_first_;
-  cpu::ThePool().Run(static_cast<int>(groups_.size()) + extra, [this, &store](int g) {
-    const int skip = first_ != nullptr ? 1 : 0;
-    if (g < skip) {
-      (*first_)();
+  cpu::ThePool().RunEach(static_cast<int>(groups_.size()) + extra, [&](int g) {
+    if (g < extra) {
+      (*first)();
       return;
     }
-    const auto [begin, end] = groups_[static_cast<size_t>(g - skip)];
+    const auto [begin, end] = groups_[static_cast<size_t>(g - extra)];
     const MlpWeights* m = store.Find(items_[begin].layer, items_[begin].expert);
     const int64_t n = static_cast<int64_t>(end - begin);
     thread_local std::vector<float> gathered, result, scratch;
-    // Room for 16 rows from the start: a thread meeting a larger group for the first time late in
-    // a stream would allocate then (groups take whichever thread is free).
-    if (gathered.capacity() < static_cast<size_t>(16 * hidden_)) {
-      gathered.reserve(static_cast<size_t>(16 * hidden_));
-      result.reserve(static_cast<size_t>(16 * hidden_));
-      scratch.reserve(static_cast<size_t>(32 * m->gate.out));
+    const size_t reserved = static_cast<size_t>(cpu::kThreadScratchRows * hidden_);
+    if (gathered.capacity() < reserved) {
+      gathered.reserve(reserved);
+      result.reserve(reserved);
+      scratch.reserve(static_cast<size_t>(2 * cpu::kThreadScratchRows * m->gate.out));
     }
     gathered.resize(static_cast<size_t>(n * hidden_));
     result.resize(static_cast<size_t>(n * hidden_));
@@ -160,7 +155,6 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
                   sizeof(float) * static_cast<size_t>(hidden_));
     }
   });
-  first_ = nullptr;
   return absl::OkStatus();
 }
 

@@ -138,7 +138,6 @@ class ExpertBatcher {
   std::vector<Item> items_;
   absl::Status RunOn(const ExpertStore& store, ExpertAccelerator* accelerator);
   std::vector<std::pair<size_t, size_t>> groups_;  // [begin, end) of items_ per task
-  const std::function<void()>* first_ = nullptr;   // Run's first task, during Run
   uint64_t passes_with_first_ = 0;
   std::vector<ExpertGroup> accel_groups_;
   std::vector<float> accel_x_, accel_y_;

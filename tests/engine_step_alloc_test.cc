@@ -2,11 +2,9 @@
 // no call to operator new once warm: its scratch keeps its size from step to step, and every
 // kernel pass over the pool holds its lambda in place (KernelPool::RunEach). Before, a step of the
 // tiny model made ~38 (a std::function per pass, the gate's vectors per MoE layer).
-#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
-#include <new>
 #include <string>
 #include <vector>
 
@@ -15,27 +13,7 @@
 #include "gtest/gtest.h"
 #include "kernels/cpu/mla.h"
 #include "model/tiny_model.h"
-
-namespace {
-std::atomic<bool> g_counting{false};
-std::atomic<uint64_t> g_news{0};
-
-void* Counted(size_t n) {
-  if (g_counting.load(std::memory_order_relaxed)) g_news.fetch_add(1, std::memory_order_relaxed);
-  void* p = std::malloc(n == 0 ? 1 : n);
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
-}  // namespace
-
-void* operator new(size_t n) { return Counted(n); }
-void* operator new[](size_t n) { return Counted(n); }
-void* operator new(size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
-void* operator new[](size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t) noexcept { std::free(p); }
+#include "tests/counting_new.h"
 
 namespace dmoe {
 namespace {
@@ -48,7 +26,10 @@ struct Case {
 };
 class EngineStep : public ::testing::TestWithParam<Case> {
  protected:
-  void TearDown() override { cpu::SetMlaAttendModeForTesting(0); }  // (also after a failed ASSERT)
+  void TearDown() override {  // (also after a failed ASSERT)
+    StopCountingNew();
+    cpu::SetMlaAttendModeForTesting(0);
+  }
 };
 
 TEST_P(EngineStep, DecodeStepsAllocateNothingAfterWarmUp) {
@@ -85,13 +66,12 @@ TEST_P(EngineStep, DecodeStepsAllocateNothingAfterWarmUp) {
   // Three windows of 9 steps. A worker thread may take a kind of chunk for the first time in the
   // first (its thread_local scratch: once per thread, as chunks are claimed, not per step); the
   // last must allocate nothing.
+  ASSERT_TRUE(CountingNewIsBound());
   uint64_t total = 0, last = 0;
   for (int window = 0; window < 3; ++window) {
-    g_news = 0;
-    g_counting = true;
+    StartCountingNew();
     for (int s = 96 + 9 * window; s < 105 + 9 * window; ++s) step(s);
-    g_counting = false;
-    last = g_news.load();
+    last = StopCountingNew();
     total += last;
     std::printf("operator new calls during 9 decode steps of 2 sequences (window %d): %llu\n",
                 window + 1, static_cast<unsigned long long>(last));

@@ -1,9 +1,7 @@
 // The data plane's steady state allocates nothing on the C++ heap: after warm-up, dispatch +
 // combine round trips through the real UCX transport, the shard handler and the expert GEMMs make
 // zero calls to operator new, on any thread.
-#include <atomic>
 #include <cstdlib>
-#include <new>
 #include <random>
 #include <vector>
 
@@ -14,28 +12,8 @@
 #include "kernels/cpu/bf16dot.h"
 #include "model/safetensors.h"
 #include "model/tiny_model.h"
+#include "tests/counting_new.h"
 #include "transport/ucx.h"
-
-namespace {
-std::atomic<bool> g_counting{false};
-std::atomic<uint64_t> g_news{0};
-
-void* Counted(size_t n) {
-  if (g_counting.load(std::memory_order_relaxed)) g_news.fetch_add(1, std::memory_order_relaxed);
-  void* p = std::malloc(n == 0 ? 1 : n);
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
-}  // namespace
-
-void* operator new(size_t n) { return Counted(n); }
-void* operator new[](size_t n) { return Counted(n); }
-void* operator new(size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
-void* operator new[](size_t n, const std::nothrow_t&) noexcept { return std::malloc(n ? n : 1); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t) noexcept { std::free(p); }
 
 namespace dmoe {
 namespace {
@@ -50,7 +28,10 @@ struct Held {
 };
 class HotPath : public ::testing::TestWithParam<Held> {
  protected:
-  void TearDown() override { cpu::SetBf16Activations(false); }  // (also after a failed ASSERT)
+  void TearDown() override {  // (also after a failed ASSERT)
+    StopCountingNew();
+    cpu::SetBf16Activations(false);
+  }
 };
 
 TEST_P(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
@@ -110,14 +91,13 @@ TEST_P(HotPath, RoundTripsAllocateNothingAfterWarmUp) {
   // once when a busy machine first interleaves sends, replies and callers so that one more buffer
   // is in use at once than ever before (seen in ~1 of 40 runs under load): a bounded one-time
   // growth, not an allocation per message, which would show in every window.
+  ASSERT_TRUE(CountingNewIsBound());
   uint64_t total = 0, last = 0;
   int windows = 0;
   do {
-    g_news = 0;
-    g_counting = true;
+    StartCountingNew();
     for (int i = 0; i < 300; ++i) round(i);
-    g_counting = false;
-    last = g_news.load();
+    last = StopCountingNew();
     total += last;
     ++windows;
     std::printf("operator new calls during 300 round trips after warm-up (window %d): %llu\n",

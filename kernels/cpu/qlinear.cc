@@ -469,11 +469,9 @@ void LinearW8A8(const float* x, int64_t t, int64_t ldx, const W8A8Product* produ
     W8A8Product ps[2];
     int64_t per[2], first[3];
   } pass{nullptr, nullptr, t, (in + 63) / 64 * 64, {}, {0, 0}, {0, 0, 0}};
-  // (room for 16 rows from the start: an expert's rows run on whichever thread takes them, and a
-  // thread meeting a larger group for the first time late in a stream would allocate then)
-  if (sx.capacity() < 16) {
-    qx.reserve(static_cast<size_t>(16 * pass.ldq));
-    sx.reserve(16);
+  if (sx.capacity() < static_cast<size_t>(kThreadScratchRows)) {
+    qx.reserve(static_cast<size_t>(kThreadScratchRows * pass.ldq));
+    sx.reserve(static_cast<size_t>(kThreadScratchRows));
   }
   qx.resize(static_cast<size_t>(t * pass.ldq));
   sx.resize(static_cast<size_t>(t));

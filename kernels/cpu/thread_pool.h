@@ -29,14 +29,20 @@ class KernelPool {
   // Run for a callable of any size without a heap allocation: std::function keeps a lambda of at
   // most 16 bytes of captures in place and allocates for a larger one (a [&] lambda naming three
   // locals), once per call; this hands it a lambda holding one pointer to `fn`.
-  // Zeroes the PoolStats and counts them from now on while on; off (the default) times nothing.
-  virtual void CountStats(bool on) = 0;
-  virtual PoolStats stats() const = 0;
   template <typename F>
   void RunEach(int n, const F& fn) {
     Run(n, [f = &fn](int chunk) { (*f)(chunk); });
   }
+  // Zeroes the PoolStats and counts them from now on while on; off (the default) times nothing.
+  virtual void CountStats(bool on) = 0;
+  virtual PoolStats stats() const = 0;
 };
+
+// Rows a kernel's per-thread (thread_local) scratch makes room for at its first use. A pass's
+// tasks run on whichever thread is free, so a thread meeting a larger group of rows for the first
+// time late in a stream would allocate in the middle of serving; up to this many rows it never
+// does.
+inline constexpr int64_t kThreadScratchRows = 16;
 
 // The process-wide pool, created on first use and never destroyed: SetKernelThreads' count, else
 // one thread per usable CPU (the affinity mask, as a container's CPU set restricts it).
