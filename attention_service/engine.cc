@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qlinear.h"
+#include "kernels/cpu/thread_pool.h"
 #include "model/kernel_params.h"
 
 namespace dmoe {
@@ -231,7 +232,16 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
     timings_.dense_mlp += Since(&t0);
     return absl::OkStatus();
   }
-  const int64_t e = c.n_routed_experts, k = c.num_experts_per_tok;
+  RouteBesideSharedExperts(l, lw, mb);
+  timings_.router += Since(&t0);
+  RETURN_IF_ERROR(mb.experts->Begin(l, mb.x.data(), n, mb.gate_ids.data(), mb.gate_w.data(),
+                                    c.num_experts_per_tok));
+  mb.in_flight = true;
+  return absl::OkStatus();
+}
+
+void Engine::Route(int64_t l, const LayerWeights& lw, MicroBatch& mb) {
+  const int64_t n = mb.n, e = config_.n_routed_experts, k = config_.num_experts_per_tok;
   mb.router.resize(static_cast<size_t>(n * e));
   // fp32 or row-major bf16 (never packed, so never rounded to A16: the fp32 upcast's bits).
   cpu::LinearW(mb.x.data(), n, lw.gate.ref(), mb.router.data());
@@ -242,10 +252,36 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   for (int32_t id : mb.gate_ids) {
     expert_tokens_[static_cast<size_t>(l * e + id)].fetch_add(1, std::memory_order_relaxed);
   }
-  timings_.router += Since(&t0);
-  RETURN_IF_ERROR(mb.experts->Begin(l, mb.x.data(), n, mb.gate_ids.data(), mb.gate_w.data(), k));
-  mb.in_flight = true;
-  return absl::OkStatus();
+}
+
+// At batch 1 the router's product (~14 us on one core for `small`) left the other core idle, and
+// the shared experts ran as one task of the routed pass, twice a routed expert's bytes: the pass
+// then ended on whichever core took the last large task. In pieces, the router shares a pass
+// with the shared experts' gate / up rows and their down rows fill the end of the routed pass.
+void Engine::RouteBesideSharedExperts(int64_t l, const LayerWeights& lw, MicroBatch& mb) {
+  mb.shared_split = options_.split_shared_experts && config_.n_shared_experts > 0 &&
+                    mb.experts->RunsOnKernelPool() && mb.n <= cpu::ThePool().size() &&
+                    mb.shared.Prepare(mb.x.data(), mb.n, lw.shared.gate.ref(), lw.shared.up.ref(),
+                                      lw.shared.down.ref(), mb.tmp.data());
+  if (!mb.shared_split) {
+    Route(l, lw, mb);
+    return;
+  }
+  ++shared_in_pieces_;
+  struct Front {  // (one pointer captured: no allocation)
+    Engine* engine;
+    int64_t l;
+    const LayerWeights* lw;
+    MicroBatch* mb;
+  } front{this, l, &lw, &mb};
+  cpu::ThePool().RunEach(1 + mb.shared.fronts(), [f = &front](int i) {
+    if (i == 0) {
+      f->engine->Route(f->l, *f->lw, *f->mb);
+    } else {
+      f->mb->shared.Front(i - 1);
+    }
+  });
+  mb.shared.Middle();
 }
 
 // tmp = the shared experts' output for x (zeros without shared experts); returns its seconds.
@@ -267,6 +303,16 @@ absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
   const LayerWeights& lw = LayerAt(l);
   const int64_t d = c.hidden_size, n = mb.n;
   auto t0 = Clock::now();
+  if (mb.shared_split) {  // the shared experts' down rows at the end of the routed pass
+    mb.in_flight = false;
+    mb.shared_split = false;
+    const std::function<void(int)> back = [s = &mb.shared](int i) { s->Back(i); };
+    RETURN_IF_ERROR(mb.experts->FinishWithTail(back, mb.shared.backs(), mb.tmp.data()));
+    timings_.routed += Since(&t0);  // (the shared experts' time in the router's and this)
+    for (int64_t i = 0; i < n * d; ++i)
+      mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+    return absl::OkStatus();
+  }
   // The shared experts run while the routed ones are at work (remote experts), or beside them in
   // one pass over the kernel pool (in-process ones, where that balances). (One pointer captured:
   // the std::function holds it without allocating.)

@@ -13,6 +13,7 @@
 #include "attention_service/kv_cache.h"
 #include "kernels/cpu/gating.h"
 #include "kernels/cpu/mla.h"
+#include "kernels/cpu/qlinear.h"
 #include "kernels/cpu/rope.h"
 #include "model/config.h"
 #include "model/routed_experts.h"
@@ -30,6 +31,11 @@ enum class AttentionForm {
 
 struct EngineOptions {
   AttentionForm attention_form = AttentionForm::kAuto;
+  // In-process 8-bit experts at up to a row per core (decode): the router beside the shared
+  // experts' gate / up in one pass over the kernel pool, the shared experts' down as the tail of
+  // the routed experts' pass (cpu::SwiGluPieces; the same bits either way). Off: the shared
+  // experts as one task of the routed experts' pass (FinishAfter), the router alone before it.
+  bool split_shared_experts = true;
 };
 
 // One sequence's part of a step: its cache and the tokens to append.
@@ -93,6 +99,8 @@ class Engine : public StepEngine {
 
   const ModelConfig& config() const override { return config_; }
   const EngineTimings& timings() const { return timings_; }
+  // MoE layers whose shared experts ran in pieces (EngineOptions::split_shared_experts), so far.
+  uint64_t shared_experts_in_pieces() const { return shared_in_pieces_; }
   // Tokens routed to (layer, expert) since start (all layers x n_routed_experts; MoE layers only
   // are ever non-zero). Safe to read from other threads.
   uint64_t expert_tokens(int64_t layer, int64_t expert) const override {
@@ -147,6 +155,9 @@ class Engine : public StepEngine {
     bool in_flight = false;  // routed experts begun, not finished
     std::vector<float> h, x, tmp, router, gate_w;
     std::vector<int32_t> gate_ids;
+    // The shared experts in pieces (EngineOptions::split_shared_experts), their fronts done.
+    cpu::SwiGluPieces shared;
+    bool shared_split = false;
   };
   // ValidateStep, and every cache on the host.
   absl::Status Validate(std::vector<SequenceStep>& batch, int64_t* n);
@@ -162,6 +173,10 @@ class Engine : public StepEngine {
   // Shared experts, the combine, the residual.
   absl::Status LayerBack(int64_t l, MicroBatch& mb);
   double SharedExperts(const LayerWeights& lw, MicroBatch& mb);
+  // mb.router, mb.gate_ids / gate_w and the expert counters for layer l's rows mb.x.
+  void Route(int64_t l, const LayerWeights& lw, MicroBatch& mb);
+  // Route beside the shared experts' fronts (mb.shared) in one pass, when they split.
+  void RouteBesideSharedExperts(int64_t l, const LayerWeights& lw, MicroBatch& mb);
   // `norm`: the final norm (model.norm, or the MTP layer's shared_head.norm) before lm_head.
   // SequenceStep::hidden gets the normed rows, or (!normed_hidden) the rows before the norm.
   void Logits(MicroBatch& mb, const std::vector<float>& norm, bool normed_hidden);
@@ -176,6 +191,7 @@ class Engine : public StepEngine {
   cpu::RopeTable rope_;
   cpu::GateParams gate_;
   EngineTimings timings_;
+  uint64_t shared_in_pieces_ = 0;
   std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
   // Scratch reused across steps.
   MicroBatch mb_[2];

@@ -86,7 +86,13 @@ uint64_t ExpertStore::bytes() const {
 }
 
 absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* accelerator,
-                                const std::function<void()>* first) {
+                                const std::function<void()>* first,
+                                const std::function<void(int)>* tail, int tail_n) {
+  if (tail == nullptr) tail_n = 0;
+  const auto beside_first = [&] {  // (the accelerator's or an error's order)
+    if (first != nullptr) (*first)();
+    for (int i = 0; i < tail_n; ++i) (*tail)(i);
+  };
   // Group by (layer, expert) in place (std::sort allocates nothing).
   std::sort(items_.begin(), items_.end(), [](const Item& a, const Item& b) {
     if (a.layer != b.layer) return a.layer < b.layer;
@@ -97,13 +103,13 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
     if ((i == 0 || items_[i].expert != items_[i - 1].expert ||
          items_[i].layer != items_[i - 1].layer) &&
         store.Find(items_[i].layer, items_[i].expert) == nullptr) {
-      if (first != nullptr) (*first)();  // run whatever the experts' outcome
+      beside_first();  // run whatever the experts' outcome
       return absl::FailedPreconditionError(absl::StrCat("expert ", items_[i].expert, " of layer ",
                                                         items_[i].layer, " is not hosted here"));
     }
   }
   if (accelerator != nullptr) {
-    if (first != nullptr) (*first)();
+    beside_first();
     return RunOn(store, accelerator);
   }
   groups_.clear();
@@ -125,11 +131,17 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
   // One expert (or row block) per task over every core of the kernel pool (its products run inline
   // on the thread that took it): the outputs of different experts are different rows, and an
   // expert's rows come out the same whichever thread computes them (batch invariance, DESIGN §6).
+  // (the caller's tail after the experts: small pieces that fill the pass's end)
   const int extra = first != nullptr ? 1 : 0;
+  const int experts = static_cast<int>(groups_.size()) + extra;
   if (first != nullptr) ++passes_with_first_;
-  cpu::ThePool().RunEach(static_cast<int>(groups_.size()) + extra, [&](int g) {
+  cpu::ThePool().RunEach(experts + tail_n, [&](int g) {
     if (g < extra) {
       (*first)();
+      return;
+    }
+    if (g >= experts) {
+      (*tail)(g - experts);
       return;
     }
     const auto [begin, end] = groups_[static_cast<size_t>(g - extra)];
@@ -193,14 +205,22 @@ absl::Status LocalRoutedExperts::Begin(int64_t layer, const float* x, int64_t t,
 
 absl::Status LocalRoutedExperts::Finish(float* out) { return Run(nullptr, out); }
 
-absl::Status LocalRoutedExperts::Run(const std::function<void()>* first, float* out) {
+absl::Status LocalRoutedExperts::FinishWithTail(const std::function<void(int)>& tail, int n,
+                                                float* out) {
+  return Run(nullptr, out, &tail, n);
+}
+
+absl::Status LocalRoutedExperts::Run(const std::function<void()>* first, float* out,
+                                     const std::function<void(int)>* tail, int tail_n) {
   const Call& c = call_;
   batcher_.Clear();
   rows_.resize(static_cast<size_t>(c.t * c.k * hidden_));
   for (int64_t p = 0; p < c.t * c.k; ++p) {
     batcher_.Add(c.layer, c.ids[p], c.x + (p / c.k) * hidden_, rows_.data() + p * hidden_);
   }
-  if (absl::Status st = batcher_.Run(*store_, accelerator_, first); !st.ok()) return st;
+  if (absl::Status st = batcher_.Run(*store_, accelerator_, first, tail, tail_n); !st.ok()) {
+    return st;
+  }
   CombineRanked(rows_.data(), c.w, c.t, c.k, hidden_, out);
   return absl::OkStatus();
 }

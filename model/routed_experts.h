@@ -42,6 +42,16 @@ class RoutedExperts {
     beside();
     return Finish(out);
   }
+  // True when Finish computes on this process's kernel pool (in-process experts on the CPU): the
+  // caller may then hand its own work to FinishWithTail.
+  virtual bool RunsOnKernelPool() const { return false; }
+  // Finish, with tail(i) for i < n (the caller's work that writes `out` before the routed sum, as
+  // FinishAfter's beside) as the last tasks of the experts' pass over the kernel pool: small
+  // pieces that fill the pass's end. The default runs them first, then Finish.
+  virtual absl::Status FinishWithTail(const std::function<void(int)>& tail, int n, float* out) {
+    for (int i = 0; i < n; ++i) tail(i);
+    return Finish(out);
+  }
 };
 
 // out[i] = fma(w[i, k-1], rows[i, k-1], ... fma(w[i, 0], rows[i, 0], out[i])): the routed experts'
@@ -115,9 +125,11 @@ class ExpertBatcher {
   // FAILED_PRECONDITION (nothing is added anywhere) when an expert is not in `store`. With an
   // accelerator every group runs there instead of on the kernel pool.
   // `first`, when given, runs as one more task of the pass over the kernel pool (the first one),
-  // or before the accelerator; it runs on the error return too.
+  // and tail(i) for i < tail_n as its last tasks; with an accelerator both run before it. They
+  // run on the error return too.
   absl::Status Run(const ExpertStore& store, ExpertAccelerator* accelerator = nullptr,
-                   const std::function<void()>* first = nullptr);
+                   const std::function<void()>* first = nullptr,
+                   const std::function<void(int)>* tail = nullptr, int tail_n = 0);
   // Keeps capacity: a steady stream of batches allocates nothing.
   void Clear() { items_.clear(); }
   // GEMM calls made and rows pushed through them by Run, since construction.
@@ -163,12 +175,16 @@ class LocalRoutedExperts : public RoutedExperts {
   // the error return too.
   absl::Status FinishAfter(const std::function<void()>& beside, double beside_experts,
                            float* out) override;
+  bool RunsOnKernelPool() const override { return accelerator_ == nullptr; }
+  absl::Status FinishWithTail(const std::function<void(int)>& tail, int n, float* out) override;
   // FinishAfter calls that ran `beside` in the experts' pass (tests).
   uint64_t beside_in_pass() const { return batcher_.passes_with_first(); }
 
  private:
-  // The experts of the last Begin (after *first, when given, as ExpertBatcher::Run runs it).
-  absl::Status Run(const std::function<void()>* first, float* out);
+  // The experts of the last Begin (with *first and tail, when given, as ExpertBatcher::Run runs
+  // them).
+  absl::Status Run(const std::function<void()>* first, float* out,
+                   const std::function<void(int)>* tail = nullptr, int tail_n = 0);
   struct Call {
     int64_t layer = 0, t = 0, k = 0;
     const float* x = nullptr;

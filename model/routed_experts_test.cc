@@ -1,6 +1,7 @@
 // In-process routed experts: FinishAfter (the caller's shared experts as one more task of the
 // experts' pass over the kernel pool, where that balances) gives the bits of running them first
-// and then Finish, for every row count and weight dtype, and runs the caller's work exactly once.
+// and then Finish, for every row count and weight dtype, and runs the caller's work exactly once;
+// FinishWithTail (the caller's pieces as the pass's last tasks) likewise.
 #include "model/routed_experts.h"
 
 #include <cmath>
@@ -74,6 +75,50 @@ TEST(LocalRoutedExperts, FinishAfterGivesTheBitsOfBesideThenFinish) {
       EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size()))
           << WeightDTypeName(dtype) << " t " << t;
     }
+  }
+}
+
+TEST(LocalRoutedExperts, FinishWithTailGivesTheBitsOfTheTailThenFinish) {
+  ASSERT_TRUE(cpu::SetKernelThreads(2));
+  const ModelConfig c = *PresetConfig("tiny");
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/routed_experts_tail_model";
+  ASSERT_TRUE(WriteTinyModel(dir, c, TinyModelOptions()).ok());
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  const int64_t d = c.hidden_size, k = c.num_experts_per_tok, layer = 1;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0, 1);
+  auto store = ExpertStore::Load(**ck, c, ExpertStore::AllExperts(c), WeightDType::kInt8);
+  ASSERT_TRUE(store.ok()) << store.status();
+  LocalRoutedExperts experts(c, store->get());
+  EXPECT_TRUE(experts.RunsOnKernelPool());
+  for (int64_t t : {1, 2, 5}) {
+    std::vector<float> x(static_cast<size_t>(t * d)), w(static_cast<size_t>(t * k));
+    std::vector<int32_t> ids(static_cast<size_t>(t * k));
+    for (float& v : x) v = nd(rng);
+    for (float& v : w) v = std::fabs(nd(rng));
+    for (int64_t i = 0; i < t * k; ++i) {
+      ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 5 + t) % c.n_routed_experts);
+    }
+    // The tail: 3 pieces, each a third of out's values (written before the routed sum).
+    const int pieces = 3;
+    std::vector<int> runs(pieces, 0);
+    std::vector<float> want(x.size()), got(x.size(), 0.5f);
+    auto piece = [&](std::vector<float>* out, int i) {
+      ++runs[static_cast<size_t>(i)];
+      for (size_t j = static_cast<size_t>(i); j < out->size(); j += pieces) {
+        (*out)[j] = 0.5f * x[j] + static_cast<float>(i);
+      }
+    };
+    ASSERT_TRUE(experts.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
+    for (int i = 0; i < pieces; ++i) piece(&want, i);
+    ASSERT_TRUE(experts.Finish(want.data()).ok());
+    ASSERT_TRUE(experts.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
+    const std::function<void(int)> tail = [&](int i) { piece(&got, i); };
+    ASSERT_TRUE(experts.FinishWithTail(tail, pieces, got.data()).ok());
+    EXPECT_EQ(runs, std::vector<int>(pieces, 2)) << "t " << t;
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "t " << t;
   }
 }
 

@@ -59,14 +59,19 @@ class Determinism : public ::testing::TestWithParam<Variant> {
   static void TearDownTestSuite() { delete dir_; }
 
   void SetUp() override {
+    Load(true);
+    std::mt19937 rng(5);
+    prompt_ = Tokens(rng, 70);
+  }
+
+  void Load(bool split_shared_experts) {
     LocalModelOptions o;
     o.weight_dtype = GetParam().weights;
     o.expert_dtype = GetParam().weights;
+    o.engine.split_shared_experts = split_shared_experts;
     auto m = LocalModel::Load(*dir_, o);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(m).value();
-    std::mt19937 rng(5);
-    prompt_ = Tokens(rng, 70);
   }
 
   std::vector<int32_t> Tokens(std::mt19937& rng, int n) {
@@ -158,6 +163,19 @@ TEST_P(Determinism, SameBitsInAnyCompany) {
     EXPECT_TRUE(SameOutput(Run(busy, companions, 100 + companions), alone))
         << GetParam().name << ", " << companions << " companions";
   }
+}
+
+// The shared experts cut into pieces that share passes with the router and the routed experts
+// (8-bit weights, up to a row per core) give the bits of the shared experts in one piece.
+TEST_P(Determinism, SameBitsWithTheSharedExpertsInPieces) {
+  const Output pieces = Run(SchedulerOptions(), 0, 1);
+  const uint64_t split = model_->engine().shared_experts_in_pieces();
+  // (the decode steps of a request alone: 1 row, on CI's 2 cores or more)
+  EXPECT_EQ(split > 0, GetParam().weights == WeightDType::kInt8) << GetParam().name;
+  Load(false);
+  const Output whole = Run(SchedulerOptions(), 0, 1);
+  EXPECT_EQ(model_->engine().shared_experts_in_pieces(), 0u);
+  EXPECT_TRUE(SameOutput(pieces, whole)) << GetParam().name;
 }
 
 TEST_P(Determinism, SameBitsForEveryPrefillChunkSize) {

@@ -730,6 +730,62 @@ void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRe
   LinearW(g, t, down, y);
 }
 
+bool SwiGluPieces::Prepare(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
+                           const WeightRef& down, float* y) {
+  chunks_[0] = chunks_[1] = chunks_[2] = 0;
+  if (!TakesW8A8(gate, t) || !TakesW8A8(up, t) || !TakesW8A8(down, t) || gate.in != up.in ||
+      gate.out != up.out || down.in != gate.out) {
+    return false;
+  }
+  w_[0] = gate;
+  w_[1] = up;
+  w_[2] = down;
+  for (int i = 0; i < 3; ++i) {
+    sums_[i] = RowSums(w_[i], &sums_here_[i]);
+    chunks_[i] = Chunks(w_[i].out, w_[i].in, &per_[i]);
+  }
+  t_ = t;
+  y_ = y;
+  ldq_in_ = (gate.in + 63) / 64 * 64;
+  ldq_mid_ = (down.in + 63) / 64 * 64;
+  qx_.resize(static_cast<size_t>(t * ldq_in_));
+  sx_.resize(static_cast<size_t>(t));
+  qh_.resize(static_cast<size_t>(t * ldq_mid_));
+  sh_.resize(static_cast<size_t>(t));
+  gu_.resize(static_cast<size_t>(2 * t * gate.out));
+  QuantizeRowsInt8(x, t, gate.in, gate.in, qx_.data(), ldq_in_, sx_.data());
+  return true;
+}
+
+// Chunk `chunk` of product p's output rows (LinearW8A8's chunks).
+void SwiGluPieces::Rows(int p, int64_t chunk) {
+  float* const out[3] = {gu_.data(), gu_.data() + t_ * w_[0].out, y_};
+  const W8A8Product product{&w_[p], sums_[p], out[p], w_[p].out};
+  const int64_t o0 = chunk * per_[p], o1 = std::min(w_[p].out, o0 + per_[p]);
+  if (p == 2) {
+    W8A8Rows(qh_.data(), sh_.data(), t_, ldq_mid_, product, o0, o1);
+  } else {
+    W8A8Rows(qx_.data(), sx_.data(), t_, ldq_in_, product, o0, o1);
+  }
+}
+
+void SwiGluPieces::Front(int i) {
+  if (i < chunks_[0]) {
+    Rows(0, i);
+  } else {
+    Rows(1, i - chunks_[0]);
+  }
+}
+
+void SwiGluPieces::Middle() {
+  const int64_t width = w_[0].out;
+  float* g = gu_.data();
+  SiluMul(g, g + t_ * width, t_ * width, g);
+  QuantizeRowsInt8(g, t_, width, width, qh_.data(), ldq_mid_, sh_.data());
+}
+
+void SwiGluPieces::Back(int i) { Rows(2, i); }
+
 namespace {
 
 // One row of QuantizeInt8PerChannel, the same operations 8 at a time: max |w| (exact in any

@@ -68,6 +68,36 @@ void LinearW2(const float* x, int64_t t, const WeightRef& w1, float* y1, const W
 void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
                 const WeightRef& down, float* y, std::vector<float>* scratch);
 
+// SwiGluMlpW's bits cut into pieces that other work can share a pass over the kernel pool with
+// (a decode step's MoE layer: the router beside the shared experts' gate / up, the shared experts'
+// down as the tail of the routed experts' pass, instead of the shared experts as one large task).
+// Only where all three products take W8A8 (8-bit weights at few rows); Prepare says.
+//   Prepare, then Front(i) for i < fronts() (any threads, any order), then Middle() (one thread),
+//   then Back(i) for i < backs() (any threads, any order): y holds SwiGluMlpW's result.
+// Every piece is output rows of one product through the same kernel, so any cut gives the same
+// bits. Reused from layer to layer, it allocates only when the shapes grow.
+class SwiGluPieces {
+ public:
+  bool Prepare(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
+               const WeightRef& down, float* y);
+  int fronts() const { return static_cast<int>(chunks_[0] + chunks_[1]); }
+  int backs() const { return static_cast<int>(chunks_[2]); }
+  void Front(int i);
+  void Middle();
+  void Back(int i);
+
+ private:
+  void Rows(int product, int64_t chunk);
+  WeightRef w_[3];  // gate, up, down (copies: a ref() is often a temporary)
+  const int32_t* sums_[3] = {nullptr, nullptr, nullptr};
+  std::vector<int32_t> sums_here_[3];
+  int64_t per_[3] = {0, 0, 0}, chunks_[3] = {0, 0, 0};
+  int64_t t_ = 0, ldq_in_ = 0, ldq_mid_ = 0;
+  float* y_ = nullptr;
+  std::vector<int8_t> qx_, qh_;      // x and silu(g) * u, quantized per row
+  std::vector<float> sx_, sh_, gu_;  // their scales; g and u [t, width] each
+};
+
 // Quantizers (for loading 16/32-bit checkpoints into 8 bits, and the tiny-model writer).
 // int8: scale = max|w[o, :]| / 127, q = round(w / scale).
 void QuantizeInt8PerChannel(const float* w, int64_t out, int64_t in, std::vector<uint8_t>* q,

@@ -330,6 +330,67 @@ TEST(QLinear, LinearW2GivesTheBitsOfTwoLinearWCalls) {
   SetInt8Activations(true);
 }
 
+// SwiGluPieces (the MLP cut into row chunks that other work shares passes with) gives
+// SwiGluMlpW's bits: packed and row-major int8, a width the pool splits and one it does not, pieces
+// run in reverse order, 1..4 rows, every ISA level; it declines weights that do not take W8A8.
+TEST(QLinear, SwiGluPiecesGiveTheBitsOfSwiGluMlpW) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0, 1);
+  const int64_t d = 512;
+  struct Held {
+    std::vector<uint8_t> q, packed;
+    std::vector<float> s, f;
+    WeightRef plain, pref, f32;
+  };
+  auto make = [&](int64_t out, int64_t in) {
+    Held h;
+    h.f.resize(static_cast<size_t>(out * in));
+    for (float& v : h.f) v = nd(rng) * 0.05f;
+    QuantizeInt8PerChannel(h.f.data(), out, in, &h.q, &h.s);
+    h.packed.resize(h.q.size());
+    PackRows(WeightFormat::kInt8, h.q.data(), out, in, h.packed.data());
+    h.plain = WeightRef{WeightFormat::kInt8, nullptr, h.q.data(), h.s.data(), out, in};
+    h.pref = h.plain;
+    h.pref.q = h.packed.data();
+    h.pref.packed = true;
+    h.f32 = WeightRef{WeightFormat::kF32, h.f.data(), nullptr, nullptr, out, in};
+    return h;
+  };
+  SwiGluPieces pieces;                // reused across shapes, as the engine reuses it across layers
+  for (int64_t width : {1024, 64}) {  // 1024: several chunks per product; 64: one each
+    const Held g = make(width, d), u = make(width, d), dn = make(d, width);
+    for (bool packed : {true, false}) {
+      const auto& ref = [packed](const Held& h) { return packed ? h.pref : h.plain; };
+      for (int level = 0; level <= Int8IsaLevel(); ++level) {
+        SetInt8IsaForTesting(level);
+        for (int64_t t = 1; t <= 4; ++t) {
+          const std::string what = "width " + std::to_string(width) + (packed ? " packed" : "") +
+                                   " level " + std::to_string(level) + " t " + std::to_string(t);
+          std::vector<float> x(static_cast<size_t>(t * d)), scratch;
+          for (float& v : x) v = nd(rng);
+          std::vector<float> want(static_cast<size_t>(t * d)), got(want.size(), 7.0f);
+          SwiGluMlpW(x.data(), t, ref(g), ref(u), ref(dn), want.data(), &scratch);
+          ASSERT_TRUE(pieces.Prepare(x.data(), t, ref(g), ref(u), ref(dn), got.data())) << what;
+          if (width == 1024) {
+            EXPECT_GT(pieces.fronts(), 2) << what;
+          }
+          for (int i = pieces.fronts() - 1; i >= 0; --i) pieces.Front(i);
+          pieces.Middle();
+          for (int i = pieces.backs() - 1; i >= 0; --i) pieces.Back(i);
+          ASSERT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << what;
+        }
+      }
+      SetInt8IsaForTesting(-1);
+    }
+    std::vector<float> x(static_cast<size_t>(d)), y(x.size());
+    EXPECT_FALSE(pieces.Prepare(x.data(), 1, g.f32, u.f32, dn.f32, y.data()));
+    EXPECT_FALSE(pieces.Prepare(x.data(), 1, g.pref, u.pref, dn.f32, y.data()));
+    SetInt8Activations(false);  // W8A16
+    EXPECT_FALSE(pieces.Prepare(x.data(), 1, g.pref, u.pref, dn.pref, y.data()));
+    SetInt8Activations(true);
+  }
+}
+
 // What quantizing the activations costs: W8A8's error against float64 stays within a small
 // multiple of W8A16's (weights quantized alike) on Gaussian data, reported.
 TEST(QLinear, W8A8ErrorStaysNearW8A16) {
