@@ -85,15 +85,9 @@ uint64_t ExpertStore::bytes() const {
   return n;
 }
 
-absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* accelerator,
-                                const std::function<void()>* first,
-                                const std::function<void(int)>* tail, int tail_n) {
-  if (tail == nullptr) tail_n = 0;
-  const auto beside_first = [&] {  // (the accelerator's or an error's order)
-    if (first != nullptr) (*first)();
-    for (int i = 0; i < tail_n; ++i) (*tail)(i);
-  };
-  // Group by (layer, expert) in place (std::sort allocates nothing).
+// Groups the items by (layer, expert) in place (std::sort allocates nothing);
+// FAILED_PRECONDITION when one is not in `store`.
+absl::Status ExpertBatcher::SortAndCheck(const ExpertStore& store) {
   std::sort(items_.begin(), items_.end(), [](const Item& a, const Item& b) {
     if (a.layer != b.layer) return a.layer < b.layer;
     if (a.expert != b.expert) return a.expert < b.expert;
@@ -103,10 +97,24 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
     if ((i == 0 || items_[i].expert != items_[i - 1].expert ||
          items_[i].layer != items_[i - 1].layer) &&
         store.Find(items_[i].layer, items_[i].expert) == nullptr) {
-      beside_first();  // run whatever the experts' outcome
       return absl::FailedPreconditionError(absl::StrCat("expert ", items_[i].expert, " of layer ",
                                                         items_[i].layer, " is not hosted here"));
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* accelerator,
+                                const std::function<void()>* first,
+                                const std::function<void(int)>* tail, int tail_n) {
+  if (tail == nullptr) tail_n = 0;
+  const auto beside_first = [&] {  // (the accelerator's or an error's order)
+    if (first != nullptr) (*first)();
+    for (int i = 0; i < tail_n; ++i) (*tail)(i);
+  };
+  if (absl::Status st = SortAndCheck(store); !st.ok()) {
+    beside_first();  // run whatever the experts' outcome
+    return st;
   }
   if (accelerator != nullptr) {
     beside_first();

@@ -148,6 +148,7 @@ class ExpertBatcher {
   };
   int64_t hidden_;
   std::vector<Item> items_;
+  absl::Status SortAndCheck(const ExpertStore& store);
   absl::Status RunOn(const ExpertStore& store, ExpertAccelerator* accelerator);
   std::vector<std::pair<size_t, size_t>> groups_;  // [begin, end) of items_ per task
   uint64_t passes_with_first_ = 0;
