@@ -31,10 +31,11 @@ enum class AttentionForm {
 
 struct EngineOptions {
   AttentionForm attention_form = AttentionForm::kAuto;
-  // In-process 8-bit experts at up to a row per core (decode): the router beside the shared
-  // experts' gate / up in one pass over the kernel pool, the shared experts' down as the tail of
-  // the routed experts' pass (cpu::SwiGluPieces; the same bits either way). Off: the shared
-  // experts as one task of the routed experts' pass (FinishAfter), the router alone before it.
+  // In-process experts with 8-bit or bf16 weights, at up to a row per core (decode): the router
+  // beside the shared experts' gate / up in one pass over the kernel pool, the shared experts'
+  // down as the tail of the routed experts' pass (cpu::SwiGluPieces; the same bits either way).
+  // Off: the shared experts as one task of the routed experts' pass (FinishAfter), the router
+  // alone before it.
   bool split_shared_experts = true;
 };
 

@@ -515,20 +515,26 @@ bool Bf16Packable(int64_t n, int64_t k) {
   return n > 0 && k > 0 && n % kPackRows == 0 && k % 8 == 0;
 }
 
+void DotRowsBf16PackedRows(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t k,
+                           float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (m <= 0 || n1 <= n0) return;
+  const int level = GemmLevel();
+  if (level >= 1) {
+    DotPackedSimd(level, x, m, ldx, w, n0, n1, k, y, ldy);
+  } else {
+    DotPackedPortable(x, m, ldx, w, n0, n1, k, y, ldy);
+  }
+}
+
 void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n,
                        int64_t k, float* y, int64_t ldy) {
   if (m <= 0 || n <= 0) return;
   assert(Bf16Packable(n, k));
-  const int level = GemmLevel();
   int64_t per = 0;
   const int64_t chunks = Split(n, m * n * k, kPackRows, &per);
   auto run = [&](int c) {
     const int64_t n0 = c * per, n1 = std::min(n, n0 + per);
-    if (level >= 1) {
-      DotPackedSimd(level, x, m, ldx, w, n0, n1, k, y, ldy);
-    } else {
-      DotPackedPortable(x, m, ldx, w, n0, n1, k, y, ldy);
-    }
+    DotRowsBf16PackedRows(x, m, ldx, w, k, y, ldy, n0, n1);
   };
   if (chunks == 1) {
     run(0);

@@ -44,6 +44,9 @@ bool Bf16Packable(int64_t n, int64_t k);
 // DotRowsBf16 over a packed w (Bf16Packable(n, k) must hold).
 void DotRowsBf16Packed(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t n,
                        int64_t k, float* y, int64_t ldy);
+// Its output rows [n0, n1) (multiples of kPackRows) on the calling thread: the same bits.
+void DotRowsBf16PackedRows(const float* x, int64_t m, int64_t ldx, const uint16_t* w, int64_t k,
+                           float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // y[m, n] = (accumulate ? y[m, n] : 0) + sum_k x[m, k] * w[k, n]. Strides in floats.
 void AxpyRows(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, int64_t ldw,

@@ -733,39 +733,72 @@ void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRe
 bool SwiGluPieces::Prepare(const float* x, int64_t t, const WeightRef& gate, const WeightRef& up,
                            const WeightRef& down, float* y) {
   chunks_[0] = chunks_[1] = chunks_[2] = 0;
-  if (!TakesW8A8(gate, t) || !TakesW8A8(up, t) || !TakesW8A8(down, t) || gate.in != up.in ||
-      gate.out != up.out || down.in != gate.out) {
+  const auto bf16 = [t](const WeightRef& w) {  // LinearW's packed-bf16 branch
+    return w.format == WeightFormat::kBf16 && w.packed &&
+           (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant);
+  };
+  if (TakesW8A8(gate, t) && TakesW8A8(up, t) && TakesW8A8(down, t)) {
+    kind_ = Kind::kW8A8;
+  } else if (bf16(gate) && bf16(up) && bf16(down)) {
+    kind_ = Bf16ActivationsA16() ? Kind::kBf16A16 : Kind::kBf16;
+  } else {
     return false;
   }
+  if (gate.in != up.in || gate.out != up.out || down.in != gate.out) return false;
   w_[0] = gate;
   w_[1] = up;
   w_[2] = down;
-  for (int i = 0; i < 3; ++i) {
-    sums_[i] = RowSums(w_[i], &sums_here_[i]);
-    chunks_[i] = Chunks(w_[i].out, w_[i].in, &per_[i]);
-  }
+  for (int i = 0; i < 3; ++i) chunks_[i] = Chunks(w_[i].out, w_[i].in, &per_[i]);
+  x_ = x;
   t_ = t;
   y_ = y;
-  ldq_in_ = (gate.in + 63) / 64 * 64;
-  ldq_mid_ = (down.in + 63) / 64 * 64;
-  qx_.resize(static_cast<size_t>(t * ldq_in_));
-  sx_.resize(static_cast<size_t>(t));
-  qh_.resize(static_cast<size_t>(t * ldq_mid_));
-  sh_.resize(static_cast<size_t>(t));
   gu_.resize(static_cast<size_t>(2 * t * gate.out));
-  QuantizeRowsInt8(x, t, gate.in, gate.in, qx_.data(), ldq_in_, sx_.data());
+  if (kind_ == Kind::kBf16A16) {
+    xb_.resize(static_cast<size_t>(t * gate.in));
+    hb_.resize(static_cast<size_t>(t * down.in));
+    FloatToBf16N(x, xb_.size(), xb_.data());
+  } else if (kind_ == Kind::kW8A8) {
+    for (int i = 0; i < 3; ++i) sums_[i] = RowSums(w_[i], &sums_here_[i]);
+    ldq_in_ = (gate.in + 63) / 64 * 64;
+    ldq_mid_ = (down.in + 63) / 64 * 64;
+    qx_.resize(static_cast<size_t>(t * ldq_in_));
+    sx_.resize(static_cast<size_t>(t));
+    qh_.resize(static_cast<size_t>(t * ldq_mid_));
+    sh_.resize(static_cast<size_t>(t));
+    QuantizeRowsInt8(x, t, gate.in, gate.in, qx_.data(), ldq_in_, sx_.data());
+  }
   return true;
 }
 
-// Chunk `chunk` of product p's output rows (LinearW8A8's chunks).
+// Chunk `chunk` of product p's output rows, through LinearW's kernel for it.
 void SwiGluPieces::Rows(int p, int64_t chunk) {
+  const WeightRef& w = w_[p];
   float* const out[3] = {gu_.data(), gu_.data() + t_ * w_[0].out, y_};
-  const W8A8Product product{&w_[p], sums_[p], out[p], w_[p].out};
-  const int64_t o0 = chunk * per_[p], o1 = std::min(w_[p].out, o0 + per_[p]);
-  if (p == 2) {
-    W8A8Rows(qh_.data(), sh_.data(), t_, ldq_mid_, product, o0, o1);
-  } else {
-    W8A8Rows(qx_.data(), sx_.data(), t_, ldq_in_, product, o0, o1);
+  const int64_t o0 = chunk * per_[p], o1 = std::min(w.out, o0 + per_[p]);
+  switch (kind_) {
+    case Kind::kW8A8: {
+      const W8A8Product product{&w, sums_[p], out[p], w.out};
+      if (p == 2) {
+        W8A8Rows(qh_.data(), sh_.data(), t_, ldq_mid_, product, o0, o1);
+      } else {
+        W8A8Rows(qx_.data(), sx_.data(), t_, ldq_in_, product, o0, o1);
+      }
+      return;
+    }
+    case Kind::kBf16:
+      DotRowsBf16PackedRows(p == 2 ? gu_.data() : x_, t_, w.in, w.bf16, w.in, out[p], w.out, o0,
+                            o1);
+      return;
+    case Kind::kBf16A16: {
+      const uint16_t* xb = p == 2 ? hb_.data() : xb_.data();
+      // (LinearBf16A16's blocks of x rows)
+      const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / w.in / 4 * 4);
+      for (int64_t m0 = 0; m0 < t_; m0 += block) {
+        Bf16DotRowsPacked(xb + m0 * w.in, std::min(block, t_ - m0), w.in, w.bf16, w.in,
+                          out[p] + m0 * w.out, w.out, o0, o1);
+      }
+      return;
+    }
   }
 }
 
@@ -781,7 +814,11 @@ void SwiGluPieces::Middle() {
   const int64_t width = w_[0].out;
   float* g = gu_.data();
   SiluMul(g, g + t_ * width, t_ * width, g);
-  QuantizeRowsInt8(g, t_, width, width, qh_.data(), ldq_mid_, sh_.data());
+  if (kind_ == Kind::kW8A8) {
+    QuantizeRowsInt8(g, t_, width, width, qh_.data(), ldq_mid_, sh_.data());
+  } else if (kind_ == Kind::kBf16A16) {
+    FloatToBf16N(g, static_cast<size_t>(t_ * width), hb_.data());
+  }
 }
 
 void SwiGluPieces::Back(int i) { Rows(2, i); }

@@ -71,9 +71,11 @@ void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRe
 // SwiGluMlpW's bits cut into pieces that other work can share a pass over the kernel pool with
 // (a decode step's MoE layer: the router beside the shared experts' gate / up, the shared experts'
 // down as the tail of the routed experts' pass, instead of the shared experts as one large task).
-// Only where all three products take W8A8 (8-bit weights at few rows); Prepare says.
+// For the kernels of few rows: 8-bit weights under W8A8, packed bf16 (A32 or A16) at up to
+// kDirectRows rows or in the invariant mode; Prepare says whether they apply.
 //   Prepare, then Front(i) for i < fronts() (any threads, any order), then Middle() (one thread),
-//   then Back(i) for i < backs() (any threads, any order): y holds SwiGluMlpW's result.
+//   then Back(i) for i < backs() (any threads, any order): y holds SwiGluMlpW's result. x must
+//   stay valid until the last Front.
 // Every piece is output rows of one product through the same kernel, so any cut gives the same
 // bits. Reused from layer to layer, it allocates only when the shapes grow.
 class SwiGluPieces {
@@ -87,7 +89,10 @@ class SwiGluPieces {
   void Back(int i);
 
  private:
+  enum class Kind { kW8A8, kBf16, kBf16A16 };
   void Rows(int product, int64_t chunk);
+  Kind kind_ = Kind::kW8A8;
+  const float* x_ = nullptr;
   WeightRef w_[3];  // gate, up, down (copies: a ref() is often a temporary)
   const int32_t* sums_[3] = {nullptr, nullptr, nullptr};
   std::vector<int32_t> sums_here_[3];
@@ -96,6 +101,7 @@ class SwiGluPieces {
   float* y_ = nullptr;
   std::vector<int8_t> qx_, qh_;      // x and silu(g) * u, quantized per row
   std::vector<float> sx_, sh_, gu_;  // their scales; g and u [t, width] each
+  std::vector<uint16_t> xb_, hb_;    // A16: x and silu(g) * u rounded to bf16
 };
 
 // Quantizers (for loading 16/32-bit checkpoints into 8 bits, and the tiny-model writer).

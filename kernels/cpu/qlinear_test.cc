@@ -331,16 +331,18 @@ TEST(QLinear, LinearW2GivesTheBitsOfTwoLinearWCalls) {
 }
 
 // SwiGluPieces (the MLP cut into row chunks that other work shares passes with) gives
-// SwiGluMlpW's bits: packed and row-major int8, a width the pool splits and one it does not, pieces
-// run in reverse order, 1..4 rows, every ISA level; it declines weights that do not take W8A8.
+// SwiGluMlpW's bits: packed and row-major int8 (W8A8), packed bf16 under A32 and A16, a width the
+// pool splits and one it does not, pieces run in reverse order, 1..4 rows, every ISA level; it
+// declines weights whose kernels it does not cut (fp32, W8A16, a mix).
 TEST(QLinear, SwiGluPiecesGiveTheBitsOfSwiGluMlpW) {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd(0, 1);
   const int64_t d = 512;
   struct Held {
     std::vector<uint8_t> q, packed;
+    std::vector<uint16_t> bf16;
     std::vector<float> s, f;
-    WeightRef plain, pref, f32;
+    WeightRef plain, pref, bref, f32;
   };
   auto make = [&](int64_t out, int64_t in) {
     Held h;
@@ -353,18 +355,34 @@ TEST(QLinear, SwiGluPiecesGiveTheBitsOfSwiGluMlpW) {
     h.pref = h.plain;
     h.pref.q = h.packed.data();
     h.pref.packed = true;
+    h.bf16.resize(h.f.size());
+    FloatToBf16N(h.f.data(), h.f.size(), h.bf16.data());
+    PackRows(WeightFormat::kBf16, h.bf16.data(), out, in, h.bf16.data());
+    h.bref = WeightRef{WeightFormat::kBf16, nullptr, nullptr, nullptr, out, in};
+    h.bref.bf16 = h.bf16.data();
+    h.bref.packed = true;
     h.f32 = WeightRef{WeightFormat::kF32, h.f.data(), nullptr, nullptr, out, in};
     return h;
   };
+  enum Kind { kPacked8, kRowMajor8, kBf16, kBf16A16 };
+  const char* names[] = {"int8 packed", "int8 row-major", "bf16", "bf16 A16"};
   SwiGluPieces pieces;                // reused across shapes, as the engine reuses it across layers
   for (int64_t width : {1024, 64}) {  // 1024: several chunks per product; 64: one each
     const Held g = make(width, d), u = make(width, d), dn = make(d, width);
-    for (bool packed : {true, false}) {
-      const auto& ref = [packed](const Held& h) { return packed ? h.pref : h.plain; };
-      for (int level = 0; level <= Int8IsaLevel(); ++level) {
+    for (Kind kind : {kPacked8, kRowMajor8, kBf16, kBf16A16}) {
+      const auto& ref = [kind](const Held& h) {
+        return kind == kPacked8 ? h.pref : kind == kRowMajor8 ? h.plain : h.bref;
+      };
+      SetBf16Activations(kind == kBf16A16);
+      const int levels = kind == kBf16      ? GemmIsaLevel()
+                         : kind == kBf16A16 ? Bf16DotIsaLevel()
+                                            : Int8IsaLevel();
+      for (int level = 0; level <= levels; ++level) {
         SetInt8IsaForTesting(level);
+        SetGemmIsaForTesting(level);
+        SetBf16DotIsaForTesting(level);
         for (int64_t t = 1; t <= 4; ++t) {
-          const std::string what = "width " + std::to_string(width) + (packed ? " packed" : "") +
+          const std::string what = std::string(names[kind]) + " width " + std::to_string(width) +
                                    " level " + std::to_string(level) + " t " + std::to_string(t);
           std::vector<float> x(static_cast<size_t>(t * d)), scratch;
           for (float& v : x) v = nd(rng);
@@ -381,10 +399,14 @@ TEST(QLinear, SwiGluPiecesGiveTheBitsOfSwiGluMlpW) {
         }
       }
       SetInt8IsaForTesting(-1);
+      SetGemmIsaForTesting(-1);
+      SetBf16DotIsaForTesting(-1);
+      SetBf16Activations(false);
     }
     std::vector<float> x(static_cast<size_t>(d)), y(x.size());
     EXPECT_FALSE(pieces.Prepare(x.data(), 1, g.f32, u.f32, dn.f32, y.data()));
     EXPECT_FALSE(pieces.Prepare(x.data(), 1, g.pref, u.pref, dn.f32, y.data()));
+    EXPECT_FALSE(pieces.Prepare(x.data(), 1, g.bref, u.bref, dn.pref, y.data()));
     SetInt8Activations(false);  // W8A16
     EXPECT_FALSE(pieces.Prepare(x.data(), 1, g.pref, u.pref, dn.pref, y.data()));
     SetInt8Activations(true);
