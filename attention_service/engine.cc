@@ -158,6 +158,7 @@ absl::Status Engine::Layers(int count, int64_t first, int64_t last) {
     // Collect what is still at the experts, so nothing stays in flight; lengths are unchanged
     // and the rows written so far are ignored.
     for (int m = 0; m < count; ++m) {
+      mb_[m].shared_split = false;
       if (mb_[m].in_flight) {
         mb_[m].in_flight = false;
         mb_[m].experts->Finish(mb_[m].tmp.data()).IgnoreError();
@@ -248,7 +249,7 @@ void Engine::Route(int64_t l, const LayerWeights& lw, MicroBatch& mb) {
   mb.gate_ids.resize(static_cast<size_t>(n * k));
   mb.gate_w.resize(static_cast<size_t>(n * k));
   cpu::SelectExperts(gate_, mb.router.data(), n, mb.gate_ids.data(), mb.gate_w.data(),
-                     lw.gate_bias.empty() ? nullptr : lw.gate_bias.data());
+                     lw.gate_bias.empty() ? nullptr : lw.gate_bias.data(), &mb.gate_scratch);
   for (int32_t id : mb.gate_ids) {
     expert_tokens_[static_cast<size_t>(l * e + id)].fetch_add(1, std::memory_order_relaxed);
   }
@@ -258,27 +259,34 @@ void Engine::Route(int64_t l, const LayerWeights& lw, MicroBatch& mb) {
 // the shared experts ran as one task of the routed pass, twice a routed expert's bytes: the pass
 // then ended on whichever core took the last large task. In pieces, the router shares a pass
 // with the shared experts' gate / up rows and their down rows fill the end of the routed pass.
+// The router is one task there (its product inline on one thread) only while that is no more
+// than a core's share of the pass (V2's 160 x 5120 router beside int8 shared experts on many
+// cores is not); else it runs first, over the whole pool.
 void Engine::RouteBesideSharedExperts(int64_t l, const LayerWeights& lw, MicroBatch& mb) {
+  const int cores = cpu::ThePool().size();
   mb.shared_split = options_.split_shared_experts && config_.n_shared_experts > 0 &&
-                    mb.experts->RunsOnKernelPool() && mb.n <= cpu::ThePool().size() &&
+                    mb.experts->RunsOnKernelPool() && mb.n <= cores &&
                     mb.shared.Prepare(mb.x.data(), mb.n, lw.shared.gate.ref(), lw.shared.up.ref(),
                                       lw.shared.down.ref(), mb.tmp.data());
-  if (!mb.shared_split) {
-    Route(l, lw, mb);
-    return;
-  }
+  const double router = static_cast<double>(lw.gate.bytes());
+  const bool beside =
+      mb.shared_split &&
+      router * cores <= router + static_cast<double>(lw.shared.gate.bytes() + lw.shared.up.bytes());
+  if (!beside) Route(l, lw, mb);
+  if (!mb.shared_split) return;
   ++shared_in_pieces_;
   struct Front {  // (one pointer captured: no allocation)
     Engine* engine;
     int64_t l;
     const LayerWeights* lw;
     MicroBatch* mb;
-  } front{this, l, &lw, &mb};
-  cpu::ThePool().RunEach(1 + mb.shared.fronts(), [f = &front](int i) {
-    if (i == 0) {
+    int first;  // the shared experts' first task (1 after the router's, else 0)
+  } front{this, l, &lw, &mb, beside ? 1 : 0};
+  cpu::ThePool().RunEach(front.first + mb.shared.fronts(), [f = &front](int i) {
+    if (i < f->first) {
       f->engine->Route(f->l, *f->lw, *f->mb);
     } else {
-      f->mb->shared.Front(i - 1);
+      f->mb->shared.Front(i - f->first);
     }
   });
   mb.shared.Middle();

@@ -31,11 +31,12 @@ enum class AttentionForm {
 
 struct EngineOptions {
   AttentionForm attention_form = AttentionForm::kAuto;
-  // In-process experts with 8-bit or bf16 weights, at up to a row per core (decode): the router
-  // beside the shared experts' gate / up in one pass over the kernel pool, the shared experts'
-  // down as the tail of the routed experts' pass (cpu::SwiGluPieces; the same bits either way).
-  // Off: the shared experts as one task of the routed experts' pass (FinishAfter), the router
-  // alone before it.
+  // Decode steps (up to a row per core) with in-process experts, where the shared experts' weights
+  // take int8 W8A8 or packed bf16 kernels (cpu::SwiGluPieces; the same bits either way): the
+  // router beside the shared experts' gate / up in one pass over the kernel pool (when the
+  // router's product is no more than a core's share of it), the shared experts' down as the tail
+  // of the routed experts' pass. Off: the shared experts as one task of the routed experts' pass
+  // (FinishAfter), the router alone before it.
   bool split_shared_experts = true;
 };
 
@@ -58,10 +59,12 @@ absl::Status ValidateStep(const ModelConfig& c, std::vector<SequenceStep>& batch
 struct EngineTimings {
   double attention = 0;  // projections, RoPE, MLA, o_proj
   double dense_mlp = 0;  // first dense layers
-  double router = 0;     // gate logits + expert selection
-  double shared = 0;     // shared experts (overlapping the remote experts' work)
-  double routed = 0;     // waiting for the routed experts after the shared ones
-  double lm_head = 0;    // final norm + lm_head
+  // (shared experts in pieces, EngineOptions::split_shared_experts: their gate / up counted in
+  // router, their down in routed, shared 0)
+  double router = 0;   // gate logits + expert selection
+  double shared = 0;   // shared experts (overlapping the remote experts' work)
+  double routed = 0;   // waiting for the routed experts after the shared ones
+  double lm_head = 0;  // final norm + lm_head
 };
 
 // What the scheduler, Generate and the CLI need of an engine: the CPU Engine below and the GPU
@@ -101,7 +104,7 @@ class Engine : public StepEngine {
   const ModelConfig& config() const override { return config_; }
   const EngineTimings& timings() const { return timings_; }
   // MoE layers whose shared experts ran in pieces (EngineOptions::split_shared_experts), so far.
-  uint64_t shared_experts_in_pieces() const { return shared_in_pieces_; }
+  uint64_t shared_experts_in_pieces() const { return shared_in_pieces_.load(); }
   // Tokens routed to (layer, expert) since start (all layers x n_routed_experts; MoE layers only
   // are ever non-zero). Safe to read from other threads.
   uint64_t expert_tokens(int64_t layer, int64_t expert) const override {
@@ -156,6 +159,7 @@ class Engine : public StepEngine {
     bool in_flight = false;  // routed experts begun, not finished
     std::vector<float> h, x, tmp, router, gate_w;
     std::vector<int32_t> gate_ids;
+    cpu::GateScratch gate_scratch;  // (Route may run on any thread of the kernel pool)
     // The shared experts in pieces (EngineOptions::split_shared_experts), their fronts done.
     cpu::SwiGluPieces shared;
     bool shared_split = false;
@@ -171,7 +175,8 @@ class Engine : public StepEngine {
   int64_t CacheLayer(int64_t l) const { return l == config_.num_hidden_layers ? 0 : l; }
   // Up to the dispatch of layer l's routed experts (or the whole dense FFN).
   absl::Status LayerFront(int64_t l, MicroBatch& mb);
-  // Shared experts, the combine, the residual.
+  // Shared experts (their down rows only, when LayerFront cut them in pieces), the combine, the
+  // residual.
   absl::Status LayerBack(int64_t l, MicroBatch& mb);
   double SharedExperts(const LayerWeights& lw, MicroBatch& mb);
   // mb.router, mb.gate_ids / gate_w and the expert counters for layer l's rows mb.x.
@@ -192,7 +197,7 @@ class Engine : public StepEngine {
   cpu::RopeTable rope_;
   cpu::GateParams gate_;
   EngineTimings timings_;
-  uint64_t shared_in_pieces_ = 0;
+  std::atomic<uint64_t> shared_in_pieces_{0};
   std::unique_ptr<std::atomic<uint64_t>[]> expert_tokens_;
   // Scratch reused across steps.
   MicroBatch mb_[2];

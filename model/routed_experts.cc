@@ -143,6 +143,7 @@ absl::Status ExpertBatcher::Run(const ExpertStore& store, ExpertAccelerator* acc
   const int extra = first != nullptr ? 1 : 0;
   const int experts = static_cast<int>(groups_.size()) + extra;
   if (first != nullptr) ++passes_with_first_;
+  if (tail_n > 0) ++passes_with_tail_;
   cpu::ThePool().RunEach(experts + tail_n, [&](int g) {
     if (g < extra) {
       (*first)();

@@ -135,8 +135,9 @@ class ExpertBatcher {
   // GEMM calls made and rows pushed through them by Run, since construction.
   uint64_t gemms() const { return gemms_; }
   uint64_t rows() const { return rows_; }
-  // Passes over the kernel pool that ran a `first` task beside the experts.
+  // Passes over the kernel pool that ran a `first` task / tail tasks beside the experts.
   uint64_t passes_with_first() const { return passes_with_first_; }
+  uint64_t passes_with_tail() const { return passes_with_tail_; }
 
  private:
   struct Item {
@@ -151,7 +152,7 @@ class ExpertBatcher {
   absl::Status SortAndCheck(const ExpertStore& store);
   absl::Status RunOn(const ExpertStore& store, ExpertAccelerator* accelerator);
   std::vector<std::pair<size_t, size_t>> groups_;  // [begin, end) of items_ per task
-  uint64_t passes_with_first_ = 0;
+  uint64_t passes_with_first_ = 0, passes_with_tail_ = 0;
   std::vector<ExpertGroup> accel_groups_;
   std::vector<float> accel_x_, accel_y_;
   uint64_t gemms_ = 0, rows_ = 0;
@@ -178,8 +179,10 @@ class LocalRoutedExperts : public RoutedExperts {
                            float* out) override;
   bool RunsOnKernelPool() const override { return accelerator_ == nullptr; }
   absl::Status FinishWithTail(const std::function<void(int)>& tail, int n, float* out) override;
-  // FinishAfter calls that ran `beside` in the experts' pass (tests).
+  // FinishAfter calls that ran `beside` in the experts' pass, FinishWithTail calls that ran the
+  // tail there (tests).
   uint64_t beside_in_pass() const { return batcher_.passes_with_first(); }
+  uint64_t tail_in_pass() const { return batcher_.passes_with_tail(); }
 
  private:
   // The experts of the last Begin (with *first and tail, when given, as ExpertBatcher::Run runs

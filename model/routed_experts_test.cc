@@ -116,7 +116,9 @@ TEST(LocalRoutedExperts, FinishWithTailGivesTheBitsOfTheTailThenFinish) {
     ASSERT_TRUE(experts.Finish(want.data()).ok());
     ASSERT_TRUE(experts.Begin(layer, x.data(), t, ids.data(), w.data(), k).ok());
     const std::function<void(int)> tail = [&](int i) { piece(&got, i); };
+    const uint64_t in_pass = experts.tail_in_pass();
     ASSERT_TRUE(experts.FinishWithTail(tail, pieces, got.data()).ok());
+    EXPECT_EQ(experts.tail_in_pass() - in_pass, 1u) << "t " << t;
     EXPECT_EQ(runs, std::vector<int>(pieces, 2)) << "t " << t;
     EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "t " << t;
   }

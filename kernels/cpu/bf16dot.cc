@@ -407,6 +407,15 @@ void Fp8DotRowsPackedA16(const uint16_t* xb, int64_t t, int64_t ldb, const uint8
   }
 }
 
+void LinearBf16A16Rows(const uint16_t* xb, int64_t t, int64_t k, const uint16_t* w, float* y,
+                       int64_t ldy, int64_t o0, int64_t o1) {
+  // Blocks of x rows (~128 KiB) stay in L2 while the chunk's weight groups pass by.
+  const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / k / 4 * 4);
+  for (int64_t m0 = 0; m0 < t; m0 += block) {
+    Bf16DotRowsPacked(xb + m0 * k, std::min(block, t - m0), k, w, k, y + m0 * ldy, ldy, o0, o1);
+  }
+}
+
 void LinearBf16A16(const float* x, int64_t t, int64_t ldx, const uint16_t* w, int64_t n, int64_t k,
                    float* y, int64_t ldy) {
   if (t <= 0 || n <= 0) return;
@@ -423,13 +432,9 @@ void LinearBf16A16(const float* x, int64_t t, int64_t ldx, const uint16_t* w, in
           ? 1
           : std::min<int64_t>(ThePool().size() * 2, std::max<int64_t>(1, n / (2 * kPackRows)));
   const int64_t per = ((n + chunks - 1) / chunks + kPackRows - 1) / kPackRows * kPackRows;
-  // Blocks of x rows (~128 KiB) stay in L2 while the chunk's weight groups pass by.
-  const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / k / 4 * 4);
   auto run = [&](int c) {
     const int64_t o0 = c * per, o1 = std::min(n, o0 + per);
-    for (int64_t m0 = 0; m0 < t; m0 += block) {
-      Bf16DotRowsPacked(xb + m0 * k, std::min(block, t - m0), k, w, k, y + m0 * ldy, ldy, o0, o1);
-    }
+    LinearBf16A16Rows(xb, t, k, w, y, ldy, o0, o1);
   };
   const int64_t used = (n + per - 1) / per;
   if (used == 1) {

@@ -42,6 +42,10 @@ void Fp8DotRowsPackedA16(const uint16_t* xb, int64_t t, int64_t ldb, const uint8
 // y[t, n] = A16 product of x [t, k] (row stride ldx) with packed w [n, k], over the kernel pool.
 void LinearBf16A16(const float* x, int64_t t, int64_t ldx, const uint16_t* w, int64_t n, int64_t k,
                    float* y, int64_t ldy);
+// Its output rows [o0, o1) (multiples of 8) on the calling thread, for x already rounded to bf16
+// (xb [t, k]): the same bits.
+void LinearBf16A16Rows(const uint16_t* xb, int64_t t, int64_t k, const uint16_t* w, float* y,
+                       int64_t ldy, int64_t o0, int64_t o1);
 
 // The level in use: 2 AVX512-BF16, 1 AVX2 emulation, 0 portable. SetBf16DotIsaForTesting caps it
 // (-1: the best this CPU has that matches the definition) and returns the level now in use.

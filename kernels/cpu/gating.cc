@@ -13,7 +13,7 @@ namespace {
 // Keeps the `keep` groups with the largest g (ties: lower group); sets every expert of the other
 // groups to `masked` in cand.
 void MaskGroups(const std::vector<float>& g, int64_t keep, int64_t per, float masked,
-                std::vector<int32_t>* order, std::vector<float>* cand) {
+                std::vector<int32_t>* order, std::vector<char>* kept, std::vector<float>* cand) {
   const int64_t groups = static_cast<int64_t>(g.size());
   // Groups by g, largest first, ties in group order: a stable insertion sort (what stable_sort
   // gives, without its temporary buffer; a few groups).
@@ -27,12 +27,11 @@ void MaskGroups(const std::vector<float>& g, int64_t keep, int64_t per, float ma
     }
     (*order)[static_cast<size_t>(at)] = cur;
   }
-  thread_local std::vector<char> kept;
-  kept.assign(static_cast<size_t>(groups), 0);
+  kept->assign(static_cast<size_t>(groups), 0);
   for (int64_t j = 0; j < keep; ++j)
-    kept[static_cast<size_t>((*order)[static_cast<size_t>(j)])] = 1;
+    (*kept)[static_cast<size_t>((*order)[static_cast<size_t>(j)])] = 1;
   for (size_t i = 0; i < cand->size(); ++i) {
-    if (!kept[i / static_cast<size_t>(per)]) (*cand)[i] = masked;
+    if (!(*kept)[i / static_cast<size_t>(per)]) (*cand)[i] = masked;
   }
 }
 
@@ -56,7 +55,7 @@ void TopTwoSums(const std::vector<float>& cand, int64_t per, std::vector<float>*
 }  // namespace
 
 void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, float* w,
-                   const float* bias) {
+                   const float* bias, GateScratch* scratch) {
   const int64_t e = p.n_experts;
   const bool noaux = p.method == GateMethod::kNoauxTc;
   if (p.scoring == GateScoring::kSigmoid) {
@@ -65,8 +64,11 @@ void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, 
     SoftmaxRows(logits, t, e, e);
   }
   // (scratch kept from call to call: a decode step selects experts once per MoE layer)
-  thread_local std::vector<float> cand, g;
-  thread_local std::vector<int32_t> order;
+  thread_local GateScratch own;
+  GateScratch& sc = scratch != nullptr ? *scratch : own;
+  std::vector<float>& cand = sc.cand;
+  std::vector<float>& g = sc.g;
+  std::vector<int32_t>& order = sc.order;
   cand.resize(static_cast<size_t>(e));
   g.resize(static_cast<size_t>(p.n_group));
   order.resize(static_cast<size_t>(std::max(e, p.n_group)));
@@ -77,12 +79,13 @@ void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, 
     if (noaux) {
       for (int64_t i = 0; i < e; ++i) cand[static_cast<size_t>(i)] += bias[i];
       TopTwoSums(cand, per, &g);
-      MaskGroups(g, p.topk_group, per, -std::numeric_limits<float>::infinity(), &order, &cand);
+      MaskGroups(g, p.topk_group, per, -std::numeric_limits<float>::infinity(), &order, &sc.kept,
+                 &cand);
     } else if (p.method == GateMethod::kGroupLimitedGreedy) {
       for (int64_t j = 0; j < p.n_group; ++j) {
         g[static_cast<size_t>(j)] = *std::max_element(s + j * per, s + (j + 1) * per);
       }
-      MaskGroups(g, p.topk_group, per, 0.0f, &order, &cand);
+      MaskGroups(g, p.topk_group, per, 0.0f, &order, &sc.kept, &cand);
     }
     std::iota(order.begin(), order.begin() + e, 0);
     std::partial_sort(

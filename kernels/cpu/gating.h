@@ -32,8 +32,15 @@ struct GateParams {
 // expert (and group) index. Weights: normalized when norm_topk_prob and k > 1, else scaled by
 // rsf; normalized and then scaled with scale_after_norm. `bias` [E] (noaux_tc's
 // e_score_correction_bias) is required for noaux_tc and ignored otherwise.
+// `scratch`: kept from call to call by the caller (repeated calls then allocate nothing on any
+// thread); nullptr: the calling thread's own.
+struct GateScratch {
+  std::vector<float> cand, g;
+  std::vector<int32_t> order;
+  std::vector<char> kept;
+};
 void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, float* w,
-                   const float* bias = nullptr);
+                   const float* bias = nullptr, GateScratch* scratch = nullptr);
 
 }  // namespace dmoe::cpu
 

@@ -147,6 +147,10 @@ void Dispatch(const float* x, int64_t t, int64_t ldx, const WeightRef& w, float*
 // Up to this many rows of x, the register kernel (weights converted on the fly, in groups of 8
 // rows); beyond, dequantize once and sgemm.
 constexpr int64_t kDirectRows = 16;
+// Whether a product of t rows takes the register kernels (or the BLAS mode's sgemm).
+bool DirectKernels(int64_t t) {
+  return t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant;
+}
 
 // Output rows per chunk: a multiple of 8 (a packed group; 8 divides the fp8 block, so a group
 // never spans two scale rows).
@@ -500,8 +504,7 @@ void LinearW8A8(const float* x, int64_t t, int64_t ldx, const W8A8Product* produ
 }
 
 bool TakesW8A8(const WeightRef& w, int64_t t) {
-  return w.format == WeightFormat::kInt8 && Int8ActivationsW8A8() &&
-         (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant);
+  return w.format == WeightFormat::kInt8 && Int8ActivationsW8A8() && DirectKernels(t);
 }
 
 }  // namespace
@@ -650,8 +653,7 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
     LinearW8A8(x, t, ldx, &p, 1);
     return;
   }
-  if (w.format == WeightFormat::kBf16 &&
-      (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
+  if (w.format == WeightFormat::kBf16 && DirectKernels(t)) {
     if (w.packed && Bf16ActivationsA16()) {
       LinearBf16A16(x, t, ldx, w.bf16, w.out, w.in, y, ldy);
     } else if (w.packed) {
@@ -661,8 +663,7 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
     }
     return;
   }
-  if (w.format == WeightFormat::kFp8 && w.packed &&
-      (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant)) {
+  if (w.format == WeightFormat::kFp8 && w.packed && DirectKernels(t)) {
     if (Bf16ActivationsA16()) {
       LinearFp8A16(x, t, ldx, w, y, ldy);
     } else {
@@ -675,7 +676,7 @@ void LinearW(const float* x, int64_t t, const WeightRef& w, float* y, int64_t ld
   // The invariant mode always takes the register kernel (its rows never interact); the BLAS
   // mode dequantizes for sgemm beyond kDirectRows rows.
   // (Packed int8 under W8A16, a comparison mode: dequantized below; its kernel reads row-major.)
-  if ((t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant) && !w.packed) {
+  if (DirectKernels(t) && !w.packed) {
     // Groups of up to 8 rows through the register kernel; a chunk of weight rows stays in cache
     // from one group to the next.
     const bool avx2 = UseAvx2();
@@ -734,8 +735,7 @@ bool SwiGluPieces::Prepare(const float* x, int64_t t, const WeightRef& gate, con
                            const WeightRef& down, float* y) {
   chunks_[0] = chunks_[1] = chunks_[2] = 0;
   const auto bf16 = [t](const WeightRef& w) {  // LinearW's packed-bf16 branch
-    return w.format == WeightFormat::kBf16 && w.packed &&
-           (t <= kDirectRows || GetKernelMode() == KernelMode::kInvariant);
+    return w.format == WeightFormat::kBf16 && w.packed && DirectKernels(t);
   };
   if (TakesW8A8(gate, t) && TakesW8A8(up, t) && TakesW8A8(down, t)) {
     kind_ = Kind::kW8A8;
@@ -789,16 +789,9 @@ void SwiGluPieces::Rows(int p, int64_t chunk) {
       DotRowsBf16PackedRows(p == 2 ? gu_.data() : x_, t_, w.in, w.bf16, w.in, out[p], w.out, o0,
                             o1);
       return;
-    case Kind::kBf16A16: {
-      const uint16_t* xb = p == 2 ? hb_.data() : xb_.data();
-      // (LinearBf16A16's blocks of x rows)
-      const int64_t block = std::max<int64_t>(4, (int64_t{1} << 16) / w.in / 4 * 4);
-      for (int64_t m0 = 0; m0 < t_; m0 += block) {
-        Bf16DotRowsPacked(xb + m0 * w.in, std::min(block, t_ - m0), w.in, w.bf16, w.in,
-                          out[p] + m0 * w.out, w.out, o0, o1);
-      }
+    case Kind::kBf16A16:
+      LinearBf16A16Rows(p == 2 ? hb_.data() : xb_.data(), t_, w.in, w.bf16, out[p], w.out, o0, o1);
       return;
-    }
   }
 }
 
