@@ -322,7 +322,7 @@ TEST(CudaKernels, BadLaunchesAreErrorsNamingTheCall) {
   cpu::GateParams p;
   p.n_experts = 4096;  // above the kernel's limit
   p.top_k = 2;
-  const absl::Status st = SelectExperts(p, nullptr, 1, nullptr, nullptr, nullptr, nullptr);
+  const absl::Status st = cuda::SelectExperts(p, nullptr, 1, nullptr, nullptr, nullptr, nullptr);
   EXPECT_FALSE(st.ok());
   // The file and line of the call (cuda_kernels.cc, or host_kernels.cc in the host build).
   EXPECT_NE(st.message().find("_kernels.cc:"), absl::string_view::npos) << st;
