@@ -16,6 +16,11 @@ namespace dmoe {
 
 namespace {
 using Clock = std::chrono::steady_clock;
+// The residual stream: h[i] += v[i] (a block's output) for i < n.
+void AddResidual(float* h, const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] += v[i];
+}
+
 double Since(Clock::time_point* t) {
   const Clock::time_point now = Clock::now();
   const double s = std::chrono::duration<double>(now - *t).count();
@@ -221,15 +226,13 @@ absl::Status Engine::LayerFront(int64_t l, MicroBatch& mb) {
   auto t0 = Clock::now();
   cpu::RmsNorm(mb.h.data(), n, d, lw.input_norm.data(), c.rms_norm_eps, mb.x.data());
   Attention(l, *mb.batch, mb.x.data(), mb.tmp.data());
-  for (int64_t i = 0; i < n * d; ++i)
-    mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+  AddResidual(mb.h.data(), mb.tmp.data(), n * d);
   cpu::RmsNorm(mb.h.data(), n, d, lw.post_norm.data(), c.rms_norm_eps, mb.x.data());
   timings_.attention += Since(&t0);
   if (!lw.moe) {
     cpu::SwiGluMlpW(mb.x.data(), n, lw.dense.gate.ref(), lw.dense.up.ref(), lw.dense.down.ref(),
                     mb.tmp.data(), &scratch_);
-    for (int64_t i = 0; i < n * d; ++i)
-      mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+    AddResidual(mb.h.data(), mb.tmp.data(), n * d);
     timings_.dense_mlp += Since(&t0);
     return absl::OkStatus();
   }
@@ -317,8 +320,7 @@ absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
     const std::function<void(int)> back = [s = &mb.shared](int i) { s->Back(i); };
     RETURN_IF_ERROR(mb.experts->FinishWithTail(back, mb.shared.backs(), mb.tmp.data()));
     timings_.routed += Since(&t0);  // (the shared experts' time in the router's and this)
-    for (int64_t i = 0; i < n * d; ++i)
-      mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+    AddResidual(mb.h.data(), mb.tmp.data(), n * d);
     return absl::OkStatus();
   }
   // The shared experts run while the routed ones are at work (remote experts), or beside them in
@@ -340,8 +342,7 @@ absl::Status Engine::LayerBack(int64_t l, MicroBatch& mb) {
   const double all_s = Since(&t0);
   timings_.shared += job.seconds;
   timings_.routed += all_s - job.seconds;
-  for (int64_t i = 0; i < n * d; ++i)
-    mb.h[static_cast<size_t>(i)] += mb.tmp[static_cast<size_t>(i)];
+  AddResidual(mb.h.data(), mb.tmp.data(), n * d);
   return absl::OkStatus();
 }
 
