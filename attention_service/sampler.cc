@@ -1,5 +1,7 @@
 #include "attention_service/sampler.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -98,7 +100,38 @@ bool ByLogit(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>
 
 }  // namespace
 
+namespace {
+
+// The first index of the largest value (NaN never wins), 8 lanes at a time: the maximum (maxps
+// returns its second operand when the first is NaN, so NaNs are skipped), then the first index
+// equal to it (-0 and +0 compare equal, as `>` in the scalar loop sees them).
+__attribute__((target("avx2"))) int64_t ArgMaxAvx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(x[0]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float best = lanes[0];
+  for (float v : lanes) best = v > best ? v : best;
+  for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+  const __m256 b = _mm256_set1_ps(best);
+  for (i = 0; i + 8 <= n; i += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), b, _CMP_EQ_OQ));
+    if (mask != 0) return i + __builtin_ctz(static_cast<unsigned>(mask));
+  }
+  for (; i < n; ++i) {
+    if (x[i] == best) return i;
+  }
+  return 0;  // (not reached: best is one of the values)
+}
+
+}  // namespace
+
 int32_t ArgMax(const float* logits, int64_t n) {
+  // (a sequence's greedy token each step: 32000 - 129280 values, once a scalar chain of compares)
+  if (n >= 8 && !std::isnan(logits[0]) && __builtin_cpu_supports("avx2")) {
+    return static_cast<int32_t>(ArgMaxAvx2(logits, n));
+  }
   int64_t best = 0;
   for (int64_t i = 1; i < n; ++i) {
     if (logits[i] > logits[best]) best = i;

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <random>
 #include <utility>
 #include <vector>
 
@@ -48,6 +49,44 @@ TEST(Sampler, GreedyTakesTheLowestIdAmongTies) {
   k1.temperature = 5;
   k1.top_k = 1;
   EXPECT_EQ(Sampler(k1, {}).Sample(l.data(), 4).token, 1);
+}
+
+// ArgMax (vectorized where the CPU has AVX2) is the first index of the largest value, as the
+// plain loop defines it: ties, -0 beside +0, -inf, NaNs anywhere (never chosen; a NaN first
+// keeps index 0), every length from 1 to 70 and a vocabulary's.
+TEST(Sampler, ArgMaxIsTheFirstLargestValue) {
+  auto plain = [](const std::vector<float>& v) {
+    size_t best = 0;
+    for (size_t i = 1; i < v.size(); ++i) {
+      if (v[i] > v[best]) best = i;
+    }
+    return static_cast<int32_t>(best);
+  };
+  std::mt19937 rng(3);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> specials = {nan, -inf, inf, -0.0f, 0.0f, 1.0f, 1.0f, -1.0f};
+  int checked = 0;
+  for (int64_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 64, 70, 32000}) {
+    for (int trial = 0; trial < 200; ++trial) {
+      std::vector<float> v(static_cast<size_t>(n));
+      // few distinct values, so that ties are common
+      for (float& x : v) x = static_cast<float>(static_cast<int>(rng() % 5)) - 2.0f;
+      const int sprinkle = static_cast<int>(rng() % 4);
+      for (int j = 0; j < sprinkle; ++j) {
+        v[rng() % v.size()] = specials[rng() % specials.size()];
+      }
+      if (trial % 10 == 0) v[0] = nan;
+      if (trial % 10 == 1) std::fill(v.begin(), v.end(), -inf);
+      if (trial % 10 == 2) {
+        std::fill(v.begin(), v.end(), -0.0f);
+        v.back() = 0.0f;
+      }
+      ASSERT_EQ(ArgMax(v.data(), n), plain(v)) << "n " << n << " trial " << trial;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 13 * 200);
 }
 
 TEST(Sampler, TemperatureFollowsTheSoftmax) {
