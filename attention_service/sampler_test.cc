@@ -1,6 +1,7 @@
 #include "attention_service/sampler.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <random>
@@ -49,6 +50,34 @@ TEST(Sampler, GreedyTakesTheLowestIdAmongTies) {
   k1.temperature = 5;
   k1.top_k = 1;
   EXPECT_EQ(Sampler(k1, {}).Sample(l.data(), 4).token, 1);
+}
+
+// Greedy without top logprobs takes ArgMax instead of sorting the candidates: the same tokens and
+// logprob bits as the sorting path (top_logprobs 1) over random logits with many ties, with and
+// without a logit bias and penalties, over 64 steps of one request.
+TEST(Sampler, GreedyWithoutTopLogprobsGivesTheSortingPathsTokens) {
+  std::mt19937 rng(8);
+  const int64_t vocab = 300;
+  for (const bool penalties : {false, true}) {
+    SamplingParams fast;
+    fast.logprobs = true;
+    if (penalties) {
+      fast.logit_bias = {{5, 2.0f}, {17, -1.0f}};
+      fast.repetition_penalty = 1.3;
+      fast.frequency_penalty = 0.5;
+    }
+    SamplingParams sorting = fast;
+    sorting.top_logprobs = 1;
+    Sampler a(fast, {1, 2, 3}), b(sorting, {1, 2, 3});
+    for (int step = 0; step < 64; ++step) {
+      std::vector<float> l(static_cast<size_t>(vocab));
+      for (float& x : l) x = static_cast<float>(static_cast<int>(rng() % 7)) * 0.5f;
+      const SampledToken x = a.Sample(l.data(), vocab), y = b.Sample(l.data(), vocab);
+      ASSERT_EQ(x.token, y.token) << "step " << step;
+      ASSERT_EQ(std::memcmp(&x.logprob, &y.logprob, 4), 0) << "step " << step;
+      EXPECT_TRUE(x.top.empty());
+    }
+  }
 }
 
 // ArgMax (vectorized where the CPU has AVX2) is the first index of the largest value, as the
