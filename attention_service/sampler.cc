@@ -129,7 +129,11 @@ __attribute__((target("avx2"))) int64_t ArgMaxAvx2(const float* x, int64_t n) {
 
 int32_t ArgMax(const float* logits, int64_t n) {
   // (a sequence's greedy token each step: 32000 - 129280 values, once a scalar chain of compares)
-  if (n >= 8 && !std::isnan(logits[0]) && __builtin_cpu_supports("avx2")) {
+  static const bool avx2 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  if (n >= 8 && !std::isnan(logits[0]) && avx2) {
     return static_cast<int32_t>(ArgMaxAvx2(logits, n));
   }
   int64_t best = 0;
@@ -268,7 +272,7 @@ SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {
     // id), without ordering the whole vocabulary: ~100 us less per sequence and token at 32000.
     const float* logits = biased_ || penalized_ ? Process(model_logits, vocab) : model_logits;
     out.token = ArgMax(logits, vocab);
-    if (p_.logprobs) AddLogprobs(logits, vocab, true, &out);  // (no top logprobs to sort)
+    if (p_.logprobs) AddLogprobs(logits, vocab, false, &out);  // (no top logprobs: no order_)
     if (penalized_) ++seen_[out.token];
     return out;
   }

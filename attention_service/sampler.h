@@ -55,7 +55,8 @@ absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingP
 // the model's eos_token_ids.
 bool IsStopToken(const SamplingParams& p, const ModelConfig& c, int32_t token);
 
-// The id with the largest logit; ties go to the lowest id.
+// The id with the largest logit; ties go to the lowest id. A NaN never compares larger (a NaN
+// at id 0 gives 0, as a loop of `>` from id 0 does).
 int32_t ArgMax(const float* logits, int64_t n);
 
 struct SampledToken {

@@ -95,7 +95,6 @@ TEST(Sampler, ArgMaxIsTheFirstLargestValue) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
   const std::vector<float> specials = {nan, -inf, inf, -0.0f, 0.0f, 1.0f, 1.0f, -1.0f};
-  int checked = 0;
   for (int64_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 64, 70, 32000}) {
     for (int trial = 0; trial < 200; ++trial) {
       std::vector<float> v(static_cast<size_t>(n));
@@ -112,10 +111,8 @@ TEST(Sampler, ArgMaxIsTheFirstLargestValue) {
         v.back() = 0.0f;
       }
       ASSERT_EQ(ArgMax(v.data(), n), plain(v)) << "n " << n << " trial " << trial;
-      ++checked;
     }
   }
-  EXPECT_EQ(checked, 13 * 200);
 }
 
 TEST(Sampler, TemperatureFollowsTheSoftmax) {

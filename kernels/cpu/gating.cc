@@ -64,8 +64,12 @@ void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, 
     SoftmaxRows(logits, t, e, e);
   }
   // (scratch kept from call to call: a decode step selects experts once per MoE layer)
-  thread_local GateScratch own;
-  GateScratch& sc = scratch != nullptr ? *scratch : own;
+  GateScratch* given = scratch;
+  if (given == nullptr) {  // (a thread_local only where needed: no TLS set-up on pool workers)
+    thread_local GateScratch own;
+    given = &own;
+  }
+  GateScratch& sc = *given;
   std::vector<float>& cand = sc.cand;
   std::vector<float>& g = sc.g;
   std::vector<int32_t>& order = sc.order;

@@ -27,6 +27,13 @@ struct GateParams {
   bool scale_after_norm = false;
 };
 
+// SelectExperts' scratch, kept from call to call by its caller (see there).
+struct GateScratch {
+  std::vector<float> cand, g;
+  std::vector<int32_t> order;
+  std::vector<char> kept;
+};
+
 // For each of `t` rows of router logits [t, E] (modified in place into the scores: softmax or
 // sigmoid), writes the chosen experts ids[t, k] and their weights w[t, k]. Ties go to the lower
 // expert (and group) index. Weights: normalized when norm_topk_prob and k > 1, else scaled by
@@ -34,11 +41,6 @@ struct GateParams {
 // e_score_correction_bias) is required for noaux_tc and ignored otherwise.
 // `scratch`: kept from call to call by the caller (repeated calls then allocate nothing on any
 // thread); nullptr: the calling thread's own.
-struct GateScratch {
-  std::vector<float> cand, g;
-  std::vector<int32_t> order;
-  std::vector<char> kept;
-};
 void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, float* w,
                    const float* bias = nullptr, GateScratch* scratch = nullptr);
 

@@ -29,8 +29,8 @@ void RmsNorm(const float* x, int64_t t, int64_t n, const float* w, double eps, f
 // In-place softmax of each of `rows` rows of length n (stride ld). -inf entries get 0.
 void SoftmaxRows(float* x, int64_t rows, int64_t n, int64_t ld);
 
-// h = silu(g) * u = g / (1 + exp(-g)) * u, elementwise over n values, exp as ops.cc defines it
-// (within 2 ulp of exp; the same bits at every ISA level).
+// h = silu(g) * u = g / (1 + exp(-g)) * u, elementwise over n values, exp as ops.cc defines it:
+// within 2 ulp of exp on [-87, 88], 0 below, +inf above; the same bits at every ISA level.
 void SiluMul(const float* g, const float* u, int64_t n, float* h);
 
 // Dense SwiGLU MLP: y[T, D] = down(silu(gate(x)) * up(x)); scratch is resized as needed.
