@@ -71,8 +71,8 @@ void SwiGluMlpW(const float* x, int64_t t, const WeightRef& gate, const WeightRe
 // SwiGluMlpW's bits cut into pieces that other work can share a pass over the kernel pool with
 // (a decode step's MoE layer: the router beside the shared experts' gate / up, the shared experts'
 // down as the tail of the routed experts' pass, instead of the shared experts as one large task).
-// For the kernels of few rows: 8-bit weights under W8A8, packed bf16 (A32 or A16) at up to
-// kDirectRows rows or in the invariant mode; Prepare says whether they apply.
+// For the kernels of few rows: int8 weights under W8A8 (not fp8, not W8A16), packed bf16 (A32 or
+// A16), at up to kDirectRows rows or in the invariant mode; Prepare says whether they apply.
 //   Prepare, then Front(i) for i < fronts() (any threads, any order), then Middle() (one thread),
 //   then Back(i) for i < backs() (any threads, any order): y holds SwiGluMlpW's result. x must
 //   stay valid until the last Front.
