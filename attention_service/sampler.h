@@ -93,26 +93,36 @@ class Sampler {
                       int force = 0);
 
  private:
-  // logit_bias and the penalties applied to a copy of `logits` in processed_; returns it.
+  // logit_bias and the penalties applied to a copy of `logits` (the scratch's); returns it.
   const float* Process(const float* logits, int64_t vocab);
-  // Sample's parts: a draw from the temperature/top-k/top-p/min-p truncated distribution; the
-  // chosen token's logprob and the top alternatives (order_ already sorted when `sorted_top`).
+  // A prefix of the tokens ranked by (logit descending, id ascending): every token ranked no
+  // later than (logit, id) when bounded, else all.
+  struct Prefix {
+    bool bounded = false;
+    float logit = 0;
+    int32_t id = 0;
+  };
+  // Sample's parts: a draw from the temperature / top-k / top-p / min-p truncated distribution
+  // (sampler.cc says how); the prefix that top_k and top_p keep (the scratch's w holds the
+  // numerators); the tokens of one bucket ranked into the scratch's edge; the chosen token's
+  // logprob and the top alternatives.
   int32_t SampleTruncated(const float* logits, int64_t vocab);
-  // The truncated distribution: order_[0, keep) sorted, with unnormalized probs_; returns keep.
-  int64_t Distribution(const float* logits, int64_t vocab);
-  // order_ = (logit, id) of every token; logits (processed) returned.
-  const float* Candidates(const float* model_logits, int64_t vocab);
-  void AddLogprobs(const float* logits, int64_t vocab, bool sorted_top, SampledToken* out);
+  Prefix Truncate(const float* logits, int64_t vocab, float mx, float inv_t, double total);
+  // list_ = the ids above a logit threshold that holds the prefix; false: every id may be needed.
+  bool ListCandidates(const float* logits, int64_t vocab, float mx, double total);
+  void RankBucket(const float* logits, int bucket);
+  void AddLogprobs(const float* logits, int64_t vocab, SampledToken* out);
   SamplingParams p_;
   std::mt19937_64 rng_;
-  std::vector<std::pair<float, int32_t>> order_;
-  std::vector<double> probs_;
+  // Scratch (sampler.cc): the calling thread's, set by Sample and Verify.
+  struct Scratch;
+  static Scratch* ThreadScratch();
+  Scratch* s_ = nullptr;
   bool biased_ = false;     // any logit_bias: Process copies the logits
   bool penalized_ = false;  // any penalty: seen_ is kept, Process copies the logits
   // Ids in the prompt (count 0, only when repetition_penalty is on) or generated (times
   // generated). Empty unless penalized_.
   std::unordered_map<int32_t, int32_t> seen_;
-  std::vector<float> processed_;
 };
 
 }  // namespace dmoe

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <random>
 #include <utility>
 #include <vector>
@@ -52,10 +53,10 @@ TEST(Sampler, GreedyTakesTheLowestIdAmongTies) {
   EXPECT_EQ(Sampler(k1, {}).Sample(l.data(), 4).token, 1);
 }
 
-// Greedy without top logprobs takes ArgMax instead of sorting the candidates: the same tokens and
-// logprob bits as the sorting path (top_logprobs 1) over random logits with many ties, with and
-// without a logit bias and penalties, over 64 steps of one request.
-TEST(Sampler, GreedyWithoutTopLogprobsGivesTheSortingPathsTokens) {
+// Greedy takes ArgMax; top logprobs come from their own pass (a short ranked list): the same token
+// and logprob bits with and without them, the token first among them, over random logits with
+// many ties, with and without a logit bias and penalties, over 64 steps of one request.
+TEST(Sampler, GreedyTokensDoNotDependOnTopLogprobs) {
   std::mt19937 rng(8);
   const int64_t vocab = 300;
   for (const bool penalties : {false, true}) {
@@ -76,6 +77,9 @@ TEST(Sampler, GreedyWithoutTopLogprobsGivesTheSortingPathsTokens) {
       ASSERT_EQ(x.token, y.token) << "step " << step;
       ASSERT_EQ(std::memcmp(&x.logprob, &y.logprob, 4), 0) << "step " << step;
       EXPECT_TRUE(x.top.empty());
+      ASSERT_EQ(y.top.size(), 1u);
+      EXPECT_EQ(y.top[0].first, y.token);
+      EXPECT_EQ(std::memcmp(&y.top[0].second, &y.logprob, 4), 0);
     }
   }
 }
@@ -139,6 +143,124 @@ TEST(Sampler, TopKTopPAndMinPTruncate) {
   mp.temperature = 1;
   mp.min_p = 0.5;  // keep p >= 0.25
   ExpectClose(Frequencies(mp, kLogits, n), Expected(kLogits, 1, {true, true, false, false}), n);
+}
+
+// The kept set by the documented rules, from a full ranking in double: the first top_k tokens by
+// (logit descending, id ascending), of those the shortest prefix whose mass reaches top_p of
+// theirs, of those the ones with p >= min_p * p(max). *ambiguous when a rule's edge is within
+// 1e-5 (relative) of a token, where float and double may part.
+std::vector<bool> ReferenceKept(const std::vector<float>& l, const SamplingParams& p,
+                                std::vector<double>* prob, bool* ambiguous) {
+  const int64_t v = static_cast<int64_t>(l.size());
+  std::vector<int32_t> order(static_cast<size_t>(v));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [&](int32_t a, int32_t b) { return l[a] != l[b] ? l[a] > l[b] : a < b; });
+  const double mx = l[order[0]];
+  std::vector<double> w(static_cast<size_t>(v));
+  for (int64_t i = 0; i < v; ++i) w[i] = std::exp((l[i] - mx) / p.temperature);
+  int64_t n = p.top_k > 0 ? std::min(v, p.top_k) : v;
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += w[order[j]];
+  *ambiguous = false;
+  if (p.top_p < 1.0) {
+    double acc = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double before = acc;
+      acc += w[order[j]];
+      if (acc >= p.top_p * s) {
+        *ambiguous =
+            std::fabs(acc - p.top_p * s) < 1e-5 * s || std::fabs(before - p.top_p * s) < 1e-5 * s;
+        n = j + 1;
+        break;
+      }
+    }
+  }
+  std::vector<bool> kept(static_cast<size_t>(v), false);
+  double z = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double x = w[order[j]];
+    if (p.min_p > 0 && std::fabs(x - p.min_p) < 1e-5) *ambiguous = true;
+    if (x >= p.min_p) {
+      kept[order[j]] = true;
+      z += x;
+    }
+  }
+  prob->assign(static_cast<size_t>(v), 0.0);
+  for (int64_t i = 0; i < v; ++i) (*prob)[i] = kept[i] ? w[i] / z : 0.0;
+  return kept;
+}
+
+// Temperature with top_k / top_p / min_p over vocabularies up to V2's, logits with many ties and
+// peaked ones: every drawn token is in the reference's kept set, every kept token of p >= 0.03
+// is drawn (a prefix cut short would miss it), and small sets follow the truncated softmax.
+TEST(Sampler, TruncationKeepsTheReferencePrefix) {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  int checked = 0, frequencies = 0;
+  for (const int64_t vocab : {7, 300, 5000, 102400}) {
+    for (int shape = 0; shape < 2; ++shape) {
+      std::vector<float> l(static_cast<size_t>(vocab));
+      for (float& x : l) x = shape == 0 ? std::round(nd(rng) * 2.0f) / 2.0f : nd(rng);
+      if (shape == 1) {  // a few dozen tokens well above the body, some of them tied
+        for (int j = 0; j < 30; ++j) l[rng() % vocab] = 9.0f + static_cast<float>(j % 10) * 0.25f;
+      }
+      for (const double t : {0.6, 1.5}) {
+        for (const int64_t k : {0, 3, 40}) {
+          for (const double top_p : {1.0, 0.9, 0.5}) {
+            for (const double min_p : {0.0, 0.1}) {
+              // (V2's vocabulary: the cases where the candidate list matters, fewer draws)
+              if (vocab > 5000 && (k == 3 || top_p == 0.5 || t < 1)) continue;
+              SamplingParams p;
+              p.temperature = t;
+              p.top_k = k;
+              p.top_p = top_p;
+              p.min_p = min_p;
+              p.seed = rng();
+              std::vector<double> prob;
+              bool ambiguous = false;
+              const std::vector<bool> kept = ReferenceKept(l, p, &prob, &ambiguous);
+              if (ambiguous) continue;
+              ++checked;
+              Sampler s(p, {});
+              const int n = vocab <= 300 ? 3000 : 300;
+              std::vector<double> got(static_cast<size_t>(vocab), 0.0);
+              for (int i = 0; i < n; ++i) {
+                const int32_t id = s.Sample(l.data(), vocab).token;
+                ASSERT_TRUE(kept[id])
+                    << "vocab " << vocab << " shape " << shape << " t " << t << " k " << k
+                    << " top_p " << top_p << " min_p " << min_p << ": drew " << id;
+                got[id] += 1.0 / n;
+              }
+              for (int64_t i = 0; i < vocab; ++i) {
+                if (prob[i] >= 0.03) {
+                  EXPECT_GT(got[i], 0.0)
+                      << "vocab " << vocab << " t " << t << " k " << k << " top_p " << top_p
+                      << " min_p " << min_p << ": never drew " << i << " (p " << prob[i] << ")";
+                }
+              }
+              if (vocab <= 300) {  // each token of p >= 1e-3, and the rest pooled
+                ++frequencies;
+                double rest_got = 0, rest_want = 0;
+                for (int64_t i = 0; i < vocab; ++i) {
+                  if (prob[i] >= 1e-3) {
+                    const double sigma = std::sqrt(prob[i] * (1 - prob[i]) / n);
+                    EXPECT_NEAR(got[i], prob[i], 5 * sigma + 1e-9) << "token " << i;
+                  } else {
+                    rest_got += got[i];
+                    rest_want += prob[i];
+                  }
+                }
+                EXPECT_NEAR(rest_got, rest_want, 5 * std::sqrt(rest_want / n) + 2.0 / n);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 120);  // (few cases sit on an edge)
+  EXPECT_GT(frequencies, 70);
 }
 
 TEST(Sampler, SeedsAreReproducible) {

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <string>
@@ -156,6 +157,33 @@ RopeParams TinyRope() {
   return p;
 }
 
+// Runs fn(n, out) at every ISA level (portable, AVX2, ...) for each length n = full - cut, cut 0..7
+// (every remainder modulo 8: values in the vector body and in the scalar tail), expects the same
+// bits from every level, and returns the full length's result.
+std::vector<float> SameBitsAtEveryIsaLevel(int64_t full,
+                                           const std::function<void(int64_t, float*)>& fn) {
+  const int top = SetGemmIsaForTesting(-1);
+  EXPECT_GE(top, 0);
+  std::vector<float> result;
+  for (int64_t cut = 0; cut < 8; ++cut) {
+    const int64_t n = full - cut;
+    std::vector<std::vector<float>> at_level;
+    for (int level = 0; level <= top; ++level) {
+      EXPECT_EQ(SetGemmIsaForTesting(level), level);
+      std::vector<float> y(static_cast<size_t>(n));
+      fn(n, y.data());
+      at_level.push_back(y);
+    }
+    SetGemmIsaForTesting(-1);
+    for (size_t l = 1; l < at_level.size(); ++l) {
+      EXPECT_EQ(0, std::memcmp(at_level[0].data(), at_level[l].data(), 4 * static_cast<size_t>(n)))
+          << "level " << l << " length " << n;
+    }
+    if (cut == 0) result = at_level.back();
+  }
+  return result;
+}
+
 // SiluMul (its own vector exp): within a few ulp of silu(g) * u in double over g in [-100, 100]
 // where the result is a normal float, exactly 0 where exp(-g) passes 88 (its range's end), NaN for
 // NaN, and the same bits at every ISA level (portable, AVX2), specials inside the vector body as
@@ -173,49 +201,73 @@ TEST(SiluMul, NearTheDefinitionAndTheSameBitsAtEveryIsaLevel) {
   for (float v : specials) g.push_back(v);  // (and in the tail, for some lengths)
   std::vector<float> u;
   for (size_t i = 0; i < g.size(); ++i) u.push_back(0.5f + 0.25f * static_cast<float>(i % 7));
-  const int top = SetGemmIsaForTesting(-1);
-  ASSERT_GE(top, 0);
-  for (int64_t cut = 0; cut < 8; ++cut) {
-    const int64_t n = static_cast<int64_t>(g.size()) - cut;
-    std::vector<std::vector<float>> at_level;
-    for (int level = 0; level <= top; ++level) {
-      ASSERT_EQ(SetGemmIsaForTesting(level), level);
-      std::vector<float> h(static_cast<size_t>(n));
-      SiluMul(g.data(), u.data(), n, h.data());
-      at_level.push_back(h);
+  const std::vector<float> h =
+      SameBitsAtEveryIsaLevel(static_cast<int64_t>(g.size()),
+                              [&](int64_t n, float* out) { SiluMul(g.data(), u.data(), n, out); });
+  double worst = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    const double x = g[i];
+    if (std::isnan(x) || x == -inf) {  // (-inf / inf: NaN, as g / (1 + exp(-g)) gives)
+      EXPECT_TRUE(std::isnan(h[i])) << x;
+      continue;
     }
-    SetGemmIsaForTesting(-1);
-    for (size_t l = 1; l < at_level.size(); ++l) {
-      EXPECT_EQ(0, std::memcmp(at_level[0].data(), at_level[l].data(), 4 * static_cast<size_t>(n)))
-          << "level " << l << " length " << n;
+    if (x == inf) {
+      EXPECT_EQ(h[i], inf);
+      continue;
     }
-    if (cut > 0) continue;
-    const std::vector<float>& h = at_level.back();
-    double worst = 0;
-    for (size_t i = 0; i < g.size(); ++i) {
-      const double x = g[i];
-      if (std::isnan(x) || x == -inf) {  // (-inf / inf: NaN, as g / (1 + exp(-g)) gives)
-        EXPECT_TRUE(std::isnan(h[i])) << x;
-        continue;
-      }
-      if (x == inf) {
-        EXPECT_EQ(h[i], inf);
-        continue;
-      }
-      const double want = x / (1.0 + std::exp(-x)) * u[i];
-      if (x < -88.0) {
-        EXPECT_EQ(h[i], 0.0f) << x;  // exp(-x) past 88: +inf, so -0
-        continue;
-      }
-      if (std::fabs(want) < std::numeric_limits<float>::min()) continue;
-      worst = std::max(worst, std::fabs(h[i] - want) / std::fabs(want));
+    const double want = x / (1.0 + std::exp(-x)) * u[i];
+    if (x < -88.0) {
+      EXPECT_EQ(h[i], 0.0f) << x;  // exp(-x) past 88: +inf, so -0
+      continue;
     }
-    std::printf(
-        "SiluMul at ISA level %d (of %d): worst relative error %.3g (float's ulp: "
-        "1.19e-07)\n",
-        top, top, worst);
-    EXPECT_LT(worst, 5e-7);
+    if (std::fabs(want) < std::numeric_limits<float>::min()) continue;
+    worst = std::max(worst, std::fabs(h[i] - want) / std::fabs(want));
   }
+  std::printf("SiluMul at the best ISA level: worst relative error %.3g (float's ulp: 1.19e-07)\n",
+              worst);
+  EXPECT_LT(worst, 5e-7);
+}
+
+// ExpScaled (the sampler's softmax numerators): exp((x - shift) * scale) within a few ulp of the
+// double formula where the result is a normal float, 0 below the range, NaN for NaN, the same bits
+// at every ISA level and for every length remainder modulo 8 (specials in the body and the tail).
+TEST(ExpScaled, NearTheDefinitionAndTheSameBitsAtEveryIsaLevel) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> specials = {nan, 3.5f, -inf, 1e30f, -1e30f, 3.5f - 87.0f * 0.7f, inf, 0};
+  std::vector<float> x = specials;
+  for (float v = -150.0f; v <= 3.5f; v += 0.0071f) x.push_back(v);
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0, 2.5);
+  for (int i = 0; i < 20000; ++i) x.push_back(std::min(nd(rng), 3.5f));
+  for (float v : specials) x.push_back(v);
+  const float shift = 3.5f, scale = 1.0f / 0.7f;
+  const std::vector<float> y = SameBitsAtEveryIsaLevel(
+      static_cast<int64_t>(x.size()),
+      [&](int64_t n, float* out) { ExpScaled(x.data(), n, shift, scale, out); });
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    // (the argument rounded to float as the definition says; exp's own error is what is left)
+    const float af = (x[i] - shift) * scale;
+    const double a = af;
+    if (std::isnan(a)) {
+      EXPECT_TRUE(std::isnan(y[i])) << x[i];
+      continue;
+    }
+    if (a < -87.0) {
+      EXPECT_LT(y[i], 2e-38f) << x[i];  // 0 below the range, tiny just above its end
+      if (a < -88.0) {
+        EXPECT_EQ(y[i], 0.0f) << x[i];
+      }
+      continue;
+    }
+    const double want = std::exp(a);
+    if (want > 1e38 || want < std::numeric_limits<float>::min()) continue;
+    worst = std::max(worst, std::fabs(y[i] - want) / want);
+  }
+  std::printf("ExpScaled: worst relative error %.3g (float's ulp: 1.19e-07)\n", worst);
+  EXPECT_LT(worst, 5e-7);
+  EXPECT_EQ(y[1], 1.0f);  // exp(0): the sampler's largest numerator is exactly 1
 }
 
 TEST(Rope, YarnFrequenciesOfTheTinyPreset) {

@@ -33,6 +33,11 @@ void SoftmaxRows(float* x, int64_t rows, int64_t n, int64_t ld);
 // within 2 ulp of exp on [-87, 88], 0 below, +inf above; the same bits at every ISA level.
 void SiluMul(const float* g, const float* u, int64_t n, float* h);
 
+// y[i] = exp((x[i] - shift) * scale) with SiluMul's exp (the subtraction and the product
+// rounded to float first): the same bits at every ISA level. A softmax's numerators (the
+// sampler's, shift the largest logit and scale 1 / temperature). x and y may alias.
+void ExpScaled(const float* x, int64_t n, float shift, float scale, float* y);
+
 // Dense SwiGLU MLP: y[T, D] = down(silu(gate(x)) * up(x)); scratch is resized as needed.
 void SwiGluMlp(const float* x, int64_t t, int64_t d, const float* gate, const float* up,
                const float* down, int64_t width, float* y, std::vector<float>* scratch);
