@@ -6,8 +6,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/ops.h"
 
 namespace dmoe {
@@ -103,6 +105,10 @@ bool ByLogit(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>
 
 namespace {
 
+// The vector forms below where the CPU has AVX2 (and tests have not capped the kernels' ISA level
+// below it: cpu::SetGemmIsaForTesting); each gives its scalar form's results.
+bool UseAvx2() { return cpu::GemmIsaLevel() >= 1; }
+
 // The first index of the largest value (NaN never wins), 8 lanes at a time: the maximum (maxps
 // returns its second operand when the first is NaN, so NaNs are skipped), then the first index
 // equal to it (-0 and +0 compare equal, as `>` in the scalar loop sees them).
@@ -130,11 +136,7 @@ __attribute__((target("avx2"))) int64_t ArgMaxAvx2(const float* x, int64_t n) {
 
 int32_t ArgMax(const float* logits, int64_t n) {
   // (a sequence's greedy token each step: 32000 - 129280 values, once a scalar chain of compares)
-  static const bool avx2 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  if (n >= 8 && !std::isnan(logits[0]) && avx2) {
+  if (n >= 8 && !std::isnan(logits[0]) && UseAvx2()) {
     return static_cast<int32_t>(ArgMaxAvx2(logits, n));
   }
   int64_t best = 0;
@@ -222,7 +224,8 @@ constexpr int64_t kBlock = 1024;              // ids per block of the draw's sum
 
 // Sum of the positive w[0, n) in double (NaN counts as 0): 8 chains (i mod 8), added as
 // ((c0 + c4) + (c1 + c5)) + ((c2 + c6) + (c3 + c7)); the AVX2 form does the same operations.
-__attribute__((target("avx2"))) double SumPositiveAvx2(const float* w, int64_t n) {
+// The AVX2 form's chains over w[0, returned) into c[8] (c zero on entry).
+__attribute__((target("avx2"))) int64_t SumPositiveAvx2(const float* w, int64_t n, double* c) {
   __m256d lo = _mm256_setzero_pd(), hi = lo;
   const __m256 zero = _mm256_setzero_ps();
   int64_t i = 0;
@@ -232,56 +235,41 @@ __attribute__((target("avx2"))) double SumPositiveAvx2(const float* w, int64_t n
     lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
     hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
   }
-  alignas(32) double c[8];
-  _mm256_store_pd(c, lo);
-  _mm256_store_pd(c + 4, hi);
-  for (int j = 0; i < n; ++i, ++j) c[j] += w[i] > 0 ? w[i] : 0.0f;
-  return ((c[0] + c[4]) + (c[1] + c[5])) + ((c[2] + c[6]) + (c[3] + c[7]));
-}
-
-bool HasAvx2() {
-  static const bool avx2 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return avx2;
+  _mm256_storeu_pd(c, lo);
+  _mm256_storeu_pd(c + 4, hi);
+  return i;
 }
 
 double SumPositive(const float* w, int64_t n) {
-  if (HasAvx2()) return SumPositiveAvx2(w, n);
   double c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t i = 0; i < n; ++i) c[i % 8] += w[i] > 0 ? w[i] : 0.0f;
+  for (int64_t i = UseAvx2() ? SumPositiveAvx2(w, n, c) : 0; i < n; ++i) {
+    c[i % 8] += w[i] > 0 ? w[i] : 0.0f;
+  }
   return ((c[0] + c[4]) + (c[1] + c[5])) + ((c[2] + c[6]) + (c[3] + c[7]));
 }
 
-// The ids i < n with x[i] >= floor into *ids (ascending), or only their count when ids is null.
-__attribute__((target("avx2"))) int64_t AtLeastAvx2(const float* x, int64_t n, float floor,
-                                                    std::vector<int32_t>* ids) {
-  const __m256 f = _mm256_set1_ps(floor);
-  int64_t count = 0, i = 0;
+// The AVX2 form of AtLeast over x[0, returned), adding to *count.
+__attribute__((target("avx2"))) int64_t AtLeastAvx2(const float* x, int64_t n, float least,
+                                                    std::vector<int32_t>* ids, int64_t* count) {
+  const __m256 f = _mm256_set1_ps(least);
+  int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     unsigned mask = static_cast<unsigned>(
         _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), f, _CMP_GE_OQ)));
-    count += __builtin_popcount(mask);
+    *count += __builtin_popcount(mask);
     for (; ids != nullptr && mask != 0; mask &= mask - 1) {
       ids->push_back(static_cast<int32_t>(i + __builtin_ctz(mask)));
     }
   }
-  for (; i < n; ++i) {
-    if (x[i] >= floor) {
-      ++count;
-      if (ids != nullptr) ids->push_back(static_cast<int32_t>(i));
-    }
-  }
-  return count;
+  return i;
 }
 
-int64_t AtLeast(const float* x, int64_t n, float floor, std::vector<int32_t>* ids) {
+// The ids i < n with x[i] >= least into *ids (ascending), or only their count when ids is null.
+int64_t AtLeast(const float* x, int64_t n, float least, std::vector<int32_t>* ids) {
   if (ids != nullptr) ids->clear();
-  if (HasAvx2()) return AtLeastAvx2(x, n, floor, ids);
   int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (x[i] >= floor) {
+  for (int64_t i = UseAvx2() ? AtLeastAvx2(x, n, least, ids, &count) : 0; i < n; ++i) {
+    if (x[i] >= least) {
       ++count;
       if (ids != nullptr) ids->push_back(static_cast<int32_t>(i));
     }
@@ -320,38 +308,43 @@ void TopLogits(const float* x, int64_t vocab, int64_t n,
                std::vector<std::pair<float, int32_t>>* top) {
   top->clear();
   if (n <= 0) return;
-  if (HasAvx2()) return TopLogitsAvx2(x, vocab, static_cast<size_t>(n), top);
+  if (UseAvx2()) return TopLogitsAvx2(x, vocab, static_cast<size_t>(n), top);
   for (int64_t i = 0; i < vocab; ++i) Offer(x, i, static_cast<size_t>(n), top);
 }
 
 }  // namespace
 
-void Sampler::RankBucket(const float* logits, int bucket) {
-  s_->edge.clear();
+void Sampler::RankBucket(const float* logits, int bucket, int64_t need) {
+  auto& edge = s_->edge;
+  edge.clear();
   for (size_t j = 0; j < s_->list.size(); ++j) {
-    if (s_->bucket[j] == bucket) s_->edge.emplace_back(logits[s_->list[j]], s_->list[j]);
+    if (s_->bucket[j] == bucket) edge.emplace_back(logits[s_->list[j]], s_->list[j]);
   }
-  std::sort(s_->edge.begin(), s_->edge.end(), ByLogit);
+  // (nearly every token in one bucket when the logits span < 0.04 temperature units: top_k then
+  // ranks only its k)
+  const auto end = edge.begin() + std::min<int64_t>(need, static_cast<int64_t>(edge.size()));
+  if (end != edge.end()) std::nth_element(edge.begin(), end, edge.end(), ByLogit);
+  std::sort(edge.begin(), end, ByLogit);
 }
 
 bool Sampler::ListCandidates(const float* logits, int64_t vocab, float mx, double total) {
   const double t = p_.temperature;
   const double deepest = mx - 87.0 * t;  // below: w == 0
-  double floor = deepest;
+  double least = deepest;
   if (p_.top_k > 0 && p_.top_k < vocab) {
     for (double units = 8; units < 87; units *= 2) {
       if (AtLeast(logits, vocab, static_cast<float>(mx - units * t), nullptr) >= p_.top_k) {
-        floor = mx - units * t;
+        least = mx - units * t;
         break;
       }
     }
   } else {
     // The tokens below L hold at most vocab * exp((L - mx) / t) (times 1 + 1e-6 for exp's
     // rounding): a quarter of what top_p leaves out at most.
-    floor = std::max(deepest, mx + t * std::log((1.0 - p_.top_p) * total / (4.0 * vocab)));
+    least = std::max(deepest, mx + t * std::log((1.0 - p_.top_p) * total / (4.0 * vocab)));
   }
-  if (floor <= deepest) return false;
-  AtLeast(logits, vocab, static_cast<float>(floor), &s_->list);
+  if (least <= deepest) return false;
+  AtLeast(logits, vocab, static_cast<float>(least), &s_->list);
   return true;
 }
 
@@ -392,8 +385,8 @@ Sampler::Prefix Sampler::Truncate(const float* logits, int64_t vocab, float mx, 
   for (int b = 0; b < kBuckets; ++b) {
     const int64_t c = s_->count[static_cast<size_t>(b)];
     if (by_k && n + c >= p_.top_k) {
-      RankBucket(logits, b);
       taken = p_.top_k - n;
+      RankBucket(logits, b, taken);
       for (int64_t j = 0; j < taken; ++j) kept += s_->w[static_cast<size_t>(s_->edge[j].second)];
       cut = {true, s_->edge[static_cast<size_t>(taken - 1)].first,
              s_->edge[static_cast<size_t>(taken - 1)].second};
@@ -421,7 +414,7 @@ Sampler::Prefix Sampler::Truncate(const float* logits, int64_t vocab, float mx, 
       continue;
     }
     if (!edge_bucket) {
-      RankBucket(logits, b);
+      RankBucket(logits, b, std::numeric_limits<int64_t>::max());  // (walked until the target)
       taken = static_cast<int64_t>(s_->edge.size());
     }
     for (int64_t j = 0; j < taken; ++j) {
@@ -442,23 +435,26 @@ int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
   s_->w.resize(static_cast<size_t>(vocab));
   cpu::ExpScaled(logits, vocab, mx, inv_t, s_->w.data());
   const double total = SumPositive(s_->w.data(), vocab);
-  if (!(total > 0)) return best;  // (every numerator 0 or NaN: +inf or NaN logits)
+  if (!(total > 0)) {  // (every numerator 0 or NaN: +inf or NaN logits); still one draw
+    std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+    return best;
+  }
   const Prefix cut = Truncate(logits, vocab, mx, inv_t, total);
-  const float floor = static_cast<float>(p_.min_p);  // (the largest w is 1)
-  if (cut.bounded || floor > 0) {
+  const float least = static_cast<float>(p_.min_p);  // (the largest w is 1)
+  if (cut.bounded || least > 0) {
     // The kept tokens lie in s_->list (the prefix) or are those with w >= min_p.
-    if (!cut.bounded) AtLeast(s_->w.data(), vocab, floor, &s_->list);
+    if (!cut.bounded) AtLeast(s_->w.data(), vocab, least, &s_->list);
     s_->kept.clear();
     double sum = 0;
     for (const int32_t i : s_->list) {
       const float w = s_->w[static_cast<size_t>(i)], l = logits[i];
       const bool in = !cut.bounded || l > cut.logit || (l == cut.logit && i <= cut.id);
-      if (in && w > 0 && w >= floor) {
+      if (in && w > 0 && w >= least) {
         s_->kept.push_back(i);
         sum += w;
       }
     }
-    if (s_->kept.empty()) return best;
+    // (never empty: the best token has w 1, is first in any prefix and min_p <= 1)
     const double u = std::uniform_real_distribution<double>(0.0, sum)(rng_);
     double acc = 0;
     for (const int32_t i : s_->kept) {

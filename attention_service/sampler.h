@@ -108,9 +108,11 @@ class Sampler {
   // logprob and the top alternatives.
   int32_t SampleTruncated(const float* logits, int64_t vocab);
   Prefix Truncate(const float* logits, int64_t vocab, float mx, float inv_t, double total);
-  // list_ = the ids above a logit threshold that holds the prefix; false: every id may be needed.
+  // The scratch's list = the ids above a logit threshold that holds the prefix; false: every id
+  // may be needed.
   bool ListCandidates(const float* logits, int64_t vocab, float mx, double total);
-  void RankBucket(const float* logits, int bucket);
+  // The candidates of one bucket into the scratch's edge, its first `need` ranked.
+  void RankBucket(const float* logits, int bucket, int64_t need);
   void AddLogprobs(const float* logits, int64_t vocab, SampledToken* out);
   SamplingParams p_;
   std::mt19937_64 rng_;

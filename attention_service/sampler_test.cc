@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/cpu/invariant_gemm.h"
 #include "model/tiny_model.h"
 
 namespace dmoe {
@@ -261,6 +262,111 @@ TEST(Sampler, TruncationKeepsTheReferencePrefix) {
   }
   EXPECT_GT(checked, 120);  // (few cases sit on an edge)
   EXPECT_GT(frequencies, 70);
+}
+
+// The vector helpers (sums, thresholds, top logprobs, ArgMax) give their scalar forms' results:
+// the same tokens and logprob bits with the kernels' ISA level capped at portable, over settings
+// that take every path (untruncated blocks, top-k, top-p, min-p, logprobs, greedy).
+TEST(Sampler, SameTokensAtEveryIsaLevel) {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0.0f, 2.5f);
+  std::vector<float> l(5003);
+  for (float& x : l) x = nd(rng);
+  for (int j = 0; j < 20; ++j) l[rng() % l.size()] = 8.0f + 0.3f * static_cast<float>(j);
+  std::vector<SamplingParams> settings(5);
+  settings[0].temperature = 1.0;
+  settings[1].temperature = 0.8;
+  settings[1].top_k = 40;
+  settings[2].temperature = 0.7;
+  settings[2].top_p = 0.9;
+  settings[3].temperature = 1.2;
+  settings[3].min_p = 0.05;
+  settings[4].logprobs = true;  // greedy
+  for (SamplingParams& p : settings) {
+    p.seed = 11;
+    p.top_logprobs = 5;
+  }
+  auto draw = [&](const SamplingParams& p) {
+    Sampler s(p, {});
+    std::vector<SampledToken> out;
+    for (int i = 0; i < 200; ++i) out.push_back(s.Sample(l.data(), static_cast<int64_t>(l.size())));
+    return out;
+  };
+  const int top = cpu::SetGemmIsaForTesting(-1);
+  for (const SamplingParams& p : settings) {
+    const std::vector<SampledToken> best = draw(p);
+    ASSERT_EQ(cpu::SetGemmIsaForTesting(0), 0);
+    const std::vector<SampledToken> portable = draw(p);
+    cpu::SetGemmIsaForTesting(-1);
+    for (size_t i = 0; i < best.size(); ++i) {
+      ASSERT_EQ(best[i].token, portable[i].token) << "draw " << i << " (ISA level " << top << ")";
+      ASSERT_EQ(std::memcmp(&best[i].logprob, &portable[i].logprob, 4), 0) << i;
+      ASSERT_EQ(best[i].top, portable[i].top) << i;
+    }
+  }
+}
+
+// Without truncation the draw walks block sums (1024 ids each) and then one block: over 5000
+// tokens the frequencies follow the softmax; and degenerate logits never crash or pick an
+// impossible token: all equal (top_k / top_p keep the lowest ids), one +inf, NaNs beside finite
+// values, temperatures of 1e-4 and 100.
+TEST(Sampler, UntruncatedBlocksAndDegenerateLogits) {
+  std::mt19937 rng(6);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> l(5000);
+  for (float& x : l) x = nd(rng);
+  for (int j = 0; j < 12; ++j) l[(j * 997 + 500) % l.size()] = 6.0f + 0.2f * static_cast<float>(j);
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.seed = 3;
+  const int n = 20000;
+  const std::vector<double> got = Frequencies(p, l, n);
+  const std::vector<double> want = Expected(l, 1.0, std::vector<bool>(l.size(), true));
+  double rest_got = 0, rest_want = 0;
+  for (size_t i = 0; i < l.size(); ++i) {
+    if (want[i] >= 1e-3) {
+      EXPECT_NEAR(got[i], want[i], 5 * std::sqrt(want[i] * (1 - want[i]) / n)) << "token " << i;
+    } else {
+      rest_got += got[i];
+      rest_want += want[i];
+    }
+  }
+  EXPECT_NEAR(rest_got, rest_want, 5 * std::sqrt(rest_want / n) + 2.0 / n);
+
+  const std::vector<float> equal(1000, 0.5f);
+  SamplingParams k;
+  k.temperature = 1.0;
+  k.top_k = 10;
+  Sampler sk(k, {});
+  SamplingParams tp;
+  tp.temperature = 1.0;
+  tp.top_p = 0.5;
+  Sampler sp(tp, {});
+  for (int i = 0; i < 300; ++i) {
+    EXPECT_LT(sk.Sample(equal.data(), 1000).token, 10);
+    EXPECT_LT(sp.Sample(equal.data(), 1000).token, 500);
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> odd = {0.0f, 1.0f, nan, 2.0f, nan, -inf, 1.5f, 0.5f, nan, 3.0f};
+  for (const double t : {1e-4, 1.0, 100.0}) {
+    SamplingParams q;
+    q.temperature = t;
+    q.top_p = 0.9;
+    Sampler s(q, {});
+    for (int i = 0; i < 200; ++i) {
+      const int32_t id = s.Sample(odd.data(), static_cast<int64_t>(odd.size())).token;
+      EXPECT_TRUE(id != 2 && id != 4 && id != 8 && id != 5) << "t " << t << ": drew " << id;
+      if (t == 1e-4) {
+        EXPECT_EQ(id, 9);
+      }
+    }
+  }
+  std::vector<float> with_inf = odd;
+  with_inf[7] = inf;
+  SamplingParams q;
+  q.temperature = 1.0;
+  EXPECT_EQ(Sampler(q, {}).Sample(with_inf.data(), 10).token, 7);
 }
 
 TEST(Sampler, SeedsAreReproducible) {

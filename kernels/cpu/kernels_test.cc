@@ -169,7 +169,11 @@ std::vector<float> SameBitsAtEveryIsaLevel(int64_t full,
     const int64_t n = full - cut;
     std::vector<std::vector<float>> at_level;
     for (int level = 0; level <= top; ++level) {
-      EXPECT_EQ(SetGemmIsaForTesting(level), level);
+      if (SetGemmIsaForTesting(level) != level) {
+        ADD_FAILURE() << "could not select ISA level " << level;
+        SetGemmIsaForTesting(-1);
+        return {};
+      }
       std::vector<float> y(static_cast<size_t>(n));
       fn(n, y.data());
       at_level.push_back(y);
@@ -255,10 +259,7 @@ TEST(ExpScaled, NearTheDefinitionAndTheSameBitsAtEveryIsaLevel) {
       continue;
     }
     if (a < -87.0) {
-      EXPECT_LT(y[i], 2e-38f) << x[i];  // 0 below the range, tiny just above its end
-      if (a < -88.0) {
-        EXPECT_EQ(y[i], 0.0f) << x[i];
-      }
+      EXPECT_EQ(y[i], 0.0f) << x[i];  // 0 below the range (the sampler counts on it)
       continue;
     }
     const double want = std::exp(a);
