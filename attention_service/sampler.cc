@@ -222,9 +222,7 @@ constexpr int kBuckets = 2048;
 constexpr float kPerUnit = kBuckets / 88.0f;  // buckets per unit of exponent (w > 0: >= -87)
 constexpr int64_t kBlock = 1024;              // ids per block of the draw's sums
 
-// Sum of the positive w[0, n) in double (NaN counts as 0): 8 chains (i mod 8), added as
-// ((c0 + c4) + (c1 + c5)) + ((c2 + c6) + (c3 + c7)); the AVX2 form does the same operations.
-// The AVX2 form's chains over w[0, returned) into c[8] (c zero on entry).
+// SumPositive's chains over w[0, returned) into c[8] (c zero on entry), 8 lanes at a time.
 __attribute__((target("avx2"))) int64_t SumPositiveAvx2(const float* w, int64_t n, double* c) {
   __m256d lo = _mm256_setzero_pd(), hi = lo;
   const __m256 zero = _mm256_setzero_ps();
@@ -240,6 +238,8 @@ __attribute__((target("avx2"))) int64_t SumPositiveAvx2(const float* w, int64_t 
   return i;
 }
 
+// Sum of the positive w[0, n) in double (NaN counts as 0): 8 chains (i mod 8), added as
+// ((c0 + c4) + (c1 + c5)) + ((c2 + c6) + (c3 + c7)); the AVX2 part does the same operations.
 double SumPositive(const float* w, int64_t n) {
   double c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t i = UseAvx2() ? SumPositiveAvx2(w, n, c) : 0; i < n; ++i) {
@@ -339,8 +339,8 @@ bool Sampler::ListCandidates(const float* logits, int64_t vocab, float mx, doubl
       }
     }
   } else {
-    // The tokens below L hold at most vocab * exp((L - mx) / t) (times 1 + 1e-6 for exp's
-    // rounding): a quarter of what top_p leaves out at most.
+    // The tokens below L hold at most vocab * exp((L - mx) / t) (times ~1 + 2e-5 for the float
+    // argument's and exp's rounding): a quarter of what top_p leaves out, at most.
     least = std::max(deepest, mx + t * std::log((1.0 - p_.top_p) * total / (4.0 * vocab)));
   }
   if (least <= deepest) return false;
@@ -454,8 +454,9 @@ int32_t Sampler::SampleTruncated(const float* logits, int64_t vocab) {
         sum += w;
       }
     }
-    // (never empty: the best token has w 1, is first in any prefix and min_p <= 1)
     const double u = std::uniform_real_distribution<double>(0.0, sum)(rng_);
+    // (never empty: the best token has w 1, is first in any prefix and min_p <= 1; kept defensive)
+    if (s_->kept.empty()) return best;
     double acc = 0;
     for (const int32_t i : s_->kept) {
       acc += s_->w[static_cast<size_t>(i)];
