@@ -5,6 +5,10 @@
 # alone one by one, then all together, then together with 8 sampled companions, then together
 # with an expert shard SIGKILLed while all 8 stream. Every output equals its alone run, token for
 # token. (DMOE_DETERMINISM_TOKENS=N changes the stream length, 200 by default.)
+# The kill is made to land mid-flight whatever the machine's load: the attention node is frozen
+# (SIGSTOP) once every stream has begun, the clients drain what was already sent, and only when
+# each stream is known to have tokens left to decode is the shard killed and the node thawed, so
+# its next step still routes pairs to the dead shard (and must re-route them).
 set -euo pipefail
 bin=$TEST_SRCDIR/dmoe
 dmoe=$bin/cli/dmoe
@@ -13,7 +17,7 @@ state=$work/up.json
 TOKENS=${DMOE_DETERMINISM_TOKENS:-200}
 LONG=$(( TOKENS > 480 ? TOKENS : 480 ))  # the failover streams: prompts of up to 26 tokens + 480 <= 512 positions
 "$dmoe" up --model "$work/model" --experts 3 --attention 1 --expert-replicas 2 \
-  --state-file "$state" --log-dir "$work/logs" --bin-dir "$bin" > "$work/up.out"
+  --lease-ms 10000 --state-file "$state" --log-dir "$work/logs" --bin-dir "$bin" > "$work/up.out"
 cleanup() {
   local rc=$?
   "$dmoe" down --state-file "$state" >/dev/null 2>&1 || true
@@ -30,10 +34,8 @@ process() { tr -d ' \n' < "$state" | grep -o "{[^{}]*\"role\":\"$1\"[^{}]*}" || 
 field() { sed -n "s/.*\"$1\":\"\{0,1\}\([^\",}]*\).*/\1/p"; }
 attention_metrics=$(process attention | field metrics)
 [ -n "$attention_metrics" ] || { echo "no attention metrics address in $state"; cat "$state"; exit 1; }
-gateway_metrics=$(process gateway | field metrics)
-[ -n "$gateway_metrics" ] || { echo "no gateway metrics address in $state"; cat "$state"; exit 1; }
-# metric NAME [HOST:PORT]: the sum of NAME's series (the attention node's by default).
-metric() { curl -s --max-time 5 "http://${2:-$attention_metrics}/metrics" | awk -v n="$1" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'; }
+# metric NAME: the sum of NAME's series on the attention node.
+metric() { curl -s --max-time 5 "http://$attention_metrics/metrics" | awk -v n="$1" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'; }
 
 prompt() { local i=$1 n=$2 out=""; for j in $(seq 1 "$n"); do out="$out$(( (i * 131 + j * 17 + 3) % 250 + 2 )),"; done; echo "${out%,}"; }
 run() {  # run NAME I [N]: stream I's greedy output (N tokens, default $TOKENS) into $work/NAME.I
@@ -68,14 +70,19 @@ wait_all "${pids[@]}"; compare crowd
 rerouted_before=$(metric dmoe_transport_rerouted_pairs_total)
 victim=$(process expert | head -1 | field pid)
 [ -n "$victim" ] || { echo "no expert pid in $state"; exit 1; }
-firsts() { metric dmoe_gateway_time_to_first_token_seconds_count "$gateway_metrics"; }
+attention_pid=$(process attention | field pid)
+[ -n "$attention_pid" ] || { echo "no attention pid in $state"; exit 1; }
 received() { tr ',' '\n' 2>/dev/null < "$work/failover.$1" | grep -c . || true; }
-# These streams are $LONG tokens long (greedy: their first $TOKENS ids are compared), so that on a
-# loaded machine the first client started cannot finish before the last has begun. When one still
-# ends before the trigger below saw every stream start (a slow metrics scrape on a loaded
-# machine), nothing was killed yet: the phase is run again, up to 3 times.
+counts() { for j in 0 1 2 3 4 5 6 7; do printf '%s ' "$(received "$j")"; done; }
+# These streams are $LONG tokens long (greedy: their first $TOKENS ids are compared). Once every
+# client has received a token (its file is not empty: a test without a fork, cheap on a loaded
+# machine), the attention node is frozen and the clients given time to receive all it sent (their
+# counts stop moving): a stream with fewer than LONG - 8 ids then still has steps to run (the
+# margin covers a reply written but not yet flushed). On a loaded machine the trigger can come
+# late, after a stream ended or came near its end: then nothing is killed, the node is thawed, and
+# the phase runs again, up to 3 times. (The router's lease is 10 s, so a freeze of under 2 s lapses
+# nobody's.)
 for attempt in 1 2 3; do
-  firsts_before=$(firsts)
   # The 8 clients start together (a barrier file), not one fork after the other.
   rm -f "$work/go"
   for i in 0 1 2 3 4 5 6 7; do : > "$work/failover.$i"; done
@@ -84,28 +91,30 @@ for attempt in 1 2 3; do
     (while [ ! -e "$work/go" ]; do sleep 0.005; done; run failover "$i" "$LONG") & pids+=($!)
   done
   touch "$work/go"
-  # The fault lands mid-stream: once the gateway has forwarded the first token of all 8 streams
-  # (its time-to-first-token count moves at once, unlike the counters refreshed every 500 ms; the
-  # server decodes the 8 in the same steps, so none is near its end then) and every client still
-  # streams, SIGKILL one expert shard (every expert has another replica). The clients' own output
-  # can lag far behind the server on a loaded machine, so it is not the trigger.
-  for _ in $(seq 1 3000); do
-    [ $(( $(firsts) - firsts_before )) -ge 8 ] && break
+  started=0
+  for _ in $(seq 1 6000); do
+    started=0
+    for i in 0 1 2 3 4 5 6 7; do [ -s "$work/failover.$i" ] && started=$(( started + 1 )); done
+    [ "$started" -eq 8 ] && break
     for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || break 2; done  # one ended: see below
-    sleep 0.01
+    sleep 0.005
   done
-  ended=""
-  for i in 0 1 2 3 4 5 6 7; do kill -0 "${pids[$i]}" 2>/dev/null || ended=$i; done
-  [ -z "$ended" ] && break
-  echo "attempt $attempt: stream $ended ended before the kill; tokens received:" \
-    "$(for j in 0 1 2 3 4 5 6 7; do printf '%s ' "$(received "$j")"; done)"
-  wait_all "${pids[@]}"
-  [ "$attempt" -eq 3 ] && { echo "3 attempts: a stream always ended before the kill"; exit 1; }
+  kill -STOP "$attention_pid"
+  now=$(counts); before=""
+  for _ in $(seq 1 8); do [ "$now" = "$before" ] && break; before=$now; sleep 0.2; now=$(counts); done
+  short=1
+  for n in $now; do [ "$n" -lt $(( LONG - 8 )) ] || short=0; done
+  if [ "$started" -ge 8 ] && [ "$short" -eq 1 ]; then
+    kill -KILL "$victim"
+    kill -CONT "$attention_pid"
+    echo "killed expert shard pid $victim with the attention node frozen; tokens received: $now"
+    break
+  fi
+  kill -CONT "$attention_pid"
+  echo "attempt $attempt: $started of 8 streams began, tokens received: $now; not killed, again"
+  wait_all "${pids[@]}" || true
+  [ "$attempt" -eq 3 ] && { echo "3 attempts: the trigger always came too late"; exit 1; }
 done
-started=$(( $(firsts) - firsts_before ))
-[ "$started" -ge 8 ] || { echo "only $started of 8 streams had a first token after 30 s"; exit 1; }
-kill -KILL "$victim"
-echo "killed expert shard pid $victim with all 8 streams running"
 wait_all "${pids[@]}"
 for i in 0 1 2 3 4 5 6 7; do
   [ "$(received "$i")" -eq "$LONG" ] || { echo "failover.$i: $(received "$i") tokens"; exit 1; }
@@ -115,4 +124,4 @@ compare failover_head
 for _ in $(seq 1 40); do [ "$(metric dmoe_transport_rerouted_pairs_total)" -gt "$rerouted_before" ] && break; sleep 0.1; done
 rerouted=$(( $(metric dmoe_transport_rerouted_pairs_total) - rerouted_before ))
 echo "pairs re-routed to replicas after the kill: $rerouted"
-[ "$rerouted" -gt 0 ] || { echo "the kill did not land mid-flight (nothing re-routed)"; exit 1; }
+[ "$rerouted" -gt 0 ] || { echo "the kill landed mid-flight, yet nothing was re-routed"; exit 1; }
