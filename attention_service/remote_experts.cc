@@ -233,6 +233,7 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
   choice_.assign(np, -1);
   pair_done_.assign(np, 0);
   pair_open_.assign(np, 0);
+  pair_tried_.assign(np, 0);
   pairs_left_ = t * k;
   avoid_.assign(routing_->peers.size(), 0);
   n_calls_ = 0;
@@ -265,30 +266,36 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
   const int64_t ns = static_cast<int64_t>(r.peers.size());
   // A replica per pair: a live one the token already goes to, else the live one with the fewest
   // tokens so far; set-aside shards and shards hedged away from in this layer only where no live
-  // replica is left; failed ones never.
+  // replica is left (first those the pair has not been to); failed ones never.
   for (int64_t p : todo) {
     const int64_t i = p / k_;
     const std::vector<int>& reps = r.placement.Replicas(layer_, ids_[p]);
-    int best = -1;
-    bool best_live = false;
-    for (int s : reps) {
+    const uint32_t tried = pair_tried_[static_cast<size_t>(p)];
+    int best = -1, best_rank = -1, best_j = -1;
+    for (int j = 0; j < static_cast<int>(reps.size()); ++j) {
+      const int s = reps[static_cast<size_t>(j)];
       const char st = state_[static_cast<size_t>(s)];
       const char avoid = avoid_[static_cast<size_t>(s)];
       if (st == PeerHealth::kDead || avoid == kFailed) continue;
-      const bool live = st == PeerHealth::kLive && avoid == kUsable;
-      if (live && local_index_[static_cast<size_t>(i * ns + s)] >= 0) {
+      // 2: live; 1: slow, not yet tried for this pair; 0: slow and tried.
+      const int rank = st == PeerHealth::kLive && avoid == kUsable ? 2
+                       : j < 32 && (tried >> j & 1u) == 0          ? 1
+                                                                   : 0;
+      if (rank == 2 && local_index_[static_cast<size_t>(i * ns + s)] >= 0) {
         best = s;
+        best_j = j;
         break;
       }
-      if (best < 0 || (live && !best_live) ||
-          (live == best_live &&
-           assigned_[static_cast<size_t>(s)] < assigned_[static_cast<size_t>(best)])) {
+      if (rank > best_rank || (rank == best_rank && assigned_[static_cast<size_t>(s)] <
+                                                        assigned_[static_cast<size_t>(best)])) {
         best = s;
-        best_live = live;
+        best_rank = rank;
+        best_j = j;
       }
     }
     if (best < 0) return NoReplica(p);
     choice_[static_cast<size_t>(p)] = best;
+    if (best_j < 32) pair_tried_[static_cast<size_t>(p)] |= 1u << best_j;
     int64_t& li = local_index_[static_cast<size_t>(i * ns + best)];
     if (li < 0) {
       ShardCall& call = calls_[RoundCall(best)];
@@ -372,13 +379,13 @@ void RemoteRoutedExperts::Post(size_t c, const std::vector<int64_t>& todo) {
   call.open = true;
   call.posted = transport::Clock::now();
   call.deadline = call.posted + options_.deadline;
-  // A set-aside shard is used only where no live replica is left: nowhere to hedge to. A hedge
-  // comes no later than a quarter of the deadline (nor sooner than the floor): a p99 inflated by a
-  // few slow round trips (a loaded machine, a long prefill chunk) would otherwise put it past the
-  // deadline, where it can no longer save the call.
-  const transport::Clock::duration after = state_[static_cast<size_t>(s)] == PeerHealth::kLive
-                                               ? health_->HedgeAfter(peer, options_.hedge)
-                                               : transport::Clock::duration::max();
+  // A hedge comes no later than a quarter of the deadline (nor sooner than the floor): a p99
+  // inflated by a few slow round trips (a loaded machine, a long prefill chunk) would otherwise
+  // put it past the deadline, where it can no longer save the call. A set-aside shard is used
+  // only where no live replica is left, yet its call is hedged too: the pair's other replica may
+  // be set aside as well but serving (one lost race on a loaded machine sets a shard aside), and
+  // Hedge finds out whether there is anywhere left to go.
+  const transport::Clock::duration after = health_->HedgeAfter(peer, options_.hedge);
   call.hedge_at = after == transport::Clock::duration::max()
                       ? call.deadline
                       : call.posted + std::min<transport::Clock::duration>(
@@ -474,15 +481,20 @@ void RemoteRoutedExperts::Complete(size_t c) {
 }
 
 void RemoteRoutedExperts::Hedge(size_t c) {
-  // Only pairs that another live replica serves, not yet answered, go: the rest stay with this
-  // call. With none, the call just waits for its deadline.
+  // Only pairs not yet answered that another replica can take (not failed, and one the pair has
+  // not been to) go: the rest stay with this call. With none, the call just waits for its
+  // deadline. A slow replica counts: on a loaded machine the other replica of a stopped shard
+  // may be set aside or hedged away from, and it still answers long before the deadline.
   health_->Snapshot(routing_->peers, &state_);
   retry_pairs_.clear();
   for (int64_t p : calls_[c].pairs) {
     if (pair_done_[static_cast<size_t>(p)]) continue;
-    for (int o : routing_->placement.Replicas(layer_, ids_[p])) {
-      if (state_[static_cast<size_t>(o)] == PeerHealth::kLive &&
-          avoid_[static_cast<size_t>(o)] == kUsable && o != calls_[c].shard) {
+    const std::vector<int>& reps = routing_->placement.Replicas(layer_, ids_[p]);
+    const uint32_t tried = pair_tried_[static_cast<size_t>(p)];
+    for (int j = 0; j < static_cast<int>(reps.size()) && j < 32; ++j) {
+      const int o = reps[static_cast<size_t>(j)];
+      if (state_[static_cast<size_t>(o)] != PeerHealth::kDead &&
+          avoid_[static_cast<size_t>(o)] != kFailed && (tried >> j & 1u) == 0) {
         retry_pairs_.push_back(p);
         break;
       }
@@ -521,8 +533,9 @@ void RemoteRoutedExperts::DropLate() {
 
 absl::Status RemoteRoutedExperts::Finish(float* out) {
   pair_rows_.resize(static_cast<size_t>(t_ * k_ * hidden_));
-  // Bounded: every failure or hedge adds a shard to avoid_, so there are at most as many calls as
-  // shards per pair, and each ends by its deadline.
+  // Bounded: a hedge sends a pair only to a replica it has not been to, and every failure adds a
+  // shard to avoid_, so a pair is in at most about twice as many calls as it has replicas, and
+  // each ends by its deadline.
   while (pairs_left_ > 0 && fatal_.ok()) {
     if (!post_failed_.empty()) {
       const size_t c = post_failed_.back();

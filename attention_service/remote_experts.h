@@ -189,8 +189,8 @@ class RemoteRoutedExperts : public RoutedExperts {
     std::vector<int64_t> pairs;   // the dispatched pairs (indices into ids/w), in wire order
   };
   // Chooses shards for pairs `todo` (indices into ids/w) among live replicas not in avoid_
-  // (set-aside ones only where no live one is left), then posts one message per shard.
-  // UNAVAILABLE when a pair has no candidate.
+  // (else set-aside or hedged-away ones the pair has not been to, else any not failed), then
+  // posts one message per shard. UNAVAILABLE when a pair has no candidate.
   absl::Status Dispatch(const std::vector<int64_t>& todo);
   absl::Status PlanReplicas(const std::vector<int64_t>& todo);
   // UNAVAILABLE for pair p: no usable replica, naming the shards that host it.
@@ -201,7 +201,9 @@ class RemoteRoutedExperts : public RoutedExperts {
   // Waits for the call: a good reply fills its pairs' rows; a failure marks the shard dead or
   // unusable for this layer and sends its pairs that no other open call carries elsewhere.
   void Complete(size_t c);
-  // The call is late: its pairs not yet answered go to another replica too.
+  // The call is late: its pairs not yet answered go to another replica too, one they have not
+  // been to: a live one, else a slow one (set aside, or hedged away from in this layer) rather
+  // than waiting out the deadline of a shard that may be stopped.
   void Hedge(size_t c);
   // Sends `pairs` again, away from the shards in avoid_; fatal_ when some pair has no replica
   // left.
@@ -231,6 +233,9 @@ class RemoteRoutedExperts : public RoutedExperts {
   std::vector<int> round_call_;  // call per shard, in the current round
   std::vector<char> pair_done_;  // per pair: its row is in pair_rows_
   std::vector<int> pair_open_;   // per pair: open calls carrying it
+  // Per pair: the replicas (bit j: Replicas(layer, expert)[j], j < 32) it was sent to in this
+  // layer. A hedge sends a pair only to a replica it has not been to, which bounds the hedges.
+  std::vector<uint32_t> pair_tried_;
   int64_t pairs_left_ = 0;
   std::vector<size_t> post_failed_;  // calls whose Post failed: their pairs go elsewhere
   absl::Status first_failure_, fatal_;

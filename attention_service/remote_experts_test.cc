@@ -944,6 +944,75 @@ TEST(RemoteRoutedExperts, HedgeComesWithinAQuarterOfTheDeadline) {
   cluster.client().ReleaseHeld();
 }
 
+// A stopped replica whose only other replica is slow (as on a loaded machine): whichever of the
+// two calls is hedged first, the stopped shard's pairs end up at the slow one -- hedged away from,
+// yet still serving -- not waiting out the 10 s deadline. (Before, when the slow shard's call was
+// hedged first, to the stopped one, the stopped shard's own call had nowhere to go: the faults
+// test saw a 4 s stall under CI load.) The result is local's bit for bit.
+TEST(RemoteRoutedExperts, StoppedReplicaIsHedgedToASlowOneRatherThanWaitingItsDeadline) {
+  for (size_t stopped = 0; stopped < 2; ++stopped) {
+    SCOPED_TRACE(stopped == 0 ? "the stopped shard's call first" : "the slow shard's call first");
+    Cluster cluster({ExpertsWhere(Any), ExpertsWhere(Any)});
+    auto remote = cluster.Client(HedgingOptions(), std::make_shared<PeerHealth>());
+    cluster.client().SetFault(cluster.peer(stopped), Fault::kHoldReply);
+    cluster.client().SetDelay(cluster.peer(1 - stopped), std::chrono::milliseconds(300));
+    cluster.client().SetFault(cluster.peer(1 - stopped), Fault::kDelayReply);
+    const int64_t layer = MoeLayers()[1];
+    const Batch b = RandomBatch(16, 3100 + static_cast<uint32_t>(stopped));
+    std::vector<float> out;
+    const auto start = transport::Clock::now();
+    const absl::Status st = RunRemote(remote.get(), b, layer, &out);
+    const auto took = transport::Clock::now() - start;
+    EXPECT_TRUE(st.ok()) << st;
+    EXPECT_LT(took, std::chrono::seconds(5)) << "waited for the deadline";
+    EXPECT_GE(took, std::chrono::milliseconds(300));  // the slow shard answered every pair
+    EXPECT_GE(remote->hedged_calls(), 2u);
+    EXPECT_TRUE(SameBits(out, RunLocal(b, layer)));
+    EXPECT_GE(cluster.client().tokens(cluster.peer(1 - stopped)), 16u);  // its own, then the rest
+    cluster.client().ReleaseHeld();
+  }
+}
+
+// Both replicas set aside (one lost race each, as on a loaded machine), one of them stopped: a
+// call to the stopped one is hedged to the other, which still serves, instead of waiting out the
+// deadline (a set-aside shard's calls were never hedged: the faults test saw 4 s stalls).
+TEST(RemoteRoutedExperts, CallToASetAsideStoppedShardIsHedgedToAnotherSetAsideOne) {
+  Cluster cluster({ExpertsWhere(Any), ExpertsWhere(Any)});
+  RemoteExpertsOptions o = HedgingOptions();
+  o.hedge.set_aside_after = 1;
+  auto health = std::make_shared<PeerHealth>();
+  auto remote = cluster.Client(o, health);
+  const int a = cluster.peer(0), b = cluster.peer(1);
+  const int64_t layer = MoeLayers()[1];
+  auto run = [&](uint32_t seed) {
+    const Batch batch = RandomBatch(16, seed);
+    std::vector<float> out;
+    const auto start = transport::Clock::now();
+    const absl::Status st = RunRemote(remote.get(), batch, layer, &out);
+    EXPECT_TRUE(st.ok()) << st;
+    EXPECT_LT(transport::Clock::now() - start, std::chrono::seconds(3)) << "waited for a deadline";
+    EXPECT_TRUE(SameBits(out, RunLocal(batch, layer)));
+  };
+  // b is slow (its reply, the probe that would bring it back, comes after 5 s): it loses a race.
+  cluster.client().SetDelay(b, std::chrono::seconds(5));
+  cluster.client().SetFault(b, Fault::kDelayReply);
+  run(3200);
+  ASSERT_TRUE(health->SetAside(b));
+  // a stops: its calls are hedged to b (set aside, yet serving), and a loses a race too.
+  cluster.client().SetFault(b, Fault::kNone);
+  cluster.client().SetFault(a, Fault::kHoldReply);
+  run(3201);
+  ASSERT_TRUE(health->SetAside(a));
+  ASSERT_TRUE(health->SetAside(b));
+  // Both set aside: tokens go to both, and a's share is hedged to b.
+  cluster.client().ResetCounts();
+  const uint64_t hedged = remote->hedged_calls();
+  run(3202);
+  EXPECT_GT(cluster.client().tokens(a), 0u);
+  EXPECT_GT(remote->hedged_calls(), hedged);
+  cluster.client().ReleaseHeld();
+}
+
 // Every call hedged at once (threshold 0): each pair's row comes from whichever replica answers
 // first, and the result is the same bits as without hedging (replicas run the same
 // batch-invariant kernels on different batches of tokens).

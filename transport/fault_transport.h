@@ -7,11 +7,14 @@
 #ifndef DMOE_TRANSPORT_FAULT_TRANSPORT_H_
 #define DMOE_TRANSPORT_FAULT_TRANSPORT_H_
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -38,6 +41,9 @@ class FaultInjectingClient : public transport::ClientTransport {
     // The reply is held back, as by a stopped (SIGSTOP) peer, until ReleaseHeld (SIGCONT): then
     // Poll, WaitAny and Wait see the real reply. A Wait whose deadline passes first abandons it.
     kHoldReply,
+    // The reply is held back until SetDelay's delay after the Post (a slow peer), then seen as
+    // it is. A Wait whose deadline comes first abandons it.
+    kDelayReply,
     // The real reply comes back with its first byte (the magic) flipped.
     kCorruptReply,
     // The real reply comes back cut to half its length.
@@ -55,6 +61,11 @@ class FaultInjectingClient : public transport::ClientTransport {
   void SetFault(int peer, Fault f) {
     MutexLock l(&mu_);
     faults_[peer] = f;
+  }
+  // The delay of kDelayReply for requests posted to `peer` from now on.
+  void SetDelay(int peer, transport::Clock::duration d) {
+    MutexLock l(&mu_);
+    delays_[peer] = d;
   }
   // Ends every Wait that is withholding a reply (they return DEADLINE_EXCEEDED at once).
   void ReleaseWithheld() {
@@ -108,10 +119,12 @@ class FaultInjectingClient : public transport::ClientTransport {
       real_->ReleaseBuffer(std::move(request));
       return absl::UnavailableError(absl::StrCat("injected: peer ", peer, " refused the post"));
     }
+    const transport::Clock::time_point posted = transport::Clock::now();
     auto id = real_->Post(peer, std::move(request));
     if (id.ok()) {
       MutexLock l(&mu_);
       fault_of_id_[*id] = f;
+      if (f == Fault::kDelayReply) release_at_[*id] = posted + delays_[peer];
     }
     return id;
   }
@@ -126,11 +139,13 @@ class FaultInjectingClient : public transport::ClientTransport {
       open.push_back(ids[i]);
       index.push_back(static_cast<int>(i));
     }
+    // A delayed reply comes through at its time: no wait goes past it.
+    const transport::Clock::time_point wake = std::min(until, FirstRelease(ids, n));
     if (open.empty()) {
       // Only held (or withheld) replies: nothing completes before a release or `until`.
       {
         MutexLock l(&mu_);
-        while (cv_.WaitUntil(&mu_, until)) {
+        while (cv_.WaitUntil(&mu_, wake)) {
           bool all_held = true;
           for (size_t i = 0; i < n && all_held; ++i) all_held = HeldLocked(ids[i]);
           if (!all_held) break;
@@ -138,8 +153,9 @@ class FaultInjectingClient : public transport::ClientTransport {
       }
       return transport::Clock::now() >= until ? -1 : WaitAny(ids, n, until);
     }
-    const int i = real_->WaitAny(open.data(), open.size(), until);
-    return i < 0 ? -1 : index[static_cast<size_t>(i)];
+    const int i = real_->WaitAny(open.data(), open.size(), wake);
+    if (i >= 0) return index[static_cast<size_t>(i)];
+    return transport::Clock::now() >= until ? -1 : WaitAny(ids, n, until);
   }
 
   absl::Status Wait(uint64_t id, transport::Clock::time_point deadline,
@@ -152,6 +168,23 @@ class FaultInjectingClient : public transport::ClientTransport {
         f = it->second;
         fault_of_id_.erase(it);
       }
+    }
+    if (f == Fault::kDelayReply) {
+      transport::Clock::time_point at;
+      {
+        MutexLock l(&mu_);
+        at = release_at_[id];
+        release_at_.erase(id);
+      }
+      if (deadline < at) {
+        std::this_thread::sleep_until(deadline);
+        std::vector<uint8_t> dropped;
+        if (real_->Wait(id, transport::Clock::now(), &dropped).ok()) {
+          real_->ReleaseBuffer(std::move(dropped));
+        }
+        return absl::DeadlineExceededError("injected: reply delayed past the deadline");
+      }
+      std::this_thread::sleep_until(at);
     }
     if (f == Fault::kHoldReply) {
       MutexLock l(&mu_);
@@ -185,6 +218,7 @@ class FaultInjectingClient : public transport::ClientTransport {
         return absl::DeadlineExceededError("injected: no reply before the deadline");
       }
       case Fault::kHoldReply:
+      case Fault::kDelayReply:
         return st;
       case Fault::kCorruptReply:
         if (st.ok() && !reply->empty()) (*reply)[0] ^= 0xff;
@@ -228,7 +262,24 @@ class FaultInjectingClient : public transport::ClientTransport {
     auto it = fault_of_id_.find(id);
     if (it == fault_of_id_.end()) return false;
     if (it->second == Fault::kWithholdReply) return !released_;
+    if (it->second == Fault::kDelayReply) {
+      auto at = release_at_.find(id);
+      return at != release_at_.end() && transport::Clock::now() < at->second;
+    }
     return it->second == Fault::kHoldReply && !hold_released_;
+  }
+
+  // The earliest time still to come at which a delayed reply among `ids` comes through (max()
+  // when none is still delayed).
+  transport::Clock::time_point FirstRelease(const uint64_t* ids, size_t n) const {
+    const transport::Clock::time_point now = transport::Clock::now();
+    MutexLock l(&mu_);
+    transport::Clock::time_point first = transport::Clock::time_point::max();
+    for (size_t i = 0; i < n; ++i) {
+      auto it = release_at_.find(ids[i]);
+      if (it != release_at_.end() && it->second > now) first = std::min(first, it->second);
+    }
+    return first;
   }
 
   struct PerPeer {
@@ -247,6 +298,8 @@ class FaultInjectingClient : public transport::ClientTransport {
   bool hold_released_ ABSL_GUARDED_BY(mu_) = false;
   std::map<int, Fault> faults_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Fault> fault_of_id_ ABSL_GUARDED_BY(mu_);
+  std::map<int, transport::Clock::duration> delays_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, transport::Clock::time_point> release_at_ ABSL_GUARDED_BY(mu_);
   std::map<int, PerPeer> counts_ ABSL_GUARDED_BY(mu_);
 };
 
