@@ -234,6 +234,7 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
   pair_done_.assign(np, 0);
   pair_open_.assign(np, 0);
   pair_tried_.assign(np, 0);
+  chosen_j_.assign(np, 0);
   pairs_left_ = t * k;
   avoid_.assign(routing_->peers.size(), 0);
   n_calls_ = 0;
@@ -295,7 +296,7 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
     }
     if (best < 0) return NoReplica(p);
     choice_[static_cast<size_t>(p)] = best;
-    if (best_j < 32) pair_tried_[static_cast<size_t>(p)] |= 1u << best_j;
+    chosen_j_[static_cast<size_t>(p)] = best_j;
     int64_t& li = local_index_[static_cast<size_t>(i * ns + best)];
     if (li < 0) {
       ShardCall& call = calls_[RoundCall(best)];
@@ -303,6 +304,11 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
       call.tokens.push_back(i);
       ++assigned_[static_cast<size_t>(best)];
     }
+  }
+  // Marked only once every pair has a replica (a failed plan posts nothing).
+  for (int64_t p : todo) {
+    const int j = chosen_j_[static_cast<size_t>(p)];
+    if (j < 32) pair_tried_[static_cast<size_t>(p)] |= 1u << j;
   }
   return absl::OkStatus();
 }

@@ -11,7 +11,8 @@
 // UNAVAILABLE naming it.
 //
 // Hedging: a call still unanswered HedgeOptions::factor x its shard's recent p99 round trip after
-// dispatch (a stopped or slow shard) has its pairs sent to another live replica as well; the first
+// dispatch (a stopped or slow shard) has its pairs sent to another replica as well, one they have
+// not been to in this layer (live first, else a set-aside or hedged-away one); the first
 // good answer per pair wins and the late one is dropped. Replicas compute bitwise the same rows
 // (batch-invariant kernels), so hedging never changes a result. A shard that keeps losing these
 // races is set aside (PeerHealth) until its late reply arrives.
@@ -236,6 +237,7 @@ class RemoteRoutedExperts : public RoutedExperts {
   // Per pair: the replicas (bit j: Replicas(layer, expert)[j], j < 32) it was sent to in this
   // layer. A hedge sends a pair only to a replica it has not been to, which bounds the hedges.
   std::vector<uint32_t> pair_tried_;
+  std::vector<int> chosen_j_;  // per pair: the index of its replica in the current round
   int64_t pairs_left_ = 0;
   std::vector<size_t> post_failed_;  // calls whose Post failed: their pairs go elsewhere
   absl::Status first_failure_, fatal_;

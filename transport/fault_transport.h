@@ -134,13 +134,22 @@ class FaultInjectingClient : public transport::ClientTransport {
   int WaitAny(const uint64_t* ids, size_t n, transport::Clock::time_point until) override {
     std::vector<uint64_t> open;
     std::vector<int> index;
-    for (size_t i = 0; i < n; ++i) {
-      if (Held(ids[i])) continue;
-      open.push_back(ids[i]);
-      index.push_back(static_cast<int>(i));
+    // A delayed reply comes through at its time: no wait goes past it. (One clock reading under
+    // one lock: a reply released between two readings would be neither open nor waited for.)
+    transport::Clock::time_point wake = until;
+    {
+      MutexLock l(&mu_);
+      const transport::Clock::time_point now = transport::Clock::now();
+      for (size_t i = 0; i < n; ++i) {
+        if (HeldLocked(ids[i], now)) {
+          auto at = release_at_.find(ids[i]);
+          if (at != release_at_.end()) wake = std::min(wake, at->second);
+          continue;
+        }
+        open.push_back(ids[i]);
+        index.push_back(static_cast<int>(i));
+      }
     }
-    // A delayed reply comes through at its time: no wait goes past it.
-    const transport::Clock::time_point wake = std::min(until, FirstRelease(ids, n));
     if (open.empty()) {
       // Only held (or withheld) replies: nothing completes before a release or `until`.
       {
@@ -258,28 +267,16 @@ class FaultInjectingClient : public transport::ClientTransport {
     MutexLock l(&mu_);
     return HeldLocked(id);
   }
-  bool HeldLocked(uint64_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  bool HeldLocked(uint64_t id, transport::Clock::time_point now = transport::Clock::now()) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto it = fault_of_id_.find(id);
     if (it == fault_of_id_.end()) return false;
     if (it->second == Fault::kWithholdReply) return !released_;
     if (it->second == Fault::kDelayReply) {
       auto at = release_at_.find(id);
-      return at != release_at_.end() && transport::Clock::now() < at->second;
+      return at != release_at_.end() && now < at->second;
     }
     return it->second == Fault::kHoldReply && !hold_released_;
-  }
-
-  // The earliest time still to come at which a delayed reply among `ids` comes through (max()
-  // when none is still delayed).
-  transport::Clock::time_point FirstRelease(const uint64_t* ids, size_t n) const {
-    const transport::Clock::time_point now = transport::Clock::now();
-    MutexLock l(&mu_);
-    transport::Clock::time_point first = transport::Clock::time_point::max();
-    for (size_t i = 0; i < n; ++i) {
-      auto it = release_at_.find(ids[i]);
-      if (it != release_at_.end() && it->second > now) first = std::min(first, it->second);
-    }
-    return first;
   }
 
   struct PerPeer {
