@@ -12,6 +12,7 @@
 #include "common/dtype.h"
 #include "kernels/cpu/invariant_gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/cpu/tiles.h"
 
 // Compiled with -ffp-contract=off (kernels/cpu/BUILD): the emulations fuse exactly where the
 // definition does (each product into its lane's sum: an explicit fma, as vdpbf16ps computes it,
@@ -128,15 +129,16 @@ template <int T>
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx2"))) void TileBf16(
     const uint16_t* xb, int64_t ldb, const uint16_t* g, int64_t k, float* y, int64_t ldy) {
   __m512 acc[T][2];
-#pragma GCC unroll 4
+#pragma GCC unroll 12
   for (int m = 0; m < T; ++m) {
     acc[m][0] = _mm512_setzero_ps();
     acc[m][1] = _mm512_setzero_ps();
   }
   for (int64_t b = 0; b < k / 8; ++b, g += kPackRows * 8) {
+    PrefetchTileWeights<T, 2>(g);  // this step's 128 bytes, kTilePrefetchBytes on
     const __m512i w0 = _mm512_loadu_si512(g);
     const __m512i w1 = _mm512_loadu_si512(g + 32);
-#pragma GCC unroll 4
+#pragma GCC unroll 12
     for (int m = 0; m < T; ++m) {
       const __m512i xv = _mm512_broadcast_i32x4(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * ldb + 8 * b)));
@@ -160,11 +162,10 @@ __attribute__((noinline)) void RowsBf16(const uint16_t* xb, int64_t t, int64_t l
                                         int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; o += kPackRows) {
     const uint16_t* g = w + o * k;
-    int64_t m = 0;
-    for (; m + 4 <= t; m += 4) TileBf16<4>(xb + m * ldb, ldb, g, k, y + m * ldy + o, ldy);
-    if (t - m == 3) TileBf16<3>(xb + m * ldb, ldb, g, k, y + m * ldy + o, ldy);
-    if (t - m == 2) TileBf16<2>(xb + m * ldb, ldb, g, k, y + m * ldy + o, ldy);
-    if (t - m == 1) TileBf16<1>(xb + m * ldb, ldb, g, k, y + m * ldy + o, ldy);
+    // Up to 12 rows per tile (24 accumulators, 2 weight registers, an x one): tiles.h.
+    ForEachTile<12>(t, [&](auto tile, int64_t m) {
+      TileBf16<decltype(tile)::value>(xb + m * ldb, ldb, g, k, y + m * ldy + o, ldy);
+    });
   }
 }
 

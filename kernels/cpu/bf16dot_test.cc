@@ -193,7 +193,8 @@ TEST(Bf16Dot, RowAloneEqualsRowInAnyBatchThroughLinearW) {
   const auto target = Random(static_cast<size_t>(k), 6);
   std::vector<float> alone(static_cast<size_t>(n));
   LinearW(target.data(), 1, ref, alone.data());
-  for (int64_t m : {2, 3, 4, 5, 9, 17, 40}) {
+  // (the row alone in a tile of every size 2..12, and in the last of several: tiles.h)
+  for (int64_t m : {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 25, 40}) {
     auto x = Random(static_cast<size_t>(m * k), static_cast<uint32_t>(7 + m));
     std::copy(target.begin(), target.end(), x.begin() + (m - 1) * k);
     std::vector<float> y(static_cast<size_t>(m * n));

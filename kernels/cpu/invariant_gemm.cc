@@ -11,6 +11,7 @@
 #include "common/dtype.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/cpu/tiles.h"
 
 // This file must be compiled with -ffp-contract=off (kernels/cpu/BUILD): every fused
 // multiply-add is written out, and nothing else may be fused behind our back.
@@ -410,33 +411,35 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void PackedTileAvx512(
     const float* x, int64_t ldx, const uint16_t* w, int64_t k, float* y, int64_t ldy) {
   constexpr int kV = kPackRows / 2;
   __m512 acc[T][kV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < kV; ++v) acc[m][v] = _mm512_setzero_ps();
   for (int64_t j = 0; j < k; j += 8, w += kPackRows * 8) {
+    PrefetchTileWeights<T, 2>(w);  // this step's 128 bytes, kTilePrefetchBytes on
     __m512 xv[T];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < T; ++m) {
       xv[m] = _mm512_castpd_ps(
           _mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(x + m * ldx + j))));
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < kV; ++v) {
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * v));
       const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int m = 0; m < T; ++m) acc[m][v] = _mm512_fmadd_ps(xv[m], wv, acc[m][v]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int m = 0; m < T; ++m) StoreGroupLanes8(acc[m], y + m * ldy);
 }
 
 #pragma GCC diagnostic pop
 
 // x rows [i0, i1) against the groups of [n0, n1): AVX2 one x row per tile (8 accumulators of
-// its 16 registers), AVX-512 four (16 of 32).
+// its 16 registers), AVX-512 up to six (24 accumulators of 32, 6 x registers and a weight one):
+// an expert's ~6 rows of a batched decode step in one pass over its weights (tiles.h).
 void PackedRows(int level, const float* x, int64_t i0, int64_t i1, int64_t ldx, const uint16_t* w,
                 int64_t n0, int64_t n1, int64_t k, float* y, int64_t ldy) {
   for (int64_t o = n0; o < n1; o += kPackRows) {
@@ -446,10 +449,10 @@ void PackedRows(int level, const float* x, int64_t i0, int64_t i1, int64_t ldx, 
       for (; i < i1; ++i) PackedTileAvx2<1>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
       continue;
     }
-    for (; i + 4 <= i1; i += 4) PackedTileAvx512<4>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
-    if (i1 - i == 3) PackedTileAvx512<3>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
-    if (i1 - i == 2) PackedTileAvx512<2>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
-    if (i1 - i == 1) PackedTileAvx512<1>(x + i * ldx, ldx, wg, k, y + i * ldy + o, ldy);
+    ForEachTile<6>(i1 - i, [&](auto t, int64_t first) {
+      const int64_t r = i + first;
+      PackedTileAvx512<decltype(t)::value>(x + r * ldx, ldx, wg, k, y + r * ldy + o, ldy);
+    });
   }
 }
 

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/tiles.h"
+
 namespace dmoe::cpu {
 namespace {
 
@@ -257,6 +259,7 @@ __attribute__((target("avx512vnni,avx512f,avx512bw,avx2"))) void PackedTileVnni(
     for (int v = 0; v < kV; ++v) acc[m][v] = _mm512_setzero_si512();
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t j = 0; j < in; j += kCols, w += kGroup * kCols) {
+    PrefetchTileWeights<T, 4>(w);  // this step's 256 bytes, kTilePrefetchBytes on
     __m512i xv[T];
 #pragma GCC unroll 8
     for (int m = 0; m < T; ++m) {
@@ -282,16 +285,12 @@ void PackedRowsVnni(const int8_t* qx, int64_t t, int64_t ldq, const float* sx, c
                     int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; o += kGroup) {
     const int8_t* g = w + o * in;
-    int64_t m = 0;
-    for (; m + 4 <= t; m += 4) {
-      PackedTileVnni<4>(qx + m * ldq, ldq, sx + m, g, in, sw + o, sums + o, y + m * ldy + o, ldy);
-    }
-    const int64_t r = t - m;
-    const int8_t* xm = qx + m * ldq;
-    float* ym = y + m * ldy + o;
-    if (r == 3) PackedTileVnni<3>(xm, ldq, sx + m, g, in, sw + o, sums + o, ym, ldy);
-    if (r == 2) PackedTileVnni<2>(xm, ldq, sx + m, g, in, sw + o, sums + o, ym, ldy);
-    if (r == 1) PackedTileVnni<1>(xm, ldq, sx + m, g, in, sw + o, sums + o, ym, ldy);
+    // Up to 4 rows per tile (16 accumulators, 4 x registers; GCC 12 spills accumulators of a
+    // 6-row tile around vpdpbusd): tiles.h.
+    ForEachTile<4>(t, [&](auto tile, int64_t m) {
+      PackedTileVnni<decltype(tile)::value>(qx + m * ldq, ldq, sx + m, g, in, sw + o, sums + o,
+                                            y + m * ldy + o, ldy);
+    });
   }
 }
 
