@@ -28,6 +28,7 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(
   for (const auto& [_, m] : store->experts_) {
     for (const LinearWeight* w : {&m->gate, &m->up, &m->down}) w->UseHugePages();
   }
+  store->BuildIndex();
   return store;
 }
 
@@ -54,9 +55,23 @@ std::vector<std::pair<int64_t, int64_t>> ExpertStore::AllExperts(const ModelConf
   return all;
 }
 
+void ExpertStore::BuildIndex() {
+  int64_t layers = 0;
+  index_width_ = 0;
+  for (const auto& [key, _] : experts_) {
+    layers = std::max(layers, key.first + 1);
+    index_width_ = std::max(index_width_, key.second + 1);
+  }
+  index_.assign(static_cast<size_t>(layers * index_width_), nullptr);
+  for (const auto& [key, m] : experts_) {
+    index_[static_cast<size_t>(key.first * index_width_ + key.second)] = m.get();
+  }
+}
+
 const MlpWeights* ExpertStore::Find(int64_t layer, int64_t expert) const {
-  auto it = experts_.find({layer, expert});
-  return it == experts_.end() ? nullptr : it->second.get();
+  if (layer < 0 || expert < 0 || expert >= index_width_) return nullptr;
+  const size_t at = static_cast<size_t>(layer * index_width_ + expert);
+  return at < index_.size() ? index_[at] : nullptr;
 }
 
 std::vector<std::pair<int64_t, int64_t>> ExpertStore::Keys() const {
@@ -74,6 +89,7 @@ std::unique_ptr<ExpertStore> ExpertStore::Merge(const std::set<std::pair<int64_t
   if (added != nullptr) {
     for (const auto& [key, w] : added->experts_) out->experts_[key] = w;
   }
+  out->BuildIndex();
   return out;
 }
 

@@ -87,7 +87,14 @@ class ExpertStore {
                                      const ExpertStore* added) const;
 
  private:
+  // index_[layer * index_width_ + expert]: Find without the map's pointer chase (a decode step
+  // looks up every routed expert it runs, on nodes the streamed weights have evicted from cache).
+  // Built once the store is complete (Load, Merge).
+  void BuildIndex();
+
   std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const MlpWeights>> experts_;
+  std::vector<const MlpWeights*> index_;
+  int64_t index_width_ = 0;
 };
 
 // One group of rows for one expert: rows [first, first + rows) of a gathered batch go through

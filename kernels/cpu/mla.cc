@@ -310,6 +310,14 @@ int64_t HeadGroups(int64_t h, int64_t spans) {
                            : std::max<int64_t>(1, std::min(want, h / 4));
 }
 
+// Head groups for AttendInOnePass: two tasks per core, at least 2 heads each. (HeadGroups' 4
+// heads left `small`'s 8 heads as one task per core on 2 cores: whichever core the other one's
+// vCPU lag left alone ran both, up to half the pass; its groups read the cache from L2 here.)
+int64_t OnePassGroups(int64_t h) {
+  return g_head_groups > 0 ? std::min(g_head_groups, h)
+                           : std::max<int64_t>(1, std::min<int64_t>(2 * ThePool().size(), h / 2));
+}
+
 // Few queries of one span each (a batch-1 decode step at a short context): one pass over the pool,
 // a task per head group doing its heads' absorbed queries, attention and output projection for
 // every query — the per-head operations of AbsorbQueries, AttendSpansInParallel and
@@ -318,7 +326,7 @@ int64_t HeadGroups(int64_t h, int64_t spans) {
 void AttendInOnePass(const MlaParams& p, const float* q, int64_t nq, float* qc,
                      const std::vector<Query>& qs, float* olat, float* o) {
   const int64_t h = p.num_heads;
-  const int64_t groups = HeadGroups(h, 1);  // each task covers every query
+  const int64_t groups = OnePassGroups(h);  // each task covers every query
   const int64_t hg = (h + groups - 1) / groups;
   ThePool().RunEach(static_cast<int>((h + hg - 1) / hg), [&](int g) {
     const int64_t h0 = g * hg, h1 = std::min(h, h0 + hg);
@@ -420,7 +428,7 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
     }
   }
   const int64_t cores = ThePool().size();
-  bool one_span = nq < 2 * cores && HeadGroups(h, 1) >= cores;
+  bool one_span = nq < 2 * cores && OnePassGroups(h) >= cores;
   for (const Query& query : qs) one_span = one_span && SpanCount(query.ctx) == 1;
   if (g_attend_mode == 3 || (g_attend_mode == 0 && one_span)) {
     AttendInOnePass(p, q, nq, qc, qs, olat, o);
