@@ -1,6 +1,7 @@
 #include "model/routed_experts.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -59,6 +60,7 @@ void ExpertStore::BuildIndex() {
   int64_t layers = 0;
   index_width_ = 0;
   for (const auto& [key, _] : experts_) {
+    assert(key.first >= 0 && key.second >= 0);  // LoadExpertWeights rejects others
     layers = std::max(layers, key.first + 1);
     index_width_ = std::max(index_width_, key.second + 1);
   }
@@ -69,9 +71,11 @@ void ExpertStore::BuildIndex() {
 }
 
 const MlpWeights* ExpertStore::Find(int64_t layer, int64_t expert) const {
-  if (layer < 0 || expert < 0 || expert >= index_width_) return nullptr;
-  const size_t at = static_cast<size_t>(layer * index_width_ + expert);
-  return at < index_.size() ? index_[at] : nullptr;
+  if (layer < 0 || expert < 0 || expert >= index_width_ ||
+      layer >= static_cast<int64_t>(index_.size()) / index_width_) {
+    return nullptr;
+  }
+  return index_[static_cast<size_t>(layer * index_width_ + expert)];
 }
 
 std::vector<std::pair<int64_t, int64_t>> ExpertStore::Keys() const {

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -122,6 +123,39 @@ TEST(LocalRoutedExperts, FinishWithTailGivesTheBitsOfTheTailThenFinish) {
     EXPECT_EQ(runs, std::vector<int>(pieces, 2)) << "t " << t;
     EXPECT_EQ(0, std::memcmp(want.data(), got.data(), 4 * want.size())) << "t " << t;
   }
+}
+
+// Find answers for exactly the hosted (layer, expert) pairs, also past the ends of its index and
+// for negative keys; Merge's store finds the same weights (shared) under the same keys.
+TEST(ExpertStore, FindAndMergeAnswerForExactlyTheirExperts) {
+  const ModelConfig c = *PresetConfig("tiny");
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/routed_experts_find_model";
+  ASSERT_TRUE(WriteTinyModel(dir, c, TinyModelOptions()).ok());
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  const std::vector<std::pair<int64_t, int64_t>> all = ExpertStore::AllExperts(c);
+  ASSERT_GE(all.size(), 4u);
+  const auto first = all.front(), last = all.back();  // the largest layer and expert
+  const std::pair<int64_t, int64_t> mid{first.first, 1};
+  auto a = ExpertStore::Load(**ck, c, {first, mid}, WeightDType::kF32);
+  auto b = ExpertStore::Load(**ck, c, {last}, WeightDType::kF32);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const auto hosts = [&](const ExpertStore& s, std::set<std::pair<int64_t, int64_t>> want) {
+    for (int64_t l = -1; l <= c.num_hidden_layers + 1; ++l) {
+      for (int64_t e = -1; e <= c.n_routed_experts + 1; ++e) {
+        EXPECT_EQ(want.count({l, e}) == 1, s.Find(l, e) != nullptr) << l << " " << e;
+      }
+    }
+  };
+  hosts(**a, {first, mid});
+  hosts(**b, {last});
+  hosts(ExpertStore(), {});
+  EXPECT_NE((*a)->Find(first.first, first.second), (*a)->Find(mid.first, mid.second));
+  const auto merged = (*a)->Merge({mid}, b->get());
+  hosts(*merged, {mid, last});
+  EXPECT_EQ(merged->Find(mid.first, mid.second), (*a)->Find(mid.first, mid.second));
+  EXPECT_EQ(merged->Find(last.first, last.second), (*b)->Find(last.first, last.second));
 }
 
 }  // namespace

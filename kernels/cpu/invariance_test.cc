@@ -170,7 +170,6 @@ TEST(Invariance, Bf16WeightsEqualTheirFp32UpcastBitForBit) {
       std::vector<float> up(wf.size());
       Bf16ToFloatN(h.data(), h.size(), up.data());
       const WeightRef ref{WeightFormat::kBf16, nullptr, nullptr, nullptr, n, k, h.data()};
-      // (every AVX-512 tile size 1..6, and 7 = 4 + 3, 13 = 5 + 4 + 4: tiles.h)
       for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 13, 16, 64, 512}) {
         if (portable && m * n * k > (int64_t{1} << 26)) continue;  // the slow path: fewer
         const auto x = Random(static_cast<size_t>(m * k), static_cast<uint32_t>(100 + m));

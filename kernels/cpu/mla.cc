@@ -313,9 +313,14 @@ int64_t HeadGroups(int64_t h, int64_t spans) {
 // Head groups for AttendInOnePass: two tasks per core, at least 2 heads each. (HeadGroups' 4
 // heads left `small`'s 8 heads as one task per core on 2 cores: whichever core the other one's
 // vCPU lag left alone ran both, up to half the pass; its groups read the cache from L2 here.)
+// Returns the tasks AttendInOnePass runs: ceil(h / heads per group), fewer than asked for when
+// the heads do not divide evenly (9 heads in 4 groups: 3 of 3).
 int64_t OnePassGroups(int64_t h) {
-  return g_head_groups > 0 ? std::min(g_head_groups, h)
-                           : std::max<int64_t>(1, std::min<int64_t>(2 * ThePool().size(), h / 2));
+  const int64_t asked = g_head_groups > 0
+                            ? std::min(g_head_groups, h)
+                            : std::max<int64_t>(1, std::min<int64_t>(2 * ThePool().size(), h / 2));
+  const int64_t per = std::max<int64_t>(1, (h + asked - 1) / asked);
+  return (h + per - 1) / per;
 }
 
 // Few queries of one span each (a batch-1 decode step at a short context): one pass over the pool,

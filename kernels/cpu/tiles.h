@@ -23,7 +23,7 @@ namespace dmoe::cpu {
 // nothing.
 inline constexpr int64_t kTilePrefetchBytes = 8192;
 
-// Prefetches the `lines` cache lines at p + kTilePrefetchBytes into L2 when a tile has T > 1 rows.
+// Prefetches kLines cache lines at p + kTilePrefetchBytes into L2 when a tile has T > 1 rows.
 template <int T, int kLines>
 __attribute__((always_inline)) inline void PrefetchTileWeights(const void* p) {
   if constexpr (T > 1) {
