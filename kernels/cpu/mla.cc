@@ -310,17 +310,16 @@ int64_t HeadGroups(int64_t h, int64_t spans) {
                            : std::max<int64_t>(1, std::min(want, h / 4));
 }
 
-// Head groups for AttendInOnePass: two tasks per core, at least 2 heads each. (HeadGroups' 4
+// Heads per task of AttendInOnePass: two tasks per core, at least 2 heads each. (HeadGroups' 4
 // heads left `small`'s 8 heads as one task per core on 2 cores: whichever core the other one's
-// vCPU lag left alone ran both, up to half the pass; its groups read the cache from L2 here.)
-// Returns the tasks AttendInOnePass runs: ceil(h / heads per group), fewer than asked for when
-// the heads do not divide evenly (9 heads in 4 groups: 3 of 3).
-int64_t OnePassGroups(int64_t h) {
+// vCPU lag left alone ran both, up to half the pass; its groups read the cache from L2 here.) It
+// runs ceil(h / that) tasks: fewer than asked for when the heads do not divide evenly (9 heads
+// asked in 4 groups: 3 of 3).
+int64_t OnePassHeads(int64_t h) {
   const int64_t asked = g_head_groups > 0
                             ? std::min(g_head_groups, h)
                             : std::max<int64_t>(1, std::min<int64_t>(2 * ThePool().size(), h / 2));
-  const int64_t per = std::max<int64_t>(1, (h + asked - 1) / asked);
-  return (h + per - 1) / per;
+  return std::max<int64_t>(1, (h + asked - 1) / asked);
 }
 
 // Few queries of one span each (a batch-1 decode step at a short context): one pass over the pool,
@@ -331,8 +330,7 @@ int64_t OnePassGroups(int64_t h) {
 void AttendInOnePass(const MlaParams& p, const float* q, int64_t nq, float* qc,
                      const std::vector<Query>& qs, float* olat, float* o) {
   const int64_t h = p.num_heads;
-  const int64_t groups = OnePassGroups(h);  // each task covers every query
-  const int64_t hg = (h + groups - 1) / groups;
+  const int64_t hg = OnePassHeads(h);  // each task covers every query
   ThePool().RunEach(static_cast<int>((h + hg - 1) / hg), [&](int g) {
     const int64_t h0 = g * hg, h1 = std::min(h, h0 + hg);
     for (int64_t head = h0; head < h1; ++head) AbsorbHead(p, q, nq, head, qc);
@@ -433,7 +431,8 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
     }
   }
   const int64_t cores = ThePool().size();
-  bool one_span = nq < 2 * cores && OnePassGroups(h) >= cores;
+  const int64_t per_task = OnePassHeads(h);
+  bool one_span = nq < 2 * cores && (h + per_task - 1) / per_task >= cores;
   for (const Query& query : qs) one_span = one_span && SpanCount(query.ctx) == 1;
   if (g_attend_mode == 3 || (g_attend_mode == 0 && one_span)) {
     AttendInOnePass(p, q, nq, qc, qs, olat, o);
