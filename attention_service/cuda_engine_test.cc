@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -101,7 +102,24 @@ TEST_F(CudaEngineTest, ForwardMatchesTheCpuEngine) {
 // then decode, all in one paged pool of 4-token blocks whose free list was scrambled first. The
 // CPU engine runs the same batches over a CPU pool of the same dtype, and its greedy tokens feed
 // both; every step's logits must agree.
-void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, double tol) {
+// Every (layer, expert)'s routed-token count of an engine.
+std::vector<uint64_t> ExpertCounts(const ModelConfig& c, const StepEngine& e) {
+  std::vector<uint64_t> n;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (int64_t x = 0; x < c.n_routed_experts; ++x) n.push_back(e.expert_tokens(l, x));
+  }
+  return n;
+}
+
+// The engines on the same mixed prefill/decode batches: logits within `tol` (max |a - b| / max |b|
+// over a row's logits) and the same greedy tokens. With max_reroutes > 0 (bf16 activations), a
+// step in which the engines routed some token to different experts (a near-tie in the router:
+// bf16 roundings that differ by one step flip it now and then) is allowed that many times. The
+// counts say that some token of the step was rerouted, not whose: a sequence of such a step that
+// then (or later: its cache rows differ too) misses `tol` is taken as the rerouted one and
+// checked loosely from then on; every other comparison must hold `tol`.
+void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, double tol,
+                     int max_reroutes = 0) {
   const ModelConfig& c = cpu_engine.config();
   const int64_t v = c.vocab_size;
   LatentKvCache cpu_cache(c, 4, 96, dtype);
@@ -125,7 +143,9 @@ void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, do
     gs.push_back(std::make_unique<PagedKvSequence>(&gpu.cache()));
     cs.push_back(std::make_unique<PagedKvSequence>(&cpu_cache));
   }
-  int steps = 0, compared = 0;
+  int steps = 0, compared = 0, tight = 0, reroutes = 0;
+  double worst = 0;
+  std::vector<bool> suspect(prompts.size(), false), rerouted(prompts.size(), false);
   for (; steps < 40; ++steps) {
     std::vector<SequenceStep> gb, cb;
     std::vector<size_t> who;
@@ -145,22 +165,48 @@ void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, do
     }
     if (who.empty()) break;
     std::vector<std::vector<float>> gl, cl;
+    std::vector<uint64_t> cn, gn;
+    if (max_reroutes > 0) cn = ExpertCounts(c, cpu_engine), gn = ExpertCounts(c, gpu);
     ASSERT_TRUE(cpu_engine.Step(cb, &cl).ok());
     const absl::Status st = gpu.Step(gb, &gl);
     ASSERT_TRUE(st.ok()) << st;
+    if (max_reroutes > 0) {
+      const std::vector<uint64_t> cn2 = ExpertCounts(c, cpu_engine), gn2 = ExpertCounts(c, gpu);
+      bool same = true;
+      for (size_t k = 0; k < cn.size(); ++k) same &= cn2[k] - cn[k] == gn2[k] - gn[k];
+      if (!same) {
+        ++reroutes;
+        std::printf("step %d: the engines routed some token to different experts\n", steps);
+        for (const size_t i : who) suspect[i] = true;
+      }
+    }
     for (size_t j = 0; j < who.size(); ++j) {
       const size_t i = who[j];
       ASSERT_EQ(gs[i]->length(), cs[i]->length());
-      EXPECT_LE(RelDiff(gl[j], cl[j]), tol) << "step " << steps << " sequence " << i;
+      const double rel = RelDiff(gl[j], cl[j]);
+      rerouted[i] = rerouted[i] || (suspect[i] && rel > tol);
+      if (rerouted[i]) {
+        EXPECT_LE(rel, 0.5) << "step " << steps << " sequence " << i << " (rerouted)";
+      } else {
+        EXPECT_LE(rel, tol) << "step " << steps << " sequence " << i;
+        worst = std::max(worst, rel);
+        ++tight;
+      }
       ++compared;
       if (fed[i] == tokens[i].size()) {  // the prompt is in: the CPU's greedy token comes next
         const float* last = cl[j].data() + cl[j].size() - v;
         tokens[i].push_back(ArgMaxOf(last, v));
-        EXPECT_EQ(ArgMaxOf(gl[j].data() + gl[j].size() - v, v), tokens[i].back())
-            << "step " << steps << " sequence " << i;
+        if (!rerouted[i]) {
+          EXPECT_EQ(ArgMaxOf(gl[j].data() + gl[j].size() - v, v), tokens[i].back())
+              << "step " << steps << " sequence " << i;
+        }
       }
     }
   }
+  EXPECT_LE(reroutes, max_reroutes);
+  EXPECT_LE(std::count(rerouted.begin(), rerouted.end(), true), max_reroutes);
+  std::printf("%d of %d comparisons within %g (worst %.3g), %d rerouted steps\n", tight, compared,
+              tol, worst, reroutes);
   EXPECT_LT(steps, 40);
   EXPECT_GT(compared, 60);
   // The block tables really are non-contiguous.
@@ -227,9 +273,12 @@ TEST_F(CudaEngineTest, WithTheExpertsOnTheDeviceToo) {
 
 // A bf16 checkpoint: its projections stay bf16 on the device (and the experts' with
 // CudaExperts), whose products round the activations to bf16 — what the CPU engine does with
-// --bf16-activations (cpu::SetBf16Activations) for the matrices it packs (not every tiny shape
-// packs: those stay A32 there), so they agree to ~3e-3: the bf16 tolerance, 1e-2. With
-// keep_bf16 off, fp32 on the device against the CPU's exact fp32 upcast: 1e-4.
+// --bf16-activations (cpu::SetBf16Activations): every tiny projection packs, so the CPU rounds the
+// same products. The engines then differ by fp32 summation order, which now and then tips a bf16
+// rounding by one step: the bf16 tolerance, 1e-2; and rarely a router near-tie sends a
+// token to other experts (seen once on an H200: 0.11 at one step), which RunMixedBatches detects
+// and allows twice. With keep_bf16 off, fp32 on the device against the CPU's exact fp32 upcast:
+// 1e-4, with no rerouting.
 TEST_F(CudaEngineTest, Bf16CheckpointStaysBf16OnTheDevice) {
   const char* tmp = std::getenv("TEST_TMPDIR");
   const std::string dir = std::string(tmp ? tmp : "/tmp") + "/cuda_engine_bf16";
@@ -252,7 +301,8 @@ TEST_F(CudaEngineTest, Bf16CheckpointStaysBf16OnTheDevice) {
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     bytes[keep ? 0 : 1] = (*gpu)->weight_bytes();
     cpu::SetBf16Activations(keep);
-    RunMixedBatches(**gpu, (*cpu_model)->engine(), cpu::KvDType::kF32, keep ? 1e-2 : 1e-4);
+    RunMixedBatches(**gpu, (*cpu_model)->engine(), cpu::KvDType::kF32, keep ? 1e-2 : 1e-4,
+                    keep ? 2 : 0);
     cpu::SetBf16Activations(false);
   }
   // kv_b and the router stay fp32: a little over half the fp32 bytes.

@@ -71,6 +71,7 @@ double Best(int reps, F fn) {
 struct Bandwidth {
   double peak = 0;    // bytes/s, from the attributes
   double copied = 0;  // bytes/s read + written by a device-to-device copy
+  double fp32 = 0;    // fp32 FMA peak, FLOP/s, from the attributes
 };
 
 Bandwidth MeasureBandwidth() {
@@ -80,6 +81,13 @@ Bandwidth MeasureBandwidth() {
   cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, 0);
   cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, 0);
   bw.peak = 2.0 * khz * 1e3 * bits / 8;  // double data rate
+  int sms = 0, sm_khz = 0, major = 0, minor = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  cudaDeviceGetAttribute(&sm_khz, cudaDevAttrClockRate, 0);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+  const int lanes = (major == 8 && minor == 0) ? 64 : 128;  // fp32 lanes per SM (A100: 64)
+  bw.fp32 = 2.0 * sms * lanes * sm_khz * 1e3;
   const size_t bytes = size_t{1} << 30;
   auto a = DeviceBuffer::Alloc(bytes), b = DeviceBuffer::Alloc(bytes);
   Check(a.status(), "alloc");
@@ -100,10 +108,14 @@ void MlaDecodeBench(const Bandwidth& bw) {
   const int64_t b = 64, ctx = 4096, bt = 64;
   std::printf("\nMLA decode, batch %lld x %lld tokens of context (one layer)\n",
               static_cast<long long>(b), static_cast<long long>(ctx));
-  std::printf("%-12s %-6s %12s %12s %10s %10s\n", "shape", "cache", "ms", "GB/s read", "of peak",
-              "of copy");
+  // roofline: the time of the cache's bytes at the peak bandwidth or of the fp32 FMAs (scores
+  // and weighted sums of every head: 2 (2r + dr) FLOP per row and head) at the fp32 peak,
+  // whichever is longer, over the measured time.
+  std::printf("fp32 peak %.1f TFLOP/s (attributes)\n", bw.fp32 / 1e12);
+  std::printf("%-12s %-9s %10s %10s %8s %8s %8s %9s\n", "shape", "cache", "ms", "GB/s read",
+              "of peak", "of copy", "TFLOP/s", "roofline");
   for (const Shape& s : shapes) {
-    for (cpu::KvDType kv : {cpu::KvDType::kF32, cpu::KvDType::kFp8}) {
+    for (cpu::KvDType kv : {cpu::KvDType::kF32, cpu::KvDType::kBf16, cpu::KvDType::kFp8}) {
       const int64_t row_bytes = cpu::KvRowBytes(kv, s.rank, s.rope);
       const int64_t blocks = b * ctx / bt;
       auto pool = DeviceBuffer::Alloc(static_cast<size_t>(blocks * bt * row_bytes));
@@ -149,9 +161,12 @@ void MlaDecodeBench(const Bandwidth& bw) {
         Check(MlaDecodeAbsorbed(p, q.as<float>(), b, cache, o->as<float>(), scratch->as<float>()),
               "MlaDecodeAbsorbed");
       });
-      const double read = static_cast<double>(blocks * bt * row_bytes) / t;
-      std::printf("%-12s %-6s %12.3f %12.1f %9.2f %9.2f\n", s.name, cpu::KvDTypeName(kv), t * 1e3,
-                  read / 1e9, read / bw.peak, read / bw.copied);
+      const double bytes = static_cast<double>(blocks * bt * row_bytes);
+      const double flops = 2.0 * b * ctx * s.heads * (2 * s.rank + s.rope);
+      const double bound = std::max(bytes / bw.peak, flops / bw.fp32);
+      std::printf("%-12s %-9s %10.3f %10.1f %8.2f %8.2f %8.1f %9.2f\n", s.name,
+                  cpu::KvDTypeName(kv), t * 1e3, bytes / t / 1e9, bytes / t / bw.peak,
+                  bytes / t / bw.copied, flops / t / 1e12, bound / t);
     }
   }
 }

@@ -203,8 +203,9 @@ TEST(CudaKernels, MlaDecodeOverAPagedCacheMatchesTheCpu) {
       const int64_t h = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
       const int64_t dv = c.v_head_dim, r = c.kv_lora_rank, bt = 16;
       const int64_t row_bytes = cpu::KvRowBytes(kv, r, dr);
-      const std::vector<int64_t> ctx = {1, 17, 64, 200, 33};
-      const int64_t b = static_cast<int64_t>(ctx.size()), max_ctx = 200, per_seq = 13;
+      // 700 rows: several splits of the context, the last one's last tile short.
+      const std::vector<int64_t> ctx = {1, 17, 64, 200, 33, 700};
+      const int64_t b = static_cast<int64_t>(ctx.size()), max_ctx = 700, per_seq = 44;
       const int64_t blocks = b * per_seq;
       const auto rows_f = Random(static_cast<size_t>(blocks * bt * (r + dr)), 8);
       std::vector<uint8_t> pool(static_cast<size_t>(blocks * bt * row_bytes));
@@ -270,8 +271,21 @@ TEST(CudaKernels, MlaDecodeOverAPagedCacheMatchesTheCpu) {
       dp.kv_b = dkvb.as<float>();
       CUDA_OK(
           MlaDecodeAbsorbed(dp, dq.as<float>(), b, cache, out->as<float>(), scratch->as<float>()));
-      EXPECT_LE(MaxRelative(ToHost<float>(*out, want.size()), want), 1e-4)
-          << preset << " " << cpu::KvDTypeName(kv);
+      const std::vector<float> got = ToHost<float>(*out, want.size());
+      EXPECT_LE(MaxRelative(got, want), 1e-4) << preset << " " << cpu::KvDTypeName(kv);
+      // A sequence alone gives the bits it gets in the batch (splits follow its own context).
+      for (const int64_t i : {int64_t{3}, b - 1}) {
+        PagedLatentCache one = cache;
+        one.table = dtable.as<int32_t>() + i * per_seq;
+        one.ctx = dctx.as<int32_t>() + i;
+        auto o1 = DeviceBuffer::Alloc(static_cast<size_t>(h * dv) * 4);
+        ASSERT_TRUE(o1.ok());
+        CUDA_OK(MlaDecodeAbsorbed(dp, dq.as<float>() + i * h * (dn + dr), 1, one, o1->as<float>(),
+                                  scratch->as<float>()));
+        const std::vector<float> alone = ToHost<float>(*o1, static_cast<size_t>(h * dv));
+        EXPECT_EQ(std::memcmp(alone.data(), got.data() + i * h * dv, alone.size() * 4), 0)
+            << preset << " " << cpu::KvDTypeName(kv) << " sequence " << i;
+      }
     }
   }
 }

@@ -209,7 +209,9 @@ absl::Status SelectExperts(const cpu::GateParams& p, float* logits, int64_t t, c
 
 // The CUDA launcher's size (mla_decode.cu's MlaScratchFloats), so that callers allocate the same.
 int64_t MlaDecodeScratchFloats(const cpu::MlaParams& p, int64_t b, int64_t max_ctx) {
-  return b * p.num_heads * (2 * p.latent_rank + max_ctx);
+  (void)max_ctx;
+  constexpr int64_t kMaxSplits = 16;  // mla_decode.cu's: per-split sums, max and total
+  return b * p.num_heads * (2 * p.latent_rank + kMaxSplits * (p.latent_rank + 2));
 }
 
 absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t b,
