@@ -116,8 +116,8 @@ std::vector<uint64_t> ExpertCounts(const ModelConfig& c, const StepEngine& e) {
 // step in which the engines routed some token to different experts (a near-tie in the router:
 // bf16 roundings that differ by one step flip it now and then) is allowed that many times. The
 // counts say that some token of the step was rerouted, not whose: a sequence of such a step that
-// then (or later: its cache rows differ too) misses `tol` is taken as the rerouted one and
-// checked loosely from then on; every other comparison must hold `tol`.
+// misses `tol` in that step or the next is taken as the rerouted one and checked loosely from then
+// on (its cache rows differ too); every other comparison must hold `tol`, and most do.
 void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, double tol,
                      int max_reroutes = 0) {
   const ModelConfig& c = cpu_engine.config();
@@ -145,7 +145,8 @@ void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, do
   }
   int steps = 0, compared = 0, tight = 0, reroutes = 0;
   double worst = 0;
-  std::vector<bool> suspect(prompts.size(), false), rerouted(prompts.size(), false);
+  std::vector<bool> rerouted(prompts.size(), false);
+  std::vector<int> flagged(prompts.size(), -10);  // the last rerouted step a sequence was in
   for (; steps < 40; ++steps) {
     std::vector<SequenceStep> gb, cb;
     std::vector<size_t> who;
@@ -177,14 +178,14 @@ void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, do
       if (!same) {
         ++reroutes;
         std::printf("step %d: the engines routed some token to different experts\n", steps);
-        for (const size_t i : who) suspect[i] = true;
+        for (const size_t i : who) flagged[i] = steps;
       }
     }
     for (size_t j = 0; j < who.size(); ++j) {
       const size_t i = who[j];
       ASSERT_EQ(gs[i]->length(), cs[i]->length());
       const double rel = RelDiff(gl[j], cl[j]);
-      rerouted[i] = rerouted[i] || (suspect[i] && rel > tol);
+      rerouted[i] = rerouted[i] || (rel > tol && steps - flagged[i] <= 1);
       if (rerouted[i]) {
         EXPECT_LE(rel, 0.5) << "step " << steps << " sequence " << i << " (rerouted)";
       } else {
@@ -205,6 +206,7 @@ void RunMixedBatches(CudaEngine& gpu, Engine& cpu_engine, cpu::KvDType dtype, do
   }
   EXPECT_LE(reroutes, max_reroutes);
   EXPECT_LE(std::count(rerouted.begin(), rerouted.end(), true), max_reroutes);
+  EXPECT_GE(tight, compared * 3 / 4);
   std::printf("%d of %d comparisons within %g (worst %.3g), %d rerouted steps\n", tight, compared,
               tol, worst, reroutes);
   EXPECT_LT(steps, 40);

@@ -86,7 +86,8 @@ Bandwidth MeasureBandwidth() {
   cudaDeviceGetAttribute(&sm_khz, cudaDevAttrClockRate, 0);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
-  const int lanes = (major == 8 && minor == 0) ? 64 : 128;  // fp32 lanes per SM (A100: 64)
+  // fp32 lanes per SM: 64 on P100/V100/A100, 128 from sm_86 on (H100/H200 included).
+  const int lanes = (major < 8 || (major == 8 && minor == 0)) ? 64 : 128;
   bw.fp32 = 2.0 * sms * lanes * sm_khz * 1e3;
   const size_t bytes = size_t{1} << 30;
   auto a = DeviceBuffer::Alloc(bytes), b = DeviceBuffer::Alloc(bytes);

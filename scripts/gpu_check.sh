@@ -20,6 +20,8 @@ prebuilt=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --timeout-s) limit=$2; shift 2 ;;
+    --bundle|--prebuilt|--timeout-s)
+      [ $# -ge 2 ] || { echo "gpu_check: $1 needs a value (--help)" >&2; exit 2; } ;;&
     --bundle) bundle=$(cd "$caller" && realpath -m "$2"); shift 2 ;;
     --prebuilt) prebuilt=$(cd "$caller" && realpath -m "$2"); shift 2 ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
@@ -54,9 +56,9 @@ if [ -n "$bundle" ]; then
       *) cp -L "$path" "$stage/lib/$name" ;;
     esac
   done
-  git rev-parse HEAD > "$stage/COMMIT"
+  git describe --always --dirty > "$stage/COMMIT"
   tar -C "$stage" -cJf "$bundle" . && rm -rf "$stage" || exit 1
-  echo "gpu_check: bundle $bundle ($(du -h "$bundle" | cut -f1)) from $(git rev-parse --short HEAD)"
+  echo "gpu_check: bundle $bundle ($(du -h "$bundle" | cut -f1)) from $(git describe --always --dirty)"
   exit 0
 fi
 
@@ -72,9 +74,11 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" != 1 ] && { [ -z "$driver" ] || [ "${driver%%.*}"
   exit 1
 fi
 root=bazel-bin
+unpacked=""
 if [ -n "$prebuilt" ]; then
   if [ -f "$prebuilt" ]; then
-    root_dir=$(mktemp -d); tar -C "$root_dir" -xJf "$prebuilt" || exit 1
+    root_dir=$(mktemp -d); unpacked=$root_dir
+    tar -C "$root_dir" -xJf "$prebuilt" || exit 1
   else
     root_dir=$prebuilt
   fi
@@ -104,7 +108,14 @@ for t in "${tests[@]}"; do
   bin=$root/$(bin_path "$t")
   # Each test in its own process: a CUDA fault (an illegal address) poisons the process's context
   # and would fail every later test of the binary.
-  for name in $("$bin" --gtest_list_tests | awk '/^[^ ]/ {s=$1} /^  / {print s $1}'); do
+  # A binary that does not load lists no tests: a failure, not an empty pass.
+  if ! names=$("$bin" --gtest_list_tests 2> "$out_dir/list.log" |
+               awk '/^[^ ]/ {s=$1} /^  / {print s $1}') || [ -z "$names" ]; then
+    printf '%-64s %-8s\n' "$t (listing its tests)" FAILED; rc=1
+    sed 's/^/    /' "$out_dir/list.log" | head -5
+    continue
+  fi
+  for name in $names; do
     left=$(( limit - ($(date +%s) - start) ))
     [ "$left" -lt 10 ] && { echo "gpu_check: out of time before $name"; rc=1; break 2; }
     log="$out_dir/${name//\//_}.log"
@@ -143,4 +154,5 @@ if [ "$left" -gt 30 ]; then
 fi
 echo "gpu_check: $(( $(date +%s) - start )) s, exit $rc"
 [ -z "$prebuilt" ] && { bazel shutdown >/dev/null 2>&1 || true; }
+[ -n "$unpacked" ] && rm -rf "$unpacked"
 exit $rc

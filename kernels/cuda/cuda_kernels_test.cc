@@ -194,14 +194,18 @@ TEST(CudaKernels, GateSelectionMatchesTheCpuForEveryMethod) {
 
 // A paged cache whose block tables are shuffled (non-contiguous), sequences of different lengths,
 // fp32, bf16 and 8-bit rows, against cpu::MlaDecodeAbsorbedBatch on the tiny and small shapes.
+// Besides the presets (groups of 8 heads, r <= 256), DeepSeek-V2's head shape with 20 heads: groups
+// of 16 heads (the last one of 4) and r 512 (two columns a thread), as V2 / V3 run it.
 TEST(CudaKernels, MlaDecodeOverAPagedCacheMatchesTheCpu) {
   SKIP_WITHOUT_GPU();
-  for (const char* preset : {"tiny", "small"}) {
+  for (const char* preset : {"tiny", "small", "v2-heads"}) {
     for (cpu::KvDType kv :
          {cpu::KvDType::kF32, cpu::KvDType::kInt8, cpu::KvDType::kFp8, cpu::KvDType::kBf16}) {
-      const ModelConfig c = *PresetConfig(preset);
-      const int64_t h = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
-      const int64_t dv = c.v_head_dim, r = c.kv_lora_rank, bt = 16;
+      const bool v2 = std::string(preset) == "v2-heads";
+      const ModelConfig c = *PresetConfig(v2 ? "small" : preset);
+      const int64_t h = v2 ? 20 : c.num_attention_heads, dn = v2 ? 128 : c.qk_nope_head_dim;
+      const int64_t dr = v2 ? 64 : c.qk_rope_head_dim, dv = v2 ? 128 : c.v_head_dim;
+      const int64_t r = v2 ? 512 : c.kv_lora_rank, bt = 16;
       const int64_t row_bytes = cpu::KvRowBytes(kv, r, dr);
       // 700 rows: several splits of the context, the last one's last tile short.
       const std::vector<int64_t> ctx = {1, 17, 64, 200, 33, 700};

@@ -216,6 +216,12 @@ int64_t MlaDecodeScratchFloats(const cpu::MlaParams& p, int64_t b, int64_t max_c
 
 absl::Status MlaDecodeAbsorbed(const cpu::MlaParams& p, const float* q, int64_t b,
                                const PagedLatentCache& cache, float* o, float*, void*) {
+  // mla_decode.cu's limits, so that both builds refuse the same calls.
+  if (p.latent_rank <= 0 || p.latent_rank > 512 || p.latent_rank % 4 != 0 || p.nope_dim < 0 ||
+      p.v_dim <= 0 || p.rope_dim < 0 || b > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MlaDecodeAbsorbed: unsupported shape (r ", p.latent_rank, ", b ", b, ")"));
+  }
   const int64_t blocks = (cache.max_ctx + cache.block_tokens - 1) / cache.block_tokens;
   std::vector<const float*> fp(static_cast<size_t>(b * blocks));
   std::vector<const uint8_t*> qp(static_cast<size_t>(b * blocks));

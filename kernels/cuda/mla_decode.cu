@@ -131,13 +131,13 @@ __device__ float CachedValue(const Mla& p, const uint8_t* row, int64_t j) {
 __device__ inline void CpAsync(void* smem, const void* g, bool vec16) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   if (vec16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(g));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(g) : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(g));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(g) : "memory");
   }
 }
 __device__ inline void CpAsyncWaitAll() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::);
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
 // Shared memory of a block: row pointers, the fp32 tile, the group's queries, the tile's
@@ -368,7 +368,8 @@ int LaunchAttend(const AttendArgs& a, int64_t b, cudaStream_t st) {
 template <int KV>
 int LaunchAttendFor(const AttendArgs& a, int64_t b, cudaStream_t st) {
   // 8 heads a block where there are no more (one read of the rows for all of them), else 16
-  // (more heads per read, 2 blocks per SM still fit for r + dr = 576).
+  // (more heads per read; for r + dr = 576, 2 blocks per SM fit with fp32 rows, 1 with the raw
+  // 8-bit or bf16 rows beside the fp32 tile).
   const bool wide = a.p.rank > kAttendThreads;
   if (a.p.heads <= 8) {
     return wide ? LaunchAttend<KV, 8, 2>(a, b, st) : LaunchAttend<KV, 8, 1>(a, b, st);
@@ -388,7 +389,8 @@ int MlaDecode(const Mla& p, const float* q, int64_t b, const float* kv_b, const 
   if (b <= 0) return 0;
   // 8-bit rows read their fp32 scales in place: rows and blocks must keep them 4-byte aligned.
   // The columns of a block's threads cover at most 2 x 256 latent values.
-  if (p.heads <= 0 || p.rank <= 0 || p.rank > 2 * kAttendThreads || p.rope < 0 ||
+  if (p.heads <= 0 || p.rank <= 0 || p.rank > 2 * kAttendThreads || p.rope < 0 || p.nope < 0 ||
+      p.v <= 0 || reinterpret_cast<uintptr_t>(pool) % 4 != 0 ||
       p.block_tokens <= 0 || max_ctx <= 0 || p.kv_dtype < 0 || p.kv_dtype > 3 ||
       p.row_bytes % 4 != 0 || p.block_bytes % 4 != 0 || p.rank % 4 != 0 || b > 65535) {
     return static_cast<int>(cudaErrorInvalidValue);
