@@ -92,7 +92,6 @@ absl::Status CudaExperts::Run(const ExpertStore& store, const std::vector<Expert
   if (&store != last_store_) Forget(store);
   std::vector<cuda::ExpertWeights> weights;
   std::vector<int64_t> offsets;
-  int64_t largest = 0;
   for (const ExpertGroup& g : groups) {
     if (!offsets.empty() && g.first != offsets.back()) {
       return absl::InvalidArgumentError("CudaExperts::Run: groups must cover the rows in order");
@@ -101,7 +100,6 @@ absl::Status CudaExperts::Run(const ExpertStore& store, const std::vector<Expert
     weights.push_back(w);
     if (offsets.empty()) offsets.push_back(g.first);
     offsets.push_back(g.first + g.rows);
-    largest = std::max(largest, g.rows);
   }
   if (offsets.empty() || offsets.front() != 0 || offsets.back() != rows) {
     return absl::InvalidArgumentError("CudaExperts::Run: groups must cover the rows in order");
@@ -109,7 +107,7 @@ absl::Status CudaExperts::Run(const ExpertStore& store, const std::vector<Expert
   const size_t bytes = static_cast<size_t>(rows * hidden_) * sizeof(float);
   RETURN_IF_ERROR(x_.Reserve(bytes));
   RETURN_IF_ERROR(y_.Reserve(bytes));
-  RETURN_IF_ERROR(scratch_.Reserve(static_cast<size_t>(2 * largest * width_) * sizeof(float)));
+  RETURN_IF_ERROR(scratch_.Reserve(static_cast<size_t>(2 * rows * width_) * sizeof(float)));
   RETURN_IF_ERROR(x_.Upload(x, bytes));
   RETURN_IF_ERROR(cuda::ExpertFfn(blas_, weights, offsets, hidden_, width_, x_.as<float>(),
                                   y_.as<float>(), scratch_.as<float>()));

@@ -327,7 +327,7 @@ TEST(CudaKernels, ExpertFfnMatchesTheCpuPerGroup) {
     }
     DeviceBuffer dx = ToDevice(x);
     auto y = DeviceBuffer::Alloc(x.size() * 4);
-    auto scratch = DeviceBuffer::Alloc(static_cast<size_t>(2 * 64 * width) * 4);
+    auto scratch = DeviceBuffer::Alloc(static_cast<size_t>(2 * rows * width) * 4);
     ASSERT_TRUE(y.ok() && scratch.ok());
     CUDA_OK(ExpertFfn(*blas, ew, offsets, d, width, dx.as<float>(), y->as<float>(),
                       scratch->as<float>()));

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace dmoe::cuda {
 
@@ -15,6 +16,14 @@ absl::StatusOr<uint16_t*> Blas::Bf16Scratch(int64_t n) const {
     return st;
   }
   return bf16_.as<uint16_t>();
+}
+
+absl::StatusOr<void**> Blas::PointerScratch(int64_t n) const {
+  if (auto st = pointers_.Reserve(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(void*));
+      !st.ok()) {
+    return st;
+  }
+  return static_cast<void**>(pointers_.get());
 }
 
 absl::Status Linear(const Blas& blas, const float* x, int64_t m, DeviceWeight w, int64_t out,
@@ -38,6 +47,31 @@ absl::Status Linear(const Blas& blas, const float* x, int64_t m, DeviceWeight w,
   return RunGemm(blas, g);
 }
 
+namespace {
+
+// One projection of every group whose weights have the given dtype: out_g = in_g @ w_g^T, in_g at
+// in + first_g * in_dim (fp32 or bf16 bits), out_g at out + first_g * out_dim.
+absl::Status Project(const Blas& blas, const std::vector<ExpertWeights>& groups,
+                     const std::vector<int64_t>& offsets, const void* const ExpertWeights::*w,
+                     bool bf16, const void* in, int64_t in_dim, float* out, int64_t out_dim) {
+  GroupedGemm g;
+  g.n = out_dim;
+  g.k = in_dim;
+  g.bf16 = bf16;
+  const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const int64_t rows = offsets[i + 1] - offsets[i];
+    if (rows <= 0 || groups[i].bf16 != bf16) continue;
+    g.m.push_back(rows);
+    g.a.push_back(static_cast<const char*>(in) + offsets[i] * in_dim * elem);
+    g.b.push_back(groups[i].*w);
+    g.c.push_back(out + offsets[i] * out_dim);
+  }
+  return g.m.empty() ? absl::OkStatus() : RunGemmGrouped(blas, g);
+}
+
+}  // namespace
+
 absl::Status ExpertFfn(const Blas& blas, const std::vector<ExpertWeights>& groups,
                        const std::vector<int64_t>& offsets, int64_t d, int64_t width,
                        const float* x, float* y, float* scratch) {
@@ -45,20 +79,36 @@ absl::Status ExpertFfn(const Blas& blas, const std::vector<ExpertWeights>& group
     return absl::InvalidArgumentError(
         absl::StrCat("ExpertFfn: ", offsets.size(), " offsets for ", groups.size(), " groups"));
   }
-  for (size_t g = 0; g < groups.size(); ++g) {
-    const int64_t n = offsets[g + 1] - offsets[g];
-    if (n <= 0) continue;
-    const float* xg = x + offsets[g] * d;
-    float* gate = scratch;
-    float* up = scratch + n * width;
-    const bool bf16 = groups[g].bf16;
-    if (auto st = Linear(blas, xg, n, {groups[g].gate, bf16}, width, d, gate); !st.ok()) return st;
-    if (auto st = Linear(blas, xg, n, {groups[g].up, bf16}, width, d, up); !st.ok()) return st;
-    if (auto st = SiluMul(gate, up, n * width, gate, blas.stream()); !st.ok()) return st;
-    if (auto st = Linear(blas, gate, n, {groups[g].down, bf16}, d, width, y + offsets[g] * d);
-        !st.ok()) {
-      return st;
+  // Rows, the scratch's included, are addressed by the offsets themselves.
+  const int64_t first = offsets.front(), last = offsets.back();
+  if (last <= first) return absl::OkStatus();
+  float* gate = scratch;
+  float* up = scratch + last * width;
+  bool any_bf16 = false, any_f32 = false;
+  for (const ExpertWeights& w : groups) (w.bf16 ? any_bf16 : any_f32) = true;
+  for (const bool bf16 : {false, true}) {
+    if (!(bf16 ? any_bf16 : any_f32)) continue;
+    const void* in = x;
+    if (bf16) {  // every row rounded to bf16 once (a row of an fp32 group is never read here)
+      ASSIGN_OR_RETURN(uint16_t * xb, blas.Bf16Scratch(last * std::max(d, width)));
+      RETURN_IF_ERROR(ToBf16(x + first * d, (last - first) * d, xb + first * d, blas.stream()));
+      in = xb;
     }
+    RETURN_IF_ERROR(Project(blas, groups, offsets, &ExpertWeights::gate, bf16, in, d, gate, width));
+    RETURN_IF_ERROR(Project(blas, groups, offsets, &ExpertWeights::up, bf16, in, d, up, width));
+  }
+  RETURN_IF_ERROR(SiluMul(gate + first * width, up + first * width, (last - first) * width,
+                          gate + first * width, blas.stream()));
+  for (const bool bf16 : {false, true}) {
+    if (!(bf16 ? any_bf16 : any_f32)) continue;
+    const void* in = gate;
+    if (bf16) {
+      ASSIGN_OR_RETURN(uint16_t * hb, blas.Bf16Scratch(last * std::max(d, width)));
+      RETURN_IF_ERROR(
+          ToBf16(gate + first * width, (last - first) * width, hb + first * width, blas.stream()));
+      in = hb;
+    }
+    RETURN_IF_ERROR(Project(blas, groups, offsets, &ExpertWeights::down, bf16, in, width, y, d));
   }
   return absl::OkStatus();
 }

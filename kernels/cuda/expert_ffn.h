@@ -20,7 +20,11 @@ class Blas {
   static absl::StatusOr<Blas> Create(void* stream = nullptr);
   Blas() = default;
   ~Blas();
-  Blas(Blas&& o) noexcept : handle_(o.handle_), stream_(o.stream_), bf16_(std::move(o.bf16_)) {
+  Blas(Blas&& o) noexcept
+      : handle_(o.handle_),
+        stream_(o.stream_),
+        bf16_(std::move(o.bf16_)),
+        pointers_(std::move(o.pointers_)) {
     o.handle_ = nullptr;
   }
   Blas& operator=(Blas&& o) noexcept;
@@ -30,11 +34,14 @@ class Blas {
   void* stream() const { return stream_; }
   // Device scratch for `n` bf16 values (the activations of a bf16 product), grown as needed.
   absl::StatusOr<uint16_t*> Bf16Scratch(int64_t n) const;
+  // Device scratch for `n` pointers (a grouped product's arrays), grown as needed.
+  absl::StatusOr<void**> PointerScratch(int64_t n) const;
 
  private:
   void* handle_ = nullptr;
   void* stream_ = nullptr;
   mutable DeviceBuffer bf16_;
+  mutable DeviceBuffer pointers_;
 };
 
 // Row-major c = alpha * a @ op(b) + beta * c for `batch` problems (problem i's matrices at
@@ -57,6 +64,18 @@ absl::Status RunGemm(const Blas& blas, const Gemm& g);
 // accumulated in fp32 (cublasGemmEx, CUBLAS_COMPUTE_32F).
 absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, const uint16_t* a,
                          const uint16_t* b, float* c, int64_t ldc);
+
+// Row-major c_g [m_g, n] (fp32) = a_g [m_g, k] @ b_g [n, k]^T for every group g, in one call
+// (cublasGemmGroupedBatchedEx): all fp32, or all bf16 bits with fp32 sums; each product's sums as
+// RunGemm's / RunGemmBf16's. Groups with m_g == 0 are skipped.
+struct GroupedGemm {
+  int64_t n = 0, k = 0;
+  bool bf16 = false;
+  std::vector<int64_t> m;
+  std::vector<const void*> a, b;
+  std::vector<float*> c;
+};
+absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g);
 
 // A weight matrix on the device: fp32, or bf16 bits (then the activations are rounded to bf16,
 // round to nearest even, and the products accumulate in fp32: about 3 significant digits).
@@ -83,7 +102,8 @@ struct ExpertWeights {
 
 // x [rows, D] grouped by expert: the rows of group g are [offsets[g], offsets[g + 1]) (host
 // offsets, groups.size() + 1 of them) and go through groups[g]; y [rows, D]. `scratch`: at least
-// 2 * (largest group) * I floats.
+// 2 * offsets.back() * I floats. Each projection is one grouped product for all experts (two when
+// fp32 and bf16 experts are mixed).
 absl::Status ExpertFfn(const Blas& blas, const std::vector<ExpertWeights>& groups,
                        const std::vector<int64_t>& offsets, int64_t d, int64_t width,
                        const float* x, float* y, float* scratch);

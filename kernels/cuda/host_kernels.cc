@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "common/status_macros.h"
 #include "kernels/cpu/gating.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -320,6 +321,7 @@ Blas& Blas::operator=(Blas&& o) noexcept {
   handle_ = std::exchange(o.handle_, nullptr);
   stream_ = o.stream_;
   bf16_ = std::move(o.bf16_);
+  pointers_ = std::move(o.pointers_);
   return *this;
 }
 
@@ -338,6 +340,32 @@ absl::Status RunGemmBf16(const Blas&, int64_t m, int64_t n, int64_t k, const uin
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
               static_cast<int>(k), 1.0f, af.data(), static_cast<int>(k), bf.data(),
               static_cast<int>(k), 0.0f, c, static_cast<int>(ldc));
+  return absl::OkStatus();
+}
+
+absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
+  const size_t n = g.m.size();
+  if (g.a.size() != n || g.b.size() != n || g.c.size() != n) {
+    return absl::InvalidArgumentError("RunGemmGrouped: arrays of different lengths");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (g.bf16) {
+      RETURN_IF_ERROR(RunGemmBf16(blas, g.m[i], g.n, g.k, static_cast<const uint16_t*>(g.a[i]),
+                                  static_cast<const uint16_t*>(g.b[i]), g.c[i], g.n));
+    } else {
+      Gemm one;
+      one.m = g.m[i];
+      one.n = g.n;
+      one.k = g.k;
+      one.a = static_cast<const float*>(g.a[i]);
+      one.lda = g.k;
+      one.b = static_cast<const float*>(g.b[i]);
+      one.ldb = g.k;
+      one.c = g.c[i];
+      one.ldc = g.n;
+      RETURN_IF_ERROR(RunGemm(blas, one));
+    }
+  }
   return absl::OkStatus();
 }
 

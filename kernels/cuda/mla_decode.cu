@@ -237,24 +237,47 @@ __global__ void __launch_bounds__(kAttendThreads) AttendSplitKernel(AttendArgs a
       }
       __syncthreads();
     }
-    // Scores: a warp's lanes are (32 / kGroup) rows x kGroup heads, so that one 16-byte read of
-    // a row serves 8 lanes and one of the queries 8 heads (their rows 4 mod 32 floats apart):
-    // two shared-memory wavefronts for four FMAs a lane.
+    // Scores, register-blocked: a thread takes 2 rows x 4 heads (8 dot products) over one of
+    // kSlices interleaved slices of the rows' float4s (6 16-byte reads for 32 FMAs; a quarter
+    // warp reads 128 contiguous bytes, or 2 x 64 bytes 16 banks apart); the slices sit in adjacent
+    // lanes and are summed by a butterfly of shuffles (a fixed order).
     {
-      constexpr int kRowsPerWarp = 32 / kGroup;
-      const int hh = lane % kGroup;
-      const float4* qv = reinterpret_cast<const float4*>(qs + hh * stride);
-      for (int t = warp * kRowsPerWarp + lane / kGroup; t < kTile; t += 8 * kRowsPerWarp) {
-        const float4* tv = reinterpret_cast<const float4*>(tile + t * stride);
-        float dot = 0.0f;
-        for (int j = 0; j < w4 / 4; ++j) {
-          const float4 x = tv[j], y = qv[j];
-          dot = fmaf(x.x, y.x, dot);
-          dot = fmaf(x.y, y.y, dot);
-          dot = fmaf(x.z, y.z, dot);
-          dot = fmaf(x.w, y.w, dot);
+      constexpr int kQuads = kGroup / 4, kSlices = kAttendThreads / (kQuads * (kTile / 2));
+      static_assert(kSlices * kQuads * (kTile / 2) == kAttendThreads, "a dot block a thread");
+      const int slice = lane % kSlices, blk = tid / kSlices, hq = blk % kQuads, rp = blk / kQuads;
+      const float4* x0v = reinterpret_cast<const float4*>(tile + (2 * rp) * stride);
+      const float4* x1v = reinterpret_cast<const float4*>(tile + (2 * rp + 1) * stride);
+      const float* qb = qs + (4 * hq) * stride;
+      float d[2][4] = {};
+      for (int j = slice; j < w4 / 4; j += kSlices) {
+        const float4 x0 = x0v[j], x1 = x1v[j];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float4 y = reinterpret_cast<const float4*>(qb + k * stride)[j];
+          d[0][k] = fmaf(x0.x, y.x, d[0][k]);
+          d[0][k] = fmaf(x0.y, y.y, d[0][k]);
+          d[0][k] = fmaf(x0.z, y.z, d[0][k]);
+          d[0][k] = fmaf(x0.w, y.w, d[0][k]);
+          d[1][k] = fmaf(x1.x, y.x, d[1][k]);
+          d[1][k] = fmaf(x1.y, y.y, d[1][k]);
+          d[1][k] = fmaf(x1.z, y.z, d[1][k]);
+          d[1][k] = fmaf(x1.w, y.w, d[1][k]);
         }
-        ps[hh * kTile + t] = dot;
+      }
+#pragma unroll
+      for (int o = 1; o < kSlices; o <<= 1) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) d[r][k] += __shfl_xor_sync(0xffffffffu, d[r][k], o);
+        }
+      }
+      if (slice == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) ps[(4 * hq + k) * kTile + 2 * rp + r] = d[r][k];
+        }
       }
     }
     __syncthreads();
