@@ -298,6 +298,10 @@ int Main(int argc, char** argv) {
   MlaDecodeBench(bw);
   ExpertBench();
   if (engine) EngineBench(cache_dir);
+  // Which path the experts' products took (bf16 is known once the engine ran a bf16 checkpoint).
+  std::printf("\nexperts' grouped cuBLAS call: fp32 inputs %s, bf16 inputs %s\n",
+              GroupedGemmRefused(false) ? "one product per expert" : "grouped",
+              GroupedGemmRefused(true) ? "one product per expert" : "grouped (or not yet tried)");
   return 0;
 }
 

@@ -121,47 +121,64 @@ absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, cons
   return absl::OkStatus();
 }
 
+namespace {
+
+// Whether this cuBLAS refused the grouped call for fp32 / bf16 inputs (the types it takes vary by
+// version; bf16 inputs with an fp32 C are not in every version's table): then each group runs
+// alone.
+std::atomic<bool> grouped_refused[2] = {false, false};
+
+// Group i alone, through the products ExpertFfn made one by one before the grouped call.
+absl::Status RunOneOfGroup(const Blas& blas, const GroupedGemm& g, size_t i) {
+  if (g.bf16) {
+    return RunGemmBf16(blas, g.m[i], g.n, g.k, static_cast<const uint16_t*>(g.a[i]),
+                       static_cast<const uint16_t*>(g.b[i]), g.c[i], g.n);
+  }
+  Gemm single;
+  single.m = g.m[i];
+  single.n = g.n;
+  single.k = g.k;
+  single.a = static_cast<const float*>(g.a[i]);
+  single.lda = g.k;
+  single.b = static_cast<const float*>(g.b[i]);
+  single.ldb = g.k;
+  single.c = g.c[i];
+  single.ldc = g.n;
+  return RunGemm(blas, single);
+}
+
+}  // namespace
+
+bool GroupedGemmRefused(bool bf16) {
+  return Cublas().gemm_grouped == nullptr || grouped_refused[bf16].load();
+}
+
 absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
-  const size_t n = g.m.size();
-  if (g.a.size() != n || g.b.size() != n || g.c.size() != n) {
+  const size_t groups = g.m.size();
+  if (g.a.size() != groups || g.b.size() != groups || g.c.size() != groups) {
     return absl::InvalidArgumentError("RunGemmGrouped: arrays of different lengths");
   }
-  if (n == 0 || g.n <= 0) return absl::OkStatus();
-  const auto h = static_cast<cublasHandle_t>(blas.handle());
-  const cudaDataType in = g.bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  const float one = 1.0f, zero = 0.0f;
-  // Whether this cuBLAS took the grouped call for fp32 / bf16 inputs (the types it supports vary
-  // by version): a refusal is remembered and each group goes through cublasGemmEx instead.
-  static std::atomic<bool> grouped_works[2] = {true, true};
-  if (n == 1) {  // one product: the plain GEMM (the grouped call was 2.6x slower for 1024 rows)
-    if (g.bf16) {
-      return RunGemmBf16(blas, g.m[0], g.n, g.k, static_cast<const uint16_t*>(g.a[0]),
-                         static_cast<const uint16_t*>(g.b[0]), g.c[0], g.n);
-    }
-    Gemm one;
-    one.m = g.m[0];
-    one.n = g.n;
-    one.k = g.k;
-    one.a = static_cast<const float*>(g.a[0]);
-    one.lda = g.k;
-    one.b = static_cast<const float*>(g.b[0]);
-    one.ldb = g.k;
-    one.c = g.c[0];
-    one.ldc = g.n;
-    return RunGemm(blas, one);
+  if (g.n <= 0 || g.k <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("RunGemmGrouped: n ", g.n, ", k ", g.k));
   }
-  if (Cublas().gemm_grouped != nullptr && grouped_works[g.bf16].load()) {
-    // c_g^T = b_g a_g^T, as RunGemmBf16: one group of one product per expert.
+  std::vector<size_t> live;  // the non-empty products
+  for (size_t i = 0; i < groups; ++i) {
+    if (g.m[i] > 0) live.push_back(i);
+  }
+  // One product: the plain GEMM (the grouped call took 2.6x its time for 1024 rows on an H200).
+  if (live.size() > 1 && !GroupedGemmRefused(g.bf16)) {
+    // c_i^T = b_i a_i^T, as RunGemmBf16: one group of one product per expert.
+    const size_t n = live.size();
     std::vector<cublasOperation_t> ta(n, CUBLAS_OP_T), tb(n, CUBLAS_OP_N);
     std::vector<int> mm(n, I(g.n)), nn(n), kk(n, I(g.k)), lda(n, I(g.k)), ldc(n, I(g.n)),
         size(n, 1);
-    std::vector<float> alpha(n, one), beta(n, zero);
+    std::vector<float> alpha(n, 1.0f), beta(n, 0.0f);
     std::vector<void*> ptrs(3 * n);  // cuBLAS reads the a and b arrays only
-    for (size_t i = 0; i < n; ++i) {
-      nn[i] = I(g.m[i]);
-      ptrs[i] = const_cast<void*>(g.b[i]);
-      ptrs[n + i] = const_cast<void*>(g.a[i]);
-      ptrs[2 * n + i] = g.c[i];
+    for (size_t j = 0; j < n; ++j) {
+      nn[j] = I(g.m[live[j]]);
+      ptrs[j] = const_cast<void*>(g.b[live[j]]);
+      ptrs[n + j] = const_cast<void*>(g.a[live[j]]);
+      ptrs[2 * n + j] = g.c[live[j]];
     }
     ASSIGN_OR_RETURN(void** dev, blas.PointerScratch(static_cast<int64_t>(3 * n)));
     // From pageable memory: staged before the call returns, ordered on the stream.
@@ -172,18 +189,19 @@ absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
       return absl::InternalError(
           absl::StrCat("RunGemmGrouped: cudaMemcpyAsync: ", cudaGetErrorString(e)));
     }
+    const cudaDataType in = g.bf16 ? CUDA_R_16BF : CUDA_R_32F;
     const cublasStatus_t st = Cublas().gemm_grouped(
-        h, ta.data(), tb.data(), mm.data(), nn.data(), kk.data(), alpha.data(), dev, in, lda.data(),
-        dev + n, in, lda.data(), beta.data(), dev + 2 * n, CUDA_R_32F, ldc.data(),
-        I(static_cast<int64_t>(n)), size.data(), CUBLAS_COMPUTE_32F);
-    if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-    grouped_works[g.bf16] = false;  // the same products one by one below
+        static_cast<cublasHandle_t>(blas.handle()), ta.data(), tb.data(), mm.data(), nn.data(),
+        kk.data(), alpha.data(), dev, in, lda.data(), dev + n, in, lda.data(), beta.data(),
+        dev + 2 * n, CUDA_R_32F, ldc.data(), I(static_cast<int64_t>(n)), size.data(),
+        CUBLAS_COMPUTE_32F);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED) {
+      DMOE_CUBLAS_RETURN_IF_ERROR(st);
+      return absl::OkStatus();
+    }
+    grouped_refused[g.bf16] = true;  // the same products one by one below, from now on
   }
-  for (size_t i = 0; i < n; ++i) {  // no grouped entry point, or not for these types
-    DMOE_CUBLAS_RETURN_IF_ERROR(Cublas().gemm_ex(
-        h, CUBLAS_OP_T, CUBLAS_OP_N, I(g.n), I(g.m[i]), I(g.k), &one, g.b[i], in, I(g.k), g.a[i],
-        in, I(g.k), &zero, g.c[i], CUDA_R_32F, I(g.n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  }
+  for (const size_t i : live) RETURN_IF_ERROR(RunOneOfGroup(blas, g, i));
   return absl::OkStatus();
 }
 
@@ -238,6 +256,7 @@ absl::Status RunGemmBf16(const Blas&, int64_t, int64_t, int64_t, const uint16_t*
 absl::Status RunGemmGrouped(const Blas&, const GroupedGemm&) {
   return absl::UnavailableError("built without the CUDA toolkit");
 }
+bool GroupedGemmRefused(bool) { return true; }
 
 #endif  // DMOE_HAVE_CUDA
 

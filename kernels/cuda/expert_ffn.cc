@@ -79,6 +79,12 @@ absl::Status ExpertFfn(const Blas& blas, const std::vector<ExpertWeights>& group
     return absl::InvalidArgumentError(
         absl::StrCat("ExpertFfn: ", offsets.size(), " offsets for ", groups.size(), " groups"));
   }
+  for (size_t i = 0; i + 1 < offsets.size(); ++i) {
+    if (offsets[i] < 0 || offsets[i + 1] < offsets[i]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ExpertFfn: offsets not increasing at group ", i));
+    }
+  }
   // Rows, the scratch's included, are addressed by the offsets themselves.
   const int64_t first = offsets.front(), last = offsets.back();
   if (last <= first) return absl::OkStatus();

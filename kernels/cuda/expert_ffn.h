@@ -67,7 +67,7 @@ absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, cons
 
 // Row-major c_g [m_g, n] (fp32) = a_g [m_g, k] @ b_g [n, k]^T for every group g, in one call
 // (cublasGemmGroupedBatchedEx): all fp32, or all bf16 bits with fp32 sums; each product's sums as
-// RunGemm's / RunGemmBf16's. Groups with m_g == 0 are skipped.
+// RunGemm's / RunGemmBf16's. Groups with m_g == 0 are skipped; a single product runs alone.
 struct GroupedGemm {
   int64_t n = 0, k = 0;
   bool bf16 = false;
@@ -76,6 +76,9 @@ struct GroupedGemm {
   std::vector<float*> c;
 };
 absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g);
+// Whether RunGemmGrouped runs one product per group for these inputs: cuBLAS lacks the grouped
+// call or refused it for them (always true on the host).
+bool GroupedGemmRefused(bool bf16);
 
 // A weight matrix on the device: fp32, or bf16 bits (then the activations are rounded to bf16,
 // round to nearest even, and the products accumulate in fp32: about 3 significant digits).

@@ -343,12 +343,18 @@ absl::Status RunGemmBf16(const Blas&, int64_t m, int64_t n, int64_t k, const uin
   return absl::OkStatus();
 }
 
+bool GroupedGemmRefused(bool) { return true; }
+
 absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
   const size_t n = g.m.size();
   if (g.a.size() != n || g.b.size() != n || g.c.size() != n) {
     return absl::InvalidArgumentError("RunGemmGrouped: arrays of different lengths");
   }
+  if (g.n <= 0 || g.k <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("RunGemmGrouped: n ", g.n, ", k ", g.k));
+  }
   for (size_t i = 0; i < n; ++i) {
+    if (g.m[i] <= 0) continue;
     if (g.bf16) {
       RETURN_IF_ERROR(RunGemmBf16(blas, g.m[i], g.n, g.k, static_cast<const uint16_t*>(g.a[i]),
                                   static_cast<const uint16_t*>(g.b[i]), g.c[i], g.n));
