@@ -54,7 +54,8 @@ namespace {
 grpc::StatusCode ToGrpc(absl::StatusCode c) { return static_cast<grpc::StatusCode>(c); }
 
 // One streaming Generate call: the scheduler's callbacks feed the stream. The reactor is deleted
-// after Finish, which only happens after the scheduler's on_finish, so no callback outlives it.
+// after Finish, which only happens at the end of the scheduler's on_finish (no callback comes after
+// it) or of the constructor when Submit fails.
 class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
  public:
   GenerateReactor(Scheduler* scheduler, AttentionMetrics* metrics,
@@ -90,33 +91,44 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
       MutexLock l(&mu_);  // after the first message
       Push(std::move(r));
     };
+    // FinishWith is the last touch of *this, made without holding mu_: once the stream is
+    // finished, gRPC may delete the reactor on its own thread (QueuedWriter::OnDone), and an
+    // unlock of mu_ after that wrote into freed memory ("corrupted double-linked list" in the
+    // soak's attention node).
     cb.on_finish = [this](FinishReason reason, const absl::Status& st) {
       if (metrics_ != nullptr) metrics_->Finished(reason);
-      MutexLock l(&mu_);
-      if (reason == FinishReason::kError) {
-        FinishWith(grpc::Status(ToGrpc(st.code()), std::string(st.message())));
-      } else if (reason == FinishReason::kCancelled && cancelled_by_client_) {
-        FinishWith(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
-      } else {
-        internal::GenerateResponse r;
-        r.set_finish_reason(FinishReasonName(reason));
-        Push(std::move(r));
-        FinishWith(grpc::Status::OK);
+      grpc::Status final = grpc::Status::OK;
+      {
+        MutexLock l(&mu_);
+        if (reason == FinishReason::kError) {
+          final = grpc::Status(ToGrpc(st.code()), std::string(st.message()));
+        } else if (reason == FinishReason::kCancelled && cancelled_by_client_) {
+          final = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+        } else {
+          internal::GenerateResponse r;
+          r.set_finish_reason(FinishReasonName(reason));
+          Push(std::move(r));
+        }
       }
+      FinishWith(std::move(final));
     };
     std::vector<int32_t> prompt(request->prompt_token_ids().begin(),
                                 request->prompt_token_ids().end());
-    // Held across Submit: the scheduler's callbacks wait until the first message is queued.
-    MutexLock l(&mu_);
-    auto id = scheduler_->Submit(std::move(prompt), FromProto(request->sampling()), cb);
-    if (!id.ok()) {
-      FinishWith(grpc::Status(ToGrpc(id.status().code()), std::string(id.status().message())));
-      return;
+    absl::StatusOr<uint64_t> id;
+    {
+      // Held across Submit: the scheduler's callbacks wait until the first message is queued.
+      MutexLock l(&mu_);
+      id = scheduler_->Submit(std::move(prompt), FromProto(request->sampling()), cb);
+      if (id.ok()) {
+        id_ = *id;
+        internal::GenerateResponse first;
+        first.set_request_id(id_);
+        Push(std::move(first));
+      }
     }
-    id_ = *id;
-    internal::GenerateResponse first;
-    first.set_request_id(id_);
-    Push(std::move(first));
+    if (!id.ok()) {  // the last touch of *this, as in on_finish
+      FinishWith(grpc::Status(ToGrpc(id.status().code()), std::string(id.status().message())));
+    }
   }
 
   // The client cancelled, went away or ran out of time: free the sequence at the next step.
