@@ -128,25 +128,6 @@ namespace {
 // alone.
 std::atomic<bool> grouped_refused[2] = {false, false};
 
-// Group i alone, through the products ExpertFfn made one by one before the grouped call.
-absl::Status RunOneOfGroup(const Blas& blas, const GroupedGemm& g, size_t i) {
-  if (g.bf16) {
-    return RunGemmBf16(blas, g.m[i], g.n, g.k, static_cast<const uint16_t*>(g.a[i]),
-                       static_cast<const uint16_t*>(g.b[i]), g.c[i], g.n);
-  }
-  Gemm single;
-  single.m = g.m[i];
-  single.n = g.n;
-  single.k = g.k;
-  single.a = static_cast<const float*>(g.a[i]);
-  single.lda = g.k;
-  single.b = static_cast<const float*>(g.b[i]);
-  single.ldb = g.k;
-  single.c = g.c[i];
-  single.ldc = g.n;
-  return RunGemm(blas, single);
-}
-
 }  // namespace
 
 bool GroupedGemmRefused(bool bf16) {
@@ -201,7 +182,7 @@ absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
     }
     grouped_refused[g.bf16] = true;  // the same products one by one below, from now on
   }
-  for (const size_t i : live) RETURN_IF_ERROR(RunOneOfGroup(blas, g, i));
+  for (const size_t i : live) RETURN_IF_ERROR(RunGroupMember(blas, g, i));
   return absl::OkStatus();
 }
 

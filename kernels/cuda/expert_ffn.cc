@@ -26,6 +26,24 @@ absl::StatusOr<void**> Blas::PointerScratch(int64_t n) const {
   return static_cast<void**>(pointers_.get());
 }
 
+absl::Status RunGroupMember(const Blas& blas, const GroupedGemm& g, size_t i) {
+  if (g.bf16) {
+    return RunGemmBf16(blas, g.m[i], g.n, g.k, static_cast<const uint16_t*>(g.a[i]),
+                       static_cast<const uint16_t*>(g.b[i]), g.c[i], g.n);
+  }
+  Gemm single;
+  single.m = g.m[i];
+  single.n = g.n;
+  single.k = g.k;
+  single.a = static_cast<const float*>(g.a[i]);
+  single.lda = g.k;
+  single.b = static_cast<const float*>(g.b[i]);
+  single.ldb = g.k;
+  single.c = g.c[i];
+  single.ldc = g.n;
+  return RunGemm(blas, single);
+}
+
 absl::Status Linear(const Blas& blas, const float* x, int64_t m, DeviceWeight w, int64_t out,
                     int64_t in, float* y) {
   if (w.bf16) {

@@ -76,6 +76,8 @@ struct GroupedGemm {
   std::vector<float*> c;
 };
 absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g);
+// Product i of g alone, through RunGemm or RunGemmBf16.
+absl::Status RunGroupMember(const Blas& blas, const GroupedGemm& g, size_t i);
 // Whether RunGemmGrouped runs one product per group for these inputs: cuBLAS lacks the grouped
 // call or refused it for them (always true on the host).
 bool GroupedGemmRefused(bool bf16);

@@ -354,23 +354,7 @@ absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
     return absl::InvalidArgumentError(absl::StrCat("RunGemmGrouped: n ", g.n, ", k ", g.k));
   }
   for (size_t i = 0; i < n; ++i) {
-    if (g.m[i] <= 0) continue;
-    if (g.bf16) {
-      RETURN_IF_ERROR(RunGemmBf16(blas, g.m[i], g.n, g.k, static_cast<const uint16_t*>(g.a[i]),
-                                  static_cast<const uint16_t*>(g.b[i]), g.c[i], g.n));
-    } else {
-      Gemm one;
-      one.m = g.m[i];
-      one.n = g.n;
-      one.k = g.k;
-      one.a = static_cast<const float*>(g.a[i]);
-      one.lda = g.k;
-      one.b = static_cast<const float*>(g.b[i]);
-      one.ldb = g.k;
-      one.c = g.c[i];
-      one.ldc = g.n;
-      RETURN_IF_ERROR(RunGemm(blas, one));
-    }
+    if (g.m[i] > 0) RETURN_IF_ERROR(RunGroupMember(blas, g, i));
   }
   return absl::OkStatus();
 }
