@@ -276,6 +276,10 @@ RemoteExpertsOptions F32Options() {
   RemoteExpertsOptions o;
   o.dtype = wire::WireDType::kF32;
   o.deadline = std::chrono::milliseconds(10000);  // never reached unless a reply is withheld
+  // No hedging: the fault tests count posts, round trips and rerouted pairs, and on a loaded
+  // machine a hedge (50 ms before a shard has a record) could race a slow reply and move its
+  // pairs first (CI saw rerouted_pairs() 0 instead of 32). HedgingOptions turns it back on.
+  o.hedge.factor = 0;
   return o;
 }
 
@@ -861,6 +865,7 @@ TEST(PeerHealth, HedgeAfterIsFactorTimesRecentP99WithFloorAndInitial) {
 
 RemoteExpertsOptions HedgingOptions() {
   RemoteExpertsOptions o = F32Options();  // 10 s deadline: far beyond any hedge below
+  o.hedge = HedgeOptions();
   o.hedge.initial = std::chrono::milliseconds(20);
   o.hedge.set_aside_after = 2;
   return o;
