@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const ModelConfig
   e->expert_tokens_.reset(new std::atomic<uint64_t>[static_cast<size_t>(
       std::max<int64_t>(1, c.num_expert_layers() * c.n_routed_experts))]());
   ASSIGN_OR_RETURN(e->blas_, cuda::Blas::Create(nullptr));
+  e->blas_.set_cublas(options.cublas_gemms);
   ASSIGN_OR_RETURN(e->rope_, cuda::RopeTable::Upload(cpu::RopeTable(RopeParamsOf(c))));
   RETURN_IF_ERROR(e->Upload(w));
   e->cache_ = std::make_unique<LatentKvCache>(c, options.block_tokens, options.kv_blocks,

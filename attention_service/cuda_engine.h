@@ -42,6 +42,9 @@ struct CudaEngineOptions {
   // Prefill attention expands K/V and computes the scores of as many heads at once as fit in this
   // many floats (at least one head).
   int64_t prefill_score_floats = int64_t{1} << 26;  // 256 MiB
+  // Every product through cuBLAS instead of the batch-invariant GEMM (cuda::Blas::set_cublas):
+  // faster for large batches, but a sequence's logits then change with the batch around it.
+  bool cublas_gemms = false;
 };
 
 // Thread-compatible: one Step at a time.

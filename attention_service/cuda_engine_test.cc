@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -271,6 +272,56 @@ TEST_F(CudaEngineTest, WithTheExpertsOnTheDeviceToo) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   RunMixedBatches(**gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
   EXPECT_GT((*experts)->experts(), 0u);
+}
+
+// Standing rule (1) on the GPU: a sequence's logits are the same bits alone as beside other
+// sequences (its prefill and decode steps), with the routed experts on the CPU and on the GPU.
+TEST_F(CudaEngineTest, ASequenceAloneGetsTheBitsItGetsBesideOthers) {
+  for (const bool on_gpu : {false, true}) {
+    auto experts = CudaExperts::Create(model_->config(), 0);
+    ASSERT_TRUE(experts.ok()) << experts.status();
+    LocalRoutedExperts on_device(model_->config(), &model_->experts(), experts->get());
+    RoutedExperts* routed = on_gpu ? static_cast<RoutedExperts*>(&on_device) : routed_;
+    auto run = [&](bool company) {
+      CudaEngineOptions o;
+      o.block_tokens = 4;
+      o.kv_blocks = 96;
+      auto gpu = CudaEngine::Create(model_->config(), model_->dense(), routed, o);
+      EXPECT_TRUE(gpu.ok()) << gpu.status();
+      std::vector<std::vector<float>> mine;
+      if (!gpu.ok()) return mine;
+      const std::vector<std::vector<int32_t>> prompts = {
+          {5, 9, 200, 31, 7, 8, 1}, {44, 45}, {300, 301, 302, 303, 304, 305, 306, 307, 308}};
+      const size_t n = company ? prompts.size() : 1;
+      std::vector<std::unique_ptr<PagedKvSequence>> seqs;
+      for (size_t i = 0; i < n; ++i) {
+        seqs.push_back(std::make_unique<PagedKvSequence>(&(*gpu)->cache()));
+      }
+      for (int step = 0; step < 6; ++step) {
+        std::vector<SequenceStep> batch(n);
+        for (size_t i = 0; i < n; ++i) {
+          batch[i].cache = seqs[i].get();
+          batch[i].tokens =
+              step == 0 ? prompts[i] : std::vector<int32_t>{static_cast<int32_t>(10 * i + step)};
+          batch[i].all_logits = step == 0;
+        }
+        std::vector<std::vector<float>> logits;
+        const absl::Status st = (*gpu)->Step(batch, &logits);
+        EXPECT_TRUE(st.ok()) << st;
+        if (!st.ok()) break;
+        mine.push_back(logits[0]);
+      }
+      return mine;
+    };
+    const std::vector<std::vector<float>> alone = run(false), beside = run(true);
+    ASSERT_EQ(alone.size(), 6u);
+    ASSERT_EQ(beside.size(), alone.size());
+    for (size_t k = 0; k < alone.size(); ++k) {
+      ASSERT_EQ(alone[k].size(), beside[k].size());
+      EXPECT_EQ(std::memcmp(alone[k].data(), beside[k].data(), alone[k].size() * 4), 0)
+          << "step " << k << (on_gpu ? ", experts on the GPU" : ", experts on the CPU");
+    }
+  }
 }
 
 // A bf16 checkpoint: its projections stay bf16 on the device (and the experts' with

@@ -6,11 +6,13 @@
 //   MLA decode (absorbed, paged cache) at batch 64 and 4096 tokens of context, DeepSeek-V2's
 //     shape (128 heads, r 512, dr 64) and the small preset's, fp32 and fp8 caches: the cache
 //     bytes read per second as a fraction of both bandwidths;
-//   the routed experts' FFN as 64 groups through cuBLAS vs one dense GEMM chain of the same rows
-//     and shapes (one weight set): the cost of grouping;
+//   the routed experts' FFN as 64 groups (through the batch-invariant GEMM, then cuBLAS) vs one
+//     dense cuBLAS GEMM chain of the same rows and shapes (one weight set): the cost of grouping
+//     and of invariance;
 //   decode tokens/s of the `small` preset (written once to --model-cache DIR, default
-//     /tmp/dmoe-bench/small) at batch 1, 16 and 64: the GPU engine with the experts on the GPU,
-//     next to the CPU engine in the same run (--no-engine skips it).
+//     /tmp/dmoe-bench/small) at batch 1, 16 and 64: the GPU engine with the experts on the GPU
+//     (its products invariant, then through cuBLAS), next to the CPU engine in the same run
+//     (--no-engine skips it).
 //
 //   cuda_bench [--model-cache DIR] [--no-engine]
 #include <algorithm>
@@ -196,22 +198,28 @@ void ExpertBench() {
   auto scratch = DeviceBuffer::Alloc(static_cast<size_t>(2 * groups * per * width) * 4);
   Check(y.status(), "alloc");
   Check(scratch.status(), "alloc");
-  const double grouped = Best(10, [&] {
-    Check(ExpertFfn(*blas, ew, offsets, d, width, x.as<float>(), y->as<float>(),
-                    scratch->as<float>()),
-          "ExpertFfn");
-  });
   const std::vector<ExpertWeights> one = {ew[0]};
   const std::vector<int64_t> all = {0, groups * per};
+  const double flops = 2.0 * 3 * groups * per * d * width;
+  // The dense reference is always cuBLAS's; the grouped products run both ways.
+  blas->set_cublas(true);
   const double dense = Best(10, [&] {
     Check(ExpertFfn(*blas, one, all, d, width, x.as<float>(), y->as<float>(), scratch->as<float>()),
           "ExpertFfn");
   });
-  const double flops = 2.0 * 3 * groups * per * d * width;
-  std::printf(
-      "grouped %.3f ms (%.1f TFLOP/s), dense %.3f ms (%.1f TFLOP/s): grouped / dense "
-      "time %.2f\n",
-      grouped * 1e3, flops / grouped / 1e12, dense * 1e3, flops / dense / 1e12, grouped / dense);
+  for (const bool cublas : {false, true}) {
+    blas->set_cublas(cublas);
+    const double grouped = Best(10, [&] {
+      Check(ExpertFfn(*blas, ew, offsets, d, width, x.as<float>(), y->as<float>(),
+                      scratch->as<float>()),
+            "ExpertFfn");
+    });
+    std::printf(
+        "grouped (%s) %.3f ms (%.1f TFLOP/s), dense cuBLAS %.3f ms (%.1f TFLOP/s): grouped / "
+        "dense time %.2f\n",
+        cublas ? "cuBLAS" : "batch-invariant GEMM", grouped * 1e3, flops / grouped / 1e12,
+        dense * 1e3, flops / dense / 1e12, grouped / dense);
+  }
 }
 
 // Decode steps per second of `engine` for `batch` sequences of 16 prompt tokens each (prefilled
@@ -257,16 +265,23 @@ void EngineBench(const std::string& cache_dir) {
   g.kv_blocks = 64 * 4;  // 64 sequences of up to 64 tokens
   auto gpu = CudaEngine::Create(*ck, (*gpu_model)->dense(), (*gpu_model)->routed_experts(), g);
   Check(gpu.status(), "CudaEngine");
+  g.cublas_gemms = true;  // the engine's own products through cuBLAS (not batch-invariant)
+  auto fast = CudaEngine::Create(*ck, (*gpu_model)->dense(), (*gpu_model)->routed_experts(), g);
+  Check(fast.status(), "CudaEngine (cuBLAS)");
   std::printf(
       "decode tokens/s, small preset (bf16 weights: bf16 activations on the GPU, the fp32 "
-      "upcast's arithmetic on the CPU):\n");
-  std::printf("%6s %12s %12s %8s\n", "batch", "gpu", "cpu", "gpu/cpu");
+      "upcast's arithmetic on the CPU); gpu: the batch-invariant GEMM (default), gpu-cublas: the "
+      "engine's products through cuBLAS (the experts' stay invariant):\n");
+  std::printf("%6s %12s %12s %12s %8s %14s\n", "batch", "gpu", "gpu-cublas", "cpu", "gpu/cpu",
+              "gpu/gpu-cublas");
   for (int64_t batch : {1, 16, 64}) {
     DecodeTokensPerSecond(**gpu, batch, 2);  // warm-up: experts copied, buffers grown
+    DecodeTokensPerSecond(**fast, batch, 2);
     const double on_gpu = DecodeTokensPerSecond(**gpu, batch, 16);
+    const double on_cublas = DecodeTokensPerSecond(**fast, batch, 16);
     const double on_cpu = DecodeTokensPerSecond((*cpu_model)->engine(), batch, batch == 1 ? 8 : 3);
-    std::printf("%6lld %12.1f %12.1f %8.2f\n", static_cast<long long>(batch), on_gpu, on_cpu,
-                on_gpu / on_cpu);
+    std::printf("%6lld %12.1f %12.1f %12.1f %8.2f %14.2f\n", static_cast<long long>(batch), on_gpu,
+                on_cublas, on_cpu, on_gpu / on_cpu, on_gpu / on_cublas);
   }
 }
 
@@ -298,7 +313,8 @@ int Main(int argc, char** argv) {
   MlaDecodeBench(bw);
   ExpertBench();
   if (engine) EngineBench(cache_dir);
-  // Which path the experts' products took (bf16 is known once the engine ran a bf16 checkpoint).
+  // Which path cuBLAS-mode experts' products took (ExpertBench's fp32 run; bf16 is known only
+  // where a cuBLAS-mode run had bf16 experts, which the engine rows above do not).
   std::printf("\nexperts' grouped cuBLAS call: fp32 inputs %s, bf16 inputs %s\n",
               GroupedGemmRefused(false) ? "one product per expert" : "grouped",
               GroupedGemmRefused(true) ? "one product per expert" : "grouped (or not yet tried)");

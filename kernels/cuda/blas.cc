@@ -1,15 +1,18 @@
-// Blas and RunGemm through cuBLAS (or UNAVAILABLE stubs without the toolkit).
+// Blas and RunGemm through launch.h's InvariantGemm or cuBLAS (or UNAVAILABLE stubs without the
+// toolkit).
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/expert_ffn.h"
+#include "kernels/cuda/launch.h"
 
 #if DMOE_HAVE_CUDA
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <type_traits>
@@ -96,12 +99,40 @@ absl::Status BlasError(cublasStatus_t st, const char* what, const char* file, in
 
 int I(int64_t v) { return static_cast<int>(v); }
 
+absl::Status Invariant(const launch::InvariantGemm& g, const Blas& blas, const char* file,
+                       int line) {
+  const int err = launch::RunInvariantGemm(g, blas.stream());
+  if (err == 0) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(
+      file, ":", line, ": RunInvariantGemm: ", cudaGetErrorString(static_cast<cudaError_t>(err))));
+}
+
 }  // namespace
 
 // Row-major C[m, n] is column-major C^T [n, m], and C^T = op(B)^T A^T: cuBLAS multiplies B's
 // storage (transposed when b is [n, k]) by A's storage.
 absl::Status RunGemm(const Blas& blas, const Gemm& g) {
   if (g.m <= 0 || g.n <= 0 || g.batch <= 0) return absl::OkStatus();
+  if (!blas.cublas()) {
+    launch::InvariantGemm v;
+    v.m = g.m;
+    v.n = g.n;
+    v.k = g.k;
+    v.a = g.a;
+    v.lda = g.lda;
+    v.stride_a = g.stride_a;
+    v.b = g.b;
+    v.ldb = g.ldb;
+    v.stride_b = g.stride_b;
+    v.b_trans = g.b_trans;
+    v.c = g.c;
+    v.ldc = g.ldc;
+    v.stride_c = g.stride_c;
+    v.batch = g.batch;
+    v.alpha = g.alpha;
+    v.beta = g.beta;
+    return Invariant(v, blas, __FILE__, __LINE__);
+  }
   DMOE_CUBLAS_RETURN_IF_ERROR(Cublas().sgemm_strided_batched(
       static_cast<cublasHandle_t>(blas.handle()), g.b_trans ? CUBLAS_OP_T : CUBLAS_OP_N,
       CUBLAS_OP_N, I(g.n), I(g.m), I(g.k), &g.alpha, g.b, I(g.ldb), g.stride_b, g.a, I(g.lda),
@@ -113,6 +144,20 @@ absl::Status RunGemm(const Blas& blas, const Gemm& g) {
 absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, const uint16_t* a,
                          const uint16_t* b, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return absl::OkStatus();
+  if (!blas.cublas()) {
+    launch::InvariantGemm v;
+    v.m = m;
+    v.n = n;
+    v.k = k;
+    v.a = a;
+    v.lda = k;
+    v.b = b;
+    v.ldb = k;
+    v.c = c;
+    v.ldc = ldc;
+    v.bf16 = true;
+    return Invariant(v, blas, __FILE__, __LINE__);
+  }
   const float one = 1.0f, zero = 0.0f;
   DMOE_CUBLAS_RETURN_IF_ERROR(
       Cublas().gemm_ex(static_cast<cublasHandle_t>(blas.handle()), CUBLAS_OP_T, CUBLAS_OP_N, I(n),
@@ -145,6 +190,34 @@ absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
   std::vector<size_t> live;  // the non-empty products
   for (size_t i = 0; i < groups; ++i) {
     if (g.m[i] > 0) live.push_back(i);
+  }
+  if (!blas.cublas() && !live.empty()) {  // one launch for every group
+    std::vector<launch::InvariantGemmGroup> host(live.size());
+    int64_t max_m = 0;
+    for (size_t j = 0; j < live.size(); ++j) {
+      host[j] = {g.m[live[j]], g.a[live[j]], g.b[live[j]], g.c[live[j]]};
+      max_m = std::max(max_m, g.m[live[j]]);
+    }
+    static_assert(std::is_trivially_copyable_v<launch::InvariantGemmGroup>);
+    const int64_t words = static_cast<int64_t>(
+        (host.size() * sizeof(launch::InvariantGemmGroup) + sizeof(void*) - 1) / sizeof(void*));
+    ASSIGN_OR_RETURN(void** dev, blas.PointerScratch(words));
+    // From pageable memory: staged before the call returns, ordered on the stream.
+    if (cudaError_t e =
+            cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(launch::InvariantGemmGroup),
+                            cudaMemcpyHostToDevice, static_cast<cudaStream_t>(blas.stream()));
+        e != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrCat("RunGemmGrouped: cudaMemcpyAsync: ", cudaGetErrorString(e)));
+    }
+    launch::InvariantGemm v;
+    v.n = g.n;
+    v.k = g.k;
+    v.bf16 = g.bf16;
+    v.groups = reinterpret_cast<const launch::InvariantGemmGroup*>(dev);
+    v.n_groups = static_cast<int64_t>(live.size());
+    v.max_m = max_m;
+    return Invariant(v, blas, __FILE__, __LINE__);
   }
   // One product: the plain GEMM (the grouped call took 2.6x its time for 1024 rows on an H200).
   if (live.size() > 1 && !GroupedGemmRefused(g.bf16)) {
@@ -210,6 +283,7 @@ Blas& Blas::operator=(Blas&& o) noexcept {
     stream_ = o.stream_;
     bf16_ = std::move(o.bf16_);
     pointers_ = std::move(o.pointers_);
+    cublas_ = o.cublas_;
   }
   return *this;
 }
@@ -225,6 +299,7 @@ Blas& Blas::operator=(Blas&& o) noexcept {
   stream_ = o.stream_;
   bf16_ = std::move(o.bf16_);
   pointers_ = std::move(o.pointers_);
+  cublas_ = o.cublas_;
   return *this;
 }
 absl::Status RunGemm(const Blas&, const Gemm&) {

@@ -431,7 +431,9 @@ TEST(CudaKernels, StridedBatchedGemmInBothLayouts) {
   const int64_t batch = 3, m = 5, n = 7, k = 9, lda = 3 * k, ldb = 2 * k, ldc = 4 * n;
   const auto a = Random(static_cast<size_t>(m * lda), 36);
   const auto b = Random(static_cast<size_t>(batch * n * ldb + batch * k * ldb), 37);
-  for (bool trans : {true, false}) {
+  for (int run = 0; run < 4; ++run) {
+    const bool trans = run % 2 == 0;
+    blas->set_cublas(run >= 2);  // the invariant GEMM, then cuBLAS
     const auto c0 = Random(static_cast<size_t>(m * ldc), 38);
     std::vector<float> want = c0;
     for (int64_t i = 0; i < batch; ++i) {
@@ -466,8 +468,120 @@ TEST(CudaKernels, StridedBatchedGemmInBothLayouts) {
     g.alpha = 0.5f;
     g.beta = 2.0f;
     CUDA_OK(RunGemm(*blas, g));
-    EXPECT_LE(MaxRelative(ToHost<float>(dc, want.size()), want), 1e-5) << "b_trans " << trans;
+    EXPECT_LE(MaxRelative(ToHost<float>(dc, want.size()), want), 1e-5)
+        << "b_trans " << trans << ", cuBLAS " << blas->cublas();
   }
+}
+
+// One output of the invariant GEMM: a chain of fused multiply-adds over k in order from +0, then
+// alpha and beta (launch.h's definition), computed here on the host.
+float Chain(const float* a, const float* b, int64_t b_step, int64_t k, float alpha = 1.0f,
+            float beta = 0.0f, float c = 0.0f) {
+  float acc = 0.0f;
+  for (int64_t u = 0; u < k; ++u) acc = std::fma(a[u], b[u * b_step], acc);
+  float v = alpha * acc;
+  if (beta != 0.0f) v = std::fma(beta, c, v);
+  return v;
+}
+
+// Standing rule 1 at its root: every output of every product (plain, strided-batched, bf16,
+// grouped) has the bits of its own fma chain, whatever the number of rows around it (1 to 80:
+// both tile shapes, partial tiles, k not a multiple of the 16-deep stage).
+TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
+  SKIP_WITHOUT_GPU();
+  auto blas = Blas::Create();
+  ASSERT_TRUE(blas.ok()) << blas.status();
+  const int64_t k = 333, n = 150, rows = 80;
+  const auto x = Random(static_cast<size_t>(rows * k), 51);
+  const auto w = Random(static_cast<size_t>(n * k), 52, 0.05f);
+  std::vector<uint16_t> wb(w.size());
+  std::vector<float> wr(w.size()), xr(x.size());  // the bf16 values, as floats
+  for (size_t i = 0; i < w.size(); ++i) wr[i] = Bf16ToFloat(wb[i] = FloatToBf16(w[i]));
+  for (size_t i = 0; i < x.size(); ++i) xr[i] = Bf16ToFloat(FloatToBf16(x[i]));
+  DeviceBuffer dx = ToDevice(x), dw = ToDevice(w), dwb = ToDevice(wb);
+  auto dy = DeviceBuffer::Alloc(static_cast<size_t>(rows * n) * 4);
+  CUDA_OK(dy.status());
+  for (int64_t m : {1, 3, 16, 17, 80}) {
+    for (bool bf16 : {false, true}) {
+      const DeviceWeight dwt{bf16 ? dwb.get() : dw.get(), bf16};
+      CUDA_OK(Linear(*blas, dx.as<float>(), m, dwt, n, k, dy->as<float>()));
+      const std::vector<float> got = ToHost<float>(*dy, static_cast<size_t>(m * n));
+      const std::vector<float>& a = bf16 ? xr : x;
+      const std::vector<float>& b = bf16 ? wr : w;
+      int64_t differ = 0;
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t o = 0; o < n; ++o) {
+          const float want = Chain(&a[r * k], &b[o * k], 1, k);
+          differ += std::memcmp(&got[r * n + o], &want, 4) != 0;
+        }
+      }
+      EXPECT_EQ(differ, 0) << "m " << m << (bf16 ? ", bf16" : ", fp32");
+    }
+  }
+  // Grouped: groups of 0, 1, 5, 17 and 40 rows, each with its own weights (w shifted).
+  const std::vector<int64_t> sizes = {0, 1, 5, 17, 40};
+  GroupedGemm g;
+  g.n = n - 10;
+  g.k = k;
+  int64_t row = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    g.m.push_back(sizes[i]);
+    g.a.push_back(dx.as<float>() + row * k);
+    g.b.push_back(dw.as<float>() + static_cast<int64_t>(i) * k);  // rows i .. i + n - 11 of w
+    g.c.push_back(dy->as<float>() + row * g.n);
+    row += sizes[i];
+  }
+  CUDA_OK(RunGemmGrouped(*blas, g));
+  const std::vector<float> got = ToHost<float>(*dy, static_cast<size_t>(row * g.n));
+  int64_t differ = 0;
+  row = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    for (int64_t r = row; r < row + sizes[i]; ++r) {
+      for (int64_t o = 0; o < g.n; ++o) {
+        const float want = Chain(&x[r * k], &w[(static_cast<int64_t>(i) + o) * k], 1, k);
+        differ += std::memcmp(&got[r * g.n + o], &want, 4) != 0;
+      }
+    }
+    row += sizes[i];
+  }
+  EXPECT_EQ(differ, 0) << "grouped";
+  // Strided-batched, b [k, n], with alpha and beta: P @ V in prefill attention.
+  const int64_t batch = 2, m = 19, kk = 37, nn = 70;
+  const auto p = Random(static_cast<size_t>(batch * m * kk), 53);
+  const auto v = Random(static_cast<size_t>(batch * kk * nn), 54);
+  const auto c0 = Random(static_cast<size_t>(batch * m * nn), 55);
+  DeviceBuffer dp = ToDevice(p), dv = ToDevice(v), dc = ToDevice(c0);
+  Gemm s;
+  s.m = m;
+  s.n = nn;
+  s.k = kk;
+  s.a = dp.as<float>();
+  s.lda = kk;
+  s.stride_a = m * kk;
+  s.b = dv.as<float>();
+  s.ldb = nn;
+  s.stride_b = kk * nn;
+  s.b_trans = false;
+  s.c = dc.as<float>();
+  s.ldc = nn;
+  s.stride_c = m * nn;
+  s.batch = batch;
+  s.alpha = 0.3f;
+  s.beta = 1.0f;
+  CUDA_OK(RunGemm(*blas, s));
+  const std::vector<float> sc = ToHost<float>(dc, c0.size());
+  differ = 0;
+  for (int64_t z = 0; z < batch; ++z) {
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t o = 0; o < nn; ++o) {
+        const int64_t at = z * m * nn + r * nn + o;
+        const float want = Chain(&p[z * m * kk + r * kk], &v[z * kk * nn + o], nn, kk, 0.3f, 1.0f,
+                                 c0[static_cast<size_t>(at)]);
+        differ += std::memcmp(&sc[static_cast<size_t>(at)], &want, 4) != 0;
+      }
+    }
+  }
+  EXPECT_EQ(differ, 0) << "strided-batched";
 }
 
 // bf16 products: the activations rounded to bf16 (RNE, as FloatToBf16), the products summed in

@@ -14,7 +14,14 @@
 
 namespace dmoe::cuda {
 
-// A cuBLAS handle bound to a stream. Movable, not copyable.
+// A cuBLAS handle bound to a stream, and which GEMM the products below run. Movable, not
+// copyable.
+//
+// By default every product is launch.h's InvariantGemm: each output one fma chain over k in
+// order, so a row's bits never depend on the other rows of its batch or group (standing rule 1;
+// the same bits as the host emulation's). set_cublas(true) sends them to cuBLAS instead (faster
+// at large m, tensor cores for bf16), whose algorithm, tiles and split of k change with the
+// shape: then a request's output depends on its company.
 class Blas {
  public:
   static absl::StatusOr<Blas> Create(void* stream = nullptr);
@@ -24,7 +31,8 @@ class Blas {
       : handle_(o.handle_),
         stream_(o.stream_),
         bf16_(std::move(o.bf16_)),
-        pointers_(std::move(o.pointers_)) {
+        pointers_(std::move(o.pointers_)),
+        cublas_(o.cublas_) {
     o.handle_ = nullptr;
   }
   Blas& operator=(Blas&& o) noexcept;
@@ -32,6 +40,8 @@ class Blas {
   Blas& operator=(const Blas&) = delete;
   void* handle() const { return handle_; }
   void* stream() const { return stream_; }
+  bool cublas() const { return cublas_; }
+  void set_cublas(bool on) { cublas_ = on; }
   // Device scratch for `n` bf16 values (the activations of a bf16 product), grown as needed.
   absl::StatusOr<uint16_t*> Bf16Scratch(int64_t n) const;
   // Device scratch for `n` pointers (a grouped product's arrays), grown as needed.
@@ -42,11 +52,12 @@ class Blas {
   void* stream_ = nullptr;
   mutable DeviceBuffer bf16_;
   mutable DeviceBuffer pointers_;
+  bool cublas_ = false;
 };
 
 // Row-major c = alpha * a @ op(b) + beta * c for `batch` problems (problem i's matrices at
 // a + i * stride_a, ...): a [m, k] (row stride lda); b [n, k] when b_trans, else [k, n] (ldb);
-// c [m, n] (ldc). Plain fp32 (no TF32).
+// c [m, n] (ldc). Plain fp32 (no TF32); beta == 0 does not read c.
 struct Gemm {
   int64_t m = 0, n = 0, k = 0;
   const float* a = nullptr;
@@ -61,13 +72,14 @@ struct Gemm {
 };
 absl::Status RunGemm(const Blas& blas, const Gemm& g);
 // Row-major c [m, n] (ldc, fp32) = a [m, k] (bf16 bits) @ b[n, k]^T (bf16 bits), the products
-// accumulated in fp32 (cublasGemmEx, CUBLAS_COMPUTE_32F).
+// accumulated in fp32 (cublasGemmEx, CUBLAS_COMPUTE_32F, under set_cublas).
 absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, const uint16_t* a,
                          const uint16_t* b, float* c, int64_t ldc);
 
 // Row-major c_g [m_g, n] (fp32) = a_g [m_g, k] @ b_g [n, k]^T for every group g, in one call
-// (cublasGemmGroupedBatchedEx): all fp32, or all bf16 bits with fp32 sums; each product's sums as
-// RunGemm's / RunGemmBf16's. Groups with m_g == 0 are skipped; a single product runs alone.
+// (InvariantGemm's groups; cublasGemmGroupedBatchedEx under set_cublas): all fp32, or all bf16
+// bits with fp32 sums; each product's sums as RunGemm's / RunGemmBf16's. Groups with m_g == 0 are
+// skipped; under set_cublas a single product runs alone.
 struct GroupedGemm {
   int64_t n = 0, k = 0;
   bool bf16 = false;
@@ -78,8 +90,8 @@ struct GroupedGemm {
 absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g);
 // Product i of g alone, through RunGemm or RunGemmBf16.
 absl::Status RunGroupMember(const Blas& blas, const GroupedGemm& g, size_t i);
-// Whether RunGemmGrouped runs one product per group for these inputs: cuBLAS lacks the grouped
-// call or refused it for them (always true on the host).
+// Whether RunGemmGrouped under set_cublas runs one product per group for these inputs: cuBLAS
+// lacks the grouped call or refused it for them (always true on the host).
 bool GroupedGemmRefused(bool bf16);
 
 // A weight matrix on the device: fp32, or bf16 bits (then the activations are rounded to bf16,

@@ -6,6 +6,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -309,6 +310,29 @@ absl::Status CausalSoftmax(float* s, int64_t heads, int64_t m, int64_t ctx, int6
 
 // ---- expert_ffn.h ----
 
+namespace {
+
+// launch.h's InvariantGemm: every output one chain of fused multiply-adds over k in order, then
+// alpha (and beta) as the kernel applies them; the same bits as the GPU's. (Under set_cublas the
+// emulation uses OpenBLAS, whose bits change with m, as cuBLAS's do.)
+void InvariantProduct(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                      int64_t ldb, bool b_trans, float alpha, float beta, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (int64_t u = 0; u < k; ++u) {
+        acc = std::fma(a[i * lda + u], b_trans ? b[j * ldb + u] : b[u * ldb + j], acc);
+      }
+      float* out = c + i * ldc + j;
+      float v = alpha * acc;
+      if (beta != 0.0f) v = std::fma(beta, *out, v);
+      *out = v;
+    }
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<Blas> Blas::Create(void* stream) {
   static int no_handle;  // any non-null value: there is no cuBLAS handle here
   Blas b;
@@ -322,10 +346,11 @@ Blas& Blas::operator=(Blas&& o) noexcept {
   stream_ = o.stream_;
   bf16_ = std::move(o.bf16_);
   pointers_ = std::move(o.pointers_);
+  cublas_ = o.cublas_;
   return *this;
 }
 
-absl::Status RunGemmBf16(const Blas&, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+absl::Status RunGemmBf16(const Blas& blas, int64_t m, int64_t n, int64_t k, const uint16_t* a,
                          const uint16_t* b, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return absl::OkStatus();
   auto up = [](const uint16_t* src, int64_t count) {
@@ -337,6 +362,10 @@ absl::Status RunGemmBf16(const Blas&, int64_t m, int64_t n, int64_t k, const uin
     return v;
   };
   const std::vector<float> af = up(a, m * k), bf = up(b, n * k);
+  if (!blas.cublas()) {
+    InvariantProduct(m, n, k, af.data(), k, bf.data(), k, true, 1.0f, 0.0f, c, ldc);
+    return absl::OkStatus();
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
               static_cast<int>(k), 1.0f, af.data(), static_cast<int>(k), bf.data(),
               static_cast<int>(k), 0.0f, c, static_cast<int>(ldc));
@@ -359,9 +388,14 @@ absl::Status RunGemmGrouped(const Blas& blas, const GroupedGemm& g) {
   return absl::OkStatus();
 }
 
-absl::Status RunGemm(const Blas&, const Gemm& g) {
+absl::Status RunGemm(const Blas& blas, const Gemm& g) {
   if (g.m <= 0 || g.n <= 0) return absl::OkStatus();
   for (int64_t i = 0; i < g.batch; ++i) {
+    if (!blas.cublas()) {
+      InvariantProduct(g.m, g.n, g.k, g.a + i * g.stride_a, g.lda, g.b + i * g.stride_b, g.ldb,
+                       g.b_trans, g.alpha, g.beta, g.c + i * g.stride_c, g.ldc);
+      continue;
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, g.b_trans ? CblasTrans : CblasNoTrans,
                 static_cast<int>(g.m), static_cast<int>(g.n), static_cast<int>(g.k), g.alpha,
                 g.a + i * g.stride_a, static_cast<int>(g.lda), g.b + i * g.stride_b,

@@ -34,6 +34,41 @@ int Rope(const float* cos, const float* sin, int64_t dim, const int32_t* pos, co
          int64_t rows, int64_t heads, int64_t row_stride, int64_t head_stride, float* out,
          void* stream);
 
+// One product of a grouped InvariantGemm: c [m, n] (ldc n) = a [m, k] (lda k) @ b [n, k]^T.
+struct InvariantGemmGroup {
+  int64_t m = 0;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  float* c = nullptr;
+};
+
+// Row-major c = alpha * a @ op(b) (+ beta * c) in which every output is ONE chain of fused
+// multiply-adds over k in order: acc = +0, then acc = fma(a[i, j], b(j, col), acc) for j = 0, 1,
+// ..., k - 1; then v = alpha * acc, and v = fma(beta, c, v) where beta != 0 (c is not read when
+// beta == 0). An output's bits are thus a function of its own row of a and column of op(b) alone:
+// never of m, the batch, the groups or the tiles (standing rule 1), and equal to a host loop's
+// (std::fma, the same order). No split of k, so it needs no scratch.
+// a [m, k] (lda); op(b)(j, col) = b[col * ldb + j] when b_trans (b [n, k]), else b[j * ldb + col]
+// (b [k, n]); c [m, n] (ldc). `bf16`: a and b hold bf16 bits (their products are exact in fp32).
+// `batch` problems at a + z * stride_a, ... (elements); or, with `groups` (a device array of
+// n_groups, b_trans, lda = ldb = k, ldc = n), one product per group with its own m (<= max_m).
+struct InvariantGemm {
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0, stride_a = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0, stride_b = 0;
+  bool b_trans = true;
+  float* c = nullptr;
+  int64_t ldc = 0, stride_c = 0;
+  int64_t batch = 1;
+  float alpha = 1.0f, beta = 0.0f;
+  bool bf16 = false;
+  const InvariantGemmGroup* groups = nullptr;
+  int64_t n_groups = 0, max_m = 0;
+};
+int RunInvariantGemm(const InvariantGemm& g, void* stream);
+
 // cpu::GateParams, as plain values.
 struct Gate {
   int64_t n_experts = 0;
