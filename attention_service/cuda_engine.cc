@@ -34,16 +34,16 @@ struct CudaEngine::DeviceLayer {
 // multi-token sequences' rows; logits go back in batch order.
 struct CudaEngine::Plan {
   int64_t n = 0;   // tokens
-  int64_t nd = 0;  // single-token (decode) sequences
+  int64_t nd = 0;  // query rows of the absorbed form: the first nd rows of the step
   int64_t max_blocks = 1, max_ctx = 1;
   std::vector<int64_t> row0, rows, pos0;  // per batch index
   std::vector<size_t> prefill;            // batch indices of multi-token sequences
   const int32_t* ids = nullptr;           // device, [n]
   const int32_t* pos = nullptr;           // device, [n]
   const int32_t* slots = nullptr;         // device, [n]: block * block_tokens + offset
-  const int32_t* dtable = nullptr;        // device, [nd, max_blocks]
-  const int32_t* dctx = nullptr;          // device, [nd]
-  std::vector<const int32_t*> ptable;     // device, per batch index (multi-token only)
+  const int32_t* dtable = nullptr;        // device, [nd, max_blocks]: each query row's table
+  const int32_t* dctx = nullptr;          // device, [nd]: its position + 1
+  std::vector<const int32_t*> ptable;     // device, per batch index (naive prefill only)
 };
 
 CudaEngine::~CudaEngine() {
@@ -211,18 +211,21 @@ absl::Status CudaEngine::Prepare(std::vector<SequenceStep>& batch, int64_t n, Pl
   plan->rows.assign(b, 0);
   plan->pos0.assign(b, 0);
   plan->ptable.assign(b, nullptr);
+  // The absorbed form's sequences first (every one, unless options_.naive_prefill), each row a
+  // query over its own position's rows; then the naive form's multi-token ones.
   std::vector<size_t> order;
   for (size_t i = 0; i < b; ++i) {
     plan->rows[i] = static_cast<int64_t>(batch[i].tokens.size());
     plan->pos0[i] = batch[i].cache->length();
-    if (plan->rows[i] == 1) {
+    if (plan->rows[i] == 1 || !options_.naive_prefill) {
       order.push_back(i);
-      plan->max_ctx = std::max(plan->max_ctx, plan->pos0[i] + 1);
+      plan->nd += plan->rows[i];
+      plan->max_ctx = std::max(plan->max_ctx, plan->pos0[i] + plan->rows[i]);
     } else {
       plan->prefill.push_back(i);
     }
   }
-  plan->nd = static_cast<int64_t>(order.size());
+  const size_t absorbed = order.size();
   order.insert(order.end(), plan->prefill.begin(), plan->prefill.end());
   plan->max_blocks = (plan->max_ctx + bt - 1) / bt;
   std::vector<int32_t> ints(static_cast<size_t>(3 * n + plan->nd * (plan->max_blocks + 1)));
@@ -245,12 +248,12 @@ absl::Status CudaEngine::Prepare(std::vector<SequenceStep>& batch, int64_t n, Pl
       ids[row] = batch[i].tokens[static_cast<size_t>(j)];
       pos[row] = static_cast<int32_t>(p);
       slots[row] = static_cast<int32_t>(table[static_cast<size_t>(p / bt)] * bt + p % bt);
+      if (k < absorbed) {  // row < nd: a query over rows 0..p
+        std::copy(table.begin(), table.begin() + (p + bt) / bt, dtable + row * plan->max_blocks);
+        dctx[row] = static_cast<int32_t>(p + 1);
+      }
     }
-    if (static_cast<int64_t>(k) < plan->nd) {
-      std::copy(table.begin(), table.begin() + (plan->pos0[i] + bt) / bt,
-                dtable + k * plan->max_blocks);
-      dctx[k] = static_cast<int32_t>(plan->pos0[i] + 1);
-    } else {
+    if (k >= absorbed) {
       ptable_at[i] = ints.size() + ptables.size();
       ptables.insert(ptables.end(), table.begin(), table.end());
     }
@@ -315,19 +318,30 @@ absl::Status CudaEngine::Attention(int64_t l, const Plan& plan) {
     cache.dtype = pool.dtype;
     cache.block_tokens = pool.block_tokens;
     cache.block_bytes = pool.block_bytes;
-    cache.table = plan.dtable;
     cache.table_stride = plan.max_blocks;
-    cache.ctx = plan.dctx;
     cache.max_ctx = plan.max_ctx;
+    // In slices whose partial sums fit options_.prefill_score_floats: a query's result is its
+    // own, whatever slice it is in.
+    const int64_t per_row = cuda::MlaDecodeScratchFloats(p, 1, plan.max_ctx);
+    const int64_t slice = std::clamp<int64_t>(
+        options_.prefill_score_floats / std::max<int64_t>(per_row, 1), 1,
+        std::min<int64_t>(plan.nd, 65535));  // the kernel's grid takes at most 65535 queries
     ASSIGN_OR_RETURN(float* scratch,
-                     Scratch(mla_scratch_, cuda::MlaDecodeScratchFloats(p, plan.nd, plan.max_ctx)));
-    RETURN_IF_ERROR(cuda::MlaDecodeAbsorbed(p, q, plan.nd, cache, attn, scratch));
+                     Scratch(mla_scratch_, cuda::MlaDecodeScratchFloats(p, slice, plan.max_ctx)));
+    for (int64_t r0 = 0; r0 < plan.nd; r0 += slice) {
+      const int64_t rows = std::min(slice, plan.nd - r0);
+      cache.table = plan.dtable + r0 * plan.max_blocks;
+      cache.ctx = plan.dctx + r0;
+      RETURN_IF_ERROR(cuda::MlaDecodeAbsorbed(p, q + r0 * h * qd, rows, cache,
+                                              attn + r0 * h * c.v_head_dim, scratch));
+    }
   }
   for (size_t i : plan.prefill) RETURN_IF_ERROR(Prefill(p, pool, plan, i));
   return cuda::Linear(blas_, attn, n, dl.o, d, h * c.v_head_dim, tmp_.as<float>());
 }
 
-// The naive form for one multi-token sequence: its latent rows expanded through kv_b, scores per
+// The naive form for one multi-token sequence (options_.naive_prefill): its latent rows expanded
+// through kv_b, scores per
 // head (nope and rope parts), the causal softmax, and P @ V, as strided-batched GEMMs over heads,
 // in groups of heads whose expanded K/V and scores fit options_.prefill_score_floats.
 absl::Status CudaEngine::Prefill(const cpu::MlaParams& p, const cuda::LatentPool& pool,

@@ -39,8 +39,16 @@ struct CudaEngineOptions {
   // on the device: half the memory; their products round the activations to bf16 (compare with
   // the CPU within 1e-2, not 1e-4). false: fp32 everywhere.
   bool keep_bf16 = true;
-  // Prefill attention expands K/V and computes the scores of as many heads at once as fit in this
-  // many floats (at least one head).
+  // Prompt rows attend in the absorbed form, each a query over its own position's cached rows, as
+  // decode rows do (and as the CPU engine does): a position's bits never depend on how the
+  // scheduler cut the prompt into chunks, which the other sequences' share of a step decides.
+  // true: multi-token chunks take the naive form instead (K/V
+  // expanded through kv_b; less work for long prompts), whose bits differ from the absorbed
+  // form's, so a position's result then depends on its chunk.
+  bool naive_prefill = false;
+  // The naive form expands K/V and computes the scores of as many heads at once as fit in this
+  // many floats (at least one head); the absorbed form takes as many query rows at once as
+  // their partial sums fit in.
   int64_t prefill_score_floats = int64_t{1} << 26;  // 256 MiB
   // Every product through cuBLAS instead of the batch-invariant GEMM (cuda::Blas::set_cublas):
   // faster for large batches, but a sequence's logits then change with the batch around it.

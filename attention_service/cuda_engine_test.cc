@@ -47,9 +47,11 @@ class CudaEngineTest : public ::testing::Test {
 
   static std::unique_ptr<CudaEngine> Make(int64_t block_tokens, int64_t blocks,
                                           cpu::KvDType dtype = cpu::KvDType::kF32,
-                                          int64_t score_floats = int64_t{1} << 26) {
+                                          int64_t score_floats = int64_t{1} << 26,
+                                          bool naive_prefill = false) {
     CudaEngineOptions o;
     o.prefill_score_floats = score_floats;
+    o.naive_prefill = naive_prefill;
     o.block_tokens = block_tokens;
     o.kv_blocks = blocks;
     o.kv_dtype = dtype;
@@ -227,13 +229,17 @@ TEST_F(CudaEngineTest, MixedBatchesMatchTheCpuEngine) {
   RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
 }
 
-// Prefill K/V and scores one head at a time (a budget below one head's), and in groups whose size
-// varies with the context (2000 floats: from all heads down to 1, with partial last groups).
+// The naive prefill (naive_prefill) computes K/V and scores one head at a time (a budget below
+// one head's) and in groups whose size varies with the context (2000 floats: from all heads down
+// to 1, with partial last groups); the absorbed prefill (default) takes its query rows one at a
+// time (30 floats) or a few at a time (2000).
 TEST_F(CudaEngineTest, PrefillInHeadGroupsMatchesTheCpuEngine) {
-  for (int64_t budget : {30, 2000}) {
-    auto gpu = Make(4, 96, cpu::KvDType::kF32, budget);
-    ASSERT_NE(gpu, nullptr);
-    RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
+  for (const bool naive : {true, false}) {
+    for (int64_t budget : {30, 2000}) {
+      auto gpu = Make(4, 96, cpu::KvDType::kF32, budget, naive);
+      ASSERT_NE(gpu, nullptr);
+      RunMixedBatches(*gpu, model_->engine(), cpu::KvDType::kF32, 1e-4);
+    }
   }
 }
 
@@ -274,52 +280,71 @@ TEST_F(CudaEngineTest, WithTheExpertsOnTheDeviceToo) {
   EXPECT_GT((*experts)->experts(), 0u);
 }
 
-// Standing rule (1) on the GPU: a sequence's logits are the same bits alone as beside other
-// sequences (its prefill and decode steps), with the routed experts on the CPU and on the GPU.
+// Standing rule (1) on the GPU. `track` is run alone, then at another row of a batch with two
+// other sequences, its prompt cut into other chunks (as the scheduler cuts prompts by the step's
+// shared budget: 9 tokens at once; 5 + 4; 8 + 1, whose last token takes the decode path), then 4
+// decode steps; its last-position logits must be the same bits every time, with the routed
+// experts on the CPU and on the GPU. Fails with cublas_gemms, or naive_prefill.
+std::vector<std::vector<float>> TrackedLogits(StepEngine& gpu, size_t at,
+                                              const std::vector<size_t>& cuts) {
+  const std::vector<int32_t> track = {300, 301, 302, 303, 304, 305, 306, 307, 308};
+  std::vector<std::vector<int32_t>> prompts = {{5, 9, 200, 31, 7, 8, 1}, {44, 45}};
+  prompts.insert(prompts.begin() + static_cast<std::ptrdiff_t>(std::min(at, prompts.size())),
+                 track);
+  const size_t n = at == 0 && cuts.size() == 1 ? 1 : prompts.size();  // alone: at 0, one chunk
+  if (n == 1) prompts.resize(1);
+  std::vector<std::unique_ptr<KvSequence>> seqs;
+  for (size_t i = 0; i < n; ++i) seqs.push_back(gpu.NewSequence());
+  std::vector<std::vector<float>> mine;
+  size_t fed = 0;
+  for (size_t step = 0; step < cuts.size() + 4; ++step) {
+    std::vector<SequenceStep> batch(n);
+    for (size_t i = 0; i < n; ++i) {
+      batch[i].cache = seqs[i].get();
+      if (i != at) {  // the others: their prompt at the first step, then a token each
+        batch[i].tokens =
+            step == 0 ? prompts[i] : std::vector<int32_t>{static_cast<int32_t>(10 * i + step)};
+      } else if (step < cuts.size()) {
+        batch[i].tokens.assign(track.begin() + static_cast<std::ptrdiff_t>(fed),
+                               track.begin() + static_cast<std::ptrdiff_t>(fed + cuts[step]));
+        fed += cuts[step];
+      } else {
+        batch[i].tokens = {static_cast<int32_t>(17 * (step - cuts.size() + 1))};
+      }
+    }
+    std::vector<std::vector<float>> logits;
+    const absl::Status st = gpu.Step(batch, &logits);
+    EXPECT_TRUE(st.ok()) << st;
+    if (!st.ok()) break;
+    if (step + 1 >= cuts.size()) mine.push_back(logits[at]);  // the prompt's last, then decodes
+  }
+  return mine;
+}
+
 TEST_F(CudaEngineTest, ASequenceAloneGetsTheBitsItGetsBesideOthers) {
   for (const bool on_gpu : {false, true}) {
     auto experts = CudaExperts::Create(model_->config(), 0);
     ASSERT_TRUE(experts.ok()) << experts.status();
     LocalRoutedExperts on_device(model_->config(), &model_->experts(), experts->get());
     RoutedExperts* routed = on_gpu ? static_cast<RoutedExperts*>(&on_device) : routed_;
-    auto run = [&](bool company) {
-      CudaEngineOptions o;
-      o.block_tokens = 4;
-      o.kv_blocks = 96;
-      auto gpu = CudaEngine::Create(model_->config(), model_->dense(), routed, o);
-      EXPECT_TRUE(gpu.ok()) << gpu.status();
-      std::vector<std::vector<float>> mine;
-      if (!gpu.ok()) return mine;
-      const std::vector<std::vector<int32_t>> prompts = {
-          {5, 9, 200, 31, 7, 8, 1}, {44, 45}, {300, 301, 302, 303, 304, 305, 306, 307, 308}};
-      const size_t n = company ? prompts.size() : 1;
-      std::vector<std::unique_ptr<PagedKvSequence>> seqs;
-      for (size_t i = 0; i < n; ++i) {
-        seqs.push_back(std::make_unique<PagedKvSequence>(&(*gpu)->cache()));
+    CudaEngineOptions o;
+    o.block_tokens = 4;
+    o.kv_blocks = 96;
+    auto gpu = CudaEngine::Create(model_->config(), model_->dense(), routed, o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    const std::vector<std::vector<float>> alone = TrackedLogits(**gpu, 0, {9});
+    ASSERT_EQ(alone.size(), 5u);
+    const std::vector<std::pair<size_t, std::vector<size_t>>> company = {
+        {1, {9}}, {2, {5, 4}}, {1, {8, 1}}};
+    for (const auto& [at, cuts] : company) {
+      const std::vector<std::vector<float>> beside = TrackedLogits(**gpu, at, cuts);
+      ASSERT_EQ(beside.size(), alone.size());
+      for (size_t k = 0; k < alone.size(); ++k) {
+        ASSERT_EQ(alone[k].size(), beside[k].size());
+        EXPECT_EQ(std::memcmp(alone[k].data(), beside[k].data(), alone[k].size() * 4), 0)
+            << "step " << k << " at row " << at << ", " << cuts.size() << " chunk(s)"
+            << (on_gpu ? ", experts on the GPU" : ", experts on the CPU");
       }
-      for (int step = 0; step < 6; ++step) {
-        std::vector<SequenceStep> batch(n);
-        for (size_t i = 0; i < n; ++i) {
-          batch[i].cache = seqs[i].get();
-          batch[i].tokens =
-              step == 0 ? prompts[i] : std::vector<int32_t>{static_cast<int32_t>(10 * i + step)};
-          batch[i].all_logits = step == 0;
-        }
-        std::vector<std::vector<float>> logits;
-        const absl::Status st = (*gpu)->Step(batch, &logits);
-        EXPECT_TRUE(st.ok()) << st;
-        if (!st.ok()) break;
-        mine.push_back(logits[0]);
-      }
-      return mine;
-    };
-    const std::vector<std::vector<float>> alone = run(false), beside = run(true);
-    ASSERT_EQ(alone.size(), 6u);
-    ASSERT_EQ(beside.size(), alone.size());
-    for (size_t k = 0; k < alone.size(); ++k) {
-      ASSERT_EQ(alone[k].size(), beside[k].size());
-      EXPECT_EQ(std::memcmp(alone[k].data(), beside[k].data(), alone[k].size() * 4), 0)
-          << "step " << k << (on_gpu ? ", experts on the GPU" : ", experts on the CPU");
     }
   }
 }

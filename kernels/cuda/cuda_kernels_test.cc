@@ -518,33 +518,47 @@ TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
       EXPECT_EQ(differ, 0) << "m " << m << (bf16 ? ", bf16" : ", fp32");
     }
   }
-  // Grouped: groups of 0, 1, 5, 17 and 40 rows, each with its own weights (w shifted).
-  const std::vector<int64_t> sizes = {0, 1, 5, 17, 40};
-  GroupedGemm g;
-  g.n = n - 10;
-  g.k = k;
-  int64_t row = 0;
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    g.m.push_back(sizes[i]);
-    g.a.push_back(dx.as<float>() + row * k);
-    g.b.push_back(dw.as<float>() + static_cast<int64_t>(i) * k);  // rows i .. i + n - 11 of w
-    g.c.push_back(dy->as<float>() + row * g.n);
-    row += sizes[i];
-  }
-  CUDA_OK(RunGemmGrouped(*blas, g));
-  const std::vector<float> got = ToHost<float>(*dy, static_cast<size_t>(row * g.n));
-  int64_t differ = 0;
-  row = 0;
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    for (int64_t r = row; r < row + sizes[i]; ++r) {
-      for (int64_t o = 0; o < g.n; ++o) {
-        const float want = Chain(&x[r * k], &w[(static_cast<int64_t>(i) + o) * k], 1, k);
-        differ += std::memcmp(&got[r * g.n + o], &want, 4) != 0;
+  // Grouped, fp32 and bf16: groups of 0, 1, 5, 17 and 40 rows (both tile shapes in one launch)
+  // and of 1, 3 and 16 (decode's short tile alone), each with its own weights (w shifted).
+  for (const std::vector<int64_t>& sizes :
+       {std::vector<int64_t>{0, 1, 5, 17, 40}, std::vector<int64_t>{1, 3, 16}}) {
+    for (bool bf16 : {false, true}) {
+      auto xb = DeviceBuffer::Alloc(x.size() * 2);
+      CUDA_OK(xb.status());
+      CUDA_OK(ToBf16(dx.as<float>(), static_cast<int64_t>(x.size()), xb->as<uint16_t>()));
+      GroupedGemm g;
+      g.n = n - 10;
+      g.k = k;
+      g.bf16 = bf16;
+      int64_t row = 0;
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        const int64_t wi = static_cast<int64_t>(i) * k;  // rows i .. i + n - 11 of w
+        g.m.push_back(sizes[i]);
+        g.a.push_back(bf16 ? static_cast<const void*>(xb->as<uint16_t>() + row * k)
+                           : dx.as<float>() + row * k);
+        g.b.push_back(bf16 ? static_cast<const void*>(dwb.as<uint16_t>() + wi)
+                           : dw.as<float>() + wi);
+        g.c.push_back(dy->as<float>() + row * g.n);
+        row += sizes[i];
       }
+      CUDA_OK(RunGemmGrouped(*blas, g));
+      const std::vector<float> got = ToHost<float>(*dy, static_cast<size_t>(row * g.n));
+      const std::vector<float>& a = bf16 ? xr : x;
+      const std::vector<float>& b = bf16 ? wr : w;
+      int64_t differ = 0;
+      row = 0;
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        for (int64_t r = row; r < row + sizes[i]; ++r) {
+          for (int64_t o = 0; o < g.n; ++o) {
+            const float want = Chain(&a[r * k], &b[(static_cast<int64_t>(i) + o) * k], 1, k);
+            differ += std::memcmp(&got[r * g.n + o], &want, 4) != 0;
+          }
+        }
+        row += sizes[i];
+      }
+      EXPECT_EQ(differ, 0) << "grouped, " << sizes.size() << " groups" << (bf16 ? ", bf16" : "");
     }
-    row += sizes[i];
   }
-  EXPECT_EQ(differ, 0) << "grouped";
   // Strided-batched, b [k, n], with alpha and beta: P @ V in prefill attention.
   const int64_t batch = 2, m = 19, kk = 37, nn = 70;
   const auto p = Random(static_cast<size_t>(batch * m * kk), 53);
@@ -570,7 +584,7 @@ TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
   s.beta = 1.0f;
   CUDA_OK(RunGemm(*blas, s));
   const std::vector<float> sc = ToHost<float>(dc, c0.size());
-  differ = 0;
+  int64_t differ = 0;
   for (int64_t z = 0; z < batch; ++z) {
     for (int64_t r = 0; r < m; ++r) {
       for (int64_t o = 0; o < nn; ++o) {
