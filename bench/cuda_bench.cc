@@ -6,6 +6,8 @@
 //   MLA decode (absorbed, paged cache) at batch 64 and 4096 tokens of context, DeepSeek-V2's
 //     shape (128 heads, r 512, dr 64) and the small preset's, fp32 and fp8 caches: the cache
 //     bytes read per second as a fraction of both bandwidths;
+//   the engine's projections through the batch-invariant GEMM vs cuBLAS, fp32 and bf16, m 1 to
+//     256 (the cost of invariance per product);
 //   the routed experts' FFN as 64 groups (through the batch-invariant GEMM, then cuBLAS) vs one
 //     dense cuBLAS GEMM chain of the same rows and shapes (one weight set): the cost of grouping
 //     and of invariance;
@@ -222,6 +224,56 @@ void ExpertBench() {
   }
 }
 
+// The engine's projections (y [m, n] = x [m, k] @ w [n, k]^T) through the batch-invariant GEMM
+// and through cuBLAS, fp32 and bf16 weights, at decode and prefill row counts: what standing rule
+// 1 costs per product. Times are per product, averaged over 20 back-to-back launches.
+void GemmBench(const Bandwidth& bw) {
+  auto blas = Blas::Create();
+  Check(blas.status(), "cuBLAS");
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  const Shape shapes[] = {{"small q_a", 384, 1024},       {"small o", 1024, 512},
+                          {"small lm_head", 32000, 1024}, {"V2 q_a", 1536, 5120},
+                          {"V2 kv_a", 576, 5120},         {"V2 o", 5120, 16384}};
+  std::printf("\nprojections: batch-invariant GEMM vs cuBLAS (ms per product; GB/s of weights)\n");
+  std::printf("%-14s %-5s %5s %11s %11s %8s %10s %8s\n", "shape", "dtype", "m", "invariant",
+              "cuBLAS", "inv/cub", "inv GB/s", "of peak");
+  const int64_t max_m = 256;
+  for (const Shape& sh : shapes) {
+    DeviceBuffer x = Filled(static_cast<size_t>(max_m * sh.k), 5);
+    DeviceBuffer w = Filled(static_cast<size_t>(sh.n * sh.k), 6, 0.03f);
+    auto wb = DeviceBuffer::Alloc(static_cast<size_t>(sh.n * sh.k) * 2);
+    auto y = DeviceBuffer::Alloc(static_cast<size_t>(max_m * sh.n) * 4);
+    Check(wb.status(), "alloc");
+    Check(y.status(), "alloc");
+    Check(ToBf16(w.as<float>(), sh.n * sh.k, wb->as<uint16_t>()), "ToBf16");
+    for (const bool bf16 : {false, true}) {
+      const DeviceWeight dw{bf16 ? wb->get() : w.get(), bf16};
+      for (const int64_t m : {int64_t{1}, int64_t{16}, int64_t{64}, max_m}) {
+        double t[2];
+        for (const bool cublas : {false, true}) {
+          blas->set_cublas(cublas);
+          t[cublas] =
+              Best(3,
+                   [&] {
+                     for (int i = 0; i < 20; ++i) {
+                       Check(Linear(*blas, x.as<float>(), m, dw, sh.n, sh.k, y->as<float>()),
+                             "Linear");
+                     }
+                   }) /
+              20;
+        }
+        const double bytes = static_cast<double>(sh.n * sh.k) * (bf16 ? 2 : 4);
+        std::printf("%-14s %-5s %5lld %11.4f %11.4f %8.2f %10.1f %8.2f\n", sh.name,
+                    bf16 ? "bf16" : "f32", static_cast<long long>(m), t[0] * 1e3, t[1] * 1e3,
+                    t[0] / t[1], bytes / t[0] / 1e9, bytes / t[0] / bw.peak);
+      }
+    }
+  }
+}
+
 // Decode steps per second of `engine` for `batch` sequences of 16 prompt tokens each (prefilled
 // first, not timed), over `steps` steps of one token per sequence.
 double DecodeTokensPerSecond(StepEngine& engine, int64_t batch, int steps) {
@@ -311,6 +363,7 @@ int Main(int argc, char** argv) {
       "(read + write)\n",
       bw.peak / 1e9, bw.copied / 1e9);
   MlaDecodeBench(bw);
+  GemmBench(bw);
   ExpertBench();
   if (engine) EngineBench(cache_dir);
   // Which path cuBLAS-mode experts' products took (ExpertBench's fp32 run; bf16 is known only

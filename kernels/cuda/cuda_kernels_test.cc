@@ -486,7 +486,7 @@ float Chain(const float* a, const float* b, int64_t b_step, int64_t k, float alp
 
 // Standing rule 1 at its root: every output of every product (plain, strided-batched, bf16,
 // grouped) has the bits of its own fma chain, whatever the number of rows around it (1 to 80:
-// both tile shapes, partial tiles, k not a multiple of the 16-deep stage).
+// both tile shapes, partial tiles, k not a multiple of the 64-deep stage).
 TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
   SKIP_WITHOUT_GPU();
   auto blas = Blas::Create();

@@ -11,7 +11,10 @@
 namespace dmoe::cuda::launch {
 namespace {
 
-constexpr int kBK = 16;  // k per shared-memory stage
+// k per shared-memory stage: deep, so that a decode-sized product (few blocks, each streaming
+// its weight rows) waits on few barriers and keeps many loads in flight; 33 KB of shared memory
+// for the 64 x 64 tile. The stage depth never changes a chain's order.
+constexpr int kBK = 64;
 
 __device__ __forceinline__ float Load(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float Load(const uint16_t* p, int64_t i) {
@@ -59,7 +62,7 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) InvariantGemmKernel(Inv
   for (int64_t k0 = 0; k0 < g.k; k0 += kBK) {
     const int kb = static_cast<int>(g.k - k0 < kBK ? g.k - k0 : kBK);
     for (int i = static_cast<int>(threadIdx.x); i < BM * kBK; i += kThreads) {
-      const int r = i / kBK, kk = i % kBK;  // 16 threads read 16 consecutive k of a row
+      const int r = i / kBK, kk = i % kBK;  // 64 threads read 64 consecutive k of a row
       const int64_t row = m0 + r;
       as[kk][r] = row < m && kk < kb ? Load(a, row * lda + k0 + kk) : 0.0f;
     }
