@@ -286,13 +286,14 @@ TEST_F(CudaEngineTest, WithTheExpertsOnTheDeviceToo) {
 // decode steps; its last-position logits must be the same bits every time, with the routed
 // experts on the CPU and on the GPU. Fails with cublas_gemms, or naive_prefill.
 std::vector<std::vector<float>> TrackedLogits(StepEngine& gpu, size_t at,
-                                              const std::vector<size_t>& cuts) {
+                                              const std::vector<size_t>& cuts,
+                                              bool company = true) {
   const std::vector<int32_t> track = {300, 301, 302, 303, 304, 305, 306, 307, 308};
   std::vector<std::vector<int32_t>> prompts = {{5, 9, 200, 31, 7, 8, 1}, {44, 45}};
   prompts.insert(prompts.begin() + static_cast<std::ptrdiff_t>(std::min(at, prompts.size())),
                  track);
-  const size_t n = at == 0 && cuts.size() == 1 ? 1 : prompts.size();  // alone: at 0, one chunk
-  if (n == 1) prompts.resize(1);
+  if (!company) prompts.assign(1, track);
+  const size_t n = prompts.size();
   std::vector<std::unique_ptr<KvSequence>> seqs;
   for (size_t i = 0; i < n; ++i) seqs.push_back(gpu.NewSequence());
   std::vector<std::vector<float>> mine;
@@ -332,7 +333,7 @@ TEST_F(CudaEngineTest, ASequenceAloneGetsTheBitsItGetsBesideOthers) {
     o.kv_blocks = 96;
     auto gpu = CudaEngine::Create(model_->config(), model_->dense(), routed, o);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
-    const std::vector<std::vector<float>> alone = TrackedLogits(**gpu, 0, {9});
+    const std::vector<std::vector<float>> alone = TrackedLogits(**gpu, 0, {9}, /*company=*/false);
     ASSERT_EQ(alone.size(), 5u);
     const std::vector<std::pair<size_t, std::vector<size_t>>> company = {
         {1, {9}}, {2, {5, 4}}, {1, {8, 1}}};
@@ -345,6 +346,39 @@ TEST_F(CudaEngineTest, ASequenceAloneGetsTheBitsItGetsBesideOthers) {
             << "step " << k << " at row " << at << ", " << cuts.size() << " chunk(s)"
             << (on_gpu ? ", experts on the GPU" : ", experts on the CPU");
       }
+    }
+  }
+}
+
+// The same with a bf16 checkpoint held bf16 on the device (bf16 products, the activations rounded:
+// RunGemmBf16 and the bf16 grouped experts) and an 8-bit cache.
+TEST_F(CudaEngineTest, ABf16SequenceAloneGetsTheBitsItGetsBesideOthers) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/cuda_engine_bf16_invariance";
+  TinyModelOptions t;
+  t.seed = 23;
+  t.dtype = DType::kBF16;
+  ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), t).ok());
+  auto model = LocalModel::Load(dir);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto experts = CudaExperts::Create((*model)->config(), 0, /*keep_bf16=*/true);
+  ASSERT_TRUE(experts.ok()) << experts.status();
+  LocalRoutedExperts on_device((*model)->config(), &(*model)->experts(), experts->get());
+  CudaEngineOptions o;
+  o.block_tokens = 4;
+  o.kv_blocks = 96;
+  o.kv_dtype = cpu::KvDType::kInt8;
+  auto gpu = CudaEngine::Create((*model)->config(), (*model)->dense(), &on_device, o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const std::vector<std::vector<float>> alone = TrackedLogits(**gpu, 0, {9}, /*company=*/false);
+  ASSERT_EQ(alone.size(), 5u);
+  for (const auto& [at, cuts] :
+       std::vector<std::pair<size_t, std::vector<size_t>>>{{2, {9}}, {1, {3, 6}}, {0, {8, 1}}}) {
+    const std::vector<std::vector<float>> beside = TrackedLogits(**gpu, at, cuts);
+    ASSERT_EQ(beside.size(), alone.size());
+    for (size_t k = 0; k < alone.size(); ++k) {
+      EXPECT_EQ(std::memcmp(alone[k].data(), beside[k].data(), alone[k].size() * 4), 0)
+          << "step " << k << " at row " << at << ", " << cuts.size() << " chunk(s)";
     }
   }
 }
