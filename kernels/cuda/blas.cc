@@ -99,9 +99,15 @@ absl::Status BlasError(cublasStatus_t st, const char* what, const char* file, in
 
 int I(int64_t v) { return static_cast<int>(v); }
 
+static_assert(launch::kInvariantGemmChunk == kInvariantGemmChunk, "one chunk size");
+
 absl::Status Invariant(const launch::InvariantGemm& g, const Blas& blas, const char* file,
                        int line) {
-  const int err = launch::RunInvariantGemm(g, blas.stream());
+  float* scratch = nullptr;
+  if (const int64_t floats = launch::InvariantGemmScratchFloats(g); floats > 0) {
+    ASSIGN_OR_RETURN(scratch, blas.SplitScratch(floats));
+  }
+  const int err = launch::RunInvariantGemm(g, scratch, blas.stream());
   if (err == 0) return absl::OkStatus();
   return absl::InternalError(absl::StrCat(
       file, ":", line, ": RunInvariantGemm: ", cudaGetErrorString(static_cast<cudaError_t>(err))));
@@ -283,6 +289,7 @@ Blas& Blas::operator=(Blas&& o) noexcept {
     stream_ = o.stream_;
     bf16_ = std::move(o.bf16_);
     pointers_ = std::move(o.pointers_);
+    split_ = std::move(o.split_);
     cublas_ = o.cublas_;
   }
   return *this;
@@ -299,6 +306,7 @@ Blas& Blas::operator=(Blas&& o) noexcept {
   stream_ = o.stream_;
   bf16_ = std::move(o.bf16_);
   pointers_ = std::move(o.pointers_);
+  split_ = std::move(o.split_);
   cublas_ = o.cublas_;
   return *this;
 }

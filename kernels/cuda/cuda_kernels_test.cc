@@ -473,25 +473,34 @@ TEST(CudaKernels, StridedBatchedGemmInBothLayouts) {
   }
 }
 
-// One output of the invariant GEMM: a chain of fused multiply-adds over k in order from +0, then
-// alpha and beta (launch.h's definition), computed here on the host.
+// One output of the invariant GEMM (launch.h's definition), computed here on the host: a chain
+// of fused multiply-adds from +0 over each chunk of 512 k in order, the chunks' sums added in
+// order, then alpha and beta.
 float Chain(const float* a, const float* b, int64_t b_step, int64_t k, float alpha = 1.0f,
             float beta = 0.0f, float c = 0.0f) {
-  float acc = 0.0f;
-  for (int64_t u = 0; u < k; ++u) acc = std::fma(a[u], b[u * b_step], acc);
-  float v = alpha * acc;
+  constexpr int64_t kChunk = 512;
+  float total = 0.0f;
+  for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+    float acc = 0.0f;
+    for (int64_t u = k0; u < std::min(k, k0 + kChunk); ++u)
+      acc = std::fma(a[u], b[u * b_step], acc);
+    total = k0 == 0 ? acc : total + acc;
+  }
+  float v = alpha * total;
   if (beta != 0.0f) v = std::fma(beta, c, v);
   return v;
 }
 
 // Standing rule 1 at its root: every output of every product (plain, strided-batched, bf16,
-// grouped) has the bits of its own fma chain, whatever the number of rows around it (1 to 80:
-// both tile shapes, partial tiles, k not a multiple of the 64-deep stage).
+// grouped) has the bits of its own chains, whatever the number of rows around it (1 to 80: both
+// tile shapes, partial tiles, k of 3 chunks, the last not a multiple of the 64-deep stage), and
+// whether its chunks ran in separate blocks (a single product with few tiles: Linear below) or
+// one after another in one block (grouped and strided-batched products).
 TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
   SKIP_WITHOUT_GPU();
   auto blas = Blas::Create();
   ASSERT_TRUE(blas.ok()) << blas.status();
-  const int64_t k = 333, n = 150, rows = 80;
+  const int64_t k = 1100, n = 150, rows = 80;
   const auto x = Random(static_cast<size_t>(rows * k), 51);
   const auto w = Random(static_cast<size_t>(n * k), 52, 0.05f);
   std::vector<uint16_t> wb(w.size());
@@ -560,7 +569,7 @@ TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
     }
   }
   // Strided-batched, b [k, n], with alpha and beta: P @ V in prefill attention.
-  const int64_t batch = 2, m = 19, kk = 37, nn = 70;
+  const int64_t batch = 2, m = 19, kk = 600, nn = 70;
   const auto p = Random(static_cast<size_t>(batch * m * kk), 53);
   const auto v = Random(static_cast<size_t>(batch * kk * nn), 54);
   const auto c0 = Random(static_cast<size_t>(batch * m * nn), 55);

@@ -26,6 +26,14 @@ absl::StatusOr<void**> Blas::PointerScratch(int64_t n) const {
   return static_cast<void**>(pointers_.get());
 }
 
+absl::StatusOr<float*> Blas::SplitScratch(int64_t n) const {
+  if (auto st = split_.Reserve(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float));
+      !st.ok()) {
+    return st;
+  }
+  return split_.as<float>();
+}
+
 absl::Status RunGroupMember(const Blas& blas, const GroupedGemm& g, size_t i) {
   if (g.bf16) {
     return RunGemmBf16(blas, g.m[i], g.n, g.k, static_cast<const uint16_t*>(g.a[i]),

@@ -17,11 +17,15 @@ namespace dmoe::cuda {
 // A cuBLAS handle bound to a stream, and which GEMM the products below run. Movable, not
 // copyable.
 //
-// By default every product is launch.h's InvariantGemm: each output one fma chain over k in
-// order, so a row's bits never depend on the other rows of its batch or group (standing rule 1;
-// the same bits as the host emulation's). set_cublas(true) sends them to cuBLAS instead (faster
+// By default every product is launch.h's InvariantGemm: each output one fma chain per fixed
+// chunk of k (kInvariantGemmChunk values), the chunks added in order, so a row's bits never
+// depend on the other rows of its batch or group (standing rule 1; the same bits as the host
+// emulation's). set_cublas(true) sends them to cuBLAS instead (faster
 // at large m, tensor cores for bf16), whose algorithm, tiles and split of k change with the
 // shape: then a request's output depends on its company.
+// k per chain of the invariant GEMM (launch.h's kInvariantGemmChunk; the host emulation's too).
+constexpr int64_t kInvariantGemmChunk = 512;
+
 class Blas {
  public:
   static absl::StatusOr<Blas> Create(void* stream = nullptr);
@@ -32,6 +36,7 @@ class Blas {
         stream_(o.stream_),
         bf16_(std::move(o.bf16_)),
         pointers_(std::move(o.pointers_)),
+        split_(std::move(o.split_)),
         cublas_(o.cublas_) {
     o.handle_ = nullptr;
   }
@@ -46,12 +51,15 @@ class Blas {
   absl::StatusOr<uint16_t*> Bf16Scratch(int64_t n) const;
   // Device scratch for `n` pointers (a grouped product's arrays), grown as needed.
   absl::StatusOr<void**> PointerScratch(int64_t n) const;
+  // Device scratch for `n` floats (the per-chunk sums of a product split over k), grown as needed.
+  absl::StatusOr<float*> SplitScratch(int64_t n) const;
 
  private:
   void* handle_ = nullptr;
   void* stream_ = nullptr;
   mutable DeviceBuffer bf16_;
   mutable DeviceBuffer pointers_;
+  mutable DeviceBuffer split_;
   bool cublas_ = false;
 };
 

@@ -1,7 +1,8 @@
 // The batch-invariant GEMM (launch.h's InvariantGemm): a tiled SIMT product in which each thread
-// keeps its outputs' sums in registers and runs each one as a single chain of fused multiply-adds
-// over k in order. Tiles only decide which thread computes an output, never how: any tile shape
-// gives the same bits, so the shape is picked by m (a short tile for decode's few rows).
+// keeps its outputs' sums in registers, one chain of fused multiply-adds per fixed chunk of k,
+// the chunks added in order. Tiles and splits only decide which thread computes a chain, never
+// how: any tile shape gives the same bits, so the shape is picked by m (a short tile for decode's
+// few rows), and a product with few tiles runs its chunks in blocks of their own.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -15,6 +16,7 @@ namespace {
 // its weight rows) waits on few barriers and keeps many loads in flight; 33 KB of shared memory
 // for the 64 x 64 tile. The stage depth never changes a chain's order.
 constexpr int kBK = 64;
+static_assert(kInvariantGemmChunk % kBK == 0, "a chunk ends at a stage's end");
 
 __device__ __forceinline__ float Load(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float Load(const uint16_t* p, int64_t i) {
@@ -22,9 +24,13 @@ __device__ __forceinline__ float Load(const uint16_t* p, int64_t i) {
 }
 
 // Block: (BM / TM) x (BN / TN) threads, a BM x BN tile of c; thread (ty, tx) owns rows
-// ty * TM + i and columns tx + j * (BN / TN) of it.
+// ty * TM + i and columns tx + j * (BN / TN) of it. gridDim.y = m tiles x `splits`: with
+// splits == 1 a block runs every chunk of k, adding each chunk's chain into its total at the
+// chunk's end; with splits == chunks (one product) block (tile, chunk) runs one chunk and writes
+// its chain to scratch[chunk][row][col], which AddChunksKernel adds in order.
 template <typename T, int BM, int BN, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN)) InvariantGemmKernel(InvariantGemm g) {
+__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+    InvariantGemmKernel(InvariantGemm g, int splits, float* scratch) {
   constexpr int kThreadsX = BN / TN, kThreads = (BM / TM) * kThreadsX;
   const int64_t z = blockIdx.z;
   int64_t m = g.m, lda = g.lda, ldb = g.ldb, ldc = g.ldc;
@@ -44,23 +50,36 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) InvariantGemmKernel(Inv
     b = static_cast<const T*>(g.b) + z * g.stride_b;
     c = g.c + z * g.stride_c;
   }
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.y) % splits;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) / splits * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   if (m0 >= m) return;  // the whole block: a group shorter than max_m
+  const int64_t k_begin = splits == 1 ? 0 : chunk * kInvariantGemmChunk;
+  const int64_t k_end = splits == 1 ? g.k : min(g.k, k_begin + kInvariantGemmChunk);
   const bool bt = g.groups != nullptr || g.b_trans;
   // [k][row] and [k][col], one float of padding against bank conflicts on the k-major stores.
   __shared__ float as[kBK][BM + 1];
   __shared__ float bs[kBK][BN + 1];
   const int tx = static_cast<int>(threadIdx.x) % kThreadsX;
   const int ty = static_cast<int>(threadIdx.x) / kThreadsX;
-  float acc[TM][TN];
+  float acc[TM][TN], total[TM][TN];
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
 #pragma unroll
-    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < TN; ++j) acc[i][j] = total[i][j] = 0.0f;
   }
-  for (int64_t k0 = 0; k0 < g.k; k0 += kBK) {
-    const int kb = static_cast<int>(g.k - k0 < kBK ? g.k - k0 : kBK);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+    if (k0 > k_begin && k0 % kInvariantGemmChunk == 0) {  // a chunk ended (kBK divides a chunk)
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+          total[i][j] = k0 == kInvariantGemmChunk ? acc[i][j] : __fadd_rn(total[i][j], acc[i][j]);
+          acc[i][j] = 0.0f;
+        }
+      }
+    }
+    const int kb = static_cast<int>(k_end - k0 < kBK ? k_end - k0 : kBK);
     for (int i = static_cast<int>(threadIdx.x); i < BM * kBK; i += kThreads) {
       const int r = i / kBK, kk = i % kBK;  // 64 threads read 64 consecutive k of a row
       const int64_t row = m0 + r;
@@ -95,42 +114,90 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) InvariantGemmKernel(Inv
     for (int j = 0; j < TN; ++j) {
       const int64_t col = n0 + tx + j * kThreadsX;
       if (col >= g.n) continue;
+      if (splits > 1) {  // this chunk's chain alone
+        scratch[(chunk * m + row) * g.n + col] = acc[i][j];
+        continue;
+      }
+      // The last chunk's chain (the first one's alone is the total; k == 0 leaves +0).
+      const float t = k_end <= kInvariantGemmChunk ? acc[i][j] : __fadd_rn(total[i][j], acc[i][j]);
       float* out = c + row * ldc + col;
-      float v = __fmul_rn(g.alpha, acc[i][j]);
+      float v = __fmul_rn(g.alpha, t);
       if (g.beta != 0.0f) v = __fmaf_rn(g.beta, *out, v);
       *out = v;
     }
   }
 }
 
+// c[row, col] = alpha * (chunk 0 + chunk 1 + ...) (+ beta * c) from the split kernel's scratch.
+__global__ void AddChunksKernel(InvariantGemm g, int64_t chunks, const float* scratch) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= g.m * g.n) return;
+  const int64_t row = i / g.n, col = i % g.n;
+  float t = scratch[i];
+  for (int64_t q = 1; q < chunks; ++q) t = __fadd_rn(t, scratch[q * g.m * g.n + i]);
+  float* out = g.c + row * g.ldc + col;
+  float v = __fmul_rn(g.alpha, t);
+  if (g.beta != 0.0f) v = __fmaf_rn(g.beta, *out, v);
+  *out = v;
+}
+
 template <typename T, int BM, int BN, int TM, int TN>
-int Launch(const InvariantGemm& g, int64_t max_m, int64_t problems, void* stream) {
+int Launch(const InvariantGemm& g, int64_t max_m, int64_t problems, int splits, float* scratch,
+           void* stream) {
   const dim3 grid(static_cast<unsigned>((g.n + BN - 1) / BN),
-                  static_cast<unsigned>((max_m + BM - 1) / BM), static_cast<unsigned>(problems));
+                  static_cast<unsigned>((max_m + BM - 1) / BM * splits),
+                  static_cast<unsigned>(problems));
   InvariantGemmKernel<T, BM, BN, TM, TN>
-      <<<grid, (BM / TM) * (BN / TN), 0, static_cast<cudaStream_t>(stream)>>>(g);
+      <<<grid, (BM / TM) * (BN / TN), 0, static_cast<cudaStream_t>(stream)>>>(g, splits, scratch);
   return static_cast<int>(cudaGetLastError());
 }
 
+// A decode step's few rows: a short, wide tile (more blocks along n); else a square one.
+bool ShortTile(int64_t max_m) { return max_m <= 16; }
+
 template <typename T>
-int LaunchFor(const InvariantGemm& g, int64_t max_m, int64_t problems, void* stream) {
-  // A decode step's few rows: a short, wide tile (more blocks along n); else a square one.
-  if (max_m <= 16) return Launch<T, 16, 64, 1, 4>(g, max_m, problems, stream);
-  return Launch<T, 64, 64, 4, 4>(g, max_m, problems, stream);
+int LaunchFor(const InvariantGemm& g, int64_t max_m, int64_t problems, int splits, float* scratch,
+              void* stream) {
+  if (ShortTile(max_m)) return Launch<T, 16, 64, 1, 4>(g, max_m, problems, splits, scratch, stream);
+  return Launch<T, 64, 64, 4, 4>(g, max_m, problems, splits, scratch, stream);
+}
+
+// Chunks of k run in blocks of their own when one product has fewer tiles than this (two waves
+// of a 132-SM GPU) and more than one chunk.
+constexpr int64_t kFewTiles = 264;
+
+int64_t Chunks(int64_t k) { return (k + kInvariantGemmChunk - 1) / kInvariantGemmChunk; }
+
+int64_t Splits(const InvariantGemm& g) {
+  if (g.groups != nullptr || g.batch != 1 || g.m <= 0 || g.n <= 0) return 1;
+  const int64_t bm = ShortTile(g.m) ? 16 : 64;
+  const int64_t tiles = (g.n + 63) / 64 * ((g.m + bm - 1) / bm);
+  return tiles < kFewTiles && Chunks(g.k) > 1 ? Chunks(g.k) : 1;
 }
 
 }  // namespace
 
-int RunInvariantGemm(const InvariantGemm& g, void* stream) {
+int64_t InvariantGemmScratchFloats(const InvariantGemm& g) {
+  const int64_t splits = Splits(g);
+  return splits > 1 ? splits * g.m * g.n : 0;
+}
+
+int RunInvariantGemm(const InvariantGemm& g, float* scratch, void* stream) {
   (void)cudaGetLastError();  // the launch's own error, not one an earlier call left
   const int64_t max_m = g.groups != nullptr ? g.max_m : g.m;
   const int64_t problems = g.groups != nullptr ? g.n_groups : g.batch;
   if (max_m <= 0 || g.n <= 0 || problems <= 0) return 0;
-  if (problems > 65535 || (max_m + 15) / 16 > 65535) {
+  const int64_t splits = Splits(g);
+  if (problems > 65535 || (max_m + 15) / 16 * splits > 65535 || (splits > 1 && !scratch)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  return g.bf16 ? LaunchFor<uint16_t>(g, max_m, problems, stream)
-                : LaunchFor<float>(g, max_m, problems, stream);
+  const int s = static_cast<int>(splits);
+  const int err = g.bf16 ? LaunchFor<uint16_t>(g, max_m, problems, s, scratch, stream)
+                         : LaunchFor<float>(g, max_m, problems, s, scratch, stream);
+  if (err != 0 || splits == 1) return err;
+  AddChunksKernel<<<static_cast<unsigned>((g.m * g.n + 255) / 256), 256, 0,
+                    static_cast<cudaStream_t>(stream)>>>(g, splits, scratch);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace dmoe::cuda::launch

@@ -312,19 +312,24 @@ absl::Status CausalSoftmax(float* s, int64_t heads, int64_t m, int64_t ctx, int6
 
 namespace {
 
-// launch.h's InvariantGemm: every output one chain of fused multiply-adds over k in order, then
-// alpha (and beta) as the kernel applies them; the same bits as the GPU's. (Under set_cublas the
-// emulation uses OpenBLAS, whose bits change with m, as cuBLAS's do.)
+// launch.h's InvariantGemm: every output one chain of fused multiply-adds per chunk of
+// kInvariantGemmChunk k, the chunks added in order, then alpha (and beta) as the kernel applies
+// them; the same bits as the GPU's. (Under set_cublas the emulation uses OpenBLAS, whose bits
+// change with m, as cuBLAS's do.)
 void InvariantProduct(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                       int64_t ldb, bool b_trans, float alpha, float beta, float* c, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      float acc = 0.0f;
-      for (int64_t u = 0; u < k; ++u) {
-        acc = std::fma(a[i * lda + u], b_trans ? b[j * ldb + u] : b[u * ldb + j], acc);
+      float total = 0.0f;
+      for (int64_t k0 = 0; k0 < k; k0 += kInvariantGemmChunk) {
+        float acc = 0.0f;
+        for (int64_t u = k0; u < std::min(k, k0 + kInvariantGemmChunk); ++u) {
+          acc = std::fma(a[i * lda + u], b_trans ? b[j * ldb + u] : b[u * ldb + j], acc);
+        }
+        total = k0 == 0 ? acc : total + acc;
       }
       float* out = c + i * ldc + j;
-      float v = alpha * acc;
+      float v = alpha * total;
       if (beta != 0.0f) v = std::fma(beta, *out, v);
       *out = v;
     }
@@ -346,6 +351,7 @@ Blas& Blas::operator=(Blas&& o) noexcept {
   stream_ = o.stream_;
   bf16_ = std::move(o.bf16_);
   pointers_ = std::move(o.pointers_);
+  split_ = std::move(o.split_);
   cublas_ = o.cublas_;
   return *this;
 }

@@ -42,16 +42,22 @@ struct InvariantGemmGroup {
   float* c = nullptr;
 };
 
-// Row-major c = alpha * a @ op(b) (+ beta * c) in which every output is ONE chain of fused
-// multiply-adds over k in order: acc = +0, then acc = fma(a[i, j], b(j, col), acc) for j = 0, 1,
-// ..., k - 1; then v = alpha * acc, and v = fma(beta, c, v) where beta != 0 (c is not read when
-// beta == 0). An output's bits are thus a function of its own row of a and column of op(b) alone:
-// never of m, the batch, the groups or the tiles (standing rule 1), and equal to a host loop's
-// (std::fma, the same order). No split of k, so it needs no scratch.
+// Row-major c = alpha * a @ op(b) (+ beta * c) in which every output has ONE fixed order of
+// operations, a function of k alone: k is cut into chunks of kInvariantGemmChunk (the last one
+// shorter); each chunk is one chain of fused multiply-adds over its k in order (p = +0, then
+// p = fma(a[i, j], b(j, col), p)); the chunks' sums are added in chunk order (t = p_0, then
+// t = t + p_1, ...; t = +0 when k == 0); then v = alpha * t, and v = fma(beta, c, v) where
+// beta != 0 (c is not read when beta == 0). An output's bits are thus a function of its own row
+// of a and column of op(b) alone: never of m, the batch, the groups, the tiles, or whether the
+// chunks ran in one block or in several (standing rule 1); and they equal a host loop's
+// (std::fma, the same order).
 // a [m, k] (lda); op(b)(j, col) = b[col * ldb + j] when b_trans (b [n, k]), else b[j * ldb + col]
 // (b [k, n]); c [m, n] (ldc). `bf16`: a and b hold bf16 bits (their products are exact in fp32).
 // `batch` problems at a + z * stride_a, ... (elements); or, with `groups` (a device array of
 // n_groups, b_trans, lda = ldb = k, ldc = n), one product per group with its own m (<= max_m).
+// A single product with too few tiles to fill the GPU runs its chunks in separate blocks (into
+// `scratch`, InvariantGemmScratchFloats(g) floats) and adds them in a second kernel.
+constexpr int64_t kInvariantGemmChunk = 512;
 struct InvariantGemm {
   int64_t m = 0, n = 0, k = 0;
   const void* a = nullptr;
@@ -67,7 +73,9 @@ struct InvariantGemm {
   const InvariantGemmGroup* groups = nullptr;
   int64_t n_groups = 0, max_m = 0;
 };
-int RunInvariantGemm(const InvariantGemm& g, void* stream);
+// Scratch floats RunInvariantGemm needs for g (0: its chunks run in one block per tile).
+int64_t InvariantGemmScratchFloats(const InvariantGemm& g);
+int RunInvariantGemm(const InvariantGemm& g, float* scratch, void* stream);
 
 // cpu::GateParams, as plain values.
 struct Gate {
