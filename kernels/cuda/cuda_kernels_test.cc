@@ -510,9 +510,11 @@ TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
   DeviceBuffer dx = ToDevice(x), dw = ToDevice(w), dwb = ToDevice(wb);
   auto dy = DeviceBuffer::Alloc(static_cast<size_t>(rows * n) * 4);
   CUDA_OK(dy.status());
+  const std::vector<float> poison(static_cast<size_t>(rows * n), std::nanf(""));
   for (int64_t m : {1, 3, 16, 17, 80}) {
     for (bool bf16 : {false, true}) {
       const DeviceWeight dwt{bf16 ? dwb.get() : dw.get(), bf16};
+      CUDA_OK(dy->Upload(poison.data(), poison.size() * 4));  // an unwritten output shows
       CUDA_OK(Linear(*blas, dx.as<float>(), m, dwt, n, k, dy->as<float>()));
       const std::vector<float> got = ToHost<float>(*dy, static_cast<size_t>(m * n));
       const std::vector<float>& a = bf16 ? xr : x;
@@ -568,43 +570,49 @@ TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
       EXPECT_EQ(differ, 0) << "grouped, " << sizes.size() << " groups" << (bf16 ? ", bf16" : "");
     }
   }
-  // Strided-batched, b [k, n], with alpha and beta: P @ V in prefill attention.
-  const int64_t batch = 2, m = 19, kk = 600, nn = 70;
-  const auto p = Random(static_cast<size_t>(batch * m * kk), 53);
-  const auto v = Random(static_cast<size_t>(batch * kk * nn), 54);
-  const auto c0 = Random(static_cast<size_t>(batch * m * nn), 55);
-  DeviceBuffer dp = ToDevice(p), dv = ToDevice(v), dc = ToDevice(c0);
-  Gemm s;
-  s.m = m;
-  s.n = nn;
-  s.k = kk;
-  s.a = dp.as<float>();
-  s.lda = kk;
-  s.stride_a = m * kk;
-  s.b = dv.as<float>();
-  s.ldb = nn;
-  s.stride_b = kk * nn;
-  s.b_trans = false;
-  s.c = dc.as<float>();
-  s.ldc = nn;
-  s.stride_c = m * nn;
-  s.batch = batch;
-  s.alpha = 0.3f;
-  s.beta = 1.0f;
-  CUDA_OK(RunGemm(*blas, s));
-  const std::vector<float> sc = ToHost<float>(dc, c0.size());
-  int64_t differ = 0;
-  for (int64_t z = 0; z < batch; ++z) {
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t o = 0; o < nn; ++o) {
-        const int64_t at = z * m * nn + r * nn + o;
-        const float want = Chain(&p[z * m * kk + r * kk], &v[z * kk * nn + o], nn, kk, 0.3f, 1.0f,
-                                 c0[static_cast<size_t>(at)]);
-        differ += std::memcmp(&sc[static_cast<size_t>(at)], &want, 4) != 0;
+  // b [k, n] with alpha and beta (P @ V in prefill attention): two problems strided-batched
+  // (their chunks in one block each) and one alone (its chunks in blocks of their own when k has
+  // several), at k on and around the chunk edges (0 too: alpha * +0 + beta * c).
+  for (const int64_t kk : {0, 1, 512, 513, 600, 1024}) {
+    for (const int64_t batch : {2, 1}) {
+      const int64_t m = 19, nn = 70;
+      const auto p = Random(static_cast<size_t>(batch * m * std::max<int64_t>(kk, 1)), 53);
+      const auto v = Random(static_cast<size_t>(batch * std::max<int64_t>(kk, 1) * nn), 54);
+      const auto c0 = Random(static_cast<size_t>(batch * m * nn), 55);
+      DeviceBuffer dp = ToDevice(p), dv = ToDevice(v), dc = ToDevice(c0);
+      Gemm s;
+      s.m = m;
+      s.n = nn;
+      s.k = kk;
+      s.a = dp.as<float>();
+      s.lda = std::max<int64_t>(kk, 1);
+      s.stride_a = m * s.lda;
+      s.b = dv.as<float>();
+      s.ldb = nn;
+      s.stride_b = s.lda * nn;
+      s.b_trans = false;
+      s.c = dc.as<float>();
+      s.ldc = nn;
+      s.stride_c = m * nn;
+      s.batch = batch;
+      s.alpha = 0.3f;
+      s.beta = 1.0f;
+      CUDA_OK(RunGemm(*blas, s));
+      const std::vector<float> sc = ToHost<float>(dc, c0.size());
+      int64_t differ = 0;
+      for (int64_t z = 0; z < batch; ++z) {
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t o = 0; o < nn; ++o) {
+            const int64_t at = z * m * nn + r * nn + o;
+            const float want = Chain(&p[z * s.stride_a + r * s.lda], &v[z * s.stride_b + o], nn, kk,
+                                     0.3f, 1.0f, c0[static_cast<size_t>(at)]);
+            differ += std::memcmp(&sc[static_cast<size_t>(at)], &want, 4) != 0;
+          }
+        }
       }
+      EXPECT_EQ(differ, 0) << "k " << kk << ", batch " << batch;
     }
   }
-  EXPECT_EQ(differ, 0) << "strided-batched";
 }
 
 // bf16 products: the activations rounded to bf16 (RNE, as FloatToBf16), the products summed in

@@ -14,6 +14,9 @@
 
 namespace dmoe::cuda {
 
+// k per chain of the invariant GEMM (launch.h's kInvariantGemmChunk; the host emulation's too).
+constexpr int64_t kInvariantGemmChunk = 512;
+
 // A cuBLAS handle bound to a stream, and which GEMM the products below run. Movable, not
 // copyable.
 //
@@ -23,9 +26,6 @@ namespace dmoe::cuda {
 // emulation's). set_cublas(true) sends them to cuBLAS instead (faster
 // at large m, tensor cores for bf16), whose algorithm, tiles and split of k change with the
 // shape: then a request's output depends on its company.
-// k per chain of the invariant GEMM (launch.h's kInvariantGemmChunk; the host emulation's too).
-constexpr int64_t kInvariantGemmChunk = 512;
-
 class Blas {
  public:
   static absl::StatusOr<Blas> Create(void* stream = nullptr);

@@ -168,11 +168,13 @@ constexpr int64_t kFewTiles = 264;
 
 int64_t Chunks(int64_t k) { return (k + kInvariantGemmChunk - 1) / kInvariantGemmChunk; }
 
+// Decode-sized products only (m <= 64: the scratch stays chunks x 64 x n floats), and within the
+// grid's 65535 rows of blocks.
 int64_t Splits(const InvariantGemm& g) {
-  if (g.groups != nullptr || g.batch != 1 || g.m <= 0 || g.n <= 0) return 1;
-  const int64_t bm = ShortTile(g.m) ? 16 : 64;
-  const int64_t tiles = (g.n + 63) / 64 * ((g.m + bm - 1) / bm);
-  return tiles < kFewTiles && Chunks(g.k) > 1 ? Chunks(g.k) : 1;
+  if (g.groups != nullptr || g.batch != 1 || g.m <= 0 || g.m > 64 || g.n <= 0) return 1;
+  const int64_t m_tiles = ShortTile(g.m) ? 1 : (g.m + 63) / 64;
+  const int64_t tiles = (g.n + 63) / 64 * m_tiles, chunks = Chunks(g.k);
+  return tiles < kFewTiles && chunks > 1 && m_tiles * chunks <= 65535 ? chunks : 1;
 }
 
 }  // namespace
@@ -188,7 +190,8 @@ int RunInvariantGemm(const InvariantGemm& g, float* scratch, void* stream) {
   const int64_t problems = g.groups != nullptr ? g.n_groups : g.batch;
   if (max_m <= 0 || g.n <= 0 || problems <= 0) return 0;
   const int64_t splits = Splits(g);
-  if (problems > 65535 || (max_m + 15) / 16 * splits > 65535 || (splits > 1 && !scratch)) {
+  const int64_t m_tiles = ShortTile(max_m) ? (max_m + 15) / 16 : (max_m + 63) / 64;
+  if (problems > 65535 || m_tiles * splits > 65535 || (splits > 1 && !scratch)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int s = static_cast<int>(splits);
