@@ -494,8 +494,8 @@ float Chain(const float* a, const float* b, int64_t b_step, int64_t k, float alp
 // Standing rule 1 at its root: every output of every product (plain, strided-batched, bf16,
 // grouped) has the bits of its own chains, whatever the number of rows around it (1 to 80: both
 // tile shapes, partial tiles, k of 3 chunks, the last not a multiple of the 64-deep stage), and
-// whether its chunks ran in separate blocks (a single product with few tiles: Linear below) or
-// one after another in one block (grouped and strided-batched products).
+// whether its chunks ran in separate blocks (decode-sized products with few tiles: Linear up to
+// 64 rows, the groups below) or one after another in one block (80 rows, strided-batched).
 TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
   SKIP_WITHOUT_GPU();
   auto blas = Blas::Create();

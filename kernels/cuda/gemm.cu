@@ -26,8 +26,8 @@ __device__ __forceinline__ float Load(const uint16_t* p, int64_t i) {
 // Block: (BM / TM) x (BN / TN) threads, a BM x BN tile of c; thread (ty, tx) owns rows
 // ty * TM + i and columns tx + j * (BN / TN) of it. gridDim.y = m tiles x `splits`: with
 // splits == 1 a block runs every chunk of k, adding each chunk's chain into its total at the
-// chunk's end; with splits == chunks (one product) block (tile, chunk) runs one chunk and writes
-// its chain to scratch[chunk][row][col], which AddChunksKernel adds in order.
+// chunk's end; with splits == chunks block (tile, chunk) of problem z runs one chunk and writes
+// its chain to scratch[z][chunk][row][col] (rows of max_m), which AddChunksKernel adds in order.
 template <typename T, int BM, int BN, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     InvariantGemmKernel(InvariantGemm g, int splits, float* scratch) {
@@ -50,6 +50,7 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     b = static_cast<const T*>(g.b) + z * g.stride_b;
     c = g.c + z * g.stride_c;
   }
+  const int64_t max_m = g.groups != nullptr ? g.max_m : g.m;
   const int64_t chunk = static_cast<int64_t>(blockIdx.y) % splits;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) / splits * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
       const int64_t col = n0 + tx + j * kThreadsX;
       if (col >= g.n) continue;
       if (splits > 1) {  // this chunk's chain alone
-        scratch[(chunk * m + row) * g.n + col] = acc[i][j];
+        scratch[((z * splits + chunk) * max_m + row) * g.n + col] = acc[i][j];
         continue;
       }
       // The last chunk's chain (the first one's alone is the total; k == 0 leaves +0).
@@ -128,14 +129,21 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
   }
 }
 
-// c[row, col] = alpha * (chunk 0 + chunk 1 + ...) (+ beta * c) from the split kernel's scratch.
+// c[row, col] = alpha * (chunk 0 + chunk 1 + ...) (+ beta * c) of problem blockIdx.z, from the
+// split kernel's scratch.
 __global__ void AddChunksKernel(InvariantGemm g, int64_t chunks, const float* scratch) {
+  const int64_t z = blockIdx.z;
+  const int64_t max_m = g.groups != nullptr ? g.max_m : g.m;
+  const int64_t m = g.groups != nullptr ? g.groups[z].m : g.m;
+  float* c = g.groups != nullptr ? g.groups[z].c : g.c;
+  const int64_t ldc = g.groups != nullptr ? g.n : g.ldc;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= g.m * g.n) return;
+  if (i >= m * g.n) return;
   const int64_t row = i / g.n, col = i % g.n;
-  float t = scratch[i];
-  for (int64_t q = 1; q < chunks; ++q) t = __fadd_rn(t, scratch[q * g.m * g.n + i]);
-  float* out = g.c + row * g.ldc + col;
+  const float* part = scratch + z * chunks * max_m * g.n + i;
+  float t = part[0];
+  for (int64_t q = 1; q < chunks; ++q) t = __fadd_rn(t, part[q * max_m * g.n]);
+  float* out = c + row * ldc + col;
   float v = __fmul_rn(g.alpha, t);
   if (g.beta != 0.0f) v = __fmaf_rn(g.beta, *out, v);
   *out = v;
@@ -168,12 +176,14 @@ constexpr int64_t kFewTiles = 264;
 
 int64_t Chunks(int64_t k) { return (k + kInvariantGemmChunk - 1) / kInvariantGemmChunk; }
 
-// Decode-sized products only (m <= 64: the scratch stays chunks x 64 x n floats), and within the
-// grid's 65535 rows of blocks.
+// A single product or groups (the routed experts at decode), decode-sized only (m <= 64: the
+// scratch stays problems x chunks x 64 x n floats), within the grid's 65535 rows of blocks.
 int64_t Splits(const InvariantGemm& g) {
-  if (g.groups != nullptr || g.batch != 1 || g.m <= 0 || g.m > 64 || g.n <= 0) return 1;
-  const int64_t m_tiles = ShortTile(g.m) ? 1 : (g.m + 63) / 64;
-  const int64_t tiles = (g.n + 63) / 64 * m_tiles, chunks = Chunks(g.k);
+  const bool grouped = g.groups != nullptr;
+  const int64_t m = grouped ? g.max_m : g.m, problems = grouped ? g.n_groups : 1;
+  if ((!grouped && g.batch != 1) || m <= 0 || m > 64 || g.n <= 0) return 1;
+  const int64_t m_tiles = ShortTile(m) ? 1 : (m + 63) / 64;
+  const int64_t tiles = (g.n + 63) / 64 * m_tiles * problems, chunks = Chunks(g.k);
   return tiles < kFewTiles && chunks > 1 && m_tiles * chunks <= 65535 ? chunks : 1;
 }
 
@@ -181,7 +191,8 @@ int64_t Splits(const InvariantGemm& g) {
 
 int64_t InvariantGemmScratchFloats(const InvariantGemm& g) {
   const int64_t splits = Splits(g);
-  return splits > 1 ? splits * g.m * g.n : 0;
+  if (splits == 1) return 0;
+  return g.groups != nullptr ? g.n_groups * splits * g.max_m * g.n : splits * g.m * g.n;
 }
 
 int RunInvariantGemm(const InvariantGemm& g, float* scratch, void* stream) {
@@ -198,8 +209,9 @@ int RunInvariantGemm(const InvariantGemm& g, float* scratch, void* stream) {
   const int err = g.bf16 ? LaunchFor<uint16_t>(g, max_m, problems, s, scratch, stream)
                          : LaunchFor<float>(g, max_m, problems, s, scratch, stream);
   if (err != 0 || splits == 1) return err;
-  AddChunksKernel<<<static_cast<unsigned>((g.m * g.n + 255) / 256), 256, 0,
-                    static_cast<cudaStream_t>(stream)>>>(g, splits, scratch);
+  const dim3 grid(static_cast<unsigned>((max_m * g.n + 255) / 256), 1,
+                  static_cast<unsigned>(problems));
+  AddChunksKernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(g, splits, scratch);
   return static_cast<int>(cudaGetLastError());
 }
 

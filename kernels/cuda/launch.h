@@ -55,8 +55,9 @@ struct InvariantGemmGroup {
 // (b [k, n]); c [m, n] (ldc). `bf16`: a and b hold bf16 bits (their products are exact in fp32).
 // `batch` problems at a + z * stride_a, ... (elements); or, with `groups` (a device array of
 // n_groups, b_trans, lda = ldb = k, ldc = n), one product per group with its own m (<= max_m).
-// A single product with too few tiles to fill the GPU runs its chunks in separate blocks (into
-// `scratch`, InvariantGemmScratchFloats(g) floats) and adds them in a second kernel.
+// A single product or a grouped one with too few tiles to fill the GPU (decode's few rows) runs
+// its chunks in separate blocks (into `scratch`, InvariantGemmScratchFloats(g) floats) and adds
+// them in a second kernel.
 constexpr int64_t kInvariantGemmChunk = 512;
 struct InvariantGemm {
   int64_t m = 0, n = 0, k = 0;
