@@ -176,10 +176,10 @@ void MlaDecodeBench(const Bandwidth& bw) {
   }
 }
 
-void ExpertBench() {
+// `groups` experts of `per` rows each (D d, I width).
+void ExpertBench(int64_t d, int64_t width, int64_t groups, int64_t per) {
   auto blas = Blas::Create();
   Check(blas.status(), "cuBLAS");
-  const int64_t d = 1024, width = 512, groups = 64, per = 16;
   std::printf(
       "\nrouted experts' FFN (D %lld, I %lld): %lld groups of %lld rows vs one chain of "
       "%lld rows\n",
@@ -364,7 +364,8 @@ int Main(int argc, char** argv) {
       bw.peak / 1e9, bw.copied / 1e9);
   MlaDecodeBench(bw);
   GemmBench(bw);
-  ExpertBench();
+  ExpertBench(1024, 512, 64, 16);  // small's shapes, a prefill-sized batch
+  ExpertBench(5120, 1536, 6, 1);   // V2's, batch-1 decode (top-6)
   if (engine) EngineBench(cache_dir);
   // Which path cuBLAS-mode experts' products took (ExpertBench's fp32 run; bf16 is known only
   // where a cuBLAS-mode run had bf16 experts, which the engine rows above do not).

@@ -529,8 +529,8 @@ TEST(CudaKernels, InvariantGemmGivesEachOutputItsOwnChainsBitsWhateverTheRows) {
       EXPECT_EQ(differ, 0) << "m " << m << (bf16 ? ", bf16" : ", fp32");
     }
   }
-  // Grouped, fp32 and bf16: groups of 0, 1, 5, 17 and 40 rows (both tile shapes in one launch)
-  // and of 1, 3 and 16 (decode's short tile alone), each with its own weights (w shifted).
+  // Grouped, fp32 and bf16: groups of 0, 1, 5, 17 and 40 rows (the square tile; empty and short
+  // groups) and of 1, 3 and 16 (the short tile), each with its own weights (w shifted).
   for (const std::vector<int64_t>& sizes :
        {std::vector<int64_t>{0, 1, 5, 17, 40}, std::vector<int64_t>{1, 3, 16}}) {
     for (bool bf16 : {false, true}) {
