@@ -27,6 +27,9 @@ absl::StatusOr<std::unique_ptr<DeviceModel>> DeviceModel::Load(const std::string
     }
   }
   ASSIGN_OR_RETURN(m->model_, LocalModel::Load(dir, options));
+  if (m->gpu_experts_ != nullptr) {  // in-process experts: on the GPU before the first request
+    RETURN_IF_ERROR(m->gpu_experts_->Preload(m->model_->experts(), /*log_progress=*/true));
+  }
   if (device.cuda) {
     kv.device = device.gpu;
     ASSIGN_OR_RETURN(m->gpu_, CudaEngine::Create(m->model_->config(), m->model_->dense(),

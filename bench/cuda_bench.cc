@@ -311,6 +311,7 @@ void EngineBench(const std::string& cache_dir) {
   lo.expert_accelerator = experts->get();
   auto gpu_model = LocalModel::Load(dir, lo);
   Check(gpu_model.status(), "load");
+  Check((*experts)->Preload((*gpu_model)->experts()), "copy the experts to the GPU");
   auto cpu_model = LocalModel::Load(dir);
   Check(cpu_model.status(), "load");
   CudaEngineOptions g;

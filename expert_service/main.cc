@@ -416,7 +416,8 @@ internal::GetInfoReply Info(const RouterLink::Addresses& a, const ModelConfig& c
   return info;
 }
 
-// --device cuda: the experts compute on GPU --gpu (copied there on first use); else null.
+// --device cuda: the experts compute on GPU --gpu (copied there at start, or on first use for
+// experts placed here later); else null.
 absl::StatusOr<std::unique_ptr<CudaExperts>> MakeGpuExperts(const Flags& f, const ModelConfig& c) {
   ASSIGN_OR_RETURN(DeviceChoice d, ParseDevice(f));
   if (!d.cuda) return std::unique_ptr<CudaExperts>();
@@ -467,6 +468,11 @@ int Main(int argc, char** argv) {
   uint64_t bytes_read = 0;
   auto store = LoadExperts(*flags, *o, *config, &bytes_read);
   if (!store.ok()) return svc.Fail(store.status());
+  if (*gpu != nullptr) {  // the hosted experts on the GPU before serving (later ones on first use)
+    if (absl::Status st = (*gpu)->Preload(**store, /*log_progress=*/true); !st.ok()) {
+      return svc.Fail(st);
+    }
+  }
 
   auto ucx = transport::NewUcxServer(o->token);
   if (!ucx.ok()) return svc.Fail(ucx.status());

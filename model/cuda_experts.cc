@@ -1,6 +1,7 @@
 #include "model/cuda_experts.h"
 
 #include <algorithm>
+#include <cstdio>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
@@ -83,6 +84,26 @@ void CudaExperts::Forget(const ExpertStore& store) {
     it = on_device_.erase(it);
   }
   last_store_ = &store;
+}
+
+absl::Status CudaExperts::Preload(const ExpertStore& store, bool log_progress) {
+  RETURN_IF_ERROR(cuda::SetDevice(device_));
+  if (&store != last_store_) Forget(store);
+  const std::vector<std::pair<int64_t, int64_t>> keys = store.Keys();
+  size_t tenth = 0;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (auto w = Weights(store, keys[i].first, keys[i].second); !w.ok()) {
+      return absl::Status(w.status().code(),
+                          absl::StrCat("copying expert ", keys[i].second, " of layer ",
+                                       keys[i].first, " to ", name_, ": ", w.status().message()));
+    }
+    if (log_progress && (i + 1) * 10 / keys.size() > tenth) {
+      tenth = (i + 1) * 10 / keys.size();
+      std::fprintf(stderr, "experts on %s: %zu of %zu (%.1f MiB)\n", name_.c_str(), i + 1,
+                   keys.size(), static_cast<double>(device_bytes_) / 1048576.0);
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaExperts::Run(const ExpertStore& store, const std::vector<ExpertGroup>& groups,

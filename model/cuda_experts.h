@@ -1,6 +1,7 @@
 // Routed experts on a CUDA device: an ExpertAccelerator (routed_experts.h) holding each expert's
 // weights in device memory (bf16 as a bf16 checkpoint holds them, else fp32), copied from the
-// ExpertStore the first time the expert is used (and freed once the store no longer has it),
+// ExpertStore by Preload or the first time the expert is used (and freed once the store no
+// longer has it),
 // and computing each group of rows with cuda::ExpertFfn (cuBLAS). Rows cross from and to host
 // memory. Used by LocalRoutedExperts (in-process experts of a GPU run) and by an expert shard's
 // batcher (dmoe-expert --device cuda).
@@ -41,6 +42,11 @@ class CudaExperts : public ExpertAccelerator {
   absl::Status Run(const ExpertStore& store, const std::vector<ExpertGroup>& groups, const float* x,
                    int64_t rows, float* y) override;
   std::string name() const override { return name_; }
+  // Copies every expert `store` holds to the device now instead of at its first use (then the
+  // first requests run at speed, and a device too small fails at start, naming the expert);
+  // with `log_progress`, a line on stderr at each tenth. Experts the store gains later are still
+  // copied on first use.
+  absl::Status Preload(const ExpertStore& store, bool log_progress = false);
   // Experts held on the device, and their bytes.
   size_t experts() const { return on_device_.size(); }
   uint64_t device_bytes() const { return device_bytes_; }

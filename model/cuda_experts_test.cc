@@ -81,6 +81,15 @@ TEST(CudaExperts, LayersMatchTheCpuExperts) {
   ASSERT_TRUE(moved.Finish(sink.data()).ok());
   EXPECT_EQ((*gpu)->experts(), 1u);  // the old layer's copies went; the new expert came
 
+  // Preload copies every expert of a store at once; running them copies nothing more.
+  ASSERT_TRUE((*gpu)->Preload(**smaller).ok());
+  EXPECT_EQ((*gpu)->experts(), other.size());
+  const uint64_t preloaded = (*gpu)->device_bytes();
+  ASSERT_TRUE(moved.Begin(c.num_hidden_layers - 1, one.data(), 1, id0.data(), w1.data(), 1).ok());
+  ASSERT_TRUE(moved.Finish(sink.data()).ok());
+  EXPECT_EQ((*gpu)->experts(), other.size());
+  EXPECT_EQ((*gpu)->device_bytes(), preloaded);
+
   // The expert the store lacks: FAILED_PRECONDITION, naming it.
   const std::vector<float> x(static_cast<size_t>(d), 1.0f), w = {1.0f};
   const std::vector<int32_t> missing = {static_cast<int32_t>(c.n_routed_experts - 1)};
