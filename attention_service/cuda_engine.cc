@@ -29,9 +29,10 @@ struct CudaEngine::DeviceLayer {
   cuda::DeviceWeight shared_gate, shared_up, shared_down;
 };
 
-// Where one step's rows go. Inside the engine the decode sequences' rows come first (one each,
-// in batch order, so that their queries are contiguous for the batched decode kernel), then the
-// multi-token sequences' rows; logits go back in batch order.
+// Where one step's rows go. Inside the engine the rows that attend in the absorbed form come first
+// (every sequence's, in batch order; with naive_prefill only the single-token ones), so that their
+// queries are contiguous for the batched MLA kernel, then the naive form's multi-token sequences'
+// rows; logits go back in batch order.
 struct CudaEngine::Plan {
   int64_t n = 0;   // tokens
   int64_t nd = 0;  // query rows of the absorbed form: the first nd rows of the step

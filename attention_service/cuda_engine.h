@@ -1,8 +1,11 @@
 // The layer loop of Engine (engine.h) on a CUDA device: the dense weights in device memory (fp32,
 // or bf16 as a bf16 checkpoint holds them), the latent KV cache as a device block pool with
 // LatentKvCache's accounting (the same block ids, prefix keys and RESOURCE_EXHAUSTED as the CPU
-// cache), decode attention in the absorbed form over the paged pool (cuda::MlaDecodeAbsorbed) and
-// prefill in the naive form through cuBLAS. Routed experts go through a RoutedExperts backend on
+// cache), attention in the absorbed form over the paged pool for prompt and decode rows alike
+// (cuda::MlaDecodeAbsorbed; the naive form is the opt-in naive_prefill), every product through
+// the batch-invariant GEMM (kernels/cuda/gemm.cu; cuBLAS is the opt-in cublas_gemms). A
+// sequence's logits are thus the same bits whatever else is in the step and however its prompt
+// was cut into chunks. Routed experts go through a RoutedExperts backend on
 // the host (in-process CPU experts or remote shards: hidden rows cross through host memory), so a
 // GPU attention node works with any expert shard.
 //

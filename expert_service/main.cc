@@ -288,11 +288,12 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
   return o;
 }
 
-// The experts of --experts (none with --router: the router's placement brings them); the
-// checkpoint bytes read go to *bytes_read.
+// The experts of --experts (none with --router: the router's placement brings them), copied to
+// `gpu` too where there is one (experts placed here later copy on first use); the checkpoint
+// bytes read go to *bytes_read.
 absl::StatusOr<std::unique_ptr<ExpertStore>> LoadExperts(const Flags& f, const Options& o,
                                                          const ModelConfig& config,
-                                                         uint64_t* bytes_read) {
+                                                         CudaExperts* gpu, uint64_t* bytes_read) {
   std::vector<std::pair<int64_t, int64_t>> experts;
   if (!o.routed) {
     ASSIGN_OR_RETURN(experts, ParseExpertSpec(f.StringOr("experts", ""), config));
@@ -314,6 +315,7 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> LoadExperts(const Flags& f, const O
   // the heap's free pages (conversion scratch) back to the system.
   ck.reset();
   malloc_trim(0);
+  if (gpu != nullptr) RETURN_IF_ERROR(gpu->Preload(*store, /*log_progress=*/true));
   return store;
 }
 
@@ -466,13 +468,8 @@ int Main(int argc, char** argv) {
   auto numerics = ShardNumerics(*o, *config, gpu->get() != nullptr);
   if (!numerics.ok()) return svc.Fail(numerics.status());
   uint64_t bytes_read = 0;
-  auto store = LoadExperts(*flags, *o, *config, &bytes_read);
+  auto store = LoadExperts(*flags, *o, *config, gpu->get(), &bytes_read);
   if (!store.ok()) return svc.Fail(store.status());
-  if (*gpu != nullptr) {  // the hosted experts on the GPU before serving (later ones on first use)
-    if (absl::Status st = (*gpu)->Preload(**store, /*log_progress=*/true); !st.ok()) {
-      return svc.Fail(st);
-    }
-  }
 
   auto ucx = transport::NewUcxServer(o->token);
   if (!ucx.ok()) return svc.Fail(ucx.status());

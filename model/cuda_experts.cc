@@ -55,13 +55,15 @@ absl::StatusOr<cuda::ExpertWeights> CudaExperts::Weights(const ExpertStore& stor
           absl::StrCat("expert ", expert, " of layer ", layer, " is not hosted here"));
     }
     Held held;
+    uint64_t bytes = 0;  // counted once all three are on the device
     for (auto [src, dst] :
          {std::pair<const LinearWeight*, cuda::DeviceBuffer*>{&m->gate, &held.gate},
           {&m->up, &held.up},
           {&m->down, &held.down}}) {
       ASSIGN_OR_RETURN(*dst, UploadLinear(*src, keep_bf16_, &held.bf16));
-      device_bytes_ += dst->bytes();
+      bytes += dst->bytes();
     }
+    device_bytes_ += bytes;
     it = on_device_.emplace(std::make_pair(layer, expert), std::move(held)).first;
   }
   cuda::ExpertWeights w;
