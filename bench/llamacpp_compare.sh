@@ -308,7 +308,7 @@ for row in table:
     print("%-6s %-16s %11s %11s %7s %8s %8s %5s  %s" % (
         row["precision"], row["figure"], fmt(row["dmoe_tokens_per_s"], ".1f"),
         fmt(row["llama_tokens_per_s"], ".1f"), fmt(row["ratio"], ".2f"),
-        fmt(row["dmoe_limit_fraction"], ".2f"), fmt(row["dmoe_read_bw_gbs"], ".1f"),
+        fmt(row["dmoe_limit_fraction"], ".3f"), fmt(row["dmoe_read_bw_gbs"], ".1f"),
         "%d/%d" % (row["n_dmoe"], row["n_llama"]), row["llama_figure"]))
 print("ratio = dmoe / llama.cpp; limit = dmoe's batch-1 limit_fraction; bw = read bandwidth dmoe "
       "measured; n = samples dmoe/llama.cpp")
