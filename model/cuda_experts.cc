@@ -1,11 +1,12 @@
 #include "model/cuda_experts.h"
 
 #include <algorithm>
-#include <cstdio>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
+#include "model/load_progress.h"
 
 namespace dmoe {
 
@@ -92,19 +93,22 @@ absl::Status CudaExperts::Preload(const ExpertStore& store, bool log_progress) {
   RETURN_IF_ERROR(cuda::SetDevice(device_));
   if (&store != last_store_) Forget(store);
   const std::vector<std::pair<int64_t, int64_t>> keys = store.Keys();
-  size_t tenth = 0;
-  for (size_t i = 0; i < keys.size(); ++i) {
-    if (auto w = Weights(store, keys[i].first, keys[i].second); !w.ok()) {
+  std::optional<LoadProgress> progress;  // counts the experts' bytes as the store holds them
+  if (log_progress) {
+    progress.emplace(absl::StrCat("experts to ", name_), keys.size(), store.bytes());
+  }
+  for (const auto& [layer, expert] : keys) {
+    if (auto w = Weights(store, layer, expert); !w.ok()) {
       return absl::Status(w.status().code(),
-                          absl::StrCat("copying expert ", keys[i].second, " of layer ",
-                                       keys[i].first, " to ", name_, ": ", w.status().message()));
+                          absl::StrCat("copying expert ", expert, " of layer ", layer, " to ",
+                                       name_, ": ", w.status().message()));
     }
-    if (log_progress && (i + 1) * 10 / keys.size() > tenth) {
-      tenth = (i + 1) * 10 / keys.size();
-      std::fprintf(stderr, "experts on %s: %zu of %zu (%.1f MiB)\n", name_.c_str(), i + 1,
-                   keys.size(), static_cast<double>(device_bytes_) / 1048576.0);
+    if (progress) {
+      const MlpWeights* m = store.Find(layer, expert);
+      progress->Add(m->gate.bytes() + m->up.bytes() + m->down.bytes());
     }
   }
+  if (progress) progress->Done();
   return absl::OkStatus();
 }
 

@@ -44,7 +44,7 @@ class CudaExperts : public ExpertAccelerator {
   std::string name() const override { return name_; }
   // Copies every expert `store` holds to the device now instead of at its first use (then the
   // first requests run at speed, and a device too small fails at start, naming the expert);
-  // with `log_progress`, a line on stderr at each tenth. Experts the store gains later are still
+  // with `log_progress`, LoadProgress lines on stderr. Experts the store gains later are still
   // copied on first use.
   absl::Status Preload(const ExpertStore& store, bool log_progress = false);
   // Experts held on the device, and their bytes.
