@@ -192,10 +192,41 @@ void SpanPieces(const LatentRows& c, int64_t lc, int64_t a, int64_t b, std::vect
   if (c.qblocks != nullptr) pieces->push_back({tile->data(), a, b - a});
 }
 
+// Per head (row `head` of s, n scores): the scores times `scale`, their maximum m, the
+// numerators exp(s - m) in place (ops.h's ExpScaled: vector exp, the same bits at every ISA
+// level; glibc's scalar expf had taken a fifth of a long-context decode's attention) and their sum
+// l in double, in row order. Up to 8 heads' sums advance side by side: each is still its own chain
+// in row order (the same bits), without waiting on one add's latency per row.
+void SpanNumerators(float scale, int64_t h, int64_t n, float* s, const SpanResult& out) {
+  for (int64_t head = 0; head < h; ++head) {
+    float* row = s + head * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t u = 0; u < n; ++u) {
+      row[u] *= scale;
+      mx = row[u] > mx ? row[u] : mx;
+    }
+    out.m[head] = mx;
+    if (mx == kNoRows) {  // -inf scores only (overflowed products) weigh nothing, as in SoftmaxRows
+      std::fill(row, row + n, 0.0f);
+    } else {
+      ExpScaled(row, n, mx, 1.0f, row);  // (x - m) * 1 is x - m, exactly
+    }
+  }
+  constexpr int64_t kHeads = 8;
+  for (int64_t h0 = 0; h0 < h; h0 += kHeads) {
+    const int64_t hn = std::min(kHeads, h - h0);
+    double sum[kHeads] = {};
+    for (int64_t u = 0; u < n; ++u) {
+      for (int64_t j = 0; j < hn; ++j) sum[j] += s[(h0 + j) * n + u];
+    }
+    for (int64_t j = 0; j < hn; ++j) out.l[h0 + j] = sum[j];
+  }
+}
+
 // The span [a, b) of one query, heads [h0, h1): scores (DotRows' chains, times the softmax
-// scale), per head the maximum, exp(s - m) and their sum in double (in row order), and acc = the
-// AxpyRows chain of exp(s - m) over the rows in order. Heads never interact, so any split of the
-// heads gives the same bits.
+// scale), per head the maximum, the numerators and their sum (SpanNumerators), and acc = the
+// AxpyRows chain of the numerators over the rows in order. Heads never interact, so any split of
+// the heads gives the same bits.
 void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const SpanResult& res,
                 int64_t h0, int64_t h1) {
   const int64_t h = h1 - h0, r = p.latent_rank, lc = r + p.rope_dim, n = b - a;
@@ -221,22 +252,7 @@ void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const 
     if (i + 1 < pieces.size()) Prefetch(pieces[i + 1].rows, pieces[i + 1].n * lc);
     DotRows(qc, h, lc, pc.rows, pc.n, lc, lc, s.data() + pc.first - a, n);
   }
-  for (int64_t head = 0; head < h; ++head) {
-    float* row = s.data() + head * n;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t u = 0; u < n; ++u) {
-      row[u] *= p.softmax_scale;
-      mx = row[u] > mx ? row[u] : mx;
-    }
-    double sum = 0.0;
-    for (int64_t u = 0; u < n; ++u) {
-      // A span of -inf scores only (overflowed products) weighs nothing, as in SoftmaxRows.
-      row[u] = mx == kNoRows ? 0.0f : std::exp(row[u] - mx);
-      sum += row[u];
-    }
-    out.m[head] = mx;
-    out.l[head] = sum;
-  }
+  SpanNumerators(p.softmax_scale, h, n, s.data(), out);
   for (const Piece& pc : pieces) {
     AxpyRows(s.data() + pc.first - a, h, n, pc.rows, pc.n, lc, r, out.acc, r,
              /*accumulate=*/pc.first > a);
