@@ -13,7 +13,8 @@
 #   GGUF_DIR      where <basename MODEL_DIR>-{bf16,q8_0,f32}.gguf live (default /work/peer/gguf);
 #                 missing ones are converted with hf_to_gguf_deepseek2.py from PEER_TOOLS
 #                 (default <repo>/../shared/tools/peer) using CONVERT_PYTHON (default /usr/bin/python3
-#                 when it has numpy, else python3)
+#                 when it has numpy, else python3; without CONVERT_PYTHON the script installs Debian's
+#                 python3-numpy when a conversion needs it)
 #   ROUNDS        rounds (default 3); figures are medians over rounds
 #   PRECISIONS    dmoe weight dtypes (default "bf16 int8 f32"); int8 <-> Q8_0, bf16 <-> BF16, f32 <-> F32;
 #                 bf16a16: bf16 weights with bf16 activations (engine_bench --bf16-activations) <-> BF16
@@ -100,6 +101,25 @@ gguf_type() {
   esac
 }
 
+# The converter's numpy: Debian's python3-numpy, installed (idempotently) where the system python3
+# lacks it and CONVERT_PYTHON was not set.
+ensure_numpy() {
+  "$CONVERT_PYTHON" -c 'import numpy' 2>/dev/null && return 0
+  if [ "$CONVERT_PYTHON" = python3 ] || [ "$CONVERT_PYTHON" = /usr/bin/python3 ]; then
+    echo "llamacpp_compare.sh: installing python3-numpy for the GGUF converter" >&2
+    local sudo_=""
+    [ "$(id -u)" -ne 0 ] && sudo_=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo_ apt-get install -y -qq python3-numpy >/dev/null 2>&1 ||
+      { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq python3-numpy >/dev/null; } || true
+    CONVERT_PYTHON=/usr/bin/python3
+  fi
+  "$CONVERT_PYTHON" -c 'import numpy' 2>/dev/null && return 0
+  echo "llamacpp_compare.sh: the converter needs numpy in $CONVERT_PYTHON" \
+    "(apt-get install -y python3-numpy)" >&2
+  exit 1
+}
+
 # The GGUF files, converted where missing (written under a temporary name, then renamed).
 for p in $PRECISIONS; do
   t=$(gguf_type "$p")
@@ -107,11 +127,7 @@ for p in $PRECISIONS; do
   [ -s "$g" ] && continue
   conv=$PEER_TOOLS/hf_to_gguf_deepseek2.py
   [ -f "$conv" ] || { echo "llamacpp_compare.sh: converter not found: $conv (set PEER_TOOLS)" >&2; exit 1; }
-  "$CONVERT_PYTHON" -c 'import numpy' 2>/dev/null || {
-    echo "llamacpp_compare.sh: the converter needs numpy in $CONVERT_PYTHON:" \
-      "sudo apt-get install -y python3-numpy" >&2
-    exit 1
-  }
+  ensure_numpy
   echo "converting $MODEL_DIR -> $g ($t)" >&2
   start=$(date +%s)
   nice -n 10 "$CONVERT_PYTHON" "$conv" "$MODEL_DIR" "$g.partial" --outtype "$t" --quiet
