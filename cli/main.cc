@@ -125,7 +125,8 @@ Hugging Face layout: model.safetensors, or model-0000i-of-0000N.safetensors plus
 model.safetensors.index.json when --shards N > 1.
 
   --preset NAME   tiny (default), tiny-lite, tiny-v3 (DeepSeek-V3 gating and an MTP layer),
-                  tiny-demo (vocabulary of the DeepSeek tokenizer) or small
+                  tiny-demo (vocabulary of the DeepSeek tokenizer), small, small-v3, or
+                  v2-lite-4l (DeepSeek-V2-Lite's layer shapes in 4 layers: 3.9 GB in bf16)
   --vocab-size N  override the preset's vocabulary size
   --seed N        seed of the weight draws (default 0); a tensor depends only on (seed, name)
   --dtype T       f32 (default), bf16 (round-to-nearest-even of the same f32 draws) or fp8

@@ -145,7 +145,7 @@ TEST(ModelConfig, TinyPresetSoftmaxScaleMatchesTheSpec) {
 }
 
 TEST(ModelConfig, GeneratedJsonRoundTrips) {
-  for (const char* preset : {"tiny", "tiny-lite", "tiny-v3", "small"}) {
+  for (const char* preset : {"tiny", "tiny-lite", "tiny-v3", "small", "v2-lite-4l"}) {
     auto c = PresetConfig(preset);
     ASSERT_TRUE(c.ok());
     auto back = ParseModelConfig(ModelConfigToJson(*c));

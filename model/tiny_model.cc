@@ -210,6 +210,23 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
     if (preset == "small-v3") MakeV3(&c);
     return c;
   }
+  if (preset == "v2-lite-4l") {  // (tiny-lite's V2-Lite routing: greedy top-6, scale 1)
+    c = PresetConfig("tiny-lite").value();
+    c.vocab_size = 32000;
+    c.hidden_size = 2048;
+    c.num_hidden_layers = 4;
+    c.intermediate_size = 10944;
+    c.num_attention_heads = 16;
+    c.num_key_value_heads = 16;
+    c.kv_lora_rank = 512;
+    c.qk_nope_head_dim = 128;
+    c.qk_rope_head_dim = 64;
+    c.v_head_dim = 128;
+    c.n_routed_experts = 64;
+    c.moe_intermediate_size = 1408;
+    c.max_position_embeddings = 4096;
+    return c;
+  }
   if (preset == "tiny-demo") {
     // The tiny shape with the DeepSeek-V3 tokenizer's vocabulary (128815 tokens, padded to
     // 129280 as V3 does) and a narrower hidden size, so that text demos stay small.
@@ -223,7 +240,7 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
   }
   return absl::InvalidArgumentError(
       absl::StrCat("--preset: unknown preset \"", preset,
-                   "\" (tiny, tiny-lite, tiny-v3, tiny-demo, small, small-v3)"));
+                   "\" (tiny, tiny-lite, tiny-v3, tiny-demo, small, small-v3, v2-lite-4l)"));
 }
 
 namespace {

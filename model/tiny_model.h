@@ -15,7 +15,9 @@ namespace dmoe {
 
 // "tiny", "tiny-lite", "tiny-v3" (V3 gating and an MTP layer), "tiny-demo" (tiny with the
 // DeepSeek-V3 vocabulary size), "small" or "small-v3" (small with tiny-v3's changes: the
-// speculative-decoding benchmark's model).
+// speculative-decoding benchmark's model), or "v2-lite-4l" (for benchmarks: DeepSeek-V2-Lite's
+// layer shapes (hidden 2048, 16 heads, no q LoRA, latent 512, 64 experts of 1408 + 2 shared,
+// greedy top-6, dense layer 0 of 10944) in 4 layers with a 32000 vocabulary; 2.0 B parameters).
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset);
 
 struct TinyModelOptions {
