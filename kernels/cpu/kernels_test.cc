@@ -394,6 +394,46 @@ TEST(Mla, Bf16KvBGivesTheBitsOfItsFp32Upcast) {
   SetKernelMode(KernelMode::kInvariant);
 }
 
+// Decode-sized calls (at most 4 queries) read each head's kv_b rows with plain loads before its
+// products (PullKvBRows). That must change no bit: every output memcmp'd with and without it, for
+// fp32 and bf16 kv_b, 1 to 6 queries (5 and 6: beyond the pull's 4), in one pass per head group
+// (contexts within one span, few queries) and in separate passes; rows of 70 values (280 / 140
+// bytes: not multiples of the pull's 32-byte step, starts not 8-byte aligned). Under ASan a read
+// past kv_b fails here.
+TEST(Mla, PullingKvBRowsBeforeTheProductsChangesNoBit) {
+  MlaParams p;
+  const int64_t h = 5, dn = 16, dr = 8, dv = 20, r = 70, lc = r + dr, ctx = 300;
+  p.num_heads = h;
+  p.nope_dim = dn;
+  p.rope_dim = dr;
+  p.v_dim = dv;
+  p.latent_rank = r;
+  p.softmax_scale = 0.2f;
+  const auto wf = Random(h * (dn + dv) * r, 31);
+  std::vector<uint16_t> kv_b_bf16(wf.size());
+  FloatToBf16N(wf.data(), wf.size(), kv_b_bf16.data());
+  MlaParams pb = p;
+  p.kv_b = wf.data();
+  pb.kv_b_bf16 = kv_b_bf16.data();
+  const auto cache = Random(ctx * lc, 32);
+  const auto q = Random(6 * h * (dn + dr), 33);
+  const float* whole = cache.data();
+  const LatentRows rows{&whole, 1 << 20};
+  const std::vector<LatentRows> caches(6, rows);
+  const int64_t ctxs[6] = {200, 17, 1, 256, 300, 3};
+  std::vector<float> off(6 * h * dv), on(off.size()), scratch;
+  for (const MlaParams* kvb : {&p, &pb}) {
+    for (int64_t t = 1; t <= 6; ++t) {
+      SetMlaPullForTesting(false);
+      MlaDecodeAbsorbedBatch(*kvb, q.data(), t, caches.data(), ctxs, off.data(), &scratch);
+      SetMlaPullForTesting(true);
+      MlaDecodeAbsorbedBatch(*kvb, q.data(), t, caches.data(), ctxs, on.data(), &scratch);
+      EXPECT_EQ(0, std::memcmp(off.data(), on.data(), 4 * static_cast<size_t>(t * h * dv)))
+          << (kvb == &pb ? "bf16" : "fp32") << " kv_b, " << t << " queries";
+    }
+  }
+}
+
 // The absorbed form against MLA computed in double from its definition (k_nope and v expanded
 // through kv_b, softmax over rows 0..pos), at contexts that cross many spans (span length 256,
 // and 7), paged in blocks of 5 rows, with every split of the work. 10 heads: with 2 threads the
