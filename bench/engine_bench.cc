@@ -262,7 +262,7 @@ void Emit(const Measurement& m, bool json) {
         m.limit_fraction < 0 ? "null" : absl::StrFormat("%.4f", m.limit_fraction).c_str());
   } else {
     std::printf(
-        "%-8s %-7s %-6s %-8s %7s %6d %8lld %11.1f %10.3f %9s\n", m.model.c_str(),
+        "%-10s %-7s %-6s %-8s %7s %6d %8lld %11.1f %10.3f %9s\n", m.model.c_str(),
         m.weight_dtype.c_str(), m.expert_dtype.c_str(), m.kv_dtype.c_str(), m.phase.c_str(),
         m.batch, static_cast<long long>(m.context), m.tokens_per_s, m.ms_per_step,
         m.limit_fraction < 0 ? "-" : absl::StrFormat("%.1f%%", 100 * m.limit_fraction).c_str());
@@ -618,7 +618,7 @@ int MeasureDtypes(const std::string& name, const std::string& dir, const Options
         (static_cast<double>(SmapsBytes("AnonHugePages:")) - huge_before) / 1048576.0,
         (static_cast<double>(SmapsBytes("Anonymous:")) - anon_before) / 1048576.0);
     if (!o.json) {
-      std::printf("%-8s %-7s %-6s %-8s %7s %6s %8s %11s %10s %9s\n", "model", "dtype", "expert",
+      std::printf("%-10s %-7s %-6s %-8s %7s %6s %8s %11s %10s %9s\n", "model", "dtype", "expert",
                   "kv", "phase", "batch", "context", "tokens/s", "ms/step", "of limit");
     }
     MeasureModel(**model, o, base);
@@ -674,7 +674,7 @@ int OptInSections(const std::string& preset, const std::string& dir, const Optio
         kernel_rounds);
     std::printf("%8s %16s %16s %10s\n", "batch", "invariant tok/s", "blas tok/s", "inv/blas");
     for (int b : batches) {
-      int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
+      int n = steps > 0 ? steps : (config->hidden_size >= 512 ? (b == 1 ? 20 : 8) : 32);
       n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
       std::vector<double> inv, blas;
       for (int round = 0; round < kernel_rounds; ++round) {
@@ -720,7 +720,7 @@ int OptInSections(const std::string& preset, const std::string& dir, const Optio
     std::printf("%8s %12s %14s %14s %8s\n", "batch", "tokens/s", "ms/step dist", "ms/step local",
                 "ratio");
     for (int b : batches) {
-      int n = steps > 0 ? steps : (preset == "small" ? (b == 1 ? 20 : 8) : 32);
+      int n = steps > 0 ? steps : (config->hidden_size >= 512 ? (b == 1 ? 20 : 8) : 32);
       n = static_cast<int>(std::min<int64_t>(n, config->max_position_embeddings - 16 - 2));
       cpu::SetBlasThreads(local_threads).IgnoreError();
       const DecodeResult local = BenchDecode((*model)->engine(), b, n, 16);

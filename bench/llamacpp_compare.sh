@@ -75,6 +75,8 @@ fi
 MODEL_DIR=${MODEL_DIR%/}
 model_name=$(basename "$MODEL_DIR")
 
+convert_python_chosen=0  # CONVERT_PYTHON from the environment: used as it is, never installed into
+[ -n "${CONVERT_PYTHON:-}" ] && convert_python_chosen=1
 if [ -z "${CONVERT_PYTHON:-}" ]; then
   CONVERT_PYTHON=python3
   if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import numpy' 2>/dev/null; then
@@ -105,13 +107,12 @@ gguf_type() {
 # lacks it and CONVERT_PYTHON was not set.
 ensure_numpy() {
   "$CONVERT_PYTHON" -c 'import numpy' 2>/dev/null && return 0
-  if [ "$CONVERT_PYTHON" = python3 ] || [ "$CONVERT_PYTHON" = /usr/bin/python3 ]; then
+  if [ "$convert_python_chosen" = 0 ]; then
     echo "llamacpp_compare.sh: installing python3-numpy for the GGUF converter" >&2
-    local sudo_=""
-    [ "$(id -u)" -ne 0 ] && sudo_=sudo
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo_ apt-get install -y -qq python3-numpy >/dev/null 2>&1 ||
-      { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq python3-numpy >/dev/null; } || true
+    local apt=(env DEBIAN_FRONTEND=noninteractive apt-get)
+    [ "$(id -u)" -ne 0 ] && apt=(sudo -n "${apt[@]}")  # (-n: fail, never wait for a password)
+    "${apt[@]}" install -y -qq python3-numpy >/dev/null 2>&1 ||
+      { "${apt[@]}" update -qq && "${apt[@]}" install -y -qq python3-numpy >/dev/null; } || true
     CONVERT_PYTHON=/usr/bin/python3
   fi
   "$CONVERT_PYTHON" -c 'import numpy' 2>/dev/null && return 0

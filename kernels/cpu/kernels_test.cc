@@ -394,15 +394,15 @@ TEST(Mla, Bf16KvBGivesTheBitsOfItsFp32Upcast) {
   SetKernelMode(KernelMode::kInvariant);
 }
 
-// Decode-sized calls (at most 4 queries) read each head's kv_b rows with plain loads before its
-// products (PullKvBRows). That must change no bit: every output memcmp'd with and without it, for
-// fp32 and bf16 kv_b, 1 to 6 queries (5 and 6: beyond the pull's 4), in one pass per head group
-// (contexts within one span, few queries) and in separate passes; rows of 70 values (280 / 140
-// bytes: not multiples of the pull's 32-byte step, starts not 8-byte aligned). Under ASan a read
-// past kv_b fails here.
+// Calls of at most 4 queries read each head's kv_b rows with plain loads before its products
+// (PullKvBRows). That must change no bit: every output memcmp'd with and without it, for fp32 and
+// bf16 kv_b, 1 to 4 queries, in one pass per head group (attend mode 3) and in separate passes
+// (mode 2); 37 kv_b rows of 70 values per head (bf16 heads start 5180 bytes apart: not 8-byte
+// aligned; rows not multiples of the pull's 32-byte step). The pull of the last head ends at
+// kv_b's last byte, so under ASan a pull one step too long fails here.
 TEST(Mla, PullingKvBRowsBeforeTheProductsChangesNoBit) {
   MlaParams p;
-  const int64_t h = 5, dn = 16, dr = 8, dv = 20, r = 70, lc = r + dr, ctx = 300;
+  const int64_t h = 5, dn = 16, dr = 8, dv = 21, r = 70, lc = r + dr, ctx = 300;
   p.num_heads = h;
   p.nope_dim = dn;
   p.rope_dim = dr;
@@ -416,22 +416,26 @@ TEST(Mla, PullingKvBRowsBeforeTheProductsChangesNoBit) {
   p.kv_b = wf.data();
   pb.kv_b_bf16 = kv_b_bf16.data();
   const auto cache = Random(ctx * lc, 32);
-  const auto q = Random(6 * h * (dn + dr), 33);
+  const auto q = Random(4 * h * (dn + dr), 33);
   const float* whole = cache.data();
   const LatentRows rows{&whole, 1 << 20};
-  const std::vector<LatentRows> caches(6, rows);
-  const int64_t ctxs[6] = {200, 17, 1, 256, 300, 3};
-  std::vector<float> off(6 * h * dv), on(off.size()), scratch;
-  for (const MlaParams* kvb : {&p, &pb}) {
-    for (int64_t t = 1; t <= 6; ++t) {
-      SetMlaPullForTesting(false);
-      MlaDecodeAbsorbedBatch(*kvb, q.data(), t, caches.data(), ctxs, off.data(), &scratch);
-      SetMlaPullForTesting(true);
-      MlaDecodeAbsorbedBatch(*kvb, q.data(), t, caches.data(), ctxs, on.data(), &scratch);
-      EXPECT_EQ(0, std::memcmp(off.data(), on.data(), 4 * static_cast<size_t>(t * h * dv)))
-          << (kvb == &pb ? "bf16" : "fp32") << " kv_b, " << t << " queries";
+  const std::vector<LatentRows> caches(4, rows);
+  const int64_t ctxs[4] = {200, 17, 1, 256};  // one span each
+  std::vector<float> off(4 * h * dv), on(off.size()), scratch;
+  for (int mode : {3, 2}) {
+    SetMlaAttendModeForTesting(mode);
+    for (const MlaParams* kvb : {&p, &pb}) {
+      for (int64_t t = 1; t <= 4; ++t) {
+        SetMlaPullForTesting(false);
+        MlaDecodeAbsorbedBatch(*kvb, q.data(), t, caches.data(), ctxs, off.data(), &scratch);
+        SetMlaPullForTesting(true);
+        MlaDecodeAbsorbedBatch(*kvb, q.data(), t, caches.data(), ctxs, on.data(), &scratch);
+        EXPECT_EQ(0, std::memcmp(off.data(), on.data(), 4 * static_cast<size_t>(t * h * dv)))
+            << (kvb == &pb ? "bf16" : "fp32") << " kv_b, " << t << " queries, mode " << mode;
+      }
     }
   }
+  SetMlaAttendModeForTesting(0);
 }
 
 // The absorbed form against MLA computed in double from its definition (k_nope and v expanded

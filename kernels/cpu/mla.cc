@@ -84,10 +84,10 @@ void SumRows(const float* p, int64_t m, int64_t ld, const LatentRows& c, int64_t
 // So a position gives the same bits in a prefill chunk of any size, in decode, after a
 // prefix-cache hit, inside any batch and with any number of threads.
 
-// Up to this many queries (decode), a head's products read its kv_b rows once, from memory:
-// PullKvBRows reads them first.
+// Calls of up to this many queries in all (decode, or a prefill chunk of at most 4 tokens): a
+// head's products read its kv_b rows once, from memory, and PullKvBRows reads them first.
 constexpr int64_t kPullQueries = 4;
-int g_pull_mode = 1;  // 0: off (tests and benchmarks); 1: at most kPullQueries queries
+bool g_pull_kv_b = true;               // (off: tests)
 std::atomic<uint64_t> g_pull_sink{0};  // (every core writes it: atomic, so no data race)
 
 // Reads rows [row0, row0 + rows) of kv_b with plain loads and nothing else, so that the product
@@ -97,7 +97,7 @@ std::atomic<uint64_t> g_pull_sink{0};  // (every core writes it: atomic, so no d
 // us per layer with kv_b in memory, 50-60 -> 70-90 us with it in cache (a decode step never
 // finds it there); v2-lite-4l int8 decode: attention 2.4-2.6 -> 2.1-2.3 ms per step.
 void PullKvBRows(const MlaParams& p, int64_t nq, int64_t row0, int64_t rows) {
-  if (g_pull_mode == 0 || nq > kPullQueries) return;
+  if (!g_pull_kv_b || nq > kPullQueries) return;
   const int64_t r = p.latent_rank, size = p.kv_b_bf16 != nullptr ? 2 : 4;
   const char* c = p.kv_b_bf16 != nullptr ? reinterpret_cast<const char*>(p.kv_b_bf16 + row0 * r)
                                          : reinterpret_cast<const char*>(p.kv_b + row0 * r);
@@ -121,7 +121,7 @@ void PullKvBRows(const MlaParams& p, int64_t nq, int64_t row0, int64_t rows) {
 void AbsorbHead(const MlaParams& p, const float* q, int64_t nq, int64_t head, float* qc) {
   const int64_t h = p.num_heads, dn = p.nope_dim, dr = p.rope_dim, r = p.latent_rank;
   const int64_t qd = dn + dr, kvd = dn + p.v_dim, lc = r + dr;
-  PullKvBRows(p, nq, head * kvd, kvd);  // W_UK and W_UV: one stream of twice the length
+  PullKvBRows(p, nq, head * kvd, kvd);  // W_UK and W_UV: one longer stream
   if (p.kv_b_bf16 != nullptr) {
     AxpyRowsBf16(q + head * qd, nq, h * qd, p.kv_b_bf16 + head * kvd * r, dn, r, r, qc + head * lc,
                  h * lc, /*accumulate=*/false);
@@ -299,8 +299,10 @@ void AttendSpan(const MlaParams& p, const Query& q, int64_t a, int64_t b, const 
 void FoldSpan(int64_t h, int64_t r, const SpanResult& state, const SpanResult& next) {
   for (int64_t head = 0; head < h; ++head) {
     const float mx = std::max(state.m[head], next.m[head]);
-    const float a = state.m[head] == kNoRows ? 0.0f : std::exp(state.m[head] - mx);
-    const float b = next.m[head] == kNoRows ? 0.0f : std::exp(next.m[head] - mx);
+    float a = 0.0f, b = 0.0f;  // exp(m - mx) by SpanNumerators' exp (glibc's expf picks its code
+                               // by the CPU: bits could differ between replicas' machines)
+    if (state.m[head] != kNoRows) ExpScaled(state.m + head, 1, mx, 1.0f, &a);
+    if (next.m[head] != kNoRows) ExpScaled(next.m + head, 1, mx, 1.0f, &b);
     state.m[head] = mx;
     state.l[head] = state.l[head] * a + next.l[head] * b;
     float* acc = state.acc + head * r;
@@ -496,7 +498,7 @@ void MlaInvariant(const MlaParams& p, const float* q, int64_t nseq, const int64_
 }  // namespace
 
 void SetMlaSpanForTesting(int64_t rows) { g_span = rows > 0 ? rows : 256; }
-void SetMlaPullForTesting(bool on) { g_pull_mode = on ? 1 : 0; }
+void SetMlaPullForTesting(bool on) { g_pull_kv_b = on; }
 void SetMlaAttendModeForTesting(int mode) { g_attend_mode = mode; }
 void SetMlaHeadGroupsForTesting(int64_t groups) { g_head_groups = groups; }
 void SetMlaWaveBytesForTesting(int64_t bytes) {

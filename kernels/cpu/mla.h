@@ -82,8 +82,8 @@ void SetMlaSpanForTesting(int64_t rows);
 void SetMlaAttendModeForTesting(int mode);
 void SetMlaWaveBytesForTesting(int64_t bytes);
 void SetMlaHeadGroupsForTesting(int64_t groups);
-// Tests and benchmarks: whether decode-sized calls read each head's kv_b rows with plain loads
-// before its products (default on; never changes a bit).
+// Tests: whether calls of at most 4 queries read each head's kv_b rows with plain loads before
+// its products (default on; never changes a bit).
 void SetMlaPullForTesting(bool on);
 
 }  // namespace dmoe::cpu
