@@ -59,7 +59,10 @@ void SelectExperts(const GateParams& p, float* logits, int64_t t, int32_t* ids, 
   const int64_t e = p.n_experts;
   const bool noaux = p.method == GateMethod::kNoauxTc;
   if (p.scoring == GateScoring::kSigmoid) {
-    for (int64_t i = 0; i < t * e; ++i) logits[i] = 1.0f / (1.0f + std::exp(-logits[i]));
+    // exp(-x) by ops.h's ExpScaled ((x - 0) * -1 is -x exactly): the same bits on every CPU, where
+    // glibc's expf picks its code by the CPU (replicas could have routed differently)
+    ExpScaled(logits, t * e, 0.0f, -1.0f, logits);
+    for (int64_t i = 0; i < t * e; ++i) logits[i] = 1.0f / (1.0f + logits[i]);
   } else {
     SoftmaxRows(logits, t, e, e);
   }

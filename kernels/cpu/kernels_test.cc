@@ -188,6 +188,60 @@ std::vector<float> SameBitsAtEveryIsaLevel(int64_t full,
   return result;
 }
 
+// The gate's scores (SelectExperts' sigmoid, SoftmaxRows' softmax: the router's, batch-invariant
+// paths) take their exp from ExpScaled: the same bits at every ISA level, so on every CPU (glibc's
+// expf picks its code by the CPU), and within a few ulp of the definition in double, over logits
+// in [-30, 30] with a -inf entry (weight 0, score 0).
+TEST(Gating, ScoresHaveTheSameBitsAtEveryIsaLevelAndMatchTheDefinition) {
+  const int64_t full = 67;
+  std::vector<float> logits(full);
+  for (int64_t i = 0; i < full; ++i) logits[i] = -30.0f + 60.0f * ((i * 37) % full) / full;
+  logits[5] = -std::numeric_limits<float>::infinity();
+  const std::vector<float> soft = SameBitsAtEveryIsaLevel(full, [&](int64_t n, float* out) {
+    std::copy(logits.begin(), logits.begin() + n, out);
+    SoftmaxRows(out, 1, n, n);
+  });
+  const std::vector<float> sig = SameBitsAtEveryIsaLevel(full, [&](int64_t n, float* out) {
+    GateParams p;
+    p.n_experts = n;
+    p.top_k = 1;
+    p.method = GateMethod::kGreedy;
+    p.scoring = GateScoring::kSigmoid;
+    std::copy(logits.begin(), logits.begin() + n, out);
+    int32_t id = 0;
+    float w = 0;
+    SelectExperts(p, out, 1, &id, &w);  // (the scores replace the logits)
+  });
+  ASSERT_EQ(soft.size(), static_cast<size_t>(full));
+  ASSERT_EQ(sig.size(), static_cast<size_t>(full));
+  double mx = -1e300, sum = 0;
+  for (float x : logits) mx = std::max(mx, double(x));
+  for (float x : logits) sum += std::exp(double(x) - mx);
+  for (int64_t i = 0; i < full; ++i) {
+    if (i == 5) continue;  // (the -inf entry: below)
+    const double x = logits[i], want_soft = std::exp(x - mx) / sum;
+    // (x - mx is rounded to float first, as every softmax over floats does: a relative error of
+    // up to |x - mx| * 2^-24 in the numerator, besides the exp's own few ulp)
+    EXPECT_NEAR(soft[i], want_soft, (6e-7 + std::fabs(x - mx) * 6e-8) * want_soft) << i;
+    const double want_sig = 1.0 / (1.0 + std::exp(-x));
+    EXPECT_NEAR(sig[i], want_sig, 1e-6 * want_sig) << i;
+  }
+  EXPECT_EQ(soft[5], 0.0f);
+  EXPECT_EQ(sig[5], 0.0f);
+  // Bit for bit the definitions through ExpScaled (what makes them the same on every CPU):
+  // sigmoid 1 / (1 + exp(-x)); softmax exp(x - max) times float(1 / their double sum in order).
+  std::vector<float> e(full), neg(full);
+  for (int64_t i = 0; i < full; ++i) neg[i] = -logits[i];
+  ExpScaled(neg.data(), full, 0.0f, 1.0f, e.data());
+  for (int64_t i = 0; i < full; ++i) EXPECT_EQ(sig[i], 1.0f / (1.0f + e[i])) << i;
+  const float fmx = *std::max_element(logits.begin(), logits.end());
+  ExpScaled(logits.data(), full, fmx, 1.0f, e.data());
+  double esum = 0;
+  for (float v : e) esum += v;
+  const float inv = static_cast<float>(1.0 / esum);
+  for (int64_t i = 0; i < full; ++i) EXPECT_EQ(soft[i], e[i] * inv) << i;
+}
+
 // SiluMul (its own vector exp): within a few ulp of silu(g) * u in double over g in [-100, 100]
 // where the result is a normal float, exactly 0 where exp(-g) passes 88 (its range's end), NaN for
 // NaN, and the same bits at every ISA level (portable, AVX2), specials inside the vector body as

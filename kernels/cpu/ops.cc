@@ -63,12 +63,11 @@ void SoftmaxRows(float* x, int64_t rows, int64_t n, int64_t ld) {
     float* row = x + r * ld;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) mx = row[i] > mx ? row[i] : mx;
+    // exp(x - mx) by ExpScaled (0 for -inf; the same bits on every CPU, where glibc's expf
+    // picks its code by the CPU), then the sum in double in order
+    ExpScaled(row, n, mx, 1.0f, row);
     double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = std::isinf(row[i]) && row[i] < 0 ? 0.0f : std::exp(row[i] - mx);
-      row[i] = e;
-      sum += e;
-    }
+    for (int64_t i = 0; i < n; ++i) sum += row[i];
     const float inv = static_cast<float>(1.0 / sum);
     for (int64_t i = 0; i < n; ++i) row[i] *= inv;
   }

@@ -26,7 +26,8 @@ void Linear(const float* x, int64_t t, int64_t in, const float* w, int64_t out, 
 void RmsNorm(const float* x, int64_t t, int64_t n, const float* w, double eps, float* y,
              int64_t ldx = 0, int64_t ldy = 0);
 
-// In-place softmax of each of `rows` rows of length n (stride ld). -inf entries get 0.
+// In-place softmax of each of `rows` rows of length n (stride ld). -inf entries get 0. The
+// numerators are ExpScaled's (below): the same bits on every CPU.
 void SoftmaxRows(float* x, int64_t rows, int64_t n, int64_t ld);
 
 // h = silu(g) * u = g / (1 + exp(-g)) * u, elementwise over n values, exp as ops.cc defines it:
