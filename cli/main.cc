@@ -37,7 +37,8 @@ usage: dmoe <command> [flags]      (dmoe <command> --help for its flags)
 commands:
   logits           float32 logits [T, vocab] of one full causal forward, in-process
   generate         prefill + decode through the latent KV cache, in-process; prints token ids
-  make-tiny-model  write a random-weight checkpoint in Hugging Face layout (tiny, tiny-lite, tiny-v3, small)
+  make-tiny-model  write a random-weight checkpoint in Hugging Face layout (a preset: tiny, small,
+                   v2-lite-4l, ...; make-tiny-model --help lists them)
   tokenize         run a tokenizer.json locally over JSON lines (or --decode the reverse)
   chat             chat with a dmoe-gateway (--target), streaming the answer
   serve            the whole stack in one process (experts in-process), serving the public API

@@ -274,6 +274,9 @@ std::vector<Input> Inputs(std::mt19937* rng) {
   in.push_back({"GET 10 KiB path", "GET /" + std::string(10240, 'a') + " HTTP/1.1\r\n\r\n"});
   in.push_back({"POST", "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"});
   in.push_back({"POST chunked", "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"});
+  in.push_back(
+      {"POST chunked, last chunk ends in LF",  // (Beast asserts if put() is misused)
+       "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\n\r\n"});
   in.push_back({"PUT", "PUT /metrics HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" +
                            std::string(100000, 'p')});
   in.push_back({"DELETE", "DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n"});

@@ -417,22 +417,32 @@ TEST_P(TransportConformance, PostsRacingAServerKillNeverUseAClosedEndpoint) {
     auto peer = client->Connect(address);
     ASSERT_TRUE(peer.ok()) << peer.status();
     std::atomic<int> posted{0}, unavailable{0}, finished{0};
+    // The threads post until they fail or until this deadline: 10 s after the kill (a killed
+    // peer is noticed within ~1 s, the sm keepalive), 30 s from now until then. (A deadline
+    // counted from the threads' start left too little time after a kill that came late on a
+    // loaded machine: a CI run once saw no thread fail over sm.)
+    const auto ticks = [](Clock::time_point t) { return t.time_since_epoch().count(); };
+    const auto start = Clock::now();
+    std::atomic<Clock::rep> stop_at{ticks(start + std::chrono::seconds(30))};
+    std::atomic<bool> killed{false};
+    std::string last_errors[3];  // what each thread saw last, for a failure's message
+    int posts_after_kill[3] = {0, 0, 0};
     std::vector<std::thread> threads;
     for (int t = 0; t < 3; ++t) {
       threads.emplace_back([&, t] {
         std::vector<uint64_t> ids;
         std::vector<uint8_t> reply;
         bool failed = false;
-        // Bounded: a killed peer is noticed within ~1 s (sm keepalive), well inside the 10 s.
-        for (const auto until = Clock::now() + std::chrono::seconds(10);
-             !failed && Clock::now() < until;) {
+        while (!failed && ticks(Clock::now()) < stop_at.load()) {
           auto id = client->Post(*peer, Pattern(64, static_cast<uint8_t>(t)));
           if (!id.ok()) {
             failed = id.status().code() == absl::StatusCode::kUnavailable;
+            last_errors[t] = id.status().ToString();
             std::this_thread::yield();  // full: the waits below free slots
           } else {
             ids.push_back(*id);
             ++posted;
+            if (killed.load()) ++posts_after_kill[t];
           }
           if (ids.size() >= 8) {  // nothing answers: each wait ends at its deadline or the failure
             const absl::Status st = client->Wait(ids.front(), Clock::now(), &reply);
@@ -451,10 +461,19 @@ TEST_P(TransportConformance, PostsRacingAServerKillNeverUseAClosedEndpoint) {
     }
     EXPECT_GE(posted.load(), 200) << "the posts did not get going before the kill";
     kill(pid, SIGKILL);
+    const auto kill_time = Clock::now();
+    stop_at = ticks(kill_time + std::chrono::seconds(10));
+    killed = true;
     waitpid(pid, nullptr, 0);
     reaper.pid = -1;
     for (auto& th : threads) th.join();
-    ASSERT_EQ(3, unavailable.load()) << "round " << round;
+    ASSERT_EQ(3, unavailable.load())
+        << "round " << round << ": " << posted.load() << " posts, the kill after "
+        << std::chrono::duration<double>(kill_time - start).count() << " s, the threads ended "
+        << std::chrono::duration<double>(Clock::now() - kill_time).count()
+        << " s after it; posts accepted after the kill " << posts_after_kill[0] << "/"
+        << posts_after_kill[1] << "/" << posts_after_kill[2] << "; last errors: [" << last_errors[0]
+        << "] [" << last_errors[1] << "] [" << last_errors[2] << "]";
     auto after = client->Post(*peer, Pattern(64, 9));
     EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << after.status();
   }
