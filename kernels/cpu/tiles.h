@@ -23,10 +23,11 @@ namespace dmoe::cpu {
 // nothing.
 inline constexpr int64_t kTilePrefetchBytes = 8192;
 
-// Prefetches kLines cache lines at p + kTilePrefetchBytes into L2 when a tile has T > 1 rows.
-template <int T, int kLines>
+// Prefetches kLines cache lines at p + kTilePrefetchBytes into L2 when a tile has T > 1 rows, or
+// any rows with kSingleRows (the int8 kernels: see w8a8.cc).
+template <int T, int kLines, bool kSingleRows = false>
 __attribute__((always_inline)) inline void PrefetchTileWeights(const void* p) {
-  if constexpr (T > 1) {
+  if constexpr (T > 1 || kSingleRows) {
     const char* c = static_cast<const char*>(p) + kTilePrefetchBytes;
 #pragma GCC unroll 8
     for (int i = 0; i < kLines; ++i) _mm_prefetch(c + 64 * i, _MM_HINT_T1);
