@@ -509,6 +509,64 @@ TEST_P(TransportConformance, ServerProcessKilledFailsInFlightRequests) {
               std::chrono::duration<double, std::milli>(Clock::now() - start).count());
 }
 
+// A server that died before the client connected (its address handed out, the process gone):
+// the client must say UNAVAILABLE, at the connect or on the first request, never leave requests
+// waiting out their deadlines. Over sm the endpoint of a peer that died during the wireup was
+// never failed by the keepalive (its sends stayed pending until the slot table was full), so
+// Connect now waits until the endpoint is wired up.
+TEST_P(TransportConformance, AServerDeadBeforeTheConnectIsUnavailable) {
+  if (GetParam() == "inproc") GTEST_SKIP() << "inproc has no other process";
+  auto [pid, address] = StartSilentServer(GetParam());
+  Reaper reaper{pid};
+  ASSERT_GT(pid, 0);
+  ASSERT_FALSE(address.empty()) << "the server process printed no address";
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  reaper.pid = -1;
+  auto client = pair_.new_client();
+  const auto start = Clock::now();
+  auto peer = client->Connect(address);
+  absl::Status st = peer.status();
+  if (peer.ok()) {
+    auto id = client->Post(*peer, Pattern(64, 1));
+    st = id.status();
+    std::vector<uint8_t> reply;
+    if (id.ok()) st = client->Wait(*id, Clock::now() + std::chrono::seconds(15), &reply);
+  }
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  std::printf("%s: a dead server refused after %.0f ms (%s): %s\n", GetParam().c_str(),
+              std::chrono::duration<double, std::milli>(Clock::now() - start).count(),
+              peer.ok() ? "on the request" : "at the connect", st.ToString().c_str());
+}
+
+// A server that hangs (SIGSTOP) before the client's connect: the wireup cannot finish, and UCX
+// never fails such an endpoint, so Connect says UNAVAILABLE after its wireup bound (10 s) instead
+// of handing out a peer whose requests only pile up. (Without the bound, Connect succeeded and the
+// request waited out its deadline: checked.)
+TEST_P(TransportConformance, AServerHungDuringTheWireupFailsTheConnect) {
+  if (GetParam() == "inproc") GTEST_SKIP() << "inproc has no other process";
+  auto [pid, address] = StartSilentServer(GetParam());
+  Reaper reaper{pid};  // (SIGKILL ends a stopped process too)
+  ASSERT_GT(pid, 0);
+  ASSERT_FALSE(address.empty()) << "the server process printed no address";
+  kill(pid, SIGSTOP);
+  auto client = pair_.new_client();
+  const auto start = Clock::now();
+  auto peer = client->Connect(address);
+  absl::Status st = peer.status();
+  if (peer.ok()) {
+    auto id = client->Post(*peer, Pattern(64, 1));
+    st = id.status();
+    std::vector<uint8_t> reply;
+    if (id.ok()) st = client->Wait(*id, Clock::now() + std::chrono::seconds(15), &reply);
+  }
+  EXPECT_FALSE(peer.ok()) << "a hung server became a peer; its request ended with " << st;
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  std::printf("%s: a hung server refused after %.0f ms: %s\n", GetParam().c_str(),
+              std::chrono::duration<double, std::milli>(Clock::now() - start).count(),
+              st.ToString().c_str());
+}
+
 INSTANTIATE_TEST_SUITE_P(All, TransportConformance,
                          ::testing::Values("inproc", "ucx_tcp", "ucx_sm"),
                          [](const auto& info) { return info.param; });
