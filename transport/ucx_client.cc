@@ -131,22 +131,11 @@ class UcxClient : public ClientTransport, public UcxWorker {
       }
       // Released once sent; hello_ and token_ outlive it.
       if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
-      // Connected means wired up: an endpoint whose peer died during the wireup (over sm, seen
-      // with the peer SIGKILLed ~10 ms after the connect on a loaded machine) was never failed by
-      // the keepalive, so its requests piled up as pending sends until the slot table was full
-      // (RESOURCE_EXHAUSTED for every peer), instead of failing with UNAVAILABLE.
-      const ucs_status_t wired = FlushBounded(handle, Clock::now() + kWireupTimeout);
-      if (wired != UCS_OK) {
-        result = absl::UnavailableError(
-            absl::StrCat("connect to ", ShortAddress(address), ": ",
-                         wired == UCS_ERR_TIMED_OUT
-                             ? absl::StrCat("not wired up within ", kWireupTimeout.count(), " s")
-                             : ucs_status_string(wired)));
-        ForceCloseNoWait(handle);
-        return;
-      }
       MutexLock l(&mu_);
-      peers_.push_back(Peer{handle, ShortAddress(address), false, 0, nullptr});
+      // Worker addresses are long; messages show a prefix.
+      peers_.push_back(Peer{
+          handle, absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address,
+          false, 0, nullptr});
       result = static_cast<int>(peers_.size() - 1);
     });
     return result;
@@ -472,29 +461,6 @@ class UcxClient : public ClientTransport, public UcxWorker {
     }
     self->cv_.SignalAll();
   }
-
-  // Worker addresses are long; messages show a prefix.
-  static std::string ShortAddress(const std::string& address) {
-    return absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address;
-  }
-
-  // Flushes `ep`, progressing the worker until `until`: UCS_OK, the flush's error, or
-  // UCS_ERR_TIMED_OUT (the request is then released; a forced close of `ep` ends it, as flushes
-  // cannot be cancelled).
-  ucs_status_t FlushBounded(ucp_ep_h ep, Clock::time_point until) {
-    ucp_request_param_t prm;
-    std::memset(&prm, 0, sizeof(prm));
-    void* flush = ucp_ep_flush_nbx(ep, &prm);
-    if (flush == nullptr) return UCS_OK;
-    if (UCS_PTR_IS_ERR(flush)) return UCS_PTR_STATUS(flush);
-    ucs_status_t s;
-    while ((s = ucp_request_check_status(flush)) == UCS_INPROGRESS && Clock::now() < until) {
-      ucp_worker_progress(worker_);
-    }
-    ucp_request_free(flush);
-    return s == UCS_INPROGRESS ? UCS_ERR_TIMED_OUT : s;
-  }
-  static constexpr std::chrono::seconds kWireupTimeout{10};
 
   std::vector<uint8_t> hello_;  // this worker's address, sent as kAmHello
   std::string token_;           // the cluster token: the hello's header
