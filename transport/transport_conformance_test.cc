@@ -513,6 +513,18 @@ TEST_P(TransportConformance, ServerProcessKilledFailsInFlightRequests) {
               std::chrono::duration<double, std::milli>(Clock::now() - start).count());
 }
 
+// Connects to `address` and, where that works, sends one request and waits up to 15 s for its
+// reply: the first error met (or OK). `connected` says whether the connect itself worked.
+absl::Status ConnectAndAsk(ClientTransport* client, const std::string& address, bool* connected) {
+  auto peer = client->Connect(address);
+  *connected = peer.ok();
+  if (!peer.ok()) return peer.status();
+  auto id = client->Post(*peer, Pattern(64, 1));
+  if (!id.ok()) return id.status();
+  std::vector<uint8_t> reply;
+  return client->Wait(*id, Clock::now() + std::chrono::seconds(15), &reply);
+}
+
 // A server that died before the client connected (its address handed out, the process gone):
 // the client must say UNAVAILABLE, at the connect or on the first request, never leave requests
 // waiting out their deadlines. (A peer that dies or hangs *during* the wireup is the known bug
@@ -528,18 +540,12 @@ TEST_P(TransportConformance, AServerDeadBeforeTheConnectIsUnavailable) {
   reaper.pid = -1;
   auto client = pair_.new_client();
   const auto start = Clock::now();
-  auto peer = client->Connect(address);
-  absl::Status st = peer.status();
-  if (peer.ok()) {
-    auto id = client->Post(*peer, Pattern(64, 1));
-    st = id.status();
-    std::vector<uint8_t> reply;
-    if (id.ok()) st = client->Wait(*id, Clock::now() + std::chrono::seconds(15), &reply);
-  }
+  bool connected = false;
+  const absl::Status st = ConnectAndAsk(client.get(), address, &connected);
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
   std::printf("%s: a dead server refused after %.0f ms (%s): %s\n", GetParam().c_str(),
               std::chrono::duration<double, std::milli>(Clock::now() - start).count(),
-              peer.ok() ? "on the request" : "at the connect", st.ToString().c_str());
+              connected ? "on the request" : "at the connect", st.ToString().c_str());
 }
 
 // KNOWN BUG, disabled (run it with --gtest_also_run_disabled_tests): a server that hangs (SIGSTOP)
@@ -558,15 +564,9 @@ TEST_P(TransportConformance, DISABLED_AServerHungDuringTheWireupFailsTheConnect)
   kill(pid, SIGSTOP);
   auto client = pair_.new_client();
   const auto start = Clock::now();
-  auto peer = client->Connect(address);
-  absl::Status st = peer.status();
-  if (peer.ok()) {
-    auto id = client->Post(*peer, Pattern(64, 1));
-    st = id.status();
-    std::vector<uint8_t> reply;
-    if (id.ok()) st = client->Wait(*id, Clock::now() + std::chrono::seconds(15), &reply);
-  }
-  EXPECT_FALSE(peer.ok()) << "a hung server became a peer; its request ended with " << st;
+  bool connected = false;
+  const absl::Status st = ConnectAndAsk(client.get(), address, &connected);
+  EXPECT_FALSE(connected) << "a hung server became a peer; its request ended with " << st;
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
   std::printf("%s: a hung server refused after %.0f ms: %s\n", GetParam().c_str(),
               std::chrono::duration<double, std::milli>(Clock::now() - start).count(),
