@@ -3,11 +3,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -29,6 +31,11 @@ class UcxClient : public ClientTransport, public UcxWorker {
     // Destruction: no other thread uses the peers any more (and the UCX calls below run the
     // callbacks that take mu_, so it cannot be held here).
     RunSync([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      {
+        // A wireup check ended by the closes below must not close its endpoint a second time.
+        MutexLock l(&mu_);
+        for (Peer& p : peers_) p.wiring = false;
+      }
       // One bound for all the flushes below, however many peers.
       const auto until = Clock::now() + std::chrono::milliseconds(500);
       for (Peer& p : peers_) {
@@ -131,27 +138,46 @@ class UcxClient : public ClientTransport, public UcxWorker {
       }
       // Released once sent; hello_ and token_ outlive it.
       if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
-      MutexLock l(&mu_);
-      // Worker addresses are long; messages show a prefix.
-      peers_.push_back(Peer{
-          handle, absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address,
-          false, 0, nullptr});
-      result = static_cast<int>(peers_.size() - 1);
+      int index;
+      {
+        MutexLock l(&mu_);
+        // Worker addresses are long; messages show a prefix.
+        Peer p;
+        p.ep = handle;
+        p.address =
+            absl::StartsWith(address, "ucx-addr:") ? address.substr(0, 25) + "..." : address;
+        p.wiring = true;
+        p.wiring_since = Clock::now();
+        peers_.push_back(std::move(p));
+        index = static_cast<int>(peers_.size() - 1);
+        wiring_.fetch_add(1, std::memory_order_relaxed);
+      }
+      // Added before the flush starts: its callback may run at once (below) or on any thread
+      // that progresses the worker.
+      StartWireupCheck(handle, index);
+      result = index;
     });
     return result;
   }
 
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
     Slot* slot;
-    ucp_ep_h ep;
+    ucp_ep_h ep = nullptr;
     {
       MutexLock l(&mu_);
       if (peer < 0 || peer >= static_cast<int>(peers_.size())) {
         return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
       }
       Peer& p = peers_[static_cast<size_t>(peer)];
+      if (p.wiring && Clock::now() - p.wiring_since > kWireupBound) {
+        FailWireupLocked(static_cast<size_t>(peer));
+      }
       if (p.failed || p.ep == nullptr) {
-        return absl::UnavailableError(absl::StrCat("peer ", p.address, " has failed"));
+        return absl::UnavailableError(absl::StrCat("peer ", p.address, " has failed: ", p.why));
+      }
+      if (p.inflight >= kMaxInflightPerPeer) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("more than ", kMaxInflightPerPeer, " requests in flight to ", p.address));
       }
       slot = slots_.Allocate();
       if (slot == nullptr) {
@@ -168,6 +194,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       slot->send = std::move(request);
       slot->live.store(slot->id, std::memory_order_release);
       ep = p.ep;
+      ++p.inflight;
       ++p.senders;  // `ep` stays open until the send below has returned
     }
     const uint64_t id = slot->id;
@@ -289,14 +316,23 @@ class UcxClient : public ClientTransport, public UcxWorker {
 
  private:
   struct Peer {
-    ucp_ep_h ep;
+    ucp_ep_h ep = nullptr;
     std::string address;
-    bool failed;
+    bool failed = false;
     // Posts between reading `ep` and their ucp_am_send_nbx returning. While there are any, a
     // failed endpoint is not closed (that freed it under a send: SIGSEGV in ucp_am_send_nbx on
     // the attention node when a shard was killed mid-stream); the last of them closes it.
     int senders = 0;
     ucp_ep_h close_pending = nullptr;
+    // Slots held by this peer's requests (until freed, after the wait and the send).
+    int inflight = 0;
+    // The UCX wireup has not been seen to finish (the flush StartWireupCheck began has not
+    // completed). Over sm a peer that dies or hangs in this state is never failed by UCX's
+    // keepalive: its sends stay pending, holding their slots, forever. So a peer still wiring
+    // after kWireupBound is failed here (Housekeeping, Post).
+    bool wiring = false;
+    Clock::time_point wiring_since;
+    std::string why;  // why it failed, for later Posts' errors
   };
   // One request in flight. Freed once its caller has waited and UCX no longer uses its buffers.
   struct Slot {
@@ -315,6 +351,12 @@ class UcxClient : public ClientTransport, public UcxWorker {
     std::vector<uint8_t> reply;
   };
   static constexpr uint32_t kMaxInflight = 4096;
+  // One peer that hangs (its sends never complete, and only request deadlines notice) holds at
+  // most this many of the slots every peer shares.
+  static constexpr int kMaxInflightPerPeer = kMaxInflight / 4;
+  // A wireup takes milliseconds (a few round trips between the two workers), more on a loaded
+  // machine; a peer still wiring after this is taken for dead.
+  static constexpr std::chrono::seconds kWireupBound{5};
 
   void MaybeFree(Slot* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!s->waited || s->sending || s->receiving) return;
@@ -323,6 +365,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     if (s->reply.capacity() > 0) pool_.Release(std::move(s->reply));
     s->reply = std::vector<uint8_t>();
     s->status = absl::OkStatus();
+    --peers_[static_cast<size_t>(s->peer)].inflight;
     slots_.Free(s);
   }
 
@@ -426,7 +469,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
 
   // A Post's send on `peer` has returned: the last one closes an endpoint that failed meanwhile.
   void SendReturned(int peer) {
-    ucp_ep_h ep;
+    ucp_ep_h ep = nullptr;
     {
       MutexLock l(&mu_);
       Peer& p = peers_[static_cast<size_t>(peer)];
@@ -441,25 +484,99 @@ class UcxClient : public ClientTransport, public UcxWorker {
     auto* self = static_cast<UcxClient*>(arg);
     MutexLock l(&self->mu_);
     for (size_t i = 0; i < self->peers_.size(); ++i) {
-      Peer& p = self->peers_[i];
-      if (p.ep != ep) continue;
-      p.failed = true;
-      for (Slot& f : self->slots_.slots()) {
-        if (f.id != 0 && f.peer == static_cast<int>(i) && !f.done) {
-          self->FinishLocked(&f, absl::UnavailableError(absl::StrCat(
-                                     "peer ", p.address, " failed: ", ucs_status_string(status))));
-        }
+      if (self->peers_[i].ep == ep) self->FailPeerLocked(i, ucs_status_string(status));
+    }
+  }
+
+  // Marks peer `i` failed: its requests end UNAVAILABLE (`why` says why) and its endpoint is
+  // closed from the progress thread, outside any callback, once no Post is sending on it (a
+  // forced close also ends its pending sends, which frees their slots).
+  void FailPeerLocked(size_t i, const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Peer& p = peers_[i];
+    if (p.failed) return;
+    p.failed = true;
+    p.why = why;
+    if (p.wiring) {
+      p.wiring = false;
+      wiring_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    for (Slot& f : slots_.slots()) {
+      if (f.id != 0 && f.peer == static_cast<int>(i) && !f.done) {
+        FinishLocked(&f,
+                     absl::UnavailableError(absl::StrCat("peer ", p.address, " failed: ", why)));
       }
-      // Close the endpoint from the progress thread, outside this callback, once no Post is
-      // sending on it.
-      p.ep = nullptr;
+    }
+    const ucp_ep_h ep = p.ep;
+    p.ep = nullptr;
+    if (ep != nullptr) {
       if (p.senders > 0) {
         p.close_pending = ep;
       } else {
-        self->RunAsync([ep] { ForceCloseNoWait(ep); });
+        RunAsync([ep] { ForceCloseNoWait(ep); });
       }
     }
-    self->cv_.SignalAll();
+    cv_.SignalAll();
+  }
+
+  void FailWireupLocked(size_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    FailPeerLocked(i, absl::StrCat("no UCX wireup within ", kWireupBound.count(),
+                                   " s of the connect (the peer hangs, or died connecting)"));
+  }
+
+  // What a wireup check's flush callback needs (UCX passes one pointer).
+  struct WireupCheck {
+    UcxClient* self;
+    int peer;
+  };
+
+  // Flushes the new endpoint of `peer` without waiting: the flush completes once the wireup has
+  // (the hello sent before it delivered), and OnWireup marks the peer wired, or failed. A
+  // blocking flush in Connect would stall the caller (the attention engine's thread, reviving
+  // a paused shard every 2 s) for the whole bound.
+  void StartWireupCheck(ucp_ep_h ep, int peer) {
+    auto* check = new WireupCheck{this, peer};
+    ucp_request_param_t prm;
+    std::memset(&prm, 0, sizeof(prm));
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    prm.cb.send = &UcxClient::OnWireup;
+    prm.user_data = check;
+    void* req = ucp_ep_flush_nbx(ep, &prm);
+    if (req == nullptr) {
+      OnWireup(nullptr, UCS_OK, check);
+    } else if (UCS_PTR_IS_ERR(req)) {
+      OnWireup(nullptr, UCS_PTR_STATUS(req), check);
+    }
+    // Else OnWireup runs when the flush ends: done, failed, or cancelled by a forced close (a
+    // flush UCX never ends leaks `check`, a few bytes).
+  }
+
+  static void OnWireup(void* req, ucs_status_t status, void* user) {
+    auto* check = static_cast<WireupCheck*>(user);
+    UcxClient* self = check->self;
+    {
+      MutexLock l(&self->mu_);
+      Peer& p = self->peers_[static_cast<size_t>(check->peer)];
+      if (p.wiring) {
+        if (status == UCS_OK) {
+          p.wiring = false;
+          self->wiring_.fetch_sub(1, std::memory_order_relaxed);
+        } else {
+          self->FailPeerLocked(static_cast<size_t>(check->peer),
+                               absl::StrCat("wireup: ", ucs_status_string(status)));
+        }
+      }
+    }
+    delete check;
+    if (req != nullptr) ucp_request_free(req);
+  }
+
+  void Housekeeping() override {
+    if (wiring_.load(std::memory_order_relaxed) == 0) return;
+    MutexLock l(&mu_);
+    const auto now = Clock::now();
+    for (size_t i = 0; i < peers_.size(); ++i) {
+      if (peers_[i].wiring && now - peers_[i].wiring_since > kWireupBound) FailWireupLocked(i);
+    }
   }
 
   std::vector<uint8_t> hello_;  // this worker's address, sent as kAmHello
@@ -467,6 +584,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   Mutex mu_;
   CondVar cv_;
   std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
+  std::atomic<int> wiring_{0};  // peers with `wiring` set (Housekeeping reads it without mu_)
   SlotTable<Slot> slots_{kMaxInflight};  // At() is read without mu_ (a probe); the rest under it
   UnlockedBufferPool pool_ ABSL_GUARDED_BY(mu_);
 };

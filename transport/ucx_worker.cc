@@ -179,6 +179,7 @@ void UcxWorker::Loop() {
     ops.clear();
     while (ucp_worker_progress(worker_) != 0) {
     }
+    Housekeeping();
     {
       MutexLock l(&ops_mu_);
       if (!ops_.empty() || stop_) continue;

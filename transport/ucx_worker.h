@@ -60,6 +60,11 @@ class UcxWorker {
   void Destroy();
 
  protected:
+  // Called by the progress thread about every 100 ms while it progresses the worker (and after
+  // each batch of work), outside every lock: for checks that no UCX callback makes (a client's
+  // wireup bound).
+  virtual void Housekeeping() {}
+
   // Progresses the worker on the calling thread until `ready()` or `spin` has passed. For the
   // short gaps of a decode step this beats waking a sleeping thread; it is bounded so that idle
   // processes do not burn a core (BUILD_NOTES.md: never busy-poll both sides of a 2-core box).
