@@ -45,6 +45,10 @@ ServiceMain::ServiceMain(std::string name) : name_(std::move(name)) {
   sa.sa_flags = SA_RESTART;
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
+  // A write to a closed pipe fails (EPIPE) instead of killing the service. UCX prints its
+  // warnings to stdout from its own threads: a shard whose stdout was a pipe its reader had
+  // closed died of SIGPIPE at the next one (seen with the transport tests' server process).
+  signal(SIGPIPE, SIG_IGN);
   signal_thread_ = std::thread([this] { WatchSignals(); });
 }
 
