@@ -563,16 +563,21 @@ TEST_P(TransportConformance, AServerHungDuringTheWireupFailsItsRequests) {
   ASSERT_GT(pid, 0);
   ASSERT_FALSE(address.empty()) << "the server process printed no address";
   kill(pid, SIGSTOP);
-  {
-    auto client = pair_.new_client();
-    const auto start = Clock::now();
-    bool connected = false;
-    const absl::Status st = ConnectAndAsk(client.get(), address, &connected);
-    EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
-    std::printf("%s: a hung server refused after %.0f ms (%s): %s\n", GetParam().c_str(),
-                std::chrono::duration<double, std::milli>(Clock::now() - start).count(),
-                connected ? "on the request" : "at the connect", st.ToString().c_str());
+  // Two clients at once: the resumed server meets two half-done wireups whose clients gave up.
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 2; ++c) {
+    clients.emplace_back([&] {
+      auto client = pair_.new_client();
+      const auto start = Clock::now();
+      bool connected = false;
+      const absl::Status st = ConnectAndAsk(client.get(), address, &connected);
+      EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+      std::printf("%s: a hung server refused after %.0f ms (%s): %s\n", GetParam().c_str(),
+                  std::chrono::duration<double, std::milli>(Clock::now() - start).count(),
+                  connected ? "on the request" : "at the connect", st.ToString().c_str());
+    });
   }
+  for (auto& t : clients) t.join();
   kill(pid, SIGCONT);
   std::this_thread::sleep_for(milliseconds(500));
   int wstatus = 0;

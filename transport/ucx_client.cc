@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -161,6 +162,9 @@ class UcxClient : public ClientTransport, public UcxWorker {
   }
 
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
+    // (While the progress thread is kept off the worker by callers, Housekeeping waits; this
+    // check does not. A relaxed load: nothing is wiring but in a connect's first milliseconds.)
+    if (wiring_.load(std::memory_order_relaxed) > 0) ExpireWireups();
     Slot* slot;
     ucp_ep_h ep = nullptr;
     {
@@ -169,9 +173,6 @@ class UcxClient : public ClientTransport, public UcxWorker {
         return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
       }
       Peer& p = peers_[static_cast<size_t>(peer)];
-      if (p.wiring && Clock::now() - p.wiring_since > kWireupBound) {
-        FailWireupLocked(static_cast<size_t>(peer));
-      }
       if (p.failed || p.ep == nullptr) {
         return absl::UnavailableError(absl::StrCat("peer ", p.address, " has failed: ", p.why));
       }
@@ -329,7 +330,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     // The UCX wireup has not been seen to finish (the flush StartWireupCheck began has not
     // completed). Over sm a peer that dies or hangs in this state is never failed by UCX's
     // keepalive: its sends stay pending, holding their slots, forever. So a peer still wiring
-    // after kWireupBound is failed here (Housekeeping, Post).
+    // after WireupBound() is failed (ExpireWireups, from Housekeeping and Post).
     bool wiring = false;
     Clock::time_point wiring_since;
     std::string why;  // why it failed, for later Posts' errors
@@ -355,8 +356,15 @@ class UcxClient : public ClientTransport, public UcxWorker {
   // most this many of the slots every peer shares.
   static constexpr int kMaxInflightPerPeer = kMaxInflight / 4;
   // A wireup takes milliseconds (a few round trips between the two workers), more on a loaded
-  // machine; a peer still wiring after this is taken for dead.
-  static constexpr std::chrono::seconds kWireupBound{5};
+  // machine; a peer still wiring after this (5 s; DMOE_UCX_WIREUP_MS) is taken for dead.
+  static std::chrono::milliseconds WireupBound() {
+    static const std::chrono::milliseconds bound = [] {
+      const char* env = std::getenv("DMOE_UCX_WIREUP_MS");
+      const int ms = env != nullptr ? std::atoi(env) : 0;
+      return std::chrono::milliseconds(ms > 0 ? ms : 5000);
+    }();
+    return bound;
+  }
 
   void MaybeFree(Slot* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!s->waited || s->sending || s->receiving) return;
@@ -477,23 +485,34 @@ class UcxClient : public ClientTransport, public UcxWorker {
       ep = p.close_pending;
       p.close_pending = nullptr;
     }
-    RunAsync([ep] { ForceCloseNoWait(ep); });  // outside mu_ (older UCX signal the worker locked)
+    CloseLater(ep);
   }
 
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* self = static_cast<UcxClient*>(arg);
-    MutexLock l(&self->mu_);
-    for (size_t i = 0; i < self->peers_.size(); ++i) {
-      if (self->peers_[i].ep == ep) self->FailPeerLocked(i, ucs_status_string(status));
+    ucp_ep_h close = nullptr;
+    {
+      MutexLock l(&self->mu_);
+      for (size_t i = 0; i < self->peers_.size(); ++i) {
+        if (self->peers_[i].ep == ep) close = self->FailPeerLocked(i, ucs_status_string(status));
+      }
     }
+    self->CloseLater(close);
   }
 
-  // Marks peer `i` failed: its requests end UNAVAILABLE (`why` says why) and its endpoint is
-  // closed from the progress thread, outside any callback, once no Post is sending on it (a
-  // forced close also ends its pending sends, which frees their slots).
-  void FailPeerLocked(size_t i, const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Closes `ep` (if any) from the progress thread, outside any callback. Called without mu_:
+  // older UCX versions signal the worker under its lock, which callbacks hold while taking mu_.
+  void CloseLater(ucp_ep_h ep) {
+    if (ep != nullptr) RunAsync([ep] { ForceCloseNoWait(ep); });
+  }
+
+  // Marks peer `i` failed: its requests end UNAVAILABLE (`why` says why). Returns its endpoint
+  // for the caller to CloseLater once it has let go of mu_, or nullptr: none, or a Post is still
+  // sending on it (the last one closes it). A forced close also ends the pending sends, which
+  // frees their slots.
+  ucp_ep_h FailPeerLocked(size_t i, const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Peer& p = peers_[i];
-    if (p.failed) return;
+    if (p.failed) return nullptr;
     p.failed = true;
     p.why = why;
     if (p.wiring) {
@@ -506,21 +525,14 @@ class UcxClient : public ClientTransport, public UcxWorker {
                      absl::UnavailableError(absl::StrCat("peer ", p.address, " failed: ", why)));
       }
     }
+    cv_.SignalAll();
     const ucp_ep_h ep = p.ep;
     p.ep = nullptr;
-    if (ep != nullptr) {
-      if (p.senders > 0) {
-        p.close_pending = ep;
-      } else {
-        RunAsync([ep] { ForceCloseNoWait(ep); });
-      }
+    if (ep != nullptr && p.senders > 0) {
+      p.close_pending = ep;
+      return nullptr;
     }
-    cv_.SignalAll();
-  }
-
-  void FailWireupLocked(size_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    FailPeerLocked(i, absl::StrCat("no UCX wireup within ", kWireupBound.count(),
-                                   " s of the connect (the peer hangs, or died connecting)"));
+    return ep;
   }
 
   // What a wireup check's flush callback needs (UCX passes one pointer).
@@ -553,6 +565,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
   static void OnWireup(void* req, ucs_status_t status, void* user) {
     auto* check = static_cast<WireupCheck*>(user);
     UcxClient* self = check->self;
+    ucp_ep_h close = nullptr;
     {
       MutexLock l(&self->mu_);
       Peer& p = self->peers_[static_cast<size_t>(check->peer)];
@@ -561,22 +574,34 @@ class UcxClient : public ClientTransport, public UcxWorker {
           p.wiring = false;
           self->wiring_.fetch_sub(1, std::memory_order_relaxed);
         } else {
-          self->FailPeerLocked(static_cast<size_t>(check->peer),
-                               absl::StrCat("wireup: ", ucs_status_string(status)));
+          close = self->FailPeerLocked(static_cast<size_t>(check->peer),
+                                       absl::StrCat("wireup: ", ucs_status_string(status)));
         }
       }
     }
+    self->CloseLater(close);
     delete check;
     if (req != nullptr) ucp_request_free(req);
   }
 
   void Housekeeping() override {
-    if (wiring_.load(std::memory_order_relaxed) == 0) return;
-    MutexLock l(&mu_);
-    const auto now = Clock::now();
-    for (size_t i = 0; i < peers_.size(); ++i) {
-      if (peers_[i].wiring && now - peers_[i].wiring_since > kWireupBound) FailWireupLocked(i);
+    if (wiring_.load(std::memory_order_relaxed) > 0) ExpireWireups();
+  }
+
+  // Fails every peer still wiring WireupBound() after its connect.
+  void ExpireWireups() {
+    std::vector<ucp_ep_h> close;
+    {
+      MutexLock l(&mu_);
+      const auto now = Clock::now();
+      for (size_t i = 0; i < peers_.size(); ++i) {
+        if (!peers_[i].wiring || now - peers_[i].wiring_since <= WireupBound()) continue;
+        close.push_back(FailPeerLocked(
+            i, absl::StrCat("no UCX wireup within ", WireupBound().count(),
+                            " ms of the connect (the peer hangs, or died connecting)")));
+      }
     }
+    for (ucp_ep_h ep : close) CloseLater(ep);
   }
 
   std::vector<uint8_t> hello_;  // this worker's address, sent as kAmHello

@@ -60,9 +60,9 @@ class UcxWorker {
   void Destroy();
 
  protected:
-  // Called by the progress thread about every 100 ms while it progresses the worker (and after
-  // each batch of work), outside every lock: for checks that no UCX callback makes (a client's
-  // wireup bound).
+  // Called by the progress thread, outside every lock, after each round of progress while it
+  // holds the worker (at least every 100 ms then; not while callers keep it, spinning on their
+  // replies): for checks no UCX callback makes (a client's wireup bound, which Post checks too).
   virtual void Housekeeping() {}
 
   // Progresses the worker on the calling thread until `ready()` or `spin` has passed. For the
