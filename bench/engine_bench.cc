@@ -30,6 +30,7 @@
 #include "absl/strings/str_split.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
+#include "bench/read_bandwidth.h"
 #include "bench/shard_process.h"
 #include "common/huge_pages.h"
 #include "kernels/cpu/bf16dot.h"
@@ -120,7 +121,6 @@ struct PagedCaches {
   std::vector<std::unique_ptr<PagedKvSequence>> seqs;
 };
 
-double ReadBandwidth(int reps, size_t bytes, size_t offset);
 constexpr int kBlockSteps = 8;
 
 DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len,
@@ -172,49 +172,6 @@ DecodeResult BenchDecode(Engine& engine, int batch, int steps, int prompt_len,
     bw = after;
   }
   return r;
-}
-
-// Bytes read per second by every core of the kernel pool at once, each summing its own slice of a
-// buffer far larger than the caches: the bandwidth a memory-bound decode step can reach on this
-// machine.
-__attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes) {
-  const auto* v = reinterpret_cast<const __m256i*>(p);
-  __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
-  for (size_t i = 0; i + 4 <= bytes / 32; i += 4) {
-    a = _mm256_add_epi64(a, _mm256_loadu_si256(v + i));
-    b = _mm256_add_epi64(b, _mm256_loadu_si256(v + i + 1));
-    c = _mm256_add_epi64(c, _mm256_loadu_si256(v + i + 2));
-    d = _mm256_add_epi64(d, _mm256_loadu_si256(v + i + 3));
-  }
-  a = _mm256_add_epi64(_mm256_add_epi64(a, b), _mm256_add_epi64(c, d));
-  return _mm256_extract_epi64(a, 0);
-}
-
-// The best of `reps` reads by every core of `bytes` (default 1 GiB) of a 1 GiB buffer, starting at
-// `offset` (the buffer is made once and kept).
-double ReadBandwidth(int reps = 5, size_t bytes = size_t{1} << 30, size_t offset = 0) {
-  constexpr size_t n = size_t{1} << 30;
-  static std::vector<uint8_t>* const kept = [] {
-    auto* b = new std::vector<uint8_t>(n, 1);
-    UseHugePages(b->data(), n);  // as the weights are (common/huge_pages.h): the machine's best
-    return b;
-  }();
-  const uint8_t* const buf = kept->data() + std::min(offset, n - std::min(bytes, n));
-  const int parts = cpu::ThePool().size();
-  const size_t per = std::min(bytes, n) / static_cast<size_t>(parts) / 128 * 128;
-  std::vector<int64_t> sink(static_cast<size_t>(parts));
-  double best = 1e30;
-  for (int rep = 0; rep < reps; ++rep) {
-    const auto t0 = Clock::now();
-    cpu::ThePool().Run(parts, [&](int p) {
-      sink[static_cast<size_t>(p)] = SumSlice(buf + per * static_cast<size_t>(p), per);
-    });
-    best = std::min(best, Seconds(t0, Clock::now()));
-  }
-  int64_t total = 0;
-  for (int64_t v : sink) total += v;
-  if (total == 42) std::printf(" ");  // keeps the sums alive
-  return static_cast<double>(per * static_cast<size_t>(parts)) / best;
 }
 
 // VmRSS / VmHWM of this process in bytes; ResetPeakRss() restarts VmHWM from the current RSS.
