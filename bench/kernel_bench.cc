@@ -37,13 +37,13 @@ struct Shape {
 // The products of a batch-1 decode step, per preset (out x in).
 std::vector<Shape> PresetShapes(const std::string& preset) {
   if (preset == "small") {
-    return {{"q_a", 384, 1024},   {"q_b", 768, 384},          {"o", 1024, 512},
-            {"dense up", 2816, 1024}, {"dense down", 1024, 2816}, {"expert up", 512, 1024},
+    return {{"q_a", 384, 1024},         {"q_b", 768, 384},          {"o", 1024, 512},
+            {"dense up", 2816, 1024},   {"dense down", 1024, 2816}, {"expert up", 512, 1024},
             {"expert down", 1024, 512}, {"lm_head", 32000, 1024}};
   }
   if (preset == "v2-lite") {
-    return {{"q", 3072, 2048},          {"kv_a", 576, 2048},         {"o", 2048, 2048},
-            {"dense up", 10944, 2048},  {"dense down", 2048, 10944}, {"expert up", 1408, 2048},
+    return {{"q", 3072, 2048},           {"kv_a", 576, 2048},         {"o", 2048, 2048},
+            {"dense up", 10944, 2048},   {"dense down", 2048, 10944}, {"expert up", 1408, 2048},
             {"expert down", 2048, 1408}, {"lm_head", 32000, 2048}};
   }
   return {};
@@ -106,7 +106,7 @@ struct Options {
   std::vector<std::string> presets = {"small", "v2-lite"};
   std::vector<std::string> formats = {"bf16", "bf16a16", "int8"};
   int64_t rows = 1;
-  double seconds = 0.3;   // per figure
+  double seconds = 0.3;    // per figure
   int64_t pool_mib = 512;  // the copies of one shape together
 };
 

@@ -364,8 +364,9 @@ TEST_P(TransportConformance, RepliesRacingAShutdownNeverUseAClosedWorker) {
 }
 
 // Starts transport/silent_server (answers nothing); returns its pid and address ({-1, ""} on
-// failure).
-std::pair<pid_t, std::string> StartSilentServer(const std::string& transport) {
+// failure): its UCX worker address over sm (or with `by_worker`), else its HOST:PORT.
+std::pair<pid_t, std::string> StartSilentServer(const std::string& transport,
+                                                bool by_worker = false) {
   const char* srcdir = std::getenv("TEST_SRCDIR");
   if (srcdir == nullptr) return {-1, ""};
   int out[2];
@@ -381,7 +382,8 @@ std::pair<pid_t, std::string> StartSilentServer(const std::string& transport) {
     dup2(out[1], 1);
     close(out[0]);
     setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);  // UCX's warnings go to stdout
-    execl(bin.c_str(), bin.c_str(), transport == "ucx_sm" ? "--worker-address" : "", nullptr);
+    execl(bin.c_str(), bin.c_str(), transport == "ucx_sm" || by_worker ? "--worker-address" : "",
+          nullptr);
     _exit(127);
   }
   close(out[1]);
@@ -548,31 +550,33 @@ TEST_P(TransportConformance, AServerDeadBeforeTheConnectIsUnavailable) {
 }
 
 // A server that hangs (SIGSTOP) or dies during the wireup. Over sm UCX never fails such an
-// endpoint (its keepalive skips it): the requests' sends stay pending, and they held slots of the
-// table every peer shares until it was full (RESOURCE_EXHAUSTED for every peer; found by
-// PostsRacing... under load). The client fails a peer whose wireup has not finished 5 s after the
-// connect: the request ends UNAVAILABLE, well before its 15 s deadline. (Over tcp a hung server
-// does not answer the address fetch: the connect fails after 1 s.) The Connect itself does not
-// wait for the wireup: it runs on the attention engine's thread, which revives dead shards every
-// 2 s. The server, resumed after the client gave up, must survive and serve a new client (a
-// forced close during a wireup once made UCX 1.13 abort the *server*).
-TEST_P(TransportConformance, AServerHungDuringTheWireupFailsItsRequests) {
-  if (GetParam() == "inproc") GTEST_SKIP() << "inproc has no other process";
-  auto [pid, address] = StartSilentServer(GetParam());
+// endpoint (its keepalive skips it), nor over tcp (the kernel still answers for a stopped
+// process): the requests' sends stay pending, and they held slots of the table every peer shares
+// until it was full (RESOURCE_EXHAUSTED for every peer; found by PostsRacing... under load). The
+// client fails a peer whose wireup has not finished 5 s after the connect: the request ends
+// UNAVAILABLE, well before its 15 s deadline. (By HOST:PORT a hung server does not answer the
+// address fetch: the connect fails after 1 s.) The Connect itself does not wait for the wireup: it
+// runs on the attention engine's thread, which revives dead shards every 2 s. The server, resumed
+// after the clients gave up, must survive and serve a new client (a forced close during a wireup
+// once made UCX 1.13 abort the *server*).
+void HungServerCase(const std::string& transport, bool by_worker,
+                    const std::function<std::unique_ptr<ClientTransport>()>& new_client) {
+  auto [pid, address] = StartSilentServer(transport, by_worker);
   Reaper reaper{pid};  // (SIGKILL ends a stopped process too)
   ASSERT_GT(pid, 0);
   ASSERT_FALSE(address.empty()) << "the server process printed no address";
   kill(pid, SIGSTOP);
+  const std::string label = transport + (by_worker ? " by worker address" : "");
   // Two clients at once: the resumed server meets two half-done wireups whose clients gave up.
   std::vector<std::thread> clients;
   for (int c = 0; c < 2; ++c) {
     clients.emplace_back([&] {
-      auto client = pair_.new_client();
+      auto client = new_client();
       const auto start = Clock::now();
       bool connected = false;
       const absl::Status st = ConnectAndAsk(client.get(), address, &connected);
-      EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
-      std::printf("%s: a hung server refused after %.0f ms (%s): %s\n", GetParam().c_str(),
+      EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << label << ": " << st;
+      std::printf("%s: a hung server refused after %.0f ms (%s): %s\n", label.c_str(),
                   std::chrono::duration<double, std::milli>(Clock::now() - start).count(),
                   connected ? "on the request" : "at the connect", st.ToString().c_str());
     });
@@ -582,19 +586,27 @@ TEST_P(TransportConformance, AServerHungDuringTheWireupFailsItsRequests) {
   std::this_thread::sleep_for(milliseconds(500));
   int wstatus = 0;
   ASSERT_EQ(waitpid(pid, &wstatus, WNOHANG), 0)
-      << "the resumed server died: "
+      << label << ": the resumed server died: "
       << (WIFSIGNALED(wstatus) ? absl::StrCat("signal ", WTERMSIG(wstatus))
                                : absl::StrCat("exit ", WEXITSTATUS(wstatus)));
-  auto client = pair_.new_client();
+  auto client = new_client();
   auto peer = client->Connect(address);
-  ASSERT_TRUE(peer.ok()) << peer.status();
+  ASSERT_TRUE(peer.ok()) << label << ": " << peer.status();
   auto id = client->Post(*peer, Pattern(64, 2));
-  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(id.ok()) << label << ": " << id.status();
   std::vector<uint8_t> reply;
   // The silent server never answers: the request waits out its deadline, not UNAVAILABLE.
   EXPECT_EQ(client->Wait(*id, Clock::now() + milliseconds(1500), &reply).code(),
-            absl::StatusCode::kDeadlineExceeded);
-  EXPECT_EQ(waitpid(pid, nullptr, WNOHANG), 0) << "the resumed server died";
+            absl::StatusCode::kDeadlineExceeded)
+      << label;
+  EXPECT_EQ(waitpid(pid, nullptr, WNOHANG), 0) << label << ": the resumed server died";
+}
+
+TEST_P(TransportConformance, AServerHungDuringTheWireupFailsItsRequests) {
+  if (GetParam() == "inproc") GTEST_SKIP() << "inproc has no other process";
+  HungServerCase(GetParam(), false, pair_.new_client);
+  // Over tcp also by worker address: a server that hangs just after answering the fetch.
+  if (GetParam() == "ucx_tcp") HungServerCase(GetParam(), true, pair_.new_client);
 }
 
 // A peer that never answers (hung after the wireup: only request deadlines notice) holds at most
