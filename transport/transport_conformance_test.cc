@@ -561,7 +561,11 @@ TEST_P(TransportConformance, AServerDeadBeforeTheConnectIsUnavailable) {
 // once made UCX 1.13 abort the *server*).
 void HungServerCase(const std::string& transport, bool by_worker,
                     const std::function<std::unique_ptr<ClientTransport>()>& new_client) {
-  auto [pid, address] = StartSilentServer(transport, by_worker);
+  // (Not a structured binding: the threads below capture the address, which C++17 allows only
+  // for variables.)
+  const std::pair<pid_t, std::string> server = StartSilentServer(transport, by_worker);
+  const pid_t pid = server.first;
+  const std::string& address = server.second;
   Reaper reaper{pid};  // (SIGKILL ends a stopped process too)
   ASSERT_GT(pid, 0);
   ASSERT_FALSE(address.empty()) << "the server process printed no address";
