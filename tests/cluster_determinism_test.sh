@@ -3,12 +3,16 @@
 # real local cluster (router, 3 expert shards with 2 replicas of every expert, bf16 wire, one
 # attention node, gateway; separate processes over UCX): 8 greedy streams of $TOKENS tokens, run
 # alone one by one, then all together, then together with 8 sampled companions, then together
-# with an expert shard SIGKILLed while all 8 stream. Every output equals its alone run, token for
-# token. (DMOE_DETERMINISM_TOKENS=N changes the stream length, 200 by default.)
+# with an expert shard SIGKILLed while at least 2 of the 8 stream (the others begin after it).
+# Every output equals its alone run, token for token. (DMOE_DETERMINISM_TOKENS=N changes the
+# stream length, 200 by default.)
 # The kill is made to land mid-flight whatever the machine's load: the attention node is frozen
-# (SIGSTOP) once every stream has begun, the clients drain what was already sent, and only when
-# each stream is known to have tokens left to decode is the shard killed and the node thawed, so
-# its next step still routes pairs to the dead shard (and must re-route them).
+# (SIGSTOP) once 2 streams have begun, the clients drain what was already sent, and only when no
+# stream is near its end is the shard killed and the node thawed, so its next step still routes
+# pairs to the dead shard (and must re-route them). (Waiting for all 8 to begin came too late on
+# a loaded 2-core machine: the client processes start seconds apart there, and the first streams
+# had ended before the last began, 3 attempts running in one CI run of 2026-12-05; waiting for 4
+# still needed a second attempt in 1 run of 4, a stream having ended before the fourth began.)
 set -euo pipefail
 bin=$TEST_SRCDIR/dmoe
 dmoe=$bin/cli/dmoe
@@ -78,15 +82,15 @@ attention_pid=$(process attention | field pid)
 [ -n "$attention_pid" ] || { echo "no attention pid in $state"; exit 1; }
 received() { tr ',' '\n' 2>/dev/null < "$work/failover.$1" | grep -c . || true; }
 counts() { for j in 0 1 2 3 4 5 6 7; do printf '%s ' "$(received "$j")"; done; }
-# These streams are $LONG tokens long (greedy: their first $TOKENS ids are compared). Once every
-# client has received a token (its file is not empty: a test without a fork, cheap on a loaded
+# These streams are $LONG tokens long (greedy: their first $TOKENS ids are compared). Once 2
+# clients have received a token (its file is not empty: a test without a fork, cheap on a loaded
 # machine), the attention node is frozen and the clients given time to receive all it sent (their
 # counts stop moving): a stream with fewer than LONG - 8 ids then still has steps to run (the
 # margin covers a reply written but not yet flushed). On a loaded machine the trigger can come
 # late, after a stream ended or came near its end: then nothing is killed, the node is thawed, and
-# the phase runs again, up to 3 times. (The router's lease is 10 s, so a freeze of under 2 s lapses
+# the phase runs again, up to 4 times. (The router's lease is 10 s, so a freeze of under 2 s lapses
 # nobody's.)
-for attempt in 1 2 3; do
+for attempt in 1 2 3 4; do
   # The 8 clients start together (a barrier file), not one fork after the other.
   rm -f "$work/go"
   for i in 0 1 2 3 4 5 6 7; do : > "$work/failover.$i"; done
@@ -99,7 +103,7 @@ for attempt in 1 2 3; do
   for _ in $(seq 1 6000); do
     started=0
     for i in 0 1 2 3 4 5 6 7; do [ -s "$work/failover.$i" ] && started=$(( started + 1 )); done
-    [ "$started" -eq 8 ] && break
+    [ "$started" -ge 2 ] && break
     for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || break 2; done  # one ended: see below
     sleep 0.005
   done
@@ -108,7 +112,7 @@ for attempt in 1 2 3; do
   for _ in $(seq 1 8); do [ "$now" = "$before" ] && break; before=$now; sleep 0.2; now=$(counts); done
   short=1
   for n in $now; do [ "$n" -lt $(( LONG - 8 )) ] || short=0; done
-  if [ "$started" -ge 8 ] && [ "$short" -eq 1 ]; then
+  if [ "$started" -ge 2 ] && [ "$short" -eq 1 ]; then
     kill -KILL "$victim" || true
     kill -CONT "$attention_pid"
     echo "killed expert shard pid $victim with the attention node frozen; tokens received: $now"
@@ -117,7 +121,7 @@ for attempt in 1 2 3; do
   kill -CONT "$attention_pid"
   echo "attempt $attempt: $started of 8 streams began, tokens received: $now; not killed, again"
   wait_all "${pids[@]}" || true
-  [ "$attempt" -eq 3 ] && { echo "3 attempts: the trigger always came too late"; exit 1; }
+  [ "$attempt" -eq 4 ] && { echo "4 attempts: the trigger always came too late"; exit 1; }
 done
 wait_all "${pids[@]}"
 for i in 0 1 2 3 4 5 6 7; do
