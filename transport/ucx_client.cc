@@ -35,7 +35,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       {
         // A wireup check ended by the closes below must not close its endpoint a second time.
         MutexLock l(&mu_);
-        for (Peer& p : peers_) p.wiring = false;
+        for (Peer& p : peers_) EndWiringLocked(&p);
       }
       // One bound for all the flushes below, however many peers.
       const auto until = Clock::now() + std::chrono::milliseconds(500);
@@ -506,6 +506,14 @@ class UcxClient : public ClientTransport, public UcxWorker {
     if (ep != nullptr) RunAsync([ep] { ForceCloseNoWait(ep); });
   }
 
+  // The peer's wireup is over (done, failed, or no longer watched): clears `wiring`, keeping
+  // wiring_ its count.
+  void EndWiringLocked(Peer* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!p->wiring) return;
+    p->wiring = false;
+    wiring_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
   // Marks peer `i` failed: its requests end UNAVAILABLE (`why` says why). Returns its endpoint
   // for the caller to CloseLater once it has let go of mu_, or nullptr: none, or a Post is still
   // sending on it (the last one closes it). A forced close also ends the pending sends, which
@@ -515,10 +523,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
     if (p.failed) return nullptr;
     p.failed = true;
     p.why = why;
-    if (p.wiring) {
-      p.wiring = false;
-      wiring_.fetch_sub(1, std::memory_order_relaxed);
-    }
+    EndWiringLocked(&p);
     for (Slot& f : slots_.slots()) {
       if (f.id != 0 && f.peer == static_cast<int>(i) && !f.done) {
         FinishLocked(&f,
@@ -571,8 +576,7 @@ class UcxClient : public ClientTransport, public UcxWorker {
       Peer& p = self->peers_[static_cast<size_t>(check->peer)];
       if (p.wiring) {
         if (status == UCS_OK) {
-          p.wiring = false;
-          self->wiring_.fetch_sub(1, std::memory_order_relaxed);
+          self->EndWiringLocked(&p);
         } else {
           close = self->FailPeerLocked(static_cast<size_t>(check->peer),
                                        absl::StrCat("wireup: ", ucs_status_string(status)));
