@@ -261,8 +261,9 @@ __attribute__((target("avx512vnni,avx512f,avx512bw,avx2"))) void PackedTileVnni(
   for (int64_t j = 0; j < in; j += kCols, w += kGroup * kCols) {
     // This step's 256 bytes, kTilePrefetchBytes on, at every tile size: a batch-1 decode step
     // of `small` in int8 (Zen 4, 2 vCPUs, ~85 GB/s read) ran 359 -> 436 tok/s with single-row
-    // tiles prefetching too (58.7 -> 70.8 % of the bandwidth limit; 4-16 KiB ahead alike). The
-    // bf16 kernels' single-row tiles were slower with it (tiles.h), so only these prefetch.
+    // tiles prefetching too (58.7 -> 70.8 % of the bandwidth limit; 4-16 KiB ahead alike), and
+    // 225-236 -> 277-288 tok/s (54-57 -> 61 %, another day) with them prefetching non-temporal
+    // (tiles.h). The bf16 kernels' single-row tiles were slower with it, so only these prefetch.
     PrefetchTileWeights<T, 4, true>(w);
     __m512i xv[T];
 #pragma GCC unroll 8
