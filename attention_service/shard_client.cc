@@ -132,7 +132,9 @@ void ExpertShardSet::ReviveStatic() {
       auto peer = ConnectStatic(current->names[s], std::chrono::milliseconds(1000), &experts);
       if (!peer.ok()) continue;
       if (!next) next = std::make_shared<ExpertRouting>(*current);
-      // What it hosts is fixed (--experts): only its connection is new.
+      // What it hosts is fixed (--experts): only its connection is new. The old one is ended (a
+      // hung shard's connection would keep its requests' slots).
+      client_->Disconnect(next->peers[s]);
       next->peers[s] = *peer;
       spdlog::info("expert shard {} answers again", current->names[s]);
     }
@@ -234,6 +236,9 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
         } else {
           auto p = client_->Connect(it->second);
           if (p.ok()) {
+            // The failed connection it replaces is ended (a hung shard's would keep its
+            // requests' slots).
+            if (known != peer_of_address_.end()) client_->Disconnect(known->second);
             peer = *p;
             peer_of_address_[it->second] = peer;
           } else {

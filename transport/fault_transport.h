@@ -96,6 +96,7 @@ class FaultInjectingClient : public transport::ClientTransport {
   absl::StatusOr<int> Connect(const std::string& address) override {
     return real_->Connect(address);
   }
+  void Disconnect(int peer) override { real_->Disconnect(peer); }
 
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
     Fault f;

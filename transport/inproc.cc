@@ -4,6 +4,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -19,6 +20,7 @@ class InprocClient;
 struct Exchange {
   Mutex mu;
   CondVar cv;
+  int peer = -1;  // the client's peer index (set before the exchange is shared)
   bool done ABSL_GUARDED_BY(mu) = false;
   absl::Status status ABSL_GUARDED_BY(mu);
   std::vector<uint8_t> reply ABSL_GUARDED_BY(mu);
@@ -53,6 +55,7 @@ class InprocServer : public ServerTransport {
       stats_.bytes_out += reply.size();
     }
     MutexLock l(&ex->mu);
+    if (ex->done) return;  // the client disconnected the peer meanwhile
     ex->reply = std::move(reply);
     ex->done = true;
     ex->cv.SignalAll();
@@ -145,6 +148,28 @@ class InprocClient : public ClientTransport {
     peers_.push_back(name);
     return static_cast<int>(peers_.size() - 1);
   }
+  void Disconnect(int peer) override {
+    std::vector<std::shared_ptr<Exchange>> ended;
+    std::string name;
+    {
+      MutexLock l(&mu_);
+      if (peer < 0 || peer >= static_cast<int>(peers_.size()) || !gone_.insert(peer).second) {
+        return;
+      }
+      name = peers_[static_cast<size_t>(peer)];
+      for (const auto& [id, ex] : inflight_) {
+        if (ex->peer == peer) ended.push_back(ex);
+      }
+    }
+    for (const auto& ex : ended) {
+      MutexLock l(&ex->mu);
+      if (ex->done) continue;
+      ex->done = true;
+      ex->status = absl::UnavailableError(
+          absl::StrCat("inproc server ", name, ": disconnected by this node"));
+      ex->cv.SignalAll();
+    }
+  }
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {
     std::string name;
     {
@@ -153,8 +178,13 @@ class InprocClient : public ClientTransport {
         return absl::InvalidArgumentError(absl::StrCat("no peer ", peer));
       }
       name = peers_[static_cast<size_t>(peer)];
+      if (gone_.count(peer)) {
+        return absl::UnavailableError(
+            absl::StrCat("inproc server ", name, ": disconnected by this node"));
+      }
     }
     auto ex = std::make_shared<Exchange>();
+    ex->peer = peer;
     {
       MutexLock rl(&RegistryMu());
       auto it = Registry().find(name);
@@ -198,6 +228,7 @@ class InprocClient : public ClientTransport {
   }
   Mutex mu_;
   std::vector<std::string> peers_;
+  std::set<int> gone_;  // disconnected peers
   uint64_t next_id_ = 1;
   std::map<uint64_t, std::shared_ptr<Exchange>> inflight_;
   BufferPool pool_;

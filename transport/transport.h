@@ -25,6 +25,11 @@ class ClientTransport {
   virtual ~ClientTransport() = default;
   // Connects to a server address; returns the peer index used by Post.
   virtual absl::StatusOr<int> Connect(const std::string& address) = 0;
+  // Ends `peer`: its requests in flight end UNAVAILABLE, later Posts to it fail UNAVAILABLE, and
+  // its connection is closed (its pending sends with it). For a peer replaced by a new Connect to
+  // the same server: a server that hangs keeps the old connection's requests (and their slots)
+  // otherwise. Unknown or already failed peers: nothing happens.
+  virtual void Disconnect(int peer) = 0;
   // Hands `request` (moved; its storage returns to the transport's pool) to `peer`. Returns the id
   // that Poll/Wait complete. UNAVAILABLE when the peer is known to have failed.
   virtual absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) = 0;

@@ -285,6 +285,49 @@ TEST_P(TransportConformance, DeadlineWithoutReplyThenLateReplyIsDropped) {
   EXPECT_EQ(reply.size(), 300u);
 }
 
+// A peer replaced by a new connection (attention_service/shard_client.cc) is disconnected: its
+// unanswered requests end UNAVAILABLE at once, not at their deadlines, it takes no more, and the
+// server serves the client's new connection.
+TEST_P(TransportConformance, DisconnectEndsAPeersRequestsAndANewConnectionServes) {
+  auto client = pair_.new_client();
+  auto old_peer = client->Connect(pair_.address);
+  ASSERT_TRUE(old_peer.ok()) << old_peer.status();
+  std::vector<uint8_t> reply;
+  StartEcho();  // one answered request first: the connection is wired up
+  auto first = client->Post(*old_peer, Pattern(64, 1));
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(client->Wait(*first, Clock::now() + std::chrono::seconds(20), &reply).ok());
+  StopEcho();
+  stop_ = false;
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 3; ++i) {  // nobody answers these
+    auto id = client->Post(*old_peer, Pattern(256, 2 + i));
+    ASSERT_TRUE(id.ok()) << id.status();
+    ids.push_back(*id);
+  }
+  const auto start = Clock::now();
+  client->Disconnect(*old_peer);
+  client->Disconnect(*old_peer);  // twice: nothing more happens
+  for (uint64_t id : ids) {
+    const absl::Status st = client->Wait(id, start + std::chrono::seconds(30), &reply);
+    EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+    EXPECT_NE(st.message().find("disconnected by this node"), absl::string_view::npos) << st;
+  }
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(5));
+  auto after = client->Post(*old_peer, Pattern(64, 9));
+  EXPECT_EQ(after.status().code(), absl::StatusCode::kUnavailable) << after.status();
+  // The server answers again (the old requests' replies are dropped); a new connection works.
+  StartEcho();
+  auto fresh = client->Connect(pair_.address);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_NE(*fresh, *old_peer);
+  auto id = client->Post(*fresh, Pattern(300, 7));
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(client->Wait(*id, Clock::now() + std::chrono::seconds(20), &reply).ok());
+  const std::vector<uint8_t> sent = Pattern(300, 7);
+  EXPECT_EQ(reply, std::vector<uint8_t>(sent.rbegin(), sent.rend()));
+}
+
 TEST_P(TransportConformance, ServerShutDownFailsInFlightRequests) {
   if (GetParam() == "ucx_sm") {
     // UCX's keepalive over shared memory asks whether the peer *process* lives, so a server shut

@@ -305,6 +305,16 @@ class UcxClient : public ClientTransport, public UcxWorker {
     return -1;
   }
 
+  void Disconnect(int peer) override {
+    ucp_ep_h close = nullptr;
+    {
+      MutexLock l(&mu_);
+      if (peer < 0 || static_cast<size_t>(peer) >= peers_.size()) return;
+      close = FailPeerLocked(static_cast<size_t>(peer), "disconnected by this node");
+    }
+    CloseLater(close);
+  }
+
   std::vector<uint8_t> AcquireBuffer() override {
     MutexLock l(&mu_);
     return pool_.Acquire();
