@@ -273,6 +273,9 @@ int Up(int argc, char** argv) {
   MakeDirs(o->logs);
   setenv("UCX_NET_DEVICES", "lo", 1);
   setenv("UCX_TLS", o->ucx_tls.c_str(), 1);
+  // UCX prints its warnings to stdout unless told otherwise (read when its library loads, so it
+  // is set for the services here): to stderr, where the services' own log lines go.
+  setenv("UCX_LOG_FILE", "stderr", 0);
   Launcher launcher(o->logs);
   Cluster c;
   if (auto s = LaunchAll(*o, *config, &launcher, &c); !s.ok()) {
