@@ -262,6 +262,17 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
       if (shard_of[id] >= 0) routing->placement.Add(shard_of[id], one);
     }
   }
+  // Failed shards the map no longer names (a stopped shard's lease lapsed, or it came back at
+  // another address): their connections are ended, as a reconnect ends the one it replaces.
+  const std::set<int> named(routing->peers.begin(), routing->peers.end());
+  for (auto it = peer_of_address_.begin(); it != peer_of_address_.end();) {
+    if (!named.count(it->second) && health_->Dead(it->second)) {
+      client_->Disconnect(it->second);
+      it = peer_of_address_.erase(it);
+    } else {
+      ++it;
+    }
+  }
   if (experts_ == nullptr) {
     experts_b_ = std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_,
                                                        options_.remote);

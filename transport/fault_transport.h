@@ -96,6 +96,8 @@ class FaultInjectingClient : public transport::ClientTransport {
   absl::StatusOr<int> Connect(const std::string& address) override {
     return real_->Connect(address);
   }
+  // Forwarded only: requests whose replies this holds (kHoldReply, kDelayReply, kWithholdReply)
+  // keep their fault's behaviour, where the real transport would end them UNAVAILABLE.
   void Disconnect(int peer) override { real_->Disconnect(peer); }
 
   absl::StatusOr<uint64_t> Post(int peer, std::vector<uint8_t> request) override {

@@ -193,6 +193,12 @@ class InprocClient : public ClientTransport {
       }
     }
     MutexLock l(&mu_);
+    if (gone_.count(peer)) {  // disconnected while this was submitted: ended as Disconnect ends
+      MutexLock e(&ex->mu);
+      ex->done = true;
+      ex->status = absl::UnavailableError(
+          absl::StrCat("inproc server ", name, ": disconnected by this node"));
+    }
     const uint64_t id = next_id_++;
     inflight_[id] = std::move(ex);
     return id;

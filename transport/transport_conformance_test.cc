@@ -686,6 +686,61 @@ TEST_P(TransportConformance, OnePeerHoldsAtMostAQuarterOfTheRequestSlots) {
   EXPECT_TRUE(other.ok()) << other.status();
 }
 
+// The slots a hung shard's requests hold come back when its peer is disconnected: four silent
+// servers' requests fill the client's 4096 slots, one of them stopped (SIGSTOP) before its 1024
+// are posted; Disconnect ends them at once (not at their deadlines), and once they are waited a
+// post to a new peer is accepted again. (Here their sends complete before the stop takes hold
+// of them; a forced close ending sends still pending is AServerHungDuringTheWireup's case.)
+TEST_P(TransportConformance, DisconnectFreesAHungPeersRequestSlots) {
+  if (GetParam() == "inproc") GTEST_SKIP() << "inproc has no request slots";
+  std::vector<std::unique_ptr<Reaper>> reapers;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 4; ++i) {
+    auto [pid, address] = StartSilentServer(GetParam());
+    reapers.push_back(std::unique_ptr<Reaper>(new Reaper{pid}));  // (no temporary to reap it)
+    ASSERT_GT(pid, 0);
+    ASSERT_FALSE(address.empty()) << "server process " << i << " printed no address";
+    addresses.push_back(address);
+  }
+  auto client = pair_.new_client();
+  std::vector<int> peers;
+  for (const std::string& a : addresses) {
+    auto peer = client->Connect(a);
+    ASSERT_TRUE(peer.ok()) << peer.status();
+    peers.push_back(*peer);
+  }
+  std::this_thread::sleep_for(milliseconds(500));  // the wireups end (milliseconds)
+  kill(reapers[0]->pid, SIGSTOP);
+  std::vector<uint64_t> hung;
+  for (int i = 0; i < 4; ++i) {
+    for (int k = 0; k < 1024; ++k) {
+      auto id = client->Post(peers[static_cast<size_t>(i)], Pattern(512, k));
+      ASSERT_TRUE(id.ok()) << "peer " << i << ", request " << k << ": " << id.status();
+      if (i == 0) hung.push_back(*id);
+    }
+  }
+  auto fresh = client->Connect(addresses[1]);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  auto full = client->Post(*fresh, Pattern(64, 1));
+  ASSERT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  const auto start = Clock::now();
+  client->Disconnect(peers[0]);
+  std::vector<uint8_t> reply;
+  for (uint64_t id : hung) {
+    const absl::Status st = client->Wait(id, start + std::chrono::seconds(20), &reply);
+    ASSERT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  }
+  // The forced close runs on the progress thread: the slots come back once it has.
+  absl::Status posted = absl::UnknownError("not posted");
+  while (!posted.ok() && Clock::now() - start < std::chrono::seconds(10)) {
+    auto id = client->Post(*fresh, Pattern(64, 2));
+    posted = id.status();
+    if (!posted.ok()) std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(posted.ok()) << posted;
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(5));
+}
+
 INSTANTIATE_TEST_SUITE_P(All, TransportConformance,
                          ::testing::Values("inproc", "ucx_tcp", "ucx_sm"),
                          [](const auto& info) { return info.param; });
