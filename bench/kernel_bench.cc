@@ -5,7 +5,9 @@
 // as GB/s of weights read and as a fraction of the read bandwidth (the best of two probes before
 // the row, as engine_bench's limit fraction takes it). Where a batch-1 step falls short of its
 // limit, this says whether the products themselves do (the kernels) or the step around them
-// (passes, serial work).
+// (passes, serial work). Beside each row, the same copies read with no products (the probe's
+// loads, in LinearW's pool chunks, alternating with it): how far the kernel is from a plain read
+// of its bytes, apart from how far a plain read is from the probe.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -102,6 +104,13 @@ void MakeCopies(const Format& f, const Shape& s, int64_t copies, Copies* c) {
   }
 }
 
+// LinearW's chunks of a product at one row (kernels/cpu/qlinear.cc, Chunks): one under 2^18
+// weights, else two per pool thread (at most one per 64 output rows).
+int64_t ReadChunks(const Shape& s) {
+  if (s.out * s.in < (int64_t{1} << 18)) return 1;
+  return std::min<int64_t>(2 * cpu::ThePool().size(), std::max<int64_t>(1, s.out / 64));
+}
+
 struct Options {
   std::vector<std::string> presets = {"small", "v2-lite"};
   std::vector<std::string> formats = {"bf16", "bf16a16", "int8"};
@@ -124,19 +133,37 @@ void Measure(const Options& o, const Format& f, const Shape& s) {
   for (const auto& r : c.refs) cpu::LinearW(x.data(), o.rows, r, y.data());  // warm: page tables
   const double probe = std::max(ReadBandwidth(2, size_t{128} << 20, 0),
                                 ReadBandwidth(2, size_t{128} << 20, size_t{128} << 20));
+  // Passes of LinearW over every copy, each followed by a pass that reads the same copies the
+  // probe's way, cut in as many pool chunks as LinearW's: both see the same minutes.
+  const int chunks = static_cast<int>(ReadChunks(s));
+  const size_t piece = static_cast<size_t>(per) / static_cast<size_t>(chunks) / 128 * 128;
+  std::vector<int64_t> sums(static_cast<size_t>(chunks));  // (kept alive below)
   int64_t calls = 0;
-  const auto t0 = Clock::now();
-  double secs = 0;
+  double secs = 0, read_secs = 0;
   while (secs < o.seconds) {
+    auto t0 = Clock::now();
     for (const auto& r : c.refs) cpu::LinearW(x.data(), o.rows, r, y.data());
     calls += copies;
-    secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    secs += std::chrono::duration<double>(Clock::now() - t0).count();
+    t0 = Clock::now();
+    for (int64_t k = 0; k < copies; ++k) {
+      const uint8_t* base = c.bytes.data() + static_cast<size_t>(per * k);
+      cpu::ThePool().Run(chunks, [&](int i) {
+        sums[static_cast<size_t>(i)] += SumBytes(base + piece * static_cast<size_t>(i), piece);
+      });
+    }
+    read_secs += std::chrono::duration<double>(Clock::now() - t0).count();
   }
   cpu::SetBf16Activations(false);
-  const double gbs = static_cast<double>(per) * static_cast<double>(calls) / secs / 1e9;
-  std::printf("%-8s %-12s %6lld x %-6lld %10.1f %10.1f %8.1f %7.1f%%\n", f.name, s.name.c_str(),
-              static_cast<long long>(s.out), static_cast<long long>(s.in),
-              secs / static_cast<double>(calls) * 1e6, gbs, probe / 1e9, 100.0 * gbs * 1e9 / probe);
+  const double bytes = static_cast<double>(per) * static_cast<double>(calls);
+  const double gbs = bytes / secs / 1e9;
+  const double read_gbs =
+      static_cast<double>(piece) * chunks * static_cast<double>(calls) / read_secs / 1e9;
+  std::printf("%-8s %-12s %6lld x %-6lld %10.1f %10.1f %8.1f %7.1f%% %8.1f %7.1f%%\n", f.name,
+              s.name.c_str(), static_cast<long long>(s.out), static_cast<long long>(s.in),
+              secs / static_cast<double>(calls) * 1e6, gbs, probe / 1e9, 100.0 * gbs * 1e9 / probe,
+              read_gbs, 100.0 * gbs / read_gbs);
+  if (std::count(sums.begin(), sums.end(), 42) > 0) std::printf(" ");
   std::fflush(stdout);
 }
 
@@ -147,6 +174,10 @@ const char kUsage[] =
     "--rows rows, the weight bytes it read per second, and that as a fraction of the machine's\n"
     "read bandwidth measured just before the row (best of two 128 MiB probes by every core).\n"
     "Each shape is held in copies of 512 MiB in all, so every call reads from memory.\n"
+    "read: the same copies read the probe's way (a sum of loads, no products), cut in as many\n"
+    "pool chunks as LinearW cuts them, in passes alternating with LinearW's (the same minutes);\n"
+    "of read: the kernel's GB/s over it. Where `of read` is near 100 % and `of probe` is not,\n"
+    "the gap is the memory's sustained rate under this access pattern, not the kernel.\n"
     "--threads sizes the kernel pool (default: one thread per usable CPU).\n";
 
 int ParseArgs(int argc, char** argv, Options* o) {
@@ -197,8 +228,8 @@ int Main(int argc, char** argv) {
   cpu::SetInt8Activations(true);
   std::printf("kernel pool: %d threads; rows %lld\n", cpu::ThePool().size(),
               static_cast<long long>(o.rows));
-  std::printf("%-8s %-12s %15s %10s %10s %8s %8s\n", "format", "product", "out x in", "us/call",
-              "GB/s", "probe", "of probe");
+  std::printf("%-8s %-12s %15s %10s %10s %8s %8s %8s %8s\n", "format", "product", "out x in",
+              "us/call", "GB/s", "probe", "of probe", "read", "of read");
   for (const std::string& preset : o.presets) {
     std::printf("-- %s\n", preset.c_str());
     for (const Format& f : kFormats) {

@@ -30,6 +30,8 @@ __attribute__((target("avx2"))) int64_t SumSlice(const uint8_t* p, size_t bytes)
 
 }  // namespace
 
+int64_t SumBytes(const uint8_t* p, size_t bytes) { return SumSlice(p, bytes); }
+
 double ReadBandwidth(int reps, size_t bytes, size_t offset) {
   using Clock = std::chrono::steady_clock;
   constexpr size_t n = size_t{1} << 30;

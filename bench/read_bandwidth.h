@@ -4,6 +4,7 @@
 #define DMOE_BENCH_READ_BANDWIDTH_H_
 
 #include <cstddef>
+#include <cstdint>
 
 namespace dmoe {
 
@@ -11,6 +12,10 @@ namespace dmoe {
 // a 1 GiB buffer (made once, in 2 MiB pages as the weights are held, and kept): the best of
 // `reps` reads of `bytes` starting at `offset`.
 double ReadBandwidth(int reps = 5, size_t bytes = size_t{1} << 30, size_t offset = 0);
+
+// The probe's read of `bytes` at p (a sum of 32-byte loads, four chains; bytes a multiple of
+// 128), for a benchmark to read other memory the way the probe does.
+int64_t SumBytes(const uint8_t* p, size_t bytes);
 
 }  // namespace dmoe
 
