@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/json_nesting.h"
 #include "common/status_macros.h"
 
 namespace dmoe::gateway {
@@ -84,22 +85,6 @@ absl::StatusOr<std::optional<std::string>> ReadFileIfExists(const std::string& p
   std::stringstream ss;
   ss << in.rdbuf();
   return std::optional<std::string>(ss.str());
-}
-
-// Whether a JSON value nests deeper than `limit` levels; iterative, so that hostile input cannot
-// overflow the stack here (copying or converting it would recurse).
-template <typename J>
-bool NestsDeeperThan(const J& j, int limit) {
-  std::vector<std::pair<const J*, int>> todo = {{&j, 0}};
-  while (!todo.empty()) {
-    const auto [v, depth] = todo.back();
-    todo.pop_back();
-    if (depth > limit) return true;
-    if (v->is_array() || v->is_object()) {
-      for (const J& e : *v) todo.emplace_back(&e, depth + 1);
-    }
-  }
-  return false;
 }
 
 // Deeper messages/tools are rejected before they are copied into the template's context.

@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/json_nesting.h"
 #include "common/status_macros.h"
 
 namespace dmoe::gateway::openai {
@@ -219,7 +220,9 @@ absl::Status ParseMessages(const Fields& f, Request* r) {
     RETURN_IF_ERROR(mf.String("role", out->mutable_role()));
     if (out->role().empty()) return Bad(field + ".role", "is required");
     if (out->role() == "developer") out->set_role("system");
-    ASSIGN_OR_RETURN(std::string content, Content(m.value("content", json()), field + ".content"));
+    static const json kAbsent;  // (content by reference: copying a value recurses per level)
+    const json* c = mf.Get("content");
+    ASSIGN_OR_RETURN(std::string content, Content(c != nullptr ? *c : kAbsent, field + ".content"));
     out->set_content(std::move(content));
     RETURN_IF_ERROR(mf.String("name", out->mutable_name()));
     RETURN_IF_ERROR(mf.String("tool_call_id", out->mutable_tool_call_id()));
@@ -369,6 +372,9 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   json j = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Bad("body", "is not valid JSON (or not UTF-8)");
   if (!j.is_object()) return Bad("body", "must be a JSON object");
+  if (NestsDeeperThan(j, kMaxBodyNesting)) {
+    return Bad("body", absl::StrCat("JSON nested deeper than ", kMaxBodyNesting, " levels"));
+  }
   Request r;
   r.endpoint = endpoint;
   Fields f(j);

@@ -301,6 +301,16 @@ std::vector<Input> Inputs(std::mt19937* rng) {
     in.push_back({"POST chunked, final chunk, then " + std::to_string(then.size()) + " byte(s)",
                   chunked_head, false, then});
   }
+  {
+    // A chat request whose content nests a million arrays deep (2 MB): copying or printing such
+    // a value recurses per level, which overflowed the gateway's stack (SIGSEGV).
+    const std::string body = R"({"messages":[{"role":"user","content":)" +
+                             std::string(1000000, '[') + std::string(1000000, ']') + "}]}";
+    in.push_back({"POST chat, content nested 10^6 deep",
+                  "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  "application/json\r\nContent-Length: " +
+                      std::to_string(body.size()) + "\r\n\r\n" + body});
+  }
   in.push_back({"PUT", "PUT /metrics HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" +
                            std::string(100000, 'p')});
   in.push_back({"DELETE", "DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n"});
