@@ -398,6 +398,11 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> Session<Stream>::Prompts(opena
 template <class Stream>
 void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::string& body,
                                        const std::string& authorization) {
+  // The key first: a client without one gets no parsing, template rendering or tokenizing of its
+  // body (up to max_body_bytes) done for it. Acquire, which counts the request, comes after.
+  if (auto st = front_->service->keys()->Check(authorization); !st.ok()) {
+    return RespondError(openai::ErrorFromStatus(st));
+  }
   auto parsed = openai::ParseRequest(endpoint, body);
   if (!parsed.ok()) return RespondError(openai::ErrorFromStatus(parsed.status()));
   const GatewayOptions& o = front_->service->options();

@@ -93,6 +93,8 @@ expect "  no chunk-size lines" 0 "$(grep -acE $'^[0-9a-fA-F]+\r?$' "$work/http10
 expect "GET /version" 200 "$(status "$base/../version")"
 expect "GET /v1/models without a key" 401 "$(status "$base/models")"
 expect "401 error type" authentication_error "$(json 'b["error"]["type"]')"
+expect "a malformed body without a key: the key is checked first" 401 \
+  "$(status -d '{"model": "dmoe", "messages": [' "$base/chat/completions")"
 expect "GET /v1/models with a key" 200 "$(status "${auth[@]}" "$base/models")"
 expect "the one model" dmoe "$(json '",".join(m["id"] for m in b["data"])')"
 expect "GET on a generation route" 405 "$(status "${auth[@]}" "$base/chat/completions")"
