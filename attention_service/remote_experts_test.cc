@@ -1061,5 +1061,40 @@ TEST(RemoteRoutedExperts, CountsTokensPerExpert) {
   }
 }
 
+// A dispatch with more (token, expert) pairs than its tokens can route (token_count x
+// num_experts_per_tok) is answered with an error and computes nothing: each pair is an output row,
+// so a few tokens carrying a million pairs (the wire allows 2^20) would make the shard allocate
+// gigabytes. One pair fewer, the most a token routes, is served.
+TEST(ExpertShard, MorePairsThanTheTokensRouteIsRefused) {
+  ExpertShard shard(Config(), FullStore());
+  const int64_t d = Config().hidden_size, k = Config().num_experts_per_tok;
+  std::vector<float> row(static_cast<size_t>(d), 0.5f);
+  for (const int64_t pairs : {k, k + 1}) {
+    wire::Header h;
+    h.kind = wire::Kind::kDispatch;
+    h.layer = static_cast<uint32_t>(MoeLayers()[0]);
+    h.token_count = 1;
+    h.hidden_size = static_cast<uint32_t>(d);
+    h.dtype = wire::WireDType::kF32;
+    std::vector<wire::Pair> ps;
+    for (int64_t p = 0; p < pairs; ++p) ps.push_back({0, static_cast<uint32_t>(p), 0.1f});
+    std::vector<uint8_t> msg;
+    wire::EncodeDispatch(h, row.data(), ps, &msg);
+    std::vector<std::vector<uint8_t>> replies(1);
+    const uint64_t rejected = shard.stats().rejected;
+    shard.Process({&msg}, &replies);
+    auto v = wire::DecodeMessage(replies[0].data(), replies[0].size());
+    ASSERT_TRUE(v.ok()) << v.status();
+    if (pairs == k) {
+      EXPECT_EQ(v->header.kind, wire::Kind::kCombine);
+      EXPECT_EQ(shard.stats().rejected, rejected);
+    } else {
+      EXPECT_EQ(v->header.kind, wire::Kind::kError);
+      EXPECT_NE(v->error.find("num_experts_per_tok"), std::string::npos) << v->error;
+      EXPECT_EQ(shard.stats().rejected, rejected + 1);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace dmoe

@@ -63,6 +63,13 @@ void ExpertShard::Process(const std::vector<const std::vector<uint8_t>*>& reques
       error = "expected a dispatch message";
     } else if (v->header.hidden_size != static_cast<uint32_t>(d)) {
       error = absl::StrCat("hidden_size ", v->header.hidden_size, " != model hidden_size ", d);
+    } else if (v->header.pair_count > uint64_t{v->header.token_count} *
+                                          static_cast<uint64_t>(config_.num_experts_per_tok)) {
+      // Each (token, expert) pair is one output row: a few tokens with a million pairs would
+      // make this allocate pair_count * hidden_size floats (gigabytes).
+      error = absl::StrCat("pair_count ", v->header.pair_count, " > token_count ",
+                           v->header.token_count, " x num_experts_per_tok ",
+                           config_.num_experts_per_tok);
     } else {
       for (uint32_t p = 0; p < v->header.pair_count && error.empty(); ++p) {
         const wire::Pair pr = v->pair(p);

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -18,6 +19,13 @@
 namespace dmoe::transport {
 
 using Clock = std::chrono::steady_clock;
+
+// The largest message a transport takes in: a wire message's largest payload (2 GiB,
+// wire::kMaxPayloadBytes) and its header, with room to spare. A peer announcing more is not read
+// and nothing is allocated for it (the server counts a peer error; the client drops the reply):
+// an unbounded length made the receive allocate it, and a failed allocation inside UCX's callback
+// ends the process.
+inline constexpr size_t kMaxMessageBytes = (size_t{1} << 31) + (size_t{1} << 16);
 
 // Client side. Thread-safe: any thread may Connect, Post and Wait.
 class ClientTransport {

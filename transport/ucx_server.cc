@@ -347,7 +347,8 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     auto* self = static_cast<UcxServerImpl*>(arg);
     const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
     const bool valid = header_length == sizeof(uint64_t) &&
-                       (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) != 0;
+                       (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) != 0 &&
+                       length <= kMaxMessageBytes;
     // A small eager message is copied out and queued under the one lock that allocates its slot
     // and buffer; a large one is copied between two (the lock is not held for a long copy).
     std::vector<uint8_t> bytes;
