@@ -68,7 +68,8 @@ absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingP
     }
   }
   if (p.max_tokens <= 0) return bad("max_tokens", absl::StrCat(p.max_tokens, " is not positive"));
-  if (static_cast<int64_t>(prompt.size()) + p.max_tokens > c.max_position_embeddings) {
+  // (Compared without the sum: max_tokens may be as large as int64 holds.)
+  if (p.max_tokens > c.max_position_embeddings - static_cast<int64_t>(prompt.size())) {
     return bad("max_tokens",
                absl::StrCat("prompt (", prompt.size(), ") + max_tokens (", p.max_tokens,
                             ") exceeds max_position_embeddings ", c.max_position_embeddings));

@@ -424,6 +424,9 @@ TEST(ValidateRequest, NamesTheField) {
        with([](SamplingParams& p) { p.max_tokens = 512; }),
        "max_tokens: prompt (1) + max_tokens (512)"},
       {{1}, with([](SamplingParams& p) { p.max_tokens = 0; }), "max_tokens: 0 is not positive"},
+      {{1},  // (the sum with the prompt would overflow)
+       with([](SamplingParams& p) { p.max_tokens = std::numeric_limits<int64_t>::max(); }),
+       "max_tokens: prompt (1) + max_tokens (9223372036854775807)"},
       {{1}, with([](SamplingParams& p) { p.temperature = -0.5; }), "temperature:"},
       {{1}, with([](SamplingParams& p) { p.top_p = 0; }), "top_p: 0 is not in (0, 1]"},
       {{1}, with([](SamplingParams& p) { p.top_p = 1.5; }), "top_p:"},
