@@ -232,57 +232,101 @@ struct Tokenizer::Loader {
     }
   }
 
+  // o[key] where o is an object that has it, else null (a const object's operator[] asserts).
+  static const Json& Get(const Json& o, const std::string& key) {
+    static const Json kNull;
+    if (!o.is_object()) return kNull;
+    auto it = o.find(key);
+    return it == o.end() ? kNull : *it;
+  }
+  // A string field (`def` when absent or null); an error naming `field` when of another type.
+  static absl::StatusOr<std::string> Str(const Json& o, const std::string& key,
+                                         const std::string& field, const std::string& def = "") {
+    const Json& v = Get(o, key);
+    if (v.is_null()) return def;
+    if (!v.is_string()) return Bad(absl::StrCat(field, ": must be a string"));
+    return v.get<std::string>();
+  }
+  static absl::StatusOr<bool> Flag(const Json& o, const std::string& key, const std::string& field,
+                                   bool def) {
+    const Json& v = Get(o, key);
+    if (v.is_null()) return def;
+    if (!v.is_boolean()) return Bad(absl::StrCat(field, ": must be true or false"));
+    return v.get<bool>();
+  }
+  // Token ids: integers in [0, kMaxId) (the vocabulary's table has one entry per id).
+  static constexpr int64_t kMaxId = int64_t{1} << 24;
+  static absl::StatusOr<int32_t> Id(const Json& v, const std::string& field) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= kMaxId) {
+      return Bad(absl::StrCat(field, ": ids must be integers in [0, ", kMaxId, ")"));
+    }
+    return static_cast<int32_t>(v.get<int64_t>());
+  }
+
+  // One added_tokens entry, into the tries.
+  static absl::Status AddedToken(const Json& a, size_t i, Tokenizer* t) {
+    const std::string field = absl::StrCat("added_tokens[", i, "]");
+    ASSIGN_OR_RETURN(const int32_t id, Id(Get(a, "id"), field + ".id"));
+    const Json& c = Get(a, "content");
+    if (!c.is_string()) return Bad(field + ".content: must be a string");
+    const std::string content = c.get<std::string>();
+    for (const char* unsupported : {"lstrip", "rstrip", "single_word"}) {
+      ASSIGN_OR_RETURN(const bool on, Flag(a, unsupported, field + "." + unsupported, false));
+      if (on) {
+        return Bad(absl::StrCat("added token ", content, " (", field,
+                                "): lstrip/rstrip/single_word unsupported"));
+      }
+    }
+    ASSIGN_OR_RETURN(const bool normalized, Flag(a, "normalized", field + ".normalized", false));
+    t->id_to_token_[static_cast<size_t>(id)] = content;
+    (normalized ? t->added_normalized_ : t->added_raw_)->Add(content, id);
+    return absl::OkStatus();
+  }
+
   // model.vocab and added_tokens.
   static absl::Status Vocab(const Json& model, const Json& added, Tokenizer* t) {
-    if (!model.contains("vocab") || !model["vocab"].is_object()) return Bad("missing model.vocab");
+    const Json& vocab = Get(model, "vocab");
+    if (!vocab.is_object()) return Bad("missing model.vocab");
+    if (!added.is_array()) return Bad("added_tokens: must be an array");
     int32_t max_id = -1;
-    for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
-      if (!it->is_number_integer()) return Bad("model.vocab: ids must be integers");
-      const int32_t id = it->get<int32_t>();
-      if (id < 0) return Bad("model.vocab: negative id");
+    for (auto it = vocab.begin(); it != vocab.end(); ++it) {
+      ASSIGN_OR_RETURN(const int32_t id, Id(*it, "model.vocab"));
       t->vocab_[it.key()] = id;
       max_id = std::max(max_id, id);
     }
-    for (const Json& a : added) {
-      if (!a.is_object() || !a.contains("id") || !a.contains("content")) {
-        return Bad("added_tokens: entries need id and content");
-      }
-      max_id = std::max(max_id, a["id"].get<int32_t>());
+    for (size_t i = 0; i < added.size(); ++i) {
+      const Json& a = added[i];
+      const std::string field = absl::StrCat("added_tokens[", i, "]");
+      if (!a.is_object()) return Bad(field + ": entries need id and content");
+      ASSIGN_OR_RETURN(const int32_t id, Id(Get(a, "id"), field + ".id"));
+      max_id = std::max(max_id, id);
     }
     t->id_to_token_.resize(static_cast<size_t>(max_id + 1));
     for (const auto& [tok, id] : t->vocab_) t->id_to_token_[static_cast<size_t>(id)] = tok;
     t->added_raw_ = std::make_unique<Trie>();
     t->added_normalized_ = std::make_unique<Trie>();
-    for (const Json& a : added) {
-      const int32_t id = a["id"].get<int32_t>();
-      const std::string content = a["content"].get<std::string>();
-      if (a.value("lstrip", false) || a.value("rstrip", false) || a.value("single_word", false)) {
-        return Bad(
-            absl::StrCat("added token ", content, ": lstrip/rstrip/single_word unsupported"));
-      }
-      t->id_to_token_[static_cast<size_t>(id)] = content;
-      (a.value("normalized", false) ? t->added_normalized_ : t->added_raw_)->Add(content, id);
-    }
+    for (size_t i = 0; i < added.size(); ++i) RETURN_IF_ERROR(AddedToken(added[i], i, t));
     return absl::OkStatus();
   }
 
   // Merges: "a b" strings (or [a, b] pairs in newer files), ranked by position.
   static absl::Status Merges(const Json& model, Tokenizer* t) {
-    const Json& merges = model["merges"];
+    const Json& merges = Get(model, "merges");
     if (!merges.is_array()) return Bad("missing model.merges");
     for (size_t rank = 0; rank < merges.size(); ++rank) {
       std::string a, b;
-      if (merges[rank].is_string()) {
-        const std::string m = merges[rank].get<std::string>();
-        const size_t sp = m.find(' ');
+      const Json& m = merges[rank];
+      if (m.is_string()) {
+        const std::string text = m.get<std::string>();
+        const size_t sp = text.find(' ');
         if (sp == std::string::npos) {
           return Bad(absl::StrCat("model.merges[", rank, "] has no space"));
         }
-        a = m.substr(0, sp);
-        b = m.substr(sp + 1);
-      } else if (merges[rank].is_array() && merges[rank].size() == 2) {
-        a = merges[rank][0].get<std::string>();
-        b = merges[rank][1].get<std::string>();
+        a = text.substr(0, sp);
+        b = text.substr(sp + 1);
+      } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
+        a = m[0].get<std::string>();
+        b = m[1].get<std::string>();
       } else {
         return Bad(absl::StrCat("model.merges[", rank, "] is malformed"));
       }
@@ -299,13 +343,15 @@ struct Tokenizer::Loader {
 
   // One Split step's regex, translated to PCRE2 and compiled.
   static absl::StatusOr<std::unique_ptr<Regex>> SplitRegex(const Json& p) {
-    if (p.value("behavior", "") != "Isolated" || p.value("invert", false)) {
+    ASSIGN_OR_RETURN(const std::string behavior,
+                     Str(p, "behavior", "pre_tokenizer Split behavior"));
+    ASSIGN_OR_RETURN(const bool invert, Flag(p, "invert", "pre_tokenizer Split invert", false));
+    if (behavior != "Isolated" || invert) {
       return Bad("pre_tokenizer Split: only behavior Isolated without invert");
     }
-    if (!p.contains("pattern") || !p["pattern"].contains("Regex")) {
-      return Bad("pre_tokenizer Split: only Regex patterns");
-    }
-    const std::string onig = p["pattern"]["Regex"].get<std::string>();
+    const Json& regex = Get(Get(p, "pattern"), "Regex");
+    if (!regex.is_string()) return Bad("pre_tokenizer Split: only Regex patterns (strings)");
+    const std::string onig = regex.get<std::string>();
     auto translated = OnigurumaRegexToPcre2(onig);
     if (!translated.ok()) {
       return Bad(
@@ -330,51 +376,73 @@ struct Tokenizer::Loader {
   // Pre-tokenizer: Sequence of Split (Isolated, not inverted) regexes, then ByteLevel without
   // its own regex.
   static absl::Status PreTokenizer(const Json& pre, Tokenizer* t) {
-    std::vector<Json> steps;
-    if (pre.is_object() && pre.value("type", "") == "Sequence") {
-      for (const Json& p : pre["pretokenizers"]) steps.push_back(p);
+    std::vector<const Json*> steps;
+    ASSIGN_OR_RETURN(const std::string kind, Str(pre, "type", "pre_tokenizer.type"));
+    if (kind == "Sequence") {
+      const Json& list = Get(pre, "pretokenizers");
+      if (!list.is_array()) return Bad("pre_tokenizer.pretokenizers: must be an array");
+      for (const Json& p : list) steps.push_back(&p);
     } else if (pre.is_object()) {
-      steps.push_back(pre);
+      steps.push_back(&pre);
     }
-    for (const Json& p : steps) {
-      const std::string type = p.value("type", "");
+    for (const Json* p : steps) {
+      ASSIGN_OR_RETURN(const std::string type, Str(*p, "type", "pre_tokenizer step type"));
       if (type == "ByteLevel") {
-        if (p.value("add_prefix_space", false) || p.value("use_regex", true)) {
+        ASSIGN_OR_RETURN(const bool prefix,
+                         Flag(*p, "add_prefix_space", "pre_tokenizer ByteLevel", false));
+        ASSIGN_OR_RETURN(const bool regex, Flag(*p, "use_regex", "pre_tokenizer ByteLevel", true));
+        if (prefix || regex) {
           return Bad("pre_tokenizer ByteLevel: only add_prefix_space=false, use_regex=false");
         }
         continue;
       }
       if (type != "Split") return Bad(absl::StrCat("pre_tokenizer ", type, " is not supported"));
-      ASSIGN_OR_RETURN(std::unique_ptr<Regex> re, SplitRegex(p));
+      ASSIGN_OR_RETURN(std::unique_ptr<Regex> re, SplitRegex(*p));
       t->splits_.push_back(std::move(re));
     }
     return absl::OkStatus();
   }
+
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const Json& j) {
+    if (!j.is_object()) return Bad("not a JSON object");
+    auto t = std::unique_ptr<Tokenizer>(new Tokenizer());
+    ByteTable(t.get());
+    const Json& model = Get(j, "model");
+    if (!model.is_object()) return Bad("missing model");
+    ASSIGN_OR_RETURN(const std::string type, Str(model, "type", "model.type"));
+    if (type != "BPE") return Bad("model.type: only BPE is supported");
+    ASSIGN_OR_RETURN(const bool fallback,
+                     Flag(model, "byte_fallback", "model.byte_fallback", false));
+    if (fallback) return Bad("model.byte_fallback is not supported");
+    const Json& added = Get(j, "added_tokens");
+    RETURN_IF_ERROR(Vocab(model, added.is_null() ? Json::array() : added, t.get()));
+    RETURN_IF_ERROR(Merges(model, t.get()));
+    for (int b = 0; b < 256; ++b) {
+      if (!t->vocab_.count(t->byte_char_[static_cast<size_t>(b)])) {
+        return Bad(absl::StrCat("model.vocab lacks the ByteLevel character of byte ", b));
+      }
+    }
+    RETURN_IF_ERROR(PreTokenizer(Get(j, "pre_tokenizer"), t.get()));
+    const Json& norm = Get(j, "normalizer");
+    if (!norm.is_null()) {
+      ASSIGN_OR_RETURN(const std::string ntype, Str(norm, "type", "normalizer.type"));
+      const Json& list = Get(norm, "normalizers");
+      if (ntype != "Sequence" || !list.is_array() || !list.empty()) {
+        return Bad("normalizer: only none or an empty Sequence is supported");
+      }
+    }
+    return t;
+  }
 };
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string& json_text) {
-  Json j = Json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return Bad("not a JSON object");
-  auto t = std::unique_ptr<Tokenizer>(new Tokenizer());
-  Loader::ByteTable(t.get());
-  const Json* model = j.contains("model") ? &j["model"] : nullptr;
-  if (model == nullptr || !model->is_object()) return Bad("missing model");
-  if (model->value("type", "") != "BPE") return Bad("model.type: only BPE is supported");
-  if (model->value("byte_fallback", false)) return Bad("model.byte_fallback is not supported");
-  const Json& added = j.contains("added_tokens") ? j["added_tokens"] : Json::array();
-  RETURN_IF_ERROR(Loader::Vocab(*model, added, t.get()));
-  RETURN_IF_ERROR(Loader::Merges(*model, t.get()));
-  for (int b = 0; b < 256; ++b) {
-    if (!t->vocab_.count(t->byte_char_[static_cast<size_t>(b)])) {
-      return Bad(absl::StrCat("model.vocab lacks the ByteLevel character of byte ", b));
-    }
+  const Json j = Json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Bad("not a JSON object");
+  try {  // every field is checked before use; this is the net for what a check missed
+    return Loader::Load(j);
+  } catch (const Json::exception& e) {
+    return Bad(absl::StrCat("malformed: ", e.what()));
   }
-  RETURN_IF_ERROR(Loader::PreTokenizer(j["pre_tokenizer"], t.get()));
-  const Json& norm = j["normalizer"];
-  if (norm.is_object() && !(norm.value("type", "") == "Sequence" && norm["normalizers"].empty())) {
-    return Bad("normalizer: only none or an empty Sequence is supported");
-  }
-  return t;
 }
 
 int32_t Tokenizer::TokenId(const std::string& token) const {

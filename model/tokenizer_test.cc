@@ -1,6 +1,8 @@
 #include "model/tokenizer.h"
 
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -31,7 +33,7 @@ std::string ByteChar(int b) {
 }
 
 // Byte b has id b; then "ab" = 256, "abc" = 257, "bc" = 258, "aa" = 259; "<s>" = 300 (special).
-std::unique_ptr<Tokenizer> Make(const std::string& split_regex = "") {
+nlohmann::json MakeJson(const std::string& split_regex = "") {
   nlohmann::json vocab = nlohmann::json::object();
   for (int b = 0; b < 256; ++b) vocab[ByteChar(b)] = b;
   vocab["ab"] = 256;
@@ -53,7 +55,11 @@ std::unique_ptr<Tokenizer> Make(const std::string& split_regex = "") {
   }
   steps.push_back({{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}});
   j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", steps}};
-  auto t = Tokenizer::FromJson(j.dump());
+  return j;
+}
+
+std::unique_ptr<Tokenizer> Make(const std::string& split_regex = "") {
+  auto t = Tokenizer::FromJson(MakeJson(split_regex).dump());
   EXPECT_TRUE(t.ok()) << t.status();
   return std::move(t).value();
 }
@@ -111,6 +117,45 @@ TEST(Tokenizer, UnsupportedFilesAreClearErrors) {
   ASSERT_FALSE(wp.ok());
   EXPECT_NE(wp.status().message().find("only BPE"), absl::string_view::npos);
   EXPECT_FALSE(Tokenizer::FromFile("/nonexistent/tokenizer.json").ok());
+}
+
+// A tokenizer.json with a field missing or of the wrong type is an error naming the file's
+// field, never an abort (nlohmann asserts on a missing key of a const object) or an exception.
+TEST(Tokenizer, MalformedFieldsAreErrorsNotCrashes) {
+  using J = nlohmann::json;
+  const std::vector<std::pair<const char*, std::function<void(J&)>>> cases = {
+      {"merges", [](J& j) { j["model"].erase("merges"); }},
+      {"merges",
+       [](J& j) {
+         j["model"]["merges"] = J::array({J::array({1, 2})});
+       }},
+      {"added_tokens", [](J& j) { j["added_tokens"][0]["id"] = "300"; }},
+      {"added_tokens", [](J& j) { j["added_tokens"][0]["content"] = 5; }},
+      {"added_tokens", [](J& j) { j["added_tokens"][0]["lstrip"] = "no"; }},
+      {"added_tokens", [](J& j) { j["added_tokens"][0]["id"] = -7; }},
+      {"added_tokens", [](J& j) { j["added_tokens"] = "none"; }},
+      {"vocab", [](J& j) { j["model"]["vocab"]["zz"] = 1e12; }},
+      {"type", [](J& j) { j["model"]["type"] = 3; }},
+      {"pre_tokenizer", [](J& j) { j["pre_tokenizer"].erase("pretokenizers"); }},
+      {"pre_tokenizer", [](J& j) { j["pre_tokenizer"]["pretokenizers"][0]["type"] = 1; }},
+      {"pre_tokenizer",
+       [](J& j) {
+         j["pre_tokenizer"]["pretokenizers"][0] = {
+             {"type", "Split"}, {"pattern", {{"Regex", 7}}}, {"behavior", "Isolated"}};
+       }},
+      {"normalizer",
+       [](J& j) {
+         j["normalizer"] = {{"type", "Sequence"}};
+       }},
+  };
+  for (const auto& [field, mutate] : cases) {
+    J j = MakeJson("a+");
+    mutate(j);
+    auto t = Tokenizer::FromJson(j.dump());
+    ASSERT_FALSE(t.ok()) << field << ": " << j.dump().substr(0, 0);
+    EXPECT_NE(t.status().message().find(field), absl::string_view::npos)
+        << field << ": " << t.status();
+  }
 }
 
 }  // namespace
