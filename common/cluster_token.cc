@@ -18,6 +18,18 @@ absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path) {
     return absl::InvalidArgumentError("--cluster-token-file: the first line of " + path +
                                       " is empty");
   }
+  // It travels as gRPC metadata, whose values gRPC asserts are printable ASCII (a BOM, a UTF-8
+  // letter or random bytes aborted the process at its first call), and as a UCX hello's header.
+  for (size_t i = 0; i < token.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(token[i]);
+    if (c < 0x21 || c > 0x7e) {
+      return absl::InvalidArgumentError(
+          "--cluster-token-file: the token in " + path + " has byte " + std::to_string(c) +
+          " at offset " + std::to_string(i) +
+          "; only printable ASCII without spaces (0x21-0x7e) is allowed (e.g. the output of "
+          "`openssl rand -hex 32`)");
+    }
+  }
   // It travels as the header of every UCX hello, which must fit one small message.
   if (token.size() > kMaxClusterTokenBytes) {
     return absl::InvalidArgumentError("--cluster-token-file: the token in " + path + " is over " +
