@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
@@ -151,6 +152,39 @@ absl::Status Positive(const char* name, int64_t v) {
   return absl::OkStatus();
 }
 
+// Sizes beyond what any DeepSeek checkpoint has (V3: 61 layers, 256 experts, 7168 hidden, 163840
+// positions, 129280 tokens), far beyond: they size tables before any tensor can contradict them
+// (RoPE tables, per-layer and per-expert arrays, KV block sizes), so a typo would otherwise mean
+// an abort on a failed allocation, or an overflowed product.
+absl::Status AtMost(const char* name, int64_t v, int64_t max) {
+  if (v > max) return FieldError(name, absl::StrCat(v, " exceeds dmoe's limit of ", max));
+  return absl::OkStatus();
+}
+
+absl::Status Bounded(const ModelConfig& c) {
+  const std::pair<const char*, std::pair<int64_t, int64_t>> limits[] = {
+      {"vocab_size", {c.vocab_size, int64_t{1} << 24}},
+      {"hidden_size", {c.hidden_size, int64_t{1} << 16}},
+      {"num_hidden_layers", {c.num_hidden_layers, 1024}},
+      {"num_attention_heads", {c.num_attention_heads, 1024}},
+      {"kv_lora_rank", {c.kv_lora_rank, int64_t{1} << 16}},
+      {"q_lora_rank", {c.q_lora_rank, int64_t{1} << 16}},
+      {"qk_nope_head_dim", {c.qk_nope_head_dim, 4096}},
+      {"qk_rope_head_dim", {c.qk_rope_head_dim, 4096}},
+      {"v_head_dim", {c.v_head_dim, 4096}},
+      {"max_position_embeddings", {c.max_position_embeddings, int64_t{1} << 21}},
+      {"intermediate_size", {c.intermediate_size, int64_t{1} << 18}},
+      {"moe_intermediate_size", {c.moe_intermediate_size, int64_t{1} << 18}},
+      {"n_routed_experts", {c.n_routed_experts, 4096}},
+      {"n_shared_experts", {c.n_shared_experts, 64}},
+      {"first_k_dense_replace", {c.first_k_dense_replace, 1024}},
+  };
+  for (const auto& [name, vm] : limits) {
+    if (auto s = AtMost(name, vm.first, vm.second); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 double YarnGetMscale(double scale, double m) {
@@ -178,6 +212,7 @@ namespace {
 // The attention and layer shape: dimensions, MLA's constraints, norms, dense layers.
 absl::Status ValidateShape(const ModelConfig& c) {
   if (auto s = Positive("vocab_size", c.vocab_size); !s.ok()) return s;
+  if (auto s = Bounded(c); !s.ok()) return s;
   for (int64_t id : c.eos_token_ids) {
     if (id >= c.vocab_size) {
       return FieldError("eos_token_id",
@@ -311,6 +346,14 @@ absl::Status ValidateYarn(const ModelConfig& c) {
     }
     if (!(y.beta_fast > 0) || !(y.beta_slow > 0)) {
       return FieldError("rope_scaling.beta_fast", "beta_fast and beta_slow must be positive");
+    }
+    if (!std::isfinite(y.factor) || y.factor > 1e6) {
+      return FieldError("rope_scaling.factor", "must be finite (at most 10^6)");
+    }
+    // (A negative one can make YaRN's magnitude scale 0: the attention scale infinite.)
+    if (!(y.mscale >= 0) || !(y.mscale_all_dim >= 0) || !std::isfinite(y.mscale) ||
+        !std::isfinite(y.mscale_all_dim)) {
+      return FieldError("rope_scaling.mscale", "mscale and mscale_all_dim must be finite, >= 0");
     }
   }
   return absl::OkStatus();

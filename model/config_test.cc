@@ -209,6 +209,16 @@ TEST(ModelConfig, ErrorsNameTheField) {
       {"attention_bias", true, "field attention_bias"},
       {"q_lora_rank", 0, "field q_lora_rank"},
       {"max_position_embeddings", 1.5, "field max_position_embeddings: expected an integer"},
+      // Sizes that would size tables before any tensor contradicts them.
+      {"num_hidden_layers", 4503599627370496LL,
+       "field num_hidden_layers: 4503599627370496 exceeds"},
+      {"n_routed_experts", 1000000000000LL, "field n_routed_experts: 1000000000000 exceeds"},
+      {"max_position_embeddings", 1000000000, "field max_position_embeddings: 1000000000 exceeds"},
+      {"vocab_size", int64_t{1} << 30, "field vocab_size: 1073741824 exceeds"},
+      {"hidden_size", 100000, "field hidden_size: 100000 exceeds"},
+      {"rope_scaling",
+       Json{{"type", "yarn"}, {"factor", 2.718281828459045}, {"mscale_all_dim", -10}},
+       "field rope_scaling.mscale"},
   };
   for (const Case& c : cases) {
     Json j = TinyJson();
