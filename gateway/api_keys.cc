@@ -10,6 +10,10 @@
 namespace dmoe::gateway {
 
 absl::StatusOr<std::unique_ptr<ApiKeys>> ApiKeys::Load(const std::string& path, int64_t limit) {
+  if (limit <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-concurrent-per-key: ", limit, " is not positive"));
+  }
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("--api-keys: cannot open ", path));
   auto keys = std::make_unique<ApiKeys>();
@@ -17,14 +21,26 @@ absl::StatusOr<std::unique_ptr<ApiKeys>> ApiKeys::Load(const std::string& path, 
   int n = 0;
   while (std::getline(in, line)) {
     ++n;
-    if (line.empty() || line[0] == '#') continue;
-    std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipWhitespace());
-    if (parts.empty()) continue;
+    const auto at = [&] { return absl::StrCat("--api-keys ", path, " line ", n, ": "); };
+    // Split on any whitespace (a tab, a CRLF file's \r): a key is what a client sends after
+    // "Bearer ", printable ASCII.
+    std::vector<std::string> parts =
+        absl::StrSplit(line, absl::ByAnyChar(" \t\r\v\f"), absl::SkipEmpty());
+    if (parts.empty() || parts[0][0] == '#') continue;
     int64_t own = limit;
     if (parts.size() > 2 ||
         (parts.size() == 2 && (!absl::SimpleAtoi(parts[1], &own) || own <= 0))) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--api-keys ", path, " line ", n, ": expected KEY [LIMIT]"));
+      return absl::InvalidArgumentError(absl::StrCat(at(), "expected KEY [LIMIT]"));
+    }
+    for (const char ch : parts[0]) {
+      if (static_cast<unsigned char>(ch) < 0x21 || static_cast<unsigned char>(ch) > 0x7e) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(at(), "a key must be printable ASCII (byte ",
+                         static_cast<int>(static_cast<unsigned char>(ch)), ")"));
+      }
+    }
+    if (keys->limits_.count(parts[0])) {
+      return absl::InvalidArgumentError(absl::StrCat(at(), "this key is listed twice"));
     }
     keys->limits_[parts[0]] = own;
   }
