@@ -1,5 +1,8 @@
 #include "attention_service/attention_node.h"
 
+#include <memory>
+#include <new>
+#include <stdexcept>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -14,7 +17,17 @@ absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeKvCache(const ModelConfig& c,
                              : LatentKvCache::BlocksForBytes(
                                    c, o.block_tokens, static_cast<uint64_t>(o.mib) << 20, o.dtype);
   if (blocks <= 0) return absl::InvalidArgumentError("--kv-cache-mib: too small for one block");
-  auto cache = std::make_unique<LatentKvCache>(c, o.block_tokens, blocks, o.dtype);
+  std::unique_ptr<LatentKvCache> cache;
+  try {  // (the size comes from flags: more than the machine has is an error, not an abort)
+    cache = std::make_unique<LatentKvCache>(c, o.block_tokens, blocks, o.dtype);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("--kv-cache-mib/--kv-blocks: cannot allocate ", blocks, " KV blocks of ",
+                     o.block_tokens, " tokens (more memory than this machine gives)"));
+  } catch (const std::length_error&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("--kv-cache-mib/--kv-blocks: ", blocks, " KV blocks is too many"));
+  }
   spdlog::info("KV cache ({}) {} blocks x {} tokens, {:.1f} MiB, {} bytes/token",
                cpu::KvDTypeName(o.dtype), blocks, o.block_tokens,
                static_cast<double>(blocks * cache->block_bytes()) / (1 << 20),

@@ -93,20 +93,34 @@ struct Options {
 absl::StatusOr<Options> ParseOptions(const Flags& f) {
   Options o;
   ASSIGN_OR_RETURN(o.model, f.String("model"));
-  const std::vector<std::pair<const char*, int64_t>> ints = {
-      {"kv-cache-mib", 256}, {"kv-blocks", 0},      {"block-tokens", 16},
-      {"max-running", 64},   {"token-budget", 512}, {"prefill-chunk", 256},
-      {"micro-batches", 2},  {"drain-seconds", 30}, {"speculative-tokens", 0}};
-  for (const auto& [name, dflt] : ints) {
-    ASSIGN_OR_RETURN(int64_t x, f.Int(name, dflt));
+  // Name, default, largest (far beyond any machine: a typo is an error naming the flag, not an
+  // overflowed size or an allocation that fails).
+  struct IntFlag {
+    const char* name;
+    int64_t dflt, max;
+  };
+  const IntFlag ints[] = {{"kv-cache-mib", 256, int64_t{1} << 30},
+                          {"kv-blocks", 0, (int64_t{1} << 31) - 1},
+                          {"block-tokens", 16, 4096},
+                          {"max-running", 64, int64_t{1} << 20},
+                          {"token-budget", 512, int64_t{1} << 24},
+                          {"prefill-chunk", 256, int64_t{1} << 24},
+                          {"micro-batches", 2, 2},
+                          {"drain-seconds", 30, 86400},
+                          {"speculative-tokens", 0, 16}};
+  for (const IntFlag& i : ints) {
+    ASSIGN_OR_RETURN(int64_t x, f.Int(i.name, i.dflt));
     const bool zero_ok =
-        std::string(name) == "kv-blocks" || std::string(name) == "speculative-tokens";
+        std::string(i.name) == "kv-blocks" || std::string(i.name) == "speculative-tokens";
     if (x < 0 || (x == 0 && !zero_ok)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be positive"));
+      return absl::InvalidArgumentError(absl::StrCat("--", i.name, ": must be positive"));
     }
-    o.v[name] = x;
+    if (x > i.max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", i.name, ": ", x, " is over the limit of ", i.max));
+    }
+    o.v[i.name] = x;
   }
-  if (o.v["micro-batches"] > 2) return absl::InvalidArgumentError("--micro-batches: 1 or 2");
   const std::string kv = f.StringOr("kv-cache-dtype", "f32");
   if (!ParseKvDType(kv, &o.kv_dtype)) {
     return absl::InvalidArgumentError(

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_join.h"
@@ -81,6 +82,19 @@ TEST(DmoeCli, HelpOnEveryCommand) {
   EXPECT_FAILS_WITH(RunDmoe("down --state-file " + TmpDir() + "/none.json"), "no cluster recorded");
   EXPECT_FAILS_WITH(RunDmoe("up --experts 0 --state-file " + TmpDir() + "/s.json"),
                     "--experts: must be in [1, 64]");
+  // A state file whose entries are not what dmoe up writes: an error, no process stopped (a
+  // missing pid aborted dmoe down).
+  const std::pair<const char*, const char*> bad_states[] = {
+      {R"({"processes":[{"role":"router"}]})", "processes[0] needs a positive integer pid"},
+      {R"({"processes":[{"pid":"12"}]})", "processes[0] needs a positive integer pid"},
+      {R"({"processes":[{"role":1,"pid":2}]})", "processes[0] needs a positive integer pid"},
+      {R"({"processes":5})", "not a state file"},
+  };
+  for (const auto& [bad, want] : bad_states) {
+    const std::string path = TmpDir() + "/bad_state.json";
+    std::ofstream(path) << bad;
+    EXPECT_FAILS_WITH(RunDmoe("down --state-file " + path), want);
+  }
   EXPECT_FAILS_WITH(RunDmoe("tokenize --jsonl x"), "--tokenizer is required");
   EXPECT_FAILS_WITH(RunDmoe("chat --target 127.0.0.1:1"), "expected one MESSAGE");
   EXPECT_FAILS_WITH(RunDmoe("serve"), "--model is required");

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -168,7 +169,14 @@ class Launcher {
     if (!j.ok() || !j->contains("grpc")) {
       return absl::UnavailableError(absl::StrCat(name, " did not start (see ", log, ")"));
     }
-    const std::string grpc = j->value("grpc", ""), metrics = j->value("metrics", "");
+    const auto text = [&](const char* key) {  // (a field of another type: empty, as absent)
+      const auto it = j->find(key);
+      return it != j->end() && it->is_string() ? it->get<std::string>() : std::string();
+    };
+    const std::string grpc = text("grpc"), metrics = text("metrics");
+    if (grpc.empty()) {
+      return absl::UnavailableError(absl::StrCat(name, " wrote no gRPC address (see ", log, ")"));
+    }
     metrics_urls_.push_back("http://" + metrics + "/metrics");
     ready_[name] = *j;
     processes_.push_back(
@@ -316,17 +324,30 @@ int Down(int argc, char** argv) {
   std::stringstream ss;
   ss << in.rdbuf();
   auto j = nlohmann::json::parse(ss.str(), nullptr, false);
-  if (j.is_discarded() || !j.contains("processes"))
+  if (j.is_discarded() || !j.is_object() || !j.contains("processes") ||
+      !j["processes"].is_array()) {
     return Fail(absl::StrCat(state, ": not a state file"));
+  }
   // Gateway and attention nodes first (they drain), then the router, then the shards (which,
-  // finding no router to plan them out, leave at once).
+  // finding no router to plan them out, leave at once). Every entry is checked before any process
+  // is stopped: a bad file stops none (it had aborted dmoe down half-way).
   std::vector<pid_t> front, router, shards;
-  for (const auto& p : j["processes"]) {
-    const std::string role = p.value("role", "");
-    (role == "expert"   ? shards
-     : role == "router" ? router
-                        : front)
-        .push_back(p["pid"].get<pid_t>());
+  const nlohmann::json& processes = j["processes"];
+  for (size_t i = 0; i < processes.size(); ++i) {
+    const nlohmann::json& p = processes[i];
+    const auto pid = p.is_object() ? p.find("pid") : p.end();
+    const auto role = p.is_object() ? p.find("role") : p.end();
+    if (pid == p.end() || !pid->is_number_integer() || pid->get<int64_t>() <= 0 ||
+        pid->get<int64_t>() > std::numeric_limits<pid_t>::max() || role == p.end() ||
+        !role->is_string()) {
+      return Fail(absl::StrCat(state, ": processes[", i,
+                               "] needs a positive integer pid and a role string"));
+    }
+    const std::string r = role->get<std::string>();
+    (r == "expert"   ? shards
+     : r == "router" ? router
+                     : front)
+        .push_back(static_cast<pid_t>(pid->get<int64_t>()));
   }
   std::reverse(front.begin(), front.end());
   StopProcesses(front);

@@ -71,6 +71,10 @@ absl::StatusOr<ServeOptions> ParseServe(const Flags& f) {
   if (o.mib <= 0 || o.block <= 0) {
     return absl::InvalidArgumentError("--kv-cache-mib and --block-tokens must be positive");
   }
+  if (o.mib > (int64_t{1} << 30) || o.block > 4096) {
+    return absl::InvalidArgumentError(
+        "--kv-cache-mib (at most 2^30) or --block-tokens (at most 4096) is over its limit");
+  }
   if (!ParseKvDType(f.StringOr("kv-cache-dtype", "f32"), &o.kv_dtype)) {
     return absl::InvalidArgumentError("--kv-cache-dtype: not f32, bf16, int8 or fp8_e4m3");
   }

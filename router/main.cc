@@ -63,6 +63,12 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
   ASSIGN_OR_RETURN(o.min_shards, f.Int("min-shards", 1));
   auto bad = [](const char* what) { return absl::InvalidArgumentError(what); };
   if (o.lease_ms <= 0) return bad("--lease-ms: must be positive");
+  // (Larger values overflowed the lease clock: every lease lapsed at once.)
+  if (o.lease_ms > 3600000) return bad("--lease-ms: at most 3600000 (an hour)");
+  if (o.rebalance_s < 0 || o.rebalance_s > 86400 * 30) {
+    return bad("--rebalance-seconds: 0 (never) to 2592000 (30 days)");
+  }
+  if (o.grace_ms > 3600000) return bad("--startup-grace-ms: at most 3600000 (an hour)");
   if (o.replication < 1) return bad("--replication: must be >= 1");
   if (o.extra < 0) return bad("--max-extra-replicas: negative");
   if (o.grace_ms < 0) return bad("--startup-grace-ms: negative");
@@ -115,7 +121,14 @@ void LeaseLoop(const Options& o, RouterState* state, RouterGauges* gauges,
                const std::atomic<bool>* done) {
   auto last_rebalance = std::chrono::steady_clock::now();
   while (!*done) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::max<int64_t>(10, o.lease_ms / 10)));
+    // A tenth of a lease, at most 100 ms at a time: a stop is seen within 100 ms.
+    const auto tick = std::chrono::steady_clock::now() +
+                      std::chrono::milliseconds(std::max<int64_t>(10, o.lease_ms / 10));
+    while (!*done && std::chrono::steady_clock::now() < tick) {
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
+          std::chrono::milliseconds(100), tick - std::chrono::steady_clock::now()));
+    }
+    if (*done) break;
     const auto gone = state->ExpireLeases();
     for (const auto& id : gone) spdlog::warn("lease of {} lapsed", id);
     gauges->Expired(gone.size());
