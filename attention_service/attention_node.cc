@@ -1,5 +1,6 @@
 #include "attention_service/attention_node.h"
 
+#include <limits>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -17,6 +18,10 @@ absl::StatusOr<std::unique_ptr<LatentKvCache>> MakeKvCache(const ModelConfig& c,
                              : LatentKvCache::BlocksForBytes(
                                    c, o.block_tokens, static_cast<uint64_t>(o.mib) << 20, o.dtype);
   if (blocks <= 0) return absl::InvalidArgumentError("--kv-cache-mib: too small for one block");
+  if (blocks > std::numeric_limits<int32_t>::max()) {  // (block ids are int32)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-cache-mib: ", blocks, " KV blocks; at most 2^31-1"));
+  }
   std::unique_ptr<LatentKvCache> cache;
   try {  // (the size comes from flags: more than the machine has is an error, not an abort)
     cache = std::make_unique<LatentKvCache>(c, o.block_tokens, blocks, o.dtype);

@@ -30,7 +30,13 @@
 #include "nlohmann/json.hpp"
 
 namespace dmoe::cli {
+
 namespace {
+// A string field of a .ready file ("?" when absent or of another type).
+std::string ReadyText(const nlohmann::json& ready, const char* key) {
+  const auto it = ready.is_object() ? ready.find(key) : ready.end();
+  return it != ready.end() && it->is_string() ? it->get<std::string>() : std::string("?");
+}
 
 constexpr char kUpHelp[] =
     R"(usage: dmoe up [--model DIR] [--experts N] [--attention M] [--expert-replicas R] [flags]
@@ -121,7 +127,9 @@ absl::StatusOr<UpOptions> ParseUp(const Flags& f) {
     return bad("--expert-replicas: must be in [1, --experts]");
   }
   if (o.capacity < 0) return bad("--expert-capacity: negative");
-  if (o.lease_ms < 100) return bad("--lease-ms: must be at least 100");
+  if (o.lease_ms < 100 || o.lease_ms > 3600000) {
+    return bad("--lease-ms: must be in [100, 3600000]");
+  }
   if (o.blas < 0) return bad("--blas-threads: negative");
   if (o.speculative < 0 || o.speculative > 16) return bad("--speculative-tokens: not in [0, 16]");
   return o;
@@ -290,7 +298,7 @@ int Up(int argc, char** argv) {
     return Fail(std::string(s.message()));
   }
   const std::string openai =
-      absl::StrCat("http://", launcher.ready("gateway").value("http", "?"), "/v1");
+      absl::StrCat("http://", ReadyText(launcher.ready("gateway"), "http"), "/v1");
   const nlohmann::json record = {{"model", o->dir},
                                  {"router", c.router},
                                  {"gateway", c.gateway},

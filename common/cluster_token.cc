@@ -14,6 +14,7 @@ absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path) {
   while (!token.empty() && (token.back() == '\r' || token.back() == ' ' || token.back() == '\t')) {
     token.pop_back();
   }
+  while (!token.empty() && (token.front() == ' ' || token.front() == '\t')) token.erase(0, 1);
   if (token.empty()) {
     return absl::InvalidArgumentError("--cluster-token-file: the first line of " + path +
                                       " is empty");
@@ -22,11 +23,11 @@ absl::StatusOr<std::string> ReadClusterTokenFile(const std::string& path) {
   // letter or random bytes aborted the process at its first call), and as a UCX hello's header.
   for (size_t i = 0; i < token.size(); ++i) {
     const unsigned char c = static_cast<unsigned char>(token[i]);
-    if (c < 0x21 || c > 0x7e) {
+    if (c < 0x20 || c > 0x7e) {
       return absl::InvalidArgumentError(
           "--cluster-token-file: the token in " + path + " has byte " + std::to_string(c) +
           " at offset " + std::to_string(i) +
-          "; only printable ASCII without spaces (0x21-0x7e) is allowed (e.g. the output of "
+          "; only printable ASCII (0x20-0x7e) is allowed (e.g. the output of "
           "`openssl rand -hex 32`)");
     }
   }

@@ -21,7 +21,8 @@ std::string WriteKeys(const std::string& bytes) {
 // A CRLF file, a tab before the limit, comments and blank lines: every key as a client sends it
 // (a CRLF file's keys had kept their \r, so every client got "unknown API key").
 TEST(ApiKeys, KeysAndLimitsSplitOnAnyWhitespace) {
-  auto keys = ApiKeys::Load(WriteKeys("# keys\r\nalpha\r\n\r\nbeta\t1\r\n  # indented comment\n"), 4);
+  auto keys =
+      ApiKeys::Load(WriteKeys("# keys\r\nalpha\r\n\r\nbeta\t1\r\n  # indented comment\n"), 4);
   ASSERT_TRUE(keys.ok()) << keys.status();
   std::string a, b, b2;
   EXPECT_TRUE((*keys)->Acquire("Bearer alpha", &a).ok());

@@ -351,9 +351,11 @@ absl::Status ValidateYarn(const ModelConfig& c) {
       return FieldError("rope_scaling.factor", "must be finite (at most 10^6)");
     }
     // (A negative one can make YaRN's magnitude scale 0: the attention scale infinite.)
-    if (!(y.mscale >= 0) || !(y.mscale_all_dim >= 0) || !std::isfinite(y.mscale) ||
-        !std::isfinite(y.mscale_all_dim)) {
-      return FieldError("rope_scaling.mscale", "mscale and mscale_all_dim must be finite, >= 0");
+    if (!(y.mscale >= 0) || !std::isfinite(y.mscale)) {
+      return FieldError("rope_scaling.mscale", "must be finite and >= 0");
+    }
+    if (!(y.mscale_all_dim >= 0) || !std::isfinite(y.mscale_all_dim)) {
+      return FieldError("rope_scaling.mscale_all_dim", "must be finite and >= 0");
     }
   }
   return absl::OkStatus();

@@ -218,7 +218,7 @@ TEST(ModelConfig, ErrorsNameTheField) {
       {"hidden_size", 100000, "field hidden_size: 100000 exceeds"},
       {"rope_scaling",
        Json{{"type", "yarn"}, {"factor", 2.718281828459045}, {"mscale_all_dim", -10}},
-       "field rope_scaling.mscale"},
+       "field rope_scaling.mscale_all_dim: must be finite"},
   };
   for (const Case& c : cases) {
     Json j = TinyJson();

@@ -415,7 +415,8 @@ struct Tokenizer::Loader {
                      Flag(model, "byte_fallback", "model.byte_fallback", false));
     if (fallback) return Bad("model.byte_fallback is not supported");
     const Json& added = Get(j, "added_tokens");
-    RETURN_IF_ERROR(Vocab(model, added.is_null() ? Json::array() : added, t.get()));
+    static const Json kNone = Json::array();
+    RETURN_IF_ERROR(Vocab(model, added.is_null() ? kNone : added, t.get()));
     RETURN_IF_ERROR(Merges(model, t.get()));
     for (int b = 0; b < 256; ++b) {
       if (!t->vocab_.count(t->byte_char_[static_cast<size_t>(b)])) {

@@ -426,10 +426,19 @@ class UcxClient : public ClientTransport, public UcxWorker {
   static ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* data,
                               size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<UcxClient*>(arg);
-    // Too long (kMaxMessageBytes): dropped unread, the request waits out its deadline.
-    if (header_length != sizeof(uint64_t) || length > kMaxMessageBytes) return UCS_OK;
+    if (header_length != sizeof(uint64_t)) return UCS_OK;
     uint64_t id;
     std::memcpy(&id, header, sizeof(id));
+    if (length > kMaxMessageBytes) {  // not read, nothing allocated: its request fails now
+      MutexLock l(&self->mu_);
+      Slot* s = self->slots_.Find(id);
+      if (s != nullptr && !s->done) {
+        self->FinishLocked(s, absl::ResourceExhaustedError(
+                                  absl::StrCat("a reply of ", length, " bytes is over the ",
+                                               kMaxMessageBytes, " a transport takes")));
+      }
+      return UCS_OK;
+    }
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
       Slot* s;
       {
