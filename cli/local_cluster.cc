@@ -32,10 +32,10 @@
 namespace dmoe::cli {
 
 namespace {
-// A string field of a .ready file ("?" when absent or of another type).
-std::string ReadyText(const nlohmann::json& ready, const char* key) {
+// A string field of a .ready file (`absent` when missing or of another type).
+std::string ReadyText(const nlohmann::json& ready, const char* key, const char* absent = "?") {
   const auto it = ready.is_object() ? ready.find(key) : ready.end();
-  return it != ready.end() && it->is_string() ? it->get<std::string>() : std::string("?");
+  return it != ready.end() && it->is_string() ? it->get<std::string>() : std::string(absent);
 }
 
 constexpr char kUpHelp[] =
@@ -177,11 +177,7 @@ class Launcher {
     if (!j.ok() || !j->contains("grpc")) {
       return absl::UnavailableError(absl::StrCat(name, " did not start (see ", log, ")"));
     }
-    const auto text = [&](const char* key) {  // (a field of another type: empty, as absent)
-      const auto it = j->find(key);
-      return it != j->end() && it->is_string() ? it->get<std::string>() : std::string();
-    };
-    const std::string grpc = text("grpc"), metrics = text("metrics");
+    const std::string grpc = ReadyText(*j, "grpc", ""), metrics = ReadyText(*j, "metrics", "");
     if (grpc.empty()) {
       return absl::UnavailableError(absl::StrCat(name, " wrote no gRPC address (see ", log, ")"));
     }

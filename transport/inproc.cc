@@ -135,6 +135,11 @@ void InprocServer::Shutdown() {
   }
 }
 
+absl::Status Disconnected(const std::string& server) {
+  return absl::UnavailableError(
+      absl::StrCat("inproc server ", server, ": disconnected by this node"));
+}
+
 class InprocClient : public ClientTransport {
  public:
   absl::StatusOr<int> Connect(const std::string& address) override {
@@ -165,8 +170,7 @@ class InprocClient : public ClientTransport {
       MutexLock l(&ex->mu);
       if (ex->done) continue;
       ex->done = true;
-      ex->status = absl::UnavailableError(
-          absl::StrCat("inproc server ", name, ": disconnected by this node"));
+      ex->status = Disconnected(name);
       ex->cv.SignalAll();
     }
   }
@@ -179,8 +183,7 @@ class InprocClient : public ClientTransport {
       }
       name = peers_[static_cast<size_t>(peer)];
       if (gone_.count(peer)) {
-        return absl::UnavailableError(
-            absl::StrCat("inproc server ", name, ": disconnected by this node"));
+        return Disconnected(name);
       }
     }
     auto ex = std::make_shared<Exchange>();
@@ -196,8 +199,7 @@ class InprocClient : public ClientTransport {
     if (gone_.count(peer)) {  // disconnected while this was submitted: ended as Disconnect ends
       MutexLock e(&ex->mu);
       ex->done = true;
-      ex->status = absl::UnavailableError(
-          absl::StrCat("inproc server ", name, ": disconnected by this node"));
+      ex->status = Disconnected(name);
     }
     const uint64_t id = next_id_++;
     inflight_[id] = std::move(ex);
