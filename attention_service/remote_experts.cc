@@ -175,6 +175,13 @@ void PeerHealth::CheckProbes(transport::ClientTransport* client) {
   }
 }
 
+int64_t MaxPairsPerMessage(int64_t hidden, wire::WireDType dtype) {
+  const int64_t row_bytes = hidden * static_cast<int64_t>(wire::WireDTypeSize(dtype));
+  const int64_t by_bytes =
+      static_cast<int64_t>(wire::kMaxPayloadBytes) / (row_bytes + wire::kPairBytes);
+  return std::max<int64_t>(1, std::min<int64_t>(wire::kMaxTokens, by_bytes));
+}
+
 RemoteRoutedExperts::RemoteRoutedExperts(const ModelConfig& c, transport::ClientTransport* client,
                                          std::shared_ptr<const ExpertRouting> routing,
                                          std::shared_ptr<PeerHealth> health,
@@ -221,6 +228,10 @@ absl::Status RemoteRoutedExperts::Begin(int64_t layer, const float* x, int64_t t
   w_ = w;
   t_ = t;
   k_ = k;
+  const int64_t max_pairs = options_.max_pairs_per_call > 0
+                                ? options_.max_pairs_per_call
+                                : MaxPairsPerMessage(hidden_, options_.dtype);
+  call_tokens_ = static_cast<size_t>(std::max<int64_t>(1, max_pairs / std::max<int64_t>(1, k)));
   const size_t np = static_cast<size_t>(t * k);
   all_pairs_.resize(np);
   for (int64_t p = 0; p < t * k; ++p) {
@@ -250,6 +261,7 @@ absl::Status RemoteRoutedExperts::Dispatch(const std::vector<int64_t>& todo) {
   health_->Snapshot(routing_->peers, &state_);
   round_call_.assign(ns, -1);
   local_index_.assign(static_cast<size_t>(t_) * ns, -1);
+  local_call_.assign(static_cast<size_t>(t_) * ns, -1);
   assigned_.assign(ns, 0);
   const size_t first = n_calls_;
   const absl::Status st = PlanReplicas(todo);
@@ -299,9 +311,11 @@ absl::Status RemoteRoutedExperts::PlanReplicas(const std::vector<int64_t>& todo)
     chosen_j_[static_cast<size_t>(p)] = best_j;
     int64_t& li = local_index_[static_cast<size_t>(i * ns + best)];
     if (li < 0) {
-      ShardCall& call = calls_[RoundCall(best)];
+      const size_t c = RoundCall(best);
+      ShardCall& call = calls_[c];
       li = static_cast<int64_t>(call.tokens.size());
       call.tokens.push_back(i);
+      local_call_[static_cast<size_t>(i * ns + best)] = static_cast<int>(c);
       ++assigned_[static_cast<size_t>(best)];
     }
   }
@@ -330,7 +344,9 @@ absl::Status RemoteRoutedExperts::NoReplica(int64_t p) const {
 
 size_t RemoteRoutedExperts::RoundCall(int s) {
   int& c = round_call_[static_cast<size_t>(s)];
-  if (c >= 0) return static_cast<size_t>(c);
+  if (c >= 0 && calls_[static_cast<size_t>(c)].tokens.size() < call_tokens_) {
+    return static_cast<size_t>(c);
+  }
   if (n_calls_ == calls_.size()) calls_.emplace_back();
   ShardCall& call = calls_[n_calls_];
   call.shard = s;
@@ -356,7 +372,9 @@ void RemoteRoutedExperts::Post(size_t c, const std::vector<int64_t>& todo) {
   }
   for (int64_t p : todo) {
     if (choice_[static_cast<size_t>(p)] != s) continue;
-    const int64_t li = local_index_[static_cast<size_t>((p / k_) * ns + s)];
+    const size_t ts = static_cast<size_t>((p / k_) * ns + s);
+    if (local_call_[ts] != static_cast<int>(c)) continue;  // in another call to s
+    const int64_t li = local_index_[ts];
     pairs_.push_back(wire::Pair{static_cast<uint32_t>(li), static_cast<uint32_t>(ids_[p]), w_[p]});
     call.pairs.push_back(p);
   }

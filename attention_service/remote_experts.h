@@ -141,7 +141,15 @@ struct RemoteExpertsOptions {
   HedgeOptions hedge;
   uint32_t sender_id = 0;
   RoundTripObserver observer;  // optional
+  // The most pairs one message to a shard carries; a step with more for one shard goes as several
+  // messages (the result is the same bits). 0: as many as the wire takes (MaxPairsPerMessage).
+  int64_t max_pairs_per_call = 0;
 };
+
+// The most pairs a dispatch can carry with `hidden`-wide rows of `dtype`: its combine has a row
+// per pair, within wire::kMaxTokens rows and wire::kMaxPayloadBytes bytes (the dispatch, at most
+// a row per pair plus the pairs themselves, then fits too).
+int64_t MaxPairsPerMessage(int64_t hidden, wire::WireDType dtype);
 
 class RemoteRoutedExperts : public RoutedExperts {
  public:
@@ -196,7 +204,8 @@ class RemoteRoutedExperts : public RoutedExperts {
   absl::Status PlanReplicas(const std::vector<int64_t>& todo);
   // UNAVAILABLE for pair p: no usable replica, naming the shards that host it.
   absl::Status NoReplica(int64_t p) const;
-  // The call posted to shard s in this round (new when none yet).
+  // The call posted to shard s in this round that takes another token (a new one when there is
+  // none yet, or when the last one holds call_tokens_ tokens).
   size_t RoundCall(int s);
   void Post(size_t c, const std::vector<int64_t>& todo);
   // Waits for the call: a good reply fills its pairs' rows; a failure marks the shard dead or
@@ -225,6 +234,7 @@ class RemoteRoutedExperts : public RoutedExperts {
   uint64_t seq_ = 0;
   // The call in progress.
   int64_t layer_ = 0, t_ = 0, k_ = 0;
+  size_t call_tokens_ = 1;  // the most tokens per call: each has up to k_ pairs in it
   const float* x_ = nullptr;
   const int32_t* ids_ = nullptr;
   const float* w_ = nullptr;
@@ -249,7 +259,10 @@ class RemoteRoutedExperts : public RoutedExperts {
   static constexpr char kFailed = 2;      // never again in this layer
   std::vector<char> state_, avoid_;
   std::vector<int64_t> assigned_;
+  // Per (token, shard) in the current round: the token's index in its call to that shard, and
+  // that call.
   std::vector<int64_t> local_index_;
+  std::vector<int> local_call_;
   std::vector<float> rows_;
   std::vector<wire::Pair> pairs_;
   std::vector<uint8_t> reply_;

@@ -514,6 +514,62 @@ TEST(RemoteRoutedExperts, SameBitsForAnyShardCountReplicaChoiceAndFailover) {
   }
 }
 
+// A step with more pairs for a shard than one message may carry goes as several messages of at
+// most max_pairs_per_call pairs (whole tokens each), with the same bits: on one shard, over
+// replicas, and with a shard failing (its messages' pairs go elsewhere).
+TEST(RemoteRoutedExperts, ManyPairsGoAsSeveralMessagesWithTheSameBits) {
+  const int64_t k = Config().num_experts_per_tok;
+  Cluster one({ExpertsWhere(Any)});
+  Cluster four({ExpertsWhere([](int64_t e) { return e % 2 == 0; }),
+                ExpertsWhere([](int64_t e) { return e % 2 == 0; }),
+                ExpertsWhere([](int64_t e) { return e % 2 == 1; }),
+                ExpertsWhere([](int64_t e) { return e % 2 == 1; })});
+  RemoteExpertsOptions o = F32Options();
+  o.max_pairs_per_call = 3 * k;  // three tokens per message
+  const int64_t layer = MoeLayers()[0];
+  const Batch b = RandomBatch(31, 650);
+  const std::vector<float> local = RunLocal(b, layer);
+  std::vector<float> out;
+  ASSERT_TRUE(RunRemote(one.Client(o).get(), b, layer, &out).ok());
+  EXPECT_TRUE(SameBits(out, local));
+  // Hand count: 31 tokens, three per message.
+  EXPECT_EQ(one.client().posts(one.peer(0)), 11u);
+  EXPECT_EQ(one.client().tokens(one.peer(0)), 31u);
+  EXPECT_EQ(one.client().pairs(one.peer(0)), 31u * static_cast<uint64_t>(k));
+  ASSERT_TRUE(RunRemote(four.Client(o).get(), b, layer, &out).ok());
+  EXPECT_TRUE(SameBits(out, local)) << "four shards";
+  four.client().SetFault(four.peer(0), Fault::kFailWait);
+  const absl::Status st = RunRemote(four.Client(o).get(), b, layer, &out);
+  four.client().SetFault(four.peer(0), Fault::kNone);
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_TRUE(SameBits(out, local)) << "failover";
+}
+
+// With the default, a step whose pairs for one shard are more than a combine message can hold
+// (wire::kMaxTokens rows) is split too; before, the shard's reply was refused as too large and
+// the step failed.
+TEST(RemoteRoutedExperts, AStepOverTheWiresLimitGoesAsTwoMessages) {
+  const int64_t k = Config().num_experts_per_tok;
+  ASSERT_EQ(MaxPairsPerMessage(Config().hidden_size, wire::WireDType::kF32), wire::kMaxTokens);
+  Cluster one({ExpertsWhere(Any)});
+  const int64_t t = wire::kMaxTokens / k + 5;
+  const int64_t layer = MoeLayers()[0];
+  const Batch b = RandomBatch(t, 651);
+  std::vector<float> out;
+  const absl::Status st = RunRemote(one.Client(F32Options()).get(), b, layer, &out);
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_TRUE(SameBits(out, RunLocal(b, layer)));
+  EXPECT_EQ(one.client().posts(one.peer(0)), 2u);
+}
+
+TEST(MaxPairsPerMessage, IsTheCombinesRowsOrBytesLimit) {
+  // V3's width in f32: 2^31 / (7168 * 4 + 12) = 74866 pairs, over the 65536 rows; 16384 wide in
+  // f32: 2^31 / (65536 + 12) = 32762.
+  EXPECT_EQ(MaxPairsPerMessage(7168, wire::WireDType::kF32), 65536);
+  EXPECT_EQ(MaxPairsPerMessage(16384, wire::WireDType::kF32), 32762);
+  EXPECT_EQ(MaxPairsPerMessage(16384, wire::WireDType::kBF16), 65512);
+}
+
 // out is accumulated into, not overwritten (RoutedExperts::Finish: out += routed output): the
 // ranked chain starts from out's values.
 TEST(RemoteRoutedExperts, FinishAddsIntoOut) {
