@@ -90,6 +90,50 @@ AttentionNode::AttentionNode(LocalModel* model, StepEngine* engine, LatentKvCach
       loop_(&scheduler_),
       service_(&scheduler_, metrics) {}
 
+namespace {
+
+template <typename Make>
+absl::StatusOr<std::unique_ptr<AttentionNode>> Checked(const LatentKvCache& main,
+                                                       const SchedulerOptions& o, Make make) {
+  if (o.speculative_tokens > 0) {
+    const int64_t blocks = MtpCacheBlocks(main.total_blocks(), main.block_tokens(), o);
+    if (blocks > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--speculative-tokens: the MTP cache would need ", blocks,
+                       " blocks, over 2^31-1; lower --kv-cache-mib/--kv-blocks or --max-running"));
+    }
+  }
+  try {  // the MTP cache, sized like the main one (which the caller allocated already)
+    return make();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        "--speculative-tokens: cannot allocate the MTP layer's KV cache (more memory than this "
+        "machine gives); lower --kv-cache-mib/--kv-blocks");
+  } catch (const std::length_error&) {
+    return absl::ResourceExhaustedError(
+        "--speculative-tokens: the MTP layer's KV cache is too large");
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionNode>> AttentionNode::Create(
+    LocalModel* model, std::unique_ptr<LatentKvCache> cache, const SchedulerOptions& options,
+    AttentionMetrics* metrics) {
+  LatentKvCache& main = *cache;
+  return Checked(main, options, [&] {
+    return std::make_unique<AttentionNode>(model, std::move(cache), options, metrics);
+  });
+}
+
+absl::StatusOr<std::unique_ptr<AttentionNode>> AttentionNode::Create(
+    LocalModel* model, StepEngine* engine, LatentKvCache* cache, const SchedulerOptions& options,
+    AttentionMetrics* metrics) {
+  return Checked(*cache, options, [&] {
+    return std::make_unique<AttentionNode>(model, engine, cache, options, metrics);
+  });
+}
+
 AttentionNode::~AttentionNode() { Stop(); }
 
 void AttentionNode::Start() {

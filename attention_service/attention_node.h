@@ -43,6 +43,18 @@ class AttentionNode {
   // a CudaEngine made from `model`'s weights and routed experts.
   AttentionNode(LocalModel* model, StepEngine* engine, LatentKvCache* cache,
                 const SchedulerOptions& options, AttentionMetrics* metrics = nullptr);
+  // The same, with the MTP cache's allocation checked: RESOURCE_EXHAUSTED naming
+  // --speculative-tokens when the machine cannot hold it, INVALID_ARGUMENT when it would need more
+  // than 2^31-1 blocks (block ids are int32), instead of an abort.
+  static absl::StatusOr<std::unique_ptr<AttentionNode>> Create(LocalModel* model,
+                                                               std::unique_ptr<LatentKvCache> cache,
+                                                               const SchedulerOptions& options,
+                                                               AttentionMetrics* metrics = nullptr);
+  static absl::StatusOr<std::unique_ptr<AttentionNode>> Create(LocalModel* model,
+                                                               StepEngine* engine,
+                                                               LatentKvCache* cache,
+                                                               const SchedulerOptions& options,
+                                                               AttentionMetrics* metrics = nullptr);
   ~AttentionNode();
   AttentionNode(const AttentionNode&) = delete;
   AttentionNode& operator=(const AttentionNode&) = delete;

@@ -163,10 +163,10 @@ absl::StatusOr<std::unique_ptr<AttentionNode>> MakeNode(DeviceModel* dm, const O
                                                         const SchedulerOptions& so,
                                                         AttentionMetrics* metrics) {
   if (CudaEngine* gpu = dm->gpu()) {
-    return std::make_unique<AttentionNode>(&dm->model(), gpu, &gpu->cache(), so, metrics);
+    return AttentionNode::Create(&dm->model(), gpu, &gpu->cache(), so, metrics);
   }
   ASSIGN_OR_RETURN(auto cache, MakeKvCache(dm->model().config(), CacheOptions(o)));
-  return std::make_unique<AttentionNode>(&dm->model(), std::move(cache), so, metrics);
+  return AttentionNode::Create(&dm->model(), std::move(cache), so, metrics);
 }
 
 // --device / --gpu, refused with what the GPU engine does not run yet (before anything loads).

@@ -190,7 +190,9 @@ int Serve(int argc, char** argv) {
   if (auto st = CheckSpeculativeTokens(c, o->speculative); !st.ok()) return outer.Fail(st);
   SchedulerOptions so;
   so.speculative_tokens = o->speculative;
-  AttentionNode node(model->get(), std::move(*cache), so);
+  auto made = AttentionNode::Create(model->get(), std::move(*cache), so);
+  if (!made.ok()) return outer.Fail(made.status());
+  AttentionNode& node = **made;
   node.Start();
   // The attention service on a private loopback port; the public API in front of it.
   std::unique_ptr<grpc::Server> inner;
