@@ -103,8 +103,8 @@ TEST(AttentionNodeMemory, MtpCacheOverInt32BlocksIsInvalidArgument) {
 TEST(AttentionNodeMemory, NodeThatFitsIsMade) {
   SchedulerOptions so;
   so.speculative_tokens = 2;
-  auto node =
-      AttentionNode::Create(Model(), std::make_unique<LatentKvCache>(Model()->config(), 16, 64), so);
+  auto node = AttentionNode::Create(Model(),
+                                    std::make_unique<LatentKvCache>(Model()->config(), 16, 64), so);
   ASSERT_TRUE(node.ok()) << node.status();
   EXPECT_EQ((*node)->scheduler().load().total_blocks, 64);
 }

@@ -376,17 +376,21 @@ struct Tokenizer::Loader {
   // Pre-tokenizer: Sequence of Split (Isolated, not inverted) regexes, then ByteLevel without
   // its own regex.
   static absl::Status PreTokenizer(const Json& pre, Tokenizer* t) {
+    if (pre.is_null()) return absl::OkStatus();  // none: the text is one piece
+    if (!pre.is_object()) return Bad("pre_tokenizer: must be an object (or null)");
     std::vector<const Json*> steps;
     ASSIGN_OR_RETURN(const std::string kind, Str(pre, "type", "pre_tokenizer.type"));
     if (kind == "Sequence") {
       const Json& list = Get(pre, "pretokenizers");
       if (!list.is_array()) return Bad("pre_tokenizer.pretokenizers: must be an array");
       for (const Json& p : list) steps.push_back(&p);
-    } else if (pre.is_object()) {
+    } else {
       steps.push_back(&pre);
     }
     for (const Json* p : steps) {
+      if (!p->is_object()) return Bad("pre_tokenizer.pretokenizers: steps must be objects");
       ASSIGN_OR_RETURN(const std::string type, Str(*p, "type", "pre_tokenizer step type"));
+      if (type.empty()) return Bad("pre_tokenizer step type: missing");
       if (type == "ByteLevel") {
         ASSIGN_OR_RETURN(const bool prefix,
                          Flag(*p, "add_prefix_space", "pre_tokenizer ByteLevel", false));

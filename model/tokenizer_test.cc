@@ -138,6 +138,11 @@ TEST(Tokenizer, MalformedFieldsAreErrorsNotCrashes) {
       {"type", [](J& j) { j["model"]["type"] = 3; }},
       {"pre_tokenizer", [](J& j) { j["pre_tokenizer"].erase("pretokenizers"); }},
       {"pre_tokenizer", [](J& j) { j["pre_tokenizer"]["pretokenizers"][0]["type"] = 1; }},
+      {"pre_tokenizer", [](J& j) { j["pre_tokenizer"] = "ByteLevel"; }},
+      {"pre_tokenizer", [](J& j) { j["pre_tokenizer"] = J::array(); }},
+      {"pre_tokenizer", [](J& j) { j["pre_tokenizer"]["pretokenizers"][0] = 3; }},
+      {"pre_tokenizer", [](J& j) { j["pre_tokenizer"]["pretokenizers"][0].erase("type"); }},
+      {"pre_tokenizer", [](J& j) { j["pre_tokenizer"] = J::object(); }},
       {"pre_tokenizer",
        [](J& j) {
          j["pre_tokenizer"]["pretokenizers"][0] = {
