@@ -284,6 +284,9 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
   }
   version_ = u.version();
   applied_ = u;
+  // The map's failed shards were just connected again: the next try is a revive_interval away
+  // (before, the first SwitchIfChanged after a shard failed reconnected it at once).
+  last_revival_ = std::chrono::steady_clock::now();
   return absl::OkStatus();
 }
 

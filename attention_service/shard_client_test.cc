@@ -168,6 +168,11 @@ class UcxShard {
     if (loop_) loop_->Stop();
     if (server_) server_->Shutdown();
   }
+  // Hangs: requests still arrive (the connection stays up) and are never answered.
+  void StopAnswering() {
+    if (loop_) loop_->Stop();
+  }
+  transport::ServerStats data_plane_stats() const { return server_->stats(); }
   const std::string& control_address() const { return control_address_; }
   const std::string& ucx_address() const { return ucx_address_; }
   std::string worker_address() const { return server_->WorkerAddress(); }
@@ -558,6 +563,57 @@ TEST(ExpertShardSetRouter, SwitchesToTheNewActiveMapWhenAShardJoins) {
   }
   EXPECT_GT(s1->shard().stats().messages, 0u);
   EXPECT_FALSE((*set)->SwitchIfChanged());  // nothing new
+}
+
+// A shard that hangs (its connection up, nothing answered) is marked failed by its deadline;
+// once the router's map no longer names it, the switch to that map ends the connection (which
+// would otherwise be kept, holding the hung requests' slots, for as long as the node runs): the
+// shard sees its client's endpoint close.
+TEST(ExpertShardSetRouter, AFailedShardTheMapDropsIsDisconnected) {
+  UcxOnLoopback();
+  InprocRouter router;
+  auto s0 = StartShard(ExpertsWhere(Any));
+  auto s1 = StartShard(ExpertsWhere(Any));
+  router.Register("shard-0", *s0);
+  router.Register("shard-1", *s1);
+  const uint64_t v1 = router.AllReady();
+  ShardClientOptions o = F32Options();
+  o.remote.deadline = milliseconds(500);
+  o.remote.hedge.factor = 0;
+  o.router = router.address();
+  o.first_map_timeout = milliseconds(10000);
+  o.revive_interval = milliseconds(3600000);
+  o.load_report_interval = milliseconds(3600000);
+  auto set = ExpertShardSet::ConnectRouter(Config(), o);
+  ASSERT_TRUE(set.ok()) << set.status();
+  ASSERT_EQ((*set)->experts()->routing().peers.size(), 2u);
+  const Batch batch = RandomBatch(16, 17);
+  std::vector<float> out;
+  ASSERT_TRUE(RunRemote((*set)->experts(), batch, kLayer, &out).ok());
+  ASSERT_GT(s1->shard().stats().messages, 0u);  // both shards serve
+
+  // The router's map puts each expert on one of the two: shard-1's are unserved until it drops.
+  s1->StopAnswering();
+  const absl::Status st = RunRemote((*set)->experts(), batch, kLayer, &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_TRUE((*set)->health().Dead((*set)->experts()->routing().peers[1]));
+  EXPECT_EQ(s1->data_plane_stats().peer_errors, 0u);  // its connection is still up
+
+  ASSERT_TRUE(router.state().Deregister("shard-1").ok());
+  const uint64_t v2 = router.AllReady();
+  ASSERT_GT(v2, v1);
+  ASSERT_TRUE(Within(std::chrono::seconds(20),
+                     [&] {
+                       (*set)->SwitchIfChanged();
+                       return (*set)->version() == v2;
+                     }))
+      << "no switch to version " << v2;
+  EXPECT_EQ((*set)->experts()->routing().peers.size(), 1u);
+  EXPECT_TRUE(Within(std::chrono::seconds(10), [&] {
+    return s1->data_plane_stats().peer_errors > 0;
+  })) << "shard-1's connection was not ended";
+  ASSERT_TRUE(RunRemote((*set)->experts(), batch, kLayer, &out).ok());
+  EXPECT_TRUE(Close(out, RunLocal(batch, kLayer)));
 }
 
 }  // namespace
