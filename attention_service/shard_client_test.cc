@@ -495,6 +495,16 @@ class InprocRouter {
   std::string address_;
 };
 
+// Router mode with no revival or load report during the test.
+ShardClientOptions RouterOptions(const InprocRouter& router) {
+  ShardClientOptions o = F32Options();
+  o.router = router.address();
+  o.first_map_timeout = milliseconds(10000);
+  o.revive_interval = milliseconds(3600000);
+  o.load_report_interval = milliseconds(3600000);
+  return o;
+}
+
 // Polls `done` (which may act, e.g. SwitchIfChanged) until it is true or `limit` passes. The
 // engine calls SwitchIfChanged between steps; here the steps are as fast as the CPU allows.
 bool Within(std::chrono::seconds limit, const std::function<bool()>& done) {
@@ -531,12 +541,7 @@ TEST(ExpertShardSetRouter, SwitchesToTheNewActiveMapWhenAShardJoins) {
   const uint64_t v1 = router.AllReady();
   ASSERT_GT(v1, 0u);
 
-  ShardClientOptions o = F32Options();
-  o.router = router.address();
-  o.first_map_timeout = milliseconds(10000);
-  o.revive_interval = milliseconds(3600000);
-  o.load_report_interval = milliseconds(3600000);
-  auto set = ExpertShardSet::ConnectRouter(Config(), o);
+  auto set = ExpertShardSet::ConnectRouter(Config(), RouterOptions(router));
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ((*set)->version(), v1);
   EXPECT_EQ((*set)->experts()->routing().version, v1);
@@ -577,13 +582,9 @@ TEST(ExpertShardSetRouter, AFailedShardTheMapDropsIsDisconnected) {
   router.Register("shard-0", *s0);
   router.Register("shard-1", *s1);
   const uint64_t v1 = router.AllReady();
-  ShardClientOptions o = F32Options();
+  ShardClientOptions o = RouterOptions(router);
   o.remote.deadline = milliseconds(500);
   o.remote.hedge.factor = 0;
-  o.router = router.address();
-  o.first_map_timeout = milliseconds(10000);
-  o.revive_interval = milliseconds(3600000);
-  o.load_report_interval = milliseconds(3600000);
   auto set = ExpertShardSet::ConnectRouter(Config(), o);
   ASSERT_TRUE(set.ok()) << set.status();
   ASSERT_EQ((*set)->experts()->routing().peers.size(), 2u);
