@@ -40,6 +40,7 @@
 #include "model/safetensors.h"
 #include "proto/expert_control.grpc.pb.h"
 #include "router/member.h"
+#include "router/router_state.h"
 #include "transport/ucx.h"
 
 namespace dmoe {
@@ -63,7 +64,8 @@ ready, and drops what it lost once a map without it has been active for --drain-
   --grpc-listen H:P    gRPC control address (default 127.0.0.1:0)
   --ready-file F       once serving, write {"grpc": ..., "ucx": ..., "ucx_worker": ..., "pid": ...}
                        to F (atomically)
-  --node-id ID         name reported by GetInfo (default: expert-<pid>)
+  --node-id ID         name reported by GetInfo and to the router: printable ASCII, no
+                       spaces, at most 253 bytes (default: expert-<pid>)
   --metrics-listen H:P Prometheus /metrics address (default 127.0.0.1:0)
   --router H:P         the router's gRPC address (instead of --experts)
   --capacity N         (layer, expert) pairs this shard may host (with --router)
@@ -256,7 +258,7 @@ class ControlService final : public internal::ExpertControl::CallbackService {
 };
 
 struct Options {
-  std::string dir, token;
+  std::string dir, token, node_id;
   bool routed = false;
   int64_t capacity = 0, drain_ms = 2000, inject_delay_ms = 0;
   WeightDType expert_dtype = WeightDType::kAuto;
@@ -265,6 +267,8 @@ struct Options {
 absl::StatusOr<Options> ParseOptions(const Flags& f) {
   Options o;
   ASSIGN_OR_RETURN(o.dir, f.String("model"));
+  o.node_id = f.StringOr("node-id", absl::StrCat("expert-", getpid()));
+  RETURN_IF_ERROR(router::CheckNodeId(o.node_id, "--node-id"));
   o.routed = f.Has("router");
   if (o.routed == f.Has("experts")) {
     return absl::InvalidArgumentError("give exactly one of --experts and --router");
@@ -491,7 +495,7 @@ int Main(int argc, char** argv) {
   expert_metrics.Start(&shard, ucx->get());
 
   RouterLink::Addresses a;
-  a.node_id = flags->StringOr("node-id", absl::StrCat("expert-", getpid()));
+  a.node_id = o->node_id;
   a.ucx = *ucx_addr;
   a.ucx_worker = (*ucx)->WorkerAddress();
   ControlService control(Info(a, *config, *numerics), &shard, ucx->get(), bytes_read, o->token);

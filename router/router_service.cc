@@ -145,13 +145,13 @@ grpc::ServerUnaryReactor* RouterServiceImpl::ReportLoad(grpc::CallbackServerCont
   if (!Authorized(ctx)) return Done(ctx, kUnauthenticated);
   std::map<ExpertKey, double> tokens;
   for (const auto& l : req->loads()) {
-    if (!(l.tokens() >= 0)) {
-      return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "loads.tokens: negative"));
+    if (!(l.tokens() >= 0 && l.tokens() <= kMaxReportedTokens)) {
+      return Done(
+          ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "loads.tokens: not in [0, 2^40]"));
     }
     tokens[{l.layer(), l.expert()}] += l.tokens();
   }
-  state_->ReportLoad(tokens);
-  return Done(ctx, grpc::Status::OK);
+  return Done(ctx, ToGrpc(state_->ReportLoad(tokens)));
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::ListNodes(grpc::CallbackServerContext* ctx,

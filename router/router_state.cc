@@ -23,21 +23,80 @@ RouterState::RouterState(ModelConfig config, std::chrono::milliseconds lease,
                        : "waiting for nodes to register (startup grace)";
 }
 
-absl::Status RouterState::Register(Node node, uint64_t known_version) {
-  if (node.id.empty()) return absl::InvalidArgumentError("node_id: empty");
+absl::Status CheckNodeId(const std::string& id, const std::string& field) {
+  if (id.empty()) return absl::InvalidArgumentError(field + ": empty");
+  if (id.size() > kMaxNodeIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": ", id.size(), " bytes; at most ", kMaxNodeIdBytes));
+  }
+  for (size_t i = 0; i < id.size(); ++i) {
+    const unsigned char ch = static_cast<unsigned char>(id[i]);
+    if (ch < 0x21 || ch > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": byte ", static_cast<int>(ch),
+                                                     " at offset ", i,
+                                                     " is not printable ASCII (no spaces)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Every field of a registration is copied into each watcher's map (ids once per hosted expert):
+// they are bounded, so that one registration cannot make every update gigabytes.
+absl::Status CheckFieldSizes(const Node& node) {
+  RETURN_IF_ERROR(CheckNodeId(node.id, "node_id"));
   if (node.grpc_address.empty()) return absl::InvalidArgumentError("grpc_address: empty");
+  const struct {
+    const char* name;
+    const std::string& value;
+    size_t max;
+  } fields[] = {{"grpc_address", node.grpc_address, kMaxAddressBytes},
+                {"ucx_address", node.ucx_address, kMaxAddressBytes},
+                {"ucx_worker_address", node.ucx_worker_address, kMaxWorkerAddressBytes},
+                {"model_fingerprint", node.model, kMaxAddressBytes},
+                {"numerics", node.numerics, kMaxAddressBytes}};
+  for (const auto& f : fields) {
+    if (f.value.size() > f.max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(f.name, ": ", f.value.size(), " bytes; at most ", f.max));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RouterState::Register(Node node, uint64_t known_version) {
+  RETURN_IF_ERROR(CheckFieldSizes(node));
   if (node.role == NodeRole::kExpert && node.capacity <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("capacity_experts: ", node.capacity, " must be positive for an expert shard"));
   }
+  if (known_version > kMaxVersion) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement_version: ", known_version, " is over 2^62"));
+  }
+  // A shard holds each (layer, expert) at most once: more capacity than there are pairs is the
+  // same as that many (and sums of huge values would overflow).
+  int64_t pairs = 0;
+  for (int64_t l = 0; l < config_.num_expert_layers(); ++l) {
+    if (config_.IsExpertLayer(l)) pairs += config_.n_routed_experts;
+  }
+  node.capacity = std::min(node.capacity, std::max<int64_t>(pairs, 1));
   MutexLock l(&mu_);
   RETURN_IF_ERROR(CheckAlikeLocked(node));
+  auto it = nodes_.find(node.id);
+  if (it != nodes_.end() && it->second.role != node.role) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("role: node ", node.id, " is registered with another role; a node keeps ",
+                     "its role (use another node_id, or wait for its lease to lapse)"));
+  }
   next_version_ = std::max(next_version_, known_version + 1);
   node.lease_until = clock_() + lease_;
-  auto it = nodes_.find(node.id);
-  const bool expert_change = node.role == NodeRole::kExpert &&
-                             (it == nodes_.end() || it->second.capacity != node.capacity ||
-                              it->second.role != NodeRole::kExpert || it->second.draining);
+  const bool expert_change =
+      node.role == NodeRole::kExpert &&
+      (it == nodes_.end() || it->second.capacity != node.capacity || it->second.draining);
   if (it != nodes_.end()) node.ready_version = it->second.ready_version;
   nodes_[node.id] = std::move(node);
   if (expert_change) ReplanLocked();
@@ -75,6 +134,9 @@ absl::Status RouterState::Heartbeat(const std::string& id, uint64_t ready_versio
     return absl::NotFoundError(absl::StrCat("node ", id, " is not registered (lease lapsed?)"));
   }
   it->second.lease_until = clock_() + lease_;
+  // Ready for no more than the newest planned map: a claim beyond it (a version not yet numbered)
+  // would let that version go live before the shard loads it.
+  ready_version = std::min(ready_version, maps_.target.version);
   if (ready_version > it->second.ready_version) {
     it->second.ready_version = ready_version;
     TryActivateLocked();
@@ -121,9 +183,20 @@ std::vector<std::string> RouterState::ExpireLeases() {
   return gone;
 }
 
-void RouterState::ReportLoad(const std::map<ExpertKey, double>& tokens) {
+absl::Status RouterState::ReportLoad(const std::map<ExpertKey, double>& tokens) {
+  for (const auto& [key, t] : tokens) {
+    if (!config_.IsExpertLayer(key.first) || key.second < 0 ||
+        key.second >= config_.n_routed_experts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("loads: layer ", key.first, " expert ", key.second, " is no routed expert"));
+    }
+    if (!(t >= 0 && t <= kMaxReportedTokens)) {
+      return absl::InvalidArgumentError(absl::StrCat("loads.tokens: ", t, " is not in [0, 2^40]"));
+    }
+  }
   MutexLock l(&mu_);
   for (const auto& [key, t] : tokens) load_[key] += t;
+  return absl::OkStatus();
 }
 
 void RouterState::Rebalance() {

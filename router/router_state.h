@@ -39,6 +39,16 @@ struct Node {
   std::string numerics;        // how it computes (RegisterRequest.numerics)
 };
 
+// Limits on what a node registers (RouterState::Register), far above real values.
+inline constexpr size_t kMaxNodeIdBytes = 253;           // a DNS name, e.g. a pod's
+inline constexpr size_t kMaxAddressBytes = 1024;         // HOST:PORT, fingerprints, numerics
+inline constexpr size_t kMaxWorkerAddressBytes = 65536;  // a UCX worker address, in hex
+inline constexpr uint64_t kMaxVersion = uint64_t{1} << 62;
+inline constexpr double kMaxReportedTokens = 1099511627776.0;  // 2^40 per report entry
+
+// A node id: 1 to kMaxNodeIdBytes printable ASCII bytes, no spaces; the error names `field`.
+absl::Status CheckNodeId(const std::string& id, const std::string& field);
+
 struct PlacementState {
   uint64_t generation = 0;  // bumps on every change of either map
   PlacementMap active;
@@ -69,7 +79,9 @@ class RouterState {
   absl::StatusOr<bool> Deregister(const std::string& id);
   // Removes nodes whose lease lapsed (returns their ids); ends the startup grace when it is over.
   std::vector<std::string> ExpireLeases();
-  void ReportLoad(const std::map<ExpertKey, double>& tokens);
+  // INVALID_ARGUMENT (nothing added) for a key that is not a routed expert of a MoE layer, or
+  // tokens not in [0, kMaxReportedTokens].
+  absl::Status ReportLoad(const std::map<ExpertKey, double>& tokens);
   // A new target from the current load (EPLB), if it differs.
   void Rebalance();
 

@@ -2,6 +2,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -106,6 +110,104 @@ TEST(RouterState, LeasesMembershipAndVersions) {
   EXPECT_NE(s.Register(Expert("z", 0)).message().find("capacity_experts"), absl::string_view::npos);
 }
 
+// What one token holder registers is bounded: every field is copied into each watcher's map
+// (the id once per expert it hosts), so a 1 MiB id made every update gigabytes on V3.
+TEST(RouterState, RegistrationFieldsAreBounded) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState s(c, milliseconds(1000), PlacementOptions());
+  const std::pair<std::function<void(Node*)>, const char*> cases[] = {
+      {[](Node* n) { n->id = std::string(1 << 20, 'x'); }, "node_id"},
+      {[](Node* n) { n->id = "shard\n0"; }, "node_id"},
+      {[](Node* n) { n->id = "shard 0"; }, "node_id"},
+      {[](Node* n) { n->grpc_address = std::string(2048, '1'); }, "grpc_address"},
+      {[](Node* n) { n->ucx_address = std::string(2048, '1'); }, "ucx_address"},
+      {[](Node* n) { n->ucx_worker_address = std::string(1 << 20, 'a'); }, "ucx_worker_address"},
+      {[](Node* n) { n->numerics = std::string(4096, 'n'); }, "numerics"},
+  };
+  for (const auto& [mutate, field] : cases) {
+    Node n = Expert("a", 48);
+    mutate(&n);
+    const absl::Status st = s.Register(n);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_NE(st.message().find(field), absl::string_view::npos) << st;
+  }
+  EXPECT_TRUE(s.nodes().empty());
+  Node longest = Expert(std::string(kMaxNodeIdBytes, 'x'), 48);
+  longest.ucx_worker_address = std::string(kMaxWorkerAddressBytes, 'a');
+  EXPECT_TRUE(s.Register(longest).ok());
+}
+
+// Versions near 2^64 would wrap: a node claiming it knew 2^64-2 made the map after next version
+// 0 and the one after 1, live at once on shards "ready" for 2^64-1 that never load again.
+TEST(RouterState, VersionsCannotBePushedToWrap) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState s(c, milliseconds(1000), PlacementOptions());
+  EXPECT_EQ(s.Register(Expert("a", 48), ~uint64_t{0} - 1).code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(s.Register(Expert("a", 48), 5).ok());
+  EXPECT_EQ(s.target().version, 6u);
+  // Ready for a version not planned yet counts only up to the newest planned one.
+  ASSERT_TRUE(s.Heartbeat("a", ~uint64_t{0}).ok());
+  EXPECT_EQ(s.placement().version, 6u);
+  ASSERT_TRUE(s.Register(Expert("b", 48)).ok());
+  EXPECT_EQ(s.target().version, 7u);
+  EXPECT_EQ(s.placement().version, 6u);  // b and a have not loaded 7
+  ASSERT_TRUE(s.Heartbeat("b", 7).ok());
+  EXPECT_EQ(s.placement().version, 6u);  // nor a
+  ASSERT_TRUE(s.Heartbeat("a", 7).ok());
+  EXPECT_EQ(s.placement().version, 7u);
+}
+
+// Capacities are taken up to the number of (layer, expert) pairs: two shards of INT64_MAX summed
+// past the int64 range, and no map was planned.
+TEST(RouterState, HugeCapacitiesPlanAMap) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState s(c, milliseconds(1000), PlacementOptions());
+  ASSERT_TRUE(s.Register(Expert("a", INT64_MAX)).ok());
+  ASSERT_TRUE(s.Register(Expert("b", INT64_MAX)).ok());
+  EXPECT_GT(s.target().version, 0u) << s.problem();
+  EXPECT_TRUE(Covers(s.target(), c));
+  for (const Node& n : s.nodes()) EXPECT_EQ(n.capacity, 48);
+}
+
+// A node keeps its role: an expert shard's id coming back as an attention node left the maps
+// naming a shard nobody could reach, and its lapse never planned it out.
+TEST(RouterState, ANodeKeepsItsRole) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState s(c, milliseconds(1000), PlacementOptions());
+  ASSERT_TRUE(s.Register(Expert("a", 48)).ok());
+  Node again = Expert("a", 48);
+  again.role = NodeRole::kAttention;
+  const absl::Status st = s.Register(again);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("role"), absl::string_view::npos) << st;
+  ASSERT_EQ(s.nodes().size(), 1u);
+  EXPECT_EQ(s.nodes()[0].role, NodeRole::kExpert);
+}
+
+// Load reports name routed experts of MoE layers, with finite token counts; a bad entry adds
+// nothing (inf made the hot-replica arithmetic NaN; arbitrary keys were kept forever).
+TEST(RouterState, LoadReportsAreChecked) {
+  const ModelConfig c = *PresetConfig("tiny");  // layer 0 dense, 1-3 MoE, 16 experts
+  RouterState s(c, milliseconds(1000), PlacementOptions());
+  const std::map<ExpertKey, double> bad[] = {
+      {{{1, 0}, 5.0}, {{1000000000, 0}, 1.0}},
+      {{{0, 3}, 1.0}},
+      {{{1, 16}, 1.0}},
+      {{{1, -1}, 1.0}},
+      {{{2, 2}, std::numeric_limits<double>::infinity()}},
+      {{{2, 2}, std::nan("")}},
+      {{{2, 2}, -1.0}},
+      {{{2, 2}, 1e300}},
+  };
+  for (const auto& load : bad) {
+    EXPECT_EQ(s.ReportLoad(load).code(), absl::StatusCode::kInvalidArgument);
+  }
+  EXPECT_TRUE(s.load().empty());
+  ASSERT_TRUE(s.ReportLoad({{{3, 15}, 2.0}, {{1, 0}, 1.0}}).ok());
+  EXPECT_EQ(s.load(), (std::map<ExpertKey, double>{{{1, 0}, 1.0}, {{3, 15}, 2.0}}));
+}
+
 TEST(RouterState, RestartGraceAndVersionsAboveWhatNodesKnow) {
   const ModelConfig c = *PresetConfig("tiny");
   FakeClock clock;
@@ -151,7 +253,7 @@ TEST(RouterState, RebalanceAddsReplicasOfHotExperts) {
   for (int64_t l = 1; l < 4; ++l) {
     for (int64_t e = 0; e < 16; ++e) load[{l, e}] = e == 0 ? 5000 : 10;
   }
-  s.ReportLoad(load);
+  ASSERT_TRUE(s.ReportLoad(load).ok());
   s.Rebalance();
   const PlacementMap m = s.target();
   EXPECT_GT(m.version, before);
