@@ -86,6 +86,10 @@ absl::Status ValidateRequest(const std::vector<int32_t>& prompt, const SamplingP
     return bad("top_logprobs", absl::StrCat(p.top_logprobs, " is not in [0, ",
                                             std::min<int64_t>(kMaxTopLogprobs, c.vocab_size), "]"));
   }
+  if (p.stop_token_ids.size() > kMaxStopTokenIds) {
+    return bad("stop_token_ids",
+               absl::StrCat(p.stop_token_ids.size(), " ids; at most ", kMaxStopTokenIds));
+  }
   for (size_t i = 0; i < p.stop_token_ids.size(); ++i) {
     if (p.stop_token_ids[i] < 0 || p.stop_token_ids[i] >= c.vocab_size) {
       return bad(absl::StrCat("stop_token_ids[", i, "]"),

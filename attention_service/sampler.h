@@ -19,6 +19,8 @@ namespace dmoe {
 
 // The most top logprobs a request may ask for per token (OpenAI's limit).
 inline constexpr int64_t kMaxTopLogprobs = 20;
+// Stop tokens are scanned for every generated token; a request carries at most this many.
+inline constexpr size_t kMaxStopTokenIds = 1024;
 
 struct SamplingParams {
   double temperature = 0.0;  // 0: greedy (ties to the lowest id)
