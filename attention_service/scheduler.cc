@@ -298,8 +298,13 @@ bool Scheduler::PlanBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>* m
     if (victim == nullptr) return true;
     if (running_.size() == 1) {
       // Alone and still too big: the cache can never hold it.
+      // OUT_OF_RANGE: too long for this node, as a context overflow is (RESOURCE_EXHAUSTED
+      // reads as a rate limit, and clients retry it).
       Finish(victim, FinishReason::kError,
-             absl::ResourceExhaustedError("the KV cache cannot hold this request"));
+             absl::OutOfRangeError(
+                 absl::StrCat("max_tokens: the prompt and the tokens generated so far (",
+                              victim->tokens.size(), ") do not fit this node's KV cache (",
+                              cache_->total_blocks() * cache_->block_tokens(), " tokens)")));
       running_.clear();
       return false;
     }

@@ -1,5 +1,6 @@
 #include "gateway/api_keys.h"
 
+#include <cctype>
 #include <fstream>
 #include <vector>
 
@@ -54,10 +55,15 @@ absl::StatusOr<std::string> ApiKeys::KeyOf(std::string_view authorization) const
   if (authorization.empty()) {
     return absl::UnauthenticatedError("missing authorization: Bearer KEY");
   }
-  if (authorization.substr(0, 7) != "Bearer ") {
+  // The scheme is case-insensitive (RFC 9110 11.1), and any spaces may follow it.
+  std::string scheme(authorization.substr(0, 7));
+  for (char& c : scheme) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (scheme != "bearer ") {
     return absl::UnauthenticatedError("authorization must be \"Bearer KEY\"");
   }
-  std::string k(authorization.substr(7));
+  std::string_view rest = authorization.substr(7);
+  while (!rest.empty() && rest.front() == ' ') rest.remove_prefix(1);
+  std::string k(rest);
   if (limits_.count(k) == 0) return absl::UnauthenticatedError("unknown API key");
   return k;
 }

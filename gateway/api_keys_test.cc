@@ -29,6 +29,12 @@ TEST(ApiKeys, KeysAndLimitsSplitOnAnyWhitespace) {
   EXPECT_TRUE((*keys)->Acquire("Bearer beta", &b).ok());
   EXPECT_EQ((*keys)->Acquire("Bearer beta", &b2).code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ((*keys)->Check("Bearer alpha\r").code(), absl::StatusCode::kUnauthenticated);
+  // The scheme in any case (RFC 9110), and spaces before the key.
+  EXPECT_TRUE((*keys)->Check("bearer alpha").ok());
+  EXPECT_TRUE((*keys)->Check("BEARER   alpha").ok());
+  EXPECT_EQ((*keys)->Check("Basic alpha").code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ((*keys)->Check("Bearer").code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ((*keys)->Check("Bearer ").code(), absl::StatusCode::kUnauthenticated);
   (*keys)->Release(a);
   (*keys)->Release(b);
 }

@@ -131,7 +131,13 @@ absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& re
       return absl::InvalidArgumentError("tools_json: not a JSON array");
     }
   }
-  return tmpl.Render(messages, tools, /*add_generation_prompt=*/true);
+  auto text = tmpl.Render(messages, tools, /*add_generation_prompt=*/true);
+  if (text.status().code() == absl::StatusCode::kResourceExhausted) {
+    // The request's messages made the render outgrow the template's limits: the request is at
+    // fault (400), not a rate limit (429, which clients retry).
+    return absl::InvalidArgumentError(absl::StrCat("messages: ", text.status().message()));
+  }
+  return text;
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Chat(

@@ -127,6 +127,10 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
  private:
   beast::tcp_stream& lowest() { return beast::get_lowest_layer(stream_); }
   void ReadRequest();
+  // After the header: a client that sent "Expect: 100-continue" (curl does for large bodies) is
+  // told to go on before the body is read; it would otherwise wait a second before sending it.
+  void OnHeader(beast::error_code ec);
+  void ReadBody();
   void OnRead(beast::error_code ec);
   void Handle(const http::request<http::string_body>& req);
   void HandleGet(const std::string& target, const std::string& authorization);
@@ -227,6 +231,28 @@ void Session<Stream>::ReadRequest() {
   parser_->body_limit(front_->options.max_body_bytes);
   parser_->header_limit(64 << 10);
   lowest().expires_after(front_->options.read_timeout);
+  http::async_read_header(
+      stream_, buffer_, *parser_,
+      [self = this->shared_from_this()](beast::error_code ec, size_t) { self->OnHeader(ec); });
+}
+
+template <class Stream>
+void Session<Stream>::OnHeader(beast::error_code ec) {
+  if (ec || parser_->is_done()) return OnRead(ec);
+  const auto& req = parser_->get();
+  if (!beast::iequals(req[http::field::expect], "100-continue") || req.version() < 11) {
+    return ReadBody();
+  }
+  auto go_on = std::make_shared<http::response<http::empty_body>>(http::status::continue_, 11);
+  http::async_write(stream_, *go_on,
+                    [self = this->shared_from_this(), go_on](beast::error_code wec, size_t) {
+                      if (wec) return self->Close();
+                      self->ReadBody();
+                    });
+}
+
+template <class Stream>
+void Session<Stream>::ReadBody() {
   http::async_read(
       stream_, buffer_, *parser_,
       [self = this->shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });

@@ -203,6 +203,19 @@ absl::Status ParseToolCalls(const json& calls, const std::string& field, v1::Cha
   return absl::OkStatus();
 }
 
+// Responses carry no tool_calls (the model's tool-call text is not parsed into them): tools are
+// taken only with tool_choice "none", where they are rendered into the prompt and nothing is
+// called. An agent would otherwise read the model's text as its final answer.
+absl::Status ToolChoiceNone(const Fields& f, const json& tools) {
+  const json* choice = f.Get("tool_choice");
+  if (tools.empty() || (choice != nullptr && choice->is_string() && *choice == "none")) {
+    return absl::OkStatus();
+  }
+  return Bad("tools",
+             "tool calls are not supported: responses carry no tool_calls (send tool_choice "
+             "\"none\" to only render the tools into the prompt)");
+}
+
 absl::Status ParseMessages(const Fields& f, Request* r) {
   const json* ms = f.Get("messages");
   if (ms == nullptr) return Bad("messages", "is required");
@@ -232,6 +245,7 @@ absl::Status ParseMessages(const Fields& f, Request* r) {
   }
   if (const json* tools = f.Get("tools")) {
     if (!tools->is_array()) return Bad("tools", "must be a list");
+    RETURN_IF_ERROR(ToolChoiceNone(f, *tools));
     r->chat.set_tools_json(Dump(*tools));
   }
   return absl::OkStatus();
@@ -366,6 +380,22 @@ absl::Status ParseStreamOptions(const Fields& f, Request* r) {
   return absl::OkStatus();
 }
 
+// Chat fields this server does not serve: an error rather than output the client cannot use.
+absl::Status UnservedChat(const Fields& f) {
+  const json* format = f.Get("response_format");
+  if (format == nullptr) return absl::OkStatus();
+  const json* type = format->is_object() ? Fields(*format).Get("type") : nullptr;
+  if (type == nullptr || !type->is_string()) {
+    return Bad("response_format", "must be an object with a string \"type\"");
+  }
+  if (*type != "text") {
+    return Bad("response_format", absl::StrCat("type ", type->dump(),
+                                               " is not supported (no constrained decoding): "
+                                               "only \"text\""));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
@@ -382,6 +412,7 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   RETURN_IF_ERROR(f.String("user", &r.user));
   if (endpoint == Endpoint::kChat) {
     RETURN_IF_ERROR(ParseMessages(f, &r));
+    RETURN_IF_ERROR(UnservedChat(f));
   } else {
     RETURN_IF_ERROR(ParsePrompts(f.Get("prompt"), &r));
     RETURN_IF_ERROR(Unserved(f));

@@ -2,6 +2,7 @@
 #include "gateway/openai.h"
 
 #include <string>
+#include <utility>
 
 #include "gtest/gtest.h"
 
@@ -35,10 +36,48 @@ TEST(ParseRequest, DeeplyNestedBodiesAreRefusedNotCrashed) {
 // Nesting up to the limit is parsed as before: tools 100 levels deep pass through.
 TEST(ParseRequest, NestingUpToTheLimitIsKept) {
   const std::string tools = "[" + Nested(100) + "]";
-  auto r = ParseRequest(Endpoint::kChat,
-                        R"({"messages":[{"role":"user","content":"hi"}],"tools":)" + tools + "}");
+  auto r = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"hi"}],)"
+                                         R"("tool_choice":"none","tools":)" +
+                                             tools + "}");
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->chat.tools_json(), tools);
+}
+
+// What this server would silently not do is an error naming the field: responses carry no
+// tool_calls, and nothing constrains the output to JSON (clients that parse it would fail later,
+// or an agent take the model's text as its final answer).
+TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
+  const std::string msgs = R"({"messages":[{"role":"user","content":"hi"}])";
+  const std::string tool = R"([{"type":"function","function":{"name":"f","parameters":{}}}])";
+  const std::pair<std::string, const char*> refused[] = {
+      {msgs + R"(,"tools":)" + tool + "}", "tools"},
+      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"auto"})", "tools"},
+      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"required"})", "tools"},
+      {msgs + R"(,"tools":)" + tool +
+           R"(,"tool_choice":{"type":"function","function":{"name":"f"}}})",
+       "tools"},
+      {msgs + R"(,"response_format":{"type":"json_object"}})", "response_format"},
+      {msgs + R"(,"response_format":{"type":"json_schema","json_schema":{"name":"x"}}})",
+       "response_format"},
+      {msgs + R"(,"response_format":"json"})", "response_format"},
+  };
+  for (const auto& [body, field] : refused) {
+    auto r = ParseRequest(Endpoint::kChat, body);
+    ASSERT_FALSE(r.ok()) << body;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_EQ(r.status().message().rfind(std::string(field) + ":", 0), 0u) << r.status();
+    EXPECT_EQ(ErrorFromStatus(r.status()).param, field);
+  }
+  const std::string taken[] = {
+      msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"none"})",
+      msgs + R"(,"tools":[]})",
+      msgs + R"(,"tools":null,"tool_choice":"auto"})",
+      msgs + R"(,"response_format":{"type":"text"}})",
+  };
+  for (const std::string& body : taken) {
+    auto r = ParseRequest(Endpoint::kChat, body);
+    EXPECT_TRUE(r.ok()) << body << ": " << r.status();
+  }
 }
 
 }  // namespace

@@ -99,6 +99,42 @@ expect "GET /v1/models with a key" 200 "$(status "${auth[@]}" "$base/models")"
 expect "the one model" dmoe "$(json '",".join(m["id"] for m in b["data"])')"
 expect "GET on a generation route" 405 "$(status "${auth[@]}" "$base/chat/completions")"
 expect "unknown route" 404 "$(status "${auth[@]}" "$base/nope")"
+expect "the Bearer scheme in lower case" 200 "$(status -H 'Authorization: bearer k2' "$base/models")"
+expect "tools without tool_choice none" 400 "$(status "${auth[@]}" -d "$chat, \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]}" "$base/chat/completions")"
+expect "  its param" tools "$(json 'b["error"]["param"]')"
+expect "response_format json_object" 400 "$(status "${auth[@]}" -d "$chat, \"response_format\": {\"type\": \"json_object\"}}" "$base/chat/completions")"
+expect "  its param" response_format "$(json 'b["error"]["param"]')"
+# "Expect: 100-continue" (curl sends it with large bodies, then waits a second for the answer):
+# the server says 100 Continue before the body is sent, then answers the request.
+hp=${base#http://}
+expect "Expect: 100-continue" "100 200" "$(python3 - "${hp%/v1}" "$chat}" <<'PY'
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+body = sys.argv[2].encode()
+s = socket.create_connection((host, int(port)), timeout=20)
+s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k2\r\n"
+          b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+          b"Content-Length: %d\r\n\r\n" % len(body))
+s.settimeout(5)
+first = b""
+while b"\r\n\r\n" not in first:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    first += chunk
+interim, _, rest = first.partition(b"\r\n\r\n")
+s.settimeout(20)
+s.sendall(body)
+reply = rest
+while b"\r\n" not in reply:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    reply += chunk
+print(interim.split(b" ")[1].decode() if interim.startswith(b"HTTP/1.1 ") else "none",
+      reply.split(b" ")[1].decode() if reply.startswith(b"HTTP/1.1 ") else "none")
+PY
+)"
 
 printf '{"model": "dmoe", "prompt": "caf\xe9 \xff\xfe", "max_tokens": 2}' > "$work/latin1.json"
 expect "a body that is not UTF-8" 400 "$(status "${auth[@]}" --data-binary "@$work/latin1.json" "$base/completions")"
