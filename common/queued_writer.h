@@ -1,5 +1,6 @@
 // A server-streaming reactor that other threads feed: Push queues a message (one write in flight
-// at a time), FinishWith ends the stream after everything queued. The reactor deletes itself in
+// at a time; PushLatest replaces what is queued), FinishWith ends the stream after everything
+// queued. The reactor deletes itself in
 // OnDone (after calling OnDoneHook), as gRPC's callback API expects. Thread-safe.
 #ifndef DMOE_COMMON_QUEUED_WRITER_H_
 #define DMOE_COMMON_QUEUED_WRITER_H_
@@ -17,6 +18,14 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
  public:
   void Push(Response r) {
     MutexLock l(&mu_);
+    queue_.push_back(std::move(r));
+    MaybeWriteLocked();
+  }
+  // For streams of whole snapshots: drops the messages not yet written (each superseded by
+  // this one), so that a client that reads slowly holds at most one queued message.
+  void PushLatest(Response r) {
+    MutexLock l(&mu_);
+    queue_.clear();
     queue_.push_back(std::move(r));
     MaybeWriteLocked();
   }

@@ -1,6 +1,8 @@
 #include "router/router_service.h"
 
 #include <atomic>
+#include <string>
+#include <system_error>
 #include <thread>
 
 #include "common/cluster_token.h"
@@ -25,12 +27,37 @@ const grpc::Status kUnauthenticated = Unauthenticated();
 // expert shards) targets with the active version.
 class Watch : public QueuedWriter<internal::PlacementUpdate> {
  public:
-  // A non-OK `refuse` ends the stream at once with it.
-  Watch(RouterState* state, bool targets, grpc::Status refuse) : state_(state) {
+  // A non-OK `refuse` ends the stream at once with it. `open` counts the open watches (at most
+  // kMaxWatches; each has a thread).
+  Watch(RouterState* state, bool targets, grpc::Status refuse, std::atomic<int>* open)
+      : state_(state), open_(open) {
+    counted_ = refuse.ok();  // (an unauthorized watch is not counted)
+    if (counted_ && open_->fetch_add(1) >= RouterServiceImpl::kMaxWatches) {
+      refuse = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                            "too many placement watches open on this router");
+    }
     if (!refuse.ok()) {
       FinishWith(std::move(refuse));
       return;
     }
+    try {
+      Start(targets);
+    } catch (const std::system_error& e) {  // no thread to be had
+      FinishWith(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                              std::string("router: cannot start a watch: ") + e.what()));
+    }
+  }
+  void OnCancel() override { stop_ = true; }
+
+ protected:
+  void OnDoneHook() override {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    if (counted_) open_->fetch_sub(1);
+  }
+
+ private:
+  void Start(bool targets) {
     thread_ = std::thread([this, targets] {
       uint64_t generation = UINT64_MAX, sent = UINT64_MAX, sent_active = UINT64_MAX;
       while (!stop_) {
@@ -40,21 +67,16 @@ class Watch : public QueuedWriter<internal::PlacementUpdate> {
         if (map.version == sent && m.active.version == sent_active) continue;
         sent = map.version;
         sent_active = m.active.version;
-        Push(RouterServiceImpl::ToProto(map, state_->nodes(), m.active.version));
+        // Each update is the whole map: one the client has not read yet is superseded.
+        PushLatest(RouterServiceImpl::ToProto(map, state_->nodes(), m.active.version));
       }
       FinishWith(grpc::Status::OK);
     });
   }
-  void OnCancel() override { stop_ = true; }
 
- protected:
-  void OnDoneHook() override {
-    stop_ = true;
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
   RouterState* state_;
+  std::atomic<int>* open_;
+  bool counted_ = false;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };
@@ -136,7 +158,8 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Deregister(grpc::CallbackServerCont
 
 grpc::ServerWriteReactor<internal::PlacementUpdate>* RouterServiceImpl::WatchPlacement(
     grpc::CallbackServerContext* ctx, const internal::WatchRequest* req) {
-  return new Watch(state_, req->targets(), Authorized(ctx) ? grpc::Status::OK : kUnauthenticated);
+  return new Watch(state_, req->targets(), Authorized(ctx) ? grpc::Status::OK : kUnauthenticated,
+                   &open_watches_);
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::ReportLoad(grpc::CallbackServerContext* ctx,

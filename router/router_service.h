@@ -3,6 +3,7 @@
 #ifndef DMOE_ROUTER_ROUTER_SERVICE_H_
 #define DMOE_ROUTER_ROUTER_SERVICE_H_
 
+#include <atomic>
 #include <string>
 
 #include "proto/router.grpc.pb.h"
@@ -38,10 +39,14 @@ class RouterServiceImpl final : public internal::RouterService::CallbackService 
   static internal::PlacementUpdate ToProto(const PlacementMap& m, const std::vector<Node>& nodes,
                                            uint64_t active_version);
 
+  // Placement watches open at once (each holds a thread); more are RESOURCE_EXHAUSTED.
+  static constexpr int kMaxWatches = 4096;
+
  private:
   bool Authorized(grpc::CallbackServerContext* ctx) const;
   RouterState* state_;
   std::string token_;
+  std::atomic<int> open_watches_{0};
 };
 
 }  // namespace dmoe::router

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <limits>
 #include <map>
@@ -306,17 +307,22 @@ TEST(RouterState, RefusesAnotherModelAndUnlikeNumerics) {
   EXPECT_TRUE(s.Register(with(Expert("b", 30), "experts=bf16 device=cpu")).ok());
 }
 
+// The service on 127.0.0.1:0 (its port in *port).
+std::unique_ptr<grpc::Server> Serve(RouterServiceImpl* service, int* port) {
+  grpc::ServerBuilder b;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), port);
+  b.RegisterService(service);
+  return b.BuildAndStart();
+}
+
 // Over gRPC: a RouterMember whose numerics differ from a registered shard's is refused, stops
 // trying and reports why.
 TEST(RouterService, MemberWithUnlikeNumericsIsRefused) {
   const ModelConfig c = *PresetConfig("tiny");
   RouterState state(c, milliseconds(5000), PlacementOptions());
   RouterServiceImpl service(&state, "");
-  grpc::ServerBuilder b;
   int port = 0;
-  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  b.RegisterService(&service);
-  auto server = b.BuildAndStart();
+  auto server = Serve(&service, &port);
   ASSERT_NE(server, nullptr);
   MemberOptions mo;
   mo.router_address = "127.0.0.1:" + std::to_string(port);
@@ -370,11 +376,8 @@ TEST(RouterService, MemberRefusedAfterItWasRegisteredServesOn) {
     return clock.now;
   });
   RouterServiceImpl service(&state, "");
-  grpc::ServerBuilder b;
   int port = 0;
-  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  b.RegisterService(&service);
-  auto server = b.BuildAndStart();
+  auto server = Serve(&service, &port);
   ASSERT_NE(server, nullptr);
   MemberOptions mo;
   mo.router_address = "127.0.0.1:" + std::to_string(port);
@@ -414,11 +417,8 @@ TEST(RouterService, TokenRegisterAndWatch) {
   const ModelConfig c = *PresetConfig("tiny");
   RouterState state(c, milliseconds(5000), PlacementOptions());
   RouterServiceImpl service(&state, "secret");
-  grpc::ServerBuilder b;
   int port = 0;
-  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  b.RegisterService(&service);
-  auto server = b.BuildAndStart();
+  auto server = Serve(&service, &port);
   ASSERT_NE(server, nullptr);
   auto stub = internal::RouterService::NewStub(
       grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
@@ -478,6 +478,61 @@ TEST(RouterService, TokenRegisterAndWatch) {
     EXPECT_FALSE(w->Read(&x));
     EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
   }
+  wctx.TryCancel();
+  while (watch->Read(&u)) {
+  }
+  watch->Finish();
+  server->Shutdown();
+}
+
+// Each placement update is the whole map: a watcher that reads slowly gets the newest one, not
+// a backlog of every version since (the router queued them all, ~0.5 MB each on V3, without
+// bound).
+TEST(RouterService, ASlowWatcherGetsTheNewestMapNotABacklog) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState state(c, milliseconds(600000), PlacementOptions());
+  RouterServiceImpl service(&state, "");
+  int port = 0;
+  auto server = Serve(&service, &port);
+  ASSERT_NE(server, nullptr);
+  // No BDP probing: the client's receive window stays at its default, so what the transport
+  // buffers for a client that does not read is bounded and does not depend on timing.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  auto stub = internal::RouterService::NewStub(grpc::CreateCustomChannel(
+      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials(), args));
+  auto big = [](const std::string& id) {  // ~60 KiB of worker address: every update is large
+    Node n = Expert(id, 48);
+    n.ucx_worker_address = std::string(60000, 'a');
+    return n;
+  };
+  for (const char* id : {"a", "b", "c"}) ASSERT_TRUE(state.Register(big(id)).ok());
+  grpc::ClientContext wctx;
+  internal::WatchRequest wr;
+  wr.set_targets(true);
+  auto watch = stub->WatchPlacement(&wctx, wr);
+  internal::PlacementUpdate u;
+  ASSERT_TRUE(watch->Read(&u));
+  const uint64_t first = u.version();
+  // 300 new targets (c out, c in, ...), a few ms apart so that each is pushed, none read.
+  constexpr int kChanges = 300;
+  for (int i = 0; i < kChanges; ++i) {
+    if (i % 2 == 0) {
+      ASSERT_TRUE(state.Deregister("c").ok());
+    } else {
+      ASSERT_TRUE(state.Register(big("c")).ok());
+    }
+    std::this_thread::sleep_for(milliseconds(2));
+  }
+  const uint64_t last = state.target().version;
+  ASSERT_EQ(last, first + kChanges);
+  int reads = 0;
+  while (u.version() != last && reads < 2 * kChanges && watch->Read(&u)) ++reads;
+  EXPECT_EQ(u.version(), last);
+  // What the transport had taken before the client stopped reading, then the newest.
+  EXPECT_LT(reads, 20) << "read " << reads << " updates to reach the newest";
+  std::printf("%d reads to reach version %llu from %llu\n", reads,
+              static_cast<unsigned long long>(last), static_cast<unsigned long long>(first));
   wctx.TryCancel();
   while (watch->Read(&u)) {
   }
