@@ -182,7 +182,15 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
         "router ", options.router, ": no active placement map within ",
         options.first_map_timeout.count(), " ms (are enough expert shards registered?)"));
   }
-  if (auto st = set->Apply(*first); !st.ok()) return st;
+  std::shared_ptr<const ExpertRouting> routing = set->Prepare(*first);
+  set->experts_b_ = std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), routing,
+                                                          set->health_, options.remote);
+  set->experts_ = std::make_unique<RemoteRoutedExperts>(config, set->client_.get(), routing,
+                                                        set->health_, options.remote);
+  set->version_ = first->version();
+  set->connected_ = std::move(first);
+  set->connected_routing_ = std::move(routing);
+  set->reviver_ = std::thread([raw] { raw->ConnectRouterMaps(); });
   // Load reports for EPLB: tokens per (layer, expert) sent since the last report.
   set->reporter_ = std::thread([raw] {
     const ModelConfig& c = raw->config_;
@@ -214,7 +222,7 @@ absl::StatusOr<std::unique_ptr<ExpertShardSet>> ExpertShardSet::ConnectRouter(
   return set;
 }
 
-absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
+std::shared_ptr<const ExpertRouting> ExpertShardSet::Prepare(const internal::PlacementUpdate& u) {
   auto routing = std::make_shared<ExpertRouting>();
   routing->version = u.version();
   routing->placement = ExpertPlacement(config_.num_expert_layers(), config_.n_routed_experts);
@@ -273,21 +281,36 @@ absl::Status ExpertShardSet::Apply(const internal::PlacementUpdate& u) {
       ++it;
     }
   }
-  if (experts_ == nullptr) {
-    experts_b_ = std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_,
-                                                       options_.remote);
-    experts_ = std::make_unique<RemoteRoutedExperts>(config_, client_.get(), routing, health_,
-                                                     options_.remote);
-  } else {
-    experts_->SetRouting(routing);
-    experts_b_->SetRouting(routing);
-  }
-  version_ = u.version();
-  applied_ = u;
-  // The map's failed shards were just connected again: the next try is a revive_interval away
-  // (before, the first SwitchIfChanged after a shard failed reconnected it at once).
+  // The map's failed shards were just connected again: the next try is a revive_interval away.
   last_revival_ = std::chrono::steady_clock::now();
-  return absl::OkStatus();
+  return routing;
+}
+
+void ExpertShardSet::ConnectRouterMaps() {
+  while (!stop_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::optional<internal::PlacementUpdate> u;
+    {
+      MutexLock l(&mu_);
+      u.swap(pending_);
+    }
+    if (u.has_value() && u->version() == connected_->version()) u.reset();
+    if (!u.has_value()) {
+      // Now and then, try again the shards of the current map that failed.
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_revival_ <= options_.revive_interval) continue;
+      last_revival_ = now;
+      bool dead = false;
+      for (int p : connected_routing_->peers) dead |= health_->Dead(p);
+      if (!dead) continue;
+      u = connected_;
+    }
+    std::shared_ptr<const ExpertRouting> routing = Prepare(*u);
+    connected_ = u;
+    connected_routing_ = routing;
+    MutexLock l(&mu_);
+    prepared_ = std::move(routing);  // (a newer one replaces one not yet taken)
+  }
 }
 
 bool ExpertShardSet::SwitchIfChanged() {
@@ -304,28 +327,22 @@ bool ExpertShardSet::SwitchIfChanged() {
     ++revivals_;
     return true;
   }
-  std::optional<internal::PlacementUpdate> u;
+  // Router mode: a routing ConnectRouterMaps made (its connects done off this thread).
+  std::shared_ptr<const ExpertRouting> r;
   {
     MutexLock l(&mu_);
-    u.swap(pending_);
+    r.swap(prepared_);
   }
-  if (!u.has_value() || u->version() == version_) {
-    // Now and then, try again the shards of the current map that failed.
-    const auto now = std::chrono::steady_clock::now();
-    if (applied_.has_value() && now - last_revival_ > options_.revive_interval) {
-      last_revival_ = now;
-      bool dead = false;
-      for (int p : experts_->routing().peers) dead |= health_->Dead(p);
-      if (dead && Apply(*applied_).ok()) {
-        ++revivals_;
-        return true;
-      }
-    }
-    return false;
+  if (!r) return false;
+  experts_->SetRouting(r);
+  experts_b_->SetRouting(r);
+  if (r->version == version_) {
+    ++revivals_;
+  } else {
+    version_ = r->version;
+    ++switches_;
+    spdlog::info("switched to placement {}", r->version);
   }
-  if (!Apply(*u).ok()) return false;
-  ++switches_;
-  spdlog::info("switched to placement {}", u->version());
   return true;
 }
 

@@ -60,8 +60,9 @@ class ExpertShardSet {
   RemoteRoutedExperts* experts() { return experts_.get(); }
   // A second client of the same shards, for the second micro-batch of a ping-pong step.
   RemoteRoutedExperts* experts_b() { return experts_b_.get(); }
-  // Router mode: switches both clients to the newest active map if one arrived since the last
-  // call; every revive_interval, connects again to the shards of the current map that failed.
+  // Router mode: switches both clients to the newest active map if one was prepared since the
+  // last call (connected in the background); likewise to the current map connected again to its
+  // failed shards (every revive_interval).
   // Static mode: switches to the routing a background thread made when failed shards answered
   // their control API again (asked every revive_interval) and were connected anew.
   // Call between engine steps, on the engine's thread. Returns whether the routing changed.
@@ -77,8 +78,15 @@ class ExpertShardSet {
 
  private:
   ExpertShardSet() = default;
-  // Builds a routing from a map (connecting to new shards) and hands it to both clients.
-  absl::Status Apply(const internal::PlacementUpdate& u);
+  // Router mode: builds a routing from a map, connecting to its new shards and again to its
+  // failed ones (a connect may wait a second or two for an unreachable host), and ending the
+  // connections of failed shards it drops. On ConnectRouterMaps' thread (the caller's for the
+  // first map).
+  std::shared_ptr<const ExpertRouting> Prepare(const internal::PlacementUpdate& u);
+  // Router mode's background thread: prepares each new map, and every revive_interval the
+  // current one again when some of its shards failed; SwitchIfChanged takes the result. The
+  // engine's thread never waits for a connect.
+  void ConnectRouterMaps();
   // Static mode: asks the shard at control address `addr` what it hosts and connects to its data
   // plane; returns the transport peer.
   absl::StatusOr<int> ConnectStatic(const std::string& addr, std::chrono::milliseconds deadline,
@@ -96,13 +104,19 @@ class ExpertShardSet {
   std::unique_ptr<transport::ClientTransport> client_;
   std::shared_ptr<PeerHealth> health_ = std::make_shared<PeerHealth>();
   std::unique_ptr<RemoteRoutedExperts> experts_, experts_b_;
+  // Router mode, ConnectRouterMaps' own (the caller's until it starts): the connections by
+  // address, and the newest map prepared.
   std::map<std::string, int> peer_of_address_;
-  std::atomic<uint64_t> version_{0}, switches_{0}, revivals_{0};
-  std::optional<internal::PlacementUpdate> applied_;  // the map in use
+  std::optional<internal::PlacementUpdate> connected_;
+  std::shared_ptr<const ExpertRouting> connected_routing_;
   std::chrono::steady_clock::time_point last_revival_{};
+  std::atomic<uint64_t> version_{0}, switches_{0}, revivals_{0};
   std::unique_ptr<router::RouterMember> member_;
   Mutex mu_;
+  // Router mode: the newest map from the router, and the newest routing prepared and not yet
+  // taken by SwitchIfChanged.
   std::optional<internal::PlacementUpdate> pending_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const ExpertRouting> prepared_ ABSL_GUARDED_BY(mu_);
   // Static mode: the newest routing, and one the engine has not taken yet.
   std::shared_ptr<const ExpertRouting> static_routing_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<const ExpertRouting> pending_static_ ABSL_GUARDED_BY(mu_);

@@ -11,6 +11,9 @@
 #include "attention_service/shard_client.h"
 
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -615,6 +618,48 @@ TEST(ExpertShardSetRouter, AFailedShardTheMapDropsIsDisconnected) {
   })) << "shard-1's connection was not ended";
   ASSERT_TRUE(RunRemote((*set)->experts(), batch, kLayer, &out).ok());
   EXPECT_TRUE(Close(out, RunLocal(batch, kLayer)));
+}
+
+// A map naming a shard whose UCX listener accepts and never answers: connecting to it waits out
+// the address exchange's timeout (a host that lost power is like it). That wait is on the
+// background thread; the engine's SwitchIfChanged never blocks (it waited for every connect).
+TEST(ExpertShardSetRouter, SwitchIfChangedNeverWaitsForAConnect) {
+  UcxOnLoopback();
+  InprocRouter router;
+  auto s0 = StartShard(ExpertsWhere(Any));
+  router.Register("shard-0", *s0);
+  const uint64_t v1 = router.AllReady();
+  auto set = ExpertShardSet::ConnectRouter(Config(), RouterOptions(router));
+  ASSERT_TRUE(set.ok()) << set.status();
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(listen(fd, 16), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  router::Node x;
+  x.id = "shard-x";
+  x.grpc_address = "127.0.0.1:1";
+  x.ucx_address = absl::StrCat("127.0.0.1:", ntohs(a.sin_port));
+  x.capacity = static_cast<int64_t>(ExpertStore::AllExperts(Config()).size());
+  ASSERT_TRUE(router.state().Register(x).ok());
+  const uint64_t v2 = router.AllReady();
+  ASSERT_GT(v2, v1);
+  std::chrono::steady_clock::duration longest{0};
+  ASSERT_TRUE(Within(std::chrono::seconds(20),
+                     [&] {
+                       const auto t0 = std::chrono::steady_clock::now();
+                       (*set)->SwitchIfChanged();
+                       longest = std::max(longest, std::chrono::steady_clock::now() - t0);
+                       return (*set)->version() == v2;
+                     }))
+      << "no switch to version " << v2;
+  EXPECT_LT(longest, milliseconds(200))
+      << std::chrono::duration<double>(longest).count() << " s in one SwitchIfChanged";
+  close(fd);
 }
 
 }  // namespace
