@@ -57,6 +57,8 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
                           attention kernel
   --block-tokens N        tokens per KV block (default 16)
   --max-running N         sequences in the running batch (default 64)
+  --max-waiting N         requests waiting to run; more are refused UNAVAILABLE, and the gateway
+                          tries another node (default 4096)
   --token-budget N        tokens per engine step (default 512)
   --prefill-chunk N       prompt tokens of one sequence per step (default 256)
   --micro-batches N       1 or 2 (default 2): with remote experts, two micro-batches in ping-pong
@@ -103,6 +105,7 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
                           {"kv-blocks", 0, (int64_t{1} << 31) - 1},
                           {"block-tokens", 16, 4096},
                           {"max-running", 64, int64_t{1} << 20},
+                          {"max-waiting", 4096, int64_t{1} << 24},
                           {"token-budget", 512, int64_t{1} << 24},
                           {"prefill-chunk", 256, int64_t{1} << 24},
                           {"micro-batches", 2, 2},
@@ -142,6 +145,7 @@ absl::StatusOr<SchedulerOptions> MakeSchedulerOptions(const Flags& f, const Opti
                                                       LocalModel* model, bool gpu) {
   SchedulerOptions so;
   so.max_running = o.v.at("max-running");
+  so.max_waiting = o.v.at("max-waiting");
   so.step_token_budget = o.v.at("token-budget");
   so.prefill_chunk = o.v.at("prefill-chunk");
   RETURN_IF_ERROR(CheckSpeculativeTokens(model->config(), o.v.at("speculative-tokens")));
@@ -226,27 +230,17 @@ void Register(const Flags& f, const LocalModel& model, ExpertShardSet* shard_set
 
 // The flags that take a value.
 std::set<std::string> FlagNames() {
-  return WithInternalTls(WithRemote({"model",
-                                     "grpc-listen",
-                                     "ready-file",
-                                     "kv-cache-mib",
-                                     "kv-blocks",
-                                     "block-tokens",
-                                     "max-running",
-                                     "token-budget",
-                                     "prefill-chunk",
-                                     "micro-batches",
-                                     "metrics-listen",
-                                     "drain-seconds",
-                                     "expert-wait-ms",
-                                     "kv-cache-dtype",
-                                     "advertise-host",
-                                     "threads",
-                                     "blas-threads",
-                                     "log-level",
-                                     "speculative-tokens",
-                                     "device",
-                                     "gpu"}));
+  return WithInternalTls(WithRemote({"model",          "grpc-listen",
+                                     "ready-file",     "kv-cache-mib",
+                                     "kv-blocks",      "block-tokens",
+                                     "max-running",    "max-waiting",
+                                     "token-budget",   "prefill-chunk",
+                                     "micro-batches",  "metrics-listen",
+                                     "drain-seconds",  "expert-wait-ms",
+                                     "kv-cache-dtype", "advertise-host",
+                                     "threads",        "blas-threads",
+                                     "log-level",      "speculative-tokens",
+                                     "device",         "gpu"}));
 }
 
 int Main(int argc, char** argv) {

@@ -115,6 +115,11 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
   if (draining_) {
     return absl::UnavailableError("this attention node is shutting down; retry on another");
   }
+  if (options_.max_waiting > 0 && load_.waiting >= options_.max_waiting) {
+    return absl::UnavailableError(absl::StrCat("this attention node has ", load_.waiting,
+                                               " requests waiting (--max-waiting); retry on ",
+                                               "another"));
+  }
   const uint64_t id = next_id_++;
   load_.queued_prefill_tokens += static_cast<int64_t>(prompt.size());
   ++load_.waiting;

@@ -41,7 +41,10 @@ struct RequestCallbacks {
 };
 
 struct SchedulerOptions {
-  int64_t max_running = 64;         // sequences in the running batch
+  int64_t max_running = 64;  // sequences in the running batch
+  // Requests admitted but not yet running; more are UNAVAILABLE (the gateway tries another node).
+  // 0: no limit.
+  int64_t max_waiting = 4096;
   int64_t step_token_budget = 512;  // tokens (decode + prefill) per engine step
   int64_t prefill_chunk = 256;      // most prompt tokens of one sequence per step
   // When set (remote experts), a step with 2+ sequences runs as two micro-batches in ping-pong:

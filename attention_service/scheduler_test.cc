@@ -313,6 +313,25 @@ TEST_F(SchedulerTest, BadRequestsAreRejectedAtSubmit) {
   EXPECT_NE(st.message().find("KV blocks"), absl::string_view::npos) << st;
 }
 
+// Requests beyond max_waiting are UNAVAILABLE (the gateway retries them elsewhere) instead of
+// queueing without bound; once the queue drains, new ones are taken again.
+TEST_F(SchedulerTest, RequestsBeyondMaxWaitingAreUnavailable) {
+  LatentKvCache cache(model_->config(), 4, 64);
+  SchedulerOptions o;
+  o.max_waiting = 2;
+  Scheduler s(&model_->engine(), &cache, o);
+  SamplingParams p;
+  p.max_tokens = 2;
+  EXPECT_TRUE(s.Submit({1, 2}, p, {}).ok());
+  EXPECT_TRUE(s.Submit({3, 4}, p, {}).ok());
+  const absl::Status st = s.Submit({5, 6}, p, {}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_NE(st.message().find("--max-waiting"), absl::string_view::npos) << st;
+  for (int i = 0; i < 20 && s.load().waiting > 0; ++i) ASSERT_TRUE(s.Step().ok());
+  EXPECT_EQ(s.load().waiting, 0);
+  EXPECT_TRUE(s.Submit({5, 6}, p, {}).ok());
+}
+
 // The real in-process experts, made unreachable on demand (as a dead shard answers UNAVAILABLE).
 class SwitchableExperts : public RoutedExperts {
  public:
