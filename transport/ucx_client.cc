@@ -108,8 +108,10 @@ class UcxClient : public ClientTransport, public UcxWorker {
       if (!fetched.ok()) return fetched.status();
       by_worker = *std::move(fetched);
     }
-    if (!FromHex(by_worker.substr(9), &worker_addr) || worker_addr.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("bad worker address \"", by_worker, "\""));
+    if (!FromHex(by_worker.substr(9), &worker_addr) ||
+        (worker_addr = PeerWorkerAddress(worker_addr.data(), worker_addr.size())).empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad worker address \"", by_worker.substr(0, 200), "\""));
     }
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
     ep.address = reinterpret_cast<const ucp_address_t*>(worker_addr.data());

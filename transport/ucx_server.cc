@@ -267,8 +267,13 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
       }
       self->authorized_.insert(reply_ep);
     }
-    const auto* bytes = static_cast<const uint8_t*>(data);
-    self->RunAsync([self, reply_ep, address = std::vector<uint8_t>(bytes, bytes + length)] {
+    std::vector<uint8_t> peer = PeerWorkerAddress(static_cast<const uint8_t*>(data), length);
+    if (peer.empty()) {  // UCX would abort on it
+      MutexLock l(&self->mu_);
+      ++self->stats_.peer_errors;
+      return UCS_OK;
+    }
+    self->RunAsync([self, reply_ep, address = std::move(peer)] {
       if (self->shut_down_) return;
       ucp_ep_params_t ep;
       std::memset(&ep, 0, sizeof(ep));

@@ -257,6 +257,14 @@ bool FromHex(const std::string& s, std::vector<uint8_t>* out) {
   return true;
 }
 
+std::vector<uint8_t> PeerWorkerAddress(const uint8_t* data, size_t size) {
+  // The header's low 4 bits: UCP_OBJECT_VERSION_V1 (0) or V2 (1); a V2 header is 2 bytes.
+  if (size < 2 || (data[0] & 0x0f) > 1) return {};
+  std::vector<uint8_t> out(size + kWorkerAddressPadding, 0);
+  std::memcpy(out.data(), data, size);
+  return out;
+}
+
 absl::StatusOr<std::string> FetchWorkerAddress(const sockaddr_in& sa, const std::string& address) {
   const auto fail = [&](const std::string& what) {
     return absl::UnavailableError(absl::StrCat("connect to ", address, ": ", what));

@@ -227,6 +227,16 @@ absl::StatusOr<sockaddr_in> ParseHostPort(const std::string& address);
 std::string ToHex(const void* data, size_t n);
 bool FromHex(const std::string& s, std::vector<uint8_t>* out);
 
+// A peer's worker address (a client's hello, a router's map, a listener's answer) made safe to
+// give ucp_ep_create, or empty where Debian's UCX 1.13 would abort the process on it: a header
+// whose version is not one it unpacks (address.c:1051 "Assertion `*addr_version ==
+// UCP_OBJECT_VERSION_V2' failed": one wrong byte of a forged or corrupted address killed the
+// node). ucp_ep_create takes no length: the copy has kWorkerAddressPadding zero bytes after the
+// address, so a truncated one is read on as zeros (a list UCX refuses past UCP_MAX_RESOURCES
+// entries) rather than past the buffer.
+inline constexpr size_t kWorkerAddressPadding = 16384;
+std::vector<uint8_t> PeerWorkerAddress(const uint8_t* data, size_t size);
+
 // ---------------------------------------------------------------------------------------------
 // "HOST:PORT" addresses. A server's Listen opens no UCX listener: UCX's sockaddr connection
 // manager trusts whoever connects, and Debian's UCX 1.13 aborts the whole process on a connection
