@@ -98,6 +98,12 @@ TEST(DmoeCli, HelpOnEveryCommand) {
   EXPECT_FAILS_WITH(RunDmoe("tokenize --jsonl x"), "--tokenizer is required");
   EXPECT_FAILS_WITH(RunDmoe("chat --target 127.0.0.1:1"), "expected one MESSAGE");
   EXPECT_FAILS_WITH(RunDmoe("serve"), "--model is required");
+  // The origin goes into a response header verbatim: a path, spaces or a bare host are refused.
+  const std::string model = MakeModel("cors");
+  for (const char* bad : {"ui.example", "'https://ui.example/app'", "'http://a b'", "ftp://x"}) {
+    EXPECT_FAILS_WITH(RunDmoe("serve --model " + model + " --cors-origin " + bad),
+                      "--cors-origin");
+  }
 }
 
 TEST(DmoeCli, LogitsNpyHoldsTheEngineLogits) {

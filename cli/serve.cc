@@ -41,6 +41,8 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --model DIR          checkpoint directory (Hugging Face layout)
   --grpc-listen H:P    public address (default 127.0.0.1:0; the chosen one is printed)
   --http-listen H:P    the OpenAI-compatible HTTP API (default 127.0.0.1:0; "off": none)
+  --cors-origin ORIGIN let browser pages from ORIGIN ("https://ui.example.com", or "*") call
+                       the HTTP API (default: none)
   --metrics-listen H:P Prometheus /metrics (default 127.0.0.1:0): the gateway's series
   --model-id NAME      the model's name in the APIs (default dmoe)
   --api-keys FILE      require "Authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
@@ -124,6 +126,8 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
   go.model_id = flags.StringOr("model-id", "dmoe");
   gateway::HttpFrontOptions ho;
   ho.listen = flags.StringOr("http-listen", "127.0.0.1:0");
+  ho.cors_origin = flags.StringOr("cors-origin", "");
+  if (flags.Has("cors-origin")) RETURN_IF_ERROR(gateway::CheckCorsOrigin(ho.cors_origin));
   ho.version = "dmoe serve (OpenAI-compatible API v1)";
   Metrics metrics;
   ASSIGN_OR_RETURN(std::string metrics_addr,
@@ -163,12 +167,12 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
 
 int Serve(int argc, char** argv) {
   ServiceMain outer("dmoe serve");
-  auto flags =
-      Flags::Parse(argc, argv,
-                   {"model", "grpc-listen", "http-listen", "kv-cache-mib", "block-tokens",
-                    "metrics-listen", "model-id", "api-keys", "max-concurrent-per-key",
-                    "kv-cache-dtype", "weight-dtype", "expert-dtype", "speculative-tokens"},
-                   {});
+  auto flags = Flags::Parse(
+      argc, argv,
+      {"model", "grpc-listen", "http-listen", "cors-origin", "kv-cache-mib", "block-tokens",
+       "metrics-listen", "model-id", "api-keys", "max-concurrent-per-key", "kv-cache-dtype",
+       "weight-dtype", "expert-dtype", "speculative-tokens"},
+      {});
   if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {
     std::fputs(kServeHelp, stdout);

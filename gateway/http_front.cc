@@ -135,6 +135,11 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   void Handle(const http::request<http::string_body>& req);
   void HandleGet(const std::string& target, const std::string& authorization);
   void Respond(int status, const std::string& body, bool close = false);
+  // The Access-Control-Allow-Origin value for this request's Origin ("" when none applies).
+  std::string AllowedOrigin() const;
+  std::string CorsHeaders() const;  // as header lines for the SSE head ("" when none)
+  // A CORS preflight (OPTIONS): 204 with the methods and headers a browser may use.
+  void RespondPreflight(const http::request<http::string_body>& req);
   void RespondError(const openai::ApiError& e, bool close = false);
   void StartGenerations(openai::Endpoint endpoint, const std::string& body,
                         const std::string& authorization);
@@ -159,6 +164,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   bool closed_ = false;
   bool keep_alive_ = true;
   bool head_ = false;    // HEAD: headers only
+  std::string origin_;   // the request's Origin header (browsers)
   bool chunked_ = true;  // HTTP/1.1: SSE in chunks; 1.0: until the connection closes
   std::string route_ = "other";
   // The generation request in progress.
@@ -289,6 +295,10 @@ template <class Stream>
 void Session<Stream>::Handle(const http::request<http::string_body>& req) {
   keep_alive_ = req.keep_alive();
   head_ = req.method() == http::verb::head;
+  origin_ = std::string(req[http::field::origin]);
+  if (req.method() == http::verb::options && !front_->options.cors_origin.empty()) {
+    return RespondPreflight(req);
+  }
   chunked_ = req.version() >= 11;
   if (!chunked_) keep_alive_ = false;
   std::string target(req.target());
@@ -347,6 +357,10 @@ void Session<Stream>::Respond(int status, const std::string& body, bool close) {
   res.set(http::field::server, "dmoe");
   res.set(http::field::content_type, "application/json");
   if (status == 401) res.set(http::field::www_authenticate, "Bearer");
+  if (const std::string origin = AllowedOrigin(); !origin.empty()) {
+    res.set(http::field::access_control_allow_origin, origin);
+    res.set(http::field::vary, "Origin");
+  }
   res.keep_alive(keep_alive_ && !close);
   res.body() = body;
   res.prepare_payload();
@@ -365,6 +379,49 @@ void Session<Stream>::Respond(int status, const std::string& body, bool close) {
 template <class Stream>
 void Session<Stream>::RespondError(const openai::ApiError& e, bool close) {
   Respond(e.http_status, e.Json(), close);
+}
+
+template <class Stream>
+std::string Session<Stream>::AllowedOrigin() const {
+  const std::string& allowed = front_->options.cors_origin;
+  if (allowed.empty() || origin_.empty()) return "";
+  if (allowed == "*") return "*";
+  return origin_ == allowed ? origin_ : "";
+}
+
+template <class Stream>
+std::string Session<Stream>::CorsHeaders() const {
+  const std::string origin = AllowedOrigin();
+  if (origin.empty()) return "";
+  return absl::StrCat("Access-Control-Allow-Origin: ", origin, "\r\nVary: Origin\r\n");
+}
+
+template <class Stream>
+void Session<Stream>::RespondPreflight(const http::request<http::string_body>& req) {
+  http::response<http::empty_body> res{http::status::no_content, 11};
+  res.set(http::field::server, "dmoe");
+  if (const std::string origin = AllowedOrigin(); !origin.empty()) {
+    res.set(http::field::access_control_allow_origin, origin);
+    res.set(http::field::vary, "Origin");
+    res.set(http::field::access_control_allow_methods, "GET, POST, OPTIONS");
+    // The headers the browser asks for (the SDKs add their own x-stainless-* ones), when they
+    // are plain header names; else the ones the API reads.
+    const std::string asked(req[http::field::access_control_request_headers]);
+    const bool plain =
+        asked.size() <= 1024 && asked.find_first_not_of(
+                                    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                    "0123456789-_, ") == std::string::npos;
+    res.set(http::field::access_control_allow_headers,
+            plain && !asked.empty() ? asked : std::string("authorization, content-type"));
+    res.set(http::field::access_control_max_age, "600");
+  }
+  res.keep_alive(keep_alive_);
+  close_after_ = !keep_alive_;
+  std::ostringstream os;
+  os << res;
+  Count(204);
+  response_complete_ = true;
+  Enqueue(os.str());
 }
 
 }  // namespace
@@ -518,7 +575,7 @@ void Session<Stream>::SendEvent(const std::string& event) {
     bytes = absl::StrCat("HTTP/1.", chunked_ ? "1" : "0",
                          " 200 OK\r\nServer: dmoe\r\nContent-Type: text/event-stream\r\n"
                          "Cache-Control: no-cache\r\n",
-                         chunked_ ? "Transfer-Encoding: chunked\r\n" : "",
+                         CorsHeaders(), chunked_ ? "Transfer-Encoding: chunked\r\n" : "",
                          "Connection: ", keep_alive_ ? "keep-alive" : "close", "\r\n\r\n");
   }
   bytes += chunked_ ? ChunkFrame(event) : event;
@@ -626,6 +683,22 @@ void HttpFront::Impl::OnAccept(tcp::socket socket) {
     Register(s);
     s->Start();
   }
+}
+
+absl::Status CheckCorsOrigin(const std::string& origin) {
+  if (origin == "*") return absl::OkStatus();
+  const size_t scheme = origin.rfind("https://", 0) == 0  ? 8
+                        : origin.rfind("http://", 0) == 0 ? 7
+                                                          : 0;
+  if (scheme == 0 || origin.size() == scheme || origin.size() > 253 + scheme + 6 ||
+      origin.find_first_not_of(
+          "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]", scheme) !=
+          std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--cors-origin: \"", origin.substr(0, 100),
+                     "\" is not \"*\" or an origin like https://ui.example.com[:PORT] (no path)"));
+  }
+  return absl::OkStatus();
 }
 
 HttpFront::HttpFront(GatewayService* service, HttpFrontOptions options)

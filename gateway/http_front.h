@@ -36,10 +36,17 @@ struct HttpFrontOptions {
   std::chrono::milliseconds write_timeout{60000};
   // Bytes of events waiting for a slow client before its generation pauses.
   size_t stream_buffer_bytes = 256 << 10;
+  // Browsers: the origin allowed to call the API ("*": any; empty: none, no CORS headers and
+  // OPTIONS is 405). Preflight OPTIONS requests are answered 204; responses to that origin carry
+  // Access-Control-Allow-Origin.
+  std::string cors_origin;
   std::string version;          // GET /version
   std::function<bool()> ready;  // GET /health: 200 while it returns true
   HttpMetrics metrics;
 };
+
+// --cors-origin: "*" or one origin, "http(s)://HOST[:PORT]" (it goes into a header verbatim).
+absl::Status CheckCorsOrigin(const std::string& origin);
 
 class HttpFront {
  public:

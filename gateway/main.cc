@@ -55,6 +55,9 @@ reported load. Both take the same API keys, limits and retries.
   --http-listen H:P         the OpenAI-compatible HTTP API's address (default 127.0.0.1:0; "off":
                             none)
   --http-threads N          HTTP event-loop threads (default 1; each serves many connections)
+  --cors-origin ORIGIN      let browser pages from ORIGIN ("https://ui.example.com", or "*" for
+                            any) call the HTTP API: preflight OPTIONS answered, CORS headers set
+                            (default: none)
   --ready-file F            once serving, write {"grpc": ..., "http": ..., "pid": ...} to F
   --api-keys FILE           require "authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
@@ -143,6 +146,8 @@ absl::StatusOr<Setup> LoadSetup(const Flags& f) {
     return absl::InvalidArgumentError("--http-threads: must be in [1, 64]");
   }
   s.http.threads = static_cast<int>(threads);
+  s.http.cors_origin = f.StringOr("cors-origin", "");
+  if (f.Has("cors-origin")) RETURN_IF_ERROR(gateway::CheckCorsOrigin(s.http.cors_origin));
   s.http.version = "dmoe-gateway (OpenAI-compatible API v1)";
   return s;
 }
@@ -222,13 +227,13 @@ class PoolWatcher {
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-gateway");
-  auto flags =
-      Flags::Parse(argc - 1, argv + 1,
-                   WithInternalTls({"attention", "router", "cluster-token-file", "model",
-                                    "tokenizer", "model-id", "grpc-listen", "ready-file",
-                                    "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key",
-                                    "metrics-listen", "log-level", "http-listen", "http-threads"}),
-                   {});
+  auto flags = Flags::Parse(
+      argc - 1, argv + 1,
+      WithInternalTls({"attention", "router", "cluster-token-file", "model", "tokenizer",
+                       "model-id", "grpc-listen", "ready-file", "api-keys",
+                       "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen",
+                       "log-level", "http-listen", "http-threads", "cors-origin"}),
+      {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);

@@ -28,7 +28,8 @@ fail() {
 cp "$npm_dir/package/models/tokenizer.json" "$npm_dir/package/models/tokenizer_config.json" "$work/model/"
 printf '# key limit\nk1 1\nk2\n' > "$work/keys"
 
-"$dmoe" serve --model "$work/model" --api-keys "$work/keys" > "$work/serve.out" 2> "$work/serve.err" &
+"$dmoe" serve --model "$work/model" --api-keys "$work/keys" --cors-origin http://ui.example \
+  > "$work/serve.out" 2> "$work/serve.err" &
 pids+=($!)
 serve_pid=$!
 for _ in $(seq 1 600); do
@@ -104,6 +105,25 @@ expect "tools without tool_choice none" 400 "$(status "${auth[@]}" -d "$chat, \"
 expect "  its param" tools "$(json 'b["error"]["param"]')"
 expect "response_format json_object" 400 "$(status "${auth[@]}" -d "$chat, \"response_format\": {\"type\": \"json_object\"}}" "$base/chat/completions")"
 expect "  its param" response_format "$(json 'b["error"]["param"]')"
+# CORS for browser pages of --cors-origin: the preflight, then the headers on JSON and SSE answers;
+# none for another origin.
+hdr() {  # hdr NAME CURL_ARGS...: the value of response header NAME (lower case), or "none"
+  local name=$1
+  shift
+  curl -s -D - -o /dev/null --max-time 30 "$@" | tr -d '\r' |
+    awk -v n="$name" 'tolower($0) ~ "^"n": " { sub("^[^:]*: ", ""); v = $0 } END { print (v == "" ? "none" : v) }'
+}
+expect "CORS preflight" 204 "$(status -X OPTIONS -H 'Origin: http://ui.example' \
+  -H 'Access-Control-Request-Method: POST' "$base/chat/completions")"
+expect "  allowed headers echoed" "authorization, content-type, x-stainless-os" \
+  "$(hdr access-control-allow-headers -X OPTIONS -H 'Origin: http://ui.example' \
+     -H 'Access-Control-Request-Headers: authorization, content-type, x-stainless-os' "$base/chat/completions")"
+expect "CORS on a JSON answer" http://ui.example \
+  "$(hdr access-control-allow-origin "${auth[@]}" -H 'Origin: http://ui.example' "$base/models")"
+expect "CORS on an SSE answer" http://ui.example \
+  "$(hdr access-control-allow-origin "${auth[@]}" -H 'Origin: http://ui.example' -d "$chat, \"stream\": true}" "$base/chat/completions")"
+expect "no CORS for another origin" none \
+  "$(hdr access-control-allow-origin "${auth[@]}" -H 'Origin: http://evil.example' "$base/models")"
 # "Expect: 100-continue" (curl sends it with large bodies, then waits a second for the answer):
 # the server says 100 Continue before the body is sent, then answers the request.
 hp=${base#http://}

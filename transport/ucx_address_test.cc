@@ -6,8 +6,8 @@
 
 #include <cstdlib>
 #include <random>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
