@@ -101,8 +101,7 @@ TEST(DmoeCli, HelpOnEveryCommand) {
   // The origin goes into a response header verbatim: a path, spaces or a bare host are refused.
   const std::string model = MakeModel("cors");
   for (const char* bad : {"ui.example", "'https://ui.example/app'", "'http://a b'", "ftp://x"}) {
-    EXPECT_FAILS_WITH(RunDmoe("serve --model " + model + " --cors-origin " + bad),
-                      "--cors-origin");
+    EXPECT_FAILS_WITH(RunDmoe("serve --model " + model + " --cors-origin " + bad), "--cors-origin");
   }
 }
 

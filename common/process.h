@@ -30,6 +30,10 @@ class ChildProcess {
   const std::string& log_path() const { return log_; }
   // Sends `sig` and reaps the child (if still running). Returns its wait status or -1.
   int Kill(int sig);
+  // Sends `sig` only (e.g. SIGSTOP, after which the child does not exit).
+  void Signal(int sig) const {
+    if (pid_ > 0) kill(pid_, sig);
+  }
   // Waits up to `timeout` for the child to exit; returns its exit code, or -1 on timeout/signal.
   int Wait(std::chrono::milliseconds timeout);
   // Forgets the child without stopping it (it keeps running; the caller owns its PID now).

@@ -104,6 +104,11 @@ absl::StatusOr<std::string> StartGrpcServer(const char* flag, const std::string&
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, creds ? creds : grpc::InsecureServerCredentials(), &port);
+  // Clients' keepalive pings (the gateway's, every --node-keepalive-ms while a stream is open) are
+  // answered, not counted as abuse: by default a server sends GOAWAY to a client that pings more
+  // often than every 5 minutes without data.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 500);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   for (grpc::Service* s : services) builder.RegisterService(s);
   *server = builder.BuildAndStart();
   if (*server == nullptr || port == 0) {

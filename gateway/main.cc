@@ -55,6 +55,9 @@ reported load. Both take the same API keys, limits and retries.
   --http-listen H:P         the OpenAI-compatible HTTP API's address (default 127.0.0.1:0; "off":
                             none)
   --http-threads N          HTTP event-loop threads (default 1; each serves many connections)
+  --node-keepalive-ms N     ping attention nodes this often while streams are open; a node that
+                            does not answer for as long is dropped and its streams end
+                            UNAVAILABLE (default 10000; 1000-600000)
   --cors-origin ORIGIN      let browser pages from ORIGIN ("https://ui.example.com", or "*" for
                             any) call the HTTP API: preflight OPTIONS answered, CORS headers set
                             (default: none)
@@ -78,6 +81,7 @@ struct Setup {
   GatewayOptions o;
   std::vector<std::string> nodes;  // --attention
   std::string cluster_token;
+  std::chrono::milliseconds keepalive{10000};  // --node-keepalive-ms
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<ChatTemplate> chat;
   std::unique_ptr<ApiKeys> keys = std::make_unique<ApiKeys>();
@@ -146,6 +150,11 @@ absl::StatusOr<Setup> LoadSetup(const Flags& f) {
     return absl::InvalidArgumentError("--http-threads: must be in [1, 64]");
   }
   s.http.threads = static_cast<int>(threads);
+  ASSIGN_OR_RETURN(int64_t keepalive, f.Int("node-keepalive-ms", 10000));
+  if (keepalive < 1000 || keepalive > 600000) {
+    return absl::InvalidArgumentError("--node-keepalive-ms: must be in [1000, 600000]");
+  }
+  s.keepalive = std::chrono::milliseconds(keepalive);
   s.http.cors_origin = f.StringOr("cors-origin", "");
   if (f.Has("cors-origin")) RETURN_IF_ERROR(gateway::CheckCorsOrigin(s.http.cors_origin));
   s.http.version = "dmoe-gateway (OpenAI-compatible API v1)";
@@ -227,13 +236,14 @@ class PoolWatcher {
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-gateway");
-  auto flags = Flags::Parse(
-      argc - 1, argv + 1,
-      WithInternalTls({"attention", "router", "cluster-token-file", "model", "tokenizer",
-                       "model-id", "grpc-listen", "ready-file", "api-keys",
-                       "max-concurrent-per-key", "tls-cert", "tls-key", "metrics-listen",
-                       "log-level", "http-listen", "http-threads", "cors-origin"}),
-      {});
+  auto flags =
+      Flags::Parse(argc - 1, argv + 1,
+                   WithInternalTls({"attention", "router", "cluster-token-file", "model",
+                                    "tokenizer", "model-id", "grpc-listen", "ready-file",
+                                    "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key",
+                                    "metrics-listen", "log-level", "http-listen", "http-threads",
+                                    "cors-origin", "node-keepalive-ms"}),
+                   {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);
@@ -248,7 +258,8 @@ int Main(int argc, char** argv) {
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   HttpFrontOptions http = setup->http;
   GatewayMetricSet metric_set(&metrics, setup->o.model_id, &setup->o, &http.metrics);
-  NodePool pool(setup->nodes, std::chrono::milliseconds(50), setup->cluster_token);
+  NodePool pool(setup->nodes, std::chrono::milliseconds(50), setup->cluster_token,
+                setup->keepalive);
   PoolWatcher watcher(&pool, &metrics, &metric_set, *flags, setup->cluster_token);
   watcher.Start();
   GatewayService service(&pool, setup->keys.get(), setup->o);

@@ -11,8 +11,8 @@
 namespace dmoe::gateway {
 
 NodePool::NodePool(const std::vector<std::string>& addresses, std::chrono::milliseconds poll,
-                   std::string cluster_token)
-    : poll_(poll), cluster_token_(std::move(cluster_token)) {
+                   std::string cluster_token, std::chrono::milliseconds keepalive)
+    : poll_(poll), cluster_token_(std::move(cluster_token)), keepalive_(keepalive) {
   nodes_.reserve(kMaxNodes);
   for (const std::string& a : addresses) Add(a);
   Poll();  // a first view before serving
@@ -47,7 +47,13 @@ bool NodePool::Add(const std::string& address) {
   }
   auto n = std::make_unique<Node>();
   n->address = address;
-  n->stub = internal::AttentionService::NewStub(InternalChannel(address));
+  grpc::ChannelArguments args;
+  const int ms = static_cast<int>(keepalive_.count());
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms);
+  // A generation stream sends nothing after its request: pings must not wait for client data.
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  n->stub = internal::AttentionService::NewStub(InternalChannel(address, args));
   nodes_.push_back(std::move(n));
   cv_.SignalAll();  // poll it soon
   return true;

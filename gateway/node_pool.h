@@ -23,9 +23,13 @@ namespace dmoe::gateway {
 class NodePool {
  public:
   // `cluster_token` (common/cluster_token.h) goes with every call to a node; empty: none.
+  // `keepalive`: each node's channel pings it this often while a call is open, and closes (its
+  // streams ending UNAVAILABLE) when a ping goes unanswered as long: a node that stalls without
+  // closing its connection (SIGSTOP, a hung host) cannot hold a stream forever.
   explicit NodePool(const std::vector<std::string>& addresses,
                     std::chrono::milliseconds poll = std::chrono::milliseconds(50),
-                    std::string cluster_token = "");
+                    std::string cluster_token = "",
+                    std::chrono::milliseconds keepalive = std::chrono::milliseconds(10000));
   ~NodePool();
   // A node to send a request to, not in `exclude`: a healthy one; when none is, one that is only
   // late (panic mode); -1 when every node is excluded or refused.
@@ -79,6 +83,7 @@ class NodePool {
   std::mt19937 rng_ ABSL_GUARDED_BY(mu_){12345};
   std::chrono::milliseconds poll_;
   const std::string cluster_token_;
+  const std::chrono::milliseconds keepalive_;
   std::thread poller_;
 };
 

@@ -333,6 +333,25 @@ TEST_F(Faults, AttentionNodeKilledMidStream) {
   EXPECT_EQ(s.identical, s.ok);
 }
 
+// An attention node that stalls without closing its connections (SIGSTOP; a hung host is like
+// it), mid-stream: the gateway's keepalive pings go unanswered, so its streams end UNAVAILABLE
+// within about two keepalive periods instead of holding their clients until their deadline.
+TEST_F(Faults, AttentionNodeStoppedMidStream) {
+  Cluster c("stop_attention", *g_model);
+  Start(&c, {}, {}, 2, /*nodes=*/2);
+  c.StartGateway({"--node-keepalive-ms", "1000"});
+  ASSERT_FALSE(HasFatalFailure());
+  const Summary s = Record("SIGSTOP 1 of 2 attention nodes, mid-stream (gateway)",
+                           c.Run(Twice(*g_prompts), kTokens, 2 * kStreams * 40,
+                                 [&] { c.attention(1).Signal(SIGSTOP); }));
+  c.attention(1).Kill(SIGKILL);  // (a stopped process keeps a SIGTERM pending)
+  EXPECT_EQ(s.hung, 0);
+  EXPECT_EQ(s.other, 0);
+  EXPECT_EQ(s.ok + s.unavailable, 2 * kStreams);
+  EXPECT_GT(s.unavailable, 0) << "no stream was on the stopped node";
+  EXPECT_EQ(s.identical, s.ok);
+}
+
 // The gateway killed mid-stream: its clients' streams end at once (UNAVAILABLE, none hangs); a
 // new gateway serves at once.
 TEST_F(Faults, GatewayKilledMidStream) {
