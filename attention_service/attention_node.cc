@@ -144,9 +144,20 @@ void AttentionNode::Start() {
 void AttentionNode::Drain(std::chrono::seconds grace) {
   scheduler_.Drain();
   const auto until = std::chrono::steady_clock::now() + grace;
-  while (std::chrono::steady_clock::now() < until) {
+  auto idle = [&] {
     const SchedulerLoad load = scheduler_.load();
-    if (load.running == 0 && load.waiting == 0) break;
+    return load.running == 0 && load.waiting == 0;
+  };
+  while (std::chrono::steady_clock::now() < until && !idle()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (idle()) return;
+  // Out of time: what is left ends UNAVAILABLE now (those with no token yet are retried on
+  // another node by the gateway), not cut off with the process.
+  scheduler_.EndAll(absl::UnavailableError(
+      "this attention node is shutting down (its drain ran out); retry on another"));
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (std::chrono::steady_clock::now() < end && !idle()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }

@@ -187,6 +187,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetLoad(grpc::CallbackServerCont
   reply->set_free_blocks(load.free_blocks);
   reply->set_total_blocks(load.total_blocks);
   reply->set_running(load.running);
+  reply->set_draining(load.draining);
   reply->set_waiting(load.waiting);
   reply->set_queued_prefill_tokens(load.queued_prefill_tokens);
   reply->set_prefilled_tokens(stats.prefilled_tokens);

@@ -1,6 +1,7 @@
 #include "attention_service/scheduler.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/mutex.h"
@@ -132,6 +133,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
 void Scheduler::Drain() {
   MutexLock l(&mu_);
   draining_ = true;
+  load_.draining = true;
 }
 
 void Scheduler::Cancel(uint64_t id) {
@@ -140,10 +142,16 @@ void Scheduler::Cancel(uint64_t id) {
   work_cv_.Signal();
 }
 
+void Scheduler::EndAll(absl::Status status) {
+  MutexLock l(&mu_);
+  end_all_ = std::move(status);
+  work_cv_.Signal();
+}
+
 bool Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
   MutexLock l(&mu_);
   auto has_work = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return !incoming_.empty() || !cancelled_.empty();
+    return !incoming_.empty() || !cancelled_.empty() || !end_all_.ok();
   };
   if (has_work()) return true;
   ++idle_waiters_;
@@ -192,6 +200,7 @@ void Scheduler::Preempt(Seq* s) {
 
 void Scheduler::TakeIncomingAndCancel() {
   std::set<uint64_t> cancelled;
+  absl::Status end_all;
   {
     MutexLock l(&mu_);
     while (!incoming_.empty()) {
@@ -199,6 +208,16 @@ void Scheduler::TakeIncomingAndCancel() {
       incoming_.pop_front();
     }
     cancelled.swap(cancelled_);
+    end_all = std::exchange(end_all_, absl::OkStatus());
+  }
+  if (!end_all.ok()) {
+    auto end = [&](auto& list) {
+      for (auto& s : list) Finish(s.get(), FinishReason::kError, end_all);
+      list.clear();
+    };
+    end(running_);
+    end(waiting_);
+    return;
   }
   if (cancelled.empty()) return;
   auto cancel = [&](std::unique_ptr<Seq>& s) {

@@ -88,6 +88,7 @@ struct SchedulerLoad {
   int64_t running = 0;
   int64_t waiting = 0;
   int64_t queued_prefill_tokens = 0;  // prompt tokens not yet in the cache
+  bool draining = false;              // Drain() was called: nothing new is admitted
 };
 
 struct SchedulerStats {
@@ -119,6 +120,11 @@ class Scheduler {
   // Stops admitting: Submit returns UNAVAILABLE from now on (the gateway retries elsewhere);
   // requests already accepted run to completion.
   void Drain();
+  // Ends every request it holds, running or waiting, with `status` at the next Step (their
+  // blocks freed): at the end of a drain, so that what could not finish in time ends with a
+  // status the gateway acts on (UNAVAILABLE before the first token: retried elsewhere) rather than
+  // with the process.
+  void EndAll(absl::Status status);
   // Runs one engine step over the current batch. Returns false when there was nothing to do.
   // An engine error fails the requests of that step (kError) and is returned.
   absl::StatusOr<bool> Step();
@@ -186,6 +192,7 @@ class Scheduler {
   int idle_waiters_ ABSL_GUARDED_BY(mu_) = 0;  // threads in WaitForWork
   std::deque<std::unique_ptr<Seq>> incoming_ ABSL_GUARDED_BY(mu_);
   std::set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
+  absl::Status end_all_ ABSL_GUARDED_BY(mu_);  // EndAll's status, until the next Step takes it
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   SchedulerLoad load_ ABSL_GUARDED_BY(mu_);

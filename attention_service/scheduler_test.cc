@@ -332,6 +332,31 @@ TEST_F(SchedulerTest, RequestsBeyondMaxWaitingAreUnavailable) {
   EXPECT_TRUE(s.Submit({5, 6}, p, {}).ok());
 }
 
+// EndAll (a drain that ran out of time) ends running and waiting requests alike with its status
+// at the next step, and frees their blocks.
+TEST_F(SchedulerTest, EndAllEndsRunningAndWaitingRequests) {
+  LatentKvCache cache(model_->config(), 4, 64);
+  SchedulerOptions o;
+  o.max_running = 1;
+  Scheduler s(&model_->engine(), &cache, o);
+  SamplingParams p;
+  p.ignore_eos = true;
+  p.max_tokens = 50;
+  std::vector<absl::Status> ends;
+  RequestCallbacks cb;
+  cb.on_finish = [&](FinishReason, const absl::Status& st) { ends.push_back(st); };
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(s.Submit({1, 2, 3}, p, cb).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(*s.Step());
+  EXPECT_EQ(s.load().running, 1);
+  EXPECT_EQ(s.load().waiting, 2);
+  s.EndAll(absl::UnavailableError("drain over"));
+  EXPECT_FALSE(*s.Step());
+  ASSERT_EQ(ends.size(), 3u);
+  for (const absl::Status& st : ends) EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_EQ(s.load().running + s.load().waiting, 0);
+  EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
+}
+
 // The real in-process experts, made unreachable on demand (as a dead shard answers UNAVAILABLE).
 class SwitchableExperts : public RoutedExperts {
  public:

@@ -94,7 +94,7 @@ void NodePool::Poll() {
     const grpc::Status st = n->stub->GetLoad(&ctx, internal::GetLoadRequest(), &reply);
     MutexLock l(&mu_);
     if (st.ok()) {
-      n->healthy = true;
+      n->healthy = !reply.draining();  // (a draining node refuses new requests)
       n->refused = false;
       n->missed = 0;
       n->load = reply;

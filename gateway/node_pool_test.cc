@@ -37,6 +37,7 @@ class LoadServer final : public internal::AttentionService::Service {
     reply->set_total_blocks(10);
     reply->set_free_blocks(10);
     reply->set_queued_prefill_tokens(queued_.load());
+    reply->set_draining(draining.load());
     return grpc::Status::OK;
   }
   void Stop() {
@@ -46,6 +47,7 @@ class LoadServer final : public internal::AttentionService::Service {
   const std::string& address() const { return address_; }
   std::atomic<int64_t> queued_;
   std::atomic<int> delay_ms{0};  // answers GetLoad this late
+  std::atomic<bool> draining{false};
   std::atomic<int> polls{0};
 
  private:
@@ -133,6 +135,18 @@ TEST(NodePool, AddRefusesDuplicatesAndPollsNewNodes) {
   EXPECT_EQ(pool.size(), 1u);
   ASSERT_TRUE(WaitHealthy(pool, 1));
   EXPECT_EQ(pool.Pick({}), 0);
+}
+
+// A node that says it is draining (SIGTERM) gets no new requests, though it answers: it would
+// refuse them, and each refusal cost a request one of its attempts.
+TEST(NodePool, ADrainingNodeIsNotPicked) {
+  LoadServer a(0), b(100);
+  NodePool pool({a.address(), b.address()}, std::chrono::milliseconds(20));
+  ASSERT_TRUE(WaitHealthy(pool, 2));
+  EXPECT_EQ(pool.Pick({}), 0);  // the less loaded
+  a.draining = true;
+  ASSERT_TRUE(WaitHealthy(pool, 1));
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(pool.Pick({}), 1);
 }
 
 }  // namespace
