@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -202,10 +203,19 @@ class PoolWatcher {
   void Discover() {
     auto listed = member_->ListNodes();
     if (!listed.ok()) return;
+    std::set<std::string> addresses;
     for (const auto& n : listed->nodes()) {
-      if (n.role() == internal::ATTENTION && pool_->Add(n.grpc_address())) {
+      if (n.role() != internal::ATTENTION) continue;
+      addresses.insert(n.grpc_address());
+      if (pool_->Add(n.grpc_address())) {
         spdlog::info("attention node {} at {} (from the router)", n.node_id(), n.grpc_address());
       }
+    }
+    if (const int gone = pool_->Retire(addresses); gone > 0) {
+      spdlog::info(
+          "{} attention node(s) no longer listed by the router and not answering: "
+          "no longer polled",
+          gone);
     }
   }
   void Run() {

@@ -39,8 +39,34 @@ NodePool::~NodePool() {
   poller_.join();
 }
 
+size_t NodePool::size() const {
+  MutexLock l(&mu_);
+  size_t n = 0;
+  for (const auto& x : nodes_) n += !x->retired;
+  return n;
+}
+
+int NodePool::Retire(const std::set<std::string>& listed) {
+  MutexLock l(&mu_);
+  int retired = 0;
+  for (auto& n : nodes_) {
+    if (n->retired || n->healthy || listed.count(n->address)) continue;
+    n->retired = true;
+    ++retired;
+  }
+  return retired;
+}
+
 bool NodePool::Add(const std::string& address) {
   MutexLock l(&mu_);
+  for (auto& n : nodes_) {
+    if (n->address != address) continue;
+    if (!n->retired) return false;
+    n->retired = false;  // listed again: polled again
+    n->missed = 0;
+    cv_.SignalAll();
+    return true;
+  }
   if (nodes_.size() >= kMaxNodes) return false;
   for (const auto& n : nodes_) {
     if (n->address == address) return false;
@@ -84,7 +110,9 @@ void NodePool::Poll() {
   std::vector<Node*> nodes;
   {
     MutexLock l(&mu_);
-    for (auto& n : nodes_) nodes.push_back(n.get());
+    for (auto& n : nodes_) {
+      if (!n->retired) nodes.push_back(n.get());
+    }
   }
   for (Node* n : nodes) {
     grpc::ClientContext ctx;
@@ -93,6 +121,7 @@ void NodePool::Poll() {
     internal::GetLoadReply reply;
     const grpc::Status st = n->stub->GetLoad(&ctx, internal::GetLoadRequest(), &reply);
     MutexLock l(&mu_);
+    if (n->retired) continue;
     if (st.ok()) {
       n->healthy = !reply.draining();  // (a draining node refuses new requests)
       n->refused = false;
@@ -129,7 +158,7 @@ int NodePool::Pick(const std::set<int>& exclude) {
     // Panic mode (as load balancers do when too few hosts look healthy): rather than refuse, try a
     // node that is only late, not refused; a dead one fails fast and the caller excludes it.
     for (size_t i = 0; i < nodes_.size(); ++i) {
-      if (!nodes_[i]->refused && !exclude.count(static_cast<int>(i))) {
+      if (!nodes_[i]->refused && !nodes_[i]->retired && !exclude.count(static_cast<int>(i))) {
         ok.push_back(static_cast<int>(i));
       }
     }

@@ -39,13 +39,16 @@ class NodePool {
   }
   const std::string& address(int i) const { return nodes_[static_cast<size_t>(i)]->address; }
   const std::string& cluster_token() const { return cluster_token_; }
-  size_t size() const {
-    MutexLock l(&mu_);
-    return nodes_.size();
-  }
+  // Nodes known and not retired.
+  size_t size() const;
   // Adds a node (e.g. one the router lists); false if it is known already or the pool is full.
-  // Nodes are never removed: one that goes away stays unhealthy and is not picked.
+  // A retired node added again is taken back (true).
   bool Add(const std::string& address);
+  // Retires the nodes not in `listed` (the router's list) that do not answer either: they are no
+  // longer polled or picked (in Kubernetes every restart brings a new address, and each dead one
+  // cost the polls a 500 ms timeout per round). A healthy node is kept even when unlisted (a
+  // router restarted moments ago lists nobody yet). Returns how many it retired.
+  int Retire(const std::set<std::string>& listed);
   // Nodes picked from: their last poll succeeded, or was late fewer than kMaxMissedPolls times.
   size_t healthy() const;
   // The last reported load of the healthy nodes, summed (block_tokens: the largest).
@@ -69,11 +72,12 @@ class NodePool {
     int inflight = 0;      // requests this gateway has on it
     int missed = 0;        // polls late in a row
     bool refused = false;  // the last poll or request failed fast (refused, reset): down
+    bool retired = false;  // gone from the router's list and not answering: left alone
   };
   double Score(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Poll();
 
-  static constexpr size_t kMaxNodes = 1024;
+  static constexpr size_t kMaxNodes = 16384;
   static constexpr int kMaxMissedPolls = 3;  // x 500 ms poll deadline
   // Reserved to kMaxNodes and only appended to: nodes_[i] stays valid without the lock.
   std::vector<std::unique_ptr<Node>> nodes_;

@@ -149,5 +149,28 @@ TEST(NodePool, ADrainingNodeIsNotPicked) {
   for (int i = 0; i < 5; ++i) EXPECT_EQ(pool.Pick({}), 1);
 }
 
+// Nodes the router no longer lists and that do not answer are retired: no longer polled, not
+// even tried in panic mode; a healthy node is kept though unlisted; listed again, one is back.
+TEST(NodePool, UnlistedNodesThatDoNotAnswerAreRetired) {
+  LoadServer a(0), b(0);
+  NodePool pool({a.address(), b.address()}, std::chrono::milliseconds(20));
+  ASSERT_TRUE(WaitHealthy(pool, 2));
+  EXPECT_EQ(pool.Retire({}), 0);  // both answer: kept
+  a.delay_ms = 1000;              // late for every poll (500 ms): unhealthy, not refused
+  ASSERT_TRUE(WaitHealthy(pool, 1));
+  EXPECT_EQ(pool.Pick({1}), 0);  // panic mode tries the late one
+  EXPECT_EQ(pool.Retire({b.address()}), 1);
+  EXPECT_EQ(pool.size(), 1u);
+  EXPECT_EQ(pool.Pick({1}), -1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // a poll in flight ends
+  const int polls = a.polls.load();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(a.polls.load(), polls) << "a retired node is still polled";
+  a.delay_ms = 0;
+  EXPECT_TRUE(pool.Add(a.address()));  // listed again
+  EXPECT_EQ(pool.size(), 2u);
+  EXPECT_TRUE(WaitHealthy(pool, 2));
+}
+
 }  // namespace
 }  // namespace dmoe::gateway
