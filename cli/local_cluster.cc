@@ -73,9 +73,15 @@ the state file and returns, leaving them running. `dmoe down` stops them.
                          (default: next to this dmoe, in Bazel's bazel-bin layout)
 )";
 
-constexpr char kDownHelp[] = R"(usage: dmoe down [--state-file F]
+constexpr char kDownHelp[] = R"(usage: dmoe down [--state-file F] [--grace-seconds N]
 
-Stops the processes `dmoe up` recorded in F (SIGTERM, then SIGKILL after 5 s) and removes F.
+Stops the processes `dmoe up` recorded in F and removes F: first the gateway and the attention
+nodes (SIGTERM: they refuse new requests and let those in progress finish), then the router, then
+the expert shards.
+
+  --state-file F       the file `dmoe up` wrote (default .cache/dmoe-up.json)
+  --grace-seconds N    how long each group may take before SIGKILL (default 40: above the 30 s
+                       the gateway and attention nodes drain for; 0-86400)
 )";
 
 int Fail(const std::string& what) {
@@ -316,12 +322,16 @@ int Up(int argc, char** argv) {
 }
 
 int Down(int argc, char** argv) {
-  auto flags = Flags::Parse(argc, argv, {"state-file"}, {});
+  auto flags = Flags::Parse(argc, argv, {"state-file", "grace-seconds"}, {});
   if (!flags.ok()) return Fail(std::string(flags.status().message()));
   if (flags->help()) {
     std::fputs(kDownHelp, stdout);
     return 0;
   }
+  const absl::StatusOr<int64_t> grace_s = flags->Int("grace-seconds", 40);
+  if (!grace_s.ok()) return Fail(std::string(grace_s.status().message()));
+  if (*grace_s < 0 || *grace_s > 86400) return Fail("--grace-seconds: must be in [0, 86400]");
+  const std::chrono::seconds grace(*grace_s);
   const std::string state = flags->StringOr("state-file", ".cache/dmoe-up.json");
   std::ifstream in(state);
   if (!in) return Fail(absl::StrCat("--state-file: no cluster recorded in ", state));
@@ -332,9 +342,10 @@ int Down(int argc, char** argv) {
       !j["processes"].is_array()) {
     return Fail(absl::StrCat(state, ": not a state file"));
   }
-  // Gateway and attention nodes first (they drain), then the router, then the shards (which,
-  // finding no router to plan them out, leave at once). Every entry is checked before any process
-  // is stopped: a bad file stops none (it had aborted dmoe down half-way).
+  // Gateway and attention nodes first (SIGTERM: they finish what is in progress), then the router,
+  // then the shards (which, finding no router to plan them out, leave at once). Every entry is
+  // checked before any process is stopped: a bad file stops none (it had aborted dmoe down
+  // half-way).
   std::vector<pid_t> front, router, shards;
   const nlohmann::json& processes = j["processes"];
   for (size_t i = 0; i < processes.size(); ++i) {
@@ -354,9 +365,14 @@ int Down(int argc, char** argv) {
         .push_back(static_cast<pid_t>(pid->get<int64_t>()));
   }
   std::reverse(front.begin(), front.end());
-  StopProcesses(front);
-  StopProcesses(router);
-  StopProcesses(shards);
+  std::printf(
+      "stopping %zu processes, the gateway and attention nodes first (requests in "
+      "progress may take up to %lld s)\n",
+      front.size() + router.size() + shards.size(), static_cast<long long>(*grace_s));
+  std::fflush(stdout);
+  StopProcesses(front, grace);
+  StopProcesses(router, grace);
+  StopProcesses(shards, grace);
   std::remove(state.c_str());
   std::printf("stopped %zu processes\n", front.size() + router.size() + shards.size());
   return 0;

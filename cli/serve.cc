@@ -44,6 +44,8 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --cors-origin ORIGIN let browser pages from ORIGIN ("https://ui.example.com", or "*") call
                        the HTTP API (default: none)
   --metrics-listen H:P Prometheus /metrics (default 127.0.0.1:0): the gateway's series
+  --drain-seconds N    on SIGTERM: no new requests, and those in progress finish for up to N s
+                       (default 30, 0-86400; a second signal ends at once)
   --model-id NAME      the model's name in the APIs (default dmoe)
   --api-keys FILE      require "Authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
@@ -59,7 +61,7 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
 
 struct ServeOptions {
   std::string dir;
-  int64_t mib = 256, block = 16, speculative = 0;
+  int64_t mib = 256, block = 16, speculative = 0, drain = 30;
   cpu::KvDType kv_dtype = cpu::KvDType::kF32;
   LocalModelOptions model;
 };
@@ -70,6 +72,10 @@ absl::StatusOr<ServeOptions> ParseServe(const Flags& f) {
   ASSIGN_OR_RETURN(o.mib, f.Int("kv-cache-mib", 256));
   ASSIGN_OR_RETURN(o.block, f.Int("block-tokens", 16));
   ASSIGN_OR_RETURN(o.speculative, f.Int("speculative-tokens", 0));
+  ASSIGN_OR_RETURN(o.drain, f.Int("drain-seconds", 30));
+  if (o.drain < 0 || o.drain > 86400) {
+    return absl::InvalidArgumentError("--drain-seconds: must be in [0, 86400]");
+  }
   if (o.mib <= 0 || o.block <= 0) {
     return absl::InvalidArgumentError("--kv-cache-mib and --block-tokens must be positive");
   }
@@ -111,7 +117,7 @@ absl::StatusOr<TextParts> LoadTextParts(const std::string& dir) {
 
 // The gateway's two public APIs over the private attention port, until SIGTERM/SIGINT.
 absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, const ModelConfig& c,
-                         const TextParts& text, ServiceMain* outer) {
+                         const TextParts& text, std::chrono::seconds drain, ServiceMain* outer) {
   gateway::NodePool pool({inner_addr});
   auto keys = std::make_unique<gateway::ApiKeys>();
   if (flags.Has("api-keys")) {
@@ -154,12 +160,12 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
     });
-    outer->WaitForStop();
+    const int sig = outer->WaitForStop();
+    spdlog::info("signal {}: draining, up to {} s (--drain-seconds)", sig, drain.count());
     done = true;
     refresh.join();
   }
-  front.Stop();
-  outer->StopGrpc();
+  gateway::DrainAndStop(&front, outer, addr.ok() ? drain : std::chrono::seconds(0));
   return addr.status();
 }
 
@@ -171,7 +177,7 @@ int Serve(int argc, char** argv) {
       argc, argv,
       {"model", "grpc-listen", "http-listen", "cors-origin", "kv-cache-mib", "block-tokens",
        "metrics-listen", "model-id", "api-keys", "max-concurrent-per-key", "kv-cache-dtype",
-       "weight-dtype", "expert-dtype", "speculative-tokens"},
+       "weight-dtype", "expert-dtype", "speculative-tokens", "drain-seconds"},
       {});
   if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {
@@ -203,7 +209,8 @@ int Serve(int argc, char** argv) {
   auto inner_addr = StartGrpcServer("the private attention port", "127.0.0.1:0", {node.service()},
                                     nullptr, &inner);
   absl::Status st = inner_addr.status();
-  if (st.ok()) st = ServeFronts(*flags, *inner_addr, c, *text, &outer);
+  if (st.ok())
+    st = ServeFronts(*flags, *inner_addr, c, *text, std::chrono::seconds(o->drain), &outer);
   if (inner != nullptr) inner->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   node.Stop();
   return st.ok() ? 0 : outer.Fail(st);

@@ -17,7 +17,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/grpc_setup.h"
+#include "common/logging.h"
 #include "common/mutex.h"
+#include "common/service.h"
 #include "gateway/openai.h"
 #include "nlohmann/json.hpp"
 
@@ -34,6 +37,9 @@ class SessionBase {
  public:
   virtual ~SessionBase() = default;
   virtual void Close() = 0;  // on the session's strand
+  // A drain began (on the session's strand): an idle connection closes now; one with a request
+  // in progress closes after its response.
+  virtual void Drain() = 0;
   virtual net::any_io_executor executor() const = 0;
 };
 
@@ -48,6 +54,8 @@ struct HttpFront::Impl {
   uint64_t NewSeed() { return seed_base ^ (next_seed.fetch_add(1) * 0x9E3779B97F4A7C15ull); }
   void Accept();
   void OnAccept(tcp::socket socket);
+  // Closes the listener and calls `then` on every session (on its strand).
+  void CloseListener(void (SessionBase::*then)());
   void Register(const std::shared_ptr<SessionBase>& s) {
     MutexLock l(&mu);
     for (auto it = sessions.begin(); it != sessions.end();) {
@@ -70,6 +78,7 @@ struct HttpFront::Impl {
   uint64_t seed_base = 0;  // set once at construction
   std::atomic<uint64_t> next_seed{0};
   std::atomic<bool> stopping{false};
+  std::atomic<bool> draining{false};  // BeginDrain: no new connections, none kept alive
   Mutex mu;
   std::vector<std::weak_ptr<SessionBase>> sessions ABSL_GUARDED_BY(mu);
   std::vector<std::thread> threads;
@@ -118,6 +127,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   net::any_io_executor executor() const override { return executor_; }
   void Start();
   void Close() override;
+  void Drain() override;
   void Post(std::function<void(Session*)> f) {
     net::post(executor_, [self = this->shared_from_this(), f = std::move(f)] { f(self.get()); });
   }
@@ -162,6 +172,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   bool closed_ = false;
+  bool idle_ = false;  // waiting for a request's first bytes
   bool keep_alive_ = true;
   bool head_ = false;    // HEAD: headers only
   std::string origin_;   // the request's Origin header (browsers)
@@ -231,8 +242,17 @@ void Session<Stream>::Close() {
 }
 
 template <class Stream>
+void Session<Stream>::Drain() {
+  if (closed_) return;
+  if (idle_ && !parser_->got_some() && buffer_.size() == 0) return Close();
+  keep_alive_ = false;  // the response in progress says "Connection: close" if not yet sent
+}
+
+template <class Stream>
 void Session<Stream>::ReadRequest() {
   if (closed_) return;
+  if (front_->draining) return Close();
+  idle_ = true;
   parser_.emplace();  // a fresh parser per request
   parser_->body_limit(front_->options.max_body_bytes);
   parser_->header_limit(64 << 10);
@@ -244,6 +264,8 @@ void Session<Stream>::ReadRequest() {
 
 template <class Stream>
 void Session<Stream>::OnHeader(beast::error_code ec) {
+  idle_ = false;
+  if (closed_) return;  // a drain closed it while the request arrived
   if (ec || parser_->is_done()) return OnRead(ec);
   const auto& req = parser_->get();
   if (!beast::iequals(req[http::field::expect], "100-continue") || req.version() < 11) {
@@ -266,6 +288,8 @@ void Session<Stream>::ReadBody() {
 
 template <class Stream>
 void Session<Stream>::OnRead(beast::error_code ec) {
+  idle_ = false;
+  if (closed_) return;
   lowest().expires_never();
   route_ = "other";
   if (ec == http::error::end_of_stream || ec == net::error::eof ||
@@ -293,7 +317,7 @@ void Session<Stream>::OnRead(beast::error_code ec) {
 
 template <class Stream>
 void Session<Stream>::Handle(const http::request<http::string_body>& req) {
-  keep_alive_ = req.keep_alive();
+  keep_alive_ = req.keep_alive() && !front_->draining;
   head_ = req.method() == http::verb::head;
   origin_ = std::string(req[http::field::origin]);
   if (req.method() == http::verb::options && !front_->options.cors_origin.empty()) {
@@ -323,6 +347,9 @@ template <class Stream>
 void Session<Stream>::HandleGet(const std::string& target, const std::string& authorization) {
   const GatewayOptions& o = front_->service->options();
   if (target == "/health") {
+    if (front_->draining) {
+      return RespondError({503, "shutting down", "service_unavailable", "", ""});
+    }
     const bool ok = !front_->options.ready || front_->options.ready();
     if (ok) return Respond(200, R"({"status":"ok"})");
     return RespondError({503, "no attention node is available", "service_unavailable", "", ""});
@@ -626,7 +653,7 @@ void Session<Stream>::AfterResponse() {
   response_complete_ = false;
   headers_sent_ = false;
   paused_ = false;
-  if (close_after_) return Close();
+  if (close_after_ || front_->draining) return Close();
   if (!watching_) return ReadRequest();
   resume_after_watch_ = true;  // the pending read goes on as the next request's
 }
@@ -659,7 +686,7 @@ void Session<Stream>::OnWatch(beast::error_code ec, size_t n) {
 
 void HttpFront::Impl::Accept() {
   acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
-    if (stopping) return;
+    if (stopping || draining || !acceptor.is_open()) return;  // closed: accepting would spin
     if (!ec) OnAccept(std::move(socket));
     Accept();
   });
@@ -769,19 +796,46 @@ absl::StatusOr<std::string> HttpFront::Start() {
   return absl::StrCat(host, ":", bound.port());
 }
 
+void HttpFront::Impl::CloseListener(void (SessionBase::*then)()) {
+  net::post(acceptor.get_executor(), [this] {
+    beast::error_code ec;
+    acceptor.close(ec);
+  });
+  MutexLock l(&mu);
+  for (auto& w : sessions) {
+    if (auto s = w.lock()) net::post(s->executor(), [s, then] { (s.get()->*then)(); });
+  }
+}
+
+void HttpFront::BeginDrain() {
+  Impl& m = *impl_;
+  if (m.threads.empty() || m.stopping || m.draining.exchange(true)) return;
+  m.CloseListener(&SessionBase::Drain);
+}
+
+size_t HttpFront::AwaitDrained(std::chrono::steady_clock::time_point deadline) {
+  Impl& m = *impl_;
+  while (m.connections > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return m.connections;
+}
+
+void DrainAndStop(HttpFront* front, ServiceMain* svc, std::chrono::seconds grace) {
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  if (svc->server() != nullptr) SetReadiness(svc->server(), "dmoe.v1.Dmoe", false);
+  front->BeginDrain();
+  svc->StopGrpc(grace);  // new calls refused; open ones finish, or are cancelled at the deadline
+  if (const size_t left = front->AwaitDrained(deadline); left > 0) {
+    spdlog::warn("drain over: {} HTTP connection(s) still open are cut", left);
+  }
+  front->Stop();
+}
+
 void HttpFront::Stop() {
   Impl& m = *impl_;
   if (m.threads.empty() || m.stopping.exchange(true)) return;
-  net::post(m.acceptor.get_executor(), [&m] {
-    beast::error_code ec;
-    m.acceptor.close(ec);
-  });
-  {
-    MutexLock l(&m.mu);
-    for (auto& w : m.sessions) {
-      if (auto s = w.lock()) net::post(s->executor(), [s] { s->Close(); });
-    }
-  }
+  m.CloseListener(&SessionBase::Close);
   // Cancelled generations report back through the loop: wait for them (bounded).
   for (int i = 0; i < 3000 && m.generations > 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/service.h"
 #include "gateway/gateway_service.h"
 
 namespace dmoe::gateway {
@@ -55,6 +56,12 @@ class HttpFront {
   ~HttpFront();
   // Listens and starts the event loop; returns "HOST:PORT".
   absl::StatusOr<std::string> Start();
+  // A graceful stop's first step, returning at once: the listener and idle connections close;
+  // requests in progress go on, each connection closing after its response ("Connection:
+  // close"); GET /health answers 503.
+  void BeginDrain();
+  // Waits until every connection has closed or `deadline` passes; returns how many are open.
+  size_t AwaitDrained(std::chrono::steady_clock::time_point deadline);
   // Closes the listener and every connection (their requests are cancelled); joins the threads.
   void Stop();
 
@@ -63,6 +70,11 @@ class HttpFront {
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+// A gateway's graceful stop (on SIGTERM): readiness off (gRPC health of dmoe.v1.Dmoe, GET
+// /health), no new requests on either API, and those in progress finish for up to `grace`; what
+// is left then is cancelled (and logged). Returns once both fronts have stopped.
+void DrainAndStop(HttpFront* front, ServiceMain* svc, std::chrono::seconds grace);
 
 }  // namespace dmoe::gateway
 

@@ -62,6 +62,9 @@ reported load. Both take the same API keys, limits and retries.
   --cors-origin ORIGIN      let browser pages from ORIGIN ("https://ui.example.com", or "*" for
                             any) call the HTTP API: preflight OPTIONS answered, CORS headers set
                             (default: none)
+  --drain-seconds N         on SIGTERM: readiness off, no new requests or connections, and those
+                            in progress finish for up to N s (then they are cut; default 30,
+                            0-86400; give Kubernetes a terminationGracePeriodSeconds above it)
   --ready-file F            once serving, write {"grpc": ..., "http": ..., "pid": ...} to F
   --api-keys FILE           require "authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
@@ -83,6 +86,7 @@ struct Setup {
   std::vector<std::string> nodes;  // --attention
   std::string cluster_token;
   std::chrono::milliseconds keepalive{10000};  // --node-keepalive-ms
+  std::chrono::seconds drain{30};              // --drain-seconds
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<ChatTemplate> chat;
   std::unique_ptr<ApiKeys> keys = std::make_unique<ApiKeys>();
@@ -156,6 +160,11 @@ absl::StatusOr<Setup> LoadSetup(const Flags& f) {
     return absl::InvalidArgumentError("--node-keepalive-ms: must be in [1000, 600000]");
   }
   s.keepalive = std::chrono::milliseconds(keepalive);
+  ASSIGN_OR_RETURN(int64_t drain, f.Int("drain-seconds", 30));
+  if (drain < 0 || drain > 86400) {
+    return absl::InvalidArgumentError("--drain-seconds: must be in [0, 86400]");
+  }
+  s.drain = std::chrono::seconds(drain);
   s.http.cors_origin = f.StringOr("cors-origin", "");
   if (f.Has("cors-origin")) RETURN_IF_ERROR(gateway::CheckCorsOrigin(s.http.cors_origin));
   s.http.version = "dmoe-gateway (OpenAI-compatible API v1)";
@@ -252,7 +261,7 @@ int Main(int argc, char** argv) {
                                     "tokenizer", "model-id", "grpc-listen", "ready-file",
                                     "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key",
                                     "metrics-listen", "log-level", "http-listen", "http-threads",
-                                    "cors-origin", "node-keepalive-ms"}),
+                                    "cors-origin", "node-keepalive-ms", "drain-seconds"}),
                    {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
@@ -295,11 +304,13 @@ int Main(int argc, char** argv) {
   if (st.ok()) {
     watcher.SetServer(svc.server());
     spdlog::info("over {} attention node(s)", pool.size());
-    svc.WaitForStop();
+    const int sig = svc.WaitForStop();
+    spdlog::info("signal {}: draining, up to {} s (--drain-seconds)", sig, setup->drain.count());
   }
-  front.Stop();    // cancels its requests: before the nodes' pool goes
-  watcher.Stop();  // its thread sets the server's readiness: gone before the server
-  svc.StopGrpc();
+  watcher.Stop();  // its thread sets the server's readiness: gone before the drain turns it off
+  // Before the nodes' pool goes: what the drain leaves is cancelled.
+  DrainAndStop(&front, &svc, st.ok() ? setup->drain : std::chrono::seconds(0));
+  if (st.ok()) spdlog::info("stopped");
   return st.ok() ? 0 : svc.Fail(st);
 }
 

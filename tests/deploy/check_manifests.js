@@ -4,7 +4,8 @@
 // (gpu) expert/attention pods request GPUs, RDMA devices and hugepages; expert/attention pods give
 // OpenBLAS as many threads as CPUs they request; every pod and container is locked down (non-root,
 // read-only root filesystem, no privilege escalation, capabilities dropped, seccomp
-// RuntimeDefault); NetworkPolicies let only the gateway reach attention nodes and only attention
+// RuntimeDefault); draining pods (gateway, attention) get a grace period above preStop + their
+// --drain-seconds, and the gateway a preStop sleep; NetworkPolicies let only the gateway reach attention nodes and only attention
 // nodes reach shards; UCX's TCP port range is set and declared; the HPA's metric is the one the
 // prometheus-adapter rule serves.
 // Usage: kubectl kustomize OVERLAY | node check_manifests.js OVERLAY_NAME ADAPTER_VALUES_YAML
@@ -53,6 +54,20 @@ for (const w of workloads) {
       const ref = env && env.valueFrom && env.valueFrom.resourceFieldRef;
       if (!ref || ref.resource !== "requests.cpu") fail(`${cn}: BLAS_THREADS is not the pod's requests.cpu`);
       if (!/--blas-threads[ =]"?\$BLAS_THREADS"?/.test(args)) fail(`${cn}: no --blas-threads "$BLAS_THREADS"`);
+    }
+    if (w.metadata.name === "dmoe-gateway" || w.metadata.name === "dmoe-attention") {
+      // SIGTERM drains for --drain-seconds (default 30) after the preStop hook; the pod's grace
+      // period must cover both, or requests in progress are SIGKILLed. The gateway waits in
+      // preStop until the Service no longer sends it new connections.
+      const m = args.match(/--drain-seconds[ =](\d+)/);
+      const drain = m ? Number(m[1]) : 30;
+      const pre = c.lifecycle && c.lifecycle.preStop;
+      const sleep = pre && pre.exec && pre.exec.command.join(" ").match(/^sleep (\d+)$/);
+      const preStop = pre ? (sleep ? Number(sleep[1]) : pre.sleep ? pre.sleep.seconds : NaN) : 0;
+      if (Number.isNaN(preStop)) fail(`${cn}: preStop is neither "sleep N" nor a sleep action`);
+      if (w.metadata.name === "dmoe-gateway" && !(preStop >= 3)) fail(`${cn}: no preStop sleep of 3 s or more (new connections while the endpoint is removed)`);
+      const grace = tmpl.spec.terminationGracePeriodSeconds ?? 30;
+      if (!(grace >= drain + preStop + 5)) fail(`${cn}: terminationGracePeriodSeconds ${grace} < preStop ${preStop} + --drain-seconds ${drain} + 5`);
     }
     if (w.metadata.name === "dmoe-expert" || w.metadata.name === "dmoe-attention") {
       if (!/--device[ =]"?\$DEVICE"?/.test(args)) fail(`${cn}: no --device "$DEVICE"`);
