@@ -27,6 +27,7 @@ void HostingAgent::Start() {
 }
 
 void HostingAgent::Stop() {
+  StopLoading();
   {
     MutexLock l(&mu_);
     stop_ = true;
@@ -103,6 +104,7 @@ void HostingAgent::LoadLocked(uint64_t version, const std::set<Key>& want) {
                                            " experts gained"),
                               tensors, total);
         (*ck)->set_progress(&progress);
+        (*ck)->set_cancel([this] { return stop_loading_.load(); });
         auto s = ExpertStore::Load(**ck, config_, gained, dtype_);
         if (s.ok()) progress.Done();
         (*ck)->set_progress(nullptr);
@@ -115,6 +117,11 @@ void HostingAgent::LoadLocked(uint64_t version, const std::set<Key>& want) {
       }  // the checkpoint is unmapped here
     }
     mu_.Lock();
+    if (absl::IsCancelled(st)) {
+      ++loads_given_up_;
+      spdlog::info("placement {}: loading its experts given up (the shard is stopping)", version);
+      return;
+    }
     if (!st.ok()) {
       ++load_errors_;
       spdlog::error("cannot load the experts of placement {}: {}", version,

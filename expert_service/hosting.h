@@ -37,6 +37,8 @@ class HostingAgent {
   std::function<void(uint64_t version)> on_ready;
   void Start();
   void Stop();
+  // Gives up a load in progress (at its next tensor) and every later one: the shard is leaving.
+  void StopLoading() { stop_loading_ = true; }
   // From the router watch (any thread): the newest target map and the active version.
   void OnUpdate(const internal::PlacementUpdate& u);
 
@@ -47,6 +49,8 @@ class HostingAgent {
   bool ActiveWithoutMe() const;
   // Failures to load (bad checkpoint): the shard then never reports that version ready.
   uint64_t load_errors() const { return load_errors_; }
+  // Loads given up by StopLoading (or Stop).
+  uint64_t loads_given_up() const { return loads_given_up_; }
 
  private:
   void Run();
@@ -65,9 +69,10 @@ class HostingAgent {
   std::optional<internal::PlacementUpdate> pending_ ABSL_GUARDED_BY(mu_);
   // This shard's experts in each version seen.
   std::map<uint64_t, std::set<Key>> assigned_ ABSL_GUARDED_BY(mu_);
-  std::atomic<uint64_t> ready_version_{0}, active_version_{0}, load_errors_{0};
+  std::atomic<uint64_t> ready_version_{0}, active_version_{0}, load_errors_{0}, loads_given_up_{0};
   std::chrono::steady_clock::time_point active_since_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::atomic<bool> stop_loading_{false};
   std::thread thread_;
 };
 

@@ -379,6 +379,7 @@ class RouterLink {
   // --drain-ms to switch to it. Leaves at once when the router cannot be reached or cannot plan
   // without this shard (nothing to wait for then).
   void Leave() {
+    hosting_->StopLoading();  // what this shard is leaving needs no more experts
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     const absl::StatusOr<bool> planned_out = member_->Deregister();
     if (!planned_out.ok()) {

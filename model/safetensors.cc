@@ -293,6 +293,10 @@ absl::StatusOr<const uint8_t*> Checkpoint::Raw(const std::string& name, TensorIn
     return absl::NotFoundError(
         absl::StrCat("checkpoint ", dir_, ": missing tensor \"", name, "\""));
   }
+  if (cancelled_ && cancelled_()) {
+    return absl::CancelledError(
+        absl::StrCat("checkpoint ", dir_, ": loading given up at \"", name, "\" (stopping)"));
+  }
   *info = *it->second.second;
   bytes_read_ += info->nbytes;
   if (progress_ != nullptr) progress_->Add(info->nbytes);

@@ -101,6 +101,10 @@ class Checkpoint {
   // Every tensor handed out from now on is reported to `progress` (not owned; nullptr: none).
   // Not thread-safe against concurrent reads; set it before loading.
   void set_progress(LoadProgress* progress) { progress_ = progress; }
+  // Before each tensor is handed out, `cancelled` (empty: never) is asked; once it returns true,
+  // reads fail CANCELLED, so that a long load can be given up (the process is stopping). Set
+  // before loading, like set_progress.
+  void set_cancel(std::function<bool()> cancelled) { cancelled_ = std::move(cancelled); }
   size_t num_files() const { return files_.size(); }
 
  private:
@@ -112,6 +116,7 @@ class Checkpoint {
   std::map<std::string, std::pair<const SafetensorsFile*, const TensorInfo*>> where_;
   mutable std::atomic<uint64_t> bytes_read_{0};
   LoadProgress* progress_ = nullptr;
+  std::function<bool()> cancelled_;
 };
 
 }  // namespace dmoe

@@ -307,6 +307,28 @@ TEST_F(CheckpointTest, MissingTensorAndShapeMismatchNameTheTensor) {
             std::string::npos);
 }
 
+// A load given up (set_cancel) fails CANCELLED at the next tensor, naming it; the tensors before
+// it were read whole, and nothing is counted read past it.
+TEST_F(CheckpointTest, ACancelledLoadStopsAtTheNextTensor) {
+  const std::string dir = Make("cancel", 1);
+  auto ck = Checkpoint::Open(dir);
+  ASSERT_TRUE(ck.ok());
+  const ModelConfig c = *PresetConfig("tiny");
+  int asked = 0;
+  (*ck)->set_cancel([&asked] { return ++asked > 4; });  // 4 tensors, then stop
+  auto a = LoadExpertWeights(**ck, c, 2, 5);            // 3 tensors
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = LoadExpertWeights(**ck, c, 2, 6);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_NE(std::string(b.status().message()).find("given up at \"model.layers.2.mlp.experts.6."),
+            std::string::npos)
+      << b.status();
+  EXPECT_EQ((*ck)->bytes_read(), 4u * 64 * 256 * 4);  // expert 5 and one tensor of expert 6
+  (*ck)->set_cancel(nullptr);
+  EXPECT_TRUE(LoadExpertWeights(**ck, c, 2, 6).ok());
+}
+
 TEST_F(CheckpointTest, BadIndexFilesAreRejected) {
   const std::string dir = Make("badindex", 2);
   const std::string index = dir + "/model.safetensors.index.json";
