@@ -94,6 +94,33 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
   return Start(ctx, std::move(prompt), request->sampling(), request->model());
 }
 
+namespace {
+
+absl::Status CheckToolMessagesRendered(const ChatTemplate& tmpl,
+                                       const nlohmann::ordered_json& messages,
+                                       const nlohmann::ordered_json& tools,
+                                       const std::string& rendered) {
+  // Many templates (DeepSeek-V2-Chat's, the built-in one) render no tool results: the model
+  // would answer without them. The first one with content is rendered without it; the same
+  // text means the template dropped it (and would drop the others).
+  for (size_t i = 0; i < messages.size(); ++i) {
+    if (messages[i]["role"] != "tool" || messages[i]["content"] == "") continue;
+    nlohmann::ordered_json without = messages;
+    without.erase(i);
+    auto text = tmpl.Render(without, tools, /*add_generation_prompt=*/true);
+    if (text.ok() && *text == rendered) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("messages[", i,
+                       "].role: \"tool\" messages are not rendered by this model's chat "
+                       "template (the model would never see them)"));
+    }
+    break;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& request) const {
   static const ChatTemplate* builtin = new ChatTemplate(ChatTemplate::BuiltinDefault());
   const ChatTemplate& tmpl = options_.chat_template != nullptr ? *options_.chat_template : *builtin;
@@ -136,6 +163,9 @@ absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& re
     // The request's messages made the render outgrow the template's limits: the request is at
     // fault (400), not a rate limit (429, which clients retry).
     return absl::InvalidArgumentError(absl::StrCat("messages: ", text.status().message()));
+  }
+  if (text.ok()) {
+    if (auto st = CheckToolMessagesRendered(tmpl, messages, tools, *text); !st.ok()) return st;
   }
   return text;
 }
