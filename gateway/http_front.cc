@@ -79,6 +79,7 @@ struct HttpFront::Impl {
   std::atomic<uint64_t> next_seed{0};
   std::atomic<bool> stopping{false};
   std::atomic<bool> draining{false};  // BeginDrain: no new connections, none kept alive
+  uint64_t accept_failures = 0;       // on the acceptor's strand
   Mutex mu;
   std::vector<std::weak_ptr<SessionBase>> sessions ABSL_GUARDED_BY(mu);
   std::vector<std::thread> threads;
@@ -687,6 +688,20 @@ void Session<Stream>::OnWatch(beast::error_code ec, size_t n) {
 void HttpFront::Impl::Accept() {
   acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
     if (stopping || draining || !acceptor.is_open()) return;  // closed: accepting would spin
+    if (ec == net::error::no_descriptors || ec == net::error::no_buffer_space ||
+        ec == net::error::no_memory ||
+        ec == beast::errc::make_error_code(beast::errc::too_many_files_open_in_system)) {
+      // Out of descriptors (or memory): the connection stays in the backlog. Trying again at
+      // once fails at once, a core spinning for as long as it lasts: wait 10 ms.
+      if (accept_failures++ % 1000 == 0) {
+        spdlog::warn("HTTP: cannot accept connections: {} ({} open)", ec.message(),
+                     connections.load());
+      }
+      auto retry = std::make_shared<net::steady_timer>(acceptor.get_executor(),
+                                                       std::chrono::milliseconds(10));
+      retry->async_wait([this, retry](beast::error_code) { Accept(); });
+      return;
+    }
     if (!ec) OnAccept(std::move(socket));
     Accept();
   });

@@ -2,7 +2,8 @@
 // real processes (a server and a client forked per run). Debian 12's UCX 1.13.1 asserts in
 // ucp_request_send_state_ff (ucp_request.c:684, "got REP message") when an endpoint whose wireup
 // reply is still pending fails; upstream removed that assertion in 1.14 (commit 9ccaf31bb6).
-// Scenarios (the run's parent triggers each as soon as the client's Connect returned, plus a delay):
+// Scenarios (the run's parent triggers each as soon as the client's Connect returned, plus a
+// delay):
 //   server SIGKILLed; server Shutdown(); client _exit; client SIGKILLed.
 // Prints one row per scenario and delay; exits 1 when any process died of a signal.
 // Usage: ucx_wireup_race [RUNS]   (default 10 per row). Not in CI: on UCX 1.13 it fails.
