@@ -176,6 +176,22 @@ for (const h of hpa) {
     if (m.type === "Pods" && !served.includes(m.pods.metric.name)) fail(`HPA metric ${m.pods.metric.name} is not served by the prometheus-adapter rule`);
   }
 }
+// The adapter rule's series carry the labels it selects and maps to Kubernetes objects: the scrape
+// configuration must set each (a rule whose labels no series has serves nothing, and the HPA never
+// scales).
+const scrape = byKind("ConfigMap").find((c) => c.metadata.name.startsWith("dmoe-prometheus-scrape"));
+const scrapeCfg = scrape ? yaml.load(scrape.data["prometheus.yml"]) : {scrape_configs: []};
+const setLabels = new Set(["__name__", "job", "instance"]);
+for (const sc of scrapeCfg.scrape_configs || []) {
+  for (const r of sc.relabel_configs || []) if (r.target_label) setLabels.add(r.target_label);
+}
+for (const r of (adapter.rules || {}).custom || []) {
+  const inQuery = [...(r.seriesQuery || "").matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:!=|=~|!~|=)/g)].map((m) => m[1]);
+  const mapped = Object.keys((r.resources || {}).overrides || {});
+  for (const l of [...inQuery, ...mapped]) {
+    if (!setLabels.has(l)) fail(`prometheus-adapter rule ${r.name && r.name.as}: label "${l}" is not set by the scrape config (prometheus-scrape.yaml relabel_configs)`);
+  }
+}
 const pdb = byKind("PodDisruptionBudget");
 if (pdb.length !== 1 || !matches(pdb[0].spec.selector.matchLabels, (workloads.find((w) => w.metadata.name === "dmoe-expert") || {spec: {template: {metadata: {}}}}).spec.template.metadata.labels)) fail("the PDB must select the expert shards");
 if (errors.length) {
