@@ -20,8 +20,9 @@ class Metrics {
  public:
   Metrics() : registry_(std::make_shared<prometheus::Registry>()) {}
   // Serves /metrics on `listen` ("127.0.0.1:0" picks a port); returns "HOST:PORT". Any other path
-  // or method gets an HTTP error. 8 workers, one request per connection, each cut after 2 s: N
-  // idle or slow clients delay a scrape by at most about 2 s per 8 of them.
+  // or method gets an HTTP error. Every process exports process_start_time_seconds (Unix time:
+  // restarts and crash loops show as it changes). 8 workers, one request per connection, each cut
+  // after 2 s: N idle or slow clients delay a scrape by at most about 2 s per 8 of them.
   absl::StatusOr<std::string> Serve(const std::string& listen);
   prometheus::Registry& registry() { return *registry_; }
 
@@ -32,6 +33,10 @@ class Metrics {
   // Latency buckets from 100 us to 30 s.
   prometheus::Histogram& Seconds(const std::string& name, const std::string& help,
                                  const prometheus::Labels& labels = {});
+  // Buckets from 10 ms to 1 h, for whole requests (a long generation takes minutes: with the
+  // buckets above, every one over 30 s read as 30 s).
+  prometheus::Histogram& LongSeconds(const std::string& name, const std::string& help,
+                                     const prometheus::Labels& labels = {});
 
   // Sets a counter to a total kept elsewhere (counters only go up).
   static void SetTotal(prometheus::Counter& c, double total) {

@@ -7,6 +7,7 @@
 #include <cblas.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -81,6 +82,21 @@ class MetricsServer : public ::testing::Test {
 };
 
 TEST_F(MetricsServer, AnswersMetrics) { ExpectMetricsAnswer(); }
+
+// process_start_time_seconds: this process's start, in Unix seconds (not later than now, and not
+// before the test binary's own file was written by the build).
+TEST_F(MetricsServer, ExportsTheProcessStartTime) {
+  const double now = static_cast<double>(time(nullptr));
+  const std::string reply = Exchange(port_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string key = "\nprocess_start_time_seconds ";
+  const size_t at = reply.find(key);
+  ASSERT_NE(at, std::string::npos) << reply;
+  const double start = std::stod(reply.substr(at + key.size()));
+  struct stat exe {};
+  ASSERT_EQ(stat("/proc/self/exe", &exe), 0);
+  EXPECT_LE(start, now + 1);
+  EXPECT_GE(start, static_cast<double>(exe.st_mtime) - 1);
+}
 
 // Each of these went through civetweb's error page, which overflowed the worker's stack (SIGSEGV,
 // the whole process) before //common:thread_stack.

@@ -13,8 +13,8 @@ void WireLatencies(Metrics* m, const prometheus::Labels& model, GatewayMetrics* 
                          "Time between streamed responses of a request", model);
   auto& tpot = m->Seconds("vllm:time_per_output_token_seconds",
                           "Time per output token (the older name of inter-token latency)", model);
-  auto& e2e = m->Seconds("vllm:e2e_request_latency_seconds",
-                         "From a request's arrival to its last token", model);
+  auto& e2e = m->LongSeconds("vllm:e2e_request_latency_seconds",
+                             "From a request's arrival to its last token", model);
   auto& queue = m->Seconds("vllm:request_queue_time_seconds",
                            "Time a request waited on its attention node before admission", model);
   g->time_to_first_token = [&ttft, &vttft](double s) {
