@@ -82,15 +82,22 @@ absl::Status UcxWorker::Init() {
   s = ucp_worker_get_efd(worker_, &efd_);
   if (s != UCS_OK) return UcsError("ucp_worker_get_efd", s);
   epoll_ = epoll_create1(EPOLL_CLOEXEC);
+  if (epoll_ < 0) {  // the progress thread's epoll_wait would fail at once, spinning
+    return absl::UnavailableError(absl::StrCat("UCX: epoll_create1: ", std::strerror(errno)));
+  }
   epoll_event ev;
   std::memset(&ev, 0, sizeof(ev));
   ev.events = EPOLLIN;
-  epoll_ctl(epoll_, EPOLL_CTL_ADD, efd_, &ev);
+  if (epoll_ctl(epoll_, EPOLL_CTL_ADD, efd_, &ev) != 0) {
+    return absl::UnavailableError(absl::StrCat("UCX: epoll_ctl: ", std::strerror(errno)));
+  }
   return absl::OkStatus();
 }
 
 void UcxWorker::RunSync(std::function<void()> fn) {
-  if (std::this_thread::get_id() == thread_.get_id()) {
+  // No progress thread (a start that failed, whose teardown runs this): nothing else uses the
+  // worker, and nobody would run `fn` for us.
+  if (!thread_.joinable() || std::this_thread::get_id() == thread_.get_id()) {
     fn();
     return;
   }
