@@ -40,6 +40,13 @@ RouterMember::RouterMember(MemberOptions options) : options_(std::move(options))
   // Reconnect quickly after a router restart.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
+  // A router host that dies without closing its connections (or is cut off) is noticed within
+  // ~10 s: a keepalive ping every 5 s while the watch is open, unanswered for 5 s, closes the
+  // connection, and the next call reconnects (to a new router at the same address). Else the
+  // watch waited on it until TCP gave up (about 15 min) and heartbeats timed out on it.
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 5000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);  // a quiet watch pings on
   channel_ = InternalChannel(options_.router_address, args);
   stub_ = internal::RouterService::NewStub(channel_);
 }

@@ -1,4 +1,9 @@
+#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -538,6 +543,131 @@ TEST(RouterService, ASlowWatcherGetsTheNewestMapNotABacklog) {
   }
   watch->Finish();
   server->Shutdown();
+}
+
+// A TCP proxy on 127.0.0.1 in front of `target_port` whose Freeze() makes every connection it
+// carries go silent without closing (what a host that died or was cut off looks like): nothing
+// is forwarded on them any more, while connections made afterwards are carried as usual.
+class FreezingProxy {
+ public:
+  explicit FreezingProxy(int target_port) : target_port_(target_port) {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    listen(listen_fd_, 64);
+    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    accepter_ = std::thread([this] { Accept(); });
+  }
+  ~FreezingProxy() {
+    stop_ = true;
+    ::shutdown(listen_fd_, SHUT_RDWR);
+    accepter_.join();
+    for (std::thread& t : pumps_) t.join();
+    close(listen_fd_);
+  }
+  int port() const { return port_; }
+  void Freeze() { ++generation_; }
+
+ private:
+  void Accept() {
+    for (;;) {
+      const int in = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (in < 0) return;
+      const int out = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      a.sin_port = htons(static_cast<uint16_t>(target_port_));
+      if (connect(out, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+        close(in);
+        close(out);
+        continue;
+      }
+      const int born = generation_;
+      pumps_.emplace_back([this, in, out, born] { Pump(in, out, born); });
+    }
+  }
+  // Copies both ways until either side closes, the proxy stops, or (frozen) forever silent.
+  void Pump(int a, int b, int born) {
+    char buf[16384];
+    while (!stop_) {
+      if (generation_ != born) {  // frozen: hold both sockets open, forward nothing
+        std::this_thread::sleep_for(milliseconds(20));
+        continue;
+      }
+      pollfd p[2] = {{a, POLLIN, 0}, {b, POLLIN, 0}};
+      if (poll(p, 2, 20) <= 0 || generation_ != born) continue;
+      bool closed = false;
+      for (int i = 0; i < 2; ++i) {
+        if ((p[i].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+        const ssize_t n = read(p[i].fd, buf, sizeof(buf));
+        if (n <= 0 || send(p[1 - i].fd, buf, static_cast<size_t>(n), MSG_NOSIGNAL) != n) {
+          closed = true;
+        }
+      }
+      if (closed) break;
+    }
+    close(a);
+    close(b);
+  }
+
+  const int target_port_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<int> generation_{0};
+  std::atomic<bool> stop_{false};
+  std::thread accepter_;
+  std::vector<std::thread> pumps_;  // only the accepter adds, only the destructor joins
+};
+
+// The router's host dies without closing its connections (or is cut off), and a new router is
+// reachable at the same address: a member's watch notices within seconds (keepalive pings go
+// unanswered) and reconnects, so it sees the maps planned after. Before, its Read waited on the
+// dead connection until TCP gave up (about 15 minutes), holding the node to an old map, and its
+// heartbeats timed out on the same connection, so its lease lapsed at the new router.
+TEST(RouterService, AMemberLeavesADeadRouterConnectionWithinSeconds) {
+  const ModelConfig c = *PresetConfig("tiny");
+  RouterState state(c, milliseconds(600000), PlacementOptions());
+  RouterServiceImpl service(&state, "");
+  int port = 0;
+  grpc::ServerBuilder b;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  // As dmoe's servers do (common/service.cc): clients' keepalive pings are welcome.
+  b.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 500);
+  b.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  b.RegisterService(&service);
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  FreezingProxy proxy(port);
+  MemberOptions mo;
+  mo.router_address = "127.0.0.1:" + std::to_string(proxy.port());
+  RouterMember member(mo);
+  std::atomic<uint64_t> seen{0};
+  member.StartWatch(/*targets=*/true,
+                    [&](const internal::PlacementUpdate& u) { seen = u.version(); });
+  const auto wait_for = [&](uint64_t v, std::chrono::seconds limit) {
+    const auto until = std::chrono::steady_clock::now() + limit;
+    while (seen < v && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(milliseconds(20));
+    return seen >= v;
+  };
+  ASSERT_TRUE(state.Register(Expert("a", 48)).ok());
+  ASSERT_TRUE(wait_for(state.target().version, std::chrono::seconds(10)));
+  proxy.Freeze();
+  const auto frozen = std::chrono::steady_clock::now();
+  ASSERT_TRUE(state.Register(Expert("b", 48)).ok());
+  const uint64_t next = state.target().version;
+  EXPECT_TRUE(wait_for(next, std::chrono::seconds(40)))
+      << "the watch still waits on the dead connection";
+  std::printf("the next map arrived %.1f s after the connection went silent\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - frozen).count());
+  member.Stop();
+  // The frozen connection's stream never ends on the server's side: bounded shutdown.
+  server->Shutdown(std::chrono::system_clock::now() + milliseconds(500));
 }
 
 }  // namespace
