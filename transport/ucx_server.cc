@@ -227,12 +227,14 @@ class UcxServerImpl : public UcxServer, public UcxWorker {
     for (;;) {
       const int c = accept4(address_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
       if (c < 0) {
+        if (errno == EINVAL || errno == EBADF || errno == ENOTSOCK) return;  // EINVAL: Shutdown
         if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN) continue;
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(10));  // out of fds: back off
-          continue;
-        }
-        return;  // EINVAL: Shutdown
+        // Out of descriptors or memory, or a network error of the connection being accepted
+        // (EPROTO, EPERM from a firewall, ENETDOWN, ...: accept(2) says to retry): back off and
+        // go on. Returning left the port listening with nobody answering, every connect by
+        // address timing out while the shard looked healthy.
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        continue;
       }
       (void)send(c, answer.data(), answer.size(), MSG_NOSIGNAL);
       close(c);
