@@ -127,7 +127,7 @@ bool RouterMember::RegisterOnce() {
   return true;
 }
 
-bool RouterMember::HeartbeatOnce() {
+bool RouterMember::HeartbeatOnce(bool reregister) {
   grpc::ClientContext ctx;
   Authorize(&ctx);
   internal::HeartbeatRequest req;
@@ -137,7 +137,7 @@ bool RouterMember::HeartbeatOnce() {
   const grpc::Status st = stub_->Heartbeat(&ctx, req, &reply);
   if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
     // The router forgot us (restart, or our lease lapsed): register again, then report.
-    return RegisterOnce() && HeartbeatOnce();
+    return reregister && RegisterOnce() && HeartbeatOnce(/*reregister=*/false);
   }
   if (!st.ok()) return false;
   lease_ms_ = std::max<int64_t>(30, reply.lease_ms());

@@ -73,7 +73,9 @@ class RouterMember {
  private:
   void Authorize(grpc::ClientContext* ctx) const;
   bool RegisterOnce();
-  bool HeartbeatOnce();
+  // NOT_FOUND (the router forgot this node) registers again and, if `reregister`, heartbeats once
+  // more (without: a router that forgets at once would recurse without end).
+  bool HeartbeatOnce(bool reregister = true);
 
   MemberOptions options_;
   std::shared_ptr<grpc::Channel> channel_;

@@ -545,6 +545,58 @@ TEST(RouterService, ASlowWatcherGetsTheNewestMapNotABacklog) {
   server->Shutdown();
 }
 
+// A router that takes every registration and forgets it at once (a lease shorter than a round
+// trip, or two routers behind one address): every heartbeat is NOT_FOUND.
+class ForgetfulRouter final : public internal::RouterService::Service {
+ public:
+  grpc::Status Register(grpc::ServerContext*, const internal::RegisterRequest*,
+                        internal::RegisterReply* reply) override {
+    ++registers;
+    reply->set_lease_ms(300);
+    return grpc::Status::OK;
+  }
+  grpc::Status Heartbeat(grpc::ServerContext*, const internal::HeartbeatRequest*,
+                         internal::HeartbeatReply*) override {
+    ++heartbeats;
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "no such node");
+  }
+  std::atomic<int> registers{0}, heartbeats{0};
+};
+
+// A member whose heartbeats the router keeps answering NOT_FOUND registers again and heartbeats
+// once more per round, then waits its interval. It recursed (register, heartbeat, register, ...)
+// without waiting and without end: a tight RPC loop that overflowed the stack and never stopped.
+// (A fake router: the real one cannot be made to forget a node between two calls.)
+TEST(RouterMember, ARouterThatForgetsAtOnceCostsTwoCallsPerRound) {
+  ForgetfulRouter router;
+  int port = 0;
+  grpc::ServerBuilder b;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&router);
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  MemberOptions mo;
+  mo.router_address = "127.0.0.1:" + std::to_string(port);
+  internal::RegisterRequest r;
+  r.set_node_id("s0");
+  r.set_role(internal::EXPERT);
+  {
+    RouterMember member(mo);
+    member.StartMembership(r, nullptr, nullptr);
+    std::this_thread::sleep_for(milliseconds(1000));
+    const auto t0 = std::chrono::steady_clock::now();
+    member.Stop();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(1000));
+  }
+  // Rounds every 100 ms (a failed round's retry interval): ~10 in 1 s, 2 registrations and 2
+  // heartbeats each.
+  std::printf("%d registrations, %d heartbeats in 1 s\n", router.registers.load(),
+              router.heartbeats.load());
+  EXPECT_GE(router.heartbeats.load(), 2);
+  EXPECT_LE(router.heartbeats.load(), 60);
+  server->Shutdown();
+}
+
 // A TCP proxy on 127.0.0.1 in front of `target_port` whose Freeze() makes every connection it
 // carries go silent without closing (what a host that died or was cut off looks like): nothing
 // is forwarded on them any more, while connections made afterwards are carried as usual.
