@@ -6,6 +6,7 @@
 
 #include "common/cluster_token.h"
 #include "common/internal_tls.h"
+#include "common/logging.h"
 #include "common/mutex.h"
 
 namespace dmoe::gateway {
@@ -67,7 +68,16 @@ bool NodePool::Add(const std::string& address) {
     cv_.SignalAll();
     return true;
   }
-  if (nodes_.size() >= kMaxNodes) return false;
+  if (nodes_.size() >= kMaxNodes) {
+    if (!full_logged_) {  // nodes are never removed (their index is their name): say it once
+      spdlog::error(
+          "the gateway has known {} attention node addresses and takes no more ({} is not "
+          "used); restart it to start over",
+          kMaxNodes, address);
+      full_logged_ = true;
+    }
+    return false;
+  }
   auto n = std::make_unique<Node>();
   n->address = address;
   grpc::ChannelArguments args;

@@ -83,6 +83,7 @@ class NodePool {
   std::vector<std::unique_ptr<Node>> nodes_;
   mutable Mutex mu_;
   CondVar cv_;
+  bool full_logged_ ABSL_GUARDED_BY(mu_) = false;  // Add refused a node: logged once
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::mt19937 rng_ ABSL_GUARDED_BY(mu_){12345};
   std::chrono::milliseconds poll_;
