@@ -18,19 +18,39 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
  public:
   void Push(Response r) {
     MutexLock l(&mu_);
+    queued_bytes_ += r.ByteSizeLong();
     queue_.push_back(std::move(r));
     MaybeWriteLocked();
+  }
+  // Push, unless the client has left more than `max_bytes` of messages unsent (it reads too
+  // slowly, or not at all): then nothing is queued, what was is dropped, and false is returned
+  // (the caller ends the stream). Bounds what a reader that stalls makes the server hold.
+  bool PushBounded(Response r, size_t max_bytes) {
+    MutexLock l(&mu_);
+    if (queued_bytes_ + r.ByteSizeLong() > max_bytes) {
+      queue_.clear();
+      queued_bytes_ = 0;
+      return false;
+    }
+    queued_bytes_ += r.ByteSizeLong();
+    queue_.push_back(std::move(r));
+    MaybeWriteLocked();
+    return true;
   }
   // For streams of whole snapshots: drops the messages not yet written (each superseded by
   // this one), so that a client that reads slowly holds at most one queued message.
   void PushLatest(Response r) {
     MutexLock l(&mu_);
     queue_.clear();
+    queued_bytes_ = r.ByteSizeLong();
     queue_.push_back(std::move(r));
     MaybeWriteLocked();
   }
+  // The first call's status is the stream's (a later one, e.g. a cancelled generation reporting
+  // after PushBounded refused, is ignored).
   void FinishWith(grpc::Status status) {
     MutexLock l(&mu_);
+    if (finished_) return;
     finished_ = true;
     status_ = std::move(status);
     MaybeWriteLocked();
@@ -59,6 +79,7 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
     if (!queue_.empty() && !broken_) {
       current_ = std::move(queue_.front());
       queue_.pop_front();
+      queued_bytes_ -= std::min(queued_bytes_, current_.ByteSizeLong());
       writing_ = true;
       this->StartWrite(&current_);
       return;
@@ -71,6 +92,7 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
 
   Mutex mu_;
   std::deque<Response> queue_ ABSL_GUARDED_BY(mu_);
+  size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of queue_ (not the one being written)
   Response current_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

@@ -23,21 +23,49 @@ class GrpcStream : public QueuedWriter<v1::GenerateResponse> {
  public:
   GrpcStream(const GatewayContext& ctx, GenerationRequest request) {
     // The stream is bound to gRPC only after this constructor (a Finish inside Start waits).
-    gen_ = Generation::Start(ctx, std::move(request), std::make_shared<Sink>(this));
+    auto gen =
+        Generation::Start(ctx, std::move(request),
+                          std::make_shared<Sink>(this, ctx.options->max_stream_backlog_bytes));
+    {
+      MutexLock l(&gen_mu_);
+      gen_ = gen;
+      if (!cancelled_) return;
+    }
+    gen->Cancel();  // a chunk overran the backlog before Start returned
   }
-  void OnCancel() override { gen_->Cancel(); }
+  void OnCancel() override { CancelGeneration(); }
 
  private:
+  void CancelGeneration() {
+    std::shared_ptr<Generation> gen;
+    {
+      MutexLock l(&gen_mu_);
+      cancelled_ = true;
+      gen = gen_;
+    }
+    if (gen != nullptr) gen->Cancel();
+  }
+
   struct Sink : GenerationSink {
-    explicit Sink(GrpcStream* s) : stream(s) {}
-    void OnChunk(v1::GenerateResponse chunk) override { stream->Push(std::move(chunk)); }
+    Sink(GrpcStream* s, size_t max_backlog) : stream(s), max_backlog(max_backlog) {}
+    void OnChunk(v1::GenerateResponse chunk) override {
+      if (stream->PushBounded(std::move(chunk), max_backlog)) return;
+      stream->FinishWith(grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrCat("the client reads too slowly: more than ", max_backlog,
+                       " bytes of this stream waited unread (--max-stream-backlog-kib)")));
+      stream->CancelGeneration();
+    }
     void OnDone(const grpc::Status& status, v1::GenerateResponse last) override {
       if (status.ok()) stream->Push(std::move(last));
       stream->FinishWith(status);
     }
     GrpcStream* stream;
+    const size_t max_backlog;
   };
-  std::shared_ptr<Generation> gen_;
+  Mutex gen_mu_;
+  std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(gen_mu_);
+  bool cancelled_ ABSL_GUARDED_BY(gen_mu_) = false;
 };
 
 // A stream that fails at once (validation, authentication).

@@ -41,6 +41,9 @@ struct GatewayOptions {
   // The checkpoint's chat template (not owned); null: the built-in DeepSeek-V2-Chat one.
   const ChatTemplate* chat_template = nullptr;
   int max_attempts = 3;  // nodes tried for a request that fails before its first token
+  // A gRPC stream whose client leaves more than this unread ends RESOURCE_EXHAUSTED (its
+  // generation cancelled): a stalled reader held the whole generation in the gateway.
+  size_t max_stream_backlog_bytes = size_t{16} << 20;
   int64_t vocab_size = 0;
   int64_t max_position_embeddings = 0;
   GatewayMetrics metrics;

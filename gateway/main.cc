@@ -62,6 +62,8 @@ reported load. Both take the same API keys, limits and retries.
   --cors-origin ORIGIN      let browser pages from ORIGIN ("https://ui.example.com", or "*" for
                             any) call the HTTP API: preflight OPTIONS answered, CORS headers set
                             (default: none)
+  --max-stream-backlog-kib N  a gRPC stream whose client leaves more than N KiB unread ends
+                            RESOURCE_EXHAUSTED, its generation cancelled (default 16384; 1-4194304)
   --drain-seconds N         on SIGTERM: readiness off, no new requests or connections, and those
                             in progress finish for up to N s (then they are cut; default 30,
                             0-86400; give Kubernetes a terminationGracePeriodSeconds above it)
@@ -160,6 +162,11 @@ absl::StatusOr<Setup> LoadSetup(const Flags& f) {
     return absl::InvalidArgumentError("--node-keepalive-ms: must be in [1000, 600000]");
   }
   s.keepalive = std::chrono::milliseconds(keepalive);
+  ASSIGN_OR_RETURN(int64_t backlog, f.Int("max-stream-backlog-kib", 16384));
+  if (backlog < 1 || backlog > (int64_t{1} << 22)) {
+    return absl::InvalidArgumentError("--max-stream-backlog-kib: must be in [1, 4194304]");
+  }
+  s.o.max_stream_backlog_bytes = static_cast<size_t>(backlog) << 10;
   ASSIGN_OR_RETURN(int64_t drain, f.Int("drain-seconds", 30));
   if (drain < 0 || drain > 86400) {
     return absl::InvalidArgumentError("--drain-seconds: must be in [0, 86400]");
@@ -255,14 +262,18 @@ class PoolWatcher {
 
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-gateway");
-  auto flags =
-      Flags::Parse(argc - 1, argv + 1,
-                   WithInternalTls({"attention", "router", "cluster-token-file", "model",
-                                    "tokenizer", "model-id", "grpc-listen", "ready-file",
-                                    "api-keys", "max-concurrent-per-key", "tls-cert", "tls-key",
-                                    "metrics-listen", "log-level", "http-listen", "http-threads",
-                                    "cors-origin", "node-keepalive-ms", "drain-seconds"}),
-                   {});
+  auto flags = Flags::Parse(argc - 1, argv + 1,
+                            WithInternalTls({"attention",          "router",
+                                             "cluster-token-file", "model",
+                                             "tokenizer",          "model-id",
+                                             "grpc-listen",        "ready-file",
+                                             "api-keys",           "max-concurrent-per-key",
+                                             "tls-cert",           "tls-key",
+                                             "metrics-listen",     "log-level",
+                                             "http-listen",        "http-threads",
+                                             "cors-origin",        "node-keepalive-ms",
+                                             "drain-seconds",      "max-stream-backlog-kib"}),
+                            {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);

@@ -83,10 +83,23 @@ class GatewayTest : public ::testing::Test {
         v1::Dmoe::NewStub(grpc::CreateChannel(Ready(procs_.back(), TmpDir() + "/gw2.json")["grpc"],
                                               grpc::InsecureChannelCredentials()))
             .release();
+    // A gateway that holds at most 16 KiB for a client that does not read; the client's channel
+    // does not grow its receive window (no BDP probing), so what gRPC buffers for it is bounded.
+    procs_.push_back(
+        new ChildProcess({Runfile("gateway/dmoe-gateway"), "--attention", attn, "--model", *dir_,
+                          "--max-stream-backlog-kib", "16", "--ready-file", TmpDir() + "/gw3.json"},
+                         TmpDir() + "/gw3.log"));
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    tight_ = v1::Dmoe::NewStub(
+                 grpc::CreateCustomChannel(Ready(procs_.back(), TmpDir() + "/gw3.json")["grpc"],
+                                           grpc::InsecureChannelCredentials(), args))
+                 .release();
   }
   static void TearDownTestSuite() {
     delete gateway_;
     delete secured_;
+    delete tight_;
     delete attention_;
     for (auto it = procs_.rbegin(); it != procs_.rend(); ++it) delete *it;
     delete dir_;
@@ -173,12 +186,14 @@ class GatewayTest : public ::testing::Test {
   static internal::AttentionService::Stub* attention_;
   static v1::Dmoe::Stub* gateway_;
   static v1::Dmoe::Stub* secured_;
+  static v1::Dmoe::Stub* tight_;  // --max-stream-backlog-kib 16
 };
 std::string* GatewayTest::dir_ = nullptr;
 std::vector<ChildProcess*> GatewayTest::procs_;
 internal::AttentionService::Stub* GatewayTest::attention_ = nullptr;
 v1::Dmoe::Stub* GatewayTest::gateway_ = nullptr;
 v1::Dmoe::Stub* GatewayTest::secured_ = nullptr;
+v1::Dmoe::Stub* GatewayTest::tight_ = nullptr;
 
 TEST_F(GatewayTest, GreedyTokenIdsEqualTheInProcessEngine) {
   auto local = LocalModel::Load(*dir_);
@@ -320,6 +335,33 @@ TEST_F(GatewayTest, ChatUsesTheCheckpointsTemplate) {
   const grpc::Status st2 = treader->Finish();
   EXPECT_EQ(st2.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st2.error_message().find("tools_json"), std::string::npos) << st2.error_message();
+}
+
+// A gRPC client that stops reading: once more than --max-stream-backlog-kib of its stream waits
+// unread in the gateway, the stream ends RESOURCE_EXHAUSTED and its generation is cancelled (the
+// node frees its blocks). The gateway held the whole generation for it before. A client that
+// reads gets its whole stream.
+TEST_F(GatewayTest, AClientThatStopsReadingIsCutAtItsBacklog) {
+  v1::GenerateRequest req = Ids({5, 6, 7}, 500);
+  req.mutable_sampling()->set_ignore_eos(true);
+  req.mutable_sampling()->set_logprobs(true);
+  req.mutable_sampling()->set_top_logprobs(20);  // ~0.5 KiB per token
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto reader = tight_->Generate(&ctx, req);
+  v1::GenerateResponse r;
+  ASSERT_TRUE(reader->Read(&r)) << reader->Finish().error_message();
+  std::this_thread::sleep_for(std::chrono::seconds(3));  // reads nothing meanwhile
+  int64_t tokens = r.token_ids_size();
+  while (reader->Read(&r)) tokens += r.token_ids_size();
+  const grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+  EXPECT_NE(st.error_message().find("reads too slowly"), std::string::npos) << st.error_message();
+  EXPECT_LT(tokens, 500);
+  EXPECT_EQ(WaitAllBlocksFree(), 0);
+  const Stream whole = Run(gateway_, req);  // the default backlog (16 MiB), read as it comes
+  ASSERT_TRUE(whole.status.ok()) << whole.status.error_message();
+  EXPECT_EQ(whole.ids.size(), 500u);
 }
 
 TEST_F(GatewayTest, CancelMidStreamFreesTheBlocks) {
