@@ -41,6 +41,12 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), co
     outcomes_.push_back(&m->Counter("dmoe_attention_requests_total", "Requests by outcome",
                                     {{"outcome", FinishReasonName(r)}}));
   }
+  invalid_ =
+      &m->Counter("dmoe_attention_requests_total", "Requests by outcome", {{"outcome", "invalid"}});
+  refused_ =
+      &m->Counter("dmoe_attention_requests_total", "Requests by outcome", {{"outcome", "refused"}});
+  draining_ = &m->Gauge("dmoe_attention_draining",
+                        "1 while the node drains (SIGTERM): it admits nothing new");
   expert_tokens_.resize(static_cast<size_t>(c.num_expert_layers() * c.n_routed_experts), nullptr);
   for (int64_t l = 0; l < c.num_expert_layers(); ++l) {
     if (!c.IsMoeLayer(l)) continue;
@@ -63,6 +69,12 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), co
 }
 
 void AttentionMetrics::Finished(FinishReason r) { outcomes_[static_cast<size_t>(r)]->Increment(); }
+
+void AttentionMetrics::Refused(absl::StatusCode code) {
+  const bool invalid =
+      code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kOutOfRange;
+  (invalid ? invalid_ : refused_)->Increment();
+}
 
 RoundTripObserver AttentionMetrics::RoundTrips() {
   return [this](const std::string& shard, double seconds, int64_t tokens, uint64_t out, uint64_t in,
@@ -100,6 +112,7 @@ void AttentionMetrics::Refresh(const Scheduler* s, const StepEngine* e) {
   queued_->Set(static_cast<double>(load.queued_prefill_tokens));
   blocks_used_->Set(static_cast<double>(load.total_blocks - load.free_blocks));
   blocks_total_->Set(static_cast<double>(load.total_blocks));
+  draining_->Set(load.draining ? 1 : 0);
   bytes_per_token_->Set(static_cast<double>(load.kv_bytes_per_token));
   Metrics::SetTotal(*prefilled_, static_cast<double>(stats.prefilled_tokens));
   Metrics::SetTotal(*prefix_hits_, static_cast<double>(stats.prefix_hit_tokens));

@@ -27,6 +27,9 @@ class AttentionMetrics {
   void ObserveTimeToFirstToken(double seconds) { ttft_->Observe(seconds); }
   void ObserveTimePerOutputToken(double seconds) { tpot_->Observe(seconds); }
   void Finished(FinishReason r);
+  // A request refused before it ran: outcome "invalid" (INVALID_ARGUMENT, OUT_OF_RANGE) or
+  // "refused" (draining, queue full, ...). Such requests were counted under no outcome.
+  void Refused(absl::StatusCode code);
   RoundTripObserver RoundTrips();
   // With a router: the active placement version, heartbeat age and stalls are exported too.
   // Call before Start.
@@ -56,6 +59,8 @@ class AttentionMetrics {
   prometheus::Counter *drafted_, *accepted_, *spec_steps_;
   prometheus::Gauge *acceptance_, *tokens_per_step_;
   std::vector<prometheus::Counter*> outcomes_;
+  prometheus::Counter *invalid_ = nullptr, *refused_ = nullptr;
+  prometheus::Gauge* draining_ = nullptr;
   std::vector<prometheus::Counter*> expert_tokens_;  // [layer * E + expert], MoE layers only
   struct ShardSeries {
     prometheus::Histogram* rtt;

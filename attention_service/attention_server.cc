@@ -127,6 +127,7 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
       }
     }
     if (!id.ok()) {  // the last touch of *this, as in on_finish
+      if (metrics_ != nullptr) metrics_->Refused(id.status().code());
       FinishWith(grpc::Status(ToGrpc(id.status().code()), std::string(id.status().message())));
     }
   }

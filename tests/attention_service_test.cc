@@ -1,7 +1,11 @@
 // dmoe-attention with its experts on two dmoe-expert processes (real gRPC, real UCX over tcp):
 // greedy generation through the service equals the in-process engine; bad requests are
 // INVALID_ARGUMENT naming the field; cancellation frees the KV blocks.
+#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <memory>
@@ -52,6 +56,7 @@ class AttentionServiceTest : public ::testing::Test {
     stub_ = internal::AttentionService::NewStub(
                 grpc::CreateChannel(info["grpc"], grpc::InsecureChannelCredentials()))
                 .release();
+    metrics_ = new std::string(info["metrics"]);
   }
   static void TearDownTestSuite() {
     delete stub_;
@@ -59,6 +64,30 @@ class AttentionServiceTest : public ::testing::Test {
     delete shards_[0];
     delete shards_[1];
     delete model_dir_;
+    delete metrics_;
+  }
+
+  // The value of the sample `name` (with its labels, as exposed) on the node's /metrics; -1 when
+  // absent or unreachable.
+  static double Metric(const std::string& name) {
+    const size_t colon = metrics_->rfind(':');
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(std::stoi(metrics_->substr(colon + 1))));
+    inet_pton(AF_INET, metrics_->substr(0, colon).c_str(), &a.sin_addr);
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+      close(fd);
+      return -1;
+    }
+    const std::string req = "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
+    if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) < 0) return -1;
+    std::string got;
+    char buf[65536];
+    for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) got.append(buf, size_t(n));
+    close(fd);
+    const size_t at = got.find("\n" + name + " ");
+    return at == std::string::npos ? -1 : std::stod(got.substr(at + name.size() + 2));
   }
 
   struct Stream {
@@ -94,11 +123,13 @@ class AttentionServiceTest : public ::testing::Test {
   }
 
   static std::string* model_dir_;
+  static std::string* metrics_;  // the node's metrics address
   static ChildProcess* shards_[2];
   static ChildProcess* attention_;
   static internal::AttentionService::Stub* stub_;
 };
 std::string* AttentionServiceTest::model_dir_ = nullptr;
+std::string* AttentionServiceTest::metrics_ = nullptr;
 ChildProcess* AttentionServiceTest::shards_[2] = {nullptr, nullptr};
 ChildProcess* AttentionServiceTest::attention_ = nullptr;
 internal::AttentionService::Stub* AttentionServiceTest::stub_ = nullptr;
@@ -179,7 +210,12 @@ TEST_F(AttentionServiceTest, ReportsLatentCacheBytesPerToken) {
   EXPECT_EQ(load.total_blocks(), 512);
 }
 
+// Each is refused naming its field, and counted as dmoe_attention_requests_total{outcome=
+// "invalid"} (refused requests were counted under no outcome).
 TEST_F(AttentionServiceTest, InvalidRequestsNameTheField) {
+  const std::string invalid = "dmoe_attention_requests_total{outcome=\"invalid\"}";
+  const double before = Metric(invalid);
+  ASSERT_GE(before, 0);
   internal::SamplingParams p;
   p.set_max_tokens(4);
   p.set_top_p(2.0);
@@ -195,6 +231,7 @@ TEST_F(AttentionServiceTest, InvalidRequestsNameTheField) {
   p.set_max_tokens(0);
   s = Generate({1}, p);
   EXPECT_NE(s.status.error_message().find("max_tokens"), std::string::npos);
+  EXPECT_EQ(Metric(invalid), before + 4);
 }
 
 TEST_F(AttentionServiceTest, CancelMidStreamFreesTheBlocks) {
