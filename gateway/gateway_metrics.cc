@@ -51,8 +51,16 @@ GatewayMetricSet::GatewayMetricSet(Metrics* metrics, const std::string& model_na
   g->finished = [m = m_, help](const std::string& outcome) {
     m->Counter("dmoe_gateway_requests_total", help, {{"outcome", outcome}}).Increment();
   };
-  for (const char* outcome : {"ok", "cancelled", "invalid_argument", "deadline_exceeded",
-                              "unavailable", "unauthenticated", "resource_exhausted"}) {
+  auto& retries = m_->Counter("dmoe_gateway_retries_total",
+                              "Requests moved to another attention node before their first token");
+  g->retried = [&retries] { retries.Increment(); };
+  // Every outcome from the start (a series born at its first error hides that error from
+  // increase()): ok, cancelled, and the gRPC codes' names as Generation reports them.
+  for (const char* outcome :
+       {"ok", "cancelled", "unknown", "invalid_argument", "deadline_exceeded", "not_found",
+        "already_exists", "permission_denied", "resource_exhausted", "failed_precondition",
+        "aborted", "out_of_range", "unimplemented", "internal", "unavailable", "data_loss",
+        "unauthenticated"}) {
     m_->Counter("dmoe_gateway_requests_total", help, {{"outcome", outcome}});
   }
   auto& conns = m_->Gauge("dmoe_gateway_http_connections", "Open HTTP connections");

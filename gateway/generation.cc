@@ -219,6 +219,7 @@ void Generation::OnAttemptDone(int node, bool got_token, grpc::Status status) {
     // Not started and the node is unreachable: try another one.
     ctx_.pool->MarkFailed(node);
     tried_.insert(node);
+    if (ctx_.options->metrics.retried) ctx_.options->metrics.retried();
     StartAttempt();
     return;
   }

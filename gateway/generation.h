@@ -33,6 +33,9 @@ struct GatewayMetrics {
   std::function<void(double seconds)> end_to_end;            // arrival to the end (OK only)
   std::function<void(double seconds)> queue_time;            // waiting for admission on the node
   std::function<void(int delta)> active;
+  // A request that failed before its first token went to another node (a failing node hides
+  // behind retries that succeed).
+  std::function<void()> retried;
 };
 
 struct GatewayOptions {

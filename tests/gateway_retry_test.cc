@@ -70,7 +70,10 @@ TEST(GatewayRetry, ARequestFailingBeforeItsFirstTokenMovesToAnotherNode) {
   ASSERT_EQ(pool.healthy(), 2u) << "both nodes polled";
   ApiKeys keys;
 
-  GatewayService service(&pool, &keys, GatewayOptions());
+  GatewayOptions options;
+  std::atomic<int> retries{0};
+  options.metrics.retried = [&retries] { ++retries; };  // dmoe_gateway_retries_total
+  GatewayService service(&pool, &keys, options);
   std::string gw_addr;
   auto gw = Serve(&service, &gw_addr);
   auto stub = v1::Dmoe::NewStub(grpc::CreateChannel(gw_addr, grpc::InsecureChannelCredentials()));
@@ -90,6 +93,7 @@ TEST(GatewayRetry, ARequestFailingBeforeItsFirstTokenMovesToAnotherNode) {
   // always compares both, so the first attempt went to the sick node, the retry to the other.
   EXPECT_EQ(sick.generate_calls.load(), 1);
   EXPECT_EQ(healthy.generate_calls.load(), 1);
+  EXPECT_EQ(retries.load(), 1);
   gw->Shutdown();
 }
 
