@@ -472,6 +472,11 @@ int Main(int argc, char** argv) {
   if (!gpu.ok()) return svc.Fail(gpu.status());
   auto numerics = ShardNumerics(*o, *config, gpu->get() != nullptr);
   if (!numerics.ok()) return svc.Fail(numerics.status());
+  // Served before the experts load: a bad --metrics-listen fails now, not after the load, and the
+  // process is seen up (process_start_time_seconds) while it loads.
+  Metrics metrics;
+  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
+  if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   uint64_t bytes_read = 0;
   auto store = LoadExperts(*flags, *o, *config, gpu->get(), &bytes_read);
   if (!store.ok()) return svc.Fail(store.status());
@@ -489,9 +494,6 @@ int Main(int argc, char** argv) {
     server.SetInjectedDelay(std::chrono::milliseconds(o->inject_delay_ms));
   }
   server.Start();
-  Metrics metrics;
-  auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
-  if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
   ExpertMetrics expert_metrics(&metrics);
   expert_metrics.Start(&shard, ucx->get());
 
