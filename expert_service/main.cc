@@ -472,8 +472,7 @@ int Main(int argc, char** argv) {
   if (!gpu.ok()) return svc.Fail(gpu.status());
   auto numerics = ShardNumerics(*o, *config, gpu->get() != nullptr);
   if (!numerics.ok()) return svc.Fail(numerics.status());
-  // Served before the experts load: a bad --metrics-listen fails now, not after the load, and the
-  // process is seen up (process_start_time_seconds) while it loads.
+  // Before the experts load: a bad --metrics-listen fails now; the process is seen while it loads.
   Metrics metrics;
   auto metrics_addr = metrics.Serve(flags->StringOr("metrics-listen", "127.0.0.1:0"));
   if (!metrics_addr.ok()) return svc.Fail(metrics_addr.status());
