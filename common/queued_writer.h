@@ -18,16 +18,19 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
  public:
   void Push(Response r) {
     MutexLock l(&mu_);
+    if (overflowed_) return;  // (see PushBounded)
     queued_bytes_ += r.ByteSizeLong();
     queue_.push_back(std::move(r));
     MaybeWriteLocked();
   }
   // Push, unless the client has left more than `max_bytes` of messages unsent (it reads too
-  // slowly, or not at all): then nothing is queued, what was is dropped, and false is returned
-  // (the caller ends the stream). Bounds what a reader that stalls makes the server hold.
+  // slowly, or not at all): then what was queued is dropped, and this and every later message
+  // too (Push included), and false is returned; the caller ends the stream with FinishWith (once
+  // nothing else will touch it). Bounds what a reader that stalls makes the server hold.
   bool PushBounded(Response r, size_t max_bytes) {
     MutexLock l(&mu_);
-    if (queued_bytes_ + r.ByteSizeLong() > max_bytes) {
+    if (overflowed_ || queued_bytes_ + r.ByteSizeLong() > max_bytes) {
+      overflowed_ = true;
       queue_.clear();
       queued_bytes_ = 0;
       return false;
@@ -98,6 +101,7 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool finish_sent_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool overflowed_ ABSL_GUARDED_BY(mu_) = false;  // PushBounded refused: drop everything
   grpc::Status status_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -1,5 +1,6 @@
 #include "gateway/gateway_service.h"
 
+#include <atomic>
 #include <set>
 #include <sstream>
 
@@ -48,20 +49,27 @@ class GrpcStream : public QueuedWriter<v1::GenerateResponse> {
 
   struct Sink : GenerationSink {
     Sink(GrpcStream* s, size_t max_backlog) : stream(s), max_backlog(max_backlog) {}
+    // The stream is finished only in OnDone, the generation's last call: finished earlier (at
+    // the overflow), gRPC could delete it while the generation still calls in.
     void OnChunk(v1::GenerateResponse chunk) override {
       if (stream->PushBounded(std::move(chunk), max_backlog)) return;
-      stream->FinishWith(grpc::Status(
-          grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrCat("the client reads too slowly: more than ", max_backlog,
-                       " bytes of this stream waited unread (--max-stream-backlog-kib)")));
+      overflowed = true;  // everything from now on is dropped
       stream->CancelGeneration();
     }
     void OnDone(const grpc::Status& status, v1::GenerateResponse last) override {
+      if (overflowed) {
+        stream->FinishWith(grpc::Status(
+            grpc::StatusCode::RESOURCE_EXHAUSTED,
+            absl::StrCat("the client reads too slowly: more than ", max_backlog,
+                         " bytes of this stream waited unread (--max-stream-backlog-kib)")));
+        return;
+      }
       if (status.ok()) stream->Push(std::move(last));
       stream->FinishWith(status);
     }
     GrpcStream* stream;
     const size_t max_backlog;
+    std::atomic<bool> overflowed{false};  // OnChunk and OnDone come in order, maybe on two threads
   };
   Mutex gen_mu_;
   std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(gen_mu_);

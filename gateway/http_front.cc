@@ -245,16 +245,19 @@ void Session<Stream>::Close() {
 template <class Stream>
 void Session<Stream>::Drain() {
   if (closed_) return;
-  if (idle_ && !parser_->got_some() && buffer_.size() == 0) return Close();
+  // Idle: waiting for a request's first byte, in ReadRequest or (after a completion) in Watch.
+  const bool waiting = (idle_ && !parser_->got_some()) || resume_after_watch_;
+  if (waiting && buffer_.size() == 0) return Close();
   keep_alive_ = false;  // the response in progress says "Connection: close" if not yet sent
 }
 
 template <class Stream>
 void Session<Stream>::ReadRequest() {
   if (closed_) return;
-  if (front_->draining) return Close();
-  idle_ = true;
+  // Draining: a request already begun (its bytes in buffer_) is served, with "Connection: close".
+  if (front_->draining && buffer_.size() == 0) return Close();
   parser_.emplace();  // a fresh parser per request
+  idle_ = true;
   parser_->body_limit(front_->options.max_body_bytes);
   parser_->header_limit(64 << 10);
   lowest().expires_after(front_->options.read_timeout);
@@ -654,9 +657,10 @@ void Session<Stream>::AfterResponse() {
   response_complete_ = false;
   headers_sent_ = false;
   paused_ = false;
-  if (close_after_ || front_->draining) return Close();
+  if (close_after_ || (front_->draining && buffer_.size() == 0)) return Close();
   if (!watching_) return ReadRequest();
   resume_after_watch_ = true;  // the pending read goes on as the next request's
+  lowest().expires_after(front_->options.read_timeout);  // idle keep-alive: closed after it
 }
 
 // While a request generates, a read stays pending: it fails when the client goes away (EOF, a
@@ -689,8 +693,7 @@ void HttpFront::Impl::Accept() {
   acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
     if (stopping || draining || !acceptor.is_open()) return;  // closed: accepting would spin
     if (ec == net::error::no_descriptors || ec == net::error::no_buffer_space ||
-        ec == net::error::no_memory ||
-        ec == beast::errc::make_error_code(beast::errc::too_many_files_open_in_system)) {
+        ec == net::error::no_memory || ec == beast::errc::too_many_files_open_in_system) {
       // Out of descriptors (or memory): the connection stays in the backlog. Trying again at
       // once fails at once, a core spinning for as long as it lasts: wait 10 ms.
       if (accept_failures++ % 1000 == 0) {
@@ -714,16 +717,18 @@ void HttpFront::Impl::OnAccept(tcp::socket socket) {
     return;
   }
   socket.set_option(tcp::no_delay(true));
+  // Started on the session's own strand, like everything it does (a drain's Drain() is posted
+  // there, and would otherwise race with Start on another loop thread).
   if (tls != nullptr) {
     auto s = std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(
         this, beast::ssl_stream<beast::tcp_stream>(beast::tcp_stream(std::move(socket)), *tls));
     Register(s);
-    s->Start();
+    net::dispatch(s->executor(), [s] { s->Start(); });
   } else {
     auto s =
         std::make_shared<Session<beast::tcp_stream>>(this, beast::tcp_stream(std::move(socket)));
     Register(s);
-    s->Start();
+    net::dispatch(s->executor(), [s] { s->Start(); });
   }
 }
 

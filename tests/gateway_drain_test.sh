@@ -70,12 +70,9 @@ wait_exit() {  # wait_exit PID SECONDS: sets rc to PID's exit status, or "runnin
 # 1. Streams in progress finish.
 start_gateway gw1 --drain-seconds 60
 want=$("$dmoe" generate --model "$work/model" --tokens 5,6,7,8 --max-tokens 40 --temperature 0 --print-token-ids)
-kill -STOP "$node_pid"
-"$dmoe" generate --target "$gw_grpc" --tokens 5,6,7,8 --max-tokens 40 --temperature 0 \
-  --print-token-ids > "$work/grpc.out" 2> "$work/grpc.err" &
-grpc_pid=$!
-pids+=("$grpc_pid")
-python3 - "$gw_http" "$gw_pid" "$node_pid" "$gw_metrics" > "$work/http.out" 2> "$work/http.err" <<'PY' &
+# The client below makes its idle connections, SIGSTOPs the node and says so in $work/stopped;
+# then the gRPC stream starts (held by the stopped node).
+python3 - "$gw_http" "$gw_pid" "$node_pid" "$gw_metrics" "$work/stopped" > "$work/http.out" 2> "$work/http.err" <<'PY' &
 import json, os, signal, socket, sys, time, urllib.request
 host, port = sys.argv[1].rsplit(":", 1)
 gw, node, metrics = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -89,10 +86,23 @@ def active_streams():
             return float(line.split()[1])
     return 0.0
 
-# An idle keep-alive connection: one request answered, then nothing.
+# Idle keep-alive connections: one request answered, then nothing. One ran a completion (its
+# connection then waits differently, reading for a disconnect).
 idle = connect()
 idle.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
 assert idle.recv(4096).startswith(b"HTTP/1.1 200"), "GET /version"
+done = json.dumps({"prompt": [5, 6], "max_tokens": 2, "temperature": 0}).encode()
+idle2 = connect()
+idle2.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(done) + done)
+reply = b""
+while b'"usage"' not in reply:
+    chunk = idle2.recv(65536)
+    assert chunk, "the completion's connection closed"
+    reply += chunk
+assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+os.kill(node, signal.SIGSTOP)
+open(sys.argv[5], "w").close()
 # A stream, held by the stopped node.
 body = json.dumps({"prompt": [5, 6, 7, 8], "max_tokens": 40, "temperature": 0, "stream": True,
                    "ignore_eos": True, "logprobs": 0}).encode()
@@ -106,7 +116,8 @@ while active_streams() < 2:  # this one and the gRPC one
 os.kill(gw, signal.SIGTERM)
 # The idle connection is closed, and new ones are refused, while the streams are still held.
 idle.settimeout(10)
-print("idle connection closed:", idle.recv(4096) == b"")
+idle2.settimeout(10)
+print("idle connection closed:", idle.recv(4096) == b"" and idle2.recv(4096) == b"")
 refused = False
 for _ in range(100):
     try:
@@ -136,6 +147,12 @@ print("ids:", ",".join(ids))
 PY
 http_pid=$!
 pids+=("$http_pid")
+for _ in $(seq 1 300); do [ -e "$work/stopped" ] && break; sleep 0.1; done
+[ -e "$work/stopped" ] || fail "the HTTP client did not set up its connections in 30 s"
+"$dmoe" generate --target "$gw_grpc" --tokens 5,6,7,8 --max-tokens 40 --temperature 0 \
+  --print-token-ids > "$work/grpc.out" 2> "$work/grpc.err" &
+grpc_pid=$!
+pids+=("$grpc_pid")
 wait_exit "$http_pid" 60
 expect "the HTTP client" 0 "$rc"
 cat "$work/http.out"

@@ -351,7 +351,16 @@ TEST_F(GatewayTest, AClientThatStopsReadingIsCutAtItsBacklog) {
   auto reader = tight_->Generate(&ctx, req);
   v1::GenerateResponse r;
   ASSERT_TRUE(reader->Read(&r)) << reader->Finish().error_message();
-  std::this_thread::sleep_for(std::chrono::seconds(3));  // reads nothing meanwhile
+  // Reads nothing until the generation is over on the node (cut, or done): 500 tokens of ~0.5
+  // KiB, where the client's HTTP/2 window (no BDP growth) takes 64 KiB and the gateway 16 KiB.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  do {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    grpc::ClientContext lctx;
+    internal::GetLoadReply load;
+    ASSERT_TRUE(attention_->GetLoad(&lctx, internal::GetLoadRequest(), &load).ok());
+    if (load.running() == 0 && load.waiting() == 0) break;
+  } while (std::chrono::steady_clock::now() < until);
   int64_t tokens = r.token_ids_size();
   while (reader->Read(&r)) tokens += r.token_ids_size();
   const grpc::Status st = reader->Finish();
