@@ -76,35 +76,56 @@ void AttentionMetrics::Refused(absl::StatusCode code) {
   (invalid ? invalid_ : refused_)->Increment();
 }
 
+namespace {
+constexpr char kRttName[] = "dmoe_transport_round_trip_seconds";
+constexpr char kRttHelp[] = "Dispatch to combine, per expert shard";
+constexpr char kTokensName[] = "dmoe_transport_shard_tokens_total";
+constexpr char kTokensHelp[] = "Token rows dispatched, per expert shard";
+constexpr char kErrorsName[] = "dmoe_transport_errors_total";
+constexpr char kErrorsHelp[] = "Failed or timed-out round trips, per expert shard";
+}  // namespace
+
 RoundTripObserver AttentionMetrics::RoundTrips() {
   return [this](const std::string& shard, double seconds, int64_t tokens, uint64_t out, uint64_t in,
                 bool ok) {
-    ShardSeries* series;
     {
+      // Updated under the lock: PruneShards may remove a shard's series.
       MutexLock l(&shards_mu_);
       auto it = shards_.find(shard);
       if (it == shards_.end()) {
         ShardSeries n;
-        n.rtt = &m_->Seconds("dmoe_transport_round_trip_seconds",
-                             "Dispatch to combine, per expert shard", {{"shard", shard}});
-        n.tokens = &m_->Counter("dmoe_transport_shard_tokens_total",
-                                "Token rows dispatched, per expert shard", {{"shard", shard}});
-        n.errors =
-            &m_->Counter("dmoe_transport_errors_total",
-                         "Failed or timed-out round trips, per expert shard", {{"shard", shard}});
+        n.rtt = &m_->Seconds(kRttName, kRttHelp, {{"shard", shard}});
+        n.tokens = &m_->Counter(kTokensName, kTokensHelp, {{"shard", shard}});
+        n.errors = &m_->Counter(kErrorsName, kErrorsHelp, {{"shard", shard}});
         it = shards_.emplace(shard, n).first;
       }
-      series = &it->second;
+      ShardSeries& series = it->second;
+      series.last = std::chrono::steady_clock::now();
+      series.rtt->Observe(seconds);
+      series.tokens->Increment(static_cast<double>(tokens));
+      if (!ok) series.errors->Increment();
     }
-    series->rtt->Observe(seconds);
-    series->tokens->Increment(static_cast<double>(tokens));
-    if (!ok) series->errors->Increment();
     bytes_out_->Increment(static_cast<double>(out));
     bytes_in_->Increment(static_cast<double>(in));
   };
 }
 
+void AttentionMetrics::PruneShards(std::chrono::steady_clock::time_point now) {
+  MutexLock l(&shards_mu_);
+  for (auto it = shards_.begin(); it != shards_.end();) {
+    if (now - it->second.last < std::chrono::minutes(10)) {
+      ++it;
+      continue;
+    }
+    m_->Remove(kRttName, kRttHelp, it->second.rtt);
+    m_->Remove(kTokensName, kTokensHelp, it->second.tokens);
+    m_->Remove(kErrorsName, kErrorsHelp, it->second.errors);
+    it = shards_.erase(it);
+  }
+}
+
 void AttentionMetrics::Refresh(const Scheduler* s, const StepEngine* e) {
+  PruneShards(std::chrono::steady_clock::now());
   const SchedulerLoad load = s->load();
   const SchedulerStats stats = s->stats();
   running_->Set(static_cast<double>(load.running));

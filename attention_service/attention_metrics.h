@@ -5,6 +5,7 @@
 #define DMOE_ATTENTION_SERVICE_ATTENTION_METRICS_H_
 
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <string>
@@ -31,6 +32,9 @@ class AttentionMetrics {
   // "refused" (draining, queue full, ...). Such requests were counted under no outcome.
   void Refused(absl::StatusCode code);
   RoundTripObserver RoundTrips();
+  // Removes the series of shards without a round trip for 10 minutes before `now` (each restart
+  // or scale-out brings a new shard label: ~22 series each, kept forever). Refresh calls it.
+  void PruneShards(std::chrono::steady_clock::time_point now);
   // With a router: the active placement version, heartbeat age and stalls are exported too.
   // Call before Start.
   void SetShardSet(ExpertShardSet* set) { set_ = set; }
@@ -65,7 +69,9 @@ class AttentionMetrics {
   struct ShardSeries {
     prometheus::Histogram* rtt;
     prometheus::Counter *tokens, *errors;
+    std::chrono::steady_clock::time_point last;  // the last round trip
   };
+
   Mutex shards_mu_;
   std::map<std::string, ShardSeries> shards_ ABSL_GUARDED_BY(shards_mu_);  // by name, on first use
   prometheus::Counter *bytes_out_, *bytes_in_;

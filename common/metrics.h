@@ -38,6 +38,16 @@ class Metrics {
   prometheus::Histogram& LongSeconds(const std::string& name, const std::string& help,
                                      const prometheus::Labels& labels = {});
 
+  // Remove a series made by Counter / Seconds with the same name and help (its family stays):
+  // for series of things that are gone (an expert shard that left), whose label values would
+  // otherwise pile up forever. The pointer is invalid afterwards.
+  void Remove(const std::string& name, const std::string& help, prometheus::Counter* c) {
+    prometheus::BuildCounter().Name(name).Help(help).Register(*registry_).Remove(c);
+  }
+  void Remove(const std::string& name, const std::string& help, prometheus::Histogram* h) {
+    prometheus::BuildHistogram().Name(name).Help(help).Register(*registry_).Remove(h);
+  }
+
   // Sets a counter to a total kept elsewhere (counters only go up).
   static void SetTotal(prometheus::Counter& c, double total) {
     if (total > c.Value()) c.Increment(total - c.Value());
