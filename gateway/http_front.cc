@@ -197,6 +197,9 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   bool close_after_ = false;
   bool watching_ = false;  // waiting for the socket to turn readable (a disconnect)
   bool resume_after_watch_ = false;
+  // Closes a keep-alive connection left idle after a completion (its pending Watch read kept
+  // the expiry it started with, none: such connections were never closed).
+  net::steady_timer idle_timer_{executor_};
 };
 
 // Feeds one choice's generation into its session.
@@ -236,6 +239,7 @@ template <class Stream>
 void Session<Stream>::Close() {
   if (closed_) return;
   closed_ = true;
+  idle_timer_.cancel();
   for (auto& g : gens_) g->Cancel();
   beast::error_code ec;
   lowest().socket().shutdown(tcp::socket::shutdown_both, ec);
@@ -660,7 +664,10 @@ void Session<Stream>::AfterResponse() {
   if (close_after_ || (front_->draining && buffer_.size() == 0)) return Close();
   if (!watching_) return ReadRequest();
   resume_after_watch_ = true;  // the pending read goes on as the next request's
-  lowest().expires_after(front_->options.read_timeout);  // idle keep-alive: closed after it
+  idle_timer_.expires_after(front_->options.read_timeout);
+  idle_timer_.async_wait([self = this->shared_from_this()](beast::error_code ec) {
+    if (!ec && self->resume_after_watch_) self->Close();  // no next request came
+  });
 }
 
 // While a request generates, a read stays pending: it fails when the client goes away (EOF, a
@@ -668,6 +675,9 @@ void Session<Stream>::AfterResponse() {
 // in buffer_ for it. One read beside one write is allowed on tcp_stream and ssl_stream alike.
 template <class Stream>
 void Session<Stream>::Watch() {
+  // The next request is already here (read with this one's body: pipelining): no watch, so that
+  // the response's end parses it at once (a watch would wait for bytes that never come).
+  if (buffer_.size() > 0) return;
   watching_ = true;
   stream_.async_read_some(
       buffer_.prepare(4096),
@@ -682,9 +692,13 @@ void Session<Stream>::OnWatch(beast::error_code ec, size_t n) {
   buffer_.commit(n);
   if (resume_after_watch_) {  // the response is out: the next request has begun
     resume_after_watch_ = false;
+    idle_timer_.cancel();
     return ReadRequest();
   }
-  if (buffer_.size() < (64 << 10)) Watch();  // else stop reading until the response is out
+  // The next request began early (a fast client): Watch stops, so that the response's end goes
+  // straight to ReadRequest, which parses what is in buffer_ (watching on, it waited for bytes
+  // the client had already sent). A dead client is still caught by the write timeout.
+  Watch();
 }
 
 }  // namespace

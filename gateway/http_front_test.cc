@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -13,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "gateway/fake_attention.h"
 #include "gtest/gtest.h"
 
 namespace dmoe::gateway {
@@ -96,6 +98,102 @@ TEST(HttpFront, OutOfDescriptorsTheListenerBacksOffAndRecovers) {
   close(waiting);
   ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &lim), 0);
   front.Stop();
+}
+
+// Reads from `fd` until `count` complete HTTP responses (headers and Content-Length body) have
+// come, the peer closes, or the socket's receive timeout passes; returns their status lines.
+std::vector<std::string> ReadResponses(int fd, size_t count) {
+  std::vector<std::string> got;
+  std::string buf;
+  char chunk[4096];
+  while (got.size() < count) {
+    const size_t head_end = buf.find("\r\n\r\n");
+    if (head_end != std::string::npos) {
+      const size_t cl = buf.find("Content-Length: ");
+      const size_t length = cl < head_end ? std::stoul(buf.substr(cl + 16)) : 0;
+      if (buf.size() >= head_end + 4 + length) {
+        got.push_back(buf.substr(0, buf.find("\r\n")));
+        buf.erase(0, head_end + 4 + length);
+        continue;
+      }
+    }
+    const ssize_t n = recv(fd, chunk, sizeof(chunk), 0);
+    if (n <= 0) break;
+    buf.append(chunk, static_cast<size_t>(n));
+  }
+  return got;
+}
+
+class HttpFrontWithANode : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    grpc::ServerBuilder b;
+    int port = 0;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(&node_);
+    server_ = b.BuildAndStart();
+    pool_ =
+        std::make_unique<NodePool>(std::vector<std::string>{"127.0.0.1:" + std::to_string(port)});
+    for (int i = 0; i < 300 && pool_->healthy() == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ASSERT_EQ(pool_->healthy(), 1u);
+    service_ = std::make_unique<GatewayService>(pool_.get(), &keys_, GatewayOptions());
+    HttpFrontOptions o;
+    o.read_timeout = std::chrono::milliseconds(500);
+    front_ = std::make_unique<HttpFront>(service_.get(), o);
+    auto addr = front_->Start();
+    ASSERT_TRUE(addr.ok()) << addr.status();
+    address_ = *addr;
+  }
+  void TearDown() override {
+    front_->Stop();
+    server_->Shutdown();
+  }
+  static std::string Completion() {
+    const std::string body = R"({"prompt": [1, 2], "max_tokens": 3})";
+    return "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           "Content-Length: " +
+           std::to_string(body.size()) + "\r\n\r\n" + body;
+  }
+
+  FakeAttention node_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<NodePool> pool_;
+  ApiKeys keys_;
+  std::unique_ptr<GatewayService> service_;
+  std::unique_ptr<HttpFront> front_;
+  std::string address_;
+};
+
+// A keep-alive connection left idle after a completion is closed after the read timeout, like
+// one idle after any other request. (It waits in a read that watches for a disconnect, which
+// kept the expiry it started with: none. Such connections were never closed.)
+TEST_F(HttpFrontWithANode, AConnectionIdleAfterACompletionIsClosedAfterTheReadTimeout) {
+  const int fd = ConnectTo(address_);
+  ASSERT_GE(fd, 0);
+  const std::string req = Completion();
+  ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  EXPECT_EQ(ReadResponses(fd, 1), std::vector<std::string>{"HTTP/1.1 200 OK"});
+  const auto t0 = std::chrono::steady_clock::now();
+  char c;
+  EXPECT_EQ(recv(fd, &c, 1, 0), 0) << "not closed within the socket's 10 s receive timeout";
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("closed %.2f s after the response (read timeout 0.5 s)\n", s);
+  EXPECT_LT(s, 5.0);
+  close(fd);
+}
+
+// A client that sends its next request before the response to a completion is out (pipelining)
+// gets both answers. The next request's bytes arrived in the disconnect watch, which then waited
+// for more and never parsed them: the client hung.
+TEST_F(HttpFrontWithANode, APipelinedRequestAfterACompletionIsAnswered) {
+  const int fd = ConnectTo(address_);
+  ASSERT_GE(fd, 0);
+  const std::string reqs = Completion() + "GET /version HTTP/1.1\r\nHost: x\r\n\r\n";
+  ASSERT_EQ(send(fd, reqs.data(), reqs.size(), MSG_NOSIGNAL), static_cast<ssize_t>(reqs.size()));
+  EXPECT_EQ(ReadResponses(fd, 2), (std::vector<std::string>{"HTTP/1.1 200 OK", "HTTP/1.1 200 OK"}));
+  close(fd);
 }
 
 }  // namespace

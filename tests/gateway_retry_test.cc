@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "gateway/fake_attention.h"
 #include "gateway/gateway_service.h"
 #include "gateway/node_pool.h"
 #include "gtest/gtest.h"
@@ -20,33 +21,6 @@
 
 namespace dmoe::gateway {
 namespace {
-
-class FakeAttention final : public internal::AttentionService::Service {
- public:
-  FakeAttention(bool sick, int64_t queued) : sick_(sick), queued_(queued) {}
-  grpc::Status Generate(grpc::ServerContext*, const internal::GenerateRequest*,
-                        grpc::ServerWriter<internal::GenerateResponse>* w) override {
-    ++generate_calls;
-    if (sick_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler stopped");
-    internal::GenerateResponse r;
-    for (int32_t t : {7, 8, 9}) r.add_tokens()->set_token_id(t);
-    r.set_finish_reason("length");
-    w->Write(r);
-    return grpc::Status::OK;
-  }
-  grpc::Status GetLoad(grpc::ServerContext*, const internal::GetLoadRequest*,
-                       internal::GetLoadReply* reply) override {
-    reply->set_total_blocks(100);
-    reply->set_free_blocks(100);
-    reply->set_queued_prefill_tokens(queued_);
-    return grpc::Status::OK;
-  }
-  std::atomic<int> generate_calls{0};
-
- private:
-  const bool sick_;
-  const int64_t queued_;
-};
 
 std::unique_ptr<grpc::Server> Serve(grpc::Service* service, std::string* address) {
   grpc::ServerBuilder b;

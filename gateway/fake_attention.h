@@ -1,0 +1,46 @@
+// Test only: an attention node's gRPC service that answers every Generate with the tokens 7, 8, 9
+// at once (finish "length"), or, when `sick`, with UNAVAILABLE (a node whose scheduler is gone);
+// GetLoad reports 100 free blocks and `queued` prompt tokens. For gateway tests that need a node
+// whose answers they control (a fake in addition to the real-process tests).
+#ifndef DMOE_GATEWAY_FAKE_ATTENTION_H_
+#define DMOE_GATEWAY_FAKE_ATTENTION_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "proto/attention.grpc.pb.h"
+
+namespace dmoe::gateway {
+
+class FakeAttention final : public internal::AttentionService::Service {
+ public:
+  explicit FakeAttention(bool sick = false, int64_t queued = 0) : sick_(sick), queued_(queued) {}
+  grpc::Status Generate(grpc::ServerContext*, const internal::GenerateRequest*,
+                        grpc::ServerWriter<internal::GenerateResponse>* w) override {
+    ++generate_calls;
+    if (sick_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler stopped");
+    internal::GenerateResponse r;
+    for (int32_t t : {7, 8, 9}) r.add_tokens()->set_token_id(t);
+    r.set_finish_reason("length");
+    w->Write(r);
+    return grpc::Status::OK;
+  }
+  grpc::Status GetLoad(grpc::ServerContext*, const internal::GetLoadRequest*,
+                       internal::GetLoadReply* reply) override {
+    reply->set_total_blocks(100);
+    reply->set_free_blocks(100);
+    reply->set_queued_prefill_tokens(queued_);
+    return grpc::Status::OK;
+  }
+  std::atomic<int> generate_calls{0};
+
+ private:
+  const bool sick_;
+  const int64_t queued_;
+};
+
+}  // namespace dmoe::gateway
+
+#endif  // DMOE_GATEWAY_FAKE_ATTENTION_H_
