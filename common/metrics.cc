@@ -77,26 +77,28 @@ prometheus::Gauge& Metrics::Gauge(const std::string& name, const std::string& he
   return prometheus::BuildGauge().Name(name).Help(help).Register(*registry_).Add(labels);
 }
 
-prometheus::Histogram& Metrics::Seconds(const std::string& name, const std::string& help,
-                                        const prometheus::Labels& labels) {
-  static const prometheus::Histogram::BucketBoundaries kBuckets = {
-      1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+prometheus::Histogram& Metrics::Histogram(const std::string& name, const std::string& help,
+                                          const prometheus::Labels& labels,
+                                          const prometheus::Histogram::BucketBoundaries& buckets) {
   return prometheus::BuildHistogram()
       .Name(name)
       .Help(help)
       .Register(*registry_)
-      .Add(labels, kBuckets);
+      .Add(labels, buckets);
+}
+
+prometheus::Histogram& Metrics::Seconds(const std::string& name, const std::string& help,
+                                        const prometheus::Labels& labels) {
+  static const prometheus::Histogram::BucketBoundaries kBuckets = {
+      1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+  return Histogram(name, help, labels, kBuckets);
 }
 
 prometheus::Histogram& Metrics::LongSeconds(const std::string& name, const std::string& help,
                                             const prometheus::Labels& labels) {
   static const prometheus::Histogram::BucketBoundaries kBuckets = {
       0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 3600};
-  return prometheus::BuildHistogram()
-      .Name(name)
-      .Help(help)
-      .Register(*registry_)
-      .Add(labels, kBuckets);
+  return Histogram(name, help, labels, kBuckets);
 }
 
 }  // namespace dmoe

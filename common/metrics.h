@@ -54,6 +54,10 @@ class Metrics {
   }
 
  private:
+  prometheus::Histogram& Histogram(const std::string& name, const std::string& help,
+                                   const prometheus::Labels& labels,
+                                   const prometheus::Histogram::BucketBoundaries& buckets);
+
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
 };

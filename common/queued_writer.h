@@ -49,6 +49,11 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
     queue_.push_back(std::move(r));
     MaybeWriteLocked();
   }
+  // PushBounded refused a message: the stream is dropping everything.
+  bool overflowed() const {
+    MutexLock l(&mu_);
+    return overflowed_;
+  }
   // The first call's status is the stream's (a later one, e.g. a cancelled generation reporting
   // after PushBounded refused, is ignored).
   void FinishWith(grpc::Status status) {
@@ -93,7 +98,7 @@ class QueuedWriter : public grpc::ServerWriteReactor<Response> {
     }
   }
 
-  Mutex mu_;
+  mutable Mutex mu_;
   std::deque<Response> queue_ ABSL_GUARDED_BY(mu_);
   size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of queue_ (not the one being written)
   Response current_ ABSL_GUARDED_BY(mu_);

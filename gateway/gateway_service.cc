@@ -1,6 +1,5 @@
 #include "gateway/gateway_service.h"
 
-#include <atomic>
 #include <set>
 #include <sstream>
 
@@ -53,11 +52,10 @@ class GrpcStream : public QueuedWriter<v1::GenerateResponse> {
     // the overflow), gRPC could delete it while the generation still calls in.
     void OnChunk(v1::GenerateResponse chunk) override {
       if (stream->PushBounded(std::move(chunk), max_backlog)) return;
-      overflowed = true;  // everything from now on is dropped
-      stream->CancelGeneration();
+      stream->CancelGeneration();  // everything from now on is dropped
     }
     void OnDone(const grpc::Status& status, v1::GenerateResponse last) override {
-      if (overflowed) {
+      if (stream->overflowed()) {
         stream->FinishWith(grpc::Status(
             grpc::StatusCode::RESOURCE_EXHAUSTED,
             absl::StrCat("the client reads too slowly: more than ", max_backlog,
@@ -69,7 +67,6 @@ class GrpcStream : public QueuedWriter<v1::GenerateResponse> {
     }
     GrpcStream* stream;
     const size_t max_backlog;
-    std::atomic<bool> overflowed{false};  // OnChunk and OnDone come in order, maybe on two threads
   };
   Mutex gen_mu_;
   std::shared_ptr<Generation> gen_ ABSL_GUARDED_BY(gen_mu_);
