@@ -63,8 +63,9 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --prefill-chunk N       prompt tokens of one sequence per step (default 256)
   --micro-batches N       1 or 2 (default 2): with remote experts, two micro-batches in ping-pong
   --metrics-listen H:P    Prometheus /metrics address (default 127.0.0.1:0)
-  --drain-seconds N       on SIGTERM, stop admitting and let running requests finish for up to N
-                          seconds (default 30)
+  --drain-seconds N       on SIGTERM, stop admitting, hand queued requests back (the gateway
+                          retries them on another node) and let running requests finish for up
+                          to N seconds (default 30)
   --advertise-host H      host others reach this node at, registered with the router in place of
                           the listen host (e.g. the pod IP; default: the listen host)
   --expert-wait-ms N      when an expert has no reachable replica, pause the affected sequences

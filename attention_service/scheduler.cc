@@ -133,7 +133,9 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
 void Scheduler::Drain() {
   MutexLock l(&mu_);
   draining_ = true;
+  hand_back_ = true;
   load_.draining = true;
+  work_cv_.Signal();
 }
 
 void Scheduler::Cancel(uint64_t id) {
@@ -151,7 +153,7 @@ void Scheduler::EndAll(absl::Status status) {
 bool Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
   MutexLock l(&mu_);
   auto has_work = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return !incoming_.empty() || !cancelled_.empty() || !end_all_.ok();
+    return !incoming_.empty() || !cancelled_.empty() || !end_all_.ok() || hand_back_;
   };
   if (has_work()) return true;
   ++idle_waiters_;
@@ -201,6 +203,7 @@ void Scheduler::Preempt(Seq* s) {
 void Scheduler::TakeIncomingAndCancel() {
   std::set<uint64_t> cancelled;
   absl::Status end_all;
+  bool hand_back;
   {
     MutexLock l(&mu_);
     while (!incoming_.empty()) {
@@ -209,7 +212,9 @@ void Scheduler::TakeIncomingAndCancel() {
     }
     cancelled.swap(cancelled_);
     end_all = std::exchange(end_all_, absl::OkStatus());
+    hand_back = std::exchange(hand_back_, false);
   }
+  if (hand_back && end_all.ok()) HandBackQueued();
   if (!end_all.ok()) {
     auto end = [&](auto& list) {
       for (auto& s : list) Finish(s.get(), FinishReason::kError, end_all);
@@ -229,6 +234,17 @@ void Scheduler::TakeIncomingAndCancel() {
   for (auto& s : running_) cancel(s);
   for (auto& s : waiting_) cancel(s);
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
+}
+
+void Scheduler::HandBackQueued() {
+  const absl::Status st =
+      absl::UnavailableError("this attention node is shutting down; retry on another");
+  for (auto& s : waiting_) {
+    if (s->admitted != 0) continue;  // preempted: it has begun (tokens may have gone out)
+    Finish(s.get(), FinishReason::kError, st);
+    s.reset();
+  }
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
 }
 

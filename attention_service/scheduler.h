@@ -117,8 +117,10 @@ class Scheduler {
                                   RequestCallbacks callbacks);
   // Ends a request: its blocks are freed and on_finish(kCancelled) runs at the next Step.
   void Cancel(uint64_t id);
-  // Stops admitting: Submit returns UNAVAILABLE from now on (the gateway retries elsewhere);
-  // requests already accepted run to completion.
+  // Stops admitting: Submit returns UNAVAILABLE from now on (the gateway retries elsewhere).
+  // Requests running, or preempted after they began, run to completion; those still queued
+  // (never admitted) end UNAVAILABLE at the next Step, so the gateway retries them on another
+  // node at once instead of their waiting out the drain behind the running ones.
   void Drain();
   // Ends every request it holds, running or waiting, with `status` at the next Step (their
   // blocks freed): at the end of a drain, so that what could not finish in time ends with a
@@ -147,6 +149,8 @@ class Scheduler {
     double resumed_after = 0;  // longest stall that ended with this step
   };
   void TakeIncomingAndCancel();
+  // Drain's hand-back: ends the waiting sequences never admitted, UNAVAILABLE.
+  void HandBackQueued();
   void Admit();
   void ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>* members);
   // False when the batch's only sequence can never fit the cache (it was ended).
@@ -195,6 +199,7 @@ class Scheduler {
   absl::Status end_all_ ABSL_GUARDED_BY(mu_);  // EndAll's status, until the next Step takes it
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool hand_back_ ABSL_GUARDED_BY(mu_) = false;  // Drain was called; the next Step hands back
   SchedulerLoad load_ ABSL_GUARDED_BY(mu_);
   SchedulerStats stats_ ABSL_GUARDED_BY(mu_);
 
