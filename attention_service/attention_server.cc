@@ -2,6 +2,7 @@
 
 #include <mutex>
 
+#include "absl/strings/str_cat.h"
 #include "common/cluster_token.h"
 #include "common/mutex.h"
 #include "common/queued_writer.h"
@@ -59,8 +60,11 @@ grpc::StatusCode ToGrpc(absl::StatusCode c) { return static_cast<grpc::StatusCod
 class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
  public:
   GenerateReactor(Scheduler* scheduler, AttentionMetrics* metrics,
-                  const internal::GenerateRequest* request)
-      : scheduler_(scheduler), metrics_(metrics), last_(std::chrono::steady_clock::now()) {
+                  const internal::GenerateRequest* request, size_t max_backlog)
+      : scheduler_(scheduler),
+        metrics_(metrics),
+        max_backlog_(max_backlog),
+        last_(std::chrono::steady_clock::now()) {
     RequestCallbacks cb;
     cb.on_admit = [this](int64_t hit) {
       cached_ = hit;
@@ -89,7 +93,10 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
         top->set_logprob(lp);
       }
       MutexLock l(&mu_);  // after the first message
-      Push(std::move(r));
+      if (!PushBounded(std::move(r), max_backlog_) && !overflowed_) {
+        overflowed_ = true;  // ends at the next step: on_finish(kCancelled) below
+        scheduler_->Cancel(id_);
+      }
     };
     // FinishWith is the last touch of *this, made without holding mu_: once the stream is
     // finished, gRPC may delete the reactor on its own thread (QueuedWriter::OnDone), and an
@@ -100,7 +107,12 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
       grpc::Status final = grpc::Status::OK;
       {
         MutexLock l(&mu_);
-        if (reason == FinishReason::kError) {
+        if (overflowed_) {
+          final = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                               absl::StrCat("the reader left more than ", max_backlog_ >> 10,
+                                            " KiB of this stream unread (a client reading too "
+                                            "slowly); the generation was stopped"));
+        } else if (reason == FinishReason::kError) {
           final = grpc::Status(ToGrpc(st.code()), std::string(st.message()));
         } else if (reason == FinishReason::kCancelled && cancelled_by_client_) {
           final = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
@@ -142,6 +154,7 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
  private:
   Scheduler* scheduler_;
   AttentionMetrics* metrics_;
+  const size_t max_backlog_;
   std::chrono::steady_clock::time_point last_;  // arrival, then the last token (scheduler thread)
   bool first_ = true;
   int64_t cached_ = 0;        // scheduler thread
@@ -149,6 +162,7 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
   Mutex mu_;
   uint64_t id_ ABSL_GUARDED_BY(mu_) = 0;
   bool cancelled_by_client_ ABSL_GUARDED_BY(mu_) = false;
+  bool overflowed_ ABSL_GUARDED_BY(mu_) = false;  // PushBounded refused a token
 };
 
 }  // namespace
@@ -158,7 +172,7 @@ grpc::ServerWriteReactor<internal::GenerateResponse>* AttentionServiceImpl::Gene
   if (!CallAuthorized(*ctx, token_)) {
     return new RefusedStream<internal::GenerateResponse>(Unauthenticated());
   }
-  return new GenerateReactor(scheduler_, metrics_, request);
+  return new GenerateReactor(scheduler_, metrics_, request, max_backlog_);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Cancel(grpc::CallbackServerContext* ctx,

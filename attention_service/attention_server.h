@@ -35,6 +35,10 @@ class AttentionServiceImpl final : public internal::AttentionService::CallbackSe
   // Calls without this token (common/cluster_token.h) get UNAUTHENTICATED; empty: no check.
   // Call before serving.
   void SetClusterToken(std::string token) { token_ = std::move(token); }
+  // A Generate stream whose reader (the gateway, held back by a slow client) leaves more than
+  // this many bytes unread ends RESOURCE_EXHAUSTED and its sequence is cancelled: the node holds
+  // at most this much per stream. Call before serving.
+  void SetMaxStreamBacklog(size_t bytes) { max_backlog_ = bytes; }
   grpc::ServerWriteReactor<internal::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const internal::GenerateRequest* request) override;
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
@@ -48,6 +52,7 @@ class AttentionServiceImpl final : public internal::AttentionService::CallbackSe
   Scheduler* scheduler_;
   AttentionMetrics* metrics_;
   std::string token_;
+  size_t max_backlog_ = size_t{16} << 20;
 };
 
 // Protobuf sampling parameters -> SamplingParams (top_p 0 means off).

@@ -66,6 +66,9 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --drain-seconds N       on SIGTERM, stop admitting, hand queued requests back (the gateway
                           retries them on another node) and let running requests finish for up
                           to N seconds (default 30)
+  --max-stream-backlog-kib N  a Generate stream whose reader (the gateway, held back by a slow
+                          client) leaves more than N KiB unread ends RESOURCE_EXHAUSTED and its
+                          generation stops: the most the node holds per stream (default 16384)
   --advertise-host H      host others reach this node at, registered with the router in place of
                           the listen host (e.g. the pod IP; default: the listen host)
   --expert-wait-ms N      when an expert has no reachable replica, pause the affected sequences
@@ -111,6 +114,7 @@ absl::StatusOr<Options> ParseOptions(const Flags& f) {
                           {"prefill-chunk", 256, int64_t{1} << 24},
                           {"micro-batches", 2, 2},
                           {"drain-seconds", 30, 86400},
+                          {"max-stream-backlog-kib", 16384, int64_t{1} << 22},
                           {"speculative-tokens", 0, 16}};
   for (const IntFlag& i : ints) {
     ASSIGN_OR_RETURN(int64_t x, f.Int(i.name, i.dflt));
@@ -231,17 +235,29 @@ void Register(const Flags& f, const LocalModel& model, ExpertShardSet* shard_set
 
 // The flags that take a value.
 std::set<std::string> FlagNames() {
-  return WithInternalTls(WithRemote({"model",          "grpc-listen",
-                                     "ready-file",     "kv-cache-mib",
-                                     "kv-blocks",      "block-tokens",
-                                     "max-running",    "max-waiting",
-                                     "token-budget",   "prefill-chunk",
-                                     "micro-batches",  "metrics-listen",
-                                     "drain-seconds",  "expert-wait-ms",
-                                     "kv-cache-dtype", "advertise-host",
-                                     "threads",        "blas-threads",
-                                     "log-level",      "speculative-tokens",
-                                     "device",         "gpu"}));
+  return WithInternalTls(WithRemote({"model",
+                                     "grpc-listen",
+                                     "ready-file",
+                                     "kv-cache-mib",
+                                     "kv-blocks",
+                                     "block-tokens",
+                                     "max-running",
+                                     "max-waiting",
+                                     "token-budget",
+                                     "prefill-chunk",
+                                     "micro-batches",
+                                     "metrics-listen",
+                                     "drain-seconds",
+                                     "expert-wait-ms",
+                                     "kv-cache-dtype",
+                                     "advertise-host",
+                                     "threads",
+                                     "blas-threads",
+                                     "log-level",
+                                     "speculative-tokens",
+                                     "device",
+                                     "gpu",
+                                     "max-stream-backlog-kib"}));
 }
 
 int Main(int argc, char** argv) {
@@ -293,6 +309,7 @@ int Main(int argc, char** argv) {
   if (!made.ok()) return svc.Fail(made.status());
   AttentionNode& node = **made;
   node.service()->SetClusterToken(lo.shard_client.cluster_token);
+  node.service()->SetMaxStreamBacklog(static_cast<size_t>(o->v.at("max-stream-backlog-kib")) << 10);
   node.Start();
   auto addr = svc.Serve(*flags, {node.service()}, "dmoe.internal.AttentionService", *metrics_addr,
                         nlohmann::json::object(), true, InternalServerCredentials());

@@ -22,6 +22,7 @@
 #include "gtest/gtest.h"
 #include "model/config.h"
 #include "model/tiny_model.h"
+#include "proto/attention.grpc.pb.h"
 #include "proto/dmoe/v1/dmoe.grpc.pb.h"
 #include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "tests/process_util.h"
@@ -75,12 +76,21 @@ Streamed ViaGateway(v1::Dmoe::Stub* gateway, bool ignore_eos) {
 // A dmoe-attention (experts in process) and a dmoe-gateway over it, on `dir`.
 class Serving {
  public:
-  explicit Serving(const std::string& dir) {
+  explicit Serving(const std::string& dir, const std::vector<std::string>& attention_flags = {}) {
     const std::string tag = std::to_string(++count_);
-    attention_ = ChildProcess({Runfile("attention_service/dmoe-attention"), "--model", dir,
-                               "--kv-blocks", "64", "--block-tokens", "8", "--blas-threads", "1",
-                               "--ready-file", TmpDir() + "/attn" + tag + ".json"},
-                              TmpDir() + "/attn" + tag + ".log");
+    std::vector<std::string> argv = {Runfile("attention_service/dmoe-attention"),
+                                     "--model",
+                                     dir,
+                                     "--kv-blocks",
+                                     "64",
+                                     "--block-tokens",
+                                     "8",
+                                     "--blas-threads",
+                                     "1",
+                                     "--ready-file",
+                                     TmpDir() + "/attn" + tag + ".json"};
+    argv.insert(argv.end(), attention_flags.begin(), attention_flags.end());
+    attention_ = ChildProcess(argv, TmpDir() + "/attn" + tag + ".log");
     auto attn =
         testing::WaitForReadyFile(TmpDir() + "/attn" + tag + ".json", std::chrono::seconds(60));
     EXPECT_FALSE(attn.empty()) << attention_.Log();
@@ -280,8 +290,12 @@ TEST(HealthTest, ReadinessFollowsDrainAndAttentionNodes) {
   for (int i = 0; i < kStreams; ++i) {
     ctxs.push_back(std::make_unique<grpc::ClientContext>());
     readers.push_back(serving.stub()->Generate(ctxs.back().get(), req));
+    // Until its first token: admitted, so running (a request still queued at the SIGTERM would
+    // be handed back, UNAVAILABLE, with no other node to retry on).
     v1::GenerateResponse first;
-    ASSERT_TRUE(readers.back()->Read(&first));
+    do {
+      ASSERT_TRUE(readers.back()->Read(&first));
+    } while (first.token_ids_size() == 0);
   }
   kill(serving.attention().pid(), SIGTERM);
   HealthCheckResponse::ServingStatus draining = HealthCheckResponse::SERVING;
@@ -311,6 +325,55 @@ TEST(HealthTest, ReadinessFollowsDrainAndAttentionNodes) {
   EXPECT_EQ(gw, HealthCheckResponse::NOT_SERVING) << "gateway without attention nodes";
   EXPECT_EQ(Health(serving.gateway_address(), "dmoe.v1.Dmoe"), HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(Health(serving.gateway_address(), "dmoe.liveness"), HealthCheckResponse::SERVING);
+}
+
+// A reader of the node's Generate stream (the gateway, held back by a slow HTTP client) that
+// stops reading: once more than --max-stream-backlog-kib waits unread in the node, the stream ends
+// RESOURCE_EXHAUSTED and the generation stops (its blocks freed). The node held the whole
+// generation for it before. A stream within the reader's window and the backlog is whole.
+TEST(StreamBacklogTest, AnAttentionStreamLeftUnreadIsCutAtItsBacklog) {
+  const std::string dir = TmpDir() + "/backlog";
+  ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
+  Serving serving(dir, {"--max-stream-backlog-kib", "16"});
+  ASSERT_FALSE(serving.attention_address().empty());
+  grpc::ChannelArguments args;  // no BDP probing: the receive window stays 64 KiB
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  auto node = internal::AttentionService::NewStub(grpc::CreateCustomChannel(
+      serving.attention_address(), grpc::InsecureChannelCredentials(), args));
+  auto generate = [&](int64_t max_tokens, int64_t* tokens) {
+    internal::GenerateRequest req;
+    for (int32_t t : kPrompt) req.add_prompt_token_ids(t);
+    req.mutable_sampling()->set_max_tokens(max_tokens);
+    req.mutable_sampling()->set_ignore_eos(true);
+    req.mutable_sampling()->set_logprobs(true);
+    req.mutable_sampling()->set_top_logprobs(20);  // ~0.5 KiB per token
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = node->Generate(&ctx, req);
+    internal::GenerateResponse r;
+    EXPECT_TRUE(reader->Read(&r));
+    // Reads nothing more until the generation is over on the node (cut, or done).
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    do {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      grpc::ClientContext lctx;
+      internal::GetLoadReply load;
+      EXPECT_TRUE(node->GetLoad(&lctx, internal::GetLoadRequest(), &load).ok());
+      if (load.running() == 0 && load.waiting() == 0) break;
+    } while (std::chrono::steady_clock::now() < until);
+    *tokens = r.tokens_size();
+    while (reader->Read(&r)) *tokens += r.tokens_size();
+    return reader->Finish();
+  };
+  int64_t tokens = 0;
+  const grpc::Status cut = generate(500, &tokens);  // ~250 KiB: over the window and the backlog
+  EXPECT_EQ(cut.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << cut.error_message();
+  EXPECT_NE(cut.error_message().find("16 KiB of this stream unread"), std::string::npos)
+      << cut.error_message();
+  EXPECT_LT(tokens, 500);
+  const grpc::Status whole = generate(20, &tokens);  // ~10 KiB
+  EXPECT_TRUE(whole.ok()) << whole.error_message();
+  EXPECT_EQ(tokens, 20);
 }
 
 }  // namespace
