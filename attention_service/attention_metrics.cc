@@ -11,6 +11,9 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), co
                       "From a request's arrival to its first generated token");
   tpot_ = &m->Seconds("dmoe_attention_time_per_output_token_seconds",
                       "Gap between consecutive generated tokens of a request");
+  step_ = &m->Seconds("dmoe_attention_step_seconds",
+                      "Wall time of one engine step over the running batch (prefill chunks and "
+                      "decode tokens together, expert round trips included)");
   running_ = &m->Gauge("dmoe_attention_running_sequences", "Sequences in the running batch");
   waiting_ = &m->Gauge("dmoe_attention_waiting_sequences", "Requests queued for admission");
   queued_ = &m->Gauge("dmoe_attention_queued_prefill_tokens", "Prompt tokens not yet in the cache");

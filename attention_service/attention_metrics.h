@@ -27,6 +27,7 @@ class AttentionMetrics {
   ~AttentionMetrics() { Stop(); }
   void ObserveTimeToFirstToken(double seconds) { ttft_->Observe(seconds); }
   void ObserveTimePerOutputToken(double seconds) { tpot_->Observe(seconds); }
+  void ObserveStep(double seconds) { step_->Observe(seconds); }
   void Finished(FinishReason r);
   // A request refused before it ran: outcome "invalid" (INVALID_ARGUMENT, OUT_OF_RANGE) or
   // "refused" (draining, queue full, ...). Such requests were counted under no outcome.
@@ -56,6 +57,7 @@ class AttentionMetrics {
   ModelConfig config_;
   prometheus::Histogram* ttft_;
   prometheus::Histogram* tpot_;
+  prometheus::Histogram* step_;
   prometheus::Gauge *running_, *waiting_, *queued_, *blocks_used_, *blocks_total_,
       *bytes_per_token_;
   prometheus::Counter *prefilled_, *prefix_hits_, *generated_, *preemptions_;

@@ -88,7 +88,9 @@ AttentionNode::AttentionNode(LocalModel* model, StepEngine* engine, LatentKvCach
       metrics_(metrics),
       scheduler_(engine, cache_, WithMtpCache(options, mtp_cache_.get())),
       loop_(&scheduler_),
-      service_(&scheduler_, metrics) {}
+      service_(&scheduler_, metrics) {
+  if (metrics_ != nullptr) loop_.SetStepObserver([m = metrics_](double s) { m->ObserveStep(s); });
+}
 
 namespace {
 

@@ -13,7 +13,11 @@ void SchedulerLoop::Start() {
   stop_ = false;
   thread_ = std::thread([this] {
     while (!stop_) {
+      const auto start = std::chrono::steady_clock::now();
       auto more = scheduler_->Step();
+      if (on_step_ && more.ok() && *more) {
+        on_step_(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
       // Idle (or an engine error, already reported to its requests): wait a little.
       if (!more.ok()) {
         std::this_thread::sleep_for(std::chrono::milliseconds(10));  // e.g. experts unreachable

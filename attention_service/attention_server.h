@@ -4,6 +4,7 @@
 #define DMOE_ATTENTION_SERVICE_ATTENTION_SERVER_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <thread>
 
@@ -18,11 +19,15 @@ class SchedulerLoop {
  public:
   explicit SchedulerLoop(Scheduler* scheduler) : scheduler_(scheduler) {}
   ~SchedulerLoop() { Stop(); }
+  // Called with the wall time of each step that ran a batch (not of idle or failed ones), on the
+  // loop's thread. Call before Start.
+  void SetStepObserver(std::function<void(double seconds)> f) { on_step_ = std::move(f); }
   void Start();
   void Stop();
 
  private:
   Scheduler* scheduler_;
+  std::function<void(double)> on_step_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

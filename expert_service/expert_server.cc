@@ -26,6 +26,7 @@ void ExpertServer::Loop() {
     batch.clear();
     transport_->Receive(std::chrono::milliseconds(50), &batch);
     if (batch.empty()) continue;
+    const auto start = std::chrono::steady_clock::now();
     if (delay_.count() > 0) std::this_thread::sleep_for(delay_);
     views.clear();
     for (const auto& r : batch) views.push_back(&r.bytes);
@@ -38,6 +39,9 @@ void ExpertServer::Loop() {
       transport_->Reply(batch[i].token, std::move(replies[i]));
       replies[i] = std::vector<uint8_t>();
       transport_->ReleaseBuffer(std::move(batch[i].bytes));
+    }
+    if (on_batch_) {
+      on_batch_(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
   }
 }

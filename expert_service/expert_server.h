@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <thread>
 
 #include "expert_service/expert_shard.h"
@@ -21,6 +22,9 @@ class ExpertServer {
   // Test only (fault-injection scenarios): wait `delay` before processing each batch, as a slow
   // shard would. Call before Start.
   void SetInjectedDelay(std::chrono::milliseconds delay) { delay_ = delay; }
+  // Called with the compute time of each batch of requests (from the first request taken to the
+  // last reply handed to the transport), on the server's thread. Call before Start.
+  void SetBatchObserver(std::function<void(double seconds)> f) { on_batch_ = std::move(f); }
   void Start();
   void Stop();
 
@@ -30,6 +34,7 @@ class ExpertServer {
   transport::ServerTransport* transport_;
   std::atomic<bool> stop_{false};
   std::chrono::milliseconds delay_{0};
+  std::function<void(double)> on_batch_;
   std::thread thread_;
 };
 

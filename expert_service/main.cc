@@ -125,7 +125,11 @@ class ExpertMetrics {
                     "Requests dropped unanswered: their endpoint had not presented the token");
     weight_bytes_ = &m->Gauge("dmoe_expert_weight_bytes", "Resident bytes of the hosted experts");
     hosted_ = &m->Gauge("dmoe_expert_hosted_experts", "(layer, expert) pairs hosted");
+    batch_ = &m->Seconds("dmoe_expert_batch_seconds",
+                         "Compute time of one batch: every request that had arrived, merged per "
+                         "expert, from taking them to handing the replies to the transport");
   }
+  void ObserveBatch(double seconds) { batch_->Observe(seconds); }
   ~ExpertMetrics() { Stop(); }
   // With a router: heartbeat age and the active placement version.
   void SetRouterSources(std::function<double()> heartbeat_age, std::function<double()> version) {
@@ -183,6 +187,7 @@ class ExpertMetrics {
   prometheus::Counter *messages_, *rejected_, *tokens_, *gemms_, *bytes_in_, *bytes_out_,
       *peer_errors_, *refused_peers_, *refused_requests_;
   prometheus::Gauge *weight_bytes_, *hosted_, *heartbeat_age_ = nullptr, *version_ = nullptr;
+  prometheus::Histogram* batch_;
   std::map<std::pair<int64_t, int64_t>, prometheus::Counter*> per_expert_;
   Mutex mu_;
   std::function<double()> heartbeat_age_fn_ ABSL_GUARDED_BY(mu_), version_fn_ ABSL_GUARDED_BY(mu_);
@@ -487,13 +492,14 @@ int Main(int argc, char** argv) {
   if (ucx_listen != "none") ucx_addr = (*ucx)->Listen(ucx_listen);
   if (!ucx_addr.ok()) return svc.Fail(ucx_addr.status());
   ExpertShard shard(*config, std::shared_ptr<const ExpertStore>(std::move(*store)), gpu->get());
+  ExpertMetrics expert_metrics(&metrics);
   ExpertServer server(&shard, ucx->get());
+  server.SetBatchObserver([&expert_metrics](double s) { expert_metrics.ObserveBatch(s); });
   if (o->inject_delay_ms > 0) {
     spdlog::warn("--inject-delay-ms {}: every batch waits (a test-only fault)", o->inject_delay_ms);
     server.SetInjectedDelay(std::chrono::milliseconds(o->inject_delay_ms));
   }
   server.Start();
-  ExpertMetrics expert_metrics(&metrics);
   expert_metrics.Start(&shard, ucx->get());
 
   RouterLink::Addresses a;

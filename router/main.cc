@@ -87,7 +87,10 @@ class RouterGauges {
       : version_(m->Gauge("dmoe_router_placement_version", "Active placement map version")),
         target_(m->Gauge("dmoe_router_target_placement_version",
                          "Planned placement version (active once every shard is ready)")),
-        members_(m->Gauge("dmoe_router_nodes", "Registered nodes")),
+        members_{
+            &m->Gauge("dmoe_router_nodes", "Registered nodes by role", {{"role", "expert"}}),
+            &m->Gauge("dmoe_router_nodes", "Registered nodes by role", {{"role", "attention"}}),
+            &m->Gauge("dmoe_router_nodes", "Registered nodes by role", {{"role", "gateway"}})},
         heartbeat_age_(m->Gauge("dmoe_router_oldest_heartbeat_age_seconds",
                                 "Time since the least recent heartbeat of any node")),
         expired_(
@@ -98,20 +101,22 @@ class RouterGauges {
     version_.Set(static_cast<double>(maps.active.version));
     target_.Set(static_cast<double>(maps.target.version));
     const auto nodes = state.nodes();
-    members_.Set(static_cast<double>(nodes.size()));
     double oldest = 0;
+    double by_role[3] = {0, 0, 0};
     const auto now = std::chrono::steady_clock::now();
     for (const Node& n : nodes) {
+      by_role[static_cast<int>(n.role)] += 1;
       oldest = std::max(
           oldest, std::chrono::duration<double>(now - (n.lease_until - state.lease())).count());
     }
     heartbeat_age_.Set(oldest);
+    for (int r = 0; r < 3; ++r) members_[r]->Set(by_role[r]);
   }
 
  private:
   prometheus::Gauge& version_;
   prometheus::Gauge& target_;
-  prometheus::Gauge& members_;
+  prometheus::Gauge* members_[3];  // by NodeRole: expert, attention, gateway
   prometheus::Gauge& heartbeat_age_;
   prometheus::Counter& expired_;
 };

@@ -33,7 +33,7 @@ metric() {  # metric URL NAME: the sum of the samples whose name (and labels) st
   curl -sf "$1" | awk -v n="$2" 'index($0, n) == 1 {s += $2} END {printf "%d\n", s}'
 }
 scrape_all() {
-  generated=0 round_trips=0 expert_tokens=0 gateway_ok=0 services=0 router_version=0
+  generated=0 round_trips=0 expert_tokens=0 gateway_ok=0 services=0 router_version=0 steps=0 batches=0
   for url in $(grep -o '"metrics": "[^"]*"' "$state" | sed 's/"metrics": "\(.*\)"/http:\/\/\1\/metrics/'); do
     curl -sf "$url" > "$work/scrape" || { echo "cannot scrape $url"; exit 1; }
     grep -q '^# TYPE dmoe_' "$work/scrape" || { echo "no dmoe metrics at $url"; exit 1; }
@@ -41,6 +41,7 @@ scrape_all() {
     if grep -q '^dmoe_router_' "$work/scrape"; then
       router_version=$(metric "$url" dmoe_router_placement_version)
       grep -q '^dmoe_router_oldest_heartbeat_age_seconds' "$work/scrape"
+      [ "$(metric "$url" 'dmoe_router_nodes{role="attention"}')" -eq 2 ]
     elif grep -q '^dmoe_gateway_' "$work/scrape"; then
       gateway_ok=$(metric "$url" 'dmoe_gateway_requests_total{outcome="ok"}')
       # It found both attention nodes through the router (dmoe up gives it no --attention list).
@@ -50,6 +51,7 @@ scrape_all() {
       # The request went to one of the attention nodes.
       generated=$((generated + $(metric "$url" dmoe_attention_generated_tokens_total)))
       round_trips=$((round_trips + $(metric "$url" dmoe_transport_round_trip_seconds_count)))
+      steps=$((steps + $(metric "$url" dmoe_attention_step_seconds_count)))
       [ "$(metric "$url" dmoe_attention_kv_blocks_total)" -gt 0 ]
       grep -q '^dmoe_attention_expert_tokens_total{' "$work/scrape"
       grep -q '^dmoe_attention_time_to_first_token_seconds_bucket' "$work/scrape"
@@ -57,6 +59,7 @@ scrape_all() {
       grep -q '^dmoe_attention_heartbeat_age_seconds' "$work/scrape"
     else
       expert_tokens=$((expert_tokens + $(metric "$url" dmoe_expert_tokens_total)))
+      batches=$((batches + $(metric "$url" dmoe_expert_batch_seconds_count)))
       grep -q '^dmoe_expert_expert_tokens_total{' "$work/scrape"
       [ "$(metric "$url" dmoe_expert_placement_version)" -ge 1 ]
       grep -q '^dmoe_expert_heartbeat_age_seconds' "$work/scrape"
@@ -65,14 +68,14 @@ scrape_all() {
 }
 shown() {
   [ "$services" -eq 7 ] && [ "$router_version" -ge 1 ] && [ "$gateway_ok" -ge 1 ] && [ "$generated" -ge 12 ] &&
-    [ "$round_trips" -gt 0 ] && [ "$expert_tokens" -gt 0 ]
+    [ "$round_trips" -gt 0 ] && [ "$expert_tokens" -gt 0 ] && [ "$steps" -ge 12 ] && [ "$batches" -gt 0 ]
 }
 for _ in $(seq 1 150); do
   scrape_all
   shown && break
   sleep 0.2
 done
-echo "scraped: router placement version=$router_version, gateway ok=$gateway_ok, attention generated=$generated round trips=$round_trips, experts tokens=$expert_tokens"
+echo "scraped: router placement version=$router_version, gateway ok=$gateway_ok, attention generated=$generated round trips=$round_trips steps=$steps, experts tokens=$expert_tokens batches=$batches"
 shown || { echo "metrics do not show the request (30 s)"; exit 1; }
 echo "metrics scraped from $(grep -c '"metrics"' "$state") services"
 # A second `up` on the same state file is refused.
