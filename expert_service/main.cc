@@ -450,6 +450,16 @@ std::set<std::string> FlagNames() {
                           "inject-delay-ms", "device", "gpu"});
 }
 
+// The compute pool's threads (--threads / --blas-threads) and --bf16-activations.
+absl::Status SetUpCompute(const Flags& flags) {
+  auto blas = ComputeThreads(flags);
+  if (!blas.ok()) return blas.status();
+  RETURN_IF_ERROR(
+      cpu::SetBlasThreads(*blas, flags.Has("threads") ? "--threads" : "--blas-threads"));
+  cpu::SetBf16Activations(flags.Bool("bf16-activations"));
+  return absl::OkStatus();
+}
+
 int Main(int argc, char** argv) {
   ReexecForHugePageMalloc(argv);  // common/huge_pages.h: the experts load in 2 MiB pages
   ServiceMain svc("dmoe-expert");
@@ -462,13 +472,7 @@ int Main(int argc, char** argv) {
   }
   if (auto s = svc.SetLogLevel(*flags); !s.ok()) return svc.Fail(s);
   if (auto s = SetInternalTlsFromFlags(*flags); !s.ok()) return svc.Fail(s);
-  auto blas = ComputeThreads(*flags);
-  if (!blas.ok()) return svc.Fail(blas.status());
-  if (auto st = cpu::SetBlasThreads(*blas, flags->Has("threads") ? "--threads" : "--blas-threads");
-      !st.ok()) {
-    return svc.Fail(st);
-  }
-  cpu::SetBf16Activations(flags->Bool("bf16-activations"));
+  if (auto s = SetUpCompute(*flags); !s.ok()) return svc.Fail(s);
   auto o = ParseOptions(*flags);
   if (!o.ok()) return svc.Fail(o.status());
   auto config = LoadModelConfig(o->dir);
