@@ -61,11 +61,14 @@ struct Generation::Progress {
 class Generation::Attempt : public grpc::ClientReadReactor<internal::GenerateResponse> {
  public:
   Attempt(std::shared_ptr<Generation> g, int node) : g_(std::move(g)), node_(node) {}
-  void Begin(std::shared_ptr<Attempt> self) {
+  // `stub`: the node's, from NodePool::Started (held for the call: the pool may forget the node).
+  void Begin(std::shared_ptr<Attempt> self,
+             std::shared_ptr<internal::AttentionService::Stub> stub) {
     self_ = std::move(self);
+    stub_ = std::move(stub);
     ctx_.set_deadline(g_->request_.deadline);
     AddClusterToken(&ctx_, g_->ctx_.pool->cluster_token());
-    g_->ctx_.pool->stub(node_)->async()->Generate(&ctx_, &g_->upstream_request_, this);
+    stub_->async()->Generate(&ctx_, &g_->upstream_request_, this);
     StartRead(&r_);
     StartCall();
   }
@@ -90,6 +93,7 @@ class Generation::Attempt : public grpc::ClientReadReactor<internal::GenerateRes
  private:
   std::shared_ptr<Generation> g_;
   const int node_;
+  std::shared_ptr<internal::AttentionService::Stub> stub_;  // outlives ctx_
   grpc::ClientContext ctx_;
   internal::GenerateResponse r_;
   bool got_token_ = false;
@@ -149,10 +153,17 @@ void Generation::Resume() {
 }
 
 void Generation::StartAttempt() {
-  const int node = ctx_.pool->Pick(tried_);
-  if (node < 0) {
-    Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention node is available"));
-    return;
+  int node;
+  std::shared_ptr<internal::AttentionService::Stub> stub;
+  for (;;) {  // ends: each round excludes one more node
+    node = ctx_.pool->Pick(tried_);
+    if (node < 0) {
+      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "no attention node is available"));
+      return;
+    }
+    stub = ctx_.pool->Started(node);
+    if (stub != nullptr) break;
+    tried_.insert(node);  // retired and forgotten since the pick
   }
   ++attempts_;
   if (const Tokenizer* tok = ctx_.options->tokenizer; tok != nullptr) {
@@ -166,10 +177,10 @@ void Generation::StartAttempt() {
     if (go) attempt_ = a;
   }
   if (go) {
-    ctx_.pool->Started(node);
-    a->Begin(a);
+    a->Begin(a, std::move(stub));
     return;
   }
+  ctx_.pool->Ended(node);
   Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
 }
 

@@ -12,9 +12,11 @@
 namespace dmoe::gateway {
 
 NodePool::NodePool(const std::vector<std::string>& addresses, std::chrono::milliseconds poll,
-                   std::string cluster_token, std::chrono::milliseconds keepalive)
-    : poll_(poll), cluster_token_(std::move(cluster_token)), keepalive_(keepalive) {
-  nodes_.reserve(kMaxNodes);
+                   std::string cluster_token, std::chrono::milliseconds keepalive, size_t max_nodes)
+    : poll_(poll),
+      cluster_token_(std::move(cluster_token)),
+      keepalive_(keepalive),
+      max_nodes_(max_nodes) {
   for (const std::string& a : addresses) Add(a);
   Poll();  // a first view before serving
   poller_ = std::thread([this] {
@@ -43,42 +45,52 @@ NodePool::~NodePool() {
 size_t NodePool::size() const {
   MutexLock l(&mu_);
   size_t n = 0;
-  for (const auto& x : nodes_) n += !x->retired;
+  for (const auto& [i, x] : nodes_) n += !x->retired;
   return n;
+}
+
+size_t NodePool::held() const {
+  MutexLock l(&mu_);
+  return nodes_.size();
 }
 
 int NodePool::Retire(const std::set<std::string>& listed) {
   MutexLock l(&mu_);
   int retired = 0;
-  for (auto& n : nodes_) {
-    if (n->retired || n->healthy || listed.count(n->address)) continue;
-    n->retired = true;
-    ++retired;
+  for (auto it = nodes_.begin(); it != nodes_.end();) {
+    Node& n = *it->second;
+    if (!n.retired && !n.healthy && !listed.count(n.address)) {
+      n.retired = true;
+      ++retired;
+    }
+    // Forgotten once no request is on it (else the last Ended does it): each restart of an
+    // attention pod brings a new address, and a long-lived gateway would hold them all.
+    it = n.retired && n.inflight == 0 ? nodes_.erase(it) : std::next(it);
   }
   return retired;
 }
 
 bool NodePool::Add(const std::string& address) {
   MutexLock l(&mu_);
-  for (auto& n : nodes_) {
+  for (auto& [i, n] : nodes_) {
     if (n->address != address) continue;
     if (!n->retired) return false;
-    n->retired = false;  // listed again: polled again
+    n->retired = false;  // listed again before it was forgotten: polled again
     n->missed = 0;
     cv_.SignalAll();
     return true;
   }
-  if (nodes_.size() >= kMaxNodes) {
-    if (!full_logged_) {  // nodes are never removed (their index is their name): say it once
+  if (nodes_.size() >= max_nodes_) {
+    if (!full_logged_) {
       spdlog::error(
-          "the gateway has known {} attention node addresses and takes no more ({} is not "
-          "used); restart it to start over",
-          kMaxNodes, address);
+          "the gateway holds {} attention nodes (retired ones with requests on them included) "
+          "and takes no more ({} is not used)",
+          max_nodes_, address);
       full_logged_ = true;
     }
     return false;
   }
-  auto n = std::make_unique<Node>();
+  auto n = std::make_shared<Node>();
   n->address = address;
   grpc::ChannelArguments args;
   const int ms = static_cast<int>(keepalive_.count());
@@ -87,7 +99,7 @@ bool NodePool::Add(const std::string& address) {
   // A generation stream sends nothing after its request: pings must not wait for client data.
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   n->stub = internal::AttentionService::NewStub(InternalChannel(address, args));
-  nodes_.push_back(std::move(n));
+  nodes_.emplace(next_id_++, std::move(n));
   cv_.SignalAll();  // poll it soon
   return true;
 }
@@ -95,14 +107,14 @@ bool NodePool::Add(const std::string& address) {
 size_t NodePool::healthy() const {
   MutexLock l(&mu_);
   size_t n = 0;
-  for (const auto& x : nodes_) n += x->healthy;
+  for (const auto& [i, x] : nodes_) n += x->healthy;
   return n;
 }
 
 NodePool::Totals NodePool::totals() const {
   MutexLock l(&mu_);
   Totals t;
-  for (const auto& x : nodes_) {
+  for (const auto& [i, x] : nodes_) {
     if (!x->healthy) continue;
     t.running += x->load.running();
     t.waiting += x->load.waiting();
@@ -114,14 +126,14 @@ NodePool::Totals NodePool::totals() const {
 }
 
 void NodePool::Poll() {
-  std::vector<Node*> nodes;
+  std::vector<std::shared_ptr<Node>> nodes;
   {
     MutexLock l(&mu_);
-    for (auto& n : nodes_) {
-      if (!n->retired) nodes.push_back(n.get());
+    for (auto& [i, n] : nodes_) {
+      if (!n->retired) nodes.push_back(n);
     }
   }
-  for (Node* n : nodes) {
+  for (const std::shared_ptr<Node>& n : nodes) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
     AddClusterToken(&ctx, cluster_token_);
@@ -157,17 +169,14 @@ double NodePool::Score(const Node& n) const {
 int NodePool::Pick(const std::set<int>& exclude) {
   MutexLock l(&mu_);
   std::vector<int> ok;
-  for (size_t i = 0; i < nodes_.size(); ++i) {
-    if (nodes_[i]->healthy && !exclude.count(static_cast<int>(i)))
-      ok.push_back(static_cast<int>(i));
+  for (const auto& [i, n] : nodes_) {
+    if (n->healthy && !exclude.count(i)) ok.push_back(i);
   }
   if (ok.empty()) {
     // Panic mode (as load balancers do when too few hosts look healthy): rather than refuse, try a
     // node that is only late, not refused; a dead one fails fast and the caller excludes it.
-    for (size_t i = 0; i < nodes_.size(); ++i) {
-      if (!nodes_[i]->refused && !nodes_[i]->retired && !exclude.count(static_cast<int>(i))) {
-        ok.push_back(static_cast<int>(i));
-      }
+    for (const auto& [i, n] : nodes_) {
+      if (!n->refused && !n->retired && !exclude.count(i)) ok.push_back(i);
     }
   }
   if (ok.empty()) return -1;
@@ -177,23 +186,30 @@ int NodePool::Pick(const std::set<int>& exclude) {
   const int a = ok[d(rng_)];
   int b = ok[d(rng_)];
   if (b == a) b = ok[(std::find(ok.begin(), ok.end(), a) - ok.begin() + 1) % ok.size()];
-  return Score(*nodes_[static_cast<size_t>(a)]) <= Score(*nodes_[static_cast<size_t>(b)]) ? a : b;
+  return Score(*nodes_.at(a)) <= Score(*nodes_.at(b)) ? a : b;
 }
 
 void NodePool::MarkFailed(int i) {
   MutexLock l(&mu_);
-  nodes_[static_cast<size_t>(i)]->healthy = false;
-  nodes_[static_cast<size_t>(i)]->refused = true;
+  auto it = nodes_.find(i);
+  if (it == nodes_.end()) return;
+  it->second->healthy = false;
+  it->second->refused = true;
 }
 
-void NodePool::Started(int i) {
+std::shared_ptr<internal::AttentionService::Stub> NodePool::Started(int i) {
   MutexLock l(&mu_);
-  ++nodes_[static_cast<size_t>(i)]->inflight;
+  auto it = nodes_.find(i);
+  if (it == nodes_.end()) return nullptr;
+  ++it->second->inflight;
+  return it->second->stub;
 }
 
 void NodePool::Ended(int i) {
   MutexLock l(&mu_);
-  --nodes_[static_cast<size_t>(i)]->inflight;
+  auto it = nodes_.find(i);
+  if (it == nodes_.end()) return;
+  if (--it->second->inflight == 0 && it->second->retired) nodes_.erase(it);
 }
 
 }  // namespace dmoe::gateway

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -26,18 +27,17 @@ class NodePool {
   // `keepalive`: each node's channel pings it this often while a call is open, and closes (its
   // streams ending UNAVAILABLE) when a ping goes unanswered as long: a node that stalls without
   // closing its connection (SIGSTOP, a hung host) cannot hold a stream forever.
+  // `max_nodes`: nodes held at once (retired ones with requests on them included).
   explicit NodePool(const std::vector<std::string>& addresses,
                     std::chrono::milliseconds poll = std::chrono::milliseconds(50),
                     std::string cluster_token = "",
-                    std::chrono::milliseconds keepalive = std::chrono::milliseconds(10000));
+                    std::chrono::milliseconds keepalive = std::chrono::milliseconds(10000),
+                    size_t max_nodes = 16384);
   ~NodePool();
   // A node to send a request to, not in `exclude`: a healthy one; when none is, one that is only
-  // late (panic mode); -1 when every node is excluded or refused.
+  // late (panic mode); -1 when every node is excluded or refused. A node's number is never
+  // reused, though the node may be gone (retired and forgotten) by the time Started is called.
   int Pick(const std::set<int>& exclude);
-  internal::AttentionService::Stub* stub(int i) {
-    return nodes_[static_cast<size_t>(i)]->stub.get();
-  }
-  const std::string& address(int i) const { return nodes_[static_cast<size_t>(i)]->address; }
   const std::string& cluster_token() const { return cluster_token_; }
   // Nodes known and not retired.
   size_t size() const;
@@ -47,7 +47,8 @@ class NodePool {
   // Retires the nodes not in `listed` (the router's list) that do not answer either: they are no
   // longer polled or picked (in Kubernetes every restart brings a new address, and each dead one
   // cost the polls a 500 ms timeout per round). A healthy node is kept even when unlisted (a
-  // router restarted moments ago lists nobody yet). Returns how many it retired.
+  // router restarted moments ago lists nobody yet). Returns how many it retired. A retired node
+  // is forgotten (its channel closed) once no request of this gateway is on it.
   int Retire(const std::set<std::string>& listed);
   // Nodes picked from: their last poll succeeded, or was late fewer than kMaxMissedPolls times.
   size_t healthy() const;
@@ -58,15 +59,19 @@ class NodePool {
   Totals totals() const;
   // Marks a node down (not even tried in panic mode) until its next successful poll.
   void MarkFailed(int i);
-  // Counts a request started on / finished with node i (load between polls).
-  void Started(int i);
+  // Counts a request started on node i (load between polls) and returns the stub to send it
+  // with, or null when node i is gone (the caller picks again). Every Started that returned a
+  // stub is followed by one Ended(i).
+  std::shared_ptr<internal::AttentionService::Stub> Started(int i);
   void Ended(int i);
+  // Nodes held, retired ones not yet forgotten included (tests).
+  size_t held() const;
 
  private:
   // Fields other than address and stub are guarded by mu_ (not annotatable from a nested type).
   struct Node {
     std::string address;
-    std::unique_ptr<internal::AttentionService::Stub> stub;
+    std::shared_ptr<internal::AttentionService::Stub> stub;
     bool healthy = false;
     internal::GetLoadReply load;
     int inflight = 0;      // requests this gateway has on it
@@ -77,11 +82,11 @@ class NodePool {
   double Score(const Node& n) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Poll();
 
-  static constexpr size_t kMaxNodes = 16384;
   static constexpr int kMaxMissedPolls = 3;  // x 500 ms poll deadline
-  // Reserved to kMaxNodes and only appended to: nodes_[i] stays valid without the lock.
-  std::vector<std::unique_ptr<Node>> nodes_;
   mutable Mutex mu_;
+  // By number (from next_id_, never reused). Shared: a poll in flight keeps its node alive.
+  std::map<int, std::shared_ptr<Node>> nodes_ ABSL_GUARDED_BY(mu_);
+  int next_id_ ABSL_GUARDED_BY(mu_) = 0;
   CondVar cv_;
   bool full_logged_ ABSL_GUARDED_BY(mu_) = false;  // Add refused a node: logged once
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -89,6 +94,7 @@ class NodePool {
   std::chrono::milliseconds poll_;
   const std::string cluster_token_;
   const std::chrono::milliseconds keepalive_;
+  const size_t max_nodes_;
   std::thread poller_;
 };
 

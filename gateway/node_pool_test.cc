@@ -172,5 +172,34 @@ TEST(NodePool, UnlistedNodesThatDoNotAnswerAreRetired) {
   EXPECT_TRUE(WaitHealthy(pool, 2));
 }
 
+// A retired node is forgotten once no request is on it (its channel closed): a long-lived gateway
+// sees a new address for every attention pod restart, and it used to hold every one, taking no
+// new node after max_nodes (16384). A node forgotten between a Pick and Started is not used.
+TEST(NodePool, RetiredNodesAreForgottenOnceNoRequestIsOnThem) {
+  // No polls after the first (an hour apart): no connection is ever made to these addresses.
+  NodePool pool({}, std::chrono::hours(1), "", std::chrono::milliseconds(10000), /*max_nodes=*/8);
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_TRUE(pool.Add("127.0.0.1:" + std::to_string(1 + i))) << "node " << i << " refused";
+    ASSERT_EQ(pool.Retire({}), 1);  // never answered: retired, and forgotten at once
+  }
+  EXPECT_EQ(pool.held(), 0u);
+  // With a request on it, a retired node is kept until the request ends.
+  ASSERT_TRUE(pool.Add("127.0.0.1:1"));
+  const int id = pool.Pick({});  // panic mode: not healthy yet, not refused
+  ASSERT_GE(id, 100) << "numbers are never reused";
+  ASSERT_NE(pool.Started(id), nullptr);
+  EXPECT_EQ(pool.Retire({}), 1);
+  EXPECT_EQ(pool.held(), 1u);
+  EXPECT_EQ(pool.size(), 0u);
+  EXPECT_EQ(pool.Pick({}), -1);
+  pool.Ended(id);
+  EXPECT_EQ(pool.held(), 0u);
+  // Late calls about a forgotten node do nothing.
+  EXPECT_EQ(pool.Started(id), nullptr);
+  pool.MarkFailed(id);
+  pool.Ended(id);
+  EXPECT_EQ(pool.held(), 0u);
+}
+
 }  // namespace
 }  // namespace dmoe::gateway
