@@ -143,8 +143,8 @@ void AttentionNode::Start() {
   if (metrics_ != nullptr) metrics_->Start(&scheduler_, engine_);
 }
 
-void AttentionNode::Drain(std::chrono::seconds grace) {
-  scheduler_.Drain();
+void AttentionNode::Drain(std::chrono::seconds grace, bool hand_back_queued) {
+  scheduler_.Drain(hand_back_queued);
   const auto until = std::chrono::steady_clock::now() + grace;
   auto idle = [&] {
     const SchedulerLoad load = scheduler_.load();

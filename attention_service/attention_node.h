@@ -62,8 +62,9 @@ class AttentionNode {
   // Starts the scheduler loop (and the metrics refresh).
   void Start();
   // Graceful stop: admit nothing new (new requests get UNAVAILABLE and the gateway retries them on
-  // another node); return once the accepted ones finished, or after `grace`.
-  void Drain(std::chrono::seconds grace);
+  // another node); return once the accepted ones finished, or after `grace`. With
+  // `hand_back_queued`, queued requests without a token end UNAVAILABLE at once (Scheduler::Drain).
+  void Drain(std::chrono::seconds grace, bool hand_back_queued = false);
   // Stops the loop and the metrics refresh (also done by the destructor).
   void Stop();
 

@@ -23,6 +23,7 @@
 #include "attention_service/local_model.h"
 #include "attention_service/remote_flags.h"
 #include "attention_service/scheduler.h"
+#include "common/build_info.h"
 #include "common/device_flags.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
@@ -63,9 +64,13 @@ An attention node: serves AttentionService (Generate, Cancel, GetLoad) on gRPC.
   --prefill-chunk N       prompt tokens of one sequence per step (default 256)
   --micro-batches N       1 or 2 (default 2): with remote experts, two micro-batches in ping-pong
   --metrics-listen H:P    Prometheus /metrics address (default 127.0.0.1:0)
-  --drain-seconds N       on SIGTERM, stop admitting, hand queued requests back (the gateway
-                          retries them on another node) and let running requests finish for up
-                          to N seconds (default 30)
+  --drain-seconds N       on SIGTERM, stop admitting and let accepted requests finish for up to
+                          N seconds (default 30); those left then end UNAVAILABLE (the gateway
+                          retries the ones without a token on another node)
+  --drain-hand-back       on SIGTERM, end the queued requests without a token at once,
+                          UNAVAILABLE, so the gateway retries them on another node instead of
+                          their waiting behind the running ones. Only where other nodes stay up
+                          (Kubernetes replaces one pod at a time); with none left they fail
   --max-stream-backlog-kib N  a Generate stream whose reader (the gateway, held back by a slow
                           client) leaves more than N KiB unread ends RESOURCE_EXHAUSTED and its
                           generation stops: the most the node holds per stream (default 16384)
@@ -263,8 +268,10 @@ std::set<std::string> FlagNames() {
 int Main(int argc, char** argv) {
   ReexecForHugePageMalloc(argv);  // common/huge_pages.h: weights and KV pool in 2 MiB pages
   ServiceMain svc("dmoe-attention");
-  auto flags = Flags::Parse(argc - 1, argv + 1, FlagNames(), {"bf16-activations"});
+  auto flags =
+      Flags::Parse(argc - 1, argv + 1, FlagNames(), {"bf16-activations", "drain-hand-back"});
   if (!flags.ok()) return svc.Fail(flags.status());
+  if (flags->version()) return PrintVersion(svc.name());
   if (flags->help()) {
     std::printf(kHelp, DeviceHelp(26).c_str(), kLogLevelHelp, kRemoteHelp, kInternalTlsHelp);
     return 0;
@@ -319,7 +326,7 @@ int Main(int argc, char** argv) {
     const int sig = svc.WaitForStop();
     spdlog::info("signal {}, draining", sig);
     SetReadiness(svc.server(), "dmoe.internal.AttentionService", false);
-    node.Drain(std::chrono::seconds(o->v.at("drain-seconds")));
+    node.Drain(std::chrono::seconds(o->v.at("drain-seconds")), flags->Bool("drain-hand-back"));
     spdlog::info("stopping");
   }
   svc.StopGrpc();

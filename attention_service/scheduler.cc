@@ -130,10 +130,10 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
   return id;
 }
 
-void Scheduler::Drain() {
+void Scheduler::Drain(bool hand_back_queued) {
   MutexLock l(&mu_);
   draining_ = true;
-  hand_back_ = true;
+  hand_back_ = hand_back_queued;
   load_.draining = true;
   work_cv_.Signal();
 }
@@ -214,7 +214,6 @@ void Scheduler::TakeIncomingAndCancel() {
     end_all = std::exchange(end_all_, absl::OkStatus());
     hand_back = std::exchange(hand_back_, false);
   }
-  if (hand_back && end_all.ok()) HandBackQueued();
   if (!end_all.ok()) {
     auto end = [&](auto& list) {
       for (auto& s : list) Finish(s.get(), FinishReason::kError, end_all);
@@ -224,24 +223,27 @@ void Scheduler::TakeIncomingAndCancel() {
     end(waiting_);
     return;
   }
-  if (cancelled.empty()) return;
-  auto cancel = [&](std::unique_ptr<Seq>& s) {
-    if (s && cancelled.count(s->id)) {
-      Finish(s.get(), FinishReason::kCancelled, absl::OkStatus());
-      s.reset();
-    }
-  };
-  for (auto& s : running_) cancel(s);
-  for (auto& s : waiting_) cancel(s);
-  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
-  waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
+  if (!cancelled.empty()) {
+    auto cancel = [&](std::unique_ptr<Seq>& s) {
+      if (s && cancelled.count(s->id)) {
+        Finish(s.get(), FinishReason::kCancelled, absl::OkStatus());
+        s.reset();
+      }
+    };
+    for (auto& s : running_) cancel(s);
+    for (auto& s : waiting_) cancel(s);
+    running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), nullptr), waiting_.end());
+  }
+  // After the cancellations: a cancelled request handed back would count as an error.
+  if (hand_back) HandBackQueued();
 }
 
 void Scheduler::HandBackQueued() {
   const absl::Status st =
       absl::UnavailableError("this attention node is shutting down; retry on another");
   for (auto& s : waiting_) {
-    if (s->admitted != 0) continue;  // preempted: it has begun (tokens may have gone out)
+    if (s->generated() > 0) continue;  // preempted after tokens went out: it finishes here
     Finish(s.get(), FinishReason::kError, st);
     s.reset();
   }

@@ -117,11 +117,12 @@ class Scheduler {
                                   RequestCallbacks callbacks);
   // Ends a request: its blocks are freed and on_finish(kCancelled) runs at the next Step.
   void Cancel(uint64_t id);
-  // Stops admitting: Submit returns UNAVAILABLE from now on (the gateway retries elsewhere).
-  // Requests running, or preempted after they began, run to completion; those still queued
-  // (never admitted) end UNAVAILABLE at the next Step, so the gateway retries them on another
-  // node at once instead of their waiting out the drain behind the running ones.
-  void Drain();
+  // Stops admitting: Submit returns UNAVAILABLE from now on (the gateway retries elsewhere), and
+  // requests already accepted run to completion. With `hand_back_queued`, those queued that have
+  // produced no token yet end UNAVAILABLE at the next Step instead, so that the gateway retries
+  // them on another node at once rather than their waiting out the drain behind the running
+  // ones (only where another node can take them: with none, they fail).
+  void Drain(bool hand_back_queued = false);
   // Ends every request it holds, running or waiting, with `status` at the next Step (their
   // blocks freed): at the end of a drain, so that what could not finish in time ends with a
   // status the gateway acts on (UNAVAILABLE before the first token: retried elsewhere) rather than
@@ -149,7 +150,7 @@ class Scheduler {
     double resumed_after = 0;  // longest stall that ended with this step
   };
   void TakeIncomingAndCancel();
-  // Drain's hand-back: ends the waiting sequences never admitted, UNAVAILABLE.
+  // Drain's hand-back: ends the waiting sequences without a token yet, UNAVAILABLE.
   void HandBackQueued();
   void Admit();
   void ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>* members);

@@ -357,43 +357,53 @@ TEST_F(SchedulerTest, EndAllEndsRunningAndWaitingRequests) {
   EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
 }
 
-// Drain: the running request finishes; those still queued end UNAVAILABLE at the next step (the
-// gateway retries them on another node at once) instead of waiting out the drain behind it.
-TEST_F(SchedulerTest, DrainHandsBackQueuedRequestsAndFinishesRunningOnes) {
-  LatentKvCache cache(model_->config(), 4, 64);
-  SchedulerOptions o;
-  o.max_running = 1;
-  Scheduler s(&model_->engine(), &cache, o);
-  SamplingParams p;
-  p.ignore_eos = true;
-  p.max_tokens = 6;
-  std::map<uint64_t, absl::Status> ends;
-  std::map<uint64_t, int> tokens;
-  std::vector<uint64_t> ids;
-  for (int i = 0; i < 3; ++i) {
-    RequestCallbacks cb;
-    const size_t n = ids.size();
-    cb.on_token = [&, n](const SampledToken&) { ++tokens[ids[n]]; };
-    cb.on_finish = [&, n](FinishReason, const absl::Status& st) { ends[ids[n]] = st; };
-    ids.push_back(*s.Submit({1, 2, 3}, p, cb));
+// Drain: the running request finishes. With hand-back, those still queued end UNAVAILABLE at the
+// next step (the gateway retries them on another node at once) instead of waiting out the drain
+// behind it; without, they are served here in turn (a lone node: nowhere else to go).
+TEST_F(SchedulerTest, DrainHandsBackQueuedRequestsOnlyWhenAsked) {
+  for (const bool hand_back : {true, false}) {
+    SCOPED_TRACE(hand_back ? "hand back" : "keep");
+    LatentKvCache cache(model_->config(), 4, 64);
+    SchedulerOptions o;
+    o.max_running = 1;
+    Scheduler s(&model_->engine(), &cache, o);
+    SamplingParams p;
+    p.ignore_eos = true;
+    p.max_tokens = 6;
+    std::map<uint64_t, absl::Status> ends;
+    std::map<uint64_t, int> tokens;
+    std::vector<uint64_t> ids;
+    for (int i = 0; i < 3; ++i) {
+      RequestCallbacks cb;
+      const size_t n = ids.size();
+      cb.on_token = [&, n](const SampledToken&) { ++tokens[ids[n]]; };
+      cb.on_finish = [&, n](FinishReason, const absl::Status& st) { ends[ids[n]] = st; };
+      ids.push_back(*s.Submit({1, 2, 3}, p, cb));
+    }
+    ASSERT_TRUE(*s.Step());
+    EXPECT_EQ(s.load().running, 1);
+    EXPECT_EQ(s.load().waiting, 2);
+    s.Drain(hand_back);
+    EXPECT_EQ(s.Submit({1, 2}, p, {}).status().code(), absl::StatusCode::kUnavailable);
+    ASSERT_TRUE(*s.Step());
+    EXPECT_EQ(ends.size(), hand_back ? 2u : 0u) << "queued requests ended at the next step";
+    for (int i = 0; i < 40 && s.load().running + s.load().waiting > 0; ++i) {
+      ASSERT_TRUE(s.Step().ok());
+    }
+    ASSERT_EQ(ends.size(), 3u);
+    EXPECT_TRUE(ends[ids[0]].ok()) << ends[ids[0]];
+    EXPECT_EQ(tokens[ids[0]], 6);
+    for (size_t i = 1; i < 3; ++i) {
+      if (hand_back) {
+        EXPECT_EQ(ends[ids[i]].code(), absl::StatusCode::kUnavailable) << ends[ids[i]];
+        EXPECT_EQ(tokens[ids[i]], 0);
+      } else {
+        EXPECT_TRUE(ends[ids[i]].ok()) << ends[ids[i]];
+        EXPECT_EQ(tokens[ids[i]], 6);
+      }
+    }
+    EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
   }
-  ASSERT_TRUE(*s.Step());
-  EXPECT_EQ(s.load().running, 1);
-  EXPECT_EQ(s.load().waiting, 2);
-  s.Drain();
-  EXPECT_EQ(s.Submit({1, 2}, p, {}).status().code(), absl::StatusCode::kUnavailable);
-  ASSERT_TRUE(*s.Step());
-  ASSERT_EQ(ends.size(), 2u) << "the queued requests were not handed back at the next step";
-  for (size_t i = 1; i < 3; ++i) {
-    EXPECT_EQ(ends[ids[i]].code(), absl::StatusCode::kUnavailable) << ends[ids[i]];
-    EXPECT_EQ(tokens[ids[i]], 0);
-  }
-  EXPECT_EQ(s.load().waiting, 0);
-  for (int i = 0; i < 20 && s.load().running > 0; ++i) ASSERT_TRUE(s.Step().ok());
-  ASSERT_EQ(ends.size(), 3u);
-  EXPECT_TRUE(ends[ids[0]].ok()) << ends[ids[0]];
-  EXPECT_EQ(tokens[ids[0]], 6);
-  EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
 }
 
 // The real in-process experts, made unreachable on demand (as a dead shard answers UNAVAILABLE).

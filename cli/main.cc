@@ -19,6 +19,7 @@
 #include "cli/npy.h"
 #include "cli/openai_bench.h"
 #include "cli/serve.h"
+#include "common/build_info.h"
 #include "common/device_flags.h"
 #include "common/flags.h"
 #include "common/huge_pages.h"
@@ -45,6 +46,8 @@ commands:
   up               start a local cluster (experts, attention, gateway) on 127.0.0.1
   bench            load generator against the OpenAI-compatible API (or gRPC): TTFT, TPOT, ITL
   down             stop the cluster `dmoe up` started
+  version          the version and the commit built from (also --version; every dmoe binary
+                   takes --version)
 )";
 
 constexpr char kChatHelp[] = R"(usage: dmoe chat --target HOST:PORT [--system TEXT] MESSAGE [flags]
@@ -424,6 +427,7 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const std::string cmd = argv[1];
+  if (cmd == "--version" || cmd == "version") return dmoe::PrintVersion("dmoe");
   // The subcommands that load weights in this process (common/huge_pages.h); `up` / `serve`
   // start dmoe-expert and dmoe-attention, which do it themselves (router and gateway do not).
   if (cmd == "logits" || cmd == "generate") dmoe::ReexecForHugePageMalloc(argv);

@@ -16,6 +16,10 @@ absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, const std::set<std::st
   Flags f;
   for (int i = 0; i < argc; ++i) {
     std::string arg = argv[i];
+    if (arg == "--version") {
+      f.version_ = true;
+      continue;
+    }
     if (arg == "--help" || arg == "-h") {
       f.help_ = true;
       continue;

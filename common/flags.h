@@ -15,11 +15,13 @@ namespace dmoe {
 
 class Flags {
  public:
-  // `value_flags` take a value; `bool_flags` do not. `--help`/`-h` is always known.
+  // `value_flags` take a value; `bool_flags` do not. `--help`/`-h` and `--version` are always
+  // known.
   static absl::StatusOr<Flags> Parse(int argc, char** argv,
                                      const std::set<std::string>& value_flags,
                                      const std::set<std::string>& bool_flags);
   bool help() const { return help_; }
+  bool version() const { return version_; }
   bool Has(const std::string& name) const { return values_.count(name) || bools_.count(name); }
   const std::vector<std::string>& positional() const { return positional_; }
   absl::StatusOr<std::string> String(const std::string& name) const;  // required
@@ -30,6 +32,7 @@ class Flags {
 
  private:
   bool help_ = false;
+  bool version_ = false;
   std::map<std::string, std::string> values_;
   std::set<std::string> bools_;
   std::vector<std::string> positional_;

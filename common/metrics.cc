@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/build_info.h"
 
 namespace dmoe {
 
@@ -61,6 +62,9 @@ absl::StatusOr<std::string> Metrics::Serve(const std::string& listen) {
   }
   Gauge("process_start_time_seconds", "Start time of the process since the Unix epoch, seconds")
       .Set(ProcessStartTime());
+  Gauge("dmoe_build_info", "The version and commit this binary was built from (always 1)",
+        {{"version", BuildVersion()}, {"commit", BuildCommit()}})
+      .Set(1);
   exposer_->RegisterCollectable(registry_);
   const auto ports = exposer_->GetListeningPorts();
   if (ports.empty()) return absl::UnavailableError("--metrics-listen: no port");

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -96,6 +97,17 @@ TEST_F(MetricsServer, ExportsTheProcessStartTime) {
   ASSERT_EQ(stat("/proc/self/exe", &exe), 0);
   EXPECT_LE(start, now + 1);
   EXPECT_GE(start, static_cast<double>(exe.st_mtime) - 1);
+}
+
+// dmoe_build_info: the VERSION file's version and the commit ("unstamped" in a plain build).
+TEST_F(MetricsServer, ExportsTheBuildInfo) {
+  std::ifstream in(std::string(std::getenv("TEST_SRCDIR")) + "/dmoe/VERSION");
+  std::string version;
+  ASSERT_TRUE(in >> version);
+  const std::string reply = Exchange(port_, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string line =
+      "\ndmoe_build_info{commit=\"unstamped\",version=\"" + version + "\"} 1\n";
+  EXPECT_NE(reply.find(line), std::string::npos) << reply.substr(0, 2000);
 }
 
 // Each of these went through civetweb's error page, which overflowed the worker's stack (SIGSEGV,

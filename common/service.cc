@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/build_info.h"
 #include "common/grpc_setup.h"
 #include "common/logging.h"
 
@@ -139,7 +140,8 @@ absl::StatusOr<std::string> ServiceMain::Serve(const Flags& flags,
       StartGrpc("grpc-listen", flags.StringOr("grpc-listen", "127.0.0.1:0"), services, creds);
   if (!addr.ok()) return addr.status();
   SetReadiness(server(), service, ready);
-  spdlog::info("serving on {}, metrics on http://{}/metrics", *addr, metrics_address);
+  spdlog::info("{}: serving on {}, metrics on http://{}/metrics", VersionLine(name_), *addr,
+               metrics_address);
   if (flags.Has("ready-file")) {
     extra["grpc"] = *addr;
     extra["metrics"] = metrics_address;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/build_info.h"
 #include "common/cluster_token.h"
 #include "common/device_flags.h"
 #include "common/flags.h"
@@ -465,6 +466,7 @@ int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-expert");
   auto flags = Flags::Parse(argc - 1, argv + 1, FlagNames(), {"bf16-activations"});
   if (!flags.ok()) return svc.Fail(flags.status());
+  if (flags->version()) return PrintVersion(svc.name());
   if (flags->help()) {
     std::printf(kHelp, DeviceHelp(23, /*experts_only=*/true).c_str(), kLogLevelHelp,
                 kInternalTlsHelp);

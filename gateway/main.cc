@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/build_info.h"
 #include "common/cluster_token.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
@@ -275,6 +276,7 @@ int Main(int argc, char** argv) {
                                              "drain-seconds",      "max-stream-backlog-kib"}),
                             {});
   if (!flags.ok()) return svc.Fail(flags.status());
+  if (flags->version()) return PrintVersion(svc.name());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);
     return 0;

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/build_info.h"
 #include "common/flags.h"
 #include "common/grpc_setup.h"
 #include "common/internal_tls.h"
@@ -155,6 +156,7 @@ int Main(int argc, char** argv) {
                        "startup-grace-ms", "min-shards", "log-level"}),
       {});
   if (!flags.ok()) return svc.Fail(flags.status());
+  if (flags->version()) return PrintVersion(svc.name());
   if (flags->help()) {
     std::printf(kHelp, kLogLevelHelp, kInternalTlsHelp);
     return 0;

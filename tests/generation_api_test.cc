@@ -290,8 +290,7 @@ TEST(HealthTest, ReadinessFollowsDrainAndAttentionNodes) {
   for (int i = 0; i < kStreams; ++i) {
     ctxs.push_back(std::make_unique<grpc::ClientContext>());
     readers.push_back(serving.stub()->Generate(ctxs.back().get(), req));
-    // Until its first token: admitted, so running (a request still queued at the SIGTERM would
-    // be handed back, UNAVAILABLE, with no other node to retry on).
+    // Until its first token: admitted, so running when the SIGTERM comes.
     v1::GenerateResponse first;
     do {
       ASSERT_TRUE(readers.back()->Read(&first));
@@ -334,7 +333,7 @@ TEST(HealthTest, ReadinessFollowsDrainAndAttentionNodes) {
 TEST(StreamBacklogTest, AnAttentionStreamLeftUnreadIsCutAtItsBacklog) {
   const std::string dir = TmpDir() + "/backlog";
   ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
-  Serving serving(dir, {"--max-stream-backlog-kib", "16"});
+  Serving serving(dir, {"--max-stream-backlog-kib", "1"});
   ASSERT_FALSE(serving.attention_address().empty());
   grpc::ChannelArguments args;  // no BDP probing: the receive window stays 64 KiB
   args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
@@ -346,7 +345,7 @@ TEST(StreamBacklogTest, AnAttentionStreamLeftUnreadIsCutAtItsBacklog) {
     req.mutable_sampling()->set_max_tokens(max_tokens);
     req.mutable_sampling()->set_ignore_eos(true);
     req.mutable_sampling()->set_logprobs(true);
-    req.mutable_sampling()->set_top_logprobs(20);  // ~0.5 KiB per token
+    req.mutable_sampling()->set_top_logprobs(20);  // ~0.2 KiB per token (vocab 512)
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
     auto reader = node->Generate(&ctx, req);
@@ -366,12 +365,13 @@ TEST(StreamBacklogTest, AnAttentionStreamLeftUnreadIsCutAtItsBacklog) {
     return reader->Finish();
   };
   int64_t tokens = 0;
-  const grpc::Status cut = generate(500, &tokens);  // ~250 KiB: over the window and the backlog
+  // ~100 KiB: over the reader's 64 KiB window and the 1 KiB backlog.
+  const grpc::Status cut = generate(500, &tokens);
   EXPECT_EQ(cut.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << cut.error_message();
-  EXPECT_NE(cut.error_message().find("16 KiB of this stream unread"), std::string::npos)
+  EXPECT_NE(cut.error_message().find("1 KiB of this stream unread"), std::string::npos)
       << cut.error_message();
   EXPECT_LT(tokens, 500);
-  const grpc::Status whole = generate(20, &tokens);  // ~10 KiB
+  const grpc::Status whole = generate(20, &tokens);  // ~4 KiB: within the window
   EXPECT_TRUE(whole.ok()) << whole.error_message();
   EXPECT_EQ(tokens, 20);
 }

@@ -32,5 +32,14 @@ check "$bin/expert_service/dmoe-expert"
 check "$bin/attention_service/dmoe-attention"
 check "$bin/gateway/dmoe-gateway"
 check "$bin/router/dmoe-router"
+# --version: the program, the VERSION file's version, and the commit ("unstamped" unless --stamp).
+version=$(tr -d ' \n' < "$bin/VERSION")
+for b in cli/dmoe expert_service/dmoe-expert attention_service/dmoe-attention gateway/dmoe-gateway router/dmoe-router; do
+  out=$("$bin/$b" --version)
+  if ! [[ "$out" =~ ^${b#*/}\ ${version//./\.}\ \(commit\ [A-Za-z0-9._-]+\)$ ]]; then
+    echo "$b --version printed \"$out\""
+    failures=$((failures + 1))
+  fi
+done
 echo "$checked documented flags checked, $failures rejected, $undocumented accepted but undocumented"
 [ "$failures" -eq 0 ] && [ "$undocumented" -eq 0 ]

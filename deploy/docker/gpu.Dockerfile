@@ -1,7 +1,7 @@
 # dmoe-gpu image: every binary built with the CUDA kernels (--config=cuda: sm_90 and sm_80, PTX for
 # newer GPUs), for `dmoe-attention --device cuda` and `dmoe-expert --device cuda` (the gpu-rdma
 # overlay of deploy/k8s). Build from the repository root:
-#   docker build -f deploy/docker/gpu.Dockerfile -t dmoe-gpu .
+#   docker build -f deploy/docker/gpu.Dockerfile --build-arg DMOE_COMMIT=$(git rev-parse HEAD) -t dmoe-gpu .
 # Run with the NVIDIA container toolkit (it mounts the driver, CUDA 13 needs >= 580).
 #
 # Everything but CUDA comes from Debian 12's apt, as in the CPU image (deploy/docker/Dockerfile);
@@ -25,8 +25,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+ARG DMOE_COMMIT=""
 RUN cuda=$(ls -d /usr/local/cuda-* | sort -V | tail -1) \
- && bazel build -c opt --config=cuda --repo_env=DMOE_CUDA_PATH="$cuda" \
+ && DMOE_COMMIT="$DMOE_COMMIT" bazel build -c opt --stamp --config=cuda --repo_env=DMOE_CUDA_PATH="$cuda" \
       //cli:dmoe //expert_service:dmoe-expert //attention_service:dmoe-attention \
       //gateway:dmoe-gateway //router:dmoe-router \
  && mkdir -p /out && cp bazel-bin/cli/dmoe bazel-bin/expert_service/dmoe-expert bazel-bin/router/dmoe-router \
