@@ -51,6 +51,7 @@ SamplingParams FromProto(const internal::SamplingParams& p) {
   s.frequency_penalty = p.frequency_penalty();
   s.repetition_penalty = p.repetition_penalty() == 0 ? 1.0 : p.repetition_penalty();
   s.logit_bias.insert(p.logit_bias().begin(), p.logit_bias().end());
+  s.max_tokens_up_to_cache = p.max_tokens_up_to_cache();
   return s;
 }
 

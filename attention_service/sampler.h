@@ -29,6 +29,8 @@ struct SamplingParams {
   double min_p = 0.0;        // [0, 1]: drop tokens below min_p * p(max)
   uint64_t seed = 0;
   int64_t max_tokens = 16;
+  // max_tokens is only a default: the scheduler lowers it to what the KV cache holds.
+  bool max_tokens_up_to_cache = false;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;   // don't stop at the model's eos_token_ids
   bool logprobs = false;     // logprob of the chosen token

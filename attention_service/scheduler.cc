@@ -102,11 +102,22 @@ int64_t Scheduler::BlocksFor(int64_t tokens) const {
   return (tokens + cache_->block_tokens() - 1) / cache_->block_tokens();
 }
 
-absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt,
-                                           const SamplingParams& params,
+absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt, SamplingParams params,
                                            RequestCallbacks callbacks) {
   if (auto st = ValidateRequest(prompt, params, config_); !st.ok()) return st;
-  const int64_t need = BlocksFor(static_cast<int64_t>(prompt.size()) + params.max_tokens);
+  const int64_t prompt_len = static_cast<int64_t>(prompt.size());
+  int64_t need = BlocksFor(prompt_len + params.max_tokens);
+  if (need > cache_->total_blocks() && params.max_tokens_up_to_cache) {
+    // A default max_tokens (the rest of the context): as many as one sequence fits here.
+    const int64_t room = cache_->total_blocks() * cache_->block_tokens() - prompt_len;
+    if (room < 1) {
+      return absl::OutOfRangeError(absl::StrCat(
+          "prompt: ", prompt_len, " tokens leave no room for an answer in this node's KV cache of ",
+          cache_->total_blocks() * cache_->block_tokens(), " tokens"));
+    }
+    params.max_tokens = room;
+    need = BlocksFor(prompt_len + room);
+  }
   if (need > cache_->total_blocks()) {
     return absl::InvalidArgumentError(absl::StrCat("max_tokens: prompt + max_tokens needs ", need,
                                                    " KV blocks; the cache has ",

@@ -113,7 +113,9 @@ class Scheduler {
   ~Scheduler();
 
   // Validates (INVALID_ARGUMENT naming the field) and queues a request; returns its id.
-  absl::StatusOr<uint64_t> Submit(std::vector<int32_t> prompt, const SamplingParams& params,
+  // A max_tokens_up_to_cache request's max_tokens is lowered to what one sequence fits in the
+  // cache (OUT_OF_RANGE when its prompt leaves no room).
+  absl::StatusOr<uint64_t> Submit(std::vector<int32_t> prompt, SamplingParams params,
                                   RequestCallbacks callbacks);
   // Ends a request: its blocks are freed and on_finish(kCancelled) runs at the next Step.
   void Cancel(uint64_t id);

@@ -1,6 +1,7 @@
 // Test only: an attention node's gRPC service that answers every Generate with the tokens 7, 8, 9
 // at once (finish "length"), or, when `sick`, with UNAVAILABLE (a node whose scheduler is gone);
-// GetLoad reports 100 free blocks and `queued` prompt tokens. For gateway tests that need a node
+// GetLoad reports 100 free blocks of 16 tokens and `queued` prompt tokens. The sampling parameters
+// of the last Generate are kept (last_sampling()). For gateway tests that need a node
 // whose answers they control (a fake in addition to the real-process tests).
 #ifndef DMOE_GATEWAY_FAKE_ATTENTION_H_
 #define DMOE_GATEWAY_FAKE_ATTENTION_H_
@@ -9,6 +10,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 
 #include "proto/attention.grpc.pb.h"
 
@@ -17,8 +19,12 @@ namespace dmoe::gateway {
 class FakeAttention final : public internal::AttentionService::Service {
  public:
   explicit FakeAttention(bool sick = false, int64_t queued = 0) : sick_(sick), queued_(queued) {}
-  grpc::Status Generate(grpc::ServerContext*, const internal::GenerateRequest*,
+  grpc::Status Generate(grpc::ServerContext*, const internal::GenerateRequest* req,
                         grpc::ServerWriter<internal::GenerateResponse>* w) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      last_sampling_ = req->sampling();
+    }
     ++generate_calls;
     if (sick_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler stopped");
     internal::GenerateResponse r;
@@ -31,12 +37,19 @@ class FakeAttention final : public internal::AttentionService::Service {
                        internal::GetLoadReply* reply) override {
     reply->set_total_blocks(100);
     reply->set_free_blocks(100);
+    reply->set_block_tokens(16);
     reply->set_queued_prefill_tokens(queued_);
     return grpc::Status::OK;
   }
   std::atomic<int> generate_calls{0};
+  internal::SamplingParams last_sampling() {
+    std::lock_guard<std::mutex> l(mu_);
+    return last_sampling_;
+  }
 
  private:
+  std::mutex mu_;
+  internal::SamplingParams last_sampling_;
   const bool sick_;
   const int64_t queued_;
 };

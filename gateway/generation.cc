@@ -115,6 +115,7 @@ Generation::Generation(const GatewayContext& ctx, GenerationRequest request,
       sink_(std::move(sink)) {
   for (int32_t t : request_.prompt) upstream_request_.add_prompt_token_ids(t);
   *upstream_request_.mutable_sampling() = Forward(request_.sampling);
+  upstream_request_.mutable_sampling()->set_max_tokens_up_to_cache(request_.max_tokens_up_to_cache);
   if (ctx_.options->metrics.active) ctx_.options->metrics.active(+1);
 }
 

@@ -74,6 +74,9 @@ struct GenerationRequest {
   v1::SamplingParams sampling;
   std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
   std::string key;  // an ApiKeys key acquired for this request: released at the end
+  // sampling.max_tokens is a default (the client gave none): the node lowers it to what its KV
+  // cache holds rather than refusing the request.
+  bool max_tokens_up_to_cache = false;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
 

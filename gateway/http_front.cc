@@ -371,12 +371,13 @@ void Session<Stream>::HandleGet(const std::string& target, const std::string& au
   if (auto st = front_->service->keys()->Check(authorization); !st.ok()) {
     return RespondError(openai::ErrorFromStatus(st));
   }
-  json model = {{"id", o.model_id},
-                {"object", "model"},
-                {"created", 0},
-                {"owned_by", "dmoe"},
-                {"root", o.model_id},
-                {"max_model_len", o.max_position_embeddings},
+  // The longest sequence a request can count on: the context, or less where the attention
+  // nodes' KV caches hold less (as vLLM's max_model_len: clients size their prompts by it).
+  int64_t max_len = o.max_position_embeddings;
+  const int64_t cache = front_->service->pool()->totals().smallest_cache_tokens;
+  if (cache > 0 && (max_len <= 0 || cache < max_len)) max_len = cache;
+  json model = {{"id", o.model_id},          {"object", "model"},  {"created", 0},
+                {"owned_by", "dmoe"},        {"root", o.model_id}, {"max_model_len", max_len},
                 {"vocab_size", o.vocab_size}};
   if (target == "/v1/models") {
     return Respond(200, openai::Dump({{"object", "list"}, {"data", json::array({model})}}));
@@ -548,6 +549,7 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
     g.prompt = (*prompts)[static_cast<size_t>(i / n)];
     g.sampling = request_->sampling;
     g.sampling.set_seed(base_seed + static_cast<uint64_t>(i % n));  // n differ
+    g.max_tokens_up_to_cache = !request_->max_tokens_given;
     ++front_->generations;
     gens_.push_back(
         Generation::Start(front_->service->context(), std::move(g),

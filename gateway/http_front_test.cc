@@ -150,8 +150,8 @@ class HttpFrontWithANode : public ::testing::Test {
     front_->Stop();
     server_->Shutdown();
   }
-  static std::string Completion() {
-    const std::string body = R"({"prompt": [1, 2], "max_tokens": 3})";
+  static std::string Completion(
+      const std::string& body = R"({"prompt": [1, 2], "max_tokens": 3})") {
     return "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
            "Content-Length: " +
            std::to_string(body.size()) + "\r\n\r\n" + body;
@@ -194,6 +194,35 @@ TEST_F(HttpFrontWithANode, APipelinedRequestAfterACompletionIsAnswered) {
   ASSERT_EQ(send(fd, reqs.data(), reqs.size(), MSG_NOSIGNAL), static_cast<ssize_t>(reqs.size()));
   EXPECT_EQ(ReadResponses(fd, 2), (std::vector<std::string>{"HTTP/1.1 200 OK", "HTTP/1.1 200 OK"}));
   close(fd);
+}
+
+// A request without max_tokens goes to the node with max_tokens_up_to_cache (the node lowers its
+// default to what its KV cache holds instead of refusing it); one with max_tokens does not. And
+// /v1/models's max_model_len is what the smallest node's cache holds (100 blocks of 16 tokens)
+// when that is less than the context (none known here).
+TEST_F(HttpFrontWithANode, ADefaultMaxTokensMayBeLoweredToTheNodesCache) {
+  for (const bool given : {true, false}) {
+    const int fd = ConnectTo(address_);
+    ASSERT_GE(fd, 0);
+    const std::string req =
+        Completion(given ? R"({"prompt": [1, 2], "max_tokens": 3})" : R"({"prompt": [1, 2]})");
+    ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+    EXPECT_EQ(ReadResponses(fd, 1), std::vector<std::string>{"HTTP/1.1 200 OK"});
+    close(fd);
+    const internal::SamplingParams s = node_.last_sampling();
+    EXPECT_EQ(s.max_tokens_up_to_cache(), !given) << (given ? "max_tokens given" : "no max_tokens");
+    EXPECT_EQ(s.max_tokens(), given ? 3 : 16);  // OpenAI's default for completions
+  }
+  const int fd = ConnectTo(address_);
+  ASSERT_GE(fd, 0);
+  const std::string get = "GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  ASSERT_EQ(send(fd, get.data(), get.size(), MSG_NOSIGNAL), static_cast<ssize_t>(get.size()));
+  std::string reply;
+  char buf[4096];
+  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;)
+    reply.append(buf, static_cast<size_t>(n));
+  close(fd);
+  EXPECT_NE(reply.find("\"max_model_len\":1600"), std::string::npos) << reply;
 }
 
 }  // namespace

@@ -121,6 +121,10 @@ NodePool::Totals NodePool::totals() const {
     t.free_blocks += x->load.free_blocks();
     t.total_blocks += x->load.total_blocks();
     t.block_tokens = std::max(t.block_tokens, x->load.block_tokens());
+    const int64_t tokens = x->load.total_blocks() * x->load.block_tokens();
+    if (t.smallest_cache_tokens == 0 || tokens < t.smallest_cache_tokens) {
+      t.smallest_cache_tokens = tokens;
+    }
   }
   return t;
 }

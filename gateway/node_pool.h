@@ -52,9 +52,11 @@ class NodePool {
   int Retire(const std::set<std::string>& listed);
   // Nodes picked from: their last poll succeeded, or was late fewer than kMaxMissedPolls times.
   size_t healthy() const;
-  // The last reported load of the healthy nodes, summed (block_tokens: the largest).
+  // The last reported load of the healthy nodes, summed (block_tokens: the largest;
+  // smallest_cache_tokens: the fewest tokens one node's cache holds, 0 with no healthy node).
   struct Totals {
     int64_t running = 0, waiting = 0, free_blocks = 0, total_blocks = 0, block_tokens = 0;
+    int64_t smallest_cache_tokens = 0;
   };
   Totals totals() const;
   // Marks a node down (not even tried in panic mode) until its next successful poll.

@@ -376,5 +376,50 @@ TEST(StreamBacklogTest, AnAttentionStreamLeftUnreadIsCutAtItsBacklog) {
   EXPECT_EQ(tokens, 20);
 }
 
+// A max_tokens that is only a default (max_tokens_up_to_cache: the client of the OpenAI API gave
+// none, and the gateway asks for the rest of the context) is lowered to what one sequence fits in
+// the node's KV cache (here 16 blocks of 8 tokens, under the tiny model's 512-token context): the
+// answer runs until the cache is full and ends "length". An explicit max_tokens that does not fit
+// is still refused, naming the field; a prompt that fills the cache is OUT_OF_RANGE.
+TEST(MaxTokensTest, ADefaultMaxTokensIsLoweredToWhatTheCacheHolds) {
+  const std::string dir = TmpDir() + "/small_cache";
+  ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
+  Serving serving(dir, {"--kv-blocks", "16"});  // after the fixture's 64: the last one counts
+  ASSERT_FALSE(serving.attention_address().empty());
+  auto node = internal::AttentionService::NewStub(
+      grpc::CreateChannel(serving.attention_address(), grpc::InsecureChannelCredentials()));
+  auto generate = [&](const std::vector<int32_t>& prompt, bool default_max, int64_t* tokens,
+                      std::string* finish) {
+    internal::GenerateRequest req;
+    for (int32_t t : prompt) req.add_prompt_token_ids(t);
+    req.mutable_sampling()->set_max_tokens(512 - static_cast<int64_t>(prompt.size()));
+    req.mutable_sampling()->set_max_tokens_up_to_cache(default_max);
+    req.mutable_sampling()->set_ignore_eos(true);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = node->Generate(&ctx, req);
+    internal::GenerateResponse r;
+    *tokens = 0;
+    while (reader->Read(&r)) {
+      *tokens += r.tokens_size();
+      if (!r.finish_reason().empty()) *finish = r.finish_reason();
+    }
+    return reader->Finish();
+  };
+  int64_t tokens = 0;
+  std::string finish;
+  const grpc::Status lowered = generate(kPrompt, true, &tokens, &finish);
+  EXPECT_TRUE(lowered.ok()) << lowered.error_message();
+  EXPECT_EQ(tokens, 16 * 8 - static_cast<int64_t>(kPrompt.size()));
+  EXPECT_EQ(finish, "length");
+  const grpc::Status refused = generate(kPrompt, false, &tokens, &finish);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("max_tokens"), std::string::npos);
+  const grpc::Status full = generate(std::vector<int32_t>(128, 5), true, &tokens, &finish);
+  EXPECT_EQ(full.error_code(), grpc::StatusCode::OUT_OF_RANGE) << full.error_message();
+  EXPECT_NE(full.error_message().find("KV cache of 128 tokens"), std::string::npos)
+      << full.error_message();
+}
+
 }  // namespace
 }  // namespace dmoe
