@@ -296,6 +296,46 @@ absl::Status ParseLogitBias(const Fields& f, v1::SamplingParams* s) {
   return absl::OkStatus();
 }
 
+// vLLM's stop_token_ids: the answer ends at any of these ids (the node checks the vocabulary).
+absl::Status ParseStopTokenIds(const Fields& f, v1::SamplingParams* s) {
+  const json* ids = f.Get("stop_token_ids");
+  if (ids == nullptr) return absl::OkStatus();
+  if (!ids->is_array()) return Bad("stop_token_ids", "must be a list of token ids");
+  if (ids->size() > static_cast<size_t>(kMaxStopTokenIds)) {
+    return Bad("stop_token_ids", absl::StrCat("at most ", kMaxStopTokenIds, " ids"));
+  }
+  for (size_t i = 0; i < ids->size(); ++i) {
+    const json& id = (*ids)[i];
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+        id.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
+      return Bad(absl::StrCat("stop_token_ids[", i, "]"), "must be a token id");
+    }
+    s->add_stop_token_ids(static_cast<int32_t>(id.get<int64_t>()));
+  }
+  return absl::OkStatus();
+}
+
+// Fields other servers (vLLM, the legacy OpenAI API) take that would change the output here if
+// they were ignored: present with a value other than the one that means "off", they are an error
+// naming the field rather than a silent difference. (Unknown fields that change nothing, such as
+// metadata or store, are ignored as OpenAI's own server does.)
+absl::Status Unsupported(const Fields& f) {
+  for (const char* name : {"guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                           "structured_outputs", "functions", "function_call"}) {
+    const json* v = f.Get(name);
+    if (v != nullptr && !(v->is_array() && v->empty())) {
+      return Bad(name, "is not supported (no constrained decoding or function calling here)");
+    }
+  }
+  int64_t min_tokens = 0;
+  RETURN_IF_ERROR(f.Int("min_tokens", 0, std::numeric_limits<int32_t>::max(), &min_tokens));
+  if (min_tokens > 0) return Bad("min_tokens", "is not supported");
+  bool include_stop = false;
+  RETURN_IF_ERROR(f.Bool("include_stop_str_in_output", &include_stop));
+  if (include_stop) return Bad("include_stop_str_in_output", "is not supported");
+  return absl::OkStatus();
+}
+
 // The sampling fields both endpoints share.
 absl::Status ParseSampling(const Fields& f, Request* r) {
   v1::SamplingParams* s = &r->sampling;
@@ -331,6 +371,8 @@ absl::Status ParseSampling(const Fields& f, Request* r) {
   s->set_frequency_penalty(frequency);
   s->set_repetition_penalty(repetition);
   RETURN_IF_ERROR(ParseStop(f, s));
+  RETURN_IF_ERROR(ParseStopTokenIds(f, s));
+  RETURN_IF_ERROR(Unsupported(f));
   return ParseLogitBias(f, s);
 }
 
@@ -382,6 +424,16 @@ absl::Status ParseStreamOptions(const Fields& f, Request* r) {
 
 // Chat fields this server does not serve: an error rather than output the client cannot use.
 absl::Status UnservedChat(const Fields& f) {
+  // vLLM's chat extras that change the prompt.
+  const json* kwargs = f.Get("chat_template_kwargs");
+  if (kwargs != nullptr && !(kwargs->is_object() && kwargs->empty())) {
+    return Bad("chat_template_kwargs", "is not supported");
+  }
+  bool continue_final = false, add_generation_prompt = true;
+  RETURN_IF_ERROR(f.Bool("continue_final_message", &continue_final));
+  if (continue_final) return Bad("continue_final_message", "is not supported");
+  RETURN_IF_ERROR(f.Bool("add_generation_prompt", &add_generation_prompt));
+  if (!add_generation_prompt) return Bad("add_generation_prompt", "false is not supported");
   const json* format = f.Get("response_format");
   if (format == nullptr) return absl::OkStatus();
   const json* type = format->is_object() ? Fields(*format).Get("type") : nullptr;

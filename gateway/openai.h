@@ -24,6 +24,7 @@ enum class Endpoint { kChat, kCompletions };
 inline constexpr int kMaxMessages = 2048;
 inline constexpr int kMaxChoices = 64;  // n x prompts
 inline constexpr int kMaxStops = 16;
+inline constexpr int kMaxStopTokenIds = 64;
 // A body nesting arrays/objects deeper than this is refused before anything copies or prints it
 // (both recurse per level; a million levels overflowed the stack).
 inline constexpr int kMaxBodyNesting = 128;

@@ -80,5 +80,58 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
   }
 }
 
+// vLLM's extras: stop_token_ids is served; those that would change the output if ignored are an
+// error naming the field (they were silently ignored) unless given their "off" value.
+TEST(ParseRequest, VllmExtrasAreServedOrRefusedNeverIgnored) {
+  const std::string msgs = R"({"messages":[{"role":"user","content":"hi"}])";
+  auto ids = ParseRequest(Endpoint::kChat, msgs + R"(,"stop_token_ids":[7, 9]})");
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_EQ(ids->sampling.stop_token_ids_size(), 2);
+  EXPECT_EQ(ids->sampling.stop_token_ids(0), 7);
+  EXPECT_EQ(ids->sampling.stop_token_ids(1), 9);
+  const std::pair<std::string, const char*> refused[] = {
+      {R"("stop_token_ids":[7, "x"])", "stop_token_ids[1]"},
+      {R"("stop_token_ids":[-1])", "stop_token_ids[0]"},
+      {R"("stop_token_ids":7)", "stop_token_ids"},
+      {R"("guided_json":{"type":"object"})", "guided_json"},
+      {R"("guided_regex":"a+")", "guided_regex"},
+      {R"("guided_choice":["a","b"])", "guided_choice"},
+      {R"("guided_grammar":"root ::= x")", "guided_grammar"},
+      {R"("structured_outputs":{"json":{}})", "structured_outputs"},
+      {R"("functions":[{"name":"f"}])", "functions"},
+      {R"("function_call":"auto")", "function_call"},
+      {R"("min_tokens":5)", "min_tokens"},
+      {R"("include_stop_str_in_output":true)", "include_stop_str_in_output"},
+      {R"("chat_template_kwargs":{"thinking":true})", "chat_template_kwargs"},
+      {R"("continue_final_message":true)", "continue_final_message"},
+      {R"("add_generation_prompt":false)", "add_generation_prompt"},
+  };
+  for (const auto& [extra, field] : refused) {
+    const std::string body = msgs + "," + extra + "}";
+    auto r = ParseRequest(Endpoint::kChat, body);
+    ASSERT_FALSE(r.ok()) << body;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_EQ(ErrorFromStatus(r.status()).param, field) << r.status();
+  }
+  const std::string off[] = {
+      R"("guided_json":null)",
+      R"("functions":[])",
+      R"("min_tokens":0)",
+      R"("include_stop_str_in_output":false)",
+      R"("chat_template_kwargs":{})",
+      R"("continue_final_message":false)",
+      R"("add_generation_prompt":true)",
+      R"("metadata":{"a":"b"},"store":false)",
+  };
+  for (const std::string& extra : off) {
+    const std::string body = msgs + "," + extra + "}";
+    auto r = ParseRequest(Endpoint::kChat, body);
+    EXPECT_TRUE(r.ok()) << body << ": " << r.status();
+  }
+  auto completion = ParseRequest(Endpoint::kCompletions, R"({"prompt":"a","min_tokens":3})");
+  ASSERT_FALSE(completion.ok());
+  EXPECT_EQ(ErrorFromStatus(completion.status()).param, "min_tokens");
+}
+
 }  // namespace
 }  // namespace dmoe::gateway::openai
