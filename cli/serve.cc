@@ -46,7 +46,8 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --metrics-listen H:P Prometheus /metrics (default 127.0.0.1:0): the gateway's series
   --drain-seconds N    on SIGTERM: no new requests, and those in progress finish for up to N s
                        (default 30, 0-86400; a second signal ends at once)
-  --model-id NAME      the model's name in the APIs (default dmoe)
+  --model-id NAME[,ALIAS...]  the model's name in the APIs (default dmoe), and other names it
+                       answers to (e.g. deepseek-ai/DeepSeek-V3)
   --api-keys FILE      require "Authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --kv-cache-mib N     KV cache size (default 256)
@@ -129,7 +130,7 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
   go.chat_template = text.chat.get();
   go.vocab_size = c.vocab_size;
   go.max_position_embeddings = c.max_position_embeddings;
-  go.model_id = flags.StringOr("model-id", "dmoe");
+  RETURN_IF_ERROR(go.SetModelNames(flags.StringOr("model-id", "dmoe")));
   gateway::HttpFrontOptions ho;
   ho.listen = flags.StringOr("http-listen", "127.0.0.1:0");
   ho.cors_origin = flags.StringOr("cors-origin", "");

@@ -84,7 +84,7 @@ class Refusal : public QueuedWriter<v1::GenerateResponse> {
 grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Start(
     grpc::CallbackServerContext* ctx, absl::StatusOr<std::vector<int32_t>> prompt,
     const v1::SamplingParams& sampling, const std::string& model) {
-  if (!model.empty() && model != options_.model_id) {
+  if (!options_.Serves(model)) {
     return new Refusal(grpc::Status(
         grpc::StatusCode::NOT_FOUND,
         absl::StrCat("model: \"", model, "\" is not served here (", options_.model_id, ")")));

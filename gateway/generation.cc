@@ -4,9 +4,24 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/cluster_token.h"
 
 namespace dmoe::gateway {
+
+absl::Status GatewayOptions::SetModelNames(const std::string& flag_value) {
+  std::vector<std::string> names = absl::StrSplit(flag_value, ',');
+  for (const std::string& n : names) {
+    if (n.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--model-id: \"", flag_value, "\" has an empty name"));
+    }
+  }
+  model_id = names[0];
+  model_aliases.assign(names.begin() + 1, names.end());
+  return absl::OkStatus();
+}
 
 namespace {
 

@@ -7,6 +7,7 @@
 #ifndef DMOE_GATEWAY_GENERATION_H_
 #define DMOE_GATEWAY_GENERATION_H_
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "common/mutex.h"
 #include "gateway/api_keys.h"
 #include "gateway/chat_template.h"
@@ -40,6 +42,17 @@ struct GatewayMetrics {
 
 struct GatewayOptions {
   std::string model_id = "dmoe";
+  // Other names the model answers to (e.g. the checkpoint's Hugging Face name that client
+  // scripts hard-code); responses carry the name the request used.
+  std::vector<std::string> model_aliases;
+  // Whether `model` names this model ("" names it too).
+  bool Serves(const std::string& model) const {
+    return model.empty() || model == model_id ||
+           std::find(model_aliases.begin(), model_aliases.end(), model) != model_aliases.end();
+  }
+  // Sets model_id and model_aliases from --model-id's "NAME[,ALIAS...]"; INVALID_ARGUMENT naming
+  // the flag on an empty name.
+  absl::Status SetModelNames(const std::string& flag_value);
   const Tokenizer* tokenizer = nullptr;  // null: token-id prompts only
   // The checkpoint's chat template (not owned); null: the built-in DeepSeek-V2-Chat one.
   const ChatTemplate* chat_template = nullptr;

@@ -382,7 +382,11 @@ void Session<Stream>::HandleGet(const std::string& target, const std::string& au
   if (target == "/v1/models") {
     return Respond(200, openai::Dump({{"object", "list"}, {"data", json::array({model})}}));
   }
-  if (target == "/v1/models/" + o.model_id) return Respond(200, openai::Dump(model));
+  const std::string asked = target.size() > 11 ? target.substr(11) : "";
+  if (target.rfind("/v1/models/", 0) == 0 && !asked.empty() && o.Serves(asked)) {
+    model["id"] = asked;
+    return Respond(200, openai::Dump(model));
+  }
   RespondError({404, absl::StrCat("model: \"", target.substr(11), "\" is not served here"),
                 "invalid_request_error", "model", "model_not_found"});
 }
@@ -525,7 +529,7 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
   auto parsed = openai::ParseRequest(endpoint, body);
   if (!parsed.ok()) return RespondError(openai::ErrorFromStatus(parsed.status()));
   const GatewayOptions& o = front_->service->options();
-  if (!parsed->model.empty() && parsed->model != o.model_id) {
+  if (!o.Serves(parsed->model)) {
     return RespondError(
         {404, absl::StrCat("model: \"", parsed->model, "\" is not served here (", o.model_id, ")"),
          "invalid_request_error", "model", "model_not_found"});

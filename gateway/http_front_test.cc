@@ -225,5 +225,52 @@ TEST_F(HttpFrontWithANode, ADefaultMaxTokensMayBeLoweredToTheNodesCache) {
   EXPECT_NE(reply.find("\"max_model_len\":1600"), std::string::npos) << reply;
 }
 
+// --model-id "NAME,ALIAS": requests naming the alias are served (their responses carry the name
+// they used), /v1/models/ALIAS answers; other names are 404 model_not_found. An empty name in the
+// flag is an error naming it.
+TEST_F(HttpFrontWithANode, AModelAnswersToItsAliases) {
+  GatewayOptions go;
+  ASSERT_TRUE(go.SetModelNames("dmoe,deepseek-ai/DeepSeek-V3").ok());
+  EXPECT_EQ(go.model_id, "dmoe");
+  EXPECT_EQ(go.SetModelNames("a,,b").code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(go.SetModelNames("dmoe,deepseek-ai/DeepSeek-V3").ok());
+  GatewayService service(pool_.get(), &keys_, go);
+  HttpFront front(&service, HttpFrontOptions());
+  auto addr = front.Start();
+  ASSERT_TRUE(addr.ok()) << addr.status();
+  auto exchange = [&](const std::string& req) {
+    const int fd = ConnectTo(*addr);
+    EXPECT_GE(fd, 0);
+    EXPECT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+    std::string reply;
+    char buf[4096];
+    for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) {
+      reply.append(buf, static_cast<size_t>(n));
+    }
+    close(fd);
+    return reply;
+  };
+  const std::string close = "Connection: close\r\n";
+  auto completion = [&](const std::string& model) {
+    const std::string body = R"({"prompt": [1, 2], "max_tokens": 3, "model": ")" + model + "\"}";
+    return exchange("POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + close +
+                    "Content-Type: application/json\r\nContent-Length: " +
+                    std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  for (const std::string model : {"dmoe", "deepseek-ai/DeepSeek-V3"}) {
+    const std::string reply = completion(model);
+    EXPECT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply;
+    EXPECT_NE(reply.find("\"model\":\"" + model + "\""), std::string::npos) << reply;
+  }
+  const std::string other = completion("gpt-4o");
+  EXPECT_EQ(other.rfind("HTTP/1.1 404", 0), 0u) << other;
+  EXPECT_NE(other.find("model_not_found"), std::string::npos) << other;
+  const std::string get =
+      exchange("GET /v1/models/deepseek-ai/DeepSeek-V3 HTTP/1.1\r\nHost: x\r\n" + close + "\r\n");
+  EXPECT_EQ(get.rfind("HTTP/1.1 200", 0), 0u) << get;
+  EXPECT_NE(get.find("\"id\":\"deepseek-ai/DeepSeek-V3\""), std::string::npos) << get;
+  front.Stop();
+}
+
 }  // namespace
 }  // namespace dmoe::gateway

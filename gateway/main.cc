@@ -52,7 +52,8 @@ reported load. Both take the same API keys, limits and retries.
                             (tokenizer_config.json's chat_template, or chat_template.jinja;
                             without one, DeepSeek-V2-Chat's "User: ...\n\nAssistant:" format)
   --tokenizer PATH          tokenizer.json (overrides DIR/tokenizer.json)
-  --model-id NAME           the model's name in the API (default: dmoe)
+  --model-id NAME[,ALIAS...]  the model's name in the API (default: dmoe), and other names it
+                            answers to (e.g. deepseek-ai/DeepSeek-V3, as client scripts write)
   --grpc-listen H:P         address (default 127.0.0.1:0)
   --http-listen H:P         the OpenAI-compatible HTTP API's address (default 127.0.0.1:0; "off":
                             none)
@@ -137,7 +138,7 @@ absl::StatusOr<Setup> LoadSetup(const Flags& f) {
   if (f.Has("cluster-token-file")) {
     ASSIGN_OR_RETURN(s.cluster_token, ReadClusterTokenFile(f.StringOr("cluster-token-file", "")));
   }
-  s.o.model_id = f.StringOr("model-id", "dmoe");
+  RETURN_IF_ERROR(s.o.SetModelNames(f.StringOr("model-id", "dmoe")));
   RETURN_IF_ERROR(LoadModelParts(f, &s));
   ASSIGN_OR_RETURN(int64_t limit, f.Int("max-concurrent-per-key", 64));
   if (f.Has("api-keys")) {
