@@ -48,6 +48,9 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
                        (default 30, 0-86400; a second signal ends at once)
   --model-id NAME[,ALIAS...]  the model's name in the APIs (default dmoe), and other names it
                        answers to (e.g. deepseek-ai/DeepSeek-V3)
+  --generation-config M  auto (default): the OpenAI API's requests that omit temperature, top_p,
+                       top_k, min_p or repetition_penalty get DIR/generation_config.json's (as
+                       vLLM); none: OpenAI's defaults (temperature 1, top_p 1)
   --api-keys FILE      require "Authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --kv-cache-mib N     KV cache size (default 256)
@@ -131,6 +134,8 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
   go.vocab_size = c.vocab_size;
   go.max_position_embeddings = c.max_position_embeddings;
   RETURN_IF_ERROR(go.SetModelNames(flags.StringOr("model-id", "dmoe")));
+  RETURN_IF_ERROR(
+      go.SetSamplingDefaults(flags.StringOr("generation-config", "auto"), c.sampling_defaults));
   gateway::HttpFrontOptions ho;
   ho.listen = flags.StringOr("http-listen", "127.0.0.1:0");
   ho.cors_origin = flags.StringOr("cors-origin", "");
@@ -177,8 +182,8 @@ int Serve(int argc, char** argv) {
   auto flags = Flags::Parse(
       argc, argv,
       {"model", "grpc-listen", "http-listen", "cors-origin", "kv-cache-mib", "block-tokens",
-       "metrics-listen", "model-id", "api-keys", "max-concurrent-per-key", "kv-cache-dtype",
-       "weight-dtype", "expert-dtype", "speculative-tokens", "drain-seconds"},
+       "metrics-listen", "model-id", "generation-config", "api-keys", "max-concurrent-per-key",
+       "kv-cache-dtype", "weight-dtype", "expert-dtype", "speculative-tokens", "drain-seconds"},
       {});
   if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {

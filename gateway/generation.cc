@@ -7,8 +7,24 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/cluster_token.h"
+#include "common/logging.h"
 
 namespace dmoe::gateway {
+
+absl::Status GatewayOptions::SetSamplingDefaults(const std::string& mode,
+                                                 const ModelConfig::SamplingDefaults& d) {
+  if (mode == "none") return absl::OkStatus();
+  if (mode != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--generation-config: \"", mode, "\" is neither auto nor none"));
+  }
+  sampling_defaults = d;
+  const std::string shown = d.ToString();
+  if (!shown.empty()) {
+    spdlog::info("sampling defaults of the OpenAI API from generation_config.json: {}", shown);
+  }
+  return absl::OkStatus();
+}
 
 absl::Status GatewayOptions::SetModelNames(const std::string& flag_value) {
   std::vector<std::string> names = absl::StrSplit(flag_value, ',');

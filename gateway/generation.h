@@ -22,6 +22,7 @@
 #include "gateway/chat_template.h"
 #include "gateway/node_pool.h"
 #include "gateway/text_stream.h"
+#include "model/config.h"
 #include "model/tokenizer.h"
 #include "proto/dmoe/v1/dmoe.grpc.pb.h"
 
@@ -61,6 +62,12 @@ struct GatewayOptions {
   // generation cancelled): a stalled reader held the whole generation in the gateway.
   size_t max_stream_backlog_bytes = size_t{16} << 20;
   int64_t vocab_size = 0;
+  // Defaults of the OpenAI API's sampling fields a request omits (the checkpoint's
+  // generation_config.json; unset: OpenAI's own, temperature 1 and top_p 1).
+  ModelConfig::SamplingDefaults sampling_defaults;
+  // From --generation-config: "auto" takes `d` (the checkpoint's generation_config.json, logged),
+  // "none" keeps OpenAI's defaults; anything else is INVALID_ARGUMENT naming the flag.
+  absl::Status SetSamplingDefaults(const std::string& mode, const ModelConfig::SamplingDefaults& d);
   int64_t max_position_embeddings = 0;
   GatewayMetrics metrics;
 };

@@ -529,6 +529,7 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
   auto parsed = openai::ParseRequest(endpoint, body);
   if (!parsed.ok()) return RespondError(openai::ErrorFromStatus(parsed.status()));
   const GatewayOptions& o = front_->service->options();
+  openai::ApplySamplingDefaults(o.sampling_defaults, &*parsed);
   if (!o.Serves(parsed->model)) {
     return RespondError(
         {404, absl::StrCat("model: \"", parsed->model, "\" is not served here (", o.model_id, ")"),

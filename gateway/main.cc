@@ -52,6 +52,10 @@ reported load. Both take the same API keys, limits and retries.
                             (tokenizer_config.json's chat_template, or chat_template.jinja;
                             without one, DeepSeek-V2-Chat's "User: ...\n\nAssistant:" format)
   --tokenizer PATH          tokenizer.json (overrides DIR/tokenizer.json)
+  --generation-config M     defaults of the OpenAI API's sampling fields a request omits: auto
+                            (default: DIR/generation_config.json's temperature, top_p, top_k,
+                            min_p and repetition_penalty, as vLLM does), or none (OpenAI's:
+                            temperature 1, top_p 1)
   --model-id NAME[,ALIAS...]  the model's name in the API (default: dmoe), and other names it
                             answers to (e.g. deepseek-ai/DeepSeek-V3, as client scripts write)
   --grpc-listen H:P         address (default 127.0.0.1:0)
@@ -114,6 +118,8 @@ absl::Status LoadModelParts(const Flags& f, Setup* s) {
     }
     s->o.vocab_size = config.vocab_size;
     s->o.max_position_embeddings = config.max_position_embeddings;
+    RETURN_IF_ERROR(s->o.SetSamplingDefaults(f.StringOr("generation-config", "auto"),
+                                             config.sampling_defaults));
     if (tok_path.empty() && std::ifstream(dir + "/tokenizer.json")) {
       tok_path = dir + "/tokenizer.json";
     }
@@ -265,16 +271,27 @@ class PoolWatcher {
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-gateway");
   auto flags = Flags::Parse(argc - 1, argv + 1,
-                            WithInternalTls({"attention",          "router",
-                                             "cluster-token-file", "model",
-                                             "tokenizer",          "model-id",
-                                             "grpc-listen",        "ready-file",
-                                             "api-keys",           "max-concurrent-per-key",
-                                             "tls-cert",           "tls-key",
-                                             "metrics-listen",     "log-level",
-                                             "http-listen",        "http-threads",
-                                             "cors-origin",        "node-keepalive-ms",
-                                             "drain-seconds",      "max-stream-backlog-kib"}),
+                            WithInternalTls({"attention",
+                                             "router",
+                                             "cluster-token-file",
+                                             "model",
+                                             "tokenizer",
+                                             "model-id",
+                                             "generation-config",
+                                             "grpc-listen",
+                                             "ready-file",
+                                             "api-keys",
+                                             "max-concurrent-per-key",
+                                             "tls-cert",
+                                             "tls-key",
+                                             "metrics-listen",
+                                             "log-level",
+                                             "http-listen",
+                                             "http-threads",
+                                             "cors-origin",
+                                             "node-keepalive-ms",
+                                             "drain-seconds",
+                                             "max-stream-backlog-kib"}),
                             {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->version()) return PrintVersion(svc.name());

@@ -356,6 +356,11 @@ absl::Status ParseSampling(const Fields& f, Request* r) {
       f.Int("max_completion_tokens", 1, std::numeric_limits<int32_t>::max(), &max_tokens));
   r->max_tokens_given = f.Get("max_tokens") != nullptr || f.Get("max_completion_tokens") != nullptr;
   r->seed_given = f.Get("seed") != nullptr;
+  r->temperature_given = f.Get("temperature") != nullptr;
+  r->top_p_given = f.Get("top_p") != nullptr;
+  r->top_k_given = f.Get("top_k") != nullptr;
+  r->min_p_given = f.Get("min_p") != nullptr;
+  r->repetition_penalty_given = f.Get("repetition_penalty") != nullptr;
   RETURN_IF_ERROR(f.Int("n", 1, kMaxChoices, &n));
   r->n = static_cast<int>(n);
   bool ignore_eos = false;
@@ -449,6 +454,17 @@ absl::Status UnservedChat(const Fields& f) {
 }
 
 }  // namespace
+
+void ApplySamplingDefaults(const ModelConfig::SamplingDefaults& d, Request* r) {
+  v1::SamplingParams* s = &r->sampling;
+  if (!r->temperature_given && !std::isnan(d.temperature)) s->set_temperature(d.temperature);
+  if (!r->top_p_given && !std::isnan(d.top_p)) s->set_top_p(d.top_p);
+  if (!r->top_k_given && d.top_k >= 0) s->set_top_k(d.top_k);
+  if (!r->min_p_given && !std::isnan(d.min_p)) s->set_min_p(d.min_p);
+  if (!r->repetition_penalty_given && !std::isnan(d.repetition_penalty)) {
+    s->set_repetition_penalty(d.repetition_penalty);
+  }
+}
 
 absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   json j = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);

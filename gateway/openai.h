@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "model/config.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "proto/dmoe/v1/dmoe.pb.h"
@@ -54,6 +55,9 @@ struct Request {
   int n = 1;
   bool max_tokens_given = false;  // else 16 (completions) or the rest of the context (chat)
   bool seed_given = false;        // else each request draws its own (as OpenAI's API)
+  // Sampling fields the request gave (else the model's defaults apply: ApplySamplingDefaults).
+  bool temperature_given = false, top_p_given = false, top_k_given = false, min_p_given = false,
+       repetition_penalty_given = false;
   // Completions: the prompts (each answered n times). Chat: `chat` holds the messages.
   std::vector<Prompt> prompts;
   v1::ChatRequest chat;
@@ -65,6 +69,9 @@ struct Request {
 // Parses a request body. INVALID_ARGUMENT "field: what" for malformed JSON, a wrong type, a value
 // out of range or a feature not served (echo, best_of, suffix, images).
 absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body);
+
+// The model's sampling defaults (generation_config.json) for the fields the request omitted.
+void ApplySamplingDefaults(const ModelConfig::SamplingDefaults& d, Request* r);
 
 // Writes the responses of one request: `n_choices` choices, each fed its stream in order.
 class ResponseWriter {

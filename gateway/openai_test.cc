@@ -133,5 +133,32 @@ TEST(ParseRequest, VllmExtrasAreServedOrRefusedNeverIgnored) {
   EXPECT_EQ(ErrorFromStatus(completion.status()).param, "min_tokens");
 }
 
+// The model's sampling defaults fill what a request omits, never what it gave.
+TEST(ParseRequest, SamplingDefaultsFillOnlyOmittedFields) {
+  ModelConfig::SamplingDefaults d;
+  d.temperature = 0.6;
+  d.top_p = 0.95;
+  d.top_k = 40;
+  d.repetition_penalty = 1.1;
+  auto omitted = ParseRequest(Endpoint::kCompletions, R"({"prompt":"a"})");
+  ASSERT_TRUE(omitted.ok());
+  EXPECT_EQ(omitted->sampling.temperature(), 1.0);  // OpenAI's, before the defaults
+  ApplySamplingDefaults(d, &*omitted);
+  EXPECT_EQ(omitted->sampling.temperature(), 0.6);
+  EXPECT_EQ(omitted->sampling.top_p(), 0.95);
+  EXPECT_EQ(omitted->sampling.top_k(), 40);
+  EXPECT_EQ(omitted->sampling.min_p(), 0.0);  // no default: unchanged
+  EXPECT_EQ(omitted->sampling.repetition_penalty(), 1.1);
+  auto given =
+      ParseRequest(Endpoint::kCompletions, R"({"prompt":"a","temperature":0,"top_p":1,"top_k":-1,)"
+                                           R"("repetition_penalty":1})");
+  ASSERT_TRUE(given.ok()) << given.status();
+  ApplySamplingDefaults(d, &*given);
+  EXPECT_EQ(given->sampling.temperature(), 0.0);
+  EXPECT_EQ(given->sampling.top_p(), 1.0);
+  EXPECT_EQ(given->sampling.top_k(), 0);
+  EXPECT_EQ(given->sampling.repetition_penalty(), 1.0);
+}
+
 }  // namespace
 }  // namespace dmoe::gateway::openai

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace dmoe {
@@ -497,6 +498,50 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
   return c;
 }
 
+namespace {
+
+// generation_config.json's sampling fields, each checked against the range a request may give.
+absl::Status ParseSamplingDefaults(const Json& g, ModelConfig::SamplingDefaults* d) {
+  struct Field {
+    const char* name;
+    double* out;
+    double lo, hi;
+    bool lo_open;
+  };
+  const Field fields[] = {{"temperature", &d->temperature, 0, 2, false},
+                          {"top_p", &d->top_p, 0, 1, true},
+                          {"min_p", &d->min_p, 0, 1, false},
+                          {"repetition_penalty", &d->repetition_penalty, 0, 1e6, true}};
+  for (const Field& f : fields) {
+    RETURN_IF_ERROR(GetDouble(g, f.name, f.out));
+    const double v = *f.out;
+    if (!std::isnan(v) && (v > f.hi || v < f.lo || (f.lo_open && v == f.lo))) {
+      return FieldError(
+          f.name, absl::StrCat(v, " is outside ", f.lo_open ? "(" : "[", f.lo, ", ", f.hi, "]"));
+    }
+  }
+  RETURN_IF_ERROR(GetInt(g, "top_k", &d->top_k));
+  if (g.contains("top_k") && !g["top_k"].is_null() && d->top_k < 0) {
+    return FieldError("top_k", "must not be negative");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string ModelConfig::SamplingDefaults::ToString() const {
+  std::string s;
+  auto add = [&](const char* name, double v) {
+    if (!std::isnan(v)) absl::StrAppend(&s, s.empty() ? "" : " ", name, "=", v);
+  };
+  add("temperature", temperature);
+  add("top_p", top_p);
+  if (top_k >= 0) absl::StrAppend(&s, s.empty() ? "" : " ", "top_k=", top_k);
+  add("min_p", min_p);
+  add("repetition_penalty", repetition_penalty);
+  return s;
+}
+
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path = model_dir + "/config.json";
   std::ifstream in(path, std::ios::binary);
@@ -515,9 +560,9 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
     if (g.is_discarded() || !g.is_object()) {
       return absl::InvalidArgumentError(absl::StrCat(gen_path, ": not a JSON object"));
     }
-    if (auto st = GetIdList(g, "eos_token_id", &c->eos_token_ids); !st.ok()) {
-      return absl::Status(st.code(), absl::StrCat(gen_path, ": ", st.message()));
-    }
+    absl::Status st = GetIdList(g, "eos_token_id", &c->eos_token_ids);
+    if (st.ok()) st = ParseSamplingDefaults(g, &c->sampling_defaults);
+    if (!st.ok()) return absl::Status(st.code(), absl::StrCat(gen_path, ": ", st.message()));
   }
   for (size_t i = 0; i < c->eos_token_ids.size(); ++i) {
     if (c->eos_token_ids[i] >= c->vocab_size) {

@@ -4,6 +4,7 @@
 #define DMOE_MODEL_CONFIG_H_
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,18 @@ struct ModelConfig {
   // generation_config.json's when that file names one (as Hugging Face's generate() does).
   // Generation stops at any of them unless a request sets ignore_eos.
   std::vector<int64_t> eos_token_ids;
+  // generation_config.json's sampling fields, NaN (top_k: -1) where it has none: the defaults of
+  // an OpenAI API request that omits them (as vLLM's --generation-config auto; DeepSeek's chat
+  // checkpoints ship e.g. temperature 0.3 or 0.6 and top_p 0.95 there).
+  struct SamplingDefaults {
+    double temperature = std::numeric_limits<double>::quiet_NaN();
+    double top_p = std::numeric_limits<double>::quiet_NaN();
+    double min_p = std::numeric_limits<double>::quiet_NaN();
+    double repetition_penalty = std::numeric_limits<double>::quiet_NaN();
+    int64_t top_k = -1;
+    // "temperature=0.6 top_p=0.95" (what is set), "" when nothing is.
+    std::string ToString() const;
+  } sampling_defaults;
 
   int64_t q_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   // Values per token per layer in the latent KV cache: c_kv plus the rotated k_pe.

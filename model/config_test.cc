@@ -1,6 +1,9 @@
 #include "model/config.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -253,6 +256,46 @@ TEST(ModelConfig, LoadNamesTheFile) {
   EXPECT_FALSE(c.ok());
   EXPECT_NE(std::string(c.status().message()).find("/nonexistent-dir/config.json"),
             std::string::npos);
+}
+
+// generation_config.json's sampling fields become the OpenAI API's defaults; absent ones stay
+// unset (NaN / -1); out-of-range or mistyped ones are errors naming the file and the field.
+TEST(ModelConfig, SamplingDefaultsFromGenerationConfig) {
+  const std::string dir = std::string(std::getenv("TEST_TMPDIR")) + "/gen_defaults";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/config.json") << TinyJson().dump();
+  auto write = [&](const std::string& gen) {
+    std::ofstream(dir + "/generation_config.json") << gen;
+  };
+  write(R"({"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 40})");
+  auto c = LoadModelConfig(dir);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->sampling_defaults.temperature, 0.6);
+  EXPECT_EQ(c->sampling_defaults.top_p, 0.95);
+  EXPECT_EQ(c->sampling_defaults.top_k, 40);
+  EXPECT_TRUE(std::isnan(c->sampling_defaults.min_p));
+  EXPECT_TRUE(std::isnan(c->sampling_defaults.repetition_penalty));
+  EXPECT_EQ(c->sampling_defaults.ToString(), "temperature=0.6 top_p=0.95 top_k=40");
+  write(R"({"eos_token_id": 1})");
+  c = LoadModelConfig(dir);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->sampling_defaults.ToString(), "");
+  const std::pair<const char*, const char*> bad[] = {
+      {R"({"temperature": -0.1})", "temperature"},
+      {R"({"top_p": 0})", "top_p"},
+      {R"({"top_p": "high"})", "top_p"},
+      {R"({"min_p": 1.5})", "min_p"},
+      {R"({"repetition_penalty": 0})", "repetition_penalty"},
+      {R"({"top_k": -3})", "top_k"},
+  };
+  for (const auto& [gen, field] : bad) {
+    write(gen);
+    c = LoadModelConfig(dir);
+    ASSERT_FALSE(c.ok()) << gen;
+    const std::string msg(c.status().message());
+    EXPECT_NE(msg.find("generation_config.json"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(field), std::string::npos) << msg;
+  }
 }
 
 }  // namespace
