@@ -1,8 +1,8 @@
 // Test only: an attention node's gRPC service that answers every Generate with the tokens 7, 8, 9
-// at once (finish "length"), or, when `sick`, with UNAVAILABLE (a node whose scheduler is gone);
-// GetLoad reports 100 free blocks of 16 tokens and `queued` prompt tokens. The sampling parameters
-// of the last Generate are kept (last_sampling()). For gateway tests that need a node
-// whose answers they control (a fake in addition to the real-process tests).
+// (or those given) in one response (finish "length"), or, when `sick`, with UNAVAILABLE (a node
+// whose scheduler is gone); GetLoad reports 100 free blocks of 16 tokens and `queued` prompt
+// tokens. The sampling parameters of the last Generate are kept (last_sampling()). For gateway
+// tests that need a node whose answers they control (a fake in addition to the real-process tests).
 #ifndef DMOE_GATEWAY_FAKE_ATTENTION_H_
 #define DMOE_GATEWAY_FAKE_ATTENTION_H_
 
@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "proto/attention.grpc.pb.h"
 
@@ -18,7 +20,9 @@ namespace dmoe::gateway {
 
 class FakeAttention final : public internal::AttentionService::Service {
  public:
-  explicit FakeAttention(bool sick = false, int64_t queued = 0) : sick_(sick), queued_(queued) {}
+  explicit FakeAttention(bool sick = false, int64_t queued = 0,
+                         std::vector<int32_t> tokens = {7, 8, 9})
+      : sick_(sick), queued_(queued), tokens_(std::move(tokens)) {}
   grpc::Status Generate(grpc::ServerContext*, const internal::GenerateRequest* req,
                         grpc::ServerWriter<internal::GenerateResponse>* w) override {
     {
@@ -28,7 +32,7 @@ class FakeAttention final : public internal::AttentionService::Service {
     ++generate_calls;
     if (sick_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler stopped");
     internal::GenerateResponse r;
-    for (int32_t t : {7, 8, 9}) r.add_tokens()->set_token_id(t);
+    for (int32_t t : tokens_) r.add_tokens()->set_token_id(t);
     r.set_finish_reason("length");
     w->Write(r);
     return grpc::Status::OK;
@@ -52,6 +56,7 @@ class FakeAttention final : public internal::AttentionService::Service {
   internal::SamplingParams last_sampling_;
   const bool sick_;
   const int64_t queued_;
+  const std::vector<int32_t> tokens_;
 };
 
 }  // namespace dmoe::gateway

@@ -285,7 +285,9 @@ void Generation::Finish(grpc::Status status) {
   if (sink != nullptr) sink->OnDone(status, std::move(last));
 }
 
-// Ids, log-probabilities and the text decoded so far, up to any stop string.
+// Ids, log-probabilities and the text decoded so far, up to any stop string: the tokens after the
+// one that completed a stop string (a chunk carries several with speculative decoding) are not
+// part of the answer, and are neither returned nor counted in usage.
 v1::GenerateResponse Generation::TokensChunk(const internal::GenerateResponse& r) {
   Progress* p = progress_.get();
   const GatewayMetrics& m = ctx_.options->metrics;
@@ -304,6 +306,7 @@ v1::GenerateResponse Generation::TokensChunk(const internal::GenerateResponse& r
   v1::GenerateResponse out;
   std::string text;
   for (const auto& t : r.tokens()) {
+    if (p->stops.stopped()) break;
     out.add_token_ids(t.token_id());
     if (sampling.logprobs()) out.add_logprobs(t.logprob());
     if (sampling.top_logprobs() > 0) {
@@ -315,10 +318,10 @@ v1::GenerateResponse Generation::TokensChunk(const internal::GenerateResponse& r
         if (tok != nullptr) l->set_token(tok->TokenBytes(e.token_id()));
       }
     }
-    if (p->detok) text += p->detok->Add(t.token_id());
+    if (p->detok) text += p->stops.Add(p->detok->Add(t.token_id()));
+    ++p->completion;
   }
-  p->completion += r.tokens_size();
-  out.set_text_delta(p->stops.Add(text));
+  out.set_text_delta(text);
   return out;
 }
 

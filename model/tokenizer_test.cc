@@ -6,33 +6,14 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "model/tokenizer_testing.h"
 #include "nlohmann/json.hpp"
 
 namespace dmoe {
 namespace {
 
-// GPT-2's byte -> character table, written out here independently of the tokenizer.
-std::string ByteChar(int b) {
-  const bool printable = (b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || (b >= 0xae);
-  int cp = b;
-  if (!printable) {
-    int n = 0;
-    for (int x = 0; x < b; ++x) {
-      if (!((x >= '!' && x <= '~') || (x >= 0xa1 && x <= 0xac) || (x >= 0xae))) ++n;
-    }
-    cp = 256 + n;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s.push_back(static_cast<char>(cp));
-  } else {
-    s.push_back(static_cast<char>(0xc0 | (cp >> 6)));
-    s.push_back(static_cast<char>(0x80 | (cp & 0x3f)));
-  }
-  return s;
-}
+using testing::ByteChar;
 
-// Byte b has id b; then "ab" = 256, "abc" = 257, "bc" = 258, "aa" = 259; "<s>" = 300 (special).
 nlohmann::json MakeJson(const std::string& split_regex = "") {
   nlohmann::json vocab = nlohmann::json::object();
   for (int b = 0; b < 256; ++b) vocab[ByteChar(b)] = b;

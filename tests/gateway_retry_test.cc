@@ -16,6 +16,8 @@
 #include "gateway/gateway_service.h"
 #include "gateway/node_pool.h"
 #include "gtest/gtest.h"
+#include "model/tokenizer.h"
+#include "model/tokenizer_testing.h"
 #include "proto/attention.grpc.pb.h"
 #include "proto/dmoe/v1/dmoe.grpc.pb.h"
 
@@ -68,6 +70,53 @@ TEST(GatewayRetry, ARequestFailingBeforeItsFirstTokenMovesToAnotherNode) {
   EXPECT_EQ(sick.generate_calls.load(), 1);
   EXPECT_EQ(healthy.generate_calls.load(), 1);
   EXPECT_EQ(retries.load(), 1);
+  gw->Shutdown();
+}
+
+// A chunk may carry several tokens (speculative decoding): those after the token that completed a
+// stop string are not part of the answer, so they are neither returned nor counted in usage.
+// Before, "abcd" with stop "b" returned the ids of all four and completion_tokens 4.
+TEST(GatewayStop, TokensAfterAStopStringAreNotReturnedOrCounted) {
+  auto tok = Tokenizer::FromJson(testing::ByteLevelTokenizerJson());  // id = byte
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  FakeAttention node(/*sick=*/false, /*queued=*/0, {97, 98, 99, 100});
+  std::string node_addr;
+  auto s = Serve(&node, &node_addr);
+  NodePool pool({node_addr}, std::chrono::milliseconds(50));
+  for (int i = 0; i < 3000 && pool.healthy() < 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(pool.healthy(), 1u);
+  ApiKeys keys;
+  GatewayOptions options;
+  options.tokenizer = tok->get();
+  GatewayService service(&pool, &keys, options);
+  std::string gw_addr;
+  auto gw = Serve(&service, &gw_addr);
+  auto stub = v1::Dmoe::NewStub(grpc::CreateChannel(gw_addr, grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest req;
+  req.mutable_token_ids()->add_ids(97);
+  req.mutable_sampling()->set_max_tokens(4);
+  req.mutable_sampling()->add_stop("b");
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto reader = stub->Generate(&ctx, req);
+  std::vector<int32_t> ids;
+  std::string text, finish;
+  int64_t completion = -1;
+  v1::GenerateResponse r;
+  while (reader->Read(&r)) {
+    ids.insert(ids.end(), r.token_ids().begin(), r.token_ids().end());
+    text += r.text_delta();
+    if (!r.finish_reason().empty()) finish = r.finish_reason();
+    if (r.has_usage()) completion = r.usage().completion_tokens();
+  }
+  const grpc::Status st = reader->Finish();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(ids, (std::vector<int32_t>{97, 98}));
+  EXPECT_EQ(text, "a");
+  EXPECT_EQ(finish, "stop");
+  EXPECT_EQ(completion, 2);
   gw->Shutdown();
 }
 
