@@ -43,7 +43,8 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
   --http-listen H:P    the OpenAI-compatible HTTP API (default 127.0.0.1:0; "off": none)
   --cors-origin ORIGIN let browser pages from ORIGIN ("https://ui.example.com", or "*") call
                        the HTTP API (default: none)
-  --metrics-listen H:P Prometheus /metrics (default 127.0.0.1:0): the gateway's series
+  --metrics-listen H:P Prometheus /metrics (default 127.0.0.1:0): the gateway's series (the
+                       HTTP API's port answers GET /metrics too)
   --drain-seconds N    on SIGTERM: no new requests, and those in progress finish for up to N s
                        (default 30, 0-86400; a second signal ends at once)
   --model-id NAME[,ALIAS...]  the model's name in the APIs (default dmoe), and other names it
@@ -146,6 +147,7 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
                    metrics.Serve(flags.StringOr("metrics-listen", "127.0.0.1:0")));
   gateway::GatewayMetricSet set(&metrics, go.model_id, &go, &ho.metrics);
   gateway::GatewayService service(&pool, keys.get(), go);
+  ho.metrics_text = [&metrics] { return metrics.Text(); };
   gateway::HttpFront front(&service, ho);
   std::string http = "off";
   if (ho.listen != "off") {

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/build_info.h"
+#include "prometheus/text_serializer.h"
 
 namespace dmoe {
 
@@ -42,6 +43,10 @@ double ProcessStartTime() {
 }
 
 }  // namespace
+
+std::string Metrics::Text() const {
+  return prometheus::TextSerializer().Serialize(registry_->Collect());
+}
 
 absl::StatusOr<std::string> Metrics::Serve(const std::string& listen) {
   // civetweb options. prometheus-cpp's defaults (2 workers, civetweb's 30 s request timeout) let

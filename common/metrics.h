@@ -25,6 +25,8 @@ class Metrics {
   // after 2 s: N idle or slow clients delay a scrape by at most about 2 s per 8 of them.
   absl::StatusOr<std::string> Serve(const std::string& listen);
   prometheus::Registry& registry() { return *registry_; }
+  // The exposition text of every series (what GET /metrics answers).
+  std::string Text() const;
 
   prometheus::Counter& Counter(const std::string& name, const std::string& help,
                                const prometheus::Labels& labels = {});

@@ -99,8 +99,8 @@ absl::Status FromGrpc(const grpc::Status& s) {
 
 // The route a request is counted under (a fixed set: no label per unknown path).
 std::string RouteOf(std::string_view target) {
-  for (const char* r :
-       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version"}) {
+  for (const char* r : {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                        "/version", "/metrics"}) {
     if (target == r) return r;
   }
   if (target.substr(0, 11) == "/v1/models/") return "/v1/models";
@@ -145,7 +145,8 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   void OnRead(beast::error_code ec);
   void Handle(const http::request<http::string_body>& req);
   void HandleGet(const std::string& target, const std::string& authorization);
-  void Respond(int status, const std::string& body, bool close = false);
+  void Respond(int status, const std::string& body, bool close = false,
+               const char* content_type = "application/json");
   // The Access-Control-Allow-Origin value for this request's Origin ("" when none applies).
   std::string AllowedOrigin() const;
   std::string CorsHeaders() const;  // as header lines for the SSE head ("" when none)
@@ -365,6 +366,9 @@ void Session<Stream>::HandleGet(const std::string& target, const std::string& au
   if (target == "/version") {
     return Respond(200, openai::Dump({{"version", front_->options.version}}));
   }
+  if (target == "/metrics" && front_->options.metrics_text) {
+    return Respond(200, front_->options.metrics_text(), false, "text/plain; version=0.0.4");
+  }
   if (route_ != "/v1/models") {
     return RespondError({404, absl::StrCat("no route ", target), "invalid_request_error", "", ""});
   }
@@ -392,10 +396,11 @@ void Session<Stream>::HandleGet(const std::string& target, const std::string& au
 }
 
 template <class Stream>
-void Session<Stream>::Respond(int status, const std::string& body, bool close) {
+void Session<Stream>::Respond(int status, const std::string& body, bool close,
+                              const char* content_type) {
   http::response<http::string_body> res{static_cast<http::status>(status), 11};
   res.set(http::field::server, "dmoe");
-  res.set(http::field::content_type, "application/json");
+  res.set(http::field::content_type, content_type);
   if (status == 401) res.set(http::field::www_authenticate, "Bearer");
   if (const std::string origin = AllowedOrigin(); !origin.empty()) {
     res.set(http::field::access_control_allow_origin, origin);

@@ -43,6 +43,9 @@ struct HttpFrontOptions {
   std::string cors_origin;
   std::string version;          // GET /version
   std::function<bool()> ready;  // GET /health: 200 while it returns true
+  // GET /metrics on the API port (as vLLM serves it): the process's exposition text; unset: 404.
+  // No API key asked (as vLLM): the metrics port's series, nothing about requests' contents.
+  std::function<std::string()> metrics_text;
   HttpMetrics metrics;
 };
 

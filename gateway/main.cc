@@ -77,7 +77,8 @@ reported load. Both take the same API keys, limits and retries.
   --api-keys FILE           require "authorization: Bearer KEY"; FILE has one KEY [LIMIT] per line
   --max-concurrent-per-key N  default per-key limit of requests in flight (default 64)
   --tls-cert PEM --tls-key PEM  serve TLS instead of plaintext (gRPC and HTTPS)
-  --metrics-listen H:P      Prometheus /metrics address (default 127.0.0.1:0)
+  --metrics-listen H:P      Prometheus /metrics address (default 127.0.0.1:0); the HTTP API's
+                            port answers GET /metrics too (as vLLM's)
 %s%s)";
 
 absl::StatusOr<std::string> Slurp(const std::string& flag, const std::string& path) {
@@ -314,6 +315,7 @@ int Main(int argc, char** argv) {
   watcher.Start();
   GatewayService service(&pool, setup->keys.get(), setup->o);
   http.ready = [&pool] { return pool.healthy() > 0; };
+  http.metrics_text = [&metrics] { return metrics.Text(); };
   HttpFront front(&service, http);
   nlohmann::json extra = nlohmann::json::object();
   absl::Status st;

@@ -92,6 +92,12 @@ expect "HTTP/1.0 stream ends with [DONE]" "data: [DONE]" "$(grep -a '^data: \[DO
 expect "  3 token events, the finish event and [DONE]" 5 "$(grep -ac '^data: ' "$work/http10.txt")"
 expect "  no chunk-size lines" 0 "$(grep -acE $'^[0-9a-fA-F]+\r?$' "$work/http10.txt" || true)"
 expect "GET /version" 200 "$(status "$base/../version")"
+# /metrics on the API port too (as vLLM), the same series as the metrics port, in text format.
+expect "GET /metrics on the API port" 200 "$(status "$base/../metrics")"
+grep -q '^dmoe_gateway_requests_total{' "$work/body" || fail "API port /metrics lacks the gateway's series"
+grep -q '^vllm:e2e_request_latency_seconds_count' "$work/body" || fail "API port /metrics lacks vllm: series"
+ctype=$(curl -s -o /dev/null -w '%{content_type}' --max-time 10 "$base/../metrics")
+expect "/metrics content type" "text/plain; version=0.0.4" "$ctype"
 expect "GET /v1/models without a key" 401 "$(status "$base/models")"
 expect "401 error type" authentication_error "$(json 'b["error"]["type"]')"
 expect "a malformed body without a key: the key is checked first" 401 \
