@@ -402,6 +402,8 @@ void Session<Stream>::Respond(int status, const std::string& body, bool close,
   res.set(http::field::server, "dmoe");
   res.set(http::field::content_type, content_type);
   if (status == 401) res.set(http::field::www_authenticate, "Bearer");
+  // Busy (a key's limit) or no node: clients (openai-python, LiteLLM) wait this long to retry.
+  if (status == 429 || status == 503) res.set(http::field::retry_after, "1");
   if (const std::string origin = AllowedOrigin(); !origin.empty()) {
     res.set(http::field::access_control_allow_origin, origin);
     res.set(http::field::vary, "Origin");

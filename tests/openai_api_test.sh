@@ -237,6 +237,9 @@ dead=http://$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["h
 expect "dead node: GET /health" 503 "$(status "$dead/health")"
 expect "dead node: chat" 503 "$(status -d "$chat}" "$dead/v1/chat/completions")"
 expect "  its error type" service_unavailable "$(json 'b["error"]["type"]')"
+retry_after=$(curl -s -D - -o /dev/null --max-time 10 -d "$chat}" "$dead/v1/chat/completions" |
+  tr -d '\r' | sed -n 's/^[Rr]etry-[Aa]fter: //p')
+expect "  its Retry-After" 1 "$retry_after"
 expect "  its message" True "$(json 'len(b["error"]["message"]) > 0')"
 
 # 4. HTTPS: --tls-cert/--tls-key serve TLS on the HTTP port too (and only TLS).
