@@ -49,6 +49,8 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
                        (default 30, 0-86400; a second signal ends at once)
   --model-id NAME[,ALIAS...]  the model's name in the APIs (default dmoe), and other names it
                        answers to (e.g. deepseek-ai/DeepSeek-V3)
+  --reasoning-parser P  deepseek-r1: a chat answer's thinking (up to "</think>") goes to
+                       reasoning_content, as vLLM's; none (default): all of it is content
   --generation-config M  auto (default): the OpenAI API's requests that omit temperature, top_p,
                        top_k, min_p or repetition_penalty get DIR/generation_config.json's (as
                        vLLM); none: OpenAI's defaults (temperature 1, top_p 1)
@@ -137,6 +139,7 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
   RETURN_IF_ERROR(go.SetModelNames(flags.StringOr("model-id", "dmoe")));
   RETURN_IF_ERROR(
       go.SetSamplingDefaults(flags.StringOr("generation-config", "auto"), c.sampling_defaults));
+  RETURN_IF_ERROR(go.SetReasoningParser(flags.StringOr("reasoning-parser", "none")));
   gateway::HttpFrontOptions ho;
   ho.listen = flags.StringOr("http-listen", "127.0.0.1:0");
   ho.cors_origin = flags.StringOr("cors-origin", "");
@@ -181,12 +184,13 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
 
 int Serve(int argc, char** argv) {
   ServiceMain outer("dmoe serve");
-  auto flags = Flags::Parse(
-      argc, argv,
-      {"model", "grpc-listen", "http-listen", "cors-origin", "kv-cache-mib", "block-tokens",
-       "metrics-listen", "model-id", "generation-config", "api-keys", "max-concurrent-per-key",
-       "kv-cache-dtype", "weight-dtype", "expert-dtype", "speculative-tokens", "drain-seconds"},
-      {});
+  auto flags =
+      Flags::Parse(argc, argv,
+                   {"model", "grpc-listen", "http-listen", "cors-origin", "kv-cache-mib",
+                    "block-tokens", "metrics-listen", "model-id", "generation-config",
+                    "reasoning-parser", "api-keys", "max-concurrent-per-key", "kv-cache-dtype",
+                    "weight-dtype", "expert-dtype", "speculative-tokens", "drain-seconds"},
+                   {});
   if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {
     std::fputs(kServeHelp, stdout);

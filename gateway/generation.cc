@@ -26,6 +26,18 @@ absl::Status GatewayOptions::SetSamplingDefaults(const std::string& mode,
   return absl::OkStatus();
 }
 
+absl::Status GatewayOptions::SetReasoningParser(const std::string& name) {
+  if (name == "none" || name.empty()) {
+    reasoning_parser.clear();
+  } else if (name == "deepseek-r1" || name == "deepseek_r1") {
+    reasoning_parser = "deepseek-r1";
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--reasoning-parser: \"", name, "\" is neither deepseek-r1 nor none"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GatewayOptions::SetModelNames(const std::string& flag_value) {
   std::vector<std::string> names = absl::StrSplit(flag_value, ',');
   for (const std::string& n : names) {

@@ -65,6 +65,12 @@ struct GatewayOptions {
   // Defaults of the OpenAI API's sampling fields a request omits (the checkpoint's
   // generation_config.json; unset: OpenAI's own, temperature 1 and top_p 1).
   ModelConfig::SamplingDefaults sampling_defaults;
+  // "deepseek-r1": chat answers' thinking (up to "</think>") goes to reasoning_content (as
+  // vLLM's --reasoning-parser deepseek_r1); "": all of it is content.
+  std::string reasoning_parser;
+  // From --reasoning-parser: deepseek-r1 (or vLLM's spelling deepseek_r1) or none; anything else
+  // is INVALID_ARGUMENT naming the flag.
+  absl::Status SetReasoningParser(const std::string& name);
   // From --generation-config: "auto" takes `d` (the checkpoint's generation_config.json, logged),
   // "none" keeps OpenAI's defaults; anything else is INVALID_ARGUMENT naming the flag.
   absl::Status SetSamplingDefaults(const std::string& mode, const ModelConfig::SamplingDefaults& d);

@@ -543,6 +543,8 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
          "invalid_request_error", "model", "model_not_found"});
   }
   request_ = std::make_unique<openai::Request>(std::move(*parsed));
+  request_->split_reasoning =
+      endpoint == openai::Endpoint::kChat && o.reasoning_parser == "deepseek-r1";
   auto prompts = Prompts(request_.get());
   if (!prompts.ok()) return RespondError(openai::ErrorFromStatus(prompts.status()));
   if (auto st = front_->service->keys()->Acquire(authorization, &key_); !st.ok()) {

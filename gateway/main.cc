@@ -52,6 +52,10 @@ reported load. Both take the same API keys, limits and retries.
                             (tokenizer_config.json's chat_template, or chat_template.jinja;
                             without one, DeepSeek-V2-Chat's "User: ...\n\nAssistant:" format)
   --tokenizer PATH          tokenizer.json (overrides DIR/tokenizer.json)
+  --reasoning-parser P      deepseek-r1: a chat answer's thinking, up to "</think>", goes to
+                            message.reasoning_content (delta.reasoning_content when streaming), the
+                            rest to content, as vLLM's deepseek_r1 parser; none (default): all
+                            of it is content
   --generation-config M     defaults of the OpenAI API's sampling fields a request omits: auto
                             (default: DIR/generation_config.json's temperature, top_p, top_k,
                             min_p and repetition_penalty, as vLLM does), or none (OpenAI's:
@@ -125,6 +129,7 @@ absl::Status LoadModelParts(const Flags& f, Setup* s) {
       tok_path = dir + "/tokenizer.json";
     }
   }
+  RETURN_IF_ERROR(s->o.SetReasoningParser(f.StringOr("reasoning-parser", "none")));
   if (!tok_path.empty()) {
     ASSIGN_OR_RETURN(s->tok, Tokenizer::FromFile(tok_path));
     s->o.tokenizer = s->tok.get();
@@ -272,27 +277,17 @@ class PoolWatcher {
 int Main(int argc, char** argv) {
   ServiceMain svc("dmoe-gateway");
   auto flags = Flags::Parse(argc - 1, argv + 1,
-                            WithInternalTls({"attention",
-                                             "router",
-                                             "cluster-token-file",
-                                             "model",
-                                             "tokenizer",
-                                             "model-id",
-                                             "generation-config",
-                                             "grpc-listen",
-                                             "ready-file",
-                                             "api-keys",
-                                             "max-concurrent-per-key",
-                                             "tls-cert",
-                                             "tls-key",
-                                             "metrics-listen",
-                                             "log-level",
-                                             "http-listen",
-                                             "http-threads",
-                                             "cors-origin",
-                                             "node-keepalive-ms",
-                                             "drain-seconds",
-                                             "max-stream-backlog-kib"}),
+                            WithInternalTls({"attention",          "router",
+                                             "cluster-token-file", "model",
+                                             "tokenizer",          "model-id",
+                                             "generation-config",  "reasoning-parser",
+                                             "grpc-listen",        "ready-file",
+                                             "api-keys",           "max-concurrent-per-key",
+                                             "tls-cert",           "tls-key",
+                                             "metrics-listen",     "log-level",
+                                             "http-listen",        "http-threads",
+                                             "cors-origin",        "node-keepalive-ms",
+                                             "drain-seconds",      "max-stream-backlog-kib"}),
                             {});
   if (!flags.ok()) return svc.Fail(flags.status());
   if (flags->version()) return PrintVersion(svc.name());

@@ -594,13 +594,14 @@ json ResponseWriter::UsageJson() const {
 }
 
 json ResponseWriter::ChunkJson(int index, const std::string& text, const json& lp,
-                               const std::string& finish) {
+                               const std::string& finish, const std::string& reasoning) {
   Choice& c = choices_[static_cast<size_t>(index)];
   const bool chat = request_.endpoint == Endpoint::kChat;
   json choice = {{"index", index}};
   if (chat) {
     json delta = json::object();
     if (!c.role_sent) delta["role"] = "assistant";
+    if (!reasoning.empty()) delta["reasoning_content"] = reasoning;
     if (!text.empty() || !c.role_sent) delta["content"] = text;
     c.role_sent = true;
     choice["delta"] = std::move(delta);
@@ -624,8 +625,20 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   // "stop" (a stop token or string) and "length" as OpenAI's; anything else as the node said it.
   const std::string& finish = r.finish_reason();
   json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
+  ReasoningSplitter::Parts parts;
+  if (request_.split_reasoning) {
+    parts = c.splitter.Add(r.text_delta());
+    if (!finish.empty()) {
+      ReasoningSplitter::Parts rest = c.splitter.Flush();
+      parts.reasoning += rest.reasoning;
+      parts.content += rest.content;
+    }
+  } else {
+    parts.content = r.text_delta();
+  }
   if (!request_.stream) {
-    c.text += r.text_delta();
+    c.reasoning += parts.reasoning;
+    c.text += parts.content;
     AppendLogprobs(&c, lp);
     if (!finish.empty()) c.finish_reason = finish;
     if (request_.logprobs && c.logprobs.is_null() && !finish.empty()) {
@@ -633,7 +646,8 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
     }
     return "";
   }
-  return absl::StrCat("data: ", Dump(ChunkJson(index, r.text_delta(), lp, finish)), "\n\n");
+  return absl::StrCat("data: ", Dump(ChunkJson(index, parts.content, lp, finish, parts.reasoning)),
+                      "\n\n");
 }
 
 std::string ResponseWriter::End() {
@@ -659,6 +673,10 @@ std::string ResponseWriter::Body() const {
     json choice = {{"index", i}};
     if (chat) {
       choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+      if (request_.split_reasoning) {
+        choice["message"]["reasoning_content"] =
+            c.reasoning.empty() ? json(nullptr) : json(c.reasoning);
+      }
     } else {
       choice["text"] = c.text;
     }

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "gateway/text_stream.h"
 #include "model/config.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -64,6 +65,8 @@ struct Request {
   v1::SamplingParams sampling;  // max_tokens 0 when not given
   bool logprobs = false;        // chat: logprobs; completions: logprobs given
   std::string user;
+  // Chat with --reasoning-parser deepseek-r1: the thinking goes to reasoning_content.
+  bool split_reasoning = false;
 };
 
 // Parses a request body. INVALID_ARGUMENT "field: what" for malformed JSON, a wrong type, a value
@@ -91,6 +94,8 @@ class ResponseWriter {
  private:
   struct Choice {
     std::string text;
+    std::string reasoning;       // split_reasoning: the thinking (not streaming)
+    ReasoningSplitter splitter;  // split_reasoning
     std::string finish_reason;
     nlohmann::json logprobs;  // null, or the endpoint's logprobs object
     bool role_sent = false;
@@ -99,7 +104,7 @@ class ResponseWriter {
   nlohmann::json LogprobsOf(Choice* c, const v1::GenerateResponse& r) const;
   void AppendLogprobs(Choice* c, const nlohmann::json& lp) const;
   nlohmann::json ChunkJson(int index, const std::string& text, const nlohmann::json& lp,
-                           const std::string& finish);
+                           const std::string& finish, const std::string& reasoning);
   nlohmann::json UsageJson() const;
   std::string TokenText(int32_t id, const std::string& bytes) const;
 

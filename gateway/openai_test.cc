@@ -3,8 +3,10 @@
 
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 
 namespace dmoe::gateway::openai {
 namespace {
@@ -158,6 +160,53 @@ TEST(ParseRequest, SamplingDefaultsFillOnlyOmittedFields) {
   EXPECT_EQ(given->sampling.top_p(), 1.0);
   EXPECT_EQ(given->sampling.top_k(), 0);
   EXPECT_EQ(given->sampling.repetition_penalty(), 1.0);
+}
+
+// --reasoning-parser deepseek-r1: the thinking goes to reasoning_content, the rest to content,
+// streamed (delta.reasoning_content / delta.content) and whole (message.reasoning_content).
+TEST(ResponseWriter, SplitsDeepSeekR1ReasoningFromTheAnswer) {
+  auto deltas = [](const std::vector<std::string>& texts) {
+    std::vector<v1::GenerateResponse> out;
+    for (const std::string& t : texts) {
+      out.emplace_back();
+      out.back().set_text_delta(t);
+    }
+    out.back().set_finish_reason("stop");
+    return out;
+  };
+  const std::vector<std::string> pieces = {"<think>\nfirst", " second</th", "ink>\n\nAns", "wer."};
+  for (const bool stream : {false, true}) {
+    auto r = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"q"}]})");
+    ASSERT_TRUE(r.ok()) << r.status();
+    r->stream = stream;
+    r->split_reasoning = true;
+    ResponseWriter w(*r, "id", 0, "dmoe", nullptr, 1);
+    std::string reasoning, content;
+    for (const v1::GenerateResponse& d : deltas(pieces)) {
+      const std::string event = w.Chunk(0, d);
+      if (!stream) continue;
+      ASSERT_EQ(event.rfind("data: ", 0), 0u) << event;
+      const auto j = nlohmann::json::parse(event.substr(6));
+      const auto& delta = j["choices"][0]["delta"];
+      if (delta.contains("reasoning_content")) reasoning += delta["reasoning_content"];
+      if (delta.contains("content")) content += delta["content"];
+    }
+    if (!stream) {
+      const auto body = nlohmann::json::parse(w.Body());
+      reasoning = body["choices"][0]["message"]["reasoning_content"];
+      content = body["choices"][0]["message"]["content"];
+    }
+    EXPECT_EQ(reasoning, "\nfirst second") << (stream ? "streamed" : "whole");
+    EXPECT_EQ(content, "\n\nAnswer.") << (stream ? "streamed" : "whole");
+  }
+  // Without the parser the same text is all content, and there is no reasoning_content.
+  auto plain = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"q"}]})");
+  ASSERT_TRUE(plain.ok());
+  ResponseWriter w(*plain, "id", 0, "dmoe", nullptr, 1);
+  for (const v1::GenerateResponse& d : deltas(pieces)) w.Chunk(0, d);
+  const auto body = nlohmann::json::parse(w.Body());
+  EXPECT_FALSE(body["choices"][0]["message"].contains("reasoning_content"));
+  EXPECT_EQ(body["choices"][0]["message"]["content"], "<think>\nfirst second</think>\n\nAnswer.");
 }
 
 }  // namespace

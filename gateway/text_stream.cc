@@ -51,4 +51,57 @@ std::string StopStrings::Flush() {
   return out;
 }
 
+namespace {
+
+constexpr char kOpen[] = "<think>";
+constexpr char kClose[] = "</think>";
+
+// The length of the longest suffix of `s` that is a proper prefix of `tag`.
+size_t PartialTagAtEnd(const std::string& s, const std::string& tag) {
+  for (size_t n = std::min(s.size(), tag.size() - 1); n > 0; --n) {
+    if (s.compare(s.size() - n, n, tag, 0, n) == 0) return n;
+  }
+  return 0;
+}
+
+}  // namespace
+
+ReasoningSplitter::Parts ReasoningSplitter::Add(const std::string& delta) {
+  Parts out;
+  held_ += delta;
+  if (!opened_) {
+    const size_t start = held_.find_first_not_of(" \t\r\n");
+    if (start == std::string::npos) return out;  // only blanks so far
+    const std::string open(kOpen);
+    const std::string rest = held_.substr(start);
+    if (rest.size() < open.size() && open.compare(0, rest.size(), rest) == 0) return out;
+    opened_ = true;
+    if (rest.compare(0, open.size(), open) == 0) held_ = rest.substr(open.size());
+  }
+  if (closed_) {
+    out.content = std::move(held_);
+    held_.clear();
+    return out;
+  }
+  if (const size_t at = held_.find(kClose); at != std::string::npos) {
+    closed_ = true;
+    out.reasoning = held_.substr(0, at);
+    out.content = held_.substr(at + sizeof(kClose) - 1);
+    held_.clear();
+    return out;
+  }
+  const size_t keep = PartialTagAtEnd(held_, kClose);
+  out.reasoning = held_.substr(0, held_.size() - keep);
+  held_.erase(0, held_.size() - keep);
+  return out;
+}
+
+ReasoningSplitter::Parts ReasoningSplitter::Flush() {
+  Parts out;
+  (closed_ ? out.content : out.reasoning) = std::move(held_);
+  held_.clear();
+  opened_ = true;
+  return out;
+}
+
 }  // namespace dmoe::gateway

@@ -103,5 +103,47 @@ TEST(StopStrings, EmptyStopStringsAreIgnored) {
   EXPECT_EQ(ss.Flush(), "");
 }
 
+// DeepSeek-R1's split, fed whole and in every two-piece and one-byte-at-a-time cut: the same
+// reasoning and content, computed independently here by finding the tags.
+TEST(ReasoningSplitter, SplitsAtTheClosingTagHoweverTheTextArrives) {
+  struct Case {
+    std::string text, reasoning, content;
+  };
+  const Case cases[] = {
+      {"<think>\nplan it</think>\n\nThe answer.", "\nplan it", "\n\nThe answer."},
+      {"plan it</think>answer", "plan it", "answer"},  // the template opened the thinking
+      {"  \n<think>x</think>y", "x", "y"},
+      {"no closing tag at all", "no closing tag at all", ""},  // all reasoning, as vLLM's
+      {"ends inside a tag </thi", "ends inside a tag </thi", ""},
+      {"<thinking is not the tag</think>a", "<thinking is not the tag", "a"},
+      {"</think></think>", "", "</think>"},
+      {"<think>", "", ""},
+      {"", "", ""},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::vector<std::string>> feeds = {{c.text}};
+    for (size_t cut = 0; cut <= c.text.size(); ++cut) {
+      feeds.push_back({c.text.substr(0, cut), c.text.substr(cut)});
+    }
+    std::vector<std::string> bytes;
+    for (char ch : c.text) bytes.emplace_back(1, ch);
+    feeds.push_back(bytes);
+    for (const auto& feed : feeds) {
+      ReasoningSplitter rs;
+      std::string reasoning, content;
+      for (const std::string& piece : feed) {
+        ReasoningSplitter::Parts p = rs.Add(piece);
+        reasoning += p.reasoning;
+        content += p.content;
+      }
+      ReasoningSplitter::Parts p = rs.Flush();
+      reasoning += p.reasoning;
+      content += p.content;
+      ASSERT_EQ(reasoning, c.reasoning) << "\"" << c.text << "\" in " << feed.size() << " pieces";
+      ASSERT_EQ(content, c.content) << "\"" << c.text << "\" in " << feed.size() << " pieces";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace dmoe::gateway
