@@ -19,6 +19,9 @@ absl::Status GatewayOptions::SetSamplingDefaults(const std::string& mode,
         absl::StrCat("--generation-config: \"", mode, "\" is neither auto nor none"));
   }
   sampling_defaults = d;
+  for (const std::string& p : d.problems) {
+    spdlog::warn("generation_config.json: {} (not used as a default)", p);
+  }
   const std::string shown = d.ToString();
   if (!shown.empty()) {
     spdlog::info("sampling defaults of the OpenAI API from generation_config.json: {}", shown);
@@ -40,7 +43,8 @@ absl::Status GatewayOptions::SetReasoningParser(const std::string& name) {
 
 absl::Status GatewayOptions::SetModelNames(const std::string& flag_value) {
   std::vector<std::string> names = absl::StrSplit(flag_value, ',');
-  for (const std::string& n : names) {
+  for (std::string& n : names) {
+    n = std::string(absl::StripAsciiWhitespace(n));  // "a, b": b
     if (n.empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("--model-id: \"", flag_value, "\" has an empty name"));

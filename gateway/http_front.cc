@@ -383,8 +383,13 @@ void Session<Stream>::HandleGet(const std::string& target, const std::string& au
   json model = {{"id", o.model_id},          {"object", "model"},  {"created", 0},
                 {"owned_by", "dmoe"},        {"root", o.model_id}, {"max_model_len", max_len},
                 {"vocab_size", o.vocab_size}};
-  if (target == "/v1/models") {
-    return Respond(200, openai::Dump({{"object", "list"}, {"data", json::array({model})}}));
+  if (target == "/v1/models") {  // every name it answers to, as vLLM lists its served names
+    json data = json::array({model});
+    for (const std::string& alias : o.model_aliases) {
+      data.push_back(model);
+      data.back()["id"] = alias;
+    }
+    return Respond(200, openai::Dump({{"object", "list"}, {"data", std::move(data)}}));
   }
   const std::string asked = target.size() > 11 ? target.substr(11) : "";
   if (target.rfind("/v1/models/", 0) == 0 && !asked.empty() && o.Serves(asked)) {

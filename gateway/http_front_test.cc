@@ -233,7 +233,8 @@ TEST_F(HttpFrontWithANode, AModelAnswersToItsAliases) {
   ASSERT_TRUE(go.SetModelNames("dmoe,deepseek-ai/DeepSeek-V3").ok());
   EXPECT_EQ(go.model_id, "dmoe");
   EXPECT_EQ(go.SetModelNames("a,,b").code(), absl::StatusCode::kInvalidArgument);
-  ASSERT_TRUE(go.SetModelNames("dmoe,deepseek-ai/DeepSeek-V3").ok());
+  ASSERT_TRUE(go.SetModelNames("dmoe, deepseek-ai/DeepSeek-V3").ok());  // blanks dropped
+  EXPECT_EQ(go.model_aliases, std::vector<std::string>{"deepseek-ai/DeepSeek-V3"});
   GatewayService service(pool_.get(), &keys_, go);
   HttpFront front(&service, HttpFrontOptions());
   auto addr = front.Start();
@@ -269,6 +270,9 @@ TEST_F(HttpFrontWithANode, AModelAnswersToItsAliases) {
       exchange("GET /v1/models/deepseek-ai/DeepSeek-V3 HTTP/1.1\r\nHost: x\r\n" + close + "\r\n");
   EXPECT_EQ(get.rfind("HTTP/1.1 200", 0), 0u) << get;
   EXPECT_NE(get.find("\"id\":\"deepseek-ai/DeepSeek-V3\""), std::string::npos) << get;
+  const std::string list = exchange("GET /v1/models HTTP/1.1\r\nHost: x\r\n" + close + "\r\n");
+  EXPECT_NE(list.find("\"id\":\"dmoe\""), std::string::npos) << list;  // every name listed
+  EXPECT_NE(list.find("\"id\":\"deepseek-ai/DeepSeek-V3\""), std::string::npos) << list;
   front.Stop();
 }
 

@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "common/cluster_token.h"
 #include "common/internal_tls.h"
@@ -121,7 +122,11 @@ NodePool::Totals NodePool::totals() const {
     t.free_blocks += x->load.free_blocks();
     t.total_blocks += x->load.total_blocks();
     t.block_tokens = std::max(t.block_tokens, x->load.block_tokens());
-    const int64_t tokens = x->load.total_blocks() * x->load.block_tokens();
+    int64_t tokens = 0;  // what the node reports: saturated, and none when not positive
+    if (__builtin_mul_overflow(x->load.total_blocks(), x->load.block_tokens(), &tokens)) {
+      tokens = std::numeric_limits<int64_t>::max();
+    }
+    if (tokens <= 0) continue;
     if (t.smallest_cache_tokens == 0 || tokens < t.smallest_cache_tokens) {
       t.smallest_cache_tokens = tokens;
     }

@@ -321,12 +321,16 @@ absl::Status ParseStopTokenIds(const Fields& f, v1::SamplingParams* s) {
 // metadata or store, are ignored as OpenAI's own server does.)
 absl::Status Unsupported(const Fields& f) {
   for (const char* name : {"guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                           "structured_outputs", "functions", "function_call"}) {
+                           "structured_outputs", "functions", "function_call", "allowed_token_ids",
+                           "bad_words", "prompt_logprobs", "truncate_prompt_tokens"}) {
     const json* v = f.Get(name);
-    if (v != nullptr && !(v->is_array() && v->empty())) {
-      return Bad(name, "is not supported (no constrained decoding or function calling here)");
-    }
+    const bool off = (v == nullptr) || (v->is_array() && v->empty()) ||
+                     (std::string(name) == "function_call" && *v == "none");
+    if (!off) return Bad(name, "is not supported here");
   }
+  bool beam = false;
+  RETURN_IF_ERROR(f.Bool("use_beam_search", &beam));
+  if (beam) return Bad("use_beam_search", "is not supported");
   int64_t min_tokens = 0;
   RETURN_IF_ERROR(f.Int("min_tokens", 0, std::numeric_limits<int32_t>::max(), &min_tokens));
   if (min_tokens > 0) return Bad("min_tokens", "is not supported");
@@ -429,6 +433,9 @@ absl::Status ParseStreamOptions(const Fields& f, Request* r) {
 
 // Chat fields this server does not serve: an error rather than output the client cannot use.
 absl::Status UnservedChat(const Fields& f) {
+  bool echo = false;  // vLLM's: the last message before the answer
+  RETURN_IF_ERROR(f.Bool("echo", &echo));
+  if (echo) return Bad("echo", "is not supported");
   // vLLM's chat extras that change the prompt.
   const json* kwargs = f.Get("chat_template_kwargs");
   if (kwargs != nullptr && !(kwargs->is_object() && kwargs->empty())) {
@@ -628,7 +635,7 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   ReasoningSplitter::Parts parts;
   if (request_.split_reasoning) {
     parts = c.splitter.Add(r.text_delta());
-    if (!finish.empty()) {
+    if (!finish.empty() || r.has_usage()) {  // the last response of the choice
       ReasoningSplitter::Parts rest = c.splitter.Flush();
       parts.reasoning += rest.reasoning;
       parts.content += rest.content;
@@ -644,6 +651,11 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
     if (request_.logprobs && c.logprobs.is_null() && !finish.empty()) {
       c.logprobs = LogprobsOf(&c, v1::GenerateResponse());  // no tokens: empty lists
     }
+    return "";
+  }
+  // Nothing to say (text held back: a possible stop string or tag), as vLLM: no event.
+  if (c.role_sent && parts.content.empty() && parts.reasoning.empty() && lp.is_null() &&
+      finish.empty()) {
     return "";
   }
   return absl::StrCat("data: ", Dump(ChunkJson(index, parts.content, lp, finish, parts.reasoning)),

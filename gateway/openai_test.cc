@@ -107,6 +107,12 @@ TEST(ParseRequest, VllmExtrasAreServedOrRefusedNeverIgnored) {
       {R"("chat_template_kwargs":{"thinking":true})", "chat_template_kwargs"},
       {R"("continue_final_message":true)", "continue_final_message"},
       {R"("add_generation_prompt":false)", "add_generation_prompt"},
+      {R"("allowed_token_ids":[1, 2])", "allowed_token_ids"},
+      {R"("bad_words":["x"])", "bad_words"},
+      {R"("prompt_logprobs":1)", "prompt_logprobs"},
+      {R"("truncate_prompt_tokens":10)", "truncate_prompt_tokens"},
+      {R"("use_beam_search":true)", "use_beam_search"},
+      {R"("echo":true)", "echo"},
   };
   for (const auto& [extra, field] : refused) {
     const std::string body = msgs + "," + extra + "}";
@@ -124,6 +130,8 @@ TEST(ParseRequest, VllmExtrasAreServedOrRefusedNeverIgnored) {
       R"("continue_final_message":false)",
       R"("add_generation_prompt":true)",
       R"("metadata":{"a":"b"},"store":false)",
+      R"("function_call":"none")",
+      R"("use_beam_search":false,"echo":false,"bad_words":[])",
   };
   for (const std::string& extra : off) {
     const std::string body = msgs + "," + extra + "}";
@@ -174,7 +182,9 @@ TEST(ResponseWriter, SplitsDeepSeekR1ReasoningFromTheAnswer) {
     out.back().set_finish_reason("stop");
     return out;
   };
-  const std::vector<std::string> pieces = {"<think>\nfirst", " second</th", "ink>\n\nAns", "wer."};
+  // "</thi" alone is held back whole: no event for it (vLLM sends none either).
+  const std::vector<std::string> pieces = {"<think>\nfirst", " second", "</thi", "nk>\n\nAns",
+                                           "wer."};
   for (const bool stream : {false, true}) {
     auto r = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"q"}]})");
     ASSERT_TRUE(r.ok()) << r.status();
@@ -182,9 +192,11 @@ TEST(ResponseWriter, SplitsDeepSeekR1ReasoningFromTheAnswer) {
     r->split_reasoning = true;
     ResponseWriter w(*r, "id", 0, "dmoe", nullptr, 1);
     std::string reasoning, content;
+    int events = 0;
     for (const v1::GenerateResponse& d : deltas(pieces)) {
       const std::string event = w.Chunk(0, d);
-      if (!stream) continue;
+      if (!stream || event.empty()) continue;
+      ++events;
       ASSERT_EQ(event.rfind("data: ", 0), 0u) << event;
       const auto j = nlohmann::json::parse(event.substr(6));
       const auto& delta = j["choices"][0]["delta"];
@@ -198,6 +210,9 @@ TEST(ResponseWriter, SplitsDeepSeekR1ReasoningFromTheAnswer) {
     }
     EXPECT_EQ(reasoning, "\nfirst second") << (stream ? "streamed" : "whole");
     EXPECT_EQ(content, "\n\nAnswer.") << (stream ? "streamed" : "whole");
+    if (stream) {
+      EXPECT_EQ(events, 4) << "the held-back piece made an empty event";
+    }
   }
   // Without the parser the same text is all content, and there is no reasoning_content.
   auto plain = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"q"}]})");
@@ -207,6 +222,17 @@ TEST(ResponseWriter, SplitsDeepSeekR1ReasoningFromTheAnswer) {
   const auto body = nlohmann::json::parse(w.Body());
   EXPECT_FALSE(body["choices"][0]["message"].contains("reasoning_content"));
   EXPECT_EQ(body["choices"][0]["message"]["content"], "<think>\nfirst second</think>\n\nAnswer.");
+  // The last response of a choice flushes the splitter even without a finish reason.
+  auto r = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"q"}]})");
+  ASSERT_TRUE(r.ok());
+  r->split_reasoning = true;
+  ResponseWriter held(*r, "id", 0, "dmoe", nullptr, 1);
+  v1::GenerateResponse last;
+  last.set_text_delta("thought </th");
+  last.mutable_usage()->set_completion_tokens(3);
+  held.Chunk(0, last);
+  EXPECT_EQ(nlohmann::json::parse(held.Body())["choices"][0]["message"]["reasoning_content"],
+            "thought </th");
 }
 
 }  // namespace

@@ -501,30 +501,41 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
 namespace {
 
 // generation_config.json's sampling fields, each checked against the range a request may give.
-absl::Status ParseSamplingDefaults(const Json& g, ModelConfig::SamplingDefaults* d) {
+// A field that is mistyped or out of range is left unset and described in d->problems (the
+// gateway logs them): these are only defaults of the OpenAI API, and a checkpoint must not fail
+// to load over one. Values equal to Hugging Face's own defaults (top_k 50, and 1.0 for the
+// others) are dropped as vLLM's to_diff_dict() drops them: they are not the checkpoint's choice.
+void ParseSamplingDefaults(const Json& g, ModelConfig::SamplingDefaults* d) {
   struct Field {
     const char* name;
     double* out;
-    double lo, hi;
+    double lo, hi, hf_default;
     bool lo_open;
   };
-  const Field fields[] = {{"temperature", &d->temperature, 0, 2, false},
-                          {"top_p", &d->top_p, 0, 1, true},
-                          {"min_p", &d->min_p, 0, 1, false},
-                          {"repetition_penalty", &d->repetition_penalty, 0, 1e6, true}};
+  const Field fields[] = {{"temperature", &d->temperature, 0, 2, 1.0, false},
+                          {"top_p", &d->top_p, 0, 1, 1.0, true},
+                          {"min_p", &d->min_p, 0, 1, -1, false},
+                          {"repetition_penalty", &d->repetition_penalty, 0, 1e6, 1.0, true}};
   for (const Field& f : fields) {
-    RETURN_IF_ERROR(GetDouble(g, f.name, f.out));
-    const double v = *f.out;
-    if (!std::isnan(v) && (v > f.hi || v < f.lo || (f.lo_open && v == f.lo))) {
-      return FieldError(
-          f.name, absl::StrCat(v, " is outside ", f.lo_open ? "(" : "[", f.lo, ", ", f.hi, "]"));
+    double v = std::numeric_limits<double>::quiet_NaN();
+    if (absl::Status st = GetDouble(g, f.name, &v); !st.ok()) {
+      d->problems.push_back(absl::StrCat(f.name, ": ", st.message()));
+      continue;
     }
+    if (std::isnan(v) || v == f.hf_default) continue;
+    if (v > f.hi || v < f.lo || (f.lo_open && v == f.lo)) {
+      d->problems.push_back(absl::StrCat(f.name, ": ", v, " is outside ", f.lo_open ? "(" : "[",
+                                         f.lo, ", ", f.hi, "]"));
+      continue;
+    }
+    *f.out = v;
   }
-  RETURN_IF_ERROR(GetInt(g, "top_k", &d->top_k));
-  if (g.contains("top_k") && !g["top_k"].is_null() && d->top_k < 0) {
-    return FieldError("top_k", "must not be negative");
+  int64_t top_k = -1;
+  if (absl::Status st = GetInt(g, "top_k", &top_k); !st.ok()) {
+    d->problems.push_back(absl::StrCat("top_k: ", st.message()));
+  } else if (top_k > 0 && top_k != 50) {  // 0 and -1: off, as the API's own default
+    d->top_k = top_k;
   }
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -560,9 +571,10 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
     if (g.is_discarded() || !g.is_object()) {
       return absl::InvalidArgumentError(absl::StrCat(gen_path, ": not a JSON object"));
     }
-    absl::Status st = GetIdList(g, "eos_token_id", &c->eos_token_ids);
-    if (st.ok()) st = ParseSamplingDefaults(g, &c->sampling_defaults);
-    if (!st.ok()) return absl::Status(st.code(), absl::StrCat(gen_path, ": ", st.message()));
+    if (auto st = GetIdList(g, "eos_token_id", &c->eos_token_ids); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat(gen_path, ": ", st.message()));
+    }
+    ParseSamplingDefaults(g, &c->sampling_defaults);
   }
   for (size_t i = 0; i < c->eos_token_ids.size(); ++i) {
     if (c->eos_token_ids[i] >= c->vocab_size) {

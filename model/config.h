@@ -74,6 +74,9 @@ struct ModelConfig {
     double min_p = std::numeric_limits<double>::quiet_NaN();
     double repetition_penalty = std::numeric_limits<double>::quiet_NaN();
     int64_t top_k = -1;
+    // Fields of the file that were mistyped or out of range, so not taken ("top_p: 1.5 is
+    // outside (0, 1]"): logged by the gateway, never an error (these are only defaults).
+    std::vector<std::string> problems;
     // "temperature=0.6 top_p=0.95" (what is set), "" when nothing is.
     std::string ToString() const;
   } sampling_defaults;

@@ -329,7 +329,9 @@ TEST(HealthTest, ReadinessFollowsDrainAndAttentionNodes) {
 // A reader of the node's Generate stream (the gateway, held back by a slow HTTP client) that
 // stops reading: once more than --max-stream-backlog-kib waits unread in the node, the stream ends
 // RESOURCE_EXHAUSTED and the generation stops (its blocks freed). The node held the whole
-// generation for it before. A stream within the reader's window and the backlog is whole.
+// generation for it before. (A reader that reads is not cut at the default 16 MiB: every other
+// stream test. Even one that reads can have a few KiB queued while its writes complete, so a
+// whole stream is not checked against this 1 KiB.)
 TEST(StreamBacklogTest, AnAttentionStreamLeftUnreadIsCutAtItsBacklog) {
   const std::string dir = TmpDir() + "/backlog";
   ASSERT_TRUE(WriteTinyModel(dir, *PresetConfig("tiny"), TinyModelOptions()).ok());
@@ -371,9 +373,6 @@ TEST(StreamBacklogTest, AnAttentionStreamLeftUnreadIsCutAtItsBacklog) {
   EXPECT_NE(cut.error_message().find("1 KiB of this stream unread"), std::string::npos)
       << cut.error_message();
   EXPECT_LT(tokens, 500);
-  const grpc::Status whole = generate(20, &tokens);  // ~4 KiB: within the window
-  EXPECT_TRUE(whole.ok()) << whole.error_message();
-  EXPECT_EQ(tokens, 20);
 }
 
 // A max_tokens that is only a default (max_tokens_up_to_cache: the client of the OpenAI API gave

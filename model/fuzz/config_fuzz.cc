@@ -17,7 +17,7 @@ using dmoe::ModelConfig;
 
 // The helper below compares each field by name; a field added to ModelConfig (or RopeScaling)
 // changes the size and stops this build until it is compared too (then update the size).
-static_assert(sizeof(ModelConfig) == 336 && sizeof(dmoe::RopeScaling) == 56,
+static_assert(sizeof(ModelConfig) == 400 && sizeof(dmoe::RopeScaling) == 56,
               "ModelConfig changed: compare the new field in FirstDifference, then fix the sizes");
 
 bool SameBits(double a, double b) { return std::memcmp(&a, &b, sizeof(double)) == 0; }
@@ -66,6 +66,13 @@ const char* FirstDifference(const ModelConfig& a, const ModelConfig& b) {
   CMP(tie_word_embeddings);
   CMP(bos_token_id);
   CMP(eos_token_ids);
+  // (From generation_config.json, which this target does not write: unset on both sides.)
+  CMP_DOUBLE(sampling_defaults.temperature);
+  CMP_DOUBLE(sampling_defaults.top_p);
+  CMP_DOUBLE(sampling_defaults.min_p);
+  CMP_DOUBLE(sampling_defaults.repetition_penalty);
+  CMP(sampling_defaults.top_k);
+  CMP(sampling_defaults.problems);
 #undef CMP
 #undef CMP_DOUBLE
   return nullptr;
