@@ -51,6 +51,11 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
                        answers to (e.g. deepseek-ai/DeepSeek-V3)
   --reasoning-parser P  deepseek-r1: a chat answer's thinking (up to "</think>") goes to
                        reasoning_content, as vLLM's; none (default): all of it is content
+  --chat-template F    a Jinja chat template file used instead of DIR's (e.g.
+                       deploy/chat_templates/deepseek_v3_tools.jinja: DeepSeek-V3's, rendering
+                       the request's tools too)
+  --tool-call-parser P deepseek_v3: chat requests with tools get the model's tool calls as
+                       tool_calls (as vLLM's); none (default): tools only with tool_choice "none"
   --generation-config M  auto (default): the OpenAI API's requests that omit temperature, top_p,
                        top_k, min_p or repetition_penalty get DIR/generation_config.json's (as
                        vLLM); none: OpenAI's defaults (temperature 1, top_p 1)
@@ -109,9 +114,18 @@ struct TextParts {
   std::unique_ptr<Tokenizer> tok;
 };
 
-absl::StatusOr<TextParts> LoadTextParts(const std::string& dir) {
+// `template_file`: --chat-template ("": DIR's own).
+absl::StatusOr<TextParts> LoadTextParts(const std::string& dir, const std::string& template_file) {
   TextParts t;
   ASSIGN_OR_RETURN(gateway::ChatTemplate chat, gateway::ChatTemplate::LoadFromModelDir(dir));
+  if (!template_file.empty()) {
+    auto replaced = chat.WithTemplateFile(template_file);
+    if (!replaced.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--chat-template: ", replaced.status().message()));
+    }
+    chat = *std::move(replaced);
+  }
   t.chat = std::make_unique<gateway::ChatTemplate>(std::move(chat));
   if (t.chat->is_builtin_default()) {
     spdlog::info("no chat template in {}: Chat uses the DeepSeek-V2-Chat format", dir);
@@ -140,6 +154,7 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
   RETURN_IF_ERROR(
       go.SetSamplingDefaults(flags.StringOr("generation-config", "auto"), c.sampling_defaults));
   RETURN_IF_ERROR(go.SetReasoningParser(flags.StringOr("reasoning-parser", "none")));
+  RETURN_IF_ERROR(go.SetToolCallParser(flags.StringOr("tool-call-parser", "none")));
   gateway::HttpFrontOptions ho;
   ho.listen = flags.StringOr("http-listen", "127.0.0.1:0");
   ho.cors_origin = flags.StringOr("cors-origin", "");
@@ -184,13 +199,13 @@ absl::Status ServeFronts(const Flags& flags, const std::string& inner_addr, cons
 
 int Serve(int argc, char** argv) {
   ServiceMain outer("dmoe serve");
-  auto flags =
-      Flags::Parse(argc, argv,
-                   {"model", "grpc-listen", "http-listen", "cors-origin", "kv-cache-mib",
-                    "block-tokens", "metrics-listen", "model-id", "generation-config",
-                    "reasoning-parser", "api-keys", "max-concurrent-per-key", "kv-cache-dtype",
-                    "weight-dtype", "expert-dtype", "speculative-tokens", "drain-seconds"},
-                   {});
+  auto flags = Flags::Parse(
+      argc, argv,
+      {"model", "grpc-listen", "http-listen", "cors-origin", "kv-cache-mib", "block-tokens",
+       "metrics-listen", "model-id", "generation-config", "reasoning-parser", "chat-template",
+       "tool-call-parser", "api-keys", "max-concurrent-per-key", "kv-cache-dtype", "weight-dtype",
+       "expert-dtype", "speculative-tokens", "drain-seconds"},
+      {});
   if (!flags.ok()) return outer.Fail(flags.status());
   if (flags->help()) {
     std::fputs(kServeHelp, stdout);
@@ -198,6 +213,9 @@ int Serve(int argc, char** argv) {
   }
   auto o = ParseServe(*flags);
   if (!o.ok()) return outer.Fail(o.status());
+  // The chat template and tokenizer first: a mistyped file is found before the weights load.
+  auto text = LoadTextParts(o->dir, flags->StringOr("chat-template", ""));
+  if (!text.ok()) return outer.Fail(text.status());
   auto model = LocalModel::Load(o->dir, o->model);
   if (!model.ok()) return outer.Fail(model.status());
   const ModelConfig& c = (*model)->config();
@@ -207,8 +225,6 @@ int Serve(int argc, char** argv) {
   ko.dtype = o->kv_dtype;
   auto cache = MakeKvCache(c, ko);
   if (!cache.ok()) return outer.Fail(cache.status());
-  auto text = LoadTextParts(o->dir);
-  if (!text.ok()) return outer.Fail(text.status());
   if (auto st = CheckSpeculativeTokens(c, o->speculative); !st.ok()) return outer.Fail(st);
   SchedulerOptions so;
   so.speculative_tokens = o->speculative;

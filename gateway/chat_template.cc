@@ -123,6 +123,19 @@ ChatTemplate ChatTemplate::BuiltinDefault() {
   return c;
 }
 
+absl::StatusOr<ChatTemplate> ChatTemplate::WithTemplateFile(const std::string& path) const {
+  ASSIGN_OR_RETURN(std::optional<std::string> text, ReadFileIfExists(path));
+  if (!text) return absl::InvalidArgumentError(absl::StrCat(path, ": no such file"));
+  absl::StatusOr<jinja::Template> t = jinja::Template::Parse(*text);
+  if (!t.ok()) return Prefixed(t.status(), path);
+  ChatTemplate c(*std::move(t), *std::move(text), /*builtin=*/false);
+  c.bos_ = bos_;
+  c.eos_ = eos_;
+  c.has_bos_ = has_bos_;
+  c.has_eos_ = has_eos_;
+  return c;
+}
+
 absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string& json_text) {
   const OJson config = OJson::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (config.is_discarded() || !config.is_object()) {

@@ -32,6 +32,11 @@ class ChatTemplate {
   // The built-in DeepSeek-V2-Chat template with DeepSeek's bos/eos.
   static ChatTemplate BuiltinDefault();
 
+  // This template's bos/eos with the Jinja template of file `path` (--chat-template: e.g.
+  // deploy/chat_templates/deepseek_v3_tools.jinja, which renders tool definitions).
+  // INVALID_ARGUMENT naming the file when it cannot be read or does not parse.
+  absl::StatusOr<ChatTemplate> WithTemplateFile(const std::string& path) const;
+
   // Renders OpenAI-shaped `messages` (an array of {role, content, tool_calls?, tool_call_id?, ...},
   // passed to the template as they are) with `tools` (null or an array of tool definitions),
   // `add_generation_prompt`, `bos_token` and `eos_token`. Member order of the JSON objects is kept

@@ -129,10 +129,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
 
 namespace {
 
-absl::Status CheckToolMessagesRendered(const ChatTemplate& tmpl,
-                                       const nlohmann::ordered_json& messages,
-                                       const nlohmann::ordered_json& tools,
-                                       const std::string& rendered) {
+absl::Status CheckToolsRendered(const ChatTemplate& tmpl, const nlohmann::ordered_json& messages,
+                                const nlohmann::ordered_json& tools, const std::string& rendered) {
   // Many templates (DeepSeek-V2-Chat's, the built-in one) render no tool results: the model
   // would answer without them. The first one with content is rendered without it; the same
   // text means the template dropped it (and would drop the others).
@@ -148,6 +146,18 @@ absl::Status CheckToolMessagesRendered(const ChatTemplate& tmpl,
                        "template (the model would never see them)"));
     }
     break;
+  }
+  // Neither do they all render tool definitions (DeepSeek-V3's own template does not): the model
+  // would be asked to call tools it was never shown.
+  if (tools.is_array() && !tools.empty()) {
+    auto text =
+        tmpl.Render(messages, nlohmann::ordered_json(nullptr), /*add_generation_prompt=*/true);
+    if (text.ok() && *text == rendered) {
+      return absl::InvalidArgumentError(
+          "tools: not rendered by this model's chat template (the model would never see them); "
+          "start the gateway with a --chat-template that renders them, e.g. "
+          "deploy/chat_templates/deepseek_v3_tools.jinja");
+    }
   }
   return absl::OkStatus();
 }
@@ -169,6 +179,11 @@ absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& re
                                                      "\" is not system, user, assistant or tool"));
     }
     nlohmann::ordered_json j = {{"role", m.role()}, {"content", m.content()}};
+    // An assistant turn that only called tools has no content (null, as OpenAI clients send
+    // it): templates test `content is none` to render the calls.
+    if (m.role() == "assistant" && m.tool_calls_size() > 0 && m.content().empty()) {
+      j["content"] = nullptr;
+    }
     if (!m.name().empty()) j["name"] = m.name();
     if (!m.tool_call_id().empty()) j["tool_call_id"] = m.tool_call_id();
     if (m.tool_calls_size() > 0) {
@@ -198,7 +213,7 @@ absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& re
     return absl::InvalidArgumentError(absl::StrCat("messages: ", text.status().message()));
   }
   if (text.ok()) {
-    if (auto st = CheckToolMessagesRendered(tmpl, messages, tools, *text); !st.ok()) return st;
+    if (auto st = CheckToolsRendered(tmpl, messages, tools, *text); !st.ok()) return st;
   }
   return text;
 }

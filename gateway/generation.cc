@@ -41,6 +41,18 @@ absl::Status GatewayOptions::SetReasoningParser(const std::string& name) {
   return absl::OkStatus();
 }
 
+absl::Status GatewayOptions::SetToolCallParser(const std::string& name) {
+  if (name == "none" || name.empty()) {
+    tool_call_parser.clear();
+  } else if (name == "deepseek_v3" || name == "deepseek-v3") {
+    tool_call_parser = "deepseek_v3";
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tool-call-parser: \"", name, "\" is neither deepseek_v3 nor none"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GatewayOptions::SetModelNames(const std::string& flag_value) {
   std::vector<std::string> names = absl::StrSplit(flag_value, ',');
   for (std::string& n : names) {

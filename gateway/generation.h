@@ -71,6 +71,12 @@ struct GatewayOptions {
   // From --reasoning-parser: deepseek-r1 (or vLLM's spelling deepseek_r1) or none; anything else
   // is INVALID_ARGUMENT naming the flag.
   absl::Status SetReasoningParser(const std::string& name);
+  // "deepseek_v3": the OpenAI API parses DeepSeek-V3's tool-call markup into tool_calls (as
+  // vLLM's --tool-call-parser deepseek_v3); "": requests with tools need tool_choice "none".
+  std::string tool_call_parser;
+  // From --tool-call-parser: deepseek_v3 (or deepseek-v3) or none; anything else is
+  // INVALID_ARGUMENT naming the flag.
+  absl::Status SetToolCallParser(const std::string& name);
   // From --generation-config: "auto" takes `d` (the checkpoint's generation_config.json, logged),
   // "none" keeps OpenAI's defaults; anything else is INVALID_ARGUMENT naming the flag.
   absl::Status SetSamplingDefaults(const std::string& mode, const ModelConfig::SamplingDefaults& d);

@@ -550,6 +550,9 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
   request_ = std::make_unique<openai::Request>(std::move(*parsed));
   request_->split_reasoning =
       endpoint == openai::Endpoint::kChat && o.reasoning_parser == "deepseek-r1";
+  if (auto st = openai::EnableToolCalls(o.tool_call_parser, request_.get()); !st.ok()) {
+    return RespondError(openai::ErrorFromStatus(st));
+  }
   auto prompts = Prompts(request_.get());
   if (!prompts.ok()) return RespondError(openai::ErrorFromStatus(prompts.status()));
   if (auto st = front_->service->keys()->Acquire(authorization, &key_); !st.ok()) {

@@ -16,6 +16,9 @@
 
 #include "gateway/fake_attention.h"
 #include "gtest/gtest.h"
+#include "model/tokenizer.h"
+#include "model/tokenizer_testing.h"
+#include "nlohmann/json.hpp"
 
 namespace dmoe::gateway {
 namespace {
@@ -124,6 +127,19 @@ std::vector<std::string> ReadResponses(int fd, size_t count) {
   return got;
 }
 
+// Sends `req` (which asks the server to close) and returns the whole reply.
+std::string Exchange(const std::string& address, const std::string& req) {
+  const int fd = ConnectTo(address);
+  EXPECT_GE(fd, 0);
+  EXPECT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  std::string reply;
+  char buf[4096];
+  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;)
+    reply.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return reply;
+}
+
 class HttpFrontWithANode : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -213,15 +229,8 @@ TEST_F(HttpFrontWithANode, ADefaultMaxTokensMayBeLoweredToTheNodesCache) {
     EXPECT_EQ(s.max_tokens_up_to_cache(), !given) << (given ? "max_tokens given" : "no max_tokens");
     EXPECT_EQ(s.max_tokens(), given ? 3 : 16);  // OpenAI's default for completions
   }
-  const int fd = ConnectTo(address_);
-  ASSERT_GE(fd, 0);
-  const std::string get = "GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-  ASSERT_EQ(send(fd, get.data(), get.size(), MSG_NOSIGNAL), static_cast<ssize_t>(get.size()));
-  std::string reply;
-  char buf[4096];
-  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;)
-    reply.append(buf, static_cast<size_t>(n));
-  close(fd);
+  const std::string reply =
+      Exchange(address_, "GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
   EXPECT_NE(reply.find("\"max_model_len\":1600"), std::string::npos) << reply;
 }
 
@@ -239,18 +248,7 @@ TEST_F(HttpFrontWithANode, AModelAnswersToItsAliases) {
   HttpFront front(&service, HttpFrontOptions());
   auto addr = front.Start();
   ASSERT_TRUE(addr.ok()) << addr.status();
-  auto exchange = [&](const std::string& req) {
-    const int fd = ConnectTo(*addr);
-    EXPECT_GE(fd, 0);
-    EXPECT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
-    std::string reply;
-    char buf[4096];
-    for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) {
-      reply.append(buf, static_cast<size_t>(n));
-    }
-    close(fd);
-    return reply;
-  };
+  auto exchange = [&](const std::string& req) { return Exchange(*addr, req); };
   const std::string close = "Connection: close\r\n";
   auto completion = [&](const std::string& model) {
     const std::string body = R"({"prompt": [1, 2], "max_tokens": 3, "model": ")" + model + "\"}";
@@ -274,6 +272,96 @@ TEST_F(HttpFrontWithANode, AModelAnswersToItsAliases) {
   EXPECT_NE(list.find("\"id\":\"dmoe\""), std::string::npos) << list;  // every name listed
   EXPECT_NE(list.find("\"id\":\"deepseek-ai/DeepSeek-V3\""), std::string::npos) << list;
   front.Stop();
+}
+
+// End to end over HTTP with --tool-call-parser deepseek_v3 and the shipped tools template: a node
+// answering DeepSeek-V3's tool-call markup (the byte-level test tokenizer: token id = byte) gives
+// the client message.tool_calls and finish_reason "tool_calls", streamed or not; the prompt the
+// node got describes the tool. Without the parser the same request is a 400 naming `tools`.
+TEST(HttpFrontToolCalls, AnAnswersToolCallsReachTheClient) {
+  const std::string answer =
+      "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+      "{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+  std::vector<int32_t> ids;
+  for (unsigned char c : answer) ids.push_back(c);
+  FakeAttention node(false, 0, ids, "stop");
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&node);
+  auto server = b.BuildAndStart();
+  NodePool pool({"127.0.0.1:" + std::to_string(port)});
+  for (int i = 0; i < 300 && pool.healthy() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(pool.healthy(), 1u);
+  auto tok = Tokenizer::FromJson(testing::ByteLevelTokenizerJson());
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto tmpl = ChatTemplate::BuiltinDefault().WithTemplateFile(
+      "deploy/chat_templates/deepseek_v3_tools.jinja");
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+  const std::string body_start =
+      R"({"messages":[{"role":"user","content":"Weather in Paris?"}],"max_tokens":200,)"
+      R"("tools":[{"type":"function","function":{"name":"get_weather","parameters":)"
+      R"({"type":"object","properties":{"city":{"type":"string"}}}}}])";
+  auto chat = [](const std::string& address, const std::string& body) {
+    return Exchange(address,
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    "Content-Type: application/json\r\nContent-Length: " +
+                        std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  for (const std::string parser : {"deepseek_v3", "none"}) {
+    ApiKeys keys;
+    GatewayOptions o;
+    o.tokenizer = tok->get();
+    o.chat_template = &*tmpl;
+    ASSERT_TRUE(o.SetToolCallParser(parser).ok());
+    GatewayService service(&pool, &keys, o);
+    HttpFront front(&service, HttpFrontOptions());
+    auto addr = front.Start();
+    ASSERT_TRUE(addr.ok()) << addr.status();
+    const std::string whole = chat(*addr, body_start + "}");
+    if (parser == "none") {
+      EXPECT_EQ(whole.rfind("HTTP/1.1 400", 0), 0u) << whole;
+      EXPECT_NE(whole.find(R"("param":"tools")"), std::string::npos) << whole;
+      front.Stop();
+      continue;
+    }
+    ASSERT_EQ(whole.rfind("HTTP/1.1 200", 0), 0u) << whole;
+    const auto j = nlohmann::json::parse(whole.substr(whole.find("\r\n\r\n") + 4));
+    const auto& choice = j["choices"][0];
+    EXPECT_EQ(choice["finish_reason"], "tool_calls") << j.dump();
+    EXPECT_TRUE(choice["message"]["content"].is_null()) << j.dump();
+    ASSERT_TRUE(choice["message"].contains("tool_calls")) << j.dump();
+    ASSERT_EQ(choice["message"]["tool_calls"].size(), 1u) << j.dump();
+    EXPECT_EQ(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather");
+    EXPECT_EQ(choice["message"]["tool_calls"][0]["function"]["arguments"], R"({"city": "Paris"})");
+    EXPECT_EQ(j["usage"]["completion_tokens"], static_cast<int64_t>(answer.size()));
+    // The prompt the node got: the tool described, the conversation after it.
+    const std::string prompt = tok->get()->Decode(node.last_prompt());
+    EXPECT_NE(prompt.find("### get_weather\nParameters: "), std::string::npos) << prompt;
+
+    const std::string streamed = chat(*addr, body_start + R"(,"stream":true})");
+    ASSERT_EQ(streamed.rfind("HTTP/1.1 200", 0), 0u) << streamed;
+    std::string name, args, finish;
+    for (size_t at = streamed.find("data: {"); at != std::string::npos;
+         at = streamed.find("data: {", at + 1)) {
+      const auto e =
+          nlohmann::json::parse(streamed.substr(at + 6, streamed.find('\n', at) - at - 6));
+      const auto& c = e["choices"][0];
+      if (!c["finish_reason"].is_null()) finish = c["finish_reason"];
+      if (!c["delta"].contains("tool_calls")) continue;
+      const auto& call = c["delta"]["tool_calls"][0];
+      EXPECT_EQ(call["index"], 0);
+      if (call["function"].contains("name")) name += call["function"]["name"].get<std::string>();
+      args += call["function"]["arguments"].get<std::string>();
+    }
+    EXPECT_EQ(name, "get_weather") << streamed;
+    EXPECT_EQ(args, R"({"city": "Paris"})") << streamed;
+    EXPECT_EQ(finish, "tool_calls") << streamed;
+    front.Stop();
+  }
+  server->Shutdown();
 }
 
 }  // namespace

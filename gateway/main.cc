@@ -56,6 +56,15 @@ reported load. Both take the same API keys, limits and retries.
                             message.reasoning_content (delta.reasoning_content when streaming), the
                             rest to content, as vLLM's deepseek_r1 parser; none (default): all
                             of it is content
+  --chat-template F         a Jinja chat template file used instead of the checkpoint's (with its
+                            bos/eos), e.g. the image's /usr/local/share/dmoe/chat_templates/
+                            deepseek_v3_tools.jinja (deploy/chat_templates/ in the source), which
+                            also renders the request's tools for DeepSeek-V3/R1
+  --tool-call-parser P      deepseek_v3: chat requests with tools (tool_choice "auto") get the
+                            model's tool calls as message.tool_calls (streamed as
+                            delta.tool_calls; finish_reason "tool_calls"), as vLLM's deepseek_v3
+                            parser; needs a chat template that renders tools (--chat-template).
+                            none (default): tools only with tool_choice "none"
   --generation-config M     defaults of the OpenAI API's sampling fields a request omits: auto
                             (default: DIR/generation_config.json's temperature, top_p, top_k,
                             min_p and repetition_penalty, as vLLM does), or none (OpenAI's:
@@ -130,6 +139,17 @@ absl::Status LoadModelParts(const Flags& f, Setup* s) {
     }
   }
   RETURN_IF_ERROR(s->o.SetReasoningParser(f.StringOr("reasoning-parser", "none")));
+  RETURN_IF_ERROR(s->o.SetToolCallParser(f.StringOr("tool-call-parser", "none")));
+  if (f.Has("chat-template")) {
+    const ChatTemplate base = s->chat != nullptr ? *s->chat : ChatTemplate::BuiltinDefault();
+    auto tmpl = base.WithTemplateFile(f.StringOr("chat-template", ""));
+    if (!tmpl.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--chat-template: ", tmpl.status().message()));
+    }
+    s->chat = std::make_unique<ChatTemplate>(*std::move(tmpl));
+    s->o.chat_template = s->chat.get();
+    spdlog::info("chat template {}", f.StringOr("chat-template", ""));
+  }
   if (!tok_path.empty()) {
     ASSIGN_OR_RETURN(s->tok, Tokenizer::FromFile(tok_path));
     s->o.tokenizer = s->tok.get();
@@ -281,6 +301,7 @@ int Main(int argc, char** argv) {
                                              "cluster-token-file", "model",
                                              "tokenizer",          "model-id",
                                              "generation-config",  "reasoning-parser",
+                                             "chat-template",      "tool-call-parser",
                                              "grpc-listen",        "ready-file",
                                              "api-keys",           "max-concurrent-per-key",
                                              "tls-cert",           "tls-key",

@@ -203,17 +203,55 @@ absl::Status ParseToolCalls(const json& calls, const std::string& field, v1::Cha
   return absl::OkStatus();
 }
 
-// Responses carry no tool_calls (the model's tool-call text is not parsed into them): tools are
-// taken only with tool_choice "none", where they are rendered into the prompt and nothing is
-// called. An agent would otherwise read the model's text as its final answer.
-absl::Status ToolChoiceNone(const Fields& f, const json& tools) {
+// `tools`: a list of {"type": "function", "function": {"name", "description"?, "parameters"?}}
+// (each field checked here: a template would render a wrong one as something else, or fail with
+// a message naming none of them).
+absl::Status ParseTools(const json& tools) {
+  if (!tools.is_array()) return Bad("tools", "must be a list");
+  for (size_t i = 0; i < tools.size(); ++i) {
+    const std::string f = absl::StrCat("tools[", i, "]");
+    if (!tools[i].is_object()) return Bad(f, "must be an object");
+    Fields tf(tools[i]);
+    std::string type = "function";
+    RETURN_IF_ERROR(tf.String("type", &type));
+    if (type != "function") return Bad(f + ".type", "only \"function\" tools are served");
+    const json* fn = tf.Get("function");
+    if (fn == nullptr || !fn->is_object()) return Bad(f + ".function", "must be an object");
+    Fields ff(*fn);
+    std::string name, description;
+    RETURN_IF_ERROR(ff.String("name", &name));
+    if (name.empty()) return Bad(f + ".function.name", "is required");
+    RETURN_IF_ERROR(ff.String("description", &description));
+    const json* params = ff.Get("parameters");
+    if (params != nullptr && !params->is_object()) {
+      return Bad(f + ".function.parameters", "must be a JSON Schema object");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// tool_choice: "auto" (the default with tools), "none"; "required" and a named function would need
+// constrained decoding (the model may answer in text), so they are refused rather than not kept.
+absl::Status ParseToolChoice(const Fields& f, Request* r) {
   const json* choice = f.Get("tool_choice");
-  if (tools.empty() || (choice != nullptr && choice->is_string() && *choice == "none")) {
+  r->tool_choice = r->has_tools ? "auto" : "none";
+  if (choice == nullptr) return absl::OkStatus();
+  if (choice->is_string() && (*choice == "auto" || *choice == "none")) {
+    r->tool_choice = choice->get<std::string>();
+    if (!r->has_tools) r->tool_choice = "none";
     return absl::OkStatus();
   }
-  return Bad("tools",
-             "tool calls are not supported: responses carry no tool_calls (send tool_choice "
-             "\"none\" to only render the tools into the prompt)");
+  if (choice->is_string() && *choice == "required") {
+    return Bad("tool_choice",
+               "\"required\" is not supported (no constrained decoding): "
+               "\"auto\" or \"none\"");
+  }
+  if (choice->is_object()) {
+    return Bad("tool_choice",
+               "a named function is not supported (no constrained decoding): "
+               "\"auto\" or \"none\"");
+  }
+  return Bad("tool_choice", "must be \"auto\" or \"none\"");
 }
 
 absl::Status ParseMessages(const Fields& f, Request* r) {
@@ -244,11 +282,12 @@ absl::Status ParseMessages(const Fields& f, Request* r) {
     }
   }
   if (const json* tools = f.Get("tools")) {
-    if (!tools->is_array()) return Bad("tools", "must be a list");
-    RETURN_IF_ERROR(ToolChoiceNone(f, *tools));
+    RETURN_IF_ERROR(ParseTools(*tools));
+    r->has_tools = !tools->empty();
     r->chat.set_tools_json(Dump(*tools));
   }
-  return absl::OkStatus();
+  RETURN_IF_ERROR(ParseToolChoice(f, r));
+  return f.Bool("parallel_tool_calls", &r->parallel_tool_calls);
 }
 
 absl::Status ParseStop(const Fields& f, v1::SamplingParams* s) {
@@ -462,6 +501,18 @@ absl::Status UnservedChat(const Fields& f) {
 
 }  // namespace
 
+absl::Status EnableToolCalls(const std::string& parser, Request* r) {
+  if (r->endpoint != Endpoint::kChat || r->tool_choice != "auto") return absl::OkStatus();
+  if (parser.empty()) {
+    return Bad("tools",
+               "tool calls are not parsed by this server (start the gateway with "
+               "--tool-call-parser deepseek_v3), or send tool_choice \"none\" to only render "
+               "the tools into the prompt");
+  }
+  r->parse_tool_calls = true;
+  return absl::OkStatus();
+}
+
 void ApplySamplingDefaults(const ModelConfig::SamplingDefaults& d, Request* r) {
   v1::SamplingParams* s = &r->sampling;
   if (!r->temperature_given && !std::isnan(d.temperature)) s->set_temperature(d.temperature);
@@ -495,6 +546,12 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   RETURN_IF_ERROR(ParseSampling(f, &r));
   RETURN_IF_ERROR(ParseLogprobs(f, &r));
   RETURN_IF_ERROR(ParseStreamOptions(f, &r));
+  if (!r.chat.tools_json().empty()) {
+    // The tools as the client ordered their members (a template shows them with `tojson`, as
+    // transformers does from Python's ordered dicts); `j` sorted them.
+    const auto ordered = nlohmann::ordered_json::parse(body.begin(), body.end(), nullptr, false);
+    r.chat.set_tools_json(ordered["tools"].dump());
+  }
   const size_t prompts = endpoint == Endpoint::kChat ? 1 : r.prompts.size();
   if (prompts * static_cast<size_t>(r.n) > static_cast<size_t>(kMaxChoices)) {
     return Bad(
@@ -600,20 +657,44 @@ json ResponseWriter::UsageJson() const {
           {"prompt_tokens_details", {{"cached_tokens", cached_tokens_}}}};
 }
 
-json ResponseWriter::ChunkJson(int index, const std::string& text, const json& lp,
-                               const std::string& finish, const std::string& reasoning) {
+std::string ResponseWriter::CallId(int index, int call) const {
+  return absl::StrCat("call_", id_.substr(id_.rfind('-') + 1), "_", index, "_", call);
+}
+
+// The tool_calls of a streamed delta: a new call with its id, type and name, then its arguments
+// in pieces (clients join them by index).
+json ResponseWriter::ToolCallsJson(int index, const std::vector<ToolCallParser::CallDelta>& calls) {
+  json out = json::array();
+  for (const ToolCallParser::CallDelta& d : calls) {
+    json call = {{"index", d.index}};
+    json fn = json::object();
+    if (d.started) {
+      call["id"] = CallId(index, d.index);
+      call["type"] = "function";
+      fn["name"] = d.name;
+    }
+    fn["arguments"] = d.arguments;
+    call["function"] = std::move(fn);
+    out.push_back(std::move(call));
+  }
+  return out;
+}
+
+json ResponseWriter::ChunkJson(int index, const Parts& parts, const json& lp,
+                               const std::string& finish) {
   Choice& c = choices_[static_cast<size_t>(index)];
   const bool chat = request_.endpoint == Endpoint::kChat;
   json choice = {{"index", index}};
   if (chat) {
     json delta = json::object();
     if (!c.role_sent) delta["role"] = "assistant";
-    if (!reasoning.empty()) delta["reasoning_content"] = reasoning;
-    if (!text.empty() || !c.role_sent) delta["content"] = text;
+    if (!parts.reasoning.empty()) delta["reasoning_content"] = parts.reasoning;
+    if (!parts.content.empty() || !c.role_sent) delta["content"] = parts.content;
+    if (!parts.calls.empty()) delta["tool_calls"] = ToolCallsJson(index, parts.calls);
     c.role_sent = true;
     choice["delta"] = std::move(delta);
   } else {
-    choice["text"] = text;
+    choice["text"] = parts.content;
   }
   choice["logprobs"] = lp;
   choice["finish_reason"] = finish.empty() ? json(nullptr) : json(finish);
@@ -626,26 +707,65 @@ json ResponseWriter::ChunkJson(int index, const std::string& text, const json& l
   return chunk;
 }
 
+// The text of response `r` as reasoning, content and tool calls; `last`: the choice's last
+// response (what the parsers hold back is flushed).
+ResponseWriter::Parts ResponseWriter::Split(Choice* c, const v1::GenerateResponse& r, bool last) {
+  Parts parts;
+  if (request_.split_reasoning) {
+    ReasoningSplitter::Parts p = c->splitter.Add(r.text_delta());
+    if (last) {
+      ReasoningSplitter::Parts rest = c->splitter.Flush();
+      p.reasoning += rest.reasoning;
+      p.content += rest.content;
+    }
+    parts.reasoning = std::move(p.reasoning);
+    parts.content = std::move(p.content);
+  } else {
+    parts.content = r.text_delta();
+  }
+  if (!request_.parse_tool_calls) return parts;
+  ToolCallParser::Parts t = c->tool_parser.Add(parts.content);
+  if (last) {
+    ToolCallParser::Parts rest = c->tool_parser.Flush();
+    t.content += rest.content;
+    for (ToolCallParser::CallDelta& d : rest.calls) {
+      if (!t.calls.empty() && t.calls.back().index == d.index) {
+        t.calls.back().arguments += d.arguments;
+      } else {
+        t.calls.push_back(std::move(d));
+      }
+    }
+  }
+  parts.content = std::move(t.content);
+  for (ToolCallParser::CallDelta& d : t.calls) {
+    // parallel_tool_calls false: the first call only (the model may write several).
+    if (request_.parallel_tool_calls || d.index == 0) parts.calls.push_back(std::move(d));
+  }
+  return parts;
+}
+
 std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   Choice& c = choices_[static_cast<size_t>(index)];
   if (r.has_usage()) AddUsage(index, r.usage());
   // "stop" (a stop token or string) and "length" as OpenAI's; anything else as the node said it.
-  const std::string& finish = r.finish_reason();
+  // An answer that called tools and then stopped: "tool_calls", as OpenAI's.
+  std::string finish = r.finish_reason();
   json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
-  ReasoningSplitter::Parts parts;
-  if (request_.split_reasoning) {
-    parts = c.splitter.Add(r.text_delta());
-    if (!finish.empty() || r.has_usage()) {  // the last response of the choice
-      ReasoningSplitter::Parts rest = c.splitter.Flush();
-      parts.reasoning += rest.reasoning;
-      parts.content += rest.content;
-    }
-  } else {
-    parts.content = r.text_delta();
-  }
+  Parts parts = Split(&c, r, !finish.empty() || r.has_usage());
+  if (finish == "stop" && c.tool_parser.calls() > 0) finish = "tool_calls";
   if (!request_.stream) {
     c.reasoning += parts.reasoning;
     c.text += parts.content;
+    for (const ToolCallParser::CallDelta& d : parts.calls) {
+      if (d.started) {
+        c.tool_calls.push_back({{"id", CallId(index, d.index)},
+                                {"type", "function"},
+                                {"function", {{"name", d.name}, {"arguments", ""}}}});
+      }
+      std::string& args = c.tool_calls[static_cast<size_t>(d.index)]["function"]["arguments"]
+                              .get_ref<std::string&>();
+      args += d.arguments;
+    }
     AppendLogprobs(&c, lp);
     if (!finish.empty()) c.finish_reason = finish;
     if (request_.logprobs && c.logprobs.is_null() && !finish.empty()) {
@@ -654,12 +774,11 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
     return "";
   }
   // Nothing to say (text held back: a possible stop string or tag), as vLLM: no event.
-  if (c.role_sent && parts.content.empty() && parts.reasoning.empty() && lp.is_null() &&
-      finish.empty()) {
+  if (c.role_sent && parts.content.empty() && parts.reasoning.empty() && parts.calls.empty() &&
+      lp.is_null() && finish.empty()) {
     return "";
   }
-  return absl::StrCat("data: ", Dump(ChunkJson(index, parts.content, lp, finish, parts.reasoning)),
-                      "\n\n");
+  return absl::StrCat("data: ", Dump(ChunkJson(index, parts, lp, finish)), "\n\n");
 }
 
 std::string ResponseWriter::End() {
@@ -684,7 +803,11 @@ std::string ResponseWriter::Body() const {
     const Choice& c = choices_[i];
     json choice = {{"index", i}};
     if (chat) {
-      choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+      // With tool calls and no text, content is null (as OpenAI's).
+      choice["message"] = {
+          {"role", "assistant"},
+          {"content", c.text.empty() && !c.tool_calls.empty() ? json(nullptr) : json(c.text)}};
+      if (!c.tool_calls.empty()) choice["message"]["tool_calls"] = c.tool_calls;
       if (request_.split_reasoning) {
         choice["message"]["reasoning_content"] =
             c.reasoning.empty() ? json(nullptr) : json(c.reasoning);

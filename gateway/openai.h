@@ -67,11 +67,23 @@ struct Request {
   std::string user;
   // Chat with --reasoning-parser deepseek-r1: the thinking goes to reasoning_content.
   bool split_reasoning = false;
+  // Chat: `tools` has at least one tool; tool_choice "auto" or "none" ("none" without tools).
+  bool has_tools = false;
+  std::string tool_choice = "none";
+  bool parallel_tool_calls = true;  // false: only the first call is returned
+  // Chat with tool_choice "auto" and --tool-call-parser deepseek_v3: DeepSeek's tool-call markup
+  // in the answer becomes message.tool_calls (EnableToolCalls).
+  bool parse_tool_calls = false;
 };
 
 // Parses a request body. INVALID_ARGUMENT "field: what" for malformed JSON, a wrong type, a value
 // out of range or a feature not served (echo, best_of, suffix, images).
 absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body);
+
+// Sets parse_tool_calls for a chat request with tools and tool_choice "auto" when `parser`
+// ("deepseek_v3", from --tool-call-parser) is set; without a parser such a request is
+// INVALID_ARGUMENT naming `tools` (an agent would take the model's markup for its final answer).
+absl::Status EnableToolCalls(const std::string& parser, Request* r);
 
 // The model's sampling defaults (generation_config.json) for the fields the request omitted.
 void ApplySamplingDefaults(const ModelConfig::SamplingDefaults& d, Request* r);
@@ -96,6 +108,8 @@ class ResponseWriter {
     std::string text;
     std::string reasoning;       // split_reasoning: the thinking (not streaming)
     ReasoningSplitter splitter;  // split_reasoning
+    ToolCallParser tool_parser;  // parse_tool_calls
+    nlohmann::json tool_calls = nlohmann::json::array();  // not streaming: the calls so far
     std::string finish_reason;
     nlohmann::json logprobs;  // null, or the endpoint's logprobs object
     bool role_sent = false;
@@ -103,8 +117,16 @@ class ResponseWriter {
   };
   nlohmann::json LogprobsOf(Choice* c, const v1::GenerateResponse& r) const;
   void AppendLogprobs(Choice* c, const nlohmann::json& lp) const;
-  nlohmann::json ChunkJson(int index, const std::string& text, const nlohmann::json& lp,
-                           const std::string& finish, const std::string& reasoning);
+  // One response's text, split as the request asks.
+  struct Parts {
+    std::string content, reasoning;
+    std::vector<ToolCallParser::CallDelta> calls;
+  };
+  Parts Split(Choice* c, const v1::GenerateResponse& r, bool last);
+  nlohmann::json ToolCallsJson(int index, const std::vector<ToolCallParser::CallDelta>& calls);
+  std::string CallId(int index, int call) const;
+  nlohmann::json ChunkJson(int index, const Parts& parts, const nlohmann::json& lp,
+                           const std::string& finish);
   nlohmann::json UsageJson() const;
   std::string TokenText(int32_t id, const std::string& bytes) const;
 

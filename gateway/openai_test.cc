@@ -37,7 +37,8 @@ TEST(ParseRequest, DeeplyNestedBodiesAreRefusedNotCrashed) {
 
 // Nesting up to the limit is parsed as before: tools 100 levels deep pass through.
 TEST(ParseRequest, NestingUpToTheLimitIsKept) {
-  const std::string tools = "[" + Nested(100) + "]";
+  const std::string tools =
+      R"([{"type":"function","function":{"name":"f","parameters":{"x":)" + Nested(100) + "}}}]";
   auto r = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"hi"}],)"
                                          R"("tool_choice":"none","tools":)" +
                                              tools + "}");
@@ -45,19 +46,26 @@ TEST(ParseRequest, NestingUpToTheLimitIsKept) {
   EXPECT_EQ(r->chat.tools_json(), tools);
 }
 
-// What this server would silently not do is an error naming the field: responses carry no
-// tool_calls, and nothing constrains the output to JSON (clients that parse it would fail later,
-// or an agent take the model's text as its final answer).
+// What this server would silently not do is an error naming the field: tool calls where no
+// parser reads them (an agent would take the model's markup for its final answer), tool_choice
+// "required" or a named function, and JSON output formats (nothing constrains the output).
 TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
   const std::string msgs = R"({"messages":[{"role":"user","content":"hi"}])";
   const std::string tool = R"([{"type":"function","function":{"name":"f","parameters":{}}}])";
   const std::pair<std::string, const char*> refused[] = {
-      {msgs + R"(,"tools":)" + tool + "}", "tools"},
-      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"auto"})", "tools"},
-      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"required"})", "tools"},
+      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"required"})", "tool_choice"},
       {msgs + R"(,"tools":)" + tool +
            R"(,"tool_choice":{"type":"function","function":{"name":"f"}}})",
-       "tools"},
+       "tool_choice"},
+      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"sometimes"})", "tool_choice"},
+      {msgs + R"(,"tools":{"f":1}})", "tools"},
+      {msgs + R"(,"tools":[{"type":"function","function":{"parameters":{}}}]})",
+       "tools[0].function.name"},
+      {msgs + R"(,"tools":[{"type":"retrieval"}]})", "tools[0].type"},
+      {msgs + R"(,"tools":[{"type":"function","function":{"name":"f"}},)"
+              R"({"type":"function","function":{"name":"g","parameters":"x"}}]})",
+       "tools[1].function.parameters"},
+      {msgs + R"(,"tools":)" + tool + R"(,"parallel_tool_calls":"no"})", "parallel_tool_calls"},
       {msgs + R"(,"response_format":{"type":"json_object"}})", "response_format"},
       {msgs + R"(,"response_format":{"type":"json_schema","json_schema":{"name":"x"}}})",
        "response_format"},
@@ -70,6 +78,18 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
     EXPECT_EQ(r.status().message().rfind(std::string(field) + ":", 0), 0u) << r.status();
     EXPECT_EQ(ErrorFromStatus(r.status()).param, field);
   }
+  // Tools with tool_choice "auto" (said or by default) need --tool-call-parser.
+  for (const std::string& choice : {std::string(), std::string(R"(,"tool_choice":"auto")")}) {
+    auto r = ParseRequest(Endpoint::kChat, msgs + R"(,"tools":)" + tool + choice + "}");
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tool_choice, "auto");
+    const absl::Status st = EnableToolCalls("", &*r);
+    EXPECT_EQ(ErrorFromStatus(st).param, "tools") << st;
+    EXPECT_NE(st.message().find("--tool-call-parser deepseek_v3"), std::string::npos) << st;
+    EXPECT_FALSE(r->parse_tool_calls);
+    ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*r).ok());
+    EXPECT_TRUE(r->parse_tool_calls);
+  }
   const std::string taken[] = {
       msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"none"})",
       msgs + R"(,"tools":[]})",
@@ -78,7 +98,10 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
   };
   for (const std::string& body : taken) {
     auto r = ParseRequest(Endpoint::kChat, body);
-    EXPECT_TRUE(r.ok()) << body << ": " << r.status();
+    ASSERT_TRUE(r.ok()) << body << ": " << r.status();
+    EXPECT_TRUE(EnableToolCalls("", &*r).ok()) << body;
+    ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*r).ok());
+    EXPECT_FALSE(r->parse_tool_calls) << body << ": nothing to parse";
   }
 }
 
@@ -233,6 +256,103 @@ TEST(ResponseWriter, SplitsDeepSeekR1ReasoningFromTheAnswer) {
   held.Chunk(0, last);
   EXPECT_EQ(nlohmann::json::parse(held.Body())["choices"][0]["message"]["reasoning_content"],
             "thought </th");
+}
+
+// An answer with DeepSeek-V3's tool-call markup, with --tool-call-parser deepseek_v3: whole, the
+// message has the text before the calls as content (null when none) and tool_calls; streamed,
+// the deltas joined by index give the same calls (each call's id, type and name once, then its
+// arguments). The finish reason is "tool_calls". parallel_tool_calls false keeps the first call.
+TEST(ResponseWriter, ParsesDeepSeekV3ToolCalls) {
+  const std::string call1 =
+      "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```"
+      "<｜tool▁call▁end｜>";
+  const std::string call2 =
+      "<｜tool▁call▁begin｜>function<｜tool▁sep｜>search\n```json\n{\"q\": \"x\"}\n```"
+      "<｜tool▁call▁end｜>";
+  const std::string answer =
+      "Checking.<｜tool▁calls▁begin｜>" + call1 + "\n" + call2 + "<｜tool▁calls▁end｜>";
+  const std::string body =
+      R"({"messages":[{"role":"user","content":"q"}],"tools":[{"type":"function",)"
+      R"("function":{"name":"get_weather"}},{"type":"function","function":{"name":"search"}}])";
+  for (const bool parallel : {true, false}) {
+    for (const bool stream : {false, true}) {
+      auto r = ParseRequest(Endpoint::kChat,
+                            body + (parallel ? "}" : R"(,"parallel_tool_calls":false})"));
+      ASSERT_TRUE(r.ok()) << r.status();
+      ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*r).ok());
+      r->stream = stream;
+      ResponseWriter w(*r, "chatcmpl-00ab", 0, "dmoe", nullptr, 1);
+      nlohmann::json calls = nlohmann::json::array();
+      nlohmann::json content = "";
+      std::string finish;
+      for (size_t at = 0; at < answer.size(); at += 7) {  // pieces that cut through markers
+        v1::GenerateResponse d;
+        d.set_text_delta(answer.substr(at, 7));
+        if (at + 7 >= answer.size()) d.set_finish_reason("stop");
+        const std::string event = w.Chunk(0, d);
+        if (!stream || event.empty()) continue;
+        const auto j = nlohmann::json::parse(event.substr(6));
+        const auto& delta = j["choices"][0]["delta"];
+        if (delta.contains("content"))
+          content = content.get<std::string>() + delta["content"].get<std::string>();
+        if (!j["choices"][0]["finish_reason"].is_null()) finish = j["choices"][0]["finish_reason"];
+        if (!delta.contains("tool_calls")) continue;
+        for (const auto& c : delta["tool_calls"]) {
+          const size_t i = c["index"];
+          if (c.contains("id")) {
+            ASSERT_EQ(i, calls.size()) << event;
+            calls.push_back({{"id", c["id"]},
+                             {"type", c["type"]},
+                             {"function", {{"name", c["function"]["name"]}, {"arguments", ""}}}});
+          }
+          ASSERT_LT(i, calls.size()) << "arguments before the call's name: " << event;
+          calls[i]["function"]["arguments"] = calls[i]["function"]["arguments"].get<std::string>() +
+                                              c["function"]["arguments"].get<std::string>();
+        }
+      }
+      if (!stream) {
+        const auto msg = nlohmann::json::parse(w.Body())["choices"][0];
+        finish = msg["finish_reason"];
+        content = msg["message"]["content"];
+        calls = msg["message"]["tool_calls"];
+      }
+      const std::string how = std::string(stream ? "streamed" : "whole") +
+                              (parallel ? "" : ", parallel_tool_calls false");
+      EXPECT_EQ(content, "Checking.") << how;
+      EXPECT_EQ(finish, "tool_calls") << how;
+      ASSERT_EQ(calls.size(), parallel ? 2u : 1u) << how << calls.dump();
+      EXPECT_EQ(calls[0]["id"], "call_00ab_0_0") << how;
+      EXPECT_EQ(calls[0]["type"], "function") << how;
+      EXPECT_EQ(calls[0]["function"]["name"], "get_weather") << how;
+      EXPECT_EQ(calls[0]["function"]["arguments"], "{\"city\": \"Paris\"}") << how;
+      if (parallel) {
+        EXPECT_EQ(calls[1]["id"], "call_00ab_0_1") << how;
+        EXPECT_EQ(calls[1]["function"]["name"], "search") << how;
+        EXPECT_EQ(calls[1]["function"]["arguments"], "{\"q\": \"x\"}") << how;
+      }
+    }
+  }
+  // Only calls: content is null. Without the parser (tool_choice "none") the markup is content.
+  auto r = ParseRequest(Endpoint::kChat, body + "}");
+  ASSERT_TRUE(r.ok());
+  ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*r).ok());
+  ResponseWriter only(*r, "chatcmpl-1", 0, "dmoe", nullptr, 1);
+  v1::GenerateResponse d;
+  d.set_text_delta("<｜tool▁calls▁begin｜>" + call1 + "<｜tool▁calls▁end｜>");
+  d.set_finish_reason("stop");
+  only.Chunk(0, d);
+  const auto msg = nlohmann::json::parse(only.Body())["choices"][0]["message"];
+  EXPECT_TRUE(msg["content"].is_null()) << msg.dump();
+  EXPECT_EQ(msg["tool_calls"].size(), 1u);
+  auto none = ParseRequest(Endpoint::kChat, body + R"(,"tool_choice":"none"})");
+  ASSERT_TRUE(none.ok());
+  ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*none).ok());
+  ResponseWriter raw(*none, "chatcmpl-2", 0, "dmoe", nullptr, 1);
+  raw.Chunk(0, d);
+  const auto plain = nlohmann::json::parse(raw.Body())["choices"][0];
+  EXPECT_EQ(plain["message"]["content"], d.text_delta());
+  EXPECT_FALSE(plain["message"].contains("tool_calls"));
+  EXPECT_EQ(plain["finish_reason"], "stop");
 }
 
 }  // namespace

@@ -104,4 +104,207 @@ ReasoningSplitter::Parts ReasoningSplitter::Flush() {
   return out;
 }
 
+namespace {
+
+constexpr char kCallsBegin[] = "<｜tool▁calls▁begin｜>";
+constexpr char kCallBegin[] = "<｜tool▁call▁begin｜>";
+constexpr char kToolSep[] = "<｜tool▁sep｜>";
+constexpr char kCallEnd[] = "<｜tool▁call▁end｜>";
+constexpr char kCallsEnd[] = "<｜tool▁calls▁end｜>";
+constexpr char kJsonFence[] = "```json\n";
+constexpr size_t kMaxType = 64;    // "function"
+constexpr size_t kMaxName = 1024;  // bytes of a function's name
+
+bool StartsWith(const std::string& s, const std::string& p) {
+  return s.compare(0, p.size(), p) == 0;
+}
+// Whether `s` is a proper prefix of `p` (more text may complete it).
+bool Incomplete(const std::string& s, const std::string& p) {
+  return s.size() < p.size() && p.compare(0, s.size(), s) == 0;
+}
+bool IsBlank(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
+
+}  // namespace
+
+ToolCallParser::CallDelta* ToolCallParser::Current(Parts* out) {
+  if (out->calls.empty() || out->calls.back().index != calls_ - 1) {
+    out->calls.emplace_back();
+    out->calls.back().index = calls_ - 1;
+  }
+  return &out->calls.back();
+}
+
+void ToolCallParser::Consume(size_t n) {
+  pending_.append(held_, 0, n);
+  held_.erase(0, n);
+}
+
+void ToolCallParser::ToRaw(Parts* out) {
+  out->content += pending_ + held_;
+  pending_.clear();
+  held_.clear();
+  state_ = State::kRaw;
+}
+
+bool ToolCallParser::StepContent(Parts* out) {
+  const size_t at = held_.find(kCallsBegin);
+  if (at == std::string::npos) {
+    const size_t keep = PartialTagAtEnd(held_, kCallsBegin);
+    out->content.append(held_, 0, held_.size() - keep);
+    held_.erase(0, held_.size() - keep);
+    return false;
+  }
+  out->content.append(held_, 0, at);
+  held_.erase(0, at);
+  Consume(sizeof(kCallsBegin) - 1);
+  state_ = State::kBetween;
+  return true;
+}
+
+bool ToolCallParser::StepBetween(Parts* out) {
+  size_t blanks = 0;
+  while (blanks < held_.size() && IsBlank(held_[blanks])) ++blanks;
+  Consume(blanks);
+  if (StartsWith(held_, kCallBegin)) {
+    Consume(sizeof(kCallBegin) - 1);
+    state_ = State::kType;
+    return true;
+  }
+  if (StartsWith(held_, kCallsEnd)) {
+    held_.erase(0, sizeof(kCallsEnd) - 1);
+    pending_.clear();
+    state_ = State::kRaw;  // anything after the calls is content
+    return true;
+  }
+  if (!held_.empty() && !Incomplete(held_, kCallBegin) && !Incomplete(held_, kCallsEnd)) {
+    ToRaw(out);
+  }
+  return false;
+}
+
+// A call's head: its type (up to <｜tool▁sep｜>), its name (up to the line's end), the fence.
+bool ToolCallParser::StepHead(Parts* out) {
+  if (state_ == State::kType) {
+    const size_t at = held_.find(kToolSep);
+    const size_t line = held_.find('\n');
+    if (at == std::string::npos) {
+      if (line != std::string::npos || held_.size() > kMaxType + sizeof(kToolSep)) ToRaw(out);
+      return false;
+    }
+    if (at > kMaxType || line < at) {
+      ToRaw(out);
+      return false;
+    }
+    Consume(at + sizeof(kToolSep) - 1);
+    state_ = State::kName;
+    return true;
+  }
+  if (state_ == State::kName) {
+    const size_t at = held_.find('\n');
+    if (at == std::string::npos) {
+      if (held_.size() > kMaxName) ToRaw(out);
+      return false;
+    }
+    name_ = held_.substr(0, at);
+    while (!name_.empty() && IsBlank(name_.back())) name_.pop_back();
+    if (name_.empty() || at > kMaxName) {
+      ToRaw(out);
+      return false;
+    }
+    Consume(at + 1);
+    state_ = State::kFence;
+    return true;
+  }
+  if (Incomplete(held_, kJsonFence)) return false;
+  if (!StartsWith(held_, kJsonFence)) {
+    ToRaw(out);
+    return false;
+  }
+  held_.erase(0, sizeof(kJsonFence) - 1);
+  pending_.clear();
+  ++calls_;
+  Current(out)->started = true;
+  Current(out)->name = std::move(name_);
+  name_.clear();
+  state_ = State::kArguments;
+  return true;
+}
+
+bool ToolCallParser::StepArguments(Parts* out) {
+  // The arguments end at "\n```" and <｜tool▁call▁end｜>; blanks and backticks before a possible
+  // end are held back (JSON has neither a raw newline in a string nor a backtick outside one).
+  const size_t at = held_.find(kCallEnd);
+  const size_t end = at == std::string::npos ? held_.size() - PartialTagAtEnd(held_, kCallEnd) : at;
+  size_t keep_from = end;
+  while (keep_from > 0 && (IsBlank(held_[keep_from - 1]) || held_[keep_from - 1] == '`')) {
+    --keep_from;
+  }
+  if (at == std::string::npos) {
+    if (keep_from > 0) Current(out)->arguments.append(held_, 0, keep_from);
+    held_.erase(0, keep_from);
+    return false;
+  }
+  // The call's end: its fence and the blanks around it are not arguments.
+  const std::string tail = held_.substr(keep_from, at - keep_from);
+  const size_t fence = tail.rfind("```");
+  std::string kept = fence == std::string::npos ? tail : tail.substr(0, fence);
+  while (!kept.empty() && IsBlank(kept.back())) kept.pop_back();
+  if (keep_from + kept.size() > 0) {
+    Current(out)->arguments.append(held_, 0, keep_from);
+    Current(out)->arguments += kept;
+  }
+  held_.erase(0, at + sizeof(kCallEnd) - 1);
+  state_ = State::kBetween;
+  return true;
+}
+
+bool ToolCallParser::Step(Parts* out) {
+  switch (state_) {
+    case State::kContent:
+      return StepContent(out);
+    case State::kBetween:
+      return StepBetween(out);
+    case State::kType:
+    case State::kName:
+    case State::kFence:
+      return StepHead(out);
+    case State::kArguments:
+      return StepArguments(out);
+    case State::kRaw:
+      out->content += held_;
+      held_.clear();
+      return false;
+  }
+  return false;
+}
+
+ToolCallParser::Parts ToolCallParser::Add(const std::string& delta) {
+  Parts out;
+  held_ += delta;
+  while (Step(&out)) {
+  }
+  return out;
+}
+
+ToolCallParser::Parts ToolCallParser::Flush() {
+  Parts out;
+  while (Step(&out)) {
+  }
+  switch (state_) {
+    case State::kArguments:  // cut short (max_tokens): the arguments so far
+      if (!held_.empty()) Current(&out)->arguments += held_;
+      held_.clear();
+      break;
+    case State::kBetween:
+      if (calls_ == 0 || held_.find_first_not_of(" \t\r\n") != std::string::npos) ToRaw(&out);
+      break;
+    default:
+      ToRaw(&out);
+  }
+  pending_.clear();
+  held_.clear();
+  state_ = State::kRaw;
+  return out;
+}
+
 }  // namespace dmoe::gateway

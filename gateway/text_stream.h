@@ -1,5 +1,5 @@
-// Gateway-side text handling that needs no RPC: stop strings, and DeepSeek-R1's reasoning split
-// (the chat template is chat_template.h).
+// Gateway-side text handling that needs no RPC: stop strings, DeepSeek-R1's reasoning split and
+// DeepSeek-V3's tool calls (the chat template is chat_template.h).
 #ifndef DMOE_GATEWAY_TEXT_STREAM_H_
 #define DMOE_GATEWAY_TEXT_STREAM_H_
 
@@ -44,6 +44,51 @@ class ReasoningSplitter {
   bool opened_ = false;  // past the leading "<think>" (or known to have none)
   bool closed_ = false;  // past "</think>": everything now is content
   std::string held_;     // text not yet returned
+};
+
+// DeepSeek-V3's (and R1's) tool calls, as its chat template writes them and vLLM's deepseek_v3
+// tool parser reads them: the answer's text, then
+//   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+//   ```json
+//   ARGUMENTS
+//   ```<｜tool▁call▁end｜>
+// and more calls (blanks between them), then <｜tool▁calls▁end｜>. Each call is reported as soon as
+// its name is known, and its arguments as they arrive; text that could be the start of a marker
+// is held back until it is known. Text that breaks the format from some point on is returned from
+// there as content (nothing is dropped but the markers), as is text after <｜tool▁calls▁end｜>.
+class ToolCallParser {
+ public:
+  // What one call gained: its name (`started`: the call is new) and/or more of its arguments.
+  struct CallDelta {
+    int index = 0;
+    bool started = false;
+    std::string name, arguments;
+  };
+  struct Parts {
+    std::string content;
+    std::vector<CallDelta> calls;  // at most one entry per call, in call order
+  };
+  Parts Add(const std::string& delta);
+  // The rest at the end of the answer: a call cut short keeps the arguments it had.
+  Parts Flush();
+  // Calls started so far.
+  int calls() const { return calls_; }
+
+ private:
+  enum class State { kContent, kBetween, kType, kName, kFence, kArguments, kRaw };
+  bool Step(Parts* out);  // false: nothing more to do until more text arrives
+  bool StepContent(Parts* out);
+  bool StepBetween(Parts* out);
+  bool StepHead(Parts* out);
+  bool StepArguments(Parts* out);
+  void Consume(size_t n);
+  void ToRaw(Parts* out);
+  CallDelta* Current(Parts* out);
+  State state_ = State::kContent;
+  std::string held_;     // text not yet returned or consumed
+  std::string pending_;  // consumed markup of a call not yet started (content if it breaks)
+  std::string name_;     // of the call being read
+  int calls_ = 0;
 };
 
 }  // namespace dmoe::gateway

@@ -103,6 +103,18 @@ TEST(StopStrings, EmptyStopStringsAreIgnored) {
   EXPECT_EQ(ss.Flush(), "");
 }
 
+// `text` whole, in every two-piece cut, and one byte at a time.
+std::vector<std::vector<std::string>> Feeds(const std::string& text) {
+  std::vector<std::vector<std::string>> feeds = {{text}};
+  for (size_t cut = 0; cut <= text.size(); ++cut) {
+    feeds.push_back({text.substr(0, cut), text.substr(cut)});
+  }
+  std::vector<std::string> bytes;
+  for (char ch : text) bytes.emplace_back(1, ch);
+  feeds.push_back(bytes);
+  return feeds;
+}
+
 // DeepSeek-R1's split, fed whole and in every two-piece and one-byte-at-a-time cut: the same
 // reasoning and content, computed independently here by finding the tags.
 TEST(ReasoningSplitter, SplitsAtTheClosingTagHoweverTheTextArrives) {
@@ -121,14 +133,7 @@ TEST(ReasoningSplitter, SplitsAtTheClosingTagHoweverTheTextArrives) {
       {"", "", ""},
   };
   for (const Case& c : cases) {
-    std::vector<std::vector<std::string>> feeds = {{c.text}};
-    for (size_t cut = 0; cut <= c.text.size(); ++cut) {
-      feeds.push_back({c.text.substr(0, cut), c.text.substr(cut)});
-    }
-    std::vector<std::string> bytes;
-    for (char ch : c.text) bytes.emplace_back(1, ch);
-    feeds.push_back(bytes);
-    for (const auto& feed : feeds) {
+    for (const auto& feed : Feeds(c.text)) {
       ReasoningSplitter rs;
       std::string reasoning, content;
       for (const std::string& piece : feed) {
@@ -143,6 +148,100 @@ TEST(ReasoningSplitter, SplitsAtTheClosingTagHoweverTheTextArrives) {
       ASSERT_EQ(content, c.content) << "\"" << c.text << "\" in " << feed.size() << " pieces";
     }
   }
+}
+
+// DeepSeek-V3's tool-call markup, spelled out here (not taken from the parser).
+constexpr char kBegin[] = "<｜tool▁calls▁begin｜>";
+constexpr char kEnd[] = "<｜tool▁calls▁end｜>";
+std::string Call(const std::string& name, const std::string& args) {
+  return "<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + name + "\n```json\n" + args +
+         "\n```<｜tool▁call▁end｜>";
+}
+
+struct ParsedCalls {
+  std::string content;
+  std::vector<std::pair<std::string, std::string>> calls;  // name, arguments
+};
+
+// Feeds `pieces` and joins what comes out as a client joins streamed deltas, checking the order
+// the stream promises: a call starts (with its name) before any of its arguments, and calls
+// start in index order.
+ParsedCalls Feed(const std::vector<std::string>& pieces) {
+  ToolCallParser p;
+  ParsedCalls out;
+  auto take = [&](ToolCallParser::Parts parts) {
+    out.content += parts.content;
+    for (const ToolCallParser::CallDelta& d : parts.calls) {
+      if (d.started) {
+        EXPECT_EQ(d.index, static_cast<int>(out.calls.size()));
+        out.calls.emplace_back(d.name, "");
+      }
+      EXPECT_LT(d.index, static_cast<int>(out.calls.size())) << "arguments before the call";
+      if (d.index < static_cast<int>(out.calls.size())) out.calls[d.index].second += d.arguments;
+    }
+  };
+  for (const std::string& piece : pieces) take(p.Add(piece));
+  take(p.Flush());
+  EXPECT_EQ(p.calls(), static_cast<int>(out.calls.size()));
+  return out;
+}
+
+// The calls and the text around them, whole and in every two-piece and byte-by-byte cut; the
+// expected values are written out by hand.
+TEST(ToolCallParser, ReadsDeepSeekV3CallsHoweverTheTextArrives) {
+  struct Case {
+    std::string text;
+    ParsedCalls want;
+  };
+  const std::string nested = "{\n  \"q\": \"a `b` c\",\n  \"n\": [1, 2]\n}";
+  const Case cases[] = {
+      {"Let me check." + std::string(kBegin) + Call("get_weather", R"({"city": "Paris"})") + kEnd,
+       {"Let me check.", {{"get_weather", R"({"city": "Paris"})"}}}},
+      {std::string(kBegin) + Call("a", "{}") + "\n" + Call("计算", nested) + kEnd,
+       {"", {{"a", "{}"}, {"计算", nested}}}},
+      {"no calls, just < and ``` and <｜tool", {"no calls, just < and ``` and <｜tool", {}}},
+      // Broken markup comes back as text, from where it broke.
+      {"x" + std::string(kBegin) + "oops", {"x" + std::string(kBegin) + "oops", {}}},
+      {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\nnot a fence",
+       {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\nnot a fence", {}}},
+      {std::string(kBegin) + Call("f", "{}") + "junk", {"junk", {{"f", "{}"}}}},
+      // Cut short by max_tokens: the arguments so far; a call without its name yet is text.
+      {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\": 1",
+       {"", {{"f", "{\"a\": 1"}}}},
+      {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_wea",
+       {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_wea", {}}},
+      // Text after the calls' end is kept; blanks around the calls are not.
+      {std::string(kBegin) + "\n" + Call("f", "{\"a\":2}") + " \n" + kEnd + "after",
+       {"after", {{"f", "{\"a\":2}"}}}},
+      {"", {"", {}}},
+  };
+  for (const Case& c : cases) {
+    for (const auto& feed : Feeds(c.text)) {
+      const ParsedCalls got = Feed(feed);
+      ASSERT_EQ(got.content, c.want.content) << "\"" << c.text << "\" in " << feed.size();
+      ASSERT_EQ(got.calls, c.want.calls) << "\"" << c.text << "\" in " << feed.size();
+    }
+  }
+}
+
+// Streamed arguments come out as they arrive, not all at the call's end: only what could be the
+// closing fence is held back.
+TEST(ToolCallParser, StreamsArgumentsAsTheyArrive) {
+  ToolCallParser p;
+  ToolCallParser::Parts a = p.Add(std::string(kBegin) + "<｜tool▁call▁begin｜>function");
+  EXPECT_TRUE(a.calls.empty());
+  ToolCallParser::Parts b = p.Add("<｜tool▁sep｜>f\n```json\n{\"city\": ");
+  ASSERT_EQ(b.calls.size(), 1u);
+  EXPECT_TRUE(b.calls[0].started);
+  EXPECT_EQ(b.calls[0].name, "f");
+  EXPECT_EQ(b.calls[0].arguments, "{\"city\":");  // the blank could precede the fence
+  ToolCallParser::Parts c = p.Add("\"Paris\"}\n``");
+  ASSERT_EQ(c.calls.size(), 1u);
+  EXPECT_FALSE(c.calls[0].started);
+  EXPECT_EQ(c.calls[0].arguments, " \"Paris\"}");
+  ToolCallParser::Parts d = p.Add("`<｜tool▁call▁end｜>");
+  EXPECT_TRUE(d.calls.empty());
+  EXPECT_TRUE(d.content.empty());
 }
 
 }  // namespace

