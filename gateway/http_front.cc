@@ -492,7 +492,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> Session<Stream>::Prompts(opena
     }
     auto text = front_->service->RenderChat(r->chat);
     if (!text.ok()) return text.status();
-    prompts.push_back(tok->Encode(*text));
+    prompts.push_back(tok->Encode(*text + r->tool_prefill));
   }
   for (size_t i = 0; i < r->prompts.size(); ++i) {
     const std::string f = r->prompts.size() == 1 ? "prompt" : absl::StrCat("prompt[", i, "]");

@@ -359,6 +359,19 @@ TEST(HttpFrontToolCalls, AnAnswersToolCallsReachTheClient) {
     EXPECT_EQ(name, "get_weather") << streamed;
     EXPECT_EQ(args, R"({"city": "Paris"})") << streamed;
     EXPECT_EQ(finish, "tool_calls") << streamed;
+    // A named tool_choice: the prompt ends inside that function's call (the model goes on with
+    // its arguments).
+    const std::string named =
+        chat(*addr, body_start +
+                        R"(,"tool_choice":{"type":"function","function":{"name":"get_weather"}}})");
+    EXPECT_EQ(named.rfind("HTTP/1.1 200", 0), 0u) << named;
+    const std::string opening =
+        "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_"
+        "weather\n"
+        "```json\n";
+    const std::string named_prompt = tok->get()->Decode(node.last_prompt());
+    ASSERT_GT(named_prompt.size(), opening.size());
+    EXPECT_EQ(named_prompt.substr(named_prompt.size() - opening.size()), opening) << named_prompt;
     front.Stop();
   }
   server->Shutdown();

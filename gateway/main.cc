@@ -60,11 +60,12 @@ reported load. Both take the same API keys, limits and retries.
                             bos/eos), e.g. the image's /usr/local/share/dmoe/chat_templates/
                             deepseek_v3_tools.jinja (deploy/chat_templates/ in the source), which
                             also renders the request's tools for DeepSeek-V3/R1
-  --tool-call-parser P      deepseek_v3: chat requests with tools (tool_choice "auto") get the
-                            model's tool calls as message.tool_calls (streamed as
-                            delta.tool_calls; finish_reason "tool_calls"), as vLLM's deepseek_v3
-                            parser; needs a chat template that renders tools (--chat-template).
-                            none (default): tools only with tool_choice "none"
+  --tool-call-parser P      deepseek_v3: chat requests with tools get the model's tool calls as
+                            message.tool_calls (streamed as delta.tool_calls; finish_reason
+                            "tool_calls"), as vLLM's deepseek_v3 parser; tool_choice "required"
+                            or a named function starts the answer inside a call. Needs a chat
+                            template that renders tools (--chat-template). none (default): tools
+                            only with tool_choice "none"
   --generation-config M     defaults of the OpenAI API's sampling fields a request omits: auto
                             (default: DIR/generation_config.json's temperature, top_p, top_k,
                             min_p and repetition_penalty, as vLLM does), or none (OpenAI's:

@@ -1,5 +1,6 @@
 #include "gateway/openai.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -206,7 +207,7 @@ absl::Status ParseToolCalls(const json& calls, const std::string& field, v1::Cha
 // `tools`: a list of {"type": "function", "function": {"name", "description"?, "parameters"?}}
 // (each field checked here: a template would render a wrong one as something else, or fail with
 // a message naming none of them).
-absl::Status ParseTools(const json& tools) {
+absl::Status ParseTools(const json& tools, std::vector<std::string>* names) {
   if (!tools.is_array()) return Bad("tools", "must be a list");
   for (size_t i = 0; i < tools.size(); ++i) {
     const std::string f = absl::StrCat("tools[", i, "]");
@@ -221,6 +222,7 @@ absl::Status ParseTools(const json& tools) {
     std::string name, description;
     RETURN_IF_ERROR(ff.String("name", &name));
     if (name.empty()) return Bad(f + ".function.name", "is required");
+    names->push_back(name);
     RETURN_IF_ERROR(ff.String("description", &description));
     const json* params = ff.Get("parameters");
     if (params != nullptr && !params->is_object()) {
@@ -230,28 +232,35 @@ absl::Status ParseTools(const json& tools) {
   return absl::OkStatus();
 }
 
-// tool_choice: "auto" (the default with tools), "none"; "required" and a named function would need
-// constrained decoding (the model may answer in text), so they are refused rather than not kept.
-absl::Status ParseToolChoice(const Fields& f, Request* r) {
+// tool_choice: "auto" (the default with tools), "none", "required", or {"type": "function",
+// "function": {"name": one of the tools}}.
+absl::Status ParseToolChoice(const Fields& f, const std::vector<std::string>& names, Request* r) {
   const json* choice = f.Get("tool_choice");
   r->tool_choice = r->has_tools ? "auto" : "none";
   if (choice == nullptr) return absl::OkStatus();
-  if (choice->is_string() && (*choice == "auto" || *choice == "none")) {
-    r->tool_choice = choice->get<std::string>();
-    if (!r->has_tools) r->tool_choice = "none";
+  if (choice->is_string() && (*choice == "auto" || *choice == "none" || *choice == "required")) {
+    if (!r->has_tools && *choice == "required")
+      return Bad("tool_choice", "\"required\" needs tools");
+    if (r->has_tools) r->tool_choice = choice->get<std::string>();
     return absl::OkStatus();
   }
-  if (choice->is_string() && *choice == "required") {
-    return Bad("tool_choice",
-               "\"required\" is not supported (no constrained decoding): "
-               "\"auto\" or \"none\"");
+  if (!choice->is_object()) {
+    return Bad("tool_choice", "must be \"auto\", \"none\", \"required\" or a named function");
   }
-  if (choice->is_object()) {
-    return Bad("tool_choice",
-               "a named function is not supported (no constrained decoding): "
-               "\"auto\" or \"none\"");
+  Fields cf(*choice);
+  std::string type;
+  RETURN_IF_ERROR(cf.String("type", &type));
+  if (type != "function") return Bad("tool_choice.type", "must be \"function\"");
+  const json* fn = cf.Get("function");
+  if (fn == nullptr || !fn->is_object()) return Bad("tool_choice.function", "must be an object");
+  std::string name;
+  RETURN_IF_ERROR(Fields(*fn).String("name", &name));
+  if (std::find(names.begin(), names.end(), name) == names.end()) {
+    return Bad("tool_choice.function.name", absl::StrCat("\"", name, "\" is not one of tools"));
   }
-  return Bad("tool_choice", "must be \"auto\" or \"none\"");
+  r->tool_choice = "function";
+  r->tool_choice_name = name;
+  return absl::OkStatus();
 }
 
 absl::Status ParseMessages(const Fields& f, Request* r) {
@@ -281,12 +290,13 @@ absl::Status ParseMessages(const Fields& f, Request* r) {
       RETURN_IF_ERROR(ParseToolCalls(*calls, field + ".tool_calls", out));
     }
   }
+  std::vector<std::string> names;
   if (const json* tools = f.Get("tools")) {
-    RETURN_IF_ERROR(ParseTools(*tools));
+    RETURN_IF_ERROR(ParseTools(*tools, &names));
     r->has_tools = !tools->empty();
     r->chat.set_tools_json(Dump(*tools));
   }
-  RETURN_IF_ERROR(ParseToolChoice(f, r));
+  RETURN_IF_ERROR(ParseToolChoice(f, names, r));
   return f.Bool("parallel_tool_calls", &r->parallel_tool_calls);
 }
 
@@ -502,7 +512,7 @@ absl::Status UnservedChat(const Fields& f) {
 }  // namespace
 
 absl::Status EnableToolCalls(const std::string& parser, Request* r) {
-  if (r->endpoint != Endpoint::kChat || r->tool_choice != "auto") return absl::OkStatus();
+  if (r->endpoint != Endpoint::kChat || r->tool_choice == "none") return absl::OkStatus();
   if (parser.empty()) {
     return Bad("tools",
                "tool calls are not parsed by this server (start the gateway with "
@@ -510,6 +520,10 @@ absl::Status EnableToolCalls(const std::string& parser, Request* r) {
                "the tools into the prompt");
   }
   r->parse_tool_calls = true;
+  // "required" and a named function: the answer starts inside a call (of that function), so a
+  // call is what comes; its arguments are the model's, not checked against the schema.
+  if (r->tool_choice == "required") r->tool_prefill = ToolCallParser::Opening("");
+  if (r->tool_choice == "function") r->tool_prefill = ToolCallParser::Opening(r->tool_choice_name);
   return absl::OkStatus();
 }
 
@@ -724,7 +738,9 @@ ResponseWriter::Parts ResponseWriter::Split(Choice* c, const v1::GenerateRespons
     parts.content = r.text_delta();
   }
   if (!request_.parse_tool_calls) return parts;
-  ToolCallParser::Parts t = c->tool_parser.Add(parts.content);
+  ToolCallParser::Parts t =
+      c->tool_parser.Add(c->prefill_read ? parts.content : request_.tool_prefill + parts.content);
+  c->prefill_read = true;
   if (last) {
     ToolCallParser::Parts rest = c->tool_parser.Flush();
     t.content += rest.content;

@@ -67,22 +67,28 @@ struct Request {
   std::string user;
   // Chat with --reasoning-parser deepseek-r1: the thinking goes to reasoning_content.
   bool split_reasoning = false;
-  // Chat: `tools` has at least one tool; tool_choice "auto" or "none" ("none" without tools).
+  // Chat: `tools` has at least one tool; tool_choice "auto", "required", "function" (a named one:
+  // tool_choice_name) or "none" ("none" without tools).
   bool has_tools = false;
   std::string tool_choice = "none";
+  std::string tool_choice_name;
   bool parallel_tool_calls = true;  // false: only the first call is returned
-  // Chat with tool_choice "auto" and --tool-call-parser deepseek_v3: DeepSeek's tool-call markup
-  // in the answer becomes message.tool_calls (EnableToolCalls).
+  // Chat with tools and --tool-call-parser deepseek_v3: DeepSeek's tool-call markup in the answer
+  // becomes message.tool_calls (EnableToolCalls).
   bool parse_tool_calls = false;
+  // tool_choice "required" or named: the answer's opening, appended to the rendered prompt (the
+  // model goes on from inside a call), and read by the parser before the answer.
+  std::string tool_prefill;
 };
 
 // Parses a request body. INVALID_ARGUMENT "field: what" for malformed JSON, a wrong type, a value
 // out of range or a feature not served (echo, best_of, suffix, images).
 absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body);
 
-// Sets parse_tool_calls for a chat request with tools and tool_choice "auto" when `parser`
-// ("deepseek_v3", from --tool-call-parser) is set; without a parser such a request is
-// INVALID_ARGUMENT naming `tools` (an agent would take the model's markup for its final answer).
+// Sets parse_tool_calls (and tool_prefill for tool_choice "required" or a named function) for a
+// chat request with tools and a tool_choice other than "none" when `parser` ("deepseek_v3", from
+// --tool-call-parser) is set; without a parser such a request is INVALID_ARGUMENT naming `tools`
+// (an agent would take the model's markup for its final answer).
 absl::Status EnableToolCalls(const std::string& parser, Request* r);
 
 // The model's sampling defaults (generation_config.json) for the fields the request omitted.
@@ -109,6 +115,7 @@ class ResponseWriter {
     std::string reasoning;       // split_reasoning: the thinking (not streaming)
     ReasoningSplitter splitter;  // split_reasoning
     ToolCallParser tool_parser;  // parse_tool_calls
+    bool prefill_read = false;   // tool_prefill given to tool_parser
     nlohmann::json tool_calls = nlohmann::json::array();  // not streaming: the calls so far
     std::string finish_reason;
     nlohmann::json logprobs;  // null, or the endpoint's logprobs object

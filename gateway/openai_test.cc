@@ -47,16 +47,18 @@ TEST(ParseRequest, NestingUpToTheLimitIsKept) {
 }
 
 // What this server would silently not do is an error naming the field: tool calls where no
-// parser reads them (an agent would take the model's markup for its final answer), tool_choice
-// "required" or a named function, and JSON output formats (nothing constrains the output).
+// parser reads them (an agent would take the model's markup for its final answer), a tool_choice
+// naming no tool, and JSON output formats (nothing constrains the output).
 TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
   const std::string msgs = R"({"messages":[{"role":"user","content":"hi"}])";
   const std::string tool = R"([{"type":"function","function":{"name":"f","parameters":{}}}])";
   const std::pair<std::string, const char*> refused[] = {
-      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"required"})", "tool_choice"},
       {msgs + R"(,"tools":)" + tool +
-           R"(,"tool_choice":{"type":"function","function":{"name":"f"}}})",
-       "tool_choice"},
+           R"(,"tool_choice":{"type":"function","function":{"name":"g"}}})",
+       "tool_choice.function.name"},
+      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":{"type":"function"}})",
+       "tool_choice.function"},
+      {msgs + R"(,"tool_choice":"required"})", "tool_choice"},
       {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"sometimes"})", "tool_choice"},
       {msgs + R"(,"tools":{"f":1}})", "tools"},
       {msgs + R"(,"tools":[{"type":"function","function":{"parameters":{}}}]})",
@@ -78,17 +80,26 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
     EXPECT_EQ(r.status().message().rfind(std::string(field) + ":", 0), 0u) << r.status();
     EXPECT_EQ(ErrorFromStatus(r.status()).param, field);
   }
-  // Tools with tool_choice "auto" (said or by default) need --tool-call-parser.
-  for (const std::string& choice : {std::string(), std::string(R"(,"tool_choice":"auto")")}) {
+  // Tools with tool_choice "auto" (said or by default), "required" or named need
+  // --tool-call-parser; the last two start the answer inside a call.
+  const std::pair<std::string, std::string> choices[] = {
+      {"", ""},
+      {R"(,"tool_choice":"auto")", ""},
+      {R"(,"tool_choice":"required")",
+       "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"},
+      {R"(,"tool_choice":{"type":"function","function":{"name":"f"}})",
+       "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n"},
+  };
+  for (const auto& [choice, prefill] : choices) {
     auto r = ParseRequest(Endpoint::kChat, msgs + R"(,"tools":)" + tool + choice + "}");
     ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(r->tool_choice, "auto");
     const absl::Status st = EnableToolCalls("", &*r);
     EXPECT_EQ(ErrorFromStatus(st).param, "tools") << st;
     EXPECT_NE(st.message().find("--tool-call-parser deepseek_v3"), std::string::npos) << st;
     EXPECT_FALSE(r->parse_tool_calls);
     ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*r).ok());
     EXPECT_TRUE(r->parse_tool_calls);
+    EXPECT_EQ(r->tool_prefill, prefill) << choice;
   }
   const std::string taken[] = {
       msgs + R"(,"tools":)" + tool + R"(,"tool_choice":"none"})",
@@ -353,6 +364,29 @@ TEST(ResponseWriter, ParsesDeepSeekV3ToolCalls) {
   EXPECT_EQ(plain["message"]["content"], d.text_delta());
   EXPECT_FALSE(plain["message"].contains("tool_calls"));
   EXPECT_EQ(plain["finish_reason"], "stop");
+}
+
+// A named tool_choice: the prompt ended inside the call, so the answer is its arguments; the
+// response is the call with those arguments, as if the model had written the opening itself.
+TEST(ResponseWriter, ANamedToolChoiceReadsTheAnswerAsTheCallsArguments) {
+  auto r = ParseRequest(
+      Endpoint::kChat,
+      R"({"messages":[{"role":"user","content":"q"}],"tools":[{"type":"function","function":)"
+      R"({"name":"get_weather"}}],"tool_choice":{"type":"function","function":)"
+      R"({"name":"get_weather"}}})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*r).ok());
+  ResponseWriter w(*r, "chatcmpl-7", 0, "dmoe", nullptr, 1);
+  v1::GenerateResponse d;
+  d.set_text_delta("{\"city\": \"Oslo\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>");
+  d.set_finish_reason("stop");
+  w.Chunk(0, d);
+  const auto choice = nlohmann::json::parse(w.Body())["choices"][0];
+  ASSERT_EQ(choice["message"]["tool_calls"].size(), 1u) << choice.dump();
+  EXPECT_EQ(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather");
+  EXPECT_EQ(choice["message"]["tool_calls"][0]["function"]["arguments"], "{\"city\": \"Oslo\"}");
+  EXPECT_TRUE(choice["message"]["content"].is_null());
+  EXPECT_EQ(choice["finish_reason"], "tool_calls");
 }
 
 }  // namespace

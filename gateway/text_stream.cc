@@ -126,6 +126,12 @@ bool IsBlank(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
 
 }  // namespace
 
+std::string ToolCallParser::Opening(const std::string& name) {
+  std::string s = std::string(kCallsBegin) + kCallBegin + "function" + kToolSep;
+  if (!name.empty()) s += name + "\n" + kJsonFence;
+  return s;
+}
+
 ToolCallParser::CallDelta* ToolCallParser::Current(Parts* out) {
   if (out->calls.empty() || out->calls.back().index != calls_ - 1) {
     out->calls.emplace_back();

@@ -73,6 +73,9 @@ class ToolCallParser {
   Parts Flush();
   // Calls started so far.
   int calls() const { return calls_; }
+  // The start of an answer that calls a tool (tool_choice "required": name ""), or the function
+  // `name`, up to where the model goes on: the name, or the arguments.
+  static std::string Opening(const std::string& name);
 
  private:
   enum class State { kContent, kBetween, kType, kName, kFence, kArguments, kRaw };
