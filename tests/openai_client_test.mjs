@@ -1,6 +1,6 @@
 // The OpenAI-compatible HTTP API through the official `openai` npm client (v4): streamed and
 // non-streamed answers agree, seeded sampling repeats, logprobs and stop strings have the API's
-// shape, errors arrive as the SDK's APIError with the right status/param/code, a key's limit of
+// shape, tool calls are read by the SDK whole and streamed, errors arrive as the SDK's APIError with the right status/param/code, a key's limit of
 // requests in flight answers 429, and a client that disconnects frees its sequence on the node.
 //
 // usage: node openai_client_test.mjs --npm-dir DIR --base-url http://H:P/v1 --metrics-url URL
@@ -225,6 +225,37 @@ await check("stop_string", async () => {
   assert.equal(s.finish[0], "stop");
   assert.equal(s.text[0], greedyText.slice(0, at), "streamed: the text must end before the stop string");
   console.log(`  stop ${JSON.stringify(stop)} at character ${at} of ${greedyText.length}`);
+});
+
+// Tool calling (the server runs --tool-call-parser deepseek_v3 with the tools template): a named
+// tool_choice starts the answer inside that function's call, so the tiny model's random tokens
+// are its arguments. The SDK must read the call whole and from its stream helper (which joins
+// delta.tool_calls by index), with the same arguments; tool_choice "auto" is accepted.
+const TOOLS = [{ type: "function", function: { name: "get_weather", description: "Current weather",
+  parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] } } }];
+await check("tool_calls", async () => {
+  const req = { model: MODEL, messages: [{ role: "user", content: "Weather in Paris?" }], tools: TOOLS,
+    tool_choice: { type: "function", function: { name: "get_weather" } }, temperature: 0,
+    max_tokens: 12 };
+  const whole = await api.chat.completions.create(req);
+  const m = whole.choices[0].message;
+  assert.equal(m.tool_calls?.length, 1, JSON.stringify(m));
+  const call = m.tool_calls[0];
+  assert.equal(call.type, "function");
+  assert.equal(call.function.name, "get_weather");
+  assert.ok(typeof call.id === "string" && call.id.length > 0, `id ${call.id}`);
+  assert.equal(typeof call.function.arguments, "string");
+  assert.ok(["tool_calls", "length"].includes(whole.choices[0].finish_reason),
+    whole.choices[0].finish_reason);
+  const final = await api.beta.chat.completions.stream(req).finalChatCompletion();
+  const streamed = final.choices[0].message.tool_calls;
+  assert.equal(streamed?.length, 1, JSON.stringify(final.choices[0].message));
+  assert.equal(streamed[0].function.name, "get_weather");
+  assert.equal(streamed[0].function.arguments, call.function.arguments, "streamed arguments");
+  assert.equal(final.choices[0].finish_reason, whole.choices[0].finish_reason);
+  const auto = await api.chat.completions.create({ ...req, tool_choice: "auto" });
+  assert.ok(auto.choices[0].message.content !== undefined, JSON.stringify(auto.choices[0]));
+  console.log(`  arguments ${JSON.stringify(call.function.arguments)}, ${whole.choices[0].finish_reason}`);
 });
 
 await check("error_wrong_type", async () => {
