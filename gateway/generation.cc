@@ -227,7 +227,7 @@ void Generation::StartAttempt() {
   }
   ++attempts_;
   if (const Tokenizer* tok = ctx_.options->tokenizer; tok != nullptr) {
-    progress_->detok = std::make_unique<IncrementalDetokenizer>(tok);
+    progress_->detok = std::make_unique<IncrementalDetokenizer>(tok, request_.skip_special_tokens);
   }
   auto a = std::make_shared<Attempt>(shared_from_this(), node);
   bool go;

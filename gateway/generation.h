@@ -109,6 +109,9 @@ struct GenerationRequest {
   // sampling.max_tokens is a default (the client gave none): the node lowers it to what its KV
   // cache holds rather than refusing the request.
   bool max_tokens_up_to_cache = false;
+  // Special tokens (BOS, EOS under ignore_eos, ...) add no text (the OpenAI API's default, as
+  // vLLM's skip_special_tokens); their ids and logprobs are still returned.
+  bool skip_special_tokens = false;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
 

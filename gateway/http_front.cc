@@ -572,6 +572,7 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
     g.sampling = request_->sampling;
     g.sampling.set_seed(base_seed + static_cast<uint64_t>(i % n));  // n differ
     g.max_tokens_up_to_cache = !request_->max_tokens_given;
+    g.skip_special_tokens = request_->skip_special_tokens;
     ++front_->generations;
     gens_.push_back(
         Generation::Start(front_->service->context(), std::move(g),

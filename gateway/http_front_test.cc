@@ -274,6 +274,59 @@ TEST_F(HttpFrontWithANode, AModelAnswersToItsAliases) {
   front.Stop();
 }
 
+// A FakeAttention served on 127.0.0.1 and a pool that has seen it healthy (or given up after 3 s).
+struct ServedNode {
+  explicit ServedNode(FakeAttention* node) : server(Build(node, &port)), pool({Address()}) {
+    for (int i = 0; i < 300 && pool.healthy() == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  ~ServedNode() { server->Shutdown(); }
+  static std::unique_ptr<grpc::Server> Build(FakeAttention* node, int* port) {
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), port);
+    b.RegisterService(node);
+    return b.BuildAndStart();
+  }
+  std::string Address() const { return "127.0.0.1:" + std::to_string(port); }
+  int port = 0;
+  std::unique_ptr<grpc::Server> server;
+  NodePool pool;
+};
+
+// The OpenAI API leaves special tokens (here "<eos>", as under ignore_eos) out of the text unless
+// the request says skip_special_tokens false, as vLLM; added tokens that are not special stay.
+TEST(HttpFrontSpecialTokens, AreLeftOutOfTheTextUnlessAsked) {
+  FakeAttention node(false, 0, {'a', 256, 257, 'b'}, "length");
+  ServedNode served(&node);
+  ASSERT_EQ(served.pool.healthy(), 1u);
+  auto tok = Tokenizer::FromJson(testing::ByteLevelTokenizerJson(/*with_added=*/true));
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  ApiKeys keys;
+  GatewayOptions o;
+  o.tokenizer = tok->get();
+  GatewayService service(&served.pool, &keys, o);
+  HttpFront front(&service, HttpFrontOptions());
+  auto addr = front.Start();
+  ASSERT_TRUE(addr.ok()) << addr.status();
+  for (const std::string skip :
+       {"", R"(, "skip_special_tokens": true)", R"(, "skip_special_tokens": false)"}) {
+    const std::string body = R"({"prompt": [1, 2], "max_tokens": 4)" + skip + "}";
+    const std::string reply =
+        Exchange(*addr,
+                 "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 "Content-Type: application/json\r\nContent-Length: " +
+                     std::to_string(body.size()) + "\r\n\r\n" + body);
+    ASSERT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply;
+    const auto j = nlohmann::json::parse(reply.substr(reply.find("\r\n\r\n") + 4));
+    EXPECT_EQ(j["choices"][0]["text"],
+              skip.find("false") != std::string::npos ? "a<eos><tool>b" : "a<tool>b")
+        << body;
+    EXPECT_EQ(j["usage"]["completion_tokens"], 4) << body;
+  }
+  front.Stop();
+}
+
 // End to end over HTTP with --tool-call-parser deepseek_v3 and the shipped tools template: a node
 // answering DeepSeek-V3's tool-call markup (the byte-level test tokenizer: token id = byte) gives
 // the client message.tool_calls and finish_reason "tool_calls", streamed or not; the prompt the
@@ -285,15 +338,8 @@ TEST(HttpFrontToolCalls, AnAnswersToolCallsReachTheClient) {
   std::vector<int32_t> ids;
   for (unsigned char c : answer) ids.push_back(c);
   FakeAttention node(false, 0, ids, "stop");
-  grpc::ServerBuilder b;
-  int port = 0;
-  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  b.RegisterService(&node);
-  auto server = b.BuildAndStart();
-  NodePool pool({"127.0.0.1:" + std::to_string(port)});
-  for (int i = 0; i < 300 && pool.healthy() == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  ServedNode served(&node);
+  NodePool& pool = served.pool;
   ASSERT_EQ(pool.healthy(), 1u);
   auto tok = Tokenizer::FromJson(testing::ByteLevelTokenizerJson());
   ASSERT_TRUE(tok.ok()) << tok.status();
@@ -374,7 +420,6 @@ TEST(HttpFrontToolCalls, AnAnswersToolCallsReachTheClient) {
     EXPECT_EQ(named_prompt.substr(named_prompt.size() - opening.size()), opening) << named_prompt;
     front.Stop();
   }
-  server->Shutdown();
 }
 
 }  // namespace

@@ -559,6 +559,7 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   }
   RETURN_IF_ERROR(ParseSampling(f, &r));
   RETURN_IF_ERROR(ParseLogprobs(f, &r));
+  RETURN_IF_ERROR(f.Bool("skip_special_tokens", &r.skip_special_tokens));
   RETURN_IF_ERROR(ParseStreamOptions(f, &r));
   if (!r.chat.tools_json().empty()) {
     // The tools as the client ordered their members (a template shows them with `tojson`, as

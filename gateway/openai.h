@@ -62,8 +62,9 @@ struct Request {
   // Completions: the prompts (each answered n times). Chat: `chat` holds the messages.
   std::vector<Prompt> prompts;
   v1::ChatRequest chat;
-  v1::SamplingParams sampling;  // max_tokens 0 when not given
-  bool logprobs = false;        // chat: logprobs; completions: logprobs given
+  v1::SamplingParams sampling;      // max_tokens 0 when not given
+  bool logprobs = false;            // chat: logprobs; completions: logprobs given
+  bool skip_special_tokens = true;  // vLLM's: special tokens add no text
   std::string user;
   // Chat with --reasoning-parser deepseek-r1: the thinking goes to reasoning_content.
   bool split_reasoning = false;

@@ -278,7 +278,9 @@ struct Tokenizer::Loader {
       }
     }
     ASSIGN_OR_RETURN(const bool normalized, Flag(a, "normalized", field + ".normalized", false));
+    ASSIGN_OR_RETURN(const bool special, Flag(a, "special", field + ".special", false));
     t->id_to_token_[static_cast<size_t>(id)] = content;
+    t->special_[static_cast<size_t>(id)] = special;
     (normalized ? t->added_normalized_ : t->added_raw_)->Add(content, id);
     return absl::OkStatus();
   }
@@ -302,6 +304,7 @@ struct Tokenizer::Loader {
       max_id = std::max(max_id, id);
     }
     t->id_to_token_.resize(static_cast<size_t>(max_id + 1));
+    t->special_.assign(static_cast<size_t>(max_id + 1), false);
     for (const auto& [tok, id] : t->vocab_) t->id_to_token_[static_cast<size_t>(id)] = tok;
     t->added_raw_ = std::make_unique<Trie>();
     t->added_normalized_ = std::make_unique<Trie>();
@@ -616,6 +619,7 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
 }
 
 std::string IncrementalDetokenizer::Add(int32_t id) {
+  if (skip_special_ && t_->IsSpecial(id)) return std::string();
   pending_ += t_->TokenBytes(id);
   std::string out;
   size_t i = 0;

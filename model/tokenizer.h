@@ -33,6 +33,12 @@ class Tokenizer {
   int64_t vocab_size() const { return static_cast<int64_t>(id_to_token_.size()); }
   // The id of an added or model token, or -1.
   int32_t TokenId(const std::string& token) const;
+  // Whether `id` is an added token marked "special" (BOS, EOS, ...: what Hugging Face's
+  // skip_special_tokens leaves out of decoded text).
+  bool IsSpecial(int32_t id) const {
+    return id >= 0 && static_cast<size_t>(id) < special_.size() &&
+           special_[static_cast<size_t>(id)];
+  }
 
  private:
   struct Regex;
@@ -47,6 +53,7 @@ class Tokenizer {
 
   std::unordered_map<std::string, int32_t> vocab_;                    // byte-level strings
   std::vector<std::string> id_to_token_;                              // as in tokenizer.json
+  std::vector<bool> special_;                                         // by id
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (a, b) -> (rank, id)
   std::vector<std::unique_ptr<Regex>> splits_;
   std::unique_ptr<Trie> added_raw_, added_normalized_;
@@ -68,7 +75,9 @@ absl::StatusOr<std::string> OnigurumaRegexToPcre2(const std::string& pattern);
 // U+FFFD once they cannot start or continue a character).
 class IncrementalDetokenizer {
  public:
-  explicit IncrementalDetokenizer(const Tokenizer* t) : t_(t) {}
+  // `skip_special`: special tokens (Tokenizer::IsSpecial) add no text.
+  explicit IncrementalDetokenizer(const Tokenizer* t, bool skip_special = false)
+      : t_(t), skip_special_(skip_special) {}
   // The text that became complete with this token (possibly empty).
   std::string Add(int32_t id);
   // Whatever is held back, with incomplete sequences as U+FFFD.
@@ -76,6 +85,7 @@ class IncrementalDetokenizer {
 
  private:
   const Tokenizer* t_;
+  const bool skip_special_;
   std::string pending_;
 };
 

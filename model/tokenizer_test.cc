@@ -92,6 +92,27 @@ TEST(IncrementalDetokenizer, NeverEmitsHalfACharacter) {
   EXPECT_EQ(d.Flush(), "\xef\xbf\xbd");  // incomplete at the end
 }
 
+// Added tokens marked "special" in tokenizer.json (and only those) add no text when skipped; the
+// others, and every token without skipping, decode to their content.
+TEST(IncrementalDetokenizer, SkipsSpecialTokensOnlyWhenAsked) {
+  auto t = Tokenizer::FromJson(testing::ByteLevelTokenizerJson(/*with_added=*/true));
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_TRUE((*t)->IsSpecial(256));   // <eos>
+  EXPECT_FALSE((*t)->IsSpecial(257));  // <tool>
+  EXPECT_FALSE((*t)->IsSpecial('a'));
+  EXPECT_FALSE((*t)->IsSpecial(-1));
+  EXPECT_FALSE((*t)->IsSpecial(1 << 20));
+  for (const bool skip : {false, true}) {
+    IncrementalDetokenizer d(t->get(), skip);
+    std::string text;
+    for (int32_t id : std::vector<int32_t>{'a', 0xc3, 256, 0xa9, 257, 'b'}) text += d.Add(id);
+    text += d.Flush();
+    // A skipped token between a character's bytes does not break it; one kept does.
+    EXPECT_EQ(text, skip ? "a\xc3\xa9<tool>b" : "a\xef\xbf\xbd<eos>\xef\xbf\xbd<tool>b")
+        << (skip ? "skipping" : "keeping");
+  }
+}
+
 TEST(Tokenizer, UnsupportedFilesAreClearErrors) {
   EXPECT_FALSE(Tokenizer::FromJson("{").ok());
   auto wp = Tokenizer::FromJson(R"({"model": {"type": "WordPiece", "vocab": {}}})");

@@ -27,10 +27,10 @@ inline std::string ByteChar(int b) {
   return s;
 }
 
-// Byte b has id b; then "ab" = 256, "abc" = 257, "bc" = 258, "aa" = 259; "<s>" = 300 (special).
 // A byte-level BPE tokenizer.json with no merges: byte b is token b (ByteLevel pre-tokenizer and
-// decoder), so token ids are bytes.
-std::string ByteLevelTokenizerJson();
+// decoder), so token ids are bytes. `with_added`: also the added tokens "<eos>" = 256 (special)
+// and "<tool>" = 257 (not special).
+std::string ByteLevelTokenizerJson(bool with_added = false);
 
 }  // namespace dmoe::testing
 
