@@ -180,8 +180,10 @@ absl::StatusOr<std::string> GatewayService::RenderChat(const v1::ChatRequest& re
     }
     nlohmann::ordered_json j = {{"role", m.role()}, {"content", m.content()}};
     // An assistant turn that only called tools has no content (null, as OpenAI clients send
-    // it): templates test `content is none` to render the calls.
-    if (m.role() == "assistant" && m.tool_calls_size() > 0 && m.content().empty()) {
+    // it): templates that render calls test `content is none`. Others (which never mention
+    // tool_calls) get "" as before, rather than failing on `+ null`.
+    if (m.role() == "assistant" && m.tool_calls_size() > 0 && m.content().empty() &&
+        tmpl.source().find("tool_calls") != std::string::npos) {
       j["content"] = nullptr;
     }
     if (!m.name().empty()) j["name"] = m.name();

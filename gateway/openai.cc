@@ -297,6 +297,9 @@ absl::Status ParseMessages(const Fields& f, Request* r) {
     r->chat.set_tools_json(Dump(*tools));
   }
   RETURN_IF_ERROR(ParseToolChoice(f, names, r));
+  // tool_choice "none": the model answers in text, so it is not shown tools it must not call
+  // (as OpenAI's; vLLM's --exclude-tools-when-tool-choice-none).
+  if (r->tool_choice == "none") r->chat.clear_tools_json();
   return f.Bool("parallel_tool_calls", &r->parallel_tool_calls);
 }
 
@@ -516,8 +519,8 @@ absl::Status EnableToolCalls(const std::string& parser, Request* r) {
   if (parser.empty()) {
     return Bad("tools",
                "tool calls are not parsed by this server (start the gateway with "
-               "--tool-call-parser deepseek_v3), or send tool_choice \"none\" to only render "
-               "the tools into the prompt");
+               "--tool-call-parser deepseek_v3), or send tool_choice \"none\" for an answer in "
+               "text");
   }
   r->parse_tool_calls = true;
   // "required" and a named function: the answer starts inside a call (of that function), so a
@@ -565,7 +568,8 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
     // The tools as the client ordered their members (a template shows them with `tojson`, as
     // transformers does from Python's ordered dicts); `j` sorted them.
     const auto ordered = nlohmann::ordered_json::parse(body.begin(), body.end(), nullptr, false);
-    r.chat.set_tools_json(ordered["tools"].dump());
+    r.chat.set_tools_json(
+        ordered["tools"].dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace));
   }
   const size_t prompts = endpoint == Endpoint::kChat ? 1 : r.prompts.size();
   if (prompts * static_cast<size_t>(r.n) > static_cast<size_t>(kMaxChoices)) {
@@ -765,11 +769,12 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   Choice& c = choices_[static_cast<size_t>(index)];
   if (r.has_usage()) AddUsage(index, r.usage());
   // "stop" (a stop token or string) and "length" as OpenAI's; anything else as the node said it.
-  // An answer that called tools and then stopped: "tool_calls", as OpenAI's.
+  // An answer that called tools and then stopped: "tool_calls", as OpenAI's (not when a stop
+  // string cut a call short: its arguments are not whole).
   std::string finish = r.finish_reason();
   json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
   Parts parts = Split(&c, r, !finish.empty() || r.has_usage());
-  if (finish == "stop" && c.tool_parser.calls() > 0) finish = "tool_calls";
+  if (finish == "stop" && c.tool_parser.completed() > 0) finish = "tool_calls";
   if (!request_.stream) {
     c.reasoning += parts.reasoning;
     c.text += parts.content;

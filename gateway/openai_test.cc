@@ -39,9 +39,8 @@ TEST(ParseRequest, DeeplyNestedBodiesAreRefusedNotCrashed) {
 TEST(ParseRequest, NestingUpToTheLimitIsKept) {
   const std::string tools =
       R"([{"type":"function","function":{"name":"f","parameters":{"x":)" + Nested(100) + "}}}]";
-  auto r = ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"hi"}],)"
-                                         R"("tool_choice":"none","tools":)" +
-                                             tools + "}");
+  auto r = ParseRequest(Endpoint::kChat,
+                        R"({"messages":[{"role":"user","content":"hi"}],"tools":)" + tools + "}");
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->chat.tools_json(), tools);
 }
@@ -110,6 +109,8 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
   for (const std::string& body : taken) {
     auto r = ParseRequest(Endpoint::kChat, body);
     ASSERT_TRUE(r.ok()) << body << ": " << r.status();
+    // tool_choice "none": the tools are left out of the prompt (the answer is text).
+    EXPECT_EQ(r->chat.tools_json(), "") << body;
     EXPECT_TRUE(EnableToolCalls("", &*r).ok()) << body;
     ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*r).ok());
     EXPECT_FALSE(r->parse_tool_calls) << body << ": nothing to parse";
@@ -355,6 +356,16 @@ TEST(ResponseWriter, ParsesDeepSeekV3ToolCalls) {
   const auto msg = nlohmann::json::parse(only.Body())["choices"][0]["message"];
   EXPECT_TRUE(msg["content"].is_null()) << msg.dump();
   EXPECT_EQ(msg["tool_calls"].size(), 1u);
+  // A stop string that ends the answer inside a call: "stop", not "tool_calls" (the arguments
+  // are not whole).
+  ResponseWriter cut(*r, "chatcmpl-3", 0, "dmoe", nullptr, 1);
+  v1::GenerateResponse cut_short;
+  cut_short.set_text_delta("<｜tool▁calls▁begin｜>" + call1.substr(0, call1.find("Paris")));
+  cut_short.set_finish_reason("stop");
+  cut.Chunk(0, cut_short);
+  const auto cut_choice = nlohmann::json::parse(cut.Body())["choices"][0];
+  EXPECT_EQ(cut_choice["finish_reason"], "stop");
+  EXPECT_EQ(cut_choice["message"]["tool_calls"][0]["function"]["arguments"], "{\"city\": \"");
   auto none = ParseRequest(Endpoint::kChat, body + R"(,"tool_choice":"none"})");
   ASSERT_TRUE(none.ok());
   ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*none).ok());

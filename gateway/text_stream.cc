@@ -213,6 +213,7 @@ bool ToolCallParser::StepHead(Parts* out) {
     }
     name_ = held_.substr(0, at);
     while (!name_.empty() && IsBlank(name_.back())) name_.pop_back();
+    name_.erase(0, std::min(name_.size(), name_.find_first_not_of(" \t\r")));
     if (name_.empty() || at > kMaxName) {
       ToRaw(out);
       return false;
@@ -260,6 +261,7 @@ bool ToolCallParser::StepArguments(Parts* out) {
     Current(out)->arguments += kept;
   }
   held_.erase(0, at + sizeof(kCallEnd) - 1);
+  ++completed_;
   state_ = State::kBetween;
   return true;
 }
@@ -297,10 +299,14 @@ ToolCallParser::Parts ToolCallParser::Flush() {
   while (Step(&out)) {
   }
   switch (state_) {
-    case State::kArguments:  // cut short (max_tokens): the arguments so far
-      if (!held_.empty()) Current(&out)->arguments += held_;
+    case State::kArguments: {  // cut short: the arguments so far, without a fence or end begun
+      held_.resize(held_.size() - PartialTagAtEnd(held_, kCallEnd));
+      std::string tail = held_;
+      while (!tail.empty() && (IsBlank(tail.back()) || tail.back() == '`')) tail.pop_back();
+      if (!tail.empty()) Current(&out)->arguments += tail;
       held_.clear();
       break;
+    }
     case State::kBetween:
       if (calls_ == 0 || held_.find_first_not_of(" \t\r\n") != std::string::npos) ToRaw(&out);
       break;

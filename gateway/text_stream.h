@@ -71,8 +71,9 @@ class ToolCallParser {
   Parts Add(const std::string& delta);
   // The rest at the end of the answer: a call cut short keeps the arguments it had.
   Parts Flush();
-  // Calls started so far.
+  // Calls started so far, and those of them read to their end marker.
   int calls() const { return calls_; }
+  int completed() const { return completed_; }
   // The start of an answer that calls a tool (tool_choice "required": name ""), or the function
   // `name`, up to where the model goes on: the name, or the arguments.
   static std::string Opening(const std::string& name);
@@ -92,6 +93,7 @@ class ToolCallParser {
   std::string pending_;  // consumed markup of a call not yet started (content if it breaks)
   std::string name_;     // of the call being read
   int calls_ = 0;
+  int completed_ = 0;
 };
 
 }  // namespace dmoe::gateway

@@ -208,6 +208,12 @@ TEST(ToolCallParser, ReadsDeepSeekV3CallsHoweverTheTextArrives) {
       // Cut short by max_tokens: the arguments so far; a call without its name yet is text.
       {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\": 1",
        {"", {{"f", "{\"a\": 1"}}}},
+      // Cut inside the closing fence or end marker: those are not arguments.
+      {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{}\n``",
+       {"", {{"f", "{}"}}}},
+      {std::string(kBegin) +
+           "<｜tool▁call▁begin｜>function<｜tool▁sep｜> f \n```json\n{}\n```<｜tool▁ca",
+       {"", {{"f", "{}"}}}},
       {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_wea",
        {std::string(kBegin) + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_wea", {}}},
       // Text after the calls' end is kept; blanks around the calls are not.
