@@ -52,6 +52,7 @@ SamplingParams FromProto(const internal::SamplingParams& p) {
   s.repetition_penalty = p.repetition_penalty() == 0 ? 1.0 : p.repetition_penalty();
   s.logit_bias.insert(p.logit_bias().begin(), p.logit_bias().end());
   s.max_tokens_up_to_cache = p.max_tokens_up_to_cache();
+  s.prompt_logprobs = p.prompt_logprobs();
   return s;
 }
 
@@ -89,19 +90,13 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
         last_ = now;
       }
       first_ = false;
-      auto* g = r.add_tokens();
-      g->set_token_id(t.token);
-      g->set_logprob(t.logprob);
-      for (const auto& [id, lp] : t.top) {
-        auto* top = g->add_top();
-        top->set_token_id(id);
-        top->set_logprob(lp);
-      }
-      MutexLock l(&mu_);  // after the first message
-      if (!PushBounded(std::move(r), max_backlog_) && !overflowed_) {
-        overflowed_ = true;  // ends at the next step: on_finish(kCancelled) below
-        scheduler_->Cancel(id_);
-      }
+      Fill(t, r.add_tokens());
+      Send(std::move(r));
+    };
+    cb.on_prompt_token = [this](const SampledToken& t) {
+      internal::GenerateResponse r;
+      Fill(t, r.add_prompt_tokens());
+      Send(std::move(r));
     };
     // FinishWith is the last touch of *this, made without holding mu_: once the stream is
     // finished, gRPC may delete the reactor on its own thread (QueuedWriter::OnDone), and an
@@ -146,6 +141,26 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
     if (!id.ok()) {  // the last touch of *this, as in on_finish
       if (metrics_ != nullptr) metrics_->Refused(id.status().code());
       FinishWith(grpc::Status(ToGrpc(id.status().code()), std::string(id.status().message())));
+    }
+  }
+
+  static void Fill(const SampledToken& t, internal::GeneratedToken* g) {
+    g->set_token_id(t.token);
+    g->set_logprob(t.logprob);
+    g->set_stop(t.stop);
+    for (const auto& [id, lp] : t.top) {
+      auto* top = g->add_top();
+      top->set_token_id(id);
+      top->set_logprob(lp);
+    }
+  }
+
+  // A message after the first (scheduler thread): past the backlog, the sequence is cancelled.
+  void Send(internal::GenerateResponse r) {
+    MutexLock l(&mu_);
+    if (!PushBounded(std::move(r), max_backlog_) && !overflowed_) {
+      overflowed_ = true;  // ends at the next step: on_finish(kCancelled) below
+      scheduler_->Cancel(id_);
     }
   }
 

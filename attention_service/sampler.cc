@@ -543,4 +543,12 @@ SampledToken Sampler::Verify(const float* model_logits, int64_t vocab, int32_t d
   return out;
 }
 
+SampledToken Sampler::Score(const float* logits, int64_t vocab, int32_t token) {
+  s_ = ThreadScratch();
+  SampledToken out;
+  out.token = token;
+  AddLogprobs(logits, vocab, &out);
+  return out;
+}
+
 }  // namespace dmoe

@@ -35,6 +35,9 @@ struct SamplingParams {
   bool ignore_eos = false;   // don't stop at the model's eos_token_ids
   bool logprobs = false;     // logprob of the chosen token
   int64_t top_logprobs = 0;  // and of the n most likely tokens
+  // The logprob (and top_logprobs alternatives) of every prompt token from the second on, from
+  // the model's logits (Sampler::Score); the prompt is then computed whole (no prefix cache).
+  bool prompt_logprobs = false;
   // Applied to the model's logits in this order, before temperature and the truncations:
   //  1. logit_bias: bias[id] in [-100, 100] is added to logit[id] (-100 all but bans a token).
   //  2. repetition_penalty r > 0 (1: off): every id in the prompt or generated so far has
@@ -69,6 +72,9 @@ struct SampledToken {
   // before temperature and truncation. When none of those is set, the model's logits.
   float logprob = 0;                           // when asked for
   std::vector<std::pair<int32_t, float>> top;  // (id, logprob), most likely first
+  // Set by the scheduler: the token ends the generation (an eos or stop_token_ids token); it is
+  // returned and counted, but adds no text (as vLLM's without include_stop_str_in_output).
+  bool stop = false;
 };
 
 // Thread-compatible.
@@ -95,6 +101,11 @@ class Sampler {
   // `force` (benchmarks only): +1 emits the draft as accepted whatever p says, -1 rejects it.
   SampledToken Verify(const float* logits, int64_t vocab, int32_t draft, bool* accepted,
                       int force = 0);
+
+  // A given token's logprob and the top_logprobs alternatives under the model's `logits` (no
+  // bias, penalty or temperature: prompt logprobs, as vLLM computes them); not counted as
+  // generated.
+  SampledToken Score(const float* logits, int64_t vocab, int32_t token);
 
  private:
   // logit_bias and the penalties applied to a copy of `logits` (the scratch's); returns it.

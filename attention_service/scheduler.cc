@@ -55,6 +55,11 @@ struct Scheduler::Seq {
   // Since when its steps have failed for unreachable experts (epoch: not stalled).
   std::chrono::steady_clock::time_point stalled_since{};
   int64_t generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
+  // prompt_logprobs: the next prompt position to score (position 0 has no logprob).
+  int64_t prompt_scored = 1;
+  // Prompt positions are still to be scored: its prefill steps need logits at every position,
+  // and it takes nothing from the prefix cache.
+  bool scoring() const { return params.prompt_logprobs && prompt_scored < prompt_len; }
   // Tokens not yet in the cache.
   int64_t pending() const { return static_cast<int64_t>(tokens.size()) - kv.length(); }
 
@@ -281,8 +286,8 @@ void Scheduler::Admit() {
     // Prefix caching: reuse the cached blocks of the longest matching prefix (with speculative
     // decoding, no longer than the MTP layer's cached rows: positions attached have no hidden
     // states to compute MTP rows from).
-    int64_t hit = s->kv.AttachPrefix(s->tokens);
-    if (s->mtp != nullptr) {
+    int64_t hit = s->scoring() ? 0 : s->kv.AttachPrefix(s->tokens);
+    if (s->mtp != nullptr && hit > 0) {
       // MTP rows 0..P-1 are keyed by tokens 1..P; P <= hit <= n - 1, so every key is in range
       // (AttachPrefix's "leave one to compute" applies to the main cache, not to these).
       const int64_t n = static_cast<int64_t>(s->tokens.size());
@@ -322,11 +327,15 @@ void Scheduler::ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>
   }
   for (auto& s : running_) {
     if (s->pending() <= 1 || budget <= 0 || s->mtp_behind()) continue;
-    const int64_t n = std::min({s->pending(), options_.prefill_chunk, budget});
+    // A scored prompt's chunks have logits at every position: at most kScoredChunk rows of
+    // vocabulary-sized logits per step.
+    const int64_t chunk =
+        s->scoring() ? std::min(options_.prefill_chunk, kScoredChunk) : options_.prefill_chunk;
+    const int64_t n = std::min({s->pending(), chunk, budget});
     const int64_t from = s->kv.length();
     SequenceStep step{&s->kv,
                       std::vector<int32_t>(s->tokens.begin() + from, s->tokens.begin() + from + n),
-                      false};
+                      s->scoring()};
     step.hidden = s->mtp != nullptr ? &s->hidden : nullptr;
     s->step_drafts = 0;
     batch->push_back(std::move(step));
@@ -443,6 +452,7 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
   const int64_t first = s->kv.length() - m;  // position of the step's first token
   s->step_drafts = 0;
   int64_t accepted = 0;
+  if (step.all_logits && s->scoring() && k == 0) ScorePrompt(s, first, m, logits);
   if (s->pending() <= 0) {  // the prompt is complete: the next token (and the drafts' verdicts)
     const int64_t v = config_.vocab_size;
     const float* row0 = logits.data() + (static_cast<int64_t>(logits.size()) / v - 1 - k) * v;
@@ -452,14 +462,14 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
     for (int64_t j = 0; j <= k && !finished; ++j) {
       verified += j < k ? 1 : 0;
       bool ok = false;
-      const SampledToken t =
-          j < k ? s->sampler.Verify(row0 + j * v, v, s->draft[static_cast<size_t>(j)], &ok,
-                                    ForcedVerdict())
-                : s->sampler.Sample(row0 + j * v, v);
+      SampledToken t = j < k ? s->sampler.Verify(row0 + j * v, v, s->draft[static_cast<size_t>(j)],
+                                                 &ok, ForcedVerdict())
+                             : s->sampler.Sample(row0 + j * v, v);
+      t.stop = IsStopToken(s->params, config_, t.token);
       s->tokens.push_back(t.token);
       ++c->generated;
       if (s->callbacks.on_token) s->callbacks.on_token(t);
-      if (IsStopToken(s->params, config_, t.token)) {
+      if (t.stop) {
         finished = true;
         reason = FinishReason::kStop;
       } else if (s->generated() >= s->params.max_tokens ||
@@ -495,6 +505,19 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
   s->kv.RegisterFullBlocks(s->tokens);
   KeepHiddenForMtp(s, s->kv.length() - first);
   return false;
+}
+
+void Scheduler::ScorePrompt(Seq* s, int64_t first, int64_t rows, const std::vector<float>& logits) {
+  // Row j (position first + j) holds the distribution of the token at first + j + 1.
+  const int64_t v = config_.vocab_size;
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t pos = first + j + 1;
+    if (pos < s->prompt_scored || pos >= s->prompt_len) continue;
+    const SampledToken t =
+        s->sampler.Score(logits.data() + j * v, v, s->tokens[static_cast<size_t>(pos)]);
+    if (s->callbacks.on_prompt_token) s->callbacks.on_prompt_token(t);
+    s->prompt_scored = pos + 1;
+  }
 }
 
 void Scheduler::KeepHiddenForMtp(Seq* s, int64_t rows) {

@@ -33,6 +33,9 @@ const char* FinishReasonName(FinishReason r);
 struct RequestCallbacks {
   // Each generated token, in order (on the scheduler's thread).
   std::function<void(const SampledToken&)> on_token;
+  // SamplingParams::prompt_logprobs: each prompt token from the second on, scored (Sampler::
+  // Score), in order, all before the first on_token (on the scheduler's thread).
+  std::function<void(const SampledToken&)> on_prompt_token;
   // Once, when the request is first admitted to the running batch (on the scheduler's thread):
   // how many of its prompt tokens were found in the prefix cache.
   std::function<void(int64_t prefix_hit_tokens)> on_admit;
@@ -173,6 +176,10 @@ class Scheduler {
   // succeeds.
   absl::Status RunMtp();
   absl::Status RunMtpPhase();
+  // prompt_logprobs: scores the prompt tokens that the step's `rows` rows (from position
+  // `first`, logits at every one) predict and that were not scored yet.
+  void ScorePrompt(Seq* s, int64_t first, int64_t rows, const std::vector<float>& logits);
+  static constexpr int64_t kScoredChunk = 64;
   // Appends the first `rows` hidden states of the step to what the MTP layer will read.
   void KeepHiddenForMtp(Seq* s, int64_t rows);
   absl::Status DraftMore(const std::vector<Seq*>& members, int64_t round);

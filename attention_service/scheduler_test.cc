@@ -1,5 +1,6 @@
 #include "attention_service/scheduler.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <future>
@@ -483,6 +484,39 @@ TEST_F(SchedulerTest, ExpertStallsAreTimedByTheInjectedClock) {
   EXPECT_EQ(final_status.code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(final_status.message().find("experts unreachable for 1000 ms"), std::string::npos)
       << final_status;
+}
+
+// The token that ends a generation (here one of stop_token_ids) comes marked `stop` (the gateway
+// gives it no text), and only that one.
+TEST_F(SchedulerTest, TheTokenThatEndsAGenerationIsMarkedStop) {
+  SamplingParams p;
+  p.ignore_eos = true;
+  p.max_tokens = 8;
+  const std::vector<int32_t> prompt = {5, 6, 7};
+  const std::vector<int32_t> free_run = Alone(prompt, p);
+  size_t k = 1;  // the first token not seen before it
+  while (k < free_run.size() &&
+         std::find(free_run.begin(), free_run.begin() + k, free_run[k]) != free_run.begin() + k) {
+    ++k;
+  }
+  ASSERT_LT(k, free_run.size());
+  p.stop_token_ids = {free_run[k]};
+  LatentKvCache cache(model_->config(), 16, 64);
+  Scheduler s(&model_->engine(), &cache, SchedulerOptions());
+  std::vector<SampledToken> got;
+  RequestCallbacks cb;
+  cb.on_token = [&](const SampledToken& t) { got.push_back(t); };
+  ASSERT_TRUE(s.Submit(prompt, p, cb).ok());
+  for (int i = 0; i < 100; ++i) {
+    auto more = s.Step();
+    ASSERT_TRUE(more.ok());
+    if (!*more) break;
+  }
+  ASSERT_EQ(got.size(), k + 1);
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].token, free_run[i]);
+    EXPECT_EQ(got[i].stop, i == k) << "token " << i;
+  }
 }
 
 }  // namespace

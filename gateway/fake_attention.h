@@ -36,6 +36,7 @@ class FakeAttention final : public internal::AttentionService::Service {
     if (sick_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler stopped");
     internal::GenerateResponse r;
     for (int32_t t : tokens_) r.add_tokens()->set_token_id(t);
+    if (last_is_stop && r.tokens_size() > 0) r.mutable_tokens(r.tokens_size() - 1)->set_stop(true);
     r.set_finish_reason(finish_);
     w->Write(r);
     return grpc::Status::OK;
@@ -49,6 +50,8 @@ class FakeAttention final : public internal::AttentionService::Service {
     return grpc::Status::OK;
   }
   std::atomic<int> generate_calls{0};
+  // The last token is marked as the one that ended the generation (an eos); set before serving.
+  bool last_is_stop = false;
   internal::SamplingParams last_sampling() {
     std::lock_guard<std::mutex> l(mu_);
     return last_sampling_;

@@ -85,6 +85,7 @@ internal::SamplingParams Forward(const v1::SamplingParams& p) {
   s.set_frequency_penalty(p.frequency_penalty());
   s.set_repetition_penalty(p.repetition_penalty());
   s.mutable_logit_bias()->insert(p.logit_bias().begin(), p.logit_bias().end());
+  s.set_prompt_logprobs(p.prompt_logprobs());
   return s;
 }
 
@@ -113,6 +114,9 @@ struct Generation::Progress {
   int64_t cached = 0;
   std::unique_ptr<IncrementalDetokenizer> detok;
   StopStrings stops;
+  // prompt_logprobs: the prompt's scores, held until the first token (a node that fails before
+  // it is retried elsewhere, which sends them again).
+  v1::GenerateResponse prompt;
 };
 
 // Alive while its call runs (self_) and while the generation holds it: Cancel/Resume may use it
@@ -229,6 +233,7 @@ void Generation::StartAttempt() {
   if (const Tokenizer* tok = ctx_.options->tokenizer; tok != nullptr) {
     progress_->detok = std::make_unique<IncrementalDetokenizer>(tok, request_.skip_special_tokens);
   }
+  progress_->prompt.Clear();
   auto a = std::make_shared<Attempt>(shared_from_this(), node);
   bool go;
   {
@@ -247,6 +252,7 @@ void Generation::StartAttempt() {
 bool Generation::OnResponse(const internal::GenerateResponse& r) {
   Progress* p = progress_.get();
   if (!r.finish_reason().empty()) p->finish = r.finish_reason();
+  if (r.prompt_tokens_size() > 0) HoldPromptScores(r);
   if (r.tokens_size() == 0) return true;
   v1::GenerateResponse chunk = TokensChunk(r);
   std::shared_ptr<GenerationSink> sink;
@@ -332,6 +338,7 @@ v1::GenerateResponse Generation::TokensChunk(const internal::GenerateResponse& r
   const Tokenizer* tok = ctx_.options->tokenizer;
   const v1::SamplingParams& sampling = request_.sampling;
   v1::GenerateResponse out;
+  out.Swap(&p->prompt);  // the prompt's scores go out with the first token
   std::string text;
   for (const auto& t : r.tokens()) {
     if (p->stops.stopped()) break;
@@ -346,11 +353,29 @@ v1::GenerateResponse Generation::TokensChunk(const internal::GenerateResponse& r
         if (tok != nullptr) l->set_token(tok->TokenBytes(e.token_id()));
       }
     }
-    if (p->detok) text += p->stops.Add(p->detok->Add(t.token_id()));
+    // The token that ended the generation (eos, stop_token_ids) is no part of the text.
+    if (p->detok && !t.stop()) text += p->stops.Add(p->detok->Add(t.token_id()));
     ++p->completion;
   }
   out.set_text_delta(text);
   return out;
+}
+
+void Generation::HoldPromptScores(const internal::GenerateResponse& r) {
+  const Tokenizer* tok = ctx_.options->tokenizer;
+  v1::GenerateResponse& held = progress_->prompt;
+  for (const auto& t : r.prompt_tokens()) {
+    held.add_prompt_token_ids(t.token_id());
+    held.add_prompt_logprobs(t.logprob());
+    if (request_.sampling.top_logprobs() <= 0) continue;
+    v1::TopLogprobs* top = held.add_prompt_top_logprobs();
+    for (const auto& e : t.top()) {
+      v1::TokenLogprob* l = top->add_top();
+      l->set_token_id(e.token_id());
+      l->set_logprob(e.logprob());
+      if (tok != nullptr) l->set_token(tok->TokenBytes(e.token_id()));
+    }
+  }
 }
 
 // The closing response of a successful stream: the text held back, the finish reason, usage.

@@ -139,6 +139,7 @@ class Generation : public std::enable_shared_from_this<Generation> {
   void OnAttemptDone(int node, bool got_token, grpc::Status status);
   void Finish(grpc::Status status);
   v1::GenerateResponse TokensChunk(const internal::GenerateResponse& r);
+  void HoldPromptScores(const internal::GenerateResponse& r);
   v1::GenerateResponse LastResponse();
 
   const GatewayContext ctx_;

@@ -548,13 +548,15 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
          "invalid_request_error", "model", "model_not_found"});
   }
   request_ = std::make_unique<openai::Request>(std::move(*parsed));
-  request_->split_reasoning =
-      endpoint == openai::Endpoint::kChat && o.reasoning_parser == "deepseek-r1";
   if (auto st = openai::EnableToolCalls(o.tool_call_parser, request_.get()); !st.ok()) {
     return RespondError(openai::ErrorFromStatus(st));
   }
+  // An answer that starts inside a call (tool_choice required or named) has no thinking.
+  request_->split_reasoning = endpoint == openai::Endpoint::kChat &&
+                              o.reasoning_parser == "deepseek-r1" && request_->tool_prefill.empty();
   auto prompts = Prompts(request_.get());
   if (!prompts.ok()) return RespondError(openai::ErrorFromStatus(prompts.status()));
+  if (request_->echo) request_->prompt_token_ids = *prompts;
   if (auto st = front_->service->keys()->Acquire(authorization, &key_); !st.ok()) {
     return RespondError(openai::ErrorFromStatus(st));
   }

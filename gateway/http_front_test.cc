@@ -294,37 +294,66 @@ struct ServedNode {
   NodePool pool;
 };
 
-// The OpenAI API leaves special tokens (here "<eos>", as under ignore_eos) out of the text unless
-// the request says skip_special_tokens false, as vLLM; added tokens that are not special stay.
-TEST(HttpFrontSpecialTokens, AreLeftOutOfTheTextUnlessAsked) {
-  FakeAttention node(false, 0, {'a', 256, 257, 'b'}, "length");
-  ServedNode served(&node);
-  ASSERT_EQ(served.pool.healthy(), 1u);
+// POSTs completion `bodies` through a gateway (the byte-level tokenizer with "<eos>" and "<tool>")
+// in front of `node`; returns each answer's JSON (null where the status is not 200).
+std::vector<nlohmann::json> Completions(FakeAttention* node,
+                                        const std::vector<std::string>& bodies) {
+  std::vector<nlohmann::json> out;
+  ServedNode served(node);
   auto tok = Tokenizer::FromJson(testing::ByteLevelTokenizerJson(/*with_added=*/true));
-  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_TRUE(tok.ok()) << tok.status();
+  if (served.pool.healthy() != 1 || !tok.ok()) return out;
   ApiKeys keys;
   GatewayOptions o;
   o.tokenizer = tok->get();
   GatewayService service(&served.pool, &keys, o);
   HttpFront front(&service, HttpFrontOptions());
   auto addr = front.Start();
-  ASSERT_TRUE(addr.ok()) << addr.status();
-  for (const std::string skip :
-       {"", R"(, "skip_special_tokens": true)", R"(, "skip_special_tokens": false)"}) {
-    const std::string body = R"({"prompt": [1, 2], "max_tokens": 4)" + skip + "}";
+  EXPECT_TRUE(addr.ok()) << addr.status();
+  for (const std::string& body : bodies) {
     const std::string reply =
         Exchange(*addr,
                  "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                  "Content-Type: application/json\r\nContent-Length: " +
                      std::to_string(body.size()) + "\r\n\r\n" + body);
-    ASSERT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply;
-    const auto j = nlohmann::json::parse(reply.substr(reply.find("\r\n\r\n") + 4));
-    EXPECT_EQ(j["choices"][0]["text"],
-              skip.find("false") != std::string::npos ? "a<eos><tool>b" : "a<tool>b")
-        << body;
-    EXPECT_EQ(j["usage"]["completion_tokens"], 4) << body;
+    EXPECT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply;
+    out.push_back(reply.rfind("HTTP/1.1 200", 0) == 0
+                      ? nlohmann::json::parse(reply.substr(reply.find("\r\n\r\n") + 4))
+                      : nlohmann::json());
   }
   front.Stop();
+  return out;
+}
+
+// The OpenAI API leaves special tokens (here "<eos>", as under ignore_eos) out of the text unless
+// the request says skip_special_tokens false, as vLLM; added tokens that are not special stay.
+TEST(HttpFrontSpecialTokens, AreLeftOutOfTheTextUnlessAsked) {
+  FakeAttention node(false, 0, {'a', 256, 257, 'b'}, "length");
+  const std::vector<std::string> bodies = {
+      R"({"prompt": [1, 2], "max_tokens": 4})",
+      R"({"prompt": [1, 2], "max_tokens": 4, "skip_special_tokens": true})",
+      R"({"prompt": [1, 2], "max_tokens": 4, "skip_special_tokens": false})"};
+  const std::vector<nlohmann::json> got = Completions(&node, bodies);
+  ASSERT_EQ(got.size(), bodies.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i]["choices"][0]["text"], i == 2 ? "a<eos><tool>b" : "a<tool>b") << bodies[i];
+    EXPECT_EQ(got[i]["usage"]["completion_tokens"], 4) << bodies[i];
+  }
+}
+
+// The token that ended a generation (an eos, a stop_token_ids token) is returned and counted but
+// adds no text, as vLLM's (here "<tool>", not special, so only the stop mark leaves it out).
+TEST(HttpFrontSpecialTokens, TheStopTokenAddsNoText) {
+  FakeAttention node(false, 0, {'a', 'b', 257}, "stop");
+  node.last_is_stop = true;
+  const std::vector<nlohmann::json> got =
+      Completions(&node, {R"({"prompt": [1, 2], "max_tokens": 4, "logprobs": 0})"});
+  ASSERT_EQ(got.size(), 1u);
+  const nlohmann::json& j = got[0];
+  EXPECT_EQ(j["choices"][0]["text"], "ab");
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(j["choices"][0]["logprobs"]["tokens"].size(), 3u);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 3);
 }
 
 // End to end over HTTP with --tool-call-parser deepseek_v3 and the shipped tools template: a node

@@ -72,7 +72,8 @@ absl::Status Bad(const std::string& field, const std::string& what) {
 // Typed access to the optional fields of a JSON object (null reads as absent).
 class Fields {
  public:
-  explicit Fields(const json& o) : o_(o) {}
+  // `prefix`: how errors name the object's fields ("messages[2]." + "name").
+  explicit Fields(const json& o, std::string prefix = "") : o_(o), prefix_(std::move(prefix)) {}
   const json* Get(const char* name) const {
     auto it = o_.find(name);
     return it == o_.end() || it->is_null() ? nullptr : &*it;
@@ -80,17 +81,17 @@ class Fields {
   absl::Status Bool(const char* name, bool* out) const {
     const json* v = Get(name);
     if (v == nullptr) return absl::OkStatus();
-    if (!v->is_boolean()) return Bad(name, "must be true or false");
+    if (!v->is_boolean()) return Bad(prefix_ + name, "must be true or false");
     *out = v->get<bool>();
     return absl::OkStatus();
   }
   absl::Status Number(const char* name, double lo, double hi, double* out) const {
     const json* v = Get(name);
     if (v == nullptr) return absl::OkStatus();
-    if (!v->is_number()) return Bad(name, "must be a number");
+    if (!v->is_number()) return Bad(prefix_ + name, "must be a number");
     const double d = v->get<double>();
     if (!std::isfinite(d) || d < lo || d > hi) {
-      return Bad(name, absl::StrCat(d, " is not in [", lo, ", ", hi, "]"));
+      return Bad(prefix_ + name, absl::StrCat(d, " is not in [", lo, ", ", hi, "]"));
     }
     *out = d;
     return absl::OkStatus();
@@ -98,24 +99,26 @@ class Fields {
   absl::Status Int(const char* name, int64_t lo, int64_t hi, int64_t* out) const {
     const json* v = Get(name);
     if (v == nullptr) return absl::OkStatus();
-    if (!v->is_number_integer()) return Bad(name, "must be an integer");
+    if (!v->is_number_integer()) return Bad(prefix_ + name, "must be an integer");
     const int64_t i = v->is_number_unsigned() && v->get<uint64_t>() > INT64_MAX
                           ? std::numeric_limits<int64_t>::max()
                           : v->get<int64_t>();
-    if (i < lo || i > hi) return Bad(name, absl::StrCat(i, " is not in [", lo, ", ", hi, "]"));
+    if (i < lo || i > hi)
+      return Bad(prefix_ + name, absl::StrCat(i, " is not in [", lo, ", ", hi, "]"));
     *out = i;
     return absl::OkStatus();
   }
   absl::Status String(const char* name, std::string* out) const {
     const json* v = Get(name);
     if (v == nullptr) return absl::OkStatus();
-    if (!v->is_string()) return Bad(name, "must be a string");
+    if (!v->is_string()) return Bad(prefix_ + name, "must be a string");
     *out = v->get<std::string>();
     return absl::OkStatus();
   }
 
  private:
   const json& o_;
+  const std::string prefix_;
 };
 
 absl::StatusOr<std::vector<int32_t>> TokenIds(const json& a, const std::string& field) {
@@ -192,12 +195,12 @@ absl::Status ParseToolCalls(const json& calls, const std::string& field, v1::Cha
     const json& c = calls[i];
     if (!c.is_object()) return Bad(f, "must be an object");
     v1::ToolCall* t = m->add_tool_calls();
-    Fields cf(c);
+    Fields cf(c, f + ".");
     RETURN_IF_ERROR(cf.String("id", t->mutable_id()));
     RETURN_IF_ERROR(cf.String("type", t->mutable_type()));
     const json* fn = cf.Get("function");
     if (fn == nullptr || !fn->is_object()) return Bad(f + ".function", "must be an object");
-    Fields ff(*fn);
+    Fields ff(*fn, f + ".function.");
     RETURN_IF_ERROR(ff.String("name", t->mutable_function_name()));
     RETURN_IF_ERROR(ff.String("arguments", t->mutable_function_arguments()));
   }
@@ -212,16 +215,24 @@ absl::Status ParseTools(const json& tools, std::vector<std::string>* names) {
   for (size_t i = 0; i < tools.size(); ++i) {
     const std::string f = absl::StrCat("tools[", i, "]");
     if (!tools[i].is_object()) return Bad(f, "must be an object");
-    Fields tf(tools[i]);
+    Fields tf(tools[i], f + ".");
     std::string type = "function";
     RETURN_IF_ERROR(tf.String("type", &type));
     if (type != "function") return Bad(f + ".type", "only \"function\" tools are served");
     const json* fn = tf.Get("function");
     if (fn == nullptr || !fn->is_object()) return Bad(f + ".function", "must be an object");
-    Fields ff(*fn);
+    Fields ff(*fn, f + ".function.");
     std::string name, description;
     RETURN_IF_ERROR(ff.String("name", &name));
     if (name.empty()) return Bad(f + ".function.name", "is required");
+    // What the model writes back as the call's name, on one line of DeepSeek's markup.
+    const bool plain = std::none_of(name.begin(), name.end(), [](char ch) {
+      return static_cast<unsigned char>(ch) <= ' ' || ch == '<' || ch == '`' || ch == 0x7f;
+    });
+    if (name.size() > kMaxToolName || !plain) {
+      return Bad(f + ".function.name",
+                 absl::StrCat("must be 1-", kMaxToolName, " bytes without blanks, '<' or '`'"));
+    }
     names->push_back(name);
     RETURN_IF_ERROR(ff.String("description", &description));
     const json* params = ff.Get("parameters");
@@ -247,16 +258,18 @@ absl::Status ParseToolChoice(const Fields& f, const std::vector<std::string>& na
   if (!choice->is_object()) {
     return Bad("tool_choice", "must be \"auto\", \"none\", \"required\" or a named function");
   }
-  Fields cf(*choice);
+  Fields cf(*choice, "tool_choice.");
   std::string type;
   RETURN_IF_ERROR(cf.String("type", &type));
   if (type != "function") return Bad("tool_choice.type", "must be \"function\"");
   const json* fn = cf.Get("function");
   if (fn == nullptr || !fn->is_object()) return Bad("tool_choice.function", "must be an object");
   std::string name;
-  RETURN_IF_ERROR(Fields(*fn).String("name", &name));
+  RETURN_IF_ERROR(Fields(*fn, "tool_choice.function.").String("name", &name));
   if (std::find(names.begin(), names.end(), name) == names.end()) {
-    return Bad("tool_choice.function.name", absl::StrCat("\"", name, "\" is not one of tools"));
+    const std::string shown =
+        name.size() > kMaxToolName ? name.substr(0, kMaxToolName) + "..." : name;
+    return Bad("tool_choice.function.name", absl::StrCat("\"", shown, "\" is not one of tools"));
   }
   r->tool_choice = "function";
   r->tool_choice_name = name;
@@ -275,7 +288,7 @@ absl::Status ParseMessages(const Fields& f, Request* r) {
     const std::string field = absl::StrCat("messages[", i, "]");
     const json& m = (*ms)[i];
     if (!m.is_object()) return Bad(field, "must be an object");
-    Fields mf(m);
+    Fields mf(m, field + ".");
     v1::ChatMessage* out = r->chat.add_messages();
     RETURN_IF_ERROR(mf.String("role", out->mutable_role()));
     if (out->role().empty()) return Bad(field + ".role", "is required");
@@ -452,14 +465,15 @@ absl::Status ParseLogprobs(const Fields& f, Request* r) {
   r->logprobs = k >= 0;
   r->sampling.set_logprobs(r->logprobs);
   r->sampling.set_top_logprobs(k > 0 ? k : 0);
+  // echo: the prompt comes back before the answer, with its tokens' logprobs when asked for
+  // (how lm-evaluation-harness scores a continuation).
+  RETURN_IF_ERROR(f.Bool("echo", &r->echo));
+  r->sampling.set_prompt_logprobs(r->echo && r->logprobs);
   return absl::OkStatus();
 }
 
 // Fields of the API this server does not serve: an error rather than a silent difference.
 absl::Status Unserved(const Fields& f) {
-  bool echo = false;
-  RETURN_IF_ERROR(f.Bool("echo", &echo));
-  if (echo) return Bad("echo", "is not supported");
   int64_t best_of = 1;
   RETURN_IF_ERROR(f.Int("best_of", 1, kMaxChoices, &best_of));
   if (best_of != 1) return Bad("best_of", "is not supported");
@@ -526,7 +540,10 @@ absl::Status EnableToolCalls(const std::string& parser, Request* r) {
   // "required" and a named function: the answer starts inside a call (of that function), so a
   // call is what comes; its arguments are the model's, not checked against the schema.
   if (r->tool_choice == "required") r->tool_prefill = ToolCallParser::Opening("");
-  if (r->tool_choice == "function") r->tool_prefill = ToolCallParser::Opening(r->tool_choice_name);
+  if (r->tool_choice == "function") {
+    r->tool_prefill = ToolCallParser::Opening(r->tool_choice_name);
+    r->parallel_tool_calls = false;  // the one call asked for
+  }
   return absl::OkStatus();
 }
 
@@ -649,15 +666,67 @@ json ResponseWriter::LogprobsOf(Choice* c, const v1::GenerateResponse& r) const 
           {"text_offset", std::move(offsets)}};
 }
 
-void ResponseWriter::AppendLogprobs(Choice* c, const json& lp) const {
+namespace {
+
+// Appends logprobs object `lp`'s lists to those of `into` (null: becomes lp).
+void AppendEntries(json* into, const json& lp) {
   if (lp.is_null()) return;
-  if (c->logprobs.is_null()) {
-    c->logprobs = lp;
+  if (into->is_null()) {
+    *into = lp;
     return;
   }
   for (auto& [key, value] : lp.items()) {
-    for (const auto& e : value) c->logprobs[key].push_back(e);
+    for (const auto& e : value) (*into)[key].push_back(e);
   }
+}
+
+}  // namespace
+
+void ResponseWriter::AppendLogprobs(Choice* c, const json& lp) const {
+  AppendEntries(&c->logprobs, lp);
+}
+
+std::string ResponseWriter::Echo(int index, Choice* c, const v1::GenerateResponse& r,
+                                 json* lp) const {
+  c->echoed = true;
+  const size_t p = static_cast<size_t>(index / request_.n);
+  std::string text;
+  if (p < request_.prompts.size()) {
+    const Prompt& q = request_.prompts[p];
+    if (q.index() == 0) {
+      text = std::get<0>(q);
+    } else if (tokenizer_ != nullptr) {
+      text = tokenizer_->Decode(std::get<1>(q));
+    }
+  }
+  if (!request_.logprobs || p >= request_.prompt_token_ids.size()) return text;
+  // Position i's score is the node's (i - 1)th; the first token has none (null, as vLLM's).
+  const std::vector<int32_t>& ids = request_.prompt_token_ids[p];
+  json tokens = json::array(), token_lps = json::array(), tops = json::array(),
+       offsets = json::array();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const std::string tok = TokenText(ids[i], "");
+    tokens.push_back(tok);
+    offsets.push_back(c->text_offset);
+    c->text_offset += static_cast<int64_t>(tok.size());
+    const int k = static_cast<int>(i) - 1;
+    token_lps.push_back(k >= 0 && k < r.prompt_logprobs_size() ? json(r.prompt_logprobs(k))
+                                                               : json(nullptr));
+    if (request_.sampling.top_logprobs() <= 0 || k < 0 || k >= r.prompt_top_logprobs_size()) {
+      tops.push_back(nullptr);
+      continue;
+    }
+    json top = json::object();
+    for (const v1::TokenLogprob& t : r.prompt_top_logprobs(k).top()) {
+      top[TokenText(t.token_id(), t.token())] = t.logprob();
+    }
+    tops.push_back(std::move(top));
+  }
+  *lp = {{"tokens", std::move(tokens)},
+         {"token_logprobs", std::move(token_lps)},
+         {"top_logprobs", std::move(tops)},
+         {"text_offset", std::move(offsets)}};
+  return text;
 }
 
 void ResponseWriter::AddUsage(int index, const v1::Usage& u) {
@@ -758,11 +827,26 @@ ResponseWriter::Parts ResponseWriter::Split(Choice* c, const v1::GenerateRespons
     }
   }
   parts.content = std::move(t.content);
+  if (!request_.tool_prefill.empty() && !c->prefill_stripped && !parts.content.empty()) {
+    // The format broke inside the prefilled call: the text from there is content, but not the
+    // opening the model never wrote.
+    c->prefill_stripped = true;
+    if (parts.content.compare(0, request_.tool_prefill.size(), request_.tool_prefill) == 0) {
+      parts.content.erase(0, request_.tool_prefill.size());
+    }
+  }
   for (ToolCallParser::CallDelta& d : t.calls) {
     // parallel_tool_calls false: the first call only (the model may write several).
     if (request_.parallel_tool_calls || d.index == 0) parts.calls.push_back(std::move(d));
   }
   return parts;
+}
+
+bool ResponseWriter::CallsWhole(const Choice& c) const {
+  // A named function is answered "stop", as OpenAI's and vLLM's (the call was asked for).
+  if (request_.tool_choice == "function") return false;
+  const int completed = c.tool_parser.completed();
+  return completed > 0 && (completed == c.tool_parser.calls() || !request_.parallel_tool_calls);
 }
 
 std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
@@ -772,9 +856,13 @@ std::string ResponseWriter::Chunk(int index, const v1::GenerateResponse& r) {
   // An answer that called tools and then stopped: "tool_calls", as OpenAI's (not when a stop
   // string cut a call short: its arguments are not whole).
   std::string finish = r.finish_reason();
-  json lp = r.token_ids_size() > 0 ? LogprobsOf(&c, r) : json(nullptr);
+  json lp = nullptr;
+  std::string echo;
+  if (request_.echo && !c.echoed) echo = Echo(index, &c, r, &lp);
+  if (r.token_ids_size() > 0) AppendEntries(&lp, LogprobsOf(&c, r));
   Parts parts = Split(&c, r, !finish.empty() || r.has_usage());
-  if (finish == "stop" && c.tool_parser.completed() > 0) finish = "tool_calls";
+  parts.content = echo + parts.content;
+  if (finish == "stop" && CallsWhole(c)) finish = "tool_calls";
   if (!request_.stream) {
     c.reasoning += parts.reasoning;
     c.text += parts.content;

@@ -27,6 +27,7 @@ inline constexpr int kMaxMessages = 2048;
 inline constexpr int kMaxChoices = 64;  // n x prompts
 inline constexpr int kMaxStops = 16;
 inline constexpr int kMaxStopTokenIds = 64;
+inline constexpr size_t kMaxToolName = 64;  // bytes, as OpenAI's
 // A body nesting arrays/objects deeper than this is refused before anything copies or prints it
 // (both recurse per level; a million levels overflowed the stack).
 inline constexpr int kMaxBodyNesting = 128;
@@ -65,6 +66,10 @@ struct Request {
   v1::SamplingParams sampling;      // max_tokens 0 when not given
   bool logprobs = false;            // chat: logprobs; completions: logprobs given
   bool skip_special_tokens = true;  // vLLM's: special tokens add no text
+  // Completions: the prompt comes back before the answer (with its logprobs when asked for).
+  bool echo = false;
+  // Completions: each prompt's token ids (set once tokenized; echo's logprobs name them).
+  std::vector<std::vector<int32_t>> prompt_token_ids;
   std::string user;
   // Chat with --reasoning-parser deepseek-r1: the thinking goes to reasoning_content.
   bool split_reasoning = false;
@@ -113,17 +118,21 @@ class ResponseWriter {
  private:
   struct Choice {
     std::string text;
-    std::string reasoning;       // split_reasoning: the thinking (not streaming)
-    ReasoningSplitter splitter;  // split_reasoning
-    ToolCallParser tool_parser;  // parse_tool_calls
-    bool prefill_read = false;   // tool_prefill given to tool_parser
+    std::string reasoning;          // split_reasoning: the thinking (not streaming)
+    ReasoningSplitter splitter;     // split_reasoning
+    ToolCallParser tool_parser;     // parse_tool_calls
+    bool prefill_read = false;      // tool_prefill given to tool_parser
+    bool prefill_stripped = false;  // content came: a broken call's prefill taken off it
     nlohmann::json tool_calls = nlohmann::json::array();  // not streaming: the calls so far
     std::string finish_reason;
     nlohmann::json logprobs;  // null, or the endpoint's logprobs object
     bool role_sent = false;
+    bool echoed = false;      // echo: the prompt went out
     int64_t text_offset = 0;  // completions' text_offset
   };
   nlohmann::json LogprobsOf(Choice* c, const v1::GenerateResponse& r) const;
+  // echo: the prompt's text and (logprobs) its tokens' entries, the first null, once per choice.
+  std::string Echo(int index, Choice* c, const v1::GenerateResponse& r, nlohmann::json* lp) const;
   void AppendLogprobs(Choice* c, const nlohmann::json& lp) const;
   // One response's text, split as the request asks.
   struct Parts {
@@ -133,6 +142,8 @@ class ResponseWriter {
   Parts Split(Choice* c, const v1::GenerateResponse& r, bool last);
   nlohmann::json ToolCallsJson(int index, const std::vector<ToolCallParser::CallDelta>& calls);
   std::string CallId(int index, int call) const;
+  // The answer's calls are whole: finish_reason "tool_calls" rather than "stop".
+  bool CallsWhole(const Choice& c) const;
   nlohmann::json ChunkJson(int index, const Parts& parts, const nlohmann::json& lp,
                            const std::string& finish);
   nlohmann::json UsageJson() const;

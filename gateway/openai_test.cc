@@ -67,6 +67,14 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
               R"({"type":"function","function":{"name":"g","parameters":"x"}}]})",
        "tools[1].function.parameters"},
       {msgs + R"(,"tools":)" + tool + R"(,"parallel_tool_calls":"no"})", "parallel_tool_calls"},
+      {msgs + R"(,"tools":[{"type":"function","function":{"name":"get weather"}}]})",
+       "tools[0].function.name"},
+      {msgs + R"(,"tools":[{"type":"function","function":{"name":")" + std::string(65, 'x') +
+           R"("}}]})",
+       "tools[0].function.name"},
+      {msgs + R"(,"tools":[{"type":"function","function":{"name":7}}]})", "tools[0].function.name"},
+      {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":{"type":7}})", "tool_choice.type"},
+      {R"({"messages":[{"role":"user","content":"hi","name":5}]})", "messages[0].name"},
       {msgs + R"(,"response_format":{"type":"json_object"}})", "response_format"},
       {msgs + R"(,"response_format":{"type":"json_schema","json_schema":{"name":"x"}}})",
        "response_format"},
@@ -366,6 +374,12 @@ TEST(ResponseWriter, ParsesDeepSeekV3ToolCalls) {
   const auto cut_choice = nlohmann::json::parse(cut.Body())["choices"][0];
   EXPECT_EQ(cut_choice["finish_reason"], "stop");
   EXPECT_EQ(cut_choice["message"]["tool_calls"][0]["function"]["arguments"], "{\"city\": \"");
+  ResponseWriter cut2(*r, "chatcmpl-4", 0, "dmoe", nullptr, 1);
+  cut_short.set_text_delta("<｜tool▁calls▁begin｜>" + call1 + "\n" +
+                           call2.substr(0, call2.find("\"x")));
+  cut2.Chunk(0, cut_short);
+  EXPECT_EQ(nlohmann::json::parse(cut2.Body())["choices"][0]["finish_reason"], "stop")
+      << "the second call was cut";
   auto none = ParseRequest(Endpoint::kChat, body + R"(,"tool_choice":"none"})");
   ASSERT_TRUE(none.ok());
   ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*none).ok());
@@ -397,7 +411,78 @@ TEST(ResponseWriter, ANamedToolChoiceReadsTheAnswerAsTheCallsArguments) {
   EXPECT_EQ(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather");
   EXPECT_EQ(choice["message"]["tool_calls"][0]["function"]["arguments"], "{\"city\": \"Oslo\"}");
   EXPECT_TRUE(choice["message"]["content"].is_null());
-  EXPECT_EQ(choice["finish_reason"], "tool_calls");
+  EXPECT_EQ(choice["finish_reason"], "stop") << "a named function's call: stop, as OpenAI's";
+  // tool_choice "required", and the model broke the format right after the opening (no name
+  // line): its text is content, without the opening it never wrote.
+  auto required = ParseRequest(
+      Endpoint::kChat,
+      R"({"messages":[{"role":"user","content":"q"}],"tools":[{"type":"function","function":)"
+      R"({"name":"get_weather"}}],"tool_choice":"required"})");
+  ASSERT_TRUE(required.ok()) << required.status();
+  ASSERT_TRUE(EnableToolCalls("deepseek_v3", &*required).ok());
+  ResponseWriter broken(*required, "chatcmpl-8", 0, "dmoe", nullptr, 1);
+  v1::GenerateResponse b;
+  b.set_text_delta("Sorry, no.");
+  b.set_finish_reason("stop");
+  broken.Chunk(0, b);
+  const auto bc = nlohmann::json::parse(broken.Body())["choices"][0];
+  EXPECT_EQ(bc["message"]["content"], "Sorry, no.") << bc.dump();
+  EXPECT_FALSE(bc["message"].contains("tool_calls")) << bc.dump();
+}
+
+// Completions with echo: the prompt's text comes first, and with logprobs its tokens' entries
+// (the first null, then the node's prompt scores; top_logprobs keyed by token), before the
+// answer's, with text_offset running on through both; streamed and whole the same.
+TEST(ResponseWriter, EchoReturnsThePromptAndItsLogprobsFirst) {
+  for (const bool stream : {false, true}) {
+    auto r = ParseRequest(Endpoint::kCompletions,
+                          R"({"prompt": [7, 8, 9], "echo": true, "logprobs": 1, "max_tokens": 1})");
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->sampling.prompt_logprobs());
+    r->stream = stream;
+    r->prompt_token_ids = {{7, 8, 9}};
+    ResponseWriter w(*r, "cmpl-1", 0, "dmoe", nullptr, 1);
+    v1::GenerateResponse d;
+    d.add_token_ids(10);
+    d.add_logprobs(-0.5f);
+    d.add_top_logprobs()->add_top()->set_token_id(10);
+    d.mutable_top_logprobs(0)->mutable_top(0)->set_logprob(-0.5f);
+    d.set_text_delta("ten");
+    for (int id : {8, 9}) {
+      d.add_prompt_token_ids(id);
+      d.add_prompt_logprobs(-1.0f * id);
+      v1::TokenLogprob* t = d.add_prompt_top_logprobs()->add_top();
+      t->set_token_id(id + 100);
+      t->set_logprob(-0.25f);
+    }
+    d.set_finish_reason("length");
+    const std::string event = w.Chunk(0, d);
+    const auto choice = stream ? nlohmann::json::parse(event.substr(6))["choices"][0]
+                               : nlohmann::json::parse(w.Body())["choices"][0];
+    // Without a tokenizer a token reads "token_id:N" (its bytes unknown): 10 bytes each.
+    EXPECT_EQ(choice["text"], "ten") << "no tokenizer: the id prompt's text is unknown";
+    const auto& lp = choice["logprobs"];
+    EXPECT_EQ(lp["tokens"],
+              nlohmann::json({"token_id:7", "token_id:8", "token_id:9", "token_id:10"}));
+    EXPECT_EQ(lp["token_logprobs"], nlohmann::json({nullptr, -8.0, -9.0, -0.5}));
+    EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+    EXPECT_EQ(lp["top_logprobs"][1], nlohmann::json({{"token_id:108", -0.25}}));
+    EXPECT_EQ(lp["text_offset"], nlohmann::json({0, 10, 20, 30}));
+  }
+  // A text prompt comes back as it was sent; echo without logprobs asks the node for no scores.
+  auto text = ParseRequest(Endpoint::kCompletions, R"({"prompt": "Hi there", "echo": true})");
+  ASSERT_TRUE(text.ok());
+  EXPECT_FALSE(text->sampling.prompt_logprobs());
+  ResponseWriter w(*text, "cmpl-2", 0, "dmoe", nullptr, 1);
+  v1::GenerateResponse d;
+  d.set_text_delta("!");
+  d.set_finish_reason("length");
+  w.Chunk(0, d);
+  EXPECT_EQ(nlohmann::json::parse(w.Body())["choices"][0]["text"], "Hi there!");
+  EXPECT_FALSE(
+      ParseRequest(Endpoint::kChat, R"({"messages":[{"role":"user","content":"q"}],"echo":true})")
+          .ok())
+      << "chat echo stays refused";
 }
 
 }  // namespace

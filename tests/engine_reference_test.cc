@@ -1,13 +1,17 @@
 // The engine against the independent float64 reference (tests/reference), on real checkpoints
 // written by the tiny-model generator.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
+#include "attention_service/scheduler.h"
 #include "gtest/gtest.h"
 #include "model/tiny_model.h"
 #include "tests/reference/reference_model.h"
@@ -311,6 +315,101 @@ TEST(Checkpoints, Bf16TwinGivesTheSameGreedyTokens) {
         preset.c_str(), std::sqrt(sum_sq_diff / n), 100 * std::sqrt(sum_sq_diff / sum_sq),
         std::sqrt(sum_sq / n), agree, positions, comfortable, kComfortableMargin);
   }
+}
+
+// Prompt logprobs (SamplingParams::prompt_logprobs, the OpenAI API's echo + logprobs): every
+// prompt token's logprob and top 3 alternatives against log-softmax of the float64 reference's
+// logits; the prompt is scored in several chunks and whole even when its prefix is cached (a
+// request without scores ran first); the scores are the same bits with other requests beside it
+// (rule 1), and the generated tokens are those of a request without scores.
+TEST(PromptLogprobs, MatchTheFloat64ReferenceInEveryChunkAndBatch) {
+  const std::string dir = MakeModel("tiny", 5, DType::kF32, 1);
+  std::unique_ptr<LocalModel> model = Load(dir);
+  const int vocab = static_cast<int>(model->config().vocab_size);
+  const std::vector<int32_t> prompt = Prompt(150, 3, vocab);
+  reference::ReferenceModel ref(dir);
+  const std::vector<double> logits = ref.Forward(std::vector<int>(prompt.begin(), prompt.end()));
+
+  struct Run {
+    std::vector<SampledToken> scores;
+    std::vector<int32_t> tokens;
+  };
+  // Runs `prompt` (scored or not) after `warm` (not scored), with `others` requests beside it.
+  auto run = [&](bool scored, bool warm, int others) {
+    LatentKvCache cache(model->config(), 16, 256);
+    SchedulerOptions o;
+    o.prefill_chunk = 128;
+    Scheduler s(&model->engine(), &cache, o);
+    SamplingParams p;
+    p.max_tokens = 6;
+    p.ignore_eos = true;
+    p.top_logprobs = 3;
+    Run out;
+    auto drain = [&] {
+      for (int i = 0; i < 2000; ++i) {
+        auto more = s.Step();
+        EXPECT_TRUE(more.ok()) << more.status();
+        if (!more.ok() || !*more) break;
+      }
+    };
+    if (warm) {
+      EXPECT_TRUE(s.Submit(prompt, p, RequestCallbacks()).ok());
+      drain();
+    }
+    for (int k = 0; k < others; ++k) {
+      EXPECT_TRUE(s.Submit(Prompt(40 + 13 * k, 9 + k, vocab), p, RequestCallbacks()).ok());
+    }
+    RequestCallbacks cb;
+    cb.on_prompt_token = [&](const SampledToken& t) {
+      EXPECT_TRUE(out.tokens.empty()) << "a prompt score after a generated token";
+      out.scores.push_back(t);
+    };
+    cb.on_token = [&](const SampledToken& t) { out.tokens.push_back(t.token); };
+    int64_t hit = -1;
+    cb.on_admit = [&](int64_t h) { hit = h; };
+    SamplingParams q = p;
+    q.prompt_logprobs = scored;
+    EXPECT_TRUE(s.Submit(prompt, q, cb).ok());
+    drain();
+    if (scored) {
+      EXPECT_EQ(hit, 0) << "a scored prompt took its prefix from the cache";
+    }
+    return out;
+  };
+  const Run alone = run(true, true, 0);
+  ASSERT_EQ(alone.scores.size(), prompt.size() - 1);
+  double worst = 0;
+  for (size_t i = 1; i < prompt.size(); ++i) {
+    const double* row = logits.data() + (i - 1) * static_cast<size_t>(vocab);
+    const double mx = *std::max_element(row, row + vocab);
+    double z = 0;
+    for (int t = 0; t < vocab; ++t) z += std::exp(row[t] - mx);
+    const double lz = mx + std::log(z);
+    const SampledToken& got = alone.scores[i - 1];
+    ASSERT_EQ(got.token, prompt[i]) << "position " << i;
+    worst = std::max(worst, std::fabs(got.logprob - (row[prompt[i]] - lz)));
+    std::vector<int> order(static_cast<size_t>(vocab));
+    for (int t = 0; t < vocab; ++t) order[static_cast<size_t>(t)] = t;
+    std::partial_sort(order.begin(), order.begin() + 3, order.end(),
+                      [&](int a, int b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+    ASSERT_EQ(got.top.size(), 3u) << "position " << i;
+    for (size_t k = 0; k < 3; ++k) {
+      EXPECT_EQ(got.top[k].first, order[k]) << "position " << i << " top " << k;
+      worst = std::max(worst, std::fabs(got.top[k].second - (row[order[k]] - lz)));
+    }
+  }
+  std::printf("prompt logprobs: %zu positions, max |ours - float64| %.2e\n", alone.scores.size(),
+              worst);
+  EXPECT_LT(worst, 1e-3);
+  const Run beside = run(true, false, 5);
+  ASSERT_EQ(beside.scores.size(), alone.scores.size());
+  for (size_t i = 0; i < alone.scores.size(); ++i) {
+    EXPECT_EQ(std::memcmp(&beside.scores[i].logprob, &alone.scores[i].logprob, sizeof(float)), 0)
+        << "position " << i + 1 << " differs with other requests beside it";
+    EXPECT_EQ(beside.scores[i].top, alone.scores[i].top) << "position " << i + 1;
+  }
+  EXPECT_EQ(alone.tokens, beside.tokens);
+  EXPECT_EQ(alone.tokens, run(false, false, 0).tokens) << "scoring changed the answer";
 }
 
 }  // namespace

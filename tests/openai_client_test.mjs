@@ -1,6 +1,7 @@
 // The OpenAI-compatible HTTP API through the official `openai` npm client (v4): streamed and
 // non-streamed answers agree, seeded sampling repeats, logprobs and stop strings have the API's
-// shape, tool calls are read by the SDK whole and streamed, errors arrive as the SDK's APIError with the right status/param/code, a key's limit of
+// shape, echo scores the prompt (lm-evaluation-harness's way), tool calls are read by the SDK
+// whole and streamed, errors arrive as the SDK's APIError with the right status/param/code, a key's limit of
 // requests in flight answers 429, and a client that disconnects frees its sequence on the node.
 //
 // usage: node openai_client_test.mjs --npm-dir DIR --base-url http://H:P/v1 --metrics-url URL
@@ -256,6 +257,36 @@ await check("tool_calls", async () => {
   const auto = await api.chat.completions.create({ ...req, tool_choice: "auto" });
   assert.ok(auto.choices[0].message.content !== undefined, JSON.stringify(auto.choices[0]));
   console.log(`  arguments ${JSON.stringify(call.function.arguments)}, ${whole.choices[0].finish_reason}`);
+});
+
+// Scoring a text as lm-evaluation-harness's local-completions does: echo + logprobs (+ max_tokens
+// 1) gives every prompt token's logprob (the first null) and its top alternatives, then the
+// answer's; each position's own logprob is at most its best alternative's (and equal to it where
+// listed); the greedy answer token is its position's best; the text is the prompt's and then the
+// answer's.
+await check("echo_prompt_logprobs", async () => {
+  const prompt = [1000, 2000, 3000, 4000, 5000, 6000, 7000];
+  const req = { model: MODEL, prompt, logprobs: 5, max_tokens: 1, temperature: 0 };
+  const r = await api.completions.create({ ...req, echo: true });
+  const plain = await api.completions.create(req);
+  const c = r.choices[0], lp = c.logprobs;
+  assert.equal(lp.tokens.length, prompt.length + 1, JSON.stringify(lp.tokens));
+  assert.equal(lp.token_logprobs[0], null);
+  assert.equal(lp.top_logprobs[0], null);
+  for (let i = 1; i <= prompt.length; i++) {
+    const top = Object.values(lp.top_logprobs[i]);
+    assert.ok(top.length >= 1 && top.length <= 5, `position ${i}: ${top.length} alternatives`);
+    const best = Math.max(...top);
+    assert.ok(best <= 0 && lp.token_logprobs[i] <= best + 1e-5, `position ${i}`);
+    const own = lp.top_logprobs[i][lp.tokens[i]];
+    if (own !== undefined) assert.ok(Math.abs(own - lp.token_logprobs[i]) < 1e-5, `position ${i}`);
+    if (i === prompt.length) assert.ok(Math.abs(best - lp.token_logprobs[i]) < 1e-5, "greedy");
+  }
+  for (let i = 1; i < lp.text_offset.length; i++) assert.ok(lp.text_offset[i] >= lp.text_offset[i - 1]);
+  assert.ok(c.text.endsWith(plain.choices[0].text), `${JSON.stringify(c.text)} vs ${JSON.stringify(plain.choices[0].text)}`);
+  assert.equal(plain.choices[0].logprobs.tokens.length, 1, "without echo only the answer");
+  assert.equal(r.usage.completion_tokens, 1);
+  console.log(`  ${prompt.length} prompt tokens scored, sum ${lp.token_logprobs.slice(1, -1).reduce((a, b) => a + b, 0).toFixed(3)}`);
 });
 
 await check("error_wrong_type", async () => {
