@@ -65,7 +65,13 @@ AttentionMetrics::AttentionMetrics(Metrics* m, const ModelConfig& c) : m_(m), co
   stalled_steps_ = &m->Counter("dmoe_attention_stalled_steps_total",
                                "Steps retried because an expert had no reachable replica");
   longest_stall_ = &m->Gauge("dmoe_attention_longest_stall_seconds",
-                             "Longest time a sequence waited for unreachable experts");
+                             "Longest time a sequence waited for unreachable experts since the "
+                             "process started (never goes down; alert on the current one)");
+  stalled_ = &m->Gauge("dmoe_attention_stalled_sequences",
+                       "Sequences waiting now for unreachable experts");
+  current_stall_ = &m->Gauge("dmoe_attention_current_stall_seconds",
+                             "Longest wait so far of the sequences waiting now for unreachable "
+                             "experts (0: none)");
   rerouted_ =
       &m->Counter("dmoe_transport_rerouted_pairs_total",
                   "(token, expert) pairs sent again to another replica after a shard failed");
@@ -152,6 +158,8 @@ void AttentionMetrics::Refresh(const Scheduler* s, const StepEngine* e) {
                                     static_cast<double>(stats.speculative_steps));
   }
   longest_stall_->Set(stats.longest_stall_seconds);
+  stalled_->Set(static_cast<double>(load.stalled));
+  current_stall_->Set(load.current_stall_seconds);
   if (set_ != nullptr) {
     if (placement_version_ == nullptr) {
       placement_version_ =

@@ -49,7 +49,7 @@ class AttentionMetrics {
   Metrics* m_;
   ExpertShardSet* set_ = nullptr;
   prometheus::Gauge *placement_version_ = nullptr, *heartbeat_age_ = nullptr,
-                    *longest_stall_ = nullptr;
+                    *longest_stall_ = nullptr, *stalled_ = nullptr, *current_stall_ = nullptr;
   prometheus::Counter *stalled_steps_ = nullptr, *rerouted_ = nullptr;
   // Hedged dispatch (registered with the first Refresh that has shards).
   prometheus::Counter *hedged_ = nullptr, *late_dropped_ = nullptr, *revivals_ = nullptr;

@@ -426,6 +426,20 @@ void Scheduler::Stall(const std::vector<Seq*>& members, const absl::Status& st) 
   ++stats_.stalled_steps;
   stats_.longest_stall_seconds = std::max(stats_.longest_stall_seconds, longest);
   load_.running = static_cast<int64_t>(running_.size());
+  PublishStalls();
+}
+
+void Scheduler::PublishStalls() {
+  const auto now = options_.clock->Now();
+  int64_t stalled = 0;
+  double longest = 0;
+  for (const auto& s : running_) {
+    if (s == nullptr || s->stalled_since == std::chrono::steady_clock::time_point{}) continue;
+    ++stalled;
+    longest = std::max(longest, std::chrono::duration<double>(now - s->stalled_since).count());
+  }
+  load_.stalled = stalled;
+  load_.current_stall_seconds = longest;
 }
 
 void Scheduler::FailAll(const std::vector<Seq*>& members, const absl::Status& st) {
@@ -692,6 +706,7 @@ void Scheduler::PublishLoad(const Committed* c) {
   load_.running = static_cast<int64_t>(running_.size());
   load_.waiting = static_cast<int64_t>(waiting_.size() + incoming_.size());
   load_.free_blocks = cache_->free_blocks();
+  PublishStalls();
   if (c == nullptr) return;  // idle: the queued count is as it was
   int64_t queued = 0;
   for (const auto& s : waiting_) queued += s->pending();

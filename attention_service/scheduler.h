@@ -92,6 +92,10 @@ struct SchedulerLoad {
   int64_t waiting = 0;
   int64_t queued_prefill_tokens = 0;  // prompt tokens not yet in the cache
   bool draining = false;              // Drain() was called: nothing new is admitted
+  // Sequences waiting now for unreachable experts (SchedulerOptions::expert_wait), and the
+  // longest of their waits so far (0 when none): what an alert on a stall in progress reads.
+  int64_t stalled = 0;
+  double current_stall_seconds = 0;
 };
 
 struct SchedulerStats {
@@ -102,7 +106,7 @@ struct SchedulerStats {
   uint64_t preemptions = 0;
   uint64_t finished = 0;
   uint64_t stalled_steps = 0;        // steps retried because experts were unreachable
-  double longest_stall_seconds = 0;  // longest time a sequence waited for experts
+  double longest_stall_seconds = 0;  // longest time a sequence waited for experts, ever
   // Speculative decoding: tokens drafted by the MTP layer, drafts the main model accepted, and
   // the sequence-steps that verified drafts (tokens per such step: 1 + accepted / steps).
   uint64_t drafted_tokens = 0;
@@ -188,6 +192,8 @@ class Scheduler {
   int ForcedVerdict();
   // Load and counters for GetLoad and metrics; `c` null for an idle step.
   void PublishLoad(const Committed* c) ABSL_LOCKS_EXCLUDED(mu_);
+  // load_'s stalled and current_stall_seconds from the running sequences (scheduler thread).
+  void PublishStalls() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Releases the sequence's KV and runs MarkDone.
   void Finish(Seq* s, FinishReason reason, const absl::Status& st);

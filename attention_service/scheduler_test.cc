@@ -459,6 +459,9 @@ TEST_F(SchedulerTest, ExpertStallsAreTimedByTheInjectedClock) {
   experts.down = true;
   for (int i = 0; i < 10; ++i) {
     EXPECT_EQ(s.Step().status().code(), absl::StatusCode::kUnavailable);
+    // The stall in progress, as the metrics read it: one sequence, waiting i * 99.9 ms so far.
+    EXPECT_EQ(s.load().stalled, 1);
+    EXPECT_NEAR(s.load().current_stall_seconds, i * 0.0999, 1e-6);
     clock.Advance(std::chrono::microseconds(99900));
   }
   EXPECT_FALSE(finished);
@@ -469,6 +472,8 @@ TEST_F(SchedulerTest, ExpertStallsAreTimedByTheInjectedClock) {
   EXPECT_EQ(reason, FinishReason::kLength);
   EXPECT_EQ(got, Alone(prompt, p));
   EXPECT_GE(s.stats().longest_stall_seconds, 0.999 - 1e-6);
+  EXPECT_EQ(s.load().stalled, 0) << "the stall ended";
+  EXPECT_EQ(s.load().current_stall_seconds, 0);
   // Down again, past expert_wait: the sequence ends UNAVAILABLE, by the clock alone.
   got.clear();
   finished = false;

@@ -57,6 +57,9 @@ scrape_all() {
       grep -q '^dmoe_attention_time_to_first_token_seconds_bucket' "$work/scrape"
       [ "$(metric "$url" dmoe_attention_placement_version)" -ge 1 ]
       grep -q '^dmoe_attention_heartbeat_age_seconds' "$work/scrape"
+      # No expert is down: nothing is stalled now.
+      [ "$(metric "$url" dmoe_attention_stalled_sequences)" -eq 0 ]
+      [ "$(metric "$url" dmoe_attention_current_stall_seconds)" -eq 0 ]
     else
       expert_tokens=$((expert_tokens + $(metric "$url" dmoe_expert_tokens_total)))
       batches=$((batches + $(metric "$url" dmoe_expert_batch_seconds_count)))
