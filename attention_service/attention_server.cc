@@ -53,6 +53,7 @@ SamplingParams FromProto(const internal::SamplingParams& p) {
   s.logit_bias.insert(p.logit_bias().begin(), p.logit_bias().end());
   s.max_tokens_up_to_cache = p.max_tokens_up_to_cache();
   s.prompt_logprobs = p.prompt_logprobs();
+  s.json_object = p.json_object();
   return s;
 }
 
@@ -93,9 +94,9 @@ class GenerateReactor : public QueuedWriter<internal::GenerateResponse> {
       Fill(t, r.add_tokens());
       Send(std::move(r));
     };
-    cb.on_prompt_token = [this](const SampledToken& t) {
+    cb.on_prompt_tokens = [this](const std::vector<SampledToken>& scores) {
       internal::GenerateResponse r;
-      Fill(t, r.add_prompt_tokens());
+      for (const SampledToken& t : scores) Fill(t, r.add_prompt_tokens());
       Send(std::move(r));
     };
     // FinishWith is the last touch of *this, made without holding mu_: once the stream is

@@ -19,6 +19,7 @@
 #include "attention_service/attention_server.h"
 #include "attention_service/cuda_engine.h"
 #include "attention_service/device_model.h"
+#include "attention_service/json_constraint.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "attention_service/remote_flags.h"
@@ -305,6 +306,15 @@ int Main(int argc, char** argv) {
   LocalModel* model = &(*dm)->model();
   auto so = MakeSchedulerOptions(*flags, *o, model, device->cuda);
   if (!so.ok()) return svc.Fail(so.status());
+  // JSON mode checks tokens against their text: the checkpoint's tokenizer, if it has one.
+  absl::StatusOr<std::vector<std::string>> token_texts =
+      TokenTextsFromDir(o->model, model->config().vocab_size);
+  if (token_texts.ok()) {
+    so->token_bytes = &*token_texts;
+  } else {
+    spdlog::warn("JSON mode (response_format json_object) is off: {}",
+                 token_texts.status().ToString());
+  }
   ExpertShardSet* shard_set = model->shard_set();
   const bool routed = shard_set != nullptr && shard_set->member() != nullptr;
   if (shard_set != nullptr) attention_metrics.SetShardSet(shard_set);

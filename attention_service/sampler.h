@@ -38,6 +38,9 @@ struct SamplingParams {
   // The logprob (and top_logprobs alternatives) of every prompt token from the second on, from
   // the model's logits (Sampler::Score); the prompt is then computed whole (no prefix cache).
   bool prompt_logprobs = false;
+  // JSON mode: every token keeps the answer a prefix of one JSON object, and the answer ends
+  // (finish "stop") where the object closes (json_constraint.h; needs the node's tokenizer).
+  bool json_object = false;
   // Applied to the model's logits in this order, before temperature and the truncations:
   //  1. logit_bias: bias[id] in [-100, 100] is added to logit[id] (-100 all but bans a token).
   //  2. repetition_penalty r > 0 (1: off): every id in the prompt or generated so far has

@@ -1,9 +1,11 @@
 #include "attention_service/scheduler.h"
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "attention_service/json_constraint.h"
 #include "common/mutex.h"
 #include "common/status_macros.h"
 
@@ -33,6 +35,7 @@ struct Scheduler::Seq {
         sampler(p, tokens),
         callbacks(std::move(cb)),
         kv(cache) {
+    if (p.json_object) json = std::make_unique<JsonState>();
     if (mtp_cache != nullptr) {
       mtp = std::make_unique<PagedKvSequence>(mtp_cache);
       // An MTP row at position i depends on tokens 0..i+1: its blocks are keyed by the tokens
@@ -60,6 +63,8 @@ struct Scheduler::Seq {
   // Prompt positions are still to be scored: its prefill steps need logits at every position,
   // and it takes nothing from the prefix cache.
   bool scoring() const { return params.prompt_logprobs && prompt_scored < prompt_len; }
+  // JSON mode: where the answer stands (null when off).
+  std::unique_ptr<JsonState> json;
   // Tokens not yet in the cache.
   int64_t pending() const { return static_cast<int64_t>(tokens.size()) - kv.length(); }
 
@@ -110,6 +115,11 @@ int64_t Scheduler::BlocksFor(int64_t tokens) const {
 absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt, SamplingParams params,
                                            RequestCallbacks callbacks) {
   if (auto st = ValidateRequest(prompt, params, config_); !st.ok()) return st;
+  if (params.json_object && options_.token_bytes == nullptr) {
+    return absl::FailedPreconditionError(
+        "response_format: json_object needs the attention node's tokenizer (tokenizer.json in "
+        "its checkpoint directory)");
+  }
   const int64_t prompt_len = static_cast<int64_t>(prompt.size());
   int64_t need = BlocksFor(prompt_len + params.max_tokens);
   if (need > cache_->total_blocks() && params.max_tokens_up_to_cache) {
@@ -315,6 +325,8 @@ void Scheduler::ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>
   int64_t budget = options_.step_token_budget;
   for (auto& s : running_) {
     if (s->pending() == 1 && !s->mtp_behind()) {
+      // JSON mode takes no drafts: each token's allowed set depends on the one before.
+      if (s->json != nullptr) s->draft.clear();
       // With drafts: the last token and the drafts, logits at every position to verify them.
       SequenceStep step{&s->kv, {s->tokens.back()}, !s->draft.empty()};
       step.tokens.insert(step.tokens.end(), s->draft.begin(), s->draft.end());
@@ -325,13 +337,16 @@ void Scheduler::ComposeBatch(std::vector<SequenceStep>* batch, std::vector<Seq*>
       members->push_back(s.get());
     }
   }
+  // Scored prompts' chunks have logits at every position: at most kScoredChunk such rows of
+  // vocabulary-sized logits per step, all sequences together.
+  int64_t scored_budget = kScoredChunk;
   for (auto& s : running_) {
     if (s->pending() <= 1 || budget <= 0 || s->mtp_behind()) continue;
-    // A scored prompt's chunks have logits at every position: at most kScoredChunk rows of
-    // vocabulary-sized logits per step.
     const int64_t chunk =
-        s->scoring() ? std::min(options_.prefill_chunk, kScoredChunk) : options_.prefill_chunk;
+        s->scoring() ? std::min(options_.prefill_chunk, scored_budget) : options_.prefill_chunk;
     const int64_t n = std::min({s->pending(), chunk, budget});
+    if (n <= 0) continue;  // this step's scored rows are taken
+    if (s->scoring()) scored_budget -= n;
     const int64_t from = s->kv.length();
     SequenceStep step{&s->kv,
                       std::vector<int32_t>(s->tokens.begin() + from, s->tokens.begin() + from + n),
@@ -476,14 +491,24 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
     for (int64_t j = 0; j <= k && !finished; ++j) {
       verified += j < k ? 1 : 0;
       bool ok = false;
-      SampledToken t = j < k ? s->sampler.Verify(row0 + j * v, v, s->draft[static_cast<size_t>(j)],
-                                                 &ok, ForcedVerdict())
-                             : s->sampler.Sample(row0 + j * v, v);
+      const float* row = row0 + j * v;
+      if (s->json != nullptr && (row = JsonMasked(s, row)) == nullptr) {
+        finished = true;  // no token can continue the object (not with this vocabulary)
+        reason = FinishReason::kStop;
+        break;
+      }
+      SampledToken t =
+          j < k ? s->sampler.Verify(row, v, s->draft[static_cast<size_t>(j)], &ok, ForcedVerdict())
+                : s->sampler.Sample(row, v);
       t.stop = IsStopToken(s->params, config_, t.token);
       s->tokens.push_back(t.token);
       ++c->generated;
       if (s->callbacks.on_token) s->callbacks.on_token(t);
-      if (t.stop) {
+      // JSON mode: the answer ends where the object closes.
+      const bool closed = s->json != nullptr &&
+                          s->json->Feed((*options_.token_bytes)[static_cast<size_t>(t.token)]) &&
+                          s->json->complete();
+      if (t.stop || closed) {
         finished = true;
         reason = FinishReason::kStop;
       } else if (s->generated() >= s->params.max_tokens ||
@@ -521,17 +546,33 @@ bool Scheduler::CommitSequence(const SequenceStep& step, Seq* s, const std::vect
   return false;
 }
 
+const float* Scheduler::JsonMasked(Seq* s, const float* row) {
+  const int64_t v = config_.vocab_size;
+  std::vector<int32_t> stops = s->params.stop_token_ids;
+  for (int64_t id : config_.eos_token_ids) stops.push_back(static_cast<int32_t>(id));
+  JsonMask(*s->json, *options_.token_bytes, stops, &json_allowed_);
+  json_logits_.assign(row, row + v);
+  bool any = false;
+  for (int64_t i = 0; i < v; ++i) {
+    const bool ok = static_cast<size_t>(i) < json_allowed_.size() && json_allowed_[i] != 0;
+    any |= ok;
+    if (!ok) json_logits_[static_cast<size_t>(i)] = -std::numeric_limits<float>::infinity();
+  }
+  return any ? json_logits_.data() : nullptr;
+}
+
 void Scheduler::ScorePrompt(Seq* s, int64_t first, int64_t rows, const std::vector<float>& logits) {
   // Row j (position first + j) holds the distribution of the token at first + j + 1.
   const int64_t v = config_.vocab_size;
+  std::vector<SampledToken> scores;
   for (int64_t j = 0; j < rows; ++j) {
     const int64_t pos = first + j + 1;
     if (pos < s->prompt_scored || pos >= s->prompt_len) continue;
-    const SampledToken t =
-        s->sampler.Score(logits.data() + j * v, v, s->tokens[static_cast<size_t>(pos)]);
-    if (s->callbacks.on_prompt_token) s->callbacks.on_prompt_token(t);
+    scores.push_back(
+        s->sampler.Score(logits.data() + j * v, v, s->tokens[static_cast<size_t>(pos)]));
     s->prompt_scored = pos + 1;
   }
+  if (!scores.empty() && s->callbacks.on_prompt_tokens) s->callbacks.on_prompt_tokens(scores);
 }
 
 void Scheduler::KeepHiddenForMtp(Seq* s, int64_t rows) {

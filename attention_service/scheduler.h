@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,9 +34,9 @@ const char* FinishReasonName(FinishReason r);
 struct RequestCallbacks {
   // Each generated token, in order (on the scheduler's thread).
   std::function<void(const SampledToken&)> on_token;
-  // SamplingParams::prompt_logprobs: each prompt token from the second on, scored (Sampler::
-  // Score), in order, all before the first on_token (on the scheduler's thread).
-  std::function<void(const SampledToken&)> on_prompt_token;
+  // SamplingParams::prompt_logprobs: the prompt tokens from the second on, scored (Sampler::
+  // Score), in order, a step's at a time, all before the first on_token (scheduler's thread).
+  std::function<void(const std::vector<SampledToken>&)> on_prompt_tokens;
   // Once, when the request is first admitted to the running batch (on the scheduler's thread):
   // how many of its prompt tokens were found in the prefix cache.
   std::function<void(int64_t prefix_hit_tokens)> on_admit;
@@ -76,6 +77,9 @@ struct SchedulerOptions {
   // tokens so far — the first draft is for position tokens.size() — and the drafts); greedy
   // output must not change whatever it does, nor sampling's distribution.
   std::function<void(uint64_t, const std::vector<int32_t>&, std::vector<int32_t>*)> draft_hook;
+  // Each token's text ("" for special tokens; null: no tokenizer): what JSON mode
+  // (SamplingParams::json_object) checks tokens against. Not owned.
+  const std::vector<std::string>* token_bytes = nullptr;
 };
 
 // Blocks for SchedulerOptions::mtp_cache given the main cache's: MTP blocks are shared by
@@ -183,11 +187,14 @@ class Scheduler {
   // prompt_logprobs: scores the prompt tokens that the step's `rows` rows (from position
   // `first`, logits at every one) predict and that were not scored yet.
   void ScorePrompt(Seq* s, int64_t first, int64_t rows, const std::vector<float>& logits);
-  static constexpr int64_t kScoredChunk = 64;
+  static constexpr int64_t kScoredChunk = 64;  // scored rows per step, all sequences together
   // Appends the first `rows` hidden states of the step to what the MTP layer will read.
   void KeepHiddenForMtp(Seq* s, int64_t rows);
   absl::Status DraftMore(const std::vector<Seq*>& members, int64_t round);
   void AfterStepError(const std::vector<Seq*>& members, const absl::Status& st);
+  // JSON mode: `row` with the tokens that cannot come next at -infinity (in json_logits_); null
+  // when no token can (the answer then ends).
+  const float* JsonMasked(Seq* s, const float* row);
   // Benchmarks' forced verdict (+1 accept, -1 reject), 0 for the rule.
   int ForcedVerdict();
   // Load and counters for GetLoad and metrics; `c` null for an idle step.
@@ -225,7 +232,9 @@ class Scheduler {
   uint64_t admit_counter_ = 0;
   bool speculative_ = false;
   uint64_t force_counter_ = 0;
-  std::vector<float> mtp_in_;  // the hidden states of an MTP step, in batch order
+  std::vector<float> mtp_in_;       // the hidden states of an MTP step, in batch order
+  std::vector<float> json_logits_;  // JsonMasked's
+  std::vector<uint8_t> json_allowed_;
 };
 
 }  // namespace dmoe

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <regex>
 #include <thread>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "common/clock.h"
 #include "gtest/gtest.h"
 #include "model/tiny_model.h"
+#include "nlohmann/json.hpp"
 
 namespace dmoe {
 namespace {
@@ -522,6 +524,74 @@ TEST_F(SchedulerTest, TheTokenThatEndsAGenerationIsMarkedStop) {
     EXPECT_EQ(got[i].token, free_run[i]);
     EXPECT_EQ(got[i].stop, i == k) << "token " << i;
   }
+}
+
+// JSON mode over a vocabulary of JSON pieces (the tiny model's 512 ids, each given the text of
+// one of 24 pieces, some special): sampled answers that end are whole JSON objects by
+// nlohmann's parser (independent of the constraint), end where the object closes (finish
+// "stop", no stop token), and none takes a special or stop token; the others are cut by
+// max_tokens. The constraint keeps a request's tokens independent of its company (rule 1).
+TEST_F(SchedulerTest, JsonModeAnswersAreJsonObjects) {
+  const char* pieces[] = {"{",   "}",   "[",  "]",   "\"",  "\"k",  "a",    " ",
+                          ":",   ",",   "1",  "-",   "0.5", "true", "null", "{\"",
+                          "\":", "\",", "e3", "\\n", "x}",  "é",    "",     ""};
+  std::vector<std::string> texts(static_cast<size_t>(model_->config().vocab_size));
+  for (size_t id = 0; id < texts.size(); ++id) texts[id] = pieces[id % 24];
+  LatentKvCache cache(model_->config(), 16, 512);
+  SchedulerOptions o;
+  o.token_bytes = &texts;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SamplingParams> params;
+  for (int i = 0; i < 24; ++i) {
+    prompts.push_back({3, 1, 4, static_cast<int32_t>(i)});
+    SamplingParams p;
+    p.json_object = true;
+    p.temperature = 1.0;
+    p.seed = static_cast<uint64_t>(i);
+    p.max_tokens = 200;
+    p.stop_token_ids = {10};  // text "1"; and the model's eos is 1 (text "}"): never taken
+    params.push_back(p);
+  }
+  Scheduler s(&model_->engine(), &cache, o);
+  const std::vector<Result> got = RunAll(s, prompts, params);
+  int closed = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_TRUE(got[i].finished) << i;
+    std::string text;
+    for (int32_t t : got[i].tokens) {
+      EXPECT_NE(texts[static_cast<size_t>(t)], "") << "request " << i << ": a special token";
+      EXPECT_NE(t, 10) << "request " << i << ": a stop token";
+      EXPECT_NE(t, 1) << "request " << i << ": the model's eos";
+      text += texts[static_cast<size_t>(t)];
+    }
+    ASSERT_FALSE(text.empty());
+    EXPECT_EQ(text[0], '{') << text;
+    if (got[i].reason == FinishReason::kStop) {
+      ++closed;
+      // (exponents set to 1 first: nlohmann refuses numbers a double cannot hold, which JSON
+      // allows and Python and JavaScript read as infinities)
+      const auto j = nlohmann::json::parse(
+          std::regex_replace(text, std::regex("([eE][+-]?)[0-9]+"), "$011"), nullptr,
+          /*allow_exceptions=*/false);
+      EXPECT_TRUE(j.is_object()) << "request " << i << ": " << text;
+    } else {
+      EXPECT_EQ(got[i].reason, FinishReason::kLength) << i;
+      EXPECT_EQ(got[i].tokens.size(), 200u) << i;
+    }
+  }
+  std::printf("JSON mode: %d of %zu answers closed their object within 200 tokens\n", closed,
+              got.size());
+  EXPECT_GT(closed, 0);
+  // Alone, request 5 gives the same tokens.
+  LatentKvCache alone_cache(model_->config(), 16, 64);
+  Scheduler alone(&model_->engine(), &alone_cache, o);
+  const std::vector<Result> one = RunAll(alone, {prompts[5]}, {params[5]});
+  EXPECT_EQ(one[0].tokens, got[5].tokens);
+  // A node without a tokenizer refuses JSON mode, naming the field.
+  Scheduler none(&model_->engine(), &alone_cache, SchedulerOptions());
+  auto refused = none.Submit(prompts[0], params[0], RequestCallbacks());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(refused.status().message().rfind("response_format:", 0), 0u) << refused.status();
 }
 
 }  // namespace

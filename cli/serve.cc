@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention_service/attention_node.h"
 #include "attention_service/attention_server.h"
+#include "attention_service/json_constraint.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/local_model.h"
 #include "attention_service/scheduler.h"
@@ -228,6 +229,15 @@ int Serve(int argc, char** argv) {
   if (auto st = CheckSpeculativeTokens(c, o->speculative); !st.ok()) return outer.Fail(st);
   SchedulerOptions so;
   so.speculative_tokens = o->speculative;
+  // JSON mode checks tokens against their text (the tokenizer loaded above, if any).
+  std::vector<std::string> token_texts;
+  if (text->tok != nullptr) {
+    auto texts = TokenTextsFromDir(o->dir, c.vocab_size);
+    if (texts.ok()) {
+      token_texts = *std::move(texts);
+      so.token_bytes = &token_texts;
+    }
+  }
   auto made = AttentionNode::Create(model->get(), std::move(*cache), so);
   if (!made.ok()) return outer.Fail(made.status());
   AttentionNode& node = **made;

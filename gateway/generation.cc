@@ -86,6 +86,7 @@ internal::SamplingParams Forward(const v1::SamplingParams& p) {
   s.set_repetition_penalty(p.repetition_penalty());
   s.mutable_logit_bias()->insert(p.logit_bias().begin(), p.logit_bias().end());
   s.set_prompt_logprobs(p.prompt_logprobs());
+  s.set_json_object(p.json_object());
   return s;
 }
 

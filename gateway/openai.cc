@@ -498,7 +498,7 @@ absl::Status ParseStreamOptions(const Fields& f, Request* r) {
 }
 
 // Chat fields this server does not serve: an error rather than output the client cannot use.
-absl::Status UnservedChat(const Fields& f) {
+absl::Status UnservedChat(const Fields& f, Request* r) {
   bool echo = false;  // vLLM's: the last message before the answer
   RETURN_IF_ERROR(f.Bool("echo", &echo));
   if (echo) return Bad("echo", "is not supported");
@@ -518,10 +518,15 @@ absl::Status UnservedChat(const Fields& f) {
   if (type == nullptr || !type->is_string()) {
     return Bad("response_format", "must be an object with a string \"type\"");
   }
+  if (*type == "json_object") {
+    r->sampling.set_json_object(true);
+    return absl::OkStatus();
+  }
   if (*type != "text") {
-    return Bad("response_format", absl::StrCat("type ", type->dump(),
-                                               " is not supported (no constrained decoding): "
-                                               "only \"text\""));
+    return Bad("response_format",
+               absl::StrCat("type ", type->dump(),
+                            " is not supported (no JSON-schema decoding): \"text\" or "
+                            "\"json_object\""));
   }
   return absl::OkStatus();
 }
@@ -572,7 +577,7 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   RETURN_IF_ERROR(f.String("user", &r.user));
   if (endpoint == Endpoint::kChat) {
     RETURN_IF_ERROR(ParseMessages(f, &r));
-    RETURN_IF_ERROR(UnservedChat(f));
+    RETURN_IF_ERROR(UnservedChat(f, &r));
   } else {
     RETURN_IF_ERROR(ParsePrompts(f.Get("prompt"), &r));
     RETURN_IF_ERROR(Unserved(f));
@@ -643,8 +648,8 @@ json ResponseWriter::LogprobsOf(Choice* c, const v1::GenerateResponse& r) const 
         const std::string s = TokenText(t.token_id(), t.token());
         if (chat) {
           top.push_back({{"token", s}, {"logprob", t.logprob()}, {"bytes", Bytes(s)}});
-        } else {
-          top[s] = t.logprob();
+        } else if (!top.contains(s)) {
+          top[s] = t.logprob();  // the likelier of two same-text tokens
         }
       }
     }
@@ -718,7 +723,8 @@ std::string ResponseWriter::Echo(int index, Choice* c, const v1::GenerateRespons
     }
     json top = json::object();
     for (const v1::TokenLogprob& t : r.prompt_top_logprobs(k).top()) {
-      top[TokenText(t.token_id(), t.token())] = t.logprob();
+      const std::string key = TokenText(t.token_id(), t.token());
+      if (!top.contains(key)) top[key] = t.logprob();  // the likelier of two same-text tokens
     }
     tops.push_back(std::move(top));
   }

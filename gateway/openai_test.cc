@@ -47,7 +47,7 @@ TEST(ParseRequest, NestingUpToTheLimitIsKept) {
 
 // What this server would silently not do is an error naming the field: tool calls where no
 // parser reads them (an agent would take the model's markup for its final answer), a tool_choice
-// naming no tool, and JSON output formats (nothing constrains the output).
+// naming no tool, and JSON schemas (JSON mode, json_object, is served: sampling.json_object).
 TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
   const std::string msgs = R"({"messages":[{"role":"user","content":"hi"}])";
   const std::string tool = R"([{"type":"function","function":{"name":"f","parameters":{}}}])";
@@ -75,7 +75,6 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
       {msgs + R"(,"tools":[{"type":"function","function":{"name":7}}]})", "tools[0].function.name"},
       {msgs + R"(,"tools":)" + tool + R"(,"tool_choice":{"type":7}})", "tool_choice.type"},
       {R"({"messages":[{"role":"user","content":"hi","name":5}]})", "messages[0].name"},
-      {msgs + R"(,"response_format":{"type":"json_object"}})", "response_format"},
       {msgs + R"(,"response_format":{"type":"json_schema","json_schema":{"name":"x"}}})",
        "response_format"},
       {msgs + R"(,"response_format":"json"})", "response_format"},
@@ -113,10 +112,12 @@ TEST(ParseRequest, ToolCallsAndJsonFormatsAreRefused) {
       msgs + R"(,"tools":[]})",
       msgs + R"(,"tools":null,"tool_choice":"auto"})",
       msgs + R"(,"response_format":{"type":"text"}})",
+      msgs + R"(,"response_format":{"type":"json_object"}})",
   };
   for (const std::string& body : taken) {
     auto r = ParseRequest(Endpoint::kChat, body);
     ASSERT_TRUE(r.ok()) << body << ": " << r.status();
+    EXPECT_EQ(r->sampling.json_object(), body.find("json_object") != std::string::npos) << body;
     // tool_choice "none": the tools are left out of the prompt (the answer is text).
     EXPECT_EQ(r->chat.tools_json(), "") << body;
     EXPECT_TRUE(EnableToolCalls("", &*r).ok()) << body;

@@ -356,13 +356,16 @@ TEST(PromptLogprobs, MatchTheFloat64ReferenceInEveryChunkAndBatch) {
       EXPECT_TRUE(s.Submit(prompt, p, RequestCallbacks()).ok());
       drain();
     }
-    for (int k = 0; k < others; ++k) {
-      EXPECT_TRUE(s.Submit(Prompt(40 + 13 * k, 9 + k, vocab), p, RequestCallbacks()).ok());
+    for (int k = 0; k < others; ++k) {  // every other one scored too: they share the rows
+      SamplingParams other = p;
+      other.prompt_logprobs = k % 2 == 0;
+      EXPECT_TRUE(s.Submit(Prompt(40 + 13 * k, 9 + k, vocab), other, RequestCallbacks()).ok());
     }
     RequestCallbacks cb;
-    cb.on_prompt_token = [&](const SampledToken& t) {
+    cb.on_prompt_tokens = [&](const std::vector<SampledToken>& scores) {
       EXPECT_TRUE(out.tokens.empty()) << "a prompt score after a generated token";
-      out.scores.push_back(t);
+      EXPECT_LE(scores.size(), 64u) << "more scored rows in a step than kScoredChunk";
+      out.scores.insert(out.scores.end(), scores.begin(), scores.end());
     };
     cb.on_token = [&](const SampledToken& t) { out.tokens.push_back(t.token); };
     int64_t hit = -1;

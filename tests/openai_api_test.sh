@@ -111,7 +111,7 @@ expect "unknown route" 404 "$(status "${auth[@]}" "$base/nope")"
 expect "the Bearer scheme in lower case" 200 "$(status -H 'Authorization: bearer k2' "$base/models")"
 expect "tool_choice naming no tool" 400 "$(status "${auth[@]}" -d "$chat, \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": {\"type\": \"function\", \"function\": {\"name\": \"g\"}}}" "$base/chat/completions")"
 expect "  its param" tool_choice.function.name "$(json 'b["error"]["param"]')"
-expect "response_format json_object" 400 "$(status "${auth[@]}" -d "$chat, \"response_format\": {\"type\": \"json_object\"}}" "$base/chat/completions")"
+expect "response_format json_schema" 400 "$(status "${auth[@]}" -d "$chat, \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"x\"}}}" "$base/chat/completions")"
 expect "  its param" response_format "$(json 'b["error"]["param"]')"
 # CORS for browser pages of --cors-origin: the preflight, then the headers on JSON and SSE answers;
 # none for another origin.

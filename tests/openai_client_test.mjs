@@ -289,6 +289,26 @@ await check("echo_prompt_logprobs", async () => {
   console.log(`  ${prompt.length} prompt tokens scored, sum ${lp.token_logprobs.slice(1, -1).reduce((a, b) => a + b, 0).toFixed(3)}`);
 });
 
+// JSON mode on the real node (tiny-demo with the real tokenizer): the answer is a prefix of one
+// JSON object from its first byte; where it ends ("stop") it parses as an object, streamed the
+// same; it is never cut by a stop token.
+await check("json_mode", async () => {
+  const req = { model: MODEL, messages: [{ role: "user", content: "Reply in JSON." }],
+    response_format: { type: "json_object" }, temperature: 0, max_tokens: 48 };
+  const whole = await api.chat.completions.create(req);
+  const c = whole.choices[0];
+  assert.ok(c.message.content.startsWith("{"), JSON.stringify(c.message.content));
+  assert.ok(["stop", "length"].includes(c.finish_reason), c.finish_reason);
+  if (c.finish_reason === "stop") {
+    const parsed = JSON.parse(c.message.content);
+    assert.equal(typeof parsed, "object");
+    assert.ok(!Array.isArray(parsed) && parsed !== null);
+  }
+  const s = await drain(await api.chat.completions.create({ ...req, stream: true }), true);
+  assert.equal(s.text[0], c.message.content, "streamed");
+  console.log(`  ${c.finish_reason}: ${JSON.stringify(c.message.content).slice(0, 100)}`);
+});
+
 await check("error_wrong_type", async () => {
   const e = await apiError(() => api.chat.completions.create({ ...greedy, temperature: "hot" }));
   assert.equal(e.status, 400);
