@@ -233,7 +233,8 @@ void JsonMask(const JsonState& s, const std::vector<std::string>& token_bytes,
     (*allowed)[id] = t.Feed(b) ? 1 : 0;
   }
   for (int32_t id : stop_ids) {
-    if (id >= 0 && static_cast<size_t>(id) < allowed->size()) (*allowed)[static_cast<size_t>(id)] = 0;
+    if (id >= 0 && static_cast<size_t>(id) < allowed->size())
+      (*allowed)[static_cast<size_t>(id)] = 0;
   }
 }
 

@@ -15,8 +15,8 @@ namespace dmoe {
 
 // Where a JSON text stands. Trivially copyable (a token is tried on a copy). Strings take valid
 // UTF-8 but control characters, '"' and '\' (escapes are checked, \uXXXX included; a character's
-// bytes may come in different tokens). Outside strings at most kMaxBlankRun whitespace bytes in a row (a
-// model cannot loop on blanks); nesting at most kMaxDepth levels.
+// bytes may come in different tokens). Outside strings at most kMaxBlankRun whitespace bytes in a
+// row (a model cannot loop on blanks); nesting at most kMaxDepth levels.
 class JsonState {
  public:
   static constexpr int kMaxDepth = 48;
@@ -59,9 +59,9 @@ class JsonState {
   Mode mode_ = kBegin;
   Num num_ = kMinus;
   uint8_t count_ = 0;
-  uint8_t literal_ = 0;  // index into the literals
-  uint8_t blanks_ = 0;   // whitespace bytes in a row
-  bool key_ = false;     // the string being read is a key
+  uint8_t literal_ = 0;    // index into the literals
+  uint8_t blanks_ = 0;     // whitespace bytes in a row
+  bool key_ = false;       // the string being read is a key
   uint8_t utf8_need_ = 0;  // continuation bytes still due in a string, the next in [lo, hi]
   uint8_t utf8_lo_ = 0x80, utf8_hi_ = 0xbf;
   uint8_t depth_ = 0;

@@ -36,14 +36,16 @@ json RandomValue(std::mt19937& rng, int depth) {
              std::pow(10.0, static_cast<int>(rng() % 40) - 20);
     case 4:
     case 5: {
-      const char* pieces[] = {"a", "b c", "\"", "\\", "/", "\n", "\t", "\x01", "é", "日本", "{}", ""};
+      const char* pieces[] = {"a",  "b c",  "\"", "\\",   "/",  "\n",
+                              "\t", "\x01", "é",  "日本", "{}", ""};
       std::string s;
       for (int i = static_cast<int>(rng() % 4); i > 0; --i) s += pieces[rng() % 12];
       return s;
     }
     case 6: {
       json a = json::array();
-      for (int i = static_cast<int>(rng() % 4); i > 0; --i) a.push_back(RandomValue(rng, depth + 1));
+      for (int i = static_cast<int>(rng() % 4); i > 0; --i)
+        a.push_back(RandomValue(rng, depth + 1));
       return a;
     }
     default: {
@@ -64,7 +66,8 @@ bool Syntax(const std::string& s) {
     return !parsed.is_discarded();
   } catch (const json::out_of_range& e) {
     // Overflow: the same text with every exponent 1 (which changes no string's validity).
-    return e.id == 406 && json::accept(std::regex_replace(s, std::regex("([eE][+-]?)[0-9]+"), "$011"));
+    return e.id == 406 &&
+           json::accept(std::regex_replace(s, std::regex("([eE][+-]?)[0-9]+"), "$011"));
   } catch (const json::exception&) {
     return false;
   }
