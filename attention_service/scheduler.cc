@@ -117,8 +117,8 @@ absl::StatusOr<uint64_t> Scheduler::Submit(std::vector<int32_t> prompt, Sampling
   if (auto st = ValidateRequest(prompt, params, config_); !st.ok()) return st;
   if (params.json_object && options_.token_bytes == nullptr) {
     return absl::FailedPreconditionError(
-        "response_format: json_object needs the attention node's tokenizer (tokenizer.json in "
-        "its checkpoint directory)");
+        "response_format: JSON mode (json_object, or a named tool_choice's arguments) needs the "
+        "attention node's tokenizer (tokenizer.json in its checkpoint directory)");
   }
   const int64_t prompt_len = static_cast<int64_t>(prompt.size());
   int64_t need = BlocksFor(prompt_len + params.max_tokens);

@@ -548,6 +548,8 @@ absl::Status EnableToolCalls(const std::string& parser, Request* r) {
   if (r->tool_choice == "function") {
     r->tool_prefill = ToolCallParser::Opening(r->tool_choice_name);
     r->parallel_tool_calls = false;  // the one call asked for
+    // The answer is the call's arguments: JSON mode keeps them one JSON object, ending there.
+    r->sampling.set_json_object(true);
   }
   return absl::OkStatus();
 }

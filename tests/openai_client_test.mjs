@@ -230,7 +230,7 @@ await check("stop_string", async () => {
 
 // Tool calling (the server runs --tool-call-parser deepseek_v3 with the tools template): a named
 // tool_choice starts the answer inside that function's call, so the tiny model's random tokens
-// are its arguments. The SDK must read the call whole and from its stream helper (which joins
+// (in JSON mode) are its arguments. The SDK must read the call whole and from its stream helper (which joins
 // delta.tool_calls by index), with the same arguments; tool_choice "auto" is accepted.
 const TOOLS = [{ type: "function", function: { name: "get_weather", description: "Current weather",
   parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] } } }];
@@ -246,8 +246,11 @@ await check("tool_calls", async () => {
   assert.equal(call.function.name, "get_weather");
   assert.ok(typeof call.id === "string" && call.id.length > 0, `id ${call.id}`);
   assert.equal(typeof call.function.arguments, "string");
-  assert.ok(["tool_calls", "length"].includes(whole.choices[0].finish_reason),
+  // A named function's call: "stop" where its arguments (JSON mode) close, as OpenAI's.
+  assert.ok(["stop", "length"].includes(whole.choices[0].finish_reason),
     whole.choices[0].finish_reason);
+  assert.ok(call.function.arguments.startsWith("{"), call.function.arguments);
+  if (whole.choices[0].finish_reason === "stop") JSON.parse(call.function.arguments);
   const final = await api.beta.chat.completions.stream(req).finalChatCompletion();
   const streamed = final.choices[0].message.tool_calls;
   assert.equal(streamed?.length, 1, JSON.stringify(final.choices[0].message));
