@@ -89,6 +89,16 @@ bool JsonState::Utf8Byte(uint8_t c) {
   return true;
 }
 
+// A whole \uXXXX: surrogates only as a high one followed by a low one (as nlohmann, and
+// Unicode, require: a lone one is no character).
+bool JsonState::Unicode() {
+  const bool high = code_ >= 0xd800 && code_ <= 0xdbff, low = code_ >= 0xdc00 && code_ <= 0xdfff;
+  if (high_ != low || (high_ && high)) return false;
+  high_ = high;
+  mode_ = high ? kLowBackslash : kString;
+  return true;
+}
+
 bool JsonState::Close(bool object) {
   if (depth_ == 0 || in_object() != object) return false;
   --depth_;
@@ -165,6 +175,7 @@ bool JsonState::Feed(uint8_t c) {
       if (c == 'u') {
         mode_ = kUnicode;
         count_ = 0;
+        code_ = 0;
         return true;
       }
       mode_ = kString;
@@ -172,8 +183,17 @@ bool JsonState::Feed(uint8_t c) {
              c == 't';
     case kUnicode:
       if (!IsHex(c)) return false;
-      if (++count_ == 4) mode_ = kString;
+      code_ = static_cast<uint16_t>(code_ * 16 + (IsDigit(c) ? c - '0' : (c | 0x20) - 'a' + 10));
+      if (++count_ == 4) return Unicode();
       return true;
+    case kLowBackslash:
+      mode_ = kLowU;
+      return c == '\\';
+    case kLowU:
+      mode_ = kUnicode;
+      count_ = 0;
+      code_ = 0;
+      return c == 'u';
     case kLiteral:
       if (c != static_cast<uint8_t>(kLiterals[literal_][count_])) return false;
       if (++count_ == kLiteralLen[literal_]) mode_ = kAfter;
@@ -223,12 +243,31 @@ bool JsonState::Feed(uint8_t c) {
   }
 }
 
-void JsonMask(const JsonState& s, const std::vector<std::string>& token_bytes,
-              const std::vector<int32_t>& stop_ids, std::vector<uint8_t>* allowed) {
-  allowed->assign(token_bytes.size(), 0);
-  for (size_t id = 0; id < token_bytes.size(); ++id) {
-    const std::string& b = token_bytes[id];
+JsonVocab::JsonVocab(const std::vector<std::string>* texts)
+    : texts_(texts), plain_(texts->size(), 0) {
+  for (size_t id = 0; id < texts->size(); ++id) {
+    const std::string& b = (*texts)[id];
+    if (b.empty() || b.find_first_of("\"\\") != std::string::npos) continue;
+    // Inside a string, a text of whole characters without quotes or backslashes is taken whole
+    // exactly when it reads as plain string bytes from the start of a character.
+    JsonState t;
+    const bool whole = t.Feed("{\"") && t.Feed(b) && t.in_plain_string();
+    plain_[id] = whole ? 1 : 0;
+  }
+}
+
+void JsonMask(const JsonState& s, const JsonVocab& vocab, const std::vector<int32_t>& stop_ids,
+              std::vector<uint8_t>* allowed) {
+  const std::vector<std::string>& texts = vocab.texts();
+  allowed->assign(texts.size(), 0);
+  const bool in_string = s.in_plain_string();
+  for (size_t id = 0; id < texts.size(); ++id) {
+    const std::string& b = texts[id];
     if (b.empty()) continue;
+    if (in_string && vocab.plain(id)) {
+      (*allowed)[id] = 1;
+      continue;
+    }
     JsonState t = s;
     (*allowed)[id] = t.Feed(b) ? 1 : 0;
   }

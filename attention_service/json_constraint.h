@@ -14,9 +14,10 @@
 namespace dmoe {
 
 // Where a JSON text stands. Trivially copyable (a token is tried on a copy). Strings take valid
-// UTF-8 but control characters, '"' and '\' (escapes are checked, \uXXXX included; a character's
-// bytes may come in different tokens). Outside strings at most kMaxBlankRun whitespace bytes in a
-// row (a model cannot loop on blanks); nesting at most kMaxDepth levels.
+// UTF-8 but control characters, '"' and '\' (escapes are checked, \uXXXX included, surrogates
+// only in pairs; a character's bytes may come in different tokens). Outside strings at most
+// kMaxBlankRun whitespace bytes in a row (a model cannot loop on blanks); nesting at most kMaxDepth
+// levels.
 class JsonState {
  public:
   static constexpr int kMaxDepth = 48;
@@ -31,6 +32,8 @@ class JsonState {
   }
   // The object is closed: nothing may follow.
   bool complete() const { return mode_ == kDone; }
+  // Inside a string between characters: any JsonVocab-plain text may follow and stays inside.
+  bool in_plain_string() const { return mode_ == kString && utf8_need_ == 0; }
 
  private:
   enum Mode : uint8_t {
@@ -43,9 +46,11 @@ class JsonState {
     kAfter,       // after a value: ',' or the container's closer
     kString,
     kEscape,
-    kUnicode,  // \u and `count_` hex digits so far
-    kNumber,   // `num_` says where in it
-    kLiteral,  // true / false / null: `literal_` and `count_` bytes matched
+    kUnicode,       // \u and `count_` hex digits so far (their value in `code_`)
+    kLowBackslash,  // after a high surrogate's \uD8xx-\uDBxx: its low one's '\' must follow
+    kLowU,          // ... and its 'u'
+    kNumber,        // `num_` says where in it
+    kLiteral,       // true / false / null: `literal_` and `count_` bytes matched
     kDone,
   };
   enum Num : uint8_t { kMinus, kZero, kInt, kDot, kFrac, kExp, kExpSign, kExpDigits };
@@ -54,25 +59,41 @@ class JsonState {
   bool Close(bool object);
   bool NumberByte(uint8_t c, bool* consumed);
   bool Utf8Byte(uint8_t c);
+  bool Unicode();
   bool in_object() const { return depth_ > 0 && ((stack_ >> (depth_ - 1)) & 1) != 0; }
 
   Mode mode_ = kBegin;
   Num num_ = kMinus;
   uint8_t count_ = 0;
-  uint8_t literal_ = 0;    // index into the literals
-  uint8_t blanks_ = 0;     // whitespace bytes in a row
-  bool key_ = false;       // the string being read is a key
+  uint8_t literal_ = 0;  // index into the literals
+  uint8_t blanks_ = 0;   // whitespace bytes in a row
+  bool key_ = false;     // the string being read is a key
+  bool high_ = false;    // the \u escape being read must be a low surrogate
+  uint16_t code_ = 0;
   uint8_t utf8_need_ = 0;  // continuation bytes still due in a string, the next in [lo, hi]
   uint8_t utf8_lo_ = 0x80, utf8_hi_ = 0xbf;
   uint8_t depth_ = 0;
   uint64_t stack_ = 0;  // bit i: level i is an object (else an array)
 };
 
-// Which token ids may come next in JSON mode. `token_bytes[id]` is the token's text ("" for
-// special tokens, which never may); `stop_ids` (eos, stop_token_ids) never may either: the
+// A vocabulary's token texts ("" for special tokens, which never may come) with, for each, whether
+// it is plain string text: whole UTF-8 characters without '"', '\' or control characters (inside
+// a string such a token is taken as it is, without reading it byte by byte). Not owning `texts`.
+class JsonVocab {
+ public:
+  explicit JsonVocab(const std::vector<std::string>* texts);
+  const std::vector<std::string>& texts() const { return *texts_; }
+  bool plain(size_t id) const { return plain_[id] != 0; }
+
+ private:
+  const std::vector<std::string>* texts_;
+  std::vector<uint8_t> plain_;
+};
+
+// Which token ids may come next in JSON mode; `stop_ids` (eos, stop_token_ids) never may: the
 // answer ends when the object closes.
-void JsonMask(const JsonState& s, const std::vector<std::string>& token_bytes,
-              const std::vector<int32_t>& stop_ids, std::vector<uint8_t>* allowed);
+void JsonMask(const JsonState& s, const JsonVocab& vocab, const std::vector<int32_t>& stop_ids,
+              std::vector<uint8_t>* allowed);
 
 // The token texts JSON mode checks (SchedulerOptions::token_bytes), from DIR/tokenizer.json: the
 // bytes of each of the model's `vocab_size` ids, "" for special tokens and ids the tokenizer

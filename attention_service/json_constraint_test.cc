@@ -158,6 +158,13 @@ TEST(JsonState, LimitsBlankRunsAndDepthAndTakesNothingAfterTheObject) {
   EXPECT_TRUE(TakesWhole("{\"a\":" + std::string(d - 1, '[') + std::string(d - 1, ']') + "}"));
   EXPECT_FALSE(TakesWhole("{\"a\":" + std::string(d, '[') + std::string(d, ']') + "}"));
   EXPECT_FALSE(TakesWhole(" {}"));  // the answer starts with the object
+  // Surrogates only in pairs, as the oracle says.
+  for (const std::string t : {"{\"a\":\"\\ud83d\\ude00\"}", "{\"a\":\"\\ud83d\"}",
+                              "{\"a\":\"\\ude00\"}", "{\"a\":\"\\ud83dx\"}",
+                              "{\"a\":\"\\ud83d\\u0041\"}", "{\"a\":\"\\uD83D\\uDE00\\u00e9\"}"}) {
+    EXPECT_EQ(TakesWhole(t), Oracle(t)) << t;
+  }
+  EXPECT_TRUE(TakesWhole("{\"a\":\"\\ud83d\\ude00\"}"));
   JsonState s;
   ASSERT_TRUE(s.Feed("{}"));
   EXPECT_TRUE(s.complete());
@@ -167,7 +174,8 @@ TEST(JsonState, LimitsBlankRunsAndDepthAndTakesNothingAfterTheObject) {
 
 // The mask: tokens whose whole text may come next; special tokens ("") and stop ids never.
 TEST(JsonMask, AllowsTheTokensThatKeepAnObjectPrefix) {
-  const std::vector<std::string> vocab = {"{", "}", "\"a\"", ":", " 1", "1}", "x", "", "\"", "{\""};
+  const std::vector<std::string> texts = {"{", "}", "\"a\"", ":", " 1", "1}", "x", "", "\"", "{\""};
+  const JsonVocab vocab(&texts);
   std::vector<uint8_t> allowed;
   JsonState s;
   JsonMask(s, vocab, {}, &allowed);
@@ -180,6 +188,29 @@ TEST(JsonMask, AllowsTheTokensThatKeepAnObjectPrefix) {
   ASSERT_TRUE(s.Feed("\"x"));  // in a string: all but the empty one
   JsonMask(s, vocab, {}, &allowed);
   EXPECT_EQ(allowed, (std::vector<uint8_t>{1, 1, 0, 1, 1, 1, 1, 0, 1, 1}));
+}
+
+// Inside a string the mask takes plain tokens without reading them: the same mask as reading
+// every token, for texts with quotes, backslashes, control bytes and characters split across
+// tokens (a lone lead byte, a lone continuation byte) beside plain ones.
+TEST(JsonMask, ThePlainStringShortcutGivesTheSameMask) {
+  const std::vector<std::string> texts = {"abc", "a\"",  "\\n",  "\\",     "\x01",
+                                          "é",   "\xc3", "\xa9", "日本",   "\xe6\x97",
+                                          " ",   "}",    "\"}",  "x\":1}", ""};
+  const JsonVocab vocab(&texts);
+  for (const char* prefix : {"{\"", "{\"k\":\"ab", "{\"k\":\"\xc3", "{\"k\":\"\\"}) {
+    JsonState s;
+    ASSERT_TRUE(s.Feed(prefix)) << prefix;
+    std::vector<uint8_t> fast, slow(texts.size(), 0);
+    JsonMask(s, vocab, {}, &fast);
+    for (size_t id = 0; id < texts.size(); ++id) {
+      JsonState t = s;
+      slow[id] = !texts[id].empty() && t.Feed(texts[id]) ? 1 : 0;
+    }
+    EXPECT_EQ(fast, slow) << prefix;
+    EXPECT_EQ(vocab.plain(0), true);
+    EXPECT_EQ(vocab.plain(6), false) << "a lone lead byte is not plain";
+  }
 }
 
 }  // namespace

@@ -509,8 +509,10 @@ void Sampler::AddLogprobs(const float* logits, int64_t vocab, SampledToken* out)
   out->logprob = static_cast<float>(logits[out->token] - lz);
   if (p_.top_logprobs <= 0) return;
   TopLogits(logits, vocab, p_.top_logprobs, &s_->edge);
-  for (const auto& [logit, id] : s_->edge)
+  for (const auto& [logit, id] : s_->edge) {
+    if (!std::isfinite(logit)) break;  // masked out (JSON mode): fewer than top_logprobs allowed
     out->top.emplace_back(id, static_cast<float>(logit - lz));
+  }
 }
 
 SampledToken Sampler::Sample(const float* model_logits, int64_t vocab) {

@@ -600,5 +600,23 @@ TEST(Sampler, PenaltiesOffChangeNothing) {
   }
 }
 
+// Logits masked to -infinity (JSON mode) are never listed among top_logprobs (they read as null
+// in JSON): fewer alternatives than asked for when fewer tokens are allowed.
+TEST(Sampler, TopLogprobsListNoMaskedToken) {
+  std::vector<float> logits(64, -std::numeric_limits<float>::infinity());
+  logits[5] = 1.0f;
+  logits[9] = 2.0f;
+  SamplingParams p;
+  p.logprobs = true;
+  p.top_logprobs = 5;
+  Sampler s(p);
+  const SampledToken t = s.Sample(logits.data(), 64);
+  EXPECT_EQ(t.token, 9);
+  ASSERT_EQ(t.top.size(), 2u);
+  EXPECT_EQ(t.top[0].first, 9);
+  EXPECT_EQ(t.top[1].first, 5);
+  for (const auto& [id, lp] : t.top) EXPECT_TRUE(std::isfinite(lp)) << id;
+}
+
 }  // namespace
 }  // namespace dmoe

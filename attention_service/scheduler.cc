@@ -550,7 +550,8 @@ const float* Scheduler::JsonMasked(Seq* s, const float* row) {
   const int64_t v = config_.vocab_size;
   std::vector<int32_t> stops = s->params.stop_token_ids;
   for (int64_t id : config_.eos_token_ids) stops.push_back(static_cast<int32_t>(id));
-  JsonMask(*s->json, *options_.token_bytes, stops, &json_allowed_);
+  if (json_vocab_ == nullptr) json_vocab_ = std::make_unique<JsonVocab>(options_.token_bytes);
+  JsonMask(*s->json, *json_vocab_, stops, &json_allowed_);
   json_logits_.assign(row, row + v);
   bool any = false;
   for (int64_t i = 0; i < v; ++i) {
@@ -661,7 +662,9 @@ absl::Status Scheduler::RunMtpPhase() {
   // Drafts for the sequences that decode next: the argmax of the MTP logits, then more rounds.
   for (size_t i = 0; st.ok() && i < members.size(); ++i) {
     Seq* s = members[i];
-    if (!s->done && s->pending() == 1 && s->draft_room(config_.max_position_embeddings) > 0) {
+    // (JSON mode takes no drafts: each token's allowed set depends on the one before.)
+    if (!s->done && s->json == nullptr && s->pending() == 1 &&
+        s->draft_room(config_.max_position_embeddings) > 0) {
       s->draft.assign(1, ArgMax(logits[i].data(), config_.vocab_size));
     }
   }

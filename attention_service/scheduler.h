@@ -21,6 +21,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention_service/engine.h"
+#include "attention_service/json_constraint.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/sampler.h"
 #include "common/clock.h"
@@ -232,8 +233,9 @@ class Scheduler {
   uint64_t admit_counter_ = 0;
   bool speculative_ = false;
   uint64_t force_counter_ = 0;
-  std::vector<float> mtp_in_;       // the hidden states of an MTP step, in batch order
-  std::vector<float> json_logits_;  // JsonMasked's
+  std::vector<float> mtp_in_;              // the hidden states of an MTP step, in batch order
+  std::unique_ptr<JsonVocab> json_vocab_;  // of options_.token_bytes, when given
+  std::vector<float> json_logits_;         // JsonMasked's
   std::vector<uint8_t> json_allowed_;
 };
 

@@ -1,6 +1,7 @@
 // JSON mode's cost per sequence and token (Google Benchmark): JsonMask over a real vocabulary
 // (DeepSeek-V3's 129280 tokens), at the states an answer passes through, on the scheduler's one
-// thread, beside which a decode step of the model runs. The tokenizer: $DMOE_TOKENIZER_DIR (a
+// thread, beside which a decode step of the model runs. Inside a string most tokens are plain
+// text, taken without being read (JsonVocab). The tokenizer: $DMOE_TOKENIZER_DIR (a
 // folder with tokenizer.json; default: the copy scripts/fetch_tokenizer.sh puts in
 // .cache/npm/package/models).
 //   bazel run -c opt //bench:json_mask_bench
@@ -20,9 +21,8 @@ const std::vector<std::string>& Texts() {
   static const std::vector<std::string>* texts = [] {
     const char* env = std::getenv("DMOE_TOKENIZER_DIR");
     const char* ws = std::getenv("BUILD_WORKSPACE_DIRECTORY");
-    const std::string dir = env != nullptr ? env
-                                           : std::string(ws != nullptr ? ws : ".") +
-                                                 "/.cache/npm/package/models";
+    const std::string dir =
+        env != nullptr ? env : std::string(ws != nullptr ? ws : ".") + "/.cache/npm/package/models";
     auto t = TokenTextsFromDir(dir, 129280);
     if (!t.ok()) {
       std::fprintf(stderr, "%s (run scripts/fetch_tokenizer.sh or set DMOE_TOKENIZER_DIR)\n",
@@ -35,7 +35,7 @@ const std::vector<std::string>& Texts() {
 }
 
 void BM_JsonMask(benchmark::State& state, const char* prefix) {
-  const std::vector<std::string>& texts = Texts();
+  const JsonVocab texts(&Texts());
   JsonState s;
   if (!s.Feed(prefix)) state.SkipWithError("the prefix is not JSON");
   std::vector<uint8_t> allowed;

@@ -551,9 +551,11 @@ void Session<Stream>::StartGenerations(openai::Endpoint endpoint, const std::str
   if (auto st = openai::EnableToolCalls(o.tool_call_parser, request_.get()); !st.ok()) {
     return RespondError(openai::ErrorFromStatus(st));
   }
-  // An answer that starts inside a call (tool_choice required or named) has no thinking.
+  // An answer that starts inside a call (tool_choice required or named), or in JSON mode (which
+  // can never write "</think>"), has no thinking.
   request_->split_reasoning = endpoint == openai::Endpoint::kChat &&
-                              o.reasoning_parser == "deepseek-r1" && request_->tool_prefill.empty();
+                              o.reasoning_parser == "deepseek-r1" &&
+                              request_->tool_prefill.empty() && !request_->sampling.json_object();
   auto prompts = Prompts(request_.get());
   if (!prompts.ok()) return RespondError(openai::ErrorFromStatus(prompts.status()));
   if (request_->echo) request_->prompt_token_ids = *prompts;
