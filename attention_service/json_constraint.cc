@@ -214,6 +214,11 @@ bool JsonState::Feed(uint8_t c) {
     if (mode_ == kBegin || ++blanks_ > kMaxBlankRun) return false;
     return true;
   }
+  return Structural(c);
+}
+
+// A byte between the grammar's tokens (not a blank): what the mode lets start or close.
+bool JsonState::Structural(uint8_t c) {
   switch (mode_) {
     case kBegin:
       return c == '{' && StartValue(c);

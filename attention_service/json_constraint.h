@@ -60,6 +60,7 @@ class JsonState {
   bool NumberByte(uint8_t c, bool* consumed);
   bool Utf8Byte(uint8_t c);
   bool Unicode();
+  bool Structural(uint8_t c);
   bool in_object() const { return depth_ > 0 && ((stack_ >> (depth_ - 1)) & 1) != 0; }
 
   Mode mode_ = kBegin;
