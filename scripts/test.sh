@@ -59,6 +59,7 @@ if [ "$fuzz" -eq 1 ]; then
   run_tests --config=fuzz --test_summary=short \
     --test_arg=--seconds="$fuzz_seconds" \
     -- //model/fuzz:safetensors_header_fuzz_test //model/fuzz:config_fuzz_test //transport:wire_fuzz_test \
+    //attention_service/fuzz:json_constraint_fuzz_test \
     //gateway/fuzz:openai_request_fuzz_test
 fi
 
