@@ -37,7 +37,7 @@ constexpr char kServeHelp[] =
 Everything in one process for the simplest use: the engine with every routed expert in-process,
 the paged KV cache and scheduler, and the public APIs as dmoe-gateway serves them: gRPC
 (dmoe.v1.Dmoe) and the OpenAI-compatible HTTP API. DIR/tokenizer.json, when present, enables text
-prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
+prompts, chat and JSON mode (response_format json_object). Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
 
   --model DIR          checkpoint directory (Hugging Face layout)
   --grpc-listen H:P    public address (default 127.0.0.1:0; the chosen one is printed)
@@ -56,7 +56,9 @@ prompts and chat. Prints "gateway: HOST:PORT" and "openai: http://HOST:PORT/v1".
                        deploy/chat_templates/deepseek_v3_tools.jinja: DeepSeek-V3's, rendering
                        the request's tools too)
   --tool-call-parser P deepseek_v3: chat requests with tools get the model's tool calls as
-                       tool_calls (as vLLM's); none (default): tools only with tool_choice "none"
+                       tool_calls (as vLLM's; "required" or a named function starts the answer
+                       inside a call); needs a template that renders tools (--chat-template).
+                       none (default): tools only with tool_choice "none"
   --generation-config M  auto (default): the OpenAI API's requests that omit temperature, top_p,
                        top_k, min_p or repetition_penalty get DIR/generation_config.json's (as
                        vLLM); none: OpenAI's defaults (temperature 1, top_p 1)

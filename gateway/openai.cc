@@ -497,6 +497,8 @@ absl::Status ParseStreamOptions(const Fields& f, Request* r) {
   return absl::OkStatus();
 }
 
+absl::Status ParseResponseFormat(const Fields& f, Request* r);
+
 // Chat fields this server does not serve: an error rather than output the client cannot use.
 absl::Status UnservedChat(const Fields& f, Request* r) {
   bool echo = false;  // vLLM's: the last message before the answer
@@ -512,6 +514,11 @@ absl::Status UnservedChat(const Fields& f, Request* r) {
   if (continue_final) return Bad("continue_final_message", "is not supported");
   RETURN_IF_ERROR(f.Bool("add_generation_prompt", &add_generation_prompt));
   if (!add_generation_prompt) return Bad("add_generation_prompt", "false is not supported");
+  return ParseResponseFormat(f, r);
+}
+
+// response_format (chat, and completions as vLLM's): "text", or "json_object" (JSON mode).
+absl::Status ParseResponseFormat(const Fields& f, Request* r) {
   const json* format = f.Get("response_format");
   if (format == nullptr) return absl::OkStatus();
   const json* type = format->is_object() ? Fields(*format).Get("type") : nullptr;
@@ -583,6 +590,7 @@ absl::StatusOr<Request> ParseRequest(Endpoint endpoint, std::string_view body) {
   } else {
     RETURN_IF_ERROR(ParsePrompts(f.Get("prompt"), &r));
     RETURN_IF_ERROR(Unserved(f));
+    RETURN_IF_ERROR(ParseResponseFormat(f, &r));
   }
   RETURN_IF_ERROR(ParseSampling(f, &r));
   RETURN_IF_ERROR(ParseLogprobs(f, &r));

@@ -182,6 +182,14 @@ TEST(ParseRequest, VllmExtrasAreServedOrRefusedNeverIgnored) {
     auto r = ParseRequest(Endpoint::kChat, body);
     EXPECT_TRUE(r.ok()) << body << ": " << r.status();
   }
+  // Completions read response_format too (as vLLM's): JSON mode, or a refusal; never ignored.
+  auto json_mode = ParseRequest(Endpoint::kCompletions,
+                                R"({"prompt":"a","response_format":{"type":"json_object"}})");
+  ASSERT_TRUE(json_mode.ok()) << json_mode.status();
+  EXPECT_TRUE(json_mode->sampling.json_object());
+  auto schema = ParseRequest(Endpoint::kCompletions,
+                             R"({"prompt":"a","response_format":{"type":"json_schema"}})");
+  EXPECT_EQ(ErrorFromStatus(schema.status()).param, "response_format") << schema.status();
   auto completion = ParseRequest(Endpoint::kCompletions, R"({"prompt":"a","min_tokens":3})");
   ASSERT_FALSE(completion.ok());
   EXPECT_EQ(ErrorFromStatus(completion.status()).param, "min_tokens");

@@ -21,8 +21,10 @@ std::string ShortDigits(const std::string& s) {
   for (size_t i = 0; i < s.size();) {
     const char c = s[i];
     if (in_string || c < '0' || c > '9') {
-      if (in_string && !escaped && c == '"') in_string = false;
-      else if (!in_string && c == '"') in_string = true;
+      if (in_string && !escaped && c == '"')
+        in_string = false;
+      else if (!in_string && c == '"')
+        in_string = true;
       escaped = in_string && !escaped && c == '\\';
       out += s[i++];
       continue;
